@@ -1,0 +1,54 @@
+"""Device-specific kernels behind one small interface.
+
+Every function here has a reference twin in `reference.py` (plain torch, masked dense: it EMULATES 2:4
+sparsity and accelerates nothing). `get_backend(name)` picks the implementation: "reference" always works;
+"cuda" (Hopper sparse tensor cores) is used only when available, and asking for it where it is not falls back to
+the reference with one logged warning, never a crash. "auto" picks cuda when available.
+
+Interface (all backends):
+    mask24(x, dim=-1) -> bool mask, 2 of every 4 along dim kept (largest |x|, earlier index wins ties)
+    sparsify24(x, dim=-1) -> (x * mask, mask)
+    relu2_sparsify24(y1) -> (y2s, mask)        y1: [tokens, d_ff]; y2s = 2:4(relu(y1)^2) along d_ff
+    dense_feature_split(y, dense_frac) -> bool [features]
+    wgrad_split_operand(y, dense_features) -> y pruned 2:4 along tokens except the dense features
+"""
+from __future__ import annotations
+
+import logging
+from types import ModuleType
+
+from . import reference
+
+log = logging.getLogger("elas.kernels")
+_warned: set[str] = set()
+BACKENDS = ("auto", "reference", "cuda")
+
+
+def cuda_available() -> tuple[bool, str]:
+    """Whether the accelerated Hopper backend can run here, and why not."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return False, "torch is missing"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    return False, "the accelerated 2:4 kernels are not part of this build yet"
+
+
+def get_backend(name: str = "auto") -> ModuleType:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; expected one of {BACKENDS}")
+    if name == "reference":
+        return reference
+    ok, why = cuda_available()
+    if ok:  # pragma: no cover - filled in by the kernels work
+        raise NotImplementedError
+    if name == "cuda" or why != "no CUDA device":
+        key = f"{name}:{why}"
+        if key not in _warned:
+            _warned.add(key)
+            log.warning("2:4 kernels: using the reference (emulated, masked dense) path: %s", why)
+    return reference
+
+
+__all__ = ["get_backend", "cuda_available", "reference", "BACKENDS"]

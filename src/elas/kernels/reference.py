@@ -1,0 +1,97 @@
+"""Reference 2:4 kernels: plain torch, masked dense, any device.
+
+This module is the *numerical definition* of every sparsity kernel in elas. It EMULATES sparsity (zeros are
+multiplied like any other value); it does not accelerate anything. Accelerated kernels (kernels/cuda) must have
+the same signature and produce the same masks and values, and are tested against these functions.
+
+Tie-break rule (used everywhere, GPU kernels included): inside a group of 4, element i is kept when fewer than 2
+elements of the group beat it, where j beats i if |x_j| > |x_i|, or |x_j| == |x_i| and j < i (the earlier
+feature wins a tie). Exactly 2 of every 4 positions are kept, so groups with fewer than 2 non-zeros keep zeros.
+NaN never occurs in a finite forward; if it does, the comparison treats it as smaller than everything.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "mask24",
+    "sparsify24",
+    "relu2_sparsify24",
+    "dense_feature_split",
+    "wgrad_split_operand",
+]
+
+
+def _check_group_dim(x: torch.Tensor, dim: int) -> int:
+    dim = dim % x.dim()
+    if x.shape[dim] % 4 != 0:
+        raise ValueError(
+            f"2:4 sparsity needs the sparsified dimension to be a multiple of 4, got size {x.shape[dim]} "
+            f"(dim {dim} of shape {tuple(x.shape)})"
+        )
+    return dim
+
+
+def mask24(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Boolean 2:4 magnitude mask of x: in each group of 4 consecutive entries along ``dim`` keep the 2 largest |x|.
+
+    x: any shape, size along ``dim`` a multiple of 4. Returns bool, same shape, exactly 2 True per group.
+    """
+    dim = _check_group_dim(x, dim)
+    xt = x.movedim(dim, -1)
+    a = xt.abs().reshape(*xt.shape[:-1], xt.shape[-1] // 4, 4)  # [..., groups, 4]
+    a = torch.nan_to_num(a, nan=-1.0)
+    ai = a.unsqueeze(-1)  # candidate i: [..., g, 4, 1]
+    aj = a.unsqueeze(-2)  # rival j:     [..., g, 1, 4]
+    idx = torch.arange(4, device=x.device)
+    earlier = idx.view(1, 4) < idx.view(4, 1)  # [i, j]: j < i
+    beats = (aj > ai) | ((aj == ai) & earlier)
+    keep = beats.sum(-1) < 2  # [..., g, 4]
+    return keep.reshape(xt.shape).movedim(-1, dim)
+
+
+def sparsify24(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (x with the 2:4 mask applied, mask). Shapes equal x."""
+    m = mask24(x, dim)
+    return x * m, m
+
+
+def relu2_sparsify24(y1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused-op twin: y2 = relu(y1)^2 computed in y1's dtype, then 2:4 along the last dim (d_ff).
+
+    y1: [tokens, d_ff]. Returns y2s: [tokens, d_ff] (2:4 along d_ff), mask: [tokens, d_ff] bool.
+    The mask is taken on y2 as rounded in y1's dtype, so bf16 ties created by squaring follow the tie rule.
+    """
+    y2 = torch.relu(y1).square()
+    return sparsify24(y2, dim=-1)
+
+
+def dense_feature_split(y: torch.Tensor, dense_frac: float) -> torch.Tensor:
+    """Which features (columns of y: [tokens, features]) are too dense to be pruned along tokens.
+
+    Returns a bool vector [features]: True for the ceil(dense_frac * features) columns with the most non-zeros
+    (ties: lower index first). Haziza et al. keep these 5% dense in the weight-gradient GEMMs and prune the rest
+    2:4 along the token dimension.
+    """
+    if not 0.0 <= dense_frac <= 1.0:
+        raise ValueError(f"dense_frac must be in [0, 1], got {dense_frac}")
+    n_feat = y.shape[-1]
+    n_dense = min(n_feat, int(-(-dense_frac * n_feat // 1)))  # ceil
+    nnz = (y != 0).sum(0)  # [features]
+    dense = torch.zeros(n_feat, dtype=torch.bool, device=y.device)
+    if n_dense > 0:
+        # stable descending sort: more non-zeros first, lower index first among equals
+        order = torch.sort(nnz, descending=True, stable=True).indices
+        dense[order[:n_dense]] = True
+    return dense
+
+
+def wgrad_split_operand(y: torch.Tensor, dense_features: torch.Tensor) -> torch.Tensor:
+    """The token-side operand of a weight-gradient GEMM as the 95/5 split computes it.
+
+    y: [tokens, features] (tokens a multiple of 4). Columns flagged in ``dense_features`` are returned unchanged;
+    the others are 2:4-pruned along the token dimension (groups of 4 consecutive tokens), which is what a sparse
+    GEMM reducing over tokens would see. yᵀ·g with this operand equals sparse GEMM + dense GEMM of the split.
+    """
+    pruned, _ = sparsify24(y, dim=0)
+    return torch.where(dense_features.unsqueeze(0), y, pruned)

@@ -1,0 +1,107 @@
+"""The LLaMA decoder of the GaLore/ELAS benchmark: RMSNorm, RoPE, causal SDPA attention, untied embedding and
+LM head, and a SwiGLU or ReLU^2 FFN; any attention/FFN linear optionally low-rank (W = A.B)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from ..sparsity import Act24Config, sparsify_
+from .ffn import ReLU2FFN, SwiGLU
+from .lowrank import make_linear
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [max_seq_len, head_dim/2] fp32 (rotate-half convention of HF LLaMA)."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    ang = torch.outer(torch.arange(max_seq_len, dtype=torch.float32, device=device), inv)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [batch, heads, seq, head_dim]; cos/sin: [seq, head_dim/2]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        r = cfg.rank if cfg.lowrank_scope in ("all", "attn") else 0
+        d = cfg.d_model
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.q, self.k, self.v, self.o = (make_linear(d, d, r, cfg.init_std) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = (p(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [b, heads, s, head_dim]
+        return self.o(y.transpose(1, 2).reshape(b, s, d))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        r = cfg.rank if cfg.lowrank_scope in ("all", "ffn") else 0
+        ffn_cls = SwiGLU if cfg.ffn == "swiglu" else ReLU2FFN
+        self.ffn = ffn_cls(cfg.d_model, cfg.ffn_width, r, cfg.init_std)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class LLaMA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if self.embed.weight.device.type != "meta":
+            nn.init.normal_(self.embed.weight, std=cfg.init_std)
+            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        if cfg.act_sparsity == "2:4":
+            sparsify_(self, Act24Config(cfg.grad_mode, cfg.dense_warmup_steps, cfg.permute_tokens,
+                                        cfg.wgrad_dense_frac, cfg.kernel_backend))
+
+    def rope(self, seq: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rope is None or self._rope[0].device != device or self._rope[0].shape[0] < seq:
+            self._rope = rope_tables(self.cfg.head_dim, max(seq, self.cfg.max_seq_len), self.cfg.rope_theta, device)
+        return self._rope[0][:seq], self._rope[1][:seq]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """idx: [batch, seq] token ids. Returns logits [batch, seq, vocab], or the mean loss if targets given."""
+        if idx.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {idx.shape[1]} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope(idx.shape[1], idx.device)
+        x = self.embed(idx)
+        for blk in self.blocks:
+            x = blk(x, cos, sin)
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-100)
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> LLaMA:
+    with torch.device(device):
+        return LLaMA(cfg)

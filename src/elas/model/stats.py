@@ -1,0 +1,61 @@
+"""Parameter and FLOP accounting of a model config, without allocating weights (meta device)."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..config import ModelConfig
+from .llama import build_model
+from .lowrank import LowRankLinear
+
+
+def _part(name: str) -> str:
+    if name.startswith("embed."):
+        return "embedding"
+    if name.startswith("lm_head."):
+        return "lm_head"
+    if ".attn." in name:
+        return "attention"
+    if ".ffn." in name:
+        return "ffn"
+    return "norms"
+
+
+def model_summary(cfg: ModelConfig, seq_len: int = 256) -> dict:
+    """Parameter counts (total and per part), forward FLOPs per token, and the widths actually used.
+
+    FLOPs count 2 per multiply-add of every matmul (LM head included, embedding lookup excluded), plus attention
+    scores and values at the full (non-causal) 4*seq*d_model per layer, the convention of PaLM's MFU.
+    `fwd_flops_per_token_2to4` counts the FFN GEMMs that read the 2:4 operand (y2s.W_down in the forward pass)
+    at half: the work sparse tensor cores do.
+    """
+    model = build_model(cfg, device="meta")
+    parts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        parts[_part(name)] = parts.get(_part(name), 0) + p.numel()
+    matmul = sparse_fwd = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, LowRankLinear):
+            n = mod.rank * (mod.in_features + mod.out_features)
+            down_in = mod.rank * mod.in_features
+        elif isinstance(mod, nn.Linear):
+            n = down_in = mod.in_features * mod.out_features
+        else:
+            continue
+        matmul += n
+        if cfg.act_sparsity and name.endswith(".ffn.down"):
+            sparse_fwd += down_in  # the factor that multiplies y2s (d_ff -> r, or d_ff -> d_model)
+    attn = 4 * seq_len * cfg.d_model * cfg.n_layers
+    fwd = 2 * matmul + attn
+    return {
+        "params": sum(parts.values()),
+        "params_by_part": parts,
+        "non_embedding_params": sum(parts.values()) - parts.get("embedding", 0),
+        "fwd_flops_per_token": fwd,
+        "fwd_flops_per_token_2to4": fwd - sparse_fwd,  # 2 * n/2 for the 2:4 operand
+        "train_flops_per_token": 3 * fwd,
+        "seq_len": seq_len,
+        "d_ff": cfg.ffn_width,
+        "rank": cfg.rank,
+        "ffn": cfg.ffn,
+        "act_sparsity": cfg.act_sparsity,
+    }
