@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .config import ModelConfig, model_preset
 
@@ -68,6 +69,196 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- train ------------------------------------------------------------------------------------------------
+BUILTIN_DATA = {"data/builtin-8k": (8192, 20.0), "data/builtin": (32000, 200.0)}  # dir: (vocab, MB of text)
+
+
+def _load_toml(path: str) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path} is not valid TOML ({e})") from None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _parse_sets(items: list[str]) -> dict:
+    out = {}
+    for it in items or []:
+        key, eq, val = it.partition("=")
+        if not eq or not key:
+            raise UserError(f"--set expects key=value, got {it!r}")
+        out[key.strip()] = val
+    return out
+
+
+def resolve_train_config(args: argparse.Namespace):
+    """defaults of the preset < TOML file < model flags < --set < --out/--max-steps/--device/--data."""
+    from .config import apply_overrides, train_config
+    from .train import TrainError, load_run_config
+
+    toml = _load_toml(args.config) if args.config else {}
+    out_dir = args.out or toml.get("out_dir")
+    try:
+        if args.resume and out_dir and (Path(out_dir) / "config.json").is_file():
+            cfg = load_run_config(out_dir)  # a resumed run keeps its own config; flags below still apply
+        else:
+            preset = args.preset or toml.pop("preset", None) or "llama-tiny-elas"
+            cfg = resolve_model(preset, {}) and train_config(preset)
+            apply_overrides(cfg, _flatten(toml))
+            apply_overrides(cfg, {f"model.{k}": v for k, v in model_overrides(args).items()})
+        apply_overrides(cfg, _parse_sets(args.set))
+        flags = {"out_dir": args.out, "max_steps": args.max_steps, "device": args.device, "data_dir": args.data}
+        apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
+        if not cfg.out_dir:
+            cfg.out_dir = f"runs/{cfg.preset}"
+        cfg.validate()
+    except (KeyError, ValueError, TrainError) as e:
+        raise UserError(str(e).strip("'\"")) from None
+    return cfg
+
+
+def ensure_builtin_data(cfg) -> None:
+    """The default datasets are prepared on first use (rank 0 prepares, other ranks wait for it)."""
+    import os
+    import time
+
+    from .data import DataError, prepare
+    d = Path(cfg.data_dir)
+    key = cfg.data_dir.rstrip("/")
+    if key not in BUILTIN_DATA or (d / "meta.json").exists():
+        return
+    if int(os.environ.get("RANK", "0")) != 0:
+        for _ in range(1200):
+            if (d / "meta.json").exists():
+                return
+            time.sleep(0.5)
+        raise UserError(f"timed out waiting for rank 0 to prepare {d}")
+    vocab, mb = BUILTIN_DATA[key]
+    print(f"elas: preparing the built-in corpus in {d} (one time) ...", flush=True)
+    try:
+        prepare(d, source="builtin", vocab_size=vocab, max_mb=mb)
+    except DataError as e:
+        raise UserError(str(e)) from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import Trainer, TrainError
+    cfg = resolve_train_config(args)
+    ensure_builtin_data(cfg)
+    try:
+        trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
+        try:
+            res = trainer.fit()
+        finally:
+            trainer.close()
+    except TrainError as e:
+        raise UserError(str(e)) from None
+    if trainer.dist.main and "val_ppl" in res:
+        uni = trainer.meta.get("unigram_val_ppl")
+        print(f"elas: done at step {res['step']}: validation perplexity {res['val_ppl']:.2f} "
+              f"(loss {res['val_loss']:.4f})" + (f"; unigram baseline {uni:.2f}" if uni else "")
+              + f"; run saved in {trainer.run_dir}")
+    return 0
+
+
+# ---- data / eval / generate ---------------------------------------------------------------------------------
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from .data import DataError, prepare
+    try:
+        prepare(args.out, source=args.source, files=args.files, hf=args.hf, hf_config=args.hf_config,
+                hf_split=args.hf_split, text_field=args.text_field, tokenizer=args.tokenizer,
+                vocab_size=args.vocab_size, max_mb=args.max_mb or None, max_tokens=args.max_tokens,
+                val_frac=args.val_frac, force=args.force)
+    except (DataError, ValueError) as e:
+        raise UserError(str(e)) from None
+    return 0
+
+
+def _load_run(args: argparse.Namespace):
+    """(config, model on device, checkpoint path) of a run directory."""
+    import torch
+
+    from .model import build_model
+    from .train import CheckpointError, TrainError, latest_checkpoint, load_checkpoint, load_run_config
+    from .train.trainer import pick_device
+    try:
+        cfg = load_run_config(args.run)
+        ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(Path(args.run))
+        if ckpt is None:
+            raise TrainError(f"{args.run} has no checkpoint yet")
+        device = pick_device(args.device)
+        torch.manual_seed(0)
+        model = build_model(cfg.model, device)
+        load_checkpoint(ckpt, model)
+    except (TrainError, CheckpointError) as e:
+        raise UserError(str(e)) from None
+    from .sparsity import set_sparsity_step
+    state = json.loads((ckpt / "trainer.json").read_text())
+    set_sparsity_step(model, state["step"])  # evaluate the model as it was training at that step
+    return cfg, model, ckpt, device
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import math
+    from contextlib import nullcontext
+
+    import torch
+
+    from .data import DataError, TokenWindows, load_meta
+    from .train import evaluate
+    cfg, model, ckpt, device = _load_run(args)
+    data = args.data or cfg.data_dir
+    try:
+        meta = load_meta(data)
+        if meta["vocab_size"] > cfg.model.vocab_size:
+            raise UserError(f"dataset {data} has vocab {meta['vocab_size']} but the model has {cfg.model.vocab_size}")
+        win = TokenWindows(data, "val", cfg.seq_len)
+    except DataError as e:
+        raise UserError(str(e)) from None
+    bf16 = device.type == "cuda"
+    ac = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    loss, n = evaluate(model, win, args.tokens or cfg.eval_tokens, cfg.batch_size, device, ac)
+    res = {"checkpoint": str(ckpt), "data": str(data), "val_loss": loss, "val_ppl": math.exp(loss), "tokens": n,
+           "unigram_val_ppl": meta.get("unigram_val_ppl")}
+    print(json.dumps(res) if args.json else f"{ckpt}: validation loss {loss:.4f}, perplexity {math.exp(loss):.2f} "
+          f"on {n:,} tokens of {data} (unigram baseline {meta.get('unigram_val_ppl', float('nan')):.2f})")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data.tokenizer import eot_id, load_tokenizer
+    from .model.generate import sample
+    cfg, model, _, device = _load_run(args)
+    try:
+        tok = load_tokenizer(str(Path(cfg.data_dir) / "tokenizer.json"))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    ids = tok.encode(args.prompt).ids or [eot_id(tok)]
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    out = sample(model, torch.tensor([ids], device=device), args.max_new_tokens, args.temperature, args.top_k,
+                 stop_token=eot_id(tok), generator=g)
+    print(tok.decode(out[0].tolist()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="elas", description="Low-rank + 2:4 activation-sparse LLaMA pre-training.")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
@@ -77,6 +268,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--list", action="store_true", help="list presets")
     p.set_defaults(func=cmd_model)
+
+    p = sub.add_parser("train", help="train a model (no arguments: a few-minute CPU demo on the built-in corpus)")
+    add_model_args(p)
+    p.add_argument("--config", help="TOML file: training keys at the top, model keys under [model]")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. lr=3e-4, "
+                   "model.rank=64 (repeatable)")
+    p.add_argument("--out", help="run directory (default runs/<preset>)")
+    p.add_argument("--data", help="prepared dataset directory")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("data", help="dataset preparation")
+    dsub = p.add_subparsers(dest="data_cmd", metavar="SUBCOMMAND", required=True)
+    q = dsub.add_parser("prepare", help="text -> tokenizer -> train.bin/val.bin")
+    q.add_argument("--out", required=True, help="dataset directory to create")
+    q.add_argument("--source", choices=["builtin", "files", "hf"], default="builtin")
+    q.add_argument("--files", nargs="+", help="directories, files, globs or .jsonl files (source files)")
+    q.add_argument("--text-field", default="text", help="JSONL / HF field holding the text")
+    q.add_argument("--hf", help="Hugging Face dataset name, e.g. allenai/c4")
+    q.add_argument("--hf-config", help="dataset config, e.g. en")
+    q.add_argument("--hf-split", default="train")
+    q.add_argument("--tokenizer", default="bpe", help="'bpe' to train one, or a tokenizer.json / dir / hub name")
+    q.add_argument("--vocab-size", type=int, default=32000, help="BPE vocabulary size (default 32000)")
+    q.add_argument("--max-mb", type=float, default=200.0, help="cap on text read, MB (0 = no cap)")
+    q.add_argument("--max-tokens", type=int, help="cap on training tokens written")
+    q.add_argument("--val-frac", type=float, default=0.01, help="fraction of documents for validation")
+    q.add_argument("--force", action="store_true", help="rebuild an existing dataset")
+    q.set_defaults(func=cmd_data_prepare)
+
+    for name, fn, hlp in (("eval", cmd_eval, "validation perplexity of a checkpoint"),
+                          ("generate", cmd_generate, "sample text from a checkpoint")):
+        p = sub.add_parser(name, help=hlp)
+        p.add_argument("--run", required=True, help="run directory")
+        p.add_argument("--checkpoint", help="checkpoint directory (default: the run's latest)")
+        p.add_argument("--device", default="auto")
+        if name == "eval":
+            p.add_argument("--data", help="dataset directory (default: the run's)")
+            p.add_argument("--tokens", type=int, help="validation tokens (default: the run's eval_tokens)")
+            p.add_argument("--json", action="store_true")
+        else:
+            p.add_argument("--prompt", default="def ")
+            p.add_argument("--max-new-tokens", type=int, default=200)
+            p.add_argument("--temperature", type=float, default=0.8)
+            p.add_argument("--top-k", type=int, default=50)
+            p.add_argument("--seed", type=int, default=0)
+        p.set_defaults(func=fn)
     return ap
 
 
@@ -88,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print("elas: interrupted", file=sys.stderr)
+        return 130
     except UserError as e:
         print(f"elas: error: {e}", file=sys.stderr)
         return 2

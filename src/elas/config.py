@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 FFN_KINDS = ("swiglu", "relu2")
@@ -152,6 +152,75 @@ def size_of(preset: str) -> str:
     return max((s for s in SIZES if preset == s or preset.startswith(s + "-")), key=len, default=preset)
 
 
+@dataclass
+class TrainConfig:
+    """Everything a run needs; `config.json` in the run directory is this, fully resolved."""
+    preset: str = "llama-tiny-elas"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data_dir: str = "data/builtin"
+    out_dir: str = ""  # default: runs/<preset>
+    seq_len: int = 256
+    batch_size: int = 16  # sequences per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size * grad_accum * world
+    max_steps: int = 1000
+    optimizer: str = "adamw"  # adamw (LORO-AdamW arrives with the optim work)
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100  # linear lr warm-up
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    eval_every: int = 200
+    eval_tokens: int = 1_000_000  # validation tokens per evaluation (capped by the split)
+    log_every: int = 10
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: bool = False  # torch.compile the model
+
+    def validate(self) -> None:
+        self.model.validate()
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "save_every",
+                     "eval_tokens", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"invalid {name}={getattr(self, name)!r}: expected a positive integer")
+        if self.seq_len > self.model.max_seq_len:
+            raise ValueError(f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"invalid precision={self.precision!r}: expected auto, bf16 or fp32")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"invalid optimizer={self.optimizer!r}: expected one of {OPTIMIZERS}")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
+            raise ValueError(f"invalid schedule: lr={self.lr} (> 0), min_lr_ratio={self.min_lr_ratio} (in [0, 1]), "
+                             f"warmup_steps={self.warmup_steps} (>= 0)")
+
+
+OPTIMIZERS = ("adamw",)
+
+# Training defaults per size. The benchmark sizes follow GaLore/ELAS (seq 256, 512 x 256 tokens per step, 10%
+# warm-up); llama-tiny is a CPU demo that trains in a few minutes on 2 cores on the built-in corpus.
+TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama-tiny": {"seq_len": 128, "batch_size": 16, "max_steps": 600, "warmup_steps": 50, "lr": 3e-3,
+                   "eval_every": 200, "eval_tokens": 65536, "save_every": 200, "data_dir": "data/builtin-8k",
+                   "model.dense_warmup_steps": 200, "model.max_seq_len": 256},
+    "llama-60m": {"max_steps": 10_000, "warmup_steps": 1000, "batch_size": 256, "grad_accum": 2},
+    "llama-130m": {"max_steps": 20_000, "warmup_steps": 2000, "batch_size": 256, "grad_accum": 2},
+    "llama-350m": {"max_steps": 60_000, "warmup_steps": 6000, "batch_size": 128, "grad_accum": 4},
+    "llama-1b": {"max_steps": 100_000, "warmup_steps": 10_000, "batch_size": 64, "grad_accum": 8},
+    "llama-7b": {"max_steps": 150_000, "warmup_steps": 15_000, "batch_size": 16, "grad_accum": 32},
+}
+
+
+def train_config(preset: str = "llama-tiny-elas") -> TrainConfig:
+    """The defaults for a preset: its model, then its size's training defaults."""
+    cfg = TrainConfig(preset=preset, model=model_preset(preset))
+    apply_overrides(cfg, dict(TRAIN_DEFAULTS.get(size_of(preset), {})))
+    return cfg
+
+
 # ---- overrides ----------------------------------------------------------------------------------------------
 def parse_value(text: str, current: Any, key: str) -> Any:
     """Parse a `--set key=value` string with the type of the field's current value."""
@@ -237,6 +306,6 @@ def _dataclass_type(cls, f):
 
 
 __all__ = [
-    "ModelConfig", "MODEL_PRESETS", "PRESET_RANKS", "SIZES", "VARIANTS", "model_preset", "relu2_width",
+    "TrainConfig", "TRAIN_DEFAULTS", "train_config", "OPTIMIZERS", "ModelConfig", "MODEL_PRESETS", "PRESET_RANKS", "SIZES", "VARIANTS", "model_preset", "relu2_width",
     "apply_overrides", "parse_value", "to_dict", "from_dict", "closest", "size_of",
 ]

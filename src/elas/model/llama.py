@@ -99,7 +99,7 @@ class LLaMA(nn.Module):
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-100)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-100)
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> LLaMA:

@@ -1,0 +1,139 @@
+"""`elas data prepare`: text source -> tokenizer -> packed token files.
+
+A dataset directory holds:
+    train.bin, val.bin   token ids, uint16 (vocab <= 65536) or uint32, documents joined by the EOT token
+    tokenizer.json       the tokenizer (HF `tokenizers` format)
+    meta.json            source, counts, dtype, vocab size, EOT id, and the unigram baseline perplexity of val
+The directory is built under a temporary name and renamed when complete, so a crash never leaves half a dataset.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from .sources import SourceError, builtin_docs, file_docs, hf_docs
+from .tokenizer import eot_id, load_tokenizer, train_bpe
+
+
+class DataError(Exception):
+    pass
+
+
+def is_val(doc_id: str, val_frac: float) -> bool:
+    """Stable split: a document is in validation iff the CRC32 of its id falls in the first val_frac of 2^32."""
+    return zlib.crc32(doc_id.encode("utf-8")) < val_frac * 2**32
+
+
+def _collect(docs, max_bytes: int | None, val_frac: float):
+    train, val, n_bytes = [], [], 0
+    for doc_id, text in docs:
+        (val if is_val(doc_id, val_frac) else train).append(text)
+        n_bytes += len(text.encode("utf-8"))
+        if max_bytes and n_bytes >= max_bytes:
+            break
+    return train, val, n_bytes
+
+
+def _write_tokens(path: Path, texts: list[str], tok, eot: int, dtype, max_tokens: int | None) -> int:
+    n = 0
+    with open(path, "wb") as fh:
+        for i in range(0, len(texts), 256):
+            for enc in tok.encode_batch(texts[i:i + 256]):
+                ids = np.asarray(enc.ids + [eot], dtype=dtype)
+                if max_tokens is not None and n + len(ids) > max_tokens:
+                    ids = ids[: max_tokens - n]
+                fh.write(ids.tobytes())
+                n += len(ids)
+                if max_tokens is not None and n >= max_tokens:
+                    return n
+    return n
+
+
+def unigram_ppl(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
+    """Perplexity on val of the add-one-smoothed unigram distribution of train: the bar a model must clear."""
+    counts = np.bincount(train, minlength=vocab).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(math.exp(-logp[val].mean()))
+
+
+def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = None, hf: str | None = None,
+            hf_config: str | None = None, hf_split: str = "train", text_field: str = "text", tokenizer: str = "bpe",
+            vocab_size: int = 32000, max_mb: float | None = 200.0, max_tokens: int | None = None,
+            val_frac: float = 0.01, force: bool = False, log=print) -> dict:
+    out = Path(out)
+    if (out / "meta.json").exists() and not force:
+        raise DataError(f"{out} already holds a dataset; pass --force to rebuild it or choose another --out")
+    if not 0.0 < val_frac < 0.5:
+        raise DataError(f"val_frac={val_frac} must be in (0, 0.5)")
+    if source == "builtin":
+        docs, desc = builtin_docs(), "builtin: Python standard library + site-packages text"
+    elif source == "files":
+        if not files:
+            raise DataError("source 'files' needs --files PATH [PATH ...]")
+        docs, desc = file_docs(files, text_field), f"files: {files}"
+    elif source == "hf":
+        if not hf:
+            raise DataError("source 'hf' needs --hf NAME (e.g. allenai/c4 --hf-config en)")
+        docs, desc = hf_docs(hf, hf_config, hf_split, text_field), f"hf: {hf} {hf_config or ''} {hf_split}".strip()
+    else:
+        raise DataError(f"unknown source {source!r}: expected builtin, files or hf")
+
+    t0 = time.time()
+    max_bytes = int(max_mb * 1e6) if max_mb else None
+    try:
+        train_txt, val_txt, n_bytes = _collect(docs, max_bytes, val_frac)
+    except SourceError as e:
+        raise DataError(str(e)) from None
+    if not train_txt or not val_txt:
+        raise DataError(f"source {desc!r} gave {len(train_txt)} training and {len(val_txt)} validation documents; "
+                        f"both must be non-empty (add text, or raise --val-frac)")
+    log(f"collected {len(train_txt)} train / {len(val_txt)} val documents, {n_bytes / 1e6:.1f} MB ({desc})")
+    if tokenizer == "bpe":
+        log(f"training byte-level BPE, vocab {vocab_size} ...")
+        tok = train_bpe(train_txt, vocab_size)
+    else:
+        tok = load_tokenizer(tokenizer)
+    vocab = tok.get_vocab_size()
+    eot = eot_id(tok)
+    dtype = np.uint16 if vocab <= 2**16 else np.uint32
+
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise DataError(f"cannot create dataset directory {out}: {e.strerror}") from None
+    try:
+        n_train = _write_tokens(tmp / "train.bin", train_txt, tok, eot, dtype, max_tokens)
+        n_val = _write_tokens(tmp / "val.bin", val_txt, tok, eot, dtype, None)
+        tok.save(str(tmp / "tokenizer.json"))
+        tr = np.memmap(tmp / "train.bin", dtype=dtype, mode="r")
+        va = np.memmap(tmp / "val.bin", dtype=dtype, mode="r")
+        meta = {
+            "source": desc, "tokenizer": tokenizer, "vocab_size": vocab, "eot_id": eot,
+            "dtype": np.dtype(dtype).name, "train_tokens": n_train, "val_tokens": n_val,
+            "train_docs": len(train_txt), "val_docs": len(val_txt), "text_bytes": n_bytes,
+            "val_frac": val_frac, "unigram_val_ppl": unigram_ppl(np.asarray(tr), np.asarray(va), vocab),
+            "seconds": round(time.time() - t0, 1),
+        }
+        del tr, va
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"writing dataset {out} failed: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out}: {n_train:,} train / {n_val:,} val tokens, vocab {vocab}, "
+        f"unigram val perplexity {meta['unigram_val_ppl']:.1f}")
+    return meta

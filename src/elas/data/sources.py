@@ -1,0 +1,112 @@
+"""Text sources: each yields (doc_id, text) in a deterministic order.
+
+- builtin: the Python sources and docs installed with the running interpreter (standard library, then
+  site-packages; .py .md .rst .txt). It exists on every machine, so it is the offline default corpus.
+- files: directories (recursive), globs and files of text; `.jsonl` files yield one document per line from a
+  text field.
+- hf: a Hugging Face dataset, streamed (needs `pip install datasets` and the network).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+TEXT_EXTS = (".py", ".md", ".rst", ".txt")
+SKIP_DIRS = {"__pycache__", ".git", "node_modules"}
+MAX_FILE_BYTES = 2_000_000  # generated blobs (vendored data tables) say little about language
+
+
+class SourceError(Exception):
+    pass
+
+
+def _walk(root: Path, exclude: set[Path]) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dp = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and dp / d not in exclude)
+        out += [dp / f for f in sorted(filenames) if f.endswith(TEXT_EXTS)]
+    return out
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            return None
+        return path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def builtin_docs() -> Iterator[tuple[str, str]]:
+    """(label/relative path, text), standard library first, then site-packages; sorted, machine-independent ids."""
+    paths = sysconfig.get_paths()
+    stdlib = Path(paths["stdlib"]).resolve()
+    site = sorted({Path(paths["purelib"]).resolve(), Path(paths["platlib"]).resolve()})
+    roots = [("stdlib", stdlib, set(site))] + [("site-packages", s, set()) for s in site]
+    seen = set()
+    for label, root, exclude in roots:
+        if not root.is_dir():
+            continue
+        for f in _walk(root, exclude):
+            if f in seen:
+                continue
+            seen.add(f)
+            text = _read_text(f)
+            if text:
+                yield f"{label}/{f.relative_to(root).as_posix()}", text
+
+
+def file_docs(specs: list[str], text_field: str = "text") -> Iterator[tuple[str, str]]:
+    """Directories (recursive, text extensions), globs, plain files, and .jsonl files (one doc per line)."""
+    files: list[Path] = []
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            files += _walk(p, set()) + sorted(p.rglob("*.jsonl"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            matched = sorted(Path(m) for m in glob.glob(spec, recursive=True) if Path(m).is_file())
+            if not matched:
+                raise SourceError(f"no files match {spec!r}: give a directory, a file, a glob or a .jsonl file")
+            files += matched
+    if not files:
+        raise SourceError(f"no text files (.py .md .rst .txt .jsonl) found in {specs}")
+    for f in files:
+        if f.suffix == ".jsonl":
+            with open(f, encoding="utf-8") as fh:
+                for i, line in enumerate(fh):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise SourceError(f"{f}:{i + 1}: not valid JSON ({e.msg})") from None
+                    if text_field not in rec:
+                        raise SourceError(f"{f}:{i + 1}: no field {text_field!r} (fields: {sorted(rec)}); "
+                                          f"choose one with --text-field")
+                    yield f"{f.as_posix()}:{i}", str(rec[text_field])
+        else:
+            text = _read_text(f)
+            if text:
+                yield f.as_posix(), text
+
+
+def hf_docs(name: str, config: str | None, split: str, text_field: str = "text") -> Iterator[tuple[str, str]]:
+    try:
+        import datasets
+    except ImportError:
+        raise SourceError("Hugging Face datasets need `pip install datasets` (or `pip install elas[hf]`); "
+                          "offline, point --files at local text or JSONL instead") from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        for i, rec in enumerate(ds):
+            yield f"{name}:{split}:{i}", rec[text_field]
+    except Exception as e:  # network, auth, missing dataset: all user-facing
+        raise SourceError(f"could not stream {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                          f"without network, use --files with local text or JSONL") from None

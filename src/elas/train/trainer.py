@@ -1,0 +1,297 @@
+"""The training loop: schedule, gradient accumulation, clipping, evaluation, sparsity schedule, checkpoints, DDP.
+
+One optimizer step = `grad_accum` micro-batches of `batch_size` sequences on every process. The data order, the
+lr and the sparsity state are pure functions of the step, so a run's position is its step count.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ..config import TrainConfig, from_dict, to_dict
+from ..data.loader import Batches, TokenWindows, load_meta
+from ..data.prepare import DataError
+from ..model import build_model
+from ..model.stats import model_summary
+from ..optim import build_optimizer, warmup_cosine
+from ..sparsity import collect_stats, set_sparsity_step, set_track_stats
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import Dist, all_reduce_sum, init_distributed, shutdown
+
+# dense bf16 tensor-core peak per GPU, for MFU
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+class TrainError(Exception):
+    """A user-facing failure: bad data, bad config, unwritable directory, divergence. One line."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    gpu = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
+
+
+def check_writable(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise TrainError(f"output directory {path} is not writable ({e.strerror or e}); choose another --out") from None
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines of steps after `step` (written by a run killed after its last checkpoint)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+@torch.no_grad()
+def evaluate(model, windows: TokenWindows, tokens: int, batch_size: int, device, autocast, d: Dist = Dist()):
+    """Mean next-token loss over the first min(tokens // seq_len, all) validation windows; returns (loss, n_tokens)."""
+    n = max(1, min(windows.n, tokens // windows.seq_len))
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of token losses, tokens]
+    mine = torch.arange(n)[d.rank::d.world]
+    for i in range(0, len(mine), batch_size):
+        x, y = windows.get(mine[i:i + batch_size].numpy())
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            loss = model(x, y)
+        total += torch.stack([loss.double() * y.numel(), torch.tensor(float(y.numel()), device=device)])
+    all_reduce_sum(total, d)
+    model.train(was_training)
+    return (total[0] / total[1]).item(), int(total[1].item())
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, log=print, progress: bool = True):
+        self.cfg, self.log, self.progress = cfg, log, progress
+        try:
+            cfg.validate()
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        self.device = pick_device(cfg.device)
+        self.dist = init_distributed(self.device.type)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        self.run_dir = Path(cfg.out_dir or f"runs/{cfg.preset}")
+        if self.dist.main:
+            check_writable(self.run_dir)
+        self.ckpt = latest_checkpoint(self.run_dir)
+        if self.ckpt is not None and not resume:
+            raise TrainError(f"{self.run_dir} already holds a run (checkpoint {self.ckpt.name}); pass --resume to "
+                             f"continue it or choose another --out")
+
+        # data
+        try:
+            self.meta = load_meta(cfg.data_dir)
+            self.train_windows = TokenWindows(cfg.data_dir, "train", cfg.seq_len)
+            self.val_windows = TokenWindows(cfg.data_dir, "val", cfg.seq_len)
+        except DataError as e:
+            raise TrainError(str(e)) from None
+        if self.meta["vocab_size"] > cfg.model.vocab_size:
+            raise TrainError(f"the tokenizer of {cfg.data_dir} has {self.meta['vocab_size']} tokens but the model's "
+                             f"vocab_size is {cfg.model.vocab_size}: --set model.vocab_size={self.meta['vocab_size']} "
+                             f"or prepare the data with --vocab-size {cfg.model.vocab_size}")
+        self.global_batch = cfg.batch_size * cfg.grad_accum * self.dist.world
+        self.batches = Batches(self.train_windows, self.global_batch, cfg.seed, self.dist.rank, self.dist.world)
+
+        # model and optimizer
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model, self.device)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.step, self.tokens = 0, 0
+        if self.ckpt is not None:
+            try:
+                state = load_checkpoint(self.ckpt, self.model, self.optimizer)
+            except CheckpointError as e:
+                raise TrainError(str(e)) from None
+            self.step, self.tokens = state["step"], state["tokens"]
+        self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
+            if self.dist.enabled else self.model
+        self.fwd = torch.compile(self.ddp) if cfg.compile else self.ddp
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+        self.flops_per_token = model_summary(cfg.model, cfg.seq_len)["train_flops_per_token"]
+        self.peak = peak_flops(self.device)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._stop_signal: int | None = None
+
+    # -- one optimizer step ---------------------------------------------------------------------------------
+    def train_step(self, step: int, track_stats: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        cfg = self.cfg
+        lr = cfg.lr * warmup_cosine(step, cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        set_sparsity_step(self.model, step)
+        loss_sum = torch.zeros((), device=self.device)
+        stats: dict = {}
+        for k, (x, y) in enumerate(self.batches.micro_batches(step, cfg.grad_accum)):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            last = k == cfg.grad_accum - 1
+            sync = self.ddp.no_sync() if (self.dist.enabled and not last) else nullcontext()
+            if track_stats and k == 0:
+                set_track_stats(self.model, True)
+            with sync:
+                with self.autocast():
+                    loss = self.fwd(x, y)
+                (loss / cfg.grad_accum).backward()
+            if track_stats and k == 0:
+                stats = collect_stats(self.model)
+                set_track_stats(self.model, False)
+            loss_sum += loss.detach()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if cfg.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        else:
+            gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / cfg.grad_accum, gnorm, stats
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, d = self.cfg, self.dist
+        if d.main:
+            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+            truncate_metrics(self.metrics_path, self.step)
+            where = f"{self.device}" + (f" x{d.world} (DDP)" if d.enabled else "")
+            self.log(f"elas: {cfg.preset} | {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params "
+                     f"| {where} | global batch {self.global_batch} x {cfg.seq_len} tokens | run dir {self.run_dir}")
+            if cfg.model.act_sparsity:
+                from ..kernels import cuda_available
+                ok, why = cuda_available()
+                self.log(f"elas: 2:4 activation sparsity ({cfg.model.grad_mode}) after {cfg.model.dense_warmup_steps} "
+                         f"dense steps, {'accelerated' if ok else 'reference path (emulated: ' + why + ')'}")
+            if self.ckpt is not None:
+                self.log(f"elas: resumed from {self.ckpt} at step {self.step}")
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
+            if d.main and _is_main_thread() else {}
+        bar = None
+        if d.main and self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True, mininterval=1.0)
+        result: dict = {}
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        t_last, tok_last = time.perf_counter(), self.tokens
+        fault = int(os.environ.get("ELAS_FAULT_AT_STEP", "-1"))  # fault injection for the kill/resume test
+        try:
+            while self.step < cfg.max_steps:
+                step = self.step
+                log_now = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
+                loss, gnorm, stats = self.train_step(step, track_stats=log_now)
+                bad |= ~torch.isfinite(loss) | ~torch.isfinite(gnorm)
+                self.step += 1
+                self.tokens += self.global_batch * cfg.seq_len
+                if bar is not None:
+                    bar.update(1)
+                if step == fault:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                save_now = self.step % cfg.save_every == 0 or self.step == cfg.max_steps
+                eval_now = self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
+                if log_now or save_now or eval_now or self._stop_signal:
+                    if save_now or self._stop_signal:  # a finite loss does not prove the update after it was
+                        bad |= ~torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+                    if bool(all_reduce_sum(bad.float(), d).item()):  # one host sync per log, not per step
+                        raise TrainError(f"loss became NaN/inf by step {self.step}; stopped without saving. The last "
+                                         f"good checkpoint is {getattr(latest_checkpoint(self.run_dir), 'name', 'none')}; "
+                                         f"lower --set lr or raise model.dense_warmup_steps and --resume")
+                if log_now:
+                    loss_v = all_reduce_sum(loss.detach().clone(), d).item() / d.world
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    now = time.perf_counter()
+                    tps = (self.tokens - tok_last) / max(now - t_last, 1e-9)
+                    t_last, tok_last = now, self.tokens
+                    rec = {"step": self.step, "loss": loss_v, "lr": self.optimizer.param_groups[0]["lr"],
+                           "tokens": self.tokens, "grad_norm": float(gnorm), "tokens_per_s": tps,
+                           "mfu": tps * self.flops_per_token / (self.peak * d.world) if self.peak else None,
+                           "sparse": bool(cfg.model.act_sparsity) and step >= cfg.model.dense_warmup_steps}
+                    rec.update({k: v for k, v in stats.items() if k.endswith("/mean")})
+                    rec["stats"] = {k: v for k, v in stats.items() if not k.endswith("/mean")}
+                    self._write_metrics(rec)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{tps:,.0f}")
+                if eval_now:
+                    vl, n = evaluate(self.fwd, self.val_windows, cfg.eval_tokens, cfg.batch_size, self.device,
+                                     self.autocast, d)
+                    result = {"step": self.step, "val_loss": vl, "val_ppl": math.exp(min(vl, 50)), "val_tokens": n}
+                    self._write_metrics(result)
+                    if d.main:
+                        msg = (f"step {self.step}: val loss {vl:.4f}, perplexity {result['val_ppl']:.2f} "
+                               f"({n:,} tokens)")
+                        (bar.write if bar is not None else self.log)(msg)
+                if save_now or self._stop_signal:
+                    self.save()
+                if self._stop_signal:
+                    raise TrainError(f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved, "
+                                     f"continue with --resume")
+        finally:
+            if bar is not None:
+                bar.close()
+            for s, h in old.items():
+                signal.signal(s, h)
+        result.setdefault("step", self.step)
+        return result
+
+    def save(self) -> None:
+        if self.dist.main:
+            state = {"step": self.step, "tokens": self.tokens, "data_position": self.step * self.global_batch,
+                     "preset": self.cfg.preset}
+            try:
+                save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.cfg.keep_checkpoints)
+            except CheckpointError as e:
+                raise TrainError(str(e)) from None
+        if self.dist.enabled:
+            torch.distributed.barrier()
+
+    def _write_metrics(self, rec: dict) -> None:
+        if self.dist.main:
+            with open(self.metrics_path, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    def close(self) -> None:
+        shutdown(self.dist)
+
+
+def _is_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    p = Path(run_dir) / "config.json"
+    if not p.is_file():
+        raise TrainError(f"{run_dir} is not a run directory (no config.json)")
+    try:
+        return from_dict(TrainConfig, json.loads(p.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise TrainError(f"{p} is not a valid elas config ({e})") from None

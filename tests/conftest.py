@@ -1,0 +1,27 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from elas.data import prepare
+
+# A model small enough that a CPU training step takes milliseconds.
+TINY = ["--set", "model.n_layers=2", "--set", "model.d_model=64", "--set", "model.n_heads=2",
+        "--set", "model.intermediate=96", "--set", "model.vocab_size=512", "--set", "seq_len=32",
+        "--set", "batch_size=4", "--set", "eval_tokens=2048", "--set", "warmup_steps=2"]
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    """A small BPE dataset (vocab 512) from a slice of the built-in corpus."""
+    d = tmp_path_factory.mktemp("data") / "ds"
+    prepare(d, source="builtin", vocab_size=512, max_mb=1.5, val_frac=0.05, log=lambda *a: None)
+    return d
+
+
+def run_cli(*args: str, env: dict | None = None, cwd=None):
+    import subprocess
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "elas", *args], capture_output=True, text=True, env=e, cwd=cwd,
+                          timeout=600)

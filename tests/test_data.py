@@ -1,0 +1,88 @@
+"""Dataset preparation, the stable split, the stateless batch order."""
+import json
+
+import numpy as np
+import pytest
+
+from elas.cli import main
+from elas.data import Batches, DataError, TokenWindows, load_meta, prepare
+from elas.data.prepare import is_val, unigram_ppl
+from elas.data.sources import builtin_docs
+
+
+def test_builtin_corpus_is_deterministic_and_machine_independent():
+    a = [d for _, d in zip(range(30), builtin_docs())]
+    b = [d for _, d in zip(range(30), builtin_docs())]
+    assert [x[0] for x in a] == [x[0] for x in b]
+    assert all(x[0].startswith(("stdlib/", "site-packages/")) for x in a)
+    assert all(x[0].endswith((".py", ".md", ".rst", ".txt")) for x in a)
+
+
+def test_prepared_dataset(dataset):
+    meta = load_meta(dataset)
+    assert meta["vocab_size"] == 512 and meta["dtype"] == "uint16"
+    tr = np.memmap(dataset / "train.bin", dtype=np.uint16, mode="r")
+    assert len(tr) == meta["train_tokens"] > 100_000 and tr.max() < 512
+    assert (tr == meta["eot_id"]).sum() == meta["train_docs"]  # one EOT per document
+    assert 1.0 < meta["unigram_val_ppl"] < 512
+
+
+def test_files_and_jsonl_sources(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"doc{i}.txt").write_text(f"document number {i} says hello world " * 20)
+    with open(src / "more.jsonl", "w") as fh:
+        for i in range(40):
+            fh.write(json.dumps({"body": f"jsonl record {i} " * 10}) + "\n")
+    with pytest.raises(DataError, match="no field 'text'"):
+        prepare(tmp_path / "a", source="files", files=[str(src)], vocab_size=300, log=lambda *a: None)
+    meta = prepare(tmp_path / "b", source="files", files=[str(src)], text_field="body", vocab_size=300,
+                   val_frac=0.2, log=lambda *a: None)
+    assert meta["train_docs"] + meta["val_docs"] == 80
+    with pytest.raises(DataError, match="already holds a dataset"):
+        prepare(tmp_path / "b", source="files", files=[str(src)], text_field="body", log=lambda *a: None)
+
+
+def test_empty_sources_are_clear_errors(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["data", "prepare", "--out", str(tmp_path / "x"), "--source", "files", "--files",
+                 str(tmp_path / "empty")]) == 2
+    assert "no text files" in capsys.readouterr().err
+    assert main(["data", "prepare", "--out", str(tmp_path / "x"), "--source", "files", "--files",
+                 str(tmp_path / "nope*.txt")]) == 2
+    assert "no files match" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_split_is_stable_and_about_the_right_size():
+    ids = [f"stdlib/mod{i}.py" for i in range(20000)]
+    frac = sum(is_val(i, 0.05) for i in ids) / len(ids)
+    assert 0.04 < frac < 0.06
+    assert [is_val(i, 0.05) for i in ids[:100]] == [is_val(i, 0.05) for i in ids[:100]]
+
+
+def test_unigram_ppl():
+    train = np.array([0, 0, 1, 1])
+    assert unigram_ppl(train, np.array([0, 1]), 2) == pytest.approx(2.0)
+
+
+def test_batches_are_a_function_of_step_and_shard_exactly(dataset):
+    w = TokenWindows(dataset, "train", 32)
+    single = Batches(w, 8, seed=3)
+    ranks = [Batches(w, 8, seed=3, rank=r, world=2) for r in range(2)]
+    for step in (0, 1, 57, w.n // 8 + 1):  # includes an epoch boundary
+        full = single.indices(step)
+        assert np.array_equal(np.concatenate([r.indices(step) for r in ranks]), full)
+        assert np.array_equal(Batches(w, 8, seed=3).indices(step), full)
+    assert not np.array_equal(Batches(w, 8, seed=4).indices(0), single.indices(0))
+    x, y = w.get(np.array([0, 5]))
+    assert x.shape == (2, 32) and np.array_equal(x[:, 1:].numpy(), y[:, :-1].numpy())
+
+
+def test_missing_dataset_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_meta(tmp_path / "none")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="not a prepared dataset"):
+        load_meta(tmp_path / "empty")

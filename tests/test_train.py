@@ -1,0 +1,167 @@
+"""The trainer end to end on CPU: kill/resume equality, DDP equivalence, checkpoints, bad input, eval/generate."""
+import json
+import shutil
+import signal
+
+import pytest
+import torch
+
+from elas.cli import main
+from elas.train import latest_checkpoint
+
+from conftest import TINY, run_cli
+
+
+def losses(run):
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def train_args(dataset, out, *extra):
+    return ["train", "--preset", "llama-tiny-elas", "--data", str(dataset), "--out", str(out), "--no-progress",
+            *TINY, "--set", "log_every=1", "--set", "model.dense_warmup_steps=4", *extra]
+
+
+def test_kill_and_resume_reproduces_losses_exactly(dataset, tmp_path):
+    common = ["--max-steps", "10", "--set", "save_every=4", "--set", "eval_every=100"]
+    ref = run_cli(*train_args(dataset, tmp_path / "ref", *common))
+    assert ref.returncode == 0, ref.stderr
+    # SIGKILL after step 6 (checkpoint at 4): the resumed run repeats 5..6 and crosses the dense->2:4 switch
+    killed = run_cli(*train_args(dataset, tmp_path / "run", *common), env={"ELAS_FAULT_AT_STEP": "5"})
+    assert killed.returncode == -signal.SIGKILL
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000004"
+    resumed = run_cli(*train_args(dataset, tmp_path / "run", *common, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = losses(tmp_path / "ref"), losses(tmp_path / "run")
+    assert sorted(a) == sorted(b) == list(range(1, 11))
+    assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
+    assert a[10] < a[1]
+
+
+def test_ddp_two_processes_matches_single_process(dataset, tmp_path):
+    steps = ["--max-steps", "3", "--set", "eval_every=3", "--set", "save_every=3"]
+    single = run_cli(*train_args(dataset, tmp_path / "one", *steps))
+    assert single.returncode == 0, single.stderr
+    import subprocess
+    import sys
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "elas", *train_args(dataset, tmp_path / "two", *steps, "--set", "batch_size=2")],
+                         capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for s in a:  # same global batch of 4 sequences, split 2 + 2: same losses up to reduction order
+        assert abs(a[s] - b[s]) < 1e-4, (s, a[s], b[s])
+    assert "x2 (DDP)" in ddp.stdout
+
+
+def test_grad_accum_equals_bigger_batch(dataset, tmp_path):
+    base = train_args(dataset, tmp_path / "a", "--max-steps", "3", "--set", "eval_every=3", "--set", "save_every=3")
+    assert main(base) == 0
+    acc = train_args(dataset, tmp_path / "b", "--max-steps", "3", "--set", "eval_every=3", "--set", "save_every=3",
+                     "--set", "batch_size=2", "--set", "grad_accum=2")
+    assert main(acc) == 0
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert all(abs(a[s] - b[s]) < 1e-5 for s in a)
+
+
+def test_run_dir_contents_eval_generate(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(dataset, out, "--max-steps", "6", "--set", "eval_every=3", "--set", "save_every=3")) == 0
+    text = capsys.readouterr().out
+    assert "validation perplexity" in text and "unigram baseline" in text
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["act_sparsity"] == "2:4" and cfg["max_steps"] == 6 and cfg["seq_len"] == 32
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "lr", "tokens", "tokens_per_s"} <= set(recs[0])
+    assert [r["step"] for r in recs if "val_loss" in r] == [3, 6]
+    assert recs[0]["sparse"] is False and [r for r in recs if r.get("step") == 6][0]["sparse"] is True
+    assert 0 < recs[0]["y2_zero_frac/mean"] < 1
+    # keep_checkpoints=2 keeps steps 3 and 6
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000003", "step-00000006"]
+    assert main(["eval", "--run", str(out), "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    final = [r for r in recs if "val_loss" in r][-1]
+    assert ev["val_loss"] == pytest.approx(final["val_loss"], rel=1e-5)
+    assert main(["generate", "--run", str(out), "--max-new-tokens", "8", "--prompt", "import "]) == 0
+    assert capsys.readouterr().out.startswith("import ")
+
+
+def test_bad_inputs_are_one_line_errors(dataset, tmp_path, capsys):
+    def err(args):
+        assert main(args) == 2
+        e = capsys.readouterr().err.strip()
+        assert e.startswith("elas: error:") and "\n" not in e, e
+        return e
+
+    out = tmp_path / "r"
+    assert "does not exist" in err(train_args(tmp_path / "nodata", out, "--max-steps", "1"))
+    (tmp_path / "empty").mkdir()
+    assert "not a prepared dataset" in err(train_args(tmp_path / "empty", out, "--max-steps", "1"))
+    assert "vocab_size is 256" in err(train_args(dataset, out, "--set", "model.vocab_size=256"))
+    assert "fewer than seq_len+1" in err(train_args(dataset, out, "--set", "seq_len=100000",
+                                                    "--set", "model.max_seq_len=100000"))
+    assert "unknown preset" in err(["train", "--preset", "llama-60", "--data", str(dataset)])
+    assert "did you mean 'lr'" in err(train_args(dataset, out, "--set", "lrr=1"))
+    assert "did you mean 'model.rank'" in err(train_args(dataset, out, "--set", "model.rnak=1"))
+    assert "expected a int" in err(train_args(dataset, out, "--set", "max_steps=ten"))
+    (tmp_path / "afile").write_text("x")
+    assert "not writable" in err(train_args(dataset, tmp_path / "afile" / "run"))
+    (tmp_path / "bad.toml").write_text("lr = = 1")
+    assert "not valid TOML" in err(train_args(dataset, out, "--config", str(tmp_path / "bad.toml")))
+
+    # an existing run is never overwritten without --resume
+    assert main(train_args(dataset, out, "--max-steps", "2", "--set", "save_every=2", "--set", "eval_every=2")) == 0
+    capsys.readouterr()
+    assert "--resume" in err(train_args(dataset, out, "--max-steps", "4"))
+    # a truncated checkpoint is a clear error, not a traceback
+    ck = latest_checkpoint(out)
+    data = (ck / "model.safetensors").read_bytes()
+    (ck / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert "corrupt or truncated" in err(train_args(dataset, out, "--max-steps", "4", "--resume"))
+    assert "corrupt or truncated" in err(["eval", "--run", str(out)])
+
+
+def test_toml_config_and_precedence(dataset, tmp_path):
+    from elas.cli import build_parser, resolve_train_config
+    (tmp_path / "c.toml").write_text('preset = "llama-tiny-relu2"\nlr = 0.01\nmax_steps = 7\n[model]\nrank = 8\n')
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "c.toml"), "--set", "lr=0.02",
+                                      "--max-steps", "9", "--data", str(dataset)])
+    cfg = resolve_train_config(args)
+    assert (cfg.preset, cfg.model.ffn, cfg.model.rank, cfg.lr, cfg.max_steps) == ("llama-tiny-relu2", "relu2", 8,
+                                                                                  0.02, 9)
+    assert cfg.out_dir == "runs/llama-tiny-relu2"
+
+
+def test_nan_guard_keeps_last_good_checkpoint(dataset, tmp_path, capsys):
+    out = tmp_path / "r"
+    args = train_args(dataset, out, "--max-steps", "40", "--set", "save_every=2", "--set", "eval_every=100",
+                      "--set", "lr=1e6", "--set", "grad_clip=0", "--set", "warmup_steps=0")
+    assert main(args) == 2
+    assert "NaN/inf" in capsys.readouterr().err
+    ck = latest_checkpoint(out)
+    if ck is not None:
+        from safetensors.torch import load_file
+        assert all(torch.isfinite(t).all() for t in load_file(str(ck / "model.safetensors")).values())
+
+
+def test_signal_saves_a_checkpoint(dataset, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "r"
+    p = subprocess.Popen([sys.executable, "-m", "elas", *train_args(dataset, out, "--max-steps", "100000",
+                          "--set", "save_every=100000", "--set", "eval_every=100000")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGTERM)
+    _, errtxt = p.communicate(timeout=120)
+    assert p.returncode == 2 and "stopped by signal" in errtxt
+    ck = latest_checkpoint(out)
+    assert ck is not None and json.loads((ck / "trainer.json").read_text())["step"] > 0
+    shutil.rmtree(out)
+    assert os.path.exists(tmp_path)
