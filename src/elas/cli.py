@@ -259,6 +259,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import kernels as kb
+    if not torch.cuda.is_available():
+        raise UserError("elas bench measures GPU kernels and needs a CUDA GPU")
+    env = kb.environment()
+    gpu = env["gpu"].split()[-1].lower() if args.gpu_name is None else args.gpu_name
+    rows: list = []
+    if args.what == "gemm":
+        rows = kb.bench_gemm(m=args.m)
+        extra = {"host_overhead": kb.bench_host_overhead()}
+    else:
+        rows = kb.bench_sparsify(m=args.m)
+        extra = {}
+    out = Path(args.out or f"benchmarks/results/{gpu}") / f"{args.what}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"command": "elas bench " + " ".join(sys.argv[2:]), "env": env, **extra, "rows": rows}
+    out.write_text(json.dumps(doc, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="elas", description="Low-rank + 2:4 activation-sparse LLaMA pre-training.")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
@@ -281,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="GPU kernel benchmarks (JSON under benchmarks/results/<gpu>/)")
+    p.add_argument("what", choices=["gemm", "sparsify"])
+    p.add_argument("--m", type=int, default=16384, help="tokens (rows of the sparse operand)")
+    p.add_argument("--out", help="directory for the JSON (default benchmarks/results/<gpu>)")
+    p.add_argument("--gpu-name", help="folder name for the GPU (default: from the device name)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("data", help="dataset preparation")
     dsub = p.add_subparsers(dest="data_cmd", metavar="SUBCOMMAND", required=True)

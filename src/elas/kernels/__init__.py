@@ -11,6 +11,10 @@ Interface (all backends):
     relu2_sparsify24(y1) -> (y2s, mask)        y1: [tokens, d_ff]; y2s = 2:4(relu(y1)^2) along d_ff
     dense_feature_split(y, dense_frac) -> bool [features]
     wgrad_split_operand(y, dense_features) -> y pruned 2:4 along tokens except the dense features
+    relu2_sparsify24_packed(y1) -> Packed24     the same selection, packed in cuSPARSELt's SM90 layout
+    sparse_mm(a: Packed24, b) -> a @ b          2:4 x dense GEMM
+On the cuda backend the last two run on sparse tensor cores (Triton sparsifier, cuSPARSELt GEMM with cached
+plans); the dense-mask functions are the reference code running on the GPU.
 """
 from __future__ import annotations
 
@@ -32,7 +36,29 @@ def cuda_available() -> tuple[bool, str]:
         return False, "torch is missing"
     if not torch.cuda.is_available():
         return False, "no CUDA device"
-    return False, "the accelerated 2:4 kernels are not part of this build yet"
+    cap = torch.cuda.get_device_capability()
+    if cap[0] != 9:
+        return False, f"the 2:4 kernels target sm_90 (Hopper); this GPU is sm_{cap[0]}{cap[1]}"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False, "triton is not installed"
+    try:
+        from .cuda import gemm
+        gemm.load_extension()
+    except Exception as e:  # a failed build must never stop training: fall back, say why
+        return False, f"the cuSPARSELt extension is unavailable ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+    return True, ""
+
+
+_STATUS: tuple[bool, str] | None = None
+
+
+def _cuda_status() -> tuple[bool, str]:
+    global _STATUS
+    if _STATUS is None:
+        _STATUS = cuda_available()
+    return _STATUS
 
 
 def get_backend(name: str = "auto") -> ModuleType:
@@ -40,9 +66,10 @@ def get_backend(name: str = "auto") -> ModuleType:
         raise ValueError(f"unknown kernel backend {name!r}; expected one of {BACKENDS}")
     if name == "reference":
         return reference
-    ok, why = cuda_available()
-    if ok:  # pragma: no cover - filled in by the kernels work
-        raise NotImplementedError
+    ok, why = _cuda_status()
+    if ok:
+        from . import cuda
+        return cuda
     if name == "cuda" or why != "no CUDA device":
         key = f"{name}:{why}"
         if key not in _warned:

@@ -19,6 +19,8 @@ __all__ = [
     "relu2_sparsify24",
     "dense_feature_split",
     "wgrad_split_operand",
+    "relu2_sparsify24_packed",
+    "sparse_mm",
 ]
 
 
@@ -95,3 +97,17 @@ def wgrad_split_operand(y: torch.Tensor, dense_features: torch.Tensor) -> torch.
     """
     pruned, _ = sparsify24(y, dim=0)
     return torch.where(dense_features.unsqueeze(0), y, pruned)
+
+
+# ---- packed (SM90 cuSPARSELt layout) twins of the accelerated kernels -----------------------------------------
+def relu2_sparsify24_packed(y1: torch.Tensor):
+    """y1: [M, K] -> Packed24 of 2:4(relu(y1)^2) (values bf16; mask taken in y1's dtype). Twin of the Triton kernel."""
+    from .packed import pack24
+    y2s, mask = relu2_sparsify24(y1)
+    return pack24(y2s, mask)
+
+
+def sparse_mm(a, b: torch.Tensor) -> torch.Tensor:
+    """a: Packed24 [M, K] (2:4 along K), b: [K, N] -> a @ b [M, N] in b's dtype. Emulated: unpack, dense GEMM."""
+    from .packed import unpack24
+    return (unpack24(a).to(b.dtype) @ b)

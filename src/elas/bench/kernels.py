@@ -1,0 +1,118 @@
+"""Kernel benchmarks: the 2:4 GEMM against cuBLAS and torch's cuSPARSELt op; the sparsifier against a copy.
+
+All variants run in one process on the same data; GPU times are medians of CUDA-graph replays (host overhead
+removed), host overhead is measured separately as the wall time of eager calls on a tiny problem.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+# ELAS FFN widths (d_ff, rounded to 128) and model widths of the 60M/130M/350M/1B presets
+FFN_SHAPES = [(2176, 512), (3072, 768), (4224, 1024), (8192, 2048)]
+
+
+def _graph_ms(fn, reps: int = 10, trials: int = 7) -> float:
+    from ..kernels.cuda.gemm import _graph_time_ms
+    return _graph_time_ms(fn, reps, trials)
+
+
+def bench_gemm(m: int = 16384, shapes=None, layouts=("bN", "bT"), log=print) -> list[dict]:
+    from ..kernels import reference
+    from ..kernels.cuda import gemm
+    from ..kernels.cuda.sparsify import relu2_sparsify24_packed
+    gemm.load_extension()
+    rows = []
+    shapes = shapes or [(k, n) for k, d in FFN_SHAPES for n in sorted({256, 512, d, 4 * d})]
+    for k, n in shapes:
+        y1 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        a = relu2_sparsify24_packed(y1)
+        a_dense = reference.relu2_sparsify24(y1)[0]  # the same matrix, dense
+        for lay in layouts:
+            bb = torch.randn((n, k) if lay == "bT" else (k, n), device="cuda", dtype=torch.bfloat16)
+            b = bb.t() if lay == "bT" else bb
+            want = a_dense.float() @ b.float()
+            dense_ms = _graph_ms(lambda: torch.mm(a_dense, b))
+            alg = gemm.best_alg(m, k, n, lay == "bT", "ext")
+            out = gemm.sparse_mm(a, b, alg=alg)
+            err = ((out.float() - want).norm() / want.norm()).item()
+            sparse_ms = _graph_ms(lambda: gemm.sparse_mm(a, b, alg=alg))
+            torch_alg0_ms = _graph_ms(lambda: torch._cslt_sparse_mm(a.buffer, b, alg_id=0))
+            torch_err = ((torch._cslt_sparse_mm(a.buffer, b, alg_id=0).float() - want).norm() / want.norm()).item()
+            row = {"M": m, "K": k, "N": n, "b_layout": lay, "dtype": "bf16", "dense_ms": dense_ms,
+                   "sparse_ms": sparse_ms, "speedup": dense_ms / sparse_ms, "alg_id": alg, "rel_err": err,
+                   "torch_cslt_alg0_ms": torch_alg0_ms, "torch_cslt_rel_err": torch_err}
+            rows.append(row)
+            log(f"gemm M={m} K={k} N={n} {lay}: dense {dense_ms:.4f} ms, sparse {sparse_ms:.4f} ms "
+                f"(alg {alg}, x{row['speedup']:.2f}), torch cslt alg0 {torch_alg0_ms:.4f} ms, err {err:.1e}")
+    return rows
+
+
+def bench_host_overhead(calls: int = 2000, log=print) -> dict:
+    """Wall time per eager call on a problem whose GPU time is negligible (M=K=N=64 .. 128)."""
+    from ..kernels.cuda import gemm
+    from ..kernels.cuda.sparsify import relu2_sparsify24_packed
+    gemm.load_extension()
+    m, k, n = 128, 128, 128
+    a = relu2_sparsify24_packed(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+    b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+    dense_a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    alg = gemm.best_alg(m, k, n, False, "ext")
+    fns = {"elas_ext_us": lambda: gemm.sparse_mm(a, b, alg=alg),
+           "elas_ext_raw_op_us": lambda: torch.ops.elas_cslt.mm(a.buffer.view(-1), b, m, k, alg),
+           "torch_cslt_sparse_mm_us": lambda: torch._cslt_sparse_mm(a.buffer, b),
+           "cublas_mm_us": lambda: torch.mm(dense_a, b)}
+    res = {}
+    for name, fn in fns.items():
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        samples = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(calls // 5):
+                fn()
+            torch.cuda.synchronize()
+            samples.append((time.perf_counter() - t) / (calls // 5) * 1e6)
+        res[name] = statistics.median(samples)
+    log("host time per eager call (us): " + ", ".join(f"{k} {v:.1f}" for k, v in res.items()))
+    return res
+
+
+def bench_sparsify(m: int = 16384, ks=None, log=print) -> list[dict]:
+    from ..kernels import reference
+    from ..kernels.cuda.sparsify import relu2_sparsify24_packed
+    rows = []
+    for k in ks or [kk for kk, _ in FFN_SHAPES]:
+        y1 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ms = _graph_ms(lambda: relu2_sparsify24_packed(y1))
+        copy_ms = _graph_ms(lambda: y1.clone())
+        ref_ms = _graph_ms(lambda: reference.relu2_sparsify24(y1))
+        y2s, mask = reference.relu2_sparsify24(y1)
+        compress_ms = _graph_ms(lambda: torch._cslt_compress(y2s))
+        moved = m * k * 2 + m * k * 9 // 16 * 2 + m * k // 8  # read y1; write buffer + mask bits
+        rows.append({"M": m, "K": k, "dtype": "bf16", "ms": ms, "tb_per_s": moved / ms / 1e9,
+                     "copy_ms": copy_ms, "copy_tb_per_s": 2 * m * k * 2 / copy_ms / 1e9,
+                     "reference_torch_ms": ref_ms, "torch_cslt_compress_ms": compress_ms})
+        r = rows[-1]
+        log(f"sparsify M={m} K={k}: {ms:.4f} ms = {r['tb_per_s']:.2f} TB/s (copy {r['copy_tb_per_s']:.2f} TB/s); "
+            f"torch reference {ref_ms:.3f} ms; _cslt_compress alone {compress_ms:.3f} ms")
+    return rows
+
+
+def environment() -> dict:
+    import platform
+    env = {"torch": torch.__version__, "python": platform.python_version(),
+           "date": time.strftime("%Y-%m-%d")}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+        env["cusparselt"] = torch.backends.cusparselt.version()
+        try:
+            import triton
+            env["triton"] = triton.__version__
+        except ImportError:
+            pass
+    return env

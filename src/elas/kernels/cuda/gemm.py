@@ -1,0 +1,186 @@
+"""Sparse x dense GEMM on cuSPARSELt: y[M, N] = A[M, K] (2:4 along K, packed) @ B[K, N], bf16.
+
+Two implementations behind `sparse_mm`:
+- "ext": our C++ op torch.ops.elas_cslt.mm (csrc/cslt_mm.cpp), built on first use against the cuSPARSELt of
+  the `nvidia-cusparselt` wheel and cached by torch.utils.cpp_extension; plans are created once per
+  shape/layout/algorithm, so a call costs a dictionary lookup and the launch.
+- "torch": torch._cslt_sparse_mm (rebuilds its plan every call: ~0.7 ms of CPU), kept as a fallback and a
+  baseline for benchmarks.
+The algorithm id is chosen per (GPU, cuSPARSELt version, shape, B layout) by timing every id under CUDA-graph
+replay, after checking each id's result against the dense product (some ids return wrong results:
+pytorch#155333); the choice is cached in memory and on disk (ELAS_CACHE_DIR, default ~/.cache/elas).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ..packed import Packed24
+
+log = logging.getLogger("elas.kernels")
+_ALG: dict[str, int] = {}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ELAS_CACHE_DIR", Path.home() / ".cache" / "elas"))
+
+
+def _cusparselt_paths() -> tuple[str, str]:
+    home = os.environ.get("ELAS_CUSPARSELT_HOME")
+    if home is None:
+        import nvidia  # the nvidia-cusparselt wheel installs nvidia/cusparselt/{include,lib}
+        home = next((str(Path(p) / "cusparselt") for p in nvidia.__path__ if (Path(p) / "cusparselt").is_dir()), None)
+        if home is None:
+            raise RuntimeError("cuSPARSELt not found: install nvidia-cusparselt or set ELAS_CUSPARSELT_HOME")
+    return str(Path(home) / "include"), str(Path(home) / "lib")
+
+
+@lru_cache(maxsize=1)
+def load_extension() -> bool:
+    """Build (first time) and load the C++ op. Returns True when torch.ops.elas_cslt.mm is usable."""
+    from torch.utils.cpp_extension import load
+    inc, lib = _cusparselt_paths()
+    src = Path(__file__).parent / "csrc" / "cslt_mm.cpp"
+    load(name="elas_cslt", sources=[str(src)], extra_include_paths=[inc],
+         extra_ldflags=[f"-L{lib}", "-l:libcusparseLt.so.0", f"-Wl,-rpath,{lib}"], with_cuda=True,
+         is_python_module=False, verbose=False)
+
+    @torch.library.register_fake("elas_cslt::mm")
+    def _(buf, b, m, k, alg):
+        return b.new_empty((m, b.shape[1]))
+
+    return True
+
+
+def _b_transposed(b: torch.Tensor) -> bool:
+    return not (b.stride(1) == 1)
+
+
+def _key(m: int, k: int, n: int, bt: bool, impl: str) -> str:
+    dev = torch.cuda.get_device_name()
+    ver = torch.backends.cusparselt.version()
+    return f"{dev}|cslt{ver}|torch{torch.__version__.split('+')[0]}|{impl}|{m}x{k}x{n}|{'bT' if bt else 'bN'}"
+
+
+def _disk_cache() -> Path:
+    return cache_dir() / "cusparselt_algs.json"
+
+
+def _load_disk() -> dict:
+    try:
+        return json.loads(_disk_cache().read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _save_disk(key: str, alg: int) -> None:
+    try:
+        d = _load_disk()
+        d[key] = alg
+        path = _disk_cache()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(d, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only home must not stop training
+        log.warning("could not write the cuSPARSELt algorithm cache %s: %s", _disk_cache(), e)
+
+
+def _raw_mm(a: Packed24, b: torch.Tensor, alg: int, impl: str) -> torch.Tensor:
+    if impl == "ext":
+        return torch.ops.elas_cslt.mm(a.buffer.view(-1), b, a.shape[0], a.shape[1], alg)
+    return torch._cslt_sparse_mm(a.buffer, b, alg_id=alg)
+
+
+def _graph_time_ms(fn, reps: int = 10, trials: int = 5) -> float:
+    """Per-call GPU time of fn from the replay of a CUDA graph of `reps` calls (no host overhead)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    times = []
+    for _ in range(trials):
+        st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        st.record()
+        g.replay()
+        en.record()
+        en.synchronize()
+        times.append(st.elapsed_time(en) / reps)
+    return statistics.median(times)
+
+
+def search_alg(m: int, k: int, n: int, bt: bool, impl: str = "ext", verbose: bool = False) -> tuple[int, dict]:
+    """Time every valid algorithm id on random data of this shape; ids whose result differs from the dense
+    product (rel. Frobenius error > 1e-2) or changes between two runs are rejected."""
+    from .. import reference
+    g = torch.Generator(device="cuda").manual_seed(0)
+    y1 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+    a = reference.relu2_sparsify24_packed(y1)
+    bb = torch.randn((n, k) if bt else (k, n), device="cuda", dtype=torch.bfloat16, generator=g)
+    b = bb.t() if bt else bb
+    want = reference.sparse_mm(a, b.float())
+    max_id = torch.ops.elas_cslt.max_alg(m, k, n, bt) if impl == "ext" else 64
+    report: dict = {}
+    for alg in range(max_id + 1):
+        try:
+            y1_ = _raw_mm(a, b, alg, impl)
+            y2_ = _raw_mm(a, b, alg, impl)
+            torch.cuda.synchronize()
+        except RuntimeError as e:
+            if impl == "torch":  # torch has no max-id query: the first failing id ends the range
+                break
+            report[alg] = f"error: {str(e).splitlines()[0][:80]}"
+            continue
+        err = ((y1_.float() - want).norm() / want.norm()).item()
+        if err > 1e-2 or not torch.equal(y1_, y2_):
+            report[alg] = f"rejected: rel err {err:.2e}, deterministic {torch.equal(y1_, y2_)}"
+            continue
+        report[alg] = _graph_time_ms(lambda: _raw_mm(a, b, alg, impl))
+    timed = {k_: v for k_, v in report.items() if isinstance(v, float)}
+    if not timed:
+        raise RuntimeError(f"no cuSPARSELt algorithm gives a correct result for {m}x{k}x{n}: {report}")
+    best = min(timed, key=timed.get)
+    if verbose:
+        log.info("cuSPARSELt %dx%dx%d: best alg %d (%.4f ms); %s", m, k, n, best, timed[best], report)
+    return best, report
+
+
+def best_alg(m: int, k: int, n: int, bt: bool, impl: str = "ext") -> int:
+    key = _key(m, k, n, bt, impl)
+    if key not in _ALG:
+        disk = _load_disk()
+        if key in disk:
+            _ALG[key] = int(disk[key])
+        elif torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"no tuned cuSPARSELt algorithm for {key} during CUDA-graph capture: run one eager "
+                               f"step first (tuning launches and synchronises)")
+        else:
+            _ALG[key] = search_alg(m, k, n, bt, impl)[0]
+            _save_disk(key, _ALG[key])
+    return _ALG[key]
+
+
+def sparse_mm(a: Packed24, b: torch.Tensor, alg: int | None = None, impl: str = "ext") -> torch.Tensor:
+    """a: Packed24 [M, K] bf16; b: [K, N] bf16 (row-major, or a transposed row-major) -> [M, N] bf16."""
+    m, k = a.shape
+    if b.shape[0] != k or b.dtype != torch.bfloat16:
+        raise ValueError(f"sparse_mm: b must be bf16 [{k}, N], got {b.dtype} {tuple(b.shape)}")
+    if b.stride(1) != 1 and b.stride(0) != 1:
+        b = b.contiguous()
+    if impl == "ext":
+        load_extension()
+    if alg is None:
+        alg = best_alg(m, k, b.shape[1], _b_transposed(b), impl)
+    return _raw_mm(a, b, alg, impl)

@@ -1,0 +1,166 @@
+"""Packed 2:4 format, the Triton sparsifier and the cuSPARSELt GEMM against the reference.
+
+CPU (CI): the layout logic in plain torch, and the Triton kernel under TRITON_INTERPRET=1 on small shapes.
+GPU (@pytest.mark.gpu, run on the H100 machine): the kernels on many random shapes, against the reference and
+against torch's own cuSPARSELt compress/GEMM.
+"""
+import importlib.util
+
+import pytest
+import torch
+
+from elas.kernels import reference as ref
+from elas.kernels.packed import Packed24, bits_to_mask, check_shape, meta_offsets, pack24, unpack24
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+
+def adversarial(m, k, dtype, seed=0):
+    """Negatives, exact zeros, all-zero groups and ties (small integers), next to plain Gaussian rows."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(m, k, generator=g)
+    y[1::3] = torch.randint(-2, 3, (len(range(1, m, 3)), k), generator=g).float()  # ties and zeros
+    y[2::5, : k // 2] = 0.0
+    y[::7] = -y[::7].abs()  # rows with nothing positive
+    return y.to(dtype)
+
+
+def test_meta_offsets_cover_every_byte_twice():
+    for m, k in [(64, 64), (128, 192), (192, 320)]:
+        off, high = meta_offsets(m, k)
+        assert off.min() == 0 and off.max() == m * k // 8 - 1
+        counts = torch.bincount(off.flatten(), minlength=m * k // 8)
+        assert (counts == 2).all()  # each byte: one low and one high nibble
+        lo = torch.bincount(off[~high].flatten(), minlength=m * k // 8)
+        assert (lo == 1).all()
+
+
+def test_known_metadata_bytes():
+    # rows 0 and 8 share byte 0 (group 0); group 4 of row 0 is byte 1; row 16 starts the second slab at 64
+    m, k = 64, 64
+    off, high = meta_offsets(m, k)
+    assert off[0, 0] == 0 and off[8, 0] == 0 and not high[0, 0] and high[8, 0]
+    assert off[0, 4] == 1 and off[0, 1] == 2 and off[1, 0] == 8 and off[16, 0] == 64 and off[0, 8] == 256
+    mask = torch.zeros(m, k, dtype=torch.bool)
+    mask[:, 0::4] = True
+    mask[:, 3::4] = True  # i0 = 0, i1 = 3 -> nibble 0b1100
+    mask[8, :4] = torch.tensor([False, True, True, False])  # row 8, group 0: i0 = 1, i1 = 2 -> 0b1001
+    p = pack24(torch.ones(m, k), mask)
+    assert p.meta[0].item() == 0x9C and p.meta[1].item() == 0xCC
+
+
+@pytest.mark.parametrize("m,k", [(64, 64), (128, 192), (256, 128)])
+def test_pack_unpack_roundtrip(m, k):
+    y2s, mask = ref.relu2_sparsify24(adversarial(m, k, torch.bfloat16))
+    p = pack24(y2s, mask)
+    assert p.buffer.shape == (m, k * 9 // 16) and p.buffer.dtype == torch.bfloat16
+    assert torch.equal(unpack24(p), y2s)
+    assert torch.equal(bits_to_mask(p.mask_bits, k), mask)
+    b = torch.randn(k, 24)
+    assert torch.allclose(ref.sparse_mm(p, b), y2s.float() @ b, rtol=1e-4, atol=1e-4)
+
+
+def test_shape_checks():
+    with pytest.raises(ValueError, match="rows % 64"):
+        check_shape(100, 128)
+    with pytest.raises(ValueError, match="columns % 64"):
+        check_shape(128, 96)
+    with pytest.raises(ValueError, match="exactly 2 of every 4"):
+        pack24(torch.ones(64, 64), torch.ones(64, 64, dtype=torch.bool))
+
+
+@needs_triton
+@pytest.mark.parametrize("m,k,dtype", [(64, 64, torch.bfloat16), (128, 192, torch.bfloat16),
+                                       (64, 128, torch.float32), (192, 64, torch.bfloat16)])
+def test_triton_sparsifier_bit_exact(m, k, dtype):
+    """On CPU this runs the kernel in Triton's interpreter: the logic, not the speed."""
+    from elas.kernels.cuda.sparsify import relu2_sparsify24_packed
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    y1 = adversarial(m, k, dtype).to(dev)
+    got, want = relu2_sparsify24_packed(y1), ref.relu2_sparsify24_packed(y1)
+    assert torch.equal(got.buffer.view(torch.uint8), want.buffer.view(torch.uint8))
+    assert torch.equal(got.mask_bits, want.mask_bits)
+
+
+# ---- GPU -------------------------------------------------------------------------------------------------------
+def _random_shapes(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(64 * int(torch.randint(1, 33, (1,), generator=g)), 64 * int(torch.randint(1, 70, (1,), generator=g)))
+            for _ in range(n)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k", _random_shapes(12) + [(16384, 2176), (16384, 8192)])
+def test_gpu_sparsifier_matches_reference(m, k):
+    from elas.kernels.cuda.sparsify import relu2_sparsify24_packed
+    y1 = adversarial(m, k, torch.bfloat16, seed=m + k).cuda()
+    got, want = relu2_sparsify24_packed(y1), ref.relu2_sparsify24_packed(y1)
+    assert torch.equal(got.buffer.view(torch.uint8), want.buffer.view(torch.uint8))
+    assert torch.equal(got.mask_bits, want.mask_bits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k", [(64, 64), (128, 128), (192, 320), (1024, 2176), (2048, 4224)])
+def test_gpu_layout_equals_cslt_compress(m, k):
+    """With every group holding >= 2 non-zeros (no ambiguous empty slot), our buffer is byte-identical to
+    torch._cslt_compress: the layout is cuSPARSELt's, not a guess."""
+    y1 = torch.rand(m, k, device="cuda", dtype=torch.bfloat16) + 0.1  # all positive, no zeros
+    y2s, mask = ref.relu2_sparsify24(y1)
+    ours = ref.relu2_sparsify24_packed(y1).buffer.view(-1)
+    theirs = torch._cslt_compress(y2s).view(-1)
+    assert torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n,bt", [(64, 64, 64, False), (256, 2176, 512, True), (1024, 3072, 256, False),
+                                      (512, 4224, 1024, True), (2048, 8192, 512, False)])
+def test_gpu_sparse_mm_matches_reference(m, k, n, bt):
+    from elas.kernels.cuda import relu2_sparsify24_packed, sparse_mm
+    y1 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    a = relu2_sparsify24_packed(y1)
+    bb = torch.randn((n, k) if bt else (k, n), device="cuda", dtype=torch.bfloat16)
+    b = bb.t() if bt else bb
+    want = ref.sparse_mm(a, b.float())
+    for impl in ("ext", "torch"):
+        got = sparse_mm(a, b, impl=impl)
+        assert got.shape == (m, n) and got.dtype == torch.bfloat16
+        assert ((got.float() - want).norm() / want.norm()).item() < 1e-2, impl
+
+
+@pytest.mark.gpu
+def test_gpu_sparse_mm_graph_capture_and_compile():
+    from elas.kernels.cuda import relu2_sparsify24_packed, sparse_mm
+    m, k, n = 512, 2176, 512
+    y1 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+    eager = sparse_mm(relu2_sparsify24_packed(y1), b)  # also tunes the algorithm outside capture
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        sparse_mm(relu2_sparsify24_packed(y1), b)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        out = sparse_mm(relu2_sparsify24_packed(y1), b)
+    y1.copy_(torch.randn_like(y1))
+    g.replay()
+    torch.cuda.synchronize()
+    want = ref.sparse_mm(ref.relu2_sparsify24_packed(y1), b.float())
+    assert ((out.float() - want).norm() / want.norm()).item() < 1e-2
+    assert not torch.equal(out, eager)
+
+    def f(buf, bb):
+        return torch.ops.elas_cslt.mm(buf, bb, m, k, 0) * 2
+
+    a = relu2_sparsify24_packed(y1)
+    cf = torch.compile(f, fullgraph=True)
+    assert torch.allclose(cf(a.buffer.view(-1), b), f(a.buffer.view(-1), b))
+
+
+@pytest.mark.gpu
+def test_gpu_backend_selected():
+    from elas import kernels
+    ok, why = kernels.cuda_available()
+    assert ok, why
+    assert kernels.get_backend("auto").__name__ == "elas.kernels.cuda"
