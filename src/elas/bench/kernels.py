@@ -19,18 +19,22 @@ def _graph_ms(fn, reps: int = 10, trials: int = 7) -> float:
     return _graph_time_ms(fn, reps, trials)
 
 
-def bench_gemm(m: int = 16384, shapes=None, layouts=("bN", "bT"), log=print) -> list[dict]:
+def bench_gemm(m: int = 16384, shapes=None, log=print) -> list[dict]:
+    """Rows for N in {256, 512, d_model, 4 d_model} at each ELAS d_ff. B's layout is the one the FFN uses: N a
+    rank (256/512) -> the low-rank factor N2 [d_ff, r] row-major ("bN"); N a model width -> a Linear weight
+    W2 [N, d_ff] read transposed ("bT")."""
     from ..kernels import reference
     from ..kernels.cuda import gemm
     from ..kernels.cuda.sparsify import relu2_sparsify24_packed
     gemm.load_extension()
     rows = []
-    shapes = shapes or [(k, n) for k, d in FFN_SHAPES for n in sorted({256, 512, d, 4 * d})]
-    for k, n in shapes:
+    shapes = shapes or [(k, n, "bN" if n in (256, 512) and n < d else "bT")
+                        for k, d in FFN_SHAPES for n in sorted({256, 512, d, 4 * d})]
+    for k, n, lay in shapes:
         y1 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         a = relu2_sparsify24_packed(y1)
         a_dense = reference.relu2_sparsify24(y1)[0]  # the same matrix, dense
-        for lay in layouts:
+        for lay in (lay,):
             bb = torch.randn((n, k) if lay == "bT" else (k, n), device="cuda", dtype=torch.bfloat16)
             b = bb.t() if lay == "bT" else bb
             want = a_dense.float() @ b.float()

@@ -121,9 +121,9 @@ def _graph_time_ms(fn, reps: int = 10, trials: int = 5) -> float:
     return statistics.median(times)
 
 
-def search_alg(m: int, k: int, n: int, bt: bool, impl: str = "ext", verbose: bool = False) -> tuple[int, dict]:
-    """Time every valid algorithm id on random data of this shape; ids whose result differs from the dense
-    product (rel. Frobenius error > 1e-2) or changes between two runs are rejected."""
+def _try_algs(m: int, k: int, n: int, bt: bool, impl: str, start: int, emit) -> None:
+    """Time algorithm ids start.. on random data of this shape; emit(alg, result) after each. Ids whose result
+    differs from the dense product (rel. Frobenius error > 1e-2) or between two runs are rejected."""
     from .. import reference
     g = torch.Generator(device="cuda").manual_seed(0)
     y1 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -131,29 +131,54 @@ def search_alg(m: int, k: int, n: int, bt: bool, impl: str = "ext", verbose: boo
     bb = torch.randn((n, k) if bt else (k, n), device="cuda", dtype=torch.bfloat16, generator=g)
     b = bb.t() if bt else bb
     want = reference.sparse_mm(a, b.float())
+    if impl == "ext":
+        load_extension()
     max_id = torch.ops.elas_cslt.max_alg(m, k, n, bt) if impl == "ext" else 64
-    report: dict = {}
-    for alg in range(max_id + 1):
+    for alg in range(start, max_id + 1):
+        emit(alg, "started")
         try:
-            y1_ = _raw_mm(a, b, alg, impl)
-            y2_ = _raw_mm(a, b, alg, impl)
+            r1, r2 = _raw_mm(a, b, alg, impl), _raw_mm(a, b, alg, impl)
             torch.cuda.synchronize()
         except RuntimeError as e:
+            emit(alg, f"error: {str(e).splitlines()[0][:100]}")
             if impl == "torch":  # torch has no max-id query: the first failing id ends the range
-                break
-            report[alg] = f"error: {str(e).splitlines()[0][:80]}"
+                return
             continue
-        err = ((y1_.float() - want).norm() / want.norm()).item()
-        if err > 1e-2 or not torch.equal(y1_, y2_):
-            report[alg] = f"rejected: rel err {err:.2e}, deterministic {torch.equal(y1_, y2_)}"
+        err = ((r1.float() - want).norm() / want.norm()).item()
+        if err > 1e-2 or not torch.equal(r1, r2):
+            emit(alg, f"rejected: rel err {err:.2e}, deterministic {torch.equal(r1, r2)}")
             continue
-        report[alg] = _graph_time_ms(lambda: _raw_mm(a, b, alg, impl))
-    timed = {k_: v for k_, v in report.items() if isinstance(v, float)}
+        emit(alg, _graph_time_ms(lambda: _raw_mm(a, b, alg, impl)))
+
+
+def search_alg(m: int, k: int, n: int, bt: bool, impl: str = "ext") -> tuple[int, dict]:
+    """The fastest correct algorithm id for this shape, and a report {id: ms | why rejected}.
+
+    Runs in a child process, so that an id that crashes the library (it happens) costs a restart, not the run."""
+    import subprocess
+    import sys
+    report: dict = {}
+    start = 0
+    while True:
+        cmd = [sys.executable, "-m", "elas.kernels.cuda.gemm", str(m), str(k), str(n), str(int(bt)), impl, str(start)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(Path(__file__).parents[3])] + [p for p in [os.environ.get("PYTHONPATH")] if p])))
+        last = None
+        for line in proc.stdout.splitlines():
+            if line.startswith("ALG "):
+                _, alg, res = line.split(" ", 2)
+                last, report[int(alg)] = int(alg), json.loads(res)
+        if proc.returncode == 0:
+            break
+        if last is None or report.get(last) != "started":
+            raise RuntimeError(f"cuSPARSELt algorithm search failed for {m}x{k}x{n}: {proc.stderr[-500:]}")
+        report[last] = f"crashed (exit {proc.returncode})"
+        start = last + 1
+    timed = {a: v for a, v in report.items() if isinstance(v, float)}
     if not timed:
         raise RuntimeError(f"no cuSPARSELt algorithm gives a correct result for {m}x{k}x{n}: {report}")
     best = min(timed, key=timed.get)
-    if verbose:
-        log.info("cuSPARSELt %dx%dx%d: best alg %d (%.4f ms); %s", m, k, n, best, timed[best], report)
+    log.info("cuSPARSELt %dx%dx%d (%s): alg %d, %.4f ms; %s", m, k, n, "bT" if bt else "bN", best, timed[best], report)
     return best, report
 
 
@@ -184,3 +209,13 @@ def sparse_mm(a: Packed24, b: torch.Tensor, alg: int | None = None, impl: str = 
     if alg is None:
         alg = best_alg(m, k, b.shape[1], _b_transposed(b), impl)
     return _raw_mm(a, b, alg, impl)
+
+
+if __name__ == "__main__":  # the child of search_alg: python -m elas.kernels.cuda.gemm M K N BT IMPL START
+    import sys
+    _m, _k, _n, _bt, _impl, _start = sys.argv[1:7]
+
+    def _emit(alg, res):
+        print(f"ALG {alg} {json.dumps(res)}", flush=True)
+
+    _try_algs(int(_m), int(_k), int(_n), bool(int(_bt)), _impl, int(_start), _emit)
