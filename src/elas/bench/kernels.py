@@ -34,23 +34,22 @@ def bench_gemm(m: int = 16384, shapes=None, log=print) -> list[dict]:
         y1 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         a = relu2_sparsify24_packed(y1)
         a_dense = reference.relu2_sparsify24(y1)[0]  # the same matrix, dense
-        for lay in (lay,):
-            bb = torch.randn((n, k) if lay == "bT" else (k, n), device="cuda", dtype=torch.bfloat16)
-            b = bb.t() if lay == "bT" else bb
-            want = a_dense.float() @ b.float()
-            dense_ms = _graph_ms(lambda: torch.mm(a_dense, b))
-            alg = gemm.best_alg(m, k, n, lay == "bT", "ext")
-            out = gemm.sparse_mm(a, b, alg=alg)
-            err = ((out.float() - want).norm() / want.norm()).item()
-            sparse_ms = _graph_ms(lambda: gemm.sparse_mm(a, b, alg=alg))
-            torch_alg0_ms = _graph_ms(lambda: torch._cslt_sparse_mm(a.buffer, b, alg_id=0))
-            torch_err = ((torch._cslt_sparse_mm(a.buffer, b, alg_id=0).float() - want).norm() / want.norm()).item()
-            row = {"M": m, "K": k, "N": n, "b_layout": lay, "dtype": "bf16", "dense_ms": dense_ms,
-                   "sparse_ms": sparse_ms, "speedup": dense_ms / sparse_ms, "alg_id": alg, "rel_err": err,
-                   "torch_cslt_alg0_ms": torch_alg0_ms, "torch_cslt_rel_err": torch_err}
-            rows.append(row)
-            log(f"gemm M={m} K={k} N={n} {lay}: dense {dense_ms:.4f} ms, sparse {sparse_ms:.4f} ms "
-                f"(alg {alg}, x{row['speedup']:.2f}), torch cslt alg0 {torch_alg0_ms:.4f} ms, err {err:.1e}")
+        bb = torch.randn((n, k) if lay == "bT" else (k, n), device="cuda", dtype=torch.bfloat16)
+        b = bb.t() if lay == "bT" else bb
+        want = a_dense.float() @ b.float()
+        dense_ms = _graph_ms(lambda: torch.mm(a_dense, b))
+        alg = gemm.best_alg(m, k, n, lay == "bT", "ext")
+        out = gemm.sparse_mm(a, b, alg=alg)
+        err = ((out.float() - want).norm() / want.norm()).item()
+        sparse_ms = _graph_ms(lambda: gemm.sparse_mm(a, b, alg=alg))
+        torch_alg0_ms = _graph_ms(lambda: torch._cslt_sparse_mm(a.buffer, b, alg_id=0))
+        torch_err = ((torch._cslt_sparse_mm(a.buffer, b, alg_id=0).float() - want).norm() / want.norm()).item()
+        row = {"M": m, "K": k, "N": n, "b_layout": lay, "dtype": "bf16", "dense_ms": dense_ms,
+               "sparse_ms": sparse_ms, "speedup": dense_ms / sparse_ms, "alg_id": alg, "rel_err": err,
+               "torch_cslt_alg0_ms": torch_alg0_ms, "torch_cslt_rel_err": torch_err}
+        rows.append(row)
+        log(f"gemm M={m} K={k} N={n} {lay}: dense {dense_ms:.4f} ms, sparse {sparse_ms:.4f} ms "
+            f"(alg {alg}, x{row['speedup']:.2f}), torch cslt alg0 {torch_alg0_ms:.4f} ms, err {err:.1e}")
     return rows
 
 
