@@ -153,3 +153,53 @@ def test_stats():
     assert s["y2_zero_frac"].item() == pytest.approx(4 / 8)
     assert s["dropped_nnz_frac"].item() == pytest.approx(1 / 4)
     assert ffn.stats
+
+
+@pytest.mark.parametrize("rank", [0, 8])
+@pytest.mark.parametrize("grad_mode", ["mask", "ste"])
+def test_packed_path_matches_masked_path(rank, grad_mode):
+    """The packed core (what runs on Hopper) against the masked-dense definition, both in bf16, on CPU with the
+    reference kernels: same forward, same gradients up to bf16 rounding (the packed path rebuilds relu(y1) as
+    sqrt(y2s) in `mask` mode)."""
+    torch.manual_seed(0)
+    ffns = []
+    for path in ("masked", "packed"):
+        torch.manual_seed(0)
+        f = ReLU2FFN(64, 128, rank=rank).to(torch.bfloat16)
+        sparsify_(f, Act24Config(grad_mode=grad_mode, path=path, permute_tokens=True))
+        f.sparse_active = True
+        ffns.append(f)
+    x = torch.randn(2, 64, 64, dtype=torch.bfloat16)
+    gy = torch.randn(2, 64, 64, dtype=torch.bfloat16)
+    outs, grads = [], []
+    for f in ffns:
+        xi = x.clone().requires_grad_()
+        y = f(xi)
+        y.backward(gy)
+        outs.append(y.float())
+        grads.append([xi.grad.float()] + [p.grad.float() for p in f.parameters()])
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert rel(outs[1], outs[0]) < 1e-2
+    for g_packed, g_masked in zip(grads[1], grads[0]):
+        assert rel(g_packed, g_masked) < 2e-2
+
+
+def test_packed_ffn_core_saves_less_in_mask_mode():
+    from elas import kernels
+    from elas.sparsity import packed_ffn_core
+    h1 = torch.randn(128, 64, dtype=torch.bfloat16, requires_grad=True)
+    wu = torch.randn(256, 64, dtype=torch.bfloat16, requires_grad=True)
+    wd = torch.randn(256, 32, dtype=torch.bfloat16, requires_grad=True)
+    sizes = {}
+    for mode in ("mask", "ste"):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            packed_ffn_core(h1, wu, wd, mode, kernels.reference)
+        big = [t for t in saved if t.data_ptr() not in (h1.data_ptr(), wu.data_ptr(), wd.data_ptr())]
+        sizes[mode] = sum(t.numel() * t.element_size() for t in big)
+    dense_y2 = 128 * 256 * 2
+    assert sizes["mask"] == dense_y2 * 9 // 16 + 128 * 256 // 8  # packed values+metadata, plus the mask bits
+    assert sizes["ste"] == dense_y2  # y1 only

@@ -263,17 +263,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from .bench import kernels as kb
+    if args.what == "report":
+        from .bench.report import update_doc
+        update_doc(Path(args.doc), Path(args.results))
+        print(f"updated {args.doc}")
+        return 0
     if not torch.cuda.is_available():
         raise UserError("elas bench measures GPU kernels and needs a CUDA GPU")
     env = kb.environment()
     gpu = env["gpu"].split()[-1].lower() if args.gpu_name is None else args.gpu_name
     rows: list = []
+    extra: dict = {}
+    sizes = args.sizes.split(",") if args.sizes else None
     if args.what == "gemm":
         rows = kb.bench_gemm(m=args.m)
         extra = {"host_overhead": kb.bench_host_overhead()}
-    else:
+    elif args.what == "sparsify":
         rows = kb.bench_sparsify(m=args.m)
-        extra = {}
+    elif args.what == "ffn":
+        from .bench.ffn import bench_ffn
+        rows = bench_ffn(sizes)
+    else:
+        from .bench.ffn import bench_step
+        rows = bench_step(sizes)
     out = Path(args.out or f"benchmarks/results/{gpu}") / f"{args.what}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"command": "elas bench " + " ".join(sys.argv[2:]), "env": env, **extra, "rows": rows}
@@ -306,7 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="GPU kernel benchmarks (JSON under benchmarks/results/<gpu>/)")
-    p.add_argument("what", choices=["gemm", "sparsify"])
+    p.add_argument("what", choices=["gemm", "sparsify", "ffn", "step", "report"],
+                   help="report: render the result files into --doc")
+    p.add_argument("--sizes", help="model sizes for ffn/step, e.g. llama-60m,llama-1b (default: 60m..1b)")
+    p.add_argument("--doc", default="docs/performance.md")
+    p.add_argument("--results", default="benchmarks/results")
     p.add_argument("--m", type=int, default=16384, help="tokens (rows of the sparse operand)")
     p.add_argument("--out", help="directory for the JSON (default benchmarks/results/<gpu>)")
     p.add_argument("--gpu-name", help="folder name for the GPU (default: from the device name)")

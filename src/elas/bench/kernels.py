@@ -80,6 +80,8 @@ def bench_host_overhead(calls: int = 2000, log=print) -> dict:
             torch.cuda.synchronize()
             samples.append((time.perf_counter() - t) / (calls // 5) * 1e6)
         res[name] = statistics.median(samples)
+    res["elas_ext_cpp_loop_us"] = torch.ops.elas_cslt.host_us(a.buffer.view(-1), b, m, k, alg, calls)
+    res["workspace_bytes"] = torch.ops.elas_cslt.workspace(m, k, n, False, alg)
     log("host time per eager call (us): " + ", ".join(f"{k} {v:.1f}" for k, v in res.items()))
     return res
 
@@ -100,6 +102,8 @@ def bench_sparsify(m: int = 16384, ks=None, log=print) -> list[dict]:
                      "copy_ms": copy_ms, "copy_tb_per_s": 2 * m * k * 2 / copy_ms / 1e9,
                      "reference_torch_ms": ref_ms, "torch_cslt_compress_ms": compress_ms})
         r = rows[-1]
+        r["variants_ms"] = {f"tiles{t}_warps{w}": _graph_ms(lambda: relu2_sparsify24_packed(y1, tiles=t, num_warps=w))
+                            for t in (2, 4) for w in (2, 4, 8)}
         log(f"sparsify M={m} K={k}: {ms:.4f} ms = {r['tb_per_s']:.2f} TB/s (copy {r['copy_tb_per_s']:.2f} TB/s); "
             f"torch reference {ref_ms:.3f} ms; _cslt_compress alone {compress_ms:.3f} ms")
     return rows

@@ -21,6 +21,7 @@ __all__ = [
     "wgrad_split_operand",
     "relu2_sparsify24_packed",
     "sparse_mm",
+    "relu2_sparse24_backward",
 ]
 
 
@@ -111,3 +112,24 @@ def sparse_mm(a, b: torch.Tensor) -> torch.Tensor:
     """a: Packed24 [M, K] (2:4 along K), b: [K, N] -> a @ b [M, N] in b's dtype. Emulated: unpack, dense GEMM."""
     from .packed import unpack24
     return (unpack24(a).to(b.dtype) @ b)
+
+
+def relu2_sparse24_backward(dy2: torch.Tensor, a, y1: torch.Tensor | None = None):
+    """Backward pointwise work of y2s = 2:4(relu(y1)^2), from the packed forward output.
+
+    dy2: [M, K] gradient w.r.t. y2s; a: Packed24 of y2s (forward); y1: [M, K] for the `ste` mode, None for `mask`.
+    Returns (y2s [M, K] bf16 dense, dy1 [M, K] bf16, dy1_values [M, K/2] bf16 or None):
+        mask: dy1 = 2 sqrt(y2s) dy2 on kept entries, 0 elsewhere (relu(y1) rebuilt as sqrt(y2s): no y1 needed);
+              dy1_values are its kept values in packed order (dy1 has the forward's 2:4 pattern and metadata).
+        ste:  dy1 = 2 relu(y1) dy2 everywhere; dy1_values None.
+    Arithmetic in fp32, rounded once to bf16 (as the Triton kernel does).
+    """
+    from .packed import bits_to_mask, unpack24
+    y2s = unpack24(a)
+    d = dy2.float()
+    if y1 is not None:
+        dy1 = (2.0 * torch.relu(y1.float()) * d).to(torch.bfloat16)
+        return y2s, dy1, None
+    mask = bits_to_mask(a.mask_bits, a.shape[1])
+    dy1 = torch.where(mask, 2.0 * y2s.float().sqrt() * d, 0.0).to(torch.bfloat16)
+    return y2s, dy1, dy1[mask].view(a.shape[0], a.shape[1] // 2)

@@ -8,8 +8,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import logging
+
 from ..kernels import get_backend
-from ..sparsity import Act24Config, WgradSplit, relu2_sparse24, relu2_stats, split_linear, token_permutation
+from ..sparsity import (Act24Config, WgradSplit, packed_ffn_core, relu2_sparse24, relu2_stats, split_linear,
+                        token_permutation)
+
+log = logging.getLogger("elas.model")
+_warned: set[str] = set()
 from .lowrank import LowRankLinear, make_linear
 
 
@@ -55,6 +61,20 @@ class ReLU2FFN(nn.Module):
             perm, inv = token_permutation(seq, x.device)
             x = x[:, perm]
         xt = x.reshape(bsz * seq, d)  # [T, d_model]
+        kern = cfg.packed_kernels()
+        if kern is not None and (xt.shape[0] % 64 or self.up.out_features % 64):
+            msg = (f"2:4 FFN: {xt.shape[0]} tokens x d_ff {self.up.out_features} is not a multiple of 64; "
+                   f"using the reference path for this shape")
+            if msg not in _warned:
+                _warned.add(msg)
+                log.warning(msg)
+            kern = None
+        if kern is not None:
+            if self.track_stats:  # log steps only: one extra up-projection for the statistics
+                with torch.no_grad():
+                    self.stats = relu2_stats(self.up(xt), None)
+            y3 = self._forward_packed(xt, kern).to(x.dtype).reshape(bsz, seq, d)
+            return y3[:, inv] if cfg.permute_tokens else y3
         plan = WgradSplit(cfg.backend) if cfg.wgrad_dense_frac is not None and torch.is_grad_enabled() else None
         y1 = self._lin(self.up, xt, plan, d_ff_is_input=False)  # [T, d_ff]
         if plan is not None:
@@ -68,6 +88,19 @@ class ReLU2FFN(nn.Module):
         if cfg.permute_tokens:
             y3 = y3[:, inv]
         return y3
+
+    def _forward_packed(self, xt: torch.Tensor, kern) -> torch.Tensor:
+        """The packed 2:4 core (sparsity/packed_ffn.py) with the factors of this FFN, in bf16."""
+        bf = torch.bfloat16
+        up, down = self.up, self.down
+        if isinstance(up, LowRankLinear):
+            h1, wu = (xt @ up.weight_in).to(bf), up.weight_out.to(bf)  # [T, r], [d_ff, r]
+        else:
+            h1, wu = xt.to(bf), up.weight.to(bf)  # [T, d], [d_ff, d]
+        wd = down.weight_in.to(bf) if isinstance(down, LowRankLinear) else down.weight.to(bf).t()  # [d_ff, q']
+        with torch.autocast(xt.device.type, enabled=False):
+            h2 = packed_ffn_core(h1, wu, wd, self.act24.grad_mode, kern)  # [T, q']
+        return F.linear(h2, down.weight_out) if isinstance(down, LowRankLinear) else h2
 
     @staticmethod
     def _lin(mod: nn.Module, x: torch.Tensor, plan: WgradSplit | None, d_ff_is_input: bool) -> torch.Tensor:

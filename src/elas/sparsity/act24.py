@@ -18,7 +18,8 @@ class Act24Config:
     dense_warmup_steps: int = 1000
     permute_tokens: bool = False
     wgrad_dense_frac: float | None = None  # 0.05 = Haziza's 95/5 split; None = exact dense weight gradients
-    backend: str = "auto"
+    backend: str = "auto"  # kernel backend (elas.kernels): auto | reference | cuda
+    path: str = "auto"  # auto: packed on an accelerated backend, masked otherwise | masked | packed
 
     def __post_init__(self) -> None:
         if self.grad_mode not in ("ste", "mask"):
@@ -27,6 +28,28 @@ class Act24Config:
             raise ValueError(f"invalid dense_warmup_steps {self.dense_warmup_steps}: expected >= 0")
         if self.wgrad_dense_frac is not None and not 0.0 <= self.wgrad_dense_frac <= 1.0:
             raise ValueError(f"invalid wgrad_dense_frac {self.wgrad_dense_frac}: expected a fraction in [0, 1]")
+        if self.path not in ("auto", "masked", "packed"):
+            raise ValueError(f"invalid path {self.path!r}: expected auto, masked or packed")
+
+    def packed_kernels(self):
+        """The kernel module for the packed path, or None when the FFN runs the masked-dense reference path.
+
+        `packed` forces the packed path (on the reference backend it is emulated: for tests); `auto` takes it
+        only where it is accelerated and equivalent: a Hopper backend and no 95/5 split (not accelerated yet)."""
+        from .. import kernels
+        k = kernels.get_backend(self.backend)
+        if self.path == "packed":
+            return k
+        if self.path == "masked" or k is kernels.reference or self.wgrad_dense_frac is not None:
+            return None
+        return k
+
+    def describe(self) -> str:
+        k = self.packed_kernels()
+        from .. import kernels
+        if k is None or k is kernels.reference:
+            return "reference path (masked dense GEMMs: emulated, not accelerated)"
+        return "accelerated path (Triton sparsifier + cuSPARSELt 2:4 GEMMs on sparse tensor cores)"
 
     def active_at(self, step: int) -> bool:
         return step >= self.dense_warmup_steps

@@ -183,10 +183,10 @@ class Trainer:
             where = f"{self.device}" + (f" x{d.world} (DDP)" if d.enabled else "")
             self.log(f"elas: {cfg.preset} | {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params "
                      f"| {where} | global batch {self.global_batch} x {cfg.seq_len} tokens | run dir {self.run_dir}")
-            if cfg.model.act_sparsity:
-                self.log(f"elas: 2:4 activation sparsity ({cfg.model.grad_mode} gradient) after "
-                         f"{cfg.model.dense_warmup_steps} dense steps; the FFN runs the reference path "
-                         f"(masked dense GEMMs: emulated, not accelerated)")
+            act24 = next((m.act24 for m in self.model.modules() if getattr(m, "act24", None)), None)
+            if act24 is not None:
+                self.log(f"elas: 2:4 activation sparsity ({act24.grad_mode} gradient) after "
+                         f"{act24.dense_warmup_steps} dense steps; {act24.describe()}")
             if self.ckpt is not None:
                 self.log(f"elas: resumed from {self.ckpt} at step {self.step}")
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \

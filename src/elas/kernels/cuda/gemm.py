@@ -25,6 +25,7 @@ from ..packed import Packed24
 
 log = logging.getLogger("elas.kernels")
 _ALG: dict[str, int] = {}
+_LOADED: list = []
 
 
 def cache_dir() -> Path:
@@ -182,7 +183,14 @@ def search_alg(m: int, k: int, n: int, bt: bool, impl: str = "ext") -> tuple[int
     return best, report
 
 
+_FAST: dict[tuple, int] = {}  # (device, m, k, n, bt, impl) -> alg: the per-call lookup, no string building
+
+
 def best_alg(m: int, k: int, n: int, bt: bool, impl: str = "ext") -> int:
+    fast = (torch.cuda.current_device(), m, k, n, bt, impl)
+    alg = _FAST.get(fast)
+    if alg is not None:
+        return alg
     key = _key(m, k, n, bt, impl)
     if key not in _ALG:
         disk = _load_disk()
@@ -194,6 +202,7 @@ def best_alg(m: int, k: int, n: int, bt: bool, impl: str = "ext") -> int:
         else:
             _ALG[key] = search_alg(m, k, n, bt, impl)[0]
             _save_disk(key, _ALG[key])
+    _FAST[fast] = _ALG[key]
     return _ALG[key]
 
 
@@ -204,8 +213,8 @@ def sparse_mm(a: Packed24, b: torch.Tensor, alg: int | None = None, impl: str = 
         raise ValueError(f"sparse_mm: b must be bf16 [{k}, N], got {b.dtype} {tuple(b.shape)}")
     if b.stride(1) != 1 and b.stride(0) != 1:
         b = b.contiguous()
-    if impl == "ext":
-        load_extension()
+    if impl == "ext" and not _LOADED:
+        _LOADED.append(load_extension())
     if alg is None:
         alg = best_alg(m, k, b.shape[1], _b_transposed(b), impl)
     return _raw_mm(a, b, alg, impl)

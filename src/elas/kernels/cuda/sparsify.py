@@ -87,7 +87,7 @@ def _tiles_per_program(k: int) -> int:
     return 2
 
 
-def relu2_sparsify24_packed(y1: torch.Tensor) -> Packed24:
+def relu2_sparsify24_packed(y1: torch.Tensor, tiles: int | None = None, num_warps: int = 4) -> Packed24:
     """y1: [M, K] bf16/fp32 -> Packed24 of 2:4(relu(y1)^2) (values bf16). See module docs."""
     if y1.dim() != 2 or y1.stride(1) != 1:
         raise ValueError(f"y1 must be a row-major 2-D tensor, got shape {tuple(y1.shape)} strides {y1.stride()}")
@@ -99,8 +99,64 @@ def relu2_sparsify24_packed(y1: torch.Tensor) -> Packed24:
     vals = buf[: m * k // 2]
     meta = buf[m * k // 2:].view(torch.uint8)
     bits = torch.empty(m, k // 8, dtype=torch.uint8, device=y1.device)
-    tiles = _tiles_per_program(k)
+    tiles = tiles or _tiles_per_program(k)
+    if (k // 32) % tiles:
+        raise ValueError(f"tiles={tiles} must divide K/32={k // 32}")
     grid = (m // 64, k // 32 // tiles)
     _kernel[grid](y1, vals, meta, bits, k, y1.stride(0), TILES=tiles, ROUND_BF16=y1.dtype == torch.bfloat16,
-                  num_warps=4)
+                  num_warps=num_warps)
     return Packed24(buf.view(m, k * 9 // 16), bits, (m, k))
+
+
+@triton.jit
+def _bwd_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, K, STE: tl.constexpr,
+                BK: tl.constexpr):
+    # program: 64 rows x BK columns. Inputs: dy2 [M, K], packed values [M, K/2], mask bits [M, K/8], and y1 [M, K]
+    # in ste mode. Outputs: y2s dense, dy1 dense, and (mask mode) dy1's kept values in packed order.
+    G: tl.constexpr = BK // 4
+    rows = (tl.program_id(0) * 64 + tl.arange(0, 64)).to(tl.int64)[:, None]
+    col0 = tl.program_id(1) * BK
+    c = tl.arange(0, BK)[None, :]
+    vals = tl.load(val_ptr + rows * (K // 2) + col0 // 2 + tl.arange(0, 2 * G)[None, :]).to(tl.float32)
+    first, second = tl.split(tl.reshape(vals, (64, G, 2)))  # [64, G]
+    bits = tl.load(bits_ptr + rows * (K // 8) + col0 // 8 + tl.arange(0, G // 2)[None, :]).to(tl.int32)
+    keep = tl.reshape(tl.join(bits & 15, bits >> 4), (64, G))  # [64, G] nibble: bit c = column c kept
+    i0 = tl.where((keep & 1) != 0, 0, tl.where((keep & 2) != 0, 1, 2))
+    i1 = tl.where((keep & 8) != 0, 3, tl.where((keep & 4) != 0, 2, 1))
+    d0 = tl.where(i0 == 0, first, 0.0)
+    d1 = tl.where(i0 == 1, first, tl.where(i1 == 1, second, 0.0))
+    d2 = tl.where(i0 == 2, first, tl.where(i1 == 2, second, 0.0))
+    d3 = tl.where(i1 == 3, second, 0.0)
+    # dense [64, BK] from the four columns: column 4g + 2a + b <- [64, G, a, b]
+    y2s = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (64, BK))
+    tl.store(y2s_ptr + rows * K + col0 + c, y2s.to(tl.bfloat16))
+    dy2 = tl.load(dy2_ptr + rows * K + col0 + c).to(tl.float32)
+    if STE:
+        y1 = tl.load(y1_ptr + rows * K + col0 + c).to(tl.float32)
+        tl.store(dy1_ptr + rows * K + col0 + c, _round_bf16(2.0 * tl.maximum(y1, 0.0) * dy2).to(tl.bfloat16))
+    else:
+        dy1 = 2.0 * tl.sqrt(y2s) * dy2  # relu(y1) = sqrt(y2) on kept entries; y2s is 0 elsewhere
+        tl.store(dy1_ptr + rows * K + col0 + c, _round_bf16(dy1).to(tl.bfloat16))
+        e, o = tl.split(tl.reshape(dy1, (64, G, 2, 2)))
+        g0, g2 = tl.split(e)
+        g1, g3 = tl.split(o)
+        dfirst = tl.where(i0 == 0, g0, tl.where(i0 == 1, g1, g2))
+        dsecond = tl.where(i1 == 3, g3, tl.where(i1 == 2, g2, g1))
+        dv = tl.reshape(tl.join(dfirst, dsecond), (64, 2 * G))
+        tl.store(dval_ptr + rows * (K // 2) + col0 // 2 + tl.arange(0, 2 * G)[None, :], _round_bf16(dv).to(tl.bfloat16))
+
+
+def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24, y1: torch.Tensor | None = None):
+    """Triton twin of reference.relu2_sparse24_backward: one pass over dy2 (and y1 in ste mode)."""
+    m, k = a.shape
+    if dy2.shape != (m, k) or dy2.stride(1) != 1 or dy2.stride(0) != k:
+        raise ValueError(f"dy2 must be a contiguous [{m}, {k}] tensor, got {tuple(dy2.shape)}")
+    if y1 is not None and (y1.shape != (m, k) or not y1.is_contiguous()):
+        raise ValueError(f"y1 must be a contiguous [{m}, {k}] tensor")
+    y2s = torch.empty(m, k, dtype=torch.bfloat16, device=dy2.device)
+    dy1 = torch.empty(m, k, dtype=torch.bfloat16, device=dy2.device)
+    dval = None if y1 is not None else torch.empty(m, k // 2, dtype=torch.bfloat16, device=dy2.device)
+    bk = 128 if k % 128 == 0 else 64
+    _bwd_kernel[(m // 64, k // bk)](dy2, a.values, a.mask_bits, y1 if y1 is not None else dy2, y2s, dy1,
+                                    dval if dval is not None else dy1, k, STE=y1 is not None, BK=bk, num_warps=4)
+    return y2s, dy1, dval

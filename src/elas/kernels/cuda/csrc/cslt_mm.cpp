@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cusparseLt.h>
 
+#include <chrono>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -33,6 +34,8 @@ struct Plan {
   cusparseLtMatmulPlan_t plan;
   size_t workspace = 0;
 };
+
+float g_alpha = 1.f, g_beta = 0.f;  // host scalars, constant: safe to read at graph-capture time
 
 // device, m, k, n, b transposed, algorithm id
 using Key = std::tuple<int, int64_t, int64_t, int64_t, bool, int64_t>;
@@ -114,11 +117,30 @@ torch::Tensor cslt_mm(const torch::Tensor& buf, const torch::Tensor& b, int64_t 
     ws = torch::empty({static_cast<int64_t>(p->workspace)}, b.options().dtype(torch::kUInt8));
     ws_ptr = ws.data_ptr();
   }
-  float alpha = 1.f, beta = 0.f;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  ELAS_CSLT(cusparseLtMatmul(h, &p->plan, &alpha, buf.data_ptr(), b.data_ptr(), &beta, c.data_ptr(), c.data_ptr(),
-                             ws_ptr, &stream, 1));
+  ELAS_CSLT(cusparseLtMatmul(h, &p->plan, &g_alpha, buf.data_ptr(), b.data_ptr(), &g_beta, c.data_ptr(),
+                             c.data_ptr(), ws_ptr, &stream, 1));
   return c;
+}
+
+// Diagnostics for the host-overhead budget: workspace bytes of a plan, and the wall time per call of `iters`
+// back-to-back calls issued from C++ (no Python), in microseconds.
+int64_t cslt_workspace(int64_t m, int64_t k, int64_t n, bool bt, int64_t alg) {
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> lock(g_mu);
+  return static_cast<int64_t>(plan_for(handle_for(dev), Key{dev, m, k, n, bt, alg})->workspace);
+}
+
+double cslt_host_us(const torch::Tensor& buf, const torch::Tensor& b, int64_t m, int64_t k, int64_t alg,
+                    int64_t iters) {
+  cslt_mm(buf, b, m, k, alg);
+  C10_CUDA_CHECK(cudaDeviceSynchronize());
+  auto t0 = std::chrono::steady_clock::now();
+  for (int64_t i = 0; i < iters; ++i) cslt_mm(buf, b, m, k, alg);
+  auto t1 = std::chrono::steady_clock::now();
+  C10_CUDA_CHECK(cudaDeviceSynchronize());
+  return std::chrono::duration<double, std::micro>(t1 - t0).count() / iters;
 }
 
 int64_t cslt_max_alg(int64_t m, int64_t k, int64_t n, bool bt) {
@@ -146,6 +168,8 @@ TORCH_LIBRARY(elas_cslt, lib) {
   lib.def("mm(Tensor buf, Tensor b, int m, int k, int alg) -> Tensor");
   lib.def("max_alg(int m, int k, int n, bool bt) -> int", &cslt_max_alg);
   lib.def("version() -> int", &cslt_version);
+  lib.def("workspace(int m, int k, int n, bool bt, int alg) -> int", &cslt_workspace);
+  lib.def("host_us(Tensor buf, Tensor b, int m, int k, int alg, int iters) -> float", &cslt_host_us);
 }
 
 TORCH_LIBRARY_IMPL(elas_cslt, CUDA, lib) { lib.impl("mm", &cslt_mm); }

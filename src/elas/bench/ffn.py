@@ -1,0 +1,145 @@
+"""FFN and training-step benchmarks of the five variants the papers compare, in one process.
+
+ffn: one FFN block of the model (its real widths, ranks and 2:4 options), bf16 weights, forward+backward timed
+     as a CUDA-graph replay (host overhead removed); FFN activation memory = bytes autograd saves in the FFN's
+     forward (unique storages, parameters excluded).
+step: the whole model, bf16 autocast over fp32 master weights, fused AdamW, random tokens; eager steps timed with
+     CUDA events (medians); peak memory from the allocator; MFU from the dense-equivalent FLOPs.
+"""
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from ..config import model_preset
+from ..model import build_model
+from ..model.stats import model_summary
+from ..sparsity import set_sparsity_step
+
+VARIANTS = ["swiglu", "relu2", "relu2-24", "lowrank-relu2", "elas", "elas-mask"]
+BATCH = {"llama-60m": 256, "llama-130m": 256, "llama-350m": 128, "llama-1b": 64}  # per-GPU batch of ELAS/LORO
+H100_BF16 = 989e12
+
+
+def variant_config(size: str, variant: str, **over):
+    """The preset of (size, variant); relu2-24 here uses dense weight gradients (the 95/5 split is not
+    accelerated), elas-mask is ELAS with the forward-mask gradient."""
+    name = size if variant == "swiglu" else f"{size}-{'elas' if variant == 'elas-mask' else variant}"
+    extra = {"dense_warmup_steps": 0}
+    if variant == "relu2-24":
+        extra["wgrad_dense_frac"] = None
+    if variant == "elas-mask":
+        extra["grad_mode"] = "mask"
+    cfg = model_preset(name, **extra, **over)
+    return cfg
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct tensors autograd saves while fn() runs its forward (parameters excluded)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def _graph_fwd_bwd_ms(ffn, x, gy, reps=5, trials=7) -> float:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            ffn(x).backward(gy)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            ffn(x).backward(gy)
+    times = []
+    for _ in range(trials):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / reps)
+    return statistics.median(times)
+
+
+def bench_ffn(sizes=None, seq: int = 256, log=print) -> list[dict]:
+    rows = []
+    for size in sizes or list(BATCH):
+        batch = BATCH[size]
+        for variant in VARIANTS:
+            cfg = variant_config(size, variant)
+            torch.manual_seed(0)
+            model = build_model(cfg.__class__(**{**vars(cfg), "n_layers": 1}), "cuda").to(torch.bfloat16)
+            set_sparsity_step(model, 0)
+            ffn = model.blocks[0].ffn
+            x = torch.randn(batch, seq, cfg.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            gy = torch.randn_like(x)
+            act, _ = saved_bytes(lambda: ffn(x))
+            ms = _graph_fwd_bwd_ms(ffn, x, gy)
+            path = ffn.act24.describe().split(" (")[0] if getattr(ffn, "act24", None) else "dense"
+            rows.append({"model": size, "variant": variant, "batch": batch, "seq": seq, "d_ff": cfg.ffn_width,
+                         "rank": cfg.rank, "ffn_ms": ms, "ffn_act_mem_gb": act / 1e9, "path": path})
+            log(f"ffn {size} {variant:>13}: {ms:.3f} ms fwd+bwd, saved activations {act / 1e9:.3f} GB ({path})")
+            del model, ffn, x, gy
+            torch.cuda.empty_cache()
+    return rows
+
+
+def bench_step(sizes=None, seq: int = 256, steps: int = 8, warmup: int = 3, log=print) -> list[dict]:
+    from ..config import TrainConfig
+    from ..optim import build_optimizer
+    ffn_rows = {(r["model"], r["variant"]): r for r in bench_ffn(sizes, seq, log)}
+    rows = []
+    for size in sizes or list(BATCH):
+        batch = BATCH[size]
+        for variant in VARIANTS:
+            cfg = variant_config(size, variant, max_seq_len=seq)
+            torch.manual_seed(0)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            model = build_model(cfg, "cuda")
+            set_sparsity_step(model, 0)
+            opt = build_optimizer(model, TrainConfig(model=cfg))
+            idx = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda")
+            x, y = idx[:, :-1], idx[:, 1:]
+
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model(x, y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            for _ in range(warmup):
+                step()
+            times = []
+            for _ in range(steps):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                step()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            ms = statistics.median(times)
+            tps = batch * seq / (ms / 1e3)
+            flops = model_summary(cfg, seq)["train_flops_per_token"]
+            row = {"model": size, "variant": variant, "batch": batch, "seq": seq, **{
+                k: ffn_rows[(size, variant)][k] for k in ("ffn_ms", "ffn_act_mem_gb", "path")},
+                "step_ms": ms, "tokens_per_s": tps, "mfu": tps * flops / H100_BF16,
+                "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+                "params": sum(p.numel() for p in model.parameters())}
+            rows.append(row)
+            log(f"step {size} {variant:>13}: {ms:.1f} ms, {tps:,.0f} tok/s, MFU {row['mfu']:.3f}, "
+                f"peak {row['peak_mem_gb']:.1f} GB")
+            del model, opt
+    return rows

@@ -1,0 +1,73 @@
+"""The 2:4 FFN core on packed tensors: the path that runs on sparse tensor cores.
+
+For a ReLU^2 FFN (full-rank or low-rank) only the part around d_ff is special. With h1 [T, q] the input of the
+d_ff-producing factor (q = d_model, or the rank r for low-rank), Wu [d_ff, q] that factor, and Wd [d_ff, q'] the
+d_ff-consuming factor (W2^T for full-rank, N2 for low-rank):
+
+    forward:  y1 = h1 Wu^T                 dense GEMM                     [T, d_ff]
+              p  = pack(2:4(relu(y1)^2))   sparsifier kernel              values [T, d_ff/2] + metadata + mask
+              h2 = p @ Wd                  2:4 GEMM (reduces over d_ff)    [T, q']
+    backward: dy2 = dh2 Wd^T               dense GEMM (output is d_ff wide)
+              y2s, dy1 (+ packed dy1)      one pointwise kernel
+              dWd = y2s^T dh2, dWu = dy1^T h1   dense GEMMs (reduce over tokens)
+              dh1 = dy1 Wu                 2:4 GEMM in `mask` mode (dy1 has the forward's pattern), dense in `ste`
+
+Saved for backward: `mask` mode keeps only the packed y2s (0.5625 of a dense bf16 y2, plus a 1/16 mask): relu(y1)
+on kept entries is rebuilt as sqrt(y2s). `ste` mode needs relu(y1) on the dropped entries too, so it keeps y1
+(one dense tensor, like a dense ReLU^2 FFN that recomputes y2) and re-packs it in backward.
+The weight-gradient GEMMs are dense (exact); Haziza's 95/5 split is not accelerated yet, so FFNs configured with
+`wgrad_dense_frac` stay on the reference path.
+All operands bf16. `kernels` is a backend module (elas.kernels.get_backend): cuda on Hopper, the reference twin
+(unpacks and multiplies densely: emulated) elsewhere.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernels.packed import Packed24
+
+
+class _PackedFFNCore(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h1, wu, wd, grad_mode: str, kernels):
+        y1 = h1 @ wu.T  # [T, d_ff]
+        p = kernels.relu2_sparsify24_packed(y1)
+        h2 = kernels.sparse_mm(p, wd)  # [T, q']
+        ctx.grad_mode, ctx.kernels, ctx.shape = grad_mode, kernels, p.shape
+        if grad_mode == "mask":
+            ctx.save_for_backward(h1, wu, wd, p.buffer, p.mask_bits)
+        else:
+            ctx.save_for_backward(h1, wu, wd, y1)
+        return h2
+
+    @staticmethod
+    def backward(ctx, dh2):
+        k = ctx.kernels
+        dh2 = dh2.contiguous()
+        if ctx.grad_mode == "mask":
+            h1, wu, wd, buf, bits = ctx.saved_tensors
+            p = Packed24(buf, bits, ctx.shape)
+            y1 = None
+        else:
+            h1, wu, wd, y1 = ctx.saved_tensors
+            p = k.relu2_sparsify24_packed(y1)
+        dy2 = dh2 @ wd.T  # [T, d_ff]
+        y2s, dy1, dy1_vals = k.relu2_sparse24_backward(dy2, p, y1)
+        dwd = y2s.T @ dh2 if ctx.needs_input_grad[2] else None  # [d_ff, q']
+        dwu = dy1.T @ h1 if ctx.needs_input_grad[1] else None  # [d_ff, q]
+        dh1 = None
+        if ctx.needs_input_grad[0]:
+            if dy1_vals is not None:  # dy1 is 2:4 with the forward's metadata: reuse it, swap the values
+                m, kk = ctx.shape
+                dbuf = torch.empty_like(p.buffer).view(-1)
+                dbuf[: m * kk // 2] = dy1_vals.view(-1)
+                dbuf[m * kk // 2:] = p.buffer.view(-1)[m * kk // 2:]
+                dh1 = k.sparse_mm(Packed24(dbuf.view_as(p.buffer), p.mask_bits, p.shape), wu)  # [T, q]
+            else:
+                dh1 = dy1 @ wu
+        return dh1, dwu, dwd, None, None
+
+
+def packed_ffn_core(h1: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, grad_mode: str, kernels) -> torch.Tensor:
+    """h1: [T, q] bf16, wu: [d_ff, q] bf16, wd: [d_ff, q'] bf16 -> h2: [T, q'] bf16 (see module docs)."""
+    return _PackedFFNCore.apply(h1, wu, wd, grad_mode, kernels)
