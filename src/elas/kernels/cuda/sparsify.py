@@ -79,15 +79,12 @@ def _kernel(y1_ptr, val_ptr, meta_ptr, bits_ptr, K, stride, TILES: tl.constexpr,
     tl.store(meta_ptr + band.to(tl.int64) * (K // 32) * 256 + off, (lo | (hi << 4)).to(tl.uint8))
 
 
-def _tiles_per_program(k: int) -> int:
-    # more columns per program amortise index math; K % 64 == 0 guarantees 2
-    for t in (4, 2):
-        if (k // 32) % t == 0:
-            return t
-    return 2
+# Block shape: 64 rows x 64 columns (2 metadata tiles) with 8 warps was the fastest of {1, 2, 4} tiles x
+# {2, 4, 8} warps on H100 at every ELAS width (benchmarks/results/h100/sparsify.json, "variants_ms").
+DEFAULT_TILES, DEFAULT_WARPS = 2, 8
 
 
-def relu2_sparsify24_packed(y1: torch.Tensor, tiles: int | None = None, num_warps: int = 4) -> Packed24:
+def relu2_sparsify24_packed(y1: torch.Tensor, tiles: int = DEFAULT_TILES, num_warps: int = DEFAULT_WARPS) -> Packed24:
     """y1: [M, K] bf16/fp32 -> Packed24 of 2:4(relu(y1)^2) (values bf16). See module docs."""
     if y1.dim() != 2 or y1.stride(1) != 1:
         raise ValueError(f"y1 must be a row-major 2-D tensor, got shape {tuple(y1.shape)} strides {y1.stride()}")
@@ -99,7 +96,6 @@ def relu2_sparsify24_packed(y1: torch.Tensor, tiles: int | None = None, num_warp
     vals = buf[: m * k // 2]
     meta = buf[m * k // 2:].view(torch.uint8)
     bits = torch.empty(m, k // 8, dtype=torch.uint8, device=y1.device)
-    tiles = tiles or _tiles_per_program(k)
     if (k // 32) % tiles:
         raise ValueError(f"tiles={tiles} must divide K/32={k // 32}")
     grid = (m // 64, k // 32 // tiles)
