@@ -15,6 +15,7 @@ for what in "${@:-tests kernels ffn}"; do
       kernels) python -m elas bench sparsify --gpu-name "$GPU"; python -m elas bench gemm --gpu-name "$GPU" ;;
       ffn) python -m elas bench ffn --gpu-name "$GPU" ;;
       step) python -m elas bench step --gpu-name "$GPU" ;;
+      step-half) python -m elas bench step --batch-scale 0.5 --gpu-name "$GPU" ;;
     esac
   done
 done

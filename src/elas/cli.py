@@ -282,11 +282,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows = kb.bench_sparsify(m=args.m)
     elif args.what == "ffn":
         from .bench.ffn import bench_ffn
-        rows = bench_ffn(sizes)
+        rows = bench_ffn(sizes, batch_scale=args.batch_scale)
     else:
         from .bench.ffn import bench_step
-        rows = bench_step(sizes)
-    out = Path(args.out or f"benchmarks/results/{gpu}") / f"{args.what}.json"
+        rows = bench_step(sizes, batch_scale=args.batch_scale)
+    suffix = f"_batchx{args.batch_scale:g}" if args.batch_scale != 1.0 else ""
+    out = Path(args.out or f"benchmarks/results/{gpu}") / f"{args.what}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"command": "elas bench " + " ".join(sys.argv[2:]), "env": env, **extra, "rows": rows}
     out.write_text(json.dumps(doc, indent=1))
@@ -321,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["gemm", "sparsify", "ffn", "step", "report"],
                    help="report: render the result files into --doc")
     p.add_argument("--sizes", help="model sizes for ffn/step, e.g. llama-60m,llama-1b (default: 60m..1b)")
+    p.add_argument("--batch-scale", type=float, default=1.0, help="scale the papers' per-GPU batch (ffn/step)")
     p.add_argument("--doc", default="docs/performance.md")
     p.add_argument("--results", default="benchmarks/results")
     p.add_argument("--m", type=int, default=16384, help="tokens (rows of the sparse operand)")

@@ -69,10 +69,10 @@ def _fwd_bwd_ms(ffn, x, gy, iters=20, warmup=5) -> float:
     return statistics.median(times)
 
 
-def bench_ffn(sizes=None, seq: int = 256, log=print) -> list[dict]:
+def bench_ffn(sizes=None, seq: int = 256, log=print, batch_scale: float = 1.0) -> list[dict]:
     rows = []
     for size in sizes or list(BATCH):
-        batch = BATCH[size]
+        batch = int(BATCH[size] * batch_scale)
         for variant in VARIANTS:
             cfg = variant_config(size, variant)
             torch.manual_seed(0)
@@ -92,18 +92,20 @@ def bench_ffn(sizes=None, seq: int = 256, log=print) -> list[dict]:
     return rows
 
 
-def bench_step(sizes=None, seq: int = 256, steps: int = 8, warmup: int = 3, log=print) -> list[dict]:
+def bench_step(sizes=None, seq: int = 256, steps: int = 8, warmup: int = 3, batch_scale: float = 1.0,
+               log=print) -> list[dict]:
     from ..config import TrainConfig
     from ..optim import build_optimizer
-    ffn_rows = {(r["model"], r["variant"]): r for r in bench_ffn(sizes, seq, log)}
+    ffn_rows = {(r["model"], r["variant"]): r for r in bench_ffn(sizes, seq, log, batch_scale)}
     rows = []
     for size in sizes or list(BATCH):
-        batch = BATCH[size]
+        batch = int(BATCH[size] * batch_scale)
         for variant in VARIANTS:
             cfg = variant_config(size, variant, max_seq_len=seq)
             torch.manual_seed(0)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_accumulated_memory_stats()
             model = build_model(cfg, "cuda")
             set_sparsity_step(model, 0)
             opt = build_optimizer(model, TrainConfig(model=cfg))
@@ -134,9 +136,12 @@ def bench_step(sizes=None, seq: int = 256, steps: int = 8, warmup: int = 3, log=
                 k: ffn_rows[(size, variant)][k] for k in ("ffn_ms", "ffn_act_mem_gb", "path")},
                 "step_ms": ms, "tokens_per_s": tps, "mfu": tps * flops / H100_BF16,
                 "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+                # allocator retries (cudaFree + cudaMalloc after an OOM) mean the step ran at the memory limit,
+                # which slows it for reasons other than its kernels
+                "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0),
                 "params": sum(p.numel() for p in model.parameters())}
             rows.append(row)
             log(f"step {size} {variant:>13}: {ms:.1f} ms, {tps:,.0f} tok/s, MFU {row['mfu']:.3f}, "
-                f"peak {row['peak_mem_gb']:.1f} GB")
+                f"peak {row['peak_mem_gb']:.1f} GB, alloc retries {row['alloc_retries']}")
             del model, opt
     return rows

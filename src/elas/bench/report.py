@@ -36,16 +36,82 @@ def sparsify_table(doc: dict) -> str:
     return "\n".join(out)
 
 
-RENDERERS = {"gemm.json": ("2:4 GEMM", gemm_table), "sparsify.json": ("ReLU² + 2:4 sparsifier", sparsify_table)}
+TWIN = {"relu2-24": "relu2", "elas": "lowrank-relu2", "elas-mask": "lowrank-relu2"}  # the dense twin of a variant
+
+
+def step_tables(doc: dict) -> str:
+    rows = doc["rows"]
+    by = {(r["model"], r["variant"]): r for r in rows}
+    out = [_env_line(doc), "",
+           "FFN block forward+backward (eager, bf16 weights) and the activation memory autograd saves for it:", "",
+           "| model | variant | tokens | FFN fwd+bwd ms | vs dense twin | FFN act. memory GB | vs dense twin | path |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        twin = by.get((r["model"], TWIN.get(r["variant"], "")))
+        sp = f"**{twin['ffn_ms'] / r['ffn_ms']:.2f}x**" if twin else ""
+        mem = f"{100 * (r['ffn_act_mem_gb'] / twin['ffn_act_mem_gb'] - 1):+.0f}%" if twin else ""
+        out.append(f"| {r['model']} | {r['variant']} | {r['batch'] * r['seq']} | {r['ffn_ms']:.3f} | {sp} | "
+                   f"{r['ffn_act_mem_gb']:.3f} | {mem} | {r['path']} |")
+    out += ["", "Training step (whole model, bf16 autocast, fused AdamW, eager):", "",
+            "| model | variant | batch x seq | step ms | tokens/s | vs dense twin | vs SwiGLU | MFU | peak GB |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        twin = by.get((r["model"], TWIN.get(r["variant"], "")))
+        base = by.get((r["model"], "swiglu"))
+        ratio = f"**{r['tokens_per_s'] / twin['tokens_per_s']:.2f}x**" if twin else ""
+        out.append(f"| {r['model']} | {r['variant']} | {r['batch']}x{r['seq']} | {r['step_ms']:.1f} | "
+                   f"{r['tokens_per_s']:,.0f} | {ratio} | "
+                   f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {r['mfu']:.3f} | {r['peak_mem_gb']:.1f} |")
+    return "\n".join(out)
+
+
+def plot_step(doc: dict, png: Path) -> bool:
+    """Bar charts of tokens/s and FFN activation memory per model and variant; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = doc["rows"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    by = {(r["model"], r["variant"]): r for r in rows}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    w = 0.8 / len(variants)
+    for ax, key, title in ((axes[0], "tokens_per_s", "training tokens/s (H100, bf16)"),
+                           (axes[1], "ffn_act_mem_gb", "FFN activation memory per layer (GB)")):
+        for i, v in enumerate(variants):
+            base = [by[(m, "swiglu")][key] if key == "tokens_per_s" else 1.0 for m in models]
+            vals = [by[(m, v)][key] / b for m, b in zip(models, base)]
+            ax.bar([j + i * w for j in range(len(models))], vals, w, label=v)
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(models))], models)
+        ax.set_title(title + (" relative to SwiGLU" if key == "tokens_per_s" else ""))
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return True
+
+
+RENDERERS = {"gemm.json": ("2:4 GEMM", gemm_table), "sparsify.json": ("ReLU² + 2:4 sparsifier", sparsify_table),
+             "step.json": ("FFN and training step", step_tables)}
 
 
 def render(results: Path) -> str:
     parts = []
     for gpu_dir in sorted(p for p in Path(results).iterdir() if p.is_dir()):
-        for name, (title, fn) in RENDERERS.items():
-            f = gpu_dir / name
-            if f.exists():
-                parts.append(f"### {title} ({gpu_dir.name})\n\n" + fn(json.loads(f.read_text())) + "\n")
+        for f in sorted(gpu_dir.glob("*.json")):
+            kind, _, scale = f.stem.partition("_batchx")  # e.g. step_batchx0.5.json: step at half the batch
+            if kind + ".json" not in RENDERERS:
+                continue
+            title, fn = RENDERERS[kind + ".json"]
+            doc = json.loads(f.read_text())
+            parts.append(f"### {title}{f', batch x{scale}' if scale else ''} ({gpu_dir.name})\n\n{fn(doc)}\n")
+            png = Path("docs") / "img" / f"{f.stem}_{gpu_dir.name}.png"
+            if kind == "step" and plot_step(doc, png):
+                parts.append(f"![tokens/s and FFN activation memory](img/{png.name})\n")
     return "\n".join(parts)
 
 
