@@ -65,7 +65,8 @@ def relu2_sparsify24(y1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     y1: [tokens, d_ff]. Returns y2s: [tokens, d_ff] (2:4 along d_ff), mask: [tokens, d_ff] bool.
     The mask is taken on y2 as rounded in y1's dtype, so bf16 ties created by squaring follow the tie rule.
     """
-    y2 = torch.relu(y1).square()
+    r = torch.relu(y1)
+    y2 = r * r  # in y1's dtype even under autocast (which would run .square(), a pow, in fp32)
     return sparsify24(y2, dim=-1)
 
 

@@ -51,7 +51,8 @@ class ReLU2FFN(nn.Module):
             y1 = self.up(x)
             if self.track_stats:
                 self.stats = relu2_stats(y1.detach(), None)
-            return self.down(torch.relu(y1).square())
+            r = torch.relu(y1)
+            return self.down(r * r)  # not .square(): autocast runs pow in fp32, doubling y2's memory and traffic
         return self._forward_sparse(x)
 
     def _forward_sparse(self, x: torch.Tensor) -> torch.Tensor:

@@ -108,7 +108,8 @@ def relu2_stats(y1: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.
     """y2_zero_frac: fraction of zeros of y2 = relu(y1)^2; dropped_nnz_frac: fraction of y2's non-zeros that the
     2:4 mask removes (computed with the mask 2:4 would use even while dense, to show what sparsity would cost)."""
     from .. import kernels
-    y2 = torch.relu(y1).square()
+    r = torch.relu(y1)
+    y2 = r * r
     nz = y2 != 0
     if mask is None:
         mask = kernels.reference.mask24(y2)
