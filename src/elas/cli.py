@@ -122,6 +122,11 @@ def resolve_train_config(args: argparse.Namespace):
             cfg = resolve_model(preset, {}) and train_config(preset)
             apply_overrides(cfg, _flatten(toml))
             apply_overrides(cfg, {f"model.{k}": v for k, v in model_overrides(args).items()})
+        if args.optimizer:  # the optimizer's published recipe for this size, before --set
+            from .config import LORO_DEFAULTS, size_of
+            apply_overrides(cfg, {"optimizer": args.optimizer})
+            if args.optimizer == "loro_adamw":
+                apply_overrides(cfg, dict(LORO_DEFAULTS.get(size_of(cfg.preset), {})))
         apply_overrides(cfg, _parse_sets(args.set))
         flags = {"out_dir": args.out, "max_steps": args.max_steps, "device": args.device, "data_dir": args.data}
         apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
@@ -313,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default runs/<preset>)")
     p.add_argument("--data", help="prepared dataset directory")
     p.add_argument("--max-steps", type=int)
+    p.add_argument("--optimizer", choices=["adamw", "loro_adamw"],
+                   help="loro_adamw also sets LORO's lr and exact-step period for the size")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

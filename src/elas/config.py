@@ -163,7 +163,9 @@ class TrainConfig:
     batch_size: int = 16  # sequences per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size * grad_accum * world
     max_steps: int = 1000
-    optimizer: str = "adamw"  # adamw (LORO-AdamW arrives with the optim work)
+    optimizer: str = "adamw"  # adamw | loro_adamw (low-rank models)
+    loro_exact_every: int = 500  # LORO: exact Riemannian step (and Adam-state reset) every K steps
+    loro_rewarm_steps: int = 5  # LORO: linear lr re-warm after each reset
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100  # linear lr warm-up
@@ -184,7 +186,7 @@ class TrainConfig:
     def validate(self) -> None:
         self.model.validate()
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "save_every",
-                     "eval_tokens", "keep_checkpoints"):
+                     "eval_tokens", "keep_checkpoints", "loro_exact_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"invalid {name}={getattr(self, name)!r}: expected a positive integer")
         if self.seq_len > self.model.max_seq_len:
@@ -198,7 +200,17 @@ class TrainConfig:
                              f"warmup_steps={self.warmup_steps} (>= 0)")
 
 
-OPTIMIZERS = ("adamw",)
+OPTIMIZERS = ("adamw", "loro_adamw")
+
+# LORO's published recipe per size (lr, exact-step period); applied by `elas train --optimizer loro_adamw`
+LORO_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama-tiny": {"lr": 0.01, "loro_exact_every": 100, "weight_decay": 0.0},
+    "llama-60m": {"lr": 0.01, "loro_exact_every": 500, "weight_decay": 0.0},
+    "llama-130m": {"lr": 0.01, "loro_exact_every": 500, "weight_decay": 0.0},
+    "llama-350m": {"lr": 0.01, "loro_exact_every": 500, "weight_decay": 0.0},
+    "llama-1b": {"lr": 0.005, "loro_exact_every": 200, "weight_decay": 0.0},
+    "llama-7b": {"lr": 0.005, "loro_exact_every": 200, "weight_decay": 0.0},
+}
 
 # Training defaults per size. The benchmark sizes follow GaLore/ELAS (seq 256, 512 x 256 tokens per step, 10%
 # warm-up); llama-tiny is a CPU demo that trains in a few minutes on 2 cores on the built-in corpus.
@@ -306,6 +318,6 @@ def _dataclass_type(cls, f):
 
 
 __all__ = [
-    "TrainConfig", "TRAIN_DEFAULTS", "train_config", "OPTIMIZERS", "ModelConfig", "MODEL_PRESETS", "PRESET_RANKS", "SIZES", "VARIANTS", "model_preset", "relu2_width",
+    "TrainConfig", "TRAIN_DEFAULTS", "LORO_DEFAULTS", "train_config", "OPTIMIZERS", "ModelConfig", "MODEL_PRESETS", "PRESET_RANKS", "SIZES", "VARIANTS", "model_preset", "relu2_width",
     "apply_overrides", "parse_value", "to_dict", "from_dict", "closest", "size_of",
 ]

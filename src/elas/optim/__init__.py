@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import torch
 
+from .loro import LOROAdamW, exact_update
 from .schedules import warmup_cosine
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW; norms and biases (1-D parameters) never get weight decay."""
+    """cfg.optimizer: adamw (norms and other 1-D parameters get no weight decay) or loro_adamw."""
+    if cfg.optimizer == "loro_adamw":
+        return LOROAdamW(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                         exact_every=cfg.loro_exact_every, rewarm_steps=cfg.loro_rewarm_steps,
+                         d_model=cfg.model.d_model)
     if cfg.optimizer != "adamw":
-        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected adamw")
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected adamw or loro_adamw")
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -17,4 +22,4 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **kw)
 
 
-__all__ = ["build_optimizer", "warmup_cosine"]
+__all__ = ["build_optimizer", "warmup_cosine", "LOROAdamW", "exact_update"]

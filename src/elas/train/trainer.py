@@ -124,7 +124,10 @@ class Trainer:
         # model and optimizer
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, self.device)
-        self.optimizer = build_optimizer(self.model, cfg)
+        try:
+            self.optimizer = build_optimizer(self.model, cfg)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
         self.step, self.tokens = 0, 0
         if self.ckpt is not None:
             try:

@@ -1,0 +1,141 @@
+"""LORO-AdamW (Mo et al., ICLR 2025): AdamW with a Riemannian update of low-rank factor pairs.
+
+Each LowRankLinear holds W = M N^T (M = weight_out [m, r], N = weight_in [n, r]). Every parameter gets Adam
+moments; with D = m_hat / (sqrt(v_hat) + eps) written as the Adam direction and eta_t = lr_t sqrt(1-b2^k)/(1-b1^k):
+
+- dense parameters (embeddings, LM head, norms): p -= eta_t D (plus decoupled weight decay), every step;
+- factors, most steps ("lazy"): M -= eta_t (r/d) D_M, N -= eta_t (r/d) D_N, with r/d = rank / d_model;
+- factors, every K-th step ("exact"): the rank-r retraction of W - eta_t P_T(G), where P_T projects the full
+  gradient G onto the tangent space of rank-r matrices at W. G is never formed: G V and U^T G follow from the
+  Adam directions of the factors (D_M ~ G N, D_N ~ G^T M), see `exact_update`. Cost per layer: two tall QRs,
+  two r x r triangular solves, two more tall QRs and one 2r x 2r SVD, in fp32.
+- after an exact step every Adam moment is reset (k restarts at 0) and the lr is re-warmed linearly over
+  `rewarm_steps` steps, as the official recipe's restarts do.
+Gradient clipping happens before `step` on all parameters, factors included (the trainer clips them all).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..model.lowrank import LowRankLinear
+
+
+def exact_update(M: torch.Tensor, N: torch.Tensor, DM: torch.Tensor, DN: torch.Tensor, eta: float):
+    """One exact LORO step of the factors, in the factors' own precision (call with fp32 or fp64).
+
+    M [m, r], N [n, r]: W = M N^T. DM [m, r], DN [n, r]: the factor directions; if they are the raw gradients
+    (DM = G N, DN = G^T M) the result is exactly the rank-r truncated SVD of W - eta P_T(G), balanced so that
+    M'^T M' = N'^T N' = Sigma_r. Returns (M', N').
+    """
+    r = M.shape[1]
+    U, RM = torch.linalg.qr(M)  # [m, r], [r, r]
+    V, RN = torch.linalg.qr(N)  # [n, r], [r, r]
+    GV = torch.linalg.solve_triangular(RN, DM, upper=True, left=False)  # D_M R_N^-1 = G V    [m, r]
+    UtG = torch.linalg.solve_triangular(RM.T, DN.T, upper=False)  # R_M^-T D_N^T = U^T G      [r, n]
+    K0 = UtG @ V  # U^T G V  [r, r]
+    Y1 = (UtG - K0 @ V.T).T  # (I - V V^T) G^T U  [n, r]
+    Y2 = GV - U @ (U.T @ GV)  # (I - U U^T) G V    [m, r]
+    Q1, K1 = torch.linalg.qr(Y1)
+    Q2, K2 = torch.linalg.qr(Y2)
+    S = torch.zeros(2 * r, 2 * r, dtype=M.dtype, device=M.device)
+    S[:r, :r] = RM @ RN.T - eta * K0
+    S[:r, r:] = -eta * K1.T
+    S[r:, :r] = -eta * K2
+    Us, sig, Vsh = torch.linalg.svd(S)  # 2r x 2r
+    root = sig[:r].sqrt()
+    M_new = torch.cat([U, Q2], 1) @ (Us[:, :r] * root)
+    N_new = torch.cat([V, Q1], 1) @ (Vsh[:r].T * root)
+    return M_new, N_new
+
+
+class LOROAdamW(torch.optim.Optimizer):
+    def __init__(self, model: torch.nn.Module, lr: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0, exact_every: int = 500, rewarm_steps: int = 5,
+                 lr_scaler: float | None = None, d_model: int | None = None):
+        if exact_every < 1:
+            raise ValueError(f"exact_every must be >= 1, got {exact_every}")
+        pairs = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+        if not pairs:
+            raise ValueError("loro_adamw needs a low-rank model (set a rank, e.g. --rank 128)")
+        factor_ids = {id(p) for m in pairs for p in (m.weight_in, m.weight_out)}
+        dense = [p for p in model.parameters() if p.requires_grad and id(p) not in factor_ids]
+        if lr_scaler is None:
+            if d_model is None:
+                raise ValueError("LOROAdamW needs d_model (or lr_scaler) for the r/d scale of the lazy step")
+        groups = [{"params": dense, "kind": "dense"}]
+        for m in pairs:
+            scaler = lr_scaler if lr_scaler is not None else m.rank / d_model
+            groups.append({"params": [m.weight_out, m.weight_in], "kind": "pair", "scaler": scaler})
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        super().__init__(groups, defaults)
+        self.exact_every, self.rewarm_steps = exact_every, rewarm_steps
+        for g in self.param_groups:
+            g.setdefault("t", 0)  # global step count, saved in state_dict with the groups
+
+    @property
+    def t(self) -> int:
+        return self.param_groups[0]["t"]
+
+    def _direction(self, p: torch.Tensor, beta1: float, beta2: float, eps: float) -> tuple[torch.Tensor, float]:
+        """Adam direction D (fp32) and the bias-correction factor of this parameter."""
+        st = self.state[p]
+        if not st:
+            st["k"] = 0
+            st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+        st["k"] += 1
+        g = p.grad.float()
+        st["exp_avg"].mul_(beta1).add_(g, alpha=1 - beta1)
+        st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        k = st["k"]
+        corr = math.sqrt(1 - beta2 ** k) / (1 - beta1 ** k)
+        return st["exp_avg"] / (st["exp_avg_sq"].sqrt() + eps), corr
+
+    def _rewarm(self) -> float:
+        """lr multiplier: after a reset (k small), ramp over rewarm_steps; 1 before the first exact step."""
+        k = self.t % self.exact_every
+        if self.t >= self.exact_every and k < self.rewarm_steps:
+            return (k + 1) / (self.rewarm_steps + 1)
+        return 1.0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        exact = (self.t + 1) % self.exact_every == 0
+        warm = self._rewarm()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, wd = group["lr"] * warm, group["weight_decay"]
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["kind"] == "dense":
+                for p in params:
+                    d, corr = self._direction(p, beta1, beta2, group["eps"])
+                    if wd:
+                        p.mul_(1 - lr * wd)
+                    p.add_(d.to(p.dtype), alpha=-lr * corr)
+                continue
+            if len(params) != 2:
+                continue
+            M, N = group["params"]
+            dM, cM = self._direction(M, beta1, beta2, group["eps"])
+            dN, cN = self._direction(N, beta1, beta2, group["eps"])
+            if exact:  # Riemannian step at the bias-corrected lr, no r/d scale, no weight decay
+                Mn, Nn = exact_update(M.float(), N.float(), dM, dN, lr * cM)
+                M.copy_(Mn.to(M.dtype))
+                N.copy_(Nn.to(N.dtype))
+            else:
+                s = group["scaler"]
+                for p, d, c in ((M, dM, cM), (N, dN, cN)):
+                    if wd:
+                        p.mul_(1 - lr * wd)
+                    p.add_(d.to(p.dtype), alpha=-lr * c * s)
+        for group in self.param_groups:
+            group["t"] += 1
+        if exact:  # Adam-state refresh of every parameter: moments average the K steps since the last one
+            for st in self.state.values():
+                st["k"] = 0
+                st["exp_avg"].zero_()
+                st["exp_avg_sq"].zero_()
+        return loss

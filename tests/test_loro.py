@@ -1,0 +1,118 @@
+"""LORO-AdamW: the exact step against a dense reference, rank and balance of the factors, state resets, resume."""
+import json
+
+import pytest
+import torch
+
+from elas.cli import main
+from elas.config import model_preset
+from elas.model import LowRankLinear, build_model
+from elas.optim import LOROAdamW, exact_update
+
+from conftest import TINY, run_cli
+
+
+def dense_reference(M, N, G, eta):
+    """Materialise W, project G on the tangent space of rank-r matrices at W, retract by truncated SVD."""
+    r = M.shape[1]
+    W = M @ N.T
+    U, _ = torch.linalg.qr(M)
+    V, _ = torch.linalg.qr(N)
+    PU, PV = U @ U.T, V @ V.T
+    PT = PU @ G + G @ PV - PU @ G @ PV
+    u, s, vh = torch.linalg.svd(W - eta * PT)
+    return (u[:, :r] * s[:r]) @ vh[:r]
+
+
+@pytest.mark.parametrize("m,n,r", [(30, 20, 4), (16, 40, 6), (64, 64, 8)])
+def test_exact_step_equals_dense_reference(m, n, r):
+    g = torch.Generator().manual_seed(m + n + r)
+    M = torch.randn(m, r, generator=g, dtype=torch.float64)
+    N = torch.randn(n, r, generator=g, dtype=torch.float64)
+    G = torch.randn(m, n, generator=g, dtype=torch.float64)
+    eta = 0.3
+    Mn, Nn = exact_update(M, N, G @ N, G.T @ M, eta)  # raw gradients of W = M N^T
+    want = dense_reference(M, N, G, eta)
+    assert torch.allclose(Mn @ Nn.T, want, atol=1e-10, rtol=1e-10)
+    # balanced factors: M'^T M' = N'^T N' = diag(sigma_r)
+    assert torch.allclose(Mn.T @ Mn, Nn.T @ Nn, atol=1e-10)
+    assert torch.allclose(Mn.T @ Mn, torch.diag(torch.diagonal(Mn.T @ Mn)), atol=1e-10)
+    # and the update is not trivial
+    assert not torch.allclose(want, M @ N.T, atol=1e-3)
+
+
+def test_optimizer_keeps_rank_and_resets_states():
+    torch.manual_seed(0)
+    cfg = model_preset("llama-tiny-lowrank-relu2", n_layers=1, vocab_size=64, rank=4)
+    model = build_model(cfg)
+    opt = LOROAdamW(model, lr=0.01, exact_every=3, d_model=cfg.d_model)
+    pairs = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    assert len(pairs) == 6  # q, k, v, o, up, down
+    idx = torch.randint(0, 64, (2, 16))
+    before = [m.merged_weight().clone() for m in pairs]
+    for step in range(3):
+        opt.zero_grad()
+        model(idx, idx).backward()
+        opt.step()
+        ks = {st["k"] for st in opt.state.values()}
+        assert ks == ({step + 1} if step < 2 else {0}), (step, ks)  # the exact step (t=3) resets every moment
+    for m, w0 in zip(pairs, before):
+        w = m.merged_weight()
+        assert torch.linalg.matrix_rank(m.weight_out.double() @ m.weight_in.double().T).item() == 4
+        assert not torch.allclose(w, w0)
+        # after the exact step the factors are balanced
+        assert torch.allclose(m.weight_out.T @ m.weight_out, m.weight_in.T @ m.weight_in, atol=1e-4)
+    assert opt.t == 3 and opt._rewarm() < 1.0
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["t"] == 3
+
+
+def test_lazy_step_is_scaled_adam():
+    torch.manual_seed(0)
+    lin = LowRankLinear(8, 6, 2)
+    wrap = torch.nn.Sequential(lin)
+    opt = LOROAdamW(wrap, lr=0.1, exact_every=100, d_model=8)  # r/d = 0.25
+    w0 = lin.weight_in.detach().clone()
+    lin(torch.randn(4, 8)).sum().backward()
+    g = lin.weight_in.grad.clone()
+    opt.step()
+    # first Adam step: m_hat/sqrt(v_hat) = sign(g) up to eps (added to the uncorrected sqrt(v)); scale r/d
+    expect = w0 - 0.1 * 0.25 * g / (g.abs() + 1e-6 / (1 - 0.999) ** 0.5)  # HF-style eps, as LORO
+    assert torch.allclose(lin.weight_in, expect, atol=1e-5)
+
+
+def test_needs_a_low_rank_model():
+    with pytest.raises(ValueError, match="low-rank"):
+        LOROAdamW(build_model(model_preset("llama-tiny", n_layers=1)), d_model=128)
+
+
+def _train_args(dataset, out, *extra):
+    return ["train", "--preset", "llama-tiny-elas", "--optimizer", "loro_adamw", "--data", str(dataset),
+            "--out", str(out), "--no-progress", *TINY, "--set", "model.rank=16", "--set", "log_every=1",
+            "--set", "loro_exact_every=3", "--set", "model.dense_warmup_steps=4", *extra]
+
+
+def test_loro_trains_and_resumes_exactly(dataset, tmp_path):
+    common = ["--max-steps", "8", "--set", "save_every=4", "--set", "eval_every=100"]
+    ref = run_cli(*_train_args(dataset, tmp_path / "ref", *common))
+    assert ref.returncode == 0, ref.stderr
+    cfg = json.loads((tmp_path / "ref" / "config.json").read_text())
+    assert cfg["optimizer"] == "loro_adamw" and cfg["lr"] == 0.01  # the recipe's lr for the size
+    killed = run_cli(*_train_args(dataset, tmp_path / "run", *common), env={"ELAS_FAULT_AT_STEP": "5"})
+    assert killed.returncode != 0
+    resumed = run_cli(*_train_args(dataset, tmp_path / "run", *common, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+
+    def losses(d):
+        return {r["step"]: r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r}
+
+    a, b = losses(tmp_path / "ref"), losses(tmp_path / "run")
+    assert sorted(a) == list(range(1, 9)) and all(a[s] == b[s] for s in a)  # exact steps at 3 and 6 included
+    assert a[8] < a[1]
+
+
+def test_loro_refuses_full_rank_cli(dataset, tmp_path, capsys):
+    assert main(["train", "--preset", "llama-tiny", "--optimizer", "loro_adamw", "--data", str(dataset),
+                 "--out", str(tmp_path / "r"), *TINY]) == 2
+    assert "low-rank" in capsys.readouterr().err
