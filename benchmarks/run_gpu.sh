@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh [tests|kernels|ffn|step]...
-# (default: tests kernels ffn). Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
+# One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh STAGE...
+# stages: tests kernels ffn step step-half loro quality (default: tests kernels ffn). Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
 # machine), are copied there too, with the tuned cuSPARSELt algorithm cache.
 set -u
 cd "$(dirname "$0")/.."
@@ -16,6 +16,12 @@ for what in "${@:-tests kernels ffn}"; do
       ffn) python -m elas bench ffn --gpu-name "$GPU" ;;
       step) python -m elas bench step --gpu-name "$GPU" ;;
       step-half) python -m elas bench step --batch-scale 0.5 --gpu-name "$GPU" ;;
+      loro) python -m elas bench loro --gpu-name "$GPU" ;;
+      quality)  # the quality grid on a prepared dataset; QUALITY_* select the part to run in this call
+        timeout "${QUALITY_TIMEOUT:-520}" python -m elas experiment --size llama-60m --steps "${QUALITY_STEPS:-500}" \
+          --batch-size 256 --grad-accum 1 --data "${QUALITY_DATA:-data/quality-32k}" --out runs/quality \
+          ${QUALITY_VARIANTS:+--variants $QUALITY_VARIANTS} 2>&1 | grep -v "^elas: \|it/s"
+        [ -n "${OUT:-}" ] && tar czf "$OUT/quality_runs.tgz" --exclude=checkpoints runs/quality ;;
     esac
   done
 done

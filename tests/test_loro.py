@@ -116,3 +116,22 @@ def test_loro_refuses_full_rank_cli(dataset, tmp_path, capsys):
     assert main(["train", "--preset", "llama-tiny", "--optimizer", "loro_adamw", "--data", str(dataset),
                  "--out", str(tmp_path / "r"), *TINY]) == 2
     assert "low-rank" in capsys.readouterr().err
+
+
+def test_quality_grid_runs_scales_and_skips_finished(dataset, tmp_path):
+    from elas.train.experiment import run_grid, summarize, variant_config
+    cfg = variant_config("llama-tiny", "elas", 400, str(dataset), tmp_path, 4, 1)
+    # the paper's 10k-step recipe scaled to 400 steps: 10% lr warm-up, 10% dense warm-up, LORO K = 5%
+    assert (cfg.warmup_steps, cfg.model.dense_warmup_steps, cfg.loro_exact_every) == (40, 40, 20)
+    assert cfg.optimizer == "loro_adamw" and cfg.model.grad_mode == "ste"
+    assert variant_config("llama-tiny", "elas-nowarmup", 400, str(dataset), tmp_path, 4, 1).model.dense_warmup_steps == 0
+    logs = []
+    rows = run_grid("llama-tiny", ["relu2", "elas-mask"], 4, str(dataset), tmp_path, batch_size=2, grad_accum=1,
+                    log=logs.append)
+    assert [r["variant"] for r in rows] == ["relu2", "elas-mask"]
+    assert all(r["tokens"] == 4 * 2 * 256 and r["val_loss"] > 0 for r in rows)
+    run_grid("llama-tiny", ["relu2"], 4, str(dataset), tmp_path, batch_size=2, grad_accum=1, log=logs.append)
+    assert "relu2: done before, skipped" in logs
+    _, md = summarize(tmp_path)
+    assert "| relu2 |" in md and "| elas-mask |" in md
+    assert json.loads((tmp_path / "summary.json").read_text())[0]["variant"] == "relu2"

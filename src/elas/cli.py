@@ -285,6 +285,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         extra = {"host_overhead": kb.bench_host_overhead()}
     elif args.what == "sparsify":
         rows = kb.bench_sparsify(m=args.m)
+    elif args.what == "loro":
+        from .bench.loro import bench_loro
+        rows = bench_loro()
     elif args.what == "ffn":
         from .bench.ffn import bench_ffn
         rows = bench_ffn(sizes, batch_scale=args.batch_scale)
@@ -297,6 +300,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     doc = {"command": "elas bench " + " ".join(sys.argv[2:]), "env": env, **extra, "rows": rows}
     out.write_text(json.dumps(doc, indent=1))
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from .data import DataError
+    from .train import TrainError
+    from .train.experiment import QUALITY_VARIANTS, plot_curves, run_grid, summarize
+    out = Path(args.out)
+    variants = args.variants.split(",") if args.variants else list(QUALITY_VARIANTS)
+    if not args.summarize_only:
+        try:
+            run_grid(args.size, variants, args.steps, args.data, out, args.batch_size, args.grad_accum)
+        except (TrainError, DataError, ValueError, KeyError) as e:
+            raise UserError(str(e)) from None
+    _, text = summarize(out)
+    if plot_curves(out, out / "loss_curves.png"):
+        text += f"\n![loss curves]({out / 'loss_curves.png'})\n"
+    print(text)
     return 0
 
 
@@ -326,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="GPU kernel benchmarks (JSON under benchmarks/results/<gpu>/)")
-    p.add_argument("what", choices=["gemm", "sparsify", "ffn", "step", "report"],
+    p.add_argument("what", choices=["gemm", "sparsify", "ffn", "step", "loro", "report"],
                    help="report: render the result files into --doc")
     p.add_argument("--sizes", help="model sizes for ffn/step, e.g. llama-60m,llama-1b (default: 60m..1b)")
     p.add_argument("--batch-scale", type=float, default=1.0, help="scale the papers' per-GPU batch (ffn/step)")
@@ -336,6 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for the JSON (default benchmarks/results/<gpu>)")
     p.add_argument("--gpu-name", help="folder name for the GPU (default: from the device name)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("experiment", help="run the quality grid of variants (one harness, same data and tokens)")
+    p.add_argument("--size", default="llama-60m")
+    p.add_argument("--variants", help="comma-separated subset (default: all of the grid)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--data", default="data/builtin")
+    p.add_argument("--out", default="runs/quality")
+    p.add_argument("--summarize-only", action="store_true")
+    p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("data", help="dataset preparation")
     dsub = p.add_subparsers(dest="data_cmd", metavar="SUBCOMMAND", required=True)

@@ -22,7 +22,27 @@ import torch
 from ..model.lowrank import LowRankLinear
 
 
-def exact_update(M: torch.Tensor, N: torch.Tensor, DM: torch.Tensor, DN: torch.Tensor, eta: float):
+SOLVERS = ("svd", "gesvdj", "gesvda", "eigh")
+
+
+def _svd_2r(S: torch.Tensor, solver: str):
+    """SVD of the small 2r x 2r core. svd: torch's default driver; gesvdj / gesvda: cuSOLVER drivers (CUDA);
+    eigh: eigenvectors of S^T S (squares the condition number; only the top r are used)."""
+    if solver == "svd":
+        return torch.linalg.svd(S)
+    if solver in ("gesvdj", "gesvda"):
+        return torch.linalg.svd(S, driver=solver if S.is_cuda else None)
+    if solver == "eigh":
+        evals, V = torch.linalg.eigh(S.T @ S)  # ascending
+        evals, V = evals.flip(0).clamp(min=0), V.flip(1)
+        sig = evals.sqrt()
+        U = (S @ V) / sig.clamp(min=torch.finfo(S.dtype).tiny)
+        return U, sig, V.T
+    raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
+
+
+def exact_update(M: torch.Tensor, N: torch.Tensor, DM: torch.Tensor, DN: torch.Tensor, eta: float,
+                 solver: str = "svd"):
     """One exact LORO step of the factors, in the factors' own precision (call with fp32 or fp64).
 
     M [m, r], N [n, r]: W = M N^T. DM [m, r], DN [n, r]: the factor directions; if they are the raw gradients
@@ -43,7 +63,7 @@ def exact_update(M: torch.Tensor, N: torch.Tensor, DM: torch.Tensor, DN: torch.T
     S[:r, :r] = RM @ RN.T - eta * K0
     S[:r, r:] = -eta * K1.T
     S[r:, :r] = -eta * K2
-    Us, sig, Vsh = torch.linalg.svd(S)  # 2r x 2r
+    Us, sig, Vsh = _svd_2r(S, solver)  # 2r x 2r
     root = sig[:r].sqrt()
     M_new = torch.cat([U, Q2], 1) @ (Us[:, :r] * root)
     N_new = torch.cat([V, Q1], 1) @ (Vsh[:r].T * root)

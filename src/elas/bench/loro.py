@@ -1,0 +1,53 @@
+"""Cost of LORO's exact step per layer shape, per solver of the 2r x 2r SVD, and amortised per training step."""
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from ..config import LORO_DEFAULTS, model_preset
+from ..optim.loro import SOLVERS, exact_update
+
+
+def _time_ms(fn, iters: int = 10) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def bench_loro(sizes=("llama-60m", "llama-130m", "llama-350m", "llama-1b"), log=print) -> list[dict]:
+    rows = []
+    for size in sizes:
+        cfg = model_preset(f"{size}-elas")
+        d, f, r, L = cfg.d_model, cfg.ffn_width, cfg.rank, cfg.n_layers
+        shapes = {(d, d, r): 4 * L, (f, d, r): L, (d, f, r): L}  # q,k,v,o; up [d_ff, d]; down [d, d_ff]
+        k = LORO_DEFAULTS[size]["loro_exact_every"]
+        per_solver = {}
+        for solver in SOLVERS:
+            total, worst = 0.0, 0.0
+            for (m, n, rr), count in shapes.items():
+                g = torch.Generator(device="cuda").manual_seed(m + n)
+                M, N = (torch.randn(s, rr, device="cuda", generator=g) / s ** 0.5 for s in (m, n))
+                DM, DN = (torch.randn(s, rr, device="cuda", generator=g) for s in (m, n))
+                ms = _time_ms(lambda: exact_update(M, N, DM, DN, 1e-3, solver))
+                ref = exact_update(M.double().cpu(), N.double().cpu(), DM.double().cpu(), DN.double().cpu(), 1e-3)
+                out = exact_update(M, N, DM, DN, 1e-3, solver)
+                w_ref = ref[0] @ ref[1].T
+                err = ((out[0].double().cpu() @ out[1].double().cpu().T - w_ref).norm() / w_ref.norm()).item()
+                worst = max(worst, err)
+                total += ms * count
+                rows.append({"model": size, "m": m, "n": n, "rank": rr, "modules": count, "solver": solver,
+                             "ms_per_module": ms, "rel_err_vs_fp64": err})
+            per_solver[solver] = (total, worst)
+            log(f"loro {size} {solver:>7}: exact step {total:.1f} ms for {sum(shapes.values())} modules "
+                f"({total / k:.2f} ms/step amortised over K={k}), worst rel. err {worst:.1e}")
+    return rows

@@ -1,0 +1,134 @@
+"""`elas experiment`: a named grid of training runs with one harness, one data order, one token budget.
+
+The quality grid reproduces the papers' comparisons at a budget one GPU session can afford. Every variant uses the
+same data, seed, sequence length, batch and steps; schedules that the papers tie to the run length (lr warm-up,
+dense 2:4 warm-up, LORO's exact-step period) are scaled with it, so that a 10k-step recipe keeps its shape.
+Runs are resumable: a variant whose run directory holds a finished run is skipped, an interrupted one resumed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from ..config import LORO_DEFAULTS, apply_overrides, size_of, train_config
+from .trainer import Trainer, latest_checkpoint
+
+# variant -> (preset suffix, optimizer, extra overrides). Fractions are of the run length (paper: 10k steps).
+QUALITY_VARIANTS: dict[str, tuple[str, str, dict]] = {
+    "swiglu": ("", "adamw", {}),
+    "relu2": ("-relu2", "adamw", {}),
+    "relu2-24": ("-relu2-24", "adamw", {"model.dense_warmup_steps": 0.1}),
+    "lowrank-relu2": ("-lowrank-relu2", "loro_adamw", {}),
+    "elas": ("-elas", "loro_adamw", {"model.dense_warmup_steps": 0.1}),
+    "elas-nowarmup": ("-elas", "loro_adamw", {"model.dense_warmup_steps": 0}),
+    "elas-mask": ("-elas", "loro_adamw", {"model.dense_warmup_steps": 0.1, "model.grad_mode": "mask"}),
+}
+PAPER_STEPS = 10_000  # the 60M recipe these fractions come from (warm-up 1000 = 10%, LORO K = 500 = 5%)
+
+
+def variant_config(size: str, variant: str, steps: int, data_dir: str, out: Path, batch_size: int, grad_accum: int,
+                   seq_len: int = 256, full_rank_lr: float = 1e-3):
+    suffix, optimizer, extra = QUALITY_VARIANTS[variant]
+    cfg = train_config(size + suffix)
+    over = {"data_dir": data_dir, "out_dir": str(out / variant), "max_steps": steps, "seq_len": seq_len,
+            "batch_size": batch_size, "grad_accum": grad_accum, "warmup_steps": max(1, steps // 10),
+            "optimizer": optimizer, "lr": full_rank_lr, "eval_every": max(1, steps // 10),
+            "save_every": max(1, steps // 4), "log_every": max(1, steps // 100), "model.max_seq_len": seq_len}
+    if optimizer == "loro_adamw":
+        over.update(LORO_DEFAULTS[size_of(size)])
+        over["loro_exact_every"] = max(2, round(steps * 500 / PAPER_STEPS))
+    for k, v in extra.items():
+        over[k] = round(v * steps) if isinstance(v, float) else v
+    apply_overrides(cfg, over)
+    return cfg
+
+
+def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Path, batch_size: int = 256,
+             grad_accum: int = 2, log=print) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for v in variants:
+        if v not in QUALITY_VARIANTS:
+            raise ValueError(f"unknown variant {v!r}; known: {', '.join(QUALITY_VARIANTS)}")
+        cfg = variant_config(size, v, steps, data_dir, out, batch_size, grad_accum)
+        run = Path(cfg.out_dir)
+        done = run / "summary.json"
+        if done.exists():
+            rows.append(json.loads(done.read_text()))
+            log(f"{v}: done before, skipped")
+            continue
+        t0 = time.time()
+        trainer = Trainer(cfg, resume=latest_checkpoint(run) is not None, progress=False, log=log)
+        try:
+            res = trainer.fit()
+        finally:
+            trainer.close()
+        metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        last = [m for m in metrics if "y2_zero_frac/mean" in m]
+        row = {"model": size, "variant": v, "steps": cfg.max_steps,
+               "tokens": cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len,
+               "val_loss": res["val_loss"], "val_ppl": res["val_ppl"], "wall_s": round(time.time() - t0, 1),
+               "optimizer": cfg.optimizer, "lr": cfg.lr, "dense_warmup_steps": cfg.model.dense_warmup_steps,
+               "grad_mode": cfg.model.grad_mode, "act_sparsity": cfg.model.act_sparsity,
+               "y2_zero_frac": last[-1]["y2_zero_frac/mean"] if last else None,
+               "dropped_nnz_frac": last[-1]["dropped_nnz_frac/mean"] if last else None}
+        done.write_text(json.dumps(row, indent=1))
+        rows.append(row)
+        log(f"{v}: val loss {row['val_loss']:.4f} (ppl {row['val_ppl']:.2f}) in {row['wall_s']:.0f} s")
+    return rows
+
+
+def summarize(out: Path) -> tuple[list[dict], str]:
+    """Collect every finished variant under `out` into summary.json and summary.md; returns (rows, markdown)."""
+    rows = [json.loads(p.read_text()) for p in sorted(out.glob("*/summary.json"))]
+    order = list(QUALITY_VARIANTS)
+    rows.sort(key=lambda r: order.index(r["variant"]) if r["variant"] in order else 99)
+    by = {r["variant"]: r for r in rows}
+    md = ["| variant | optimizer | steps | tokens | val loss | val ppl | y2 zeros | non-zeros dropped by 2:4 | wall s |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        z = f"{r['y2_zero_frac']:.3f}" if r.get("y2_zero_frac") is not None else "-"
+        dr = f"{r['dropped_nnz_frac']:.4f}" if r.get("dropped_nnz_frac") is not None else "-"
+        md.append(f"| {r['variant']} | {r['optimizer']} | {r['steps']} | {r['tokens']:,} | {r['val_loss']:.4f} | "
+                  f"{r['val_ppl']:.2f} | {z} | {dr} | {r['wall_s']:.0f} |")
+    ratios = []
+    for a, b in (("elas", "lowrank-relu2"), ("relu2-24", "relu2"), ("elas-mask", "lowrank-relu2"),
+                 ("elas-nowarmup", "lowrank-relu2"), ("relu2", "swiglu")):
+        if a in by and b in by:
+            ratios.append(f"- {a} / {b}: val loss ratio {by[a]['val_loss'] / by[b]['val_loss']:.4f}, "
+                          f"ppl ratio {math.exp(by[a]['val_loss'] - by[b]['val_loss']):.4f}")
+    text = "\n".join(md + [""] + ratios) + "\n"
+    (out / "summary.json").write_text(json.dumps(rows, indent=1))
+    (out / "summary.md").write_text(text)
+    return rows, text
+
+
+def plot_curves(out: Path, png: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    for run in sorted(p for p in out.iterdir() if (p / "metrics.jsonl").exists()):
+        ms = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        tr = [(m["step"], m["loss"]) for m in ms if "loss" in m]
+        ev = [(m["step"], m["val_loss"]) for m in ms if "val_loss" in m]
+        if tr:
+            axes[0].plot(*zip(*tr), label=run.name, lw=1)
+        if ev:
+            axes[1].plot(*zip(*ev), marker="o", label=run.name, lw=1)
+    axes[0].set_title("training loss")
+    axes[1].set_title("validation loss")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    axes[0].set_ylim(top=min(8.0, axes[0].get_ylim()[1]))
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return True
