@@ -203,3 +203,18 @@ def test_packed_ffn_core_saves_less_in_mask_mode():
     dense_y2 = 128 * 256 * 2
     assert sizes["mask"] == dense_y2 * 9 // 16 + 128 * 256 // 8  # packed values+metadata, plus the mask bits
     assert sizes["ste"] == dense_y2  # y1 only
+
+
+@pytest.mark.parametrize("variant", ["-relu2-24", "-elas"])
+def test_reference_path_under_bf16_autocast(variant):
+    """The masked path's custom Functions under autocast (the trainer's GPU setting; CPU autocast here): the
+    backward must cope with bf16 activations and fp32 master weights."""
+    torch.manual_seed(0)
+    model = build_model(model_preset("llama-tiny" + variant, n_layers=2, vocab_size=256, dense_warmup_steps=0))
+    set_sparsity_step(model, 0)
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(idx, idx)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in model.parameters())

@@ -64,6 +64,9 @@ class _SplitWgradLinear(torch.autograd.Function):
         if dense is None:
             raise RuntimeError("WgradSplit.dense was never set in the forward pass")
         k = kernels.get_backend(ctx.plan.backend)
+        # under autocast the forward matmul ran in bf16 while x or weight may be fp32; backward runs without
+        # autocast, so bring every operand to the gradient's dtype (autograd casts the results back)
+        x, weight = x.to(gy.dtype), weight.to(gy.dtype)
         gx = gy @ weight if ctx.needs_input_grad[0] else None
         gw = None
         if ctx.needs_input_grad[1]:
