@@ -135,3 +135,13 @@ def test_quality_grid_runs_scales_and_skips_finished(dataset, tmp_path):
     _, md = summarize(tmp_path)
     assert "| relu2 |" in md and "| elas-mask |" in md
     assert json.loads((tmp_path / "summary.json").read_text())[0]["variant"] == "relu2"
+
+
+@pytest.mark.gpu
+def test_gpu_exact_step_default_solver_matches_fp64():
+    g = torch.Generator().manual_seed(0)
+    M, N, G = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((512, 64), (2048, 64), (512, 2048)))
+    want = exact_update(M, N, G @ N, G.T @ M, 1e-2, solver="svd")
+    got = exact_update(*(t.float().cuda() for t in (M, N, G @ N, G.T @ M)), 1e-2)  # auto: gesvda on CUDA
+    w_want, w_got = want[0] @ want[1].T, (got[0] @ got[1].T).double().cpu()
+    assert ((w_got - w_want).norm() / w_want.norm()).item() < 1e-4

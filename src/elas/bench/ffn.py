@@ -8,14 +8,13 @@ step: the whole model, bf16 autocast over fp32 master weights, fused AdamW, rand
 """
 from __future__ import annotations
 
-import statistics
-
 import torch
 
 from ..config import model_preset
 from ..model import build_model
 from ..model.stats import model_summary
 from ..sparsity import set_sparsity_step
+from .timing import event_ms
 
 VARIANTS = ["swiglu", "relu2", "relu2-24", "lowrank-relu2", "elas", "elas-mask"]
 BATCH = {"llama-60m": 256, "llama-130m": 256, "llama-350m": 128, "llama-1b": 64}  # per-GPU batch of ELAS/LORO
@@ -50,25 +49,6 @@ def saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
-def _fwd_bwd_ms(ffn, x, gy, iters=20, warmup=5) -> float:
-    """Median eager forward+backward time (CUDA events around each call, host work included).
-
-    Eager, not CUDA-graph replay: capturing the backward of some variants fails in torch 2.11 with
-    "operation would make the legacy stream depend on a capturing blocking stream" (to be investigated); one
-    timing method for every variant keeps the comparison fair."""
-    for _ in range(warmup):
-        ffn(x).backward(gy)
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        ffn(x).backward(gy)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
 def bench_ffn(sizes=None, seq: int = 256, log=print, batch_scale: float = 1.0) -> list[dict]:
     rows = []
     for size in sizes or list(BATCH):
@@ -82,7 +62,9 @@ def bench_ffn(sizes=None, seq: int = 256, log=print, batch_scale: float = 1.0) -
             x = torch.randn(batch, seq, cfg.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             gy = torch.randn_like(x)
             act = saved_bytes(lambda: ffn(x))
-            ms = _fwd_bwd_ms(ffn, x, gy)
+            # eager, not CUDA-graph replay: capturing the backward of some variants fails in torch 2.11 ("operation
+            # would make the legacy stream depend on a capturing blocking stream"); one method for every variant
+            ms = event_ms(lambda: ffn(x).backward(gy), iters=20, warmup=5)
             path = ffn.act24.describe().split(" (")[0] if getattr(ffn, "act24", None) else "dense"
             rows.append({"model": size, "variant": variant, "batch": batch, "seq": seq, "d_ff": cfg.ffn_width,
                          "rank": cfg.rank, "ffn_ms": ms, "ffn_act_mem_gb": act / 1e9, "path": path})
@@ -119,17 +101,7 @@ def bench_step(sizes=None, seq: int = 256, steps: int = 8, warmup: int = 3, batc
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-            for _ in range(warmup):
-                step()
-            times = []
-            for _ in range(steps):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                step()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b))
-            ms = statistics.median(times)
+            ms = event_ms(step, iters=steps, warmup=warmup)
             tps = batch * seq / (ms / 1e3)
             flops = model_summary(cfg, seq)["train_flops_per_token"]
             row = {"model": size, "variant": variant, "batch": batch, "seq": seq, **{

@@ -10,13 +10,10 @@ import time
 
 import torch
 
+from .timing import graph_ms
+
 # ELAS FFN widths (d_ff, rounded to 128) and model widths of the 60M/130M/350M/1B presets
 FFN_SHAPES = [(2176, 512), (3072, 768), (4224, 1024), (8192, 2048)]
-
-
-def _graph_ms(fn, reps: int = 10, trials: int = 7) -> float:
-    from ..kernels.cuda.gemm import _graph_time_ms
-    return _graph_time_ms(fn, reps, trials)
 
 
 def bench_gemm(m: int = 16384, shapes=None, log=print) -> list[dict]:
@@ -37,12 +34,12 @@ def bench_gemm(m: int = 16384, shapes=None, log=print) -> list[dict]:
         bb = torch.randn((n, k) if lay == "bT" else (k, n), device="cuda", dtype=torch.bfloat16)
         b = bb.t() if lay == "bT" else bb
         want = a_dense.float() @ b.float()
-        dense_ms = _graph_ms(lambda: torch.mm(a_dense, b))
+        dense_ms = graph_ms(lambda: torch.mm(a_dense, b))
         alg = gemm.best_alg(m, k, n, lay == "bT", "ext")
         out = gemm.sparse_mm(a, b, alg=alg)
         err = ((out.float() - want).norm() / want.norm()).item()
-        sparse_ms = _graph_ms(lambda: gemm.sparse_mm(a, b, alg=alg))
-        torch_alg0_ms = _graph_ms(lambda: torch._cslt_sparse_mm(a.buffer, b, alg_id=0))
+        sparse_ms = graph_ms(lambda: gemm.sparse_mm(a, b, alg=alg))
+        torch_alg0_ms = graph_ms(lambda: torch._cslt_sparse_mm(a.buffer, b, alg_id=0))
         torch_err = ((torch._cslt_sparse_mm(a.buffer, b, alg_id=0).float() - want).norm() / want.norm()).item()
         row = {"M": m, "K": k, "N": n, "b_layout": lay, "dtype": "bf16", "dense_ms": dense_ms,
                "sparse_ms": sparse_ms, "speedup": dense_ms / sparse_ms, "alg_id": alg, "rel_err": err,
@@ -92,17 +89,17 @@ def bench_sparsify(m: int = 16384, ks=None, log=print) -> list[dict]:
     rows = []
     for k in ks or [kk for kk, _ in FFN_SHAPES]:
         y1 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        ms = _graph_ms(lambda: relu2_sparsify24_packed(y1))
-        copy_ms = _graph_ms(lambda: y1.clone())
-        ref_ms = _graph_ms(lambda: reference.relu2_sparsify24(y1))
+        ms = graph_ms(lambda: relu2_sparsify24_packed(y1))
+        copy_ms = graph_ms(lambda: y1.clone())
+        ref_ms = graph_ms(lambda: reference.relu2_sparsify24(y1))
         y2s, mask = reference.relu2_sparsify24(y1)
-        compress_ms = _graph_ms(lambda: torch._cslt_compress(y2s))
+        compress_ms = graph_ms(lambda: torch._cslt_compress(y2s))
         moved = m * k * 2 + m * k * 9 // 16 * 2 + m * k // 8  # read y1; write buffer + mask bits
         rows.append({"M": m, "K": k, "dtype": "bf16", "ms": ms, "tb_per_s": moved / ms / 1e9,
                      "copy_ms": copy_ms, "copy_tb_per_s": 2 * m * k * 2 / copy_ms / 1e9,
                      "reference_torch_ms": ref_ms, "torch_cslt_compress_ms": compress_ms})
         r = rows[-1]
-        r["variants_ms"] = {f"tiles{t}_warps{w}": _graph_ms(lambda: relu2_sparsify24_packed(y1, tiles=t, num_warps=w))
+        r["variants_ms"] = {f"tiles{t}_warps{w}": graph_ms(lambda: relu2_sparsify24_packed(y1, tiles=t, num_warps=w))
                             for t in (1, 2, 4) for w in (4, 8)}
         log(f"sparsify M={m} K={k}: {ms:.4f} ms = {r['tb_per_s']:.2f} TB/s (copy {r['copy_tb_per_s']:.2f} TB/s); "
             f"torch reference {ref_ms:.3f} ms; _cslt_compress alone {compress_ms:.3f} ms")

@@ -1,27 +1,11 @@
 """Cost of LORO's exact step per layer shape, per solver of the 2r x 2r SVD, and amortised per training step."""
 from __future__ import annotations
 
-import statistics
-
 import torch
 
 from ..config import LORO_DEFAULTS, model_preset
 from ..optim.loro import SOLVERS, exact_update
-
-
-def _time_ms(fn, iters: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+from .timing import event_ms
 
 
 def bench_loro(sizes=("llama-60m", "llama-130m", "llama-350m", "llama-1b"), log=print) -> list[dict]:
@@ -38,7 +22,7 @@ def bench_loro(sizes=("llama-60m", "llama-130m", "llama-350m", "llama-1b"), log=
                 g = torch.Generator(device="cuda").manual_seed(m + n)
                 M, N = (torch.randn(s, rr, device="cuda", generator=g) / s ** 0.5 for s in (m, n))
                 DM, DN = (torch.randn(s, rr, device="cuda", generator=g) for s in (m, n))
-                ms = _time_ms(lambda: exact_update(M, N, DM, DN, 1e-3, solver))
+                ms = event_ms(lambda: exact_update(M, N, DM, DN, 1e-3, solver))
                 ref = exact_update(M.double().cpu(), N.double().cpu(), DM.double().cpu(), DN.double().cpu(), 1e-3)
                 out = exact_update(M, N, DM, DN, 1e-3, solver)
                 w_ref = ref[0] @ ref[1].T
