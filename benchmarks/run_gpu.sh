@@ -11,7 +11,7 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 for what in "${@:-tests kernels ffn}"; do
   for w in $what; do
     case $w in
-      tests) python -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu tests/ 2>&1 | tail -15 ;;
+      tests) python -m pytest -o addopts="" -q -p no:cacheprovider --continue-on-collection-errors -m gpu tests/ 2>&1 | tail -15 ;;
       kernels) python -m elas bench sparsify --gpu-name "$GPU"; python -m elas bench gemm --gpu-name "$GPU" ;;
       ffn) python -m elas bench ffn --gpu-name "$GPU" ;;
       step) python -m elas bench step --gpu-name "$GPU" ;;
