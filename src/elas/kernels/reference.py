@@ -22,6 +22,7 @@ __all__ = [
     "relu2_sparsify24_packed",
     "sparse_mm",
     "relu2_sparse24_backward",
+    "pack24_along_tokens",
 ]
 
 
@@ -113,6 +114,15 @@ def sparse_mm(a, b: torch.Tensor) -> torch.Tensor:
     """a: Packed24 [M, K] (2:4 along K), b: [K, N] -> a @ b [M, N] in b's dtype. Emulated: unpack, dense GEMM."""
     from .packed import unpack24
     return (unpack24(a).to(b.dtype) @ b)
+
+
+def pack24_along_tokens(y: torch.Tensor, idx: torch.Tensor):
+    """y: [T, F], idx: [n] -> Packed24 of y[:, idx]^T ([n, T]) pruned 2:4 along tokens (mask24 rule on |y|).
+    Twin of the Triton kernel; the weight-gradient operand of the 95/5 split (mask_bits left empty)."""
+    from .packed import pack24
+    a = y[:, idx].T.contiguous()
+    p = pack24(*sparsify24(a, dim=-1))
+    return type(p)(p.buffer, torch.empty(0, dtype=torch.uint8, device=y.device), p.shape)
 
 
 def relu2_sparse24_backward(dy2: torch.Tensor, a, y1: torch.Tensor | None = None):

@@ -28,24 +28,19 @@ def _round_bf16(x):
 
 
 @triton.jit
-def _kernel(y1_ptr, val_ptr, meta_ptr, bits_ptr, K, stride, TILES: tl.constexpr, ROUND_BF16: tl.constexpr):
-    # program: rows [64*band, +64), columns [32*TILES*pid1, +32*TILES): TILES whole metadata tiles
-    band = tl.program_id(0)
+def _pack_block(x, band, pid1, val_ptr, meta_ptr, bits_ptr, K, TILES: tl.constexpr, WRITE_BITS: tl.constexpr):
+    """Select 2 of every 4 along the columns of x [64, 32*TILES] (fp32, values already final: largest |x| kept,
+    earlier column on ties) and write the block's packed values, SM90 metadata and (optionally) mask bits.
+    The block is rows [64*band, +64) and columns [32*TILES*pid1, +32*TILES) of a [M, K] matrix."""
     BK: tl.constexpr = 32 * TILES
     G: tl.constexpr = 8 * TILES  # groups of 4 columns
-    col0 = tl.program_id(1) * BK
-    r = tl.arange(0, 64)
-    c = tl.arange(0, BK)
-    rows = band * 64 + r
-    x = tl.load(y1_ptr + rows.to(tl.int64)[:, None] * stride + col0 + c[None, :])  # [64, BK], coalesced
-    x = tl.maximum(x.to(tl.float32), 0.0)
-    x = x * x
-    if ROUND_BF16:  # the reference squares in bf16: compare (and store) the rounded values
-        x = _round_bf16(x)
+    col0 = pid1 * BK
+    rows = (band * 64 + tl.arange(0, 64)).to(tl.int64)[:, None]
     # column 4g + 2a + b -> [64, G, a, b]; split takes the LAST axis: first b, then a
     even, odd = tl.split(tl.reshape(x, (64, G, 2, 2)))  # [64, G, 2]: columns (0, 2) and (1, 3) of each group
-    v0, v2 = tl.split(even)
-    v1, v3 = tl.split(odd)  # [64, G]
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)  # [64, G]
+    v0, v1, v2, v3 = tl.abs(x0), tl.abs(x1), tl.abs(x2), tl.abs(x3)
     # keep i when fewer than 2 others beat it; j beats i if larger, or equal and earlier (j < i)
     k0 = ((v1 > v0).to(tl.int32) + (v2 > v0).to(tl.int32) + (v3 > v0).to(tl.int32)) < 2
     k1 = ((v0 >= v1).to(tl.int32) + (v2 > v1).to(tl.int32) + (v3 > v1).to(tl.int32)) < 2
@@ -53,30 +48,52 @@ def _kernel(y1_ptr, val_ptr, meta_ptr, bits_ptr, K, stride, TILES: tl.constexpr,
     k3 = ((v0 >= v3).to(tl.int32) + (v1 >= v3).to(tl.int32) + (v2 >= v3).to(tl.int32)) < 2
     i0 = tl.where(k0, 0, tl.where(k1, 1, 2))
     i1 = tl.where(k3, 3, tl.where(k2, 2, 1))
-    first = tl.where(k0, v0, tl.where(k1, v1, v2))
-    second = tl.where(k3, v3, tl.where(k2, v2, v1))
-    if not ROUND_BF16:  # fp32 input: values are rounded once, here, as the reference's cast does
-        first = _round_bf16(first)
-        second = _round_bf16(second)
+    first = _round_bf16(tl.where(k0, x0, tl.where(k1, x1, x2)))  # exact if x is already bf16-valued
+    second = _round_bf16(tl.where(k3, x3, tl.where(k2, x2, x1)))
     # values: [64, G, 2] -> [64, 2G], contiguous in the row's K/2 values
     vals = tl.reshape(tl.join(first, second), (64, 2 * G)).to(tl.bfloat16)
-    vc = tl.arange(0, 2 * G)
-    tl.store(val_ptr + rows.to(tl.int64)[:, None] * (K // 2) + col0 // 2 + vc[None, :], vals)
-    # plain keep-mask: 4 bits per group, two groups per byte (even group in the low nibble)
-    keep = k0.to(tl.int32) | (k1.to(tl.int32) << 1) | (k2.to(tl.int32) << 2) | (k3.to(tl.int32) << 3)
-    kl, kh = tl.split(tl.reshape(keep, (64, G // 2, 2)))
-    bc = tl.arange(0, G // 2)
-    tl.store(bits_ptr + rows.to(tl.int64)[:, None] * (K // 8) + col0 // 8 + bc[None, :], (kl | (kh << 4)).to(tl.uint8))
+    tl.store(val_ptr + rows * (K // 2) + col0 // 2 + tl.arange(0, 2 * G)[None, :], vals)
+    if WRITE_BITS:  # plain keep-mask: 4 bits per group, two groups per byte (even group in the low nibble)
+        keep = k0.to(tl.int32) | (k1.to(tl.int32) << 1) | (k2.to(tl.int32) << 2) | (k3.to(tl.int32) << 3)
+        kl, kh = tl.split(tl.reshape(keep, (64, G // 2, 2)))
+        tl.store(bits_ptr + rows * (K // 8) + col0 // 8 + tl.arange(0, G // 2)[None, :], (kl | (kh << 4)).to(tl.uint8))
     # SM90 metadata: rows r (low nibble) and r+8 (high nibble) of each 16-row slab share a byte
     nib = i0 | (i1 << 2)  # [64, G]
     lo, hi = tl.split(tl.permute(tl.reshape(nib, (4, 2, 8, G)), (0, 2, 3, 1)))  # [4 slab, 8 row, G] each
     s = tl.arange(0, 4)[:, None, None]
     rp = tl.arange(0, 8)[None, :, None]
     g = tl.arange(0, G)[None, None, :]
-    tile = tl.program_id(1) * TILES + g // 8
     gl = g % 8
-    off = tile * 256 + s * 64 + rp * 8 + 2 * (gl % 4) + gl // 4
+    off = (pid1 * TILES + g // 8) * 256 + s * 64 + rp * 8 + 2 * (gl % 4) + gl // 4
     tl.store(meta_ptr + band.to(tl.int64) * (K // 32) * 256 + off, (lo | (hi << 4)).to(tl.uint8))
+
+
+@triton.jit
+def _kernel(y1_ptr, val_ptr, meta_ptr, bits_ptr, K, stride, TILES: tl.constexpr, ROUND_BF16: tl.constexpr):
+    # program: rows [64*band, +64), columns [32*TILES*pid1, +32*TILES): TILES whole metadata tiles
+    band = tl.program_id(0)
+    BK: tl.constexpr = 32 * TILES
+    rows = band * 64 + tl.arange(0, 64)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    x = tl.load(y1_ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :])  # [64, BK], coalesced
+    x = tl.maximum(x.to(tl.float32), 0.0)
+    x = x * x
+    if ROUND_BF16:  # the reference squares in bf16: compare (and store) the rounded values
+        x = _round_bf16(x)
+    _pack_block(x, band, tl.program_id(1), val_ptr, meta_ptr, bits_ptr, K, TILES, True)
+
+
+@triton.jit
+def _kernel_t(y_ptr, idx_ptr, val_ptr, meta_ptr, F, TILES: tl.constexpr):
+    # packs A = y[:, idx]^T ([n_idx, T], rows = the selected features, columns = tokens) 2:4 along tokens.
+    # program: features idx[64*band, +64), tokens [32*TILES*pid1, +32*TILES)
+    band = tl.program_id(0)
+    BK: tl.constexpr = 32 * TILES
+    feat = tl.load(idx_ptr + band * 64 + tl.arange(0, 64)).to(tl.int64)  # [64]
+    tok = (tl.program_id(1) * BK + tl.arange(0, BK)).to(tl.int64)  # [BK]
+    x = tl.load(y_ptr + tok[None, :] * F + feat[:, None]).to(tl.float32)  # [64 features, BK tokens]
+    T = tl.num_programs(1) * BK
+    _pack_block(x, band, tl.program_id(1), val_ptr, meta_ptr, val_ptr, T, TILES, False)
 
 
 # Block shape: 64 rows x 64 columns (2 metadata tiles) with 8 warps was the fastest of {1, 2, 4} tiles x
@@ -102,6 +119,24 @@ def relu2_sparsify24_packed(y1: torch.Tensor, tiles: int = DEFAULT_TILES, num_wa
     _kernel[grid](y1, vals, meta, bits, k, y1.stride(0), TILES=tiles, ROUND_BF16=y1.dtype == torch.bfloat16,
                   num_warps=num_warps)
     return Packed24(buf.view(m, k * 9 // 16), bits, (m, k))
+
+
+def pack24_along_tokens(y: torch.Tensor, idx: torch.Tensor, tiles: int = DEFAULT_TILES,
+                        num_warps: int = DEFAULT_WARPS) -> Packed24:
+    """y: [T, F] bf16 row-major; idx: [n] feature indices (n % 64 == 0, T % 64 == 0) -> Packed24 of the
+    [n, T] matrix y[:, idx]^T pruned 2:4 along tokens (largest |y|, earlier token on ties): the sparse operand of
+    a weight-gradient GEMM (y^T @ g reduces over tokens). mask_bits are not produced (empty)."""
+    t, f = y.shape
+    n = idx.numel()
+    if y.dtype != torch.bfloat16 or y.stride() != (f, 1):
+        raise ValueError(f"y must be a row-major bf16 [T, F] tensor, got {y.dtype} {tuple(y.shape)}")
+    check_shape(n, t)
+    if (t // 32) % tiles:
+        raise ValueError(f"tiles={tiles} must divide T/32={t // 32}")
+    buf = torch.empty(n * t * 9 // 16, dtype=torch.bfloat16, device=y.device)
+    _kernel_t[(n // 64, t // 32 // tiles)](y, idx.to(torch.int32).contiguous(), buf[: n * t // 2],
+                                          buf[n * t // 2:].view(torch.uint8), f, TILES=tiles, num_warps=num_warps)
+    return Packed24(buf.view(n, t * 9 // 16), torch.empty(0, dtype=torch.uint8, device=y.device), (n, t))
 
 
 @triton.jit
