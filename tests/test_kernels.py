@@ -167,6 +167,21 @@ def test_gpu_backend_selected():
 
 
 @needs_triton
+@pytest.mark.parametrize("t,f,n", [(64, 96, 64), (128, 200, 128), (256, 64, 64)])
+def test_triton_pack_along_tokens_bit_exact(t, f, n):
+    from elas.kernels.cuda.sparsify import pack24_along_tokens
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    y = adversarial(t, f, torch.bfloat16, seed=f).to(dev)
+    idx = torch.randperm(f, generator=torch.Generator().manual_seed(0))[:n].sort().values.to(dev)
+    got, want = pack24_along_tokens(y, idx), ref.pack24_along_tokens(y, idx)
+    assert torch.equal(got.buffer.view(torch.uint8), want.buffer.view(torch.uint8))
+    # and it is what the masked path's split prunes: 2:4 along tokens of the selected columns
+    dense = torch.ones(f, dtype=torch.bool, device=dev)
+    dense[idx] = False
+    assert torch.equal(unpack24(got).T, ref.wgrad_split_operand(y, dense)[:, idx])
+
+
+@needs_triton
 @pytest.mark.parametrize("m,k,ste", [(64, 64, False), (128, 256, False), (64, 192, True), (128, 128, True)])
 def test_triton_backward_kernel_bit_exact(m, k, ste):
     from elas.kernels.cuda.sparsify import relu2_sparse24_backward
@@ -183,15 +198,17 @@ def test_triton_backward_kernel_bit_exact(m, k, ste):
 @pytest.mark.gpu
 @pytest.mark.parametrize("rank", [0, 64])
 @pytest.mark.parametrize("grad_mode", ["mask", "ste"])
-def test_gpu_packed_ffn_matches_reference_path(rank, grad_mode):
-    """The accelerated FFN (Triton + cuSPARSELt) against the masked-dense reference FFN, gradients included."""
+@pytest.mark.parametrize("wgrad_dense_frac", [None, 0.05])
+def test_gpu_packed_ffn_matches_reference_path(rank, grad_mode, wgrad_dense_frac):
+    """The accelerated FFN (Triton + cuSPARSELt) against the masked-dense reference FFN, gradients included,
+    with and without the 95/5 split of the weight gradients."""
     from elas.model import ReLU2FFN
     from elas.sparsity import Act24Config, sparsify_
     outs = []
     for path in ("masked", "auto"):
         torch.manual_seed(0)
-        f = ReLU2FFN(256, 1024, rank=rank).cuda().to(torch.bfloat16)
-        sparsify_(f, Act24Config(grad_mode=grad_mode, path=path))
+        f = ReLU2FFN(256, 2048, rank=rank).cuda().to(torch.bfloat16)
+        sparsify_(f, Act24Config(grad_mode=grad_mode, path=path, wgrad_dense_frac=wgrad_dense_frac))
         f.sparse_active = True
         if path == "auto":
             assert f.act24.describe().startswith("accelerated")

@@ -157,7 +157,8 @@ def test_stats():
 
 @pytest.mark.parametrize("rank", [0, 8])
 @pytest.mark.parametrize("grad_mode", ["mask", "ste"])
-def test_packed_path_matches_masked_path(rank, grad_mode):
+@pytest.mark.parametrize("wgrad_dense_frac", [None, 0.25])
+def test_packed_path_matches_masked_path(rank, grad_mode, wgrad_dense_frac):
     """The packed core (what runs on Hopper) against the masked-dense definition, both in bf16, on CPU with the
     reference kernels: same forward, same gradients up to bf16 rounding (the packed path rebuilds relu(y1) as
     sqrt(y2s) in `mask` mode)."""
@@ -165,8 +166,9 @@ def test_packed_path_matches_masked_path(rank, grad_mode):
     ffns = []
     for path in ("masked", "packed"):
         torch.manual_seed(0)
-        f = ReLU2FFN(64, 128, rank=rank).to(torch.bfloat16)
-        sparsify_(f, Act24Config(grad_mode=grad_mode, path=path, permute_tokens=True))
+        f = ReLU2FFN(64, 256, rank=rank).to(torch.bfloat16)  # d_ff 256: the 25% split keeps 64 features dense
+        sparsify_(f, Act24Config(grad_mode=grad_mode, path=path, permute_tokens=True,
+                                 wgrad_dense_frac=wgrad_dense_frac))
         f.sparse_active = True
         ffns.append(f)
     x = torch.randn(2, 64, 64, dtype=torch.bfloat16)

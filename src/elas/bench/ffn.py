@@ -22,12 +22,9 @@ H100_BF16 = 989e12
 
 
 def variant_config(size: str, variant: str, **over):
-    """The preset of (size, variant); relu2-24 here uses dense weight gradients (the 95/5 split is not
-    accelerated), elas-mask is ELAS with the forward-mask gradient."""
+    """The preset of (size, variant), sparse from step 0; elas-mask is ELAS with the forward-mask gradient."""
     name = size if variant == "swiglu" else f"{size}-{'elas' if variant == 'elas-mask' else variant}"
     extra = {"dense_warmup_steps": 0}
-    if variant == "relu2-24":
-        extra["wgrad_dense_frac"] = None
     if variant == "elas-mask":
         extra["grad_mode"] = "mask"
     cfg = model_preset(name, **extra, **over)

@@ -100,7 +100,7 @@ class ReLU2FFN(nn.Module):
             h1, wu = xt.to(bf), up.weight.to(bf)  # [T, d], [d_ff, d]
         wd = down.weight_in.to(bf) if isinstance(down, LowRankLinear) else down.weight.to(bf).t()  # [d_ff, q']
         with torch.autocast(xt.device.type, enabled=False):
-            h2 = packed_ffn_core(h1, wu, wd, self.act24.grad_mode, kern)  # [T, q']
+            h2 = packed_ffn_core(h1, wu, wd, self.act24.grad_mode, kern, self.act24.wgrad_dense_frac)  # [T, q']
         return F.linear(h2, down.weight_out) if isinstance(down, LowRankLinear) else h2
 
     @staticmethod

@@ -35,12 +35,12 @@ class Act24Config:
         """The kernel module for the packed path, or None when the FFN runs the masked-dense reference path.
 
         `packed` forces the packed path (on the reference backend it is emulated: for tests); `auto` takes it
-        only where it is accelerated and equivalent: a Hopper backend and no 95/5 split (not accelerated yet)."""
+        where it is accelerated: a Hopper backend."""
         from .. import kernels
         k = kernels.get_backend(self.backend)
         if self.path == "packed":
             return k
-        if self.path == "masked" or k is kernels.reference or self.wgrad_dense_frac is not None:
+        if self.path == "masked" or k is kernels.reference:
             return None
         return k
 
