@@ -96,7 +96,9 @@ def plot_step(doc: dict, png: Path) -> bool:
 
 
 RENDERERS = {"gemm.json": ("2:4 GEMM", gemm_table), "sparsify.json": ("ReLU² + 2:4 sparsifier", sparsify_table),
-             "step.json": ("FFN and training step", step_tables)}
+             "step.json": ("FFN and training step", step_tables),
+             "step_wgrad_split.json": ("FFN and training step, relu2-24 with the 95/5 split on the packed path",
+                                       step_tables)}
 
 
 def render(results: Path) -> str:
