@@ -165,3 +165,31 @@ def test_signal_saves_a_checkpoint(dataset, tmp_path):
     assert ck is not None and json.loads((ck / "trainer.json").read_text())["step"] > 0
     shutil.rmtree(out)
     assert os.path.exists(tmp_path)
+
+
+def test_full_disk_keeps_the_last_complete_checkpoint(dataset, tmp_path, capsys, monkeypatch):
+    """A failing checkpoint write (ENOSPC) stops the run with one line; `latest` still names a complete checkpoint
+    and no partial directory is left behind."""
+    import errno
+
+    from elas.train import checkpoint as ck
+    real = ck.save_file
+    calls = []
+
+    def flaky(tensors, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path)
+
+    monkeypatch.setattr(ck, "save_file", flaky)
+    out = tmp_path / "r"
+    assert main(train_args(dataset, out, "--max-steps", "6", "--set", "save_every=2", "--set", "eval_every=100")) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "step-00000002" in err
+    assert latest_checkpoint(out).name == "step-00000002"
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    monkeypatch.setattr(ck, "save_file", real)
+    assert main(train_args(dataset, out, "--max-steps", "6", "--set", "save_every=2", "--set", "eval_every=100",
+                           "--resume")) == 0
+    assert latest_checkpoint(out).name == "step-00000006"
