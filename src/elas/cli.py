@@ -310,6 +310,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     out = Path(args.out)
     variants = args.variants.split(",") if args.variants else list(QUALITY_VARIANTS)
     if not args.summarize_only:
+        from types import SimpleNamespace
+        ensure_builtin_data(SimpleNamespace(data_dir=args.data))
         try:
             run_grid(args.size, variants, args.steps, args.data, out, args.batch_size, args.grad_accum)
         except (TrainError, DataError, ValueError, KeyError) as e:
