@@ -220,3 +220,18 @@ def test_reference_path_under_bf16_autocast(variant):
     loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
                for p in model.parameters())
+
+
+@pytest.mark.parametrize("rank", [0, 8])
+def test_packed_path_with_fp32_weights_no_autocast(rank):
+    """precision=fp32 on a GPU: fp32 master weights, no autocast; the packed core runs in bf16 inside and the
+    FFN returns the caller's dtype."""
+    torch.manual_seed(0)
+    f = ReLU2FFN(64, 128, rank=rank)
+    sparsify_(f, Act24Config(path="packed"))
+    f.sparse_active = True
+    x = torch.randn(2, 64, 64, requires_grad=True)
+    y = f(x)
+    assert y.dtype == torch.float32
+    y.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in f.parameters())

@@ -101,7 +101,10 @@ class ReLU2FFN(nn.Module):
         wd = down.weight_in.to(bf) if isinstance(down, LowRankLinear) else down.weight.to(bf).t()  # [d_ff, q']
         with torch.autocast(xt.device.type, enabled=False):
             h2 = packed_ffn_core(h1, wu, wd, self.act24.grad_mode, kern, self.act24.wgrad_dense_frac)  # [T, q']
-        return F.linear(h2, down.weight_out) if isinstance(down, LowRankLinear) else h2
+        if not isinstance(down, LowRankLinear):
+            return h2
+        w = down.weight_out  # [d_model, r]; under autocast F.linear casts, without it match the weight's dtype
+        return F.linear(h2 if torch.is_autocast_enabled(xt.device.type) else h2.to(w.dtype), w)
 
     @staticmethod
     def _lin(mod: nn.Module, x: torch.Tensor, plan: WgradSplit | None, d_ff_is_input: bool) -> torch.Tensor:
