@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from elas.kernels import reference as ref
-from elas.kernels.packed import Packed24, bits_to_mask, check_shape, meta_offsets, pack24, unpack24
+from elas.kernels.packed import bits_to_mask, check_shape, meta_offsets, pack24, unpack24
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

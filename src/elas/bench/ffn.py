@@ -46,71 +46,82 @@ def saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
+def _ffn_row(size: str, variant: str, batch: int, seq: int) -> dict:
+    """One FFN block of (size, variant); everything it allocates is freed when it returns."""
+    cfg = variant_config(size, variant)
+    torch.manual_seed(0)
+    model = build_model(cfg.__class__(**{**vars(cfg), "n_layers": 1}), "cuda").to(torch.bfloat16)
+    set_sparsity_step(model, 0)
+    ffn = model.blocks[0].ffn
+    x = torch.randn(batch, seq, cfg.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn_like(x)
+    act = saved_bytes(lambda: ffn(x))
+    # eager, not CUDA-graph replay: capturing the backward of some variants fails in torch 2.11 ("operation
+    # would make the legacy stream depend on a capturing blocking stream"); one method for every variant
+    ms = event_ms(lambda: ffn(x).backward(gy), iters=20, warmup=5)
+    path = ffn.act24.describe().split(" (")[0] if getattr(ffn, "act24", None) else "dense"
+    return {"model": size, "variant": variant, "batch": batch, "seq": seq, "d_ff": cfg.ffn_width, "rank": cfg.rank,
+            "ffn_ms": ms, "ffn_act_mem_gb": act / 1e9, "path": path}
+
+
 def bench_ffn(sizes=None, seq: int = 256, log=print, batch_scale: float = 1.0) -> list[dict]:
     rows = []
     for size in sizes or list(BATCH):
-        batch = int(BATCH[size] * batch_scale)
         for variant in VARIANTS:
-            cfg = variant_config(size, variant)
-            torch.manual_seed(0)
-            model = build_model(cfg.__class__(**{**vars(cfg), "n_layers": 1}), "cuda").to(torch.bfloat16)
-            set_sparsity_step(model, 0)
-            ffn = model.blocks[0].ffn
-            x = torch.randn(batch, seq, cfg.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            gy = torch.randn_like(x)
-            act = saved_bytes(lambda: ffn(x))
-            # eager, not CUDA-graph replay: capturing the backward of some variants fails in torch 2.11 ("operation
-            # would make the legacy stream depend on a capturing blocking stream"); one method for every variant
-            ms = event_ms(lambda: ffn(x).backward(gy), iters=20, warmup=5)
-            path = ffn.act24.describe().split(" (")[0] if getattr(ffn, "act24", None) else "dense"
-            rows.append({"model": size, "variant": variant, "batch": batch, "seq": seq, "d_ff": cfg.ffn_width,
-                         "rank": cfg.rank, "ffn_ms": ms, "ffn_act_mem_gb": act / 1e9, "path": path})
-            log(f"ffn {size} {variant:>13}: {ms:.3f} ms fwd+bwd, saved activations {act / 1e9:.3f} GB ({path})")
-            del model, ffn, x, gy
+            r = _ffn_row(size, variant, int(BATCH[size] * batch_scale), seq)
             torch.cuda.empty_cache()
+            rows.append(r)
+            log(f"ffn {size} {variant:>13}: {r['ffn_ms']:.3f} ms fwd+bwd, saved activations "
+                f"{r['ffn_act_mem_gb']:.3f} GB ({r['path']})")
     return rows
+
+
+def _step_row(size: str, variant: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
+    """Whole-model training steps of (size, variant); peak memory counts only this model (the previous one is
+    freed when its call returned)."""
+    from ..config import TrainConfig
+    from ..optim import build_optimizer
+    cfg = variant_config(size, variant, max_seq_len=seq)
+    torch.manual_seed(0)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.reset_accumulated_memory_stats()
+    model = build_model(cfg, "cuda")
+    set_sparsity_step(model, 0)
+    opt = build_optimizer(model, TrainConfig(model=cfg))
+    idx = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda")
+    x, y = idx[:, :-1], idx[:, 1:]
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    ms = event_ms(step, iters=steps, warmup=warmup)
+    tps = batch * seq / (ms / 1e3)
+    return {"model": size, "variant": variant, "batch": batch, "seq": seq, "step_ms": ms, "tokens_per_s": tps,
+            "mfu": tps * model_summary(cfg, seq)["train_flops_per_token"] / H100_BF16,
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+            # allocator retries (cudaFree + cudaMalloc after an OOM) mean the step ran at the memory limit,
+            # which slows it for reasons other than its kernels
+            "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0),
+            "params": sum(p.numel() for p in model.parameters())}
 
 
 def bench_step(sizes=None, seq: int = 256, steps: int = 8, warmup: int = 3, batch_scale: float = 1.0,
                log=print) -> list[dict]:
-    from ..config import TrainConfig
-    from ..optim import build_optimizer
     ffn_rows = {(r["model"], r["variant"]): r for r in bench_ffn(sizes, seq, log, batch_scale)}
     rows = []
     for size in sizes or list(BATCH):
-        batch = int(BATCH[size] * batch_scale)
         for variant in VARIANTS:
-            cfg = variant_config(size, variant, max_seq_len=seq)
-            torch.manual_seed(0)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            torch.cuda.reset_accumulated_memory_stats()
-            model = build_model(cfg, "cuda")
-            set_sparsity_step(model, 0)
-            opt = build_optimizer(model, TrainConfig(model=cfg))
-            idx = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda")
-            x, y = idx[:, :-1], idx[:, 1:]
-
-            def step():
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = model(x, y)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-            ms = event_ms(step, iters=steps, warmup=warmup)
-            tps = batch * seq / (ms / 1e3)
-            flops = model_summary(cfg, seq)["train_flops_per_token"]
-            row = {"model": size, "variant": variant, "batch": batch, "seq": seq, **{
-                k: ffn_rows[(size, variant)][k] for k in ("ffn_ms", "ffn_act_mem_gb", "path")},
-                "step_ms": ms, "tokens_per_s": tps, "mfu": tps * flops / H100_BF16,
-                "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
-                # allocator retries (cudaFree + cudaMalloc after an OOM) mean the step ran at the memory limit,
-                # which slows it for reasons other than its kernels
-                "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0),
-                "params": sum(p.numel() for p in model.parameters())}
+            r = _step_row(size, variant, int(BATCH[size] * batch_scale), seq, steps, warmup)
+            f = ffn_rows[(size, variant)]
+            row = {**{k: r[k] for k in ("model", "variant", "batch", "seq")},
+                   **{k: f[k] for k in ("ffn_ms", "ffn_act_mem_gb", "path")},
+                   **{k: v for k, v in r.items() if k not in ("model", "variant", "batch", "seq")}}
             rows.append(row)
-            log(f"step {size} {variant:>13}: {ms:.1f} ms, {tps:,.0f} tok/s, MFU {row['mfu']:.3f}, "
-                f"peak {row['peak_mem_gb']:.1f} GB, alloc retries {row['alloc_retries']}")
-            del model, opt
+            log(f"step {size} {variant:>13}: {r['step_ms']:.1f} ms, {r['tokens_per_s']:,.0f} tok/s, MFU "
+                f"{r['mfu']:.3f}, peak {r['peak_mem_gb']:.1f} GB, alloc retries {r['alloc_retries']}")
     return rows
