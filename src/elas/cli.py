@@ -119,7 +119,7 @@ def resolve_train_config(args: argparse.Namespace):
             cfg = load_run_config(out_dir)  # a resumed run keeps its own config; flags below still apply
         else:
             preset = args.preset or toml.pop("preset", None) or "llama-tiny-elas"
-            cfg = resolve_model(preset, {}) and train_config(preset)
+            cfg = train_config(preset)
             apply_overrides(cfg, _flatten(toml))
             apply_overrides(cfg, {f"model.{k}": v for k, v in model_overrides(args).items()})
         if args.optimizer:  # the optimizer's published recipe for this size, before --set

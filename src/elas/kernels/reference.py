@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .packed import Packed24, bits_to_mask, pack24, unpack24
+
 __all__ = [
     "mask24",
     "sparsify24",
@@ -109,24 +111,21 @@ def wgrad_split_operand(y: torch.Tensor, dense_features: torch.Tensor) -> torch.
 # ---- packed (SM90 cuSPARSELt layout) twins of the accelerated kernels -----------------------------------------
 def relu2_sparsify24_packed(y1: torch.Tensor):
     """y1: [M, K] -> Packed24 of 2:4(relu(y1)^2) (values bf16; mask taken in y1's dtype). Twin of the Triton kernel."""
-    from .packed import pack24
     y2s, mask = relu2_sparsify24(y1)
     return pack24(y2s, mask)
 
 
 def sparse_mm(a, b: torch.Tensor) -> torch.Tensor:
     """a: Packed24 [M, K] (2:4 along K), b: [K, N] -> a @ b [M, N] in b's dtype. Emulated: unpack, dense GEMM."""
-    from .packed import unpack24
     return (unpack24(a).to(b.dtype) @ b)
 
 
 def pack24_along_tokens(y: torch.Tensor, idx: torch.Tensor):
     """y: [T, F], idx: [n] -> Packed24 of y[:, idx]^T ([n, T]) pruned 2:4 along tokens (mask24 rule on |y|).
     Twin of the Triton kernel; the weight-gradient operand of the 95/5 split (mask_bits left empty)."""
-    from .packed import pack24
     a = y[:, idx].T.contiguous()
     p = pack24(*sparsify24(a, dim=-1))
-    return type(p)(p.buffer, torch.empty(0, dtype=torch.uint8, device=y.device), p.shape)
+    return Packed24(p.buffer, torch.empty(0, dtype=torch.uint8, device=y.device), p.shape)
 
 
 def relu2_sparse24_backward(dy2: torch.Tensor, a, y1: torch.Tensor | None = None):
@@ -139,7 +138,6 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a, y1: torch.Tensor | None = None
         ste:  dy1 = 2 relu(y1) dy2 everywhere; dy1_values None.
     Arithmetic in fp32, rounded once to bf16 (as the Triton kernel does).
     """
-    from .packed import bits_to_mask, unpack24
     y2s = unpack24(a)
     d = dy2.float()
     if y1 is not None:

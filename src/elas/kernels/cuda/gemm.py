@@ -24,8 +24,6 @@ import torch
 from ..packed import Packed24
 
 log = logging.getLogger("elas.kernels")
-_ALG: dict[str, int] = {}
-_LOADED: list = []
 
 
 def cache_dir() -> Path:
@@ -183,27 +181,26 @@ def search_alg(m: int, k: int, n: int, bt: bool, impl: str = "ext") -> tuple[int
     return best, report
 
 
-_FAST: dict[tuple, int] = {}  # (device, m, k, n, bt, impl) -> alg: the per-call lookup, no string building
+# (device, m, k, n, bt, impl) -> alg id: the per-call lookup (the disk cache is keyed by GPU/library versions)
+_ALG: dict[tuple, int] = {}
 
 
 def best_alg(m: int, k: int, n: int, bt: bool, impl: str = "ext") -> int:
-    fast = (torch.cuda.current_device(), m, k, n, bt, impl)
-    alg = _FAST.get(fast)
-    if alg is not None:
-        return alg
-    key = _key(m, k, n, bt, impl)
-    if key not in _ALG:
+    mem_key = (torch.cuda.current_device(), m, k, n, bt, impl)
+    alg = _ALG.get(mem_key)
+    if alg is None:
+        key = _key(m, k, n, bt, impl)
         disk = _load_disk()
         if key in disk:
-            _ALG[key] = int(disk[key])
+            alg = int(disk[key])
         elif torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"no tuned cuSPARSELt algorithm for {key} during CUDA-graph capture: run one eager "
                                f"step first (tuning launches and synchronises)")
         else:
-            _ALG[key] = search_alg(m, k, n, bt, impl)[0]
-            _save_disk(key, _ALG[key])
-    _FAST[fast] = _ALG[key]
-    return _ALG[key]
+            alg = search_alg(m, k, n, bt, impl)[0]
+            _save_disk(key, alg)
+        _ALG[mem_key] = alg
+    return alg
 
 
 def sparse_mm(a: Packed24, b: torch.Tensor, alg: int | None = None, impl: str = "ext") -> torch.Tensor:
@@ -213,8 +210,8 @@ def sparse_mm(a: Packed24, b: torch.Tensor, alg: int | None = None, impl: str = 
         raise ValueError(f"sparse_mm: b must be bf16 [{k}, N], got {b.dtype} {tuple(b.shape)}")
     if b.stride(1) != 1 and b.stride(0) != 1:
         b = b.contiguous()
-    if impl == "ext" and not _LOADED:
-        _LOADED.append(load_extension())
+    if impl == "ext":
+        load_extension()  # lru_cache: built and loaded once
     if alg is None:
         alg = best_alg(m, k, b.shape[1], _b_transposed(b), impl)
     return _raw_mm(a, b, alg, impl)
