@@ -1,10 +1,13 @@
 """FFN and training-step benchmarks of the five variants the papers compare, in one process.
 
 ffn: one FFN block of the model (its real widths, ranks and 2:4 options), bf16 weights, forward+backward timed
-     eagerly with CUDA events (medians); FFN activation memory = bytes autograd saves in the FFN's
-     forward (unique storages, parameters excluded).
-step: the whole model, bf16 autocast over fp32 master weights, fused AdamW, random tokens; eager steps timed with
-     CUDA events (medians); peak memory from the allocator; MFU from the dense-equivalent FLOPs.
+     as CUDA-graph replays (GPU time: `ffn_ms`) and eagerly with CUDA events (`ffn_ms_eager`, host overhead
+     included), medians; FFN activation memory = bytes autograd saves in the FFN's forward (unique storages,
+     parameters excluded).
+step: the whole model, bf16 autocast over fp32 master weights, fused AdamW, random tokens; the trainer's own step
+     (train/step.py) timed with CUDA events (medians): `step_ms` with the forward+backward replayed from a CUDA
+     graph (the trainer's default), `step_ms_eager` without; peak memory from the allocator (graph mode); MFU
+     from the dense-equivalent FLOPs.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from ..config import model_preset
 from ..model import build_model
 from ..model.stats import model_summary
 from ..sparsity import set_sparsity_step
-from .timing import event_ms
+from ..train.step import StepGrads
+from .timing import event_ms, graph_ms
 
 VARIANTS = ["swiglu", "relu2", "relu2-24", "lowrank-relu2", "elas", "elas-mask"]
 BATCH = {"llama-60m": 256, "llama-130m": 256, "llama-350m": 128, "llama-1b": 64}  # per-GPU batch of ELAS/LORO
@@ -56,12 +60,16 @@ def _ffn_row(size: str, variant: str, batch: int, seq: int) -> dict:
     x = torch.randn(batch, seq, cfg.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     gy = torch.randn_like(x)
     act = saved_bytes(lambda: ffn(x))
-    # eager, not CUDA-graph replay: capturing the backward of some variants fails in torch 2.11 ("operation
-    # would make the legacy stream depend on a capturing blocking stream"); one method for every variant
-    ms = event_ms(lambda: ffn(x).backward(gy), iters=20, warmup=5)
+    eager = event_ms(lambda: ffn(x).backward(gy), iters=20, warmup=5)
+    try:
+        ms = graph_ms(lambda: ffn(x).backward(gy), reps=10, trials=7)
+    except RuntimeError as e:  # reported, not hidden: the row says which timing it holds
+        print(f"ffn {size} {variant}: CUDA-graph capture failed ({str(e).splitlines()[0][:120]}); eager time only")
+        ms = None
     path = ffn.act24.describe().split(" (")[0] if getattr(ffn, "act24", None) else "dense"
     return {"model": size, "variant": variant, "batch": batch, "seq": seq, "d_ff": cfg.ffn_width, "rank": cfg.rank,
-            "ffn_ms": ms, "ffn_act_mem_gb": act / 1e9, "path": path}
+            "ffn_ms": ms if ms is not None else eager, "ffn_ms_eager": eager,
+            "ffn_timing": "graph" if ms is not None else "eager", "ffn_act_mem_gb": act / 1e9, "path": path}
 
 
 def bench_ffn(sizes=None, seq: int = 256, log=print, batch_scale: float = 1.0) -> list[dict]:
@@ -71,7 +79,8 @@ def bench_ffn(sizes=None, seq: int = 256, log=print, batch_scale: float = 1.0) -
             r = _ffn_row(size, variant, int(BATCH[size] * batch_scale), seq)
             torch.cuda.empty_cache()
             rows.append(r)
-            log(f"ffn {size} {variant:>13}: {r['ffn_ms']:.3f} ms fwd+bwd, saved activations "
+            log(f"ffn {size} {variant:>13}: {r['ffn_ms']:.3f} ms fwd+bwd ({r['ffn_timing']}; eager "
+                f"{r['ffn_ms_eager']:.3f}), saved activations "
                 f"{r['ffn_act_mem_gb']:.3f} GB ({r['path']})")
     return rows
 
@@ -90,18 +99,28 @@ def _step_row(size: str, variant: str, batch: int, seq: int, steps: int, warmup:
     set_sparsity_step(model, 0)
     opt = build_optimizer(model, TrainConfig(model=cfg))
     idx = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda")
-    x, y = idx[:, :-1], idx[:, 1:]
+    micro = [(idx[:, :-1], idx[:, 1:])]
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def timed(graphs: bool) -> float:
+        grads = StepGrads(model, model, lambda: torch.autocast("cuda", dtype=torch.bfloat16), 1, 1.0, graphs=graphs)
 
-    ms = event_ms(step, iters=steps, warmup=warmup)
+        def step():
+            grads.run(micro, mode=True)
+            opt.step()
+            if not graphs:
+                opt.zero_grad(set_to_none=True)
+
+        ms = event_ms(step, iters=steps, warmup=warmup)
+        if graphs and not grads.graphs:
+            raise RuntimeError(f"{size} {variant}: the step could not be captured as a CUDA graph")
+        return ms
+
+    eager = timed(False)
+    torch.cuda.reset_peak_memory_stats()
+    ms = timed(True)
     tps = batch * seq / (ms / 1e3)
-    return {"model": size, "variant": variant, "batch": batch, "seq": seq, "step_ms": ms, "tokens_per_s": tps,
+    return {"model": size, "variant": variant, "batch": batch, "seq": seq, "step_ms": ms, "step_ms_eager": eager,
+            "tokens_per_s": tps,
             "mfu": tps * model_summary(cfg, seq)["train_flops_per_token"] / H100_BF16,
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
             # allocator retries (cudaFree + cudaMalloc after an OOM) mean the step ran at the memory limit,
@@ -122,6 +141,6 @@ def bench_step(sizes=None, seq: int = 256, steps: int = 8, warmup: int = 3, batc
                    **{k: f[k] for k in ("ffn_ms", "ffn_act_mem_gb", "path")},
                    **{k: v for k, v in r.items() if k not in ("model", "variant", "batch", "seq")}}
             rows.append(row)
-            log(f"step {size} {variant:>13}: {r['step_ms']:.1f} ms, {r['tokens_per_s']:,.0f} tok/s, MFU "
+            log(f"step {size} {variant:>13}: {r['step_ms']:.1f} ms (eager {r['step_ms_eager']:.1f}), {r['tokens_per_s']:,.0f} tok/s, MFU "
                 f"{r['mfu']:.3f}, peak {r['peak_mem_gb']:.1f} GB, alloc retries {r['alloc_retries']}")
     return rows

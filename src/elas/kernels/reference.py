@@ -20,6 +20,7 @@ __all__ = [
     "sparsify24",
     "relu2_sparsify24",
     "dense_feature_split",
+    "n_dense_features",
     "wgrad_split_operand",
     "relu2_sparsify24_packed",
     "sparse_mm",
@@ -73,6 +74,17 @@ def relu2_sparsify24(y1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sparsify24(y2, dim=-1)
 
 
+def n_dense_features(n_feat: int, dense_frac: float) -> int:
+    """How many of n_feat features the 95/5 split keeps dense (see dense_feature_split): known on the host
+    without looking at the data, so the split needs no device-to-host sync (and is CUDA-graph safe)."""
+    if not 0.0 <= dense_frac <= 1.0:
+        raise ValueError(f"dense_frac must be in [0, 1], got {dense_frac}")
+    n_dense = min(n_feat, int(-(-dense_frac * n_feat // 1)))  # ceil
+    if n_feat % 64 == 0 and 0 < n_dense < n_feat:
+        n_dense = n_feat - 64 * round((n_feat - n_dense) / 64)
+    return n_dense
+
+
 def dense_feature_split(y: torch.Tensor, dense_frac: float) -> torch.Tensor:
     """Which features (columns of y: [tokens, features]) are too dense to be pruned along tokens.
 
@@ -82,12 +94,8 @@ def dense_feature_split(y: torch.Tensor, dense_frac: float) -> torch.Tensor:
     nearest count that leaves a multiple of 64 sparse features (the row tile of the sparse GEMM): 128 of 2176,
     384 of 8192 for dense_frac = 0.05.
     """
-    if not 0.0 <= dense_frac <= 1.0:
-        raise ValueError(f"dense_frac must be in [0, 1], got {dense_frac}")
     n_feat = y.shape[-1]
-    n_dense = min(n_feat, int(-(-dense_frac * n_feat // 1)))  # ceil
-    if n_feat % 64 == 0 and 0 < n_dense < n_feat:
-        n_dense = n_feat - 64 * round((n_feat - n_dense) / 64)
+    n_dense = n_dense_features(n_feat, dense_frac)
     nnz = (y != 0).sum(0)  # [features]
     dense = torch.zeros(n_feat, dtype=torch.bool, device=y.device)
     if n_dense > 0:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.packed import Packed24
+from ..kernels.reference import n_dense_features
 
 
 def _split_wgrad(k, y: torch.Tensor, g: torch.Tensor, idx_sp: torch.Tensor, idx_d: torch.Tensor) -> torch.Tensor:
@@ -48,7 +49,10 @@ class _PackedFFNCore(torch.autograd.Function):
         split = ()
         if wgrad_dense_frac is not None:  # features ranked by their positives in y1, as the masked path does
             dense = kernels.dense_feature_split(torch.relu(y1), wgrad_dense_frac)
-            split = (torch.nonzero(~dense).flatten(), torch.nonzero(dense).flatten())
+            n_dense = n_dense_features(dense.numel(), wgrad_dense_frac)  # host-known count: no sync
+            # stable sort puts the dense features first, each group in ascending feature order
+            order = torch.sort(dense.to(torch.uint8), descending=True, stable=True).indices
+            split = (order[n_dense:], order[:n_dense])
         ctx.n_split = len(split)
         if grad_mode == "mask":
             ctx.save_for_backward(h1, wu, wd, p.buffer, p.mask_bits, *split)

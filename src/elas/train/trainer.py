@@ -25,6 +25,7 @@ from ..optim import build_optimizer, warmup_cosine
 from ..sparsity import collect_stats, set_sparsity_step, set_track_stats
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import Dist, all_reduce_sum, init_distributed, shutdown
+from .step import StepGrads
 
 # dense bf16 tensor-core peak per GPU, for MFU
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -140,42 +141,61 @@ class Trainer:
         self.fwd = torch.compile(self.ddp) if cfg.compile else self.ddp
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+        self.eager_reason = self._graphs_reason()
+        self.grads = StepGrads(self.model, self.fwd, self.autocast, cfg.grad_accum, cfg.grad_clip,
+                               no_sync=self.ddp.no_sync if self.dist.enabled else None,
+                               graphs=self.eager_reason is None)
         self.flops_per_token = model_summary(cfg.model, cfg.seq_len)["train_flops_per_token"]
         self.peak = peak_flops(self.device)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._stop_signal: int | None = None
 
     # -- one optimizer step ---------------------------------------------------------------------------------
+    def _graphs_reason(self) -> str | None:
+        """Why this run's steps are eager (None: they are captured as CUDA graphs)."""
+        cfg = self.cfg
+        if not cfg.cuda_graphs:
+            return "cuda_graphs=false"
+        if self.device.type != "cuda":
+            return "CPU"
+        if self.dist.enabled:
+            return "DDP: the gradient all-reduce is not captured yet"
+        if cfg.compile:
+            return "compile=true"
+        return None
+
     def train_step(self, step: int, track_stats: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
         cfg = self.cfg
         lr = cfg.lr * warmup_cosine(step, cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        set_sparsity_step(self.model, step)
-        loss_sum = torch.zeros((), device=self.device)
+        sparse = set_sparsity_step(self.model, step)
+        micro = list(self.batches.micro_batches(step, cfg.grad_accum))
         stats: dict = {}
-        for k, (x, y) in enumerate(self.batches.micro_batches(step, cfg.grad_accum)):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            last = k == cfg.grad_accum - 1
-            sync = self.ddp.no_sync() if (self.dist.enabled and not last) else nullcontext()
-            if track_stats and k == 0:
-                set_track_stats(self.model, True)
-            with sync:
-                with self.autocast():
-                    loss = self.fwd(x, y)
-                (loss / cfg.grad_accum).backward()
-            if track_stats and k == 0:
-                stats = collect_stats(self.model)
+        hook = None
+        if track_stats and self.grads.graphs:  # a captured step runs no Python: probe the first micro-batch
+            stats = self._probe_stats(*micro[0])
+        elif track_stats:
+            set_track_stats(self.model, True)
+
+            def hook():
+                stats.update(collect_stats(self.model))
                 set_track_stats(self.model, False)
-            loss_sum += loss.detach()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if cfg.grad_clip > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        else:
-            gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        loss, gnorm = self.grads.run(micro, mode=sparse, stats_hook=hook)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum / cfg.grad_accum, gnorm, stats
+        if not self.grads.graphs:  # eager: free the gradients until the next backward (lower peak memory)
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss, gnorm, stats
+
+    @torch.no_grad()
+    def _probe_stats(self, x, y) -> dict:
+        """Sparsity statistics of a forward on (x, y) with the current weights: what the step's forward sees."""
+        set_track_stats(self.model, True)
+        with self.autocast():
+            self.model(x.to(self.device), y.to(self.device))
+        stats = collect_stats(self.model)
+        set_track_stats(self.model, False)
+        return stats
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -190,6 +210,9 @@ class Trainer:
             if act24 is not None:
                 self.log(f"elas: 2:4 activation sparsity ({act24.grad_mode} gradient) after "
                          f"{act24.dense_warmup_steps} dense steps; {act24.describe()}")
+            self.log("elas: steps replayed from a CUDA graph (captured at the first step and when 2:4 sparsity "
+                     "starts; opt out with --set cuda_graphs=false)" if self.eager_reason is None
+                     else f"elas: eager steps ({self.eager_reason})")
             if self.ckpt is not None:
                 self.log(f"elas: resumed from {self.ckpt} at step {self.step}")
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \

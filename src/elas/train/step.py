@@ -1,0 +1,119 @@
+"""The gradient half of a training step, eager or replayed from a CUDA graph.
+
+`StepGrads.run(micro_batches, mode)` zeroes the gradients, runs forward + backward on each of the `grad_accum`
+micro-batches (gradients accumulate in place) and clips the global gradient norm; it returns (mean loss, grad
+norm) as device tensors. The optimizer step runs after it, eagerly (fused AdamW is a few launches; LORO's exact
+step needs cuSOLVER and a host decision every K steps).
+
+Why a graph: eagerly, one micro-batch of a 24-layer model issues thousands of kernel launches plus autograd and
+Python bookkeeping (the packed 2:4 path adds an autograd Function, Triton launches and GEMM-plan lookups per FFN).
+Small models and batches then wait on the host. Pre-training shapes are fixed, so the whole sequence above is
+captured once into one graph and replayed: one launch per step, and the GPU never waits for Python.
+
+Graph mode, in detail:
+- inputs are static buffers x, y: [grad_accum, batch, seq] int64, refilled before each replay;
+- gradients are allocated by the first warm-up pass (outside the graph's memory pool) and never freed, so the
+  eagerly run optimizer, checkpoints and the graph all see the same tensors; `set_to_none` is never used;
+- `mode` names what the forward does (the trainer passes whether 2:4 sparsity is active): a new mode (the end of
+  the dense warm-up) drops the old graph and captures a new one;
+- the warm-up passes before a capture run on a side stream (as CUDA graphs require); they also compile the
+  Triton kernels and tune the 2:4 GEMM algorithm of every shape, which must not happen inside a capture;
+- a capture that fails (an op that is not graph-safe) is reported once and the run continues eagerly.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+
+import torch
+
+log = logging.getLogger("elas.train")
+
+
+class StepGrads:
+    def __init__(self, model: torch.nn.Module, fwd, autocast, grad_accum: int, grad_clip: float,
+                 no_sync=None, graphs: bool = False, warmup: int = 2):
+        """model: the module whose parameters get gradients; fwd: the callable that runs it (model, DDP or
+        compiled); autocast: a context factory; no_sync: DDP's no_sync for all but the last micro-batch."""
+        self.model, self.fwd, self.autocast = model, fwd, autocast
+        self.grad_accum, self.grad_clip, self.no_sync = grad_accum, grad_clip, no_sync
+        self.graphs, self.warmup = graphs, warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.mode = None
+        self.x = self.y = None  # static inputs in graph mode: [grad_accum, batch, seq]
+        self.out: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.captures = 0  # how many graphs were captured (the tests and the trainer's log read it)
+
+    # -- the work, shared by both modes ----------------------------------------------------------------------
+    def _params(self) -> list[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.grad is not None]
+
+    def _body(self, xs, ys, stats_hook=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """xs, ys: sequences of grad_accum [batch, seq] tensors on the device."""
+        grads = [p.grad for p in self._params()]
+        if grads:
+            torch._foreach_zero_(grads)
+        loss_sum = None
+        for k in range(self.grad_accum):
+            last = k == self.grad_accum - 1
+            sync = self.no_sync() if (self.no_sync is not None and not last) else nullcontext()
+            with sync:
+                with self.autocast():
+                    loss = self.fwd(xs[k], ys[k])
+                if k == 0 and stats_hook is not None:
+                    stats_hook()
+                (loss / self.grad_accum).backward()
+            loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
+        params = self._params()
+        if self.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        else:
+            gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
+        return loss_sum / self.grad_accum, gnorm
+
+    # -- entry point ---------------------------------------------------------------------------------------------
+    def run(self, micro_batches, mode=None, stats_hook=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """micro_batches: grad_accum (x, y) pairs of [batch, seq] int64 (any device). stats_hook: called once after
+        the first micro-batch's forward (eager mode only; graph mode runs no Python during the step)."""
+        device = next(self.model.parameters()).device
+        if not self.graphs:
+            batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in micro_batches]
+            return self._body([b[0] for b in batches], [b[1] for b in batches], stats_hook)
+        xs, ys = zip(*micro_batches)
+        if self.x is None or self.x.shape[1:] != xs[0].shape:
+            self.x = torch.empty((self.grad_accum, *xs[0].shape), dtype=torch.long, device=device)
+            self.y = torch.empty_like(self.x)
+            self.graph = None
+        for k in range(self.grad_accum):
+            self.x[k].copy_(xs[k], non_blocking=True)
+            self.y[k].copy_(ys[k], non_blocking=True)
+        if self.graph is None or mode != self.mode:
+            if not self._capture(mode):
+                return self._body(self.x, self.y)
+        self.graph.replay()
+        return self.out[0].clone(), self.out[1].clone()  # the next replay overwrites the graph's outputs
+
+    def _capture(self, mode) -> bool:
+        self.graph, self.out = None, None
+        torch.cuda.empty_cache()  # return the previous graph's pool before building the next one
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self._body(self.x, self.y)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the warm-up's activations were cached for the side stream: give them back
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                out = self._body(self.x, self.y)
+        except RuntimeError as e:
+            log.warning("elas: CUDA-graph capture of the training step failed (%s); continuing eagerly",
+                        str(e).splitlines()[0][:200])
+            self.graphs = False
+            torch.cuda.synchronize()
+            return False
+        self.graph, self.out, self.mode = graph, out, mode
+        self.captures += 1
+        return True

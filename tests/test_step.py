@@ -1,0 +1,120 @@
+"""The gradient half of a training step (train/step.py): eager on CPU, CUDA-graph replay on GPU."""
+import json
+
+import pytest
+import torch
+
+from elas.config import model_preset
+from elas.model import build_model
+from elas.sparsity import set_sparsity_step
+from elas.train.step import StepGrads
+
+from conftest import TINY, run_cli
+
+# small, but every width a multiple of 64 so that the packed 2:4 path runs on a GPU
+SMALL = dict(n_layers=2, d_model=128, n_heads=2, intermediate=176, vocab_size=512, max_seq_len=64)
+
+
+def _model(variant: str, device: str, **over):
+    name = "llama-tiny" if variant == "swiglu" else f"llama-tiny-{variant}"
+    extra = {"rank": 64} if "lowrank" in variant or variant == "elas" else {}
+    torch.manual_seed(0)
+    return build_model(model_preset(name, **SMALL, **extra, **over), device)
+
+
+def _batches(n: int, batch: int, seq: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 512, (n, batch, seq + 1), generator=g)
+    return [(idx[k, :, :-1], idx[k, :, 1:]) for k in range(n)]
+
+
+def _manual(model, micro, clip, autocast):
+    """The textbook loop, written out: the reference StepGrads must equal."""
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for x, y in micro:
+        with autocast():
+            loss = model(x, y)
+        (loss / len(micro)).backward()
+        total += loss.item()
+    gnorm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), clip)
+    return total / len(micro), gnorm.item(), [p.grad.clone() for p in model.parameters()]
+
+
+def test_eager_step_equals_the_textbook_loop():
+    from contextlib import nullcontext
+    model = _model("elas", "cpu", dense_warmup_steps=0)
+    set_sparsity_step(model, 0)
+    micro = _batches(3, 2, 16)
+    want_loss, want_norm, want_grads = _manual(model, micro, 0.5, nullcontext)
+    model.zero_grad(set_to_none=True)
+    sg = StepGrads(model, model, nullcontext, grad_accum=3, grad_clip=0.5)
+    for _ in range(2):  # the second call runs with gradients already allocated: they must be zeroed, not summed
+        loss, gnorm = sg.run(micro, mode=True)
+        assert loss.item() == pytest.approx(want_loss, rel=1e-6)
+        assert gnorm.item() == pytest.approx(want_norm, rel=1e-6)
+        for p, g in zip(model.parameters(), want_grads):
+            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    assert sg.captures == 0 and not sg.graphs
+
+
+def test_cpu_trainer_says_its_steps_are_eager(dataset, tmp_path):
+    r = run_cli("train", "--preset", "llama-tiny-elas", "--data", str(dataset), "--out", str(tmp_path / "r"),
+                "--no-progress", *TINY, "--max-steps", "2", "--set", "eval_every=2", "--set", "save_every=2")
+    assert r.returncode == 0, r.stderr
+    assert "eager steps (CPU)" in r.stdout
+
+
+VARIANTS = ["swiglu", "relu2", "relu2-24", "lowrank-relu2", "elas", "elas-mask"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gpu_graph_step_equals_eager_step(variant):
+    over = {"dense_warmup_steps": 0}
+    if variant == "elas-mask":
+        variant, over["grad_mode"] = "elas", "mask"
+    if variant == "relu2-24":
+        over["wgrad_dense_frac"] = 0.05  # the 95/5 split: its feature selection must be sync-free
+    model = _model(variant, "cuda", **over)
+    set_sparsity_step(model, 0)
+    bf16 = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    micro = _batches(2, 4, 64)
+    eager = StepGrads(model, model, bf16, grad_accum=2, grad_clip=1.0)
+    l0, n0 = eager.run(micro, mode=True)
+    g0 = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    graphed = StepGrads(model, model, bf16, grad_accum=2, grad_clip=1.0, graphs=True)
+    for seed in (0, 1, 0):  # replays read the refilled inputs (seed 1 differs), and repeat exactly
+        l1, n1 = graphed.run(_batches(2, 4, 64, seed), mode=True)
+        if seed == 1:
+            assert l1.item() != l0.item()
+    assert graphed.graphs and graphed.captures == 1, "capture fell back to eager"
+    assert l1.item() == pytest.approx(l0.item(), rel=1e-5) and n1.item() == pytest.approx(n0.item(), rel=1e-3)
+    for p, g in zip(model.parameters(), g0):
+        torch.testing.assert_close(p.grad, g, rtol=2e-2, atol=1e-4)
+    if any(getattr(m, "act24", None) for m in model.modules()):
+        graphed.run(micro, mode=False)  # a new mode (dense warm-up <-> 2:4) is a new graph
+        assert graphed.captures == 2
+
+
+@pytest.mark.gpu
+def test_gpu_trainer_graphs_reproduce_eager_losses(dataset, tmp_path):
+    args = ["--preset", "llama-tiny-elas", "--data", str(dataset), "--no-progress", *TINY, "--max-steps", "8",
+            "--set", "log_every=1", "--set", "eval_every=8", "--set", "save_every=8",
+            "--set", "model.dense_warmup_steps=4", "--set", "model.intermediate=176", "--set", "model.d_model=128",
+            "--set", "model.rank=64", "--set", "seq_len=64", "--set", "model.max_seq_len=64"]
+    runs = {}
+    for graphs in ("true", "false"):
+        r = run_cli("train", *args, "--out", str(tmp_path / graphs), "--set", f"cuda_graphs={graphs}")
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert ("CUDA graph" in r.stdout) == (graphs == "true"), r.stdout
+        recs = [json.loads(ln) for ln in (tmp_path / graphs / "metrics.jsonl").read_text().splitlines()]
+        runs[graphs] = {x["step"]: x for x in recs if "loss" in x}
+        assert "capture of the training step failed" not in r.stderr, r.stderr[-2000:]
+    a, b = runs["true"], runs["false"]
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert a[8]["sparse"] and not a[4]["sparse"]  # the run crossed the dense -> 2:4 switch (a recapture)
+    for s in a:
+        assert a[s]["loss"] == pytest.approx(b[s]["loss"], rel=1e-3), (s, a[s]["loss"], b[s]["loss"])
+        assert a[s]["y2_zero_frac/mean"] == pytest.approx(b[s]["y2_zero_frac/mean"], abs=1e-3)
