@@ -78,9 +78,13 @@ def test_triton_sparsifier_bit_exact(m, k, dtype):
     from elas.kernels.cuda.sparsify import relu2_sparsify24_packed
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     y1 = adversarial(m, k, dtype).to(dev)
-    got, want = relu2_sparsify24_packed(y1), ref.relu2_sparsify24_packed(y1)
+    counts = torch.full((k,), 3, dtype=torch.int32, device=dev)  # added to, not overwritten
+    got, want = relu2_sparsify24_packed(y1, counts), ref.relu2_sparsify24_packed(y1)
     assert torch.equal(got.buffer.view(torch.uint8), want.buffer.view(torch.uint8))
     assert torch.equal(got.mask_bits, want.mask_bits)
+    assert torch.equal(counts, 3 + (torch.relu(y1) != 0).sum(0).int())
+    # the split's ranking from these counts equals the one from the dense tensor
+    assert torch.equal(ref.dense_features_from_counts(counts - 3, 0.25), ref.dense_feature_split(torch.relu(y1), 0.25))
 
 
 # ---- GPU -------------------------------------------------------------------------------------------------------
@@ -95,9 +99,11 @@ def _random_shapes(n, seed=0):
 def test_gpu_sparsifier_matches_reference(m, k):
     from elas.kernels.cuda.sparsify import relu2_sparsify24_packed
     y1 = adversarial(m, k, torch.bfloat16, seed=m + k).cuda()
-    got, want = relu2_sparsify24_packed(y1), ref.relu2_sparsify24_packed(y1)
+    counts = torch.zeros(k, dtype=torch.int32, device="cuda")
+    got, want = relu2_sparsify24_packed(y1, counts), ref.relu2_sparsify24_packed(y1)
     assert torch.equal(got.buffer.view(torch.uint8), want.buffer.view(torch.uint8))
     assert torch.equal(got.mask_bits, want.mask_bits)
+    assert torch.equal(counts, (y1 > 0).sum(0).int())
 
 
 @pytest.mark.gpu

@@ -10,8 +10,11 @@ Interface (all backends):
     sparsify24(x, dim=-1) -> (x * mask, mask)
     relu2_sparsify24(y1) -> (y2s, mask)        y1: [tokens, d_ff]; y2s = 2:4(relu(y1)^2) along d_ff
     dense_feature_split(y, dense_frac) -> bool [features]
+    dense_features_from_counts(nnz, dense_frac) -> the same from per-feature non-zero counts
     wgrad_split_operand(y, dense_features) -> y pruned 2:4 along tokens except the dense features
-    relu2_sparsify24_packed(y1) -> Packed24     the same selection, packed in cuSPARSELt's SM90 layout
+    relu2_sparsify24_packed(y1, feature_counts=None) -> Packed24
+                                               the same selection, packed in cuSPARSELt's SM90 layout (and the
+                                               positives per feature added to feature_counts, for the split)
     sparse_mm(a: Packed24, b) -> a @ b          2:4 x dense GEMM
 On the cuda backend the last two run on sparse tensor cores (Triton sparsifier, cuSPARSELt GEMM with cached
 plans); the dense-mask functions are the reference code running on the GPU.

@@ -21,6 +21,7 @@ __all__ = [
     "relu2_sparsify24",
     "dense_feature_split",
     "n_dense_features",
+    "dense_features_from_counts",
     "wgrad_split_operand",
     "relu2_sparsify24_packed",
     "sparse_mm",
@@ -94,14 +95,18 @@ def dense_feature_split(y: torch.Tensor, dense_frac: float) -> torch.Tensor:
     nearest count that leaves a multiple of 64 sparse features (the row tile of the sparse GEMM): 128 of 2176,
     384 of 8192 for dense_frac = 0.05.
     """
-    n_feat = y.shape[-1]
+    return dense_features_from_counts((y != 0).sum(0), dense_frac)
+
+
+def dense_features_from_counts(nnz: torch.Tensor, dense_frac: float) -> torch.Tensor:
+    """dense_feature_split from the per-feature non-zero counts nnz [features] (any integer dtype)."""
+    n_feat = nnz.numel()
     n_dense = n_dense_features(n_feat, dense_frac)
-    nnz = (y != 0).sum(0)  # [features]
-    dense = torch.zeros(n_feat, dtype=torch.bool, device=y.device)
+    dense = torch.zeros(n_feat, dtype=torch.bool, device=nnz.device)
     if n_dense > 0:
         # stable descending sort: more non-zeros first, lower index first among equals
         order = torch.sort(nnz, descending=True, stable=True).indices
-        dense[order[:n_dense]] = True
+        dense.index_fill_(0, order[:n_dense], True)  # not `dense[...] = True`: that copies a CPU scalar (no graph)
     return dense
 
 
@@ -117,9 +122,13 @@ def wgrad_split_operand(y: torch.Tensor, dense_features: torch.Tensor) -> torch.
 
 
 # ---- packed (SM90 cuSPARSELt layout) twins of the accelerated kernels -----------------------------------------
-def relu2_sparsify24_packed(y1: torch.Tensor):
-    """y1: [M, K] -> Packed24 of 2:4(relu(y1)^2) (values bf16; mask taken in y1's dtype). Twin of the Triton kernel."""
+def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | None = None):
+    """y1: [M, K] -> Packed24 of 2:4(relu(y1)^2) (values bf16; mask taken in y1's dtype). Twin of the Triton kernel.
+    feature_counts: optional int32 [K]; the positives of each column of y1 (= non-zeros of relu(y1), which the
+    95/5 split ranks features by) are added to it, so the split needs no second pass over y1."""
     y2s, mask = relu2_sparsify24(y1)
+    if feature_counts is not None:
+        feature_counts += (y1 > 0).sum(0, dtype=torch.int32)
     return pack24(y2s, mask)
 
 

@@ -43,12 +43,14 @@ class _PackedFFNCore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h1, wu, wd, grad_mode: str, kernels, wgrad_dense_frac):
         y1 = h1 @ wu.T  # [T, d_ff]
-        p = kernels.relu2_sparsify24_packed(y1)
+        # the split ranks features by their positives in y1 (as the masked path does), counted by the sparsifier
+        counts = None if wgrad_dense_frac is None else torch.zeros(y1.shape[1], dtype=torch.int32, device=y1.device)
+        p = kernels.relu2_sparsify24_packed(y1, counts)
         h2 = kernels.sparse_mm(p, wd)  # [T, q']
         ctx.grad_mode, ctx.kernels, ctx.shape = grad_mode, kernels, p.shape
         split = ()
-        if wgrad_dense_frac is not None:  # features ranked by their positives in y1, as the masked path does
-            dense = kernels.dense_feature_split(torch.relu(y1), wgrad_dense_frac)
+        if counts is not None:
+            dense = kernels.dense_features_from_counts(counts, wgrad_dense_frac)
             n_dense = n_dense_features(dense.numel(), wgrad_dense_frac)  # host-known count: no sync
             # stable sort puts the dense features first, each group in ascending feature order
             order = torch.sort(dense.to(torch.uint8), descending=True, stable=True).indices

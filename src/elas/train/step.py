@@ -12,8 +12,11 @@ captured once into one graph and replayed: one launch per step, and the GPU neve
 
 Graph mode, in detail:
 - inputs are static buffers x, y: [grad_accum, batch, seq] int64, refilled before each replay;
-- gradients are allocated by the first warm-up pass (outside the graph's memory pool) and never freed, so the
-  eagerly run optimizer, checkpoints and the graph all see the same tensors; `set_to_none` is never used;
+- gradients are allocated (zeros, for every parameter that requires one) before the first capture, outside the
+  graph's memory pool and before any activation, and never freed: the eagerly run optimizer, checkpoints and the
+  graph all see the same tensors (`set_to_none` is never used). Allocating them first keeps them out of the
+  segments the warm-up's activations use, which can then be returned to the driver; otherwise a 350M step ran
+  out of memory with 35 GB reserved but unusable;
 - `mode` names what the forward does (the trainer passes whether 2:4 sparsity is active): a new mode (the end of
   the dense warm-up) drops the old graph and captures a new one;
 - the warm-up passes before a capture run on a side stream (as CUDA graphs require); they also compile the
@@ -96,6 +99,9 @@ class StepGrads:
     def _capture(self, mode) -> bool:
         self.graph, self.out = None, None
         torch.cuda.empty_cache()  # return the previous graph's pool before building the next one
+        for p in self.model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -69,14 +69,18 @@ def _pack_block(x, band, pid1, val_ptr, meta_ptr, bits_ptr, K, TILES: tl.constex
 
 
 @triton.jit
-def _kernel(y1_ptr, val_ptr, meta_ptr, bits_ptr, K, stride, TILES: tl.constexpr, ROUND_BF16: tl.constexpr):
+def _kernel(y1_ptr, val_ptr, meta_ptr, bits_ptr, count_ptr, K, stride, TILES: tl.constexpr,
+            ROUND_BF16: tl.constexpr, COUNT: tl.constexpr):
     # program: rows [64*band, +64), columns [32*TILES*pid1, +32*TILES): TILES whole metadata tiles
     band = tl.program_id(0)
     BK: tl.constexpr = 32 * TILES
     rows = band * 64 + tl.arange(0, 64)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     x = tl.load(y1_ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :])  # [64, BK], coalesced
-    x = tl.maximum(x.to(tl.float32), 0.0)
+    x = x.to(tl.float32)
+    if COUNT:  # positives per column (the 95/5 split's feature ranking): one atomic per column per band
+        tl.atomic_add(count_ptr + cols, tl.sum((x > 0).to(tl.int32), axis=0), sem="relaxed")
+    x = tl.maximum(x, 0.0)
     x = x * x
     if ROUND_BF16:  # the reference squares in bf16: compare (and store) the rounded values
         x = _round_bf16(x)
@@ -91,7 +95,9 @@ def _kernel_t(y_ptr, idx_ptr, val_ptr, meta_ptr, F, TILES: tl.constexpr):
     BK: tl.constexpr = 32 * TILES
     feat = tl.load(idx_ptr + band * 64 + tl.arange(0, 64)).to(tl.int64)  # [64]
     tok = (tl.program_id(1) * BK + tl.arange(0, BK)).to(tl.int64)  # [BK]
-    x = tl.load(y_ptr + tok[None, :] * F + feat[:, None]).to(tl.float32)  # [64 features, BK tokens]
+    # load [BK tokens, 64 features] (features are y's contiguous axis, and idx is ascending, so a row's 64
+    # loads are ~contiguous: coalesced), then transpose in registers/shared memory to [64 features, BK tokens]
+    x = tl.trans(tl.load(y_ptr + tok[:, None] * F + feat[None, :]).to(tl.float32))
     T = tl.num_programs(1) * BK
     _pack_block(x, band, tl.program_id(1), val_ptr, meta_ptr, val_ptr, T, TILES, False)
 
@@ -101,8 +107,10 @@ def _kernel_t(y_ptr, idx_ptr, val_ptr, meta_ptr, F, TILES: tl.constexpr):
 DEFAULT_TILES, DEFAULT_WARPS = 2, 8
 
 
-def relu2_sparsify24_packed(y1: torch.Tensor, tiles: int = DEFAULT_TILES, num_warps: int = DEFAULT_WARPS) -> Packed24:
-    """y1: [M, K] bf16/fp32 -> Packed24 of 2:4(relu(y1)^2) (values bf16). See module docs."""
+def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | None = None, tiles: int = DEFAULT_TILES,
+                            num_warps: int = DEFAULT_WARPS) -> Packed24:
+    """y1: [M, K] bf16/fp32 -> Packed24 of 2:4(relu(y1)^2) (values bf16). See module docs.
+    feature_counts: optional int32 [K], incremented by the positives of each column of y1 (for the 95/5 split)."""
     if y1.dim() != 2 or y1.stride(1) != 1:
         raise ValueError(f"y1 must be a row-major 2-D tensor, got shape {tuple(y1.shape)} strides {y1.stride()}")
     if y1.dtype not in (torch.bfloat16, torch.float32):
@@ -115,9 +123,12 @@ def relu2_sparsify24_packed(y1: torch.Tensor, tiles: int = DEFAULT_TILES, num_wa
     bits = torch.empty(m, k // 8, dtype=torch.uint8, device=y1.device)
     if (k // 32) % tiles:
         raise ValueError(f"tiles={tiles} must divide K/32={k // 32}")
+    count = feature_counts is not None
+    if count and (feature_counts.dtype != torch.int32 or feature_counts.shape != (k,)):
+        raise ValueError(f"feature_counts must be int32 [{k}], got {feature_counts.dtype} {tuple(feature_counts.shape)}")
     grid = (m // 64, k // 32 // tiles)
-    _kernel[grid](y1, vals, meta, bits, k, y1.stride(0), TILES=tiles, ROUND_BF16=y1.dtype == torch.bfloat16,
-                  num_warps=num_warps)
+    _kernel[grid](y1, vals, meta, bits, feature_counts if count else bits, k, y1.stride(0), TILES=tiles,
+                  ROUND_BF16=y1.dtype == torch.bfloat16, COUNT=count, num_warps=num_warps)
     return Packed24(buf.view(m, k * 9 // 16), bits, (m, k))
 
 
