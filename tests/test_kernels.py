@@ -188,17 +188,36 @@ def test_triton_pack_along_tokens_bit_exact(t, f, n):
 
 
 @needs_triton
-@pytest.mark.parametrize("m,k,ste", [(64, 64, False), (128, 256, False), (64, 192, True), (128, 128, True)])
-def test_triton_backward_kernel_bit_exact(m, k, ste):
+@pytest.mark.parametrize("m,k,ste,from_y1,split", [(64, 64, False, False, False), (128, 256, False, False, False),
+                                                    (64, 192, True, False, False), (128, 128, True, True, False),
+                                                    (128, 192, False, False, True), (64, 128, True, True, True)])
+def test_triton_backward_kernel_bit_exact(m, k, ste, from_y1, split):
+    """Every configuration of the backward pointwise kernel against the reference, byte for byte."""
     from elas.kernels.cuda.sparsify import relu2_sparse24_backward
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     y1 = adversarial(m, k, torch.bfloat16, seed=k).to(dev)
     dy2 = torch.randn(m, k, dtype=torch.bfloat16).to(dev)
+    dy2[:, 5] = 0  # zero gradients tie along tokens: the earlier token must win in the along-token packing
     a = ref.relu2_sparsify24_packed(y1)
-    got = relu2_sparse24_backward(dy2, a, y1 if ste else None)
-    want = ref.relu2_sparse24_backward(dy2, a, y1 if ste else None)
-    for g, w in zip(got, want):
-        assert (g is None and w is None) or torch.equal(g, w)
+    slots, n_dense = None, 0
+    if split:  # dense features 3, 9, 10 (slots 0..2), the rest sparse
+        n_dense = 3
+        slots = torch.full((k,), -1, dtype=torch.int32)
+        slots[torch.tensor([3, 9, 10])] = torch.arange(3, dtype=torch.int32)
+        slots = slots.to(dev)
+    args = (dy2, None if from_y1 else a, y1 if ste else None, slots, n_dense)
+    got, want = relu2_sparse24_backward(*args), ref.relu2_sparse24_backward(*args)
+    for name, g, w in zip(want._fields, got, want):
+        assert (g is None) == (w is None), name
+        if isinstance(w, torch.Tensor):
+            assert torch.equal(g, w), name
+        elif w is not None:  # Packed24 along tokens
+            assert torch.equal(g.buffer.view(torch.uint8), w.buffer.view(torch.uint8)), name
+    if split:  # the along-token operand is what the masked path's split prunes (every feature sparse here)
+        y2s = unpack24(a)
+        assert torch.equal(unpack24(got.y2s_t).T, ref.wgrad_split_operand(y2s, torch.zeros(k, dtype=torch.bool,
+                                                                                               device=dev)))
+        assert torch.equal(got.y2s_dense, y2s[:, [3, 9, 10]])
 
 
 @pytest.mark.gpu

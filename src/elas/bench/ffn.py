@@ -6,8 +6,9 @@ ffn: one FFN block of the model (its real widths, ranks and 2:4 options), bf16 w
      parameters excluded).
 step: the whole model, bf16 autocast over fp32 master weights, fused AdamW, random tokens; the trainer's own step
      (train/step.py) timed with CUDA events (medians): `step_ms` with the forward+backward replayed from a CUDA
-     graph (the trainer's default), `step_ms_eager` without; peak memory from the allocator (graph mode); MFU
-     from the dense-equivalent FLOPs.
+     graph (the trainer's default; `step_timing` says "eager" where the capture failed, e.g. out of memory),
+     `step_ms_eager` without; peak memory from the allocator for each (`peak_mem_gb`: the mode of `step_ms`);
+     MFU from the dense-equivalent FLOPs.
 """
 from __future__ import annotations
 
@@ -113,18 +114,20 @@ def _step_row(size: str, variant: str, batch: int, seq: int, steps: int, warmup:
                 opt.zero_grad(set_to_none=True)
 
         ms = event_ms(step, iters=steps, warmup=warmup)
-        if graphs and not grads.graphs:
-            raise RuntimeError(f"{size} {variant}: the step could not be captured as a CUDA graph")
-        return ms
+        return ms if grads.graphs else None  # None: the capture failed (logged) and the steps ran eagerly
 
     eager = timed(False)
+    eager_peak = torch.cuda.max_memory_allocated() / 1e9
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     ms = timed(True)
+    timing = "graph" if ms is not None else "eager"
+    ms = ms if ms is not None else eager
     tps = batch * seq / (ms / 1e3)
     return {"model": size, "variant": variant, "batch": batch, "seq": seq, "step_ms": ms, "step_ms_eager": eager,
-            "tokens_per_s": tps,
+            "step_timing": timing, "peak_mem_gb_eager": eager_peak, "tokens_per_s": tps,
             "mfu": tps * model_summary(cfg, seq)["train_flops_per_token"] / H100_BF16,
-            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if timing == "graph" else eager_peak,
             # allocator retries (cudaFree + cudaMalloc after an OOM) mean the step ran at the memory limit,
             # which slows it for reasons other than its kernels
             "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0),

@@ -11,6 +11,8 @@ NaN never occurs in a finite forward; if it does, the comparison treats it as sm
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .packed import Packed24, bits_to_mask, pack24, unpack24
@@ -26,6 +28,7 @@ __all__ = [
     "relu2_sparsify24_packed",
     "sparse_mm",
     "relu2_sparse24_backward",
+    "Grads24",
     "pack24_along_tokens",
 ]
 
@@ -145,21 +148,53 @@ def pack24_along_tokens(y: torch.Tensor, idx: torch.Tensor):
     return Packed24(p.buffer, torch.empty(0, dtype=torch.uint8, device=y.device), p.shape)
 
 
-def relu2_sparse24_backward(dy2: torch.Tensor, a, y1: torch.Tensor | None = None):
+class Grads24(NamedTuple):
+    """What the backward pointwise pass of the packed 2:4 FFN produces (None: not produced in this mode).
+
+    y2s, dy1:      [M, K] bf16 dense (y2s only without the split; dy1 also with it in ste mode, for dh1 = dy1 Wu)
+    dy1_values:    [M, K/2] bf16, mask mode: dy1's kept values in the forward's packed order (dy1 has its pattern)
+    y2s_t, dy1_t:  Packed24 [K, M] of y2s^T and dy1^T pruned 2:4 along tokens, every feature (split only)
+    y2s_dense, dy1_dense: [M, n_dense] bf16, the columns of the split's dense features, in slot order (split only)
+    """
+    y2s: torch.Tensor | None
+    dy1: torch.Tensor | None
+    dy1_values: torch.Tensor | None
+    y2s_t: Packed24 | None = None
+    dy1_t: Packed24 | None = None
+    y2s_dense: torch.Tensor | None = None
+    dy1_dense: torch.Tensor | None = None
+
+
+def relu2_sparse24_backward(dy2: torch.Tensor, a, y1: torch.Tensor | None = None,
+                            dense_slots: torch.Tensor | None = None, n_dense: int = 0) -> Grads24:
     """Backward pointwise work of y2s = 2:4(relu(y1)^2), from the packed forward output.
 
-    dy2: [M, K] gradient w.r.t. y2s; a: Packed24 of y2s (forward); y1: [M, K] for the `ste` mode, None for `mask`.
-    Returns (y2s [M, K] bf16 dense, dy1 [M, K] bf16, dy1_values [M, K/2] bf16 or None):
+    dy2: [M, K] gradient w.r.t. y2s; a: Packed24 of y2s (forward), or None in ste mode (the selection is then
+    recomputed from y1, exactly as the forward made it); y1: [M, K] for the `ste` mode, None for `mask`.
         mask: dy1 = 2 sqrt(y2s) dy2 on kept entries, 0 elsewhere (relu(y1) rebuilt as sqrt(y2s): no y1 needed);
               dy1_values are its kept values in packed order (dy1 has the forward's 2:4 pattern and metadata).
         ste:  dy1 = 2 relu(y1) dy2 everywhere; dy1_values None.
+    dense_slots: int32 [K] (the 95/5 split): slot in [0, n_dense) of each dense feature, -1 for the others. With
+    it the weight-gradient operands come out ready for the split (Grads24 docs) and dense y2s is not produced.
     Arithmetic in fp32, rounded once to bf16 (as the Triton kernel does).
     """
+    if a is None:
+        a = relu2_sparsify24_packed(y1)
     y2s = unpack24(a)
     d = dy2.float()
     if y1 is not None:
-        dy1 = (2.0 * torch.relu(y1.float()) * d).to(torch.bfloat16)
-        return y2s, dy1, None
-    mask = bits_to_mask(a.mask_bits, a.shape[1])
-    dy1 = torch.where(mask, 2.0 * y2s.float().sqrt() * d, 0.0).to(torch.bfloat16)
-    return y2s, dy1, dy1[mask].view(a.shape[0], a.shape[1] // 2)
+        y1f = y1.float()  # +0 where y1 <= 0 (even y1 = -0), as the kernel: the packing compares bytes
+        dy1, dval = torch.where(y1f > 0, 2.0 * y1f * d, 0.0).to(torch.bfloat16), None
+    else:
+        mask = bits_to_mask(a.mask_bits, a.shape[1])
+        # +0 wherever y2s is 0 (dropped or a kept zero): the along-token packing compares bytes of these
+        dy1 = torch.where(mask & (y2s != 0), 2.0 * y2s.float().sqrt() * d, 0.0).to(torch.bfloat16)
+        dval = dy1[mask].view(a.shape[0], a.shape[1] // 2)
+    if dense_slots is None:
+        return Grads24(y2s, dy1, dval)
+    every = torch.arange(y2s.shape[1], device=y2s.device)
+    idx_d = torch.empty(n_dense, dtype=torch.long, device=y2s.device)
+    sel = dense_slots >= 0
+    idx_d[dense_slots[sel].long()] = every[sel]  # feature of each slot
+    return Grads24(None, dy1 if y1 is not None else None, dval, pack24_along_tokens(y2s, every),
+                   pack24_along_tokens(dy1, every), y2s[:, idx_d], dy1[:, idx_d])

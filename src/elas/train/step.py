@@ -21,7 +21,8 @@ Graph mode, in detail:
   the dense warm-up) drops the old graph and captures a new one;
 - the warm-up passes before a capture run on a side stream (as CUDA graphs require); they also compile the
   Triton kernels and tune the 2:4 GEMM algorithm of every shape, which must not happen inside a capture;
-- a capture that fails (an op that is not graph-safe) is reported once and the run continues eagerly.
+- a capture that fails (an op that is not graph-safe, or out of memory: the graph's gradients live through the
+  whole step, eager ones only from the backward on) is reported once and the run continues eagerly.
 """
 from __future__ import annotations
 
@@ -114,11 +115,15 @@ class StepGrads:
         try:
             with torch.cuda.graph(graph):
                 out = self._body(self.x, self.y)
-        except RuntimeError as e:
-            log.warning("elas: CUDA-graph capture of the training step failed (%s); continuing eagerly",
-                        str(e).splitlines()[0][:200])
+        except RuntimeError as e:  # includes torch.OutOfMemoryError: a graph holds its gradients all step long
+            del graph
             self.graphs = False
+            for p in self.model.parameters():  # eager steps allocate gradients in backward, after activations
+                p.grad = None
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            log.warning("elas: CUDA-graph capture of the training step failed (%s); continuing with eager steps "
+                        "(set cuda_graphs=false to skip the attempt)", str(e).splitlines()[0][:200])
             return False
         self.graph, self.out, self.mode = graph, out, mode
         self.captures += 1

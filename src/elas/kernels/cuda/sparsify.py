@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ..packed import Packed24, check_shape
+from ..reference import Grads24
 
 
 @triton.jit
@@ -28,6 +29,34 @@ def _round_bf16(x):
 
 
 @triton.jit
+def _columns4(x, G: tl.constexpr):
+    """x [64, 4G] -> its columns 4g+0, 4g+1, 4g+2, 4g+3, each [64, G]."""
+    # column 4g + 2a + b -> [64, G, a, b]; split takes the LAST axis: first b, then a
+    even, odd = tl.split(tl.reshape(x, (64, G, 2, 2)))  # [64, G, 2]: columns (0, 2) and (1, 3) of each group
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _interleave4(d0, d1, d2, d3, G: tl.constexpr):
+    """Inverse of _columns4: four [64, G] -> [64, 4G] with d_j at columns 4g + j."""
+    return tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (64, 4 * G))
+
+
+@triton.jit
+def _keep24(x0, x1, x2, x3):
+    """The 2:4 rule on the four columns of each group: keep i when fewer than 2 others beat it; j beats i if
+    |x_j| is larger, or equal and j is earlier. Returns four bool [64, G]."""
+    v0, v1, v2, v3 = tl.abs(x0), tl.abs(x1), tl.abs(x2), tl.abs(x3)
+    k0 = ((v1 > v0).to(tl.int32) + (v2 > v0).to(tl.int32) + (v3 > v0).to(tl.int32)) < 2
+    k1 = ((v0 >= v1).to(tl.int32) + (v2 > v1).to(tl.int32) + (v3 > v1).to(tl.int32)) < 2
+    k2 = ((v0 >= v2).to(tl.int32) + (v1 >= v2).to(tl.int32) + (v3 > v2).to(tl.int32)) < 2
+    k3 = ((v0 >= v3).to(tl.int32) + (v1 >= v3).to(tl.int32) + (v2 >= v3).to(tl.int32)) < 2
+    return k0, k1, k2, k3
+
+
+@triton.jit
 def _pack_block(x, band, pid1, val_ptr, meta_ptr, bits_ptr, K, TILES: tl.constexpr, WRITE_BITS: tl.constexpr):
     """Select 2 of every 4 along the columns of x [64, 32*TILES] (fp32, values already final: largest |x| kept,
     earlier column on ties) and write the block's packed values, SM90 metadata and (optionally) mask bits.
@@ -37,15 +66,8 @@ def _pack_block(x, band, pid1, val_ptr, meta_ptr, bits_ptr, K, TILES: tl.constex
     col0 = pid1 * BK
     rows = (band * 64 + tl.arange(0, 64)).to(tl.int64)[:, None]
     # column 4g + 2a + b -> [64, G, a, b]; split takes the LAST axis: first b, then a
-    even, odd = tl.split(tl.reshape(x, (64, G, 2, 2)))  # [64, G, 2]: columns (0, 2) and (1, 3) of each group
-    x0, x2 = tl.split(even)
-    x1, x3 = tl.split(odd)  # [64, G]
-    v0, v1, v2, v3 = tl.abs(x0), tl.abs(x1), tl.abs(x2), tl.abs(x3)
-    # keep i when fewer than 2 others beat it; j beats i if larger, or equal and earlier (j < i)
-    k0 = ((v1 > v0).to(tl.int32) + (v2 > v0).to(tl.int32) + (v3 > v0).to(tl.int32)) < 2
-    k1 = ((v0 >= v1).to(tl.int32) + (v2 > v1).to(tl.int32) + (v3 > v1).to(tl.int32)) < 2
-    k2 = ((v0 >= v2).to(tl.int32) + (v1 >= v2).to(tl.int32) + (v3 > v2).to(tl.int32)) < 2
-    k3 = ((v0 >= v3).to(tl.int32) + (v1 >= v3).to(tl.int32) + (v2 >= v3).to(tl.int32)) < 2
+    x0, x1, x2, x3 = _columns4(x, G)
+    k0, k1, k2, k3 = _keep24(x0, x1, x2, x3)
     i0 = tl.where(k0, 0, tl.where(k1, 1, 2))
     i1 = tl.where(k3, 3, tl.where(k2, 2, 1))
     first = _round_bf16(tl.where(k0, x0, tl.where(k1, x1, x2)))  # exact if x is already bf16-valued
@@ -151,54 +173,111 @@ def pack24_along_tokens(y: torch.Tensor, idx: torch.Tensor, tiles: int = DEFAULT
 
 
 @triton.jit
-def _bwd_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, K, STE: tl.constexpr,
-                BK: tl.constexpr):
-    # program: 64 rows x BK columns. Inputs: dy2 [M, K], packed values [M, K/2], mask bits [M, K/8], and y1 [M, K]
-    # in ste mode. Outputs: y2s dense, dy1 dense, and (mask mode) dy1's kept values in packed order.
+def _bwd_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr,
+                yt_val_ptr, yt_meta_ptr, dt_val_ptr, dt_meta_ptr, slot_ptr, y2d_ptr, dy1d_ptr, M, K, ND,
+                STE: tl.constexpr, FROM_Y1: tl.constexpr, SPLIT: tl.constexpr, BK: tl.constexpr):
+    # program: 64 rows (tokens) x BK columns (features) of [M, K].
+    # Inputs: dy2 [M, K]; the forward's packed values [M, K/2] and mask bits [M, K/8], or (FROM_Y1, ste mode) only
+    # y1 [M, K], from which the 2:4 selection is recomputed exactly as the forward kernel made it.
+    # Outputs without SPLIT: y2s and dy1 dense [M, K]; in mask mode dy1's kept values in packed order [M, K/2].
+    # With SPLIT (BK = 64): y2s^T and dy1^T [K, M] packed 2:4 along tokens (the sparse operands of both weight
+    # gradients, every feature), the columns of y2s and dy1 whose slot >= 0 into y2d, dy1d [M, ND] (the dense
+    # features of the 95/5 split), dense dy1 in ste mode (its input gradient is a dense GEMM) and dy1's packed
+    # values in mask mode. Dense y2s is then never written.
     G: tl.constexpr = BK // 4
     rows = (tl.program_id(0) * 64 + tl.arange(0, 64)).to(tl.int64)[:, None]
     col0 = tl.program_id(1) * BK
     c = tl.arange(0, BK)[None, :]
-    vals = tl.load(val_ptr + rows * (K // 2) + col0 // 2 + tl.arange(0, 2 * G)[None, :]).to(tl.float32)
-    first, second = tl.split(tl.reshape(vals, (64, G, 2)))  # [64, G]
-    bits = tl.load(bits_ptr + rows * (K // 8) + col0 // 8 + tl.arange(0, G // 2)[None, :]).to(tl.int32)
-    keep = tl.reshape(tl.join(bits & 15, bits >> 4), (64, G))  # [64, G] nibble: bit c = column c kept
-    i0 = tl.where((keep & 1) != 0, 0, tl.where((keep & 2) != 0, 1, 2))
-    i1 = tl.where((keep & 8) != 0, 3, tl.where((keep & 4) != 0, 2, 1))
-    d0 = tl.where(i0 == 0, first, 0.0)
-    d1 = tl.where(i0 == 1, first, tl.where(i1 == 1, second, 0.0))
-    d2 = tl.where(i0 == 2, first, tl.where(i1 == 2, second, 0.0))
-    d3 = tl.where(i1 == 3, second, 0.0)
-    # dense [64, BK] from the four columns: column 4g + 2a + b <- [64, G, a, b]
-    y2s = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (64, BK))
-    tl.store(y2s_ptr + rows * K + col0 + c, y2s.to(tl.bfloat16))
+    if FROM_Y1:
+        y1 = tl.load(y1_ptr + rows * K + col0 + c).to(tl.float32)
+        r = tl.maximum(y1, 0.0)
+        y2 = _round_bf16(r * r)  # the forward kernel's values, selected as it selects them
+        x0, x1, x2, x3 = _columns4(y2, G)
+        k0, k1, k2, k3 = _keep24(x0, x1, x2, x3)
+        y2s = _interleave4(tl.where(k0, x0, 0.0), tl.where(k1, x1, 0.0), tl.where(k2, x2, 0.0),
+                           tl.where(k3, x3, 0.0), G)
+        i0 = tl.where(k0, 0, tl.where(k1, 1, 2))
+        i1 = tl.where(k3, 3, tl.where(k2, 2, 1))
+    else:
+        vals = tl.load(val_ptr + rows * (K // 2) + col0 // 2 + tl.arange(0, 2 * G)[None, :]).to(tl.float32)
+        first, second = tl.split(tl.reshape(vals, (64, G, 2)))  # [64, G]
+        bits = tl.load(bits_ptr + rows * (K // 8) + col0 // 8 + tl.arange(0, G // 2)[None, :]).to(tl.int32)
+        keep = tl.reshape(tl.join(bits & 15, bits >> 4), (64, G))  # [64, G] nibble: bit c = column c kept
+        i0 = tl.where((keep & 1) != 0, 0, tl.where((keep & 2) != 0, 1, 2))
+        i1 = tl.where((keep & 8) != 0, 3, tl.where((keep & 4) != 0, 2, 1))
+        d0 = tl.where(i0 == 0, first, 0.0)
+        d1 = tl.where(i0 == 1, first, tl.where(i1 == 1, second, 0.0))
+        d2 = tl.where(i0 == 2, first, tl.where(i1 == 2, second, 0.0))
+        d3 = tl.where(i1 == 3, second, 0.0)
+        y2s = _interleave4(d0, d1, d2, d3, G)  # dense [64, BK]
+        if STE:
+            y1 = tl.load(y1_ptr + rows * K + col0 + c).to(tl.float32)
     dy2 = tl.load(dy2_ptr + rows * K + col0 + c).to(tl.float32)
     if STE:
-        y1 = tl.load(y1_ptr + rows * K + col0 + c).to(tl.float32)
-        tl.store(dy1_ptr + rows * K + col0 + c, _round_bf16(2.0 * tl.maximum(y1, 0.0) * dy2).to(tl.bfloat16))
+        dy1 = tl.where(y1 > 0.0, _round_bf16(2.0 * y1 * dy2), 0.0)
     else:
-        dy1 = 2.0 * tl.sqrt(y2s) * dy2  # relu(y1) = sqrt(y2) on kept entries; y2s is 0 elsewhere
-        tl.store(dy1_ptr + rows * K + col0 + c, _round_bf16(dy1).to(tl.bfloat16))
-        e, o = tl.split(tl.reshape(dy1, (64, G, 2, 2)))
-        g0, g2 = tl.split(e)
-        g1, g3 = tl.split(o)
+        # relu(y1) = sqrt(y2) on kept entries; y2s is 0 elsewhere (and dy1 +0 there, as in the reference)
+        dy1 = tl.where(y2s != 0.0, _round_bf16(2.0 * tl.sqrt(y2s) * dy2), 0.0)
+    if (not SPLIT) or STE:
+        tl.store(dy1_ptr + rows * K + col0 + c, dy1.to(tl.bfloat16))
+    if not SPLIT:
+        tl.store(y2s_ptr + rows * K + col0 + c, y2s.to(tl.bfloat16))
+    if not STE:
+        g0, g1, g2, g3 = _columns4(dy1, G)
         dfirst = tl.where(i0 == 0, g0, tl.where(i0 == 1, g1, g2))
         dsecond = tl.where(i1 == 3, g3, tl.where(i1 == 2, g2, g1))
         dv = tl.reshape(tl.join(dfirst, dsecond), (64, 2 * G))
-        tl.store(dval_ptr + rows * (K // 2) + col0 // 2 + tl.arange(0, 2 * G)[None, :], _round_bf16(dv).to(tl.bfloat16))
+        tl.store(dval_ptr + rows * (K // 2) + col0 // 2 + tl.arange(0, 2 * G)[None, :], dv.to(tl.bfloat16))
+    if SPLIT:  # the [64 tokens, 64 features] tile is one [64 features, 64 tokens] block (2 tiles) of the transpose
+        _pack_block(tl.trans(y2s), tl.program_id(1), tl.program_id(0), yt_val_ptr, yt_meta_ptr, yt_val_ptr, M, 2,
+                    False)
+        _pack_block(tl.trans(dy1), tl.program_id(1), tl.program_id(0), dt_val_ptr, dt_meta_ptr, dt_val_ptr, M, 2,
+                    False)
+        slot = tl.load(slot_ptr + col0 + tl.arange(0, BK))[None, :]  # [1, BK]: column's dense slot or -1
+        dense = (slot >= 0) & (rows >= 0)
+        tl.store(y2d_ptr + rows * ND + slot, y2s.to(tl.bfloat16), mask=dense)
+        tl.store(dy1d_ptr + rows * ND + slot, dy1.to(tl.bfloat16), mask=dense)
 
 
-def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24, y1: torch.Tensor | None = None):
-    """Triton twin of reference.relu2_sparse24_backward: one pass over dy2 (and y1 in ste mode)."""
-    m, k = a.shape
-    if dy2.shape != (m, k) or dy2.stride(1) != 1 or dy2.stride(0) != k:
-        raise ValueError(f"dy2 must be a contiguous [{m}, {k}] tensor, got {tuple(dy2.shape)}")
+def _packed_buffer(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Tensor, Packed24]:
+    """An empty Packed24 [rows, cols] (no mask bits) and views of its values and metadata parts."""
+    buf = torch.empty(rows * cols * 9 // 16, dtype=torch.bfloat16, device=device)
+    p = Packed24(buf.view(rows, cols * 9 // 16), torch.empty(0, dtype=torch.uint8, device=device), (rows, cols))
+    return buf[: rows * cols // 2], buf[rows * cols // 2:].view(torch.uint8), p
+
+
+def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Tensor | None = None,
+                            dense_slots: torch.Tensor | None = None, n_dense: int = 0) -> Grads24:
+    """Triton twin of reference.relu2_sparse24_backward: one pass over dy2 (and y1 in ste mode); see there."""
+    m, k = dy2.shape
+    if a is not None and a.shape != (m, k):
+        raise ValueError(f"packed y2s is {a.shape}, dy2 is {tuple(dy2.shape)}")
+    if a is None and y1 is None:
+        raise ValueError("relu2_sparse24_backward needs the packed y2s (mask mode) or y1 (ste mode)")
+    if dy2.stride(1) != 1 or dy2.stride(0) != k:
+        raise ValueError(f"dy2 must be a contiguous [{m}, {k}] tensor, got strides {dy2.stride()}")
     if y1 is not None and (y1.shape != (m, k) or not y1.is_contiguous()):
         raise ValueError(f"y1 must be a contiguous [{m}, {k}] tensor")
-    y2s = torch.empty(m, k, dtype=torch.bfloat16, device=dy2.device)
-    dy1 = torch.empty(m, k, dtype=torch.bfloat16, device=dy2.device)
-    dval = None if y1 is not None else torch.empty(m, k // 2, dtype=torch.bfloat16, device=dy2.device)
-    bk = 128 if k % 128 == 0 else 64
-    _bwd_kernel[(m // 64, k // bk)](dy2, a.values, a.mask_bits, y1 if y1 is not None else dy2, y2s, dy1,
-                                    dval if dval is not None else dy1, k, STE=y1 is not None, BK=bk, num_warps=4)
-    return y2s, dy1, dval
+    check_shape(m, k)
+    ste, split, dev = y1 is not None, dense_slots is not None, dy2.device
+    new = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16, device=dev)  # noqa: E731
+    y2s = None if split else new(m, k)
+    dy1 = new(m, k) if (ste or not split) else None
+    dval = None if ste else new(m, k // 2)
+    y2s_t = dy1_t = y2d = dy1d = None
+    yt_val = yt_meta = dt_val = dt_meta = slots = dy2
+    if split:
+        if dense_slots.dtype != torch.int32 or dense_slots.shape != (k,):
+            raise ValueError(f"dense_slots must be int32 [{k}], got {dense_slots.dtype} {tuple(dense_slots.shape)}")
+        yt_val, yt_meta, y2s_t = _packed_buffer(k, m, dev)
+        dt_val, dt_meta, dy1_t = _packed_buffer(k, m, dev)
+        y2d, dy1d, slots = new(m, n_dense), new(m, n_dense), dense_slots
+    bk = 64 if split or k % 128 else 128
+    some = dy2  # pointer for outputs a configuration does not write (never dereferenced)
+    _bwd_kernel[(m // 64, k // bk)](
+        dy2, a.values if a is not None else some, a.mask_bits if a is not None else some,
+        y1 if ste else some, y2s if y2s is not None else some, dy1 if dy1 is not None else some,
+        dval if dval is not None else some, yt_val, yt_meta, dt_val, dt_meta, slots,
+        y2d if y2d is not None else some, dy1d if dy1d is not None else some, m, k, max(n_dense, 1),
+        STE=ste, FROM_Y1=a is None, SPLIT=split, BK=bk, num_warps=4)
+    return Grads24(y2s, dy1, dval, y2s_t, dy1_t, y2d, dy1d)
