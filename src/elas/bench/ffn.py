@@ -104,7 +104,7 @@ def _step_row(size: str, variant: str, batch: int, seq: int, steps: int, warmup:
     idx = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda")
     micro = [(idx[:, :-1], idx[:, 1:])]
 
-    def timed(graphs: bool) -> float:
+    def timed(graphs: bool) -> float | None:
         grads = StepGrads(model, model, lambda: torch.autocast("cuda", dtype=torch.bfloat16), 1, 1.0, graphs=graphs)
 
         def step():
@@ -114,7 +114,7 @@ def _step_row(size: str, variant: str, batch: int, seq: int, steps: int, warmup:
                 opt.zero_grad(set_to_none=True)
 
         ms = event_ms(step, iters=steps, warmup=warmup)
-        return ms if grads.graphs else None  # None: the capture failed (logged) and the steps ran eagerly
+        return ms if grads.graphs == graphs else None  # None: the capture failed (logged); the steps ran eagerly
 
     eager = timed(False)
     eager_peak = torch.cuda.max_memory_allocated() / 1e9
