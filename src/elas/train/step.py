@@ -12,17 +12,17 @@ captured once into one graph and replayed: one launch per step, and the GPU neve
 
 Graph mode, in detail:
 - inputs are static buffers x, y: [grad_accum, batch, seq] int64, refilled before each replay;
-- gradients are allocated (zeros, for every parameter that requires one) before the first capture, outside the
-  graph's memory pool and before any activation, and never freed: the eagerly run optimizer, checkpoints and the
-  graph all see the same tensors (`set_to_none` is never used). Allocating them first keeps them out of the
-  segments the warm-up's activations use, which can then be returned to the driver; otherwise a 350M step ran
-  out of memory with 35 GB reserved but unusable;
+- gradients are created by the captured backward itself (they are None when the capture starts), so they live
+  in the graph's memory pool and are allocated at the point eager backward would allocate them: a graph step
+  peaks at the memory of an eager one. After the capture `p.grad` keeps pointing at them; every replay rewrites
+  them and the eagerly run optimizer reads them. (Gradients allocated before the capture, outside the pool,
+  cost their whole size on top of the activations' peak: 1B SwiGLU at batch 64 then ran out of memory.)
 - `mode` names what the forward does (the trainer passes whether 2:4 sparsity is active): a new mode (the end of
   the dense warm-up) drops the old graph and captures a new one;
 - the warm-up passes before a capture run on a side stream (as CUDA graphs require); they also compile the
   Triton kernels and tune the 2:4 GEMM algorithm of every shape, which must not happen inside a capture;
-- a capture that fails (an op that is not graph-safe, or out of memory: the graph's gradients live through the
-  whole step, eager ones only from the backward on) is reported once and the run continues eagerly.
+- a capture that fails (an op that is not graph-safe, or out of memory) is reported once and the run continues
+  eagerly.
 """
 from __future__ import annotations
 
@@ -99,32 +99,33 @@ class StepGrads:
 
     def _capture(self, mode) -> bool:
         self.graph, self.out = None, None
-        torch.cuda.empty_cache()  # return the previous graph's pool before building the next one
-        for p in self.model.parameters():
-            if p.requires_grad and p.grad is None:
-                p.grad = torch.zeros_like(p)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self._body(self.x, self.y)
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()  # the warm-up's activations were cached for the side stream: give them back
-        graph = torch.cuda.CUDAGraph()
+        self._drop_grads()  # they lived in the previous graph's pool
         try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self._body(self.x, self.y)
+            torch.cuda.current_stream().wait_stream(side)
+            # the warm-up's gradients sit between its (freed) activations: dropping them lets every warm-up
+            # segment go back to the driver, and the capture then allocates gradients where eager backward
+            # would, so a graph step peaks at the memory of an eager one
+            self._drop_grads()
+            graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 out = self._body(self.x, self.y)
-        except RuntimeError as e:  # includes torch.OutOfMemoryError: a graph holds its gradients all step long
-            del graph
+        except RuntimeError as e:  # includes torch.OutOfMemoryError
             self.graphs = False
-            for p in self.model.parameters():  # eager steps allocate gradients in backward, after activations
-                p.grad = None
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
+            self._drop_grads()
             log.warning("elas: CUDA-graph capture of the training step failed (%s); continuing with eager steps "
                         "(set cuda_graphs=false to skip the attempt)", str(e).splitlines()[0][:200])
             return False
         self.graph, self.out, self.mode = graph, out, mode
         self.captures += 1
         return True
+
+    def _drop_grads(self) -> None:
+        for p in self.model.parameters():
+            p.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
