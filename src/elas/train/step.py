@@ -100,6 +100,7 @@ class StepGrads:
     def _capture(self, mode) -> bool:
         self.graph, self.out = None, None
         self._drop_grads()  # they lived in the previous graph's pool
+        graph = out = failure = None
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -115,10 +116,16 @@ class StepGrads:
             with torch.cuda.graph(graph):
                 out = self._body(self.x, self.y)
         except RuntimeError as e:  # includes torch.OutOfMemoryError
+            failure = str(e).splitlines()[0][:200]
+        if failure is not None:
+            # cleaned up here, not in the except block: the exception's traceback holds the failed pass's tensors,
+            # and the half-captured graph holds its memory pool; both must be gone before empty_cache, or the eager
+            # steps that follow run short of memory
+            graph = out = None
             self.graphs = False
             self._drop_grads()
             log.warning("elas: CUDA-graph capture of the training step failed (%s); continuing with eager steps "
-                        "(set cuda_graphs=false to skip the attempt)", str(e).splitlines()[0][:200])
+                        "(set cuda_graphs=false to skip the attempt)", failure)
             return False
         self.graph, self.out, self.mode = graph, out, mode
         self.captures += 1
