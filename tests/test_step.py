@@ -119,3 +119,36 @@ def test_gpu_trainer_graphs_reproduce_eager_losses(dataset, tmp_path):
     for s in a:
         assert a[s]["loss"] == pytest.approx(b[s]["loss"], rel=1e-3), (s, a[s]["loss"], b[s]["loss"])
         assert a[s]["y2_zero_frac/mean"] == pytest.approx(b[s]["y2_zero_frac/mean"], abs=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_failed_capture_falls_back_to_eager_and_frees_its_memory():
+    model = _model("relu2", "cuda")
+    calls = []
+
+    class SyncsInForward(torch.nn.Module):  # .item() cannot be captured
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x, y):
+            loss = self.m(x, y)
+            calls.append(loss.item())
+            return loss
+
+    bf16 = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    micro = _batches(1, 4, 64)
+    want, _ = StepGrads(model, model, bf16, 1, 1.0).run(micro)
+    model.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved()
+    sg = StepGrads(model, SyncsInForward(model), bf16, 1, 1.0, graphs=True)
+    loss, _ = sg.run(micro)
+    assert not sg.graphs and sg.captures == 0
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    loss, _ = sg.run(micro)  # later steps stay eager
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    model.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved() <= before + (64 << 20)  # nothing of the failed capture is left behind
+    assert torch.randn(4, device="cuda").isfinite().all()  # and the CUDA generator left its capture state
