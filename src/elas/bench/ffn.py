@@ -120,7 +120,11 @@ def _step_row(size: str, variant: str, batch: int, seq: int, steps: int, warmup:
     eager_peak = torch.cuda.max_memory_allocated() / 1e9
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    ms = timed(True)
+    try:
+        ms = timed(True)
+    except torch.OutOfMemoryError:  # the capture failed for memory and so did the eager steps after it (step.py)
+        print(f"step {size} {variant}: out of memory after a failed CUDA-graph capture; eager timing only")
+        ms = None
     timing = "graph" if ms is not None else "eager"
     ms = ms if ms is not None else eager
     tps = batch * seq / (ms / 1e3)
