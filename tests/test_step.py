@@ -100,8 +100,12 @@ def test_gpu_graph_step_equals_eager_step(variant):
 
 
 @pytest.mark.gpu
-def test_gpu_trainer_graphs_reproduce_eager_losses(dataset, tmp_path):
-    args = ["--preset", "llama-tiny-elas", "--data", str(dataset), "--no-progress", *TINY, "--max-steps", "8",
+@pytest.mark.parametrize("optimizer", ["adamw", "loro_adamw"])
+def test_gpu_trainer_graphs_reproduce_eager_losses(dataset, tmp_path, optimizer):
+    """Graph steps log the eager steps' losses, across the dense -> 2:4 switch (a recapture) and, with LORO, across
+    exact steps (eager optimizer work between replays)."""
+    extra = ["--optimizer", optimizer, "--set", "loro_exact_every=3"] if optimizer == "loro_adamw" else []
+    args = [*extra, "--preset", "llama-tiny-elas", "--data", str(dataset), "--no-progress", *TINY, "--max-steps", "8",
             "--set", "log_every=1", "--set", "eval_every=8", "--set", "save_every=8",
             "--set", "model.dense_warmup_steps=4", "--set", "model.intermediate=176", "--set", "model.d_model=128",
             "--set", "model.rank=64", "--set", "seq_len=64", "--set", "model.max_seq_len=64"]

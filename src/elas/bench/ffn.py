@@ -147,7 +147,7 @@ def bench_step(sizes=None, seq: int = 256, steps: int = 8, warmup: int = 3, batc
             r = _step_row(size, variant, int(BATCH[size] * batch_scale), seq, steps, warmup)
             f = ffn_rows[(size, variant)]
             row = {**{k: r[k] for k in ("model", "variant", "batch", "seq")},
-                   **{k: f[k] for k in ("ffn_ms", "ffn_act_mem_gb", "path")},
+                   **{k: f[k] for k in ("ffn_ms", "ffn_ms_eager", "ffn_timing", "ffn_act_mem_gb", "path")},
                    **{k: v for k, v in r.items() if k not in ("model", "variant", "batch", "seq")}}
             rows.append(row)
             log(f"step {size} {variant:>13}: {r['step_ms']:.1f} ms (eager {r['step_ms_eager']:.1f}), {r['tokens_per_s']:,.0f} tok/s, MFU "

@@ -42,26 +42,43 @@ TWIN = {"relu2-24": "relu2", "elas": "lowrank-relu2", "elas-mask": "lowrank-relu
 def step_tables(doc: dict) -> str:
     rows = doc["rows"]
     by = {(r["model"], r["variant"]): r for r in rows}
+    eager_cols = all("ffn_ms_eager" in r for r in rows)  # results of older versions timed the FFN one way only
     out = [_env_line(doc), "",
-           "FFN block forward+backward (eager, bf16 weights) and the activation memory autograd saves for it:", "",
-           "| model | variant | tokens | FFN fwd+bwd ms | vs dense twin | FFN act. memory GB | vs dense twin | path |",
-           "|---|---|---|---|---|---|---|---|"]
+           "FFN block forward+backward (bf16 weights; GPU time from CUDA-graph replay"
+           + (", and eager with host overhead" if eager_cols else "") + ") and the activation memory autograd saves "
+           "for it:", "",
+           "| model | variant | tokens | FFN fwd+bwd ms | vs dense twin | "
+           + ("eager ms | vs dense twin (eager) | " if eager_cols else "") + "FFN act. memory GB | vs dense twin | path |",
+           "|---|---|---|---|---|---|---|---|" + ("---|---|" if eager_cols else "")]
     for r in rows:
         twin = by.get((r["model"], TWIN.get(r["variant"], "")))
         sp = f"**{twin['ffn_ms'] / r['ffn_ms']:.2f}x**" if twin else ""
         mem = f"{100 * (r['ffn_act_mem_gb'] / twin['ffn_act_mem_gb'] - 1):+.0f}%" if twin else ""
-        out.append(f"| {r['model']} | {r['variant']} | {r['batch'] * r['seq']} | {r['ffn_ms']:.3f} | {sp} | "
-                   f"{r['ffn_act_mem_gb']:.3f} | {mem} | {r['path']} |")
-    out += ["", "Training step (whole model, bf16 autocast, fused AdamW, eager):", "",
-            "| model | variant | batch x seq | step ms | tokens/s | vs dense twin | vs SwiGLU | MFU | peak GB |",
-            "|---|---|---|---|---|---|---|---|---|"]
+        timing = "" if r.get("ffn_timing", "graph") == "graph" else " (eager)"
+        eager = ""
+        if eager_cols:
+            eager = f"{r['ffn_ms_eager']:.3f} | " + (f"{twin['ffn_ms_eager'] / r['ffn_ms_eager']:.2f}x | " if twin
+                                                       else " | ")
+        out.append(f"| {r['model']} | {r['variant']} | {r['batch'] * r['seq']} | {r['ffn_ms']:.3f}{timing} | {sp} | "
+                   f"{eager}{r['ffn_act_mem_gb']:.3f} | {mem} | {r['path']} |")
+    out += ["", "Training step (whole model, bf16 autocast, fused AdamW; the trainer's step: forward+backward "
+            "replayed from a CUDA graph unless marked eager, and the same step run eagerly):", "",
+            "| model | variant | batch x seq | step ms | tokens/s | vs dense twin | vs SwiGLU | eager step ms | "
+            "graph gain | MFU | peak GB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         twin = by.get((r["model"], TWIN.get(r["variant"], "")))
         base = by.get((r["model"], "swiglu"))
         ratio = f"**{r['tokens_per_s'] / twin['tokens_per_s']:.2f}x**" if twin else ""
-        out.append(f"| {r['model']} | {r['variant']} | {r['batch']}x{r['seq']} | {r['step_ms']:.1f} | "
-                   f"{r['tokens_per_s']:,.0f} | {ratio} | "
-                   f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {r['mfu']:.3f} | {r['peak_mem_gb']:.1f} |")
+        eager = r.get("step_ms_eager")
+        timing = " (eager: capture out of memory)" if r.get("step_timing") == "eager" else ""
+        gain = f"{eager / r['step_ms']:.3f}x" if eager else ""
+        out.append(f"| {r['model']} | {r['variant']} | {r['batch']}x{r['seq']} | {r['step_ms']:.1f}{timing} | "
+                   f"{r['tokens_per_s']:,.0f} | {ratio} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
+                   f"{eager:.1f} | {gain} | {r['mfu']:.3f} | {r['peak_mem_gb']:.1f} |" if eager else
+                   f"| {r['model']} | {r['variant']} | {r['batch']}x{r['seq']} | {r['step_ms']:.1f} | "
+                   f"{r['tokens_per_s']:,.0f} | {ratio} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | | | "
+                   f"{r['mfu']:.3f} | {r['peak_mem_gb']:.1f} |")
     return "\n".join(out)
 
 
@@ -96,9 +113,7 @@ def plot_step(doc: dict, png: Path) -> bool:
 
 
 RENDERERS = {"gemm.json": ("2:4 GEMM", gemm_table), "sparsify.json": ("ReLU² + 2:4 sparsifier", sparsify_table),
-             "step.json": ("FFN and training step", step_tables),
-             "step_wgrad_split.json": ("FFN and training step, relu2-24 with the 95/5 split on the packed path",
-                                       step_tables)}
+             "step.json": ("FFN and training step", step_tables)}
 
 
 def render(results: Path) -> str:
