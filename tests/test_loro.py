@@ -145,3 +145,28 @@ def test_gpu_exact_step_default_solver_matches_fp64():
     got = exact_update(*(t.float().cuda() for t in (M, N, G @ N, G.T @ M)), 1e-2)  # auto: gesvda on CUDA
     w_want, w_got = want[0] @ want[1].T, (got[0] @ got[1].T).double().cpu()
     assert ((w_got - w_want).norm() / w_want.norm()).item() < 1e-4
+
+
+def test_batched_step_equals_per_parameter_adam():
+    """The foreach-batched lazy step, against per-parameter AdamW arithmetic written out (weight decay on)."""
+    torch.manual_seed(0)
+    cfg = model_preset("llama-tiny-lowrank-relu2", n_layers=1, vocab_size=64, rank=4)
+    model = build_model(cfg)
+    opt = LOROAdamW(model, lr=0.01, exact_every=100, weight_decay=0.1, d_model=cfg.d_model)
+    factors = {id(p) for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.weight_in, m.weight_out)}
+    want = {id(p): p.detach().clone() for p in model.parameters()}
+    moments = {id(p): (torch.zeros_like(p), torch.zeros_like(p)) for p in model.parameters()}
+    for k in range(1, 4):
+        idx = torch.randint(0, 64, (2, 16))
+        opt.zero_grad()
+        model(idx, idx).backward()
+        for p in model.parameters():
+            m, v = moments[id(p)]
+            m.mul_(0.9).add_(p.grad, alpha=0.1)
+            v.mul_(0.999).addcmul_(p.grad, p.grad, value=0.001)
+            corr = (1 - 0.999 ** k) ** 0.5 / (1 - 0.9 ** k)
+            scale = cfg.rank / cfg.d_model if id(p) in factors else 1.0
+            want[id(p)].mul_(1 - 0.01 * 0.1).add_(m / (v.sqrt() + 1e-6), alpha=-0.01 * corr * scale)
+        opt.step()
+        for p in model.parameters():
+            assert torch.equal(p, want[id(p)])
