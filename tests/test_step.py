@@ -151,3 +151,24 @@ def test_gpu_failed_capture_falls_back_to_eager_and_frees_its_memory():
     loss, _ = sg.run(micro)  # later steps stay eager
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
     assert torch.randn(4, device="cuda").isfinite().all()  # the CUDA generator left its capture state
+
+
+def test_probe_stats_equal_the_stats_tracked_in_training(dataset, tmp_path):
+    """Graph-mode log steps measure the sparsity statistics with a no-grad probe forward; on the same sequences and
+    weights it reports what the training forward tracks (eager mode)."""
+    from elas.config import apply_overrides, train_config
+    from elas.sparsity import set_sparsity_step
+    from elas.train import Trainer
+    cfg = train_config("llama-tiny-elas")
+    over = dict(kv.split("=", 1) for kv in TINY[1::2])  # TINY is ["--set", "key=value", ...]
+    apply_overrides(cfg, {**over, "data_dir": str(dataset), "out_dir": str(tmp_path / "r"), "device": "cpu",
+                          "model.dense_warmup_steps": 0})
+    tr = Trainer(cfg, progress=False, log=lambda *a: None)
+    set_sparsity_step(tr.model, 0)
+    x, y = next(tr.batches.micro_batches(0, 1))
+    probed = tr._probe_stats(x, y)
+    _, _, tracked = tr.train_step(0, track_stats=True)
+    assert probed and set(probed) == set(tracked)
+    for k in probed:
+        assert probed[k] == pytest.approx(tracked[k], abs=1e-6), k
+    assert 0 < probed["y2_zero_frac/mean"] < 1
