@@ -266,20 +266,20 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Ten
     y2s = None if split else new(m, k)
     dy1 = new(m, k) if (ste or not split) else None
     dval = None if ste else new(m, k // 2)
-    y2s_t = dy1_t = y2d = dy1d = None
-    yt_val = yt_meta = dt_val = dt_meta = slots = dy2
+    y2s_t = dy1_t = y2d = dy1d = yt_val = yt_meta = dt_val = dt_meta = None
     if split:
         if dense_slots.dtype != torch.int32 or dense_slots.shape != (k,):
             raise ValueError(f"dense_slots must be int32 [{k}], got {dense_slots.dtype} {tuple(dense_slots.shape)}")
         yt_val, yt_meta, y2s_t = _packed_buffer(k, m, dev)
         dt_val, dt_meta, dy1_t = _packed_buffer(k, m, dev)
-        y2d, dy1d, slots = new(m, n_dense), new(m, n_dense), dense_slots
+        y2d, dy1d = new(m, n_dense), new(m, n_dense)
     bk = 64 if split or k % 128 else 128
-    some = dy2  # pointer for outputs a configuration does not write (never dereferenced)
+
+    def ptr(t):  # outputs a configuration does not write still need a pointer (never dereferenced)
+        return dy2 if t is None else t
+
     _bwd_kernel[(m // 64, k // bk)](
-        dy2, a.values if a is not None else some, a.mask_bits if a is not None else some,
-        y1 if ste else some, y2s if y2s is not None else some, dy1 if dy1 is not None else some,
-        dval if dval is not None else some, yt_val, yt_meta, dt_val, dt_meta, slots,
-        y2d if y2d is not None else some, dy1d if dy1d is not None else some, m, k, max(n_dense, 1),
-        STE=ste, FROM_Y1=a is None, SPLIT=split, BK=bk, num_warps=4)
+        dy2, ptr(a.values if a is not None else None), ptr(a.mask_bits if a is not None else None), ptr(y1),
+        ptr(y2s), ptr(dy1), ptr(dval), ptr(yt_val), ptr(yt_meta), ptr(dt_val), ptr(dt_meta), ptr(dense_slots),
+        ptr(y2d), ptr(dy1d), m, k, max(n_dense, 1), STE=ste, FROM_Y1=a is None, SPLIT=split, BK=bk, num_warps=4)
     return Grads24(y2s, dy1, dval, y2s_t, dy1_t, y2d, dy1d)
