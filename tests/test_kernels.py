@@ -173,21 +173,6 @@ def test_gpu_backend_selected():
 
 
 @needs_triton
-@pytest.mark.parametrize("t,f,n", [(64, 96, 64), (128, 200, 128), (256, 64, 64)])
-def test_triton_pack_along_tokens_bit_exact(t, f, n):
-    from elas.kernels.cuda.sparsify import pack24_along_tokens
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    y = adversarial(t, f, torch.bfloat16, seed=f).to(dev)
-    idx = torch.randperm(f, generator=torch.Generator().manual_seed(0))[:n].sort().values.to(dev)
-    got, want = pack24_along_tokens(y, idx), ref.pack24_along_tokens(y, idx)
-    assert torch.equal(got.buffer.view(torch.uint8), want.buffer.view(torch.uint8))
-    # and it is what the masked path's split prunes: 2:4 along tokens of the selected columns
-    dense = torch.ones(f, dtype=torch.bool, device=dev)
-    dense[idx] = False
-    assert torch.equal(unpack24(got).T, ref.wgrad_split_operand(y, dense)[:, idx])
-
-
-@needs_triton
 @pytest.mark.parametrize("m,k,ste,from_y1,split", [(64, 64, False, False, False), (128, 256, False, False, False),
                                                     (64, 192, True, False, False), (128, 128, True, True, False),
                                                     (128, 192, False, False, True), (64, 128, True, True, True)])

@@ -142,7 +142,8 @@ def sparse_mm(a, b: torch.Tensor) -> torch.Tensor:
 
 def pack24_along_tokens(y: torch.Tensor, idx: torch.Tensor):
     """y: [T, F], idx: [n] -> Packed24 of y[:, idx]^T ([n, T]) pruned 2:4 along tokens (mask24 rule on |y|).
-    Twin of the Triton kernel; the weight-gradient operand of the 95/5 split (mask_bits left empty)."""
+    The weight-gradient operand of the 95/5 split (mask_bits left empty); on the cuda backend the backward kernel
+    writes it directly (relu2_sparse24_backward with dense_slots)."""
     a = y[:, idx].T.contiguous()
     p = pack24(*sparsify24(a, dim=-1))
     return Packed24(p.buffer, torch.empty(0, dtype=torch.uint8, device=y.device), p.shape)

@@ -7,7 +7,7 @@ Import only where Triton and CUDA exist; `elas.kernels.get_backend` decides.
 from ..reference import (dense_feature_split, dense_features_from_counts, mask24, relu2_sparsify24, sparsify24,
                          wgrad_split_operand)
 from .gemm import sparse_mm
-from .sparsify import pack24_along_tokens, relu2_sparse24_backward, relu2_sparsify24_packed
+from .sparsify import relu2_sparse24_backward, relu2_sparsify24_packed
 
-__all__ = ["pack24_along_tokens", "relu2_sparsify24_packed", "relu2_sparse24_backward", "sparse_mm", "mask24", "sparsify24", "relu2_sparsify24",
+__all__ = ["relu2_sparsify24_packed", "relu2_sparse24_backward", "sparse_mm", "mask24", "sparsify24", "relu2_sparsify24",
            "dense_feature_split", "dense_features_from_counts", "wgrad_split_operand"]

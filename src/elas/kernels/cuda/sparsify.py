@@ -8,6 +8,7 @@ its [64, 32*TILES] block of y1 with coalesced row reads, selects in registers, a
 once: values and mask bits contiguously, metadata bytes (rows r and r+8 share one) scattered within the tile.
 The selection is the reference rule (kernels/reference.py): keep the 2 largest of each group of 4, earlier
 column on ties, compared on y2 rounded to the input dtype. Results are bit-identical to pack24(reference).
+The backward pointwise kernel (`relu2_sparse24_backward`, below) reuses the same selection and packing code.
 """
 from __future__ import annotations
 
@@ -65,7 +66,6 @@ def _pack_block(x, band, pid1, val_ptr, meta_ptr, bits_ptr, K, TILES: tl.constex
     G: tl.constexpr = 8 * TILES  # groups of 4 columns
     col0 = pid1 * BK
     rows = (band * 64 + tl.arange(0, 64)).to(tl.int64)[:, None]
-    # column 4g + 2a + b -> [64, G, a, b]; split takes the LAST axis: first b, then a
     x0, x1, x2, x3 = _columns4(x, G)
     k0, k1, k2, k3 = _keep24(x0, x1, x2, x3)
     i0 = tl.where(k0, 0, tl.where(k1, 1, 2))
@@ -109,21 +109,6 @@ def _kernel(y1_ptr, val_ptr, meta_ptr, bits_ptr, count_ptr, K, stride, TILES: tl
     _pack_block(x, band, tl.program_id(1), val_ptr, meta_ptr, bits_ptr, K, TILES, True)
 
 
-@triton.jit
-def _kernel_t(y_ptr, idx_ptr, val_ptr, meta_ptr, F, TILES: tl.constexpr):
-    # packs A = y[:, idx]^T ([n_idx, T], rows = the selected features, columns = tokens) 2:4 along tokens.
-    # program: features idx[64*band, +64), tokens [32*TILES*pid1, +32*TILES)
-    band = tl.program_id(0)
-    BK: tl.constexpr = 32 * TILES
-    feat = tl.load(idx_ptr + band * 64 + tl.arange(0, 64)).to(tl.int64)  # [64]
-    tok = (tl.program_id(1) * BK + tl.arange(0, BK)).to(tl.int64)  # [BK]
-    # load [BK tokens, 64 features] (features are y's contiguous axis, and idx is ascending, so a row's 64
-    # loads are ~contiguous: coalesced), then transpose in registers/shared memory to [64 features, BK tokens]
-    x = tl.trans(tl.load(y_ptr + tok[:, None] * F + feat[None, :]).to(tl.float32))
-    T = tl.num_programs(1) * BK
-    _pack_block(x, band, tl.program_id(1), val_ptr, meta_ptr, val_ptr, T, TILES, False)
-
-
 # Block shape: 64 rows x 64 columns (2 metadata tiles) with 8 warps was the fastest of {1, 2, 4} tiles x
 # {2, 4, 8} warps on H100 at every ELAS width (benchmarks/results/h100/sparsify.json, "variants_ms").
 DEFAULT_TILES, DEFAULT_WARPS = 2, 8
@@ -152,24 +137,6 @@ def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | Non
     _kernel[grid](y1, vals, meta, bits, feature_counts if count else bits, k, y1.stride(0), TILES=tiles,
                   ROUND_BF16=y1.dtype == torch.bfloat16, COUNT=count, num_warps=num_warps)
     return Packed24(buf.view(m, k * 9 // 16), bits, (m, k))
-
-
-def pack24_along_tokens(y: torch.Tensor, idx: torch.Tensor, tiles: int = DEFAULT_TILES,
-                        num_warps: int = DEFAULT_WARPS) -> Packed24:
-    """y: [T, F] bf16 row-major; idx: [n] feature indices (n % 64 == 0, T % 64 == 0) -> Packed24 of the
-    [n, T] matrix y[:, idx]^T pruned 2:4 along tokens (largest |y|, earlier token on ties): the sparse operand of
-    a weight-gradient GEMM (y^T @ g reduces over tokens). mask_bits are not produced (empty)."""
-    t, f = y.shape
-    n = idx.numel()
-    if y.dtype != torch.bfloat16 or y.stride() != (f, 1):
-        raise ValueError(f"y must be a row-major bf16 [T, F] tensor, got {y.dtype} {tuple(y.shape)}")
-    check_shape(n, t)
-    if (t // 32) % tiles:
-        raise ValueError(f"tiles={tiles} must divide T/32={t // 32}")
-    buf = torch.empty(n * t * 9 // 16, dtype=torch.bfloat16, device=y.device)
-    _kernel_t[(n // 64, t // 32 // tiles)](y, idx.to(torch.int32).contiguous(), buf[: n * t // 2],
-                                          buf[n * t // 2:].view(torch.uint8), f, TILES=tiles, num_warps=num_warps)
-    return Packed24(buf.view(n, t * 9 // 16), torch.empty(0, dtype=torch.uint8, device=y.device), (n, t))
 
 
 @triton.jit
