@@ -57,8 +57,8 @@ def step_tables(doc: dict) -> str:
         timing = "" if r.get("ffn_timing", "graph") == "graph" else " (eager)"
         eager = ""
         if eager_cols:
-            eager = f"{r['ffn_ms_eager']:.3f} | " + (f"{twin['ffn_ms_eager'] / r['ffn_ms_eager']:.2f}x | " if twin
-                                                       else " | ")
+            vs = f"{twin['ffn_ms_eager'] / r['ffn_ms_eager']:.2f}x" if twin else ""
+            eager = f"{r['ffn_ms_eager']:.3f} | {vs} | "
         out.append(f"| {r['model']} | {r['variant']} | {r['batch'] * r['seq']} | {r['ffn_ms']:.3f}{timing} | {sp} | "
                    f"{eager}{r['ffn_act_mem_gb']:.3f} | {mem} | {r['path']} |")
     out += ["", "Training step (whole model, bf16 autocast, fused AdamW; the trainer's step: forward+backward "
@@ -70,15 +70,12 @@ def step_tables(doc: dict) -> str:
         twin = by.get((r["model"], TWIN.get(r["variant"], "")))
         base = by.get((r["model"], "swiglu"))
         ratio = f"**{r['tokens_per_s'] / twin['tokens_per_s']:.2f}x**" if twin else ""
-        eager = r.get("step_ms_eager")
+        eager = r.get("step_ms_eager")  # absent in results of older versions
         timing = " (eager: capture out of memory)" if r.get("step_timing") == "eager" else ""
-        gain = f"{eager / r['step_ms']:.3f}x" if eager else ""
+        eager_cells = f"{eager:.1f} | {eager / r['step_ms']:.3f}x" if eager else " | "
         out.append(f"| {r['model']} | {r['variant']} | {r['batch']}x{r['seq']} | {r['step_ms']:.1f}{timing} | "
                    f"{r['tokens_per_s']:,.0f} | {ratio} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
-                   f"{eager:.1f} | {gain} | {r['mfu']:.3f} | {r['peak_mem_gb']:.1f} |" if eager else
-                   f"| {r['model']} | {r['variant']} | {r['batch']}x{r['seq']} | {r['step_ms']:.1f} | "
-                   f"{r['tokens_per_s']:,.0f} | {ratio} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | | | "
-                   f"{r['mfu']:.3f} | {r['peak_mem_gb']:.1f} |")
+                   f"{eager_cells} | {r['mfu']:.3f} | {r['peak_mem_gb']:.1f} |")
     return "\n".join(out)
 
 
