@@ -6,7 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ModelConfig, model_preset
+from .config import FFN_KINDS, ModelConfig, act24, model_preset
+from .sparsity.act24 import GRAD_MODES
 
 
 class UserError(Exception):
@@ -15,47 +16,61 @@ class UserError(Exception):
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, help="model preset, e.g. llama-60m, llama-1b-elas (see `elas model --list`)")
-    p.add_argument("--ffn", choices=["swiglu", "relu2"], default=None, help="FFN kind")
+    p.add_argument("--ffn", choices=FFN_KINDS, default=None, help="FFN kind")
     p.add_argument("--rank", type=int, default=None, help="low-rank rank for attention/FFN linears (0 = full)")
-    p.add_argument("--act-sparsity", default=None, choices=["none", "2:4"], help="activation sparsity of ReLU^2")
-    p.add_argument("--grad-mode", default=None, choices=["ste", "mask"], help="gradient through the 2:4 mask")
+    p.add_argument("--act-sparsity", default=None, choices=["none", "2:4"],
+                   help="activation sparsity of ReLU^2 (shorthand: adds or removes the act24 method)")
+    p.add_argument("--grad-mode", default=None, choices=GRAD_MODES,
+                   help="gradient through the 2:4 mask (shorthand for --set model.act24.grad_mode=...)")
     p.add_argument("--d-ff", type=int, default=None, help="FFN width (default: derived from the preset)")
 
 
-def model_overrides(args: argparse.Namespace) -> dict:
-    over = {}
-    if args.ffn is not None:
-        over["ffn"] = args.ffn
-    if args.rank is not None:
-        over["rank"] = args.rank
-    if args.act_sparsity is not None:
-        over["act_sparsity"] = None if args.act_sparsity == "none" else args.act_sparsity
-        if over["act_sparsity"] and args.ffn is None:
-            over["ffn"] = "relu2"
+def apply_model_flags(cfg: ModelConfig, args: argparse.Namespace) -> None:
+    """The model flags on a resolved ModelConfig, in place: --ffn/--rank/--d-ff set keys; --act-sparsity adds
+    (with ffn relu2) or removes the act24 method; --grad-mode sets its gradient."""
+    for key, value in (("ffn", args.ffn), ("rank", args.rank), ("d_ff", args.d_ff)):
+        if value is not None:
+            setattr(cfg, key, value)
+    if args.act_sparsity == "none":
+        cfg.methods = [m for m in cfg.methods if m["method"] != "act24"]
+    elif args.act_sparsity is not None and cfg.method("act24") is None:
+        cfg.methods.append(act24())
+        if args.ffn is None:
+            cfg.ffn = "relu2"
     if args.grad_mode is not None:
-        over["grad_mode"] = args.grad_mode
-    if args.d_ff is not None:
-        over["d_ff"] = args.d_ff
-    return over
-
-
-def resolve_model(preset: str, over: dict) -> ModelConfig:
+        if cfg.method("act24") is None:
+            raise UserError("--grad-mode sets the gradient through 2:4 activations: add --act-sparsity 2:4 or use a "
+                            "2:4 preset (e.g. llama-60m-elas)")
+        cfg.method("act24")["grad_mode"] = args.grad_mode
     try:
-        return model_preset(preset, **over)
+        cfg.validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def resolve_model(preset: str, args: argparse.Namespace) -> ModelConfig:
+    try:
+        cfg = model_preset(preset)
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from None
+    apply_model_flags(cfg, args)
+    return cfg
 
 
 def cmd_model(args: argparse.Namespace) -> int:
     from .config import MODEL_PRESETS
-    from .model.stats import model_summary
+    from .summary import model_summary
 
     if args.list:
         for name in MODEL_PRESETS:
             print(name)
         return 0
-    cfg = resolve_model(args.preset or "llama-60m", model_overrides(args))
-    info = {"preset": args.preset or "llama-60m", **model_summary(cfg, seq_len=args.seq_len), "config": vars(cfg)}
+    cfg = resolve_model(args.preset or "llama-60m", args)
+    try:
+        summary = model_summary(cfg, seq_len=args.seq_len)
+    except (ValueError, TypeError) as e:  # a method that cannot apply to this model
+        raise UserError(str(e)) from None
+    info = {"preset": args.preset or "llama-60m", **summary, "config": vars(cfg)}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -63,7 +78,8 @@ def cmd_model(args: argparse.Namespace) -> int:
           f"({info['non_embedding_params'] / 1e6:.2f}M non-embedding)")
     for part, n in info["params_by_part"].items():
         print(f"  {part:<10} {n / 1e6:10.2f}M")
-    print(f"  ffn={cfg.ffn} d_ff={cfg.ffn_width} rank={cfg.rank or 'full'} act_sparsity={cfg.act_sparsity or 'none'}")
+    methods = ", ".join(json.dumps(m) for m in cfg.methods) or "none"
+    print(f"  ffn={cfg.ffn} d_ff={cfg.ffn_width} rank={cfg.rank or 'full'} methods: {methods}")
     print(f"  forward GFLOPs/token at seq {args.seq_len}: {info['fwd_flops_per_token'] / 1e9:.3f} "
           f"(2:4 GEMMs at half: {info['fwd_flops_per_token_2to4'] / 1e9:.3f})")
     return 0
@@ -121,7 +137,7 @@ def resolve_train_config(args: argparse.Namespace):
             preset = args.preset or toml.pop("preset", None) or "llama-tiny-elas"
             cfg = train_config(preset)
             apply_overrides(cfg, _flatten(toml))
-            apply_overrides(cfg, {f"model.{k}": v for k, v in model_overrides(args).items()})
+            apply_model_flags(cfg.model, args)
         if args.optimizer:  # the optimizer's published recipe for this size, before --set
             from .config import LORO_DEFAULTS, size_of
             apply_overrides(cfg, {"optimizer": args.optimizer})
@@ -199,7 +215,7 @@ def _load_run(args: argparse.Namespace):
     """(config, model on device, checkpoint path) of a run directory."""
     import torch
 
-    from .model import build_model
+    from .build import build_model
     from .train import CheckpointError, TrainError, latest_checkpoint, load_checkpoint, load_run_config
     from .train.trainer import pick_device
     try:
@@ -211,11 +227,11 @@ def _load_run(args: argparse.Namespace):
         torch.manual_seed(0)
         model = build_model(cfg.model, device)
         load_checkpoint(ckpt, model)
-    except (TrainError, CheckpointError) as e:
+    except (TrainError, CheckpointError, ValueError, TypeError) as e:
         raise UserError(str(e)) from None
-    from .sparsity import set_sparsity_step
+    from .sparsity import set_step
     state = json.loads((ckpt / "trainer.json").read_text())
-    set_sparsity_step(model, state["step"])  # evaluate the model as it was training at that step
+    set_step(model, state["step"], cfg.max_steps)  # evaluate the model as it was training at that step
     return cfg, model, ckpt, device
 
 

@@ -1,17 +1,16 @@
-"""Configuration: dataclasses, named presets, and `key=value` overrides.
+"""Configuration: dataclasses, named presets and variants, and `key=value` overrides.
 
-A preset is plain data. Model presets follow the GaLore/ELAS LLaMA benchmark (vocab 32000, untied embeddings).
-Each size comes in the five variants the papers compare, named `llama-60m`, `llama-60m-relu2`, ...:
+A preset is plain data named `SIZE-VARIANT` (`llama-60m-elas`); the size alone is the SwiGLU baseline. Model
+presets follow the GaLore/ELAS LLaMA benchmark (vocab 32000, untied embeddings). `VARIANTS` is the one registry
+of named variants: the presets, `elas bench` and `elas experiment` all read it.
 
-    (none)          full-rank SwiGLU, the baseline
-    relu2           full-rank ungated ReLU^2 FFN, d_ff = 1.5 x SwiGLU intermediate rounded up to 128
-    relu2-24        relu2 + 2:4 activation sparsity with Haziza et al.'s recipe (mask gradient, token permutation,
-                    95/5 split of the weight-gradient GEMMs)
-    lowrank-relu2   relu2 with every attention/FFN linear low-rank (W = A.B), dense
-    elas            lowrank-relu2 + 2:4 activation sparsity with a straight-through gradient (ELAS)
+Sparsity methods are listed in `ModelConfig.methods` as plain mappings {"method": NAME, **fields} (the form
+config.json records, with the method's "version"); elas.sparsity turns them into configs and applies them when
+the model is built. `--set model.NAME.KEY=VALUE` sets a field of a listed method (`model.act24.grad_mode=mask`).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -19,8 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 FFN_KINDS = ("swiglu", "relu2")
-GRAD_MODES = ("ste", "mask")
-ACT_SPARSITY = (None, "2:4")
+CONFIG_VERSION = 2  # of config.json: 2 = sparsity as a list of methods (1: flat act_sparsity/grad_mode/... keys)
 D_FF_MULTIPLE = 128  # every 2:4 GEMM tile we target divides 128; 8191 (ELAS 1B) would leave a dense tail
 
 
@@ -44,13 +42,7 @@ class ModelConfig:
     d_ff: int | None = None  # None: intermediate for swiglu, relu2_width(intermediate) for relu2
     rank: int = 0  # 0: full-rank; >0: every attention/FFN linear is W = A.B with this rank
     lowrank_scope: str = "all"  # all | attn | ffn
-    act_sparsity: str | None = None  # None | "2:4": applied to y2 = relu(y1)^2 of relu2 FFNs
-    grad_mode: str = "ste"  # ste (ELAS) | mask (Haziza et al.)
-    dense_warmup_steps: int = 1000  # sparsity is off before this step (both papers use 1000)
-    permute_tokens: bool = False  # fixed permutation of sequence positions around the FFN (Haziza)
-    wgrad_dense_frac: float | None = None  # e.g. 0.05: weight-gradient GEMMs pruned 2:4 along tokens except
-    # the densest 5% of features (Haziza's 95/5 split); None: weight gradients exact (dense)
-    kernel_backend: str = "auto"  # auto | reference | cuda (see elas.kernels)
+    methods: list = field(default_factory=list)  # sparsity methods, [{"method": "act24", ...}] (elas.sparsity)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -65,19 +57,22 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    def method(self, name: str) -> dict | None:
+        """The listed method called `name` (its mapping, which may be edited), or None."""
+        return next((m for m in self.methods if m["method"] == name), None)
+
     def validate(self) -> None:
         def bad(name: str, value: Any, valid: str) -> None:
             raise ValueError(f"invalid model.{name}={value!r}: {valid}")
 
         if self.ffn not in FFN_KINDS:
             bad("ffn", self.ffn, f"expected one of {FFN_KINDS}")
-        if self.grad_mode not in GRAD_MODES:
-            bad("grad_mode", self.grad_mode, f"expected one of {GRAD_MODES}")
-        if self.act_sparsity not in ACT_SPARSITY:
-            bad("act_sparsity", self.act_sparsity, "expected none or '2:4'")
-        if self.act_sparsity and self.ffn != "relu2":
-            bad("act_sparsity", self.act_sparsity, "2:4 activation sparsity needs ffn='relu2' (SwiGLU is not sparse)")
-        if self.act_sparsity and self.ffn_width % 4:
+        if not isinstance(self.methods, list) or not all(isinstance(m, dict) and "method" in m for m in self.methods):
+            bad("methods", self.methods, 'expected a list of mappings with a "method" key')
+        names = [m["method"] for m in self.methods]
+        if len(set(names)) < len(names):
+            bad("methods", names, "each method may be listed once")
+        if self.methods and self.ffn_width % 4:
             bad("d_ff", self.ffn_width, "2:4 sparsity needs d_ff to be a multiple of 4 (128 recommended)")
         if self.d_model % self.n_heads or self.head_dim % 2:
             bad("n_heads", self.n_heads, f"d_model={self.d_model} must split into heads of even size")
@@ -85,12 +80,6 @@ class ModelConfig:
             bad("rank", self.rank, "expected 0 (full-rank) or a positive rank")
         if self.lowrank_scope not in ("all", "attn", "ffn"):
             bad("lowrank_scope", self.lowrank_scope, "expected all, attn or ffn")
-        if self.wgrad_dense_frac is not None and not 0.0 <= self.wgrad_dense_frac <= 1.0:
-            bad("wgrad_dense_frac", self.wgrad_dense_frac, "expected a fraction in [0, 1] or none")
-        if self.dense_warmup_steps < 0:
-            bad("dense_warmup_steps", self.dense_warmup_steps, "expected >= 0")
-        if self.kernel_backend not in ("auto", "reference", "cuda"):
-            bad("kernel_backend", self.kernel_backend, "expected auto, reference or cuda")
         for name in ("d_model", "n_layers", "n_heads", "intermediate", "vocab_size", "max_seq_len"):
             if getattr(self, name) <= 0:
                 bad(name, getattr(self, name), "expected a positive integer")
@@ -107,25 +96,52 @@ SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
     "llama-7b": (4096, 11008, 32, 32, 1024, 32000),
 }
 
-VARIANTS: dict[str, dict[str, Any]] = {
-    "swiglu": {},
-    "relu2": {"ffn": "relu2"},
-    "relu2-24": {"ffn": "relu2", "act_sparsity": "2:4", "grad_mode": "mask", "permute_tokens": True,
-                 "wgrad_dense_frac": 0.05},
-    "lowrank-relu2": {"ffn": "relu2", "rank": "size"},
-    "elas": {"ffn": "relu2", "rank": "size", "act_sparsity": "2:4", "grad_mode": "ste"},
+@dataclass(frozen=True)
+class Variant:
+    """A named variant: ModelConfig keys ("size" = the size's LORO/ELAS rank) and the optimizer its recipe
+    trains with (`elas experiment`; `elas train` takes --optimizer)."""
+    model: dict
+    optimizer: str = "adamw"
+    about: str = ""
+
+
+def act24(**fields: Any) -> dict:
+    """The mapping of a 2:4 activation-sparsity method (fields: elas.sparsity.Act24Config)."""
+    return {"method": "act24", **fields}
+
+
+VARIANTS: dict[str, Variant] = {
+    "swiglu": Variant({}, about="full-rank SwiGLU, the baseline"),
+    "relu2": Variant({"ffn": "relu2"}, about="full-rank ungated ReLU^2 FFN, d_ff = 1.5 x SwiGLU rounded up to 128"),
+    "relu2-24": Variant({"ffn": "relu2", "methods": [act24(grad_mode="mask", permute_tokens=True,
+                                                           wgrad_dense_frac=0.05)]},
+                        about="relu2 + 2:4 activations, Haziza et al.'s recipe (mask gradient, token permutation, "
+                              "95/5 weight-gradient split)"),
+    "lowrank-relu2": Variant({"ffn": "relu2", "rank": "size"}, "loro_adamw",
+                             "relu2 with every attention/FFN linear low-rank (W = A.B), dense"),
+    "elas": Variant({"ffn": "relu2", "rank": "size", "methods": [act24(grad_mode="ste")]}, "loro_adamw",
+                    "lowrank-relu2 + 2:4 activations with a straight-through gradient (ELAS)"),
+    "elas-mask": Variant({"ffn": "relu2", "rank": "size", "methods": [act24(grad_mode="mask")]}, "loro_adamw",
+                         "ELAS with the forward-mask gradient (dy1 2:4 too)"),
+    "elas-nowarmup": Variant({"ffn": "relu2", "rank": "size", "methods": [act24(grad_mode="ste",
+                                                                              dense_warmup_steps=0)]},
+                             "loro_adamw", "ELAS sparse from the first step (ablation of the dense warm-up)"),
 }
+BENCH_VARIANTS = ("swiglu", "relu2", "relu2-24", "lowrank-relu2", "elas", "elas-mask")  # elas bench ffn/step
+
+
+def preset_name(size: str, variant: str) -> str:
+    return size if variant == "swiglu" else f"{size}-{variant}"
 
 
 def _build_presets() -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for size, (d, inter, heads, layers, rank, vocab) in SIZES.items():
         base = {"d_model": d, "intermediate": inter, "n_heads": heads, "n_layers": layers, "vocab_size": vocab}
-        for variant, over in VARIANTS.items():
-            name = size if variant == "swiglu" else f"{size}-{variant}"
+        for variant, v in VARIANTS.items():
             cfg = dict(base)
-            cfg.update({k: (rank if v == "size" else v) for k, v in over.items()})
-            out[name] = cfg
+            cfg.update({k: (rank if val == "size" else val) for k, val in v.model.items()})
+            out[preset_name(size, variant)] = cfg
     return out
 
 
@@ -142,7 +158,7 @@ def model_preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in MODEL_PRESETS:
         raise ValueError(f"unknown preset {name!r}{closest(name, MODEL_PRESETS)}; "
                          f"known: {', '.join(MODEL_PRESETS)}")
-    kw = dict(MODEL_PRESETS[name])
+    kw = copy.deepcopy(MODEL_PRESETS[name])
     kw.update(overrides)
     return ModelConfig(**kw)
 
@@ -218,7 +234,7 @@ LORO_DEFAULTS: dict[str, dict[str, Any]] = {
 TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama-tiny": {"seq_len": 128, "batch_size": 16, "max_steps": 600, "warmup_steps": 50, "lr": 3e-3,
                    "eval_every": 200, "eval_tokens": 65536, "save_every": 200, "data_dir": "data/builtin-8k",
-                   "model.dense_warmup_steps": 200, "model.max_seq_len": 256},
+                   "model.act24.dense_warmup_steps": 200, "model.max_seq_len": 256},
     "llama-60m": {"max_steps": 10_000, "warmup_steps": 1000, "batch_size": 256, "grad_accum": 2},
     "llama-130m": {"max_steps": 20_000, "warmup_steps": 2000, "batch_size": 256, "grad_accum": 2},
     "llama-350m": {"max_steps": 60_000, "warmup_steps": 6000, "batch_size": 128, "grad_accum": 4},
@@ -230,7 +246,7 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
 def train_config(preset: str = "llama-tiny-elas") -> TrainConfig:
     """The defaults for a preset: its model, then its size's training defaults."""
     cfg = TrainConfig(preset=preset, model=model_preset(preset))
-    apply_overrides(cfg, dict(TRAIN_DEFAULTS.get(size_of(preset), {})))
+    apply_overrides(cfg, dict(TRAIN_DEFAULTS.get(size_of(preset), {})), absent_methods_ok=True)
     return cfg
 
 
@@ -253,7 +269,9 @@ def parse_value(text: str, current: Any, key: str) -> Any:
             return float(text)
     except ValueError:
         raise ValueError(f"invalid value {text!r} for {key}: expected a {type(current).__name__}") from None
-    if current is None:  # optional field: guess number, else string
+    if current is None:  # optional field: guess bool, number, else string
+        if low in ("true", "false"):
+            return low == "true"
         for cast in (int, float):
             try:
                 return cast(text)
@@ -262,11 +280,24 @@ def parse_value(text: str, current: Any, key: str) -> Any:
     return text
 
 
-def apply_overrides(obj: Any, items: dict[str, Any], prefix: str = "") -> None:
-    """Set (possibly dotted) keys on a dataclass tree; unknown keys raise with the closest valid key."""
+def apply_overrides(obj: Any, items: dict[str, Any], prefix: str = "", absent_methods_ok: bool = False) -> None:
+    """Set (possibly dotted) keys on a dataclass tree; unknown keys raise with the closest valid key.
+    On a config with `methods`, `NAME.KEY` sets KEY of the listed method NAME (absent_methods_ok: skip the key
+    when NAME is not listed, for defaults that apply to every variant of a size)."""
     names = [f.name for f in fields(obj)]
     for key, value in items.items():
         head, _, rest = key.partition(".")
+        if head not in names and isinstance(getattr(obj, "methods", None), list):
+            spec = obj.method(head)
+            if spec is not None and rest and "." not in rest:
+                spec[rest] = parse_value(value, spec.get(rest), prefix + key) if isinstance(value, str) else value
+                continue
+            if spec is None and rest and absent_methods_ok:
+                continue
+            if rest:
+                listed = ", ".join(m["method"] for m in obj.methods) or "none"
+                raise KeyError(f"config key {prefix + key!r} sets a field of method {head!r}, which this model does "
+                               f"not apply (its methods: {listed})")
         if head not in names:
             valid = _all_keys(obj, prefix)
             raise KeyError(f"unknown config key {prefix + key!r}{closest(prefix + key, valid)}")
@@ -274,7 +305,7 @@ def apply_overrides(obj: Any, items: dict[str, Any], prefix: str = "") -> None:
         if rest:
             if not dataclasses.is_dataclass(cur):
                 raise KeyError(f"config key {prefix + head!r} has no sub-keys (got {prefix + key!r})")
-            apply_overrides(cur, {rest: value}, prefix + head + ".")
+            apply_overrides(cur, {rest: value}, prefix + head + ".", absent_methods_ok)
         else:
             if dataclasses.is_dataclass(cur):
                 raise KeyError(f"config key {prefix + head!r} is a section; set one of its keys, "
@@ -296,11 +327,33 @@ def _all_keys(obj: Any, prefix: str = "") -> list[str]:
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
-    return dataclasses.asdict(obj)
+    d = dataclasses.asdict(obj)
+    if isinstance(obj, TrainConfig):
+        d["config_version"] = CONFIG_VERSION
+    return d
+
+
+_V1_ACT24_KEYS = {"grad_mode": "grad_mode", "dense_warmup_steps": "dense_warmup_steps",
+                  "permute_tokens": "permute_tokens", "wgrad_dense_frac": "wgrad_dense_frac",
+                  "kernel_backend": "backend"}
+
+
+def _migrate_model_v1(data: dict) -> dict:
+    """A version-1 model section (flat act_sparsity/grad_mode/... keys) as a version-2 one (a method list)."""
+    data = dict(data)
+    sparse = data.pop("act_sparsity", None)
+    flat = {new: data.pop(old) for old, new in _V1_ACT24_KEYS.items() if old in data}
+    if sparse == "2:4":
+        data["methods"] = [act24(**flat)]
+    return data
 
 
 def from_dict(cls, data: dict[str, Any]):
-    """Rebuild a (nested) dataclass from to_dict output, ignoring nothing: unknown keys are errors."""
+    """Rebuild a (nested) dataclass from to_dict output, ignoring nothing: unknown keys are errors.
+    config.json files of version 1 (before sparsity methods were a list) are migrated."""
+    data = {k: v for k, v in data.items() if k != "config_version"}
+    if cls is ModelConfig and ("act_sparsity" in data or "grad_mode" in data):
+        data = _migrate_model_v1(data)
     kw = {}
     known = {f.name: f for f in fields(cls)}
     for k, v in data.items():
@@ -319,6 +372,8 @@ def _dataclass_type(cls, f):
 
 
 __all__ = [
-    "TrainConfig", "TRAIN_DEFAULTS", "LORO_DEFAULTS", "train_config", "OPTIMIZERS", "ModelConfig", "MODEL_PRESETS", "PRESET_RANKS", "SIZES", "VARIANTS", "model_preset", "relu2_width",
+    "TrainConfig", "TRAIN_DEFAULTS", "LORO_DEFAULTS", "train_config", "OPTIMIZERS", "ModelConfig", "MODEL_PRESETS",
+    "PRESET_RANKS", "SIZES", "VARIANTS", "BENCH_VARIANTS", "Variant", "act24", "preset_name", "model_preset",
+    "relu2_width", "FFN_KINDS", "CONFIG_VERSION",
     "apply_overrides", "parse_value", "to_dict", "from_dict", "closest", "size_of",
 ]

@@ -14,25 +14,22 @@ from __future__ import annotations
 
 import torch
 
-from ..config import model_preset
-from ..model import build_model
-from ..model.stats import model_summary
-from ..sparsity import set_sparsity_step
+from ..build import build_model, resolve_methods
+from ..config import BENCH_VARIANTS, model_preset, preset_name
+from ..sparsity import method_to_dict, set_step
+from ..summary import model_summary
 from ..train.step import StepGrads
 from .timing import event_ms, graph_ms
 
-VARIANTS = ["swiglu", "relu2", "relu2-24", "lowrank-relu2", "elas", "elas-mask"]
+VARIANTS = list(BENCH_VARIANTS)
 BATCH = {"llama-60m": 256, "llama-130m": 256, "llama-350m": 128, "llama-1b": 64}  # per-GPU batch of ELAS/LORO
 H100_BF16 = 989e12
 
 
 def variant_config(size: str, variant: str, **over):
-    """The preset of (size, variant), sparse from step 0; elas-mask is ELAS with the forward-mask gradient."""
-    name = size if variant == "swiglu" else f"{size}-{'elas' if variant == 'elas-mask' else variant}"
-    extra = {"dense_warmup_steps": 0}
-    if variant == "elas-mask":
-        extra["grad_mode"] = "mask"
-    cfg = model_preset(name, **extra, **over)
+    """The preset of (size, variant) with its methods' schedules at 0: sparse from step 0."""
+    cfg = model_preset(preset_name(size, variant), **over)
+    cfg.methods = [method_to_dict(m.scaled(0)) for m in resolve_methods(cfg)]
     return cfg
 
 
@@ -56,7 +53,7 @@ def _ffn_row(size: str, variant: str, batch: int, seq: int) -> dict:
     cfg = variant_config(size, variant)
     torch.manual_seed(0)
     model = build_model(cfg.__class__(**{**vars(cfg), "n_layers": 1}), "cuda").to(torch.bfloat16)
-    set_sparsity_step(model, 0)
+    set_step(model, 0, 1)
     ffn = model.blocks[0].ffn
     x = torch.randn(batch, seq, cfg.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     gy = torch.randn_like(x)
@@ -69,7 +66,8 @@ def _ffn_row(size: str, variant: str, batch: int, seq: int) -> dict:
     except RuntimeError as e:  # reported, not hidden: the row says which timing it holds
         print(f"ffn {size} {variant}: CUDA-graph capture failed ({str(e).splitlines()[0][:120]}); eager time only")
         ms = None
-    path = ffn.act24.describe().split(" (")[0] if getattr(ffn, "act24", None) else "dense"
+    core = ffn.core if hasattr(ffn, "core") else None
+    path = core.description.split(" (")[0] if getattr(core, "description", None) else "dense"
     return {"model": size, "variant": variant, "batch": batch, "seq": seq, "d_ff": cfg.ffn_width, "rank": cfg.rank,
             "ffn_ms": ms if ms is not None else eager, "ffn_ms_eager": eager,
             "ffn_timing": "graph" if ms is not None else "eager", "ffn_act_mem_gb": act / 1e9, "path": path}
@@ -99,7 +97,7 @@ def _step_row(size: str, variant: str, batch: int, seq: int, steps: int, warmup:
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.reset_accumulated_memory_stats()
     model = build_model(cfg, "cuda")
-    set_sparsity_step(model, 0)
+    set_step(model, 0, 1)
     opt = build_optimizer(model, TrainConfig(model=cfg))
     idx = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda")
     micro = [(idx[:, :-1], idx[:, 1:])]

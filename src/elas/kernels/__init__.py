@@ -1,28 +1,18 @@
-"""Device-specific kernels behind one small interface.
+"""The 2:4 kernels: the numerical definition (reference.py), the SM90 packed format (packed.py), the Hopper
+kernels (cuda/) and the torch.library operators over both (ops.py).
 
-Every function here has a reference twin in `reference.py` (plain torch, masked dense: it EMULATES 2:4
-sparsity and accelerates nothing). `get_backend(name)` picks the implementation: "reference" always works;
-"cuda" (Hopper sparse tensor cores) is used only when available, and asking for it where it is not falls back to
-the reference with one logged warning, never a crash. "auto" picks cuda when available.
+`reference.py` is plain torch, masked dense: it EMULATES 2:4 sparsity and accelerates nothing; every accelerated
+kernel has a twin there with the same signature and is tested against it. The operators in `ops.py` run the
+reference on CPU tensors and the Hopper kernels on CUDA tensors.
 
-Interface (all backends):
-    mask24(x, dim=-1) -> bool mask, 2 of every 4 along dim kept (largest |x|, earlier index wins ties)
-    sparsify24(x, dim=-1) -> (x * mask, mask)
-    relu2_sparsify24(y1) -> (y2s, mask)        y1: [tokens, d_ff]; y2s = 2:4(relu(y1)^2) along d_ff
-    dense_feature_split(y, dense_frac) -> bool [features]
-    dense_features_from_counts(nnz, dense_frac) -> the same from per-feature non-zero counts
-    wgrad_split_operand(y, dense_features) -> y pruned 2:4 along tokens except the dense features
-    relu2_sparsify24_packed(y1, feature_counts=None) -> Packed24
-                                               the same selection, packed in cuSPARSELt's SM90 layout (and the
-                                               positives per feature added to feature_counts, for the split)
-    sparse_mm(a: Packed24, b) -> a @ b          2:4 x dense GEMM
-On the cuda backend the last two run on sparse tensor cores (Triton sparsifier, cuSPARSELt GEMM with cached
-plans); the dense-mask functions are the reference code running on the GPU.
+`resolve_backend(name)` is called once, when a sparsity method is applied: "reference" always works; "cuda"
+(Hopper sparse tensor cores: Triton + the cuSPARSELt extension, built and loaded here, not in a traced region)
+is an error where it cannot load; "auto" takes cuda where it loads and otherwise falls back to the reference
+with one logged line (none on a machine without a GPU, where that is the only choice).
 """
 from __future__ import annotations
 
 import logging
-from types import ModuleType
 
 from . import reference
 
@@ -64,21 +54,22 @@ def _cuda_status() -> tuple[bool, str]:
     return _STATUS
 
 
-def get_backend(name: str = "auto") -> ModuleType:
+def resolve_backend(name: str = "auto") -> str:
+    """'cuda' or 'reference': the backend a method applied now runs on (see module docs)."""
     if name not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {name!r}; expected one of {BACKENDS}")
+        raise ValueError(f"invalid kernel backend {name!r}: expected one of {', '.join(BACKENDS)}")
     if name == "reference":
-        return reference
+        return "reference"
     ok, why = _cuda_status()
     if ok:
-        from . import cuda
-        return cuda
-    if name == "cuda" or why != "no CUDA device":
-        key = f"{name}:{why}"
-        if key not in _warned:
-            _warned.add(key)
-            log.warning("2:4 kernels: using the reference (emulated, masked dense) path: %s", why)
-    return reference
+        return "cuda"
+    if name == "cuda":
+        raise ValueError(f"kernel backend 'cuda' was requested but cannot run here: {why}; use backend='auto' "
+                         f"(falls back to the emulated reference) or 'reference'")
+    if why != "no CUDA device" and why not in _warned:
+        _warned.add(why)
+        log.warning("2:4 kernels: using the reference (emulated, masked dense) path: %s", why)
+    return "reference"
 
 
-__all__ = ["get_backend", "cuda_available", "reference", "BACKENDS"]
+__all__ = ["resolve_backend", "cuda_available", "reference", "BACKENDS"]

@@ -59,14 +59,24 @@ def meta_offsets(m: int, k: int, device=None) -> tuple[torch.Tensor, torch.Tenso
     return off, (r % 16 >= 8).expand_as(off)
 
 
-def _kept_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def kept_positions(mask: torch.Tensor, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """mask: bool [M, K], 2 kept per group of 4 -> (i0, i1) [M, K/4]: the first and the last kept position.
+    check=False skips the data-dependent validation (inside traced operators, where the mask is known good)."""
     m, k = mask.shape
     grp = mask.view(m, k // 4, 4)
-    if not bool((grp.sum(-1) == 2).all()):
+    if check and not bool((grp.sum(-1) == 2).all()):
         raise ValueError("mask must keep exactly 2 of every 4 columns")
     i0 = grp.int().argmax(-1)  # first kept
     i1 = 3 - grp.flip(-1).int().argmax(-1)  # last kept
     return i0, i1
+
+
+def gather_kept(x: torch.Tensor, i0: torch.Tensor, i1: torch.Tensor) -> torch.Tensor:
+    """x: [M, K] -> its kept values [M, K/2] in packed order (each group's two in column order); the same as
+    x[mask] for a 2:4 mask, without a data-dependent shape (so it traces)."""
+    m, k = x.shape
+    idx = torch.stack([i0, i1], -1)  # [M, K/4, 2]
+    return x.view(m, k // 4, 4).gather(2, idx).view(m, k // 2)
 
 
 def mask_to_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -85,12 +95,13 @@ def bits_to_mask(bits: torch.Tensor, k: int) -> torch.Tensor:
     return ((nib >> torch.arange(4, device=bits.device)) & 1).bool().view(m, k)
 
 
-def pack24(x: torch.Tensor, mask: torch.Tensor) -> Packed24:
-    """x: [M, K] (any float dtype, cast to bf16), mask: bool [M, K] with exactly 2 of 4 kept per group."""
+def pack24(x: torch.Tensor, mask: torch.Tensor, check: bool = True) -> Packed24:
+    """x: [M, K] (any float dtype, cast to bf16), mask: bool [M, K] with exactly 2 of 4 kept per group.
+    Only static shapes inside (traceable by torch.compile); check=False skips the validation of the mask."""
     m, k = x.shape
     check_shape(m, k)
-    i0, i1 = _kept_positions(mask)
-    vals = x.to(torch.bfloat16)[mask].view(m, k // 2)
+    i0, i1 = kept_positions(mask, check)
+    vals = gather_kept(x.to(torch.bfloat16), i0, i1)
     nib = (i0 | (i1 << 2)).to(torch.int32)
     off, high = meta_offsets(m, k, x.device)
     meta = torch.zeros(m * k // 8, dtype=torch.int32, device=x.device)

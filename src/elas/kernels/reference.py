@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from .packed import Packed24, bits_to_mask, pack24, unpack24
+from .packed import Packed24, bits_to_mask, gather_kept, kept_positions, pack24, unpack24
 
 __all__ = [
     "mask24",
@@ -132,7 +132,7 @@ def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | Non
     y2s, mask = relu2_sparsify24(y1)
     if feature_counts is not None:
         feature_counts += (y1 > 0).sum(0, dtype=torch.int32)
-    return pack24(y2s, mask)
+    return pack24(y2s, mask, check=False)  # mask24 keeps exactly 2 of 4 by construction
 
 
 def sparse_mm(a, b: torch.Tensor) -> torch.Tensor:
@@ -145,7 +145,7 @@ def pack24_along_tokens(y: torch.Tensor, idx: torch.Tensor):
     The weight-gradient operand of the 95/5 split (mask_bits left empty); on the cuda backend the backward kernel
     writes it directly (relu2_sparse24_backward with dense_slots)."""
     a = y[:, idx].T.contiguous()
-    p = pack24(*sparsify24(a, dim=-1))
+    p = pack24(*sparsify24(a, dim=-1), check=False)
     return Packed24(p.buffer, torch.empty(0, dtype=torch.uint8, device=y.device), p.shape)
 
 
@@ -190,12 +190,13 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a, y1: torch.Tensor | None = None
         mask = bits_to_mask(a.mask_bits, a.shape[1])
         # +0 wherever y2s is 0 (dropped or a kept zero): the along-token packing compares bytes of these
         dy1 = torch.where(mask & (y2s != 0), 2.0 * y2s.float().sqrt() * d, 0.0).to(torch.bfloat16)
-        dval = dy1[mask].view(a.shape[0], a.shape[1] // 2)
+        dval = gather_kept(dy1, *kept_positions(mask, check=False))
     if dense_slots is None:
         return Grads24(y2s, dy1, dval)
     every = torch.arange(y2s.shape[1], device=y2s.device)
-    idx_d = torch.empty(n_dense, dtype=torch.long, device=y2s.device)
-    sel = dense_slots >= 0
-    idx_d[dense_slots[sel].long()] = every[sel]  # feature of each slot
+    # feature of each slot; the sparse features (slot -1) all land in a spare last entry (static shapes: traces)
+    idx_d = torch.zeros(n_dense + 1, dtype=torch.long, device=y2s.device)
+    idx_d.scatter_(0, torch.where(dense_slots >= 0, dense_slots, n_dense).long(), every)
+    idx_d = idx_d[:n_dense]
     return Grads24(None, dy1 if y1 is not None else None, dval, pack24_along_tokens(y2s, every),
                    pack24_along_tokens(dy1, every), y2s[:, idx_d], dy1[:, idx_d])

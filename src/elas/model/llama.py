@@ -1,5 +1,8 @@
 """The LLaMA decoder of the GaLore/ELAS benchmark: RMSNorm, RoPE, causal SDPA attention, untied embedding and
-LM head, and a SwiGLU or ReLU^2 FFN; any attention/FFN linear optionally low-rank (W = A.B)."""
+LM head, and a SwiGLU or ReLU^2 FFN; any attention/FFN linear optionally low-rank (W = A.B).
+
+The decoder holds no method code: `elas.build.build_model` constructs it and then applies the methods listed in
+`ModelConfig.methods` (elas.sparsity)."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +10,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from ..sparsity import Act24Config, sparsify_
 from .ffn import ReLU2FFN, SwiGLU
 from .lowrank import make_linear
 
@@ -59,7 +61,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         r = cfg.rank if cfg.lowrank_scope in ("all", "ffn") else 0
-        ffn_cls = SwiGLU if cfg.ffn == "swiglu" else ReLU2FFN
+        ffn_cls = SwiGLU if cfg.ffn == "swiglu" else ReLU2FFN.of_width
         self.ffn = ffn_cls(cfg.d_model, cfg.ffn_width, r, cfg.init_std)
 
     def forward(self, x, cos, sin):
@@ -79,9 +81,6 @@ class LLaMA(nn.Module):
             nn.init.normal_(self.embed.weight, std=cfg.init_std)
             nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        if cfg.act_sparsity == "2:4":
-            sparsify_(self, Act24Config(cfg.grad_mode, cfg.dense_warmup_steps, cfg.permute_tokens,
-                                        cfg.wgrad_dense_frac, cfg.kernel_backend))
 
     def rope(self, seq: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].device != device or self._rope[0].shape[0] < seq:
@@ -100,8 +99,3 @@ class LLaMA(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-100)
-
-
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> LLaMA:
-    with torch.device(device):
-        return LLaMA(cfg)

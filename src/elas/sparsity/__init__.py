@@ -1,8 +1,12 @@
-"""The method: 2:4 activation sparsity (masks live in elas.kernels.reference, the numerical definition)."""
-from .act24 import (Act24Config, collect_stats, relu2_stats, set_sparsity_step, set_track_stats, sparsify_,
-                    token_permutation)
-from .autograd import WgradSplit, relu2_sparse24, split_linear
-from .packed_ffn import packed_ffn_core
+"""Sparsity methods, applied to a built model from outside (api.py: the seam; one file per method).
 
-__all__ = ["Act24Config", "sparsify_", "set_sparsity_step", "set_track_stats", "collect_stats", "relu2_stats",
-           "token_permutation", "relu2_sparse24", "split_linear", "WgradSplit", "packed_ffn_core"]
+    act24.py   2:4 activation sparsity of ReLU^2 FFNs (ELAS, Haziza et al.): masked (masked.py) and packed cores
+"""
+from .act24 import Act24Config, Act24Core, relu2_stats, token_permutation
+from .api import (METHODS, Applied, SparsityMethod, applied_methods, collect_stats, describe, method_from_dict,
+                  method_to_dict, register_method, set_step, sparsify_)
+from .masked import masked_act24_ffn
+
+__all__ = ["SparsityMethod", "Applied", "register_method", "sparsify_", "set_step", "collect_stats", "describe",
+           "applied_methods", "method_to_dict", "method_from_dict", "METHODS", "Act24Config", "Act24Core",
+           "relu2_stats", "token_permutation", "masked_act24_ffn"]

@@ -1,139 +1,238 @@
-"""2:4 activation sparsity as a model transformation: config, schedule, token permutation, statistics.
+"""2:4 activation sparsity on ReLU^2 FFNs (ELAS; Haziza et al.): config, handler, core, statistics.
 
-`sparsify_(model, Act24Config(...))` turns every ReLU^2 FFN of a model into a 2:4-activation-sparse one (in
-place, like torchao's `quantize_`). Sparsity then follows a step schedule: dense for the first
-`dense_warmup_steps` steps, sparse after; the trainer calls `set_sparsity_step(model, step)` every step.
+    sparsify_(model, Act24Config(grad_mode="ste", dense_warmup_steps=1000))
+
+replaces the core of every ReLU^2 FFN (`ReLU2FFN.core`) by an `Act24Core`. In mode "dense" (the warm-up) the
+core computes the dense ReLU^2 FFN; in mode "sparse" y2 = relu(y1)^2 is made 2:4 along d_ff per token (the 2
+largest magnitudes of every 4 features kept) on one of two paths, chosen when the method is applied:
+- packed (Hopper): the operator elas::act24_ffn (kernels/ops.py): Triton sparsifier into cuSPARSELt's SM90
+  layout and 2:4 GEMMs on sparse tensor cores, forward and backward;
+- masked (elsewhere): sparsity/masked.py, masked dense GEMMs (emulated).
+Options: the gradient through the mask (`ste`: ELAS's straight-through; `mask`: Haziza's, dy1 2:4 too), a fixed
+token permutation around the FFN, and Haziza's 95/5 weight-gradient split (`wgrad_dense_frac`).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import kernels
+from ..kernels import ops as kernel_ops
+from ..kernels import reference as ref
+from ..model.ffn import ReLU2FFN, relu2
+from ..model.lowrank import LowRankLinear
+from .api import Applied, SparsityMethod, register_method
+from .masked import masked_act24_ffn
+
+log = logging.getLogger("elas.sparsity")
+_warned: set[str] = set()
+
+GRAD_MODES = ("ste", "mask")
+PATHS = ("auto", "masked", "packed")
+PERM_TABLE = 4096  # longest sequence the token permutation covers (positions are permuted within a sequence)
 
 
 @dataclass
-class Act24Config:
+class Act24Config(SparsityMethod):
+    name: ClassVar[str] = "act24"
+    version: ClassVar[int] = 1
+    stat_names: ClassVar[tuple[str, ...]] = ("y2_zero_frac", "dropped_nnz_frac")
+
     grad_mode: str = "ste"  # ste (ELAS) | mask (Haziza)
-    dense_warmup_steps: int = 1000
-    permute_tokens: bool = False
+    dense_warmup_steps: int = 1000  # dense before this step (both papers: 1000)
+    permute_tokens: bool = False  # fixed permutation of sequence positions around the FFN (Haziza)
     wgrad_dense_frac: float | None = None  # 0.05 = Haziza's 95/5 split; None = exact dense weight gradients
-    backend: str = "auto"  # kernel backend (elas.kernels): auto | reference | cuda
-    path: str = "auto"  # auto: packed on an accelerated backend, masked otherwise | masked | packed
+    backend: str = "auto"  # kernel backend: auto | reference | cuda (elas.kernels.resolve_backend)
+    path: str = "auto"  # auto: packed where the backend is cuda, masked otherwise | masked | packed
 
     def __post_init__(self) -> None:
-        if self.grad_mode not in ("ste", "mask"):
-            raise ValueError(f"invalid grad_mode {self.grad_mode!r}: expected 'ste' or 'mask'")
+        self._check_types()
+        if self.grad_mode not in GRAD_MODES:
+            raise ValueError(f"invalid act24.grad_mode {self.grad_mode!r}: expected one of {', '.join(GRAD_MODES)}")
         if self.dense_warmup_steps < 0:
-            raise ValueError(f"invalid dense_warmup_steps {self.dense_warmup_steps}: expected >= 0")
-        if self.wgrad_dense_frac is not None and not 0.0 <= self.wgrad_dense_frac <= 1.0:
-            raise ValueError(f"invalid wgrad_dense_frac {self.wgrad_dense_frac}: expected a fraction in [0, 1]")
-        if self.path not in ("auto", "masked", "packed"):
-            raise ValueError(f"invalid path {self.path!r}: expected auto, masked or packed")
+            raise ValueError(f"invalid act24.dense_warmup_steps {self.dense_warmup_steps}: expected >= 0")
+        if self.wgrad_dense_frac is not None and (isinstance(self.wgrad_dense_frac, bool) or not isinstance(
+                self.wgrad_dense_frac, (int, float)) or not 0.0 <= self.wgrad_dense_frac <= 1.0):
+            raise ValueError(f"invalid act24.wgrad_dense_frac {self.wgrad_dense_frac!r}: expected a fraction in "
+                             f"[0, 1] or none")
+        if self.path not in PATHS:
+            raise ValueError(f"invalid act24.path {self.path!r}: expected one of {', '.join(PATHS)}")
+        if self.backend not in kernels.BACKENDS:
+            raise ValueError(f"invalid act24.backend {self.backend!r}: expected one of {', '.join(kernels.BACKENDS)}")
 
-    def packed_kernels(self):
-        """The kernel module for the packed path, or None when the FFN runs the masked-dense reference path.
+    def mode_at(self, step: int, max_steps: int) -> str:
+        return "sparse" if step >= self.dense_warmup_steps else "dense"
 
-        `packed` forces the packed path (on the reference backend it is emulated: for tests); `auto` takes it
-        where it is accelerated: a Hopper backend."""
-        from .. import kernels
-        k = kernels.get_backend(self.backend)
-        if self.path == "packed":
-            return k
-        if self.path == "masked" or k is kernels.reference:
-            return None
-        return k
-
-    def describe(self) -> str:
-        k = self.packed_kernels()
-        from .. import kernels
-        if k is None or k is kernels.reference:
-            return "reference path (masked dense GEMMs: emulated, not accelerated)"
-        return "accelerated path (Triton sparsifier + cuSPARSELt 2:4 GEMMs on sparse tensor cores)"
-
-    def active_at(self, step: int) -> bool:
-        return step >= self.dense_warmup_steps
+    def operands(self) -> tuple[str, ...]:
+        ops = ("y2",)  # forward: y2s . W_down
+        if self.grad_mode == "mask":
+            ops += ("dy1",)  # backward: dy1 . W_up (dy1 has the forward's 2:4 pattern)
+        if self.wgrad_dense_frac is not None:
+            ops += ("y2^T", "dy1^T")  # weight gradients: pruned 2:4 along tokens
+        return ops
 
 
-def _sparsifiable(model: nn.Module):
-    from ..model.ffn import ReLU2FFN  # model sits above sparsity; import late to keep the layering one-way
-    return [m for m in model.modules() if isinstance(m, ReLU2FFN)]
+def ffn_operands(up: nn.Module, down: nn.Module, xt: torch.Tensor):
+    """The d_ff-touching operands of an FFN's two linears, for full-rank and low-rank alike, on xt [T, d]:
+    h1 [T, q] and wu [d_ff, q] with up(xt) = h1 wu^T; wd [d_ff, q'] and post with down(y) = post(y wd)."""
+    if isinstance(up, LowRankLinear):
+        h1, wu = xt @ up.weight_in, up.weight_out  # [T, r], [d_ff, r]
+    else:
+        h1, wu = xt, up.weight  # [T, d], [d_ff, d]
+    if isinstance(down, LowRankLinear):
+        w_out = down.weight_out  # [d_model, r]
+        # under autocast F.linear casts; without it the packed core's bf16 output meets the weight's dtype
+        return h1, wu, down.weight_in, lambda h2: F.linear(
+            h2 if torch.is_autocast_enabled(h2.device.type) else h2.to(w_out.dtype), w_out)
+    return h1, wu, down.weight.t(), lambda h2: h2  # wd = W_down^T [d_ff, d_model]
 
 
-def sparsify_(model: nn.Module, config: Act24Config | None) -> nn.Module:
-    """Enable (config) or remove (None) 2:4 activation sparsity on every ReLU^2 FFN of model, in place."""
-    ffns = _sparsifiable(model)
-    if config is not None and not ffns:
-        raise ValueError("sparsify_: the model has no ReLU^2 FFN; 2:4 activation sparsity needs ffn='relu2'")
-    for ffn in ffns:
-        ffn.act24 = config
-        ffn.sparse_active = False
-    return model
-
-
-def set_sparsity_step(model: nn.Module, step: int) -> bool:
-    """Drive the dense-warm-up schedule; returns whether sparsity is active at `step`."""
-    active = False
-    for ffn in _sparsifiable(model):
-        ffn.sparse_active = ffn.act24 is not None and ffn.act24.active_at(step)
-        active |= ffn.sparse_active
-    return active
-
-
-def set_track_stats(model: nn.Module, on: bool) -> None:
-    for ffn in _sparsifiable(model):
-        ffn.track_stats = on
-        if not on:
-            ffn.stats = {}
-
-
-def collect_stats(model: nn.Module) -> dict[str, float]:
-    """Per-layer statistics of the last forward with tracking on: one host sync for all of them."""
-    keys, vals = [], []
-    for i, ffn in enumerate(_sparsifiable(model)):
-        for k, v in ffn.stats.items():
-            keys.append(f"{k}/{i}")
-            vals.append(v.float())
-    if not vals:
-        return {}
-    host = torch.stack(vals).tolist()
-    out = dict(zip(keys, host))
-    for k in {k.split("/")[0] for k in keys}:
-        layer = [v for kk, v in out.items() if kk.split("/")[0] == k]
-        out[f"{k}/mean"] = sum(layer) / len(layer)
-    return out
+def _check_linears(fqn: str, ffn: ReLU2FFN) -> None:
+    """The cores read the factors of up/down directly: refuse modules whose weights they would bypass."""
+    for part in ("up", "down"):
+        lin = getattr(ffn, part)
+        if type(lin) not in (nn.Linear, LowRankLinear) or getattr(lin, "bias", None) is not None:
+            raise TypeError(f"act24: {fqn}.{part} is a {type(lin).__name__}; the 2:4 cores support bias-free "
+                            f"nn.Linear and LowRankLinear (a method that replaces a linear must come after act24)")
 
 
 def relu2_stats(y1: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """y2_zero_frac: fraction of zeros of y2 = relu(y1)^2; dropped_nnz_frac: fraction of y2's non-zeros that the
     2:4 mask removes (computed with the mask 2:4 would use even while dense, to show what sparsity would cost)."""
-    from .. import kernels
     r = torch.relu(y1)
     y2 = r * r
     nz = y2 != 0
     if mask is None:
-        mask = kernels.reference.mask24(y2)
+        mask = ref.mask24(y2)
     nnz = nz.sum()
-    return {
-        "y2_zero_frac": 1.0 - nnz / nz.numel(),
-        "dropped_nnz_frac": (nz & ~mask).sum() / nnz.clamp(min=1),
-    }
+    return {"y2_zero_frac": 1.0 - nnz / nz.numel(), "dropped_nnz_frac": (nz & ~mask).sum() / nnz.clamp(min=1)}
 
 
-_PERMS: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+def permutation_keys(n: int = PERM_TABLE) -> torch.Tensor:
+    """Random sort keys of sequence positions (seed 0): the permutation of a sequence of length s is
+    argsort(keys[:s]). Haziza et al.: features are correlated across neighbouring tokens, so grouping 4
+    consecutive tokens for the weight-gradient 2:4 would prune clustered non-zeros; a fixed shuffle decorrelates."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(0))
 
 
-def token_permutation(seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed pseudo-random permutation of sequence positions (seed 0, one per seq_len) and its inverse.
+def token_permutation(keys: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perm, inv) [seq_len] int64 from the keys: static shapes, so it traces and captures."""
+    if seq_len > keys.numel():
+        raise ValueError(f"act24: sequence length {seq_len} exceeds the token permutation's table ({keys.numel()})")
+    perm = torch.argsort(keys[:seq_len])
+    return perm, torch.argsort(perm)
 
-    Haziza et al.: features are correlated across neighbouring tokens, so grouping 4 consecutive tokens for the
-    weight-gradient 2:4 would prune clustered non-zeros; a fixed shuffle decorrelates the groups.
-    """
-    key = (seq_len, str(device))
-    if key not in _PERMS:
-        g = torch.Generator().manual_seed(0)
-        perm = torch.randperm(seq_len, generator=g)
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(seq_len)
-        _PERMS[key] = (perm.to(device), inv.to(device))
-    return _PERMS[key]
+
+class Act24Core(nn.Module):
+    """The FFN core of a 2:4-activation-sparse ReLU^2 FFN: core(x, up, down) with x [batch, seq, d_model]."""
+
+    def __init__(self, cfg: Act24Config, packed: bool, description: str):
+        super().__init__()
+        self.cfg, self.packed, self.description = cfg, packed, description
+        self.mask_grad = cfg.grad_mode == "mask"
+        self.active = False  # mode "sparse"; set by the method (set_step), read here: the model is not involved
+        self.stats_sink: list | None = None  # set by sparsity.collect_stats for a probe forward
+        if cfg.permute_tokens:  # made once, moves with the model; not in checkpoints (a function of the seed)
+            self.register_buffer("perm_keys", permutation_keys(), persistent=False)
+
+    def set_mode(self, mode: str) -> None:
+        self.active = mode == "sparse"
+
+    def extra_repr(self) -> str:
+        return f"grad_mode={self.cfg.grad_mode}, {'packed' if self.packed else 'masked'}, active={self.active}"
+
+    def forward(self, x: torch.Tensor, up: nn.Module, down: nn.Module) -> torch.Tensor:
+        if self.stats_sink is not None:
+            return self._probe(x, up, down)
+        if not self.active:
+            return down(relu2(up(x)))
+        bsz, seq, d = x.shape
+        if self.cfg.permute_tokens:
+            perm, inv = token_permutation(self.perm_keys, seq)
+            x = x[:, perm]
+        xt = x.reshape(bsz * seq, d)  # [T, d_model]
+        h1, wu, wd, post = ffn_operands(up, down, xt)
+        packed = self.packed and xt.shape[0] % 64 == 0
+        if self.packed and not packed and not torch.compiler.is_compiling():
+            msg = f"act24: {xt.shape[0]} tokens is not a multiple of 64; the masked reference path runs this call"
+            if msg not in _warned:
+                _warned.add(msg)
+                log.warning(msg)
+        dev = x.device.type
+        dtype = torch.bfloat16 if packed else (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+                                               else wu.dtype)
+        with torch.autocast(dev, enabled=False):
+            h1, wu, wd = h1.to(dtype), wu.to(dtype), wd.to(dtype)
+            core = kernel_ops.act24_ffn if packed else masked_act24_ffn
+            h2 = core(h1, wu, wd, self.mask_grad, self.cfg.wgrad_dense_frac)  # [T, q']
+        y = post(h2)
+        y = y.to(x.dtype) if packed else y
+        y = y.reshape(bsz, seq, -1)
+        return y[:, inv] if self.cfg.permute_tokens else y
+
+    @torch.no_grad()
+    def _probe(self, x, up, down):
+        """A statistics probe (no grad): y1 once, its statistics into the sink, then the output by the masked
+        reference (the same selection; statistics do not depend on the token order)."""
+        y1 = up(x)
+        y2s, mask = ref.relu2_sparsify24(y1) if self.active else (None, None)
+        self.stats_sink.append(relu2_stats(y1.reshape(-1, y1.shape[-1]), None if mask is None
+                                           else mask.reshape(-1, mask.shape[-1])))
+        return down(y2s if self.active else relu2(y1))
+
+
+def _describe_path(packed: bool, backend: str) -> str:
+    if packed and backend == "cuda":
+        return "accelerated path (Triton sparsifier + cuSPARSELt 2:4 GEMMs on sparse tensor cores)"
+    if packed:
+        return "packed path on the reference kernels (emulated, not accelerated)"
+    return "reference path (masked dense GEMMs: emulated, not accelerated)"
+
+
+@register_method(Act24Config)
+def _apply_act24(model: nn.Module, cfg: Act24Config, filter_fn) -> Applied:
+    ffns = [(n, m) for n, m in model.named_modules()
+            if isinstance(m, ReLU2FFN) and (filter_fn is None or filter_fn(m, n))]
+    if not ffns:
+        raise ValueError("act24 (2:4 activation sparsity) found no ReLU^2 FFN to apply to: it needs ffn='relu2' "
+                         "(SwiGLU is not sparsified)")
+    for n, f in ffns:
+        _check_linears(n, f)
+    on_meta = next(model.parameters()).device.type == "meta"
+    backend = "reference" if on_meta and cfg.backend == "auto" else kernels.resolve_backend(cfg.backend)
+    packed_default = cfg.path == "packed" or (cfg.path == "auto" and backend == "cuda")
+    targets, old = [], []
+    for n, f in ffns:
+        packed = packed_default
+        if packed and f.d_ff % 64:
+            msg = f"act24: {n} has d_ff {f.d_ff}, not a multiple of 64: it runs the masked reference path"
+            if msg not in _warned:
+                _warned.add(msg)
+                log.warning(msg)
+            packed = False
+        core = Act24Core(cfg, packed, _describe_path(packed, backend)).to(next(f.parameters()).device)
+        old.append((f, f.core))
+        f.core = core
+        targets.append((n, core))
+
+    def detach() -> None:
+        for f, c in old:
+            f.core = c
+
+    paths = sorted({c.description for _, c in targets})
+    desc = (f"2:4 activation sparsity ({cfg.grad_mode} gradient"
+            + (", token permutation" if cfg.permute_tokens else "")
+            + (f", {1 - cfg.wgrad_dense_frac:.0%}/{cfg.wgrad_dense_frac:.0%} weight-gradient split"
+               if cfg.wgrad_dense_frac is not None else "")
+            + f") on {len(targets)} FFNs after {cfg.dense_warmup_steps} dense steps; " + "; ".join(paths))
+    claims = {(n, op) for n, _ in targets for op in cfg.operands()}
+    return Applied(cfg, targets, claims, detach, desc, meta={"backend": backend})
+
+
+__all__ = ["Act24Config", "Act24Core", "GRAD_MODES", "PATHS", "ffn_operands", "relu2_stats", "token_permutation",
+           "permutation_keys"]

@@ -12,26 +12,19 @@ import math
 import time
 from pathlib import Path
 
-from ..config import LORO_DEFAULTS, apply_overrides, size_of, train_config
+from ..build import resolve_methods
+from ..config import LORO_DEFAULTS, VARIANTS, apply_overrides, preset_name, size_of, train_config
+from ..sparsity import method_to_dict
 from .trainer import Trainer, latest_checkpoint
 
-# variant -> (preset suffix, optimizer, extra overrides). Fractions are of the run length (paper: 10k steps).
-QUALITY_VARIANTS: dict[str, tuple[str, str, dict]] = {
-    "swiglu": ("", "adamw", {}),
-    "relu2": ("-relu2", "adamw", {}),
-    "relu2-24": ("-relu2-24", "adamw", {"model.dense_warmup_steps": 0.1}),
-    "lowrank-relu2": ("-lowrank-relu2", "loro_adamw", {}),
-    "elas": ("-elas", "loro_adamw", {"model.dense_warmup_steps": 0.1}),
-    "elas-nowarmup": ("-elas", "loro_adamw", {"model.dense_warmup_steps": 0}),
-    "elas-mask": ("-elas", "loro_adamw", {"model.dense_warmup_steps": 0.1, "model.grad_mode": "mask"}),
-}
-PAPER_STEPS = 10_000  # the 60M recipe these fractions come from (warm-up 1000 = 10%, LORO K = 500 = 5%)
+QUALITY_VARIANTS = tuple(VARIANTS)  # every named variant (config.VARIANTS), with its recipe's optimizer
+PAPER_STEPS = 10_000  # the 60M recipe the schedules are written for (dense warm-up 1000 = 10%, LORO K = 500 = 5%)
 
 
 def variant_config(size: str, variant: str, steps: int, data_dir: str, out: Path, batch_size: int, grad_accum: int,
                    seq_len: int = 256, full_rank_lr: float = 1e-3):
-    suffix, optimizer, extra = QUALITY_VARIANTS[variant]
-    cfg = train_config(size + suffix)
+    optimizer = VARIANTS[variant].optimizer
+    cfg = train_config(preset_name(size, variant))
     over = {"data_dir": data_dir, "out_dir": str(out / variant), "max_steps": steps, "seq_len": seq_len,
             "batch_size": batch_size, "grad_accum": grad_accum, "warmup_steps": max(1, steps // 10),
             "optimizer": optimizer, "lr": full_rank_lr, "eval_every": max(1, steps // 10),
@@ -39,9 +32,9 @@ def variant_config(size: str, variant: str, steps: int, data_dir: str, out: Path
     if optimizer == "loro_adamw":
         over.update(LORO_DEFAULTS[size_of(size)])
         over["loro_exact_every"] = max(2, round(steps * 500 / PAPER_STEPS))
-    for k, v in extra.items():
-        over[k] = round(v * steps) if isinstance(v, float) else v
     apply_overrides(cfg, over)
+    # the methods' step schedules (the dense warm-up) keep their share of the paper's run length
+    cfg.model.methods = [method_to_dict(m.scaled(steps / PAPER_STEPS)) for m in resolve_methods(cfg.model)]
     return cfg
 
 
@@ -70,8 +63,7 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
         row = {"model": size, "variant": v, "steps": cfg.max_steps,
                "tokens": cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len,
                "val_loss": res["val_loss"], "val_ppl": res["val_ppl"], "wall_s": round(time.time() - t0, 1),
-               "optimizer": cfg.optimizer, "lr": cfg.lr, "dense_warmup_steps": cfg.model.dense_warmup_steps,
-               "grad_mode": cfg.model.grad_mode, "act_sparsity": cfg.model.act_sparsity,
+               "optimizer": cfg.optimizer, "lr": cfg.lr, "methods": cfg.model.methods,
                "y2_zero_frac": last[-1]["y2_zero_frac/mean"] if last else None,
                "dropped_nnz_frac": last[-1]["dropped_nnz_frac/mean"] if last else None}
         done.write_text(json.dumps(row, indent=1))

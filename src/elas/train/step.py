@@ -18,8 +18,8 @@ Graph mode, in detail:
   the pool is carved once and cannot be re-split as freely as the eager cache). After the capture `p.grad` keeps pointing at them; every replay rewrites
   them and the eagerly run optimizer reads them. (Gradients allocated before the capture, outside the pool,
   cost their whole size on top of the activations' peak: 1B SwiGLU at batch 64 then ran out of memory.)
-- `mode` names what the forward does (the trainer passes whether 2:4 sparsity is active): a new mode (the end of
-  the dense warm-up) drops the old graph and captures a new one;
+- `mode` names what the forward does (the trainer passes the sparsity methods' modes, sparsity.set_step): a new
+  mode (the end of a dense warm-up) drops the old graph and captures a new one;
 - the warm-up passes before a capture run on a side stream (as CUDA graphs require); they also compile the
   Triton kernels and tune the 2:4 GEMM algorithm of every shape, which must not happen inside a capture;
 - a capture that fails (an op that is not graph-safe, or out of memory) is reported once and the run continues
@@ -56,7 +56,7 @@ class StepGrads:
     def _params(self) -> list[torch.Tensor]:
         return [p for p in self.model.parameters() if p.grad is not None]
 
-    def _body(self, xs, ys, stats_hook=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _body(self, xs, ys) -> tuple[torch.Tensor, torch.Tensor]:
         """xs, ys: sequences of grad_accum [batch, seq] tensors on the device."""
         grads = [p.grad for p in self._params()]
         if grads:
@@ -68,8 +68,6 @@ class StepGrads:
             with sync:
                 with self.autocast():
                     loss = self.fwd(xs[k], ys[k])
-                if k == 0 and stats_hook is not None:
-                    stats_hook()
                 (loss / self.grad_accum).backward()
             loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
         params = self._params()
@@ -80,13 +78,13 @@ class StepGrads:
         return loss_sum / self.grad_accum, gnorm
 
     # -- entry point ---------------------------------------------------------------------------------------------
-    def run(self, micro_batches, mode=None, stats_hook=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """micro_batches: grad_accum (x, y) pairs of [batch, seq] int64 (any device). stats_hook: called once after
-        the first micro-batch's forward (eager mode only; graph mode runs no Python during the step)."""
+    def run(self, micro_batches, mode=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """micro_batches: grad_accum (x, y) pairs of [batch, seq] int64 (any device); mode: what the forward
+        does (the sparsity methods' modes): a new one drops the graph and captures another."""
         device = next(self.model.parameters()).device
         if not self.graphs:
             batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in micro_batches]
-            return self._body([b[0] for b in batches], [b[1] for b in batches], stats_hook)
+            return self._body([b[0] for b in batches], [b[1] for b in batches])
         xs, ys = zip(*micro_batches)
         if self.x is None or self.x.shape[1:] != xs[0].shape:
             self.x = torch.empty((self.grad_accum, *xs[0].shape), dtype=torch.long, device=device)

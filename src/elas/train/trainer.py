@@ -19,15 +19,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..config import TrainConfig, from_dict, to_dict
 from ..data.loader import Batches, TokenWindows, load_meta
 from ..data.prepare import DataError
-from ..model import build_model
-from ..model.stats import model_summary
+from ..build import build_model, resolve_methods
 from ..optim import build_optimizer, warmup_cosine
-from ..sparsity import collect_stats, set_sparsity_step, set_track_stats
+from ..sparsity import collect_stats, describe, method_to_dict, set_step
+from ..summary import model_summary
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import Dist, all_reduce_sum, init_distributed, shutdown
 from .step import StepGrads
 
-PROBE_SEQS = 8  # sequences the sparsity statistics of a graph-mode log step are measured on
+PROBE_SEQS = 8  # sequences the sparsity statistics of a log step are measured on (a no-grad probe forward)
 
 # dense bf16 tensor-core peak per GPU, for MFU
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -95,7 +95,9 @@ class Trainer:
         self.cfg, self.log, self.progress = cfg, log, progress
         try:
             cfg.validate()
-        except ValueError as e:
+            # the methods' own keys, before any data is read; config.json then records them in full, versioned
+            cfg.model.methods = [method_to_dict(m) for m in resolve_methods(cfg.model)]
+        except (ValueError, TypeError) as e:
             raise TrainError(str(e)) from None
         self.device = pick_device(cfg.device)
         self.dist = init_distributed(self.device.type)
@@ -126,12 +128,16 @@ class Trainer:
 
         # model and optimizer
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.model, self.device)
+        try:
+            self.model = build_model(cfg.model, self.device)
+        except (ValueError, TypeError) as e:  # a method that cannot apply to this model (e.g. 2:4 on SwiGLU)
+            raise TrainError(str(e)) from None
         try:
             self.optimizer = build_optimizer(self.model, cfg)
         except ValueError as e:
             raise TrainError(str(e)) from None
         self.step, self.tokens = 0, 0
+        self.modes: tuple = ()  # the sparsity methods' modes at the current step
         if self.ckpt is not None:
             try:
                 state = load_checkpoint(self.ckpt, self.model, self.optimizer)
@@ -171,19 +177,10 @@ class Trainer:
         lr = cfg.lr * warmup_cosine(step, cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        sparse = set_sparsity_step(self.model, step)
+        self.modes = set_step(self.model, step, cfg.max_steps)  # a new mode re-captures the step's graph
         micro = list(self.batches.micro_batches(step, cfg.grad_accum))
-        stats: dict = {}
-        hook = None
-        if track_stats and self.grads.graphs:  # a captured step runs no Python: probe a few sequences
-            stats = self._probe_stats(micro[0][0][:PROBE_SEQS], micro[0][1][:PROBE_SEQS])
-        elif track_stats:
-            set_track_stats(self.model, True)
-
-            def hook():
-                stats.update(collect_stats(self.model))
-                set_track_stats(self.model, False)
-        loss, gnorm = self.grads.run(micro, mode=sparse, stats_hook=hook)
+        stats = self._probe_stats(micro[0][0][:PROBE_SEQS], micro[0][1][:PROBE_SEQS]) if track_stats else {}
+        loss, gnorm = self.grads.run(micro, mode=self.modes)
         self.optimizer.step()
         if not self.grads.graphs:  # eager: free the gradients until the next backward (lower peak memory)
             self.optimizer.zero_grad(set_to_none=True)
@@ -191,16 +188,14 @@ class Trainer:
 
     @torch.no_grad()
     def _probe_stats(self, x, y) -> dict:
-        """Sparsity statistics of a forward on (x, y) with the current weights: what the step's forward sees on
-        those sequences. Graph-mode runs call it on the first PROBE_SEQS sequences of the step (an extra forward
-        of the whole micro-batch at every log step would cost ~3% of the run at log_every=10); eager runs track
-        the statistics on the whole first micro-batch as it trains."""
-        set_track_stats(self.model, True)
-        with self.autocast():
-            self.model(x.to(self.device), y.to(self.device))
-        stats = collect_stats(self.model)
-        set_track_stats(self.model, False)
-        return stats
+        """The methods' statistics on a no-grad forward of (x, y) with the current weights: what the step's
+        forward sees on those sequences (the first PROBE_SEQS of the step; a forward of a whole micro-batch at
+        every log step would cost ~3% of the run at log_every=10). A captured step runs no Python, so the
+        statistics cannot come from the step itself."""
+        def forward():
+            with self.autocast():
+                self.model(x.to(self.device), y.to(self.device))
+        return collect_stats(self.model, forward)
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -211,12 +206,10 @@ class Trainer:
             where = f"{self.device}" + (f" x{d.world} (DDP)" if d.enabled else "")
             self.log(f"elas: {cfg.preset} | {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params "
                      f"| {where} | global batch {self.global_batch} x {cfg.seq_len} tokens | run dir {self.run_dir}")
-            act24 = next((m.act24 for m in self.model.modules() if getattr(m, "act24", None)), None)
-            if act24 is not None:
-                self.log(f"elas: 2:4 activation sparsity ({act24.grad_mode} gradient) after "
-                         f"{act24.dense_warmup_steps} dense steps; {act24.describe()}")
-            self.log("elas: steps replayed from a CUDA graph (captured at the first step and when 2:4 sparsity "
-                     "starts; opt out with --set cuda_graphs=false)" if self.eager_reason is None
+            for line in describe(self.model):
+                self.log(f"elas: {line}")
+            self.log("elas: steps replayed from a CUDA graph (captured at the first step and when a sparsity "
+                     "method changes mode; opt out with --set cuda_graphs=false)" if self.eager_reason is None
                      else f"elas: eager steps ({self.eager_reason})")
             if self.ckpt is not None:
                 self.log(f"elas: resumed from {self.ckpt} at step {self.step}")
@@ -250,7 +243,7 @@ class Trainer:
                     if bool(all_reduce_sum(bad.float(), d).item()):  # one host sync per log, not per step
                         raise TrainError(f"loss became NaN/inf by step {self.step}; stopped without saving. The last "
                                          f"good checkpoint is {getattr(latest_checkpoint(self.run_dir), 'name', 'none')}; "
-                                         f"lower --set lr or raise model.dense_warmup_steps and --resume")
+                                         f"lower --set lr or raise model.act24.dense_warmup_steps and --resume")
                 if log_now:
                     loss_v = all_reduce_sum(loss.detach().clone(), d).item() / d.world
                     if self.device.type == "cuda":
@@ -261,7 +254,7 @@ class Trainer:
                     rec = {"step": self.step, "loss": loss_v, "lr": self.optimizer.param_groups[0]["lr"],
                            "tokens": self.tokens, "grad_norm": float(gnorm), "tokens_per_s": tps,
                            "mfu": tps * self.flops_per_token / (self.peak * d.world) if self.peak else None,
-                           "sparse": bool(cfg.model.act_sparsity) and step >= cfg.model.dense_warmup_steps}
+                           "sparse": "sparse" in self.modes, "modes": list(self.modes)}
                     rec.update({k: v for k, v in stats.items() if k.endswith("/mean")})
                     rec["stats"] = {k: v for k, v in stats.items() if not k.endswith("/mean")}
                     self._write_metrics(rec)

@@ -114,10 +114,16 @@ def _kernel(y1_ptr, val_ptr, meta_ptr, bits_ptr, count_ptr, K, stride, TILES: tl
 DEFAULT_TILES, DEFAULT_WARPS = 2, 8
 
 
+def _direct(kernel):
+    return kernel
+
+
 def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | None = None, tiles: int = DEFAULT_TILES,
-                            num_warps: int = DEFAULT_WARPS) -> Packed24:
+                            num_warps: int = DEFAULT_WARPS, launch=_direct) -> Packed24:
     """y1: [M, K] bf16/fp32 -> Packed24 of 2:4(relu(y1)^2) (values bf16). See module docs.
-    feature_counts: optional int32 [K], incremented by the positives of each column of y1 (for the 95/5 split)."""
+    feature_counts: optional int32 [K], incremented by the positives of each column of y1 (for the 95/5 split).
+    launch: how the kernel is launched: directly, or `torch.library.wrap_triton` inside the operator
+    (kernels/ops.py), which lets torch.compile see the kernel."""
     if y1.dim() != 2 or y1.stride(1) != 1:
         raise ValueError(f"y1 must be a row-major 2-D tensor, got shape {tuple(y1.shape)} strides {y1.stride()}")
     if y1.dtype not in (torch.bfloat16, torch.float32):
@@ -134,7 +140,7 @@ def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | Non
     if count and (feature_counts.dtype != torch.int32 or feature_counts.shape != (k,)):
         raise ValueError(f"feature_counts must be int32 [{k}], got {feature_counts.dtype} {tuple(feature_counts.shape)}")
     grid = (m // 64, k // 32 // tiles)
-    _kernel[grid](y1, vals, meta, bits, feature_counts if count else bits, k, y1.stride(0), TILES=tiles,
+    launch(_kernel)[grid](y1, vals, meta, bits, feature_counts if count else bits, k, y1.stride(0), TILES=tiles,
                   ROUND_BF16=y1.dtype == torch.bfloat16, COUNT=count, num_warps=num_warps)
     return Packed24(buf.view(m, k * 9 // 16), bits, (m, k))
 
@@ -216,8 +222,9 @@ def _packed_buffer(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Te
 
 
 def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Tensor | None = None,
-                            dense_slots: torch.Tensor | None = None, n_dense: int = 0) -> Grads24:
-    """Triton twin of reference.relu2_sparse24_backward: one pass over dy2 (and y1 in ste mode); see there."""
+                            dense_slots: torch.Tensor | None = None, n_dense: int = 0, launch=_direct) -> Grads24:
+    """Triton twin of reference.relu2_sparse24_backward: one pass over dy2 (and y1 in ste mode); see there.
+    launch: as in relu2_sparsify24_packed."""
     m, k = dy2.shape
     if a is not None and a.shape != (m, k):
         raise ValueError(f"packed y2s is {a.shape}, dy2 is {tuple(dy2.shape)}")
@@ -245,7 +252,7 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Ten
     def ptr(t):  # outputs a configuration does not write still need a pointer (never dereferenced)
         return dy2 if t is None else t
 
-    _bwd_kernel[(m // 64, k // bk)](
+    launch(_bwd_kernel)[(m // 64, k // bk)](
         dy2, ptr(a.values if a is not None else None), ptr(a.mask_bits if a is not None else None), ptr(y1),
         ptr(y2s), ptr(dy1), ptr(dval), ptr(yt_val), ptr(yt_meta), ptr(dt_val), ptr(dt_meta), ptr(dense_slots),
         ptr(y2d), ptr(dy1d), m, k, max(n_dense, 1), STE=ste, FROM_Y1=a is None, SPLIT=split, BK=bk, num_warps=4)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..config import ModelConfig
-from .llama import build_model
-from .lowrank import LowRankLinear
+from .build import build_model
+from .config import ModelConfig
+from .model.lowrank import LowRankLinear
+from .sparsity import applied_methods
 
 
 def _part(name: str) -> str:
@@ -25,10 +26,11 @@ def model_summary(cfg: ModelConfig, seq_len: int = 256) -> dict:
 
     FLOPs count 2 per multiply-add of every matmul (LM head included, embedding lookup excluded), plus attention
     scores and values at the full (non-causal) 4*seq*d_model per layer, the convention of PaLM's MFU.
-    `fwd_flops_per_token_2to4` counts the FFN GEMMs that read the 2:4 operand (y2s.W_down in the forward pass)
-    at half: the work sparse tensor cores do.
+    `fwd_flops_per_token_2to4` counts the forward GEMMs whose operand a method makes 2:4 (an FFN's "y2", which
+    multiplies the down projection's d_ff factor) at half: the work sparse tensor cores do.
     """
     model = build_model(cfg, device="meta")
+    sparse_y2 = {fqn for a in applied_methods(model) for fqn, op in a.claims if op == "y2"}
     parts: dict[str, int] = {}
     for name, p in model.named_parameters():
         parts[_part(name)] = parts.get(_part(name), 0) + p.numel()
@@ -42,7 +44,7 @@ def model_summary(cfg: ModelConfig, seq_len: int = 256) -> dict:
         else:
             continue
         matmul += n
-        if cfg.act_sparsity and name.endswith(".ffn.down"):
+        if name.endswith(".down") and name[: -len(".down")] in sparse_y2:
             sparse_fwd += down_in  # the factor that multiplies y2s (d_ff -> r, or d_ff -> d_model)
     attn = 4 * seq_len * cfg.d_model * cfg.n_layers
     fwd = 2 * matmul + attn
@@ -57,5 +59,5 @@ def model_summary(cfg: ModelConfig, seq_len: int = 256) -> dict:
         "d_ff": cfg.ffn_width,
         "rank": cfg.rank,
         "ffn": cfg.ffn,
-        "act_sparsity": cfg.act_sparsity,
+        "methods": [a.config.name for a in applied_methods(model)],
     }

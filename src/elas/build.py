@@ -1,0 +1,31 @@
+"""build_model(cfg): construct the decoder, then apply the configured sparsity methods to it from outside.
+
+    model = build_model(model_preset("llama-60m-elas"), "cuda")
+
+is `LLaMA(cfg)` on the device followed by `sparsify_(model, m)` for each of `cfg.methods` (elas.sparsity), in
+order. `resolve_methods(cfg)` validates the method list alone (no model is built): the trainer calls it first,
+so a bad method key is one line before any data is read.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+from .model.llama import LLaMA
+from .sparsity import SparsityMethod, method_from_dict, sparsify_
+
+
+def resolve_methods(cfg: ModelConfig) -> list[SparsityMethod]:
+    return [method_from_dict(m) for m in cfg.methods]
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> LLaMA:
+    methods = resolve_methods(cfg)
+    with torch.device(device):
+        model = LLaMA(cfg)
+    for m in methods:
+        sparsify_(model, m)
+    return model
+
+
+__all__ = ["build_model", "resolve_methods"]

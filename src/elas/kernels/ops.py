@@ -1,0 +1,222 @@
+"""The 2:4 kernels as PyTorch operators (torch.library), so that torch.compile traces them without a graph break.
+
+Every operator has one schema, a CPU implementation that is the reference twin (reference.py: plain torch,
+emulated) and a CUDA implementation that is the Hopper kernel (Triton sparsifier and backward kernel through
+`triton_op` + `wrap_triton`, the cuSPARSELt GEMM extension through `custom_op`). Only tensors, ints, floats and
+bools cross the boundary; "not produced" outputs are empty tensors (an operator cannot return None).
+
+    elas::relu2_sparsify24_packed(y1 [M, K], count) -> buffer [M, K*9/16] bf16, mask_bits [M, K/8] u8,
+                                                       counts [K] i32 (positives per column; [0] if not count)
+    elas::relu2_sparse24_backward(dy2 [M, K], buffer?, mask_bits?, y1?, dense_slots?, n_dense)
+                                  -> y2s, dy1, dy1_values, y2s_t, dy1_t, y2s_dense, dy1_dense (reference.Grads24;
+                                     y2s_t / dy1_t as their [K, M*9/16] buffers)
+    elas::sparse_mm(a_buffer [M, K*9/16], b [K, N], m, k) -> a @ b [M, N]
+    elas::act24_ffn(h1 [T, q], wu [d_ff, q], wd [d_ff, q'], mask_grad, dense_frac?) -> h2 [T, q'] and the
+                    tensors its backward needs; its autograd formula is registered on it and runs
+    elas::act24_ffn_backward(...) -> dh1, dwu, dwd
+The last two are the packed 2:4 FFN core (sparsity/packed_ffn.py documents the algorithm): one operator per
+core, so the autograd graph holds one node per FFN and the saved tensors are the packed ones.
+
+The CUDA implementations assume a Hopper GPU whose extension is loaded: backends are chosen when a method is
+applied (kernels.resolve_backend), never inside a traced region.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference as ref
+from .packed import Packed24, check_shape
+
+try:  # Triton is optional: without it the operators have their CPU (reference) implementation only
+    import triton  # noqa: F401
+    from torch.library import triton_op, wrap_triton
+
+    from .cuda import sparsify as _tk
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    _tk = None
+
+_EMPTY_U8 = torch.empty(0, dtype=torch.uint8)
+
+
+def _define_triton_op(name: str, fn):
+    """A triton_op when Triton exists (its CUDA branch launches through wrap_triton, which torch.compile sees);
+    otherwise a custom_op with the same function as implementation and fake (the CPU branch traces)."""
+    if _tk is not None:
+        return triton_op(name, fn, mutates_args=())
+    op = torch.library.custom_op(name, fn, mutates_args=())
+    op.register_fake(fn)
+    return op
+
+
+# ---- sparsifier -----------------------------------------------------------------------------------------------
+def _relu2_sparsify24_packed(y1: Tensor, count: bool) -> tuple[Tensor, Tensor, Tensor]:
+    m, k = y1.shape
+    counts = torch.zeros(k if count else 0, dtype=torch.int32, device=y1.device)
+    if y1.device.type == "cuda":
+        p = _tk.relu2_sparsify24_packed(y1, counts if count else None, launch=wrap_triton)
+    else:
+        p = ref.relu2_sparsify24_packed(y1, counts if count else None)
+    return p.buffer, p.mask_bits, counts
+
+
+relu2_sparsify24_packed_op = _define_triton_op("elas::relu2_sparsify24_packed", _relu2_sparsify24_packed)
+
+
+def relu2_sparsify24_packed(y1: Tensor, count: bool = False) -> tuple[Packed24, Tensor | None]:
+    """y1: [M, K] -> (Packed24 of 2:4(relu(y1)^2), positives per column int32 [K] or None)."""
+    buf, bits, counts = relu2_sparsify24_packed_op(y1, count)
+    return Packed24(buf, bits, tuple(y1.shape)), (counts if count else None)
+
+
+# ---- backward pointwise kernel --------------------------------------------------------------------------------
+def _relu2_sparse24_backward(dy2: Tensor, buffer: Tensor | None, mask_bits: Tensor | None, y1: Tensor | None,
+                             dense_slots: Tensor | None, n_dense: int
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    m, k = dy2.shape
+    a = None if buffer is None else Packed24(buffer, mask_bits, (m, k))
+    if dy2.device.type == "cuda":
+        g = _tk.relu2_sparse24_backward(dy2, a, y1, dense_slots, n_dense, launch=wrap_triton)
+    else:
+        g = ref.relu2_sparse24_backward(dy2, a, y1, dense_slots, n_dense)
+    # a fresh empty tensor per missing output: an operator's outputs may not alias each other
+    return tuple(dy2.new_empty(0) if t is None else (t.buffer if isinstance(t, Packed24) else t) for t in g)
+
+
+relu2_sparse24_backward_op = _define_triton_op("elas::relu2_sparse24_backward", _relu2_sparse24_backward)
+
+
+def relu2_sparse24_backward(dy2: Tensor, a: Packed24 | None, y1: Tensor | None = None,
+                            dense_slots: Tensor | None = None, n_dense: int = 0) -> ref.Grads24:
+    """The operator with reference.relu2_sparse24_backward's interface (Grads24 out; see there)."""
+    m, k = dy2.shape
+    out = relu2_sparse24_backward_op(dy2, None if a is None else a.buffer, None if a is None else a.mask_bits, y1,
+                                     dense_slots, n_dense)
+    y2s, dy1, dval, yt, dt, y2d, dy1d = out
+    split, ste = dense_slots is not None, y1 is not None
+    empty_bits = torch.empty(0, dtype=torch.uint8, device=dy2.device)
+    if not split:  # which outputs a configuration produces (reference.Grads24)
+        return ref.Grads24(y2s, dy1, None if ste else dval)
+    return ref.Grads24(None, dy1 if ste else None, None if ste else dval, Packed24(yt, empty_bits, (k, m)),
+                       Packed24(dt, empty_bits, (k, m)), y2d, dy1d)
+
+
+# ---- 2:4 x dense GEMM -----------------------------------------------------------------------------------------
+@torch.library.custom_op("elas::sparse_mm", mutates_args=(), device_types="cpu")
+def sparse_mm_op(a_buffer: Tensor, b: Tensor, m: int, k: int) -> Tensor:
+    return ref.sparse_mm(Packed24(a_buffer, _EMPTY_U8, (m, k)), b)
+
+
+@sparse_mm_op.register_kernel("cuda")
+def _(a_buffer: Tensor, b: Tensor, m: int, k: int) -> Tensor:
+    from .cuda import gemm  # the extension was built and loaded when the backend was resolved
+    return gemm.sparse_mm(Packed24(a_buffer, _EMPTY_U8, (m, k)), b)
+
+
+@sparse_mm_op.register_fake
+def _(a_buffer, b, m, k):
+    return b.new_empty((m, b.shape[1]))
+
+
+def sparse_mm(a: Packed24, b: Tensor) -> Tensor:
+    """a: Packed24 [M, K] (2:4 along K), b: [K, N] -> a @ b [M, N] (bf16 on CUDA; b's dtype on CPU)."""
+    return sparse_mm_op(a.buffer, b, a.shape[0], a.shape[1])
+
+
+# ---- the packed 2:4 FFN core: one operator, autograd registered on it ----------------------------------------
+@torch.library.custom_op("elas::act24_ffn", mutates_args=())
+def act24_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac: float | None
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> h2 [T, q'] and what backward needs: (s0, s1) = (packed y2s buffer, mask bits) in mask mode, (y1, -) in
+    ste mode; (idx_d [n_dense] i64, slots [d_ff] i32) of the 95/5 split (empty without it)."""
+    y1 = h1 @ wu.T  # [T, d_ff]
+    # the split ranks features by their positives in y1 (as the masked core does), counted by the sparsifier
+    p, counts = relu2_sparsify24_packed(y1, count=dense_frac is not None)
+    h2 = sparse_mm(p, wd)  # [T, q']
+    idx_d, slots = h1.new_empty(0, dtype=torch.long), h1.new_empty(0, dtype=torch.int32)  # outputs never alias
+    if counts is not None:
+        dense = ref.dense_features_from_counts(counts, dense_frac)
+        n_dense = ref.n_dense_features(dense.numel(), dense_frac)  # host-known count: no sync
+        # stable sort puts the dense features first, in ascending feature order; slot j <- j-th of them
+        idx_d = torch.sort(dense.to(torch.uint8), descending=True, stable=True).indices[:n_dense]
+        slots = torch.full((dense.numel(),), -1, dtype=torch.int32, device=y1.device)
+        slots.index_copy_(0, idx_d, torch.arange(n_dense, dtype=torch.int32, device=y1.device))
+    if mask_grad:
+        return h2, p.buffer, p.mask_bits, idx_d, slots
+    return h2, y1, h1.new_empty(0), idx_d, slots  # ste: the backward kernel redoes the selection from y1
+
+
+@act24_ffn_op.register_fake
+def _(h1, wu, wd, mask_grad, dense_frac):
+    t, f = h1.shape[0], wu.shape[0]
+    h2 = h1.new_empty((t, wd.shape[1]))
+    if mask_grad:
+        s0, s1 = h1.new_empty((t, f * 9 // 16), dtype=torch.bfloat16), h1.new_empty((t, f // 8), dtype=torch.uint8)
+    else:
+        s0, s1 = h1.new_empty((t, f)), h1.new_empty(0)
+    if dense_frac is None:
+        return h2, s0, s1, h1.new_empty(0, dtype=torch.long), h1.new_empty(0, dtype=torch.int32)
+    n_dense = ref.n_dense_features(f, dense_frac)
+    return h2, s0, s1, h1.new_empty(n_dense, dtype=torch.long), h1.new_empty(f, dtype=torch.int32)
+
+
+@torch.library.custom_op("elas::act24_ffn_backward", mutates_args=())
+def act24_ffn_backward_op(dh2: Tensor, h1: Tensor, wu: Tensor, wd: Tensor, s0: Tensor, s1: Tensor, idx_d: Tensor,
+                          slots: Tensor, mask_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    t, f = h1.shape[0], wu.shape[0]
+    dh2, h1 = dh2.contiguous(), h1.contiguous()
+    split = slots.numel() > 0
+    p = Packed24(s0, s1, (t, f)) if mask_grad else None
+    y1 = None if mask_grad else s0
+    dy2 = dh2 @ wd.T  # [T, d_ff]
+    g = relu2_sparse24_backward(dy2, p, y1, slots if split else None, idx_d.numel())
+    if split:
+        # 95/5 split: every feature as a 2:4 GEMM pruned along tokens, then the n_dense densest features' rows
+        # overwritten by their exact dense product (5% of the sparse GEMM's rows are wasted work; no gather or
+        # scatter of the other 95%)
+        dwd = sparse_mm(g.y2s_t, dh2).index_copy_(0, idx_d, g.y2s_dense.T @ dh2)  # [d_ff, q']
+        dwu = sparse_mm(g.dy1_t, h1).index_copy_(0, idx_d, g.dy1_dense.T @ h1)  # [d_ff, q]
+    else:
+        dwd = g.y2s.T @ dh2  # [d_ff, q']
+        dwu = g.dy1.T @ h1  # [d_ff, q]
+    if g.dy1_values is not None:  # dy1 is 2:4 with the forward's metadata: reuse it, swap the values
+        n_val = t * f // 2
+        dbuf = torch.empty_like(p.buffer).view(-1)
+        dbuf[:n_val] = g.dy1_values.view(-1)
+        dbuf[n_val:] = p.buffer.view(-1)[n_val:]
+        dh1 = sparse_mm(Packed24(dbuf.view_as(p.buffer), p.mask_bits, p.shape), wu)  # [T, q]
+    else:
+        dh1 = g.dy1 @ wu
+    return dh1.to(h1.dtype), dwu.to(wu.dtype), dwd.to(wd.dtype)
+
+
+@act24_ffn_backward_op.register_fake
+def _(dh2, h1, wu, wd, s0, s1, idx_d, slots, mask_grad):
+    return torch.empty_like(h1), torch.empty_like(wu, memory_format=torch.contiguous_format), \
+        torch.empty_like(wd, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    h1, wu, wd, mask_grad, _ = inputs
+    _, s0, s1, idx_d, slots = output
+    ctx.mask_grad = mask_grad
+    ctx.save_for_backward(h1, wu, wd, s0, s1, idx_d, slots)
+
+
+def _backward(ctx, dh2, *_unused):
+    h1, wu, wd, s0, s1, idx_d, slots = ctx.saved_tensors
+    dh1, dwu, dwd = act24_ffn_backward_op(dh2, h1, wu, wd, s0, s1, idx_d, slots, ctx.mask_grad)
+    return dh1, dwu, dwd, None, None
+
+
+act24_ffn_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def act24_ffn(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac: float | None = None) -> Tensor:
+    """The packed 2:4 FFN core: h1 [T, q] bf16, wu [d_ff, q] bf16, wd [d_ff, q'] bf16 -> h2 [T, q'] bf16.
+    T and d_ff multiples of 64 (the SM90 layout's tile)."""
+    check_shape(h1.shape[0], wu.shape[0])
+    return act24_ffn_op(h1, wu, wd, mask_grad, dense_frac)[0]
+
+
+__all__ = ["relu2_sparsify24_packed", "relu2_sparse24_backward", "sparse_mm", "act24_ffn"]

@@ -1,0 +1,201 @@
+"""The method seam: sparsity methods are applied to a built model from outside, like torchao's `quantize_`.
+
+    sparsify_(model, config, filter_fn=None)
+
+dispatches on type(config) through a registry of handlers. A handler finds the modules the method targets
+(filter_fn(module, fqn) narrows them), attaches the method to them (an FFN core, a weight parametrisation) and
+returns an `Applied` record, kept in the model's `_elas_methods` list. Nothing in `elas.model` knows a method.
+
+A method's config (a dataclass deriving from `SparsityMethod`) declares:
+- `mode_at(step, max_steps)`: a hashable mode, a pure function of the step ("dense" during a warm-up, "sparse"
+  after; a later method may go sparse -> dense). `set_step(model, step, max_steps)` applies every method's mode
+  and returns the tuple of modes: the trainer keys CUDA-graph capture (and compilation) on it;
+- `stat_names`: the statistics it reports, collected by `collect_stats(model, fn)` (a probe forward);
+- `operands()`: which GEMM operands it makes sparse, per targeted module; two methods claiming the same operand
+  of the same module are an error when the second is applied.
+Method configs are serialised as {"method": NAME, "version": V, **fields} (`method_to_dict` / `method_from_dict`),
+the form `ModelConfig.methods` and a run's config.json hold.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Hashable
+
+import torch.nn as nn
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+class SparsityMethod:
+    """Base of every method config. Subclasses are dataclasses with a `name`, a `version` and the fields below."""
+    name: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+    stat_names: ClassVar[tuple[str, ...]] = ()
+
+    def mode_at(self, step: int, max_steps: int) -> Hashable:
+        raise NotImplementedError
+
+    def operands(self) -> tuple[str, ...]:
+        """The GEMM operands this method makes sparse, named on the module it targets (e.g. "y2": the d_ff
+        activation that multiplies the down projection; "up.weight")."""
+        raise NotImplementedError
+
+    def scaled(self, factor: float) -> "SparsityMethod":
+        """This config with its step-counted schedule (fields ending in `_steps`) scaled by factor: a recipe
+        written for one run length, used for another (the quality grid)."""
+        over = {f.name: int(round(getattr(self, f.name) * factor)) for f in dataclasses.fields(self)
+                if f.name.endswith("_steps")}
+        return dataclasses.replace(self, **over)
+
+    def _check_types(self) -> None:
+        """Values from config.json or `--set` arrive as JSON values or strings: coerce what is unambiguous,
+        reject the rest with one line naming the field."""
+        for f in dataclasses.fields(self):
+            v, default = getattr(self, f.name), f.default
+            want = type(default) if default is not None and default is not dataclasses.MISSING else None
+            if want is bool:
+                if isinstance(v, str) and v.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    v = v.lower() in ("true", "1", "yes", "on")
+                if not isinstance(v, bool):
+                    raise ValueError(f"invalid {self.name}.{f.name}={v!r}: expected true or false")
+            elif want is int and not isinstance(v, bool):
+                if isinstance(v, float) and v.is_integer():
+                    v = int(v)
+                if not isinstance(v, int):
+                    raise ValueError(f"invalid {self.name}.{f.name}={v!r}: expected an integer")
+            setattr(self, f.name, v)
+
+
+@dataclass
+class Applied:
+    """One method applied to one model: the config, the objects it attached (each with `set_mode(mode)` and a
+    `stats_sink`), the operands it claims, and how to take it off again."""
+    config: SparsityMethod
+    targets: list[tuple[str, Any]]  # (fqn of the targeted module, the attached object)
+    claims: set[tuple[str, str]]  # (fqn, operand)
+    detach: Callable[[], None]
+    description: str = ""
+    mode: Hashable = None
+    meta: dict = field(default_factory=dict)
+
+
+_HANDLERS: dict[type, Callable[[nn.Module, Any, FilterFn | None], Applied]] = {}
+METHODS: dict[str, type] = {}  # name -> config class
+
+
+def register_method(config_cls: type):
+    """Decorator of a handler `fn(model, config, filter_fn) -> Applied` for configs of type config_cls."""
+    def deco(fn):
+        _HANDLERS[config_cls] = fn
+        METHODS[config_cls.name] = config_cls
+        return fn
+    return deco
+
+
+def applied_methods(model: nn.Module) -> list[Applied]:
+    return model.__dict__.setdefault("_elas_methods", [])
+
+
+def sparsify_(model: nn.Module, config: SparsityMethod | None, filter_fn: FilterFn | None = None) -> nn.Module:
+    """Apply `config`'s method to `model` in place (None: take every applied method off). Returns model."""
+    methods = applied_methods(model)
+    if config is None:
+        for a in reversed(methods):
+            a.detach()
+        methods.clear()
+        return model
+    handler = _HANDLERS.get(type(config))
+    if handler is None:
+        known = ", ".join(c.__name__ for c in _HANDLERS) or "none"
+        raise TypeError(f"sparsify_: no handler for {type(config).__name__}; registered methods: {known}")
+    applied = handler(model, config, filter_fn)
+    taken = {c: a.config.name for a in methods for c in applied.claims & a.claims}
+    if taken:
+        applied.detach()
+        (fqn, op), other = next(iter(taken.items()))
+        raise ValueError(f"{config.name} and {other} both make operand {op!r} of {fqn or 'the model'} sparse; "
+                         f"apply one of them to it (filter_fn narrows a method's modules)")
+    methods.append(applied)
+    return model
+
+
+def set_step(model: nn.Module, step: int, max_steps: int) -> tuple:
+    """Put every applied method in its mode for `step`; returns the modes (one per method, in order)."""
+    modes = []
+    for a in applied_methods(model):
+        mode = a.config.mode_at(step, max_steps)
+        if mode != a.mode:
+            for _, obj in a.targets:
+                obj.set_mode(mode)
+            a.mode = mode
+        modes.append(mode)
+    return tuple(modes)
+
+
+def collect_stats(model: nn.Module, forward: Callable[[], Any]) -> dict[str, float]:
+    """Run `forward()` (a no-grad probe forward of model) with statistics on; returns each method's statistics
+    per target ("NAME/i", i the target's index) and their mean over targets ("NAME/mean"), with one host sync."""
+    sinks = []
+    for a in applied_methods(model):
+        for i, (_, obj) in enumerate(a.targets):
+            obj.stats_sink = []
+            sinks.append((i, obj))
+    try:
+        forward()
+    finally:
+        collected = [(i, obj.stats_sink) for i, obj in sinks]
+        for _, obj in sinks:
+            obj.stats_sink = None
+    keys, vals = [], []
+    for i, sink in collected:
+        for stats in sink:
+            for k, v in stats.items():
+                keys.append((k, i))
+                vals.append(v.float())
+    if not vals:
+        return {}
+    import torch
+    host = torch.stack(vals).tolist()
+    out: dict[str, float] = {f"{k}/{i}": v for (k, i), v in zip(keys, host)}
+    for name in dict.fromkeys(k for k, _ in keys):
+        layer = [v for (k, _), v in zip(keys, host) if k == name]
+        out[f"{name}/mean"] = sum(layer) / len(layer)
+    return out
+
+
+def describe(model: nn.Module) -> list[str]:
+    """One line per applied method: what it does and on which path (for the trainer's start-up log)."""
+    return [a.description for a in applied_methods(model)]
+
+
+def method_to_dict(config: SparsityMethod) -> dict:
+    return {"method": config.name, "version": config.version, **dataclasses.asdict(config)}
+
+
+def method_from_dict(d: dict) -> SparsityMethod:
+    """{"method": NAME, "version"?: V, **fields} -> the config object; a bad name, version or key is one line."""
+    if not isinstance(d, dict) or "method" not in d:
+        raise ValueError(f"a sparsity method is a mapping with a 'method' key (one of {', '.join(METHODS)}), got {d!r}")
+    d = dict(d)
+    name = d.pop("method")
+    cls = METHODS.get(name)
+    if cls is None:
+        near = difflib.get_close_matches(str(name), list(METHODS), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ValueError(f"unknown sparsity method {name!r}{hint}; known: {', '.join(METHODS)}")
+    version = d.pop("version", cls.version)
+    if not isinstance(version, int) or version > cls.version:
+        raise ValueError(f"{name} config version {version!r} is newer than this elas understands ({cls.version})")
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in d:
+        if k not in names:
+            near = difflib.get_close_matches(k, names, n=1)
+            hint = f" (did you mean {name}.{near[0]}?)" if near else ""
+            raise ValueError(f"unknown key {name}.{k}{hint}; valid: {', '.join(names)}")
+    return cls(**d)
+
+
+__all__ = ["SparsityMethod", "Applied", "register_method", "sparsify_", "set_step", "collect_stats", "describe",
+           "applied_methods", "method_to_dict", "method_from_dict", "METHODS"]

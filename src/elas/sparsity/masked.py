@@ -1,0 +1,54 @@
+"""The masked 2:4 FFN core: the reference path (plain torch, masked dense GEMMs: it EMULATES sparsity).
+
+On the d_ff-touching operands of a ReLU^2 FFN (see act24.ffn_operands): h1 [T, q] the input of the
+d_ff-producing factor wu [d_ff, q], and wd [d_ff, q'] the d_ff-consuming factor,
+
+    forward:  y1 = h1 wu^T   y2s = 2:4(relu(y1)^2) along d_ff (kernels.reference)   h2 = y2s wd   [T, q']
+    backward: dy2 = dh2 wd^T
+              ste  (ELAS):   dy1 = 2 relu(y1) dy2         (dL/dy2s passes the sparsifier as identity)
+              mask (Haziza): dy1 = 2 relu(y1) (dy2 * mask) (dy1 is 2:4 with the forward's pattern)
+              dwd = op(y2s)^T dh2, dwu = op(dy1)^T h1, dh1 = dy1 wu
+with op the identity, or with the 95/5 split (dense_frac) `reference.wgrad_split_operand`: the d_ff-wide operand
+pruned 2:4 along tokens except the densest features (most positives of y1), which stay dense; that is what the
+split's sparse + dense weight-gradient GEMMs compute. The split plan is computed here, from y1, in the forward.
+This is the numerical definition the packed core (kernels/ops.py: act24_ffn) is tested against.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernels import reference as ref
+
+
+class _MaskedAct24(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h1, wu, wd, mask_grad: bool, dense_frac: float | None):
+        y1 = h1 @ wu.T  # [T, d_ff]
+        y2s, mask = ref.relu2_sparsify24(y1)  # [T, d_ff], 2:4 along d_ff
+        dense = None if dense_frac is None else ref.dense_feature_split(torch.relu(y1), dense_frac)  # bool [d_ff]
+        ctx.mask_grad, ctx.split = mask_grad, dense is not None
+        ctx.save_for_backward(h1, wu, wd, y1, mask, *(() if dense is None else (dense,)))
+        return y2s @ wd  # [T, q']
+
+    @staticmethod
+    def backward(ctx, dh2):
+        h1, wu, wd, y1, mask, *dense = ctx.saved_tensors
+        y2s = ref.relu2_sparsify24(y1)[0]
+        dy2 = dh2 @ wd.T  # [T, d_ff]
+        if ctx.mask_grad:
+            dy2 = dy2 * mask
+        dy1 = 2 * torch.relu(y1) * dy2
+        if ctx.split:
+            y2s_w, dy1_w = ref.wgrad_split_operand(y2s, dense[0]), ref.wgrad_split_operand(dy1, dense[0])
+        else:
+            y2s_w, dy1_w = y2s, dy1
+        return dy1 @ wu, dy1_w.T @ h1, y2s_w.T @ dh2, None, None
+
+
+def masked_act24_ffn(h1: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, mask_grad: bool,
+                     dense_frac: float | None = None) -> torch.Tensor:
+    """h1 [T, q], wu [d_ff, q], wd [d_ff, q'] (one dtype) -> h2 [T, q'] (see module docs)."""
+    return _MaskedAct24.apply(h1, wu, wd, mask_grad, dense_frac)
+
+
+__all__ = ["masked_act24_ffn"]
