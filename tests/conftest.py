@@ -39,3 +39,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def preset(name: str, dense_warmup_steps: int | None = None, **over):
+    """model_preset(name, **over) with the act24 method's dense warm-up set (when given)."""
+    from elas.config import model_preset
+    cfg = model_preset(name, **over)
+    if dense_warmup_steps is not None:
+        cfg.method("act24")["dense_warmup_steps"] = dense_warmup_steps
+    return cfg

@@ -122,7 +122,8 @@ def test_gpu_layout_equals_cslt_compress(m, k):
 @pytest.mark.parametrize("m,k,n,bt", [(64, 64, 64, False), (256, 2176, 512, True), (1024, 3072, 256, False),
                                       (512, 4224, 1024, True), (2048, 8192, 512, False)])
 def test_gpu_sparse_mm_matches_reference(m, k, n, bt):
-    from elas.kernels.cuda import relu2_sparsify24_packed, sparse_mm
+    from elas.kernels.cuda.gemm import sparse_mm
+    from elas.kernels.cuda.sparsify import relu2_sparsify24_packed
     y1 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     a = relu2_sparsify24_packed(y1)
     bb = torch.randn((n, k) if bt else (k, n), device="cuda", dtype=torch.bfloat16)
@@ -136,7 +137,8 @@ def test_gpu_sparse_mm_matches_reference(m, k, n, bt):
 
 @pytest.mark.gpu
 def test_gpu_sparse_mm_graph_capture_and_compile():
-    from elas.kernels.cuda import relu2_sparsify24_packed, sparse_mm
+    from elas.kernels.cuda.gemm import sparse_mm
+    from elas.kernels.cuda.sparsify import relu2_sparsify24_packed
     m, k, n = 512, 2176, 512
     y1 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
@@ -169,7 +171,36 @@ def test_gpu_backend_selected():
     from elas import kernels
     ok, why = kernels.cuda_available()
     assert ok, why
-    assert kernels.get_backend("auto").__name__ == "elas.kernels.cuda"
+    assert kernels.resolve_backend("auto") == "cuda" and kernels.resolve_backend("cuda") == "cuda"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [False, True])
+def test_gpu_operators_equal_their_cpu_implementations(split):
+    """Each torch.library operator: the CUDA implementation (Triton / cuSPARSELt) against the CPU one (the
+    reference twin), through the dispatcher."""
+    from elas.kernels import ops
+    m, k, n = 256, 512, 128
+    y1 = adversarial(m, k, torch.bfloat16, seed=3)
+    got = ops.relu2_sparsify24_packed_op(y1.cuda(), split)
+    want = ops.relu2_sparsify24_packed_op(y1, split)
+    for g, w in zip(got, want):
+        assert torch.equal(g.cpu().view(torch.uint8), w.view(torch.uint8))
+    dy2 = torch.randn(m, k, dtype=torch.bfloat16)
+    slots = None
+    if split:
+        slots = torch.full((k,), -1, dtype=torch.int32)
+        slots[torch.tensor([1, 7, 300])] = torch.arange(3, dtype=torch.int32)
+    for mask_mode in (True, False):
+        args = (dy2, want[0], want[1], None, slots, 3 if split else 0) if mask_mode else \
+            (dy2, None, None, y1, slots, 3 if split else 0)
+        cuda_args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+        for g, w in zip(ops.relu2_sparse24_backward_op(*cuda_args), ops.relu2_sparse24_backward_op(*args)):
+            assert torch.equal(g.cpu().view(torch.uint8), w.view(torch.uint8))
+    b = torch.randn(k, n, dtype=torch.bfloat16)
+    c_gpu = ops.sparse_mm_op(want[0].cuda(), b.cuda(), m, k).float().cpu()
+    c_cpu = ops.sparse_mm_op(want[0], b.float(), m, k)
+    assert ((c_gpu - c_cpu).norm() / c_cpu.norm()).item() < 1e-2
 
 
 @needs_triton
@@ -213,15 +244,16 @@ def test_gpu_packed_ffn_matches_reference_path(rank, grad_mode, wgrad_dense_frac
     """The accelerated FFN (Triton + cuSPARSELt) against the masked-dense reference FFN, gradients included,
     with and without the 95/5 split of the weight gradients."""
     from elas.model import ReLU2FFN
-    from elas.sparsity import Act24Config, sparsify_
+    from elas.sparsity import Act24Config, set_step, sparsify_
     outs = []
     for path in ("masked", "auto"):
         torch.manual_seed(0)
-        f = ReLU2FFN(256, 2048, rank=rank).cuda().to(torch.bfloat16)
-        sparsify_(f, Act24Config(grad_mode=grad_mode, path=path, wgrad_dense_frac=wgrad_dense_frac))
-        f.sparse_active = True
+        f = ReLU2FFN.of_width(256, 2048, rank=rank).cuda().to(torch.bfloat16)
+        sparsify_(f, Act24Config(grad_mode=grad_mode, path=path, wgrad_dense_frac=wgrad_dense_frac,
+                                 dense_warmup_steps=0))
+        set_step(f, 0, 1)
         if path == "auto":
-            assert f.act24.describe().startswith("accelerated")
+            assert f.core.description.startswith("accelerated")
         torch.manual_seed(1)
         x = torch.randn(4, 256, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         y = f(x)

@@ -6,7 +6,8 @@ import torch
 
 from elas.cli import main
 from elas.config import model_preset
-from elas.model import LowRankLinear, build_model
+from elas.build import build_model
+from elas.model import LowRankLinear
 from elas.optim import LOROAdamW, exact_update
 
 from conftest import TINY, run_cli
@@ -89,7 +90,7 @@ def test_needs_a_low_rank_model():
 def _train_args(dataset, out, *extra):
     return ["train", "--preset", "llama-tiny-elas", "--optimizer", "loro_adamw", "--data", str(dataset),
             "--out", str(out), "--no-progress", *TINY, "--set", "model.rank=16", "--set", "log_every=1",
-            "--set", "loro_exact_every=3", "--set", "model.dense_warmup_steps=4", *extra]
+            "--set", "loro_exact_every=3", "--set", "model.act24.dense_warmup_steps=4", *extra]
 
 
 def test_loro_trains_and_resumes_exactly(dataset, tmp_path):
@@ -122,9 +123,11 @@ def test_quality_grid_runs_scales_and_skips_finished(dataset, tmp_path):
     from elas.train.experiment import run_grid, summarize, variant_config
     cfg = variant_config("llama-tiny", "elas", 400, str(dataset), tmp_path, 4, 1)
     # the paper's 10k-step recipe scaled to 400 steps: 10% lr warm-up, 10% dense warm-up, LORO K = 5%
-    assert (cfg.warmup_steps, cfg.model.dense_warmup_steps, cfg.loro_exact_every) == (40, 40, 20)
-    assert cfg.optimizer == "loro_adamw" and cfg.model.grad_mode == "ste"
-    assert variant_config("llama-tiny", "elas-nowarmup", 400, str(dataset), tmp_path, 4, 1).model.dense_warmup_steps == 0
+    act = cfg.model.method("act24")
+    assert (cfg.warmup_steps, act["dense_warmup_steps"], cfg.loro_exact_every) == (40, 40, 20)
+    assert cfg.optimizer == "loro_adamw" and act["grad_mode"] == "ste" and act["version"] == 1
+    nowarm = variant_config("llama-tiny", "elas-nowarmup", 400, str(dataset), tmp_path, 4, 1)
+    assert nowarm.model.method("act24")["dense_warmup_steps"] == 0
     logs = []
     rows = run_grid("llama-tiny", ["relu2", "elas-mask"], 4, str(dataset), tmp_path, batch_size=2, grad_accum=1,
                     log=logs.append)

@@ -6,8 +6,11 @@ import torch
 
 from elas.cli import main
 from elas.config import MODEL_PRESETS, apply_overrides, model_preset, relu2_width
-from elas.model import LowRankLinear, build_model
-from elas.model.stats import model_summary
+from elas.build import build_model
+from elas.model import LowRankLinear
+from elas.summary import model_summary
+
+from conftest import preset
 
 
 @pytest.mark.parametrize("name,expect", [("llama-60m", 58.1e6), ("llama-130m", 134.1e6), ("llama-350m", 367.7e6),
@@ -49,10 +52,11 @@ def test_flops_count_small_case():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_forward_backward_every_kind(variant, dtype):
     torch.manual_seed(0)
-    cfg = model_preset("llama-tiny" + variant, n_layers=2, dense_warmup_steps=0, vocab_size=256)
+    cfg = preset("llama-tiny" + variant, 0 if "24" in variant or "elas" in variant else None, n_layers=2,
+                 vocab_size=256)
     model = build_model(cfg).to(dtype)
-    from elas.sparsity import set_sparsity_step
-    set_sparsity_step(model, 0)
+    from elas.sparsity import set_step
+    assert set_step(model, 0, 1) == (("sparse",) if cfg.methods else ())
     idx = torch.randint(0, 256, (2, 16))
     loss = model(idx, idx)
     assert loss.dtype == torch.float32 and abs(loss.item() - torch.log(torch.tensor(256.0)).item()) < 1.0
@@ -81,22 +85,36 @@ def test_causal():
 def test_bad_config_values():
     with pytest.raises(ValueError, match="ffn"):
         model_preset("llama-60m", ffn="gelu")
-    with pytest.raises(ValueError, match="relu2"):
-        model_preset("llama-60m", act_sparsity="2:4")
+    with pytest.raises(ValueError, match="relu2"):  # a method that cannot apply: an error when the model is built
+        build_model(model_preset("llama-tiny", methods=[{"method": "act24"}], n_layers=1), "meta")
     with pytest.raises(ValueError, match="unknown preset"):
         model_preset("llama-61m")
-    cfg = model_preset("llama-60m")
+    cfg = model_preset("llama-60m-elas")
     with pytest.raises(KeyError, match="did you mean 'rank'"):
         apply_overrides(cfg, {"rnak": "4"})
-    apply_overrides(cfg, {"rank": "64", "permute_tokens": "true", "wgrad_dense_frac": "0.05"})
-    assert cfg.rank == 64 and cfg.permute_tokens is True and cfg.wgrad_dense_frac == 0.05
+    with pytest.raises(KeyError, match="model.act24.grad_mode"):  # the version-1 flat key names its new place
+        apply_overrides(cfg, {"grad_mode": "mask"}, prefix="model.")
+    apply_overrides(cfg, {"rank": "64", "act24.permute_tokens": "true", "act24.wgrad_dense_frac": "0.05"})
+    assert cfg.rank == 64 and cfg.method("act24") == {"method": "act24", "grad_mode": "ste", "permute_tokens": True,
+                                                      "wgrad_dense_frac": 0.05}
+    from elas.build import resolve_methods
+    (m,) = resolve_methods(cfg)
+    assert m.permute_tokens is True and m.wgrad_dense_frac == 0.05 and m.dense_warmup_steps == 1000
+    with pytest.raises(KeyError, match="does not apply"):
+        apply_overrides(model_preset("llama-60m"), {"act24.grad_mode": "mask"})
+    for bad, match in (({"method": "act42"}, "did you mean 'act24'"), ({"method": "act24", "grad": "x"}, "grad_mode"),
+                       ({"method": "act24", "grad_mode": "sign"}, "ste, mask"),
+                       ({"method": "act24", "permute_tokens": "maybe"}, "true or false"),
+                       ({"method": "act24", "version": 9}, "newer")):
+        with pytest.raises(ValueError, match=match):
+            resolve_methods(model_preset("llama-60m-relu2", methods=[bad]))
 
 
 def test_cli_model_json(capsys):
     assert main(["model", "--preset", "llama-1b", "--ffn", "relu2", "--rank", "512", "--act-sparsity", "2:4",
                  "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["d_ff"] == 8192 and info["rank"] == 512 and info["act_sparsity"] == "2:4"
+    assert info["d_ff"] == 8192 and info["rank"] == 512 and info["methods"] == ["act24"]
     assert info["params"] == model_summary(model_preset("llama-1b-elas"))["params"]
     assert main(["model", "--preset", "llama-7b", "--json"]) == 0  # meta device: no 27 GB allocation
     assert json.loads(capsys.readouterr().out)["params"] > 6.5e9

@@ -1,12 +1,23 @@
-"""Gradient modes, the weight-gradient split, the warm-up schedule, token permutation, statistics."""
+"""Gradient modes, the weight-gradient split, the warm-up schedule, token permutation, statistics, the seam."""
 import pytest
 import torch
 
+from elas.build import build_model
 from elas.config import model_preset
 from elas.kernels import reference as ref
-from elas.model import ReLU2FFN, build_model
-from elas.sparsity import (Act24Config, collect_stats, relu2_sparse24, set_sparsity_step, set_track_stats, sparsify_,
-                           token_permutation)
+from elas.model import DenseReLU2, ReLU2FFN
+from elas.sparsity import (Act24Config, Act24Core, applied_methods, collect_stats, masked_act24_ffn, set_step,
+                           sparsify_, token_permutation)
+from elas.sparsity.act24 import permutation_keys
+
+from conftest import preset
+
+
+def relu2_sparse24(y1, grad_mode):
+    """y1 -> 2:4(relu(y1)^2) through the masked core with an identity second factor (wu = I, wd = I): the core's
+    gradient w.r.t. its input h1 is then exactly the gradient through the sparsified activation."""
+    eye = torch.eye(y1.shape[1], dtype=y1.dtype)
+    return (masked_act24_ffn(y1, eye, eye, grad_mode == "mask"),)
 
 
 def _y1(n=12, f=16, seed=0):
@@ -44,9 +55,9 @@ def test_ste_and_mask_gradients_differ_exactly_on_dropped_entries():
 
 def _ffn(rank, **cfg):
     torch.manual_seed(0)
-    ffn = ReLU2FFN(16, 32, rank=rank).double()
-    sparsify_(ffn, Act24Config(**cfg))
-    ffn.sparse_active = True
+    ffn = ReLU2FFN.of_width(16, 32, rank=rank).double()
+    sparsify_(ffn, Act24Config(dense_warmup_steps=0, **cfg))
+    set_step(ffn, 0, 1)
     return ffn
 
 
@@ -107,26 +118,30 @@ def test_sparse_forward_equals_masked_dense():
 
 
 def test_token_permutation_is_invertible_and_fixed():
-    perm, inv = token_permutation(256, torch.device("cpu"))
+    keys = permutation_keys()
+    perm, inv = token_permutation(keys, 256)
     assert sorted(perm.tolist()) == list(range(256))
     assert torch.equal(perm[inv], torch.arange(256)) and torch.equal(inv[perm], torch.arange(256))
     assert not torch.equal(perm, torch.arange(256))
-    assert torch.equal(token_permutation(256, torch.device("cpu"))[0], perm)
+    assert torch.equal(token_permutation(permutation_keys(), 256)[0], perm)  # a function of the seed alone
+    with pytest.raises(ValueError, match="exceeds"):
+        token_permutation(keys, keys.numel() + 1)
 
 
 def test_dense_warmup_switch():
-    model = build_model(model_preset("llama-tiny-elas", dense_warmup_steps=3, n_layers=2))
-    ffns = [m for m in model.modules() if isinstance(m, ReLU2FFN)]
-    assert len(ffns) == 2
+    model = build_model(preset("llama-tiny-elas", dense_warmup_steps=3, n_layers=2))
+    cores = [m.core for m in model.modules() if isinstance(m, ReLU2FFN)]
+    assert len(cores) == 2 and all(isinstance(c, Act24Core) for c in cores)
     idx = torch.randint(0, 100, (2, 16))
-    assert set_sparsity_step(model, 0) is False and not any(f.sparse_active for f in ffns)
+    assert set_step(model, 0, 10) == ("dense",) and not any(c.active for c in cores)
     dense_out = model(idx)
-    assert set_sparsity_step(model, 2) is False
-    assert set_sparsity_step(model, 3) is True and all(f.sparse_active for f in ffns)
+    assert set_step(model, 2, 10) == ("dense",)
+    assert set_step(model, 3, 10) == ("sparse",) and all(c.active for c in cores)
     sparse_out = model(idx)
     assert not torch.allclose(dense_out, sparse_out)
-    sparsify_(model, None)
-    assert set_sparsity_step(model, 10) is False
+    sparsify_(model, None)  # every method off: the dense cores are back
+    assert set_step(model, 10, 10) == () and all(isinstance(m.core, DenseReLU2) for m in model.modules()
+                                                  if isinstance(m, ReLU2FFN))
     assert torch.allclose(model(idx), dense_out)
 
 
@@ -135,24 +150,44 @@ def test_sparsify_refuses_swiglu():
         sparsify_(build_model(model_preset("llama-tiny", n_layers=1)), Act24Config())
 
 
+def test_two_methods_claiming_one_operand_are_an_error():
+    model = build_model(model_preset("llama-tiny-relu2", n_layers=2))
+    sparsify_(model, Act24Config(), filter_fn=lambda m, fqn: fqn.startswith("blocks.0."))
+    (a,) = applied_methods(model)
+    assert [fqn for fqn, _ in a.targets] == ["blocks.0.ffn"] and ("blocks.0.ffn", "y2") in a.claims
+    sparsify_(model, Act24Config(grad_mode="mask"), filter_fn=lambda m, fqn: fqn.startswith("blocks.1."))
+    assert isinstance(model.blocks[1].ffn.core, Act24Core) and model.blocks[1].ffn.core.mask_grad
+    before = model.blocks[0].ffn.core
+    with pytest.raises(ValueError, match="both make operand 'y2' of blocks.0.ffn sparse"):
+        sparsify_(model, Act24Config())
+    assert model.blocks[0].ffn.core is before and len(applied_methods(model)) == 2  # the refused one is off
+
+
+def test_explicit_cuda_backend_is_an_error_where_it_cannot_load():
+    if torch.cuda.is_available():
+        pytest.skip("this machine can run the cuda backend")
+    with pytest.raises(ValueError, match="kernel backend 'cuda' was requested"):
+        sparsify_(ReLU2FFN.of_width(16, 64), Act24Config(backend="cuda"))
+    with pytest.raises(TypeError, match="bias-free nn.Linear"):
+        f = ReLU2FFN(torch.nn.Linear(16, 64), torch.nn.Linear(64, 16))
+        sparsify_(f, Act24Config())
+
+
 def test_stats():
-    model = build_model(model_preset("llama-tiny-elas", dense_warmup_steps=0, n_layers=2))
-    set_sparsity_step(model, 0)
-    set_track_stats(model, True)
-    model(torch.randint(0, 100, (2, 16)))
-    st = collect_stats(model)
+    model = build_model(preset("llama-tiny-elas", dense_warmup_steps=0, n_layers=2))
+    set_step(model, 0, 1)
+    st = collect_stats(model, lambda: model(torch.randint(0, 100, (2, 16))))
     assert set(st) >= {"y2_zero_frac/0", "y2_zero_frac/1", "dropped_nnz_frac/mean", "y2_zero_frac/mean"}
     # fresh init: about half of the pre-activations are negative
     assert 0.3 < st["y2_zero_frac/mean"] < 0.7
     # 2:4 keeps 2 of 4; with ~50% density it must drop some but not all non-zeros
     assert 0.05 < st["dropped_nnz_frac/mean"] < 0.6
-    ffn = next(m for m in model.modules() if isinstance(m, ReLU2FFN))
+    assert all(c.stats_sink is None for _, c in applied_methods(model)[0].targets)  # statistics are off again
     y1 = torch.tensor([[1.0, 2.0, 3.0, -1.0, 0.0, 0.0, 0.0, 5.0]])
     from elas.sparsity import relu2_stats
     s = relu2_stats(y1, None)
     assert s["y2_zero_frac"].item() == pytest.approx(4 / 8)
     assert s["dropped_nnz_frac"].item() == pytest.approx(1 / 4)
-    assert ffn.stats
 
 
 @pytest.mark.parametrize("rank", [0, 8])
@@ -166,10 +201,10 @@ def test_packed_path_matches_masked_path(rank, grad_mode, wgrad_dense_frac):
     ffns = []
     for path in ("masked", "packed"):
         torch.manual_seed(0)
-        f = ReLU2FFN(64, 256, rank=rank).to(torch.bfloat16)  # d_ff 256: the 25% split keeps 64 features dense
-        sparsify_(f, Act24Config(grad_mode=grad_mode, path=path, permute_tokens=True,
+        f = ReLU2FFN.of_width(64, 256, rank=rank).to(torch.bfloat16)  # d_ff 256: the 25% split keeps 64 dense
+        sparsify_(f, Act24Config(grad_mode=grad_mode, path=path, permute_tokens=True, dense_warmup_steps=0,
                                  wgrad_dense_frac=wgrad_dense_frac))
-        f.sparse_active = True
+        set_step(f, 0, 1)
         ffns.append(f)
     x = torch.randn(2, 64, 64, dtype=torch.bfloat16)
     gy = torch.randn(2, 64, 64, dtype=torch.bfloat16)
@@ -190,8 +225,7 @@ def test_packed_path_matches_masked_path(rank, grad_mode, wgrad_dense_frac):
 
 
 def test_packed_ffn_core_saves_less_in_mask_mode():
-    from elas import kernels
-    from elas.sparsity import packed_ffn_core
+    from elas.kernels.ops import act24_ffn
     h1 = torch.randn(128, 64, dtype=torch.bfloat16, requires_grad=True)
     wu = torch.randn(256, 64, dtype=torch.bfloat16, requires_grad=True)
     wd = torch.randn(256, 32, dtype=torch.bfloat16, requires_grad=True)
@@ -199,7 +233,7 @@ def test_packed_ffn_core_saves_less_in_mask_mode():
     for mode in ("mask", "ste"):
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            packed_ffn_core(h1, wu, wd, mode, kernels.reference)
+            act24_ffn(h1, wu, wd, mode == "mask")
         big = [t for t in saved if t.data_ptr() not in (h1.data_ptr(), wu.data_ptr(), wd.data_ptr())]
         sizes[mode] = sum(t.numel() * t.element_size() for t in big)
     dense_y2 = 128 * 256 * 2
@@ -212,8 +246,8 @@ def test_reference_path_under_bf16_autocast(variant):
     """The masked path's custom Functions under autocast (the trainer's GPU setting; CPU autocast here): the
     backward must cope with bf16 activations and fp32 master weights."""
     torch.manual_seed(0)
-    model = build_model(model_preset("llama-tiny" + variant, n_layers=2, vocab_size=256, dense_warmup_steps=0))
-    set_sparsity_step(model, 0)
+    model = build_model(preset("llama-tiny" + variant, 0, n_layers=2, vocab_size=256))
+    set_step(model, 0, 1)
     idx = torch.randint(0, 256, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(idx, idx)
@@ -227,9 +261,9 @@ def test_packed_path_with_fp32_weights_no_autocast(rank):
     """precision=fp32 on a GPU: fp32 master weights, no autocast; the packed core runs in bf16 inside and the
     FFN returns the caller's dtype."""
     torch.manual_seed(0)
-    f = ReLU2FFN(64, 128, rank=rank)
-    sparsify_(f, Act24Config(path="packed"))
-    f.sparse_active = True
+    f = ReLU2FFN.of_width(64, 128, rank=rank)
+    sparsify_(f, Act24Config(path="packed", dense_warmup_steps=0))
+    set_step(f, 0, 1)
     x = torch.randn(2, 64, 64, requires_grad=True)
     y = f(x)
     assert y.dtype == torch.float32

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from elas.config import model_preset
-from elas.model import build_model
-from elas.sparsity import set_sparsity_step
+from elas.build import build_model
+from elas.sparsity import set_step
 from elas.train.step import StepGrads
 
 from conftest import TINY, run_cli
@@ -16,11 +16,14 @@ from conftest import TINY, run_cli
 SMALL = dict(n_layers=2, d_model=128, n_heads=2, intermediate=852, vocab_size=512, max_seq_len=64)
 
 
-def _model(variant: str, device: str, **over):
+def _model(variant: str, device: str, dense_warmup_steps: int | None = None, **over):
     name = "llama-tiny" if variant == "swiglu" else f"llama-tiny-{variant}"
     extra = {"rank": 64} if "lowrank" in variant or variant == "elas" else {}
+    cfg = model_preset(name, **SMALL, **extra, **over)
+    if dense_warmup_steps is not None:
+        cfg.method("act24")["dense_warmup_steps"] = dense_warmup_steps
     torch.manual_seed(0)
-    return build_model(model_preset(name, **SMALL, **extra, **over), device)
+    return build_model(cfg, device)
 
 
 def _batches(n: int, batch: int, seq: int, seed: int = 0):
@@ -45,7 +48,7 @@ def _manual(model, micro, clip, autocast):
 def test_eager_step_equals_the_textbook_loop():
     from contextlib import nullcontext
     model = _model("elas", "cpu", dense_warmup_steps=0)
-    set_sparsity_step(model, 0)
+    set_step(model, 0, 1)
     micro = _batches(3, 2, 16)
     want_loss, want_norm, want_grads = _manual(model, micro, 0.5, nullcontext)
     model.zero_grad(set_to_none=True)
@@ -78,7 +81,7 @@ def test_gpu_graph_step_equals_eager_step(variant):
     if variant == "relu2-24":
         over["wgrad_dense_frac"] = 0.05  # the 95/5 split: its feature selection must be sync-free
     model = _model(variant, "cuda", **over)
-    set_sparsity_step(model, 0)
+    set_step(model, 0, 1)
     bf16 = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
     micro = _batches(2, 4, 64)
     eager = StepGrads(model, model, bf16, grad_accum=2, grad_clip=1.0)
@@ -107,7 +110,7 @@ def test_gpu_trainer_graphs_reproduce_eager_losses(dataset, tmp_path, optimizer)
     extra = ["--optimizer", optimizer, "--set", "loro_exact_every=3"] if optimizer == "loro_adamw" else []
     args = [*extra, "--preset", "llama-tiny-elas", "--data", str(dataset), "--no-progress", *TINY, "--max-steps", "8",
             "--set", "log_every=1", "--set", "eval_every=8", "--set", "save_every=8",
-            "--set", "model.dense_warmup_steps=4", "--set", "model.intermediate=176", "--set", "model.d_model=128",
+            "--set", "model.act24.dense_warmup_steps=4", "--set", "model.intermediate=176", "--set", "model.d_model=128",
             "--set", "model.rank=64", "--set", "seq_len=64", "--set", "model.max_seq_len=64"]
     runs = {}
     for graphs in ("true", "false"):
@@ -153,22 +156,37 @@ def test_gpu_failed_capture_falls_back_to_eager_and_frees_its_memory():
     assert torch.randn(4, device="cuda").isfinite().all()  # the CUDA generator left its capture state
 
 
-def test_probe_stats_equal_the_stats_tracked_in_training(dataset, tmp_path):
-    """Graph-mode log steps measure the sparsity statistics with a no-grad probe forward; on the same sequences and
-    weights it reports what the training forward tracks (eager mode)."""
+def test_probe_stats_equal_the_statistics_of_the_training_forward(dataset, tmp_path):
+    """Log steps measure the sparsity statistics with a no-grad probe forward on the step's first sequences; on
+    the same sequences and weights they equal the definition applied to the pre-activations y1 that the training
+    forward computes (from every FFN's input, captured here by hooks)."""
     from elas.config import apply_overrides, train_config
-    from elas.sparsity import set_sparsity_step
+    from elas.kernels import reference as ref
+    from elas.model import ReLU2FFN
+    from elas.sparsity import relu2_stats
     from elas.train import Trainer
+    from elas.train.trainer import PROBE_SEQS
     cfg = train_config("llama-tiny-elas")
     over = dict(kv.split("=", 1) for kv in TINY[1::2])  # TINY is ["--set", "key=value", ...]
     apply_overrides(cfg, {**over, "data_dir": str(dataset), "out_dir": str(tmp_path / "r"), "device": "cpu",
-                          "model.dense_warmup_steps": 0})
+                          "model.act24.dense_warmup_steps": 0})
     tr = Trainer(cfg, progress=False, log=lambda *a: None)
-    set_sparsity_step(tr.model, 0)
+    set_step(tr.model, 0, 1)
     x, y = next(tr.batches.micro_batches(0, 1))
-    probed = tr._probe_stats(x, y)
-    _, _, tracked = tr.train_step(0, track_stats=True)
-    assert probed and set(probed) == set(tracked)
-    for k in probed:
-        assert probed[k] == pytest.approx(tracked[k], abs=1e-6), k
-    assert 0 < probed["y2_zero_frac/mean"] < 1
+    y1s = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: y1s.append(mod.up(inp[0]).detach()))
+             for m in tr.model.modules() if isinstance(m, ReLU2FFN)]
+    with torch.no_grad():
+        tr.model(x[:PROBE_SEQS], y[:PROBE_SEQS])
+    for h in hooks:
+        h.remove()
+    probed = tr._probe_stats(x[:PROBE_SEQS], y[:PROBE_SEQS])
+    assert len(y1s) == cfg.model.n_layers
+    for i, y1 in enumerate(y1s):
+        y1 = y1.reshape(-1, y1.shape[-1])
+        want = relu2_stats(y1, ref.relu2_sparsify24(y1)[1])
+        for k, v in want.items():
+            assert probed[f"{k}/{i}"] == pytest.approx(v.item(), abs=1e-6), (k, i)
+    assert 0 < probed["y2_zero_frac/mean"] < 1 and 0 < probed["dropped_nnz_frac/mean"] < 1
+    _, _, logged = tr.train_step(0, track_stats=True)  # what a log step records: the same probe
+    assert logged == pytest.approx(probed)

@@ -19,7 +19,7 @@ def losses(run):
 
 def train_args(dataset, out, *extra):
     return ["train", "--preset", "llama-tiny-elas", "--data", str(dataset), "--out", str(out), "--no-progress",
-            *TINY, "--set", "log_every=1", "--set", "model.dense_warmup_steps=4", *extra]
+            *TINY, "--set", "log_every=1", "--set", "model.act24.dense_warmup_steps=4", *extra]
 
 
 def test_kill_and_resume_reproduces_losses_exactly(dataset, tmp_path):
@@ -71,7 +71,8 @@ def test_run_dir_contents_eval_generate(dataset, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "validation perplexity" in text and "unigram baseline" in text
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model"]["act_sparsity"] == "2:4" and cfg["max_steps"] == 6 and cfg["seq_len"] == 32
+    assert cfg["model"]["methods"][0]["method"] == "act24" and cfg["max_steps"] == 6 and cfg["seq_len"] == 32
+    assert cfg["model"]["methods"][0]["version"] == 1 and cfg["config_version"] == 2
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "loss", "lr", "tokens", "tokens_per_s"} <= set(recs[0])
     assert [r["step"] for r in recs if "val_loss" in r] == [3, 6]

@@ -280,6 +280,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+TWINS_HELP = ("lowrank-relu2", "elas", "elas-mask", "relu2", "relu2-24")  # bench/compile.py TWINS, without torch
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -296,6 +299,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows: list = []
     extra: dict = {}
     sizes = args.sizes.split(",") if args.sizes else None
+    suffix = f"_batchx{args.batch_scale:g}" if args.batch_scale != 1.0 else ""
+    out = Path(args.out or f"benchmarks/results/{gpu}") / f"{args.what}{suffix}.json"
+
+    def write(rows: list, extra: dict | None = None) -> None:  # also after each row of long benchmarks
+        out.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"command": "elas bench " + " ".join(sys.argv[2:]), "env": env, **(extra or {}), "rows": rows}
+        out.write_text(json.dumps(doc, indent=1))
+
     if args.what == "gemm":
         rows = kb.bench_gemm(m=args.m)
         extra = {"host_overhead": kb.bench_host_overhead()}
@@ -307,14 +318,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.what == "ffn":
         from .bench.ffn import bench_ffn
         rows = bench_ffn(sizes, batch_scale=args.batch_scale)
+    elif args.what == "compile":
+        from .bench.compile import bench_compile
+        rows = bench_compile((sizes or ["llama-1b"])[0], args.variants.split(",") if args.variants else None,
+                             batch=int(32 * args.batch_scale), on_row=write)
     else:
         from .bench.ffn import bench_step
         rows = bench_step(sizes, batch_scale=args.batch_scale)
-    suffix = f"_batchx{args.batch_scale:g}" if args.batch_scale != 1.0 else ""
-    out = Path(args.out or f"benchmarks/results/{gpu}") / f"{args.what}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"command": "elas bench " + " ".join(sys.argv[2:]), "env": env, **extra, "rows": rows}
-    out.write_text(json.dumps(doc, indent=1))
+    write(rows, extra)
     print(f"wrote {out}")
     return 0
 
@@ -365,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="GPU kernel benchmarks (JSON under benchmarks/results/<gpu>/)")
-    p.add_argument("what", choices=["gemm", "sparsify", "ffn", "step", "loro", "report"],
+    p.add_argument("what", choices=["gemm", "sparsify", "ffn", "step", "loro", "compile", "report"],
                    help="report: render the result files into --doc")
     p.add_argument("--sizes", help="model sizes for ffn/step, e.g. llama-60m,llama-1b (default: 60m..1b)")
     p.add_argument("--batch-scale", type=float, default=1.0, help="scale the papers' per-GPU batch (ffn/step)")
@@ -374,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--m", type=int, default=16384, help="tokens (rows of the sparse operand)")
     p.add_argument("--out", help="directory for the JSON (default benchmarks/results/<gpu>)")
     p.add_argument("--gpu-name", help="folder name for the GPU (default: from the device name)")
+    p.add_argument("--variants", help=f"compile: comma-separated variants (default: {','.join(TWINS_HELP)})")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("experiment", help="run the quality grid of variants (one harness, same data and tokens)")

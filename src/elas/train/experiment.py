@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ..build import resolve_methods
-from ..config import LORO_DEFAULTS, VARIANTS, apply_overrides, preset_name, size_of, train_config
+from ..config import LORO_DEFAULTS, VARIANTS, apply_overrides, model_preset, preset_name, size_of, train_config
 from ..sparsity import method_to_dict
 from .trainer import Trainer, latest_checkpoint
 
@@ -33,8 +33,10 @@ def variant_config(size: str, variant: str, steps: int, data_dir: str, out: Path
         over.update(LORO_DEFAULTS[size_of(size)])
         over["loro_exact_every"] = max(2, round(steps * 500 / PAPER_STEPS))
     apply_overrides(cfg, over)
-    # the methods' step schedules (the dense warm-up) keep their share of the paper's run length
-    cfg.model.methods = [method_to_dict(m.scaled(steps / PAPER_STEPS)) for m in resolve_methods(cfg.model)]
+    # the methods' step schedules (the dense warm-up) keep their share of the paper's run length: scaled from
+    # the variant's recipe (the model preset), not from a size's training defaults
+    recipe = model_preset(preset_name(size, variant))
+    cfg.model.methods = [method_to_dict(m.scaled(steps / PAPER_STEPS)) for m in resolve_methods(recipe)]
     return cfg
 
 
