@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import FFN_KINDS, ModelConfig, act24, model_preset
+from .config import COMPILE_VARIANTS, FFN_KINDS, VARIANTS, ModelConfig, act24, model_preset
 from .sparsity.act24 import GRAD_MODES
 
 
@@ -280,9 +280,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-TWINS_HELP = ("lowrank-relu2", "elas", "elas-mask", "relu2", "relu2-24")  # bench/compile.py TWINS, without torch
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -385,12 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--m", type=int, default=16384, help="tokens (rows of the sparse operand)")
     p.add_argument("--out", help="directory for the JSON (default benchmarks/results/<gpu>)")
     p.add_argument("--gpu-name", help="folder name for the GPU (default: from the device name)")
-    p.add_argument("--variants", help=f"compile: comma-separated variants (default: {','.join(TWINS_HELP)})")
+    p.add_argument("--variants", help=f"compile: comma-separated variants (default: {','.join(COMPILE_VARIANTS)})")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("experiment", help="run the quality grid of variants (one harness, same data and tokens)")
     p.add_argument("--size", default="llama-60m")
-    p.add_argument("--variants", help="comma-separated subset (default: all of the grid)")
+    p.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--grad-accum", type=int, default=2)

@@ -98,11 +98,13 @@ SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
 
 @dataclass(frozen=True)
 class Variant:
-    """A named variant: ModelConfig keys ("size" = the size's LORO/ELAS rank) and the optimizer its recipe
-    trains with (`elas experiment`; `elas train` takes --optimizer)."""
+    """A named variant: ModelConfig keys ("size" = the size's LORO/ELAS rank), the optimizer its recipe trains
+    with (`elas experiment`; `elas train` takes --optimizer), and its dense twin (the same widths and ranks
+    without the method: what benchmarks compare it with)."""
     model: dict
     optimizer: str = "adamw"
     about: str = ""
+    twin: str | None = None
 
 
 def act24(**fields: Any) -> dict:
@@ -116,18 +118,21 @@ VARIANTS: dict[str, Variant] = {
     "relu2-24": Variant({"ffn": "relu2", "methods": [act24(grad_mode="mask", permute_tokens=True,
                                                            wgrad_dense_frac=0.05)]},
                         about="relu2 + 2:4 activations, Haziza et al.'s recipe (mask gradient, token permutation, "
-                              "95/5 weight-gradient split)"),
+                              "95/5 weight-gradient split)", twin="relu2"),
     "lowrank-relu2": Variant({"ffn": "relu2", "rank": "size"}, "loro_adamw",
                              "relu2 with every attention/FFN linear low-rank (W = A.B), dense"),
     "elas": Variant({"ffn": "relu2", "rank": "size", "methods": [act24(grad_mode="ste")]}, "loro_adamw",
-                    "lowrank-relu2 + 2:4 activations with a straight-through gradient (ELAS)"),
+                    "lowrank-relu2 + 2:4 activations with a straight-through gradient (ELAS)", "lowrank-relu2"),
     "elas-mask": Variant({"ffn": "relu2", "rank": "size", "methods": [act24(grad_mode="mask")]}, "loro_adamw",
-                         "ELAS with the forward-mask gradient (dy1 2:4 too)"),
+                         "ELAS with the forward-mask gradient (dy1 2:4 too)", "lowrank-relu2"),
     "elas-nowarmup": Variant({"ffn": "relu2", "rank": "size", "methods": [act24(grad_mode="ste",
                                                                               dense_warmup_steps=0)]},
-                             "loro_adamw", "ELAS sparse from the first step (ablation of the dense warm-up)"),
+                             "loro_adamw", "ELAS sparse from the first step (ablation of the dense warm-up)",
+                             "lowrank-relu2"),
 }
 BENCH_VARIANTS = ("swiglu", "relu2", "relu2-24", "lowrank-relu2", "elas", "elas-mask")  # elas bench ffn/step
+# elas bench compile: each dense twin before the variants measured beside it
+COMPILE_VARIANTS = ("lowrank-relu2", "elas", "elas-mask", "relu2", "relu2-24")
 
 
 def preset_name(size: str, variant: str) -> str:
@@ -376,7 +381,7 @@ def _dataclass_type(cls, f):
 
 __all__ = [
     "TrainConfig", "TRAIN_DEFAULTS", "LORO_DEFAULTS", "train_config", "OPTIMIZERS", "ModelConfig", "MODEL_PRESETS",
-    "PRESET_RANKS", "SIZES", "VARIANTS", "BENCH_VARIANTS", "Variant", "act24", "preset_name", "model_preset",
+    "PRESET_RANKS", "SIZES", "VARIANTS", "BENCH_VARIANTS", "COMPILE_VARIANTS", "Variant", "act24", "preset_name", "model_preset",
     "relu2_width", "FFN_KINDS", "CONFIG_VERSION",
     "apply_overrides", "parse_value", "to_dict", "from_dict", "closest", "size_of",
 ]

@@ -15,15 +15,10 @@ import time
 import torch
 
 from ..build import build_model
-from ..config import preset_name
+from ..config import COMPILE_VARIANTS, VARIANTS, preset_name
 from ..optim import build_optimizer
 from .ffn import variant_config
 from .timing import event_ms
-
-# variant -> its dense twin (same widths and ranks, no method)
-TWINS = {"lowrank-relu2": None, "elas": "lowrank-relu2", "elas-mask": "lowrank-relu2", "relu2": None,
-         "relu2-24": "relu2"}
-
 
 def graph_breaks(size: str, variant: str, seq: int = 256) -> list[dict]:
     import torch._dynamo as dynamo
@@ -77,11 +72,11 @@ def compiled_step_ms(size: str, variant: str, batch: int, seq: int, steps: int, 
 def bench_compile(size: str = "llama-1b", variants=None, batch: int = 32, seq: int = 256, steps: int = 10,
                   warmup: int = 3, log=print, on_row=None) -> list[dict]:
     rows, dense = [], {}
-    for v in variants or list(TWINS):
-        row = {"variant": v, "dense_twin": TWINS.get(v), "breaks": graph_breaks(size, v, seq)}
+    for v in variants or list(COMPILE_VARIANTS):
+        twin = VARIANTS[v].twin
+        row = {"variant": v, "dense_twin": twin, "breaks": graph_breaks(size, v, seq)}
         row.update(compiled_step_ms(size, v, batch, seq, steps, warmup))
         dense[v] = row["compiled_step_ms"]
-        twin = TWINS.get(v)
         if twin in dense:
             row["dense_twin_step_ms"] = dense[twin]
             row["ratio_vs_dense"] = dense[twin] / row["compiled_step_ms"]

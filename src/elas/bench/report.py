@@ -109,7 +109,26 @@ def plot_step(doc: dict, png: Path) -> bool:
     return True
 
 
-RENDERERS = {"gemm.json": ("2:4 GEMM", gemm_table), "sparsify.json": ("ReLU² + 2:4 sparsifier", sparsify_table),
+def compile_table(doc: dict) -> str:
+    """elas bench compile: graphs/breaks per mode and the compiled step beside the dense twin."""
+    cmd = doc.get("command")
+    doc = {**doc, "command": " ; ".join(cmd) if isinstance(cmd, list) else cmd}
+    out = [_env_line(doc), "",
+           "| model | variant | batch x seq | graphs / breaks per mode | compiled step ms | dense twin ms | vs twin | "
+           "compile s | peak GB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        modes = ", ".join(f"{'/'.join(b['modes']) or 'dense'}: {b['graphs']} / {b['breaks']}" for b in r["breaks"])
+        twin = f"{r['dense_twin_step_ms']:.1f} ({r['dense_twin']})" if "dense_twin_step_ms" in r else "-"
+        ratio = f"**{r['ratio_vs_dense']:.3f}x**" if "ratio_vs_dense" in r else "-"
+        out.append(f"| {r['model']} | {r['variant']} | {r['batch']} x {r['seq']} | {modes} | "
+                   f"{r['compiled_step_ms']:.1f} | {twin} | {ratio} | {r['compile_s']:.0f} | {r['peak_mem_gb']:.1f} |")
+    if doc.get("note"):
+        out += ["", doc["note"]]
+    return "\n".join(out)
+
+
+RENDERERS = {"compile.json": ("torch.compile: graph breaks and the compiled step", compile_table),
+             "gemm.json": ("2:4 GEMM", gemm_table), "sparsify.json": ("ReLU² + 2:4 sparsifier", sparsify_table),
              "step.json": ("FFN and training step", step_tables)}
 
 
