@@ -129,3 +129,26 @@ def test_relu2_activation_gradient_and_dtype():
     torch.testing.assert_close(relu2(y1), torch.relu(y1) ** 2)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # stays in the input's dtype (no fp32 pow under autocast)
         assert relu2(torch.randn(4, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_version_1_run_configs_still_load():
+    """config.json of runs made before methods were a list (flat act_sparsity/grad_mode/... keys) migrates."""
+    from pathlib import Path
+
+    from elas.build import resolve_methods
+    from elas.train import load_run_config
+    run = Path(__file__).parents[1] / "docs" / "results" / "quality-60m" / "relu2-24"
+    cfg = load_run_config(run)
+    (m,) = resolve_methods(cfg.model)
+    assert (m.name, m.grad_mode, m.permute_tokens, m.wgrad_dense_frac) == ("act24", "mask", True, 0.05)
+    assert load_run_config(run.parent / "relu2").model.methods == []
+
+
+def test_cli_method_shorthands(capsys):
+    assert main(["model", "--preset", "llama-60m-elas", "--grad-mode", "mask", "--json"]) == 0
+    cfg = json.loads(capsys.readouterr().out)["config"]
+    assert cfg["methods"] == [{"method": "act24", "grad_mode": "mask"}]
+    assert main(["model", "--preset", "llama-60m-elas", "--act-sparsity", "none", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["methods"] == []
+    assert main(["model", "--preset", "llama-60m-relu2", "--grad-mode", "mask"]) == 2
+    assert "--act-sparsity 2:4" in capsys.readouterr().err
