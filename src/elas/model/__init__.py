@@ -1,5 +1,5 @@
 """Models: the LLaMA decoder (llama.py), FFNs (ffn.py), low-rank linears (lowrank.py). No method code lives here:
-elas.build.build_model constructs a model and applies the configured sparsity methods from outside."""
+elas.build.build_model constructs a model and applies the configured methods from outside."""
 from .ffn import DenseReLU2, ReLU2FFN, SwiGLU
 from .llama import LLaMA
 from .lowrank import LowRankLinear, make_linear

@@ -2,7 +2,7 @@
 
 Both take x: [batch, seq, d_model]; their linears are nn.Linear or LowRankLinear (W = A.B) from make_linear.
 `ReLU2FFN(up, down, core)` computes core(x, up, down); the default core is the dense relu(up(x))^2 -> down.
-Methods that change the FFN's middle (2:4 activations) replace the core from outside (elas.sparsity).
+Methods that change the FFN's middle (2:4 activations) replace the core from outside (elas.build applies them).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .lowrank import make_linear
 class _ReLU2(torch.autograd.Function):
     """y2 = relu(y1)^2 with a hand-written backward dy1 = 2 relu(y1) dy2.
 
-    Autograd of `r = relu(y1); r * r` runs four pointwise kernels in backward (two products for the two uses of
+    Autograd of `r = relu(y1); r * r` runs four pointwise launches in backward (two products for the two uses of
     r, their sum, the relu mask); this runs two and saves the same one tensor (r). Measured on H100 (bf16, 8192
     tokens, 1024 -> 3072 -> 1024): FFN forward+backward 0.595 ms vs 0.714 ms. Not `.square()` / `** 2`:
     autocast runs pow in fp32, doubling y2's memory and traffic."""

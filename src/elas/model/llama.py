@@ -2,7 +2,7 @@
 LM head, and a SwiGLU or ReLU^2 FFN; any attention/FFN linear optionally low-rank (W = A.B).
 
 The decoder holds no method code: `elas.build.build_model` constructs it and then applies the methods listed in
-`ModelConfig.methods` (elas.sparsity)."""
+`ModelConfig.methods`."""
 from __future__ import annotations
 
 import torch
