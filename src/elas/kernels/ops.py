@@ -14,8 +14,27 @@ bools cross the boundary; "not produced" outputs are empty tensors (an operator 
     elas::act24_ffn(h1 [T, q], wu [d_ff, q], wd [d_ff, q'], mask_grad, dense_frac?) -> h2 [T, q'] and the
                     tensors its backward needs; its autograd formula is registered on it and runs
     elas::act24_ffn_backward(...) -> dh1, dwu, dwd
-The last two are the packed 2:4 FFN core (sparsity/packed_ffn.py documents the algorithm): one operator per
-core, so the autograd graph holds one node per FFN and the saved tensors are the packed ones.
+The last two are the packed 2:4 FFN core: one operator per core, so the autograd graph holds one node per FFN
+and the saved tensors are the packed ones. For a ReLU^2 FFN (full-rank or low-rank) only the part around d_ff
+is special: h1 [T, q] is the input of the d_ff-producing factor (q = d_model, or the rank r), wu [d_ff, q] that
+factor, wd [d_ff, q'] the d_ff-consuming factor (W2^T for full-rank, N2 for low-rank):
+
+    forward:  y1 = h1 wu^T                 dense GEMM                     [T, d_ff]
+              p  = pack(2:4(relu(y1)^2))   sparsifier kernel              values [T, d_ff/2] + metadata + mask
+              h2 = p @ wd                  2:4 GEMM (reduces over d_ff)    [T, q']
+    backward: dy2 = dh2 wd^T               dense GEMM (output is d_ff wide)
+              y2s, dy1 (+ packed dy1)      one pointwise kernel (with the split: y2s^T, dy1^T packed 2:4 along
+                                           tokens, and the dense features' columns, instead of dense y2s)
+              dwd = y2s^T dh2, dwu = dy1^T h1   reduce over tokens: dense GEMMs, or with the 95/5 split
+                                           (dense_frac) 2:4 GEMMs on the along-token packing, whose rows of the
+                                           densest 5% of features are then replaced by dense GEMMs
+              dh1 = dy1 wu                 2:4 GEMM in `mask` mode (dy1 has the forward's pattern), dense in `ste`
+
+Saved for backward: `mask` mode keeps only the packed y2s (0.5625 of a dense bf16 y2, plus a 1/16 mask): relu(y1)
+on kept entries is rebuilt as sqrt(y2s). `ste` mode needs relu(y1) on the dropped entries too, so it keeps y1
+(one dense tensor, like a dense ReLU^2 FFN that recomputes y2); its backward kernel redoes the selection from y1.
+With the split, 4 of the 6 d_ff GEMMs run sparse in `mask` mode (Haziza et al.'s recipe), 3 in `ste` mode. The
+masked twin of this core (the numerical definition) is sparsity/masked.py.
 
 The CUDA implementations assume a Hopper GPU whose extension is loaded: backends are chosen when a method is
 applied (kernels.resolve_backend), never inside a traced region.

@@ -231,7 +231,7 @@ def _apply_act24(model: nn.Module, cfg: Act24Config, filter_fn) -> Applied:
                if cfg.wgrad_dense_frac is not None else "")
             + f") on {len(targets)} FFNs after {cfg.dense_warmup_steps} dense steps; " + "; ".join(paths))
     claims = {(n, op) for n, _ in targets for op in cfg.operands()}
-    return Applied(cfg, targets, claims, detach, desc, meta={"backend": backend})
+    return Applied(cfg, targets, claims, detach, desc)
 
 
 __all__ = ["Act24Config", "Act24Core", "GRAD_MODES", "PATHS", "ffn_operands", "relu2_stats", "token_permutation",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Hashable
 
 import torch.nn as nn
@@ -78,7 +78,6 @@ class Applied:
     detach: Callable[[], None]
     description: str = ""
     mode: Hashable = None
-    meta: dict = field(default_factory=dict)
 
 
 _HANDLERS: dict[type, Callable[[nn.Module, Any, FilterFn | None], Applied]] = {}
@@ -141,17 +140,19 @@ def collect_stats(model: nn.Module, forward: Callable[[], Any]) -> dict[str, flo
     for a in applied_methods(model):
         for i, (_, obj) in enumerate(a.targets):
             obj.stats_sink = []
-            sinks.append((i, obj))
+            sinks.append((i, obj, a.config))
     try:
         forward()
     finally:
-        collected = [(i, obj.stats_sink) for i, obj in sinks]
-        for _, obj in sinks:
+        collected = [(i, obj.stats_sink, cfg) for i, obj, cfg in sinks]
+        for _, obj, _ in sinks:
             obj.stats_sink = None
     keys, vals = [], []
-    for i, sink in collected:
+    for i, sink, cfg in collected:
         for stats in sink:
             for k, v in stats.items():
+                if k not in cfg.stat_names:  # what a method reports is what it declares
+                    raise RuntimeError(f"{cfg.name} reported statistic {k!r}, not among its stat_names {cfg.stat_names}")
                 keys.append((k, i))
                 vals.append(v.float())
     if not vals:
