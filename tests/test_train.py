@@ -115,12 +115,15 @@ def test_bad_inputs_are_one_line_errors(dataset, tmp_path, capsys):
     assert main(train_args(dataset, out, "--max-steps", "2", "--set", "save_every=2", "--set", "eval_every=2")) == 0
     capsys.readouterr()
     assert "--resume" in err(train_args(dataset, out, "--max-steps", "4"))
-    # a truncated checkpoint is a clear error, not a traceback
+    # a truncated (only) checkpoint is a clear error, not a traceback, and it is moved aside, not deleted
     ck = latest_checkpoint(out)
     data = (ck / "model.safetensors").read_bytes()
     (ck / "model.safetensors").write_bytes(data[: len(data) // 2])
-    assert "corrupt or truncated" in err(train_args(dataset, out, "--max-steps", "4", "--resume"))
-    assert "corrupt or truncated" in err(["eval", "--run", str(out)])
+    assert "holds no checkpoint that verifies" in err(train_args(dataset, out, "--max-steps", "4", "--resume"))
+    assert (out / "checkpoints" / (ck.name + ".corrupt") / "model.safetensors").is_file()
+    assert "has no checkpoint that verifies" in err(["eval", "--run", str(out)])
+    corrupt = out / "checkpoints" / (ck.name + ".corrupt")
+    assert "corrupt or truncated" in err(["eval", "--run", str(out), "--checkpoint", str(corrupt)])
 
 
 def test_toml_config_and_precedence(dataset, tmp_path):

@@ -216,13 +216,16 @@ def _load_run(args: argparse.Namespace):
     import torch
 
     from .build import build_model
-    from .train import CheckpointError, TrainError, latest_checkpoint, load_checkpoint, load_run_config
+    from .train import CheckpointError, TrainError, load_checkpoint, load_run_config, newest_verified
     from .train.trainer import pick_device
     try:
         cfg = load_run_config(args.run)
-        ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(Path(args.run))
+        ckpt = Path(args.checkpoint) if args.checkpoint else newest_verified(Path(args.run))
         if ckpt is None:
-            raise TrainError(f"{args.run} has no checkpoint yet")
+            damaged = sorted(p.name for p in (Path(args.run) / "checkpoints").glob("step-*") if p.is_dir())
+            raise TrainError(f"{args.run} has no checkpoint that verifies" + (
+                f" (damaged or incomplete: {', '.join(damaged)}; --checkpoint DIR loads one anyway)" if damaged
+                else " yet"))
         device = pick_device(args.device)
         torch.manual_seed(0)
         model = build_model(cfg.model, device)
@@ -368,7 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["adamw", "loro_adamw"],
                    help="loro_adamw also sets LORO's lr and exact-step period for the size")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--resume", nargs="?", const=True, choices=[True, "auto"], type=lambda v: v,
+                   help="continue the run in --out from its newest checkpoint that verifies (an error if it has "
+                        "none); --resume auto: continue if there is one, else start")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

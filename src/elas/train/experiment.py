@@ -15,7 +15,7 @@ from pathlib import Path
 from ..build import resolve_methods
 from ..config import LORO_DEFAULTS, VARIANTS, apply_overrides, model_preset, preset_name, size_of, train_config
 from ..sparsity import method_to_dict
-from .trainer import Trainer, latest_checkpoint
+from .trainer import Trainer
 
 QUALITY_VARIANTS = tuple(VARIANTS)  # every named variant (config.VARIANTS), with its recipe's optimizer
 PAPER_STEPS = 10_000  # the 60M recipe the schedules are written for (dense warm-up 1000 = 10%, LORO K = 500 = 5%)
@@ -55,7 +55,7 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
             log(f"{v}: done before, skipped")
             continue
         t0 = time.time()
-        trainer = Trainer(cfg, resume=latest_checkpoint(run) is not None, progress=False, log=log)
+        trainer = Trainer(cfg, resume="auto", progress=False, log=log)
         try:
             res = trainer.fit()
         finally:

@@ -23,7 +23,8 @@ from ..build import build_model, resolve_methods
 from ..optim import build_optimizer, warmup_cosine
 from ..sparsity import collect_stats, describe, method_to_dict, set_step
 from ..summary import model_summary
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, checkpoints, load_checkpoint, newest_verified, resume_checkpoint,
+                         save_checkpoint)
 from .distributed import Dist, all_reduce_sum, init_distributed, shutdown
 from .step import StepGrads
 
@@ -91,7 +92,9 @@ def evaluate(model, windows: TokenWindows, tokens: int, batch_size: int, device,
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False, log=print, progress: bool = True):
+    def __init__(self, cfg: TrainConfig, resume: bool | str = False, log=print, progress: bool = True):
+        """resume: False (the run directory must hold no checkpoint), True (it must: continue from its newest
+        checkpoint that verifies) or "auto" (continue if there is one, else start)."""
         self.cfg, self.log, self.progress = cfg, log, progress
         try:
             cfg.validate()
@@ -107,10 +110,22 @@ class Trainer:
         self.run_dir = Path(cfg.out_dir or f"runs/{cfg.preset}")
         if self.dist.main:
             check_writable(self.run_dir)
-        self.ckpt = latest_checkpoint(self.run_dir)
-        if self.ckpt is not None and not resume:
-            raise TrainError(f"{self.run_dir} already holds a run (checkpoint {self.ckpt.name}); pass --resume to "
+        found = checkpoints(self.run_dir)
+        if found and not resume:
+            raise TrainError(f"{self.run_dir} already holds a run (checkpoint {found[0].name}); pass --resume to "
                              f"continue it or choose another --out")
+        self.ckpt = None
+        if resume:  # rank 0 moves damaged checkpoints aside; then every rank takes the newest that verifies
+            if self.dist.main:
+                self.ckpt = resume_checkpoint(self.run_dir, log)
+            if self.dist.enabled:
+                torch.distributed.barrier()
+            if not self.dist.main:
+                self.ckpt = newest_verified(self.run_dir)
+        if resume is True and self.ckpt is None:
+            raise TrainError(f"--resume: {self.run_dir} holds no checkpoint that verifies" +
+                             (" (the damaged ones were moved aside as *.corrupt)" if found else "") +
+                             "; drop --resume to start a new run there, or pass --resume auto")
 
         # data
         try:
@@ -242,7 +257,7 @@ class Trainer:
                         bad |= ~torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
                     if bool(all_reduce_sum(bad.float(), d).item()):  # one host sync per log, not per step
                         raise TrainError(f"loss became NaN/inf by step {self.step}; stopped without saving. The last "
-                                         f"good checkpoint is {getattr(latest_checkpoint(self.run_dir), 'name', 'none')}; "
+                                         f"good checkpoint is {getattr(newest_verified(self.run_dir), 'name', 'none')}; "
                                          f"lower --set lr or raise model.act24.dense_warmup_steps and --resume")
                 if log_now:
                     loss_v = all_reduce_sum(loss.detach().clone(), d).item() / d.world

@@ -1,0 +1,131 @@
+"""Checkpoints a user can trust (CPU): damaged or dangling checkpoints, a real full disk, --resume semantics.
+
+Every case compares the resumed run's logged losses with an uninterrupted run, step by step, bit for bit."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from elas.train import latest_checkpoint, verify_checkpoint
+
+from conftest import run_cli
+from test_train import losses, train_args
+
+COMMON = ["--max-steps", "8", "--set", "save_every=2", "--set", "eval_every=100", "--set", "keep_checkpoints=3"]
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory):
+    """An uninterrupted run, and a copy-source run stopped (SIGKILL) after its checkpoints of steps 2, 4, 6."""
+    root = tmp_path_factory.mktemp("faults")
+    ref = run_cli(*train_args(dataset, root / "ref", *COMMON))
+    assert ref.returncode == 0, ref.stderr
+    killed = run_cli(*train_args(dataset, root / "killed", *COMMON), env={"ELAS_FAULT_AT_STEP": "6"})
+    assert killed.returncode < 0
+    assert latest_checkpoint(root / "killed").name == "step-00000006"
+    return root
+
+
+def _damage(path, how):
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    elif how == "zero":  # same size, a run of zero bytes in the middle (a bad sector, a sparse file)
+        mid = len(data) // 2
+        data[mid: mid + min(4096, len(data) - mid)] = bytes(min(4096, len(data) - mid))
+        path.write_bytes(bytes(data))
+    elif how == "nan":  # same size, float bytes turned into NaNs
+        mid = len(data) // 2
+        n = min(4096, len(data) - mid) // 4 * 4
+        data[mid: mid + n] = b"\x00\x00\xc0\x7f" * (n // 4)
+        path.write_bytes(bytes(data))
+
+
+def _resume_and_compare(dataset, run, ref):
+    r = run_cli(*train_args(dataset, run, *COMMON, "--resume"))
+    assert r.returncode == 0, r.stderr
+    a, b = losses(ref), losses(run)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
+    return r
+
+
+@pytest.mark.parametrize("how", ["truncate", "zero", "nan"])
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "trainer.json", "manifest.json"])
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(dataset, reference, tmp_path, name, how):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(reference / "killed", run)
+    newest = run / "checkpoints" / "step-00000006"
+    _damage(newest / name, how)
+    assert verify_checkpoint(newest) is not None
+    r = _resume_and_compare(dataset, run, reference / "ref")
+    assert "skipping checkpoint step-00000006" in r.stdout and "resumed from" in r.stdout
+    assert "step-00000004" in r.stdout.split("resumed from")[1].splitlines()[0]
+    assert (run / "checkpoints" / "step-00000006.corrupt").is_dir()  # kept for inspection, out of the way
+    assert latest_checkpoint(run).name == "step-00000008"
+    assert verify_checkpoint(run / "checkpoints" / "step-00000008") is None
+
+
+@pytest.mark.parametrize("pointer", ["deleted", "dangling"])
+def test_a_missing_or_dangling_latest_does_not_restart_the_run(dataset, reference, tmp_path, pointer):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(reference / "killed", run)
+    ptr = run / "checkpoints" / "latest"
+    if pointer == "deleted":
+        ptr.unlink()
+    else:
+        ptr.write_text("step-00000099")
+    r = _resume_and_compare(dataset, run, reference / "ref")
+    assert "step-00000006" in r.stdout.split("resumed from")[1].splitlines()[0]
+    steps = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
+    assert steps == ["step-00000004", "step-00000006", "step-00000008"]  # pruning kept this lineage's newest
+
+
+def test_resume_needs_a_checkpoint_unless_auto(dataset, tmp_path):
+    r = run_cli(*train_args(dataset, tmp_path / "empty", *COMMON, "--resume"))
+    assert r.returncode == 2 and "holds no checkpoint" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = run_cli(*train_args(dataset, tmp_path / "auto", "--max-steps", "2", "--set", "eval_every=100",
+                            "--resume", "auto"))
+    assert r.returncode == 0, r.stderr
+    assert latest_checkpoint(tmp_path / "auto").name == "step-00000002"
+
+
+FULL_DISK = r"""
+import resource, signal, sys, json
+from pathlib import Path
+import torch
+from elas.build import build_model
+from elas.config import model_preset
+from elas.train.checkpoint import CheckpointError, save_checkpoint, latest_checkpoint
+run = Path(sys.argv[1])
+model = build_model(model_preset("llama-tiny-elas", n_layers=1, vocab_size=256))
+opt = torch.optim.AdamW(model.parameters())
+model(torch.randint(0, 256, (1, 8)), torch.randint(0, 256, (1, 8))).backward(); opt.step()
+save_checkpoint(run, 1, model, opt, {"step": 1})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+try:
+    save_checkpoint(run, 2, model, opt, {"step": 2})
+except CheckpointError as e:
+    print("ERROR", e)
+"""
+
+
+def test_a_real_write_failure_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    """Not a monkeypatched writer: the file-size limit makes the real safetensors/torch writes fail."""
+    r = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path / "run")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    (line,) = [ln for ln in r.stdout.splitlines() if ln.startswith("ERROR")]
+    assert "could not write the checkpoint of step 2" in line and "GB free" in line
+    assert "the newest complete checkpoint is step-00000001" in line
+    ck = tmp_path / "run" / "checkpoints"
+    assert not list(ck.glob("*.tmp"))
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000001"
+    assert verify_checkpoint(ck / "step-00000001") is None
+    files = json.loads((ck / "step-00000001" / "manifest.json").read_text())["files"]
+    assert set(files) == {"model.safetensors", "optimizer.pt", "trainer.json"}
