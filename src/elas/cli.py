@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -99,6 +100,8 @@ def _load_toml(path: str) -> dict:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist") from None
+    except OSError as e:  # a directory, no permission, ...
+        raise UserError(f"config file {path} cannot be read ({e.strerror or e})") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"config file {path} is not valid TOML ({e})") from None
 
@@ -130,9 +133,15 @@ def resolve_train_config(args: argparse.Namespace):
 
     toml = _load_toml(args.config) if args.config else {}
     out_dir = args.out or toml.get("out_dir")
+    saved = None
     try:
         if args.resume and out_dir and (Path(out_dir) / "config.json").is_file():
-            cfg = load_run_config(out_dir)  # a resumed run keeps its own config; flags below still apply
+            cfg = load_run_config(out_dir)  # a resumed run keeps its own config and model
+            saved = copy.deepcopy(cfg.model)
+            if (args.preset or toml.get("preset")) not in (None, cfg.preset):
+                raise UserError(f"--preset {args.preset or toml.get('preset')} contradicts the run being resumed "
+                                f"({cfg.preset}): a resumed run keeps its model; choose another --out for a new one")
+            apply_model_flags(cfg.model, args)
         else:
             preset = args.preset or toml.pop("preset", None) or "llama-tiny-elas"
             cfg = train_config(preset)
@@ -148,8 +157,18 @@ def resolve_train_config(args: argparse.Namespace):
         apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
         if not cfg.out_dir:
             cfg.out_dir = f"runs/{cfg.preset}"
+        if saved is not None and cfg.model != saved:
+            diff = [f"model.{k}: {getattr(saved, k)!r} -> {getattr(cfg.model, k)!r}" for k in vars(saved)
+                    if getattr(saved, k) != getattr(cfg.model, k)]
+            raise UserError(f"these flags contradict the run being resumed ({'; '.join(diff)}): a resumed run keeps "
+                            f"its model; choose another --out for a new one")
         cfg.validate()
-    except (KeyError, ValueError, TrainError) as e:
+        # everything a run needs that costs nothing to check, before any data is prepared
+        from .build import build_model
+        from .train.trainer import pick_device
+        pick_device(cfg.device)
+        build_model(cfg.model, "meta")  # the methods' keys, and whether they apply to this model
+    except (KeyError, ValueError, TypeError, TrainError) as e:
         raise UserError(str(e).strip("'\"")) from None
     return cfg
 
@@ -246,6 +265,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .data import DataError, TokenWindows, load_meta
     from .train import evaluate
+    if args.tokens is not None and args.tokens <= 0:
+        raise UserError(f"--tokens {args.tokens} is invalid: expected a positive number of validation tokens")
     cfg, model, ckpt, device = _load_run(args)
     data = args.data or cfg.data_dir
     try:
@@ -270,6 +291,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .data.tokenizer import eot_id, load_tokenizer
     from .model.generate import sample
+    for name, value, lo in (("--max-new-tokens", args.max_new_tokens, 0), ("--temperature", args.temperature, 0),
+                            ("--top-k", args.top_k, 0)):
+        if value < lo:
+            raise UserError(f"{name} {value} is invalid: expected >= {lo}")
     cfg, model, _, device = _load_run(args)
     try:
         tok = load_tokenizer(str(Path(cfg.data_dir) / "tokenizer.json"))
@@ -447,6 +472,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
+    except BrokenPipeError:  # `elas model ... | head -1`: the reader left; not an error of ours
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("elas: interrupted", file=sys.stderr)
         return 130

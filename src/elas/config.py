@@ -76,8 +76,14 @@ class ModelConfig:
             bad("d_ff", self.ffn_width, "2:4 sparsity needs d_ff to be a multiple of 4 (128 recommended)")
         if self.d_model % self.n_heads or self.head_dim % 2:
             bad("n_heads", self.n_heads, f"d_model={self.d_model} must split into heads of even size")
+        if self.d_ff is not None and self.d_ff <= 0:
+            bad("d_ff", self.d_ff, "expected a positive width (or none: derived from the size)")
         if self.rank < 0:
             bad("rank", self.rank, "expected 0 (full-rank) or a positive rank")
+        if self.rank > 0 and self.rank >= min(self.d_model, self.ffn_width):
+            # (a rank below that which still saves no parameters builds that linear full-rank: make_linear)
+            bad("rank", self.rank, f"a factorisation W = A.B needs rank < min(d_in, d_out) = "
+                                   f"{min(self.d_model, self.ffn_width)}; use a smaller rank or 0 (full-rank)")
         if self.lowrank_scope not in ("all", "attn", "ffn"):
             bad("lowrank_scope", self.lowrank_scope, "expected all, attn or ffn")
         for name in ("d_model", "n_layers", "n_heads", "intermediate", "vocab_size", "max_seq_len"):
@@ -215,6 +221,14 @@ class TrainConfig:
             raise ValueError(f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"invalid precision={self.precision!r}: expected auto, bf16 or fp32")
+        if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
+                                                          and self.device[5:].isdigit())):
+            raise ValueError(f"invalid device={self.device!r}: expected auto, cpu, cuda or cuda:N")
+        for name in ("grad_clip", "weight_decay", "loro_rewarm_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"invalid {name}={getattr(self, name)!r}: expected >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"invalid betas ({self.beta1}, {self.beta2}): each in [0, 1)")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"invalid optimizer={self.optimizer!r}: expected one of {OPTIMIZERS}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
@@ -256,10 +270,14 @@ def train_config(preset: str = "llama-tiny-elas") -> TrainConfig:
 
 
 # ---- overrides ----------------------------------------------------------------------------------------------
-def parse_value(text: str, current: Any, key: str) -> Any:
-    """Parse a `--set key=value` string with the type of the field's current value."""
+def parse_value(text: str, current: Any, key: str, optional: bool = True) -> Any:
+    """Parse a `--set key=value` string with the type of the field's current value; `none` only where the
+    field may be None (optional)."""
     low = text.strip().lower()
     if low in ("none", "null"):
+        if not optional and current is not None:
+            raise ValueError(f"invalid value {text!r} for {key}: it cannot be none (expected a "
+                             f"{type(current).__name__})")
         return None
     if isinstance(current, bool):
         if low in ("1", "true", "yes", "on"):
@@ -318,9 +336,27 @@ def apply_overrides(obj: Any, items: dict[str, Any], prefix: str = "", absent_me
             if dataclasses.is_dataclass(cur):
                 raise KeyError(f"config key {prefix + head!r} is a section; set one of its keys, "
                                f"e.g. {prefix + head}.{fields(cur)[0].name}")
-            if isinstance(value, str):
-                value = parse_value(value, cur, prefix + key)
+            optional = "None" in str(next(f.type for f in fields(obj) if f.name == head))
+            if isinstance(value, str) and not isinstance(cur, str):
+                value = parse_value(value, cur, prefix + key, optional)
+            _check_type(value, cur, prefix + key, optional)
             setattr(obj, head, value)
+
+
+def _check_type(value: Any, current: Any, key: str, optional: bool) -> None:
+    """Values from TOML or Python keep the field's type: ints refuse floats (2.5 steps), bools refuse ints."""
+    if value is None:
+        if not optional:
+            raise ValueError(f"invalid value none for {key}: expected a {type(current).__name__}")
+        return
+    if current is None or isinstance(current, (list, dict)):
+        return
+    want = type(current)
+    ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise ValueError(f"invalid value {value!r} for {key}: expected a {want.__name__}")
 
 
 def _all_keys(obj: Any, prefix: str = "") -> list[str]:

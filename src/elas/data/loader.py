@@ -23,9 +23,34 @@ def load_meta(data_dir: str | Path) -> dict:
         raise DataError(f"{d} is not a prepared dataset (missing {', '.join(missing)}): "
                         f"run `elas data prepare --out {d}`")
     try:
-        return json.loads((d / "meta.json").read_text())
-    except json.JSONDecodeError:
+        meta = json.loads((d / "meta.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise DataError(f"{d / 'meta.json'} is corrupt: prepare the dataset again") from None
+    need = [k for k in ("vocab_size", "dtype") if not isinstance(meta, dict) or k not in meta]
+    if need:
+        raise DataError(f"{d / 'meta.json'} lacks {', '.join(need)}: prepare the dataset again")
+    try:
+        item = np.dtype(meta["dtype"]).itemsize
+    except TypeError:
+        raise DataError(f"{d / 'meta.json'} names an unknown token dtype {meta['dtype']!r}: prepare it again") from None
+    for split in ("train", "val"):
+        size = (d / f"{split}.bin").stat().st_size
+        if size == 0 or size % item:
+            raise DataError(f"{d / f'{split}.bin'} has {size} bytes, not a positive multiple of the {item}-byte "
+                            f"{meta['dtype']} tokens: the file is truncated or not this dataset's; prepare it again")
+    return meta
+
+
+def check_token_range(data_dir: str | Path, meta: dict, vocab_size: int) -> None:
+    """Token ids must be < the model's vocab_size: from meta's max_token_id (written at prepare time), or a scan
+    of the token files for datasets prepared before it was recorded (memory-mapped; once, at start-up)."""
+    top = meta.get("max_token_id")
+    if top is None:
+        d = Path(data_dir)
+        top = max(int(np.memmap(d / f"{s}.bin", dtype=np.dtype(meta["dtype"]), mode="r").max()) for s in ("train", "val"))
+    if top >= vocab_size:
+        raise DataError(f"{data_dir} holds token id {top}, but the model's vocab_size is {vocab_size}: "
+                        f"--set model.vocab_size={top + 1} or prepare the data with this model's tokenizer")
 
 
 class TokenWindows:

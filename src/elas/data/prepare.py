@@ -121,6 +121,7 @@ def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = 
             "dtype": np.dtype(dtype).name, "train_tokens": n_train, "val_tokens": n_val,
             "train_docs": len(train_txt), "val_docs": len(val_txt), "text_bytes": n_bytes,
             "val_frac": val_frac, "unigram_val_ppl": unigram_ppl(np.asarray(tr), np.asarray(va), vocab),
+            "max_token_id": int(max(tr.max(initial=0), va.max(initial=0))),  # checked against a model's vocab
             "seconds": round(time.time() - t0, 1),
         }
         del tr, va

@@ -17,7 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..config import TrainConfig, from_dict, to_dict
-from ..data.loader import Batches, TokenWindows, load_meta
+from ..data.loader import Batches, TokenWindows, check_token_range, load_meta
 from ..data.prepare import DataError
 from ..build import build_model, resolve_methods
 from ..optim import build_optimizer, warmup_cosine
@@ -107,9 +107,22 @@ class Trainer:
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
+        # data, before the run directory exists: a failed check leaves nothing behind. config.json records the
+        # data directory absolute, so eval/generate/--resume work from any working directory
+        cfg.data_dir = str(Path(cfg.data_dir).resolve())
+        try:
+            self.meta = load_meta(cfg.data_dir)
+            self.train_windows = TokenWindows(cfg.data_dir, "train", cfg.seq_len)
+            self.val_windows = TokenWindows(cfg.data_dir, "val", cfg.seq_len)
+            if self.meta["vocab_size"] > cfg.model.vocab_size:
+                raise TrainError(f"the tokenizer of {cfg.data_dir} has {self.meta['vocab_size']} tokens but the "
+                                 f"model's vocab_size is {cfg.model.vocab_size}: --set model.vocab_size="
+                                 f"{self.meta['vocab_size']} or prepare the data with --vocab-size "
+                                 f"{cfg.model.vocab_size}")
+            check_token_range(cfg.data_dir, self.meta, cfg.model.vocab_size)
+        except DataError as e:
+            raise TrainError(str(e)) from None
         self.run_dir = Path(cfg.out_dir or f"runs/{cfg.preset}")
-        if self.dist.main:
-            check_writable(self.run_dir)
         found = checkpoints(self.run_dir)
         if found and not resume:
             raise TrainError(f"{self.run_dir} already holds a run (checkpoint {found[0].name}); pass --resume to "
@@ -126,18 +139,9 @@ class Trainer:
             raise TrainError(f"--resume: {self.run_dir} holds no checkpoint that verifies" +
                              (" (the damaged ones were moved aside as *.corrupt)" if found else "") +
                              "; drop --resume to start a new run there, or pass --resume auto")
+        if self.dist.main:  # created only now that every check has passed
+            check_writable(self.run_dir)
 
-        # data
-        try:
-            self.meta = load_meta(cfg.data_dir)
-            self.train_windows = TokenWindows(cfg.data_dir, "train", cfg.seq_len)
-            self.val_windows = TokenWindows(cfg.data_dir, "val", cfg.seq_len)
-        except DataError as e:
-            raise TrainError(str(e)) from None
-        if self.meta["vocab_size"] > cfg.model.vocab_size:
-            raise TrainError(f"the tokenizer of {cfg.data_dir} has {self.meta['vocab_size']} tokens but the model's "
-                             f"vocab_size is {cfg.model.vocab_size}: --set model.vocab_size={self.meta['vocab_size']} "
-                             f"or prepare the data with --vocab-size {cfg.model.vocab_size}")
         self.global_batch = cfg.batch_size * cfg.grad_accum * self.dist.world
         self.batches = Batches(self.train_windows, self.global_batch, cfg.seed, self.dist.rank, self.dist.world)
 
