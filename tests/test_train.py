@@ -105,7 +105,7 @@ def test_bad_inputs_are_one_line_errors(dataset, tmp_path, capsys):
     assert "unknown preset" in err(["train", "--preset", "llama-60", "--data", str(dataset)])
     assert "did you mean 'lr'" in err(train_args(dataset, out, "--set", "lrr=1"))
     assert "did you mean 'model.rank'" in err(train_args(dataset, out, "--set", "model.rnak=1"))
-    assert "expected a int" in err(train_args(dataset, out, "--set", "max_steps=ten"))
+    assert "expected an integer" in err(train_args(dataset, out, "--set", "max_steps=ten"))
     (tmp_path / "afile").write_text("x")
     assert "not writable" in err(train_args(dataset, tmp_path / "afile" / "run"))
     (tmp_path / "bad.toml").write_text("lr = = 1")

@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["adamw", "loro_adamw"],
                    help="loro_adamw also sets LORO's lr and exact-step period for the size")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--resume", nargs="?", const=True, choices=[True, "auto"], type=lambda v: v,
+    p.add_argument("--resume", nargs="?", const=True, choices=[True, "auto"], type=lambda v: v, metavar="auto",
                    help="continue the run in --out from its newest checkpoint that verifies (an error if it has "
                         "none); --resume auto: continue if there is one, else start")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -65,6 +65,9 @@ class ModelConfig:
         def bad(name: str, value: Any, valid: str) -> None:
             raise ValueError(f"invalid model.{name}={value!r}: {valid}")
 
+        for name in ("d_model", "n_layers", "n_heads", "intermediate", "vocab_size", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                bad(name, getattr(self, name), "expected a positive integer")
         if self.ffn not in FFN_KINDS:
             bad("ffn", self.ffn, f"expected one of {FFN_KINDS}")
         if not isinstance(self.methods, list) or not all(isinstance(m, dict) and "method" in m for m in self.methods):
@@ -86,9 +89,6 @@ class ModelConfig:
                                    f"{min(self.d_model, self.ffn_width)}; use a smaller rank or 0 (full-rank)")
         if self.lowrank_scope not in ("all", "attn", "ffn"):
             bad("lowrank_scope", self.lowrank_scope, "expected all, attn or ffn")
-        for name in ("d_model", "n_layers", "n_heads", "intermediate", "vocab_size", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                bad(name, getattr(self, name), "expected a positive integer")
 
 
 # ---- presets ------------------------------------------------------------------------------------------------
@@ -270,6 +270,11 @@ def train_config(preset: str = "llama-tiny-elas") -> TrainConfig:
 
 
 # ---- overrides ----------------------------------------------------------------------------------------------
+def _a(type_name: str) -> str:
+    return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}.get(
+        type_name, f"a {type_name}")
+
+
 def parse_value(text: str, current: Any, key: str, optional: bool = True) -> Any:
     """Parse a `--set key=value` string with the type of the field's current value; `none` only where the
     field may be None (optional)."""
@@ -291,7 +296,7 @@ def parse_value(text: str, current: Any, key: str, optional: bool = True) -> Any
         if isinstance(current, float):
             return float(text)
     except ValueError:
-        raise ValueError(f"invalid value {text!r} for {key}: expected a {type(current).__name__}") from None
+        raise ValueError(f"invalid value {text!r} for {key}: expected {_a(type(current).__name__)}") from None
     if current is None:  # optional field: guess bool, number, else string
         if low in ("true", "false"):
             return low == "true"
@@ -347,7 +352,7 @@ def _check_type(value: Any, current: Any, key: str, optional: bool) -> None:
     """Values from TOML or Python keep the field's type: ints refuse floats (2.5 steps), bools refuse ints."""
     if value is None:
         if not optional:
-            raise ValueError(f"invalid value none for {key}: expected a {type(current).__name__}")
+            raise ValueError(f"invalid value none for {key}: expected {_a(type(current).__name__)}")
         return
     if current is None or isinstance(current, (list, dict)):
         return
@@ -356,7 +361,7 @@ def _check_type(value: Any, current: Any, key: str, optional: bool) -> None:
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True
     if not ok:
-        raise ValueError(f"invalid value {value!r} for {key}: expected a {want.__name__}")
+        raise ValueError(f"invalid value {value!r} for {key}: expected {_a(want.__name__)}")
 
 
 def _all_keys(obj: Any, prefix: str = "") -> list[str]:
