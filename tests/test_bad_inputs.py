@@ -178,3 +178,11 @@ def test_resume_refuses_flags_that_contradict_the_run(dataset, tmp_path, capsys)
     assert main(base + ["--max-steps", "4", "--resume"]) == 0  # the same flags: it continues
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["data_dir"] == str(dataset.resolve())  # absolute: eval/generate work from anywhere
+
+
+def test_a_closed_pipe_is_not_a_traceback():
+    import subprocess
+    import sys
+    r = subprocess.run(f"{sys.executable} -m elas model --list | head -1", shell=True, capture_output=True, text=True,
+                       timeout=120)
+    assert r.stdout.strip() == "llama-tiny" and "Traceback" not in r.stderr and "Broken pipe" not in r.stderr

@@ -47,6 +47,8 @@ def _resume_and_compare(dataset, run, ref):
     assert r.returncode == 0, r.stderr
     a, b = losses(ref), losses(run)
     assert sorted(a) == sorted(b) == list(range(1, 9))
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))  # cut exactly at the resumed step
     assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
     return r
 
@@ -129,3 +131,13 @@ def test_a_real_write_failure_is_one_line_and_keeps_the_previous_checkpoint(tmp_
     assert verify_checkpoint(ck / "step-00000001") is None
     files = json.loads((ck / "step-00000001" / "manifest.json").read_text())["files"]
     assert set(files) == {"model.safetensors", "optimizer.pt", "trainer.json"}
+
+
+def test_a_kill_during_a_checkpoint_write_resumes_from_the_one_before(dataset, reference, tmp_path):
+    run = tmp_path / "run"
+    killed = run_cli(*train_args(dataset, run, *COMMON), env={"ELAS_FAULT_IN_CHECKPOINT": "4"})
+    assert killed.returncode < 0
+    assert (run / "checkpoints" / "step-00000004.tmp").is_dir()  # the half-written one, never renamed in place
+    r = _resume_and_compare(dataset, run, reference / "ref")
+    assert "step-00000002" in r.stdout.split("resumed from")[1].splitlines()[0]
+    assert not list((run / "checkpoints").glob("*.tmp"))

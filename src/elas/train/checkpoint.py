@@ -157,6 +157,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
         tmp.mkdir()
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(weights, str(tmp / "model.safetensors"))
+        if os.environ.get("ELAS_FAULT_IN_CHECKPOINT") == str(step):  # fault injection: a kill mid-write (tests)
+            os.kill(os.getpid(), 9)
         torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / "optimizer.pt")
         (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
         for f in tmp.iterdir():
