@@ -118,11 +118,18 @@ def act24(**fields: Any) -> dict:
     return {"method": "act24", **fields}
 
 
+def sste24(**fields: Any) -> dict:
+    """The mapping of a 2:4 soft-thresholded weight method (fields: elas.sparsity.SSTE24Config)."""
+    return {"method": "sste24", **fields}
+
+
+HAZIZA = dict(grad_mode="mask", permute_tokens=True, wgrad_dense_frac=0.05)  # Haziza et al.'s 2:4 activations
+
+
 VARIANTS: dict[str, Variant] = {
     "swiglu": Variant({}, about="full-rank SwiGLU, the baseline"),
     "relu2": Variant({"ffn": "relu2"}, about="full-rank ungated ReLU^2 FFN, d_ff = 1.5 x SwiGLU rounded up to 128"),
-    "relu2-24": Variant({"ffn": "relu2", "methods": [act24(grad_mode="mask", permute_tokens=True,
-                                                           wgrad_dense_frac=0.05)]},
+    "relu2-24": Variant({"ffn": "relu2", "methods": [act24(**HAZIZA)]},
                         about="relu2 + 2:4 activations, Haziza et al.'s recipe (mask gradient, token permutation, "
                               "95/5 weight-gradient split)", twin="relu2"),
     "lowrank-relu2": Variant({"ffn": "relu2", "rank": "size"}, "loro_adamw",
@@ -135,6 +142,12 @@ VARIANTS: dict[str, Variant] = {
                                                                               dense_warmup_steps=0)]},
                              "loro_adamw", "ELAS sparse from the first step (ablation of the dense warm-up)",
                              "lowrank-relu2"),
+    "relu2-w24": Variant({"ffn": "relu2", "methods": [sste24()]},
+                         about="relu2 with 2:4 weights by soft-thresholding (S-STE), dense -> sparse -> dense "
+                               "(Madhyastha et al.; emulated)", twin="relu2"),
+    "relu2-w24-a24": Variant({"ffn": "relu2", "methods": [act24(**HAZIZA), sste24()]},
+                             about="relu2-w24 and Haziza's 2:4 activations together (emulated weights)",
+                             twin="relu2"),
 }
 BENCH_VARIANTS = ("swiglu", "relu2", "relu2-24", "lowrank-relu2", "elas", "elas-mask")  # elas bench ffn/step
 # elas bench compile: each dense twin before the variants measured beside it
@@ -422,7 +435,7 @@ def _dataclass_type(cls, f):
 
 __all__ = [
     "TrainConfig", "TRAIN_DEFAULTS", "LORO_DEFAULTS", "train_config", "OPTIMIZERS", "ModelConfig", "MODEL_PRESETS",
-    "PRESET_RANKS", "SIZES", "VARIANTS", "BENCH_VARIANTS", "COMPILE_VARIANTS", "Variant", "act24", "preset_name", "model_preset",
+    "PRESET_RANKS", "SIZES", "VARIANTS", "BENCH_VARIANTS", "COMPILE_VARIANTS", "Variant", "act24", "sste24", "preset_name", "model_preset",
     "relu2_width", "FFN_KINDS", "CONFIG_VERSION",
     "apply_overrides", "parse_value", "to_dict", "from_dict", "closest", "size_of",
 ]

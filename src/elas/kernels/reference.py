@@ -21,6 +21,7 @@ __all__ = [
     "mask24",
     "sparsify24",
     "relu2_sparsify24",
+    "soft_threshold24",
     "dense_feature_split",
     "n_dense_features",
     "dense_features_from_counts",
@@ -76,6 +77,21 @@ def relu2_sparsify24(y1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     r = torch.relu(y1)
     y2 = r * r  # in y1's dtype even under autocast (which would run .square(), a pow, in fp32)
     return sparsify24(y2, dim=-1)
+
+
+def soft_threshold24(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """S-STE's soft threshold (Hu et al., arXiv 2409.09099) along the last dim, in groups of 4:
+    t = the 2nd-smallest |w| of the group (the largest pruned magnitude); S_soft(w) = sign(w) max(|w| - t, 0).
+    The 2 largest keep their sign, shrunk by t; the others become 0. Returns (S_soft(w), mask of the kept two by
+    the tie rule of mask24). w: [..., K], K % 4 == 0."""
+    _check_group_dim(w, -1)
+    a = w.abs().reshape(*w.shape[:-1], w.shape[-1] // 4, 4)
+    lo = torch.minimum(a[..., 0::2], a[..., 1::2])  # [..., g, 2]: min of pairs (0,1), (2,3)
+    hi = torch.maximum(a[..., 0::2], a[..., 1::2])
+    # 2nd smallest of four = min(max of the two pair-minima, min of the two pair-maxima)
+    t = torch.minimum(lo.max(-1).values, hi.min(-1).values).unsqueeze(-1)  # [..., g, 1]
+    s = (torch.sign(w).reshape(a.shape) * torch.clamp(a - t, min=0)).reshape(w.shape)
+    return s, mask24(w)
 
 
 def n_dense_features(n_feat: int, dense_frac: float) -> int:

@@ -77,28 +77,37 @@ class Act24Config(SparsityMethod):
         return ops
 
 
+def _weight(lin: nn.Module) -> torch.Tensor:
+    """The weight a linear's forward multiplies by: `effective_weight()` where a weight method (S-STE) gives
+    one, else the parameter."""
+    return lin.effective_weight() if hasattr(lin, "effective_weight") else lin.weight
+
+
 def ffn_operands(up: nn.Module, down: nn.Module, xt: torch.Tensor):
     """The d_ff-touching operands of an FFN's two linears, for full-rank and low-rank alike, on xt [T, d]:
     h1 [T, q] and wu [d_ff, q] with up(xt) = h1 wu^T; wd [d_ff, q'] and post with down(y) = post(y wd)."""
     if isinstance(up, LowRankLinear):
         h1, wu = xt @ up.weight_in, up.weight_out  # [T, r], [d_ff, r]
     else:
-        h1, wu = xt, up.weight  # [T, d], [d_ff, d]
+        h1, wu = xt, _weight(up)  # [T, d], [d_ff, d]
     if isinstance(down, LowRankLinear):
         w_out = down.weight_out  # [d_model, r]
         # under autocast F.linear casts; without it the packed core's bf16 output meets the weight's dtype
         return h1, wu, down.weight_in, lambda h2: F.linear(
             h2 if torch.is_autocast_enabled(h2.device.type) else h2.to(w_out.dtype), w_out)
-    return h1, wu, down.weight.t(), lambda h2: h2  # wd = W_down^T [d_ff, d_model]
+    return h1, wu, _weight(down).t(), lambda h2: h2  # wd = W_down^T [d_ff, d_model]
 
 
 def _check_linears(fqn: str, ffn: ReLU2FFN) -> None:
-    """The cores read the factors of up/down directly: refuse modules whose weights they would bypass."""
+    """The cores read the factors of up/down (at each call, so a linear replaced later is seen): refuse modules
+    whose weights they would bypass. A subclass of nn.Linear must say what it multiplies by (effective_weight)."""
     for part in ("up", "down"):
         lin = getattr(ffn, part)
-        if type(lin) not in (nn.Linear, LowRankLinear) or getattr(lin, "bias", None) is not None:
+        known = type(lin) in (nn.Linear, LowRankLinear) or (isinstance(lin, nn.Linear)
+                                                             and hasattr(lin, "effective_weight"))
+        if not known or getattr(lin, "bias", None) is not None:
             raise TypeError(f"act24: {fqn}.{part} is a {type(lin).__name__}; the 2:4 cores support bias-free "
-                            f"nn.Linear and LowRankLinear (a method that replaces a linear must come after act24)")
+                            f"nn.Linear (or a subclass with effective_weight()) and LowRankLinear")
 
 
 def relu2_stats(y1: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:

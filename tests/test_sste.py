@@ -1,0 +1,168 @@
+"""2:4 weights by soft-thresholding (S-STE): the threshold, the frozen scale, the straight-through gradient, the
+dense -> sparse -> dense schedule, the combination with 2:4 activations, compile, exact resume across the switches."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from elas.build import build_model
+from elas.config import model_preset
+from elas.kernels import reference as ref
+from elas.model import ReLU2FFN
+from elas.sparsity import (Act24Config, SSTE24Config, SSTELinear, applied_methods, collect_stats, set_step,
+                           sparsify_)
+
+from conftest import TINY, run_cli
+
+
+def test_soft_threshold_is_the_second_smallest_magnitude():
+    w = torch.tensor([[1.0, -3.0, 2.0, 0.5, 4.0, 4.0, 1.0, 1.0, 0.0, 0.0, 0.0, -2.0]])
+    s, mask = ref.soft_threshold24(w)
+    # groups: t = 1 (of 0.5, 1, 2, 3); t = 1 (of 1, 1, 4, 4); t = 0 (of 0, 0, 0, 2)
+    assert s.tolist() == [[0.0, -2.0, 1.0, 0.0, 3.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, -2.0]]
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=g, dtype=torch.float64)
+    s, mask = ref.soft_threshold24(w)
+    a = w.abs().view(64, 32, 4)
+    t = a.sort(-1).values[..., 1:2]  # the 2nd smallest, by sorting
+    assert torch.equal(s.view(64, 32, 4), torch.sign(w).view(64, 32, 4) * (a - t).clamp(min=0))
+    assert ((s != 0) <= mask).all() and (mask.view(64, 32, 4).sum(-1) == 2).all()  # at most the 2 kept survive
+
+
+def _ffn(**cfg):
+    torch.manual_seed(0)
+    f = ReLU2FFN.of_width(16, 64).double()
+    sparsify_(f, SSTE24Config(**cfg))
+    return f
+
+
+def test_scale_is_frozen_at_the_first_sparse_step_and_saved():
+    f = _ffn(dense_warmup_steps=2, sparse_until=6)
+    assert isinstance(f.up, SSTELinear) and f.up.beta.item() == 0.0
+    assert set_step(f, 0, 10) == ("dense",)
+    assert set_step(f, 2, 10) == ("sparse",)
+    w = f.up.weight.detach()
+    s = ref.soft_threshold24(w)[0]
+    beta = ((w * s).sum() / (s * s).sum()).item()
+    assert f.up.beta.item() == pytest.approx(beta, rel=1e-6) and beta > 1  # the shrunk weights are scaled back up
+    with torch.no_grad():
+        f.up.weight.mul_(3.0)  # training moves the weights; beta stays
+    set_step(f, 3, 10)
+    assert f.up.beta.item() == pytest.approx(beta, rel=1e-6)
+    assert set_step(f, 6, 10) == ("dense-final",) and not f.up.active
+    g = _ffn(dense_warmup_steps=2, sparse_until=6)  # a resumed run: beta comes from the checkpoint
+    g.load_state_dict(f.state_dict())
+    set_step(g, 4, 10)
+    assert g.up.beta.item() == pytest.approx(beta, rel=1e-6)
+
+
+def test_forward_uses_scaled_soft_threshold_and_gradient_passes_straight_through():
+    f = _ffn(dense_warmup_steps=0, sparse_until=1.0)
+    set_step(f, 0, 10)
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    sw_up = (f.up.beta * ref.soft_threshold24(f.up.weight)[0]).detach().requires_grad_()
+    sw_down = (f.down.beta * ref.soft_threshold24(f.down.weight)[0]).detach().requires_grad_()
+    want = F.linear(torch.relu(F.linear(x, sw_up)) ** 2, sw_down)
+    got = f(x)
+    torch.testing.assert_close(got, want)
+    gy = torch.randn_like(want)
+    want.backward(gy)
+    got.backward(gy)
+    torch.testing.assert_close(f.up.weight.grad, sw_up.grad)  # dL/dW = dL/dS(W): straight through, no beta
+    torch.testing.assert_close(f.down.weight.grad, sw_down.grad)
+
+
+def test_schedule_by_fraction_and_by_step_and_bad_values():
+    c = SSTE24Config(dense_warmup_steps=10, sparse_until=0.5)
+    assert [c.mode_at(s, 100) for s in (9, 10, 49, 50, 99)] == ["dense", "sparse", "sparse", "dense-final",
+                                                                "dense-final"]
+    assert SSTE24Config(dense_warmup_steps=0, sparse_until=30).mode_at(30, 100) == "dense-final"
+    for bad in ({"sparse_until": 1.5}, {"sparse_until": -1}, {"sparse_until": "half"}, {"dense_warmup_steps": -2}):
+        with pytest.raises(ValueError, match="sste24"):
+            SSTE24Config(**bad)
+
+
+def test_applies_to_full_rank_relu2_only_and_claims_its_weights():
+    with pytest.raises(TypeError, match="low-rank"):
+        sparsify_(build_model(model_preset("llama-tiny-lowrank-relu2", n_layers=1)), SSTE24Config())
+    with pytest.raises(ValueError, match="ffn='relu2'"):
+        sparsify_(build_model(model_preset("llama-tiny", n_layers=1)), SSTE24Config())
+    m = build_model(model_preset("llama-tiny-relu2-w24", n_layers=1))
+    with pytest.raises(ValueError, match="already applied to blocks.0.ffn.up: both would make operand 'up.weight'"):
+        sparsify_(m, SSTE24Config())
+    assert isinstance(m.blocks[0].ffn.up, SSTELinear) and len(applied_methods(m)) == 1
+    sparsify_(m, None)
+    assert type(m.blocks[0].ffn.up) is torch.nn.Linear  # taken off again
+
+
+def test_with_2to4_activations_the_core_multiplies_the_soft_thresholded_weights():
+    torch.manual_seed(0)
+    f = ReLU2FFN.of_width(16, 64).double()
+    sparsify_(f, Act24Config(dense_warmup_steps=0))
+    sparsify_(f, SSTE24Config(dense_warmup_steps=0, sparse_until=1.0))  # replaces up/down after act24
+    set_step(f, 0, 10)
+    x = torch.randn(2, 8, 16, dtype=torch.float64)
+    su = f.up.beta * ref.soft_threshold24(f.up.weight)[0]
+    sd = f.down.beta * ref.soft_threshold24(f.down.weight)[0]
+    want = F.linear(ref.relu2_sparsify24(F.linear(x, su))[0], sd)
+    torch.testing.assert_close(f(x), want)
+
+
+def test_flip_rate_counts_mask_changes_between_probes():
+    m = build_model(model_preset("llama-tiny-relu2-w24", n_layers=1, vocab_size=256))
+    set_step(m, 5000, 10000)
+    idx = torch.randint(0, 256, (2, 16))
+    assert collect_stats(m, lambda: m(idx))["flip_rate/mean"] == 0.0  # the first probe has nothing to compare
+    w = m.blocks[0].ffn.up.weight
+    before = ref.soft_threshold24(w.detach())[1]
+    with torch.no_grad():
+        w.view(-1, 4)[::2] = w.view(-1, 4)[::2].flip(-1)  # every other group reversed: its mask moves
+    st = collect_stats(m, lambda: m(idx))
+    want = (ref.soft_threshold24(w.detach())[1] != before).float().mean().item()
+    assert 0 < want <= 0.5 and st["flip_rate/0"] == pytest.approx(want)  # up (target 0) changed
+    assert st["flip_rate/1"] == 0.0  # down did not
+
+
+@pytest.mark.parametrize("variant", ["relu2-w24", "relu2-w24-a24"])
+def test_fullgraph_in_every_phase(variant):
+    import torch._dynamo as dynamo
+    cfg = model_preset(f"llama-tiny-{variant}", n_layers=2, vocab_size=256)
+    for m in cfg.methods:
+        m["dense_warmup_steps"] = 10
+    cfg.method("sste24")["sparse_until"] = 20
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    idx = torch.randint(0, 256, (2, 64))
+    for step in (0, 10, 20):
+        set_step(model, step, 100)
+        dynamo.reset()
+        ex = dynamo.explain(model)(idx, idx)
+        assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        lc, le = compiled(idx, idx), model(idx, idx)
+        torch.testing.assert_close(lc, le)
+
+
+def test_kill_and_resume_across_both_switches_is_exact(dataset, tmp_path):
+    import json
+    import signal
+
+    def args(out, *extra):
+        return ["train", "--preset", "llama-tiny-relu2-w24", "--data", str(dataset), "--out", str(out),
+                "--no-progress", *TINY, "--set", "log_every=1", "--set", "model.sste24.dense_warmup_steps=2",
+                "--set", "model.sste24.sparse_until=6", "--max-steps", "9", "--set", "save_every=4",
+                "--set", "eval_every=100", *extra]
+
+    def losses(run):
+        rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: (r["loss"], r["modes"]) for r in rows if "loss" in r}
+
+    ref_run = run_cli(*args(tmp_path / "ref"))
+    assert ref_run.returncode == 0, ref_run.stderr
+    killed = run_cli(*args(tmp_path / "run"), env={"ELAS_FAULT_AT_STEP": "6"})  # checkpoint at 4, in the sparse phase
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run_cli(*args(tmp_path / "run", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = losses(tmp_path / "ref"), losses(tmp_path / "run")
+    assert sorted(a) == sorted(b) == list(range(1, 10))
+    assert [a[s][1] for s in (2, 3, 7)] == [["dense"], ["sparse"], ["dense-final"]]
+    assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
