@@ -286,6 +286,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_hf
+    out = Path(args.to)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise UserError(f"{out} exists and is not empty; pass --force to overwrite it or choose another --to")
+    args.device = "cpu"
+    cfg, model, _, _ = _load_run(args)
+    try:
+        export_hf(model, cfg.model, Path(cfg.data_dir) / "tokenizer.json", out)
+    except (RuntimeError, OSError) as e:
+        raise UserError(str(e).splitlines()[0]) from None
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -445,12 +459,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_data_prepare)
 
     for name, fn, hlp in (("eval", cmd_eval, "validation perplexity of a checkpoint"),
-                          ("generate", cmd_generate, "sample text from a checkpoint")):
+                          ("generate", cmd_generate, "sample text from a checkpoint"),
+                          ("export", cmd_export, "a checkpoint as a Hugging Face model directory (transformers)")):
         p = sub.add_parser(name, help=hlp)
         p.add_argument("--run", required=True, help="run directory")
         p.add_argument("--checkpoint", help="checkpoint directory (default: the run's latest)")
-        p.add_argument("--device", default="auto")
-        if name == "eval":
+        if name != "export":
+            p.add_argument("--device", default="auto")
+        if name == "export":
+            p.add_argument("--to", required=True, help="directory for the Hugging Face checkpoint")
+            p.add_argument("--force", action="store_true", help="overwrite a non-empty --to")
+        elif name == "eval":
             p.add_argument("--data", help="dataset directory (default: the run's)")
             p.add_argument("--tokens", type=int, help="validation tokens (default: the run's eval_tokens)")
             p.add_argument("--json", action="store_true")

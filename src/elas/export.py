@@ -1,0 +1,100 @@
+"""`elas export`: a trained run as a Hugging Face checkpoint (`AutoModelForCausalLM.from_pretrained(DIR)`).
+
+The decoder maps one to one onto transformers' LLaMA family: SwiGLU presets onto `LlamaForCausalLM`, the ungated
+ReLU^2 FFN onto `ArceeForCausalLM` (LLaMA with an up/down MLP and `hidden_act="relu2"`; vLLM serves it too).
+RMSNorm, the rotate-half RoPE, causal SDPA and the untied head are the same computations.
+- Low-rank linears are merged: W = M N^T ([d_out, d_in]).
+- Weight methods are exported as their forward sees them at the checkpoint's step (`effective_weight()`, e.g.
+  S-STE's S(W) in its sparse phase).
+- 2:4 *activation* sparsity cannot be expressed in a transformers model: the export computes dense ReLU^2
+  activations. `export_hf` says so when the run used it (the result then differs from elas's sparse forward).
+Needs the `hf` extra (transformers).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .model.lowrank import LowRankLinear
+
+_ATTN = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+_FFN = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+def _dense(lin: nn.Module) -> torch.Tensor:
+    if isinstance(lin, LowRankLinear):
+        return lin.merged_weight()
+    return lin.effective_weight() if hasattr(lin, "effective_weight") else lin.weight
+
+
+@torch.no_grad()
+def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """transformers LLaMA/Arcee names -> fp32 tensors of `model` (an elas LLaMA)."""
+    out = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
+           "lm_head.weight": model.lm_head.weight}
+    for i, blk in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = blk.attn_norm.weight
+        out[p + "post_attention_layernorm.weight"] = blk.ffn_norm.weight
+        for ours, theirs in _ATTN.items():
+            out[p + f"self_attn.{theirs}.weight"] = _dense(getattr(blk.attn, ours))
+        for ours, theirs in _FFN.items():
+            if hasattr(blk.ffn, ours):
+                out[p + f"mlp.{theirs}.weight"] = _dense(getattr(blk.ffn, ours))
+    return {k: v.detach().float().contiguous().cpu() for k, v in out.items()}
+
+
+def hf_config(cfg: ModelConfig, eos_id: int | None):
+    """The transformers config object of an elas ModelConfig."""
+    try:
+        import transformers
+    except ImportError:
+        raise RuntimeError("elas export needs transformers: pip install 'elas[hf]'") from None
+    cls = transformers.ArceeConfig if cfg.ffn == "relu2" else transformers.LlamaConfig
+    kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_width,
+              num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
+              head_dim=cfg.head_dim, hidden_act="relu2" if cfg.ffn == "relu2" else "silu",
+              max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=False,
+              attention_bias=False, mlp_bias=False, bos_token_id=eos_id, eos_token_id=eos_id,
+              architectures=["ArceeForCausalLM" if cfg.ffn == "relu2" else "LlamaForCausalLM"])
+    if "rope_parameters" in inspect.signature(cls.__init__).parameters:  # transformers >= 5
+        kw["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    else:
+        kw["rope_theta"] = cfg.rope_theta
+    return cls(**kw)
+
+
+def export_hf(model: nn.Module, cfg: ModelConfig, tokenizer_file: Path | None, out: Path, log=print) -> Path:
+    """Write `model` (built from cfg, weights loaded, methods in the checkpoint step's mode) to `out`."""
+    from .sparsity import applied_methods
+    tensors = hf_state_dict(model)
+    eos = None
+    if tokenizer_file is not None and tokenizer_file.is_file():
+        from .data.tokenizer import eot_id, load_tokenizer
+        eos = eot_id(load_tokenizer(str(tokenizer_file)))
+    conf = hf_config(cfg, eos)
+    out.mkdir(parents=True, exist_ok=True)
+    conf.save_pretrained(str(out))
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if eos is not None:
+        (out / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
+        eot = json.loads(tokenizer_file.read_text())["added_tokens"]
+        name = next((t["content"] for t in eot if t["id"] == eos), None)
+        (out / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": name, "bos_token": name,
+             "model_max_length": cfg.max_seq_len}, indent=1))
+    if any(a.config.name == "act24" for a in applied_methods(model)):
+        log("elas export: the run used 2:4 activation sparsity, which a transformers model cannot express: the "
+            "export computes dense ReLU^2 activations (its outputs differ from elas's sparse forward)")
+    log(f"elas export: wrote {conf.architectures[0]} ({sum(t.numel() for t in tensors.values()) / 1e6:.2f}M "
+        f"parameters, low-rank factors merged) to {out}")
+    return out
+
+
+__all__ = ["export_hf", "hf_state_dict", "hf_config"]
