@@ -156,6 +156,7 @@ def test_bad_config_files(dataset, tmp_path, capsys):
 
 def test_bad_eval_and_generate_arguments(tmp_path, capsys):
     _fail(["eval", "--run", str(tmp_path / "nope")], capsys, "not a run directory")
+    _fail(["export", "--run", str(tmp_path / "nope"), "--to", str(tmp_path / "hf")], capsys, "not a run directory")
     _fail(["eval", "--run", str(tmp_path), "--tokens", "-1"], capsys, "--tokens -1")
     _fail(["generate", "--run", str(tmp_path), "--temperature", "-1"], capsys, "--temperature -1")
     _fail(["generate", "--run", str(tmp_path), "--max-new-tokens", "-3"], capsys, "--max-new-tokens -3")
