@@ -127,7 +127,7 @@ def _parse_sets(items: list[str]) -> dict:
 
 
 def resolve_train_config(args: argparse.Namespace):
-    """defaults of the preset < TOML file < model flags < --set < --out/--max-steps/--device/--data."""
+    """defaults of the preset (or the recipe) < TOML file < model flags < --set < --out/--max-steps/--device/--data."""
     from .config import apply_overrides, train_config
     from .train import TrainError, load_run_config
 
@@ -143,8 +143,14 @@ def resolve_train_config(args: argparse.Namespace):
                                 f"({cfg.preset}): a resumed run keeps its model; choose another --out for a new one")
             apply_model_flags(cfg.model, args)
         else:
-            preset = args.preset or toml.pop("preset", None) or "llama-tiny-elas"
-            cfg = train_config(preset)
+            recipe = getattr(args, "recipe", None) or toml.pop("recipe", None)
+            if recipe and (args.preset or toml.get("preset")):
+                raise UserError("--recipe names its own preset; give --recipe or --preset, not both")
+            if recipe:
+                from .config import recipe_config
+                cfg = recipe_config(recipe)
+            else:
+                cfg = train_config(args.preset or toml.pop("preset", None) or "llama-tiny-elas")
             apply_overrides(cfg, _flatten(toml))
             apply_model_flags(cfg.model, args)
         if args.optimizer:  # the optimizer's published recipe for this size, before --set
@@ -197,9 +203,37 @@ def ensure_builtin_data(cfg) -> None:
         raise UserError(str(e)) from None
 
 
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from .config import load_recipe, recipe_names
+    for name in recipe_names():
+        r = load_recipe(name)
+        print(f"{name:<14} v{r['version']}  {r['preset']:<22} {r['about']}")
+    return 0
+
+
+def dry_run(cfg) -> None:
+    """What a run would do: its model, optimizer, batch and token budget (no data, no model weights)."""
+    from .summary import model_summary
+    info = model_summary(cfg.model, cfg.seq_len)
+    batch = cfg.batch_size * cfg.grad_accum
+    print(f"recipe {cfg.recipe or '(none)'} | preset {cfg.preset} | {info['params'] / 1e6:.2f}M parameters")
+    print(f"optimizer {cfg.optimizer}, lr {cfg.lr:g}, warm-up {cfg.warmup_steps} steps, cosine to "
+          f"{cfg.min_lr_ratio:g} x lr, weight decay {cfg.weight_decay:g}, grad clip {cfg.grad_clip:g}")
+    print(f"batch {batch} x {cfg.seq_len} tokens per step per process ({cfg.batch_size} x {cfg.grad_accum} "
+          f"accumulated), {cfg.max_steps:,} steps: {batch * cfg.seq_len * cfg.max_steps / 1e9:.2f}B tokens "
+          f"(x the number of processes)")
+    for m in cfg.model.methods:
+        print("method " + json.dumps(m))
+    from .config import to_dict
+    print("config " + json.dumps(to_dict(cfg)))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import Trainer, TrainError
     cfg = resolve_train_config(args)
+    if args.dry_run:
+        dry_run(cfg)
+        return 0
     ensure_builtin_data(cfg)
     try:
         trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
@@ -414,7 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from its newest checkpoint that verifies (an error if it has "
                         "none); --resume auto: continue if there is one, else start")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--recipe", help="a paper's named run (see `elas recipes`), e.g. elas-60m; flags still apply")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and token budget; "
+                   "train nothing")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("recipes", help="the papers' named training runs (elas train --recipe NAME)")
+    p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("bench", help="GPU kernel benchmarks (JSON under benchmarks/results/<gpu>/)")
     p.add_argument("what", choices=["gemm", "sparsify", "ffn", "step", "loro", "compile", "report"],

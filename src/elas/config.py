@@ -196,6 +196,7 @@ def size_of(preset: str) -> str:
 class TrainConfig:
     """Everything a run needs; `config.json` in the run directory is this, fully resolved."""
     preset: str = "llama-tiny-elas"
+    recipe: str = ""  # the named recipe the run started from, "NAME@VERSION" (elas recipes), or ""
     model: ModelConfig = field(default_factory=ModelConfig)
     data_dir: str = "data/builtin"
     out_dir: str = ""  # default: runs/<preset>
@@ -279,6 +280,36 @@ def train_config(preset: str = "llama-tiny-elas") -> TrainConfig:
     """The defaults for a preset: its model, then its size's training defaults."""
     cfg = TrainConfig(preset=preset, model=model_preset(preset))
     apply_overrides(cfg, dict(TRAIN_DEFAULTS.get(size_of(preset), {})), absent_methods_ok=True)
+    return cfg
+
+
+# ---- recipes: named, versioned training runs of the papers (src/elas/recipes/NAME.toml) ----------------------
+def recipe_names() -> list[str]:
+    from importlib import resources
+    return sorted(p.name[:-5] for p in resources.files("elas.recipes").iterdir() if p.name.endswith(".toml"))
+
+
+def load_recipe(name: str) -> dict:
+    """The recipe's TOML as a dict: about, version, preset, training keys, [model] keys."""
+    from importlib import resources
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    names = recipe_names()
+    if name not in names:
+        raise ValueError(f"unknown recipe {name!r}{closest(name, names)}; known: {', '.join(names)}")
+    return tomllib.loads(resources.files("elas.recipes").joinpath(f"{name}.toml").read_text())
+
+
+def recipe_config(name: str) -> TrainConfig:
+    """A recipe on top of its preset's defaults (train_config); config.json records NAME@VERSION."""
+    r = load_recipe(name)
+    cfg = train_config(r["preset"])
+    keys = {k: v for k, v in r.items() if k not in ("about", "version", "preset", "model")}
+    keys.update({f"model.{k}": v for k, v in r.get("model", {}).items()})
+    apply_overrides(cfg, keys)
+    cfg.recipe = f"{name}@{r['version']}"
     return cfg
 
 
@@ -436,6 +467,6 @@ def _dataclass_type(cls, f):
 __all__ = [
     "TrainConfig", "TRAIN_DEFAULTS", "LORO_DEFAULTS", "train_config", "OPTIMIZERS", "ModelConfig", "MODEL_PRESETS",
     "PRESET_RANKS", "SIZES", "VARIANTS", "BENCH_VARIANTS", "COMPILE_VARIANTS", "Variant", "act24", "sste24", "preset_name", "model_preset",
-    "relu2_width", "FFN_KINDS", "CONFIG_VERSION",
+    "relu2_width", "FFN_KINDS", "CONFIG_VERSION", "recipe_names", "load_recipe", "recipe_config",
     "apply_overrides", "parse_value", "to_dict", "from_dict", "closest", "size_of",
 ]

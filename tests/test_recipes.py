@@ -1,0 +1,42 @@
+"""The papers' named runs: every recipe resolves and validates (--dry-run), and a run records its recipe."""
+import json
+
+import pytest
+
+from elas.cli import main
+from elas.config import load_recipe, recipe_names
+
+from conftest import TINY
+
+
+def test_the_recipes_are_listed(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    names = recipe_names()
+    assert {"elas-60m", "elas-1b", "loro-350m", "galore-130m", "haziza-1b"} <= set(names)
+    assert all(n in out for n in names)
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_every_recipe_resolves_in_a_dry_run(name, capsys):
+    assert main(["train", "--recipe", name, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    r = load_recipe(name)
+    cfg = json.loads(next(ln for ln in out.splitlines() if ln.startswith("config "))[7:])
+    assert cfg["recipe"] == f"{name}@{r['version']}" and cfg["preset"] == r["preset"]
+    assert cfg["optimizer"] == r["optimizer"] and cfg["lr"] == r["lr"] and cfg["max_steps"] == r["max_steps"]
+    assert cfg["batch_size"] * cfg["grad_accum"] == 512  # the papers' 512 x 256 tokens per step
+    tokens = 512 * 256 * r["max_steps"] / 1e9
+    assert f"{tokens:.2f}B tokens" in out and f"optimizer {r['optimizer']}, lr {r['lr']:g}" in out
+    if name.startswith(("elas", "haziza")):
+        assert cfg["model"]["methods"][0]["method"] == "act24"
+
+
+def test_a_run_records_its_recipe_and_flags_still_apply(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "elas-60m", "--data", str(dataset), "--out", str(out), "--no-progress",
+                 *TINY, "--set", "model.rank=16", "--max-steps", "2", "--set", "eval_every=100"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["recipe"] == "elas-60m@1" and cfg["optimizer"] == "loro_adamw" and cfg["model"]["rank"] == 16
+    assert main(["train", "--recipe", "elas-60m", "--preset", "llama-60m", "--dry-run"]) == 2
+    assert "not both" in capsys.readouterr().err
