@@ -40,3 +40,18 @@ def test_a_run_records_its_recipe_and_flags_still_apply(dataset, tmp_path, capsy
     assert cfg["recipe"] == "elas-60m@1" and cfg["optimizer"] == "loro_adamw" and cfg["model"]["rank"] == 16
     assert main(["train", "--recipe", "elas-60m", "--preset", "llama-60m", "--dry-run"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_plot_draws_runs_into_one_png(dataset, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    runs = []
+    for preset in ("llama-tiny-elas", "llama-tiny-relu2"):
+        out = tmp_path / preset
+        assert main(["train", "--preset", preset, "--data", str(dataset), "--out", str(out), "--no-progress", *TINY,
+                     "--max-steps", "4", "--set", "log_every=1", "--set", "eval_every=2"]) == 0
+        runs.append(str(out))
+    png = tmp_path / "plot.png"
+    assert main(["plot", *runs, "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    assert main(["plot", str(tmp_path / "nope"), "--out", str(png)]) == 2
+    assert "not a run directory" in capsys.readouterr().err

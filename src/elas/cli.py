@@ -203,6 +203,18 @@ def ensure_builtin_data(cfg) -> None:
         raise UserError(str(e)) from None
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .train.experiment import plot_runs
+    runs = [Path(r) for r in args.runs]
+    bad = [str(r) for r in runs if not (r / "metrics.jsonl").is_file()]
+    if bad:
+        raise UserError(f"not a run directory (no metrics.jsonl): {', '.join(bad)}")
+    if not plot_runs(runs, Path(args.out)):
+        raise UserError("elas plot needs matplotlib: pip install 'elas[plot]'")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
     from .config import load_recipe, recipe_names
     for name in recipe_names():
@@ -455,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recipes", help="the papers' named training runs (elas train --recipe NAME)")
     p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("plot", help="loss, validation loss, tokens/s and sparsity statistics of runs, one PNG")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", default="runs/plot.png", help="the PNG to write (default runs/plot.png)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("bench", help="GPU kernel benchmarks (JSON under benchmarks/results/<gpu>/)")
     p.add_argument("what", choices=["gemm", "sparsify", "ffn", "step", "loro", "compile", "report"],

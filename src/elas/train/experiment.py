@@ -100,27 +100,47 @@ def summarize(out: Path) -> tuple[list[dict], str]:
 
 
 def plot_curves(out: Path, png: Path) -> bool:
+    """Every run under `out` (the quality grid) into one PNG; False without matplotlib."""
+    return plot_runs(sorted(p for p in out.iterdir() if (p / "metrics.jsonl").exists()), png)
+
+
+def plot_runs(runs: list[Path], png: Path) -> bool:
+    """Training loss, validation loss, tokens/s and the sparsity statistics (means over layers) of one or more
+    runs, one PNG, each run labelled by its directory name and preset. False without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
-    for run in sorted(p for p in out.iterdir() if (p / "metrics.jsonl").exists()):
-        ms = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-        tr = [(m["step"], m["loss"]) for m in ms if "loss" in m]
-        ev = [(m["step"], m["val_loss"]) for m in ms if "val_loss" in m]
-        if tr:
-            axes[0].plot(*zip(*tr), label=run.name, lw=1)
-        if ev:
-            axes[1].plot(*zip(*ev), marker="o", label=run.name, lw=1)
-    axes[0].set_title("training loss")
-    axes[1].set_title("validation loss")
-    for ax in axes:
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8))
+    (ax_loss, ax_val), (ax_tps, ax_sp) = axes
+    for run in runs:
+        ms = [json.loads(ln) for ln in (Path(run) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        try:
+            preset = json.loads((Path(run) / "config.json").read_text()).get("preset", "")
+        except (OSError, ValueError):
+            preset = ""
+        label = f"{Path(run).name} ({preset})" if preset and preset != Path(run).name else Path(run).name
+        series = {
+            ax_loss: [(m["step"], m["loss"]) for m in ms if "loss" in m],
+            ax_val: [(m["step"], m["val_loss"]) for m in ms if "val_loss" in m],
+            ax_tps: [(m["step"], m["tokens_per_s"]) for m in ms if m.get("tokens_per_s")],
+        }
+        for ax, pts in series.items():
+            if pts:
+                ax.plot(*zip(*pts), label=label, lw=1, marker="o" if ax is ax_val else None)
+        for key in sorted({k for m in ms for k in m if k.endswith("/mean")}):
+            pts = [(m["step"], m[key]) for m in ms if key in m]
+            ax_sp.plot(*zip(*pts), label=f"{label}: {key.removesuffix('/mean')}", lw=1)
+    for ax, title in ((ax_loss, "training loss"), (ax_val, "validation loss"), (ax_tps, "tokens/s"),
+                      (ax_sp, "sparsity statistics (mean over layers)")):
+        ax.set_title(title)
         ax.set_xlabel("step")
-        ax.legend(fontsize=8)
-    axes[0].set_ylim(top=min(8.0, axes[0].get_ylim()[1]))
+        if ax.has_data():
+            ax.legend(fontsize=7)
+    if ax_loss.has_data():
+        ax_loss.set_ylim(top=min(8.0, ax_loss.get_ylim()[1]))
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
