@@ -278,7 +278,8 @@ class Trainer:
                     rec["stats"] = {k: v for k, v in stats.items() if not k.endswith("/mean")}
                     self._write_metrics(rec)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{tps:,.0f}")
+                        bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{tps:,.0f}",
+                                        **({"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] else {}))
                 if eval_now:
                     vl, n = evaluate(self.fwd, self.val_windows, cfg.eval_tokens, cfg.batch_size, self.device,
                                      self.autocast, d)
