@@ -38,3 +38,36 @@ def test_export_round_trips_through_transformers(dataset, tmp_path, capsys, pres
     assert tok.decode(tok("def main():").input_ids) == "def main():"
     assert main(["export", "--run", str(run), "--to", str(out)]) == 2  # no silent overwrite
     assert "--force" in capsys.readouterr().err
+
+
+def test_init_from_a_hugging_face_checkpoint(dataset, tmp_path, capsys):
+    """The inverse: a new full-rank run starts from an exported (or any matching Llama/Arcee) checkpoint."""
+    from safetensors.torch import load_file
+
+    from elas.config import apply_overrides, train_config
+    from elas.export import hf_state_dict
+    from elas.train import Trainer
+    src, hf = tmp_path / "src", tmp_path / "hf"
+    base = ["--data", str(dataset), "--no-progress", *TINY, "--max-steps", "2", "--set", "eval_every=100"]
+    assert main(["train", "--preset", "llama-tiny-relu2", "--out", str(src), *base]) == 0
+    assert main(["export", "--run", str(src), "--to", str(hf)]) == 0
+    cfg = train_config("llama-tiny-relu2")
+    over = dict(kv.split("=", 1) for kv in TINY[1::2])
+    apply_overrides(cfg, {**over, "data_dir": str(dataset), "out_dir": str(tmp_path / "new"), "init_from": str(hf)})
+    tr = Trainer(cfg, progress=False, log=lambda *a: None)
+    want = load_file(str(hf / "model.safetensors"))
+    got = hf_state_dict(tr.model)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert main(["train", "--preset", "llama-tiny-relu2", "--out", str(tmp_path / "cli"), *base,
+                 "--init-from", str(hf)]) == 0
+    capsys.readouterr()
+    for preset, match in (("llama-tiny-elas", "low-rank"), ("llama-tiny", "LlamaForCausalLM")):
+        assert main(["train", "--preset", preset, "--out", str(tmp_path / preset), *base, "--init-from", str(hf)]) == 2
+        assert match in capsys.readouterr().err
+        assert not (tmp_path / preset).exists()  # checked before anything is read or written
+    assert main(["train", "--preset", "llama-tiny-relu2", "--out", str(tmp_path / "w"), *base, "--init-from", str(hf),
+                 "--set", "model.d_model=128", "--set", "model.n_heads=4"]) == 2
+    assert "hidden_size 64 (model: 128)" in capsys.readouterr().err
+    assert main(["train", "--preset", "llama-tiny-relu2", "--out", str(tmp_path / "x"), *base,
+                 "--init-from", str(tmp_path / "nothing")]) == 2
+    assert "no config.json" in capsys.readouterr().err

@@ -159,7 +159,8 @@ def resolve_train_config(args: argparse.Namespace):
             if args.optimizer == "loro_adamw":
                 apply_overrides(cfg, dict(LORO_DEFAULTS.get(size_of(cfg.preset), {})))
         apply_overrides(cfg, _parse_sets(args.set))
-        flags = {"out_dir": args.out, "max_steps": args.max_steps, "device": args.device, "data_dir": args.data}
+        flags = {"out_dir": args.out, "max_steps": args.max_steps, "device": args.device, "data_dir": args.data,
+                 "init_from": getattr(args, "init_from", None)}
         apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
         if not cfg.out_dir:
             cfg.out_dir = f"runs/{cfg.preset}"
@@ -173,7 +174,10 @@ def resolve_train_config(args: argparse.Namespace):
         from .build import build_model
         from .train.trainer import pick_device
         pick_device(cfg.device)
-        build_model(cfg.model, "meta")  # the methods' keys, and whether they apply to this model
+        meta_model = build_model(cfg.model, "meta")  # the methods' keys, and whether they apply to this model
+        if cfg.init_from and not (saved is not None and args.resume):
+            from .export import check_init_from
+            check_init_from(meta_model, cfg.model, Path(cfg.init_from))
     except (KeyError, ValueError, TypeError, TrainError) as e:
         raise UserError(str(e).strip("'\"")) from None
     return cfg
@@ -460,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from its newest checkpoint that verifies (an error if it has "
                         "none); --resume auto: continue if there is one, else start")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--init-from", metavar="DIR", help="start from a Hugging Face Llama/Arcee checkpoint of the same "
+                   "shape (full-rank models)")
     p.add_argument("--recipe", help="a paper's named run (see `elas recipes`), e.g. elas-60m; flags still apply")
     p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and token budget; "
                    "train nothing")

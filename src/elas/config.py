@@ -223,6 +223,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False  # torch.compile the model
+    init_from: str = ""  # a Hugging Face Llama/Arcee directory whose weights start a new run (full-rank models)
     cuda_graphs: bool = True  # replay each step's forward+backward from a CUDA graph (CUDA, single process); false: eager
 
     def validate(self) -> None:

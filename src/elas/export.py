@@ -33,21 +33,73 @@ def _dense(lin: nn.Module) -> torch.Tensor:
     return lin.effective_weight() if hasattr(lin, "effective_weight") else lin.weight
 
 
+def _modules(model: nn.Module) -> dict[str, nn.Module]:
+    """transformers LLaMA/Arcee weight name -> the elas module holding that weight (the one map both ways)."""
+    out = {"model.embed_tokens.weight": model.embed, "model.norm.weight": model.norm, "lm_head.weight": model.lm_head}
+    for i, blk in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = blk.attn_norm
+        out[p + "post_attention_layernorm.weight"] = blk.ffn_norm
+        for ours, theirs in _ATTN.items():
+            out[p + f"self_attn.{theirs}.weight"] = getattr(blk.attn, ours)
+        for ours, theirs in _FFN.items():
+            if hasattr(blk.ffn, ours):
+                out[p + f"mlp.{theirs}.weight"] = getattr(blk.ffn, ours)
+    return out
+
+
 @torch.no_grad()
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """transformers LLaMA/Arcee names -> fp32 tensors of `model` (an elas LLaMA)."""
-    out = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
-           "lm_head.weight": model.lm_head.weight}
-    for i, blk in enumerate(model.blocks):
-        p = f"model.layers.{i}."
-        out[p + "input_layernorm.weight"] = blk.attn_norm.weight
-        out[p + "post_attention_layernorm.weight"] = blk.ffn_norm.weight
-        for ours, theirs in _ATTN.items():
-            out[p + f"self_attn.{theirs}.weight"] = _dense(getattr(blk.attn, ours))
-        for ours, theirs in _FFN.items():
-            if hasattr(blk.ffn, ours):
-                out[p + f"mlp.{theirs}.weight"] = _dense(getattr(blk.ffn, ours))
+    out = {k: (_dense(m) if isinstance(m, (nn.Linear, LowRankLinear)) else m.weight)
+           for k, m in _modules(model).items()}
     return {k: v.detach().float().contiguous().cpu() for k, v in out.items()}
+
+
+def check_init_from(model: nn.Module, cfg: ModelConfig, hf_dir: Path) -> list[Path]:
+    """That hf_dir can initialise `model` (a meta-device build will do): its architecture, shapes and weight
+    files; returns the files. Called before any data is read; any mismatch is one line naming it."""
+    hf_dir = Path(hf_dir)
+    try:
+        conf = json.loads((hf_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        raise ValueError(f"--init-from {hf_dir}: no readable config.json (a Hugging Face model directory)") from None
+    want = "ArceeForCausalLM" if cfg.ffn == "relu2" else "LlamaForCausalLM"
+    arch = (conf.get("architectures") or ["?"])[0]
+    if arch != want:
+        raise ValueError(f"--init-from {hf_dir} holds a {arch}; a model with ffn={cfg.ffn} starts from a {want}")
+    shape = {"hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+             "num_key_value_heads": cfg.n_heads, "intermediate_size": cfg.ffn_width, "vocab_size": cfg.vocab_size}
+    diff = [f"{k} {conf.get(k)} (model: {v})" for k, v in shape.items() if conf.get(k, v) != v]
+    if diff:
+        raise ValueError(f"--init-from {hf_dir} does not match the model's shape: {', '.join(diff)}")
+    if any(isinstance(m, LowRankLinear) for m in model.modules()):
+        raise ValueError(f"--init-from {hf_dir}: the model is low-rank; a dense checkpoint initialises full-rank "
+                         f"models only (rank 0)")
+    files = sorted(hf_dir.glob("model*.safetensors"))
+    if not files:
+        raise ValueError(f"--init-from {hf_dir}: no model*.safetensors weights")
+    return files
+
+
+@torch.no_grad()
+def load_hf_weights(model: nn.Module, cfg: ModelConfig, hf_dir: Path) -> None:
+    """Initialise a full-rank elas model from a transformers Llama (SwiGLU) / Arcee (ReLU^2) checkpoint of the
+    same shapes (`elas train --init-from DIR`)."""
+    from safetensors.torch import load_file
+    files = check_init_from(model, cfg, hf_dir)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    mods = _modules(model)
+    missing = [k for k in mods if k not in tensors]
+    if missing:
+        raise ValueError(f"--init-from {hf_dir} lacks {len(missing)} weights, e.g. {missing[0]}")
+    for k, m in mods.items():
+        if tensors[k].shape != m.weight.shape:
+            raise ValueError(f"--init-from {hf_dir}: {k} is {tuple(tensors[k].shape)}, the model's is "
+                             f"{tuple(m.weight.shape)}")
+        m.weight.copy_(tensors[k])
 
 
 def hf_config(cfg: ModelConfig, eos_id: int | None):
@@ -97,4 +149,4 @@ def export_hf(model: nn.Module, cfg: ModelConfig, tokenizer_file: Path | None, o
     return out
 
 
-__all__ = ["export_hf", "hf_state_dict", "hf_config"]
+__all__ = ["export_hf", "hf_state_dict", "hf_config", "check_init_from", "load_hf_weights"]

@@ -149,7 +149,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         try:
             self.model = build_model(cfg.model, self.device)
-        except (ValueError, TypeError) as e:  # a method that cannot apply to this model (e.g. 2:4 on SwiGLU)
+            if cfg.init_from and self.ckpt is None:  # a new run from a Hugging Face checkpoint (a resume has its own)
+                from ..export import load_hf_weights
+                load_hf_weights(self.model, cfg.model, Path(cfg.init_from))
+        except (ValueError, TypeError) as e:  # a method that cannot apply (2:4 on SwiGLU), a bad --init-from
             raise TrainError(str(e)) from None
         try:
             self.optimizer = build_optimizer(self.model, cfg)
