@@ -70,4 +70,4 @@ def test_init_from_a_hugging_face_checkpoint(dataset, tmp_path, capsys):
     assert "hidden_size 64 (model: 128)" in capsys.readouterr().err
     assert main(["train", "--preset", "llama-tiny-relu2", "--out", str(tmp_path / "x"), *base,
                  "--init-from", str(tmp_path / "nothing")]) == 2
-    assert "no config.json" in capsys.readouterr().err
+    assert "no readable config.json" in capsys.readouterr().err
