@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
 # One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh STAGE...
-# stages: tests kernels ffn step step-half loro quality (default: tests kernels ffn). Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
+# stages: tests kernels ffn step step-half loro quality (default: tests kernels ffn); STEP_ARGS / TESTS narrow
+# the step benchmark and the test selection. Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
 # machine), are copied there too, with the tuned cuSPARSELt algorithm cache.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 export ELAS_CACHE_DIR=${ELAS_CACHE_DIR:-.cache/elas}
+# the extension build, Triton's and Inductor's caches: carried between calls as .cache (tarred into $OUT)
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-.cache/torch_ext} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-.cache/triton}
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-.cache/inductor} PYTHONUNBUFFERED=1
 GPU=${GPU_NAME:-h100}
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(), 'cusparselt', torch.backends.cusparselt.version())"
 for what in "${@:-tests kernels ffn}"; do
   for w in $what; do
     case $w in
-      tests) python -m pytest -o addopts="" -q -p no:cacheprovider --continue-on-collection-errors -m gpu tests/ 2>&1 | tail -15 ;;
+      tests) timeout "${TESTS_TIMEOUT:-560}" python -m pytest -o addopts="" -q -p no:cacheprovider \
+               --continue-on-collection-errors -m gpu ${TESTS:-tests/} 2>&1 | tail -25 ;;
       kernels) python -m elas bench sparsify --gpu-name "$GPU"; python -m elas bench gemm --gpu-name "$GPU" ;;
       ffn) python -m elas bench ffn --gpu-name "$GPU" ;;
-      step) python -m elas bench step --gpu-name "$GPU" ;;
-      step-half) python -m elas bench step --batch-scale 0.5 --gpu-name "$GPU" ;;
+      step) timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" ${STEP_ARGS:-} 2>&1 \
+              | grep -v "^elas: \|Warning\|warn(" ;;
+      compile) timeout "${COMPILE_TIMEOUT:-560}" python -m elas bench compile --gpu-name "$GPU" ${COMPILE_ARGS:-} ;;
       loro) python -m elas bench loro --gpu-name "$GPU" ;;
       quality)  # the quality grid on a prepared dataset; QUALITY_* select the part to run in this call
         timeout "${QUALITY_TIMEOUT:-520}" python -m elas experiment --size llama-60m --steps "${QUALITY_STEPS:-500}" \
@@ -26,6 +32,7 @@ for what in "${@:-tests kernels ffn}"; do
   done
 done
 if [ -n "${OUT:-}" ]; then
-  cp -r benchmarks/results "$OUT/" 2>/dev/null
-  mkdir -p "$OUT/cache" && cp "$ELAS_CACHE_DIR"/*.json "$OUT/cache/" 2>/dev/null
+  cp -r "benchmarks/results/$GPU" "$OUT/" 2>/dev/null
+  tar czf "$OUT/cache.tgz" .cache 2>/dev/null
+  [ "$(stat -c %s "$OUT/cache.tgz")" -gt 15000000 ] && tar czf "$OUT/cache.tgz" --exclude=.cache/inductor .cache
 fi

@@ -68,6 +68,8 @@ TRAIN_CASES = [
     (["--preset", "llama-tiny", "--act-sparsity", "2:4", "--ffn", "swiglu"], "needs ffn='relu2'"),
     (["--preset", "llama-61m"], "unknown preset 'llama-61m'"),
     (["--device", "tpu"], "device='tpu'"),
+    (["--set", "model.residual_dtype=fp16"], "model.residual_dtype='fp16'"),
+    (["--set", "model.lm_loss=fused"], "model.lm_loss='fused'"),
     (["--device", "cuda:x"], "device='cuda:x'"),
     (["--device", "cuda"], "CUDA is not available"),
     (["--resume"], "holds no checkpoint"),
@@ -158,6 +160,10 @@ def test_bad_eval_and_generate_arguments(tmp_path, capsys):
     _fail(["eval", "--run", str(tmp_path / "nope")], capsys, "not a run directory")
     _fail(["export", "--run", str(tmp_path / "nope"), "--to", str(tmp_path / "hf")], capsys, "not a run directory")
     _fail(["eval", "--run", str(tmp_path), "--tokens", "-1"], capsys, "--tokens -1")
+    # benchmark arguments are checked before the GPU is looked for
+    _fail(["bench", "step", "--modes", "fast"], capsys, "--modes value 'fast'")
+    _fail(["bench", "step", "--variants", "elas,dense"], capsys, "--variants value 'dense'")
+    _fail(["bench", "step", "--batches", "0"], capsys, "--batches '0'")
     _fail(["generate", "--run", str(tmp_path), "--temperature", "-1"], capsys, "--temperature -1")
     _fail(["generate", "--run", str(tmp_path), "--max-new-tokens", "-3"], capsys, "--max-new-tokens -3")
     _fail(["generate", "--run", str(tmp_path), "--top-k", "-2"], capsys, "--top-k -2")

@@ -2,7 +2,9 @@
 import json
 from pathlib import Path
 
-from elas.bench.report import render, step_tables
+from elas.bench.profile import breakdown, category
+from elas.bench.report import mode_step_tables, render, step_tables
+from elas.bench.step import ratios
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
@@ -27,3 +29,35 @@ def test_step_table_ratios_come_from_the_rows():
         r.pop("step_ms_eager", None)
     text = step_tables({**doc, "rows": rows})
     assert "(eager: capture out of memory)" in text and "| llama-1b | elas |" in text
+
+
+def test_kernel_categories():
+    """Names as the H200 profile printed them (benchmarks/results/h200/step.json keeps the raw table)."""
+    names = {
+        "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT": "GEMM",
+        "sm90_xmma_sparse_gemm_bf16bf16_bf16f32_f32_tt_t_tilesize128x256x64": "sparse GEMM",
+        "_bwd_kernel": "2:4 sparsify/pack", "_kernel": "2:4 sparsify/pack",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26": "attention",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata": "optimizer",
+        "triton_poi_fused__to_copy_1": "copy", "triton_poi_fused__unsafe_view_clone_transpose_view_5": "copy",
+        "triton_poi_fused__to_copy_add_cat_mul_neg_slice_4": "elementwise",
+        "triton_poi_fused__unsafe_view_mul_relu_view_2": "elementwise",
+        "triton_red_fused__log_softmax_nll_loss_forward_3": "CE", "Memcpy HtoD (Pinned -> Device)": "copy",
+    }
+    assert {n: category(n) for n in names} == names
+    b = breakdown({"nvjet_a": 2.0, "nvjet_b": 1.5, "_kernel": 0.5})
+    assert b == {"2:4 sparsify/pack": 0.5, "GEMM": 3.5}
+
+
+def test_step_modes_table_and_ratios():
+    """The committed H200 step rows render, and every ratio is the rows' tokens/s quotient (same process)."""
+    doc = json.loads((RESULTS / "h200" / "step.json").read_text())
+    rows = ratios([{k: v for k, v in r.items() if not k.startswith("vs_")} for r in doc["rows"]])
+    by = {(r["variant"], r["mode"]): r for r in rows}
+    e, d, c = by[("elas", "elas")], by[("lowrank-relu2", "elas")], by[("lowrank-relu2", "torch.compile")]
+    assert e["vs_twin"] == e["tokens_per_s"] / d["tokens_per_s"]
+    assert d["vs_torch_compile"] == d["tokens_per_s"] / c["tokens_per_s"]
+    assert "vs_twin" not in d and "vs_torch_compile" not in c  # no ratio of a row to itself
+    text = mode_step_tables({**doc, "rows": rows})
+    assert f"| {d['step_ms']:.1f} | {d['tokens_per_s']:,.0f} | - | {d['vs_torch_compile']:.2f}x |" in text
+    assert "by kernel category" in text and "| idle |" in text

@@ -142,6 +142,46 @@ def test_version_1_run_configs_still_load():
     (m,) = resolve_methods(cfg.model)
     assert (m.name, m.grad_mode, m.permute_tokens, m.wgrad_dense_frac) == ("act24", "mask", True, 0.05)
     assert load_run_config(run.parent / "relu2").model.methods == []
+    # written before the numerics keys: the model numerics it was trained with (a resume continues exactly)
+    assert (cfg.model.residual_dtype, cfg.model.lm_loss) == ("fp32", "logits")
+    assert (model_preset("llama-60m-elas").residual_dtype, model_preset("llama-60m-elas").lm_loss) == \
+        ("compute", "chunked")
+
+
+def _tiny(**over):
+    torch.manual_seed(0)
+    return build_model(model_preset("llama-tiny-elas", n_layers=2, vocab_size=300, **over))
+
+
+def test_residual_stream_in_the_compute_dtype():
+    """residual_dtype=compute: under bf16 autocast every block takes and returns bf16 (half the bytes per add
+    and norm); fp32 keeps the fp32 stream of the textbook model. Without autocast both are fp32 and equal."""
+    idx = torch.randint(0, 300, (2, 16))
+    seen = {}
+    for rd in ("compute", "fp32"):
+        model = _tiny(residual_dtype=rd)
+        dtypes = []
+        model.blocks[1].register_forward_hook(lambda m, a, out: dtypes.append((a[0].dtype, out.dtype)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(idx, idx)
+        want = torch.bfloat16 if rd == "compute" else torch.float32
+        assert dtypes == [(want, want)] and loss.dtype == torch.float32 and loss.isfinite()
+        seen[rd] = model(idx, idx)  # fp32, no autocast
+    torch.testing.assert_close(seen["compute"], seen["fp32"], rtol=0, atol=0)
+
+
+def test_chunked_loss_equals_the_logits_loss():
+    """lm_loss=chunked (model/loss.py) computes the textbook loss and gradients without the logits."""
+    idx = torch.randint(0, 300, (3, 16))
+    out = {}
+    for lm in ("chunked", "logits"):
+        model = _tiny(lm_loss=lm)
+        loss = model(idx, idx)
+        loss.backward()
+        out[lm] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(out["chunked"][0], out["logits"][0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(out["chunked"][1], out["logits"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_cli_method_shorthands(capsys):

@@ -186,3 +186,74 @@ def test_probe_stats_equal_the_statistics_of_the_training_forward(dataset, tmp_p
     assert 0 < probed["y2_zero_frac/mean"] < 1 and 0 < probed["dropped_nnz_frac/mean"] < 1
     _, _, logged = tr.train_step(0, track_stats=True)  # what a log step records: the same probe
     assert logged == pytest.approx(probed)
+
+
+def test_compiled_regions_compile_once_per_mode_and_equal_eager():
+    """The trainer's compiled step (train/parallelize.py): every block and the loss head compiled, the blocks
+    sharing one graph; a new sparsity mode compiles once more, repeated steps and gradient accumulation compile
+    nothing; losses, norms and gradients equal the uncompiled model's."""
+    from contextlib import nullcontext
+
+    from elas.train.parallelize import compile_counts, compile_regions
+    torch._dynamo.reset()
+    eager, comp = _model("elas", "cpu", dense_warmup_steps=2), _model("elas", "cpu", dense_warmup_steps=2)
+    compile_regions(comp, backend="aot_eager")
+    micro = _batches(2, 2, 32)
+    compiled_per_step = []
+    for step in range(4):
+        modes = set_step(eager, step, 10)
+        assert set_step(comp, step, 10) == modes
+        before = compile_counts()
+        want = StepGrads(eager, eager, nullcontext, 2, 1.0).run(micro, modes)
+        got = StepGrads(comp, comp, nullcontext, 2, 1.0).run(micro, modes)
+        compiled_per_step.append(compile_counts() - before)
+        assert got[0].item() == pytest.approx(want[0].item(), rel=1e-6)
+        assert got[1].item() == pytest.approx(want[1].item(), rel=1e-5)
+        for p, q in zip(eager.parameters(), comp.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7)
+    # step 0: one block graph (shared by both blocks) + the loss head; step 2: the block in mode "sparse"
+    assert compiled_per_step == [2, 0, 1, 0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["lowrank-relu2", "elas", "relu2-24"])
+def test_gpu_compiled_graph_step_equals_eager_step(variant):
+    """The trainer's default on CUDA: Inductor-compiled regions inside the captured step."""
+    from elas.train.parallelize import compile_regions
+    torch._dynamo.reset()
+    eager, comp = _model(variant, "cuda", dense_warmup_steps=0), _model(variant, "cuda", dense_warmup_steps=0)
+    set_step(eager, 0, 1), set_step(comp, 0, 1)
+    compile_regions(comp)
+    bf16 = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    micro = _batches(2, 4, 64)
+    l0, n0 = StepGrads(eager, eager, bf16, grad_accum=2, grad_clip=1.0).run(micro, mode=True)
+    graphed = StepGrads(comp, comp, bf16, grad_accum=2, grad_clip=1.0, graphs=True)
+    for seed in (1, 0):
+        l1, n1 = graphed.run(_batches(2, 4, 64, seed), mode=True)
+    assert graphed.graphs and graphed.captures == 1, "capture fell back to eager"
+    assert l1.item() == pytest.approx(l0.item(), rel=2e-3) and n1.item() == pytest.approx(n0.item(), rel=2e-2)
+    for p, q in zip(eager.parameters(), comp.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=5e-2, atol=2e-3)
+
+
+def test_clipping_folded_into_fused_adamw_equals_clip_then_step():
+    """With a fused AdamW, StepGrads leaves the gradients unscaled and hands max(1, norm / clip) to the optimizer
+    as its grad_scale (one pass over the gradients fewer); the parameters after the step equal clip_grad_norm_
+    followed by the step, whether the clip bites (0.05) or not (100)."""
+    from contextlib import nullcontext
+    micro = _batches(2, 2, 16)
+    for clip in (0.05, 100.0):
+        ref, folded = _model("lowrank-relu2", "cpu"), _model("lowrank-relu2", "cpu")
+        opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in (ref, folded)]
+        for _ in range(2):
+            _, want_norm, _ = _manual(ref, micro, clip, nullcontext)
+            opts[0].step()
+            sg = StepGrads(folded, folded, nullcontext, 2, clip, clip_into=opts[1])
+            _, norm = sg.run(micro, mode=True)
+            assert sg.clip_into is opts[1] and norm.item() == pytest.approx(want_norm, rel=1e-5)
+            opts[1].step()
+        for p, q in zip(ref.parameters(), folded.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    # an optimizer that cannot take a grad_scale (not fused) keeps clip_grad_norm_
+    m = _model("lowrank-relu2", "cpu")
+    assert StepGrads(m, m, nullcontext, 1, 1.0, clip_into=torch.optim.AdamW(m.parameters())).clip_into is None

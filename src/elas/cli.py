@@ -372,6 +372,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _choices(text: str | None, valid: tuple, flag: str) -> list[str]:
+    """A comma-separated subset of `valid` (all of it when text is empty)."""
+    picked = text.split(",") if text else list(valid)
+    bad = [v for v in picked if v not in valid]
+    if bad:
+        raise UserError(f"invalid {flag} value {bad[0]!r}: expected a comma-separated subset of {', '.join(valid)}")
+    return picked
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -381,6 +390,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         update_doc(Path(args.doc), Path(args.results))
         print(f"updated {args.doc}")
         return 0
+    if args.what == "step":  # names checked before anything runs
+        from .bench.step import MODES, STEP_VARIANTS
+        step_variants = _choices(args.variants, STEP_VARIANTS, "--variants")
+        step_modes = _choices(args.modes, MODES, "--modes")
+        try:
+            batches = [int(b) for b in (args.batches or "32").split(",")]
+            assert all(b > 0 for b in batches)
+        except (ValueError, AssertionError):
+            raise UserError(f"invalid --batches {args.batches!r}: expected positive integers, e.g. 32,64") from None
     if not torch.cuda.is_available():
         raise UserError("elas bench measures GPU kernels and needs a CUDA GPU")
     env = kb.environment()
@@ -412,8 +430,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows = bench_compile((sizes or ["llama-1b"])[0], args.variants.split(",") if args.variants else None,
                              batch=int(32 * args.batch_scale), on_row=write)
     else:
-        from .bench.ffn import bench_step
-        rows = bench_step(sizes, batch_scale=args.batch_scale)
+        from .bench.step import bench_step, ratios
+        rows = bench_step(sizes or ["llama-1b"], batches, step_variants, step_modes, profile=not args.no_profile,
+                          on_row=lambda rs: write(ratios(rs)))
+        rows = ratios(rows)
     write(rows, extra)
     print(f"wrote {out}")
     return 0
@@ -489,7 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--m", type=int, default=16384, help="tokens (rows of the sparse operand)")
     p.add_argument("--out", help="directory for the JSON (default benchmarks/results/<gpu>)")
     p.add_argument("--gpu-name", help="folder name for the GPU (default: from the device name)")
-    p.add_argument("--variants", help=f"compile: comma-separated variants (default: {','.join(COMPILE_VARIANTS)})")
+    p.add_argument("--variants", help=f"compile/step: comma-separated variants (default compile: "
+                                      f"{','.join(COMPILE_VARIANTS)}; step: all)")
+    p.add_argument("--batches", help="step: comma-separated per-GPU batch sizes (default 32)")
+    p.add_argument("--modes", help="step: comma-separated modes among elas, torch.compile, eager (default: all)")
+    p.add_argument("--no-profile", action="store_true", help="step: skip the per-row profile breakdown")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("experiment", help="run the quality grid of variants (one harness, same data and tokens)")

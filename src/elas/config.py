@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 FFN_KINDS = ("swiglu", "relu2")
+RESIDUAL_DTYPES = ("compute", "fp32")
+LM_LOSSES = ("chunked", "logits")
 CONFIG_VERSION = 2  # of config.json: 2 = sparsity as a list of methods (1: flat act_sparsity/grad_mode/... keys)
 D_FF_MULTIPLE = 128  # every 2:4 GEMM tile we target divides 128; 8191 (ELAS 1B) would leave a dense tail
 
@@ -43,6 +45,10 @@ class ModelConfig:
     rank: int = 0  # 0: full-rank; >0: every attention/FFN linear is W = A.B with this rank
     lowrank_scope: str = "all"  # all | attn | ffn
     methods: list = field(default_factory=list)  # sparsity methods, [{"method": "act24", ...}] (elas.sparsity)
+    # numerics (config.json files written before these keys existed load as fp32 / logits: their runs resume as
+    # they were trained)
+    residual_dtype: str = "compute"  # compute: the residual stream and norm outputs in the autocast dtype | fp32
+    lm_loss: str = "chunked"  # chunked: LM head + cross-entropy without [tokens, vocab] logits | logits
 
     def __post_init__(self) -> None:
         self.validate()
@@ -89,6 +95,10 @@ class ModelConfig:
                                    f"{min(self.d_model, self.ffn_width)}; use a smaller rank or 0 (full-rank)")
         if self.lowrank_scope not in ("all", "attn", "ffn"):
             bad("lowrank_scope", self.lowrank_scope, "expected all, attn or ffn")
+        if self.residual_dtype not in RESIDUAL_DTYPES:
+            bad("residual_dtype", self.residual_dtype, f"expected one of {RESIDUAL_DTYPES}")
+        if self.lm_loss not in LM_LOSSES:
+            bad("lm_loss", self.lm_loss, f"expected one of {LM_LOSSES}")
 
 
 # ---- presets ------------------------------------------------------------------------------------------------
@@ -222,7 +232,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
-    compile: bool = False  # torch.compile the model
+    compile: bool = True  # torch.compile every block and the loss head (CUDA; CPU runs stay eager)
     init_from: str = ""  # a Hugging Face Llama/Arcee directory whose weights start a new run (full-rank models)
     cuda_graphs: bool = True  # replay each step's forward+backward from a CUDA graph (CUDA, single process); false: eager
 
@@ -448,6 +458,8 @@ def from_dict(cls, data: dict[str, Any]):
     data = {k: v for k, v in data.items() if k != "config_version"}
     if cls is ModelConfig and ("act_sparsity" in data or "grad_mode" in data):
         data = _migrate_model_v1(data)
+    if cls is ModelConfig:  # written before the numerics keys: the model as it was trained
+        data = {"residual_dtype": "fp32", "lm_loss": "logits", **data}
     kw = {}
     known = {f.name: f for f in fields(cls)}
     for k, v in data.items():

@@ -3,7 +3,8 @@
 breaks: `torch._dynamo.explain` on a 2-layer model of the variant, in every mode of its methods (dense warm-up
         and sparse): graph count and break count (the target is 1 / 0).
 step:   the whole model (the size's widths, all layers) compiled with `torch.compile(model, fullgraph=True)`
-        (Inductor, default mode: no CUDA graphs), bf16 autocast over fp32 master weights, fused AdamW, random
+        (Inductor, default mode: no CUDA graphs) with the textbook numerics (fp32 residual stream, fp32 logits:
+        bench/step.py's PLAIN), bf16 autocast over fp32 master weights, fused AdamW, random
         tokens, sparse from step 0; median step time over `steps` steps after warm-up (the first call compiles),
         CUDA events. Each variant is measured beside its dense twin (the same model without the method) in the
         same process and the same mode: `ratio_vs_dense` = dense step time / variant step time (> 1: faster).
@@ -43,7 +44,8 @@ def compiled_step_ms(size: str, variant: str, batch: int, seq: int, steps: int, 
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    cfg = variant_config(size, variant, max_seq_len=seq)
+    from .step import PLAIN
+    cfg = variant_config(size, variant, max_seq_len=seq, **PLAIN)
     torch.manual_seed(0)
     model = build_model(cfg, "cuda")
     set_step(model, 0, 1)

@@ -79,6 +79,41 @@ def step_tables(doc: dict) -> str:
     return "\n".join(out)
 
 
+def _ratio(r: dict, key: str) -> str:
+    return f"{r[key]:.2f}x" if key in r else "-"
+
+
+def mode_step_tables(doc: dict) -> str:
+    """elas bench step (rows with a `mode`): each variant in elas's default mode beside plain torch.compile and
+    eager, the ratios, and where each row's GPU time goes."""
+    from .profile import CATEGORIES
+    rows = doc["rows"]
+    out = [_env_line(doc), "",
+           "| model | batch x seq | variant | mode | step ms | tokens/s | vs dense twin | vs torch.compile | "
+           "vs SwiGLU-aligned | peak GB | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['model']} | {r['batch']}x{r['seq']} | {r['variant']} | {r['mode']} | {r['error']} "
+                       f"| | | | | | |")
+            continue
+        graph = "" if r.get("graph", True) else " (capture failed: eager)"
+        out.append(f"| {r['model']} | {r['batch']}x{r['seq']} | {r['variant']} | {r['mode']}{graph} | "
+                   f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {_ratio(r, 'vs_twin')} | "
+                   f"{_ratio(r, 'vs_torch_compile')} | {_ratio(r, 'vs_swiglu_aligned')} | {r['peak_mem_gb']:.1f} | "
+                   f"{r['compile_s']:.0f} |")
+    cats = [c for c, _ in CATEGORIES] + ["idle"]
+    prof = [r for r in rows if "breakdown_ms" in r]
+    if prof:
+        out += ["", "GPU ms per step by kernel category (torch profiler, 3 steps; idle = step time - kernel time):",
+                "", "| model | batch | variant | mode | " + " | ".join(cats) + " |",
+                "|---|---|---|---|" + "---|" * len(cats)]
+        for r in prof:
+            b = r["breakdown_ms"]
+            out.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['mode']} | "
+                       + " | ".join(f"{b[c]:.1f}" if c in b else "-" for c in cats) + " |")
+    return "\n".join(out)
+
+
 def plot_step(doc: dict, png: Path) -> bool:
     """Bar charts of tokens/s and FFN activation memory per model and variant; False without matplotlib."""
     try:
@@ -137,13 +172,17 @@ def render(results: Path) -> str:
     for gpu_dir in sorted(p for p in Path(results).iterdir() if p.is_dir()):
         for f in sorted(gpu_dir.glob("*.json")):
             kind, _, scale = f.stem.partition("_batchx")  # e.g. step_batchx0.5.json: step at half the batch
+            kind, _, part = kind.partition("_")  # e.g. step_variants.json: another call's step rows
             if kind + ".json" not in RENDERERS:
                 continue
             title, fn = RENDERERS[kind + ".json"]
             doc = json.loads(f.read_text())
-            parts.append(f"### {title}{f', batch x{scale}' if scale else ''} ({gpu_dir.name})\n\n{fn(doc)}\n")
+            if kind == "step" and doc["rows"] and "mode" in doc["rows"][0]:  # elas bench step since the modes
+                title, fn = "Training step: elas's default mode, torch.compile and eager", mode_step_tables
+            parts.append(f"### {title}{f', {part}' if part else ''}{f', batch x{scale}' if scale else ''} "
+                         f"({gpu_dir.name})\n\n{fn(doc)}\n")
             png = Path("docs") / "img" / f"{f.stem}_{gpu_dir.name}.png"
-            if kind == "step" and plot_step(doc, png):
+            if kind == "step" and fn is step_tables and plot_step(doc, png):
                 parts.append(f"![tokens/s and FFN activation memory](img/{png.name})\n")
     return "\n".join(parts)
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .ffn import ReLU2FFN, SwiGLU
+from .loss import linear_cross_entropy
 from .lowrank import make_linear
 
 
@@ -21,8 +22,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # computed in fp32, returned in x's dtype: a bf16 residual stream gets bf16 norm outputs (one fused
+        # kernel when compiled); an fp32 one gets exactly what (normed.type_as(x) * weight) gave before
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,10 +95,22 @@ class LLaMA(nn.Module):
         if idx.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {idx.shape[1]} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope(idx.shape[1], idx.device)
-        x = self.embed(idx)
+        x = self.embed(idx)  # [batch, seq, d_model], fp32 (the embedding is not an autocast op)
+        dev = x.device.type
+        if self.cfg.residual_dtype == "compute" and torch.is_autocast_enabled(dev):
+            # the residual stream in the compute dtype: every add, norm and cast of it moves half the bytes
+            x = x.to(torch.get_autocast_dtype(dev))
         for blk in self.blocks:
             x = blk(x, cos, sin)
-        logits = self.lm_head(self.norm(x))
         if targets is None:
-            return logits
+            return self.lm_head(self.norm(x))
+        return self.loss(x, targets)
+
+    def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of the final hidden states x [batch, seq, d_model] against targets
+        [batch, seq] (-100: ignored). A method of its own so that it can be compiled as one region."""
+        h = self.norm(x)
+        if self.cfg.lm_loss == "chunked":  # never holds [tokens, vocab] logits (model/loss.py)
+            return linear_cross_entropy(h, self.lm_head.weight, targets)
+        logits = self.lm_head(h)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-100)

@@ -40,10 +40,13 @@ log = logging.getLogger("elas.train")
 
 class StepGrads:
     def __init__(self, model: torch.nn.Module, fwd, autocast, grad_accum: int, grad_clip: float,
-                 no_sync=None, graphs: bool = False, warmup: int = 2):
+                 no_sync=None, graphs: bool = False, warmup: int = 2, clip_into=None):
         """model: the module whose parameters get gradients; fwd: the callable that runs it (model, DDP or
-        compiled); autocast: a context factory; no_sync: DDP's no_sync for all but the last micro-batch."""
+        compiled); autocast: a context factory; no_sync: DDP's no_sync for all but the last micro-batch;
+        clip_into: a fused torch.optim Adam/AdamW that applies the clipping (see _body), or None."""
         self.model, self.fwd, self.autocast = model, fwd, autocast
+        fused = clip_into is not None and clip_into.defaults.get("fused")
+        self.clip_into = clip_into if fused else None
         self.grad_accum, self.grad_clip, self.no_sync = grad_accum, grad_clip, no_sync
         self.graphs, self.warmup = graphs, warmup
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -71,10 +74,15 @@ class StepGrads:
                 (loss / self.grad_accum).backward()
             loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
         params = self._params()
-        if self.grad_clip > 0:
+        if self.grad_clip > 0 and self.clip_into is None:
             gnorm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         else:
             gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
+            if self.grad_clip > 0:
+                # fused Adam/AdamW divide every gradient by `grad_scale` inside their one kernel (the hook AMP's
+                # GradScaler uses): clipping by max(1, norm / clip) there saves a read and a write of every
+                # gradient (~1 ms per step at 1B). The coefficient is clip_grad_norm_'s: clip / (norm + 1e-6).
+                self.clip_into.grad_scale = torch.clamp((gnorm + 1e-6) / self.grad_clip, min=1.0)
         return loss_sum / self.grad_accum, gnorm
 
     # -- entry point ---------------------------------------------------------------------------------------------
@@ -90,9 +98,9 @@ class StepGrads:
             self.x = torch.empty((self.grad_accum, *xs[0].shape), dtype=torch.long, device=device)
             self.y = torch.empty_like(self.x)
             self.graph = None
-        for k in range(self.grad_accum):
-            self.x[k].copy_(xs[k], non_blocking=True)
-            self.y[k].copy_(ys[k], non_blocking=True)
+        for k in range(self.grad_accum):  # from pinned memory: a copy from pageable memory would first wait for
+            self.x[k].copy_(_pinned(xs[k]), non_blocking=True)  # the previous step's replay to finish
+            self.y[k].copy_(_pinned(ys[k]), non_blocking=True)
         if self.graph is None or mode != self.mode:
             if not self._capture(mode):
                 return self._body(self.x, self.y)
@@ -139,6 +147,10 @@ class StepGrads:
             p.grad = None
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    return t.pin_memory() if t.device.type == "cpu" and not t.is_pinned() else t
 
 
 def _reset_generator_capture_state() -> None:

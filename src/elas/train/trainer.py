@@ -26,6 +26,7 @@ from ..summary import model_summary
 from .checkpoint import (CheckpointError, checkpoints, load_checkpoint, newest_verified, resume_checkpoint,
                          save_checkpoint)
 from .distributed import Dist, all_reduce_sum, init_distributed, shutdown
+from .parallelize import compile_counts, compile_regions, eager_regions
 from .step import StepGrads
 
 PROBE_SEQS = 8  # sequences the sparsity statistics of a log step are measured on (a no-grad probe forward)
@@ -166,15 +167,19 @@ class Trainer:
             except CheckpointError as e:
                 raise TrainError(str(e)) from None
             self.step, self.tokens = state["step"], state["tokens"]
+        # compiled regions on CUDA (CPU runs stay eager: CI and demos need no compiler); DDP wraps the result
+        self.compiled = cfg.compile and self.device.type == "cuda"
+        if self.compiled:
+            compile_regions(self.model)
         self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
             if self.dist.enabled else self.model
-        self.fwd = torch.compile(self.ddp) if cfg.compile else self.ddp
+        self.fwd = self.ddp
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
         self.eager_reason = self._graphs_reason()
         self.grads = StepGrads(self.model, self.fwd, self.autocast, cfg.grad_accum, cfg.grad_clip,
                                no_sync=self.ddp.no_sync if self.dist.enabled else None,
-                               graphs=self.eager_reason is None)
+                               graphs=self.eager_reason is None, clip_into=self.optimizer)
         self.flops_per_token = model_summary(cfg.model, cfg.seq_len)["train_flops_per_token"]
         self.peak = peak_flops(self.device)
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -190,8 +195,6 @@ class Trainer:
             return "CPU"
         if self.dist.enabled:
             return "DDP: the gradient all-reduce is not captured yet"
-        if cfg.compile:
-            return "compile=true"
         return None
 
     def train_step(self, step: int, track_stats: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -215,7 +218,7 @@ class Trainer:
         every log step would cost ~3% of the run at log_every=10). A captured step runs no Python, so the
         statistics cannot come from the step itself."""
         def forward():
-            with self.autocast():
+            with self.autocast(), eager_regions():  # the methods' sinks are Python lists: not traced
                 self.model(x.to(self.device), y.to(self.device))
         return collect_stats(self.model, forward)
 
@@ -230,9 +233,12 @@ class Trainer:
                      f"| {where} | global batch {self.global_batch} x {cfg.seq_len} tokens | run dir {self.run_dir}")
             for line in describe(self.model):
                 self.log(f"elas: {line}")
-            self.log("elas: steps replayed from a CUDA graph (captured at the first step and when a sparsity "
-                     "method changes mode; opt out with --set cuda_graphs=false)" if self.eager_reason is None
-                     else f"elas: eager steps ({self.eager_reason})")
+            how = ("compiled (torch.compile per block and loss head; --set compile=false opts out)"
+                   if self.compiled else "not compiled" + (" (compile=false)" if self.device.type == "cuda" else ""))
+            self.log(f"elas: steps {how}; " + (
+                "replayed from a CUDA graph (captured at the first step and when a sparsity method changes mode; "
+                "--set cuda_graphs=false opts out)" if self.eager_reason is None
+                else f"eager steps ({self.eager_reason})"))
             if self.ckpt is not None:
                 self.log(f"elas: resumed from {self.ckpt} at step {self.step}")
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
@@ -244,12 +250,23 @@ class Trainer:
         result: dict = {}
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
         t_last, tok_last = time.perf_counter(), self.tokens
+        start = self.step
         fault = int(os.environ.get("ELAS_FAULT_AT_STEP", "-1"))  # fault injection for the kill/resume test
         try:
             while self.step < cfg.max_steps:
                 step = self.step
                 log_now = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
+                prev_modes, t_step, graphs_before = self.modes, time.perf_counter(), compile_counts()
                 loss, gnorm, stats = self.train_step(step, track_stats=log_now)
+                if self.compiled and d.main and (step == start or self.modes != prev_modes):
+                    torch.cuda.synchronize(self.device)  # compiling is host work; the warm-up and capture are not
+                    msg = (f"elas: step {step + 1} (modes {list(self.modes)}): compiled "
+                           f"{compile_counts() - graphs_before} graphs" +
+                           (" and captured the step" if self.grads.graphs else "") +
+                           f" in {time.perf_counter() - t_step:.1f} s")
+                    (bar.write if bar is not None else self.log)(msg)
+                    # tokens/s of the first log leaves the compile out
+                    t_last, tok_last = time.perf_counter(), self.tokens + self.global_batch * cfg.seq_len
                 bad |= ~torch.isfinite(loss) | ~torch.isfinite(gnorm)
                 self.step += 1
                 self.tokens += self.global_batch * cfg.seq_len
@@ -284,8 +301,9 @@ class Trainer:
                         bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{tps:,.0f}",
                                         **({"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] else {}))
                 if eval_now:
-                    vl, n = evaluate(self.fwd, self.val_windows, cfg.eval_tokens, cfg.batch_size, self.device,
-                                     self.autocast, d)
+                    with eager_regions():  # no-grad graphs (and a partial last batch) would only add compiles
+                        vl, n = evaluate(self.fwd, self.val_windows, cfg.eval_tokens, cfg.batch_size, self.device,
+                                         self.autocast, d)
                     result = {"step": self.step, "val_loss": vl, "val_ppl": math.exp(min(vl, 50)), "val_tokens": n}
                     self._write_metrics(result)
                     if d.main:

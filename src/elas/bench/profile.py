@@ -1,0 +1,64 @@
+"""Where a training step's GPU time goes: kernel times from the PyTorch profiler, sorted into categories.
+
+    kernels = kernel_times(step, iters=3)   # {kernel name: ms per step}, CUDA-graph replays included
+    breakdown(kernels)                      # {category: ms per step}
+
+The raw kernel table is kept in the benchmark JSON beside the breakdown, so the categories (name patterns below,
+first match wins) can be refined and re-applied without a GPU. "idle" (step time minus kernel time) is added by
+the caller, which knows the step time.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+# (category, pattern on the lower-cased kernel name); first match wins
+CATEGORIES: tuple[tuple[str, str], ...] = (
+    ("sparse GEMM", r"sparse|cusparselt|spmma"),
+    ("2:4 sparsify/pack", r"^_kernel$|^_bwd_kernel$|sparsif|pack24"),  # elas's Triton kernels (kernels/cuda)
+    ("attention", r"flash|fmha|attention|sdpa|cudnn"),
+    ("GEMM", r"gemm|nvjet|cutlass|xmma|wgmma|matmul|cublas|splitk|^sm\d\d_|ampere_"),
+    ("optimizer", r"adam|multi_tensor_apply|foreach"),  # fused AdamW, clipping's norms, zeroing of gradients
+    ("CE", r"cross_entropy|nll_loss|log_softmax|logsumexp|softmax"),
+    ("copy", r"memcpy|memset|copy|convert|cast|clone|catarray|fill"),
+    ("elementwise", r""),  # Inductor's fused kernels and every other pointwise / reduction kernel
+)
+# a fused kernel that also computes something is elementwise work, not a copy
+_ARITH = re.compile(r"add|mul|div|sub|exp|rsqrt|pow|relu|silu|sigmoid|mean|sum|amax|max|where|neg|log|sin|cos|"
+                    r"tanh|sqrt|embedding")
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, pat in CATEGORIES:
+        if re.search(pat, low):
+            if cat == "copy" and low.startswith("triton_") and _ARITH.search(low.replace("_to_copy", "")):
+                return "elementwise"
+            return cat
+    return "elementwise"
+
+
+def breakdown(kernels: dict[str, float]) -> dict[str, float]:
+    """{category: ms per step} in CATEGORIES order (categories without kernels omitted)."""
+    out: dict[str, float] = defaultdict(float)
+    for name, ms in kernels.items():
+        out[category(name)] += ms
+    return {c: out[c] for c, _ in CATEGORIES if c in out}
+
+
+def kernel_times(step, iters: int = 3) -> dict[str, float]:
+    """{kernel name: GPU ms per step} over `iters` calls of step() (already warmed up), largest first."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    total: dict[str, float] = defaultdict(float)
+    for e in prof.events():
+        # GPU-side user annotations ("Optimizer.step#AdamW.step") span kernels already counted
+        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False) and "#" not in e.name:
+            total[e.name] += e.time_range.elapsed_us() / 1e3 / iters
+    return dict(sorted(total.items(), key=lambda kv: -kv[1]))

@@ -1,0 +1,147 @@
+"""The training step of every variant in the modes a user can run it, in one process (`elas bench step`).
+
+modes:
+  elas           the trainer's default: every block and the loss head compiled (train/parallelize.py), the whole
+                 forward+backward+norm replayed from a CUDA graph (train/step.py), the residual stream in bf16
+                 and the chunked LM-head loss (the model's defaults); fused AdamW after the replay, which
+                 applies the clipping.
+  torch.compile  what a user gets without elas: `torch.compile(model)` (whole model, Inductor's default mode, no
+                 CUDA graphs) of the same architecture with the textbook numerics (fp32 residual stream, fp32
+                 logits into F.cross_entropy), then backward, clip_grad_norm_, fused AdamW.
+  eager          the same plain loop without compiling.
+All: bf16 autocast over fp32 master weights, random tokens, sparsity methods sparse from step 0, clipping at
+1.0, median of `steps` steps after `warmup` (CUDA events); compile_s = the first step's wall time (compile,
+warm-up and capture). A profile of each row (bench/profile.py) gives GPU ms per category and the largest kernels.
+
+Variants are names of config.VARIANTS, plus "swiglu-aligned": SwiGLU with its width rounded up to 128 (5504 at
+1B, beside the published 5461).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from ..build import build_model
+from ..config import D_FF_MULTIPLE, TrainConfig, model_preset
+from ..optim import build_optimizer
+from ..sparsity import set_step
+from ..summary import model_summary
+from ..train.parallelize import compile_regions
+from ..train.step import StepGrads
+from .ffn import variant_config
+from .profile import breakdown, kernel_times
+from .timing import event_ms
+
+MODES = ("elas", "torch.compile", "eager")
+STEP_VARIANTS = ("lowrank-relu2", "elas", "elas-mask", "relu2", "relu2-24", "swiglu", "swiglu-aligned")
+PLAIN = {"residual_dtype": "fp32", "lm_loss": "logits"}  # the textbook numerics of the baseline modes
+H100_BF16 = 989e12
+
+
+def step_config(size: str, variant: str, mode: str, seq: int):
+    over = {"max_seq_len": seq, **(PLAIN if mode != "elas" else {})}
+    if variant == "swiglu-aligned":
+        inter = model_preset(size).intermediate
+        return variant_config(size, "swiglu", intermediate=math.ceil(inter / D_FF_MULTIPLE) * D_FF_MULTIPLE, **over)
+    return variant_config(size, variant, **over)
+
+
+def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, steps: int = 10, warmup: int = 3,
+             profile: bool = True) -> dict:
+    if mode not in MODES:
+        raise ValueError(f"unknown step mode {mode!r}; expected one of {MODES}")
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    cfg = step_config(size, variant, mode, seq)
+    torch.manual_seed(0)
+    model = build_model(cfg, "cuda")
+    set_step(model, 0, 1)
+    opt = build_optimizer(model, TrainConfig(model=cfg))  # fused AdamW
+    idx = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda")
+    x, y = idx[:, :-1], idx[:, 1:]
+    bf16 = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    grads = None
+    if mode == "elas":
+        compile_regions(model)
+        grads = StepGrads(model, model, bf16, grad_accum=1, grad_clip=1.0, graphs=True, clip_into=opt)
+
+        def step():
+            grads.run([(x, y)], mode=True)
+            opt.step()
+    else:
+        fwd = torch.compile(model) if mode == "torch.compile" else model
+
+        def step():
+            with bf16():
+                loss = fwd(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - t0
+    ms = event_ms(step, iters=steps, warmup=warmup)
+    tps = batch * seq / (ms / 1e3)
+    row = {"model": size, "variant": variant, "mode": mode, "batch": batch, "seq": seq, "step_ms": ms,
+           "tokens_per_s": tps, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "compile_s": compile_s,
+           "mfu": tps * model_summary(cfg, seq)["train_flops_per_token"] / H100_BF16,
+           "d_ff": cfg.ffn_width, "rank": cfg.rank, "gpu": torch.cuda.get_device_name(),
+           "torch": torch.__version__}
+    if grads is not None:
+        row["graph"] = grads.graphs  # False: the capture failed and the steps ran eagerly (logged)
+    if profile:
+        kernels = kernel_times(step, iters=3)
+        row["breakdown_ms"] = breakdown(kernels)
+        row["breakdown_ms"]["idle"] = max(0.0, ms - sum(kernels.values()))
+        row["kernels_ms"] = {k[:160]: round(v, 4) for k, v in list(kernels.items())[:40]}
+    del model, opt, grads
+    return row
+
+
+def bench_step(sizes=("llama-1b",), batches=(32,), variants=STEP_VARIANTS, modes=MODES, seq: int = 256,
+               steps: int = 10, warmup: int = 3, profile: bool = True, log=print, on_row=None) -> list[dict]:
+    """Rows for every (size, batch, variant, mode); a row that fails (out of memory) is recorded with its error."""
+    rows = []
+    for size in sizes:
+        for batch in batches:
+            for variant in variants:
+                for mode in modes:
+                    try:
+                        r = step_row(size, variant, mode, batch, seq, steps, warmup, profile)
+                    except torch.OutOfMemoryError as e:
+                        r = {"model": size, "variant": variant, "mode": mode, "batch": batch, "seq": seq,
+                             "error": "out of memory: " + str(e).splitlines()[0][:120]}
+                        torch.cuda.empty_cache()
+                    rows.append(r)
+                    log(f"step {size} b{batch} {variant:>14} {mode:>13}: " + (
+                        f"{r['step_ms']:7.1f} ms {r['tokens_per_s']:>9,.0f} tok/s peak {r['peak_mem_gb']:5.1f} GB "
+                        f"compile {r['compile_s']:5.1f} s" if "error" not in r else r["error"]))
+                    if on_row is not None:
+                        on_row(rows)
+    return rows
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Each measured row with its ratios (tokens/s, > 1: faster): vs its dense twin in the same mode
+    (`vs_twin`), vs plain torch.compile of itself (`vs_torch_compile`) and vs SwiGLU-aligned in the same mode."""
+    from ..config import VARIANTS
+    key = {(r["model"], r["batch"], r["variant"], r["mode"]): r for r in rows if "error" not in r}
+    out = []
+    for r in rows:
+        r = dict(r)
+        if "error" not in r:
+            base = (r["model"], r["batch"])
+            twin = VARIANTS[r["variant"]].twin if r["variant"] in VARIANTS else None
+            for name, other in (("vs_twin", key.get((*base, twin, r["mode"]))),
+                                ("vs_torch_compile", key.get((*base, r["variant"], "torch.compile"))),
+                                ("vs_swiglu_aligned", key.get((*base, "swiglu-aligned", r["mode"])))):
+                if other is not None and other is not key.get((*base, r["variant"], r["mode"])):
+                    r[name] = r["tokens_per_s"] / other["tokens_per_s"]
+        out.append(r)
+    return out
