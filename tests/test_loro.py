@@ -9,6 +9,7 @@ from elas.config import model_preset
 from elas.build import build_model
 from elas.model import LowRankLinear
 from elas.optim import LOROAdamW, exact_update
+from elas.optim.loro import exact_update_batched
 
 from conftest import TINY, run_cli
 
@@ -40,6 +41,25 @@ def test_exact_step_equals_dense_reference(m, n, r):
     assert torch.allclose(Mn.T @ Mn, torch.diag(torch.diagonal(Mn.T @ Mn)), atol=1e-10)
     # and the update is not trivial
     assert not torch.allclose(want, M @ N.T, atol=1e-3)
+
+
+@pytest.mark.parametrize("solver", ["svd", "eigh"])
+def test_batched_exact_step_equals_one_pair_at_a_time(solver):
+    """Pairs of one shape are stacked into one batched call (each with its own step size); pairs of other shapes
+    get their own batch; every result equals the pair's own exact_update (fp64: to rounding)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(30, 20, 4), (20, 30, 4), (30, 20, 4), (64, 64, 8), (30, 20, 4)]
+    pairs = []
+    for k, (m, n, r) in enumerate(shapes):
+        M, N = torch.randn(m, r, generator=g, dtype=torch.float64), torch.randn(n, r, generator=g, dtype=torch.float64)
+        G = torch.randn(m, n, generator=g, dtype=torch.float64)
+        pairs.append((M, N, G @ N, G.T @ M, 0.1 * (k + 1)))
+    got = exact_update_batched(pairs, solver)
+    for (M, N, DM, DN, eta), (Mb, Nb) in zip(pairs, got):
+        Mo, No = exact_update(M, N, DM, DN, eta, solver)
+        assert Mb.shape == M.shape and Nb.shape == N.shape
+        torch.testing.assert_close(Mb @ Nb.T, Mo @ No.T, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(Mb.T @ Mb, Nb.T @ Nb, rtol=1e-9, atol=1e-9)  # balanced, as one at a time
 
 
 def test_optimizer_keeps_rank_and_resets_states():

@@ -26,10 +26,10 @@ SOLVERS = ("svd", "gesvdj", "gesvda", "eigh")
 
 
 def _svd_2r(S: torch.Tensor, solver: str):
-    """SVD of the small 2r x 2r core. svd: torch's default driver; gesvdj / gesvda: cuSOLVER drivers (CUDA);
-    eigh: eigenvectors of S^T S (squares the condition number; only the top r are used). auto: gesvda on CUDA,
-    which measured both the fastest (2.2-2.7x torch's default) and the closest to an fp64 reference on H100
-    (docs/loro.md), and torch's default elsewhere."""
+    """SVD of the small 2r x 2r core(s) S [..., 2r, 2r]. svd: torch's default driver; gesvdj / gesvda: cuSOLVER
+    drivers (CUDA); eigh: eigenvectors of S^T S (squares the condition number; only the top r are used). auto:
+    gesvda on CUDA, which measured both the fastest (2.2-2.7x torch's default) and the closest to an fp64
+    reference on H100 (docs/loro.md), and torch's default elsewhere."""
     if solver == "auto":
         solver = "gesvda" if S.is_cuda else "svd"
     if solver == "svd":
@@ -37,41 +37,60 @@ def _svd_2r(S: torch.Tensor, solver: str):
     if solver in ("gesvdj", "gesvda"):
         return torch.linalg.svd(S, driver=solver if S.is_cuda else None)
     if solver == "eigh":
-        evals, V = torch.linalg.eigh(S.T @ S)  # ascending
-        evals, V = evals.flip(0).clamp(min=0), V.flip(1)
+        evals, V = torch.linalg.eigh(S.mT @ S)  # ascending
+        evals, V = evals.flip(-1).clamp(min=0), V.flip(-1)
         sig = evals.sqrt()
-        U = (S @ V) / sig.clamp(min=torch.finfo(S.dtype).tiny)
-        return U, sig, V.T
+        U = (S @ V) / sig.clamp(min=torch.finfo(S.dtype).tiny)[..., None, :]
+        return U, sig, V.mT
     raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
 
 
-def exact_update(M: torch.Tensor, N: torch.Tensor, DM: torch.Tensor, DN: torch.Tensor, eta: float,
+def exact_update(M: torch.Tensor, N: torch.Tensor, DM: torch.Tensor, DN: torch.Tensor, eta,
                  solver: str = "auto"):
     """One exact LORO step of the factors, in the factors' own precision (call with fp32 or fp64).
 
-    M [m, r], N [n, r]: W = M N^T. DM [m, r], DN [n, r]: the factor directions; if they are the raw gradients
-    (DM = G N, DN = G^T M) the result is exactly the rank-r truncated SVD of W - eta P_T(G), balanced so that
-    M'^T M' = N'^T N' = Sigma_r. Returns (M', N').
+    M [..., m, r], N [..., n, r]: W = M N^T, optionally a batch of pairs of one shape (leading dims). DM [..., m, r],
+    DN [..., n, r]: the factor directions; if they are the raw gradients (DM = G N, DN = G^T M) the result is
+    exactly the rank-r truncated SVD of W - eta P_T(G), balanced so that M'^T M' = N'^T N' = Sigma_r. eta: a
+    number, or a tensor [...] of one step size per pair. Returns (M', N').
     """
-    r = M.shape[1]
-    U, RM = torch.linalg.qr(M)  # [m, r], [r, r]
-    V, RN = torch.linalg.qr(N)  # [n, r], [r, r]
-    GV = torch.linalg.solve_triangular(RN, DM, upper=True, left=False)  # D_M R_N^-1 = G V    [m, r]
-    UtG = torch.linalg.solve_triangular(RM.T, DN.T, upper=False)  # R_M^-T D_N^T = U^T G      [r, n]
-    K0 = UtG @ V  # U^T G V  [r, r]
-    Y1 = (UtG - K0 @ V.T).T  # (I - V V^T) G^T U  [n, r]
-    Y2 = GV - U @ (U.T @ GV)  # (I - U U^T) G V    [m, r]
+    r = M.shape[-1]
+    if isinstance(eta, torch.Tensor):
+        eta = eta.to(M.dtype)[..., None, None]  # [..., 1, 1]
+    U, RM = torch.linalg.qr(M)  # [.., m, r], [.., r, r]
+    V, RN = torch.linalg.qr(N)  # [.., n, r], [.., r, r]
+    GV = torch.linalg.solve_triangular(RN, DM, upper=True, left=False)  # D_M R_N^-1 = G V    [.., m, r]
+    UtG = torch.linalg.solve_triangular(RM.mT, DN.mT, upper=False)  # R_M^-T D_N^T = U^T G      [.., r, n]
+    K0 = UtG @ V  # U^T G V  [.., r, r]
+    Y1 = (UtG - K0 @ V.mT).mT  # (I - V V^T) G^T U  [.., n, r]
+    Y2 = GV - U @ (U.mT @ GV)  # (I - U U^T) G V    [.., m, r]
     Q1, K1 = torch.linalg.qr(Y1)
     Q2, K2 = torch.linalg.qr(Y2)
-    S = torch.zeros(2 * r, 2 * r, dtype=M.dtype, device=M.device)
-    S[:r, :r] = RM @ RN.T - eta * K0
-    S[:r, r:] = -eta * K1.T
-    S[r:, :r] = -eta * K2
-    Us, sig, Vsh = _svd_2r(S, solver)  # 2r x 2r
-    root = sig[:r].sqrt()
-    M_new = torch.cat([U, Q2], 1) @ (Us[:, :r] * root)
-    N_new = torch.cat([V, Q1], 1) @ (Vsh[:r].T * root)
+    S = torch.cat([torch.cat([RM @ RN.mT - eta * K0, -eta * K1.mT], -1),
+                   torch.cat([-eta * K2, torch.zeros_like(K2)], -1)], -2)  # [.., 2r, 2r]
+    Us, sig, Vsh = _svd_2r(S, solver)
+    root = sig[..., None, :r].sqrt()  # [.., 1, r]
+    M_new = torch.cat([U, Q2], -1) @ (Us[..., :, :r] * root)
+    N_new = torch.cat([V, Q1], -1) @ (Vsh[..., :r, :].mT * root)
     return M_new, N_new
+
+
+def exact_update_batched(pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]],
+                         solver: str = "auto") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """exact_update of many pairs (M, N, DM, DN, eta), one batched call per distinct (shape, dtype, device):
+    a 1B model's 144 pairs have 3 shapes, so 3 sequences of batched QR / solve / SVD kernels replace 144
+    sequences of small ones. Returns the new (M, N) of each pair, in order."""
+    by_shape: dict[tuple, list[int]] = {}
+    for i, (M, N, *_) in enumerate(pairs):
+        by_shape.setdefault((M.shape, N.shape, M.dtype, M.device), []).append(i)
+    out: list = [None] * len(pairs)
+    for idx in by_shape.values():
+        stack = [torch.stack([pairs[i][j] for i in idx]) for j in range(4)]  # [B, m, r], [B, n, r], ...
+        eta = torch.tensor([float(pairs[i][4]) for i in idx], dtype=stack[0].dtype, device=stack[0].device)
+        Mb, Nb = exact_update(*stack, eta, solver)
+        for b, i in enumerate(idx):
+            out[i] = (Mb[b], Nb[b])
+    return out
 
 
 class LOROAdamW(torch.optim.Optimizer):
@@ -153,14 +172,14 @@ class LOROAdamW(torch.optim.Optimizer):
                 direction[id(p)] = (d, c)
         # p <- p (1 - lr wd) - lr scale corr D, for every dense parameter and (lazy steps) factor, batched
         decay_p, decay_f, upd_p, upd_d, upd_alpha = [], [], [], [], []
+        exact_pairs, exact_args = [], []
         for group, params in stepping:
             lr, wd = group["lr"] * warm, group["weight_decay"]
             if group["kind"] == "pair" and exact:  # Riemannian step at the bias-corrected lr, no r/d, no decay
                 M, N = group["params"]
                 (dM, cM), (dN, _) = direction[id(M)], direction[id(N)]
-                Mn, Nn = exact_update(M.float(), N.float(), dM, dN, lr * cM)
-                M.copy_(Mn.to(M.dtype))
-                N.copy_(Nn.to(N.dtype))
+                exact_pairs.append((M, N))
+                exact_args.append((M.float(), N.float(), dM, dN, lr * cM))
                 continue
             scale = group["scaler"] if group["kind"] == "pair" else 1.0
             for p in params:
@@ -182,6 +201,9 @@ class LOROAdamW(torch.optim.Optimizer):
             by_alpha[a][1].append(d)
         for a, (ps, ds) in by_alpha.items():
             torch._foreach_add_(ps, ds, alpha=a)
+        for (M, N), (Mn, Nn) in zip(exact_pairs, exact_update_batched(exact_args)):
+            M.copy_(Mn.to(M.dtype))
+            N.copy_(Nn.to(N.dtype))
         for group in self.param_groups:
             group["t"] += 1
         if exact:  # Adam-state refresh of every parameter: moments average the K steps since the last one
