@@ -193,3 +193,43 @@ def test_batched_step_equals_per_parameter_adam():
         opt.step()
         for p in model.parameters():
             assert torch.equal(p, want[id(p)])
+
+
+def _sharded_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from elas.optim.loro import exact_update_sharded
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        got = exact_update_sharded(_pairs_for_sharding())
+        if rank == 0:
+            torch.save([(M.clone(), N.clone()) for M, N in got], out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _pairs_for_sharding():
+    g = torch.Generator().manual_seed(1)
+    pairs = []
+    for k, (m, n, r) in enumerate([(30, 20, 4)] * 3 + [(20, 30, 4)] * 2 + [(16, 16, 2)]):
+        M, N = torch.randn(m, r, generator=g, dtype=torch.float64), torch.randn(n, r, generator=g, dtype=torch.float64)
+        DM, DN = torch.randn(m, r, generator=g, dtype=torch.float64), torch.randn(n, r, generator=g, dtype=torch.float64)
+        pairs.append((M, N, DM, DN, 0.05 * (k + 1)))
+    return pairs
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_exact_step_sharded_over_processes_equals_one_process(tmp_path, world):
+    """Under torch.distributed (gloo, CPU) each rank computes its share of the pairs and broadcasts it: every
+    rank ends with the one-process result (fp64, to rounding), including shapes with fewer pairs than ranks."""
+    import torch.multiprocessing as mp
+
+    from elas.optim.loro import exact_update_batched
+    out = tmp_path / "sharded.pt"
+    mp.spawn(_sharded_worker, args=(world, f"file://{tmp_path / 'store'}", str(out)), nprocs=world, join=True)
+    want = exact_update_batched(_pairs_for_sharding())
+    got = torch.load(out)
+    assert len(got) == len(want)
+    for (Mg, Ng), (Mw, Nw) in zip(got, want):
+        torch.testing.assert_close(Mg, Mw, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(Ng, Nw, rtol=1e-12, atol=1e-12)

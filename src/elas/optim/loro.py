@@ -93,6 +93,41 @@ def exact_update_batched(pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Ten
     return out
 
 
+def exact_update_sharded(pairs: list[tuple], solver: str = "auto") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """exact_update_batched, split over the processes of a torch.distributed group (DDP: every rank holds the same
+    factors and directions): rank k computes the k-th, (k+world)-th, ... pair of each shape (so every rank gets a
+    share of every shape), then each rank's results go to all as one flat broadcast. One process: no split."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return exact_update_batched(pairs, solver)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    owner, count = [], {}
+    for M, N, *_ in pairs:
+        key = (M.shape, N.shape)
+        owner.append(count.get(key, 0) % world)
+        count[key] = count.get(key, 0) + 1
+    mine = [i for i, o in enumerate(owner) if o == rank]
+    done = dict(zip(mine, exact_update_batched([pairs[i] for i in mine], solver)))
+    out: list = [None] * len(pairs)
+    for src in range(world):
+        idx = [i for i, o in enumerate(owner) if o == src]
+        if not idx:
+            continue
+        M0 = pairs[idx[0]][0]
+        if src == rank:  # [sum of M and N sizes], the owner's results back to back
+            flat = torch.cat([t.reshape(-1) for i in idx for t in done[i]])
+        else:
+            flat = torch.empty(sum(pairs[i][0].numel() + pairs[i][1].numel() for i in idx), dtype=M0.dtype,
+                               device=M0.device)
+        dist.broadcast(flat, src)
+        off = 0
+        for i in idx:
+            M, N = pairs[i][0], pairs[i][1]
+            out[i] = (flat[off:off + M.numel()].view_as(M), flat[off + M.numel():off + M.numel() + N.numel()].view_as(N))
+            off += M.numel() + N.numel()
+    return out
+
+
 class LOROAdamW(torch.optim.Optimizer):
     def __init__(self, model: torch.nn.Module, lr: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, exact_every: int = 500, rewarm_steps: int = 5,
@@ -201,7 +236,7 @@ class LOROAdamW(torch.optim.Optimizer):
             by_alpha[a][1].append(d)
         for a, (ps, ds) in by_alpha.items():
             torch._foreach_add_(ps, ds, alpha=a)
-        for (M, N), (Mn, Nn) in zip(exact_pairs, exact_update_batched(exact_args)):
+        for (M, N), (Mn, Nn) in zip(exact_pairs, exact_update_sharded(exact_args)):
             M.copy_(Mn.to(M.dtype))
             N.copy_(Nn.to(N.dtype))
         for group in self.param_groups:
