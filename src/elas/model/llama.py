@@ -41,6 +41,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
+class KVCache:
+    """Keys and values of the tokens generated so far, for decoding one token at a time (model/generate.py).
+
+    k[i], v[i]: [batch, heads, max_len, head_dim] of layer i (allocated at the first write, in the dtype the
+    attention computes in); `pos` tokens are filled. A forward with a cache starting at pos 0 is a prefill
+    (causal among its tokens); later forwards pass one token, which attends to every cached one."""
+
+    def __init__(self, n_layers: int, max_len: int):
+        self.max_len, self.pos = max_len, 0
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [b, heads, s, head_dim] at positions pos..pos+s; return all keys and values so far."""
+        b, h, s, hd = k.shape
+        if self.pos + s > self.max_len:
+            raise ValueError(f"KV cache full: {self.pos} + {s} tokens exceed its {self.max_len} positions")
+        if self.k[layer] is None:
+            self.k[layer] = k.new_zeros(b, h, self.max_len, hd)
+            self.v[layer] = v.new_zeros(b, h, self.max_len, hd)
+        self.k[layer][:, :, self.pos:self.pos + s] = k
+        self.v[layer][:, :, self.pos:self.pos + s] = v
+        return self.k[layer][:, :, :self.pos + s], self.v[layer][:, :, :self.pos + s]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -49,11 +74,18 @@ class Attention(nn.Module):
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
         self.q, self.k, self.v, self.o = (make_linear(d, d, r, cfg.init_std) for _ in range(4))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
         b, s, d = x.shape
         q, k, v = (p(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [b, heads, s, head_dim]
+        causal = True
+        if cache is not None:
+            if cache.pos > 0 and s > 1:
+                raise ValueError("KV cache: after the prefill, decode one token per forward")
+            causal = cache.pos == 0
+            k, v = cache.update(layer, k, v)  # [b, heads, pos + s, head_dim]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [b, heads, s, head_dim]
         return self.o(y.transpose(1, 2).reshape(b, s, d))
 
 
@@ -67,8 +99,8 @@ class Block(nn.Module):
         ffn_cls = SwiGLU if cfg.ffn == "swiglu" else ReLU2FFN.of_width
         self.ffn = ffn_cls(cfg.d_model, cfg.ffn_width, r, cfg.init_std)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -90,18 +122,26 @@ class LLaMA(nn.Module):
             self._rope = rope_tables(self.cfg.head_dim, max(seq, self.cfg.max_seq_len), self.cfg.rope_theta, device)
         return self._rope[0][:seq], self._rope[1][:seq]
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx: [batch, seq] token ids. Returns logits [batch, seq, vocab], or the mean loss if targets given."""
-        if idx.shape[1] > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {idx.shape[1]} exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self.rope(idx.shape[1], idx.device)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+        """idx: [batch, seq] token ids. Returns logits [batch, seq, vocab], or the mean loss if targets given.
+        cache: a KVCache for decoding (idx then holds the tokens after the cached ones; logits only)."""
+        start = cache.pos if cache is not None else 0
+        if start + idx.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {start + idx.shape[1]} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope(start + idx.shape[1], idx.device)
+        cos, sin = cos[start:], sin[start:]  # the positions of idx's tokens
         x = self.embed(idx)  # [batch, seq, d_model], fp32 (the embedding is not an autocast op)
         dev = x.device.type
         if self.cfg.residual_dtype == "compute" and torch.is_autocast_enabled(dev):
             # the residual stream in the compute dtype: every add, norm and cast of it moves half the bytes
             x = x.to(torch.get_autocast_dtype(dev))
-        for blk in self.blocks:
-            x = blk(x, cos, sin)
+        if cache is None:
+            for blk in self.blocks:
+                x = blk(x, cos, sin)
+        else:
+            for i, blk in enumerate(self.blocks):
+                x = blk(x, cos, sin, cache, i)
+            cache.pos += idx.shape[1]
         if targets is None:
             return self.lm_head(self.norm(x))
         return self.loss(x, targets)

@@ -1,0 +1,56 @@
+"""Generation with a KV cache: the same logits and the same tokens as re-running the whole context each step."""
+import pytest
+import torch
+
+from elas.build import build_model
+from elas.model.generate import sample
+from elas.model.llama import KVCache
+from elas.sparsity import set_step
+
+from conftest import preset
+
+
+def _model(variant: str, max_seq_len: int = 24):
+    name = "llama-tiny" if variant == "swiglu" else f"llama-tiny-{variant}"
+    cfg = preset(name, n_layers=2, vocab_size=200, max_seq_len=max_seq_len)
+    for m in cfg.methods:
+        if m["method"] == "act24":
+            m["dense_warmup_steps"] = 0
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    set_step(model, 5, 10)  # 2:4 variants in their sparse mode
+    return model
+
+
+@pytest.mark.parametrize("variant", ["swiglu", "lowrank-relu2", "elas", "relu2-24"])
+def test_cached_decode_logits_equal_the_full_forward(variant):
+    model = _model(variant)
+    idx = torch.randint(0, 200, (2, 20))
+    with torch.no_grad():
+        full = model(idx)  # [2, 20, vocab]
+        cache = KVCache(len(model.blocks), 24)
+        steps = [model(idx[:, :7], cache=cache)]  # prefill
+        for t in range(7, 20):
+            steps.append(model(idx[:, t:t + 1], cache=cache))
+    assert cache.pos == 20
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["swiglu", "elas"])
+def test_greedy_sampling_with_and_without_the_cache_agree(variant):
+    """Past max_seq_len (24) the context slides: 10 prompt + 30 new tokens cross it."""
+    model = _model(variant)
+    prompt = torch.randint(0, 200, (1, 10))
+    a = sample(model, prompt, 30, temperature=0, use_cache=True)
+    b = sample(model, prompt, 30, temperature=0, use_cache=False)
+    assert a.shape == (1, 40) and torch.equal(a, b)
+
+
+def test_cache_misuse_is_a_clear_error():
+    model = _model("swiglu")
+    cache = KVCache(len(model.blocks), 24)
+    model(torch.randint(0, 200, (1, 4)), cache=cache)
+    with pytest.raises(ValueError, match="one token per forward"):
+        model(torch.randint(0, 200, (1, 2)), cache=cache)
+    with pytest.raises(ValueError, match="exceeds model.max_seq_len"):
+        model(torch.randint(0, 200, (1, 21)), cache=cache)
