@@ -197,3 +197,25 @@ def test_full_disk_keeps_the_last_complete_checkpoint(dataset, tmp_path, capsys,
     assert main(train_args(dataset, out, "--max-steps", "6", "--set", "save_every=2", "--set", "eval_every=100",
                            "--resume")) == 0
     assert latest_checkpoint(out).name == "step-00000006"
+
+
+def test_tensorboard_logs_what_metrics_jsonl_logs(dataset, tmp_path):
+    """tensorboard=true writes the same numbers as metrics.jsonl (train loss per log step, validation loss,
+    sparsity statistics) into RUN/tensorboard."""
+    pytest.importorskip("tensorboard")  # in the test extra; elas[tensorboard] for users
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    assert main(train_args(dataset, out, "--max-steps", "4", "--set", "eval_every=4", "--set", "save_every=4",
+                           "--set", "tensorboard=true")) == 0
+    ev = EventAccumulator(str(out / "tensorboard"))
+    ev.Reload()
+    tags = ev.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "val/val_loss", "train/y2_zero_frac/mean"} <= set(tags)
+    assert any(t.startswith("stats/") for t in tags)
+    want = losses(out)
+    got = {e.step: e.value for e in ev.Scalars("train/loss")}
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    assert all(abs(got[s] - want[s]) < 1e-6 * max(1.0, abs(want[s])) for s in want)
+    val = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in ln]
+    assert [(e.step, round(e.value, 5)) for e in ev.Scalars("val/val_loss")] == \
+        [(r["step"], round(r["val_loss"], 5)) for r in val]

@@ -235,6 +235,7 @@ class TrainConfig:
     compile: bool = True  # torch.compile every block and the loss head (CUDA; CPU runs stay eager)
     init_from: str = ""  # a Hugging Face Llama/Arcee directory whose weights start a new run (full-rank models)
     cuda_graphs: bool = True  # replay each step's forward+backward from a CUDA graph (CUDA, single process); false: eager
+    tensorboard: bool = False  # also log metrics to RUN/tensorboard (needs the tensorboard package: elas[tensorboard])
 
     def validate(self) -> None:
         self.model.validate()

@@ -103,6 +103,12 @@ class Trainer:
             cfg.model.methods = [method_to_dict(m) for m in resolve_methods(cfg.model)]
         except (ValueError, TypeError) as e:
             raise TrainError(str(e)) from None
+        if cfg.tensorboard:
+            try:
+                import tensorboard  # noqa: F401  (torch's SummaryWriter needs it)
+            except ImportError:
+                raise TrainError("tensorboard=true needs the tensorboard package: pip install 'elas[tensorboard]' "
+                                 "(or tensorboard)") from None
         self.device = pick_device(cfg.device)
         self.dist = init_distributed(self.device.type)
         if self.device.type == "cuda" and self.dist.enabled:
@@ -183,6 +189,7 @@ class Trainer:
         self.flops_per_token = model_summary(cfg.model, cfg.seq_len)["train_flops_per_token"]
         self.peak = peak_flops(self.device)
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.tb = None  # a SummaryWriter beside metrics.jsonl (rank 0, tensorboard=true), opened in fit
         self._stop_signal: int | None = None
 
     # -- one optimizer step ---------------------------------------------------------------------------------
@@ -338,11 +345,24 @@ class Trainer:
         if self.dist.main:
             with open(self.metrics_path, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
+            if self.cfg.tensorboard:  # the same numbers, by step: train/*, val/*, sparsity statistics
+                if self.tb is None:
+                    from torch.utils.tensorboard import SummaryWriter
+                    self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+                prefix = "val" if "val_loss" in rec else "train"
+                for k, v in rec.items():
+                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                        self.tb.add_scalar(f"{prefix}/{k}", v, rec["step"])
+                for k, v in rec.get("stats", {}).items():
+                    self.tb.add_scalar(f"stats/{k}", v, rec["step"])
+                self.tb.flush()
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
     def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
         shutdown(self.dist)
 
 
