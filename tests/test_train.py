@@ -219,3 +219,38 @@ def test_tensorboard_logs_what_metrics_jsonl_logs(dataset, tmp_path):
     val = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in ln]
     assert [(e.step, round(e.value, 5)) for e in ev.Scalars("val/val_loss")] == \
         [(r["step"], round(r["val_loss"], 5)) for r in val]
+
+
+def _torchrun(n, *args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                           "-m", "elas", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_fsdp_matches_single_process_and_resumes_on_another_process_count(dataset, tmp_path):
+    """FSDP2 on 2 gloo processes logs the single process's losses (same global batch of 4); its checkpoint (whole
+    tensors, the optimizer state keyed by name) resumes on 1 process and on 2, continuing those losses."""
+    steps = ["--max-steps", "4", "--set", "eval_every=100", "--set", "save_every=2", "--set", "keep_checkpoints=3"]
+    single = run_cli(*train_args(dataset, tmp_path / "one", *steps))
+    assert single.returncode == 0, single.stderr
+    fsdp = _torchrun(2, *train_args(dataset, tmp_path / "fsdp", *steps, "--set", "batch_size=2",
+                                    "--set", "parallel=fsdp"))
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    assert "x2 (FSDP)" in fsdp.stdout
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for s in a:  # the same sequences, reduced in another order
+        assert abs(a[s] - b[s]) < 1e-4, (s, a[s], b[s])
+    for procs in (1, 2):
+        run = tmp_path / f"resume{procs}"
+        shutil.copytree(tmp_path / "fsdp", run)
+        shutil.rmtree(run / "checkpoints" / "step-00000004")  # back to the checkpoint of step 2
+        (run / "checkpoints" / "latest").unlink()
+        args = train_args(dataset, run, *steps, "--resume", "--set", f"batch_size={4 // procs}")
+        r = run_cli(*args) if procs == 1 else _torchrun(procs, *args)
+        assert r.returncode == 0, r.stderr[-3000:]
+        c = losses(run)
+        assert sorted(c) == [1, 2, 3, 4] and c[1] == b[1] and c[2] == b[2]
+        for s in (3, 4):
+            assert abs(c[s] - a[s]) < 1e-4, (procs, s, c[s], a[s])

@@ -147,7 +147,9 @@ def set_rng_state(st: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer, trainer_state: dict,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, full: tuple[dict, dict] | None = None) -> Path:
+    """full: (model, optimizer) state dicts already gathered whole from a sharded (FSDP2) model, the optimizer's
+    keyed by parameter name (torch.distributed.checkpoint.state_dict); written in the same one-file format."""
     ckdir = run_dir / "checkpoints"
     name = f"step-{step:08d}"
     final, tmp = ckdir / name, ckdir / (name + ".tmp")
@@ -155,11 +157,12 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
         ckdir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        weights = {k: v.detach().contiguous().cpu() for k, v in (full[0] if full else model.state_dict()).items()}
         save_file(weights, str(tmp / "model.safetensors"))
         if os.environ.get("ELAS_FAULT_IN_CHECKPOINT") == str(step):  # fault injection: a kill mid-write (tests)
             os.kill(os.getpid(), 9)
-        torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / "optimizer.pt")
+        optim = {"optimizer": full[1], "keyed_by": "name"} if full else {"optimizer": optimizer.state_dict()}
+        torch.save({**optim, "rng": rng_state()}, tmp / "optimizer.pt")
         (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -209,7 +212,8 @@ def load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer=None) -> dict:
-    """Loads weights (and optimizer + RNG state if an optimizer is given); returns the trainer state."""
+    """Loads weights (and optimizer + RNG state if an optimizer is given); returns the trainer state. The
+    model must not be sharded yet (the trainer loads the weights first, then shards, then `load_optimizer`)."""
     weights = load_weights(ckpt)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
@@ -218,10 +222,26 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer=None) -> dict:
     try:
         state = json.loads((Path(ckpt) / "trainer.json").read_text())
         if optimizer is not None:
-            blob = torch.load(Path(ckpt) / "optimizer.pt", map_location="cpu", weights_only=False)
-            optimizer.load_state_dict(blob["optimizer"])
-            set_rng_state(blob["rng"])
+            load_optimizer(ckpt, model, optimizer)
     except (OSError, json.JSONDecodeError, RuntimeError, EOFError, KeyError, ValueError) as e:
         raise CheckpointError(f"checkpoint {ckpt} is corrupt or incomplete ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
     return state
+
+
+def load_optimizer(ckpt: Path, model: torch.nn.Module, optimizer) -> None:
+    """Optimizer and RNG state of a checkpoint. A state keyed by parameter name (written by a sharded run) is
+    scattered onto this run's parameters whatever their sharding (any process count, or one process); a state
+    keyed by position (one process or DDP) loads as it was saved."""
+    try:
+        blob = torch.load(Path(ckpt) / "optimizer.pt", map_location="cpu", weights_only=False)
+        if blob.get("keyed_by") == "name":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(model, optimizer, blob["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(blob["optimizer"])
+        set_rng_state(blob["rng"])
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {ckpt} is corrupt or incomplete ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None

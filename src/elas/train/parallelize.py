@@ -1,7 +1,9 @@
-"""How a built model is run by the trainer: compiled regions (DDP wraps the result; FSDP2 will live here too).
+"""How a built model is run by the trainer: compiled regions, then DDP (the default) or FSDP2 over processes.
 
     compile_regions(model)      # every decoder block and the loss head, torch.compile(fullgraph=True), in place
     with eager_regions(): ...   # forwards that must not compile (evaluation, statistics probes)
+    shard_fsdp(model, device)   # FSDP2: fully_shard every block, then the root (parameters become DTensors)
+    grad_sync(model, ddp)       # the context that skips the gradient reduction of a non-final micro-batch
 
 Why regions and not `torch.compile(model)`: the decoder's blocks are identical, and a compiled block's graph
 guards on the block's structure, not its identity, so all blocks share one compiled graph: compile time is one
@@ -13,7 +15,7 @@ block (per mode of the schedule, not per step); `compile_counts()` lets tests an
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -38,3 +40,41 @@ def compile_counts() -> int:
     from torch._dynamo.utils import counters
     return int(counters["stats"]["unique_graphs"])
 
+
+
+def shard_fsdp(model: torch.nn.Module, device: torch.device, bf16: bool) -> None:
+    """FSDP2 over all processes of the default group: one `fully_shard` per decoder block (its parameters are
+    gathered just before it runs and freed after), then one for the root (embedding, final norm, LM head).
+    bf16: parameters gathered in bf16 and gradients reduced in fp32 (MixedPrecisionPolicy); the fp32 shards
+    stay the optimizer's master weights."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+    for blk in model.blocks:
+        fully_shard(blk, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
+def grad_sync(model: torch.nn.Module, ddp=None):
+    """A factory of contexts in which backward accumulates gradients without reducing them across processes:
+    DDP's no_sync, or FSDP2's set_requires_gradient_sync(False). None for a single process."""
+    if ddp is not None:
+        return ddp.no_sync
+    if not hasattr(model, "set_requires_gradient_sync"):  # not sharded
+        return None
+
+    @contextmanager
+    def no_sync():
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    return no_sync
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return hasattr(model, "set_requires_gradient_sync")

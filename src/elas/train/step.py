@@ -77,12 +77,14 @@ class StepGrads:
         if self.grad_clip > 0 and self.clip_into is None:
             gnorm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         else:
-            gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
+            gnorm = _total_norm([p.grad for p in params])
             if self.grad_clip > 0:
                 # fused Adam/AdamW divide every gradient by `grad_scale` inside their one kernel (the hook AMP's
                 # GradScaler uses): clipping by max(1, norm / clip) there saves a read and a write of every
                 # gradient (~1 ms per step at 1B). The coefficient is clip_grad_norm_'s: clip / (norm + 1e-6).
                 self.clip_into.grad_scale = torch.clamp((gnorm + 1e-6) / self.grad_clip, min=1.0)
+        if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor whose value is the global norm
+            gnorm = gnorm.full_tensor()
         return loss_sum / self.grad_accum, gnorm
 
     # -- entry point ---------------------------------------------------------------------------------------------
@@ -147,6 +149,13 @@ class StepGrads:
             p.grad = None
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+
+
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of grads (plain tensors or FSDP2's DTensor shards), with no host sync."""
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: also reduces DTensor shards
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 def _pinned(t: torch.Tensor) -> torch.Tensor:

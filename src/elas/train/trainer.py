@@ -23,10 +23,10 @@ from ..build import build_model, resolve_methods
 from ..optim import build_optimizer, warmup_cosine
 from ..sparsity import collect_stats, describe, method_to_dict, set_step
 from ..summary import model_summary
-from .checkpoint import (CheckpointError, checkpoints, load_checkpoint, newest_verified, resume_checkpoint,
-                         save_checkpoint)
+from .checkpoint import (CheckpointError, checkpoints, load_checkpoint, load_optimizer, newest_verified,
+                         resume_checkpoint, save_checkpoint)
 from .distributed import Dist, all_reduce_sum, init_distributed, shutdown
-from .parallelize import compile_counts, compile_regions, eager_regions
+from .parallelize import compile_counts, compile_regions, eager_regions, grad_sync, shard_fsdp
 from .step import StepGrads
 
 PROBE_SEQS = 8  # sequences the sparsity statistics of a log step are measured on (a no-grad probe forward)
@@ -161,31 +161,40 @@ class Trainer:
                 load_hf_weights(self.model, cfg.model, Path(cfg.init_from))
         except (ValueError, TypeError) as e:  # a method that cannot apply (2:4 on SwiGLU), a bad --init-from
             raise TrainError(str(e)) from None
+        self.step, self.tokens = 0, 0
+        self.modes: tuple = ()  # the sparsity methods' modes at the current step
+        if self.ckpt is not None:  # weights into the whole model, before any sharding; optimizer state below
+            try:
+                state = load_checkpoint(self.ckpt, self.model)
+            except CheckpointError as e:
+                raise TrainError(str(e)) from None
+            self.step, self.tokens = state["step"], state["tokens"]
+        # compiled regions on CUDA (CPU runs stay eager: CI and demos need no compiler); then DDP wraps the model,
+        # or FSDP2 shards it (parameters become DTensors: the optimizer is built on the shards)
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.compiled = cfg.compile and self.device.type == "cuda"
+        if self.compiled:
+            compile_regions(self.model)
+        self.sharded = self.dist.enabled and cfg.parallel == "fsdp"
+        if self.sharded:
+            shard_fsdp(self.model, self.device, bf16)
         try:
             self.optimizer = build_optimizer(self.model, cfg)
         except ValueError as e:
             raise TrainError(str(e)) from None
-        self.step, self.tokens = 0, 0
-        self.modes: tuple = ()  # the sparsity methods' modes at the current step
         if self.ckpt is not None:
             try:
-                state = load_checkpoint(self.ckpt, self.model, self.optimizer)
+                load_optimizer(self.ckpt, self.model, self.optimizer)
             except CheckpointError as e:
                 raise TrainError(str(e)) from None
-            self.step, self.tokens = state["step"], state["tokens"]
-        # compiled regions on CUDA (CPU runs stay eager: CI and demos need no compiler); DDP wraps the result
-        self.compiled = cfg.compile and self.device.type == "cuda"
-        if self.compiled:
-            compile_regions(self.model)
         self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
-            if self.dist.enabled else self.model
-        self.fwd = self.ddp
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+            if self.dist.enabled and not self.sharded else None
+        self.fwd = self.ddp if self.ddp is not None else self.model
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
         self.eager_reason = self._graphs_reason()
         self.grads = StepGrads(self.model, self.fwd, self.autocast, cfg.grad_accum, cfg.grad_clip,
-                               no_sync=self.ddp.no_sync if self.dist.enabled else None,
-                               graphs=self.eager_reason is None, clip_into=self.optimizer)
+                               no_sync=grad_sync(self.model, self.ddp), graphs=self.eager_reason is None,
+                               clip_into=None if self.sharded else self.optimizer)
         self.flops_per_token = model_summary(cfg.model, cfg.seq_len)["train_flops_per_token"]
         self.peak = peak_flops(self.device)
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -201,7 +210,7 @@ class Trainer:
         if self.device.type != "cuda":
             return "CPU"
         if self.dist.enabled:
-            return "DDP: the gradient all-reduce is not captured yet"
+            return f"{self.cfg.parallel.upper()}: the gradient reduction is not captured yet"
         return None
 
     def train_step(self, step: int, track_stats: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -235,7 +244,7 @@ class Trainer:
         if d.main:
             (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
             truncate_metrics(self.metrics_path, self.step)
-            where = f"{self.device}" + (f" x{d.world} (DDP)" if d.enabled else "")
+            where = f"{self.device}" + (f" x{d.world} ({cfg.parallel.upper()})" if d.enabled else "")
             self.log(f"elas: {cfg.preset} | {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params "
                      f"| {where} | global batch {self.global_batch} x {cfg.seq_len} tokens | run dir {self.run_dir}")
             for line in describe(self.model):
@@ -285,7 +294,7 @@ class Trainer:
                 eval_now = self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
                 if log_now or save_now or eval_now or self._stop_signal:
                     if save_now or self._stop_signal:  # a finite loss does not prove the update after it was
-                        bad |= ~torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+                        bad |= ~torch.stack([torch.isfinite(_local(p)).all() for p in self.model.parameters()]).all()
                     if bool(all_reduce_sum(bad.float(), d).item()):  # one host sync per log, not per step
                         raise TrainError(f"loss became NaN/inf by step {self.step}; stopped without saving. The last "
                                          f"good checkpoint is {getattr(newest_verified(self.run_dir), 'name', 'none')}; "
@@ -331,11 +340,19 @@ class Trainer:
         return result
 
     def save(self) -> None:
+        full = None
+        if self.sharded:  # every rank takes part in gathering whole tensors; rank 0 writes the one-file format
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            full = (get_model_state_dict(self.model, options=opts),
+                    get_optimizer_state_dict(self.model, self.optimizer, options=opts))
         if self.dist.main:
             state = {"step": self.step, "tokens": self.tokens, "data_position": self.step * self.global_batch,
                      "preset": self.cfg.preset}
             try:
-                save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.cfg.keep_checkpoints)
+                save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.cfg.keep_checkpoints,
+                                full=full)
             except CheckpointError as e:
                 raise TrainError(str(e)) from None
         if self.dist.enabled:
@@ -364,6 +381,11 @@ class Trainer:
         if self.tb is not None:
             self.tb.close()
         shutdown(self.dist)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This process's shard of an FSDP2 parameter (a DTensor), or the tensor itself."""
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 def _is_main_thread() -> bool:
