@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh STAGE...
-# stages: tests kernels ffn step step-half loro quality (default: tests kernels ffn); STEP_ARGS / TESTS narrow
+# stages: tests kernels ffn step compile loss loro quality (default: tests kernels ffn); STEP_ARGS / TESTS narrow
 # the step benchmark and the test selection. Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
 # machine), are copied there too, with the tuned cuSPARSELt algorithm cache.
 set -u
@@ -23,6 +23,7 @@ for what in "${@:-tests kernels ffn}"; do
               | grep -v "^elas: \|Warning\|warn(" ;;
       compile) timeout "${COMPILE_TIMEOUT:-560}" python -m elas bench compile --gpu-name "$GPU" ${COMPILE_ARGS:-} ;;
       loro) python -m elas bench loro --gpu-name "$GPU" ;;
+      loss) python -m elas bench loss --gpu-name "$GPU" ;;
       quality)  # the quality grid on a prepared dataset; QUALITY_* select the part to run in this call
         timeout "${QUALITY_TIMEOUT:-520}" python -m elas experiment --size llama-60m --steps "${QUALITY_STEPS:-500}" \
           --batch-size 256 --grad-accum 1 --data "${QUALITY_DATA:-data/quality-32k}" --out runs/quality \

@@ -61,3 +61,14 @@ def test_step_modes_table_and_ratios():
     text = mode_step_tables({**doc, "rows": rows})
     assert f"| {d['step_ms']:.1f} | {d['tokens_per_s']:,.0f} | - | {d['vs_torch_compile']:.2f}x |" in text
     assert "by kernel category" in text and "| idle |" in text
+
+
+def test_loss_table_pairs_the_two_implementations():
+    from elas.bench.report import loss_table
+    rows = [{"tokens": 8192, "d_model": 2048, "vocab": 32000, "impl": impl, "compiled": comp, "ms": ms,
+             "peak_extra_gb": gb, "loss": 10.4} for impl, comp, ms, gb in
+            (("logits", False, 6.0, 3.1), ("chunked", False, 4.0, 0.9), ("logits", True, 5.0, 2.5),
+             ("chunked", True, 4.5, 0.8))]
+    text = loss_table({"rows": rows})
+    assert "| 8192 | 2048 x 32000 | eager | 6.00 | 4.00 | 1.50x | 3.10 | 0.90 |" in text
+    assert "| 8192 | 2048 x 32000 | compiled | 5.00 | 4.50 | 1.11x | 2.50 | 0.80 |" in text

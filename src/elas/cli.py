@@ -422,6 +422,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.what == "loro":
         from .bench.loro import bench_loro
         rows = bench_loro()
+    elif args.what == "loss":
+        from .bench.loss import bench_loss
+        rows = bench_loss()
     elif args.what == "ffn":
         from .bench.ffn import bench_ffn
         rows = bench_ffn(sizes, batch_scale=args.batch_scale)
@@ -500,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("bench", help="GPU kernel benchmarks (JSON under benchmarks/results/<gpu>/)")
-    p.add_argument("what", choices=["gemm", "sparsify", "ffn", "step", "loro", "compile", "report"],
+    p.add_argument("what", choices=["gemm", "sparsify", "ffn", "step", "loss", "loro", "compile", "report"],
                    help="report: render the result files into --doc")
     p.add_argument("--sizes", help="model sizes for ffn/step, e.g. llama-60m,llama-1b (default: 60m..1b)")
     p.add_argument("--batch-scale", type=float, default=1.0, help="scale the papers' per-GPU batch (ffn/step)")

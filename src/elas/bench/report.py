@@ -162,9 +162,26 @@ def compile_table(doc: dict) -> str:
     return "\n".join(out)
 
 
+def loss_table(doc: dict) -> str:
+    """elas bench loss: the chunked LM-head loss beside fp32 logits into F.cross_entropy."""
+    rows = doc["rows"]
+    by = {(r["tokens"], r["compiled"], r["impl"]): r for r in rows}
+    out = [_env_line(doc), "", "| tokens | d_model x vocab | mode | logits ms | chunked ms | speed-up | logits GB | "
+           "chunked GB |", "|---|---|---|---|---|---|---|---|"]
+    for (n, comp, impl), r in by.items():
+        if impl != "chunked" or (n, comp, "logits") not in by:
+            continue
+        lg = by[(n, comp, "logits")]
+        out.append(f"| {n} | {r['d_model']} x {r['vocab']} | {'compiled' if comp else 'eager'} | {lg['ms']:.2f} | "
+                   f"{r['ms']:.2f} | {lg['ms'] / r['ms']:.2f}x | {lg['peak_extra_gb']:.2f} | "
+                   f"{r['peak_extra_gb']:.2f} |")
+    return "\n".join(out)
+
+
 RENDERERS = {"compile.json": ("torch.compile: graph breaks and the compiled step", compile_table),
              "gemm.json": ("2:4 GEMM", gemm_table), "sparsify.json": ("ReLU² + 2:4 sparsifier", sparsify_table),
-             "step.json": ("FFN and training step", step_tables)}
+             "step.json": ("FFN and training step", step_tables),
+             "loss.json": ("LM head + cross-entropy (forward + backward; GB: peak above the inputs)", loss_table)}
 
 
 def render(results: Path) -> str:

@@ -1,0 +1,59 @@
+"""The LM head + cross-entropy alone: the chunked loss (model/loss.py) against fp32 logits into F.cross_entropy
+(`elas bench loss`), in one process.
+
+For each token count: h [T, d] bf16 (as the final norm gives it under autocast), the fp32 master weight
+[V, d], targets [T]; forward + backward under bf16 autocast, eager and compiled (`torch.compile`, Inductor
+default mode). Time: median of CUDA-event timings after warm-up. Memory: the allocator's peak during one
+forward + backward above what was allocated before it (the inputs), i.e. what the loss itself needs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..model.loss import linear_cross_entropy
+from .timing import event_ms
+
+
+def _logits_loss(h, w, t):
+    return F.cross_entropy((h @ w.t()).float(), t)  # the textbook path: [T, V] logits, upcast
+
+
+def loss_row(tokens: int, d: int, vocab: int, impl: str, compiled: bool) -> dict:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    h = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    w = (0.02 * torch.randn(vocab, d, device="cuda")).requires_grad_()
+    t = torch.randint(0, vocab, (tokens,), device="cuda")
+    fn = linear_cross_entropy if impl == "chunked" else _logits_loss
+    fn = torch.compile(fn) if compiled else fn
+
+    def step():
+        h.grad = w.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn(h, w, t)
+        loss.backward()
+        return loss
+
+    step()  # compiles
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss = step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    ms = event_ms(step, iters=10, warmup=3)
+    return {"tokens": tokens, "d_model": d, "vocab": vocab, "impl": impl, "compiled": compiled, "ms": ms,
+            "peak_extra_gb": peak / 1e9, "loss": float(loss)}
+
+
+def bench_loss(tokens=(8192, 16384), d: int = 2048, vocab: int = 32000, log=print) -> list[dict]:
+    rows = []
+    for n in tokens:
+        for compiled in (False, True):
+            for impl in ("logits", "chunked"):
+                r = loss_row(n, d, vocab, impl, compiled)
+                rows.append(r)
+                log(f"loss T={n} {'compiled' if compiled else 'eager':>8} {impl:>7}: {r['ms']:.2f} ms fwd+bwd, "
+                    f"{r['peak_extra_gb']:.2f} GB above the inputs, loss {r['loss']:.4f}")
+    return rows
