@@ -228,9 +228,13 @@ def _torchrun(n, *args):
                            "-m", "elas", *args], capture_output=True, text=True, timeout=600)
 
 
-def test_fsdp_matches_single_process_and_resumes_on_another_process_count(dataset, tmp_path):
-    """FSDP2 on 2 gloo processes logs the single process's losses (same global batch of 4); its checkpoint (whole
-    tensors, the optimizer state keyed by name) resumes on 1 process and on 2, continuing those losses."""
+def test_fsdp_matches_single_process_and_resumes_on_another_process_count(dataset, tmp_path, capsys):
+    """FSDP2 on 2 gloo processes logs the single process's losses (same global batch of 4). Its checkpoints are
+    sharded (torch.distributed.checkpoint, one shard file per process) and resume on 1, 2 and 4 processes,
+    continuing those losses; `elas checkpoint consolidate` writes the whole weights, which eval reads."""
+    from safetensors.torch import load_file
+
+    from elas.train.checkpoint import verify_checkpoint
     steps = ["--max-steps", "4", "--set", "eval_every=100", "--set", "save_every=2", "--set", "keep_checkpoints=3"]
     single = run_cli(*train_args(dataset, tmp_path / "one", *steps))
     assert single.returncode == 0, single.stderr
@@ -242,7 +246,10 @@ def test_fsdp_matches_single_process_and_resumes_on_another_process_count(datase
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for s in a:  # the same sequences, reduced in another order
         assert abs(a[s] - b[s]) < 1e-4, (s, a[s], b[s])
-    for procs in (1, 2):
+    ck = tmp_path / "fsdp" / "checkpoints" / "step-00000002"
+    assert (ck / "dcp" / ".metadata").is_file() and len(list((ck / "dcp").glob("*.distcp"))) == 2
+    assert not (ck / "model.safetensors").exists() and verify_checkpoint(ck) is None
+    for procs in (1, 2, 4):
         run = tmp_path / f"resume{procs}"
         shutil.copytree(tmp_path / "fsdp", run)
         shutil.rmtree(run / "checkpoints" / "step-00000004")  # back to the checkpoint of step 2
@@ -252,5 +259,18 @@ def test_fsdp_matches_single_process_and_resumes_on_another_process_count(datase
         assert r.returncode == 0, r.stderr[-3000:]
         c = losses(run)
         assert sorted(c) == [1, 2, 3, 4] and c[1] == b[1] and c[2] == b[2]
-        for s in (3, 4):
+        for s in (3, 4):  # step 4 also checks the optimizer state came back (moments steer update 3)
             assert abs(c[s] - a[s]) < 1e-4, (procs, s, c[s], a[s])
+    # consolidate: one file of whole weights, listed by the manifest; eval reads it
+    assert main(["checkpoint", "consolidate", str(tmp_path / "fsdp")]) == 0
+    final = tmp_path / "fsdp" / "checkpoints" / "step-00000004"
+    weights = load_file(str(final / "model.safetensors"))
+    assert "lm_head.weight" in weights and weights["embed.weight"].shape == (512, 64)
+    assert verify_checkpoint(final) is None
+    assert main(["eval", "--run", str(tmp_path / "fsdp"), "--tokens", "2048", "--json"]) == 0
+    assert main(["checkpoint", "consolidate", str(tmp_path / "one")]) == 2  # a one-file checkpoint: nothing to do
+    assert "not a sharded checkpoint" in capsys.readouterr().err
+    # a damaged shard is caught by the manifest: the resume skips that checkpoint
+    shard = next((ck / "dcp").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-8])
+    assert "does not match" in verify_checkpoint(ck) or "bytes" in verify_checkpoint(ck)

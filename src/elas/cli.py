@@ -336,6 +336,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoint_consolidate(args: argparse.Namespace) -> int:
+    from .train import CheckpointError, newest_verified
+    from .train.checkpoint import consolidate, verify_checkpoint
+    ckpt = Path(args.checkpoint) if args.checkpoint else newest_verified(Path(args.run))
+    if ckpt is None or not ckpt.is_dir():
+        raise UserError(f"{args.checkpoint or args.run} holds no checkpoint that verifies")
+    why = verify_checkpoint(ckpt)
+    if why is not None:
+        raise UserError(f"checkpoint {ckpt} is damaged: {why}")
+    try:
+        out = consolidate(ckpt)
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_hf
     out = Path(args.to)
@@ -547,6 +564,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--val-frac", type=float, default=0.01, help="fraction of documents for validation")
     q.add_argument("--force", action="store_true", help="rebuild an existing dataset")
     q.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("checkpoint", help="checkpoint tools")
+    csub = p.add_subparsers(dest="checkpoint_cmd", metavar="SUBCOMMAND", required=True)
+    q = csub.add_parser("consolidate", help="the whole weights of a sharded (FSDP2) checkpoint as one "
+                                            "model.safetensors in it")
+    q.add_argument("run", help="run directory")
+    q.add_argument("--checkpoint", help="checkpoint directory (default: the run's newest that verifies)")
+    q.set_defaults(func=cmd_checkpoint_consolidate)
 
     for name, fn, hlp in (("eval", cmd_eval, "validation perplexity of a checkpoint"),
                           ("generate", cmd_generate, "sample text from a checkpoint"),

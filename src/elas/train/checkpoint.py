@@ -6,6 +6,9 @@ Layout of a run directory:
     checkpoints/step-00000200/trainer.json        step, tokens seen, data position, metrics summary
     checkpoints/step-00000200/manifest.json       written last: size and xxh3-64 hash of each file above
     checkpoints/latest                            name of the newest complete checkpoint (for people and tools)
+A sharded (FSDP2) run writes, instead of model.safetensors and optimizer.pt, `dcp/` (torch.distributed.checkpoint:
+one file of shards per process plus `.metadata`; model and optimizer state by name, loadable on any number of
+processes, one included) and `rng.pt`; `consolidate` adds the whole weights as model.safetensors.
 A checkpoint is written to `step-N.tmp`, fsynced, renamed, and only then named in `latest` (itself replaced
 atomically), so a kill or a full disk at any moment leaves the previous checkpoints whole. A resume does not
 trust `latest`: `resume_checkpoint` takes the newest checkpoint whose manifest verifies, and moves the newer
@@ -55,6 +58,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 MANIFEST = "manifest.json"
+SINGLE_FILES = ("model.safetensors", "optimizer.pt", "trainer.json")
+SHARDED_FILES = ("dcp/.metadata", "rng.pt", "trainer.json")
 _CHUNK = 64 << 20
 
 
@@ -67,12 +72,9 @@ def _file_hash(path: Path) -> str:
 
 
 def _write_manifest(ckdir: Path) -> None:
-    files = {f.name: {"bytes": f.stat().st_size, "xxh3_64": _file_hash(f)}
-             for f in sorted(ckdir.iterdir()) if f.name != MANIFEST}
-    with open(ckdir / MANIFEST, "w") as fh:
-        json.dump({"version": 1, "files": files}, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
+    files = {str(f.relative_to(ckdir)): {"bytes": f.stat().st_size, "xxh3_64": _file_hash(f)}
+             for f in sorted(ckdir.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    _write_atomic(ckdir / MANIFEST, json.dumps({"version": 1, "files": files}, indent=1).encode())
 
 
 def verify_checkpoint(ckpt: Path) -> str | None:
@@ -84,7 +86,7 @@ def verify_checkpoint(ckpt: Path) -> str | None:
         return f"{missing[0]} is missing" if missing else None
     except (OSError, ValueError, KeyError, TypeError):
         return "its manifest is unreadable"
-    for name in ("model.safetensors", "optimizer.pt", "trainer.json"):
+    for name in (SHARDED_FILES if "dcp/.metadata" in files else SINGLE_FILES):
         if name not in files:
             return f"its manifest does not list {name}"
     for name, want in files.items():
@@ -147,9 +149,7 @@ def set_rng_state(st: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer, trainer_state: dict,
-                    keep: int = 2, full: tuple[dict, dict] | None = None) -> Path:
-    """full: (model, optimizer) state dicts already gathered whole from a sharded (FSDP2) model, the optimizer's
-    keyed by parameter name (torch.distributed.checkpoint.state_dict); written in the same one-file format."""
+                    keep: int = 2) -> Path:
     ckdir = run_dir / "checkpoints"
     name = f"step-{step:08d}"
     final, tmp = ckdir / name, ckdir / (name + ".tmp")
@@ -157,40 +157,154 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
         ckdir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        weights = {k: v.detach().contiguous().cpu() for k, v in (full[0] if full else model.state_dict()).items()}
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(weights, str(tmp / "model.safetensors"))
         if os.environ.get("ELAS_FAULT_IN_CHECKPOINT") == str(step):  # fault injection: a kill mid-write (tests)
             os.kill(os.getpid(), 9)
-        optim = {"optimizer": full[1], "keyed_by": "name"} if full else {"optimizer": optimizer.state_dict()}
-        torch.save({**optim, "rng": rng_state()}, tmp / "optimizer.pt")
-        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _write_manifest(tmp)  # last: a checkpoint whose manifest verifies was written whole
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(ckdir)
-        _write_atomic(ckdir / "latest", name.encode())
+        torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / "optimizer.pt")
+        _finish(tmp, final, trainer_state)
     except Exception as e:  # noqa: BLE001 - whatever the writer raises (OSError, torch's RuntimeError,
         # SafetensorError on a full disk): one line, the partial checkpoint removed, the previous ones intact
         shutil.rmtree(tmp, ignore_errors=True)
-        need = sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 3  # weights + 2 moments
-        try:
-            free = f"{shutil.disk_usage(ckdir if ckdir.exists() else run_dir).free / 1e9:.2f} GB free"
-        except OSError:
-            free = "free space unknown"
-        prev = newest_verified(run_dir)
-        msg = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise CheckpointError(f"could not write the checkpoint of step {step} in {ckdir} ({msg}); it needs about "
-                              f"{need / 1e9:.2f} GB ({free}); the newest complete checkpoint is "
-                              f"{prev.name if prev else 'none'}") from None
-    # prune: keep the newest `keep` of this run's checkpoints up to this step (its lineage), never this one
+        raise _write_error(run_dir, step, model, e) from None
+    _prune(run_dir, step, final, keep)
+    return final
+
+
+def _finish(tmp: Path, final: Path, trainer_state: dict) -> None:
+    """trainer.json, fsync every file, the manifest last, rename into place, then point `latest` at it."""
+    (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _write_manifest(tmp)  # last: a checkpoint whose manifest verifies was written whole
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    _write_atomic(final.parent / "latest", final.name.encode())
+
+
+def _write_error(run_dir: Path, step: int, model: torch.nn.Module, e: Exception) -> CheckpointError:
+    ckdir = run_dir / "checkpoints"
+    need = sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 3  # weights + 2 moments
+    try:
+        free = f"{shutil.disk_usage(ckdir if ckdir.exists() else run_dir).free / 1e9:.2f} GB free"
+    except OSError:
+        free = "free space unknown"
+    prev = newest_verified(run_dir)
+    msg = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+    return CheckpointError(f"could not write the checkpoint of step {step} in {ckdir} ({msg}); it needs about "
+                           f"{need / 1e9:.2f} GB ({free}); the newest complete checkpoint is "
+                           f"{prev.name if prev else 'none'}")
+
+
+def _prune(run_dir: Path, step: int, final: Path, keep: int) -> None:
+    """Keep the newest `keep` of this run's checkpoints up to this step (its lineage), never this one."""
     done = [p for p in checkpoints(run_dir) if _step_of(p) <= step and p != final]
     for old in done[max(keep - 1, 0):]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _dist_state(model: torch.nn.Module, optimizer) -> dict:
+    """{"model", "optim"} state dicts by parameter name, of this process's shards (plain tensors unsharded).
+    A fresh optimizer's states are materialised by torch (a zero step) so that a load has somewhere to go."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+
+
+def _any_failed(failed: bool) -> bool:
+    """True on every process if it is True on any (one all-reduce; False without a process group)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return failed
+    flag = torch.tensor([float(failed)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag)
+    return bool(flag.item())
+
+
+def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer, trainer_state: dict,
+                            keep: int = 2) -> Path:
+    """Every process writes its shards with torch.distributed.checkpoint into step-N.tmp/dcp; rank 0 then adds
+    rng.pt and trainer.json, writes the manifest and renames, as for one process. Collective: call on every rank.
+    A failure on any rank is one CheckpointError on every rank, the partial checkpoint removed."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    rank = dist.get_rank()
+    ckdir = run_dir / "checkpoints"
+    name = f"step-{step:08d}"
+    final, tmp = ckdir / name, ckdir / (name + ".tmp")
+    error: Exception | None = None
+    try:
+        if rank == 0:
+            ckdir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "dcp").mkdir(parents=True)
+    except Exception as e:  # noqa: BLE001
+        error = e
+    if not _any_failed(error is not None):
+        try:
+            dcp.save(_dist_state(model, optimizer), checkpoint_id=str(tmp / "dcp"))
+        except Exception as e:  # noqa: BLE001
+            error = e
+    if not _any_failed(error is not None) and rank == 0:
+        try:
+            torch.save({"rng": rng_state()}, tmp / "rng.pt")
+            _finish(tmp, final, trainer_state)
+        except Exception as e:  # noqa: BLE001
+            error = e
+    if _any_failed(error is not None):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(run_dir, step, model, error or RuntimeError("another process failed")) from None
+    if rank == 0:
+        _prune(run_dir, step, final, keep)
     return final
+
+
+def is_sharded_checkpoint(ckpt: Path) -> bool:
+    return (Path(ckpt) / "dcp").is_dir()
+
+
+def load_sharded_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer) -> dict:
+    """Model, optimizer and RNG state of a sharded checkpoint into this run's model and optimizer, whatever
+    their sharding now (DCP reshards: any number of processes, or one without a process group). Returns the
+    trainer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    try:
+        state = _dist_state(model, optimizer)
+        dcp.load(state, checkpoint_id=str(Path(ckpt) / "dcp"))
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+        set_rng_state(torch.load(Path(ckpt) / "rng.pt", map_location="cpu", weights_only=False)["rng"])
+        return json.loads((Path(ckpt) / "trainer.json").read_text())
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {ckpt} is corrupt, incomplete or of another model "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+
+
+def consolidate(ckpt: Path) -> Path:
+    """Write the whole weights of a sharded checkpoint as its model.safetensors (atomically; the manifest is
+    rewritten to list it). Runs in one process. Returns the file."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    ckpt = Path(ckpt)
+    out = ckpt / "model.safetensors"
+    if not is_sharded_checkpoint(ckpt):
+        raise CheckpointError(f"{ckpt} is not a sharded checkpoint (it has no dcp/); its weights are {out}")
+    blob = ckpt / "consolidate.tmp.pt"
+    try:
+        dcp_to_torch_save(str(ckpt / "dcp"), str(blob))
+        weights = torch.load(blob, map_location="cpu", weights_only=False)["model"]
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(out.with_suffix(".tmp")))
+        os.replace(out.with_suffix(".tmp"), out)
+    except (OSError, RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"could not consolidate {ckpt} ({str(e).splitlines()[0][:160]})") from None
+    finally:
+        blob.unlink(missing_ok=True)
+    _write_manifest(ckpt)
+    return out
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -203,6 +317,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     f = Path(ckpt) / "model.safetensors"
+    if not f.is_file() and is_sharded_checkpoint(ckpt):  # eval / generate / export of a sharded run
+        consolidate(ckpt)
     try:
         return load_file(str(f))
     except FileNotFoundError:
@@ -230,17 +346,10 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer=None) -> dict:
 
 
 def load_optimizer(ckpt: Path, model: torch.nn.Module, optimizer) -> None:
-    """Optimizer and RNG state of a checkpoint. A state keyed by parameter name (written by a sharded run) is
-    scattered onto this run's parameters whatever their sharding (any process count, or one process); a state
-    keyed by position (one process or DDP) loads as it was saved."""
+    """Optimizer and RNG state of a one-file checkpoint."""
     try:
         blob = torch.load(Path(ckpt) / "optimizer.pt", map_location="cpu", weights_only=False)
-        if blob.get("keyed_by") == "name":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(model, optimizer, blob["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(blob["optimizer"])
+        optimizer.load_state_dict(blob["optimizer"])
         set_rng_state(blob["rng"])
     except (OSError, RuntimeError, EOFError, KeyError, ValueError) as e:
         raise CheckpointError(f"checkpoint {ckpt} is corrupt or incomplete ({type(e).__name__}: "

@@ -23,8 +23,9 @@ from ..build import build_model, resolve_methods
 from ..optim import build_optimizer, warmup_cosine
 from ..sparsity import collect_stats, describe, method_to_dict, set_step
 from ..summary import model_summary
-from .checkpoint import (CheckpointError, checkpoints, load_checkpoint, load_optimizer, newest_verified,
-                         resume_checkpoint, save_checkpoint)
+from .checkpoint import (CheckpointError, checkpoints, is_sharded_checkpoint, load_checkpoint, load_optimizer,
+                         load_sharded_checkpoint, newest_verified, resume_checkpoint, save_checkpoint,
+                         save_sharded_checkpoint)
 from .distributed import Dist, all_reduce_sum, init_distributed, shutdown
 from .parallelize import compile_counts, compile_regions, eager_regions, grad_sync, shard_fsdp
 from .step import StepGrads
@@ -163,7 +164,8 @@ class Trainer:
             raise TrainError(str(e)) from None
         self.step, self.tokens = 0, 0
         self.modes: tuple = ()  # the sparsity methods' modes at the current step
-        if self.ckpt is not None:  # weights into the whole model, before any sharding; optimizer state below
+        sharded_ckpt = self.ckpt is not None and is_sharded_checkpoint(self.ckpt)
+        if self.ckpt is not None and not sharded_ckpt:  # weights into the whole model, before any sharding
             try:
                 state = load_checkpoint(self.ckpt, self.model)
             except CheckpointError as e:
@@ -182,9 +184,13 @@ class Trainer:
             self.optimizer = build_optimizer(self.model, cfg)
         except ValueError as e:
             raise TrainError(str(e)) from None
-        if self.ckpt is not None:
+        if self.ckpt is not None:  # optimizer state; a sharded checkpoint reshards everything onto this run
             try:
-                load_optimizer(self.ckpt, self.model, self.optimizer)
+                if sharded_ckpt:
+                    state = load_sharded_checkpoint(self.ckpt, self.model, self.optimizer)
+                    self.step, self.tokens = state["step"], state["tokens"]
+                else:
+                    load_optimizer(self.ckpt, self.model, self.optimizer)
             except CheckpointError as e:
                 raise TrainError(str(e)) from None
         self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
@@ -340,21 +346,16 @@ class Trainer:
         return result
 
     def save(self) -> None:
-        full = None
-        if self.sharded:  # every rank takes part in gathering whole tensors; rank 0 writes the one-file format
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                                 get_optimizer_state_dict)
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            full = (get_model_state_dict(self.model, options=opts),
-                    get_optimizer_state_dict(self.model, self.optimizer, options=opts))
-        if self.dist.main:
-            state = {"step": self.step, "tokens": self.tokens, "data_position": self.step * self.global_batch,
-                     "preset": self.cfg.preset}
-            try:
-                save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.cfg.keep_checkpoints,
-                                full=full)
-            except CheckpointError as e:
-                raise TrainError(str(e)) from None
+        state = {"step": self.step, "tokens": self.tokens, "data_position": self.step * self.global_batch,
+                 "preset": self.cfg.preset}
+        try:
+            if self.sharded:  # every process writes its shards (collective)
+                save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
+                                        self.cfg.keep_checkpoints)
+            elif self.dist.main:
+                save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.cfg.keep_checkpoints)
+        except CheckpointError as e:
+            raise TrainError(str(e)) from None
         if self.dist.enabled:
             torch.distributed.barrier()
 
