@@ -236,7 +236,7 @@ class TrainConfig:
     init_from: str = ""  # a Hugging Face Llama/Arcee directory whose weights start a new run (full-rank models)
     cuda_graphs: bool = True  # replay each step's forward+backward from a CUDA graph (CUDA, single process); false: eager
     parallel: str = "ddp"  # several processes (torchrun): ddp (replicated) | fsdp (FSDP2: parameters, gradients
-    # and optimizer states sharded; AdamW only so far)
+    # and optimizer states sharded)
     tensorboard: bool = False  # also log metrics to RUN/tensorboard (needs the tensorboard package: elas[tensorboard])
 
     def validate(self) -> None:
@@ -259,9 +259,6 @@ class TrainConfig:
             raise ValueError(f"invalid betas ({self.beta1}, {self.beta2}): each in [0, 1)")
         if self.parallel not in PARALLEL:
             raise ValueError(f"invalid parallel={self.parallel!r}: expected one of {PARALLEL}")
-        if self.parallel == "fsdp" and self.optimizer == "loro_adamw":
-            raise ValueError("parallel=fsdp does not support optimizer=loro_adamw yet (its exact step needs whole "
-                             "factors); use parallel=ddp")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"invalid optimizer={self.optimizer!r}: expected one of {OPTIMIZERS}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:

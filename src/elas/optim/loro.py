@@ -93,9 +93,24 @@ def exact_update_batched(pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Ten
     return out
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a DTensor: all-gathered; every process gets the same), else t.
+    The exact step needs whole factors (QR, SVD); it runs every K steps, so the gather is rare."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _copy_whole(p: torch.Tensor, full: torch.Tensor) -> None:
+    """p <- full (a whole tensor every process holds), into p's own shard when p is a DTensor."""
+    if hasattr(p, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+        p.copy_(distribute_tensor(full.to(p.dtype), p.device_mesh, p.placements))
+    else:
+        p.copy_(full.to(p.dtype))
+
+
 def exact_update_sharded(pairs: list[tuple], solver: str = "auto") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """exact_update_batched, split over the processes of a torch.distributed group (DDP: every rank holds the same
-    factors and directions): rank k computes the k-th, (k+world)-th, ... pair of each shape (so every rank gets a
+    """exact_update_batched, split over the processes of a torch.distributed group (every rank holds the same whole
+    factors and directions: DDP replicas, or FSDP2 shards gathered by `_whole`): rank k computes the k-th, (k+world)-th, ... pair of each shape (so every rank gets a
     share of every shape), then each rank's results go to all as one flat broadcast. One process: no split."""
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -214,7 +229,7 @@ class LOROAdamW(torch.optim.Optimizer):
                 M, N = group["params"]
                 (dM, cM), (dN, _) = direction[id(M)], direction[id(N)]
                 exact_pairs.append((M, N))
-                exact_args.append((M.float(), N.float(), dM, dN, lr * cM))
+                exact_args.append((_whole(M).float(), _whole(N).float(), _whole(dM), _whole(dN), lr * cM))
                 continue
             scale = group["scaler"] if group["kind"] == "pair" else 1.0
             for p in params:
@@ -237,8 +252,8 @@ class LOROAdamW(torch.optim.Optimizer):
         for a, (ps, ds) in by_alpha.items():
             torch._foreach_add_(ps, ds, alpha=a)
         for (M, N), (Mn, Nn) in zip(exact_pairs, exact_update_sharded(exact_args)):
-            M.copy_(Mn.to(M.dtype))
-            N.copy_(Nn.to(N.dtype))
+            _copy_whole(M, Mn)
+            _copy_whole(N, Nn)
         for group in self.param_groups:
             group["t"] += 1
         if exact:  # Adam-state refresh of every parameter: moments average the K steps since the last one
