@@ -1,5 +1,6 @@
 """2:4 weights by soft-thresholding (S-STE): the threshold, the frozen scale, the straight-through gradient, the
 dense -> sparse -> dense schedule, the combination with 2:4 activations, compile, exact resume across the switches."""
+import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
@@ -166,3 +167,39 @@ def test_kill_and_resume_across_both_switches_is_exact(dataset, tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 10))
     assert [a[s][1] for s in (2, 3, 7)] == [["dense"], ["sparse"], ["dense-final"]]
     assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("r,c,transpose", [(64, 64, False), (128, 192, False), (192, 64, True), (64, 128, True)])
+def test_triton_soft_threshold_pack_equals_the_reference(r, c, transpose):
+    """The S-STE pack kernel (on CPU: Triton's interpreter) writes the reference's packed S(W) and S(W^T): the
+    same kept positions (metadata and mask bytes) and the same bf16 values, ties and negative weights included."""
+    from elas.kernels.cuda.sste import soft_threshold24_packed
+    from elas.kernels.packed import unpack24
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(r + c)
+    w = torch.randn(r, c, generator=g) * 0.02
+    w[1::5] = torch.randint(-2, 3, (len(range(1, r, 5)), c), generator=g).float() * 0.01  # ties
+    w = w.to(dev)
+    beta = torch.tensor(1.37, device=dev)
+    got, want = soft_threshold24_packed(w, beta, transpose), ref.soft_threshold24_packed(w, beta, transpose)
+    m, k = (c, r) if transpose else (r, c)
+    assert got.shape == want.shape == (m, k)
+    assert torch.equal(got.mask_bits, want.mask_bits)
+    assert torch.equal(got.meta, want.meta)
+    assert torch.equal(got.values.float(), want.values.float())  # by value (+0 / -0 of a zero weight may differ)
+    dense = (beta * ref.soft_threshold24((w.t() if transpose else w).float())[0]).to(torch.bfloat16)
+    assert torch.equal(unpack24(got).float(), dense.float())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r,c", [(2048, 8192), (8192, 2048), (1024, 2816)])
+def test_gpu_soft_threshold_pack_equals_the_reference(r, c):
+    """The 1B / 350M FFN weight shapes, both orientations, against the reference on the GPU."""
+    from elas.kernels.cuda.sste import soft_threshold24_packed
+    w = torch.randn(r, c, device="cuda") * 0.02
+    beta = torch.tensor(0.93, device="cuda")
+    for transpose in (False, True):
+        got, want = soft_threshold24_packed(w, beta, transpose), ref.soft_threshold24_packed(w, beta, transpose)
+        assert torch.equal(got.meta, want.meta) and torch.equal(got.mask_bits, want.mask_bits)
+        assert torch.equal(got.values.float(), want.values.float())

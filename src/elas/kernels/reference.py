@@ -94,6 +94,16 @@ def soft_threshold24(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return s, mask24(w)
 
 
+def soft_threshold24_packed(w: torch.Tensor, beta: torch.Tensor, transpose: bool = False):
+    """The twin of kernels/cuda/sste.py: Packed24 of beta * S_soft(w) along w's last dim ([R, C]), or of w^T
+    along R ([C, R]) when transpose; the kept positions are mask24 of the (transposed) weight, the values
+    beta * S_soft in fp32 rounded to bf16."""
+    from .packed import pack24
+    x = w.t() if transpose else w
+    s, mask = soft_threshold24(x.float())
+    return pack24(beta.float() * s, mask)
+
+
 def n_dense_features(n_feat: int, dense_frac: float) -> int:
     """How many of n_feat features the 95/5 split keeps dense (see dense_feature_split): known on the host
     without looking at the data, so the split needs no device-to-host sync (and is CUDA-graph safe)."""

@@ -14,7 +14,9 @@ frozen (recomputing it every step is documented to blow up); the gradient reache
 straight through (beta not applied in backward). The input gradient uses S(W) itself (the exact gradient of the
 sparse forward); the paper's separately thresholded W^T is not built yet.
 
-This path EMULATES 2:4 weights (masked dense GEMMs): no sparse-tensor-core kernel runs it yet.
+This path EMULATES 2:4 weights (masked dense GEMMs): no sparse-tensor-core GEMM runs it yet. The kernel that
+packs S(W) and S(W^T) for those GEMMs each step exists (kernels/cuda/sste.py, bit-identical to
+reference.soft_threshold24_packed in Triton's interpreter); wiring it to the cuSPARSELt operator is next.
 """
 from __future__ import annotations
 

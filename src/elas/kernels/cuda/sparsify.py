@@ -62,12 +62,21 @@ def _pack_block(x, band, pid1, val_ptr, meta_ptr, bits_ptr, K, TILES: tl.constex
     """Select 2 of every 4 along the columns of x [64, 32*TILES] (fp32, values already final: largest |x| kept,
     earlier column on ties) and write the block's packed values, SM90 metadata and (optionally) mask bits.
     The block is rows [64*band, +64) and columns [32*TILES*pid1, +32*TILES) of a [M, K] matrix."""
+    _pack_block_by(x, x, band, pid1, val_ptr, meta_ptr, bits_ptr, K, TILES, WRITE_BITS)
+
+
+@triton.jit
+def _pack_block_by(sel, x, band, pid1, val_ptr, meta_ptr, bits_ptr, K, TILES: tl.constexpr,
+                   WRITE_BITS: tl.constexpr):
+    """_pack_block with the 2 of every 4 chosen on `sel` and the stored values taken from x (same shape): the
+    soft-threshold of 2:4 weights (kernels/cuda/sste.py) keeps the 2 largest |w| but stores them shrunk."""
     BK: tl.constexpr = 32 * TILES
     G: tl.constexpr = 8 * TILES  # groups of 4 columns
     col0 = pid1 * BK
     rows = (band * 64 + tl.arange(0, 64)).to(tl.int64)[:, None]
+    s0, s1, s2, s3 = _columns4(sel, G)
+    k0, k1, k2, k3 = _keep24(s0, s1, s2, s3)
     x0, x1, x2, x3 = _columns4(x, G)
-    k0, k1, k2, k3 = _keep24(x0, x1, x2, x3)
     i0 = tl.where(k0, 0, tl.where(k1, 1, 2))
     i1 = tl.where(k3, 3, tl.where(k2, 2, 1))
     first = _round_bf16(tl.where(k0, x0, tl.where(k1, x1, x2)))  # exact if x is already bf16-valued

@@ -1,0 +1,61 @@
+"""Triton kernel: a weight -> beta * S_soft(weight), 2:4, packed in the SM90 cuSPARSELt layout, in one pass.
+
+S-STE (sparsity/sste.py) multiplies by S(W) = beta * S_soft(W): in each group of 4 consecutive weights along the
+reduction dimension the 2 largest |w| are kept (earlier column on ties: reference.mask24) and shrunk by t, the
+2nd-smallest |w| of the group; the others are 0. The weights change at every optimizer step, so the forward
+packs S(W) each step (and the input-gradient GEMM packs S(W^T), thresholded along the other dimension: the
+paper's separate transposed threshold). Weights are small next to activations: one read of the fp32 master,
+one write of the packed bf16 buffer.
+
+Input  w:       [R, C] fp32 (or bf16), read through strides, so `transpose=True` packs W^T [C, R] of a
+                row-major W [R, C] without a copy. The packed matrix must have rows % 64 == 0, cols % 64 == 0.
+       beta:    [] fp32 on the device (read by the kernel: no host sync, CUDA-graph safe).
+Output buffer:  [rows, cols*9/16] bf16 (values then metadata, kernels/packed.py), mask_bits [rows, cols/8] u8.
+Bit-identical to reference.soft_threshold24_packed (compared on values in the interpreter and on the GPU).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..packed import Packed24, check_shape
+from .sparsify import DEFAULT_TILES, DEFAULT_WARPS, _columns4, _direct, _interleave4, _pack_block_by
+
+
+@triton.jit
+def _sste_kernel(w_ptr, beta_ptr, val_ptr, meta_ptr, bits_ptr, K, stride_r, stride_c, TILES: tl.constexpr):
+    # program: rows [64*band, +64), columns [32*TILES*pid1, +32*TILES) of the packed matrix [R, K]
+    band = tl.program_id(0)
+    BK: tl.constexpr = 32 * TILES
+    G: tl.constexpr = 8 * TILES
+    rows = (band * 64 + tl.arange(0, 64)).to(tl.int64)
+    cols = (tl.program_id(1) * BK + tl.arange(0, BK)).to(tl.int64)
+    w = tl.load(w_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c).to(tl.float32)  # [64, BK]
+    a0, a1, a2, a3 = _columns4(tl.abs(w), G)
+    # t = 2nd smallest of four = min(max of the two pair-minima, min of the two pair-maxima), as the reference
+    t = tl.minimum(tl.maximum(tl.minimum(a0, a1), tl.minimum(a2, a3)), tl.minimum(tl.maximum(a0, a1), tl.maximum(a2, a3)))
+    t4 = _interleave4(t, t, t, t, G)  # [64, BK]: each group's t on its 4 columns
+    mag = tl.maximum(tl.abs(w) - t4, 0.0)
+    sgn = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
+    beta = tl.load(beta_ptr)
+    s = beta * (sgn * mag)
+    _pack_block_by(w, s, band, tl.program_id(1), val_ptr, meta_ptr, bits_ptr, K, TILES, True)
+
+
+def soft_threshold24_packed(w: torch.Tensor, beta: torch.Tensor, transpose: bool = False,
+                            tiles: int = DEFAULT_TILES, num_warps: int = DEFAULT_WARPS, launch=_direct) -> Packed24:
+    """w: [R, C] (2-D, any strides) -> Packed24 of beta * S_soft(w) along C ([R, C]), or of w^T along R
+    ([C, R]) when transpose. beta: a 0-d fp32 tensor on w's device. See module docs."""
+    if w.dim() != 2:
+        raise ValueError(f"w must be 2-D, got shape {tuple(w.shape)}")
+    m, k = (w.shape[1], w.shape[0]) if transpose else tuple(w.shape)
+    check_shape(m, k)
+    if (k // 32) % tiles:
+        raise ValueError(f"tiles={tiles} must divide K/32={k // 32}")
+    sr, sc = (w.stride(1), w.stride(0)) if transpose else (w.stride(0), w.stride(1))
+    buf = torch.empty(m * k * 9 // 16, dtype=torch.bfloat16, device=w.device)
+    bits = torch.empty(m, k // 8, dtype=torch.uint8, device=w.device)
+    launch(_sste_kernel)[(m // 64, k // 32 // tiles)](w, beta, buf[: m * k // 2], buf[m * k // 2:].view(torch.uint8),
+                                                     bits, k, sr, sc, TILES=tiles, num_warps=num_warps)
+    return Packed24(buf.view(m, k * 9 // 16), bits, (m, k))
