@@ -72,6 +72,60 @@ def test_forward_uses_scaled_soft_threshold_and_gradient_passes_straight_through
     torch.testing.assert_close(f.down.weight.grad, sw_down.grad)
 
 
+def test_transposed_input_gradient_and_the_packed_products():
+    """input_grad=transposed: y = x S(W)^T, dX = dY S(W^T)^T (W^T thresholded along d_out), dW = dY^T x. The packed
+    path (ops.sste_pack24 + ops.sparse_mm; on CPU their reference implementations) computes the same in bf16."""
+    from elas.sparsity.sste import _SSTELinearFn
+    torch.manual_seed(0)
+    w = torch.randn(128, 64) * 0.05
+    beta = torch.tensor(1.2)
+    x = torch.randn(2, 32, 64)
+    gy = torch.randn(2, 32, 128)
+    s_w = beta * ref.soft_threshold24(w)[0]  # [128, 64], 2:4 along d_in
+    s_wt = (beta * ref.soft_threshold24(w.t())[0]).t()  # [128, 64], 2:4 along d_out
+    assert not torch.equal(s_w, s_wt)
+    out = {}
+    for packed in (False, True):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = _SSTELinearFn.apply(xx, ww, beta, packed)
+        y.backward(gy)
+        out[packed] = (y.detach(), xx.grad, ww.grad)
+    y, dx, dw = out[False]
+    torch.testing.assert_close(y, x @ s_w.t(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx, gy @ s_wt, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dw, gy.reshape(-1, 128).t() @ x.reshape(-1, 64), rtol=1e-5, atol=1e-5)
+    for a, b in zip(out[True], out[False]):  # bf16 operands and outputs
+        assert a.shape == b.shape and ((a.float() - b).norm() / b.norm()).item() < 1e-2
+
+
+def test_linear_with_transposed_gradient_compiles_and_switches():
+    """The SSTELinear forward of input_grad=transposed, packed on the reference operators, in one graph; dense
+    before and after the sparse phase."""
+    torch.manual_seed(0)
+    f = ReLU2FFN.of_width(64, 128)
+    sparsify_(f, SSTE24Config(dense_warmup_steps=1, sparse_until=3, input_grad="transposed"))
+    f.up.packed = f.down.packed = True  # what backend=cuda selects; the operators run their CPU twins here
+    x = torch.randn(2, 32, 64)
+    import torch._dynamo as dynamo
+    for step in (0, 1, 3):
+        set_step(f, step, 10)
+        dynamo.reset()
+        ex = dynamo.explain(f)(x)
+        assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), f(x))
+
+
+def test_sparse_tensor_core_backend_needs_the_transposed_gradient():
+    with pytest.raises(ValueError, match="needs sste24.input_grad=transposed"):
+        SSTE24Config(backend="cuda")
+    with pytest.raises(ValueError, match="input_grad 'both'"):
+        SSTE24Config(input_grad="both")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cannot run here"):
+            sparsify_(ReLU2FFN.of_width(64, 128), SSTE24Config(backend="cuda", input_grad="transposed"))
+
+
 def test_schedule_by_fraction_and_by_step_and_bad_values():
     c = SSTE24Config(dense_warmup_steps=10, sparse_until=0.5)
     assert [c.mode_at(s, 100) for s in (9, 10, 49, 50, 99)] == ["dense", "sparse", "sparse", "dense-final",

@@ -10,6 +10,7 @@ bools cross the boundary; "not produced" outputs are empty tensors (an operator 
     elas::relu2_sparse24_backward(dy2 [M, K], buffer?, mask_bits?, y1?, dense_slots?, n_dense)
                                   -> y2s, dy1, dy1_values, y2s_t, dy1_t, y2s_dense, dy1_dense (reference.Grads24;
                                      y2s_t / dy1_t as their [K, M*9/16] buffers)
+    elas::sste_pack24(w [R, C], beta [], transpose) -> buffer, mask_bits of beta * S_soft(w) (or of w^T), 2:4
     elas::sparse_mm(a_buffer [M, K*9/16], b [K, N], m, k) -> a @ b [M, N]
     elas::act24_ffn(h1 [T, q], wu [d_ff, q], wd [d_ff, q'], mask_grad, dense_frac?) -> h2 [T, q'] and the
                     tensors its backward needs; its autograd formula is registered on it and runs
@@ -118,6 +119,26 @@ def relu2_sparse24_backward(dy2: Tensor, a: Packed24 | None, y1: Tensor | None =
         return ref.Grads24(y2s, dy1, None if ste else dval)
     return ref.Grads24(None, dy1 if ste else None, None if ste else dval, Packed24(yt, empty_bits, (k, m)),
                        Packed24(dt, empty_bits, (k, m)), y2d, dy1d)
+
+
+# ---- S-STE weights: soft-threshold + pack ---------------------------------------------------------------------
+def _sste_pack24(w: Tensor, beta: Tensor, transpose: bool) -> tuple[Tensor, Tensor]:
+    if w.device.type == "cuda":
+        from .cuda import sste as _sk
+        p = _sk.soft_threshold24_packed(w, beta, transpose, launch=wrap_triton)
+    else:
+        p = ref.soft_threshold24_packed(w, beta, transpose)
+    return p.buffer, p.mask_bits
+
+
+sste_pack24_op = _define_triton_op("elas::sste_pack24", _sste_pack24)
+
+
+def sste_pack24(w: Tensor, beta: Tensor, transpose: bool = False) -> Packed24:
+    """w [R, C] -> Packed24 of beta * S_soft(w) along C ([R, C]), or of w^T along R ([C, R]) when transpose."""
+    buf, bits = sste_pack24_op(w, beta, transpose)
+    shape = (w.shape[1], w.shape[0]) if transpose else tuple(w.shape)
+    return Packed24(buf, bits, shape)
 
 
 # ---- 2:4 x dense GEMM -----------------------------------------------------------------------------------------

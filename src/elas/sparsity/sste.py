@@ -11,12 +11,15 @@ replaces the two linears of every full-rank ReLU^2 FFN by `SSTELinear`s (same pa
 
 with beta = <W, S_soft(W)> / ||S_soft(W)||^2 per tensor, computed when the sparse phase first starts and then
 frozen (recomputing it every step is documented to blow up); the gradient reaches the dense master weight
-straight through (beta not applied in backward). The input gradient uses S(W) itself (the exact gradient of the
-sparse forward); the paper's separately thresholded W^T is not built yet.
+straight through (beta not applied in backward). The input gradient (`input_grad`) uses S(W) itself (`exact`,
+the gradient of the sparse forward) or S(W^T), W^T thresholded along d_out (`transposed`, the paper's choice
+per the notes): only the latter is 2:4 along the reduction of dY S and can run on sparse tensor cores.
 
-This path EMULATES 2:4 weights (masked dense GEMMs): no sparse-tensor-core GEMM runs it yet. The kernel that
-packs S(W) and S(W^T) for those GEMMs each step exists (kernels/cuda/sste.py, bit-identical to
-reference.soft_threshold24_packed in Triton's interpreter); wiring it to the cuSPARSELt operator is next.
+By default this path EMULATES 2:4 weights (masked dense GEMMs). `backend=cuda` (or `auto`), with
+input_grad=transposed, runs both products as 2:4 GEMMs: S(W) and S(W^T) packed each step by
+kernels/cuda/sste.py (bit-identical to its reference twin in Triton's interpreter), multiplied by the
+cuSPARSELt operator; the weight gradient dY^T X stays dense. That path has not run on a GPU yet: opt-in until
+its GPU test and a speed and quality measurement are in.
 """
 from __future__ import annotations
 
@@ -28,7 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import ops, resolve_backend
 from ..kernels import reference as ref
+from ..kernels.packed import check_shape
 from ..model.ffn import ReLU2FFN
 from .api import Applied, SparsityMethod, register_method
 
@@ -43,9 +48,23 @@ class SSTE24Config(SparsityMethod):
 
     dense_warmup_steps: int = 1000  # dense before this step
     sparse_until: float | int = 0.5  # end of the sparse phase: fraction of max_steps (float) or a step (int)
+    # the input gradient dX = dY S: exact (S(W) itself, dense) | transposed (S(W^T) thresholded along d_out: 2:4
+    # along the reduction of dY S, so it can run on sparse tensor cores; the paper's choice per the notes)
+    input_grad: str = "exact"
+    # reference (masked dense, emulated) | auto | cuda: both products on sparse tensor cores (S(W), S(W^T) packed
+    # each step by kernels/cuda/sste.py; needs input_grad=transposed; not yet validated on a GPU, so opt-in)
+    backend: str = "reference"
 
     def __post_init__(self) -> None:
         self._check_types()
+        if self.input_grad not in ("exact", "transposed"):
+            raise ValueError(f"invalid sste24.input_grad {self.input_grad!r}: expected exact or transposed")
+        from ..kernels import BACKENDS
+        if self.backend not in BACKENDS:
+            raise ValueError(f"invalid sste24.backend {self.backend!r}: expected one of {', '.join(BACKENDS)}")
+        if self.backend != "reference" and self.input_grad != "transposed":
+            raise ValueError(f"sste24.backend={self.backend} runs the input gradient on sparse tensor cores, which "
+                             f"needs sste24.input_grad=transposed")
         if self.dense_warmup_steps < 0:
             raise ValueError(f"invalid sste24.dense_warmup_steps {self.dense_warmup_steps}: expected >= 0")
         u = self.sparse_until
@@ -77,15 +96,46 @@ class _SoftThreshold24(torch.autograd.Function):
         return g, None
 
 
+class _SSTELinearFn(torch.autograd.Function):
+    """y = x S(W)^T whose input gradient goes through S(W^T) (thresholded along d_out) and whose weight gradient
+    dY^T x goes straight through to the dense master W. packed: both products are 2:4 GEMMs (S(W) and S(W^T)
+    packed by ops.sste_pack24, multiplied by ops.sparse_mm, bf16); otherwise the same math on dense matrices.
+    x [.., d_in], w [d_out, d_in] fp32 master, beta []."""
+
+    @staticmethod
+    def forward(ctx, x, w, beta, packed: bool):
+        x2 = x.reshape(-1, x.shape[-1])  # [T, d_in]
+        if packed:
+            x2 = x2.to(torch.bfloat16)
+            y = ops.sparse_mm(ops.sste_pack24(w, beta), x2.t()).t()  # (S(W) [d_out, d_in] @ x^T)^T: [T, d_out]
+        else:
+            y = x2 @ (beta * ref.soft_threshold24(w.float())[0]).to(x2.dtype).t()
+        ctx.save_for_backward(x2, w, beta)
+        ctx.packed, ctx.x_dtype = packed, x.dtype
+        return y.reshape(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, w, beta = ctx.saved_tensors
+        g2 = gy.reshape(-1, gy.shape[-1])  # [T, d_out]
+        if ctx.packed:  # (S(W^T) [d_in, d_out] @ dY^T)^T: [T, d_in]
+            dx = ops.sparse_mm(ops.sste_pack24(w, beta, transpose=True), g2.to(torch.bfloat16).t()).t()
+        else:
+            dx = g2 @ (beta * ref.soft_threshold24(w.float().t())[0]).t().to(g2.dtype)
+        dw = (g2.t().to(x2.dtype) @ x2).to(w.dtype)  # [d_out, d_in], straight through to the master
+        return dx.to(ctx.x_dtype).reshape(*gy.shape[:-1], x2.shape[-1]), dw, None, None
+
+
 class SSTELinear(nn.Linear):
     """A bias-free linear whose forward uses S(W) in the sparse phase (see module docs). `weight` stays the
     dense master; `beta` [] fp32 is 0 until the sparse phase first starts, then frozen (saved in checkpoints, so
     a resumed run keeps it)."""
 
-    def __init__(self, lin: nn.Linear):
+    def __init__(self, lin: nn.Linear, transposed_grad: bool = False, packed: bool = False):
         super().__init__(lin.in_features, lin.out_features, bias=False, device="meta")
         self.weight = lin.weight
         self.register_buffer("beta", torch.zeros((), device=lin.weight.device))
+        self.transposed_grad, self.packed = transposed_grad, packed  # input_grad=transposed; backend resolved cuda
         self.active = False
         self.stats_sink: list | None = None
         self._last_mask: torch.Tensor | None = None  # of the previous statistics probe (for the flip rate)
@@ -107,6 +157,8 @@ class SSTELinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stats_sink is not None:
             self._record_flips()
+        if self.active and self.transposed_grad:
+            return _SSTELinearFn.apply(x, self.weight, self.beta, self.packed)
         return F.linear(x, self.effective_weight())
 
     @torch.no_grad()
@@ -138,11 +190,16 @@ def _apply_sste24(model: nn.Module, cfg: SSTE24Config, filter_fn) -> Applied:
                                 f"bias-free full-rank nn.Linear (the paper's setting), not to low-rank factors")
             if lin.in_features % 4:
                 raise ValueError(f"sste24: {n}.{part} has {lin.in_features} inputs, not a multiple of 4")
+    packed = cfg.backend != "reference" and resolve_backend(cfg.backend) == "cuda"
+    if packed:
+        for n, f in ffns:
+            for part in ("up", "down"):
+                check_shape(*getattr(f, part).weight.shape)  # S(W) and S(W^T) in the SM90 layout
     targets, old = [], []
     for n, f in ffns:
         for part in ("up", "down"):
             lin = getattr(f, part)
-            new = SSTELinear(lin)
+            new = SSTELinear(lin, cfg.input_grad == "transposed", packed)
             old.append((f, part, lin))
             setattr(f, part, new)
             targets.append((f"{n}.{part}", new))
@@ -152,8 +209,9 @@ def _apply_sste24(model: nn.Module, cfg: SSTE24Config, filter_fn) -> Applied:
             setattr(f, part, lin)
 
     desc = (f"2:4 weights by soft-thresholding (S-STE) on {len(ffns)} FFNs: dense for {cfg.dense_warmup_steps} "
-            f"steps, sparse until {cfg.sparse_until!r} (of max_steps when a fraction), then dense; emulated "
-            f"(masked dense GEMMs, not accelerated)")
+            f"steps, sparse until {cfg.sparse_until!r} (of max_steps when a fraction), then dense; input gradient "
+            f"{cfg.input_grad}; " + ("2:4 GEMMs on sparse tensor cores" if packed
+                                     else "emulated (masked dense GEMMs, not accelerated)"))
     claims = {(n, op) for n, _ in ffns for op in cfg.operands()}
     return Applied(cfg, targets, claims, detach, desc)
 
