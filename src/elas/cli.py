@@ -82,7 +82,7 @@ def cmd_model(args: argparse.Namespace) -> int:
     methods = ", ".join(json.dumps(m) for m in cfg.methods) or "none"
     print(f"  ffn={cfg.ffn} d_ff={cfg.ffn_width} rank={cfg.rank or 'full'} methods: {methods}")
     print(f"  forward GFLOPs/token at seq {args.seq_len}: {info['fwd_flops_per_token'] / 1e9:.3f} "
-          f"(2:4 GEMMs at half: {info['fwd_flops_per_token_2to4'] / 1e9:.3f})")
+          f"(sparse GEMMs at their density: {info['fwd_flops_per_token_2to4'] / 1e9:.3f})")
     return 0
 
 

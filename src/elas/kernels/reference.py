@@ -11,6 +11,8 @@ NaN never occurs in a finite forward; if it does, the comparison treats it as sm
 """
 from __future__ import annotations
 
+import itertools
+
 from typing import NamedTuple
 
 import torch
@@ -102,6 +104,29 @@ def soft_threshold24_packed(w: torch.Tensor, beta: torch.Tensor, transpose: bool
     x = w.t() if transpose else w
     s, mask = soft_threshold24(x.float())
     return pack24(beta.float() * s, mask, check=False)  # mask24's mask is 2:4 by construction (and traces)
+
+
+def vnm_mask(y: torch.Tensor, v: int, m: int) -> torch.Tensor:
+    """V:N:M magnitude mask of y [T, K] (N = 2; Venom, arXiv 2310.02065): in each block of v consecutive rows x m
+    consecutive columns, 4 columns are shared by the block's rows (the 4 that keep the largest total |y|: every
+    one of the C(m, 4) choices is scored, the first best in lexicographic order wins), and each row keeps 2 of
+    those 4 by the 2:4 rule of mask24. Density 2/m. T is padded with zero rows to a multiple of v (zeros add
+    nothing to any score). Returns bool [T, K]. Exhaustive: meant for m <= 16 (1820 choices)."""
+    t, k = y.shape
+    if k % m or m < 4:
+        raise ValueError(f"V:N:M needs the columns ({k}) to be a multiple of m={m} >= 4")
+    pad = (-t) % v
+    a = torch.nn.functional.pad(y.abs().float(), (0, 0, 0, pad))
+    bt, bk = (t + pad) // v, k // m
+    a = a.reshape(bt, v, bk, m).permute(0, 2, 1, 3)  # [bt, bk, v, m]
+    # [C, 4] ascending, lexicographic; from Python (torch.combinations has a data-dependent shape: no trace)
+    combos = torch.tensor(list(itertools.combinations(range(m), 4)), device=y.device)
+    top2 = a[..., combos].topk(2, dim=-1).values.sum(-1)  # [bt, bk, v, C]: what each row keeps per choice
+    best = top2.sum(2).argmax(-1)  # [bt, bk]: first maximum
+    cols = combos[best][:, :, None, :].expand(bt, bk, v, 4)  # [bt, bk, v, 4]
+    keep = mask24(torch.gather(a, 3, cols))  # 2 of the 4 chosen columns per row
+    mask = torch.zeros_like(a, dtype=torch.bool).scatter(3, cols, keep)
+    return mask.permute(0, 2, 1, 3).reshape(bt * v, k)[:t]
 
 
 def n_dense_features(n_feat: int, dense_frac: float) -> int:
