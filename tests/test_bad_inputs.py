@@ -70,6 +70,8 @@ TRAIN_CASES = [
     (["--device", "tpu"], "device='tpu'"),
     (["--set", "model.residual_dtype=fp16"], "model.residual_dtype='fp16'"),
     (["--set", "model.lm_loss=fused"], "model.lm_loss='fused'"),
+    (["--set", "parallel=tp"], "parallel='tp'"),
+    (["--set", "model.vnm.m=8"], "does not apply"),
     (["--device", "cuda:x"], "device='cuda:x'"),
     (["--device", "cuda"], "CUDA is not available"),
     (["--resume"], "holds no checkpoint"),
