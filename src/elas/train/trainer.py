@@ -5,6 +5,7 @@ lr and the sparsity state are pure functions of the step, so a run's position is
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -175,6 +176,9 @@ class Trainer:
         # or FSDP2 shards it (parameters become DTensors: the optimizer is built on the shards)
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.compiled = cfg.compile and self.device.type == "cuda"
+        if self.compiled and importlib.util.find_spec("triton") is None:  # Inductor generates Triton on GPUs
+            self.compiled = False
+            log("elas: not compiling: Triton is not installed (pip install triton, or --set compile=false)")
         if self.compiled:
             compile_regions(self.model)
         self.sharded = self.dist.enabled and cfg.parallel == "fsdp"
