@@ -192,3 +192,31 @@ def test_cli_method_shorthands(capsys):
     assert json.loads(capsys.readouterr().out)["methods"] == []
     assert main(["model", "--preset", "llama-60m-relu2", "--grad-mode", "mask"]) == 2
     assert "--act-sparsity 2:4" in capsys.readouterr().err
+
+
+def test_init_weights_after_a_meta_build():
+    """LLaMA.init_weights (the parallel=fsdp path): the constructors' distributions, by parameter name and seed,
+    and buffers a method attached restored (act24's permutation keys)."""
+    cfg = model_preset("llama-tiny-relu2-24", n_layers=2, vocab_size=300, rank=0)
+    torch.manual_seed(0)
+    ref_model = build_model(cfg)
+    models = []
+    for seed in (7, 7, 8):
+        m = build_model(cfg, "meta")
+        m.to_empty(device="cpu")
+        m.init_weights(seed)
+        models.append(m)
+    a, b, c = (dict(m.named_parameters()) for m in models)
+    assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["embed.weight"], c["embed.weight"])
+    for name, p in a.items():
+        if name.endswith("norm.weight"):
+            assert torch.all(p == 1)
+        else:
+            assert p.std().item() == pytest.approx(cfg.init_std, rel=0.1), name
+    core = models[0].blocks[0].ffn.core
+    assert torch.equal(core.perm_keys, ref_model.blocks[0].ffn.core.perm_keys)
+    lr = build_model(model_preset("llama-tiny-elas", n_layers=1, vocab_size=300), "meta")
+    lr.to_empty(device="cpu")
+    lr.init_weights(0)
+    n = lr.blocks[0].ffn.up.weight_in  # Xavier-normal, as LowRankLinear's own init: std sqrt(2 / (d_in + r))
+    assert n.std().item() == pytest.approx((2 / sum(n.shape)) ** 0.5, rel=0.1)

@@ -235,11 +235,11 @@ def test_fsdp_matches_single_process_and_resumes_on_another_process_count(datase
     from safetensors.torch import load_file
 
     from elas.train.checkpoint import verify_checkpoint
-    steps = ["--max-steps", "4", "--set", "eval_every=100", "--set", "save_every=2", "--set", "keep_checkpoints=3"]
+    steps = ["--max-steps", "4", "--set", "eval_every=100", "--set", "save_every=2", "--set", "keep_checkpoints=3",
+             "--set", "parallel=fsdp"]  # also on one process: built on meta, initialised by name, DCP checkpoints
     single = run_cli(*train_args(dataset, tmp_path / "one", *steps))
     assert single.returncode == 0, single.stderr
-    fsdp = _torchrun(2, *train_args(dataset, tmp_path / "fsdp", *steps, "--set", "batch_size=2",
-                                    "--set", "parallel=fsdp"))
+    fsdp = _torchrun(2, *train_args(dataset, tmp_path / "fsdp", *steps, "--set", "batch_size=2"))
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
     assert "x2 (FSDP)" in fsdp.stdout
     a, b = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
@@ -268,7 +268,10 @@ def test_fsdp_matches_single_process_and_resumes_on_another_process_count(datase
     assert "lm_head.weight" in weights and weights["embed.weight"].shape == (512, 64)
     assert verify_checkpoint(final) is None
     assert main(["eval", "--run", str(tmp_path / "fsdp"), "--tokens", "2048", "--json"]) == 0
-    assert main(["checkpoint", "consolidate", str(tmp_path / "one")]) == 2  # a one-file checkpoint: nothing to do
+    ddp = tmp_path / "ddp"
+    assert main(train_args(dataset, ddp, "--max-steps", "2", "--set", "eval_every=100", "--set", "save_every=2")) == 0
+    capsys.readouterr()
+    assert main(["checkpoint", "consolidate", str(ddp)]) == 2  # a one-file checkpoint: nothing to do
     assert "not a sharded checkpoint" in capsys.readouterr().err
     # a damaged shard is caught by the manifest: the resume skips that checkpoint
     shard = next((ck / "dcp").glob("*.distcp"))
@@ -281,11 +284,10 @@ def test_fsdp_with_loro_matches_single_process(dataset, tmp_path):
     whole factors, splits the pairs over the processes and writes each process's shard back; the losses equal
     one process's, and a sharded checkpoint resumes on one process."""
     steps = ["--max-steps", "5", "--set", "eval_every=100", "--set", "save_every=3", "--set", "model.rank=16",
-             "--optimizer", "loro_adamw", "--set", "loro_exact_every=2"]
+             "--optimizer", "loro_adamw", "--set", "loro_exact_every=2", "--set", "parallel=fsdp"]
     single = run_cli(*train_args(dataset, tmp_path / "one", *steps))
     assert single.returncode == 0, single.stderr
-    fsdp = _torchrun(2, *train_args(dataset, tmp_path / "fsdp", *steps, "--set", "batch_size=2",
-                                    "--set", "parallel=fsdp"))
+    fsdp = _torchrun(2, *train_args(dataset, tmp_path / "fsdp", *steps, "--set", "batch_size=2"))
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]

@@ -5,6 +5,8 @@ The decoder holds no method code: `elas.build.build_model` constructs it and the
 `ModelConfig.methods`."""
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from .ffn import ReLU2FFN, SwiGLU
 from .loss import linear_cross_entropy
-from .lowrank import make_linear
+from .lowrank import LowRankLinear, make_linear
 
 
 class RMSNorm(nn.Module):
@@ -116,6 +118,36 @@ class LLaMA(nn.Module):
             nn.init.normal_(self.embed.weight, std=cfg.init_std)
             nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Initialise every parameter from its own generator, seeded by (seed, parameter name), with the
+        constructors' distributions (embedding, LM head and full-rank linears N(0, init_std); low-rank factors
+        Xavier-normal; norms 1), then every module's buffers (`init_buffers()`, for cores a method attached).
+        The values do not depend on how the model is sharded: a sharded parameter (an FSDP2 DTensor, after
+        `to_empty`) is drawn whole, one parameter at a time, and keeps its own shard; so a model built on the
+        meta device and sharded never exists whole, yet holds what one process would hold."""
+        owners = {n: m for n, m in self.named_modules()}
+        for name, p in self.named_parameters():
+            mod_name, _, attr = name.rpartition(".")
+            owner = owners[mod_name]
+            g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2 ** 63)
+            full = torch.empty(p.shape, dtype=torch.float32)  # [p's global shape], on the CPU
+            if isinstance(owner, RMSNorm):
+                full.fill_(1.0)
+            elif isinstance(owner, LowRankLinear):
+                nn.init.xavier_normal_(full, generator=g)
+            else:  # embedding, LM head, full-rank linears (a weight method's linear included)
+                nn.init.normal_(full, std=self.cfg.init_std, generator=g)
+            if hasattr(p, "device_mesh"):  # a DTensor shard: keep this process's part of the whole
+                from torch.distributed.tensor import distribute_tensor
+                p.copy_(distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements))
+            else:
+                p.copy_(full)
+        for m in self.modules():
+            if m is not self and hasattr(m, "init_buffers"):
+                m.init_buffers()
+        self._rope = None
 
     def rope(self, seq: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].device != device or self._rope[0].shape[0] < seq:

@@ -152,6 +152,11 @@ class Act24Core(nn.Module):
     def set_mode(self, mode: str) -> None:
         self.active = mode == "sparse"
 
+    def init_buffers(self) -> None:
+        """After a meta-device build (LLaMA.init_weights): the permutation keys are a function of nothing."""
+        if self.cfg.permute_tokens:
+            self.perm_keys.copy_(permutation_keys().to(self.perm_keys.device))
+
     def extra_repr(self) -> str:
         return f"grad_mode={self.cfg.grad_mode}, {'packed' if self.packed else 'masked'}, active={self.active}"
 

@@ -140,6 +140,10 @@ class SSTELinear(nn.Linear):
         self.stats_sink: list | None = None
         self._last_mask: torch.Tensor | None = None  # of the previous statistics probe (for the flip rate)
 
+    def init_buffers(self) -> None:
+        """After a meta-device build (LLaMA.init_weights): beta is 0 until the sparse phase starts."""
+        self.beta.zero_()
+
     def set_mode(self, mode: str) -> None:
         self.active = mode == "sparse"
         if self.active and float(self.beta) == 0.0:  # first sparse step of the run (a resumed run loads beta)

@@ -227,11 +227,12 @@ def _any_failed(failed: bool) -> bool:
 def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer, trainer_state: dict,
                             keep: int = 2) -> Path:
     """Every process writes its shards with torch.distributed.checkpoint into step-N.tmp/dcp; rank 0 then adds
-    rng.pt and trainer.json, writes the manifest and renames, as for one process. Collective: call on every rank.
+    rng.pt and trainer.json, writes the manifest and renames, as for one process. Collective: call on every rank
+    (or in a process without a process group: it then writes every shard).
     A failure on any rank is one CheckpointError on every rank, the partial checkpoint removed."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    rank = dist.get_rank()
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     ckdir = run_dir / "checkpoints"
     name = f"step-{step:08d}"
     final, tmp = ckdir / name, ckdir / (name + ".tmp")

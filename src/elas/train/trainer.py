@@ -154,10 +154,13 @@ class Trainer:
         self.global_batch = cfg.batch_size * cfg.grad_accum * self.dist.world
         self.batches = Batches(self.train_windows, self.global_batch, cfg.seed, self.dist.rank, self.dist.world)
 
-        # model and optimizer
+        # model and optimizer. parallel=fsdp builds on the meta device and initialises after sharding
+        # (LLaMA.init_weights: by parameter name, so the values do not depend on the process count)
+        self.fsdp = cfg.parallel == "fsdp"
+        meta = self.fsdp and not (cfg.init_from and self.ckpt is None)
         torch.manual_seed(cfg.seed)
         try:
-            self.model = build_model(cfg.model, self.device)
+            self.model = build_model(cfg.model, "meta" if meta else self.device)
             if cfg.init_from and self.ckpt is None:  # a new run from a Hugging Face checkpoint (a resume has its own)
                 from ..export import load_hf_weights
                 load_hf_weights(self.model, cfg.model, Path(cfg.init_from))
@@ -167,6 +170,9 @@ class Trainer:
         self.modes: tuple = ()  # the sparsity methods' modes at the current step
         sharded_ckpt = self.ckpt is not None and is_sharded_checkpoint(self.ckpt)
         if self.ckpt is not None and not sharded_ckpt:  # weights into the whole model, before any sharding
+            if meta:
+                raise TrainError(f"checkpoint {self.ckpt} holds whole tensors, but parallel=fsdp resumes from the "
+                                 f"sharded checkpoints it writes; resume with --set parallel=ddp")
             try:
                 state = load_checkpoint(self.ckpt, self.model)
             except CheckpointError as e:
@@ -181,9 +187,12 @@ class Trainer:
             log("elas: not compiling: Triton is not installed (pip install triton, or --set compile=false)")
         if self.compiled:
             compile_regions(self.model)
-        self.sharded = self.dist.enabled and cfg.parallel == "fsdp"
+        self.sharded = self.dist.enabled and self.fsdp
         if self.sharded:
             shard_fsdp(self.model, self.device, bf16)
+        if meta:  # storage for this process's shards (or the whole model on one process), then the values
+            self.model.to_empty(device=self.device)
+            self.model.init_weights(cfg.seed)
         try:
             self.optimizer = build_optimizer(self.model, cfg)
         except ValueError as e:
@@ -353,7 +362,7 @@ class Trainer:
         state = {"step": self.step, "tokens": self.tokens, "data_position": self.step * self.global_batch,
                  "preset": self.cfg.preset}
         try:
-            if self.sharded:  # every process writes its shards (collective)
+            if self.fsdp:  # every process writes its shards (collective; one process writes them all)
                 save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
                                         self.cfg.keep_checkpoints)
             elif self.dist.main:
