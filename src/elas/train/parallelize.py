@@ -3,6 +3,7 @@
     compile_regions(model)      # every decoder block and the loss head, torch.compile(fullgraph=True), in place
     with eager_regions(): ...   # forwards that must not compile (evaluation, statistics probes)
     shard_fsdp(model, device)   # FSDP2: fully_shard every block, then the root (parameters become DTensors)
+    wrap_ddp(model, device)     # or DDP: replicated, gradients all-reduced
     grad_sync(model, ddp)       # the context that skips the gradient reduction of a non-final micro-batch
 
 Why regions and not `torch.compile(model)`: the decoder's blocks are identical, and a compiled block's graph
@@ -56,6 +57,13 @@ def shard_fsdp(model: torch.nn.Module, device: torch.device, bf16: bool) -> None
     for blk in model.blocks:
         fully_shard(blk, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device):
+    """DDP over all processes of the default group: the model replicated, gradients all-reduced in buckets
+    during backward (once per optimizer step: accumulation steps run under its no_sync)."""
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def grad_sync(model: torch.nn.Module, ddp=None):

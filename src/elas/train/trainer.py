@@ -1,4 +1,5 @@
-"""The training loop: schedule, gradient accumulation, clipping, evaluation, sparsity schedule, checkpoints, DDP.
+"""The training loop: schedule, gradient accumulation, clipping, evaluation, sparsity schedule, checkpoints, and
+the order in which a model is built, compiled, wrapped or sharded (parallelize.py), initialised and restored.
 
 One optimizer step = `grad_accum` micro-batches of `batch_size` sequences on every process. The data order, the
 lr and the sparsity state are pure functions of the step, so a run's position is its step count.
@@ -15,7 +16,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..config import TrainConfig, from_dict, to_dict
 from ..data.loader import Batches, TokenWindows, check_token_range, load_meta
@@ -28,7 +28,7 @@ from .checkpoint import (CheckpointError, checkpoints, is_sharded_checkpoint, lo
                          load_sharded_checkpoint, newest_verified, resume_checkpoint, save_checkpoint,
                          save_sharded_checkpoint)
 from .distributed import Dist, all_reduce_sum, init_distributed, shutdown
-from .parallelize import compile_counts, compile_regions, eager_regions, grad_sync, shard_fsdp
+from .parallelize import compile_counts, compile_regions, eager_regions, grad_sync, shard_fsdp, wrap_ddp
 from .step import StepGrads
 
 PROBE_SEQS = 8  # sequences the sparsity statistics of a log step are measured on (a no-grad probe forward)
@@ -206,8 +206,7 @@ class Trainer:
                     load_optimizer(self.ckpt, self.model, self.optimizer)
             except CheckpointError as e:
                 raise TrainError(str(e)) from None
-        self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
-            if self.dist.enabled and not self.sharded else None
+        self.ddp = wrap_ddp(self.model, self.device) if self.dist.enabled and not self.sharded else None
         self.fwd = self.ddp if self.ddp is not None else self.model
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
         self.eager_reason = self._graphs_reason()
