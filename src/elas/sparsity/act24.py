@@ -26,7 +26,7 @@ from ..kernels import ops as kernel_ops
 from ..kernels import reference as ref
 from ..model.ffn import ReLU2FFN, relu2
 from ..model.lowrank import LowRankLinear
-from .api import Applied, SparsityMethod, register_method
+from .api import Applied, SparsityMethod, register_method, relu2_ffns
 from .masked import masked_act24_ffn
 
 log = logging.getLogger("elas.sparsity")
@@ -210,11 +210,7 @@ def _describe_path(packed: bool, backend: str) -> str:
 
 @register_method(Act24Config)
 def _apply_act24(model: nn.Module, cfg: Act24Config, filter_fn) -> Applied:
-    ffns = [(n, m) for n, m in model.named_modules()
-            if isinstance(m, ReLU2FFN) and (filter_fn is None or filter_fn(m, n))]
-    if not ffns:
-        raise ValueError("act24 (2:4 activation sparsity) found no ReLU^2 FFN to apply to: it needs ffn='relu2' "
-                         "(SwiGLU is not sparsified)")
+    ffns = relu2_ffns(model, filter_fn, "act24 (2:4 activation sparsity)")
     for n, f in ffns:
         _check_linears(n, f)
     on_meta = next(model.parameters()).device.type == "meta"

@@ -25,6 +25,8 @@ from typing import Any, Callable, ClassVar, Hashable
 
 import torch.nn as nn
 
+from ..model.ffn import ReLU2FFN
+
 FilterFn = Callable[[nn.Module, str], bool]
 
 
@@ -95,6 +97,16 @@ def register_method(config_cls: type):
 
 def applied_methods(model: nn.Module) -> list[Applied]:
     return model.__dict__.setdefault("_elas_methods", [])
+
+
+def relu2_ffns(model: nn.Module, filter_fn: FilterFn | None, what: str) -> list[tuple[str, nn.Module]]:
+    """(fqn, ReLU2FFN) of every ReLU^2 FFN of model that filter_fn keeps: what FFN methods target. None is a
+    one-line error naming the method (`what`)."""
+    ffns = [(n, m) for n, m in model.named_modules()
+            if isinstance(m, ReLU2FFN) and (filter_fn is None or filter_fn(m, n))]
+    if not ffns:
+        raise ValueError(f"{what} found no ReLU^2 FFN to apply to: it needs ffn='relu2' (SwiGLU is not sparsified)")
+    return ffns
 
 
 def sparsify_(model: nn.Module, config: SparsityMethod | None, filter_fn: FilterFn | None = None) -> nn.Module:
@@ -199,4 +211,4 @@ def method_from_dict(d: dict) -> SparsityMethod:
 
 
 __all__ = ["SparsityMethod", "Applied", "register_method", "sparsify_", "set_step", "collect_stats", "describe",
-           "applied_methods", "method_to_dict", "method_from_dict", "METHODS"]
+           "applied_methods", "method_to_dict", "method_from_dict", "METHODS", "relu2_ffns"]

@@ -34,8 +34,7 @@ import torch.nn.functional as F
 from ..kernels import ops, resolve_backend
 from ..kernels import reference as ref
 from ..kernels.packed import check_shape
-from ..model.ffn import ReLU2FFN
-from .api import Applied, SparsityMethod, register_method
+from .api import Applied, SparsityMethod, register_method, relu2_ffns
 
 log = logging.getLogger("elas.sparsity")
 
@@ -179,10 +178,7 @@ class SSTELinear(nn.Linear):
 
 @register_method(SSTE24Config)
 def _apply_sste24(model: nn.Module, cfg: SSTE24Config, filter_fn) -> Applied:
-    ffns = [(n, m) for n, m in model.named_modules()
-            if isinstance(m, ReLU2FFN) and (filter_fn is None or filter_fn(m, n))]
-    if not ffns:
-        raise ValueError("sste24 (2:4 weights) found no ReLU^2 FFN to apply to: it needs ffn='relu2'")
+    ffns = relu2_ffns(model, filter_fn, "sste24 (2:4 weights)")
     for n, f in ffns:
         for part in ("up", "down"):
             lin = getattr(f, part)

@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 
 from ..kernels import reference as ref
-from ..model.ffn import ReLU2FFN, relu2
+from ..model.ffn import relu2
 from .act24 import GRAD_MODES, relu2_stats
-from .api import Applied, SparsityMethod, register_method
+from .api import Applied, SparsityMethod, register_method, relu2_ffns
 
 
 @dataclass
@@ -113,10 +113,7 @@ class VNMCore(nn.Module):
 
 @register_method(VNMConfig)
 def _apply_vnm(model: nn.Module, cfg: VNMConfig, filter_fn) -> Applied:
-    ffns = [(n, f) for n, f in model.named_modules()
-            if isinstance(f, ReLU2FFN) and (filter_fn is None or filter_fn(f, n))]
-    if not ffns:
-        raise ValueError("vnm (V:N:M activations) found no ReLU^2 FFN to apply to: it needs ffn='relu2'")
+    ffns = relu2_ffns(model, filter_fn, "vnm (V:N:M activations)")
     for n, f in ffns:
         if f.d_ff % cfg.m:
             raise ValueError(f"vnm: {n} has d_ff={f.d_ff}, not a multiple of m={cfg.m}")
