@@ -1,15 +1,17 @@
 """The training step of every variant in the modes a user can run it, in one process (`elas bench step`).
 
 modes:
-  elas           the trainer's default: every block and the loss head compiled (train/parallelize.py), the whole
-                 forward+backward+norm replayed from a CUDA graph (train/step.py), the residual stream in bf16
-                 and the chunked LM-head loss (the model's defaults); fused AdamW after the replay, which
-                 applies the clipping.
+  elas           the trainer's default on one GPU: parameters held in bf16 with fp32 masters in MasterAdamW
+                 (optim/master.py), every block and the loss head compiled (train/parallelize.py), the whole
+                 forward+backward+norm+update replayed from one CUDA graph (train/step.py), the residual stream
+                 in bf16 and the chunked LM-head loss (the model's defaults).
+  elas-fp32      the same with fp32 parameters under autocast and torch's fused AdamW after the replay (which
+                 applies the clipping): the default before MasterAdamW, and what runs with LORO or FSDP2.
   torch.compile  what a user gets without elas: `torch.compile(model)` (whole model, Inductor's default mode, no
                  CUDA graphs) of the same architecture with the textbook numerics (fp32 residual stream, fp32
                  logits into F.cross_entropy), then backward, clip_grad_norm_, fused AdamW.
   eager          the same plain loop without compiling.
-All: bf16 autocast over fp32 master weights, random tokens, sparsity methods sparse from step 0, clipping at
+All: bf16 autocast (over fp32 parameters, except in mode elas), random tokens, sparsity methods sparse from step 0, clipping at
 1.0, median of `steps` steps after `warmup` (CUDA events); compile_s = the first step's wall time (compile,
 warm-up and capture). A profile of each row (bench/profile.py) gives GPU ms per category and the largest kernels.
 
@@ -28,20 +30,20 @@ from ..config import D_FF_MULTIPLE, TrainConfig, model_preset
 from ..optim import build_optimizer
 from ..sparsity import set_step
 from ..summary import model_summary
-from ..train.parallelize import compile_regions
+from ..train.parallelize import compile_regions, hold_params_in
 from ..train.step import StepGrads
 from .ffn import variant_config
 from .profile import breakdown, kernel_times
 from .timing import event_ms
 
-MODES = ("elas", "torch.compile", "eager")
+MODES = ("elas", "elas-fp32", "torch.compile", "eager")
 STEP_VARIANTS = ("lowrank-relu2", "elas", "elas-mask", "relu2", "relu2-24", "swiglu", "swiglu-aligned")
 PLAIN = {"residual_dtype": "fp32", "lm_loss": "logits"}  # the textbook numerics of the baseline modes
 H100_BF16 = 989e12
 
 
 def step_config(size: str, variant: str, mode: str, seq: int):
-    over = {"max_seq_len": seq, **(PLAIN if mode != "elas" else {})}
+    over = {"max_seq_len": seq, **(PLAIN if not mode.startswith("elas") else {})}
     if variant == "swiglu-aligned":
         inter = model_preset(size).intermediate
         return variant_config(size, "swiglu", intermediate=math.ceil(inter / D_FF_MULTIPLE) * D_FF_MULTIPLE, **over)
@@ -59,18 +61,19 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
     torch.manual_seed(0)
     model = build_model(cfg, "cuda")
     set_step(model, 0, 1)
-    opt = build_optimizer(model, TrainConfig(model=cfg))  # fused AdamW
+    if mode == "elas":
+        hold_params_in(model, torch.bfloat16)
+    opt = build_optimizer(model, TrainConfig(model=cfg))  # MasterAdamW (bf16 parameters) or torch's fused AdamW
     idx = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda")
     x, y = idx[:, :-1], idx[:, 1:]
     bf16 = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
     grads = None
-    if mode == "elas":
+    if mode.startswith("elas"):
         compile_regions(model)
-        grads = StepGrads(model, model, bf16, grad_accum=1, grad_clip=1.0, graphs=True, clip_into=opt)
+        grads = StepGrads(model, model, bf16, grad_accum=1, grad_clip=1.0, graphs=True, optimizer=opt)
 
         def step():
             grads.run([(x, y)], mode=True)
-            opt.step()
     else:
         fwd = torch.compile(model) if mode == "torch.compile" else model
 
@@ -95,6 +98,8 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
            "torch": torch.__version__}
     if grads is not None:
         row["graph"] = grads.graphs  # False: the capture failed and the steps ran eagerly (logged)
+        row["optimizer_in_graph"] = grads.step_in_graph
+    row["param_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     if profile:
         kernels = kernel_times(step, iters=3)
         row["breakdown_ms"] = breakdown(kernels)
@@ -129,7 +134,8 @@ def bench_step(sizes=("llama-1b",), batches=(32,), variants=STEP_VARIANTS, modes
 
 def ratios(rows: list[dict]) -> list[dict]:
     """Each measured row with its ratios (tokens/s, > 1: faster): vs its dense twin in the same mode
-    (`vs_twin`), vs plain torch.compile of itself (`vs_torch_compile`) and vs SwiGLU-aligned in the same mode."""
+    (`vs_twin`), vs plain torch.compile of itself (`vs_torch_compile`), vs its fp32-parameter elas mode
+    (`vs_elas_fp32`) and vs SwiGLU-aligned in the same mode."""
     from ..config import VARIANTS
     key = {(r["model"], r["batch"], r["variant"], r["mode"]): r for r in rows if "error" not in r}
     out = []
@@ -140,6 +146,7 @@ def ratios(rows: list[dict]) -> list[dict]:
             twin = VARIANTS[r["variant"]].twin if r["variant"] in VARIANTS else None
             for name, other in (("vs_twin", key.get((*base, twin, r["mode"]))),
                                 ("vs_torch_compile", key.get((*base, r["variant"], "torch.compile"))),
+                                ("vs_elas_fp32", key.get((*base, r["variant"], "elas-fp32"))),
                                 ("vs_swiglu_aligned", key.get((*base, "swiglu-aligned", r["mode"])))):
                 if other is not None and other is not key.get((*base, r["variant"], r["mode"])):
                     r[name] = r["tokens_per_s"] / other["tokens_per_s"]

@@ -4,11 +4,13 @@ from __future__ import annotations
 import torch
 
 from .loro import LOROAdamW, exact_update
+from .master import MasterAdamW
 from .schedules import warmup_cosine
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """cfg.optimizer: adamw (norms and other 1-D parameters get no weight decay) or loro_adamw."""
+    """cfg.optimizer: adamw (norms and other 1-D parameters get no weight decay) or loro_adamw. AdamW over bf16
+    parameters is MasterAdamW (fp32 master weights, one fused kernel); over fp32 ones torch's fused AdamW."""
     if cfg.optimizer == "loro_adamw":
         return LOROAdamW(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                          exact_every=cfg.loro_exact_every, rewarm_steps=cfg.loro_rewarm_steps,
@@ -18,8 +20,10 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if next(model.parameters()).dtype == torch.bfloat16:
+        return MasterAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     kw = {"fused": True} if next(model.parameters()).is_cuda else {"foreach": False}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **kw)
 
 
-__all__ = ["build_optimizer", "warmup_cosine", "LOROAdamW", "exact_update"]
+__all__ = ["build_optimizer", "warmup_cosine", "LOROAdamW", "MasterAdamW", "exact_update"]

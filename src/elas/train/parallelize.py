@@ -1,5 +1,6 @@
 """How a built model is run by the trainer: compiled regions, then DDP (the default) or FSDP2 over processes.
 
+    hold_params_in(model, bf16) # parameters in bf16 (the optimizer keeps fp32 masters: optim/master.py)
     compile_regions(model)      # every decoder block and the loss head, torch.compile(fullgraph=True), in place
     with eager_regions(): ...   # forwards that must not compile (evaluation, statistics probes)
     shard_fsdp(model, device)   # FSDP2: fully_shard every block, then the root (parameters become DTensors)
@@ -19,6 +20,13 @@ from __future__ import annotations
 from contextlib import contextmanager, nullcontext
 
 import torch
+
+
+def hold_params_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every parameter in `dtype`, in place (the same Parameter objects); buffers keep theirs (a method's
+    fp32 tables, e.g. the token permutation's keys, must not be rounded)."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
 
 
 def compile_regions(model: torch.nn.Module, backend: str = "inductor", fullgraph: bool = True) -> None:

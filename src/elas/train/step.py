@@ -1,9 +1,10 @@
 """The gradient half of a training step, eager or replayed from a CUDA graph.
 
 `StepGrads.run(micro_batches, mode)` zeroes the gradients, runs forward + backward on each of the `grad_accum`
-micro-batches (gradients accumulate in place) and clips the global gradient norm; it returns (mean loss, grad
-norm) as device tensors. The optimizer step runs after it, eagerly (fused AdamW is a few launches; LORO's exact
-step needs cuSOLVER and a host decision every K steps).
+micro-batches (gradients accumulate in place, or in the optimizer's fp32 sums), clips the global gradient norm
+and steps the optimizer; it returns (mean loss, grad norm) as device tensors. A `capturable` optimizer
+(MasterAdamW: everything it reads is in device memory) is stepped inside the graph; others after the replay
+(torch's fused AdamW; LORO, whose exact step needs cuSOLVER and a host decision every K steps).
 
 Why a graph: eagerly, one micro-batch of a 24-layer model issues thousands of kernel launches plus autograd and
 Python bookkeeping (the packed 2:4 path adds an autograd Function, Triton launches and GEMM-plan lookups per FFN).
@@ -40,27 +41,41 @@ log = logging.getLogger("elas.train")
 
 class StepGrads:
     def __init__(self, model: torch.nn.Module, fwd, autocast, grad_accum: int, grad_clip: float,
-                 no_sync=None, graphs: bool = False, warmup: int = 2, clip_into=None):
+                 no_sync=None, graphs: bool = False, warmup: int = 2, clip_into=None, optimizer=None):
         """model: the module whose parameters get gradients; fwd: the callable that runs it (model, DDP or
         compiled); autocast: a context factory; no_sync: DDP's no_sync for all but the last micro-batch;
-        clip_into: a fused torch.optim Adam/AdamW that applies the clipping (see _body), or None."""
+        optimizer: stepped by `run` after the gradients (inside the graph when it is `capturable`: MasterAdamW),
+        or None (the caller steps); clip_into: the optimizer that applies the clipping (see _body), by default
+        `optimizer`, used where it folds the clip into its kernel (fused torch Adam/AdamW, MasterAdamW); False:
+        clip the gradients themselves (clip_grad_norm_)."""
         self.model, self.fwd, self.autocast = model, fwd, autocast
-        fused = clip_into is not None and clip_into.defaults.get("fused")
-        self.clip_into = clip_into if fused else None
+        self.optimizer = optimizer
+        clip_into = optimizer if clip_into is None else clip_into
+        folds = clip_into not in (None, False) and bool(clip_into.defaults.get("fused")
+                                                        or getattr(clip_into, "capturable", False))
+        self.clip_into = clip_into if folds else None
         self.grad_accum, self.grad_clip, self.no_sync = grad_accum, grad_clip, no_sync
         self.graphs, self.warmup = graphs, warmup
+        # the optimizer's own fp32 accumulation (MasterAdamW: bf16 gradients are summed in fp32, not in .grad)
+        self.accumulates = grad_accum > 1 and hasattr(optimizer, "accumulate")
         self.graph: torch.cuda.CUDAGraph | None = None
         self.mode = None
         self.x = self.y = None  # static inputs in graph mode: [grad_accum, batch, seq]
         self.out: tuple[torch.Tensor, torch.Tensor] | None = None
         self.captures = 0  # how many graphs were captured (the tests and the trainer's log read it)
 
+    @property
+    def step_in_graph(self) -> bool:
+        """The optimizer's update is part of the captured graph (replayed with it)."""
+        return self.graphs and getattr(self.optimizer, "capturable", False)
+
     # -- the work, shared by both modes ----------------------------------------------------------------------
     def _params(self) -> list[torch.Tensor]:
         return [p for p in self.model.parameters() if p.grad is not None]
 
-    def _body(self, xs, ys) -> tuple[torch.Tensor, torch.Tensor]:
-        """xs, ys: sequences of grad_accum [batch, seq] tensors on the device."""
+    def _body(self, xs, ys, update: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+        """xs, ys: sequences of grad_accum [batch, seq] tensors on the device. update: "none" (gradients only),
+        "apply" (then the capturable optimizer's device-side update) or "dry" (its kernel without effect)."""
         grads = [p.grad for p in self._params()]
         if grads:
             torch._foreach_zero_(grads)
@@ -72,29 +87,37 @@ class StepGrads:
                 with self.autocast():
                     loss = self.fwd(xs[k], ys[k])
                 (loss / self.grad_accum).backward()
+            if self.accumulates:
+                self.optimizer.accumulate(first=k == 0)
             loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
         params = self._params()
+        grads = self.optimizer.grads() if hasattr(self.optimizer, "grads") else [p.grad for p in params]
         if self.grad_clip > 0 and self.clip_into is None:
             gnorm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         else:
-            gnorm = _total_norm([p.grad for p in params])
+            gnorm = _total_norm(grads)
             if self.grad_clip > 0:
-                # fused Adam/AdamW divide every gradient by `grad_scale` inside their one kernel (the hook AMP's
-                # GradScaler uses): clipping by max(1, norm / clip) there saves a read and a write of every
-                # gradient (~1 ms per step at 1B). The coefficient is clip_grad_norm_'s: clip / (norm + 1e-6).
+                # fused Adam/AdamW and MasterAdamW divide every gradient by `grad_scale` inside their one kernel
+                # (the hook AMP's GradScaler uses): clipping by max(1, norm / clip) there saves a read and a write
+                # of every gradient (~1 ms per step at 1B). The coefficient is clip_grad_norm_'s: clip / (norm + 1e-6).
                 self.clip_into.grad_scale = torch.clamp((gnorm + 1e-6) / self.grad_clip, min=1.0)
         if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor whose value is the global norm
             gnorm = gnorm.full_tensor()
+        if update != "none":
+            self.optimizer.apply(dry=update == "dry")
         return loss_sum / self.grad_accum, gnorm
 
     # -- entry point ---------------------------------------------------------------------------------------------
     def run(self, micro_batches, mode=None) -> tuple[torch.Tensor, torch.Tensor]:
         """micro_batches: grad_accum (x, y) pairs of [batch, seq] int64 (any device); mode: what the forward
-        does (the sparsity methods' modes): a new one drops the graph and captures another."""
+        does (the sparsity methods' modes): a new one drops the graph and captures another. Steps the optimizer
+        (when one was given); returns (mean loss, gradient norm) as device tensors."""
         device = next(self.model.parameters()).device
         if not self.graphs:
             batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in micro_batches]
-            return self._body([b[0] for b in batches], [b[1] for b in batches])
+            out = self._body([b[0] for b in batches], [b[1] for b in batches])
+            self._step_eagerly()
+            return out
         xs, ys = zip(*micro_batches)
         if self.x is None or self.x.shape[1:] != xs[0].shape:
             self.x = torch.empty((self.grad_accum, *xs[0].shape), dtype=torch.long, device=device)
@@ -105,9 +128,20 @@ class StepGrads:
             self.y[k].copy_(_pinned(ys[k]), non_blocking=True)
         if self.graph is None or mode != self.mode:
             if not self._capture(mode):
-                return self._body(self.x, self.y)
+                out = self._body(self.x, self.y)
+                self._step_eagerly()
+                return out
+        if self.step_in_graph:
+            self.optimizer.prepare()  # host half: step count and lr into device memory, before the replay
         self.graph.replay()
+        if self.optimizer is not None and not self.step_in_graph:
+            self.optimizer.step()
         return self.out[0].clone(), self.out[1].clone()  # the next replay overwrites the graph's outputs
+
+    def _step_eagerly(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)  # free the gradients until the next backward
 
     def _capture(self, mode) -> bool:
         self.graph, self.out = None, None
@@ -116,9 +150,10 @@ class StepGrads:
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
+            update = "dry" if self.step_in_graph else "none"  # the warm-up must not move the weights
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):
-                    self._body(self.x, self.y)
+                    self._body(self.x, self.y, update)
             torch.cuda.current_stream().wait_stream(side)
             # the warm-up's gradients sit between its (freed) activations: dropping them lets every warm-up
             # segment go back to the driver, and the capture then allocates gradients where eager backward
@@ -126,7 +161,7 @@ class StepGrads:
             self._drop_grads()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = self._body(self.x, self.y)
+                out = self._body(self.x, self.y, "apply" if self.step_in_graph else "none")
         except RuntimeError as e:  # includes torch.OutOfMemoryError
             failure = str(e).splitlines()[0][:200]
         if failure is not None:

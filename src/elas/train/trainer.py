@@ -28,7 +28,8 @@ from .checkpoint import (CheckpointError, checkpoints, is_sharded_checkpoint, lo
                          load_sharded_checkpoint, newest_verified, resume_checkpoint, save_checkpoint,
                          save_sharded_checkpoint)
 from .distributed import Dist, all_reduce_sum, init_distributed, shutdown
-from .parallelize import compile_counts, compile_regions, eager_regions, grad_sync, shard_fsdp, wrap_ddp
+from .parallelize import (compile_counts, compile_regions, eager_regions, grad_sync, hold_params_in, shard_fsdp,
+                          wrap_ddp)
 from .step import StepGrads
 
 PROBE_SEQS = 8  # sequences the sparsity statistics of a log step are measured on (a no-grad probe forward)
@@ -193,6 +194,9 @@ class Trainer:
         if meta:  # storage for this process's shards (or the whole model on one process), then the values
             self.model.to_empty(device=self.device)
             self.model.init_weights(cfg.seed)
+        self.param_dtype = resolve_param_dtype(cfg, self.device, self.dist.enabled, bf16)
+        if self.param_dtype == "bf16":  # after the weights are loaded, before the optimizer takes its fp32 masters
+            hold_params_in(self.model, torch.bfloat16)
         try:
             self.optimizer = build_optimizer(self.model, cfg)
         except ValueError as e:
@@ -212,7 +216,7 @@ class Trainer:
         self.eager_reason = self._graphs_reason()
         self.grads = StepGrads(self.model, self.fwd, self.autocast, cfg.grad_accum, cfg.grad_clip,
                                no_sync=grad_sync(self.model, self.ddp), graphs=self.eager_reason is None,
-                               clip_into=None if self.sharded else self.optimizer)
+                               optimizer=self.optimizer, clip_into=False if self.sharded else None)
         self.flops_per_token = model_summary(cfg.model, cfg.seq_len)["train_flops_per_token"]
         self.peak = peak_flops(self.device)
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -239,10 +243,7 @@ class Trainer:
         self.modes = set_step(self.model, step, cfg.max_steps)  # a new mode re-captures the step's graph
         micro = list(self.batches.micro_batches(step, cfg.grad_accum))
         stats = self._probe_stats(micro[0][0][:PROBE_SEQS], micro[0][1][:PROBE_SEQS]) if track_stats else {}
-        loss, gnorm = self.grads.run(micro, mode=self.modes)
-        self.optimizer.step()
-        if not self.grads.graphs:  # eager: free the gradients until the next backward (lower peak memory)
-            self.optimizer.zero_grad(set_to_none=True)
+        loss, gnorm = self.grads.run(micro, mode=self.modes)  # and the optimizer's step
         return loss, gnorm, stats
 
     @torch.no_grad()
@@ -404,6 +405,16 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 def _is_main_thread() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
+
+
+def resolve_param_dtype(cfg: TrainConfig, device: torch.device, distributed: bool, bf16: bool) -> str:
+    """'bf16' or 'fp32': the dtype the model's parameters are held in (TrainConfig.param_dtype)."""
+    if cfg.param_dtype == "bf16" and distributed:
+        raise TrainError(f"param_dtype=bf16 is for one process for now: {cfg.parallel.upper()} reduces fp32 "
+                         f"gradients of fp32 parameters; set param_dtype=auto or fp32")
+    if cfg.param_dtype != "auto":
+        return cfg.param_dtype
+    return "bf16" if (device.type == "cuda" and bf16 and not distributed and cfg.optimizer == "adamw") else "fp32"
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:

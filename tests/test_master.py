@@ -1,0 +1,212 @@
+"""MasterAdamW: bf16 parameters with fp32 master weights (optim/master.py), its Triton kernel (interpreter on CPU),
+the training step that captures it, and the trainer's param_dtype."""
+import json
+
+import pytest
+import torch
+
+from elas.cli import main
+from elas.optim.master import MasterAdamW
+from elas.train.step import StepGrads
+
+from conftest import TINY
+
+SHAPES = [(37, 5), (9000,), (64, 130), (3,)]  # odd sizes: partial blocks, a tensor of several chunks' worth
+
+
+def _params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g) for s in SHAPES]
+
+
+def _grads(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(s, generator=g).bfloat16() for s in SHAPES]
+
+
+def _master_opt(backend, lr=1e-2):
+    ps = [torch.nn.Parameter(w.bfloat16()) for w in _params()]
+    groups = [{"params": ps[:2], "weight_decay": 0.1}, {"params": ps[2:], "weight_decay": 0.0}]
+    return ps, MasterAdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, backend=backend)
+
+
+def test_equals_torch_adamw_on_fp32_parameters_fed_the_same_bf16_gradients():
+    """The point of the masters: the fp32 trajectory is torch AdamW's over fp32 weights (what autocast training
+    had), and the bf16 parameters are its rounding, at every step; the clipping scale divides the gradients."""
+    ref = [torch.nn.Parameter(w.bfloat16().float()) for w in _params()]  # the masters start at the rounded init
+    topt = torch.optim.AdamW([{"params": ref[:2], "weight_decay": 0.1}, {"params": ref[2:], "weight_decay": 0.0}],
+                             lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    ps, opt = _master_opt("reference")
+    for step in range(4):
+        scale = 1.0 + step / 2
+        for p, q, g in zip(ref, ps, _grads(step)):
+            p.grad = g.float() / scale
+            q.grad = g.clone()
+        opt.grad_scale = torch.tensor(scale)
+        topt.step()
+        opt.step()
+        for p, q in zip(ref, ps):
+            torch.testing.assert_close(opt.state[q]["master"], p.detach(), rtol=2e-6, atol=1e-7)
+            assert torch.equal(q.detach(), opt.state[q]["master"].bfloat16())
+    assert all(g["step"] == 4 for g in opt.param_groups)
+
+
+def test_triton_kernel_equals_the_reference():
+    """The fused kernel (interpreter on CPU, compiled on a GPU) against the reference: bf16 parameters bit for bit,
+    fp32 state to the last ulp; with a clipping scale, with fp32 (accumulated) gradients, and dry passes that
+    change nothing."""
+    (pa, oa), (pb, ob) = _master_opt("reference"), _master_opt("triton")
+    for step in range(3):
+        grads = _grads(step)
+        for ps, o in ((pa, oa), (pb, ob)):
+            if step == 2:  # two accumulated micro-batches: the update reads fp32 sums
+                for half in (0, 1):
+                    for p, g in zip(ps, grads):
+                        p.grad = g * (0.5 if half else 1.0)
+                    o.accumulate(first=half == 0)
+            else:
+                for p, g in zip(ps, grads):
+                    p.grad = g.clone()
+            o.grad_scale = torch.tensor(1.7) if step else None
+            if o.backend == "triton":
+                before = [p.detach().clone() for p in ps]
+                o.apply(dry=True)
+                assert all(torch.equal(p, b) for p, b in zip(ps, before))
+            o.step()
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+        for k in ("master", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(ob.state[b][k], oa.state[a][k], rtol=1e-6, atol=1e-9)
+
+
+def test_state_dict_round_trip_keeps_fp32_state_and_refuses_fp32_optimizer_state():
+    ps, opt = _master_opt("reference")
+    for p, g in zip(ps, _grads(0)):
+        p.grad = g
+    opt.step()
+    saved = opt.state_dict()
+    qs, other = _master_opt("reference")
+    for p, q in zip(ps, qs):
+        q.data.copy_(p.data)
+    other.load_state_dict(saved)
+    for q in qs:
+        assert all(other.state[q][k].dtype == torch.float32 for k in ("master", "exp_avg", "exp_avg_sq"))
+    for o, params in ((opt, ps), (other, qs)):
+        for p, g in zip(params, _grads(1)):
+            p.grad = g
+        o.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, qs))
+    fp32 = [torch.nn.Parameter(w) for w in _params()]
+    torch_opt = torch.optim.AdamW(fp32)
+    for p in fp32:
+        p.grad = torch.ones_like(p)
+    torch_opt.step()
+    with pytest.raises(ValueError, match="param_dtype=fp32"):
+        _master_opt("reference")[1].load_state_dict(torch_opt.state_dict())
+
+
+def test_refuses_fp32_parameters():
+    with pytest.raises(ValueError, match="bf16 parameters"):
+        MasterAdamW([torch.nn.Parameter(torch.zeros(3))])
+
+
+def test_step_with_accumulation_equals_the_fp32_sum_of_micro_batch_gradients():
+    """StepGrads with MasterAdamW and 2 micro-batches: the update reads the fp32 sum of the two bf16 gradients
+    (not a bf16 .grad accumulation), and the clipping norm is that sum's."""
+    from contextlib import nullcontext
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8, bias=False).bfloat16()
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x, y):
+            return ((self.lin(x.float().bfloat16()) - y.float().bfloat16()) ** 2).float().mean()
+
+    model = M()
+    xs = [torch.randn(4, 16), torch.randn(4, 16)]
+    ys = [torch.randn(4, 8), torch.randn(4, 8)]
+    want = torch.zeros(8, 16)
+    for x, y in zip(xs, ys):
+        lin.weight.grad = None
+        (model(x, y) / 2).backward()
+        want += lin.weight.grad.float()
+    lin.weight.grad = None
+    opt = MasterAdamW(model.parameters(), lr=1e-2, backend="reference")
+    sg = StepGrads(model, model, nullcontext, grad_accum=2, grad_clip=1e-3, optimizer=opt)
+    w0 = opt.state[lin.weight]["master"].clone()
+    _, norm = sg.run(list(zip(xs, ys)))
+    assert sg.accumulates and torch.equal(opt.grads()[0], want)
+    assert norm.item() == pytest.approx(want.norm().item(), rel=1e-6)
+    assert not torch.equal(opt.state[lin.weight]["master"], w0) and lin.weight.grad is None
+
+
+def _train(dataset, out, *extra):
+    return ["train", "--preset", "llama-tiny-elas", "--data", str(dataset), "--out", str(out), "--no-progress",
+            *TINY, "--set", "log_every=1", "--set", "model.act24.dense_warmup_steps=2", *extra]
+
+
+def test_trainer_with_bf16_parameters_trains_and_resumes_exactly(dataset, tmp_path):
+    """param_dtype=bf16 on CPU (the reference update): the model's parameters are bf16, the masters are in the
+    checkpoint, and a run resumed from step 3 logs the losses of the uninterrupted one bit for bit."""
+    common = ["--set", "param_dtype=bf16", "--set", "eval_every=100", "--set", "save_every=3"]
+    assert main(_train(dataset, tmp_path / "ref", "--max-steps", "6", *common)) == 0
+    assert main(_train(dataset, tmp_path / "run", "--max-steps", "3", *common)) == 0
+    assert main(_train(dataset, tmp_path / "run", "--max-steps", "6", *common, "--resume")) == 0
+
+    def losses(run):
+        recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in recs if "loss" in r}
+    a, b = losses(tmp_path / "ref"), losses(tmp_path / "run")
+    assert sorted(a) == sorted(b) == list(range(1, 7)) and a == b
+    blob = torch.load(tmp_path / "run" / "checkpoints" / "step-00000006" / "optimizer.pt", weights_only=False)
+    st = next(iter(blob["optimizer"]["state"].values()))
+    assert st["master"].dtype == torch.float32
+    from safetensors.torch import load_file
+    weights = load_file(str(tmp_path / "run" / "checkpoints" / "step-00000006" / "model.safetensors"))
+    assert {t.dtype for k, t in weights.items() if "norm" not in k} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--set", "param_dtype=bf16", "--optimizer", "loro_adamw"], "needs optimizer=adamw"),
+    (["--set", "param_dtype=bf16", "--set", "precision=fp32"], "precision=bf16 or auto"),
+    (["--set", "param_dtype=half"], "invalid param_dtype"),
+])
+def test_bad_param_dtype_is_one_clear_line(dataset, tmp_path, capsys, extra, match):
+    assert main(_train(dataset, tmp_path / "x", "--max-steps", "1", *extra)) != 0
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_gpu_graph_step_with_master_adamw_equals_eager_steps():
+    """On the GPU: the update captured with the step (MasterAdamW in the graph, dry warm-up passes) moves the
+    weights as eager steps do, over three steps with clipping, and the warm-up moved nothing."""
+    from elas.bench.ffn import variant_config
+    from elas.build import build_model
+    from elas.config import TrainConfig
+    from elas.optim import build_optimizer
+    from elas.train.parallelize import hold_params_in
+    cfg = variant_config("llama-60m", "lowrank-relu2", max_seq_len=64)
+    runs = []
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg, "cuda")
+        hold_params_in(model, torch.bfloat16)
+        opt = build_optimizer(model, TrainConfig(model=cfg, lr=1e-3))
+        assert isinstance(opt, MasterAdamW) and opt.backend == "triton"
+        sg = StepGrads(model, model, lambda: torch.autocast("cuda", dtype=torch.bfloat16), 1, 0.5, graphs=graphs,
+                       optimizer=opt)
+        g = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(3):
+            idx = torch.randint(0, cfg.vocab_size, (4, 65), generator=g)
+            loss, _ = sg.run([(idx[:, :-1], idx[:, 1:])], mode=True)
+            losses.append(loss.item())
+        assert sg.step_in_graph == graphs and (not graphs or sg.captures == 1)
+        runs.append((losses, [p.detach().clone() for p in model.parameters()]))
+    (l0, p0), (l1, p1) = runs
+    assert l0 == pytest.approx(l1, rel=1e-3)
+    for a, b in zip(p0, p1):
+        torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-3)
