@@ -12,8 +12,10 @@ modes:
                  logits into F.cross_entropy), then backward, clip_grad_norm_, fused AdamW.
   eager          the same plain loop without compiling.
 All: bf16 autocast (over fp32 parameters, except in mode elas), random tokens, sparsity methods sparse from step 0, clipping at
-1.0, median of `steps` steps after `warmup` (CUDA events); compile_s = the first step's wall time (compile,
-warm-up and capture). A profile of each row (bench/profile.py) gives GPU ms per category and the largest kernels.
+1.0. step_ms: the mean step time over `steps` back-to-back steps (no host sync in between, as in training; median
+of 3 such windows, after `warmup` steps); step_ms_synced: the median of single steps each followed by a sync,
+which also exposes the host's work before the step's first kernel. compile_s = the first step's wall time
+(compile, warm-up and capture). A profile of each row (bench/profile.py) gives GPU ms per category and the largest kernels.
 
 Variants are names of config.VARIANTS, plus "swiglu-aligned": SwiGLU with its width rounded up to 128 (5504 at
 1B, beside the published 5461).
@@ -34,7 +36,7 @@ from ..train.parallelize import compile_regions, hold_params_in
 from ..train.step import StepGrads
 from .ffn import variant_config
 from .profile import breakdown, kernel_times
-from .timing import event_ms
+from .timing import event_ms, throughput_ms
 
 MODES = ("elas", "elas-fp32", "torch.compile", "eager")
 STEP_VARIANTS = ("lowrank-relu2", "elas", "elas-mask", "relu2", "relu2-24", "swiglu", "swiglu-aligned")
@@ -89,9 +91,11 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
     step()
     torch.cuda.synchronize()
     compile_s = time.perf_counter() - t0
-    ms = event_ms(step, iters=steps, warmup=warmup)
+    ms = throughput_ms(step, iters=steps, warmup=warmup)
+    synced = event_ms(step, iters=steps, warmup=0)
     tps = batch * seq / (ms / 1e3)
     row = {"model": size, "variant": variant, "mode": mode, "batch": batch, "seq": seq, "step_ms": ms,
+           "step_ms_synced": synced,
            "tokens_per_s": tps, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "compile_s": compile_s,
            "mfu": tps * model_summary(cfg, seq)["train_flops_per_token"] / H100_BF16,
            "d_ff": cfg.ffn_width, "rank": cfg.rank, "gpu": torch.cuda.get_device_name(),
@@ -125,7 +129,8 @@ def bench_step(sizes=("llama-1b",), batches=(32,), variants=STEP_VARIANTS, modes
                         torch.cuda.empty_cache()
                     rows.append(r)
                     log(f"step {size} b{batch} {variant:>14} {mode:>13}: " + (
-                        f"{r['step_ms']:7.1f} ms {r['tokens_per_s']:>9,.0f} tok/s peak {r['peak_mem_gb']:5.1f} GB "
+                        f"{r['step_ms']:7.1f} ms (synced {r['step_ms_synced']:6.1f}) {r['tokens_per_s']:>9,.0f} tok/s "
+                        f"peak {r['peak_mem_gb']:5.1f} GB "
                         f"compile {r['compile_s']:5.1f} s" if "error" not in r else r["error"]))
                     if on_row is not None:
                         on_row(rows)

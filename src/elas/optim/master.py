@@ -70,6 +70,7 @@ class MasterAdamW(torch.optim.Optimizer):
         self._scal = torch.zeros(len(self.param_groups), 8, dtype=torch.float32, device=dev)
         self._tab = self._chunks = None
         self._tab_key: tuple | None = None
+        self._staging = _PinnedRing(self._scal.shape) if dev.type == "cuda" else None
         for p in params_all:  # masters now, not at the first step: a checkpoint before it has them too
             self._state(p)
 
@@ -130,10 +131,10 @@ class MasterAdamW(torch.optim.Optimizer):
             k, (b1, b2) = group["step"], group["betas"]
             lr, wd = float(group["lr"]), float(group["weight_decay"])
             rows.append([1.0 - lr * wd, b1, b2, group["eps"], lr / (1.0 - b1 ** k), math.sqrt(1.0 - b2 ** k), 0, 0])
-        host = torch.tensor(rows, dtype=torch.float32)
         if self._scal.is_cuda:
-            host = host.pin_memory()
-        self._scal.copy_(host, non_blocking=True)
+            self._staging.put(self._scal, rows)
+        else:
+            self._scal.copy_(torch.tensor(rows, dtype=torch.float32))
         if self.backend == "triton":
             self._refresh_table()
 
@@ -163,6 +164,9 @@ class MasterAdamW(torch.optim.Optimizer):
         a loaded state). Inside a graph capture nothing may be copied from the host: the captured kernel reads
         the table at each replay, and the prepare() before the first replay writes the captured addresses."""
         items = self._stepping()
+        key = tuple(g.data_ptr() for _, _, g in items)  # the other addresses change only in load_state_dict
+        if key == self._tab_key:
+            return
         rows = []
         for gi, p, g in items:
             st = self._state(p)
@@ -171,9 +175,6 @@ class MasterAdamW(torch.optim.Optimizer):
                 raise RuntimeError(f"MasterAdamW: a parameter of shape {tuple(p.shape)} or its gradient/state is "
                                    f"not a contiguous 16-byte-aligned tensor; use backend='reference'")
             rows.append([t.data_ptr() for t in ts] + [p.numel(), gi, 0])
-        key = tuple(map(tuple, rows))
-        if key == self._tab_key:
-            return
         from .master_triton import chunk_table
         dev = items[0][1].device
         if self._chunks is None or self._tab is None or self._tab.shape[0] != len(rows):
@@ -204,3 +205,23 @@ class MasterAdamW(torch.optim.Optimizer):
                 if torch.is_tensor(v) and v.is_floating_point():
                     self.state[p][k] = v.to(device=p.device, dtype=torch.float32, copy=True).contiguous()
         self._tab_key = None
+
+
+class _PinnedRing:
+    """Per-step host -> device copies of a few numbers without a host stall: a fresh pinned tensor per step can
+    make the caching host allocator call cudaHostAlloc, which waits for the GPU (measured: the replayed 1B step
+    then idled ~4 ms per step). Slots are reused in turn; a slot is rewritten only once its last copy ran."""
+
+    def __init__(self, shape, slots: int = 8):
+        self.bufs = [torch.empty(shape, dtype=torch.float32).pin_memory() for _ in range(slots)]
+        self.events: list = [None] * slots
+        self.i = 0
+
+    def put(self, dst: torch.Tensor, rows) -> None:
+        i, self.i = self.i, (self.i + 1) % len(self.bufs)
+        if self.events[i] is not None:
+            self.events[i].synchronize()  # the copy from `slots` steps ago; done unless the host ran far ahead
+        self.bufs[i].copy_(torch.tensor(rows, dtype=torch.float32))
+        dst.copy_(self.bufs[i], non_blocking=True)
+        self.events[i] = torch.cuda.Event()
+        self.events[i].record()
