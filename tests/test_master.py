@@ -148,10 +148,13 @@ def _train(dataset, out, *extra):
             *TINY, "--set", "log_every=1", "--set", "model.act24.dense_warmup_steps=2", *extra]
 
 
-def test_trainer_with_bf16_parameters_trains_and_resumes_exactly(dataset, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--optimizer", "loro_adamw", "--set", "loro_exact_every=2",
+                                         "--set", "grad_accum=2", "--set", "batch_size=2"]], ids=["adamw", "loro-accum"])
+def test_trainer_with_bf16_parameters_trains_and_resumes_exactly(dataset, tmp_path, extra):
     """param_dtype=bf16 on CPU (the reference update): the model's parameters are bf16, the masters are in the
-    checkpoint, and a run resumed from step 3 logs the losses of the uninterrupted one bit for bit."""
-    common = ["--set", "param_dtype=bf16", "--set", "eval_every=100", "--set", "save_every=3"]
+    checkpoint, and a run resumed from step 3 logs the losses of the uninterrupted one bit for bit (AdamW; LORO
+    with exact steps and two accumulated micro-batches)."""
+    common = ["--set", "param_dtype=bf16", "--set", "eval_every=100", "--set", "save_every=3", *extra]
     assert main(_train(dataset, tmp_path / "ref", "--max-steps", "6", *common)) == 0
     assert main(_train(dataset, tmp_path / "run", "--max-steps", "3", *common)) == 0
     assert main(_train(dataset, tmp_path / "run", "--max-steps", "6", *common, "--resume")) == 0
@@ -160,7 +163,7 @@ def test_trainer_with_bf16_parameters_trains_and_resumes_exactly(dataset, tmp_pa
         recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
         return {r["step"]: r["loss"] for r in recs if "loss" in r}
     a, b = losses(tmp_path / "ref"), losses(tmp_path / "run")
-    assert sorted(a) == sorted(b) == list(range(1, 7)) and a == b
+    assert sorted(a) == sorted(b) == list(range(1, 7)) and a == b and a[6] < a[1]
     blob = torch.load(tmp_path / "run" / "checkpoints" / "step-00000006" / "optimizer.pt", weights_only=False)
     st = next(iter(blob["optimizer"]["state"].values()))
     assert st["master"].dtype == torch.float32
@@ -170,7 +173,6 @@ def test_trainer_with_bf16_parameters_trains_and_resumes_exactly(dataset, tmp_pa
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["--set", "param_dtype=bf16", "--optimizer", "loro_adamw"], "needs optimizer=adamw"),
     (["--set", "param_dtype=bf16", "--set", "precision=fp32"], "precision=bf16 or auto"),
     (["--set", "param_dtype=half"], "invalid param_dtype"),
 ])
@@ -210,3 +212,33 @@ def test_gpu_graph_step_with_master_adamw_equals_eager_steps():
     assert l0 == pytest.approx(l1, rel=1e-3)
     for a, b in zip(p0, p1):
         torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-3)
+
+
+def test_loro_over_bf16_parameters_follows_the_fp32_trajectory_through_exact_steps():
+    """LOROAdamW with masters: fed the same gradients, its fp32 masters are the factors LORO computes over fp32
+    parameters (lazy steps and, at step 2 and 4, exact steps with QR/SVD), and the bf16 parameters their rounding."""
+    from elas.build import build_model
+    from elas.config import model_preset
+    from elas.optim import LOROAdamW
+    from elas.train.parallelize import hold_params_in
+    cfg = model_preset("llama-tiny-elas")
+    cfg.n_layers, cfg.methods = 1, []
+    torch.manual_seed(0)
+    fp32 = build_model(cfg, "cpu")
+    bf16 = build_model(cfg, "cpu")
+    hold_params_in(bf16, torch.bfloat16)
+    with torch.no_grad():
+        for p, q in zip(fp32.parameters(), bf16.parameters()):
+            p.copy_(q.float())
+    opts = [LOROAdamW(m, lr=1e-2, exact_every=2, d_model=cfg.d_model, weight_decay=0.1) for m in (fp32, bf16)]
+    assert not opts[0].has_masters and opts[1].has_masters
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        for p, q in zip(fp32.parameters(), bf16.parameters()):
+            grad = (torch.randn(p.shape, generator=g) * 1e-2).bfloat16()
+            p.grad, q.grad = grad.float(), grad
+        for o in opts:
+            o.step()
+    for p, q in zip(fp32.parameters(), bf16.parameters()):
+        torch.testing.assert_close(opts[1].state[q]["master"], p.detach(), rtol=1e-5, atol=1e-7)
+        assert torch.equal(q.detach(), opts[1].state[q]["master"].bfloat16())

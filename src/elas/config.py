@@ -236,7 +236,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     # the parameters' dtype: fp32 (autocast casts each weight per use) | bf16 (the optimizer keeps fp32 masters:
-    # MasterAdamW, optim/master.py) | auto (bf16 for adamw on one CUDA process, fp32 elsewhere)
+    # optim/master.py) | auto (bf16 on one CUDA process, fp32 elsewhere: CPU, DDP, FSDP2)
     param_dtype: str = "auto"
     compile: bool = True  # torch.compile every block and the loss head (CUDA; CPU runs stay eager)
     init_from: str = ""  # a Hugging Face Llama/Arcee directory whose weights start a new run (full-rank models)
@@ -257,9 +257,6 @@ class TrainConfig:
             raise ValueError(f"invalid precision={self.precision!r}: expected auto, bf16 or fp32")
         if self.param_dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"invalid param_dtype={self.param_dtype!r}: expected auto, bf16 or fp32")
-        if self.param_dtype == "bf16" and self.optimizer != "adamw":
-            raise ValueError(f"param_dtype=bf16 needs optimizer=adamw (its fp32 master weights); "
-                             f"{self.optimizer} keeps fp32 parameters: set param_dtype=fp32 or auto")
         if self.param_dtype == "bf16" and self.precision == "fp32":
             raise ValueError("param_dtype=bf16 computes in bf16: it needs precision=bf16 or auto, not fp32")
         if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")

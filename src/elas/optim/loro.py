@@ -12,6 +12,8 @@ moments; with D = m_hat / (sqrt(v_hat) + eps) written as the Adam direction and 
 - after an exact step every Adam moment is reset (k restarts at 0) and the lr is re-warmed linearly over
   `rewarm_steps` steps, as the official recipe's restarts do.
 Gradient clipping happens before `step` on all parameters, factors included (the trainer clips them all).
+Over bf16 parameters (param_dtype=bf16) every update is made on fp32 master copies (optim/master.py's
+FP32Masters: also the fp32 accumulation of micro-batch gradients), which are then rounded into the parameters.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import math
 import torch
 
 from ..model.lowrank import LowRankLinear
+from .master import FP32Masters
 
 
 SOLVERS = ("svd", "gesvdj", "gesvda", "eigh")
@@ -143,7 +146,7 @@ def exact_update_sharded(pairs: list[tuple], solver: str = "auto") -> list[tuple
     return out
 
 
-class LOROAdamW(torch.optim.Optimizer):
+class LOROAdamW(FP32Masters, torch.optim.Optimizer):
     def __init__(self, model: torch.nn.Module, lr: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, exact_every: int = 500, rewarm_steps: int = 5,
                  lr_scaler: float | None = None, d_model: int | None = None):
@@ -166,6 +169,10 @@ class LOROAdamW(torch.optim.Optimizer):
         self.exact_every, self.rewarm_steps = exact_every, rewarm_steps
         for g in self.param_groups:
             g.setdefault("t", 0)  # global step count, saved in state_dict with the groups
+        self._init_masters()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._load_keeping_fp32(state_dict)
 
     @property
     def t(self) -> int:
@@ -177,12 +184,12 @@ class LOROAdamW(torch.optim.Optimizer):
         factors and norms every step, which the host cannot issue as fast as a CUDA-graph step runs."""
         for p in params:
             st = self.state[p]
-            if not st:
+            if "exp_avg" not in st:  # (a master copy may be there already)
                 st["k"] = 0
                 st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                 st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
             st["k"] += 1
-        grads = [p.grad.float() for p in params]
+        grads = [self.grad_of(p).float() for p in params]
         m = [self.state[p]["exp_avg"] for p in params]
         v = [self.state[p]["exp_avg_sq"] for p in params]
         torch._foreach_mul_(m, beta1)
@@ -209,7 +216,7 @@ class LOROAdamW(torch.optim.Optimizer):
         # which parameters step, and the Adam directions of all of them, batched per (betas, eps)
         stepping = []  # (group, [params]) in group order
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if self.grad_of(p) is not None]
             if group["kind"] == "pair" and len(params) != 2:
                 continue
             stepping.append((group, params))
@@ -229,16 +236,18 @@ class LOROAdamW(torch.optim.Optimizer):
                 M, N = group["params"]
                 (dM, cM), (dN, _) = direction[id(M)], direction[id(N)]
                 exact_pairs.append((M, N))
-                exact_args.append((_whole(M).float(), _whole(N).float(), _whole(dM), _whole(dN), lr * cM))
+                exact_args.append((_whole(self.master(M)).float(), _whole(self.master(N)).float(), _whole(dM),
+                                   _whole(dN), lr * cM))
                 continue
             scale = group["scaler"] if group["kind"] == "pair" else 1.0
             for p in params:
                 d, c = direction[id(p)]
+                w = self.master(p)  # the fp32 weight the update changes (p itself over fp32 parameters)
                 if wd:
-                    decay_p.append(p)
+                    decay_p.append(w)
                     decay_f.append(1 - lr * wd)
-                upd_p.append(p)
-                upd_d.append(d if d.dtype == p.dtype else d.to(p.dtype))
+                upd_p.append(w)
+                upd_d.append(d if d.dtype == w.dtype else d.to(w.dtype))
                 upd_alpha.append(-lr * c * scale)
         if decay_p:
             torch._foreach_mul_(decay_p, decay_f)
@@ -252,12 +261,15 @@ class LOROAdamW(torch.optim.Optimizer):
         for a, (ps, ds) in by_alpha.items():
             torch._foreach_add_(ps, ds, alpha=a)
         for (M, N), (Mn, Nn) in zip(exact_pairs, exact_update_sharded(exact_args)):
-            _copy_whole(M, Mn)
-            _copy_whole(N, Nn)
+            _copy_whole(self.master(M), Mn)
+            _copy_whole(self.master(N), Nn)
+        self.publish([p for _, params in stepping for p in params])
         for group in self.param_groups:
             group["t"] += 1
         if exact:  # Adam-state refresh of every parameter: moments average the K steps since the last one
             for st in self.state.values():
+                if "exp_avg" not in st:
+                    continue
                 st["k"] = 0
                 st["exp_avg"].zero_()
                 st["exp_avg_sq"].zero_()

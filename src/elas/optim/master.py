@@ -41,7 +41,88 @@ def adamw_reference(p: torch.Tensor, g: torch.Tensor, w: torch.Tensor, m: torch.
     p.copy_(w.to(torch.bfloat16))
 
 
-class MasterAdamW(torch.optim.Optimizer):
+class FP32Masters:
+    """What an optimizer over bf16 parameters needs besides its update (mixed into MasterAdamW and LOROAdamW):
+    fp32 master copies in the state ("master"), fp32 gradient sums across micro-batches (`accumulate`), the
+    gradients to clip (`grads`), and a load_state_dict that keeps the state fp32. `has_masters` is False for an
+    optimizer over fp32 parameters, which then behaves exactly as without the mixin."""
+
+    has_masters = False  # set in _init_masters
+
+    def _init_masters(self) -> None:
+        params = [p for g in self.param_groups for p in g["params"]]
+        self.has_masters = bool(params) and all(p.dtype == torch.bfloat16 for p in params)
+        self._acc: dict[torch.Tensor, torch.Tensor] = {}  # fp32 gradient sums of accumulated micro-batches
+        if self.has_masters:
+            for p in params:  # masters now, not at the first step: a checkpoint before it has them too
+                self.master(p)
+
+    def master(self, p: torch.Tensor) -> torch.Tensor:
+        """The fp32 weight an update changes: p's master copy (p itself when the parameters are not bf16)."""
+        if not self.has_masters:
+            return p
+        st = self.state[p]
+        if "master" not in st:
+            st["master"] = p.detach().float().contiguous()
+        return st["master"]
+
+    def publish(self, params: list[torch.Tensor]) -> None:
+        """params <- their masters rounded to bf16 (after an update that wrote the masters)."""
+        if self.has_masters and params:
+            torch._foreach_copy_([p.data for p in params], [self.state[p]["master"] for p in params])
+
+    # -- gradients ---------------------------------------------------------------------------------------------
+    @property
+    def fp32_accumulation(self) -> bool:
+        """Whether micro-batch gradients should be summed here (bf16 .grad would sum in bf16)."""
+        return self.has_masters
+
+    @torch.no_grad()
+    def accumulate(self, first: bool) -> None:
+        """Add every parameter's bf16 gradient into its fp32 sum (first: overwrite) and drop the gradient."""
+        ps = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not ps:
+            return
+        for p in ps:
+            if p not in self._acc:
+                self._acc[p] = torch.zeros_like(p, dtype=torch.float32)
+        acc = [self._acc[p] for p in ps]
+        grads = [p.grad for p in ps]
+        if first:
+            torch._foreach_copy_(acc, grads)
+        else:
+            torch._foreach_add_(acc, grads)
+        for p in ps:
+            p.grad = None
+
+    def grad_of(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The gradient an update reads: the fp32 sum after `accumulate`, else `.grad`."""
+        return self._acc.get(p) if self._acc else p.grad
+
+    def grads(self) -> list[torch.Tensor]:
+        """Every gradient the next update reads (what the step's clipping measures and scales)."""
+        return [g for g in (self.grad_of(p) for grp in self.param_groups for p in grp["params"]) if g is not None]
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def _load_keeping_fp32(self, state_dict: dict) -> None:
+        """torch's Optimizer.load_state_dict casts floating state to the parameters' dtype (bf16 here): the
+        masters and moments are put back in fp32."""
+        raw = state_dict["state"]
+        if self.has_masters and any("master" not in st for st in raw.values()):
+            raise ValueError("this optimizer state has no fp32 master weights (it was written by an optimizer over "
+                             "fp32 parameters): resume it with param_dtype=fp32")
+        torch.optim.Optimizer.load_state_dict(self, state_dict)
+        if not self.has_masters:
+            return
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, st in raw.items():
+            p = params[int(i)]
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.is_floating_point():
+                    self.state[p][k] = v.to(device=p.device, dtype=torch.float32, copy=True).contiguous()
+
+
+class MasterAdamW(FP32Masters, torch.optim.Optimizer):
     """AdamW (decoupled weight decay, torch's formula) for bf16 parameters with fp32 master weights. See module
     docs. `backend`: auto (the Triton kernel on CUDA tensors where Triton is installed, else the reference),
     reference, or triton."""
@@ -66,12 +147,12 @@ class MasterAdamW(torch.optim.Optimizer):
             backend = "triton" if dev.type == "cuda" and importlib.util.find_spec("triton") else "reference"
         self.backend = backend
         self.grad_scale: torch.Tensor | None = None  # set by the training step: max(1, norm / clip)
-        self._acc: dict[torch.Tensor, torch.Tensor] = {}  # fp32 gradient sums of accumulated micro-batches
         self._scal = torch.zeros(len(self.param_groups), 8, dtype=torch.float32, device=dev)
         self._tab = self._chunks = None
         self._tab_key: tuple | None = None
         self._staging = _PinnedRing(self._scal.shape) if dev.type == "cuda" else None
-        for p in params_all:  # masters now, not at the first step: a checkpoint before it has them too
+        self._init_masters()
+        for p in params_all:
             self._state(p)
 
     capturable = True  # apply() reads everything from device memory: a CUDA graph may capture it
@@ -81,43 +162,18 @@ class MasterAdamW(torch.optim.Optimizer):
 
     def _state(self, p: torch.Tensor) -> dict:
         st = self.state[p]
-        if "master" not in st:
-            st["master"] = p.detach().float().contiguous()
+        if "exp_avg" not in st:
+            self.master(p)
             st["exp_avg"] = torch.zeros_like(st["master"])
             st["exp_avg_sq"] = torch.zeros_like(st["master"])
         return st
-
-    # -- gradients ---------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def accumulate(self, first: bool) -> None:
-        """Add every parameter's bf16 gradient into its fp32 sum (first: overwrite) and drop the gradient."""
-        ps = [p for p in self._all_params() if p.grad is not None]
-        if not ps:
-            return
-        for p in ps:
-            if p not in self._acc:
-                self._acc[p] = torch.zeros_like(p, dtype=torch.float32)
-        acc = [self._acc[p] for p in ps]
-        grads = [p.grad for p in ps]
-        if first:
-            torch._foreach_copy_(acc, grads)
-        else:
-            torch._foreach_add_(acc, grads)
-        for p in ps:
-            p.grad = None
-
-    def grads(self) -> list[torch.Tensor]:
-        """The gradients the next update reads: the fp32 sums after `accumulate`, else the bf16 `.grad`s."""
-        if self._acc:
-            return [self._acc[p] for p in self._all_params() if p in self._acc]
-        return [p.grad for p in self._all_params() if p.grad is not None]
 
     def _stepping(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """(group index, parameter, gradient) of every parameter that has a gradient."""
         out = []
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
-                g = self._acc.get(p) if self._acc else p.grad
+                g = self.grad_of(p)
                 if g is not None:
                     out.append((gi, p, g))
         return out
@@ -191,19 +247,11 @@ class MasterAdamW(torch.optim.Optimizer):
         self.apply()
         return loss
 
-    # -- checkpoints -------------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
-        raw = state_dict["state"]
-        if any("master" not in st for st in raw.values()) or any("step" not in g for g in state_dict["param_groups"]):
-            raise ValueError("this optimizer state has no fp32 master weights (it was written by an optimizer over "
-                             "fp32 parameters): resume it with param_dtype=fp32")
-        super().load_state_dict(state_dict)  # casts floating state to the parameters' dtype (bf16): undone below
-        params = self._all_params()
-        for i, st in raw.items():
-            p = params[int(i)]
-            for k, v in st.items():
-                if torch.is_tensor(v) and v.is_floating_point():
-                    self.state[p][k] = v.to(device=p.device, dtype=torch.float32, copy=True).contiguous()
+        if any("step" not in g for g in state_dict["param_groups"]):
+            raise ValueError("this optimizer state was not written by MasterAdamW (its groups have no step count): "
+                             "resume it with param_dtype=fp32")
+        self._load_keeping_fp32(state_dict)
         self._tab_key = None
 
 

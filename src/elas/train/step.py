@@ -57,7 +57,7 @@ class StepGrads:
         self.grad_accum, self.grad_clip, self.no_sync = grad_accum, grad_clip, no_sync
         self.graphs, self.warmup = graphs, warmup
         # the optimizer's own fp32 accumulation (MasterAdamW: bf16 gradients are summed in fp32, not in .grad)
-        self.accumulates = grad_accum > 1 and hasattr(optimizer, "accumulate")
+        self.accumulates = grad_accum > 1 and getattr(optimizer, "fp32_accumulation", False)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.mode = None
         self.x = self.y = None  # static inputs in graph mode: [grad_accum, batch, seq]
@@ -91,9 +91,14 @@ class StepGrads:
                 self.optimizer.accumulate(first=k == 0)
             loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
         params = self._params()
-        grads = self.optimizer.grads() if hasattr(self.optimizer, "grads") else [p.grad for p in params]
+        own = getattr(self.optimizer, "has_masters", False)  # bf16 parameters: the optimizer says which gradients
+        grads = self.optimizer.grads() if own else [p.grad for p in params]
         if self.grad_clip > 0 and self.clip_into is None:
-            gnorm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            if own:  # the fp32 sums (or bf16 .grads), scaled as clip_grad_norm_ scales
+                gnorm = _total_norm(grads)
+                torch._foreach_mul_(grads, torch.clamp(self.grad_clip / (gnorm + 1e-6), max=1.0))
+            else:
+                gnorm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         else:
             gnorm = _total_norm(grads)
             if self.grad_clip > 0:

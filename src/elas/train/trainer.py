@@ -414,7 +414,7 @@ def resolve_param_dtype(cfg: TrainConfig, device: torch.device, distributed: boo
                          f"gradients of fp32 parameters; set param_dtype=auto or fp32")
     if cfg.param_dtype != "auto":
         return cfg.param_dtype
-    return "bf16" if (device.type == "cuda" and bf16 and not distributed and cfg.optimizer == "adamw") else "fp32"
+    return "bf16" if (device.type == "cuda" and bf16 and not distributed) else "fp32"
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:
