@@ -36,6 +36,21 @@ def sparsify_table(doc: dict) -> str:
     return "\n".join(out)
 
 
+def up_table(doc: dict) -> str:
+    out = [_env_line(doc), "",
+           "| M | K (q) | N (d_ff) | cuBLAS ms | + sparsifier ms | separate ms | fused ms (y1 written) | speed-up | "
+           "fused ms (no y1) | speed-up | best tiles |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        if not r.get("best"):
+            out.append(f"| {r['M']} | {r['K']} | {r['N']} | {r['cublas_ms']:.4f} | {r['sparsify_ms']:.4f} | "
+                       f"{r['separate_ms']:.4f} | no configuration ran | | | | |")
+            continue
+        out.append(f"| {r['M']} | {r['K']} | {r['N']} | {r['cublas_ms']:.4f} | {r['sparsify_ms']:.4f} | "
+                   f"{r['separate_ms']:.4f} | {r['fused_ms']:.4f} | **{r['speedup']:.2f}x** | "
+                   f"{r['fused_no_y1_ms']:.4f} | {r['speedup_no_y1']:.2f}x | {r['best']} |")
+    return "\n".join(out)
+
+
 TWIN = {"relu2-24": "relu2", "elas": "lowrank-relu2", "elas-mask": "lowrank-relu2"}  # the dense twin of a variant
 
 
@@ -180,6 +195,7 @@ def loss_table(doc: dict) -> str:
 
 RENDERERS = {"compile.json": ("torch.compile: graph breaks and the compiled step", compile_table),
              "gemm.json": ("2:4 GEMM", gemm_table), "sparsify.json": ("ReLU² + 2:4 sparsifier", sparsify_table),
+             "up.json": ("Up-projection + 2:4 sparsifier: separate kernels against the fused one", up_table),
              "step.json": ("FFN and training step", step_tables),
              "loss.json": ("LM head + cross-entropy (forward + backward; GB: peak above the inputs)", loss_table)}
 

@@ -7,13 +7,15 @@ bools cross the boundary; "not produced" outputs are empty tensors (an operator 
 
     elas::relu2_sparsify24_packed(y1 [M, K], count) -> buffer [M, K*9/16] bf16, mask_bits [M, K/8] u8,
                                                        counts [K] i32 (positives per column; [0] if not count)
+    elas::up_relu2_sparsify24(h1 [M, q], wu [K, q], count, write_y1) -> y1 [M, K] (or [0]), buffer, mask_bits,
+                              counts: the up-projection GEMM with the sparsifier in its epilogue
     elas::relu2_sparse24_backward(dy2 [M, K], buffer?, mask_bits?, y1?, dense_slots?, n_dense)
                                   -> y2s, dy1, dy1_values, y2s_t, dy1_t, y2s_dense, dy1_dense (reference.Grads24;
                                      y2s_t / dy1_t as their [K, M*9/16] buffers)
     elas::sste_pack24(w [R, C], beta [], transpose) -> buffer, mask_bits of beta * S_soft(w) (or of w^T), 2:4
     elas::sparse_mm(a_buffer [M, K*9/16], b [K, N], m, k) -> a @ b [M, N]
-    elas::act24_ffn(h1 [T, q], wu [d_ff, q], wd [d_ff, q'], mask_grad, dense_frac?) -> h2 [T, q'] and the
-                    tensors its backward needs; its autograd formula is registered on it and runs
+    elas::act24_ffn(h1 [T, q], wu [d_ff, q], wd [d_ff, q'], mask_grad, dense_frac?, fused_up) -> h2 [T, q'] and
+                    the tensors its backward needs; its autograd formula is registered on it and runs
     elas::act24_ffn_backward(...) -> dh1, dwu, dwd
 The last two are the packed 2:4 FFN core: one operator per core, so the autograd graph holds one node per FFN
 and the saved tensors are the packed ones. For a ReLU^2 FFN (full-rank or low-rank) only the part around d_ff
@@ -22,6 +24,7 @@ factor, wd [d_ff, q'] the d_ff-consuming factor (W2^T for full-rank, N2 for low-
 
     forward:  y1 = h1 wu^T                 dense GEMM                     [T, d_ff]
               p  = pack(2:4(relu(y1)^2))   sparsifier kernel              values [T, d_ff/2] + metadata + mask
+                                           (fused_up: both in one kernel, y1 written only in `ste` mode)
               h2 = p @ wd                  2:4 GEMM (reduces over d_ff)    [T, q']
     backward: dy2 = dh2 wd^T               dense GEMM (output is d_ff wide)
               y2s, dy1 (+ packed dy1)      one pointwise kernel (with the split: y2s^T, dy1^T packed 2:4 along
@@ -87,6 +90,28 @@ def relu2_sparsify24_packed(y1: Tensor, count: bool = False) -> tuple[Packed24, 
     """y1: [M, K] -> (Packed24 of 2:4(relu(y1)^2), positives per column int32 [K] or None)."""
     buf, bits, counts = relu2_sparsify24_packed_op(y1, count)
     return Packed24(buf, bits, tuple(y1.shape)), (counts if count else None)
+
+
+# ---- up-projection GEMM + sparsifier in one kernel --------------------------------------------------------------
+def _up_relu2_sparsify24(h1: Tensor, wu: Tensor, count: bool, write_y1: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    n = wu.shape[0]
+    counts = torch.zeros(n if count else 0, dtype=torch.int32, device=h1.device)
+    if h1.device.type == "cuda":
+        from .cuda import up_sparsify as _uk
+        y1, p = _uk.up_relu2_sparsify24(h1, wu, write_y1, counts if count else None, launch=wrap_triton)
+    else:
+        y1, p = ref.up_relu2_sparsify24(h1, wu, write_y1, counts if count else None)
+    return (h1.new_empty(0) if y1 is None else y1), p.buffer, p.mask_bits, counts
+
+
+up_relu2_sparsify24_op = _define_triton_op("elas::up_relu2_sparsify24", _up_relu2_sparsify24)
+
+
+def up_relu2_sparsify24(h1: Tensor, wu: Tensor, count: bool = False, write_y1: bool = True
+                        ) -> tuple[Tensor | None, Packed24, Tensor | None]:
+    """h1 [M, q], wu [K, q] bf16 -> (y1 [M, K] or None, Packed24 of 2:4(relu(y1)^2), positives per column or None)."""
+    y1, buf, bits, counts = up_relu2_sparsify24_op(h1, wu, count, write_y1)
+    return (y1 if write_y1 else None), Packed24(buf, bits, (h1.shape[0], wu.shape[0])), (counts if count else None)
 
 
 # ---- backward pointwise kernel --------------------------------------------------------------------------------
@@ -165,13 +190,17 @@ def sparse_mm(a: Packed24, b: Tensor) -> Tensor:
 
 # ---- the packed 2:4 FFN core: one operator, autograd registered on it ----------------------------------------
 @torch.library.custom_op("elas::act24_ffn", mutates_args=())
-def act24_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac: float | None
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def act24_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac: float | None,
+                 fused_up: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> h2 [T, q'] and what backward needs: (s0, s1) = (packed y2s buffer, mask bits) in mask mode, (y1, -) in
-    ste mode; (idx_d [n_dense] i64, slots [d_ff] i32) of the 95/5 split (empty without it)."""
-    y1 = h1 @ wu.T  # [T, d_ff]
+    ste mode; (idx_d [n_dense] i64, slots [d_ff] i32) of the 95/5 split (empty without it). fused_up: the
+    up-projection and the sparsifier as one kernel (y1 [T, d_ff] then exists only in ste mode)."""
     # the split ranks features by their positives in y1 (as the masked core does), counted by the sparsifier
-    p, counts = relu2_sparsify24_packed(y1, count=dense_frac is not None)
+    if fused_up:
+        y1, p, counts = up_relu2_sparsify24(h1, wu, count=dense_frac is not None, write_y1=not mask_grad)
+    else:
+        y1 = h1 @ wu.T  # [T, d_ff]
+        p, counts = relu2_sparsify24_packed(y1, count=dense_frac is not None)
     h2 = sparse_mm(p, wd)  # [T, q']
     idx_d, slots = h1.new_empty(0, dtype=torch.long), h1.new_empty(0, dtype=torch.int32)  # outputs never alias
     if counts is not None:
@@ -187,7 +216,7 @@ def act24_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac
 
 
 @act24_ffn_op.register_fake
-def _(h1, wu, wd, mask_grad, dense_frac):
+def _(h1, wu, wd, mask_grad, dense_frac, fused_up=False):
     t, f = h1.shape[0], wu.shape[0]
     h2 = h1.new_empty((t, wd.shape[1]))
     if mask_grad:
@@ -237,7 +266,7 @@ def _(dh2, h1, wu, wd, s0, s1, idx_d, slots, mask_grad):
 
 
 def _setup_context(ctx, inputs, output):
-    h1, wu, wd, mask_grad, _ = inputs
+    h1, wu, wd, mask_grad = inputs[:4]
     _, s0, s1, idx_d, slots = output
     ctx.mask_grad = mask_grad
     ctx.save_for_backward(h1, wu, wd, s0, s1, idx_d, slots)
@@ -246,17 +275,18 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dh2, *_unused):
     h1, wu, wd, s0, s1, idx_d, slots = ctx.saved_tensors
     dh1, dwu, dwd = act24_ffn_backward_op(dh2, h1, wu, wd, s0, s1, idx_d, slots, ctx.mask_grad)
-    return dh1, dwu, dwd, None, None
+    return dh1, dwu, dwd, None, None, None
 
 
 act24_ffn_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def act24_ffn(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac: float | None = None) -> Tensor:
+def act24_ffn(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac: float | None = None,
+              fused_up: bool = False) -> Tensor:
     """The packed 2:4 FFN core: h1 [T, q] bf16, wu [d_ff, q] bf16, wd [d_ff, q'] bf16 -> h2 [T, q'] bf16.
-    T and d_ff multiples of 64 (the SM90 layout's tile)."""
+    T and d_ff multiples of 64 (the SM90 layout's tile); fused_up: see act24_ffn_op."""
     check_shape(h1.shape[0], wu.shape[0])
-    return act24_ffn_op(h1, wu, wd, mask_grad, dense_frac)[0]
+    return act24_ffn_op(h1, wu, wd, mask_grad, dense_frac, fused_up)[0]
 
 
-__all__ = ["relu2_sparsify24_packed", "relu2_sparse24_backward", "sparse_mm", "act24_ffn"]
+__all__ = ["relu2_sparsify24_packed", "up_relu2_sparsify24", "relu2_sparse24_backward", "sparse_mm", "act24_ffn"]

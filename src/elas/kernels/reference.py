@@ -186,6 +186,14 @@ def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | Non
     return pack24(y2s, mask, check=False)  # mask24 keeps exactly 2 of 4 by construction
 
 
+def up_relu2_sparsify24(h1: torch.Tensor, wu: torch.Tensor, write_y1: bool = True,
+                        feature_counts: torch.Tensor | None = None):
+    """h1 [M, K], wu [N, K] -> (y1 = h1 wu^T [M, N] in h1's dtype, or None; Packed24 of 2:4(relu(y1)^2)): the
+    up-projection and the sparsifier, the twin of the fused kernel (kernels/cuda/up_sparsify.py)."""
+    y1 = h1 @ wu.T
+    return (y1 if write_y1 else None), relu2_sparsify24_packed(y1, feature_counts)
+
+
 def sparse_mm(a, b: torch.Tensor) -> torch.Tensor:
     """a: Packed24 [M, K] (2:4 along K), b: [K, N] -> a @ b [M, N] in b's dtype. Emulated: unpack, dense GEMM."""
     return (unpack24(a).to(b.dtype) @ b)

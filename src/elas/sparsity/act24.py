@@ -9,7 +9,8 @@ largest magnitudes of every 4 features kept) on one of two paths, chosen when th
   layout and 2:4 GEMMs on sparse tensor cores, forward and backward;
 - masked (elsewhere): sparsity/masked.py, masked dense GEMMs (emulated).
 Options: the gradient through the mask (`ste`: ELAS's straight-through; `mask`: Haziza's, dy1 2:4 too), a fixed
-token permutation around the FFN, and Haziza's 95/5 weight-gradient split (`wgrad_dense_frac`).
+token permutation around the FFN, Haziza's 95/5 weight-gradient split (`wgrad_dense_frac`), and (packed path)
+the sparsifier fused into the up-projection GEMM (`fused_up`).
 """
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ class Act24Config(SparsityMethod):
     wgrad_dense_frac: float | None = None  # 0.05 = Haziza's 95/5 split; None = exact dense weight gradients
     backend: str = "auto"  # kernel backend: auto | reference | cuda (elas.kernels.resolve_backend)
     path: str = "auto"  # auto: packed where the backend is cuda, masked otherwise | masked | packed
+    # packed path: the up-projection GEMM with the sparsifier in its epilogue (kernels/cuda/up_sparsify.py), one
+    # kernel instead of cuBLAS + the sparsifier; off until `elas bench up` has measured it faster
+    fused_up: bool = False
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -182,8 +186,10 @@ class Act24Core(nn.Module):
                                                else wu.dtype)
         with torch.autocast(dev, enabled=False):
             h1, wu, wd = h1.to(dtype), wu.to(dtype), wd.to(dtype)
-            core = kernel_ops.act24_ffn if packed else masked_act24_ffn
-            h2 = core(h1, wu, wd, self.mask_grad, self.cfg.wgrad_dense_frac)  # [T, q']
+            if packed:
+                h2 = kernel_ops.act24_ffn(h1, wu, wd, self.mask_grad, self.cfg.wgrad_dense_frac, self.cfg.fused_up)
+            else:
+                h2 = masked_act24_ffn(h1, wu, wd, self.mask_grad, self.cfg.wgrad_dense_frac)  # [T, q']
         y = post(h2)
         y = y.to(x.dtype) if packed else y
         y = y.reshape(bsz, seq, -1)
@@ -239,6 +245,7 @@ def _apply_act24(model: nn.Module, cfg: Act24Config, filter_fn) -> Applied:
             + (", token permutation" if cfg.permute_tokens else "")
             + (f", {1 - cfg.wgrad_dense_frac:.0%}/{cfg.wgrad_dense_frac:.0%} weight-gradient split"
                if cfg.wgrad_dense_frac is not None else "")
+            + (", sparsifier fused into the up-projection" if cfg.fused_up else "")
             + f") on {len(targets)} FFNs after {cfg.dense_warmup_steps} dense steps; " + "; ".join(paths))
     claims = {(n, op) for n, _ in targets for op in cfg.operands()}
     return Applied(cfg, targets, claims, detach, desc)
