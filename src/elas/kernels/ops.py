@@ -10,8 +10,8 @@ bools cross the boundary; "not produced" outputs are empty tensors (an operator 
     elas::up_relu2_sparsify24(h1 [M, q], wu [K, q], count, write_y1) -> y1 [M, K] (or [0]), buffer, mask_bits,
                               counts: the up-projection GEMM with the sparsifier in its epilogue
     elas::relu2_sparse24_backward(dy2 [M, K], buffer?, mask_bits?, y1?, dense_slots?, n_dense)
-                                  -> y2s, dy1, dy1_values, y2s_t, dy1_t, y2s_dense, dy1_dense (reference.Grads24;
-                                     y2s_t / dy1_t as their [K, M*9/16] buffers)
+                                  -> y2s, dy1, dy1 packed [M, K*9/16] (mask mode), y2s_t, dy1_t, y2s_dense,
+                                     dy1_dense (reference.Grads24; y2s_t / dy1_t as their [K, M*9/16] buffers)
     elas::sste_pack24(w [R, C], beta [], transpose) -> buffer, mask_bits of beta * S_soft(w) (or of w^T), 2:4
     elas::sparse_mm(a_buffer [M, K*9/16], b [K, N], m, k) -> a @ b [M, N]
     elas::act24_ffn(h1 [T, q], wu [d_ff, q], wd [d_ff, q'], mask_grad, dense_frac?, fused_up) -> h2 [T, q'] and
@@ -124,8 +124,11 @@ def _relu2_sparse24_backward(dy2: Tensor, buffer: Tensor | None, mask_bits: Tens
         g = _tk.relu2_sparse24_backward(dy2, a, y1, dense_slots, n_dense, launch=wrap_triton)
     else:
         g = ref.relu2_sparse24_backward(dy2, a, y1, dense_slots, n_dense)
-    # a fresh empty tensor per missing output: an operator's outputs may not alias each other
-    return tuple(dy2.new_empty(0) if t is None else (t.buffer if isinstance(t, Packed24) else t) for t in g)
+    # a fresh empty tensor per missing output: an operator's outputs may not alias each other. dy1's values are
+    # returned as the whole packed buffer they were written into (dy1_packed; values first)
+    outs = (g.y2s, g.dy1, None if g.dy1_packed is None else g.dy1_packed.buffer, g.y2s_t, g.dy1_t, g.y2s_dense,
+            g.dy1_dense)
+    return tuple(dy2.new_empty(0) if t is None else (t.buffer if isinstance(t, Packed24) else t) for t in outs)
 
 
 relu2_sparse24_backward_op = _define_triton_op("elas::relu2_sparse24_backward", _relu2_sparse24_backward)
@@ -137,13 +140,15 @@ def relu2_sparse24_backward(dy2: Tensor, a: Packed24 | None, y1: Tensor | None =
     m, k = dy2.shape
     out = relu2_sparse24_backward_op(dy2, None if a is None else a.buffer, None if a is None else a.mask_bits, y1,
                                      dense_slots, n_dense)
-    y2s, dy1, dval, yt, dt, y2d, dy1d = out
+    y2s, dy1, dbuf, yt, dt, y2d, dy1d = out
     split, ste = dense_slots is not None, y1 is not None
     empty_bits = torch.empty(0, dtype=torch.uint8, device=dy2.device)
+    dpk = None if ste else Packed24(dbuf, a.mask_bits, (m, k))
+    dval = None if ste else dbuf.view(-1)[: m * k // 2].view(m, k // 2)
     if not split:  # which outputs a configuration produces (reference.Grads24)
-        return ref.Grads24(y2s, dy1, None if ste else dval)
-    return ref.Grads24(None, dy1 if ste else None, None if ste else dval, Packed24(yt, empty_bits, (k, m)),
-                       Packed24(dt, empty_bits, (k, m)), y2d, dy1d)
+        return ref.Grads24(y2s, dy1, dval, dy1_packed=dpk)
+    return ref.Grads24(None, dy1 if ste else None, dval, Packed24(yt, empty_bits, (k, m)),
+                       Packed24(dt, empty_bits, (k, m)), y2d, dy1d, dpk)
 
 
 # ---- S-STE weights: soft-threshold + pack ---------------------------------------------------------------------
@@ -248,12 +253,8 @@ def act24_ffn_backward_op(dh2: Tensor, h1: Tensor, wu: Tensor, wd: Tensor, s0: T
     else:
         dwd = g.y2s.T @ dh2  # [d_ff, q']
         dwu = g.dy1.T @ h1  # [d_ff, q]
-    if g.dy1_values is not None:  # dy1 is 2:4 with the forward's metadata: reuse it, swap the values
-        n_val = t * f // 2
-        dbuf = torch.empty_like(p.buffer).view(-1)
-        dbuf[:n_val] = g.dy1_values.view(-1)
-        dbuf[n_val:] = p.buffer.view(-1)[n_val:]
-        dh1 = sparse_mm(Packed24(dbuf.view_as(p.buffer), p.mask_bits, p.shape), wu)  # [T, q]
+    if g.dy1_packed is not None:  # dy1 is 2:4 with the forward's pattern, packed with its metadata
+        dh1 = sparse_mm(g.dy1_packed, wu)  # [T, q]
     else:
         dh1 = g.dy1 @ wu
     return dh1.to(h1.dtype), dwu.to(wu.dtype), dwd.to(wd.dtype)

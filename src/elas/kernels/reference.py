@@ -215,6 +215,8 @@ class Grads24(NamedTuple):
     dy1_values:    [M, K/2] bf16, mask mode: dy1's kept values in the forward's packed order (dy1 has its pattern)
     y2s_t, dy1_t:  Packed24 [K, M] of y2s^T and dy1^T pruned 2:4 along tokens, every feature (split only)
     y2s_dense, dy1_dense: [M, n_dense] bf16, the columns of the split's dense features, in slot order (split only)
+    dy1_packed:    mask mode: Packed24 [M, K] of dy1 with the forward's metadata, ready for the 2:4 GEMM dy1 Wu;
+                   dy1_values is a view of its values (the kernel writes them there: no copy of the values)
     """
     y2s: torch.Tensor | None
     dy1: torch.Tensor | None
@@ -223,6 +225,7 @@ class Grads24(NamedTuple):
     dy1_t: Packed24 | None = None
     y2s_dense: torch.Tensor | None = None
     dy1_dense: torch.Tensor | None = None
+    dy1_packed: Packed24 | None = None
 
 
 def relu2_sparse24_backward(dy2: torch.Tensor, a, y1: torch.Tensor | None = None,
@@ -250,12 +253,17 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a, y1: torch.Tensor | None = None
         # +0 wherever y2s is 0 (dropped or a kept zero): the along-token packing compares bytes of these
         dy1 = torch.where(mask & (y2s != 0), 2.0 * y2s.float().sqrt() * d, 0.0).to(torch.bfloat16)
         dval = gather_kept(dy1, *kept_positions(mask, check=False))
+    dpk = None
+    if dval is not None:  # [values | the forward's metadata]: the layout the 2:4 GEMM reads
+        m, k = a.shape
+        buf = torch.cat([dval.reshape(-1), a.buffer.reshape(-1)[m * k // 2:]]).view(m, k * 9 // 16)
+        dpk, dval = Packed24(buf, a.mask_bits, (m, k)), buf.view(-1)[: m * k // 2].view(m, k // 2)
     if dense_slots is None:
-        return Grads24(y2s, dy1, dval)
+        return Grads24(y2s, dy1, dval, dy1_packed=dpk)
     every = torch.arange(y2s.shape[1], device=y2s.device)
     # feature of each slot; the sparse features (slot -1) all land in a spare last entry (static shapes: traces)
     idx_d = torch.zeros(n_dense + 1, dtype=torch.long, device=y2s.device)
     idx_d.scatter_(0, torch.where(dense_slots >= 0, dense_slots, n_dense).long(), every)
     idx_d = idx_d[:n_dense]
     return Grads24(None, dy1 if y1 is not None else None, dval, pack24_along_tokens(y2s, every),
-                   pack24_along_tokens(dy1, every), y2s[:, idx_d], dy1[:, idx_d])
+                   pack24_along_tokens(dy1, every), y2s[:, idx_d], dy1[:, idx_d], dpk)

@@ -248,7 +248,10 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Ten
     new = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16, device=dev)  # noqa: E731
     y2s = None if split else new(m, k)
     dy1 = new(m, k) if (ste or not split) else None
-    dval = None if ste else new(m, k // 2)
+    # mask mode: dy1's values go straight into a packed buffer behind which the forward's metadata is copied (1/9
+    # of the buffer): the 2:4 GEMM of dh1 reads it as is
+    dbuf = None if ste else new(m * k * 9 // 16)
+    dval = None if ste else dbuf[: m * k // 2].view(m, k // 2)
     y2s_t = dy1_t = y2d = dy1d = yt_val = yt_meta = dt_val = dt_meta = None
     if split:
         if dense_slots.dtype != torch.int32 or dense_slots.shape != (k,):
@@ -265,4 +268,8 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Ten
         dy2, ptr(a.values if a is not None else None), ptr(a.mask_bits if a is not None else None), ptr(y1),
         ptr(y2s), ptr(dy1), ptr(dval), ptr(yt_val), ptr(yt_meta), ptr(dt_val), ptr(dt_meta), ptr(dense_slots),
         ptr(y2d), ptr(dy1d), m, k, max(n_dense, 1), STE=ste, FROM_Y1=a is None, SPLIT=split, BK=bk, num_warps=4)
-    return Grads24(y2s, dy1, dval, y2s_t, dy1_t, y2d, dy1d)
+    dpk = None
+    if dbuf is not None:
+        dbuf[m * k // 2:].copy_(a.buffer.view(-1)[m * k // 2:])
+        dpk = Packed24(dbuf.view(m, k * 9 // 16), a.mask_bits, (m, k))
+    return Grads24(y2s, dy1, dval, y2s_t, dy1_t, y2d, dy1d, dpk)
