@@ -1,5 +1,6 @@
 """V:N:M activations (emulated): the selection against an independent brute force, the format's invariants, the
-gradients, the schedule, the claims and one graph per mode."""
+gradients, the schedule, the claims and one graph per mode; the neuron router (sparsity/router.py): balanced
+clustering, routing, the token permutation, the routed format, re-clustering periods and exact resume."""
 import itertools
 
 import pytest
@@ -76,7 +77,7 @@ def test_gradients(grad_mode):
 
 
 def test_schedule_claims_stats_and_one_graph_per_mode():
-    cfg = preset("llama-tiny-relu2-vnm", n_layers=2, vocab_size=256)
+    cfg = preset("llama-tiny-relu2-vnm-blocks", n_layers=2, vocab_size=256)
     cfg.methods[0].update(v=16, dense_warmup_steps=5)
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -97,3 +98,128 @@ def test_schedule_claims_stats_and_one_graph_per_mode():
         sparsify_(ReLU2FFN.of_width(16, 32), VNMConfig(m=12))
     with pytest.raises(ValueError, match="vnm.m 20"):
         VNMConfig(m=20)
+
+
+# ---- the neuron router -------------------------------------------------------------------------------------------
+from elas.sparsity import router as rt  # noqa: E402
+
+
+def test_balanced_assign_fills_every_cluster_and_follows_clear_preferences():
+    g = torch.Generator().manual_seed(0)
+    score = torch.randn(12, 3, generator=g)
+    a = rt.balanced_assign(score, 4)
+    assert torch.equal(torch.bincount(a, minlength=3), torch.tensor([4, 4, 4]))
+    pref = torch.full((6, 2), -1.0)
+    pref[:3, 0], pref[3:, 1] = 1.0, 1.0  # rows 0-2 want cluster 0, rows 3-5 cluster 1: nothing to trade
+    assert rt.balanced_assign(pref, 3).tolist() == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="do not fill"):
+        rt.balanced_assign(score, 5)
+
+
+@pytest.mark.parametrize("metric", rt.METRICS)
+def test_clustering_recovers_planted_clusters(metric):
+    """Rows drawn around 3 well-separated directions, shuffled: the balanced k-means finds the 3 groups (up to
+    their labels) in every metric, and routing a planted direction lands on its cluster."""
+    g = torch.Generator().manual_seed(1)
+    centers = torch.eye(3, 16) * 5
+    truth = torch.arange(3).repeat_interleave(8)[torch.randperm(24, generator=g)]
+    rows = centers[truth] + 0.3 * torch.randn(24, 16, generator=g)
+    assign, mu = rt.cluster_neurons(rows, 3, metric)
+    assert torch.equal(torch.bincount(assign), torch.tensor([8, 8, 8]))
+    label = {int(truth[i]): int(assign[i]) for i in range(24)}
+    assert all(label[int(truth[i])] == int(assign[i]) for i in range(24)) and len(set(label.values())) == 3
+    routed = rt.route_tokens(centers, mu, metric)
+    assert routed.tolist() == [label[0], label[1], label[2]]
+    feats = rt.cluster_features(assign, 3)
+    assert feats.shape == (3, 8) and torch.equal(feats.flatten().sort().values, torch.arange(24))
+
+
+def test_route_permutation_pads_each_cluster_to_v_and_inverts():
+    cid = torch.tensor([2, 0, 2, 2, 1, 0, 2])
+    perm, inv, counts = rt.route_permutation(cid, 3, 4)
+    assert counts.tolist() == [2, 1, 4] and perm.numel() == 4 + 4 + 4
+    assert perm.tolist() == [1, 5, -1, -1, 4, -1, -1, -1, 0, 2, 3, 6]  # cluster blocks, token order inside
+    x = torch.arange(7.0)[:, None] * 10
+    rows = torch.where(perm[:, None] >= 0, x[perm.clamp(min=0)], 0.0)
+    assert torch.equal(rows[inv], x)
+
+
+def test_routed_mask_is_a_vnm_block_for_any_tokens_of_one_cluster():
+    """Every token keeps exactly 2 of every 4 of its cluster's features (2/m overall); in the feature order where
+    each M-group holds 4 features of each cluster, any v tokens of one cluster use at most 4 columns per group."""
+    g = torch.Generator().manual_seed(2)
+    t, k, m, v = 96, 64, 8, 16
+    c = m // 4
+    y = torch.relu(torch.randn(t, k, generator=g)) ** 2
+    y[5] = 0.0  # a token with nothing to keep, and ties
+    feats = torch.randperm(k, generator=g).view(c, k // c).sort(-1).values
+    cid = torch.randint(0, c, (t,), generator=g)
+    mask = ref.routed_vnm_mask(y, cid, feats)
+    assert torch.all(mask.sum(-1) == k * 2 // m)
+    own = torch.zeros(c, k, dtype=torch.bool).scatter(1, feats, True)
+    assert not (mask & ~own[cid]).any()
+    order = torch.stack([feats[:, 4 * gr: 4 * gr + 4] for gr in range(k // m)]).flatten()  # group gr: 4 of each
+    for cl in range(c):
+        rows = mask[cid == cl][:, order]
+        n = rows.shape[0] // v * v
+        used = rows[:n].reshape(n // v, v, k // m, m).any(1).sum(-1)
+        assert used.max() <= 4
+    assert (y * mask).sum() <= (y * ref.mask24(y)).sum()
+
+
+def test_router_periods_reclustering_stats_and_one_graph(tmp_path):
+    cfg = preset("llama-tiny-relu2-vnm", n_layers=2, vocab_size=256)
+    cfg.methods[0].update(v=16, dense_warmup_steps=2, recluster_steps=3)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    core = model.blocks[0].ffn.core
+    assert [VNMConfig(**{k: v for k, v in cfg.methods[0].items() if k not in ("method", "version")}).mode_at(s, 10)
+            for s in (0, 2, 4, 5)] == ["dense", "sparse/0", "sparse/0", "sparse/1"]
+    idx = torch.randint(0, 256, (2, 32))
+    assert set_step(model, 0, 10) == ("dense",) and int(core.period) == -1
+    stats = collect_stats(model, lambda: model(idx, idx))  # before any clustering: the block selection
+    assert "route_pad_frac/mean" not in stats and 0 < stats["y2_mass_kept/mean"] < 1
+    assert set_step(model, 2, 10) == ("sparse/0",) and int(core.period) == 0
+    feats0 = core.features.clone()
+    import torch._dynamo as dynamo
+    dynamo.reset()
+    ex = dynamo.explain(model)(idx, idx)
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons
+    stats = collect_stats(model, lambda: model(idx, idx))
+    assert 0 < stats["route_largest_frac/mean"] <= 1 and 0 <= stats["route_pad_frac/mean"] < 1
+    with torch.no_grad():  # the weights move; the next period re-clusters from them
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    assert set_step(model, 5, 10) == ("sparse/1",) and int(core.period) == 1
+    assert not torch.equal(core.features, feats0)
+    # a model loading this state keeps its clustering when put in the same period (what a resume does)
+    other = build_model(cfg)
+    other.load_state_dict(model.state_dict())
+    set_step(other, 5, 10)
+    assert torch.equal(other.blocks[0].ffn.core.features, core.features)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        VNMConfig(m=6, router=True)
+    with pytest.raises(ValueError, match="route_metric"):
+        VNMConfig(router=True, route_metric="manhattan")
+
+
+def test_router_run_resumes_exactly_across_a_reclustering(dataset, tmp_path):
+    from elas.cli import main
+    from conftest import TINY
+    import json
+
+    def run(out, steps, *extra):
+        return main(["train", "--preset", "llama-tiny-relu2-vnm", "--data", str(dataset), "--out", str(out),
+                     "--no-progress", *TINY, "--set", "log_every=1", "--set", "eval_every=100",
+                     "--set", "save_every=3", "--set", "model.vnm.dense_warmup_steps=2",
+                     "--set", "model.vnm.recluster_steps=2", "--set", "model.vnm.v=16",
+                     "--max-steps", str(steps), *extra])
+
+    def losses(d):
+        recs = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in recs if "loss" in r}
+    assert run(tmp_path / "ref", 7) == 0
+    assert run(tmp_path / "run", 3) == 0
+    assert run(tmp_path / "run", 7, "--resume") == 0
+    a, b = losses(tmp_path / "ref"), losses(tmp_path / "run")
+    assert sorted(a) == list(range(1, 8)) and a == b

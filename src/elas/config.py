@@ -155,9 +155,16 @@ VARIANTS: dict[str, Variant] = {
     "relu2-w24": Variant({"ffn": "relu2", "methods": [sste24()]},
                          about="relu2 with 2:4 weights by soft-thresholding (S-STE), dense -> sparse -> dense "
                                "(Madhyastha et al.; emulated)", twin="relu2"),
-    "relu2-vnm": Variant({"ffn": "relu2", "methods": [{"method": "vnm"}]},
-                         about="relu2 with V:N:M activations (v=64, m=8: 2 of 8 features per token, 4 shared per "
-                               "64 tokens; Madhyastha et al.; emulated, no router yet)", twin="relu2"),
+    "relu2-vnm": Variant({"ffn": "relu2", "methods": [{"method": "vnm", "router": True}]},
+                         about="relu2 with V:N:M activations made by the neuron router (v=64, m=8: 2 of 8 features "
+                               "per token, 2 clusters owning 4 of every 8; Madhyastha et al.; emulated)", twin="relu2"),
+    "relu2-vnm-blocks": Variant({"ffn": "relu2", "methods": [{"method": "vnm"}]},
+                                about="relu2-vnm without the router: blocks of 64 consecutive tokens share their 4 "
+                                      "of 8 features, chosen by exhaustive search (the baseline; emulated)",
+                                twin="relu2"),
+    "relu2-w24-vnm": Variant({"ffn": "relu2", "methods": [sste24(), {"method": "vnm", "router": True}]},
+                             about="the third paper's full recipe: 2:4 weights by S-STE and routed V:N:M activations "
+                                   "(emulated)", twin="relu2"),
     "relu2-w24-a24": Variant({"ffn": "relu2", "methods": [act24(**HAZIZA), sste24()]},
                              about="relu2-w24 and Haziza's 2:4 activations together (emulated weights)",
                              twin="relu2"),

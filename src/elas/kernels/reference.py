@@ -129,6 +129,16 @@ def vnm_mask(y: torch.Tensor, v: int, m: int) -> torch.Tensor:
     return mask.permute(0, 2, 1, 3).reshape(bt * v, k)[:t]
 
 
+def routed_vnm_mask(y: torch.Tensor, token_cluster: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """V:N:M by routing (sparsity/router.py): token t keeps, of the features of its cluster features[token_cluster[t]]
+    (in that order), 2 of every 4 by the rule of mask24; every other feature is dropped. y [T, K], token_cluster
+    int64 [T], features int64 [C, K/C] (the clusters partition the K features). Returns bool [T, K], density 2/(4C):
+    any tokens of one cluster share their features, so v of them form a V:N:M block with M = 4C."""
+    idx = features[token_cluster]  # [T, K/C]
+    keep = mask24(torch.gather(y, 1, idx))
+    return torch.zeros_like(y, dtype=torch.bool).scatter(1, idx, keep)
+
+
 def n_dense_features(n_feat: int, dense_frac: float) -> int:
     """How many of n_feat features the 95/5 split keeps dense (see dense_feature_split): known on the host
     without looking at the data, so the split needs no device-to-host sync (and is CUDA-graph safe)."""

@@ -8,11 +8,15 @@ them kept per token: density 2/m, 75% sparse at m=8), so that, with a sparse-ten
 projection could skip the block's other m-4 features and run 2:4 on the 4. Gradients as for 2:4: `ste`
 (straight through) or `mask` (the forward's mask on dy2).
 
-Tokens share features only if they are grouped: here the v tokens of a block are consecutive in the batch
-(no router yet), which is the baseline the paper's neuron-level router improves on. The choices the paper
-leaves open, made here: v=64 (a 64-row band of the SM90 layout; Venom uses 64 or 128), m=8 (75% sparsity,
-inside the 84-98% zeros of long runs), the 4 columns chosen by exhaustive search of the kept magnitude.
-Everything here is masked dense arithmetic: it measures quality, it accelerates nothing.
+Tokens share features only if they are grouped. Without the router (router=false) the v tokens of a block are
+consecutive in the batch and the block's 4 columns are chosen by exhaustive search of the kept magnitude: the
+baseline. With it (router=true, sparsity/router.py: the paper's neuron-level router) the neurons are clustered
+into m/4 clusters that each own 4 of every m features, each token is routed to one cluster and keeps 2 of every
+4 of its features; the clustering is redone every `recluster_steps` steps (each period is a mode of the method,
+and the clustering is in the model's buffers, so checkpoints keep it). The choices the paper leaves open, made
+here: v=64 (a 64-row band of the SM90 layout; Venom uses 64 or 128), m=8 (75% sparsity, inside the 84-98%
+zeros of long runs); the router's are in router.py. Everything here is masked dense arithmetic: it measures
+quality, it accelerates nothing.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ import torch.nn as nn
 
 from ..kernels import reference as ref
 from ..model.ffn import relu2
+from ..model.lowrank import LowRankLinear
+from . import router as rt
 from .act24 import GRAD_MODES, relu2_stats
 from .api import Applied, SparsityMethod, register_method, relu2_ffns
 
@@ -32,12 +38,17 @@ from .api import Applied, SparsityMethod, register_method, relu2_ffns
 class VNMConfig(SparsityMethod):
     name: ClassVar[str] = "vnm"
     version: ClassVar[int] = 1
-    stat_names: ClassVar[tuple[str, ...]] = ("y2_zero_frac", "dropped_nnz_frac")
+    stat_names: ClassVar[tuple[str, ...]] = ("y2_zero_frac", "dropped_nnz_frac", "y2_mass_kept",
+                                             "route_largest_frac", "route_pad_frac")
 
     v: int = 64  # tokens per block (they share the block's 4 features)
     m: int = 8  # features per block; each token keeps 2 of them
     grad_mode: str = "ste"  # ste | mask
     dense_warmup_steps: int = 1000
+    router: bool = False  # the neuron-level router (sparsity/router.py); false: blocks of consecutive tokens
+    route_metric: str = "dot"  # dot | cosine | l2 (router.py says why dot)
+    recluster_steps: int = 1000  # the neurons are re-clustered every this many sparse steps
+    kmeans_iters: int = 10
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -50,28 +61,45 @@ class VNMConfig(SparsityMethod):
             raise ValueError(f"invalid vnm.grad_mode {self.grad_mode!r}: expected one of {', '.join(GRAD_MODES)}")
         if self.dense_warmup_steps < 0:
             raise ValueError(f"invalid vnm.dense_warmup_steps {self.dense_warmup_steps}: expected >= 0")
+        if self.router and self.m % 4:
+            raise ValueError(f"invalid vnm.m {self.m} with the router: expected a multiple of 4 (m/4 clusters of "
+                             f"neurons, each owning 4 of every m features)")
+        if self.route_metric not in rt.METRICS:
+            raise ValueError(f"invalid vnm.route_metric {self.route_metric!r}: expected one of {', '.join(rt.METRICS)}")
+        if self.recluster_steps < 1 or self.kmeans_iters < 1:
+            raise ValueError(f"invalid vnm.recluster_steps {self.recluster_steps} / kmeans_iters {self.kmeans_iters}: "
+                             f"expected >= 1")
 
     @property
     def density(self) -> float:
         """Kept fraction of y2 (2 of every m features per token): the work a V:N:M kernel would do."""
         return 2 / self.m
 
+    @property
+    def clusters(self) -> int:
+        return self.m // 4
+
     def mode_at(self, step: int, max_steps: int) -> str:
-        return "dense" if step < self.dense_warmup_steps else "sparse"
+        if step < self.dense_warmup_steps:
+            return "dense"
+        if not self.router:
+            return "sparse"
+        return f"sparse/{(step - self.dense_warmup_steps) // self.recluster_steps}"  # clustering period
 
     def operands(self) -> tuple[str, ...]:
         return ("y2",)
 
 
 class _ReLU2VNM(torch.autograd.Function):
-    """y1 [T, d_ff] -> y2s = relu(y1)^2 * mask (V:N:M on y2 as rounded in y1's dtype); backward 2 relu(y1) dy2,
+    """y1 [T, d_ff] -> y2s = relu(y1)^2 * mask (V:N:M on y2 as rounded in y1's dtype: by blocks of v consecutive
+    tokens, or routed when `route` = (token_cluster [T], features [C, d_ff/C]) is given); backward 2 relu(y1) dy2,
     with dy2 masked in `mask` mode."""
 
     @staticmethod
-    def forward(ctx, y1, v: int, m: int, mask_grad: bool):
+    def forward(ctx, y1, v: int, m: int, mask_grad: bool, route=None):
         r = torch.relu(y1)
         y2 = r * r
-        mask = ref.vnm_mask(y2, v, m)
+        mask = ref.vnm_mask(y2, v, m) if route is None else ref.routed_vnm_mask(y2, *route)
         ctx.save_for_backward(r, mask)
         ctx.mask_grad = mask_grad
         return y2 * mask
@@ -81,34 +109,90 @@ class _ReLU2VNM(torch.autograd.Function):
         r, mask = ctx.saved_tensors
         if ctx.mask_grad:
             dy2 = dy2 * mask
-        return 2 * r * dy2, None, None, None
+        return 2 * r * dy2, None, None, None, None
+
+
+def up_rows(up: nn.Module) -> torch.Tensor:
+    """The up-projection's weight rows [d_ff, d_model] (the neurons the router clusters), low-rank or not."""
+    if isinstance(up, LowRankLinear):
+        return up.weight_out.detach().float() @ up.weight_in.detach().float().T
+    return (up.effective_weight() if hasattr(up, "effective_weight") else up.weight).detach().float()
 
 
 class VNMCore(nn.Module):
-    """core(x, up, down) with x [batch, seq, d_model]: dense ReLU^2 in mode "dense", V:N:M in mode "sparse"."""
+    """core(x, up, down) with x [batch, seq, d_model]: dense ReLU^2 in mode "dense", V:N:M in a sparse mode.
+    With the router: buffers centroids [C, d_model] fp32, features [C, d_ff/C] int64 (router.py) and the
+    clustering period they were made in (`period`, -1: none yet); they are in the model's state dict."""
 
-    def __init__(self, cfg: VNMConfig):
+    def __init__(self, cfg: VNMConfig, up: nn.Module, d_model: int, d_ff: int):
         super().__init__()
         self.cfg = cfg
         self.active = False
         self.stats_sink: list | None = None
+        self._up = (up,)  # read when re-clustering (a tuple: not registered as a submodule)
+        self._clustered = False  # host-side copy of period >= 0 (the forward must not read a tensor's value)
+        if cfg.router:
+            c = cfg.clusters
+            self.register_buffer("centroids", torch.zeros(c, d_model))
+            self.register_buffer("features", torch.arange(d_ff).view(c, d_ff // c))
+            self.register_buffer("period", torch.tensor(-1))
+
+    def init_buffers(self) -> None:
+        """After a meta-device build: no clustering yet (made when the first sparse mode starts)."""
+        if self.cfg.router:
+            c, n = self.features.shape
+            self.centroids.zero_()
+            self.features.copy_(torch.arange(c * n, device=self.features.device).view(c, n))
+            self.period.fill_(-1)
 
     def set_mode(self, mode: str) -> None:
-        self.active = mode == "sparse"
+        self.active = mode.startswith("sparse")
+        if self.active and self.cfg.router:
+            period = int(mode.split("/")[1])
+            if int(self.period) != period:  # a resumed run loads the period's clustering and keeps it
+                self.recluster(period)
+        if self.cfg.router:
+            self._clustered = int(self.period) >= 0
+
+    @torch.no_grad()
+    def recluster(self, period: int) -> None:
+        """Cluster the neurons from the up-projection's current weights (seeded by the period)."""
+        assign, mu = rt.cluster_neurons(up_rows(self._up[0]), self.cfg.clusters, self.cfg.route_metric,
+                                        self.cfg.kmeans_iters, seed=period)
+        self.features.copy_(rt.cluster_features(assign, self.cfg.clusters))
+        self.centroids.copy_(mu)
+        self.period.fill_(period)
 
     def extra_repr(self) -> str:
-        return f"v={self.cfg.v}, m={self.cfg.m}, grad_mode={self.cfg.grad_mode}, masked, active={self.active}"
+        router = f", router ({self.cfg.clusters} clusters, {self.cfg.route_metric})" if self.cfg.router else ""
+        return (f"v={self.cfg.v}, m={self.cfg.m}, grad_mode={self.cfg.grad_mode}{router}, masked, "
+                f"active={self.active}")
+
+    def _route(self, x: torch.Tensor):
+        return rt.route_tokens(x.reshape(-1, x.shape[-1]), self.centroids, self.cfg.route_metric), self.features
 
     def forward(self, x: torch.Tensor, up: nn.Module, down: nn.Module) -> torch.Tensor:
         y1 = up(x)  # [batch, seq, d_ff]
-        flat = y1.reshape(-1, y1.shape[-1])  # [T, d_ff]: blocks of v consecutive tokens
+        flat = y1.reshape(-1, y1.shape[-1])  # [T, d_ff]
+        route = self._route(x) if self.cfg.router and self._clustered else None
         if self.stats_sink is not None:  # a probe (no grad): the mask V:N:M uses, or would use while dense
-            r = torch.relu(flat)
-            self.stats_sink.append(relu2_stats(flat, ref.vnm_mask(r * r, self.cfg.v, self.cfg.m)))
+            self.stats_sink.append(self._stats(flat, route))
         if not self.active:
             return down(relu2(y1))
-        y2s = _ReLU2VNM.apply(flat, self.cfg.v, self.cfg.m, self.cfg.grad_mode == "mask")
+        y2s = _ReLU2VNM.apply(flat, self.cfg.v, self.cfg.m, self.cfg.grad_mode == "mask", route)
         return down(y2s.reshape(y1.shape))
+
+    def _stats(self, y1: torch.Tensor, route) -> dict:
+        r = torch.relu(y1.float())
+        y2 = r * r
+        mask = ref.vnm_mask(y2, self.cfg.v, self.cfg.m) if route is None else ref.routed_vnm_mask(y2, *route)
+        out = relu2_stats(y1, mask)
+        out["y2_mass_kept"] = (y2 * mask).sum() / y2.sum().clamp(min=1e-30)
+        if route is not None:
+            perm, _, counts = rt.route_permutation(route[0], self.cfg.clusters, self.cfg.v)
+            out["route_largest_frac"] = counts.max() / counts.sum()
+            out["route_pad_frac"] = (perm < 0).sum() / perm.numel()
+        return out
 
 
 @register_method(VNMConfig)
@@ -120,16 +204,17 @@ def _apply_vnm(model: nn.Module, cfg: VNMConfig, filter_fn) -> Applied:
     old = [(f, f.core) for _, f in ffns]
     targets = []
     for n, f in ffns:
-        f.core = VNMCore(cfg)
+        f.core = VNMCore(cfg, f.up, f.up.in_features, f.d_ff).to(next(f.parameters()).device)
         targets.append((n, f.core))
 
     def detach() -> None:
         for f, core in old:
             f.core = core
 
+    how = (f"neuron router: {cfg.clusters} clusters, {cfg.route_metric} routing, re-clustered every "
+           f"{cfg.recluster_steps} steps" if cfg.router else "no router: blocks of consecutive tokens")
     desc = (f"V:N:M activation sparsity (v={cfg.v}, m={cfg.m}: {2 / cfg.m:.0%} dense, {cfg.grad_mode} gradient) "
-            f"on {len(ffns)} FFNs after {cfg.dense_warmup_steps} dense steps; emulated (masked dense GEMMs, no "
-            f"router yet: blocks of consecutive tokens)")
+            f"on {len(ffns)} FFNs after {cfg.dense_warmup_steps} dense steps; emulated (masked dense GEMMs; {how})")
     return Applied(cfg, targets, {(n, "y2") for n, _ in ffns}, detach, desc)
 
 

@@ -328,7 +328,7 @@ class Trainer:
                     rec = {"step": self.step, "loss": loss_v, "lr": self.optimizer.param_groups[0]["lr"],
                            "tokens": self.tokens, "grad_norm": float(gnorm), "tokens_per_s": tps,
                            "mfu": tps * self.flops_per_token / (self.peak * d.world) if self.peak else None,
-                           "sparse": "sparse" in self.modes, "modes": list(self.modes)}
+                           "sparse": any(str(m).startswith("sparse") for m in self.modes), "modes": list(self.modes)}
                     rec.update({k: v for k, v in stats.items() if k.endswith("/mean")})
                     rec["stats"] = {k: v for k, v in stats.items() if not k.endswith("/mean")}
                     self._write_metrics(rec)
