@@ -1,0 +1,85 @@
+"""How much of y2 = relu(y1)^2 each activation-sparsity format keeps, on the activations of a trained model.
+
+    python benchmarks/vnm_mass.py RUN_DIR [--tokens 8192] [--out FILE.json]
+
+RUN_DIR: a run of a dense ReLU^2 model (e.g. `elas train --preset llama-tiny-relu2`). For every FFN, y1 is taken
+on validation tokens and the kept fraction of sum(y2) is measured for: 2:4 per token (50% dense); V:N:M at
+m=8 (25% dense) by blocks of v consecutive tokens with the exhaustive column choice (no router); V:N:M by the
+neuron router with each similarity metric (clusters from the layer's own up-projection, router.py); and a random
+routing with the same clusters (the control: what clustering alone gives). Prints a table, writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from elas.data.loader import TokenWindows
+from elas.kernels import reference as ref
+from elas.sparsity import router as rt
+from elas.sparsity.vnm import up_rows
+from elas.train.checkpoint import latest_checkpoint, load_checkpoint
+from elas.train.trainer import load_run_config
+from elas.build import build_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--v", type=int, default=64)
+    ap.add_argument("--m", type=int, default=8)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    cfg = load_run_config(args.run)
+    model = build_model(cfg.model, "cpu")
+    load_checkpoint(latest_checkpoint(Path(args.run)), model)
+    model.eval()
+    win = TokenWindows(cfg.data_dir, "val", cfg.seq_len)
+    n = max(1, min(win.n, args.tokens // cfg.seq_len))
+    x, _ = win.get(list(range(n)))
+    captured = []  # (ffn input [T, d], y1 [T, d_ff], up module) per layer
+
+    def hook(mod, inp, out):
+        captured.append((inp[0].reshape(-1, inp[0].shape[-1]), out.reshape(-1, out.shape[-1]), mod))
+    handles = [blk.ffn.up.register_forward_hook(hook) for blk in model.blocks]
+    with torch.no_grad():
+        model(x, x)
+    for h in handles:
+        h.remove()
+    c = args.m // 4
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for layer, (xin, y1, up) in enumerate(captured):
+        y2 = torch.relu(y1.float()) ** 2
+        total = y2.sum()
+        kept = {"2:4 (50%)": (y2 * ref.mask24(y2)).sum() / total,
+                f"V:N:M v={args.v} m={args.m}, consecutive blocks": (y2 * ref.vnm_mask(y2, args.v, args.m)).sum() / total}
+        for metric in rt.METRICS:
+            assign, mu = rt.cluster_neurons(up_rows(up), c, metric)
+            feats = rt.cluster_features(assign, c)
+            cid = rt.route_tokens(xin, mu, metric)
+            kept[f"router {metric}"] = (y2 * ref.routed_vnm_mask(y2, cid, feats)).sum() / total
+            if metric == "dot":
+                rnd = torch.randint(0, c, cid.shape, generator=g)
+                kept["random routing (control)"] = (y2 * ref.routed_vnm_mask(y2, rnd, feats)).sum() / total
+                oracle = torch.stack([(y2 * ref.routed_vnm_mask(y2, torch.full_like(cid, k), feats)).sum(-1)
+                                      for k in range(c)], -1).argmax(-1)  # best cluster per token, by y2 itself
+                kept["best cluster per token (oracle)"] = (y2 * ref.routed_vnm_mask(y2, oracle, feats)).sum() / total
+        rows.append({"layer": layer, "y2_zero_frac": float((y2 == 0).float().mean()),
+                     **{k: float(v) for k, v in kept.items()}})
+    names = [k for k in rows[0] if k not in ("layer", "y2_zero_frac")]
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in names}
+    print(f"{args.run}: {n * cfg.seq_len} validation tokens, {len(rows)} FFNs, y2 zeros "
+          f"{sum(r['y2_zero_frac'] for r in rows) / len(rows):.1%}")
+    for k in names:
+        print(f"  {k:45s} keeps {mean[k]:.1%} of y2's mass")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"run": Path(args.run).name, "tokens": n * cfg.seq_len, "v": args.v,
+                                              "m": args.m, "mean": mean, "layers": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
