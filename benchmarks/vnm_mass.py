@@ -5,8 +5,9 @@
 RUN_DIR: a run of a dense ReLU^2 model (e.g. `elas train --preset llama-tiny-relu2`). For every FFN, y1 is taken
 on validation tokens and the kept fraction of sum(y2) is measured for: 2:4 per token (50% dense); V:N:M at
 m=8 (25% dense) by blocks of v consecutive tokens with the exhaustive column choice (no router); V:N:M by the
-neuron router with each similarity metric (clusters from the layer's own up-projection, router.py); and a random
-routing with the same clusters (the control: what clustering alone gives). Prints a table, writes JSON.
+neuron router (router.py) in its two modes with each similarity metric (clusters from the layer's own
+up-projection): group mode at 2-16 clusters, own mode, and for own mode a random routing (the control) and the
+best cluster per token chosen from y2 itself (what no router can beat). Prints a table, writes JSON.
 """
 from __future__ import annotations
 
@@ -61,13 +62,18 @@ def main() -> None:
             assign, mu = rt.cluster_neurons(up_rows(up), c, metric)
             feats = rt.cluster_features(assign, c)
             cid = rt.route_tokens(xin, mu, metric)
-            kept[f"router {metric}"] = (y2 * ref.routed_vnm_mask(y2, cid, feats)).sum() / total
+            kept[f"router own mode, {metric}, {c} clusters"] = (y2 * ref.routed_vnm_mask(y2, cid, feats)).sum() / total
+            for groups in (2, 4, 8, 16):  # group mode: blocks of one cluster's tokens, columns by search
+                _, gmu = rt.cluster_neurons(up_rows(up), groups, metric)
+                gid = rt.route_tokens(xin, gmu, metric)
+                grouped = rt.grouped_vnm_mask(y2, gid, groups, args.v, args.m)
+                kept[f"router group mode, {metric}, {groups} clusters"] = (y2 * grouped).sum() / total
             if metric == "dot":
                 rnd = torch.randint(0, c, cid.shape, generator=g)
-                kept["random routing (control)"] = (y2 * ref.routed_vnm_mask(y2, rnd, feats)).sum() / total
+                kept["own mode, random routing (control)"] = (y2 * ref.routed_vnm_mask(y2, rnd, feats)).sum() / total
                 oracle = torch.stack([(y2 * ref.routed_vnm_mask(y2, torch.full_like(cid, k), feats)).sum(-1)
                                       for k in range(c)], -1).argmax(-1)  # best cluster per token, by y2 itself
-                kept["best cluster per token (oracle)"] = (y2 * ref.routed_vnm_mask(y2, oracle, feats)).sum() / total
+                kept["own mode, best cluster per token from y2 (oracle)"] = (y2 * ref.routed_vnm_mask(y2, oracle, feats)).sum() / total
         rows.append({"layer": layer, "y2_zero_frac": float((y2 == 0).float().mean()),
                      **{k: float(v) for k, v in kept.items()}})
     names = [k for k in rows[0] if k not in ("layer", "y2_zero_frac")]
@@ -75,7 +81,7 @@ def main() -> None:
     print(f"{args.run}: {n * cfg.seq_len} validation tokens, {len(rows)} FFNs, y2 zeros "
           f"{sum(r['y2_zero_frac'] for r in rows) / len(rows):.1%}")
     for k in names:
-        print(f"  {k:45s} keeps {mean[k]:.1%} of y2's mass")
+        print(f"  {k:50s} keeps {mean[k]:.1%} of y2's mass")
     if args.out:
         Path(args.out).write_text(json.dumps({"run": Path(args.run).name, "tokens": n * cfg.seq_len, "v": args.v,
                                               "m": args.m, "mean": mean, "layers": rows}, indent=1))

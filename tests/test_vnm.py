@@ -167,9 +167,25 @@ def test_routed_mask_is_a_vnm_block_for_any_tokens_of_one_cluster():
     assert (y * mask).sum() <= (y * ref.mask24(y)).sum()
 
 
-def test_router_periods_reclustering_stats_and_one_graph(tmp_path):
+def test_grouped_mask_is_the_block_selection_over_each_clusters_tokens():
+    """group mode: tokens of one cluster, in order, padded to whole blocks of v, get reference.vnm_mask's selection
+    (so any block of v of them uses at most 4 of every m features); tokens of other clusters never share a block."""
+    g = torch.Generator().manual_seed(4)
+    t, k, v, m, c = 50, 32, 8, 8, 3
+    y = torch.relu(torch.randn(t, k, generator=g)) ** 2
+    cid = torch.randint(0, c, (t,), generator=g)
+    mask = rt.grouped_vnm_mask(y, cid, c, v, m)
+    assert torch.all(mask.reshape(t, k // m, m).sum(-1) == 2)
+    for cl in range(c):
+        rows = torch.nonzero(cid == cl).flatten()
+        assert torch.equal(mask[rows], ref.vnm_mask(y[rows], v, m))  # its own blocks, nothing else in them
+    assert rt.padded_rows(t, c, v) >= sum(-(-int((cid == cl).sum()) // v) * v for cl in range(c))
+
+
+@pytest.mark.parametrize("mode", ["group", "own"])
+def test_router_periods_reclustering_stats_and_one_graph(tmp_path, mode):
     cfg = preset("llama-tiny-relu2-vnm", n_layers=2, vocab_size=256)
-    cfg.methods[0].update(v=16, dense_warmup_steps=2, recluster_steps=3)
+    cfg.methods[0].update(v=16, dense_warmup_steps=2, recluster_steps=3, router_mode=mode, groups=4)
     torch.manual_seed(0)
     model = build_model(cfg)
     core = model.blocks[0].ffn.core
@@ -185,8 +201,11 @@ def test_router_periods_reclustering_stats_and_one_graph(tmp_path):
     dynamo.reset()
     ex = dynamo.explain(model)(idx, idx)
     assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(idx, idx), model(idx, idx))
     stats = collect_stats(model, lambda: model(idx, idx))
     assert 0 < stats["route_largest_frac/mean"] <= 1 and 0 <= stats["route_pad_frac/mean"] < 1
+    assert 0 < stats["y2_mass_kept/mean"] < 1
     with torch.no_grad():  # the weights move; the next period re-clusters from them
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -198,7 +217,9 @@ def test_router_periods_reclustering_stats_and_one_graph(tmp_path):
     set_step(other, 5, 10)
     assert torch.equal(other.blocks[0].ffn.core.features, core.features)
     with pytest.raises(ValueError, match="multiple of 4"):
-        VNMConfig(m=6, router=True)
+        VNMConfig(m=6, router=True, router_mode="own")
+    with pytest.raises(ValueError, match="router_mode"):
+        VNMConfig(router=True, router_mode="moe")
     with pytest.raises(ValueError, match="route_metric"):
         VNMConfig(router=True, route_metric="manhattan")
 

@@ -156,8 +156,9 @@ VARIANTS: dict[str, Variant] = {
                          about="relu2 with 2:4 weights by soft-thresholding (S-STE), dense -> sparse -> dense "
                                "(Madhyastha et al.; emulated)", twin="relu2"),
     "relu2-vnm": Variant({"ffn": "relu2", "methods": [{"method": "vnm", "router": True}]},
-                         about="relu2 with V:N:M activations made by the neuron router (v=64, m=8: 2 of 8 features "
-                               "per token, 2 clusters owning 4 of every 8; Madhyastha et al.; emulated)", twin="relu2"),
+                         about="relu2 with V:N:M activations grouped by the neuron router (v=64, m=8: 2 of 8 "
+                               "features per token; tokens routed to 16 clusters of neurons fill blocks of 64 that "
+                               "share 4 of every 8 features; Madhyastha et al.; emulated)", twin="relu2"),
     "relu2-vnm-blocks": Variant({"ffn": "relu2", "methods": [{"method": "vnm"}]},
                                 about="relu2-vnm without the router: blocks of 64 consecutive tokens share their 4 "
                                       "of 8 features, chosen by exhaustive search (the baseline; emulated)",

@@ -2,23 +2,32 @@
 to a cluster, and the token permutation a block-sparse kernel needs.
 
 V:N:M keeps, in each block of V tokens x M features, 4 features shared by the block's tokens and 2 of those per
-token. Natural ReLU^2 activations do not share features across neighbouring tokens; the router makes them:
+token. Natural ReLU^2 activations do not share features across neighbouring tokens; the router groups tokens
+that activate the same neurons:
 
-- **clusters** (`cluster_neurons`): the d_ff neurons (rows of W_up, [d_ff, d]) are split into C = M/4 clusters of
-  equal size d_ff/C by balanced k-means, so that each cluster can own 4 of every M features: cluster c's features,
-  in ascending order, fill positions 4c..4c+3 of the consecutive M-groups of a fixed feature order.
-- **routing** (`route_tokens`): each token goes to one cluster and may keep only that cluster's features, 2 of
-  every 4 of them (2:4 in the cluster's order): per token exactly 2/M of the features, and any V tokens of one
-  cluster share their 4-of-M columns: a V:N:M block by construction, whatever V is.
-- **permutation** (`route_permutation`): the tokens of each cluster made contiguous and padded to a multiple of V
-  (the row blocks of a grouped GEMM over clusters), and its inverse.
+- **clusters** (`cluster_neurons`): the d_ff neurons (rows of W_up, [d_ff, d]) are split into C clusters of equal
+  size by balanced k-means; **routing** (`route_tokens`): each token goes to the cluster whose neurons it
+  activates most; **permutation** (`route_permutation`): the tokens of each cluster made contiguous and padded to
+  a multiple of V (the row blocks of a grouped GEMM over clusters), and its inverse.
+- two ways to turn that into V:N:M (VNMConfig.router_mode):
+  - "group" (the default): the tokens of a cluster fill whole V-blocks, and each block takes the 4-of-M columns
+    that keep the most of its y2 (the exhaustive choice of reference.vnm_mask), 2:4 inside (`grouped_vnm_mask`);
+  - "own": C = M/4 clusters each own 4 of every M features (cluster c's features in ascending order fill
+    positions 4c..4c+3 of the M-groups of a fixed feature order); a token keeps only its cluster's features, 2 of
+    every 4 (reference.routed_vnm_mask): the columns are known before y1 is computed, so the up-projection could
+    skip the others too (a neuron-level mixture of experts).
+  Measured on the FFNs of a trained 4-layer ReLU^2 model (benchmarks/vnm_mass.py, docs/results.md): of y2's
+  mass, 2:4 keeps 99.1%, V:N:M (v=64, m=8) over blocks of consecutive tokens 91.0%, "group" with 16 clusters
+  93.9-94.0% (2 clusters: 92.0%), "own" only 63.6-66.6% (its best possible routing, chosen from y2 itself,
+  68.3%): a fixed half of the neurons per token drops too much, which is why "group" is the default.
 
 Choices the paper leaves open (weight24_vnm.md, 2.4), made here and each a config key of VNMConfig:
-- C = M/4 (each cluster owns 4 of every M features): density 2/M exactly, no feature left unowned;
+- the number of clusters: 16 in "group" mode (more clusters, more similar tokens per block; 16 measured best of
+  2/4/8/16), M/4 in "own" mode;
 - the similarity metric `route_metric`: "dot" (default) routes a token to the cluster whose neurons' mean
-  pre-activation x.mu_c is largest (mu_c the mean W_up row of the cluster: x.mu_c is exactly that mean), the
-  quantity the cluster's kept ReLU^2 mass grows with; "cosine" (the paper's text) and "l2" (its pseudocode) are
-  there for comparison. Clusters are found with the same geometry (spherical k-means for cosine);
+  pre-activation x.mu_c is largest (mu_c the mean W_up row of the cluster: x.mu_c is exactly that mean);
+  "cosine" (the paper's text) and "l2" (its pseudocode) are there too. They kept the same mass within 0.1-0.3
+  points in the measurement above. Clusters are found with the same geometry (spherical k-means for cosine);
 - re-clustering every `recluster_steps` steps, from the weights of that step (a new mode of the method, so a
   resumed run keeps the clustering it saved);
 - routing is fixed per step (argmax, no gradient through it), like the 2:4 selection: gradients pass straight
@@ -100,21 +109,40 @@ def route_tokens(x: torch.Tensor, centroids: torch.Tensor, metric: str) -> torch
     return _scores(x.float(), centroids.float(), metric).argmax(-1)
 
 
-def route_permutation(token_cluster: torch.Tensor, clusters: int, v: int):
+def route_permutation(token_cluster: torch.Tensor, clusters: int, v: int, size: int | None = None):
     """Tokens grouped by cluster, each group padded to a multiple of v.
 
     Returns (perm [P] int64: the source token of each row, -1 for padding; inv [T] int64: the row of each token;
-    counts [clusters] int64: tokens per cluster). P = sum of ceil(count / v) * v. Gathering x[perm] (padding rows
-    zero) and taking rows inv of the result undoes it. The order inside a cluster is the tokens' order."""
+    counts [clusters] int64: tokens per cluster). P = sum of ceil(count / v) * v, or `size` rows (>= that; the
+    rest padding) for a shape that does not depend on the routing (traced code: padded_rows(T, clusters, v)).
+    Gathering x[perm] (padding rows zero) and taking rows inv of the result undoes it. The order inside a cluster
+    is the tokens' order."""
     t = token_cluster.numel()
-    counts = torch.bincount(token_cluster, minlength=clusters)
+    counts = torch.zeros(clusters, dtype=torch.long, device=token_cluster.device).scatter_add_(
+        0, token_cluster, torch.ones_like(token_cluster))  # (not bincount: its shape depends on the values)
     padded = (counts + v - 1) // v * v
     starts = torch.cumsum(padded, 0) - padded  # first row of each cluster's block
     order = torch.argsort(token_cluster, stable=True)  # tokens by cluster, in token order
     rank = torch.arange(t, device=token_cluster.device) - (torch.cumsum(counts, 0) - counts)[token_cluster[order]]
     rows = starts[token_cluster[order]] + rank  # row of each token of `order`
-    perm = torch.full((int(padded.sum()),), -1, dtype=torch.long, device=token_cluster.device)
+    perm = torch.full((int(padded.sum()) if size is None else size,), -1, dtype=torch.long,
+                      device=token_cluster.device)
     perm[rows] = order
     inv = torch.empty(t, dtype=torch.long, device=token_cluster.device)
     inv[order] = rows
     return perm, inv, counts
+
+
+def padded_rows(tokens: int, clusters: int, v: int) -> int:
+    """The most rows route_permutation can need: every cluster padded by up to v - 1, in whole blocks of v."""
+    return -(-(tokens + clusters * (v - 1)) // v) * v
+
+
+def grouped_vnm_mask(y: torch.Tensor, token_cluster: torch.Tensor, clusters: int, v: int, m: int) -> torch.Tensor:
+    """V:N:M of y [T, K] over blocks of v tokens of one cluster (tokens grouped by route_permutation, each cluster
+    padded to whole blocks with zero rows): per block and m features, the exhaustive 4-of-m choice of
+    reference.vnm_mask, 2:4 inside. Static shapes (traces). Returns bool [T, K]."""
+    from ..kernels.reference import vnm_mask
+    perm, inv, _ = route_permutation(token_cluster, clusters, v, padded_rows(y.shape[0], clusters, v))
+    rows = torch.where(perm[:, None] >= 0, y[perm.clamp(min=0)], 0.0)
+    return vnm_mask(rows, v, m)[inv]

@@ -10,9 +10,9 @@ projection could skip the block's other m-4 features and run 2:4 on the 4. Gradi
 
 Tokens share features only if they are grouped. Without the router (router=false) the v tokens of a block are
 consecutive in the batch and the block's 4 columns are chosen by exhaustive search of the kept magnitude: the
-baseline. With it (router=true, sparsity/router.py: the paper's neuron-level router) the neurons are clustered
-into m/4 clusters that each own 4 of every m features, each token is routed to one cluster and keeps 2 of every
-4 of its features; the clustering is redone every `recluster_steps` steps (each period is a mode of the method,
+baseline. With it (router=true, sparsity/router.py: the paper's neuron-level router) the neurons are clustered,
+each token is routed to one cluster, and the blocks are made of one cluster's tokens (router_mode "group"; "own"
+restricts each token to its cluster's features instead); the clustering is redone every `recluster_steps` steps (each period is a mode of the method,
 and the clustering is in the model's buffers, so checkpoints keep it). The choices the paper leaves open, made
 here: v=64 (a 64-row band of the SM90 layout; Venom uses 64 or 128), m=8 (75% sparsity, inside the 84-98%
 zeros of long runs); the router's are in router.py. Everything here is masked dense arithmetic: it measures
@@ -46,6 +46,8 @@ class VNMConfig(SparsityMethod):
     grad_mode: str = "ste"  # ste | mask
     dense_warmup_steps: int = 1000
     router: bool = False  # the neuron-level router (sparsity/router.py); false: blocks of consecutive tokens
+    router_mode: str = "group"  # group (blocks of one cluster's tokens, columns by search) | own (router.py)
+    groups: int = 16  # clusters of neurons in group mode (own mode: m / 4)
     route_metric: str = "dot"  # dot | cosine | l2 (router.py says why dot)
     recluster_steps: int = 1000  # the neurons are re-clustered every this many sparse steps
     kmeans_iters: int = 10
@@ -61,9 +63,13 @@ class VNMConfig(SparsityMethod):
             raise ValueError(f"invalid vnm.grad_mode {self.grad_mode!r}: expected one of {', '.join(GRAD_MODES)}")
         if self.dense_warmup_steps < 0:
             raise ValueError(f"invalid vnm.dense_warmup_steps {self.dense_warmup_steps}: expected >= 0")
-        if self.router and self.m % 4:
-            raise ValueError(f"invalid vnm.m {self.m} with the router: expected a multiple of 4 (m/4 clusters of "
-                             f"neurons, each owning 4 of every m features)")
+        if self.router_mode not in ("group", "own"):
+            raise ValueError(f"invalid vnm.router_mode {self.router_mode!r}: expected group or own")
+        if self.router and self.router_mode == "own" and self.m % 4:
+            raise ValueError(f"invalid vnm.m {self.m} with router_mode own: expected a multiple of 4 (m/4 clusters "
+                             f"of neurons, each owning 4 of every m features)")
+        if self.groups < 1:
+            raise ValueError(f"invalid vnm.groups {self.groups}: expected >= 1")
         if self.route_metric not in rt.METRICS:
             raise ValueError(f"invalid vnm.route_metric {self.route_metric!r}: expected one of {', '.join(rt.METRICS)}")
         if self.recluster_steps < 1 or self.kmeans_iters < 1:
@@ -77,7 +83,8 @@ class VNMConfig(SparsityMethod):
 
     @property
     def clusters(self) -> int:
-        return self.m // 4
+        """Clusters of neurons the router makes: m / 4 in own mode (each owns 4 of every m features), else groups."""
+        return self.m // 4 if self.router_mode == "own" else self.groups
 
     def mode_at(self, step: int, max_steps: int) -> str:
         if step < self.dense_warmup_steps:
@@ -90,16 +97,14 @@ class VNMConfig(SparsityMethod):
         return ("y2",)
 
 
-class _ReLU2VNM(torch.autograd.Function):
-    """y1 [T, d_ff] -> y2s = relu(y1)^2 * mask (V:N:M on y2 as rounded in y1's dtype: by blocks of v consecutive
-    tokens, or routed when `route` = (token_cluster [T], features [C, d_ff/C]) is given); backward 2 relu(y1) dy2,
-    with dy2 masked in `mask` mode."""
+class _ReLU2Masked(torch.autograd.Function):
+    """y1 [T, d_ff], mask bool [T, d_ff] (a V:N:M selection of y2) -> y2s = relu(y1)^2 * mask; backward
+    2 relu(y1) dy2, with dy2 masked in `mask` mode."""
 
     @staticmethod
-    def forward(ctx, y1, v: int, m: int, mask_grad: bool, route=None):
+    def forward(ctx, y1, mask, mask_grad: bool):
         r = torch.relu(y1)
         y2 = r * r
-        mask = ref.vnm_mask(y2, v, m) if route is None else ref.routed_vnm_mask(y2, *route)
         ctx.save_for_backward(r, mask)
         ctx.mask_grad = mask_grad
         return y2 * mask
@@ -109,7 +114,7 @@ class _ReLU2VNM(torch.autograd.Function):
         r, mask = ctx.saved_tensors
         if ctx.mask_grad:
             dy2 = dy2 * mask
-        return 2 * r * dy2, None, None, None, None
+        return 2 * r * dy2, None, None
 
 
 def up_rows(up: nn.Module) -> torch.Tensor:
@@ -168,28 +173,39 @@ class VNMCore(nn.Module):
         return (f"v={self.cfg.v}, m={self.cfg.m}, grad_mode={self.cfg.grad_mode}{router}, masked, "
                 f"active={self.active}")
 
-    def _route(self, x: torch.Tensor):
-        return rt.route_tokens(x.reshape(-1, x.shape[-1]), self.centroids, self.cfg.route_metric), self.features
+    @torch.no_grad()
+    def _mask(self, y2: torch.Tensor, cid: torch.Tensor | None) -> torch.Tensor:
+        """The V:N:M selection of y2 [T, d_ff]: by blocks of consecutive tokens (no router, or no clustering
+        yet), by blocks of one cluster's tokens (group mode), or by the clusters' own features (own mode)."""
+        cfg = self.cfg
+        if cid is None:
+            return ref.vnm_mask(y2, cfg.v, cfg.m)
+        if cfg.router_mode == "own":
+            return ref.routed_vnm_mask(y2, cid, self.features)
+        return rt.grouped_vnm_mask(y2, cid, cfg.clusters, cfg.v, cfg.m)
 
     def forward(self, x: torch.Tensor, up: nn.Module, down: nn.Module) -> torch.Tensor:
         y1 = up(x)  # [batch, seq, d_ff]
         flat = y1.reshape(-1, y1.shape[-1])  # [T, d_ff]
-        route = self._route(x) if self.cfg.router and self._clustered else None
+        cid = None
+        if self.cfg.router and self._clustered:  # the cluster of each token: int64 [T]
+            cid = rt.route_tokens(x.reshape(-1, x.shape[-1]), self.centroids, self.cfg.route_metric)
         if self.stats_sink is not None:  # a probe (no grad): the mask V:N:M uses, or would use while dense
-            self.stats_sink.append(self._stats(flat, route))
+            self.stats_sink.append(self._stats(flat, cid))
         if not self.active:
             return down(relu2(y1))
-        y2s = _ReLU2VNM.apply(flat, self.cfg.v, self.cfg.m, self.cfg.grad_mode == "mask", route)
+        r = torch.relu(flat.detach())
+        y2s = _ReLU2Masked.apply(flat, self._mask(r * r, cid), self.cfg.grad_mode == "mask")
         return down(y2s.reshape(y1.shape))
 
-    def _stats(self, y1: torch.Tensor, route) -> dict:
+    def _stats(self, y1: torch.Tensor, cid) -> dict:
         r = torch.relu(y1.float())
         y2 = r * r
-        mask = ref.vnm_mask(y2, self.cfg.v, self.cfg.m) if route is None else ref.routed_vnm_mask(y2, *route)
+        mask = self._mask(y2, cid)
         out = relu2_stats(y1, mask)
         out["y2_mass_kept"] = (y2 * mask).sum() / y2.sum().clamp(min=1e-30)
-        if route is not None:
-            perm, _, counts = rt.route_permutation(route[0], self.cfg.clusters, self.cfg.v)
+        if cid is not None:
+            perm, _, counts = rt.route_permutation(cid, self.cfg.clusters, self.cfg.v)
             out["route_largest_frac"] = counts.max() / counts.sum()
             out["route_pad_frac"] = (perm < 0).sum() / perm.numel()
         return out
@@ -201,6 +217,9 @@ def _apply_vnm(model: nn.Module, cfg: VNMConfig, filter_fn) -> Applied:
     for n, f in ffns:
         if f.d_ff % cfg.m:
             raise ValueError(f"vnm: {n} has d_ff={f.d_ff}, not a multiple of m={cfg.m}")
+        if cfg.router and f.d_ff % cfg.clusters:
+            raise ValueError(f"vnm: {n} has d_ff={f.d_ff}, not a multiple of the router's {cfg.clusters} clusters "
+                             f"(vnm.groups)")
     old = [(f, f.core) for _, f in ffns]
     targets = []
     for n, f in ffns:
@@ -211,8 +230,8 @@ def _apply_vnm(model: nn.Module, cfg: VNMConfig, filter_fn) -> Applied:
         for f, core in old:
             f.core = core
 
-    how = (f"neuron router: {cfg.clusters} clusters, {cfg.route_metric} routing, re-clustered every "
-           f"{cfg.recluster_steps} steps" if cfg.router else "no router: blocks of consecutive tokens")
+    how = (f"neuron router ({cfg.router_mode} mode): {cfg.clusters} clusters, {cfg.route_metric} routing, "
+           f"re-clustered every {cfg.recluster_steps} steps" if cfg.router else "no router: blocks of consecutive tokens")
     desc = (f"V:N:M activation sparsity (v={cfg.v}, m={cfg.m}: {2 / cfg.m:.0%} dense, {cfg.grad_mode} gradient) "
             f"on {len(ffns)} FFNs after {cfg.dense_warmup_steps} dense steps; emulated (masked dense GEMMs; {how})")
     return Applied(cfg, targets, {(n, "y2") for n, _ in ffns}, detach, desc)
