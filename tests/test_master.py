@@ -150,12 +150,13 @@ def _train(dataset, out, *extra):
 
 @pytest.mark.parametrize("extra", [[], ["--optimizer", "loro_adamw", "--set", "loro_exact_every=2",
                                          "--set", "grad_accum=2", "--set", "batch_size=2"]], ids=["adamw", "loro-accum"])
-def test_trainer_with_bf16_parameters_trains_and_resumes_exactly(dataset, tmp_path, extra):
+def test_trainer_with_bf16_parameters_trains_and_resumes_exactly(dataset, tmp_path, extra, capsys):
     """param_dtype=bf16 on CPU (the reference update): the model's parameters are bf16, the masters are in the
     checkpoint, and a run resumed from step 3 logs the losses of the uninterrupted one bit for bit (AdamW; LORO
     with exact steps and two accumulated micro-batches)."""
     common = ["--set", "param_dtype=bf16", "--set", "eval_every=100", "--set", "save_every=3", *extra]
     assert main(_train(dataset, tmp_path / "ref", "--max-steps", "6", *common)) == 0
+    assert "parameters in bf16, fp32 master weights in" in capsys.readouterr().out
     assert main(_train(dataset, tmp_path / "run", "--max-steps", "3", *common)) == 0
     assert main(_train(dataset, tmp_path / "run", "--max-steps", "6", *common, "--resume")) == 0
 

@@ -268,6 +268,9 @@ class Trainer:
                      f"| {where} | global batch {self.global_batch} x {cfg.seq_len} tokens | run dir {self.run_dir}")
             for line in describe(self.model):
                 self.log(f"elas: {line}")
+            if self.param_dtype == "bf16":
+                self.log(f"elas: parameters in bf16, fp32 master weights in {type(self.optimizer).__name__} "
+                         f"(param_dtype={cfg.param_dtype}; --set param_dtype=fp32 opts out)")
             how = ("compiled (torch.compile per block and loss head; --set compile=false opts out)"
                    if self.compiled else "not compiled" + (" (compile=false)" if self.device.type == "cuda" else ""))
             self.log(f"elas: steps {how}; " + (
