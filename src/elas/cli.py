@@ -436,8 +436,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         extra = {"host_overhead": kb.bench_host_overhead()}
     elif args.what == "sparsify":
         rows = kb.bench_sparsify(m=args.m or 16384)
-    elif args.what == "up":
-        rows = kb.bench_up(m=args.m or 8192)  # the 1B step's tokens per micro-batch (32 x 256)
+    elif args.what == "epilogue":
+        rows = kb.bench_epilogue(m=args.m or 8192)  # the 1B step's tokens per micro-batch (32 x 256)
     elif args.what == "loro":
         from .bench.loro import bench_loro
         rows = bench_loro()
@@ -522,14 +522,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("bench", help="GPU kernel benchmarks (JSON under benchmarks/results/<gpu>/)")
-    p.add_argument("what", choices=["gemm", "sparsify", "up", "ffn", "step", "loss", "loro", "compile", "report"],
+    p.add_argument("what", choices=["gemm", "sparsify", "epilogue", "ffn", "step", "loss", "loro", "compile", "report"],
                    help="report: render the result files into --doc")
     p.add_argument("--sizes", help="model sizes for ffn/step, e.g. llama-60m,llama-1b (default: 60m..1b)")
     p.add_argument("--batch-scale", type=float, default=1.0, help="scale the papers' per-GPU batch (ffn/step)")
     p.add_argument("--doc", default="docs/performance.md")
     p.add_argument("--results", default="benchmarks/results")
     p.add_argument("--m", type=int, default=None,
-                   help="tokens (rows of the sparse operand; default 16384, and 8192 for `up`)")
+                   help="tokens (rows of the sparse operand; default 16384, and 8192 for `epilogue`)")
     p.add_argument("--out", help="directory for the JSON (default benchmarks/results/<gpu>)")
     p.add_argument("--gpu-name", help="folder name for the GPU (default: from the device name)")
     p.add_argument("--variants", help=f"compile/step: comma-separated variants (default compile: "

@@ -106,53 +106,68 @@ def bench_sparsify(m: int = 16384, ks=None, log=print) -> list[dict]:
     return rows
 
 
-# (q, d_ff) of the up-projection that feeds the sparsifier: the ELAS presets (q = rank) and 1B full-rank (q = d_model)
-UP_SHAPES = [(128, 2176), (256, 3072), (256, 4224), (512, 8192), (2048, 8192)]
-UP_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
-              (128, 64, 64, 4, 4), (64, 256, 64, 8, 3)]  # (BM, BN, BK, warps, stages)
+# (q, d_ff) of the d_ff-wide GEMMs: the ELAS presets (q = rank) and 1B full-rank (q = d_model)
+EPILOGUE_SHAPES = [(128, 2176), (256, 3072), (256, 4224), (512, 8192), (2048, 8192)]
+EPILOGUE_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+                    (128, 64, 64, 4, 4), (64, 256, 64, 8, 3)]  # (BM, BN, BK, warps, stages)
 
 
-def bench_up(m: int = 8192, shapes=None, configs=None, log=print) -> list[dict]:
-    """The up-projection + sparsifier: cuBLAS GEMM then the standalone kernel, against the fused kernel (with y1
-    written, as `ste` mode needs, and without, as `mask` mode) over a sweep of tile configurations; every
-    configuration is checked bit for bit against the standalone kernel on its own y1 before it is timed."""
-    from ..kernels.cuda.sparsify import relu2_sparsify24_packed
-    from ..kernels.cuda.up_sparsify import up_relu2_sparsify24
+def bench_epilogue(m: int = 8192, shapes=None, configs=None, log=print) -> list[dict]:
+    """The fused GEMM-epilogue kernels (kernels/cuda/epilogue.py) against cuBLAS + the separate kernels, one row
+    per (kernel, shape), over a sweep of tile configurations, each checked before it is timed (and kept only if
+    it passes):
+      up:    h1 @ wu^T then the sparsifier, against the fused kernel with y1 written (ste) and without (mask);
+             check: the packed bytes equal the sparsifier's on the fused kernel's own y1;
+      dgrad: dh2 @ wd^T then the ste backward kernel (from y1), against the fused kernel; check: y2s byte-exact
+             (it does not depend on dy2), dy1 within 1% of the separate kernels' (dy2's accumulation order)."""
+    from ..kernels.cuda.epilogue import dgrad_relu2_ste, up_relu2_sparsify24
+    from ..kernels.cuda.sparsify import relu2_sparse24_backward, relu2_sparsify24_packed
     rows = []
-    for q, n in shapes or UP_SHAPES:
-        h1 = torch.randn(m, q, device="cuda", dtype=torch.bfloat16)
-        wu = (torch.randn(n, q, device="cuda") / q ** 0.5).to(torch.bfloat16)
-        y1 = h1 @ wu.T
-        cublas_ms = graph_ms(lambda: h1 @ wu.T)
-        sparsify_ms = graph_ms(lambda: relu2_sparsify24_packed(y1))
-        separate_ms = graph_ms(lambda: relu2_sparsify24_packed(h1 @ wu.T))
-        variants = {}
-        for bm, bn, bk, w, st in configs or UP_CONFIGS:
-            name = f"bm{bm}_bn{bn}_bk{bk}_w{w}_s{st}"
-            if m % bm or n % bn or q % bk:
-                continue
-            kw = dict(bm=bm, bn=bn, bk=bk, num_warps=w, num_stages=st)
-            try:
-                fy1, fp = up_relu2_sparsify24(h1, wu, True, **kw)
-                ref = relu2_sparsify24_packed(fy1)
-                exact = torch.equal(fp.buffer.view(torch.int16), ref.buffer.view(torch.int16))
-                err = ((fy1.float() - y1.float()).norm() / y1.float().norm()).item()
-                variants[name] = {"y1_ms": graph_ms(lambda: up_relu2_sparsify24(h1, wu, True, **kw)),
-                                  "no_y1_ms": graph_ms(lambda: up_relu2_sparsify24(h1, wu, False, **kw)),
-                                  "packed_exact": exact, "y1_rel_err_vs_cublas": err}
-            except Exception as e:  # a configuration that does not compile or fit (shared memory) is recorded
-                variants[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
-        ok = {k: v for k, v in variants.items() if "y1_ms" in v and v["packed_exact"]}
-        best = min(ok, key=lambda k: ok[k]["y1_ms"]) if ok else None
-        row = {"M": m, "K": q, "N": n, "dtype": "bf16", "cublas_ms": cublas_ms, "sparsify_ms": sparsify_ms,
-               "separate_ms": separate_ms, "variants": variants, "best": best}
-        if best:
-            row.update(fused_ms=ok[best]["y1_ms"], fused_no_y1_ms=ok[best]["no_y1_ms"],
-                       speedup=separate_ms / ok[best]["y1_ms"], speedup_no_y1=separate_ms / ok[best]["no_y1_ms"])
-        rows.append(row)
-        log(f"up M={m} K={q} N={n}: cuBLAS {cublas_ms:.4f} + sparsify {sparsify_ms:.4f} = {separate_ms:.4f} ms; "
-            + (f"fused {row['fused_ms']:.4f} ms (x{row['speedup']:.2f}), without y1 {row['fused_no_y1_ms']:.4f} ms "
-               f"(x{row['speedup_no_y1']:.2f}) [{best}]" if best else "no fused configuration ran"))
+    for q, n in shapes or EPILOGUE_SHAPES:
+        a = torch.randn(m, q, device="cuda", dtype=torch.bfloat16)
+        w = (torch.randn(n, q, device="cuda") / q ** 0.5).to(torch.bfloat16)
+        y1 = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+        c = a @ w.T
+        separate = {"up": lambda: relu2_sparsify24_packed(a @ w.T),
+                    "dgrad": lambda: relu2_sparse24_backward(a @ w.T, None, y1)}
+        for kernel in ("up", "dgrad"):
+            cublas_ms = graph_ms(lambda: a @ w.T)
+            separate_ms = graph_ms(separate[kernel])
+            variants = {}
+            for bm, bn, bk, wp, st in configs or EPILOGUE_CONFIGS:
+                name = f"bm{bm}_bn{bn}_bk{bk}_w{wp}_s{st}"
+                if m % bm or n % bn or q % bk:
+                    continue
+                kw = dict(bm=bm, bn=bn, bk=bk, num_warps=wp, num_stages=st)
+                try:
+                    if kernel == "up":
+                        fy1, fp = up_relu2_sparsify24(a, w, True, **kw)
+                        exact = torch.equal(fp.buffer.view(torch.int16),
+                                            relu2_sparsify24_packed(fy1).buffer.view(torch.int16))
+                        err = ((fy1.float() - c.float()).norm() / c.float().norm()).item()
+                        v = {"ms": graph_ms(lambda: up_relu2_sparsify24(a, w, True, **kw)),
+                             "no_y1_ms": graph_ms(lambda: up_relu2_sparsify24(a, w, False, **kw))}
+                    else:
+                        y2s, dy1 = dgrad_relu2_ste(a, w, y1, **kw)
+                        g = relu2_sparse24_backward(c, None, y1)  # on cuBLAS's dy2: equal up to its rounding
+                        exact = torch.equal(y2s, g.y2s)  # y2s does not depend on dy2: byte-exact
+                        err = ((dy1.float() - g.dy1.float()).norm() / g.dy1.float().norm()).item()
+                        v = {"ms": graph_ms(lambda: dgrad_relu2_ste(a, w, y1, **kw))}
+                    variants[name] = {**v, "exact": exact, "rel_err_vs_separate": err}
+                except Exception as e:  # a configuration that does not compile or fit (shared memory) is recorded
+                    variants[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+            ok = {k: v for k, v in variants.items() if "ms" in v and v["exact"] and v["rel_err_vs_separate"] < 1e-2}
+            best = min(ok, key=lambda k: ok[k]["ms"]) if ok else None
+            row = {"kernel": kernel, "M": m, "K": q, "N": n, "dtype": "bf16", "cublas_ms": cublas_ms,
+                   "separate_ms": separate_ms, "variants": variants, "best": best}
+            if best:
+                row.update(fused_ms=ok[best]["ms"], speedup=separate_ms / ok[best]["ms"])
+                if "no_y1_ms" in ok[best]:
+                    row.update(fused_no_y1_ms=ok[best]["no_y1_ms"], speedup_no_y1=separate_ms / ok[best]["no_y1_ms"])
+            rows.append(row)
+            log(f"{kernel} M={m} K={q} N={n}: cuBLAS {cublas_ms:.4f}, separate {separate_ms:.4f} ms; " + (
+                f"fused {row['fused_ms']:.4f} ms (x{row['speedup']:.2f}) [{best}]" if best
+                else "no fused configuration ran exactly"))
     return rows
 
 

@@ -9,12 +9,14 @@ bools cross the boundary; "not produced" outputs are empty tensors (an operator 
                                                        counts [K] i32 (positives per column; [0] if not count)
     elas::up_relu2_sparsify24(h1 [M, q], wu [K, q], count, write_y1) -> y1 [M, K] (or [0]), buffer, mask_bits,
                               counts: the up-projection GEMM with the sparsifier in its epilogue
+    elas::dgrad_relu2_ste(dh2 [M, q'], wd [K, q'], y1 [M, K]) -> y2s, dy1: the backward's dy2 GEMM with the
+                          `ste` pointwise work in its epilogue
     elas::relu2_sparse24_backward(dy2 [M, K], buffer?, mask_bits?, y1?, dense_slots?, n_dense)
                                   -> y2s, dy1, dy1 packed [M, K*9/16] (mask mode), y2s_t, dy1_t, y2s_dense,
                                      dy1_dense (reference.Grads24; y2s_t / dy1_t as their [K, M*9/16] buffers)
     elas::sste_pack24(w [R, C], beta [], transpose) -> buffer, mask_bits of beta * S_soft(w) (or of w^T), 2:4
     elas::sparse_mm(a_buffer [M, K*9/16], b [K, N], m, k) -> a @ b [M, N]
-    elas::act24_ffn(h1 [T, q], wu [d_ff, q], wd [d_ff, q'], mask_grad, dense_frac?, fused_up) -> h2 [T, q'] and
+    elas::act24_ffn(h1 [T, q], wu [d_ff, q], wd [d_ff, q'], mask_grad, dense_frac?, fused) -> h2 [T, q'] and
                     the tensors its backward needs; its autograd formula is registered on it and runs
     elas::act24_ffn_backward(...) -> dh1, dwu, dwd
 The last two are the packed 2:4 FFN core: one operator per core, so the autograd graph holds one node per FFN
@@ -24,10 +26,11 @@ factor, wd [d_ff, q'] the d_ff-consuming factor (W2^T for full-rank, N2 for low-
 
     forward:  y1 = h1 wu^T                 dense GEMM                     [T, d_ff]
               p  = pack(2:4(relu(y1)^2))   sparsifier kernel              values [T, d_ff/2] + metadata + mask
-                                           (fused_up: both in one kernel, y1 written only in `ste` mode)
+                                           (fused: both in one kernel, y1 written only in `ste` mode)
               h2 = p @ wd                  2:4 GEMM (reduces over d_ff)    [T, q']
     backward: dy2 = dh2 wd^T               dense GEMM (output is d_ff wide)
-              y2s, dy1 (+ packed dy1)      one pointwise kernel (with the split: y2s^T, dy1^T packed 2:4 along
+              y2s, dy1 (+ packed dy1)      one pointwise kernel (fused, `ste` without the split: both in one
+                                           kernel, dy2 never written) (with the split: y2s^T, dy1^T packed 2:4 along
                                            tokens, and the dense features' columns, instead of dense y2s)
               dwd = y2s^T dh2, dwu = dy1^T h1   reduce over tokens: dense GEMMs, or with the 95/5 split
                                            (dense_frac) 2:4 GEMMs on the along-token packing, whose rows of the
@@ -97,8 +100,8 @@ def _up_relu2_sparsify24(h1: Tensor, wu: Tensor, count: bool, write_y1: bool) ->
     n = wu.shape[0]
     counts = torch.zeros(n if count else 0, dtype=torch.int32, device=h1.device)
     if h1.device.type == "cuda":
-        from .cuda import up_sparsify as _uk
-        y1, p = _uk.up_relu2_sparsify24(h1, wu, write_y1, counts if count else None, launch=wrap_triton)
+        from .cuda import epilogue as _ek
+        y1, p = _ek.up_relu2_sparsify24(h1, wu, write_y1, counts if count else None, launch=wrap_triton)
     else:
         y1, p = ref.up_relu2_sparsify24(h1, wu, write_y1, counts if count else None)
     return (h1.new_empty(0) if y1 is None else y1), p.buffer, p.mask_bits, counts
@@ -112,6 +115,16 @@ def up_relu2_sparsify24(h1: Tensor, wu: Tensor, count: bool = False, write_y1: b
     """h1 [M, q], wu [K, q] bf16 -> (y1 [M, K] or None, Packed24 of 2:4(relu(y1)^2), positives per column or None)."""
     y1, buf, bits, counts = up_relu2_sparsify24_op(h1, wu, count, write_y1)
     return (y1 if write_y1 else None), Packed24(buf, bits, (h1.shape[0], wu.shape[0])), (counts if count else None)
+
+
+def _dgrad_relu2_ste(dh2: Tensor, wd: Tensor, y1: Tensor) -> tuple[Tensor, Tensor]:
+    if dh2.device.type == "cuda":
+        from .cuda import epilogue as _ek
+        return _ek.dgrad_relu2_ste(dh2, wd, y1, launch=wrap_triton)
+    return ref.dgrad_relu2_ste(dh2, wd, y1)
+
+
+dgrad_relu2_ste_op = _define_triton_op("elas::dgrad_relu2_ste", _dgrad_relu2_ste)
 
 
 # ---- backward pointwise kernel --------------------------------------------------------------------------------
@@ -196,12 +209,13 @@ def sparse_mm(a: Packed24, b: Tensor) -> Tensor:
 # ---- the packed 2:4 FFN core: one operator, autograd registered on it ----------------------------------------
 @torch.library.custom_op("elas::act24_ffn", mutates_args=())
 def act24_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac: float | None,
-                 fused_up: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 fused: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> h2 [T, q'] and what backward needs: (s0, s1) = (packed y2s buffer, mask bits) in mask mode, (y1, -) in
-    ste mode; (idx_d [n_dense] i64, slots [d_ff] i32) of the 95/5 split (empty without it). fused_up: the
-    up-projection and the sparsifier as one kernel (y1 [T, d_ff] then exists only in ste mode)."""
+    ste mode; (idx_d [n_dense] i64, slots [d_ff] i32) of the 95/5 split (empty without it). fused: the
+    up-projection and the sparsifier as one kernel (y1 [T, d_ff] then exists only in ste mode), and in the
+    backward (ste mode without the split) the dy2 GEMM and the pointwise work as one."""
     # the split ranks features by their positives in y1 (as the masked core does), counted by the sparsifier
-    if fused_up:
+    if fused:
         y1, p, counts = up_relu2_sparsify24(h1, wu, count=dense_frac is not None, write_y1=not mask_grad)
     else:
         y1 = h1 @ wu.T  # [T, d_ff]
@@ -221,7 +235,7 @@ def act24_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac
 
 
 @act24_ffn_op.register_fake
-def _(h1, wu, wd, mask_grad, dense_frac, fused_up=False):
+def _(h1, wu, wd, mask_grad, dense_frac, fused=False):
     t, f = h1.shape[0], wu.shape[0]
     h2 = h1.new_empty((t, wd.shape[1]))
     if mask_grad:
@@ -236,14 +250,18 @@ def _(h1, wu, wd, mask_grad, dense_frac, fused_up=False):
 
 @torch.library.custom_op("elas::act24_ffn_backward", mutates_args=())
 def act24_ffn_backward_op(dh2: Tensor, h1: Tensor, wu: Tensor, wd: Tensor, s0: Tensor, s1: Tensor, idx_d: Tensor,
-                          slots: Tensor, mask_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+                          slots: Tensor, mask_grad: bool, fused: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     t, f = h1.shape[0], wu.shape[0]
     dh2, h1 = dh2.contiguous(), h1.contiguous()
     split = slots.numel() > 0
     p = Packed24(s0, s1, (t, f)) if mask_grad else None
     y1 = None if mask_grad else s0
-    dy2 = dh2 @ wd.T  # [T, d_ff]
-    g = relu2_sparse24_backward(dy2, p, y1, slots if split else None, idx_d.numel())
+    if fused and not mask_grad and not split:  # dy2 [T, d_ff] never leaves the GEMM's registers
+        y2s, dy1 = dgrad_relu2_ste_op(dh2, wd, y1)
+        g = ref.Grads24(y2s, dy1, None)
+    else:
+        dy2 = dh2 @ wd.T  # [T, d_ff]
+        g = relu2_sparse24_backward(dy2, p, y1, slots if split else None, idx_d.numel())
     if split:
         # 95/5 split: every feature as a 2:4 GEMM pruned along tokens, then the n_dense densest features' rows
         # overwritten by their exact dense product (5% of the sparse GEMM's rows are wasted work; no gather or
@@ -261,7 +279,7 @@ def act24_ffn_backward_op(dh2: Tensor, h1: Tensor, wu: Tensor, wd: Tensor, s0: T
 
 
 @act24_ffn_backward_op.register_fake
-def _(dh2, h1, wu, wd, s0, s1, idx_d, slots, mask_grad):
+def _(dh2, h1, wu, wd, s0, s1, idx_d, slots, mask_grad, fused=False):
     return torch.empty_like(h1), torch.empty_like(wu, memory_format=torch.contiguous_format), \
         torch.empty_like(wd, memory_format=torch.contiguous_format)
 
@@ -270,12 +288,13 @@ def _setup_context(ctx, inputs, output):
     h1, wu, wd, mask_grad = inputs[:4]
     _, s0, s1, idx_d, slots = output
     ctx.mask_grad = mask_grad
+    ctx.fused = bool(inputs[5]) if len(inputs) > 5 else False
     ctx.save_for_backward(h1, wu, wd, s0, s1, idx_d, slots)
 
 
 def _backward(ctx, dh2, *_unused):
     h1, wu, wd, s0, s1, idx_d, slots = ctx.saved_tensors
-    dh1, dwu, dwd = act24_ffn_backward_op(dh2, h1, wu, wd, s0, s1, idx_d, slots, ctx.mask_grad)
+    dh1, dwu, dwd = act24_ffn_backward_op(dh2, h1, wu, wd, s0, s1, idx_d, slots, ctx.mask_grad, ctx.fused)
     return dh1, dwu, dwd, None, None, None
 
 
@@ -283,11 +302,12 @@ act24_ffn_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def act24_ffn(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac: float | None = None,
-              fused_up: bool = False) -> Tensor:
+              fused: bool = False) -> Tensor:
     """The packed 2:4 FFN core: h1 [T, q] bf16, wu [d_ff, q] bf16, wd [d_ff, q'] bf16 -> h2 [T, q'] bf16.
-    T and d_ff multiples of 64 (the SM90 layout's tile); fused_up: see act24_ffn_op."""
+    T and d_ff multiples of 64 (the SM90 layout's tile); fused: see act24_ffn_op."""
     check_shape(h1.shape[0], wu.shape[0])
-    return act24_ffn_op(h1, wu, wd, mask_grad, dense_frac, fused_up)[0]
+    return act24_ffn_op(h1, wu, wd, mask_grad, dense_frac, fused)[0]
 
 
-__all__ = ["relu2_sparsify24_packed", "up_relu2_sparsify24", "relu2_sparse24_backward", "sparse_mm", "act24_ffn"]
+__all__ = ["relu2_sparsify24_packed", "up_relu2_sparsify24", "relu2_sparse24_backward", "sparse_mm", "act24_ffn",
+           "dgrad_relu2_ste_op"]

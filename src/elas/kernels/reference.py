@@ -199,9 +199,16 @@ def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | Non
 def up_relu2_sparsify24(h1: torch.Tensor, wu: torch.Tensor, write_y1: bool = True,
                         feature_counts: torch.Tensor | None = None):
     """h1 [M, K], wu [N, K] -> (y1 = h1 wu^T [M, N] in h1's dtype, or None; Packed24 of 2:4(relu(y1)^2)): the
-    up-projection and the sparsifier, the twin of the fused kernel (kernels/cuda/up_sparsify.py)."""
+    up-projection and the sparsifier, the twin of the fused kernel (kernels/cuda/epilogue.py)."""
     y1 = h1 @ wu.T
     return (y1 if write_y1 else None), relu2_sparsify24_packed(y1, feature_counts)
+
+
+def dgrad_relu2_ste(dh2: torch.Tensor, wd: torch.Tensor, y1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dh2 [M, K], wd [N, K], y1 [M, N] -> (y2s, dy1) [M, N] bf16: dy2 = dh2 wd^T, then the `ste` backward
+    pointwise work (relu2_sparse24_backward from y1). The twin of the fused kernel (kernels/cuda/epilogue.py)."""
+    g = relu2_sparse24_backward(dh2 @ wd.T, None, y1)
+    return g.y2s, g.dy1
 
 
 def sparse_mm(a, b: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ largest magnitudes of every 4 features kept) on one of two paths, chosen when th
 - masked (elsewhere): sparsity/masked.py, masked dense GEMMs (emulated).
 Options: the gradient through the mask (`ste`: ELAS's straight-through; `mask`: Haziza's, dy1 2:4 too), a fixed
 token permutation around the FFN, Haziza's 95/5 weight-gradient split (`wgrad_dense_frac`), and (packed path)
-the sparsifier fused into the up-projection GEMM (`fused_up`).
+the 2:4 pointwise work fused into the d_ff-wide GEMMs' epilogues (`fused`).
 """
 from __future__ import annotations
 
@@ -50,9 +50,10 @@ class Act24Config(SparsityMethod):
     wgrad_dense_frac: float | None = None  # 0.05 = Haziza's 95/5 split; None = exact dense weight gradients
     backend: str = "auto"  # kernel backend: auto | reference | cuda (elas.kernels.resolve_backend)
     path: str = "auto"  # auto: packed where the backend is cuda, masked otherwise | masked | packed
-    # packed path: the up-projection GEMM with the sparsifier in its epilogue (kernels/cuda/up_sparsify.py), one
-    # kernel instead of cuBLAS + the sparsifier; off until `elas bench up` has measured it faster
-    fused_up: bool = False
+    # packed path: the d_ff-wide GEMMs with their 2:4 pointwise work in the epilogue (kernels/cuda/epilogue.py):
+    # up-projection + sparsifier, and (ste without the split) dy2 GEMM + backward pointwise; off until
+    # `elas bench epilogue` has measured them faster than cuBLAS + the separate kernels
+    fused: bool = False
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -187,7 +188,7 @@ class Act24Core(nn.Module):
         with torch.autocast(dev, enabled=False):
             h1, wu, wd = h1.to(dtype), wu.to(dtype), wd.to(dtype)
             if packed:
-                h2 = kernel_ops.act24_ffn(h1, wu, wd, self.mask_grad, self.cfg.wgrad_dense_frac, self.cfg.fused_up)
+                h2 = kernel_ops.act24_ffn(h1, wu, wd, self.mask_grad, self.cfg.wgrad_dense_frac, self.cfg.fused)
             else:
                 h2 = masked_act24_ffn(h1, wu, wd, self.mask_grad, self.cfg.wgrad_dense_frac)  # [T, q']
         y = post(h2)
@@ -245,7 +246,7 @@ def _apply_act24(model: nn.Module, cfg: Act24Config, filter_fn) -> Applied:
             + (", token permutation" if cfg.permute_tokens else "")
             + (f", {1 - cfg.wgrad_dense_frac:.0%}/{cfg.wgrad_dense_frac:.0%} weight-gradient split"
                if cfg.wgrad_dense_frac is not None else "")
-            + (", sparsifier fused into the up-projection" if cfg.fused_up else "")
+            + (", 2:4 pointwise work fused into the GEMM epilogues" if cfg.fused else "")
             + f") on {len(targets)} FFNs after {cfg.dense_warmup_steps} dense steps; " + "; ".join(paths))
     claims = {(n, op) for n, _ in targets for op in cfg.operands()}
     return Applied(cfg, targets, claims, detach, desc)

@@ -31,9 +31,9 @@ def _round_bf16(x):
 
 @triton.jit
 def _columns4(x, G: tl.constexpr):
-    """x [64, 4G] -> its columns 4g+0, 4g+1, 4g+2, 4g+3, each [64, G]."""
-    # column 4g + 2a + b -> [64, G, a, b]; split takes the LAST axis: first b, then a
-    even, odd = tl.split(tl.reshape(x, (64, G, 2, 2)))  # [64, G, 2]: columns (0, 2) and (1, 3) of each group
+    """x [R, 4G] -> its columns 4g+0, 4g+1, 4g+2, 4g+3, each [R, G] (R: any row count, 64 in the packers)."""
+    # column 4g + 2a + b -> [R, G, a, b]; split takes the LAST axis: first b, then a
+    even, odd = tl.split(tl.reshape(x, (x.shape[0], G, 2, 2)))  # [R, G, 2]: columns (0, 2) and (1, 3) of each group
     x0, x2 = tl.split(even)
     x1, x3 = tl.split(odd)
     return x0, x1, x2, x3
@@ -41,14 +41,14 @@ def _columns4(x, G: tl.constexpr):
 
 @triton.jit
 def _interleave4(d0, d1, d2, d3, G: tl.constexpr):
-    """Inverse of _columns4: four [64, G] -> [64, 4G] with d_j at columns 4g + j."""
-    return tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (64, 4 * G))
+    """Inverse of _columns4: four [R, G] -> [R, 4G] with d_j at columns 4g + j."""
+    return tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (d0.shape[0], 4 * G))
 
 
 @triton.jit
 def _keep24(x0, x1, x2, x3):
     """The 2:4 rule on the four columns of each group: keep i when fewer than 2 others beat it; j beats i if
-    |x_j| is larger, or equal and j is earlier. Returns four bool [64, G]."""
+    |x_j| is larger, or equal and j is earlier. Returns four bool [R, G]."""
     v0, v1, v2, v3 = tl.abs(x0), tl.abs(x1), tl.abs(x2), tl.abs(x3)
     k0 = ((v1 > v0).to(tl.int32) + (v2 > v0).to(tl.int32) + (v3 > v0).to(tl.int32)) < 2
     k1 = ((v0 >= v1).to(tl.int32) + (v2 > v1).to(tl.int32) + (v3 > v1).to(tl.int32)) < 2
