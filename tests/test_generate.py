@@ -43,7 +43,28 @@ def test_greedy_sampling_with_and_without_the_cache_agree(variant):
     prompt = torch.randint(0, 200, (1, 10))
     a = sample(model, prompt, 30, temperature=0, use_cache=True)
     b = sample(model, prompt, 30, temperature=0, use_cache=False)
-    assert a.shape == (1, 40) and torch.equal(a, b)
+    c = sample(model, prompt, 30, temperature=0, use_cache=True, static_cache=True)  # what the graph replays
+    assert a.shape == (1, 40) and torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_static_cache_logits_equal_the_dynamic_cache_and_trace_as_one_graph():
+    """The static cache (whole buffers + a mask, positions on the device) gives the dynamic cache's logits at
+    every step, and a decode step over it is one graph with no break (what a compiled, captured decode needs)."""
+    model = _model("lowrank-relu2")
+    idx = torch.randint(0, 200, (1, 12))
+    with torch.no_grad():
+        dyn, sta = KVCache(len(model.blocks), 24), KVCache(len(model.blocks), 24, static=True)
+        for cache in (dyn, sta):
+            out = [model(idx[:, :7], cache=cache)]
+            for t in range(7, 12):
+                out.append(model(idx[:, t:t + 1], cache=cache))
+            cache.logits = torch.cat(out, 1)
+        torch.testing.assert_close(sta.logits, dyn.logits, rtol=1e-5, atol=1e-5)
+        assert sta.pos == 12 and int(sta.pos_t) == 12
+        import torch._dynamo as dynamo
+        dynamo.reset()
+        ex = dynamo.explain(lambda t: model(t, cache=sta))(idx[:, 11:12])
+        assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons
 
 
 def test_cache_misuse_is_a_clear_error():

@@ -1,4 +1,8 @@
-"""Sampling from a trained model, with a KV cache: the prompt is run once (prefill), then one token per step."""
+"""Sampling from a trained model, with a KV cache: the prompt is run once (prefill), then one token per step.
+
+On a GPU the decode step is captured once as a CUDA graph over a static cache (model/llama.KVCache(static=True))
+and replayed for every token: at batch 1 a decode step is hundreds of small kernels, and without the graph the
+GPU waits on Python between them."""
 from __future__ import annotations
 
 import torch
@@ -17,22 +21,66 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
 
 
+class GraphDecoder:
+    """One decode step (a token [b, 1] -> logits [b, vocab] fp32, the static cache advanced by one) captured as a
+    CUDA graph after the prefill: `step(tokens)` replays it. Built by `capture(model, cache)`, which runs one
+    warm-up step and undoes it (the position it wrote is rewritten by the first real step)."""
+
+    def __init__(self, model, cache: KVCache, tok: torch.Tensor):
+        self.model, self.cache, self.tok = model, cache, tok
+        self.graph = self.out = None
+
+    @classmethod
+    def capture(cls, model, cache: KVCache, batch: int = 1) -> "GraphDecoder":
+        if not cache.static:
+            raise ValueError("GraphDecoder needs a static KVCache (KVCache(..., static=True))")
+        dev = cache.pos_t.device
+        self = cls(model, cache, torch.zeros(batch, 1, dtype=torch.long, device=dev))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (allocations, lazy inits) outside the capture
+            model(self.tok, cache=cache)
+        torch.cuda.current_stream().wait_stream(side)
+        cache.pos -= 1
+        cache.pos_t -= 1
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = model(self.tok, cache=cache)[:, -1, :].float()
+        cache.pos -= 1  # the capture ran the host side only; pos_t's add was captured, not run
+        return self
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cache.pos + 1 > self.cache.max_len:
+            raise ValueError(f"KV cache full: {self.cache.pos} + 1 tokens exceed its {self.cache.max_len} positions")
+        self.tok.copy_(tokens)
+        self.graph.replay()
+        self.cache.pos += 1
+        return self.out.clone()
+
+
 @torch.no_grad()
 def sample(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = 50,
            stop_token: int | None = None, generator: torch.Generator | None = None,
-           use_cache: bool = True) -> torch.Tensor:
+           use_cache: bool = True, graph: bool | None = None, static_cache: bool | None = None) -> torch.Tensor:
     """idx: [1, t] prompt ids -> [1, t + new] ids. The context is the last max_seq_len tokens: once the cache
-    is full, every step re-runs that window (what use_cache=False does at every step)."""
+    is full, every step re-runs that window (what use_cache=False does at every step). graph (default: on CUDA):
+    replay the decode step from a CUDA graph (GraphDecoder); static_cache (default: = graph) decodes over the
+    static cache eagerly (what the graph replays; used to test it on the CPU)."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     model.eval()
+    graph = (idx.is_cuda and use_cache) if graph is None else graph
+    static = graph if static_cache is None else static_cache
     ctx = model.cfg.max_seq_len
-    cache = None
+    cache = decoder = None
     for _ in range(max_new_tokens):
         if not use_cache or cache is None or cache.pos >= ctx:  # (re)fill the window
             window = idx[:, -ctx:]
-            cache = KVCache(len(model.blocks), ctx) if use_cache else None
+            cache = KVCache(len(model.blocks), ctx, static=static) if use_cache else None
             logits = model(window, cache=cache)[:, -1, :].float()  # [1, vocab]
+            decoder = GraphDecoder.capture(model, cache) if graph and cache.pos < ctx else None
+        elif decoder is not None:
+            logits = decoder.step(idx[:, -1:])
         else:
             logits = model(idx[:, -1:], cache=cache)[:, -1, :].float()
         nxt = _pick(logits, temperature, top_k, generator)

@@ -48,24 +48,52 @@ class KVCache:
 
     k[i], v[i]: [batch, heads, max_len, head_dim] of layer i (allocated at the first write, in the dtype the
     attention computes in); `pos` tokens are filled. A forward with a cache starting at pos 0 is a prefill
-    (causal among its tokens); later forwards pass one token, which attends to every cached one."""
+    (causal among its tokens); later forwards pass one token, which attends to every cached one.
 
-    def __init__(self, n_layers: int, max_len: int):
-        self.max_len, self.pos = max_len, 0
+    static=True: every forward sees the whole [.., max_len, ..] buffers with a mask of the filled positions, and
+    the position lives on the device too (`pos_t`, int64 [1]): a decode step then has the same shapes and the
+    same tensors at every position, so it can be captured once and replayed from a CUDA graph. Each forward
+    advances both positions (`advance`); a replay of a captured step advances only `pos_t`, so whoever replays
+    it adds to `pos` (model/generate.py)."""
+
+    def __init__(self, n_layers: int, max_len: int, static: bool = False):
+        self.max_len, self.pos, self.static = max_len, 0, static
         self.k: list[torch.Tensor | None] = [None] * n_layers
         self.v: list[torch.Tensor | None] = [None] * n_layers
+        self.pos_t: torch.Tensor | None = None  # static: the position of the next token, on the device
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [b, heads, s, head_dim] at positions pos..pos+s; return all keys and values so far."""
+    def positions(self, s: int, device) -> torch.Tensor:
+        """Static: the positions of the next s tokens, int64 [s] on the device (pos_t + 0..s-1)."""
+        if self.pos_t is None:
+            self.pos_t = torch.zeros(1, dtype=torch.long, device=device)
+        return self.pos_t + torch.arange(s, device=device)
+
+    def advance(self, s: int) -> None:
+        self.pos += s
+        if self.static:
+            self.pos_t += s
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [b, heads, s, head_dim] at positions pos..pos+s; return all keys and values so far (static:
+        the whole buffers, positions [s] on the device)."""
         b, h, s, hd = k.shape
         if self.pos + s > self.max_len:
             raise ValueError(f"KV cache full: {self.pos} + {s} tokens exceed its {self.max_len} positions")
         if self.k[layer] is None:
             self.k[layer] = k.new_zeros(b, h, self.max_len, hd)
             self.v[layer] = v.new_zeros(b, h, self.max_len, hd)
+        if self.static:
+            self.k[layer].index_copy_(2, positions, k)
+            self.v[layer].index_copy_(2, positions, v)
+            return self.k[layer], self.v[layer]
         self.k[layer][:, :, self.pos:self.pos + s] = k
         self.v[layer][:, :, self.pos:self.pos + s] = v
         return self.k[layer][:, :, :self.pos + s], self.v[layer][:, :, :self.pos + s]
+
+    def mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """Static: which cached positions each new token attends to, bool [1, 1, s, max_len] (j <= its own)."""
+        return (torch.arange(self.max_len, device=positions.device)[None, :] <= positions[:, None])[None, None]
 
 
 class Attention(nn.Module):
@@ -77,17 +105,18 @@ class Attention(nn.Module):
         self.q, self.k, self.v, self.o = (make_linear(d, d, r, cfg.init_std) for _ in range(4))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
+                layer: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
         b, s, d = x.shape
         q, k, v = (p(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        causal = True
+        causal, mask = True, None
         if cache is not None:
             if cache.pos > 0 and s > 1:
                 raise ValueError("KV cache: after the prefill, decode one token per forward")
-            causal = cache.pos == 0
-            k, v = cache.update(layer, k, v)  # [b, heads, pos + s, head_dim]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [b, heads, s, head_dim]
+            causal = cache.pos == 0 and not cache.static
+            k, v = cache.update(layer, k, v, positions)  # [b, heads, pos + s (static: max_len), head_dim]
+            mask = cache.mask(positions) if cache.static else None
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # [b, heads, s, head_dim]
         return self.o(y.transpose(1, 2).reshape(b, s, d))
 
 
@@ -101,8 +130,8 @@ class Block(nn.Module):
         ffn_cls = SwiGLU if cfg.ffn == "swiglu" else ReLU2FFN.of_width
         self.ffn = ffn_cls(cfg.d_model, cfg.ffn_width, r, cfg.init_std)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, positions=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, positions)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -160,8 +189,14 @@ class LLaMA(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + idx.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {start + idx.shape[1]} exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self.rope(start + idx.shape[1], idx.device)
-        cos, sin = cos[start:], sin[start:]  # the positions of idx's tokens
+        positions = None
+        if cache is not None and cache.static:  # positions from the device: the same step at every position
+            positions = cache.positions(idx.shape[1], idx.device)
+            cos, sin = self.rope(self.cfg.max_seq_len, idx.device)
+            cos, sin = cos[positions], sin[positions]
+        else:
+            cos, sin = self.rope(start + idx.shape[1], idx.device)
+            cos, sin = cos[start:], sin[start:]  # the positions of idx's tokens
         x = self.embed(idx)  # [batch, seq, d_model], fp32 (the embedding is not an autocast op)
         dev = x.device.type
         if self.cfg.residual_dtype == "compute" and torch.is_autocast_enabled(dev):
@@ -172,8 +207,8 @@ class LLaMA(nn.Module):
                 x = blk(x, cos, sin)
         else:
             for i, blk in enumerate(self.blocks):
-                x = blk(x, cos, sin, cache, i)
-            cache.pos += idx.shape[1]
+                x = blk(x, cos, sin, cache, i, positions)
+            cache.advance(idx.shape[1])
         if targets is None:
             return self.lm_head(self.norm(x))
         return self.loss(x, targets)
