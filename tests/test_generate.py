@@ -75,3 +75,33 @@ def test_cache_misuse_is_a_clear_error():
         model(torch.randint(0, 200, (1, 2)), cache=cache)
     with pytest.raises(ValueError, match="exceeds model.max_seq_len"):
         model(torch.randint(0, 200, (1, 21)), cache=cache)
+
+
+def test_infer_ratios_table_and_bad_variant():
+    """elas bench infer's ratios against the dense twin and its table (the measurement itself needs a GPU); a bad
+    variant name is one line before anything runs."""
+    from elas.bench.infer import with_twin_ratios
+    from elas.bench.report import infer_table
+    from elas.cli import main
+    base = {"model": "llama-1b", "batch": 8, "prompt": 512, "decode_path": "dense"}
+    rows = with_twin_ratios([
+        {**base, "variant": "lowrank-relu2", "prefill_ms": 20.0, "prefill_tokens_per_s": 2e5,
+         "decode_ms_per_token": 4.0},
+        {**base, "variant": "elas", "prefill_ms": 16.0, "prefill_tokens_per_s": 2.5e5, "decode_ms_per_token": 5.0,
+         "decode_path": "masked reference (1 token)"},
+        {"model": "llama-1b", "variant": "relu2", "error": "out of memory: x"}])
+    assert rows[1]["prefill_vs_twin"] == 1.25 and rows[1]["decode_vs_twin"] == 0.8 and "prefill_vs_twin" not in rows[0]
+    text = infer_table({"env": {"gpu": "NVIDIA H200", "torch": "2.11", "date": "d"}, "command": "c", "rows": rows})
+    assert "**1.25x**" in text and "0.80x" in text and "out of memory" in text
+    assert main(["bench", "infer", "--variants", "elas,nope"]) != 0
+
+
+@pytest.mark.gpu
+def test_gpu_graph_decode_equals_eager_decode():
+    """The captured decode step (GraphDecoder over a static cache) samples the tokens eager decoding does."""
+    torch.manual_seed(0)
+    model = _model("lowrank-relu2").cuda()
+    prompt = torch.randint(0, 200, (1, 10), device="cuda")
+    a = sample(model, prompt, 30, temperature=0, graph=False)
+    b = sample(model, prompt, 30, temperature=0, graph=True)
+    assert torch.equal(a, b)

@@ -407,7 +407,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         update_doc(Path(args.doc), Path(args.results))
         print(f"updated {args.doc}")
         return 0
-    if args.what == "step":  # names checked before anything runs
+    if args.what == "infer":  # names checked before anything runs
+        from .bench.infer import INFER_VARIANTS
+        infer_variants = _choices(args.variants, tuple(VARIANTS), "--variants") if args.variants \
+            else list(INFER_VARIANTS)
+    if args.what == "step":
         from .bench.step import MODES, STEP_VARIANTS
         step_variants = _choices(args.variants, STEP_VARIANTS, "--variants")
         step_modes = _choices(args.modes, MODES, "--modes")
@@ -438,6 +442,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows = kb.bench_sparsify(m=args.m or 16384)
     elif args.what == "epilogue":
         rows = kb.bench_epilogue(m=args.m or 8192)  # the 1B step's tokens per micro-batch (32 x 256)
+    elif args.what == "infer":
+        from .bench.infer import bench_infer
+        rows = bench_infer(sizes or ["llama-1b"], infer_variants)
     elif args.what == "loro":
         from .bench.loro import bench_loro
         rows = bench_loro()
@@ -522,9 +529,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("bench", help="GPU kernel benchmarks (JSON under benchmarks/results/<gpu>/)")
-    p.add_argument("what", choices=["gemm", "sparsify", "epilogue", "ffn", "step", "loss", "loro", "compile", "report"],
+    p.add_argument("what", choices=["gemm", "sparsify", "epilogue", "infer", "ffn", "step", "loss", "loro", "compile",
+                                    "report"],
                    help="report: render the result files into --doc")
-    p.add_argument("--sizes", help="model sizes for ffn/step, e.g. llama-60m,llama-1b (default: 60m..1b)")
+    p.add_argument("--sizes", help="model sizes for ffn/step/infer, e.g. llama-60m,llama-1b (default: 60m..1b; "
+                                   "step, infer: 1b)")
     p.add_argument("--batch-scale", type=float, default=1.0, help="scale the papers' per-GPU batch (ffn/step)")
     p.add_argument("--doc", default="docs/performance.md")
     p.add_argument("--results", default="benchmarks/results")

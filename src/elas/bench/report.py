@@ -50,6 +50,22 @@ def epilogue_table(doc: dict) -> str:
     return "\n".join(out)
 
 
+def infer_table(doc: dict) -> str:
+    out = [_env_line(doc), "",
+           "| model | variant | prefill batch x prompt | prefill ms | prefill tokens/s | vs dense twin | decode ms/token "
+           "(batch 1, CUDA graph) | vs dense twin | decode FFN path |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        if "error" in r:
+            out.append(f"| {r['model']} | {r['variant']} | {r['error']} | | | | | | |")
+            continue
+        pv = f"**{r['prefill_vs_twin']:.2f}x**" if "prefill_vs_twin" in r else "-"
+        dv = f"{r['decode_vs_twin']:.2f}x" if "decode_vs_twin" in r else "-"
+        out.append(f"| {r['model']} | {r['variant']} | {r['batch']}x{r['prompt']} | {r['prefill_ms']:.2f} | "
+                   f"{r['prefill_tokens_per_s']:,.0f} | {pv} | {r['decode_ms_per_token']:.3f} | {dv} | "
+                   f"{r['decode_path']} |")
+    return "\n".join(out)
+
+
 TWIN = {"relu2-24": "relu2", "elas": "lowrank-relu2", "elas-mask": "lowrank-relu2"}  # the dense twin of a variant
 
 
@@ -194,6 +210,7 @@ def loss_table(doc: dict) -> str:
 
 RENDERERS = {"compile.json": ("torch.compile: graph breaks and the compiled step", compile_table),
              "gemm.json": ("2:4 GEMM", gemm_table), "sparsify.json": ("ReLU² + 2:4 sparsifier", sparsify_table),
+             "infer.json": ("Inference: prefill and graph-replayed decode against the dense twin", infer_table),
              "epilogue.json": ("d_ff-wide GEMMs with the 2:4 pointwise work in their epilogue, against cuBLAS + the "
                                "separate kernel", epilogue_table),
              "step.json": ("FFN and training step", step_tables),

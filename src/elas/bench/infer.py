@@ -1,0 +1,93 @@
+"""Inference speed of each variant beside its dense twin, in one process (`elas bench infer`).
+
+Per (size, variant): parameters in bf16, the sparsity methods in their sparse mode, every block compiled
+(train/parallelize.compile_regions), then
+  prefill:  one forward of [batch, prompt] tokens (no grad): ms (mean of back-to-back calls) and tokens/s. With
+            2:4 activations this runs the packed FFN on sparse tensor cores (batch x prompt is a multiple of 64);
+  decode:   batch 1, a static KV cache after a prompt of `prompt` tokens, the decode step captured as a CUDA
+            graph (model/generate.GraphDecoder): ms per token over `new_tokens` replays. One token is not a
+            multiple of 64 tokens, so a 2:4 variant's FFN runs its masked reference path here (emulated, said in
+            the row): decode is not where 2:4 activations pay.
+Ratios (`vs_twin`, > 1: faster) against the dense twin's row.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..build import build_model
+from ..config import VARIANTS
+from ..sparsity import set_step
+from ..train.parallelize import compile_regions, hold_params_in
+from .ffn import variant_config
+from .timing import throughput_ms
+
+INFER_VARIANTS = ("lowrank-relu2", "elas", "relu2", "relu2-24")
+
+
+def infer_row(size: str, variant: str, batch: int = 8, prompt: int = 512, new_tokens: int = 128) -> dict:
+    from ..model.generate import GraphDecoder
+    from ..model.llama import KVCache
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    cfg = variant_config(size, variant, max_seq_len=prompt + new_tokens + 1)
+    torch.manual_seed(0)
+    model = build_model(cfg, "cuda")
+    hold_params_in(model, torch.bfloat16)
+    set_step(model, 10 ** 9, 10 ** 9 + 1)  # sparse: past every dense warm-up
+    model.eval()
+    compile_regions(model)
+    x = torch.randint(0, cfg.vocab_size, (batch, prompt), device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        prefill_ms = throughput_ms(lambda: model(x), iters=5, warmup=2)
+        cache = KVCache(len(model.blocks), cfg.max_seq_len, static=True)
+        model(x[:1], cache=cache)
+        dec = GraphDecoder.capture(model, cache)
+        tok = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+        dec.step(tok)  # the first replay
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        n = min(new_tokens, cache.max_len - cache.pos)
+        a.record()
+        for _ in range(n):
+            dec.step(tok)
+        b.record()
+        b.synchronize()
+        decode_ms = a.elapsed_time(b) / n
+    packed = any(getattr(c, "packed", False) for a_ in getattr(model, "_elas_methods", []) for _, c in a_.targets)
+    row = {"model": size, "variant": variant, "batch": batch, "prompt": prompt, "prefill_ms": prefill_ms,
+           "prefill_tokens_per_s": batch * prompt / (prefill_ms / 1e3), "decode_ms_per_token": decode_ms,
+           "decode_tokens": n, "packed_prefill": packed, "decode_path": "masked reference (1 token)" if packed
+           else "dense", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    del model, cache, dec
+    return row
+
+
+def bench_infer(sizes=("llama-1b",), variants=INFER_VARIANTS, batch: int = 8, prompt: int = 512,
+                new_tokens: int = 128, log=print) -> list[dict]:
+    rows = []
+    for size in sizes:
+        for variant in variants:
+            try:
+                r = infer_row(size, variant, batch, prompt, new_tokens)
+            except torch.OutOfMemoryError as e:
+                r = {"model": size, "variant": variant, "error": "out of memory: " + str(e).splitlines()[0][:120]}
+                torch.cuda.empty_cache()
+            rows.append(r)
+            log(f"infer {size} {variant:>14}: " + (
+                f"prefill {r['prefill_ms']:.2f} ms ({r['prefill_tokens_per_s']:,.0f} tok/s), decode "
+                f"{r['decode_ms_per_token']:.3f} ms/token" if "error" not in r else r["error"]))
+    return with_twin_ratios(rows)
+
+
+def with_twin_ratios(rows: list[dict]) -> list[dict]:
+    """Each row with prefill_vs_twin and decode_vs_twin (> 1: faster than the dense twin)."""
+    by = {(r["model"], r["variant"]): r for r in rows if "error" not in r}
+    out = []
+    for r in rows:
+        r = dict(r)
+        twin = VARIANTS[r["variant"]].twin if r.get("variant") in VARIANTS else None
+        t = by.get((r.get("model"), twin))
+        if t is not None and "error" not in r:
+            r["prefill_vs_twin"] = t["prefill_ms"] / r["prefill_ms"]
+            r["decode_vs_twin"] = t["decode_ms_per_token"] / r["decode_ms_per_token"]
+        out.append(r)
+    return out
