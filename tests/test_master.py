@@ -243,3 +243,51 @@ def test_loro_over_bf16_parameters_follows_the_fp32_trajectory_through_exact_ste
     for p, q in zip(fp32.parameters(), bf16.parameters()):
         torch.testing.assert_close(opts[1].state[q]["master"], p.detach(), rtol=1e-5, atol=1e-7)
         assert torch.equal(q.detach(), opts[1].state[q]["master"].bfloat16())
+
+
+def test_loro_fused_lazy_steps_equal_the_foreach_path():
+    """LOROAdamW over bf16 parameters: the lazy steps as the fused kernel (interpreter here) give the foreach
+    path's masters up to rounding (1e-6 of each tensor's norm); after an exact step (foreach in both) and the
+    moment reset, the low-rank products W = M N^T and the dense parameters stay that close (the factors
+    themselves are an SVD's, defined up to rotations within near-equal singular values)."""
+    from elas.build import build_model
+    from elas.config import model_preset
+    from elas.optim import LOROAdamW
+    from elas.train.parallelize import hold_params_in
+    cfg = model_preset("llama-tiny-elas")
+    cfg.n_layers, cfg.methods = 1, []
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = build_model(cfg, "cpu")
+        hold_params_in(m, torch.bfloat16)
+        models.append(m)
+    opts = [LOROAdamW(m, lr=1e-2, exact_every=3, d_model=cfg.d_model, weight_decay=0.1, backend=b)
+            for m, b in zip(models, ("reference", "triton"))]
+    assert opts[1].backend == "triton" and opts[0].backend == "reference"
+    g = torch.Generator().manual_seed(5)
+
+    def worst():
+        return max(((opts[1].state[q]["master"] - opts[0].state[p]["master"]).norm()
+                    / opts[0].state[p]["master"].norm()).item()
+                   for p, q in zip(models[0].parameters(), models[1].parameters()))
+    for step in range(5):  # lazy, lazy, exact, lazy (after the reset), lazy
+        grads = [(torch.randn(p.shape, generator=g) * 1e-2).bfloat16() for p in models[0].parameters()]
+        for m, o in zip(models, opts):
+            for p, gr in zip(m.parameters(), grads):
+                p.grad = gr.clone()
+            o.step()
+        if step == 1:
+            assert worst() < 1e-6
+    from elas.model.lowrank import LowRankLinear
+    for a, b in zip(models[0].modules(), models[1].modules()):
+        if isinstance(a, LowRankLinear):
+            wa = opts[0].state[a.weight_out]["master"] @ opts[0].state[a.weight_in]["master"].T
+            wb = opts[1].state[b.weight_out]["master"] @ opts[1].state[b.weight_in]["master"].T
+            assert ((wb - wa).norm() / wa.norm()).item() < 1e-5
+    dense = [(p, q) for (n, p), q in zip(models[0].named_parameters(), models[1].parameters()) if "weight_" not in n]
+    assert all(((opts[1].state[q]["master"] - opts[0].state[p]["master"]).norm()
+                / opts[0].state[p]["master"].norm()).item() < 1e-6 for p, q in dense)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(q.detach(), opts[1].state[q]["master"].bfloat16())
+        assert opts[1].state[q]["k"] == opts[0].state[p]["k"] == 2

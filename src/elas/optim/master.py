@@ -33,11 +33,11 @@ def adamw_reference(p: torch.Tensor, g: torch.Tensor, w: torch.Tensor, m: torch.
                     scal: torch.Tensor, inv_scale) -> None:
     """One tensor's update, in place (see master_triton.py for the formula). p bf16; g bf16/fp32; w, m, v fp32;
     scal: the group's [8] fp32 scalars; inv_scale: 1 / grad_scale (a number or a 0-d fp32 tensor)."""
-    decay, beta1, beta2, eps, step_size, bc2_sqrt = (scal[i] for i in range(6))
+    decay, beta1, beta2, eps, step_size, vscale, one_m_b1, one_m_b2 = (scal[i] for i in range(8))
     gf = g.float() * inv_scale
-    m.copy_(m + (1.0 - beta1) * (gf - m))
-    v.copy_(beta2 * v + (1.0 - beta2) * gf * gf)
-    w.copy_(w * decay - step_size * (m / (torch.sqrt(v) / bc2_sqrt + eps)))
+    m.copy_(m + one_m_b1 * (gf - m))
+    v.copy_(beta2 * v + one_m_b2 * gf * gf)
+    w.copy_(w * decay - step_size * (m / (torch.sqrt(v) * vscale + eps)))
     p.copy_(w.to(torch.bfloat16))
 
 
@@ -103,6 +103,97 @@ class FP32Masters:
         """Every gradient the next update reads (what the step's clipping measures and scales)."""
         return [g for g in (self.grad_of(p) for grp in self.param_groups for p in grp["params"]) if g is not None]
 
+    # -- the fused update (MasterAdamW's step; LORO's lazy steps) ---------------------------------------------
+    def _init_fused(self, backend: str) -> None:
+        """backend: auto (the Triton kernel on CUDA where Triton is installed, else the reference), reference or
+        triton. Per group, 8 fp32 scalars on the device: (decay, beta1, beta2, eps, step_size, vscale,
+        1 - beta1, 1 - beta2) (master_triton.py)."""
+        if backend not in ("auto", "reference", "triton"):
+            raise ValueError(f"invalid {type(self).__name__} backend {backend!r}: expected auto, reference or triton")
+        params = [p for g in self.param_groups for p in g["params"]]
+        dev = params[0].device
+        if backend == "auto":
+            import importlib.util
+            backend = "triton" if dev.type == "cuda" and importlib.util.find_spec("triton") else "reference"
+        self.backend = backend
+        self._scal = torch.zeros(len(self.param_groups), 8, dtype=torch.float32, device=dev)
+        self._tab = self._chunks = None
+        self._tab_key: tuple | None = None
+        self._staging = _PinnedRing(self._scal.shape) if dev.type == "cuda" else None
+
+    def _adam_state(self, p: torch.Tensor) -> dict:
+        st = self.state[p]
+        if "exp_avg" not in st:
+            self.master(p)
+            st["exp_avg"] = torch.zeros_like(st["master"])
+            st["exp_avg_sq"] = torch.zeros_like(st["master"])
+        return st
+
+    def _stepping(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(group index, parameter, gradient) of every parameter that has a gradient."""
+        out = []
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                g = self.grad_of(p)
+                if g is not None:
+                    out.append((gi, p, g))
+        return out
+
+    def _write_scalars(self, rows: list[list[float]]) -> None:
+        """Each group's scalars into device memory, stream-ordered (no host stall)."""
+        if self._scal.is_cuda:
+            self._staging.put(self._scal, rows)
+        else:
+            self._scal.copy_(torch.tensor(rows, dtype=torch.float32))
+        if self.backend == "triton":
+            self._refresh_table()
+
+    @torch.no_grad()
+    def _fused_update(self, grad_scale: torch.Tensor | None = None, dry: bool = False) -> None:
+        """w <- w decay - step_size m / (sqrt(v) vscale + eps), moments and bf16 parameter with it, for every
+        parameter with a gradient, from the scalars of its group (master_triton.py). Capturable."""
+        items = self._stepping()
+        if not items:
+            return
+        if self.backend == "reference":
+            if dry:
+                return
+            inv = 1.0 if grad_scale is None else 1.0 / grad_scale.float()
+            for gi, p, g in items:
+                st = self._adam_state(p)
+                adamw_reference(p.data, g, st["master"], st["exp_avg"], st["exp_avg_sq"], self._scal[gi], inv)
+            return
+        from . import master_triton
+        capturing = self._scal.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing:  # a capture reads the table that the prepare() after it writes
+            self._refresh_table()
+        master_triton.adamw_step(self._tab, self._chunks, self._scal, grad_scale, grad_fp32=bool(self._acc), dry=dry)
+
+    def _refresh_table(self) -> None:
+        """The table of addresses the kernel reads; rebuilt only when an address changed (a new gradient buffer,
+        a loaded state). Inside a graph capture nothing may be copied from the host: the captured kernel reads
+        the table at each replay, and the prepare() before the first replay writes the captured addresses."""
+        items = self._stepping()
+        key = tuple(g.data_ptr() for _, _, g in items)  # the other addresses change only in load_state_dict
+        if key == self._tab_key:
+            return
+        rows = []
+        for gi, p, g in items:
+            st = self._adam_state(p)
+            ts = (p, g, st["master"], st["exp_avg"], st["exp_avg_sq"])
+            if not all(t.is_contiguous() for t in ts) or any(t.data_ptr() % 16 for t in ts):
+                raise RuntimeError(f"{type(self).__name__}: a parameter of shape {tuple(p.shape)} or its gradient/"
+                                   f"state is not a contiguous 16-byte-aligned tensor; use backend='reference'")
+            rows.append([t.data_ptr() for t in ts] + [p.numel(), gi, 0])
+        from .master_triton import chunk_table
+        dev = items[0][1].device
+        if self._chunks is None or self._tab is None or self._tab.shape[0] != len(rows):
+            self._chunks = chunk_table([p.numel() for _, p, _ in items], dev)
+            self._tab = torch.empty(len(rows), 8, dtype=torch.int64, device=dev)
+        host = torch.tensor(rows, dtype=torch.int64)
+        self._tab.copy_(host.pin_memory() if dev.type == "cuda" else host, non_blocking=True)
+        self._tab_key = key
+
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _load_keeping_fp32(self, state_dict: dict) -> None:
         """torch's Optimizer.load_state_dict casts floating state to the parameters' dtype (bf16 here): the
@@ -129,8 +220,6 @@ class MasterAdamW(FP32Masters, torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  backend: str = "auto"):
-        if backend not in ("auto", "reference", "triton"):
-            raise ValueError(f"invalid MasterAdamW backend {backend!r}: expected auto, reference or triton")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         for g in self.param_groups:
             g.setdefault("step", 0)
@@ -138,45 +227,16 @@ class MasterAdamW(FP32Masters, torch.optim.Optimizer):
                 if p.dtype != torch.bfloat16:
                     raise ValueError(f"MasterAdamW updates bf16 parameters (with fp32 masters), got a {p.dtype} "
                                      f"parameter of shape {tuple(p.shape)}")
-        params_all = self._all_params()
+        params_all = [p for g in self.param_groups for p in g["params"]]
         if not params_all:
             raise ValueError("MasterAdamW got no parameters")
-        dev = params_all[0].device
-        if backend == "auto":
-            import importlib.util
-            backend = "triton" if dev.type == "cuda" and importlib.util.find_spec("triton") else "reference"
-        self.backend = backend
+        self._init_fused(backend)
         self.grad_scale: torch.Tensor | None = None  # set by the training step: max(1, norm / clip)
-        self._scal = torch.zeros(len(self.param_groups), 8, dtype=torch.float32, device=dev)
-        self._tab = self._chunks = None
-        self._tab_key: tuple | None = None
-        self._staging = _PinnedRing(self._scal.shape) if dev.type == "cuda" else None
         self._init_masters()
         for p in params_all:
-            self._state(p)
+            self._adam_state(p)
 
     capturable = True  # apply() reads everything from device memory: a CUDA graph may capture it
-
-    def _all_params(self) -> list[torch.Tensor]:
-        return [p for g in self.param_groups for p in g["params"]]
-
-    def _state(self, p: torch.Tensor) -> dict:
-        st = self.state[p]
-        if "exp_avg" not in st:
-            self.master(p)
-            st["exp_avg"] = torch.zeros_like(st["master"])
-            st["exp_avg_sq"] = torch.zeros_like(st["master"])
-        return st
-
-    def _stepping(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(group index, parameter, gradient) of every parameter that has a gradient."""
-        out = []
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                g = self.grad_of(p)
-                if g is not None:
-                    out.append((gi, p, g))
-        return out
 
     # -- the step ----------------------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -186,59 +246,13 @@ class MasterAdamW(FP32Masters, torch.optim.Optimizer):
             group["step"] += 1
             k, (b1, b2) = group["step"], group["betas"]
             lr, wd = float(group["lr"]), float(group["weight_decay"])
-            rows.append([1.0 - lr * wd, b1, b2, group["eps"], lr / (1.0 - b1 ** k), math.sqrt(1.0 - b2 ** k), 0, 0])
-        if self._scal.is_cuda:
-            self._staging.put(self._scal, rows)
-        else:
-            self._scal.copy_(torch.tensor(rows, dtype=torch.float32))
-        if self.backend == "triton":
-            self._refresh_table()
+            rows.append([1.0 - lr * wd, b1, b2, group["eps"], lr / (1.0 - b1 ** k), 1.0 / math.sqrt(1.0 - b2 ** k),
+                         1.0 - b1, 1.0 - b2])
+        self._write_scalars(rows)
 
-    @torch.no_grad()
     def apply(self, dry: bool = False) -> None:
         """Device half of a step: the update of every parameter from the scalars `prepare` wrote. Capturable."""
-        items = self._stepping()
-        if not items:
-            return
-        if self.backend == "reference":
-            if dry:
-                return
-            inv = 1.0 if self.grad_scale is None else 1.0 / self.grad_scale.float()
-            for gi, p, g in items:
-                st = self._state(p)
-                adamw_reference(p.data, g, st["master"], st["exp_avg"], st["exp_avg_sq"], self._scal[gi], inv)
-            return
-        from . import master_triton
-        capturing = self._scal.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not capturing:  # a capture reads the table that the prepare() after it writes
-            self._refresh_table()
-        master_triton.adamw_step(self._tab, self._chunks, self._scal, self.grad_scale, grad_fp32=bool(self._acc),
-                                 dry=dry)
-
-    def _refresh_table(self) -> None:
-        """The table of addresses the kernel reads; rebuilt only when an address changed (a new gradient buffer,
-        a loaded state). Inside a graph capture nothing may be copied from the host: the captured kernel reads
-        the table at each replay, and the prepare() before the first replay writes the captured addresses."""
-        items = self._stepping()
-        key = tuple(g.data_ptr() for _, _, g in items)  # the other addresses change only in load_state_dict
-        if key == self._tab_key:
-            return
-        rows = []
-        for gi, p, g in items:
-            st = self._state(p)
-            ts = (p, g, st["master"], st["exp_avg"], st["exp_avg_sq"])
-            if not all(t.is_contiguous() for t in ts) or any(t.data_ptr() % 16 for t in ts):
-                raise RuntimeError(f"MasterAdamW: a parameter of shape {tuple(p.shape)} or its gradient/state is "
-                                   f"not a contiguous 16-byte-aligned tensor; use backend='reference'")
-            rows.append([t.data_ptr() for t in ts] + [p.numel(), gi, 0])
-        from .master_triton import chunk_table
-        dev = items[0][1].device
-        if self._chunks is None or self._tab is None or self._tab.shape[0] != len(rows):
-            self._chunks = chunk_table([p.numel() for _, p, _ in items], dev)
-            self._tab = torch.empty(len(rows), 8, dtype=torch.int64, device=dev)
-        host = torch.tensor(rows, dtype=torch.int64)
-        self._tab.copy_(host.pin_memory() if dev.type == "cuda" else host, non_blocking=True)
-        self._tab_key = key
+        self._fused_update(self.grad_scale, dry)
 
     @torch.no_grad()
     def step(self, closure=None):

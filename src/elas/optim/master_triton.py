@@ -3,8 +3,8 @@
 Per element, in fp32 (the same operations, in the same order, as `master.adamw_reference`):
     g  = grad * inv_scale                      (grad bf16, or fp32 when accumulated; inv_scale = 1 / grad_scale)
     m  = m + (1 - beta1) * (g - m)
-    v  = beta2 * v + (1 - beta2) * g * g
-    w  = w * decay - step_size * m / (sqrt(v) / bc2_sqrt + eps)       (w: the fp32 master weight)
+    v  = beta2 * v + (1 - beta2) * g * g          (1 - beta: computed in double on the host, as torch does)
+    w  = w * decay - step_size * m / (sqrt(v) * vscale + eps)         (w: the fp32 master weight)
     p  = bf16(w), rounded to nearest even                             (the model's parameter)
 Bytes per parameter: reads grad (2), w, m, v (12); writes w, m, v (12), p (2): 28, the same as torch's fused
 AdamW over fp32 parameters, which is followed by autocast's casts of every weight (6 more bytes per use) and
@@ -14,7 +14,9 @@ Tensors are reached through a table (the parameters have separate storages, and 
 autograd): `tab` [n_tensors, 8] int64 = (param, grad, master, exp_avg, exp_avg_sq addresses, numel, group, 0),
 `chunks` [n_programs, 2] int64 = (tensor index, first element): each program updates CHUNK = BLOCK * ITERS
 consecutive elements of one tensor. `scal` [n_groups, 8] fp32 = (decay, beta1, beta2, eps, step_size,
-bc2_sqrt, 0, 0). dry != 0 computes and stores nothing (the warm-up passes before a CUDA-graph capture).
+vscale, 1 - beta1, 1 - beta2): AdamW has step_size = lr / (1 - beta1^k), vscale = 1 / sqrt(1 - beta2^k); LORO's lazy step
+step_size = lr scale sqrt(1 - beta2^k) / (1 - beta1^k), vscale = 1 (eps outside the bias correction). dry != 0
+computes and stores nothing (the warm-up passes before a CUDA-graph capture).
 """
 from __future__ import annotations
 
@@ -53,7 +55,8 @@ def _adamw_kernel(tab, chunks, scal, gscale, dry, HAS_SCALE: tl.constexpr, GRAD_
     n = tl.load(row + 5) * (1 - dry)  # dry: no element is inside
     s = scal + tl.load(row + 6) * 8
     decay, beta1, beta2 = tl.load(s), tl.load(s + 1), tl.load(s + 2)
-    eps, step_size, bc2_sqrt = tl.load(s + 3), tl.load(s + 4), tl.load(s + 5)
+    eps, step_size, vscale = tl.load(s + 3), tl.load(s + 4), tl.load(s + 5)
+    one_m_b1, one_m_b2 = tl.load(s + 6), tl.load(s + 7)  # 1 - beta, rounded once from double
     inv_scale = 1.0
     if HAS_SCALE:
         inv_scale = 1.0 / tl.load(gscale)
@@ -64,9 +67,9 @@ def _adamw_kernel(tab, chunks, scal, gscale, dry, HAS_SCALE: tl.constexpr, GRAD_
         w = tl.load(w_ptr + offs, mask=inside, other=0.0)
         m = tl.load(m_ptr + offs, mask=inside, other=0.0)
         v = tl.load(v_ptr + offs, mask=inside, other=0.0)
-        m = m + (1.0 - beta1) * (g - m)
-        v = beta2 * v + (1.0 - beta2) * g * g
-        w = w * decay - step_size * (m / (tl.sqrt(v) / bc2_sqrt + eps))
+        m = m + one_m_b1 * (g - m)
+        v = beta2 * v + one_m_b2 * g * g
+        w = w * decay - step_size * (m / (tl.sqrt(v) * vscale + eps))
         tl.store(w_ptr + offs, w, mask=inside)
         tl.store(m_ptr + offs, m, mask=inside)
         tl.store(v_ptr + offs, v, mask=inside)
