@@ -1,8 +1,9 @@
 """Sampling from a trained model, with a KV cache: the prompt is run once (prefill), then one token per step.
 
-On a GPU the decode step is captured once as a CUDA graph over a static cache (model/llama.KVCache(static=True))
-and replayed for every token: at batch 1 a decode step is hundreds of small kernels, and without the graph the
-GPU waits on Python between them."""
+On a GPU the decode step can be captured once as a CUDA graph over a static cache (model/llama.KVCache(static=True))
+and replayed for every token (`graph=True`; `elas bench infer` measures it): at batch 1 a decode step is hundreds
+of small kernels, and without the graph the GPU waits on Python between them. It becomes the default of `elas
+generate` once it has been measured on a GPU."""
 from __future__ import annotations
 
 import torch
@@ -61,15 +62,16 @@ class GraphDecoder:
 @torch.no_grad()
 def sample(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = 50,
            stop_token: int | None = None, generator: torch.Generator | None = None,
-           use_cache: bool = True, graph: bool | None = None, static_cache: bool | None = None) -> torch.Tensor:
+           use_cache: bool = True, graph: bool = False, static_cache: bool | None = None) -> torch.Tensor:
     """idx: [1, t] prompt ids -> [1, t + new] ids. The context is the last max_seq_len tokens: once the cache
-    is full, every step re-runs that window (what use_cache=False does at every step). graph (default: on CUDA):
-    replay the decode step from a CUDA graph (GraphDecoder); static_cache (default: = graph) decodes over the
-    static cache eagerly (what the graph replays; used to test it on the CPU)."""
+    is full, every step re-runs that window (what use_cache=False does at every step). graph (CUDA): replay the
+    decode step from a CUDA graph (GraphDecoder); static_cache (default: = graph) decodes over the static cache
+    eagerly (what the graph replays; used to test it on the CPU)."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     model.eval()
-    graph = (idx.is_cuda and use_cache) if graph is None else graph
+    if graph and not (idx.is_cuda and use_cache):
+        raise ValueError("graph=True replays a captured decode step: it needs CUDA tensors and use_cache=True")
     static = graph if static_cache is None else static_cache
     ctx = model.cfg.max_seq_len
     cache = decoder = None
