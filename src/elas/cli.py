@@ -460,7 +460,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              batch=int(32 * args.batch_scale), on_row=write)
     else:
         from .bench.step import bench_step, ratios
-        rows = bench_step(sizes or ["llama-1b"], batches, step_variants, step_modes, profile=not args.no_profile,
+        rows = bench_step(sizes or ["llama-1b"], batches, step_variants, step_modes, args.optimizer,
+                          profile=not args.no_profile,
                           on_row=lambda rs: write(ratios(rs)))
         rows = ratios(rows)
     write(rows, extra)
@@ -544,6 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", help=f"compile/step: comma-separated variants (default compile: "
                                       f"{','.join(COMPILE_VARIANTS)}; step: all)")
     p.add_argument("--batches", help="step: comma-separated per-GPU batch sizes (default 32)")
+    p.add_argument("--optimizer", choices=["adamw", "loro_adamw"], default="adamw",
+                   help="step: the optimizer of every row (loro_adamw: low-rank variants only)")
     p.add_argument("--modes", help="step: comma-separated modes among elas, torch.compile, eager (default: all)")
     p.add_argument("--no-profile", action="store_true", help="step: skip the per-row profile breakdown")
     p.set_defaults(func=cmd_bench)

@@ -53,7 +53,7 @@ def step_config(size: str, variant: str, mode: str, seq: int):
 
 
 def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, steps: int = 10, warmup: int = 3,
-             profile: bool = True) -> dict:
+             profile: bool = True, optimizer: str = "adamw") -> dict:
     if mode not in MODES:
         raise ValueError(f"unknown step mode {mode!r}; expected one of {MODES}")
     torch._dynamo.reset()
@@ -65,7 +65,8 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
     set_step(model, 0, 1)
     if mode == "elas":
         hold_params_in(model, torch.bfloat16)
-    opt = build_optimizer(model, TrainConfig(model=cfg))  # MasterAdamW (bf16 parameters) or torch's fused AdamW
+    # adamw: MasterAdamW (bf16 parameters) or torch's fused AdamW; loro_adamw: LORO (low-rank variants)
+    opt = build_optimizer(model, TrainConfig(model=cfg, optimizer=optimizer))
     idx = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda")
     x, y = idx[:, :-1], idx[:, 1:]
     bf16 = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
@@ -104,6 +105,7 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
         row["graph"] = grads.graphs  # False: the capture failed and the steps ran eagerly (logged)
         row["optimizer_in_graph"] = grads.step_in_graph
     row["param_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    row["optimizer"] = type(opt).__name__
     if profile:
         kernels = kernel_times(step, iters=3)
         row["breakdown_ms"] = breakdown(kernels)
@@ -113,8 +115,9 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
     return row
 
 
-def bench_step(sizes=("llama-1b",), batches=(32,), variants=STEP_VARIANTS, modes=MODES, seq: int = 256,
-               steps: int = 10, warmup: int = 3, profile: bool = True, log=print, on_row=None) -> list[dict]:
+def bench_step(sizes=("llama-1b",), batches=(32,), variants=STEP_VARIANTS, modes=MODES, optimizer: str = "adamw",
+               seq: int = 256, steps: int = 10, warmup: int = 3, profile: bool = True, log=print,
+               on_row=None) -> list[dict]:
     """Rows for every (size, batch, variant, mode); a row that fails (out of memory) is recorded with its error."""
     rows = []
     for size in sizes:
@@ -122,7 +125,7 @@ def bench_step(sizes=("llama-1b",), batches=(32,), variants=STEP_VARIANTS, modes
             for variant in variants:
                 for mode in modes:
                     try:
-                        r = step_row(size, variant, mode, batch, seq, steps, warmup, profile)
+                        r = step_row(size, variant, mode, batch, seq, steps, warmup, profile, optimizer)
                     except torch.OutOfMemoryError as e:
                         r = {"model": size, "variant": variant, "mode": mode, "batch": batch, "seq": seq,
                              "error": "out of memory: " + str(e).splitlines()[0][:120]}
