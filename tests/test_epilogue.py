@@ -20,6 +20,14 @@ def _ints(shape, lo, hi, seed):
     return torch.randint(lo, hi, shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
 
 
+def _ffn_and_grads(h1, wu, wd, mask_grad: bool, fused: bool):
+    """(h2, dh1, dwu, dwd) of the packed FFN core for the loss sum(h2^2)."""
+    a, b, c = (t.clone().requires_grad_() for t in (h1, wu, wd))
+    h2 = ops.act24_ffn(a, b, c, mask_grad, None, fused)
+    h2.float().square().sum().backward()
+    return h2, a.grad, b.grad, c.grad
+
+
 def _same(a, b) -> bool:
     return torch.equal(a.view(torch.int16), b.view(torch.int16))
 
@@ -82,13 +90,7 @@ def test_operator_reference_and_act24_option_on_cpu():
     assert _same(got[0], want.y2s) and _same(got[1], want.dy1)
     wd = _ints((128, 32), -2, 3, 4)
     for mask_grad in (False, True):
-        outs = []
-        for fused in (False, True):
-            a, b, c = (t.clone().requires_grad_() for t in (h1, wu, wd))
-            h2 = ops.act24_ffn(a, b, c, mask_grad, None, fused)
-            h2.float().square().sum().backward()
-            outs.append((h2, a.grad, b.grad, c.grad))
-        for x, y in zip(*outs):
+        for x, y in zip(*(_ffn_and_grads(h1, wu, wd, mask_grad, fused) for fused in (False, True))):
             assert torch.equal(x, y)
 
 
@@ -139,13 +141,7 @@ def test_gpu_packed_ffn_with_fused_kernels_matches_the_unfused_one(mask_grad):
     h1 = torch.randn(t, q, device="cuda").bfloat16()
     wu = (torch.randn(d_ff, q, device="cuda") / q ** 0.5).bfloat16()
     wd = (torch.randn(d_ff, 256, device="cuda") / d_ff ** 0.5).bfloat16()
-    outs = []
-    for fused in (False, True):
-        a, b, c = (x.clone().requires_grad_() for x in (h1, wu, wd))
-        h2 = ops.act24_ffn(a, b, c, mask_grad, None, fused)
-        h2.float().square().sum().backward()
-        outs.append((h2, a.grad, b.grad, c.grad))
-    for x, y in zip(*outs):
+    for x, y in zip(*(_ffn_and_grads(h1, wu, wd, mask_grad, fused) for fused in (False, True))):
         assert ((x.float() - y.float()).norm() / y.float().norm()).item() < 2e-2
 
 

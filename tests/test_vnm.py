@@ -76,6 +76,16 @@ def test_gradients(grad_mode):
     torch.testing.assert_close(x.grad, dy1 @ f.up.weight)
 
 
+def _one_graph_equal_to_eager(model, idx) -> None:
+    """The model in its current mode traces as one graph with no break, and the compiled forward equals eager."""
+    import torch._dynamo as dynamo
+    dynamo.reset()
+    ex = dynamo.explain(model)(idx, idx)
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(idx, idx), model(idx, idx))
+
+
 def test_schedule_claims_stats_and_one_graph_per_mode():
     cfg = preset("llama-tiny-relu2-vnm-blocks", n_layers=2, vocab_size=256)
     cfg.methods[0].update(v=16, dense_warmup_steps=5)
@@ -84,14 +94,9 @@ def test_schedule_claims_stats_and_one_graph_per_mode():
     with pytest.raises(ValueError, match="both make operand 'y2'"):
         sparsify_(model, Act24Config())
     idx = torch.randint(0, 256, (2, 32))
-    import torch._dynamo as dynamo
     for step, mode in ((0, "dense"), (5, "sparse")):
         assert set_step(model, step, 10) == (mode,)
-        dynamo.reset()
-        ex = dynamo.explain(model)(idx, idx)
-        assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons
-        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-        torch.testing.assert_close(compiled(idx, idx), model(idx, idx))
+        _one_graph_equal_to_eager(model, idx)
         stats = collect_stats(model, lambda: model(idx, idx))
         assert 0 < stats["dropped_nnz_frac/mean"] < 1 and 0 < stats["y2_zero_frac/mean"] < 1
     with pytest.raises(ValueError, match="not a multiple of m=12"):
@@ -197,12 +202,7 @@ def test_router_periods_reclustering_stats_and_one_graph(tmp_path, mode):
     assert "route_pad_frac/mean" not in stats and 0 < stats["y2_mass_kept/mean"] < 1
     assert set_step(model, 2, 10) == ("sparse/0",) and int(core.period) == 0
     feats0 = core.features.clone()
-    import torch._dynamo as dynamo
-    dynamo.reset()
-    ex = dynamo.explain(model)(idx, idx)
-    assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(idx, idx), model(idx, idx))
+    _one_graph_equal_to_eager(model, idx)
     stats = collect_stats(model, lambda: model(idx, idx))
     assert 0 < stats["route_largest_frac/mean"] <= 1 and 0 <= stats["route_pad_frac/mean"] < 1
     assert 0 < stats["y2_mass_kept/mean"] < 1

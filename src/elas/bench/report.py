@@ -119,8 +119,9 @@ def mode_step_tables(doc: dict) -> str:
     from .profile import CATEGORIES
     rows = doc["rows"]
     out = [_env_line(doc), "",
-           "| model | batch x seq | variant | mode | step ms | tokens/s | vs dense twin | vs torch.compile | "
-           "vs SwiGLU-aligned | peak GB | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| model | batch x seq | variant | mode | step ms | tokens/s | vs dense twin (its best mode) | "
+           "vs torch.compile (dense rows) | vs SwiGLU-aligned (its best mode) | peak GB | compile s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['model']} | {r['batch']}x{r['seq']} | {r['variant']} | {r['mode']} | {r['error']} "
@@ -128,7 +129,8 @@ def mode_step_tables(doc: dict) -> str:
             continue
         graph = "" if r.get("graph", True) else " (capture failed: eager)"
         out.append(f"| {r['model']} | {r['batch']}x{r['seq']} | {r['variant']} | {r['mode']}{graph} | "
-                   f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {_ratio(r, 'vs_twin')} | "
+                   f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {_ratio(r, 'vs_twin')}"
+                   f"{' (' + r['twin_mode'] + ')' if 'twin_mode' in r else ''} | "
                    f"{_ratio(r, 'vs_torch_compile')} | {_ratio(r, 'vs_swiglu_aligned')} | {r['peak_mem_gb']:.1f} | "
                    f"{r['compile_s']:.0f} |")
     cats = [c for c, _ in CATEGORIES] + ["idle"]
@@ -179,7 +181,7 @@ def compile_table(doc: dict) -> str:
     cmd = doc.get("command")
     doc = {**doc, "command": " ; ".join(cmd) if isinstance(cmd, list) else cmd}
     out = [_env_line(doc), "",
-           "| model | variant | batch x seq | graphs / breaks per mode | compiled step ms | dense twin ms | vs twin | "
+           "| model | variant | batch x seq | graphs / breaks per mode | compiled step ms | dense twin ms | vs twin (both plain torch.compile) | "
            "compile s | peak GB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         modes = ", ".join(f"{'/'.join(b['modes']) or 'dense'}: {b['graphs']} / {b['breaks']}" for b in r["breaks"])
