@@ -4,7 +4,9 @@ from pathlib import Path
 
 from elas.bench.profile import breakdown, category
 from elas.bench.report import mode_step_tables, render, step_tables
-from elas.bench.step import ratios
+import pytest
+
+from elas.bench.step import ratios, step_config
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
@@ -72,3 +74,14 @@ def test_loss_table_pairs_the_two_implementations():
     text = loss_table({"rows": rows})
     assert "| 8192 | 2048 x 32000 | eager | 6.00 | 4.00 | 1.50x | 3.10 | 0.90 |" in text
     assert "| 8192 | 2048 x 32000 | compiled | 5.00 | 4.50 | 1.11x | 2.50 | 0.80 |" in text
+
+
+def test_step_variant_options_set_method_keys_and_bad_ones_fail_in_one_line():
+    cfg = step_config("llama-60m", "elas+act24.fused=true+act24.grad_mode=mask", "elas", 256)
+    (m,) = cfg.methods
+    assert m["fused"] is True and m["grad_mode"] == "mask"
+    assert step_config("llama-60m", "elas", "elas", 256).methods[0]["fused"] is False
+    for bad, says in (("lowrank-relu2+act24.fused=true", "does not apply"), ("elas+act24.fuse=true", "fused"),
+                      ("elas+act24.fused=maybe", "true or false"), ("elas+fused", "KEY=VALUE")):
+        with pytest.raises(ValueError, match=says):
+            step_config("llama-60m", bad, "elas", 256)

@@ -412,8 +412,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         infer_variants = _choices(args.variants, tuple(VARIANTS), "--variants") if args.variants \
             else list(INFER_VARIANTS)
     if args.what == "step":
-        from .bench.step import MODES, STEP_VARIANTS
-        step_variants = _choices(args.variants, STEP_VARIANTS, "--variants")
+        from .bench.step import MODES, STEP_VARIANTS, split_variant
+        step_variants = args.variants.split(",") if args.variants else list(STEP_VARIANTS)
+        _choices(",".join(split_variant(v)[0] for v in step_variants), STEP_VARIANTS, "--variants")
         step_modes = _choices(args.modes, MODES, "--modes")
         try:
             batches = [int(b) for b in (args.batches or "32").split(",")]
@@ -543,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for the JSON (default benchmarks/results/<gpu>)")
     p.add_argument("--gpu-name", help="folder name for the GPU (default: from the device name)")
     p.add_argument("--variants", help=f"compile/step: comma-separated variants (default compile: "
-                                      f"{','.join(COMPILE_VARIANTS)}; step: all)")
+                                      f"{','.join(COMPILE_VARIANTS)}; step: all; a step variant may set keys of "
+                                      f"its methods: elas+act24.fused=true)")
     p.add_argument("--batches", help="step: comma-separated per-GPU batch sizes (default 32)")
     p.add_argument("--optimizer", choices=["adamw", "loro_adamw"], default="adamw",
                    help="step: the optimizer of every row (loro_adamw: low-rank variants only)")

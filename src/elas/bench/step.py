@@ -27,8 +27,8 @@ import time
 
 import torch
 
-from ..build import build_model
-from ..config import D_FF_MULTIPLE, TrainConfig, model_preset
+from ..build import build_model, resolve_methods
+from ..config import D_FF_MULTIPLE, TrainConfig, apply_overrides, model_preset
 from ..optim import build_optimizer
 from ..sparsity import set_step
 from ..summary import model_summary
@@ -44,11 +44,31 @@ PLAIN = {"residual_dtype": "fp32", "lm_loss": "logits"}  # the textbook numerics
 H100_BF16 = 989e12
 
 
+def split_variant(variant: str) -> tuple[str, dict[str, str]]:
+    """"elas+act24.fused=true" -> ("elas", {"act24.fused": "true"}): a variant with model keys set (as `--set`
+    sets them: METHOD.KEY for a key of one of its sparsity methods), so that a row can measure an option."""
+    name, *sets = variant.split("+")
+    over = {}
+    for kv in sets:
+        key, eq, value = kv.partition("=")
+        if not eq or not key:
+            raise ValueError(f"bad variant option {kv!r} in {variant!r}: expected KEY=VALUE, e.g. "
+                             f"elas+act24.fused=true")
+        over[key] = value
+    return name, over
+
+
 def step_config(size: str, variant: str, mode: str, seq: int):
+    variant, sets = split_variant(variant)
     over = {"max_seq_len": seq, **(PLAIN if not mode.startswith("elas") else {})}
-    if variant == "swiglu-aligned":
-        inter = model_preset(size).intermediate
-        return variant_config(size, "swiglu", intermediate=math.ceil(inter / D_FF_MULTIPLE) * D_FF_MULTIPLE, **over)
+    if sets:
+        cfg = variant_config(size, variant, **over)
+        try:
+            apply_overrides(cfg, sets)
+            resolve_methods(cfg)  # a key no method has fails here
+        except KeyError as e:  # an unknown key: one line, as a bad value
+            raise ValueError(f"variant {variant!r}: {e.args[0]}") from None
+        return cfg
     return variant_config(size, variant, **over)
 
 
@@ -119,6 +139,10 @@ def bench_step(sizes=("llama-1b",), batches=(32,), variants=STEP_VARIANTS, modes
                seq: int = 256, steps: int = 10, warmup: int = 3, profile: bool = True, log=print,
                on_row=None) -> list[dict]:
     """Rows for every (size, batch, variant, mode); a row that fails (out of memory) is recorded with its error."""
+    for size in sizes:  # a bad variant or option fails here, before any row has run
+        for variant in variants:
+            for mode in modes:
+                step_config(size, variant, mode, seq)
     rows = []
     for size in sizes:
         for batch in batches:
@@ -160,7 +184,8 @@ def ratios(rows: list[dict]) -> list[dict]:
         r = dict(r)
         if "error" not in r:
             base = (r["model"], r["batch"])
-            twin = VARIANTS[r["variant"]].twin if r["variant"] in VARIANTS else None
+            name = split_variant(r["variant"])[0]  # "elas+act24.fused=true" has elas's twin
+            twin = VARIANTS[name].twin if name in VARIANTS else None
             pairs = [("vs_twin", best.get((*base, twin))), ("vs_swiglu_aligned", best.get((*base, "swiglu-aligned")))]
             if twin is None:
                 pairs.append(("vs_torch_compile", key.get((*base, r["variant"], "torch.compile"))))
