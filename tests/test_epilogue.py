@@ -20,10 +20,10 @@ def _ints(shape, lo, hi, seed):
     return torch.randint(lo, hi, shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
 
 
-def _ffn_and_grads(h1, wu, wd, mask_grad: bool, fused: bool):
+def _ffn_and_grads(h1, wu, wd, mask_grad: bool, fused: bool, dense_frac: float | None = None):
     """(h2, dh1, dwu, dwd) of the packed FFN core for the loss sum(h2^2)."""
     a, b, c = (t.clone().requires_grad_() for t in (h1, wu, wd))
-    h2 = ops.act24_ffn(a, b, c, mask_grad, None, fused)
+    h2 = ops.act24_ffn(a, b, c, mask_grad, dense_frac, fused)
     h2.float().square().sum().backward()
     return h2, a.grad, b.grad, c.grad
 
@@ -89,8 +89,8 @@ def test_operator_reference_and_act24_option_on_cpu():
     want = ref.relu2_sparse24_backward(dh2 @ _ints((128, 32), -2, 3, 10).T, None, y1i)
     assert _same(got[0], want.y2s) and _same(got[1], want.dy1)
     wd = _ints((128, 32), -2, 3, 4)
-    for mask_grad in (False, True):
-        for x, y in zip(*(_ffn_and_grads(h1, wu, wd, mask_grad, fused) for fused in (False, True))):
+    for mask_grad, frac in ((False, None), (True, None), (True, 0.25), (False, 0.25)):  # 0.25: the 95/5 split
+        for x, y in zip(*(_ffn_and_grads(h1, wu, wd, mask_grad, fused, frac) for fused in (False, True))):
             assert torch.equal(x, y)
 
 
@@ -134,14 +134,14 @@ def test_gpu_dgrad_kernel_matches_cublas_and_the_backward_kernel(m, n, k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mask_grad", [False, True])
-def test_gpu_packed_ffn_with_fused_kernels_matches_the_unfused_one(mask_grad):
+@pytest.mark.parametrize("mask_grad, frac", [(False, None), (True, None), (True, 0.05)])
+def test_gpu_packed_ffn_with_fused_kernels_matches_the_unfused_one(mask_grad, frac):
     torch.manual_seed(0)
     t, q, d_ff = 2048, 512, 2176
     h1 = torch.randn(t, q, device="cuda").bfloat16()
     wu = (torch.randn(d_ff, q, device="cuda") / q ** 0.5).bfloat16()
     wd = (torch.randn(d_ff, 256, device="cuda") / d_ff ** 0.5).bfloat16()
-    for x, y in zip(*(_ffn_and_grads(h1, wu, wd, mask_grad, fused) for fused in (False, True))):
+    for x, y in zip(*(_ffn_and_grads(h1, wu, wd, mask_grad, fused, frac) for fused in (False, True))):
         assert ((x.float() - y.float()).norm() / y.float().norm()).item() < 2e-2
 
 

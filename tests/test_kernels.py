@@ -71,15 +71,16 @@ def test_shape_checks():
 
 
 @needs_triton
-@pytest.mark.parametrize("m,k,dtype", [(64, 64, torch.bfloat16), (128, 192, torch.bfloat16),
-                                       (64, 128, torch.float32), (192, 64, torch.bfloat16)])
-def test_triton_sparsifier_bit_exact(m, k, dtype):
-    """On CPU this runs the kernel in Triton's interpreter: the logic, not the speed."""
+@pytest.mark.parametrize("m,k,dtype,rows", [(64, 64, torch.bfloat16, 64), (128, 192, torch.bfloat16, 64),
+                                            (64, 128, torch.float32, 64), (192, 64, torch.bfloat16, 64),
+                                            (256, 128, torch.bfloat16, 128), (128, 64, torch.float32, 128)])
+def test_triton_sparsifier_bit_exact(m, k, dtype, rows):
+    """On CPU this runs the kernel in Triton's interpreter: the logic, not the speed. rows: tokens per program."""
     from elas.kernels.cuda.sparsify import relu2_sparsify24_packed
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     y1 = adversarial(m, k, dtype).to(dev)
     counts = torch.full((k,), 3, dtype=torch.int32, device=dev)  # added to, not overwritten
-    got, want = relu2_sparsify24_packed(y1, counts), ref.relu2_sparsify24_packed(y1)
+    got, want = relu2_sparsify24_packed(y1, counts, rows=rows), ref.relu2_sparsify24_packed(y1)
     assert torch.equal(got.buffer.view(torch.uint8), want.buffer.view(torch.uint8))
     assert torch.equal(got.mask_bits, want.mask_bits)
     assert torch.equal(counts, 3 + (torch.relu(y1) != 0).sum(0).int())
@@ -207,11 +208,13 @@ def test_gpu_operators_equal_their_cpu_implementations(split):
 
 
 @needs_triton
-@pytest.mark.parametrize("m,k,ste,from_y1,split", [(64, 64, False, False, False), (128, 256, False, False, False),
-                                                    (64, 192, True, False, False), (128, 128, True, True, False),
-                                                    (128, 192, False, False, True), (64, 128, True, True, True)])
-def test_triton_backward_kernel_bit_exact(m, k, ste, from_y1, split):
-    """Every configuration of the backward pointwise kernel against the reference, byte for byte."""
+@pytest.mark.parametrize("m,k,ste,from_y1,split,rows", [
+    (64, 64, False, False, False, 64), (128, 256, False, False, False, 64), (64, 192, True, False, False, 64),
+    (128, 128, True, True, False, 64), (128, 192, False, False, True, 64), (64, 128, True, True, True, 64),
+    (256, 128, False, False, False, 128), (128, 192, False, False, True, 128), (256, 128, True, True, True, 128)])
+def test_triton_backward_kernel_bit_exact(m, k, ste, from_y1, split, rows):
+    """Every configuration of the backward pointwise kernel against the reference, byte for byte (rows: tokens
+    per program)."""
     from elas.kernels.cuda.sparsify import relu2_sparse24_backward
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     y1 = adversarial(m, k, torch.bfloat16, seed=k).to(dev)
@@ -225,7 +228,7 @@ def test_triton_backward_kernel_bit_exact(m, k, ste, from_y1, split):
         slots[torch.tensor([3, 9, 10])] = torch.arange(3, dtype=torch.int32)
         slots = slots.to(dev)
     args = (dy2, None if from_y1 else a, y1 if ste else None, slots, n_dense)
-    got, want = relu2_sparse24_backward(*args), ref.relu2_sparse24_backward(*args)
+    got, want = relu2_sparse24_backward(*args, rows=rows), ref.relu2_sparse24_backward(*args)
     for name, g, w in zip(want._fields, got, want):
         assert (g is None) == (w is None), name
         if isinstance(w, torch.Tensor):

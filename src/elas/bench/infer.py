@@ -4,8 +4,9 @@ Per (size, variant): parameters in bf16, the sparsity methods in their sparse mo
 (train/parallelize.compile_regions), then
   prefill:  one forward of [batch, prompt] tokens (no grad): ms (mean of back-to-back calls) and tokens/s. With
             2:4 activations this runs the packed FFN on sparse tensor cores (batch x prompt is a multiple of 64);
-  decode:   batch 1, a static KV cache after a prompt of `prompt` tokens, the decode step captured as a CUDA
-            graph (model/generate.GraphDecoder): ms per token over `new_tokens` replays. One token is not a
+  decode:   batch 1, a static KV cache after a prompt of `prompt` tokens, the decode step (the blocks' eager
+            kernels: a compiled block would recompile for every layer index) captured as a CUDA graph
+            (model/generate.GraphDecoder): ms per token over `new_tokens` replays. One token is not a
             multiple of 64 tokens, so a 2:4 variant's FFN runs its masked reference path here (emulated, said in
             the row): decode is not where 2:4 activations pay.
 Ratios (`vs_twin`, > 1: faster) against the dense twin's row.
@@ -17,7 +18,7 @@ import torch
 from ..build import build_model
 from ..config import VARIANTS
 from ..sparsity import set_step
-from ..train.parallelize import compile_regions, hold_params_in
+from ..train.parallelize import compile_regions, eager_regions, hold_params_in
 from .ffn import variant_config
 from .timing import throughput_ms
 
@@ -40,8 +41,9 @@ def infer_row(size: str, variant: str, batch: int = 8, prompt: int = 512, new_to
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         prefill_ms = throughput_ms(lambda: model(x), iters=5, warmup=2)
         cache = KVCache(len(model.blocks), cfg.max_seq_len, static=True)
-        model(x[:1], cache=cache)
-        dec = GraphDecoder.capture(model, cache)
+        with eager_regions():  # a compiled block would recompile per layer index and cache position
+            model(x[:1], cache=cache)
+            dec = GraphDecoder.capture(model, cache)
         tok = torch.zeros(1, 1, dtype=torch.long, device="cuda")
         dec.step(tok)  # the first replay
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

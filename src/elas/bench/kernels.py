@@ -99,11 +99,54 @@ def bench_sparsify(m: int = 16384, ks=None, log=print) -> list[dict]:
                      "copy_ms": copy_ms, "copy_tb_per_s": 2 * m * k * 2 / copy_ms / 1e9,
                      "reference_torch_ms": ref_ms, "torch_cslt_compress_ms": compress_ms})
         r = rows[-1]
-        r["variants_ms"] = {f"tiles{t}_warps{w}": graph_ms(lambda: relu2_sparsify24_packed(y1, tiles=t, num_warps=w))
-                            for t in (1, 2, 4) for w in (4, 8)}
+        r["variants_ms"] = {}
+        for t, w, rw in ((1, 4, 64), (2, 4, 64), (2, 8, 64), (4, 8, 64), (2, 4, 128), (2, 8, 128), (4, 8, 128)):
+            if (k // 32) % t == 0 and torch.equal(relu2_sparsify24_packed(y1, tiles=t, num_warps=w, rows=rw).buffer.view(torch.int16),
+                           relu2_sparsify24_packed(y1).buffer.view(torch.int16)):  # timed only if byte-identical
+                r["variants_ms"][f"tiles{t}_warps{w}_rows{rw}"] = graph_ms(
+                    lambda: relu2_sparsify24_packed(y1, tiles=t, num_warps=w, rows=rw))
+        r["backward"] = _backward_sweep(y1, log)
         log(f"sparsify M={m} K={k}: {ms:.4f} ms = {r['tb_per_s']:.2f} TB/s (copy {r['copy_tb_per_s']:.2f} TB/s); "
-            f"torch reference {ref_ms:.3f} ms; _cslt_compress alone {compress_ms:.3f} ms")
+            f"torch reference {ref_ms:.3f} ms; _cslt_compress alone {compress_ms:.3f} ms; variants "
+            + ", ".join(f"{v}: {x:.4f}" for v, x in r["variants_ms"].items()))
     return rows
+
+
+def _backward_sweep(y1: torch.Tensor, log=print) -> dict:
+    """The backward pointwise kernel (sparsify.relu2_sparse24_backward) on y1 [M, K] in its three uses: ste (from
+    y1), mask, mask + the 95/5 split (5% dense features): ms and TB/s of the default launch, and ms of each
+    (rows, warps) variant whose outputs are byte-identical to the default's."""
+    from ..kernels import reference
+    from ..kernels.cuda.sparsify import BWD_ROWS, BWD_WARPS, relu2_sparse24_backward, relu2_sparsify24_packed
+    m, k = y1.shape
+    a = relu2_sparsify24_packed(y1)
+    dy2 = torch.randn_like(y1)
+    n_dense = reference.n_dense_features(k, 0.05)
+    slots = torch.full((k,), -1, dtype=torch.int32, device=y1.device)
+    slots[torch.randperm(k, device=y1.device)[:n_dense]] = torch.arange(n_dense, dtype=torch.int32, device=y1.device)
+    # bytes per element of [M, K]: reads, then writes (packed operands 9/16 of bf16, mask bits 1/8)
+    uses = {"ste": ((dy2, None, y1, None, 0), 2 + 2 + 2 + 2),
+            "mask": ((dy2, a, None, None, 0), 1 + 1 / 8 + 2 + 2 + 2 + 1),
+            "mask_split": ((dy2, a, None, slots, n_dense), 1 + 1 / 8 + 2 + 1 + 2 * 9 / 8 + 2 * 2 * n_dense / k)}
+    def outputs(g) -> list[torch.Tensor]:  # every output's bytes (a Packed24 by its buffer)
+        return [(t.buffer if hasattr(t, "buffer") else t).view(torch.int16) for t in g if t is not None]
+
+    out = {}
+    for use, (args, per_elem) in uses.items():
+        want = outputs(relu2_sparse24_backward(*args))
+        ms = graph_ms(lambda: relu2_sparse24_backward(*args))
+        row = {"ms": ms, "tb_per_s": m * k * per_elem / ms / 1e9, "rows": BWD_ROWS, "warps": BWD_WARPS,
+               "variants_ms": {}}
+        for rw in (64, 128):
+            for w in (4, 8):
+                got = outputs(relu2_sparse24_backward(*args, rows=rw, num_warps=w))
+                if len(got) == len(want) and all(torch.equal(g, x) for g, x in zip(got, want)):
+                    row["variants_ms"][f"rows{rw}_warps{w}"] = graph_ms(
+                        lambda: relu2_sparse24_backward(*args, rows=rw, num_warps=w))
+        out[use] = row
+        log(f"  backward {use} M={m} K={k}: {ms:.4f} ms = {row['tb_per_s']:.2f} TB/s; variants "
+            + ", ".join(f"{v}: {x:.4f}" for v, x in row["variants_ms"].items()))
+    return out
 
 
 # (q, d_ff) of the d_ff-wide GEMMs: the ELAS presets (q = rank) and 1B full-rank (q = d_model)

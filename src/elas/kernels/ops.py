@@ -227,8 +227,8 @@ def act24_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac
         n_dense = ref.n_dense_features(dense.numel(), dense_frac)  # host-known count: no sync
         # stable sort puts the dense features first, in ascending feature order; slot j <- j-th of them
         idx_d = torch.sort(dense.to(torch.uint8), descending=True, stable=True).indices[:n_dense]
-        slots = torch.full((dense.numel(),), -1, dtype=torch.int32, device=y1.device)
-        slots.index_copy_(0, idx_d, torch.arange(n_dense, dtype=torch.int32, device=y1.device))
+        slots = torch.full((dense.numel(),), -1, dtype=torch.int32, device=h1.device)
+        slots.index_copy_(0, idx_d, torch.arange(n_dense, dtype=torch.int32, device=h1.device))
     if mask_grad:
         return h2, p.buffer, p.mask_bits, idx_d, slots
     return h2, y1, h1.new_empty(0), idx_d, slots  # ste: the backward kernel redoes the selection from y1

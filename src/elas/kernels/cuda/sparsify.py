@@ -72,8 +72,6 @@ def _pack_block_by(sel, x, band, pid1, val_ptr, meta_ptr, bits_ptr, K, TILES: tl
     soft-threshold of 2:4 weights (kernels/cuda/sste.py) keeps the 2 largest |w| but stores them shrunk."""
     BK: tl.constexpr = 32 * TILES
     G: tl.constexpr = 8 * TILES  # groups of 4 columns
-    col0 = pid1 * BK
-    rows = (band * 64 + tl.arange(0, 64)).to(tl.int64)[:, None]
     s0, s1, s2, s3 = _columns4(sel, G)
     k0, k1, k2, k3 = _keep24(s0, s1, s2, s3)
     x0, x1, x2, x3 = _columns4(x, G)
@@ -81,13 +79,25 @@ def _pack_block_by(sel, x, band, pid1, val_ptr, meta_ptr, bits_ptr, K, TILES: tl
     i1 = tl.where(k3, 3, tl.where(k2, 2, 1))
     first = _round_bf16(tl.where(k0, x0, tl.where(k1, x1, x2)))  # exact if x is already bf16-valued
     second = _round_bf16(tl.where(k3, x3, tl.where(k2, x2, x1)))
-    # values: [64, G, 2] -> [64, 2G], contiguous in the row's K/2 values
-    vals = tl.reshape(tl.join(first, second), (64, 2 * G)).to(tl.bfloat16)
-    tl.store(val_ptr + rows * (K // 2) + col0 // 2 + tl.arange(0, 2 * G)[None, :], vals)
+    _store_packed(first, second, i0, i1, band, pid1, val_ptr, meta_ptr, K, TILES)
     if WRITE_BITS:  # plain keep-mask: 4 bits per group, two groups per byte (even group in the low nibble)
+        rows = (band * 64 + tl.arange(0, 64)).to(tl.int64)[:, None]
         keep = k0.to(tl.int32) | (k1.to(tl.int32) << 1) | (k2.to(tl.int32) << 2) | (k3.to(tl.int32) << 3)
         kl, kh = tl.split(tl.reshape(keep, (64, G // 2, 2)))
-        tl.store(bits_ptr + rows * (K // 8) + col0 // 8 + tl.arange(0, G // 2)[None, :], (kl | (kh << 4)).to(tl.uint8))
+        tl.store(bits_ptr + rows * (K // 8) + pid1 * (BK // 8) + tl.arange(0, G // 2)[None, :],
+                 (kl | (kh << 4)).to(tl.uint8))
+
+
+@triton.jit
+def _store_packed(first, second, i0, i1, band, pid1, val_ptr, meta_ptr, K, TILES: tl.constexpr):
+    """Write one block of a packed [*, K] matrix: rows [64*band, +64), columns [32*TILES*pid1, +32*TILES), from
+    its kept values (first, second: fp32 [64, G], G = 8*TILES groups of 4 columns) and their positions in the
+    group (i0 < i1 in 0..3, [64, G])."""
+    G: tl.constexpr = 8 * TILES
+    rows = (band * 64 + tl.arange(0, 64)).to(tl.int64)[:, None]
+    # values: [64, G, 2] -> [64, 2G], contiguous in the row's K/2 values
+    vals = tl.reshape(tl.join(first, second), (64, 2 * G)).to(tl.bfloat16)
+    tl.store(val_ptr + rows * (K // 2) + pid1 * G * 2 + tl.arange(0, 2 * G)[None, :], vals)
     # SM90 metadata: rows r (low nibble) and r+8 (high nibble) of each 16-row slab share a byte
     nib = i0 | (i1 << 2)  # [64, G]
     lo, hi = tl.split(tl.permute(tl.reshape(nib, (4, 2, 8, G)), (0, 2, 3, 1)))  # [4 slab, 8 row, G] each
@@ -101,26 +111,31 @@ def _pack_block_by(sel, x, band, pid1, val_ptr, meta_ptr, bits_ptr, K, TILES: tl
 
 @triton.jit
 def _kernel(y1_ptr, val_ptr, meta_ptr, bits_ptr, count_ptr, K, stride, TILES: tl.constexpr,
-            ROUND_BF16: tl.constexpr, COUNT: tl.constexpr):
-    # program: rows [64*band, +64), columns [32*TILES*pid1, +32*TILES): TILES whole metadata tiles
-    band = tl.program_id(0)
+            ROUND_BF16: tl.constexpr, COUNT: tl.constexpr, ROWS: tl.constexpr):
+    # program: rows [ROWS*pid0, +ROWS) (one or two 64-row bands), columns [32*TILES*pid1, +32*TILES): TILES whole
+    # metadata tiles
     BK: tl.constexpr = 32 * TILES
-    rows = band * 64 + tl.arange(0, 64)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
-    x = tl.load(y1_ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :])  # [64, BK], coalesced
+    x = tl.load(y1_ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :])  # [ROWS, BK], coalesced
     x = x.to(tl.float32)
-    if COUNT:  # positives per column (the 95/5 split's feature ranking): one atomic per column per band
+    if COUNT:  # positives per column (the 95/5 split's feature ranking): one atomic per column per program
         tl.atomic_add(count_ptr + cols, tl.sum((x > 0).to(tl.int32), axis=0), sem="relaxed")
     x = tl.maximum(x, 0.0)
     x = x * x
     if ROUND_BF16:  # the reference squares in bf16: compare (and store) the rounded values
         x = _round_bf16(x)
-    _pack_block(x, band, tl.program_id(1), val_ptr, meta_ptr, bits_ptr, K, TILES, True)
+    if ROWS == 64:
+        _pack_block(x, tl.program_id(0), tl.program_id(1), val_ptr, meta_ptr, bits_ptr, K, TILES, True)
+    else:  # two 64-row bands: [128, BK] -> [64, BK] x 2
+        top, bottom = tl.split(tl.permute(tl.reshape(x, (2, 64, BK)), (1, 2, 0)))
+        _pack_block(top, 2 * tl.program_id(0), tl.program_id(1), val_ptr, meta_ptr, bits_ptr, K, TILES, True)
+        _pack_block(bottom, 2 * tl.program_id(0) + 1, tl.program_id(1), val_ptr, meta_ptr, bits_ptr, K, TILES, True)
 
 
-# Block shape: 64 rows x 64 columns (2 metadata tiles) with 8 warps was the fastest of {1, 2, 4} tiles x
-# {2, 4, 8} warps on H100 at every ELAS width (benchmarks/results/h100/sparsify.json, "variants_ms").
-DEFAULT_TILES, DEFAULT_WARPS = 2, 8
+# Block shape: 128 rows x 64 columns (2 metadata tiles) with 8 warps: the fastest of the sweep in `elas bench
+# sparsify` on H200 at every ELAS width (4-7% ahead of 64 rows; benchmarks/results/h200/sparsify.json).
+DEFAULT_TILES, DEFAULT_WARPS, DEFAULT_ROWS = 2, 8, 128
 
 
 def _direct(kernel):
@@ -128,47 +143,47 @@ def _direct(kernel):
 
 
 def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | None = None, tiles: int = DEFAULT_TILES,
-                            num_warps: int = DEFAULT_WARPS, launch=_direct) -> Packed24:
+                            num_warps: int = DEFAULT_WARPS, rows: int | None = None, launch=_direct) -> Packed24:
     """y1: [M, K] bf16/fp32 -> Packed24 of 2:4(relu(y1)^2) (values bf16). See module docs.
     feature_counts: optional int32 [K], incremented by the positives of each column of y1 (for the 95/5 split).
-    launch: how the kernel is launched: directly, or `torch.library.wrap_triton` inside the operator
-    (kernels/ops.py), which lets torch.compile see the kernel."""
+    rows: tokens per program, 64 or 128 (default: 128 where M allows). launch: how the kernel is launched:
+    directly, or `torch.library.wrap_triton` inside the operator (kernels/ops.py), which lets torch.compile see
+    the kernel."""
     if y1.dim() != 2 or y1.stride(1) != 1:
         raise ValueError(f"y1 must be a row-major 2-D tensor, got shape {tuple(y1.shape)} strides {y1.stride()}")
     if y1.dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"y1 must be bf16 or fp32, got {y1.dtype}")
     m, k = y1.shape
     check_shape(m, k)
+    rows = rows or (DEFAULT_ROWS if m % DEFAULT_ROWS == 0 else 64)  # M is a multiple of 64 (check_shape)
     buf = torch.empty(m * k * 9 // 16, dtype=torch.bfloat16, device=y1.device)
     vals = buf[: m * k // 2]
     meta = buf[m * k // 2:].view(torch.uint8)
     bits = torch.empty(m, k // 8, dtype=torch.uint8, device=y1.device)
-    if (k // 32) % tiles:
-        raise ValueError(f"tiles={tiles} must divide K/32={k // 32}")
+    if (k // 32) % tiles or rows not in (64, 128) or m % rows:
+        raise ValueError(f"tiles={tiles} must divide K/32={k // 32} and rows={rows} (64 or 128) must divide M={m}")
     count = feature_counts is not None
     if count and (feature_counts.dtype != torch.int32 or feature_counts.shape != (k,)):
         raise ValueError(f"feature_counts must be int32 [{k}], got {feature_counts.dtype} {tuple(feature_counts.shape)}")
-    grid = (m // 64, k // 32 // tiles)
+    grid = (m // rows, k // 32 // tiles)
     launch(_kernel)[grid](y1, vals, meta, bits, feature_counts if count else bits, k, y1.stride(0), TILES=tiles,
-                  ROUND_BF16=y1.dtype == torch.bfloat16, COUNT=count, num_warps=num_warps)
+                          ROUND_BF16=y1.dtype == torch.bfloat16, COUNT=count, ROWS=rows, num_warps=num_warps)
     return Packed24(buf.view(m, k * 9 // 16), bits, (m, k))
 
 
 @triton.jit
-def _bwd_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr,
-                yt_val_ptr, yt_meta_ptr, dt_val_ptr, dt_meta_ptr, slot_ptr, y2d_ptr, dy1d_ptr, M, K, ND,
-                STE: tl.constexpr, FROM_Y1: tl.constexpr, SPLIT: tl.constexpr, BK: tl.constexpr):
-    # program: 64 rows (tokens) x BK columns (features) of [M, K].
-    # Inputs: dy2 [M, K]; the forward's packed values [M, K/2] and mask bits [M, K/8], or (FROM_Y1, ste mode) only
-    # y1 [M, K], from which the 2:4 selection is recomputed exactly as the forward kernel made it.
-    # Outputs without SPLIT: y2s and dy1 dense [M, K]; in mask mode dy1's kept values in packed order [M, K/2].
-    # With SPLIT (BK = 64): y2s^T and dy1^T [K, M] packed 2:4 along tokens (the sparse operands of both weight
-    # gradients, every feature), the columns of y2s and dy1 whose slot >= 0 into y2d, dy1d [M, ND] (the dense
-    # features of the 95/5 split), dense dy1 in ste mode (its input gradient is a dense GEMM) and dy1's packed
-    # values in mask mode. Dense y2s is then never written.
+def _bwd_rows(rows, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, slot_ptr, y2d_ptr,
+              dy1d_ptr, K, ND, STE: tl.constexpr, FROM_Y1: tl.constexpr, SPLIT: tl.constexpr, R: tl.constexpr,
+              BK: tl.constexpr):
+    """The backward's pointwise work on rows `rows` (int64 [R, 1] token indices) x columns [col0, +BK) of [M, K]:
+    stores the row-wise outputs and returns (y2s, dy1) fp32 [R, BK] for the along-token packing of the split.
+    Inputs: dy2 [M, K]; the forward's packed values [M, K/2] and mask bits [M, K/8], or (FROM_Y1, ste mode) only
+    y1 [M, K], from which the 2:4 selection is recomputed exactly as the forward kernel made it.
+    Outputs without SPLIT: y2s and dy1 dense [M, K]; in mask mode dy1's kept values in packed order [M, K/2].
+    With SPLIT: the columns of y2s and dy1 whose slot >= 0 into y2d, dy1d [M, ND] (the dense features of the 95/5
+    split), dense dy1 in ste mode (its input gradient is a dense GEMM) and dy1's packed values in mask mode; dense
+    y2s is never written."""
     G: tl.constexpr = BK // 4
-    rows = (tl.program_id(0) * 64 + tl.arange(0, 64)).to(tl.int64)[:, None]
-    col0 = tl.program_id(1) * BK
     c = tl.arange(0, BK)[None, :]
     if FROM_Y1:
         y1 = tl.load(y1_ptr + rows * K + col0 + c).to(tl.float32)
@@ -182,16 +197,16 @@ def _bwd_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr,
         i1 = tl.where(k3, 3, tl.where(k2, 2, 1))
     else:
         vals = tl.load(val_ptr + rows * (K // 2) + col0 // 2 + tl.arange(0, 2 * G)[None, :]).to(tl.float32)
-        first, second = tl.split(tl.reshape(vals, (64, G, 2)))  # [64, G]
+        first, second = tl.split(tl.reshape(vals, (R, G, 2)))  # [R, G]
         bits = tl.load(bits_ptr + rows * (K // 8) + col0 // 8 + tl.arange(0, G // 2)[None, :]).to(tl.int32)
-        keep = tl.reshape(tl.join(bits & 15, bits >> 4), (64, G))  # [64, G] nibble: bit c = column c kept
+        keep = tl.reshape(tl.join(bits & 15, bits >> 4), (R, G))  # [R, G] nibble: bit c = column c kept
         i0 = tl.where((keep & 1) != 0, 0, tl.where((keep & 2) != 0, 1, 2))
         i1 = tl.where((keep & 8) != 0, 3, tl.where((keep & 4) != 0, 2, 1))
         d0 = tl.where(i0 == 0, first, 0.0)
         d1 = tl.where(i0 == 1, first, tl.where(i1 == 1, second, 0.0))
         d2 = tl.where(i0 == 2, first, tl.where(i1 == 2, second, 0.0))
         d3 = tl.where(i1 == 3, second, 0.0)
-        y2s = _interleave4(d0, d1, d2, d3, G)  # dense [64, BK]
+        y2s = _interleave4(d0, d1, d2, d3, G)  # dense [R, BK]
         if STE:
             y1 = tl.load(y1_ptr + rows * K + col0 + c).to(tl.float32)
     if not SPLIT:  # stored before dy2 is loaded: measured 17% faster than storing it after (register pressure)
@@ -210,17 +225,66 @@ def _bwd_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr,
         g0, g1, g2, g3 = _columns4(dy1, G)
         dfirst = tl.where(i0 == 0, g0, tl.where(i0 == 1, g1, g2))
         dsecond = tl.where(i1 == 3, g3, tl.where(i1 == 2, g2, g1))
-        dv = tl.reshape(tl.join(dfirst, dsecond), (64, 2 * G))
+        dv = tl.reshape(tl.join(dfirst, dsecond), (R, 2 * G))
         tl.store(dval_ptr + rows * (K // 2) + col0 // 2 + tl.arange(0, 2 * G)[None, :], dv.to(tl.bfloat16))
-    if SPLIT:  # the [64 tokens, 64 features] tile is one [64 features, 64 tokens] block (2 tiles) of the transpose
-        _pack_block(tl.trans(y2s), tl.program_id(1), tl.program_id(0), yt_val_ptr, yt_meta_ptr, yt_val_ptr, M, 2,
-                    False)
-        _pack_block(tl.trans(dy1), tl.program_id(1), tl.program_id(0), dt_val_ptr, dt_meta_ptr, dt_val_ptr, M, 2,
-                    False)
+    if SPLIT:
         slot = tl.load(slot_ptr + col0 + tl.arange(0, BK))[None, :]  # [1, BK]: column's dense slot or -1
         dense = (slot >= 0) & (rows >= 0)
         tl.store(y2d_ptr + rows * ND + slot, y2s.to(tl.bfloat16), mask=dense)
         tl.store(dy1d_ptr + rows * ND + slot, dy1.to(tl.bfloat16), mask=dense)
+    return y2s, dy1
+
+
+@triton.jit
+def _bwd_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, K, STE: tl.constexpr,
+                FROM_Y1: tl.constexpr, BK: tl.constexpr, ROWS: tl.constexpr):
+    # program: ROWS rows (tokens: 64 or 128) x BK columns (features) of [M, K]; no split
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
+    _bwd_rows(rows, tl.program_id(1) * BK, dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, dy2_ptr,
+              dy2_ptr, dy2_ptr, K, 1, STE, FROM_Y1, False, ROWS, BK)
+
+
+@triton.jit
+def _pack_tokens(x0, x1, x2, x3, band, pid1, val_ptr, meta_ptr, M, TILES: tl.constexpr):
+    """2:4 along tokens: x_j [G, 64] fp32 holds tokens 4g+j of a block of 4G tokens x 64 features; select 2 of
+    each 4 tokens (largest |x|, earlier token on ties) and write the block of the transposed [K, M] packed
+    matrix: rows (features) [64*band, +64), columns (tokens) [32*TILES*pid1, +32*TILES). The selection is
+    elementwise across the four phases; only the kept values and positions are transposed."""
+    k0, k1, k2, k3 = _keep24(x0, x1, x2, x3)
+    i0 = tl.where(k0, 0, tl.where(k1, 1, 2))
+    i1 = tl.where(k3, 3, tl.where(k2, 2, 1))
+    first = tl.where(k0, x0, tl.where(k1, x1, x2))
+    second = tl.where(k3, x3, tl.where(k2, x2, x1))
+    _store_packed(tl.trans(first), tl.trans(second), tl.trans(i0), tl.trans(i1), band, pid1, val_ptr, meta_ptr, M,
+                  TILES)
+
+
+@triton.jit
+def _bwd_split_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, dy1_ptr, dval_ptr, yt_val_ptr, yt_meta_ptr, dt_val_ptr,
+                      dt_meta_ptr, slot_ptr, y2d_ptr, dy1d_ptr, M, K, ND, STE: tl.constexpr, FROM_Y1: tl.constexpr,
+                      ROWS: tl.constexpr):
+    # program: ROWS tokens x 64 features of [M, K], with the 95/5 split: y2s^T and dy1^T [K, M] packed 2:4 along
+    # tokens (the sparse operands of both weight gradients, every feature), plus _bwd_rows's row-wise outputs.
+    # The tokens are taken as four phases (rows 4g + j, j = 0..3, [ROWS/4, 64] each), so that the selection
+    # along tokens compares the four phases elementwise instead of regrouping a transposed tile in registers.
+    GT: tl.constexpr = ROWS // 4
+    base = tl.program_id(0) * ROWS + 4 * tl.arange(0, GT).to(tl.int64)[:, None]  # [GT, 1]: tokens 4g
+    col0 = tl.program_id(1) * 64
+    a0, b0 = _bwd_rows(base, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, dy2_ptr, dy1_ptr, dval_ptr, slot_ptr,
+                       y2d_ptr, dy1d_ptr, K, ND, STE, FROM_Y1, True, GT, 64)
+    a1, b1 = _bwd_rows(base + 1, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, dy2_ptr, dy1_ptr, dval_ptr, slot_ptr,
+                       y2d_ptr, dy1d_ptr, K, ND, STE, FROM_Y1, True, GT, 64)
+    a2, b2 = _bwd_rows(base + 2, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, dy2_ptr, dy1_ptr, dval_ptr, slot_ptr,
+                       y2d_ptr, dy1d_ptr, K, ND, STE, FROM_Y1, True, GT, 64)
+    a3, b3 = _bwd_rows(base + 3, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, dy2_ptr, dy1_ptr, dval_ptr, slot_ptr,
+                       y2d_ptr, dy1d_ptr, K, ND, STE, FROM_Y1, True, GT, 64)
+    _pack_tokens(a0, a1, a2, a3, tl.program_id(1), tl.program_id(0), yt_val_ptr, yt_meta_ptr, M, ROWS // 32)
+    _pack_tokens(b0, b1, b2, b3, tl.program_id(1), tl.program_id(0), dt_val_ptr, dt_meta_ptr, M, ROWS // 32)
+
+
+# the backward's launch (64 tokens per program; 8 warps: 3-9% ahead of 4 on H200, benchmarks/results/h200/
+# sparsify.json "backward")
+BWD_ROWS, BWD_WARPS = 64, 8
 
 
 def _packed_buffer(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Tensor, Packed24]:
@@ -231,9 +295,10 @@ def _packed_buffer(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Te
 
 
 def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Tensor | None = None,
-                            dense_slots: torch.Tensor | None = None, n_dense: int = 0, launch=_direct) -> Grads24:
+                            dense_slots: torch.Tensor | None = None, n_dense: int = 0, rows: int = BWD_ROWS,
+                            num_warps: int = BWD_WARPS, launch=_direct) -> Grads24:
     """Triton twin of reference.relu2_sparse24_backward: one pass over dy2 (and y1 in ste mode); see there.
-    launch: as in relu2_sparsify24_packed."""
+    rows, num_warps: tokens per program (64 or 128) and warps; launch: as in relu2_sparsify24_packed."""
     m, k = dy2.shape
     if a is not None and a.shape != (m, k):
         raise ValueError(f"packed y2s is {a.shape}, dy2 is {tuple(dy2.shape)}")
@@ -244,6 +309,8 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Ten
     if y1 is not None and (y1.shape != (m, k) or not y1.is_contiguous()):
         raise ValueError(f"y1 must be a contiguous [{m}, {k}] tensor")
     check_shape(m, k)
+    if rows not in (64, 128) or m % rows:
+        raise ValueError(f"rows={rows} must be 64 or 128 and divide M={m}")
     ste, split, dev = y1 is not None, dense_slots is not None, dy2.device
     new = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16, device=dev)  # noqa: E731
     y2s = None if split else new(m, k)
@@ -259,15 +326,19 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Ten
         yt_val, yt_meta, y2s_t = _packed_buffer(k, m, dev)
         dt_val, dt_meta, dy1_t = _packed_buffer(k, m, dev)
         y2d, dy1d = new(m, n_dense), new(m, n_dense)
-    bk = 64 if split or k % 128 else 128
+    bk = 64 if k % 128 else 128
 
     def ptr(t):  # outputs a configuration does not write still need a pointer (never dereferenced)
         return dy2 if t is None else t
 
-    launch(_bwd_kernel)[(m // 64, k // bk)](
-        dy2, ptr(a.values if a is not None else None), ptr(a.mask_bits if a is not None else None), ptr(y1),
-        ptr(y2s), ptr(dy1), ptr(dval), ptr(yt_val), ptr(yt_meta), ptr(dt_val), ptr(dt_meta), ptr(dense_slots),
-        ptr(y2d), ptr(dy1d), m, k, max(n_dense, 1), STE=ste, FROM_Y1=a is None, SPLIT=split, BK=bk, num_warps=4)
+    vals, bits = ptr(a.values if a is not None else None), ptr(a.mask_bits if a is not None else None)
+    if split:
+        launch(_bwd_split_kernel)[(m // rows, k // 64)](
+            dy2, vals, bits, ptr(y1), ptr(dy1), ptr(dval), yt_val, yt_meta, dt_val, dt_meta, dense_slots, y2d, dy1d,
+            m, k, max(n_dense, 1), STE=ste, FROM_Y1=a is None, ROWS=rows, num_warps=num_warps)
+    else:
+        launch(_bwd_kernel)[(m // rows, k // bk)](dy2, vals, bits, ptr(y1), y2s, ptr(dy1), ptr(dval), k, STE=ste,
+                                                  FROM_Y1=a is None, BK=bk, ROWS=rows, num_warps=num_warps)
     dpk = None
     if dbuf is not None:
         dbuf[m * k // 2:].copy_(a.buffer.view(-1)[m * k // 2:])
