@@ -33,6 +33,14 @@ def sparsify_table(doc: dict) -> str:
     for r in doc["rows"]:
         out.append(f"| {r['M']} | {r['K']} | {r['ms']:.4f} | **{r['tb_per_s']:.2f}** | {r['copy_tb_per_s']:.2f} | "
                    f"{r['reference_torch_ms']:.3f} | {r['torch_cslt_compress_ms']:.3f} |")
+    bwd = [r for r in doc["rows"] if "backward" in r]
+    if bwd:  # the backward pointwise kernel in its three uses (default launch; variants in the JSON)
+        uses = list(bwd[0]["backward"])
+        out += ["", "Backward pointwise kernel, ms (TB/s):", "",
+                "| M | K | " + " | ".join(uses) + " |", "|---|---|" + "---|" * len(uses)]
+        for r in bwd:
+            out.append(f"| {r['M']} | {r['K']} | " + " | ".join(
+                f"{r['backward'][u]['ms']:.4f} ({r['backward'][u]['tb_per_s']:.2f})" for u in uses) + " |")
     return "\n".join(out)
 
 
