@@ -20,12 +20,14 @@ from ..config import VARIANTS
 from ..sparsity import set_step
 from ..train.parallelize import compile_regions, eager_regions, hold_params_in
 from .ffn import variant_config
+from .profile import breakdown, host_times, kernel_times
 from .timing import throughput_ms
 
 INFER_VARIANTS = ("lowrank-relu2", "elas", "relu2", "relu2-24")
 
 
-def infer_row(size: str, variant: str, batch: int = 8, prompt: int = 512, new_tokens: int = 128) -> dict:
+def infer_row(size: str, variant: str, batch: int = 8, prompt: int = 512, new_tokens: int = 128,
+              profile: bool = True) -> dict:
     from ..model.generate import GraphDecoder
     from ..model.llama import KVCache
     torch._dynamo.reset()
@@ -40,6 +42,12 @@ def infer_row(size: str, variant: str, batch: int = 8, prompt: int = 512, new_to
     x = torch.randint(0, cfg.vocab_size, (batch, prompt), device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         prefill_ms = throughput_ms(lambda: model(x), iters=5, warmup=2)
+        if profile:  # GPU time by category, the idle rest (host-bound?), and the host's largest items
+            kernels = kernel_times(lambda: model(x), iters=3)
+            idle = max(0.0, prefill_ms - sum(kernels.values()))
+            prof = {"prefill_breakdown_ms": {**breakdown(kernels), "idle": idle},
+                    "prefill_kernels_ms": {k[:160]: round(v, 4) for k, v in list(kernels.items())[:25]},
+                    "prefill_host_ms": host_times(lambda: model(x))}
         cache = KVCache(len(model.blocks), cfg.max_seq_len, static=True)
         with eager_regions():  # a compiled block would recompile per layer index and cache position
             model(x[:1], cache=cache)
@@ -58,7 +66,7 @@ def infer_row(size: str, variant: str, batch: int = 8, prompt: int = 512, new_to
     row = {"model": size, "variant": variant, "batch": batch, "prompt": prompt, "prefill_ms": prefill_ms,
            "prefill_tokens_per_s": batch * prompt / (prefill_ms / 1e3), "decode_ms_per_token": decode_ms,
            "decode_tokens": n, "packed_prefill": packed, "decode_path": "masked reference (1 token)" if packed
-           else "dense", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+           else "dense", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, **(prof if profile else {})}
     del model, cache, dec
     return row
 
@@ -77,6 +85,10 @@ def bench_infer(sizes=("llama-1b",), variants=INFER_VARIANTS, batch: int = 8, pr
             log(f"infer {size} {variant:>14}: " + (
                 f"prefill {r['prefill_ms']:.2f} ms ({r['prefill_tokens_per_s']:,.0f} tok/s), decode "
                 f"{r['decode_ms_per_token']:.3f} ms/token" if "error" not in r else r["error"]))
+            if "prefill_breakdown_ms" in r:
+                log("  prefill GPU ms: " + ", ".join(f"{k} {v:.2f}" for k, v in r["prefill_breakdown_ms"].items()))
+                log("  prefill host ms: " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                                    list(r["prefill_host_ms"].items())[:8]))
     return with_twin_ratios(rows)
 
 

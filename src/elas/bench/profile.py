@@ -63,3 +63,17 @@ def kernel_times(step, iters: int = 3) -> dict[str, float]:
         if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False) and "#" not in e.name:
             total[e.name] += e.time_range.elapsed_us() / 1e3 / iters
     return dict(sorted(total.items(), key=lambda kv: -kv[1]))
+
+
+def host_times(fn, iters: int = 3, top: int = 15) -> dict[str, float]:
+    """{operator or Python-visible CPU event: self CPU ms per call} over `iters` calls of fn() (already warmed
+    up), the `top` largest: where the host's time goes when a call is host-bound (GPU idle between kernels)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    ev = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return {e.key[:120]: round(e.self_cpu_time_total / 1e3 / iters, 4) for e in ev}
