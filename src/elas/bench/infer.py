@@ -3,7 +3,9 @@
 Per (size, variant): parameters in bf16, the sparsity methods in their sparse mode, every block compiled
 (train/parallelize.compile_regions), then
   prefill:  one forward of [batch, prompt] tokens (no grad): ms (mean of back-to-back calls) and tokens/s. With
-            2:4 activations this runs the packed FFN on sparse tensor cores (batch x prompt is a multiple of 64);
+            2:4 activations this runs the packed FFN on sparse tensor cores (batch x prompt is a multiple of 64).
+            Also replayed from a CUDA graph (prefill_graph_ms: the same kernels without the host's per-call work,
+            for a server that captures its prompt shapes) and profiled (GPU ms by category, idle, host items);
   decode:   batch 1, a static KV cache after a prompt of `prompt` tokens, the decode step (the blocks' eager
             kernels: a compiled block would recompile for every layer index) captured as a CUDA graph
             (model/generate.GraphDecoder): ms per token over `new_tokens` replays. One token is not a
@@ -48,6 +50,7 @@ def infer_row(size: str, variant: str, batch: int = 8, prompt: int = 512, new_to
             prof = {"prefill_breakdown_ms": {**breakdown(kernels), "idle": idle},
                     "prefill_kernels_ms": {k[:160]: round(v, 4) for k, v in list(kernels.items())[:25]},
                     "prefill_host_ms": host_times(lambda: model(x))}
+        prefill_graph_ms = throughput_ms(_captured(lambda: model(x)).replay, iters=5, warmup=2)
         cache = KVCache(len(model.blocks), cfg.max_seq_len, static=True)
         with eager_regions():  # a compiled block would recompile per layer index and cache position
             model(x[:1], cache=cache)
@@ -64,11 +67,26 @@ def infer_row(size: str, variant: str, batch: int = 8, prompt: int = 512, new_to
         decode_ms = a.elapsed_time(b) / n
     packed = any(getattr(c, "packed", False) for a_ in getattr(model, "_elas_methods", []) for _, c in a_.targets)
     row = {"model": size, "variant": variant, "batch": batch, "prompt": prompt, "prefill_ms": prefill_ms,
-           "prefill_tokens_per_s": batch * prompt / (prefill_ms / 1e3), "decode_ms_per_token": decode_ms,
+           "prefill_tokens_per_s": batch * prompt / (prefill_ms / 1e3), "prefill_graph_ms": prefill_graph_ms, "decode_ms_per_token": decode_ms,
            "decode_tokens": n, "packed_prefill": packed, "decode_path": "masked reference (1 token)" if packed
            else "dense", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, **(prof if profile else {})}
     del model, cache, dec
     return row
+
+
+def _captured(fn) -> torch.cuda.CUDAGraph:
+    """fn (a forward of fixed shapes) captured as a CUDA graph after two warm-up calls on a side stream: its
+    replay is the same kernels without the host's per-call work."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
 
 
 def bench_infer(sizes=("llama-1b",), variants=INFER_VARIANTS, batch: int = 8, prompt: int = 512,
@@ -83,7 +101,8 @@ def bench_infer(sizes=("llama-1b",), variants=INFER_VARIANTS, batch: int = 8, pr
                 torch.cuda.empty_cache()
             rows.append(r)
             log(f"infer {size} {variant:>14}: " + (
-                f"prefill {r['prefill_ms']:.2f} ms ({r['prefill_tokens_per_s']:,.0f} tok/s), decode "
+                f"prefill {r['prefill_ms']:.2f} ms ({r['prefill_tokens_per_s']:,.0f} tok/s; captured "
+                f"{r['prefill_graph_ms']:.2f} ms), decode "
                 f"{r['decode_ms_per_token']:.3f} ms/token" if "error" not in r else r["error"]))
             if "prefill_breakdown_ms" in r:
                 log("  prefill GPU ms: " + ", ".join(f"{k} {v:.2f}" for k, v in r["prefill_breakdown_ms"].items()))
@@ -102,6 +121,8 @@ def with_twin_ratios(rows: list[dict]) -> list[dict]:
         t = by.get((r.get("model"), twin))
         if t is not None and "error" not in r:
             r["prefill_vs_twin"] = t["prefill_ms"] / r["prefill_ms"]
+            if "prefill_graph_ms" in r and "prefill_graph_ms" in t:
+                r["prefill_graph_vs_twin"] = t["prefill_graph_ms"] / r["prefill_graph_ms"]
             r["decode_vs_twin"] = t["decode_ms_per_token"] / r["decode_ms_per_token"]
         out.append(r)
     return out
