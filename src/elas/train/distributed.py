@@ -43,6 +43,9 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def shutdown(d: Dist) -> None:
+def shutdown(d: Dist, wait: bool = False) -> None:
+    """Tear down the process group; wait: first a barrier (only where every process got here the same way)."""
     if d.enabled and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()

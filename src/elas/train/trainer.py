@@ -222,6 +222,7 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.tb = None  # a SummaryWriter beside metrics.jsonl (rank 0, tensorboard=true), opened in fit
         self._stop_signal: int | None = None
+        self._finished = False  # fit() completed: close() then waits for the other processes
 
     # -- one optimizer step ---------------------------------------------------------------------------------
     def _graphs_reason(self) -> str | None:
@@ -359,6 +360,7 @@ class Trainer:
             for s, h in old.items():
                 signal.signal(s, h)
         result.setdefault("step", self.step)
+        self._finished = True
         return result
 
     def save(self) -> None:
@@ -397,7 +399,9 @@ class Trainer:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-        shutdown(self.dist)
+        # after a complete run every process waits for the others before the group is torn down (a process that
+        # left early could abort a peer still finishing its last collective); after a failure nobody waits
+        shutdown(self.dist, wait=self._finished)
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
