@@ -85,3 +85,16 @@ def test_step_variant_options_set_method_keys_and_bad_ones_fail_in_one_line():
                       ("elas+act24.fused=maybe", "true or false"), ("elas+fused", "KEY=VALUE")):
         with pytest.raises(ValueError, match=says):
             step_config("llama-60m", bad, "elas", 256)
+
+
+def test_infer_ratios_take_the_dense_twins_best_prefill_mode():
+    from elas.bench.infer import with_twin_ratios
+    rows = with_twin_ratios([
+        {"model": "m", "variant": "lowrank-relu2", "prefill_ms": 17.0, "prefill_graph_ms": 10.0,
+         "decode_ms_per_token": 4.0},
+        {"model": "m", "variant": "elas", "prefill_ms": 25.0, "prefill_graph_ms": 11.0, "decode_ms_per_token": 5.0}])
+    assert "prefill_vs_twin" not in rows[0]  # the twin has no ratio to itself
+    r = rows[1]
+    assert r["twin_prefill_mode"] == "captured"  # 10 ms captured beats 17 ms called
+    assert r["prefill_vs_twin"] == 10.0 / 25.0 and r["prefill_graph_vs_twin"] == 10.0 / 11.0
+    assert r["decode_vs_twin"] == 4.0 / 5.0

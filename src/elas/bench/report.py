@@ -60,18 +60,19 @@ def epilogue_table(doc: dict) -> str:
 
 def infer_table(doc: dict) -> str:
     out = [_env_line(doc), "",
-           "| model | variant | prefill batch x prompt | prefill ms | prefill tokens/s | vs dense twin | decode ms/token "
-           "(batch 1, CUDA graph) | vs dense twin | decode FFN path | prefill GPU idle ms | prefill ms, CUDA graph | "
-           "vs dense twin |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| model | variant | prefill batch x prompt | prefill ms | prefill tokens/s | vs dense twin (its best mode) | "
+           "decode ms/token (batch 1, CUDA graph) | vs dense twin | decode FFN path | prefill GPU idle ms | prefill "
+           "ms, CUDA graph | vs dense twin (its best mode) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         if "error" in r:
             out.append(f"| {r['model']} | {r['variant']} | {r['error']} | | | | | | | | | |")
             continue
         idle = r.get("prefill_breakdown_ms", {}).get("idle")
-        pv = f"**{r['prefill_vs_twin']:.2f}x**" if "prefill_vs_twin" in r else "-"
+        tm = f" ({r['twin_prefill_mode']})" if "twin_prefill_mode" in r else ""
+        pv = f"**{r['prefill_vs_twin']:.2f}x**{tm}" if "prefill_vs_twin" in r else "-"
         dv = f"{r['decode_vs_twin']:.2f}x" if "decode_vs_twin" in r else "-"
         graph = f"{r['prefill_graph_ms']:.2f}" if "prefill_graph_ms" in r else "-"
-        gv = f"**{r['prefill_graph_vs_twin']:.2f}x**" if "prefill_graph_vs_twin" in r else "-"
+        gv = f"**{r['prefill_graph_vs_twin']:.2f}x**{tm}" if "prefill_graph_vs_twin" in r else "-"
         out.append(f"| {r['model']} | {r['variant']} | {r['batch']}x{r['prompt']} | {r['prefill_ms']:.2f} | "
                    f"{r['prefill_tokens_per_s']:,.0f} | {pv} | {r['decode_ms_per_token']:.3f} | {dv} | "
                    f"{r['decode_path']} | {'-' if idle is None else f'{idle:.2f}'} | {graph} | {gv} |")

@@ -6,6 +6,7 @@ import statistics
 import torch
 
 from ..kernels.cuda.gemm import _graph_time_ms as graph_ms  # noqa: F401  (CUDA-graph replay: no host overhead)
+from ..kernels.cuda.gemm import capture_graph  # noqa: F401
 
 
 def _windows_ms(fn, calls: int, windows: int, warmup: int) -> list[float]:

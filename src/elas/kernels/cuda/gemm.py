@@ -97,18 +97,25 @@ def _raw_mm(a: Packed24, b: torch.Tensor, alg: int, impl: str) -> torch.Tensor:
     return torch._cslt_sparse_mm(a.buffer, b, alg_id=alg)
 
 
-def _graph_time_ms(fn, reps: int = 10, trials: int = 5) -> float:
-    """Per-call GPU time of fn from the replay of a CUDA graph of `reps` calls (no host overhead)."""
+def capture_graph(fn, reps: int = 1, warmup: int = 3) -> torch.cuda.CUDAGraph:
+    """`reps` calls of fn (fixed shapes) captured as one CUDA graph, after `warmup` calls on a side stream
+    (allocations, tuning, lazy inits): its replay runs the same kernels without the host's per-call work."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        for _ in range(3):
+        for _ in range(warmup):
             fn()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         for _ in range(reps):
             fn()
+    return g
+
+
+def _graph_time_ms(fn, reps: int = 10, trials: int = 5) -> float:
+    """Per-call GPU time of fn from the replay of a CUDA graph of `reps` calls (no host overhead)."""
+    g = capture_graph(fn, reps)
     times = []
     for _ in range(trials):
         st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
