@@ -98,3 +98,17 @@ def test_infer_ratios_take_the_dense_twins_best_prefill_mode():
     assert r["twin_prefill_mode"] == "captured"  # 10 ms captured beats 17 ms called
     assert r["prefill_vs_twin"] == 10.0 / 25.0 and r["prefill_graph_vs_twin"] == 10.0 / 11.0
     assert r["decode_vs_twin"] == 4.0 / 5.0
+
+
+def test_infer_table_shows_the_compiled_decode_its_ratio_or_its_failure():
+    from elas.bench.infer import with_twin_ratios
+    from elas.bench.report import infer_table
+    base = {"model": "m", "batch": 8, "prompt": 512, "prefill_ms": 2.0, "prefill_tokens_per_s": 1.0,
+            "decode_path": "dense"}
+    rows = with_twin_ratios([
+        {**base, "variant": "lowrank-relu2", "decode_ms_per_token": 4.0, "decode_compiled_ms_per_token": 3.0},
+        {**base, "variant": "elas", "decode_ms_per_token": 5.0, "decode_compiled_ms_per_token": "RuntimeError: x"},
+        {**base, "variant": "relu2", "decode_ms_per_token": 4.0}])
+    assert rows[1]["decode_vs_twin"] == 3.0 / 5.0 and "decode_compiled_vs_twin" not in rows[1]  # twin's best
+    text = infer_table({"env": {}, "command": "c", "rows": rows})
+    assert "| 3.000 | - |" in text and "failed: RuntimeError: x | - |" in text and text.count("| - | - |") >= 1

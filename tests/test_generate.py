@@ -96,12 +96,43 @@ def test_infer_ratios_table_and_bad_variant():
     assert main(["bench", "infer", "--variants", "elas,nope"]) != 0
 
 
+@pytest.mark.parametrize("variant", ["lowrank-relu2", "elas"])
+def test_compiled_decode_step_is_one_graph_for_every_position_and_cache(variant):
+    """decode_step(compile=True) over a static cache: the logits of eager decoding at every position, and one
+    compilation for all positions and for caches of other prompt lengths (the graph reads no host position;
+    the caller advances `pos`, as GraphDecoder.step does)."""
+    from torch._dynamo.utils import counters
+
+    from elas.model.generate import decode_step
+    torch._dynamo.reset()
+    counters.clear()
+    model = _model(variant)
+    idx = torch.randint(0, 200, (1, 14))
+    with torch.no_grad():
+        for prompt in (6, 8):
+            cache, ref = (KVCache(len(model.blocks), 24, static=True) for _ in range(2))
+            for c in (cache, ref):
+                model(idx[:, :prompt], cache=c)
+            step = decode_step(model, cache, compile=True)
+            for t in range(prompt, prompt + 4):
+                got = step(idx[:, t:t + 1])
+                cache.pos += 1
+                torch.testing.assert_close(got, model(idx[:, t:t + 1], cache=ref)[:, -1, :].float(), rtol=1e-5,
+                                           atol=1e-5)
+            assert cache.pos == ref.pos and int(cache.pos_t) == int(ref.pos_t) == prompt + 4
+    assert counters["stats"]["unique_graphs"] == 1
+    with pytest.raises(ValueError, match="graph=True"):
+        sample(model, idx[:, :4], 2, compile_decode=True)
+
+
 @pytest.mark.gpu
-def test_gpu_graph_decode_equals_eager_decode():
-    """The captured decode step (GraphDecoder over a static cache) samples the tokens eager decoding does."""
+@pytest.mark.parametrize("compile_decode", [False, True])
+def test_gpu_graph_decode_equals_eager_decode(compile_decode):
+    """The captured decode step (GraphDecoder over a static cache; compiled first or not) samples the tokens
+    eager decoding does."""
     torch.manual_seed(0)
     model = _model("lowrank-relu2").cuda()
     prompt = torch.randint(0, 200, (1, 10), device="cuda")
     a = sample(model, prompt, 30, temperature=0, graph=False)
-    b = sample(model, prompt, 30, temperature=0, graph=True)
+    b = sample(model, prompt, 30, temperature=0, graph=True, compile_decode=compile_decode)
     assert torch.equal(a, b)

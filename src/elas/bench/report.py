@@ -58,14 +58,24 @@ def epilogue_table(doc: dict) -> str:
     return "\n".join(out)
 
 
+def _decode_compiled(r: dict) -> str:
+    """The compiled decode's two cells: ms and ratio, its error, or dashes where it was not measured."""
+    v = r.get("decode_compiled_ms_per_token")
+    if v is None:
+        return "- | -"
+    if not isinstance(v, float):
+        return f"failed: {v[:60]} | -"
+    return f"{v:.3f} | " + (f"{r['decode_compiled_vs_twin']:.2f}x" if "decode_compiled_vs_twin" in r else "-")
+
+
 def infer_table(doc: dict) -> str:
     out = [_env_line(doc), "",
            "| model | variant | prefill batch x prompt | prefill ms | prefill tokens/s | vs dense twin (its best mode) | "
            "decode ms/token (batch 1, CUDA graph) | vs dense twin | decode FFN path | prefill GPU idle ms | prefill "
-           "ms, CUDA graph | vs dense twin (its best mode) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "ms, CUDA graph | vs dense twin (its best mode) | decode ms/token, compiled + graph | vs dense twin |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         if "error" in r:
-            out.append(f"| {r['model']} | {r['variant']} | {r['error']} | | | | | | | | | |")
+            out.append(f"| {r['model']} | {r['variant']} | {r['error']} | | | | | | | | | | | |")
             continue
         idle = r.get("prefill_breakdown_ms", {}).get("idle")
         tm = f" ({r['twin_prefill_mode']})" if "twin_prefill_mode" in r else ""
@@ -75,7 +85,8 @@ def infer_table(doc: dict) -> str:
         gv = f"**{r['prefill_graph_vs_twin']:.2f}x**{tm}" if "prefill_graph_vs_twin" in r else "-"
         out.append(f"| {r['model']} | {r['variant']} | {r['batch']}x{r['prompt']} | {r['prefill_ms']:.2f} | "
                    f"{r['prefill_tokens_per_s']:,.0f} | {pv} | {r['decode_ms_per_token']:.3f} | {dv} | "
-                   f"{r['decode_path']} | {'-' if idle is None else f'{idle:.2f}'} | {graph} | {gv} |")
+                   f"{r['decode_path']} | {'-' if idle is None else f'{idle:.2f}'} | {graph} | {gv} | "
+                   f"{_decode_compiled(r)} |")
     return "\n".join(out)
 
 

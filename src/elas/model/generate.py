@@ -2,8 +2,9 @@
 
 On a GPU the decode step can be captured once as a CUDA graph over a static cache (model/llama.KVCache(static=True))
 and replayed for every token (`graph=True`; `elas bench infer` measures it): at batch 1 a decode step is hundreds
-of small kernels, and without the graph the GPU waits on Python between them. It becomes the default of `elas
-generate` once it has been measured on a GPU."""
+of small kernels, and without the graph the GPU waits on Python between them. `compile_decode=True` compiles the
+step first (one graph for every position: it does not read the host position), so the replayed kernels are
+Inductor's fused ones. Neither is the default of `elas generate` yet."""
 from __future__ import annotations
 
 import torch
@@ -22,6 +23,15 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
 
 
+def decode_step(model, cache: KVCache, compile: bool = False):
+    """tokens [b, 1] -> logits [b, vocab] fp32 over the cache, advanced by one. compile: torch.compile'd as one
+    graph (fullgraph) that does not read the host position of a static cache (KVCache.host_pos), so one
+    compilation serves every position; the caller then keeps `cache.pos` (GraphDecoder.step does)."""
+    def step(tokens: torch.Tensor) -> torch.Tensor:
+        return model(tokens, cache=cache)[:, -1, :].float()
+    return torch.compile(step, fullgraph=True) if compile else step
+
+
 class GraphDecoder:
     """One decode step (a token [b, 1] -> logits [b, vocab] fp32, the static cache advanced by one) captured as a
     CUDA graph after the prefill: `step(tokens)` replays it. Built by `capture(model, cache)`, which runs one
@@ -32,22 +42,26 @@ class GraphDecoder:
         self.graph = self.out = None
 
     @classmethod
-    def capture(cls, model, cache: KVCache, batch: int = 1) -> "GraphDecoder":
+    def capture(cls, model, cache: KVCache, batch: int = 1, compile: bool = False) -> "GraphDecoder":
+        """compile: the decode step is first compiled as one graph (torch.compile, fullgraph; its kernels fused
+        by Inductor), then captured; once per capture, as the graph does not depend on the position."""
         if not cache.static:
             raise ValueError("GraphDecoder needs a static KVCache (KVCache(..., static=True))")
         dev = cache.pos_t.device
         self = cls(model, cache, torch.zeros(batch, 1, dtype=torch.long, device=dev))
+        fn = decode_step(model, cache, compile)
+        pos = cache.pos
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up (allocations, lazy inits) outside the capture
-            model(self.tok, cache=cache)
+        with torch.cuda.stream(side):  # warm-up (compile, allocations, lazy inits) outside the capture
+            fn(self.tok)
         torch.cuda.current_stream().wait_stream(side)
-        cache.pos -= 1
+        cache.pos = pos  # undo the warm-up step (its cache entry is rewritten by the first real step)
         cache.pos_t -= 1
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = model(self.tok, cache=cache)[:, -1, :].float()
-        cache.pos -= 1  # the capture ran the host side only; pos_t's add was captured, not run
+            self.out = fn(self.tok)
+        cache.pos = pos  # the capture ran the host side only; pos_t's add was captured, not run
         return self
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -62,16 +76,20 @@ class GraphDecoder:
 @torch.no_grad()
 def sample(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = 50,
            stop_token: int | None = None, generator: torch.Generator | None = None,
-           use_cache: bool = True, graph: bool = False, static_cache: bool | None = None) -> torch.Tensor:
+           use_cache: bool = True, graph: bool = False, static_cache: bool | None = None,
+           compile_decode: bool = False) -> torch.Tensor:
     """idx: [1, t] prompt ids -> [1, t + new] ids. The context is the last max_seq_len tokens: once the cache
     is full, every step re-runs that window (what use_cache=False does at every step). graph (CUDA): replay the
     decode step from a CUDA graph (GraphDecoder); static_cache (default: = graph) decodes over the static cache
-    eagerly (what the graph replays; used to test it on the CPU)."""
+    eagerly (what the graph replays; used to test it on the CPU); compile_decode (with graph): the captured decode
+    step is first compiled as one graph (generate.decode_step)."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     model.eval()
     if graph and not (idx.is_cuda and use_cache):
         raise ValueError("graph=True replays a captured decode step: it needs CUDA tensors and use_cache=True")
+    if compile_decode and not graph:
+        raise ValueError("compile_decode=True compiles the captured decode step: it needs graph=True")
     static = graph if static_cache is None else static_cache
     ctx = model.cfg.max_seq_len
     cache = decoder = None
@@ -80,7 +98,8 @@ def sample(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0
             window = idx[:, -ctx:]
             cache = KVCache(len(model.blocks), ctx, static=static) if use_cache else None
             logits = model(window, cache=cache)[:, -1, :].float()  # [1, vocab]
-            decoder = GraphDecoder.capture(model, cache) if graph and cache.pos < ctx else None
+            decoder = GraphDecoder.capture(model, cache, compile=compile_decode) if graph and cache.pos < ctx \
+                else None
         elif decoder is not None:
             logits = decoder.step(idx[:, -1:])
         else:

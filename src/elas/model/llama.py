@@ -68,8 +68,15 @@ class KVCache:
             self.pos_t = torch.zeros(1, dtype=torch.long, device=device)
         return self.pos_t + torch.arange(s, device=device)
 
+    def host_pos(self) -> bool:
+        """Whether this forward reads and moves the host-side position. Not in a compiled decode step over a static
+        cache: its graph must not depend on (and be guarded on) the position, and its caller
+        (generate.GraphDecoder) checks room and advances `pos` on the host."""
+        return not (self.static and torch.compiler.is_compiling())
+
     def advance(self, s: int) -> None:
-        self.pos += s
+        if self.host_pos():
+            self.pos += s
         if self.static:
             self.pos_t += s
 
@@ -78,7 +85,7 @@ class KVCache:
         """Store k, v [b, heads, s, head_dim] at positions pos..pos+s; return all keys and values so far (static:
         the whole buffers, positions [s] on the device)."""
         b, h, s, hd = k.shape
-        if self.pos + s > self.max_len:
+        if self.host_pos() and self.pos + s > self.max_len:
             raise ValueError(f"KV cache full: {self.pos} + {s} tokens exceed its {self.max_len} positions")
         if self.k[layer] is None:
             self.k[layer] = k.new_zeros(b, h, self.max_len, hd)
@@ -111,9 +118,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         causal, mask = True, None
         if cache is not None:
-            if cache.pos > 0 and s > 1:
+            if s > 1 and cache.pos > 0:  # (s first: a decode step's graph does not read the position)
                 raise ValueError("KV cache: after the prefill, decode one token per forward")
-            causal = cache.pos == 0 and not cache.static
+            causal = not cache.static and cache.pos == 0
             k, v = cache.update(layer, k, v, positions)  # [b, heads, pos + s (static: max_len), head_dim]
             mask = cache.mask(positions) if cache.static else None
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # [b, heads, s, head_dim]
@@ -186,7 +193,7 @@ class LLaMA(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
         """idx: [batch, seq] token ids. Returns logits [batch, seq, vocab], or the mean loss if targets given.
         cache: a KVCache for decoding (idx then holds the tokens after the cached ones; logits only)."""
-        start = cache.pos if cache is not None else 0
+        start = cache.pos if cache is not None and cache.host_pos() else 0
         if start + idx.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {start + idx.shape[1]} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         positions = None
