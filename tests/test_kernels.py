@@ -71,21 +71,35 @@ def test_shape_checks():
 
 
 @needs_triton
-@pytest.mark.parametrize("m,k,dtype,rows", [(64, 64, torch.bfloat16, 64), (128, 192, torch.bfloat16, 64),
-                                            (64, 128, torch.float32, 64), (192, 64, torch.bfloat16, 64),
-                                            (256, 128, torch.bfloat16, 128), (128, 64, torch.float32, 128)])
-def test_triton_sparsifier_bit_exact(m, k, dtype, rows):
-    """On CPU this runs the kernel in Triton's interpreter: the logic, not the speed. rows: tokens per program."""
+@pytest.mark.parametrize("form", ["tile", "strided"])
+@pytest.mark.parametrize("m,k,dtype,rows,tiles", [(64, 64, torch.bfloat16, 64, 2), (128, 192, torch.bfloat16, 64, 1),
+                                                  (64, 128, torch.float32, 64, 2), (192, 64, torch.bfloat16, 64, 2),
+                                                  (256, 128, torch.bfloat16, 128, 2),
+                                                  (128, 256, torch.float32, 128, 4)])
+def test_triton_sparsifier_bit_exact(m, k, dtype, rows, tiles, form):
+    """On CPU this runs the kernel in Triton's interpreter: the logic, not the speed. rows: tokens per program;
+    form: the kernel (the block-transposing one, or the strided one without register shuffles)."""
     from elas.kernels.cuda.sparsify import relu2_sparsify24_packed
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     y1 = adversarial(m, k, dtype).to(dev)
     counts = torch.full((k,), 3, dtype=torch.int32, device=dev)  # added to, not overwritten
-    got, want = relu2_sparsify24_packed(y1, counts, rows=rows), ref.relu2_sparsify24_packed(y1)
+    got = relu2_sparsify24_packed(y1, counts, rows=rows, tiles=tiles, form=form)
+    want = ref.relu2_sparsify24_packed(y1)
     assert torch.equal(got.buffer.view(torch.uint8), want.buffer.view(torch.uint8))
     assert torch.equal(got.mask_bits, want.mask_bits)
     assert torch.equal(counts, 3 + (torch.relu(y1) != 0).sum(0).int())
     # the split's ranking from these counts equals the one from the dense tensor
     assert torch.equal(ref.dense_features_from_counts(counts - 3, 0.25), ref.dense_feature_split(torch.relu(y1), 0.25))
+    # without the mask bits (ste mode): the same buffer, no bits
+    nob = relu2_sparsify24_packed(y1, rows=rows, tiles=tiles, form=form, write_bits=False)
+    assert torch.equal(nob.buffer.view(torch.uint8), want.buffer.view(torch.uint8)) and nob.mask_bits.numel() == 0
+
+
+def test_sparsifier_rejects_unknown_form():
+    pytest.importorskip("triton")
+    from elas.kernels.cuda.sparsify import relu2_sparsify24_packed
+    with pytest.raises(ValueError, match="invalid sparsifier form 'fast'"):
+        relu2_sparsify24_packed(torch.zeros(64, 64), form="fast")
 
 
 # ---- GPU -------------------------------------------------------------------------------------------------------
@@ -98,13 +112,15 @@ def _random_shapes(n, seed=0):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,k", _random_shapes(12) + [(16384, 2176), (16384, 8192)])
 def test_gpu_sparsifier_matches_reference(m, k):
-    from elas.kernels.cuda.sparsify import relu2_sparsify24_packed
+    from elas.kernels.cuda.sparsify import FORMS, relu2_sparsify24_packed
     y1 = adversarial(m, k, torch.bfloat16, seed=m + k).cuda()
-    counts = torch.zeros(k, dtype=torch.int32, device="cuda")
-    got, want = relu2_sparsify24_packed(y1, counts), ref.relu2_sparsify24_packed(y1)
-    assert torch.equal(got.buffer.view(torch.uint8), want.buffer.view(torch.uint8))
-    assert torch.equal(got.mask_bits, want.mask_bits)
-    assert torch.equal(counts, (y1 > 0).sum(0).int())
+    want = ref.relu2_sparsify24_packed(y1)
+    for form in FORMS:
+        counts = torch.zeros(k, dtype=torch.int32, device="cuda")
+        got = relu2_sparsify24_packed(y1, counts, form=form)
+        assert torch.equal(got.buffer.view(torch.uint8), want.buffer.view(torch.uint8)), form
+        assert torch.equal(got.mask_bits, want.mask_bits), form
+        assert torch.equal(counts, (y1 > 0).sum(0).int()), form
 
 
 @pytest.mark.gpu

@@ -80,6 +80,16 @@ def test_dense_feature_split_picks_densest_columns():
         ref.dense_feature_split(y, 1.5)
 
 
+@pytest.mark.parametrize("n_feat,frac", [(2176, 0.05), (8192, 0.05), (640, 0.25), (64, 1.0), (128, 0.0)])
+def test_dense_feature_indices_equal_a_stable_sort(n_feat, frac):
+    """The top-k on the tie-broken key selects exactly the features a stable descending sort ranks first."""
+    nnz = torch.randint(0, 6, (n_feat,), generator=torch.Generator().manual_seed(n_feat))  # many ties
+    n_dense = ref.n_dense_features(n_feat, frac)
+    want = torch.sort(torch.sort(nnz, descending=True, stable=True).indices[:n_dense]).values
+    got = ref.dense_feature_indices(nnz.int(), frac)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+
+
 def test_wgrad_split_operand():
     y = torch.randn(16, 10)
     dense = torch.zeros(10, dtype=torch.bool)

@@ -128,6 +128,17 @@ def test_token_permutation_is_invertible_and_fixed():
         token_permutation(keys, keys.numel() + 1)
 
 
+def test_permuted_tokens_gradient_is_the_inverse_gather():
+    """The permutation's own backward (a gather by the inverse) gives autograd's gradient of indexing, exactly."""
+    from elas.sparsity.act24 import _PermuteTokens
+    perm, inv = token_permutation(permutation_keys(), 32)
+    x = torch.randn(3, 32, 5, requires_grad=True)
+    w = torch.randn(3, 32, 5)
+    (gx,) = torch.autograd.grad((_PermuteTokens.apply(x, perm, inv) * w).sum(), x)
+    (want,) = torch.autograd.grad((x[:, perm] * w).sum(), x)
+    assert torch.equal(_PermuteTokens.apply(x, perm, inv), x[:, perm]) and torch.equal(gx, want)
+
+
 def test_dense_warmup_switch():
     model = build_model(preset("llama-tiny-elas", dense_warmup_steps=3, n_layers=2))
     cores = [m.core for m in model.modules() if isinstance(m, ReLU2FFN)]

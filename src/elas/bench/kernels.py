@@ -83,9 +83,13 @@ def bench_host_overhead(calls: int = 2000, log=print) -> dict:
     return res
 
 
+SPARSIFY_LAUNCHES = [(1, 4, 64), (2, 4, 64), (2, 8, 64), (4, 8, 64), (2, 4, 128), (2, 8, 128), (4, 8, 128),
+                     (4, 4, 128), (8, 8, 128)]  # (tiles, warps, rows)
+
+
 def bench_sparsify(m: int = 16384, ks=None, log=print) -> list[dict]:
     from ..kernels import reference
-    from ..kernels.cuda.sparsify import relu2_sparsify24_packed
+    from ..kernels.cuda.sparsify import FORMS, relu2_sparsify24_packed
     rows = []
     for k in ks or [kk for kk, _ in FFN_SHAPES]:
         y1 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -100,11 +104,15 @@ def bench_sparsify(m: int = 16384, ks=None, log=print) -> list[dict]:
                      "reference_torch_ms": ref_ms, "torch_cslt_compress_ms": compress_ms})
         r = rows[-1]
         r["variants_ms"] = {}
-        for t, w, rw in ((1, 4, 64), (2, 4, 64), (2, 8, 64), (4, 8, 64), (2, 4, 128), (2, 8, 128), (4, 8, 128)):
-            if (k // 32) % t == 0 and torch.equal(relu2_sparsify24_packed(y1, tiles=t, num_warps=w, rows=rw).buffer.view(torch.int16),
-                           relu2_sparsify24_packed(y1).buffer.view(torch.int16)):  # timed only if byte-identical
-                r["variants_ms"][f"tiles{t}_warps{w}_rows{rw}"] = graph_ms(
-                    lambda: relu2_sparsify24_packed(y1, tiles=t, num_warps=w, rows=rw))
+        want = relu2_sparsify24_packed(y1).buffer.view(torch.int16)
+        for form in FORMS:  # each form x launch shape x mask bits, timed only if byte-identical to the default
+            for t, w, rw in SPARSIFY_LAUNCHES:
+                for bits in (True, False):
+                    kw = dict(tiles=t, num_warps=w, rows=rw, form=form, write_bits=bits)
+                    if (k // 32) % t == 0 and torch.equal(relu2_sparsify24_packed(y1, **kw).buffer.view(torch.int16),
+                                                          want):
+                        r["variants_ms"][f"{form}_tiles{t}_warps{w}_rows{rw}" + ("" if bits else "_nobits")] = \
+                            graph_ms(lambda: relu2_sparsify24_packed(y1, **kw))
         r["backward"] = _backward_sweep(y1, log)
         log(f"sparsify M={m} K={k}: {ms:.4f} ms = {r['tb_per_s']:.2f} TB/s (copy {r['copy_tb_per_s']:.2f} TB/s); "
             f"torch reference {ref_ms:.3f} ms; _cslt_compress alone {compress_ms:.3f} ms; variants "

@@ -5,8 +5,9 @@ emulated) and a CUDA implementation that is the Hopper kernel (Triton sparsifier
 `triton_op` + `wrap_triton`, the cuSPARSELt GEMM extension through `custom_op`). Only tensors, ints, floats and
 bools cross the boundary; "not produced" outputs are empty tensors (an operator cannot return None).
 
-    elas::relu2_sparsify24_packed(y1 [M, K], count) -> buffer [M, K*9/16] bf16, mask_bits [M, K/8] u8,
-                                                       counts [K] i32 (positives per column; [0] if not count)
+    elas::relu2_sparsify24_packed(y1 [M, K], count, bits) -> buffer [M, K*9/16] bf16, mask_bits [M, K/8] u8
+                                                       ([0] if not bits), counts [K] i32 (positives per column;
+                                                       [0] if not count)
     elas::up_relu2_sparsify24(h1 [M, q], wu [K, q], count, write_y1) -> y1 [M, K] (or [0]), buffer, mask_bits,
                               counts: the up-projection GEMM with the sparsifier in its epilogue
     elas::dgrad_relu2_ste(dh2 [M, q'], wd [K, q'], y1 [M, K]) -> y2s, dy1: the backward's dy2 GEMM with the
@@ -76,22 +77,23 @@ def _define_triton_op(name: str, fn):
 
 
 # ---- sparsifier -----------------------------------------------------------------------------------------------
-def _relu2_sparsify24_packed(y1: Tensor, count: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _relu2_sparsify24_packed(y1: Tensor, count: bool, bits: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     m, k = y1.shape
     counts = torch.zeros(k if count else 0, dtype=torch.int32, device=y1.device)
     if y1.device.type == "cuda":
-        p = _tk.relu2_sparsify24_packed(y1, counts if count else None, launch=wrap_triton)
-    else:
-        p = ref.relu2_sparsify24_packed(y1, counts if count else None)
-    return p.buffer, p.mask_bits, counts
+        p = _tk.relu2_sparsify24_packed(y1, counts if count else None, launch=wrap_triton, write_bits=bits)
+        return p.buffer, p.mask_bits, counts
+    p = ref.relu2_sparsify24_packed(y1, counts if count else None)
+    return p.buffer, (p.mask_bits if bits else torch.empty(0, dtype=torch.uint8, device=y1.device)), counts
 
 
 relu2_sparsify24_packed_op = _define_triton_op("elas::relu2_sparsify24_packed", _relu2_sparsify24_packed)
 
 
-def relu2_sparsify24_packed(y1: Tensor, count: bool = False) -> tuple[Packed24, Tensor | None]:
-    """y1: [M, K] -> (Packed24 of 2:4(relu(y1)^2), positives per column int32 [K] or None)."""
-    buf, bits, counts = relu2_sparsify24_packed_op(y1, count)
+def relu2_sparsify24_packed(y1: Tensor, count: bool = False, bits: bool = True) -> tuple[Packed24, Tensor | None]:
+    """y1: [M, K] -> (Packed24 of 2:4(relu(y1)^2), positives per column int32 [K] or None). bits: write the
+    plain keep-mask (Packed24.mask_bits; empty otherwise: only `mask` mode's backward reads it)."""
+    buf, bits, counts = relu2_sparsify24_packed_op(y1, count, bits)
     return Packed24(buf, bits, tuple(y1.shape)), (counts if count else None)
 
 
@@ -219,16 +221,13 @@ def act24_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac
         y1, p, counts = up_relu2_sparsify24(h1, wu, count=dense_frac is not None, write_y1=not mask_grad)
     else:
         y1 = h1 @ wu.T  # [T, d_ff]
-        p, counts = relu2_sparsify24_packed(y1, count=dense_frac is not None)
+        p, counts = relu2_sparsify24_packed(y1, count=dense_frac is not None, bits=mask_grad)
     h2 = sparse_mm(p, wd)  # [T, q']
     idx_d, slots = h1.new_empty(0, dtype=torch.long), h1.new_empty(0, dtype=torch.int32)  # outputs never alias
     if counts is not None:
-        dense = ref.dense_features_from_counts(counts, dense_frac)
-        n_dense = ref.n_dense_features(dense.numel(), dense_frac)  # host-known count: no sync
-        # stable sort puts the dense features first, in ascending feature order; slot j <- j-th of them
-        idx_d = torch.sort(dense.to(torch.uint8), descending=True, stable=True).indices[:n_dense]
-        slots = torch.full((dense.numel(),), -1, dtype=torch.int32, device=h1.device)
-        slots.index_copy_(0, idx_d, torch.arange(n_dense, dtype=torch.int32, device=h1.device))
+        idx_d = ref.dense_feature_indices(counts, dense_frac)  # [n_dense] ascending (n_dense known on the host)
+        slots = torch.full((wu.shape[0],), -1, dtype=torch.int32, device=h1.device)  # slot j <- j-th dense feature
+        slots.index_copy_(0, idx_d, torch.arange(idx_d.numel(), dtype=torch.int32, device=h1.device))
     if mask_grad:
         return h2, p.buffer, p.mask_bits, idx_d, slots
     return h2, y1, h1.new_empty(0), idx_d, slots  # ste: the backward kernel redoes the selection from y1

@@ -27,6 +27,7 @@ __all__ = [
     "dense_feature_split",
     "n_dense_features",
     "dense_features_from_counts",
+    "dense_feature_indices",
     "wgrad_split_operand",
     "relu2_sparsify24_packed",
     "sparse_mm",
@@ -164,14 +165,20 @@ def dense_feature_split(y: torch.Tensor, dense_frac: float) -> torch.Tensor:
 
 def dense_features_from_counts(nnz: torch.Tensor, dense_frac: float) -> torch.Tensor:
     """dense_feature_split from the per-feature non-zero counts nnz [features] (any integer dtype)."""
+    dense = torch.zeros(nnz.numel(), dtype=torch.bool, device=nnz.device)
+    # not `dense[...] = True`: that copies a CPU scalar (no graph)
+    return dense.index_fill_(0, dense_feature_indices(nnz, dense_frac), True)
+
+
+def dense_feature_indices(nnz: torch.Tensor, dense_frac: float) -> torch.Tensor:
+    """The dense features of the split (dense_feature_split's True entries) as indices [n_dense] int64 in ascending
+    order, from the non-zero counts nnz [features]: one top-k on a key that breaks ties by index (more non-zeros
+    first, lower index first among equals; every key distinct, so the set is exact) and a sort of n_dense."""
     n_feat = nnz.numel()
     n_dense = n_dense_features(n_feat, dense_frac)
-    dense = torch.zeros(n_feat, dtype=torch.bool, device=nnz.device)
-    if n_dense > 0:
-        # stable descending sort: more non-zeros first, lower index first among equals
-        order = torch.sort(nnz, descending=True, stable=True).indices
-        dense.index_fill_(0, order[:n_dense], True)  # not `dense[...] = True`: that copies a CPU scalar (no graph)
-    return dense
+    idx = torch.arange(n_feat, device=nnz.device)
+    key = nnz.to(torch.int64) * n_feat + (n_feat - 1 - idx)  # [features], distinct
+    return torch.sort(torch.topk(key, n_dense, sorted=False).indices).values
 
 
 def wgrad_split_operand(y: torch.Tensor, dense_features: torch.Tensor) -> torch.Tensor:

@@ -142,6 +142,22 @@ def token_permutation(keys: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, t
     return perm, torch.argsort(perm)
 
 
+class _PermuteTokens(torch.autograd.Function):
+    """x [batch, seq, ...] -> x[:, perm], whose gradient is the gather by the inverse permutation. Autograd's
+    gradient of indexing is a scatter-add into zeros (index_put with accumulate), which a permutation does not
+    need: in a profiled 1B relu2-24 step it took ~1.9 ms, twice the forward's gathers."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inv)
+        return x[:, perm]
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (inv,) = ctx.saved_tensors
+        return g[:, inv], None, None
+
+
 class Act24Core(nn.Module):
     """The FFN core of a 2:4-activation-sparse ReLU^2 FFN: core(x, up, down) with x [batch, seq, d_model]."""
 
@@ -173,7 +189,7 @@ class Act24Core(nn.Module):
         bsz, seq, d = x.shape
         if self.cfg.permute_tokens:
             perm, inv = token_permutation(self.perm_keys, seq)
-            x = x[:, perm]
+            x = _PermuteTokens.apply(x, perm, inv)
         xt = x.reshape(bsz * seq, d)  # [T, d_model]
         h1, wu, wd, post = ffn_operands(up, down, xt)
         packed = self.packed and xt.shape[0] % 64 == 0
@@ -194,7 +210,7 @@ class Act24Core(nn.Module):
         y = post(h2)
         y = y.to(x.dtype) if packed else y
         y = y.reshape(bsz, seq, -1)
-        return y[:, inv] if self.cfg.permute_tokens else y
+        return _PermuteTokens.apply(y, inv, perm) if self.cfg.permute_tokens else y
 
     @torch.no_grad()
     def _probe(self, x, up, down):

@@ -111,7 +111,7 @@ def _store_packed(first, second, i0, i1, band, pid1, val_ptr, meta_ptr, K, TILES
 
 @triton.jit
 def _kernel(y1_ptr, val_ptr, meta_ptr, bits_ptr, count_ptr, K, stride, TILES: tl.constexpr,
-            ROUND_BF16: tl.constexpr, COUNT: tl.constexpr, ROWS: tl.constexpr):
+            ROUND_BF16: tl.constexpr, COUNT: tl.constexpr, ROWS: tl.constexpr, WRITE_BITS: tl.constexpr):
     # program: rows [ROWS*pid0, +ROWS) (one or two 64-row bands), columns [32*TILES*pid1, +32*TILES): TILES whole
     # metadata tiles
     BK: tl.constexpr = 32 * TILES
@@ -126,16 +126,87 @@ def _kernel(y1_ptr, val_ptr, meta_ptr, bits_ptr, count_ptr, K, stride, TILES: tl
     if ROUND_BF16:  # the reference squares in bf16: compare (and store) the rounded values
         x = _round_bf16(x)
     if ROWS == 64:
-        _pack_block(x, tl.program_id(0), tl.program_id(1), val_ptr, meta_ptr, bits_ptr, K, TILES, True)
+        _pack_block(x, tl.program_id(0), tl.program_id(1), val_ptr, meta_ptr, bits_ptr, K, TILES, WRITE_BITS)
     else:  # two 64-row bands: [128, BK] -> [64, BK] x 2
         top, bottom = tl.split(tl.permute(tl.reshape(x, (2, 64, BK)), (1, 2, 0)))
-        _pack_block(top, 2 * tl.program_id(0), tl.program_id(1), val_ptr, meta_ptr, bits_ptr, K, TILES, True)
-        _pack_block(bottom, 2 * tl.program_id(0) + 1, tl.program_id(1), val_ptr, meta_ptr, bits_ptr, K, TILES, True)
+        _pack_block(top, 2 * tl.program_id(0), tl.program_id(1), val_ptr, meta_ptr, bits_ptr, K, TILES, WRITE_BITS)
+        _pack_block(bottom, 2 * tl.program_id(0) + 1, tl.program_id(1), val_ptr, meta_ptr, bits_ptr, K, TILES,
+                    WRITE_BITS)
 
 
-# Block shape: 128 rows x 64 columns (2 metadata tiles) with 8 warps: the fastest of the sweep in `elas bench
-# sparsify` on H200 at every ELAS width (4-7% ahead of 64 rows; benchmarks/results/h200/sparsify.json).
-DEFAULT_TILES, DEFAULT_WARPS, DEFAULT_ROWS = 2, 8, 128
+@triton.jit
+def _strided_group(y1_ptr, val_ptr, count_ptr, rows, cols, ccols, K, stride, ROUND_BF16: tl.constexpr,
+                   COUNT: tl.constexpr):
+    """The strided sparsifier's unit: rows (int64 [R, 1]) x the groups whose first columns are `cols` ([1, GH]; the
+    same as 1-D `ccols`). Loads each group's 4 columns as 4 strided loads (the group is split by addressing, not
+    by register shuffles), selects 2 of 4, stores the kept values at their packed positions, and returns the
+    SM90 metadata nibble and the keep nibble, int32 [R, GH]."""
+    base = y1_ptr + rows * stride + cols
+    x0 = _relu2_sq(base, count_ptr, ccols, ROUND_BF16, COUNT)
+    x1 = _relu2_sq(base + 1, count_ptr, ccols + 1, ROUND_BF16, COUNT)
+    x2 = _relu2_sq(base + 2, count_ptr, ccols + 2, ROUND_BF16, COUNT)
+    x3 = _relu2_sq(base + 3, count_ptr, ccols + 3, ROUND_BF16, COUNT)
+    k0, k1, k2, k3 = _keep24(x0, x1, x2, x3)
+    i0 = tl.where(k0, 0, tl.where(k1, 1, 2))
+    i1 = tl.where(k3, 3, tl.where(k2, 2, 1))
+    vp = val_ptr + rows * (K // 2) + cols // 2  # a group's two kept values are adjacent, in column order
+    tl.store(vp, _round_bf16(tl.where(k0, x0, tl.where(k1, x1, x2))).to(tl.bfloat16))  # exact if already rounded
+    tl.store(vp + 1, _round_bf16(tl.where(k3, x3, tl.where(k2, x2, x1))).to(tl.bfloat16))
+    keep = k0.to(tl.int32) | (k1.to(tl.int32) << 1) | (k2.to(tl.int32) << 2) | (k3.to(tl.int32) << 3)
+    return i0 | (i1 << 2), keep
+
+
+@triton.jit
+def _relu2_sq(ptr, count_ptr, ccols, ROUND_BF16: tl.constexpr, COUNT: tl.constexpr):
+    """relu(x)^2 of the loaded block (rounded to bf16 where the input is bf16); counts its positives per column."""
+    x = tl.load(ptr).to(tl.float32)
+    if COUNT:
+        tl.atomic_add(count_ptr + ccols, tl.sum((x > 0).to(tl.int32), axis=0), sem="relaxed")
+    x = tl.maximum(x, 0.0)
+    x = x * x
+    if ROUND_BF16:
+        x = _round_bf16(x)
+    return x
+
+
+@triton.jit
+def _strided_kernel(y1_ptr, val_ptr, meta_ptr, bits_ptr, count_ptr, K, stride, TILES: tl.constexpr,
+                    ROUND_BF16: tl.constexpr, COUNT: tl.constexpr, ROWS: tl.constexpr, WRITE_BITS: tl.constexpr):
+    # The same output as _kernel with no data movement between threads: program = ROWS tokens x 32*TILES
+    # features, taken as 4 tensors [ROWS/2, GH] (GH = 4*TILES): row half h (rows r with r % 16 < 8, or >= 8:
+    # the two nibbles of one metadata byte) x group parity p (groups 2jj + p: the two nibbles of one mask-bits
+    # byte). Tensor element (i, jj): row 16*(i // 8) + 8*h + i % 8, group 2*jj + p. Both bytes are then formed
+    # elementwise, and every load and store is addressed directly.
+    GH: tl.constexpr = 4 * TILES
+    i = tl.arange(0, ROWS // 2)[:, None]
+    jj = tl.arange(0, GH)
+    lo = (tl.program_id(0) * ROWS + 16 * (i // 8) + i % 8).to(tl.int64)  # [ROWS/2, 1]
+    c0 = tl.program_id(1) * 32 * TILES + 8 * jj  # first column of group 2*jj, [GH]
+    n_lo0, k_lo0 = _strided_group(y1_ptr, val_ptr, count_ptr, lo, c0[None, :], c0, K, stride, ROUND_BF16, COUNT)
+    n_lo1, k_lo1 = _strided_group(y1_ptr, val_ptr, count_ptr, lo, c0[None, :] + 4, c0 + 4, K, stride, ROUND_BF16,
+                                  COUNT)
+    n_hi0, k_hi0 = _strided_group(y1_ptr, val_ptr, count_ptr, lo + 8, c0[None, :], c0, K, stride, ROUND_BF16, COUNT)
+    n_hi1, k_hi1 = _strided_group(y1_ptr, val_ptr, count_ptr, lo + 8, c0[None, :] + 4, c0 + 4, K, stride,
+                                  ROUND_BF16, COUNT)
+    # metadata byte of (row lo, group g): lo's nibble low, row lo+8's high (kernels/packed.py has the layout)
+    band = tl.program_id(0) * (ROWS // 64) + i // 32
+    tile = tl.program_id(1) * TILES + jj[None, :] // 4  # groups 2jj, 2jj+1 share a 32-column tile
+    run = (band.to(tl.int64) * (K // 32) + tile) * 256 + ((i % 32) // 8) * 64 + (i % 8) * 8  # the row's 8 bytes
+    ge = 2 * (jj[None, :] % 4)  # group 2jj's index in its tile (even); group 2jj+1's is ge + 1
+    go = ge + 1
+    tl.store(meta_ptr + run + 2 * (ge % 4) + ge // 4, (n_lo0 | (n_hi0 << 4)).to(tl.uint8))
+    tl.store(meta_ptr + run + 2 * (go % 4) + go // 4, (n_lo1 | (n_hi1 << 4)).to(tl.uint8))
+    if WRITE_BITS:  # plain keep-mask byte jj of a row: group 2jj low nibble, 2jj+1 high
+        bp = bits_ptr + tl.program_id(1) * 4 * TILES + jj[None, :]
+        tl.store(bp + lo * (K // 8), (k_lo0 | (k_lo1 << 4)).to(tl.uint8))
+        tl.store(bp + (lo + 8) * (K // 8), (k_hi0 | (k_hi1 << 4)).to(tl.uint8))
+
+
+# Launch: 128 rows x 64 columns (2 metadata tiles) with 8 warps, the block-transposing form ("tile"): the fastest
+# of the sweep in `elas bench sparsify` on H200 at every ELAS width (4-7% ahead of 64 rows;
+# benchmarks/results/h200/sparsify.json). "strided" (_strided_kernel) is the form without register shuffles.
+DEFAULT_TILES, DEFAULT_WARPS, DEFAULT_ROWS, DEFAULT_FORM = 2, 8, 128, "tile"
+FORMS = {"tile": _kernel, "strided": _strided_kernel}
 
 
 def _direct(kernel):
@@ -143,31 +214,36 @@ def _direct(kernel):
 
 
 def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | None = None, tiles: int = DEFAULT_TILES,
-                            num_warps: int = DEFAULT_WARPS, rows: int | None = None, launch=_direct) -> Packed24:
+                            num_warps: int = DEFAULT_WARPS, rows: int | None = None, launch=_direct,
+                            write_bits: bool = True, form: str = DEFAULT_FORM) -> Packed24:
     """y1: [M, K] bf16/fp32 -> Packed24 of 2:4(relu(y1)^2) (values bf16). See module docs.
     feature_counts: optional int32 [K], incremented by the positives of each column of y1 (for the 95/5 split).
     rows: tokens per program, 64 or 128 (default: 128 where M allows). launch: how the kernel is launched:
     directly, or `torch.library.wrap_triton` inside the operator (kernels/ops.py), which lets torch.compile see
-    the kernel."""
+    the kernel. write_bits: also write the plain keep-mask (else mask_bits is empty: `ste` mode never reads it).
+    form: the kernel, "tile" or "strided" (same bytes; FORMS)."""
     if y1.dim() != 2 or y1.stride(1) != 1:
         raise ValueError(f"y1 must be a row-major 2-D tensor, got shape {tuple(y1.shape)} strides {y1.stride()}")
     if y1.dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"y1 must be bf16 or fp32, got {y1.dtype}")
+    if form not in FORMS:
+        raise ValueError(f"invalid sparsifier form {form!r}: expected one of {', '.join(FORMS)}")
     m, k = y1.shape
     check_shape(m, k)
     rows = rows or (DEFAULT_ROWS if m % DEFAULT_ROWS == 0 else 64)  # M is a multiple of 64 (check_shape)
     buf = torch.empty(m * k * 9 // 16, dtype=torch.bfloat16, device=y1.device)
     vals = buf[: m * k // 2]
     meta = buf[m * k // 2:].view(torch.uint8)
-    bits = torch.empty(m, k // 8, dtype=torch.uint8, device=y1.device)
+    bits = torch.empty((m, k // 8) if write_bits else (0,), dtype=torch.uint8, device=y1.device)
     if (k // 32) % tiles or rows not in (64, 128) or m % rows:
         raise ValueError(f"tiles={tiles} must divide K/32={k // 32} and rows={rows} (64 or 128) must divide M={m}")
     count = feature_counts is not None
     if count and (feature_counts.dtype != torch.int32 or feature_counts.shape != (k,)):
         raise ValueError(f"feature_counts must be int32 [{k}], got {feature_counts.dtype} {tuple(feature_counts.shape)}")
     grid = (m // rows, k // 32 // tiles)
-    launch(_kernel)[grid](y1, vals, meta, bits, feature_counts if count else bits, k, y1.stride(0), TILES=tiles,
-                          ROUND_BF16=y1.dtype == torch.bfloat16, COUNT=count, ROWS=rows, num_warps=num_warps)
+    launch(FORMS[form])[grid](y1, vals, meta, bits, feature_counts if count else bits, k, y1.stride(0), TILES=tiles,
+                              ROUND_BF16=y1.dtype == torch.bfloat16, COUNT=count, ROWS=rows, WRITE_BITS=write_bits,
+                              num_warps=num_warps)
     return Packed24(buf.view(m, k * 9 // 16), bits, (m, k))
 
 
