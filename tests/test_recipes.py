@@ -13,7 +13,7 @@ def test_the_recipes_are_listed(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
     names = recipe_names()
-    assert {"elas-60m", "elas-1b", "loro-350m", "galore-130m", "haziza-1b"} <= set(names)
+    assert {"elas-60m", "elas-1b", "loro-350m", "galore-130m", "haziza-1b", "madhyastha-1b"} <= set(names)
     assert all(n in out for n in names)
 
 
@@ -30,6 +30,9 @@ def test_every_recipe_resolves_in_a_dry_run(name, capsys):
     assert f"{tokens:.2f}B tokens" in out and f"optimizer {r['optimizer']}, lr {r['lr']:g}" in out
     if name.startswith(("elas", "haziza")):
         assert cfg["model"]["methods"][0]["method"] == "act24"
+    if name.startswith("madhyastha"):  # the third paper: S-STE weights and V:N:M activations with the router
+        assert [m["method"] for m in cfg["model"]["methods"]] == ["sste24", "vnm"]
+        assert cfg["model"]["methods"][1]["router"] is True
 
 
 def test_a_run_records_its_recipe_and_flags_still_apply(dataset, tmp_path, capsys):
