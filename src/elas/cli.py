@@ -383,8 +383,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     ids = tok.encode(args.prompt).ids or [eot_id(tok)]
     g = torch.Generator(device=device).manual_seed(args.seed)
+    graph = device.type == "cuda" and args.decode != "eager"  # a token = one replay, not ~10 launches per layer
     out = sample(model, torch.tensor([ids], device=device), args.max_new_tokens, args.temperature, args.top_k,
-                 stop_token=eot_id(tok), generator=g)
+                 stop_token=eot_id(tok), generator=g, graph=graph, compile_decode=graph and args.decode == "compiled")
     print(tok.decode(out[0].tolist()))
     return 0
 
@@ -611,6 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--temperature", type=float, default=0.8)
             p.add_argument("--top-k", type=int, default=50)
             p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--decode", choices=["graph", "compiled", "eager"], default="graph",
+                           help="CUDA decode step: replayed from a CUDA graph (default), compiled then replayed, or "
+                                "eager (CPU always decodes eagerly)")
         p.set_defaults(func=fn)
     return ap
 
