@@ -213,15 +213,16 @@ def _direct(kernel):
     return kernel
 
 
-def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | None = None, tiles: int = DEFAULT_TILES,
-                            num_warps: int = DEFAULT_WARPS, rows: int | None = None, launch=_direct,
-                            write_bits: bool = True, form: str = DEFAULT_FORM) -> Packed24:
+def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | None = None, tiles: int | None = None,
+                            num_warps: int | None = None, rows: int | None = None, launch=_direct,
+                            write_bits: bool = True, form: str | None = None) -> Packed24:
     """y1: [M, K] bf16/fp32 -> Packed24 of 2:4(relu(y1)^2) (values bf16). See module docs.
     feature_counts: optional int32 [K], incremented by the positives of each column of y1 (for the 95/5 split).
     rows: tokens per program, 64 or 128 (default: 128 where M allows). launch: how the kernel is launched:
     directly, or `torch.library.wrap_triton` inside the operator (kernels/ops.py), which lets torch.compile see
     the kernel. write_bits: also write the plain keep-mask (else mask_bits is empty: `ste` mode never reads it).
-    form: the kernel, "tile" or "strided" (same bytes; FORMS)."""
+    form: the kernel, "tile" or "strided" (same bytes; FORMS). None: the module's DEFAULT_* (read at each call)."""
+    tiles, num_warps, form = tiles or DEFAULT_TILES, num_warps or DEFAULT_WARPS, form or DEFAULT_FORM
     if y1.dim() != 2 or y1.stride(1) != 1:
         raise ValueError(f"y1 must be a row-major 2-D tensor, got shape {tuple(y1.shape)} strides {y1.stride()}")
     if y1.dtype not in (torch.bfloat16, torch.float32):
