@@ -83,8 +83,7 @@ def bench_host_overhead(calls: int = 2000, log=print) -> dict:
     return res
 
 
-SPARSIFY_LAUNCHES = [(1, 4, 64), (2, 4, 64), (2, 8, 64), (4, 8, 64), (2, 4, 128), (2, 8, 128), (4, 8, 128),
-                     (4, 4, 128), (8, 8, 128)]  # (tiles, warps, rows)
+SPARSIFY_LAUNCHES = [(2, 8, 64), (4, 8, 64), (2, 4, 128), (2, 8, 128), (4, 8, 128), (8, 8, 128)]  # tiles, warps, rows
 
 
 def bench_sparsify(m: int = 16384, ks=None, log=print) -> list[dict]:
