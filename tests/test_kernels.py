@@ -244,18 +244,20 @@ def test_triton_backward_kernel_bit_exact(m, k, ste, from_y1, split, rows):
         slots[torch.tensor([3, 9, 10])] = torch.arange(3, dtype=torch.int32)
         slots = slots.to(dev)
     args = (dy2, None if from_y1 else a, y1 if ste else None, slots, n_dense)
-    got, want = relu2_sparse24_backward(*args, rows=rows), ref.relu2_sparse24_backward(*args)
-    for name, g, w in zip(want._fields, got, want):
-        assert (g is None) == (w is None), name
-        if isinstance(w, torch.Tensor):
-            assert torch.equal(g, w), name
-        elif name == "dy1_packed" and w is not None:  # values as numbers (the kernel may keep -0 where the reference has +0, as in
-            n = m * k // 2  # dy1_values); the forward's metadata behind them byte for byte
-            assert torch.equal(g.buffer.view(-1)[:n], w.buffer.view(-1)[:n])
-            assert torch.equal(g.buffer.view(-1)[n:].view(torch.uint8), w.buffer.view(-1)[n:].view(torch.uint8))
-            assert torch.equal(g.buffer.view(-1)[n:].view(torch.uint8), a.buffer.view(-1)[n:].view(torch.uint8))
-        elif w is not None:  # Packed24 along tokens
-            assert torch.equal(g.buffer.view(torch.uint8), w.buffer.view(torch.uint8)), name
+    want = ref.relu2_sparse24_backward(*args)
+    for form in (["tile"] if split else ["tile", "strided"]):  # the strided form is the kernel without the split
+        got = relu2_sparse24_backward(*args, rows=rows, form=form)
+        for name, g, w in zip(want._fields, got, want):
+            assert (g is None) == (w is None), name
+            if isinstance(w, torch.Tensor):
+                assert torch.equal(g, w), name
+            elif name == "dy1_packed" and w is not None:  # values as numbers (the kernel may keep -0 where the
+                n = m * k // 2  # reference has +0, as in dy1_values); the forward's metadata behind them byte for byte
+                assert torch.equal(g.buffer.view(-1)[:n], w.buffer.view(-1)[:n])
+                assert torch.equal(g.buffer.view(-1)[n:].view(torch.uint8), w.buffer.view(-1)[n:].view(torch.uint8))
+                assert torch.equal(g.buffer.view(-1)[n:].view(torch.uint8), a.buffer.view(-1)[n:].view(torch.uint8))
+            elif w is not None:  # Packed24 along tokens
+                assert torch.equal(g.buffer.view(torch.uint8), w.buffer.view(torch.uint8)), name
     if split:  # the along-token operand is what the masked path's split prunes (every feature sparse here)
         y2s = unpack24(a)
         assert torch.equal(unpack24(got.y2s_t).T, ref.wgrad_split_operand(y2s, torch.zeros(k, dtype=torch.bool,

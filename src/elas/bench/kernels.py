@@ -124,7 +124,7 @@ def _backward_sweep(y1: torch.Tensor, log=print) -> dict:
     y1), mask, mask + the 95/5 split (5% dense features): ms and TB/s of the default launch, and ms of each
     (rows, warps) variant whose outputs are byte-identical to the default's."""
     from ..kernels import reference
-    from ..kernels.cuda.sparsify import BWD_ROWS, BWD_WARPS, relu2_sparse24_backward, relu2_sparsify24_packed
+    from ..kernels.cuda.sparsify import BWD_FORMS, BWD_ROWS, BWD_WARPS, relu2_sparse24_backward, relu2_sparsify24_packed
     m, k = y1.shape
     a = relu2_sparsify24_packed(y1)
     dy2 = torch.randn_like(y1)
@@ -144,12 +144,14 @@ def _backward_sweep(y1: torch.Tensor, log=print) -> dict:
         ms = graph_ms(lambda: relu2_sparse24_backward(*args))
         row = {"ms": ms, "tb_per_s": m * k * per_elem / ms / 1e9, "rows": BWD_ROWS, "warps": BWD_WARPS,
                "variants_ms": {}}
-        for rw in (64, 128):
-            for w in (4, 8):
-                got = outputs(relu2_sparse24_backward(*args, rows=rw, num_warps=w))
-                if len(got) == len(want) and all(torch.equal(g, x) for g, x in zip(got, want)):
-                    row["variants_ms"][f"rows{rw}_warps{w}"] = graph_ms(
-                        lambda: relu2_sparse24_backward(*args, rows=rw, num_warps=w))
+        for form in (("tile",) if use == "mask_split" else BWD_FORMS):  # the split has one form
+            for rw in (64, 128):
+                for w in (4, 8):
+                    kw = dict(rows=rw, num_warps=w, form=form)
+                    got = outputs(relu2_sparse24_backward(*args, **kw))
+                    if len(got) == len(want) and all(torch.equal(g, x) for g, x in zip(got, want)):
+                        row["variants_ms"][f"{form}_rows{rw}_warps{w}"] = graph_ms(
+                            lambda: relu2_sparse24_backward(*args, **kw))
         out[use] = row
         log(f"  backward {use} M={m} K={k}: {ms:.4f} ms = {row['tb_per_s']:.2f} TB/s; variants "
             + ", ".join(f"{v}: {x:.4f}" for v, x in row["variants_ms"].items()))

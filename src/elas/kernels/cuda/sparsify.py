@@ -322,6 +322,68 @@ def _bwd_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, 
 
 
 @triton.jit
+def _bwd_strided_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, K, STE: tl.constexpr,
+                        FROM_Y1: tl.constexpr, BK: tl.constexpr, ROWS: tl.constexpr):
+    # _bwd_kernel's outputs, byte for byte, with no data movement between threads: the program's ROWS x BK block
+    # is taken as four [ROWS, BK/4] tensors, column c of every group (columns 4g + c), each loaded and stored by
+    # its own addresses; packed values and mask-bit nibbles are addressed per group. (In mask mode the tile
+    # form's regrouping costs it ~40% against ste mode at the same bytes: benchmarks/results/h200/sparsify.json.)
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
+    g = tl.arange(0, BK // 4)[None, :]
+    col = tl.program_id(1) * BK + 4 * g  # [1, G]: first column of each group
+    at = rows * K + col
+    if FROM_Y1:
+        y1_0, y1_1 = tl.load(y1_ptr + at).to(tl.float32), tl.load(y1_ptr + at + 1).to(tl.float32)
+        y1_2, y1_3 = tl.load(y1_ptr + at + 2).to(tl.float32), tl.load(y1_ptr + at + 3).to(tl.float32)
+        x0 = _round_bf16(tl.maximum(y1_0, 0.0) * tl.maximum(y1_0, 0.0))
+        x1 = _round_bf16(tl.maximum(y1_1, 0.0) * tl.maximum(y1_1, 0.0))
+        x2 = _round_bf16(tl.maximum(y1_2, 0.0) * tl.maximum(y1_2, 0.0))
+        x3 = _round_bf16(tl.maximum(y1_3, 0.0) * tl.maximum(y1_3, 0.0))
+        k0, k1, k2, k3 = _keep24(x0, x1, x2, x3)
+        d0, d1, d2, d3 = tl.where(k0, x0, 0.0), tl.where(k1, x1, 0.0), tl.where(k2, x2, 0.0), tl.where(k3, x3, 0.0)
+        i0 = tl.where(k0, 0, tl.where(k1, 1, 2))
+        i1 = tl.where(k3, 3, tl.where(k2, 2, 1))
+    else:
+        vp = val_ptr + rows * (K // 2) + col // 2
+        first, second = tl.load(vp).to(tl.float32), tl.load(vp + 1).to(tl.float32)
+        nib = (tl.load(bits_ptr + rows * (K // 8) + col // 8).to(tl.int32) >> (4 * (g % 2))) & 15
+        i0 = tl.where((nib & 1) != 0, 0, tl.where((nib & 2) != 0, 1, 2))
+        i1 = tl.where((nib & 8) != 0, 3, tl.where((nib & 4) != 0, 2, 1))
+        d0 = tl.where(i0 == 0, first, 0.0)
+        d1 = tl.where(i0 == 1, first, tl.where(i1 == 1, second, 0.0))
+        d2 = tl.where(i0 == 2, first, tl.where(i1 == 2, second, 0.0))
+        d3 = tl.where(i1 == 3, second, 0.0)
+        if STE:
+            y1_0, y1_1 = tl.load(y1_ptr + at).to(tl.float32), tl.load(y1_ptr + at + 1).to(tl.float32)
+            y1_2, y1_3 = tl.load(y1_ptr + at + 2).to(tl.float32), tl.load(y1_ptr + at + 3).to(tl.float32)
+    tl.store(y2s_ptr + at, d0.to(tl.bfloat16))
+    tl.store(y2s_ptr + at + 1, d1.to(tl.bfloat16))
+    tl.store(y2s_ptr + at + 2, d2.to(tl.bfloat16))
+    tl.store(y2s_ptr + at + 3, d3.to(tl.bfloat16))
+    g0 = _dy1(tl.load(dy2_ptr + at).to(tl.float32), y1_0 if STE else d0, STE)
+    g1 = _dy1(tl.load(dy2_ptr + at + 1).to(tl.float32), y1_1 if STE else d1, STE)
+    g2 = _dy1(tl.load(dy2_ptr + at + 2).to(tl.float32), y1_2 if STE else d2, STE)
+    g3 = _dy1(tl.load(dy2_ptr + at + 3).to(tl.float32), y1_3 if STE else d3, STE)
+    tl.store(dy1_ptr + at, g0.to(tl.bfloat16))
+    tl.store(dy1_ptr + at + 1, g1.to(tl.bfloat16))
+    tl.store(dy1_ptr + at + 2, g2.to(tl.bfloat16))
+    tl.store(dy1_ptr + at + 3, g3.to(tl.bfloat16))
+    if not STE:  # dy1's kept values in packed order (mask mode: dy1 has the forward's pattern)
+        dp = dval_ptr + rows * (K // 2) + col // 2
+        tl.store(dp, tl.where(i0 == 0, g0, tl.where(i0 == 1, g1, g2)).to(tl.bfloat16))
+        tl.store(dp + 1, tl.where(i1 == 3, g3, tl.where(i1 == 2, g2, g1)).to(tl.bfloat16))
+
+
+@triton.jit
+def _dy1(dy2, r, STE: tl.constexpr):
+    """dy1 of one column: ste: 2 relu(y1) dy2 with r = y1 (0 where y1 <= 0); mask: 2 sqrt(y2s) dy2 with r = y2s
+    (relu(y1) = sqrt(y2) on kept entries), as _bwd_rows computes them without the split."""
+    if STE:
+        return tl.where(r > 0.0, _round_bf16(2.0 * r * dy2), 0.0)
+    return _round_bf16(2.0 * tl.sqrt(r) * dy2)
+
+
+@triton.jit
 def _pack_tokens(x0, x1, x2, x3, band, pid1, val_ptr, meta_ptr, M, TILES: tl.constexpr):
     """2:4 along tokens: x_j [G, 64] fp32 holds tokens 4g+j of a block of 4G tokens x 64 features; select 2 of
     each 4 tokens (largest |x|, earlier token on ties) and write the block of the transposed [K, M] packed
@@ -360,8 +422,9 @@ def _bwd_split_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, dy1_ptr, dval_ptr, yt_
 
 
 # the backward's launch (64 tokens per program; 8 warps: 3-9% ahead of 4 on H200, benchmarks/results/h200/
-# sparsify.json "backward")
-BWD_ROWS, BWD_WARPS = 64, 8
+# sparsify.json "backward"); the form of the kernel without the split: "tile" (_bwd_kernel) or "strided"
+BWD_ROWS, BWD_WARPS, BWD_FORM = 64, 8, "tile"
+BWD_FORMS = {"tile": _bwd_kernel, "strided": _bwd_strided_kernel}
 
 
 def _packed_buffer(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Tensor, Packed24]:
@@ -372,10 +435,14 @@ def _packed_buffer(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Te
 
 
 def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Tensor | None = None,
-                            dense_slots: torch.Tensor | None = None, n_dense: int = 0, rows: int = BWD_ROWS,
-                            num_warps: int = BWD_WARPS, launch=_direct) -> Grads24:
+                            dense_slots: torch.Tensor | None = None, n_dense: int = 0, rows: int | None = None,
+                            num_warps: int | None = None, launch=_direct, form: str | None = None) -> Grads24:
     """Triton twin of reference.relu2_sparse24_backward: one pass over dy2 (and y1 in ste mode); see there.
-    rows, num_warps: tokens per program (64 or 128) and warps; launch: as in relu2_sparsify24_packed."""
+    rows, num_warps: tokens per program (64 or 128) and warps; launch: as in relu2_sparsify24_packed; form: the
+    kernel without the split (BWD_FORMS). None: the module's BWD_* (read at each call)."""
+    rows, num_warps, form = rows or BWD_ROWS, num_warps or BWD_WARPS, form or BWD_FORM
+    if form not in BWD_FORMS:
+        raise ValueError(f"invalid backward kernel form {form!r}: expected one of {', '.join(BWD_FORMS)}")
     m, k = dy2.shape
     if a is not None and a.shape != (m, k):
         raise ValueError(f"packed y2s is {a.shape}, dy2 is {tuple(dy2.shape)}")
@@ -414,8 +481,8 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Ten
             dy2, vals, bits, ptr(y1), ptr(dy1), ptr(dval), yt_val, yt_meta, dt_val, dt_meta, dense_slots, y2d, dy1d,
             m, k, max(n_dense, 1), STE=ste, FROM_Y1=a is None, ROWS=rows, num_warps=num_warps)
     else:
-        launch(_bwd_kernel)[(m // rows, k // bk)](dy2, vals, bits, ptr(y1), y2s, ptr(dy1), ptr(dval), k, STE=ste,
-                                                  FROM_Y1=a is None, BK=bk, ROWS=rows, num_warps=num_warps)
+        launch(BWD_FORMS[form])[(m // rows, k // bk)](dy2, vals, bits, ptr(y1), y2s, ptr(dy1), ptr(dval), k, STE=ste,
+                                                      FROM_Y1=a is None, BK=bk, ROWS=rows, num_warps=num_warps)
     dpk = None
     if dbuf is not None:
         dbuf[m * k // 2:].copy_(a.buffer.view(-1)[m * k // 2:])
