@@ -71,19 +71,17 @@ def test_shape_checks():
 
 
 @needs_triton
-@pytest.mark.parametrize("form", ["tile", "strided"])
 @pytest.mark.parametrize("m,k,dtype,rows,tiles", [(64, 64, torch.bfloat16, 64, 2), (128, 192, torch.bfloat16, 64, 1),
                                                   (64, 128, torch.float32, 64, 2), (192, 64, torch.bfloat16, 64, 2),
                                                   (256, 128, torch.bfloat16, 128, 2),
                                                   (128, 256, torch.float32, 128, 4)])
-def test_triton_sparsifier_bit_exact(m, k, dtype, rows, tiles, form):
-    """On CPU this runs the kernel in Triton's interpreter: the logic, not the speed. rows: tokens per program;
-    form: the kernel (the block-transposing one, or the strided one without register shuffles)."""
+def test_triton_sparsifier_bit_exact(m, k, dtype, rows, tiles):
+    """On CPU this runs the kernel in Triton's interpreter: the logic, not the speed. rows: tokens per program."""
     from elas.kernels.cuda.sparsify import relu2_sparsify24_packed
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     y1 = adversarial(m, k, dtype).to(dev)
     counts = torch.full((k,), 3, dtype=torch.int32, device=dev)  # added to, not overwritten
-    got = relu2_sparsify24_packed(y1, counts, rows=rows, tiles=tiles, form=form)
+    got = relu2_sparsify24_packed(y1, counts, rows=rows, tiles=tiles)
     want = ref.relu2_sparsify24_packed(y1)
     assert torch.equal(got.buffer.view(torch.uint8), want.buffer.view(torch.uint8))
     assert torch.equal(got.mask_bits, want.mask_bits)
@@ -91,15 +89,8 @@ def test_triton_sparsifier_bit_exact(m, k, dtype, rows, tiles, form):
     # the split's ranking from these counts equals the one from the dense tensor
     assert torch.equal(ref.dense_features_from_counts(counts - 3, 0.25), ref.dense_feature_split(torch.relu(y1), 0.25))
     # without the mask bits (ste mode): the same buffer, no bits
-    nob = relu2_sparsify24_packed(y1, rows=rows, tiles=tiles, form=form, write_bits=False)
+    nob = relu2_sparsify24_packed(y1, rows=rows, tiles=tiles, write_bits=False)
     assert torch.equal(nob.buffer.view(torch.uint8), want.buffer.view(torch.uint8)) and nob.mask_bits.numel() == 0
-
-
-def test_sparsifier_rejects_unknown_form():
-    pytest.importorskip("triton")
-    from elas.kernels.cuda.sparsify import relu2_sparsify24_packed
-    with pytest.raises(ValueError, match="invalid sparsifier form 'fast'"):
-        relu2_sparsify24_packed(torch.zeros(64, 64), form="fast")
 
 
 # ---- GPU -------------------------------------------------------------------------------------------------------
@@ -112,15 +103,15 @@ def _random_shapes(n, seed=0):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,k", _random_shapes(12) + [(16384, 2176), (16384, 8192)])
 def test_gpu_sparsifier_matches_reference(m, k):
-    from elas.kernels.cuda.sparsify import FORMS, relu2_sparsify24_packed
+    from elas.kernels.cuda.sparsify import relu2_sparsify24_packed
     y1 = adversarial(m, k, torch.bfloat16, seed=m + k).cuda()
-    want = ref.relu2_sparsify24_packed(y1)
-    for form in FORMS:
-        counts = torch.zeros(k, dtype=torch.int32, device="cuda")
-        got = relu2_sparsify24_packed(y1, counts, form=form)
-        assert torch.equal(got.buffer.view(torch.uint8), want.buffer.view(torch.uint8)), form
-        assert torch.equal(got.mask_bits, want.mask_bits), form
-        assert torch.equal(counts, (y1 > 0).sum(0).int()), form
+    counts = torch.zeros(k, dtype=torch.int32, device="cuda")
+    got, want = relu2_sparsify24_packed(y1, counts), ref.relu2_sparsify24_packed(y1)
+    assert torch.equal(got.buffer.view(torch.uint8), want.buffer.view(torch.uint8))
+    assert torch.equal(got.mask_bits, want.mask_bits)
+    assert torch.equal(counts, (y1 > 0).sum(0).int())
+    nob = relu2_sparsify24_packed(y1, write_bits=False)
+    assert torch.equal(nob.buffer.view(torch.uint8), want.buffer.view(torch.uint8)) and nob.mask_bits.numel() == 0
 
 
 @pytest.mark.gpu
@@ -244,20 +235,18 @@ def test_triton_backward_kernel_bit_exact(m, k, ste, from_y1, split, rows):
         slots[torch.tensor([3, 9, 10])] = torch.arange(3, dtype=torch.int32)
         slots = slots.to(dev)
     args = (dy2, None if from_y1 else a, y1 if ste else None, slots, n_dense)
-    want = ref.relu2_sparse24_backward(*args)
-    for form in (["tile"] if split else ["tile", "strided"]):  # the strided form is the kernel without the split
-        got = relu2_sparse24_backward(*args, rows=rows, form=form)
-        for name, g, w in zip(want._fields, got, want):
-            assert (g is None) == (w is None), name
-            if isinstance(w, torch.Tensor):
-                assert torch.equal(g, w), name
-            elif name == "dy1_packed" and w is not None:  # values as numbers (the kernel may keep -0 where the
-                n = m * k // 2  # reference has +0, as in dy1_values); the forward's metadata behind them byte for byte
-                assert torch.equal(g.buffer.view(-1)[:n], w.buffer.view(-1)[:n])
-                assert torch.equal(g.buffer.view(-1)[n:].view(torch.uint8), w.buffer.view(-1)[n:].view(torch.uint8))
-                assert torch.equal(g.buffer.view(-1)[n:].view(torch.uint8), a.buffer.view(-1)[n:].view(torch.uint8))
-            elif w is not None:  # Packed24 along tokens
-                assert torch.equal(g.buffer.view(torch.uint8), w.buffer.view(torch.uint8)), name
+    got, want = relu2_sparse24_backward(*args, rows=rows), ref.relu2_sparse24_backward(*args)
+    for name, g, w in zip(want._fields, got, want):
+        assert (g is None) == (w is None), name
+        if isinstance(w, torch.Tensor):
+            assert torch.equal(g, w), name
+        elif name == "dy1_packed" and w is not None:  # values as numbers (the kernel may keep -0 where the
+            n = m * k // 2  # reference has +0, as in dy1_values); the forward's metadata behind them byte for byte
+            assert torch.equal(g.buffer.view(-1)[:n], w.buffer.view(-1)[:n])
+            assert torch.equal(g.buffer.view(-1)[n:].view(torch.uint8), w.buffer.view(-1)[n:].view(torch.uint8))
+            assert torch.equal(g.buffer.view(-1)[n:].view(torch.uint8), a.buffer.view(-1)[n:].view(torch.uint8))
+        elif w is not None:  # Packed24 along tokens
+            assert torch.equal(g.buffer.view(torch.uint8), w.buffer.view(torch.uint8)), name
     if split:  # the along-token operand is what the masked path's split prunes (every feature sparse here)
         y2s = unpack24(a)
         assert torch.equal(unpack24(got.y2s_t).T, ref.wgrad_split_operand(y2s, torch.zeros(k, dtype=torch.bool,

@@ -83,12 +83,12 @@ def bench_host_overhead(calls: int = 2000, log=print) -> dict:
     return res
 
 
-SPARSIFY_LAUNCHES = [(2, 8, 64), (4, 8, 64), (2, 4, 128), (2, 8, 128), (4, 8, 128), (8, 8, 128)]  # tiles, warps, rows
+SPARSIFY_LAUNCHES = [(1, 4, 64), (2, 8, 64), (4, 8, 64), (2, 4, 128), (2, 8, 128), (4, 8, 128)]  # tiles, warps, rows
 
 
 def bench_sparsify(m: int = 16384, ks=None, log=print) -> list[dict]:
     from ..kernels import reference
-    from ..kernels.cuda.sparsify import FORMS, relu2_sparsify24_packed
+    from ..kernels.cuda.sparsify import relu2_sparsify24_packed
     rows = []
     for k in ks or [kk for kk, _ in FFN_SHAPES]:
         y1 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -104,14 +104,12 @@ def bench_sparsify(m: int = 16384, ks=None, log=print) -> list[dict]:
         r = rows[-1]
         r["variants_ms"] = {}
         want = relu2_sparsify24_packed(y1).buffer.view(torch.int16)
-        for form in FORMS:  # each form x launch shape x mask bits, timed only if byte-identical to the default
-            for t, w, rw in SPARSIFY_LAUNCHES:
-                for bits in (True, False):
-                    kw = dict(tiles=t, num_warps=w, rows=rw, form=form, write_bits=bits)
-                    if (k // 32) % t == 0 and torch.equal(relu2_sparsify24_packed(y1, **kw).buffer.view(torch.int16),
-                                                          want):
-                        r["variants_ms"][f"{form}_tiles{t}_warps{w}_rows{rw}" + ("" if bits else "_nobits")] = \
-                            graph_ms(lambda: relu2_sparsify24_packed(y1, **kw))
+        for t, w, rw in SPARSIFY_LAUNCHES:  # each launch shape with and without the mask bits, timed only if
+            for bits in (True, False):      # byte-identical to the default
+                kw = dict(tiles=t, num_warps=w, rows=rw, write_bits=bits)
+                if (k // 32) % t == 0 and torch.equal(relu2_sparsify24_packed(y1, **kw).buffer.view(torch.int16), want):
+                    r["variants_ms"][f"tiles{t}_warps{w}_rows{rw}" + ("" if bits else "_nobits")] = graph_ms(
+                        lambda: relu2_sparsify24_packed(y1, **kw))
         r["backward"] = _backward_sweep(y1, log)
         log(f"sparsify M={m} K={k}: {ms:.4f} ms = {r['tb_per_s']:.2f} TB/s (copy {r['copy_tb_per_s']:.2f} TB/s); "
             f"torch reference {ref_ms:.3f} ms; _cslt_compress alone {compress_ms:.3f} ms; variants "
@@ -124,7 +122,7 @@ def _backward_sweep(y1: torch.Tensor, log=print) -> dict:
     y1), mask, mask + the 95/5 split (5% dense features): ms and TB/s of the default launch, and ms of each
     (rows, warps) variant whose outputs are byte-identical to the default's."""
     from ..kernels import reference
-    from ..kernels.cuda.sparsify import BWD_FORMS, BWD_ROWS, BWD_WARPS, relu2_sparse24_backward, relu2_sparsify24_packed
+    from ..kernels.cuda.sparsify import BWD_ROWS, BWD_WARPS, relu2_sparse24_backward, relu2_sparsify24_packed
     m, k = y1.shape
     a = relu2_sparsify24_packed(y1)
     dy2 = torch.randn_like(y1)
@@ -144,14 +142,12 @@ def _backward_sweep(y1: torch.Tensor, log=print) -> dict:
         ms = graph_ms(lambda: relu2_sparse24_backward(*args))
         row = {"ms": ms, "tb_per_s": m * k * per_elem / ms / 1e9, "rows": BWD_ROWS, "warps": BWD_WARPS,
                "variants_ms": {}}
-        for form in (("tile",) if use == "mask_split" else BWD_FORMS):  # the split has one form
-            for rw in (64, 128):
-                for w in (4, 8):
-                    kw = dict(rows=rw, num_warps=w, form=form)
-                    got = outputs(relu2_sparse24_backward(*args, **kw))
-                    if len(got) == len(want) and all(torch.equal(g, x) for g, x in zip(got, want)):
-                        row["variants_ms"][f"{form}_rows{rw}_warps{w}"] = graph_ms(
-                            lambda: relu2_sparse24_backward(*args, **kw))
+        for rw in (64, 128):
+            for w in (4, 8):
+                got = outputs(relu2_sparse24_backward(*args, rows=rw, num_warps=w))
+                if len(got) == len(want) and all(torch.equal(g, x) for g, x in zip(got, want)):
+                    row["variants_ms"][f"rows{rw}_warps{w}"] = graph_ms(
+                        lambda: relu2_sparse24_backward(*args, rows=rw, num_warps=w))
         out[use] = row
         log(f"  backward {use} M={m} K={k}: {ms:.4f} ms = {row['tb_per_s']:.2f} TB/s; variants "
             + ", ".join(f"{v}: {x:.4f}" for v, x in row["variants_ms"].items()))

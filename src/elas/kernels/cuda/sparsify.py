@@ -134,79 +134,11 @@ def _kernel(y1_ptr, val_ptr, meta_ptr, bits_ptr, count_ptr, K, stride, TILES: tl
                     WRITE_BITS)
 
 
-@triton.jit
-def _strided_group(y1_ptr, val_ptr, count_ptr, rows, cols, ccols, K, stride, ROUND_BF16: tl.constexpr,
-                   COUNT: tl.constexpr):
-    """The strided sparsifier's unit: rows (int64 [R, 1]) x the groups whose first columns are `cols` ([1, GH]; the
-    same as 1-D `ccols`). Loads each group's 4 columns as 4 strided loads (the group is split by addressing, not
-    by register shuffles), selects 2 of 4, stores the kept values at their packed positions, and returns the
-    SM90 metadata nibble and the keep nibble, int32 [R, GH]."""
-    base = y1_ptr + rows * stride + cols
-    x0 = _relu2_sq(base, count_ptr, ccols, ROUND_BF16, COUNT)
-    x1 = _relu2_sq(base + 1, count_ptr, ccols + 1, ROUND_BF16, COUNT)
-    x2 = _relu2_sq(base + 2, count_ptr, ccols + 2, ROUND_BF16, COUNT)
-    x3 = _relu2_sq(base + 3, count_ptr, ccols + 3, ROUND_BF16, COUNT)
-    k0, k1, k2, k3 = _keep24(x0, x1, x2, x3)
-    i0 = tl.where(k0, 0, tl.where(k1, 1, 2))
-    i1 = tl.where(k3, 3, tl.where(k2, 2, 1))
-    vp = val_ptr + rows * (K // 2) + cols // 2  # a group's two kept values are adjacent, in column order
-    tl.store(vp, _round_bf16(tl.where(k0, x0, tl.where(k1, x1, x2))).to(tl.bfloat16))  # exact if already rounded
-    tl.store(vp + 1, _round_bf16(tl.where(k3, x3, tl.where(k2, x2, x1))).to(tl.bfloat16))
-    keep = k0.to(tl.int32) | (k1.to(tl.int32) << 1) | (k2.to(tl.int32) << 2) | (k3.to(tl.int32) << 3)
-    return i0 | (i1 << 2), keep
-
-
-@triton.jit
-def _relu2_sq(ptr, count_ptr, ccols, ROUND_BF16: tl.constexpr, COUNT: tl.constexpr):
-    """relu(x)^2 of the loaded block (rounded to bf16 where the input is bf16); counts its positives per column."""
-    x = tl.load(ptr).to(tl.float32)
-    if COUNT:
-        tl.atomic_add(count_ptr + ccols, tl.sum((x > 0).to(tl.int32), axis=0), sem="relaxed")
-    x = tl.maximum(x, 0.0)
-    x = x * x
-    if ROUND_BF16:
-        x = _round_bf16(x)
-    return x
-
-
-@triton.jit
-def _strided_kernel(y1_ptr, val_ptr, meta_ptr, bits_ptr, count_ptr, K, stride, TILES: tl.constexpr,
-                    ROUND_BF16: tl.constexpr, COUNT: tl.constexpr, ROWS: tl.constexpr, WRITE_BITS: tl.constexpr):
-    # The same output as _kernel with no data movement between threads: program = ROWS tokens x 32*TILES
-    # features, taken as 4 tensors [ROWS/2, GH] (GH = 4*TILES): row half h (rows r with r % 16 < 8, or >= 8:
-    # the two nibbles of one metadata byte) x group parity p (groups 2jj + p: the two nibbles of one mask-bits
-    # byte). Tensor element (i, jj): row 16*(i // 8) + 8*h + i % 8, group 2*jj + p. Both bytes are then formed
-    # elementwise, and every load and store is addressed directly.
-    GH: tl.constexpr = 4 * TILES
-    i = tl.arange(0, ROWS // 2)[:, None]
-    jj = tl.arange(0, GH)
-    lo = (tl.program_id(0) * ROWS + 16 * (i // 8) + i % 8).to(tl.int64)  # [ROWS/2, 1]
-    c0 = tl.program_id(1) * 32 * TILES + 8 * jj  # first column of group 2*jj, [GH]
-    n_lo0, k_lo0 = _strided_group(y1_ptr, val_ptr, count_ptr, lo, c0[None, :], c0, K, stride, ROUND_BF16, COUNT)
-    n_lo1, k_lo1 = _strided_group(y1_ptr, val_ptr, count_ptr, lo, c0[None, :] + 4, c0 + 4, K, stride, ROUND_BF16,
-                                  COUNT)
-    n_hi0, k_hi0 = _strided_group(y1_ptr, val_ptr, count_ptr, lo + 8, c0[None, :], c0, K, stride, ROUND_BF16, COUNT)
-    n_hi1, k_hi1 = _strided_group(y1_ptr, val_ptr, count_ptr, lo + 8, c0[None, :] + 4, c0 + 4, K, stride,
-                                  ROUND_BF16, COUNT)
-    # metadata byte of (row lo, group g): lo's nibble low, row lo+8's high (kernels/packed.py has the layout)
-    band = tl.program_id(0) * (ROWS // 64) + i // 32
-    tile = tl.program_id(1) * TILES + jj[None, :] // 4  # groups 2jj, 2jj+1 share a 32-column tile
-    run = (band.to(tl.int64) * (K // 32) + tile) * 256 + ((i % 32) // 8) * 64 + (i % 8) * 8  # the row's 8 bytes
-    ge = 2 * (jj[None, :] % 4)  # group 2jj's index in its tile (even); group 2jj+1's is ge + 1
-    go = ge + 1
-    tl.store(meta_ptr + run + 2 * (ge % 4) + ge // 4, (n_lo0 | (n_hi0 << 4)).to(tl.uint8))
-    tl.store(meta_ptr + run + 2 * (go % 4) + go // 4, (n_lo1 | (n_hi1 << 4)).to(tl.uint8))
-    if WRITE_BITS:  # plain keep-mask byte jj of a row: group 2jj low nibble, 2jj+1 high
-        bp = bits_ptr + tl.program_id(1) * 4 * TILES + jj[None, :]
-        tl.store(bp + lo * (K // 8), (k_lo0 | (k_lo1 << 4)).to(tl.uint8))
-        tl.store(bp + (lo + 8) * (K // 8), (k_hi0 | (k_hi1 << 4)).to(tl.uint8))
-
-
-# Launch: 128 rows x 64 columns (2 metadata tiles) with 8 warps, the block-transposing form ("tile"): the fastest
-# of the sweep in `elas bench sparsify` on H200 at every ELAS width (4-7% ahead of 64 rows;
-# benchmarks/results/h200/sparsify.json). "strided" (_strided_kernel) is the form without register shuffles.
-DEFAULT_TILES, DEFAULT_WARPS, DEFAULT_ROWS, DEFAULT_FORM = 2, 8, 128, "tile"
-FORMS = {"tile": _kernel, "strided": _strided_kernel}
+# Launch: 128 rows x 64 columns (2 metadata tiles) with 8 warps: the fastest of the sweep in `elas bench sparsify`
+# on H200 at every ELAS width (4-7% ahead of 64 rows; benchmarks/results/h200/sparsify.json). A form without
+# register regrouping (each group's 4 columns loaded and stored by address, stride 4) was measured 5-7x slower
+# here and 14x in the backward kernel (sparsify_forms.json): scattered 2-byte accesses cost more than the shuffles.
+DEFAULT_TILES, DEFAULT_WARPS, DEFAULT_ROWS = 2, 8, 128
 
 
 def _direct(kernel):
@@ -215,20 +147,18 @@ def _direct(kernel):
 
 def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | None = None, tiles: int | None = None,
                             num_warps: int | None = None, rows: int | None = None, launch=_direct,
-                            write_bits: bool = True, form: str | None = None) -> Packed24:
+                            write_bits: bool = True) -> Packed24:
     """y1: [M, K] bf16/fp32 -> Packed24 of 2:4(relu(y1)^2) (values bf16). See module docs.
     feature_counts: optional int32 [K], incremented by the positives of each column of y1 (for the 95/5 split).
     rows: tokens per program, 64 or 128 (default: 128 where M allows). launch: how the kernel is launched:
     directly, or `torch.library.wrap_triton` inside the operator (kernels/ops.py), which lets torch.compile see
-    the kernel. write_bits: also write the plain keep-mask (else mask_bits is empty: `ste` mode never reads it).
-    form: the kernel, "tile" or "strided" (same bytes; FORMS). None: the module's DEFAULT_* (read at each call)."""
-    tiles, num_warps, form = tiles or DEFAULT_TILES, num_warps or DEFAULT_WARPS, form or DEFAULT_FORM
+    the kernel. write_bits: also write the plain keep-mask (else mask_bits is empty: `ste` mode never reads it;
+    without it the kernel is 20% faster at [8192, 8192]). None: the module's DEFAULT_* (read at each call)."""
+    tiles, num_warps = tiles or DEFAULT_TILES, num_warps or DEFAULT_WARPS
     if y1.dim() != 2 or y1.stride(1) != 1:
         raise ValueError(f"y1 must be a row-major 2-D tensor, got shape {tuple(y1.shape)} strides {y1.stride()}")
     if y1.dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"y1 must be bf16 or fp32, got {y1.dtype}")
-    if form not in FORMS:
-        raise ValueError(f"invalid sparsifier form {form!r}: expected one of {', '.join(FORMS)}")
     m, k = y1.shape
     check_shape(m, k)
     rows = rows or (DEFAULT_ROWS if m % DEFAULT_ROWS == 0 else 64)  # M is a multiple of 64 (check_shape)
@@ -242,9 +172,9 @@ def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | Non
     if count and (feature_counts.dtype != torch.int32 or feature_counts.shape != (k,)):
         raise ValueError(f"feature_counts must be int32 [{k}], got {feature_counts.dtype} {tuple(feature_counts.shape)}")
     grid = (m // rows, k // 32 // tiles)
-    launch(FORMS[form])[grid](y1, vals, meta, bits, feature_counts if count else bits, k, y1.stride(0), TILES=tiles,
-                              ROUND_BF16=y1.dtype == torch.bfloat16, COUNT=count, ROWS=rows, WRITE_BITS=write_bits,
-                              num_warps=num_warps)
+    launch(_kernel)[grid](y1, vals, meta, bits, feature_counts if count else bits, k, y1.stride(0), TILES=tiles,
+                          ROUND_BF16=y1.dtype == torch.bfloat16, COUNT=count, ROWS=rows, WRITE_BITS=write_bits,
+                          num_warps=num_warps)
     return Packed24(buf.view(m, k * 9 // 16), bits, (m, k))
 
 
@@ -322,68 +252,6 @@ def _bwd_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, 
 
 
 @triton.jit
-def _bwd_strided_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, K, STE: tl.constexpr,
-                        FROM_Y1: tl.constexpr, BK: tl.constexpr, ROWS: tl.constexpr):
-    # _bwd_kernel's outputs, byte for byte, with no data movement between threads: the program's ROWS x BK block
-    # is taken as four [ROWS, BK/4] tensors, column c of every group (columns 4g + c), each loaded and stored by
-    # its own addresses; packed values and mask-bit nibbles are addressed per group. (In mask mode the tile
-    # form's regrouping costs it ~40% against ste mode at the same bytes: benchmarks/results/h200/sparsify.json.)
-    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
-    g = tl.arange(0, BK // 4)[None, :]
-    col = tl.program_id(1) * BK + 4 * g  # [1, G]: first column of each group
-    at = rows * K + col
-    if FROM_Y1:
-        y1_0, y1_1 = tl.load(y1_ptr + at).to(tl.float32), tl.load(y1_ptr + at + 1).to(tl.float32)
-        y1_2, y1_3 = tl.load(y1_ptr + at + 2).to(tl.float32), tl.load(y1_ptr + at + 3).to(tl.float32)
-        x0 = _round_bf16(tl.maximum(y1_0, 0.0) * tl.maximum(y1_0, 0.0))
-        x1 = _round_bf16(tl.maximum(y1_1, 0.0) * tl.maximum(y1_1, 0.0))
-        x2 = _round_bf16(tl.maximum(y1_2, 0.0) * tl.maximum(y1_2, 0.0))
-        x3 = _round_bf16(tl.maximum(y1_3, 0.0) * tl.maximum(y1_3, 0.0))
-        k0, k1, k2, k3 = _keep24(x0, x1, x2, x3)
-        d0, d1, d2, d3 = tl.where(k0, x0, 0.0), tl.where(k1, x1, 0.0), tl.where(k2, x2, 0.0), tl.where(k3, x3, 0.0)
-        i0 = tl.where(k0, 0, tl.where(k1, 1, 2))
-        i1 = tl.where(k3, 3, tl.where(k2, 2, 1))
-    else:
-        vp = val_ptr + rows * (K // 2) + col // 2
-        first, second = tl.load(vp).to(tl.float32), tl.load(vp + 1).to(tl.float32)
-        nib = (tl.load(bits_ptr + rows * (K // 8) + col // 8).to(tl.int32) >> (4 * (g % 2))) & 15
-        i0 = tl.where((nib & 1) != 0, 0, tl.where((nib & 2) != 0, 1, 2))
-        i1 = tl.where((nib & 8) != 0, 3, tl.where((nib & 4) != 0, 2, 1))
-        d0 = tl.where(i0 == 0, first, 0.0)
-        d1 = tl.where(i0 == 1, first, tl.where(i1 == 1, second, 0.0))
-        d2 = tl.where(i0 == 2, first, tl.where(i1 == 2, second, 0.0))
-        d3 = tl.where(i1 == 3, second, 0.0)
-        if STE:
-            y1_0, y1_1 = tl.load(y1_ptr + at).to(tl.float32), tl.load(y1_ptr + at + 1).to(tl.float32)
-            y1_2, y1_3 = tl.load(y1_ptr + at + 2).to(tl.float32), tl.load(y1_ptr + at + 3).to(tl.float32)
-    tl.store(y2s_ptr + at, d0.to(tl.bfloat16))
-    tl.store(y2s_ptr + at + 1, d1.to(tl.bfloat16))
-    tl.store(y2s_ptr + at + 2, d2.to(tl.bfloat16))
-    tl.store(y2s_ptr + at + 3, d3.to(tl.bfloat16))
-    g0 = _dy1(tl.load(dy2_ptr + at).to(tl.float32), y1_0 if STE else d0, STE)
-    g1 = _dy1(tl.load(dy2_ptr + at + 1).to(tl.float32), y1_1 if STE else d1, STE)
-    g2 = _dy1(tl.load(dy2_ptr + at + 2).to(tl.float32), y1_2 if STE else d2, STE)
-    g3 = _dy1(tl.load(dy2_ptr + at + 3).to(tl.float32), y1_3 if STE else d3, STE)
-    tl.store(dy1_ptr + at, g0.to(tl.bfloat16))
-    tl.store(dy1_ptr + at + 1, g1.to(tl.bfloat16))
-    tl.store(dy1_ptr + at + 2, g2.to(tl.bfloat16))
-    tl.store(dy1_ptr + at + 3, g3.to(tl.bfloat16))
-    if not STE:  # dy1's kept values in packed order (mask mode: dy1 has the forward's pattern)
-        dp = dval_ptr + rows * (K // 2) + col // 2
-        tl.store(dp, tl.where(i0 == 0, g0, tl.where(i0 == 1, g1, g2)).to(tl.bfloat16))
-        tl.store(dp + 1, tl.where(i1 == 3, g3, tl.where(i1 == 2, g2, g1)).to(tl.bfloat16))
-
-
-@triton.jit
-def _dy1(dy2, r, STE: tl.constexpr):
-    """dy1 of one column: ste: 2 relu(y1) dy2 with r = y1 (0 where y1 <= 0); mask: 2 sqrt(y2s) dy2 with r = y2s
-    (relu(y1) = sqrt(y2) on kept entries), as _bwd_rows computes them without the split."""
-    if STE:
-        return tl.where(r > 0.0, _round_bf16(2.0 * r * dy2), 0.0)
-    return _round_bf16(2.0 * tl.sqrt(r) * dy2)
-
-
-@triton.jit
 def _pack_tokens(x0, x1, x2, x3, band, pid1, val_ptr, meta_ptr, M, TILES: tl.constexpr):
     """2:4 along tokens: x_j [G, 64] fp32 holds tokens 4g+j of a block of 4G tokens x 64 features; select 2 of
     each 4 tokens (largest |x|, earlier token on ties) and write the block of the transposed [K, M] packed
@@ -422,9 +290,8 @@ def _bwd_split_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, dy1_ptr, dval_ptr, yt_
 
 
 # the backward's launch (64 tokens per program; 8 warps: 3-9% ahead of 4 on H200, benchmarks/results/h200/
-# sparsify.json "backward"); the form of the kernel without the split: "tile" (_bwd_kernel) or "strided"
-BWD_ROWS, BWD_WARPS, BWD_FORM = 64, 8, "tile"
-BWD_FORMS = {"tile": _bwd_kernel, "strided": _bwd_strided_kernel}
+# sparsify.json "backward")
+BWD_ROWS, BWD_WARPS = 64, 8
 
 
 def _packed_buffer(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Tensor, Packed24]:
@@ -436,13 +303,11 @@ def _packed_buffer(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Te
 
 def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Tensor | None = None,
                             dense_slots: torch.Tensor | None = None, n_dense: int = 0, rows: int | None = None,
-                            num_warps: int | None = None, launch=_direct, form: str | None = None) -> Grads24:
+                            num_warps: int | None = None, launch=_direct) -> Grads24:
     """Triton twin of reference.relu2_sparse24_backward: one pass over dy2 (and y1 in ste mode); see there.
-    rows, num_warps: tokens per program (64 or 128) and warps; launch: as in relu2_sparsify24_packed; form: the
-    kernel without the split (BWD_FORMS). None: the module's BWD_* (read at each call)."""
-    rows, num_warps, form = rows or BWD_ROWS, num_warps or BWD_WARPS, form or BWD_FORM
-    if form not in BWD_FORMS:
-        raise ValueError(f"invalid backward kernel form {form!r}: expected one of {', '.join(BWD_FORMS)}")
+    rows, num_warps: tokens per program (64 or 128) and warps; launch: as in relu2_sparsify24_packed. None: the
+    module's BWD_* (read at each call)."""
+    rows, num_warps = rows or BWD_ROWS, num_warps or BWD_WARPS
     m, k = dy2.shape
     if a is not None and a.shape != (m, k):
         raise ValueError(f"packed y2s is {a.shape}, dy2 is {tuple(dy2.shape)}")
@@ -481,8 +346,8 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Ten
             dy2, vals, bits, ptr(y1), ptr(dy1), ptr(dval), yt_val, yt_meta, dt_val, dt_meta, dense_slots, y2d, dy1d,
             m, k, max(n_dense, 1), STE=ste, FROM_Y1=a is None, ROWS=rows, num_warps=num_warps)
     else:
-        launch(BWD_FORMS[form])[(m // rows, k // bk)](dy2, vals, bits, ptr(y1), y2s, ptr(dy1), ptr(dval), k, STE=ste,
-                                                      FROM_Y1=a is None, BK=bk, ROWS=rows, num_warps=num_warps)
+        launch(_bwd_kernel)[(m // rows, k // bk)](dy2, vals, bits, ptr(y1), y2s, ptr(dy1), ptr(dval), k, STE=ste,
+                                                  FROM_Y1=a is None, BK=bk, ROWS=rows, num_warps=num_warps)
     dpk = None
     if dbuf is not None:
         dbuf[m * k // 2:].copy_(a.buffer.view(-1)[m * k // 2:])
