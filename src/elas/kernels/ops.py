@@ -12,7 +12,7 @@ bools cross the boundary; "not produced" outputs are empty tensors (an operator 
                               counts: the up-projection GEMM with the sparsifier in its epilogue
     elas::dgrad_relu2_ste(dh2 [M, q'], wd [K, q'], y1 [M, K]) -> y2s, dy1: the backward's dy2 GEMM with the
                           `ste` pointwise work in its epilogue
-    elas::relu2_sparse24_backward(dy2 [M, K], buffer?, mask_bits? (unread), y1?, dense_slots?, n_dense)
+    elas::relu2_sparse24_backward(dy2 [M, K], buffer?, mask_bits?, y1?, dense_slots?, n_dense)
                                   -> y2s, dy1, dy1 packed [M, K*9/16] (mask mode), y2s_t, dy1_t, y2s_dense,
                                      dy1_dense (reference.Grads24; y2s_t / dy1_t as their [K, M*9/16] buffers)
     elas::sste_pack24(w [R, C], beta [], transpose) -> buffer, mask_bits of beta * S_soft(w) (or of w^T), 2:4
@@ -38,8 +38,8 @@ factor, wd [d_ff, q'] the d_ff-consuming factor (W2^T for full-rank, N2 for low-
                                            densest 5% of features are then replaced by dense GEMMs
               dh1 = dy1 wu                 2:4 GEMM in `mask` mode (dy1 has the forward's pattern), dense in `ste`
 
-Saved for backward: `mask` mode keeps only the packed y2s (0.5625 of a dense bf16 y2; the kept positions are read
-from its metadata): relu(y1) on kept entries is rebuilt as sqrt(y2s). `ste` mode needs relu(y1) on the dropped entries too, so it keeps y1
+Saved for backward: `mask` mode keeps only the packed y2s (0.5625 of a dense bf16 y2, plus a 1/16 mask): relu(y1)
+on kept entries is rebuilt as sqrt(y2s). `ste` mode needs relu(y1) on the dropped entries too, so it keeps y1
 (one dense tensor, like a dense ReLU^2 FFN that recomputes y2); its backward kernel redoes the selection from y1.
 With the split, 4 of the 6 d_ff GEMMs run sparse in `mask` mode (Haziza et al.'s recipe), 3 in `ste` mode. The
 masked twin of this core (the numerical definition) is sparsity/masked.py.
@@ -92,7 +92,7 @@ relu2_sparsify24_packed_op = _define_triton_op("elas::relu2_sparsify24_packed", 
 
 def relu2_sparsify24_packed(y1: Tensor, count: bool = False, bits: bool = True) -> tuple[Packed24, Tensor | None]:
     """y1: [M, K] -> (Packed24 of 2:4(relu(y1)^2), positives per column int32 [K] or None). bits: write the
-    plain keep-mask (Packed24.mask_bits; empty otherwise: the backward kernels read the metadata instead)."""
+    plain keep-mask (Packed24.mask_bits; empty otherwise: only `mask` mode's backward reads it)."""
     buf, bits, counts = relu2_sparsify24_packed_op(y1, count, bits)
     return Packed24(buf, bits, tuple(y1.shape)), (counts if count else None)
 
@@ -212,7 +212,7 @@ def sparse_mm(a: Packed24, b: Tensor) -> Tensor:
 @torch.library.custom_op("elas::act24_ffn", mutates_args=())
 def act24_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac: float | None,
                  fused: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> h2 [T, q'] and what backward needs: (s0, s1) = (packed y2s buffer, -) in mask mode, (y1, -) in
+    """-> h2 [T, q'] and what backward needs: (s0, s1) = (packed y2s buffer, mask bits) in mask mode, (y1, -) in
     ste mode; (idx_d [n_dense] i64, slots [d_ff] i32) of the 95/5 split (empty without it). fused: the
     up-projection and the sparsifier as one kernel (y1 [T, d_ff] then exists only in ste mode), and in the
     backward (ste mode without the split) the dy2 GEMM and the pointwise work as one."""
@@ -221,7 +221,7 @@ def act24_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac
         y1, p, counts = up_relu2_sparsify24(h1, wu, count=dense_frac is not None, write_y1=not mask_grad)
     else:
         y1 = h1 @ wu.T  # [T, d_ff]
-        p, counts = relu2_sparsify24_packed(y1, count=dense_frac is not None, bits=False)  # backward reads metadata
+        p, counts = relu2_sparsify24_packed(y1, count=dense_frac is not None, bits=mask_grad)
     h2 = sparse_mm(p, wd)  # [T, q']
     idx_d, slots = h1.new_empty(0, dtype=torch.long), h1.new_empty(0, dtype=torch.int32)  # outputs never alias
     if counts is not None:
@@ -229,7 +229,7 @@ def act24_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac
         slots = torch.full((wu.shape[0],), -1, dtype=torch.int32, device=h1.device)  # slot j <- j-th dense feature
         slots.index_copy_(0, idx_d, torch.arange(idx_d.numel(), dtype=torch.int32, device=h1.device))
     if mask_grad:
-        return h2, p.buffer, h1.new_empty(0, dtype=torch.uint8), idx_d, slots  # (no mask bits: see above)
+        return h2, p.buffer, p.mask_bits, idx_d, slots
     return h2, y1, h1.new_empty(0), idx_d, slots  # ste: the backward kernel redoes the selection from y1
 
 
@@ -237,8 +237,10 @@ def act24_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac
 def _(h1, wu, wd, mask_grad, dense_frac, fused=False):
     t, f = h1.shape[0], wu.shape[0]
     h2 = h1.new_empty((t, wd.shape[1]))
-    s0 = h1.new_empty((t, f * 9 // 16), dtype=torch.bfloat16) if mask_grad else h1.new_empty((t, f))
-    s1 = h1.new_empty(0, dtype=torch.uint8) if mask_grad else h1.new_empty(0)
+    if mask_grad:
+        s0, s1 = h1.new_empty((t, f * 9 // 16), dtype=torch.bfloat16), h1.new_empty((t, f // 8), dtype=torch.uint8)
+    else:
+        s0, s1 = h1.new_empty((t, f)), h1.new_empty(0)
     if dense_frac is None:
         return h2, s0, s1, h1.new_empty(0, dtype=torch.long), h1.new_empty(0, dtype=torch.int32)
     n_dense = ref.n_dense_features(f, dense_frac)

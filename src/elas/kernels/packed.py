@@ -14,10 +14,8 @@ This is the layout `torch._cslt_compress` writes on H100 with cuSPARSELt 0.8 (do
 established and checked). Writing it ourselves lets a sparsifier feed `cusparseLtMatmul` directly, without the
 10x-slower compress call. Shapes: M % 64 == 0 and K % 64 == 0 (the checked range; callers pad M).
 
-Beside the buffer, `mask_bits` [M, K/8] uint8 can hold the keep-mask in a plain row-major form: byte j of row r
-covers groups 2j (low nibble) and 2j+1 (high nibble); bit c of a nibble = column c kept. The 2:4 FFN does not
-write it (its backward reads the kept positions from the metadata, `meta_positions`): writing it made the
-sparsifier 20% slower at [8192, 8192] on the H200. It is empty ([0]) wherever it was not written.
+Beside the buffer, `mask_bits` [M, K/8] uint8 holds the keep-mask in a plain row-major form for backward
+kernels: byte j of row r covers groups 2j (low nibble) and 2j+1 (high nibble); bit c of a nibble = column c kept.
 """
 from __future__ import annotations
 
@@ -114,19 +112,13 @@ def pack24(x: torch.Tensor, mask: torch.Tensor, check: bool = True) -> Packed24:
     return Packed24(buf.view(m, k * 9 // 16), mask_to_bits(mask), (m, k))
 
 
-def meta_positions(p: Packed24) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kept positions (i0, i1) [M, K/4] of a packed matrix, read from its SM90 metadata."""
+def unpack24(p: Packed24) -> torch.Tensor:
+    """The dense [M, K] bf16 matrix a packed buffer stands for (read through the metadata, not mask_bits)."""
     m, k = p.shape
     off, high = meta_offsets(m, k, p.buffer.device)
     byte = p.meta.long()[off]  # [M, K/4]
     nib = torch.where(high, byte >> 4, byte & 15)
-    return nib & 3, nib >> 2
-
-
-def unpack24(p: Packed24) -> torch.Tensor:
-    """The dense [M, K] bf16 matrix a packed buffer stands for (read through the metadata, not mask_bits)."""
-    m, k = p.shape
-    i0, i1 = meta_positions(p)
+    i0, i1 = nib & 3, nib >> 2
     vals = p.values.view(m, k // 4, 2)
     out = torch.zeros(m, k // 4, 4, dtype=torch.bfloat16, device=p.buffer.device)
     out.scatter_(2, i0.unsqueeze(-1), vals[..., :1])

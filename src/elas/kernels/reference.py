@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from .packed import Packed24, gather_kept, meta_positions, pack24, unpack24
+from .packed import Packed24, bits_to_mask, gather_kept, kept_positions, pack24, unpack24
 
 __all__ = [
     "mask24",
@@ -273,9 +273,10 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a, y1: torch.Tensor | None = None
         y1f = y1.float()  # +0 where y1 <= 0 (even y1 = -0), as the kernel: the packing compares bytes
         dy1, dval = torch.where(y1f > 0, 2.0 * y1f * d, 0.0).to(torch.bfloat16), None
     else:
+        mask = bits_to_mask(a.mask_bits, a.shape[1])
         # +0 wherever y2s is 0 (dropped or a kept zero): the along-token packing compares bytes of these
-        dy1 = torch.where(y2s != 0, 2.0 * y2s.float().sqrt() * d, 0.0).to(torch.bfloat16)
-        dval = gather_kept(dy1, *meta_positions(a))  # the kept positions, from the forward's metadata
+        dy1 = torch.where(mask & (y2s != 0), 2.0 * y2s.float().sqrt() * d, 0.0).to(torch.bfloat16)
+        dval = gather_kept(dy1, *kept_positions(mask, check=False))
     dpk = None
     if dval is not None:  # [values | the forward's metadata]: the layout the 2:4 GEMM reads
         m, k = a.shape

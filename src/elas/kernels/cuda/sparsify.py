@@ -2,7 +2,7 @@
 
 Input  y1:        [M, K] bf16 or fp32, row-major (M tokens, K = d_ff), M % 64 == 0, K % 64 == 0.
 Output buffer:    [M, K*9/16] bf16 = kept values [M, K/2] then metadata (kernels/packed.py has the layout).
-       mask_bits: [M, K/8] uint8, plain row-major keep-mask (optional; empty unless write_bits).
+       mask_bits: [M, K/8] uint8, plain row-major keep-mask (for backward kernels).
 Each program owns a 64-row band and TILES 32-column tiles (a tile is the unit of 256 metadata bytes), loads
 its [64, 32*TILES] block of y1 with coalesced row reads, selects in registers, and writes every output byte
 once: values and mask bits contiguously, metadata bytes (rows r and r+8 share one) scattered within the tile.
@@ -179,12 +179,12 @@ def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | Non
 
 
 @triton.jit
-def _bwd_rows(rows, col0, dy2_ptr, val_ptr, meta_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, slot_ptr, y2d_ptr,
+def _bwd_rows(rows, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, slot_ptr, y2d_ptr,
               dy1d_ptr, K, ND, STE: tl.constexpr, FROM_Y1: tl.constexpr, SPLIT: tl.constexpr, R: tl.constexpr,
               BK: tl.constexpr):
     """The backward's pointwise work on rows `rows` (int64 [R, 1] token indices) x columns [col0, +BK) of [M, K]:
     stores the row-wise outputs and returns (y2s, dy1) fp32 [R, BK] for the along-token packing of the split.
-    Inputs: dy2 [M, K]; the forward's packed values [M, K/2] and SM90 metadata [M*K/8], or (FROM_Y1, ste mode) only
+    Inputs: dy2 [M, K]; the forward's packed values [M, K/2] and mask bits [M, K/8], or (FROM_Y1, ste mode) only
     y1 [M, K], from which the 2:4 selection is recomputed exactly as the forward kernel made it.
     Outputs without SPLIT: y2s and dy1 dense [M, K]; in mask mode dy1's kept values in packed order [M, K/2].
     With SPLIT: the columns of y2s and dy1 whose slot >= 0 into y2d, dy1d [M, ND] (the dense features of the 95/5
@@ -205,15 +205,10 @@ def _bwd_rows(rows, col0, dy2_ptr, val_ptr, meta_ptr, y1_ptr, y2s_ptr, dy1_ptr, 
     else:
         vals = tl.load(val_ptr + rows * (K // 2) + col0 // 2 + tl.arange(0, 2 * G)[None, :]).to(tl.float32)
         first, second = tl.split(tl.reshape(vals, (R, G, 2)))  # [R, G]
-        # kept positions from the SM90 metadata (kernels/packed.py): each element loads its group's byte (rows r
-        # and r+8 share it) and takes its nibble i0 | i1 << 2; elementwise for any set of rows
-        g = col0 // 4 + tl.arange(0, G)[None, :]  # [1, G] group index along the row
-        gl = g % 8
-        off = ((rows // 64) * (K // 32) + g // 8) * 256 + ((rows % 64) // 16) * 64 + (rows % 8) * 8 + 2 * (gl % 4) \
-            + gl // 4
-        nib = (tl.load(meta_ptr + off).to(tl.int32) >> (4 * ((rows % 16) // 8)).to(tl.int32)) & 15  # [R, G]
-        i0 = nib & 3
-        i1 = nib >> 2
+        bits = tl.load(bits_ptr + rows * (K // 8) + col0 // 8 + tl.arange(0, G // 2)[None, :]).to(tl.int32)
+        keep = tl.reshape(tl.join(bits & 15, bits >> 4), (R, G))  # [R, G] nibble: bit c = column c kept
+        i0 = tl.where((keep & 1) != 0, 0, tl.where((keep & 2) != 0, 1, 2))
+        i1 = tl.where((keep & 8) != 0, 3, tl.where((keep & 4) != 0, 2, 1))
         d0 = tl.where(i0 == 0, first, 0.0)
         d1 = tl.where(i0 == 1, first, tl.where(i1 == 1, second, 0.0))
         d2 = tl.where(i0 == 2, first, tl.where(i1 == 2, second, 0.0))
@@ -248,11 +243,11 @@ def _bwd_rows(rows, col0, dy2_ptr, val_ptr, meta_ptr, y1_ptr, y2s_ptr, dy1_ptr, 
 
 
 @triton.jit
-def _bwd_kernel(dy2_ptr, val_ptr, meta_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, K, STE: tl.constexpr,
+def _bwd_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, K, STE: tl.constexpr,
                 FROM_Y1: tl.constexpr, BK: tl.constexpr, ROWS: tl.constexpr):
     # program: ROWS rows (tokens: 64 or 128) x BK columns (features) of [M, K]; no split
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
-    _bwd_rows(rows, tl.program_id(1) * BK, dy2_ptr, val_ptr, meta_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, dy2_ptr,
+    _bwd_rows(rows, tl.program_id(1) * BK, dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, dy2_ptr,
               dy2_ptr, dy2_ptr, K, 1, STE, FROM_Y1, False, ROWS, BK)
 
 
@@ -272,7 +267,7 @@ def _pack_tokens(x0, x1, x2, x3, band, pid1, val_ptr, meta_ptr, M, TILES: tl.con
 
 
 @triton.jit
-def _bwd_split_kernel(dy2_ptr, val_ptr, meta_ptr, y1_ptr, dy1_ptr, dval_ptr, yt_val_ptr, yt_meta_ptr, dt_val_ptr,
+def _bwd_split_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, dy1_ptr, dval_ptr, yt_val_ptr, yt_meta_ptr, dt_val_ptr,
                       dt_meta_ptr, slot_ptr, y2d_ptr, dy1d_ptr, M, K, ND, STE: tl.constexpr, FROM_Y1: tl.constexpr,
                       ROWS: tl.constexpr):
     # program: ROWS tokens x 64 features of [M, K], with the 95/5 split: y2s^T and dy1^T [K, M] packed 2:4 along
@@ -282,13 +277,13 @@ def _bwd_split_kernel(dy2_ptr, val_ptr, meta_ptr, y1_ptr, dy1_ptr, dval_ptr, yt_
     GT: tl.constexpr = ROWS // 4
     base = tl.program_id(0) * ROWS + 4 * tl.arange(0, GT).to(tl.int64)[:, None]  # [GT, 1]: tokens 4g
     col0 = tl.program_id(1) * 64
-    a0, b0 = _bwd_rows(base, col0, dy2_ptr, val_ptr, meta_ptr, y1_ptr, dy2_ptr, dy1_ptr, dval_ptr, slot_ptr,
+    a0, b0 = _bwd_rows(base, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, dy2_ptr, dy1_ptr, dval_ptr, slot_ptr,
                        y2d_ptr, dy1d_ptr, K, ND, STE, FROM_Y1, True, GT, 64)
-    a1, b1 = _bwd_rows(base + 1, col0, dy2_ptr, val_ptr, meta_ptr, y1_ptr, dy2_ptr, dy1_ptr, dval_ptr, slot_ptr,
+    a1, b1 = _bwd_rows(base + 1, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, dy2_ptr, dy1_ptr, dval_ptr, slot_ptr,
                        y2d_ptr, dy1d_ptr, K, ND, STE, FROM_Y1, True, GT, 64)
-    a2, b2 = _bwd_rows(base + 2, col0, dy2_ptr, val_ptr, meta_ptr, y1_ptr, dy2_ptr, dy1_ptr, dval_ptr, slot_ptr,
+    a2, b2 = _bwd_rows(base + 2, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, dy2_ptr, dy1_ptr, dval_ptr, slot_ptr,
                        y2d_ptr, dy1d_ptr, K, ND, STE, FROM_Y1, True, GT, 64)
-    a3, b3 = _bwd_rows(base + 3, col0, dy2_ptr, val_ptr, meta_ptr, y1_ptr, dy2_ptr, dy1_ptr, dval_ptr, slot_ptr,
+    a3, b3 = _bwd_rows(base + 3, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, dy2_ptr, dy1_ptr, dval_ptr, slot_ptr,
                        y2d_ptr, dy1d_ptr, K, ND, STE, FROM_Y1, True, GT, 64)
     _pack_tokens(a0, a1, a2, a3, tl.program_id(1), tl.program_id(0), yt_val_ptr, yt_meta_ptr, M, ROWS // 32)
     _pack_tokens(b0, b1, b2, b3, tl.program_id(1), tl.program_id(0), dt_val_ptr, dt_meta_ptr, M, ROWS // 32)
@@ -345,13 +340,13 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Ten
     def ptr(t):  # outputs a configuration does not write still need a pointer (never dereferenced)
         return dy2 if t is None else t
 
-    vals, meta = ptr(a.values if a is not None else None), ptr(a.meta if a is not None else None)
+    vals, bits = ptr(a.values if a is not None else None), ptr(a.mask_bits if a is not None else None)
     if split:
         launch(_bwd_split_kernel)[(m // rows, k // 64)](
-            dy2, vals, meta, ptr(y1), ptr(dy1), ptr(dval), yt_val, yt_meta, dt_val, dt_meta, dense_slots, y2d, dy1d,
+            dy2, vals, bits, ptr(y1), ptr(dy1), ptr(dval), yt_val, yt_meta, dt_val, dt_meta, dense_slots, y2d, dy1d,
             m, k, max(n_dense, 1), STE=ste, FROM_Y1=a is None, ROWS=rows, num_warps=num_warps)
     else:
-        launch(_bwd_kernel)[(m // rows, k // bk)](dy2, vals, meta, ptr(y1), y2s, ptr(dy1), ptr(dval), k, STE=ste,
+        launch(_bwd_kernel)[(m // rows, k // bk)](dy2, vals, bits, ptr(y1), y2s, ptr(dy1), ptr(dval), k, STE=ste,
                                                   FROM_Y1=a is None, BK=bk, ROWS=rows, num_warps=num_warps)
     dpk = None
     if dbuf is not None:
