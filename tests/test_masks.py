@@ -81,13 +81,16 @@ def test_dense_feature_split_picks_densest_columns():
 
 
 @pytest.mark.parametrize("n_feat,frac", [(2176, 0.05), (8192, 0.05), (640, 0.25), (64, 1.0), (128, 0.0)])
-def test_dense_feature_indices_equal_a_stable_sort(n_feat, frac):
-    """The top-k on the tie-broken key selects exactly the features a stable descending sort ranks first."""
+def test_dense_slots_rank_the_dense_features(n_feat, frac):
+    """The prefix-sum ranking equals a stable sort of the dense flags (what the operator did before)."""
     nnz = torch.randint(0, 6, (n_feat,), generator=torch.Generator().manual_seed(n_feat))  # many ties
     n_dense = ref.n_dense_features(n_feat, frac)
-    want = torch.sort(torch.sort(nnz, descending=True, stable=True).indices[:n_dense]).values
-    got = ref.dense_feature_indices(nnz.int(), frac)
-    assert got.dtype == torch.int64 and torch.equal(got, want)
+    dense = ref.dense_features_from_counts(nnz, frac)
+    idx_d, slots = ref.dense_slots(dense, n_dense)
+    want = torch.sort(dense.to(torch.uint8), descending=True, stable=True).indices[:n_dense]
+    assert idx_d.dtype == torch.int64 and torch.equal(idx_d, want)
+    assert slots.dtype == torch.int32 and torch.equal(slots[want], torch.arange(n_dense, dtype=torch.int32))
+    assert (slots[~dense] == -1).all() and int(dense.sum()) == n_dense
 
 
 def test_wgrad_split_operand():

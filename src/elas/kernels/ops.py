@@ -225,9 +225,10 @@ def act24_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac
     h2 = sparse_mm(p, wd)  # [T, q']
     idx_d, slots = h1.new_empty(0, dtype=torch.long), h1.new_empty(0, dtype=torch.int32)  # outputs never alias
     if counts is not None:
-        idx_d = ref.dense_feature_indices(counts, dense_frac)  # [n_dense] ascending (n_dense known on the host)
-        slots = torch.full((wu.shape[0],), -1, dtype=torch.int32, device=h1.device)  # slot j <- j-th dense feature
-        slots.index_copy_(0, idx_d, torch.arange(idx_d.numel(), dtype=torch.int32, device=h1.device))
+        dense = ref.dense_features_from_counts(counts, dense_frac)  # bool [d_ff]
+        # n_dense is known on the host (no sync); a prefix sum ranks the dense features (a second sort measured
+        # 0.55 ms of a 1B relu2-24 step, torch.topk on a tie-broken key 2.9 ms)
+        idx_d, slots = ref.dense_slots(dense, ref.n_dense_features(dense.numel(), dense_frac))
     if mask_grad:
         return h2, p.buffer, p.mask_bits, idx_d, slots
     return h2, y1, h1.new_empty(0), idx_d, slots  # ste: the backward kernel redoes the selection from y1

@@ -27,7 +27,7 @@ __all__ = [
     "dense_feature_split",
     "n_dense_features",
     "dense_features_from_counts",
-    "dense_feature_indices",
+    "dense_slots",
     "wgrad_split_operand",
     "relu2_sparsify24_packed",
     "sparse_mm",
@@ -165,20 +165,30 @@ def dense_feature_split(y: torch.Tensor, dense_frac: float) -> torch.Tensor:
 
 def dense_features_from_counts(nnz: torch.Tensor, dense_frac: float) -> torch.Tensor:
     """dense_feature_split from the per-feature non-zero counts nnz [features] (any integer dtype)."""
-    dense = torch.zeros(nnz.numel(), dtype=torch.bool, device=nnz.device)
-    # not `dense[...] = True`: that copies a CPU scalar (no graph)
-    return dense.index_fill_(0, dense_feature_indices(nnz, dense_frac), True)
-
-
-def dense_feature_indices(nnz: torch.Tensor, dense_frac: float) -> torch.Tensor:
-    """The dense features of the split (dense_feature_split's True entries) as indices [n_dense] int64 in ascending
-    order, from the non-zero counts nnz [features]: one top-k on a key that breaks ties by index (more non-zeros
-    first, lower index first among equals; every key distinct, so the set is exact) and a sort of n_dense."""
     n_feat = nnz.numel()
     n_dense = n_dense_features(n_feat, dense_frac)
-    idx = torch.arange(n_feat, device=nnz.device)
-    key = nnz.to(torch.int64) * n_feat + (n_feat - 1 - idx)  # [features], distinct
-    return torch.sort(torch.topk(key, n_dense, sorted=False).indices).values
+    dense = torch.zeros(n_feat, dtype=torch.bool, device=nnz.device)
+    if n_dense > 0:
+        # stable descending sort: more non-zeros first, lower index first among equals
+        order = torch.sort(nnz, descending=True, stable=True).indices
+        dense.index_fill_(0, order[:n_dense], True)  # not `dense[...] = True`: that copies a CPU scalar (no graph)
+    return dense
+
+
+def dense_slots(dense: torch.Tensor, n_dense: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx_d [n_dense] int64: the dense features in ascending order, slots [features] int32: each dense feature's
+    rank among them, -1 for the others) from the bool vector of dense features, by a prefix sum (no sort)."""
+    slots = torch.where(dense, torch.cumsum(dense, 0, dtype=torch.int32) - 1, -1).to(torch.int32)
+    return slot_features(slots, n_dense), slots
+
+
+def slot_features(slots: torch.Tensor, n_dense: int) -> torch.Tensor:
+    """The feature of each dense slot [n_dense] int64, from slots [features] (slot or -1)."""
+    every = torch.arange(slots.numel(), device=slots.device)
+    # the sparse features (slot -1) all land in a spare last entry (static shapes: traces and captures)
+    idx_d = torch.zeros(n_dense + 1, dtype=torch.long, device=slots.device)
+    idx_d.scatter_(0, torch.where(slots >= 0, slots, n_dense).long(), every)
+    return idx_d[:n_dense]
 
 
 def wgrad_split_operand(y: torch.Tensor, dense_features: torch.Tensor) -> torch.Tensor:
@@ -285,9 +295,6 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a, y1: torch.Tensor | None = None
     if dense_slots is None:
         return Grads24(y2s, dy1, dval, dy1_packed=dpk)
     every = torch.arange(y2s.shape[1], device=y2s.device)
-    # feature of each slot; the sparse features (slot -1) all land in a spare last entry (static shapes: traces)
-    idx_d = torch.zeros(n_dense + 1, dtype=torch.long, device=y2s.device)
-    idx_d.scatter_(0, torch.where(dense_slots >= 0, dense_slots, n_dense).long(), every)
-    idx_d = idx_d[:n_dense]
+    idx_d = slot_features(dense_slots, n_dense)
     return Grads24(None, dy1 if y1 is not None else None, dval, pack24_along_tokens(y2s, every),
                    pack24_along_tokens(dy1, every), y2s[:, idx_d], dy1[:, idx_d], dpk)
