@@ -446,7 +446,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows = kb.bench_epilogue(m=args.m or 8192)  # the 1B step's tokens per micro-batch (32 x 256)
     elif args.what == "infer":
         from .bench.infer import bench_infer
-        rows = bench_infer(sizes or ["llama-1b"], infer_variants)
+        rows = bench_infer(sizes or ["llama-1b"], infer_variants, on_row=write)
     elif args.what == "loro":
         from .bench.loro import bench_loro
         rows = bench_loro()

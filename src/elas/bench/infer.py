@@ -90,7 +90,8 @@ def _decode_ms(model, prompt: torch.Tensor, max_len: int, new_tokens: int, compi
 
 
 def bench_infer(sizes=("llama-1b",), variants=INFER_VARIANTS, batch: int = 8, prompt: int = 512,
-                new_tokens: int = 128, log=print) -> list[dict]:
+                new_tokens: int = 128, log=print, on_row=None) -> list[dict]:
+    """on_row(rows): called after each row with the rows so far (the CLI writes them)."""
     rows = []
     for size in sizes:
         for variant in variants:
@@ -103,7 +104,10 @@ def bench_infer(sizes=("llama-1b",), variants=INFER_VARIANTS, batch: int = 8, pr
             log(f"infer {size} {variant:>14}: " + (
                 f"prefill {r['prefill_ms']:.2f} ms ({r['prefill_tokens_per_s']:,.0f} tok/s; captured "
                 f"{r['prefill_graph_ms']:.2f} ms), decode "
-                f"{r['decode_ms_per_token']:.3f} ms/token" if "error" not in r else r["error"]))
+                f"{r['decode_ms_per_token']:.3f} ms/token (compiled: {r['decode_compiled_ms_per_token']})"
+                if "error" not in r else r["error"]))
+            if on_row is not None:  # the rows so far, written out: a cut-off call keeps them
+                on_row(with_twin_ratios([dict(x) for x in rows]))
             if "prefill_breakdown_ms" in r:
                 log("  prefill GPU ms: " + ", ".join(f"{k} {v:.2f}" for k, v in r["prefill_breakdown_ms"].items()))
                 log("  prefill host ms: " + ", ".join(f"{k} {v:.3f}" for k, v in
