@@ -251,6 +251,9 @@ class TrainConfig:
     cuda_graphs: bool = True  # replay each step's forward+backward from a CUDA graph (CUDA, single process); false: eager
     parallel: str = "ddp"  # several processes (torchrun): ddp (replicated) | fsdp (FSDP2: parameters, gradients
     # and optimizer states sharded)
+    # keep only each decoder block's input for the backward and recompute the block's activations there (one more
+    # forward of every block per step, for the memory of all but one block's activations)
+    activation_checkpointing: bool = False
     tensorboard: bool = False  # also log metrics to RUN/tensorboard (needs the tensorboard package: elas[tensorboard])
 
     def validate(self) -> None:

@@ -1,6 +1,7 @@
 """How a built model is run by the trainer: compiled regions, then DDP (the default) or FSDP2 over processes.
 
     hold_params_in(model, bf16) # parameters in bf16 (the optimizer keeps fp32 masters: optim/master.py)
+    checkpoint_blocks(model)    # optional: each block recomputes its activations in the backward
     compile_regions(model)      # every decoder block and the loss head, torch.compile(fullgraph=True), in place
     with eager_regions(): ...   # forwards that must not compile (evaluation, statistics probes)
     shard_fsdp(model, device)   # FSDP2: fully_shard every block, then the root (parameters become DTensors)
@@ -27,6 +28,27 @@ def hold_params_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
     fp32 tables, e.g. the token permutation's keys, must not be rounded)."""
     for p in model.parameters():
         p.data = p.data.to(dtype)
+
+
+def checkpoint_blocks(model: torch.nn.Module) -> None:
+    """Activation checkpointing per decoder block, in place: under autograd a block's forward saves only its
+    inputs, and its activations are recomputed during the backward (torch.utils.checkpoint, non-reentrant);
+    without grad (evaluation, generation, probes) it runs as before. Apply before compile_regions (the compiled
+    block then traces the checkpoint, which Inductor lowers as recomputation) and before sharding. Module and
+    state-dict names do not change. Sparsity methods recompute exactly: their selections are deterministic."""
+    from torch.utils.checkpoint import checkpoint
+    for blk in model.blocks:
+        if getattr(blk, "_elas_checkpointed", False):
+            continue
+        forward = blk.forward
+
+        def checkpointed(*args, _forward=forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        blk.forward = checkpointed
+        blk._elas_checkpointed = True
 
 
 def compile_regions(model: torch.nn.Module, backend: str = "inductor", fullgraph: bool = True) -> None:

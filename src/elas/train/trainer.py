@@ -28,8 +28,8 @@ from .checkpoint import (CheckpointError, checkpoints, is_sharded_checkpoint, lo
                          load_sharded_checkpoint, newest_verified, resume_checkpoint, save_checkpoint,
                          save_sharded_checkpoint)
 from .distributed import Dist, all_reduce_sum, init_distributed, shutdown
-from .parallelize import (compile_counts, compile_regions, eager_regions, grad_sync, hold_params_in, shard_fsdp,
-                          wrap_ddp)
+from .parallelize import (checkpoint_blocks, compile_counts, compile_regions, eager_regions, grad_sync, hold_params_in,
+                          shard_fsdp, wrap_ddp)
 from .step import StepGrads
 
 PROBE_SEQS = 8  # sequences the sparsity statistics of a log step are measured on (a no-grad probe forward)
@@ -186,6 +186,8 @@ class Trainer:
         if self.compiled and importlib.util.find_spec("triton") is None:  # Inductor generates Triton on GPUs
             self.compiled = False
             log("elas: not compiling: Triton is not installed (pip install triton, or --set compile=false)")
+        if cfg.activation_checkpointing:  # before compiling and sharding (the blocks keep their names)
+            checkpoint_blocks(self.model)
         if self.compiled:
             compile_regions(self.model)
         self.sharded = self.dist.enabled and self.fsdp
@@ -278,6 +280,9 @@ class Trainer:
                 "replayed from a CUDA graph (captured at the first step and when a sparsity method changes mode; "
                 "--set cuda_graphs=false opts out)" if self.eager_reason is None
                 else f"eager steps ({self.eager_reason})"))
+            if cfg.activation_checkpointing:
+                self.log("elas: activation checkpointing: each block's activations are recomputed in the backward "
+                         "(activation_checkpointing=true)")
             if self.ckpt is not None:
                 self.log(f"elas: resumed from {self.ckpt} at step {self.step}")
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
