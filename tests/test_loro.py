@@ -9,7 +9,7 @@ from elas.config import model_preset
 from elas.build import build_model
 from elas.model import LowRankLinear
 from elas.optim import LOROAdamW, exact_update
-from elas.optim.loro import exact_update_batched
+from elas.optim.loro import _thin_qr, exact_update_batched
 
 from conftest import TINY, run_cli
 
@@ -43,8 +43,43 @@ def test_exact_step_equals_dense_reference(m, n, r):
     assert not torch.allclose(want, M @ N.T, atol=1e-3)
 
 
-@pytest.mark.parametrize("solver", ["svd", "eigh"])
-def test_batched_exact_step_equals_one_pair_at_a_time(solver):
+@pytest.mark.parametrize("cond", [1.0, 1e3, 1e6])
+def test_cholesky_qr_is_a_thin_qr(cond):
+    """CholeskyQR2 (the exact step's QR on CUDA): X = Q R with orthonormal Q and upper-triangular R, in float32,
+    also for ill-conditioned X; a batch element whose Gram matrix is singular sends the batch to Householder."""
+    g = torch.Generator().manual_seed(1)
+    U, _ = torch.linalg.qr(torch.randn(3, 300, 24, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(3, 24, 24, generator=g, dtype=torch.float64))
+    s = torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), 24, dtype=torch.float64)
+    X = ((U * s) @ V.mT).float()  # [3, 300, 24], singular values 1 .. 1/cond
+    for x in (X, torch.cat([X[:1], X[1:2].index_fill(-1, torch.tensor([5]), 0.0), X[2:]])):  # 2nd: rank-deficient
+        Q, R = _thin_qr(x, "cholesky")
+        assert Q.shape == x.shape and R.shape == (3, 24, 24) and Q.dtype == R.dtype == torch.float32
+        torch.testing.assert_close(Q.mT @ Q, torch.eye(24).expand(3, 24, 24), atol=1e-5, rtol=0)
+        torch.testing.assert_close(Q @ R, x, atol=1e-5, rtol=1e-5)
+        assert torch.equal(R, R.triu())
+    Qh, Rh = _thin_qr(X, "householder")  # the same factorisation up to the signs of R's rows
+    sign = torch.sign(torch.diagonal(Rh, dim1=-2, dim2=-1))[..., None]
+    torch.testing.assert_close(sign * Rh, _thin_qr(X, "cholesky")[1], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown qr method 'lu'.*householder"):
+        _thin_qr(X, "lu")
+
+
+@pytest.mark.parametrize("qr", ["householder", "cholesky"])
+def test_exact_step_in_float32_matches_float64(qr):
+    """The exact step's working precision (fp32) against the fp64 step, with either QR."""
+    g = torch.Generator().manual_seed(2)
+    M, N = torch.randn(256, 32, generator=g, dtype=torch.float64) / 16, torch.randn(128, 32, generator=g,
+                                                                                   dtype=torch.float64) / 11
+    G = torch.randn(256, 128, generator=g, dtype=torch.float64)
+    want = exact_update(M, N, G @ N, G.T @ M, 1e-2, "svd", "householder")
+    got = exact_update(*(t.float() for t in (M, N, G @ N, G.T @ M)), 1e-2, "svd", qr)
+    w_want, w_got = want[0] @ want[1].T, (got[0] @ got[1].T).double()
+    assert ((w_got - w_want).norm() / w_want.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("solver,qr", [("svd", "householder"), ("eigh", "householder"), ("svd", "cholesky")])
+def test_batched_exact_step_equals_one_pair_at_a_time(solver, qr):
     """Pairs of one shape are stacked into one batched call (each with its own step size); pairs of other shapes
     get their own batch; every result equals the pair's own exact_update (fp64: to rounding)."""
     g = torch.Generator().manual_seed(0)
@@ -54,9 +89,9 @@ def test_batched_exact_step_equals_one_pair_at_a_time(solver):
         M, N = torch.randn(m, r, generator=g, dtype=torch.float64), torch.randn(n, r, generator=g, dtype=torch.float64)
         G = torch.randn(m, n, generator=g, dtype=torch.float64)
         pairs.append((M, N, G @ N, G.T @ M, 0.1 * (k + 1)))
-    got = exact_update_batched(pairs, solver)
+    got = exact_update_batched(pairs, solver, qr)
     for (M, N, DM, DN, eta), (Mb, Nb) in zip(pairs, got):
-        Mo, No = exact_update(M, N, DM, DN, eta, solver)
+        Mo, No = exact_update(M, N, DM, DN, eta, solver, qr)
         assert Mb.shape == M.shape and Nb.shape == N.shape
         torch.testing.assert_close(Mb @ Nb.T, Mo @ No.T, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(Mb.T @ Mb, Nb.T @ Nb, rtol=1e-9, atol=1e-9)  # balanced, as one at a time
@@ -224,7 +259,7 @@ def test_exact_step_sharded_over_processes_equals_one_process(tmp_path, world):
     rank ends with the one-process result (fp64, to rounding), including shapes with fewer pairs than ranks."""
     import torch.multiprocessing as mp
 
-    from elas.optim.loro import exact_update_batched
+    from elas.optim.loro import _thin_qr, exact_update_batched
     out = tmp_path / "sharded.pt"
     mp.spawn(_sharded_worker, args=(world, f"file://{tmp_path / 'store'}", str(out)), nprocs=world, join=True)
     want = exact_update_batched(_pairs_for_sharding())

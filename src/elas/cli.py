@@ -463,7 +463,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         from .bench.step import bench_step, ratios
         rows = bench_step(sizes or ["llama-1b"], batches, step_variants, step_modes, args.optimizer,
-                          profile=not args.no_profile,
+                          profile=not args.no_profile, checkpointing=args.activation_checkpointing,
                           on_row=lambda rs: write(ratios(rs)))
         rows = ratios(rows)
     write(rows, extra)
@@ -552,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step: the optimizer of every row (loro_adamw: low-rank variants only)")
     p.add_argument("--modes", help="step: comma-separated modes among elas, torch.compile, eager (default: all)")
     p.add_argument("--no-profile", action="store_true", help="step: skip the per-row profile breakdown")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="step: every row with activation checkpointing per block (as --set activation_checkpointing=true)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("experiment", help="run the quality grid of variants (one harness, same data and tokens)")

@@ -8,15 +8,17 @@ from ..optim.loro import SOLVERS, exact_update, exact_update_batched
 from .timing import event_ms
 
 
-def bench_loro(sizes=("llama-60m", "llama-130m", "llama-350m", "llama-1b"), log=print) -> list[dict]:
+def bench_loro(sizes=("llama-60m", "llama-130m", "llama-350m", "llama-1b"), solvers=SOLVERS,
+               qrs=("householder", "cholesky"), log=print) -> list[dict]:
+    """Per solver of the 2r x 2r SVD: each layer shape one module at a time (the default QR), then every module of
+    the model as the optimizer runs it (one batched call per shape), once per tall-QR method."""
     rows = []
     for size in sizes:
         cfg = model_preset(f"{size}-elas")
         d, f, r, L = cfg.d_model, cfg.ffn_width, cfg.rank, cfg.n_layers
         shapes = {(d, d, r): 4 * L, (f, d, r): L, (d, f, r): L}  # q,k,v,o; up [d_ff, d]; down [d, d_ff]
         k = LORO_DEFAULTS[size]["loro_exact_every"]
-        per_solver = {}
-        for solver in SOLVERS:
+        for solver in solvers:
             total, worst = 0.0, 0.0
             for (m, n, rr), count in shapes.items():
                 g = torch.Generator(device="cuda").manual_seed(m + n)
@@ -30,18 +32,18 @@ def bench_loro(sizes=("llama-60m", "llama-130m", "llama-350m", "llama-1b"), log=
                 worst = max(worst, err)
                 total += ms * count
                 rows.append({"model": size, "m": m, "n": n, "rank": rr, "modules": count, "solver": solver,
-                             "ms_per_module": ms, "rel_err_vs_fp64": err})
-            per_solver[solver] = (total, worst)
+                             "qr": "auto", "ms_per_module": ms, "rel_err_vs_fp64": err})
             # the optimizer's way: every module of the model, one batched call per shape
             g = torch.Generator(device="cuda").manual_seed(1)
             pairs = [(torch.randn(m, rr, device="cuda", generator=g) / m ** 0.5,
                       torch.randn(n, rr, device="cuda", generator=g) / n ** 0.5,
                       torch.randn(m, rr, device="cuda", generator=g), torch.randn(n, rr, device="cuda", generator=g),
                       1e-3) for (m, n, rr), count in shapes.items() for _ in range(count)]
-            batched = event_ms(lambda: exact_update_batched(pairs, solver), iters=3, warmup=1)
-            rows.append({"model": size, "modules": len(pairs), "solver": solver, "batched_ms": batched,
-                         "sequential_ms": total, "exact_every": k})
-            log(f"loro {size} {solver:>7}: exact step {total:.1f} ms for {sum(shapes.values())} modules one at a "
-                f"time, {batched:.1f} ms batched per shape ({batched / k:.2f} ms/step amortised over K={k}), "
-                f"worst rel. err {worst:.1e}")
+            for qr in qrs:
+                batched = event_ms(lambda: exact_update_batched(pairs, solver, qr), iters=3, warmup=1)
+                rows.append({"model": size, "modules": len(pairs), "solver": solver, "qr": qr, "batched_ms": batched,
+                             "sequential_ms": total, "exact_every": k, "amortised_ms": batched / k})
+                log(f"loro {size} {solver:>7} qr={qr:>11}: exact step {total:.1f} ms for {len(pairs)} modules one "
+                    f"at a time, {batched:.1f} ms batched per shape ({batched / k:.2f} ms/step amortised over "
+                    f"K={k}), worst rel. err {worst:.1e} (one at a time)")
     return rows

@@ -32,7 +32,7 @@ from ..config import D_FF_MULTIPLE, TrainConfig, apply_overrides, model_preset
 from ..optim import build_optimizer
 from ..sparsity import set_step
 from ..summary import model_summary
-from ..train.parallelize import compile_regions, hold_params_in
+from ..train.parallelize import checkpoint_blocks, compile_regions, hold_params_in
 from ..train.step import StepGrads
 from .ffn import variant_config
 from .profile import breakdown, kernel_times
@@ -73,7 +73,7 @@ def step_config(size: str, variant: str, mode: str, seq: int):
 
 
 def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, steps: int = 10, warmup: int = 3,
-             profile: bool = True, optimizer: str = "adamw") -> dict:
+             profile: bool = True, optimizer: str = "adamw", checkpointing: bool = False) -> dict:
     if mode not in MODES:
         raise ValueError(f"unknown step mode {mode!r}; expected one of {MODES}")
     torch._dynamo.reset()
@@ -85,6 +85,8 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
     set_step(model, 0, 1)
     if mode == "elas":
         hold_params_in(model, torch.bfloat16)
+    if checkpointing:  # as the trainer: before compiling
+        checkpoint_blocks(model)
     # adamw: MasterAdamW (bf16 parameters) or torch's fused AdamW; loro_adamw: LORO (low-rank variants)
     opt = build_optimizer(model, TrainConfig(model=cfg, optimizer=optimizer))
     idx = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda")
@@ -116,6 +118,7 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
     synced = event_ms(step, iters=steps, warmup=0)
     tps = batch * seq / (ms / 1e3)
     row = {"model": size, "variant": variant, "mode": mode, "batch": batch, "seq": seq, "step_ms": ms,
+           "activation_checkpointing": checkpointing,
            "step_ms_synced": synced,
            "tokens_per_s": tps, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "compile_s": compile_s,
            "mfu": tps * model_summary(cfg, seq)["train_flops_per_token"] / H100_BF16,
@@ -137,8 +140,9 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
 
 def bench_step(sizes=("llama-1b",), batches=(32,), variants=STEP_VARIANTS, modes=MODES, optimizer: str = "adamw",
                seq: int = 256, steps: int = 10, warmup: int = 3, profile: bool = True, log=print,
-               on_row=None) -> list[dict]:
-    """Rows for every (size, batch, variant, mode); a row that fails (out of memory) is recorded with its error."""
+               on_row=None, checkpointing: bool = False) -> list[dict]:
+    """Rows for every (size, batch, variant, mode); a row that fails (out of memory) is recorded with its error.
+    checkpointing: every row with activation checkpointing per block (the trainer's activation_checkpointing)."""
     for size in sizes:  # a bad variant or option fails here, before any row has run
         for variant in variants:
             for mode in modes:
@@ -149,10 +153,10 @@ def bench_step(sizes=("llama-1b",), batches=(32,), variants=STEP_VARIANTS, modes
             for variant in variants:
                 for mode in modes:
                     try:
-                        r = step_row(size, variant, mode, batch, seq, steps, warmup, profile, optimizer)
+                        r = step_row(size, variant, mode, batch, seq, steps, warmup, profile, optimizer, checkpointing)
                     except torch.OutOfMemoryError as e:
                         r = {"model": size, "variant": variant, "mode": mode, "batch": batch, "seq": seq,
-                             "error": "out of memory: " + str(e).splitlines()[0][:120]}
+                             "activation_checkpointing": checkpointing, "error": "out of memory: " + str(e).splitlines()[0][:120]}
                         torch.cuda.empty_cache()
                     rows.append(r)
                     log(f"step {size} b{batch} {variant:>14} {mode:>13}: " + (

@@ -338,11 +338,14 @@ class Trainer:
                            "tokens": self.tokens, "grad_norm": float(gnorm), "tokens_per_s": tps,
                            "mfu": tps * self.flops_per_token / (self.peak * d.world) if self.peak else None,
                            "sparse": any(str(m).startswith("sparse") for m in self.modes), "modes": list(self.modes)}
+                    if self.device.type == "cuda":  # since the start of the run (this process)
+                        rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
                     rec.update({k: v for k, v in stats.items() if k.endswith("/mean")})
                     rec["stats"] = {k: v for k, v in stats.items() if not k.endswith("/mean")}
                     self._write_metrics(rec)
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{tps:,.0f}",
+                                        **({"mem": f"{rec['peak_mem_gb']:.1f}GB"} if "peak_mem_gb" in rec else {}),
                                         **({"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] else {}))
                 if eval_now:
                     with eager_regions():  # no-grad graphs (and a partial last batch) would only add compiles
