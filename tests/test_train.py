@@ -221,11 +221,13 @@ def test_tensorboard_logs_what_metrics_jsonl_logs(dataset, tmp_path):
         [(r["step"], round(r["val_loss"], 5)) for r in val]
 
 
-def _torchrun(n, *args):
+def _torchrun(n, *args, env=None):
+    import os
     import subprocess
     import sys
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-                           "-m", "elas", *args], capture_output=True, text=True, timeout=600)
+                           "-m", "elas", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
 
 
 def test_fsdp_matches_single_process_and_resumes_on_another_process_count(dataset, tmp_path, capsys):
@@ -302,3 +304,23 @@ def test_fsdp_with_loro_matches_single_process(dataset, tmp_path):
     c = losses(run)
     for s in (4, 5):  # the exact step after step 4 runs on the resumed state
         assert abs(c[s] - a[s]) < 1e-4, (s, c[s], a[s])
+
+
+def test_kill_of_one_rank_resumes_exactly(dataset, tmp_path):
+    """kill -9 of one of two FSDP2 processes (after its checkpoint of step 2, before the one of step 4): torchrun
+    stops the job; the newest checkpoint verifies, and a resumed run logs the uninterrupted run's losses bit for
+    bit (the same two processes: the same reduction order)."""
+    steps = ["--max-steps", "5", "--set", "eval_every=100", "--set", "save_every=2", "--set", "batch_size=2",
+             "--set", "parallel=fsdp"]
+    ref = _torchrun(2, *train_args(dataset, tmp_path / "ref", *steps))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    killed = _torchrun(2, *train_args(dataset, tmp_path / "run", *steps),
+                       env={"ELAS_FAULT_AT_STEP": "2", "ELAS_FAULT_RANK": "1"})
+    assert killed.returncode != 0
+    assert "Signals.SIGKILL" in killed.stderr or "SIGKILL" in killed.stderr, killed.stderr[-3000:]
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000002"
+    resumed = _torchrun(2, *train_args(dataset, tmp_path / "run", *steps, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = losses(tmp_path / "ref"), losses(tmp_path / "run")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]

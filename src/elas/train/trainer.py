@@ -295,7 +295,9 @@ class Trainer:
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
         t_last, tok_last = time.perf_counter(), self.tokens
         start = self.step
-        fault = int(os.environ.get("ELAS_FAULT_AT_STEP", "-1"))  # fault injection for the kill/resume test
+        fault = int(os.environ.get("ELAS_FAULT_AT_STEP", "-1"))  # fault injection for the kill/resume tests:
+        if os.environ.get("ELAS_FAULT_RANK", str(d.rank)) != str(d.rank):  # every process, or only this rank
+            fault = -1
         try:
             while self.step < cfg.max_steps:
                 step = self.step
