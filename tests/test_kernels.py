@@ -174,6 +174,24 @@ def test_gpu_sparse_mm_graph_capture_and_compile():
     assert torch.allclose(cf(a.buffer.view(-1), b), f(a.buffer.view(-1), b))
 
 
+def test_meta_builds_choose_kernels_for_where_they_will_live(monkeypatch):
+    """A meta-device build takes the reference kernels (a parameter count loads nothing), unless it is built to be
+    materialised on a GPU (the trainer's FSDP2 path): then "auto" takes the accelerated backend as a GPU build."""
+    from elas import kernels
+    monkeypatch.setattr(kernels, "_STATUS", (True, ""))  # as on a Hopper machine whose kernels load
+    meta, cuda = torch.device("meta"), torch.device("cuda")
+    assert kernels.backend_for(meta) == "reference" and kernels.backend_for(cuda) == "cuda"
+    with kernels.materialised_on("cuda:0"):
+        assert kernels.backend_for(meta) == "cuda"
+        with kernels.materialised_on("cpu"):
+            assert kernels.backend_for(meta) == "reference"
+        assert kernels.backend_for(meta, "reference") == "reference"
+    assert kernels.backend_for(meta) == "reference"
+    monkeypatch.setattr(kernels, "_STATUS", (False, "no CUDA device"))
+    with kernels.materialised_on("cuda"):
+        assert kernels.backend_for(meta) == "reference"
+
+
 @pytest.mark.gpu
 def test_gpu_backend_selected():
     from elas import kernels

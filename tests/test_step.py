@@ -318,3 +318,43 @@ def test_trainer_with_activation_checkpointing_logs_it_and_matches(dataset, tmp_
                     if "loss" in json.loads(ln)]
     assert runs["true"] == runs["false"] and len(runs["true"]) == 3
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["elas", "relu2-24"])
+def test_gpu_fsdp2_on_the_packed_path_equals_the_unsharded_model(tmp_path, variant):
+    """FSDP2 (a one-process NCCL group) over compiled blocks on the accelerated 2:4 path: built on meta for the
+    GPU, sharded, initialised by name; its loss and gradients equal the unsharded model's (same initial values)
+    up to bf16 rounding: gathers in bf16 there, autocast casts here."""
+    import torch.distributed as dist
+
+    from elas.train.parallelize import compile_regions, shard_fsdp
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        name = f"llama-tiny-{variant}"
+        cfg = model_preset(name, **SMALL, **({"rank": 64} if variant == "elas" else {}))
+        cfg.method("act24")["dense_warmup_steps"] = 0
+        (x, y), = _batches(1, 4, 64)
+        x, y = x.cuda(), y.cuda()
+        out = {}
+        for sharded in (False, True):
+            model = build_model(cfg, "meta", materialise_on="cuda")
+            assert "accelerated path" in next(m.description for m in model.modules() if hasattr(m, "description"))
+            compile_regions(model)
+            if sharded:
+                shard_fsdp(model, torch.device("cuda"), bf16=True)
+            model.to_empty(device="cuda")
+            model.init_weights(0)
+            set_step(model, 0, 1)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not sharded):
+                loss = model(x, y)
+            loss.backward()
+            grads = {n: (p.grad.full_tensor() if sharded else p.grad).float() for n, p in model.named_parameters()}
+            out[sharded] = (loss.item(), grads)
+        (l0, g0), (l1, g1) = out[False], out[True]
+        assert l1 == pytest.approx(l0, rel=1e-2)
+        assert g0.keys() == g1.keys()
+        for n in g0:
+            assert ((g1[n] - g0[n]).norm() / g0[n].norm().clamp(min=1e-12)).item() < 5e-2, n
+    finally:
+        dist.destroy_process_group()

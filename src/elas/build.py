@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .config import ModelConfig
 from .model.llama import LLaMA
 from .sparsity import SparsityMethod, method_from_dict, sparsify_
@@ -19,12 +20,16 @@ def resolve_methods(cfg: ModelConfig) -> list[SparsityMethod]:
     return [method_from_dict(m) for m in cfg.methods]
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> LLaMA:
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu",
+                materialise_on: str | torch.device | None = None) -> LLaMA:
+    """materialise_on: for a build on the meta device, where its storage will be allocated (`to_empty`): the
+    methods choose their kernels for that device (default: the reference kernels, none loaded)."""
     methods = resolve_methods(cfg)
     with torch.device(device):
         model = LLaMA(cfg)
-    for m in methods:
-        sparsify_(model, m)
+    with kernels.materialised_on(materialise_on or device):
+        for m in methods:
+            sparsify_(model, m)
     return model
 
 

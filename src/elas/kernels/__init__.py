@@ -13,6 +13,7 @@ with one logged line (none on a machine without a GPU, where that is the only ch
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 from . import reference
 
@@ -72,4 +73,27 @@ def resolve_backend(name: str = "auto") -> str:
     return "reference"
 
 
-__all__ = ["resolve_backend", "cuda_available", "reference", "BACKENDS"]
+_MATERIALISED_ON: list[str | None] = [None]  # the device type a meta-device build will be allocated on
+
+
+@contextmanager
+def materialised_on(device):
+    """Within: a model built on the meta device chooses its kernels for `device` (the trainer's FSDP2 path builds
+    on meta, shards, then allocates each shard on its GPU). Outside, a meta build is a description (parameter
+    counts) and loads no kernels."""
+    prev, _MATERIALISED_ON[0] = _MATERIALISED_ON[0], getattr(device, "type", str(device).split(":")[0])
+    try:
+        yield
+    finally:
+        _MATERIALISED_ON[0] = prev
+
+
+def backend_for(device, name: str = "auto") -> str:
+    """resolve_backend(name) for a method applied to parameters on `device`; a meta-device model takes the
+    reference for "auto" unless it is built within materialised_on(a CUDA device)."""
+    if name == "auto" and getattr(device, "type", device) == "meta" and _MATERIALISED_ON[0] != "cuda":
+        return "reference"
+    return resolve_backend(name)
+
+
+__all__ = ["resolve_backend", "backend_for", "materialised_on", "cuda_available", "reference", "BACKENDS"]

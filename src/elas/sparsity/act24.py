@@ -236,8 +236,7 @@ def _apply_act24(model: nn.Module, cfg: Act24Config, filter_fn) -> Applied:
     ffns = relu2_ffns(model, filter_fn, "act24 (2:4 activation sparsity)")
     for n, f in ffns:
         _check_linears(n, f)
-    on_meta = next(model.parameters()).device.type == "meta"
-    backend = "reference" if on_meta and cfg.backend == "auto" else kernels.resolve_backend(cfg.backend)
+    backend = kernels.backend_for(next(model.parameters()).device, cfg.backend)
     packed_default = cfg.path == "packed" or (cfg.path == "auto" and backend == "cuda")
     targets, old = [], []
     for n, f in ffns:

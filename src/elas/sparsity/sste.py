@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import ops, resolve_backend
+from ..kernels import backend_for, ops
 from ..kernels import reference as ref
 from ..kernels.packed import check_shape
 from .api import Applied, SparsityMethod, register_method, relu2_ffns
@@ -190,7 +190,7 @@ def _apply_sste24(model: nn.Module, cfg: SSTE24Config, filter_fn) -> Applied:
                                 f"bias-free full-rank nn.Linear (the paper's setting), not to low-rank factors")
             if lin.in_features % 4:
                 raise ValueError(f"sste24: {n}.{part} has {lin.in_features} inputs, not a multiple of 4")
-    packed = cfg.backend != "reference" and resolve_backend(cfg.backend) == "cuda"
+    packed = backend_for(next(model.parameters()).device, cfg.backend) == "cuda"
     if packed:
         for n, f in ffns:
             for part in ("up", "down"):

@@ -161,7 +161,7 @@ class Trainer:
         meta = self.fsdp and not (cfg.init_from and self.ckpt is None)
         torch.manual_seed(cfg.seed)
         try:
-            self.model = build_model(cfg.model, "meta" if meta else self.device)
+            self.model = build_model(cfg.model, "meta" if meta else self.device, materialise_on=self.device)
             if cfg.init_from and self.ckpt is None:  # a new run from a Hugging Face checkpoint (a resume has its own)
                 from ..export import load_hf_weights
                 load_hf_weights(self.model, cfg.model, Path(cfg.init_from))
