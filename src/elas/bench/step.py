@@ -114,13 +114,15 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
     step()
     torch.cuda.synchronize()
     compile_s = time.perf_counter() - t0
+    resident_gb = torch.cuda.memory_allocated() / 1e9  # between steps: weights, gradients, optimizer state
     ms = throughput_ms(step, iters=steps, warmup=warmup)
     synced = event_ms(step, iters=steps, warmup=0)
     tps = batch * seq / (ms / 1e3)
     row = {"model": size, "variant": variant, "mode": mode, "batch": batch, "seq": seq, "step_ms": ms,
            "activation_checkpointing": checkpointing,
            "step_ms_synced": synced,
-           "tokens_per_s": tps, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "compile_s": compile_s,
+           "tokens_per_s": tps, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "resident_gb": resident_gb,
+           "compile_s": compile_s,
            "mfu": tps * model_summary(cfg, seq)["train_flops_per_token"] / H100_BF16,
            "d_ff": cfg.ffn_width, "rank": cfg.rank, "gpu": torch.cuda.get_device_name(),
            "torch": torch.__version__}
