@@ -171,6 +171,12 @@ def test_bad_eval_and_generate_arguments(tmp_path, capsys):
     _fail(["generate", "--run", str(tmp_path), "--top-k", "-2"], capsys, "--top-k -2")
     _fail(["model", "--preset", "llama-tiny", "--rank", "1000"], capsys, "model.rank=1000")
     _fail(["model", "--preset", "llama-60m", "--grad-mode", "mask"], capsys, "--act-sparsity 2:4")
+    # the quality grid's arguments, before any data is prepared
+    grid = ["experiment", "--size", "llama-tiny", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "q")]
+    _fail([*grid, "--seeds", "0,x"], capsys, "--seeds '0,x'")
+    _fail([*grid, "--variants", "elas+act24.nope=1"], capsys, "variant 'elas+act24.nope=1'")
+    _fail([*grid, "--variants", "dense"], capsys, "unknown variant 'dense'")
+    assert not (tmp_path / "data").exists()
 
 
 def test_resume_refuses_flags_that_contradict_the_run(dataset, tmp_path, capsys):

@@ -195,6 +195,35 @@ def test_quality_grid_runs_scales_and_skips_finished(dataset, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())[0]["variant"] == "relu2"
 
 
+def test_quality_grid_seeds_variant_keys_and_transfer(dataset, tmp_path):
+    """Seeds (a run of each variant per seed), method keys set by a variant (absolute, after the scaling), and a
+    transfer set of other text (site-packages, where the training data is standard library) with the training
+    data's tokenizer; another tokenizer is refused before any run."""
+    from elas.data import prepare
+    from elas.train.experiment import run_grid, summarize, variant_config
+    cfg = variant_config("llama-tiny", "elas+act24.dense_warmup_steps=7", 400, str(dataset), tmp_path, 4, 1, seed=1)
+    assert cfg.model.method("act24")["dense_warmup_steps"] == 7 and cfg.seed == 1
+    assert cfg.out_dir.endswith("elas+act24.dense_warmup_steps=7.seed1")
+    with pytest.raises(ValueError, match="variant 'elas\\+act24.nope=1'.*nope"):
+        variant_config("llama-tiny", "elas+act24.nope=1", 400, str(dataset), tmp_path, 4, 1)
+    quiet = dict(source="site-packages", max_mb=0.3, val_frac=0.2, log=lambda *a: None)
+    other = prepare(tmp_path / "other", vocab_size=512, **quiet)
+    assert other["source"] == "builtin: site-packages text only"
+    with pytest.raises(ValueError, match="another tokenizer"):
+        run_grid("llama-tiny", ["relu2"], 2, str(dataset), tmp_path / "g", 2, 1, transfer=str(tmp_path / "other"))
+    assert not (tmp_path / "g").exists()
+    prepare(tmp_path / "same", tokenizer=str(dataset), **quiet)
+    rows = run_grid("llama-tiny", ["relu2"], 2, str(dataset), tmp_path / "g", batch_size=2, grad_accum=1,
+                    seeds=(0, 1), transfer=str(tmp_path / "same"), log=lambda *a: None)
+    assert [(r["run"], r["seed"]) for r in rows] == [("relu2", 0), ("relu2.seed1", 1)]
+    assert rows[0]["val_loss"] != rows[1]["val_loss"]  # another seed: another initialisation and data order
+    assert all(r["transfer_loss"] > 0 and r["transfer_tokens"] > 0 and 0 < r["epochs"] < 1 for r in rows)
+    _, md = summarize(tmp_path / "g")
+    assert "| relu2 | adamw | 0,1 | 2 |" in md and "transfer loss" in md and "GPU time" in md
+    mean = (rows[0]["val_loss"] + rows[1]["val_loss"]) / 2
+    assert f"{mean:.4f} (" in md  # the mean over the seeds, then (min-max)
+
+
 @pytest.mark.gpu
 def test_gpu_exact_step_default_solver_matches_fp64():
     g = torch.Generator().manual_seed(0)

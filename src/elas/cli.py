@@ -413,7 +413,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         infer_variants = _choices(args.variants, tuple(VARIANTS), "--variants") if args.variants \
             else list(INFER_VARIANTS)
     if args.what == "step":
-        from .bench.step import MODES, STEP_VARIANTS, split_variant
+        from .bench.step import MODES, STEP_VARIANTS
+        from .config import split_variant
         step_variants = args.variants.split(",") if args.variants else list(STEP_VARIANTS)
         _choices(",".join(split_variant(v)[0] for v in step_variants), STEP_VARIANTS, "--variants")
         step_modes = _choices(args.modes, MODES, "--modes")
@@ -477,11 +478,24 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from .train.experiment import QUALITY_VARIANTS, plot_curves, run_grid, summarize
     out = Path(args.out)
     variants = args.variants.split(",") if args.variants else list(QUALITY_VARIANTS)
+    try:
+        seeds = [int(k) for k in args.seeds.split(",")]
+        assert seeds and all(k >= 0 for k in seeds) and len(set(seeds)) == len(seeds)
+    except (ValueError, AssertionError):
+        raise UserError(f"invalid --seeds {args.seeds!r}: expected distinct non-negative integers, e.g. 0,1") from None
     if not args.summarize_only:
         from types import SimpleNamespace
+
+        from .train.experiment import variant_config
+        try:  # every variant and key, before any data is prepared
+            for v in variants:
+                variant_config(args.size, v, args.steps, args.data, out, args.batch_size, args.grad_accum)
+        except (ValueError, KeyError) as e:
+            raise UserError(str(e).strip("'\"")) from None
         ensure_builtin_data(SimpleNamespace(data_dir=args.data))
         try:
-            run_grid(args.size, variants, args.steps, args.data, out, args.batch_size, args.grad_accum)
+            run_grid(args.size, variants, args.steps, args.data, out, args.batch_size, args.grad_accum, seeds,
+                     args.transfer_data)
         except (TrainError, DataError, ValueError, KeyError) as e:
             raise UserError(str(e)) from None
     _, text = summarize(out)
@@ -558,7 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("experiment", help="run the quality grid of variants (one harness, same data and tokens)")
     p.add_argument("--size", default="llama-60m")
-    p.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
+    p.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} (default: all); a variant "
+                   f"may set method keys: elas+act24.dense_warmup_steps=100")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, each a run of every variant (default 0)")
+    p.add_argument("--transfer-data", help="a dataset of other text with the training data's tokenizer (elas data "
+                   "prepare --source stdlib --tokenizer DATA ...): every run's loss on its validation split")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--grad-accum", type=int, default=2)
@@ -571,7 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = p.add_subparsers(dest="data_cmd", metavar="SUBCOMMAND", required=True)
     q = dsub.add_parser("prepare", help="text -> tokenizer -> train.bin/val.bin")
     q.add_argument("--out", required=True, help="dataset directory to create")
-    q.add_argument("--source", choices=["builtin", "files", "hf"], default="builtin")
+    q.add_argument("--source", choices=["builtin", "stdlib", "site-packages", "files", "hf"], default="builtin",
+                   help="builtin: the interpreter's standard library + site-packages text; stdlib / site-packages: "
+                        "one of the two (e.g. a transfer set for a model trained on the other)")
     q.add_argument("--files", nargs="+", help="directories, files, globs or .jsonl files (source files)")
     q.add_argument("--text-field", default="text", help="JSONL / HF field holding the text")
     q.add_argument("--hf", help="Hugging Face dataset name, e.g. allenai/c4")

@@ -390,6 +390,21 @@ def parse_value(text: str, current: Any, key: str, optional: bool = True) -> Any
     return text
 
 
+def split_variant(variant: str) -> tuple[str, dict[str, str]]:
+    """"elas+act24.fused=true" -> ("elas", {"act24.fused": "true"}): a variant with model keys set (as `--set`
+    sets them: METHOD.KEY for a key of one of its sparsity methods), so that a benchmark row or a
+    quality run can measure an option."""
+    name, *sets = variant.split("+")
+    over = {}
+    for kv in sets:
+        key, eq, value = kv.partition("=")
+        if not eq or not key:
+            raise ValueError(f"bad variant option {kv!r} in {variant!r}: expected KEY=VALUE, e.g. "
+                             f"elas+act24.fused=true")
+        over[key] = value
+    return name, over
+
+
 def apply_overrides(obj: Any, items: dict[str, Any], prefix: str = "", absent_methods_ok: bool = False) -> None:
     """Set (possibly dotted) keys on a dataclass tree; unknown keys raise with the closest valid key.
     On a config with `methods`, `NAME.KEY` sets KEY of the listed method NAME (absent_methods_ok: skip the key

@@ -28,7 +28,7 @@ import time
 import torch
 
 from ..build import build_model, resolve_methods
-from ..config import D_FF_MULTIPLE, TrainConfig, apply_overrides, model_preset
+from ..config import D_FF_MULTIPLE, TrainConfig, apply_overrides, model_preset, split_variant
 from ..optim import build_optimizer
 from ..sparsity import set_step
 from ..summary import model_summary
@@ -42,20 +42,6 @@ MODES = ("elas", "elas-fp32", "torch.compile", "eager")
 STEP_VARIANTS = ("lowrank-relu2", "elas", "elas-mask", "relu2", "relu2-24", "swiglu", "swiglu-aligned")
 PLAIN = {"residual_dtype": "fp32", "lm_loss": "logits"}  # the textbook numerics of the baseline modes
 H100_BF16 = 989e12
-
-
-def split_variant(variant: str) -> tuple[str, dict[str, str]]:
-    """"elas+act24.fused=true" -> ("elas", {"act24.fused": "true"}): a variant with model keys set (as `--set`
-    sets them: METHOD.KEY for a key of one of its sparsity methods), so that a row can measure an option."""
-    name, *sets = variant.split("+")
-    over = {}
-    for kv in sets:
-        key, eq, value = kv.partition("=")
-        if not eq or not key:
-            raise ValueError(f"bad variant option {kv!r} in {variant!r}: expected KEY=VALUE, e.g. "
-                             f"elas+act24.fused=true")
-        over[key] = value
-    return name, over
 
 
 def step_config(size: str, variant: str, mode: str, seq: int):

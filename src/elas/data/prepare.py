@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .sources import SourceError, builtin_docs, file_docs, hf_docs
+from .sources import BUILTIN_PARTS, SourceError, builtin_docs, file_docs, hf_docs
 from .tokenizer import eot_id, load_tokenizer, train_bpe
 
 
@@ -74,6 +74,8 @@ def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = 
         raise DataError(f"val_frac={val_frac} must be in (0, 0.5)")
     if source == "builtin":
         docs, desc = builtin_docs(), "builtin: Python standard library + site-packages text"
+    elif source in BUILTIN_PARTS:  # one half of builtin (train on one, measure transfer on the other)
+        docs, desc = builtin_docs((source,)), f"builtin: {source} text only"
     elif source == "files":
         if not files:
             raise DataError("source 'files' needs --files PATH [PATH ...]")
@@ -83,7 +85,7 @@ def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = 
             raise DataError("source 'hf' needs --hf NAME (e.g. allenai/c4 --hf-config en)")
         docs, desc = hf_docs(hf, hf_config, hf_split, text_field), f"hf: {hf} {hf_config or ''} {hf_split}".strip()
     else:
-        raise DataError(f"unknown source {source!r}: expected builtin, files or hf")
+        raise DataError(f"unknown source {source!r}: expected builtin, {', '.join(BUILTIN_PARTS)}, files or hf")
 
     t0 = time.time()
     max_bytes = int(max_mb * 1e6) if max_mb else None

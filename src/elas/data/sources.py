@@ -42,12 +42,18 @@ def _read_text(path: Path) -> str | None:
         return None
 
 
-def builtin_docs() -> Iterator[tuple[str, str]]:
-    """(label/relative path, text), standard library first, then site-packages; sorted, machine-independent ids."""
+BUILTIN_PARTS = ("stdlib", "site-packages")
+
+
+def builtin_docs(parts: tuple[str, ...] = BUILTIN_PARTS) -> Iterator[tuple[str, str]]:
+    """(label/relative path, text), standard library first, then site-packages; sorted, machine-independent ids.
+    parts: which of the two (disjoint: site-packages is excluded from the standard library's walk), e.g. one to
+    train on and the other as a transfer set."""
     paths = sysconfig.get_paths()
     stdlib = Path(paths["stdlib"]).resolve()
     site = sorted({Path(paths["purelib"]).resolve(), Path(paths["platlib"]).resolve()})
     roots = [("stdlib", stdlib, set(site))] + [("site-packages", s, set()) for s in site]
+    roots = [r for r in roots if r[0] in parts]
     seen = set()
     for label, root, exclude in roots:
         if not root.is_dir():

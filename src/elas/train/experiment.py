@@ -3,6 +3,9 @@
 The quality grid reproduces the papers' comparisons at a budget one GPU session can afford. Every variant uses the
 same data, seed, sequence length, batch and steps; schedules that the papers tie to the run length (lr warm-up,
 dense 2:4 warm-up, LORO's exact-step period) are scaled with it, so that a 10k-step recipe keeps its shape.
+A variant may set method keys (`elas+act24.dense_warmup_steps=100`: absolute, not scaled), and every variant
+runs once per seed (run directories `VARIANT` for seed 0, `VARIANT.seedK` for the others). With transfer data (a
+dataset of other text, tokenized with the training data's tokenizer) each finished run is also evaluated on it.
 Runs are resumable: a variant whose run directory holds a finished run is skipped, an interrupted one resumed.
 """
 from __future__ import annotations
@@ -13,7 +16,8 @@ import time
 from pathlib import Path
 
 from ..build import resolve_methods
-from ..config import LORO_DEFAULTS, VARIANTS, apply_overrides, model_preset, preset_name, size_of, train_config
+from ..config import (LORO_DEFAULTS, VARIANTS, apply_overrides, model_preset, preset_name, size_of, split_variant,
+                      train_config)
 from ..sparsity import method_to_dict
 from .trainer import Trainer
 
@@ -21,79 +25,172 @@ QUALITY_VARIANTS = tuple(VARIANTS)  # every named variant (config.VARIANTS), wit
 PAPER_STEPS = 10_000  # the 60M recipe the schedules are written for (dense warm-up 1000 = 10%, LORO K = 500 = 5%)
 
 
+def run_name(variant: str, seed: int = 0) -> str:
+    return variant if seed == 0 else f"{variant}.seed{seed}"
+
+
 def variant_config(size: str, variant: str, steps: int, data_dir: str, out: Path, batch_size: int, grad_accum: int,
-                   seq_len: int = 256, full_rank_lr: float = 1e-3):
-    optimizer = VARIANTS[variant].optimizer
-    cfg = train_config(preset_name(size, variant))
-    over = {"data_dir": data_dir, "out_dir": str(out / variant), "max_steps": steps, "seq_len": seq_len,
-            "batch_size": batch_size, "grad_accum": grad_accum, "warmup_steps": max(1, steps // 10),
-            "optimizer": optimizer, "lr": full_rank_lr, "eval_every": max(1, steps // 10),
-            "save_every": max(1, steps // 4), "log_every": max(1, steps // 100), "model.max_seq_len": seq_len}
+                   seq_len: int = 256, full_rank_lr: float = 1e-3, seed: int = 0):
+    name, sets = split_variant(variant)
+    if name not in QUALITY_VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; known: {', '.join(QUALITY_VARIANTS)}")
+    optimizer = VARIANTS[name].optimizer
+    cfg = train_config(preset_name(size, name))
+    over = {"data_dir": data_dir, "out_dir": str(out / run_name(variant, seed)), "max_steps": steps,
+            "seq_len": seq_len, "batch_size": batch_size, "grad_accum": grad_accum, "seed": seed,
+            "warmup_steps": max(1, steps // 10), "optimizer": optimizer, "lr": full_rank_lr,
+            "eval_every": max(1, steps // 10), "save_every": max(1, steps // 4), "log_every": max(1, steps // 100),
+            "model.max_seq_len": seq_len}
     if optimizer == "loro_adamw":
         over.update(LORO_DEFAULTS[size_of(size)])
         over["loro_exact_every"] = max(2, round(steps * 500 / PAPER_STEPS))
     apply_overrides(cfg, over)
     # the methods' step schedules (the dense warm-up) keep their share of the paper's run length: scaled from
     # the variant's recipe (the model preset), not from a size's training defaults
-    recipe = model_preset(preset_name(size, variant))
+    recipe = model_preset(preset_name(size, name))
     cfg.model.methods = [method_to_dict(m.scaled(steps / PAPER_STEPS)) for m in resolve_methods(recipe)]
+    if sets:  # the variant's own keys, as given (after the scaling)
+        try:
+            apply_overrides(cfg.model, sets)
+            resolve_methods(cfg.model)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"variant {variant!r}: {e.args[0]}") from None
     return cfg
 
 
+def _same_tokenizer(a: str, b: str) -> bool:
+    ta, tb = Path(a) / "tokenizer.json", Path(b) / "tokenizer.json"
+    if ta.exists() and tb.exists():
+        return ta.read_bytes() == tb.read_bytes()
+    return json.loads((Path(a) / "meta.json").read_text()).get("tokenizer") == \
+        json.loads((Path(b) / "meta.json").read_text()).get("tokenizer")
+
+
+def check_transfer_data(data_dir: str, transfer: str) -> None:
+    """Before any run: the transfer set must exist and share the training data's tokenizer."""
+    if not (Path(transfer) / "meta.json").exists():
+        raise ValueError(f"transfer data {transfer} holds no prepared dataset (elas data prepare --out {transfer} "
+                         f"--tokenizer {data_dir} ...)")
+    if not _same_tokenizer(data_dir, transfer):
+        raise ValueError(f"transfer data {transfer} was tokenized with another tokenizer than {data_dir}; prepare "
+                         f"it with --tokenizer {data_dir}")
+
+
+def transfer_loss(trainer: Trainer, transfer: str) -> tuple[float, int]:
+    """The trained model's mean loss on the transfer set's validation split, as the trainer evaluates its own."""
+    from ..data import TokenWindows
+    from .parallelize import eager_regions
+    from .trainer import evaluate
+    cfg = trainer.cfg
+    with eager_regions():
+        return evaluate(trainer.fwd, TokenWindows(transfer, "val", cfg.seq_len), cfg.eval_tokens, cfg.batch_size,
+                        trainer.device, trainer.autocast)
+
+
 def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Path, batch_size: int = 256,
-             grad_accum: int = 2, log=print) -> list[dict]:
+             grad_accum: int = 2, seeds=(0,), transfer: str | None = None, log=print) -> list[dict]:
+    """Every variant x seed (seed-major: each seed's grid completes before the next starts)."""
+    cfgs = [(seed, v, variant_config(size, v, steps, data_dir, out, batch_size, grad_accum, seed=seed))
+            for seed in seeds for v in variants]  # every bad variant or key fails here, before any run
+    if transfer:
+        check_transfer_data(data_dir, transfer)
     out.mkdir(parents=True, exist_ok=True)
+    train_tokens = json.loads((Path(data_dir) / "meta.json").read_text())["train_tokens"] \
+        if (Path(data_dir) / "meta.json").exists() else None
     rows = []
-    for v in variants:
-        if v not in QUALITY_VARIANTS:
-            raise ValueError(f"unknown variant {v!r}; known: {', '.join(QUALITY_VARIANTS)}")
-        cfg = variant_config(size, v, steps, data_dir, out, batch_size, grad_accum)
+    for seed, v, cfg in cfgs:
         run = Path(cfg.out_dir)
         done = run / "summary.json"
+        name = run_name(v, seed)
         if done.exists():
-            rows.append(json.loads(done.read_text()))
-            log(f"{v}: done before, skipped")
+            row = json.loads(done.read_text())
+            if transfer and "transfer_loss" not in row:  # finished before transfer data was given
+                trainer = Trainer(cfg, resume=True, progress=False, log=log)
+                try:
+                    row["transfer_loss"], row["transfer_tokens"] = transfer_loss(trainer, transfer)
+                finally:
+                    trainer.close()
+                done.write_text(json.dumps(row, indent=1))
+            rows.append(row)
+            log(f"{name}: done before, skipped")
             continue
         t0 = time.time()
         trainer = Trainer(cfg, resume="auto", progress=False, log=log)
         try:
             res = trainer.fit()
+            extra = {}
+            if transfer:
+                extra["transfer_loss"], extra["transfer_tokens"] = transfer_loss(trainer, transfer)
         finally:
             trainer.close()
         metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
         last = [m for m in metrics if "y2_zero_frac/mean" in m]
-        row = {"model": size, "variant": v, "steps": cfg.max_steps,
-               "tokens": cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len,
+        tokens = cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len
+        row = {"model": size, "variant": v, "seed": seed, "run": name, "steps": cfg.max_steps, "tokens": tokens,
+               "epochs": tokens / train_tokens if train_tokens else None,
                "val_loss": res["val_loss"], "val_ppl": res["val_ppl"], "wall_s": round(time.time() - t0, 1),
                "optimizer": cfg.optimizer, "lr": cfg.lr, "methods": cfg.model.methods,
                "y2_zero_frac": last[-1]["y2_zero_frac/mean"] if last else None,
-               "dropped_nnz_frac": last[-1]["dropped_nnz_frac/mean"] if last else None}
+               "dropped_nnz_frac": last[-1]["dropped_nnz_frac/mean"] if last else None, **extra}
         done.write_text(json.dumps(row, indent=1))
         rows.append(row)
-        log(f"{v}: val loss {row['val_loss']:.4f} (ppl {row['val_ppl']:.2f}) in {row['wall_s']:.0f} s")
+        log(f"{name}: val loss {row['val_loss']:.4f} (ppl {row['val_ppl']:.2f}) in {row['wall_s']:.0f} s" +
+            (f", transfer loss {row['transfer_loss']:.4f}" if transfer else ""))
     return rows
 
 
+RATIOS = (("elas", "lowrank-relu2"), ("relu2-24", "relu2"), ("elas-mask", "lowrank-relu2"),
+          ("elas-nowarmup", "lowrank-relu2"), ("relu2", "swiglu"))  # the papers' comparisons (a / b)
+
+
+def _spread(values: list[float], fmt: str = ".4f") -> str:
+    """mean, and (min-max) when there is more than one value."""
+    mean = sum(values) / len(values)
+    return f"{mean:{fmt}}" + (f" ({min(values):{fmt}}-{max(values):{fmt}})" if len(values) > 1 else "")
+
+
 def summarize(out: Path) -> tuple[list[dict], str]:
-    """Collect every finished variant under `out` into summary.json and summary.md; returns (rows, markdown)."""
+    """Collect every finished run under `out` into summary.json and summary.md (one line per variant: the mean
+    over its seeds, with min-max); returns (rows, markdown). A ratio a / b is taken seed by seed (the same seed's
+    data order and initial draw) where both have that seed, its mean and min-max shown beside the seed spread."""
     rows = [json.loads(p.read_text()) for p in sorted(out.glob("*/summary.json"))]
     order = list(QUALITY_VARIANTS)
-    rows.sort(key=lambda r: order.index(r["variant"]) if r["variant"] in order else 99)
-    by = {r["variant"]: r for r in rows}
-    md = ["| variant | optimizer | steps | tokens | val loss | val ppl | y2 zeros | non-zeros dropped by 2:4 | wall s |",
-          "|---|---|---|---|---|---|---|---|---|"]
+    rank = {v: i for i, v in enumerate(order)}
+    rows.sort(key=lambda r: (rank.get(split_variant(r["variant"])[0], 99), r["variant"], r.get("seed", 0)))
+    by: dict[str, dict[int, dict]] = {}
     for r in rows:
-        z = f"{r['y2_zero_frac']:.3f}" if r.get("y2_zero_frac") is not None else "-"
-        dr = f"{r['dropped_nnz_frac']:.4f}" if r.get("dropped_nnz_frac") is not None else "-"
-        md.append(f"| {r['variant']} | {r['optimizer']} | {r['steps']} | {r['tokens']:,} | {r['val_loss']:.4f} | "
-                  f"{r['val_ppl']:.2f} | {z} | {dr} | {r['wall_s']:.0f} |")
-    ratios = []
-    for a, b in (("elas", "lowrank-relu2"), ("relu2-24", "relu2"), ("elas-mask", "lowrank-relu2"),
-                 ("elas-nowarmup", "lowrank-relu2"), ("relu2", "swiglu")):
-        if a in by and b in by:
-            ratios.append(f"- {a} / {b}: val loss ratio {by[a]['val_loss'] / by[b]['val_loss']:.4f}, "
-                          f"ppl ratio {math.exp(by[a]['val_loss'] - by[b]['val_loss']):.4f}")
-    text = "\n".join(md + [""] + ratios) + "\n"
+        by.setdefault(r["variant"], {})[r.get("seed", 0)] = r
+    has_transfer = any("transfer_loss" in r for r in rows)
+    md = ["| variant | optimizer | seeds | steps | tokens | epochs | val loss | val ppl | " +
+          ("transfer loss | " if has_transfer else "") + "y2 zeros | non-zeros dropped by 2:4 | wall s |",
+          "|---|---|---|---|---|---|---|---|" + ("---|" if has_transfer else "") + "---|---|---|"]
+    for v, seeds in by.items():
+        rs = list(seeds.values())
+        first = rs[0]
+        stat = lambda k, fmt=".3f": _spread([r[k] for r in rs], fmt) if all(r.get(k) is not None for r in rs) \
+            else "-"  # noqa: E731
+        md.append(f"| {v} | {first['optimizer']} | {','.join(str(k) for k in seeds)} | {first['steps']} | "
+                  f"{first['tokens']:,} | {stat('epochs', '.2f')} | {stat('val_loss', '.4f')} | "
+                  f"{stat('val_ppl', '.2f')} | " + (f"{stat('transfer_loss', '.4f')} | " if has_transfer else "") +
+                  f"{stat('y2_zero_frac')} | {stat('dropped_nnz_frac', '.4f')} | "
+                  f"{sum(r['wall_s'] for r in rs):.0f} |")
+    lines = []
+    for a, b in RATIOS:
+        common = sorted(set(by.get(a, {})) & set(by.get(b, {})))
+        if not common:
+            continue
+        for key, label in (("val_loss", "val loss"), ("transfer_loss", "transfer loss")):
+            if not all(key in by[x][k] for x in (a, b) for k in common):
+                continue
+            ratios = [by[a][k][key] / by[b][k][key] for k in common]
+            spread = [max(r[key] for r in by[x].values()) - min(r[key] for r in by[x].values()) for x in (a, b)]
+            lines.append(f"- {a} / {b}: {label} ratio {_spread(ratios)} over seeds {common}" +
+                         (f"; seed spread of the {label}: {a} {spread[0]:.4f}, {b} {spread[1]:.4f}"
+                          if len(common) > 1 else ""))
+    total = sum(r["wall_s"] for r in rows)
+    lines.append(f"- the grid's GPU time: {total / 60:.1f} min over {len(rows)} runs (wall time of each run, "
+                 f"compilation and evaluation included)")
+    text = "\n".join(md + [""] + lines) + "\n"
     (out / "summary.json").write_text(json.dumps(rows, indent=1))
     (out / "summary.md").write_text(text)
     return rows, text
