@@ -3,7 +3,10 @@
     python benchmarks/vnm_mass.py RUN_DIR [--tokens 8192] [--out FILE.json]
 
 RUN_DIR: a run of a dense ReLU^2 model (e.g. `elas train --preset llama-tiny-relu2`). For every FFN, y1 is taken
-on validation tokens and the kept fraction of sum(y2) is measured for: 2:4 per token (50% dense); V:N:M at
+on validation tokens and the kept fraction of sum(y2) is measured for: 2:4 per token (50% dense); the weight
+gradient's operand of relu2-24 (2:4 per token, then 2:4 along 4-token groups, consecutive or shuffled as the
+method does; 25%) and a transposable 4x4 2:4 mask (2 per row and column of every 4x4 block: one selection for
+both directions, 50%); V:N:M at
 m=8 (25% dense) by blocks of v consecutive tokens with the exhaustive column choice (no router); V:N:M by the
 neuron router (router.py) in its two modes with each similarity metric (clusters from the layer's own
 up-projection): group mode at 2-16 clusters, own mode, and for own mode a random routing (the control) and the
@@ -20,6 +23,7 @@ import torch
 from elas.data.loader import TokenWindows
 from elas.kernels import reference as ref
 from elas.sparsity import router as rt
+from elas.sparsity.act24 import permutation_keys, token_permutation
 from elas.sparsity.vnm import up_rows
 from elas.train.checkpoint import latest_checkpoint, load_checkpoint
 from elas.train.trainer import load_run_config
@@ -56,7 +60,18 @@ def main() -> None:
     for layer, (xin, y1, up) in enumerate(captured):
         y2 = torch.relu(y1.float()) ** 2
         total = y2.sum()
-        kept = {"2:4 (50%)": (y2 * ref.mask24(y2)).sum() / total,
+        y2s = y2 * ref.mask24(y2)
+        seq = cfg.seq_len
+        perm, _ = token_permutation(permutation_keys(), seq)  # relu2-24's shuffle of each sequence's tokens
+        y2p = y2.reshape(-1, seq, y2.shape[-1])[:, perm].reshape(y2.shape)
+        y2ps = y2s.reshape(-1, seq, y2.shape[-1])[:, perm].reshape(y2.shape)
+        kept = {"2:4 (50%)": y2s.sum() / total,
+                # the weight gradient's operand in relu2-24 (before its 5% dense features): y2s, 2:4 along tokens
+                "2:4 along d_ff, then 2:4 along consecutive tokens": (y2s * ref.mask24(y2s, dim=0)).sum() / total,
+                "2:4 along d_ff, then 2:4 along permuted tokens": (y2ps * ref.mask24(y2ps, dim=0)).sum() / total,
+                # one mask for both directions (the forward then loses what the along-token 2:4 drops)
+                "transposable 4x4 2:4, consecutive tokens": (y2 * ref.transposable24_mask(y2)).sum() / total,
+                "transposable 4x4 2:4, permuted tokens": (y2p * ref.transposable24_mask(y2p)).sum() / total,
                 f"V:N:M v={args.v} m={args.m}, consecutive blocks": (y2 * ref.vnm_mask(y2, args.v, args.m)).sum() / total}
         for metric in rt.METRICS:
             assign, mu = rt.cluster_neurons(up_rows(up), c, metric)

@@ -108,3 +108,21 @@ def test_wgrad_split_operand():
 def test_odd_shapes(shape):
     x = torch.randn(*shape)
     assert (ref.mask24(x).view(shape[0], -1, 4).sum(-1) == 2).all()
+
+
+def test_transposable_mask_is_the_best_pattern_of_every_block():
+    """Every 4 x 4 block keeps 2 per row and 2 per column, and no such pattern (all 2^16 masks enumerated
+    independently) keeps more |x|; ties (integer values) included."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-3, 4, (16, 24), generator=g).float()
+    mask = ref.transposable24_mask(x)
+    blocks = mask.reshape(4, 4, 6, 4).permute(0, 2, 1, 3)  # [4, 6, 4, 4]
+    assert (blocks.sum(-1) == 2).all() and (blocks.sum(-2) == 2).all()
+    valid = [torch.tensor(bits, dtype=torch.float32).reshape(4, 4) for bits in itertools.product((0, 1), repeat=16)
+             if all(sum(bits[4 * r:4 * r + 4]) == 2 for r in range(4)) and all(sum(bits[c::4]) == 2 for c in range(4))]
+    assert len(valid) == 90
+    a = x.abs().reshape(4, 4, 6, 4).permute(0, 2, 1, 3)
+    best = torch.stack([(a * v).sum((-1, -2)) for v in valid]).amax(0)  # [4, 6]
+    assert torch.equal((a * blocks).sum((-1, -2)), best)
+    with pytest.raises(ValueError, match=r"multiples of 4, got \(6, 8\)"):
+        ref.transposable24_mask(torch.ones(6, 8))

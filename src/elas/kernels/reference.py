@@ -65,6 +65,34 @@ def mask24(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return keep.reshape(xt.shape).movedim(-1, dim)
 
 
+def _transposable_patterns(device=None) -> torch.Tensor:
+    """The 90 binary 4 x 4 patterns with two ones in every row and every column, [90, 16] (row-major), in
+    lexicographic order of their rows' column pairs."""
+    pairs = list(itertools.combinations(range(4), 2))
+    out = []
+    for rows in itertools.product(pairs, repeat=4):
+        if all(sum(c in r for r in rows) == 2 for c in range(4)):
+            out.append([float(c in r) for r in rows for c in range(4)])
+    return torch.tensor(out, device=device)
+
+
+def transposable24_mask(x: torch.Tensor) -> torch.Tensor:
+    """Transposable 2:4 magnitude mask of x [M, K] (M, K multiples of 4): in each 4 x 4 block, the pattern with
+    two kept entries in every row AND every column that keeps the largest sum of |x| (the first best of the 90 in
+    `_transposable_patterns` order). Rows are 2:4 along K and columns 2:4 along M, so one selection serves a GEMM
+    that reduces over K (the forward) and one that reduces over M (the weight gradient along tokens). Returns
+    bool [M, K]."""
+    m, k = x.shape
+    if m % 4 or k % 4:
+        raise ValueError(f"transposable 2:4 needs both sizes to be multiples of 4, got {tuple(x.shape)}")
+    pats = _transposable_patterns(x.device)  # [90, 16]
+    a = torch.nan_to_num(x.abs().float(), nan=-1.0)
+    blocks = a.reshape(m // 4, 4, k // 4, 4).permute(0, 2, 1, 3).reshape(m // 4, k // 4, 16)
+    best = (blocks @ pats.T).argmax(-1)  # [M/4, K/4]: first maximum
+    keep = pats[best].bool().reshape(m // 4, k // 4, 4, 4).permute(0, 2, 1, 3)
+    return keep.reshape(m, k)
+
+
 def sparsify24(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (x with the 2:4 mask applied, mask). Shapes equal x."""
     m = mask24(x, dim)
