@@ -65,6 +65,20 @@ def test_cholesky_qr_is_a_thin_qr(cond):
         _thin_qr(X, "lu")
 
 
+def test_batched_svd_in_chunks_equals_one_call(monkeypatch):
+    """The batched cuSOLVER SVD drivers run on chunks of the batch (one call for 128 cores of 2048 x 2048, the 7B
+    attention layers, fails on an H200); the chunks' results, put back in order, are the one call's."""
+    from elas.optim import loro
+    S = torch.randn(2, 5, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    whole = torch.linalg.svd(S)
+    monkeypatch.setattr(loro, "SVD_CHUNK_ELEMENTS", 3 * 64)  # 3 cores per call: chunks of 3, 3, 3, 1
+    got = loro._svd_2r(S, "gesvda")
+    for g, w in zip(got, whole):
+        assert g.shape == w.shape
+    torch.testing.assert_close(got[1], whole[1])
+    torch.testing.assert_close((got[0] * got[1][..., None, :]) @ got[2], S)
+
+
 @pytest.mark.parametrize("qr", ["householder", "cholesky"])
 def test_exact_step_in_float32_matches_float64(qr):
     """The exact step's working precision (fp32) against the fp64 step, with either QR."""

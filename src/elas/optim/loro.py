@@ -27,6 +27,7 @@ from .master import FP32Masters
 
 SOLVERS = ("svd", "gesvdj", "gesvda", "eigh")
 QR_METHODS = ("auto", "householder", "cholesky")
+SVD_CHUNK_ELEMENTS = 2 ** 26  # the most matrix elements one batched cuSOLVER SVD call gets (see _svd_2r)
 
 
 def _cholesky_qr(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,7 +68,16 @@ def _svd_2r(S: torch.Tensor, solver: str):
     if solver == "svd":
         return torch.linalg.svd(S)
     if solver in ("gesvdj", "gesvda"):
-        return torch.linalg.svd(S, driver=solver if S.is_cuda else None)
+        driver = solver if S.is_cuda else None
+        if S.dim() < 3:
+            return torch.linalg.svd(S, driver=driver)
+        # cuSOLVER's strided-batched drivers reject large batches (gesvda: CUSOLVER_STATUS_INVALID_VALUE from its
+        # workspace query for 128 cores of 2048 x 2048, the 7B model's attention layers; 96 of 1024 x 1024 run):
+        # call them on chunks of at most SVD_CHUNK_ELEMENTS elements
+        flat = S.reshape(-1, *S.shape[-2:])
+        step = max(1, SVD_CHUNK_ELEMENTS // (S.shape[-1] * S.shape[-2]))
+        parts = [torch.linalg.svd(flat[i:i + step], driver=driver) for i in range(0, flat.shape[0], step)]
+        return tuple(torch.cat(t).reshape(*S.shape[:-2], *t[0].shape[1:]) for t in zip(*parts))
     if solver == "eigh":
         evals, V = torch.linalg.eigh(S.mT @ S)  # ascending
         evals, V = evals.flip(-1).clamp(min=0), V.flip(-1)
