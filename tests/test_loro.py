@@ -79,6 +79,59 @@ def test_batched_svd_in_chunks_equals_one_call(monkeypatch):
     torch.testing.assert_close((got[0] * got[1][..., None, :]) @ got[2], S)
 
 
+@pytest.mark.parametrize("eigh_fails", [False, True])
+def test_svd_that_does_not_converge_falls_back(monkeypatch, caplog, eigh_fails):
+    """gesvda gave up on the 7B model's 2048 x 2048 cores at its first exact step (H200): the chunk then goes to
+    eigh, and where that fails too, to the SVD in float64 on the CPU; the result comes back in the
+    input's dtype, with a warning, and the run goes on."""
+    from elas.optim import loro
+    real_svd, real_eigh, calls = torch.linalg.svd, torch.linalg.eigh, []
+
+    def flaky_svd(A, *args, driver=None, **kw):  # a driver that fails, as cuSOLVER's gesvda did
+        calls.append(("svd", driver, A.dtype))
+        if driver == "gesvda":
+            raise torch.linalg.LinAlgError("linalg.svd: (Batch element 4): The algorithm failed to converge")
+        return real_svd(A, *args, **kw)
+
+    def flaky_eigh(A, *args, **kw):
+        calls.append(("eigh", None, A.dtype))
+        if eigh_fails:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real_eigh(A, *args, **kw)
+
+    monkeypatch.setattr(torch.linalg, "svd", flaky_svd)
+    monkeypatch.setattr(torch.linalg, "eigh", flaky_eigh)
+    monkeypatch.setattr(loro, "_WARNED", set())
+    S = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(5))
+    S[:, 4:, 4:] = 0  # the core's zero block
+    with caplog.at_level("WARNING", logger="elas.optim"):
+        U, sig, Vh = loro._svd_or_fallback(S, "gesvda")
+    want = [("svd", "gesvda", torch.float32), ("eigh", None, torch.float32)]
+    assert calls == want + ([("svd", None, torch.float64)] if eigh_fails else [])
+    assert U.dtype == sig.dtype == Vh.dtype == torch.float32
+    torch.testing.assert_close((U * sig[..., None, :]) @ Vh, S, atol=1e-5, rtol=1e-5)
+    assert "did not converge" in caplog.text and "3 cores of 8x8" in caplog.text
+
+
+def test_exact_step_in_chunks_of_pairs_equals_one_call(monkeypatch):
+    """exact_update_batched splits a shape's pairs into calls of at most EXACT_CHUNK_ELEMENTS factor elements
+    (bounding the step's float64 temporaries); the result is the one call's."""
+    from elas.optim import loro
+    g = torch.Generator().manual_seed(4)
+    pairs = [(torch.randn(32, 4, generator=g), torch.randn(24, 4, generator=g), torch.randn(32, 4, generator=g),
+              torch.randn(24, 4, generator=g), 0.01 * (k + 1)) for k in range(5)]
+    whole = loro.exact_update_batched(pairs, "svd", "householder")
+    monkeypatch.setattr(loro, "EXACT_CHUNK_ELEMENTS", 2 * 32 * 4)  # 2 pairs per call: 2, 2, 1
+    calls = []
+    real = loro.exact_update
+    monkeypatch.setattr(loro, "exact_update", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    got = loro.exact_update_batched(pairs, "svd", "householder")
+    assert calls == [2, 2, 1]
+    for (gm, gn), (wm, wn) in zip(got, whole):
+        torch.testing.assert_close(gm, wm, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gn, wn, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("qr", ["householder", "cholesky"])
 def test_exact_step_in_float32_matches_float64(qr):
     """The exact step's working precision (fp32) against the fp64 step, with either QR."""

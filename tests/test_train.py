@@ -281,6 +281,23 @@ def test_fsdp_matches_single_process_and_resumes_on_another_process_count(datase
     assert "does not match" in verify_checkpoint(ck) or "bytes" in verify_checkpoint(ck)
 
 
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_four_processes_match_single_process(dataset, tmp_path, parallel):
+    """DDP and FSDP2 on 4 gloo processes, one sequence each, log the losses of one process with the same global
+    batch of 4, across the dense -> 2:4 switch (step 4 here) and with LORO's exact step (every 2 steps)."""
+    steps = ["--max-steps", "5", "--set", "eval_every=100", "--set", "save_every=5", "--set", "model.rank=16",
+             "--optimizer", "loro_adamw", "--set", "loro_exact_every=2", "--set", f"parallel={parallel}"]
+    single = run_cli(*train_args(dataset, tmp_path / "one", *steps))
+    assert single.returncode == 0, single.stderr
+    four = _torchrun(4, *train_args(dataset, tmp_path / "four", *steps, "--set", "batch_size=1"))
+    assert four.returncode == 0, four.stderr[-3000:]
+    assert f"x4 ({parallel.upper()})" in four.stdout
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "four")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    for s in a:  # the same sequences, reduced in another order
+        assert abs(a[s] - b[s]) < 1e-4, (s, a[s], b[s])
+
+
 def test_fsdp_with_loro_matches_single_process(dataset, tmp_path):
     """LORO-AdamW on FSDP2 shards: the lazy steps act on each shard, the exact step (every 2 steps here) gathers
     whole factors, splits the pairs over the processes and writes each process's shard back; the losses equal

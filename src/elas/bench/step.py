@@ -108,6 +108,9 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
            "activation_checkpointing": checkpointing,
            "step_ms_synced": synced,
            "tokens_per_s": tps, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "resident_gb": resident_gb,
+           # what the process holds from the driver: a captured step's activations live in the graph's pool,
+           # reserved between replays but not counted as allocated, so this is the figure that must fit the GPU
+           "reserved_gb": torch.cuda.memory_reserved() / 1e9, "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9,
            "compile_s": compile_s,
            "mfu": tps * model_summary(cfg, seq)["train_flops_per_token"] / H100_BF16,
            "d_ff": cfg.ffn_width, "rank": cfg.rank, "gpu": torch.cuda.get_device_name(),

@@ -17,6 +17,7 @@ FP32Masters: also the fp32 accumulation of micro-batch gradients), which are the
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -27,7 +28,9 @@ from .master import FP32Masters
 
 SOLVERS = ("svd", "gesvdj", "gesvda", "eigh")
 QR_METHODS = ("auto", "householder", "cholesky")
+log = logging.getLogger("elas.optim")
 SVD_CHUNK_ELEMENTS = 2 ** 26  # the most matrix elements one batched cuSOLVER SVD call gets (see _svd_2r)
+EXACT_CHUNK_ELEMENTS = 2 ** 26  # the most elements of the tallest stacked factor one batched exact step gets
 
 
 def _cholesky_qr(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -58,6 +61,37 @@ def _thin_qr(X: torch.Tensor, method: str = "auto") -> tuple[torch.Tensor, torch
     return torch.linalg.qr(X)
 
 
+_WARNED: set[tuple[int, int]] = set()
+
+
+def _svd_or_fallback(S: torch.Tensor, driver: str | None):
+    """torch.linalg.svd(S, driver=driver); where gesvda does not converge, the SVD from eigh(S^T S) on S's device
+    (`_svd_2r`'s eigh); where that fails too, the SVD in float64 on the CPU (LAPACK). Results in S's dtype.
+
+    Why: gesvda (an approximate driver) gives up on the 7B model's 2048 x 2048 cores (their lower-right r x r
+    block is zero and a trained layer's gradient is nearly low-rank): "failed to converge" (error 2024) for
+    every chunk of the first exact step on an H200, which stopped the run. Measured there on 16 such cores:
+    gesvdj 2.49 s (error of the top-r singular values 1.3e-4 of the largest), eigh 0.47 s in float32 (6.9e-7);
+    the exact step with gesvdj as the fallback took ~50 s. eigh squares the condition number, which costs the
+    small singular values; the step uses only the top r, and those measured accurate to 6.9e-7 above."""
+    if driver == "gesvda":
+        try:
+            return torch.linalg.svd(S, driver=driver)
+        except torch.linalg.LinAlgError as e:
+            if tuple(S.shape[-2:]) not in _WARNED:  # once per core shape: a 7B step has dozens of chunks
+                _WARNED.add(tuple(S.shape[-2:]))
+                log.warning("elas: LORO's exact step: the gesvda SVD of %s cores of %s did not converge (%s); "
+                            "using eigh for such chunks", S.shape[0] if S.dim() > 2 else 1,
+                            "x".join(map(str, S.shape[-2:])), str(e).splitlines()[0][:60])
+        try:
+            return _svd_2r(S, "eigh")
+        except torch.linalg.LinAlgError as e:
+            log.warning("elas: LORO's exact step: eigh failed too (%s); SVD in float64 on the CPU",
+                        str(e).splitlines()[0][:60])
+        return tuple(t.to(S) for t in torch.linalg.svd(S.detach().to("cpu", torch.float64)))
+    return torch.linalg.svd(S, driver=driver)
+
+
 def _svd_2r(S: torch.Tensor, solver: str):
     """SVD of the small 2r x 2r core(s) S [..., 2r, 2r]. svd: torch's default driver; gesvdj / gesvda: cuSOLVER
     drivers (CUDA); eigh: eigenvectors of S^T S (squares the condition number; only the top r are used). auto:
@@ -70,13 +104,13 @@ def _svd_2r(S: torch.Tensor, solver: str):
     if solver in ("gesvdj", "gesvda"):
         driver = solver if S.is_cuda else None
         if S.dim() < 3:
-            return torch.linalg.svd(S, driver=driver)
+            return _svd_or_fallback(S, driver)
         # cuSOLVER's strided-batched drivers reject large batches (gesvda: CUSOLVER_STATUS_INVALID_VALUE from its
         # workspace query for 128 cores of 2048 x 2048, the 7B model's attention layers; 96 of 1024 x 1024 run):
         # call them on chunks of at most SVD_CHUNK_ELEMENTS elements
         flat = S.reshape(-1, *S.shape[-2:])
         step = max(1, SVD_CHUNK_ELEMENTS // (S.shape[-1] * S.shape[-2]))
-        parts = [torch.linalg.svd(flat[i:i + step], driver=driver) for i in range(0, flat.shape[0], step)]
+        parts = [_svd_or_fallback(flat[i:i + step], driver) for i in range(0, flat.shape[0], step)]
         return tuple(torch.cat(t).reshape(*S.shape[:-2], *t[0].shape[1:]) for t in zip(*parts))
     if solver == "eigh":
         evals, V = torch.linalg.eigh(S.mT @ S)  # ascending
@@ -127,12 +161,18 @@ def exact_update_batched(pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Ten
     for i, (M, N, *_) in enumerate(pairs):
         by_shape.setdefault((M.shape, N.shape, M.dtype, M.device), []).append(i)
     out: list = [None] * len(pairs)
-    for idx in by_shape.values():
-        stack = [torch.stack([pairs[i][j] for i in idx]) for j in range(4)]  # [B, m, r], [B, n, r], ...
-        eta = torch.tensor([float(pairs[i][4]) for i in idx], dtype=stack[0].dtype, device=stack[0].device)
-        Mb, Nb = exact_update(*stack, eta, solver, qr)
-        for b, i in enumerate(idx):
-            out[i] = (Mb[b], Nb[b])
+    for same in by_shape.values():
+        # at most EXACT_CHUNK_ELEMENTS factor elements per batched call: the step's float64 temporaries (~10
+        # tensors the size of the stacked factors) took the 7B model's step from 65.6 to 103.9 GB peak in one call
+        M0, N0 = pairs[same[0]][0], pairs[same[0]][1]
+        per_call = max(1, EXACT_CHUNK_ELEMENTS // (max(M0.shape[-2], N0.shape[-2]) * M0.shape[-1]))
+        for c in range(0, len(same), per_call):
+            idx = same[c:c + per_call]
+            stack = [torch.stack([pairs[i][j] for i in idx]) for j in range(4)]  # [B, m, r], [B, n, r], ...
+            eta = torch.tensor([float(pairs[i][4]) for i in idx], dtype=stack[0].dtype, device=stack[0].device)
+            Mb, Nb = exact_update(*stack, eta, solver, qr)
+            for b, i in enumerate(idx):
+                out[i] = (Mb[b], Nb[b])
     return out
 
 
