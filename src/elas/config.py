@@ -427,6 +427,9 @@ def apply_overrides(obj: Any, items: dict[str, Any], prefix: str = "", absent_me
             if head in _V1_ACT24_KEYS or head == "act_sparsity":  # the version-1 flat keys
                 raise KeyError(f"config key {prefix + key!r} is now a field of the act24 method: "
                                f"{prefix}act24.{_V1_ACT24_KEYS.get(head, head)} (or --act-sparsity 2:4 / none)")
+            model = getattr(obj, "model", None)
+            if rest and hasattr(model, "method") and model.method(head) is not None:  # a method key without model.
+                raise KeyError(f"unknown config key {prefix + key!r} (did you mean {prefix + 'model.' + key!r}?)")
             valid = _all_keys(obj, prefix)
             raise KeyError(f"unknown config key {prefix + key!r}{closest(prefix + key, valid)}")
         cur = getattr(obj, head)

@@ -342,12 +342,15 @@ class Trainer:
                            "sparse": any(str(m).startswith("sparse") for m in self.modes), "modes": list(self.modes)}
                     if self.device.type == "cuda":  # since the start of the run (this process)
                         rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+                        # held from the driver: a captured step's activations sit in the graph's pool, reserved
+                        # but not allocated between replays, so this (not peak_mem_gb) is what must fit the GPU
+                        rec["peak_reserved_gb"] = torch.cuda.max_memory_reserved(self.device) / 1e9
                     rec.update({k: v for k, v in stats.items() if k.endswith("/mean")})
                     rec["stats"] = {k: v for k, v in stats.items() if not k.endswith("/mean")}
                     self._write_metrics(rec)
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{tps:,.0f}",
-                                        **({"mem": f"{rec['peak_mem_gb']:.1f}GB"} if "peak_mem_gb" in rec else {}),
+                                        **({"mem": f"{rec['peak_reserved_gb']:.1f}GB"} if "peak_reserved_gb" in rec else {}),
                                         **({"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] else {}))
                 if eval_now:
                     with eager_regions():  # no-grad graphs (and a partial last batch) would only add compiles
