@@ -55,6 +55,34 @@ def test_ddp_two_processes_matches_single_process(dataset, tmp_path):
     assert "x2 (DDP)" in ddp.stdout
 
 
+def test_evaluation_time_is_logged_and_left_out_of_tokens_per_s(dataset, tmp_path, capsys, monkeypatch):
+    """An evaluation's seconds go to metrics.jsonl and the log, not into the next window's tokens/s; one that
+    costs more than a quarter of the training time since the previous one gets a one-line hint (at 7B, 1M eval
+    tokens run eagerly took about twice the 200 steps between evaluations)."""
+    import time
+
+    import elas.train.trainer as tr
+    real = tr.evaluate
+
+    def slow_evaluate(*a, **kw):
+        time.sleep(1.5)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tr, "evaluate", slow_evaluate)
+    out = tmp_path / "run"
+    assert main(train_args(dataset, out, "--max-steps", "6", "--set", "eval_every=3", "--set", "save_every=6")) == 0
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in recs if "val_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6] and all(r["eval_s"] >= 1.5 for r in evals)
+    tps = {r["step"]: r["tokens_per_s"] for r in recs if "tokens_per_s" in r}
+    others = sorted(v for s, v in tps.items() if s not in (1, 4))
+    assert tps[4] > 0.3 * others[len(others) // 2], tps  # step 4's window began before the 1.5 s evaluation
+    cap = capsys.readouterr()
+    text = cap.out + cap.err
+    assert "tokens, 1." in text and text.count("that evaluation took") == 1
+    assert "lower --set eval_tokens (now 2048) or raise --set eval_every (now 3)" in text
+
+
 def test_grad_accum_equals_bigger_batch(dataset, tmp_path):
     base = train_args(dataset, tmp_path / "a", "--max-steps", "3", "--set", "eval_every=3", "--set", "save_every=3")
     assert main(base) == 0

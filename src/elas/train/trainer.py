@@ -294,6 +294,7 @@ class Trainer:
         result: dict = {}
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
         t_last, tok_last = time.perf_counter(), self.tokens
+        t_trained_from, eval_hinted = t_last, False  # training time since the last evaluation (saves excluded)
         start = self.step
         fault = int(os.environ.get("ELAS_FAULT_AT_STEP", "-1"))  # fault injection for the kill/resume tests:
         if os.environ.get("ELAS_FAULT_RANK", str(d.rank)) != str(d.rank):  # every process, or only this rank
@@ -353,17 +354,31 @@ class Trainer:
                                         **({"mem": f"{rec['peak_reserved_gb']:.1f}GB"} if "peak_reserved_gb" in rec else {}),
                                         **({"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] else {}))
                 if eval_now:
+                    t0 = time.perf_counter()
                     with eager_regions():  # no-grad graphs (and a partial last batch) would only add compiles
                         vl, n = evaluate(self.fwd, self.val_windows, cfg.eval_tokens, cfg.batch_size, self.device,
                                          self.autocast, d)
-                    result = {"step": self.step, "val_loss": vl, "val_ppl": math.exp(min(vl, 50)), "val_tokens": n}
+                    eval_s, trained_s = time.perf_counter() - t0, t0 - t_trained_from
+                    t_last += eval_s  # tokens/s counts the training steps only
+                    result = {"step": self.step, "val_loss": vl, "val_ppl": math.exp(min(vl, 50)), "val_tokens": n,
+                              "eval_s": eval_s}
                     self._write_metrics(result)
                     if d.main:
                         msg = (f"step {self.step}: val loss {vl:.4f}, perplexity {result['val_ppl']:.2f} "
-                               f"({n:,} tokens)")
+                               f"({n:,} tokens, {eval_s:.1f} s)")
                         (bar.write if bar is not None else self.log)(msg)
+                        if not eval_hinted and self.step < cfg.max_steps and eval_s > 0.25 * trained_s:
+                            eval_hinted = True  # e.g. 7B: 1M eval tokens run eagerly take ~2x its 200 steps
+                            (bar.write if bar is not None else self.log)(
+                                f"elas: that evaluation took {eval_s:.1f} s, {eval_s / max(trained_s, 1e-9):.0%} of "
+                                f"the {trained_s:.1f} s of training since the previous one; lower --set eval_tokens "
+                                f"(now {cfg.eval_tokens}) or raise --set eval_every (now {cfg.eval_every})")
+                    t_trained_from = time.perf_counter()
                 if save_now or self._stop_signal:
+                    t0 = time.perf_counter()
                     self.save()
+                    t_last += time.perf_counter() - t0
+                    t_trained_from += time.perf_counter() - t0
                 if self._stop_signal:
                     raise TrainError(f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved, "
                                      f"continue with --resume")
