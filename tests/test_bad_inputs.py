@@ -37,6 +37,7 @@ TRAIN_CASES = [
     (["--set", "cuda_graphs=2"], "'2' for cuda_graphs"),
     (["--set", "nope=1"], "'nope'"),
     (["--set", "model.rnak=4"], "did you mean 'model.rank'"),
+    (["--set", "model.attn_backend=fa3"], "model.attn_backend='fa3'"),
     (["--set", "act24.dense_warmup_steps=4"], "did you mean 'model.act24.dense_warmup_steps'"),
     (["--set", "model=4"], "'model' is a section"),
     (["--set", "lr"], "key=value"),

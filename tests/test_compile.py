@@ -67,3 +67,25 @@ def test_gpu_fullgraph_with_the_real_operators(variant):
         tol = 1e-1 if "mask" in variant and step else 5e-2
         for a, b in zip(gc, ge):
             assert ((a - b).norm() / b.norm().clamp(min=1e-12)).item() < tol
+
+
+@pytest.mark.parametrize("attn_backend", ["math", "cudnn"])
+def test_attention_backend_choice_traces_and_keeps_the_loss(attn_backend):
+    """model.attn_backend puts one SDPA backend first (torch's others follow: on CPU `cudnn` falls through to the
+    math kernel): the model still compiles as one graph, and loss and gradients equal the default's."""
+    import torch._dynamo as dynamo
+    torch.manual_seed(0)
+    base = build_model(preset("llama-tiny-lowrank-relu2", n_layers=2, vocab_size=256))
+    chosen = build_model(preset("llama-tiny-lowrank-relu2", n_layers=2, vocab_size=256, attn_backend=attn_backend))
+    chosen.load_state_dict(base.state_dict())
+    assert base.blocks[0].attn.backends is None and chosen.blocks[0].attn.backends[0].name.lower().startswith(
+        {"math": "math", "cudnn": "cudnn"}[attn_backend])
+    idx = torch.randint(0, 256, (2, 32))
+    explain, ((lc, gc), (le, ge)) = _compiled_vs_eager(chosen, idx, "aot_eager")
+    assert (explain.graph_count, explain.graph_break_count) == (1, 0), explain.break_reasons
+    dynamo.reset()
+    want = base(idx, idx)
+    want.backward()
+    torch.testing.assert_close(lc, want.detach(), rtol=1e-5, atol=1e-6)
+    for a, p in zip(gc, base.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)

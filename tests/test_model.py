@@ -220,3 +220,15 @@ def test_init_weights_after_a_meta_build():
     lr.init_weights(0)
     n = lr.blocks[0].ffn.up.weight_in  # Xavier-normal, as LowRankLinear's own init: std sqrt(2 / (d_in + r))
     assert n.std().item() == pytest.approx((2 / sum(n.shape)) ** 0.5, rel=0.1)
+
+
+def test_rotary_embeddings_in_the_projection_layout_equal_the_head_major_ones():
+    """apply_rope works on [batch, seq, heads, head_dim] (the q/k projections' layout, so q, k and v reach the
+    attention as views of one layout); bit for bit what rotating [batch, heads, seq, head_dim] gave."""
+    from elas.model.llama import apply_rope, rope_tables
+    cos, sin = rope_tables(16, 12, 10000.0)
+    x = torch.randn(3, 12, 4, 16, dtype=torch.bfloat16)  # [b, s, h, hd]
+    xh = x.transpose(1, 2).float()  # [b, h, s, hd]: the former layout and formula
+    x1, x2 = xh.chunk(2, dim=-1)
+    want = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(torch.bfloat16)
+    assert torch.equal(apply_rope(x, cos, sin).transpose(1, 2), want)

@@ -20,6 +20,7 @@ from typing import Any
 FFN_KINDS = ("swiglu", "relu2")
 RESIDUAL_DTYPES = ("compute", "fp32")
 LM_LOSSES = ("chunked", "logits")
+ATTN_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 CONFIG_VERSION = 2  # of config.json: 2 = sparsity as a list of methods (1: flat act_sparsity/grad_mode/... keys)
 D_FF_MULTIPLE = 128  # every 2:4 GEMM tile we target divides 128; 8191 (ELAS 1B) would leave a dense tail
 
@@ -49,6 +50,8 @@ class ModelConfig:
     # they were trained)
     residual_dtype: str = "compute"  # compute: the residual stream and norm outputs in the autocast dtype | fp32
     lm_loss: str = "chunked"  # chunked: LM head + cross-entropy without [tokens, vocab] logits | logits
+    # the attention kernel tried first (model/llama.py: Attention); auto: torch's own order (flash first)
+    attn_backend: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -99,6 +102,8 @@ class ModelConfig:
             bad("residual_dtype", self.residual_dtype, f"expected one of {RESIDUAL_DTYPES}")
         if self.lm_loss not in LM_LOSSES:
             bad("lm_loss", self.lm_loss, f"expected one of {LM_LOSSES}")
+        if self.attn_backend not in ATTN_BACKENDS:
+            bad("attn_backend", self.attn_backend, f"expected one of {ATTN_BACKENDS}")
 
 
 # ---- presets ------------------------------------------------------------------------------------------------

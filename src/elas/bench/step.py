@@ -40,7 +40,8 @@ from .timing import event_ms, throughput_ms
 
 MODES = ("elas", "elas-fp32", "torch.compile", "eager")
 STEP_VARIANTS = ("lowrank-relu2", "elas", "elas-mask", "relu2", "relu2-24", "swiglu", "swiglu-aligned")
-PLAIN = {"residual_dtype": "fp32", "lm_loss": "logits"}  # the textbook numerics of the baseline modes
+PLAIN = {"residual_dtype": "fp32", "lm_loss": "logits", "attn_backend": "auto"}  # the baseline modes: textbook
+# numerics and torch's own attention kernel choice
 H100_BF16 = 989e12
 
 

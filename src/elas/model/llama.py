@@ -38,9 +38,21 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [batch, heads, seq, head_dim]; cos/sin: [seq, head_dim/2]
+    # x: [batch, seq, heads, head_dim] (the projection's own layout); cos/sin: [seq, head_dim/2]
     x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[:, None], sin[:, None]  # [seq, 1, head_dim/2]: one angle per position, for every head
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+def sdpa_backends(name: str) -> list | None:
+    """The SDPA backends to try, in order, for model.attn_backend=name (None: torch's own order). The named one
+    comes first and torch's others follow, so a shape it cannot serve still runs."""
+    if name == "auto":
+        return None
+    from torch.nn.attention import SDPBackend
+    order = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    return [order[name]] + [b for k, b in order.items() if k != name]
 
 
 class KVCache:
@@ -110,12 +122,16 @@ class Attention(nn.Module):
         d = cfg.d_model
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
         self.q, self.k, self.v, self.o = (make_linear(d, d, r, cfg.init_std) for _ in range(4))
+        self.backends = sdpa_backends(cfg.attn_backend)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
                 layer: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
         b, s, d = x.shape
-        q, k, v = (p(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (p(x).view(b, s, self.n_heads, self.head_dim) for p in (self.q, self.k, self.v))
+        # rotary embeddings in [b, s, heads, head_dim], then views as [b, heads, s, head_dim]: q, k and v share
+        # one memory layout, so the attention's output is [b, s, heads, head_dim] in memory (the o projection
+        # reads it without a copy) and its input gradients come back in the projections' layout
+        q, k, v = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
         causal, mask = True, None
         if cache is not None:
             if s > 1 and cache.pos > 0:  # (s first: a decode step's graph does not read the position)
@@ -123,7 +139,12 @@ class Attention(nn.Module):
             causal = not cache.static and cache.pos == 0
             k, v = cache.update(layer, k, v, positions)  # [b, heads, pos + s (static: max_len), head_dim]
             mask = cache.mask(positions) if cache.static else None
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # [b, heads, s, head_dim]
+        if self.backends is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # [b, heads, s, head_dim]
+        else:
+            from torch.nn.attention import sdpa_kernel
+            with sdpa_kernel(self.backends, set_priority=True):  # traced by torch.compile (no graph break)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.o(y.transpose(1, 2).reshape(b, s, d))
 
 
