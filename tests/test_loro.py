@@ -113,6 +113,17 @@ def test_svd_that_does_not_converge_falls_back(monkeypatch, caplog, eigh_fails):
     assert "did not converge" in caplog.text and "3 cores of 8x8" in caplog.text
 
 
+def test_eigh_svd_of_a_rank_deficient_core_stays_finite():
+    """The eigh route (gesvda's fallback) on a core whose rank is below its size: the columns of U for singular
+    values at rounding level are zero, not noise divided by ~0, and the rank-k part is exact."""
+    from elas.optim import loro
+    g = torch.Generator().manual_seed(6)
+    S = torch.randn(2, 16, 3, generator=g) @ torch.randn(2, 3, 16, generator=g)  # rank 3 of 16
+    U, sig, Vh = loro._svd_2r(S, "eigh")  # 12 of the 16 eigenvalues of S^T S come out <= 0 here
+    assert torch.isfinite(U).all() and U.abs().max() <= 1.0 + 1e-4  # before: 1.4e32 in those columns
+    torch.testing.assert_close((U[..., :3] * sig[..., None, :3]) @ Vh[..., :3, :], S, atol=1e-4, rtol=1e-4)
+
+
 def test_exact_step_in_chunks_of_pairs_equals_one_call(monkeypatch):
     """exact_update_batched splits a shape's pairs into calls of at most EXACT_CHUNK_ELEMENTS factor elements
     (bounding the step's float64 temporaries); the result is the one call's."""

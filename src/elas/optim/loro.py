@@ -116,7 +116,12 @@ def _svd_2r(S: torch.Tensor, solver: str):
         evals, V = torch.linalg.eigh(S.mT @ S)  # ascending
         evals, V = evals.flip(-1).clamp(min=0), V.flip(-1)
         sig = evals.sqrt()
-        U = (S @ V) / sig.clamp(min=torch.finfo(S.dtype).tiny)[..., None, :]
+        # U = S V / sig; where sig is at rounding level (eigh of S^T S resolves sig only down to ~sqrt(eps) of the
+        # largest) S v is rounding noise, and dividing it by a clamp could overflow: such columns are left zero
+        # (the step scales U's columns by sqrt(sig), so they contribute nothing either way)
+        floor = sig[..., :1] * (S.shape[-1] * torch.finfo(S.dtype).eps)
+        inv = torch.where(sig > floor, 1.0 / sig.clamp(min=torch.finfo(S.dtype).tiny), torch.zeros_like(sig))
+        U = (S @ V) * inv[..., None, :]
         return U, sig, V.mT
     raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
 
