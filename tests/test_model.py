@@ -232,3 +232,34 @@ def test_rotary_embeddings_in_the_projection_layout_equal_the_head_major_ones():
     x1, x2 = xh.chunk(2, dim=-1)
     want = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(torch.bfloat16)
     assert torch.equal(apply_rope(x, cos, sin).transpose(1, 2), want)
+
+
+@pytest.mark.parametrize("variant", ["lowrank-relu2", "relu2"])
+def test_fused_qkv_equals_three_projections(variant):
+    """model.fuse_qkv: one GEMM for the q, k, v projections (low-rank: one down-projection of width 3r and a
+    batched up-projection) gives the three projections' loss and gradients, compiles as one graph, and leaves
+    a projection that carries a forward hook (as a method might add) unfused."""
+    import torch._dynamo as dynamo
+    torch.manual_seed(0)
+    cfg = preset(f"llama-tiny-{variant}", n_layers=2, vocab_size=256)
+    base = build_model(cfg)
+    cfg.fuse_qkv = True
+    fused = build_model(cfg)
+    fused.load_state_dict(base.state_dict())
+    idx = torch.randint(0, 256, (2, 32))
+    outs = []
+    for m in (base, fused):
+        loss = m(idx, idx)
+        loss.backward()
+        outs.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    dynamo.reset()
+    explain = dynamo.explain(fused)(idx, idx)
+    assert (explain.graph_count, explain.graph_break_count) == (1, 0), explain.break_reasons
+    with torch.no_grad():  # a hook on k: the fused path must not bypass it
+        for m in (base, fused):
+            m.blocks[0].attn.k.register_forward_hook(lambda mod, inp, out: out * 2)
+        torch.testing.assert_close(fused(idx, idx), base(idx, idx), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(fused(idx, idx), outs[1][0])

@@ -52,6 +52,9 @@ class ModelConfig:
     lm_loss: str = "chunked"  # chunked: LM head + cross-entropy without [tokens, vocab] logits | logits
     # the attention kernel tried first (model/llama.py: Attention); auto: torch's own order (flash first)
     attn_backend: str = "auto"
+    # q, k, v projections as one GEMM (low-rank: one down-projection GEMM of width 3r and one batched
+    # up-projection); parameters stay three modules (model/llama.py: Attention.qkv)
+    fuse_qkv: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

@@ -115,6 +115,16 @@ class KVCache:
         return (torch.arange(self.max_len, device=positions.device)[None, :] <= positions[:, None])[None, None]
 
 
+def _plain_linears(mods) -> bool:
+    """Whether mods are all unmodified LowRankLinear or all unmodified nn.Linear modules of one shape (what
+    Attention.qkv may fuse)."""
+    from torch.nn.utils import parametrize
+    kind = type(mods[0])
+    return (kind in (LowRankLinear, nn.Linear) and all(type(m) is kind for m in mods)
+            and not any(parametrize.is_parametrized(m) or m._forward_hooks or m._forward_pre_hooks for m in mods)
+            and len({tuple(p.shape for p in m.parameters()) for m in mods}) == 1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -123,11 +133,33 @@ class Attention(nn.Module):
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
         self.q, self.k, self.v, self.o = (make_linear(d, d, r, cfg.init_std) for _ in range(4))
         self.backends = sdpa_backends(cfg.attn_backend)
+        self.fuse_qkv = cfg.fuse_qkv
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v projections of x [b, s, d]: three [b, s, d] tensors (views of one buffer when fused).
+
+        fuse_qkv: the three down-projections x N (low-rank, N [d, r] each) as one GEMM against their
+        concatenation [d, 3r], and the three up-projections as one batched GEMM; full-rank, one GEMM against
+        [3d, d]. Three GEMMs of width r = 512 (1B) fill about one wave of an H200's SMs, one of 3r fills three.
+        The concatenations copy the weights each forward (3 r d elements: 6 MB per 1B layer in bf16). Modules
+        that a method replaced or parametrised are not fused (they run as themselves)."""
+        lins = (self.q, self.k, self.v)
+        if not self.fuse_qkv or not _plain_linears(lins):
+            return self.q(x), self.k(x), self.v(x)
+        b, s, d = x.shape
+        if isinstance(self.q, LowRankLinear):
+            r = self.q.rank
+            h = x @ torch.cat([m.weight_in for m in lins], dim=1)  # [b, s, 3r]
+            h = h.view(b * s, 3, r).transpose(0, 1)  # [3, b*s, r], a view
+            out = torch.bmm(h, torch.stack([m.weight_out for m in lins]).transpose(1, 2))  # [3, b*s, d]
+            return out[0].view(b, s, d), out[1].view(b, s, d), out[2].view(b, s, d)
+        out = F.linear(x, torch.cat([m.weight for m in lins]))  # [b, s, 3d]
+        return out[..., :d], out[..., d:2 * d], out[..., 2 * d:]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
                 layer: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
         b, s, d = x.shape
-        q, k, v = (p(x).view(b, s, self.n_heads, self.head_dim) for p in (self.q, self.k, self.v))
+        q, k, v = (t.view(b, s, self.n_heads, self.head_dim) for t in self.qkv(x))
         # rotary embeddings in [b, s, heads, head_dim], then views as [b, heads, s, head_dim]: q, k and v share
         # one memory layout, so the attention's output is [b, s, heads, head_dim] in memory (the o projection
         # reads it without a copy) and its input gradients come back in the projections' layout
