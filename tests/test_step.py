@@ -215,6 +215,33 @@ def test_compiled_regions_compile_once_per_mode_and_equal_eager():
     assert compiled_per_step == [2, 0, 1, 0]
 
 
+def test_evaluation_through_compiled_regions_compiles_once_and_equals_eager(dataset):
+    """evaluate() runs full batches through the compiled regions (one no-grad graph per region, compiled at the
+    first evaluation and reused after) and a last, smaller batch eagerly (no compile for its shape); the loss is
+    the uncompiled model's."""
+    from contextlib import nullcontext
+
+    from elas.data.loader import TokenWindows
+    from elas.train.parallelize import compile_counts, compile_regions
+    from elas.train.trainer import evaluate
+    torch._dynamo.reset()
+    eager, comp = _model("elas", "cpu", dense_warmup_steps=0), _model("elas", "cpu", dense_warmup_steps=0)
+    for m in (eager, comp):
+        set_step(m, 5, 10)  # sparse
+    compile_regions(comp, backend="aot_eager")
+    windows = TokenWindows(dataset, "val", 32)
+    assert windows.n >= 5
+    tokens = 5 * 32  # 5 windows: batches of 2, 2 and 1
+    want = evaluate(eager, windows, tokens, 2, "cpu", nullcontext)
+    counts = []
+    for _ in range(2):
+        before = compile_counts()
+        got = evaluate(comp, windows, tokens, 2, "cpu", nullcontext)
+        counts.append(compile_counts() - before)
+        assert got[1] == want[1] == 5 * 32 and got[0] == pytest.approx(want[0], rel=1e-6)
+    assert counts == [2, 0]  # the block (shared by both blocks) and the loss head, once; the batch of 1: none
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant,checkpointed", [("lowrank-relu2", False), ("elas", False), ("relu2-24", False),
                                                   ("elas", True), ("relu2-24", True)])
