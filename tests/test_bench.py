@@ -112,3 +112,13 @@ def test_infer_table_shows_the_compiled_decode_its_ratio_or_its_failure():
     assert rows[1]["decode_vs_twin"] == 3.0 / 5.0 and "decode_compiled_vs_twin" not in rows[1]  # twin's best
     text = infer_table({"env": {}, "command": "c", "rows": rows})
     assert "| 3.000 | - |" in text and "failed: RuntimeError: x | - |" in text and text.count("| - | - |") >= 1
+
+
+def test_loro_bench_rejects_bad_options_before_any_gpu_work():
+    from elas.bench.loro import bench_loro
+    with pytest.raises(ValueError, match="unknown solver 'qr'"):
+        bench_loro(solvers=("qr",))
+    with pytest.raises(ValueError, match="unknown size 'llama-9b'"):
+        bench_loro(sizes=("llama-9b",))
+    with pytest.raises(ValueError, match="invalid grad_rank 0"):
+        bench_loro(grad_rank=0)

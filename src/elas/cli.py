@@ -450,7 +450,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows = bench_infer(sizes or ["llama-1b"], infer_variants, on_row=write)
     elif args.what == "loro":
         from .bench.loro import bench_loro
-        rows = bench_loro()
+        from .optim.loro import SOLVERS
+        rows = bench_loro(sizes or ("llama-60m", "llama-130m", "llama-350m", "llama-1b"),
+                          tuple(args.solvers.split(",")) if args.solvers else SOLVERS, grad_rank=args.grad_rank)
     elif args.what == "loss":
         from .bench.loss import bench_loss
         rows = bench_loss()
@@ -566,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step: the optimizer of every row (loro_adamw: low-rank variants only)")
     p.add_argument("--modes", help="step: comma-separated modes among elas, torch.compile, eager (default: all)")
     p.add_argument("--no-profile", action="store_true", help="step: skip the per-row profile breakdown")
+    p.add_argument("--solvers", help="loro: comma-separated SVD solvers of the exact step (default: all)")
+    p.add_argument("--grad-rank", type=int, help="loro: directions from a gradient of this rank (as trained layers "
+                   "have; default: random directions)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="step: every row with activation checkpointing per block (as --set activation_checkpointing=true)")
     p.set_defaults(func=cmd_bench)
