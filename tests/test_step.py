@@ -248,9 +248,14 @@ def test_evaluation_through_compiled_regions_compiles_once_and_equals_eager(data
 def test_gpu_compiled_graph_step_equals_eager_step(variant, checkpointed):
     """The trainer's default on CUDA: Inductor-compiled regions inside the captured step; checkpointed: with
     activation checkpointing (the packed 2:4 operator recomputed in the backward)."""
+    _compiled_graph_step_vs_eager(variant, checkpointed)
+
+
+def _compiled_graph_step_vs_eager(variant: str, checkpointed: bool = False, **keys):
+    """The default model run eagerly against one (with model keys) compiled and replayed as the trainer does."""
     from elas.train.parallelize import checkpoint_blocks, compile_regions
     torch._dynamo.reset()
-    eager, comp = _model(variant, "cuda", dense_warmup_steps=0), _model(variant, "cuda", dense_warmup_steps=0)
+    eager, comp = _model(variant, "cuda", dense_warmup_steps=0), _model(variant, "cuda", dense_warmup_steps=0, **keys)
     set_step(eager, 0, 1), set_step(comp, 0, 1)
     if checkpointed:
         checkpoint_blocks(comp)
@@ -265,6 +270,15 @@ def test_gpu_compiled_graph_step_equals_eager_step(variant, checkpointed):
     assert l1.item() == pytest.approx(l0.item(), rel=2e-3) and n1.item() == pytest.approx(n0.item(), rel=2e-2)
     for p, q in zip(eager.parameters(), comp.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=5e-2, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["lowrank-relu2", "elas"])
+@pytest.mark.parametrize("keys", [{"attn_backend": "cudnn"}, {"fuse_qkv": True}])
+def test_gpu_model_keys_on_the_compiled_graph_step_equal_the_default(variant, keys):
+    """model.attn_backend=cudnn and model.fuse_qkv=true inside the trainer's default step (compiled regions in a
+    captured graph): the loss, norm and gradients of the default model run eagerly."""
+    _compiled_graph_step_vs_eager(variant, **keys)
 
 
 def test_clipping_folded_into_fused_adamw_equals_clip_then_step():
