@@ -1,5 +1,6 @@
 """The trainer end to end on CPU: kill/resume equality, DDP equivalence, checkpoints, bad input, eval/generate."""
 import json
+from pathlib import Path
 import shutil
 import signal
 
@@ -369,3 +370,41 @@ def test_kill_of_one_rank_resumes_exactly(dataset, tmp_path):
     a, b = losses(tmp_path / "ref"), losses(tmp_path / "run")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
     assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
+
+
+def test_background_checkpoint_holds_the_state_of_its_step(dataset, tmp_path, monkeypatch):
+    """async_save (the default): a checkpoint is copied to host memory at its step and written by a thread while
+    training goes on (here each write is slowed by 0.5 s, so steps run during it); what lands on disk is bit for
+    bit what a synchronous save of that step writes, and the last checkpoint is complete when the run returns."""
+    import time
+
+    from safetensors.torch import load_file
+
+    from elas.train import checkpoint as ck
+    real = ck.save_file
+
+    overlapped = []
+
+    def slow(tensors, path):  # also notes whether training logged steps while this write was sleeping
+        metrics = Path(path).parents[2] / "metrics.jsonl"
+        before = len(metrics.read_text().splitlines())
+        time.sleep(0.5)
+        overlapped.append((Path(path).parents[2].name, len(metrics.read_text().splitlines()) > before))
+        return real(tensors, path)
+
+    monkeypatch.setattr(ck, "save_file", slow)
+    steps = ["--max-steps", "6", "--set", "save_every=2", "--set", "eval_every=100", "--set", "keep_checkpoints=3"]
+    assert main(train_args(dataset, tmp_path / "bg", *steps)) == 0
+    assert main(train_args(dataset, tmp_path / "sync", *steps, "--set", "async_save=false")) == 0
+    for step in (2, 4, 6):
+        a, b = (tmp_path / run / "checkpoints" / f"step-{step:08d}" for run in ("bg", "sync"))
+        assert ck.verify_checkpoint(a) is None
+        wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+        oa, ob = (torch.load(p / "optimizer.pt", weights_only=False)["optimizer"]["state"] for p in (a, b))
+        assert oa.keys() == ob.keys()
+        for i in oa:
+            assert all(torch.equal(oa[i][k], ob[i][k]) if torch.is_tensor(oa[i][k]) else oa[i][k] == ob[i][k]
+                       for k in oa[i])
+    assert latest_checkpoint(tmp_path / "bg").name == "step-00000006"
+    assert any(o for run, o in overlapped if run == "bg") and not any(o for run, o in overlapped if run == "sync")

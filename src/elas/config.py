@@ -248,6 +248,9 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 200
     keep_checkpoints: int = 2
+    # one-file checkpoints are copied to host memory at the step, then written by a thread while training goes
+    # on (train/checkpoint.BackgroundSaver); false: the step waits for the write
+    async_save: bool = True
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32

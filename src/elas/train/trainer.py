@@ -24,9 +24,9 @@ from ..build import build_model, resolve_methods
 from ..optim import build_optimizer, warmup_cosine
 from ..sparsity import collect_stats, describe, method_to_dict, set_step
 from ..summary import model_summary
-from .checkpoint import (CheckpointError, checkpoints, is_sharded_checkpoint, load_checkpoint, load_optimizer,
-                         load_sharded_checkpoint, newest_verified, resume_checkpoint, save_checkpoint,
-                         save_sharded_checkpoint)
+from .checkpoint import (BackgroundSaver, CheckpointError, checkpoints, is_sharded_checkpoint, load_checkpoint,
+                         load_optimizer, load_sharded_checkpoint, newest_verified, resume_checkpoint, save_checkpoint,
+                         save_sharded_checkpoint, snapshot)
 from .distributed import Dist, all_reduce_sum, init_distributed, shutdown
 from .parallelize import (checkpoint_blocks, compile_counts, compile_regions, eager_regions, grad_sync, hold_params_in,
                           shard_fsdp, wrap_ddp)
@@ -228,6 +228,7 @@ class Trainer:
         self.tb = None  # a SummaryWriter beside metrics.jsonl (rank 0, tensorboard=true), opened in fit
         self._stop_signal: int | None = None
         self._finished = False  # fit() completed: close() then waits for the other processes
+        self.saver = BackgroundSaver()  # one-file checkpoints written while training goes on (async_save)
 
     # -- one optimizer step ---------------------------------------------------------------------------------
     def _graphs_reason(self) -> str | None:
@@ -322,7 +323,8 @@ class Trainer:
                 self.tokens += self.global_batch * cfg.seq_len
                 if bar is not None:
                     bar.update(1)
-                if step == fault:
+                if step == fault:  # a kill after this step, with the checkpoints before it on disk
+                    self.saver.wait()
                     os.kill(os.getpid(), signal.SIGKILL)
                 save_now = self.step % cfg.save_every == 0 or self.step == cfg.max_steps
                 eval_now = self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
@@ -385,9 +387,16 @@ class Trainer:
                     t_last += time.perf_counter() - t0
                     t_trained_from += time.perf_counter() - t0
                 if self._stop_signal:
+                    self._wait_saves()
                     raise TrainError(f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved, "
                                      f"continue with --resume")
+            self._wait_saves()  # the last checkpoint is on disk before fit() returns
         finally:
+            if self.saver.busy():  # an error left the loop: let the write in flight finish (its own error, if
+                try:  # any, is not the one to report)
+                    self.saver.wait()
+                except Exception:  # noqa: BLE001
+                    pass
             if bar is not None:
                 bar.close()
             for s, h in old.items():
@@ -403,12 +412,24 @@ class Trainer:
             if self.fsdp:  # every process writes its shards (collective; one process writes them all)
                 save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
                                         self.cfg.keep_checkpoints)
+            elif self.dist.main and self.cfg.async_save:
+                self.saver.wait()  # the previous write (and its error) first: one snapshot in host memory at a time
+                snap, step, keep = snapshot(self.model, self.optimizer), self.step, self.cfg.keep_checkpoints
+                self.saver.submit(lambda: save_checkpoint(self.run_dir, step, self.model, self.optimizer, state, keep,
+                                                          snap=snap))
             elif self.dist.main:
                 save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.cfg.keep_checkpoints)
         except CheckpointError as e:
             raise TrainError(str(e)) from None
         if self.dist.enabled:
             torch.distributed.barrier()
+
+    def _wait_saves(self) -> None:
+        """Until the checkpoint being written in the background is on disk; its error as a TrainError."""
+        try:
+            self.saver.wait()
+        except CheckpointError as e:
+            raise TrainError(str(e)) from None
 
     def _write_metrics(self, rec: dict) -> None:
         if self.dist.main:
