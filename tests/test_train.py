@@ -408,3 +408,39 @@ def test_background_checkpoint_holds_the_state_of_its_step(dataset, tmp_path, mo
                        for k in oa[i])
     assert latest_checkpoint(tmp_path / "bg").name == "step-00000006"
     assert any(o for run, o in overlapped if run == "bg") and not any(o for run, o in overlapped if run == "sync")
+
+
+def test_short_disk_removes_older_checkpoints_first_and_fails_early(dataset, tmp_path, monkeypatch, capsys):
+    """Where the disk cannot hold another checkpoint beside the kept ones, the older ones go first (never the
+    newest complete one), so the run goes on; where even removing them would not make room, nothing is removed
+    and the save fails before writing, in one line."""
+    from collections import namedtuple
+
+    from elas.train import checkpoint as ck
+    usage = namedtuple("usage", "total used free")
+    capacity = {}
+
+    def fake_usage(path):  # a disk of `capacity` bytes holding only this run's checkpoints
+        used = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+        return usage(capacity["bytes"], used, max(capacity["bytes"] - used, 0))
+
+    steps = ["--max-steps", "6", "--set", "save_every=2", "--set", "eval_every=100", "--set", "keep_checkpoints=3"]
+    assert main(train_args(dataset, tmp_path / "probe", "--max-steps", "2", "--set", "eval_every=100")) == 0
+    size = ck._dir_bytes(tmp_path / "probe" / "checkpoints" / "step-00000002")
+    monkeypatch.setattr(ck.shutil, "disk_usage", fake_usage)
+    capacity["bytes"] = int(2.6 * size)  # two checkpoints and most of a third
+    out = tmp_path / "run"
+    assert main(train_args(dataset, out, *steps)) == 0
+    assert [p.name for p in ck.checkpoints(out)] == ["step-00000006", "step-00000004"]  # step 2 made room
+    capacity["bytes"] = int(2.2 * size)  # two checkpoints, not three
+    assert main(train_args(dataset, out, "--max-steps", "8", "--set", "save_every=2", "--set", "eval_every=100",
+                           "--resume")) == 0  # step 4 removed first, step 6 kept while step 8 was written
+    assert [p.name for p in ck.checkpoints(out)] == ["step-00000008", "step-00000006"]
+    capacity["bytes"] = int(1.5 * size)  # the newest complete checkpoint (step 8) is never removed for room
+    capsys.readouterr()
+    assert main(train_args(dataset, out, "--max-steps", "10", "--set", "save_every=2", "--set", "eval_every=100",
+                           "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "not enough free space" in err and "newest complete checkpoint is step-00000008" in err
+    assert [p.name for p in ck.checkpoints(out)] == ["step-00000008", "step-00000006"]  # nothing removed in vain
+    assert latest_checkpoint(out).name == "step-00000008" and not list((out / "checkpoints").glob("*.tmp"))

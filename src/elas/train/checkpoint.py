@@ -16,6 +16,7 @@ ones that do not (truncated, zeroed, NaN-filled, half-deleted) aside as `step-N.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -178,6 +179,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
     try:
         snap = snap if snap is not None else snapshot(model, optimizer)
         ckdir.mkdir(parents=True, exist_ok=True)
+        _make_room(run_dir, step, _nbytes(snap))
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_file(snap["weights"], str(tmp / "model.safetensors"))
@@ -245,14 +247,57 @@ def _write_error(run_dir: Path, step: int, model: torch.nn.Module, e: Exception)
     ckdir = run_dir / "checkpoints"
     need = sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 3  # weights + 2 moments
     try:
-        free = f"{shutil.disk_usage(ckdir if ckdir.exists() else run_dir).free / 1e9:.2f} GB free"
+        free = f"{_size(shutil.disk_usage(ckdir if ckdir.exists() else run_dir).free)} free"
     except OSError:
         free = "free space unknown"
     prev = newest_verified(run_dir)
     msg = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
     return CheckpointError(f"could not write the checkpoint of step {step} in {ckdir} ({msg}); it needs about "
-                           f"{need / 1e9:.2f} GB ({free}); the newest complete checkpoint is "
+                           f"{_size(need)} ({free}); the newest complete checkpoint is "
                            f"{prev.name if prev else 'none'}")
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _nbytes(obj) -> int:
+    """Bytes of the tensors in obj (nested dicts, lists, tuples)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _make_room(run_dir: Path, step: int, need: int) -> None:
+    """Before a checkpoint of `need` bytes is written: where the disk has less free space (5% margin), remove this
+    run's older checkpoints, oldest first, but never the newest complete one (it has its manifest), until it
+    fits; keep_checkpoints is a ceiling. Where removing all of them would not make room, remove nothing and
+    fail now (ENOSPC) rather than after a partial write. A 7B checkpoint is 36 GB: two of them and a third being
+    written fill a 100 GB disk."""
+    ckdir = Path(run_dir) / "checkpoints"
+    free = shutil.disk_usage(ckdir).free
+    if free >= need * 1.05:
+        return
+    older = [p for p in checkpoints(run_dir) if _step_of(p) < step]  # newest first
+    newest_complete = next((p for p in older if (p / MANIFEST).is_file()), None)
+    removable = older[older.index(newest_complete) + 1:] if newest_complete is not None else older
+    sizes = [_dir_bytes(p) for p in removable]
+    if free + sum(sizes) < need * 1.05:  # removing them all would not do: remove nothing
+        raise OSError(errno.ENOSPC, f"not enough free space for the checkpoint ({_size(need)} needed, "
+                                    f"{_size(free)} free, {_size(sum(sizes))} in older checkpoints)")
+    for old, size in zip(reversed(removable), reversed(sizes)):  # oldest first
+        if free >= need * 1.05:
+            break
+        shutil.rmtree(old, ignore_errors=True)
+        free += size
 
 
 def _prune(run_dir: Path, step: int, final: Path, keep: int) -> None:
