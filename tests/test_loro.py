@@ -366,7 +366,7 @@ def test_exact_step_sharded_over_processes_equals_one_process(tmp_path, world):
     rank ends with the one-process result (fp64, to rounding), including shapes with fewer pairs than ranks."""
     import torch.multiprocessing as mp
 
-    from elas.optim.loro import _thin_qr, exact_update_batched
+    from elas.optim.loro import exact_update_batched
     out = tmp_path / "sharded.pt"
     mp.spawn(_sharded_worker, args=(world, f"file://{tmp_path / 'store'}", str(out)), nprocs=world, join=True)
     want = exact_update_batched(_pairs_for_sharding())

@@ -22,13 +22,12 @@ Variants are names of config.VARIANTS, plus "swiglu-aligned": SwiGLU with its wi
 """
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 
 from ..build import build_model, resolve_methods
-from ..config import D_FF_MULTIPLE, TrainConfig, apply_overrides, model_preset, split_variant
+from ..config import TrainConfig, apply_overrides, split_variant
 from ..optim import build_optimizer
 from ..sparsity import set_step
 from ..summary import model_summary

@@ -11,7 +11,6 @@ Runs are resumable: a variant whose run directory holds a finished run is skippe
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
