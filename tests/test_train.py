@@ -206,23 +206,23 @@ def test_full_disk_keeps_the_last_complete_checkpoint(dataset, tmp_path, capsys,
     import errno
 
     from elas.train import checkpoint as ck
-    real = ck.save_file
+    real = ck.save_tensors
     calls = []
 
-    def flaky(tensors, path):
-        calls.append(path)
+    def flaky(tensors):
+        calls.append(1)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(tensors, path)
+        return real(tensors)
 
-    monkeypatch.setattr(ck, "save_file", flaky)
+    monkeypatch.setattr(ck, "save_tensors", flaky)
     out = tmp_path / "r"
     assert main(train_args(dataset, out, "--max-steps", "6", "--set", "save_every=2", "--set", "eval_every=100")) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "step-00000002" in err
     assert latest_checkpoint(out).name == "step-00000002"
     assert not list((out / "checkpoints").glob("*.tmp"))
-    monkeypatch.setattr(ck, "save_file", real)
+    monkeypatch.setattr(ck, "save_tensors", real)
     assert main(train_args(dataset, out, "--max-steps", "6", "--set", "save_every=2", "--set", "eval_every=100",
                            "--resume")) == 0
     assert latest_checkpoint(out).name == "step-00000006"
@@ -374,25 +374,25 @@ def test_kill_of_one_rank_resumes_exactly(dataset, tmp_path):
 
 def test_background_checkpoint_holds_the_state_of_its_step(dataset, tmp_path, monkeypatch):
     """async_save (the default): a checkpoint is copied to host memory at its step and written by a thread while
-    training goes on (here each write is slowed by 0.5 s, so steps run during it); what lands on disk is bit for
+    training goes on (here each file write is slowed by 0.25 s, so steps run during it); what lands on disk is bit for
     bit what a synchronous save of that step writes, and the last checkpoint is complete when the run returns."""
     import time
 
     from safetensors.torch import load_file
 
     from elas.train import checkpoint as ck
-    real = ck.save_file
+    real = ck._write_hashed
 
     overlapped = []
 
-    def slow(tensors, path):  # also notes whether training logged steps while this write was sleeping
+    def slow(path, write):  # also notes whether training logged steps while this write was sleeping
         metrics = Path(path).parents[2] / "metrics.jsonl"
         before = len(metrics.read_text().splitlines())
-        time.sleep(0.5)
+        time.sleep(0.25)
         overlapped.append((Path(path).parents[2].name, len(metrics.read_text().splitlines()) > before))
-        return real(tensors, path)
+        return real(path, write)
 
-    monkeypatch.setattr(ck, "save_file", slow)
+    monkeypatch.setattr(ck, "_write_hashed", slow)
     steps = ["--max-steps", "6", "--set", "save_every=2", "--set", "eval_every=100", "--set", "keep_checkpoints=3"]
     assert main(train_args(dataset, tmp_path / "bg", *steps)) == 0
     assert main(train_args(dataset, tmp_path / "sync", *steps, "--set", "async_save=false")) == 0
