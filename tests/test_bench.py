@@ -122,3 +122,25 @@ def test_loro_bench_rejects_bad_options_before_any_gpu_work():
         bench_loro(sizes=("llama-9b",))
     with pytest.raises(ValueError, match="invalid grad_rank 0"):
         bench_loro(grad_rank=0)
+
+
+@pytest.mark.parametrize("variant", ["elas", "relu2-24", "relu2-w24", "relu2-w24-a24", "relu2-vnm",
+                                     "relu2-w24+sste24.input_grad=transposed"])
+def test_bench_models_run_every_method_in_its_sparse_phase(variant, monkeypatch):
+    """A bench row of a sparse variant times its sparse phase. S-STE's phase ends at a fraction of the run: the
+    benches once set step 0 of a one-step run, which put it in its final dense phase, so its rows timed dense
+    GEMMs under the sparse name. set_sparse refuses such a model."""
+    import elas.bench.ffn as bf
+    from elas.build import build_model
+    from elas.sparsity import applied_methods
+    cfg = bf.variant_config("llama-60m", variant)
+    model = build_model(cfg.__class__(**{**vars(cfg), "n_layers": 1}), "cpu")
+    modes = bf.set_sparse(model)
+    assert modes and all(str(m).startswith("sparse") for m in modes)
+    assert all(getattr(t, "active", True) for a in applied_methods(model) for _, t in a.targets)
+    monkeypatch.setattr(bf, "RUN_STEPS", 1)  # the old call: step 0 of a run of one step
+    if variant.startswith("relu2-w24"):
+        with pytest.raises(RuntimeError, match="not in its sparse phase"):
+            bf.set_sparse(model)
+    else:
+        bf.set_sparse(model)

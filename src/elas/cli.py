@@ -416,13 +416,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench.step import MODES, STEP_VARIANTS
         from .config import split_variant
         step_variants = args.variants.split(",") if args.variants else list(STEP_VARIANTS)
-        _choices(",".join(split_variant(v)[0] for v in step_variants), STEP_VARIANTS, "--variants")
+        _choices(",".join(split_variant(v)[0] for v in step_variants), (*VARIANTS, "swiglu-aligned"), "--variants")
         step_modes = _choices(args.modes, MODES, "--modes")
         try:
             batches = [int(b) for b in (args.batches or "32").split(",")]
             assert all(b > 0 for b in batches)
         except (ValueError, AssertionError):
             raise UserError(f"invalid --batches {args.batches!r}: expected positive integers, e.g. 32,64") from None
+    if args.what == "ffn" and args.variants:
+        from .bench.ffn import variant_config
+        from .config import split_variant
+        _choices(",".join(split_variant(v)[0] for v in args.variants.split(",")), tuple(VARIANTS), "--variants")
+        for v in args.variants.split(","):  # keys checked too, before anything runs
+            try:
+                variant_config("llama-60m", v)
+            except ValueError as e:
+                raise UserError(f"invalid --variants value {v!r}: {e}") from None
     if not torch.cuda.is_available():
         raise UserError("elas bench measures GPU kernels and needs a CUDA GPU")
     env = kb.environment()
@@ -458,7 +467,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows = bench_loss()
     elif args.what == "ffn":
         from .bench.ffn import bench_ffn
-        rows = bench_ffn(sizes, batch_scale=args.batch_scale)
+        rows = bench_ffn(sizes, batch_scale=args.batch_scale,
+                         variants=args.variants.split(",") if args.variants else None)
     elif args.what == "compile":
         from .bench.compile import bench_compile
         rows = bench_compile((sizes or ["llama-1b"])[0], args.variants.split(",") if args.variants else None,
@@ -560,9 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens (rows of the sparse operand; default 16384, and 8192 for `epilogue`)")
     p.add_argument("--out", help="directory for the JSON (default benchmarks/results/<gpu>)")
     p.add_argument("--gpu-name", help="folder name for the GPU (default: from the device name)")
-    p.add_argument("--variants", help=f"compile/step: comma-separated variants (default compile: "
-                                      f"{','.join(COMPILE_VARIANTS)}; step: all; a step variant may set keys of "
-                                      f"its methods: elas+act24.fused=true)")
+    p.add_argument("--variants", help=f"ffn/compile/step: comma-separated variants (default compile: "
+                                      f"{','.join(COMPILE_VARIANTS)}; ffn, step: the papers' variants); a variant "
+                                      f"may set keys of its methods: elas+act24.fused=true)")
     p.add_argument("--batches", help="step: comma-separated per-GPU batch sizes (default 32)")
     p.add_argument("--optimizer", choices=["adamw", "loro_adamw"], default="adamw",
                    help="step: the optimizer of every row (loro_adamw: low-rank variants only)")

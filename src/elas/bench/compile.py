@@ -18,7 +18,7 @@ import torch
 from ..build import build_model
 from ..config import COMPILE_VARIANTS, VARIANTS, preset_name
 from ..optim import build_optimizer
-from .ffn import variant_config
+from .ffn import RUN_STEPS, set_sparse, variant_config
 from .timing import event_ms
 
 def graph_breaks(size: str, variant: str, seq: int = 256) -> list[dict]:
@@ -29,7 +29,7 @@ def graph_breaks(size: str, variant: str, seq: int = 256) -> list[dict]:
     idx = torch.randint(0, cfg.vocab_size, (2, seq), device="cuda")
     rows = []
     for step in (None, 0):  # dense mode (before any set_step the methods are dense), then sparse
-        modes = set_step(model, step, 1) if step is not None else ("dense",) * len(cfg.methods)
+        modes = set_step(model, step, RUN_STEPS) if step is not None else ("dense",) * len(cfg.methods)
         dynamo.reset()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             ex = dynamo.explain(model)(idx, idx)
@@ -40,7 +40,6 @@ def graph_breaks(size: str, variant: str, seq: int = 256) -> list[dict]:
 
 def compiled_step_ms(size: str, variant: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
     from ..config import TrainConfig
-    from ..sparsity import set_step
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -48,7 +47,7 @@ def compiled_step_ms(size: str, variant: str, batch: int, seq: int, steps: int, 
     cfg = variant_config(size, variant, max_seq_len=seq, **PLAIN)
     torch.manual_seed(0)
     model = build_model(cfg, "cuda")
-    set_step(model, 0, 1)
+    set_sparse(model)
     opt = build_optimizer(model, TrainConfig(model=cfg))
     cmodel = torch.compile(model, fullgraph=True)
     idx = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda")

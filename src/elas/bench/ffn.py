@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..build import build_model, resolve_methods
-from ..config import BENCH_VARIANTS, model_preset, preset_name
+from ..config import BENCH_VARIANTS, apply_overrides, model_preset, preset_name, split_variant
 from ..sparsity import method_to_dict, set_step
 from .timing import event_ms, graph_ms
 
@@ -19,10 +19,32 @@ BATCH = {"llama-60m": 256, "llama-130m": 256, "llama-350m": 128, "llama-1b": 64}
 
 
 def variant_config(size: str, variant: str, **over):
-    """The preset of (size, variant) with its methods' schedules at 0: sparse from step 0."""
-    cfg = model_preset(preset_name(size, variant), **over)
+    """The preset of (size, variant) with its methods' schedules at 0: sparse from step 0. A variant may set
+    model keys as `--set` does (METHOD.KEY for a key of one of its methods): "relu2-w24+sste24.backend=cuda"."""
+    name, sets = split_variant(variant)
+    cfg = model_preset(preset_name(size, name), **over)
+    if sets:
+        try:
+            apply_overrides(cfg, sets)
+            resolve_methods(cfg)  # a key no method has fails here
+        except KeyError as e:  # an unknown key: one line, as a bad value
+            raise ValueError(f"variant {name!r}: {e.args[0]}") from None
     cfg.methods = [method_to_dict(m.scaled(0)) for m in resolve_methods(cfg)]
     return cfg
+
+
+SPARSE_STEP, RUN_STEPS = 0, 10 ** 9  # step 0 of a long run: with the schedules at 0 every method is sparse
+
+
+def set_sparse(model) -> tuple:
+    """Every sparsity method of a bench model (built from variant_config) in its sparse phase. Fails if one is
+    not: a weight method's sparse phase ends at a fraction of the run (sste24.sparse_until), so a run of one
+    step would put it in its final dense phase and the row would time dense GEMMs under a sparse name."""
+    modes = set_step(model, SPARSE_STEP, RUN_STEPS)
+    dense = [m for m in modes if not str(m).startswith("sparse")]
+    if dense:
+        raise RuntimeError(f"bench model not in its sparse phase (modes {modes})")
+    return modes
 
 
 def saved_bytes(fn) -> int:
@@ -45,7 +67,7 @@ def _ffn_row(size: str, variant: str, batch: int, seq: int) -> dict:
     cfg = variant_config(size, variant)
     torch.manual_seed(0)
     model = build_model(cfg.__class__(**{**vars(cfg), "n_layers": 1}), "cuda").to(torch.bfloat16)
-    set_step(model, 0, 1)
+    set_sparse(model)
     ffn = model.blocks[0].ffn
     x = torch.randn(batch, seq, cfg.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     gy = torch.randn_like(x)
@@ -56,7 +78,7 @@ def _ffn_row(size: str, variant: str, batch: int, seq: int) -> dict:
     try:
         ms = graph_ms(lambda: ffn(x).backward(gy), reps=10, trials=7)
     except RuntimeError as e:  # reported, not hidden: the row says which timing it holds
-        print(f"ffn {size} {variant}: CUDA-graph capture failed ({str(e).splitlines()[0][:120]}); eager time only")
+        print(f"ffn {size} {variant}: CUDA-graph capture failed ({str(e).splitlines()[0][:300]}); eager time only")
         ms = None
     core = ffn.core if hasattr(ffn, "core") else None
     path = core.description.split(" (")[0] if getattr(core, "description", None) else "dense"
@@ -65,10 +87,17 @@ def _ffn_row(size: str, variant: str, batch: int, seq: int) -> dict:
             "ffn_timing": "graph" if ms is not None else "eager", "ffn_act_mem_gb": act / 1e9, "path": path}
 
 
-def bench_ffn(sizes=None, seq: int = 256, log=print, batch_scale: float = 1.0) -> list[dict]:
+def bench_ffn(sizes=None, seq: int = 256, log=print, batch_scale: float = 1.0, variants=None) -> list[dict]:
+    """Rows for every (size, variant); variants default to BENCH_VARIANTS and may set keys (variant_config)."""
+    variants = list(variants or VARIANTS)
+    for size in sizes or list(BATCH):  # a bad size, variant or key fails here, before any GPU work
+        if size not in BATCH:
+            raise ValueError(f"unknown ffn bench size {size!r}; expected one of {', '.join(BATCH)}")
+        for variant in variants:
+            variant_config(size, variant)
     rows = []
     for size in sizes or list(BATCH):
-        for variant in VARIANTS:
+        for variant in variants:
             r = _ffn_row(size, variant, int(BATCH[size] * batch_scale), seq)
             torch.cuda.empty_cache()
             rows.append(r)

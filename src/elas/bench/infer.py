@@ -20,9 +20,8 @@ import torch
 
 from ..build import build_model
 from ..config import VARIANTS
-from ..sparsity import set_step
 from ..train.parallelize import compile_regions, eager_regions, hold_params_in
-from .ffn import variant_config
+from .ffn import set_sparse, variant_config
 from .profile import breakdown, host_times, kernel_times
 from .timing import capture_graph, throughput_ms
 
@@ -37,7 +36,7 @@ def infer_row(size: str, variant: str, batch: int = 8, prompt: int = 512, new_to
     torch.manual_seed(0)
     model = build_model(cfg, "cuda")
     hold_params_in(model, torch.bfloat16)
-    set_step(model, 10 ** 9, 10 ** 9 + 1)  # sparse: past every dense warm-up
+    set_sparse(model)
     model.eval()
     compile_regions(model)
     x = torch.randint(0, cfg.vocab_size, (batch, prompt), device="cuda")

@@ -26,14 +26,13 @@ import time
 
 import torch
 
-from ..build import build_model, resolve_methods
-from ..config import TrainConfig, apply_overrides, split_variant
+from ..build import build_model
+from ..config import TrainConfig, split_variant
 from ..optim import build_optimizer
-from ..sparsity import set_step
 from ..summary import model_summary
 from ..train.parallelize import checkpoint_blocks, compile_regions, hold_params_in
 from ..train.step import StepGrads
-from .ffn import variant_config
+from .ffn import set_sparse, variant_config
 from .profile import breakdown, kernel_times
 from .timing import event_ms, throughput_ms
 
@@ -45,17 +44,7 @@ H100_BF16 = 989e12
 
 
 def step_config(size: str, variant: str, mode: str, seq: int):
-    variant, sets = split_variant(variant)
-    over = {"max_seq_len": seq, **(PLAIN if not mode.startswith("elas") else {})}
-    if sets:
-        cfg = variant_config(size, variant, **over)
-        try:
-            apply_overrides(cfg, sets)
-            resolve_methods(cfg)  # a key no method has fails here
-        except KeyError as e:  # an unknown key: one line, as a bad value
-            raise ValueError(f"variant {variant!r}: {e.args[0]}") from None
-        return cfg
-    return variant_config(size, variant, **over)
+    return variant_config(size, variant, max_seq_len=seq, **(PLAIN if not mode.startswith("elas") else {}))
 
 
 def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, steps: int = 10, warmup: int = 3,
@@ -68,7 +57,7 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
     cfg = step_config(size, variant, mode, seq)
     torch.manual_seed(0)
     model = build_model(cfg, "cuda")
-    set_step(model, 0, 1)
+    set_sparse(model)
     if mode == "elas":
         hold_params_in(model, torch.bfloat16)
     if checkpointing:  # as the trainer: before compiling

@@ -35,6 +35,7 @@ class SparsityMethod:
     name: ClassVar[str] = ""
     version: ClassVar[int] = 1
     stat_names: ClassVar[tuple[str, ...]] = ()
+    periods: ClassVar[tuple[str, ...]] = ()  # `_steps` fields that are periods (every N steps): scaled, kept >= 1
 
     def mode_at(self, step: int, max_steps: int) -> Hashable:
         raise NotImplementedError
@@ -49,6 +50,7 @@ class SparsityMethod:
         written for one run length, used for another (the quality grid)."""
         over = {f.name: int(round(getattr(self, f.name) * factor)) for f in dataclasses.fields(self)
                 if f.name.endswith("_steps")}
+        over.update({k: max(1, over[k]) for k in self.periods})
         return dataclasses.replace(self, **over)
 
     def _check_types(self) -> None:

@@ -38,6 +38,7 @@ from .api import Applied, SparsityMethod, register_method, relu2_ffns
 class VNMConfig(SparsityMethod):
     name: ClassVar[str] = "vnm"
     version: ClassVar[int] = 1
+    periods: ClassVar[tuple[str, ...]] = ("recluster_steps",)
     stat_names: ClassVar[tuple[str, ...]] = ("y2_zero_frac", "dropped_nnz_frac", "y2_mass_kept",
                                              "route_largest_frac", "route_pad_frac")
 

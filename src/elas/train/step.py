@@ -36,6 +36,8 @@ from contextlib import nullcontext
 
 import torch
 
+from ..kernels.cuda.gemm import reset_generator_capture_state
+
 log = logging.getLogger("elas.train")
 
 
@@ -176,7 +178,7 @@ class StepGrads:
             graph = out = None
             self.graphs = False
             self._drop_grads()
-            _reset_generator_capture_state()
+            reset_generator_capture_state()
             log.warning("elas: CUDA-graph capture of the training step failed (%s); continuing with eager steps "
                         "(set cuda_graphs=false to skip the attempt)", failure)
             return False
@@ -200,16 +202,3 @@ def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
 
 def _pinned(t: torch.Tensor) -> torch.Tensor:
     return t.pin_memory() if t.device.type == "cpu" and not t.is_pinned() else t
-
-
-def _reset_generator_capture_state() -> None:
-    """A capture that fails mid-way (torch 2.11) leaves the CUDA generator registered as capturing, and every
-    later CUDA random op raises "Offset increment outside graph capture". Capturing one trivial random op to its
-    end brings the generator back to normal."""
-    try:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            torch.rand(1, device="cuda")
-        del g
-    except RuntimeError as e:  # reported, not fatal: training itself draws no CUDA random numbers
-        log.warning("elas: could not reset the CUDA generator after the failed capture (%s)", str(e)[:120])

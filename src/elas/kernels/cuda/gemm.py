@@ -107,10 +107,28 @@ def capture_graph(fn, reps: int = 1, warmup: int = 3) -> torch.cuda.CUDAGraph:
             fn()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
+    try:
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                fn()
+    except RuntimeError:
+        del g
+        reset_generator_capture_state()  # or every later CUDA random op of the process fails
+        raise
     return g
+
+
+def reset_generator_capture_state() -> None:
+    """A capture that fails mid-way (torch 2.11) leaves the CUDA generator registered as capturing, and every
+    later CUDA random op raises "Offset increment outside graph capture". Capturing one trivial random op to its
+    end brings the generator back to normal."""
+    try:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            torch.rand(1, device="cuda")
+        del g
+    except RuntimeError as e:  # reported, not fatal: training itself draws no CUDA random numbers
+        log.warning("elas: could not reset the CUDA generator after the failed capture (%s)", str(e)[:120])
 
 
 def _graph_time_ms(fn, reps: int = 10, trials: int = 5) -> float:
