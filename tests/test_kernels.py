@@ -141,6 +141,10 @@ def test_gpu_sparse_mm_matches_reference(m, k, n, bt):
         got = sparse_mm(a, b, impl=impl, alg=None if impl == "ext" else 0)
         assert got.shape == (m, n) and got.dtype == torch.bfloat16
         assert ((got.float() - want).norm() / want.norm()).item() < 1e-2, impl
+        # out_t: the transpose [n, m], contiguous, written column-major by the GEMM (ext) or copied (torch)
+        got_t = sparse_mm(a, b, impl=impl, alg=None if impl == "ext" else 0, out_t=True)
+        assert got_t.shape == (n, m) and got_t.is_contiguous()
+        assert ((got_t.float().t() - want).norm() / want.norm()).item() < 1e-2, impl
 
 
 @pytest.mark.gpu
@@ -297,3 +301,23 @@ def test_gpu_packed_ffn_matches_reference_path(rank, grad_mode, wgrad_dense_frac
         outs.append([y.float(), x.grad.float()] + [p.grad.float() for p in f.parameters()])
     for a, b in zip(outs[1], outs[0]):
         assert ((a - b).norm() / b.norm()).item() < 2e-2
+
+
+def test_sparse_mm_out_t_is_the_contiguous_transpose_and_traces():
+    """elas::sparse_mm(out_t=True) -> (a @ b)^T [N, M], contiguous (the CUDA kernel writes C column-major); the
+    CPU twin and the fake implementation agree on shape and layout, so a compiled graph sees no transpose."""
+    from elas.kernels import ops
+    torch.manual_seed(0)
+    y1 = torch.randn(64, 128)
+    a = ref.relu2_sparsify24_packed(y1)
+    b = torch.randn(128, 48)
+    c = ops.sparse_mm(a, b)
+    ct = ops.sparse_mm(a, b, out_t=True)
+    assert ct.shape == (48, 64) and ct.is_contiguous()
+    assert torch.equal(ct, c.t())
+
+    def f(buf, bb):
+        return ops.sparse_mm_op(buf, bb, 64, 128, True) * 2
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.equal(cf(a.buffer, b), 2 * c.t())

@@ -16,7 +16,7 @@ bools cross the boundary; "not produced" outputs are empty tensors (an operator 
                                   -> y2s, dy1, dy1 packed [M, K*9/16] (mask mode), y2s_t, dy1_t, y2s_dense,
                                      dy1_dense (reference.Grads24; y2s_t / dy1_t as their [K, M*9/16] buffers)
     elas::sste_pack24(w [R, C], beta [], transpose) -> buffer, mask_bits of beta * S_soft(w) (or of w^T), 2:4
-    elas::sparse_mm(a_buffer [M, K*9/16], b [K, N], m, k) -> a @ b [M, N]
+    elas::sparse_mm(a_buffer [M, K*9/16], b [K, N], m, k, out_t) -> a @ b [M, N] (out_t: its transpose [N, M])
     elas::act24_ffn(h1 [T, q], wu [d_ff, q], wd [d_ff, q'], mask_grad, dense_frac?, fused) -> h2 [T, q'] and
                     the tensors its backward needs; its autograd formula is registered on it and runs
     elas::act24_ffn_backward(...) -> dh1, dwu, dwd
@@ -188,24 +188,27 @@ def sste_pack24(w: Tensor, beta: Tensor, transpose: bool = False) -> Packed24:
 
 # ---- 2:4 x dense GEMM -----------------------------------------------------------------------------------------
 @torch.library.custom_op("elas::sparse_mm", mutates_args=(), device_types="cpu")
-def sparse_mm_op(a_buffer: Tensor, b: Tensor, m: int, k: int) -> Tensor:
-    return ref.sparse_mm(Packed24(a_buffer, _EMPTY_U8, (m, k)), b)
+def sparse_mm_op(a_buffer: Tensor, b: Tensor, m: int, k: int, out_t: bool = False) -> Tensor:
+    out = ref.sparse_mm(Packed24(a_buffer, _EMPTY_U8, (m, k)), b)
+    return out.t().contiguous() if out_t else out
 
 
 @sparse_mm_op.register_kernel("cuda")
-def _(a_buffer: Tensor, b: Tensor, m: int, k: int) -> Tensor:
+def _(a_buffer: Tensor, b: Tensor, m: int, k: int, out_t: bool = False) -> Tensor:
     from .cuda import gemm  # the extension was built and loaded when the backend was resolved
-    return gemm.sparse_mm(Packed24(a_buffer, _EMPTY_U8, (m, k)), b)
+    return gemm.sparse_mm(Packed24(a_buffer, _EMPTY_U8, (m, k)), b, out_t=out_t)
 
 
 @sparse_mm_op.register_fake
-def _(a_buffer, b, m, k):
-    return b.new_empty((m, b.shape[1]))
+def _(a_buffer, b, m, k, out_t=False):
+    return b.new_empty((b.shape[1], m) if out_t else (m, b.shape[1]))
 
 
-def sparse_mm(a: Packed24, b: Tensor) -> Tensor:
-    """a: Packed24 [M, K] (2:4 along K), b: [K, N] -> a @ b [M, N] (bf16 on CUDA; b's dtype on CPU)."""
-    return sparse_mm_op(a.buffer, b, a.shape[0], a.shape[1])
+def sparse_mm(a: Packed24, b: Tensor, out_t: bool = False) -> Tensor:
+    """a: Packed24 [M, K] (2:4 along K), b: [K, N] -> a @ b [M, N] (bf16 on CUDA; b's dtype on CPU); out_t: its
+    transpose [N, M], contiguous, written by the GEMM itself (a weight-sparse product S(W) x^T arrives as
+    [tokens, d_out], the layout the rest of the model reads, with no transposing copy)."""
+    return sparse_mm_op(a.buffer, b, a.shape[0], a.shape[1], out_t)
 
 
 # ---- the packed 2:4 FFN core: one operator, autograd registered on it ----------------------------------------

@@ -106,7 +106,9 @@ class _SSTELinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # [T, d_in]
         if packed:
             x2 = x2.to(torch.bfloat16)
-            y = ops.sparse_mm(ops.sste_pack24(w, beta), x2.t()).t()  # (S(W) [d_out, d_in] @ x^T)^T: [T, d_out]
+            # (S(W) [d_out, d_in] @ x^T)^T, written column-major by the GEMM: [T, d_out] contiguous (a transposed
+            # view here cost the 1B step ~8 ms of transposing copies in the kernels around it)
+            y = ops.sparse_mm(ops.sste_pack24(w, beta), x2.t(), out_t=True)
         else:
             y = x2 @ (beta * ref.soft_threshold24(w.float())[0]).to(x2.dtype).t()
         ctx.save_for_backward(x2, w, beta)
@@ -118,7 +120,7 @@ class _SSTELinearFn(torch.autograd.Function):
         x2, w, beta = ctx.saved_tensors
         g2 = gy.reshape(-1, gy.shape[-1])  # [T, d_out]
         if ctx.packed:  # (S(W^T) [d_in, d_out] @ dY^T)^T: [T, d_in]
-            dx = ops.sparse_mm(ops.sste_pack24(w, beta, transpose=True), g2.to(torch.bfloat16).t()).t()
+            dx = ops.sparse_mm(ops.sste_pack24(w, beta, transpose=True), g2.to(torch.bfloat16).t(), out_t=True)
         else:
             dx = g2 @ (beta * ref.soft_threshold24(w.float().t())[0]).t().to(g2.dtype)
         dw = (g2.t().to(x2.dtype) @ x2).to(w.dtype)  # [d_out, d_in], straight through to the master

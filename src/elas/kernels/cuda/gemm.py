@@ -51,8 +51,8 @@ def load_extension() -> bool:
          is_python_module=False, verbose=False)
 
     @torch.library.register_fake("elas_cslt::mm")
-    def _(buf, b, m, k, alg):
-        return b.new_empty((m, b.shape[1]))
+    def _(buf, b, m, k, alg, ct=False):
+        return b.new_empty((b.shape[1], m) if ct else (m, b.shape[1]))
 
     return True
 
@@ -61,10 +61,11 @@ def _b_transposed(b: torch.Tensor) -> bool:
     return not (b.stride(1) == 1)
 
 
-def _key(m: int, k: int, n: int, bt: bool, impl: str) -> str:
+def _key(m: int, k: int, n: int, bt: bool, impl: str, ct: bool = False) -> str:
     dev = torch.cuda.get_device_name()
     ver = torch.backends.cusparselt.version()
-    return f"{dev}|cslt{ver}|torch{torch.__version__.split('+')[0]}|{impl}|{m}x{k}x{n}|{'bT' if bt else 'bN'}"
+    return (f"{dev}|cslt{ver}|torch{torch.__version__.split('+')[0]}|{impl}|{m}x{k}x{n}|{'bT' if bt else 'bN'}"
+            + ("|cT" if ct else ""))  # keys of row-major C are those of earlier caches
 
 
 def _disk_cache() -> Path:
@@ -91,10 +92,11 @@ def _save_disk(key: str, alg: int) -> None:
         log.warning("could not write the cuSPARSELt algorithm cache %s: %s", _disk_cache(), e)
 
 
-def _raw_mm(a: Packed24, b: torch.Tensor, alg: int, impl: str) -> torch.Tensor:
+def _raw_mm(a: Packed24, b: torch.Tensor, alg: int, impl: str, ct: bool = False) -> torch.Tensor:
     if impl == "ext":
-        return torch.ops.elas_cslt.mm(a.buffer.view(-1), b, a.shape[0], a.shape[1], alg)
-    return torch._cslt_sparse_mm(a.buffer, b, alg_id=alg)
+        return torch.ops.elas_cslt.mm(a.buffer.view(-1), b, a.shape[0], a.shape[1], alg, ct)
+    out = torch._cslt_sparse_mm(a.buffer, b, alg_id=alg)
+    return out.t().contiguous() if ct else out  # torch's op: a copy, not the column-major epilogue
 
 
 def capture_graph(fn, reps: int = 1, warmup: int = 3) -> torch.cuda.CUDAGraph:
@@ -145,7 +147,7 @@ def _graph_time_ms(fn, reps: int = 10, trials: int = 5) -> float:
     return statistics.median(times)
 
 
-def _try_algs(m: int, k: int, n: int, bt: bool, impl: str, start: int, emit) -> None:
+def _try_algs(m: int, k: int, n: int, bt: bool, impl: str, start: int, emit, ct: bool = False) -> None:
     """Time algorithm ids start.. on random data of this shape; emit(alg, result) after each. Ids whose result
     differs from the dense product (rel. Frobenius error > 1e-2) or between two runs are rejected."""
     from .. import reference
@@ -155,13 +157,15 @@ def _try_algs(m: int, k: int, n: int, bt: bool, impl: str, start: int, emit) -> 
     bb = torch.randn((n, k) if bt else (k, n), device="cuda", dtype=torch.bfloat16, generator=g)
     b = bb.t() if bt else bb
     want = reference.sparse_mm(a, b.float())
+    if ct:
+        want = want.t()
     if impl == "ext":
         load_extension()
-    max_id = torch.ops.elas_cslt.max_alg(m, k, n, bt) if impl == "ext" else 64
+    max_id = torch.ops.elas_cslt.max_alg(m, k, n, bt, ct) if impl == "ext" else 64
     for alg in range(start, max_id + 1):
         emit(alg, "started")
         try:
-            r1, r2 = _raw_mm(a, b, alg, impl), _raw_mm(a, b, alg, impl)
+            r1, r2 = _raw_mm(a, b, alg, impl, ct), _raw_mm(a, b, alg, impl, ct)
             torch.cuda.synchronize()
         except RuntimeError as e:
             emit(alg, f"error: {str(e).splitlines()[0][:100]}")
@@ -172,10 +176,10 @@ def _try_algs(m: int, k: int, n: int, bt: bool, impl: str, start: int, emit) -> 
         if err > 1e-2 or not torch.equal(r1, r2):
             emit(alg, f"rejected: rel err {err:.2e}, deterministic {torch.equal(r1, r2)}")
             continue
-        emit(alg, _graph_time_ms(lambda: _raw_mm(a, b, alg, impl)))
+        emit(alg, _graph_time_ms(lambda: _raw_mm(a, b, alg, impl, ct)))
 
 
-def search_alg(m: int, k: int, n: int, bt: bool, impl: str = "ext") -> tuple[int, dict]:
+def search_alg(m: int, k: int, n: int, bt: bool, impl: str = "ext", ct: bool = False) -> tuple[int, dict]:
     """The fastest correct algorithm id for this shape, and a report {id: ms | why rejected}.
 
     Runs in a child process, so that an id that crashes the library (it happens) costs a restart, not the run."""
@@ -184,7 +188,8 @@ def search_alg(m: int, k: int, n: int, bt: bool, impl: str = "ext") -> tuple[int
     report: dict = {}
     start = 0
     while True:
-        cmd = [sys.executable, "-m", "elas.kernels.cuda.gemm", str(m), str(k), str(n), str(int(bt)), impl, str(start)]
+        cmd = [sys.executable, "-m", "elas.kernels.cuda.gemm", str(m), str(k), str(n), str(int(bt)), impl, str(start),
+               str(int(ct))]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
             [str(Path(__file__).parents[3])] + [p for p in [os.environ.get("PYTHONPATH")] if p])))
         last = None
@@ -202,19 +207,20 @@ def search_alg(m: int, k: int, n: int, bt: bool, impl: str = "ext") -> tuple[int
     if not timed:
         raise RuntimeError(f"no cuSPARSELt algorithm gives a correct result for {m}x{k}x{n}: {report}")
     best = min(timed, key=timed.get)
-    log.info("cuSPARSELt %dx%dx%d (%s): alg %d, %.4f ms; %s", m, k, n, "bT" if bt else "bN", best, timed[best], report)
+    log.info("cuSPARSELt %dx%dx%d (%s%s): alg %d, %.4f ms; %s", m, k, n, "bT" if bt else "bN", ", cT" if ct else "",
+             best, timed[best], report)
     return best, report
 
 
-# (device, m, k, n, bt, impl) -> alg id: the per-call lookup (the disk cache is keyed by GPU/library versions)
+# (device, m, k, n, bt, impl, ct) -> alg id: the per-call lookup (the disk cache is keyed by GPU/library versions)
 _ALG: dict[tuple, int] = {}
 
 
-def best_alg(m: int, k: int, n: int, bt: bool, impl: str = "ext") -> int:
-    mem_key = (torch.cuda.current_device(), m, k, n, bt, impl)
+def best_alg(m: int, k: int, n: int, bt: bool, impl: str = "ext", ct: bool = False) -> int:
+    mem_key = (torch.cuda.current_device(), m, k, n, bt, impl, ct)
     alg = _ALG.get(mem_key)
     if alg is None:
-        key = _key(m, k, n, bt, impl)
+        key = _key(m, k, n, bt, impl, ct)
         disk = _load_disk()
         if key in disk:
             alg = int(disk[key])
@@ -222,14 +228,16 @@ def best_alg(m: int, k: int, n: int, bt: bool, impl: str = "ext") -> int:
             raise RuntimeError(f"no tuned cuSPARSELt algorithm for {key} during CUDA-graph capture: run one eager "
                                f"step first (tuning launches and synchronises)")
         else:
-            alg = search_alg(m, k, n, bt, impl)[0]
+            alg = search_alg(m, k, n, bt, impl, ct)[0]
             _save_disk(key, alg)
         _ALG[mem_key] = alg
     return alg
 
 
-def sparse_mm(a: Packed24, b: torch.Tensor, alg: int | None = None, impl: str = "ext") -> torch.Tensor:
-    """a: Packed24 [M, K] bf16; b: [K, N] bf16 (row-major, or a transposed row-major) -> [M, N] bf16."""
+def sparse_mm(a: Packed24, b: torch.Tensor, alg: int | None = None, impl: str = "ext",
+              out_t: bool = False) -> torch.Tensor:
+    """a: Packed24 [M, K] bf16; b: [K, N] bf16 (row-major, or a transposed row-major) -> [M, N] bf16, or with
+    out_t its transpose [N, M], contiguous (the GEMM writes C column-major: no transposing copy)."""
     m, k = a.shape
     if b.shape[0] != k or b.dtype != torch.bfloat16:
         raise ValueError(f"sparse_mm: b must be bf16 [{k}, N], got {b.dtype} {tuple(b.shape)}")
@@ -238,15 +246,16 @@ def sparse_mm(a: Packed24, b: torch.Tensor, alg: int | None = None, impl: str = 
     if impl == "ext":
         load_extension()  # lru_cache: built and loaded once
     if alg is None:
-        alg = best_alg(m, k, b.shape[1], _b_transposed(b), impl)
-    return _raw_mm(a, b, alg, impl)
+        alg = best_alg(m, k, b.shape[1], _b_transposed(b), impl, out_t)
+    return _raw_mm(a, b, alg, impl, out_t)
 
 
-if __name__ == "__main__":  # the child of search_alg: python -m elas.kernels.cuda.gemm M K N BT IMPL START
+if __name__ == "__main__":  # the child of search_alg: python -m elas.kernels.cuda.gemm M K N BT IMPL START [CT]
     import sys
     _m, _k, _n, _bt, _impl, _start = sys.argv[1:7]
+    _ct = bool(int(sys.argv[7])) if len(sys.argv) > 7 else False
 
     def _emit(alg, res):
         print(f"ALG {alg} {json.dumps(res)}", flush=True)
 
-    _try_algs(int(_m), int(_k), int(_n), bool(int(_bt)), _impl, int(_start), _emit)
+    _try_algs(int(_m), int(_k), int(_n), bool(int(_bt)), _impl, int(_start), _emit, _ct)
