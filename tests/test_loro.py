@@ -113,6 +113,27 @@ def test_svd_that_does_not_converge_falls_back(monkeypatch, caplog, eigh_fails):
     assert "did not converge" in caplog.text and "3 cores of 8x8" in caplog.text
 
 
+def test_auto_eigh_that_fails_falls_back_to_float64_on_the_cpu(monkeypatch, caplog):
+    from elas.optim import loro
+    real_svd, calls = torch.linalg.svd, []
+
+    def failing_eigh(A, *args, **kw):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    def svd(A, *args, **kw):
+        calls.append(A.dtype)
+        return real_svd(A, *args, **kw)
+
+    monkeypatch.setattr(loro, "auto_solver", lambda core, cuda: "eigh")  # as for a 1B core on CUDA
+    monkeypatch.setattr(torch.linalg, "eigh", failing_eigh)
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+    S = torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(7))
+    with caplog.at_level("WARNING", logger="elas.optim"):
+        U, sig, Vh = loro._svd_2r(S, "auto")
+    assert calls == [torch.float64] and U.dtype == torch.float32 and "eigh failed" in caplog.text
+    torch.testing.assert_close((U * sig[..., None, :]) @ Vh, S, atol=1e-5, rtol=1e-5)
+
+
 def test_eigh_svd_of_a_rank_deficient_core_stays_finite():
     """The eigh route (gesvda's fallback) on a core whose rank is below its size: the columns of U for singular
     values at rounding level are zero, not noise divided by ~0, and the rank-k part is exact."""
@@ -302,12 +323,20 @@ def test_quality_grid_seeds_variant_keys_and_transfer(dataset, tmp_path):
     assert f"{mean:.4f} (" in md  # the mean over the seeds, then (min-max)
 
 
+def test_auto_solver_by_core_size():
+    """auto: gesvda for the cores of the 60M-350M models on CUDA, eigh from the 1B model's 1024 x 1024 cores on
+    (as fast or faster there, and it converges where gesvda does not), torch's default driver off CUDA."""
+    from elas.optim.loro import auto_solver
+    assert [auto_solver(2 * r, True) for r in (128, 256, 512, 1024)] == ["gesvda", "gesvda", "eigh", "eigh"]
+    assert auto_solver(2048, False) == "svd"
+
+
 @pytest.mark.gpu
 def test_gpu_exact_step_default_solver_matches_fp64():
     g = torch.Generator().manual_seed(0)
     M, N, G = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((512, 64), (2048, 64), (512, 2048)))
     want = exact_update(M, N, G @ N, G.T @ M, 1e-2, solver="svd")
-    got = exact_update(*(t.float().cuda() for t in (M, N, G @ N, G.T @ M)), 1e-2)  # auto: gesvda on CUDA
+    got = exact_update(*(t.float().cuda() for t in (M, N, G @ N, G.T @ M)), 1e-2)  # auto: gesvda (2r = 128)
     w_want, w_got = want[0] @ want[1].T, (got[0] @ got[1].T).double().cpu()
     assert ((w_got - w_want).norm() / w_want.norm()).item() < 1e-4
 

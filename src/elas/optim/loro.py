@@ -92,13 +92,33 @@ def _svd_or_fallback(S: torch.Tensor, driver: str | None):
     return torch.linalg.svd(S, driver=driver)
 
 
+EIGH_FROM = 1024  # cores of at least this size (2r: rank 512 and up) take eigh under solver="auto" on CUDA
+
+
+def auto_solver(core: int, cuda: bool) -> str:
+    """The SVD solver `auto` picks for 2r x 2r cores (docs/loro.md has the measurements). CUDA: gesvda below
+    EIGH_FROM (60M-350M: the fastest there, 2-2.4x eigh on the H100, and 200x more accurate); eigh from it on (at
+    1B as fast as gesvda on random factors, 3.7 vs 3.8 s on the H100, and 1.3x faster with directions of a rank-32
+    gradient, 1.80 vs 2.38 s batched on the H200, where gesvda failed on one chunk and redid it with eigh; at 7B
+    gesvda fails on trained cores). Elsewhere torch's default driver."""
+    if not cuda:
+        return "svd"
+    return "eigh" if core >= EIGH_FROM else "gesvda"
+
+
 def _svd_2r(S: torch.Tensor, solver: str):
     """SVD of the small 2r x 2r core(s) S [..., 2r, 2r]. svd: torch's default driver; gesvdj / gesvda: cuSOLVER
     drivers (CUDA); eigh: eigenvectors of S^T S (squares the condition number; only the top r are used). auto:
-    gesvda on CUDA, which measured both the fastest (2.2-2.7x torch's default) and the closest to an fp64
-    reference on H100 (docs/loro.md), and torch's default elsewhere."""
+    `auto_solver`."""
     if solver == "auto":
-        solver = "gesvda" if S.is_cuda else "svd"
+        solver = auto_solver(S.shape[-1], S.is_cuda)
+        if solver == "eigh":  # with gesvda's last resort: float64 LAPACK on the CPU if eigh fails
+            try:
+                return _svd_2r(S, "eigh")
+            except torch.linalg.LinAlgError as e:
+                log.warning("elas: LORO's exact step: eigh failed (%s); SVD in float64 on the CPU",
+                            str(e).splitlines()[0][:60])
+                return tuple(t.to(S) for t in torch.linalg.svd(S.detach().to("cpu", torch.float64)))
     if solver == "svd":
         return torch.linalg.svd(S)
     if solver in ("gesvdj", "gesvda"):
