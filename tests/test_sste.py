@@ -162,6 +162,78 @@ def test_with_2to4_activations_the_core_multiplies_the_soft_thresholded_weights(
     torch.testing.assert_close(f(x), want)
 
 
+def _w24_a24_ffn(path: str, grad_mode: str, dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    f = ReLU2FFN.of_width(64, 256).to(dtype)
+    sparsify_(f, Act24Config(dense_warmup_steps=0, path=path, grad_mode=grad_mode, permute_tokens=False))
+    sparsify_(f, SSTE24Config(dense_warmup_steps=0, sparse_until=1.0, input_grad="transposed"))
+    set_step(f, 0, 10)
+    return f
+
+
+def _soft(w, beta):
+    return beta * ref.soft_threshold24(w.float())[0]
+
+
+def test_masked_core_with_2to4_weights_takes_the_transposed_input_gradient():
+    """relu2-w24-a24 with input_grad=transposed, masked path, float64, ste: dy2 = dh2 S(W_down^T) (down's input
+    gradient through W^T thresholded along d_out); the up-projection's input gradient dy1 S(W_up) (the forward's
+    matrix: with 2:4 activations the core multiplies dy1 itself); weight gradients straight through."""
+    f = _w24_a24_ffn("masked", "ste", torch.float64)
+    x = torch.randn(2, 32, 64, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(2, 32, 64, dtype=torch.float64)
+    f(x).backward(gy)
+    su, sd = _soft(f.up.weight, f.up.beta).double(), _soft(f.down.weight, f.down.beta).double()
+    sdt = _soft(f.down.weight.t(), f.down.beta).double().t()  # [d, d_ff], 2:4 along d (d_out)
+    assert not torch.equal(sd, sdt)
+    xt, g = x.detach().reshape(-1, 64), gy.reshape(-1, 64)
+    y1 = xt @ su.T
+    y2s = ref.relu2_sparsify24(y1)[0]
+    dy1 = 2 * torch.relu(y1) * (g @ sdt)
+    torch.testing.assert_close(x.grad.reshape(-1, 64), dy1 @ su)
+    torch.testing.assert_close(f.down.weight.grad, g.T @ y2s)
+    torch.testing.assert_close(f.up.weight.grad, dy1.T @ xt)
+
+
+@pytest.mark.parametrize("grad_mode", ["ste", "mask"])
+def test_packed_core_runs_the_weight_products_as_sparse_gemms_and_matches_masked(grad_mode, monkeypatch):
+    """relu2-w24-a24, packed core (reference kernels on CPU): the up-projection and dy2 are weight-sparse GEMMs
+    (S(W_up) and S(W_down^T) packed, outputs column-major), the other products as before; forward and gradients
+    equal the masked definition up to bf16 rounding."""
+    from elas.kernels import ops
+    calls = []
+    real = ops.sparse_mm_op
+
+    def counting(a_buffer, b, m, k, out_t=False):
+        calls.append((m, k, out_t))
+        return real(a_buffer, b, m, k, out_t)
+
+    x = torch.randn(2, 64, 64, dtype=torch.bfloat16)
+    gy = torch.randn(2, 64, 64, dtype=torch.bfloat16)
+    res = {}
+    for path in ("masked", "packed"):
+        f = _w24_a24_ffn(path, grad_mode)
+        if path == "packed":
+            monkeypatch.setattr(ops, "sparse_mm_op", counting)
+        xi = x.clone().requires_grad_()
+        y = f(xi)
+        y.backward(gy)
+        res[path] = [y.float(), xi.grad.float(), f.up.weight.grad.float(), f.down.weight.grad.float()]
+    assert (256, 64, True) in calls and calls.count((256, 64, True)) == 2  # S(W_up) [256, 64]; S(W_down^T) [256, 64]
+    for a, b in zip(res["packed"], res["masked"]):
+        assert ((a - b).norm() / b.norm()).item() < 1e-2  # mask mode: relu(y1) rebuilt as sqrt(y2s)
+
+
+def test_packed_core_with_2to4_weights_traces_as_one_graph():
+    import torch._dynamo as dynamo
+    f = _w24_a24_ffn("packed", "mask")
+    x = torch.randn(2, 64, 64, dtype=torch.bfloat16)
+    dynamo.reset()
+    ex = dynamo.explain(f)(x)
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(x), f(x))
+
+
 def test_flip_rate_counts_mask_changes_between_probes():
     m = build_model(model_preset("llama-tiny-relu2-w24", n_layers=1, vocab_size=256))
     set_step(m, 5000, 10000)
@@ -276,4 +348,26 @@ def test_gpu_packed_sste_ffn_matches_the_emulated_one():
         y.float().square().mean().backward()
         out[backend] = (y.float(), x.grad, f.up.weight.grad, f.down.weight.grad)
     for a, b in zip(out["cuda"], out["reference"]):
+        assert ((a - b).norm() / b.norm()).item() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grad_mode", ["ste", "mask"])
+def test_gpu_w24_a24_packed_core_matches_the_masked_one(grad_mode):
+    """relu2-w24-a24 with input_grad=transposed on the accelerated path (the up-projection and dy2 as
+    weight-sparse cuSPARSELt GEMMs with column-major outputs, the rest as relu2-24) against the masked
+    definition, bf16 autocast, forward and gradients."""
+    out = {}
+    for path in ("masked", "packed"):
+        torch.manual_seed(0)
+        f = ReLU2FFN.of_width(512, 2048).cuda()
+        sparsify_(f, Act24Config(dense_warmup_steps=0, path=path, grad_mode=grad_mode, permute_tokens=False))
+        sparsify_(f, SSTE24Config(dense_warmup_steps=0, sparse_until=1.0, input_grad="transposed"))
+        set_step(f, 0, 10)
+        x = torch.randn(4, 256, 512, device="cuda", requires_grad=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = f(x)
+        y.float().square().mean().backward()
+        out[path] = (y.float(), x.grad, f.up.weight.grad, f.down.weight.grad)
+    for a, b in zip(out["packed"], out["masked"]):
         assert ((a - b).norm() / b.norm()).item() < 2e-2

@@ -103,6 +103,20 @@ def ffn_operands(up: nn.Module, down: nn.Module, xt: torch.Tensor):
     return h1, wu, _weight(down).t(), lambda h2: h2  # wd = W_down^T [d_ff, d_model]
 
 
+def weight_operands(up: nn.Module, down: nn.Module, packed: bool):
+    """What a weight method (S-STE) gives the core besides its weights, in the core's [d_ff, q] convention.
+    packed: (wu packed 2:4 along q: the up-projection as a weight-sparse GEMM; wdt [d_ff, q'] packed 2:4 along q':
+    the dy2 product of the transposed input gradient, a weight-sparse GEMM). Masked path: (None, wdt dense).
+    None where the linear has no such operand (low-rank factors, dense phases, input_grad=exact)."""
+    if packed:
+        pack_up, pack_down = getattr(up, "weight_pack", None), getattr(down, "weight_pack", None)
+        return (pack_up() if pack_up is not None else None,
+                pack_down(transpose=True) if pack_down is not None else None)
+    dense = getattr(down, "input_grad_weight", None)
+    wdt = dense() if dense is not None else None  # [d_model, d_ff]: dx = dy @ wdt
+    return None, (None if wdt is None else wdt.t())
+
+
 def _check_linears(fqn: str, ffn: ReLU2FFN) -> None:
     """The cores read the factors of up/down (at each call, so a linear replaced later is seen): refuse modules
     whose weights they would bypass. A subclass of nn.Linear must say what it multiplies by (effective_weight)."""
@@ -204,9 +218,13 @@ class Act24Core(nn.Module):
         with torch.autocast(dev, enabled=False):
             h1, wu, wd = h1.to(dtype), wu.to(dtype), wd.to(dtype)
             if packed:
-                h2 = kernel_ops.act24_ffn(h1, wu, wd, self.mask_grad, self.cfg.wgrad_dense_frac, self.cfg.fused)
+                wu_p, wdt_p = weight_operands(up, down, packed=True)
+                h2 = kernel_ops.act24_ffn(h1, wu, wd, self.mask_grad, self.cfg.wgrad_dense_frac, self.cfg.fused,
+                                          wu_p, wdt_p)
             else:
-                h2 = masked_act24_ffn(h1, wu, wd, self.mask_grad, self.cfg.wgrad_dense_frac)  # [T, q']
+                wdt = weight_operands(up, down, packed=False)[1]
+                h2 = masked_act24_ffn(h1, wu, wd, self.mask_grad, self.cfg.wgrad_dense_frac,
+                                      None if wdt is None else wdt.to(dtype))  # [T, q']
         y = post(h2)
         y = y.to(x.dtype) if packed else y
         y = y.reshape(bsz, seq, -1)

@@ -4,7 +4,8 @@ On the d_ff-touching operands of a ReLU^2 FFN (see act24.ffn_operands): h1 [T, q
 d_ff-producing factor wu [d_ff, q], and wd [d_ff, q'] the d_ff-consuming factor,
 
     forward:  y1 = h1 wu^T   y2s = 2:4(relu(y1)^2) along d_ff (kernels.reference)   h2 = y2s wd   [T, q']
-    backward: dy2 = dh2 wd^T
+    backward: dy2 = dh2 wd^T     (dh2 wd_dgrad^T where a weight method gives the input gradient its own matrix:
+                                  S-STE's S(W^T), whose packed form runs this product on sparse tensor cores)
               ste  (ELAS):   dy1 = 2 relu(y1) dy2         (dL/dy2s passes the sparsifier as identity)
               mask (Haziza): dy1 = 2 relu(y1) (dy2 * mask) (dy1 is 2:4 with the forward's pattern)
               dwd = op(y2s)^T dh2, dwu = op(dy1)^T h1, dh1 = dy1 wu
@@ -22,17 +23,18 @@ from ..kernels import reference as ref
 
 class _MaskedAct24(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h1, wu, wd, mask_grad: bool, dense_frac: float | None):
+    def forward(ctx, h1, wu, wd, mask_grad: bool, dense_frac: float | None, wd_dgrad=None):
         y1 = h1 @ wu.T  # [T, d_ff]
         y2s, mask = ref.relu2_sparsify24(y1)  # [T, d_ff], 2:4 along d_ff
         dense = None if dense_frac is None else ref.dense_feature_split(torch.relu(y1), dense_frac)  # bool [d_ff]
         ctx.mask_grad, ctx.split = mask_grad, dense is not None
-        ctx.save_for_backward(h1, wu, wd, y1, mask, *(() if dense is None else (dense,)))
+        ctx.save_for_backward(h1, wu, wd if wd_dgrad is None else wd_dgrad, y1, mask,
+                              *(() if dense is None else (dense,)))
         return y2s @ wd  # [T, q']
 
     @staticmethod
     def backward(ctx, dh2):
-        h1, wu, wd, y1, mask, *dense = ctx.saved_tensors
+        h1, wu, wd, y1, mask, *dense = ctx.saved_tensors  # wd: wd_dgrad where given (only dy2 reads it)
         y2s = ref.relu2_sparsify24(y1)[0]
         dy2 = dh2 @ wd.T  # [T, d_ff]
         if ctx.mask_grad:
@@ -42,13 +44,14 @@ class _MaskedAct24(torch.autograd.Function):
             y2s_w, dy1_w = ref.wgrad_split_operand(y2s, dense[0]), ref.wgrad_split_operand(dy1, dense[0])
         else:
             y2s_w, dy1_w = y2s, dy1
-        return dy1 @ wu, dy1_w.T @ h1, y2s_w.T @ dh2, None, None
+        return dy1 @ wu, dy1_w.T @ h1, y2s_w.T @ dh2, None, None, None
 
 
 def masked_act24_ffn(h1: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, mask_grad: bool,
-                     dense_frac: float | None = None) -> torch.Tensor:
-    """h1 [T, q], wu [d_ff, q], wd [d_ff, q'] (one dtype) -> h2 [T, q'] (see module docs)."""
-    return _MaskedAct24.apply(h1, wu, wd, mask_grad, dense_frac)
+                     dense_frac: float | None = None, wd_dgrad: torch.Tensor | None = None) -> torch.Tensor:
+    """h1 [T, q], wu [d_ff, q], wd [d_ff, q'] (one dtype), wd_dgrad [d_ff, q'] or None (a constant) -> h2 [T, q']
+    (see module docs)."""
+    return _MaskedAct24.apply(h1, wu, wd, mask_grad, dense_frac, wd_dgrad)
 
 
 __all__ = ["masked_act24_ffn"]

@@ -18,8 +18,17 @@ per the notes): only the latter is 2:4 along the reduction of dY S and can run o
 By default this path EMULATES 2:4 weights (masked dense GEMMs). `backend=cuda` (or `auto`), with
 input_grad=transposed, runs both products as 2:4 GEMMs: S(W) and S(W^T) packed each step by
 kernels/cuda/sste.py (bit-identical to its reference twin in Triton's interpreter), multiplied by the
-cuSPARSELt operator; the weight gradient dY^T X stays dense. That path has not run on a GPU yet: opt-in until
-its GPU test and a speed and quality measurement are in.
+cuSPARSELt operator, whose output is written column-major ([tokens, d_out], no transposing copy); the weight
+gradient dY^T X stays dense. Measured at 1B (H200, docs/performance.md): the FFN 1.11x the dense ReLU^2 FFN, the
+step 0.96x (before the column-major outputs); opt-in until a step measures faster than dense and a quality run
+is in.
+
+With 2:4 activations (`relu2-w24-a24`) the act24 core multiplies the weights itself. It reads effective_weight()
+(the forward's S(W), dense), and from these linears `weight_pack()` and `input_grad_weight()`: its packed path
+runs the up-projection x S(W_up)^T and, with input_grad=transposed, the backward's dy2 = dh2 S(W_down^T) as
+weight-sparse GEMMs (the paper's rule: where an activation can be sparse, the activation wins; those two
+products have a dense activation), and its masked path multiplies dy2 by the same S(W_down^T) as a dense matrix.
+The up-projection's input gradient there is dy1 S(W_up): the core multiplies the (2:4 in mask mode) dy1 itself.
 """
 from __future__ import annotations
 
@@ -88,7 +97,8 @@ class _SoftThreshold24(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, beta):
-        return beta * ref.soft_threshold24(w)[0]
+        # in float32, one rounding to w's dtype: the values the packing kernel (ops.sste_pack24) writes
+        return (beta.float() * ref.soft_threshold24(w.float())[0]).to(w.dtype)
 
     @staticmethod
     def backward(ctx, g):
@@ -157,7 +167,26 @@ class SSTELinear(nn.Linear):
         """The weight the forward uses: S(W) in the sparse phase, W otherwise (read by FFN cores too)."""
         if not self.active:
             return self.weight
-        return _SoftThreshold24.apply(self.weight, self.beta.to(self.weight.dtype))
+        return _SoftThreshold24.apply(self.weight, self.beta)
+
+    def weight_pack(self, transpose: bool = False):
+        """For an FFN core that multiplies by this weight itself (act24's packed core, which then runs these
+        products as 2:4 GEMMs on its own backend): S(W) [d_out, d_in] packed 2:4 along d_in (the forward), or
+        (transpose) S(W^T) [d_in, d_out] packed along d_out (the input gradient of input_grad=transposed); None
+        where there is no such product (dense phases; transpose with input_grad=exact)."""
+        if not self.active or (transpose and not self.transposed_grad):
+            return None
+        # a constant of the step: the core's weight gradient reaches W through effective_weight()
+        return ops.sste_pack24(self.weight.detach(), self.beta, transpose=transpose)
+
+    def input_grad_weight(self) -> torch.Tensor | None:
+        """The matrix [d_out, d_in] the input gradient multiplies by where it is not effective_weight(): S(W^T)^T
+        (input_grad=transposed, sparse phase), a constant of the step (the weight gradient goes straight through
+        effective_weight()); else None."""
+        if not (self.active and self.transposed_grad):
+            return None
+        with torch.no_grad():
+            return (self.beta * ref.soft_threshold24(self.weight.float().t())[0]).t().to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stats_sink is not None:
