@@ -177,6 +177,42 @@ def test_exact_step_in_float32_matches_float64(qr):
     assert ((w_got - w_want).norm() / w_want.norm()).item() < 1e-5
 
 
+def test_gram_eigh_qr_of_a_rank_deficient_batch():
+    """X = Q K for X of rank 5 < 24: Q's columns orthonormal (5 of them) or zero, in one batched factorisation."""
+    from elas.optim.loro import _gram_eigh_qr
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(3, 300, 5, generator=g, dtype=torch.float64) @ torch.randn(3, 5, 24, generator=g,
+                                                                                dtype=torch.float64)
+    Q, K = _gram_eigh_qr(X)
+    assert Q.shape == (3, 300, 24) and K.shape == (3, 24, 24)
+    torch.testing.assert_close(Q @ K, X, atol=1e-10, rtol=1e-10)
+    norms = Q.norm(dim=-2)  # [3, 24]: five ones, the rest zero
+    assert ((norms - 1).abs() < 1e-10).sum(-1).tolist() == [5, 5, 5] and ((norms < 1e-12) | (norms > 0.5)).all()
+    G = Q.mT @ Q
+    torch.testing.assert_close(G, torch.diag_embed(torch.diagonal(G, dim1=-2, dim2=-1)), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_exact_step_with_a_low_rank_gradient_is_the_same_with_either_qr(dtype, monkeypatch):
+    """A gradient of rank 4 < r = 16 makes the exact step's Y1 and Y2 rank-deficient: CholeskyQR fails on them,
+    and they are factored by `_gram_eigh_qr` (batched) instead of Householder; the step is unchanged."""
+    from elas.optim import loro
+    g = torch.Generator().manual_seed(4)
+    M, N = (torch.randn(3, s, 16, generator=g, dtype=torch.float64) / 8 for s in (192, 128))
+    G = torch.randn(3, 192, 4, generator=g, dtype=torch.float64) @ torch.randn(3, 4, 128, generator=g,
+                                                                               dtype=torch.float64)
+    args = (M, N, G @ N, G.mT @ M)
+    want = exact_update(*args, 1e-1, "svd", "householder")
+    used = []
+    real = loro._gram_eigh_qr
+    monkeypatch.setattr(loro, "_gram_eigh_qr", lambda X: used.append(X.shape) or real(X))
+    got = exact_update(*(t.to(dtype) for t in args), 1e-1, "svd", "cholesky")
+    if dtype == torch.float64:  # in float32 the rounding noise of Y1 and Y2 keeps their Gram matrices definite
+        assert used == [(3, 128, 16), (3, 192, 16)]  # Y1 and Y2; M and N themselves took CholeskyQR2
+    w_want, w_got = want[0] @ want[1].mT, (got[0] @ got[1].mT).double()
+    assert ((w_got - w_want).norm() / w_want.norm()).item() < (1e-10 if dtype == torch.float64 else 1e-5)
+
+
 @pytest.mark.parametrize("solver,qr", [("svd", "householder"), ("eigh", "householder"), ("svd", "cholesky")])
 def test_batched_exact_step_equals_one_pair_at_a_time(solver, qr):
     """Pairs of one shape are stacked into one batched call (each with its own step size); pairs of other shapes
