@@ -81,7 +81,10 @@ def _ffn_row(size: str, variant: str, batch: int, seq: int) -> dict:
         print(f"ffn {size} {variant}: CUDA-graph capture failed ({str(e).splitlines()[0][:300]}); eager time only")
         ms = None
     core = ffn.core if hasattr(ffn, "core") else None
-    path = core.description.split(" (")[0] if getattr(core, "description", None) else "dense"
+    parts = [core.description.split(" (")[0]] if getattr(core, "description", None) else []
+    if hasattr(ffn.up, "packed"):  # a weight method's linears (S-STE): their own products' path
+        parts.append(f"{type(ffn.up).__name__} " + ("on sparse tensor cores" if ffn.up.packed else "emulated"))
+    path = "; ".join(parts) or "dense"
     return {"model": size, "variant": variant, "batch": batch, "seq": seq, "d_ff": cfg.ffn_width, "rank": cfg.rank,
             "ffn_ms": ms if ms is not None else eager, "ffn_ms_eager": eager,
             "ffn_timing": "graph" if ms is not None else "eager", "ffn_act_mem_gb": act / 1e9, "path": path}
