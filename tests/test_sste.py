@@ -162,11 +162,12 @@ def test_with_2to4_activations_the_core_multiplies_the_soft_thresholded_weights(
     torch.testing.assert_close(f(x), want)
 
 
-def _w24_a24_ffn(path: str, grad_mode: str, dtype=torch.bfloat16):
+def _w24_a24_ffn(path: str, grad_mode: str, dtype=torch.bfloat16, weights_packed: bool = False):
     torch.manual_seed(0)
     f = ReLU2FFN.of_width(64, 256).to(dtype)
     sparsify_(f, Act24Config(dense_warmup_steps=0, path=path, grad_mode=grad_mode, permute_tokens=False))
     sparsify_(f, SSTE24Config(dense_warmup_steps=0, sparse_until=1.0, input_grad="transposed"))
+    f.up.packed = f.down.packed = weights_packed  # what backend=cuda selects; the operators' CPU twins run here
     set_step(f, 0, 10)
     return f
 
@@ -195,11 +196,14 @@ def test_masked_core_with_2to4_weights_takes_the_transposed_input_gradient():
     torch.testing.assert_close(f.up.weight.grad, dy1.T @ xt)
 
 
+@pytest.mark.parametrize("weights_packed", [True, False])
 @pytest.mark.parametrize("grad_mode", ["ste", "mask"])
-def test_packed_core_runs_the_weight_products_as_sparse_gemms_and_matches_masked(grad_mode, monkeypatch):
-    """relu2-w24-a24, packed core (reference kernels on CPU): the up-projection and dy2 are weight-sparse GEMMs
-    (S(W_up) and S(W_down^T) packed, outputs column-major), the other products as before; forward and gradients
-    equal the masked definition up to bf16 rounding."""
+def test_packed_core_runs_the_weight_products_as_sparse_gemms_and_matches_masked(grad_mode, weights_packed,
+                                                                                   monkeypatch):
+    """relu2-w24-a24, packed core (reference kernels on CPU): with S-STE on sparse tensor cores the up-projection
+    and dy2 are weight-sparse GEMMs (S(W_up) and S(W_down^T) packed, outputs column-major); with S-STE emulated
+    they are dense products (dy2 by S(W_down^T) too); forward and gradients equal the masked definition up to
+    bf16 rounding either way."""
     from elas.kernels import ops
     calls = []
     real = ops.sparse_mm_op
@@ -212,21 +216,22 @@ def test_packed_core_runs_the_weight_products_as_sparse_gemms_and_matches_masked
     gy = torch.randn(2, 64, 64, dtype=torch.bfloat16)
     res = {}
     for path in ("masked", "packed"):
-        f = _w24_a24_ffn(path, grad_mode)
+        f = _w24_a24_ffn(path, grad_mode, weights_packed=weights_packed and path == "packed")
         if path == "packed":
             monkeypatch.setattr(ops, "sparse_mm_op", counting)
         xi = x.clone().requires_grad_()
         y = f(xi)
         y.backward(gy)
         res[path] = [y.float(), xi.grad.float(), f.up.weight.grad.float(), f.down.weight.grad.float()]
-    assert (256, 64, True) in calls and calls.count((256, 64, True)) == 2  # S(W_up) [256, 64]; S(W_down^T) [256, 64]
+    # S(W_up) [256, 64] and S(W_down^T) [256, 64], each with a column-major output
+    assert calls.count((256, 64, True)) == (2 if weights_packed else 0)
     for a, b in zip(res["packed"], res["masked"]):
         assert ((a - b).norm() / b.norm()).item() < 1e-2  # mask mode: relu(y1) rebuilt as sqrt(y2s)
 
 
 def test_packed_core_with_2to4_weights_traces_as_one_graph():
     import torch._dynamo as dynamo
-    f = _w24_a24_ffn("packed", "mask")
+    f = _w24_a24_ffn("packed", "mask", weights_packed=True)
     x = torch.randn(2, 64, 64, dtype=torch.bfloat16)
     dynamo.reset()
     ex = dynamo.explain(f)(x)
@@ -362,7 +367,8 @@ def test_gpu_w24_a24_packed_core_matches_the_masked_one(grad_mode):
         torch.manual_seed(0)
         f = ReLU2FFN.of_width(512, 2048).cuda()
         sparsify_(f, Act24Config(dense_warmup_steps=0, path=path, grad_mode=grad_mode, permute_tokens=False))
-        sparsify_(f, SSTE24Config(dense_warmup_steps=0, sparse_until=1.0, input_grad="transposed"))
+        sparsify_(f, SSTE24Config(dense_warmup_steps=0, sparse_until=1.0, input_grad="transposed",
+                                  backend="cuda" if path == "packed" else "reference"))
         set_step(f, 0, 10)
         x = torch.randn(4, 256, 512, device="cuda", requires_grad=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):

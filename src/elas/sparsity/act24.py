@@ -104,17 +104,17 @@ def ffn_operands(up: nn.Module, down: nn.Module, xt: torch.Tensor):
 
 
 def weight_operands(up: nn.Module, down: nn.Module, packed: bool):
-    """What a weight method (S-STE) gives the core besides its weights, in the core's [d_ff, q] convention.
-    packed: (wu packed 2:4 along q: the up-projection as a weight-sparse GEMM; wdt [d_ff, q'] packed 2:4 along q':
-    the dy2 product of the transposed input gradient, a weight-sparse GEMM). Masked path: (None, wdt dense).
-    None where the linear has no such operand (low-rank factors, dense phases, input_grad=exact)."""
-    if packed:
-        pack_up, pack_down = getattr(up, "weight_pack", None), getattr(down, "weight_pack", None)
-        return (pack_up() if pack_up is not None else None,
-                pack_down(transpose=True) if pack_down is not None else None)
+    """What a weight method (S-STE) gives the core besides its weights, in the core's [d_ff, q] convention, each
+    None where the linear has none (low-rank factors, dense phases, input_grad=exact, the emulated backend):
+    wu_p, wu packed 2:4 along q (the up-projection as a weight-sparse GEMM; packed core only); wdt_p, the matrix
+    of the backward's dy2 = dh2 wdt^T packed [d_ff, q'] 2:4 along q' (a weight-sparse GEMM; packed core only);
+    wdt, the same matrix dense, where it differs from wd and is not packed."""
+    pack_up, pack_down = getattr(up, "weight_pack", None), getattr(down, "weight_pack", None)
+    wu_p = pack_up() if packed and pack_up is not None else None
+    wdt_p = pack_down(transpose=True) if packed and pack_down is not None else None
     dense = getattr(down, "input_grad_weight", None)
-    wdt = dense() if dense is not None else None  # [d_model, d_ff]: dx = dy @ wdt
-    return None, (None if wdt is None else wdt.t())
+    wdt = dense() if dense is not None and wdt_p is None else None  # [d_model, d_ff]: dx = dy @ wdt
+    return wu_p, wdt_p, (None if wdt is None else wdt.t())
 
 
 def _check_linears(fqn: str, ffn: ReLU2FFN) -> None:
@@ -218,11 +218,11 @@ class Act24Core(nn.Module):
         with torch.autocast(dev, enabled=False):
             h1, wu, wd = h1.to(dtype), wu.to(dtype), wd.to(dtype)
             if packed:
-                wu_p, wdt_p = weight_operands(up, down, packed=True)
+                wu_p, wdt_p, wdt = weight_operands(up, down, packed=True)
                 h2 = kernel_ops.act24_ffn(h1, wu, wd, self.mask_grad, self.cfg.wgrad_dense_frac, self.cfg.fused,
-                                          wu_p, wdt_p)
+                                          wu_p, wdt_p, None if wdt is None else wdt.to(dtype))
             else:
-                wdt = weight_operands(up, down, packed=False)[1]
+                wdt = weight_operands(up, down, packed=False)[2]
                 h2 = masked_act24_ffn(h1, wu, wd, self.mask_grad, self.cfg.wgrad_dense_frac,
                                       None if wdt is None else wdt.to(dtype))  # [T, q']
         y = post(h2)

@@ -24,10 +24,11 @@ step 0.96x (before the column-major outputs); opt-in until a step measures faste
 is in.
 
 With 2:4 activations (`relu2-w24-a24`) the act24 core multiplies the weights itself. It reads effective_weight()
-(the forward's S(W), dense), and from these linears `weight_pack()` and `input_grad_weight()`: its packed path
-runs the up-projection x S(W_up)^T and, with input_grad=transposed, the backward's dy2 = dh2 S(W_down^T) as
-weight-sparse GEMMs (the paper's rule: where an activation can be sparse, the activation wins; those two
-products have a dense activation), and its masked path multiplies dy2 by the same S(W_down^T) as a dense matrix.
+(the forward's S(W), dense), and from these linears `weight_pack()` and `input_grad_weight()`: with
+backend=cuda its packed path runs the up-projection x S(W_up)^T and, with input_grad=transposed, the backward's
+dy2 = dh2 S(W_down^T) as weight-sparse GEMMs (the paper's rule: where an activation can be sparse, the
+activation wins; those two products have a dense activation); otherwise it multiplies dy2 by the same
+S(W_down^T) as a dense matrix, as the masked path does.
 The up-projection's input gradient there is dy1 S(W_up): the core multiplies the (2:4 in mask mode) dy1 itself.
 """
 from __future__ import annotations
@@ -170,11 +171,11 @@ class SSTELinear(nn.Linear):
         return _SoftThreshold24.apply(self.weight, self.beta)
 
     def weight_pack(self, transpose: bool = False):
-        """For an FFN core that multiplies by this weight itself (act24's packed core, which then runs these
-        products as 2:4 GEMMs on its own backend): S(W) [d_out, d_in] packed 2:4 along d_in (the forward), or
-        (transpose) S(W^T) [d_in, d_out] packed along d_out (the input gradient of input_grad=transposed); None
-        where there is no such product (dense phases; transpose with input_grad=exact)."""
-        if not self.active or (transpose and not self.transposed_grad):
+        """For an FFN core that multiplies by this weight itself (act24's packed core): S(W) [d_out, d_in] packed
+        2:4 along d_in (the forward), or (transpose) S(W^T) [d_in, d_out] packed along d_out (the input gradient
+        of input_grad=transposed), to run those products on sparse tensor cores; None where this linear does
+        not run on them (the emulated backend, dense phases; transpose with input_grad=exact)."""
+        if not (self.active and self.packed) or (transpose and not self.transposed_grad):
             return None
         # a constant of the step: the core's weight gradient reaches W through effective_weight()
         return ops.sste_pack24(self.weight.detach(), self.beta, transpose=transpose)
