@@ -12,6 +12,7 @@ import torch
 from ..build import build_model, resolve_methods
 from ..config import BENCH_VARIANTS, apply_overrides, model_preset, preset_name, split_variant
 from ..sparsity import method_to_dict, set_step
+from ..kernels.cuda.gemm import capture_failure
 from .timing import event_ms, graph_ms
 
 VARIANTS = list(BENCH_VARIANTS)
@@ -78,7 +79,7 @@ def _ffn_row(size: str, variant: str, batch: int, seq: int) -> dict:
     try:
         ms = graph_ms(lambda: ffn(x).backward(gy), reps=10, trials=7)
     except RuntimeError as e:  # reported, not hidden: the row says which timing it holds
-        print(f"ffn {size} {variant}: CUDA-graph capture failed ({str(e).splitlines()[0][:300]}); eager time only")
+        print(f"ffn {size} {variant}: CUDA-graph capture failed ({capture_failure(e)}); eager time only")
         ms = None
     core = ffn.core if hasattr(ffn, "core") else None
     parts = [core.description.split(" (")[0]] if getattr(core, "description", None) else []

@@ -36,7 +36,7 @@ from contextlib import nullcontext
 
 import torch
 
-from ..kernels.cuda.gemm import reset_generator_capture_state
+from ..kernels.cuda.gemm import capture_failure, reset_generator_capture_state
 
 log = logging.getLogger("elas.train")
 
@@ -170,7 +170,7 @@ class StepGrads:
             with torch.cuda.graph(graph):
                 out = self._body(self.x, self.y, "apply" if self.step_in_graph else "none")
         except RuntimeError as e:  # includes torch.OutOfMemoryError
-            failure = str(e).splitlines()[0][:200]
+            failure = capture_failure(e, 200)
         if failure is not None:
             # cleaned up here, not in the except block: the exception's traceback holds the failed pass's tensors,
             # and the half-captured graph holds its memory pool; both must be gone before empty_cache, or the eager

@@ -120,6 +120,18 @@ def capture_graph(fn, reps: int = 1, warmup: int = 3) -> torch.cuda.CUDAGraph:
     return g
 
 
+def capture_failure(e: BaseException, limit: int = 300) -> str:
+    """One line for a failed CUDA-graph capture. The error raised at the capture's end ("operation failed due to a
+    previous error during capture") hides the one that broke it, which is its __context__: both are named."""
+    root = e
+    while root.__context__ is not None and root.__context__ is not root:
+        root = root.__context__
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if root is e:
+        return first[:limit]
+    return f"{(str(root).splitlines() or [type(root).__name__])[0][:limit]} (then: {first[:120]})"
+
+
 def reset_generator_capture_state() -> None:
     """A capture that fails mid-way (torch 2.11) leaves the CUDA generator registered as capturing, and every
     later CUDA random op raises "Offset increment outside graph capture". Capturing one trivial random op to its
