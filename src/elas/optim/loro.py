@@ -109,13 +109,18 @@ def _svd_or_fallback(S: torch.Tensor, driver: str | None):
                 log.warning("elas: LORO's exact step: the gesvda SVD of %s cores of %s did not converge (%s); "
                             "using eigh for such chunks", S.shape[0] if S.dim() > 2 else 1,
                             "x".join(map(str, S.shape[-2:])), str(e).splitlines()[0][:60])
-        try:
-            return _svd_2r(S, "eigh")
-        except torch.linalg.LinAlgError as e:
-            log.warning("elas: LORO's exact step: eigh failed too (%s); SVD in float64 on the CPU",
-                        str(e).splitlines()[0][:60])
-        return tuple(t.to(S) for t in torch.linalg.svd(S.detach().to("cpu", torch.float64)))
+        return _eigh_or_cpu(S)
     return torch.linalg.svd(S, driver=driver)
+
+
+def _eigh_or_cpu(S: torch.Tensor):
+    """The SVD of S by `_svd_2r`'s eigh; where eigh fails, in float64 on the CPU (LAPACK), returned in S's dtype."""
+    try:
+        return _svd_2r(S, "eigh")
+    except torch.linalg.LinAlgError as e:
+        log.warning("elas: LORO's exact step: eigh failed (%s); SVD in float64 on the CPU",
+                    str(e).splitlines()[0][:60])
+    return tuple(t.to(S) for t in torch.linalg.svd(S.detach().to("cpu", torch.float64)))
 
 
 EIGH_FROM = 1024  # cores of at least this size (2r: rank 512 and up) take eigh under solver="auto" on CUDA
@@ -139,12 +144,7 @@ def _svd_2r(S: torch.Tensor, solver: str):
     if solver == "auto":
         solver = auto_solver(S.shape[-1], S.is_cuda)
         if solver == "eigh":  # with gesvda's last resort: float64 LAPACK on the CPU if eigh fails
-            try:
-                return _svd_2r(S, "eigh")
-            except torch.linalg.LinAlgError as e:
-                log.warning("elas: LORO's exact step: eigh failed (%s); SVD in float64 on the CPU",
-                            str(e).splitlines()[0][:60])
-                return tuple(t.to(S) for t in torch.linalg.svd(S.detach().to("cpu", torch.float64)))
+            return _eigh_or_cpu(S)
     if solver == "svd":
         return torch.linalg.svd(S)
     if solver in ("gesvdj", "gesvda"):
