@@ -159,3 +159,12 @@ def test_a_failed_capture_names_the_error_that_broke_it():
         line = capture_failure(e)
     assert line.startswith("no tuned cuSPARSELt algorithm") and "then: CUDA error" in line and "\n" not in line
     assert capture_failure(RuntimeError("out of memory")) == "out of memory"
+
+
+def test_sste_packing_table_renders_the_rows():
+    from elas.bench.report import sste_table
+    doc = {"command": "elas bench sste", "env": {"gpu": "G", "torch": "t"}, "rows": [
+        {"R": 8192, "C": 2048, "dtype": "bfloat16", "transpose": True, "ms": 0.04, "tb_per_s": 1.25,
+         "copy_tb_per_s": 3.9, "variants_ms": {"tiles2_warps8": 0.05, "tiles1_warps4_nobits": 0.03}}]}
+    text = sste_table(doc)
+    assert "| 8192 x 2048 | bfloat16 | S(W^T) | 0.0400 | **1.25** | 3.90 | tiles1_warps4_nobits (0.0300) |" in text

@@ -321,6 +321,8 @@ def test_triton_soft_threshold_pack_equals_the_reference(r, c, transpose):
     assert torch.equal(got.values.float(), want.values.float())  # by value (+0 / -0 of a zero weight may differ)
     dense = (beta * ref.soft_threshold24((w.t() if transpose else w).float())[0]).to(torch.bfloat16)
     assert torch.equal(unpack24(got).float(), dense.float())
+    lean = soft_threshold24_packed(w, beta, transpose, write_bits=False)  # what a weight-sparse GEMM reads
+    assert lean.mask_bits.numel() == 0 and torch.equal(lean.buffer.view(torch.int16), got.buffer.view(torch.int16))
 
 
 @pytest.mark.gpu

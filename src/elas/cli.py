@@ -452,6 +452,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         extra = {"host_overhead": kb.bench_host_overhead()}
     elif args.what == "sparsify":
         rows = kb.bench_sparsify(m=args.m or 16384)
+    elif args.what == "sste":
+        rows = kb.bench_sste()
     elif args.what == "epilogue":
         rows = kb.bench_epilogue(m=args.m or 8192)  # the 1B step's tokens per micro-batch (32 x 256)
     elif args.what == "infer":
@@ -558,8 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("bench", help="GPU kernel benchmarks (JSON under benchmarks/results/<gpu>/)")
-    p.add_argument("what", choices=["gemm", "sparsify", "epilogue", "infer", "ffn", "step", "loss", "loro", "compile",
-                                    "report"],
+    p.add_argument("what", choices=["gemm", "sparsify", "sste", "epilogue", "infer", "ffn", "step", "loss", "loro",
+                                    "compile", "report"],
                    help="report: render the result files into --doc")
     p.add_argument("--sizes", help="model sizes for ffn/step/infer, e.g. llama-60m,llama-1b (default: 60m..1b; "
                                    "step, infer: 1b)")

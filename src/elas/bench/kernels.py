@@ -117,6 +117,45 @@ def bench_sparsify(m: int = 16384, ks=None, log=print) -> list[dict]:
     return rows
 
 
+SSTE_LAUNCHES = [(1, 4), (2, 4), (2, 8), (4, 8)]  # tiles, warps
+SSTE_SHAPES = [(8192, 2048), (2048, 8192)]  # the 1B FFN's up and down weights [d_out, d_in]
+
+
+def bench_sste(shapes=None, log=print) -> list[dict]:
+    """S-STE's per-step weight packing (kernels/cuda/sste.py): beta * S_soft(W) and S(W^T) packed in the SM90
+    layout, per weight shape, dtype (bf16 parameters of the elas mode; fp32 masters) and direction; TB/s of the
+    bytes it must move (read W, write the packed buffer and the mask bits) against a copy of W; each launch shape
+    (tiles, warps) and the variant without mask bits, timed only if its buffer is byte-identical to the
+    default's."""
+    from ..kernels.cuda.sste import soft_threshold24_packed
+    rows = []
+    beta = torch.tensor(1.1, device="cuda")
+    for r, c in shapes or SSTE_SHAPES:
+        for dtype in (torch.bfloat16, torch.float32):
+            w = (torch.randn(r, c, device="cuda") * 0.02).to(dtype)
+            copy_ms = graph_ms(lambda: w.clone())
+            for transpose in (False, True):
+                m, k = (c, r) if transpose else (r, c)
+                ms = graph_ms(lambda: soft_threshold24_packed(w, beta, transpose))
+                moved = r * c * w.element_size() + m * k * 9 // 16 * 2 + m * k // 8
+                row = {"R": r, "C": c, "dtype": str(dtype).replace("torch.", ""), "transpose": transpose, "ms": ms,
+                       "tb_per_s": moved / ms / 1e9, "copy_tb_per_s": 2 * w.numel() * w.element_size() / copy_ms / 1e9,
+                       "variants_ms": {}}
+                want = soft_threshold24_packed(w, beta, transpose).buffer.view(torch.int16)
+                for t, wp in SSTE_LAUNCHES:
+                    for bits in (True, False):
+                        kw = dict(tiles=t, num_warps=wp, write_bits=bits)
+                        if (k // 32) % t == 0 and torch.equal(
+                                soft_threshold24_packed(w, beta, transpose, **kw).buffer.view(torch.int16), want):
+                            row["variants_ms"][f"tiles{t}_warps{wp}" + ("" if bits else "_nobits")] = graph_ms(
+                                lambda: soft_threshold24_packed(w, beta, transpose, **kw))
+                rows.append(row)
+                log(f"sste pack {r}x{c} {row['dtype']}{' (W^T)' if transpose else ''}: {ms:.4f} ms = "
+                    f"{row['tb_per_s']:.2f} TB/s (copy {row['copy_tb_per_s']:.2f}); variants "
+                    + ", ".join(f"{v}: {x:.4f}" for v, x in row["variants_ms"].items()))
+    return rows
+
+
 def _backward_sweep(y1: torch.Tensor, log=print) -> dict:
     """The backward pointwise kernel (sparsify.relu2_sparse24_backward) on y1 [M, K] in its three uses: ste (from
     y1), mask, mask + the 95/5 split (5% dense features): ms and TB/s of the default launch, and ms of each

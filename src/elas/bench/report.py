@@ -44,6 +44,17 @@ def sparsify_table(doc: dict) -> str:
     return "\n".join(out)
 
 
+def sste_table(doc: dict) -> str:
+    out = [_env_line(doc), "",
+           "| W [R x C] | dtype | packs | ms | TB/s | copy TB/s | fastest variant (ms) |", "|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        best = min(r["variants_ms"].items(), key=lambda kv: kv[1]) if r.get("variants_ms") else None
+        out.append(f"| {r['R']} x {r['C']} | {r['dtype']} | {'S(W^T)' if r['transpose'] else 'S(W)'} | "
+                   f"{r['ms']:.4f} | **{r['tb_per_s']:.2f}** | {r['copy_tb_per_s']:.2f} | "
+                   + (f"{best[0]} ({best[1]:.4f})" if best else "-") + " |")
+    return "\n".join(out)
+
+
 def epilogue_table(doc: dict) -> str:
     out = [_env_line(doc), "",
            "| kernel | M | K (q) | N (d_ff) | cuBLAS GEMM ms | GEMM + separate kernel ms | fused ms | speed-up | "
@@ -236,6 +247,7 @@ def loss_table(doc: dict) -> str:
 
 RENDERERS = {"compile.json": ("torch.compile: graph breaks and the compiled step", compile_table),
              "gemm.json": ("2:4 GEMM", gemm_table), "sparsify.json": ("ReLU² + 2:4 sparsifier", sparsify_table),
+             "sste.json": ("S-STE weight packing: soft-threshold + 2:4 pack per step", sste_table),
              "infer.json": ("Inference: prefill and graph-replayed decode against the dense twin", infer_table),
              "epilogue.json": ("d_ff-wide GEMMs with the 2:4 pointwise work in their epilogue, against cuBLAS + the "
                                "separate kernel", epilogue_table),

@@ -24,7 +24,8 @@ from .sparsify import DEFAULT_TILES, DEFAULT_WARPS, _columns4, _direct, _interle
 
 
 @triton.jit
-def _sste_kernel(w_ptr, beta_ptr, val_ptr, meta_ptr, bits_ptr, K, stride_r, stride_c, TILES: tl.constexpr):
+def _sste_kernel(w_ptr, beta_ptr, val_ptr, meta_ptr, bits_ptr, K, stride_r, stride_c, TILES: tl.constexpr,
+                 WRITE_BITS: tl.constexpr):
     # program: rows [64*band, +64), columns [32*TILES*pid1, +32*TILES) of the packed matrix [R, K]
     band = tl.program_id(0)
     BK: tl.constexpr = 32 * TILES
@@ -40,13 +41,15 @@ def _sste_kernel(w_ptr, beta_ptr, val_ptr, meta_ptr, bits_ptr, K, stride_r, stri
     sgn = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
     beta = tl.load(beta_ptr)
     s = beta * (sgn * mag)
-    _pack_block_by(w, s, band, tl.program_id(1), val_ptr, meta_ptr, bits_ptr, K, TILES, True)
+    _pack_block_by(w, s, band, tl.program_id(1), val_ptr, meta_ptr, bits_ptr, K, TILES, WRITE_BITS)
 
 
 def soft_threshold24_packed(w: torch.Tensor, beta: torch.Tensor, transpose: bool = False,
-                            tiles: int = DEFAULT_TILES, num_warps: int = DEFAULT_WARPS, launch=_direct) -> Packed24:
+                            tiles: int = DEFAULT_TILES, num_warps: int = DEFAULT_WARPS, launch=_direct,
+                            write_bits: bool = True) -> Packed24:
     """w: [R, C] (2-D, any strides) -> Packed24 of beta * S_soft(w) along C ([R, C]), or of w^T along R
-    ([C, R]) when transpose. beta: a 0-d fp32 tensor on w's device. See module docs."""
+    ([C, R]) when transpose. beta: a 0-d fp32 tensor on w's device. See module docs. write_bits=False: no mask
+    bits (a weight-sparse GEMM reads only the buffer; the Packed24's mask_bits are then empty)."""
     if w.dim() != 2:
         raise ValueError(f"w must be 2-D, got shape {tuple(w.shape)}")
     m, k = (w.shape[1], w.shape[0]) if transpose else tuple(w.shape)
@@ -55,7 +58,8 @@ def soft_threshold24_packed(w: torch.Tensor, beta: torch.Tensor, transpose: bool
         raise ValueError(f"tiles={tiles} must divide K/32={k // 32}")
     sr, sc = (w.stride(1), w.stride(0)) if transpose else (w.stride(0), w.stride(1))
     buf = torch.empty(m * k * 9 // 16, dtype=torch.bfloat16, device=w.device)
-    bits = torch.empty(m, k // 8, dtype=torch.uint8, device=w.device)
+    bits = torch.empty((m, k // 8) if write_bits else (0,), dtype=torch.uint8, device=w.device)
     launch(_sste_kernel)[(m // 64, k // 32 // tiles)](w, beta, buf[: m * k // 2], buf[m * k // 2:].view(torch.uint8),
-                                                     bits, k, sr, sc, TILES=tiles, num_warps=num_warps)
+                                                     bits, k, sr, sc, TILES=tiles, WRITE_BITS=write_bits,
+                                                     num_warps=num_warps)
     return Packed24(buf.view(m, k * 9 // 16), bits, (m, k))
