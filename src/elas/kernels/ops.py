@@ -267,7 +267,8 @@ def act24_ffn_backward_op(dh2: Tensor, h1: Tensor, wu: Tensor, wd: Tensor, s0: T
     split = slots.numel() > 0
     p = Packed24(s0, s1, (t, f)) if mask_grad else None
     y1 = None if mask_grad else s0
-    if fused and not mask_grad and not split and wdt_p is None and wdt is None:  # dy2 [T, d_ff] never leaves the GEMM's registers
+    if fused and not mask_grad and not split and wdt_p is None and wdt is None:
+        # dy2 [T, d_ff] never leaves the GEMM's registers
         y2s, dy1 = dgrad_relu2_ste_op(dh2, wd, y1)
         g = ref.Grads24(y2s, dy1, None)
     else:
