@@ -338,24 +338,35 @@ def test_gpu_soft_threshold_pack_equals_the_reference(r, c):
         assert torch.equal(got.values.float(), want.values.float())
 
 
-@pytest.mark.gpu
-def test_gpu_packed_sste_ffn_matches_the_emulated_one():
-    """backend=cuda: the FFN's four products with S(W) / S(W^T) on sparse tensor cores against the same math on
-    dense matrices (input_grad=transposed both), bf16 autocast, forward and gradients."""
-    out = {}
-    for backend in ("reference", "cuda"):
+def _gpu_ffn_agrees(methods_of: dict) -> list:
+    """Each entry of methods_of (name -> the method configs to apply, in order) on the same 1B-like FFN slice
+    [512 -> 2048], bf16 autocast; forward and gradients of the first agree with the last within bf16 rounding."""
+    out, ffns = [], []
+    for methods in methods_of.values():
         torch.manual_seed(0)
         f = ReLU2FFN.of_width(512, 2048).cuda()
-        sparsify_(f, SSTE24Config(dense_warmup_steps=0, sparse_until=1.0, input_grad="transposed", backend=backend))
-        assert f.up.packed == (backend == "cuda")
+        for m in methods:
+            sparsify_(f, m)
         set_step(f, 0, 10)
         x = torch.randn(4, 256, 512, device="cuda", requires_grad=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y = f(x)
         y.float().square().mean().backward()
-        out[backend] = (y.float(), x.grad, f.up.weight.grad, f.down.weight.grad)
-    for a, b in zip(out["cuda"], out["reference"]):
+        out.append((y.float(), x.grad, f.up.weight.grad, f.down.weight.grad))
+        ffns.append(f)
+    for a, b in zip(out[0], out[-1]):
         assert ((a - b).norm() / b.norm()).item() < 2e-2
+    return ffns
+
+
+@pytest.mark.gpu
+def test_gpu_packed_sste_ffn_matches_the_emulated_one():
+    """backend=cuda: the FFN's four products with S(W) / S(W^T) on sparse tensor cores against the same math on
+    dense matrices (input_grad=transposed both), bf16 autocast, forward and gradients."""
+    packed, emulated = _gpu_ffn_agrees({b: [SSTE24Config(dense_warmup_steps=0, sparse_until=1.0,
+                                                         input_grad="transposed", backend=b)]
+                                        for b in ("cuda", "reference")})
+    assert packed.up.packed and not emulated.up.packed
 
 
 @pytest.mark.gpu
@@ -364,18 +375,7 @@ def test_gpu_w24_a24_packed_core_matches_the_masked_one(grad_mode):
     """relu2-w24-a24 with input_grad=transposed on the accelerated path (the up-projection and dy2 as
     weight-sparse cuSPARSELt GEMMs with column-major outputs, the rest as relu2-24) against the masked
     definition, bf16 autocast, forward and gradients."""
-    out = {}
-    for path in ("masked", "packed"):
-        torch.manual_seed(0)
-        f = ReLU2FFN.of_width(512, 2048).cuda()
-        sparsify_(f, Act24Config(dense_warmup_steps=0, path=path, grad_mode=grad_mode, permute_tokens=False))
-        sparsify_(f, SSTE24Config(dense_warmup_steps=0, sparse_until=1.0, input_grad="transposed",
-                                  backend="cuda" if path == "packed" else "reference"))
-        set_step(f, 0, 10)
-        x = torch.randn(4, 256, 512, device="cuda", requires_grad=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = f(x)
-        y.float().square().mean().backward()
-        out[path] = (y.float(), x.grad, f.up.weight.grad, f.down.weight.grad)
-    for a, b in zip(out["packed"], out["masked"]):
-        assert ((a - b).norm() / b.norm()).item() < 2e-2
+    _gpu_ffn_agrees({path: [Act24Config(dense_warmup_steps=0, path=path, grad_mode=grad_mode, permute_tokens=False),
+                            SSTE24Config(dense_warmup_steps=0, sparse_until=1.0, input_grad="transposed",
+                                         backend="cuda" if path == "packed" else "reference")]
+                     for path in ("packed", "masked")})
