@@ -21,6 +21,7 @@ FFN_KINDS = ("swiglu", "relu2")
 RESIDUAL_DTYPES = ("compute", "fp32")
 LM_LOSSES = ("chunked", "logits")
 ATTN_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+RELU2_KERNELS = ("torch", "fused")
 CONFIG_VERSION = 2  # of config.json: 2 = sparsity as a list of methods (1: flat act_sparsity/grad_mode/... keys)
 D_FF_MULTIPLE = 128  # every 2:4 GEMM tile we target divides 128; 8191 (ELAS 1B) would leave a dense tail
 
@@ -55,6 +56,9 @@ class ModelConfig:
     # q, k, v projections as one GEMM (low-rank: one down-projection GEMM of width 3r and one batched
     # up-projection); parameters stay three modules (model/llama.py: Attention.qkv)
     fuse_qkv: bool = False
+    # the dense ReLU^2 FFN's pointwise work: torch (separate kernels around the GEMMs, fused by Inductor when
+    # compiled) | fused (inside the two d_ff-wide GEMMs' epilogues: model/ffn.py FusedReLU2, bf16 on CUDA)
+    relu2_kernel: str = "torch"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -105,6 +109,8 @@ class ModelConfig:
             bad("residual_dtype", self.residual_dtype, f"expected one of {RESIDUAL_DTYPES}")
         if self.lm_loss not in LM_LOSSES:
             bad("lm_loss", self.lm_loss, f"expected one of {LM_LOSSES}")
+        if self.relu2_kernel not in RELU2_KERNELS:
+            bad("relu2_kernel", self.relu2_kernel, f"expected one of {RELU2_KERNELS}")
         if self.attn_backend not in ATTN_BACKENDS:
             bad("attn_backend", self.attn_backend, f"expected one of {ATTN_BACKENDS}")
 

@@ -211,6 +211,70 @@ def sparse_mm(a: Packed24, b: Tensor, out_t: bool = False) -> Tensor:
     return sparse_mm_op(a.buffer, b, a.shape[0], a.shape[1], out_t)
 
 
+# ---- the dense ReLU^2 FFN core with its pointwise work in the GEMM epilogues ------------------------------------
+def _fused_relu2(t: Tensor) -> bool:
+    """The Triton kernels run bf16 CUDA tensors; anything else (CPU, fp32 without autocast) takes the twin."""
+    return t.device.type == "cuda" and t.dtype == torch.bfloat16 and _tk is not None
+
+
+@torch.library.custom_op("elas::relu2_ffn", mutates_args=())
+def relu2_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor) -> tuple[Tensor, Tensor]:
+    """-> (h2 = relu(h1 wu^T)^2 wd [T, q'], y2 [T, d_ff], saved for backward). y1 is never written."""
+    if _fused_relu2(h1):
+        from .cuda import relu2_gemm
+        y2 = relu2_gemm.linear_relu2(h1, wu)
+    else:
+        y2 = ref.linear_relu2(h1, wu)
+    return y2 @ wd, y2
+
+
+@relu2_ffn_op.register_fake
+def _(h1, wu, wd):
+    return h1.new_empty((h1.shape[0], wd.shape[1])), h1.new_empty((h1.shape[0], wu.shape[0]))
+
+
+@torch.library.custom_op("elas::relu2_ffn_backward", mutates_args=())
+def relu2_ffn_backward_op(dh2: Tensor, h1: Tensor, wu: Tensor, wd: Tensor, y2: Tensor
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    dh2 = dh2.contiguous()
+    if _fused_relu2(dh2):  # dy1 = 2 sqrt(y2) (dh2 wd^T): dy2 [T, d_ff] never written
+        from .cuda import relu2_gemm
+        dy1 = relu2_gemm.relu2_grad_gemm(dh2, wd, y2)
+    else:
+        dy1 = ref.relu2_grad_gemm(dh2, wd, y2)
+    return dy1 @ wu, dy1.T @ h1, y2.T @ dh2  # dh1 [T, q], dwu [d_ff, q], dwd [d_ff, q']
+
+
+@relu2_ffn_backward_op.register_fake
+def _(dh2, h1, wu, wd, y2):
+    return torch.empty_like(h1), torch.empty_like(wu, memory_format=torch.contiguous_format), \
+        torch.empty_like(wd, memory_format=torch.contiguous_format)
+
+
+def _relu2_setup_context(ctx, inputs, output):
+    h1, wu, wd = inputs
+    ctx.save_for_backward(h1, wu, wd, output[1])
+
+
+def _relu2_backward(ctx, dh2, _dy2):
+    h1, wu, wd, y2 = ctx.saved_tensors
+    return relu2_ffn_backward_op(dh2, h1, wu, wd, y2)
+
+
+relu2_ffn_op.register_autograd(_relu2_backward, setup_context=_relu2_setup_context)
+
+
+def relu2_ffn(h1: Tensor, wu: Tensor, wd: Tensor) -> Tensor:
+    """The dense ReLU^2 FFN core: h1 [T, q], wu [d_ff, q], wd [d_ff, q'] (one dtype) -> h2 = relu(h1 wu^T)^2 wd
+    [T, q']. On bf16 CUDA tensors the up-projection writes y2 = relu(y1)^2 from its epilogue and the backward's
+    dy2 GEMM writes dy1 = 2 sqrt(y2) dy2 from its (kernels/cuda/relu2_gemm.py): the FFN saves y2 alone, and no
+    pointwise kernel runs. Elsewhere the same formulas in torch ops (reference.py)."""
+    if h1.shape[1] != wu.shape[1] or wu.shape[0] != wd.shape[0]:
+        raise ValueError(f"relu2_ffn: shapes h1 {tuple(h1.shape)}, wu {tuple(wu.shape)}, wd {tuple(wd.shape)} "
+                         f"do not chain (expected [T, q], [d_ff, q], [d_ff, q'])")
+    return relu2_ffn_op(h1, wu, wd)[0]
+
+
 # ---- the packed 2:4 FFN core: one operator, autograd registered on it ----------------------------------------
 @torch.library.custom_op("elas::act24_ffn", mutates_args=())
 def act24_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac: float | None,
@@ -337,5 +401,5 @@ def act24_ffn(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac: f
                         None if wdt_packed is None else wdt_packed.buffer, wdt)[0]
 
 
-__all__ = ["relu2_sparsify24_packed", "up_relu2_sparsify24", "relu2_sparse24_backward", "sparse_mm", "act24_ffn",
+__all__ = ["relu2_ffn", "relu2_sparsify24_packed", "up_relu2_sparsify24", "relu2_sparse24_backward", "sparse_mm", "act24_ffn",
            "dgrad_relu2_ste_op"]

@@ -34,6 +34,8 @@ __all__ = [
     "relu2_sparse24_backward",
     "Grads24",
     "pack24_along_tokens",
+    "linear_relu2",
+    "relu2_grad_gemm",
 ]
 
 
@@ -254,6 +256,19 @@ def dgrad_relu2_ste(dh2: torch.Tensor, wd: torch.Tensor, y1: torch.Tensor) -> tu
     pointwise work (relu2_sparse24_backward from y1). The twin of the fused kernel (kernels/cuda/epilogue.py)."""
     g = relu2_sparse24_backward(dh2 @ wd.T, None, y1)
     return g.y2s, g.dy1
+
+
+def linear_relu2(h1: torch.Tensor, wu: torch.Tensor) -> torch.Tensor:
+    """h1 [M, K], wu [N, K] -> y2 = relu(h1 wu^T)^2 [M, N] in h1's dtype: the twin of the fused forward GEMM
+    (kernels/cuda/relu2_gemm.py)."""
+    r = torch.relu(h1 @ wu.T)
+    return r * r
+
+
+def relu2_grad_gemm(dh2: torch.Tensor, wd: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+    """dh2 [M, K], wd [N, K], y2 [M, N] -> dy1 = 2 sqrt(y2) (dh2 wd^T) [M, N]: relu(y1) rebuilt from y2 (exact in
+    bf16 wherever y2 is a normal number). The twin of the fused backward GEMM (kernels/cuda/relu2_gemm.py)."""
+    return 2 * torch.sqrt(y2) * (dh2 @ wd.T)
 
 
 def sparse_mm(a, b: torch.Tensor) -> torch.Tensor:

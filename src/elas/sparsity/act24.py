@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .. import kernels
 from ..kernels import ops as kernel_ops
 from ..kernels import reference as ref
-from ..model.ffn import ReLU2FFN, relu2
+from ..model.ffn import ReLU2FFN, _weight, ffn_operands, relu2
 from ..model.lowrank import LowRankLinear
 from .api import Applied, SparsityMethod, register_method, relu2_ffns
 from .masked import masked_act24_ffn
@@ -80,27 +80,6 @@ class Act24Config(SparsityMethod):
         if self.wgrad_dense_frac is not None:
             ops += ("y2^T", "dy1^T")  # weight gradients: pruned 2:4 along tokens
         return ops
-
-
-def _weight(lin: nn.Module) -> torch.Tensor:
-    """The weight a linear's forward multiplies by: `effective_weight()` where a weight method (S-STE) gives
-    one, else the parameter."""
-    return lin.effective_weight() if hasattr(lin, "effective_weight") else lin.weight
-
-
-def ffn_operands(up: nn.Module, down: nn.Module, xt: torch.Tensor):
-    """The d_ff-touching operands of an FFN's two linears, for full-rank and low-rank alike, on xt [T, d]:
-    h1 [T, q] and wu [d_ff, q] with up(xt) = h1 wu^T; wd [d_ff, q'] and post with down(y) = post(y wd)."""
-    if isinstance(up, LowRankLinear):
-        h1, wu = xt @ up.weight_in, up.weight_out  # [T, r], [d_ff, r]
-    else:
-        h1, wu = xt, _weight(up)  # [T, d], [d_ff, d]
-    if isinstance(down, LowRankLinear):
-        w_out = down.weight_out  # [d_model, r]
-        # under autocast F.linear casts; without it the packed core's bf16 output meets the weight's dtype
-        return h1, wu, down.weight_in, lambda h2: F.linear(
-            h2 if torch.is_autocast_enabled(h2.device.type) else h2.to(w_out.dtype), w_out)
-    return h1, wu, _weight(down).t(), lambda h2: h2  # wd = W_down^T [d_ff, d_model]
 
 
 def weight_operands(up: nn.Module, down: nn.Module, packed: bool):

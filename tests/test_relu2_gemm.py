@@ -1,0 +1,158 @@
+"""The dense ReLU^2 FFN's GEMMs with the pointwise work in their epilogues (kernels/cuda/relu2_gemm.py).
+
+CPU (CI): the Triton kernels under TRITON_INTERPRET=1 on small, odd shapes with integer-valued inputs (exact GEMM
+outputs in any summation order: zeros, ties and negatives), bit for bit against the unfused torch ops; the
+exhaustive check that sqrt(y2) rebuilds relu(y1). GPU: random shapes against cuBLAS + the torch ops.
+"""
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+from elas.kernels.cuda.relu2_gemm import linear_relu2, relu2_grad_gemm  # noqa: E402
+
+
+def _ints(shape, lo, hi, seed, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(lo, hi, shape, generator=g).to(device=device, dtype=torch.bfloat16)
+
+
+def _unfused(h, w, d):
+    """The unfused ops on bf16: y1 = h w^T, r = relu(y1), y2 = r r; dy2 = d w^T, dy1 = 2 r dy2."""
+    y1 = (h.float() @ w.float().T).to(torch.bfloat16)
+    r = torch.relu(y1)
+    dy2 = (d.float() @ w.float().T).to(torch.bfloat16)
+    return r * r, 2 * r * dy2
+
+
+def test_sqrt_of_the_bf16_square_rebuilds_every_bf16_value():
+    """The backward rebuilds relu(y1) as bf16(sqrt(y2)): exact for every positive bf16 r whose square is a normal
+    bf16 (all 16256 of them), the claim the kernel's docstring makes."""
+    r = torch.arange(1, 0x7F80, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    y2 = r * r
+    normal = torch.isfinite(y2) & (y2.float() >= torch.finfo(torch.float32).tiny)
+    assert normal.sum() == 16256
+    back = torch.sqrt(y2.float()).to(torch.bfloat16)
+    assert torch.equal(back[normal], r[normal])
+
+
+@pytest.mark.parametrize("m, n, k, cfg", [(200, 77, 48, (64, 32, 16, 4, 2)), (64, 64, 64, (64, 64, 32, 4, 2)),
+                                          (130, 300, 24, (128, 64, 8, 4, 2))])
+def test_kernels_bit_identical_to_the_unfused_ops(m, n, k, cfg):
+    h, w, d = _ints((m, k), -3, 4, 0), _ints((n, k), -3, 4, 1), _ints((m, k), -4, 5, 2) * 0.25
+    y2, dy1 = _unfused(h, w, d)
+    assert (y2 == 0).any() and (y2 > 0).any()  # both branches of relu exercised
+    got = linear_relu2(h, w, cfg)
+    assert got.shape == (m, n) and got.dtype == torch.bfloat16
+    assert torch.equal(got, y2)
+    assert torch.equal(relu2_grad_gemm(d, w, y2, cfg), dy1)
+    # B as a transposed view of a row-major [K, N] matrix (W_down^T): read as it lies, or copied where N % 8
+    wt = w.T.contiguous().T
+    assert not wt.is_contiguous()
+    assert torch.equal(linear_relu2(h, wt, cfg), y2) and torch.equal(relu2_grad_gemm(d, wt, y2, cfg), dy1)
+
+
+def test_bad_inputs_are_one_line_errors():
+    h, w = _ints((64, 20), -1, 2, 0), _ints((64, 20), -1, 2, 1)
+    with pytest.raises(ValueError, match="K = 20 must be a multiple of 8"):
+        linear_relu2(h, w)
+    with pytest.raises(ValueError, match="expected bf16"):
+        linear_relu2(h.float()[:, :16], w[:, :16])
+    with pytest.raises(ValueError, match="y2 is"):
+        relu2_grad_gemm(h[:, :16], w[:, :16], torch.zeros(64, 63, dtype=torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m, n, k", [(8192, 8192, 512), (1000, 5461, 256), (4096, 4224, 2048)])
+def test_gpu_kernels_match_cublas_and_the_torch_ops(m, n, k):
+    h, w, d = (torch.randn(s, device="cuda", dtype=torch.bfloat16) for s in ((m, k), (n, k), (m, k)))
+    w = w * 0.05
+    y1 = h @ w.T
+    r = torch.relu(y1)
+    y2 = r * r
+    dy1 = 2 * r * (d @ w.T)
+    got, gotb = linear_relu2(h, w), relu2_grad_gemm(d, w, y2)
+    assert ((got.float() - y2.float()).norm() / y2.float().norm()).item() < 1e-2
+    assert ((gotb.float() - dy1.float()).norm() / dy1.float().norm()).item() < 1e-2
+    hi, wi, di = _ints((m, k), -3, 4, 0, "cuda"), _ints((n, k), -3, 4, 1, "cuda"), _ints((m, k), -4, 5, 2, "cuda")
+    y2i, dy1i = _unfused(hi, wi, di * 0.25)
+    assert torch.equal(linear_relu2(hi, wi), y2i) and torch.equal(relu2_grad_gemm(di * 0.25, wi, y2i), dy1i)
+
+
+# ---- the model key: model.relu2_kernel=fused (model/ffn.py FusedReLU2 over elas::relu2_ffn) ------------------
+def _twins(variant: str, device: str = "cpu", **over):
+    from elas.build import build_model
+    from conftest import preset
+    cfg = preset(f"llama-tiny-{variant}", None, n_layers=2, vocab_size=256, **over)
+    torch.manual_seed(0)
+    plain = build_model(cfg, device)
+    cfg.relu2_kernel = "fused"
+    fused = build_model(cfg, device)
+    fused.load_state_dict(plain.state_dict())
+    return plain, fused
+
+
+def _loss_and_grads(model, idx, autocast: bool):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(idx.device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = model(idx, idx)
+    loss.backward()
+    return loss.detach().float(), [p.grad.float().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("variant", ["relu2", "lowrank-relu2"])
+def test_fused_core_is_the_dense_core(variant):
+    """Under bf16 autocast the twin ops are the dense core's own ops on the same GEMM outputs: bit-identical; in
+    fp32 sqrt(y2) rebuilds relu(y1) to fp32 rounding."""
+    from elas.model import FusedReLU2
+    plain, fused = _twins(variant)
+    assert isinstance(fused.blocks[0].ffn.core, FusedReLU2)
+    idx = torch.randint(0, 256, (2, 32))
+    (l1, g1), (l2, g2) = _loss_and_grads(plain, idx, True), _loss_and_grads(fused, idx, True)
+    assert torch.equal(l1, l2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    (l1, g1), (l2, g2) = _loss_and_grads(plain, idx, False), _loss_and_grads(fused, idx, False)
+    torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-7)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_fused_core_compiles_without_graph_breaks():
+    import torch._dynamo as dynamo
+    _, fused = _twins("lowrank-relu2")
+    idx = torch.randint(0, 256, (2, 32))
+    dynamo.reset()
+    explain = dynamo.explain(fused)(idx, idx)
+    assert (explain.graph_count, explain.graph_break_count) == (1, 0), explain.break_reasons
+    want = _loss_and_grads(fused, idx, False)
+    got = _loss_and_grads(torch.compile(fused, fullgraph=True, backend="aot_eager"), idx, False)
+    torch.testing.assert_close(got[0], want[0])
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_weight_method_linears_keep_their_own_products():
+    """S-STE's linears run their own (sparse) products: the fused core leaves them to it (the unfused path)."""
+    plain, fused = _twins("relu2-w24")
+    idx = torch.randint(0, 256, (2, 32))
+    (l1, g1), (l2, g2) = _loss_and_grads(plain, idx, False), _loss_and_grads(fused, idx, False)
+    assert torch.equal(l1, l2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_bad_relu2_kernel_is_a_one_line_error():
+    from conftest import preset
+    cfg = preset("llama-tiny-relu2")
+    cfg.relu2_kernel = "triton"
+    with pytest.raises(ValueError, match="relu2_kernel='triton'.*torch.*fused"):
+        cfg.validate()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["relu2", "lowrank-relu2"])
+def test_gpu_fused_core_matches_the_dense_core(variant):
+    """The real kernels, in a compiled model under bf16 autocast: loss and gradients within bf16 GEMM tolerance."""
+    plain, fused = _twins(variant, "cuda", d_model=128, n_heads=2, intermediate=852, max_seq_len=64)
+    idx = torch.randint(0, 256, (4, 64), device="cuda")
+    (l1, g1) = _loss_and_grads(torch.compile(plain), idx, True)
+    (l2, g2) = _loss_and_grads(torch.compile(fused), idx, True)
+    assert abs(l1.item() - l2.item()) < 1e-2 * abs(l1.item())
+    for a, b in zip(g1, g2):
+        assert ((a - b).norm() / a.norm().clamp(min=1e-12)).item() < 5e-2
