@@ -36,15 +36,16 @@ def test_sqrt_of_the_bf16_square_rebuilds_every_bf16_value():
 
 
 @pytest.mark.parametrize("m, n, k, cfg", [(200, 77, 48, (64, 32, 16, 4, 2)), (64, 64, 64, (64, 64, 32, 4, 2)),
-                                          (130, 300, 24, (128, 64, 8, 4, 2))])
+                                          (130, 300, 24, (128, 64, 8, 4, 2)), (100, 136, 16, (64, 64, 16, 4, 2))])
 def test_kernels_bit_identical_to_the_unfused_ops(m, n, k, cfg):
     h, w, d = _ints((m, k), -3, 4, 0), _ints((n, k), -3, 4, 1), _ints((m, k), -4, 5, 2) * 0.25
     y2, dy1 = _unfused(h, w, d)
     assert (y2 == 0).any() and (y2 > 0).any()  # both branches of relu exercised
-    got = linear_relu2(h, w, cfg)
-    assert got.shape == (m, n) and got.dtype == torch.bfloat16
-    assert torch.equal(got, y2)
-    assert torch.equal(relu2_grad_gemm(d, w, y2, cfg), dy1)
+    for c_tma in (False, True):  # C and y2 through pointers, or descriptors (where n % 8 == 0)
+        got = linear_relu2(h, w, cfg, c_tma)
+        assert got.shape == (m, n) and got.dtype == torch.bfloat16
+        assert torch.equal(got, y2)
+        assert torch.equal(relu2_grad_gemm(d, w, y2, cfg, c_tma), dy1)
     # B as a transposed view of a row-major [K, N] matrix (W_down^T): read as it lies, or copied where N % 8
     wt = w.T.contiguous().T
     assert not wt.is_contiguous()

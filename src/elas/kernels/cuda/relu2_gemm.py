@@ -17,9 +17,10 @@ Only the GEMM's summation order differs from cuBLAS (a bf16 tolerance).
 
 Each program is persistent: it walks tiles pid, pid + P, ... (GROUP row-tiles share a column sweep, for L2 reuse
 of B) and loads A and B tiles through tensor descriptors (TMA on Hopper); B may also be given as a transposed view
-of a row-major [K, N] matrix (a full-rank FFN's W_down^T), read as it lies. C (and y2) go through plain masked
-pointer accesses, so d_ff need not be a multiple of 8 (TMA needs 16-byte row strides; 5461 is not). Shapes: K % 8
-== 0 (A and B rows 16-byte aligned), any M and N.
+of a row-major [K, N] matrix (a full-rank FFN's W_down^T), read as it lies. C (and y2) go through descriptors
+where d_ff % 8 == 0 (an asynchronous store), otherwise through masked pointer accesses, so d_ff need not be a
+multiple of 8 (TMA needs 16-byte row strides; 5461 is not). Shapes: K % 8 == 0 (A and B rows 16-byte
+aligned), any M and N.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from .sparsify import _round_bf16
 # (BM, BN, BK, warps, stages): a starting point; `elas bench relu2gemm` sweeps CONFIGS on the GPU
 DEFAULT = (128, 128, 64, 8, 3)
 CONFIGS = ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 256, 64, 4, 4),
-           (256, 128, 64, 8, 3), (128, 64, 64, 4, 4))
+           (256, 128, 64, 8, 3), (128, 64, 64, 4, 4), (128, 256, 128, 8, 2), (128, 128, 128, 8, 3))
 GROUP_M = 8
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -43,7 +44,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 @triton.jit
 def _relu2_gemm_kernel(a_desc, b_desc, c_ptr, y2_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr,
                        BK: tl.constexpr, GROUP: tl.constexpr, PROGS: tl.constexpr, GRAD: tl.constexpr,
-                       B_KN: tl.constexpr, UPCAST: tl.constexpr):
+                       B_KN: tl.constexpr, C_TMA: tl.constexpr, UPCAST: tl.constexpr):
     n_m = tl.cdiv(M, BM)
     n_n = tl.cdiv(N, BN)
     per_group = GROUP * n_n
@@ -63,20 +64,30 @@ def _relu2_gemm_kernel(a_desc, b_desc, c_ptr, y2_ptr, M, N, K, BM: tl.constexpr,
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc)
         y = _round_bf16(acc)  # what a bf16 GEMM writes: y1 (forward) or dy2 (backward)
-        rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
-        rn = pid_n * BN + tl.arange(0, BN)
-        inside = (rm[:, None] < M) & (rn[None, :] < N)
-        off = rm[:, None] * N + rn[None, :]
-        if GRAD:
-            r = _round_bf16(tl.sqrt(tl.load(y2_ptr + off, mask=inside, other=0.0).to(tl.float32)))
-            out = _round_bf16(2.0 * r * y)
+        if C_TMA:  # C and y2 as tensor descriptors: the store is asynchronous (overlaps the next tile's loads)
+            if GRAD:
+                r = _round_bf16(tl.sqrt(y2_ptr.load([pid_m * BM, pid_n * BN]).to(tl.float32)))
+                out = _round_bf16(2.0 * r * y)
+            else:
+                r = tl.maximum(y, 0.0)
+                out = _round_bf16(r * r)
+            c_ptr.store([pid_m * BM, pid_n * BN], out.to(tl.bfloat16))
         else:
-            r = tl.maximum(y, 0.0)
-            out = _round_bf16(r * r)
-        tl.store(c_ptr + off, out.to(tl.bfloat16), mask=inside)
+            rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+            rn = pid_n * BN + tl.arange(0, BN)
+            inside = (rm[:, None] < M) & (rn[None, :] < N)
+            off = rm[:, None] * N + rn[None, :]
+            if GRAD:
+                r = _round_bf16(tl.sqrt(tl.load(y2_ptr + off, mask=inside, other=0.0).to(tl.float32)))
+                out = _round_bf16(2.0 * r * y)
+            else:
+                r = tl.maximum(y, 0.0)
+                out = _round_bf16(r * r)
+            tl.store(c_ptr + off, out.to(tl.bfloat16), mask=inside)
 
 
-def _launch(a: torch.Tensor, b: torch.Tensor, y2: torch.Tensor | None, config=None) -> torch.Tensor:
+def _launch(a: torch.Tensor, b: torch.Tensor, y2: torch.Tensor | None, config=None, c_tma: bool | None = None
+            ) -> torch.Tensor:
     m, k = a.shape
     n = b.shape[0]
     if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or b.shape[1] != k:
@@ -93,25 +104,31 @@ def _launch(a: torch.Tensor, b: torch.Tensor, y2: torch.Tensor | None, config=No
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     progs = tiles if a.device.type != "cuda" else min(tiles, torch.cuda.get_device_properties(a.device).multi_processor_count)
     progs = min(progs, 4) if _INTERPRET else progs  # the interpreter runs programs one after another
+    # C (and y2) through descriptors where their rows are 16-byte aligned (N % 8 == 0), else masked pointers
+    c_tma = (n % 8 == 0) if c_tma is None else (c_tma and n % 8 == 0)
+    c_arg = TensorDescriptor.from_tensor(out, [bm, bn]) if c_tma else out
+    y2_arg = c_arg if y2 is None else (TensorDescriptor.from_tensor(y2, [bm, bn]) if c_tma else y2)
     _relu2_gemm_kernel[(progs,)](
         TensorDescriptor.from_tensor(a, [bm, bk]),
-        TensorDescriptor.from_tensor(b.t(), [bk, bn]) if b_kn else TensorDescriptor.from_tensor(b, [bn, bk]), out,
-        y2 if y2 is not None else out, m, n, k, BM=bm, BN=bn, BK=bk, GROUP=GROUP_M, PROGS=progs,
-        GRAD=y2 is not None, B_KN=b_kn, UPCAST=_INTERPRET, num_warps=warps, num_stages=stages)
+        TensorDescriptor.from_tensor(b.t(), [bk, bn]) if b_kn else TensorDescriptor.from_tensor(b, [bn, bk]), c_arg,
+        y2_arg, m, n, k, BM=bm, BN=bn, BK=bk, GROUP=GROUP_M, PROGS=progs, GRAD=y2 is not None, B_KN=b_kn,
+        C_TMA=c_tma, UPCAST=_INTERPRET, num_warps=warps, num_stages=stages)
     return out
 
 
-def linear_relu2(h1: torch.Tensor, wu: torch.Tensor, config=None) -> torch.Tensor:
-    """h1 [T, q], wu [d_ff, q] bf16 -> y2 = relu(h1 wu^T)^2 [T, d_ff] bf16 (y1 never written)."""
-    return _launch(h1, wu, None, config)
+def linear_relu2(h1: torch.Tensor, wu: torch.Tensor, config=None, c_tma: bool | None = None) -> torch.Tensor:
+    """h1 [T, q], wu [d_ff, q] bf16 -> y2 = relu(h1 wu^T)^2 [T, d_ff] bf16 (y1 never written). c_tma: C through a
+    tensor descriptor (default: where d_ff % 8 == 0)."""
+    return _launch(h1, wu, None, config, c_tma)
 
 
-def relu2_grad_gemm(dh2: torch.Tensor, wd: torch.Tensor, y2: torch.Tensor, config=None) -> torch.Tensor:
+def relu2_grad_gemm(dh2: torch.Tensor, wd: torch.Tensor, y2: torch.Tensor, config=None, c_tma: bool | None = None
+                    ) -> torch.Tensor:
     """dh2 [T, q'], wd [d_ff, q'], y2 [T, d_ff] bf16 -> dy1 = 2 sqrt(y2) (dh2 wd^T) [T, d_ff] bf16."""
     if y2.shape != (dh2.shape[0], wd.shape[0]) or y2.dtype != torch.bfloat16:
         raise ValueError(f"relu2 GEMM: y2 is {y2.dtype} {tuple(y2.shape)}, expected bf16 "
                          f"{(dh2.shape[0], wd.shape[0])}")
-    return _launch(dh2, wd, y2.contiguous(), config)
+    return _launch(dh2, wd, y2.contiguous(), config, c_tma)
 
 
 __all__ = ["linear_relu2", "relu2_grad_gemm", "CONFIGS", "DEFAULT"]
