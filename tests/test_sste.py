@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from elas.build import build_model
 from elas.config import model_preset
 from elas.kernels import reference as ref
+from elas.kernels import ops
 from elas.model import ReLU2FFN
 from elas.sparsity import (Act24Config, SSTE24Config, SSTELinear, applied_methods, collect_stats, set_step,
                            sparsify_)
@@ -325,6 +326,27 @@ def test_triton_soft_threshold_pack_equals_the_reference(r, c, transpose):
     assert lean.mask_bits.numel() == 0 and torch.equal(lean.buffer.view(torch.int16), got.buffer.view(torch.int16))
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("r,c,dtype", [(64, 64, torch.float32), (128, 192, torch.bfloat16), (64, 128, torch.bfloat16)])
+def test_triton_dense_soft_threshold_equals_the_reference(r, c, dtype):
+    """The dense S(W) kernel (the weight side of relu2-w24-a24's activation-sparse GEMMs) writes the reference's
+    values in w's dtype, rounded once from fp32, ties and negative weights included; the op takes it on CUDA
+    and the formula elsewhere, with the same values."""
+    from elas.kernels.cuda.sste import soft_threshold24_dense
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(r + c)
+    w = torch.randn(r, c, generator=g) * 0.02
+    w[1::5] = torch.randint(-2, 3, (len(range(1, r, 5)), c), generator=g).float() * 0.01  # ties
+    w = w.to(dev, dtype)
+    beta = torch.tensor(1.37, device=dev)
+    want = (beta.float() * ref.soft_threshold24(w.float())[0]).to(dtype)
+    got = soft_threshold24_dense(w, beta)
+    assert got.dtype == dtype and torch.equal(got.float(), want.float())
+    assert torch.equal(ops.sste_dense24(w, beta).float(), want.float())
+    with pytest.raises(ValueError, match="row-major"):
+        soft_threshold24_dense(w.t(), beta)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("r,c", [(2048, 8192), (8192, 2048), (1024, 2816)])
 def test_gpu_soft_threshold_pack_equals_the_reference(r, c):
@@ -336,6 +358,10 @@ def test_gpu_soft_threshold_pack_equals_the_reference(r, c):
         got, want = soft_threshold24_packed(w, beta, transpose), ref.soft_threshold24_packed(w, beta, transpose)
         assert torch.equal(got.meta, want.meta) and torch.equal(got.mask_bits, want.mask_bits)
         assert torch.equal(got.values.float(), want.values.float())
+    for dtype in (torch.float32, torch.bfloat16):  # the dense S(W), as the 2:4-activation core multiplies it
+        wd = w.to(dtype)
+        want = (beta * ref.soft_threshold24(wd.float())[0]).to(dtype)
+        assert torch.equal(ops.sste_dense24(wd, beta).float(), want.float())
 
 
 def _gpu_ffn_agrees(methods_of: dict) -> list:

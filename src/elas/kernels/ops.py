@@ -16,6 +16,9 @@ bools cross the boundary; "not produced" outputs are empty tensors (an operator 
                                   -> y2s, dy1, dy1 packed [M, K*9/16] (mask mode), y2s_t, dy1_t, y2s_dense,
                                      dy1_dense (reference.Grads24; y2s_t / dy1_t as their [K, M*9/16] buffers)
     elas::sste_pack24(w [R, C], beta [], transpose) -> buffer, mask_bits of beta * S_soft(w) (or of w^T), 2:4
+    elas::sste_dense24(w [R, C], beta []) -> beta * S_soft(w) [R, C], dense (the same values, unpacked)
+    elas::relu2_ffn(h1 [T, q], wu [d_ff, q], wd [d_ff, q']) -> h2 [T, q'], y2 [T, d_ff]: the dense ReLU^2 core with
+                    its pointwise work in the GEMM epilogues (kernels/cuda/relu2_gemm.py); autograd registered
     elas::sparse_mm(a_buffer [M, K*9/16], b [K, N], m, k, out_t) -> a @ b [M, N] (out_t: its transpose [N, M])
     elas::act24_ffn(h1 [T, q], wu [d_ff, q], wd [d_ff, q'], mask_grad, dense_frac?, fused) -> h2 [T, q'] and
                     the tensors its backward needs; its autograd formula is registered on it and runs
@@ -184,6 +187,23 @@ def sste_pack24(w: Tensor, beta: Tensor, transpose: bool = False) -> Packed24:
     buf, bits = sste_pack24_op(w, beta, transpose)
     shape = (w.shape[1], w.shape[0]) if transpose else tuple(w.shape)
     return Packed24(buf, bits, shape)
+
+
+def _sste_dense24(w: Tensor, beta: Tensor) -> Tensor:
+    r, c = w.shape
+    if w.device.type == "cuda" and w.is_contiguous() and r % 64 == 0 and c % 64 == 0:
+        from .cuda import sste as _sk
+        return _sk.soft_threshold24_dense(w, beta, launch=wrap_triton)
+    return (beta.float() * ref.soft_threshold24(w.float())[0]).to(w.dtype)
+
+
+sste_dense24_op = _define_triton_op("elas::sste_dense24", _sste_dense24)
+
+
+def sste_dense24(w: Tensor, beta: Tensor) -> Tensor:
+    """w [R, C] -> beta * S_soft(w) along C, dense, in w's dtype (fp32 arithmetic, one rounding): the values
+    sste_pack24 packs. One Triton pass on CUDA (row-major, R and C multiples of 64); the torch formula elsewhere."""
+    return sste_dense24_op(w, beta)
 
 
 # ---- 2:4 x dense GEMM -----------------------------------------------------------------------------------------
