@@ -65,25 +65,31 @@ def _relu2_gemm_kernel(a_desc, b_desc, c_ptr, y2_ptr, M, N, K, BM: tl.constexpr,
             acc = tl.dot(a, b, acc)
         y = _round_bf16(acc)  # what a bf16 GEMM writes: y1 (forward) or dy2 (backward)
         if C_TMA:  # C and y2 as tensor descriptors: the store is asynchronous (overlaps the next tile's loads)
+            y2 = y
             if GRAD:
-                r = _round_bf16(tl.sqrt(y2_ptr.load([pid_m * BM, pid_n * BN]).to(tl.float32)))
-                out = _round_bf16(2.0 * r * y)
-            else:
-                r = tl.maximum(y, 0.0)
-                out = _round_bf16(r * r)
-            c_ptr.store([pid_m * BM, pid_n * BN], out.to(tl.bfloat16))
+                y2 = y2_ptr.load([pid_m * BM, pid_n * BN]).to(tl.float32)
+            c_ptr.store([pid_m * BM, pid_n * BN], _epilogue(y, y2, GRAD).to(tl.bfloat16))
         else:
             rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
             rn = pid_n * BN + tl.arange(0, BN)
             inside = (rm[:, None] < M) & (rn[None, :] < N)
             off = rm[:, None] * N + rn[None, :]
+            y2 = y
             if GRAD:
-                r = _round_bf16(tl.sqrt(tl.load(y2_ptr + off, mask=inside, other=0.0).to(tl.float32)))
-                out = _round_bf16(2.0 * r * y)
-            else:
-                r = tl.maximum(y, 0.0)
-                out = _round_bf16(r * r)
-            tl.store(c_ptr + off, out.to(tl.bfloat16), mask=inside)
+                y2 = tl.load(y2_ptr + off, mask=inside, other=0.0).to(tl.float32)
+            tl.store(c_ptr + off, _epilogue(y, y2, GRAD).to(tl.bfloat16), mask=inside)
+
+
+@triton.jit
+def _epilogue(y, y2, GRAD: tl.constexpr):
+    """Forward: y2 = bf16(r * r), r = relu(y) (y = y1). Backward: dy1 = bf16(2 r y), r = bf16(sqrt(y2)) (y = dy2).
+    fp32 values that are exactly representable in bf16."""
+    if GRAD:
+        out = _round_bf16(2.0 * _round_bf16(tl.sqrt(y2)) * y)
+    else:
+        r = tl.maximum(y, 0.0)
+        out = _round_bf16(r * r)
+    return out
 
 
 def _launch(a: torch.Tensor, b: torch.Tensor, y2: torch.Tensor | None, config=None, c_tma: bool | None = None
