@@ -2,16 +2,19 @@
 
     model = build_model(model_preset("llama-60m-elas"), "cuda")
 
-is `LLaMA(cfg)` on the device followed by `sparsify_(model, m)` for each of `cfg.methods` (elas.sparsity), in
-order. `resolve_methods(cfg)` validates the method list alone (no model is built): the trainer calls it first,
-so a bad method key is one line before any data is read.
+is `LLaMA(cfg)` on the device, its dense ReLU^2 cores swapped for `FusedReLU2` when `cfg.relu2_kernel` says
+fused, then `sparsify_(model, m)` for each of `cfg.methods` (elas.sparsity), in order. `resolve_methods(cfg)`
+validates the method list alone (no model is built): the trainer calls it first, so a bad method key is one line
+before any data is read.
 """
 from __future__ import annotations
 
 import torch
 
 from . import kernels
+from .kernels import ops
 from .config import ModelConfig
+from .model.ffn import DenseReLU2, FusedReLU2
 from .model.llama import LLaMA
 from .sparsity import SparsityMethod, method_from_dict, sparsify_
 
@@ -27,6 +30,10 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu",
     methods = resolve_methods(cfg)
     with torch.device(device):
         model = LLaMA(cfg)
+    if cfg.relu2_kernel == "fused":  # the dense ReLU^2 cores' kernels; methods replace cores after this
+        for ffn in model.modules():
+            if isinstance(getattr(ffn, "core", None), DenseReLU2):
+                ffn.core = FusedReLU2(ops.relu2_ffn)
     with kernels.materialised_on(materialise_on or device):
         for m in methods:
             sparsify_(model, m)

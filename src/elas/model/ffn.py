@@ -78,24 +78,27 @@ class DenseReLU2(nn.Module):
 
 
 class FusedReLU2(nn.Module):
-    """The dense core with its pointwise work inside the GEMMs (model.relu2_kernel=fused): elas::relu2_ffn
-    (kernels/ops.py) on the FFN's d_ff-touching operands. On bf16 CUDA tensors the up-projection's epilogue writes
-    y2 = relu(y1)^2 (y1 is never written) and the backward's dy2 GEMM writes dy1 = 2 sqrt(y2) dy2 (dy2 is never
-    written): the FFN saves one [T, d_ff] tensor (y2) where DenseReLU2 saves two (relu(y1) and y2), and runs no
-    pointwise kernel. The same math as DenseReLU2: bit-identical pointwise results on the same GEMM outputs.
-    Linears that are not plain (a weight method's, e.g. S-STE's, which run their own products) take the unfused
-    path."""
+    """The dense core with its pointwise work inside the GEMMs (model.relu2_kernel=fused; build_model installs it
+    in place of DenseReLU2): `op(h1, wu, wd) -> h2` on the FFN's d_ff-touching operands, with op =
+    elas::relu2_ffn (kernels/ops.py: on bf16 CUDA tensors the up-projection's epilogue writes y2 = relu(y1)^2,
+    y1 never written, and the backward's dy2 GEMM writes dy1 = 2 sqrt(y2) dy2, dy2 never written; the FFN saves
+    y2 alone where DenseReLU2 saves relu(y1) and y2). The same math as DenseReLU2: bit-identical pointwise results
+    on the same GEMM outputs. The op is given, not imported: the model does not depend on the kernels. Linears
+    that are not plain (a weight method's, e.g. S-STE's, which run their own products) take the unfused path."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
 
     def forward(self, x: torch.Tensor, up: nn.Module, down: nn.Module) -> torch.Tensor:
         if not (_plain(up) and _plain(down)):
             return down(relu2(up(x)))
-        from ..kernels.ops import relu2_ffn  # kernels import the model's pieces, not the other way round
         bsz, seq, d = x.shape
         h1, wu, wd, post = ffn_operands(up, down, x.reshape(bsz * seq, d))
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else wu.dtype
         with torch.autocast(dev, enabled=False):  # the op's GEMMs run in the compute dtype, as autocast's would
-            h2 = relu2_ffn(h1.to(dtype), wu.to(dtype), wd.to(dtype))  # [T, q']
+            h2 = self.op(h1.to(dtype), wu.to(dtype), wd.to(dtype))  # [T, q']
         return post(h2).reshape(bsz, seq, -1)
 
 
@@ -113,9 +116,8 @@ class ReLU2FFN(nn.Module):
         self.core = core if core is not None else DenseReLU2()
 
     @classmethod
-    def of_width(cls, d_model: int, d_ff: int, rank: int = 0, init_std: float = 0.02,
-                 core: nn.Module | None = None) -> "ReLU2FFN":
-        return cls(make_linear(d_model, d_ff, rank, init_std), make_linear(d_ff, d_model, rank, init_std), core)
+    def of_width(cls, d_model: int, d_ff: int, rank: int = 0, init_std: float = 0.02) -> "ReLU2FFN":
+        return cls(make_linear(d_model, d_ff, rank, init_std), make_linear(d_ff, d_model, rank, init_std))
 
     @property
     def d_ff(self) -> int:

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .ffn import FusedReLU2, ReLU2FFN, SwiGLU
+from .ffn import ReLU2FFN, SwiGLU
 from .loss import linear_cross_entropy
 from .lowrank import LowRankLinear, make_linear
 
@@ -187,11 +187,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         r = cfg.rank if cfg.lowrank_scope in ("all", "ffn") else 0
-        if cfg.ffn == "swiglu":
-            self.ffn = SwiGLU(cfg.d_model, cfg.ffn_width, r, cfg.init_std)
-        else:
-            self.ffn = ReLU2FFN.of_width(cfg.d_model, cfg.ffn_width, r, cfg.init_std,
-                                         FusedReLU2() if cfg.relu2_kernel == "fused" else None)
+        ffn_cls = SwiGLU if cfg.ffn == "swiglu" else ReLU2FFN.of_width
+        self.ffn = ffn_cls(cfg.d_model, cfg.ffn_width, r, cfg.init_std)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, positions=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, positions)
