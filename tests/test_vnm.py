@@ -244,3 +244,89 @@ def test_router_run_resumes_exactly_across_a_reclustering(dataset, tmp_path):
     assert run(tmp_path / "run", 7, "--resume") == 0
     a, b = losses(tmp_path / "ref"), losses(tmp_path / "run")
     assert sorted(a) == list(range(1, 8)) and a == b
+
+
+# ---- own mode as a grouped GEMM over the clusters (vnm.path=grouped) ----------------------------------------
+def _own_pair(grad_mode: str, m: int = 8, rank: int = 0):
+    cfgs = []
+    for path in ("masked", "grouped"):
+        cfg = preset("llama-tiny-relu2-vnm", n_layers=2, vocab_size=256, rank=rank)
+        cfg.method("vnm").update(v=16, dense_warmup_steps=0, router_mode="own", m=m, grad_mode=grad_mode, path=path)
+        cfgs.append(cfg)
+    torch.manual_seed(0)
+    masked = build_model(cfgs[0])
+    grouped = build_model(cfgs[1])
+    grouped.load_state_dict(masked.state_dict())
+    for mdl in (masked, grouped):
+        set_step(mdl, 0, 10)
+    assert torch.equal(masked.blocks[0].ffn.core.features, grouped.blocks[0].ffn.core.features)
+    return masked, grouped
+
+
+def _loss_grads(model, idx):
+    model.zero_grad(set_to_none=True)
+    loss = model(idx, idx)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("rank", [0, 16])
+@pytest.mark.parametrize("grad_mode,m", [("ste", 8), ("mask", 8), ("ste", 16)])
+def test_grouped_own_mode_equals_the_masked_path(rank, grad_mode, m):
+    """The grouped GEMM multiplies each token by its cluster's neurons only; the masked path multiplies by all of
+    d_ff with the others masked. Same selection, same gradient (in own mode `ste` passes only through the token's
+    own features), so the same loss and gradients up to summation order (fp32; full-rank and low-rank)."""
+    masked, grouped = _own_pair(grad_mode, m, rank)
+    idx = torch.randint(0, 256, (2, 32))
+    (lm, gm), (lg, gg) = _loss_grads(masked, idx), _loss_grads(grouped, idx)
+    torch.testing.assert_close(lg, lm, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gg, gm):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    _one_graph_equal_to_eager(grouped, idx)
+
+
+def test_own_mode_ste_reaches_only_the_tokens_own_neurons():
+    """One token, own mode with 2 clusters: the up-projection rows of the other cluster get no gradient."""
+    masked, _ = _own_pair("ste")
+    core = masked.blocks[0].ffn.core
+    up = masked.blocks[0].ffn.up
+    x = torch.randn(1, 1, up.in_features)
+    cid = rt.route_tokens(x.reshape(1, -1), core.centroids, core.cfg.route_metric)
+    out = masked.blocks[0].ffn(x)
+    up.weight.grad = None
+    out.sum().backward()
+    other = core.features[1 - int(cid)]
+    assert up.weight.grad[other].abs().sum() == 0 and up.weight.grad[core.features[int(cid)]].abs().sum() > 0
+
+
+def test_grouped_path_needs_own_mode():
+    with pytest.raises(ValueError, match="vnm.path=grouped needs the router in own mode"):
+        VNMConfig(router=True, router_mode="group", path="grouped")
+    with pytest.raises(ValueError, match="invalid vnm.path"):
+        VNMConfig(path="triton")
+
+
+def test_grouped_path_in_bf16_runs_torchs_grouped_gemm_and_compiles():
+    """Under bf16 autocast the grouped path takes torch._grouped_mm itself (the kernel it runs on Hopper):
+    against the masked path within bf16 rounding, and one graph when compiled."""
+    masked, grouped = _own_pair("ste")
+    idx = torch.randint(0, 256, (2, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (lm, gm), (lg, gg) = _loss_grads(masked, idx), _loss_grads(grouped, idx)
+        _one_graph_equal_to_eager(grouped, idx)
+    assert abs(lg.item() - lm.item()) < 1e-2 * abs(lm.item())
+    for a, b in zip(gg, gm):
+        assert ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item() < 5e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [8, 16])
+def test_gpu_grouped_path_matches_the_masked_path(m):
+    masked, grouped = _own_pair("ste", m)
+    masked, grouped = masked.cuda(), grouped.cuda()
+    idx = torch.randint(0, 256, (4, 64), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        (lm, gm), (lg, gg) = _loss_grads(masked, idx), _loss_grads(torch.compile(grouped), idx)
+    assert abs(lg.item() - lm.item()) < 1e-2 * abs(lm.item())
+    for a, b in zip(gg, gm):
+        assert ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item() < 5e-2

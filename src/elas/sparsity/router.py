@@ -31,7 +31,8 @@ Choices the paper leaves open (weight24_vnm.md, 2.4), made here and each a confi
 - re-clustering every `recluster_steps` steps, from the weights of that step (a new mode of the method, so a
   resumed run keeps the clustering it saved);
 - routing is fixed per step (argmax, no gradient through it), like the 2:4 selection: gradients pass straight
-  through the kept features (`ste`) or are masked (`mask`).
+  through the kept features (`ste`) or are masked (`mask`); in "own" mode `ste` passes only through the token's
+  own features (a token never reaches another cluster's neurons, which is what lets vnm.path=grouped skip them).
 """
 from __future__ import annotations
 

@@ -15,8 +15,10 @@ each token is routed to one cluster, and the blocks are made of one cluster's to
 restricts each token to its cluster's features instead); the clustering is redone every `recluster_steps` steps (each period is a mode of the method,
 and the clustering is in the model's buffers, so checkpoints keep it). The choices the paper leaves open, made
 here: v=64 (a 64-row band of the SM90 layout; Venom uses 64 or 128), m=8 (75% sparsity, inside the 84-98%
-zeros of long runs); the router's are in router.py. Everything here is masked dense arithmetic: it measures
-quality, it accelerates nothing.
+zeros of long runs); the router's are in router.py. The default path is masked dense arithmetic: it measures
+quality, it accelerates nothing. `path=grouped` (own mode only) computes own mode for real: tokens sorted by
+cluster, each multiplied by its cluster's neurons only (torch's grouped GEMM: 4/m of the dense FFN's work in all
+six GEMMs, 2:4 inside not exploited yet), equal to the masked path up to summation order.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels import reference as ref
-from ..model.ffn import relu2
+from ..model.ffn import ffn_operands, relu2
 from ..model.lowrank import LowRankLinear
 from . import router as rt
 from .act24 import GRAD_MODES, relu2_stats
@@ -52,6 +54,9 @@ class VNMConfig(SparsityMethod):
     route_metric: str = "dot"  # dot | cosine | l2 (router.py says why dot)
     recluster_steps: int = 1000  # the neurons are re-clustered every this many sparse steps
     kmeans_iters: int = 10
+    # masked: dense GEMMs on masked y2 (emulated) | grouped: own mode as a grouped GEMM over the clusters (each
+    # token multiplies only its cluster's neurons: the work of the FFN's six GEMMs shrinks to 4/m of dense)
+    path: str = "masked"
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -73,6 +78,11 @@ class VNMConfig(SparsityMethod):
             raise ValueError(f"invalid vnm.groups {self.groups}: expected >= 1")
         if self.route_metric not in rt.METRICS:
             raise ValueError(f"invalid vnm.route_metric {self.route_metric!r}: expected one of {', '.join(rt.METRICS)}")
+        if self.path not in ("masked", "grouped"):
+            raise ValueError(f"invalid vnm.path {self.path!r}: expected masked or grouped")
+        if self.path == "grouped" and not (self.router and self.router_mode == "own"):
+            raise ValueError("vnm.path=grouped needs the router in own mode (vnm.router=true, vnm.router_mode=own): "
+                             "only then does every token of a cluster use the same features")
         if self.recluster_steps < 1 or self.kmeans_iters < 1:
             raise ValueError(f"invalid vnm.recluster_steps {self.recluster_steps} / kmeans_iters {self.kmeans_iters}: "
                              f"expected >= 1")
@@ -99,23 +109,57 @@ class VNMConfig(SparsityMethod):
 
 
 class _ReLU2Masked(torch.autograd.Function):
-    """y1 [T, d_ff], mask bool [T, d_ff] (a V:N:M selection of y2) -> y2s = relu(y1)^2 * mask; backward
-    2 relu(y1) dy2, with dy2 masked in `mask` mode."""
+    """y1 [T, K], mask bool [T, K] (a V:N:M selection of y2) -> y2s = relu(y1)^2 * mask; backward 2 relu(y1) dy2,
+    with dy2 masked by the selection in `mask` mode (mask_grad), by `own` where given in `ste` mode (own mode: the
+    token's own features), else straight through (`ste`)."""
 
     @staticmethod
-    def forward(ctx, y1, mask, mask_grad: bool):
+    def forward(ctx, y1, mask, own, mask_grad: bool):
         r = torch.relu(y1)
         y2 = r * r
-        ctx.save_for_backward(r, mask)
-        ctx.mask_grad = mask_grad
+        ctx.save_for_backward(r, mask if mask_grad else own)
         return y2 * mask
 
     @staticmethod
     def backward(ctx, dy2):
-        r, mask = ctx.saved_tensors
-        if ctx.mask_grad:
-            dy2 = dy2 * mask
-        return 2 * r * dy2, None, None
+        r, grad_mask = ctx.saved_tensors
+        if grad_mask is not None:
+            dy2 = dy2 * grad_mask
+        return 2 * r * dy2, None, None, None
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """a [T, k] (rows in groups: group g ends at row offs[g]), b [G, k, n] -> [T, n], group g's rows times b[g].
+    bf16: torch's grouped GEMM (one kernel on Hopper). Other dtypes (CPU fp32 runs and tests): its twin, every
+    group's product over all rows kept where the row is the group's: the same result for G times the work."""
+    if a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16:
+        return torch._grouped_mm(a, b, offs=offs)
+    rows = torch.arange(a.shape[0], device=a.device, dtype=offs.dtype)
+    group = torch.searchsorted(offs, rows, right=True)  # [T]
+    out = a.new_zeros(a.shape[0], b.shape[2])
+    for g in range(b.shape[0]):
+        out = out + (a @ b[g]) * (group == g)[:, None].to(a.dtype)
+    return out
+
+
+def _grouped_core(h1: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, cid: torch.Tensor, features: torch.Tensor,
+                  mask_grad: bool) -> torch.Tensor:
+    """Own-mode V:N:M as a grouped GEMM: h1 [T, q], wu [d_ff, q], wd [d_ff, q'], cid int64 [T] (each token's
+    cluster), features int64 [C, F] (each cluster's features, ascending; F = d_ff / C) -> h2 [T, q'].
+    Tokens are sorted by cluster; cluster c's rows multiply wu[features[c]] and wd[features[c]] only (F of the
+    d_ff features: a neuron-level mixture of experts), with 2 of every 4 kept along them (mask24's rule, the
+    order of routed_vnm_mask). Shapes are static (group offsets on the device), so it traces and captures."""
+    c = features.shape[0]
+    order = torch.argsort(cid, stable=True)  # [T]: rows grouped by cluster, token order inside
+    counts = (cid[:, None] == torch.arange(c, device=cid.device)[None, :]).sum(0)  # [C], static shape
+    offs = counts.cumsum(0).to(torch.int32)  # end row of each group
+    y1 = grouped_mm(h1[order], wu[features].transpose(1, 2), offs)  # [T, F]
+    with torch.no_grad():
+        r = torch.relu(y1)
+        mask = ref.mask24(r * r)
+    y2s = _ReLU2Masked.apply(y1, mask, None, mask_grad)  # [T, F]: ste along the cluster's own features
+    h2 = grouped_mm(y2s, wd[features], offs)  # [T, q']
+    return h2[torch.argsort(order)]
 
 
 def up_rows(up: nn.Module) -> torch.Tensor:
@@ -171,7 +215,7 @@ class VNMCore(nn.Module):
 
     def extra_repr(self) -> str:
         router = f", router ({self.cfg.clusters} clusters, {self.cfg.route_metric})" if self.cfg.router else ""
-        return (f"v={self.cfg.v}, m={self.cfg.m}, grad_mode={self.cfg.grad_mode}{router}, masked, "
+        return (f"v={self.cfg.v}, m={self.cfg.m}, grad_mode={self.cfg.grad_mode}{router}, {self.cfg.path}, "
                 f"active={self.active}")
 
     @torch.no_grad()
@@ -186,18 +230,38 @@ class VNMCore(nn.Module):
         return rt.grouped_vnm_mask(y2, cid, cfg.clusters, cfg.v, cfg.m)
 
     def forward(self, x: torch.Tensor, up: nn.Module, down: nn.Module) -> torch.Tensor:
-        y1 = up(x)  # [batch, seq, d_ff]
-        flat = y1.reshape(-1, y1.shape[-1])  # [T, d_ff]
         cid = None
         if self.cfg.router and self._clustered:  # the cluster of each token: int64 [T]
             cid = rt.route_tokens(x.reshape(-1, x.shape[-1]), self.centroids, self.cfg.route_metric)
+        mask_grad = self.cfg.grad_mode == "mask"
+        if self.active and self.cfg.path == "grouped" and cid is not None and self.stats_sink is None:
+            return self._grouped(x, up, down, cid, mask_grad)  # y1 over all of d_ff is never computed
+        y1 = up(x)  # [batch, seq, d_ff]
+        flat = y1.reshape(-1, y1.shape[-1])  # [T, d_ff]
         if self.stats_sink is not None:  # a probe (no grad): the mask V:N:M uses, or would use while dense
             self.stats_sink.append(self._stats(flat, cid))
         if not self.active:
             return down(relu2(y1))
         r = torch.relu(flat.detach())
-        y2s = _ReLU2Masked.apply(flat, self._mask(r * r, cid), self.cfg.grad_mode == "mask")
+        mask = self._mask(r * r, cid)
+        own = None
+        if cid is not None and self.cfg.router_mode == "own" and not mask_grad:
+            # ste in own mode passes only through the token's own features: a token never reaches another
+            # cluster's neurons (the grouped path does not compute them)
+            own = torch.zeros_like(mask).scatter(1, self.features[cid], True)
+        y2s = _ReLU2Masked.apply(flat, mask, own, mask_grad)
         return down(y2s.reshape(y1.shape))
+
+    def _grouped(self, x, up, down, cid, mask_grad: bool) -> torch.Tensor:
+        bsz, seq, d = x.shape
+        h1, wu, wd, post = ffn_operands(up, down, x.reshape(bsz * seq, d))
+        dev = x.device.type
+        # torch's grouped GEMM runs bf16 on CUDA: the compute dtype there, as autocast's GEMMs would
+        dtype = torch.bfloat16 if dev == "cuda" else (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+                                                      else wu.dtype)
+        with torch.autocast(dev, enabled=False):
+            h2 = _grouped_core(h1.to(dtype), wu.to(dtype), wd.to(dtype), cid, self.features, mask_grad)
+        return post(h2).reshape(bsz, seq, -1)
 
     def _stats(self, y1: torch.Tensor, cid) -> dict:
         r = torch.relu(y1.float())
@@ -233,8 +297,9 @@ def _apply_vnm(model: nn.Module, cfg: VNMConfig, filter_fn) -> Applied:
 
     how = (f"neuron router ({cfg.router_mode} mode): {cfg.clusters} clusters, {cfg.route_metric} routing, "
            f"re-clustered every {cfg.recluster_steps} steps" if cfg.router else "no router: blocks of consecutive tokens")
+    path = "a grouped GEMM over the clusters" if cfg.path == "grouped" else "emulated (masked dense GEMMs)"
     desc = (f"V:N:M activation sparsity (v={cfg.v}, m={cfg.m}: {2 / cfg.m:.0%} dense, {cfg.grad_mode} gradient) "
-            f"on {len(ffns)} FFNs after {cfg.dense_warmup_steps} dense steps; emulated (masked dense GEMMs; {how})")
+            f"on {len(ffns)} FFNs after {cfg.dense_warmup_steps} dense steps; {path}; {how}")
     return Applied(cfg, targets, {(n, "y2") for n, _ in ffns}, detach, desc)
 
 
