@@ -277,6 +277,8 @@ def test_grouped_own_mode_equals_the_masked_path(rank, grad_mode, m):
     d_ff with the others masked. Same selection, same gradient (in own mode `ste` passes only through the token's
     own features), so the same loss and gradients up to summation order (fp32; full-rank and low-rank)."""
     masked, grouped = _own_pair(grad_mode, m, rank)
+    assert masked.blocks[0].ffn.core.description.startswith("emulated")  # what a benchmark row reports
+    assert grouped.blocks[0].ffn.core.description.startswith(f"grouped GEMM over {m // 4} clusters")
     idx = torch.randint(0, 256, (2, 32))
     (lm, gm), (lg, gg) = _loss_grads(masked, idx), _loss_grads(grouped, idx)
     torch.testing.assert_close(lg, lm, rtol=1e-5, atol=1e-6)

@@ -213,6 +213,13 @@ class VNMCore(nn.Module):
         self.centroids.copy_(mu)
         self.period.fill_(period)
 
+    @property
+    def description(self) -> str:
+        """Which path runs the sparse mode (benchmark rows print it)."""
+        if self.cfg.path == "grouped":
+            return f"grouped GEMM over {self.cfg.clusters} clusters (V:N:M own mode)"
+        return "emulated (masked dense GEMMs)"
+
     def extra_repr(self) -> str:
         router = f", router ({self.cfg.clusters} clusters, {self.cfg.route_metric})" if self.cfg.router else ""
         return (f"v={self.cfg.v}, m={self.cfg.m}, grad_mode={self.cfg.grad_mode}{router}, {self.cfg.path}, "
