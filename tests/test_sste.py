@@ -405,3 +405,12 @@ def test_gpu_w24_a24_packed_core_matches_the_masked_one(grad_mode):
                             SSTE24Config(dense_warmup_steps=0, sparse_until=1.0, input_grad="transposed",
                                          backend="cuda" if path == "packed" else "reference")]
                      for path in ("packed", "masked")})
+
+
+def test_scaled_schedule_scales_a_step_counted_sparse_end():
+    """The quality grid scales a recipe's schedule to its run length: a sparse_until given as a step scales like
+    the warm-up (a fraction needs nothing); the benchmarks' factor 0 keeps it, so step 0 is sparse."""
+    c = SSTE24Config(dense_warmup_steps=1000, sparse_until=30000)
+    assert (c.scaled(0.1).dense_warmup_steps, c.scaled(0.1).sparse_until) == (100, 3000)
+    assert c.scaled(0).mode_at(0, 10 ** 9) == "sparse"
+    assert SSTE24Config(sparse_until=0.5).scaled(0.1).sparse_until == 0.5

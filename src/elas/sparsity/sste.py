@@ -33,6 +33,7 @@ The up-projection's input gradient there is dy1 S(W_up): the core multiplies the
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import ClassVar
@@ -83,6 +84,15 @@ class SSTE24Config(SparsityMethod):
 
     def sparse_end(self, max_steps: int) -> int:
         return int(round(self.sparse_until * max_steps)) if isinstance(self.sparse_until, float) else self.sparse_until
+
+    def scaled(self, factor: float) -> "SSTE24Config":
+        """As SparsityMethod.scaled, and a sparse_until given as a step scales with the run too (a fraction
+        already does). factor 0 (the benchmarks: every phase from step 0) keeps it: the sparse phase must not
+        end before it starts."""
+        out = super().scaled(factor)
+        if isinstance(self.sparse_until, int) and factor > 0:
+            out = dataclasses.replace(out, sparse_until=int(round(self.sparse_until * factor)))
+        return out
 
     def mode_at(self, step: int, max_steps: int) -> str:
         if step < self.dense_warmup_steps:
