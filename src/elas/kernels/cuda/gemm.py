@@ -110,7 +110,11 @@ def capture_graph(fn, reps: int = 1, warmup: int = 3) -> torch.cuda.CUDAGraph:
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(g):
+        # thread_local: only this thread's calls are checked. In `global` mode an unsafe call from any other
+        # thread of the process fails the capture; `elas bench ffn` saw one such failure ("operation would make
+        # the legacy stream depend on a capturing blocking stream") that a script capturing the same rows in the
+        # same order without the CLI around it did not (docs/performance.md)
+        with torch.cuda.graph(g, capture_error_mode="thread_local"):
             for _ in range(reps):
                 fn()
     except RuntimeError:
