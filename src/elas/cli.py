@@ -470,7 +470,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.what == "ffn":
         from .bench.ffn import bench_ffn
         rows = bench_ffn(sizes, batch_scale=args.batch_scale,
-                         variants=args.variants.split(",") if args.variants else None)
+                         variants=args.variants.split(",") if args.variants else None, on_row=write)
     elif args.what == "compile":
         from .bench.compile import bench_compile
         rows = bench_compile((sizes or ["llama-1b"])[0], args.variants.split(",") if args.variants else None,

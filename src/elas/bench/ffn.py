@@ -1,8 +1,10 @@
 """FFN benchmark of the variants the papers compare, in one process (the whole step: bench/step.py).
 
 ffn: one FFN block of the model (its real widths, ranks and 2:4 options), bf16 weights, forward+backward timed
-     as CUDA-graph replays (GPU time: `ffn_ms`) and eagerly with CUDA events (`ffn_ms_eager`, host overhead
-     included), medians; FFN activation memory = bytes autograd saves in the FFN's forward (unique storages,
+     as CUDA-graph replays (GPU time: `ffn_ms`), eagerly with CUDA events (`ffn_ms_eager`, host overhead
+     included), and compiled by `torch.compile` then replayed from a CUDA graph (`ffn_ms_compiled`: the mode a
+     trainer runs, and the one ratios against the dense FFN must use: `ffn_ms_best` is the faster of the two
+     graph timings), medians; FFN activation memory = bytes autograd saves in the FFN's forward (unique storages,
      parameters excluded).
 """
 from __future__ import annotations
@@ -81,18 +83,40 @@ def _ffn_row(size: str, variant: str, batch: int, seq: int) -> dict:
     except RuntimeError as e:  # reported, not hidden: the row says which timing it holds
         print(f"ffn {size} {variant}: CUDA-graph capture failed ({capture_failure(e)}); eager time only")
         ms = None
+    compiled = _compiled_ms(ffn, x, gy, f"{size} {variant}")
     core = ffn.core if hasattr(ffn, "core") else None
     parts = [core.description.split(" (")[0]] if getattr(core, "description", None) else []
     if hasattr(ffn.up, "packed"):  # a weight method's linears (S-STE): their own products' path
         parts.append(f"{type(ffn.up).__name__} " + ("on sparse tensor cores" if ffn.up.packed else "emulated"))
     path = "; ".join(parts) or "dense"
     return {"model": size, "variant": variant, "batch": batch, "seq": seq, "d_ff": cfg.ffn_width, "rank": cfg.rank,
-            "ffn_ms": ms if ms is not None else eager, "ffn_ms_eager": eager,
+            "ffn_ms": ms if ms is not None else eager, "ffn_ms_eager": eager, "ffn_ms_compiled": compiled,
+            "ffn_ms_best": min(t for t in (ms, compiled, eager) if t is not None),
             "ffn_timing": "graph" if ms is not None else "eager", "ffn_act_mem_gb": act / 1e9, "path": path}
 
 
-def bench_ffn(sizes=None, seq: int = 256, log=print, batch_scale: float = 1.0, variants=None) -> list[dict]:
-    """Rows for every (size, variant); variants default to BENCH_VARIANTS and may set keys (variant_config)."""
+def _compiled_ms(ffn, x, gy, name: str) -> float | None:
+    """GPU time of the compiled FFN's forward+backward, replayed from a CUDA graph; None (and said) if it does not
+    compile or capture. A fresh compile per row: dynamo's cache is reset so one row's graphs never serve another."""
+    torch._dynamo.reset()
+    cffn = torch.compile(ffn)
+    try:
+        for _ in range(3):  # compile forward and backward, then let the autotuned kernels settle
+            cffn(x).backward(gy)
+        x.grad = None
+        ffn.zero_grad(set_to_none=True)
+        return graph_ms(lambda: cffn(x).backward(gy), reps=10, trials=7)
+    except Exception as e:  # reported, not hidden: the row's compiled column stays empty
+        print(f"ffn {name}: compiled timing failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        return None
+    finally:
+        torch._dynamo.reset()
+
+
+def bench_ffn(sizes=None, seq: int = 256, log=print, batch_scale: float = 1.0, variants=None,
+              on_row=None) -> list[dict]:
+    """Rows for every (size, variant); variants default to BENCH_VARIANTS and may set keys (variant_config);
+    on_row(rows so far) after each row, so that a run cut off keeps what it measured."""
     variants = list(variants or VARIANTS)
     for size in sizes or list(BATCH):  # a bad size, variant or key fails here, before any GPU work
         if size not in BATCH:
@@ -105,7 +129,10 @@ def bench_ffn(sizes=None, seq: int = 256, log=print, batch_scale: float = 1.0, v
             r = _ffn_row(size, variant, int(BATCH[size] * batch_scale), seq)
             torch.cuda.empty_cache()
             rows.append(r)
-            log(f"ffn {size} {variant:>13}: {r['ffn_ms']:.3f} ms fwd+bwd ({r['ffn_timing']}; eager "
+            if on_row is not None:
+                on_row(rows)
+            comp = "-" if r["ffn_ms_compiled"] is None else f"{r['ffn_ms_compiled']:.3f}"
+            log(f"ffn {size} {variant:>13}: {r['ffn_ms']:.3f} ms fwd+bwd ({r['ffn_timing']}; compiled {comp}; eager "
                 f"{r['ffn_ms_eager']:.3f}), saved activations "
                 f"{r['ffn_act_mem_gb']:.3f} GB ({r['path']})")
     return rows

@@ -101,38 +101,59 @@ def infer_table(doc: dict) -> str:
     return "\n".join(out)
 
 
-TWIN = {"relu2-24": "relu2", "elas": "lowrank-relu2", "elas-mask": "lowrank-relu2"}  # the dense twin of a variant
+def twin_of(variant: str) -> str:
+    """The dense twin of a bench row's variant ("relu2-w24+sste24.backend=cuda" -> "relu2"), from the registry;
+    "" for a dense variant or one the registry no longer has."""
+    from ..config import VARIANTS, split_variant
+    v = VARIANTS.get(split_variant(variant)[0])
+    return (v.twin or "") if v else ""
 
 
-def step_tables(doc: dict) -> str:
+def ffn_table(doc: dict) -> str:
+    """elas bench ffn: one FFN block per row, against its dense twin."""
     rows = doc["rows"]
     by = {(r["model"], r["variant"]): r for r in rows}
     eager_cols = all("ffn_ms_eager" in r for r in rows)  # results of older versions timed the FFN one way only
+    comp_cols = all("ffn_ms_compiled" in r for r in rows)  # ... and not compiled
     out = [_env_line(doc), "",
            "FFN block forward+backward (bf16 weights; GPU time from CUDA-graph replay"
+           + (", uncompiled and compiled" if comp_cols else "")
            + (", and eager with host overhead" if eager_cols else "") + ") and the activation memory autograd saves "
            "for it:", "",
            "| model | variant | tokens | FFN fwd+bwd ms | vs dense twin | "
+           + ("compiled ms | best vs dense twin's best | " if comp_cols else "")
            + ("eager ms | vs dense twin (eager) | " if eager_cols else "") + "FFN act. memory GB | vs dense twin | path |",
-           "|---|---|---|---|---|---|---|---|" + ("---|---|" if eager_cols else "")]
+           "|---|---|---|---|---|---|---|---|" + ("---|---|" if comp_cols else "") + ("---|---|" if eager_cols else "")]
     for r in rows:
-        twin = by.get((r["model"], TWIN.get(r["variant"], "")))
+        twin = by.get((r["model"], twin_of(r["variant"])))
         sp = f"**{twin['ffn_ms'] / r['ffn_ms']:.2f}x**" if twin else ""
         mem = f"{100 * (r['ffn_act_mem_gb'] / twin['ffn_act_mem_gb'] - 1):+.0f}%" if twin else ""
         timing = "" if r.get("ffn_timing", "graph") == "graph" else " (eager)"
+        comp = ""
+        if comp_cols:
+            c = r["ffn_ms_compiled"]
+            best = f"**{twin['ffn_ms_best'] / r['ffn_ms_best']:.2f}x**" if twin else ""
+            comp = f"{'-' if c is None else f'{c:.3f}'} | {best} | "
         eager = ""
         if eager_cols:
             vs = f"{twin['ffn_ms_eager'] / r['ffn_ms_eager']:.2f}x" if twin else ""
             eager = f"{r['ffn_ms_eager']:.3f} | {vs} | "
         out.append(f"| {r['model']} | {r['variant']} | {r['batch'] * r['seq']} | {r['ffn_ms']:.3f}{timing} | {sp} | "
-                   f"{eager}{r['ffn_act_mem_gb']:.3f} | {mem} | {r['path']} |")
+                   f"{comp}{eager}{r['ffn_act_mem_gb']:.3f} | {mem} | {r['path']} |")
+    return "\n".join(out)
+
+
+def step_tables(doc: dict) -> str:
+    rows = doc["rows"]
+    by = {(r["model"], r["variant"]): r for r in rows}
+    out = [ffn_table(doc)]
     out += ["", "Training step (whole model, bf16 autocast, fused AdamW; the trainer's step: forward+backward "
             "replayed from a CUDA graph unless marked eager, and the same step run eagerly):", "",
             "| model | variant | batch x seq | step ms | tokens/s | vs dense twin | vs SwiGLU | eager step ms | "
             "graph gain | MFU | peak GB |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        twin = by.get((r["model"], TWIN.get(r["variant"], "")))
+        twin = by.get((r["model"], twin_of(r["variant"])))
         base = by.get((r["model"], "swiglu"))
         ratio = f"**{r['tokens_per_s'] / twin['tokens_per_s']:.2f}x**" if twin else ""
         eager = r.get("step_ms_eager")  # absent in results of older versions
@@ -252,6 +273,7 @@ RENDERERS = {"compile.json": ("torch.compile: graph breaks and the compiled step
              "epilogue.json": ("d_ff-wide GEMMs with the 2:4 pointwise work in their epilogue, against cuBLAS + the "
                                "separate kernel", epilogue_table),
              "step.json": ("FFN and training step", step_tables),
+             "ffn.json": ("FFN block forward+backward against its dense twin", ffn_table),
              "loss.json": ("LM head + cross-entropy (forward + backward; GB: peak above the inputs)", loss_table)}
 
 
@@ -265,6 +287,8 @@ def render(results: Path) -> str:
                 continue
             title, fn = RENDERERS[kind + ".json"]
             doc = json.loads(f.read_text())
+            if kind == "ffn" and not all("ffn_ms" in r for r in doc.get("rows", [{}])):
+                continue  # a profile or parts file of an FFN study: its own note renders it
             if kind == "step" and doc["rows"] and "mode" in doc["rows"][0]:  # elas bench step since the modes
                 title, fn = "Training step: elas's default mode, torch.compile and eager", mode_step_tables
             parts.append(f"### {title}{f', {part}' if part else ''}{f', batch x{scale}' if scale else ''} "
