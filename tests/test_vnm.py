@@ -332,3 +332,29 @@ def test_gpu_grouped_path_matches_the_masked_path(m):
     assert abs(lg.item() - lm.item()) < 1e-2 * abs(lm.item())
     for a, b in zip(gg, gm):
         assert ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item() < 5e-2
+
+
+def test_group_layout_aligns_groups_and_moves_rows_by_gathers_only():
+    """Every token lands once, in its cluster's group; groups start at multiples of ALIGN; the last ends at P;
+    padding rows are zero; the backward of the row moves is the inverse gather (no accumulation)."""
+    from elas.sparsity.vnm import ALIGN, _Take, group_layout
+    torch.manual_seed(0)
+    t, c = 50, 3
+    cid = torch.randint(0, c, (t,))
+    cid[:5] = 2  # cluster 1 may be small; cluster 2 is never empty
+    src, dest, offs = group_layout(cid, c)
+    p = t + ALIGN * c
+    assert src.shape == (p,) and offs[-1].item() == p and (offs[:-1] % ALIGN == 0).all()
+    assert torch.equal(src[dest], torch.arange(t))  # dest and src are inverse maps
+    assert (src == t).sum().item() == p - t  # the rest is padding
+    starts = torch.cat([torch.zeros(1, dtype=torch.int32), offs[:-1]])
+    group_of_row = torch.searchsorted(offs, torch.arange(p, dtype=torch.int32), right=True)
+    assert torch.equal(group_of_row[dest], cid)  # each token in its cluster's group
+    assert (dest.sort().values.diff() > 0).all() and (starts % ALIGN == 0).all()
+    x = torch.randn(t, 4, dtype=torch.float64, requires_grad=True)
+    y = _Take.apply(x, src, dest)
+    assert (y[src == t] == 0).all() and torch.equal(y[dest], x.detach())
+    g = torch.randn(p, 4, dtype=torch.float64)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g[dest])
+    assert torch.autograd.gradcheck(lambda z: _Take.apply(z, src, dest), (x.detach().clone().requires_grad_(),))

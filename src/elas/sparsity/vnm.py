@@ -142,24 +142,75 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return out
 
 
+ALIGN = 16  # rows: every group of the grouped GEMM starts at a multiple of this (its weight gradient contracts
+# over the tokens of a group, and torch's kernel wants that dimension's offsets 16-byte aligned)
+
+
+class _Take(torch.autograd.Function):
+    """out = x[idx] along dim 0 with rows where idx >= len(x) zero; the backward is the same gather of the output
+    gradient by `back` (idx and back are mutually inverse maps between the rows of x and of out, each row taken
+    at most once), so neither direction scatters or accumulates."""
+
+    @staticmethod
+    def forward(ctx, x, idx, back):
+        ctx.save_for_backward(back)
+        ctx.n = x.shape[0]
+        return _take(x, idx)
+
+    @staticmethod
+    def backward(ctx, g):
+        (back,) = ctx.saved_tensors
+        return _take(g, back), None, None
+
+
+def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    n = x.shape[0]
+    out = x[idx.clamp(max=n - 1)]
+    return out * (idx < n).view(-1, *([1] * (x.dim() - 1))).to(out.dtype)
+
+
+def group_layout(cid: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of the grouped GEMM for cid int64 [T] (each token's cluster, in [0, c)): cluster g's tokens, in token
+    order, fill rows [start_g, start_g + count_g), start_g a multiple of ALIGN; the other rows are zero padding.
+    Returns src int64 [P] (the token of each row; T for padding), dest int64 [T] (the row of each token) and
+    offs int32 [c] (the end row of each group; the last ends at P). P = T + ALIGN * c: static, so it traces and
+    captures (no value leaves the device)."""
+    t = cid.shape[0]
+    p = t + ALIGN * c
+    counts = (cid[:, None] == torch.arange(c, device=cid.device)[None, :]).sum(0)  # [c]
+    padded = (counts + ALIGN - 1) // ALIGN * ALIGN
+    ends = padded.cumsum(0)
+    starts = ends - padded  # [c]
+    order = torch.argsort(cid, stable=True)  # [T]: tokens by cluster, token order inside
+    cs = cid[order]
+    rank = torch.arange(t, device=cid.device) - (counts.cumsum(0) - counts)[cs]  # rank inside its cluster
+    dest = torch.empty_like(order).scatter_(0, order, starts[cs] + rank)  # [T]
+    src = torch.full((p,), t, dtype=torch.int64, device=cid.device).scatter_(0, dest, torch.arange(
+        t, device=cid.device))
+    offs = torch.cat([ends[:-1], ends.new_full((1,), p)]).to(torch.int32)
+    return src, dest, offs
+
+
 def _grouped_core(h1: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, cid: torch.Tensor, features: torch.Tensor,
                   mask_grad: bool) -> torch.Tensor:
     """Own-mode V:N:M as a grouped GEMM: h1 [T, q], wu [d_ff, q], wd [d_ff, q'], cid int64 [T] (each token's
-    cluster), features int64 [C, F] (each cluster's features, ascending; F = d_ff / C) -> h2 [T, q'].
-    Tokens are sorted by cluster; cluster c's rows multiply wu[features[c]] and wd[features[c]] only (F of the
-    d_ff features: a neuron-level mixture of experts), with 2 of every 4 kept along them (mask24's rule, the
-    order of routed_vnm_mask). Shapes are static (group offsets on the device), so it traces and captures."""
-    c = features.shape[0]
-    order = torch.argsort(cid, stable=True)  # [T]: rows grouped by cluster, token order inside
-    counts = (cid[:, None] == torch.arange(c, device=cid.device)[None, :]).sum(0)  # [C], static shape
-    offs = counts.cumsum(0).to(torch.int32)  # end row of each group
-    y1 = grouped_mm(h1[order], wu[features].transpose(1, 2), offs)  # [T, F]
+    cluster), features int64 [C, F] (each cluster's features, ascending; F = d_ff / C; a partition of d_ff)
+    -> h2 [T, q']. Tokens are laid out by cluster (group_layout); cluster c's rows multiply wu[features[c]] and
+    wd[features[c]] only (F of the d_ff features: a neuron-level mixture of experts), with 2 of every 4 kept
+    along them (mask24's rule, the order of routed_vnm_mask). Every row move is a gather both ways (_Take)."""
+    c, f = features.shape
+    src, dest, offs = group_layout(cid, c)
+    flat = features.reshape(-1)
+    inv = torch.argsort(flat)  # features is a partition of d_ff: its inverse permutation
+    wu_g = _Take.apply(wu, flat, inv).view(c, f, -1)  # [C, F, q]
+    wd_g = _Take.apply(wd, flat, inv).view(c, f, -1)  # [C, F, q']
+    y1 = grouped_mm(_Take.apply(h1, src, dest), wu_g.transpose(1, 2), offs)  # [P, F]; padding rows 0
     with torch.no_grad():
         r = torch.relu(y1)
         mask = ref.mask24(r * r)
-    y2s = _ReLU2Masked.apply(y1, mask, None, mask_grad)  # [T, F]: ste along the cluster's own features
-    h2 = grouped_mm(y2s, wd[features], offs)  # [T, q']
-    return h2[torch.argsort(order)]
+    y2s = _ReLU2Masked.apply(y1, mask, None, mask_grad)  # [P, F]: ste along the cluster's own features
+    h2 = grouped_mm(y2s, wd_g, offs)  # [P, q']
+    return _Take.apply(h2, dest, src)  # [T, q']
 
 
 def up_rows(up: nn.Module) -> torch.Tensor:
