@@ -327,11 +327,17 @@ def test_gpu_grouped_path_matches_the_masked_path(m):
     masked, grouped = _own_pair("ste", m)
     masked, grouped = masked.cuda(), grouped.cuda()
     idx = torch.randint(0, 256, (4, 64), device="cuda")
+    lr, gr = _loss_grads(masked, idx)  # fp32 masked: the reference
     with torch.autocast("cuda", dtype=torch.bfloat16):
         (lm, gm), (lg, gg) = _loss_grads(masked, idx), _loss_grads(torch.compile(grouped), idx)
-    assert abs(lg.item() - lm.item()) < 1e-2 * abs(lm.item())
-    for a, b in zip(gg, gm):
-        assert ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item() < 5e-2
+    assert abs(lg.item() - lr.item()) < 1e-2 * abs(lr.item())
+
+    def err(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
+    # in bf16 both paths round y1 differently, so near-ties of the 2-of-4 choice fall either way: the grouped
+    # path must be as close to the fp32 reference as the masked bf16 path is, not bit-equal to it
+    for a, b, r in zip(gg, gm, gr):
+        assert err(a, r) <= 1.5 * err(b, r) + 2e-2, (err(a, r), err(b, r))
 
 
 def test_group_layout_aligns_groups_and_moves_rows_by_gathers_only():

@@ -142,8 +142,10 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return out
 
 
-ALIGN = 16  # rows: every group of the grouped GEMM starts at a multiple of this (its weight gradient contracts
-# over the tokens of a group, and torch's kernel wants that dimension's offsets 16-byte aligned)
+ALIGN = 16  # rows: every group of the grouped GEMM starts at a multiple of this. torch 2.11's bf16 kernel gave the
+# same results with unaligned offsets on an H200 (benchmarks/results/h200/vnm_grouped_diag.json), but its weight
+# gradient contracts over a group's tokens, and low-precision grouped kernels require 16-byte-aligned offsets
+# there: 16 rows hold for every dtype at a cost of at most 16 zero rows per cluster
 
 
 class _Take(torch.autograd.Function):

@@ -12,6 +12,7 @@ pytorch#155333); the choice is cached in memory and on disk (ELAS_CACHE_DIR, def
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -114,9 +115,14 @@ def capture_graph(fn, reps: int = 1, warmup: int = 3) -> torch.cuda.CUDAGraph:
         # thread of the process fails the capture; `elas bench ffn` saw one such failure ("operation would make
         # the legacy stream depend on a capturing blocking stream") that a script capturing the same rows in the
         # same order without the CLI around it did not (docs/performance.md)
-        with torch.cuda.graph(g, capture_error_mode="thread_local"):
-            for _ in range(reps):
-                fn()
+        gc.collect()
+        gc.disable()  # a collection during the capture could free a CUDA graph or plan of earlier work: not here
+        try:
+            with torch.cuda.graph(g, capture_error_mode="thread_local"):
+                for _ in range(reps):
+                    fn()
+        finally:
+            gc.enable()
     except RuntimeError:
         del g
         reset_generator_capture_state()  # or every later CUDA random op of the process fails
