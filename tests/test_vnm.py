@@ -324,20 +324,33 @@ def test_grouped_path_in_bf16_runs_torchs_grouped_gemm_and_compiles():
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [8, 16])
 def test_gpu_grouped_path_matches_the_masked_path(m):
+    """bf16 on the GPU: the grouped path (torch's grouped GEMM) is as close to the fp32 masked reference as the
+    bf16 masked path is (in bf16 both paths round y1, so near-ties of the 2-of-4 choice fall either way), and
+    the compiled FFN computes what the eager one does. The whole model is not compared compiled: Inductor's
+    other fusions change the rounding of x, and a token near a tie between two clusters changes its route."""
     masked, grouped = _own_pair("ste", m)
     masked, grouped = masked.cuda(), grouped.cuda()
     idx = torch.randint(0, 256, (4, 64), device="cuda")
     lr, gr = _loss_grads(masked, idx)  # fp32 masked: the reference
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        (lm, gm), (lg, gg) = _loss_grads(masked, idx), _loss_grads(torch.compile(grouped), idx)
+        (lm, gm), (lg, gg) = _loss_grads(masked, idx), _loss_grads(grouped, idx)
     assert abs(lg.item() - lr.item()) < 1e-2 * abs(lr.item())
 
     def err(a, b):
         return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
-    # in bf16 both paths round y1 differently, so near-ties of the 2-of-4 choice fall either way: the grouped
-    # path must be as close to the fp32 reference as the masked bf16 path is, not bit-equal to it
     for a, b, r in zip(gg, gm, gr):
         assert err(a, r) <= 1.5 * err(b, r) + 2e-2, (err(a, r), err(b, r))
+    ffn = grouped.blocks[0].ffn.to(torch.bfloat16)
+    x = torch.randn(4, 64, ffn.up.in_features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    outs = []
+    for f in (ffn, torch.compile(ffn)):
+        x.grad = None
+        ffn.zero_grad(set_to_none=True)
+        y = f(x)
+        y.float().square().sum().backward()
+        outs.append([y, x.grad] + [p.grad for p in ffn.parameters()])
+    for a, b in zip(*outs):
+        assert err(a, b) < 1e-2
 
 
 def test_group_layout_aligns_groups_and_moves_rows_by_gathers_only():
@@ -357,6 +370,9 @@ def test_group_layout_aligns_groups_and_moves_rows_by_gathers_only():
     group_of_row = torch.searchsorted(offs, torch.arange(p, dtype=torch.int32), right=True)
     assert torch.equal(group_of_row[dest], cid)  # each token in its cluster's group
     assert (dest.sort().values.diff() > 0).all() and (starts % ALIGN == 0).all()
+    for g in range(c):  # inside a group, token order; the group's rows from its start on
+        rows = dest[cid == g]
+        assert (rows.diff() > 0).all() and rows[0] == starts[g] and rows[-1] == starts[g] + len(rows) - 1
     x = torch.randn(t, 4, dtype=torch.float64, requires_grad=True)
     y = _Take.apply(x, src, dest)
     assert (y[src == t] == 0).all() and torch.equal(y[dest], x.detach())

@@ -291,8 +291,9 @@ def render(results: Path) -> str:
                 continue  # a profile or parts file of an FFN study: its own note renders it
             if kind == "step" and doc["rows"] and "mode" in doc["rows"][0]:  # elas bench step since the modes
                 title, fn = "Training step: elas's default mode, torch.compile and eager", mode_step_tables
+            note = f"\n{doc['note']}\n" if doc.get("note") and fn is not compile_table else ""
             parts.append(f"### {title}{f', {part}' if part else ''}{f', batch x{scale}' if scale else ''} "
-                         f"({gpu_dir.name})\n\n{fn(doc)}\n")
+                         f"({gpu_dir.name})\n\n{fn(doc)}\n{note}")
             png = Path("docs") / "img" / f"{f.stem}_{gpu_dir.name}.png"
             if kind == "step" and fn is step_tables and plot_step(doc, png):
                 parts.append(f"![tokens/s and FFN activation memory](img/{png.name})\n")

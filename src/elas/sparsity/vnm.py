@@ -167,6 +167,8 @@ class _Take(torch.autograd.Function):
 
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
+    if idx.shape[0] <= n:  # no more rows out than in, each taken at most once: no padding row to fill
+        return x[idx]
     out = x[idx.clamp(max=n - 1)]
     return out * (idx < n).view(-1, *([1] * (x.dim() - 1))).to(out.dtype)
 
@@ -179,14 +181,15 @@ def group_layout(cid: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor,
     captures (no value leaves the device)."""
     t = cid.shape[0]
     p = t + ALIGN * c
-    counts = (cid[:, None] == torch.arange(c, device=cid.device)[None, :]).sum(0)  # [c]
+    onehot = cid[:, None] == torch.arange(c, device=cid.device)[None, :]  # [T, c]
+    counts = onehot.sum(0)  # [c]
+    # each token's rank inside its cluster, in token order: a running count, not a sort (a radix sort of the
+    # int64 ids cost ~0.1 ms per layer at 8k tokens on an H200, step_vnm.json)
+    rank = (onehot.cumsum(0) - 1).gather(1, cid[:, None]).squeeze(1)  # [T]
     padded = (counts + ALIGN - 1) // ALIGN * ALIGN
     ends = padded.cumsum(0)
     starts = ends - padded  # [c]
-    order = torch.argsort(cid, stable=True)  # [T]: tokens by cluster, token order inside
-    cs = cid[order]
-    rank = torch.arange(t, device=cid.device) - (counts.cumsum(0) - counts)[cs]  # rank inside its cluster
-    dest = torch.empty_like(order).scatter_(0, order, starts[cs] + rank)  # [T]
+    dest = starts[cid] + rank  # [T]
     src = torch.full((p,), t, dtype=torch.int64, device=cid.device).scatter_(0, dest, torch.arange(
         t, device=cid.device))
     offs = torch.cat([ends[:-1], ends.new_full((1,), p)]).to(torch.int32)
@@ -203,7 +206,8 @@ def _grouped_core(h1: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, cid: tor
     c, f = features.shape
     src, dest, offs = group_layout(cid, c)
     flat = features.reshape(-1)
-    inv = torch.argsort(flat)  # features is a partition of d_ff: its inverse permutation
+    # features is a partition of d_ff: its inverse permutation, by a scatter (no sort)
+    inv = torch.empty_like(flat).scatter_(0, flat, torch.arange(flat.shape[0], device=flat.device))
     wu_g = _Take.apply(wu, flat, inv).view(c, f, -1)  # [C, F, q]
     wd_g = _Take.apply(wd, flat, inv).view(c, f, -1)  # [C, F, q']
     y1 = grouped_mm(_Take.apply(h1, src, dest), wu_g.transpose(1, 2), offs)  # [P, F]; padding rows 0
