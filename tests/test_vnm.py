@@ -94,11 +94,18 @@ def test_schedule_claims_stats_and_one_graph_per_mode():
     with pytest.raises(ValueError, match="both make operand 'y2'"):
         sparsify_(model, Act24Config())
     idx = torch.randint(0, 256, (2, 32))
-    for step, mode in ((0, "dense"), (5, "sparse")):
-        assert set_step(model, step, 10) == (mode,)
+    losses = {}
+    for step, mode in ((0, "dense"), (5, "sparse"), (10, "dense-final")):  # sparse_until 0.5 of 20 steps
+        assert set_step(model, step, 20) == (mode,)
         _one_graph_equal_to_eager(model, idx)
         stats = collect_stats(model, lambda: model(idx, idx))
         assert 0 < stats["dropped_nnz_frac/mean"] < 1 and 0 < stats["y2_zero_frac/mean"] < 1
+        losses[mode] = model(idx, idx).item()
+    assert losses["dense-final"] == losses["dense"] != losses["sparse"]  # the final phase is the dense model
+    assert VNMConfig(sparse_until=1.0).mode_at(10 ** 6, 10 ** 6 + 1) == "sparse"  # 1.0: sparse to the end
+    assert VNMConfig(sparse_until=300).scaled(0.1).sparse_until == 30  # a step scales with the run
+    with pytest.raises(ValueError, match="vnm.sparse_until 1.5"):
+        VNMConfig(sparse_until=1.5)
     with pytest.raises(ValueError, match="not a multiple of m=12"):
         sparsify_(ReLU2FFN.of_width(16, 32), VNMConfig(m=12))
     with pytest.raises(ValueError, match="vnm.m 20"):
@@ -190,7 +197,7 @@ def test_grouped_mask_is_the_block_selection_over_each_clusters_tokens():
 @pytest.mark.parametrize("mode", ["group", "own"])
 def test_router_periods_reclustering_stats_and_one_graph(tmp_path, mode):
     cfg = preset("llama-tiny-relu2-vnm", n_layers=2, vocab_size=256)
-    cfg.methods[0].update(v=16, dense_warmup_steps=2, recluster_steps=3, router_mode=mode, groups=4)
+    cfg.methods[0].update(v=16, dense_warmup_steps=2, recluster_steps=3, router_mode=mode, groups=4, sparse_until=1.0)
     torch.manual_seed(0)
     model = build_model(cfg)
     core = model.blocks[0].ffn.core
@@ -224,7 +231,8 @@ def test_router_periods_reclustering_stats_and_one_graph(tmp_path, mode):
         VNMConfig(router=True, route_metric="manhattan")
 
 
-def test_router_run_resumes_exactly_across_a_reclustering(dataset, tmp_path):
+@pytest.mark.parametrize("until", ["1.0", "5"])  # sparse to the end; dense again from step 5 (after the resume)
+def test_router_run_resumes_exactly_across_a_reclustering(dataset, tmp_path, until):
     from elas.cli import main
     from conftest import TINY
     import json
@@ -234,7 +242,7 @@ def test_router_run_resumes_exactly_across_a_reclustering(dataset, tmp_path):
                      "--no-progress", *TINY, "--set", "log_every=1", "--set", "eval_every=100",
                      "--set", "save_every=3", "--set", "model.vnm.dense_warmup_steps=2",
                      "--set", "model.vnm.recluster_steps=2", "--set", "model.vnm.v=16",
-                     "--max-steps", str(steps), *extra])
+                     "--set", f"model.vnm.sparse_until={until}", "--max-steps", str(steps), *extra])
 
     def losses(d):
         recs = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
@@ -244,6 +252,8 @@ def test_router_run_resumes_exactly_across_a_reclustering(dataset, tmp_path):
     assert run(tmp_path / "run", 7, "--resume") == 0
     a, b = losses(tmp_path / "ref"), losses(tmp_path / "run")
     assert sorted(a) == list(range(1, 8)) and a == b
+    modes = [json.loads(ln).get("modes") for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert (["dense-final"] in modes) == (until == "5")
 
 
 # ---- own mode as a grouped GEMM over the clusters (vnm.path=grouped) ----------------------------------------

@@ -41,7 +41,7 @@ SPARSE_STEP, RUN_STEPS = 0, 10 ** 9  # step 0 of a long run: with the schedules 
 
 def set_sparse(model) -> tuple:
     """Every sparsity method of a bench model (built from variant_config) in its sparse phase. Fails if one is
-    not: a weight method's sparse phase ends at a fraction of the run (sste24.sparse_until), so a run of one
+    not: the third paper's methods end their sparse phase at a fraction of the run (sparse_until), so a run of one
     step would put it in its final dense phase and the row would time dense GEMMs under a sparse name."""
     modes = set_step(model, SPARSE_STEP, RUN_STEPS)
     dense = [m for m in modes if not str(m).startswith("sparse")]

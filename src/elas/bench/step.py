@@ -122,7 +122,9 @@ def bench_step(sizes=("llama-1b",), batches=(32,), variants=STEP_VARIANTS, modes
                seq: int = 256, steps: int = 10, warmup: int = 3, profile: bool = True, log=print,
                on_row=None, checkpointing: bool = False) -> list[dict]:
     """Rows for every (size, batch, variant, mode); a row that fails (out of memory) is recorded with its error.
-    checkpointing: every row with activation checkpointing per block (the trainer's activation_checkpointing)."""
+    Mode-major: every variant in the first mode (elas's: the fast one to compile) before any in the next, so a
+    call cut off by a time limit keeps a comparable set of rows. checkpointing: every row with activation
+    checkpointing per block (the trainer's activation_checkpointing)."""
     for size in sizes:  # a bad variant or option fails here, before any row has run
         for variant in variants:
             for mode in modes:
@@ -130,21 +132,20 @@ def bench_step(sizes=("llama-1b",), batches=(32,), variants=STEP_VARIANTS, modes
     rows = []
     for size in sizes:
         for batch in batches:
-            for variant in variants:
-                for mode in modes:
-                    try:
-                        r = step_row(size, variant, mode, batch, seq, steps, warmup, profile, optimizer, checkpointing)
-                    except torch.OutOfMemoryError as e:
-                        r = {"model": size, "variant": variant, "mode": mode, "batch": batch, "seq": seq,
-                             "activation_checkpointing": checkpointing, "error": "out of memory: " + str(e).splitlines()[0][:120]}
-                        torch.cuda.empty_cache()
-                    rows.append(r)
-                    log(f"step {size} b{batch} {variant:>14} {mode:>13}: " + (
-                        f"{r['step_ms']:7.1f} ms (synced {r['step_ms_synced']:6.1f}) {r['tokens_per_s']:>9,.0f} tok/s "
-                        f"peak {r['peak_mem_gb']:5.1f} GB "
-                        f"compile {r['compile_s']:5.1f} s" if "error" not in r else r["error"]))
-                    if on_row is not None:
-                        on_row(rows)
+            for mode, variant in ((m, v) for m in modes for v in variants):
+                try:
+                    r = step_row(size, variant, mode, batch, seq, steps, warmup, profile, optimizer, checkpointing)
+                except torch.OutOfMemoryError as e:
+                    r = {"model": size, "variant": variant, "mode": mode, "batch": batch, "seq": seq,
+                         "activation_checkpointing": checkpointing, "error": "out of memory: " + str(e).splitlines()[0][:120]}
+                    torch.cuda.empty_cache()
+                rows.append(r)
+                log(f"step {size} b{batch} {variant:>14} {mode:>13}: " + (
+                    f"{r['step_ms']:7.1f} ms (synced {r['step_ms_synced']:6.1f}) {r['tokens_per_s']:>9,.0f} tok/s "
+                    f"peak {r['peak_mem_gb']:5.1f} GB "
+                    f"compile {r['compile_s']:5.1f} s" if "error" not in r else r["error"]))
+                if on_row is not None:
+                    on_row(rows)
     return rows
 
 

@@ -46,11 +46,16 @@ class SparsityMethod:
         raise NotImplementedError
 
     def scaled(self, factor: float) -> "SparsityMethod":
-        """This config with its step-counted schedule (fields ending in `_steps`) scaled by factor: a recipe
-        written for one run length, used for another (the quality grid)."""
+        """This config with its step-counted schedule (fields ending in `_steps`, and a `sparse_until` given as a
+        step) scaled by factor: a recipe written for one run length, used for another (the quality grid). A
+        fraction of the run needs no scaling. factor 0 (the benchmarks: every phase from step 0) keeps
+        sparse_until: the sparse phase must not end before it starts."""
         over = {f.name: int(round(getattr(self, f.name) * factor)) for f in dataclasses.fields(self)
                 if f.name.endswith("_steps")}
         over.update({k: max(1, over[k]) for k in self.periods})
+        u = getattr(self, "sparse_until", None)
+        if isinstance(u, int) and not isinstance(u, bool) and factor > 0:
+            over["sparse_until"] = int(round(u * factor))
         return dataclasses.replace(self, **over)
 
     def _check_types(self) -> None:
@@ -70,6 +75,19 @@ class SparsityMethod:
                 if not isinstance(v, int):
                     raise ValueError(f"invalid {self.name}.{f.name}={v!r}: expected an integer")
             setattr(self, f.name, v)
+
+
+def check_sparse_until(method: str, u: Any) -> None:
+    """The end of a method's sparse phase (the third paper's sparse -> dense schedule): a fraction of max_steps
+    (a float in [0, 1]) or a step (an int >= 0)."""
+    if isinstance(u, bool) or not isinstance(u, (int, float)) or u < 0 or (isinstance(u, float) and u > 1):
+        raise ValueError(f"invalid {method}.sparse_until {u!r}: expected a fraction of max_steps in [0, 1] (a "
+                         f"float) or a step (an int >= 0)")
+
+
+def sparse_end(u: float | int, max_steps: int) -> int:
+    """The first step of the final dense phase for sparse_until u."""
+    return int(round(u * max_steps)) if isinstance(u, float) else u
 
 
 @dataclass

@@ -33,7 +33,6 @@ The up-projection's input gradient there is dy1 S(W_up): the core multiplies the
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import ClassVar
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 from ..kernels import backend_for, ops
 from ..kernels import reference as ref
 from ..kernels.packed import check_shape
-from .api import Applied, SparsityMethod, register_method, relu2_ffns
+from .api import Applied, SparsityMethod, check_sparse_until, register_method, relu2_ffns, sparse_end
 
 log = logging.getLogger("elas.sparsity")
 
@@ -77,27 +76,12 @@ class SSTE24Config(SparsityMethod):
                              f"needs sste24.input_grad=transposed")
         if self.dense_warmup_steps < 0:
             raise ValueError(f"invalid sste24.dense_warmup_steps {self.dense_warmup_steps}: expected >= 0")
-        u = self.sparse_until
-        if isinstance(u, bool) or not isinstance(u, (int, float)) or u < 0 or (isinstance(u, float) and u > 1):
-            raise ValueError(f"invalid sste24.sparse_until {u!r}: expected a fraction of max_steps in [0, 1] (a "
-                             f"float) or a step (an int >= 0)")
-
-    def sparse_end(self, max_steps: int) -> int:
-        return int(round(self.sparse_until * max_steps)) if isinstance(self.sparse_until, float) else self.sparse_until
-
-    def scaled(self, factor: float) -> "SSTE24Config":
-        """As SparsityMethod.scaled, and a sparse_until given as a step scales with the run too (a fraction
-        already does). factor 0 (the benchmarks: every phase from step 0) keeps it: the sparse phase must not
-        end before it starts."""
-        out = super().scaled(factor)
-        if isinstance(self.sparse_until, int) and factor > 0:
-            out = dataclasses.replace(out, sparse_until=int(round(self.sparse_until * factor)))
-        return out
+        check_sparse_until(self.name, self.sparse_until)
 
     def mode_at(self, step: int, max_steps: int) -> str:
         if step < self.dense_warmup_steps:
             return "dense"
-        return "sparse" if step < self.sparse_end(max_steps) else "dense-final"
+        return "sparse" if step < sparse_end(self.sparse_until, max_steps) else "dense-final"
 
     def operands(self) -> tuple[str, ...]:
         return ("up.weight", "down.weight")

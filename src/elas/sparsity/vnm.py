@@ -1,8 +1,11 @@
-"""V:N:M activation sparsity on ReLU^2 FFNs (Madhyastha et al., part 2): config, handler, core. EMULATED.
+"""V:N:M activation sparsity on ReLU^2 FFNs (Madhyastha et al., part 2): config, handler, core. Emulated by default
+(masked dense GEMMs); own mode runs for real with `path=grouped`.
 
     sparsify_(model, VNMConfig(v=64, m=8, grad_mode="ste", dense_warmup_steps=1000))
 
-replaces the core of every ReLU^2 FFN by a `VNMCore`. In mode "sparse" y2 = relu(y1)^2 [T, d_ff] is made V:N:M
+replaces the core of every ReLU^2 FFN by a `VNMCore`. Dense for `dense_warmup_steps`, sparse until `sparse_until`
+(a fraction of the run or a step; the third paper's sparse -> dense schedule, as sste24's), then dense to the end
+("dense-final"). In mode "sparse" y2 = relu(y1)^2 [T, d_ff] is made V:N:M
 (reference.vnm_mask: in each block of v tokens x m features, 4 features shared by the block's tokens, 2 of
 them kept per token: density 2/m, 75% sparse at m=8), so that, with a sparse-tensor-core kernel, the down
 projection could skip the block's other m-4 features and run 2:4 on the 4. Gradients as for 2:4: `ste`
@@ -33,7 +36,7 @@ from ..model.ffn import ffn_operands, relu2
 from ..model.lowrank import LowRankLinear
 from . import router as rt
 from .act24 import GRAD_MODES, relu2_stats
-from .api import Applied, SparsityMethod, register_method, relu2_ffns
+from .api import Applied, SparsityMethod, check_sparse_until, register_method, relu2_ffns, sparse_end
 
 
 @dataclass
@@ -48,6 +51,9 @@ class VNMConfig(SparsityMethod):
     m: int = 8  # features per block; each token keeps 2 of them
     grad_mode: str = "ste"  # ste | mask
     dense_warmup_steps: int = 1000
+    # end of the sparse phase, then dense to the end (the third paper's sparse -> dense schedule, as sste24's):
+    # a fraction of max_steps (float) or a step (int); 1.0: sparse to the end
+    sparse_until: float | int = 0.5
     router: bool = False  # the neuron-level router (sparsity/router.py); false: blocks of consecutive tokens
     router_mode: str = "group"  # group (blocks of one cluster's tokens, columns by search) | own (router.py)
     groups: int = 16  # clusters of neurons in group mode (own mode: m / 4)
@@ -69,6 +75,7 @@ class VNMConfig(SparsityMethod):
             raise ValueError(f"invalid vnm.grad_mode {self.grad_mode!r}: expected one of {', '.join(GRAD_MODES)}")
         if self.dense_warmup_steps < 0:
             raise ValueError(f"invalid vnm.dense_warmup_steps {self.dense_warmup_steps}: expected >= 0")
+        check_sparse_until(self.name, self.sparse_until)
         if self.router_mode not in ("group", "own"):
             raise ValueError(f"invalid vnm.router_mode {self.router_mode!r}: expected group or own")
         if self.router and self.router_mode == "own" and self.m % 4:
@@ -100,6 +107,8 @@ class VNMConfig(SparsityMethod):
     def mode_at(self, step: int, max_steps: int) -> str:
         if step < self.dense_warmup_steps:
             return "dense"
+        if step >= sparse_end(self.sparse_until, max_steps):
+            return "dense-final"
         if not self.router:
             return "sparse"
         return f"sparse/{(step - self.dense_warmup_steps) // self.recluster_steps}"  # clustering period
@@ -295,7 +304,8 @@ class VNMCore(nn.Module):
 
     def forward(self, x: torch.Tensor, up: nn.Module, down: nn.Module) -> torch.Tensor:
         cid = None
-        if self.cfg.router and self._clustered:  # the cluster of each token: int64 [T]
+        if self.cfg.router and self._clustered and (self.active or self.stats_sink is not None):
+            # the cluster of each token: int64 [T] (a dense step routes only for the statistics probe)
             cid = rt.route_tokens(x.reshape(-1, x.shape[-1]), self.centroids, self.cfg.route_metric)
         mask_grad = self.cfg.grad_mode == "mask"
         if self.active and self.cfg.path == "grouped" and cid is not None and self.stats_sink is None:
