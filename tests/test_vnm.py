@@ -257,11 +257,12 @@ def test_router_run_resumes_exactly_across_a_reclustering(dataset, tmp_path, unt
 
 
 # ---- own mode as a grouped GEMM over the clusters (vnm.path=grouped) ----------------------------------------
-def _own_pair(grad_mode: str, m: int = 8, rank: int = 0):
+def _own_pair(grad_mode: str, m: int = 8, rank: int = 0, clustering: str = "kmeans"):
     cfgs = []
     for path in ("masked", "grouped"):
         cfg = preset("llama-tiny-relu2-vnm", n_layers=2, vocab_size=256, rank=rank)
-        cfg.method("vnm").update(v=16, dense_warmup_steps=0, router_mode="own", m=m, grad_mode=grad_mode, path=path)
+        cfg.method("vnm").update(v=16, dense_warmup_steps=0, router_mode="own", m=m, grad_mode=grad_mode, path=path,
+                                 clustering=clustering)
         cfgs.append(cfg)
     torch.manual_seed(0)
     masked = build_model(cfgs[0])
@@ -281,14 +282,20 @@ def _loss_grads(model, idx):
 
 
 @pytest.mark.parametrize("rank", [0, 16])
-@pytest.mark.parametrize("grad_mode,m", [("ste", 8), ("mask", 8), ("ste", 16)])
-def test_grouped_own_mode_equals_the_masked_path(rank, grad_mode, m):
+@pytest.mark.parametrize("grad_mode,m,clustering", [("ste", 8, "kmeans"), ("mask", 8, "kmeans"),
+                                                    ("ste", 16, "kmeans"), ("ste", 8, "blocks")])
+def test_grouped_own_mode_equals_the_masked_path(rank, grad_mode, m, clustering):
     """The grouped GEMM multiplies each token by its cluster's neurons only; the masked path multiplies by all of
     d_ff with the others masked. Same selection, same gradient (in own mode `ste` passes only through the token's
-    own features), so the same loss and gradients up to summation order (fp32; full-rank and low-rank)."""
-    masked, grouped = _own_pair(grad_mode, m, rank)
+    own features), so the same loss and gradients up to summation order (fp32; full-rank and low-rank). With
+    clustering=blocks the grouped path reads each cluster's weights in place (views, no gather)."""
+    masked, grouped = _own_pair(grad_mode, m, rank, clustering)
     assert masked.blocks[0].ffn.core.description.startswith("emulated")  # what a benchmark row reports
     assert grouped.blocks[0].ffn.core.description.startswith(f"grouped GEMM over {m // 4} clusters")
+    assert ("weights in place" in grouped.blocks[0].ffn.core.description) == (clustering == "blocks")
+    if clustering == "blocks":
+        c, d_ff = m // 4, grouped.blocks[0].ffn.d_ff
+        assert torch.equal(grouped.blocks[0].ffn.core.features, torch.arange(d_ff).view(c, -1))
     idx = torch.randint(0, 256, (2, 32))
     (lm, gm), (lg, gg) = _loss_grads(masked, idx), _loss_grads(grouped, idx)
     torch.testing.assert_close(lg, lm, rtol=1e-5, atol=1e-6)
@@ -332,13 +339,13 @@ def test_grouped_path_in_bf16_runs_torchs_grouped_gemm_and_compiles():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [8, 16])
-def test_gpu_grouped_path_matches_the_masked_path(m):
+@pytest.mark.parametrize("m,clustering", [(8, "kmeans"), (16, "kmeans"), (16, "blocks")])
+def test_gpu_grouped_path_matches_the_masked_path(m, clustering):
     """bf16 on the GPU: the grouped path (torch's grouped GEMM) is as close to the fp32 masked reference as the
     bf16 masked path is (in bf16 both paths round y1, so near-ties of the 2-of-4 choice fall either way), and
     the compiled FFN computes what the eager one does. The whole model is not compared compiled: Inductor's
     other fusions change the rounding of x, and a token near a tie between two clusters changes its route."""
-    masked, grouped = _own_pair("ste", m)
+    masked, grouped = _own_pair("ste", m, clustering=clustering)
     masked, grouped = masked.cuda(), grouped.cuda()
     idx = torch.randint(0, 256, (4, 64), device="cuda")
     lr, gr = _loss_grads(masked, idx)  # fp32 masked: the reference
@@ -390,3 +397,32 @@ def test_group_layout_aligns_groups_and_moves_rows_by_gathers_only():
     y.backward(g)
     torch.testing.assert_close(x.grad, g[dest])
     assert torch.autograd.gradcheck(lambda z: _Take.apply(z, src, dest), (x.detach().clone().requires_grad_(),))
+
+
+def test_block_clusters_are_consecutive_neurons_with_their_mean_rows_and_views_equal_gathers():
+    """clustering=blocks: cluster c is neurons c*F..(c+1)*F-1, its centroid their mean row (normalised rows and
+    mean for cosine, as k-means makes them); the grouped core's in-place weights equal the gathered ones."""
+    from elas.sparsity.vnm import _grouped_core
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(32, 8, generator=g)
+    assign, mu = rt.block_clusters(rows, 4, "dot")
+    assert torch.equal(assign, torch.arange(32) // 8)
+    torch.testing.assert_close(mu, rows.view(4, 8, 8).mean(1))
+    _, mu_cos = rt.block_clusters(rows, 4, "cosine")
+    torch.testing.assert_close(mu_cos.norm(dim=-1), torch.ones(4))
+    h1 = torch.randn(40, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    wu = torch.randn(32, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    wd = torch.randn(6, 32, generator=g, dtype=torch.float64).t().requires_grad_()  # [d_ff, d_model] view
+    cid = torch.randint(0, 4, (40,), generator=g)
+    feats = rt.cluster_features(assign, 4)
+    outs = []
+    for in_place in (False, True):
+        for t in (h1, wu, wd):
+            t.grad = None
+        y = _grouped_core(h1, wu, wd, cid, feats, False, in_place=in_place)
+        (y * torch.arange(6, dtype=y.dtype)).sum().backward()
+        outs.append([y.detach(), h1.grad.clone(), wu.grad.clone(), wd.grad.clone()])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="vnm.clustering"):
+        VNMConfig(clustering="spectral")

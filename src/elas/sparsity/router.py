@@ -22,6 +22,10 @@ that activate the same neurons:
   68.3%): a fixed half of the neurons per token drops too much, which is why "group" is the default.
 
 Choices the paper leaves open (weight24_vnm.md, 2.4), made here and each a config key of VNMConfig:
+- how neurons are clustered (`clustering`): "kmeans" (the paper's: balanced k-means of W_up's rows) or "blocks"
+  (consecutive neurons, `block_clusters`: in own mode the grouped GEMM then multiplies each cluster's weights in
+  place instead of gathering them every step; whether training makes such blocks as good as k-means clusters is
+  for the quality runs to say);
 - the number of clusters: 16 in "group" mode (more clusters, more similar tokens per block; 16 measured best of
   2/4/8/16), M/4 in "own" mode;
 - the similarity metric `route_metric`: "dot" (default) routes a token to the cluster whose neurons' mean
@@ -98,6 +102,22 @@ def cluster_neurons(rows: torch.Tensor, clusters: int, metric: str = "dot", iter
     if metric == "cosine":
         mu = F.normalize(mu, dim=-1)
     return assign, mu
+
+
+def block_clusters(rows: torch.Tensor, clusters: int, metric: str = "dot") -> tuple[torch.Tensor, torch.Tensor]:
+    """Clusters of consecutive neurons (vnm.clustering=blocks): neuron i of rows [F, d] in cluster i // (F / C),
+    centroids as cluster_neurons makes them (the mean row of each cluster; rows normalised first for cosine).
+    Returns (assign int64 [F], centroids [clusters, d] fp32). No k-means: the neurons of a block become similar
+    by training on the tokens routed to them, as a mixture of experts' experts do; the grouped GEMM then reads
+    each cluster's weights in place (no gather)."""
+    x = rows.detach().float()
+    if metric == "cosine":
+        x = F.normalize(x, dim=-1)
+    n = x.shape[0]
+    mu = x.view(clusters, n // clusters, -1).mean(1)
+    if metric == "cosine":
+        mu = F.normalize(mu, dim=-1)
+    return torch.arange(n, device=x.device) // (n // clusters), mu
 
 
 def cluster_features(assign: torch.Tensor, clusters: int) -> torch.Tensor:

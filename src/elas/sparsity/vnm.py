@@ -58,6 +58,7 @@ class VNMConfig(SparsityMethod):
     router_mode: str = "group"  # group (blocks of one cluster's tokens, columns by search) | own (router.py)
     groups: int = 16  # clusters of neurons in group mode (own mode: m / 4)
     route_metric: str = "dot"  # dot | cosine | l2 (router.py says why dot)
+    clustering: str = "kmeans"  # kmeans (balanced k-means of W_up's rows) | blocks (consecutive neurons; router.py)
     recluster_steps: int = 1000  # the neurons are re-clustered every this many sparse steps
     kmeans_iters: int = 10
     # masked: dense GEMMs on masked y2 (emulated) | grouped: own mode as a grouped GEMM over the clusters (each
@@ -85,6 +86,8 @@ class VNMConfig(SparsityMethod):
             raise ValueError(f"invalid vnm.groups {self.groups}: expected >= 1")
         if self.route_metric not in rt.METRICS:
             raise ValueError(f"invalid vnm.route_metric {self.route_metric!r}: expected one of {', '.join(rt.METRICS)}")
+        if self.clustering not in ("kmeans", "blocks"):
+            raise ValueError(f"invalid vnm.clustering {self.clustering!r}: expected kmeans or blocks")
         if self.path not in ("masked", "grouped"):
             raise ValueError(f"invalid vnm.path {self.path!r}: expected masked or grouped")
         if self.path == "grouped" and not (self.router and self.router_mode == "own"):
@@ -206,19 +209,24 @@ def group_layout(cid: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def _grouped_core(h1: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, cid: torch.Tensor, features: torch.Tensor,
-                  mask_grad: bool) -> torch.Tensor:
+                  mask_grad: bool, in_place: bool = False) -> torch.Tensor:
     """Own-mode V:N:M as a grouped GEMM: h1 [T, q], wu [d_ff, q], wd [d_ff, q'], cid int64 [T] (each token's
     cluster), features int64 [C, F] (each cluster's features, ascending; F = d_ff / C; a partition of d_ff)
     -> h2 [T, q']. Tokens are laid out by cluster (group_layout); cluster c's rows multiply wu[features[c]] and
     wd[features[c]] only (F of the d_ff features: a neuron-level mixture of experts), with 2 of every 4 kept
-    along them (mask24's rule, the order of routed_vnm_mask). Every row move is a gather both ways (_Take)."""
+    along them (mask24's rule, the order of routed_vnm_mask). Every row move is a gather both ways (_Take).
+    in_place: features[c] are the consecutive neurons c*F..(c+1)*F-1 (vnm.clustering=blocks), so each cluster's
+    weights are a view of wu and wd, not a gather."""
     c, f = features.shape
     src, dest, offs = group_layout(cid, c)
-    flat = features.reshape(-1)
-    # features is a partition of d_ff: its inverse permutation, by a scatter (no sort)
-    inv = torch.empty_like(flat).scatter_(0, flat, torch.arange(flat.shape[0], device=flat.device))
-    wu_g = _Take.apply(wu, flat, inv).view(c, f, -1)  # [C, F, q]
-    wd_g = _Take.apply(wd, flat, inv).view(c, f, -1)  # [C, F, q']
+    if in_place:
+        wu_g, wd_g = wu.view(c, f, -1), wd.view(c, f, -1)  # [C, F, q], [C, F, q'] (wd may be a transposed view)
+    else:
+        flat = features.reshape(-1)
+        # features is a partition of d_ff: its inverse permutation, by a scatter (no sort)
+        inv = torch.empty_like(flat).scatter_(0, flat, torch.arange(flat.shape[0], device=flat.device))
+        wu_g = _Take.apply(wu, flat, inv).view(c, f, -1)  # [C, F, q]
+        wd_g = _Take.apply(wd, flat, inv).view(c, f, -1)  # [C, F, q']
     y1 = grouped_mm(_Take.apply(h1, src, dest), wu_g.transpose(1, 2), offs)  # [P, F]; padding rows 0
     with torch.no_grad():
         r = torch.relu(y1)
@@ -273,8 +281,11 @@ class VNMCore(nn.Module):
     @torch.no_grad()
     def recluster(self, period: int) -> None:
         """Cluster the neurons from the up-projection's current weights (seeded by the period)."""
-        assign, mu = rt.cluster_neurons(up_rows(self._up[0]), self.cfg.clusters, self.cfg.route_metric,
-                                        self.cfg.kmeans_iters, seed=period)
+        if self.cfg.clustering == "blocks":
+            assign, mu = rt.block_clusters(up_rows(self._up[0]), self.cfg.clusters, self.cfg.route_metric)
+        else:
+            assign, mu = rt.cluster_neurons(up_rows(self._up[0]), self.cfg.clusters, self.cfg.route_metric,
+                                            self.cfg.kmeans_iters, seed=period)
         self.features.copy_(rt.cluster_features(assign, self.cfg.clusters))
         self.centroids.copy_(mu)
         self.period.fill_(period)
@@ -283,7 +294,8 @@ class VNMCore(nn.Module):
     def description(self) -> str:
         """Which path runs the sparse mode (benchmark rows print it)."""
         if self.cfg.path == "grouped":
-            return f"grouped GEMM over {self.cfg.clusters} clusters (V:N:M own mode)"
+            where = ", weights in place" if self.cfg.clustering == "blocks" else ""
+            return f"grouped GEMM over {self.cfg.clusters} clusters (V:N:M own mode{where})"
         return "emulated (masked dense GEMMs)"
 
     def extra_repr(self) -> str:
@@ -334,7 +346,8 @@ class VNMCore(nn.Module):
         dtype = torch.bfloat16 if dev == "cuda" else (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
                                                       else wu.dtype)
         with torch.autocast(dev, enabled=False):
-            h2 = _grouped_core(h1.to(dtype), wu.to(dtype), wd.to(dtype), cid, self.features, mask_grad)
+            h2 = _grouped_core(h1.to(dtype), wu.to(dtype), wd.to(dtype), cid, self.features, mask_grad,
+                               in_place=self.cfg.clustering == "blocks")
         return post(h2).reshape(bsz, seq, -1)
 
     def _stats(self, y1: torch.Tensor, cid) -> dict:
