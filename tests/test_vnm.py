@@ -426,3 +426,16 @@ def test_block_clusters_are_consecutive_neurons_with_their_mean_rows_and_views_e
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="vnm.clustering"):
         VNMConfig(clustering="spectral")
+
+
+def test_bf16_routing_differs_from_fp32_only_at_near_ties():
+    """route_tokens scores 16-bit activations in their dtype (no fp32 copy of x): the clusters it picks are
+    fp32's except for tokens whose two best fp32 scores are within bf16's rounding of each other."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 64, generator=g).to(torch.bfloat16)
+    mu = torch.randn(4, 64, generator=g)
+    a, b = rt.route_tokens(x, mu, "dot"), rt.route_tokens(x.float(), mu, "dot")
+    s = x.float() @ mu.T
+    top2 = s.topk(2, dim=-1).values
+    gap = (top2[:, 0] - top2[:, 1]) / top2[:, 0].abs().clamp(min=1e-6)
+    assert (a != b).float().mean() < 0.01 and (gap[a != b] < 2e-2).all()

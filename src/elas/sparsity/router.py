@@ -126,7 +126,12 @@ def cluster_features(assign: torch.Tensor, clusters: int) -> torch.Tensor:
 
 
 def route_tokens(x: torch.Tensor, centroids: torch.Tensor, metric: str) -> torch.Tensor:
-    """The cluster of each token x [T, d] (the FFN's input): int64 [T]."""
+    """The cluster of each token x [T, d] (the FFN's input): int64 [T]. Scored in x's dtype when it is 16-bit
+    (a bf16 GEMM with fp32 accumulation: an fp32 copy of x would cost a write and a read of [T, d] fp32 per layer
+    for C columns of output); a token whose scores tie within that rounding may go either way, as near-ties of
+    the 2:4 choice do."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return _scores(x, centroids.to(x.dtype), metric).argmax(-1)
     return _scores(x.float(), centroids.float(), metric).argmax(-1)
 
 
