@@ -149,15 +149,19 @@ def test_bench_models_run_every_method_in_its_sparse_phase(variant, monkeypatch)
 def test_a_failed_capture_names_the_error_that_broke_it():
     """torch raises "operation failed due to a previous error during capture" at the capture's end; the error
     that broke the capture is its __context__, and the one line names both."""
-    from elas.kernels.cuda.gemm import capture_failure
+    from elas.kernels.cuda.gemm import capture_failure, capture_origin
+
+    def unsafe_call():
+        raise RuntimeError("no tuned cuSPARSELt algorithm for 8192x2048x8192 during CUDA-graph capture\nmore")
     try:
         try:
-            raise RuntimeError("no tuned cuSPARSELt algorithm for 8192x2048x8192 during CUDA-graph capture\nmore")
+            unsafe_call()
         except RuntimeError:
             raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
     except RuntimeError as e:
-        line = capture_failure(e)
+        line, where = capture_failure(e), capture_origin(e)
     assert line.startswith("no tuned cuSPARSELt algorithm") and "then: CUDA error" in line and "\n" not in line
+    assert where.startswith("test_bench.py:") and "unsafe_call" in where.split(" <- ")[0]  # innermost first
     assert capture_failure(RuntimeError("out of memory")) == "out of memory"
 
 

@@ -14,7 +14,7 @@ import torch
 from ..build import build_model, resolve_methods
 from ..config import BENCH_VARIANTS, apply_overrides, model_preset, preset_name, split_variant
 from ..sparsity import method_to_dict, set_step
-from ..kernels.cuda.gemm import capture_failure
+from ..kernels.cuda.gemm import capture_failure, capture_origin
 from .timing import event_ms, graph_ms
 
 VARIANTS = list(BENCH_VARIANTS)
@@ -75,14 +75,16 @@ def _ffn_row(size: str, variant: str, batch: int, seq: int) -> dict:
     x = torch.randn(batch, seq, cfg.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     gy = torch.randn_like(x)
     act = saved_bytes(lambda: ffn(x))
+    capture_error = None
     eager = event_ms(lambda: ffn(x).backward(gy), iters=20, warmup=5)
     x.grad = None  # let the capture's warm-up allocate the gradients (on its own stream), as the trainer does
     ffn.zero_grad(set_to_none=True)
     try:
         ms = graph_ms(lambda: ffn(x).backward(gy), reps=10, trials=7)
     except RuntimeError as e:  # reported, not hidden: the row says which timing it holds
-        print(f"ffn {size} {variant}: CUDA-graph capture failed ({capture_failure(e)}); eager time only")
-        ms = None
+        where = capture_origin(e)
+        print(f"ffn {size} {variant}: CUDA-graph capture failed ({capture_failure(e)}) at {where}; eager time only")
+        ms, capture_error = None, f"{capture_failure(e)} at {where}"
     compiled = _compiled_ms(ffn, x, gy, f"{size} {variant}")
     core = ffn.core if hasattr(ffn, "core") else None
     parts = [core.description.split(" (")[0]] if getattr(core, "description", None) else []
@@ -92,7 +94,8 @@ def _ffn_row(size: str, variant: str, batch: int, seq: int) -> dict:
     return {"model": size, "variant": variant, "batch": batch, "seq": seq, "d_ff": cfg.ffn_width, "rank": cfg.rank,
             "ffn_ms": ms if ms is not None else eager, "ffn_ms_eager": eager, "ffn_ms_compiled": compiled,
             "ffn_ms_best": min(t for t in (ms, compiled, eager) if t is not None),
-            "ffn_timing": "graph" if ms is not None else "eager", "ffn_act_mem_gb": act / 1e9, "path": path}
+            "ffn_timing": "graph" if ms is not None else "eager", "ffn_act_mem_gb": act / 1e9, "path": path,
+            **({"capture_error": capture_error} if capture_error else {})}
 
 
 def _compiled_ms(ffn, x, gy, name: str) -> float | None:

@@ -142,6 +142,17 @@ def capture_failure(e: BaseException, limit: int = 300) -> str:
     return f"{(str(root).splitlines() or [type(root).__name__])[0][:limit]} (then: {first[:120]})"
 
 
+def capture_origin(e: BaseException, frames: int = 4) -> str:
+    """Where the error that broke a capture was raised: the innermost frames of its traceback (file:line
+    function), innermost first; what capture_failure's message cannot say."""
+    import traceback
+    root = e
+    while root.__context__ is not None and root.__context__ is not root:
+        root = root.__context__
+    tb = traceback.extract_tb(root.__traceback__)[-frames:]
+    return " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(tb))
+
+
 def reset_generator_capture_state() -> None:
     """A capture that fails mid-way (torch 2.11) leaves the CUDA generator registered as capturing, and every
     later CUDA random op raises "Offset increment outside graph capture". Capturing one trivial random op to its
