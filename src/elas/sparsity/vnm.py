@@ -168,7 +168,6 @@ class _Take(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, idx, back):
         ctx.save_for_backward(back)
-        ctx.n = x.shape[0]
         return _take(x, idx)
 
     @staticmethod
