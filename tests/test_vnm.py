@@ -283,17 +283,17 @@ def _loss_grads(model, idx):
 
 @pytest.mark.parametrize("rank", [0, 16])
 @pytest.mark.parametrize("grad_mode,m,clustering", [("ste", 8, "kmeans"), ("mask", 8, "kmeans"),
-                                                    ("ste", 16, "kmeans"), ("ste", 8, "blocks")])
+                                                    ("ste", 16, "kmeans"), ("ste", 8, "contiguous")])
 def test_grouped_own_mode_equals_the_masked_path(rank, grad_mode, m, clustering):
     """The grouped GEMM multiplies each token by its cluster's neurons only; the masked path multiplies by all of
     d_ff with the others masked. Same selection, same gradient (in own mode `ste` passes only through the token's
     own features), so the same loss and gradients up to summation order (fp32; full-rank and low-rank). With
-    clustering=blocks the grouped path reads each cluster's weights in place (views, no gather)."""
+    clustering=contiguous the grouped path reads each cluster's weights in place (views, no gather)."""
     masked, grouped = _own_pair(grad_mode, m, rank, clustering)
     assert masked.blocks[0].ffn.core.description.startswith("emulated")  # what a benchmark row reports
     assert grouped.blocks[0].ffn.core.description.startswith(f"grouped GEMM over {m // 4} clusters")
-    assert ("weights in place" in grouped.blocks[0].ffn.core.description) == (clustering == "blocks")
-    if clustering == "blocks":
+    assert ("weights in place" in grouped.blocks[0].ffn.core.description) == (clustering == "contiguous")
+    if clustering == "contiguous":
         c, d_ff = m // 4, grouped.blocks[0].ffn.d_ff
         assert torch.equal(grouped.blocks[0].ffn.core.features, torch.arange(d_ff).view(c, -1))
     idx = torch.randint(0, 256, (2, 32))
@@ -339,7 +339,7 @@ def test_grouped_path_in_bf16_runs_torchs_grouped_gemm_and_compiles():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,clustering", [(8, "kmeans"), (16, "kmeans"), (16, "blocks")])
+@pytest.mark.parametrize("m,clustering", [(8, "kmeans"), (16, "kmeans"), (16, "contiguous")])
 def test_gpu_grouped_path_matches_the_masked_path(m, clustering):
     """bf16 on the GPU: the grouped path (torch's grouped GEMM) is as close to the fp32 masked reference as the
     bf16 masked path is (in bf16 both paths round y1, so near-ties of the 2-of-4 choice fall either way), and
@@ -399,16 +399,16 @@ def test_group_layout_aligns_groups_and_moves_rows_by_gathers_only():
     assert torch.autograd.gradcheck(lambda z: _Take.apply(z, src, dest), (x.detach().clone().requires_grad_(),))
 
 
-def test_block_clusters_are_consecutive_neurons_with_their_mean_rows_and_views_equal_gathers():
-    """clustering=blocks: cluster c is neurons c*F..(c+1)*F-1, its centroid their mean row (normalised rows and
+def test_contiguous_clusters_are_consecutive_neurons_with_their_mean_rows_and_views_equal_gathers():
+    """clustering=contiguous: cluster c is neurons c*F..(c+1)*F-1, its centroid their mean row (normalised rows and
     mean for cosine, as k-means makes them); the grouped core's in-place weights equal the gathered ones."""
     from elas.sparsity.vnm import _grouped_core
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(32, 8, generator=g)
-    assign, mu = rt.block_clusters(rows, 4, "dot")
+    assign, mu = rt.contiguous_clusters(rows, 4, "dot")
     assert torch.equal(assign, torch.arange(32) // 8)
     torch.testing.assert_close(mu, rows.view(4, 8, 8).mean(1))
-    _, mu_cos = rt.block_clusters(rows, 4, "cosine")
+    _, mu_cos = rt.contiguous_clusters(rows, 4, "cosine")
     torch.testing.assert_close(mu_cos.norm(dim=-1), torch.ones(4))
     h1 = torch.randn(40, 8, generator=g, dtype=torch.float64, requires_grad=True)
     wu = torch.randn(32, 8, generator=g, dtype=torch.float64, requires_grad=True)

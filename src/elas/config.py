@@ -173,6 +173,12 @@ VARIANTS: dict[str, Variant] = {
                          about="relu2 with V:N:M activations grouped by the neuron router (v=64, m=8: 2 of 8 "
                                "features per token; tokens routed to 16 clusters of neurons fill blocks of 64 that "
                                "share 4 of every 8 features; Madhyastha et al.; emulated)", twin="relu2"),
+    "relu2-vnm-own": Variant({"ffn": "relu2", "methods": [{"method": "vnm", "router": True, "router_mode": "own",
+                                                           "m": 16, "path": "grouped"}]},
+                             about="V:N:M on the GPU for real: each token routed to one of 4 clusters of d_ff/4 "
+                                   "neurons and multiplied by them only, 2 of every 4 kept (m=16: 87.5% sparse); "
+                                   "the FFN's six GEMMs are grouped GEMMs over the clusters (Madhyastha et al.'s "
+                                   "router in own mode; accelerated)", twin="relu2"),
     "relu2-vnm-blocks": Variant({"ffn": "relu2", "methods": [{"method": "vnm"}]},
                                 about="relu2-vnm without the router: blocks of 64 consecutive tokens share their 4 "
                                       "of 8 features, chosen by exhaustive search (the baseline; emulated)",

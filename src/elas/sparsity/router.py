@@ -22,8 +22,8 @@ that activate the same neurons:
   68.3%): a fixed half of the neurons per token drops too much, which is why "group" is the default.
 
 Choices the paper leaves open (weight24_vnm.md, 2.4), made here and each a config key of VNMConfig:
-- how neurons are clustered (`clustering`): "kmeans" (the paper's: balanced k-means of W_up's rows) or "blocks"
-  (consecutive neurons, `block_clusters`: in own mode the grouped GEMM then multiplies each cluster's weights in
+- how neurons are clustered (`clustering`): "kmeans" (the paper's: balanced k-means of W_up's rows) or "contiguous"
+  (consecutive neurons, `contiguous_clusters`: in own mode the grouped GEMM then multiplies each cluster's weights in
   place instead of gathering them every step; whether training makes such blocks as good as k-means clusters is
   for the quality runs to say);
 - the number of clusters: 16 in "group" mode (more clusters, more similar tokens per block; 16 measured best of
@@ -104,8 +104,8 @@ def cluster_neurons(rows: torch.Tensor, clusters: int, metric: str = "dot", iter
     return assign, mu
 
 
-def block_clusters(rows: torch.Tensor, clusters: int, metric: str = "dot") -> tuple[torch.Tensor, torch.Tensor]:
-    """Clusters of consecutive neurons (vnm.clustering=blocks): neuron i of rows [F, d] in cluster i // (F / C),
+def contiguous_clusters(rows: torch.Tensor, clusters: int, metric: str = "dot") -> tuple[torch.Tensor, torch.Tensor]:
+    """Clusters of consecutive neurons (vnm.clustering=contiguous): neuron i of rows [F, d] in cluster i // (F / C),
     centroids as cluster_neurons makes them (the mean row of each cluster; rows normalised first for cosine).
     Returns (assign int64 [F], centroids [clusters, d] fp32). No k-means: the neurons of a block become similar
     by training on the tokens routed to them, as a mixture of experts' experts do; the grouped GEMM then reads

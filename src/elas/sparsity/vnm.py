@@ -58,7 +58,7 @@ class VNMConfig(SparsityMethod):
     router_mode: str = "group"  # group (blocks of one cluster's tokens, columns by search) | own (router.py)
     groups: int = 16  # clusters of neurons in group mode (own mode: m / 4)
     route_metric: str = "dot"  # dot | cosine | l2 (router.py says why dot)
-    clustering: str = "kmeans"  # kmeans (balanced k-means of W_up's rows) | blocks (consecutive neurons; router.py)
+    clustering: str = "kmeans"  # kmeans (balanced k-means of W_up's rows) | contiguous (consecutive neurons; router.py)
     recluster_steps: int = 1000  # the neurons are re-clustered every this many sparse steps
     kmeans_iters: int = 10
     # masked: dense GEMMs on masked y2 (emulated) | grouped: own mode as a grouped GEMM over the clusters (each
@@ -86,8 +86,8 @@ class VNMConfig(SparsityMethod):
             raise ValueError(f"invalid vnm.groups {self.groups}: expected >= 1")
         if self.route_metric not in rt.METRICS:
             raise ValueError(f"invalid vnm.route_metric {self.route_metric!r}: expected one of {', '.join(rt.METRICS)}")
-        if self.clustering not in ("kmeans", "blocks"):
-            raise ValueError(f"invalid vnm.clustering {self.clustering!r}: expected kmeans or blocks")
+        if self.clustering not in ("kmeans", "contiguous"):
+            raise ValueError(f"invalid vnm.clustering {self.clustering!r}: expected kmeans or contiguous")
         if self.path not in ("masked", "grouped"):
             raise ValueError(f"invalid vnm.path {self.path!r}: expected masked or grouped")
         if self.path == "grouped" and not (self.router and self.router_mode == "own"):
@@ -214,7 +214,7 @@ def _grouped_core(h1: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, cid: tor
     -> h2 [T, q']. Tokens are laid out by cluster (group_layout); cluster c's rows multiply wu[features[c]] and
     wd[features[c]] only (F of the d_ff features: a neuron-level mixture of experts), with 2 of every 4 kept
     along them (mask24's rule, the order of routed_vnm_mask). Every row move is a gather both ways (_Take).
-    in_place: features[c] are the consecutive neurons c*F..(c+1)*F-1 (vnm.clustering=blocks), so each cluster's
+    in_place: features[c] are the consecutive neurons c*F..(c+1)*F-1 (vnm.clustering=contiguous), so each cluster's
     weights are a view of wu and wd, not a gather."""
     c, f = features.shape
     src, dest, offs = group_layout(cid, c)
@@ -280,8 +280,8 @@ class VNMCore(nn.Module):
     @torch.no_grad()
     def recluster(self, period: int) -> None:
         """Cluster the neurons from the up-projection's current weights (seeded by the period)."""
-        if self.cfg.clustering == "blocks":
-            assign, mu = rt.block_clusters(up_rows(self._up[0]), self.cfg.clusters, self.cfg.route_metric)
+        if self.cfg.clustering == "contiguous":
+            assign, mu = rt.contiguous_clusters(up_rows(self._up[0]), self.cfg.clusters, self.cfg.route_metric)
         else:
             assign, mu = rt.cluster_neurons(up_rows(self._up[0]), self.cfg.clusters, self.cfg.route_metric,
                                             self.cfg.kmeans_iters, seed=period)
@@ -293,7 +293,7 @@ class VNMCore(nn.Module):
     def description(self) -> str:
         """Which path runs the sparse mode (benchmark rows print it)."""
         if self.cfg.path == "grouped":
-            where = ", weights in place" if self.cfg.clustering == "blocks" else ""
+            where = ", weights in place" if self.cfg.clustering == "contiguous" else ""
             return f"grouped GEMM over {self.cfg.clusters} clusters (V:N:M own mode{where})"
         return "emulated (masked dense GEMMs)"
 
@@ -346,7 +346,7 @@ class VNMCore(nn.Module):
                                                       else wu.dtype)
         with torch.autocast(dev, enabled=False):
             h2 = _grouped_core(h1.to(dtype), wu.to(dtype), wd.to(dtype), cid, self.features, mask_grad,
-                               in_place=self.cfg.clustering == "blocks")
+                               in_place=self.cfg.clustering == "contiguous")
         return post(h2).reshape(bsz, seq, -1)
 
     def _stats(self, y1: torch.Tensor, cid) -> dict:
