@@ -120,13 +120,15 @@ def ffn_table(doc: dict) -> str:
            + (", uncompiled and compiled" if comp_cols else "")
            + (", and eager with host overhead" if eager_cols else "") + ") and the activation memory autograd saves "
            "for it:", "",
-           "| model | variant | tokens | FFN fwd+bwd ms | vs dense twin | "
-           + ("compiled ms | best vs dense twin's best | " if comp_cols else "")
+           "| model | variant | tokens | FFN fwd+bwd ms | vs dense twin" + (" (both uncompiled)" if comp_cols else "")
+           + " | " + ("compiled ms | best vs dense twin's best | " if comp_cols else "")
            + ("eager ms | vs dense twin (eager) | " if eager_cols else "") + "FFN act. memory GB | vs dense twin | path |",
            "|---|---|---|---|---|---|---|---|" + ("---|---|" if comp_cols else "") + ("---|---|" if eager_cols else "")]
     for r in rows:
         twin = by.get((r["model"], twin_of(r["variant"])))
-        sp = f"**{twin['ffn_ms'] / r['ffn_ms']:.2f}x**" if twin else ""
+        sp = f"{twin['ffn_ms'] / r['ffn_ms']:.2f}x" if twin else ""
+        if twin and not comp_cols:  # older files: the only ratio they have (their notes say which mode)
+            sp = f"**{sp}**"
         mem = f"{100 * (r['ffn_act_mem_gb'] / twin['ffn_act_mem_gb'] - 1):+.0f}%" if twin else ""
         timing = "" if r.get("ffn_timing", "graph") == "graph" else " (eager)"
         comp = ""
