@@ -93,6 +93,28 @@ def test_triton_sparsifier_bit_exact(m, k, dtype, rows, tiles):
     assert torch.equal(nob.buffer.view(torch.uint8), want.buffer.view(torch.uint8)) and nob.mask_bits.numel() == 0
 
 
+@needs_triton
+@pytest.mark.parametrize("m,k,dtype,rows,bk", [(64, 64, torch.bfloat16, 64, 64), (100, 128, torch.bfloat16, 64, 64),
+                                               (37, 192, torch.float32, 32, 64), (130, 256, torch.bfloat16, 64, 128)])
+def test_triton_dense_sparsifier_bit_exact(m, k, dtype, rows, bk):
+    """The unpacked form (V:N:M's grouped path): relu(y1)^2 with the 2:4 selection applied, equal bit for bit to
+    the reference's y2s, for row counts that are not a multiple of the program's rows (masked tail); the
+    operator takes it and its CPU twin gives the same values; bad input is refused by name."""
+    from elas.kernels import ops
+    from elas.kernels.cuda.sparsify import relu2_sparsify24_dense
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    y1 = adversarial(m, k, dtype, seed=m).to(dev)
+    want = ref.relu2_sparsify24(y1)[0]
+    got = relu2_sparsify24_dense(y1, rows=rows, bk=bk)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert ((got != 0).view(m, k // 4, 4).sum(-1) <= 2).all()
+    assert torch.equal(ops.relu2_sparsify24_dense(y1), want)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        relu2_sparsify24_dense(y1[:, : k - 4])
+    with pytest.raises(ValueError, match="contiguous rows"):
+        relu2_sparsify24_dense(y1.t())
+
+
 # ---- GPU -------------------------------------------------------------------------------------------------------
 def _random_shapes(n, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -112,6 +134,16 @@ def test_gpu_sparsifier_matches_reference(m, k):
     assert torch.equal(counts, (y1 > 0).sum(0).int())
     nob = relu2_sparsify24_packed(y1, write_bits=False)
     assert torch.equal(nob.buffer.view(torch.uint8), want.buffer.view(torch.uint8)) and nob.mask_bits.numel() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k", [(m + 13 * (i % 3), k) for i, (m, k) in enumerate(_random_shapes(8, seed=1))]
+                         + [(8256, 2048), (16448, 4096)])
+def test_gpu_dense_sparsifier_matches_reference(m, k):
+    from elas.kernels.cuda.sparsify import relu2_sparsify24_dense
+    for dtype in (torch.bfloat16, torch.float32):
+        y1 = adversarial(m, k, dtype, seed=m + k).cuda()
+        assert torch.equal(relu2_sparsify24_dense(y1), ref.relu2_sparsify24(y1)[0])
 
 
 @pytest.mark.gpu

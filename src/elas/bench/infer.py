@@ -22,7 +22,7 @@ from ..build import build_model
 from ..config import VARIANTS
 from ..train.parallelize import compile_regions, eager_regions, hold_params_in
 from .ffn import set_sparse, variant_config
-from .profile import breakdown, host_times, kernel_times
+from .profile import breakdown, host_times, kernel_times, top_kernels
 from .timing import capture_graph, throughput_ms
 
 INFER_VARIANTS = ("lowrank-relu2", "elas", "relu2", "relu2-24")
@@ -46,7 +46,7 @@ def infer_row(size: str, variant: str, batch: int = 8, prompt: int = 512, new_to
             kernels = kernel_times(lambda: model(x), iters=3)
             idle = max(0.0, prefill_ms - sum(kernels.values()))
             prof = {"prefill_breakdown_ms": {**breakdown(kernels), "idle": idle},
-                    "prefill_kernels_ms": {k[:160]: round(v, 4) for k, v in list(kernels.items())[:25]},
+                    "prefill_kernels_ms": top_kernels(kernels, 25),
                     "prefill_host_ms": host_times(lambda: model(x))}
         prefill_graph_ms = throughput_ms(capture_graph(lambda: model(x), warmup=2).replay, iters=5, warmup=2)
         decode_ms, n = _decode_ms(model, x[:1], cfg.max_seq_len, new_tokens, compile=False)

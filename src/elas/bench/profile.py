@@ -65,6 +65,15 @@ def kernel_times(step, iters: int = 3) -> dict[str, float]:
     return dict(sorted(total.items(), key=lambda kv: -kv[1]))
 
 
+def top_kernels(kernels: dict[str, float], n: int = 40, width: int = 160) -> dict[str, float]:
+    """The n largest of {kernel name: ms}, names cut to `width` characters; kernels whose cut names coincide
+    (template instantiations that differ late in the name) are summed, not overwritten."""
+    out: dict[str, float] = defaultdict(float)
+    for name, ms in kernels.items():
+        out[name[:width]] += ms
+    return {k: round(v, 4) for k, v in sorted(out.items(), key=lambda kv: -kv[1])[:n]}
+
+
 def host_times(fn, iters: int = 3, top: int = 15) -> dict[str, float]:
     """{operator or Python-visible CPU event: self CPU ms per call} over `iters` calls of fn() (already warmed
     up), the `top` largest: where the host's time goes when a call is host-bound (GPU idle between kernels)."""

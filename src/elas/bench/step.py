@@ -33,7 +33,7 @@ from ..summary import model_summary
 from ..train.parallelize import checkpoint_blocks, compile_regions, hold_params_in
 from ..train.step import StepGrads
 from .ffn import set_sparse, variant_config
-from .profile import breakdown, kernel_times
+from .profile import breakdown, kernel_times, top_kernels
 from .timing import event_ms, throughput_ms
 
 MODES = ("elas", "elas-fp32", "torch.compile", "eager")
@@ -113,7 +113,7 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
         kernels = kernel_times(step, iters=3)
         row["breakdown_ms"] = breakdown(kernels)
         row["breakdown_ms"]["idle"] = max(0.0, ms - sum(kernels.values()))
-        row["kernels_ms"] = {k[:160]: round(v, 4) for k, v in list(kernels.items())[:40]}
+        row["kernels_ms"] = top_kernels(kernels)
     del model, opt, grads
     return row
 

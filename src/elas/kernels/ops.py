@@ -8,6 +8,7 @@ bools cross the boundary; "not produced" outputs are empty tensors (an operator 
     elas::relu2_sparsify24_packed(y1 [M, K], count, bits) -> buffer [M, K*9/16] bf16, mask_bits [M, K/8] u8
                                                        ([0] if not bits), counts [K] i32 (positives per column;
                                                        [0] if not count)
+    elas::relu2_sparsify24_dense(y1 [M, K]) -> y2s [M, K]: the same selection, unpacked (zeros where dropped)
     elas::up_relu2_sparsify24(h1 [M, q], wu [K, q], count, write_y1) -> y1 [M, K] (or [0]), buffer, mask_bits,
                               counts: the up-projection GEMM with the sparsifier in its epilogue
     elas::dgrad_relu2_ste(dh2 [M, q'], wd [K, q'], y1 [M, K]) -> y2s, dy1: the backward's dy2 GEMM with the
@@ -101,6 +102,21 @@ def relu2_sparsify24_packed(y1: Tensor, count: bool = False, bits: bool = True) 
 
 
 # ---- up-projection GEMM + sparsifier in one kernel --------------------------------------------------------------
+def _relu2_sparsify24_dense(y1: Tensor) -> Tensor:
+    if y1.device.type == "cuda" and _tk.dense_supported(y1):
+        return _tk.relu2_sparsify24_dense(y1, launch=wrap_triton)
+    return ref.relu2_sparsify24(y1)[0]
+
+
+relu2_sparsify24_dense_op = _define_triton_op("elas::relu2_sparsify24_dense", _relu2_sparsify24_dense)
+
+
+def relu2_sparsify24_dense(y1: Tensor) -> Tensor:
+    """y1 [M, K] -> y2s [M, K] in y1's dtype: 2:4(relu(y1)^2) along K, dense (zeros where dropped). One Triton
+    pass on CUDA (bf16/fp32, K % 64 == 0); reference.relu2_sparsify24 elsewhere, with the same values."""
+    return relu2_sparsify24_dense_op(y1)
+
+
 def _up_relu2_sparsify24(h1: Tensor, wu: Tensor, count: bool, write_y1: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n = wu.shape[0]
     counts = torch.zeros(n if count else 0, dtype=torch.int32, device=h1.device)

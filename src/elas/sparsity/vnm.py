@@ -31,6 +31,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
+from ..kernels import ops
 from ..kernels import reference as ref
 from ..model.ffn import ffn_operands, relu2
 from ..model.lowrank import LowRankLinear
@@ -140,6 +141,28 @@ class _ReLU2Masked(torch.autograd.Function):
         return 2 * r * dy2, None, None, None
 
 
+class _ReLU2Select24(torch.autograd.Function):
+    """y1 [P, F] -> y2s = 2:4(relu(y1)^2) along F, dense (ops.relu2_sparsify24_dense: one Triton pass on CUDA,
+    the selection of reference.mask24 on y2 rounded to y1's dtype); backward 2 relu(y1) dy2 (`ste`), masked by
+    the kept entries in `mask` mode. The kept set is read back as y2s != 0: it differs from the selection only
+    where relu(y1) > 0 squares to 0 in y1's dtype (|y1| < ~1e-19 in bf16), whose gradient 2 relu(y1) dy2 is that
+    small anyway."""
+
+    @staticmethod
+    def forward(ctx, y1, mask_grad: bool):
+        y2s = ops.relu2_sparsify24_dense(y1)
+        ctx.save_for_backward(y1, y2s if mask_grad else None)
+        return y2s
+
+    @staticmethod
+    def backward(ctx, dy2):
+        y1, y2s = ctx.saved_tensors
+        dy1 = 2 * torch.relu(y1) * dy2
+        if y2s is not None:
+            dy1 = dy1 * (y2s != 0)
+        return dy1, None
+
+
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """a [T, k] (rows in groups: group g ends at row offs[g]), b [G, k, n] -> [T, n], group g's rows times b[g].
     bf16: torch's grouped GEMM (one kernel on Hopper). Other dtypes (CPU fp32 runs and tests): its twin, every
@@ -227,10 +250,7 @@ def _grouped_core(h1: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, cid: tor
         wu_g = _Take.apply(wu, flat, inv).view(c, f, -1)  # [C, F, q]
         wd_g = _Take.apply(wd, flat, inv).view(c, f, -1)  # [C, F, q']
     y1 = grouped_mm(_Take.apply(h1, src, dest), wu_g.transpose(1, 2), offs)  # [P, F]; padding rows 0
-    with torch.no_grad():
-        r = torch.relu(y1)
-        mask = ref.mask24(r * r)
-    y2s = _ReLU2Masked.apply(y1, mask, None, mask_grad)  # [P, F]: ste along the cluster's own features
+    y2s = _ReLU2Select24.apply(y1, mask_grad)  # [P, F]: ste along the cluster's own features
     h2 = grouped_mm(y2s, wd_g, offs)  # [P, q']
     return _Take.apply(h2, dest, src)  # [T, q']
 

@@ -179,6 +179,55 @@ def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | Non
 
 
 @triton.jit
+def _dense_kernel(y1_ptr, out_ptr, M, K, stride_in, stride_out, ROWS: tl.constexpr, BK: tl.constexpr,
+                  ROUND_BF16: tl.constexpr):
+    # program: rows [ROWS*pid0, +ROWS) (the last program's rows past M masked), columns [BK*pid1, +BK)
+    G: tl.constexpr = BK // 4
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    ok = (rows < M)[:, None]
+    x = tl.load(y1_ptr + rows[:, None] * stride_in + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    x = tl.maximum(x, 0.0)
+    x = x * x
+    if ROUND_BF16:  # the reference squares in bf16: compare (and store) the rounded values
+        x = _round_bf16(x)
+    x0, x1, x2, x3 = _columns4(x, G)
+    k0, k1, k2, k3 = _keep24(x0, x1, x2, x3)
+    y = _interleave4(tl.where(k0, x0, 0.0), tl.where(k1, x1, 0.0), tl.where(k2, x2, 0.0), tl.where(k3, x3, 0.0), G)
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# Launch of the dense form: 64 rows x 64 columns, 4 warps (a pointwise pass: one read of y1, one write of y2s)
+DENSE_ROWS, DENSE_BK, DENSE_WARPS = 64, 64, 4
+
+
+def dense_supported(y1: torch.Tensor) -> bool:
+    """Whether relu2_sparsify24_dense takes y1: 2-D, row-major rows, bf16/fp32, K a multiple of DENSE_BK."""
+    return (y1.dim() == 2 and y1.stride(1) == 1 and y1.dtype in (torch.bfloat16, torch.float32)
+            and y1.shape[1] % DENSE_BK == 0)
+
+
+def relu2_sparsify24_dense(y1: torch.Tensor, rows: int | None = None, bk: int | None = None,
+                           num_warps: int | None = None, launch=_direct) -> torch.Tensor:
+    """y1 [M, K] bf16/fp32 (any M, K % bk == 0, rows contiguous) -> y2s [M, K] in y1's dtype: relu(y1)^2 with 2
+    of every 4 consecutive columns kept and the others zero, the dense (unpacked) form of relu2_sparsify24_packed
+    (the same selection; reference.relu2_sparsify24's y2s bit for bit). For products that take 2:4 activations
+    dense (V:N:M's grouped GEMM, which skips whole clusters but not the 2:4 inside them). One read, one write.
+    None: the module's DENSE_* launch."""
+    rows, bk, num_warps = rows or DENSE_ROWS, bk or DENSE_BK, num_warps or DENSE_WARPS
+    if y1.dim() != 2 or y1.stride(1) != 1 or y1.dtype not in (torch.bfloat16, torch.float32) or y1.shape[1] % bk:
+        raise ValueError(f"relu2_sparsify24_dense: y1 must be a 2-D bf16/fp32 tensor with contiguous rows and K a "
+                         f"multiple of {bk}, got {y1.dtype} shape {tuple(y1.shape)} strides {y1.stride()}")
+    m, k = y1.shape
+    out = torch.empty((m, k), dtype=y1.dtype, device=y1.device)
+    if m:
+        launch(_dense_kernel)[(triton.cdiv(m, rows), k // bk)](y1, out, m, k, y1.stride(0), k, ROWS=rows, BK=bk,
+                                                               ROUND_BF16=y1.dtype == torch.bfloat16,
+                                                               num_warps=num_warps)
+    return out
+
+
+@triton.jit
 def _bwd_rows(rows, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, slot_ptr, y2d_ptr,
               dy1d_ptr, K, ND, STE: tl.constexpr, FROM_Y1: tl.constexpr, SPLIT: tl.constexpr, R: tl.constexpr,
               BK: tl.constexpr):
