@@ -309,8 +309,11 @@ def test_loro_refuses_full_rank_cli(dataset, tmp_path, capsys):
     assert "low-rank" in capsys.readouterr().err
 
 
-def test_quality_grid_runs_scales_and_skips_finished(dataset, tmp_path):
+def test_quality_grid_runs_scales_and_skips_finished(dataset, tmp_path, monkeypatch):
     from elas.train.experiment import run_grid, summarize, variant_config
+    resets = []  # every run starts from an empty dynamo cache (earlier runs' graphs would count towards the
+    real_reset = torch._dynamo.reset  # recompile limit of the shared code objects: a hard failure on the GPU)
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: (resets.append(1), real_reset())[1])
     cfg = variant_config("llama-tiny", "elas", 400, str(dataset), tmp_path, 4, 1)
     # the paper's 10k-step recipe scaled to 400 steps: 10% lr warm-up, 10% dense warm-up, LORO K = 5%
     act = cfg.model.method("act24")
@@ -323,8 +326,9 @@ def test_quality_grid_runs_scales_and_skips_finished(dataset, tmp_path):
                     log=logs.append)
     assert [r["variant"] for r in rows] == ["relu2", "elas-mask"]
     assert all(r["tokens"] == 4 * 2 * 256 and r["val_loss"] > 0 for r in rows)
+    assert len(resets) == 2
     run_grid("llama-tiny", ["relu2"], 4, str(dataset), tmp_path, batch_size=2, grad_accum=1, log=logs.append)
-    assert "relu2: done before, skipped" in logs
+    assert "relu2: done before, skipped" in logs and len(resets) == 2
     _, md = summarize(tmp_path)
     assert "| relu2 |" in md and "| elas-mask |" in md
     assert json.loads((tmp_path / "summary.json").read_text())[0]["variant"] == "relu2"

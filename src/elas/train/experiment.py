@@ -114,6 +114,10 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
             log(f"{name}: done before, skipped")
             continue
         t0 = time.time()
+        # each run compiles its own model: dynamo's cache of the previous runs' graphs would only count towards
+        # the recompile limit of the shared code objects (a hard failure under fullgraph after ~8 entries)
+        import torch
+        torch._dynamo.reset()
         trainer = Trainer(cfg, resume="auto", progress=False, log=log)
         try:
             res = trainer.fit()
