@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 
-from elas.bench.profile import breakdown, category
+from elas.bench.profile import breakdown, category, top_kernels
 from elas.bench.report import mode_step_tables, render, step_tables
 import pytest
 
@@ -49,6 +49,10 @@ def test_kernel_categories():
     assert {n: category(n) for n in names} == names
     b = breakdown({"nvjet_a": 2.0, "nvjet_b": 1.5, "_kernel": 0.5})
     assert b == {"2:4 sparsify/pack": 0.5, "GEMM": 3.5}
+    # the JSON keeps names cut to 160 characters: template instantiations that differ only after that are summed
+    grouped = "_ZN7cutlass13device_kernelIN2at4cuda6detail25enable_3x_kernel_for_sm9x" * 3
+    top = top_kernels({grouped + "A": 4.0, grouped + "B": 3.0, "nvjet_x": 5.0, "_kernel": 0.25}, n=2)
+    assert top == {grouped[:160]: 7.0, "nvjet_x": 5.0}
 
 
 def test_step_modes_table_and_ratios():

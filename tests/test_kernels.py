@@ -95,11 +95,13 @@ def test_triton_sparsifier_bit_exact(m, k, dtype, rows, tiles):
 
 @needs_triton
 @pytest.mark.parametrize("m,k,dtype,rows,bk", [(64, 64, torch.bfloat16, 64, 64), (100, 128, torch.bfloat16, 64, 64),
-                                               (37, 192, torch.float32, 32, 64), (130, 256, torch.bfloat16, 64, 128)])
+                                               (37, 192, torch.float32, 32, 64), (130, 256, torch.bfloat16, 64, 128),
+                                               (70, 544 // 4, torch.bfloat16, 64, 64)])
 def test_triton_dense_sparsifier_bit_exact(m, k, dtype, rows, bk):
     """The unpacked form (V:N:M's grouped path): relu(y1)^2 with the 2:4 selection applied, equal bit for bit to
-    the reference's y2s, for row counts that are not a multiple of the program's rows (masked tail); the
-    operator takes it and its CPU twin gives the same values; bad input is refused by name."""
+    the reference's y2s, for row counts that are not a multiple of the program's rows and widths that are not a
+    multiple of its columns (masked tails: 136 = a 60M cluster's 544 / 4); the operator traces as one graph; bad
+    input is refused by name."""
     from elas.kernels import ops
     from elas.kernels.cuda.sparsify import relu2_sparsify24_dense
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -108,11 +110,14 @@ def test_triton_dense_sparsifier_bit_exact(m, k, dtype, rows, bk):
     got = relu2_sparsify24_dense(y1, rows=rows, bk=bk)
     assert got.dtype == dtype and torch.equal(got, want)
     assert ((got != 0).view(m, k // 4, 4).sum(-1) <= 2).all()
-    assert torch.equal(ops.relu2_sparsify24_dense(y1), want)
-    with pytest.raises(ValueError, match="multiple of 64"):
-        relu2_sparsify24_dense(y1[:, : k - 4])
-    with pytest.raises(ValueError, match="contiguous rows"):
+    traced = torch.compile(ops.relu2_sparsify24_dense, fullgraph=True, backend="aot_eager")
+    assert torch.equal(traced(y1), want)
+    with pytest.raises(ValueError, match=f"K={k - 2} must be a multiple of 4"):
+        relu2_sparsify24_dense(y1[:, : k - 2])
+    with pytest.raises(ValueError, match="rows must be contiguous"):
         relu2_sparsify24_dense(y1.t())
+    with pytest.raises(ValueError, match="powers of two"):
+        relu2_sparsify24_dense(y1, bk=48)
 
 
 # ---- GPU -------------------------------------------------------------------------------------------------------
@@ -138,7 +143,7 @@ def test_gpu_sparsifier_matches_reference(m, k):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,k", [(m + 13 * (i % 3), k) for i, (m, k) in enumerate(_random_shapes(8, seed=1))]
-                         + [(8256, 2048), (16448, 4096)])
+                         + [(8256, 2048), (16448, 4096), (8256, 1056), (8256, 132)])
 def test_gpu_dense_sparsifier_matches_reference(m, k):
     from elas.kernels.cuda.sparsify import relu2_sparsify24_dense
     for dtype in (torch.bfloat16, torch.float32):

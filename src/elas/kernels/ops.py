@@ -101,7 +101,6 @@ def relu2_sparsify24_packed(y1: Tensor, count: bool = False, bits: bool = True) 
     return Packed24(buf, bits, tuple(y1.shape)), (counts if count else None)
 
 
-# ---- up-projection GEMM + sparsifier in one kernel --------------------------------------------------------------
 def _relu2_sparsify24_dense(y1: Tensor) -> Tensor:
     if y1.device.type == "cuda" and _tk.dense_supported(y1):
         return _tk.relu2_sparsify24_dense(y1, launch=wrap_triton)
@@ -113,10 +112,11 @@ relu2_sparsify24_dense_op = _define_triton_op("elas::relu2_sparsify24_dense", _r
 
 def relu2_sparsify24_dense(y1: Tensor) -> Tensor:
     """y1 [M, K] -> y2s [M, K] in y1's dtype: 2:4(relu(y1)^2) along K, dense (zeros where dropped). One Triton
-    pass on CUDA (bf16/fp32, K % 64 == 0); reference.relu2_sparsify24 elsewhere, with the same values."""
+    pass on CUDA (bf16/fp32, K % 4 == 0); reference.relu2_sparsify24 elsewhere, with the same values."""
     return relu2_sparsify24_dense_op(y1)
 
 
+# ---- up-projection GEMM + sparsifier in one kernel --------------------------------------------------------------
 def _up_relu2_sparsify24(h1: Tensor, wu: Tensor, count: bool, write_y1: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n = wu.shape[0]
     counts = torch.zeros(n if count else 0, dtype=torch.int32, device=h1.device)

@@ -145,7 +145,7 @@ class _ReLU2Select24(torch.autograd.Function):
     """y1 [P, F] -> y2s = 2:4(relu(y1)^2) along F, dense (ops.relu2_sparsify24_dense: one Triton pass on CUDA,
     the selection of reference.mask24 on y2 rounded to y1's dtype); backward 2 relu(y1) dy2 (`ste`), masked by
     the kept entries in `mask` mode. The kept set is read back as y2s != 0: it differs from the selection only
-    where relu(y1) > 0 squares to 0 in y1's dtype (|y1| < ~1e-19 in bf16), whose gradient 2 relu(y1) dy2 is that
+    where relu(y1) > 0 squares to 0 in y1's dtype (|y1| < ~7e-21 in bf16), whose gradient 2 relu(y1) dy2 is that
     small anyway."""
 
     @staticmethod

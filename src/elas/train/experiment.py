@@ -14,6 +14,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from ..build import resolve_methods
 from ..config import (LORO_DEFAULTS, VARIANTS, apply_overrides, model_preset, preset_name, size_of, split_variant,
                       train_config)
@@ -116,7 +118,6 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
         t0 = time.time()
         # each run compiles its own model: dynamo's cache of the previous runs' graphs would only count towards
         # the recompile limit of the shared code objects (a hard failure under fullgraph after ~8 entries)
-        import torch
         torch._dynamo.reset()
         trainer = Trainer(cfg, resume="auto", progress=False, log=log)
         try:

@@ -181,11 +181,12 @@ def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | Non
 @triton.jit
 def _dense_kernel(y1_ptr, out_ptr, M, K, stride_in, stride_out, ROWS: tl.constexpr, BK: tl.constexpr,
                   ROUND_BF16: tl.constexpr):
-    # program: rows [ROWS*pid0, +ROWS) (the last program's rows past M masked), columns [BK*pid1, +BK)
+    # program: rows [ROWS*pid0, +ROWS), columns [BK*pid1, +BK); rows past M and columns past K are masked (K % 4
+    # == 0, so a group of 4 is either whole or wholly outside)
     G: tl.constexpr = BK // 4
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
-    ok = (rows < M)[:, None]
+    ok = (rows < M)[:, None] & (cols < K)[None, :]
     x = tl.load(y1_ptr + rows[:, None] * stride_in + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     x = tl.maximum(x, 0.0)
     x = x * x
@@ -202,28 +203,36 @@ DENSE_ROWS, DENSE_BK, DENSE_WARPS = 64, 64, 4
 
 
 def dense_supported(y1: torch.Tensor) -> bool:
-    """Whether relu2_sparsify24_dense takes y1: 2-D, row-major rows, bf16/fp32, K a multiple of DENSE_BK."""
+    """Whether relu2_sparsify24_dense takes y1: 2-D, row-major rows, bf16/fp32, K a multiple of 4."""
     return (y1.dim() == 2 and y1.stride(1) == 1 and y1.dtype in (torch.bfloat16, torch.float32)
-            and y1.shape[1] % DENSE_BK == 0)
+            and y1.shape[1] % 4 == 0)
 
 
 def relu2_sparsify24_dense(y1: torch.Tensor, rows: int | None = None, bk: int | None = None,
                            num_warps: int | None = None, launch=_direct) -> torch.Tensor:
-    """y1 [M, K] bf16/fp32 (any M, K % bk == 0, rows contiguous) -> y2s [M, K] in y1's dtype: relu(y1)^2 with 2
-    of every 4 consecutive columns kept and the others zero, the dense (unpacked) form of relu2_sparsify24_packed
-    (the same selection; reference.relu2_sparsify24's y2s bit for bit). For products that take 2:4 activations
-    dense (V:N:M's grouped GEMM, which skips whole clusters but not the 2:4 inside them). One read, one write.
-    None: the module's DENSE_* launch."""
+    """y1 [M, K] bf16/fp32 (any M, K % 4 == 0, rows contiguous) -> y2s [M, K] in y1's dtype: relu(y1)^2 with 2 of
+    every 4 consecutive columns kept and the others zero, the dense (unpacked) form of relu2_sparsify24_packed
+    (the same selection; reference.relu2_sparsify24's y2s bit for bit, except that a NaN in y1 comes out 0 where
+    the reference keeps it NaN). For products that take 2:4 activations dense (V:N:M's grouped GEMM, which skips
+    whole clusters but not the 2:4 inside them). One read, one write. rows, bk: powers of two (bk >= 4); None:
+    the module's DENSE_* launch."""
     rows, bk, num_warps = rows or DENSE_ROWS, bk or DENSE_BK, num_warps or DENSE_WARPS
-    if y1.dim() != 2 or y1.stride(1) != 1 or y1.dtype not in (torch.bfloat16, torch.float32) or y1.shape[1] % bk:
-        raise ValueError(f"relu2_sparsify24_dense: y1 must be a 2-D bf16/fp32 tensor with contiguous rows and K a "
-                         f"multiple of {bk}, got {y1.dtype} shape {tuple(y1.shape)} strides {y1.stride()}")
+    if y1.dim() != 2 or y1.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"relu2_sparsify24_dense: y1 must be a 2-D bf16/fp32 tensor, got {y1.dtype} shape "
+                         f"{tuple(y1.shape)}")
+    if y1.stride(1) != 1:
+        raise ValueError(f"relu2_sparsify24_dense: y1's rows must be contiguous, got strides {y1.stride()}")
+    if y1.shape[1] % 4:
+        raise ValueError(f"relu2_sparsify24_dense: K={y1.shape[1]} must be a multiple of 4 (whole 2:4 groups)")
+    if rows & (rows - 1) or bk & (bk - 1) or bk < 4:
+        raise ValueError(f"relu2_sparsify24_dense: rows={rows} and bk={bk} must be powers of two, bk >= 4")
     m, k = y1.shape
     out = torch.empty((m, k), dtype=y1.dtype, device=y1.device)
     if m:
-        launch(_dense_kernel)[(triton.cdiv(m, rows), k // bk)](y1, out, m, k, y1.stride(0), k, ROWS=rows, BK=bk,
-                                                               ROUND_BF16=y1.dtype == torch.bfloat16,
-                                                               num_warps=num_warps)
+        launch(_dense_kernel)[(triton.cdiv(m, rows), triton.cdiv(k, bk))](y1, out, m, k, y1.stride(0), k, ROWS=rows,
+                                                                           BK=bk,
+                                                                           ROUND_BF16=y1.dtype == torch.bfloat16,
+                                                                           num_warps=num_warps)
     return out
 
 
