@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh STAGE...
-# stages: tests kernels epilogue infer ffn step compile loss loro quality (default: tests kernels ffn); STEP_ARGS / TESTS narrow
+# stages: tests kernels epilogue infer ffn step compile loss loro vnm quality (default: tests kernels ffn); STEP_ARGS / TESTS narrow
 # the step benchmark and the test selection. Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
 # machine), are copied there too, with the tuned cuSPARSELt algorithm cache.
 set -u
@@ -25,6 +25,13 @@ for what in "${@:-tests kernels ffn}"; do
               | grep -v "^elas: \|Warning\|warn(" ;;
       compile) timeout "${COMPILE_TIMEOUT:-560}" python -m elas bench compile --gpu-name "$GPU" ${COMPILE_ARGS:-} ;;
       loro) python -m elas bench loro --gpu-name "$GPU" ;;
+      vnm)  # V:N:M's grouped path (own mode, contiguous clusters) at m=16 and m=8, its selection kernel, the full recipe
+        python benchmarks/vnm_select.py "benchmarks/results/$GPU"
+        own=relu2-vnm-own+vnm.clustering=contiguous
+        full=relu2-w24-vnm+vnm.router_mode=own+vnm.path=grouped+vnm.m=16+vnm.clustering=contiguous
+        python -m elas bench ffn --gpu-name "$GPU" --sizes llama-350m,llama-1b --variants relu2,$own,$own+vnm.m=8,$full
+        timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-350m,llama-1b \
+          --modes elas --variants relu2,$own,$full 2>&1 | grep -v "^elas: \|Warning\|warn(" ;;
       loss) python -m elas bench loss --gpu-name "$GPU" ;;
       quality)  # the quality grid on a prepared dataset; QUALITY_* select the part to run in this call
         timeout "${QUALITY_TIMEOUT:-520}" python -m elas experiment --size llama-60m --steps "${QUALITY_STEPS:-500}" \

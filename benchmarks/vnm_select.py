@@ -2,12 +2,13 @@
 (kernels/cuda/sparsify.relu2_sparsify24_dense) against Inductor's compilation of the reference formula, with a
 launch sweep; each checked bit for bit, timed by CUDA-graph replay. Needs a CUDA GPU.
 
-    PYTHONPATH=src python benchmarks/vnm_select.py      # writes vnm_select.json into $OUT (or here)
+    PYTHONPATH=src python benchmarks/vnm_select.py [DIR]     # writes DIR/vnm_select.json (default: $OUT, or here)
 
 P = tokens + 16 x clusters (the grouped layout's padding rows), F = d_ff / clusters (1B: d_ff 8192, 4 clusters).
 """
 import json
 import os
+import sys
 
 import torch
 
@@ -46,7 +47,8 @@ def main() -> None:
         print(f"[{p}, {f}] inductor {row['inductor_ms']*1e3:.1f} us  triton default {row['triton_default_ms']*1e3:.1f} us "
               f"({row['bytes_GBps_default']:.0f} GB/s) best {best[0]*1e3:.1f} us at rows={best[1]} bk={best[2]} warps={best[3]}")
     json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "rows": res},
-              open(os.path.join(os.environ.get("OUT", "."), "vnm_select.json"), "w"), indent=1)
+              open(os.path.join(sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT", "."), "vnm_select.json"),
+                   "w"), indent=1)
 
 
 if __name__ == "__main__":
