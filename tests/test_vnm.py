@@ -373,7 +373,7 @@ def test_gpu_grouped_path_matches_the_masked_path(m, clustering):
 def test_group_layout_aligns_groups_and_moves_rows_by_gathers_only():
     """Every token lands once, in its cluster's group; groups start at multiples of ALIGN; the last ends at P;
     padding rows are zero; the backward of the row moves is the inverse gather (no accumulation)."""
-    from elas.sparsity.vnm import ALIGN, _Take, group_layout
+    from elas.sparsity.vnm_grouped import ALIGN, _Take, group_layout
     torch.manual_seed(0)
     t, c = 50, 3
     cid = torch.randint(0, c, (t,))
@@ -402,7 +402,7 @@ def test_group_layout_aligns_groups_and_moves_rows_by_gathers_only():
 def test_contiguous_clusters_are_consecutive_neurons_with_their_mean_rows_and_views_equal_gathers():
     """clustering=contiguous: cluster c is neurons c*F..(c+1)*F-1, its centroid their mean row (normalised rows and
     mean for cosine, as k-means makes them); the grouped core's in-place weights equal the gathered ones."""
-    from elas.sparsity.vnm import _grouped_core
+    from elas.sparsity.vnm_grouped import grouped_core as _grouped_core
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(32, 8, generator=g)
     assign, mu = rt.contiguous_clusters(rows, 4, "dot")

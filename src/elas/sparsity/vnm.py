@@ -19,9 +19,9 @@ restricts each token to its cluster's features instead); the clustering is redon
 and the clustering is in the model's buffers, so checkpoints keep it). The choices the paper leaves open, made
 here: v=64 (a 64-row band of the SM90 layout; Venom uses 64 or 128), m=8 (75% sparsity, inside the 84-98%
 zeros of long runs); the router's are in router.py. The default path is masked dense arithmetic: it measures
-quality, it accelerates nothing. `path=grouped` (own mode only) computes own mode for real: tokens sorted by
-cluster, each multiplied by its cluster's neurons only (torch's grouped GEMM: 4/m of the dense FFN's work in all
-six GEMMs, 2:4 inside not exploited yet), equal to the masked path up to summation order.
+quality, it accelerates nothing. `path=grouped` (own mode only; vnm_grouped.py) computes own mode for real: tokens
+laid out by cluster, each multiplied by its cluster's neurons only (torch's grouped GEMM: 4/m of the dense FFN's
+work in all six GEMMs, 2:4 inside not exploited), equal to the masked path up to summation order.
 """
 from __future__ import annotations
 
@@ -31,13 +31,13 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from ..kernels import ops
 from ..kernels import reference as ref
 from ..model.ffn import ffn_operands, relu2
 from ..model.lowrank import LowRankLinear
 from . import router as rt
 from .act24 import GRAD_MODES, relu2_stats
 from .api import Applied, SparsityMethod, check_sparse_until, register_method, relu2_ffns, sparse_end
+from .vnm_grouped import grouped_core
 
 
 @dataclass
@@ -139,120 +139,6 @@ class _ReLU2Masked(torch.autograd.Function):
         if grad_mask is not None:
             dy2 = dy2 * grad_mask
         return 2 * r * dy2, None, None, None
-
-
-class _ReLU2Select24(torch.autograd.Function):
-    """y1 [P, F] -> y2s = 2:4(relu(y1)^2) along F, dense (ops.relu2_sparsify24_dense: one Triton pass on CUDA,
-    the selection of reference.mask24 on y2 rounded to y1's dtype); backward 2 relu(y1) dy2 (`ste`), masked by
-    the kept entries in `mask` mode. The kept set is read back as y2s != 0: it differs from the selection only
-    where relu(y1) > 0 squares to 0 in y1's dtype (|y1| < ~7e-21 in bf16), whose gradient 2 relu(y1) dy2 is that
-    small anyway."""
-
-    @staticmethod
-    def forward(ctx, y1, mask_grad: bool):
-        y2s = ops.relu2_sparsify24_dense(y1)
-        ctx.save_for_backward(y1, y2s if mask_grad else None)
-        return y2s
-
-    @staticmethod
-    def backward(ctx, dy2):
-        y1, y2s = ctx.saved_tensors
-        dy1 = 2 * torch.relu(y1) * dy2
-        if y2s is not None:
-            dy1 = dy1 * (y2s != 0)
-        return dy1, None
-
-
-def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """a [T, k] (rows in groups: group g ends at row offs[g]), b [G, k, n] -> [T, n], group g's rows times b[g].
-    bf16: torch's grouped GEMM (one kernel on Hopper). Other dtypes (CPU fp32 runs and tests): its twin, every
-    group's product over all rows kept where the row is the group's: the same result for G times the work."""
-    if a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16:
-        return torch._grouped_mm(a, b, offs=offs)
-    rows = torch.arange(a.shape[0], device=a.device, dtype=offs.dtype)
-    group = torch.searchsorted(offs, rows, right=True)  # [T]
-    out = a.new_zeros(a.shape[0], b.shape[2])
-    for g in range(b.shape[0]):
-        out = out + (a @ b[g]) * (group == g)[:, None].to(a.dtype)
-    return out
-
-
-ALIGN = 16  # rows: every group of the grouped GEMM starts at a multiple of this. torch 2.11's bf16 kernel gave the
-# same results with unaligned offsets on an H200 (benchmarks/results/h200/vnm_grouped_diag.json), but its weight
-# gradient contracts over a group's tokens, and low-precision grouped kernels require 16-byte-aligned offsets
-# there: 16 rows hold for every dtype at a cost of at most 16 zero rows per cluster
-
-
-class _Take(torch.autograd.Function):
-    """out = x[idx] along dim 0 with rows where idx >= len(x) zero; the backward is the same gather of the output
-    gradient by `back` (idx and back are mutually inverse maps between the rows of x and of out, each row taken
-    at most once), so neither direction scatters or accumulates."""
-
-    @staticmethod
-    def forward(ctx, x, idx, back):
-        ctx.save_for_backward(back)
-        return _take(x, idx)
-
-    @staticmethod
-    def backward(ctx, g):
-        (back,) = ctx.saved_tensors
-        return _take(g, back), None, None
-
-
-def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    n = x.shape[0]
-    if idx.shape[0] <= n:  # no more rows out than in, each taken at most once: no padding row to fill
-        return x[idx]
-    out = x[idx.clamp(max=n - 1)]
-    return out * (idx < n).view(-1, *([1] * (x.dim() - 1))).to(out.dtype)
-
-
-def group_layout(cid: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows of the grouped GEMM for cid int64 [T] (each token's cluster, in [0, c)): cluster g's tokens, in token
-    order, fill rows [start_g, start_g + count_g), start_g a multiple of ALIGN; the other rows are zero padding.
-    Returns src int64 [P] (the token of each row; T for padding), dest int64 [T] (the row of each token) and
-    offs int32 [c] (the end row of each group; the last ends at P). P = T + ALIGN * c: static, so it traces and
-    captures (no value leaves the device)."""
-    t = cid.shape[0]
-    p = t + ALIGN * c
-    onehot = cid[:, None] == torch.arange(c, device=cid.device)[None, :]  # [T, c]
-    counts = onehot.sum(0)  # [c]
-    # each token's rank inside its cluster, in token order: a running count, not a sort (a radix sort of the
-    # int64 ids cost ~0.1 ms per layer at 8k tokens on an H200, step_vnm.json)
-    rank = (onehot.cumsum(0) - 1).gather(1, cid[:, None]).squeeze(1)  # [T]
-    padded = (counts + ALIGN - 1) // ALIGN * ALIGN
-    ends = padded.cumsum(0)
-    starts = ends - padded  # [c]
-    dest = starts[cid] + rank  # [T]
-    src = torch.full((p,), t, dtype=torch.int64, device=cid.device).scatter_(0, dest, torch.arange(
-        t, device=cid.device))
-    offs = torch.cat([ends[:-1], ends.new_full((1,), p)]).to(torch.int32)
-    return src, dest, offs
-
-
-def _grouped_core(h1: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, cid: torch.Tensor, features: torch.Tensor,
-                  mask_grad: bool, in_place: bool = False) -> torch.Tensor:
-    """Own-mode V:N:M as a grouped GEMM: h1 [T, q], wu [d_ff, q], wd [d_ff, q'], cid int64 [T] (each token's
-    cluster), features int64 [C, F] (each cluster's features, ascending; F = d_ff / C; a partition of d_ff)
-    -> h2 [T, q']. Tokens are laid out by cluster (group_layout); cluster c's rows multiply wu[features[c]] and
-    wd[features[c]] only (F of the d_ff features: a neuron-level mixture of experts), with 2 of every 4 kept
-    along them (mask24's rule, the order of routed_vnm_mask). Every row move is a gather both ways (_Take).
-    in_place: features[c] are the consecutive neurons c*F..(c+1)*F-1 (vnm.clustering=contiguous), so each cluster's
-    weights are a view of wu and wd, not a gather."""
-    c, f = features.shape
-    src, dest, offs = group_layout(cid, c)
-    if in_place:
-        wu_g, wd_g = wu.view(c, f, -1), wd.view(c, f, -1)  # [C, F, q], [C, F, q'] (wd may be a transposed view)
-    else:
-        flat = features.reshape(-1)
-        # features is a partition of d_ff: its inverse permutation, by a scatter (no sort)
-        inv = torch.empty_like(flat).scatter_(0, flat, torch.arange(flat.shape[0], device=flat.device))
-        wu_g = _Take.apply(wu, flat, inv).view(c, f, -1)  # [C, F, q]
-        wd_g = _Take.apply(wd, flat, inv).view(c, f, -1)  # [C, F, q']
-    y1 = grouped_mm(_Take.apply(h1, src, dest), wu_g.transpose(1, 2), offs)  # [P, F]; padding rows 0
-    y2s = _ReLU2Select24.apply(y1, mask_grad)  # [P, F]: ste along the cluster's own features
-    h2 = grouped_mm(y2s, wd_g, offs)  # [P, q']
-    return _Take.apply(h2, dest, src)  # [T, q']
 
 
 def up_rows(up: nn.Module) -> torch.Tensor:
@@ -365,7 +251,7 @@ class VNMCore(nn.Module):
         dtype = torch.bfloat16 if dev == "cuda" else (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
                                                       else wu.dtype)
         with torch.autocast(dev, enabled=False):
-            h2 = _grouped_core(h1.to(dtype), wu.to(dtype), wd.to(dtype), cid, self.features, mask_grad,
+            h2 = grouped_core(h1.to(dtype), wu.to(dtype), wd.to(dtype), cid, self.features, mask_grad,
                                in_place=self.cfg.clustering == "contiguous")
         return post(h2).reshape(bsz, seq, -1)
 
