@@ -77,6 +77,9 @@ def _ffn_row(size: str, variant: str, batch: int, seq: int) -> dict:
     act = saved_bytes(lambda: ffn(x))
     capture_error = None
     eager = event_ms(lambda: ffn(x).backward(gy), iters=20, warmup=5)
+    # compiled first: a failed capture can leave the process's later CUDA work failing ("operation failed due to
+    # a previous error during capture"), and the compiled FFN is the one the trainer runs
+    compiled = _compiled_ms(ffn, x, gy, f"{size} {variant}")
     x.grad = None  # let the capture's warm-up allocate the gradients (on its own stream), as the trainer does
     ffn.zero_grad(set_to_none=True)
     try:
@@ -85,7 +88,6 @@ def _ffn_row(size: str, variant: str, batch: int, seq: int) -> dict:
         where = capture_origin(e)
         print(f"ffn {size} {variant}: CUDA-graph capture failed ({capture_failure(e)}) at {where}; eager time only")
         ms, capture_error = None, f"{capture_failure(e)} at {where}"
-    compiled = _compiled_ms(ffn, x, gy, f"{size} {variant}")
     core = ffn.core if hasattr(ffn, "core") else None
     parts = [core.description.split(" (")[0]] if getattr(core, "description", None) else []
     if hasattr(ffn.up, "packed"):  # a weight method's linears (S-STE): their own products' path
