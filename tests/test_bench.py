@@ -67,6 +67,12 @@ def test_step_modes_table_and_ratios():
     text = mode_step_tables({**doc, "rows": rows})
     assert f"| {d['step_ms']:.1f} | {d['tokens_per_s']:,.0f} | - | {d['vs_torch_compile']:.2f}x |" in text
     assert "by kernel category" in text and "| idle |" in text
+    # the twin ran in two modes here: its best is established by this file, and the cell does not say otherwise
+    assert f"{e['vs_twin']:.2f}x ({e['twin_mode']}) |" in text
+    # with the twin's other mode gone, the cell says the ratio is against the only mode run
+    alone = ratios([r for r in rows if r["variant"] != "lowrank-relu2" or r["mode"] == "elas"])
+    text = mode_step_tables({**doc, "rows": alone})
+    assert f"({e['twin_mode']}, its only mode run here) |" in text
 
 
 def test_loss_table_pairs_the_two_implementations():
