@@ -363,6 +363,26 @@ def test_quality_grid_seeds_variant_keys_and_transfer(dataset, tmp_path):
     assert f"{mean:.4f} (" in md  # the mean over the seeds, then (min-max)
 
 
+def test_quality_summary_ratios_every_variant_to_its_twin(tmp_path):
+    """Besides the papers' pairs, each variant (method keys included) is set against its dense twin, seed by seed."""
+    from elas.train.experiment import summarize
+    def row(variant, loss, seed=0):
+        run = tmp_path / (variant if seed == 0 else f"{variant}.seed{seed}")
+        run.mkdir()
+        (run / "summary.json").write_text(json.dumps(
+            {"variant": variant, "seed": seed, "val_loss": loss, "val_ppl": 2.0, "optimizer": "adamw", "steps": 10,
+             "tokens": 100, "epochs": 0.5, "wall_s": 1.0}))
+    row("relu2", 2.0)
+    row("relu2", 2.2, seed=1)
+    row("relu2-vnm-own+vnm.m=8", 2.02)
+    row("relu2-vnm-own+vnm.m=8", 2.244, seed=1)
+    row("swiglu", 2.5)
+    _, md = summarize(tmp_path)
+    assert "- relu2-vnm-own+vnm.m=8 / relu2: val loss ratio 1.0150 (1.0100-1.0200) over seeds [0, 1]" in md
+    assert "- relu2 / swiglu: val loss ratio 0.8000 over seeds [0]" in md
+    assert md.count("/ relu2:") == 1  # relu2 itself has no twin
+
+
 def test_auto_solver_by_core_size():
     """auto: gesvda for the cores of the 60M-350M models on CUDA, eigh from the 1B model's 1024 x 1024 cores on
     (as fast or faster there, and it converges where gesvda does not), torch's default driver off CUDA."""

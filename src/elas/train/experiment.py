@@ -147,6 +147,17 @@ RATIOS = (("elas", "lowrank-relu2"), ("relu2-24", "relu2"), ("elas-mask", "lowra
           ("elas-nowarmup", "lowrank-relu2"), ("relu2", "swiglu"))  # the papers' comparisons (a / b)
 
 
+def _ratio_pairs(by: dict) -> list[tuple[str, str]]:
+    """The papers' comparisons, then every other variant run (keys included) against its dense twin
+    (config.VARIANTS' `twin`, e.g. relu2 for the third paper's variants), each pair once."""
+    pairs = list(RATIOS)
+    for v in by:
+        twin = VARIANTS[split_variant(v)[0]].twin if split_variant(v)[0] in VARIANTS else None
+        if twin and (v, twin) not in pairs:
+            pairs.append((v, twin))
+    return pairs
+
+
 def _spread(values: list[float], fmt: str = ".4f") -> str:
     """mean, and (min-max) when there is more than one value."""
     mean = sum(values) / len(values)
@@ -179,7 +190,7 @@ def summarize(out: Path) -> tuple[list[dict], str]:
                   f"{stat('y2_zero_frac')} | {stat('dropped_nnz_frac', '.4f')} | "
                   f"{sum(r['wall_s'] for r in rs):.0f} |")
     lines = []
-    for a, b in RATIOS:
+    for a, b in _ratio_pairs(by):
         common = sorted(set(by.get(a, {})) & set(by.get(b, {})))
         if not common:
             continue
