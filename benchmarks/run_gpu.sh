@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh STAGE...
-# stages: tests kernels epilogue infer ffn step compile loss loro vnm quality (default: tests kernels ffn); STEP_ARGS / TESTS narrow
+# stages: tests kernels epilogue infer ffn step compile loss loro vnm quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
 # the step benchmark and the test selection. Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
 # machine), are copied there too, with the tuned cuSPARSELt algorithm cache.
 set -u
@@ -33,6 +33,19 @@ for what in "${@:-tests kernels ffn}"; do
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-350m,llama-1b \
           --modes elas --variants relu2,$own,$full 2>&1 | grep -v "^elas: \|Warning\|warn(" ;;
       loss) python -m elas bench loss --gpu-name "$GPU" ;;
+      grid)  # the quality issue's grid on the site-packages corpus, prepared here when missing (~100 s on 16 cores; its
+             # SHA-1 is printed, to check that calls and sessions share it); GRID_* select this call's part. A run cut
+             # off by the timeout resumes in the next call while the machine is still warm (runs/ and data/ stay)
+        [ -f data/sp-32k/meta.json ] || python -m elas data prepare --source site-packages --out data/sp-32k \
+          --vocab-size 32000 --max-mb 0 --val-frac 0.01 2>&1 | tail -1
+        [ -f data/stdlib-sp32k/meta.json ] || python -m elas data prepare --source stdlib --tokenizer data/sp-32k \
+          --out data/stdlib-sp32k --vocab-size 32000 --max-mb 0 --val-frac 0.05 2>&1 | tail -1
+        python -c "import json; m = json.load(open('data/sp-32k/meta.json')); print('corpus', m['train_tokens'], 'tokens, sha1', m.get('train_sha1'))"
+        timeout "${GRID_TIMEOUT:-540}" python -m elas experiment --size "${GRID_SIZE:-llama-60m}" --steps "${GRID_STEPS:-2000}" \
+          --batch-size "${GRID_BATCH:-512}" --grad-accum 1 --data data/sp-32k --transfer-data data/stdlib-sp32k \
+          --out "runs/grid-${GRID_SIZE:-llama-60m}" --seeds "${GRID_SEEDS:-0}" ${GRID_VARIANTS:+--variants $GRID_VARIANTS} 2>&1 \
+          | grep -v "^elas: \|it/s"
+        [ -n "${OUT:-}" ] && tar czf "$OUT/grid.tgz" --exclude=checkpoints runs/grid-* ;;
       quality)  # the quality grid on a prepared dataset; QUALITY_* select the part to run in this call
         timeout "${QUALITY_TIMEOUT:-520}" python -m elas experiment --size llama-60m --steps "${QUALITY_STEPS:-500}" \
           --batch-size 256 --grad-accum 1 --data "${QUALITY_DATA:-data/quality-32k}" --out runs/quality \
@@ -42,7 +55,8 @@ for what in "${@:-tests kernels ffn}"; do
   done
 done
 if [ -n "${OUT:-}" ]; then
-  cp -r "benchmarks/results/$GPU" "$OUT/" 2>/dev/null
+  # one archive: at most 8 files come back from a call
+  tar czf "$OUT/results.tgz" -C benchmarks/results "$GPU" 2>/dev/null
   tar czf "$OUT/cache.tgz" .cache 2>/dev/null
   [ "$(stat -c %s "$OUT/cache.tgz")" -gt 15000000 ] && tar czf "$OUT/cache.tgz" --exclude=.cache/inductor .cache
 fi

@@ -1,4 +1,5 @@
 """Dataset preparation, the stable split, the stateless batch order."""
+import hashlib
 import json
 
 import numpy as np
@@ -25,6 +26,8 @@ def test_prepared_dataset(dataset):
     assert len(tr) == meta["train_tokens"] > 100_000 and tr.max() < 512
     assert (tr == meta["eot_id"]).sum() == meta["train_docs"]  # one EOT per document
     assert 1.0 < meta["unigram_val_ppl"] < 512
+    assert meta["train_sha1"] == hashlib.sha1((dataset / "train.bin").read_bytes()).hexdigest()
+    assert meta["val_sha1"] == hashlib.sha1((dataset / "val.bin").read_bytes()).hexdigest() != meta["train_sha1"]
 
 
 def test_files_and_jsonl_sources(tmp_path):

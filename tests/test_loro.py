@@ -378,9 +378,15 @@ def test_quality_summary_ratios_every_variant_to_its_twin(tmp_path):
     row("relu2-vnm-own+vnm.m=8", 2.244, seed=1)
     row("swiglu", 2.5)
     _, md = summarize(tmp_path)
+    assert "different datasets" not in md  # rows without a fingerprint (older runs) are not flagged
     assert "- relu2-vnm-own+vnm.m=8 / relu2: val loss ratio 1.0150 (1.0100-1.0200) over seeds [0, 1]" in md
     assert "- relu2 / swiglu: val loss ratio 0.8000 over seeds [0]" in md
     assert md.count("/ relu2:") == 1  # relu2 itself has no twin
+    for run, sha in (("relu2", "a" * 40), ("swiglu", "b" * 40)):  # rows from two preparations of the data
+        s = json.loads((tmp_path / run / "summary.json").read_text())
+        (tmp_path / run / "summary.json").write_text(json.dumps({**s, "data_sha1": sha}))
+    _, md = summarize(tmp_path)
+    assert "the runs trained on 2 different datasets** (train.bin SHA-1 aaaaaaaaaaaa, bbbbbbbbbbbb)" in md
 
 
 def test_auto_solver_by_core_size():

@@ -3,11 +3,13 @@
 A dataset directory holds:
     train.bin, val.bin   token ids, uint16 (vocab <= 65536) or uint32, documents joined by the EOT token
     tokenizer.json       the tokenizer (HF `tokenizers` format)
-    meta.json            source, counts, dtype, vocab size, EOT id, and the unigram baseline perplexity of val
+    meta.json            source, counts, dtype, vocab size, EOT id, the unigram baseline perplexity of val, and the
+                         SHA-1 of train.bin and val.bin (the same data on another machine has the same ones)
 The directory is built under a temporary name and renamed when complete, so a crash never leaves half a dataset.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -54,6 +56,16 @@ def _write_tokens(path: Path, texts: list[str], tok, eot: int, dtype, max_tokens
                 if max_tokens is not None and n >= max_tokens:
                     return n
     return n
+
+
+def file_sha1(path: Path, chunk: int = 1 << 24) -> str:
+    """SHA-1 of a file's bytes (the dataset's fingerprint in meta.json: runs on other machines, or prepared again
+    there, can show they trained on the same tokens)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def unigram_ppl(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
@@ -124,6 +136,7 @@ def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = 
             "train_docs": len(train_txt), "val_docs": len(val_txt), "text_bytes": n_bytes,
             "val_frac": val_frac, "unigram_val_ppl": unigram_ppl(np.asarray(tr), np.asarray(va), vocab),
             "max_token_id": int(max(tr.max(initial=0), va.max(initial=0))),  # checked against a model's vocab
+            "train_sha1": file_sha1(tmp / "train.bin"), "val_sha1": file_sha1(tmp / "val.bin"),
             "seconds": round(time.time() - t0, 1),
         }
         del tr, va

@@ -96,8 +96,8 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
     if transfer:
         check_transfer_data(data_dir, transfer)
     out.mkdir(parents=True, exist_ok=True)
-    train_tokens = json.loads((Path(data_dir) / "meta.json").read_text())["train_tokens"] \
-        if (Path(data_dir) / "meta.json").exists() else None
+    meta = json.loads((Path(data_dir) / "meta.json").read_text()) if (Path(data_dir) / "meta.json").exists() else {}
+    train_tokens = meta.get("train_tokens")
     rows = []
     for seed, v, cfg in cfgs:
         run = Path(cfg.out_dir)
@@ -135,7 +135,8 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
                "val_loss": res["val_loss"], "val_ppl": res["val_ppl"], "wall_s": round(time.time() - t0, 1),
                "optimizer": cfg.optimizer, "lr": cfg.lr, "methods": cfg.model.methods,
                "y2_zero_frac": last[-1]["y2_zero_frac/mean"] if last else None,
-               "dropped_nnz_frac": last[-1]["dropped_nnz_frac/mean"] if last else None, **extra}
+               "dropped_nnz_frac": last[-1]["dropped_nnz_frac/mean"] if last else None,
+               "data_sha1": meta.get("train_sha1"), **extra}
         done.write_text(json.dumps(row, indent=1))
         rows.append(row)
         log(f"{name}: val loss {row['val_loss']:.4f} (ppl {row['val_ppl']:.2f}) in {row['wall_s']:.0f} s" +
@@ -202,6 +203,10 @@ def summarize(out: Path) -> tuple[list[dict], str]:
             lines.append(f"- {a} / {b}: {label} ratio {_spread(ratios)} over seeds {common}" +
                          (f"; seed spread of the {label}: {a} {spread[0]:.4f}, {b} {spread[1]:.4f}"
                           if len(common) > 1 else ""))
+    prints = sorted({r["data_sha1"] for r in rows if r.get("data_sha1")})
+    if len(prints) > 1:  # runs gathered from several machines or sessions: comparable only on the same tokens
+        lines.append(f"- **the runs trained on {len(prints)} different datasets** (train.bin SHA-1 " +
+                     ", ".join(p[:12] for p in prints) + "): ratios across them compare different data")
     total = sum(r["wall_s"] for r in rows)
     lines.append(f"- the grid's GPU time: {total / 60:.1f} min over {len(rows)} runs (wall time of each run, "
                  f"compilation and evaluation included)")
