@@ -179,6 +179,34 @@ def test_routed_mask_is_a_vnm_block_for_any_tokens_of_one_cluster():
     assert (y * mask).sum() <= (y * ref.mask24(y)).sum()
 
 
+def test_topk_routing_keeps_the_union_of_the_k_best_clusters_features():
+    """route_tokens with k: the k best clusters, best first (the first is k=1's choice); the routed mask of
+    [T, k] clusters is the union of the single-cluster masks (each cluster's own 2:4 groups): density 2k/(4C)."""
+    g = torch.Generator().manual_seed(5)
+    t, d, k_feat, c = 40, 16, 64, 4
+    x, mu = torch.randn(t, d, generator=g), torch.randn(c, d, generator=g)
+    top = rt.route_tokens(x, mu, "dot", k=2)
+    assert top.shape == (t, 2) and torch.equal(top[:, 0], rt.route_tokens(x, mu, "dot"))
+    s = x @ mu.T
+    assert torch.all(s.gather(1, top[:, :1]) >= s.gather(1, top[:, 1:])) and torch.all(top[:, 0] != top[:, 1])
+    y = torch.relu(torch.randn(t, k_feat, generator=g)) ** 2
+    feats = torch.randperm(k_feat, generator=g).view(c, -1).sort(-1).values
+    mask = ref.routed_vnm_mask(y, top, feats)
+    union = ref.routed_vnm_mask(y, top[:, 0], feats) | ref.routed_vnm_mask(y, top[:, 1], feats)
+    assert torch.equal(mask, union) and torch.all(mask.sum(-1) == 2 * 2 * k_feat // (4 * c))
+
+
+def test_topk_config():
+    cfg = VNMConfig(router=True, router_mode="own", m=8, topk=2)
+    assert cfg.clusters == 4 and cfg.density == 2 / 8
+    with pytest.raises(ValueError, match="invalid vnm.topk 2: expected 1, or more clusters per token in router_mode own"):
+        VNMConfig(router=True, router_mode="group", topk=2)
+    with pytest.raises(ValueError, match="invalid vnm.topk 0"):
+        VNMConfig(topk=0)
+    with pytest.raises(ValueError, match="d_ff=48, not a multiple of topk \\* m = 32"):  # 8 clusters of 6: no 2:4
+        sparsify_(ReLU2FFN.of_width(16, 48), VNMConfig(router=True, router_mode="own", m=16, topk=2))
+
+
 def test_grouped_mask_is_the_block_selection_over_each_clusters_tokens():
     """group mode: tokens of one cluster, in order, padded to whole blocks of v, get reference.vnm_mask's selection
     (so any block of v of them uses at most 4 of every m features); tokens of other clusters never share a block."""
@@ -257,12 +285,12 @@ def test_router_run_resumes_exactly_across_a_reclustering(dataset, tmp_path, unt
 
 
 # ---- own mode as a grouped GEMM over the clusters (vnm.path=grouped) ----------------------------------------
-def _own_pair(grad_mode: str, m: int = 8, rank: int = 0, clustering: str = "kmeans"):
+def _own_pair(grad_mode: str, m: int = 8, rank: int = 0, clustering: str = "kmeans", topk: int = 1):
     cfgs = []
     for path in ("masked", "grouped"):
         cfg = preset("llama-tiny-relu2-vnm", n_layers=2, vocab_size=256, rank=rank)
         cfg.method("vnm").update(v=16, dense_warmup_steps=0, router_mode="own", m=m, grad_mode=grad_mode, path=path,
-                                 clustering=clustering)
+                                 clustering=clustering, topk=topk)
         cfgs.append(cfg)
     torch.manual_seed(0)
     masked = build_model(cfgs[0])
@@ -282,19 +310,23 @@ def _loss_grads(model, idx):
 
 
 @pytest.mark.parametrize("rank", [0, 16])
-@pytest.mark.parametrize("grad_mode,m,clustering", [("ste", 8, "kmeans"), ("mask", 8, "kmeans"),
-                                                    ("ste", 16, "kmeans"), ("ste", 8, "contiguous")])
-def test_grouped_own_mode_equals_the_masked_path(rank, grad_mode, m, clustering):
+@pytest.mark.parametrize("grad_mode,m,clustering,topk", [("ste", 8, "kmeans", 1), ("mask", 8, "kmeans", 1),
+                                                         ("ste", 16, "kmeans", 1), ("ste", 8, "contiguous", 1),
+                                                         ("ste", 8, "contiguous", 2), ("mask", 8, "kmeans", 2)])
+def test_grouped_own_mode_equals_the_masked_path(rank, grad_mode, m, clustering, topk):
     """The grouped GEMM multiplies each token by its cluster's neurons only; the masked path multiplies by all of
     d_ff with the others masked. Same selection, same gradient (in own mode `ste` passes only through the token's
     own features), so the same loss and gradients up to summation order (fp32; full-rank and low-rank). With
-    clustering=contiguous the grouped path reads each cluster's weights in place (views, no gather)."""
-    masked, grouped = _own_pair(grad_mode, m, rank, clustering)
+    clustering=contiguous the grouped path reads each cluster's weights in place (views, no gather). With topk=2
+    a token has a row in each of its 2 clusters and its output is their sum."""
+    masked, grouped = _own_pair(grad_mode, m, rank, clustering, topk)
+    c = topk * m // 4
     assert masked.blocks[0].ffn.core.description.startswith("emulated")  # what a benchmark row reports
-    assert grouped.blocks[0].ffn.core.description.startswith(f"grouped GEMM over {m // 4} clusters")
+    assert grouped.blocks[0].ffn.core.description.startswith(f"grouped GEMM over {c} clusters")
     assert ("weights in place" in grouped.blocks[0].ffn.core.description) == (clustering == "contiguous")
+    assert ("2 per token" in grouped.blocks[0].ffn.core.description) == (topk == 2)
     if clustering == "contiguous":
-        c, d_ff = m // 4, grouped.blocks[0].ffn.d_ff
+        d_ff = grouped.blocks[0].ffn.d_ff
         assert torch.equal(grouped.blocks[0].ffn.core.features, torch.arange(d_ff).view(c, -1))
     idx = torch.randint(0, 256, (2, 32))
     (lm, gm), (lg, gg) = _loss_grads(masked, idx), _loss_grads(grouped, idx)

@@ -164,8 +164,10 @@ def routed_vnm_mask(y: torch.Tensor, token_cluster: torch.Tensor, features: torc
     """V:N:M by routing (sparsity/router.py): token t keeps, of the features of its cluster features[token_cluster[t]]
     (in that order), 2 of every 4 by the rule of mask24; every other feature is dropped. y [T, K], token_cluster
     int64 [T], features int64 [C, K/C] (the clusters partition the K features). Returns bool [T, K], density 2/(4C):
-    any tokens of one cluster share their features, so v of them form a V:N:M block with M = 4C."""
-    idx = features[token_cluster]  # [T, K/C]
+    any tokens of one cluster share their features, so v of them form a V:N:M block with M = 4C.
+    token_cluster int64 [T, k]: each token keeps the union of its k clusters' features (each cluster's own 2:4
+    groups, K/C % 4 == 0), density 2k/(4C)."""
+    idx = features[token_cluster].reshape(y.shape[0], -1)  # [T, k * K/C]
     keep = mask24(torch.gather(y, 1, idx))
     return torch.zeros_like(y, dtype=torch.bool).scatter(1, idx, keep)
 

@@ -15,7 +15,10 @@ that activate the same neurons:
   - "own": C = M/4 clusters each own 4 of every M features (cluster c's features in ascending order fill
     positions 4c..4c+3 of the M-groups of a fixed feature order); a token keeps only its cluster's features, 2 of
     every 4 (reference.routed_vnm_mask): the columns are known before y1 is computed, so the up-projection could
-    skip the others too (a neuron-level mixture of experts).
+    skip the others too (a neuron-level mixture of experts). With `topk` = k > 1 there are k*M/4 clusters of
+    d_ff*4/(k*M) neurons and each token takes its k best (the union of their features, 2 of every 4): the same
+    density 2/M, the same work, but a token's neurons are chosen from C(k*M/4, k) sets instead of M/4, as
+    fine-grained experts with top-k routing are in a mixture of experts.
   Measured on the FFNs of a trained 4-layer ReLU^2 model (benchmarks/vnm_mass.py, docs/results.md): of y2's
   mass, 2:4 keeps 99.1%, V:N:M (v=64, m=8) over blocks of consecutive tokens 91.0%, "group" with 16 clusters
   93.9-94.0% (2 clusters: 92.0%), "own" only 63.6-66.6% (its best possible routing, chosen from y2 itself,
@@ -125,14 +128,16 @@ def cluster_features(assign: torch.Tensor, clusters: int) -> torch.Tensor:
     return torch.stack([torch.nonzero(assign == c).flatten() for c in range(clusters)])
 
 
-def route_tokens(x: torch.Tensor, centroids: torch.Tensor, metric: str) -> torch.Tensor:
-    """The cluster of each token x [T, d] (the FFN's input): int64 [T]. Scored in x's dtype when it is 16-bit
-    (a bf16 GEMM with fp32 accumulation: an fp32 copy of x would cost a write and a read of [T, d] fp32 per layer
-    for C columns of output); a token whose scores tie within that rounding may go either way, as near-ties of
-    the 2:4 choice do."""
+def route_tokens(x: torch.Tensor, centroids: torch.Tensor, metric: str, k: int = 1) -> torch.Tensor:
+    """The cluster of each token x [T, d] (the FFN's input): int64 [T]; with k > 1 its k best clusters, int64
+    [T, k] (best first). Scored in x's dtype when it is 16-bit (a bf16 GEMM with fp32 accumulation: an fp32 copy
+    of x would cost a write and a read of [T, d] fp32 per layer for C columns of output); a token whose scores
+    tie within that rounding may go either way, as near-ties of the 2:4 choice do."""
     if x.dtype in (torch.bfloat16, torch.float16):
-        return _scores(x, centroids.to(x.dtype), metric).argmax(-1)
-    return _scores(x.float(), centroids.float(), metric).argmax(-1)
+        s = _scores(x, centroids.to(x.dtype), metric)
+    else:
+        s = _scores(x.float(), centroids.float(), metric)
+    return s.argmax(-1) if k == 1 else s.topk(k, dim=-1).indices
 
 
 def route_permutation(token_cluster: torch.Tensor, clusters: int, v: int, size: int | None = None):

@@ -59,6 +59,9 @@ class VNMConfig(SparsityMethod):
     router_mode: str = "group"  # group (blocks of one cluster's tokens, columns by search) | own (router.py)
     groups: int = 16  # clusters of neurons in group mode (own mode: m / 4)
     route_metric: str = "dot"  # dot | cosine | l2 (router.py says why dot)
+    # own mode: clusters per token. k > 1: k*m/4 smaller clusters, each token takes its k best (the same density
+    # 2/m and work; finer choice of a token's neurons, as top-k routing over fine-grained experts; router.py)
+    topk: int = 1
     clustering: str = "kmeans"  # kmeans (balanced k-means of W_up's rows) | contiguous (consecutive neurons; router.py)
     recluster_steps: int = 1000  # the neurons are re-clustered every this many sparse steps
     kmeans_iters: int = 10
@@ -83,6 +86,9 @@ class VNMConfig(SparsityMethod):
         if self.router and self.router_mode == "own" and self.m % 4:
             raise ValueError(f"invalid vnm.m {self.m} with router_mode own: expected a multiple of 4 (m/4 clusters "
                              f"of neurons, each owning 4 of every m features)")
+        if self.topk < 1 or (self.topk > 1 and self.router_mode != "own"):
+            raise ValueError(f"invalid vnm.topk {self.topk}: expected 1, or more clusters per token in router_mode "
+                             f"own")
         if self.groups < 1:
             raise ValueError(f"invalid vnm.groups {self.groups}: expected >= 1")
         if self.route_metric not in rt.METRICS:
@@ -105,8 +111,9 @@ class VNMConfig(SparsityMethod):
 
     @property
     def clusters(self) -> int:
-        """Clusters of neurons the router makes: m / 4 in own mode (each owns 4 of every m features), else groups."""
-        return self.m // 4 if self.router_mode == "own" else self.groups
+        """Clusters of neurons the router makes: topk * m / 4 in own mode (each owns 4 of every topk * m features;
+        a token takes topk of them), else groups."""
+        return self.topk * self.m // 4 if self.router_mode == "own" else self.groups
 
     def mode_at(self, step: int, max_steps: int) -> str:
         if step < self.dense_warmup_steps:
@@ -200,11 +207,13 @@ class VNMCore(nn.Module):
         """Which path runs the sparse mode (benchmark rows print it)."""
         if self.cfg.path == "grouped":
             where = ", weights in place" if self.cfg.clustering == "contiguous" else ""
-            return f"grouped GEMM over {self.cfg.clusters} clusters (V:N:M own mode{where})"
+            top = f", {self.cfg.topk} per token" if self.cfg.topk > 1 else ""
+            return f"grouped GEMM over {self.cfg.clusters} clusters{top} (V:N:M own mode{where})"
         return "emulated (masked dense GEMMs)"
 
     def extra_repr(self) -> str:
-        router = f", router ({self.cfg.clusters} clusters, {self.cfg.route_metric})" if self.cfg.router else ""
+        top = f", {self.cfg.topk} per token" if self.cfg.topk > 1 else ""
+        router = f", router ({self.cfg.clusters} clusters{top}, {self.cfg.route_metric})" if self.cfg.router else ""
         return (f"v={self.cfg.v}, m={self.cfg.m}, grad_mode={self.cfg.grad_mode}{router}, {self.cfg.path}, "
                 f"active={self.active}")
 
@@ -223,7 +232,8 @@ class VNMCore(nn.Module):
         cid = None
         if self.cfg.router and self._clustered and (self.active or self.stats_sink is not None):
             # the cluster of each token: int64 [T] (a dense step routes only for the statistics probe)
-            cid = rt.route_tokens(x.reshape(-1, x.shape[-1]), self.centroids, self.cfg.route_metric)
+            # [T], or [T, topk]
+            cid = rt.route_tokens(x.reshape(-1, x.shape[-1]), self.centroids, self.cfg.route_metric, self.cfg.topk)
         mask_grad = self.cfg.grad_mode == "mask"
         if self.active and self.cfg.path == "grouped" and cid is not None and self.stats_sink is None:
             return self._grouped(x, up, down, cid, mask_grad)  # y1 over all of d_ff is never computed
@@ -239,7 +249,7 @@ class VNMCore(nn.Module):
         if cid is not None and self.cfg.router_mode == "own" and not mask_grad:
             # ste in own mode passes only through the token's own features: a token never reaches another
             # cluster's neurons (the grouped path does not compute them)
-            own = torch.zeros_like(mask).scatter(1, self.features[cid], True)
+            own = torch.zeros_like(mask).scatter(1, self.features[cid].reshape(flat.shape[0], -1), True)
         y2s = _ReLU2Masked.apply(flat, mask, own, mask_grad)
         return down(y2s.reshape(y1.shape))
 
@@ -262,7 +272,7 @@ class VNMCore(nn.Module):
         out = relu2_stats(y1, mask)
         out["y2_mass_kept"] = (y2 * mask).sum() / y2.sum().clamp(min=1e-30)
         if cid is not None:
-            perm, _, counts = rt.route_permutation(cid, self.cfg.clusters, self.cfg.v)
+            perm, _, counts = rt.route_permutation(cid.reshape(-1), self.cfg.clusters, self.cfg.v)
             out["route_largest_frac"] = counts.max() / counts.sum()
             out["route_pad_frac"] = (perm < 0).sum() / perm.numel()
         return out
@@ -274,6 +284,9 @@ def _apply_vnm(model: nn.Module, cfg: VNMConfig, filter_fn) -> Applied:
     for n, f in ffns:
         if f.d_ff % cfg.m:
             raise ValueError(f"vnm: {n} has d_ff={f.d_ff}, not a multiple of m={cfg.m}")
+        if cfg.router and cfg.router_mode == "own" and f.d_ff % (cfg.topk * cfg.m):
+            raise ValueError(f"vnm: {n} has d_ff={f.d_ff}, not a multiple of topk * m = {cfg.topk * cfg.m} (own mode: "
+                             f"{cfg.clusters} clusters whose features form whole 2:4 groups)")
         if cfg.router and f.d_ff % cfg.clusters:
             raise ValueError(f"vnm: {n} has d_ff={f.d_ff}, not a multiple of the router's {cfg.clusters} clusters "
                              f"(vnm.groups)")
@@ -287,7 +300,8 @@ def _apply_vnm(model: nn.Module, cfg: VNMConfig, filter_fn) -> Applied:
         for f, core in old:
             f.core = core
 
-    how = (f"neuron router ({cfg.router_mode} mode): {cfg.clusters} clusters, {cfg.route_metric} routing, "
+    how = (f"neuron router ({cfg.router_mode} mode): {cfg.clusters} clusters"
+           f"{f' ({cfg.topk} per token)' if cfg.topk > 1 else ''}, {cfg.route_metric} routing, "
            f"re-clustered every {cfg.recluster_steps} steps" if cfg.router else "no router: blocks of consecutive tokens")
     path = "a grouped GEMM over the clusters" if cfg.path == "grouped" else "emulated (masked dense GEMMs)"
     desc = (f"V:N:M activation sparsity (v={cfg.v}, m={cfg.m}: {2 / cfg.m:.0%} dense, {cfg.grad_mode} gradient) "

@@ -60,19 +60,26 @@ ALIGN = 16  # rows: every group of the grouped GEMM starts at a multiple of this
 
 
 class _Take(torch.autograd.Function):
-    """out = x[idx] along dim 0 with rows where idx >= len(x) zero; the backward is the same gather of the output
-    gradient by `back` (idx and back are mutually inverse maps between the rows of x and of out, each row taken
-    at most once), so neither direction scatters or accumulates."""
+    """out = x[idx] along dim 0 with rows where idx >= len(x) zero, then each `fold` consecutive rows summed; the
+    backward is the same for the output gradient with `back` and `back_fold`. idx and back are mutually inverse maps
+    between the rows of x and of out: with top-k routing a token's row of x is taken k times (back_fold = k sums its
+    k gradients) and its k output rows are summed into one (fold = k). Neither direction scatters."""
 
     @staticmethod
-    def forward(ctx, x, idx, back):
+    def forward(ctx, x, idx, back, fold: int = 1, back_fold: int = 1):
         ctx.save_for_backward(back)
-        return _take(x, idx)
+        ctx.back_fold = back_fold
+        return _fold(_take(x, idx), fold)
 
     @staticmethod
     def backward(ctx, g):
         (back,) = ctx.saved_tensors
-        return _take(g, back), None, None
+        return _fold(_take(g, back), ctx.back_fold), None, None, None, None
+
+
+def _fold(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Sums of k consecutive rows: [n * k, ...] -> [n, ...]."""
+    return x if k == 1 else x.view(-1, k, *x.shape[1:]).sum(1)
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -109,14 +116,18 @@ def group_layout(cid: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor,
 def grouped_core(h1: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, cid: torch.Tensor, features: torch.Tensor,
                   mask_grad: bool, in_place: bool = False) -> torch.Tensor:
     """Own-mode V:N:M as a grouped GEMM: h1 [T, q], wu [d_ff, q], wd [d_ff, q'], cid int64 [T] (each token's
-    cluster), features int64 [C, F] (each cluster's features, ascending; F = d_ff / C; a partition of d_ff)
-    -> h2 [T, q']. Tokens are laid out by cluster (group_layout); cluster c's rows multiply wu[features[c]] and
+    cluster) or [T, k] (its k clusters), features int64 [C, F] (each cluster's features, ascending; F = d_ff / C; a
+    partition of d_ff) -> h2 [T, q']. Tokens are laid out by cluster (group_layout; with k clusters a token has a
+    row in each, and its output is the sum of its k rows' outputs); cluster c's rows multiply wu[features[c]] and
     wd[features[c]] only (F of the d_ff features: a neuron-level mixture of experts), with 2 of every 4 kept
     along them (mask24's rule, the order of routed_vnm_mask). Every row move is a gather both ways (_Take).
     in_place: features[c] are the consecutive neurons c*F..(c+1)*F-1 (vnm.clustering=contiguous), so each cluster's
     weights are a view of wu and wd, not a gather."""
     c, f = features.shape
-    src, dest, offs = group_layout(cid, c)
+    t = h1.shape[0]
+    k = cid.shape[1] if cid.dim() == 2 else 1
+    src, dest, offs = group_layout(cid.reshape(-1), c)  # over the T*k (token, cluster) pairs, token-major
+    tok = torch.where(src < t * k, src // k, t)  # [P]: the token of each row (t: padding)
     if in_place:
         wu_g, wd_g = wu.view(c, f, -1), wd.view(c, f, -1)  # [C, F, q], [C, F, q'] (wd may be a transposed view)
     else:
@@ -125,7 +136,7 @@ def grouped_core(h1: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, cid: torc
         inv = torch.empty_like(flat).scatter_(0, flat, torch.arange(flat.shape[0], device=flat.device))
         wu_g = _Take.apply(wu, flat, inv).view(c, f, -1)  # [C, F, q]
         wd_g = _Take.apply(wd, flat, inv).view(c, f, -1)  # [C, F, q']
-    y1 = grouped_mm(_Take.apply(h1, src, dest), wu_g.transpose(1, 2), offs)  # [P, F]; padding rows 0
+    y1 = grouped_mm(_Take.apply(h1, tok, dest, 1, k), wu_g.transpose(1, 2), offs)  # [P, F]; padding rows 0
     y2s = _ReLU2Select24.apply(y1, mask_grad)  # [P, F]: ste along the cluster's own features
     h2 = grouped_mm(y2s, wd_g, offs)  # [P, q']
-    return _Take.apply(h2, dest, src)  # [T, q']
+    return _Take.apply(h2, dest, tok, k, 1)  # [T, q']
