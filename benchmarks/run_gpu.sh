@@ -25,13 +25,16 @@ for what in "${@:-tests kernels ffn}"; do
               | grep -v "^elas: \|Warning\|warn(" ;;
       compile) timeout "${COMPILE_TIMEOUT:-560}" python -m elas bench compile --gpu-name "$GPU" ${COMPILE_ARGS:-} ;;
       loro) python -m elas bench loro --gpu-name "$GPU" ;;
-      vnm)  # V:N:M's grouped path (own mode, contiguous clusters) at m=16 and m=8, its selection kernel, the full recipe
+      vnm)  # V:N:M's grouped path (own mode, contiguous clusters) at m=16, m=8 and top-2 routing, its selection kernel,
+            # torch's grouped GEMM against dense at these shapes, the full recipe
         python benchmarks/vnm_select.py "benchmarks/results/$GPU"
+        python benchmarks/grouped_gemm.py "benchmarks/results/$GPU"
         own=relu2-vnm-own+vnm.clustering=contiguous
         full=relu2-w24-vnm+vnm.router_mode=own+vnm.path=grouped+vnm.m=16+vnm.clustering=contiguous
-        python -m elas bench ffn --gpu-name "$GPU" --sizes llama-350m,llama-1b --variants relu2,$own,$own+vnm.m=8,$full
+        python -m elas bench ffn --gpu-name "$GPU" --sizes llama-350m,llama-1b \
+          --variants relu2,$own,$own+vnm.m=8,$own+vnm.topk=2,$full
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-350m,llama-1b \
-          --modes elas --variants relu2,$own,$full 2>&1 | grep -v "^elas: \|Warning\|warn(" ;;
+          --modes elas --variants relu2,$own,$own+vnm.m=8,$own+vnm.topk=2,$full 2>&1 | grep -v "^elas: \|Warning\|warn(" ;;
       loss) python -m elas bench loss --gpu-name "$GPU" ;;
       grid)  # the quality issue's grid on the site-packages corpus, prepared here when missing (~100 s on 16 cores; its
              # SHA-1 is printed, to check that calls and sessions share it); GRID_* select this call's part. A run cut
