@@ -182,3 +182,26 @@ def test_sste_packing_table_renders_the_rows():
          "copy_tb_per_s": 3.9, "variants_ms": {"tiles2_warps8": 0.05, "tiles1_warps4_nobits": 0.03}}]}
     text = sste_table(doc)
     assert "| 8192 x 2048 | bfloat16 | S(W^T) | 0.0400 | **1.25** | 3.90 | tiles1_warps4_nobits (0.0300) |" in text
+
+
+def test_detached_work_outlives_its_call_and_reports_its_status(tmp_path):
+    """benchmarks/detached.sh: work started in its own session, waited for by a later command (exit 0 and the
+    work's status once it ended, 3 while it runs), clear errors for a bad name or a name never started."""
+    import subprocess
+    script = str(Path(__file__).resolve().parents[1] / "benchmarks" / "detached.sh")
+
+    def sh(*args):
+        return subprocess.run(["bash", script, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert sh("start", "job", "bash", "-c", "echo hello; sleep 1; exit 7").returncode == 0
+    r = sh("wait", "job", "30")
+    assert r.returncode == 0 and "hello" in r.stdout and "job ended with status 7" in r.stdout
+    r = sh("start", "slow", "sleep", "20")
+    try:
+        assert sh("wait", "slow", "0").returncode == 3
+        r = sh("start", "slow", "true")
+        assert r.returncode == 2 and "already running" in r.stderr
+    finally:
+        subprocess.run(["kill", "--", f"-{(tmp_path / 'runs/detached/slow.pid').read_text().strip()}"])
+    r = sh("start", "a b", "true")
+    assert r.returncode == 2 and "invalid NAME 'a b'" in r.stderr
+    assert sh("status", "never").returncode == 4

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Work longer than one call of a lent GPU machine (10 minutes): start it detached from the call's process group, then
+# wait for it from the next calls while the machine is still warm (its files, and the detached process, stay there).
+#
+#   benchmarks/detached.sh start NAME CMD...   # runs CMD in its own session; its output in runs/detached/NAME.log
+#   benchmarks/detached.sh wait NAME [SECONDS] # up to SECONDS (default 540): exit 0 once it ended (its status in
+#                                              # NAME.rc), 3 if it still runs; prints the log's tail either way
+#   benchmarks/detached.sh status NAME
+#
+# A machine given back (idle too long between calls) ends the work; training runs resume from their checkpoints
+# only on the machine that wrote them, so chain the calls.
+set -u
+dir=runs/detached
+mkdir -p "$dir"
+what=${1:-}; name=${2:-}
+if [ -z "$what" ] || [ -z "$name" ]; then
+  echo "usage: $0 start NAME CMD... | wait NAME [SECONDS] | status NAME" >&2; exit 2
+fi
+case $name in *[!A-Za-z0-9._-]*) echo "invalid NAME '$name': letters, digits, '.', '_' and '-' only" >&2; exit 2 ;; esac
+log=$dir/$name.log; rc=$dir/$name.rc
+case $what in
+  start)
+    shift 2
+    [ $# -gt 0 ] || { echo "start $name: no command given" >&2; exit 2; }
+    if [ -f "$dir/$name.pid" ] && kill -0 "$(cat "$dir/$name.pid")" 2>/dev/null; then
+      echo "$name is already running (pid $(cat "$dir/$name.pid"))" >&2; exit 2
+    fi
+    rm -f "$rc"
+    # setsid: a process of its own session outlives the call that started it
+    setsid bash -c '"$@" > "'"$log"'" 2>&1; echo $? > "'"$rc"'"' _ "$@" < /dev/null > /dev/null 2>&1 &
+    echo $! > "$dir/$name.pid"
+    echo "started $name (pid $!), log $log" ;;
+  wait|status)
+    limit=${3:-540}; [ "$what" = status ] && limit=0
+    start=$SECONDS
+    while [ ! -f "$rc" ] && [ $((SECONDS - start)) -lt "$limit" ]; do sleep 5; done
+    tail -n 20 "$log" 2>/dev/null
+    if [ -f "$rc" ]; then echo "$name ended with status $(cat "$rc")"; exit 0; fi
+    if [ -f "$dir/$name.pid" ] && kill -0 "$(cat "$dir/$name.pid")" 2>/dev/null; then
+      echo "$name still running after $((SECONDS - start)) s"; exit 3
+    fi
+    echo "$name is not running and left no status (never started here, or its machine was replaced)"; exit 4 ;;
+  *) echo "unknown action '$what': expected start, wait or status" >&2; exit 2 ;;
+esac
