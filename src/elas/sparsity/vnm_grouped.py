@@ -5,9 +5,10 @@ neurons only, as a grouped GEMM over the clusters (a neuron-level mixture of exp
 
 Layout (group_layout): cluster c's tokens, in token order, fill rows [start_c, start_c + count_c) of a [P, .]
 operand, start_c a multiple of ALIGN, P = T + ALIGN * C (static, so the path traces and captures); the other
-rows are zero padding. Every row move is a gather both ways (_Take): no accumulating scatter, no sort. The six
-FFN GEMMs are torch's grouped GEMM (one CUTLASS sm90 kernel on Hopper) over the C clusters: 4/m of the dense
-work at m features per block; the 2:4 inside (ops.relu2_sparsify24_dense, one Triton pass) is zeros in a dense
+rows are zero padding. With top-k routing (vnm.topk) each token has a row in each of its k clusters: P = T * k +
+ALIGN * C, and a token's output is the sum of its k rows'. Every row move is a gather both ways (_Take): no
+accumulating scatter, no sort. The six FFN GEMMs are torch's grouped GEMM (one CUTLASS sm90 kernel on Hopper) over
+the C clusters: 4/m of the dense work at m features per block, whatever k; the 2:4 inside (ops.relu2_sparsify24_dense, one Triton pass) is zeros in a dense
 operand, not exploited by the GEMM. Equal to the masked path (vnm.py) up to summation order.
 """
 from __future__ import annotations
