@@ -365,16 +365,20 @@ def test_quality_grid_seeds_variant_keys_and_transfer(dataset, tmp_path):
 
 def test_quality_summary_ratios_every_variant_to_its_twin(tmp_path):
     """Besides the papers' pairs, each variant (method keys included) is set against its dense twin, seed by seed."""
-    from elas.train.experiment import summarize
-    def row(variant, loss, seed=0):
+    from elas.train.experiment import sparse_phase_end, summarize
+    assert sparse_phase_end([{"method": "act24"}, {"method": "vnm", "sparse_until": 0.3}], 1000) == 300
+    assert sparse_phase_end([{"sparse_until": 1.0}, {"sparse_until": 250}], 1000) == 250
+    assert sparse_phase_end([{"sparse_until": 1.0}], 1000) is None
+
+    def row(variant, loss, seed=0, curve=None, end=None):
         run = tmp_path / (variant if seed == 0 else f"{variant}.seed{seed}")
         run.mkdir()
         (run / "summary.json").write_text(json.dumps(
             {"variant": variant, "seed": seed, "val_loss": loss, "val_ppl": 2.0, "optimizer": "adamw", "steps": 10,
-             "tokens": 100, "epochs": 0.5, "wall_s": 1.0}))
-    row("relu2", 2.0)
+             "tokens": 100, "epochs": 0.5, "wall_s": 1.0, "val_curve": curve or {}, "sparse_end_step": end}))
+    row("relu2", 2.0, curve={"5": 3.0, "10": 2.0})
     row("relu2", 2.2, seed=1)
-    row("relu2-vnm-own+vnm.m=8", 2.02)
+    row("relu2-vnm-own+vnm.m=8", 2.02, curve={"5": 3.3, "10": 2.02}, end=6)  # sparse to step 6: validated at 5
     row("relu2-vnm-own+vnm.m=8", 2.244, seed=1)
     row("swiglu", 2.5)
     _, md = summarize(tmp_path)
@@ -382,6 +386,13 @@ def test_quality_summary_ratios_every_variant_to_its_twin(tmp_path):
     assert "- relu2-vnm-own+vnm.m=8 / relu2: val loss ratio 1.0150 (1.0100-1.0200) over seeds [0, 1]" in md
     assert "- relu2 / swiglu: val loss ratio 0.8000 over seeds [0]" in md
     assert md.count("/ relu2:") == 1  # relu2 itself has no twin
+    assert "end of its sparse phase" not in md  # seed 1 has no curve: no ratio at the switch over seeds [0, 1]
+    for run in ("relu2.seed1", "relu2-vnm-own+vnm.m=8.seed1"):
+        s = json.loads((tmp_path / run / "summary.json").read_text())
+        (tmp_path / run / "summary.json").write_text(json.dumps({**s, "val_curve": {"5": 3.0, "10": 2.0}}))
+    _, md = summarize(tmp_path)
+    assert ("- relu2-vnm-own+vnm.m=8 / relu2 at the end of its sparse phase (validation at step 5): val loss ratio "
+            "1.0500 (1.0000-1.1000) over seeds [0, 1]") in md
     for run, sha in (("relu2", "a" * 40), ("swiglu", "b" * 40)):  # rows from two preparations of the data
         s = json.loads((tmp_path / run / "summary.json").read_text())
         (tmp_path / run / "summary.json").write_text(json.dumps({**s, "data_sha1": sha}))

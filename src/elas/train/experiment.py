@@ -20,6 +20,7 @@ from ..build import resolve_methods
 from ..config import (LORO_DEFAULTS, VARIANTS, apply_overrides, model_preset, preset_name, size_of, split_variant,
                       train_config)
 from ..sparsity import method_to_dict
+from ..sparsity.api import sparse_end
 from .trainer import Trainer
 
 QUALITY_VARIANTS = tuple(VARIANTS)  # every named variant (config.VARIANTS), with its recipe's optimizer
@@ -136,12 +137,37 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
                "optimizer": cfg.optimizer, "lr": cfg.lr, "methods": cfg.model.methods,
                "y2_zero_frac": last[-1]["y2_zero_frac/mean"] if last else None,
                "dropped_nnz_frac": last[-1]["dropped_nnz_frac/mean"] if last else None,
-               "data_sha1": meta.get("train_sha1"), **extra}
+               "data_sha1": meta.get("train_sha1"), "sparse_end_step": sparse_phase_end(cfg.model.methods, cfg.max_steps),
+               "val_curve": {str(m["step"]): m["val_loss"] for m in metrics if "val_loss" in m}, **extra}
         done.write_text(json.dumps(row, indent=1))
         rows.append(row)
         log(f"{name}: val loss {row['val_loss']:.4f} (ppl {row['val_ppl']:.2f}) in {row['wall_s']:.0f} s" +
             (f", transfer loss {row['transfer_loss']:.4f}" if transfer else ""))
     return rows
+
+
+def sparse_phase_end(methods: list[dict], max_steps: int) -> int | None:
+    """The first step of the final dense phase of a run whose methods end their sparse phase before the run does
+    (the third paper's sparse -> dense schedule, `sparse_until`); None if none does."""
+    ends = [sparse_end(m["sparse_until"], max_steps) for m in methods if "sparse_until" in m]
+    ends = [e for e in ends if e < max_steps]
+    return min(ends) if ends else None
+
+
+def _with_curve(row: dict, run: Path) -> dict:
+    """A row written before rows carried their validation curve and sparse-phase end: both from the run's files."""
+    if "val_curve" not in row and (run / "metrics.jsonl").exists():
+        ms = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        row["val_curve"] = {str(m["step"]): m["val_loss"] for m in ms if "val_loss" in m}
+    if "sparse_end_step" not in row and "methods" in row:
+        row["sparse_end_step"] = sparse_phase_end(row["methods"], row["steps"])
+    return row
+
+
+def _at_or_before(curve: dict, step: int) -> tuple[int, float] | None:
+    """(step, val loss) of the last validation at or before `step` in a row's val_curve."""
+    done = [int(k) for k in curve if int(k) <= step]
+    return (max(done), curve[str(max(done))]) if done else None
 
 
 RATIOS = (("elas", "lowrank-relu2"), ("relu2-24", "relu2"), ("elas-mask", "lowrank-relu2"),
@@ -169,7 +195,7 @@ def summarize(out: Path) -> tuple[list[dict], str]:
     """Collect every finished run under `out` into summary.json and summary.md (one line per variant: the mean
     over its seeds, with min-max); returns (rows, markdown). A ratio a / b is taken seed by seed (the same seed's
     data order and initial draw) where both have that seed, its mean and min-max shown beside the seed spread."""
-    rows = [json.loads(p.read_text()) for p in sorted(out.glob("*/summary.json"))]
+    rows = [_with_curve(json.loads(p.read_text()), p.parent) for p in sorted(out.glob("*/summary.json"))]
     order = list(QUALITY_VARIANTS)
     rank = {v: i for i, v in enumerate(order)}
     rows.sort(key=lambda r: (rank.get(split_variant(r["variant"])[0], 99), r["variant"], r.get("seed", 0)))
@@ -203,6 +229,13 @@ def summarize(out: Path) -> tuple[list[dict], str]:
             lines.append(f"- {a} / {b}: {label} ratio {_spread(ratios)} over seeds {common}" +
                          (f"; seed spread of the {label}: {a} {spread[0]:.4f}, {b} {spread[1]:.4f}"
                           if len(common) > 1 else ""))
+        # where a sparse phase ended before the run did: the ratio then, against what the dense phase recovered
+        end = by[a][common[0]].get("sparse_end_step")
+        pts = [(_at_or_before(by[a][k].get("val_curve", {}), end), _at_or_before(by[b][k].get("val_curve", {}), end))
+               for k in common] if end else []
+        if pts and all(x and y and x[0] == y[0] for x, y in pts):
+            lines.append(f"- {a} / {b} at the end of its sparse phase (validation at step {pts[0][0][0]}): val loss "
+                         f"ratio {_spread([x[1] / y[1] for x, y in pts])} over seeds {common}")
     prints = sorted({r["data_sha1"] for r in rows if r.get("data_sha1")})
     if len(prints) > 1:  # runs gathered from several machines or sessions: comparable only on the same tokens
         lines.append(f"- **the runs trained on {len(prints)} different datasets** (train.bin SHA-1 " +
