@@ -255,6 +255,17 @@ def test_flip_rate_counts_mask_changes_between_probes():
     assert st["flip_rate/1"] == 0.0  # down did not
 
 
+def test_flip_rate_lives_on_the_weights_device():
+    """The first probe's flip rate (nothing to compare yet) is made on the weight's device: collect_stats stacks
+    every method's statistics into one tensor, and a CPU zero beside CUDA statistics (S-STE with V:N:M) failed.
+    The meta device stands in for CUDA here."""
+    lin = SSTELinear(torch.nn.Linear(16, 8, bias=False, device="meta"))
+    lin.stats_sink = []
+    lin._record_flips()
+    lin._record_flips()
+    assert [s["flip_rate"].device.type for s in lin.stats_sink] == ["meta", "meta"]
+
+
 @pytest.mark.parametrize("variant", ["relu2-w24", "relu2-w24-a24"])
 def test_fullgraph_in_every_phase(variant):
     import torch._dynamo as dynamo

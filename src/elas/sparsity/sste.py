@@ -196,7 +196,8 @@ class SSTELinear(nn.Linear):
         """flip_rate: the fraction of the 2:4 mask's entries that changed since the previous probe (a log step)."""
         mask = ref.soft_threshold24(self.weight)[1]
         prev, self._last_mask = self._last_mask, mask
-        flips = (mask != prev).float().mean() if prev is not None else torch.zeros(())
+        # on the weight's device: collect_stats stacks every method's statistics into one tensor (one host sync)
+        flips = (mask != prev).float().mean() if prev is not None else mask.new_zeros((), dtype=torch.float32)
         self.stats_sink.append({"flip_rate": flips})
 
     def extra_repr(self) -> str:
