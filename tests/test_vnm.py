@@ -472,3 +472,26 @@ def test_bf16_routing_differs_from_fp32_only_at_near_ties():
     top2 = s.topk(2, dim=-1).values
     gap = (top2[:, 0] - top2[:, 1]) / top2[:, 0].abs().clamp(min=1e-6)
     assert (a != b).float().mean() < 0.01 and (gap[a != b] < 2e-2).all()
+
+
+@pytest.mark.parametrize("variant", ["relu2-vnm-fast", "relu2-w24-vnm-fast"])
+def test_fast_variants_are_the_measured_configuration_and_share_one_sparse_window(variant):
+    """relu2-vnm-fast / relu2-w24-vnm-fast: own mode, grouped, m=16, contiguous clusters, top-1, and every method
+    sparse over the same window (after the dense warm-up, to 30% of the run), dense before and after."""
+    cfg = preset(f"llama-tiny-{variant}", n_layers=1, vocab_size=256)
+    vnm = cfg.method("vnm")
+    assert {k: vnm[k] for k in ("router_mode", "m", "path", "clustering", "sparse_until")} == \
+        {"router_mode": "own", "m": 16, "path": "grouped", "clustering": "contiguous", "sparse_until": 0.3}
+    for mc in cfg.methods:
+        mc["dense_warmup_steps"] = 10
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    idx = torch.randint(0, 256, (2, 32))
+    n = len(cfg.methods)
+    losses = {}
+    for step, mode in ((0, "dense"), (10, "sparse"), (29, "sparse"), (30, "dense-final")):
+        modes = set_step(model, step, 100)
+        assert len(modes) == n and all(m_.split("/")[0] == mode for m_ in modes), (step, modes)
+        with torch.no_grad():
+            losses[step] = model(idx, idx).item()
+    assert losses[0] != losses[10] and losses[30] == losses[0]  # the weights did not move: dense again = dense
