@@ -233,8 +233,12 @@ def test_router_periods_reclustering_stats_and_one_graph(tmp_path, mode):
             for s in (0, 2, 4, 5)] == ["dense", "sparse/0", "sparse/0", "sparse/1"]
     idx = torch.randint(0, 256, (2, 32))
     assert set_step(model, 0, 10) == ("dense",) and int(core.period) == -1
-    stats = collect_stats(model, lambda: model(idx, idx))  # before any clustering: the block selection
-    assert "route_pad_frac/mean" not in stats and 0 < stats["y2_mass_kept/mean"] < 1
+    stats = collect_stats(model, lambda: model(idx, idx))
+    assert "route_pad_frac/mean" not in stats and 0 < stats["y2_zero_frac/mean"] < 1
+    if mode == "own":  # no mask of its own before the first clustering: y2's zeros only (no exhaustive search)
+        assert set(stats) == {"y2_zero_frac/0", "y2_zero_frac/1", "y2_zero_frac/mean"}
+    else:  # before any clustering: the block selection
+        assert 0 < stats["y2_mass_kept/mean"] < 1
     assert set_step(model, 2, 10) == ("sparse/0",) and int(core.period) == 0
     feats0 = core.features.clone()
     _one_graph_equal_to_eager(model, idx)

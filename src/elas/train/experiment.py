@@ -136,7 +136,7 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
                "val_loss": res["val_loss"], "val_ppl": res["val_ppl"], "wall_s": round(time.time() - t0, 1),
                "optimizer": cfg.optimizer, "lr": cfg.lr, "methods": cfg.model.methods,
                "y2_zero_frac": last[-1]["y2_zero_frac/mean"] if last else None,
-               "dropped_nnz_frac": last[-1]["dropped_nnz_frac/mean"] if last else None,
+               "dropped_nnz_frac": last[-1].get("dropped_nnz_frac/mean") if last else None,
                "data_sha1": meta.get("train_sha1"), "sparse_end_step": sparse_phase_end(cfg.model.methods, cfg.max_steps),
                "val_curve": {str(m["step"]): m["val_loss"] for m in metrics if "val_loss" in m}, **extra}
         done.write_text(json.dumps(row, indent=1))
