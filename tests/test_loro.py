@@ -481,3 +481,26 @@ def test_exact_step_sharded_over_processes_equals_one_process(tmp_path, world):
     for (Mg, Ng), (Mw, Nw) in zip(got, want):
         torch.testing.assert_close(Mg, Mw, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(Ng, Nw, rtol=1e-12, atol=1e-12)
+
+
+def test_activation_stats_plot_draws_each_variant_and_skips_grids_without_statistics(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from elas.train import experiment
+
+    def run(name, stats):
+        d = tmp_path / name
+        d.mkdir()
+        rows = [{"step": s, "loss": 3.0, **({"y2_zero_frac/mean": 0.5 + s / 100, "dropped_nnz_frac/mean": 0.3}
+                                             if stats else {})} for s in (10, 20)]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run("relu2", False)
+    assert not experiment.plot_stats(tmp_path, tmp_path / "a.png")  # a dense grid logs none: no plot
+    run("elas", True)
+    run("elas.seed1", True)
+    drawn = []
+    import matplotlib.axes
+    plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **k: (drawn.append(k.get("label")),
+                                                                           plot(ax, *a, **k))[1])
+    assert experiment.plot_stats(tmp_path, tmp_path / "a.png") and (tmp_path / "a.png").stat().st_size > 0
+    assert drawn == ["elas", "elas", None, None]  # two panels; the second seed shares the variant's legend entry

@@ -489,7 +489,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     from .data import DataError
     from .train import TrainError
-    from .train.experiment import QUALITY_VARIANTS, plot_curves, run_grid, summarize
+    from .train.experiment import QUALITY_VARIANTS, plot_curves, plot_stats, run_grid, summarize
     out = Path(args.out)
     variants = args.variants.split(",") if args.variants else list(QUALITY_VARIANTS)
     try:
@@ -515,6 +515,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     _, text = summarize(out)
     if plot_curves(out, out / "loss_curves.png"):
         text += f"\n![loss curves]({out / 'loss_curves.png'})\n"
+    if plot_stats(out, out / "activation_stats.png"):
+        text += f"\n![activation statistics]({out / 'activation_stats.png'})\n"
     print(text)
     return 0
 

@@ -254,6 +254,50 @@ def plot_curves(out: Path, png: Path) -> bool:
     return plot_runs(sorted(p for p in out.iterdir() if (p / "metrics.jsonl").exists()), png)
 
 
+STAT_PANELS = (("y2_zero_frac/mean", "zeros of y2 = relu(x W_up)^2"),
+               ("dropped_nnz_frac/mean", "non-zeros of y2 the method's mask drops (2:4 or V:N:M)"))
+
+
+def plot_stats(out: Path, png: Path) -> bool:
+    """The activation statistics of a grid over training, one line per run (seeds of a variant share a colour):
+    y2's zeros and the non-zeros the method's mask drops (the probe computes that mask while dense too, so the
+    dense phases show what sparsity would cost). False without matplotlib or without a run that logged them."""
+    runs = sorted(p for p in out.iterdir() if (p / "metrics.jsonl").exists())
+    series: dict[str, list[tuple[str, dict[str, list]]]] = {}  # variant -> [(run, {key: [(step, value)]})]
+    for run in runs:
+        ms = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        pts = {k: [(m["step"], m[k]) for m in ms if k in m] for k, _ in STAT_PANELS}
+        if any(pts.values()):
+            series.setdefault(run.name.split(".seed")[0], []).append((run.name, pts))
+    if not series:
+        return False
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(STAT_PANELS), figsize=(13, 4.5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for c, (variant, seeds) in enumerate(sorted(series.items())):
+        for j, (_, pts) in enumerate(seeds):
+            for ax, (key, _) in zip(axes, STAT_PANELS):
+                if pts[key]:
+                    ax.plot(*zip(*pts[key]), color=colours[c % len(colours)], lw=1, alpha=1.0 if j == 0 else 0.5,
+                            label=variant if j == 0 else None)
+    for ax, (_, title) in zip(axes, STAT_PANELS):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1)
+        if ax.has_data():
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_runs(runs: list[Path], png: Path) -> bool:
     """Training loss, validation loss, tokens/s and the sparsity statistics (means over layers) of one or more
     runs, one PNG, each run labelled by its directory name and preset. False without matplotlib."""
