@@ -504,3 +504,17 @@ def test_activation_stats_plot_draws_each_variant_and_skips_grids_without_statis
                                                                            plot(ax, *a, **k))[1])
     assert experiment.plot_stats(tmp_path, tmp_path / "a.png") and (tmp_path / "a.png").stat().st_size > 0
     assert drawn == ["elas", "elas", None, None]  # two panels; the second seed shares the variant's legend entry
+
+
+def test_default_grid_is_the_issues_comparisons_and_every_variant_configures(tmp_path):
+    from elas.train.experiment import grid_variants, variant_config
+    names = grid_variants(2000)
+    assert {"swiglu", "relu2", "relu2-24", "lowrank-relu2", "elas", "elas-nowarmup", "elas-mask"} <= set(names)
+    warm = {}
+    for v in names:
+        cfg = variant_config("llama-60m", v, 2000, "data", tmp_path, 512, 1)
+        for m in cfg.model.methods:
+            if m["method"] == "act24" and v.startswith("elas"):
+                warm[v] = m["dense_warmup_steps"]
+    # the warm-up ablation: 0, 1% and 10% of the run (the paper's 0, 100 and 1000 of 10k steps)
+    assert sorted(warm.values()) == [0, 20, 200, 200] and warm["elas+act24.dense_warmup_steps=20"] == 20

@@ -489,9 +489,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     from .data import DataError
     from .train import TrainError
-    from .train.experiment import QUALITY_VARIANTS, plot_curves, plot_stats, run_grid, summarize
+    from .train.experiment import grid_variants, plot_curves, plot_stats, run_grid, summarize
     out = Path(args.out)
-    variants = args.variants.split(",") if args.variants else list(QUALITY_VARIANTS)
+    variants = args.variants.split(",") if args.variants else grid_variants(args.steps)
     try:
         seeds = [int(k) for k in args.seeds.split(",")]
         assert seeds and all(k >= 0 for k in seeds) and len(set(seeds)) == len(seeds)
@@ -591,7 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("experiment", help="run the quality grid of variants (one harness, same data and tokens)")
     p.add_argument("--size", default="llama-60m")
-    p.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} (default: all); a variant "
+    p.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} (default: the papers' "
+                   f"comparisons, the third paper's accelerated variants and ELAS's warm-up ablation); a variant "
                    f"may set method keys: elas+act24.dense_warmup_steps=100")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, each a run of every variant (default 0)")
     p.add_argument("--transfer-data", help="a dataset of other text with the training data's tokenizer (elas data "

@@ -24,6 +24,12 @@ from ..sparsity.api import sparse_end
 from .trainer import Trainer
 
 QUALITY_VARIANTS = tuple(VARIANTS)  # every named variant (config.VARIANTS), with its recipe's optimizer
+def grid_variants(steps: int) -> list[str]:
+    """`elas experiment`'s default grid: the papers' comparisons, the third paper's variants in the configurations
+    that run accelerated, and ELAS's warm-up ablation (none: elas-nowarmup; 1% of the run, the paper's 100 of 10k
+    steps; elas itself: 10%, its 1000)."""
+    return ["swiglu", "relu2", "relu2-24", "lowrank-relu2", "elas", "elas-nowarmup", "elas-mask", "relu2-w24",
+            "relu2-vnm-fast", "relu2-w24-vnm-fast", f"elas+act24.dense_warmup_steps={max(1, steps // 100)}"]
 PAPER_STEPS = 10_000  # the 60M recipe the schedules are written for (dense warm-up 1000 = 10%, LORO K = 500 = 5%)
 
 
