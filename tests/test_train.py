@@ -446,3 +446,28 @@ def test_short_disk_removes_older_checkpoints_first_and_fails_early(dataset, tmp
     assert "not enough free space" in err and "newest complete checkpoint is step-00000008" in err
     assert [p.name for p in ck.checkpoints(out)] == ["step-00000008", "step-00000006"]  # nothing removed in vain
     assert latest_checkpoint(out).name == "step-00000008" and not list((out / "checkpoints").glob("*.tmp"))
+
+
+def test_run_time_adds_up_over_resumes(dataset, tmp_path):
+    """A run cut off and resumed reports the wall time of all its processes (what the quality grid's GPU-time line
+    sums): the checkpoint carries the time so far, the resumed trainer starts from it."""
+    from elas.cli import main
+    from elas.config import apply_overrides, train_config
+    from elas.train import Trainer
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "llama-tiny-relu2", "--out", str(run), "--data", str(dataset), "--no-progress",
+                 *TINY, "--max-steps", "2", "--set", "eval_every=100"]) == 0
+    saved = [json.loads(p.read_text())["elapsed_s"] for p in sorted(run.glob("**/trainer.json"))]
+    assert saved and saved[-1] > 0
+    cfg = train_config("llama-tiny-relu2")
+    apply_overrides(cfg, {**dict(kv.split("=", 1) for kv in TINY[1::2]), "data_dir": str(dataset),
+                          "out_dir": str(run), "max_steps": 4, "eval_every": 100})
+    tr = Trainer(cfg, resume=True, progress=False, log=lambda *a: None)
+    try:
+        assert tr.step == 2 and tr.elapsed_before == saved[-1]
+        tr.fit()
+        assert tr.elapsed_s() > saved[-1]
+    finally:
+        tr.close()
+    newest = max(run.glob("**/trainer.json"), key=lambda p: json.loads(p.read_text())["step"])
+    assert json.loads(newest.read_text())["elapsed_s"] > saved[-1]

@@ -11,7 +11,6 @@ Runs are resumable: a variant whose run directory holds a finished run is skippe
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -122,7 +121,6 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
             rows.append(row)
             log(f"{name}: done before, skipped")
             continue
-        t0 = time.time()
         # each run compiles its own model: dynamo's cache of the previous runs' graphs would only count towards
         # the recompile limit of the shared code objects (a hard failure under fullgraph after ~8 entries)
         torch._dynamo.reset()
@@ -132,6 +130,7 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
             extra = {}
             if transfer:
                 extra["transfer_loss"], extra["transfer_tokens"] = transfer_loss(trainer, transfer)
+            wall = trainer.elapsed_s()  # over every process of a run cut off and resumed
         finally:
             trainer.close()
         metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
@@ -139,7 +138,7 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
         tokens = cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len
         row = {"model": size, "variant": v, "seed": seed, "run": name, "steps": cfg.max_steps, "tokens": tokens,
                "epochs": tokens / train_tokens if train_tokens else None,
-               "val_loss": res["val_loss"], "val_ppl": res["val_ppl"], "wall_s": round(time.time() - t0, 1),
+               "val_loss": res["val_loss"], "val_ppl": res["val_ppl"], "wall_s": round(wall, 1),
                "optimizer": cfg.optimizer, "lr": cfg.lr, "methods": cfg.model.methods,
                "y2_zero_frac": last[-1]["y2_zero_frac/mean"] if last else None,
                "dropped_nnz_frac": last[-1].get("dropped_nnz_frac/mean") if last else None,

@@ -103,6 +103,8 @@ class Trainer:
         """resume: False (the run directory must hold no checkpoint), True (it must: continue from its newest
         checkpoint that verifies) or "auto" (continue if there is one, else start)."""
         self.cfg, self.log, self.progress = cfg, log, progress
+        self._t_created = time.perf_counter()
+        self.elapsed_before = 0.0  # seconds the run took in earlier processes, up to the checkpoint it resumes
         try:
             cfg.validate()
             # the methods' own keys, before any data is read; config.json then records them in full, versioned
@@ -182,6 +184,7 @@ class Trainer:
             except CheckpointError as e:
                 raise TrainError(str(e)) from None
             self.step, self.tokens = state["step"], state["tokens"]
+            self.elapsed_before = float(state.get("elapsed_s", 0.0))  # absent in checkpoints of older versions
         # compiled regions on CUDA (CPU runs stay eager: CI and demos need no compiler); then DDP wraps the model,
         # or FSDP2 shards it (parameters become DTensors: the optimizer is built on the shards)
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
@@ -211,6 +214,7 @@ class Trainer:
                 if sharded_ckpt:
                     state = load_sharded_checkpoint(self.ckpt, self.model, self.optimizer)
                     self.step, self.tokens = state["step"], state["tokens"]
+                    self.elapsed_before = float(state.get("elapsed_s", 0.0))
                 else:
                     load_optimizer(self.ckpt, self.model, self.optimizer)
             except CheckpointError as e:
@@ -405,9 +409,15 @@ class Trainer:
         self._finished = True
         return result
 
+    def elapsed_s(self) -> float:
+        """Wall time of this run so far: this process's since the trainer was built, plus what the earlier
+        processes took up to the checkpoint it resumed (a killed process's work after its last checkpoint is
+        redone and counted once, in the process that redoes it)."""
+        return self.elapsed_before + time.perf_counter() - self._t_created
+
     def save(self) -> None:
         state = {"step": self.step, "tokens": self.tokens, "data_position": self.step * self.global_batch,
-                 "preset": self.cfg.preset}
+                 "preset": self.cfg.preset, "elapsed_s": round(self.elapsed_s(), 1)}
         try:
             if self.fsdp:  # every process writes its shards (collective; one process writes them all)
                 save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
