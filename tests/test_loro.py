@@ -518,3 +518,19 @@ def test_default_grid_is_the_issues_comparisons_and_every_variant_configures(tmp
                 warm[v] = m["dense_warmup_steps"]
     # the warm-up ablation: 0, 1% and 10% of the run (the paper's 0, 100 and 1000 of 10k steps)
     assert sorted(warm.values()) == [0, 20, 200, 200] and warm["elas+act24.dense_warmup_steps=20"] == 20
+
+
+def test_summary_compares_the_warmup_ablation_with_elas_and_a_keyed_variant_with_its_base(tmp_path):
+    from elas.train.experiment import summarize
+    for variant, loss in (("lowrank-relu2", 2.0), ("elas", 2.02), ("elas-nowarmup", 2.06),
+                          ("elas+act24.dense_warmup_steps=20", 2.04)):
+        run = tmp_path / variant
+        run.mkdir()
+        (run / "summary.json").write_text(json.dumps(
+            {"variant": variant, "seed": 0, "val_loss": loss, "val_ppl": 2.0, "optimizer": "loro_adamw",
+             "steps": 10, "tokens": 100, "epochs": 0.5, "wall_s": 1.0}))
+    _, md = summarize(tmp_path)
+    assert "- elas-nowarmup / elas: val loss ratio 1.0198 over seeds [0]" in md
+    assert "- elas+act24.dense_warmup_steps=20 / elas: val loss ratio 1.0099 over seeds [0]" in md
+    assert "- elas+act24.dense_warmup_steps=20 / lowrank-relu2: val loss ratio 1.0200 over seeds [0]" in md
+    assert "/ elas-nowarmup" not in md and "- elas / elas:" not in md

@@ -176,17 +176,22 @@ def _at_or_before(curve: dict, step: int) -> tuple[int, float] | None:
 
 
 RATIOS = (("elas", "lowrank-relu2"), ("relu2-24", "relu2"), ("elas-mask", "lowrank-relu2"),
-          ("elas-nowarmup", "lowrank-relu2"), ("relu2", "swiglu"))  # the papers' comparisons (a / b)
+          ("elas-nowarmup", "lowrank-relu2"), ("relu2", "swiglu"),
+          ("elas-nowarmup", "elas"))  # the papers' comparisons (a / b); the last: the warm-up ablation
 
 
 def _ratio_pairs(by: dict) -> list[tuple[str, str]]:
     """The papers' comparisons, then every other variant run (keys included) against its dense twin
-    (config.VARIANTS' `twin`, e.g. relu2 for the third paper's variants), each pair once."""
+    (config.VARIANTS' `twin`, e.g. relu2 for the third paper's variants), and a variant with keys against its
+    variant without them when that ran too (the keys' own effect: elas+act24.dense_warmup_steps=20 / elas); each
+    pair once."""
     pairs = list(RATIOS)
     for v in by:
-        twin = VARIANTS[split_variant(v)[0]].twin if split_variant(v)[0] in VARIANTS else None
-        if twin and (v, twin) not in pairs:
-            pairs.append((v, twin))
+        base, sets = split_variant(v)
+        twin = VARIANTS[base].twin if base in VARIANTS else None
+        for other in ([twin] if twin else []) + ([base] if sets and base in by else []):
+            if (v, other) not in pairs:
+                pairs.append((v, other))
     return pairs
 
 
