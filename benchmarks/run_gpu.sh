@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh STAGE...
-# stages: tests kernels epilogue infer ffn step compile loss loro vnm quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
+# stages: tests kernels epilogue infer ffn step compile loss loro vnm cutlass quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
 # the step benchmark and the test selection. Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
 # machine), are copied there too, with the tuned cuSPARSELt algorithm cache.
 set -u
@@ -36,6 +36,9 @@ for what in "${@:-tests kernels ffn}"; do
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-350m,llama-1b \
           --modes elas --variants relu2,$own,$own+vnm.m=8,$own+vnm.topk=2,$full 2>&1 | grep -v "^elas: \|Warning\|warn(" ;;
       loss) python -m elas bench loss --gpu-name "$GPU" ;;
+      cutlass)  # our CUTLASS sm90 sparse GEMM against cuSPARSELt and cuBLAS; the library is built off the GPU machine
+                # (benchmarks/cutlass_sp/build.sh) and carried: carry build/cutlass_sp
+        python benchmarks/cutlass_sparse.py build/cutlass_sp/libelas_cutlass_sp.so "benchmarks/results/$GPU" ;;
       grid)  # the quality issue's grid on the site-packages corpus, prepared here when missing (~100 s on 16 cores; its
              # SHA-1 is printed, to check that calls and sessions share it); GRID_* select this call's part. A run cut
              # off by the timeout resumes in the next call while the machine is still warm (runs/ and data/ stay)

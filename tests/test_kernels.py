@@ -358,3 +358,29 @@ def test_sparse_mm_out_t_is_the_contiguous_transpose_and_traces():
 
     cf = torch.compile(f, fullgraph=True, backend="aot_eager")
     assert torch.equal(cf(a.buffer, b), 2 * c.t())
+
+
+@pytest.mark.parametrize("m,k,sha1", [(64, 128, "5f8221e6fabfce5eac21665fa538ffb3781c5a31"),
+                                      (128, 256, "7dcd5e6520c33eee4070a3ed8f2a7d2a86fa5698"),
+                                      (192, 512, "8c1a6c7765a15422bd0698a50a8741af79d05df0")])
+def test_cutlass_metadata_layout_matches_the_librarys(m, k, sha1):
+    """benchmarks/cutlass_sparse.py's closed form of CUTLASS's sm90 bf16 sparse metadata layout: every (row, group)
+    offset equals what the CUTLASS build's own CuTe layout returned (hashes recorded from
+    libelas_cutlass_sp.so's elas_cutlass_sp_meta_offset, all rows x groups, int64 in row-major order); and the
+    packer puts each group's nibble at its offset."""
+    import hashlib
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from cutlass_sparse import cutlass_meta_offset, pack_cutlass
+    rows = torch.arange(m).repeat_interleave(k // 4)
+    cols = torch.arange(0, k, 4).repeat(m)
+    off = cutlass_meta_offset(rows, cols, m)
+    assert hashlib.sha1(off.numpy().astype("int64").tobytes()).hexdigest() == sha1
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    keep = ref.mask24(x)
+    vals, e = pack_cutlass(x * keep, keep)
+    assert torch.equal(vals, x[keep].reshape(m, k // 2))
+    pos = torch.arange(4).expand(m, k // 4, 4)[keep.reshape(m, k // 4, 4)].reshape(-1, 2)
+    nib = e[off // 8].to(torch.int64) >> (4 * (off % 8 // 4)) & 0xF
+    assert torch.equal(nib, pos[:, 0] | pos[:, 1] << 2)
