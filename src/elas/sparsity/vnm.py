@@ -306,11 +306,13 @@ def _apply_vnm(model: nn.Module, cfg: VNMConfig, filter_fn) -> Applied:
             f.core = core
 
     how = (f"neuron router ({cfg.router_mode} mode): {cfg.clusters} clusters"
+           f"{f' of consecutive neurons' if cfg.clustering == 'contiguous' else ' (k-means)'}"
            f"{f' ({cfg.topk} per token)' if cfg.topk > 1 else ''}, {cfg.route_metric} routing, "
            f"re-clustered every {cfg.recluster_steps} steps" if cfg.router else "no router: blocks of consecutive tokens")
     path = "a grouped GEMM over the clusters" if cfg.path == "grouped" else "emulated (masked dense GEMMs)"
-    desc = (f"V:N:M activation sparsity (v={cfg.v}, m={cfg.m}: {2 / cfg.m:.0%} dense, {cfg.grad_mode} gradient) "
-            f"on {len(ffns)} FFNs after {cfg.dense_warmup_steps} dense steps; {path}; {how}")
+    desc = (f"V:N:M activation sparsity (v={cfg.v}, m={cfg.m}: {200 / cfg.m:g}% dense, {cfg.grad_mode} gradient) "
+            f"on {len(ffns)} FFNs after {cfg.dense_warmup_steps} dense steps, sparse until {cfg.sparse_until!r} (of "
+            f"max_steps when a fraction), then dense; {path}; {how}")
     return Applied(cfg, targets, {(n, "y2") for n, _ in ffns}, detach, desc)
 
 
