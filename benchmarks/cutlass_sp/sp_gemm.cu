@@ -28,21 +28,18 @@ using Bf16 = cutlass::bfloat16_t;
 
 template <class TileMNK, class ClusterMNK, class MainSchedule, class EpiSchedule>
 struct SpGemm {
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileMNK, ClusterMNK,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor, 8,  // no C
+      Bf16, cutlass::layout::RowMajor, 8, EpiSchedule>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp,
       Bf16, cutlass::layout::RowMajor, 16,      // A: K-major; 16 logical = 8 stored values = 16 bytes per TMA row
       Bf16, cutlass::layout::ColumnMajor, 8,    // B: K-major
       float, TileMNK, ClusterMNK,
-      cutlass::gemm::collective::StageCountAutoCarveout<
-          static_cast<int>(sizeof(typename cutlass::epilogue::collective::CollectiveBuilder<
-              cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileMNK, ClusterMNK,
-              cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor, 8,
-              Bf16, cutlass::layout::RowMajor, 8, EpiSchedule>::CollectiveOp::SharedStorage))>,
+      // as many pipeline stages as shared memory holds beside the epilogue's
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
       MainSchedule>::CollectiveOp;
-  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileMNK, ClusterMNK,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor, 8,
-      Bf16, cutlass::layout::RowMajor, 8, EpiSchedule>::CollectiveOp;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
   using SparseConfig = typename Mainloop::SparseConfig;
