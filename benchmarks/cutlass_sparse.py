@@ -92,6 +92,10 @@ def main() -> None:
     rows = []
     stream = lambda: ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)  # noqa: E731
     calls = {}  # (M, K, N, config) -> the launch, kept (with its buffers) for the graph timings at the end
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
+           "cusparselt": torch.backends.cusparselt.version(), "cutlass": "4.2.0 (pip nvidia-cutlass headers)"}
+    out = out_dir / "cutlass_sparse.json"
     for M, K, N, what in SHAPES:
         torch.manual_seed(0)
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -133,6 +137,7 @@ def main() -> None:
         if not ok:
             rows.append(row)
             print(f"{M}x{K}x{N}: no CUTLASS configuration ran correctly: {row['cutlass']}")
+            out.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
             continue
         best = min(ok)
         # event timings include each launch's host work; cuBLAS's by events too, for a like-for-like line
@@ -145,11 +150,7 @@ def main() -> None:
               f"x{row['cublas_event_ms'] / best[0]:.2f})")
         for name, v in row["cutlass"].items():
             print(f"    {name}: {v}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    env = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
-           "cusparselt": torch.backends.cusparselt.version(), "cutlass": "4.2.0 (pip nvidia-cutlass headers)"}
-    out = out_dir / "cutlass_sparse.json"
-    out.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+        out.write_text(json.dumps({"env": env, "rows": rows}, indent=1))  # after each shape: a fault keeps the rest
     # last, once every other number is saved: the best configuration replayed from a CUDA graph, as cuBLAS and
     # cuSPARSELt were timed. The library launches through its own (static) CUDA runtime; if capture fails, a
     # process's later CUDA work can fail too, so nothing else runs after a failure.
