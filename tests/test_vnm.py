@@ -499,3 +499,27 @@ def test_fast_variants_are_the_measured_configuration_and_share_one_sparse_windo
         with torch.no_grad():
             losses[step] = model(idx, idx).item()
     assert losses[0] != losses[10] and losses[30] == losses[0]  # the weights did not move: dense again = dense
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["relu2-vnm-fast", "relu2-w24-vnm-fast"])
+def test_gpu_fast_variants_train_through_every_phase_with_statistics(dataset, tmp_path, variant):
+    """The trainer's default CUDA mode (compiled, captured, bf16) through dense -> sparse -> dense with a statistics
+    probe at every step: every method's statistics on the GPU together (S-STE's first flip rate was once a CPU
+    tensor beside V:N:M's CUDA ones, which broke the full recipe's first probe)."""
+    import json
+
+    from elas.cli import main
+    out = tmp_path / "run"
+    sets = ["model.vnm.dense_warmup_steps=2", "log_every=1", "eval_every=100", "model.vocab_size=512"]
+    if "w24" in variant:
+        sets.append("model.sste24.dense_warmup_steps=2")
+    assert main(["train", "--preset", f"llama-tiny-{variant}", "--data", str(dataset), "--out", str(out),
+                 "--no-progress", "--max-steps", "20", *[a for kv in sets for a in ("--set", kv)]]) == 0
+    ms = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
+    phases = [m["modes"][0].split("/")[0] for m in ms]  # every method's window is the same
+    assert [p for i, p in enumerate(phases) if i == 0 or p != phases[i - 1]] == ["dense", "sparse", "dense-final"]
+    sparse = [m for m in ms if m["sparse"]]
+    assert len(sparse) >= 3 and all(0 < m["y2_mass_kept/mean"] <= 1 for m in sparse)
+    if "w24" in variant:
+        assert all("flip_rate/mean" in m for m in ms[1:])
