@@ -29,8 +29,8 @@ for what in "${@:-tests kernels ffn}"; do
             # torch's grouped GEMM against dense at these shapes, the full recipe
         python benchmarks/vnm_select.py "benchmarks/results/$GPU"
         python benchmarks/grouped_gemm.py "benchmarks/results/$GPU"
-        own=relu2-vnm-own+vnm.clustering=contiguous
-        full=relu2-w24-vnm+vnm.router_mode=own+vnm.path=grouped+vnm.m=16+vnm.clustering=contiguous
+        own=relu2-vnm-fast  # own mode, grouped, m=16, contiguous clusters (config.VARIANTS)
+        full=relu2-w24-vnm-fast
         python -m elas bench ffn --gpu-name "$GPU" --sizes llama-350m,llama-1b \
           --variants relu2,$own,$own+vnm.m=8,$own+vnm.topk=2,$full
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-350m,llama-1b \
