@@ -141,3 +141,33 @@ def test_a_kill_during_a_checkpoint_write_resumes_from_the_one_before(dataset, r
     r = _resume_and_compare(dataset, run, reference / "ref")
     assert "step-00000002" in r.stdout.split("resumed from")[1].splitlines()[0]
     assert not list((run / "checkpoints").glob("*.tmp"))
+
+
+def test_a_process_group_stuck_at_teardown_is_reported_and_left(monkeypatch, capsys):
+    """`destroy_process_group` that never returns (a rare gloo hang after a complete run): shutdown gives up after
+    its timeout with a line and the threads' stacks on stderr, and says so, so that the CLI can leave the process;
+    an error of the teardown itself is raised in the caller's thread."""
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    from elas.train.distributed import Dist, shutdown
+    stuck = threading.Event()
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: stuck.wait(30))
+    t0 = time.perf_counter()
+    assert shutdown(Dist(rank=1, world=2), timeout_s=0.3) is False
+    assert time.perf_counter() - t0 < 10
+    err = capsys.readouterr().err
+    assert "rank 1: the process group did not come down within 0.3 s" in err and "elas-teardown" in err
+    stuck.set()
+
+    def broken():
+        raise RuntimeError("backend gone")
+    monkeypatch.setattr(dist, "destroy_process_group", broken)
+    with pytest.raises(RuntimeError, match="backend gone"):
+        shutdown(Dist(rank=0, world=2), timeout_s=5)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
+    assert shutdown(Dist(rank=0, world=2), timeout_s=5) is True
+    assert shutdown(Dist(), timeout_s=5) is True  # one process: nothing to tear down

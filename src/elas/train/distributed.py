@@ -1,7 +1,11 @@
 """torchrun integration: `torchrun --nproc_per_node N -m elas train ...` runs DDP (NCCL on GPU, gloo on CPU)."""
 from __future__ import annotations
 
+import gc
 import os
+import sys
+import threading
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -43,9 +47,39 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def shutdown(d: Dist, wait: bool = False) -> None:
-    """Tear down the process group; wait: first a barrier (only where every process got here the same way)."""
-    if d.enabled and dist.is_initialized():
-        if wait:
-            dist.barrier()
-        dist.destroy_process_group()
+TEARDOWN_TIMEOUT_S = 60.0
+
+
+def shutdown(d: Dist, wait: bool = False, timeout_s: float = TEARDOWN_TIMEOUT_S) -> bool:
+    """Tear down the process group; wait: first a barrier (only where every process got here the same way).
+
+    True once it is down. False when `destroy_process_group` has not returned within timeout_s (a rare hang at
+    teardown, seen on gloo with 4 processes on 2 cores; pytorch#75097): the stacks of this process's threads go to
+    stderr and the caller, whose work is saved by then, may leave without a full interpreter exit."""
+    if not (d.enabled and dist.is_initialized()):
+        return True
+    if wait:
+        dist.barrier()
+    # what still refers to the group's last works (the caller has dropped DDP's reducer) is freed now, while the
+    # interpreter is whole: freed at interpreter exit, their tensors are released from the backend's threads
+    gc.collect()
+    done, error = threading.Event(), []
+
+    def destroy():
+        try:
+            dist.destroy_process_group()
+        except BaseException as e:  # noqa: BLE001 - raised below, in the caller's thread
+            error.append(e)
+        finally:
+            done.set()
+    threading.Thread(target=destroy, name="elas-teardown", daemon=True).start()
+    if done.wait(timeout_s):
+        if error:
+            raise error[0]
+        return True
+    names = {t.ident: t.name for t in threading.enumerate()}
+    stacks = "".join(f"thread {names.get(i, i)}:\n" + "".join(traceback.format_stack(f))
+                     for i, f in sys._current_frames().items())
+    print(f"elas: rank {d.rank}: the process group did not come down within {timeout_s:g} s (the run itself is "
+          f"complete); where this process's threads are:\n{stacks}", file=sys.stderr, flush=True)
+    return False

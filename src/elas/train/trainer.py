@@ -460,12 +460,15 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        """Release the run's resources; False when the process group did not come down (see `shutdown`)."""
         if self.tb is not None:
             self.tb.close()
+        # DDP's reducer holds the group and its last all-reduce works: dropped before the group goes
+        self.ddp = self.fwd = self.grads = None
         # after a complete run every process waits for the others before the group is torn down (a process that
         # left early could abort a peer still finishing its last collective); after a failure nobody waits
-        shutdown(self.dist, wait=self._finished)
+        return shutdown(self.dist, wait=self._finished)
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
