@@ -181,6 +181,53 @@ def test_bad_eval_and_generate_arguments(tmp_path, capsys):
     assert not (tmp_path / "data").exists()
 
 
+def test_bad_grid_data_and_transfer_sets(dataset, tmp_path, capsys, monkeypatch):
+    """The quality grid's data and transfer set, checked before the built-in corpus is prepared and before any
+    run: a transfer set that is no dataset, one whose validation split is missing, training data that is missing
+    while a transfer set is given, and a grid to summarize that does not exist."""
+    monkeypatch.chdir(tmp_path)
+    grid = ["experiment", "--size", "llama-tiny", "--steps", "2", "--batch-size", "2", "--grad-accum", "1",
+            "--variants", "relu2", "--out", "q"]
+    _fail([*grid, "--data", "data/builtin-8k", "--transfer-data", "nothere"], capsys, "transfer data nothere holds")
+    assert not (tmp_path / "data").exists()
+    _fail([*grid, "--data", str(dataset), "--transfer-data", str(_broken(dataset, tmp_path, "no val.bin"))], capsys,
+          "missing val.bin")
+    _fail([*grid, "--data", "nodata", "--transfer-data", str(dataset)], capsys, "nodata does not exist")
+    assert not (tmp_path / "q").exists()
+    _fail(["experiment", "--summarize-only", "--out", "q"], capsys, "--out q holds no grid")
+
+
+def test_bad_data_prepare_arguments(tmp_path, capsys):
+    """Caps and the tokenizer are checked before any text is read (the built-in corpus: ~30 s to read)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(40):
+        (src / f"{k}.txt").write_text(f"def f{k}(x):\n    return x + {k}\n" * 20)
+    files = ["--source", "files", "--files", str(src), "--vocab-size", "300", "--val-frac", "0.3"]
+    _fail(["data", "prepare", "--out", str(tmp_path / "d"), *files, "--max-tokens", "0"], capsys, "max_tokens=0")
+    _fail(["data", "prepare", "--out", str(tmp_path / "d"), *files, "--max-tokens", "-1"], capsys, "max_tokens=-1")
+    _fail(["data", "prepare", "--out", str(tmp_path / "d"), *files, "--max-mb", "-1"], capsys, "max_mb=-1")
+    _fail(["data", "prepare", "--out", str(tmp_path / "d"), "--vocab-size", "0"], capsys, "vocab_size=0")
+    _fail(["data", "prepare", "--out", str(tmp_path / "d"), "--tokenizer", str(tmp_path)], capsys,
+          "cannot load tokenizer")
+    assert not (tmp_path / "d").exists()
+
+
+def test_eval_refuses_data_of_another_tokenizer(dataset, tmp_path, capsys):
+    """Another dataset's perplexity means something only under the run's tokenizer (two `elas data prepare
+    --tokenizer bpe` of the same vocab size train two different ones)."""
+    from elas.data import prepare
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "llama-tiny-elas", "--data", str(dataset), "--out", str(out), "--no-progress",
+                 *TINY, "--max-steps", "1", "--set", "eval_every=100"]) == 0
+    quiet = dict(source="site-packages", max_mb=0.3, val_frac=0.2, log=lambda *a: None)
+    prepare(tmp_path / "other", vocab_size=512, **quiet)
+    prepare(tmp_path / "same", tokenizer=str(dataset), **quiet)
+    capsys.readouterr()
+    _fail(["eval", "--run", str(out), "--data", str(tmp_path / "other")], capsys, "another tokenizer")
+    assert main(["eval", "--run", str(out), "--data", str(tmp_path / "same"), "--tokens", "512"]) == 0
+
+
 def test_resume_refuses_flags_that_contradict_the_run(dataset, tmp_path, capsys):
     out = tmp_path / "run"
     base = ["train", "--preset", "llama-tiny-elas", "--data", str(dataset), "--out", str(out), "--no-progress",

@@ -86,6 +86,24 @@ def test_a_missing_or_dangling_latest_does_not_restart_the_run(dataset, referenc
     assert steps == ["step-00000004", "step-00000006", "step-00000008"]  # pruning kept this lineage's newest
 
 
+def test_a_metrics_line_torn_by_a_kill_is_dropped_on_resume(dataset, reference, tmp_path):
+    """A kill while metrics.jsonl's last line is being appended leaves half a line: the resume drops it and
+    continues the same losses; a bad line anywhere else is an error that names it."""
+    import shutil
+
+    from elas.train.trainer import read_metrics
+    run = tmp_path / "run"
+    shutil.copytree(reference / "killed", run)
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 7, "loss": 5.1')  # torn: no closing brace, no newline
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")][-1] <= 7
+    _resume_and_compare(dataset, run, reference / "ref")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"step": 1}\n{"step": 2, \n{"step": 3}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        read_metrics(bad)
+
+
 def test_resume_needs_a_checkpoint_unless_auto(dataset, tmp_path):
     r = run_cli(*train_args(dataset, tmp_path / "empty", *COMMON, "--resume"))
     assert r.returncode == 2 and "holds no checkpoint" in r.stderr and "Traceback" not in r.stderr
@@ -171,3 +189,56 @@ def test_a_process_group_stuck_at_teardown_is_reported_and_left(monkeypatch, cap
     monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
     assert shutdown(Dist(rank=0, world=2), timeout_s=5) is True
     assert shutdown(Dist(), timeout_s=5) is True  # one process: nothing to tear down
+
+
+def _small_grid(monkeypatch):
+    """The quality grid's runs with a short evaluation (its schedules as the grid sets them)."""
+    from elas.train import experiment
+    real = experiment.variant_config
+
+    def small(*a, **kw):
+        cfg = real(*a, **kw)
+        cfg.eval_tokens = 2048
+        return cfg
+    monkeypatch.setattr(experiment, "variant_config", small)
+    return experiment
+
+
+def test_a_grid_killed_at_a_runs_summary_resumes_it_and_refuses_other_settings(dataset, tmp_path, monkeypatch):
+    """A kill while a finished run's summary.json is written, or just before, loses nothing: the next invocation
+    takes the run's last evaluation, and never reads half a file. A run directory holding a run of other settings
+    (--steps changed) is refused before any run, not skipped as done or resumed into a mixed run."""
+    import builtins
+    import io
+    experiment = _small_grid(monkeypatch)
+    grid = dict(batch_size=2, grad_accum=1, log=lambda *a: None)
+    real_open = builtins.open
+
+    def killed_open(file, mode="r", *a, **kw):  # the process dies halfway through writing a summary.json
+        fh = real_open(file, mode, *a, **kw)
+        if "summary.json" in str(file) and "w" in mode:
+            def write(data, _write=fh.write):
+                _write(data[: len(data) // 2])
+                fh.flush()
+                raise KeyboardInterrupt
+            fh.write = write
+        return fh
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "open", killed_open)
+        m.setattr(io, "open", killed_open)
+        with pytest.raises(KeyboardInterrupt):
+            experiment.run_grid("llama-tiny", ["relu2"], 2, str(dataset), tmp_path, **grid)
+    run = tmp_path / "relu2"
+    final = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in ln][-1]
+    assert final["step"] == 2
+    (row,) = experiment.run_grid("llama-tiny", ["relu2"], 2, str(dataset), tmp_path, **grid)
+    assert row["val_loss"] == final["val_loss"] and row["steps"] == 2
+    assert json.loads((run / "summary.json").read_text())["val_loss"] == final["val_loss"]
+    (run / "summary.json").unlink()  # killed after the run ended, before its summary.json
+    (row,) = experiment.run_grid("llama-tiny", ["relu2"], 2, str(dataset), tmp_path, **grid)
+    assert row["val_loss"] == final["val_loss"] and row["val_ppl"] == final["val_ppl"]
+    with pytest.raises(ValueError, match="max_steps 2 -> 4"):
+        experiment.run_grid("llama-tiny", ["relu2"], 4, str(dataset), tmp_path, **grid)
+    with pytest.raises(ValueError, match="batch_size 2 -> 3"):
+        experiment.run_grid("llama-tiny", ["relu2"], 2, str(dataset), tmp_path, batch_size=3, grad_accum=1)
+    assert json.loads((run / "config.json").read_text())["max_steps"] == 2  # the run was left alone

@@ -400,6 +400,24 @@ def test_quality_summary_ratios_every_variant_to_its_twin(tmp_path):
     assert "the runs trained on 2 different datasets** (train.bin SHA-1 aaaaaaaaaaaa, bbbbbbbbbbbb)" in md
 
 
+def test_quality_summary_spread_is_over_the_paired_seeds(tmp_path):
+    """A ratio's seed spread covers the seeds it pairs: a seed of one variant that its twin lacks (and whose row
+    has no transfer loss: run before --transfer-data was given) is neither counted nor a crash at summary time."""
+    from elas.train.experiment import summarize
+    for variant, seed, loss, transfer in (("relu2", 0, 2.0, 3.0), ("relu2", 1, 2.2, 3.3), ("relu2", 2, 9.0, None),
+                                          ("relu2-24", 0, 2.02, 3.03), ("relu2-24", 1, 2.2, 3.3)):
+        run = tmp_path / (variant if seed == 0 else f"{variant}.seed{seed}")
+        run.mkdir()
+        (run / "summary.json").write_text(json.dumps(
+            {"variant": variant, "seed": seed, "val_loss": loss, "val_ppl": 2.0, "optimizer": "adamw", "steps": 10,
+             "tokens": 100, "epochs": 0.5, "wall_s": 1.0, **({"transfer_loss": transfer} if transfer else {})}))
+    _, md = summarize(tmp_path)
+    assert "- relu2-24 / relu2: val loss ratio 1.0050 (1.0000-1.0100) over seeds [0, 1]; seed spread of the val " \
+           "loss: relu2-24 0.1800, relu2 0.2000" in md
+    assert "- relu2-24 / relu2: transfer loss ratio 1.0050 (1.0000-1.0100) over seeds [0, 1]; seed spread of the " \
+           "transfer loss: relu2-24 0.2700, relu2 0.3000" in md
+
+
 def test_auto_solver_by_core_size():
     """auto: gesvda for the cores of the 60M-350M models on CUDA, eigh from the 1B model's 1024 x 1024 cores on
     (as fast or faster there, and it converges where gesvda does not), torch's default driver off CUDA."""

@@ -132,7 +132,9 @@ def test_schedule_by_fraction_and_by_step_and_bad_values():
     assert [c.mode_at(s, 100) for s in (9, 10, 49, 50, 99)] == ["dense", "sparse", "sparse", "dense-final",
                                                                 "dense-final"]
     assert SSTE24Config(dense_warmup_steps=0, sparse_until=30).mode_at(30, 100) == "dense-final"
-    for bad in ({"sparse_until": 1.5}, {"sparse_until": -1}, {"sparse_until": "half"}, {"dense_warmup_steps": -2}):
+    # nan (`--set ...sparse_until=nan` parses as a float) once passed and failed at the first step after the warm-up
+    for bad in ({"sparse_until": 1.5}, {"sparse_until": -1}, {"sparse_until": "half"}, {"sparse_until": float("nan")},
+                {"dense_warmup_steps": -2}):
         with pytest.raises(ValueError, match="sste24"):
             SSTE24Config(**bad)
 

@@ -523,3 +523,41 @@ def test_gpu_fast_variants_train_through_every_phase_with_statistics(dataset, tm
     assert len(sparse) >= 3 and all(0 < m["y2_mass_kept/mean"] <= 1 for m in sparse)
     if "w24" in variant:
         assert all("flip_rate/mean" in m for m in ms[1:])
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny-relu2-vnm", "llama-tiny-relu2-vnm-fast",
+                                    "llama-tiny-relu2-w24-vnm-fast"])
+def test_sparse_until_from_the_command_line_is_a_step_or_a_fraction_whatever_the_preset_lists(preset):
+    """`--set model.METHOD.sparse_until=600` is step 600 and `=0.25` a quarter of the run on every preset. The -fast
+    variants list sparse_until=0.3, whose float type once turned "600" into the fraction 600.0, refused."""
+    from elas.build import resolve_methods
+    from elas.config import apply_overrides, train_config
+    for text, want in (("600", 600), ("0.25", 0.25), ("1.0", 1.0)):
+        cfg = train_config(preset)
+        for name in ("sste24", "vnm"):
+            if cfg.model.method(name) is not None:
+                apply_overrides(cfg, {f"model.{name}.sparse_until": text})
+        got = [m.sparse_until for m in resolve_methods(cfg.model) if hasattr(m, "sparse_until")]
+        assert got and all(g == want and type(g) is type(want) for g in got), (text, got)
+
+
+@pytest.mark.parametrize("preset,sets,never", [
+    ("llama-tiny-relu2-w24", {}, "sste24"),  # the tiny defaults' 600 steps: sparse to step 300, warm-up 1000
+    ("llama-tiny-relu2-w24-vnm-fast", {"model.sste24.dense_warmup_steps": 100}, "vnm"),
+    ("llama-tiny-relu2-vnm-fast", {"model.vnm.dense_warmup_steps": 200}, "vnm"),  # sparse to 0.3 x 600 = 180
+    ("llama-tiny-relu2-vnm", {"model.vnm.dense_warmup_steps": 0, "model.vnm.sparse_until": "0"}, "vnm"),
+    ("llama-tiny-relu2-vnm-fast", {"model.vnm.dense_warmup_steps": 100}, None),
+])
+def test_a_sparse_phase_that_would_end_before_the_warm_up_is_refused(preset, sets, never):
+    """A method with the sparse -> dense schedule whose sparse phase ends before its dense warm-up does (or whose
+    warm-up outlasts the run) would train dense throughout under its name: one line before any data is read."""
+    from elas.config import apply_overrides, train_config
+    from elas.train.trainer import TrainError, Trainer
+    cfg = train_config(preset)
+    apply_overrides(cfg, {**sets, "data_dir": "/nonexistent/elas-data"})
+    with pytest.raises(TrainError) as e:
+        Trainer(cfg, progress=False)
+    if never is None:  # a sparse step in the run: the next check (the data) speaks
+        assert "never sparse" not in str(e.value)
+    else:
+        assert str(e.value).startswith(f"{never} would never be sparse") and "\n" not in str(e.value), e.value

@@ -332,6 +332,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         meta = load_meta(data)
         if meta["vocab_size"] > cfg.model.vocab_size:
             raise UserError(f"dataset {data} has vocab {meta['vocab_size']} but the model has {cfg.model.vocab_size}")
+        own, other = Path(cfg.data_dir) / "tokenizer.json", Path(data) / "tokenizer.json"
+        if own.is_file() and own.read_bytes() != other.read_bytes():  # its perplexity would mean nothing
+            raise UserError(f"dataset {data} was tokenized with another tokenizer than the run's data "
+                            f"{cfg.data_dir}; prepare it with --tokenizer {cfg.data_dir}")
         win = TokenWindows(data, "val", cfg.seq_len)
     except DataError as e:
         raise UserError(str(e)) from None
@@ -506,13 +510,17 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         assert seeds and all(k >= 0 for k in seeds) and len(set(seeds)) == len(seeds)
     except (ValueError, AssertionError):
         raise UserError(f"invalid --seeds {args.seeds!r}: expected distinct non-negative integers, e.g. 0,1") from None
+    if args.summarize_only and not out.is_dir():
+        raise UserError(f"--out {out} holds no grid to summarize (no such directory)")
     if not args.summarize_only:
         from types import SimpleNamespace
 
-        from .train.experiment import variant_config
-        try:  # every variant and key, before any data is prepared
+        from .train.experiment import check_transfer_data, variant_config
+        try:  # every variant and key, and the transfer set, before any data is prepared
             for v in variants:
                 variant_config(args.size, v, args.steps, args.data, out, args.batch_size, args.grad_accum)
+            if args.transfer_data:
+                check_transfer_data(args.data, args.transfer_data)
         except (ValueError, KeyError) as e:
             raise UserError(str(e).strip("'\"")) from None
         ensure_builtin_data(SimpleNamespace(data_dir=args.data))

@@ -427,6 +427,14 @@ def parse_value(text: str, current: Any, key: str, optional: bool = True) -> Any
     return text
 
 
+def _spells_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def split_variant(variant: str) -> tuple[str, dict[str, str]]:
     """"elas+act24.fused=true" -> ("elas", {"act24.fused": "true"}): a variant with model keys set (as `--set`
     sets them: METHOD.KEY for a key of one of its sparsity methods), so that a benchmark row or a
@@ -452,7 +460,12 @@ def apply_overrides(obj: Any, items: dict[str, Any], prefix: str = "", absent_me
         if head not in names and isinstance(getattr(obj, "methods", None), list):
             spec = obj.method(head)
             if spec is not None and rest and "." not in rest:
-                spec[rest] = parse_value(value, spec.get(rest), prefix + key) if isinstance(value, str) else value
+                cur = spec.get(rest)
+                if isinstance(value, str) and isinstance(cur, float) and _spells_number(value):
+                    # a number keeps the kind its text spells, as where the preset does not list the key: sparse_until
+                    # 0.3 (a -fast preset's, config.json's) is a fraction of the run, but 600 a step, not 600.0
+                    cur = None
+                spec[rest] = parse_value(value, cur, prefix + key) if isinstance(value, str) else value
                 continue
             if spec is None and rest and absent_methods_ok:
                 continue

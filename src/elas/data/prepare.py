@@ -84,6 +84,12 @@ def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = 
         raise DataError(f"{out} already holds a dataset; pass --force to rebuild it or choose another --out")
     if not 0.0 < val_frac < 0.5:
         raise DataError(f"val_frac={val_frac} must be in (0, 0.5)")
+    if max_tokens is not None and max_tokens <= 0:
+        raise DataError(f"max_tokens={max_tokens} must be a positive number of training tokens (or no cap)")
+    if max_mb is not None and max_mb < 0:
+        raise DataError(f"max_mb={max_mb} must be >= 0 (0: no cap)")
+    if tokenizer == "bpe" and vocab_size < 300:  # before the text is read
+        raise DataError(f"vocab_size={vocab_size} is too small for byte-level BPE: use at least 300")
     if source == "builtin":
         docs, desc = builtin_docs(), "builtin: Python standard library + site-packages text"
     elif source in BUILTIN_PARTS:  # one half of builtin (train on one, measure transfer on the other)
@@ -100,6 +106,7 @@ def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = 
         raise DataError(f"unknown source {source!r}: expected builtin, {', '.join(BUILTIN_PARTS)}, files or hf")
 
     t0 = time.time()
+    tok = None if tokenizer == "bpe" else load_tokenizer(tokenizer)  # a bad one before the text is read
     max_bytes = int(max_mb * 1e6) if max_mb else None
     try:
         train_txt, val_txt, n_bytes = _collect(docs, max_bytes, val_frac)
@@ -109,11 +116,9 @@ def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = 
         raise DataError(f"source {desc!r} gave {len(train_txt)} training and {len(val_txt)} validation documents; "
                         f"both must be non-empty (add text, or raise --val-frac)")
     log(f"collected {len(train_txt)} train / {len(val_txt)} val documents, {n_bytes / 1e6:.1f} MB ({desc})")
-    if tokenizer == "bpe":
+    if tok is None:
         log(f"training byte-level BPE, vocab {vocab_size} ...")
         tok = train_bpe(train_txt, vocab_size)
-    else:
-        tok = load_tokenizer(tokenizer)
     vocab = tok.get_vocab_size()
     eot = eot_id(tok)
     dtype = np.uint16 if vocab <= 2**16 else np.uint32

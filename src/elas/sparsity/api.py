@@ -80,7 +80,7 @@ class SparsityMethod:
 def check_sparse_until(method: str, u: Any) -> None:
     """The end of a method's sparse phase (the third paper's sparse -> dense schedule): a fraction of max_steps
     (a float in [0, 1]) or a step (an int >= 0)."""
-    if isinstance(u, bool) or not isinstance(u, (int, float)) or u < 0 or (isinstance(u, float) and u > 1):
+    if isinstance(u, bool) or not isinstance(u, (int, float)) or u < 0 or (isinstance(u, float) and not 0 <= u <= 1):
         raise ValueError(f"invalid {method}.sparse_until {u!r}: expected a fraction of max_steps in [0, 1] (a "
                          f"float) or a step (an int >= 0)")
 
@@ -88,6 +88,20 @@ def check_sparse_until(method: str, u: Any) -> None:
 def sparse_end(u: float | int, max_steps: int) -> int:
     """The first step of the final dense phase for sparse_until u."""
     return int(round(u * max_steps)) if isinstance(u, float) else u
+
+
+def check_sparse_window(config: SparsityMethod, max_steps: int) -> None:
+    """A method with the sparse -> dense schedule (`sparse_until`) has a sparse step in a run of max_steps: one whose
+    sparse phase ends before its dense warm-up does would train dense throughout under the method's name."""
+    u = getattr(config, "sparse_until", None)
+    if u is None:
+        return
+    start, end = config.dense_warmup_steps, min(sparse_end(u, max_steps), max_steps)
+    if end <= start:
+        raise ValueError(f"{config.name} would never be sparse: its sparse phase would end at step {end} "
+                         f"(sparse_until={u!r}, max_steps={max_steps}), by the end of its dense warm-up "
+                         f"(dense_warmup_steps={start}); lower model.{config.name}.dense_warmup_steps or raise "
+                         f"model.{config.name}.sparse_until")
 
 
 @dataclass

@@ -6,7 +6,8 @@ dense 2:4 warm-up, LORO's exact-step period) are scaled with it, so that a 10k-s
 A variant may set method keys (`elas+act24.dense_warmup_steps=100`: absolute, not scaled), and every variant
 runs once per seed (run directories `VARIANT` for seed 0, `VARIANT.seedK` for the others). With transfer data (a
 dataset of other text, tokenized with the training data's tokenizer) each finished run is also evaluated on it.
-Runs are resumable: a variant whose run directory holds a finished run is skipped, an interrupted one resumed.
+Runs are resumable: a variant whose run directory holds a finished run is skipped, an interrupted one resumed (a
+run directory holding a run of other settings, another --steps or --size, is refused before any run).
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from ..config import (LORO_DEFAULTS, VARIANTS, apply_overrides, model_preset, pr
                       train_config)
 from ..sparsity import method_to_dict
 from ..sparsity.api import sparse_end
-from .trainer import Trainer
+from .checkpoint import _write_atomic, checkpoints
+from .trainer import Trainer, load_run_config, read_metrics
 
 QUALITY_VARIANTS = tuple(VARIANTS)  # every named variant (config.VARIANTS), with its recipe's optimizer
 def grid_variants(steps: int) -> list[str]:
@@ -73,14 +75,43 @@ def _same_tokenizer(a: str, b: str) -> bool:
         json.loads((Path(b) / "meta.json").read_text()).get("tokenizer")
 
 
-def check_transfer_data(data_dir: str, transfer: str) -> None:
-    """Before any run: the transfer set must exist and share the training data's tokenizer."""
+def check_transfer_data(data_dir: str, transfer: str, seq_len: int | None = None) -> None:
+    """Before any run: the transfer set must exist, share the training data's tokenizer (once the training data is
+    prepared) and hold a validation window of seq_len (when given)."""
+    from ..data import TokenWindows
     if not (Path(transfer) / "meta.json").exists():
         raise ValueError(f"transfer data {transfer} holds no prepared dataset (elas data prepare --out {transfer} "
                          f"--tokenizer {data_dir} ...)")
-    if not _same_tokenizer(data_dir, transfer):
+    if (Path(data_dir) / "meta.json").exists() and not _same_tokenizer(data_dir, transfer):
         raise ValueError(f"transfer data {transfer} was tokenized with another tokenizer than {data_dir}; prepare "
                          f"it with --tokenizer {data_dir}")
+    if seq_len is not None:
+        TokenWindows(transfer, "val", seq_len)  # its files whole and long enough, not found so after a run
+
+
+# what a grid's arguments (--size, --steps, --batch-size, --grad-accum) set in a run: a run directory holding another
+# run of the same name is not resumed or counted as this one
+GRID_KEYS = ("preset", "max_steps", "seq_len", "batch_size", "grad_accum", "seed")
+
+
+def check_same_runs(cfgs: list) -> None:
+    """Before any run: every run directory that already holds a run (config.json) holds it with this grid's
+    settings; otherwise the grid would skip or resume it as its own and mix it into the summary."""
+    for cfg in cfgs:
+        run = Path(cfg.out_dir)
+        if not (run / "config.json").is_file() or not ((run / "summary.json").exists() or checkpoints(run)):
+            continue  # nothing of it kept: the run starts again
+        saved = load_run_config(run)
+        diff = [f"{k} {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in GRID_KEYS
+                if getattr(saved, k) != getattr(cfg, k)]
+        if diff:
+            raise ValueError(f"{run} holds a run with other settings ({'; '.join(diff)}); give the grid another "
+                             f"--out, or the settings it was run with")
+
+
+def _write_json(path: Path, obj) -> None:
+    """Whole or not at all: a kill while writing leaves the previous file (or none), never half of one."""
+    _write_atomic(path, json.dumps(obj, indent=1).encode())
 
 
 def transfer_loss(trainer: Trainer, transfer: str) -> tuple[float, int]:
@@ -97,12 +128,14 @@ def transfer_loss(trainer: Trainer, transfer: str) -> tuple[float, int]:
 def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Path, batch_size: int = 256,
              grad_accum: int = 2, seeds=(0,), transfer: str | None = None, log=print) -> list[dict]:
     """Every variant x seed (seed-major: each seed's grid completes before the next starts)."""
+    from ..data import load_meta
     cfgs = [(seed, v, variant_config(size, v, steps, data_dir, out, batch_size, grad_accum, seed=seed))
             for seed in seeds for v in variants]  # every bad variant or key fails here, before any run
+    meta = load_meta(data_dir)
     if transfer:
-        check_transfer_data(data_dir, transfer)
+        check_transfer_data(data_dir, transfer, cfgs[0][2].seq_len)
+    check_same_runs([cfg for _, _, cfg in cfgs])
     out.mkdir(parents=True, exist_ok=True)
-    meta = json.loads((Path(data_dir) / "meta.json").read_text()) if (Path(data_dir) / "meta.json").exists() else {}
     train_tokens = meta.get("train_tokens")
     rows = []
     for seed, v, cfg in cfgs:
@@ -117,7 +150,7 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
                     row["transfer_loss"], row["transfer_tokens"] = transfer_loss(trainer, transfer)
                 finally:
                     trainer.close()
-                done.write_text(json.dumps(row, indent=1))
+                _write_json(done, row)
             rows.append(row)
             log(f"{name}: done before, skipped")
             continue
@@ -133,7 +166,9 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
             wall = trainer.elapsed_s()  # over every process of a run cut off and resumed
         finally:
             trainer.close()
-        metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        metrics = read_metrics(run / "metrics.jsonl")
+        if "val_loss" not in res:  # finished in a process stopped before its summary.json: its last evaluation
+            res = [m for m in metrics if "val_loss" in m and m["step"] == cfg.max_steps][-1]
         last = [m for m in metrics if "y2_zero_frac/mean" in m]
         tokens = cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len
         row = {"model": size, "variant": v, "seed": seed, "run": name, "steps": cfg.max_steps, "tokens": tokens,
@@ -144,7 +179,7 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
                "dropped_nnz_frac": last[-1].get("dropped_nnz_frac/mean") if last else None,
                "data_sha1": meta.get("train_sha1"), "sparse_end_step": sparse_phase_end(cfg.model.methods, cfg.max_steps),
                "val_curve": {str(m["step"]): m["val_loss"] for m in metrics if "val_loss" in m}, **extra}
-        done.write_text(json.dumps(row, indent=1))
+        _write_json(done, row)
         rows.append(row)
         log(f"{name}: val loss {row['val_loss']:.4f} (ppl {row['val_ppl']:.2f}) in {row['wall_s']:.0f} s" +
             (f", transfer loss {row['transfer_loss']:.4f}" if transfer else ""))
@@ -162,7 +197,7 @@ def sparse_phase_end(methods: list[dict], max_steps: int) -> int | None:
 def _with_curve(row: dict, run: Path) -> dict:
     """A row written before rows carried their validation curve and sparse-phase end: both from the run's files."""
     if "val_curve" not in row and (run / "metrics.jsonl").exists():
-        ms = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        ms = read_metrics(run / "metrics.jsonl")
         row["val_curve"] = {str(m["step"]): m["val_loss"] for m in ms if "val_loss" in m}
     if "sparse_end_step" not in row and "methods" in row:
         row["sparse_end_step"] = sparse_phase_end(row["methods"], row["steps"])
@@ -235,7 +270,7 @@ def summarize(out: Path) -> tuple[list[dict], str]:
             if not all(key in by[x][k] for x in (a, b) for k in common):
                 continue
             ratios = [by[a][k][key] / by[b][k][key] for k in common]
-            spread = [max(r[key] for r in by[x].values()) - min(r[key] for r in by[x].values()) for x in (a, b)]
+            spread = [max(by[x][k][key] for k in common) - min(by[x][k][key] for k in common) for x in (a, b)]
             lines.append(f"- {a} / {b}: {label} ratio {_spread(ratios)} over seeds {common}" +
                          (f"; seed spread of the {label}: {a} {spread[0]:.4f}, {b} {spread[1]:.4f}"
                           if len(common) > 1 else ""))
@@ -254,8 +289,8 @@ def summarize(out: Path) -> tuple[list[dict], str]:
     lines.append(f"- the grid's GPU time: {total / 60:.1f} min over {len(rows)} runs (wall time of each run, "
                  f"compilation and evaluation included)")
     text = "\n".join(md + [""] + lines) + "\n"
-    (out / "summary.json").write_text(json.dumps(rows, indent=1))
-    (out / "summary.md").write_text(text)
+    _write_json(out / "summary.json", rows)
+    _write_atomic(out / "summary.md", text.encode())
     return rows, text
 
 
@@ -275,7 +310,7 @@ def plot_stats(out: Path, png: Path) -> bool:
     runs = sorted(p for p in out.iterdir() if (p / "metrics.jsonl").exists())
     series: dict[str, list[tuple[str, dict[str, list]]]] = {}  # variant -> [(run, {key: [(step, value)]})]
     for run in runs:
-        ms = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        ms = read_metrics(run / "metrics.jsonl")
         pts = {k: [(m["step"], m[k]) for m in ms if k in m] for k, _ in STAT_PANELS}
         if any(pts.values()):
             series.setdefault(run.name.split(".seed")[0], []).append((run.name, pts))
@@ -320,7 +355,7 @@ def plot_runs(runs: list[Path], png: Path) -> bool:
     fig, axes = plt.subplots(2, 2, figsize=(13, 8))
     (ax_loss, ax_val), (ax_tps, ax_sp) = axes
     for run in runs:
-        ms = [json.loads(ln) for ln in (Path(run) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        ms = read_metrics(Path(run) / "metrics.jsonl")
         try:
             preset = json.loads((Path(run) / "config.json").read_text()).get("preset", "")
         except (OSError, ValueError):

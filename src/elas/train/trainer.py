@@ -23,6 +23,7 @@ from ..data.prepare import DataError
 from ..build import build_model, resolve_methods
 from ..optim import build_optimizer, warmup_cosine
 from ..sparsity import collect_stats, describe, method_to_dict, set_step
+from ..sparsity.api import check_sparse_window
 from ..summary import model_summary
 from .checkpoint import (BackgroundSaver, CheckpointError, checkpoints, is_sharded_checkpoint, load_checkpoint,
                          load_optimizer, load_sharded_checkpoint, newest_verified, resume_checkpoint, save_checkpoint,
@@ -68,12 +69,29 @@ def check_writable(path: Path) -> None:
         raise TrainError(f"output directory {path} is not writable ({e.strerror or e}); choose another --out") from None
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl. Lines are appended one at a time, so a run killed while writing one
+    leaves at most its last line torn: that line is dropped, any other bad line is an error."""
+    lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()] if Path(path).exists() else []
+    recs = []
+    for i, ln in enumerate(lines):
+        try:
+            recs.append(json.loads(ln))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON: {ln[:80]!r}") from None
+    return recs
+
+
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines of steps after `step` (written by a run killed after its last checkpoint)."""
+    """Drop metric lines of steps after `step` (written by a run killed after its last checkpoint), and a torn last
+    line; the file is rewritten whole or not at all."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    keep = [json.dumps(r) for r in read_metrics(path) if r.get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -108,7 +126,10 @@ class Trainer:
         try:
             cfg.validate()
             # the methods' own keys, before any data is read; config.json then records them in full, versioned
-            cfg.model.methods = [method_to_dict(m) for m in resolve_methods(cfg.model)]
+            methods = resolve_methods(cfg.model)
+            for m in methods:
+                check_sparse_window(m, cfg.max_steps)
+            cfg.model.methods = [method_to_dict(m) for m in methods]
         except (ValueError, TypeError) as e:
             raise TrainError(str(e)) from None
         if cfg.tensorboard:
