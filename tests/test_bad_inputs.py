@@ -178,6 +178,7 @@ def test_bad_eval_and_generate_arguments(tmp_path, capsys):
     _fail([*grid, "--seeds", "0,x"], capsys, "--seeds '0,x'")
     _fail([*grid, "--variants", "elas+act24.nope=1"], capsys, "variant 'elas+act24.nope=1'")
     _fail([*grid, "--variants", "dense"], capsys, "unknown variant 'dense'")
+    _fail([*grid, "--variants", "relu2,elas,relu2"], capsys, "--variants names relu2 more than once")
     assert not (tmp_path / "data").exists()
 
 
@@ -226,6 +227,11 @@ def test_eval_refuses_data_of_another_tokenizer(dataset, tmp_path, capsys):
     capsys.readouterr()
     _fail(["eval", "--run", str(out), "--data", str(tmp_path / "other")], capsys, "another tokenizer")
     assert main(["eval", "--run", str(out), "--data", str(tmp_path / "same"), "--tokens", "512"]) == 0
+    # --checkpoint: a directory, or the name of one of the run's checkpoints (from any working directory)
+    name = next((out / "checkpoints").glob("step-*")).name
+    assert main(["eval", "--run", str(out), "--checkpoint", name, "--tokens", "512"]) == 0
+    _fail(["eval", "--run", str(out), "--checkpoint", "step-00000099"], capsys,
+          f"--checkpoint step-00000099: no such directory, nor a checkpoint of {out} ({name})")
 
 
 def test_resume_refuses_flags_that_contradict_the_run(dataset, tmp_path, capsys):

@@ -289,6 +289,22 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_arg(args: argparse.Namespace) -> Path | None:
+    """--checkpoint as given (a directory), or a checkpoint's name in the run (`step-00000200`); None without it.
+    A name that is neither is a one-line error listing the run's checkpoints."""
+    if not args.checkpoint:
+        return None
+    given = Path(args.checkpoint)
+    if given.is_dir():
+        return given
+    inrun = Path(args.run) / "checkpoints" / args.checkpoint
+    if inrun.is_dir():
+        return inrun
+    have = sorted(p.name for p in (Path(args.run) / "checkpoints").glob("step-*") if p.is_dir())
+    raise UserError(f"--checkpoint {args.checkpoint}: no such directory, nor a checkpoint of {args.run} ("
+                    + (", ".join(have) if have else "it has none") + ")")
+
+
 def _load_run(args: argparse.Namespace):
     """(config, model on device, checkpoint path) of a run directory."""
     import torch
@@ -298,7 +314,7 @@ def _load_run(args: argparse.Namespace):
     from .train.trainer import pick_device
     try:
         cfg = load_run_config(args.run)
-        ckpt = Path(args.checkpoint) if args.checkpoint else newest_verified(Path(args.run))
+        ckpt = _checkpoint_arg(args) or newest_verified(Path(args.run))
         if ckpt is None:
             damaged = sorted(p.name for p in (Path(args.run) / "checkpoints").glob("step-*") if p.is_dir())
             raise TrainError(f"{args.run} has no checkpoint that verifies" + (
@@ -352,7 +368,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_checkpoint_consolidate(args: argparse.Namespace) -> int:
     from .train import CheckpointError, newest_verified
     from .train.checkpoint import consolidate, verify_checkpoint
-    ckpt = Path(args.checkpoint) if args.checkpoint else newest_verified(Path(args.run))
+    ckpt = _checkpoint_arg(args) or newest_verified(Path(args.run))
     if ckpt is None or not ckpt.is_dir():
         raise UserError(f"{args.checkpoint or args.run} holds no checkpoint that verifies")
     why = verify_checkpoint(ckpt)
@@ -505,6 +521,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from .train.experiment import grid_variants, plot_curves, plot_stats, run_grid, summarize
     out = Path(args.out)
     variants = args.variants.split(",") if args.variants else grid_variants(args.steps)
+    twice = sorted({v for v in variants if variants.count(v) > 1})
+    if twice:
+        raise UserError(f"--variants names {', '.join(twice)} more than once")
     try:
         seeds = [int(k) for k in args.seeds.split(",")]
         assert seeds and all(k >= 0 for k in seeds) and len(set(seeds)) == len(seeds)
@@ -647,7 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = csub.add_parser("consolidate", help="the whole weights of a sharded (FSDP2) checkpoint as one "
                                             "model.safetensors in it")
     q.add_argument("run", help="run directory")
-    q.add_argument("--checkpoint", help="checkpoint directory (default: the run's newest that verifies)")
+    q.add_argument("--checkpoint", help="a checkpoint directory, or the name of one of the run's "
+                   "(step-00000200; default: its newest that verifies)")
     q.set_defaults(func=cmd_checkpoint_consolidate)
 
     for name, fn, hlp in (("eval", cmd_eval, "validation perplexity of a checkpoint"),
@@ -655,7 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
                           ("export", cmd_export, "a checkpoint as a Hugging Face model directory (transformers)")):
         p = sub.add_parser(name, help=hlp)
         p.add_argument("--run", required=True, help="run directory")
-        p.add_argument("--checkpoint", help="checkpoint directory (default: the run's latest)")
+        p.add_argument("--checkpoint", help="a checkpoint directory, or the name of one of the run's "
+                       "(step-00000200; default: its newest that verifies)")
         if name != "export":
             p.add_argument("--device", default="auto")
         if name == "export":
