@@ -542,8 +542,9 @@ def test_sparse_until_from_the_command_line_is_a_step_or_a_fraction_whatever_the
 
 
 @pytest.mark.parametrize("preset,sets,never", [
-    ("llama-tiny-relu2-w24", {}, "sste24"),  # the tiny defaults' 600 steps: sparse to step 300, warm-up 1000
-    ("llama-tiny-relu2-w24-vnm-fast", {"model.sste24.dense_warmup_steps": 100}, "vnm"),
+    ("llama-tiny-relu2-w24", {"model.sste24.dense_warmup_steps": 1000}, "sste24"),  # warm-up past the 600 steps
+    ("llama-tiny-relu2-w24", {}, None),  # the tiny defaults: dense to step 60, sparse to 300
+    ("llama-tiny-relu2-w24-vnm-fast", {"model.vnm.dense_warmup_steps": 200}, "vnm"),  # S-STE 60 -> 180 is fine
     ("llama-tiny-relu2-vnm-fast", {"model.vnm.dense_warmup_steps": 200}, "vnm"),  # sparse to 0.3 x 600 = 180
     ("llama-tiny-relu2-vnm", {"model.vnm.dense_warmup_steps": 0, "model.vnm.sparse_until": "0"}, "vnm"),
     ("llama-tiny-relu2-vnm-fast", {"model.vnm.dense_warmup_steps": 100}, None),
@@ -561,3 +562,40 @@ def test_a_sparse_phase_that_would_end_before_the_warm_up_is_refused(preset, set
         assert "never sparse" not in str(e.value)
     else:
         assert str(e.value).startswith(f"{never} would never be sparse") and "\n" not in str(e.value), e.value
+
+
+def test_fsdp2_methods_read_whole_weights_when_their_modes_start(dataset, tmp_path):
+    """parallel=fsdp on 2 gloo processes: between steps FSDP2's parameters are DTensor shards, and S-STE's beta and
+    the router's k-means clusters of S(W_up) are computed from whole weights when their modes start (reading the
+    shards once failed at the first sparse step). Own mode (a token's mask does not depend on the batch): the
+    single process's losses, through the warm-up, a re-clustering and the return to dense."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import TINY, run_cli
+    sets = ["parallel=fsdp", "log_every=1", "eval_every=100", "model.sste24.dense_warmup_steps=2",
+            "model.sste24.sparse_until=5", "model.vnm.dense_warmup_steps=2", "model.vnm.sparse_until=5",
+            "model.vnm.recluster_steps=2", "model.vnm.router_mode=own", "model.vnm.m=16"]
+
+    def args(out, batch):
+        return ["train", "--preset", "llama-tiny-relu2-w24-vnm", "--data", str(dataset), "--out", str(out),
+                "--no-progress", *TINY, *[a for kv in sets for a in ("--set", kv)], "--set", f"batch_size={batch}",
+                "--max-steps", "6"]
+
+    def losses(out):
+        recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: (r["loss"], r["modes"]) for r in recs if "loss" in r}
+    one = run_cli(*args(tmp_path / "one", 4))
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                          "elas", *args(tmp_path / "two", 2)], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ))
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert [a[s][1] for s in (2, 3, 5, 6)] == [["dense", "dense"], ["sparse", "sparse/0"], ["sparse", "sparse/1"],
+                                               ["dense-final", "dense-final"]]
+    for s in a:  # the same sequences, reduced in another order
+        assert abs(a[s][0] - b[s][0]) < 1e-4 and a[s][1] == b[s][1], (s, a[s], b[s])

@@ -104,6 +104,13 @@ def check_sparse_window(config: SparsityMethod, max_steps: int) -> None:
                          f"model.{config.name}.sparse_until")
 
 
+def whole(t: Any) -> Any:
+    """The whole tensor of a parameter FSDP2 shards (between steps a DTensor: all-gathered, a collective that every
+    process makes at the same step of set_step), else t. Methods that read their weights when a mode starts (S-STE's
+    beta, the router's clusters) need all of them; inside the forward FSDP2 hands modules whole tensors already."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 @dataclass
 class Applied:
     """One method applied to one model: the config, the objects it attached (each with `set_mode(mode)` and a

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from ..kernels import backend_for, ops
 from ..kernels import reference as ref
 from ..kernels.packed import check_shape
-from .api import Applied, SparsityMethod, check_sparse_until, register_method, relu2_ffns, sparse_end
+from .api import Applied, SparsityMethod, check_sparse_until, register_method, relu2_ffns, sparse_end, whole
 
 log = logging.getLogger("elas.sparsity")
 
@@ -155,7 +155,7 @@ class SSTELinear(nn.Linear):
         self.active = mode == "sparse"
         if self.active and float(self.beta) == 0.0:  # first sparse step of the run (a resumed run loads beta)
             with torch.no_grad():
-                w = self.weight.float()
+                w = whole(self.weight).float()  # [d_out, d_in]: FSDP2's shards gathered (beta is one scale)
                 s = ref.soft_threshold24(w)[0]
                 self.beta.fill_((w * s).sum() / (s * s).sum().clamp(min=1e-30))
 
@@ -163,7 +163,8 @@ class SSTELinear(nn.Linear):
         """The weight the forward uses: S(W) in the sparse phase, W otherwise (read by FFN cores too)."""
         if not self.active:
             return self.weight
-        return _SoftThreshold24.apply(self.weight, self.beta)
+        # whole outside FSDP2's forward too (the router clusters S(W_up) when its period starts)
+        return _SoftThreshold24.apply(whole(self.weight), self.beta)
 
     def weight_pack(self, transpose: bool = False):
         """For an FFN core that multiplies by this weight itself (act24's packed core): S(W) [d_out, d_in] packed
@@ -196,9 +197,10 @@ class SSTELinear(nn.Linear):
         """flip_rate: the fraction of the 2:4 mask's entries that changed since the previous probe (a log step)."""
         mask = ref.soft_threshold24(self.weight)[1]
         prev, self._last_mask = self._last_mask, mask
+        if prev is None:  # the first probe of this process (a run's first, or the first after a resume: the
+            return        # previous mask is not checkpointed): no rate yet, rather than a false 0
         # on the weight's device: collect_stats stacks every method's statistics into one tensor (one host sync)
-        flips = (mask != prev).float().mean() if prev is not None else mask.new_zeros((), dtype=torch.float32)
-        self.stats_sink.append({"flip_rate": flips})
+        self.stats_sink.append({"flip_rate": (mask != prev).float().mean()})
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, S-STE 2:4 weights, active={self.active}"

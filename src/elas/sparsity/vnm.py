@@ -36,7 +36,7 @@ from ..model.ffn import ffn_operands, relu2
 from ..model.lowrank import LowRankLinear
 from . import router as rt
 from .act24 import GRAD_MODES, relu2_stats
-from .api import Applied, SparsityMethod, check_sparse_until, register_method, relu2_ffns, sparse_end
+from .api import Applied, SparsityMethod, check_sparse_until, register_method, relu2_ffns, sparse_end, whole
 from .vnm_grouped import grouped_core
 
 
@@ -149,10 +149,11 @@ class _ReLU2Masked(torch.autograd.Function):
 
 
 def up_rows(up: nn.Module) -> torch.Tensor:
-    """The up-projection's weight rows [d_ff, d_model] (the neurons the router clusters), low-rank or not."""
+    """The up-projection's weight rows [d_ff, d_model] (the neurons the router clusters), low-rank or not; whole
+    where FSDP2 shards them (read between steps, when a clustering period starts)."""
     if isinstance(up, LowRankLinear):
-        return up.weight_out.detach().float() @ up.weight_in.detach().float().T
-    return (up.effective_weight() if hasattr(up, "effective_weight") else up.weight).detach().float()
+        return whole(up.weight_out).detach().float() @ whole(up.weight_in).detach().float().T
+    return whole(up.effective_weight() if hasattr(up, "effective_weight") else up.weight).detach().float()
 
 
 class VNMCore(nn.Module):
