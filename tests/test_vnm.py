@@ -261,6 +261,9 @@ def test_router_periods_reclustering_stats_and_one_graph(tmp_path, mode):
         VNMConfig(router=True, router_mode="moe")
     with pytest.raises(ValueError, match="route_metric"):
         VNMConfig(router=True, route_metric="manhattan")
+    for how in ({"router_mode": "own"}, {"router_mode": "own", "topk": 2}):  # routing keys without the router
+        with pytest.raises(ValueError, match="but vnm.router is false"):
+            VNMConfig(**how)
 
 
 @pytest.mark.parametrize("until", ["1.0", "5"])  # sparse to the end; dense again from step 5 (after the resume)
@@ -599,3 +602,25 @@ def test_fsdp2_methods_read_whole_weights_when_their_modes_start(dataset, tmp_pa
                                                ["dense-final", "dense-final"]]
     for s in a:  # the same sequences, reduced in another order
         assert abs(a[s][0] - b[s][0]) < 1e-4 and a[s][1] == b[s][1], (s, a[s], b[s])
+
+
+def test_the_router_clusters_the_up_projection_the_model_has_whatever_the_method_order():
+    """Methods listed [vnm, sste24]: S-STE replaces the up-projection after the router was attached; the router
+    clusters the neurons of the one the model has when its period starts (S(W_up)), as with [sste24, vnm]."""
+    import copy
+
+    from elas.config import model_preset
+    cfg = model_preset("llama-tiny-relu2-w24-vnm", n_layers=1, vocab_size=256)
+    for m in cfg.methods:
+        m["dense_warmup_steps"] = 2
+    flipped = copy.deepcopy(cfg)
+    flipped.methods = flipped.methods[::-1]
+    assert [m["method"] for m in flipped.methods] == ["vnm", "sste24"]
+    cores = []
+    for c in (cfg, flipped):
+        torch.manual_seed(0)
+        model = build_model(c)
+        set_step(model, 5, 100)
+        cores.append(model.blocks[0].ffn.core)
+    assert cores[0].period.item() >= 0 and torch.equal(cores[0].features, cores[1].features)
+    torch.testing.assert_close(cores[0].centroids, cores[1].centroids)

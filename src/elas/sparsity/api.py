@@ -175,14 +175,22 @@ def sparsify_(model: nn.Module, config: SparsityMethod | None, filter_fn: Filter
 
 def set_step(model: nn.Module, step: int, max_steps: int) -> tuple:
     """Put every applied method in its mode for `step`; returns the modes (one per method, in order)."""
-    modes = []
+    modes, changed = [], []
     for a in applied_methods(model):
         mode = a.config.mode_at(step, max_steps)
         if mode != a.mode:
             for _, obj in a.targets:
                 obj.set_mode(mode)
             a.mode = mode
+            changed.append(a)
         modes.append(mode)
+    # a target that reads weights when its mode starts (the router clusters the up-projection's neurons) does so
+    # in `modes_set()`, once every method is in its mode for this step: S-STE's S(W) is then the weight it reads,
+    # whatever the order of model.methods
+    for a in changed:
+        for _, obj in a.targets:
+            if hasattr(obj, "modes_set"):
+                obj.modes_set()
     return tuple(modes)
 
 

@@ -89,6 +89,9 @@ class VNMConfig(SparsityMethod):
         if self.topk < 1 or (self.topk > 1 and self.router_mode != "own"):
             raise ValueError(f"invalid vnm.topk {self.topk}: expected 1, or more clusters per token in router_mode "
                              f"own")
+        if not self.router and (self.router_mode != "group" or self.topk != 1):  # would be silently ignored
+            raise ValueError(f"vnm.router_mode={self.router_mode} and vnm.topk={self.topk} choose how the router routes, "
+                             f"but vnm.router is false; set vnm.router=true or leave them at group and 1")
         if self.groups < 1:
             raise ValueError(f"invalid vnm.groups {self.groups}: expected >= 1")
         if self.route_metric not in rt.METRICS:
@@ -161,13 +164,16 @@ class VNMCore(nn.Module):
     With the router: buffers centroids [C, d_model] fp32, features [C, d_ff/C] int64 (router.py) and the
     clustering period they were made in (`period`, -1: none yet); they are in the model's state dict."""
 
-    def __init__(self, cfg: VNMConfig, up: nn.Module, d_model: int, d_ff: int):
+    def __init__(self, cfg: VNMConfig, ffn: nn.Module, d_model: int, d_ff: int):
         super().__init__()
         self.cfg = cfg
         self.active = False
         self.stats_sink: list | None = None
-        self._up = (up,)  # read when re-clustering (a tuple: not registered as a submodule)
+        # the FFN, whose up-projection is read when re-clustering: looked up then, not kept, since a method applied
+        # after this one may replace it (sste24 -> S(W_up); FSDP2 re-registers parameters). A tuple: no submodule
+        self._ffn = (ffn,)
         self._clustered = False  # host-side copy of period >= 0 (the forward must not read a tensor's value)
+        self._mode = "dense"
         if cfg.router:
             c = cfg.clusters
             self.register_buffer("centroids", torch.zeros(c, d_model))
@@ -184,8 +190,13 @@ class VNMCore(nn.Module):
 
     def set_mode(self, mode: str) -> None:
         self.active = mode.startswith("sparse")
+        self._mode = mode
+
+    def modes_set(self) -> None:
+        """Once every method is in its mode for the step (api.set_step): a new clustering period clusters the
+        up-projection as the forward will use it (S(W_up) where S-STE's sparse phase has started)."""
         if self.active and self.cfg.router:
-            period = int(mode.split("/")[1])
+            period = int(self._mode.split("/")[1])
             if int(self.period) != period:  # a resumed run loads the period's clustering and keeps it
                 self.recluster(period)
         if self.cfg.router:
@@ -195,9 +206,9 @@ class VNMCore(nn.Module):
     def recluster(self, period: int) -> None:
         """Cluster the neurons from the up-projection's current weights (seeded by the period)."""
         if self.cfg.clustering == "contiguous":
-            assign, mu = rt.contiguous_clusters(up_rows(self._up[0]), self.cfg.clusters, self.cfg.route_metric)
+            assign, mu = rt.contiguous_clusters(up_rows(self._ffn[0].up), self.cfg.clusters, self.cfg.route_metric)
         else:
-            assign, mu = rt.cluster_neurons(up_rows(self._up[0]), self.cfg.clusters, self.cfg.route_metric,
+            assign, mu = rt.cluster_neurons(up_rows(self._ffn[0].up), self.cfg.clusters, self.cfg.route_metric,
                                             self.cfg.kmeans_iters, seed=period)
         self.features.copy_(rt.cluster_features(assign, self.cfg.clusters))
         self.centroids.copy_(mu)
@@ -299,7 +310,7 @@ def _apply_vnm(model: nn.Module, cfg: VNMConfig, filter_fn) -> Applied:
     old = [(f, f.core) for _, f in ffns]
     targets = []
     for n, f in ffns:
-        f.core = VNMCore(cfg, f.up, f.up.in_features, f.d_ff).to(next(f.parameters()).device)
+        f.core = VNMCore(cfg, f, f.up.in_features, f.d_ff).to(next(f.parameters()).device)
         targets.append((n, f.core))
 
     def detach() -> None:
