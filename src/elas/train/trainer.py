@@ -438,7 +438,7 @@ class Trainer:
 
     def save(self) -> None:
         state = {"step": self.step, "tokens": self.tokens, "data_position": self.step * self.global_batch,
-                 "preset": self.cfg.preset, "elapsed_s": round(self.elapsed_s(), 1)}
+                 "preset": self.cfg.preset, "elapsed_s": round(self.elapsed_s(), 3)}
         try:
             if self.fsdp:  # every process writes its shards (collective; one process writes them all)
                 save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
