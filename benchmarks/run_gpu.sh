@@ -47,6 +47,12 @@ for what in "${@:-tests kernels ffn}"; do
         [ -f data/stdlib-sp32k/meta.json ] || python -m elas data prepare --source stdlib --tokenizer data/sp-32k \
           --out data/stdlib-sp32k --vocab-size 32000 --max-mb 0 --val-frac 0.05 2>&1 | tail -1
         python -c "import json; m = json.load(open('data/sp-32k/meta.json')); print('corpus', m['train_tokens'], 'tokens, sha1', m.get('train_sha1'))"
+        # GRID_FROM: a folder of finished runs (e.g. docs/results/grid-60m) copied in first, so a fresh machine skips them
+        mkdir -p "runs/grid-${GRID_SIZE:-llama-60m}"
+        for r in ${GRID_FROM:+$GRID_FROM/*/}; do
+          [ -f "$r/summary.json" ] && [ ! -e "runs/grid-${GRID_SIZE:-llama-60m}/$(basename "$r")" ] \
+            && cp -r "$r" "runs/grid-${GRID_SIZE:-llama-60m}/" && echo "from $GRID_FROM: $(basename "$r")"
+        done
         # default: what is left of a 10-minute call after the data (SECONDS: since this script started)
         timeout "${GRID_TIMEOUT:-$((570 - SECONDS))}" python -m elas experiment --size "${GRID_SIZE:-llama-60m}" --steps "${GRID_STEPS:-2000}" \
           --batch-size "${GRID_BATCH:-512}" --grad-accum 1 --data data/sp-32k --transfer-data data/stdlib-sp32k \
