@@ -300,7 +300,8 @@ def plot_curves(out: Path, png: Path) -> bool:
 
 
 STAT_PANELS = (("y2_zero_frac/mean", "zeros of y2 = relu(x W_up)^2"),
-               ("dropped_nnz_frac/mean", "non-zeros of y2 the method's mask drops (2:4 or V:N:M)"))
+               ("dropped_nnz_frac/mean", "non-zeros of y2 the method's mask drops (2:4 or V:N:M)\n"
+                                         "(in dense phases: would drop)"))
 
 
 def plot_stats(out: Path, png: Path) -> bool:
