@@ -54,10 +54,26 @@ for what in "${@:-tests kernels ffn}"; do
             && cp -r "$r" "runs/grid-${GRID_SIZE:-llama-60m}/" && echo "from $GRID_FROM: $(basename "$r")"
         done
         # default: what is left of a 10-minute call after the data (SECONDS: since this script started)
-        timeout "${GRID_TIMEOUT:-$((570 - SECONDS))}" python -m elas experiment --size "${GRID_SIZE:-llama-60m}" --steps "${GRID_STEPS:-2000}" \
-          --batch-size "${GRID_BATCH:-512}" --grad-accum 1 --data data/sp-32k --transfer-data data/stdlib-sp32k \
-          --out "runs/grid-${GRID_SIZE:-llama-60m}" --seeds "${GRID_SEEDS:-0}" ${GRID_VARIANTS:+--variants $GRID_VARIANTS} 2>&1 \
-          | grep -v "^elas: \|it/s"
+        size=${GRID_SIZE:-llama-60m} limit=${GRID_TIMEOUT:-$((570 - SECONDS))} n=${GRID_PARALLEL:-1}
+        grid() {
+          timeout "$limit" python -m elas experiment --size "$size" --steps "${GRID_STEPS:-2000}" \
+            --batch-size "${GRID_BATCH:-512}" --grad-accum 1 --data data/sp-32k --transfer-data data/stdlib-sp32k \
+            --out "runs/grid-$size" --seeds "${GRID_SEEDS:-0}" ${1:+--variants $1} 2>&1 | grep -v "^elas: \|it/s"
+        }
+        if [ "$n" -le 1 ]; then
+          grid "${GRID_VARIANTS:-}"
+        else  # GRID_PARALLEL=N: the variants dealt round-robin to N processes on the one GPU, so that one trains
+              # while another compiles or evaluates (their wall times overlap); then the whole grid is summarised
+          all=${GRID_VARIANTS:-$(python -c "from elas.train.experiment import grid_variants as g; print(','.join(g(${GRID_STEPS:-2000})))")}
+          IFS=, read -ra vs <<< "$all"
+          for ((p = 0; p < n; p++)); do
+            part=""
+            for ((i = p; i < ${#vs[@]}; i += n)); do part+="${part:+,}${vs[i]}"; done
+            [ -n "$part" ] && { grid "$part" | sed -u "s/^/[$p] /" & }
+          done
+          wait
+          python -m elas experiment --size "$size" --out "runs/grid-$size" --summarize-only 2>&1 | grep -v "^elas: "
+        fi
         [ -n "${OUT:-}" ] && tar czf "$OUT/grid.tgz" --exclude=checkpoints runs/grid-* ;;
       quality)  # the quality grid on a prepared dataset; QUALITY_* select the part to run in this call
         timeout "${QUALITY_TIMEOUT:-520}" python -m elas experiment --size llama-60m --steps "${QUALITY_STEPS:-500}" \
