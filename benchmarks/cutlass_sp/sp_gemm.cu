@@ -105,9 +105,17 @@ using C2 = SpGemm<Shape<_128, _256, _128>, Shape<_1, _1, _1>, Coop, CoopEpi>;
 using C3 = SpGemm<Shape<_128, _256, _128>, Shape<_2, _1, _1>, Coop, CoopEpi>;
 using C4 = SpGemm<Shape<_64, _128, _128>, Shape<_1, _1, _1>, Ping, PingEpi>;
 using C5 = SpGemm<Shape<_64, _256, _128>, Shape<_1, _2, _1>, Ping, PingEpi>;
+// larger tiles: a sparse A tile is half the bytes of a dense one, so B's bytes dominate each stage; a 256-row tile
+// reuses each B tile over twice the rows, and K = 256 halves the k-steps (the metadata layout is unchanged: K >= 128)
+using C6 = SpGemm<Shape<_256, _128, _128>, Shape<_1, _1, _1>, Coop, CoopEpi>;
+using C7 = SpGemm<Shape<_256, _128, _128>, Shape<_2, _1, _1>, Coop, CoopEpi>;
+using C8 = SpGemm<Shape<_256, _128, _128>, Shape<_1, _2, _1>, Coop, CoopEpi>;
+using C9 = SpGemm<Shape<_128, _128, _256>, Shape<_2, _1, _1>, Coop, CoopEpi>;
 const char* kNames[] = {"128x128x128 coop 1x1", "128x128x128 coop 2x1", "128x256x128 coop 1x1",
-                        "128x256x128 coop 2x1", "64x128x128 pingpong 1x1", "64x256x128 pingpong 1x2"};
-constexpr int kConfigs = 6;
+                        "128x256x128 coop 2x1", "64x128x128 pingpong 1x1", "64x256x128 pingpong 1x2",
+                        "256x128x128 coop 1x1", "256x128x128 coop 2x1", "256x128x128 coop 1x2",
+                        "128x128x256 coop 2x1"};
+constexpr int kConfigs = 10;
 
 }  // namespace
 
@@ -119,6 +127,10 @@ constexpr int kConfigs = 6;
     case 3: return C3::CALL;         \
     case 4: return C4::CALL;         \
     case 5: return C5::CALL;         \
+    case 6: return C6::CALL;         \
+    case 7: return C7::CALL;         \
+    case 8: return C8::CALL;         \
+    case 9: return C9::CALL;         \
     default: return -1;              \
   }
 
