@@ -57,6 +57,73 @@ def test_scale_is_frozen_at_the_first_sparse_step_and_saved():
     assert g.up.beta.item() == pytest.approx(beta, rel=1e-6)
 
 
+def test_dense_init_sparse_continues_the_sparse_phase_s_function():
+    """dense_init=sparse: at the switch to the dense phase W <- beta S_soft(W), so the FFN computes what it
+    computed in the last sparse step; master (the default) goes back to W, another function."""
+    x = torch.randn(8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    outs = {}
+    for init in ("master", "sparse"):
+        f = _ffn(dense_warmup_steps=2, sparse_until=6, dense_init=init)
+        assert set_step(f, 2, 10) == ("sparse",)
+        with torch.no_grad():  # training moves W after beta is frozen
+            f.up.weight.add_(0.01 * torch.randn(f.up.weight.shape, generator=torch.Generator().manual_seed(2),
+                                                dtype=f.up.weight.dtype))
+        w = f.up.weight.detach().clone()
+        y_sparse = f(x).detach()
+        assert set_step(f, 6, 10) == ("dense-final",)
+        outs[init] = (f, w, y_sparse, f(x).detach())
+    f, w, y_sparse, y_dense = outs["sparse"]
+    assert torch.equal(f.up.weight, (f.up.beta * ref.soft_threshold24(w.float())[0]).to(w.dtype))
+    assert f.up.baked.item() == 1.0 and f.down.baked.item() == 1.0
+    torch.testing.assert_close(y_dense, y_sparse, rtol=1e-5, atol=1e-6)  # the sparse forward rounds S(W) via fp32
+    f, w, y_sparse, y_dense = outs["master"]
+    assert torch.equal(f.up.weight, w) and f.up.baked.item() == 0.0
+    assert (y_dense - y_sparse).abs().max() > 1e-3  # the pruned half is back
+    f = outs["sparse"][0]
+    with torch.no_grad():
+        f.up.weight.add_(1.0)  # the dense phase trains W; its later steps leave W to the optimizer
+    w = f.up.weight.detach().clone()
+    set_step(f, 7, 10)
+    assert torch.equal(f.up.weight, w)
+
+
+def test_dense_init_sparse_edits_the_masters_and_survives_a_resume():
+    from elas.optim.master import MasterAdamW
+    from elas.sparsity import edit_in_place
+    torch.manual_seed(0)
+    f = ReLU2FFN.of_width(16, 64).to(torch.bfloat16)
+    sparsify_(f, SSTE24Config(dense_warmup_steps=0, sparse_until=4, dense_init="sparse"))
+    opt = MasterAdamW(f.parameters(), lr=1e-2, backend="reference")
+    set_step(f, 0, 10, edit=opt.edit_)
+    before_switch = {k: v.clone() for k, v in f.state_dict().items()}  # a checkpoint of the last sparse step
+    master = opt.master(f.up.weight).clone()
+    set_step(f, 4, 10, edit=opt.edit_)
+    want = f.up.beta * ref.soft_threshold24(master)[0]  # fp32, from the fp32 master (not the bf16 weight)
+    assert torch.equal(opt.master(f.up.weight), want)
+    assert torch.equal(f.up.weight, want.to(torch.bfloat16))
+    # resumed from the last sparse step's checkpoint: the first step of the new process thresholds W
+    g = ReLU2FFN.of_width(16, 64).to(torch.bfloat16)
+    sparsify_(g, SSTE24Config(dense_warmup_steps=0, sparse_until=4, dense_init="sparse"))
+    g.load_state_dict(before_switch)
+    set_step(g, 4, 10, edit=edit_in_place)
+    assert g.up.baked.item() == 1.0 and (g.up.weight == 0).float().mean() >= 0.5
+    # resumed after the switch: W is not thresholded again (the dense phase has trained it since)
+    h = ReLU2FFN.of_width(16, 64).to(torch.bfloat16)
+    sparsify_(h, SSTE24Config(dense_warmup_steps=0, sparse_until=4, dense_init="sparse"))
+    trained = {k: (v + 0.5 if k.endswith("weight") else v) for k, v in f.state_dict().items()}
+    h.load_state_dict(trained)
+    set_step(h, 5, 10)
+    assert torch.equal(h.up.weight, trained["up.weight"])
+    # a checkpoint from before `baked` existed loads, as not yet thresholded
+    old = {k: v for k, v in before_switch.items() if not k.endswith(".baked") and k != "baked"}
+    k = ReLU2FFN.of_width(16, 64).to(torch.bfloat16)
+    sparsify_(k, SSTE24Config(dense_warmup_steps=0, sparse_until=4, dense_init="sparse"))
+    k.load_state_dict(old)
+    assert k.up.baked.item() == 0.0
+    with pytest.raises(ValueError, match="invalid sste24.dense_init 'bake'"):
+        SSTE24Config(dense_init="bake")
+
+
 def test_forward_uses_scaled_soft_threshold_and_gradient_passes_straight_through():
     f = _ffn(dense_warmup_steps=0, sparse_until=1.0)
     set_step(f, 0, 10)
@@ -290,15 +357,21 @@ def test_fullgraph_in_every_phase(variant):
         torch.testing.assert_close(lc, le)
 
 
-def test_kill_and_resume_across_both_switches_is_exact(dataset, tmp_path):
+# (dense_init, save_every, kill at): a checkpoint inside the sparse phase; (sparse) one right at the switch, so the
+# resumed process's first step is the one that thresholds W; one after the switch, which must not threshold again
+@pytest.mark.parametrize("dense_init,save_every,fault", [("master", 4, 6), ("sparse", 4, 6), ("sparse", 3, 8),
+                                                         ("sparse", 7, 8)])
+def test_kill_and_resume_across_both_switches_is_exact(dataset, tmp_path, dense_init, save_every, fault):
     import json
     import signal
+
+    from safetensors.torch import load_file
 
     def args(out, *extra):
         return ["train", "--preset", "llama-tiny-relu2-w24", "--data", str(dataset), "--out", str(out),
                 "--no-progress", *TINY, "--set", "log_every=1", "--set", "model.sste24.dense_warmup_steps=2",
-                "--set", "model.sste24.sparse_until=6", "--max-steps", "9", "--set", "save_every=4",
-                "--set", "eval_every=100", *extra]
+                "--set", "model.sste24.sparse_until=6", "--set", f"model.sste24.dense_init={dense_init}",
+                "--max-steps", "9", "--set", f"save_every={save_every}", "--set", "eval_every=100", *extra]
 
     def losses(run):
         rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
@@ -306,7 +379,7 @@ def test_kill_and_resume_across_both_switches_is_exact(dataset, tmp_path):
 
     ref_run = run_cli(*args(tmp_path / "ref"))
     assert ref_run.returncode == 0, ref_run.stderr
-    killed = run_cli(*args(tmp_path / "run"), env={"ELAS_FAULT_AT_STEP": "6"})  # checkpoint at 4, in the sparse phase
+    killed = run_cli(*args(tmp_path / "run"), env={"ELAS_FAULT_AT_STEP": str(fault)})
     assert killed.returncode == -signal.SIGKILL
     resumed = run_cli(*args(tmp_path / "run", "--resume"))
     assert resumed.returncode == 0, resumed.stderr
@@ -314,6 +387,10 @@ def test_kill_and_resume_across_both_switches_is_exact(dataset, tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 10))
     assert [a[s][1] for s in (2, 3, 7)] == [["dense"], ["sparse"], ["dense-final"]]
     assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
+    ckpt = tmp_path / "run" / "checkpoints"
+    baked = [v.item() for k, v in load_file(str(ckpt / (ckpt / "latest").read_text().strip() / "model.safetensors"))
+             .items() if k.endswith(".baked")]
+    assert baked and set(baked) == {1.0 if dense_init == "sparse" else 0.0}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -429,3 +506,32 @@ def test_scaled_schedule_scales_a_step_counted_sparse_end():
     assert (c.scaled(0.1).dense_warmup_steps, c.scaled(0.1).sparse_until) == (100, 3000)
     assert c.scaled(0).mode_at(0, 10 ** 9) == "sparse"
     assert SSTE24Config(sparse_until=0.5).scaled(0.1).sparse_until == 0.5
+
+
+def test_version_1_configs_keep_the_master_dense_phase_and_a_grid_refuses_to_mix_them(tmp_path):
+    """dense_init's default became `sparse` in config version 2: a version-1 config (a run's config.json) still
+    means `master`, and a quality grid does not count such a run as the variant that now resolves to `sparse`."""
+    import json
+
+    from elas.config import to_dict
+    from elas.sparsity import method_from_dict, method_to_dict
+    from elas.train.experiment import check_same_runs, variant_config
+    assert method_from_dict({"method": "sste24", "version": 1}).dense_init == "master"
+    assert method_from_dict({"method": "sste24"}).dense_init == "sparse"
+    assert method_from_dict({"method": "sste24", "version": 1, "dense_init": "sparse"}).dense_init == "sparse"
+    assert method_to_dict(SSTE24Config())["version"] == 2
+    cfg = variant_config("llama-tiny", "relu2-w24", 10, "data", tmp_path, 2, 1, seed=0)
+    run = tmp_path / "relu2-w24"
+    run.mkdir()
+    saved = to_dict(cfg)
+    saved["model"]["methods"] = [{"method": "sste24", "version": 1, "dense_warmup_steps": 1, "sparse_until": 0.5,
+                                  "input_grad": "exact", "backend": "reference"}]
+    (run / "config.json").write_text(json.dumps(saved))
+    (run / "summary.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"model.sste24.dense_init 'master' -> 'sparse'"):
+        check_same_runs([cfg])
+    saved["model"]["methods"] = [method_to_dict(m) for m in
+                                 [method_from_dict(d) for d in variant_config("llama-tiny", "relu2-w24", 10, "data",
+                                                                              tmp_path, 2, 1, seed=0).model.methods]]
+    (run / "config.json").write_text(json.dumps(saved))
+    check_same_runs([cfg])  # the same model: the run is this variant's

@@ -570,8 +570,9 @@ def test_a_sparse_phase_that_would_end_before_the_warm_up_is_refused(preset, set
 def test_fsdp2_methods_read_whole_weights_when_their_modes_start(dataset, tmp_path):
     """parallel=fsdp on 2 gloo processes: between steps FSDP2's parameters are DTensor shards, and S-STE's beta and
     the router's k-means clusters of S(W_up) are computed from whole weights when their modes start (reading the
-    shards once failed at the first sparse step). Own mode (a token's mask does not depend on the batch): the
-    single process's losses, through the warm-up, a re-clustering and the return to dense."""
+    shards once failed at the first sparse step), and S-STE's dense_init=sparse thresholds each process's rows of W
+    at the return to dense. Own mode (a token's mask does not depend on the batch): the single process's losses,
+    through the warm-up, a re-clustering and the return to dense."""
     import json
     import os
     import subprocess
@@ -579,13 +580,13 @@ def test_fsdp2_methods_read_whole_weights_when_their_modes_start(dataset, tmp_pa
 
     from conftest import TINY, run_cli
     sets = ["parallel=fsdp", "log_every=1", "eval_every=100", "model.sste24.dense_warmup_steps=2",
-            "model.sste24.sparse_until=5", "model.vnm.dense_warmup_steps=2", "model.vnm.sparse_until=5",
-            "model.vnm.recluster_steps=2", "model.vnm.router_mode=own", "model.vnm.m=16"]
+            "model.sste24.sparse_until=5", "model.sste24.dense_init=sparse", "model.vnm.dense_warmup_steps=2",
+            "model.vnm.sparse_until=5", "model.vnm.recluster_steps=2", "model.vnm.router_mode=own", "model.vnm.m=16"]
 
-    def args(out, batch):
+    def args(out, batch, *extra):
         return ["train", "--preset", "llama-tiny-relu2-w24-vnm", "--data", str(dataset), "--out", str(out),
                 "--no-progress", *TINY, *[a for kv in sets for a in ("--set", kv)], "--set", f"batch_size={batch}",
-                "--max-steps", "6"]
+                "--max-steps", "6", *extra]
 
     def losses(out):
         recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
@@ -602,6 +603,10 @@ def test_fsdp2_methods_read_whole_weights_when_their_modes_start(dataset, tmp_pa
                                                ["dense-final", "dense-final"]]
     for s in a:  # the same sequences, reduced in another order
         assert abs(a[s][0] - b[s][0]) < 1e-4 and a[s][1] == b[s][1], (s, a[s], b[s])
+    master = run_cli(*args(tmp_path / "master", 4, "--set", "model.sste24.dense_init=master"))
+    assert master.returncode == 0, master.stderr[-2000:]
+    c = losses(tmp_path / "master")  # the thresholding did change W: the dense phase's loss differs
+    assert all(c[s] == a[s] for s in range(1, 6)) and abs(c[6][0] - a[6][0]) > 1e-3, (c[6], a[6])
 
 
 def test_the_router_clusters_the_up_projection_the_model_has_whatever_the_method_order():

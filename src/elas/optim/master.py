@@ -66,6 +66,17 @@ class FP32Masters:
             st["master"] = p.detach().float().contiguous()
         return st["master"]
 
+    @torch.no_grad()
+    def edit_(self, p: torch.Tensor, fn) -> None:
+        """p <- fn(p) where the training changes a weight outside the update (a sparsity method's mode switch):
+        applied to the fp32 master, then published to p, so the next update starts from the edited weight. On
+        FSDP2's shards fn sees this process's rows (it must work row by row)."""
+        local = (lambda t: t.to_local() if hasattr(t, "to_local") else t)
+        m = local(self.master(p))
+        m.copy_(fn(m))
+        if self.has_masters:
+            local(p).copy_(m)
+
     def publish(self, params: list[torch.Tensor]) -> None:
         """params <- their masters rounded to bf16 (after an update that wrote the masters)."""
         if self.has_masters and params:

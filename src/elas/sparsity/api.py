@@ -9,7 +9,8 @@ returns an `Applied` record, kept in the model's `_elas_methods` list. Nothing i
 A method's config (a dataclass deriving from `SparsityMethod`) declares:
 - `mode_at(step, max_steps)`: a hashable mode, a pure function of the step ("dense" during a warm-up, "sparse"
   after; a later method may go sparse -> dense). `set_step(model, step, max_steps)` applies every method's mode
-  and returns the tuple of modes: the trainer keys CUDA-graph capture (and compilation) on it;
+  and returns the tuple of modes: the trainer keys CUDA-graph capture (and compilation) on it. A target whose
+  weights change when a mode starts does it in `edit_weights(edit)`, through the trainer's optimizer;
 - `stat_names`: the statistics it reports, collected by `collect_stats(model, fn)` (a probe forward);
 - `operands()`: which GEMM operands it makes sparse, per targeted module; two methods claiming the same operand
   of the same module are an error when the second is applied.
@@ -23,6 +24,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Hashable
 
+import torch
 import torch.nn as nn
 
 from ..model.ffn import ReLU2FFN
@@ -39,6 +41,12 @@ class SparsityMethod:
 
     def mode_at(self, step: int, max_steps: int) -> Hashable:
         raise NotImplementedError
+
+    @classmethod
+    def upgrade(cls, fields: dict, version: int) -> dict:
+        """The fields of a config saved at an older `version` (a run's config.json), as this version reads them
+        with the meaning they had: a default that changed since is written out here."""
+        return fields
 
     def operands(self) -> tuple[str, ...]:
         """The GEMM operands this method makes sparse, named on the module it targets (e.g. "y2": the d_ff
@@ -173,8 +181,20 @@ def sparsify_(model: nn.Module, config: SparsityMethod | None, filter_fn: Filter
     return model
 
 
-def set_step(model: nn.Module, step: int, max_steps: int) -> tuple:
-    """Put every applied method in its mode for `step`; returns the modes (one per method, in order)."""
+def edit_in_place(param: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """param <- fn(param), on this process's rows when FSDP2 shards it (fn must then work row by row). What
+    set_step's `edit` does where no optimizer keeps a master copy of the weights."""
+    with torch.no_grad():
+        t = param.to_local() if hasattr(param, "to_local") else param
+        t.copy_(fn(t))
+
+
+def set_step(model: nn.Module, step: int, max_steps: int,
+             edit: Callable[[torch.Tensor, Callable], None] = edit_in_place) -> tuple:
+    """Put every applied method in its mode for `step`; returns the modes (one per method, in order). A target
+    that changes its weights when a mode starts (S-STE's dense_init=sparse) does so in `edit_weights(edit)`:
+    `edit(param, fn)` must apply fn to every copy of param the training holds (the trainer passes its
+    optimizer's `edit_`, which updates the fp32 master too)."""
     modes, changed = [], []
     for a in applied_methods(model):
         mode = a.config.mode_at(step, max_steps)
@@ -187,6 +207,10 @@ def set_step(model: nn.Module, step: int, max_steps: int) -> tuple:
     # a target that reads weights when its mode starts (the router clusters the up-projection's neurons) does so
     # in `modes_set()`, once every method is in its mode for this step: S-STE's S(W) is then the weight it reads,
     # whatever the order of model.methods
+    for a in changed:
+        for _, obj in a.targets:
+            if hasattr(obj, "edit_weights"):
+                obj.edit_weights(edit)
     for a in changed:
         for _, obj in a.targets:
             if hasattr(obj, "modes_set"):
@@ -250,6 +274,8 @@ def method_from_dict(d: dict) -> SparsityMethod:
     version = d.pop("version", cls.version)
     if not isinstance(version, int) or version > cls.version:
         raise ValueError(f"{name} config version {version!r} is newer than this elas understands ({cls.version})")
+    if version < cls.version:
+        d = cls.upgrade(d, version)
     names = [f.name for f in dataclasses.fields(cls)]
     for k in d:
         if k not in names:

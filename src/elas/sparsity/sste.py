@@ -5,7 +5,9 @@
 replaces the two linears of every full-rank ReLU^2 FFN by `SSTELinear`s (same parameter, same state-dict key
 `weight`, plus the frozen scale `beta`). Schedule: dense for `dense_warmup_steps`, then sparse until
 `sparse_until` (a fraction of max_steps when a float in [0, 1], a step when an int), then dense to the end
-(the paper: 1B 30k sparse + 30k dense). In the sparse phase the forward uses
+(the paper: 1B 30k sparse + 30k dense). The dense phase starts from beta S_soft(W) (`dense_init=sparse`, the
+default: W and its fp32 master are set to it at the switch, so the function trained in the sparse phase goes on;
+edit_weights) or from the master W as trained (`dense_init=master`). In the sparse phase the forward uses
 
     S(W) = beta * S_soft(W),   S_soft = kernels.reference.soft_threshold24 along d_in (groups of 4 weights)
 
@@ -52,7 +54,7 @@ log = logging.getLogger("elas.sparsity")
 @dataclass
 class SSTE24Config(SparsityMethod):
     name: ClassVar[str] = "sste24"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # 2: dense_init's default became sparse (configs of version 1 meant master)
     stat_names: ClassVar[tuple[str, ...]] = ("flip_rate",)
 
     dense_warmup_steps: int = 1000  # dense before this step
@@ -63,9 +65,21 @@ class SSTE24Config(SparsityMethod):
     # reference (masked dense, emulated) | auto | cuda: both products on sparse tensor cores (S(W), S(W^T) packed
     # each step by kernels/cuda/sste.py; needs input_grad=transposed; not yet validated on a GPU, so opt-in)
     backend: str = "reference"
+    # what the dense phase after the sparse one starts from: sparse (W <- beta S_soft(W) at the switch, masters
+    # included: the function the sparse phase trained goes on) | master (W as trained, which brings back the
+    # pruned half and the threshold's shift at once: a 60M run's training loss jumped 1.90 -> 2.07 at that switch,
+    # and on two tiny seeds the loss ratio to dense ReLU^2 ended at 1.0114 against sparse's 1.0023, docs/results.md)
+    dense_init: str = "sparse"
+
+    @classmethod
+    def upgrade(cls, fields: dict, version: int) -> dict:
+        return {"dense_init": "master", **fields} if version < 2 else fields
 
     def __post_init__(self) -> None:
         self._check_types()
+        if self.dense_init not in ("master", "sparse"):
+            raise ValueError(f"invalid sste24.dense_init {self.dense_init!r}: expected master (the dense phase "
+                             f"starts from W) or sparse (from beta S(W), the sparse phase's function)")
         if self.input_grad not in ("exact", "transposed"):
             raise ValueError(f"invalid sste24.input_grad {self.input_grad!r}: expected exact or transposed")
         from ..kernels import BACKENDS
@@ -138,11 +152,17 @@ class SSTELinear(nn.Linear):
     dense master; `beta` [] fp32 is 0 until the sparse phase first starts, then frozen (saved in checkpoints, so
     a resumed run keeps it)."""
 
-    def __init__(self, lin: nn.Linear, transposed_grad: bool = False, packed: bool = False):
+    def __init__(self, lin: nn.Linear, transposed_grad: bool = False, packed: bool = False,
+                 dense_from_sparse: bool = False):
         super().__init__(lin.in_features, lin.out_features, bias=False, device="meta")
         self.weight = lin.weight
         self.register_buffer("beta", torch.zeros((), device=lin.weight.device))
+        # 1 once W was set to beta S(W) at the switch to the dense phase (dense_init=sparse): checkpointed, so a
+        # run resumed after the switch does not threshold again, and one resumed right at it still does
+        self.register_buffer("baked", torch.zeros((), device=lin.weight.device))
         self.transposed_grad, self.packed = transposed_grad, packed  # input_grad=transposed; backend resolved cuda
+        self.dense_from_sparse = dense_from_sparse
+        self._bake_due = False
         self.active = False
         self.stats_sink: list | None = None
         self._last_mask: torch.Tensor | None = None  # of the previous statistics probe (for the flip rate)
@@ -150,14 +170,34 @@ class SSTELinear(nn.Linear):
     def init_buffers(self) -> None:
         """After a meta-device build (LLaMA.init_weights): beta is 0 until the sparse phase starts."""
         self.beta.zero_()
+        self.baked.zero_()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before `baked` existed never baked: load them as such
+        state_dict.setdefault(prefix + "baked", torch.zeros((), device=self.baked.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_mode(self, mode: str) -> None:
         self.active = mode == "sparse"
+        # the dense phase after a sparse one (beta set), not yet thresholded into W: edit_weights does it
+        self._bake_due = (self.dense_from_sparse and mode == "dense-final" and float(self.beta) != 0.0
+                          and not bool(self.baked))
         if self.active and float(self.beta) == 0.0:  # first sparse step of the run (a resumed run loads beta)
             with torch.no_grad():
                 w = whole(self.weight).float()  # [d_out, d_in]: FSDP2's shards gathered (beta is one scale)
                 s = ref.soft_threshold24(w)[0]
                 self.beta.fill_((w * s).sum() / (s * s).sum().clamp(min=1e-30))
+
+    def edit_weights(self, edit) -> None:
+        """At the switch to the dense phase with dense_init=sparse: W <- beta S_soft(W), through `edit(param, fn)`
+        (sparsity.api.set_step), which applies fn to the weight's fp32 master too. fn works row by row (groups of
+        4 along d_in), so FSDP2's row shards can apply it to their rows alone."""
+        if not self._bake_due:
+            return
+        beta = self.beta
+        edit(self.weight, lambda w: (beta * ref.soft_threshold24(w.float())[0]).to(w.dtype))
+        self.baked.fill_(1.0)
+        self._bake_due = False
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the forward uses: S(W) in the sparse phase, W otherwise (read by FFN cores too)."""
@@ -229,7 +269,7 @@ def _apply_sste24(model: nn.Module, cfg: SSTE24Config, filter_fn) -> Applied:
     for n, f in ffns:
         for part in ("up", "down"):
             lin = getattr(f, part)
-            new = SSTELinear(lin, cfg.input_grad == "transposed", packed)
+            new = SSTELinear(lin, cfg.input_grad == "transposed", packed, cfg.dense_init == "sparse")
             old.append((f, part, lin))
             setattr(f, part, new)
             targets.append((f"{n}.{part}", new))
@@ -239,7 +279,8 @@ def _apply_sste24(model: nn.Module, cfg: SSTE24Config, filter_fn) -> Applied:
             setattr(f, part, lin)
 
     desc = (f"2:4 weights by soft-thresholding (S-STE) on {len(ffns)} FFNs: dense for {cfg.dense_warmup_steps} "
-            f"steps, sparse until {cfg.sparse_until!r} (of max_steps when a fraction), then dense; input gradient "
+            f"steps, sparse until {cfg.sparse_until!r} (of max_steps when a fraction), then dense from "
+            f"{'beta S(W)' if cfg.dense_init == 'sparse' else 'W'}; input gradient "
             f"{cfg.input_grad}; " + ("2:4 GEMMs on sparse tensor cores" if packed
                                      else "emulated (masked dense GEMMs, not accelerated)"))
     claims = {(n, op) for n, _ in ffns for op in cfg.operands()}

@@ -18,7 +18,7 @@ import torch
 
 from ..build import resolve_methods
 from ..config import (LORO_DEFAULTS, VARIANTS, apply_overrides, model_preset, preset_name, size_of, split_variant,
-                      train_config)
+                      to_dict, train_config)
 from ..sparsity import method_to_dict
 from ..sparsity.api import sparse_end
 from .checkpoint import _write_atomic, checkpoints
@@ -104,9 +104,22 @@ def check_same_runs(cfgs: list) -> None:
         saved = load_run_config(run)
         diff = [f"{k} {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in GRID_KEYS
                 if getattr(saved, k) != getattr(cfg, k)]
+        # the model as built: a method config of an older version reads with the meaning it had (a changed default
+        # makes the same variant name another model)
+        old, new = _resolved_model(saved), _resolved_model(cfg)
+        diff += [f"model.{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                 if old.get(k) != new.get(k)]
         if diff:
             raise ValueError(f"{run} holds a run with other settings ({'; '.join(diff)}); give the grid another "
                              f"--out, or the settings it was run with")
+
+
+def _resolved_model(cfg) -> dict:
+    """cfg.model as flat keys, each method's fields as METHOD.FIELD after its config's version upgrade."""
+    flat = {k: v for k, v in to_dict(cfg.model).items() if k != "methods"}
+    for m in resolve_methods(cfg.model):
+        flat.update({f"{m.name}.{k}": v for k, v in method_to_dict(m).items() if k not in ("method", "version")})
+    return flat
 
 
 def _write_json(path: Path, obj) -> None:

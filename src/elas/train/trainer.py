@@ -23,7 +23,7 @@ from ..data.prepare import DataError
 from ..build import build_model, resolve_methods
 from ..optim import build_optimizer, warmup_cosine
 from ..sparsity import collect_stats, describe, method_to_dict, set_step
-from ..sparsity.api import check_sparse_window
+from ..sparsity.api import check_sparse_window, edit_in_place
 from ..summary import model_summary
 from .checkpoint import (BackgroundSaver, CheckpointError, checkpoints, is_sharded_checkpoint, load_checkpoint,
                          load_optimizer, load_sharded_checkpoint, newest_verified, resume_checkpoint, save_checkpoint,
@@ -272,7 +272,9 @@ class Trainer:
         lr = cfg.lr * warmup_cosine(step, cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        self.modes = set_step(self.model, step, cfg.max_steps)  # a new mode re-captures the step's graph
+        # a new mode re-captures the step's graph; a method that edits its weights when a mode starts (S-STE's
+        # dense_init=sparse) does so through the optimizer, whose fp32 masters are the weights' authority
+        self.modes = set_step(self.model, step, cfg.max_steps, edit=getattr(self.optimizer, "edit_", edit_in_place))
         micro = list(self.batches.micro_batches(step, cfg.grad_accum))
         stats = self._probe_stats(micro[0][0][:PROBE_SEQS], micro[0][1][:PROBE_SEQS]) if track_stats else {}
         loss, gnorm = self.grads.run(micro, mode=self.modes)  # and the optimizer's step
