@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh STAGE...
-# stages: tests kernels epilogue infer ffn step compile loss loro vnm cutlass quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
+# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
 # the step benchmark and the test selection. Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
 # machine), are copied there too, with the tuned cuSPARSELt algorithm cache.
 set -u
@@ -36,6 +36,16 @@ for what in "${@:-tests kernels ffn}"; do
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-350m,llama-1b \
           --modes elas --variants relu2,$own,$own+vnm.m=8,$own+vnm.topk=2,$full 2>&1 | grep -v "^elas: \|Warning\|warn(" ;;
       loss) python -m elas bench loss --gpu-name "$GPU" ;;
+      sizes)  # every size in the modes a user compares (elas's default and plain torch.compile), most wanted first: the
+              # step at 60M-350M (batch 32), SwiGLU-aligned under plain compile at 1B, the step at 1B batch 64, the FFN table.
+              # Each part writes its own folder (SIZES_DIR/<part>/step.json), so no part overwrites another's file
+        d=${SIZES_DIR:-benchmarks/results/$GPU/sizes} s4="lowrank-relu2,elas,elas-mask,relu2,relu2-24"
+        step() { timeout "${STEP_TIMEOUT:-900}" python -m elas bench step --gpu-name "$GPU" --no-profile \
+                   --modes "${3:-elas,torch.compile}" --out "$d/$1" $2 2>&1 | grep -v "^elas: \|Warning\|warn(" ; }
+        step small "--sizes llama-60m,llama-130m,llama-350m --batches 32 --variants $s4"
+        step swiglu "--sizes llama-1b --batches 32 --variants swiglu-aligned" torch.compile
+        step b64 "--sizes llama-1b --batches 64 --variants lowrank-relu2,elas,relu2,relu2-24,relu2-vnm-fast"
+        python -m elas bench ffn --gpu-name "$GPU" --out "$d/ffn" ;;
       cutlass)  # our CUTLASS sm90 sparse GEMM against cuSPARSELt and cuBLAS; the library is built off the GPU machine
                 # (benchmarks/cutlass_sp/build.sh) and carried: carry build/cutlass_sp
         python benchmarks/cutlass_sparse.py build/cutlass_sp/libelas_cutlass_sp.so "benchmarks/results/$GPU" ;;
