@@ -9,6 +9,11 @@
 #
 # A machine given back (idle too long between calls) ends the work; training runs resume from their checkpoints
 # only on the machine that wrote them, so chain the calls.
+# Each call copies the working tree again: what CMD writes must go under an ignored folder (runs/, data/, .cache/),
+# since a tracked file is put back and an untracked one removed. Output through a pipe into the log: `grep
+# --line-buffered` (or python -u), or the log shows nothing until the command ends. Stop it with `kill -- -PID`
+# (PID from runs/detached/NAME.pid: its own process group); never `pkill -f` a pattern, which matches the calling
+# command's own shell too.
 set -u
 dir=runs/detached
 mkdir -p "$dir"

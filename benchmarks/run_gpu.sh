@@ -36,16 +36,24 @@ for what in "${@:-tests kernels ffn}"; do
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-350m,llama-1b \
           --modes elas --variants relu2,$own,$own+vnm.m=8,$own+vnm.topk=2,$full 2>&1 | grep -v "^elas: \|Warning\|warn(" ;;
       loss) python -m elas bench loss --gpu-name "$GPU" ;;
-      sizes)  # every size in the modes a user compares (elas's default and plain torch.compile), most wanted first: the
-              # step at 60M-350M (batch 32), SwiGLU-aligned under plain compile at 1B, the step at 1B batch 64, the FFN table.
-              # Each part writes its own folder (SIZES_DIR/<part>/step.json), so no part overwrites another's file
-        d=${SIZES_DIR:-benchmarks/results/$GPU/sizes} s4="lowrank-relu2,elas,elas-mask,relu2,relu2-24"
-        step() { timeout "${STEP_TIMEOUT:-900}" python -m elas bench step --gpu-name "$GPU" --no-profile \
-                   --modes "${3:-elas,torch.compile}" --out "$d/$1" $2 2>&1 | grep -v "^elas: \|Warning\|warn(" ; }
-        step small "--sizes llama-60m,llama-130m,llama-350m --batches 32 --variants $s4"
-        step swiglu "--sizes llama-1b --batches 32 --variants swiglu-aligned" torch.compile
-        step b64 "--sizes llama-1b --batches 64 --variants lowrank-relu2,elas,relu2,relu2-24,relu2-vnm-fast"
-        python -m elas bench ffn --gpu-name "$GPU" --out "$d/ffn" ;;
+      sizes)  # every size, ratios in one process each (the FFN-kernels issue's re-measure): per size and batch, the dense
+              # rows in elas's default mode and under plain torch.compile (is elas's mode the twin's best, and by how
+              # much), then the sparse rows in elas's mode beside their twins again; then the FFN table. SIZES_MODELS,
+              # SIZES_BATCHES, SIZES_FFN=0 narrow it. Results under SIZES_DIR/<size>-b<batch>-{dense,sparse}/: an
+              # ignored folder by default, since a call's copy of the working tree removes what a detached run wrote
+        d=${SIZES_DIR:-runs/sizes}
+        step() { timeout "${STEP_TIMEOUT:-1800}" python -m elas bench step --gpu-name "$GPU" --no-profile \
+                   --out "$d/$1" ${@:2} 2>&1 | grep --line-buffered -v "^elas: \|Warning\|warn(" ; }
+        for size in ${SIZES_MODELS:-llama-60m llama-130m llama-350m llama-1b}; do
+          dense=lowrank-relu2,relu2; [ "$size" = llama-1b ] && dense+=,swiglu-aligned  # ELAS vs SwiGLU: a 1B target
+          for b in ${SIZES_BATCHES:-32}; do
+            step "$size-b$b-dense" --sizes "$size" --batches "$b" --variants "$dense" --modes elas,torch.compile
+            step "$size-b$b-sparse" --sizes "$size" --batches "$b" --modes elas \
+              --variants lowrank-relu2,relu2,elas,elas-mask,relu2-24
+          done
+        done
+        [ "${SIZES_FFN:-1}" = 0 ] || python -m elas bench ffn --gpu-name "$GPU" --out "$d/ffn"
+        [ -n "${OUT:-}" ] && tar czf "$OUT/sizes.tgz" "$d" ;;
       cutlass)  # our CUTLASS sm90 sparse GEMM against cuSPARSELt and cuBLAS; the library is built off the GPU machine
                 # (benchmarks/cutlass_sp/build.sh) and carried: carry build/cutlass_sp
         python benchmarks/cutlass_sparse.py build/cutlass_sp/libelas_cutlass_sp.so "benchmarks/results/$GPU" ;;

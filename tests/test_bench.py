@@ -205,3 +205,16 @@ def test_detached_work_outlives_its_call_and_reports_its_status(tmp_path):
     r = sh("start", "a b", "true")
     assert r.returncode == 2 and "invalid NAME 'a b'" in r.stderr
     assert sh("status", "never").returncode == 4
+
+
+def test_every_default_step_variant_builds_its_config_in_every_mode():
+    """The default variant list of `elas bench step` must resolve at every size (a row that cannot is found only
+    after minutes of GPU time otherwise); swiglu-aligned is SwiGLU at the tile-aligned width, beside the published."""
+    from elas.bench.step import MODES, STEP_VARIANTS
+    for size in ("llama-60m", "llama-1b"):
+        for variant in STEP_VARIANTS:
+            for mode in MODES:
+                assert step_config(size, variant, mode, 256).max_seq_len == 256
+    assert step_config("llama-1b", "swiglu", "elas", 256).intermediate == 5461
+    aligned = step_config("llama-1b", "swiglu-aligned", "torch.compile", 256)
+    assert aligned.intermediate == 5504 and aligned.residual_dtype == "fp32"

@@ -22,12 +22,13 @@ Variants are names of config.VARIANTS, plus "swiglu-aligned": SwiGLU with its wi
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 
 from ..build import build_model
-from ..config import TrainConfig, split_variant
+from ..config import D_FF_MULTIPLE, TrainConfig, model_preset, split_variant
 from ..optim import build_optimizer
 from ..summary import model_summary
 from ..train.parallelize import checkpoint_blocks, compile_regions, hold_params_in
@@ -44,7 +45,12 @@ H100_BF16 = 989e12
 
 
 def step_config(size: str, variant: str, mode: str, seq: int):
-    return variant_config(size, variant, max_seq_len=seq, **(PLAIN if not mode.startswith("elas") else {}))
+    over = {"max_seq_len": seq, **(PLAIN if not mode.startswith("elas") else {})}
+    if variant == "swiglu-aligned":  # not a preset: SwiGLU with its width rounded up to the GEMM tiles' multiple
+        inter = model_preset(size).intermediate
+        over["intermediate"] = math.ceil(inter / D_FF_MULTIPLE) * D_FF_MULTIPLE
+        variant = "swiglu"
+    return variant_config(size, variant, **over)
 
 
 def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, steps: int = 10, warmup: int = 3,
