@@ -42,17 +42,24 @@ for what in "${@:-tests kernels ffn}"; do
               # SIZES_BATCHES, SIZES_FFN=0 narrow it. Results under SIZES_DIR/<size>-b<batch>-{dense,sparse}/: an
               # ignored folder by default, since a call's copy of the working tree removes what a detached run wrote
         d=${SIZES_DIR:-runs/sizes}
+        # the sparse rows: the papers' variants, and how many d_ff GEMMs run sparse in each gradient mode (the FFN-kernels
+        # issue's items 2 and 6): ELAS mask + Haziza's split (4 of 6), relu2-24 without the split (mask: 2 of 6; ste: 1)
+        nosplit=act24.wgrad_dense_frac=none+act24.permute_tokens=false
+        sparse=${SIZES_SPARSE:-lowrank-relu2,relu2,elas,elas-mask,elas-mask+act24.wgrad_dense_frac=0.05+act24.permute_tokens=true,relu2-24,relu2-24+$nosplit,relu2-24+act24.grad_mode=ste+$nosplit}
         step() { timeout "${STEP_TIMEOUT:-1800}" python -m elas bench step --gpu-name "$GPU" --no-profile \
                    --out "$d/$1" ${@:2} 2>&1 | grep --line-buffered -v "^elas: \|Warning\|warn(" ; }
         for size in ${SIZES_MODELS:-llama-60m llama-130m llama-350m llama-1b}; do
           dense=lowrank-relu2,relu2; [ "$size" = llama-1b ] && dense+=,swiglu-aligned  # ELAS vs SwiGLU: a 1B target
           for b in ${SIZES_BATCHES:-32}; do
             step "$size-b$b-dense" --sizes "$size" --batches "$b" --variants "$dense" --modes elas,torch.compile
-            step "$size-b$b-sparse" --sizes "$size" --batches "$b" --modes elas \
-              --variants lowrank-relu2,relu2,elas,elas-mask,relu2-24
+            step "$size-b$b-sparse" --sizes "$size" --batches "$b" --modes elas --variants "$sparse"
           done
         done
-        [ "${SIZES_FFN:-1}" = 0 ] || python -m elas bench ffn --gpu-name "$GPU" --out "$d/ffn"
+        if [ "${SIZES_FFN:-1}" != 0 ]; then
+          python -m elas bench ffn --gpu-name "$GPU" --out "$d/ffn"
+          python -m elas bench ffn --gpu-name "$GPU" --out "$d/ffn-modes" --sizes llama-350m,llama-1b \
+            --variants "lowrank-relu2,relu2,${sparse#lowrank-relu2,relu2,}"
+        fi
         [ -n "${OUT:-}" ] && tar czf "$OUT/sizes.tgz" "$d" ;;
       cutlass)  # our CUTLASS sm90 sparse GEMM against cuSPARSELt and cuBLAS; the library is built off the GPU machine
                 # (benchmarks/cutlass_sp/build.sh) and carried: carry build/cutlass_sp
