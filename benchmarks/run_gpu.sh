@@ -65,7 +65,8 @@ for what in "${@:-tests kernels ffn}"; do
                 # (benchmarks/cutlass_sp/build.sh) and carried: carry build/cutlass_sp
         python benchmarks/cutlass_sparse.py build/cutlass_sp/libelas_cutlass_sp.so "benchmarks/results/$GPU" ;;
       grid)  # the quality issue's grid on the site-packages corpus, prepared here when missing (~100 s on 16 cores; its
-             # SHA-1 is printed, to check that calls and sessions share it); GRID_* select this call's part. A run cut
+             # SHA-1 is printed, to check that calls and sessions share it); GRID_* select this call's part (GRID_BATCH x GRID_ACCUM
+             # sequences per step: 512 x 1 at 60M; 256 x 2 at 130M, so that two processes fit on one GPU). A run cut
              # off by the timeout resumes in the next call while the machine is still warm (runs/ and data/ stay)
         [ -f data/sp-32k/meta.json ] || python -m elas data prepare --source site-packages --out data/sp-32k \
           --vocab-size 32000 --max-mb 0 --val-frac 0.01 2>&1 | tail -1
@@ -82,7 +83,7 @@ for what in "${@:-tests kernels ffn}"; do
         size=${GRID_SIZE:-llama-60m} limit=${GRID_TIMEOUT:-$((570 - SECONDS))} n=${GRID_PARALLEL:-1}
         grid() {
           timeout "$limit" python -m elas experiment --size "$size" --steps "${GRID_STEPS:-2000}" \
-            --batch-size "${GRID_BATCH:-512}" --grad-accum 1 --data data/sp-32k --transfer-data data/stdlib-sp32k \
+            --batch-size "${GRID_BATCH:-512}" --grad-accum "${GRID_ACCUM:-1}" --data data/sp-32k --transfer-data data/stdlib-sp32k \
             --out "runs/grid-$size" --seeds "${GRID_SEEDS:-0}" ${1:+--variants $1} 2>&1 | grep -v "^elas: \|it/s"
         }
         if [ "$n" -le 1 ]; then
