@@ -11,6 +11,9 @@ export ELAS_CACHE_DIR=${ELAS_CACHE_DIR:-.cache/elas}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-.cache/torch_ext} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-.cache/triton}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-.cache/inductor} PYTHONUNBUFFERED=1
 GPU=${GPU_NAME:-h100}
+# the log lines elas prints ("elas: ...") and warnings left out of a call's output, its errors ("elas: error: ...") kept;
+# line-buffered, so that a detached run's log shows each line as it comes
+quiet() { grep --line-buffered -v -E '^elas: ([^e]|e[^r])|Warning|warn\(|it/s' ; }
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(), 'cusparselt', torch.backends.cusparselt.version())"
 for what in "${@:-tests kernels ffn}"; do
   for w in $what; do
@@ -22,7 +25,7 @@ for what in "${@:-tests kernels ffn}"; do
       infer) python -m elas bench infer --gpu-name "$GPU" ;;
       ffn) python -m elas bench ffn --gpu-name "$GPU" ;;
       step) timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" ${STEP_ARGS:-} 2>&1 \
-              | grep -v "^elas: \|Warning\|warn(" ;;
+              | quiet ;;
       compile) timeout "${COMPILE_TIMEOUT:-560}" python -m elas bench compile --gpu-name "$GPU" ${COMPILE_ARGS:-} ;;
       loro) python -m elas bench loro --gpu-name "$GPU" ;;
       vnm)  # V:N:M's grouped path (own mode, contiguous clusters) at m=16, m=8 and top-2 routing, its selection kernel,
@@ -34,7 +37,7 @@ for what in "${@:-tests kernels ffn}"; do
         python -m elas bench ffn --gpu-name "$GPU" --sizes llama-350m,llama-1b \
           --variants relu2,$own,$own+vnm.m=8,$own+vnm.topk=2,$full
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-350m,llama-1b \
-          --modes elas --variants relu2,$own,$own+vnm.m=8,$own+vnm.topk=2,$full 2>&1 | grep -v "^elas: \|Warning\|warn(" ;;
+          --modes elas --variants relu2,$own,$own+vnm.m=8,$own+vnm.topk=2,$full 2>&1 | quiet ;;
       loss) python -m elas bench loss --gpu-name "$GPU" ;;
       sizes)  # every size, ratios in one process each (the FFN-kernels issue's re-measure): per size and batch, the dense
               # rows in elas's default mode and under plain torch.compile (is elas's mode the twin's best, and by how
@@ -47,7 +50,7 @@ for what in "${@:-tests kernels ffn}"; do
         nosplit=act24.wgrad_dense_frac=none+act24.permute_tokens=false
         sparse=${SIZES_SPARSE:-lowrank-relu2,relu2,elas,elas-mask,elas-mask+act24.wgrad_dense_frac=0.05+act24.permute_tokens=true,relu2-24,relu2-24+$nosplit,relu2-24+act24.grad_mode=ste+$nosplit}
         step() { timeout "${STEP_TIMEOUT:-1800}" python -m elas bench step --gpu-name "$GPU" --no-profile \
-                   --out "$d/$1" ${@:2} 2>&1 | grep --line-buffered -v "^elas: \|Warning\|warn(" ; }
+                   --out "$d/$1" ${@:2} 2>&1 | quiet ; }
         for size in ${SIZES_MODELS:-llama-60m llama-130m llama-350m llama-1b}; do
           dense=lowrank-relu2,relu2; [ "$size" = llama-1b ] && dense+=,swiglu-aligned  # ELAS vs SwiGLU: a 1B target
           for b in ${SIZES_BATCHES:-32}; do
@@ -84,7 +87,7 @@ for what in "${@:-tests kernels ffn}"; do
         grid() {
           timeout "$limit" python -m elas experiment --size "$size" --steps "${GRID_STEPS:-2000}" \
             --batch-size "${GRID_BATCH:-512}" --grad-accum "${GRID_ACCUM:-1}" --data data/sp-32k --transfer-data data/stdlib-sp32k \
-            --out "runs/grid-$size" --seeds "${GRID_SEEDS:-0}" ${1:+--variants $1} 2>&1 | grep -v "^elas: \|it/s"
+            --out "runs/grid-$size" --seeds "${GRID_SEEDS:-0}" ${1:+--variants $1} 2>&1 | quiet
         }
         if [ "$n" -le 1 ]; then
           grid "${GRID_VARIANTS:-}"
@@ -98,13 +101,13 @@ for what in "${@:-tests kernels ffn}"; do
             [ -n "$part" ] && { grid "$part" | sed -u "s/^/[$p] /" & }
           done
           wait
-          python -m elas experiment --size "$size" --out "runs/grid-$size" --summarize-only 2>&1 | grep -v "^elas: "
+          python -m elas experiment --size "$size" --out "runs/grid-$size" --summarize-only 2>&1 | quiet
         fi
         [ -n "${OUT:-}" ] && tar czf "$OUT/grid.tgz" --exclude=checkpoints runs/grid-* ;;
       quality)  # the quality grid on a prepared dataset; QUALITY_* select the part to run in this call
         timeout "${QUALITY_TIMEOUT:-520}" python -m elas experiment --size llama-60m --steps "${QUALITY_STEPS:-500}" \
           --batch-size 256 --grad-accum 1 --data "${QUALITY_DATA:-data/quality-32k}" --out runs/quality \
-          ${QUALITY_VARIANTS:+--variants $QUALITY_VARIANTS} 2>&1 | grep -v "^elas: \|it/s"
+          ${QUALITY_VARIANTS:+--variants $QUALITY_VARIANTS} 2>&1 | quiet
         [ -n "${OUT:-}" ] && tar czf "$OUT/quality_runs.tgz" --exclude=checkpoints runs/quality ;;
     esac
   done

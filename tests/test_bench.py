@@ -218,3 +218,27 @@ def test_every_default_step_variant_builds_its_config_in_every_mode():
     assert step_config("llama-1b", "swiglu", "elas", 256).intermediate == 5461
     aligned = step_config("llama-1b", "swiglu-aligned", "torch.compile", 256)
     assert aligned.intermediate == 5504 and aligned.residual_dtype == "fp32"
+
+
+def test_gpu_script_sizes_stage_checks_every_invocation_before_the_gpu(tmp_path):
+    """benchmarks/run_gpu.sh sizes on a machine without a GPU: every `elas bench` it runs must get past its
+    variant, key and size checks and stop only at the GPU check, and its errors must reach the output (a bad name
+    found on the GPU machine costs a call's device time; one hidden by the output filter costs more)."""
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SIZES_")}, "SIZES_DIR": str(tmp_path / "sizes"), "SIZES_MODELS": "llama-60m llama-1b",
+           "PYTHONPATH": str(root / "src"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    if torch_has_cuda():
+        pytest.skip("a GPU is present: the stage would run")
+    r = subprocess.run(["bash", "benchmarks/run_gpu.sh", "sizes"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=600)
+    errors = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("elas: error")]
+    assert len(errors) == 6, r.stdout + r.stderr  # 2 sizes x (dense, sparse) step calls, 2 ffn calls
+    assert all("needs a CUDA GPU" in e for e in errors), errors
+
+
+def torch_has_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()

@@ -452,6 +452,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
             assert all(b > 0 for b in batches)
         except (ValueError, AssertionError):
             raise UserError(f"invalid --batches {args.batches!r}: expected positive integers, e.g. 32,64") from None
+        from .bench.step import step_config
+        from .config import MODEL_PRESETS
+        sizes_known = tuple(n for n in MODEL_PRESETS if "-" not in n.removeprefix("llama-"))  # llama-60m, not -elas
+        for size in _choices(args.sizes or "llama-1b", sizes_known, "--sizes"):  # and keys, before any GPU work
+            for v in step_variants:
+                try:
+                    for mode in step_modes:
+                        step_config(size, v, mode, 256)
+                except (ValueError, KeyError) as e:
+                    raise UserError(f"invalid --variants value {v!r} at {size}: {e}") from None
     if args.what == "ffn" and args.variants:
         from .bench.ffn import variant_config
         from .config import split_variant
