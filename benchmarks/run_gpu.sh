@@ -42,14 +42,15 @@ for what in "${@:-tests kernels ffn}"; do
       sizes)  # every size, ratios in one process each (the FFN-kernels issue's re-measure): per size and batch, the dense
               # rows in elas's default mode and under plain torch.compile (is elas's mode the twin's best, and by how
               # much), then the sparse rows in elas's mode beside their twins again; then the FFN table. SIZES_MODELS,
-              # SIZES_BATCHES, SIZES_FFN=0 narrow it. Results under SIZES_DIR/<size>-b<batch>-{dense,sparse}/: an
+              # SIZES_BATCHES, SIZES_FFN=0 narrow it; SIZES_NO_PROFILE=1 skips the profile of each row (~10 s a row).
+              # Results under SIZES_DIR/<size>-b<batch>-{dense,sparse}/: an
               # ignored folder by default, since a call's copy of the working tree removes what a detached run wrote
         d=${SIZES_DIR:-runs/sizes}
         # the sparse rows: the papers' variants, and how many d_ff GEMMs run sparse in each gradient mode (the FFN-kernels
         # issue's items 2 and 6): ELAS mask + Haziza's split (4 of 6), relu2-24 without the split (mask: 2 of 6; ste: 1)
         nosplit=act24.wgrad_dense_frac=none+act24.permute_tokens=false
         sparse=${SIZES_SPARSE:-lowrank-relu2,relu2,elas,elas-mask,elas-mask+act24.wgrad_dense_frac=0.05+act24.permute_tokens=true,relu2-24,relu2-24+$nosplit,relu2-24+act24.grad_mode=ste+$nosplit}
-        step() { timeout "${STEP_TIMEOUT:-1800}" python -m elas bench step --gpu-name "$GPU" --no-profile \
+        step() { timeout "${STEP_TIMEOUT:-1800}" python -m elas bench step --gpu-name "$GPU" ${SIZES_NO_PROFILE:+--no-profile} \
                    --out "$d/$1" ${@:2} 2>&1 | quiet ; }
         for size in ${SIZES_MODELS:-llama-60m llama-130m llama-350m llama-1b}; do
           dense=lowrank-relu2,relu2; [ "$size" = llama-1b ] && dense+=,swiglu-aligned  # ELAS vs SwiGLU: a 1B target
