@@ -313,7 +313,7 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a, y1: torch.Tensor | None = None
 
     dy2: [M, K] gradient w.r.t. y2s; a: Packed24 of y2s (forward), or None in ste mode (the selection is then
     recomputed from y1, exactly as the forward made it); y1: [M, K] for the `ste` mode, None for `mask`.
-        mask: dy1 = 2 sqrt(y2s) dy2 on kept entries, 0 elsewhere (relu(y1) rebuilt as sqrt(y2s): no y1 needed);
+        mask: dy1 = 2 r dy2 on kept entries, 0 elsewhere (r = relu(y1) rebuilt as bf16(sqrt(y2s)): no y1 needed);
               dy1_values are its kept values in packed order (dy1 has the forward's 2:4 pattern and metadata).
         ste:  dy1 = 2 relu(y1) dy2 everywhere; dy1_values None.
     dense_slots: int32 [K] (the 95/5 split): slot in [0, n_dense) of each dense feature, -1 for the others. With
@@ -330,7 +330,10 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a, y1: torch.Tensor | None = None
     else:
         mask = bits_to_mask(a.mask_bits, a.shape[1])
         # +0 wherever y2s is 0 (dropped or a kept zero): the along-token packing compares bytes of these
-        dy1 = torch.where(mask & (y2s != 0), 2.0 * y2s.float().sqrt() * d, 0.0).to(torch.bfloat16)
+        # relu(y1) = bf16(sqrt(y2s)), exact for normal y2s whatever the sqrt's last bit (torch's CPU sqrt is not
+        # correctly rounded on every machine)
+        r = y2s.float().sqrt().to(torch.bfloat16).float()
+        dy1 = torch.where(mask & (y2s != 0), 2.0 * r * d, 0.0).to(torch.bfloat16)
         dval = gather_kept(dy1, *kept_positions(mask, check=False))
     dpk = None
     if dval is not None:  # [values | the forward's metadata]: the layout the 2:4 GEMM reads

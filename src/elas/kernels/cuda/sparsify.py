@@ -12,6 +12,8 @@ The backward pointwise kernel (`relu2_sparse24_backward`, below) reuses the same
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -20,13 +22,22 @@ from ..packed import Packed24, check_shape
 from ..reference import Grads24
 
 
+# On the GPU `.to(tl.bfloat16)` rounds to nearest even in one instruction; Triton's CPU interpreter truncates. So
+# _round_bf16 takes the GPU's conversion there and integer ops in the interpreter (4 instructions a value on a GPU),
+# which round alike. Fixed at import, as triton.jit's own choice of the interpreter is.
+_NATIVE_ROUND = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+
+
 @triton.jit
 def _round_bf16(x):
-    """fp32 -> nearest bf16 (ties to even), returned as the exactly representable fp32. Done with integer ops
-    so that the result does not depend on the conversion mode of the backend (the CPU interpreter truncates)."""
-    b = x.to(tl.uint32, bitcast=True)
-    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-    return b.to(tl.float32, bitcast=True)
+    """fp32 -> nearest bf16 (ties to even), returned as the exactly representable fp32."""
+    if _NATIVE_ROUND:
+        r = x.to(tl.bfloat16).to(tl.float32)
+    else:
+        b = x.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        r = b.to(tl.float32, bitcast=True)
+    return r
 
 
 @triton.jit
@@ -46,14 +57,23 @@ def _interleave4(d0, d1, d2, d3, G: tl.constexpr):
 
 
 @triton.jit
+def _fewer_than_2(a, b, c):
+    """Fewer than 2 of three bools: not their majority (one LOP3 on a GPU)."""
+    return ~((a & b) | (a & c) | (b & c))
+
+
+@triton.jit
 def _keep24(x0, x1, x2, x3):
     """The 2:4 rule on the four columns of each group: keep i when fewer than 2 others beat it; j beats i if
-    |x_j| is larger, or equal and j is earlier. Returns four bool [R, G]."""
+    |x_j| is larger, or equal and j is earlier. Returns four bool [R, G]. Six comparisons decide all twelve: for
+    i < j, i beats j exactly when j does not beat i (for inputs without NaN; with a NaN two are still kept)."""
     v0, v1, v2, v3 = tl.abs(x0), tl.abs(x1), tl.abs(x2), tl.abs(x3)
-    k0 = ((v1 > v0).to(tl.int32) + (v2 > v0).to(tl.int32) + (v3 > v0).to(tl.int32)) < 2
-    k1 = ((v0 >= v1).to(tl.int32) + (v2 > v1).to(tl.int32) + (v3 > v1).to(tl.int32)) < 2
-    k2 = ((v0 >= v2).to(tl.int32) + (v1 >= v2).to(tl.int32) + (v3 > v2).to(tl.int32)) < 2
-    k3 = ((v0 >= v3).to(tl.int32) + (v1 >= v3).to(tl.int32) + (v2 >= v3).to(tl.int32)) < 2
+    b01, b02, b03 = v1 > v0, v2 > v0, v3 > v0  # bij, i < j: j beats i
+    b12, b13, b23 = v2 > v1, v3 > v1, v3 > v2
+    k0 = _fewer_than_2(b01, b02, b03)
+    k1 = _fewer_than_2(~b01, b12, b13)
+    k2 = _fewer_than_2(~b02, ~b12, b23)
+    k3 = _fewer_than_2(~b03, ~b13, ~b23)
     return k0, k1, k2, k3
 
 
@@ -280,8 +300,9 @@ def _bwd_rows(rows, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, 
     # +0 wherever relu(y1) (ste) or y2s (mask) is 0, as the reference: the along-token packing stores these bytes
     if STE:
         dy1 = tl.where(y1 > 0.0, _round_bf16(2.0 * y1 * dy2), 0.0)
-    else:  # relu(y1) = sqrt(y2) on kept entries; y2s is 0 elsewhere
-        dy1 = _round_bf16(2.0 * tl.sqrt(y2s) * dy2)
+    else:  # relu(y1) = bf16(sqrt(y2)) on kept entries (exactly, for normal y2: kernels/cuda/relu2_gemm.py), which
+        # also makes the result independent of the sqrt's last bit (tl.sqrt is approximate); y2s is 0 elsewhere
+        dy1 = _round_bf16(2.0 * _round_bf16(tl.sqrt(y2s)) * dy2)
         if SPLIT:  # (without the split, -0 may stay: numerically the same, and cheaper)
             dy1 = tl.where(y2s != 0.0, dy1, 0.0)
     if (not SPLIT) or STE:
