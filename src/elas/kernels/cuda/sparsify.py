@@ -32,7 +32,7 @@ _NATIVE_ROUND = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 def _round_bf16(x):
     """fp32 -> nearest bf16 (ties to even), returned as the exactly representable fp32."""
     if _NATIVE_ROUND:
-        r = x.to(tl.bfloat16).to(tl.float32)
+        r = x.to(tl.bfloat16, fp_downcast_rounding="rtne").to(tl.float32)
     else:
         b = x.to(tl.uint32, bitcast=True)
         b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
