@@ -242,3 +242,24 @@ def test_gpu_script_sizes_stage_checks_every_invocation_before_the_gpu(tmp_path)
 def torch_has_cuda() -> bool:
     import torch
     return torch.cuda.is_available()
+
+
+def test_sass_count_compiles_every_2to4_kernel_for_sm90_without_a_gpu():
+    """benchmarks/sass_count.py: each 2:4 pointwise kernel compiled for sm_90 by Triton, its SASS counted (the
+    kernels' static cost, readable on a machine without a GPU; it breaks when a kernel's signature changes)."""
+    import os
+    import subprocess
+    import sys
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this Triton wheel has no cuobjdump")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "benchmarks/sass_count.py"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in r.stdout.splitlines() if "per element" in line and "SASS =" in line]
+    assert len(rows) == 5, r.stdout
+    for line in rows:  # every kernel vectorises its main loads and spills nothing
+        assert "LDG.E.128" in line or "LDG.E.64" in line or "LDG.E'" in line, line
+        assert "local 0 B" in line, line
