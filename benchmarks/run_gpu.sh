@@ -11,6 +11,8 @@ export ELAS_CACHE_DIR=${ELAS_CACHE_DIR:-.cache/elas}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-.cache/torch_ext} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-.cache/triton}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-.cache/inductor} PYTHONUNBUFFERED=1
 GPU=${GPU_NAME:-h100}
+failed=0  # a failed test stage makes the script exit 1 (after the other stages), so a chain can stop on it
+mkdir -p runs
 # the log lines elas prints ("elas: ...") and warnings left out of a call's output, its errors ("elas: error: ...") kept;
 # line-buffered, so that a detached run's log shows each line as it comes
 quiet() { grep --line-buffered -v -E '^elas: ([^e]|e[^r])|Warning|warn\(|it/s' ; }
@@ -19,7 +21,8 @@ for what in "${@:-tests kernels ffn}"; do
   for w in $what; do
     case $w in
       tests) timeout "${TESTS_TIMEOUT:-560}" python -m pytest -o addopts="" -q -p no:cacheprovider \
-               --continue-on-collection-errors -m gpu ${TESTS:-tests/} 2>&1 | tail -25 ;;
+               --continue-on-collection-errors -m gpu ${TESTS:-tests/} > runs/gpu_tests.log 2>&1 || failed=1
+             tail -25 runs/gpu_tests.log ;;
       kernels) python -m elas bench sparsify --gpu-name "$GPU"; python -m elas bench gemm --gpu-name "$GPU" ;;
       epilogue) python -m elas bench epilogue --gpu-name "$GPU" ;;
       infer) python -m elas bench infer --gpu-name "$GPU" ;;
@@ -119,3 +122,4 @@ if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/cache.tgz" .cache 2>/dev/null
   [ "$(stat -c %s "$OUT/cache.tgz")" -gt 15000000 ] && tar czf "$OUT/cache.tgz" --exclude=.cache/inductor .cache
 fi
+exit "$failed"
