@@ -31,7 +31,9 @@ _NATIVE_ROUND = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 @triton.jit
 def _round_bf16(x):
     """fp32 -> nearest bf16 (ties to even), returned as the exactly representable fp32."""
-    if _NATIVE_ROUND:
+    if x.dtype == tl.bfloat16:
+        r = x
+    elif _NATIVE_ROUND:
         r = x.to(tl.bfloat16, fp_downcast_rounding="rtne").to(tl.float32)
     else:
         b = x.to(tl.uint32, bitcast=True)
@@ -138,13 +140,17 @@ def _kernel(y1_ptr, val_ptr, meta_ptr, bits_ptr, count_ptr, K, stride, TILES: tl
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     x = tl.load(y1_ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :])  # [ROWS, BK], coalesced
-    x = x.to(tl.float32)
     if COUNT:  # positives per column (the 95/5 split's feature ranking): one atomic per column per program
-        tl.atomic_add(count_ptr + cols, tl.sum((x > 0).to(tl.int32), axis=0), sem="relaxed")
-    x = tl.maximum(x, 0.0)
-    x = x * x
-    if ROUND_BF16:  # the reference squares in bf16: compare (and store) the rounded values
-        x = _round_bf16(x)
+        tl.atomic_add(count_ptr + cols, tl.sum((x.to(tl.float32) > 0).to(tl.int32), axis=0), sem="relaxed")
+    if ROUND_BF16 and _NATIVE_ROUND:  # bf16 math: relu(y1)^2 rounded to nearest even, as the reference squares
+        x = tl.maximum(x, 0.0)
+        x = x * x
+    else:
+        x = x.to(tl.float32)
+        x = tl.maximum(x, 0.0)
+        x = x * x
+        if ROUND_BF16:  # the reference squares in bf16: compare (and store) the rounded values
+            x = _round_bf16(x)
     if ROWS == 64:
         _pack_block(x, tl.program_id(0), tl.program_id(1), val_ptr, meta_ptr, bits_ptr, K, TILES, WRITE_BITS)
     else:  # two 64-row bands: [128, BK] -> [64, BK] x 2
