@@ -65,7 +65,7 @@ def sass_stats(kernel) -> dict:
 
 
 def kernels():
-    """(name, kernel fn, signature, constexprs, elements per program) of each 2:4 pointwise kernel at its
+    """(name, kernel fn, signature, constexprs, elements per program, warps) of each 2:4 pointwise kernel at its
     default launch."""
     sp = {"y1_ptr": BF16, "val_ptr": BF16, "meta_ptr": U8, "bits_ptr": U8, "count_ptr": I32, "K": "i32",
           "stride": "i32"}
@@ -73,17 +73,21 @@ def kernels():
     for bits in (False, True):
         yield (f"sparsify{'' if bits else ' (no mask bits)'}", S._kernel, sp,
                {"TILES": S.DEFAULT_TILES, "ROUND_BF16": True, "COUNT": False, "ROWS": rows, "WRITE_BITS": bits},
-               rows * bk)
+               rows * bk, S.DEFAULT_WARPS)
+    dense = {"y1_ptr": BF16, "out_ptr": BF16, "M": "i32", "K": "i32", "stride_in": "i32", "stride_out": "i32"}
+    yield "sparsify, dense form (V:N:M)", S._dense_kernel, dense, {"ROWS": S.DENSE_ROWS, "BK": S.DENSE_BK,
+                                                                  "ROUND_BF16": True}, S.DENSE_ROWS * S.DENSE_BK, \
+        S.DENSE_WARPS
     bwd = {"dy2_ptr": BF16, "val_ptr": BF16, "bits_ptr": U8, "y1_ptr": BF16, "y2s_ptr": BF16, "dy1_ptr": BF16,
            "dval_ptr": BF16, "K": "i32"}
     for name, ste, from_y1 in (("backward ste", True, True), ("backward mask", False, False)):
         yield name, S._bwd_kernel, bwd, {"STE": ste, "FROM_Y1": from_y1, "BK": 128, "ROWS": S.BWD_ROWS}, \
-            S.BWD_ROWS * 128
+            S.BWD_ROWS * 128, S.BWD_WARPS
     split = {"dy2_ptr": BF16, "val_ptr": BF16, "bits_ptr": U8, "y1_ptr": BF16, "dy1_ptr": BF16, "dval_ptr": BF16,
              "yt_val_ptr": BF16, "yt_meta_ptr": U8, "dt_val_ptr": BF16, "dt_meta_ptr": U8, "slot_ptr": I32,
              "y2d_ptr": BF16, "dy1d_ptr": BF16, "M": "i32", "K": "i32", "ND": "i32"}
     yield "backward mask, 95/5 split", S._bwd_split_kernel, split, {"STE": False, "FROM_Y1": False,
-                                                                    "ROWS": S.BWD_ROWS}, S.BWD_ROWS * 64
+                                                                    "ROWS": S.BWD_ROWS}, S.BWD_ROWS * 64, S.BWD_WARPS
 
 
 def main(argv: list[str]) -> int:
@@ -94,13 +98,13 @@ def main(argv: list[str]) -> int:
         print(f"no cuobjdump in this Triton wheel ({CUOBJDUMP}): cannot read SASS here", file=sys.stderr)
         return 2
     want = argv[0] if argv else ""
-    print(f"Triton {triton.__version__}, sm_90, 8 warps; instructions per element = per-thread SASS x threads / "
-          f"elements of a program")
-    for name, fn, sig, ce, elems in kernels():
+    print(f"Triton {triton.__version__}, sm_90, default launches; instructions per element = per-thread SASS x "
+          f"threads / elements of a program")
+    for name, fn, sig, ce, elems, warps in kernels():
         if want not in name:
             continue
-        st = sass_stats(compile_sm90(fn, sig, ce, not_div16=("ND",)))  # ND: the split's dense count, any value
-        per = st["instructions"] * 256 / elems
+        st = sass_stats(compile_sm90(fn, sig, ce, warps, not_div16=("ND",)))  # ND: the split's dense count
+        per = st["instructions"] * 32 * warps / elems
         print(f"{name:28s} regs {st['regs']:3d}  shared {st['shared']:5d} B  local {st['local']} B  "
               f"{st['instructions']:5d} SASS = {per:5.1f} per element  memory {st['memory']}")
         print(f"{'':28s} most frequent: {', '.join(f'{op} {n}' for op, n in st['top'])}")
