@@ -50,9 +50,9 @@ for what in "${@:-tests kernels ffn}"; do
               # ignored folder by default, since a call's copy of the working tree removes what a detached run wrote
         d=${SIZES_DIR:-runs/sizes}
         # the sparse rows: the papers' variants, and how many d_ff GEMMs run sparse in each gradient mode (the FFN-kernels
-        # issue's items 2 and 6): ELAS mask + Haziza's split (4 of 6), relu2-24 without the split (mask: 2 of 6; ste: 1)
-        nosplit=act24.wgrad_dense_frac=none+act24.permute_tokens=false
-        sparse=${SIZES_SPARSE:-lowrank-relu2,relu2,elas,elas-mask,elas-mask+act24.wgrad_dense_frac=0.05+act24.permute_tokens=true,relu2-24,relu2-24+$nosplit,relu2-24+act24.grad_mode=ste+$nosplit}
+        # issue's items 2 and 6): Haziza's split (4 of 6) on ELAS mask and relu2 (relu2-24-split), relu2-24 (mask: 2 of
+        # 6) and its ste form (1)
+        sparse=${SIZES_SPARSE:-lowrank-relu2,relu2,elas,elas-mask,elas-mask+act24.wgrad_dense_frac=0.05+act24.permute_tokens=true,relu2-24,relu2-24-split,relu2-24+act24.grad_mode=ste}
         step() { timeout "${STEP_TIMEOUT:-1800}" python -m elas bench step --gpu-name "$GPU" ${SIZES_NO_PROFILE:+--no-profile} \
                    --out "$d/$1" ${@:2} 2>&1 | quiet ; }
         for size in ${SIZES_MODELS:-llama-60m llama-130m llama-350m llama-1b}; do

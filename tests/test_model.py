@@ -197,7 +197,7 @@ def test_cli_method_shorthands(capsys):
 def test_init_weights_after_a_meta_build():
     """LLaMA.init_weights (the parallel=fsdp path): the constructors' distributions, by parameter name and seed,
     and buffers a method attached restored (act24's permutation keys)."""
-    cfg = model_preset("llama-tiny-relu2-24", n_layers=2, vocab_size=300, rank=0)
+    cfg = model_preset("llama-tiny-relu2-24-split", n_layers=2, vocab_size=300, rank=0)
     torch.manual_seed(0)
     ref_model = build_model(cfg)
     models = []

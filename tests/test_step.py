@@ -69,13 +69,13 @@ def test_cpu_trainer_says_its_steps_are_eager(dataset, tmp_path):
     assert "eager steps (CPU)" in r.stdout
 
 
-VARIANTS = ["swiglu", "relu2", "relu2-24", "lowrank-relu2", "elas", "elas-mask"]
+VARIANTS = ["swiglu", "relu2", "relu2-24", "relu2-24-split", "lowrank-relu2", "elas", "elas-mask"]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_gpu_graph_step_equals_eager_step(variant):
-    # (relu2-24 carries the 95/5 split: its feature selection must be sync-free)
+    # (relu2-24-split carries the 95/5 split: its feature selection must be sync-free)
     model = _model(variant, "cuda", dense_warmup_steps=0)
     set_step(model, 0, 1)
     bf16 = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731

@@ -29,7 +29,7 @@ def grid_variants(steps: int) -> list[str]:
     """`elas experiment`'s default grid: the papers' comparisons, the third paper's variants in the configurations
     that run accelerated, and ELAS's warm-up ablation (none: elas-nowarmup; 1% of the run, the paper's 100 of 10k
     steps; elas itself: 10%, its 1000)."""
-    return ["swiglu", "relu2", "relu2-24", "lowrank-relu2", "elas", "elas-nowarmup", "elas-mask", "relu2-w24",
+    return ["swiglu", "relu2", "relu2-24", "relu2-24-split", "lowrank-relu2", "elas", "elas-nowarmup", "elas-mask", "relu2-w24",
             "relu2-vnm-fast", "relu2-w24-vnm-fast", f"elas+act24.dense_warmup_steps={max(1, steps // 100)}"]
 PAPER_STEPS = 10_000  # the 60M recipe the schedules are written for (dense warm-up 1000 = 10%, LORO K = 500 = 5%)
 
@@ -223,9 +223,9 @@ def _at_or_before(curve: dict, step: int) -> tuple[int, float] | None:
     return (max(done), curve[str(max(done))]) if done else None
 
 
-RATIOS = (("elas", "lowrank-relu2"), ("relu2-24", "relu2"), ("elas-mask", "lowrank-relu2"),
-          ("elas-nowarmup", "lowrank-relu2"), ("relu2", "swiglu"),
-          ("elas-nowarmup", "elas"))  # the papers' comparisons (a / b); the last: the warm-up ablation
+RATIOS = (("elas", "lowrank-relu2"), ("relu2-24", "relu2"), ("relu2-24-split", "relu2"),
+          ("elas-mask", "lowrank-relu2"), ("elas-nowarmup", "lowrank-relu2"), ("relu2", "swiglu"),
+          ("relu2-24-split", "relu2-24"), ("elas-nowarmup", "elas"))  # the papers' comparisons (a / b); the last two: the split's cost, the warm-up
 
 
 def _ratio_pairs(by: dict) -> list[tuple[str, str]]:
