@@ -87,7 +87,8 @@ def kernels():
              "yt_val_ptr": BF16, "yt_meta_ptr": U8, "dt_val_ptr": BF16, "dt_meta_ptr": U8, "slot_ptr": I32,
              "y2d_ptr": BF16, "dy1d_ptr": BF16, "M": "i32", "K": "i32", "ND": "i32"}
     yield "backward mask, 95/5 split", S._bwd_split_kernel, split, {"STE": False, "FROM_Y1": False,
-                                                                    "ROWS": S.BWD_ROWS}, S.BWD_ROWS * 64, S.BWD_WARPS
+                                                                    "ROWS": S.BWD_ROWS}, S.BWD_ROWS * 64, \
+        S.SPLIT_BWD_WARPS
 
 
 def main(argv: list[str]) -> int:

@@ -161,7 +161,7 @@ def _backward_sweep(y1: torch.Tensor, log=print) -> dict:
     y1), mask, mask + the 95/5 split (5% dense features): ms and TB/s of the default launch, and ms of each
     (rows, warps) variant whose outputs are byte-identical to the default's."""
     from ..kernels import reference
-    from ..kernels.cuda.sparsify import BWD_ROWS, BWD_WARPS, relu2_sparse24_backward, relu2_sparsify24_packed
+    from ..kernels.cuda.sparsify import bwd_launch, relu2_sparse24_backward, relu2_sparsify24_packed
     m, k = y1.shape
     a = relu2_sparsify24_packed(y1)
     dy2 = torch.randn_like(y1)
@@ -179,8 +179,8 @@ def _backward_sweep(y1: torch.Tensor, log=print) -> dict:
     for use, (args, per_elem) in uses.items():
         want = outputs(relu2_sparse24_backward(*args))
         ms = graph_ms(lambda: relu2_sparse24_backward(*args))
-        row = {"ms": ms, "tb_per_s": m * k * per_elem / ms / 1e9, "rows": BWD_ROWS, "warps": BWD_WARPS,
-               "variants_ms": {}}
+        rows, warps = bwd_launch(args[3] is not None)
+        row = {"ms": ms, "tb_per_s": m * k * per_elem / ms / 1e9, "rows": rows, "warps": warps, "variants_ms": {}}
         for rw in (64, 128):
             for w in (4, 8):
                 got = outputs(relu2_sparse24_backward(*args, rows=rw, num_warps=w))

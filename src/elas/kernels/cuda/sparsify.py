@@ -381,8 +381,14 @@ def _bwd_split_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, dy1_ptr, dval_ptr, yt_
 
 
 # the backward's launch (64 tokens per program; 8 warps: 3-9% ahead of 4 on H200, benchmarks/results/h200/
-# sparsify.json "backward")
-BWD_ROWS, BWD_WARPS = 64, 8
+# sparsify.json "backward"); with the 95/5 split 4 warps: 1.13-1.29x ahead of 8 at every ELAS width (same file,
+# byte-identical outputs)
+BWD_ROWS, BWD_WARPS, SPLIT_BWD_WARPS = 64, 8, 4
+
+
+def bwd_launch(split: bool) -> tuple[int, int]:
+    """The backward's default (rows, warps), read at each call."""
+    return BWD_ROWS, SPLIT_BWD_WARPS if split else BWD_WARPS
 
 
 def _packed_buffer(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Tensor, Packed24]:
@@ -397,8 +403,9 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Ten
                             num_warps: int | None = None, launch=_direct) -> Grads24:
     """Triton twin of reference.relu2_sparse24_backward: one pass over dy2 (and y1 in ste mode); see there.
     rows, num_warps: tokens per program (64 or 128) and warps; launch: as in relu2_sparsify24_packed. None: the
-    module's BWD_* (read at each call)."""
-    rows, num_warps = rows or BWD_ROWS, num_warps or BWD_WARPS
+    module's defaults (bwd_launch, read at each call)."""
+    default_rows, default_warps = bwd_launch(dense_slots is not None)
+    rows, num_warps = rows or default_rows, num_warps or default_warps
     m, k = dy2.shape
     if a is not None and a.shape != (m, k):
         raise ValueError(f"packed y2s is {a.shape}, dy2 is {tuple(dy2.shape)}")
