@@ -538,6 +538,24 @@ def test_default_grid_is_the_issues_comparisons_and_every_variant_configures(tmp
     assert sorted(warm.values()) == [0, 20, 200, 200] and warm["elas+act24.dense_warmup_steps=20"] == 20
 
 
+def test_the_committed_60m_grid_resumes_under_todays_variants():
+    """docs/results/grid-60m is where the next calls of the grid start from (GRID_FROM): every run in it must
+    resolve to the model its name means today, or the grid refuses to continue (a changed default renames the
+    run it changed, as relu2-24 -> relu2-24-split)."""
+    from pathlib import Path
+
+    from elas.train.experiment import check_same_runs, grid_variants, variant_config
+    grid = Path(__file__).parents[1] / "docs" / "results" / "grid-60m"
+    runs = {p.name for p in grid.iterdir() if (p / "config.json").is_file()}
+    names = sorted(set(grid_variants(2000)) | runs)
+    assert {"relu2-24-split", "relu2", "elas"} <= runs
+    check_same_runs([variant_config("llama-60m", v, 2000, "data/sp-32k", grid, 512, 1) for v in names])
+    split = [m for m in variant_config("llama-60m", "relu2-24-split", 2000, "d", grid, 512, 1).model.methods]
+    plain = [m for m in variant_config("llama-60m", "relu2-24", 2000, "d", grid, 512, 1).model.methods]
+    assert split[0]["wgrad_dense_frac"] == 0.05 and split[0]["permute_tokens"] is True
+    assert plain[0].get("wgrad_dense_frac") is None and not plain[0].get("permute_tokens", False)
+
+
 def test_summary_compares_the_warmup_ablation_with_elas_and_a_keyed_variant_with_its_base(tmp_path):
     from elas.train.experiment import summarize
     for variant, loss in (("lowrank-relu2", 2.0), ("elas", 2.02), ("elas-nowarmup", 2.06),
