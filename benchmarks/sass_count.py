@@ -72,7 +72,7 @@ def kernels():
     rows, bk = S.DEFAULT_ROWS, 32 * S.DEFAULT_TILES
     for bits in (False, True):
         yield (f"sparsify{'' if bits else ' (no mask bits)'}", S._kernel, sp,
-               {"TILES": S.DEFAULT_TILES, "ROUND_BF16": True, "COUNT": False, "ROWS": rows, "WRITE_BITS": bits},
+               {"TILES": S.DEFAULT_TILES, "COUNT": False, "ROWS": rows, "WRITE_BITS": bits},
                rows * bk, S.DEFAULT_WARPS)
     dense = {"y1_ptr": BF16, "out_ptr": BF16, "M": "i32", "K": "i32", "stride_in": "i32", "stride_out": "i32"}
     yield "sparsify, dense form (V:N:M)", S._dense_kernel, dense, {"ROWS": S.DENSE_ROWS, "BK": S.DENSE_BK,

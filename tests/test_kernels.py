@@ -93,6 +93,69 @@ def test_triton_sparsifier_bit_exact(m, k, dtype, rows, tiles):
     assert torch.equal(nob.buffer.view(torch.uint8), want.buffer.view(torch.uint8)) and nob.mask_bits.numel() == 0
 
 
+def _colliding_squares() -> tuple[float, float]:
+    """Two bf16 values a < b whose squares are distinct in fp32 (exact) but one value in bf16: they exist only
+    where the squares are fp32 subnormals (|y1| in [2.6e-23, 1.0e-19])."""
+    b16 = torch.arange(0x1A00, 0x1FFF, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)  # ~1e-23 .. 1e-19
+    exact, rounded = b16.float() ** 2, (b16 * b16).float()
+    i = int(((rounded[1:] == rounded[:-1]) & (exact[1:] > exact[:-1])).nonzero()[0])
+    return b16[i].item(), b16[i + 1].item()
+
+
+def tiny_squares(m: int, k: int, seed: int = 0) -> torch.Tensor:
+    """bf16 [m, k]: groups whose squares collide when rounded (see _colliding_squares), in every order, next to
+    a large value and a zero, and random values of the same range."""
+    a, b = _colliding_squares()
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(m, k, generator=g) * 3e-21
+    groups = torch.tensor([[a, b, 1.0, 0.0], [b, a, 0.0, 1.0], [1.0, a, b, 0.0], [0.0, b, 1.0, a]])
+    y[::2] = groups[torch.arange(k // 4 * ((m + 1) // 2)) % 4].reshape((m + 1) // 2, k)
+    return y.to(torch.bfloat16)
+
+
+def test_the_choice_compares_exact_squares():
+    """The 2:4 rule on relu(y1)^2 compares the squares in fp32 (exact for bf16 y1): where two squares round to one
+    bf16 value the larger is kept, not the earlier column; the kept values are the bf16 squares."""
+    a, b = _colliding_squares()
+    y1 = torch.tensor([[a, b, 1.0, 0.0], [b, a, 0.0, 1.0]], dtype=torch.bfloat16)
+    assert (y1[0, 0] * y1[0, 0]) == (y1[0, 1] * y1[0, 1])  # equal in bf16
+    y2s, mask = ref.relu2_sparsify24(y1)
+    assert mask.tolist() == [[False, True, True, False], [True, False, False, True]]
+    assert torch.equal(y2s, y1 * y1 * mask)
+
+
+@needs_triton
+@pytest.mark.parametrize("rows", [64, 128])
+def test_triton_kernels_choose_on_exact_squares(rows):
+    """Every Triton kernel that chooses on relu(y1)^2 (packed, dense form, ste backward, with and without the
+    split) equals the reference on groups whose squares collide in bf16. Triton's CPU interpreter flushes bf16
+    subnormals to zero when it converts (these squares are subnormal), so on the CPU only the choice is compared
+    (the packed metadata and mask bits); on the GPU every byte."""
+    from elas.kernels.cuda.sparsify import relu2_sparse24_backward, relu2_sparsify24_dense, relu2_sparsify24_packed
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m, k = 128, 128
+    y1 = tiny_squares(m, k).to(dev)
+    want = ref.relu2_sparsify24_packed(y1)
+    got = relu2_sparsify24_packed(y1, rows=rows)
+    assert torch.equal(got.mask_bits, want.mask_bits)
+    meta = slice(m * k // 2, None)  # the buffer's metadata, after the kept values
+    assert torch.equal(got.buffer.view(-1)[meta].view(torch.uint8), want.buffer.view(-1)[meta].view(torch.uint8))
+    if dev == "cpu":
+        return
+    assert torch.equal(got.buffer.view(torch.uint8), want.buffer.view(torch.uint8))
+    assert torch.equal(relu2_sparsify24_dense(y1), ref.relu2_sparsify24(y1)[0])
+    dy2 = torch.randn(m, k, dtype=torch.bfloat16).to(dev)
+    slots = torch.full((k,), -1, dtype=torch.int32)
+    slots[torch.tensor([3, 9, 10])] = torch.arange(3, dtype=torch.int32)
+    for args in ((dy2, None, y1, None, 0), (dy2, None, y1, slots.to(dev), 3)):
+        g, w = relu2_sparse24_backward(*args, rows=rows), ref.relu2_sparse24_backward(*args)
+        for name, x, y in zip(w._fields, g, w):
+            if isinstance(y, torch.Tensor):
+                assert torch.equal(x, y), name
+            elif y is not None:  # Packed24
+                assert torch.equal(x.buffer.view(torch.uint8), y.buffer.view(torch.uint8)), name
+
+
 @needs_triton
 @pytest.mark.parametrize("m,k,dtype,rows,bk", [(64, 64, torch.bfloat16, 64, 64), (100, 128, torch.bfloat16, 64, 64),
                                                (37, 192, torch.float32, 32, 64), (130, 256, torch.bfloat16, 64, 128),

@@ -105,11 +105,16 @@ def relu2_sparsify24(y1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused-op twin: y2 = relu(y1)^2 computed in y1's dtype, then 2:4 along the last dim (d_ff).
 
     y1: [tokens, d_ff]. Returns y2s: [tokens, d_ff] (2:4 along d_ff), mask: [tokens, d_ff] bool.
-    The mask is taken on y2 as rounded in y1's dtype, so bf16 ties created by squaring follow the tie rule.
+    The mask is taken on the squares in at least fp32 (exact for bf16/fp16 y1; for fp32 y1 they are y2
+    itself), the kept values are y2 in y1's dtype. The kernels choose the same way without rounding first.
+    For bf16 y1 this is the choice on y2 as rounded, except where two squares of a group are fp32 subnormals
+    that round to one bf16 value (|y1| in [2.6e-23, 1.0e-19]): there the larger square is kept, not the earlier.
     """
     r = torch.relu(y1)
     y2 = r * r  # in y1's dtype even under autocast (which would run .square(), a pow, in fp32)
-    return sparsify24(y2, dim=-1)
+    rw = r.float() if r.dtype in (torch.bfloat16, torch.float16) else r
+    mask = mask24(rw * rw, dim=-1)
+    return y2 * mask, mask
 
 
 def soft_threshold24(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..packed import Packed24, check_shape
-from .sparsify import _columns4, _interleave4, _keep24, _pack_block, _round_bf16
+from .sparsify import _NATIVE_ROUND, _columns4, _interleave4, _keep24, _pack_block, _round_bf16
 
 DEFAULT_BM, DEFAULT_BN, DEFAULT_BK, DEFAULT_WARPS, DEFAULT_STAGES, GROUP_M = 128, 128, 64, 8, 3, 8
 
@@ -71,7 +71,7 @@ def _up_kernel(a_ptr, b_ptr, y1_ptr, val_ptr, meta_ptr, bits_ptr, count_ptr, M, 
     if COUNT:  # positives per column (the 95/5 split's feature ranking), as the standalone kernel counts them
         tl.atomic_add(count_ptr + rn, tl.sum((y1 > 0).to(tl.int32), axis=0), sem="relaxed")
     x = tl.maximum(y1, 0.0)
-    x = _round_bf16(x * x)  # y2 = relu(y1)^2 in bf16, the values the selection compares and stores
+    x = x * x  # y2 = relu(y1)^2, exact: the selection compares it, _pack_block rounds the kept values to bf16
     TILES: tl.constexpr = BN // 32
     if BM == 64:
         _pack_block(x, pid_m, pid_n, val_ptr, meta_ptr, bits_ptr, N, TILES, True)
@@ -89,11 +89,13 @@ def _dgrad_ste_kernel(a_ptr, b_ptr, y1_ptr, y2s_ptr, dy1_ptr, M, N, K, BM: tl.co
     at = rm[:, None] * N + rn[None, :]
     y1 = tl.load(y1_ptr + at).to(tl.float32)
     r = tl.maximum(y1, 0.0)
-    y2 = _round_bf16(r * r)  # the forward kernel's values, selected as it selects them
+    y2 = r * r  # exact, selected as the forward kernel selects it
     G: tl.constexpr = BN // 4
     x0, x1, x2, x3 = _columns4(y2, G)
     k0, k1, k2, k3 = _keep24(x0, x1, x2, x3)
     y2s = _interleave4(tl.where(k0, x0, 0.0), tl.where(k1, x1, 0.0), tl.where(k2, x2, 0.0), tl.where(k3, x3, 0.0), G)
+    if not _NATIVE_ROUND:  # the interpreter's store conversion truncates
+        y2s = _round_bf16(y2s)
     tl.store(y2s_ptr + at, y2s.to(tl.bfloat16))
     dy1 = tl.where(y1 > 0.0, _round_bf16(2.0 * y1 * dy2), 0.0)  # +0 where relu(y1) is 0, as the backward kernel
     tl.store(dy1_ptr + at, dy1.to(tl.bfloat16))

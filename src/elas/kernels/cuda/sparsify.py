@@ -7,7 +7,8 @@ Each program owns a 64-row band and TILES 32-column tiles (a tile is the unit of
 its [64, 32*TILES] block of y1 with coalesced row reads, selects in registers, and writes every output byte
 once: values and mask bits contiguously, metadata bytes (rows r and r+8 share one) scattered within the tile.
 The selection is the reference rule (kernels/reference.py): keep the 2 largest of each group of 4, earlier
-column on ties, compared on y2 rounded to the input dtype. Results are bit-identical to pack24(reference).
+column on ties, compared on the squares in fp32 (exact for bf16 y1); the kept values are rounded to bf16 (to
+nearest even). Results are bit-identical to pack24(reference).
 The backward pointwise kernel (`relu2_sparse24_backward`, below) reuses the same selection and packing code.
 """
 from __future__ import annotations
@@ -133,7 +134,7 @@ def _store_packed(first, second, i0, i1, band, pid1, val_ptr, meta_ptr, K, TILES
 
 @triton.jit
 def _kernel(y1_ptr, val_ptr, meta_ptr, bits_ptr, count_ptr, K, stride, TILES: tl.constexpr,
-            ROUND_BF16: tl.constexpr, COUNT: tl.constexpr, ROWS: tl.constexpr, WRITE_BITS: tl.constexpr):
+            COUNT: tl.constexpr, ROWS: tl.constexpr, WRITE_BITS: tl.constexpr):
     # program: rows [ROWS*pid0, +ROWS) (one or two 64-row bands), columns [32*TILES*pid1, +32*TILES): TILES whole
     # metadata tiles
     BK: tl.constexpr = 32 * TILES
@@ -142,21 +143,12 @@ def _kernel(y1_ptr, val_ptr, meta_ptr, bits_ptr, count_ptr, K, stride, TILES: tl
     x = tl.load(y1_ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :])  # [ROWS, BK], coalesced
     if COUNT:  # positives per column (the 95/5 split's feature ranking): one atomic per column per program
         tl.atomic_add(count_ptr + cols, tl.sum((x.to(tl.float32) > 0).to(tl.int32), axis=0), sem="relaxed")
-    if ROUND_BF16 and _NATIVE_ROUND:
-        # max with the fp32 0.0 promotes x to fp32, so the 2:4 choice compares the exact squares (a bf16 product
-        # is exact in fp32) and only the kept values are rounded (at the store). For finite non-negative bf16
-        # inputs the rounded squares order exactly as the exact ones (checked over all of them), except where two
-        # squares are fp32 subnormals rounding to one bf16 value (|y1| in [2.6e-23, 1.0e-19]): there the larger
-        # exact square is kept, where the reference (which compares the rounded squares) keeps the earlier column.
-        # Rounding before the choice costs 4-7 instructions per element (25.9-28.7 against 21.9, sass_count.py)
-        x = tl.maximum(x, 0.0)
-        x = x * x
-    else:
-        x = x.to(tl.float32)
-        x = tl.maximum(x, 0.0)
-        x = x * x
-        if ROUND_BF16:  # the reference squares in bf16: compare (and store) the rounded values
-            x = _round_bf16(x)
+    # the choice compares the exact squares (a bf16 or fp16 product is exact in fp32; reference.relu2_sparsify24),
+    # and only the kept values are rounded to bf16 (_pack_block): rounding every square first cost 4-7 SASS
+    # instructions per element more (benchmarks/sass_count.py)
+    x = x.to(tl.float32)
+    x = tl.maximum(x, 0.0)
+    x = x * x
     if ROWS == 64:
         _pack_block(x, tl.program_id(0), tl.program_id(1), val_ptr, meta_ptr, bits_ptr, K, TILES, WRITE_BITS)
     else:  # two 64-row bands: [128, BK] -> [64, BK] x 2
@@ -205,7 +197,7 @@ def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | Non
         raise ValueError(f"feature_counts must be int32 [{k}], got {feature_counts.dtype} {tuple(feature_counts.shape)}")
     grid = (m // rows, k // 32 // tiles)
     launch(_kernel)[grid](y1, vals, meta, bits, feature_counts if count else bits, k, y1.stride(0), TILES=tiles,
-                          ROUND_BF16=y1.dtype == torch.bfloat16, COUNT=count, ROWS=rows, WRITE_BITS=write_bits,
+                          COUNT=count, ROWS=rows, WRITE_BITS=write_bits,
                           num_warps=num_warps)
     return Packed24(buf.view(m, k * 9 // 16), bits, (m, k))
 
@@ -221,12 +213,12 @@ def _dense_kernel(y1_ptr, out_ptr, M, K, stride_in, stride_out, ROWS: tl.constex
     ok = (rows < M)[:, None] & (cols < K)[None, :]
     x = tl.load(y1_ptr + rows[:, None] * stride_in + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     x = tl.maximum(x, 0.0)
-    x = x * x
-    if ROUND_BF16:  # the reference squares in bf16: compare (and store) the rounded values
-        x = _round_bf16(x)
+    x = x * x  # chosen on the exact squares (reference.relu2_sparsify24); the kept values rounded at the store
     x0, x1, x2, x3 = _columns4(x, G)
     k0, k1, k2, k3 = _keep24(x0, x1, x2, x3)
     y = _interleave4(tl.where(k0, x0, 0.0), tl.where(k1, x1, 0.0), tl.where(k2, x2, 0.0), tl.where(k3, x3, 0.0), G)
+    if ROUND_BF16 and not _NATIVE_ROUND:  # the interpreter's store conversion truncates
+        y = _round_bf16(y)
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -285,12 +277,14 @@ def _bwd_rows(rows, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, 
     if FROM_Y1:
         y1 = tl.load(y1_ptr + rows * K + col0 + c).to(tl.float32)
         r = tl.maximum(y1, 0.0)
-        y2 = _round_bf16(r * r)  # the reference's values and choice (the GPU forward kernel differs only for
-        # |y1| in [2.6e-23, 1.0e-19]: see _kernel)
+        y2 = r * r  # chosen on the exact squares, as the forward kernel chooses
         x0, x1, x2, x3 = _columns4(y2, G)
         k0, k1, k2, k3 = _keep24(x0, x1, x2, x3)
         y2s = _interleave4(tl.where(k0, x0, 0.0), tl.where(k1, x1, 0.0), tl.where(k2, x2, 0.0),
                            tl.where(k3, x3, 0.0), G)
+        if SPLIT or not _NATIVE_ROUND:  # the kept values in bf16: for the along-token choice, which compares
+            # them as stored, and in the interpreter, whose store conversion truncates
+            y2s = _round_bf16(y2s)
         i0 = tl.where(k0, 0, tl.where(k1, 1, 2))
         i1 = tl.where(k3, 3, tl.where(k2, 2, 1))
     else:
