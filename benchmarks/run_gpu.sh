@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh STAGE...
-# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
+# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass cutlass_relu2 quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
 # the step benchmark and the test selection. Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
 # machine), are copied there too, with the tuned cuSPARSELt algorithm cache.
 set -u
@@ -71,6 +71,9 @@ for what in "${@:-tests kernels ffn}"; do
       cutlass)  # our CUTLASS sm90 sparse GEMM against cuSPARSELt and cuBLAS; the library is built off the GPU machine
                 # (benchmarks/cutlass_sp/build.sh) and carried: carry build/cutlass_sp
         python benchmarks/cutlass_sparse.py build/cutlass_sp/libelas_cutlass_sp.so "benchmarks/results/$GPU" ;;
+      cutlass_relu2)  # a CUTLASS sm90 dense GEMM with relu(y1)^2 in its epilogue against cuBLAS + the separate kernel;
+                      # built off the GPU machine (benchmarks/cutlass_relu2/build.sh): carry build/cutlass_relu2
+        python benchmarks/cutlass_relu2.py build/cutlass_relu2/libelas_cutlass_relu2.so "${CUTLASS_OUT:-runs/cutlass}" ;;
       grid)  # the quality issue's grid on the site-packages corpus, prepared here when missing (~100 s on 16 cores; its
              # SHA-1 is printed, to check that calls and sessions share it); GRID_* select this call's part (GRID_BATCH x GRID_ACCUM
              # sequences per step: 512 x 1 at 60M; 256 x 2 at 130M, so that two processes fit on one GPU). A run cut

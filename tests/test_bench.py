@@ -263,3 +263,23 @@ def test_sass_count_compiles_every_2to4_kernel_for_sm90_without_a_gpu():
     for line in rows:  # every kernel vectorises its main loads and spills nothing
         assert "LDG.E.128" in line or "LDG.E.64" in line or "LDG.E'" in line, line
         assert "local 0 B" in line, line
+
+
+def test_cutlass_relu2_benchmark_checks_before_it_times():
+    """benchmarks/cutlass_relu2.py: its output check tells a GEMM that rounds y1 to the neighbouring bf16 value
+    (another accumulation order) from a wrong one, and without its library it stops with a one-line message."""
+    import subprocess
+    import sys
+    import torch
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    from cutlass_relu2 import mismatch
+    want = torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=torch.bfloat16)
+    one_ulp = want.clone()
+    one_ulp[1] = 2.015625  # the bf16 value after 2.0
+    m = mismatch(one_ulp, want)
+    assert m["differ_frac"] == 0.25 and 0 < m["rel_fro"] < 1e-2 and m["max_rel"] == pytest.approx(2 ** -7)
+    assert mismatch(want * 2, want)["rel_fro"] > 0.5
+    r = subprocess.run([sys.executable, "benchmarks/cutlass_relu2.py", "no/such/lib.so"], cwd=root,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "no library at no/such/lib.so" in r.stderr

@@ -1,0 +1,186 @@
+// A dense GEMM on Hopper through CUTLASS 3.x's sm90 collectives with relu(y1)^2 in its epilogue, as a C-ABI library
+// for benchmarks/cutlass_relu2.py (ctypes). The question it answers: does a GEMM with cuBLAS's mainloop rate and
+// the ReLU^2 in its epilogue beat cuBLAS + a separate pointwise kernel? (The Triton form, kernels/cuda/relu2_gemm.py,
+// lost: its mainloop ran ~1.5x slower than cuBLAS's at K = 512, docs/performance.md.) Built by build.sh with a
+// pip-installed nvcc; needs no torch headers.
+//
+//   mode 0 ("plain"):  D[M, N] = bf16(A[M, K] @ B[K, N])                 (the mainloop alone, against cuBLAS)
+//   mode 1 ("relu2"):  D[M, N] = bf16(relu(bf16(A @ B))^2)               (the up-projection's y2; y1 never written)
+//
+// A row-major [M, K] (K-major), B passed as B^T [N, K] contiguous (K-major: torch's h1 @ wu.T with wu [N, K]),
+// D row-major; bf16 in and out, fp32 accumulation. Mode 1 rounds the accumulator to bf16 first, as the model's
+// y1 is a bf16 tensor, so D equals the unfused relu(y1)^2 wherever the two GEMMs round y1 alike.
+#include <cstdint>
+#include <cstdio>
+
+#include "cutlass/cutlass.h"
+#include "cute/tensor.hpp"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/operations.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/util/packed_stride.hpp"
+
+using namespace cute;
+
+namespace {
+
+using Bf16 = cutlass::bfloat16_t;
+
+// relu(bf16(x))^2 in fp32; the epilogue's output conversion rounds it to bf16 (to nearest even)
+template <class T>
+struct ReLUSquaredOfBf16 {
+  CUTLASS_HOST_DEVICE T operator()(T const& x) const {
+    float y = static_cast<float>(Bf16(x));
+    y = y > 0.f ? y : 0.f;
+    return T(y * y);
+  }
+};
+
+template <class T, int N>
+struct ReLUSquaredOfBf16<cutlass::Array<T, N>> {
+  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& v) const {
+    cutlass::Array<T, N> out;
+    ReLUSquaredOfBf16<T> f;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) out[i] = f(v[i]);
+    return out;
+  }
+};
+
+template <class T>
+struct Identity {
+  CUTLASS_HOST_DEVICE T operator()(T const& x) const { return x; }
+};
+
+template <class T, int N>
+struct Identity<cutlass::Array<T, N>> {
+  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& v) const { return v; }
+};
+
+template <template <class> class Act, class TileMNK, class ClusterMNK, class MainSchedule, class EpiSchedule>
+struct DenseGemm {
+  using Fusion = cutlass::epilogue::fusion::LinCombEltAct<Act, Bf16, float, void, float>;
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileMNK, ClusterMNK,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor, 8,  // no C
+      Bf16, cutlass::layout::RowMajor, 8, EpiSchedule, Fusion>::CollectiveOp;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
+      Bf16, cutlass::layout::RowMajor, 8,       // A: K-major
+      Bf16, cutlass::layout::ColumnMajor, 8,    // B: K-major (B^T [N, K] row-major)
+      float, TileMNK, ClusterMNK,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      MainSchedule>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  static typename Gemm::Arguments args(const void* a, const void* b, void* d, int M, int N, int K) {
+    typename Gemm::Arguments out{
+        cutlass::gemm::GemmUniversalMode::kGemm, {M, N, K, 1},
+        {static_cast<const Bf16*>(a), cutlass::make_cute_packed_stride(typename Kernel::StrideA{}, {M, K, 1}),
+         static_cast<const Bf16*>(b), cutlass::make_cute_packed_stride(typename Kernel::StrideB{}, {N, K, 1})},
+        {{1.0f, 0.0f}, nullptr, cutlass::make_cute_packed_stride(typename Kernel::StrideC{}, {M, N, 1}),
+         static_cast<Bf16*>(d), cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, {M, N, 1})}};
+    out.hw_info.sm_count = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(0);
+    return out;
+  }
+
+  // iters == 0: one run. iters > 0: one run, then iters runs between two events on `stream`: *ms = their mean
+  static int run(const void* a, const void* b, void* d, int M, int N, int K, void* workspace, size_t ws_bytes,
+                 cudaStream_t stream, int iters, float* ms) {
+    Gemm gemm;
+    auto arguments = args(a, b, d, M, N, K);
+    if (gemm.can_implement(arguments) != cutlass::Status::kSuccess) return 2;
+    if (Gemm::get_workspace_size(arguments) > ws_bytes) return 3;
+    if (gemm.initialize(arguments, workspace, stream) != cutlass::Status::kSuccess) return 4;
+    if (gemm.run(stream) != cutlass::Status::kSuccess) return 5;
+    if (iters > 0) {
+      cudaEvent_t t0, t1;
+      cudaEventCreate(&t0);
+      cudaEventCreate(&t1);
+      cudaEventRecord(t0, stream);
+      for (int i = 0; i < iters; ++i) gemm.run(stream);
+      cudaEventRecord(t1, stream);
+      cudaEventSynchronize(t1);
+      cudaEventElapsedTime(ms, t0, t1);
+      *ms /= iters;
+      cudaEventDestroy(t0);
+      cudaEventDestroy(t1);
+    }
+    return cudaGetLastError() == cudaSuccess ? 0 : 6;
+  }
+
+  static size_t workspace(int M, int N, int K) {
+    return Gemm::get_workspace_size(args(nullptr, nullptr, nullptr, M, N, K));
+  }
+};
+
+using Coop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+using CoopEpi = cutlass::epilogue::TmaWarpSpecializedCooperative;
+using Ping = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+using PingEpi = cutlass::epilogue::TmaWarpSpecialized;
+
+// the tiles cuBLAS picks at these shapes (nvjet 256x128, 128x256, 64x128 in the 1B step's profile) and their
+// neighbours; K = 64 per stage (bf16: 128 bytes, one TMA swizzle width)
+#define ELAS_CONFIGS(Act)                                                          \
+  DenseGemm<Act, Shape<_128, _256, _64>, Shape<_1, _1, _1>, Coop, CoopEpi>,        \
+  DenseGemm<Act, Shape<_128, _256, _64>, Shape<_2, _1, _1>, Coop, CoopEpi>,        \
+  DenseGemm<Act, Shape<_256, _128, _64>, Shape<_1, _1, _1>, Coop, CoopEpi>,        \
+  DenseGemm<Act, Shape<_256, _128, _64>, Shape<_1, _2, _1>, Coop, CoopEpi>,        \
+  DenseGemm<Act, Shape<_128, _128, _64>, Shape<_1, _1, _1>, Coop, CoopEpi>,        \
+  DenseGemm<Act, Shape<_64, _256, _64>, Shape<_1, _1, _1>, Ping, PingEpi>
+const char* kNames[] = {"128x256x64 coop 1x1", "128x256x64 coop 2x1", "256x128x64 coop 1x1",
+                        "256x128x64 coop 1x2", "128x128x64 coop 1x1", "64x256x64 pingpong 1x1"};
+constexpr int kConfigs = 6;
+
+template <class... Configs>
+struct Table {
+  template <int I, class First, class... Rest>
+  static int run_at(int config, const void* a, const void* b, void* d, int M, int N, int K, void* ws,
+                    size_t ws_bytes, cudaStream_t stream, int iters, float* ms) {
+    if (config == I) return First::run(a, b, d, M, N, K, ws, ws_bytes, stream, iters, ms);
+    if constexpr (sizeof...(Rest) > 0) {
+      return run_at<I + 1, Rest...>(config, a, b, d, M, N, K, ws, ws_bytes, stream, iters, ms);
+    }
+    return -1;
+  }
+  template <int I, class First, class... Rest>
+  static long long workspace_at(int config, int M, int N, int K) {
+    if (config == I) return static_cast<long long>(First::workspace(M, N, K));
+    if constexpr (sizeof...(Rest) > 0) return workspace_at<I + 1, Rest...>(config, M, N, K);
+    return -1;
+  }
+  static int run(int config, const void* a, const void* b, void* d, int M, int N, int K, void* ws, size_t ws_bytes,
+                 cudaStream_t stream, int iters, float* ms) {
+    return run_at<0, Configs...>(config, a, b, d, M, N, K, ws, ws_bytes, stream, iters, ms);
+  }
+  static long long workspace(int config, int M, int N, int K) { return workspace_at<0, Configs...>(config, M, N, K); }
+};
+
+using Plain = Table<ELAS_CONFIGS(Identity)>;
+using Relu2 = Table<ELAS_CONFIGS(ReLUSquaredOfBf16)>;
+
+}  // namespace
+
+extern "C" {
+int elas_cutlass_dense_configs() { return kConfigs; }
+const char* elas_cutlass_dense_config_name(int config) {
+  return config >= 0 && config < kConfigs ? kNames[config] : "";
+}
+long long elas_cutlass_dense_workspace(int config, int mode, int M, int N, int K) {
+  if (config < 0 || config >= kConfigs) return -1;
+  return mode == 0 ? Plain::workspace(config, M, N, K) : mode == 1 ? Relu2::workspace(config, M, N, K) : -1;
+}
+// returns 0 on success; 2 cannot implement, 3 workspace too small, 4 initialize, 5 run, 6 CUDA error, -1 bad config/mode
+int elas_cutlass_dense_mm(int config, int mode, const void* a, const void* b, void* d, int M, int N, int K,
+                          void* workspace, size_t ws_bytes, void* stream, int iters, float* ms) {
+  if (config < 0 || config >= kConfigs) return -1;
+  auto s = static_cast<cudaStream_t>(stream);
+  if (mode == 0) return Plain::run(config, a, b, d, M, N, K, workspace, ws_bytes, s, iters, ms);
+  if (mode == 1) return Relu2::run(config, a, b, d, M, N, K, workspace, ws_bytes, s, iters, ms);
+  return -1;
+}
+}
