@@ -7,8 +7,10 @@ Hopper GPU and the library built by benchmarks/cutlass_relu2/build.sh (on any ma
     PYTHONPATH=src python benchmarks/cutlass_relu2.py [LIB (default build/cutlass_relu2/libelas_cutlass_relu2.so)] [OUT_DIR]
 
 For each shape: cuBLAS's y1 = h1 @ wu^T; the separate y2 = relu(y1)^2 (compiled by Inductor, as the trainer's
-blocks run it); every CUTLASS configuration without an epilogue (mode 0: its mainloop against cuBLAS's) and with
-the ReLU^2 (mode 1: y1 never written). Every output is checked against the unfused result before it is timed.
+blocks run it); every CUTLASS configuration without an epilogue (mode 0: its mainloop against cuBLAS's), with
+the ReLU^2 (mode 1: y1 never written), and as the backward's dy2 GEMM with dy1 = 2 sqrt(y2) dy2 in its epilogue
+(mode 2: dy2 never written; against cuBLAS + the unfused 2 r dy2 kernel). Every output is checked against the
+unfused result before it is timed.
 Times: CUDA-graph replays (no host overhead) where the capture works, else the library's event loop, which is
 said in the row. Writes OUT_DIR/cutlass_relu2.json and prints a table last.
 """
@@ -24,7 +26,7 @@ SHAPES = [(8192, 8192, 512, "1B low-rank up-projection (r = 512), batch 32 x 256
           (16384, 8192, 512, "1B low-rank up-projection, batch 64 x 256"),
           (8192, 8192, 2048, "1B full-rank up-projection (d 2048), batch 32 x 256"),
           (8192, 3072, 256, "130M low-rank up-projection (r = 256)")]
-MODES = {0: "plain", 1: "relu2"}
+MODES = {0: "plain", 1: "relu2", 2: "grad"}
 
 
 def load(path: str) -> ctypes.CDLL:
@@ -32,7 +34,7 @@ def load(path: str) -> ctypes.CDLL:
     lib.elas_cutlass_dense_config_name.restype = ctypes.c_char_p
     lib.elas_cutlass_dense_workspace.restype = ctypes.c_longlong
     lib.elas_cutlass_dense_workspace.argtypes = [ctypes.c_int] * 5
-    lib.elas_cutlass_dense_mm.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3 + [
+    lib.elas_cutlass_dense_mm.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 + [
         ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_float)]
     return lib
 
@@ -66,19 +68,29 @@ def main() -> None:
     out = out_dir / "cutlass_relu2.json"
     env = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda,
            "cutlass": "4.2.0 (pip nvidia-cutlass headers)"}
-    act = torch.compile(relu2)  # the separate kernel as Inductor compiles it in the trainer's blocks
+    act = torch.compile(relu2)  # the separate kernels as Inductor compiles them in the trainer's blocks
+    grad = torch.compile(lambda dy2, r: 2 * r * dy2)
     rows, table = [], []
     for M, N, K, what in SHAPES:
         torch.manual_seed(0)
         h1 = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         wu = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
         y1 = h1 @ wu.T
-        want = {0: y1, 1: act(y1)}
+        y2 = act(y1)
+        r = torch.relu(y1)  # what the unfused backward saves and reads
+        # the backward: dy2 = dh2 wd^T (same shapes: dh2 [M, K], wd [N, K]), dy1 = 2 r dy2
+        dh2 = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        wd = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
+        dy2 = dh2 @ wd.T
+        rr = y2.float().sqrt().to(torch.bfloat16).float()  # relu(y1) rebuilt from y2, as the fused kernel does
+        want = {0: y1, 1: y2, 2: (2 * rr * dy2.float()).to(torch.bfloat16)}
         gemm_ms = graph_ms(lambda: h1 @ wu.T)
         act_ms = graph_ms(lambda: act(y1))
         both_ms = graph_ms(lambda: act(h1 @ wu.T))
+        bwd_ms = graph_ms(lambda: grad(dh2 @ wd.T, r))
         row = {"M": M, "N": N, "K": K, "what": what, "cublas_gemm_ms": gemm_ms, "relu2_kernel_ms": act_ms,
-               "cublas_plus_kernel_ms": both_ms, "cutlass": {}}
+               "cublas_plus_kernel_ms": both_ms, "cublas_plus_grad_kernel_ms": bwd_ms, "cutlass": {}}
+        operands = {0: (h1, wu, None), 1: (h1, wu, None), 2: (dh2, wd, y2)}
         for c, name in enumerate(configs):
             for mode, mname in MODES.items():
                 ws_bytes = max(int(lib.elas_cutlass_dense_workspace(c, mode, M, N, K)), 1)
@@ -86,9 +98,12 @@ def main() -> None:
                 d = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
                 ms = ctypes.c_float(0)
 
-                def call(iters=0, c=c, mode=mode, d=d, ws=ws, ws_bytes=ws_bytes, ms=ms):
+                a_, b_, aux = operands[mode]
+
+                def call(iters=0, c=c, mode=mode, a_=a_, b_=b_, aux=aux, d=d, ws=ws, ws_bytes=ws_bytes, ms=ms):
                     # defaults bind this iteration's buffers
-                    return lib.elas_cutlass_dense_mm(c, mode, h1.data_ptr(), wu.data_ptr(), d.data_ptr(), M, N, K,
+                    return lib.elas_cutlass_dense_mm(c, mode, a_.data_ptr(), b_.data_ptr(),
+                                                     None if aux is None else aux.data_ptr(), d.data_ptr(), M, N, K,
                                                      ws.data_ptr(), ws_bytes, stream(), iters, ctypes.byref(ms))
                 rc = call()
                 torch.cuda.synchronize()
@@ -115,14 +130,16 @@ def main() -> None:
                      if k.endswith(mname) and "error" not in v and (v.get("graph_ms") or v.get("event_ms"))]
             if timed:
                 best = min(timed)
-                base = gemm_ms if mode == 0 else both_ms
+                base = {0: gemm_ms, 1: both_ms, 2: bwd_ms}[mode]
                 row[f"best_{mname}"] = {"config": best[1], "ms": best[0], "vs_cublas": base / best[0]}
         rows.append(row)
         out.write_text(json.dumps({"env": env, "rows": rows}, indent=1))  # after each shape: a fault keeps the rest
-        p, r = row.get("best_plain"), row.get("best_relu2")
+        p, f, g = row.get("best_plain"), row.get("best_relu2"), row.get("best_grad")
         table.append(f"{M}x{N}x{K}: cuBLAS {gemm_ms:.4f} ms + ReLU^2 {act_ms:.4f} = {both_ms:.4f}; CUTLASS plain "
-                     + (f"{p['ms']:.4f} (x{p['vs_cublas']:.2f}, {p['config']})" if p else "-") + "; fused "
-                     + (f"{r['ms']:.4f} (x{r['vs_cublas']:.2f} cuBLAS + kernel, {r['config']})" if r else "-"))
+                     + (f"{p['ms']:.4f} (x{p['vs_cublas']:.2f}, {p['config']})" if p else "-") + "; fused forward "
+                     + (f"{f['ms']:.4f} (x{f['vs_cublas']:.2f} cuBLAS + kernel, {f['config']})" if f else "-")
+                     + f"; backward cuBLAS + kernel {bwd_ms:.4f}, fused "
+                     + (f"{g['ms']:.4f} (x{g['vs_cublas']:.2f}, {g['config']})" if g else "-"))
     print("\n".join(table))
 
 
