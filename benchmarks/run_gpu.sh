@@ -69,10 +69,10 @@ for what in "${@:-tests kernels ffn}"; do
         fi
         [ -n "${OUT:-}" ] && tar czf "$OUT/sizes.tgz" "$d" ;;
       cutlass)  # our CUTLASS sm90 sparse GEMM against cuSPARSELt and cuBLAS; the library is built off the GPU machine
-                # (benchmarks/cutlass_sp/build.sh) and carried: carry build/cutlass_sp
+                # (benchmarks/cutlass/build.sh sp) and carried: carry build/cutlass_sp
         python benchmarks/cutlass_sparse.py build/cutlass_sp/libelas_cutlass_sp.so "benchmarks/results/$GPU" ;;
       cutlass_relu2)  # a CUTLASS sm90 dense GEMM with relu(y1)^2 in its epilogue against cuBLAS + the separate kernel;
-                      # built off the GPU machine (benchmarks/cutlass_relu2/build.sh): carry build/cutlass_relu2
+                      # built off the GPU machine (benchmarks/cutlass/build.sh relu2): carry build/cutlass_relu2
         python benchmarks/cutlass_relu2.py build/cutlass_relu2/libelas_cutlass_relu2.so "${CUTLASS_OUT:-runs/cutlass}" ;;
       grid)  # the quality issue's grid on the site-packages corpus, prepared here when missing (~100 s on 16 cores; its
              # SHA-1 is printed, to check that calls and sessions share it); GRID_* select this call's part (GRID_BATCH x GRID_ACCUM

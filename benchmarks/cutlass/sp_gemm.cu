@@ -19,6 +19,7 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/util/packed_stride.hpp"
+#include "launch.h"
 
 using namespace cute;
 
@@ -57,29 +58,10 @@ struct SpGemm {
     return out;
   }
 
-  // iters == 0: one run. iters > 0: one run, then iters runs between two events on `stream`: *ms = their mean
+  // one launch, or iters timed (launch.h)
   static int run(const void* a, const void* e, const void* b, void* d, int M, int N, int K, void* workspace,
                  size_t ws_bytes, cudaStream_t stream, int iters, float* ms) {
-    Gemm gemm;
-    auto arguments = args(a, e, b, d, M, N, K);
-    if (gemm.can_implement(arguments) != cutlass::Status::kSuccess) return 2;
-    if (Gemm::get_workspace_size(arguments) > ws_bytes) return 3;
-    if (gemm.initialize(arguments, workspace, stream) != cutlass::Status::kSuccess) return 4;
-    if (gemm.run(stream) != cutlass::Status::kSuccess) return 5;
-    if (iters > 0) {
-      cudaEvent_t t0, t1;
-      cudaEventCreate(&t0);
-      cudaEventCreate(&t1);
-      cudaEventRecord(t0, stream);
-      for (int i = 0; i < iters; ++i) gemm.run(stream);
-      cudaEventRecord(t1, stream);
-      cudaEventSynchronize(t1);
-      cudaEventElapsedTime(ms, t0, t1);
-      *ms /= iters;
-      cudaEventDestroy(t0);
-      cudaEventDestroy(t1);
-    }
-    return cudaGetLastError() == cudaSuccess ? 0 : 6;
+    return elas_cutlass::run<Gemm>(args(a, e, b, d, M, N, K), workspace, ws_bytes, stream, iters, ms);
   }
 
   static size_t workspace(int M, int N, int K) {
