@@ -80,13 +80,13 @@ def test_gpu_kernels_match_cublas_and_the_torch_ops(m, n, k):
 
 
 # ---- the model key: model.relu2_kernel=fused (model/ffn.py FusedReLU2 over elas::relu2_ffn) ------------------
-def _twins(variant: str, device: str = "cpu", **over):
+def _twins(variant: str, device: str = "cpu", kernel: str = "fused", **over):
     from elas.build import build_model
     from conftest import preset
     cfg = preset(f"llama-tiny-{variant}", None, n_layers=2, vocab_size=256, **over)
     torch.manual_seed(0)
     plain = build_model(cfg, device)
-    cfg.relu2_kernel = "fused"
+    cfg.relu2_kernel = kernel
     fused = build_model(cfg, device)
     fused.load_state_dict(plain.state_dict())
     return plain, fused
@@ -100,12 +100,14 @@ def _loss_and_grads(model, idx, autocast: bool):
     return loss.detach().float(), [p.grad.float().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("variant", ["relu2", "lowrank-relu2"])
-def test_fused_core_is_the_dense_core(variant):
+@pytest.mark.parametrize("variant, kernel", [("relu2", "fused"), ("lowrank-relu2", "fused"),
+                                             ("lowrank-relu2", "cutlass")])
+def test_fused_core_is_the_dense_core(variant, kernel):
     """Under bf16 autocast the twin ops are the dense core's own ops on the same GEMM outputs: bit-identical; in
-    fp32 sqrt(y2) rebuilds relu(y1) to fp32 rounding."""
+    fp32 sqrt(y2) rebuilds relu(y1) to fp32 rounding. (On the CPU both kernels take the twin ops: this checks the
+    model key, the operator's kernel argument and its autograd.)"""
     from elas.model import FusedReLU2
-    plain, fused = _twins(variant)
+    plain, fused = _twins(variant, kernel=kernel)
     assert isinstance(fused.blocks[0].ffn.core, FusedReLU2)
     idx = torch.randint(0, 256, (2, 32))
     (l1, g1), (l2, g2) = _loss_and_grads(plain, idx, True), _loss_and_grads(fused, idx, True)
@@ -157,3 +159,91 @@ def test_gpu_fused_core_matches_the_dense_core(variant):
     assert abs(l1.item() - l2.item()) < 1e-2 * abs(l1.item())
     for a, b in zip(g1, g2):
         assert ((a - b).norm() / a.norm().clamp(min=1e-12)).item() < 5e-2
+
+
+# ---- model.relu2_kernel=cutlass: the same GEMMs on CUTLASS sm90 kernels (kernels/cuda/cutlass_relu2.py) --------
+def test_cutlass_library_missing_and_bad_kernel_are_one_line_errors(monkeypatch, tmp_path):
+    from elas.kernels import ops
+    from elas.kernels.cuda import cutlass_relu2
+    monkeypatch.setenv("ELAS_CUTLASS_RELU2", str(tmp_path / "nope.so"))
+    cutlass_relu2.library.cache_clear()
+    with pytest.raises(FileNotFoundError, match=r"nope\.so: build it with `bash benchmarks/cutlass/build.sh relu2"):
+        cutlass_relu2.library()
+    from elas.build import build_model
+    from conftest import preset
+    cfg = preset("llama-tiny-lowrank-relu2", None, n_layers=2, vocab_size=256)
+    cfg.relu2_kernel = "cutlass"
+    with pytest.raises(FileNotFoundError, match="relu2_kernel=cutlass needs the CUTLASS library"):
+        build_model(cfg, "meta", materialise_on="cuda")  # checked before the model is built, on a CPU machine too
+    cutlass_relu2.library.cache_clear()
+    h = torch.zeros(8, 16)
+    with pytest.raises(ValueError, match="kernel 'cuda' unknown; expected one of \\('triton', 'cutlass'\\)"):
+        ops.relu2_ffn(h, torch.zeros(32, 16), torch.zeros(32, 8), kernel="cuda")
+
+
+def _cutlass_lib():
+    from elas.kernels.cuda import cutlass_relu2
+    if not torch.cuda.is_available() or not cutlass_relu2.library_path().is_file():
+        pytest.skip("needs a Hopper GPU and the CUTLASS library (ELAS_CUTLASS_RELU2)")
+    return cutlass_relu2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m, n, k", [(8192, 8192, 512), (1024, 2176, 256), (4096, 4224, 2048)])
+def test_gpu_cutlass_kernels_match_the_unfused_ops(m, n, k):
+    """Integer-valued inputs: every GEMM output exact in any summation order, so the epilogues are checked bit for
+    bit; random inputs against cuBLAS + the torch ops to bf16 tolerance."""
+    cl = _cutlass_lib()
+    hi, wi, di = _ints((m, k), -3, 4, 0, "cuda"), _ints((n, k), -3, 4, 1, "cuda"), _ints((m, k), -4, 5, 2, "cuda")
+    y2i, dy1i = _unfused(hi, wi, di * 0.25)
+    for what, got, want in (("forward", cl.linear_relu2(hi, wi), y2i),
+                            ("backward", cl.relu2_grad_gemm(di * 0.25, wi, y2i), dy1i),
+                            ("fused backward", cl.relu2_grad_gemm_fused(di * 0.25, wi, y2i), dy1i)):
+        bad = got != want
+        assert not bad.any(), (f"{what}: {bad.float().mean().item():.2e} of the outputs differ, first at "
+                               f"{bad.nonzero()[0].tolist()}: {got[bad][:4].tolist()} against {want[bad][:4].tolist()}")
+    h, w, d = (torch.randn(s, device="cuda", dtype=torch.bfloat16) for s in ((m, k), (n, k), (m, k)))
+    w = w * 0.05
+    r = torch.relu(h @ w.T)
+    y2, dy1 = r * r, 2 * r * (d @ w.T)
+    got, gotb = cl.linear_relu2(h, w), cl.relu2_grad_gemm(d, w, y2)
+    assert ((got.float() - y2.float()).norm() / y2.float().norm()).item() < 1e-2
+    assert ((gotb.float() - dy1.float()).norm() / dy1.float().norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_cutlass_model_trains_like_the_dense_core_and_captures():
+    """The low-rank model with relu2_kernel=cutlass: loss and gradients beside the dense core's (bf16: the GEMMs'
+    summation order differs), compiled without graph breaks, and a CUDA-graph replay equal to the eager step."""
+    _cutlass_lib()
+    plain, fused = _twins("lowrank-relu2", "cuda", kernel="cutlass")
+    idx = torch.randint(0, 256, (4, 64), device="cuda")
+    (l1, g1), (l2, g2) = _loss_and_grads(plain, idx, True), _loss_and_grads(fused, idx, True)
+    assert abs(l1.item() - l2.item()) < 1e-2 * abs(l1.item())
+    for a, b in zip(g1, g2):
+        assert ((a - b).norm() / a.norm().clamp_min(1e-12)).item() < 5e-2
+    compiled = torch.compile(fused, fullgraph=True)
+    side = torch.cuda.Stream()  # warm-up (compilation, the configuration choice) off the capture, as torch's docs ask
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            want = _loss_and_grads(compiled, idx, True)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        loss = _loss_and_grads(compiled, idx, True)[0]
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(loss, want[0])
+
+
+def test_pointwise_backward_kernel_is_the_epilogue():
+    """relu2_grad (the backward's pointwise pass where cuBLAS runs the GEMM): 2 bf16(sqrt(y2)) dy2, bit for bit
+    the fused GEMM's epilogue on the same dy2, on a size that leaves a partial block."""
+    from elas.kernels.cuda.relu2_gemm import relu2_grad
+    h, w, d = _ints((37, 16), -3, 4, 0), _ints((70, 16), -3, 4, 1), _ints((37, 16), -4, 5, 2) * 0.25
+    y2, dy1 = _unfused(h, w, d)
+    dy2 = (d.float() @ w.float().T).to(torch.bfloat16)
+    assert torch.equal(relu2_grad(dy2, y2), dy1) and torch.equal(relu2_grad(dy2, y2), relu2_grad_gemm(d, w, y2))
+    with pytest.raises(ValueError, match="expected two bf16 tensors of one shape"):
+        relu2_grad(dy2, y2[:, :3])

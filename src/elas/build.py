@@ -3,11 +3,13 @@
     model = build_model(model_preset("llama-60m-elas"), "cuda")
 
 is `LLaMA(cfg)` on the device, its dense ReLU^2 cores swapped for `FusedReLU2` when `cfg.relu2_kernel` says
-fused, then `sparsify_(model, m)` for each of `cfg.methods` (elas.sparsity), in order. `resolve_methods(cfg)`
-validates the method list alone (no model is built): the trainer calls it first, so a bad method key is one line
-before any data is read.
+fused (Triton GEMMs) or cutlass, then `sparsify_(model, m)` for each of `cfg.methods` (elas.sparsity), in order.
+`resolve_methods(cfg)` validates the method list alone (no model is built): the trainer calls it first, so a bad
+method key is one line before any data is read.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -28,12 +30,16 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu",
     """materialise_on: for a build on the meta device, where its storage will be allocated (`to_empty`): the
     methods choose their kernels for that device (default: the reference kernels, none loaded)."""
     methods = resolve_methods(cfg)
+    if cfg.relu2_kernel == "cutlass" and torch.device(materialise_on or device).type == "cuda":
+        from .kernels.cuda import cutlass_relu2
+        cutlass_relu2.library()  # a missing library: one line here, before the model is built
     with torch.device(device):
         model = LLaMA(cfg)
-    if cfg.relu2_kernel == "fused":  # the dense ReLU^2 cores' kernels; methods replace cores after this
+    if cfg.relu2_kernel != "torch":  # the dense ReLU^2 cores' kernels; methods replace cores after this
+        op = functools.partial(ops.relu2_ffn, kernel="cutlass" if cfg.relu2_kernel == "cutlass" else "triton")
         for ffn in model.modules():
             if isinstance(getattr(ffn, "core", None), DenseReLU2):
-                ffn.core = FusedReLU2(ops.relu2_ffn)
+                ffn.core = FusedReLU2(op)
     with kernels.materialised_on(materialise_on or device):
         for m in methods:
             sparsify_(model, m)

@@ -21,7 +21,7 @@ FFN_KINDS = ("swiglu", "relu2")
 RESIDUAL_DTYPES = ("compute", "fp32")
 LM_LOSSES = ("chunked", "logits")
 ATTN_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
-RELU2_KERNELS = ("torch", "fused")
+RELU2_KERNELS = ("torch", "fused", "cutlass")
 CONFIG_VERSION = 2  # of config.json: 2 = sparsity as a list of methods (1: flat act_sparsity/grad_mode/... keys)
 D_FF_MULTIPLE = 128  # every 2:4 GEMM tile we target divides 128; 8191 (ELAS 1B) would leave a dense tail
 
@@ -57,7 +57,8 @@ class ModelConfig:
     # up-projection); parameters stay three modules (model/llama.py: Attention.qkv)
     fuse_qkv: bool = False
     # the dense ReLU^2 FFN's pointwise work: torch (separate kernels around the GEMMs, fused by Inductor when
-    # compiled) | fused (inside the two d_ff-wide GEMMs' epilogues: model/ffn.py FusedReLU2, bf16 on CUDA)
+    # compiled) | fused (inside the two d_ff-wide GEMMs' epilogues: model/ffn.py FusedReLU2, bf16 on CUDA; Triton
+    # GEMMs) | cutlass (the same on CUTLASS sm90 GEMMs: kernels/cuda/cutlass_relu2.py, a library built beforehand)
     relu2_kernel: str = "torch"
 
     def __post_init__(self) -> None:

@@ -253,62 +253,77 @@ def _fused_relu2(t: Tensor) -> bool:
     return t.device.type == "cuda" and t.dtype == torch.bfloat16 and _tk is not None
 
 
+RELU2_GEMMS = ("triton", "cutlass")  # the fused ReLU^2 GEMMs' implementations (kernels/cuda/<name>...)
+
+
+def _relu2_gemms(kernel: str):
+    if kernel == "cutlass":
+        from .cuda import cutlass_relu2
+        return cutlass_relu2
+    from .cuda import relu2_gemm
+    return relu2_gemm
+
+
 @torch.library.custom_op("elas::relu2_ffn", mutates_args=())
-def relu2_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor) -> tuple[Tensor, Tensor]:
-    """-> (h2 = relu(h1 wu^T)^2 wd [T, q'], y2 [T, d_ff], saved for backward). y1 is never written."""
+def relu2_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, kernel: str = "triton") -> tuple[Tensor, Tensor]:
+    """-> (h2 = relu(h1 wu^T)^2 wd [T, q'], y2 [T, d_ff], saved for backward). y1 is never written. kernel: which
+    fused GEMMs run on bf16 CUDA tensors (RELU2_GEMMS)."""
     if _fused_relu2(h1):
-        from .cuda import relu2_gemm
-        y2 = relu2_gemm.linear_relu2(h1, wu)
+        y2 = _relu2_gemms(kernel).linear_relu2(h1, wu)
     else:
         y2 = ref.linear_relu2(h1, wu)
     return y2 @ wd, y2
 
 
 @relu2_ffn_op.register_fake
-def _(h1, wu, wd):
+def _(h1, wu, wd, kernel="triton"):
     return h1.new_empty((h1.shape[0], wd.shape[1])), h1.new_empty((h1.shape[0], wu.shape[0]))
 
 
 @torch.library.custom_op("elas::relu2_ffn_backward", mutates_args=())
-def relu2_ffn_backward_op(dh2: Tensor, h1: Tensor, wu: Tensor, wd: Tensor, y2: Tensor
+def relu2_ffn_backward_op(dh2: Tensor, h1: Tensor, wu: Tensor, wd: Tensor, y2: Tensor, kernel: str = "triton"
                           ) -> tuple[Tensor, Tensor, Tensor]:
     dh2 = dh2.contiguous()
-    if _fused_relu2(dh2):  # dy1 = 2 sqrt(y2) (dh2 wd^T): dy2 [T, d_ff] never written
-        from .cuda import relu2_gemm
-        dy1 = relu2_gemm.relu2_grad_gemm(dh2, wd, y2)
+    if _fused_relu2(dh2):  # dy1 = 2 sqrt(y2) (dh2 wd^T); triton: dy2 [T, d_ff] never written; cutlass: cuBLAS's
+        dy1 = _relu2_gemms(kernel).relu2_grad_gemm(dh2, wd, y2)  # dy2, then one pointwise pass (faster there)
     else:
         dy1 = ref.relu2_grad_gemm(dh2, wd, y2)
     return dy1 @ wu, dy1.T @ h1, y2.T @ dh2  # dh1 [T, q], dwu [d_ff, q], dwd [d_ff, q']
 
 
 @relu2_ffn_backward_op.register_fake
-def _(dh2, h1, wu, wd, y2):
+def _(dh2, h1, wu, wd, y2, kernel="triton"):
     return torch.empty_like(h1), torch.empty_like(wu, memory_format=torch.contiguous_format), \
         torch.empty_like(wd, memory_format=torch.contiguous_format)
 
 
 def _relu2_setup_context(ctx, inputs, output):
-    h1, wu, wd = inputs
+    h1, wu, wd = inputs[:3]
+    ctx.kernel = inputs[3] if len(inputs) > 3 else "triton"
     ctx.save_for_backward(h1, wu, wd, output[1])
 
 
 def _relu2_backward(ctx, dh2, _dy2):
     h1, wu, wd, y2 = ctx.saved_tensors
-    return relu2_ffn_backward_op(dh2, h1, wu, wd, y2)
+    return *relu2_ffn_backward_op(dh2, h1, wu, wd, y2, ctx.kernel), None
 
 
 relu2_ffn_op.register_autograd(_relu2_backward, setup_context=_relu2_setup_context)
 
 
-def relu2_ffn(h1: Tensor, wu: Tensor, wd: Tensor) -> Tensor:
+def relu2_ffn(h1: Tensor, wu: Tensor, wd: Tensor, kernel: str = "triton") -> Tensor:
     """The dense ReLU^2 FFN core: h1 [T, q], wu [d_ff, q], wd [d_ff, q'] (one dtype) -> h2 = relu(h1 wu^T)^2 wd
     [T, q']. On bf16 CUDA tensors the up-projection writes y2 = relu(y1)^2 from its epilogue and the backward's
-    dy2 GEMM writes dy1 = 2 sqrt(y2) dy2 from its (kernels/cuda/relu2_gemm.py): the FFN saves y2 alone, and no
-    pointwise kernel runs. Elsewhere the same formulas in torch ops (reference.py)."""
+    dy2 GEMM writes dy1 = 2 sqrt(y2) dy2 from its (kernel="triton": kernels/cuda/relu2_gemm.py): the FFN saves y2
+    alone, and no pointwise kernel runs. kernel="cutlass": the up-projection on a CUTLASS GEMM, the backward's
+    pointwise work as one pass after cuBLAS's dy2 (kernels/cuda/cutlass_relu2.py). Elsewhere the same formulas
+    in torch ops (reference.py)."""
     if h1.shape[1] != wu.shape[1] or wu.shape[0] != wd.shape[0]:
         raise ValueError(f"relu2_ffn: shapes h1 {tuple(h1.shape)}, wu {tuple(wu.shape)}, wd {tuple(wd.shape)} "
                          f"do not chain (expected [T, q], [d_ff, q], [d_ff, q'])")
-    return relu2_ffn_op(h1, wu, wd)[0]
+    if kernel not in RELU2_GEMMS:
+        raise ValueError(f"relu2_ffn: kernel {kernel!r} unknown; expected one of {RELU2_GEMMS}")
+    return relu2_ffn_op(h1, wu, wd, kernel)[0]
 
 
 # ---- the packed 2:4 FFN core: one operator, autograd registered on it ----------------------------------------

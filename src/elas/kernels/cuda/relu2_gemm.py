@@ -137,4 +137,26 @@ def relu2_grad_gemm(dh2: torch.Tensor, wd: torch.Tensor, y2: torch.Tensor, confi
     return _launch(dh2, wd, y2.contiguous(), config, c_tma)
 
 
-__all__ = ["linear_relu2", "relu2_grad_gemm", "CONFIGS", "DEFAULT"]
+@triton.jit
+def _relu2_grad_kernel(dy2_ptr, y2_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = off < n
+    dy2 = tl.load(dy2_ptr + off, mask=inside, other=0.0).to(tl.float32)
+    y2 = tl.load(y2_ptr + off, mask=inside, other=0.0).to(tl.float32)
+    tl.store(out_ptr + off, _epilogue(dy2, y2, True).to(tl.bfloat16), mask=inside)
+
+
+def relu2_grad(dy2: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+    """dy1 = 2 bf16(sqrt(y2)) dy2, elementwise on bf16 [T, d_ff] tensors (the backward's pointwise work where its
+    GEMM is not ours: relu2_grad_gemm's epilogue as one pass, 6 bytes an element)."""
+    if dy2.shape != y2.shape or dy2.dtype != torch.bfloat16 or y2.dtype != torch.bfloat16:
+        raise ValueError(f"relu2_grad: dy2 {dy2.dtype} {tuple(dy2.shape)} and y2 {y2.dtype} {tuple(y2.shape)}: "
+                         f"expected two bf16 tensors of one shape")
+    dy2, y2 = dy2.contiguous(), y2.contiguous()
+    out = torch.empty_like(dy2)
+    block = 4096
+    _relu2_grad_kernel[(triton.cdiv(dy2.numel(), block),)](dy2, y2, out, dy2.numel(), BLOCK=block, num_warps=8)
+    return out
+
+
+__all__ = ["linear_relu2", "relu2_grad_gemm", "relu2_grad", "CONFIGS", "DEFAULT"]

@@ -1,0 +1,131 @@
+"""The dense ReLU^2 FFN's two d_ff-wide GEMMs on CUTLASS sm90 kernels with the pointwise work in their epilogues
+(`model.relu2_kernel=cutlass`): the same two products as relu2_gemm.py's Triton kernels, with CUTLASS's
+warp-specialised TMA mainloop (cuBLAS's rate, where the Triton form ran ~1.5x slower at K = 512).
+
+- forward  (mode 1): y2 [M, N] = relu(bf16(h1 @ wu^T))^2, h1 [M, K], wu [N, K]; y1 never written.
+- backward: dy1 [M, N] = 2 bf16(sqrt(y2)) bf16(dh2 @ wd^T), dh2 [M, K], wd [N, K], y2 [M, N]: cuBLAS's GEMM and
+  one pointwise pass. The library's fused form (mode 2: y2 read by each epilogue thread, dy2 never written) is
+  kept as `relu2_grad_gemm_fused`: it measured 0.75x cuBLAS + the pointwise kernel at the 1B shapes, where the
+  forward's fused form measured 1.42x (benchmarks/results/h200/cutlass_relu2.json).
+All operands bf16, row-major and contiguous (K contiguous in A and B). Numerics are relu2_gemm.py's (the
+rounding points are the same; only the GEMM's summation order differs from cuBLAS).
+
+The kernels live in a shared library built off the GPU machine from benchmarks/cutlass/relu2_gemm.cu
+(`bash benchmarks/cutlass/build.sh relu2`: nvcc and CUTLASS's headers from pip wheels, cudart static), found at
+$ELAS_CUTLASS_RELU2 or <ELAS_CACHE_DIR>/cutlass/libelas_cutlass_relu2.so. The library holds several tile /
+cluster / schedule configurations; the fastest per (mode, M, N, K) is chosen by timing each once, outside any
+CUDA-graph capture (as cuSPARSELt's algorithm is in gemm.py), and kept in memory.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .gemm import cache_dir
+
+log = logging.getLogger("elas.kernels")
+MODES = {"relu2": 1, "grad": 2}
+
+
+def library_path() -> Path:
+    env = os.environ.get("ELAS_CUTLASS_RELU2")
+    return Path(env) if env else cache_dir() / "cutlass" / "libelas_cutlass_relu2.so"
+
+
+@lru_cache(maxsize=1)
+def library() -> ctypes.CDLL:
+    path = library_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"model.relu2_kernel=cutlass needs the CUTLASS library at {path}: build it with "
+                                f"`bash benchmarks/cutlass/build.sh relu2 DIR` and set ELAS_CUTLASS_RELU2=DIR/"
+                                f"libelas_cutlass_relu2.so (or copy it there)")
+    lib = ctypes.CDLL(str(path))
+    lib.elas_cutlass_dense_configs.restype = ctypes.c_int
+    lib.elas_cutlass_dense_config_name.restype = ctypes.c_char_p
+    lib.elas_cutlass_dense_workspace.restype = ctypes.c_longlong
+    lib.elas_cutlass_dense_workspace.argtypes = [ctypes.c_int] * 5
+    lib.elas_cutlass_dense_mm.restype = ctypes.c_int
+    lib.elas_cutlass_dense_mm.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 + [
+        ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_float)]
+    return lib
+
+
+# (device, mode, M, N, K) -> configuration index
+_BEST: dict[tuple, int] = {}
+
+
+def _launch(lib, config: int, mode: int, a, b, aux, d, iters: int = 0) -> tuple[int, float]:
+    m, k = a.shape
+    n = b.shape[0]
+    ws_bytes = int(lib.elas_cutlass_dense_workspace(config, mode, m, n, k))
+    ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=a.device)  # the caching allocator: graph-safe
+    ms = ctypes.c_float(0)
+    rc = lib.elas_cutlass_dense_mm(config, mode, a.data_ptr(), b.data_ptr(), None if aux is None else aux.data_ptr(),
+                                   d.data_ptr(), m, n, k, ws.data_ptr(), max(ws_bytes, 1),
+                                   ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), iters, ctypes.byref(ms))
+    return rc, ms.value
+
+
+def _best(lib, mode: int, a, b, aux) -> int:
+    m, k = a.shape
+    key = (a.device.index, mode, m, b.shape[0], k)
+    best = _BEST.get(key)
+    if best is not None:
+        return best
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"no CUTLASS configuration chosen for mode {mode}, {m}x{b.shape[0]}x{k} during CUDA-graph "
+                           f"capture: run one eager step first (the choice launches and synchronises)")
+    d = torch.empty(m, b.shape[0], dtype=torch.bfloat16, device=a.device)
+    timed = {}
+    for c in range(lib.elas_cutlass_dense_configs()):
+        if _launch(lib, c, mode, a, b, aux, d)[0] != 0:  # this tile cannot run this shape
+            continue
+        rc, ms = _launch(lib, c, mode, a, b, aux, d, iters=20)
+        if rc == 0:
+            timed[c] = ms
+    if not timed:
+        raise RuntimeError(f"no CUTLASS configuration runs mode {mode} at {m}x{b.shape[0]}x{k}")
+    best = min(timed, key=timed.get)
+    log.info("CUTLASS ReLU^2 mode %d %dx%dx%d: %s (%.4f ms)", mode, m, b.shape[0], k,
+             lib.elas_cutlass_dense_config_name(best).decode(), timed[best])
+    _BEST[key] = best
+    return best
+
+
+def _mm(mode: int, a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
+    if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or a.shape[1] != b.shape[1] or a.shape[1] % 8:
+        raise ValueError(f"CUTLASS ReLU^2 GEMM: bf16 A [M, K] and B [N, K] with K % 8 == 0 expected, got "
+                         f"{a.dtype} {tuple(a.shape)} and {b.dtype} {tuple(b.shape)}")
+    a, b = a.contiguous(), b.contiguous()  # a transposed weight view is copied: the kernels read K-contiguous rows
+    lib = library()
+    config = _best(lib, mode, a, b, aux)
+    d = torch.empty(a.shape[0], b.shape[0], dtype=torch.bfloat16, device=a.device)
+    rc = _launch(lib, config, mode, a, b, aux, d)[0]
+    if rc != 0:
+        raise RuntimeError(f"CUTLASS ReLU^2 GEMM mode {mode} failed with status {rc} at "
+                           f"{a.shape[0]}x{b.shape[0]}x{a.shape[1]}")
+    return d
+
+
+def linear_relu2(h1: torch.Tensor, wu: torch.Tensor) -> torch.Tensor:
+    """y2 [T, d_ff] = relu(h1 @ wu^T)^2 from the GEMM's epilogue; h1 [T, q], wu [d_ff, q] bf16."""
+    return _mm(MODES["relu2"], h1, wu, None)
+
+
+def relu2_grad_gemm_fused(dh2: torch.Tensor, wd: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+    """dy1 [T, d_ff] = 2 sqrt(y2) (dh2 @ wd^T) from the GEMM's epilogue; dh2 [T, q'], wd [d_ff, q'], y2 [T, d_ff].
+    Not what relu2_kernel=cutlass runs: its epilogue reads y2 outside the mainloop's pipeline, and the GEMM took
+    1.3x cuBLAS + the pointwise kernel at the 1B shapes (benchmarks/results/h200/cutlass_relu2.json)."""
+    return _mm(MODES["grad"], dh2, wd, y2.contiguous())
+
+
+def relu2_grad_gemm(dh2: torch.Tensor, wd: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+    """dy1 [T, d_ff] = 2 bf16(sqrt(y2)) bf16(dh2 @ wd^T): cuBLAS's GEMM, then one pointwise pass (relu2_gemm.py's
+    epilogue as a kernel): faster than the fused form above."""
+    from .relu2_gemm import relu2_grad
+    return relu2_grad(dh2 @ wd.T, y2)
