@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh STAGE...
-# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass cutlass_relu2 quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
+# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass cutlass_relu2 norm quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
 # the step benchmark and the test selection. Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
 # machine), are copied there too, with the tuned cuSPARSELt algorithm cache.
 set -u
@@ -71,6 +71,12 @@ for what in "${@:-tests kernels ffn}"; do
       cutlass)  # our CUTLASS sm90 sparse GEMM against cuSPARSELt and cuBLAS; the library is built off the GPU machine
                 # (benchmarks/cutlass/build.sh sp) and carried: carry build/cutlass_sp
         python benchmarks/cutlass_sparse.py build/cutlass_sp/libelas_cutlass_sp.so "benchmarks/results/$GPU" ;;
+      norm)  # the one-pass RMSNorm backward against Inductor's kernels, then the 1B dense step with it, with the
+             # CUTLASS ReLU^2 forward (ELAS_CUTLASS_RELU2; carry build/cutlass_relu2) and with both, beside the default
+        python benchmarks/rmsnorm_bwd.py "benchmarks/results/$GPU"
+        v=lowrank-relu2; k=${ELAS_CUTLASS_RELU2:+,$v+relu2_kernel=cutlass,$v+relu2_kernel=cutlass+norm_kernel=fused}
+        timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
+          --variants "$v,$v+norm_kernel=fused$k" --out "${NORM_OUT:-benchmarks/results/$GPU/step_norm}" 2>&1 | quiet ;;
       cutlass_relu2)  # a CUTLASS sm90 dense GEMM with relu(y1)^2 in its epilogue against cuBLAS + the separate kernel;
                       # built off the GPU machine (benchmarks/cutlass/build.sh relu2): carry build/cutlass_relu2
         python benchmarks/cutlass_relu2.py build/cutlass_relu2/libelas_cutlass_relu2.so "${CUTLASS_OUT:-runs/cutlass}" ;;

@@ -89,6 +89,15 @@ def kernels():
     yield "backward mask, 95/5 split", S._bwd_split_kernel, split, {"STE": False, "FROM_Y1": False,
                                                                     "ROWS": S.BWD_ROWS}, S.BWD_ROWS * 64, \
         S.SPLIT_BWD_WARPS
+    # the dense step's pointwise kernels (relu2_kernel=cutlass's backward pass; norm_kernel=fused), for their
+    # registers and spills; the norm's count is per element of one loop iteration (ROWS rows at d = 2048)
+    from elas.kernels.cuda import relu2_gemm as R, rmsnorm as N
+    yield "relu2 grad (pointwise)", R._relu2_grad_kernel, {"dy2_ptr": BF16, "y2_ptr": BF16, "out_ptr": BF16,
+                                                           "n": "i32"}, {"BLOCK": 4096}, 4096, 8
+    rows = N.rows_per_iteration(2048)
+    yield "rmsnorm backward (d 2048)", N._rmsnorm_bwd_kernel, {
+        "dn_ptr": BF16, "x_ptr": BF16, "dres_ptr": BF16, "w_ptr": "*fp32", "dx_ptr": BF16, "part_ptr": "*fp32",
+        "T": "i32", "D": "i32", "eps": "fp32"}, {"HAS_RES": True, "ROWS": rows, "BLOCK_D": 2048}, rows * 2048, 8
 
 
 def main(argv: list[str]) -> int:
@@ -104,7 +113,8 @@ def main(argv: list[str]) -> int:
     for name, fn, sig, ce, elems, warps in kernels():
         if want not in name:
             continue
-        st = sass_stats(compile_sm90(fn, sig, ce, warps, not_div16=("ND",)))  # ND: the split's dense count
+        # ND: the split's dense count; eps: a float
+        st = sass_stats(compile_sm90(fn, sig, ce, warps, not_div16=("ND", "eps")))
         per = st["instructions"] * 32 * warps / elems
         print(f"{name:28s} regs {st['regs']:3d}  shared {st['shared']:5d} B  local {st['local']} B  "
               f"{st['instructions']:5d} SASS = {per:5.1f} per element  memory {st['memory']}")

@@ -40,6 +40,9 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu",
         for ffn in model.modules():
             if isinstance(getattr(ffn, "core", None), DenseReLU2):
                 ffn.core = FusedReLU2(op)
+    if cfg.norm_kernel == "fused":  # the blocks' norms (not the final one: nothing is added to its input)
+        for blk in model.blocks:
+            blk.attn_norm.residual_split = blk.ffn_norm.residual_split = ops.residual_rmsnorm
     with kernels.materialised_on(materialise_on or device):
         for m in methods:
             sparsify_(model, m)

@@ -22,6 +22,7 @@ RESIDUAL_DTYPES = ("compute", "fp32")
 LM_LOSSES = ("chunked", "logits")
 ATTN_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 RELU2_KERNELS = ("torch", "fused", "cutlass")
+NORM_KERNELS = ("torch", "fused")
 CONFIG_VERSION = 2  # of config.json: 2 = sparsity as a list of methods (1: flat act_sparsity/grad_mode/... keys)
 D_FF_MULTIPLE = 128  # every 2:4 GEMM tile we target divides 128; 8191 (ELAS 1B) would leave a dense tail
 
@@ -60,6 +61,9 @@ class ModelConfig:
     # compiled) | fused (inside the two d_ff-wide GEMMs' epilogues: model/ffn.py FusedReLU2, bf16 on CUDA; Triton
     # GEMMs) | cutlass (the same on CUTLASS sm90 GEMMs: kernels/cuda/cutlass_relu2.py, a library built beforehand)
     relu2_kernel: str = "torch"
+    # the blocks' RMSNorm backward: torch (autograd of the ops; compiled: a dx and a dw kernel per norm, and the
+    # residual's add) | fused (one pass: dx with the residual's gradient, and dw; kernels/cuda/rmsnorm.py)
+    norm_kernel: str = "torch"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -112,6 +116,8 @@ class ModelConfig:
             bad("lm_loss", self.lm_loss, f"expected one of {LM_LOSSES}")
         if self.relu2_kernel not in RELU2_KERNELS:
             bad("relu2_kernel", self.relu2_kernel, f"expected one of {RELU2_KERNELS}")
+        if self.norm_kernel not in NORM_KERNELS:
+            bad("norm_kernel", self.norm_kernel, f"expected one of {NORM_KERNELS}")
         if self.attn_backend not in ATTN_BACKENDS:
             bad("attn_backend", self.attn_backend, f"expected one of {ATTN_BACKENDS}")
 

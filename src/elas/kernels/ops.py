@@ -326,6 +326,50 @@ def relu2_ffn(h1: Tensor, wu: Tensor, wd: Tensor, kernel: str = "triton") -> Ten
     return relu2_ffn_op(h1, wu, wd, kernel)[0]
 
 
+# ---- RMSNorm on a residual stream: the backward as one pass (dx with the residual's gradient, and dw) ----------
+@torch.library.custom_op("elas::rmsnorm_backward", mutates_args=())
+def rmsnorm_backward(dn: Tensor, x: Tensor, dres: Tensor | None, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """-> (dx = dres + d(rmsnorm)/dx [.., d] in x's dtype, dw [d] in w's dtype): reference.rmsnorm_backward; on CUDA
+    one Triton pass over dn and x (kernels/cuda/rmsnorm.py)."""
+    if x.device.type == "cuda" and _tk is not None:
+        from .cuda import rmsnorm
+        return rmsnorm.rmsnorm_backward(dn, x, dres, w, eps)
+    return ref.rmsnorm_backward(dn, x, dres, w, eps)
+
+
+@rmsnorm_backward.register_fake
+def _(dn, x, dres, w, eps):
+    return torch.empty_like(x), torch.empty_like(w)
+
+
+class _ResidualRMSNorm(torch.autograd.Function):
+    """(x, n = rmsnorm(x) w) from x: the residual stream passed on and its norm, whose two gradients meet in
+    elas::rmsnorm_backward. The forward is torch ops (Inductor fuses them with the residual add before them)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(x, w)
+        ctx.eps = eps
+        xf = x.float()
+        n = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+        return x.view_as(x), n  # x passed on as a view: no copy
+
+    @staticmethod
+    def backward(ctx, dres: Tensor | None, dn: Tensor | None):
+        x, w = ctx.saved_tensors
+        if dn is None:  # the norm's output unused: only the residual's gradient
+            return dres, None, None
+        dx, dw = rmsnorm_backward(dn, x, dres, w, ctx.eps)
+        return dx, dw, None
+
+
+def residual_rmsnorm(x: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(x, rmsnorm(x) w) for a block that adds to x after normalising it (model.norm_kernel=fused: model/llama.py
+    RMSNorm.split): the same values as (x, RMSNorm(x)); the backward is one kernel where the compiled form of the
+    unfused ops runs two (dx with dres added; dw), each reading dn and x."""
+    return _ResidualRMSNorm.apply(x, w, eps)
+
+
 # ---- the packed 2:4 FFN core: one operator, autograd registered on it ----------------------------------------
 @torch.library.custom_op("elas::act24_ffn", mutates_args=())
 def act24_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac: float | None,
@@ -453,4 +497,4 @@ def act24_ffn(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac: f
 
 
 __all__ = ["relu2_ffn", "relu2_sparsify24_packed", "up_relu2_sparsify24", "relu2_sparse24_backward", "sparse_mm", "act24_ffn",
-           "dgrad_relu2_ste_op"]
+           "dgrad_relu2_ste_op", "rmsnorm_backward", "residual_rmsnorm"]

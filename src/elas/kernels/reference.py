@@ -36,6 +36,7 @@ __all__ = [
     "pack24_along_tokens",
     "linear_relu2",
     "relu2_grad_gemm",
+    "rmsnorm_backward",
 ]
 
 
@@ -276,6 +277,23 @@ def relu2_grad_gemm(dh2: torch.Tensor, wd: torch.Tensor, y2: torch.Tensor) -> to
     """dh2 [M, K], wd [N, K], y2 [M, N] -> dy1 = 2 sqrt(y2) (dh2 wd^T) [M, N]: relu(y1) rebuilt from y2 (exact in
     bf16 wherever y2 is a normal number). The twin of the fused backward GEMM (kernels/cuda/relu2_gemm.py)."""
     return 2 * torch.sqrt(y2) * (dh2 @ wd.T)
+
+
+def rmsnorm_backward(dn: torch.Tensor, x: torch.Tensor, dres: torch.Tensor | None, w: torch.Tensor, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of a residual stream x [.., d] that feeds both n = rmsnorm(x) w and the residual path:
+    dn [.., d] reaches n, dres [.., d] (or None) the residual path. With r = rsqrt(mean(x^2) + eps), xh = x r and
+    g = dn w (fp32): dx = dres + r (g - xh mean(g xh)) in x's dtype, dw = sum over rows of dn xh in w's dtype.
+    The twin of kernels/cuda/rmsnorm.py, which computes both in one pass over dn and x."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xh = xf * rstd
+    g = dn.float() * w.float()
+    dx = rstd * (g - xh * (g * xh).mean(-1, keepdim=True))
+    if dres is not None:
+        dx = dx + dres.float()
+    dw = (dn.float() * xh).reshape(-1, x.shape[-1]).sum(0)
+    return dx.to(x.dtype), dw.to(w.dtype)
 
 
 def sparse_mm(a, b: torch.Tensor) -> torch.Tensor:

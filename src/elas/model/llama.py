@@ -22,12 +22,22 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        # (x, w, eps) -> (x, norm(x)) with one backward for both uses of x; build_model installs it for
+        # model.norm_kernel=fused (kernels/ops.py residual_rmsnorm; given, not imported: the model imports no kernels)
+        self.residual_split = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # computed in fp32, returned in x's dtype: a bf16 residual stream gets bf16 norm outputs (one fused
         # kernel when compiled); an fp32 one gets exactly what (normed.type_as(x) * weight) gave before
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, self(x)) for a residual block, which normalises x and adds to it: the gradients of the two uses
+        meet in one backward pass where residual_split is installed."""
+        if self.residual_split is None:
+            return x, self(x)
+        return self.residual_split(x, self.weight, self.eps)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,8 +201,10 @@ class Block(nn.Module):
         self.ffn = ffn_cls(cfg.d_model, cfg.ffn_width, r, cfg.init_std)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, positions=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, positions)
-        return x + self.ffn(self.ffn_norm(x))
+        x, h = self.attn_norm.split(x)
+        x = x + self.attn(h, cos, sin, cache, layer, positions)
+        x, h = self.ffn_norm.split(x)
+        return x + self.ffn(h)
 
 
 class LLaMA(nn.Module):

@@ -1,0 +1,65 @@
+"""The blocks' RMSNorm backward: Inductor's kernels for autograd of (x passed on, rmsnorm(x) w) against our one-pass
+kernel (kernels/cuda/rmsnorm.py), at the 1B and 350M residual-stream shapes, bf16 activations and an fp32 weight
+(as in elas's default mode), one process, CUDA-graph replays. Every result is checked against the reference first.
+
+    PYTHONPATH=src python benchmarks/rmsnorm_bwd.py [OUT_DIR (default benchmarks/results/<gpu>)]
+
+Writes OUT_DIR/rmsnorm_bwd.json and prints a table last.
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+SHAPES = [(8192, 2048, "1B, batch 32 x 256"), (16384, 2048, "1B, batch 64 x 256"), (8192, 1024, "350M, batch 32 x 256")]
+
+
+def main() -> None:
+    here = Path(__file__).resolve().parent
+    sys.path.insert(0, str(here.parent / "src"))
+    from elas.bench.timing import graph_ms
+    from elas.kernels import reference as ref
+    from elas.kernels.cuda.rmsnorm import rmsnorm_backward
+    from elas.model.llama import RMSNorm
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    gpu = torch.cuda.get_device_name()
+    out_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else here / "results" / gpu.split()[-1].lower()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, table = [], []
+    for t, d, what in SHAPES:
+        torch.manual_seed(0)
+        x, dn, dres = (torch.randn(t, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        norm = RMSNorm(d).cuda()
+        with torch.no_grad():
+            norm.weight.add_(0.1 * torch.randn(d, device="cuda"))
+        w = norm.weight.detach()
+        xr = x.detach().requires_grad_()
+
+        def unfused():  # what the compiled step runs: autograd of the ops, both uses of x, compiled by Inductor
+            xr.grad, norm.weight.grad = None, None
+            torch.autograd.backward([xr * 1, norm(xr)], [dres, dn])  # x * 1: x's residual use, as in a block
+            return xr.grad, norm.weight.grad
+
+        compiled = torch.compile(unfused)
+        want_dx, want_dw = ref.rmsnorm_backward(dn, x, dres, w, norm.eps)
+        for name, fn in (("inductor", compiled), ("ours", lambda: rmsnorm_backward(dn, x, dres, w, norm.eps))):
+            dx, dw = fn()
+            err = ((dx.float() - want_dx.float()).norm() / want_dx.float().norm()).item()
+            err_w = ((dw.float() - want_dw.float()).norm() / want_dw.float().norm()).item()
+            assert err < 1e-2 and err_w < 1e-3, f"{name}: dx error {err:.2e}, dw error {err_w:.2e}"
+        ind = graph_ms(compiled)
+        ours = graph_ms(lambda: rmsnorm_backward(dn, x, dres, w, norm.eps))
+        moved = 4 * t * d * 2  # dn, x, dres read; dx written (bf16)
+        rows.append({"T": t, "d": d, "what": what, "inductor_ms": ind, "ours_ms": ours, "speedup": ind / ours,
+                     "ours_tb_s": moved / ours / 1e9})
+        table.append(f"{what} [{t}, {d}]: Inductor {ind:.4f} ms, ours {ours:.4f} ms ({ind / ours:.2f}x, "
+                     f"{moved / ours / 1e9:.2f} TB/s of the bytes it must move)")
+    env = {"torch": torch.__version__, "gpu": gpu, "cuda": torch.version.cuda}
+    (out_dir / "rmsnorm_bwd.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Triton kernel: an RMSNorm's backward as one pass, dx and the weight gradient together.
+
+Compiled, the step's norm backwards are two Inductor kernels per norm: dx (a reduction along each row) and dw (a
+reduction over rows), each reading dn and x: 3.0 of the 1B dense step's 69 ms (benchmarks/results/h200/
+step_act24_profile.json, 48 norms). Here each program walks its rows, a few at a time, writes dx and keeps dw's
+partial sum in registers; the partial sums [programs, d] fp32 are added by one small reduction after it. dn and x
+are read once.
+
+Shapes: dn, x, dres (optional) [T, d], one dtype each (bf16 or fp32), contiguous; w [d]. dx [T, d] in x's dtype
+(dres added: the residual path's gradient; added outside an opaque kernel it would cost a pass), dw [d] in
+w's dtype. Math in fp32 as reference.rmsnorm_backward; dw's summation order differs (a float tolerance).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def rows_per_iteration(d: int) -> int:
+    """Rows a program handles at once: 4096 elements per tile (2 rows at d = 2048), so that a thread of 8 warps
+    holds 16 of each operand and several row reductions are in flight."""
+    return max(1, 4096 // triton.next_power_of_2(d))
+
+
+@triton.jit
+def _rmsnorm_bwd_kernel(dn_ptr, x_ptr, dres_ptr, w_ptr, dx_ptr, part_ptr, T, D, eps,
+                        HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_D)
+    in_d = cols < D
+    w = tl.load(w_ptr + cols, mask=in_d, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for start in range(pid * ROWS, T, nprog * ROWS):
+        rows = start + tl.arange(0, ROWS)
+        inside = (rows < T)[:, None] & in_d[None, :]
+        off = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        x = tl.load(x_ptr + off, mask=inside, other=0.0).to(tl.float32)
+        dn = tl.load(dn_ptr + off, mask=inside, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, 1) / D + eps)  # [ROWS]
+        xh = x * rstd[:, None]
+        g = dn * w[None, :]
+        c = tl.sum(g * xh, 1) / D
+        dx = rstd[:, None] * (g - xh * c[:, None])
+        if HAS_RES:
+            dx += tl.load(dres_ptr + off, mask=inside, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+        acc += tl.sum(dn * xh, 0)  # masked rows load zeros: they add nothing
+    tl.store(part_ptr + pid.to(tl.int64) * D + cols, acc, mask=in_d)
+
+
+def rmsnorm_backward(dn: torch.Tensor, x: torch.Tensor, dres: torch.Tensor | None, w: torch.Tensor, eps: float,
+                     programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (dx [.., d] in x's dtype, dw [d] in w's dtype); see the module docstring. programs: how many programs
+    share the rows (default: 4 per SM on a GPU, so that the partial sums stay small: 528 x d fp32 on an H100)."""
+    d = x.shape[-1]
+    if dn.shape != x.shape or (dres is not None and dres.shape != x.shape) or w.shape != (d,):
+        raise ValueError(f"rmsnorm_backward: dn {tuple(dn.shape)}, x {tuple(x.shape)}, dres "
+                         f"{None if dres is None else tuple(dres.shape)}, w {tuple(w.shape)}: expected [.., {d}] x3 "
+                         f"and [{d}]")
+    x2, dn2 = x.reshape(-1, d).contiguous(), dn.reshape(-1, d).contiguous()
+    t = x2.shape[0]
+    if programs is None:
+        programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
+    rows = rows_per_iteration(d)
+    programs = max(1, min(programs, triton.cdiv(t, rows)))
+    dx = torch.empty_like(x2)
+    part = torch.empty(programs, d, dtype=torch.float32, device=x.device)
+    res = dres.reshape(-1, d).contiguous() if dres is not None else x2  # not read without HAS_RES
+    _rmsnorm_bwd_kernel[(programs,)](dn2, x2, res, w.contiguous(), dx, part, t, d, eps, HAS_RES=dres is not None,
+                                     ROWS=rows, BLOCK_D=triton.next_power_of_2(d), num_warps=8 if d >= 2048 else 4)
+    return dx.reshape(x.shape), part.sum(0).to(w.dtype)
+
+
+__all__ = ["rmsnorm_backward"]

@@ -1,0 +1,119 @@
+"""model.norm_kernel=fused: the blocks' RMSNorm backward as one pass (kernels/cuda/rmsnorm.py, kernels/ops.py
+residual_rmsnorm). CPU: the reference against autograd of the model's RMSNorm, the Triton kernel under
+TRITON_INTERPRET=1 against the reference, the model key through autograd and torch.compile. GPU: the kernel on the
+1B shape against the reference."""
+import pytest
+import torch
+
+from elas.kernels import reference as ref
+from elas.model.llama import RMSNorm
+
+
+def _autograd(x, w, eps, dn, dres):
+    """The gradients autograd gives for (x passed on, RMSNorm(x)) with upstream gradients (dres, dn)."""
+    x = x.detach().requires_grad_()
+    norm = RMSNorm(x.shape[-1], eps).to(w.dtype)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+    out = norm(x)
+    torch.autograd.backward([x, out], [dres, dn]) if dres is not None else out.backward(dn)
+    return x.grad, norm.weight.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_res", [True, False])
+def test_reference_is_autograd_of_the_norm(dtype, with_res):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 48, generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(48, generator=g)).to(dtype)
+    dn, dres = torch.randn(3, 5, 48, generator=g).to(dtype), torch.randn(3, 5, 48, generator=g).to(dtype)
+    dx, dw = ref.rmsnorm_backward(dn, x, dres if with_res else None, w, 1e-6)
+    want_dx, want_dw = _autograd(x, w, 1e-6, dn, dres if with_res else None)
+    assert dx.dtype == dtype and dw.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dx, want_dx, **tol)
+    torch.testing.assert_close(dw, want_dw, **tol)
+
+
+@pytest.mark.parametrize("t, d, programs", [(37, 48, 3), (8, 2048, 2), (5, 100, 8)])
+def test_triton_kernel_matches_the_reference(t, d, programs):
+    """Under the interpreter on CPU (CI sets TRITON_INTERPRET=1), on the GPU natively: rows not a multiple of
+    ROWS, d not a power of two, programs sharing the rows unevenly."""
+    pytest.importorskip("triton")
+    from elas.kernels.cuda.rmsnorm import rmsnorm_backward
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(1)
+    x, dn, dres = (torch.randn(t, d, generator=g).to(dev, torch.bfloat16) for _ in range(3))
+    w = (1 + 0.1 * torch.randn(d, generator=g)).to(dev)  # fp32 weight with bf16 activations, as under autocast
+    for r in (dres, None):
+        dx, dw = rmsnorm_backward(dn, x, r, w, 1e-6, programs=programs)
+        want_dx, want_dw = ref.rmsnorm_backward(dn, x, r, w, 1e-6)
+        assert dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
+        # dx: one bf16 rounding of the same fp32 math; dw: fp32 sums in another order
+        torch.testing.assert_close(dx.float(), want_dx.float(), rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(dw, want_dw, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="expected"):
+        rmsnorm_backward(dn, x, None, w[:-1], 1e-6)
+
+
+def _pair(variant="lowrank-relu2", device="cpu"):
+    from conftest import preset
+    from elas.build import build_model
+    cfg = preset(f"llama-tiny-{variant}", None, n_layers=2, vocab_size=256)
+    torch.manual_seed(0)
+    plain = build_model(cfg, device)
+    cfg.norm_kernel = "fused"
+    fused = build_model(cfg, device)
+    fused.load_state_dict(plain.state_dict())
+    return plain, fused
+
+
+def _loss_grads(model, idx):
+    model.zero_grad(set_to_none=True)
+    loss = model(idx, idx)
+    loss.backward()
+    # names without torch.compile's wrapper prefix
+    return loss.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_model_key_gives_the_same_loss_and_gradients():
+    plain, fused = _pair()
+    assert fused.blocks[0].attn_norm.residual_split is not None and fused.norm.residual_split is None
+    idx = torch.randint(0, 256, (2, 16))
+    (l1, g1), (l2, g2) = _loss_grads(plain, idx), _loss_grads(fused, idx)
+    assert torch.equal(l1, l2)  # the forward is the same ops
+    for n in g1:
+        torch.testing.assert_close(g2[n], g1[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_model_key_compiles_without_graph_breaks():
+    import torch._dynamo as dynamo
+    _, fused = _pair()
+    idx = torch.randint(0, 256, (2, 16))
+    dynamo.reset()
+    explain = dynamo.explain(fused)(idx, idx)
+    assert (explain.graph_count, explain.graph_break_count) == (1, 0), explain.break_reasons
+    want = _loss_grads(fused, idx)
+    got = _loss_grads(torch.compile(fused, fullgraph=True, backend="aot_eager"), idx)
+    torch.testing.assert_close(got[0], want[0])
+    for n in want[1]:
+        torch.testing.assert_close(got[1][n], want[1][n], msg=n)
+
+
+def test_bad_norm_kernel_is_a_one_line_error():
+    from conftest import preset
+    cfg = preset("llama-tiny-lowrank-relu2", None)
+    cfg.norm_kernel = "triton"
+    with pytest.raises(ValueError, match="norm_kernel='triton'.*torch.*fused"):
+        cfg.validate()
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_at_the_1b_shape():
+    from elas.kernels.cuda.rmsnorm import rmsnorm_backward
+    x, dn, dres = (torch.randn(8192, 2048, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    w = 1 + 0.1 * torch.randn(2048, device="cuda")
+    dx, dw = rmsnorm_backward(dn, x, dres, w, 1e-6)
+    want_dx, want_dw = ref.rmsnorm_backward(dn, x, dres, w, 1e-6)
+    assert (dx.float() - want_dx.float()).abs().max().item() <= 2 * want_dx.float().abs().max().item() * 2 ** -8
+    torch.testing.assert_close(dw, want_dw, rtol=1e-3, atol=1e-2)
