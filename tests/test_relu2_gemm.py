@@ -198,7 +198,8 @@ def test_gpu_cutlass_kernels_match_the_unfused_ops(m, n, k):
     y2i, dy1i = _unfused(hi, wi, di * 0.25)
     for what, got, want in (("forward", cl.linear_relu2(hi, wi), y2i),
                             ("backward", cl.relu2_grad_gemm(di * 0.25, wi, y2i), dy1i),
-                            ("fused backward", cl.relu2_grad_gemm_fused(di * 0.25, wi, y2i), dy1i)):
+                            ("fused backward", cl.relu2_grad_gemm_fused(di * 0.25, wi, y2i, "grad"), dy1i),
+                            ("fused backward, TMA", cl.relu2_grad_gemm_fused(di * 0.25, wi, y2i, "grad_tma"), dy1i)):
         bad = got != want
         assert not bad.any(), (f"{what}: {bad.float().mean().item():.2e} of the outputs differ, first at "
                                f"{bad.nonzero()[0].tolist()}: {got[bad][:4].tolist()} against {want[bad][:4].tolist()}")

@@ -7,7 +7,11 @@
 //   mode 0 ("plain"):  D[M, N] = bf16(A[M, K] @ B[K, N])                 (the mainloop alone, against cuBLAS)
 //   mode 1 ("relu2"):  D[M, N] = bf16(relu(bf16(A @ B))^2)               (the up-projection's y2; y1 never written)
 //   mode 2 ("grad"):   D[M, N] = bf16(2 bf16(sqrt(Y2)) bf16(A @ B))      (the backward's dy1 from dy2 = dh2 wd^T and
-//                                                                          the saved y2 [M, N]; dy2 never written)
+//                                                                          the saved y2 [M, N]; dy2 never written),
+//                      y2 loaded from global memory by each epilogue thread (Sm90AuxLoad with no stages)
+//   mode 3 ("grad_tma"): mode 2 with y2 brought in by the epilogue's TMA producer, pipelined with the tiles'
+//                      stores (CUTLASS's LinCombDeEltAct: the dgrad-with-activation fusion); mode 2 measured 0.75x
+//                      cuBLAS + the pointwise kernel at the 1B shape, its y2 loads exposed
 //
 // A row-major [M, K] (K-major), B passed as B^T [N, K] contiguous (K-major: torch's h1 @ wu.T with wu [N, K]),
 // D row-major; bf16 in and out, fp32 accumulation. Mode 1 rounds the accumulator to bf16 first, as the model's
@@ -99,11 +103,26 @@ using Y2Load = fusion::Sm90AuxLoad<0, cutlass::epilogue::collective::EpilogueTil
 using GradTree = fusion::Sm90EVT<fusion::Sm90Compute<ReLUSquaredGrad, Bf16, float, cutlass::FloatRoundStyle::round_to_nearest>,
                                  fusion::Sm90AccFetch, Y2Load>;
 
+// mode 3: activation'(alpha acc + beta C, aux) with the aux tensor (y2) loaded through TMA into shared memory
+using GradTma = fusion::LinCombDeEltAct<cutlass::layout::RowMajor, ReLUSquaredGrad, Bf16, float, Bf16>;
+
 // epilogue arguments of each fusion: (alpha, beta) for LinCombEltAct, the y2 tensor for the gradient tree
 template <class Fusion>
 struct FusionArgs {
   template <class Args>
   static Args make(const void*, int, int) { return Args{1.0f, 0.0f}; }
+};
+template <>
+struct FusionArgs<GradTma> {
+  template <class Args>
+  static Args make(const void* aux, int M, int N) {
+    Args args{};
+    args.alpha = 1.0f;
+    args.beta = 0.0f;
+    args.aux_ptr = static_cast<const Bf16*>(aux);
+    args.dAux = cutlass::make_cute_packed_stride(typename Args::StrideAux{}, {M, N, 1});
+    return args;
+  }
 };
 template <>
 struct FusionArgs<GradTree> {
@@ -200,6 +219,7 @@ struct Table {
 using Plain = Table<ELAS_CONFIGS(EltAct<Identity>)>;
 using Relu2 = Table<ELAS_CONFIGS(EltAct<ReLUSquaredOfBf16>)>;
 using Grad = Table<ELAS_CONFIGS(GradTree)>;
+using GradTmaTable = Table<ELAS_CONFIGS(GradTma)>;
 
 }  // namespace
 
@@ -214,10 +234,11 @@ long long elas_cutlass_dense_workspace(int config, int mode, int M, int N, int K
     case 0: return Plain::workspace(config, M, N, K);
     case 1: return Relu2::workspace(config, M, N, K);
     case 2: return Grad::workspace(config, M, N, K);
+    case 3: return GradTmaTable::workspace(config, M, N, K);
     default: return -1;
   }
 }
-// aux: y2 [M, N] bf16 row-major for mode 2 (unused otherwise). Returns 0 on success; 2 cannot implement,
+// aux: y2 [M, N] bf16 row-major for modes 2 and 3 (unused otherwise). Returns 0 on success; 2 cannot implement,
 // 3 workspace too small, 4 initialize, 5 run, 6 CUDA error, -1 bad config or mode
 int elas_cutlass_dense_mm(int config, int mode, const void* a, const void* b, const void* aux, void* d, int M, int N,
                           int K, void* workspace, size_t ws_bytes, void* stream, int iters, float* ms) {
@@ -227,6 +248,7 @@ int elas_cutlass_dense_mm(int config, int mode, const void* a, const void* b, co
     case 0: return Plain::run(config, a, b, aux, d, M, N, K, workspace, ws_bytes, s, iters, ms);
     case 1: return Relu2::run(config, a, b, aux, d, M, N, K, workspace, ws_bytes, s, iters, ms);
     case 2: return Grad::run(config, a, b, aux, d, M, N, K, workspace, ws_bytes, s, iters, ms);
+    case 3: return GradTmaTable::run(config, a, b, aux, d, M, N, K, workspace, ws_bytes, s, iters, ms);
     default: return -1;
   }
 }

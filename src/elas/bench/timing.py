@@ -3,28 +3,9 @@ from __future__ import annotations
 
 import statistics
 
-import torch
-
 from ..kernels.cuda.gemm import _graph_time_ms as graph_ms  # noqa: F401  (CUDA-graph replay: no host overhead)
 from ..kernels.cuda.gemm import capture_graph  # noqa: F401
-
-
-def _windows_ms(fn, calls: int, windows: int, warmup: int) -> list[float]:
-    """ms per call of fn() in each of `windows` windows of `calls` back-to-back calls, CUDA events around each
-    window and a sync after it; `warmup` calls first."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(windows):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(calls):
-            fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) / calls)
-    return out
+from ..kernels.cuda.gemm import windows_ms as _windows_ms
 
 
 def event_ms(fn, iters: int = 10, warmup: int = 3) -> float:

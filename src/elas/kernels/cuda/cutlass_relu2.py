@@ -3,10 +3,10 @@
 warp-specialised TMA mainloop (cuBLAS's rate, where the Triton form ran ~1.5x slower at K = 512).
 
 - forward  (mode 1): y2 [M, N] = relu(bf16(h1 @ wu^T))^2, h1 [M, K], wu [N, K]; y1 never written.
-- backward: dy1 [M, N] = 2 bf16(sqrt(y2)) bf16(dh2 @ wd^T), dh2 [M, K], wd [N, K], y2 [M, N]: cuBLAS's GEMM and
-  one pointwise pass. The library's fused form (mode 2: y2 read by each epilogue thread, dy2 never written) is
-  kept as `relu2_grad_gemm_fused`: it measured 0.75x cuBLAS + the pointwise kernel at the 1B shapes, where the
-  forward's fused form measured 1.42x (benchmarks/results/h200/cutlass_relu2.json).
+- backward: dy1 [M, N] = 2 bf16(sqrt(y2)) bf16(dh2 @ wd^T), dh2 [M, K], wd [N, K], y2 [M, N]: the fastest at the
+  shape of cuBLAS's GEMM + one pointwise pass and the library's fused forms (dy2 never written; y2 read by each
+  epilogue thread, mode 2, which measured 0.75x the first at the 1B shapes where the forward's fusion measured
+  1.42x, benchmarks/results/h200/cutlass_relu2.json; or through the epilogue's TMA pipeline, mode 3).
 All operands bf16, row-major and contiguous (K contiguous in A and B). Numerics are relu2_gemm.py's (the
 rounding points are the same; only the GEMM's summation order differs from cuBLAS).
 
@@ -26,10 +26,12 @@ from pathlib import Path
 
 import torch
 
-from .gemm import cache_dir
+from .gemm import cache_dir, windows_ms
 
 log = logging.getLogger("elas.kernels")
-MODES = {"relu2": 1, "grad": 2}
+# the library's modes: 1 y2 = relu(acc)^2; 2 and 3 dy1 = 2 sqrt(y2) acc, y2 loaded per thread (2) or through the
+# epilogue's TMA pipeline (3; a library built before it answers -1 and is skipped)
+MODES = {"relu2": 1, "grad": 2, "grad_tma": 3}
 
 
 def library_path() -> Path:
@@ -55,8 +57,9 @@ def library() -> ctypes.CDLL:
     return lib
 
 
-# (device, mode, M, N, K) -> configuration index
-_BEST: dict[tuple, int] = {}
+# (device, mode, M, N, K) -> (configuration index, ms); (device, M, N, K) -> the backward's form (a mode or None)
+_BEST: dict[tuple, tuple[int, float]] = {}
+_GRAD: dict[tuple, int | None] = {}
 
 
 def _launch(lib, config: int, mode: int, a, b, aux, d, iters: int = 0) -> tuple[int, float]:
@@ -71,28 +74,31 @@ def _launch(lib, config: int, mode: int, a, b, aux, d, iters: int = 0) -> tuple[
     return rc, ms.value
 
 
-def _best(lib, mode: int, a, b, aux) -> int:
+def _not_capturing(what: str) -> None:
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"no CUTLASS choice made for {what} during CUDA-graph capture: run one eager step first "
+                           f"(the choice launches and synchronises)")
+
+
+def _best(lib, mode: int, a, b, aux) -> tuple[int, float] | None:
+    """The fastest configuration of `mode` at this shape and its time, or None where none runs it."""
     m, k = a.shape
     key = (a.device.index, mode, m, b.shape[0], k)
-    best = _BEST.get(key)
-    if best is not None:
-        return best
-    if torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(f"no CUTLASS configuration chosen for mode {mode}, {m}x{b.shape[0]}x{k} during CUDA-graph "
-                           f"capture: run one eager step first (the choice launches and synchronises)")
+    if key in _BEST:
+        return _BEST[key]
+    _not_capturing(f"mode {mode}, {m}x{b.shape[0]}x{k}")
     d = torch.empty(m, b.shape[0], dtype=torch.bfloat16, device=a.device)
     timed = {}
     for c in range(lib.elas_cutlass_dense_configs()):
-        if _launch(lib, c, mode, a, b, aux, d)[0] != 0:  # this tile cannot run this shape
+        if _launch(lib, c, mode, a, b, aux, d)[0] != 0:  # this tile cannot run this shape (or no such mode)
             continue
         rc, ms = _launch(lib, c, mode, a, b, aux, d, iters=20)
         if rc == 0:
             timed[c] = ms
-    if not timed:
-        raise RuntimeError(f"no CUTLASS configuration runs mode {mode} at {m}x{b.shape[0]}x{k}")
-    best = min(timed, key=timed.get)
-    log.info("CUTLASS ReLU^2 mode %d %dx%dx%d: %s (%.4f ms)", mode, m, b.shape[0], k,
-             lib.elas_cutlass_dense_config_name(best).decode(), timed[best])
+    best = min(timed.items(), key=lambda kv: kv[1]) if timed else None
+    if best is not None:
+        log.info("CUTLASS ReLU^2 mode %d %dx%dx%d: %s (%.4f ms)", mode, m, b.shape[0], k,
+                 lib.elas_cutlass_dense_config_name(best[0]).decode(), best[1])
     _BEST[key] = best
     return best
 
@@ -103,7 +109,10 @@ def _mm(mode: int, a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None) -
                          f"{a.dtype} {tuple(a.shape)} and {b.dtype} {tuple(b.shape)}")
     a, b = a.contiguous(), b.contiguous()  # a transposed weight view is copied: the kernels read K-contiguous rows
     lib = library()
-    config = _best(lib, mode, a, b, aux)
+    best = _best(lib, mode, a, b, aux)
+    if best is None:
+        raise RuntimeError(f"no CUTLASS configuration runs mode {mode} at {a.shape[0]}x{b.shape[0]}x{a.shape[1]}")
+    config = best[0]
     d = torch.empty(a.shape[0], b.shape[0], dtype=torch.bfloat16, device=a.device)
     rc = _launch(lib, config, mode, a, b, aux, d)[0]
     if rc != 0:
@@ -117,15 +126,33 @@ def linear_relu2(h1: torch.Tensor, wu: torch.Tensor) -> torch.Tensor:
     return _mm(MODES["relu2"], h1, wu, None)
 
 
-def relu2_grad_gemm_fused(dh2: torch.Tensor, wd: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
-    """dy1 [T, d_ff] = 2 sqrt(y2) (dh2 @ wd^T) from the GEMM's epilogue; dh2 [T, q'], wd [d_ff, q'], y2 [T, d_ff].
-    Not what relu2_kernel=cutlass runs: its epilogue reads y2 outside the mainloop's pipeline, and the GEMM took
-    1.3x cuBLAS + the pointwise kernel at the 1B shapes (benchmarks/results/h200/cutlass_relu2.json)."""
-    return _mm(MODES["grad"], dh2, wd, y2.contiguous())
+def relu2_grad_gemm_fused(dh2: torch.Tensor, wd: torch.Tensor, y2: torch.Tensor, mode: str = "grad_tma"
+                          ) -> torch.Tensor:
+    """dy1 [T, d_ff] = 2 sqrt(y2) (dh2 @ wd^T) from the GEMM's epilogue; dh2 [T, q'], wd [d_ff, q'], y2 [T, d_ff]."""
+    return _mm(MODES[mode], dh2, wd, y2.contiguous())
 
 
 def relu2_grad_gemm(dh2: torch.Tensor, wd: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
-    """dy1 [T, d_ff] = 2 bf16(sqrt(y2)) bf16(dh2 @ wd^T): cuBLAS's GEMM, then one pointwise pass (relu2_gemm.py's
-    epilogue as a kernel): faster than the fused form above."""
+    """dy1 [T, d_ff] = 2 bf16(sqrt(y2)) bf16(dh2 @ wd^T), by the fastest of three forms at this shape, timed once:
+    cuBLAS's GEMM then one pointwise pass (relu2_gemm.relu2_grad), or the GEMM with the pointwise work in its
+    epilogue, y2 read per thread (mode 2: 0.75x the first at the 1B shape) or through the epilogue's TMA pipeline
+    (mode 3). All three give the same values (the GEMMs' outputs are cuBLAS's bit for bit,
+    benchmarks/results/h200/cutlass_relu2.json)."""
     from .relu2_gemm import relu2_grad
-    return relu2_grad(dh2 @ wd.T, y2)
+    y2 = y2.contiguous()
+    key = (dh2.device.index, dh2.shape[0], wd.shape[0], dh2.shape[1])
+    if key not in _GRAD:
+        _not_capturing(f"the backward at {key[1]}x{key[2]}x{key[3]}")
+        lib = library()
+        a, b = dh2.contiguous(), wd.contiguous()
+        timed = {None: windows_ms(lambda: relu2_grad(dh2 @ wd.T, y2), calls=20, windows=1, warmup=1)[0]}
+        for mode in (MODES["grad"], MODES["grad_tma"]):
+            best = _best(lib, mode, a, b, y2)
+            if best is not None:
+                timed[mode] = best[1]
+        _GRAD[key] = min(timed, key=timed.get)
+        log.info("CUTLASS ReLU^2 backward %dx%dx%d: %s", *key[1:], {m: round(t, 4) for m, t in timed.items()})
+    mode = _GRAD[key]
+    if mode is None:
+        return relu2_grad(dh2 @ wd.T, y2)
+    return _mm(mode, dh2, wd, y2)

@@ -166,6 +166,24 @@ def reset_generator_capture_state() -> None:
         log.warning("elas: could not reset the CUDA generator after the failed capture (%s)", str(e)[:120])
 
 
+def windows_ms(fn, calls: int, windows: int, warmup: int) -> list[float]:
+    """ms per call of fn() in each of `windows` windows of `calls` back-to-back calls, CUDA events around each
+    window and a sync after it; `warmup` calls first."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(windows):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(calls):
+            fn()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b) / calls)
+    return out
+
+
 def _graph_time_ms(fn, reps: int = 10, trials: int = 5) -> float:
     """Per-call GPU time of fn from the replay of a CUDA graph of `reps` calls (no host overhead)."""
     g = capture_graph(fn, reps)
