@@ -47,8 +47,10 @@ def breakdown(kernels: dict[str, float]) -> dict[str, float]:
     return {c: out[c] for c, _ in CATEGORIES if c in out}
 
 
-def kernel_times(step, iters: int = 3) -> dict[str, float]:
-    """{kernel name: GPU ms per step} over `iters` calls of step() (already warmed up), largest first."""
+def kernel_times(step, iters: int = 3, launches: dict[str, float] | None = None) -> dict[str, float]:
+    """{kernel name: GPU ms per step} over `iters` calls of step() (already warmed up), largest first. launches:
+    a dict filled with {kernel name: launches per step} (idle time between a graph's kernels grows with their
+    number: the count says whether fewer, larger kernels are the lever)."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -62,6 +64,8 @@ def kernel_times(step, iters: int = 3) -> dict[str, float]:
         # GPU-side user annotations ("Optimizer.step#AdamW.step") span kernels already counted
         if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False) and "#" not in e.name:
             total[e.name] += e.time_range.elapsed_us() / 1e3 / iters
+            if launches is not None:
+                launches[e.name] = launches.get(e.name, 0) + 1 / iters
     return dict(sorted(total.items(), key=lambda kv: -kv[1]))
 
 

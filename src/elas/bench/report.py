@@ -209,13 +209,15 @@ def mode_step_tables(doc: dict) -> str:
     cats = [c for c, _ in CATEGORIES] + ["idle"]
     prof = [r for r in rows if "breakdown_ms" in r]
     if prof:
-        out += ["", "GPU ms per step by kernel category (torch profiler, 3 steps; idle = step time - kernel time):",
-                "", "| model | batch | variant | mode | " + " | ".join(cats) + " |",
-                "|---|---|---|---|" + "---|" * len(cats)]
+        out += ["", "GPU ms per step by kernel category (torch profiler, 3 steps; idle = step time - kernel time; "
+                "kernels: launches per step, where recorded):",
+                "", "| model | batch | variant | mode | " + " | ".join(cats) + " | kernels |",
+                "|---|---|---|---|" + "---|" * (len(cats) + 1)]
         for r in prof:
             b = r["breakdown_ms"]
             out.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['mode']} | "
-                       + " | ".join(f"{b[c]:.1f}" if c in b else "-" for c in cats) + " |")
+                       + " | ".join(f"{b[c]:.1f}" if c in b else "-" for c in cats)
+                       + f" | {r.get('kernel_launches', '-')} |")
     return "\n".join(out)
 
 

@@ -116,10 +116,13 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
     row["param_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     row["optimizer"] = type(opt).__name__
     if profile:
-        kernels = kernel_times(step, iters=3)
+        launches: dict[str, float] = {}
+        kernels = kernel_times(step, iters=3, launches=launches)
         row["breakdown_ms"] = breakdown(kernels)
         row["breakdown_ms"]["idle"] = max(0.0, ms - sum(kernels.values()))
         row["kernels_ms"] = top_kernels(kernels)
+        row["kernel_launches"] = round(sum(launches.values()))  # per step; idle / launches: the gap per kernel
+        row["kernel_launches_top"] = top_kernels(launches)
     del model, opt, grads
     return row
 
