@@ -248,3 +248,32 @@ def test_pointwise_backward_kernel_is_the_epilogue():
     assert torch.equal(relu2_grad(dy2, y2), dy1) and torch.equal(relu2_grad(dy2, y2), relu2_grad_gemm(d, w, y2))
     with pytest.raises(ValueError, match="expected two bf16 tensors of one shape"):
         relu2_grad(dy2, y2[:, :3])
+
+
+def test_cutlass_backward_takes_the_fastest_form_once(monkeypatch):
+    """relu2_kernel=cutlass's backward: the three forms timed once per shape (here with stand-in times), the fastest
+    kept; the unfused form is cuBLAS's product + the pointwise kernel (run for real, under the interpreter); no
+    choice is made during a capture."""
+    from elas.kernels.cuda import cutlass_relu2 as cl
+    monkeypatch.setattr(cl, "_GRAD", {})
+    monkeypatch.setattr(cl, "library", lambda: object())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    times = {}
+    monkeypatch.setattr(cl, "windows_ms", lambda fn, **kw: (fn(), [times["unfused"]])[1])
+    monkeypatch.setattr(cl, "_best", lambda lib, mode, a, b, aux: (0, times[mode]) if mode in times else None)
+    ran = []
+    monkeypatch.setattr(cl, "_mm", lambda mode, a, b, aux: ran.append(mode) or torch.zeros(a.shape[0], b.shape[0]))
+    h, w, d = _ints((8, 16), -3, 4, 0), _ints((24, 16), -3, 4, 1), _ints((8, 16), -4, 5, 2) * 0.25
+    y2, dy1 = _unfused(h, w, d)
+    times.update({"unfused": 0.2, 2: 0.27})  # mode 2 slower, mode 3 absent (a library built before it)
+    assert torch.equal(cl.relu2_grad_gemm(d, w, y2), dy1) and ran == []
+    assert cl._GRAD[(None, 8, 24, 16)] is None
+    cl._GRAD.clear()
+    times[3] = 0.12  # mode 3 fastest: chosen, and kept for the shape
+    cl.relu2_grad_gemm(d, w, y2)
+    times[3] = 9.0
+    cl.relu2_grad_gemm(d, w, y2)
+    assert ran == [3, 3]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="during CUDA-graph capture: run one eager step first"):
+        cl.relu2_grad_gemm(d[:4], w, y2[:4])
