@@ -1,10 +1,12 @@
-"""A dense CUTLASS sm90 GEMM with relu(y1)^2 in its epilogue (benchmarks/cutlass/relu2_gemm.cu, our instantiations)
-against cuBLAS + the separate ReLU^2 kernel at the 1B up-projection shapes, one process, bf16: does a GEMM with
+"""A dense CUTLASS sm90 GEMM with relu(y1)^2 in its epilogue (src/elas/kernels/cuda/cutlass/relu2_gemm.cu, our
+instantiations) against cuBLAS + the separate ReLU^2 kernel at the 1B up-projection shapes, one process, bf16: does a GEMM with
 cuBLAS's mainloop rate and the pointwise work in its epilogue pay? The fast-step issue's 1.2x needs the ReLU^2
 (3.8 ms of a 1B step) inside the GEMMs; the Triton form lost to cuBLAS's mainloop (docs/performance.md). Needs a
-Hopper GPU and the library built by `benchmarks/cutlass/build.sh relu2` (on any machine; carry build/cutlass_relu2).
+Hopper GPU and the library built by `src/elas/kernels/cuda/cutlass/build.sh relu2` (on any machine; carry
+build/cutlass_relu2).
 
-    PYTHONPATH=src python benchmarks/cutlass_relu2.py [LIB (default build/cutlass_relu2/libelas_cutlass_relu2.so)] [OUT_DIR]
+    PYTHONPATH=src python benchmarks/cutlass_relu2.py [LIB (default build/cutlass_relu2/libelas_cutlass_relu2.so)] \
+        [OUT_DIR]
 
 For each shape: cuBLAS's y1 = h1 @ wu^T; the separate y2 = relu(y1)^2 (compiled by Inductor, as the trainer's
 blocks run it); every CUTLASS configuration without an epilogue (mode 0: its mainloop against cuBLAS's), with
@@ -54,7 +56,7 @@ def main() -> None:
     lib_path = sys.argv[1] if len(sys.argv) > 1 else "build/cutlass_relu2/libelas_cutlass_relu2.so"
     out_dir = Path(sys.argv[2]) if len(sys.argv) > 2 else here / "results" / "h200"
     if not Path(lib_path).is_file():
-        sys.exit(f"no library at {lib_path}: build it with benchmarks/cutlass/build.sh relu2")
+        sys.exit(f"no library at {lib_path}: build it with src/elas/kernels/cuda/cutlass/build.sh relu2")
     lib = load(lib_path)
     configs = [lib.elas_cutlass_dense_config_name(c).decode() for c in range(lib.elas_cutlass_dense_configs())]
     print(f"{len(configs)} configurations: {', '.join(configs)}")

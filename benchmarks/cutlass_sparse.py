@@ -1,7 +1,7 @@
-"""CUTLASS's sm90 2:4 sparse GEMM (benchmarks/cutlass/sp_gemm.cu, our instantiations) against cuSPARSELt (elas's op) and
-cuBLAS at the FFN shapes, one process, bf16: is a sparse GEMM of our own the lever the FFN-kernels issue needs
+"""CUTLASS's sm90 2:4 sparse GEMM (src/elas/kernels/cuda/cutlass/sp_gemm.cu, our instantiations) against cuSPARSELt
+(elas's op) and cuBLAS at the FFN shapes, one process, bf16: is a sparse GEMM of our own the lever the FFN-kernels issue needs
 (>= 1.7x cuBLAS where cuSPARSELt gives 1.35-1.5x)? Needs a Hopper GPU and the library built by
-`benchmarks/cutlass/build.sh sp` (on any machine; carry build/cutlass_sp to the GPU machine).
+`src/elas/kernels/cuda/cutlass/build.sh sp` (on any machine; carry build/cutlass_sp to the GPU machine).
 
     PYTHONPATH=src python benchmarks/cutlass_sparse.py [LIB (default build/cutlass_sp/libelas_cutlass_sp.so)] [OUT_DIR]
 

@@ -69,7 +69,7 @@ for what in "${@:-tests kernels ffn}"; do
         fi
         [ -n "${OUT:-}" ] && tar czf "$OUT/sizes.tgz" "$d" ;;
       cutlass)  # our CUTLASS sm90 sparse GEMM against cuSPARSELt and cuBLAS; the library is built off the GPU machine
-                # (benchmarks/cutlass/build.sh sp) and carried: carry build/cutlass_sp
+                # (src/elas/kernels/cuda/cutlass/build.sh sp) and carried: carry build/cutlass_sp
         python benchmarks/cutlass_sparse.py build/cutlass_sp/libelas_cutlass_sp.so "benchmarks/results/$GPU" ;;
       norm)  # the one-pass RMSNorm backward against Inductor's kernels, then the 1B dense step with it, with the
              # CUTLASS ReLU^2 forward (ELAS_CUTLASS_RELU2; carry build/cutlass_relu2) and with both, beside the default
@@ -78,7 +78,7 @@ for what in "${@:-tests kernels ffn}"; do
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
           --variants "$v,$v+norm_kernel=fused$k" --out "${NORM_OUT:-benchmarks/results/$GPU/step_norm}" 2>&1 | quiet ;;
       cutlass_relu2)  # a CUTLASS sm90 dense GEMM with relu(y1)^2 in its epilogue against cuBLAS + the separate kernel;
-                      # built off the GPU machine (benchmarks/cutlass/build.sh relu2): carry build/cutlass_relu2
+                      # built off the GPU machine (src/elas/kernels/cuda/cutlass/build.sh relu2): carry build/cutlass_relu2
         python benchmarks/cutlass_relu2.py build/cutlass_relu2/libelas_cutlass_relu2.so "${CUTLASS_OUT:-runs/cutlass}" ;;
       grid)  # the quality issue's grid on the site-packages corpus, prepared here when missing (~100 s on 16 cores; its
              # SHA-1 is printed, to check that calls and sessions share it); GRID_* select this call's part (GRID_BATCH x GRID_ACCUM

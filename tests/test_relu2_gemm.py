@@ -167,7 +167,7 @@ def test_cutlass_library_missing_and_bad_kernel_are_one_line_errors(monkeypatch,
     from elas.kernels.cuda import cutlass_relu2
     monkeypatch.setenv("ELAS_CUTLASS_RELU2", str(tmp_path / "nope.so"))
     cutlass_relu2.library.cache_clear()
-    with pytest.raises(FileNotFoundError, match=r"nope\.so: build it with `bash benchmarks/cutlass/build.sh relu2"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.so: build it with `bash src/elas/kernels/cuda/cutlass/build\.sh"):
         cutlass_relu2.library()
     from elas.build import build_model
     from conftest import preset

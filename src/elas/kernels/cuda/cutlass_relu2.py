@@ -10,9 +10,9 @@ warp-specialised TMA mainloop (cuBLAS's rate, where the Triton form ran ~1.5x sl
 All operands bf16, row-major and contiguous (K contiguous in A and B). Numerics are relu2_gemm.py's (the
 rounding points are the same; only the GEMM's summation order differs from cuBLAS).
 
-The kernels live in a shared library built off the GPU machine from benchmarks/cutlass/relu2_gemm.cu
-(`bash benchmarks/cutlass/build.sh relu2`: nvcc and CUTLASS's headers from pip wheels, cudart static), found at
-$ELAS_CUTLASS_RELU2 or <ELAS_CACHE_DIR>/cutlass/libelas_cutlass_relu2.so. The library holds several tile /
+The kernels live in a shared library built off the GPU machine from cutlass/relu2_gemm.cu beside this file
+(`bash src/elas/kernels/cuda/cutlass/build.sh relu2`: nvcc and CUTLASS's headers from pip wheels, cudart static),
+found at $ELAS_CUTLASS_RELU2 or <ELAS_CACHE_DIR>/cutlass/libelas_cutlass_relu2.so. The library holds several tile /
 cluster / schedule configurations; the fastest per (mode, M, N, K) is chosen by timing each once, outside any
 CUDA-graph capture (as cuSPARSELt's algorithm is in gemm.py), and kept in memory.
 """
@@ -44,8 +44,8 @@ def library() -> ctypes.CDLL:
     path = library_path()
     if not path.is_file():
         raise FileNotFoundError(f"model.relu2_kernel=cutlass needs the CUTLASS library at {path}: build it with "
-                                f"`bash benchmarks/cutlass/build.sh relu2 DIR` and set ELAS_CUTLASS_RELU2=DIR/"
-                                f"libelas_cutlass_relu2.so (or copy it there)")
+                                f"`bash src/elas/kernels/cuda/cutlass/build.sh relu2 DIR` and set "
+                                f"ELAS_CUTLASS_RELU2=DIR/libelas_cutlass_relu2.so (or copy it there)")
     lib = ctypes.CDLL(str(path))
     lib.elas_cutlass_dense_configs.restype = ctypes.c_int
     lib.elas_cutlass_dense_config_name.restype = ctypes.c_char_p

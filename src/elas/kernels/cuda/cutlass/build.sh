@@ -2,8 +2,8 @@
 # Build one of our CUTLASS libraries for sm_90a on any x86 machine (no GPU needed): nvcc, the CUDA headers and
 # CUTLASS's headers all come from pip wheels into a scratch folder (~200 MB unpacked). cudart is linked statically,
 # so the library needs only the driver on the GPU machine (CUDA 13 minor-version compatibility: a 13.0 driver runs it).
-#   benchmarks/cutlass/build.sh sp     -> build/cutlass_sp/libelas_cutlass_sp.so       (sp_gemm.cu: 2:4 sparse GEMM)
-#   benchmarks/cutlass/build.sh relu2  -> build/cutlass_relu2/libelas_cutlass_relu2.so (relu2_gemm.cu: ReLU^2 epilogues)
+#   src/elas/kernels/cuda/cutlass/build.sh sp     -> build/cutlass_sp/libelas_cutlass_sp.so       (sp_gemm.cu: 2:4 sparse GEMM)
+#   src/elas/kernels/cuda/cutlass/build.sh relu2  -> build/cutlass_relu2/libelas_cutlass_relu2.so (relu2_gemm.cu: ReLU^2 epilogues)
 # A second argument overrides the output folder; TOOLS=DIR reuses the scratch folder.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
