@@ -117,3 +117,21 @@ def test_gpu_kernel_at_the_1b_shape():
     want_dx, want_dw = ref.rmsnorm_backward(dn, x, dres, w, 1e-6)
     assert (dx.float() - want_dx.float()).abs().max().item() <= 2 * want_dx.float().abs().max().item() * 2 ** -8
     torch.testing.assert_close(dw, want_dw, rtol=1e-3, atol=1e-2)
+
+
+def test_both_kernel_keys_together_train_like_the_default():
+    """norm_kernel=fused with relu2_kernel=cutlass (each falls back to its reference on the CPU): the same loss and
+    gradients as the default model, so the two keys compose (the step benchmark times them together)."""
+    from conftest import preset
+    from elas.build import build_model
+    cfg = preset("llama-tiny-lowrank-relu2", None, n_layers=2, vocab_size=256)
+    torch.manual_seed(0)
+    plain = build_model(cfg, "cpu")
+    cfg.norm_kernel, cfg.relu2_kernel = "fused", "cutlass"
+    both = build_model(cfg, "cpu")
+    both.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 256, (2, 16))
+    (l1, g1), (l2, g2) = _loss_grads(plain, idx), _loss_grads(both, idx)
+    torch.testing.assert_close(l2, l1, rtol=1e-6, atol=1e-7)
+    for n in g1:
+        torch.testing.assert_close(g2[n], g1[n], rtol=1e-4, atol=1e-6, msg=n)
