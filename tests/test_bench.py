@@ -285,3 +285,15 @@ def test_cutlass_relu2_benchmark_checks_before_it_times():
     r = subprocess.run([sys.executable, "benchmarks/cutlass_relu2.py", "no/such/lib.so"], cwd=root,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "no library at no/such/lib.so" in r.stderr
+
+
+def test_graph_hashes_tell_a_changed_step_from_the_same_one():
+    """benchmarks/graph_hashes.py: the same variant hashes alike twice; a key that changes what the step runs
+    (norm_kernel=fused) changes both the forward and the backward graph's hash."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from graph_hashes import hashes
+    base = hashes("lowrank-relu2")
+    assert len(base) == 2 and hashes("lowrank-relu2") == base
+    fused = hashes("lowrank-relu2+norm_kernel=fused")
+    assert fused[0] != base[0] and fused[1] != base[1]
