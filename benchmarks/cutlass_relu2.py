@@ -11,8 +11,12 @@ build/cutlass_relu2).
 For each shape: cuBLAS's y1 = h1 @ wu^T; the separate y2 = relu(y1)^2 (compiled by Inductor, as the trainer's
 blocks run it); every CUTLASS configuration without an epilogue (mode 0: its mainloop against cuBLAS's), with
 the ReLU^2 (mode 1: y1 never written), and as the backward's dy2 GEMM with dy1 = 2 sqrt(y2) dy2 in its epilogue
-(mode 2: dy2 never written; against cuBLAS + the unfused 2 r dy2 kernel). Every output is checked against the
-unfused result before it is timed.
+(mode 2: dy2 never written; against cuBLAS + the unfused 2 r dy2 kernel; mode 3 the same with y2 through the
+epilogue's TMA pipeline), and the 2:4 FFN's straight-through backward (ELAS, ste mode: act24.cutlass=true)
+against cuBLAS + the Triton backward kernel it runs today: mode 4 writes dy1 = 2 relu(y1) dy2 from the epilogue
+(y2s then needs the dense sparsifier's pass, timed beside it), mode 5 writes dy1 and y2s = 2:4(relu(y1)^2) (y1
+read once, dy2 never written). Every output is checked against the unfused result before it is timed; mode 5's
+y2s does not depend on the GEMM, so it must equal the Triton kernel's bit for bit.
 Times: CUDA-graph replays (no host overhead) where the capture works, else the library's event loop, which is
 said in the row. Writes OUT_DIR/cutlass_relu2.json and prints a table last.
 """
@@ -28,7 +32,8 @@ SHAPES = [(8192, 8192, 512, "1B low-rank up-projection (r = 512), batch 32 x 256
           (16384, 8192, 512, "1B low-rank up-projection, batch 64 x 256"),
           (8192, 8192, 2048, "1B full-rank up-projection (d 2048), batch 32 x 256"),
           (8192, 3072, 256, "130M low-rank up-projection (r = 256)")]
-MODES = {0: "plain", 1: "relu2", 2: "grad", 3: "grad_tma"}  # grad_tma: y2 through the epilogue's TMA pipeline
+# grad_tma: y2 through the epilogue's TMA pipeline; ste_*: the straight-through backward, y1 through TMA
+MODES = {0: "plain", 1: "relu2", 2: "grad", 3: "grad_tma", 4: "ste_grad", 5: "ste_grad_y2s"}
 
 
 def load(path: str) -> ctypes.CDLL:
@@ -36,8 +41,11 @@ def load(path: str) -> ctypes.CDLL:
     lib.elas_cutlass_dense_config_name.restype = ctypes.c_char_p
     lib.elas_cutlass_dense_workspace.restype = ctypes.c_longlong
     lib.elas_cutlass_dense_workspace.argtypes = [ctypes.c_int] * 5
-    lib.elas_cutlass_dense_mm.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 + [
-        ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_float)]
+    tail = [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int,
+                                 ctypes.POINTER(ctypes.c_float)]
+    lib.elas_cutlass_dense_mm.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + tail
+    if hasattr(lib, "elas_cutlass_dense_mm_aux"):  # modes 4-5 (a library built before them lacks it)
+        lib.elas_cutlass_dense_mm_aux.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + tail
     return lib
 
 
@@ -65,6 +73,9 @@ def main() -> None:
     sys.path.insert(0, str(here.parent / "src"))
     from elas.bench.timing import graph_ms
     from elas.model.ffn import relu2
+    from elas.kernels.cuda.sparsify import relu2_sparse24_backward, relu2_sparsify24_dense
+    has_aux = hasattr(lib, "elas_cutlass_dense_mm_aux")
+    modes = MODES if has_aux else {m: n for m, n in MODES.items() if m < 4}
     stream = lambda: ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)  # noqa: E731
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "cutlass_relu2.json"
@@ -87,27 +98,36 @@ def main() -> None:
         rr = y2.float().sqrt().to(torch.bfloat16).float()  # relu(y1) rebuilt from y2, as the fused kernel does
         want = {0: y1, 1: y2, 2: (2 * rr * dy2.float()).to(torch.bfloat16)}
         want[3] = want[2]
+        ste = relu2_sparse24_backward(dy2, None, y1)  # ELAS's straight-through backward today: y2s, dy1
+        want[4] = want[5] = ste.dy1
         gemm_ms = graph_ms(lambda: h1 @ wu.T)
         act_ms = graph_ms(lambda: act(y1))
         both_ms = graph_ms(lambda: act(h1 @ wu.T))
         bwd_ms = graph_ms(lambda: grad(dh2 @ wd.T, r))
+        ste_ms = graph_ms(lambda: relu2_sparse24_backward(dh2 @ wd.T, None, y1))
+        dense_ms = graph_ms(lambda: relu2_sparsify24_dense(y1))  # y2s alone: what mode 4 leaves to a pass
         row = {"M": M, "N": N, "K": K, "what": what, "cublas_gemm_ms": gemm_ms, "relu2_kernel_ms": act_ms,
-               "cublas_plus_kernel_ms": both_ms, "cublas_plus_grad_kernel_ms": bwd_ms, "cutlass": {}}
-        operands = {0: (h1, wu, None), 1: (h1, wu, None), 2: (dh2, wd, y2), 3: (dh2, wd, y2)}
+               "cublas_plus_kernel_ms": both_ms, "cublas_plus_grad_kernel_ms": bwd_ms,
+               "cublas_plus_ste_kernel_ms": ste_ms, "dense_sparsifier_ms": dense_ms, "cutlass": {}}
+        operands = {0: (h1, wu, None), 1: (h1, wu, None), 2: (dh2, wd, y2), 3: (dh2, wd, y2), 4: (dh2, wd, y1),
+                    5: (dh2, wd, y1)}
         for c, name in enumerate(configs):
-            for mode, mname in MODES.items():
+            for mode, mname in modes.items():
                 ws_bytes = max(int(lib.elas_cutlass_dense_workspace(c, mode, M, N, K)), 1)
                 ws = torch.empty(ws_bytes, dtype=torch.uint8, device="cuda")
                 d = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
                 ms = ctypes.c_float(0)
 
                 a_, b_, aux = operands[mode]
+                aux_out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16) if mode == 5 else None
 
-                def call(iters=0, c=c, mode=mode, a_=a_, b_=b_, aux=aux, d=d, ws=ws, ws_bytes=ws_bytes, ms=ms):
-                    # defaults bind this iteration's buffers
-                    return lib.elas_cutlass_dense_mm(c, mode, a_.data_ptr(), b_.data_ptr(),
-                                                     None if aux is None else aux.data_ptr(), d.data_ptr(), M, N, K,
-                                                     ws.data_ptr(), ws_bytes, stream(), iters, ctypes.byref(ms))
+                def call(iters=0, c=c, mode=mode, a_=a_, b_=b_, aux=aux, d=d, ws=ws, ws_bytes=ws_bytes, ms=ms,
+                         aux_out=aux_out):  # defaults bind this iteration's buffers
+                    head = (c, mode, a_.data_ptr(), b_.data_ptr(), None if aux is None else aux.data_ptr())
+                    tail = (d.data_ptr(), M, N, K, ws.data_ptr(), ws_bytes, stream(), iters, ctypes.byref(ms))
+                    if aux_out is not None:
+                        return lib.elas_cutlass_dense_mm_aux(*head, aux_out.data_ptr(), *tail)
+                    return lib.elas_cutlass_dense_mm(*head, *tail)
                 rc = call()
                 torch.cuda.synchronize()
                 key = f"{name} {mname}"
@@ -116,6 +136,17 @@ def main() -> None:
                     continue
                 check = mismatch(d, want[mode])
                 entry = {**check}
+                if aux_out is not None:  # y2s: a function of y1 alone, so exactly the Triton kernel's
+                    y2s_bad = (aux_out != ste.y2s) & ~(aux_out.isnan() & ste.y2s.isnan())
+                    entry["y2s_differ_frac"] = y2s_bad.float().mean().item()
+                    if y2s_bad.any():
+                        first = y2s_bad.nonzero()[0].tolist()
+                        entry["error"] = (f"y2s differs from the Triton kernel's, first at {first}: "
+                                          f"{aux_out[first[0], first[1] & ~3:(first[1] & ~3) + 4].tolist()} against "
+                                          f"{ste.y2s[first[0], first[1] & ~3:(first[1] & ~3) + 4].tolist()} (y1 "
+                                          f"{y1[first[0], first[1] & ~3:(first[1] & ~3) + 4].tolist()})")
+                        row["cutlass"][key] = entry
+                        continue
                 if check["rel_fro"] > 1e-2:  # wrong, not rounded differently: not timed
                     entry["error"] = "result differs from cuBLAS's"
                     row["cutlass"][key] = entry
@@ -128,13 +159,15 @@ def main() -> None:
                 except Exception as ex:  # reported, not hidden; later work in the process may fail after it
                     entry["capture_error"] = str(ex).splitlines()[0][:200]
                 row["cutlass"][key] = entry
-        for mode, mname in MODES.items():
+        for mode, mname in modes.items():
             timed = [(v.get("graph_ms") or v.get("event_ms"), k) for k, v in row["cutlass"].items()
                      if k.endswith(mname) and "error" not in v and (v.get("graph_ms") or v.get("event_ms"))]
             if timed:
                 best = min(timed)
-                base = {0: gemm_ms, 1: both_ms, 2: bwd_ms, 3: bwd_ms}[mode]
-                row[f"best_{mname}"] = {"config": best[1], "ms": best[0], "vs_cublas": base / best[0]}
+                base = {0: gemm_ms, 1: both_ms, 2: bwd_ms, 3: bwd_ms, 4: ste_ms, 5: ste_ms}[mode]
+                total = best[0] + (dense_ms if mode == 4 else 0.0)  # mode 4 needs the y2s pass beside it
+                row[f"best_{mname}"] = {"config": best[1], "ms": best[0], "with_y2s_pass_ms": total,
+                                        "vs_cublas": base / total}
         rows.append(row)
         out.write_text(json.dumps({"env": env, "rows": rows}, indent=1))  # after each shape: a fault keeps the rest
         p, f = row.get("best_plain"), row.get("best_relu2")
@@ -143,7 +176,10 @@ def main() -> None:
                      + (f"{p['ms']:.4f} (x{p['vs_cublas']:.2f}, {p['config']})" if p else "-") + "; fused forward "
                      + (f"{f['ms']:.4f} (x{f['vs_cublas']:.2f} cuBLAS + kernel, {f['config']})" if f else "-")
                      + f"; backward cuBLAS + kernel {bwd_ms:.4f}, fused "
-                     + (f"{g['ms']:.4f} (x{g['vs_cublas']:.2f}, {g['config']})" if g else "-"))
+                     + (f"{g['ms']:.4f} (x{g['vs_cublas']:.2f}, {g['config']})" if g else "-")
+                     + f"; ste backward cuBLAS + kernel {ste_ms:.4f}, "
+                     + ", ".join(f"{n} {b['with_y2s_pass_ms']:.4f} (x{b['vs_cublas']:.2f})"
+                                 for n, b in ((n, row.get("best_" + n)) for n in ("ste_grad", "ste_grad_y2s")) if b))
     print("\n".join(table))
 
 

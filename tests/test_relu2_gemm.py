@@ -167,13 +167,15 @@ def test_cutlass_library_missing_and_bad_kernel_are_one_line_errors(monkeypatch,
     from elas.kernels.cuda import cutlass_relu2
     monkeypatch.setenv("ELAS_CUTLASS_RELU2", str(tmp_path / "nope.so"))
     cutlass_relu2.library.cache_clear()
-    with pytest.raises(FileNotFoundError, match=r"nope\.so: build it with `bash src/elas/kernels/cuda/cutlass/build\.sh"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.so \(model\.relu2_kernel=cutlass and act24\.cutlass=true "
+                                                r"need it\): build it with `bash src/elas/kernels/cuda/cutlass/"
+                                                r"build\.sh"):
         cutlass_relu2.library()
     from elas.build import build_model
     from conftest import preset
     cfg = preset("llama-tiny-lowrank-relu2", None, n_layers=2, vocab_size=256)
     cfg.relu2_kernel = "cutlass"
-    with pytest.raises(FileNotFoundError, match="relu2_kernel=cutlass needs the CUTLASS library"):
+    with pytest.raises(FileNotFoundError, match="no CUTLASS library at .*nope"):
         build_model(cfg, "meta", materialise_on="cuda")  # checked before the model is built, on a CPU machine too
     cutlass_relu2.library.cache_clear()
     h = torch.zeros(8, 16)
@@ -277,3 +279,150 @@ def test_cutlass_backward_takes_the_fastest_form_once(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="during CUDA-graph capture: run one eager step first"):
         cl.relu2_grad_gemm(d[:4], w, y2[:4])
+
+
+# ---- act24.cutlass=true: ELAS's straight-through backward on the same library (modes 4 and 5) -----------
+def _ste_operands(device="cpu"):
+    """Integer-valued dh2, wd, y1 (dy2 exact in any summation order; y1 with zeros, negatives and ties inside
+    groups, which exercise the 2:4 rule's tie-break)."""
+    dh2, wd = _ints((64, 16), -3, 4, 3, device), _ints((128, 16), -3, 4, 4, device)
+    y1 = _ints((64, 128), -3, 4, 5, device)
+    return dh2, wd, y1
+
+
+def test_ste_backward_takes_the_fastest_form_once(monkeypatch):
+    """act24.cutlass=true: cuBLAS + the Triton backward kernel (run for real, under the interpreter, and
+    equal to the reference), mode 4 + the dense sparsifier, and mode 5, timed once per shape with stand-in
+    times; the fastest is kept; a form the library lacks is skipped; no choice is made during a capture."""
+    from elas.kernels import reference as ref
+    from elas.kernels.cuda import cutlass_relu2 as cl
+    monkeypatch.setattr(cl, "_GRAD", {})
+    monkeypatch.setattr(cl, "library", lambda: object())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    times, ran = {}, []
+    timing = iter(())
+    monkeypatch.setattr(cl, "windows_ms", lambda fn, **kw: (fn(), [next(timing)])[1])
+    monkeypatch.setattr(cl, "_best", lambda lib, mode, a, b, aux, aux_out=None: (0, 0.0) if mode in times else None)
+    monkeypatch.setattr(cl, "ste_grad_gemm_fused", lambda dh2, wd, y1, mode: ran.append(mode) or (y1, y1))
+    dh2, wd, y1 = _ste_operands()
+    want = ref.relu2_sparse24_backward((dh2.float() @ wd.float().T).to(torch.bfloat16), None, y1)
+    timing = iter([0.3])  # the library has neither mode: the separate form, which is the reference's
+    y2s, dy1 = cl.ste_grad_gemm(dh2, wd, y1)
+    assert torch.equal(y2s, want.y2s) and torch.equal(dy1, want.dy1) and ran == []
+    assert cl._GRAD[("ste", None, 64, 128, 16)] is None
+    cl._GRAD.clear()
+    times.update({4: True, 5: True})
+    timing = iter([0.3, 0.2, 0.25])  # separate, mode 4 (+ its pass), mode 5: mode 4 is kept
+    cl.ste_grad_gemm(dh2, wd, y1)
+    assert ran == ["ste_grad", "ste_grad_y2s", "ste_grad"]  # timed twice, then run
+    cl.ste_grad_gemm(dh2, wd, y1)  # kept: no second timing (the iterator is spent)
+    assert ran[-1] == "ste_grad" and len(ran) == 4
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="during CUDA-graph capture: run one eager step first"):
+        cl.ste_grad_gemm(dh2[:32], wd, y1[:32])
+
+
+def test_act24_cutlass_config_and_missing_library(monkeypatch, tmp_path):
+    """act24.cutlass: refused where it does not apply (mask gradient, the split, act24.fused), and a missing
+    library is one line when the method is applied for CUDA (before any step)."""
+    from conftest import preset
+    from elas.build import build_model
+    from elas.kernels.cuda import cutlass_relu2
+    from elas.sparsity.act24 import Act24Config
+    with pytest.raises(ValueError, match="invalid act24.cutlass='yes please': expected true or false"):
+        Act24Config(cutlass="yes please")
+    assert Act24Config(cutlass="true").cutlass is True
+    for bad in ({"grad_mode": "mask"}, {"wgrad_dense_frac": 0.05}, {"fused": True}):
+        with pytest.raises(ValueError, match="act24.cutlass=true covers the ste gradient"):
+            Act24Config(cutlass=True, **bad)
+    monkeypatch.setenv("ELAS_CUTLASS_RELU2", str(tmp_path / "nope.so"))
+    cutlass_relu2.library.cache_clear()
+    cfg = preset("llama-tiny-elas", None, n_layers=2, vocab_size=256)
+    cfg.method("act24")["cutlass"] = True
+    try:
+        with pytest.raises(FileNotFoundError, match=r"no CUTLASS library at .*nope"):
+            build_model(cfg, "meta", materialise_on="cuda")
+        build_model(cfg, "cpu")  # the reference kernels on the CPU: no library needed
+    finally:
+        cutlass_relu2.library.cache_clear()
+
+
+def test_act24_cutlass_traces_as_one_graph_on_the_packed_reference_path():
+    """The operator's new argument through autograd and dynamo: act24_ffn with cutlass=True on the CPU (the
+    reference kernels: the CUTLASS form is CUDA-only) gives the separate form's output and gradients, compiled
+    with fullgraph=True."""
+    from elas.kernels import ops
+    g = torch.Generator().manual_seed(0)
+    h1, wu, wd = (torch.randn(s, generator=g).to(torch.bfloat16).requires_grad_() for s in ((64, 16), (64, 16),
+                                                                                            (64, 8)))
+
+    def run(fn, cutlass):
+        for t in (h1, wu, wd):
+            t.grad = None
+        out = fn(h1, wu, wd, False, cutlass=cutlass)
+        out.float().square().sum().backward()
+        return out.detach(), [t.grad.clone() for t in (h1, wu, wd)]
+
+    want = run(ops.act24_ffn, False)
+    got = run(torch.compile(ops.act24_ffn, fullgraph=True, backend="aot_eager"), True)
+    assert torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m, n, k", [(8192, 8192, 512), (1024, 2176, 256)])
+def test_gpu_cutlass_ste_backward_matches_the_triton_kernel(m, n, k):
+    """Modes 4 and 5 bit for bit against cuBLAS + the Triton backward kernel on integer-valued inputs (dy2 exact
+    in any order; y1 with zeros, negatives and ties), and y2s (a function of y1 alone) on random inputs too."""
+    cl = _cutlass_lib()
+    from elas.kernels.cuda.sparsify import relu2_sparse24_backward
+    dh2, wd = _ints((m, k), -3, 4, 0, "cuda"), _ints((n, k), -3, 4, 1, "cuda")
+    for y1 in (_ints((m, n), -3, 4, 2, "cuda"), torch.randn(m, n, device="cuda", dtype=torch.bfloat16)):
+        want = relu2_sparse24_backward((dh2 @ wd.T).contiguous(), None, y1)
+        for mode in ("ste_grad", "ste_grad_y2s"):
+            for what, got, ref_ in zip(("y2s", "dy1"), cl.ste_grad_gemm_fused(dh2, wd, y1, mode), (want.y2s, want.dy1)):
+                bad = got != ref_
+                assert not bad.any(), (f"{mode} {what}: {bad.float().mean().item():.2e} differ, first at "
+                                       f"{bad.nonzero()[0].tolist()}: {got[bad][:4].tolist()} against "
+                                       f"{ref_[bad][:4].tolist()}")
+        assert torch.equal(torch.stack(cl.ste_grad_gemm(dh2, wd, y1)), torch.stack((want.y2s, want.dy1)))
+
+
+@pytest.mark.gpu
+def test_gpu_elas_with_cutlass_trains_like_separate_and_captures():
+    """A small ELAS model in its sparse phase with act24.cutlass=true: loss and gradients equal to the
+    separate kernels' (the same values: CUTLASS's GEMMs equal cuBLAS's at these shapes up to summation order, so
+    bf16 tolerance), compiled without graph breaks, and a CUDA-graph replay equal to the eager step."""
+    _cutlass_lib()
+    from conftest import preset
+    from elas.build import build_model
+    from elas.sparsity import set_step
+    losses, grads = [], []
+    idx = torch.randint(0, 256, (4, 64), device="cuda")
+    for use in (False, True):
+        cfg = preset("llama-tiny-elas", None, n_layers=2, vocab_size=256)
+        cfg.method("act24")["cutlass"] = use
+        torch.manual_seed(0)
+        model = build_model(cfg, "cuda").to(torch.bfloat16)
+        assert set_step(model, 10 ** 6, 10 ** 7) == ("sparse",)
+        loss = model(idx, idx).float()
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad.float() for p in model.parameters()])
+    assert abs(losses[0] - losses[1]) < 1e-2 * abs(losses[0])
+    for a, b in zip(*grads):
+        assert ((a - b).norm() / a.norm().clamp_min(1e-12)).item() < 5e-2
+    compiled = torch.compile(model, fullgraph=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            want = compiled(idx, idx)
+            want.backward()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        loss = compiled(idx, idx)
+        loss.backward()
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(loss, want)

@@ -88,6 +88,13 @@ def materialised_on(device):
         _MATERIALISED_ON[0] = prev
 
 
+def target_type(device) -> str:
+    """The device type a method's kernels are chosen for: the parameters' device, or for a meta-device build
+    within materialised_on(d), d's type."""
+    kind = getattr(device, "type", str(device).split(":")[0])
+    return (_MATERIALISED_ON[0] or kind) if kind == "meta" else kind
+
+
 def backend_for(device, name: str = "auto") -> str:
     """resolve_backend(name) for a method applied to parameters on `device`; a meta-device model takes the
     reference for "auto" unless it is built within materialised_on(a CUDA device)."""
@@ -96,4 +103,4 @@ def backend_for(device, name: str = "auto") -> str:
     return resolve_backend(name)
 
 
-__all__ = ["resolve_backend", "backend_for", "materialised_on", "cuda_available", "reference", "BACKENDS"]
+__all__ = ["resolve_backend", "backend_for", "target_type", "materialised_on", "cuda_available", "reference", "BACKENDS"]

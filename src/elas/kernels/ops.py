@@ -374,14 +374,17 @@ def residual_rmsnorm(x: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 @torch.library.custom_op("elas::act24_ffn", mutates_args=())
 def act24_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac: float | None,
                  fused: bool = False, wu_p: Tensor | None = None, wdt_p: Tensor | None = None,
-                 wdt: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 wdt: Tensor | None = None, cutlass: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> h2 [T, q'] and what backward needs: (s0, s1) = (packed y2s buffer, mask bits) in mask mode, (y1, -) in
     ste mode; (idx_d [n_dense] i64, slots [d_ff] i32) of the 95/5 split (empty without it). fused: the
     up-projection and the sparsifier as one kernel (y1 [T, d_ff] then exists only in ste mode), and in the
     backward (ste mode without the split) the dy2 GEMM and the pointwise work as one. wu_p: wu 2:4 along q (2:4
     weights, S-STE), packed [d_ff, q*9/16]: the up-projection as a weight-sparse GEMM (fused is then not used);
     wdt_p: the packed [d_ff, q'] matrix, 2:4 along q', of the backward's dy2 = dh2 wdt^T (saved for it); wdt:
-    that matrix dense where it is not packed (default: wd)."""
+    that matrix dense where it is not packed (default: wd). cutlass (on CUDA, ste mode without the split or weight
+    operands): the backward's dy2 GEMM and its pointwise work by the fastest at the shape of cuBLAS + the Triton
+    kernel and CUTLASS GEMMs with the work in their epilogue (cuda/cutlass_relu2.ste_grad_gemm); the forward is
+    unchanged."""
     # the split ranks features by their positives in y1 (as the masked core does), counted by the sparsifier
     if wu_p is not None:  # (S(W) [d_ff, q] @ h1^T)^T, written column-major: [T, d_ff]
         y1 = sparse_mm(Packed24(wu_p, _EMPTY_U8, tuple(wu.shape)), h1.t(), out_t=True)
@@ -404,7 +407,7 @@ def act24_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac
 
 
 @act24_ffn_op.register_fake
-def _(h1, wu, wd, mask_grad, dense_frac, fused=False, wu_p=None, wdt_p=None, wdt=None):
+def _(h1, wu, wd, mask_grad, dense_frac, fused=False, wu_p=None, wdt_p=None, wdt=None, cutlass=False):
     t, f = h1.shape[0], wu.shape[0]
     h2 = h1.new_empty((t, wd.shape[1]))
     if mask_grad:
@@ -420,13 +423,18 @@ def _(h1, wu, wd, mask_grad, dense_frac, fused=False, wu_p=None, wdt_p=None, wdt
 @torch.library.custom_op("elas::act24_ffn_backward", mutates_args=())
 def act24_ffn_backward_op(dh2: Tensor, h1: Tensor, wu: Tensor, wd: Tensor, s0: Tensor, s1: Tensor, idx_d: Tensor,
                           slots: Tensor, mask_grad: bool, fused: bool = False, wdt_p: Tensor | None = None,
-                          wdt: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                          wdt: Tensor | None = None, cutlass: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     t, f = h1.shape[0], wu.shape[0]
     dh2, h1 = dh2.contiguous(), h1.contiguous()
     split = slots.numel() > 0
     p = Packed24(s0, s1, (t, f)) if mask_grad else None
     y1 = None if mask_grad else s0
-    if fused and not mask_grad and not split and wdt_p is None and wdt is None:
+    plain_ste = not mask_grad and not split and wdt_p is None and wdt is None
+    if plain_ste and cutlass and dh2.device.type == "cuda":
+        from .cuda import cutlass_relu2
+        y2s, dy1 = cutlass_relu2.ste_grad_gemm(dh2, wd, y1)
+        g = ref.Grads24(y2s, dy1, None)
+    elif plain_ste and fused:
         # dy2 [T, d_ff] never leaves the GEMM's registers
         y2s, dy1 = dgrad_relu2_ste_op(dh2, wd, y1)
         g = ref.Grads24(y2s, dy1, None)
@@ -453,7 +461,7 @@ def act24_ffn_backward_op(dh2: Tensor, h1: Tensor, wu: Tensor, wd: Tensor, s0: T
 
 
 @act24_ffn_backward_op.register_fake
-def _(dh2, h1, wu, wd, s0, s1, idx_d, slots, mask_grad, fused=False, wdt_p=None, wdt=None):
+def _(dh2, h1, wu, wd, s0, s1, idx_d, slots, mask_grad, fused=False, wdt_p=None, wdt=None, cutlass=False):
     return torch.empty_like(h1), torch.empty_like(wu, memory_format=torch.contiguous_format), \
         torch.empty_like(wd, memory_format=torch.contiguous_format)
 
@@ -465,14 +473,15 @@ def _setup_context(ctx, inputs, output):
     ctx.fused = bool(inputs[5]) if len(inputs) > 5 else False
     wdt_p = inputs[7] if len(inputs) > 7 else None
     wdt = inputs[8] if len(inputs) > 8 else None
+    ctx.cutlass = bool(inputs[9]) if len(inputs) > 9 else False
     ctx.save_for_backward(h1, wu, wd, s0, s1, idx_d, slots, wdt_p, wdt)
 
 
 def _backward(ctx, dh2, *_unused):
     h1, wu, wd, s0, s1, idx_d, slots, wdt_p, wdt = ctx.saved_tensors
     dh1, dwu, dwd = act24_ffn_backward_op(dh2, h1, wu, wd, s0, s1, idx_d, slots, ctx.mask_grad, ctx.fused, wdt_p,
-                                          wdt)
-    return dh1, dwu, dwd, None, None, None, None, None, None
+                                          wdt, ctx.cutlass)
+    return dh1, dwu, dwd, None, None, None, None, None, None, None
 
 
 act24_ffn_op.register_autograd(_backward, setup_context=_setup_context)
@@ -480,12 +489,12 @@ act24_ffn_op.register_autograd(_backward, setup_context=_setup_context)
 
 def act24_ffn(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac: float | None = None,
               fused: bool = False, wu_packed: Packed24 | None = None, wdt_packed: Packed24 | None = None,
-              wdt: Tensor | None = None) -> Tensor:
+              wdt: Tensor | None = None, cutlass: bool = False) -> Tensor:
     """The packed 2:4 FFN core: h1 [T, q] bf16, wu [d_ff, q] bf16, wd [d_ff, q'] bf16 -> h2 [T, q'] bf16.
     T and d_ff multiples of 64 (the SM90 layout's tile); fused: see act24_ffn_op. wu_packed: wu itself, 2:4 along
     q (2:4 weights); wdt_packed [d_ff, q'], 2:4 along q': the matrix of the backward's dy2 = dh2 wdt^T (S-STE's
     transposed input gradient); both products then run as weight-sparse GEMMs. wdt: that matrix dense (not
-    packed)."""
+    packed). cutlass: CUTLASS GEMMs with the 2:4 work in their epilogues where faster (see act24_ffn_op)."""
     check_shape(h1.shape[0], wu.shape[0])
     for name, pk, want in (("wu_packed", wu_packed, wu.shape), ("wdt_packed", wdt_packed, wd.shape),
                            ("wdt", wdt, wd.shape)):
@@ -493,7 +502,7 @@ def act24_ffn(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac: f
             raise ValueError(f"act24_ffn: {name} is {tuple(pk.shape)}, expected {tuple(want)}")
     return act24_ffn_op(h1, wu, wd, mask_grad, dense_frac, fused,
                         None if wu_packed is None else wu_packed.buffer,
-                        None if wdt_packed is None else wdt_packed.buffer, wdt)[0]
+                        None if wdt_packed is None else wdt_packed.buffer, wdt, cutlass)[0]
 
 
 __all__ = ["relu2_ffn", "relu2_sparsify24_packed", "up_relu2_sparsify24", "relu2_sparse24_backward", "sparse_mm", "act24_ffn",

@@ -10,7 +10,8 @@ largest magnitudes of every 4 features kept) on one of two paths, chosen when th
 - masked (elsewhere): sparsity/masked.py, masked dense GEMMs (emulated).
 Options: the gradient through the mask (`ste`: ELAS's straight-through; `mask`: Haziza's, dy1 2:4 too), a fixed
 token permutation around the FFN, Haziza's 95/5 weight-gradient split (`wgrad_dense_frac`), and (packed path)
-the 2:4 pointwise work fused into the d_ff-wide GEMMs' epilogues (`fused`).
+the 2:4 pointwise work fused into the d_ff-wide GEMMs' epilogues (`fused`: Triton GEMMs; `cutlass`: CUTLASS GEMMs
+where they time faster).
 """
 from __future__ import annotations
 
@@ -54,6 +55,10 @@ class Act24Config(SparsityMethod):
     # up-projection + sparsifier, and (ste without the split) dy2 GEMM + backward pointwise; off until
     # `elas bench epilogue` has measured them faster than cuBLAS + the separate kernels
     fused: bool = False
+    # packed path, ste without the split: the d_ff-wide GEMMs as CUTLASS GEMMs with the 2:4 pointwise work in
+    # their epilogues, each where it times faster at the shape than cuBLAS + the separate Triton kernel (today the
+    # backward's dy2 GEMM: kernels/cuda/cutlass_relu2.py; needs the CUTLASS library, built off the GPU machine)
+    cutlass: bool = False
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -67,6 +72,10 @@ class Act24Config(SparsityMethod):
                              f"[0, 1] or none")
         if self.path not in PATHS:
             raise ValueError(f"invalid act24.path {self.path!r}: expected one of {', '.join(PATHS)}")
+        if self.cutlass and (self.grad_mode != "ste" or self.wgrad_dense_frac is not None or self.fused):
+            raise ValueError(f"act24.cutlass=true covers the ste gradient without the weight-gradient split or "
+                             f"act24.fused; got grad_mode={self.grad_mode}, wgrad_dense_frac={self.wgrad_dense_frac}, "
+                             f"fused={self.fused}")
         if self.backend not in kernels.BACKENDS:
             raise ValueError(f"invalid act24.backend {self.backend!r}: expected one of {', '.join(kernels.BACKENDS)}")
 
@@ -199,7 +208,7 @@ class Act24Core(nn.Module):
             if packed:
                 wu_p, wdt_p, wdt = weight_operands(up, down, packed=True)
                 h2 = kernel_ops.act24_ffn(h1, wu, wd, self.mask_grad, self.cfg.wgrad_dense_frac, self.cfg.fused,
-                                          wu_p, wdt_p, None if wdt is None else wdt.to(dtype))
+                                          wu_p, wdt_p, None if wdt is None else wdt.to(dtype), self.cfg.cutlass)
             else:
                 wdt = weight_operands(up, down, packed=False)[2]
                 h2 = masked_act24_ffn(h1, wu, wd, self.mask_grad, self.cfg.wgrad_dense_frac,
@@ -235,6 +244,10 @@ def _apply_act24(model: nn.Module, cfg: Act24Config, filter_fn) -> Applied:
         _check_linears(n, f)
     backend = kernels.backend_for(next(model.parameters()).device, cfg.backend)
     packed_default = cfg.path == "packed" or (cfg.path == "auto" and backend == "cuda")
+    if cfg.cutlass and cfg.path != "masked" and kernels.target_type(
+            next(model.parameters()).device) == "cuda":
+        from ..kernels.cuda import cutlass_relu2
+        cutlass_relu2.library()  # a missing library: one line here, before any step (on a CPU machine too)
     targets, old = [], []
     for n, f in ffns:
         packed = packed_default
@@ -259,6 +272,7 @@ def _apply_act24(model: nn.Module, cfg: Act24Config, filter_fn) -> Applied:
             + (f", {1 - cfg.wgrad_dense_frac:.0%}/{cfg.wgrad_dense_frac:.0%} weight-gradient split"
                if cfg.wgrad_dense_frac is not None else "")
             + (", 2:4 pointwise work fused into the GEMM epilogues" if cfg.fused else "")
+            + (", CUTLASS GEMMs with the 2:4 work in their epilogues where faster" if cfg.cutlass else "")
             + f") on {len(targets)} FFNs after {cfg.dense_warmup_steps} dense steps; " + "; ".join(paths))
     claims = {(n, op) for n, _ in targets for op in cfg.operands()}
     return Applied(cfg, targets, claims, detach, desc)

@@ -7,6 +7,11 @@ warp-specialised TMA mainloop (cuBLAS's rate, where the Triton form ran ~1.5x sl
   shape of cuBLAS's GEMM + one pointwise pass and the library's fused forms (dy2 never written; y2 read by each
   epilogue thread, mode 2, which measured 0.75x the first at the 1B shapes where the forward's fusion measured
   1.42x, benchmarks/results/h200/cutlass_relu2.json; or through the epilogue's TMA pipeline, mode 3).
+- the 2:4 FFN's straight-through backward (ELAS, `act24.cutlass=true`): (y2s, dy1) from dh2 [M, K], wd [N, K]
+  and the saved y1 [M, N]: y2s = 2:4(relu(y1)^2) along N, dy1 = 2 relu(y1) bf16(dh2 @ wd^T); the fastest at the
+  shape of cuBLAS's GEMM + the Triton backward kernel (sparsify.py), mode 4 (dy1 from the epilogue, y1 through its
+  TMA pipeline) + the Triton dense sparsifier for y2s, and mode 5 (both from the epilogue: dy2 never written, y1
+  read once).
 All operands bf16, row-major and contiguous (K contiguous in A and B). Numerics are relu2_gemm.py's (the
 rounding points are the same; only the GEMM's summation order differs from cuBLAS).
 
@@ -30,8 +35,9 @@ from .gemm import cache_dir, windows_ms
 
 log = logging.getLogger("elas.kernels")
 # the library's modes: 1 y2 = relu(acc)^2; 2 and 3 dy1 = 2 sqrt(y2) acc, y2 loaded per thread (2) or through the
-# epilogue's TMA pipeline (3; a library built before it answers -1 and is skipped)
-MODES = {"relu2": 1, "grad": 2, "grad_tma": 3}
+# epilogue's TMA pipeline (3); 4 the straight-through dy1 = 2 relu(y1) acc, y1 through TMA; 5 mode 4 and y2s =
+# 2:4(relu(y1)^2) as a second output. A library built before a mode answers -1 for it, and it is skipped.
+MODES = {"relu2": 1, "grad": 2, "grad_tma": 3, "ste_grad": 4, "ste_grad_y2s": 5}
 
 
 def library_path() -> Path:
@@ -43,7 +49,8 @@ def library_path() -> Path:
 def library() -> ctypes.CDLL:
     path = library_path()
     if not path.is_file():
-        raise FileNotFoundError(f"model.relu2_kernel=cutlass needs the CUTLASS library at {path}: build it with "
+        raise FileNotFoundError(f"no CUTLASS library at {path} (model.relu2_kernel=cutlass and act24.cutlass=true "
+                                f"need it): build it with "
                                 f"`bash src/elas/kernels/cuda/cutlass/build.sh relu2 DIR` and set "
                                 f"ELAS_CUTLASS_RELU2=DIR/libelas_cutlass_relu2.so (or copy it there)")
     lib = ctypes.CDLL(str(path))
@@ -51,26 +58,39 @@ def library() -> ctypes.CDLL:
     lib.elas_cutlass_dense_config_name.restype = ctypes.c_char_p
     lib.elas_cutlass_dense_workspace.restype = ctypes.c_longlong
     lib.elas_cutlass_dense_workspace.argtypes = [ctypes.c_int] * 5
+    tail = [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int,
+                                 ctypes.POINTER(ctypes.c_float)]
     lib.elas_cutlass_dense_mm.restype = ctypes.c_int
-    lib.elas_cutlass_dense_mm.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 + [
-        ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_float)]
+    lib.elas_cutlass_dense_mm.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + tail
+    if hasattr(lib, "elas_cutlass_dense_mm_aux"):  # (libraries built before mode 5 lack the second aux tensor)
+        lib.elas_cutlass_dense_mm_aux.restype = ctypes.c_int
+        lib.elas_cutlass_dense_mm_aux.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + tail
     return lib
 
 
-# (device, mode, M, N, K) -> (configuration index, ms); (device, M, N, K) -> the backward's form (a mode or None)
+# (device, mode, M, N, K) -> (configuration index, ms); (device, M, N, K) -> the backward's form (a mode or None;
+# ("ste", device, M, N, K) for the straight-through backward)
 _BEST: dict[tuple, tuple[int, float]] = {}
-_GRAD: dict[tuple, int | None] = {}
+_GRAD: dict[tuple, int | str | None] = {}
 
 
-def _launch(lib, config: int, mode: int, a, b, aux, d, iters: int = 0) -> tuple[int, float]:
+def _launch(lib, config: int, mode: int, a, b, aux, d, iters: int = 0, aux_out=None) -> tuple[int, float]:
     m, k = a.shape
     n = b.shape[0]
     ws_bytes = int(lib.elas_cutlass_dense_workspace(config, mode, m, n, k))
+    if ws_bytes < 0:  # a mode this library was built without
+        return -1, 0.0
     ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=a.device)  # the caching allocator: graph-safe
     ms = ctypes.c_float(0)
-    rc = lib.elas_cutlass_dense_mm(config, mode, a.data_ptr(), b.data_ptr(), None if aux is None else aux.data_ptr(),
-                                   d.data_ptr(), m, n, k, ws.data_ptr(), max(ws_bytes, 1),
-                                   ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), iters, ctypes.byref(ms))
+    head = (config, mode, a.data_ptr(), b.data_ptr(), None if aux is None else aux.data_ptr())
+    tail = (d.data_ptr(), m, n, k, ws.data_ptr(), max(ws_bytes, 1),
+            ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), iters, ctypes.byref(ms))
+    if aux_out is not None:
+        if not hasattr(lib, "elas_cutlass_dense_mm_aux"):
+            return -1, 0.0
+        rc = lib.elas_cutlass_dense_mm_aux(*head, aux_out.data_ptr(), *tail)
+    else:
+        rc = lib.elas_cutlass_dense_mm(*head, *tail)
     return rc, ms.value
 
 
@@ -80,7 +100,7 @@ def _not_capturing(what: str) -> None:
                            f"(the choice launches and synchronises)")
 
 
-def _best(lib, mode: int, a, b, aux) -> tuple[int, float] | None:
+def _best(lib, mode: int, a, b, aux, aux_out=None) -> tuple[int, float] | None:
     """The fastest configuration of `mode` at this shape and its time, or None where none runs it."""
     m, k = a.shape
     key = (a.device.index, mode, m, b.shape[0], k)
@@ -90,9 +110,9 @@ def _best(lib, mode: int, a, b, aux) -> tuple[int, float] | None:
     d = torch.empty(m, b.shape[0], dtype=torch.bfloat16, device=a.device)
     timed = {}
     for c in range(lib.elas_cutlass_dense_configs()):
-        if _launch(lib, c, mode, a, b, aux, d)[0] != 0:  # this tile cannot run this shape (or no such mode)
-            continue
-        rc, ms = _launch(lib, c, mode, a, b, aux, d, iters=20)
+        if _launch(lib, c, mode, a, b, aux, d, aux_out=aux_out)[0] != 0:  # this tile cannot run this shape (or
+            continue  # the library has no such mode)
+        rc, ms = _launch(lib, c, mode, a, b, aux, d, iters=20, aux_out=aux_out)
         if rc == 0:
             timed[c] = ms
     best = min(timed.items(), key=lambda kv: kv[1]) if timed else None
@@ -103,18 +123,19 @@ def _best(lib, mode: int, a, b, aux) -> tuple[int, float] | None:
     return best
 
 
-def _mm(mode: int, a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
+def _mm(mode: int, a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None,
+        aux_out: torch.Tensor | None = None) -> torch.Tensor:
     if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or a.shape[1] != b.shape[1] or a.shape[1] % 8:
         raise ValueError(f"CUTLASS ReLU^2 GEMM: bf16 A [M, K] and B [N, K] with K % 8 == 0 expected, got "
                          f"{a.dtype} {tuple(a.shape)} and {b.dtype} {tuple(b.shape)}")
     a, b = a.contiguous(), b.contiguous()  # a transposed weight view is copied: the kernels read K-contiguous rows
     lib = library()
-    best = _best(lib, mode, a, b, aux)
+    best = _best(lib, mode, a, b, aux, aux_out)
     if best is None:
         raise RuntimeError(f"no CUTLASS configuration runs mode {mode} at {a.shape[0]}x{b.shape[0]}x{a.shape[1]}")
     config = best[0]
     d = torch.empty(a.shape[0], b.shape[0], dtype=torch.bfloat16, device=a.device)
-    rc = _launch(lib, config, mode, a, b, aux, d)[0]
+    rc = _launch(lib, config, mode, a, b, aux, d, aux_out=aux_out)[0]
     if rc != 0:
         raise RuntimeError(f"CUTLASS ReLU^2 GEMM mode {mode} failed with status {rc} at "
                            f"{a.shape[0]}x{b.shape[0]}x{a.shape[1]}")
@@ -156,3 +177,46 @@ def relu2_grad_gemm(dh2: torch.Tensor, wd: torch.Tensor, y2: torch.Tensor) -> to
     if mode is None:
         return relu2_grad(dh2 @ wd.T, y2)
     return _mm(mode, dh2, wd, y2)
+
+
+def ste_grad_gemm_fused(dh2: torch.Tensor, wd: torch.Tensor, y1: torch.Tensor, mode: str = "ste_grad_y2s"
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y2s, dy1), each [T, d_ff], from the GEMM dy2 = dh2 @ wd^T (dh2 [T, q'], wd [d_ff, q']) and the saved y1
+    [T, d_ff]: mode "ste_grad_y2s" both from the epilogue; "ste_grad" dy1 from the epilogue, y2s by the Triton
+    dense sparsifier (one pass over y1)."""
+    y1 = y1.contiguous()
+    if mode == "ste_grad":
+        from .sparsify import relu2_sparsify24_dense
+        return relu2_sparsify24_dense(y1), _mm(MODES[mode], dh2, wd, y1)
+    y2s = torch.empty_like(y1)
+    return y2s, _mm(MODES[mode], dh2, wd, y1, aux_out=y2s)
+
+
+def ste_grad_gemm(dh2: torch.Tensor, wd: torch.Tensor, y1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 2:4 FFN's straight-through backward on the d_ff side, ste mode without the split: (y2s, dy1) as
+    sparsify.relu2_sparse24_backward(dh2 @ wd^T, None, y1) gives them, by the fastest of three forms at this
+    shape, timed once outside capture: cuBLAS's GEMM + that Triton kernel (reads y1 and dy2, writes y2s and dy1),
+    mode 4 + the dense sparsifier, or mode 5. All three give the same values where the GEMMs agree bit for bit
+    (cutlass_relu2.json: every CUTLASS output equal to cuBLAS's)."""
+    from .sparsify import relu2_sparse24_backward
+
+    def separate():
+        g = relu2_sparse24_backward(dh2 @ wd.T, None, y1)
+        return g.y2s, g.dy1
+
+    key = ("ste", dh2.device.index, dh2.shape[0], wd.shape[0], dh2.shape[1])
+    if key not in _GRAD:
+        _not_capturing(f"the straight-through backward at {key[2]}x{key[3]}x{key[4]}")
+        lib = library()
+        a, b, y = dh2.contiguous(), wd.contiguous(), y1.contiguous()
+        timed = {None: windows_ms(separate, calls=20, windows=1, warmup=1)[0]}
+        for form in ("ste_grad", "ste_grad_y2s"):  # each timed as the step calls it (with its sparsifier)
+            if _best(lib, MODES[form], a, b, y, torch.empty_like(y) if form == "ste_grad_y2s" else None):
+                timed[form] = windows_ms(lambda: ste_grad_gemm_fused(a, b, y, form), calls=20, windows=1,
+                                         warmup=1)[0]
+        _GRAD[key] = min(timed, key=timed.get)
+        log.info("CUTLASS straight-through backward %dx%dx%d: %s", *key[2:], {m: round(t, 4) for m, t in timed.items()})
+    form = _GRAD[key]
+    if form is None:
+        return separate()
+    return ste_grad_gemm_fused(dh2, wd, y1, form)

@@ -12,6 +12,12 @@
 //   mode 3 ("grad_tma"): mode 2 with y2 brought in by the epilogue's TMA producer, pipelined with the tiles'
 //                      stores (CUTLASS's LinCombDeEltAct: the dgrad-with-activation fusion); mode 2 measured 0.75x
 //                      cuBLAS + the pointwise kernel at the 1B shape, its y2 loads exposed
+//   mode 4 ("ste_grad"): D[M, N] = dy1 = Y1 > 0 ? bf16(2 Y1 bf16(A @ B)) : 0, Y1 [M, N] through TMA (mode 3's
+//                      pipeline): the 2:4 FFN's straight-through backward (ELAS) with y1 saved by the forward
+//   mode 5 ("ste_grad_y2s"): mode 4, and a second output Y2S[M, N] = relu(Y1)^2 with 2 of every 4 columns kept
+//                      (largest first, the earlier column on ties: the forward's selection), stored through the
+//                      epilogue's TMA pipeline: what the 2:4 backward kernel (kernels/cuda/sparsify.py, ste mode
+//                      without the split) writes, with dy2 never written and y1 read once
 //
 // A row-major [M, K] (K-major), B passed as B^T [N, K] contiguous (K-major: torch's h1 @ wu.T with wu [N, K]),
 // D row-major; bf16 in and out, fp32 accumulation. Mode 1 rounds the accumulator to bf16 first, as the model's
@@ -82,6 +88,84 @@ struct ReLUSquaredGrad<cutlass::Array<T, N>> {
   }
 };
 
+// (dy2 accumulator, y1) -> the straight-through gradient: +0 where y1 <= 0, else bf16(2 y1 bf16(dy2)); y1 and dy2
+// are bf16 values, so 2 y1 dy2 is exact in fp32 and the output conversion rounds once, as the Triton kernel does
+template <class T>
+struct SteGrad {
+  CUTLASS_HOST_DEVICE T operator()(T const& acc, T const& y1) const {
+    float y = static_cast<float>(y1);
+    return y > 0.f ? T(2.f * y * static_cast<float>(Bf16(acc))) : T(0.f);
+  }
+};
+
+template <class T, int N>
+struct SteGrad<cutlass::Array<T, N>> {
+  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& acc,
+                                                      cutlass::Array<T, N> const& y1) const {
+    cutlass::Array<T, N> out;
+    SteGrad<T> f;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) out[i] = f(acc[i], y1[i]);
+    return out;
+  }
+};
+
+// mode 5's root: SteGrad of (acc, y1); its third input (the stored y2s) only ties the store into the graph
+template <class T>
+struct SteGradAfterStore {
+  CUTLASS_HOST_DEVICE T operator()(T const& acc, T const& y1, T const&) const { return SteGrad<T>{}(acc, y1); }
+};
+
+template <class T, int N>
+struct SteGradAfterStore<cutlass::Array<T, N>> {
+  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& acc, cutlass::Array<T, N> const& y1,
+                                                      cutlass::Array<T, N> const&) const {
+    return SteGrad<cutlass::Array<T, N>>{}(acc, y1);
+  }
+};
+
+// y1 -> y2s = relu(y1)^2 with 2 of every 4 columns kept, chosen on the exact fp32 squares by the rule of the
+// Triton kernels' _keep24: i is kept when fewer than 2 others beat it, j beating i if its square is larger, or
+// equal and j earlier.
+//
+// Where the 4 columns of a group live: the epilogue hands each thread its fragment of the accumulator tile in the
+// Hopper MMA's register layout (also stmatrix's source layout): elements 2i and 2i+1 are one row's columns c and
+// c+1 with c = 2 (lane % 4) modulo 8, and lane ^ 1 holds columns c ^ 2, c ^ 2 + 1 of the same row at the same
+// index. So a group is an even lane's pair (its first two columns) and the odd lane's next to it; one shuffle
+// gives each thread the other half. Every thread of the warp calls this together (the epilogue's visit has no
+// per-thread predicate: TMA clips the stores), as the shuffle requires.
+template <class T>
+struct Relu2Keep24 {
+  CUTLASS_HOST_DEVICE T operator()(T const& y1) const { return y1; }  // (unused: the selection needs a group)
+};
+
+template <class T, int N>
+struct Relu2Keep24<cutlass::Array<T, N>> {
+  static_assert(N % 2 == 0, "the fragment holds column pairs");
+  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& y1) const {
+    cutlass::Array<T, N> out;
+#if defined(__CUDA_ARCH__)
+    bool const first = (threadIdx.x & 1) == 0;  // holds columns 0, 1 of its group
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; i += 2) {
+      float a = static_cast<float>(y1[i]), b = static_cast<float>(y1[i + 1]);
+      a = a > 0.f ? a * a : 0.f;  // exact: y1 is a bf16 value
+      b = b > 0.f ? b * b : 0.f;
+      float pa = __shfl_xor_sync(0xffffffffu, a, 1), pb = __shfl_xor_sync(0xffffffffu, b, 1);
+      float x0 = first ? a : pa, x1 = first ? b : pb, x2 = first ? pa : a, x3 = first ? pb : b;
+      bool b01 = x1 > x0, b02 = x2 > x0, b03 = x3 > x0, b12 = x2 > x1, b13 = x3 > x1, b23 = x3 > x2;
+      // kept: fewer than 2 of the three "others beat me" flags set
+      auto fewer2 = [](bool p, bool q, bool r) { return !((p && q) || (p && r) || (q && r)); };
+      bool k0 = fewer2(b01, b02, b03), k1 = fewer2(!b01, b12, b13);
+      bool k2 = fewer2(!b02, !b12, b23), k3 = fewer2(!b03, !b13, !b23);
+      out[i] = T((first ? k0 : k2) ? a : 0.f);
+      out[i + 1] = T((first ? k1 : k3) ? b : 0.f);
+    }
+#endif
+    return out;
+  }
+};
+
 template <class T>
 struct Identity {
   CUTLASS_HOST_DEVICE T operator()(T const& x) const { return x; }
@@ -106,16 +190,53 @@ using GradTree = fusion::Sm90EVT<fusion::Sm90Compute<ReLUSquaredGrad, Bf16, floa
 // mode 3: activation'(alpha acc + beta C, aux) with the aux tensor (y2) loaded through TMA into shared memory
 using GradTma = fusion::LinCombDeEltAct<cutlass::layout::RowMajor, ReLUSquaredGrad, Bf16, float, Bf16>;
 
-// epilogue arguments of each fusion: (alpha, beta) for LinCombEltAct, the y2 tensor for the gradient tree
+// mode 4: the same fusion with the straight-through gradient, the aux tensor being y1
+using SteGradTma = fusion::LinCombDeEltAct<cutlass::layout::RowMajor, SteGrad, Bf16, float, Bf16>;
+
+// mode 5's graph, which depends on the tile and schedule (the aux tensors' shared-memory stages and layouts are the
+// epilogue's own, resolved by CUTLASS's descriptors as its builder resolves them): node 0 the accumulator, 1 y1
+// through TMA, 2 y2s = Relu2Keep24(y1), 3 the store of y2s through TMA, 4 (root, written as D) SteGrad(acc, y1)
+struct SteY2sTag {};
+
+template <class TileMNK, class EpiSchedule>
+struct SteY2sGraph {
+  using Desc = cutlass::epilogue::collective::detail::EpilogueDescriptor<
+      TileMNK, cutlass::epilogue::collective::EpilogueTileAuto, void, Bf16, EpiSchedule>;
+  using LoadDesc = cutlass::epilogue::collective::detail::AuxLoadDescriptor<Desc, cutlass::layout::RowMajor, Bf16>;
+  using StoreDesc = cutlass::epilogue::collective::detail::AuxStoreDescriptor<Desc, cutlass::layout::RowMajor, Bf16>;
+  using Y1 = fusion::Sm90AuxLoad<LoadDesc::Stages, typename Desc::EpilogueTile, Bf16, typename LoadDesc::Stride,
+                                 typename LoadDesc::SmemLayoutAtom, typename LoadDesc::CopyOpS2R>;
+  using Y2s = fusion::Sm90Compute<Relu2Keep24, float, float, cutlass::FloatRoundStyle::round_to_nearest>;
+  using Store = fusion::Sm90AuxStore<StoreDesc::Stages, typename Desc::EpilogueTile, Bf16,
+                                     cutlass::FloatRoundStyle::round_to_nearest, typename StoreDesc::Stride,
+                                     typename StoreDesc::SmemLayoutAtom, typename StoreDesc::CopyOpR2S>;
+  using Dy1 = fusion::Sm90Compute<SteGradAfterStore, Bf16, float, cutlass::FloatRoundStyle::round_to_nearest>;
+  using type = fusion::Sm90TopologicalVisitor<
+      float, cute::tuple<cute::seq<>, cute::seq<>, cute::seq<1>, cute::seq<2>, cute::seq<0, 1, 3>>,
+      fusion::Sm90AccFetch, Y1, Y2s, Store, Dy1>;
+};
+
+// the epilogue's fusion type of a configuration: the fusion itself, or mode 5's graph for its tile
+template <class Fusion, class TileMNK, class EpiSchedule>
+struct FusionFor {
+  using type = Fusion;
+};
+template <class TileMNK, class EpiSchedule>
+struct FusionFor<SteY2sTag, TileMNK, EpiSchedule> {
+  using type = typename SteY2sGraph<TileMNK, EpiSchedule>::type;
+};
+
+// epilogue arguments of each fusion: (alpha, beta) for LinCombEltAct, the aux tensors for the others (aux: the
+// input y2 or y1 [M, N]; aux_out: mode 5's y2s [M, N])
 template <class Fusion>
 struct FusionArgs {
   template <class Args>
-  static Args make(const void*, int, int) { return Args{1.0f, 0.0f}; }
+  static Args make(const void*, void*, int, int) { return Args{1.0f, 0.0f}; }
 };
-template <>
-struct FusionArgs<GradTma> {
+template <class Fusion>
+struct DeEltActArgs {
   template <class Args>
-  static Args make(const void* aux, int M, int N) {
+  static Args make(const void* aux, void*, int M, int N) {
     Args args{};
     args.alpha = 1.0f;
     args.beta = 0.0f;
@@ -125,12 +246,26 @@ struct FusionArgs<GradTma> {
   }
 };
 template <>
+struct FusionArgs<GradTma> : DeEltActArgs<GradTma> {};
+template <>
+struct FusionArgs<SteGradTma> : DeEltActArgs<SteGradTma> {};
+template <>
 struct FusionArgs<GradTree> {
   template <class Args>
-  static Args make(const void* aux, int M, int N) {
+  static Args make(const void* aux, void*, int M, int N) {
     using Stride = typename Y2Load::StrideMNL;
     return Args{{}, {static_cast<const Bf16*>(aux), Bf16(0), cutlass::make_cute_packed_stride(Stride{}, {M, N, 1})},
                 {}};
+  }
+};
+template <>
+struct FusionArgs<SteY2sTag> {
+  template <class Args>
+  static Args make(const void* aux, void* aux_out, int M, int N) {
+    using Stride = cutlass::detail::TagToStrideC_t<cutlass::layout::RowMajor>;
+    auto stride = cutlass::make_cute_packed_stride(Stride{}, {M, N, 1});
+    // one argument per node, in the graph's order: acc, y1, Relu2Keep24, the store, the root
+    return Args{{}, {static_cast<const Bf16*>(aux), Bf16(0), stride}, {}, {static_cast<Bf16*>(aux_out), stride}, {}};
   }
 };
 
@@ -139,7 +274,8 @@ struct DenseGemm {
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileMNK, ClusterMNK,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor, 8,  // no C
-      Bf16, cutlass::layout::RowMajor, 8, EpiSchedule, Fusion>::CollectiveOp;
+      Bf16, cutlass::layout::RowMajor, 8, EpiSchedule,
+      typename FusionFor<Fusion, TileMNK, EpiSchedule>::type>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
       Bf16, cutlass::layout::RowMajor, 8,       // A: K-major
@@ -150,13 +286,14 @@ struct DenseGemm {
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
-  static typename Gemm::Arguments args(const void* a, const void* b, const void* aux, void* d, int M, int N, int K) {
+  static typename Gemm::Arguments args(const void* a, const void* b, const void* aux, void* aux_out, void* d, int M,
+                                       int N, int K) {
     using EpiArgs = decltype(typename Gemm::Arguments{}.epilogue.thread);
     typename Gemm::Arguments out{
         cutlass::gemm::GemmUniversalMode::kGemm, {M, N, K, 1},
         {static_cast<const Bf16*>(a), cutlass::make_cute_packed_stride(typename Kernel::StrideA{}, {M, K, 1}),
          static_cast<const Bf16*>(b), cutlass::make_cute_packed_stride(typename Kernel::StrideB{}, {N, K, 1})},
-        {FusionArgs<Fusion>::template make<EpiArgs>(aux, M, N), nullptr,
+        {FusionArgs<Fusion>::template make<EpiArgs>(aux, aux_out, M, N), nullptr,
          cutlass::make_cute_packed_stride(typename Kernel::StrideC{}, {M, N, 1}),
          static_cast<Bf16*>(d), cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, {M, N, 1})}};
     out.hw_info.sm_count = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(0);
@@ -164,13 +301,13 @@ struct DenseGemm {
   }
 
   // one launch, or iters timed (launch.h)
-  static int run(const void* a, const void* b, const void* aux, void* d, int M, int N, int K, void* workspace,
-                 size_t ws_bytes, cudaStream_t stream, int iters, float* ms) {
-    return elas_cutlass::run<Gemm>(args(a, b, aux, d, M, N, K), workspace, ws_bytes, stream, iters, ms);
+  static int run(const void* a, const void* b, const void* aux, void* aux_out, void* d, int M, int N, int K,
+                 void* workspace, size_t ws_bytes, cudaStream_t stream, int iters, float* ms) {
+    return elas_cutlass::run<Gemm>(args(a, b, aux, aux_out, d, M, N, K), workspace, ws_bytes, stream, iters, ms);
   }
 
   static size_t workspace(int M, int N, int K) {
-    return Gemm::get_workspace_size(args(nullptr, nullptr, nullptr, nullptr, M, N, K));
+    return Gemm::get_workspace_size(args(nullptr, nullptr, nullptr, nullptr, nullptr, M, N, K));
   }
 };
 
@@ -195,11 +332,11 @@ constexpr int kConfigs = 6;
 template <class... Configs>
 struct Table {
   template <int I, class First, class... Rest>
-  static int run_at(int config, const void* a, const void* b, const void* aux, void* d, int M, int N, int K,
-                    void* ws, size_t ws_bytes, cudaStream_t stream, int iters, float* ms) {
-    if (config == I) return First::run(a, b, aux, d, M, N, K, ws, ws_bytes, stream, iters, ms);
+  static int run_at(int config, const void* a, const void* b, const void* aux, void* aux_out, void* d, int M, int N,
+                    int K, void* ws, size_t ws_bytes, cudaStream_t stream, int iters, float* ms) {
+    if (config == I) return First::run(a, b, aux, aux_out, d, M, N, K, ws, ws_bytes, stream, iters, ms);
     if constexpr (sizeof...(Rest) > 0) {
-      return run_at<I + 1, Rest...>(config, a, b, aux, d, M, N, K, ws, ws_bytes, stream, iters, ms);
+      return run_at<I + 1, Rest...>(config, a, b, aux, aux_out, d, M, N, K, ws, ws_bytes, stream, iters, ms);
     }
     return -1;
   }
@@ -209,9 +346,9 @@ struct Table {
     if constexpr (sizeof...(Rest) > 0) return workspace_at<I + 1, Rest...>(config, M, N, K);
     return -1;
   }
-  static int run(int config, const void* a, const void* b, const void* aux, void* d, int M, int N, int K, void* ws,
-                 size_t ws_bytes, cudaStream_t stream, int iters, float* ms) {
-    return run_at<0, Configs...>(config, a, b, aux, d, M, N, K, ws, ws_bytes, stream, iters, ms);
+  static int run(int config, const void* a, const void* b, const void* aux, void* aux_out, void* d, int M, int N,
+                 int K, void* ws, size_t ws_bytes, cudaStream_t stream, int iters, float* ms) {
+    return run_at<0, Configs...>(config, a, b, aux, aux_out, d, M, N, K, ws, ws_bytes, stream, iters, ms);
   }
   static long long workspace(int config, int M, int N, int K) { return workspace_at<0, Configs...>(config, M, N, K); }
 };
@@ -220,6 +357,8 @@ using Plain = Table<ELAS_CONFIGS(EltAct<Identity>)>;
 using Relu2 = Table<ELAS_CONFIGS(EltAct<ReLUSquaredOfBf16>)>;
 using Grad = Table<ELAS_CONFIGS(GradTree)>;
 using GradTmaTable = Table<ELAS_CONFIGS(GradTma)>;
+using SteGradTable = Table<ELAS_CONFIGS(SteGradTma)>;
+using SteY2sTable = Table<ELAS_CONFIGS(SteY2sTag)>;
 
 }  // namespace
 
@@ -235,21 +374,33 @@ long long elas_cutlass_dense_workspace(int config, int mode, int M, int N, int K
     case 1: return Relu2::workspace(config, M, N, K);
     case 2: return Grad::workspace(config, M, N, K);
     case 3: return GradTmaTable::workspace(config, M, N, K);
+    case 4: return SteGradTable::workspace(config, M, N, K);
+    case 5: return SteY2sTable::workspace(config, M, N, K);
     default: return -1;
   }
 }
-// aux: y2 [M, N] bf16 row-major for modes 2 and 3 (unused otherwise). Returns 0 on success; 2 cannot implement,
-// 3 workspace too small, 4 initialize, 5 run, 6 CUDA error, -1 bad config or mode
-int elas_cutlass_dense_mm(int config, int mode, const void* a, const void* b, const void* aux, void* d, int M, int N,
-                          int K, void* workspace, size_t ws_bytes, void* stream, int iters, float* ms) {
+// aux: the input tensor [M, N] bf16 row-major of modes 2-5 (y2, or y1 for 4 and 5); aux_out: mode 5's y2s [M, N]
+// bf16 row-major (unused otherwise). Returns 0 on success; 2 cannot implement, 3 workspace too small, 4 initialize,
+// 5 run, 6 CUDA error, -1 bad config or mode
+int elas_cutlass_dense_mm_aux(int config, int mode, const void* a, const void* b, const void* aux, void* aux_out,
+                              void* d, int M, int N, int K, void* workspace, size_t ws_bytes, void* stream, int iters,
+                              float* ms) {
   if (config < 0 || config >= kConfigs) return -1;
   auto s = static_cast<cudaStream_t>(stream);
   switch (mode) {
-    case 0: return Plain::run(config, a, b, aux, d, M, N, K, workspace, ws_bytes, s, iters, ms);
-    case 1: return Relu2::run(config, a, b, aux, d, M, N, K, workspace, ws_bytes, s, iters, ms);
-    case 2: return Grad::run(config, a, b, aux, d, M, N, K, workspace, ws_bytes, s, iters, ms);
-    case 3: return GradTmaTable::run(config, a, b, aux, d, M, N, K, workspace, ws_bytes, s, iters, ms);
+    case 0: return Plain::run(config, a, b, aux, aux_out, d, M, N, K, workspace, ws_bytes, s, iters, ms);
+    case 1: return Relu2::run(config, a, b, aux, aux_out, d, M, N, K, workspace, ws_bytes, s, iters, ms);
+    case 2: return Grad::run(config, a, b, aux, aux_out, d, M, N, K, workspace, ws_bytes, s, iters, ms);
+    case 3: return GradTmaTable::run(config, a, b, aux, aux_out, d, M, N, K, workspace, ws_bytes, s, iters, ms);
+    case 4: return SteGradTable::run(config, a, b, aux, aux_out, d, M, N, K, workspace, ws_bytes, s, iters, ms);
+    case 5: return SteY2sTable::run(config, a, b, aux, aux_out, d, M, N, K, workspace, ws_bytes, s, iters, ms);
     default: return -1;
   }
+}
+// the entry point of libraries built before mode 5 (no second aux tensor)
+int elas_cutlass_dense_mm(int config, int mode, const void* a, const void* b, const void* aux, void* d, int M, int N,
+                          int K, void* workspace, size_t ws_bytes, void* stream, int iters, float* ms) {
+  return elas_cutlass_dense_mm_aux(config, mode, a, b, aux, nullptr, d, M, N, K, workspace, ws_bytes, stream, iters,
+                                   ms);
 }
 }
