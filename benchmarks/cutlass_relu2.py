@@ -16,7 +16,9 @@ epilogue's TMA pipeline), and the 2:4 FFN's straight-through backward (ELAS, ste
 against cuBLAS + the Triton backward kernel it runs today: mode 4 writes dy1 = 2 relu(y1) dy2 from the epilogue
 (y2s then needs the dense sparsifier's pass, timed beside it), mode 5 writes dy1 and y2s = 2:4(relu(y1)^2) (y1
 read once, dy2 never written). Every output is checked against the unfused result before it is timed; mode 5's
-y2s does not depend on the GEMM, so it must equal the Triton kernel's bit for bit.
+y2s does not depend on the GEMM, so it must equal the Triton kernel's bit for bit. Mode 6 is the forward of the same
+path: y1 and the packed 2:4(relu(y1)^2) (values and SM90 metadata) from the up-projection's epilogue, against cuBLAS
++ the Triton sparsifier; its buffer must equal the sparsifier's on its own y1 byte for byte.
 Times: CUDA-graph replays (no host overhead) where the capture works, else the library's event loop, which is
 said in the row. Writes OUT_DIR/cutlass_relu2.json and prints a table last.
 """
@@ -33,7 +35,7 @@ SHAPES = [(8192, 8192, 512, "1B low-rank up-projection (r = 512), batch 32 x 256
           (8192, 8192, 2048, "1B full-rank up-projection (d 2048), batch 32 x 256"),
           (8192, 3072, 256, "130M low-rank up-projection (r = 256)")]
 # grad_tma: y2 through the epilogue's TMA pipeline; ste_*: the straight-through backward, y1 through TMA
-MODES = {0: "plain", 1: "relu2", 2: "grad", 3: "grad_tma", 4: "ste_grad", 5: "ste_grad_y2s"}
+MODES = {0: "plain", 1: "relu2", 2: "grad", 3: "grad_tma", 4: "ste_grad", 5: "ste_grad_y2s", 6: "relu2_pack24"}
 
 
 def load(path: str) -> ctypes.CDLL:
@@ -73,7 +75,7 @@ def main() -> None:
     sys.path.insert(0, str(here.parent / "src"))
     from elas.bench.timing import graph_ms
     from elas.model.ffn import relu2
-    from elas.kernels.cuda.sparsify import relu2_sparse24_backward, relu2_sparsify24_dense
+    from elas.kernels.cuda.sparsify import relu2_sparse24_backward, relu2_sparsify24_dense, relu2_sparsify24_packed
     has_aux = hasattr(lib, "elas_cutlass_dense_mm_aux")
     modes = MODES if has_aux else {m: n for m, n in MODES.items() if m < 4}
     stream = lambda: ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)  # noqa: E731
@@ -100,17 +102,20 @@ def main() -> None:
         want[3] = want[2]
         ste = relu2_sparse24_backward(dy2, None, y1)  # ELAS's straight-through backward today: y2s, dy1
         want[4] = want[5] = ste.dy1
+        want[6] = y1
         gemm_ms = graph_ms(lambda: h1 @ wu.T)
         act_ms = graph_ms(lambda: act(y1))
         both_ms = graph_ms(lambda: act(h1 @ wu.T))
         bwd_ms = graph_ms(lambda: grad(dh2 @ wd.T, r))
         ste_ms = graph_ms(lambda: relu2_sparse24_backward(dh2 @ wd.T, None, y1))
         dense_ms = graph_ms(lambda: relu2_sparsify24_dense(y1))  # y2s alone: what mode 4 leaves to a pass
+        pack_ms = graph_ms(lambda: relu2_sparsify24_packed(h1 @ wu.T, write_bits=False))  # ELAS's forward today
         row = {"M": M, "N": N, "K": K, "what": what, "cublas_gemm_ms": gemm_ms, "relu2_kernel_ms": act_ms,
                "cublas_plus_kernel_ms": both_ms, "cublas_plus_grad_kernel_ms": bwd_ms,
-               "cublas_plus_ste_kernel_ms": ste_ms, "dense_sparsifier_ms": dense_ms, "cutlass": {}}
+               "cublas_plus_ste_kernel_ms": ste_ms, "dense_sparsifier_ms": dense_ms,
+               "cublas_plus_sparsifier_ms": pack_ms, "cutlass": {}}
         operands = {0: (h1, wu, None), 1: (h1, wu, None), 2: (dh2, wd, y2), 3: (dh2, wd, y2), 4: (dh2, wd, y1),
-                    5: (dh2, wd, y1)}
+                    5: (dh2, wd, y1), 6: (h1, wu, None)}
         for c, name in enumerate(configs):
             for mode, mname in modes.items():
                 ws_bytes = max(int(lib.elas_cutlass_dense_workspace(c, mode, M, N, K)), 1)
@@ -119,7 +124,9 @@ def main() -> None:
                 ms = ctypes.c_float(0)
 
                 a_, b_, aux = operands[mode]
-                aux_out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16) if mode == 5 else None
+                aux_out = {5: lambda: torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16),
+                           6: lambda: torch.zeros(M, N * 9 // 16, device="cuda", dtype=torch.bfloat16)}.get(
+                    mode, lambda: None)()
 
                 def call(iters=0, c=c, mode=mode, a_=a_, b_=b_, aux=aux, d=d, ws=ws, ws_bytes=ws_bytes, ms=ms,
                          aux_out=aux_out):  # defaults bind this iteration's buffers
@@ -136,7 +143,17 @@ def main() -> None:
                     continue
                 check = mismatch(d, want[mode])
                 entry = {**check}
-                if aux_out is not None:  # y2s: a function of y1 alone, so exactly the Triton kernel's
+                if mode == 6:  # the packed buffer: the sparsifier's bytes on this GEMM's own y1
+                    ref_buf = relu2_sparsify24_packed(d, write_bits=False).buffer
+                    bad = (aux_out.view(torch.int16) != ref_buf.view(torch.int16))
+                    entry["packed_differ_frac"] = bad.float().mean().item()
+                    if bad.any():
+                        first = bad.nonzero()[0].tolist()
+                        entry["error"] = (f"packed buffer differs from the sparsifier's on the same y1, first at "
+                                          f"{first} ({'values' if first[1] < N // 2 else 'metadata'} part)")
+                        row["cutlass"][key] = entry
+                        continue
+                elif aux_out is not None:  # y2s: a function of y1 alone, so exactly the Triton kernel's
                     y2s_bad = (aux_out != ste.y2s) & ~(aux_out.isnan() & ste.y2s.isnan())
                     entry["y2s_differ_frac"] = y2s_bad.float().mean().item()
                     if y2s_bad.any():
@@ -164,7 +181,7 @@ def main() -> None:
                      if k.endswith(mname) and "error" not in v and (v.get("graph_ms") or v.get("event_ms"))]
             if timed:
                 best = min(timed)
-                base = {0: gemm_ms, 1: both_ms, 2: bwd_ms, 3: bwd_ms, 4: ste_ms, 5: ste_ms}[mode]
+                base = {0: gemm_ms, 1: both_ms, 2: bwd_ms, 3: bwd_ms, 4: ste_ms, 5: ste_ms, 6: pack_ms}[mode]
                 total = best[0] + (dense_ms if mode == 4 else 0.0)  # mode 4 needs the y2s pass beside it
                 row[f"best_{mname}"] = {"config": best[1], "ms": best[0], "with_y2s_pass_ms": total,
                                         "vs_cublas": base / total}
@@ -177,6 +194,8 @@ def main() -> None:
                      + (f"{f['ms']:.4f} (x{f['vs_cublas']:.2f} cuBLAS + kernel, {f['config']})" if f else "-")
                      + f"; backward cuBLAS + kernel {bwd_ms:.4f}, fused "
                      + (f"{g['ms']:.4f} (x{g['vs_cublas']:.2f}, {g['config']})" if g else "-")
+                     + (f"; 2:4 forward cuBLAS + sparsifier {pack_ms:.4f}, fused {row['best_relu2_pack24']['ms']:.4f} "
+                        f"(x{row['best_relu2_pack24']['vs_cublas']:.2f})" if "best_relu2_pack24" in row else "")
                      + f"; ste backward cuBLAS + kernel {ste_ms:.4f}, "
                      + ", ".join(f"{n} {b['with_y2s_pass_ms']:.4f} (x{b['vs_cublas']:.2f})"
                                  for n, b in ((n, row.get("best_" + n)) for n in ("ste_grad", "ste_grad_y2s")) if b))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh STAGE...
-# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass cutlass_relu2 norm quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
+# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass cutlass_relu2 norm elas_cutlass quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
 # the step benchmark and the test selection. Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
 # machine), are copied there too, with the tuned cuSPARSELt algorithm cache.
 set -u
@@ -77,6 +77,14 @@ for what in "${@:-tests kernels ffn}"; do
         v=lowrank-relu2; k=${ELAS_CUTLASS_RELU2:+,$v+relu2_kernel=cutlass,$v+relu2_kernel=cutlass+norm_kernel=fused}
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
           --variants "$v,$v+norm_kernel=fused$k" --out "${NORM_OUT:-benchmarks/results/$GPU/step_norm}" 2>&1 | quiet ;;
+      elas_cutlass)  # the 1B ELAS step with its d_ff-wide GEMMs on CUTLASS (act24.cutlass=true: the up-projection
+                     # with the sparsifier and the dy2 GEMM with the backward's pointwise work in their epilogues),
+                     # beside ELAS today and the dense twin with and without its own CUTLASS forward; needs
+                     # ELAS_CUTLASS_RELU2 (carry build/cutlass_relu2)
+        v=lowrank-relu2
+        timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
+          --variants "$v,$v+relu2_kernel=cutlass,elas,elas+act24.cutlass=true" \
+          --out "${ELAS_CUTLASS_OUT:-benchmarks/results/$GPU/step_elas_cutlass}" 2>&1 | quiet ;;
       cutlass_relu2)  # a CUTLASS sm90 dense GEMM with relu(y1)^2 in its epilogue against cuBLAS + the separate kernel;
                       # built off the GPU machine (src/elas/kernels/cuda/cutlass/build.sh relu2): carry build/cutlass_relu2
         python benchmarks/cutlass_relu2.py build/cutlass_relu2/libelas_cutlass_relu2.so "${CUTLASS_OUT:-runs/cutlass}" ;;

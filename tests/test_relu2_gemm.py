@@ -322,6 +322,31 @@ def test_ste_backward_takes_the_fastest_form_once(monkeypatch):
         cl.ste_grad_gemm(dh2[:32], wd, y1[:32])
 
 
+def test_pack24_forward_takes_the_fastest_form_once(monkeypatch):
+    """act24.cutlass=true's forward: cuBLAS + the Triton sparsifier (run for real, under the interpreter: its buffer
+    is the reference packer's) and mode 6, timed once per shape with stand-in times; the fastest is kept."""
+    from elas.kernels import reference as ref
+    from elas.kernels.cuda import cutlass_relu2 as cl
+    monkeypatch.setattr(cl, "_GRAD", {})
+    monkeypatch.setattr(cl, "library", lambda: object())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    timing, ran, has = iter(()), [], {}
+    monkeypatch.setattr(cl, "windows_ms", lambda fn, **kw: (fn(), [next(timing)])[1])
+    monkeypatch.setattr(cl, "_best", lambda lib, mode, a, b, aux, aux_out=None: (0, 0.0) if mode in has else None)
+    monkeypatch.setattr(cl, "up_relu2_pack24_fused", lambda h1, wu: ran.append(6) or (None, None))
+    h1, wu = _ints((64, 16), -3, 4, 6), _ints((128, 16), -3, 4, 7)
+    y1_want = (h1.float() @ wu.float().T).to(torch.bfloat16)
+    timing = iter([0.2])  # no mode 6 in the library: the separate form
+    y1, buf = cl.up_relu2_pack24(h1, wu)
+    assert torch.equal(y1, y1_want) and torch.equal(buf, ref.relu2_sparsify24_packed(y1_want).buffer) and ran == []
+    cl._GRAD.clear()
+    has[6] = True
+    timing = iter([0.2, 0.1])  # mode 6 faster: kept
+    cl.up_relu2_pack24(h1, wu)
+    cl.up_relu2_pack24(h1, wu)
+    assert ran == [6, 6, 6] and cl._GRAD[("pack", None, 64, 128, 16)] == "relu2_pack24"
+
+
 def test_act24_cutlass_config_and_missing_library(monkeypatch, tmp_path):
     """act24.cutlass: refused where it does not apply (mask gradient, the split, act24.fused), and a missing
     library is one line when the method is applied for CUDA (before any step)."""
@@ -332,6 +357,8 @@ def test_act24_cutlass_config_and_missing_library(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="invalid act24.cutlass='yes please': expected true or false"):
         Act24Config(cutlass="yes please")
     assert Act24Config(cutlass="true").cutlass is True
+    from elas.bench.step import step_config
+    assert step_config("llama-60m", "elas+act24.cutlass=true", "elas", 256).method("act24")["cutlass"] is True
     for bad in ({"grad_mode": "mask"}, {"wgrad_dense_frac": 0.05}, {"fused": True}):
         with pytest.raises(ValueError, match="act24.cutlass=true covers the ste gradient"):
             Act24Config(cutlass=True, **bad)
@@ -385,6 +412,29 @@ def test_gpu_cutlass_ste_backward_matches_the_triton_kernel(m, n, k):
                                        f"{bad.nonzero()[0].tolist()}: {got[bad][:4].tolist()} against "
                                        f"{ref_[bad][:4].tolist()}")
         assert torch.equal(torch.stack(cl.ste_grad_gemm(dh2, wd, y1)), torch.stack((want.y2s, want.dy1)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m, n, k", [(8192, 8192, 512), (1024, 2176, 256), (4096, 4224, 2048)])
+def test_gpu_cutlass_pack24_forward_matches_the_sparsifier(m, n, k):
+    """Mode 6: y1 as cuBLAS writes it (bit for bit on integer-valued inputs, bf16 tolerance on random ones), and its
+    packed buffer byte for byte the Triton sparsifier's on the same y1 (values and SM90 metadata)."""
+    cl = _cutlass_lib()
+    from elas.kernels.cuda.sparsify import relu2_sparsify24_packed
+    for h1, wu in ((_ints((m, k), -3, 4, 0, "cuda"), _ints((n, k), -3, 4, 1, "cuda")),
+                   (torch.randn(m, k, device="cuda", dtype=torch.bfloat16),
+                    torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5)):
+        y1, buf = cl.up_relu2_pack24_fused(h1, wu)
+        ref_y1 = h1 @ wu.T
+        assert ((y1.float() - ref_y1.float()).norm() / ref_y1.float().norm()).item() < 1e-2
+        if h1.abs().max() >= 1:  # the integer-valued pair: exact in any summation order
+            assert torch.equal(y1, ref_y1)
+        want = relu2_sparsify24_packed(y1, write_bits=False).buffer
+        bad = buf.view(torch.int16) != want.view(torch.int16)
+        assert not bad.any(), (f"{bad.float().mean().item():.2e} of the buffer differs, first at "
+                               f"{bad.nonzero()[0].tolist()} (values: columns < {n // 2})")
+        got_y1, got_buf = cl.up_relu2_pack24(h1, wu)  # the chooser gives the same bytes, whichever form it keeps
+        assert torch.equal(relu2_sparsify24_packed(got_y1, write_bits=False).buffer, got_buf)
 
 
 @pytest.mark.gpu

@@ -382,15 +382,19 @@ def act24_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac
     weights, S-STE), packed [d_ff, q*9/16]: the up-projection as a weight-sparse GEMM (fused is then not used);
     wdt_p: the packed [d_ff, q'] matrix, 2:4 along q', of the backward's dy2 = dh2 wdt^T (saved for it); wdt:
     that matrix dense where it is not packed (default: wd). cutlass (on CUDA, ste mode without the split or weight
-    operands): the backward's dy2 GEMM and its pointwise work by the fastest at the shape of cuBLAS + the Triton
-    kernel and CUTLASS GEMMs with the work in their epilogue (cuda/cutlass_relu2.ste_grad_gemm); the forward is
-    unchanged."""
+    operands): the up-projection with the sparsifier, and the backward's dy2 GEMM with its pointwise work, each by
+    the fastest at the shape of cuBLAS + the Triton kernel and a CUTLASS GEMM with the work in its epilogue
+    (cuda/cutlass_relu2.up_relu2_pack24, ste_grad_gemm)."""
     # the split ranks features by their positives in y1 (as the masked core does), counted by the sparsifier
     if wu_p is not None:  # (S(W) [d_ff, q] @ h1^T)^T, written column-major: [T, d_ff]
         y1 = sparse_mm(Packed24(wu_p, _EMPTY_U8, tuple(wu.shape)), h1.t(), out_t=True)
         p, counts = relu2_sparsify24_packed(y1, count=dense_frac is not None, bits=mask_grad)
     elif fused:
         y1, p, counts = up_relu2_sparsify24(h1, wu, count=dense_frac is not None, write_y1=not mask_grad)
+    elif cutlass and not mask_grad and dense_frac is None and h1.device.type == "cuda":
+        from .cuda import cutlass_relu2
+        y1, buf = cutlass_relu2.up_relu2_pack24(h1, wu)
+        p, counts = Packed24(buf, h1.new_empty(0, dtype=torch.uint8), (h1.shape[0], wu.shape[0])), None
     else:
         y1 = h1 @ wu.T  # [T, d_ff]
         p, counts = relu2_sparsify24_packed(y1, count=dense_frac is not None, bits=mask_grad)

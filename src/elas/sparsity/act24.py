@@ -55,9 +55,10 @@ class Act24Config(SparsityMethod):
     # up-projection + sparsifier, and (ste without the split) dy2 GEMM + backward pointwise; off until
     # `elas bench epilogue` has measured them faster than cuBLAS + the separate kernels
     fused: bool = False
-    # packed path, ste without the split: the d_ff-wide GEMMs as CUTLASS GEMMs with the 2:4 pointwise work in
-    # their epilogues, each where it times faster at the shape than cuBLAS + the separate Triton kernel (today the
-    # backward's dy2 GEMM: kernels/cuda/cutlass_relu2.py; needs the CUTLASS library, built off the GPU machine)
+    # packed path, ste without the split: the up-projection with the sparsifier, and the backward's dy2 GEMM with
+    # its pointwise work, as CUTLASS GEMMs with that work in their epilogues, each where it times faster at the
+    # shape than cuBLAS + the separate Triton kernel (kernels/cuda/cutlass_relu2.py; needs the CUTLASS library,
+    # built off the GPU machine)
     cutlass: bool = False
 
     def __post_init__(self) -> None:

@@ -12,6 +12,9 @@ warp-specialised TMA mainloop (cuBLAS's rate, where the Triton form ran ~1.5x sl
   shape of cuBLAS's GEMM + the Triton backward kernel (sparsify.py), mode 4 (dy1 from the epilogue, y1 through its
   TMA pipeline) + the Triton dense sparsifier for y2s, and mode 5 (both from the epilogue: dy2 never written, y1
   read once).
+- the 2:4 FFN's forward in ste mode (`act24.cutlass=true`): y1 [M, N] = h1 @ wu^T and the Packed24 of
+  2:4(relu(y1)^2) (the SM90 layout), by the fastest at the shape of cuBLAS + the Triton sparsifier and mode 6 (the
+  packed values and metadata stored from the epilogue's registers: y1 is not read back).
 All operands bf16, row-major and contiguous (K contiguous in A and B). Numerics are relu2_gemm.py's (the
 rounding points are the same; only the GEMM's summation order differs from cuBLAS).
 
@@ -36,8 +39,9 @@ from .gemm import cache_dir, windows_ms
 log = logging.getLogger("elas.kernels")
 # the library's modes: 1 y2 = relu(acc)^2; 2 and 3 dy1 = 2 sqrt(y2) acc, y2 loaded per thread (2) or through the
 # epilogue's TMA pipeline (3); 4 the straight-through dy1 = 2 relu(y1) acc, y1 through TMA; 5 mode 4 and y2s =
-# 2:4(relu(y1)^2) as a second output. A library built before a mode answers -1 for it, and it is skipped.
-MODES = {"relu2": 1, "grad": 2, "grad_tma": 3, "ste_grad": 4, "ste_grad_y2s": 5}
+# 2:4(relu(y1)^2) as a second output; 6 y1 = acc and the packed 2:4(relu(y1)^2) as a second output. A library built
+# before a mode answers -1 for it, and it is skipped.
+MODES = {"relu2": 1, "grad": 2, "grad_tma": 3, "ste_grad": 4, "ste_grad_y2s": 5, "relu2_pack24": 6}
 
 
 def library_path() -> Path:
@@ -69,7 +73,7 @@ def library() -> ctypes.CDLL:
 
 
 # (device, mode, M, N, K) -> (configuration index, ms); (device, M, N, K) -> the backward's form (a mode or None;
-# ("ste", device, M, N, K) for the straight-through backward)
+# ("ste" or "pack", device, M, N, K) for the 2:4 FFN's straight-through backward and its forward)
 _BEST: dict[tuple, tuple[int, float]] = {}
 _GRAD: dict[tuple, int | str | None] = {}
 
@@ -220,3 +224,37 @@ def ste_grad_gemm(dh2: torch.Tensor, wd: torch.Tensor, y1: torch.Tensor) -> tupl
     if form is None:
         return separate()
     return ste_grad_gemm_fused(dh2, wd, y1, form)
+
+
+def up_relu2_pack24_fused(h1: torch.Tensor, wu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mode 6: (y1 [T, d_ff], the packed buffer [T, d_ff*9/16] bf16 of 2:4(relu(y1)^2)) from one GEMM, h1 [T, q],
+    wu [d_ff, q]; T and d_ff multiples of 64."""
+    buf = torch.empty(h1.shape[0], wu.shape[0] * 9 // 16, dtype=torch.bfloat16, device=h1.device)
+    return _mm(MODES["relu2_pack24"], h1, wu, None, aux_out=buf), buf
+
+
+def up_relu2_pack24(h1: torch.Tensor, wu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 2:4 FFN's forward in ste mode: (y1 [T, d_ff], packed buffer [T, d_ff*9/16] of 2:4(relu(y1)^2), no mask
+    bits) by the fastest at this shape, timed once outside capture, of cuBLAS's y1 = h1 @ wu^T + the Triton
+    sparsifier (sparsify.py) and mode 6. The buffers are the same bytes where the GEMMs agree (the selection and
+    layout are the sparsifier's)."""
+    from .sparsify import relu2_sparsify24_packed
+
+    def separate():
+        y1 = h1 @ wu.T
+        return y1, relu2_sparsify24_packed(y1, write_bits=False).buffer
+
+    key = ("pack", h1.device.index, h1.shape[0], wu.shape[0], h1.shape[1])
+    if key not in _GRAD:
+        _not_capturing(f"the 2:4 forward at {key[2]}x{key[3]}x{key[4]}")
+        lib = library()
+        a, b = h1.contiguous(), wu.contiguous()
+        timed = {None: windows_ms(separate, calls=20, windows=1, warmup=1)[0]}
+        probe = torch.empty(a.shape[0], b.shape[0] * 9 // 16, dtype=torch.bfloat16, device=a.device)
+        if _best(lib, MODES["relu2_pack24"], a, b, None, probe) is not None:
+            timed["relu2_pack24"] = windows_ms(lambda: up_relu2_pack24_fused(a, b), calls=20, windows=1, warmup=1)[0]
+        _GRAD[key] = min(timed, key=timed.get)
+        log.info("CUTLASS 2:4 forward %dx%dx%d: %s", *key[2:], {m: round(t, 4) for m, t in timed.items()})
+    if _GRAD[key] is None:
+        return separate()
+    return up_relu2_pack24_fused(h1, wu)

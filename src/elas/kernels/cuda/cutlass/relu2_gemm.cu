@@ -18,12 +18,18 @@
 //                      (largest first, the earlier column on ties: the forward's selection), stored through the
 //                      epilogue's TMA pipeline: what the 2:4 backward kernel (kernels/cuda/sparsify.py, ste mode
 //                      without the split) writes, with dy2 never written and y1 read once
+//   mode 6 ("relu2_pack24"): D[M, N] = y1 = bf16(A @ B), and relu(y1)^2 with 2 of every 4 columns kept, packed in
+//                      the SM90 cuSPARSELt layout (docs/sm90_layout.md: values [M, N/2] bf16, then metadata
+//                      [M*N/8] bytes, in one buffer) from the epilogue's registers: the 2:4 FFN's forward in ste
+//                      mode (ELAS) without the separate sparsifier's read of y1
 //
 // A row-major [M, K] (K-major), B passed as B^T [N, K] contiguous (K-major: torch's h1 @ wu.T with wu [N, K]),
 // D row-major; bf16 in and out, fp32 accumulation. Mode 1 rounds the accumulator to bf16 first, as the model's
 // y1 is a bf16 tensor, so D equals the unfused relu(y1)^2 wherever the two GEMMs round y1 alike.
 #include <cstdint>
 #include <cstdio>
+
+#include <cuda_bf16.h>
 
 #include "cutlass/cutlass.h"
 #include "cute/tensor.hpp"
@@ -41,6 +47,7 @@ using namespace cute;
 namespace {
 
 using Bf16 = cutlass::bfloat16_t;
+namespace fusion = cutlass::epilogue::fusion;
 
 // relu(bf16(x))^2 in fp32; the epilogue's output conversion rounds it to bf16 (to nearest even)
 template <class T>
@@ -166,6 +173,127 @@ struct Relu2Keep24<cutlass::Array<T, N>> {
   }
 };
 
+// Mode 6's store of the packed 2:4 matrix: a visitor node (modelled on CUTLASS's Sm90AuxStore without shared
+// memory) that takes y1 [M, N] (bf16 values) and writes relu(y1)^2 with 2 of every 4 columns kept straight from
+// registers to global memory, in the SM90 layout: values row-major [M, N/2] (a group's kept pair as one 32-bit
+// store by the thread holding its first two columns), and one metadata byte per group and 16-row slab, holding
+// rows r (low nibble) and r + 8 (high), which the MMA layout gives to one thread. It passes y1 on unchanged.
+// Needs M, N multiples of 64 (the layout's tile) and an epilogue tile of 16-row warp slabs (all sm90 ones).
+struct Pack24Store {
+  struct SharedStorage {};
+  struct Arguments {
+    Bf16* values = nullptr;     // [M, N/2]
+    uint8_t* meta = nullptr;    // [M * N / 8], the layout's tiled order
+  };
+  using Params = Arguments;
+
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) { return args; }
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const& shape, Arguments const&) {
+    auto [M, N, K, L] = shape;
+    return M % 64 == 0 && N % 64 == 0 && L == 1;
+  }
+  template <class ProblemShape>
+  static size_t get_workspace_size(ProblemShape const&, Arguments const&) { return 0; }
+  template <class ProblemShape>
+  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
+                                              cutlass::CudaHostAdapter* = nullptr) {
+    return cutlass::Status::kSuccess;
+  }
+
+  CUTLASS_HOST_DEVICE Pack24Store() {}
+  CUTLASS_HOST_DEVICE Pack24Store(Params const& params, SharedStorage const&) : params_ptr(&params) {}
+  Params const* params_ptr = nullptr;
+
+  CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
+  CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
+  template <class... Args>
+  CUTLASS_DEVICE auto get_producer_load_callbacks(fusion::ProducerLoadArgs<Args...> const&) {
+    return fusion::EmptyProducerLoadCallbacks{};
+  }
+
+  template <class CTensor, class ProblemShapeMNL>
+  struct ConsumerStoreCallbacks : fusion::EmptyConsumerStoreCallbacks {
+    CUTLASS_DEVICE ConsumerStoreCallbacks(CTensor&& tC_c, ProblemShapeMNL shape, Params const* params_ptr)
+        : tC_c(cute::forward<CTensor>(tC_c)), shape(shape), params_ptr(params_ptr) {}
+    CTensor tC_c;  // (CPY, CPY_M, CPY_N, EPI_M, EPI_N): the (m, n, l) coordinate of each register element
+    ProblemShapeMNL shape;
+    Params const* params_ptr;
+
+    template <typename ElementAccumulator, typename ElementInput, int FragmentSize>
+    CUTLASS_DEVICE auto visit(cutlass::Array<ElementAccumulator, FragmentSize> const&, int epi_v, int epi_m,
+                              int epi_n, cutlass::Array<ElementInput, FragmentSize> const& frg_input) {
+#if defined(__CUDA_ARCH__)
+      static_assert(FragmentSize % 4 == 0, "pairs of columns, each in two rows");
+      constexpr int P = FragmentSize / 2;  // column pairs held by this thread
+      Tensor coord = tC_c(_, _, _, epi_m, epi_n);
+      int const M = static_cast<int>(get<0>(shape)), N = static_cast<int>(get<1>(shape));
+      uint8_t nib[P];
+      bool mine[P];
+      CUTLASS_PRAGMA_UNROLL
+      for (int p = 0; p < P; ++p) {
+        int const i = epi_v * FragmentSize + 2 * p;
+        auto c = coord(i);
+        int const row = static_cast<int>(get<0>(c)), col = static_cast<int>(get<1>(c));
+        float a = static_cast<float>(frg_input[2 * p]), b = static_cast<float>(frg_input[2 * p + 1]);
+        a = a > 0.f ? a * a : 0.f;  // exact: y1 is a bf16 value
+        b = b > 0.f ? b * b : 0.f;
+        float pa = __shfl_xor_sync(0xffffffffu, a, 1), pb = __shfl_xor_sync(0xffffffffu, b, 1);
+        if (p == 0) {  // the register layout this relies on: lane ^ 1 holds the group's other two columns
+          int prow = __shfl_xor_sync(0xffffffffu, row, 1), pcol = __shfl_xor_sync(0xffffffffu, col, 1);
+          if (prow != row || pcol != (col ^ 2) || (col & 1)) __trap();
+        }
+        bool const first = (col & 3) == 0;
+        float x0 = first ? a : pa, x1 = first ? b : pb, x2 = first ? pa : a, x3 = first ? pb : b;
+        bool b01 = x1 > x0, b02 = x2 > x0, b03 = x3 > x0, b12 = x2 > x1, b13 = x3 > x1, b23 = x3 > x2;
+        auto fewer2 = [](bool u, bool v, bool w) { return !((u && v) || (u && w) || (v && w)); };
+        bool k0 = fewer2(b01, b02, b03), k1 = fewer2(!b01, b12, b13);
+        bool k2 = fewer2(!b02, !b12, b23), k3 = fewer2(!b03, !b13, !b23);
+        int const i0 = k0 ? 0 : (k1 ? 1 : 2), i1 = k3 ? 3 : (k2 ? 2 : 1);
+        nib[p] = static_cast<uint8_t>(i0 | (i1 << 2));
+        mine[p] = first && row < M && col < N;
+        if (mine[p]) {
+          float v0 = k0 ? x0 : (k1 ? x1 : x2), v1 = k3 ? x3 : (k2 ? x2 : x1);
+          __nv_bfloat162 kept = __floats2bfloat162_rn(v0, v1);  // (v0 low: the earlier column)
+          *reinterpret_cast<__nv_bfloat162*>(params_ptr->values + static_cast<size_t>(row) * (N / 2) + col / 2) = kept;
+        }
+      }
+      // metadata: the pair holding row r (r % 16 < 8) joins the pair of the same columns at row r + 8; their
+      // places in the fragment are fixed by the layout, so these comparisons fold at compile time
+      CUTLASS_PRAGMA_UNROLL
+      for (int p = 0; p < P; ++p) {
+        auto c = coord(epi_v * FragmentSize + 2 * p);
+        int const row = static_cast<int>(get<0>(c)), col = static_cast<int>(get<1>(c));
+        if (!mine[p] || (row & 15) >= 8) continue;
+        int hi = -1;
+        CUTLASS_PRAGMA_UNROLL
+        for (int q = 0; q < P; ++q) {
+          auto d = coord(epi_v * FragmentSize + 2 * q);
+          if (static_cast<int>(get<0>(d)) == row + 8 && static_cast<int>(get<1>(d)) == col) hi = nib[q];
+        }
+        if (hi < 0) __trap();  // rows r and r + 8 not in one thread: not the layout this node was written for
+        int const g = col >> 2;
+        size_t const offset = static_cast<size_t>(row >> 6) * (N / 32) * 256 + (g >> 3) * 256 + ((row & 63) >> 4) * 64 +
+                              (row & 7) * 8 + 2 * (g & 3) + ((g & 7) >> 2);
+        params_ptr->meta[offset] = static_cast<uint8_t>(nib[p] | (hi << 4));
+      }
+#endif
+      return frg_input;
+    }
+  };
+
+  template <bool ReferenceSrc, class... Args>
+  CUTLASS_DEVICE auto get_consumer_store_callbacks(fusion::ConsumerStoreArgs<Args...> const& args) {
+    auto [M, N, K, L] = args.problem_shape_mnkl;
+    auto shape = make_shape(M, N, L);
+    Tensor coords = make_identity_tensor(shape);
+    Tensor tC_c = fusion::sm90_partition_for_epilogue<ReferenceSrc>(coords, args.tile_shape_mnk, args.tile_coord_mnkl,
+                                                                    args.epi_tile, args.tiled_copy, args.thread_idx);
+    return ConsumerStoreCallbacks<decltype(tC_c), decltype(shape)>(cute::move(tC_c), shape, params_ptr);
+  }
+};
+
 template <class T>
 struct Identity {
   CUTLASS_HOST_DEVICE T operator()(T const& x) const { return x; }
@@ -175,8 +303,6 @@ template <class T, int N>
 struct Identity<cutlass::Array<T, N>> {
   CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& v) const { return v; }
 };
-
-namespace fusion = cutlass::epilogue::fusion;
 
 template <template <class> class Act>
 using EltAct = fusion::LinCombEltAct<Act, Bf16, float, void, float>;
@@ -215,6 +341,12 @@ struct SteY2sGraph {
       float, cute::tuple<cute::seq<>, cute::seq<>, cute::seq<1>, cute::seq<2>, cute::seq<0, 1, 3>>,
       fusion::Sm90AccFetch, Y1, Y2s, Store, Dy1>;
 };
+
+// mode 6's tree: D = y1, passed through the packed store; y1 = bf16(acc) rounded before it (what D holds)
+using Y1Bf16 = fusion::Sm90EVT<fusion::Sm90Compute<Identity, Bf16, float, cutlass::FloatRoundStyle::round_to_nearest>,
+                               fusion::Sm90AccFetch>;
+using Pack24Tree = fusion::Sm90EVT<fusion::Sm90Compute<Identity, Bf16, float, cutlass::FloatRoundStyle::round_to_nearest>,
+                                   fusion::Sm90EVT<Pack24Store, Y1Bf16>>;
 
 // the epilogue's fusion type of a configuration: the fusion itself, or mode 5's graph for its tile
 template <class Fusion, class TileMNK, class EpiSchedule>
@@ -256,6 +388,16 @@ struct FusionArgs<GradTree> {
     using Stride = typename Y2Load::StrideMNL;
     return Args{{}, {static_cast<const Bf16*>(aux), Bf16(0), cutlass::make_cute_packed_stride(Stride{}, {M, N, 1})},
                 {}};
+  }
+};
+template <>
+struct FusionArgs<Pack24Tree> {
+  template <class Args>
+  static Args make(const void*, void* aux_out, int M, int N) {
+    // aux_out: the packed buffer [M, N*9/16] bf16, values then metadata (byte M*N on)
+    auto* values = static_cast<Bf16*>(aux_out);
+    auto* meta = aux_out == nullptr ? nullptr : static_cast<uint8_t*>(aux_out) + static_cast<size_t>(M) * N;
+    return Args{{{{}, {}}, {values, meta}}, {}};
   }
 };
 template <>
@@ -359,6 +501,7 @@ using Grad = Table<ELAS_CONFIGS(GradTree)>;
 using GradTmaTable = Table<ELAS_CONFIGS(GradTma)>;
 using SteGradTable = Table<ELAS_CONFIGS(SteGradTma)>;
 using SteY2sTable = Table<ELAS_CONFIGS(SteY2sTag)>;
+using Pack24Table = Table<ELAS_CONFIGS(Pack24Tree)>;
 
 }  // namespace
 
@@ -376,11 +519,12 @@ long long elas_cutlass_dense_workspace(int config, int mode, int M, int N, int K
     case 3: return GradTmaTable::workspace(config, M, N, K);
     case 4: return SteGradTable::workspace(config, M, N, K);
     case 5: return SteY2sTable::workspace(config, M, N, K);
+    case 6: return Pack24Table::workspace(config, M, N, K);
     default: return -1;
   }
 }
 // aux: the input tensor [M, N] bf16 row-major of modes 2-5 (y2, or y1 for 4 and 5); aux_out: mode 5's y2s [M, N]
-// bf16 row-major (unused otherwise). Returns 0 on success; 2 cannot implement, 3 workspace too small, 4 initialize,
+// bf16 row-major, or mode 6's packed buffer [M, N*9/16] bf16 (unused otherwise). Returns 0 on success; 2 cannot implement, 3 workspace too small, 4 initialize,
 // 5 run, 6 CUDA error, -1 bad config or mode
 int elas_cutlass_dense_mm_aux(int config, int mode, const void* a, const void* b, const void* aux, void* aux_out,
                               void* d, int M, int N, int K, void* workspace, size_t ws_bytes, void* stream, int iters,
@@ -394,6 +538,7 @@ int elas_cutlass_dense_mm_aux(int config, int mode, const void* a, const void* b
     case 3: return GradTmaTable::run(config, a, b, aux, aux_out, d, M, N, K, workspace, ws_bytes, s, iters, ms);
     case 4: return SteGradTable::run(config, a, b, aux, aux_out, d, M, N, K, workspace, ws_bytes, s, iters, ms);
     case 5: return SteY2sTable::run(config, a, b, aux, aux_out, d, M, N, K, workspace, ws_bytes, s, iters, ms);
+    case 6: return Pack24Table::run(config, a, b, aux, aux_out, d, M, N, K, workspace, ws_bytes, s, iters, ms);
     default: return -1;
   }
 }
