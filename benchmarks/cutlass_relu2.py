@@ -19,6 +19,9 @@ read once, dy2 never written). Every output is checked against the unfused resul
 y2s does not depend on the GEMM, so it must equal the Triton kernel's bit for bit. Mode 6 is the forward of the same
 path: y1 and the packed 2:4(relu(y1)^2) (values and SM90 metadata) from the up-projection's epilogue, against cuBLAS
 + the Triton sparsifier; its buffer must equal the sparsifier's on its own y1 byte for byte.
+Last, the q/k/v up-projection with the rotary embedding in its epilogue (model.rope_kernel=cutlass) against
+cuBLAS's GEMM + the rotation as Inductor compiles apply_rope, at the 1B attention shapes (checked against the
+reference first).
 Times: CUDA-graph replays (no host overhead) where the capture works, else the library's event loop, which is
 said in the row. Writes OUT_DIR/cutlass_relu2.json and prints a table last.
 """
@@ -73,6 +76,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU (Hopper)")
     sys.path.insert(0, str(here.parent / "src"))
+    import os
+    os.environ["ELAS_CUTLASS_RELU2"] = str(Path(lib_path).resolve())  # the package's wrapper loads the same library
     from elas.bench.timing import graph_ms
     from elas.model.ffn import relu2
     from elas.kernels.cuda.sparsify import relu2_sparse24_backward, relu2_sparsify24_dense, relu2_sparsify24_packed
@@ -199,7 +204,47 @@ def main() -> None:
                      + f"; ste backward cuBLAS + kernel {ste_ms:.4f}, "
                      + ", ".join(f"{n} {b['with_y2s_pass_ms']:.4f} (x{b['vs_cublas']:.2f})"
                                  for n, b in ((n, row.get("best_" + n)) for n in ("ste_grad", "ste_grad_y2s")) if b))
+    rope = rope_rows(graph_ms)
+    out.write_text(json.dumps({"env": env, "rows": rows, "rope": rope}, indent=1))
+    table += [f"rope {r['what']}: cuBLAS + compiled rotation {r['unfused_ms']:.4f} ms, CUTLASS with the rotation in "
+              f"its epilogue {r['fused_ms']:.4f} (x{r['speedup']:.2f}; rel. error {r['rel_err']:.1e})"
+              if "fused_ms" in r else f"rope {r['what']}: {r.get('error')}" for r in rope]
     print("\n".join(table))
+
+
+def rope_rows(graph_ms) -> list[dict]:
+    """The rope GEMM at the 1B attention shapes (T = 8192 tokens, d = 2048, r = 512, head_dim 128, seq 256)."""
+    from elas.kernels import reference as ref
+    from elas.kernels.cuda import cutlass_relu2 as cl
+    from elas.model.llama import rope_tables
+    t, d, r, hd, seq = 8192, 2048, 512, 128, 256
+    cos, sin = (c.cuda() for c in rope_tables(hd, seq, 10000.0))
+    dev = dict(device="cuda", dtype=torch.bfloat16)
+    rot = torch.compile(lambda y, rc: ref.rope_pairs(y, cos, sin, hd, rc))
+    cases = [("low-rank q, k, v as one batched GEMM [3, T, r] x [3, r, d]", torch.randn(t, 3, r, **dev).transpose(0, 1),
+              torch.randn(3, d, r, **dev) / r ** 0.5, 2 * d),
+             ("low-rank q (or k) alone [T, r] x [r, d]", torch.randn(1, t, r, **dev),
+              torch.randn(1, d, r, **dev) / r ** 0.5, d),
+             ("full-rank q, k, v as one GEMM [T, d] x [d, 3d]", torch.randn(1, t, d, **dev),
+              torch.randn(1, 3 * d, d, **dev) / d ** 0.5, 2 * d)]
+    out = []
+    for what, a, w, rc in cases:
+        row = {"what": what, "a": list(a.shape), "w": list(w.shape), "rot_cols": rc}
+        try:
+            got = cl.linear_rope(a, w, cos, sin, hd, rc)
+            want = ref.linear_rope(a, w, cos, sin, hd, rc)
+            row["rel_err"] = ((got.float() - want.float()).norm() / want.float().norm()).item()
+            row["differ_frac"] = (got != want).float().mean().item()
+            if row["rel_err"] > 1e-2:
+                row["error"] = "differs from the reference"
+            else:
+                row["unfused_ms"] = graph_ms(lambda: rot(torch.bmm(a, w.transpose(1, 2)), rc))
+                row["fused_ms"] = graph_ms(lambda: cl.linear_rope(a, w, cos, sin, hd, rc))
+                row["speedup"] = row["unfused_ms"] / row["fused_ms"]
+        except Exception as ex:  # reported in the row; the others still run
+            row["error"] = str(ex).splitlines()[0][:200]
+        out.append(row)
+    return out
 
 
 if __name__ == "__main__":

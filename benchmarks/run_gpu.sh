@@ -72,9 +72,11 @@ for what in "${@:-tests kernels ffn}"; do
                 # (src/elas/kernels/cuda/cutlass/build.sh sp) and carried: carry build/cutlass_sp
         python benchmarks/cutlass_sparse.py build/cutlass_sp/libelas_cutlass_sp.so "benchmarks/results/$GPU" ;;
       norm)  # the one-pass RMSNorm backward against Inductor's kernels, then the 1B dense step with it, with the
-             # CUTLASS ReLU^2 forward (ELAS_CUTLASS_RELU2; carry build/cutlass_relu2) and with both, beside the default
+             # CUTLASS ReLU^2 forward, with the rotary embedding in the q/k GEMM's epilogue (with and without
+             # fuse_qkv), and with all three keys (ELAS_CUTLASS_RELU2; carry build/cutlass_relu2), beside the default
         python benchmarks/rmsnorm_bwd.py "benchmarks/results/$GPU"
-        v=lowrank-relu2; k=${ELAS_CUTLASS_RELU2:+,$v+relu2_kernel=cutlass,$v+relu2_kernel=cutlass+norm_kernel=fused}
+        v=lowrank-relu2; all=$v+relu2_kernel=cutlass+norm_kernel=fused+rope_kernel=cutlass
+        k=${ELAS_CUTLASS_RELU2:+,$v+relu2_kernel=cutlass,$v+rope_kernel=cutlass,$v+fuse_qkv=true+rope_kernel=cutlass,$all,$all+fuse_qkv=true}
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
           --variants "$v,$v+norm_kernel=fused$k" --out "${NORM_OUT:-benchmarks/results/$GPU/step_norm}" 2>&1 | quiet ;;
       elas_cutlass)  # the 1B ELAS step with its d_ff-wide GEMMs on CUTLASS (act24.cutlass=true: the up-projection

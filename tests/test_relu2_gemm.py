@@ -167,8 +167,8 @@ def test_cutlass_library_missing_and_bad_kernel_are_one_line_errors(monkeypatch,
     from elas.kernels.cuda import cutlass_relu2
     monkeypatch.setenv("ELAS_CUTLASS_RELU2", str(tmp_path / "nope.so"))
     cutlass_relu2.library.cache_clear()
-    with pytest.raises(FileNotFoundError, match=r"nope\.so \(model\.relu2_kernel=cutlass and act24\.cutlass=true "
-                                                r"need it\): build it with `bash src/elas/kernels/cuda/cutlass/"
+    with pytest.raises(FileNotFoundError, match=r"nope\.so \(model\.relu2_kernel=cutlass, model\.rope_kernel="
+                                                r"cutlass and act24\.cutlass=true need it\): build it with `bash src/elas/kernels/cuda/cutlass/"
                                                 r"build\.sh"):
         cutlass_relu2.library()
     from elas.build import build_model

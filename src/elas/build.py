@@ -30,7 +30,7 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu",
     """materialise_on: for a build on the meta device, where its storage will be allocated (`to_empty`): the
     methods choose their kernels for that device (default: the reference kernels, none loaded)."""
     methods = resolve_methods(cfg)
-    if cfg.relu2_kernel == "cutlass" and torch.device(materialise_on or device).type == "cuda":
+    if "cutlass" in (cfg.relu2_kernel, cfg.rope_kernel) and torch.device(materialise_on or device).type == "cuda":
         from .kernels.cuda import cutlass_relu2
         cutlass_relu2.library()  # a missing library: one line here, before the model is built
     with torch.device(device):
@@ -40,6 +40,9 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu",
         for ffn in model.modules():
             if isinstance(getattr(ffn, "core", None), DenseReLU2):
                 ffn.core = FusedReLU2(op)
+    if cfg.rope_kernel == "cutlass":  # the attention's rotary embedding inside the q/k GEMMs' epilogue
+        for blk in model.blocks:
+            blk.attn.rope_op = ops.linear_rope
     if cfg.norm_kernel == "fused":  # the blocks' norms (not the final one: nothing is added to its input)
         for blk in model.blocks:
             blk.attn_norm.residual_split = blk.ffn_norm.residual_split = ops.residual_rmsnorm

@@ -23,6 +23,7 @@ LM_LOSSES = ("chunked", "logits")
 ATTN_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 RELU2_KERNELS = ("torch", "fused", "cutlass")
 NORM_KERNELS = ("torch", "fused")
+ROPE_KERNELS = ("torch", "cutlass")
 CONFIG_VERSION = 2  # of config.json: 2 = sparsity as a list of methods (1: flat act_sparsity/grad_mode/... keys)
 D_FF_MULTIPLE = 128  # every 2:4 GEMM tile we target divides 128; 8191 (ELAS 1B) would leave a dense tail
 
@@ -64,6 +65,10 @@ class ModelConfig:
     # the blocks' RMSNorm backward: torch (autograd of the ops; compiled: a dx and a dw kernel per norm, and the
     # residual's add) | fused (one pass: dx with the residual's gradient, and dw; kernels/cuda/rmsnorm.py)
     norm_kernel: str = "torch"
+    # the attention's rotary embedding: torch (its own kernels on q and k; one fused pass when compiled) | cutlass
+    # (inside the q/k up-projection GEMM's epilogue, q and k interleaved per head: model/llama.py Attention,
+    # kernels/cuda/cutlass_relu2.py; the library built beforehand)
+    rope_kernel: str = "torch"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -118,6 +123,8 @@ class ModelConfig:
             bad("relu2_kernel", self.relu2_kernel, f"expected one of {RELU2_KERNELS}")
         if self.norm_kernel not in NORM_KERNELS:
             bad("norm_kernel", self.norm_kernel, f"expected one of {NORM_KERNELS}")
+        if self.rope_kernel not in ROPE_KERNELS:
+            bad("rope_kernel", self.rope_kernel, f"expected one of {ROPE_KERNELS}")
         if self.attn_backend not in ATTN_BACKENDS:
             bad("attn_backend", self.attn_backend, f"expected one of {ATTN_BACKENDS}")
 

@@ -24,7 +24,9 @@ bools cross the boundary; "not produced" outputs are empty tensors (an operator 
     elas::act24_ffn(h1 [T, q], wu [d_ff, q], wd [d_ff, q'], mask_grad, dense_frac?, fused) -> h2 [T, q'] and
                     the tensors its backward needs; its autograd formula is registered on it and runs
     elas::act24_ffn_backward(...) -> dh1, dwu, dwd
-The last two are the packed 2:4 FFN core: one operator per core, so the autograd graph holds one node per FFN
+    elas::linear_rope(a [L, M, K], w [L, N, K], cos, sin [seq, head_dim/2], head_dim, rot_cols) -> [L, M, N]: the
+                      q/k/v projection with rotary embeddings in its epilogue (on interleaved column pairs)
+The act24 pair is the packed 2:4 FFN core: one operator per core, so the autograd graph holds one node per FFN
 and the saved tensors are the packed ones. For a ReLU^2 FFN (full-rank or low-rank) only the part around d_ff
 is special: h1 [T, q] is the input of the d_ff-producing factor (q = d_model, or the rank r), wu [d_ff, q] that
 factor, wd [d_ff, q'] the d_ff-consuming factor (W2^T for full-rank, N2 for low-rank):
@@ -326,6 +328,50 @@ def relu2_ffn(h1: Tensor, wu: Tensor, wd: Tensor, kernel: str = "triton") -> Ten
     return relu2_ffn_op(h1, wu, wd, kernel)[0]
 
 
+# ---- the q/k/v projection with rotary embeddings in its epilogue --------------------------------------------------
+@torch.library.custom_op("elas::linear_rope", mutates_args=())
+def linear_rope_op(a: Tensor, w: Tensor, cos: Tensor, sin: Tensor, head_dim: int, rot_cols: int) -> Tensor:
+    if _fused_relu2(a):  # bf16 on CUDA: the CUTLASS GEMM with the rotation in its epilogue (a library, prebuilt)
+        from .cuda import cutlass_relu2
+        return cutlass_relu2.linear_rope(a, w, cos, sin, head_dim, rot_cols)
+    return ref.linear_rope(a, w, cos, sin, head_dim, rot_cols)
+
+
+@linear_rope_op.register_fake
+def _(a, w, cos, sin, head_dim, rot_cols):
+    return a.new_empty((a.shape[0], a.shape[1], w.shape[1]))
+
+
+def _rope_setup_context(ctx, inputs, output):
+    a, w, cos, sin, ctx.head_dim, ctx.rot_cols = inputs
+    ctx.save_for_backward(a, w, cos, sin)
+
+
+def _rope_backward(ctx, g):
+    # plain torch ops: AOTAutograd traces them, so Inductor fuses the inverse rotation into the kernels around it
+    a, w, cos, sin = ctx.saved_tensors
+    gp = ref.rope_pairs(g, cos, sin, ctx.head_dim, ctx.rot_cols, inverse=True)  # [L, M, N], the pre-rotation grad
+    return torch.bmm(gp, w), torch.bmm(gp.transpose(1, 2), a), None, None, None, None
+
+
+linear_rope_op.register_autograd(_rope_backward, setup_context=_rope_setup_context)
+
+
+def linear_rope(a: Tensor, w: Tensor, cos: Tensor, sin: Tensor, head_dim: int, rot_cols: int) -> Tensor:
+    """out [L, M, N] = a [L, M, K] @ w [L, N, K]^T, then each column pair (2i, 2i+1) of a head among the columns
+    l*N + n < rot_cols rotated by the rotary angle of position m % seq (cos, sin: [seq, head_dim/2] fp32): the
+    q/k/v projection of attention with its rotary embedding, q and k columns interleaved per head by the caller
+    (model/llama.py). On bf16 CUDA tensors one CUTLASS GEMM with the rotation in its epilogue (a library built
+    beforehand: kernels/cuda/cutlass_relu2.py); elsewhere reference.linear_rope. a may be a strided view."""
+    if a.dim() != 3 or w.dim() != 3 or a.shape[0] != w.shape[0] or a.shape[2] != w.shape[2]:
+        raise ValueError(f"linear_rope: a {tuple(a.shape)} and w {tuple(w.shape)} do not chain (expected [L, M, K] "
+                         f"and [L, N, K])")
+    if head_dim % 2 or rot_cols % head_dim or rot_cols > w.shape[0] * w.shape[1]:
+        raise ValueError(f"linear_rope: rot_cols {rot_cols} must be whole heads of even head_dim {head_dim} within "
+                         f"the {w.shape[0] * w.shape[1]} columns")
+    return linear_rope_op(a, w, cos, sin, head_dim, rot_cols)
+
+
 # ---- RMSNorm on a residual stream: the backward as one pass (dx with the residual's gradient, and dw) ----------
 @torch.library.custom_op("elas::rmsnorm_backward", mutates_args=())
 def rmsnorm_backward(dn: Tensor, x: Tensor, dres: Tensor | None, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -510,4 +556,4 @@ def act24_ffn(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac: f
 
 
 __all__ = ["relu2_ffn", "relu2_sparsify24_packed", "up_relu2_sparsify24", "relu2_sparse24_backward", "sparse_mm", "act24_ffn",
-           "dgrad_relu2_ste_op", "rmsnorm_backward", "residual_rmsnorm"]
+           "dgrad_relu2_ste_op", "rmsnorm_backward", "residual_rmsnorm", "linear_rope"]

@@ -279,6 +279,33 @@ def relu2_grad_gemm(dh2: torch.Tensor, wd: torch.Tensor, y2: torch.Tensor) -> to
     return 2 * torch.sqrt(y2) * (dh2 @ wd.T)
 
 
+def rope_pairs(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int, rot_cols: int,
+               inverse: bool = False) -> torch.Tensor:
+    """Rotary embedding on interleaved column pairs: y [L, M, N] (rows m at position m % seq; cos, sin [seq,
+    head_dim/2]); the columns l*N + n < rot_cols (q and k, whole heads) are rotated pairwise, (y[2i], y[2i+1]) of
+    each head by angle (m % seq, i): (x0 cos - x1 sin, x1 cos + x0 sin), in fp32, returned in y's dtype; inverse:
+    by the opposite angle (the rotation's transpose: the backward). The rest pass unchanged. This is llama.py's
+    apply_rope (halves x1, x2 of a head) on columns permuted so that each half-pair is adjacent."""
+    n_b, m, n = y.shape
+    v = y.float().permute(1, 0, 2).reshape(m, n_b * n)  # [M, L*N]: the virtual columns l*N + n
+    pos = torch.arange(m, device=y.device) % cos.shape[0]
+    c, s = cos.float()[pos][:, None], sin.float()[pos][:, None]  # [M, 1, head_dim/2]
+    if inverse:
+        s = -s
+    r = v[:, :rot_cols].reshape(m, rot_cols // head_dim, head_dim // 2, 2)
+    x0, x1 = r[..., 0], r[..., 1]
+    rot = torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], dim=-1).reshape(m, rot_cols)
+    out = torch.cat([rot, v[:, rot_cols:]], dim=1).to(y.dtype)
+    return out.reshape(m, n_b, n).permute(1, 0, 2)
+
+
+def linear_rope(a: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int,
+                rot_cols: int) -> torch.Tensor:
+    """Twin of the rope GEMM: rope_pairs(a [L, M, K] @ w [L, N, K]^T) with the product rounded to a's dtype first
+    (what the GEMM writes). [L, M, N], contiguous."""
+    return rope_pairs(torch.bmm(a, w.transpose(1, 2)), cos, sin, head_dim, rot_cols).contiguous()
+
+
 def rmsnorm_backward(dn: torch.Tensor, x: torch.Tensor, dres: torch.Tensor | None, w: torch.Tensor, eps: float
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of a residual stream x [.., d] that feeds both n = rmsnorm(x) w and the residual path:

@@ -144,6 +144,9 @@ class Attention(nn.Module):
         self.q, self.k, self.v, self.o = (make_linear(d, d, r, cfg.init_std) for _ in range(4))
         self.backends = sdpa_backends(cfg.attn_backend)
         self.fuse_qkv = cfg.fuse_qkv
+        # (a, w, cos, sin, head_dim, rot_cols) -> the projection with rotary embeddings in its epilogue
+        # (kernels/ops.py linear_rope): build_model installs it for model.rope_kernel=cutlass (given, not imported)
+        self.rope_op = None
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v projections of x [b, s, d]: three [b, s, d] tensors (views of one buffer when fused).
@@ -166,14 +169,53 @@ class Attention(nn.Module):
         out = F.linear(x, torch.cat([m.weight for m in lins]))  # [b, s, 3d]
         return out[..., :d], out[..., d:2 * d], out[..., 2 * d:]
 
+    def _qkv_roped(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q, k (rotated) and v of x [b, s, d] through rope_op: the rotation rides in the up-projection GEMM's
+        epilogue, on column pairs. q and k come out with each head's two halves interleaved (column 2i holds
+        feature i, 2i + 1 feature i + head_dim/2: the weights' rows are gathered so, a [d, r] copy per step, small
+        beside the activations); q.k is unchanged by a permutation that q and k share, and v is not permuted, so attention
+        computes exactly what apply_rope's layout gives. Training and prefill only (positions 0..s-1): a KV
+        cache takes the plain path, whose k it must match."""
+        b, s, d = x.shape
+        lins = (self.q, self.k, self.v)
+        hd, t = self.head_dim, b * s
+        perm = torch.arange(d, device=x.device).view(self.n_heads, 2, hd // 2).transpose(1, 2).reshape(d)
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        lowrank = isinstance(self.q, LowRankLinear)
+        # per projection: the input of its d-wide GEMM [T, r or d] and that GEMM's weight [d, r or d], q's and k's
+        # rows gathered into the interleaved order
+        if lowrank and self.fuse_qkv:  # one down-projection GEMM [T, 3r], viewed as [3, T, r] (strided)
+            r = self.q.rank
+            h3 = (x.reshape(t, d) @ torch.cat([m.weight_in for m in lins], dim=1)).view(t, 3, r).transpose(0, 1)
+            hs = list(h3)
+        else:
+            hs = [x.reshape(t, d) @ m.weight_in for m in lins] if lowrank else [x.reshape(t, d)] * 3
+        ws = [m.weight_out if lowrank else m.weight for m in lins]
+        ws = [ws[0][perm], ws[1][perm], ws[2]]
+        with torch.autocast(dev, enabled=False):  # the GEMMs run in the compute dtype, as autocast's would
+            if not self.fuse_qkv:  # q and k each one GEMM with the rotation; v as it is
+                q, k = (self.rope_op(hh.to(dtype)[None], ww.to(dtype)[None], cos, sin, hd, d)[0]
+                        for hh, ww in zip(hs[:2], ws[:2]))
+                return q.view(b, s, d), k.view(b, s, d), F.linear(hs[2].to(dtype), ws[2].to(dtype)).view(b, s, d)
+            if lowrank:  # one batched GEMM [3, T, r] x [3, r, d] (the three down-projections stay separate GEMMs)
+                out = self.rope_op(h3.to(dtype), torch.stack(ws).to(dtype), cos, sin, hd, 2 * d)
+                return out[0].view(b, s, d), out[1].view(b, s, d), out[2].view(b, s, d)
+            out = self.rope_op(hs[0].to(dtype)[None], torch.cat(ws).to(dtype)[None], cos, sin, hd, 2 * d)[0]
+            return out[:, :d].view(b, s, d), out[:, d:2 * d].view(b, s, d), out[:, 2 * d:].view(b, s, d)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
                 layer: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
         b, s, d = x.shape
-        q, k, v = (t.view(b, s, self.n_heads, self.head_dim) for t in self.qkv(x))
-        # rotary embeddings in [b, s, heads, head_dim], then views as [b, heads, s, head_dim]: q, k and v share
-        # one memory layout, so the attention's output is [b, s, heads, head_dim] in memory (the o projection
-        # reads it without a copy) and its input gradients come back in the projections' layout
-        q, k, v = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
+        roped = self.rope_op is not None and cache is None and _plain_linears((self.q, self.k, self.v))
+        qkv = self._qkv_roped(x, cos, sin) if roped else self.qkv(x)
+        q, k, v = (t.view(b, s, self.n_heads, self.head_dim) for t in qkv)
+        if not roped:  # rotary embeddings in [b, s, heads, head_dim]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # views as [b, heads, s, head_dim]: q, k and v share one memory layout, so the attention's output is [b, s,
+        # heads, head_dim] in memory (the o projection reads it without a copy) and its input gradients come back
+        # in the projections' layout
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         causal, mask = True, None
         if cache is not None:
             if s > 1 and cache.pos > 0:  # (s first: a decode step's graph does not read the position)

@@ -15,6 +15,7 @@ warp-specialised TMA mainloop (cuBLAS's rate, where the Triton form ran ~1.5x sl
 - the 2:4 FFN's forward in ste mode (`act24.cutlass=true`): y1 [M, N] = h1 @ wu^T and the Packed24 of
   2:4(relu(y1)^2) (the SM90 layout), by the fastest at the shape of cuBLAS + the Triton sparsifier and mode 6 (the
   packed values and metadata stored from the epilogue's registers: y1 is not read back).
+- the q/k/v projection with rotary embeddings in its epilogue (`model.rope_kernel=cutlass`): `linear_rope`.
 All operands bf16, row-major and contiguous (K contiguous in A and B). Numerics are relu2_gemm.py's (the
 rounding points are the same; only the GEMM's summation order differs from cuBLAS).
 
@@ -53,8 +54,8 @@ def library_path() -> Path:
 def library() -> ctypes.CDLL:
     path = library_path()
     if not path.is_file():
-        raise FileNotFoundError(f"no CUTLASS library at {path} (model.relu2_kernel=cutlass and act24.cutlass=true "
-                                f"need it): build it with "
+        raise FileNotFoundError(f"no CUTLASS library at {path} (model.relu2_kernel=cutlass, model.rope_kernel=cutlass "
+                                f"and act24.cutlass=true need it): build it with "
                                 f"`bash src/elas/kernels/cuda/cutlass/build.sh relu2 DIR` and set "
                                 f"ELAS_CUTLASS_RELU2=DIR/libelas_cutlass_relu2.so (or copy it there)")
     lib = ctypes.CDLL(str(path))
@@ -66,6 +67,12 @@ def library() -> ctypes.CDLL:
                                  ctypes.POINTER(ctypes.c_float)]
     lib.elas_cutlass_dense_mm.restype = ctypes.c_int
     lib.elas_cutlass_dense_mm.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + tail
+    if hasattr(lib, "elas_cutlass_rope_mm"):  # (libraries built before the rope GEMM lack it)
+        lib.elas_cutlass_rope_mm.restype = ctypes.c_int
+        lib.elas_cutlass_rope_mm.argtypes = ([ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
+                                             + [ctypes.c_longlong] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3
+                                             + [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int,
+                                                ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_longlong)])
     if hasattr(lib, "elas_cutlass_dense_mm_aux"):  # (libraries built before mode 5 lack the second aux tensor)
         lib.elas_cutlass_dense_mm_aux.restype = ctypes.c_int
         lib.elas_cutlass_dense_mm_aux.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + tail
@@ -258,3 +265,56 @@ def up_relu2_pack24(h1: torch.Tensor, wu: torch.Tensor) -> tuple[torch.Tensor, t
     if _GRAD[key] is None:
         return separate()
     return up_relu2_pack24_fused(h1, wu)
+
+
+def _rope_launch(lib, config: int, a, w, d, cos, sin, head_dim: int, rot_cols: int, iters: int = 0
+                 ) -> tuple[int, float]:
+    n_batch, m, k = a.shape
+    n = w.shape[1]
+    need = ctypes.c_longlong(0)
+    args = (config, a.data_ptr(), w.data_ptr(), d.data_ptr(), n_batch, m, n, k, a.stride(1), a.stride(0),
+            cos.data_ptr(), sin.data_ptr(), cos.shape[0], head_dim, rot_cols)
+    stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+    ms = ctypes.c_float(0)
+    rc = lib.elas_cutlass_rope_mm(*args, None, 0, stream, 0, ctypes.byref(ms), ctypes.byref(need))
+    if rc != 0:
+        return rc, 0.0
+    ws = torch.empty(max(int(need.value), 1), dtype=torch.uint8, device=a.device)
+    rc = lib.elas_cutlass_rope_mm(*args, ws.data_ptr(), ws.numel(), stream, iters, ctypes.byref(ms), None)
+    return rc, ms.value
+
+
+def linear_rope(a: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int,
+                rot_cols: int) -> torch.Tensor:
+    """out [L, M, N] = a [L, M, K] @ w [L, N, K]^T in bf16, with each column pair (2i, 2i+1) of a head of the
+    columns l*N + n < rot_cols rotated by position m % seq (cos, sin [seq, head_dim/2] fp32): the q/k/v
+    projection with rotary embeddings in its epilogue. a may be a strided view (rows and batches K-contiguous)."""
+    if a.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or a.dim() != 3 or w.dim() != 3 or \
+            a.shape[0] != w.shape[0] or a.shape[2] != w.shape[2] or a.stride(2) != 1 or a.shape[2] % 8:
+        raise ValueError(f"CUTLASS rope GEMM: bf16 a [L, M, K] (K contiguous) and w [L, N, K] with K % 8 == 0 "
+                         f"expected, got {a.dtype} {tuple(a.shape)} strides {a.stride()} and {w.dtype} "
+                         f"{tuple(w.shape)}")
+    w, cos, sin = w.contiguous(), cos.float().contiguous(), sin.float().contiguous()
+    lib = library()
+    if not hasattr(lib, "elas_cutlass_rope_mm"):
+        raise RuntimeError(f"the CUTLASS library at {library_path()} predates the rope GEMM: rebuild it")
+    key = ("rope", a.device.index) + tuple(a.shape) + (w.shape[1],)
+    d = torch.empty(a.shape[0], a.shape[1], w.shape[1], dtype=torch.bfloat16, device=a.device)
+    if key not in _BEST:
+        _not_capturing(f"the rope GEMM at {tuple(a.shape)} x {tuple(w.shape)}")
+        timed = {}
+        for c in range(lib.elas_cutlass_dense_configs()):
+            if _rope_launch(lib, c, a, w, d, cos, sin, head_dim, rot_cols)[0] == 0:
+                rc, ms = _rope_launch(lib, c, a, w, d, cos, sin, head_dim, rot_cols, iters=20)
+                if rc == 0:
+                    timed[c] = ms
+        _BEST[key] = min(timed.items(), key=lambda kv: kv[1]) if timed else None
+        if _BEST[key] is not None:
+            log.info("CUTLASS rope GEMM %s x %s: %s (%.4f ms)", tuple(a.shape), tuple(w.shape),
+                     lib.elas_cutlass_dense_config_name(_BEST[key][0]).decode(), _BEST[key][1])
+    if _BEST[key] is None:
+        raise RuntimeError(f"no CUTLASS configuration runs the rope GEMM at {tuple(a.shape)} x {tuple(w.shape)}")
+    rc = _rope_launch(lib, _BEST[key][0], a, w, d, cos, sin, head_dim, rot_cols)[0]
+    if rc != 0:
+        raise RuntimeError(f"CUTLASS rope GEMM failed with status {rc} at {tuple(a.shape)} x {tuple(w.shape)}")
+    return d

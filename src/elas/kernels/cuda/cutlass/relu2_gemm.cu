@@ -22,6 +22,11 @@
 //                      the SM90 cuSPARSELt layout (docs/sm90_layout.md: values [M, N/2] bf16, then metadata
 //                      [M*N/8] bytes, in one buffer) from the epilogue's registers: the 2:4 FFN's forward in ste
 //                      mode (ELAS) without the separate sparsifier's read of y1
+//   rope (its own entry point, elas_cutlass_rope_mm): D[L, M, N] = the batched product A[L, M, K] B[L, N, K]^T with
+//                      rotary embeddings applied in the epilogue to the columns l*N + n < rot_cols (the q and k
+//                      projections): each adjacent column pair (2i, 2i+1) of a head is rotated by the angle of
+//                      position m % seq and frequency i, the attention's q and k columns having been interleaved
+//                      per head by the caller (model/llama.py: q.k is unchanged by a permutation shared by both)
 //
 // A row-major [M, K] (K-major), B passed as B^T [N, K] contiguous (K-major: torch's h1 @ wu.T with wu [N, K]),
 // D row-major; bf16 in and out, fp32 accumulation. Mode 1 rounds the accumulator to bf16 first, as the model's
@@ -294,6 +299,90 @@ struct Pack24Store {
   }
 };
 
+// The rotary embedding of the q and k projections as a visitor node: the input y (bf16 values of D before the
+// rotation) comes in column pairs (layout_check.cu, fact 1), so each pair (x0, x1) = columns (2i, 2i+1) of a head
+// turns into (x0 cos - x1 sin, x1 cos + x0 sin), cos and sin [seq, head_dim/2] fp32 at (m % seq, i), in fp32, as
+// model/llama.py apply_rope computes it (its halves x1, x2 are the pair here). Columns l*N + n >= rot_cols (v) pass.
+struct RopeNode {
+  struct SharedStorage {};
+  struct Arguments {
+    float const* cos = nullptr;  // [seq, head_dim/2]
+    float const* sin = nullptr;
+    int seq = 1, head_dim = 2, rot_cols = 0;
+  };
+  using Params = Arguments;
+
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) { return args; }
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const&, Arguments const& args) {
+    return args.cos != nullptr && args.sin != nullptr && args.seq > 0 && args.head_dim % 2 == 0;
+  }
+  template <class ProblemShape>
+  static size_t get_workspace_size(ProblemShape const&, Arguments const&) { return 0; }
+  template <class ProblemShape>
+  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
+                                              cutlass::CudaHostAdapter* = nullptr) {
+    return cutlass::Status::kSuccess;
+  }
+
+  CUTLASS_HOST_DEVICE RopeNode() {}
+  CUTLASS_HOST_DEVICE RopeNode(Params const& params, SharedStorage const&) : params_ptr(&params) {}
+  Params const* params_ptr = nullptr;
+
+  CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
+  CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
+  template <class... Args>
+  CUTLASS_DEVICE auto get_producer_load_callbacks(fusion::ProducerLoadArgs<Args...> const&) {
+    return fusion::EmptyProducerLoadCallbacks{};
+  }
+
+  template <class CTensor, class ProblemShapeMNL>
+  struct ConsumerStoreCallbacks : fusion::EmptyConsumerStoreCallbacks {
+    CUTLASS_DEVICE ConsumerStoreCallbacks(CTensor&& tC_c, ProblemShapeMNL shape, Params const* params_ptr)
+        : tC_c(cute::forward<CTensor>(tC_c)), shape(shape), params_ptr(params_ptr) {}
+    CTensor tC_c;  // (CPY, CPY_M, CPY_N, EPI_M, EPI_N): the (m, n, l) coordinate of each register element
+    ProblemShapeMNL shape;
+    Params const* params_ptr;
+
+    template <typename ElementAccumulator, typename ElementInput, int FragmentSize>
+    CUTLASS_DEVICE auto visit(cutlass::Array<ElementAccumulator, FragmentSize> const&, int epi_v, int epi_m,
+                              int epi_n, cutlass::Array<ElementInput, FragmentSize> const& frg_input) {
+      cutlass::Array<float, FragmentSize> out;
+      Tensor coord = tC_c(_, _, _, epi_m, epi_n);
+      int const N = static_cast<int>(get<1>(shape));
+      Params const& p = *params_ptr;
+      int const half = p.head_dim / 2;
+      CUTLASS_PRAGMA_UNROLL
+      for (int q = 0; q < FragmentSize; q += 2) {
+        auto c = coord(epi_v * FragmentSize + q);
+        int const m = static_cast<int>(get<0>(c)), n = static_cast<int>(get<1>(c)), l = static_cast<int>(get<2>(c));
+        float x0 = static_cast<float>(frg_input[q]), x1 = static_cast<float>(frg_input[q + 1]);
+        if (l * N + n < p.rot_cols) {
+          int const at = (m % p.seq) * half + ((n % p.head_dim) >> 1);
+          float const co = __ldg(p.cos + at), si = __ldg(p.sin + at);
+          out[q] = x0 * co - x1 * si;
+          out[q + 1] = x1 * co + x0 * si;
+        } else {
+          out[q] = x0;
+          out[q + 1] = x1;
+        }
+      }
+      return out;
+    }
+  };
+
+  template <bool ReferenceSrc, class... Args>
+  CUTLASS_DEVICE auto get_consumer_store_callbacks(fusion::ConsumerStoreArgs<Args...> const& args) {
+    auto [M, N, K, L] = args.problem_shape_mnkl;
+    auto shape = make_shape(M, N, L);
+    Tensor coords = make_identity_tensor(shape);
+    Tensor tC_c = fusion::sm90_partition_for_epilogue<ReferenceSrc>(coords, args.tile_shape_mnk, args.tile_coord_mnkl,
+                                                                    args.epi_tile, args.tiled_copy, args.thread_idx);
+    return ConsumerStoreCallbacks<decltype(tC_c), decltype(shape)>(cute::move(tC_c), shape, params_ptr);
+  }
+};
+
 template <class T>
 struct Identity {
   CUTLASS_HOST_DEVICE T operator()(T const& x) const { return x; }
@@ -347,6 +436,10 @@ using Y1Bf16 = fusion::Sm90EVT<fusion::Sm90Compute<Identity, Bf16, float, cutlas
                                fusion::Sm90AccFetch>;
 using Pack24Tree = fusion::Sm90EVT<fusion::Sm90Compute<Identity, Bf16, float, cutlass::FloatRoundStyle::round_to_nearest>,
                                    fusion::Sm90EVT<Pack24Store, Y1Bf16>>;
+
+// the rope GEMM's tree: D = bf16(rope(bf16(acc))): y rounded to bf16 first, as the unfused GEMM writes q and k
+using RopeTree = fusion::Sm90EVT<fusion::Sm90Compute<Identity, Bf16, float, cutlass::FloatRoundStyle::round_to_nearest>,
+                                 fusion::Sm90EVT<RopeNode, Y1Bf16>>;
 
 // the epilogue's fusion type of a configuration: the fusion itself, or mode 5's graph for its tile
 template <class Fusion, class TileMNK, class EpiSchedule>
@@ -411,6 +504,9 @@ struct FusionArgs<SteY2sTag> {
   }
 };
 
+template <class Gemm>
+using EpiArgs_t = decltype(typename Gemm::Arguments{}.epilogue.thread);
+
 template <class Fusion, class TileMNK, class ClusterMNK, class MainSchedule, class EpiSchedule>
 struct DenseGemm {
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
@@ -438,6 +534,23 @@ struct DenseGemm {
         {FusionArgs<Fusion>::template make<EpiArgs>(aux, aux_out, M, N), nullptr,
          cutlass::make_cute_packed_stride(typename Kernel::StrideC{}, {M, N, 1}),
          static_cast<Bf16*>(d), cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, {M, N, 1})}};
+    out.hw_info.sm_count = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(0);
+    return out;
+  }
+
+  // the batched form (the rope GEMM): A [L, M, K] with row stride lda and batch stride a_batch (a view of the q/k/v
+  // down-projections' [T, 3r] output), B [L, N, K] packed, D [L, M, N] packed
+  static typename Gemm::Arguments batched_args(const void* a, const void* b, void* d, int L, int M, int N, int K,
+                                               long long lda, long long a_batch, EpiArgs_t<Gemm> epi) {
+    typename Kernel::StrideA stride_a = cutlass::make_cute_packed_stride(typename Kernel::StrideA{}, {M, K, L});
+    cute::get<0>(stride_a) = lda;
+    cute::get<2>(stride_a) = a_batch;
+    typename Gemm::Arguments out{
+        cutlass::gemm::GemmUniversalMode::kBatched, {M, N, K, L},
+        {static_cast<const Bf16*>(a), stride_a,
+         static_cast<const Bf16*>(b), cutlass::make_cute_packed_stride(typename Kernel::StrideB{}, {N, K, L})},
+        {epi, nullptr, cutlass::make_cute_packed_stride(typename Kernel::StrideC{}, {M, N, L}),
+         static_cast<Bf16*>(d), cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, {M, N, L})}};
     out.hw_info.sm_count = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(0);
     return out;
   }
@@ -503,6 +616,38 @@ using SteGradTable = Table<ELAS_CONFIGS(SteGradTma)>;
 using SteY2sTable = Table<ELAS_CONFIGS(SteY2sTag)>;
 using Pack24Table = Table<ELAS_CONFIGS(Pack24Tree)>;
 
+// the rope GEMM's configurations, run through their batched arguments
+template <class... Configs>
+struct RopeTable {
+  template <int I, class First, class... Rest>
+  static int run_at(int config, const void* a, const void* b, void* d, int L, int M, int N, int K, long long lda,
+                    long long a_batch, RopeNode::Arguments const& rope, void* ws, size_t ws_bytes, cudaStream_t stream,
+                    int iters, float* ms, long long* ws_needed) {
+    if (config == I) {
+      using Gemm = typename First::Gemm;
+      EpiArgs_t<Gemm> epi{{{{}, {}}, rope}, {}};  // D = Identity(rope(Identity(acc)))
+      auto args = First::batched_args(a, b, d, L, M, N, K, lda, a_batch, epi);
+      if (ws_needed != nullptr) {
+        *ws_needed = static_cast<long long>(Gemm::get_workspace_size(args));
+        return 0;
+      }
+      return elas_cutlass::run<Gemm>(args, ws, ws_bytes, stream, iters, ms);
+    }
+    if constexpr (sizeof...(Rest) > 0) {
+      return run_at<I + 1, Rest...>(config, a, b, d, L, M, N, K, lda, a_batch, rope, ws, ws_bytes, stream, iters, ms,
+                                    ws_needed);
+    }
+    return -1;
+  }
+  static int run(int config, const void* a, const void* b, void* d, int L, int M, int N, int K, long long lda,
+                 long long a_batch, RopeNode::Arguments const& rope, void* ws, size_t ws_bytes, cudaStream_t stream,
+                 int iters, float* ms, long long* ws_needed) {
+    return run_at<0, Configs...>(config, a, b, d, L, M, N, K, lda, a_batch, rope, ws, ws_bytes, stream, iters, ms,
+                                 ws_needed);
+  }
+};
+using Rope = RopeTable<ELAS_CONFIGS(RopeTree)>;
+
 }  // namespace
 
 extern "C" {
@@ -541,6 +686,17 @@ int elas_cutlass_dense_mm_aux(int config, int mode, const void* a, const void* b
     case 6: return Pack24Table::run(config, a, b, aux, aux_out, d, M, N, K, workspace, ws_bytes, s, iters, ms);
     default: return -1;
   }
+}
+// The rope GEMM: D [L, M, N] = A [L, M, K] (row stride lda, batch stride a_batch) x B [L, N, K]^T, with the
+// columns l*N + n < rot_cols rotated (RopeNode); cos, sin [seq, head_dim/2] fp32. ws_needed != nullptr: only the
+// workspace size is written there. Returns as elas_cutlass_dense_mm_aux.
+int elas_cutlass_rope_mm(int config, const void* a, const void* b, void* d, int L, int M, int N, int K, long long lda,
+                         long long a_batch, const float* cos, const float* sin, int seq, int head_dim, int rot_cols,
+                         void* workspace, size_t ws_bytes, void* stream, int iters, float* ms, long long* ws_needed) {
+  if (config < 0 || config >= kConfigs) return -1;
+  RopeNode::Arguments rope{cos, sin, seq, head_dim, rot_cols};
+  return Rope::run(config, a, b, d, L, M, N, K, lda, a_batch, rope, workspace, ws_bytes,
+                   static_cast<cudaStream_t>(stream), iters, ms, ws_needed);
 }
 // the entry point of libraries built before mode 5 (no second aux tensor)
 int elas_cutlass_dense_mm(int config, int mode, const void* a, const void* b, const void* aux, void* d, int M, int N,
