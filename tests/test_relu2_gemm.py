@@ -374,6 +374,46 @@ def test_act24_cutlass_config_and_missing_library(monkeypatch, tmp_path):
         cutlass_relu2.library.cache_clear()
 
 
+def test_act24_cutlass_glue_gives_the_separate_path_results(monkeypatch):
+    """act24_ffn with cutlass=True routed (on the CPU) through its CUTLASS branches, with the CUTLASS forms
+    replaced by reference twins of what they return (y1 and the packed buffer without mask bits; y2s and dy1):
+    the output and every gradient equal the separate path's, so the operator's glue (buffers, saved tensors,
+    returned gradients) is right before a GPU runs it."""
+    from elas.kernels import ops
+    from elas.kernels import reference as ref
+    from elas.kernels.cuda import cutlass_relu2 as cl
+    calls = []
+
+    def fwd(h1, wu):
+        calls.append("forward")
+        y1 = h1 @ wu.T
+        return y1, ref.relu2_sparsify24_packed(y1).buffer
+
+    def bwd(dh2, wd, y1):
+        calls.append("backward")
+        g = ref.relu2_sparse24_backward(dh2 @ wd.T, None, y1)
+        return g.y2s, g.dy1
+
+    g = torch.Generator().manual_seed(1)
+    h1, wu, wd = (torch.randn(s, generator=g).to(torch.bfloat16).requires_grad_() for s in ((64, 16), (64, 16),
+                                                                                            (64, 8)))
+
+    def run(cutlass):
+        for t in (h1, wu, wd):
+            t.grad = None
+        out = ops.act24_ffn(h1, wu, wd, False, cutlass=cutlass)
+        out.float().square().sum().backward()
+        return out.detach(), [t.grad.clone() for t in (h1, wu, wd)]
+
+    want = run(False)
+    monkeypatch.setattr(ops, "_on_cuda", lambda t: True)
+    monkeypatch.setattr(cl, "up_relu2_pack24", fwd)
+    monkeypatch.setattr(cl, "ste_grad_gemm", bwd)
+    got = run(True)
+    assert calls == ["forward", "backward"]
+    assert torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+
+
 def test_act24_cutlass_traces_as_one_graph_on_the_packed_reference_path():
     """The operator's new argument through autograd and dynamo: act24_ffn with cutlass=True on the CPU (the
     reference kernels: the CUTLASS form is CUDA-only) gives the separate form's output and gradients, compiled

@@ -417,6 +417,12 @@ def residual_rmsnorm(x: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
 
 # ---- the packed 2:4 FFN core: one operator, autograd registered on it ----------------------------------------
+def _on_cuda(t: Tensor) -> bool:
+    """Where act24.cutlass's CUTLASS forms run (a function, so a CPU test can route the glue through them)."""
+    return t.device.type == "cuda"
+
+
+
 @torch.library.custom_op("elas::act24_ffn", mutates_args=())
 def act24_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac: float | None,
                  fused: bool = False, wu_p: Tensor | None = None, wdt_p: Tensor | None = None,
@@ -437,7 +443,7 @@ def act24_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac
         p, counts = relu2_sparsify24_packed(y1, count=dense_frac is not None, bits=mask_grad)
     elif fused:
         y1, p, counts = up_relu2_sparsify24(h1, wu, count=dense_frac is not None, write_y1=not mask_grad)
-    elif cutlass and not mask_grad and dense_frac is None and h1.device.type == "cuda":
+    elif cutlass and not mask_grad and dense_frac is None and _on_cuda(h1):
         from .cuda import cutlass_relu2
         y1, buf = cutlass_relu2.up_relu2_pack24(h1, wu)
         p, counts = Packed24(buf, h1.new_empty(0, dtype=torch.uint8), (h1.shape[0], wu.shape[0])), None
@@ -480,7 +486,7 @@ def act24_ffn_backward_op(dh2: Tensor, h1: Tensor, wu: Tensor, wd: Tensor, s0: T
     p = Packed24(s0, s1, (t, f)) if mask_grad else None
     y1 = None if mask_grad else s0
     plain_ste = not mask_grad and not split and wdt_p is None and wdt is None
-    if plain_ste and cutlass and dh2.device.type == "cuda":
+    if plain_ste and cutlass and _on_cuda(dh2):
         from .cuda import cutlass_relu2
         y2s, dy1 = cutlass_relu2.ste_grad_gemm(dh2, wd, y1)
         g = ref.Grads24(y2s, dy1, None)

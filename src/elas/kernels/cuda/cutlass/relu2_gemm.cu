@@ -178,27 +178,21 @@ struct Relu2Keep24<cutlass::Array<T, N>> {
   }
 };
 
-// Mode 6's store of the packed 2:4 matrix: a visitor node (modelled on CUTLASS's Sm90AuxStore without shared
-// memory) that takes y1 [M, N] (bf16 values) and writes relu(y1)^2 with 2 of every 4 columns kept straight from
-// registers to global memory, in the SM90 layout: values row-major [M, N/2] (a group's kept pair as one 32-bit
-// store by the thread holding its first two columns), and one metadata byte per group and 16-row slab, holding
-// rows r (low nibble) and r + 8 (high), which the MMA layout gives to one thread. It passes y1 on unchanged.
-// Needs M, N multiples of 64 (the layout's tile) and an epilogue tile of 16-row warp slabs (all sm90 ones).
-struct Pack24Store {
+// What a visitor node needs that uses no shared memory, no producer loads and no workspace, and reads each register
+// element's (m, n, l) coordinate (modelled on CUTLASS's Sm90AuxStore without shared memory): the CUTLASS interface,
+// with the node's work in Derived::apply(params, coords, shape MNL, epi_v, fragment) -> fragment, where coords
+// (CPY, CPY_M, CPY_N) gives the subtile's coordinate of each element of the thread's fragment (index
+// epi_v * FragmentSize + i), and Derived::check(shape MNKL, args) says whether a problem can run.
+template <class Derived, class Args>
+struct CoordNode {
   struct SharedStorage {};
-  struct Arguments {
-    Bf16* values = nullptr;     // [M, N/2]
-    uint8_t* meta = nullptr;    // [M * N / 8], the layout's tiled order
-  };
-  using Params = Arguments;
+  using Arguments = Args;
+  using Params = Args;
 
   template <class ProblemShape>
   static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) { return args; }
   template <class ProblemShape>
-  static bool can_implement(ProblemShape const& shape, Arguments const&) {
-    auto [M, N, K, L] = shape;
-    return M % 64 == 0 && N % 64 == 0 && L == 1;
-  }
+  static bool can_implement(ProblemShape const& shape, Arguments const& args) { return Derived::check(shape, args); }
   template <class ProblemShape>
   static size_t get_workspace_size(ProblemShape const&, Arguments const&) { return 0; }
   template <class ProblemShape>
@@ -207,14 +201,14 @@ struct Pack24Store {
     return cutlass::Status::kSuccess;
   }
 
-  CUTLASS_HOST_DEVICE Pack24Store() {}
-  CUTLASS_HOST_DEVICE Pack24Store(Params const& params, SharedStorage const&) : params_ptr(&params) {}
+  CUTLASS_HOST_DEVICE CoordNode() {}
+  CUTLASS_HOST_DEVICE CoordNode(Params const& params, SharedStorage const&) : params_ptr(&params) {}
   Params const* params_ptr = nullptr;
 
   CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
   CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
-  template <class... Args>
-  CUTLASS_DEVICE auto get_producer_load_callbacks(fusion::ProducerLoadArgs<Args...> const&) {
+  template <class... A>
+  CUTLASS_DEVICE auto get_producer_load_callbacks(fusion::ProducerLoadArgs<A...> const&) {
     return fusion::EmptyProducerLoadCallbacks{};
   }
 
@@ -229,67 +223,12 @@ struct Pack24Store {
     template <typename ElementAccumulator, typename ElementInput, int FragmentSize>
     CUTLASS_DEVICE auto visit(cutlass::Array<ElementAccumulator, FragmentSize> const&, int epi_v, int epi_m,
                               int epi_n, cutlass::Array<ElementInput, FragmentSize> const& frg_input) {
-#if defined(__CUDA_ARCH__)
-      static_assert(FragmentSize % 4 == 0, "pairs of columns, each in two rows");
-      constexpr int P = FragmentSize / 2;  // column pairs held by this thread
-      Tensor coord = tC_c(_, _, _, epi_m, epi_n);
-      int const M = static_cast<int>(get<0>(shape)), N = static_cast<int>(get<1>(shape));
-      uint8_t nib[P];
-      bool mine[P];
-      CUTLASS_PRAGMA_UNROLL
-      for (int p = 0; p < P; ++p) {
-        int const i = epi_v * FragmentSize + 2 * p;
-        auto c = coord(i);
-        int const row = static_cast<int>(get<0>(c)), col = static_cast<int>(get<1>(c));
-        float a = static_cast<float>(frg_input[2 * p]), b = static_cast<float>(frg_input[2 * p + 1]);
-        a = a > 0.f ? a * a : 0.f;  // exact: y1 is a bf16 value
-        b = b > 0.f ? b * b : 0.f;
-        float pa = __shfl_xor_sync(0xffffffffu, a, 1), pb = __shfl_xor_sync(0xffffffffu, b, 1);
-        if (p == 0) {  // the register layout this relies on: lane ^ 1 holds the group's other two columns
-          int prow = __shfl_xor_sync(0xffffffffu, row, 1), pcol = __shfl_xor_sync(0xffffffffu, col, 1);
-          if (prow != row || pcol != (col ^ 2) || (col & 1)) __trap();
-        }
-        bool const first = (col & 3) == 0;
-        float x0 = first ? a : pa, x1 = first ? b : pb, x2 = first ? pa : a, x3 = first ? pb : b;
-        bool b01 = x1 > x0, b02 = x2 > x0, b03 = x3 > x0, b12 = x2 > x1, b13 = x3 > x1, b23 = x3 > x2;
-        auto fewer2 = [](bool u, bool v, bool w) { return !((u && v) || (u && w) || (v && w)); };
-        bool k0 = fewer2(b01, b02, b03), k1 = fewer2(!b01, b12, b13);
-        bool k2 = fewer2(!b02, !b12, b23), k3 = fewer2(!b03, !b13, !b23);
-        int const i0 = k0 ? 0 : (k1 ? 1 : 2), i1 = k3 ? 3 : (k2 ? 2 : 1);
-        nib[p] = static_cast<uint8_t>(i0 | (i1 << 2));
-        mine[p] = first && row < M && col < N;
-        if (mine[p]) {
-          float v0 = k0 ? x0 : (k1 ? x1 : x2), v1 = k3 ? x3 : (k2 ? x2 : x1);
-          __nv_bfloat162 kept = __floats2bfloat162_rn(v0, v1);  // (v0 low: the earlier column)
-          *reinterpret_cast<__nv_bfloat162*>(params_ptr->values + static_cast<size_t>(row) * (N / 2) + col / 2) = kept;
-        }
-      }
-      // metadata: the pair holding row r (r % 16 < 8) joins the pair of the same columns at row r + 8; their
-      // places in the fragment are fixed by the layout, so these comparisons fold at compile time
-      CUTLASS_PRAGMA_UNROLL
-      for (int p = 0; p < P; ++p) {
-        auto c = coord(epi_v * FragmentSize + 2 * p);
-        int const row = static_cast<int>(get<0>(c)), col = static_cast<int>(get<1>(c));
-        if (!mine[p] || (row & 15) >= 8) continue;
-        int hi = -1;
-        CUTLASS_PRAGMA_UNROLL
-        for (int q = 0; q < P; ++q) {
-          auto d = coord(epi_v * FragmentSize + 2 * q);
-          if (static_cast<int>(get<0>(d)) == row + 8 && static_cast<int>(get<1>(d)) == col) hi = nib[q];
-        }
-        if (hi < 0) __trap();  // rows r and r + 8 not in one thread: not the layout this node was written for
-        int const g = col >> 2;
-        size_t const offset = static_cast<size_t>(row >> 6) * (N / 32) * 256 + (g >> 3) * 256 + ((row & 63) >> 4) * 64 +
-                              (row & 7) * 8 + 2 * (g & 3) + ((g & 7) >> 2);
-        params_ptr->meta[offset] = static_cast<uint8_t>(nib[p] | (hi << 4));
-      }
-#endif
-      return frg_input;
+      return Derived::apply(*params_ptr, tC_c(_, _, _, epi_m, epi_n), shape, epi_v, frg_input);
     }
   };
 
-  template <bool ReferenceSrc, class... Args>
-  CUTLASS_DEVICE auto get_consumer_store_callbacks(fusion::ConsumerStoreArgs<Args...> const& args) {
+  template <bool ReferenceSrc, class... A>
+  CUTLASS_DEVICE auto get_consumer_store_callbacks(fusion::ConsumerStoreArgs<A...> const& args) {
     auto [M, N, K, L] = args.problem_shape_mnkl;
     auto shape = make_shape(M, N, L);
     Tensor coords = make_identity_tensor(shape);
@@ -299,87 +238,126 @@ struct Pack24Store {
   }
 };
 
+// Mode 6's store of the packed 2:4 matrix: a visitor node (modelled on CUTLASS's Sm90AuxStore without shared
+// memory) that takes y1 [M, N] (bf16 values) and writes relu(y1)^2 with 2 of every 4 columns kept straight from
+// registers to global memory, in the SM90 layout: values row-major [M, N/2] (a group's kept pair as one 32-bit
+// store by the thread holding its first two columns), and one metadata byte per group and 16-row slab, holding
+// rows r (low nibble) and r + 8 (high), which the MMA layout gives to one thread. It passes y1 on unchanged.
+// Needs M, N multiples of 64 (the layout's tile) and an epilogue tile of 16-row warp slabs (all sm90 ones).
+struct Pack24Args {
+  Bf16* values = nullptr;   // [M, N/2]
+  uint8_t* meta = nullptr;  // [M * N / 8], the layout's tiled order
+};
+
+struct Pack24Store : CoordNode<Pack24Store, Pack24Args> {
+  using CoordNode::CoordNode;
+
+  template <class ProblemShape>
+  static bool check(ProblemShape const& shape, Pack24Args const&) {
+    auto [M, N, K, L] = shape;
+    return M % 64 == 0 && N % 64 == 0 && L == 1;
+  }
+
+  template <class Coords, class Shape, class ElementInput, int FragmentSize>
+  CUTLASS_DEVICE static auto apply(Pack24Args const& params, Coords const& coord, Shape const& shape, int epi_v,
+                                   cutlass::Array<ElementInput, FragmentSize> const& frg_input) {
+#if defined(__CUDA_ARCH__)
+    static_assert(FragmentSize % 4 == 0, "pairs of columns, each in two rows");
+    constexpr int P = FragmentSize / 2;  // column pairs held by this thread
+    int const M = static_cast<int>(get<0>(shape)), N = static_cast<int>(get<1>(shape));
+    uint8_t nib[P];
+    bool mine[P];
+    CUTLASS_PRAGMA_UNROLL
+    for (int p = 0; p < P; ++p) {
+      auto c = coord(epi_v * FragmentSize + 2 * p);
+      int const row = static_cast<int>(get<0>(c)), col = static_cast<int>(get<1>(c));
+      float a = static_cast<float>(frg_input[2 * p]), b = static_cast<float>(frg_input[2 * p + 1]);
+      a = a > 0.f ? a * a : 0.f;  // exact: y1 is a bf16 value
+      b = b > 0.f ? b * b : 0.f;
+      float pa = __shfl_xor_sync(0xffffffffu, a, 1), pb = __shfl_xor_sync(0xffffffffu, b, 1);
+      if (p == 0) {  // the register layout this relies on: lane ^ 1 holds the group's other two columns
+        int prow = __shfl_xor_sync(0xffffffffu, row, 1), pcol = __shfl_xor_sync(0xffffffffu, col, 1);
+        if (prow != row || pcol != (col ^ 2) || (col & 1)) __trap();
+      }
+      bool const first = (col & 3) == 0;
+      float x0 = first ? a : pa, x1 = first ? b : pb, x2 = first ? pa : a, x3 = first ? pb : b;
+      bool b01 = x1 > x0, b02 = x2 > x0, b03 = x3 > x0, b12 = x2 > x1, b13 = x3 > x1, b23 = x3 > x2;
+      auto fewer2 = [](bool u, bool v, bool w) { return !((u && v) || (u && w) || (v && w)); };
+      bool k0 = fewer2(b01, b02, b03), k1 = fewer2(!b01, b12, b13);
+      bool k2 = fewer2(!b02, !b12, b23), k3 = fewer2(!b03, !b13, !b23);
+      int const i0 = k0 ? 0 : (k1 ? 1 : 2), i1 = k3 ? 3 : (k2 ? 2 : 1);
+      nib[p] = static_cast<uint8_t>(i0 | (i1 << 2));
+      mine[p] = first && row < M && col < N;
+      if (mine[p]) {
+        float v0 = k0 ? x0 : (k1 ? x1 : x2), v1 = k3 ? x3 : (k2 ? x2 : x1);
+        __nv_bfloat162 kept = __floats2bfloat162_rn(v0, v1);  // (v0 low: the earlier column)
+        *reinterpret_cast<__nv_bfloat162*>(params.values + static_cast<size_t>(row) * (N / 2) + col / 2) = kept;
+      }
+    }
+    // metadata: the pair holding row r (r % 16 < 8) joins the pair of the same columns at row r + 8; their places
+    // in the fragment are fixed by the layout, so these comparisons fold at compile time
+    CUTLASS_PRAGMA_UNROLL
+    for (int p = 0; p < P; ++p) {
+      auto c = coord(epi_v * FragmentSize + 2 * p);
+      int const row = static_cast<int>(get<0>(c)), col = static_cast<int>(get<1>(c));
+      if (!mine[p] || (row & 15) >= 8) continue;
+      int hi = -1;
+      CUTLASS_PRAGMA_UNROLL
+      for (int q = 0; q < P; ++q) {
+        auto d = coord(epi_v * FragmentSize + 2 * q);
+        if (static_cast<int>(get<0>(d)) == row + 8 && static_cast<int>(get<1>(d)) == col) hi = nib[q];
+      }
+      if (hi < 0) __trap();  // rows r and r + 8 not in one thread: not the layout this node was written for
+      int const g = col >> 2;
+      size_t const offset = static_cast<size_t>(row >> 6) * (N / 32) * 256 + (g >> 3) * 256 + ((row & 63) >> 4) * 64 +
+                            (row & 7) * 8 + 2 * (g & 3) + ((g & 7) >> 2);
+      params.meta[offset] = static_cast<uint8_t>(nib[p] | (hi << 4));
+    }
+#endif
+    return frg_input;
+  }
+};
+
 // The rotary embedding of the q and k projections as a visitor node: the input y (bf16 values of D before the
 // rotation) comes in column pairs (layout_check.cu, fact 1), so each pair (x0, x1) = columns (2i, 2i+1) of a head
 // turns into (x0 cos - x1 sin, x1 cos + x0 sin), cos and sin [seq, head_dim/2] fp32 at (m % seq, i), in fp32, as
 // model/llama.py apply_rope computes it (its halves x1, x2 are the pair here). Columns l*N + n >= rot_cols (v) pass.
-struct RopeNode {
-  struct SharedStorage {};
-  struct Arguments {
-    float const* cos = nullptr;  // [seq, head_dim/2]
-    float const* sin = nullptr;
-    int seq = 1, head_dim = 2, rot_cols = 0;
-  };
-  using Params = Arguments;
+struct RopeArgs {
+  float const* cos = nullptr;  // [seq, head_dim/2]
+  float const* sin = nullptr;
+  int seq = 1, head_dim = 2, rot_cols = 0;
+};
+
+struct RopeNode : CoordNode<RopeNode, RopeArgs> {
+  using CoordNode::CoordNode;
 
   template <class ProblemShape>
-  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) { return args; }
-  template <class ProblemShape>
-  static bool can_implement(ProblemShape const&, Arguments const& args) {
+  static bool check(ProblemShape const&, RopeArgs const& args) {
     return args.cos != nullptr && args.sin != nullptr && args.seq > 0 && args.head_dim % 2 == 0;
   }
-  template <class ProblemShape>
-  static size_t get_workspace_size(ProblemShape const&, Arguments const&) { return 0; }
-  template <class ProblemShape>
-  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
-                                              cutlass::CudaHostAdapter* = nullptr) {
-    return cutlass::Status::kSuccess;
-  }
 
-  CUTLASS_HOST_DEVICE RopeNode() {}
-  CUTLASS_HOST_DEVICE RopeNode(Params const& params, SharedStorage const&) : params_ptr(&params) {}
-  Params const* params_ptr = nullptr;
-
-  CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
-  CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
-  template <class... Args>
-  CUTLASS_DEVICE auto get_producer_load_callbacks(fusion::ProducerLoadArgs<Args...> const&) {
-    return fusion::EmptyProducerLoadCallbacks{};
-  }
-
-  template <class CTensor, class ProblemShapeMNL>
-  struct ConsumerStoreCallbacks : fusion::EmptyConsumerStoreCallbacks {
-    CUTLASS_DEVICE ConsumerStoreCallbacks(CTensor&& tC_c, ProblemShapeMNL shape, Params const* params_ptr)
-        : tC_c(cute::forward<CTensor>(tC_c)), shape(shape), params_ptr(params_ptr) {}
-    CTensor tC_c;  // (CPY, CPY_M, CPY_N, EPI_M, EPI_N): the (m, n, l) coordinate of each register element
-    ProblemShapeMNL shape;
-    Params const* params_ptr;
-
-    template <typename ElementAccumulator, typename ElementInput, int FragmentSize>
-    CUTLASS_DEVICE auto visit(cutlass::Array<ElementAccumulator, FragmentSize> const&, int epi_v, int epi_m,
-                              int epi_n, cutlass::Array<ElementInput, FragmentSize> const& frg_input) {
-      cutlass::Array<float, FragmentSize> out;
-      Tensor coord = tC_c(_, _, _, epi_m, epi_n);
-      int const N = static_cast<int>(get<1>(shape));
-      Params const& p = *params_ptr;
-      int const half = p.head_dim / 2;
-      CUTLASS_PRAGMA_UNROLL
-      for (int q = 0; q < FragmentSize; q += 2) {
-        auto c = coord(epi_v * FragmentSize + q);
-        int const m = static_cast<int>(get<0>(c)), n = static_cast<int>(get<1>(c)), l = static_cast<int>(get<2>(c));
-        float x0 = static_cast<float>(frg_input[q]), x1 = static_cast<float>(frg_input[q + 1]);
-        if (l * N + n < p.rot_cols) {
-          int const at = (m % p.seq) * half + ((n % p.head_dim) >> 1);
-          float const co = __ldg(p.cos + at), si = __ldg(p.sin + at);
-          out[q] = x0 * co - x1 * si;
-          out[q + 1] = x1 * co + x0 * si;
-        } else {
-          out[q] = x0;
-          out[q + 1] = x1;
-        }
+  template <class Coords, class Shape, class ElementInput, int FragmentSize>
+  CUTLASS_DEVICE static auto apply(RopeArgs const& p, Coords const& coord, Shape const& shape, int epi_v,
+                                   cutlass::Array<ElementInput, FragmentSize> const& frg_input) {
+    cutlass::Array<float, FragmentSize> out;
+    int const N = static_cast<int>(get<1>(shape));
+    int const half = p.head_dim / 2;
+    CUTLASS_PRAGMA_UNROLL
+    for (int q = 0; q < FragmentSize; q += 2) {
+      auto c = coord(epi_v * FragmentSize + q);
+      int const m = static_cast<int>(get<0>(c)), n = static_cast<int>(get<1>(c)), l = static_cast<int>(get<2>(c));
+      float x0 = static_cast<float>(frg_input[q]), x1 = static_cast<float>(frg_input[q + 1]);
+      if (l * N + n < p.rot_cols) {
+        int const at = (m % p.seq) * half + ((n % p.head_dim) >> 1);
+        float const co = __ldg(p.cos + at), si = __ldg(p.sin + at);
+        out[q] = x0 * co - x1 * si;
+        out[q + 1] = x1 * co + x0 * si;
+      } else {
+        out[q] = x0;
+        out[q + 1] = x1;
       }
-      return out;
     }
-  };
-
-  template <bool ReferenceSrc, class... Args>
-  CUTLASS_DEVICE auto get_consumer_store_callbacks(fusion::ConsumerStoreArgs<Args...> const& args) {
-    auto [M, N, K, L] = args.problem_shape_mnkl;
-    auto shape = make_shape(M, N, L);
-    Tensor coords = make_identity_tensor(shape);
-    Tensor tC_c = fusion::sm90_partition_for_epilogue<ReferenceSrc>(coords, args.tile_shape_mnk, args.tile_coord_mnkl,
-                                                                    args.epi_tile, args.tiled_copy, args.thread_idx);
-    return ConsumerStoreCallbacks<decltype(tC_c), decltype(shape)>(cute::move(tC_c), shape, params_ptr);
+    return out;
   }
 };
 
@@ -621,7 +599,7 @@ template <class... Configs>
 struct RopeTable {
   template <int I, class First, class... Rest>
   static int run_at(int config, const void* a, const void* b, void* d, int L, int M, int N, int K, long long lda,
-                    long long a_batch, RopeNode::Arguments const& rope, void* ws, size_t ws_bytes, cudaStream_t stream,
+                    long long a_batch, RopeArgs const& rope, void* ws, size_t ws_bytes, cudaStream_t stream,
                     int iters, float* ms, long long* ws_needed) {
     if (config == I) {
       using Gemm = typename First::Gemm;
@@ -640,7 +618,7 @@ struct RopeTable {
     return -1;
   }
   static int run(int config, const void* a, const void* b, void* d, int L, int M, int N, int K, long long lda,
-                 long long a_batch, RopeNode::Arguments const& rope, void* ws, size_t ws_bytes, cudaStream_t stream,
+                 long long a_batch, RopeArgs const& rope, void* ws, size_t ws_bytes, cudaStream_t stream,
                  int iters, float* ms, long long* ws_needed) {
     return run_at<0, Configs...>(config, a, b, d, L, M, N, K, lda, a_batch, rope, ws, ws_bytes, stream, iters, ms,
                                  ws_needed);
@@ -694,7 +672,7 @@ int elas_cutlass_rope_mm(int config, const void* a, const void* b, void* d, int 
                          long long a_batch, const float* cos, const float* sin, int seq, int head_dim, int rot_cols,
                          void* workspace, size_t ws_bytes, void* stream, int iters, float* ms, long long* ws_needed) {
   if (config < 0 || config >= kConfigs) return -1;
-  RopeNode::Arguments rope{cos, sin, seq, head_dim, rot_cols};
+  RopeArgs rope{cos, sin, seq, head_dim, rot_cols};
   return Rope::run(config, a, b, d, L, M, N, K, lda, a_batch, rope, workspace, ws_bytes,
                    static_cast<cudaStream_t>(stream), iters, ms, ws_needed);
 }
