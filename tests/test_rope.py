@@ -89,8 +89,10 @@ def test_linear_rope_checks_its_shapes_and_the_key_is_checked():
     cos = sin = torch.zeros(8, 4)
     with pytest.raises(ValueError, match=r"a \(1, 8, 16\) and w \(1, 32, 8\) do not chain"):
         ops.linear_rope(a, w[..., :8], cos, sin, 8, 32)
-    with pytest.raises(ValueError, match="rot_cols 12 must be whole heads of even head_dim 8"):
+    with pytest.raises(ValueError, match="w's 32 rows and rot_cols 12 must be whole heads of even head_dim 8"):
         ops.linear_rope(a, w, cos, sin, 8, 12)
+    with pytest.raises(ValueError, match="w's 36 rows"):
+        ops.linear_rope(a, torch.zeros(1, 36, 16), cos, sin, 8, 32)
     with pytest.raises(ValueError, match="rope_kernel"):
         model_preset("llama-tiny", rope_kernel="triton")
 
@@ -129,9 +131,12 @@ def test_gpu_cutlass_rope_gemm_matches_the_reference(layout):
 
 @pytest.mark.gpu
 def test_gpu_model_with_rope_kernel_trains_like_the_plain_model_and_captures():
+    """Every parameter's gradient beside the plain model's (bf16 tolerance: a wrong rotation moves the q and k
+    weights' gradients by their own size, while the loss at initialisation barely notices), then the model
+    compiled and replayed from a CUDA graph."""
     _cutlass_rope()
     from elas.build import build_model
-    losses = []
+    losses, grads = [], []
     idx = torch.randint(0, 256, (4, 64), device="cuda")
     for kernel in ("torch", "cutlass"):
         cfg = preset("llama-tiny-lowrank-relu2", None, n_layers=2, vocab_size=256, fuse_qkv=True,
@@ -139,8 +144,15 @@ def test_gpu_model_with_rope_kernel_trains_like_the_plain_model_and_captures():
         torch.manual_seed(0)
         model = build_model(cfg, "cuda")
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            losses.append(model(idx, idx).item())
+            loss = model(idx, idx)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.float() for n, p in model.named_parameters()})
     assert abs(losses[0] - losses[1]) < 1e-2 * abs(losses[0])
+    for n, g in grads[0].items():
+        err = ((grads[1][n] - g).norm() / g.norm().clamp_min(1e-12)).item()
+        assert err < 5e-2, f"{n}: relative gradient difference {err:.3f}"
+    model.zero_grad(set_to_none=True)
     compiled = torch.compile(model, fullgraph=True)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

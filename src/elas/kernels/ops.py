@@ -366,9 +366,9 @@ def linear_rope(a: Tensor, w: Tensor, cos: Tensor, sin: Tensor, head_dim: int, r
     if a.dim() != 3 or w.dim() != 3 or a.shape[0] != w.shape[0] or a.shape[2] != w.shape[2]:
         raise ValueError(f"linear_rope: a {tuple(a.shape)} and w {tuple(w.shape)} do not chain (expected [L, M, K] "
                          f"and [L, N, K])")
-    if head_dim % 2 or rot_cols % head_dim or rot_cols > w.shape[0] * w.shape[1]:
-        raise ValueError(f"linear_rope: rot_cols {rot_cols} must be whole heads of even head_dim {head_dim} within "
-                         f"the {w.shape[0] * w.shape[1]} columns")
+    if head_dim % 2 or rot_cols % head_dim or w.shape[1] % head_dim or rot_cols > w.shape[0] * w.shape[1]:
+        raise ValueError(f"linear_rope: w's {w.shape[1]} rows and rot_cols {rot_cols} must be whole heads of even "
+                         f"head_dim {head_dim}, rot_cols within the {w.shape[0] * w.shape[1]} columns")
     return linear_rope_op(a, w, cos, sin, head_dim, rot_cols)
 
 

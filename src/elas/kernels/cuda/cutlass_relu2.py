@@ -294,6 +294,10 @@ def linear_rope(a: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.
         raise ValueError(f"CUTLASS rope GEMM: bf16 a [L, M, K] (K contiguous) and w [L, N, K] with K % 8 == 0 "
                          f"expected, got {a.dtype} {tuple(a.shape)} strides {a.stride()} and {w.dtype} "
                          f"{tuple(w.shape)}")
+    if a.stride(1) % 8 or a.stride(0) % 8 or a.data_ptr() % 16 or w.shape[1] % head_dim:
+        raise ValueError(f"CUTLASS rope GEMM: a's row and batch strides must be multiples of 8 elements and its data "
+                         f"16-byte aligned (TMA), and w's {w.shape[1]} rows whole heads of {head_dim}; got strides "
+                         f"{a.stride()}")
     w, cos, sin = w.contiguous(), cos.float().contiguous(), sin.float().contiguous()
     lib = library()
     if not hasattr(lib, "elas_cutlass_rope_mm"):

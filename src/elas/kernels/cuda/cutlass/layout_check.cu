@@ -82,6 +82,7 @@ int check_all() {
 int main() {
   int bad = check_all<ELAS_CONFIGS(Pack24Tree)>();
   bad |= check_all<ELAS_CONFIGS(SteY2sTag)>();
+  bad |= check_all<ELAS_CONFIGS(RopeTree)>();
   printf(bad ? "FAILED\n" : "all configurations: the layout facts hold\n");
   return bad;
 }

@@ -253,9 +253,9 @@ struct Pack24Store : CoordNode<Pack24Store, Pack24Args> {
   using CoordNode::CoordNode;
 
   template <class ProblemShape>
-  static bool check(ProblemShape const& shape, Pack24Args const&) {
+  static bool check(ProblemShape const& shape, Pack24Args const& args) {
     auto [M, N, K, L] = shape;
-    return M % 64 == 0 && N % 64 == 0 && L == 1;
+    return args.values != nullptr && args.meta != nullptr && M % 64 == 0 && N % 64 == 0 && L == 1;
   }
 
   template <class Coords, class Shape, class ElementInput, int FragmentSize>
@@ -332,8 +332,10 @@ struct RopeNode : CoordNode<RopeNode, RopeArgs> {
   using CoordNode::CoordNode;
 
   template <class ProblemShape>
-  static bool check(ProblemShape const&, RopeArgs const& args) {
-    return args.cos != nullptr && args.sin != nullptr && args.seq > 0 && args.head_dim % 2 == 0;
+  static bool check(ProblemShape const& shape, RopeArgs const& args) {
+    auto [M, N, K, L] = shape;  // whole heads per batch: a head's columns n % head_dim lie in one batch
+    return args.cos != nullptr && args.sin != nullptr && args.seq > 0 && args.head_dim % 2 == 0 &&
+           N % args.head_dim == 0;
   }
 
   template <class Coords, class Shape, class ElementInput, int FragmentSize>
@@ -346,6 +348,7 @@ struct RopeNode : CoordNode<RopeNode, RopeArgs> {
     for (int q = 0; q < FragmentSize; q += 2) {
       auto c = coord(epi_v * FragmentSize + q);
       int const m = static_cast<int>(get<0>(c)), n = static_cast<int>(get<1>(c)), l = static_cast<int>(get<2>(c));
+      if (q == 0 && (get<1>(coord(epi_v * FragmentSize + 1)) != n + 1 || (n & 1))) __trap();  // not column pairs
       float x0 = static_cast<float>(frg_input[q]), x1 = static_cast<float>(frg_input[q + 1]);
       if (l * N + n < p.rot_cols) {
         int const at = (m % p.seq) * half + ((n % p.head_dim) >> 1);
