@@ -525,3 +525,28 @@ def test_gpu_elas_with_cutlass_trains_like_separate_and_captures():
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(loss, want)
+
+
+def test_elas_dense_phase_runs_the_models_dense_core():
+    """ELAS's warm-up (act24's dense phase) runs the core the FFN had before the method: with relu2_kernel=fused
+    (or cutlass) that is FusedReLU2, so the warm-up steps are as fast as the dense twin's; same loss as the plain
+    dense core. The sparse phase is unaffected."""
+    from conftest import preset
+    from elas.build import build_model
+    from elas.model.ffn import DenseReLU2, FusedReLU2
+    from elas.sparsity import set_step
+    idx = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(3))
+    losses, calls = [], []
+    for kernel in ("torch", "fused"):
+        cfg = preset("llama-tiny-elas", None, n_layers=2, vocab_size=256)
+        cfg.relu2_kernel = kernel
+        torch.manual_seed(0)
+        model = build_model(cfg, "cpu")
+        core = model.blocks[0].ffn.core
+        assert isinstance(core.dense, FusedReLU2 if kernel == "fused" else DenseReLU2)
+        if kernel == "fused":
+            op = core.dense.op
+            core.dense.op = lambda *a, **k: calls.append(1) or op(*a, **k)
+        assert set_step(model, 0, 10) == ("dense",)
+        losses.append(model(idx, idx).item())
+    assert calls == [1] and abs(losses[0] - losses[1]) < 1e-5 * abs(losses[0])

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .. import kernels
 from ..kernels import ops as kernel_ops
 from ..kernels import reference as ref
-from ..model.ffn import ReLU2FFN, _weight, ffn_operands, relu2
+from ..model.ffn import DenseReLU2, FusedReLU2, ReLU2FFN, _weight, ffn_operands, relu2
 from ..model.lowrank import LowRankLinear
 from .api import Applied, SparsityMethod, register_method, relu2_ffns
 from .masked import masked_act24_ffn
@@ -164,9 +164,12 @@ class _PermuteTokens(torch.autograd.Function):
 class Act24Core(nn.Module):
     """The FFN core of a 2:4-activation-sparse ReLU^2 FFN: core(x, up, down) with x [batch, seq, d_model]."""
 
-    def __init__(self, cfg: Act24Config, packed: bool, description: str):
+    def __init__(self, cfg: Act24Config, packed: bool, description: str, dense: nn.Module | None = None):
         super().__init__()
         self.cfg, self.packed, self.description = cfg, packed, description
+        # the dense phase (warm-up) runs the core the FFN had: DenseReLU2, or FusedReLU2 where model.relu2_kernel
+        # put the ReLU^2 into the GEMMs (so ELAS's warm-up steps are as fast as its dense twin's); no parameters
+        self.dense = dense if isinstance(dense, (DenseReLU2, FusedReLU2)) else DenseReLU2()
         self.mask_grad = cfg.grad_mode == "mask"
         self.active = False  # mode "sparse"; set by the method (set_step), read here: the model is not involved
         self.stats_sink: list | None = None  # set by sparsity.collect_stats for a probe forward
@@ -188,7 +191,7 @@ class Act24Core(nn.Module):
         if self.stats_sink is not None:
             return self._probe(x, up, down)
         if not self.active:
-            return down(relu2(up(x)))
+            return self.dense(x, up, down)
         bsz, seq, d = x.shape
         if self.cfg.permute_tokens:
             perm, inv = token_permutation(self.perm_keys, seq)
@@ -258,7 +261,7 @@ def _apply_act24(model: nn.Module, cfg: Act24Config, filter_fn) -> Applied:
                 _warned.add(msg)
                 log.warning(msg)
             packed = False
-        core = Act24Core(cfg, packed, _describe_path(packed, backend)).to(next(f.parameters()).device)
+        core = Act24Core(cfg, packed, _describe_path(packed, backend), f.core).to(next(f.parameters()).device)
         old.append((f, f.core))
         f.core = core
         targets.append((n, core))
