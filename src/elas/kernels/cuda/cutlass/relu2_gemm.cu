@@ -1,8 +1,10 @@
-// A dense GEMM on Hopper through CUTLASS 3.x's sm90 collectives with relu(y1)^2 in its epilogue, as a C-ABI library
-// for benchmarks/cutlass_relu2.py (ctypes). The question it answers: does a GEMM with cuBLAS's mainloop rate and
-// the ReLU^2 in its epilogue beat cuBLAS + a separate pointwise kernel? (The Triton form, kernels/cuda/relu2_gemm.py,
-// lost: its mainloop ran ~1.5x slower than cuBLAS's at K = 512, docs/performance.md.) Built by build.sh with a
-// pip-installed nvcc; needs no torch headers.
+// Dense GEMMs on Hopper through CUTLASS 3.x's sm90 collectives with the model's pointwise work in their epilogues
+// (ReLU^2 and its backward, ELAS's 2:4 work, the rotary embedding), as a C-ABI library for
+// kernels/cuda/cutlass_relu2.py and benchmarks/cutlass_relu2.py (ctypes). The question it answers: does a GEMM
+// with cuBLAS's mainloop rate and the pointwise work in its epilogue beat cuBLAS + a separate pointwise kernel?
+// (The Triton form, kernels/cuda/relu2_gemm.py, lost: its mainloop ran ~1.5x slower than cuBLAS's at K = 512,
+// docs/performance.md.) Built by build.sh with a pip-installed nvcc; needs no torch headers. The register-layout
+// facts the 2:4 and rotary epilogues rely on are checked on any machine by layout_check.cu (build.sh check).
 //
 //   mode 0 ("plain"):  D[M, N] = bf16(A[M, K] @ B[K, N])                 (the mainloop alone, against cuBLAS)
 //   mode 1 ("relu2"):  D[M, N] = bf16(relu(bf16(A @ B))^2)               (the up-projection's y2; y1 never written)
