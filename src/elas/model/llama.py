@@ -210,12 +210,15 @@ class Attention(nn.Module):
         roped = self.rope_op is not None and cache is None and _plain_linears((self.q, self.k, self.v))
         qkv = self._qkv_roped(x, cos, sin) if roped else self.qkv(x)
         q, k, v = (t.view(b, s, self.n_heads, self.head_dim) for t in qkv)
-        if not roped:  # rotary embeddings in [b, s, heads, head_dim]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # views as [b, heads, s, head_dim]: q, k and v share one memory layout, so the attention's output is [b, s,
-        # heads, head_dim] in memory (the o projection reads it without a copy) and its input gradients come back
-        # in the projections' layout
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        # rotary embeddings in [b, s, heads, head_dim] (unless the GEMM applied them), then views as [b, heads, s,
+        # head_dim]: q, k and v share one memory layout, so the attention's output is [b, s, heads, head_dim] in
+        # memory (the o projection reads it without a copy) and its input gradients come back in the projections'
+        # layout
+        if not roped:
+            q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
+        else:
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.transpose(1, 2)
         causal, mask = True, None
         if cache is not None:
             if s > 1 and cache.pos > 0:  # (s first: a decode step's graph does not read the position)

@@ -56,6 +56,20 @@ namespace {
 using Bf16 = cutlass::bfloat16_t;
 namespace fusion = cutlass::epilogue::fusion;
 
+// An epilogue functor on fragments: Sm90Compute calls Fn on Array<ElementCompute, FragmentSize>; the functors
+// below are written per element and take this form there
+template <template <class> class Fn, class T, int N>
+struct Elementwise {
+  template <class... Rest>
+  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& a, Rest const&... rest) const {
+    cutlass::Array<T, N> out;
+    Fn<T> f;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) out[i] = f(a[i], rest[i]...);
+    return out;
+  }
+};
+
 // relu(bf16(x))^2 in fp32; the epilogue's output conversion rounds it to bf16 (to nearest even)
 template <class T>
 struct ReLUSquaredOfBf16 {
@@ -67,15 +81,7 @@ struct ReLUSquaredOfBf16 {
 };
 
 template <class T, int N>
-struct ReLUSquaredOfBf16<cutlass::Array<T, N>> {
-  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& v) const {
-    cutlass::Array<T, N> out;
-    ReLUSquaredOfBf16<T> f;
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < N; ++i) out[i] = f(v[i]);
-    return out;
-  }
-};
+struct ReLUSquaredOfBf16<cutlass::Array<T, N>> : Elementwise<ReLUSquaredOfBf16, T, N> {};
 
 // (dy2 accumulator, y2) -> 2 r dy2 with r = bf16(sqrt(y2)) = relu(y1) exactly wherever y2 is a normal bf16 value
 // (kernels/cuda/relu2_gemm.py), dy2 rounded to bf16 first as the unfused GEMM writes it
@@ -91,16 +97,7 @@ struct ReLUSquaredGrad {
 };
 
 template <class T, int N>
-struct ReLUSquaredGrad<cutlass::Array<T, N>> {
-  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& acc,
-                                                      cutlass::Array<T, N> const& y2) const {
-    cutlass::Array<T, N> out;
-    ReLUSquaredGrad<T> f;
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < N; ++i) out[i] = f(acc[i], y2[i]);
-    return out;
-  }
-};
+struct ReLUSquaredGrad<cutlass::Array<T, N>> : Elementwise<ReLUSquaredGrad, T, N> {};
 
 // (dy2 accumulator, y1) -> the straight-through gradient: +0 where y1 <= 0, else bf16(2 y1 bf16(dy2)); y1 and dy2
 // are bf16 values, so 2 y1 dy2 is exact in fp32 and the output conversion rounds once, as the Triton kernel does
@@ -113,16 +110,7 @@ struct SteGrad {
 };
 
 template <class T, int N>
-struct SteGrad<cutlass::Array<T, N>> {
-  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& acc,
-                                                      cutlass::Array<T, N> const& y1) const {
-    cutlass::Array<T, N> out;
-    SteGrad<T> f;
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < N; ++i) out[i] = f(acc[i], y1[i]);
-    return out;
-  }
-};
+struct SteGrad<cutlass::Array<T, N>> : Elementwise<SteGrad, T, N> {};
 
 // mode 5's root: SteGrad of (acc, y1); its third input (the stored y2s) only ties the store into the graph
 template <class T>
@@ -131,12 +119,7 @@ struct SteGradAfterStore {
 };
 
 template <class T, int N>
-struct SteGradAfterStore<cutlass::Array<T, N>> {
-  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& acc, cutlass::Array<T, N> const& y1,
-                                                      cutlass::Array<T, N> const&) const {
-    return SteGrad<cutlass::Array<T, N>>{}(acc, y1);
-  }
-};
+struct SteGradAfterStore<cutlass::Array<T, N>> : Elementwise<SteGradAfterStore, T, N> {};
 
 // y1 -> y2s = relu(y1)^2 with 2 of every 4 columns kept, chosen on the exact fp32 squares by the rule of the
 // Triton kernels' _keep24: i is kept when fewer than 2 others beat it, j beating i if its square is larger, or
@@ -372,9 +355,7 @@ struct Identity {
 };
 
 template <class T, int N>
-struct Identity<cutlass::Array<T, N>> {
-  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& v) const { return v; }
-};
+struct Identity<cutlass::Array<T, N>> : Elementwise<Identity, T, N> {};
 
 template <template <class> class Act>
 using EltAct = fusion::LinCombEltAct<Act, Bf16, float, void, float>;
