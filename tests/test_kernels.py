@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from elas.kernels import reference as ref
-from elas.kernels.packed import bits_to_mask, check_shape, meta_offsets, pack24, unpack24
+from elas.kernels.packed import bits_to_mask, check_shape, meta_offsets, pack24, row_block, unpack24
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -60,6 +60,20 @@ def test_pack_unpack_roundtrip(m, k):
     b = torch.randn(k, 24)
     assert torch.allclose(ref.sparse_mm(p, b), y2s.float() @ b, rtol=1e-4, atol=1e-4)
 
+
+
+def test_row_block_is_the_packing_of_those_rows_alone():
+    """row_block(p, r0, r1): byte for byte what packing rows r0:r1 alone gives (values and metadata), and the
+    rows of the dense matrix; rows that are not whole 64-row bands are refused."""
+    y2s, mask = ref.relu2_sparsify24(adversarial(256, 192, torch.bfloat16))
+    p = pack24(y2s, mask)
+    for r0, r1 in [(0, 64), (64, 192), (192, 256), (0, 256)]:
+        block = row_block(p, r0, r1)
+        alone = pack24(y2s[r0:r1], mask[r0:r1])
+        assert torch.equal(block.buffer.view(torch.int16), alone.buffer.view(torch.int16))
+        assert torch.equal(block.mask_bits, alone.mask_bits) and torch.equal(unpack24(block), y2s[r0:r1])
+    with pytest.raises(ValueError, match="rows 32:96 must be multiples of 64 within 0:256"):
+        row_block(p, 32, 96)
 
 def test_shape_checks():
     with pytest.raises(ValueError, match="rows % 64"):

@@ -347,6 +347,110 @@ def test_pack24_forward_takes_the_fastest_form_once(monkeypatch):
     assert ran == [6, 6, 6] and cl._GRAD[("pack", None, 64, 128, 16)] == "relu2_pack24"
 
 
+
+class _FakeLib:
+    """Stands in for the CUTLASS library in _best: three configurations, named cfg0..cfg2."""
+
+    def elas_cutlass_dense_configs(self):
+        return 3
+
+    def elas_cutlass_dense_config_name(self, c):
+        return f"cfg{c}".encode()
+
+
+def _fake_launch(wrong: set, times: dict):
+    """A _launch whose configurations write what the mode computes (the reference twins), except those in wrong,
+    whose last 64 rows have their columns rolled by one (a layout bug that the first rows do not show; mode 5: in
+    y2s only; mode 6: the packed buffer's metadata rolled instead); configuration 2 cannot run the shape."""
+    from elas.kernels import reference as ref
+    from elas.kernels.cuda import cutlass_relu2 as cl
+
+    def launch(lib, config, mode, a, b, aux, d, iters=0, aux_out=None):
+        if config == 2:
+            return 1, 0.0
+        m = cl.MODES
+        if mode == m["relu2"]:
+            d.copy_(ref.linear_relu2(a, b))
+        elif mode in (m["grad"], m["grad_tma"]):
+            d.copy_(ref.relu2_grad_gemm(a, b, aux))
+        elif mode in (m["ste_grad"], m["ste_grad_y2s"]):
+            y2s, dy1 = ref.dgrad_relu2_ste(a, b, aux)
+            d.copy_(dy1)
+            if aux_out is not None:
+                aux_out.copy_(y2s)
+        else:
+            d.copy_(a @ b.T)
+            aux_out.copy_(ref.relu2_sparsify24_packed(d).buffer)
+        if config in wrong and mode == m["relu2_pack24"]:  # the metadata of every row moved by one byte
+            meta = aux_out.view(-1)[d.numel() // 2:].view(torch.uint8)
+            meta.copy_(meta.roll(1))
+        elif config in wrong:  # mode 5: its second output wrong, dy1 right
+            target = aux_out if mode == m["ste_grad_y2s"] else d
+            target[-64:] = target[-64:].roll(1, dims=1)
+        return 0, times[config]
+    return launch
+
+
+@pytest.mark.parametrize("mode", ["relu2", "grad", "grad_tma", "ste_grad", "ste_grad_y2s", "relu2_pack24"])
+def test_cutlass_configuration_that_disagrees_with_the_reference_is_never_used(monkeypatch, caplog, mode):
+    """Each mode's output is compared with the reference twin before the configuration is timed: a faster one that
+    is wrong only in its last rows (or only in its second output) is logged and refused; where every runnable one is
+    wrong, _mm stops with the reasons rather than return wrong values."""
+    from elas.kernels.cuda import cutlass_relu2 as cl
+    monkeypatch.setattr(cl, "_BEST", {})
+    monkeypatch.setattr(cl, "_REFUSED", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    a, b = _ints((1024, 16), -3, 4, 0), _ints((128, 16), -3, 4, 1)
+    y1 = _ints((1024, 128), -3, 4, 2)
+    aux = {"grad": torch.relu(y1) ** 2, "grad_tma": torch.relu(y1) ** 2, "ste_grad": y1, "ste_grad_y2s": y1}.get(mode)
+    aux_out = {"ste_grad_y2s": torch.empty(1024, 128, dtype=torch.bfloat16),
+               "relu2_pack24": torch.empty(1024, 128 * 9 // 16, dtype=torch.bfloat16)}.get(mode)
+    monkeypatch.setattr(cl, "_launch", _fake_launch({1}, {0: 0.3, 1: 0.1}))
+    with caplog.at_level("WARNING", logger="elas.kernels"):
+        assert cl._best(_FakeLib(), cl.MODES[mode], a, b, aux, aux_out) == (0, 0.3)  # not the faster cfg1
+    assert "cfg1" in caplog.text and "not used" in caplog.text and "cfg0" not in caplog.text
+    assert cl._REFUSED[(None, cl.MODES[mode], 1024, 128, 16)][0].startswith("cfg1: ")
+    cl._BEST.clear()
+    monkeypatch.setattr(cl, "_launch", _fake_launch({0, 1}, {0: 0.3, 1: 0.1}))
+    monkeypatch.setattr(cl, "library", lambda: _FakeLib())
+    with pytest.raises(RuntimeError, match=r"no CUTLASS configuration runs mode \d at 1024x128x16 \(cfg0: .*; cfg1: "):
+        cl._mm(cl.MODES[mode], a, b, aux, aux_out)
+
+
+def test_cutlass_rope_configuration_that_disagrees_with_the_reference_is_never_used(monkeypatch, caplog):
+    """The rope GEMM's configurations likewise: one whose rotation angle is off by one position in the last rows is
+    refused though faster; each checked block of rows gets its own positions (m % seq)."""
+    from elas.kernels import reference as ref
+    from elas.kernels.cuda import cutlass_relu2 as cl
+    from elas.model.llama import rope_tables
+    monkeypatch.setattr(cl, "_BEST", {})
+    monkeypatch.setattr(cl, "_REFUSED", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+
+    class Lib(_FakeLib):
+        elas_cutlass_rope_mm = None
+
+    monkeypatch.setattr(cl, "library", lambda: Lib())
+    hd, seq = 8, 96
+    cos, sin = rope_tables(hd, seq, 10000.0)
+    a = _ints((1024, 3, 16), -3, 4, 0).transpose(0, 1)  # the fused down-projection's [3, T, r] view
+    w = _ints((3, 32, 16), -3, 4, 1)
+
+    def launch(lib, config, a, w, d, cos, sin, head_dim, rot_cols, iters=0):
+        if config == 2:
+            return 1, 0.0
+        d.copy_(ref.linear_rope(a, w, cos, sin, head_dim, rot_cols))
+        if config == 1:  # positions shifted by one from row 512 on
+            d[:, 512:] = ref.linear_rope(a[:, 512:], w, cos.roll(-1, 0), sin.roll(-1, 0), head_dim, rot_cols)
+        return 0, {0: 0.3, 1: 0.1}[config]
+
+    monkeypatch.setattr(cl, "_rope_launch", launch)
+    with caplog.at_level("WARNING", logger="elas.kernels"):
+        got = cl.linear_rope(a, w, cos, sin, hd, 64)
+    assert torch.equal(got, ref.linear_rope(a, w, cos, sin, hd, 64))
+    assert "cfg1" in caplog.text and cl._BEST[("rope", None, 3, 1024, 16, 32)] == (0, 0.3)
+
+
 def test_act24_cutlass_config_and_missing_library(monkeypatch, tmp_path):
     """act24.cutlass: refused where it does not apply (mask gradient, the split, act24.fused), and a missing
     library is one line when the method is applied for CUDA (before any step)."""

@@ -112,6 +112,21 @@ def pack24(x: torch.Tensor, mask: torch.Tensor, check: bool = True) -> Packed24:
     return Packed24(buf.view(m, k * 9 // 16), mask_to_bits(mask), (m, k))
 
 
+def row_block(p: Packed24, r0: int, r1: int) -> Packed24:
+    """Rows r0:r1 (multiples of 64) of a packed matrix as a Packed24 of their own: the buffer pack24 gives for
+    those rows alone. Row r's values are row r of the value block, and its metadata lies in 64-row bands of K/8
+    bytes per row whose offsets depend on r and K alone (module docs), so the block is two slices (copied).
+    mask_bits come along where p has them."""
+    m, k = p.shape
+    if r0 % ROW_ALIGN or r1 % ROW_ALIGN or not 0 <= r0 < r1 <= m:
+        raise ValueError(f"row_block: rows {r0}:{r1} must be multiples of {ROW_ALIGN} within 0:{m}")
+    vals = p.values[r0:r1].reshape(-1)
+    meta = p.meta[r0 * k // 8:r1 * k // 8]
+    buf = torch.cat([vals, meta.view(torch.bfloat16)]).view(r1 - r0, k * 9 // 16)
+    bits = p.mask_bits[r0:r1] if p.mask_bits.numel() else p.mask_bits
+    return Packed24(buf, bits, (r1 - r0, k))
+
+
 def unpack24(p: Packed24) -> torch.Tensor:
     """The dense [M, K] bf16 matrix a packed buffer stands for (read through the metadata, not mask_bits)."""
     m, k = p.shape

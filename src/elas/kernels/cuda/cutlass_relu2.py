@@ -23,7 +23,11 @@ The kernels live in a shared library built off the GPU machine from cutlass/relu
 (`bash src/elas/kernels/cuda/cutlass/build.sh relu2`: nvcc and CUTLASS's headers from pip wheels, cudart static),
 found at $ELAS_CUTLASS_RELU2 or <ELAS_CACHE_DIR>/cutlass/libelas_cutlass_relu2.so. The library holds several tile /
 cluster / schedule configurations; the fastest per (mode, M, N, K) is chosen by timing each once, outside any
-CUDA-graph capture (as cuSPARSELt's algorithm is in gemm.py), and kept in memory.
+CUDA-graph capture (as cuSPARSELt's algorithm is in gemm.py), and kept in memory. Before a configuration is timed,
+its output on the caller's operands is compared with kernels/reference.py's twin on the first and last rows
+(`_verify`): one that disagrees is logged and never used, so a kernel that is wrong on a GPU, a CUTLASS version or
+a shape the tests did not cover falls back to the separate kernels (or, where there is no other form, stops with
+the reason) instead of training on wrong values. The GPU tests check every element; this check guards the rest.
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from .. import reference as ref
+from ..packed import Packed24, row_block, unpack24
 from .gemm import cache_dir, windows_ms
 
 log = logging.getLogger("elas.kernels")
@@ -83,6 +89,50 @@ def library() -> ctypes.CDLL:
 # ("ste" or "pack", device, M, N, K) for the 2:4 FFN's straight-through backward and its forward)
 _BEST: dict[tuple, tuple[int, float]] = {}
 _GRAD: dict[tuple, int | str | None] = {}
+# the key of _BEST -> why configurations were refused ("config name: what differed"), for the error where none is left
+_REFUSED: dict[tuple, list[str]] = {}
+# the largest relative (Frobenius) error against the reference that a GEMM output may have: bf16 rounding of the
+# output and of the reference's own GEMM (a different summation order) give ~4e-3; a wrong layout or epilogue O(1)
+TOL = 2e-2
+
+
+def _rows(m: int) -> list[slice]:
+    """The rows of an [M, N] output that _verify compares: the first and the last 256 (64-aligned, so a packed
+    2:4 buffer's row block stands alone: packed.row_block), or all M when M <= 512."""
+    if m <= 512:
+        return [slice(0, m)]
+    return [slice(0, 256), slice((m - 256) // 64 * 64, m)]
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
+
+
+def _verify(mode: int, a, b, aux, d, aux_out) -> str | None:
+    """None where mode's outputs d (and aux_out) on a [M, K], b [N, K], aux agree with the reference twin on
+    _rows(M), else what differed. A NaN in d counts as a difference (its error is NaN)."""
+    for rs in _rows(a.shape[0]):
+        a_r, aux_r = a[rs], None if aux is None else aux[rs]
+        if mode == MODES["relu2"]:
+            want = ref.linear_relu2(a_r, b)
+        elif mode in (MODES["grad"], MODES["grad_tma"]):
+            want = ref.relu2_grad_gemm(a_r, b, aux_r)
+        elif mode in (MODES["ste_grad"], MODES["ste_grad_y2s"]):
+            y2s, want = ref.dgrad_relu2_ste(a_r, b, aux_r)
+            if mode == MODES["ste_grad_y2s"] and not torch.equal(aux_out[rs], y2s):  # y2s is y1's alone: exact
+                return f"y2s differs on rows {rs.start}:{rs.stop}"
+        elif mode == MODES["relu2_pack24"]:
+            want = a_r @ b.T
+            got = unpack24(row_block(Packed24(aux_out, aux_out.new_empty(0, dtype=torch.uint8), d.shape),
+                                     rs.start, rs.stop))
+            if not torch.equal(got, ref.relu2_sparsify24(d[rs])[0]):  # the packing of the kernel's own y1: exact
+                return f"the packed 2:4 of relu(y1)^2 differs on rows {rs.start}:{rs.stop}"
+        else:
+            raise ValueError(f"_verify: unknown mode {mode}")
+        err = _rel_err(d[rs], want)
+        if not err <= TOL:
+            return f"relative error {err:.2e} > {TOL} on rows {rs.start}:{rs.stop}"
+    return None
 
 
 def _launch(lib, config: int, mode: int, a, b, aux, d, iters: int = 0, aux_out=None) -> tuple[int, float]:
@@ -119,13 +169,22 @@ def _best(lib, mode: int, a, b, aux, aux_out=None) -> tuple[int, float] | None:
         return _BEST[key]
     _not_capturing(f"mode {mode}, {m}x{b.shape[0]}x{k}")
     d = torch.empty(m, b.shape[0], dtype=torch.bfloat16, device=a.device)
-    timed = {}
+    timed, refused = {}, []
     for c in range(lib.elas_cutlass_dense_configs()):
         if _launch(lib, c, mode, a, b, aux, d, aux_out=aux_out)[0] != 0:  # this tile cannot run this shape (or
             continue  # the library has no such mode)
+        wrong = _verify(mode, a, b, aux, d, aux_out)
+        if wrong is not None:
+            name = lib.elas_cutlass_dense_config_name(c).decode()
+            log.warning("CUTLASS mode %d %dx%dx%d, configuration %s: %s against the reference; not used", mode, m,
+                        b.shape[0], k, name, wrong)
+            refused.append(f"{name}: {wrong}")
+            continue
         rc, ms = _launch(lib, c, mode, a, b, aux, d, iters=20, aux_out=aux_out)
         if rc == 0:
             timed[c] = ms
+    if refused:
+        _REFUSED[key] = refused
     best = min(timed.items(), key=lambda kv: kv[1]) if timed else None
     if best is not None:
         log.info("CUTLASS ReLU^2 mode %d %dx%dx%d: %s (%.4f ms)", mode, m, b.shape[0], k,
@@ -143,7 +202,10 @@ def _mm(mode: int, a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None,
     lib = library()
     best = _best(lib, mode, a, b, aux, aux_out)
     if best is None:
-        raise RuntimeError(f"no CUTLASS configuration runs mode {mode} at {a.shape[0]}x{b.shape[0]}x{a.shape[1]}")
+        key = (a.device.index, mode, a.shape[0], b.shape[0], a.shape[1])
+        why = "; ".join(_REFUSED.get(key, [])) or "none can run this shape"
+        raise RuntimeError(f"no CUTLASS configuration runs mode {mode} at {a.shape[0]}x{b.shape[0]}x{a.shape[1]} "
+                           f"({why})")
     config = best[0]
     d = torch.empty(a.shape[0], b.shape[0], dtype=torch.bfloat16, device=a.device)
     rc = _launch(lib, config, mode, a, b, aux, d, aux_out=aux_out)[0]
@@ -284,6 +346,18 @@ def _rope_launch(lib, config: int, a, w, d, cos, sin, head_dim: int, rot_cols: i
     return rc, ms.value
 
 
+def _verify_rope(a, w, d, cos, sin, head_dim: int, rot_cols: int) -> str | None:
+    """None where the rope GEMM's d [L, M, N] agrees with reference.linear_rope on _rows(M), else what differed
+    (a row m's angle is its position m % seq, so each block of rows gets its own slice of the tables)."""
+    for rs in _rows(a.shape[1]):
+        pos = torch.arange(rs.start, rs.stop, device=a.device) % cos.shape[0]
+        want = ref.linear_rope(a[:, rs], w, cos[pos], sin[pos], head_dim, rot_cols)
+        err = _rel_err(d[:, rs], want)
+        if not err <= TOL:
+            return f"relative error {err:.2e} > {TOL} on rows {rs.start}:{rs.stop}"
+    return None
+
+
 def linear_rope(a: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int,
                 rot_cols: int) -> torch.Tensor:
     """out [L, M, N] = a [L, M, K] @ w [L, N, K]^T in bf16, with each column pair (2i, 2i+1) of a head of the
@@ -306,18 +380,30 @@ def linear_rope(a: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.
     d = torch.empty(a.shape[0], a.shape[1], w.shape[1], dtype=torch.bfloat16, device=a.device)
     if key not in _BEST:
         _not_capturing(f"the rope GEMM at {tuple(a.shape)} x {tuple(w.shape)}")
-        timed = {}
+        timed, refused = {}, []
         for c in range(lib.elas_cutlass_dense_configs()):
-            if _rope_launch(lib, c, a, w, d, cos, sin, head_dim, rot_cols)[0] == 0:
-                rc, ms = _rope_launch(lib, c, a, w, d, cos, sin, head_dim, rot_cols, iters=20)
-                if rc == 0:
-                    timed[c] = ms
+            if _rope_launch(lib, c, a, w, d, cos, sin, head_dim, rot_cols)[0] != 0:
+                continue
+            wrong = _verify_rope(a, w, d, cos, sin, head_dim, rot_cols)
+            if wrong is not None:
+                name = lib.elas_cutlass_dense_config_name(c).decode()
+                log.warning("CUTLASS rope GEMM %s x %s, configuration %s: %s against the reference; not used",
+                            tuple(a.shape), tuple(w.shape), name, wrong)
+                refused.append(f"{name}: {wrong}")
+                continue
+            rc, ms = _rope_launch(lib, c, a, w, d, cos, sin, head_dim, rot_cols, iters=20)
+            if rc == 0:
+                timed[c] = ms
+        if refused:
+            _REFUSED[key] = refused
         _BEST[key] = min(timed.items(), key=lambda kv: kv[1]) if timed else None
         if _BEST[key] is not None:
             log.info("CUTLASS rope GEMM %s x %s: %s (%.4f ms)", tuple(a.shape), tuple(w.shape),
                      lib.elas_cutlass_dense_config_name(_BEST[key][0]).decode(), _BEST[key][1])
     if _BEST[key] is None:
-        raise RuntimeError(f"no CUTLASS configuration runs the rope GEMM at {tuple(a.shape)} x {tuple(w.shape)}")
+        why = "; ".join(_REFUSED.get(key, [])) or "none can run this shape"
+        raise RuntimeError(f"no CUTLASS configuration runs the rope GEMM at {tuple(a.shape)} x {tuple(w.shape)} "
+                           f"({why})")
     rc = _rope_launch(lib, _BEST[key][0], a, w, d, cos, sin, head_dim, rot_cols)[0]
     if rc != 0:
         raise RuntimeError(f"CUTLASS rope GEMM failed with status {rc} at {tuple(a.shape)} x {tuple(w.shape)}")
