@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh STAGE...
-# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass cutlass_relu2 norm elas_cutlass quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
+# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass cutlass_probe cutlass_relu2 norm elas_cutlass quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
 # the step benchmark and the test selection. Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
 # machine), are copied there too, with the tuned cuSPARSELt algorithm cache.
 set -u
@@ -13,6 +13,9 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-.cache/inductor} PYTHO
 GPU=${GPU_NAME:-h100}
 failed=0  # a failed test stage makes the script exit 1 (after the other stages), so a chain can stop on it
 mkdir -p runs
+# the CUTLASS forms that faulted on this machine (cutlass_probe stage; a file kept while the machine stays warm): the
+# library treats them as absent, so the stages that use it run to the end (cutlass_relu2.skipped)
+[ -f runs/cutlass_skip ] && export ELAS_CUTLASS_SKIP=${ELAS_CUTLASS_SKIP:-$(cat runs/cutlass_skip)}
 # the log lines elas prints ("elas: ...") and warnings left out of a call's output, its errors ("elas: error: ...") kept;
 # line-buffered, so that a detached run's log shows each line as it comes
 quiet() { grep --line-buffered -v -E '^elas: ([^e]|e[^r])|Warning|warn\(|it/s' ; }
@@ -87,6 +90,11 @@ for what in "${@:-tests kernels ffn}"; do
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
           --variants "$v,$v+relu2_kernel=cutlass,elas,elas+act24.cutlass=true" \
           --out "${ELAS_CUTLASS_OUT:-benchmarks/results/$GPU/step_elas_cutlass}" 2>&1 | quiet ;;
+      cutlass_probe)  # each form of the CUTLASS ReLU^2 library (and the rotary GEMM) launched in a process of its own:
+                      # the ones that fault are skipped by every later stage (ELAS_CUTLASS_SKIP); carry build/cutlass_relu2
+        python benchmarks/cutlass_probe.py build/cutlass_relu2/libelas_cutlass_relu2.so runs
+        export ELAS_CUTLASS_SKIP=$(cat runs/cutlass_skip 2>/dev/null)
+        [ -n "${OUT:-}" ] && cp runs/cutlass_probe.json "$OUT/" ;;
       cutlass_relu2)  # a CUTLASS sm90 dense GEMM with relu(y1)^2 in its epilogue against cuBLAS + the separate kernel;
                       # built off the GPU machine (src/elas/kernels/cuda/cutlass/build.sh relu2): carry build/cutlass_relu2
         python benchmarks/cutlass_relu2.py build/cutlass_relu2/libelas_cutlass_relu2.so "${CUTLASS_OUT:-runs/cutlass}" ;;

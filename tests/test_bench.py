@@ -287,6 +287,62 @@ def test_cutlass_relu2_benchmark_checks_before_it_times():
     assert r.returncode == 1 and "no library at no/such/lib.so" in r.stderr
 
 
+
+def test_cutlass_probe_tells_a_fault_from_a_wrong_or_absent_form(tmp_path):
+    """benchmarks/cutlass_probe.py: each form in a child process; a child that dies after starting a launch is a
+    "fault" naming that configuration and shape, one whose outputs disagree is "wrong", one whose every launch is
+    refused "absent", a clean one "ok"; a hung child is cut off by the timeout. (The children here are stand-ins
+    that print what the real child prints.)"""
+    import json
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from cutlass_probe import probe
+
+    def line(**kw):
+        return json.dumps(kw)
+    ok = [line(start="c0", shape=[8, 8, 8]), line(config="c0", shape=[8, 8, 8], rc=0, wrong=None)]
+    scripts = {
+        "relu2": (ok, 0),
+        "ste_grad_y2s": (ok + [line(start="c1", shape=[8, 8, 8])], 134),  # died inside c1's launch
+        "grad": ([line(start="c0", shape=[8, 8, 8]),
+                  line(config="c0", shape=[8, 8, 8], rc=0, wrong="relative error 1.0e+00 > 0.02 on rows 0:8")], 0),
+        "rope": ([line(start="c0", shape=[8, 8, 8]), line(config="c0", shape=[8, 8, 8], rc=1, wrong=None)], 0),
+    }
+    for form, (lines, code) in scripts.items():
+        (tmp_path / f"{form}.py").write_text(
+            "import sys\n" + "".join(f"print({x!r}, flush=True)\n" for x in lines)
+            + ("sys.stderr.write('CUDA error: an illegal memory access was encountered\\n')\n" if code else "")
+            + f"sys.exit({code})\n")
+    (tmp_path / "grad_tma.py").write_text("import time\nprint('{\"start\": \"c0\", \"shape\": [8, 8, 8]}', flush=True)\n"
+                                         "time.sleep(60)\n")
+    rows = {r["form"]: r for r in probe(list(scripts) + ["grad_tma"],
+                                        argv=lambda f: [sys.executable, str(tmp_path / f"{f}.py")], timeout=5)}
+    assert rows["relu2"]["status"] == "ok" and rows["relu2"]["configs_ran"] == 1
+    fault = rows["ste_grad_y2s"]
+    assert fault["status"] == "fault" and fault["fault"].startswith("in c1 at [8, 8, 8]: exit 134")
+    assert "illegal memory access" in fault["fault"]
+    assert rows["grad"]["status"] == "wrong" and "c0 [8, 8, 8]: relative error" in rows["grad"]["wrong"][0]
+    assert rows["rope"]["status"] == "absent"
+    assert rows["grad_tma"]["status"] == "fault" and "timed out" in rows["grad_tma"]["fault"]
+
+
+def test_bench_step_records_a_failing_row_and_runs_the_next(monkeypatch):
+    """A row that raises (here a kernel that cannot run the shape) is recorded with its error; the rows after it
+    still run."""
+    from elas.bench import step as st
+    monkeypatch.setattr(st, "step_config", lambda *a: None)
+
+    def row(size, variant, mode, batch, *a):
+        if variant == "elas":
+            raise RuntimeError("no CUTLASS configuration runs mode 6 at 8192x8192x512 (cfg0: wrong)\nmore")
+        return {"model": size, "variant": variant, "mode": mode, "batch": batch, "step_ms": 1.0,
+                "step_ms_synced": 1.0, "tokens_per_s": 1.0, "peak_mem_gb": 0.0, "compile_s": 0.0}
+    monkeypatch.setattr(st, "step_row", row)
+    logged = []
+    rows = st.bench_step(variants=("elas", "lowrank-relu2"), modes=("elas",), log=logged.append)
+    assert rows[0]["error"] == "RuntimeError: no CUTLASS configuration runs mode 6 at 8192x8192x512 (cfg0: wrong)"
+    assert rows[1]["step_ms"] == 1.0 and "RuntimeError" in logged[0]
+
 def test_graph_hashes_tell_a_changed_step_from_the_same_one():
     """benchmarks/graph_hashes.py: the same variant hashes alike twice; a key that changes what the step runs
     (norm_kernel=fused) changes both the forward and the backward graph's hash."""

@@ -451,6 +451,28 @@ def test_cutlass_rope_configuration_that_disagrees_with_the_reference_is_never_u
     assert "cfg1" in caplog.text and cl._BEST[("rope", None, 3, 1024, 16, 32)] == (0, 0.3)
 
 
+
+def test_cutlass_forms_named_in_the_skip_list_are_absent(monkeypatch):
+    """ELAS_CUTLASS_SKIP (the forms benchmarks/cutlass_probe.py saw fault): a named mode is never launched (the
+    choosers then take the separate kernels; a direct call stops, naming the variable), the rope GEMM stops with a
+    one-line error, and an unknown name is a one-line error listing the valid ones."""
+    from elas.kernels.cuda import cutlass_relu2 as cl
+    monkeypatch.setattr(cl, "_BEST", {})
+    monkeypatch.setattr(cl, "_REFUSED", {})
+    monkeypatch.setattr(cl, "library", lambda: _FakeLib())
+    monkeypatch.setattr(cl, "_launch", lambda *a, **kw: pytest.fail("a skipped mode was launched"))
+    monkeypatch.setenv("ELAS_CUTLASS_SKIP", "ste_grad_y2s, 6,rope")
+    assert cl.skipped() == {5, 6, "rope"}
+    a, b = _ints((64, 16), -3, 4, 0), _ints((128, 16), -3, 4, 1)
+    assert cl._best(_FakeLib(), 6, a, b, None) is None
+    with pytest.raises(RuntimeError, match=r"mode 5 at 64x128x16 \(mode 5 is named in ELAS_CUTLASS_SKIP\)"):
+        cl._mm(5, a, b, _ints((64, 128), -3, 4, 2), torch.empty(64, 128, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="rope GEMM is named in ELAS_CUTLASS_SKIP"):
+        cl.linear_rope(a[None], b[None], torch.zeros(64, 4), torch.zeros(64, 4), 8, 128)
+    monkeypatch.setenv("ELAS_CUTLASS_SKIP", "relu3")
+    with pytest.raises(ValueError, match=r"ELAS_CUTLASS_SKIP: unknown form 'relu3'; expected names or numbers of "):
+        cl.skipped()
+
 def test_act24_cutlass_config_and_missing_library(monkeypatch, tmp_path):
     """act24.cutlass: refused where it does not apply (mask gradient, the split, act24.fused), and a missing
     library is one line when the method is applied for CUDA (before any step)."""

@@ -130,7 +130,9 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
 def bench_step(sizes=("llama-1b",), batches=(32,), variants=STEP_VARIANTS, modes=MODES, optimizer: str = "adamw",
                seq: int = 256, steps: int = 10, warmup: int = 3, profile: bool = True, log=print,
                on_row=None, checkpointing: bool = False) -> list[dict]:
-    """Rows for every (size, batch, variant, mode); a row that fails (out of memory) is recorded with its error.
+    """Rows for every (size, batch, variant, mode); a row that fails (out of memory, or any error: a kernel that
+    cannot run the shape) is recorded with its error and the next row runs (after a CUDA fault, which poisons the
+    process, the later rows record theirs too).
     Mode-major: every variant in the first mode (elas's: the fast one to compile) before any in the next, so a
     call cut off by a time limit keeps a comparable set of rows. checkpointing: every row with activation
     checkpointing per block (the trainer's activation_checkpointing)."""
@@ -144,10 +146,13 @@ def bench_step(sizes=("llama-1b",), batches=(32,), variants=STEP_VARIANTS, modes
             for mode, variant in ((m, v) for m in modes for v in variants):
                 try:
                     r = step_row(size, variant, mode, batch, seq, steps, warmup, profile, optimizer, checkpointing)
-                except torch.OutOfMemoryError as e:
+                except Exception as e:  # noqa: BLE001 (recorded in the row and the log, never dropped)
+                    what = "out of memory" if isinstance(e, torch.OutOfMemoryError) else type(e).__name__
+                    first = (str(e).splitlines() or [""])[0][:160]
                     r = {"model": size, "variant": variant, "mode": mode, "batch": batch, "seq": seq,
-                         "activation_checkpointing": checkpointing, "error": "out of memory: " + str(e).splitlines()[0][:120]}
-                    torch.cuda.empty_cache()
+                         "activation_checkpointing": checkpointing, "error": f"{what}: {first}"}
+                    if isinstance(e, torch.OutOfMemoryError):
+                        torch.cuda.empty_cache()
                 rows.append(r)
                 log(f"step {size} b{batch} {variant:>14} {mode:>13}: " + (
                     f"{r['step_ms']:7.1f} ms (synced {r['step_ms_synced']:6.1f}) {r['tokens_per_s']:>9,.0f} tok/s "

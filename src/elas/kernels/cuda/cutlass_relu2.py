@@ -51,6 +51,23 @@ log = logging.getLogger("elas.kernels")
 MODES = {"relu2": 1, "grad": 2, "grad_tma": 3, "ste_grad": 4, "ste_grad_y2s": 5, "relu2_pack24": 6}
 
 
+def skipped() -> set:
+    """The forms $ELAS_CUTLASS_SKIP names (comma-separated: mode names or numbers of MODES, or "rope"), which are
+    treated as absent from the library: the choosers take the separate kernels, and linear_relu2 / linear_rope
+    stop with a one-line error. For a GPU where a form faults (benchmarks/cutlass_probe.py finds which, each in a
+    process of its own): a fault ends the process, which the check against the reference cannot catch."""
+    out = set()
+    for item in filter(None, (t.strip() for t in os.environ.get("ELAS_CUTLASS_SKIP", "").split(","))):
+        if item == "rope":
+            out.add(item)
+        elif item in MODES or item.isdigit() and int(item) in MODES.values():
+            out.add(MODES[item] if item in MODES else int(item))
+        else:
+            raise ValueError(f"ELAS_CUTLASS_SKIP: unknown form {item!r}; expected names or numbers of "
+                             f"{sorted(MODES.items(), key=lambda kv: kv[1])} or 'rope'")
+    return out
+
+
 def library_path() -> Path:
     env = os.environ.get("ELAS_CUTLASS_RELU2")
     return Path(env) if env else cache_dir() / "cutlass" / "libelas_cutlass_relu2.so"
@@ -167,6 +184,10 @@ def _best(lib, mode: int, a, b, aux, aux_out=None) -> tuple[int, float] | None:
     key = (a.device.index, mode, m, b.shape[0], k)
     if key in _BEST:
         return _BEST[key]
+    if mode in skipped():
+        _REFUSED[key] = [f"mode {mode} is named in ELAS_CUTLASS_SKIP"]
+        _BEST[key] = None
+        return None
     _not_capturing(f"mode {mode}, {m}x{b.shape[0]}x{k}")
     d = torch.empty(m, b.shape[0], dtype=torch.bfloat16, device=a.device)
     timed, refused = {}, []
@@ -372,6 +393,9 @@ def linear_rope(a: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.
         raise ValueError(f"CUTLASS rope GEMM: a's row and batch strides must be multiples of 8 elements and its data "
                          f"16-byte aligned (TMA), and w's {w.shape[1]} rows whole heads of {head_dim}; got strides "
                          f"{a.stride()}")
+    if "rope" in skipped():
+        raise RuntimeError("the CUTLASS rope GEMM is named in ELAS_CUTLASS_SKIP: unset it there, or set "
+                           "model.rope_kernel=torch")
     w, cos, sin = w.contiguous(), cos.float().contiguous(), sin.float().contiguous()
     lib = library()
     if not hasattr(lib, "elas_cutlass_rope_mm"):
