@@ -48,3 +48,23 @@ def preset(name: str, dense_warmup_steps: int | None = None, **over):
     if dense_warmup_steps is not None:
         cfg.method("act24")["dense_warmup_steps"] = dense_warmup_steps
     return cfg
+
+
+def replay_matches_warm_step(step, model) -> None:
+    """A training step (`step()` -> loss: forward and backward) of a compiled CUDA model, captured into a CUDA graph
+    and replayed: its loss equals the eager warm-up step's. The warm-up runs twice on a side stream (compilation,
+    kernel choices), as torch's docs ask; the model's gradients are dropped and no loss keeps an autograd graph
+    alive across streams, whose AccumulateGrad nodes would tie the capture to the legacy stream."""
+    model.zero_grad(set_to_none=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            want = step().detach()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        loss = step().detach()
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(loss, want)

@@ -89,3 +89,30 @@ def test_attention_backend_choice_traces_and_keeps_the_loss(attn_backend):
     torch.testing.assert_close(lc, want.detach(), rtol=1e-5, atol=1e-6)
     for a, p in zip(gc, base.parameters()):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_every_elas_operator_lowers_through_inductor():
+    """Inductor runs an elas:: operator through its fallback, whose factory takes the operator as its own `kernel`
+    argument: a schema argument of a reserved name fails there ("got multiple values for argument 'kernel'"),
+    though eager and aot_eager run. So no operator's schema may use one, and the ReLU^2 core's operator (the one
+    that did) compiles with Inductor on the CPU, its loss and gradients equal to eager's."""
+    import inspect
+    from torch._inductor.ir import FallbackKernel
+    from elas.kernels import ops
+    reserved = set(inspect.signature(FallbackKernel.create).parameters) - {"args", "kwargs"}
+    names = [n for n in dir(torch.ops.elas) if not n.startswith("_") and n != "name"]
+    assert "relu2_ffn" in names and len(names) >= 10  # the operators registered by importing elas.kernels
+    for n in names:
+        for ov in getattr(torch.ops.elas, n).overloads():
+            args = {a.name for a in getattr(torch.ops.elas, n).__getattr__(ov)._schema.arguments}
+            assert not args & reserved, f"elas::{n} has argument(s) {args & reserved}, reserved by Inductor"
+    h1, wu, wd = (torch.randn(s, requires_grad=True) for s in ((16, 8), (24, 8), (24, 4)))
+    torch._dynamo.reset()
+    f = torch.compile(lambda a, b, c: ops.relu2_ffn(a, b, c, kernel="cutlass").sum(), fullgraph=True)
+    out = []
+    for fn in (f, lambda a, b, c: ops.relu2_ffn(a, b, c, kernel="cutlass").sum()):
+        loss = fn(h1, wu, wd)
+        grads = torch.autograd.grad(loss, (h1, wu, wd))
+        out.append((loss.detach(), grads))
+    assert torch.allclose(out[0][0], out[1][0], rtol=1e-5, atol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(out[0][1], out[1][1]))

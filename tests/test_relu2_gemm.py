@@ -6,6 +6,7 @@ exhaustive check that sqrt(y2) rebuilds relu(y1). GPU: random shapes against cuB
 """
 import pytest
 import torch
+from conftest import replay_matches_warm_step
 
 triton = pytest.importorskip("triton")
 from elas.kernels.cuda.relu2_gemm import linear_relu2, relu2_grad_gemm  # noqa: E402
@@ -226,18 +227,7 @@ def test_gpu_cutlass_model_trains_like_the_dense_core_and_captures():
     for a, b in zip(g1, g2):
         assert ((a - b).norm() / a.norm().clamp_min(1e-12)).item() < 5e-2
     compiled = torch.compile(fused, fullgraph=True)
-    side = torch.cuda.Stream()  # warm-up (compilation, the configuration choice) off the capture, as torch's docs ask
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            want = _loss_and_grads(compiled, idx, True)
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        loss = _loss_and_grads(compiled, idx, True)[0]
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(loss, want[0])
+    replay_matches_warm_step(lambda: _loss_and_grads(compiled, idx, True)[0], fused)
 
 
 def test_pointwise_backward_kernel_is_the_epilogue():
@@ -633,24 +623,17 @@ def test_gpu_elas_with_cutlass_trains_like_separate_and_captures():
         loss.backward()
         losses.append(loss.item())
         grads.append([p.grad.float() for p in model.parameters()])
+        del loss  # its autograd graph, made on the default stream, must not outlive this step
     assert abs(losses[0] - losses[1]) < 1e-2 * abs(losses[0])
     for a, b in zip(*grads):
         assert ((a - b).norm() / a.norm().clamp_min(1e-12)).item() < 5e-2
     compiled = torch.compile(model, fullgraph=True)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            want = compiled(idx, idx)
-            want.backward()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+
+    def step():
         loss = compiled(idx, idx)
         loss.backward()
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(loss, want)
+        return loss
+    replay_matches_warm_step(step, model)
 
 
 def test_elas_dense_phase_runs_the_models_dense_core():

@@ -267,47 +267,48 @@ def _relu2_gemms(kernel: str):
 
 
 @torch.library.custom_op("elas::relu2_ffn", mutates_args=())
-def relu2_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, kernel: str = "triton") -> tuple[Tensor, Tensor]:
-    """-> (h2 = relu(h1 wu^T)^2 wd [T, q'], y2 [T, d_ff], saved for backward). y1 is never written. kernel: which
-    fused GEMMs run on bf16 CUDA tensors (RELU2_GEMMS)."""
+def relu2_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, impl: str = "triton") -> tuple[Tensor, Tensor]:
+    """-> (h2 = relu(h1 wu^T)^2 wd [T, q'], y2 [T, d_ff], saved for backward). y1 is never written. impl: which
+    fused GEMMs run on bf16 CUDA tensors (RELU2_GEMMS). (Not named `kernel`: Inductor's fallback for a custom op
+    passes the op as its own `kernel` argument, and a schema argument of that name collides with it.)"""
     if _fused_relu2(h1):
-        y2 = _relu2_gemms(kernel).linear_relu2(h1, wu)
+        y2 = _relu2_gemms(impl).linear_relu2(h1, wu)
     else:
         y2 = ref.linear_relu2(h1, wu)
     return y2 @ wd, y2
 
 
 @relu2_ffn_op.register_fake
-def _(h1, wu, wd, kernel="triton"):
+def _(h1, wu, wd, impl="triton"):
     return h1.new_empty((h1.shape[0], wd.shape[1])), h1.new_empty((h1.shape[0], wu.shape[0]))
 
 
 @torch.library.custom_op("elas::relu2_ffn_backward", mutates_args=())
-def relu2_ffn_backward_op(dh2: Tensor, h1: Tensor, wu: Tensor, wd: Tensor, y2: Tensor, kernel: str = "triton"
+def relu2_ffn_backward_op(dh2: Tensor, h1: Tensor, wu: Tensor, wd: Tensor, y2: Tensor, impl: str = "triton"
                           ) -> tuple[Tensor, Tensor, Tensor]:
     dh2 = dh2.contiguous()
     if _fused_relu2(dh2):  # dy1 = 2 sqrt(y2) (dh2 wd^T); triton: dy2 [T, d_ff] never written; cutlass: cuBLAS's
-        dy1 = _relu2_gemms(kernel).relu2_grad_gemm(dh2, wd, y2)  # dy2, then one pointwise pass (faster there)
+        dy1 = _relu2_gemms(impl).relu2_grad_gemm(dh2, wd, y2)  # dy2, then one pointwise pass (faster there)
     else:
         dy1 = ref.relu2_grad_gemm(dh2, wd, y2)
     return dy1 @ wu, dy1.T @ h1, y2.T @ dh2  # dh1 [T, q], dwu [d_ff, q], dwd [d_ff, q']
 
 
 @relu2_ffn_backward_op.register_fake
-def _(dh2, h1, wu, wd, y2, kernel="triton"):
+def _(dh2, h1, wu, wd, y2, impl="triton"):
     return torch.empty_like(h1), torch.empty_like(wu, memory_format=torch.contiguous_format), \
         torch.empty_like(wd, memory_format=torch.contiguous_format)
 
 
 def _relu2_setup_context(ctx, inputs, output):
     h1, wu, wd = inputs[:3]
-    ctx.kernel = inputs[3] if len(inputs) > 3 else "triton"
+    ctx.impl = inputs[3] if len(inputs) > 3 else "triton"
     ctx.save_for_backward(h1, wu, wd, output[1])
 
 
 def _relu2_backward(ctx, dh2, _dy2):
     h1, wu, wd, y2 = ctx.saved_tensors
-    return *relu2_ffn_backward_op(dh2, h1, wu, wd, y2, ctx.kernel), None
+    return *relu2_ffn_backward_op(dh2, h1, wu, wd, y2, ctx.impl), None
 
 
 relu2_ffn_op.register_autograd(_relu2_backward, setup_context=_relu2_setup_context)
