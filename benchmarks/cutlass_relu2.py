@@ -187,7 +187,7 @@ def main() -> None:
                 row["cutlass"][key] = entry
         for mode, mname in modes.items():
             timed = [(v.get("graph_ms") or v.get("event_ms"), k) for k, v in row["cutlass"].items()
-                     if k.endswith(mname) and "error" not in v and (v.get("graph_ms") or v.get("event_ms"))]
+                     if k.rsplit(" ", 1)[1] == mname and "error" not in v and (v.get("graph_ms") or v.get("event_ms"))]
             if timed:
                 best = min(timed)
                 base = {0: gemm_ms, 1: both_ms, 2: bwd_ms, 3: bwd_ms, 4: ste_ms, 5: ste_ms, 6: pack_ms}[mode]
