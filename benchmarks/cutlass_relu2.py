@@ -23,7 +23,8 @@ Last, the q/k/v up-projection with the rotary embedding in its epilogue (model.r
 cuBLAS's GEMM + the rotation as Inductor compiles apply_rope, at the 1B attention shapes (checked against the
 reference first).
 Times: CUDA-graph replays (no host overhead) where the capture works, else the library's event loop, which is
-said in the row. Writes OUT_DIR/cutlass_relu2.json and prints a table last.
+said in the row. Writes OUT_DIR/cutlass_relu2.json and prints a table last. To narrow a run: CUTLASS_MODES (mode
+numbers, e.g. "0,6"), CUTLASS_SHAPES (indices into SHAPES, e.g. "0"), CUTLASS_ROPE=0 (no rope rows).
 """
 import ctypes
 import json
@@ -84,7 +85,9 @@ def main() -> None:
     from elas.kernels.cuda.cutlass_relu2 import skipped
     has_aux = hasattr(lib, "elas_cutlass_dense_mm_aux")
     skip = skipped()  # forms that faulted here (benchmarks/cutlass_probe.py): not launched, said in the table
-    modes = {m: n for m, n in MODES.items() if (has_aux or m < 4) and m not in skip}
+    pick = lambda var, all_: [int(x) for x in os.environ[var].split(",")] if os.environ.get(var) else all_  # noqa: E731
+    modes = {m: n for m, n in MODES.items() if (has_aux or m < 4) and m not in skip and m in pick("CUTLASS_MODES", MODES)}
+    shapes = [SHAPES[i] for i in pick("CUTLASS_SHAPES", range(len(SHAPES)))]
     if skip:
         print(f"skipped (ELAS_CUTLASS_SKIP): {sorted(map(str, skip))}")
     stream = lambda: ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)  # noqa: E731
@@ -95,7 +98,7 @@ def main() -> None:
     act = torch.compile(relu2)  # the separate kernels as Inductor compiles them in the trainer's blocks
     grad = torch.compile(lambda dy2, r: 2 * r * dy2)
     rows, table = [], []
-    for M, N, K, what in SHAPES:
+    for M, N, K, what in shapes:
         torch.manual_seed(0)
         h1 = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         wu = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
@@ -208,7 +211,7 @@ def main() -> None:
                      + f"; ste backward cuBLAS + kernel {ste_ms:.4f}, "
                      + ", ".join(f"{n} {b['with_y2s_pass_ms']:.4f} (x{b['vs_cublas']:.2f})"
                                  for n, b in ((n, row.get("best_" + n)) for n in ("ste_grad", "ste_grad_y2s")) if b))
-    rope = rope_rows(graph_ms)
+    rope = rope_rows(graph_ms) if os.environ.get("CUTLASS_ROPE", "1") != "0" else []
     out.write_text(json.dumps({"env": env, "rows": rows, "rope": rope}, indent=1))
     table += [f"rope {r['what']}: cuBLAS + compiled rotation {r['unfused_ms']:.4f} ms, CUTLASS with the rotation in "
               f"its epilogue {r['fused_ms']:.4f} (x{r['speedup']:.2f}; rel. error {r['rel_err']:.1e})"

@@ -4,7 +4,10 @@
 //   1. each thread's fragment holds columns in pairs: elements 2p and 2p+1 are one row's columns c, c+1 (c even);
 //   2. lane ^ 1 holds the same row's columns c ^ 2, c ^ 2 + 1 at the same index (a 2:4 group = a lane pair), and
 //      the even lane holds the group's first two (c % 4 == 0; mode 5 tells the halves apart by lane parity);
-//   3. the thread holding row r (r % 16 < 8) of a column pair holds row r + 8 of it too (one metadata byte).
+//   3. the thread holding row r (r % 16 < 8) of a column pair holds row r + 8 of it too (one metadata byte);
+//   4. per subtile each thread holds 16 elements in the accumulator's order: element 4j + 2h + e is row r + 8h,
+//      column c0 + 8j + e (j < 4, h, e < 2), with r % 16 < 8 and c0 % 32 == 2 (lane % 4): a warp covers 16 rows x
+//      32 columns starting at a multiple of 32 (Pack24Store gathers each row's 32 packed bytes in the quad).
 // Prints one line per configuration and exits non-zero on the first violation.
 //   src/elas/kernels/cuda/cutlass/build.sh check   (compiles and runs it; ~3 min)
 #include <cstdio>
@@ -38,6 +41,25 @@ int check(const char* name) {
             auto a = mine(_, _, _, em, en);
             auto b = other(_, _, _, em, en);
             frag = size(a);
+            if (size(a) != 16) {
+              printf("%s: %d elements per thread per subtile, not 16\n", name, int(size(a)));
+              return 1;
+            }
+            {
+              int r0 = get<0>(a(0)), c0 = get<1>(a(0));
+              if ((r0 & 15) >= 8 || (c0 & 31) != 2 * ((t % 32) % 4)) {
+                printf("%s: thread %d starts at (%d, %d)\n", name, t, r0, c0);
+                return 1;
+              }
+              for (int i = 0; i < 16; ++i) {
+                int j = i / 4, h = (i / 2) % 2, e = i % 2;
+                if (get<0>(a(i)) != r0 + 8 * h || get<1>(a(i)) != c0 + 8 * j + e) {
+                  printf("%s: thread %d element %d is (%d, %d), not (%d, %d)\n", name, t, i, int(get<0>(a(i))),
+                         int(get<1>(a(i))), r0 + 8 * h, c0 + 8 * j + e);
+                  return 1;
+                }
+              }
+            }
             for (int i = 0; i < size(a); i += 2) {
               int r = get<0>(a(i)), c = get<1>(a(i));
               if (get<0>(a(i + 1)) != r || get<1>(a(i + 1)) != c + 1 || (c & 1)) {
