@@ -397,6 +397,8 @@ def linear_rope(a: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.
         raise RuntimeError("the CUTLASS rope GEMM is named in ELAS_CUTLASS_SKIP: unset it there, or set "
                            "model.rope_kernel=torch")
     w, cos, sin = w.contiguous(), cos.float().contiguous(), sin.float().contiguous()
+    # the kernel loads the tables 16 bytes at a time where head_dim % 32 == 0: a view at an odd offset is copied
+    cos, sin = (t if t.data_ptr() % 16 == 0 else t.clone() for t in (cos, sin))
     lib = library()
     if not hasattr(lib, "elas_cutlass_rope_mm"):
         raise RuntimeError(f"the CUTLASS library at {library_path()} predates the rope GEMM: rebuild it")

@@ -352,24 +352,83 @@ struct RopeNode : CoordNode<RopeNode, RopeArgs> {
   CUTLASS_DEVICE static auto apply(RopeArgs const& p, Coords const& coord, Shape const& shape, int epi_v,
                                    cutlass::Array<ElementInput, FragmentSize> const& frg_input) {
     cutlass::Array<float, FragmentSize> out;
+#if defined(__CUDA_ARCH__)
+    // the thread's 16 elements: rows r0 + 8h, columns col0 + 8j (+1), j < 4 (layout_check.cu, fact 4). Each row's
+    // position and each block's pair index are computed once (integer division by run-time values costs ~20
+    // instructions); the first form computed both per pair and loaded cos and sin a float at a time, 8 rows x
+    // 16 bytes per warp load (0.51x cuBLAS + the rotation at the 1B q shape on the H200)
+    static_assert(FragmentSize == 16, "a warp's subtile of 16 rows x 32 columns (layout_check.cu, fact 4)");
     int const N = static_cast<int>(get<1>(shape));
     int const half = p.head_dim / 2;
-    CUTLASS_PRAGMA_UNROLL
-    for (int q = 0; q < FragmentSize; q += 2) {
-      auto c = coord(epi_v * FragmentSize + q);
-      int const m = static_cast<int>(get<0>(c)), n = static_cast<int>(get<1>(c)), l = static_cast<int>(get<2>(c));
-      if (q == 0 && (get<1>(coord(epi_v * FragmentSize + 1)) != n + 1 || (n & 1))) __trap();  // not column pairs
-      float x0 = static_cast<float>(frg_input[q]), x1 = static_cast<float>(frg_input[q + 1]);
-      if (l * N + n < p.rot_cols) {
-        int const at = (m % p.seq) * half + ((n % p.head_dim) >> 1);
-        float const co = __ldg(p.cos + at), si = __ldg(p.sin + at);
-        out[q] = x0 * co - x1 * si;
-        out[q + 1] = x1 * co + x0 * si;
-      } else {
-        out[q] = x0;
-        out[q + 1] = x1;
+    auto const c0 = coord(epi_v * FragmentSize);
+    int const r0 = static_cast<int>(get<0>(c0)), col0 = static_cast<int>(get<1>(c0));
+    int const l = static_cast<int>(get<2>(c0));
+    int const lane = threadIdx.x & 31, q = lane & 3;
+    {
+      auto const c1 = coord(epi_v * FragmentSize + 2), c2 = coord(epi_v * FragmentSize + 4);
+      if ((r0 & 15) >= 8 || (col0 & 31) != 2 * q || get<0>(c1) != r0 + 8 || get<1>(c1) != col0 ||
+          get<0>(c2) != r0 || get<1>(c2) != col0 + 8)
+        __trap();
+    }
+    int const cb = col0 & ~31;  // the block's first column
+    // cos and sin of (row h, block j), at table index pos_h * half + i_j
+    float co[2][4] = {}, si[2][4] = {};
+    if (p.head_dim % 32 == 0) {
+      // a 32-column block lies in one head, so the quad's 16 pair indices are consecutive: lane q loads 4 of them
+      // (16 bytes, aligned: half % 4 == 0 and the block starts at pair (cb % head_dim) / 2, a multiple of 16) and
+      // a transpose in the quad gives lane q the indices q + 4j
+      int const base_i = (cb % p.head_dim) / 2;
+      CUTLASS_PRAGMA_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        int const at = ((r0 + 8 * h) % p.seq) * half + base_i + 4 * q;
+        float4 const vc = __ldg(reinterpret_cast<float4 const*>(p.cos + at));
+        float4 const vs = __ldg(reinterpret_cast<float4 const*>(p.sin + at));
+        float const c4[4] = {vc.x, vc.y, vc.z, vc.w}, s4[4] = {vs.x, vs.y, vs.z, vs.w};
+        // round t: lane q takes from lane (q + t) % 4 = j its component q (= (j - t) % 4 there), which is index
+        // q + 4j; the indices are run-time values, so the arrays are read and written by selects
+        CUTLASS_PRAGMA_UNROLL
+        for (int t = 0; t < 4; ++t) {
+          int const send = (q - t) & 3;  // the component lane (q - t) % 4 asks of this lane
+          float sc = c4[0], ss = s4[0];
+          CUTLASS_PRAGMA_UNROLL
+          for (int k = 1; k < 4; ++k) {
+            sc = send == k ? c4[k] : sc;
+            ss = send == k ? s4[k] : ss;
+          }
+          int const src = (lane & ~3) | ((q + t) & 3);
+          float const gc = __shfl_sync(0xffffffffu, sc, src), gs = __shfl_sync(0xffffffffu, ss, src);
+          int const j = (q + t) & 3;
+          CUTLASS_PRAGMA_UNROLL
+          for (int k = 0; k < 4; ++k) {  // (a select per entry keeps the arrays in registers)
+            co[h][k] = k == j ? gc : co[h][k];
+            si[h][k] = k == j ? gs : si[h][k];
+          }
+        }
+      }
+    } else {
+      CUTLASS_PRAGMA_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        int const pos = (r0 + 8 * h) % p.seq;
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < 4; ++j) {
+          int const at = pos * half + ((col0 + 8 * j) % p.head_dim) / 2;
+          co[h][j] = __ldg(p.cos + at);
+          si[h][j] = __ldg(p.sin + at);
+        }
       }
     }
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      bool const rot = l * N + col0 + 8 * j < p.rot_cols;  // q and k: whole heads, so a pair is in or out
+      CUTLASS_PRAGMA_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        int const e = 4 * j + 2 * h;
+        float const x0 = static_cast<float>(frg_input[e]), x1 = static_cast<float>(frg_input[e + 1]);
+        out[e] = rot ? x0 * co[h][j] - x1 * si[h][j] : x0;
+        out[e + 1] = rot ? x1 * co[h][j] + x0 * si[h][j] : x1;
+      }
+    }
+#endif
     return out;
   }
 };
