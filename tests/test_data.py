@@ -1,6 +1,7 @@
 """Dataset preparation, the stable split, the stateless batch order."""
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -46,6 +47,45 @@ def test_files_and_jsonl_sources(tmp_path):
     with pytest.raises(DataError, match="already holds a dataset"):
         prepare(tmp_path / "b", source="files", files=[str(src)], text_field="body", log=lambda *a: None)
 
+
+
+def test_prepare_never_removes_what_is_not_its_own(tmp_path, monkeypatch):
+    """--out naming a directory of the user's texts (even with --force) or a file is refused before any text is
+    read, and nothing there is touched; a dataset is replaced only with --force; an unwritable --out fails before
+    the text is read; a temporary directory left by a killed prepare of the same --out is removed."""
+    import sys
+    prep = sys.modules["elas.data.prepare"]  # the module (elas.data.prepare is also the function's name)
+    src = tmp_path / "texts"
+    src.mkdir()
+    for i in range(30):
+        (src / f"doc{i}.txt").write_text(f"text {i} about tokens " * 30)
+    (src / "NOTES.txt").write_text("mine")
+    read = []
+    monkeypatch.setattr(prep, "_collect", lambda *a, **kw: read.append(1) or pytest.fail("text was read"))
+    for force in (False, True):
+        with pytest.raises(DataError, match=r"holds files that are not an elas dataset's \(NOTES.txt, doc0.txt, "
+                                             r"doc1.txt, doc10.txt and 27 more\); .*nothing was removed"):
+            prepare(src, source="files", files=[str(src)], vocab_size=300, force=force, log=lambda *a: None)
+    assert len(list(src.iterdir())) == 31 and (src / "NOTES.txt").read_text() == "mine"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match="is a file, not a directory"):
+        prepare(tmp_path / "afile", source="files", files=[str(src)], log=lambda *a: None)
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    try:
+        if not os.access(tmp_path / "ro", os.W_OK):  # (root writes anyway)
+            with pytest.raises(DataError, match="cannot create dataset directory"):
+                prepare(tmp_path / "ro" / "ds", source="files", files=[str(src)], log=lambda *a: None)
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+    assert not read
+    monkeypatch.undo()
+    stale = tmp_path / "ds.tmp-999999999"  # a process id that cannot be alive
+    stale.mkdir()
+    prepare(tmp_path / "ds", source="files", files=[str(src)], vocab_size=300, val_frac=0.2, log=lambda *a: None)
+    assert not stale.exists() and sorted(p.name for p in (tmp_path / "ds").iterdir()) == sorted(prep.DATASET_FILES)
+    prepare(tmp_path / "ds", source="files", files=[str(src)], vocab_size=300, val_frac=0.2, force=True,
+            log=lambda *a: None)
 
 def test_empty_sources_are_clear_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()

@@ -68,6 +68,42 @@ def file_sha1(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
+# what a dataset directory holds: --force replaces these and refuses to touch a directory holding anything else
+DATASET_FILES = frozenset({"meta.json", "tokenizer.json", "train.bin", "val.bin"})
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse an --out that would lose something: a file; a dataset without --force; a directory holding files
+    that are not a dataset's (a user's texts, say), with or without --force."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a directory: choose a new or empty directory")
+    if not out.is_dir():
+        return
+    names = {p.name for p in out.iterdir()}
+    other = sorted(names - DATASET_FILES)
+    if other:
+        shown = ", ".join(other[:4]) + (f" and {len(other) - 4} more" if len(other) > 4 else "")
+        raise DataError(f"--out {out} holds files that are not an elas dataset's ({shown}); choose a new or empty "
+                        f"directory (nothing was removed)")
+    if "meta.json" in names and not force:
+        raise DataError(f"{out} already holds a dataset; pass --force to rebuild it or choose another --out")
+
+
+def _remove_stale_tmp(out: Path) -> None:
+    """Remove the temporary directories (<out>.tmp-<pid>) that a killed prepare of the same --out left behind, where
+    that process is gone."""
+    for tmp in out.parent.glob(out.name + ".tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:  # alive, another user's
+            pass
+
+
 def unigram_ppl(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
     """Perplexity on val of the add-one-smoothed unigram distribution of train: the bar a model must clear."""
     counts = np.bincount(train, minlength=vocab).astype(np.float64) + 1.0
@@ -79,9 +115,8 @@ def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = 
             hf_config: str | None = None, hf_split: str = "train", text_field: str = "text", tokenizer: str = "bpe",
             vocab_size: int = 32000, max_mb: float | None = 200.0, max_tokens: int | None = None,
             val_frac: float = 0.01, force: bool = False, log=print) -> dict:
-    out = Path(out)
-    if (out / "meta.json").exists() and not force:
-        raise DataError(f"{out} already holds a dataset; pass --force to rebuild it or choose another --out")
+    out = Path(out).absolute()  # ("." has no name to put a temporary directory beside)
+    _check_out(out, force)
     if not 0.0 < val_frac < 0.5:
         raise DataError(f"val_frac={val_frac} must be in (0, 0.5)")
     if max_tokens is not None and max_tokens <= 0:
@@ -107,7 +142,24 @@ def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = 
 
     t0 = time.time()
     tok = None if tokenizer == "bpe" else load_tokenizer(tokenizer)  # a bad one before the text is read
-    max_bytes = int(max_mb * 1e6) if max_mb else None
+    # the output's directory is made before the text is read: an unwritable --out fails in a second, not after BPE
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    _remove_stale_tmp(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise DataError(f"cannot create dataset directory {out}: {e.strerror}") from None
+    try:
+        return _prepare_into(tmp, out, docs, desc, tok, tokenizer, vocab_size, max_bytes=int(max_mb * 1e6) if max_mb
+                             else None, max_tokens=max_tokens, val_frac=val_frac, t0=t0, log=log)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _prepare_into(tmp: Path, out: Path, docs, desc: str, tok, tokenizer: str, vocab_size: int, max_bytes, max_tokens,
+                  val_frac: float, t0: float, log) -> dict:
     try:
         train_txt, val_txt, n_bytes = _collect(docs, max_bytes, val_frac)
     except SourceError as e:
@@ -123,12 +175,6 @@ def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = 
     eot = eot_id(tok)
     dtype = np.uint16 if vocab <= 2**16 else np.uint32
 
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-    except OSError as e:
-        raise DataError(f"cannot create dataset directory {out}: {e.strerror}") from None
     try:
         n_train = _write_tokens(tmp / "train.bin", train_txt, tok, eot, dtype, max_tokens)
         n_val = _write_tokens(tmp / "val.bin", val_txt, tok, eot, dtype, None)
@@ -150,11 +196,7 @@ def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = 
             shutil.rmtree(out)
         os.replace(tmp, out)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"writing dataset {out} failed: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {out}: {n_train:,} train / {n_val:,} val tokens, vocab {vocab}, "
         f"unigram val perplexity {meta['unigram_val_ppl']:.1f}")
     return meta
