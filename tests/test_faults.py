@@ -114,6 +114,95 @@ def test_resume_needs_a_checkpoint_unless_auto(dataset, tmp_path):
     assert latest_checkpoint(tmp_path / "auto").name == "step-00000002"
 
 
+
+def test_a_lost_or_damaged_config_json_is_recovered_from_the_newest_checkpoint(dataset, reference, tmp_path):
+    """config.json deleted, or cut short (a full disk while an older version rewrote it): --resume with no other
+    flag takes the copy in the newest checkpoint, writes it back, says so, and continues the same losses (with
+    the default preset's config instead, the tiny run's weights would not even fit)."""
+    import shutil
+    for damage in ("delete", "truncate"):
+        run = tmp_path / damage
+        shutil.copytree(reference / "killed", run)
+        want = json.loads((run / "config.json").read_text())
+        if damage == "delete":
+            (run / "config.json").unlink()
+        else:
+            (run / "config.json").write_text((run / "config.json").read_text()[:1024])
+        r = run_cli("train", "--out", str(run), "--no-progress", "--resume")
+        assert r.returncode == 0, r.stderr
+        assert "recovered from checkpoint step-00000006 and written back" in r.stderr
+        assert json.loads((run / "config.json").read_text())["model"] == want["model"]
+        a, b = losses(reference / "ref"), losses(run)
+        assert sorted(b) == list(range(1, 9)) and all(a[s] == b[s] for s in a)
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    from elas.train.trainer import TrainError, load_run_config
+    with pytest.raises(TrainError, match="is not a run directory"):
+        load_run_config(empty)
+
+
+def test_resume_applies_a_toml_like_set_and_refuses_its_contradictions(dataset, reference, tmp_path):
+    """--config FILE on --resume (the same command line for a start and a requeued resume): its settings apply on
+    top of the run's, as --set does, and a model key that differs from the run's is a one-line error."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(reference / "killed", run)
+    ok, bad = tmp_path / "ok.toml", tmp_path / "bad.toml"
+    ok.write_text("max_steps = 9\n")
+    bad.write_text("[model]\nrank = 16\n")
+    r = run_cli("train", "--out", str(run), "--resume", "--config", str(ok), "--dry-run")
+    assert r.returncode == 0 and "9 steps" in r.stdout, r.stdout + r.stderr
+    r = run_cli("train", "--out", str(run), "--resume", "--config", str(bad), "--dry-run")
+    assert r.returncode == 2 and "contradict the run being resumed (model.rank" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_run_directory_trains_in_one_process_at_a_time(dataset, reference, tmp_path):
+    """A second process (a requeued job while the first still runs) stops with a one-line error naming the holder;
+    once the holder is gone (killed: the lock goes with it) the resume goes on."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(reference / "killed", run)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from elas.train.trainer import lock_run_dir; lock_run_dir(Path(sys.argv[1])); "
+                               "print('locked', flush=True); time.sleep(120)", str(run)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        r = run_cli(*train_args(dataset, run, *COMMON, "--resume"))
+        assert r.returncode == 2 and f"is in use by another elas process (pid {holder.pid})" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    _resume_and_compare(dataset, run, reference / "ref")
+
+
+def test_a_damaged_metrics_line_does_not_stop_a_resume(dataset, reference, tmp_path):
+    """A bad line in the middle of metrics.jsonl (an edit, a disk error) is moved to metrics.jsonl.bad with a log
+    line, and the run resumes with the same losses."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(reference / "killed", run)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines.insert(2, "#### not json")
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    r = _resume_and_compare(dataset, run, reference / "ref")
+    assert "1 unreadable line(s) of metrics.jsonl moved to metrics.jsonl.bad (line 3 first)" in r.stdout + r.stderr
+    assert (run / "metrics.jsonl.bad").read_text() == "#### not json\n"
+
+
+def test_a_checkpoint_of_another_shape_is_a_one_line_error(tmp_path):
+    import torch
+    from elas.build import build_model
+    from elas.config import model_preset
+    from elas.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    a = build_model(model_preset("llama-tiny-elas", n_layers=1, vocab_size=256))
+    save_checkpoint(tmp_path, 1, a, torch.optim.AdamW(a.parameters()), {"step": 1})
+    b = build_model(model_preset("llama-tiny-elas", n_layers=1, vocab_size=256, rank=16))
+    with pytest.raises(CheckpointError, match=r"does not fit this model \(size mismatch for .*: was it trained with"):
+        load_checkpoint(latest_checkpoint(tmp_path), b)
+
 FULL_DISK = r"""
 import resource, signal, sys, json
 from pathlib import Path

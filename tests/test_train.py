@@ -473,3 +473,12 @@ def test_run_time_adds_up_over_resumes(dataset, tmp_path):
         tr.close()
     newest = max(run.glob("**/trainer.json"), key=lambda p: json.loads(p.read_text())["step"])
     assert json.loads(newest.read_text())["elapsed_s"] > saved[-1]
+
+
+def test_a_dense_warm_up_that_covers_the_run_is_said(dataset, tmp_path):
+    """act24 with dense_warmup_steps >= max_steps trains dense throughout: allowed (a smoke test), but the
+    start-up says so, where the method's line alone would promise sparsity "after N dense steps"."""
+    r = run_cli(*train_args(dataset, tmp_path / "run", "--max-steps", "3", "--set", "eval_every=100"))
+    assert r.returncode == 0, r.stderr
+    assert ("act24 stays dense for the whole run: its dense warm-up (dense_warmup_steps=4) is not shorter than "
+            "max_steps=3") in r.stdout + r.stderr

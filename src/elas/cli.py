@@ -136,12 +136,22 @@ def resolve_train_config(args: argparse.Namespace):
     out_dir = args.out or toml.get("out_dir")
     saved = None
     try:
-        if args.resume and out_dir and (Path(out_dir) / "config.json").is_file():
-            cfg = load_run_config(out_dir)  # a resumed run keeps its own config and model
+        from .train.checkpoint import checkpoints
+        if args.resume and out_dir and ((Path(out_dir) / "config.json").is_file() or checkpoints(Path(out_dir))):
+            # a resumed run keeps its own config and model (config.json, or a checkpoint's copy of it)
+            cfg = load_run_config(out_dir, log=lambda m: print(m, file=sys.stderr))
             saved = copy.deepcopy(cfg.model)
             if (args.preset or toml.get("preset")) not in (None, cfg.preset):
                 raise UserError(f"--preset {args.preset or toml.get('preset')} contradicts the run being resumed "
                                 f"({cfg.preset}): a resumed run keeps its model; choose another --out for a new one")
+            recipe = getattr(args, "recipe", None) or toml.get("recipe")
+            if recipe and recipe != cfg.recipe:  # (a run started from this recipe resumes with it named again)
+                from .config import recipe_config
+                if cfg.recipe or recipe_config(recipe).preset != cfg.preset:
+                    raise UserError(f"--recipe {recipe} contradicts the run being resumed (recipe {cfg.recipe}, preset "
+                                    f"{cfg.preset}): a resumed run keeps its config; choose another --out for a new one")
+            # the TOML's settings apply on top of the run's, as --set does (its model keys must agree: below)
+            apply_overrides(cfg, _flatten({k: v for k, v in toml.items() if k not in ("preset", "recipe")}))
             apply_model_flags(cfg.model, args)
         else:
             recipe = getattr(args, "recipe", None) or toml.pop("recipe", None)

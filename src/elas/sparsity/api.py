@@ -112,6 +112,13 @@ def check_sparse_window(config: SparsityMethod, max_steps: int) -> None:
                          f"model.{config.name}.sparse_until")
 
 
+def dense_throughout(config: SparsityMethod, max_steps: int) -> bool:
+    """Whether a method without the sparse -> dense schedule (act24) would train dense for the whole run: its dense
+    warm-up not shorter than max_steps. Allowed (a smoke test of the dense phase), but the trainer says so."""
+    warm = getattr(config, "dense_warmup_steps", None)
+    return getattr(config, "sparse_until", None) is None and warm is not None and warm >= max_steps
+
+
 def whole(t: Any) -> Any:
     """The whole tensor of a parameter FSDP2 shards (between steps a DTensor: all-gathered, a collective that every
     process makes at the same step of set_step), else t. Methods that read their weights when a mode starts (S-STE's

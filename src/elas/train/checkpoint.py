@@ -50,7 +50,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """path holds data whole or keeps what it held: written beside it, fsynced, renamed over it."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
@@ -80,7 +81,7 @@ def _write_manifest(ckdir: Path, known: dict[str, str] | None = None) -> None:
     files = {str(f.relative_to(ckdir)): {"bytes": f.stat().st_size,
                                          "xxh3_64": known.get(str(f.relative_to(ckdir))) or _file_hash(f)}
              for f in sorted(ckdir.rglob("*")) if f.is_file() and f.name != MANIFEST}
-    _write_atomic(ckdir / MANIFEST, json.dumps({"version": 1, "files": files}, indent=1).encode())
+    write_atomic(ckdir / MANIFEST, json.dumps({"version": 1, "files": files}, indent=1).encode())
 
 
 def verify_checkpoint(ckpt: Path) -> str | None:
@@ -236,7 +237,7 @@ def _finish(tmp: Path, final: Path, trainer_state: dict, hashes: dict[str, str] 
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
-    _write_atomic(final.parent / "latest", final.name.encode())
+    write_atomic(final.parent / "latest", final.name.encode())
 
 
 class BackgroundSaver:
@@ -461,7 +462,12 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer=None) -> dict:
     """Loads weights (and optimizer + RNG state if an optimizer is given); returns the trainer state. The
     model must not be sharded yet (the trainer loads the weights first, then shards, then `load_optimizer`)."""
     weights = load_weights(ckpt)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # shapes differ: name the first tensor, in one line
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise CheckpointError(f"checkpoint {ckpt} does not fit this model ({first[:200]}): was it trained with "
+                              f"another config?") from None
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {ckpt} does not fit this model (missing {list(missing)[:3]}, "
                               f"unexpected {list(unexpected)[:3]}): was it trained with another config?")

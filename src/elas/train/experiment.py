@@ -21,7 +21,7 @@ from ..config import (LORO_DEFAULTS, VARIANTS, apply_overrides, model_preset, pr
                       to_dict, train_config)
 from ..sparsity import method_to_dict
 from ..sparsity.api import sparse_end
-from .checkpoint import _write_atomic, checkpoints
+from .checkpoint import checkpoints, write_atomic
 from .trainer import Trainer, load_run_config, read_metrics
 
 QUALITY_VARIANTS = tuple(VARIANTS)  # every named variant (config.VARIANTS), with its recipe's optimizer
@@ -124,7 +124,7 @@ def _resolved_model(cfg) -> dict:
 
 def _write_json(path: Path, obj) -> None:
     """Whole or not at all: a kill while writing leaves the previous file (or none), never half of one."""
-    _write_atomic(path, json.dumps(obj, indent=1).encode())
+    write_atomic(path, json.dumps(obj, indent=1).encode())
 
 
 def transfer_loss(trainer: Trainer, transfer: str) -> tuple[float, int]:
@@ -303,7 +303,7 @@ def summarize(out: Path) -> tuple[list[dict], str]:
                  f"compilation and evaluation included)")
     text = "\n".join(md + [""] + lines) + "\n"
     _write_json(out / "summary.json", rows)
-    _write_atomic(out / "summary.md", text.encode())
+    write_atomic(out / "summary.md", text.encode())
     return rows, text
 
 

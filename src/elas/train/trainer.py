@@ -23,9 +23,10 @@ from ..data.prepare import DataError
 from ..build import build_model, resolve_methods
 from ..optim import build_optimizer, warmup_cosine
 from ..sparsity import collect_stats, describe, method_to_dict, set_step
-from ..sparsity.api import check_sparse_window, edit_in_place
+from ..sparsity.api import check_sparse_window, dense_throughout, edit_in_place
 from ..summary import model_summary
 from .checkpoint import (BackgroundSaver, CheckpointError, checkpoints, is_sharded_checkpoint, load_checkpoint,
+                         write_atomic,
                          load_optimizer, load_sharded_checkpoint, newest_verified, resume_checkpoint, save_checkpoint,
                          save_sharded_checkpoint, snapshot)
 from .distributed import Dist, all_reduce_sum, init_distributed, shutdown
@@ -69,9 +70,10 @@ def check_writable(path: Path) -> None:
         raise TrainError(f"output directory {path} is not writable ({e.strerror or e}); choose another --out") from None
 
 
-def read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path, bad: list | None = None) -> list[dict]:
     """The records of a run's metrics.jsonl. Lines are appended one at a time, so a run killed while writing one
-    leaves at most its last line torn: that line is dropped, any other bad line is an error."""
+    leaves at most its last line torn: that line is dropped. Any other bad line is an error, unless `bad` is given:
+    then its (line number, text) pairs are appended there and the line skipped."""
     lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()] if Path(path).exists() else []
     recs = []
     for i, ln in enumerate(lines):
@@ -79,19 +81,62 @@ def read_metrics(path: Path) -> list[dict]:
             recs.append(json.loads(ln))
         except json.JSONDecodeError:
             if i < len(lines) - 1:
-                raise ValueError(f"{path}: line {i + 1} is not JSON: {ln[:80]!r}") from None
+                if bad is None:
+                    raise ValueError(f"{path}: line {i + 1} is not JSON: {ln[:80]!r}") from None
+                bad.append((i + 1, ln))
     return recs
 
 
-def truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> list[int]:
     """Drop metric lines of steps after `step` (written by a run killed after its last checkpoint), and a torn last
-    line; the file is rewritten whole or not at all."""
+    line; the file is rewritten whole or not at all. A damaged line elsewhere (an edit, a disk error) does not stop
+    a resume: it is appended to <path>.bad and its number returned."""
     if not path.exists():
-        return
-    keep = [json.dumps(r) for r in read_metrics(path) if r.get("step", 0) <= step]
+        return []
+    bad: list = []
+    keep = [json.dumps(r) for r in read_metrics(path, bad) if r.get("step", 0) <= step]
+    if bad:
+        with open(path.with_name(path.name + ".bad"), "a") as fh:
+            fh.write("".join(ln + "\n" for _, ln in bad))
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(ln + "\n" for ln in keep))
     os.replace(tmp, path)
+    return [i for i, _ in bad]
+
+
+# run directory -> the descriptor of its lock file, for the run directories this process trains into
+_LOCKS: dict[str, int] = {}
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Hold <run_dir>/.lock (an exclusive flock) while this process trains there: a second process (a requeued job
+    while the first still runs) stops with a one-line error instead of writing the same checkpoints and metrics.
+    Reentrant within a process; released by unlock_run_dir or when the process ends (a kill included)."""
+    key = str(Path(run_dir).resolve())
+    if key in _LOCKS:
+        return
+    try:
+        import fcntl
+    except ImportError:  # (no flock on this platform: no lock)
+        return
+    fd = os.open(Path(run_dir) / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise TrainError(f"{run_dir} is in use by another elas process" + (f" (pid {holder})" if holder else "") +
+                         ": two processes training into one run directory would overwrite each other's checkpoints; "
+                         "wait for it to end or stop it") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _LOCKS[key] = fd
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    fd = _LOCKS.pop(str(Path(run_dir).resolve()), None)
+    if fd is not None:
+        os.close(fd)
 
 
 @torch.no_grad()
@@ -129,6 +174,10 @@ class Trainer:
             methods = resolve_methods(cfg.model)
             for m in methods:
                 check_sparse_window(m, cfg.max_steps)
+                if dense_throughout(m, cfg.max_steps):
+                    log(f"elas: warning: {m.name} stays dense for the whole run: its dense warm-up "
+                        f"(dense_warmup_steps={m.dense_warmup_steps}) is not shorter than max_steps={cfg.max_steps}; "
+                        f"lower model.{m.name}.dense_warmup_steps for sparse steps")
             cfg.model.methods = [method_to_dict(m) for m in methods]
         except (ValueError, TypeError) as e:
             raise TrainError(str(e)) from None
@@ -177,6 +226,7 @@ class Trainer:
                              "; drop --resume to start a new run there, or pass --resume auto")
         if self.dist.main:  # created only now that every check has passed
             check_writable(self.run_dir)
+            lock_run_dir(self.run_dir)  # one process trains into a run directory at a time (a requeued job, say)
 
         self.global_batch = cfg.batch_size * cfg.grad_accum * self.dist.world
         self.batches = Batches(self.train_windows, self.global_batch, cfg.seed, self.dist.rank, self.dist.world)
@@ -295,8 +345,13 @@ class Trainer:
     def fit(self) -> dict:
         cfg, d = self.cfg, self.dist
         if d.main:
-            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-            truncate_metrics(self.metrics_path, self.step)
+            # atomic: a full disk or a kill mid-write must not leave the run without its config (each checkpoint
+            # holds a copy too: load_run_config)
+            write_atomic(self.run_dir / "config.json", json.dumps(to_dict(cfg), indent=2).encode())
+            dropped = truncate_metrics(self.metrics_path, self.step)
+            if dropped:
+                self.log(f"elas: {len(dropped)} unreadable line(s) of {self.metrics_path.name} moved to "
+                         f"{self.metrics_path.name}.bad (line {dropped[0]} first); the run goes on")
             where = f"{self.device}" + (f" x{d.world} ({cfg.parallel.upper()})" if d.enabled else "")
             self.log(f"elas: {cfg.preset} | {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params "
                      f"| {where} | global batch {self.global_batch} x {cfg.seq_len} tokens | run dir {self.run_dir}")
@@ -440,7 +495,8 @@ class Trainer:
 
     def save(self) -> None:
         state = {"step": self.step, "tokens": self.tokens, "data_position": self.step * self.global_batch,
-                 "preset": self.cfg.preset, "elapsed_s": round(self.elapsed_s(), 3)}
+                 "preset": self.cfg.preset, "elapsed_s": round(self.elapsed_s(), 3),
+                 "config": to_dict(self.cfg)}  # the run's config beside its weights (load_run_config)
         try:
             if self.fsdp:  # every process writes its shards (collective; one process writes them all)
                 save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
@@ -487,6 +543,8 @@ class Trainer:
         """Release the run's resources; False when the process group did not come down (see `shutdown`)."""
         if self.tb is not None:
             self.tb.close()
+        if self.dist.main:
+            unlock_run_dir(self.run_dir)
         # DDP's reducer holds the group and its last all-reduce works: dropped before the group goes
         self.ddp = self.fwd = self.grads = None
         # after a complete run every process waits for the others before the group is torn down (a process that
@@ -514,11 +572,27 @@ def resolve_param_dtype(cfg: TrainConfig, device: torch.device, distributed: boo
     return "bf16" if (device.type == "cuda" and bf16 and not distributed) else "fp32"
 
 
-def load_run_config(run_dir: str | Path) -> TrainConfig:
+def load_run_config(run_dir: str | Path, log=None) -> TrainConfig:
+    """A run's config: its config.json, or, where that is missing or damaged (a full disk, a kill mid-write in
+    an older version, a deletion), the copy its newest checkpoint holds, written back to config.json with a log
+    line. A run directory with neither is an error."""
     p = Path(run_dir) / "config.json"
-    if not p.is_file():
+    why = "no config.json"
+    if p.is_file():
+        try:
+            return from_dict(TrainConfig, json.loads(p.read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            why = f"{p} is not a valid elas config ({e})"
+    for ckpt in checkpoints(Path(run_dir)):
+        try:
+            saved = json.loads((ckpt / "trainer.json").read_text()).get("config")
+            cfg = from_dict(TrainConfig, saved) if saved else None
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            cfg = None
+        if cfg is not None:
+            write_atomic(p, json.dumps(saved, indent=2).encode())
+            (log or print)(f"elas: {why}; the config was recovered from checkpoint {ckpt.name} and written back")
+            return cfg
+    if why == "no config.json":
         raise TrainError(f"{run_dir} is not a run directory (no config.json)")
-    try:
-        return from_dict(TrainConfig, json.loads(p.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise TrainError(f"{p} is not a valid elas config ({e})") from None
+    raise TrainError(why + " (and no checkpoint holds a copy)")
