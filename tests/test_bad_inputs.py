@@ -13,6 +13,8 @@ from conftest import TINY
 
 # (extra train arguments, a substring the one-line error must contain)
 TRAIN_CASES = [
+    (["--set", "model.act24.backend=cuda2"], "expected one of auto, reference, cuda"),
+    (["--set", "model.act24.backend=cuda"], "or 'reference'"),  # a message ending in a quote keeps it
     (["--set", "lr=none"], "'none' for lr"),
     (["--set", "batch_size=none"], "'none' for batch_size"),
     (["--set", "lr=abc"], "'abc' for lr"),
@@ -93,7 +95,7 @@ def _fail(args, capsys, want):
 @pytest.mark.parametrize("extra,want", TRAIN_CASES, ids=[" ".join(a) for a, _ in TRAIN_CASES])
 def test_bad_train_input(dataset, tmp_path, capsys, extra, want):
     import torch
-    if "CUDA is not available" in want and torch.cuda.is_available():
+    if ("CUDA is not available" in want or "backend=cuda" in " ".join(extra)) and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     out = tmp_path / "run"
     args = ["train", "--preset", "llama-tiny-elas", "--data", str(dataset), "--out", str(out), "--no-progress",

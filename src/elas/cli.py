@@ -117,6 +117,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _message(e: Exception) -> str:
+    """An exception's message as one line for the user (a KeyError's str() quotes it; others' are as written)."""
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
 def _parse_sets(items: list[str]) -> dict:
     out = {}
     for it in items or []:
@@ -190,7 +195,7 @@ def resolve_train_config(args: argparse.Namespace):
             from .export import check_init_from
             check_init_from(meta_model, cfg.model, Path(cfg.init_from))
     except (KeyError, ValueError, TypeError, TrainError) as e:
-        raise UserError(str(e).strip("'\"")) from None
+        raise UserError(_message(e)) from None
     return cfg
 
 
@@ -561,7 +566,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             if args.transfer_data:
                 check_transfer_data(args.data, args.transfer_data)
         except (ValueError, KeyError) as e:
-            raise UserError(str(e).strip("'\"")) from None
+            raise UserError(_message(e)) from None
         ensure_builtin_data(SimpleNamespace(data_dir=args.data))
         try:
             run_grid(args.size, variants, args.steps, args.data, out, args.batch_size, args.grad_accum, seeds,
