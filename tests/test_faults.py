@@ -203,6 +203,24 @@ def test_a_checkpoint_of_another_shape_is_a_one_line_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"does not fit this model \(size mismatch for .*: was it trained with"):
         load_checkpoint(latest_checkpoint(tmp_path), b)
 
+
+def test_a_resume_on_other_data_is_refused(dataset, reference, tmp_path):
+    """--resume --data OTHER (another tokenizer, or the same directory rebuilt) is refused before the model is built:
+    the checkpoint records the training split's SHA-1 and the vocabulary."""
+    import shutil
+    from elas.data import prepare
+    run = tmp_path / "run"
+    shutil.copytree(reference / "killed", run)
+    texts, other = tmp_path / "texts", tmp_path / "other"
+    texts.mkdir()
+    for i in range(40):
+        (texts / f"t{i}.txt").write_text(f"other text number {i} " * 200)
+    prepare(other, source="files", files=[str(texts)], vocab_size=300, val_frac=0.2, log=lambda *a: None)
+    r = run_cli(*train_args(other, run, *COMMON, "--resume"))
+    assert r.returncode == 2 and "is not the data checkpoint step-00000006 was trained on (train_sha1 " in r.stderr
+    assert "; vocab_size " in r.stderr and " -> 300)" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
 FULL_DISK = r"""
 import resource, signal, sys, json
 from pathlib import Path

@@ -641,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", help="step: comma-separated per-GPU batch sizes (default 32)")
     p.add_argument("--optimizer", choices=["adamw", "loro_adamw"], default="adamw",
                    help="step: the optimizer of every row (loro_adamw: low-rank variants only)")
-    p.add_argument("--modes", help="step: comma-separated modes among elas, torch.compile, eager (default: all)")
+    p.add_argument("--modes", help="step: comma-separated modes among elas, elas-fp32, torch.compile, eager (default: all)")
     p.add_argument("--no-profile", action="store_true", help="step: skip the per-row profile breakdown")
     p.add_argument("--solvers", help="loro: comma-separated SVD solvers of the exact step (default: all)")
     p.add_argument("--grad-rank", type=int, help="loro: directions from a gradient of this rank (as trained layers "

@@ -104,6 +104,22 @@ def truncate_metrics(path: Path, step: int) -> list[int]:
     return [i for i, _ in bad]
 
 
+def check_same_data(ckpt: Path, meta: dict, data_dir: str) -> None:
+    """A resume continues on the data its checkpoint was trained on: the training split's SHA-1 and the tokenizer's
+    vocabulary, as the checkpoint recorded them (checkpoints of older versions record none: not checked)."""
+    try:
+        saved = json.loads((Path(ckpt) / "trainer.json").read_text()).get("data") or {}
+    except (OSError, json.JSONDecodeError):
+        return
+    now = {"train_sha1": meta.get("train_sha1"), "vocab_size": meta.get("vocab_size")}
+    diff = [f"{k} {saved[k]} -> {now[k]}" for k in now if saved.get(k) is not None and now[k] is not None
+            and saved[k] != now[k]]
+    if diff:
+        raise TrainError(f"{data_dir} is not the data checkpoint {Path(ckpt).name} was trained on ({'; '.join(diff)}): "
+                         f"resume with the run's own data (--data), or start a new run (--out) from its weights "
+                         f"(`elas export`, then --init-from)")
+
+
 # run directory -> the descriptor of its lock file, for the run directories this process trains into
 _LOCKS: dict[str, int] = {}
 
@@ -224,6 +240,8 @@ class Trainer:
             raise TrainError(f"--resume: {self.run_dir} holds no checkpoint that verifies" +
                              (" (the damaged ones were moved aside as *.corrupt)" if found else "") +
                              "; drop --resume to start a new run there, or pass --resume auto")
+        if self.ckpt is not None:
+            check_same_data(self.ckpt, self.meta, cfg.data_dir)
         if self.dist.main:  # created only now that every check has passed
             check_writable(self.run_dir)
             lock_run_dir(self.run_dir)  # one process trains into a run directory at a time (a requeued job, say)
@@ -496,7 +514,8 @@ class Trainer:
     def save(self) -> None:
         state = {"step": self.step, "tokens": self.tokens, "data_position": self.step * self.global_batch,
                  "preset": self.cfg.preset, "elapsed_s": round(self.elapsed_s(), 3),
-                 "config": to_dict(self.cfg)}  # the run's config beside its weights (load_run_config)
+                 "config": to_dict(self.cfg),  # the run's config beside its weights (load_run_config)
+                 "data": {"train_sha1": self.meta.get("train_sha1"), "vocab_size": self.meta.get("vocab_size")}}
         try:
             if self.fsdp:  # every process writes its shards (collective; one process writes them all)
                 save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
