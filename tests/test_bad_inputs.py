@@ -212,7 +212,7 @@ def test_bad_data_prepare_arguments(tmp_path, capsys):
     _fail(["data", "prepare", "--out", str(tmp_path / "d"), *files, "--max-mb", "-1"], capsys, "max_mb=-1")
     _fail(["data", "prepare", "--out", str(tmp_path / "d"), "--vocab-size", "0"], capsys, "vocab_size=0")
     _fail(["data", "prepare", "--out", str(tmp_path / "d"), "--tokenizer", str(tmp_path)], capsys,
-          "cannot load tokenizer")
+          "holds no tokenizer.json")
     assert not (tmp_path / "d").exists()
 
 

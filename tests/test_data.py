@@ -129,3 +129,15 @@ def test_missing_dataset_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="not a prepared dataset"):
         load_meta(tmp_path / "empty")
+
+
+def test_a_missing_tokenizer_path_fails_at_once():
+    """A --tokenizer value that can only be a local path (a .json name, ./, /, more than one /) is a one-line error
+    at once, not after the hub's retries."""
+    import time
+    from elas.data.tokenizer import load_tokenizer
+    for spec in ("nothere.json", "./tok", "/no/such/dir", "a/b/c"):
+        t0 = time.time()
+        with pytest.raises(ValueError, match=f"tokenizer '{spec}': no such file or directory"):
+            load_tokenizer(spec)
+        assert time.time() - t0 < 1.0

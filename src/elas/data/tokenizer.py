@@ -35,6 +35,12 @@ def load_tokenizer(spec: str) -> Tokenizer:
             return Tokenizer.from_file(str(p))
         except Exception as e:
             raise ValueError(f"{p} is not a valid tokenizer.json ({e})") from None
+    if Path(spec).is_dir():
+        raise ValueError(f"tokenizer directory {spec!r} holds no tokenizer.json")
+    # a hub name is "name" or "org/name"; a value that can only be a local path fails here, not after the hub's retries
+    if spec.endswith(".json") or spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec:
+        raise ValueError(f"tokenizer {spec!r}: no such file or directory (a tokenizer.json, a directory holding one, "
+                         f"or a Hugging Face hub name)")
     try:
         return Tokenizer.from_pretrained(spec)
     except Exception as e:
