@@ -482,3 +482,23 @@ def test_a_dense_warm_up_that_covers_the_run_is_said(dataset, tmp_path):
     assert r.returncode == 0, r.stderr
     assert ("act24 stays dense for the whole run: its dense warm-up (dense_warmup_steps=4) is not shorter than "
             "max_steps=3") in r.stdout + r.stderr
+
+
+def test_a_failed_background_checkpoint_stops_the_run_within_a_step(dataset, tmp_path, monkeypatch, capsys):
+    """async_save: a write that fails (here the first checkpoint's, at step 4) stops the run at the first step
+    after the write ended, in one line, not at the next save (step 8)."""
+    from elas.train import checkpoint as ck
+    real = ck._write_hashed
+
+    def failing(path, write):
+        if "step-00000004" in str(path):
+            raise OSError(28, "No space left on device")
+        return real(path, write)
+
+    monkeypatch.setattr(ck, "_write_hashed", failing)
+    rc = main(train_args(dataset, tmp_path / "run", "--max-steps", "40", "--set", "save_every=4",
+                         "--set", "eval_every=100"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "No space left on device" in err, err
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) < 8, steps  # stopped before the next save (step 8) would have reported it

@@ -242,7 +242,7 @@ def _finish(tmp: Path, final: Path, trainer_state: dict, hashes: dict[str, str] 
 
 class BackgroundSaver:
     """Writes one checkpoint at a time on a thread while training goes on: `submit(write)` waits for the previous
-    write, then starts this one. A write's error is raised by the next `submit` or `wait`. At 7B a one-file
+    write, then starts this one. A write's error is raised by the next `check` (each step), `submit` or `wait`. At 7B a one-file
     checkpoint (36 GB) took ~85 s to write, longer than the 200 steps between two saves."""
 
     def __init__(self):
@@ -262,6 +262,12 @@ class BackgroundSaver:
 
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def check(self) -> None:
+        """Raise the error of a write that has already finished (without waiting for one in flight): the trainer asks
+        every step, so a failed checkpoint stops the run within a step, not a save interval later."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
 
     def wait(self) -> None:
         """Block until the write in flight (if any) has finished; raise its error."""

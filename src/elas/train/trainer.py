@@ -423,6 +423,11 @@ class Trainer:
                 self.tokens += self.global_batch * cfg.seq_len
                 if bar is not None:
                     bar.update(1)
+                if self.saver is not None and d.main:
+                    try:
+                        self.saver.check()  # a background checkpoint that failed stops the run now
+                    except CheckpointError as e:
+                        raise TrainError(str(e)) from None
                 if step == fault:  # a kill after this step, with the checkpoints before it on disk
                     self.saver.wait()
                     os.kill(os.getpid(), signal.SIGKILL)
