@@ -349,3 +349,16 @@ def test_a_grid_killed_at_a_runs_summary_resumes_it_and_refuses_other_settings(d
     with pytest.raises(ValueError, match="batch_size 2 -> 3"):
         experiment.run_grid("llama-tiny", ["relu2"], 2, str(dataset), tmp_path, batch_size=3, grad_accum=1)
     assert json.loads((run / "config.json").read_text())["max_steps"] == 2  # the run was left alone
+
+
+def test_resuming_a_complete_run_or_another_length_is_said(dataset, reference, tmp_path):
+    """A resume of a finished run says it is complete; one with another --max-steps warns that the schedule
+    changes from the resumed step on."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(reference / "ref", run)
+    r = run_cli("train", "--out", str(run), "--no-progress", "--resume")
+    assert r.returncode == 0 and "the run is complete (step 8 of max_steps=8)" in r.stdout + r.stderr
+    r = run_cli("train", "--out", str(run), "--no-progress", "--resume", "--max-steps", "10")
+    assert r.returncode == 0, r.stderr
+    assert "max_steps 8 -> 10: the learning-rate schedule" in r.stdout + r.stderr

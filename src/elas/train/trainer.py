@@ -262,6 +262,7 @@ class Trainer:
         except (ValueError, TypeError) as e:  # a method that cannot apply (2:4 on SwiGLU), a bad --init-from
             raise TrainError(str(e)) from None
         self.step, self.tokens = 0, 0
+        self.saved_max_steps = None  # the max_steps the resumed checkpoint was trained towards (its config copy)
         self.modes: tuple = ()  # the sparsity methods' modes at the current step
         sharded_ckpt = self.ckpt is not None and is_sharded_checkpoint(self.ckpt)
         if self.ckpt is not None and not sharded_ckpt:  # weights into the whole model, before any sharding
@@ -274,6 +275,7 @@ class Trainer:
                 raise TrainError(str(e)) from None
             self.step, self.tokens = state["step"], state["tokens"]
             self.elapsed_before = float(state.get("elapsed_s", 0.0))  # absent in checkpoints of older versions
+            self.saved_max_steps = (state.get("config") or {}).get("max_steps")
         # compiled regions on CUDA (CPU runs stay eager: CI and demos need no compiler); then DDP wraps the model,
         # or FSDP2 shards it (parameters become DTensors: the optimizer is built on the shards)
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
@@ -304,6 +306,7 @@ class Trainer:
                     state = load_sharded_checkpoint(self.ckpt, self.model, self.optimizer)
                     self.step, self.tokens = state["step"], state["tokens"]
                     self.elapsed_before = float(state.get("elapsed_s", 0.0))
+                    self.saved_max_steps = (state.get("config") or {}).get("max_steps")
                 else:
                     load_optimizer(self.ckpt, self.model, self.optimizer)
             except CheckpointError as e:
@@ -389,6 +392,13 @@ class Trainer:
                          "(activation_checkpointing=true)")
             if self.ckpt is not None:
                 self.log(f"elas: resumed from {self.ckpt} at step {self.step}")
+                if self.step >= cfg.max_steps:
+                    self.log(f"elas: the run is complete (step {self.step} of max_steps={cfg.max_steps}): nothing to "
+                             f"train; raise --max-steps to extend it")
+                elif self.saved_max_steps not in (None, cfg.max_steps):
+                    self.log(f"elas: warning: max_steps {self.saved_max_steps} -> {cfg.max_steps}: the learning-rate "
+                             f"schedule (warm-up, then cosine to step {cfg.max_steps}) changes from step {self.step} "
+                             f"on, so the losses from here differ from a run planned for either length")
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
             if d.main and _is_main_thread() else {}
         bar = None
