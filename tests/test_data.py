@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,3 +142,21 @@ def test_a_missing_tokenizer_path_fails_at_once():
         with pytest.raises(ValueError, match=f"tokenizer '{spec}': no such file or directory"):
             load_tokenizer(spec)
         assert time.time() - t0 < 1.0
+
+
+def test_the_builtin_dataset_is_prepared_however_its_path_is_spelled(tmp_path, monkeypatch):
+    """data/builtin-8k as ./data/builtin-8k or its absolute path is still the built-in dataset, prepared on first
+    use (it was refused as missing); any other missing directory is not prepared."""
+    import types
+
+    import elas.data
+    from elas.cli import ensure_builtin_data
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    monkeypatch.setattr(elas.data, "prepare", lambda d, **kw: calls.append((Path(d), kw["vocab_size"])))
+    for spelled in ("data/builtin-8k", "./data/builtin-8k", str(tmp_path / "data" / "builtin-8k"),
+                    "data/builtin-8k/"):
+        ensure_builtin_data(types.SimpleNamespace(data_dir=spelled))
+    assert [v for _, v in calls] == [8192] * 4
+    ensure_builtin_data(types.SimpleNamespace(data_dir="data/mine"))
+    assert len(calls) == 4

@@ -206,7 +206,8 @@ def ensure_builtin_data(cfg) -> None:
 
     from .data import DataError, prepare
     d = Path(cfg.data_dir)
-    key = cfg.data_dir.rstrip("/")
+    # data/builtin-8k however it is spelled (./data/builtin-8k, its absolute path from here)
+    key = os.path.normpath(os.path.relpath(d.absolute()))
     if key not in BUILTIN_DATA or (d / "meta.json").exists():
         return
     if int(os.environ.get("RANK", "0")) != 0:
