@@ -258,3 +258,14 @@ def test_a_closed_pipe_is_not_a_traceback():
     r = subprocess.run(f"{sys.executable} -m elas model --list | head -1", shell=True, capture_output=True, text=True,
                        timeout=120)
     assert r.stdout.strip() == "llama-tiny" and "Traceback" not in r.stderr and "Broken pipe" not in r.stderr
+
+
+def test_grid_on_a_builtin_corpus_of_another_vocabulary_fails_before_preparing_it(tmp_path, capsys, monkeypatch):
+    """`elas experiment --size llama-tiny` with the default --data (the 32k-token built-in corpus, ~2 min to
+    prepare) names the 8k one, before anything is prepared (it failed after the preparation, naming a --set flag
+    that experiment does not have)."""
+    monkeypatch.chdir(tmp_path)
+    _fail(["experiment", "--size", "llama-tiny", "--steps", "10", "--out", str(tmp_path / "g")], capsys,
+          "--size llama-tiny has vocab_size 8192, but --data data/builtin would be prepared with a 32000-token "
+          "vocabulary: use --data data/builtin-8k")
+    assert not (tmp_path / "data").exists()

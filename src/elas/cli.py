@@ -562,12 +562,20 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
         from .train.experiment import check_transfer_data, variant_config
         try:  # every variant and key, and the transfer set, before any data is prepared
-            for v in variants:
-                variant_config(args.size, v, args.steps, args.data, out, args.batch_size, args.grad_accum)
+            cfgs = [variant_config(args.size, v, args.steps, args.data, out, args.batch_size, args.grad_accum)
+                    for v in variants]
             if args.transfer_data:
                 check_transfer_data(args.data, args.transfer_data)
         except (ValueError, KeyError) as e:
             raise UserError(_message(e)) from None
+        builtin = BUILTIN_DATA.get(os.path.normpath(os.path.relpath(Path(args.data).absolute())))
+        if builtin and not (Path(args.data) / "meta.json").exists():  # its vocabulary is known before it is made
+            small = min(c.model.vocab_size for c in cfgs)
+            if builtin[0] > small:
+                fits = [k for k, (v, _) in BUILTIN_DATA.items() if v <= small]
+                raise UserError(f"--size {args.size} has vocab_size {small}, but --data {args.data} would be prepared "
+                                f"with a {builtin[0]}-token vocabulary: " +
+                                (f"use --data {fits[0]}" if fits else "prepare a dataset with a smaller --vocab-size"))
         ensure_builtin_data(SimpleNamespace(data_dir=args.data))
         try:
             run_grid(args.size, variants, args.steps, args.data, out, args.batch_size, args.grad_accum, seeds,
