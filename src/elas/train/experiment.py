@@ -12,6 +12,7 @@ run directory holding a run of other settings, another --steps or --size, is ref
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -170,7 +171,9 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
         # each run compiles its own model: dynamo's cache of the previous runs' graphs would only count towards
         # the recompile limit of the shared code objects (a hard failure under fullgraph after ~8 entries)
         torch._dynamo.reset()
-        trainer = Trainer(cfg, resume="auto", progress=False, log=log)
+        # a step bar per run where a person watches (a terminal); logs and CI get the log lines alone
+        trainer = Trainer(cfg, resume="auto", progress=sys.stderr.isatty(), log=log)
+        log(f"{name}: run {len(rows) + 1} of {len(cfgs)}")
         try:
             res = trainer.fit()
             extra = {}
