@@ -502,3 +502,20 @@ def test_a_failed_background_checkpoint_stops_the_run_within_a_step(dataset, tmp
     assert rc == 2 and "No space left on device" in err, err
     steps = [json.loads(ln)["step"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) < 8, steps  # stopped before the next save (step 8) would have reported it
+
+
+def test_a_run_keeps_its_tokenizer_when_its_dataset_moves(dataset, tmp_path, capsys):
+    """The run directory holds a copy of its dataset's tokenizer.json: after the dataset is moved away, generate
+    decodes with it and export writes it beside the weights (it wrote none, silently)."""
+    import shutil
+    data, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(dataset, data)
+    assert main(train_args(data, out, "--max-steps", "2", "--set", "eval_every=100")) == 0
+    assert (out / "tokenizer.json").read_bytes() == (data / "tokenizer.json").read_bytes()
+    shutil.move(data, tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["generate", "--run", str(out), "--max-new-tokens", "4", "--prompt", "import "]) == 0
+    assert capsys.readouterr().out.startswith("import ")
+    pytest.importorskip("transformers")
+    assert main(["export", "--run", str(out), "--to", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()

@@ -364,7 +364,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         meta = load_meta(data)
         if meta["vocab_size"] > cfg.model.vocab_size:
             raise UserError(f"dataset {data} has vocab {meta['vocab_size']} but the model has {cfg.model.vocab_size}")
-        own, other = Path(cfg.data_dir) / "tokenizer.json", Path(data) / "tokenizer.json"
+        from .train.trainer import run_tokenizer
+        own, other = run_tokenizer(args.run, cfg), Path(data) / "tokenizer.json"
         if own.is_file() and own.read_bytes() != other.read_bytes():  # its perplexity would mean nothing
             raise UserError(f"dataset {data} was tokenized with another tokenizer than the run's data "
                             f"{cfg.data_dir}; prepare it with --tokenizer {cfg.data_dir}")
@@ -406,7 +407,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     args.device = "cpu"
     cfg, model, _, _ = _load_run(args)
     try:
-        export_hf(model, cfg.model, Path(cfg.data_dir) / "tokenizer.json", out)
+        from .train.trainer import run_tokenizer
+        export_hf(model, cfg.model, run_tokenizer(args.run, cfg), out)
     except (RuntimeError, OSError) as e:
         raise UserError(str(e).splitlines()[0]) from None
     return 0
@@ -423,7 +425,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise UserError(f"{name} {value} is invalid: expected >= {lo}")
     cfg, model, _, device = _load_run(args)
     try:
-        tok = load_tokenizer(str(Path(cfg.data_dir) / "tokenizer.json"))
+        from .train.trainer import run_tokenizer
+        tok = load_tokenizer(str(run_tokenizer(args.run, cfg)))
     except ValueError as e:
         raise UserError(str(e)) from None
     ids = tok.encode(args.prompt).ids or [eot_id(tok)]

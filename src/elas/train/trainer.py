@@ -104,6 +104,13 @@ def truncate_metrics(path: Path, step: int) -> list[int]:
     return [i for i, _ in bad]
 
 
+def run_tokenizer(run_dir: str | Path, cfg: TrainConfig) -> Path:
+    """The tokenizer.json of a run: its own copy (written at its start), else its dataset's (runs of older
+    versions)."""
+    own = Path(run_dir) / "tokenizer.json"
+    return own if own.is_file() else Path(cfg.data_dir) / "tokenizer.json"
+
+
 def check_same_data(ckpt: Path, meta: dict, data_dir: str) -> None:
     """A resume continues on the data its checkpoint was trained on: the training split's SHA-1 and the tokenizer's
     vocabulary, as the checkpoint recorded them (checkpoints of older versions record none: not checked)."""
@@ -369,6 +376,10 @@ class Trainer:
             # atomic: a full disk or a kill mid-write must not leave the run without its config (each checkpoint
             # holds a copy too: load_run_config)
             write_atomic(self.run_dir / "config.json", json.dumps(to_dict(cfg), indent=2).encode())
+            # the run keeps its tokenizer beside it: generate and export work after the dataset moves or goes
+            tok = Path(cfg.data_dir) / "tokenizer.json"
+            if tok.is_file() and not (self.run_dir / "tokenizer.json").is_file():
+                write_atomic(self.run_dir / "tokenizer.json", tok.read_bytes())
             dropped = truncate_metrics(self.metrics_path, self.step)
             if dropped:
                 self.log(f"elas: {len(dropped)} unreadable line(s) of {self.metrics_path.name} moved to "
