@@ -16,6 +16,7 @@ TRAIN_CASES = [
     (["--set", "model.act24.backend=cuda2"], "expected one of auto, reference, cuda"),
     (["--set", "model.act24.backend=cuda"], "or 'reference'"),  # a message ending in a quote keeps it
     (["--set", "lr=none"], "'none' for lr"),
+    (["--set", "lr=inf"], "lr=inf (> 0 and finite)"),
     (["--set", "batch_size=none"], "'none' for batch_size"),
     (["--set", "lr=abc"], "'abc' for lr"),
     (["--set", "lr=0"], "lr=0"),

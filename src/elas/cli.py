@@ -67,6 +67,8 @@ def cmd_model(args: argparse.Namespace) -> int:
         for name in MODEL_PRESETS:
             print(name)
         return 0
+    if args.seq_len <= 0:
+        raise UserError(f"--seq-len {args.seq_len} is invalid: expected a positive number of tokens")
     cfg = resolve_model(args.preset or "llama-60m", args)
     try:
         summary = model_summary(cfg, seq_len=args.seq_len)

@@ -340,8 +340,8 @@ class TrainConfig:
             raise ValueError(f"invalid parallel={self.parallel!r}: expected one of {PARALLEL}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"invalid optimizer={self.optimizer!r}: expected one of {OPTIMIZERS}")
-        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
-            raise ValueError(f"invalid schedule: lr={self.lr} (> 0), min_lr_ratio={self.min_lr_ratio} (in [0, 1]), "
+        if not 0 < self.lr < math.inf or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
+            raise ValueError(f"invalid schedule: lr={self.lr} (> 0 and finite), min_lr_ratio={self.min_lr_ratio} (in [0, 1]), "
                              f"warmup_steps={self.warmup_steps} (>= 0)")
 
 
