@@ -175,6 +175,7 @@ def test_bad_eval_and_generate_arguments(tmp_path, capsys):
     _fail(["generate", "--run", str(tmp_path), "--max-new-tokens", "-3"], capsys, "--max-new-tokens -3")
     _fail(["generate", "--run", str(tmp_path), "--top-k", "-2"], capsys, "--top-k -2")
     _fail(["model", "--preset", "llama-tiny", "--rank", "1000"], capsys, "model.rank=1000")
+    _fail(["model", "--preset", "llama-tiny", "--seq-len", "-5"], capsys, "--seq-len -5 is invalid")
     _fail(["model", "--preset", "llama-60m", "--grad-mode", "mask"], capsys, "--act-sparsity 2:4")
     # the quality grid's arguments, before any data is prepared
     grid = ["experiment", "--size", "llama-tiny", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "q")]
