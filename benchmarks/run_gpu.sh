@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh STAGE...
-# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass cutlass_probe cutlass_relu2 norm elas_cutlass quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
+# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass cutlass_probe cutlass_relu2 norm target elas_cutlass quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
 # the step benchmark and the test selection. Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
 # machine), are copied there too, with the tuned cuSPARSELt algorithm cache.
 set -u
@@ -82,6 +82,12 @@ for what in "${@:-tests kernels ffn}"; do
         k=${ELAS_CUTLASS_RELU2:+,$v+relu2_kernel=cutlass,$v+rope_kernel=cutlass,$v+fuse_qkv=true+rope_kernel=cutlass,$all,$all+fuse_qkv=true}
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
           --variants "$v,$v+norm_kernel=fused$k" --out "${NORM_OUT:-benchmarks/results/$GPU/step_norm}" 2>&1 | quiet ;;
+      target)  # the 1.2x target's row in one process: the dense 1B twin in elas mode, with the keys that won
+               # (relu2_kernel=cutlass, norm_kernel=fused; ELAS_CUTLASS_RELU2, carry build/cutlass_relu2), and plain
+               # torch.compile of the same model
+        v=lowrank-relu2; k=${ELAS_CUTLASS_RELU2:+,$v+relu2_kernel=cutlass+norm_kernel=fused}
+        timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b \
+          --modes elas,torch.compile --variants "$v$k" --out "${TARGET_OUT:-benchmarks/results/$GPU/step_target}" 2>&1 | quiet ;;
       elas_cutlass)  # the 1B ELAS step with its d_ff-wide GEMMs on CUTLASS (act24.cutlass=true: the up-projection
                      # with the sparsifier and the dy2 GEMM with the backward's pointwise work in their epilogues),
                      # beside ELAS today and the dense twin with and without its own CUTLASS forward; needs
