@@ -1,12 +1,13 @@
 """One launch of each CUTLASS ReLU^2-library form at the 1B low-rank up-projection's shape, for Nsight Compute:
 
-    ncu --clock-control none -k regex:cutlass --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    ncu --clock-control none -k regex:device_kernel --section SpeedOfLight --section MemoryWorkloadAnalysis \
         --section WarpStateStats python benchmarks/cutlass_ncu.py [CONFIG]
 
 Launch order: plain (mode 0), relu2 (1), ste_grad (4), ste_grad_y2s (5), relu2_pack24 (6), then the rotary GEMM for
 q alone ([8192, 512] x [512, 2048]) and for q, k, v batched. CONFIG: the configuration index (default 0). Where the
 epilogue's second output (y2s, the packed 2:4 buffer) or the rotation costs its time shows against plain and relu2.
-Needs $ELAS_CUTLASS_RELU2 and a Hopper GPU.
+Needs $ELAS_CUTLASS_RELU2 and a Hopper GPU. (ncu names the library's kernels by their base name, `device_kernel`:
+a filter on "cutlass" matches none.)
 """
 import sys
 
