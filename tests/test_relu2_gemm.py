@@ -36,6 +36,44 @@ def test_sqrt_of_the_bf16_square_rebuilds_every_bf16_value():
     assert torch.equal(back[normal], r[normal])
 
 
+
+def _keep24_by_keys(y1: torch.Tensor) -> torch.Tensor:
+    """The CUTLASS epilogues' 2:4 choice (relu2_gemm.cu, keep24_keys) in torch: each square's fp32 bits with
+    3 - column in the low 2 bits, the two largest keys of each group of 4 kept. bool [M, N]."""
+    sq = torch.relu(y1.float()) ** 2  # (+0 for non-positive y1: relu gives +0)
+    m, n = sq.shape
+    bits = sq.view(torch.int32).to(torch.int64).view(m, n // 4, 4)  # non-negative floats: bits order as values
+    keys = bits | (3 - torch.arange(4)).view(1, 1, 4)
+    top2 = keys.topk(2, dim=-1).indices
+    return torch.zeros(m, n // 4, 4, dtype=torch.bool).scatter_(2, top2, True).view(m, n)
+
+
+def test_the_square_of_every_bf16_value_leaves_the_keys_low_bits_free():
+    """keep24_keys puts the column in the low 2 bits of a square's fp32 bits: they are zero for the square of every
+    positive bf16 value whose square is a normal fp32 (a bf16 significand has 8 bits, its square at most 16 of the
+    24), so the key orders as the square does."""
+    r = torch.arange(1, 0x7F80, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    sq = r.float() ** 2
+    normal = torch.isfinite(sq) & (sq >= torch.finfo(torch.float32).tiny)
+    assert normal.sum() > 16000
+    assert not (sq[normal].view(torch.int32) & 0xFF).any()
+
+
+@pytest.mark.parametrize("kind", ["ties", "random", "zeros"])
+def test_the_choice_by_keys_is_the_reference_rule(kind):
+    """The top two keys of a group keep what the reference keeps (the larger squares, ties to the earlier column),
+    on groups full of ties, zeros and negatives, and on random bf16 values."""
+    from elas.kernels import reference as ref
+    g = torch.Generator().manual_seed(0)
+    if kind == "ties":
+        y1 = torch.randint(-3, 4, (4096, 64), generator=g).to(torch.bfloat16)
+    elif kind == "zeros":
+        y1 = torch.randint(-1, 2, (4096, 64), generator=g).to(torch.bfloat16)
+    else:
+        y1 = torch.randn(4096, 64, generator=g).to(torch.bfloat16)
+    want = ref.relu2_sparsify24(y1)[1]
+    assert torch.equal(_keep24_by_keys(y1), want)
+
 @pytest.mark.parametrize("m, n, k, cfg", [(200, 77, 48, (64, 32, 16, 4, 2)), (64, 64, 64, (64, 64, 32, 4, 2)),
                                           (130, 300, 24, (128, 64, 8, 4, 2)), (100, 136, 16, (64, 64, 16, 4, 2))])
 def test_kernels_bit_identical_to_the_unfused_ops(m, n, k, cfg):

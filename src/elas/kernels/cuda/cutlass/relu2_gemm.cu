@@ -121,9 +121,31 @@ struct SteGradAfterStore {
 template <class T, int N>
 struct SteGradAfterStore<cutlass::Array<T, N>> : Elementwise<SteGradAfterStore, T, N> {};
 
+#if defined(__CUDA_ARCH__)
+// The 2:4 choice of one group by keys: a key is a square's fp32 bits (a non-negative float, so keys order as the
+// values) with 3 - column in its low 2 bits, which are zero in the square of a bf16 value (at most 16 significant
+// bits; tests/test_relu2_gemm.py checks every bf16 value). The two largest of the group's four keys are then the
+// rule's choice (the larger square; of equal ones the earlier column), by six integer min/max where comparing the
+// squares took ~30 instructions. (A subnormal square's low bits need not be zero: two such squares within 3 ulps
+// of each other may be chosen otherwise than the rule does.)
+// s0, s1: this lane's squares (+0 for a non-positive y1), its group's columns c, c + 1, c = 0 on the even lane of
+// the pair and 2 on the odd one. Returns this lane's keys (k0, k1) and the kept keys t1 > t2 (the same in both
+// lanes). Every lane of the warp calls it together (one shuffle each way).
+CUTLASS_DEVICE void keep24_keys(float s0, float s1, bool even, uint32_t& k0, uint32_t& k1, uint32_t& t1,
+                                uint32_t& t2) {
+  uint32_t const c = even ? 0u : 2u;
+  k0 = __float_as_uint(s0) | (3u - c);
+  k1 = __float_as_uint(s1) | (2u - c);
+  uint32_t const p0 = __shfl_xor_sync(0xffffffffu, k0, 1), p1 = __shfl_xor_sync(0xffffffffu, k1, 1);
+  uint32_t const m1 = max(k0, k1), n1 = min(k0, k1), m2 = max(p0, p1), n2 = min(p0, p1);
+  t1 = max(m1, m2);
+  t2 = max(min(m1, m2), max(n1, n2));
+}
+#endif
+
 // y1 -> y2s = relu(y1)^2 with 2 of every 4 columns kept, chosen on the exact fp32 squares by the rule of the
 // Triton kernels' _keep24: i is kept when fewer than 2 others beat it, j beating i if its square is larger, or
-// equal and j earlier.
+// equal and j earlier (keep24_keys).
 //
 // Where the 4 columns of a group live: the epilogue hands each thread its fragment of the accumulator tile in the
 // Hopper MMA's register layout (also stmatrix's source layout): elements 2i and 2i+1 are one row's columns c and
@@ -142,21 +164,16 @@ struct Relu2Keep24<cutlass::Array<T, N>> {
   CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& y1) const {
     cutlass::Array<T, N> out;
 #if defined(__CUDA_ARCH__)
-    bool const first = (threadIdx.x & 1) == 0;  // holds columns 0, 1 of its group
+    bool const even = (threadIdx.x & 1) == 0;  // holds columns 0, 1 of its group
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < N; i += 2) {
       float a = static_cast<float>(y1[i]), b = static_cast<float>(y1[i + 1]);
-      a = a > 0.f ? a * a : 0.f;  // exact: y1 is a bf16 value
+      a = a > 0.f ? a * a : 0.f;  // exact: y1 is a bf16 value (and +0, never -0, for the keys)
       b = b > 0.f ? b * b : 0.f;
-      float pa = __shfl_xor_sync(0xffffffffu, a, 1), pb = __shfl_xor_sync(0xffffffffu, b, 1);
-      float x0 = first ? a : pa, x1 = first ? b : pb, x2 = first ? pa : a, x3 = first ? pb : b;
-      bool b01 = x1 > x0, b02 = x2 > x0, b03 = x3 > x0, b12 = x2 > x1, b13 = x3 > x1, b23 = x3 > x2;
-      // kept: fewer than 2 of the three "others beat me" flags set
-      auto fewer2 = [](bool p, bool q, bool r) { return !((p && q) || (p && r) || (q && r)); };
-      bool k0 = fewer2(b01, b02, b03), k1 = fewer2(!b01, b12, b13);
-      bool k2 = fewer2(!b02, !b12, b23), k3 = fewer2(!b03, !b13, !b23);
-      out[i] = T((first ? k0 : k2) ? a : 0.f);
-      out[i + 1] = T((first ? k1 : k3) ? b : 0.f);
+      uint32_t k0, k1, t1, t2;
+      keep24_keys(a, b, even, k0, k1, t1, t2);
+      out[i] = T((k0 == t1 || k0 == t2) ? a : 0.f);
+      out[i + 1] = T((k1 == t1 || k1 == t2) ? b : 0.f);
     }
 #endif
     return out;
@@ -267,38 +284,37 @@ struct Pack24Store : CoordNode<Pack24Store, Pack24Args> {
     // nibble i0 | i1 << 2; both lanes of a pair compute the same (they hold the same four values)
     uint32_t kept[8];
     uint32_t nib[8];
-    bool const first = (lane & 1) == 0;  // holds its group's columns 0, 1
+    bool const even = (lane & 1) == 0;  // holds its group's columns 0, 1
     CUTLASS_PRAGMA_UNROLL
     for (int p = 0; p < 8; ++p) {
       float a = static_cast<float>(frg_input[2 * p]), b = static_cast<float>(frg_input[2 * p + 1]);
-      a = a > 0.f ? a * a : 0.f;  // exact: y1 is a bf16 value
+      a = a > 0.f ? a * a : 0.f;  // exact: y1 is a bf16 value (and +0, never -0, for the keys)
       b = b > 0.f ? b * b : 0.f;
-      float pa = __shfl_xor_sync(0xffffffffu, a, 1), pb = __shfl_xor_sync(0xffffffffu, b, 1);
-      float x0 = first ? a : pa, x1 = first ? b : pb, x2 = first ? pa : a, x3 = first ? pb : b;
-      bool b01 = x1 > x0, b02 = x2 > x0, b03 = x3 > x0, b12 = x2 > x1, b13 = x3 > x1, b23 = x3 > x2;
-      auto fewer2 = [](bool u, bool v, bool w) { return !((u && v) || (u && w) || (v && w)); };
-      bool k0 = fewer2(b01, b02, b03), k1 = fewer2(!b01, b12, b13);
-      bool k2 = fewer2(!b02, !b12, b23), k3 = fewer2(!b03, !b13, !b23);
-      int const i0 = k0 ? 0 : (k1 ? 1 : 2), i1 = k3 ? 3 : (k2 ? 2 : 1);
-      nib[p] = static_cast<uint32_t>(i0 | (i1 << 2));
-      float v0 = k0 ? x0 : (k1 ? x1 : x2), v1 = k3 ? x3 : (k2 ? x2 : x1);
-      __nv_bfloat162 pair = __floats2bfloat162_rn(v0, v1);  // (v0 low: the earlier column)
-      kept[p] = *reinterpret_cast<uint32_t*>(&pair);
+      uint32_t k0, k1, t1, t2;
+      keep24_keys(a, b, even, k0, k1, t1, t2);
+      // the kept columns are 3 - the keys' low bits; the earlier one is the larger low bits. Its value is the key
+      // with those bits cleared: the square itself, whose low bits were zero
+      bool const t1_first = (t1 & 3u) > (t2 & 3u);
+      uint32_t const e = t1_first ? t1 : t2, l = t1_first ? t2 : t1;
+      nib[p] = (3u - (e & 3u)) | ((3u - (l & 3u)) << 2);
+      __nv_bfloat162 pair = __floats2bfloat162_rn(__uint_as_float(e & ~3u), __uint_as_float(l & ~3u));
+      kept[p] = *reinterpret_cast<uint32_t*>(&pair);  // (the earlier column's value low)
     }
     // values: in a quad, lanes 0, 1 hold the row's even groups 0, 2, 4, 6 (j = 0..3) and lanes 2, 3 the odd ones.
     // Lane q writes row r0 + 8 hw, groups 4 jb .. 4 jb + 3 (16 bytes), hw = q >> 1, jb = q & 1: its own parity's
     // two groups there, and the other parity's two from lane q ^ 2, which sends the pair it holds at (j, h) =
     // (2 jb + k, 1 - hw) for k = 0, 1 (the receiver's row and block).
     int const q = lane & 3, hw = q >> 1, jb = q & 1;
-    auto at = [&](int j, int h) {  // kept[2j + h] with j, h known only at run time: selects, not local memory
-      uint32_t v = 0;
-      CUTLASS_PRAGMA_UNROLL
-      for (int p = 0; p < 8; ++p) v = (p == 2 * j + h) ? kept[p] : v;
-      return v;
+    // kept[2j + h] for j = 2 jb + k: every index a constant and the lane's jb, h chosen by selects (an index known
+    // only at run time puts the array in local memory: a 32-byte stack frame in the first form of this)
+    auto pick = [&](int k, int h) -> uint32_t {
+      uint32_t const lo = h ? kept[2 * k + 1] : kept[2 * k];          // jb = 0: j = k
+      uint32_t const hi = h ? kept[2 * k + 5] : kept[2 * k + 4];      // jb = 1: j = 2 + k
+      return jb ? hi : lo;
     };
-    uint32_t const own0 = at(2 * jb, hw), own1 = at(2 * jb + 1, hw);
-    uint32_t const got0 = __shfl_xor_sync(0xffffffffu, at(2 * jb, 1 - hw), 2);
-    uint32_t const got1 = __shfl_xor_sync(0xffffffffu, at(2 * jb + 1, 1 - hw), 2);
+    uint32_t const own0 = pick(0, hw), own1 = pick(1, hw);
+    uint32_t const got0 = __shfl_xor_sync(0xffffffffu, pick(0, 1 - hw), 2);
+    uint32_t const got1 = __shfl_xor_sync(0xffffffffu, pick(1, 1 - hw), 2);
     int const row = r0 + 8 * hw;
     if (row < M && col0 < N) {
       bool const even = hw == 0;  // lanes 0, 1 hold the even groups: the chunk is (even, odd, even, odd)
