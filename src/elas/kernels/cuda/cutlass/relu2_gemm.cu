@@ -636,17 +636,21 @@ using Ping = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
 using PingEpi = cutlass::epilogue::TmaWarpSpecialized;
 
 // the tiles cuBLAS picks at these shapes (nvjet 256x128, 128x256, 64x128 in the 1B step's profile) and their
-// neighbours; K = 64 per stage (bf16: 128 bytes, one TMA swizzle width)
+// neighbours; K = 64 per stage (bf16: 128 bytes, one TMA swizzle width). The ping-pong ones run one consumer warp
+// group's epilogue under the other's MMA: for the epilogues with real work (the 2:4 choice), which a cooperative
+// kernel cannot overlap with the tile's mainloop (performance.md: modes 5 and 6 on the H200)
 #define ELAS_CONFIGS(F)                                                          \
   DenseGemm<F, Shape<_128, _256, _64>, Shape<_1, _1, _1>, Coop, CoopEpi>,        \
   DenseGemm<F, Shape<_128, _256, _64>, Shape<_2, _1, _1>, Coop, CoopEpi>,        \
   DenseGemm<F, Shape<_256, _128, _64>, Shape<_1, _1, _1>, Coop, CoopEpi>,        \
   DenseGemm<F, Shape<_256, _128, _64>, Shape<_1, _2, _1>, Coop, CoopEpi>,        \
   DenseGemm<F, Shape<_128, _128, _64>, Shape<_1, _1, _1>, Coop, CoopEpi>,        \
-  DenseGemm<F, Shape<_64, _256, _64>, Shape<_1, _1, _1>, Ping, PingEpi>
+  DenseGemm<F, Shape<_64, _256, _64>, Shape<_1, _1, _1>, Ping, PingEpi>,         \
+  DenseGemm<F, Shape<_128, _128, _64>, Shape<_1, _1, _1>, Ping, PingEpi>
 const char* kNames[] = {"128x256x64 coop 1x1", "128x256x64 coop 2x1", "256x128x64 coop 1x1",
-                        "256x128x64 coop 1x2", "128x128x64 coop 1x1", "64x256x64 pingpong 1x1"};
-constexpr int kConfigs = 6;
+                        "256x128x64 coop 1x2", "128x128x64 coop 1x1", "64x256x64 pingpong 1x1",
+                        "128x128x64 pingpong 1x1"};
+constexpr int kConfigs = 7;
 
 template <class... Configs>
 struct Table {
