@@ -8,13 +8,49 @@ q alone ([8192, 512] x [512, 2048]) and for q, k, v batched. CONFIG: the configu
 epilogue's second output (y2s, the packed 2:4 buffer) or the rotation costs its time shows against plain and relu2.
 Needs $ELAS_CUTLASS_RELU2 and a Hopper GPU. (ncu names the library's kernels by their base name, `device_kernel`:
 a filter on "cutlass" matches none.)
+
+    python benchmarks/cutlass_ncu.py --summarize OUT.json NCU_TXT...
+
+reads ncu's text reports of such runs (one per configuration; `-c 5` keeps the five GEMM forms) into one JSON row
+per kernel: the form (by launch order), duration, SM frequency, executed instructions, SM and memory throughput,
+warp cycles per issued instruction. Runs anywhere (no GPU).
 """
+import json
+import re
 import sys
 
-import torch
+FORMS = ("plain", "relu2", "ste_grad", "ste_grad_y2s", "relu2_pack24", "rope_q", "rope_qkv")  # the launch order below
+METRICS = {"duration_us": "Duration", "sm_ghz": "SM Frequency", "instructions": "Executed Instructions",
+           "sm_throughput_pct": "Compute (SM) Throughput", "memory_throughput_pct": "Memory Throughput",
+           "cycles_per_issue": "Warp Cycles Per Issued Instruction"}
 
-from elas.kernels.cuda import cutlass_relu2 as cl
-from elas.model.llama import rope_tables
+
+def summarize(out: str, reports: list[str]) -> None:
+    rows = []
+    for path in reports:
+        text = open(path).read()
+        cfg = re.search(r"^configuration (.+)$", text, re.M)
+        # one block per profiled kernel, each opening with its (demangled) signature line
+        for i, block in enumerate(re.split(r"^  void device_kernel<", text, flags=re.M)[1:]):
+            row = {"config": cfg.group(1) if cfg else None, "form": FORMS[i] if i < len(FORMS) else str(i)}
+            for key, name in METRICS.items():
+                m = re.search(rf"^ +{re.escape(name)} +\S* +([\d,.]+)\s*$", block, re.M)
+                row[key] = float(m.group(1).replace(",", "")) if m else None
+            rows.append(row)
+    json.dump({"rows": rows}, open(out, "w"), indent=1)
+    for r in rows:
+        print(f"{r['config']:>26} {r['form']:>13} {r['duration_us']:8.1f} us {r['instructions'] / 1e6:7.1f} M instr "
+              f"SM {r['sm_throughput_pct']:5.1f}% mem {r['memory_throughput_pct']:5.1f}%")
+
+
+if len(sys.argv) > 1 and sys.argv[1] == "--summarize":
+    summarize(sys.argv[2], sys.argv[3:])
+    sys.exit(0)
+
+import torch  # noqa: E402  (the summary above runs without torch's CUDA)
+
+from elas.kernels.cuda import cutlass_relu2 as cl  # noqa: E402
+from elas.model.llama import rope_tables  # noqa: E402
 
 cfg = int(sys.argv[1]) if len(sys.argv) > 1 else 0
 lib = cl.library()

@@ -119,10 +119,14 @@ for what in "${@:-tests kernels ffn}"; do
           [ -f "$r/summary.json" ] && [ ! -e "runs/grid-${GRID_SIZE:-llama-60m}/$(basename "$r")" ] \
             && cp -r "$r" "runs/grid-${GRID_SIZE:-llama-60m}/" && echo "from $GRID_FROM: $(basename "$r")"
         done
-        # default: what is left of a 10-minute call after the data (SECONDS: since this script started)
-        size=${GRID_SIZE:-llama-60m} limit=${GRID_TIMEOUT:-$((570 - SECONDS))} n=${GRID_PARALLEL:-1}
+        # default: what is left of a 10-minute call after the data (SECONDS: since this script started), less ~90 s
+        # for what follows the stop (each run's checkpoint on SIGTERM, the summary, the archives): a call that ran
+        # past its limit returned nothing. -k: a run that ignores the stop is killed 30 s later (its last checkpoint
+        # stands)
+        size=${GRID_SIZE:-llama-60m} limit=${GRID_TIMEOUT:-$((510 - SECONDS))} n=${GRID_PARALLEL:-1}
+        [ "$limit" -lt 60 ] && limit=60
         grid() {
-          timeout "$limit" python -m elas experiment --size "$size" --steps "${GRID_STEPS:-2000}" \
+          timeout -k 30 "$limit" python -m elas experiment --size "$size" --steps "${GRID_STEPS:-2000}" \
             --batch-size "${GRID_BATCH:-512}" --grad-accum "${GRID_ACCUM:-1}" --data data/sp-32k --transfer-data data/stdlib-sp32k \
             --out "runs/grid-$size" --seeds "${GRID_SEEDS:-0}" ${1:+--variants $1} 2>&1 | quiet
         }
