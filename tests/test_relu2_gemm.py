@@ -74,6 +74,78 @@ def test_the_choice_by_keys_is_the_reference_rule(kind):
     want = ref.relu2_sparsify24(y1)[1]
     assert torch.equal(_keep24_by_keys(y1), want)
 
+def _pack24_store_replay(y1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mode 6's store (relu2_gemm.cu, Pack24Store::apply) replayed in torch, lane by lane, for y1 [M, N] bf16: each
+    warp subtile of 16 rows x 32 columns, its 32 lanes' fragments as the layout check states them (element
+    4j + 2h + e of lane l: row r + 8h, column c0 + 8j + e, r = l // 4, c0 = 2 (l % 4)), the shuffles as reads of
+    lane l ^ 1 or l ^ 2, the choice as keep24_group. Returns (values [M, N/2] bf16, metadata [M*N/8] uint8)."""
+    m, n = y1.shape
+    bits = y1.view(torch.int16).to(torch.int64) & 0xFFFF
+    values = torch.zeros(m, n // 2, dtype=torch.int64)
+    meta = torch.zeros(m * n // 8, dtype=torch.int64)
+    lanes = range(32)
+
+    def group(lo, hi):  # keep24_group: (kept bf16x2 bits, nibble)
+        y = torch.tensor([lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16], dtype=torch.int32).to(torch.int16)
+        sq = torch.relu(y.view(torch.bfloat16).float()) ** 2
+        keys = (sq.view(torch.int32).to(torch.int64) | torch.tensor([3, 2, 1, 0])).tolist()
+        t1, t2 = sorted(keys)[-1], sorted(keys)[-2]
+        e, l = (t1, t2) if (t1 & 3) > (t2 & 3) else (t2, t1)
+        pair = torch.tensor([e & ~3, l & ~3], dtype=torch.int64).to(torch.int32).view(torch.float32)
+        kb = pair.to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+        return int(kb[0] | kb[1] << 16), (3 - (e & 3)) | (3 - (l & 3)) << 2
+
+    for rs in range(0, m, 16):
+        for cs in range(0, n, 32):
+            w = [[int(bits[rs + ln // 4 + 8 * (p % 2), cs + 2 * (ln % 4) + 8 * (p // 2)]
+                      | bits[rs + ln // 4 + 8 * (p % 2), cs + 2 * (ln % 4) + 8 * (p // 2) + 1] << 16)
+                  for p in range(8)] for ln in lanes]
+            send = [[w[ln][2 * j + 1] if ln % 2 == 0 else w[ln][2 * j] for j in range(4)] for ln in lanes]
+            kept, nib = [[None] * 4 for _ in lanes], [[None] * 4 for _ in lanes]
+            for ln in lanes:
+                for j in range(4):
+                    got = send[ln ^ 1][j]
+                    even = ln % 2 == 0
+                    kept[ln][j], nib[ln][j] = group(w[ln][2 * j] if even else got, got if even else w[ln][2 * j + 1])
+            low = [(ln % 4) >> 1 == 0 for ln in lanes]
+            s0 = [kept[ln][2] if low[ln] else kept[ln][0] for ln in lanes]
+            s1 = [kept[ln][3] if low[ln] else kept[ln][1] for ln in lanes]
+            mine = [nib[ln][0] | nib[ln][1] << 8 | nib[ln][2] << 16 | nib[ln][3] << 24 for ln in lanes]
+            both = [mine[ln] | mine[ln ^ 1] << 4 for ln in lanes]
+            for ln in lanes:
+                q, r0 = ln % 4, rs + ln // 4
+                g0, g1 = s0[ln ^ 2], s1[ln ^ 2]
+                chunk = (kept[ln][0], g0, kept[ln][1], g1) if low[ln] else (g0, kept[ln][2], g1, kept[ln][3])
+                off = cs // 2 + 8 * (q >> 1)
+                for i, word in enumerate(chunk):
+                    values[r0 + 8 * (q & 1), off + 2 * i: off + 2 * i + 2] = torch.tensor([word & 0xFFFF, word >> 16])
+                if q == 0:
+                    odd = both[ln ^ 2]
+                    b = [(both[ln] >> 8 * k) & 0xFF for k in range(4)] + [(odd >> 8 * k) & 0xFF for k in range(4)]
+                    row8 = [b[0], b[2], b[4], b[6], b[1], b[3], b[5], b[7]]  # __byte_perm 0x6420, then 0x7531
+                    g = cs // 4
+                    off = (r0 >> 6) * (n // 32) * 256 + (g >> 3) * 256 + ((r0 & 63) >> 4) * 64 + (r0 & 7) * 8
+                    meta[off: off + 8] = torch.tensor(row8)
+    return values.to(torch.int16).view(torch.bfloat16), meta.to(torch.uint8)
+
+
+@pytest.mark.parametrize("kind", ["random", "ties"])
+def test_mode6_lane_exchanges_write_the_packed_layout(kind):
+    """The lane split of mode 6's store (each lane chooses whole groups, then the quad gathers 16-byte chunks and
+    the metadata bytes) writes what the reference packer writes: the same kept values and the SM90 metadata, on a
+    64 x 64 tile (four 16-row slabs, two 32-column blocks) of random values and of ties and zeros."""
+    from elas.kernels import packed
+    from elas.kernels import reference as ref
+    g = torch.Generator().manual_seed(1)
+    y1 = (torch.randn(64, 64, generator=g) if kind == "random"
+          else torch.randint(-2, 3, (64, 64), generator=g).float()).to(torch.bfloat16)
+    y2s, mask = ref.relu2_sparsify24(y1)
+    want = packed.pack24(y2s, mask)
+    values, meta = _pack24_store_replay(y1)
+    assert torch.equal(values.view(torch.int16), want.values.view(torch.int16))
+    assert torch.equal(meta, want.meta)
+
+
 @pytest.mark.parametrize("m, n, k, cfg", [(200, 77, 48, (64, 32, 16, 4, 2)), (64, 64, 64, (64, 64, 32, 4, 2)),
                                           (130, 300, 24, (128, 64, 8, 4, 2)), (100, 136, 16, (64, 64, 16, 4, 2))])
 def test_kernels_bit_identical_to_the_unfused_ops(m, n, k, cfg):

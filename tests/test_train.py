@@ -83,7 +83,7 @@ def test_evaluation_time_is_logged_and_left_out_of_tokens_per_s(dataset, tmp_pat
     cap = capsys.readouterr()
     text = cap.out + cap.err
     assert "tokens, 1." in text and text.count("that evaluation took") == 1
-    assert "lower --set eval_tokens (now 2048) or raise --set eval_every (now 3)" in text
+    assert "lower eval_tokens (now 2048) or raise eval_every (now 3): `--set eval_tokens=...` in `elas train`" in text
 
 
 def test_grad_accum_equals_bigger_batch(dataset, tmp_path):
@@ -116,7 +116,21 @@ def test_run_dir_contents_eval_generate(dataset, tmp_path, capsys):
     final = [r for r in recs if "val_loss" in r][-1]
     assert ev["val_loss"] == pytest.approx(final["val_loss"], rel=1e-5)
     assert main(["generate", "--run", str(out), "--max-new-tokens", "8", "--prompt", "import "]) == 0
-    assert capsys.readouterr().out.startswith("import ")
+    whole = capsys.readouterr().out
+    assert whole.startswith("import ")
+    # on a terminal the text comes token by token; what it adds up to is the same
+    import sys
+    shown = []
+    real_write = sys.stdout.write
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    monkey.setattr(sys.stdout, "write", lambda t: shown.append(t) or real_write(t), raising=False)
+    try:
+        assert main(["generate", "--run", str(out), "--max-new-tokens", "8", "--prompt", "import "]) == 0
+    finally:
+        monkey.undo()
+    assert capsys.readouterr().out == whole
+    assert len(shown) > 3  # the prompt, then pieces as they came, then the end
 
 
 def test_bad_inputs_are_one_line_errors(dataset, tmp_path, capsys):

@@ -434,9 +434,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ids = tok.encode(args.prompt).ids or [eot_id(tok)]
     g = torch.Generator(device=device).manual_seed(args.seed)
     graph = device.type == "cuda" and args.decode != "eager"  # a token = one replay, not ~10 launches per layer
+    # on a terminal the text is printed as it grows (each token's decoded suffix; held back while it ends inside a
+    # multi-byte character), elsewhere once at the end
+    stream = sys.stdout.isatty()
+    shown, so_far = "", list(ids)
+
+    def show(token: int) -> None:
+        nonlocal shown
+        so_far.append(token)
+        text = tok.decode(so_far)
+        if text.startswith(shown) and not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+
+    if stream:
+        show_prompt = tok.decode(ids)
+        sys.stdout.write(show_prompt)
+        sys.stdout.flush()
+        shown = show_prompt
     out = sample(model, torch.tensor([ids], device=device), args.max_new_tokens, args.temperature, args.top_k,
-                 stop_token=eot_id(tok), generator=g, graph=graph, compile_decode=graph and args.decode == "compiled")
-    print(tok.decode(out[0].tolist()))
+                 stop_token=eot_id(tok), generator=g, graph=graph, compile_decode=graph and args.decode == "compiled",
+                 on_token=show if stream else None)
+    text = tok.decode(out[0].tolist())
+    print(text[len(shown):] if text.startswith(shown) else "\n" + text)
     return 0
 
 

@@ -77,8 +77,9 @@ class GraphDecoder:
 def sample(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = 50,
            stop_token: int | None = None, generator: torch.Generator | None = None,
            use_cache: bool = True, graph: bool = False, static_cache: bool | None = None,
-           compile_decode: bool = False) -> torch.Tensor:
-    """idx: [1, t] prompt ids -> [1, t + new] ids. The context is the last max_seq_len tokens: once the cache
+           compile_decode: bool = False, on_token=None) -> torch.Tensor:
+    """idx: [1, t] prompt ids -> [1, t + new] ids; on_token(id), where given, is called with each new id as it
+    comes (a host sync per token: `elas generate` prints the text as it grows). The context is the last max_seq_len tokens: once the cache
     is full, every step re-runs that window (what use_cache=False does at every step). graph (CUDA): replay the
     decode step from a CUDA graph (GraphDecoder); static_cache (default: = graph) decodes over the static cache
     eagerly (what the graph replays; used to test it on the CPU); compile_decode (with graph): the captured decode
@@ -106,6 +107,8 @@ def sample(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0
             logits = model(idx[:, -1:], cache=cache)[:, -1, :].float()
         nxt = _pick(logits, temperature, top_k, generator)
         idx = torch.cat([idx, nxt], dim=1)
+        if on_token is not None:
+            on_token(int(nxt.item()))
         if stop_token is not None and nxt.item() == stop_token:
             break
     return idx

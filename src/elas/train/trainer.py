@@ -504,8 +504,9 @@ class Trainer:
                             eval_hinted = True  # e.g. 7B: 1M eval tokens run eagerly take ~2x its 200 steps
                             (bar.write if bar is not None else self.log)(
                                 f"elas: that evaluation took {eval_s:.1f} s, {eval_s / max(trained_s, 1e-9):.0%} of "
-                                f"the {trained_s:.1f} s of training since the previous one; lower --set eval_tokens "
-                                f"(now {cfg.eval_tokens}) or raise --set eval_every (now {cfg.eval_every})")
+                                f"the {trained_s:.1f} s of training since the previous one; lower eval_tokens "
+                                f"(now {cfg.eval_tokens}) or raise eval_every (now {cfg.eval_every}): `--set "
+                                f"eval_tokens=...` in `elas train`")
                     t_trained_from = time.perf_counter()
                 if save_now or self._stop_signal:
                     t0 = time.perf_counter()

@@ -141,6 +141,27 @@ CUTLASS_DEVICE void keep24_keys(float s0, float s1, bool even, uint32_t& k0, uin
   t1 = max(m1, m2);
   t2 = max(min(m1, m2), max(n1, n2));
 }
+
+// The same choice for a whole group in one lane (mode 6, whose lanes split the groups between them): lo, hi hold
+// the group's y1 values as bf16x2 bits (columns 0, 1 and 2, 3; the earlier column in the low half). Returns the
+// kept pair as bf16x2 bits of the bf16-rounded squares (the earlier column low) and its nibble i0 | i1 << 2.
+// Squares and keys as keep24_keys: fmaxf(y, 0) is +-0 for a non-positive y1 and 0 for NaN (fmaxf returns the
+// number), and its square +0, as `y > 0 ? y * y : 0` gives.
+CUTLASS_DEVICE void keep24_group(uint32_t lo, uint32_t hi, uint32_t& kept, uint32_t& nib) {
+  float const y0 = fmaxf(__uint_as_float(lo << 16), 0.f), y1 = fmaxf(__uint_as_float(lo & 0xffff0000u), 0.f);
+  float const y2 = fmaxf(__uint_as_float(hi << 16), 0.f), y3 = fmaxf(__uint_as_float(hi & 0xffff0000u), 0.f);
+  uint32_t const k0 = __float_as_uint(y0 * y0) | 3u, k1 = __float_as_uint(y1 * y1) | 2u;
+  uint32_t const k2 = __float_as_uint(y2 * y2) | 1u, k3 = __float_as_uint(y3 * y3);
+  uint32_t const m1 = max(k0, k1), n1 = min(k0, k1), m2 = max(k2, k3), n2 = min(k2, k3);
+  uint32_t const t1 = max(m1, m2), t2 = max(min(m1, m2), max(n1, n2));
+  // the kept columns are 3 - the keys' low bits; the earlier one has the larger low bits. Its value is the key
+  // with those bits cleared: the square itself, whose low bits were zero
+  bool const t1_first = (t1 & 3u) > (t2 & 3u);
+  uint32_t const e = t1_first ? t1 : t2, l = t1_first ? t2 : t1;
+  nib = (3u - (e & 3u)) | ((3u - (l & 3u)) << 2);
+  __nv_bfloat162 const pair = __floats2bfloat162_rn(__uint_as_float(e & ~3u), __uint_as_float(l & ~3u));
+  kept = *reinterpret_cast<uint32_t const*>(&pair);
+}
 #endif
 
 // y1 -> y2s = relu(y1)^2 with 2 of every 4 columns kept, chosen on the exact fp32 squares by the rule of the
@@ -249,7 +270,9 @@ struct CoordNode {
 // row's 32 columns pack into 32 bytes of values, which its quad gathers with two shuffles so that each lane
 // stores 16 contiguous bytes; and the slab's 8 groups x 16 rows are one 64-byte run of metadata, which the quad's
 // first lane stores 8 bytes of. (Its first form stored each group's 4 bytes and each metadata byte alone: a
-// quarter of each sector per store, 0.68x cuBLAS + the sparsifier on the H200.)
+// quarter of each sector per store, 0.68x cuBLAS + the sparsifier on the H200; whole-sector stores alone changed
+// nothing, the integer keys made it 1.02x, and the split of the groups between lanes below halves the choice's
+// instructions again.) tests/test_relu2_gemm.py replays this function's lane exchanges in torch.
 // Needs M, N multiples of 64 (the layout's tile) and the epilogue's 16-element fragments (every sm90 tile here).
 struct Pack24Args {
   Bf16* values = nullptr;   // [M, N/2]
@@ -280,60 +303,48 @@ struct Pack24Store : CoordNode<Pack24Store, Pack24Args> {
           get<0>(c2) != r0 || get<1>(c2) != col0 + 8)
         __trap();
     }
-    // per pair p = 2j + h (row r0 + 8h, columns col0 + 8j, +1): the group's kept pair as bf16x2 bits and its
-    // nibble i0 | i1 << 2; both lanes of a pair compute the same (they hold the same four values)
-    uint32_t kept[8];
-    uint32_t nib[8];
-    bool const even = (lane & 1) == 0;  // holds its group's columns 0, 1
+    // The lanes split the groups: of a column pair of lanes (lane, lane ^ 1: a group's columns 0, 1 and 2, 3),
+    // the even lane chooses the groups of row r0 and the odd lane those of row r0 + 8 (pairs p = 2j + h, h the
+    // row half), each sending the other its half of the other's group: one shuffle and one choice per group, where
+    // both lanes choosing every group of their pairs took twice the instructions (cutlass_ncu.json: mode 6 issued
+    // ~340 instructions per warp and subtile over the plain GEMM's, instruction-bound).
+    uint32_t w[8];  // w[p]: pair p's two columns as bf16x2 bits (the earlier column low)
     CUTLASS_PRAGMA_UNROLL
-    for (int p = 0; p < 8; ++p) {
-      float a = static_cast<float>(frg_input[2 * p]), b = static_cast<float>(frg_input[2 * p + 1]);
-      a = a > 0.f ? a * a : 0.f;  // exact: y1 is a bf16 value (and +0, never -0, for the keys)
-      b = b > 0.f ? b * b : 0.f;
-      uint32_t k0, k1, t1, t2;
-      keep24_keys(a, b, even, k0, k1, t1, t2);
-      // the kept columns are 3 - the keys' low bits; the earlier one is the larger low bits. Its value is the key
-      // with those bits cleared: the square itself, whose low bits were zero
-      bool const t1_first = (t1 & 3u) > (t2 & 3u);
-      uint32_t const e = t1_first ? t1 : t2, l = t1_first ? t2 : t1;
-      nib[p] = (3u - (e & 3u)) | ((3u - (l & 3u)) << 2);
-      __nv_bfloat162 pair = __floats2bfloat162_rn(__uint_as_float(e & ~3u), __uint_as_float(l & ~3u));
-      kept[p] = *reinterpret_cast<uint32_t*>(&pair);  // (the earlier column's value low)
+    for (int p = 0; p < 8; ++p)
+      w[p] = static_cast<uint32_t>(Bf16(frg_input[2 * p]).raw()) |
+             (static_cast<uint32_t>(Bf16(frg_input[2 * p + 1]).raw()) << 16);
+    bool const even = (lane & 1) == 0;
+    uint32_t kept[4], nib[4];  // this lane's groups j = 0..3 (group 2j + (lane % 4) / 2 of its row's 32 columns)
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      uint32_t const got = __shfl_xor_sync(0xffffffffu, even ? w[2 * j + 1] : w[2 * j], 1);
+      keep24_group(even ? w[2 * j] : got, even ? got : w[2 * j + 1], kept[j], nib[j]);
     }
-    // values: in a quad, lanes 0, 1 hold the row's even groups 0, 2, 4, 6 (j = 0..3) and lanes 2, 3 the odd ones.
-    // Lane q writes row r0 + 8 hw, groups 4 jb .. 4 jb + 3 (16 bytes), hw = q >> 1, jb = q & 1: its own parity's
-    // two groups there, and the other parity's two from lane q ^ 2, which sends the pair it holds at (j, h) =
-    // (2 jb + k, 1 - hw) for k = 0, 1 (the receiver's row and block).
-    int const q = lane & 3, hw = q >> 1, jb = q & 1;
-    // kept[2j + h] for j = 2 jb + k: every index a constant and the lane's jb, h chosen by selects (an index known
-    // only at run time puts the array in local memory: a 32-byte stack frame in the first form of this)
-    auto pick = [&](int k, int h) -> uint32_t {
-      uint32_t const lo = h ? kept[2 * k + 1] : kept[2 * k];          // jb = 0: j = k
-      uint32_t const hi = h ? kept[2 * k + 5] : kept[2 * k + 4];      // jb = 1: j = 2 + k
-      return jb ? hi : lo;
-    };
-    uint32_t const own0 = pick(0, hw), own1 = pick(1, hw);
-    uint32_t const got0 = __shfl_xor_sync(0xffffffffu, pick(0, 1 - hw), 2);
-    uint32_t const got1 = __shfl_xor_sync(0xffffffffu, pick(1, 1 - hw), 2);
-    int const row = r0 + 8 * hw;
+    // values: in a quad, lane q holds row r0 + 8 (q & 1), groups 2j + (q >> 1). Lane q writes that row's groups
+    // 4 (q >> 1) .. 4 (q >> 1) + 3 (16 bytes): its own two there and two from lane q ^ 2 (the same row's other
+    // groups): the low lanes (q >> 1 = 0) send their groups 4, 6 (j = 2, 3), the high ones their groups 1, 3
+    // (j = 0, 1). (Every index a constant, the lane's half chosen by selects: an index known only at run time
+    // puts an array in local memory.)
+    int const q = lane & 3;
+    bool const low = (q >> 1) == 0;
+    uint32_t const got0 = __shfl_xor_sync(0xffffffffu, low ? kept[2] : kept[0], 2);
+    uint32_t const got1 = __shfl_xor_sync(0xffffffffu, low ? kept[3] : kept[1], 2);
+    int const row = r0 + 8 * (q & 1);
     if (row < M && col0 < N) {
-      bool const even = hw == 0;  // lanes 0, 1 hold the even groups: the chunk is (even, odd, even, odd)
-      uint4 chunk = even ? make_uint4(own0, got0, own1, got1) : make_uint4(got0, own0, got1, own1);
+      uint4 const chunk = low ? make_uint4(kept[0], got0, kept[1], got1) : make_uint4(got0, kept[2], got1, kept[3]);
       int const cb = col0 & ~31;  // the block's first column
-      *reinterpret_cast<uint4*>(params.values + static_cast<size_t>(row) * (N / 2) + cb / 2 + 8 * jb) = chunk;
+      *reinterpret_cast<uint4*>(params.values + static_cast<size_t>(row) * (N / 2) + cb / 2 + 8 * (q >> 1)) = chunk;
     }
-    // metadata: byte (r % 8) * 8 + 2 (g % 4) + g / 4 of the slab's 64 holds group g's nibbles of rows r and r + 8.
-    // Lane 0 of the quad has the even groups' bytes (nib[2j] | nib[2j + 1] << 4, g = 2j), lane 2 the odd groups'
-    uint32_t mine = 0;
-    CUTLASS_PRAGMA_UNROLL
-    for (int j = 0; j < 4; ++j) mine |= (nib[2 * j] | (nib[2 * j + 1] << 4)) << (8 * j);  // byte j: group 2j (+par)
-    uint32_t const odd = __shfl_xor_sync(0xffffffffu, mine, 2);
+    // metadata: byte (r % 8) * 8 + 2 (g % 4) + g / 4 of the slab's 64 holds group g's nibbles of rows r (low) and
+    // r + 8 (high). Byte j of a lane's word is its group 2j + (q >> 1); the even lanes add the odd lane's row
+    // r0 + 8 as high nibbles, and lane 0 of the quad takes lane 2's word (the odd groups)
+    uint32_t const mine = nib[0] | (nib[1] << 8) | (nib[2] << 16) | (nib[3] << 24);
+    uint32_t const both = mine | (__shfl_xor_sync(0xffffffffu, mine, 1) << 4);
+    uint32_t const odd = __shfl_xor_sync(0xffffffffu, both, 2);
     if (q == 0 && r0 < M && col0 < N) {
-      // E[k] = even group 2k's byte (mine), O[k] = odd group 2k + 1's (odd); in the slab's order the row's bytes
-      // are groups 0, 4, 1, 5, 2, 6, 3, 7: E0 E2 O0 O2 E1 E3 O1 O3
-      auto byte = [](uint32_t w, int k) { return (w >> (8 * k)) & 0xffu; };
-      uint32_t const lo = byte(mine, 0) | byte(mine, 2) << 8 | byte(odd, 0) << 16 | byte(odd, 2) << 24;
-      uint32_t const hi = byte(mine, 1) | byte(mine, 3) << 8 | byte(odd, 1) << 16 | byte(odd, 3) << 24;
+      // in the slab's order a row's bytes are groups 0, 4, 1, 5, 2, 6, 3, 7: bytes 0, 2 of both, 0, 2 of odd, then
+      // 1, 3 of both, 1, 3 of odd (a byte permute each)
+      uint32_t const lo = __byte_perm(both, odd, 0x6420), hi = __byte_perm(both, odd, 0x7531);
       int const g = (col0 & ~31) >> 2;  // the block's first group (a multiple of 8)
       size_t const offset = static_cast<size_t>(r0 >> 6) * (N / 32) * 256 + (g >> 3) * 256 + ((r0 & 63) >> 4) * 64 +
                             (r0 & 7) * 8;
