@@ -3,7 +3,8 @@
     ncu --clock-control none -k regex:device_kernel --section SpeedOfLight --section MemoryWorkloadAnalysis \
         --section WarpStateStats python benchmarks/cutlass_ncu.py [CONFIG]
 
-Launch order: plain (mode 0), relu2 (1), ste_grad (4), ste_grad_y2s (5), relu2_pack24 (6), then the rotary GEMM for
+Launch order: plain (mode 0), relu2 (1), ste_grad (4), ste_grad_y2s (5), relu2_pack24 (6), relu2s_pack24 (7),
+grad_pack24 (8), then the rotary GEMM for
 q alone ([8192, 512] x [512, 2048]) and for q, k, v batched. CONFIG: the configuration index (default 0). Where the
 epilogue's second output (y2s, the packed 2:4 buffer) or the rotation costs its time shows against plain and relu2.
 Needs $ELAS_CUTLASS_RELU2 and a Hopper GPU. (ncu names the library's kernels by their base name, `device_kernel`:
@@ -11,7 +12,7 @@ a filter on "cutlass" matches none.)
 
     python benchmarks/cutlass_ncu.py --summarize OUT.json NCU_TXT...
 
-reads ncu's text reports of such runs (one per configuration; `-c 5` keeps the five GEMM forms) into one JSON row
+reads ncu's text reports of such runs (one per configuration; `-c 7` keeps the seven GEMM forms) into one JSON row
 per kernel: the form (by launch order), duration, SM frequency, executed instructions, SM and memory throughput,
 warp cycles per issued instruction. Runs anywhere (no GPU).
 """
@@ -19,7 +20,8 @@ import json
 import re
 import sys
 
-FORMS = ("plain", "relu2", "ste_grad", "ste_grad_y2s", "relu2_pack24", "rope_q", "rope_qkv")  # the launch order below
+FORMS = ("plain", "relu2", "ste_grad", "ste_grad_y2s", "relu2_pack24", "relu2s_pack24", "grad_pack24", "rope_q",
+         "rope_qkv")  # the launch order below
 METRICS = {"duration_us": "Duration", "sm_ghz": "SM Frequency", "instructions": "Executed Instructions",
            "sm_throughput_pct": "Compute (SM) Throughput", "memory_throughput_pct": "Memory Throughput",
            "cycles_per_issue": "Warp Cycles Per Issued Instruction"}
@@ -49,6 +51,7 @@ if len(sys.argv) > 1 and sys.argv[1] == "--summarize":
 
 import torch  # noqa: E402  (the summary above runs without torch's CUDA)
 
+from elas.kernels import reference as ref  # noqa: E402
 from elas.kernels.cuda import cutlass_relu2 as cl  # noqa: E402
 from elas.model.llama import rope_tables  # noqa: E402
 
@@ -60,8 +63,10 @@ dev = dict(device="cuda", dtype=torch.bfloat16)
 a, b = torch.randn(m, k, **dev), torch.randn(n, k, **dev) / k ** 0.5
 y1 = torch.randn(m, n, **dev)
 d = torch.empty(m, n, **dev)
-outs = {5: torch.empty(m, n, **dev), 6: torch.empty(m, n * 9 // 16, **dev)}
-for mode, aux in ((0, None), (1, None), (4, y1), (5, y1), (6, None)):
+outs = {5: torch.empty(m, n, **dev), 6: torch.empty(m, n * 9 // 16, **dev), 7: torch.empty(m, n * 9 // 16, **dev),
+        8: torch.empty(m, n * 9 // 16, **dev)}
+y2s = torch.relu(y1) ** 2 * ref.mask24(torch.relu(y1))  # a 2:4 y2s for mode 8
+for mode, aux in ((0, None), (1, None), (4, y1), (5, y1), (6, None), (7, None), (8, y2s)):
     rc = cl._launch(lib, cfg, mode, a, b, aux, d, aux_out=outs.get(mode))[0]
     torch.cuda.synchronize()
     print("mode", mode, "rc", rc, flush=True)

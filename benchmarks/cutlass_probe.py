@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 # the forms, by cutlass_relu2.MODES name, and the rotary GEMM
-FORMS = ("relu2", "grad", "grad_tma", "ste_grad", "ste_grad_y2s", "relu2_pack24", "rope")
+FORMS = ("relu2", "grad", "grad_tma", "ste_grad", "ste_grad_y2s", "relu2_pack24", "relu2s_pack24", "grad_pack24",
+         "rope")
 # M (tokens), N, K of the probes: a small shape, then the 1B low-rank up-projection's
 SHAPES = ((1024, 1024, 256), (8192, 8192, 512))
 
@@ -32,6 +33,7 @@ def probe_one(form: str) -> None:
     which launch a fault ended."""
     import torch
 
+    from elas.kernels import reference as ref
     from elas.kernels.cuda import cutlass_relu2 as cl
     from elas.model.llama import rope_tables
 
@@ -60,8 +62,8 @@ def probe_one(form: str) -> None:
         a = torch.randn(m, k, **dev)
         b = torch.randn(n, k, **dev) / k ** 0.5
         y1 = torch.randn(m, n, **dev)
-        aux = {2: torch.relu(y1) ** 2, 3: torch.relu(y1) ** 2, 4: y1, 5: y1}.get(mode)
-        aux_out = {5: torch.empty(m, n, **dev), 6: torch.empty(m, n * 9 // 16, **dev)}.get(mode)
+        aux = {2: torch.relu(y1) ** 2, 3: torch.relu(y1) ** 2, 4: y1, 5: y1, 8: ref.relu2_sparsify24(y1)[0]}.get(mode)
+        aux_out = torch.empty(m, n, **dev) if mode == 5 else torch.empty(m, n * 9 // 16, **dev) if mode >= 6 else None
         d = torch.empty(m, n, **dev)
         for c, name in enumerate(names):
             say(start=name, shape=[m, n, k])

@@ -18,7 +18,11 @@ against cuBLAS + the Triton backward kernel it runs today: mode 4 writes dy1 = 2
 read once, dy2 never written). Every output is checked against the unfused result before it is timed; mode 5's
 y2s does not depend on the GEMM, so it must equal the Triton kernel's bit for bit. Mode 6 is the forward of the same
 path: y1 and the packed 2:4(relu(y1)^2) (values and SM90 metadata) from the up-projection's epilogue, against cuBLAS
-+ the Triton sparsifier; its buffer must equal the sparsifier's on its own y1 byte for byte.
++ the Triton sparsifier; its buffer must equal the sparsifier's on its own y1 byte for byte. Modes 7 and 8 are the
+mask mode's (Haziza's gradient) forward and backward: y2s dense and packed from the up-projection, and dy1 = 2
+sqrt(y2s) dy2 dense and packed with y2s's choice from the dy2 GEMM, against what that mode runs today (cuBLAS + the
+Triton sparsifier writing the packed y2s and mask bits; cuBLAS + the Triton mask-mode backward); each packed
+buffer must be the packing of the kernel's own output byte for byte.
 Last, the q/k/v up-projection with the rotary embedding in its epilogue (model.rope_kernel=cutlass) against
 cuBLAS's GEMM + the rotation as Inductor compiles apply_rope, at the 1B attention shapes (checked against the
 reference first).
@@ -39,7 +43,8 @@ SHAPES = [(8192, 8192, 512, "1B low-rank up-projection (r = 512), batch 32 x 256
           (8192, 8192, 2048, "1B full-rank up-projection (d 2048), batch 32 x 256"),
           (8192, 3072, 256, "130M low-rank up-projection (r = 256)")]
 # grad_tma: y2 through the epilogue's TMA pipeline; ste_*: the straight-through backward, y1 through TMA
-MODES = {0: "plain", 1: "relu2", 2: "grad", 3: "grad_tma", 4: "ste_grad", 5: "ste_grad_y2s", 6: "relu2_pack24"}
+MODES = {0: "plain", 1: "relu2", 2: "grad", 3: "grad_tma", 4: "ste_grad", 5: "ste_grad_y2s", 6: "relu2_pack24",
+         7: "relu2s_pack24", 8: "grad_pack24"}
 
 
 def load(path: str) -> ctypes.CDLL:
@@ -83,6 +88,8 @@ def main() -> None:
     from elas.model.ffn import relu2
     from elas.kernels.cuda.sparsify import relu2_sparse24_backward, relu2_sparsify24_dense, relu2_sparsify24_packed
     from elas.kernels.cuda.cutlass_relu2 import skipped
+    from elas.kernels import reference as ref
+    from elas.kernels.packed import pack24
     has_aux = hasattr(lib, "elas_cutlass_dense_mm_aux")
     skip = skipped()  # forms that faulted here (benchmarks/cutlass_probe.py): not launched, said in the table
     pick = lambda var, all_: [int(x) for x in os.environ[var].split(",")] if os.environ.get(var) else all_  # noqa: E731
@@ -115,6 +122,12 @@ def main() -> None:
         ste = relu2_sparse24_backward(dy2, None, y1)  # ELAS's straight-through backward today: y2s, dy1
         want[4] = want[5] = ste.dy1
         want[6] = y1
+        # mask mode (Haziza's gradient): today's forward writes the packed y2s and mask bits, today's backward reads
+        # them with dy2; modes 7 and 8 write / read y2s dense instead
+        fwd = relu2_sparsify24_packed(y1)
+        y2s_dense = relu2_sparsify24_dense(y1)
+        want[7] = y2s_dense
+        want[8] = relu2_sparse24_backward(dy2, fwd, None).dy1
         gemm_ms = graph_ms(lambda: h1 @ wu.T)
         act_ms = graph_ms(lambda: act(y1))
         both_ms = graph_ms(lambda: act(h1 @ wu.T))
@@ -122,12 +135,15 @@ def main() -> None:
         ste_ms = graph_ms(lambda: relu2_sparse24_backward(dh2 @ wd.T, None, y1))
         dense_ms = graph_ms(lambda: relu2_sparsify24_dense(y1))  # y2s alone: what mode 4 leaves to a pass
         pack_ms = graph_ms(lambda: relu2_sparsify24_packed(h1 @ wu.T, write_bits=False))  # ELAS's forward today
+        mask_fwd_ms = graph_ms(lambda: relu2_sparsify24_packed(h1 @ wu.T))  # the mask mode's forward today
+        mask_bwd_ms = graph_ms(lambda: relu2_sparse24_backward(dh2 @ wd.T, fwd, None))  # and its backward
         row = {"M": M, "N": N, "K": K, "what": what, "cublas_gemm_ms": gemm_ms, "relu2_kernel_ms": act_ms,
                "cublas_plus_kernel_ms": both_ms, "cublas_plus_grad_kernel_ms": bwd_ms,
                "cublas_plus_ste_kernel_ms": ste_ms, "dense_sparsifier_ms": dense_ms,
-               "cublas_plus_sparsifier_ms": pack_ms, "cutlass": {}}
+               "cublas_plus_sparsifier_ms": pack_ms, "mask_forward_ms": mask_fwd_ms, "mask_backward_ms": mask_bwd_ms,
+               "cutlass": {}}
         operands = {0: (h1, wu, None), 1: (h1, wu, None), 2: (dh2, wd, y2), 3: (dh2, wd, y2), 4: (dh2, wd, y1),
-                    5: (dh2, wd, y1), 6: (h1, wu, None)}
+                    5: (dh2, wd, y1), 6: (h1, wu, None), 7: (h1, wu, None), 8: (dh2, wd, y2s_dense)}
         for c, name in enumerate(configs):
             for mode, mname in modes.items():
                 ws_bytes = max(int(lib.elas_cutlass_dense_workspace(c, mode, M, N, K)), 1)
@@ -137,8 +153,8 @@ def main() -> None:
 
                 a_, b_, aux = operands[mode]
                 aux_out = {5: lambda: torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16),
-                           6: lambda: torch.zeros(M, N * 9 // 16, device="cuda", dtype=torch.bfloat16)}.get(
-                    mode, lambda: None)()
+                           }.get(mode, lambda: torch.zeros(M, N * 9 // 16, device="cuda", dtype=torch.bfloat16)
+                                 if mode >= 6 else None)()
 
                 def call(iters=0, c=c, mode=mode, a_=a_, b_=b_, aux=aux, d=d, ws=ws, ws_bytes=ws_bytes, ms=ms,
                          aux_out=aux_out):  # defaults bind this iteration's buffers
@@ -163,6 +179,14 @@ def main() -> None:
                         first = bad.nonzero()[0].tolist()
                         entry["error"] = (f"packed buffer differs from the sparsifier's on the same y1, first at "
                                           f"{first} ({'values' if first[1] < N // 2 else 'metadata'} part)")
+                        row["cutlass"][key] = entry
+                        continue
+                elif mode in (7, 8):  # the packed buffer: the packing of the kernel's own output, byte for byte
+                    own = pack24(d, ref.mask24(d if mode == 7 else y2s_dense), check=False).buffer
+                    bad = aux_out.view(torch.int16) != own.view(torch.int16)
+                    entry["packed_differ_frac"] = bad.float().mean().item()
+                    if bad.any():
+                        entry["error"] = f"packed buffer differs from the packing of its own output, first at {bad.nonzero()[0].tolist()}"
                         row["cutlass"][key] = entry
                         continue
                 elif aux_out is not None:  # y2s: a function of y1 alone, so exactly the Triton kernel's
@@ -193,7 +217,8 @@ def main() -> None:
                      if k.rsplit(" ", 1)[1] == mname and "error" not in v and (v.get("graph_ms") or v.get("event_ms"))]
             if timed:
                 best = min(timed)
-                base = {0: gemm_ms, 1: both_ms, 2: bwd_ms, 3: bwd_ms, 4: ste_ms, 5: ste_ms, 6: pack_ms}[mode]
+                base = {0: gemm_ms, 1: both_ms, 2: bwd_ms, 3: bwd_ms, 4: ste_ms, 5: ste_ms, 6: pack_ms, 7: mask_fwd_ms,
+                        8: mask_bwd_ms}[mode]
                 total = best[0] + (dense_ms if mode == 4 else 0.0)  # mode 4 needs the y2s pass beside it
                 row[f"best_{mname}"] = {"config": best[1], "ms": best[0], "with_y2s_pass_ms": total,
                                         "vs_cublas": base / total}
@@ -208,6 +233,9 @@ def main() -> None:
                      + (f"{g['ms']:.4f} (x{g['vs_cublas']:.2f}, {g['config']})" if g else "-")
                      + (f"; 2:4 forward cuBLAS + sparsifier {pack_ms:.4f}, fused {row['best_relu2_pack24']['ms']:.4f} "
                         f"(x{row['best_relu2_pack24']['vs_cublas']:.2f})" if "best_relu2_pack24" in row else "")
+                     + "".join(f"; mask {w} today {t:.4f}, fused {row['best_' + n]['ms']:.4f} (x{row['best_' + n]['vs_cublas']:.2f})"
+                               for w, t, n in (("forward", mask_fwd_ms, "relu2s_pack24"),
+                                               ("backward", mask_bwd_ms, "grad_pack24")) if "best_" + n in row)
                      + f"; ste backward cuBLAS + kernel {ste_ms:.4f}, "
                      + ", ".join(f"{n} {b['with_y2s_pass_ms']:.4f} (x{b['vs_cublas']:.2f})"
                                  for n, b in ((n, row.get("best_" + n)) for n in ("ste_grad", "ste_grad_y2s")) if b))

@@ -448,6 +448,44 @@ def test_pack24_forward_takes_the_fastest_form_once(monkeypatch):
 
 
 
+
+def test_mask_mode_forms_take_the_fastest_once(monkeypatch):
+    """act24.cutlass=true in mask mode: the forward (mode 7 or cuBLAS + the Triton sparsifier's dense and packed
+    forms, run for real under the interpreter) and the backward (mode 8 or the dense ReLU^2 backward + the packing
+    in torch), each timed once per shape with stand-in times; the separate forms give the reference twins' values."""
+    from elas.kernels import packed
+    from elas.kernels import reference as ref
+    from elas.kernels.cuda import cutlass_relu2 as cl
+    monkeypatch.setattr(cl, "_GRAD", {})
+    monkeypatch.setattr(cl, "library", lambda: object())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    timing, ran, has = iter(()), [], set()
+    monkeypatch.setattr(cl, "windows_ms", lambda fn, **kw: (fn(), [next(timing)])[1])
+    monkeypatch.setattr(cl, "_best", lambda lib, mode, a, b, aux, aux_out=None: (0, 0.0) if mode in has else None)
+    monkeypatch.setattr(cl, "up_relu2s_pack24_fused", lambda h1, wu: ran.append(7) or (None, None))
+    monkeypatch.setattr(cl, "grad_pack24_fused", lambda dh2, wd, y2s: ran.append(8) or (None, None))
+    monkeypatch.setattr(cl, "relu2_grad_gemm", lambda dh2, wd, y2: ref.relu2_grad_gemm(dh2, wd, y2))
+    h1, wu, dh2, wd = _ints((64, 16), -3, 4, 6), _ints((128, 16), -3, 4, 7), _ints((64, 8), -3, 4, 8), \
+        _ints((128, 8), -3, 4, 9)
+    y2s_want, mask = ref.relu2_sparsify24((h1.float() @ wu.float().T).to(torch.bfloat16))
+    timing = iter([0.2])  # no mode 7 in the library: the separate form
+    y2s, buf = cl.up_relu2s_pack24(h1, wu)
+    assert torch.equal(y2s, y2s_want) and torch.equal(buf, packed.pack24(y2s_want, mask).buffer) and ran == []
+    timing = iter([0.2])  # no mode 8: the separate form, dy1 with the forward's pattern and metadata
+    dy1, dbuf = cl.grad_pack24(dh2, wd, y2s)
+    dy1_want = ref.relu2_grad_gemm(dh2, wd, y2s_want)
+    assert torch.equal(dy1, dy1_want) and torch.equal(dbuf, packed.pack24(dy1_want, mask).buffer) and ran == []
+    cl._GRAD.clear()
+    has.update({7, 8})
+    timing = iter([0.2, 0.1, 0.2, 0.1])  # both fused forms faster: kept
+    for _ in range(2):
+        cl.up_relu2s_pack24(h1, wu)
+        cl.grad_pack24(dh2, wd, y2s)
+    assert ran == [7, 7, 8, 8, 7, 8]
+    assert cl._GRAD[("pack_masked", None, 64, 128, 16)] == "relu2s_pack24"
+    assert cl._GRAD[("grad_masked", None, 64, 128, 8)] == "grad_pack24"
+
+
 class _FakeLib:
     """Stands in for the CUTLASS library in _best: three configurations, named cfg0..cfg2."""
 
@@ -461,7 +499,8 @@ class _FakeLib:
 def _fake_launch(wrong: set, times: dict):
     """A _launch whose configurations write what the mode computes (the reference twins), except those in wrong,
     whose last 64 rows have their columns rolled by one (a layout bug that the first rows do not show; mode 5: in
-    y2s only; mode 6: the packed buffer's metadata rolled instead); configuration 2 cannot run the shape."""
+    y2s only; modes 6-8: the packed buffer's metadata rolled instead); configuration 2 cannot run the shape."""
+    from elas.kernels import packed
     from elas.kernels import reference as ref
     from elas.kernels.cuda import cutlass_relu2 as cl
 
@@ -478,10 +517,18 @@ def _fake_launch(wrong: set, times: dict):
             d.copy_(dy1)
             if aux_out is not None:
                 aux_out.copy_(y2s)
+        elif mode == m["relu2s_pack24"]:
+            y2s, mask = ref.relu2_sparsify24(a @ b.T)
+            d.copy_(y2s)
+            aux_out.copy_(packed.pack24(y2s, mask).buffer)
+        elif mode == m["grad_pack24"]:
+            d.copy_(ref.relu2_grad_gemm(a, b, aux))
+            aux_out.copy_(packed.pack24(d, ref.mask24(aux)).buffer)
         else:
             d.copy_(a @ b.T)
             aux_out.copy_(ref.relu2_sparsify24_packed(d).buffer)
-        if config in wrong and mode == m["relu2_pack24"]:  # the metadata of every row moved by one byte
+        if config in wrong and mode in (m["relu2_pack24"], m["relu2s_pack24"], m["grad_pack24"]):
+            # the metadata of every row moved by one byte
             meta = aux_out.view(-1)[d.numel() // 2:].view(torch.uint8)
             meta.copy_(meta.roll(1))
         elif config in wrong:  # mode 5: its second output wrong, dy1 right
@@ -491,20 +538,24 @@ def _fake_launch(wrong: set, times: dict):
     return launch
 
 
-@pytest.mark.parametrize("mode", ["relu2", "grad", "grad_tma", "ste_grad", "ste_grad_y2s", "relu2_pack24"])
+@pytest.mark.parametrize("mode", ["relu2", "grad", "grad_tma", "ste_grad", "ste_grad_y2s", "relu2_pack24",
+                                  "relu2s_pack24", "grad_pack24"])
 def test_cutlass_configuration_that_disagrees_with_the_reference_is_never_used(monkeypatch, caplog, mode):
     """Each mode's output is compared with the reference twin before the configuration is timed: a faster one that
     is wrong only in its last rows (or only in its second output) is logged and refused; where every runnable one is
     wrong, _mm stops with the reasons rather than return wrong values."""
+    from elas.kernels import reference as ref
     from elas.kernels.cuda import cutlass_relu2 as cl
     monkeypatch.setattr(cl, "_BEST", {})
     monkeypatch.setattr(cl, "_REFUSED", {})
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     a, b = _ints((1024, 16), -3, 4, 0), _ints((128, 16), -3, 4, 1)
     y1 = _ints((1024, 128), -3, 4, 2)
-    aux = {"grad": torch.relu(y1) ** 2, "grad_tma": torch.relu(y1) ** 2, "ste_grad": y1, "ste_grad_y2s": y1}.get(mode)
-    aux_out = {"ste_grad_y2s": torch.empty(1024, 128, dtype=torch.bfloat16),
-               "relu2_pack24": torch.empty(1024, 128 * 9 // 16, dtype=torch.bfloat16)}.get(mode)
+    aux = {"grad": torch.relu(y1) ** 2, "grad_tma": torch.relu(y1) ** 2, "ste_grad": y1, "ste_grad_y2s": y1,
+           "grad_pack24": ref.relu2_sparsify24(y1)[0]}.get(mode)
+    packed_out = torch.empty(1024, 128 * 9 // 16, dtype=torch.bfloat16)
+    aux_out = {"ste_grad_y2s": torch.empty(1024, 128, dtype=torch.bfloat16), "relu2_pack24": packed_out,
+               "relu2s_pack24": packed_out, "grad_pack24": packed_out}.get(mode)
     monkeypatch.setattr(cl, "_launch", _fake_launch({1}, {0: 0.3, 1: 0.1}))
     with caplog.at_level("WARNING", logger="elas.kernels"):
         assert cl._best(_FakeLib(), cl.MODES[mode], a, b, aux, aux_out) == (0, 0.3)  # not the faster cfg1
@@ -574,8 +625,8 @@ def test_cutlass_forms_named_in_the_skip_list_are_absent(monkeypatch):
         cl.skipped()
 
 def test_act24_cutlass_config_and_missing_library(monkeypatch, tmp_path):
-    """act24.cutlass: refused where it does not apply (mask gradient, the split, act24.fused), and a missing
-    library is one line when the method is applied for CUDA (before any step)."""
+    """act24.cutlass: refused where it does not apply (the split, act24.fused), accepted with either gradient, and a
+    missing library is one line when the method is applied for CUDA (before any step)."""
     from conftest import preset
     from elas.build import build_model
     from elas.kernels.cuda import cutlass_relu2
@@ -585,9 +636,10 @@ def test_act24_cutlass_config_and_missing_library(monkeypatch, tmp_path):
     assert Act24Config(cutlass="true").cutlass is True
     from elas.bench.step import step_config
     assert step_config("llama-60m", "elas+act24.cutlass=true", "elas", 256).method("act24")["cutlass"] is True
-    for bad in ({"grad_mode": "mask"}, {"wgrad_dense_frac": 0.05}, {"fused": True}):
-        with pytest.raises(ValueError, match="act24.cutlass=true covers the ste gradient"):
+    for bad in ({"wgrad_dense_frac": 0.05}, {"fused": True}, {"grad_mode": "mask", "wgrad_dense_frac": 0.05}):
+        with pytest.raises(ValueError, match="act24.cutlass=true covers the 2:4 FFN without the weight-gradient split"):
             Act24Config(cutlass=True, **bad)
+    assert Act24Config(cutlass=True, grad_mode="mask").cutlass is True
     monkeypatch.setenv("ELAS_CUTLASS_RELU2", str(tmp_path / "nope.so"))
     cutlass_relu2.library.cache_clear()
     cfg = preset("llama-tiny-elas", None, n_layers=2, vocab_size=256)
@@ -670,6 +722,55 @@ def test_act24_cutlass_traces_as_one_graph_through_its_cutlass_branches(monkeypa
     assert torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
 
 
+def _mask_forms(calls):
+    """Reference twins of the CUTLASS mask-mode forms (up_relu2s_pack24, grad_pack24): what they return."""
+    from elas.kernels import packed
+    from elas.kernels import reference as ref
+
+    def fwd(h1, wu):
+        calls.append("forward")
+        y2s, mask = ref.relu2_sparsify24(h1 @ wu.T)
+        return y2s, packed.pack24(y2s, mask).buffer
+
+    def bwd(dh2, wd, y2s):
+        calls.append("backward")
+        dy1 = ref.relu2_grad_gemm(dh2, wd, y2s)
+        return dy1, packed.pack24(dy1, ref.mask24(y2s)).buffer
+    return fwd, bwd
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_act24_cutlass_mask_glue_gives_the_separate_path_results(monkeypatch, compiled):
+    """act24_ffn in mask mode with cutlass=True routed (on the CPU) through its CUTLASS branches, the forms replaced
+    by reference twins: the forward saves y2s dense instead of the packed buffer and mask bits, the backward tells
+    that by the empty mask and packs dy1 with y2s's choice; output and every gradient equal the separate mask
+    path's, eagerly and compiled as one graph (the fake impl agrees with the saved form)."""
+    from elas.kernels import ops
+    from elas.kernels.cuda import cutlass_relu2 as cl
+    g = torch.Generator().manual_seed(2)
+    h1, wu, wd = (torch.randn(s, generator=g).to(torch.bfloat16).requires_grad_() for s in ((64, 16), (128, 16),
+                                                                                            (128, 8)))
+
+    def run(fn, cutlass):
+        for t in (h1, wu, wd):
+            t.grad = None
+        out = fn(h1, wu, wd, True, cutlass=cutlass)
+        out.float().square().sum().backward()
+        return out.detach(), [t.grad.clone() for t in (h1, wu, wd)]
+
+    want = run(ops.act24_ffn, False)
+    calls = []
+    monkeypatch.setattr(ops, "_on_cuda", lambda t: True)
+    fwd, bwd = _mask_forms(calls)
+    monkeypatch.setattr(cl, "up_relu2s_pack24", fwd)
+    monkeypatch.setattr(cl, "grad_pack24", bwd)
+    got = run(torch.compile(ops.act24_ffn, fullgraph=True, backend="aot_eager") if compiled else ops.act24_ffn, True)
+    assert "forward" in calls and "backward" in calls
+    assert torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+    out = ops.act24_ffn_op(h1.detach(), wu.detach(), wd.detach(), True, None, cutlass=True)
+    assert out[1].shape == (64, 128) and out[2].numel() == 0  # y2s saved, no mask bits
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m, n, k", [(8192, 8192, 512), (1024, 2176, 256)])
 def test_gpu_cutlass_ste_backward_matches_the_triton_kernel(m, n, k):
@@ -713,10 +814,50 @@ def test_gpu_cutlass_pack24_forward_matches_the_sparsifier(m, n, k):
 
 
 @pytest.mark.gpu
-def test_gpu_elas_with_cutlass_trains_like_separate_and_captures():
-    """A small ELAS model in its sparse phase with act24.cutlass=true: loss and gradients equal to the
-    separate kernels' (the same values: CUTLASS's GEMMs equal cuBLAS's at these shapes up to summation order, so
-    bf16 tolerance), compiled without graph breaks, and a CUDA-graph replay equal to the eager step."""
+@pytest.mark.parametrize("m, n, k", [(8192, 8192, 512), (1024, 2176, 256), (4096, 4224, 2048)])
+def test_gpu_cutlass_mask_forms_match_the_triton_kernels(m, n, k):
+    """Modes 7 and 8 (act24.cutlass in mask mode) against cuBLAS + the Triton sparsifier and mask-mode backward on
+    integer-valued operands (every GEMM output exact): y2s bit for bit and its packed buffer byte for byte the
+    sparsifier's; dy1 equal to the Triton backward's (a zero's sign aside) and its packed values and SM90 metadata
+    the Triton kernel's (which reuses the forward's). Random operands: within bf16 tolerance, and each packed
+    buffer the packing of the kernel's own dense output."""
+    cl = _cutlass_lib()
+    from elas.kernels import packed
+    from elas.kernels import reference as ref
+    from elas.kernels.cuda.sparsify import relu2_sparse24_backward, relu2_sparsify24_packed
+    for exact in (True, False):
+        if exact:
+            h1, wu, dh2, wd = (_ints(sh, -3, 4, i, "cuda") for i, sh in enumerate(((m, k), (n, k), (m, k), (n, k))))
+        else:
+            h1, wu, dh2, wd = (torch.randn(sh, device="cuda", dtype=torch.bfloat16) / (sh[1] ** 0.5 if i % 2 else 1)
+                               for i, sh in enumerate(((m, k), (n, k), (m, k), (n, k))))
+        y2s, buf = cl.up_relu2s_pack24_fused(h1, wu)
+        y1 = h1 @ wu.T
+        want_y2s = ref.relu2_sparsify24(y1)[0]
+        assert torch.equal(packed.unpack24(packed.Packed24(buf, buf.new_empty(0, dtype=torch.uint8), (m, n))), y2s)
+        dy1, dbuf = cl.grad_pack24_fused(dh2, wd, y2s)
+        assert torch.equal(dbuf.view(torch.int16), packed.pack24(dy1, ref.mask24(y2s)).buffer.view(torch.int16))
+        if not exact:
+            assert ((y2s.float() - want_y2s.float()).norm() / want_y2s.float().norm()).item() < 2e-2
+            continue
+        assert torch.equal(y2s, want_y2s)
+        fwd = relu2_sparsify24_packed(y1)  # with the mask bits the Triton backward reads
+        assert torch.equal(buf.view(torch.int16), fwd.buffer.view(torch.int16))
+        g = relu2_sparse24_backward((dh2 @ wd.T).contiguous(), fwd, None)
+        assert torch.equal(dy1, g.dy1)
+        assert torch.equal(packed.unpack24(packed.Packed24(dbuf, fwd.mask_bits, (m, n))), packed.unpack24(g.dy1_packed))
+        meta = slice(m * n // 2, None)
+        assert torch.equal(dbuf.view(-1)[meta].view(torch.uint8), g.dy1_packed.buffer.view(-1)[meta].view(torch.uint8))
+        got = cl.up_relu2s_pack24(h1, wu), cl.grad_pack24(dh2, wd, y2s)  # the choosers: the same values, any form
+        assert torch.equal(got[0][0], y2s) and torch.equal(got[1][0], dy1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grad_mode", ["ste", "mask"])
+def test_gpu_elas_with_cutlass_trains_like_separate_and_captures(grad_mode):
+    """A small ELAS model in its sparse phase with act24.cutlass=true, in either gradient mode: loss and gradients
+    equal to the separate kernels' (the same values: CUTLASS's GEMMs equal cuBLAS's at these shapes up to summation
+    order, so bf16 tolerance), compiled without graph breaks, and a CUDA-graph replay equal to the eager step."""
     _cutlass_lib()
     from conftest import preset
     from elas.build import build_model
@@ -726,6 +867,7 @@ def test_gpu_elas_with_cutlass_trains_like_separate_and_captures():
     for use in (False, True):
         cfg = preset("llama-tiny-elas", None, n_layers=2, vocab_size=256)
         cfg.method("act24")["cutlass"] = use
+        cfg.method("act24")["grad_mode"] = grad_mode
         torch.manual_seed(0)
         model = build_model(cfg, "cuda").to(torch.bfloat16)
         assert set_step(model, 10 ** 6, 10 ** 7) == ("sparse",)

@@ -423,6 +423,19 @@ def _on_cuda(t: Tensor) -> bool:
     return t.device.type == "cuda"
 
 
+def _cutlass_mask(cutlass: bool, mask_grad: bool, dense_frac: float | None, wdt_p, wdt, t: Tensor) -> bool:
+    """act24.cutlass in mask mode (modes 7 and 8): no split and no weight operands of the down-projection (the
+    forward's wu_p branch is taken before this one). Its saved tensors are (y2s dense, an empty mask): the backward
+    tells this form by the empty mask (`_saved_y2s`)."""
+    return cutlass and mask_grad and dense_frac is None and wdt_p is None and wdt is None and _on_cuda(t)
+
+
+def _saved_y2s(mask_grad: bool, s1: Tensor) -> bool:
+    """The forward saved y2s dense (the CUTLASS mask form) rather than the packed buffer and its mask bits (never
+    empty: T, d_ff >= 64)."""
+    return mask_grad and s1.numel() == 0
+
+
 
 @torch.library.custom_op("elas::act24_ffn", mutates_args=())
 def act24_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac: float | None,
@@ -434,10 +447,11 @@ def act24_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac
     backward (ste mode without the split) the dy2 GEMM and the pointwise work as one. wu_p: wu 2:4 along q (2:4
     weights, S-STE), packed [d_ff, q*9/16]: the up-projection as a weight-sparse GEMM (fused is then not used);
     wdt_p: the packed [d_ff, q'] matrix, 2:4 along q', of the backward's dy2 = dh2 wdt^T (saved for it); wdt:
-    that matrix dense where it is not packed (default: wd). cutlass (on CUDA, ste mode without the split or weight
+    that matrix dense where it is not packed (default: wd). cutlass (on CUDA, without the split or weight
     operands): the up-projection with the sparsifier, and the backward's dy2 GEMM with its pointwise work, each by
     the fastest at the shape of cuBLAS + the Triton kernel and a CUTLASS GEMM with the work in its epilogue
-    (cuda/cutlass_relu2.up_relu2_pack24, ste_grad_gemm)."""
+    (cuda/cutlass_relu2.up_relu2_pack24, ste_grad_gemm; in mask mode up_relu2s_pack24 and grad_pack24, which save
+    y2s dense, (s0, s1) = (y2s, empty), instead of the packed buffer and mask bits)."""
     # the split ranks features by their positives in y1 (as the masked core does), counted by the sparsifier
     if wu_p is not None:  # (S(W) [d_ff, q] @ h1^T)^T, written column-major: [T, d_ff]
         y1 = sparse_mm(Packed24(wu_p, _EMPTY_U8, tuple(wu.shape)), h1.t(), out_t=True)
@@ -448,6 +462,14 @@ def act24_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac
         from .cuda import cutlass_relu2
         y1, buf = cutlass_relu2.up_relu2_pack24(h1, wu)
         p, counts = Packed24(buf, h1.new_empty(0, dtype=torch.uint8), (h1.shape[0], wu.shape[0])), None
+    elif _cutlass_mask(cutlass, mask_grad, dense_frac, wdt_p, wdt, h1):
+        # mask mode on CUTLASS: y2s dense is saved for the backward (what the dense twin saves: y2), not the
+        # packed buffer and mask bits; the packed buffer feeds the 2:4 down-projection and is freed
+        from .cuda import cutlass_relu2
+        y2s, buf = cutlass_relu2.up_relu2s_pack24(h1, wu)
+        h2 = sparse_mm(Packed24(buf, h1.new_empty(0, dtype=torch.uint8), (h1.shape[0], wu.shape[0])), wd)
+        return h2, y2s, h1.new_empty(0, dtype=torch.uint8), h1.new_empty(0, dtype=torch.long), \
+            h1.new_empty(0, dtype=torch.int32)
     else:
         y1 = h1 @ wu.T  # [T, d_ff]
         p, counts = relu2_sparsify24_packed(y1, count=dense_frac is not None, bits=mask_grad)
@@ -467,6 +489,9 @@ def act24_ffn_op(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac
 def _(h1, wu, wd, mask_grad, dense_frac, fused=False, wu_p=None, wdt_p=None, wdt=None, cutlass=False):
     t, f = h1.shape[0], wu.shape[0]
     h2 = h1.new_empty((t, wd.shape[1]))
+    if wu_p is None and not fused and _cutlass_mask(cutlass, mask_grad, dense_frac, wdt_p, wdt, h1):
+        return h2, h1.new_empty((t, f)), h1.new_empty(0, dtype=torch.uint8), h1.new_empty(0, dtype=torch.long), \
+            h1.new_empty(0, dtype=torch.int32)
     if mask_grad:
         s0, s1 = h1.new_empty((t, f * 9 // 16), dtype=torch.bfloat16), h1.new_empty((t, f // 8), dtype=torch.uint8)
     else:
@@ -484,10 +509,14 @@ def act24_ffn_backward_op(dh2: Tensor, h1: Tensor, wu: Tensor, wd: Tensor, s0: T
     t, f = h1.shape[0], wu.shape[0]
     dh2, h1 = dh2.contiguous(), h1.contiguous()
     split = slots.numel() > 0
-    p = Packed24(s0, s1, (t, f)) if mask_grad else None
+    p = Packed24(s0, s1, (t, f)) if mask_grad and not _saved_y2s(mask_grad, s1) else None
     y1 = None if mask_grad else s0
     plain_ste = not mask_grad and not split and wdt_p is None and wdt is None
-    if plain_ste and cutlass and _on_cuda(dh2):
+    if _saved_y2s(mask_grad, s1):  # the CUTLASS mask form: dy1 dense and packed with the forward's choice
+        from .cuda import cutlass_relu2
+        dy1, buf = cutlass_relu2.grad_pack24(dh2, wd, s0)
+        g = ref.Grads24(s0, dy1, None, dy1_packed=Packed24(buf, dh2.new_empty(0, dtype=torch.uint8), (t, f)))
+    elif plain_ste and cutlass and _on_cuda(dh2):
         from .cuda import cutlass_relu2
         y2s, dy1 = cutlass_relu2.ste_grad_gemm(dh2, wd, y1)
         g = ref.Grads24(y2s, dy1, None)

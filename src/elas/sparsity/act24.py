@@ -55,10 +55,11 @@ class Act24Config(SparsityMethod):
     # up-projection + sparsifier, and (ste without the split) dy2 GEMM + backward pointwise; off until
     # `elas bench epilogue` has measured them faster than cuBLAS + the separate kernels
     fused: bool = False
-    # packed path, ste without the split: the up-projection with the sparsifier, and the backward's dy2 GEMM with
-    # its pointwise work, as CUTLASS GEMMs with that work in their epilogues, each where it times faster at the
-    # shape than cuBLAS + the separate Triton kernel (kernels/cuda/cutlass_relu2.py; needs the CUTLASS library,
-    # built off the GPU machine)
+    # packed path without the split: the up-projection with the sparsifier, and the backward's dy2 GEMM with its
+    # pointwise work, as CUTLASS GEMMs with that work in their epilogues, each where it times faster at the shape
+    # than cuBLAS + the separate Triton kernels (kernels/cuda/cutlass_relu2.py; needs the CUTLASS library, built
+    # off the GPU machine). In mask mode it saves y2s dense for the backward (as the dense twin saves y2) instead
+    # of the packed buffer and mask bits: the speed of two fused GEMMs for the FFN activation memory of the twin
     cutlass: bool = False
 
     def __post_init__(self) -> None:
@@ -73,10 +74,9 @@ class Act24Config(SparsityMethod):
                              f"[0, 1] or none")
         if self.path not in PATHS:
             raise ValueError(f"invalid act24.path {self.path!r}: expected one of {', '.join(PATHS)}")
-        if self.cutlass and (self.grad_mode != "ste" or self.wgrad_dense_frac is not None or self.fused):
-            raise ValueError(f"act24.cutlass=true covers the ste gradient without the weight-gradient split or "
-                             f"act24.fused; got grad_mode={self.grad_mode}, wgrad_dense_frac={self.wgrad_dense_frac}, "
-                             f"fused={self.fused}")
+        if self.cutlass and (self.wgrad_dense_frac is not None or self.fused):
+            raise ValueError(f"act24.cutlass=true covers the 2:4 FFN without the weight-gradient split or "
+                             f"act24.fused; got wgrad_dense_frac={self.wgrad_dense_frac}, fused={self.fused}")
         if self.backend not in kernels.BACKENDS:
             raise ValueError(f"invalid act24.backend {self.backend!r}: expected one of {', '.join(kernels.BACKENDS)}")
 

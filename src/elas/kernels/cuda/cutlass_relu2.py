@@ -15,6 +15,12 @@ warp-specialised TMA mainloop (cuBLAS's rate, where the Triton form ran ~1.5x sl
 - the 2:4 FFN's forward in ste mode (`act24.cutlass=true`): y1 [M, N] = h1 @ wu^T and the Packed24 of
   2:4(relu(y1)^2) (the SM90 layout), by the fastest at the shape of cuBLAS + the Triton sparsifier and mode 6 (the
   packed values and metadata stored from the epilogue's registers: y1 is not read back).
+- the 2:4 FFN in mask mode (Haziza's gradient, `act24.cutlass=true` with `grad_mode=mask`, no split): the forward
+  (mode 7) writes y2s [M, N] = 2:4(relu(y1)^2) dense (zeros where not kept: what the backward reads, in place of
+  the packed buffer and mask bits) and the packed buffer (for the 2:4 down-projection); the backward (mode 8)
+  writes dy1 = 2 sqrt(y2s) bf16(dh2 @ wd^T) dense (for the weight gradient) and packed 2:4 with y2s's choice (for
+  the 2:4 input gradient), dy2 never written. Each by the fastest at the shape of its CUTLASS form and the
+  separate kernels that give the same outputs.
 - the q/k/v projection with rotary embeddings in its epilogue (`model.rope_kernel=cutlass`): `linear_rope`.
 All operands bf16, row-major and contiguous (K contiguous in A and B). Numerics are relu2_gemm.py's (the
 rounding points are the same; only the GEMM's summation order differs from cuBLAS).
@@ -40,15 +46,17 @@ from pathlib import Path
 import torch
 
 from .. import reference as ref
-from ..packed import Packed24, row_block, unpack24
+from ..packed import Packed24, pack24, row_block, unpack24
 from .gemm import cache_dir, windows_ms
 
 log = logging.getLogger("elas.kernels")
 # the library's modes: 1 y2 = relu(acc)^2; 2 and 3 dy1 = 2 sqrt(y2) acc, y2 loaded per thread (2) or through the
 # epilogue's TMA pipeline (3); 4 the straight-through dy1 = 2 relu(y1) acc, y1 through TMA; 5 mode 4 and y2s =
-# 2:4(relu(y1)^2) as a second output; 6 y1 = acc and the packed 2:4(relu(y1)^2) as a second output. A library built
-# before a mode answers -1 for it, and it is skipped.
-MODES = {"relu2": 1, "grad": 2, "grad_tma": 3, "ste_grad": 4, "ste_grad_y2s": 5, "relu2_pack24": 6}
+# 2:4(relu(y1)^2) as a second output; 6 y1 = acc and the packed 2:4(relu(y1)^2) as a second output; 7 y2s =
+# 2:4(relu(acc)^2) dense and packed; 8 dy1 = 2 sqrt(y2s) acc (y2s through TMA) dense and packed with y2s's choice. A
+# library built before a mode answers -1 for it, and it is skipped.
+MODES = {"relu2": 1, "grad": 2, "grad_tma": 3, "ste_grad": 4, "ste_grad_y2s": 5, "relu2_pack24": 6,
+         "relu2s_pack24": 7, "grad_pack24": 8}
 
 
 def skipped() -> set:
@@ -140,16 +148,30 @@ def _verify(mode: int, a, b, aux, d, aux_out) -> str | None:
                 return f"y2s differs on rows {rs.start}:{rs.stop}"
         elif mode == MODES["relu2_pack24"]:
             want = a_r @ b.T
-            got = unpack24(row_block(Packed24(aux_out, aux_out.new_empty(0, dtype=torch.uint8), d.shape),
-                                     rs.start, rs.stop))
-            if not torch.equal(got, ref.relu2_sparsify24(d[rs])[0]):  # the packing of the kernel's own y1: exact
-                return f"the packed 2:4 of relu(y1)^2 differs on rows {rs.start}:{rs.stop}"
+            if not torch.equal(_packed_rows(aux_out, d.shape, rs), ref.relu2_sparsify24(d[rs])[0]):
+                return f"the packed 2:4 of relu(y1)^2 differs on rows {rs.start}:{rs.stop}"  # (of its own y1: exact)
+        elif mode == MODES["relu2s_pack24"]:
+            want = ref.relu2_sparsify24(a_r @ b.T)[0]
+            if not torch.equal(_packed_rows(aux_out, d.shape, rs), d[rs]):  # the packed buffer holds D's kept values
+                return f"the packed 2:4 differs from y2s on rows {rs.start}:{rs.stop}"
+        elif mode == MODES["grad_pack24"]:
+            want = ref.relu2_grad_gemm(a_r, b, aux_r)
+            # the packed dy1: the kernel's own dy1 at y2s's choice, values and metadata byte for byte
+            packed = row_block(Packed24(aux_out, aux_out.new_empty(0, dtype=torch.uint8), d.shape), rs.start, rs.stop)
+            if not torch.equal(packed.buffer.view(torch.int16),
+                               pack24(d[rs], ref.mask24(aux_r), check=False).buffer.view(torch.int16)):
+                return f"the packed 2:4 of dy1 differs on rows {rs.start}:{rs.stop}"
         else:
             raise ValueError(f"_verify: unknown mode {mode}")
         err = _rel_err(d[rs], want)
         if not err <= TOL:
             return f"relative error {err:.2e} > {TOL} on rows {rs.start}:{rs.stop}"
     return None
+
+
+def _packed_rows(buf: torch.Tensor, shape, rs: slice) -> torch.Tensor:
+    """Rows rs (64-aligned) of the packed buffer (no mask bits) of an [M, N] matrix, unpacked."""
+    return unpack24(row_block(Packed24(buf, buf.new_empty(0, dtype=torch.uint8), tuple(shape)), rs.start, rs.stop))
 
 
 def _launch(lib, config: int, mode: int, a, b, aux, d, iters: int = 0, aux_out=None) -> tuple[int, float]:
@@ -348,6 +370,75 @@ def up_relu2_pack24(h1: torch.Tensor, wu: torch.Tensor) -> tuple[torch.Tensor, t
     if _GRAD[key] is None:
         return separate()
     return up_relu2_pack24_fused(h1, wu)
+
+
+def _packed_like(m: int, n: int, device) -> torch.Tensor:
+    """An empty packed buffer [m, n*9/16] bf16 (values, then metadata; no mask bits)."""
+    return torch.empty(m, n * 9 // 16, dtype=torch.bfloat16, device=device)
+
+
+def _choose(key: tuple, what: str, separate, fused: dict) -> object:
+    """The fastest form at a shape, timed once outside capture: None (the separate kernels, `separate()`) or a name
+    of `fused` (name -> (available, run)), each timed as the step calls it. Kept in _GRAD under key."""
+    if key not in _GRAD:
+        _not_capturing(what)
+        timed = {None: windows_ms(separate, calls=20, windows=1, warmup=1)[0]}
+        for name, (available, run) in fused.items():
+            if available():
+                timed[name] = windows_ms(run, calls=20, windows=1, warmup=1)[0]
+        _GRAD[key] = min(timed, key=timed.get)
+        log.info("CUTLASS %s: %s", what, {m: round(t, 4) for m, t in timed.items()})
+    return _GRAD[key]
+
+
+def up_relu2s_pack24_fused(h1: torch.Tensor, wu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mode 7: (y2s [T, d_ff] = 2:4(relu(h1 @ wu^T)^2) dense, its packed buffer [T, d_ff*9/16] bf16) from one
+    GEMM, h1 [T, q], wu [d_ff, q]; T and d_ff multiples of 64."""
+    buf = _packed_like(h1.shape[0], wu.shape[0], h1.device)
+    return _mm(MODES["relu2s_pack24"], h1, wu, None, aux_out=buf), buf
+
+
+def up_relu2s_pack24(h1: torch.Tensor, wu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 2:4 FFN's forward in mask mode: (y2s dense [T, d_ff], its packed buffer, no mask bits) by the fastest at
+    this shape of mode 7 and cuBLAS's y1 + the Triton sparsifier's packed and dense forms (two passes over y1).
+    The same values where the GEMMs agree (the selection is the sparsifier's)."""
+    from .sparsify import relu2_sparsify24_dense, relu2_sparsify24_packed
+
+    def separate():
+        y1 = h1 @ wu.T
+        return relu2_sparsify24_dense(y1), relu2_sparsify24_packed(y1, write_bits=False).buffer
+
+    a, b = h1.contiguous(), wu.contiguous()
+    form = _choose(("pack_masked", h1.device.index, h1.shape[0], wu.shape[0], h1.shape[1]),
+                   f"2:4 forward (mask mode) {h1.shape[0]}x{wu.shape[0]}x{h1.shape[1]}", separate,
+                   {"relu2s_pack24": (lambda: _best(library(), MODES["relu2s_pack24"], a, b, None,
+                                                    _packed_like(a.shape[0], b.shape[0], a.device)) is not None,
+                                      lambda: up_relu2s_pack24_fused(a, b))})
+    return separate() if form is None else up_relu2s_pack24_fused(h1, wu)
+
+
+def grad_pack24_fused(dh2: torch.Tensor, wd: torch.Tensor, y2s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mode 8: (dy1 = 2 sqrt(y2s) bf16(dh2 @ wd^T) [T, d_ff], dy1 packed 2:4 with y2s's choice [T, d_ff*9/16]) from
+    one GEMM, dh2 [T, q'], wd [d_ff, q'], y2s [T, d_ff] (2:4 along d_ff)."""
+    buf = _packed_like(dh2.shape[0], wd.shape[0], dh2.device)
+    return _mm(MODES["grad_pack24"], dh2, wd, y2s.contiguous(), aux_out=buf), buf
+
+
+def grad_pack24(dh2: torch.Tensor, wd: torch.Tensor, y2s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 2:4 FFN's backward in mask mode on the d_ff side, from the forward's y2s: (dy1 dense, dy1 packed with
+    y2s's choice) by the fastest at this shape of mode 8 and the separate forms: the dense ReLU^2 backward
+    (relu2_grad_gemm: cuBLAS + one pass, or mode 3) and the packing in torch (slow: where mode 8 cannot run)."""
+    def separate():
+        dy1 = relu2_grad_gemm(dh2, wd, y2s)
+        return dy1, pack24(dy1, ref.mask24(y2s), check=False).buffer
+
+    a, b, y = dh2.contiguous(), wd.contiguous(), y2s.contiguous()
+    form = _choose(("grad_masked", dh2.device.index, dh2.shape[0], wd.shape[0], dh2.shape[1]),
+                   f"2:4 backward (mask mode) {dh2.shape[0]}x{wd.shape[0]}x{dh2.shape[1]}", separate,
+                   {"grad_pack24": (lambda: _best(library(), MODES["grad_pack24"], a, b, y,
+                                                  _packed_like(a.shape[0], b.shape[0], a.device)) is not None,
+                                    lambda: grad_pack24_fused(a, b, y))})
+    return separate() if form is None else grad_pack24_fused(dh2, wd, y2s)
 
 
 def _rope_launch(lib, config: int, a, w, d, cos, sin, head_dim: int, rot_cols: int, iters: int = 0

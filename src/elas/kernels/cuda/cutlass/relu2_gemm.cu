@@ -24,6 +24,11 @@
 //                      the SM90 cuSPARSELt layout (docs/sm90_layout.md: values [M, N/2] bf16, then metadata
 //                      [M*N/8] bytes, in one buffer) from the epilogue's registers: the 2:4 FFN's forward in ste
 //                      mode (ELAS) without the separate sparsifier's read of y1
+//   mode 7 ("relu2s_pack24"): mode 6 with D[M, N] = y2s = relu(y1)^2 at the kept columns, zero elsewhere: the 2:4
+//                      FFN's forward in mask mode (Haziza's gradient), whose backward reads y2s (not y1)
+//   mode 8 ("grad_pack24"): D[M, N] = dy1 = mode 3's 2 bf16(sqrt(Y2S)) bf16(A @ B) with Y2S the forward's y2s
+//                      through TMA, and dy1 packed 2:4 with y2s's choice (the forward's) in the SM90 layout: the
+//                      mask-mode backward's dy1 for both the dense weight gradient and the 2:4 input gradient
 //   rope (its own entry point, elas_cutlass_rope_mm): D[L, M, N] = the batched product A[L, M, K] B[L, N, K]^T with
 //                      rotary embeddings applied in the epilogue to the columns l*N + n < rot_cols (the q and k
 //                      projections): each adjacent column pair (2i, 2i+1) of a head is rotated by the angle of
@@ -142,25 +147,36 @@ CUTLASS_DEVICE void keep24_keys(float s0, float s1, bool even, uint32_t& k0, uin
   t2 = max(min(m1, m2), max(n1, n2));
 }
 
-// The same choice for a whole group in one lane (mode 6, whose lanes split the groups between them): lo, hi hold
-// the group's y1 values as bf16x2 bits (columns 0, 1 and 2, 3; the earlier column in the low half). Returns the
-// kept pair as bf16x2 bits of the bf16-rounded squares (the earlier column low) and its nibble i0 | i1 << 2.
-// Squares and keys as keep24_keys: fmaxf(y, 0) is +-0 for a non-positive y1 and 0 for NaN (fmaxf returns the
-// number), and its square +0, as `y > 0 ? y * y : 0` gives.
-CUTLASS_DEVICE void keep24_group(uint32_t lo, uint32_t hi, uint32_t& kept, uint32_t& nib) {
-  float const y0 = fmaxf(__uint_as_float(lo << 16), 0.f), y1 = fmaxf(__uint_as_float(lo & 0xffff0000u), 0.f);
-  float const y2 = fmaxf(__uint_as_float(hi << 16), 0.f), y3 = fmaxf(__uint_as_float(hi & 0xffff0000u), 0.f);
-  uint32_t const k0 = __float_as_uint(y0 * y0) | 3u, k1 = __float_as_uint(y1 * y1) | 2u;
-  uint32_t const k2 = __float_as_uint(y2 * y2) | 1u, k3 = __float_as_uint(y3 * y3);
-  uint32_t const m1 = max(k0, k1), n1 = min(k0, k1), m2 = max(k2, k3), n2 = min(k2, k3);
-  uint32_t const t1 = max(m1, m2), t2 = max(min(m1, m2), max(n1, n2));
-  // the kept columns are 3 - the keys' low bits; the earlier one has the larger low bits. Its value is the key
-  // with those bits cleared: the square itself, whose low bits were zero
+// The same choice for a whole group in one lane (modes 6-8, whose lanes split the groups between them). The
+// group's four keys k[c] carry 3 - c in their low 2 bits (distinct, so the kept ones are exactly those >= t2);
+// e and l are the two kept keys, e the one of the earlier column (3 - its low bits). (No array is indexed by a
+// column known only at run time: that would put it in local memory.)
+CUTLASS_DEVICE void top2_keys(uint32_t const (&k)[4], uint32_t& t2, uint32_t& e, uint32_t& l) {
+  uint32_t const m1 = max(k[0], k[1]), n1 = min(k[0], k[1]), m2 = max(k[2], k[3]), n2 = min(k[2], k[3]);
+  uint32_t const t1 = max(m1, m2);
+  t2 = max(min(m1, m2), max(n1, n2));
   bool const t1_first = (t1 & 3u) > (t2 & 3u);
-  uint32_t const e = t1_first ? t1 : t2, l = t1_first ? t2 : t1;
-  nib = (3u - (e & 3u)) | ((3u - (l & 3u)) << 2);
-  __nv_bfloat162 const pair = __floats2bfloat162_rn(__uint_as_float(e & ~3u), __uint_as_float(l & ~3u));
-  kept = *reinterpret_cast<uint32_t const*>(&pair);
+  e = t1_first ? t1 : t2;
+  l = t1_first ? t2 : t1;
+}
+
+// relu(y1)^2 of a group whose y1 values lo, hi hold as bf16x2 bits (columns 0, 1 and 2, 3; the earlier column in
+// the low half), exact in fp32, and their keys as keep24_keys makes them: fmaxf(y, 0) is +-0 for a non-positive
+// y1 and 0 for NaN (fmaxf returns the number), and its square +0, as `y > 0 ? y * y : 0` gives.
+CUTLASS_DEVICE void relu2_keys(uint32_t lo, uint32_t hi, float (&sq)[4], uint32_t (&k)[4]) {
+  uint32_t const h[4] = {lo << 16, lo & 0xffff0000u, hi << 16, hi & 0xffff0000u};  // the fp32 bits of each y1
+  CUTLASS_PRAGMA_UNROLL
+  for (int c = 0; c < 4; ++c) {
+    float const y = fmaxf(__uint_as_float(h[c]), 0.f);
+    sq[c] = y * y;
+    k[c] = __float_as_uint(sq[c]) | (3u - c);
+  }
+}
+
+// bf16x2 bits of (x, y), x in the low half
+CUTLASS_DEVICE uint32_t bf16x2_bits(float x, float y) {
+  __nv_bfloat162 const v = __floats2bfloat162_rn(x, y);
+  return *reinterpret_cast<uint32_t const*>(&v);
 }
 #endif
 
@@ -243,10 +259,10 @@ struct CoordNode {
     ProblemShapeMNL shape;
     Params const* params_ptr;
 
-    template <typename ElementAccumulator, typename ElementInput, int FragmentSize>
+    template <typename ElementAccumulator, int FragmentSize, class... Inputs>
     CUTLASS_DEVICE auto visit(cutlass::Array<ElementAccumulator, FragmentSize> const&, int epi_v, int epi_m,
-                              int epi_n, cutlass::Array<ElementInput, FragmentSize> const& frg_input) {
-      return Derived::apply(*params_ptr, tC_c(_, _, _, epi_m, epi_n), shape, epi_v, frg_input);
+                              int epi_n, Inputs const&... frg_inputs) {
+      return Derived::apply(*params_ptr, tC_c(_, _, _, epi_m, epi_n), shape, epi_v, frg_inputs...);
     }
   };
 
@@ -261,26 +277,39 @@ struct CoordNode {
   }
 };
 
-// Mode 6's store of the packed 2:4 matrix: a visitor node (modelled on CUTLASS's Sm90AuxStore without shared
-// memory) that takes y1 [M, N] (bf16 values) and writes relu(y1)^2 with 2 of every 4 columns kept straight from
-// registers to global memory, in the SM90 layout: values row-major [M, N/2], and one metadata byte per group and
-// 16-row slab, holding rows r (low nibble) and r + 8 (high). It passes y1 on unchanged.
+// The packed 2:4 store of modes 6-8: a visitor node (modelled on CUTLASS's Sm90AuxStore without shared memory)
+// that chooses 2 of every 4 columns of its input tile and writes the kept values straight from registers to
+// global memory, in the SM90 layout: values row-major [M, N/2], and one metadata byte per group and 16-row slab,
+// holding rows r (low nibble) and r + 8 (high).
+// - Y1 (mode 6, the forward in ste mode): input y1 (bf16 values); writes 2:4(relu(y1)^2), passes y1 on (D = y1).
+// - Y2s (mode 7, the forward in mask mode): the same choice; passes on y2s = relu(y1)^2 with the other two columns
+//   of each group zeroed (D = y2s, what the backward reads), instead of y1.
+// - Grad (mode 8, the backward in mask mode): inputs dy1 and the forward's y2s; keeps the columns y2s kept (its
+//   top two by the bf16 bits, ties to the earlier column: y2s is zero outside the kept ones, so this is the
+//   forward's choice wherever a kept square is not zero in bf16) and writes the packed dy1; passes dy1 on.
+// The lanes split the groups: of a column pair of lanes (lane, lane ^ 1: a group's columns 0, 1 and 2, 3), the
+// even lane chooses the groups of row r0 and the odd lane those of row r0 + 8 (pairs p = 2j + h, h the row half),
+// each sending the other its half of the other's group: one shuffle and one choice per group, where both lanes
+// choosing every group of their pairs took twice the instructions (cutlass_ncu.json: mode 6 issued ~340
+// instructions per warp and subtile over the plain GEMM's, instruction-bound).
 // The stores are whole sectors: per epilogue subtile a warp holds 16 rows x 32 columns (layout_check.cu, fact 4:
 // element 4j + 2h + e of a thread is row r + 8h, column c0 + 8j + e, c0 = 2 (lane % 4) + a multiple of 32). A
 // row's 32 columns pack into 32 bytes of values, which its quad gathers with two shuffles so that each lane
 // stores 16 contiguous bytes; and the slab's 8 groups x 16 rows are one 64-byte run of metadata, which the quad's
-// first lane stores 8 bytes of. (Its first form stored each group's 4 bytes and each metadata byte alone: a
-// quarter of each sector per store, 0.68x cuBLAS + the sparsifier on the H200; whole-sector stores alone changed
-// nothing, the integer keys made it 1.02x, and the split of the groups between lanes below halves the choice's
-// instructions again.) tests/test_relu2_gemm.py replays this function's lane exchanges in torch.
+// first lane stores 8 bytes of. (Its first form stored each group's 4 bytes and each metadata byte alone, and
+// both lanes chose every group: 0.68x cuBLAS + the sparsifier on the H200; the integer keys made it 1.02x.)
+// tests/test_relu2_gemm.py replays the lane exchanges in torch against the reference packer.
 // Needs M, N multiples of 64 (the layout's tile) and the epilogue's 16-element fragments (every sm90 tile here).
 struct Pack24Args {
   Bf16* values = nullptr;   // [M, N/2]
   uint8_t* meta = nullptr;  // [M * N / 8], the layout's tiled order
 };
 
-struct Pack24Store : CoordNode<Pack24Store, Pack24Args> {
-  using CoordNode::CoordNode;
+enum class Pack24Kind { Y1, Y2s, Grad };
+
+template <Pack24Kind Kind>
+struct Pack24Node : CoordNode<Pack24Node<Kind>, Pack24Args> {
+  using CoordNode<Pack24Node<Kind>, Pack24Args>::CoordNode;
 
   template <class ProblemShape>
   static bool check(ProblemShape const& shape, Pack24Args const& args) {
@@ -288,38 +317,19 @@ struct Pack24Store : CoordNode<Pack24Store, Pack24Args> {
     return args.values != nullptr && args.meta != nullptr && M % 64 == 0 && N % 64 == 0 && L == 1;
   }
 
-  template <class Coords, class Shape, class ElementInput, int FragmentSize>
-  CUTLASS_DEVICE static auto apply(Pack24Args const& params, Coords const& coord, Shape const& shape, int epi_v,
-                                   cutlass::Array<ElementInput, FragmentSize> const& frg_input) {
 #if defined(__CUDA_ARCH__)
-    static_assert(FragmentSize == 16, "a warp's subtile of 16 rows x 32 columns (layout_check.cu, fact 4)");
-    int const M = static_cast<int>(get<0>(shape)), N = static_cast<int>(get<1>(shape));
-    auto const c0 = coord(epi_v * FragmentSize);
-    int const r0 = static_cast<int>(get<0>(c0)), col0 = static_cast<int>(get<1>(c0));
-    int const lane = threadIdx.x & 31;
-    {  // the layout this relies on (fact 4 and lane ^ 1 holding the group's other half): a trap, not a bad buffer
-      auto const c1 = coord(epi_v * FragmentSize + 2), c2 = coord(epi_v * FragmentSize + 4);
-      if ((r0 & 15) >= 8 || (col0 & 31) != 2 * (lane & 3) || get<0>(c1) != r0 + 8 || get<1>(c1) != col0 ||
-          get<0>(c2) != r0 || get<1>(c2) != col0 + 8)
-        __trap();
-    }
-    // The lanes split the groups: of a column pair of lanes (lane, lane ^ 1: a group's columns 0, 1 and 2, 3),
-    // the even lane chooses the groups of row r0 and the odd lane those of row r0 + 8 (pairs p = 2j + h, h the
-    // row half), each sending the other its half of the other's group: one shuffle and one choice per group, where
-    // both lanes choosing every group of their pairs took twice the instructions (cutlass_ncu.json: mode 6 issued
-    // ~340 instructions per warp and subtile over the plain GEMM's, instruction-bound).
-    uint32_t w[8];  // w[p]: pair p's two columns as bf16x2 bits (the earlier column low)
+  // the fragment's column pairs as bf16x2 bits: w[p] = pair p (the earlier column low)
+  template <class Frag>
+  CUTLASS_DEVICE static void words(Frag const& frg, uint32_t (&w)[8]) {
     CUTLASS_PRAGMA_UNROLL
     for (int p = 0; p < 8; ++p)
-      w[p] = static_cast<uint32_t>(Bf16(frg_input[2 * p]).raw()) |
-             (static_cast<uint32_t>(Bf16(frg_input[2 * p + 1]).raw()) << 16);
-    bool const even = (lane & 1) == 0;
-    uint32_t kept[4], nib[4];  // this lane's groups j = 0..3 (group 2j + (lane % 4) / 2 of its row's 32 columns)
-    CUTLASS_PRAGMA_UNROLL
-    for (int j = 0; j < 4; ++j) {
-      uint32_t const got = __shfl_xor_sync(0xffffffffu, even ? w[2 * j + 1] : w[2 * j], 1);
-      keep24_group(even ? w[2 * j] : got, even ? got : w[2 * j + 1], kept[j], nib[j]);
-    }
+      w[p] = static_cast<uint32_t>(Bf16(frg[2 * p]).raw()) | (static_cast<uint32_t>(Bf16(frg[2 * p + 1]).raw()) << 16);
+  }
+
+  // the stores of a lane's kept pairs (bf16x2 bits) and nibbles of its groups j = 0..3 (group 2j + (lane % 4) / 2
+  // of the row r0 + 8 (lane & 1) in the block of 32 columns from col0 & ~31)
+  CUTLASS_DEVICE static void store(Pack24Args const& params, uint32_t const (&kept)[4], uint32_t const (&nib)[4],
+                                   int lane, int r0, int col0, int M, int N) {
     // values: in a quad, lane q holds row r0 + 8 (q & 1), groups 2j + (q >> 1). Lane q writes that row's groups
     // 4 (q >> 1) .. 4 (q >> 1) + 3 (16 bytes): its own two there and two from lane q ^ 2 (the same row's other
     // groups): the low lanes (q >> 1 = 0) send their groups 4, 6 (j = 2, 3), the high ones their groups 1, 3
@@ -350,10 +360,107 @@ struct Pack24Store : CoordNode<Pack24Store, Pack24Args> {
                             (r0 & 7) * 8;
       *reinterpret_cast<uint2*>(params.meta + offset) = make_uint2(lo, hi);
     }
+  }
+
+  // the first row and column of this lane's fragment, after checking the layout the node relies on (fact 4 and
+  // lane ^ 1 holding the group's other half): a trap, not a bad buffer
+  template <class Coords, int FragmentSize>
+  CUTLASS_DEVICE static void origin(Coords const& coord, int epi_v, int lane, int& r0, int& col0) {
+    static_assert(FragmentSize == 16, "a warp's subtile of 16 rows x 32 columns (layout_check.cu, fact 4)");
+    auto const c0 = coord(epi_v * FragmentSize);
+    r0 = static_cast<int>(get<0>(c0));
+    col0 = static_cast<int>(get<1>(c0));
+    auto const c1 = coord(epi_v * FragmentSize + 2), c2 = coord(epi_v * FragmentSize + 4);
+    if ((r0 & 15) >= 8 || (col0 & 31) != 2 * (lane & 3) || get<0>(c1) != r0 + 8 || get<1>(c1) != col0 ||
+        get<0>(c2) != r0 || get<1>(c2) != col0 + 8)
+      __trap();
+  }
 #endif
-    return frg_input;
+
+  // modes 6 and 7: the input y1
+  template <class Coords, class Shape, class ElementInput, int FragmentSize>
+  CUTLASS_DEVICE static auto apply(Pack24Args const& params, Coords const& coord, Shape const& shape, int epi_v,
+                                   cutlass::Array<ElementInput, FragmentSize> const& frg_input) {
+    cutlass::Array<ElementInput, FragmentSize> out = frg_input;
+#if defined(__CUDA_ARCH__)
+    static_assert(Kind != Pack24Kind::Grad, "mode 8 takes dy1 and y2s");
+    int const M = static_cast<int>(get<0>(shape)), N = static_cast<int>(get<1>(shape));
+    int const lane = threadIdx.x & 31;
+    int r0, col0;
+    origin<Coords, FragmentSize>(coord, epi_v, lane, r0, col0);
+    uint32_t w[8];
+    words(frg_input, w);
+    bool const even = (lane & 1) == 0;
+    uint32_t kept[4], nib[4];
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      uint32_t const got = __shfl_xor_sync(0xffffffffu, even ? w[2 * j + 1] : w[2 * j], 1);
+      float sq[4];
+      uint32_t k[4], t2, e, l;
+      relu2_keys(even ? w[2 * j] : got, even ? got : w[2 * j + 1], sq, k);
+      top2_keys(k, t2, e, l);
+      nib[j] = (3u - (e & 3u)) | ((3u - (l & 3u)) << 2);
+      // the kept squares, the earlier column low: a key with its low bits cleared is the square itself
+      kept[j] = bf16x2_bits(__uint_as_float(e & ~3u), __uint_as_float(l & ~3u));
+      if constexpr (Kind == Pack24Kind::Y2s) {
+        // y2s of all four columns (zero where not kept); the lane keeps its own half and sends the other half
+        // back to the lane that holds it (its pair 2j + 1 - h)
+        uint32_t const half01 = bf16x2_bits(k[0] >= t2 ? sq[0] : 0.f, k[1] >= t2 ? sq[1] : 0.f);
+        uint32_t const half23 = bf16x2_bits(k[2] >= t2 ? sq[2] : 0.f, k[3] >= t2 ? sq[3] : 0.f);
+        uint32_t const back = __shfl_xor_sync(0xffffffffu, even ? half23 : half01, 1);
+        uint32_t const own = even ? half01 : half23;
+        uint32_t const pair_h0 = even ? own : back, pair_h1 = even ? back : own;  // pairs 2j (row r0), 2j + 1
+        out[4 * j] = Bf16::bitcast(static_cast<uint16_t>(pair_h0 & 0xffffu));
+        out[4 * j + 1] = Bf16::bitcast(static_cast<uint16_t>(pair_h0 >> 16));
+        out[4 * j + 2] = Bf16::bitcast(static_cast<uint16_t>(pair_h1 & 0xffffu));
+        out[4 * j + 3] = Bf16::bitcast(static_cast<uint16_t>(pair_h1 >> 16));
+      }
+    }
+    store(params, kept, nib, lane, r0, col0, M, N);
+#endif
+    return out;
+  }
+
+  // mode 8: the inputs dy1 and y2s
+  template <class Coords, class Shape, class ElementDy1, class ElementY2s, int FragmentSize>
+  CUTLASS_DEVICE static auto apply(Pack24Args const& params, Coords const& coord, Shape const& shape, int epi_v,
+                                   cutlass::Array<ElementDy1, FragmentSize> const& frg_dy1,
+                                   cutlass::Array<ElementY2s, FragmentSize> const& frg_y2s) {
+#if defined(__CUDA_ARCH__)
+    static_assert(Kind == Pack24Kind::Grad, "modes 6 and 7 take y1");
+    int const M = static_cast<int>(get<0>(shape)), N = static_cast<int>(get<1>(shape));
+    int const lane = threadIdx.x & 31;
+    int r0, col0;
+    origin<Coords, FragmentSize>(coord, epi_v, lane, r0, col0);
+    uint32_t d[8], y[8];
+    words(frg_dy1, d);
+    words(frg_y2s, y);
+    bool const even = (lane & 1) == 0;
+    uint32_t kept[4], nib[4];
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      uint32_t const gy = __shfl_xor_sync(0xffffffffu, even ? y[2 * j + 1] : y[2 * j], 1);
+      uint32_t const gd = __shfl_xor_sync(0xffffffffu, even ? d[2 * j + 1] : d[2 * j], 1);
+      uint32_t const ylo = even ? y[2 * j] : gy, yhi = even ? gy : y[2 * j + 1];
+      uint32_t const dlo = even ? d[2 * j] : gd, dhi = even ? gd : d[2 * j + 1];
+      // y2s is a non-negative bf16 (zero where not kept): its magnitude bits order as its values (a -0 as +0),
+      // with 2 bits left below them for the column
+      uint32_t const k[4] = {((ylo & 0x7fffu) << 2) | 3u, ((ylo >> 14) & 0x1fffcu) | 2u, ((yhi & 0x7fffu) << 2) | 1u,
+                             (yhi >> 14) & 0x1fffcu};
+      uint32_t t2, e, l;
+      top2_keys(k, t2, e, l);
+      uint32_t const first = 3u - (e & 3u), second = 3u - (l & 3u);
+      nib[j] = first | (second << 2);
+      // dy1 of the kept columns (bytes 2c, 2c + 1 of dlo:dhi), the earlier one low
+      kept[j] = __byte_perm(dlo, dhi, 0x1010u + first * 0x22u + second * 0x2200u);
+    }
+    store(params, kept, nib, lane, r0, col0, M, N);
+#endif
+    return frg_dy1;
   }
 };
+
+using Pack24Store = Pack24Node<Pack24Kind::Y1>;
 
 // The rotary embedding of the q and k projections as a visitor node: the input y (bf16 values of D before the
 // rotation) comes in column pairs (layout_check.cu, fact 1), so each pair (x0, x1) = columns (2i, 2i+1) of a head
@@ -511,6 +618,28 @@ using Y1Bf16 = fusion::Sm90EVT<fusion::Sm90Compute<Identity, Bf16, float, cutlas
                                fusion::Sm90AccFetch>;
 using Pack24Tree = fusion::Sm90EVT<fusion::Sm90Compute<Identity, Bf16, float, cutlass::FloatRoundStyle::round_to_nearest>,
                                    fusion::Sm90EVT<Pack24Store, Y1Bf16>>;
+// mode 7's: D = y2s (the kept squares, zero elsewhere), from the packed store's output
+using Pack24MaskedTree =
+    fusion::Sm90EVT<fusion::Sm90Compute<Identity, Bf16, float, cutlass::FloatRoundStyle::round_to_nearest>,
+                    fusion::Sm90EVT<Pack24Node<Pack24Kind::Y2s>, Y1Bf16>>;
+
+// mode 8's graph, which depends on the tile and schedule as mode 5's does: node 0 the accumulator (dy2), 1 y2s
+// through TMA, 2 dy1 = ReLUSquaredGrad(acc, y2s) (mode 3's formula), 3 (root, written as D) the packed store of
+// dy1 with y2s's choice, passing dy1 on
+struct Grad24Tag {};
+
+template <class TileMNK, class EpiSchedule>
+struct Grad24Graph {
+  using Desc = cutlass::epilogue::collective::detail::EpilogueDescriptor<
+      TileMNK, cutlass::epilogue::collective::EpilogueTileAuto, void, Bf16, EpiSchedule>;
+  using LoadDesc = cutlass::epilogue::collective::detail::AuxLoadDescriptor<Desc, cutlass::layout::RowMajor, Bf16>;
+  using Y2s = fusion::Sm90AuxLoad<LoadDesc::Stages, typename Desc::EpilogueTile, Bf16, typename LoadDesc::Stride,
+                                  typename LoadDesc::SmemLayoutAtom, typename LoadDesc::CopyOpS2R>;
+  using Dy1 = fusion::Sm90Compute<ReLUSquaredGrad, Bf16, float, cutlass::FloatRoundStyle::round_to_nearest>;
+  using type = fusion::Sm90TopologicalVisitor<
+      float, cute::tuple<cute::seq<>, cute::seq<>, cute::seq<0, 1>, cute::seq<2, 1>>,
+      fusion::Sm90AccFetch, Y2s, Dy1, Pack24Node<Pack24Kind::Grad>>;
+};
 
 // the rope GEMM's tree: D = bf16(rope(bf16(acc))): y rounded to bf16 first, as the unfused GEMM writes q and k
 using RopeTree = fusion::Sm90EVT<fusion::Sm90Compute<Identity, Bf16, float, cutlass::FloatRoundStyle::round_to_nearest>,
@@ -524,6 +653,10 @@ struct FusionFor {
 template <class TileMNK, class EpiSchedule>
 struct FusionFor<SteY2sTag, TileMNK, EpiSchedule> {
   using type = typename SteY2sGraph<TileMNK, EpiSchedule>::type;
+};
+template <class TileMNK, class EpiSchedule>
+struct FusionFor<Grad24Tag, TileMNK, EpiSchedule> {
+  using type = typename Grad24Graph<TileMNK, EpiSchedule>::type;
 };
 
 // epilogue arguments of each fusion: (alpha, beta) for LinCombEltAct, the aux tensors for the others (aux: the
@@ -558,14 +691,26 @@ struct FusionArgs<GradTree> {
                 {}};
   }
 };
+// aux_out of modes 6-8: the packed buffer [M, N*9/16] bf16, values then metadata (byte M*N on)
+inline Pack24Args pack24_args(void* aux_out, int M, int N) {
+  auto* meta = aux_out == nullptr ? nullptr : static_cast<uint8_t*>(aux_out) + static_cast<size_t>(M) * N;
+  return Pack24Args{static_cast<Bf16*>(aux_out), meta};
+}
 template <>
 struct FusionArgs<Pack24Tree> {
   template <class Args>
-  static Args make(const void*, void* aux_out, int M, int N) {
-    // aux_out: the packed buffer [M, N*9/16] bf16, values then metadata (byte M*N on)
-    auto* values = static_cast<Bf16*>(aux_out);
-    auto* meta = aux_out == nullptr ? nullptr : static_cast<uint8_t*>(aux_out) + static_cast<size_t>(M) * N;
-    return Args{{{{}, {}}, {values, meta}}, {}};
+  static Args make(const void*, void* aux_out, int M, int N) { return Args{{{{}, {}}, pack24_args(aux_out, M, N)}, {}}; }
+};
+template <>
+struct FusionArgs<Pack24MaskedTree> : FusionArgs<Pack24Tree> {};
+template <>
+struct FusionArgs<Grad24Tag> {
+  template <class Args>
+  static Args make(const void* aux, void* aux_out, int M, int N) {
+    using Stride = cutlass::detail::TagToStrideC_t<cutlass::layout::RowMajor>;
+    auto stride = cutlass::make_cute_packed_stride(Stride{}, {M, N, 1});
+    // one argument per node, in the graph's order: acc, y2s, dy1, the packed store (the root)
+    return Args{{}, {static_cast<const Bf16*>(aux), Bf16(0), stride}, {}, pack24_args(aux_out, M, N)};
   }
 };
 template <>
@@ -694,6 +839,8 @@ using GradTmaTable = Table<ELAS_CONFIGS(GradTma)>;
 using SteGradTable = Table<ELAS_CONFIGS(SteGradTma)>;
 using SteY2sTable = Table<ELAS_CONFIGS(SteY2sTag)>;
 using Pack24Table = Table<ELAS_CONFIGS(Pack24Tree)>;
+using Pack24MaskedTable = Table<ELAS_CONFIGS(Pack24MaskedTree)>;
+using Grad24Table = Table<ELAS_CONFIGS(Grad24Tag)>;
 
 // the rope GEMM's configurations, run through their batched arguments
 template <class... Configs>
@@ -744,11 +891,13 @@ long long elas_cutlass_dense_workspace(int config, int mode, int M, int N, int K
     case 4: return SteGradTable::workspace(config, M, N, K);
     case 5: return SteY2sTable::workspace(config, M, N, K);
     case 6: return Pack24Table::workspace(config, M, N, K);
+    case 7: return Pack24MaskedTable::workspace(config, M, N, K);
+    case 8: return Grad24Table::workspace(config, M, N, K);
     default: return -1;
   }
 }
-// aux: the input tensor [M, N] bf16 row-major of modes 2-5 (y2, or y1 for 4 and 5); aux_out: mode 5's y2s [M, N]
-// bf16 row-major, or mode 6's packed buffer [M, N*9/16] bf16 (unused otherwise). Returns 0 on success; 2 cannot implement, 3 workspace too small, 4 initialize,
+// aux: the input tensor [M, N] bf16 row-major of modes 2-5 and 8 (y2, y1 for 4 and 5, y2s for 8); aux_out: mode
+// 5's y2s [M, N] bf16 row-major, or modes 6-8's packed buffer [M, N*9/16] bf16 (unused otherwise). Returns 0 on success; 2 cannot implement, 3 workspace too small, 4 initialize,
 // 5 run, 6 CUDA error, -1 bad config or mode
 int elas_cutlass_dense_mm_aux(int config, int mode, const void* a, const void* b, const void* aux, void* aux_out,
                               void* d, int M, int N, int K, void* workspace, size_t ws_bytes, void* stream, int iters,
@@ -763,6 +912,8 @@ int elas_cutlass_dense_mm_aux(int config, int mode, const void* a, const void* b
     case 4: return SteGradTable::run(config, a, b, aux, aux_out, d, M, N, K, workspace, ws_bytes, s, iters, ms);
     case 5: return SteY2sTable::run(config, a, b, aux, aux_out, d, M, N, K, workspace, ws_bytes, s, iters, ms);
     case 6: return Pack24Table::run(config, a, b, aux, aux_out, d, M, N, K, workspace, ws_bytes, s, iters, ms);
+    case 7: return Pack24MaskedTable::run(config, a, b, aux, aux_out, d, M, N, K, workspace, ws_bytes, s, iters, ms);
+    case 8: return Grad24Table::run(config, a, b, aux, aux_out, d, M, N, K, workspace, ws_bytes, s, iters, ms);
     default: return -1;
   }
 }
