@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh STAGE...
-# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass cutlass_probe cutlass_relu2 norm target elas_cutlass quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
+# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass cutlass_probe cutlass_relu2 norm target elas_cutlass mask_cutlass quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
 # the step benchmark and the test selection. Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
 # machine), are copied there too, with the tuned cuSPARSELt algorithm cache.
 set -u
@@ -96,6 +96,13 @@ for what in "${@:-tests kernels ffn}"; do
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
           --variants "$v,$v+relu2_kernel=cutlass,elas,elas+act24.cutlass=true" \
           --out "${ELAS_CUTLASS_OUT:-benchmarks/results/$GPU/step_elas_cutlass}" 2>&1 | quiet ;;
+      mask_cutlass)  # the mask-mode CUTLASS forms (act24.cutlass=true with Haziza's gradient: modes 7 and 8) in the 1B
+                     # full-rank step: relu2-24 beside relu2 with and without its own CUTLASS forward, one process;
+                     # MASK_VARIANTS adds rows (e.g. lowrank-relu2,elas-mask,elas-mask+act24.cutlass=true); needs
+                     # ELAS_CUTLASS_RELU2 (carry build/cutlass_relu2)
+        v=relu2,relu2+relu2_kernel=cutlass,relu2-24,relu2-24+act24.cutlass=true${MASK_VARIANTS:+,$MASK_VARIANTS}
+        timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
+          --variants "$v" --out "${MASK_OUT:-benchmarks/results/$GPU/step_mask_cutlass}" 2>&1 | quiet ;;
       cutlass_probe)  # each form of the CUTLASS ReLU^2 library (and the rotary GEMM) launched in a process of its own:
                       # the ones that fault are skipped by every later stage (ELAS_CUTLASS_SKIP); carry build/cutlass_relu2
         python benchmarks/cutlass_probe.py build/cutlass_relu2/libelas_cutlass_relu2.so runs
