@@ -546,10 +546,15 @@ def test_the_committed_60m_grid_resumes_under_todays_variants():
 
     from elas.train.experiment import check_same_runs, grid_variants, variant_config
     grid = Path(__file__).parents[1] / "docs" / "results" / "grid-60m"
-    runs = {p.name for p in grid.iterdir() if (p / "config.json").is_file()}
-    names = sorted(set(grid_variants(2000)) | runs)
-    assert {"relu2-24-split", "relu2", "elas"} <= runs
-    check_same_runs([variant_config("llama-60m", v, 2000, "data/sp-32k", grid, 512, 1) for v in names])
+
+    def variant_seed(run: str) -> tuple[str, int]:  # experiment.run_name's inverse: "<variant>[.seed<n>]"
+        head, _, tail = run.rpartition(".seed")
+        return (head, int(tail)) if head and tail.isdigit() else (run, 0)
+    runs = {variant_seed(p.name) for p in grid.iterdir() if (p / "config.json").is_file()}
+    names = sorted({(v, 0) for v in grid_variants(2000)} | runs)
+    assert {("relu2-24-split", 0), ("relu2", 0), ("elas", 0), ("elas-mask", 1)} <= runs
+    check_same_runs([variant_config("llama-60m", v, 2000, "data/sp-32k", grid, 512, 1, seed=seed)
+                     for v, seed in names])
     split = [m for m in variant_config("llama-60m", "relu2-24-split", 2000, "d", grid, 512, 1).model.methods]
     plain = [m for m in variant_config("llama-60m", "relu2-24", 2000, "d", grid, 512, 1).model.methods]
     assert split[0]["wgrad_dense_frac"] == 0.05 and split[0]["permute_tokens"] is True

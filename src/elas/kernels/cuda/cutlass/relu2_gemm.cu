@@ -39,6 +39,7 @@
 // D row-major; bf16 in and out, fp32 accumulation. Mode 1 rounds the accumulator to bf16 first, as the model's
 // y1 is a bf16 tensor, so D equals the unfused relu(y1)^2 wherever the two GEMMs round y1 alike.
 #include <cstdint>
+#include <cstring>
 #include <cstdio>
 
 #include <cuda_bf16.h>
@@ -131,16 +132,18 @@ struct SteGradAfterStore<cutlass::Array<T, N>> : Elementwise<SteGradAfterStore, 
 // values) with 3 - column in its low 2 bits, which are zero in the square of a bf16 value (at most 16 significant
 // bits; tests/test_relu2_gemm.py checks every bf16 value). The two largest of the group's four keys are then the
 // rule's choice (the larger square; of equal ones the earlier column), by six integer min/max where comparing the
-// squares took ~30 instructions. (A subnormal square's low bits need not be zero: two such squares within 3 ulps
-// of each other may be chosen otherwise than the rule does.)
+// squares took ~30 instructions. (A subnormal square's low bits need not be zero: they are cleared for its key, so
+// keys stay distinct, which the 2:4 metadata needs; two such squares within 3 ulps of each other may then be chosen
+// otherwise than the rule does, and where a kept value is taken from its key (modes 6, 7) its bf16 rounding can
+// differ in the last place.)
 // s0, s1: this lane's squares (+0 for a non-positive y1), its group's columns c, c + 1, c = 0 on the even lane of
 // the pair and 2 on the odd one. Returns this lane's keys (k0, k1) and the kept keys t1 > t2 (the same in both
 // lanes). Every lane of the warp calls it together (one shuffle each way).
 CUTLASS_DEVICE void keep24_keys(float s0, float s1, bool even, uint32_t& k0, uint32_t& k1, uint32_t& t1,
                                 uint32_t& t2) {
   uint32_t const c = even ? 0u : 2u;
-  k0 = __float_as_uint(s0) | (3u - c);
-  k1 = __float_as_uint(s1) | (2u - c);
+  k0 = (__float_as_uint(s0) & ~3u) | (3u - c);
+  k1 = (__float_as_uint(s1) & ~3u) | (2u - c);
   uint32_t const p0 = __shfl_xor_sync(0xffffffffu, k0, 1), p1 = __shfl_xor_sync(0xffffffffu, k1, 1);
   uint32_t const m1 = max(k0, k1), n1 = min(k0, k1), m2 = max(p0, p1), n2 = min(p0, p1);
   t1 = max(m1, m2);
@@ -160,23 +163,24 @@ CUTLASS_DEVICE void top2_keys(uint32_t const (&k)[4], uint32_t& t2, uint32_t& e,
   l = t1_first ? t2 : t1;
 }
 
-// relu(y1)^2 of a group whose y1 values lo, hi hold as bf16x2 bits (columns 0, 1 and 2, 3; the earlier column in
-// the low half), exact in fp32, and their keys as keep24_keys makes them: fmaxf(y, 0) is +-0 for a non-positive
+// The keys of relu(y1)^2 for a group whose y1 values lo, hi hold as bf16x2 bits (columns 0, 1 and 2, 3; the earlier
+// column in the low half), the squares exact in fp32, as keep24_keys makes them: fmaxf(y, 0) is +-0 for a non-positive
 // y1 and 0 for NaN (fmaxf returns the number), and its square +0, as `y > 0 ? y * y : 0` gives.
-CUTLASS_DEVICE void relu2_keys(uint32_t lo, uint32_t hi, float (&sq)[4], uint32_t (&k)[4]) {
+CUTLASS_DEVICE void relu2_keys(uint32_t lo, uint32_t hi, uint32_t (&k)[4]) {
   uint32_t const h[4] = {lo << 16, lo & 0xffff0000u, hi << 16, hi & 0xffff0000u};  // the fp32 bits of each y1
   CUTLASS_PRAGMA_UNROLL
   for (int c = 0; c < 4; ++c) {
     float const y = fmaxf(__uint_as_float(h[c]), 0.f);
-    sq[c] = y * y;
-    k[c] = __float_as_uint(sq[c]) | (3u - c);
+    k[c] = (__float_as_uint(y * y) & ~3u) | (3u - c);
   }
 }
 
 // bf16x2 bits of (x, y), x in the low half
 CUTLASS_DEVICE uint32_t bf16x2_bits(float x, float y) {
   __nv_bfloat162 const v = __floats2bfloat162_rn(x, y);
-  return *reinterpret_cast<uint32_t const*>(&v);
+  uint32_t bits;
+  memcpy(&bits, &v, sizeof(bits));
+  return bits;
 }
 #endif
 
@@ -395,9 +399,8 @@ struct Pack24Node : CoordNode<Pack24Node<Kind>, Pack24Args> {
     CUTLASS_PRAGMA_UNROLL
     for (int j = 0; j < 4; ++j) {
       uint32_t const got = __shfl_xor_sync(0xffffffffu, even ? w[2 * j + 1] : w[2 * j], 1);
-      float sq[4];
       uint32_t k[4], t2, e, l;
-      relu2_keys(even ? w[2 * j] : got, even ? got : w[2 * j + 1], sq, k);
+      relu2_keys(even ? w[2 * j] : got, even ? got : w[2 * j + 1], k);
       top2_keys(k, t2, e, l);
       nib[j] = (3u - (e & 3u)) | ((3u - (l & 3u)) << 2);
       // the kept squares, the earlier column low: a key with its low bits cleared is the square itself
@@ -405,8 +408,10 @@ struct Pack24Node : CoordNode<Pack24Node<Kind>, Pack24Args> {
       if constexpr (Kind == Pack24Kind::Y2s) {
         // y2s of all four columns (zero where not kept); the lane keeps its own half and sends the other half
         // back to the lane that holds it (its pair 2j + 1 - h)
-        uint32_t const half01 = bf16x2_bits(k[0] >= t2 ? sq[0] : 0.f, k[1] >= t2 ? sq[1] : 0.f);
-        uint32_t const half23 = bf16x2_bits(k[2] >= t2 ? sq[2] : 0.f, k[3] >= t2 ? sq[3] : 0.f);
+        // (from the keys, as the packed values are: the two agree also for a subnormal square)
+        auto const value = [&](int c) { return k[c] >= t2 ? __uint_as_float(k[c] & ~3u) : 0.f; };
+        uint32_t const half01 = bf16x2_bits(value(0), value(1));
+        uint32_t const half23 = bf16x2_bits(value(2), value(3));
         uint32_t const back = __shfl_xor_sync(0xffffffffu, even ? half23 : half01, 1);
         uint32_t const own = even ? half01 : half23;
         uint32_t const pair_h0 = even ? own : back, pair_h1 = even ? back : own;  // pairs 2j (row r0), 2j + 1
