@@ -90,11 +90,13 @@ for what in "${@:-tests kernels ffn}"; do
           --modes elas,torch.compile --variants "$v$k" --out "${TARGET_OUT:-benchmarks/results/$GPU/step_target}" 2>&1 | quiet ;;
       elas_cutlass)  # the 1B ELAS step with its d_ff-wide GEMMs on CUTLASS (act24.cutlass=true: the up-projection
                      # with the sparsifier and the dy2 GEMM with the backward's pointwise work in their epilogues),
-                     # beside ELAS today and the dense twin with and without its own CUTLASS forward; needs
-                     # ELAS_CUTLASS_RELU2 (carry build/cutlass_relu2)
-        v=lowrank-relu2
+                     # beside ELAS today, the dense twin with and without its own CUTLASS forward, and the full-rank
+                     # SwiGLU step at the aligned width (the "ELAS >= 2.0x SwiGLU" target; ELAS_SWIGLU=0 leaves it
+                     # out); needs ELAS_CUTLASS_RELU2 (carry build/cutlass_relu2)
+        v=lowrank-relu2 sw=,swiglu-aligned
+        [ "${ELAS_SWIGLU:-1}" = 0 ] && sw=
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
-          --variants "$v,$v+relu2_kernel=cutlass,elas,elas+act24.cutlass=true" \
+          --variants "$v,$v+relu2_kernel=cutlass,elas,elas+act24.cutlass=true$sw" \
           --out "${ELAS_CUTLASS_OUT:-benchmarks/results/$GPU/step_elas_cutlass}" 2>&1 | quiet ;;
       mask_cutlass)  # the mask-mode CUTLASS forms (act24.cutlass=true with Haziza's gradient: modes 7 and 8) in the 1B
                      # full-rank step: relu2-24 beside relu2 with and without its own CUTLASS forward, one process;
