@@ -148,7 +148,7 @@ for what in "${@:-tests kernels ffn}"; do
           for ((p = 0; p < n; p++)); do
             part=""
             for ((i = p; i < ${#vs[@]}; i += n)); do part+="${part:+,}${vs[i]}"; done
-            [ -n "$part" ] && { grid "$part" | sed -u "s/^/[$p] /" & }
+            [ -n "$part" ] && { ELAS_GRID_SHARED=$n grid "$part" | sed -u "s/^/[$p] /" & }
           done
           wait
           python -m elas experiment --size "$size" --out "runs/grid-$size" --summarize-only 2>&1 | quiet

@@ -418,6 +418,25 @@ def test_quality_summary_spread_is_over_the_paired_seeds(tmp_path):
            "transfer loss: relu2-24 0.2700, relu2 0.3000" in md
 
 
+def test_summary_counts_a_shared_gpus_runs_at_their_share(tmp_path, monkeypatch):
+    """Runs made two at a time on one GPU (run_gpu.sh's GRID_PARALLEL=2 sets ELAS_GRID_SHARED) record it; the
+    summary's GPU time counts each at its wall over the number sharing, and says so, beside the walls' sum."""
+    from elas.train.experiment import gpu_shared_by, summarize
+    monkeypatch.setenv("ELAS_GRID_SHARED", "2")
+    assert gpu_shared_by() == 2
+    monkeypatch.setenv("ELAS_GRID_SHARED", "x")
+    assert gpu_shared_by() == 1
+    for variant, wall, shared in (("relu2", 600.0, 2), ("relu2-24", 600.0, 2), ("swiglu", 300.0, None)):
+        run = tmp_path / variant
+        run.mkdir()
+        (run / "summary.json").write_text(json.dumps(
+            {"variant": variant, "seed": 0, "val_loss": 2.0, "val_ppl": 2.0, "optimizer": "adamw", "steps": 10,
+             "tokens": 100, "epochs": 0.5, "wall_s": wall, **({"gpu_shared_by": shared} if shared else {})}))
+    _, md = summarize(tmp_path)
+    assert "- the grid's GPU time: ~15.0 min over 3 runs (2 of them shared the GPU" in md
+    assert "the walls sum to 25.0 min" in md
+
+
 def test_auto_solver_by_core_size():
     """auto: gesvda for the cores of the 60M-350M models on CUDA, eigh from the 1B model's 1024 x 1024 cores on
     (as fast or faster there, and it converges where gesvda does not), torch's default driver off CUDA."""

@@ -12,6 +12,7 @@ run directory holding a run of other settings, another --steps or --size, is ref
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +34,15 @@ def grid_variants(steps: int) -> list[str]:
     return ["swiglu", "relu2", "relu2-24", "relu2-24-split", "lowrank-relu2", "elas", "elas-nowarmup", "elas-mask", "relu2-w24",
             "relu2-vnm-fast", "relu2-w24-vnm-fast", f"elas+act24.dense_warmup_steps={max(1, steps // 100)}"]
 PAPER_STEPS = 10_000  # the 60M recipe the schedules are written for (dense warm-up 1000 = 10%, LORO K = 500 = 5%)
+
+
+def gpu_shared_by() -> int:
+    """How many grid processes share this run's GPU ($ELAS_GRID_SHARED, set by benchmarks/run_gpu.sh's grid
+    stage when it runs several at a time; 1 otherwise): the summary counts a shared run's wall time at that share."""
+    try:
+        return max(1, int(os.environ.get("ELAS_GRID_SHARED", "1")))
+    except ValueError:
+        return 1
 
 
 def run_name(variant: str, seed: int = 0) -> str:
@@ -190,6 +200,7 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
         row = {"model": size, "variant": v, "seed": seed, "run": name, "steps": cfg.max_steps, "tokens": tokens,
                "epochs": tokens / train_tokens if train_tokens else None,
                "val_loss": res["val_loss"], "val_ppl": res["val_ppl"], "wall_s": round(wall, 1),
+               "gpu_shared_by": gpu_shared_by(),
                "optimizer": cfg.optimizer, "lr": cfg.lr, "methods": cfg.model.methods,
                "y2_zero_frac": last[-1]["y2_zero_frac/mean"] if last else None,
                "dropped_nnz_frac": last[-1].get("dropped_nnz_frac/mean") if last else None,
@@ -302,8 +313,15 @@ def summarize(out: Path) -> tuple[list[dict], str]:
         lines.append(f"- **the runs trained on {len(prints)} different datasets** (train.bin SHA-1 " +
                      ", ".join(p[:12] for p in prints) + "): ratios across them compare different data")
     total = sum(r["wall_s"] for r in rows)
-    lines.append(f"- the grid's GPU time: {total / 60:.1f} min over {len(rows)} runs (wall time of each run, "
-                 f"compilation and evaluation included)")
+    shared = [r for r in rows if (r.get("gpu_shared_by") or 1) > 1]
+    if shared:  # runs made n at a time on one GPU: their walls overlap, so their sum overstates the GPU time
+        gpu = sum(r["wall_s"] / (r.get("gpu_shared_by") or 1) for r in rows)
+        lines.append(f"- the grid's GPU time: ~{gpu / 60:.1f} min over {len(rows)} runs ({len(shared)} of them shared "
+                     f"the GPU with other runs, each counted at its wall time over the number sharing; the walls sum "
+                     f"to {total / 60:.1f} min; compilation and evaluation included)")
+    else:
+        lines.append(f"- the grid's GPU time: {total / 60:.1f} min over {len(rows)} runs (wall time of each run, "
+                     f"compilation and evaluation included)")
     text = "\n".join(md + [""] + lines) + "\n"
     _write_json(out / "summary.json", rows)
     write_atomic(out / "summary.md", text.encode())
