@@ -48,7 +48,9 @@ for what in "${@:-tests kernels ffn}"; do
       sizes)  # every size, ratios in one process each (the FFN-kernels issue's re-measure): per size and batch, the dense
               # rows in elas's default mode and under plain torch.compile (is elas's mode the twin's best, and by how
               # much), then the sparse rows in elas's mode beside their twins again; then the FFN table. SIZES_MODELS,
-              # SIZES_BATCHES, SIZES_FFN=0 narrow it; SIZES_NO_PROFILE=1 skips the profile of each row (~10 s a row).
+              # SIZES_BATCHES, SIZES_FFN=0 narrow it; SIZES_DENSE, SIZES_SPARSE replace the row lists (the dense twins
+              # with their fastest keys, e.g. relu2+relu2_kernel=cutlass beside relu2-24+act24.cutlass=true);
+              # SIZES_NO_PROFILE=1 skips the profile of each row (~10 s a row).
               # Results under SIZES_DIR/<size>-b<batch>-{dense,sparse}/: an
               # ignored folder by default, since a call's copy of the working tree removes what a detached run wrote
         d=${SIZES_DIR:-runs/sizes}
@@ -59,7 +61,8 @@ for what in "${@:-tests kernels ffn}"; do
         step() { timeout "${STEP_TIMEOUT:-1800}" python -m elas bench step --gpu-name "$GPU" ${SIZES_NO_PROFILE:+--no-profile} \
                    --out "$d/$1" ${@:2} 2>&1 | quiet ; }
         for size in ${SIZES_MODELS:-llama-60m llama-130m llama-350m llama-1b}; do
-          dense=lowrank-relu2,relu2; [ "$size" = llama-1b ] && dense+=,swiglu-aligned  # ELAS vs SwiGLU: a 1B target
+          dense=${SIZES_DENSE:-lowrank-relu2,relu2}  # e.g. with +relu2_kernel=cutlass: the twins' fastest keys
+          [ "$size" = llama-1b ] && [ -z "${SIZES_DENSE:-}" ] && dense+=,swiglu-aligned  # ELAS vs SwiGLU: a 1B target
           for b in ${SIZES_BATCHES:-32}; do
             step "$size-b$b-dense" --sizes "$size" --batches "$b" --variants "$dense" --modes elas,torch.compile
             step "$size-b$b-sparse" --sizes "$size" --batches "$b" --modes elas --variants "$sparse"
