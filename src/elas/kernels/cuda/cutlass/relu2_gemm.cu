@@ -595,27 +595,34 @@ using GradTma = fusion::LinCombDeEltAct<cutlass::layout::RowMajor, ReLUSquaredGr
 // mode 4: the same fusion with the straight-through gradient, the aux tensor being y1
 using SteGradTma = fusion::LinCombDeEltAct<cutlass::layout::RowMajor, SteGrad, Bf16, float, Bf16>;
 
-// mode 5's graph, which depends on the tile and schedule (the aux tensors' shared-memory stages and layouts are the
-// epilogue's own, resolved by CUTLASS's descriptors as its builder resolves them): node 0 the accumulator, 1 y1
-// through TMA, 2 y2s = Relu2Keep24(y1), 3 the store of y2s through TMA, 4 (root, written as D) SteGrad(acc, y1)
-struct SteY2sTag {};
-
+// An [M, N] bf16 row-major tensor through the epilogue's TMA pipeline, loaded (Load) or stored (Store), for a
+// tile and schedule: its shared-memory stages and layouts are the epilogue's own, resolved by CUTLASS's
+// descriptors as its builder resolves them (the graphs of modes 5 and 8)
 template <class TileMNK, class EpiSchedule>
-struct SteY2sGraph {
+struct AuxTma {
   using Desc = cutlass::epilogue::collective::detail::EpilogueDescriptor<
       TileMNK, cutlass::epilogue::collective::EpilogueTileAuto, void, Bf16, EpiSchedule>;
   using LoadDesc = cutlass::epilogue::collective::detail::AuxLoadDescriptor<Desc, cutlass::layout::RowMajor, Bf16>;
   using StoreDesc = cutlass::epilogue::collective::detail::AuxStoreDescriptor<Desc, cutlass::layout::RowMajor, Bf16>;
-  using Y1 = fusion::Sm90AuxLoad<LoadDesc::Stages, typename Desc::EpilogueTile, Bf16, typename LoadDesc::Stride,
-                                 typename LoadDesc::SmemLayoutAtom, typename LoadDesc::CopyOpS2R>;
-  using Y2s = fusion::Sm90Compute<Relu2Keep24, float, float, cutlass::FloatRoundStyle::round_to_nearest>;
+  using Load = fusion::Sm90AuxLoad<LoadDesc::Stages, typename Desc::EpilogueTile, Bf16, typename LoadDesc::Stride,
+                                   typename LoadDesc::SmemLayoutAtom, typename LoadDesc::CopyOpS2R>;
   using Store = fusion::Sm90AuxStore<StoreDesc::Stages, typename Desc::EpilogueTile, Bf16,
                                      cutlass::FloatRoundStyle::round_to_nearest, typename StoreDesc::Stride,
                                      typename StoreDesc::SmemLayoutAtom, typename StoreDesc::CopyOpR2S>;
+};
+
+// mode 5's graph, which depends on the tile and schedule (AuxTma): node 0 the accumulator, 1 y1 through TMA,
+// 2 y2s = Relu2Keep24(y1), 3 the store of y2s through TMA, 4 (root, written as D) SteGrad(acc, y1)
+struct SteY2sTag {};
+
+template <class TileMNK, class EpiSchedule>
+struct SteY2sGraph {
+  using Aux = AuxTma<TileMNK, EpiSchedule>;
+  using Y2s = fusion::Sm90Compute<Relu2Keep24, float, float, cutlass::FloatRoundStyle::round_to_nearest>;
   using Dy1 = fusion::Sm90Compute<SteGradAfterStore, Bf16, float, cutlass::FloatRoundStyle::round_to_nearest>;
   using type = fusion::Sm90TopologicalVisitor<
       float, cute::tuple<cute::seq<>, cute::seq<>, cute::seq<1>, cute::seq<2>, cute::seq<0, 1, 3>>,
-      fusion::Sm90AccFetch, Y1, Y2s, Store, Dy1>;
+      fusion::Sm90AccFetch, typename Aux::Load, Y2s, typename Aux::Store, Dy1>;
 };
 
 // mode 6's tree: D = y1, passed through the packed store; y1 = bf16(acc) rounded before it (what D holds)
@@ -628,29 +635,24 @@ using Pack24MaskedTree =
     fusion::Sm90EVT<fusion::Sm90Compute<Identity, Bf16, float, cutlass::FloatRoundStyle::round_to_nearest>,
                     fusion::Sm90EVT<Pack24Node<Pack24Kind::Y2s>, Y1Bf16>>;
 
-// mode 8's graph, which depends on the tile and schedule as mode 5's does: node 0 the accumulator (dy2), 1 y2s
+// mode 8's graph, which depends on the tile and schedule (AuxTma): node 0 the accumulator (dy2), 1 y2s
 // through TMA, 2 dy1 = ReLUSquaredGrad(acc, y2s) (mode 3's formula), 3 (root, written as D) the packed store of
 // dy1 with y2s's choice, passing dy1 on
 struct Grad24Tag {};
 
 template <class TileMNK, class EpiSchedule>
 struct Grad24Graph {
-  using Desc = cutlass::epilogue::collective::detail::EpilogueDescriptor<
-      TileMNK, cutlass::epilogue::collective::EpilogueTileAuto, void, Bf16, EpiSchedule>;
-  using LoadDesc = cutlass::epilogue::collective::detail::AuxLoadDescriptor<Desc, cutlass::layout::RowMajor, Bf16>;
-  using Y2s = fusion::Sm90AuxLoad<LoadDesc::Stages, typename Desc::EpilogueTile, Bf16, typename LoadDesc::Stride,
-                                  typename LoadDesc::SmemLayoutAtom, typename LoadDesc::CopyOpS2R>;
   using Dy1 = fusion::Sm90Compute<ReLUSquaredGrad, Bf16, float, cutlass::FloatRoundStyle::round_to_nearest>;
   using type = fusion::Sm90TopologicalVisitor<
       float, cute::tuple<cute::seq<>, cute::seq<>, cute::seq<0, 1>, cute::seq<2, 1>>,
-      fusion::Sm90AccFetch, Y2s, Dy1, Pack24Node<Pack24Kind::Grad>>;
+      fusion::Sm90AccFetch, typename AuxTma<TileMNK, EpiSchedule>::Load, Dy1, Pack24Node<Pack24Kind::Grad>>;
 };
 
 // the rope GEMM's tree: D = bf16(rope(bf16(acc))): y rounded to bf16 first, as the unfused GEMM writes q and k
 using RopeTree = fusion::Sm90EVT<fusion::Sm90Compute<Identity, Bf16, float, cutlass::FloatRoundStyle::round_to_nearest>,
                                  fusion::Sm90EVT<RopeNode, Y1Bf16>>;
 
-// the epilogue's fusion type of a configuration: the fusion itself, or mode 5's graph for its tile
+// the epilogue's fusion type of a configuration: the fusion itself, or mode 5's or 8's graph for its tile
 template <class Fusion, class TileMNK, class EpiSchedule>
 struct FusionFor {
   using type = Fusion;
