@@ -580,6 +580,22 @@ def test_the_committed_60m_grid_resumes_under_todays_variants():
     assert plain[0].get("wgrad_dense_frac") is None and not plain[0].get("permute_tokens", False)
 
 
+def test_committed_results_name_no_path_of_the_machine_that_made_them():
+    """A run's config.json records its data directory absolute (so eval and --resume work from anywhere); a run
+    committed under docs/results or benchmarks/results must have it made relative again, and no committed result
+    may carry another absolute path of the machine it ran on."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).parents[1]
+    bad = []
+    for folder in ("docs/results", "benchmarks/results"):
+        for f in (root / folder).rglob("*"):
+            if f.suffix in (".json", ".jsonl", ".md", ".log", ".txt") and f.is_file():
+                for m in re.finditer(r'"(/(?:work|root|home|tmp|mnt|Users)/[^"]*)"', f.read_text(errors="replace")):
+                    bad.append(f"{f.relative_to(root)}: {m.group(1)}")
+    assert not bad, bad[:5]
+
+
 def test_summary_compares_the_warmup_ablation_with_elas_and_a_keyed_variant_with_its_base(tmp_path):
     from elas.train.experiment import summarize
     for variant, loss in (("lowrank-relu2", 2.0), ("elas", 2.02), ("elas-nowarmup", 2.06),

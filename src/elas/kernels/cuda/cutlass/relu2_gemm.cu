@@ -698,6 +698,11 @@ struct FusionArgs<GradTree> {
                 {}};
   }
 };
+// the stride of an [M, N] row-major aux tensor read or written through TMA (modes 5 and 8)
+inline auto row_major(int M, int N) {
+  return cutlass::make_cute_packed_stride(cutlass::detail::TagToStrideC_t<cutlass::layout::RowMajor>{}, {M, N, 1});
+}
+
 // aux_out of modes 6-8: the packed buffer [M, N*9/16] bf16, values then metadata (byte M*N on)
 inline Pack24Args pack24_args(void* aux_out, int M, int N) {
   auto* meta = aux_out == nullptr ? nullptr : static_cast<uint8_t*>(aux_out) + static_cast<size_t>(M) * N;
@@ -714,18 +719,15 @@ template <>
 struct FusionArgs<Grad24Tag> {
   template <class Args>
   static Args make(const void* aux, void* aux_out, int M, int N) {
-    using Stride = cutlass::detail::TagToStrideC_t<cutlass::layout::RowMajor>;
-    auto stride = cutlass::make_cute_packed_stride(Stride{}, {M, N, 1});
     // one argument per node, in the graph's order: acc, y2s, dy1, the packed store (the root)
-    return Args{{}, {static_cast<const Bf16*>(aux), Bf16(0), stride}, {}, pack24_args(aux_out, M, N)};
+    return Args{{}, {static_cast<const Bf16*>(aux), Bf16(0), row_major(M, N)}, {}, pack24_args(aux_out, M, N)};
   }
 };
 template <>
 struct FusionArgs<SteY2sTag> {
   template <class Args>
   static Args make(const void* aux, void* aux_out, int M, int N) {
-    using Stride = cutlass::detail::TagToStrideC_t<cutlass::layout::RowMajor>;
-    auto stride = cutlass::make_cute_packed_stride(Stride{}, {M, N, 1});
+    auto const stride = row_major(M, N);
     // one argument per node, in the graph's order: acc, y1, Relu2Keep24, the store, the root
     return Args{{}, {static_cast<const Bf16*>(aux), Bf16(0), stride}, {}, {static_cast<Bf16*>(aux_out), stride}, {}};
   }
