@@ -322,6 +322,11 @@ struct Pack24Node : CoordNode<Pack24Node<Kind>, Pack24Args> {
   }
 
 #if defined(__CUDA_ARCH__)
+  // where a lane's fragment lies (site below): the problem's M, N, the lane, its first row and column
+  struct Site {
+    int M, N, lane, r0, col0;
+  };
+
   // the fragment's column pairs as bf16x2 bits: w[p] = pair p (the earlier column low)
   template <class Frag>
   CUTLASS_DEVICE static void words(Frag const& frg, uint32_t (&w)[8]) {
@@ -333,7 +338,8 @@ struct Pack24Node : CoordNode<Pack24Node<Kind>, Pack24Args> {
   // the stores of a lane's kept pairs (bf16x2 bits) and nibbles of its groups j = 0..3 (group 2j + (lane % 4) / 2
   // of the row r0 + 8 (lane & 1) in the block of 32 columns from col0 & ~31)
   CUTLASS_DEVICE static void store(Pack24Args const& params, uint32_t const (&kept)[4], uint32_t const (&nib)[4],
-                                   int lane, int r0, int col0, int M, int N) {
+                                   Site const& at) {
+    int const M = at.M, N = at.N, lane = at.lane, r0 = at.r0, col0 = at.col0;
     // values: in a quad, lane q holds row r0 + 8 (q & 1), groups 2j + (q >> 1). Lane q writes that row's groups
     // 4 (q >> 1) .. 4 (q >> 1) + 3 (16 bytes): its own two there and two from lane q ^ 2 (the same row's other
     // groups): the low lanes (q >> 1 = 0) send their groups 4, 6 (j = 2, 3), the high ones their groups 1, 3
@@ -366,18 +372,19 @@ struct Pack24Node : CoordNode<Pack24Node<Kind>, Pack24Args> {
     }
   }
 
-  // the first row and column of this lane's fragment, after checking the layout the node relies on (fact 4 and
-  // lane ^ 1 holding the group's other half): a trap, not a bad buffer
-  template <class Coords, int FragmentSize>
-  CUTLASS_DEVICE static void origin(Coords const& coord, int epi_v, int lane, int& r0, int& col0) {
+  // where this lane's fragment lies, after checking the layout the node relies on (fact 4 and lane ^ 1 holding the group's other half): a trap, not a bad
+  // buffer
+  template <int FragmentSize, class Coords, class Shape>
+  CUTLASS_DEVICE static Site site(Coords const& coord, Shape const& shape, int epi_v) {
     static_assert(FragmentSize == 16, "a warp's subtile of 16 rows x 32 columns (layout_check.cu, fact 4)");
+    int const lane = threadIdx.x & 31;
     auto const c0 = coord(epi_v * FragmentSize);
-    r0 = static_cast<int>(get<0>(c0));
-    col0 = static_cast<int>(get<1>(c0));
+    int const r0 = static_cast<int>(get<0>(c0)), col0 = static_cast<int>(get<1>(c0));
     auto const c1 = coord(epi_v * FragmentSize + 2), c2 = coord(epi_v * FragmentSize + 4);
     if ((r0 & 15) >= 8 || (col0 & 31) != 2 * (lane & 3) || get<0>(c1) != r0 + 8 || get<1>(c1) != col0 ||
         get<0>(c2) != r0 || get<1>(c2) != col0 + 8)
       __trap();
+    return Site{static_cast<int>(get<0>(shape)), static_cast<int>(get<1>(shape)), lane, r0, col0};
   }
 #endif
 
@@ -388,13 +395,10 @@ struct Pack24Node : CoordNode<Pack24Node<Kind>, Pack24Args> {
     cutlass::Array<ElementInput, FragmentSize> out = frg_input;
 #if defined(__CUDA_ARCH__)
     static_assert(Kind != Pack24Kind::Grad, "mode 8 takes dy1 and y2s");
-    int const M = static_cast<int>(get<0>(shape)), N = static_cast<int>(get<1>(shape));
-    int const lane = threadIdx.x & 31;
-    int r0, col0;
-    origin<Coords, FragmentSize>(coord, epi_v, lane, r0, col0);
+    Site const at = site<FragmentSize>(coord, shape, epi_v);
     uint32_t w[8];
     words(frg_input, w);
-    bool const even = (lane & 1) == 0;
+    bool const even = (at.lane & 1) == 0;
     uint32_t kept[4], nib[4];
     CUTLASS_PRAGMA_UNROLL
     for (int j = 0; j < 4; ++j) {
@@ -421,7 +425,7 @@ struct Pack24Node : CoordNode<Pack24Node<Kind>, Pack24Args> {
         out[4 * j + 3] = Bf16::bitcast(static_cast<uint16_t>(pair_h1 >> 16));
       }
     }
-    store(params, kept, nib, lane, r0, col0, M, N);
+    store(params, kept, nib, at);
 #endif
     return out;
   }
@@ -433,14 +437,11 @@ struct Pack24Node : CoordNode<Pack24Node<Kind>, Pack24Args> {
                                    cutlass::Array<ElementY2s, FragmentSize> const& frg_y2s) {
 #if defined(__CUDA_ARCH__)
     static_assert(Kind == Pack24Kind::Grad, "modes 6 and 7 take y1");
-    int const M = static_cast<int>(get<0>(shape)), N = static_cast<int>(get<1>(shape));
-    int const lane = threadIdx.x & 31;
-    int r0, col0;
-    origin<Coords, FragmentSize>(coord, epi_v, lane, r0, col0);
+    Site const at = site<FragmentSize>(coord, shape, epi_v);
     uint32_t d[8], y[8];
     words(frg_dy1, d);
     words(frg_y2s, y);
-    bool const even = (lane & 1) == 0;
+    bool const even = (at.lane & 1) == 0;
     uint32_t kept[4], nib[4];
     CUTLASS_PRAGMA_UNROLL
     for (int j = 0; j < 4; ++j) {
@@ -459,7 +460,7 @@ struct Pack24Node : CoordNode<Pack24Node<Kind>, Pack24Args> {
       // dy1 of the kept columns (bytes 2c, 2c + 1 of dlo:dhi), the earlier one low
       kept[j] = __byte_perm(dlo, dhi, 0x1010u + first * 0x22u + second * 0x2200u);
     }
-    store(params, kept, nib, lane, r0, col0, M, N);
+    store(params, kept, nib, at);
 #endif
     return frg_dy1;
   }
