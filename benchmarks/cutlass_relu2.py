@@ -27,7 +27,8 @@ Last, the q/k/v up-projection with the rotary embedding in its epilogue (model.r
 cuBLAS's GEMM + the rotation as Inductor compiles apply_rope, at the 1B attention shapes (checked against the
 reference first).
 Times: CUDA-graph replays (no host overhead) where the capture works, else the library's event loop, which is
-said in the row. Writes OUT_DIR/cutlass_relu2.json and prints a table last. To narrow a run: CUTLASS_MODES (mode
+said in the row; each CUTLASS time with the SM clock and power NVML read meanwhile (`bench step` records the
+step's: an instruction-bound epilogue slows with the clock). Writes OUT_DIR/cutlass_relu2.json and prints a table last. To narrow a run: CUTLASS_MODES (mode
 numbers, e.g. "0,6"), CUTLASS_SHAPES (indices into SHAPES, e.g. "0"), CUTLASS_ROPE=0 (no rope rows).
 """
 import ctypes
@@ -84,7 +85,7 @@ def main() -> None:
     sys.path.insert(0, str(here.parent / "src"))
     import os
     os.environ["ELAS_CUTLASS_RELU2"] = str(Path(lib_path).resolve())  # the package's wrapper loads the same library
-    from elas.bench.timing import graph_ms
+    from elas.bench.timing import Clocks, graph_ms
     from elas.model.ffn import relu2
     from elas.kernels.cuda.sparsify import relu2_sparse24_backward, relu2_sparsify24_dense, relu2_sparsify24_packed
     from elas.kernels.cuda.cutlass_relu2 import skipped
@@ -208,7 +209,9 @@ def main() -> None:
                 rc = call(iters=50)
                 entry["event_ms"] = ms.value if rc == 0 else None
                 try:
-                    entry["graph_ms"] = graph_ms(call)
+                    with Clocks(period=0.002) as clocks:  # the SM clock alone: beside the step's (bench step)
+                        entry["graph_ms"] = graph_ms(call)
+                    entry.update(clocks.summary())
                 except Exception as ex:  # reported, not hidden; later work in the process may fail after it
                     entry["capture_error"] = str(ex).splitlines()[0][:200]
                 row["cutlass"][key] = entry

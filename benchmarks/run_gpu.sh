@@ -61,7 +61,7 @@ for what in "${@:-tests kernels ffn}"; do
         step() { timeout "${STEP_TIMEOUT:-1800}" python -m elas bench step --gpu-name "$GPU" ${SIZES_NO_PROFILE:+--no-profile} \
                    --out "$d/$1" ${@:2} 2>&1 | quiet ; }
         for size in ${SIZES_MODELS:-llama-60m llama-130m llama-350m llama-1b}; do
-          dense=${SIZES_DENSE:-lowrank-relu2,relu2}  # e.g. with +relu2_kernel=cutlass: the twins' fastest keys
+          dense=${SIZES_DENSE:-lowrank-relu2,relu2}  # relu2_kernel=auto: the CUTLASS forward with ELAS_CUTLASS_RELU2
           [ "$size" = llama-1b ] && [ -z "${SIZES_DENSE:-}" ] && dense+=,swiglu-aligned  # ELAS vs SwiGLU: a 1B target
           for b in ${SIZES_BATCHES:-32}; do
             step "$size-b$b-dense" --sizes "$size" --batches "$b" --variants "$dense" --modes elas,torch.compile
@@ -81,31 +81,32 @@ for what in "${@:-tests kernels ffn}"; do
              # CUTLASS ReLU^2 forward, with the rotary embedding in the q/k GEMM's epilogue (with and without
              # fuse_qkv), and with all three keys (ELAS_CUTLASS_RELU2; carry build/cutlass_relu2), beside the default
         python benchmarks/rmsnorm_bwd.py "benchmarks/results/$GPU"
-        v=lowrank-relu2; all=$v+relu2_kernel=cutlass+norm_kernel=fused+rope_kernel=cutlass
+        v=lowrank-relu2+relu2_kernel=torch; all=$v+relu2_kernel=cutlass+norm_kernel=fused+rope_kernel=cutlass
         k=${ELAS_CUTLASS_RELU2:+,$v+relu2_kernel=cutlass,$v+rope_kernel=cutlass,$v+fuse_qkv=true+rope_kernel=cutlass,$all,$all+fuse_qkv=true}
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
           --variants "$v,$v+norm_kernel=fused$k" --out "${NORM_OUT:-benchmarks/results/$GPU/step_norm}" 2>&1 | quiet ;;
-      target)  # the 1.2x target's row in one process: the dense 1B twin in elas mode, with the keys that won
-               # (relu2_kernel=cutlass, norm_kernel=fused; ELAS_CUTLASS_RELU2, carry build/cutlass_relu2), and plain
-               # torch.compile of the same model
-        v=lowrank-relu2; k=${ELAS_CUTLASS_RELU2:+,$v+relu2_kernel=cutlass+norm_kernel=fused}
+      target)  # the 1.2x target's row in one process: the dense 1B twin in elas mode (relu2_kernel=auto: cutlass with
+               # ELAS_CUTLASS_RELU2, carry build/cutlass_relu2), with norm_kernel=fused, and with the torch ReLU^2 (the
+               # default before auto), and plain torch.compile of the same model (none of elas's kernels)
+        v=lowrank-relu2; k=,$v+norm_kernel=fused${ELAS_CUTLASS_RELU2:+,$v+relu2_kernel=torch}
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b \
           --modes elas,torch.compile --variants "$v$k" --out "${TARGET_OUT:-benchmarks/results/$GPU/step_target}" 2>&1 | quiet ;;
       elas_cutlass)  # the 1B ELAS step with its d_ff-wide GEMMs on CUTLASS (act24.cutlass=true: the up-projection
                      # with the sparsifier and the dy2 GEMM with the backward's pointwise work in their epilogues),
-                     # beside ELAS today, the dense twin with and without its own CUTLASS forward, and the full-rank
+                     # beside ELAS today, the dense twin with its own CUTLASS forward (relu2_kernel=auto) and without
+                     # it (torch), and the full-rank
                      # SwiGLU step at the aligned width (the "ELAS >= 2.0x SwiGLU" target; ELAS_SWIGLU=0 leaves it
                      # out); needs ELAS_CUTLASS_RELU2 (carry build/cutlass_relu2)
         v=lowrank-relu2 sw=,swiglu-aligned
         [ "${ELAS_SWIGLU:-1}" = 0 ] && sw=
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
-          --variants "$v,$v+relu2_kernel=cutlass,elas,elas+act24.cutlass=true$sw" \
+          --variants "$v+relu2_kernel=torch,$v,elas,elas+act24.cutlass=true$sw" \
           --out "${ELAS_CUTLASS_OUT:-benchmarks/results/$GPU/step_elas_cutlass}" 2>&1 | quiet ;;
       mask_cutlass)  # the mask-mode CUTLASS forms (act24.cutlass=true with Haziza's gradient: modes 7 and 8) in the 1B
-                     # full-rank step: relu2-24 beside relu2 with and without its own CUTLASS forward, one process;
+                     # full-rank step: relu2-24 beside relu2 with its own CUTLASS forward (auto) and without (torch);
                      # MASK_VARIANTS adds rows (e.g. lowrank-relu2,elas-mask,elas-mask+act24.cutlass=true); needs
                      # ELAS_CUTLASS_RELU2 (carry build/cutlass_relu2)
-        v=relu2,relu2+relu2_kernel=cutlass,relu2-24,relu2-24+act24.cutlass=true${MASK_VARIANTS:+,$MASK_VARIANTS}
+        v=relu2+relu2_kernel=torch,relu2,relu2-24,relu2-24+act24.cutlass=true${MASK_VARIANTS:+,$MASK_VARIANTS}
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
           --variants "$v" --out "${MASK_OUT:-benchmarks/results/$GPU/step_mask_cutlass}" 2>&1 | quiet ;;
       cutlass_probe)  # each form of the CUTLASS ReLU^2 library (and the rotary GEMM) launched in a process of its own:

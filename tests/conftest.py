@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,9 @@ import torch
 # Triton kernels run in the interpreter on machines without a GPU (set before anything imports triton)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# kernel choices and builds go to a folder of the test session's own, not the user's cache (unless one is named)
+os.environ.setdefault("ELAS_CACHE_DIR", tempfile.mkdtemp(prefix="elas-tests-cache-"))
 
 from elas.data import prepare
 

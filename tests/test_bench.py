@@ -353,3 +353,24 @@ def test_graph_hashes_tell_a_changed_step_from_the_same_one():
     assert len(base) == 2 and hashes("lowrank-relu2") == base
     fused = hashes("lowrank-relu2+norm_kernel=fused")
     assert fused[0] != base[0] and fused[1] != base[1]
+
+
+def test_clock_sampler_summarises_and_never_fails_a_benchmark():
+    """bench.timing.Clocks: readings taken on a thread while inside the block, summarised as median / min clock
+    and median power; a reader that cannot read (no NVML, no GPU) leaves the summary empty."""
+    import time
+
+    from elas.bench.timing import Clocks
+    seq = iter([(1980, 300.0), (1755, 690.0), (1755, 700.0), (1800, 650.0)] * 1000)
+    with Clocks(period=0.001, read=lambda: next(seq)) as c:
+        time.sleep(0.05)
+    s = c.summary()
+    assert s["clock_samples"] >= 4 and s["sm_clock_mhz_min"] == 1755 and 1755 <= s["sm_clock_mhz"] <= 1980
+    assert 300.0 <= s["power_w"] <= 700.0
+
+    def broken():
+        raise ModuleNotFoundError("pynvml")
+
+    with Clocks(read=broken) as c:
+        pass
+    assert c.summary() == {}

@@ -74,39 +74,80 @@ def test_the_choice_by_keys_is_the_reference_rule(kind):
     want = ref.relu2_sparsify24(y1)[1]
     assert torch.equal(_keep24_by_keys(y1), want)
 
-def _pack24_store_replay(y1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mode 6's store (relu2_gemm.cu, Pack24Store::apply) replayed in torch, lane by lane, for y1 [M, N] bf16: each
-    warp subtile of 16 rows x 32 columns, its 32 lanes' fragments as the layout check states them (element
-    4j + 2h + e of lane l: row r + 8h, column c0 + 8j + e, r = l // 4, c0 = 2 (l % 4)), the shuffles as reads of
-    lane l ^ 1 or l ^ 2, the choice as keep24_group. Returns (values [M, N/2] bf16, metadata [M*N/8] uint8)."""
+def _pack24_store_replay(y1: torch.Tensor, kind: str = "y1", dy1: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 2:4 stores of modes 6-8 (relu2_gemm.cu, Pack24Node::apply and store) replayed in torch, lane by lane,
+    for y1 [M, N] bf16 (kind "y1": mode 6; "y2s": mode 7; "grad": mode 8, y1 then being the forward's y2s and dy1
+    the GEMM's output): each warp subtile of 16 rows x 32 columns, its 32 lanes' fragments as the layout check
+    states them (element 4j + 2h + e of lane l: row r + 8h, column c0 + 8j + e, r = l // 4, c0 = 2 (l % 4)), the
+    shuffles as reads of lane l ^ 1 or l ^ 2, the choice as top2_keys. Returns (values [M, N/2] bf16, metadata
+    [M*N/8] uint8, D [M, N]: what the epilogue hands on, y1 / y2s dense / dy1)."""
     m, n = y1.shape
     bits = y1.view(torch.int16).to(torch.int64) & 0xFFFF
+    dbits = None if dy1 is None else dy1.view(torch.int16).to(torch.int64) & 0xFFFF
     values = torch.zeros(m, n // 2, dtype=torch.int64)
     meta = torch.zeros(m * n // 8, dtype=torch.int64)
+    out = bits.clone() if kind != "grad" else dbits.clone()  # D: modes 6 and 8 pass their input through
     lanes = range(32)
 
-    def group(lo, hi):  # keep24_group: (kept bf16x2 bits, nibble)
-        y = torch.tensor([lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16], dtype=torch.int32).to(torch.int16)
-        sq = torch.relu(y.view(torch.bfloat16).float()) ** 2
-        keys = ((sq.view(torch.int32).to(torch.int64) & ~3) | torch.tensor([3, 2, 1, 0])).tolist()
+    def f32(key):  # a key with its low bits cleared, as fp32 (the square itself)
+        return torch.tensor([key & ~3], dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+    def bf16x2(x, y):  # __floats2bfloat162_rn: bits of (x, y), x low
+        kb = torch.cat([x, y]).to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+        return int(kb[0] | kb[1] << 16)
+
+    def top2(keys):  # top2_keys: (t2, e, l), e the kept key of the earlier column
         t1, t2 = sorted(keys)[-1], sorted(keys)[-2]
-        e, l = (t1, t2) if (t1 & 3) > (t2 & 3) else (t2, t1)
-        pair = torch.tensor([e & ~3, l & ~3], dtype=torch.int64).to(torch.int32).view(torch.float32)
-        kb = pair.to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
-        return int(kb[0] | kb[1] << 16), (3 - (e & 3)) | (3 - (l & 3)) << 2
+        return (t2, t1, t2) if (t1 & 3) > (t2 & 3) else (t2, t2, t1)
+
+    def group(lo, hi, dlo=0, dhi=0):  # one lane's group: (kept bf16x2 bits, nibble, y2s of its 4 columns as bits)
+        if kind == "grad":  # keys from y2s's magnitude bits; dy1's kept halves picked by a byte permute
+            keys = [((lo & 0x7FFF) << 2) | 3, ((lo >> 14) & 0x1FFFC) | 2, ((hi & 0x7FFF) << 2) | 1,
+                    (hi >> 14) & 0x1FFFC]
+            _, e, l = top2(keys)
+            first, second = 3 - (e & 3), 3 - (l & 3)
+            halves = [dlo & 0xFFFF, dlo >> 16, dhi & 0xFFFF, dhi >> 16]
+            return halves[first] | halves[second] << 16, first | second << 2, None
+        y = torch.tensor([lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16], dtype=torch.int32).to(torch.int16)
+        sq = torch.relu(y.view(torch.bfloat16).float()) ** 2  # relu2_keys
+        keys = ((sq.view(torch.int32).to(torch.int64) & ~3) | torch.tensor([3, 2, 1, 0])).tolist()
+        t2, e, l = top2(keys)
+        zero = torch.zeros(1)
+        y2s = [f32(k) if k >= t2 else zero for k in keys]
+        return bf16x2(f32(e), f32(l)), (3 - (e & 3)) | (3 - (l & 3)) << 2, \
+            (bf16x2(y2s[0], y2s[1]), bf16x2(y2s[2], y2s[3]))
+
+    def frag(src, rs, cs):
+        return [[int(src[rs + ln // 4 + 8 * (p % 2), cs + 2 * (ln % 4) + 8 * (p // 2)]
+                     | src[rs + ln // 4 + 8 * (p % 2), cs + 2 * (ln % 4) + 8 * (p // 2) + 1] << 16)
+                 for p in range(8)] for ln in lanes]
 
     for rs in range(0, m, 16):
         for cs in range(0, n, 32):
-            w = [[int(bits[rs + ln // 4 + 8 * (p % 2), cs + 2 * (ln % 4) + 8 * (p // 2)]
-                      | bits[rs + ln // 4 + 8 * (p % 2), cs + 2 * (ln % 4) + 8 * (p // 2) + 1] << 16)
-                  for p in range(8)] for ln in lanes]
-            send = [[w[ln][2 * j + 1] if ln % 2 == 0 else w[ln][2 * j] for j in range(4)] for ln in lanes]
-            kept, nib = [[None] * 4 for _ in lanes], [[None] * 4 for _ in lanes]
+            w = frag(bits, rs, cs)
+            d = frag(dbits, rs, cs) if kind == "grad" else w
+            kept, nib, halves = [[None] * 4 for _ in lanes], [[None] * 4 for _ in lanes], [[None] * 4 for _ in lanes]
             for ln in lanes:
-                for j in range(4):
-                    got = send[ln ^ 1][j]
+                even = ln % 2 == 0
+                for j in range(4):  # the even lane chooses row r0's group, the odd lane row r0 + 8's
+                    # what lane ^ 1 sends: the even lane its pair 2j + 1, the odd lane its pair 2j
+                    sent = 2 * j + 1 if not even else 2 * j
+                    got, gd = w[ln ^ 1][sent], d[ln ^ 1][sent]
+                    lo, hi = (w[ln][2 * j], got) if even else (got, w[ln][2 * j + 1])
+                    dlo, dhi = (d[ln][2 * j], gd) if even else (gd, d[ln][2 * j + 1])
+                    kept[ln][j], nib[ln][j], halves[ln][j] = group(lo, hi, dlo, dhi)
+            if kind == "y2s":  # mode 7's D: each lane keeps its half of its group and sends the other half back
+                for ln in lanes:
                     even = ln % 2 == 0
-                    kept[ln][j], nib[ln][j] = group(w[ln][2 * j] if even else got, got if even else w[ln][2 * j + 1])
+                    r = rs + ln // 4
+                    for j in range(4):
+                        own = halves[ln][j][0 if even else 1]
+                        back = halves[ln ^ 1][j][0 if even else 1]  # lane ^ 1 sends the half it does not hold
+                        h0, h1 = (own, back) if even else (back, own)
+                        c = cs + 2 * (ln % 4) + 8 * j
+                        out[r, c], out[r, c + 1] = h0 & 0xFFFF, h0 >> 16
+                        out[r + 8, c], out[r + 8, c + 1] = h1 & 0xFFFF, h1 >> 16
             low = [(ln % 4) >> 1 == 0 for ln in lanes]
             s0 = [kept[ln][2] if low[ln] else kept[ln][0] for ln in lanes]
             s1 = [kept[ln][3] if low[ln] else kept[ln][1] for ln in lanes]
@@ -126,7 +167,7 @@ def _pack24_store_replay(y1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                     g = cs // 4
                     off = (r0 >> 6) * (n // 32) * 256 + (g >> 3) * 256 + ((r0 & 63) >> 4) * 64 + (r0 & 7) * 8
                     meta[off: off + 8] = torch.tensor(row8)
-    return values.to(torch.int16).view(torch.bfloat16), meta.to(torch.uint8)
+    return values.to(torch.int16).view(torch.bfloat16), meta.to(torch.uint8), out.to(torch.int16).view(torch.bfloat16)
 
 
 def test_keys_of_subnormal_squares_stay_distinct():
@@ -136,26 +177,37 @@ def test_keys_of_subnormal_squares_stay_distinct():
     y1 = torch.tensor([[1.5 * 2.0 ** -75, 1.5 * 2.0 ** -75, 0.0, 0.0] * 16] * 64).to(torch.bfloat16)
     sq = torch.relu(y1.float()) ** 2
     assert (sq.view(torch.int32) & 3).any()  # the case: a subnormal square with low bits set
-    values, meta = _pack24_store_replay(y1)
+    values, meta, _ = _pack24_store_replay(y1)
     nib = torch.stack([meta & 15, meta >> 4]).flatten()
     assert ((nib & 3) < (nib >> 2)).all()  # i0 < i1 in every nibble: two distinct kept columns
 
 
-@pytest.mark.parametrize("kind", ["random", "ties"])
-def test_mode6_lane_exchanges_write_the_packed_layout(kind):
-    """The lane split of mode 6's store (each lane chooses whole groups, then the quad gathers 16-byte chunks and
-    the metadata bytes) writes what the reference packer writes: the same kept values and the SM90 metadata, on a
-    64 x 64 tile (four 16-row slabs, two 32-column blocks) of random values and of ties and zeros."""
+@pytest.mark.parametrize("data", ["random", "ties"])
+@pytest.mark.parametrize("kind", ["y1", "y2s", "grad"])
+def test_2to4_epilogue_lane_exchanges_write_the_packed_layout(kind, data):
+    """The lane split of modes 6-8 (each lane chooses whole groups, the quad gathers 16-byte chunks and the
+    metadata bytes; mode 7 sends each group's other half back for its dense y2s; mode 8 keys on y2s and picks dy1
+    by a byte permute) writes what the reference packer writes: the same kept values, the SM90 metadata and the
+    dense output, on a 128 x 128 matrix (two 64-row bands, four 32-column blocks) of random values and of ties
+    and zeros. Mode 8's metadata is also the forward's, byte for byte."""
     from elas.kernels import packed
     from elas.kernels import reference as ref
     g = torch.Generator().manual_seed(1)
-    y1 = (torch.randn(64, 64, generator=g) if kind == "random"
-          else torch.randint(-2, 3, (64, 64), generator=g).float()).to(torch.bfloat16)
+    y1 = (torch.randn(128, 128, generator=g) if data == "random"
+          else torch.randint(-2, 3, (128, 128), generator=g).float()).to(torch.bfloat16)
     y2s, mask = ref.relu2_sparsify24(y1)
-    want = packed.pack24(y2s, mask)
-    values, meta = _pack24_store_replay(y1)
+    fwd = packed.pack24(y2s, mask)
+    if kind == "grad":
+        dy1 = torch.randn(128, 128, generator=g).to(torch.bfloat16)
+        values, meta, d = _pack24_store_replay(y2s, "grad", dy1)
+        want, want_d = packed.pack24(dy1, ref.mask24(y2s)), dy1
+        assert torch.equal(meta, fwd.meta)
+    else:
+        values, meta, d = _pack24_store_replay(y1, kind)
+        want, want_d = fwd, (y1 if kind == "y1" else y2s)
     assert torch.equal(values.view(torch.int16), want.values.view(torch.int16))
     assert torch.equal(meta, want.meta)
+    assert torch.equal(d.view(torch.int16), want_d.view(torch.int16))
 
 
 @pytest.mark.parametrize("m, n, k, cfg", [(200, 77, 48, (64, 32, 16, 4, 2)), (64, 64, 64, (64, 64, 32, 4, 2)),
@@ -208,6 +260,7 @@ def _twins(variant: str, device: str = "cpu", kernel: str = "fused", **over):
     from conftest import preset
     cfg = preset(f"llama-tiny-{variant}", None, n_layers=2, vocab_size=256, **over)
     torch.manual_seed(0)
+    cfg.relu2_kernel = "torch"  # (not "auto", which is cutlass on a GPU where the library is built)
     plain = build_model(cfg, device)
     cfg.relu2_kernel = kernel
     fused = build_model(cfg, device)
@@ -291,8 +344,7 @@ def test_cutlass_library_missing_and_bad_kernel_are_one_line_errors(monkeypatch,
     monkeypatch.setenv("ELAS_CUTLASS_RELU2", str(tmp_path / "nope.so"))
     cutlass_relu2.library.cache_clear()
     with pytest.raises(FileNotFoundError, match=r"nope\.so \(model\.relu2_kernel=cutlass, model\.rope_kernel="
-                                                r"cutlass and act24\.cutlass=true need it\): build it with `bash src/elas/kernels/cuda/cutlass/"
-                                                r"build\.sh"):
+                                                r"cutlass and act24\.cutlass=true need it\): build it with `elas build cutlass`"):
         cutlass_relu2.library()
     from elas.build import build_model
     from conftest import preset
@@ -304,6 +356,74 @@ def test_cutlass_library_missing_and_bad_kernel_are_one_line_errors(monkeypatch,
     h = torch.zeros(8, 16)
     with pytest.raises(ValueError, match="kernel 'cuda' unknown; expected one of \\('triton', 'cutlass'\\)"):
         ops.relu2_ffn(h, torch.zeros(32, 16), torch.zeros(32, 8), kernel="cuda")
+
+
+def test_relu2_kernel_auto_takes_cutlass_where_it_can_run(monkeypatch, tmp_path):
+    """model.relu2_kernel=auto (the default): cutlass on a Hopper GPU with the library found and its ReLU^2 GEMM
+    not skipped, else torch, each with the reason; an explicit value is itself. The plain-compile baseline of
+    `elas bench step` runs none of elas's kernels."""
+    from elas.bench.step import step_config
+    from elas.build import build_model, relu2_kernel
+    from elas.kernels.cuda import cutlass_relu2 as cl
+    from elas.model.ffn import DenseReLU2
+    from conftest import preset
+    cfg = preset("llama-tiny-lowrank-relu2", None, n_layers=2, vocab_size=256)
+    assert cfg.relu2_kernel == "auto"
+    assert relu2_kernel(cfg, "cpu") == ("torch", "not a CUDA device")
+    assert isinstance(build_model(cfg, "cpu").blocks[0].ffn.core, DenseReLU2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    assert relu2_kernel(cfg, "cuda") == ("torch", "the CUTLASS kernels target sm_90a (Hopper); this GPU is sm_80")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    lib = tmp_path / "lib.so"
+    monkeypatch.setenv("ELAS_CUTLASS_RELU2", str(lib))
+    kernel, why = relu2_kernel(cfg, "cuda")
+    assert kernel == "torch" and "no CUTLASS library at" in why and "`elas build cutlass` builds it" in why
+    lib.write_bytes(b"")
+    assert relu2_kernel(cfg, "cuda") == ("cutlass", str(lib))
+    monkeypatch.setenv("ELAS_CUTLASS_SKIP", "relu2")
+    assert relu2_kernel(cfg, "cuda") == ("torch", "ELAS_CUTLASS_SKIP names its ReLU^2 GEMM")
+    cfg.relu2_kernel = "fused"
+    assert relu2_kernel(cfg, "cuda") == ("fused", "set")
+    assert cl.MODES["relu2"] == 1
+    assert step_config("llama-tiny", "lowrank-relu2", "torch.compile", 32).relu2_kernel == "torch"
+    assert step_config("llama-tiny", "lowrank-relu2", "eager", 32).relu2_kernel == "torch"
+    assert step_config("llama-tiny", "lowrank-relu2", "elas", 32).relu2_kernel == "auto"
+    assert step_config("llama-tiny", "lowrank-relu2+relu2_kernel=cutlass", "torch.compile", 32).relu2_kernel == \
+        "cutlass"  # a variant's own key wins
+
+
+def test_build_cutlass_is_atomic_and_says_why_it_failed(tmp_path, monkeypatch, capsys):
+    """`elas build cutlass` (build_cutlass.build) with stand-in build scripts: the library lands at the loader's
+    default path in one rename, with the compiler's output in a log; a failed build names its last line and the
+    log and leaves the library that was there; a bad name is one line."""
+    from elas.kernels.cuda import build_cutlass, cutlass_relu2
+    monkeypatch.setenv("ELAS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("ELAS_CUTLASS_RELU2", raising=False)
+    ok = tmp_path / "ok.sh"
+    ok.write_text('echo "nvcc: compiling $1"; [ -n "$TOOLS" ] || exit 9; printf LIB > "$2/libelas_cutlass_$1.so"\n')
+    path = build_cutlass.build("relu2", progress=False, script=ok)
+    assert path == cutlass_relu2.library_path() and path.read_bytes() == b"LIB"
+    assert (path.parent / "build-relu2.log").read_text() == "nvcc: compiling relu2\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["build-relu2.log", "libelas_cutlass_relu2.so"]
+    bad = tmp_path / "bad.sh"
+    bad.write_text('echo "relu2_gemm.cu(12): error: identifier undefined"; printf HALF > "$2/libelas_cutlass_$1.so"; '
+                   'exit 3\n')
+    with pytest.raises(RuntimeError, match=r"failed \(exit 3\): relu2_gemm.cu\(12\): error: identifier undefined; the "
+                                           r"whole output is in .*build-relu2.log"):
+        build_cutlass.build("relu2", progress=False, script=bad)
+    assert path.read_bytes() == b"LIB"  # the previous library stands
+    assert sorted(p.name for p in path.parent.iterdir()) == ["build-relu2.log", "libelas_cutlass_relu2.so"]
+    with pytest.raises(ValueError, match="unknown CUTLASS library 'relu3'; expected one of relu2, sp"):
+        build_cutlass.build("relu3", script=ok)
+    from elas import cli
+    monkeypatch.setattr(build_cutlass, "SCRIPT", ok)
+    assert cli.main(["build", "cutlass", "--no-progress"]) == 0
+    monkeypatch.setattr(build_cutlass, "SCRIPT", bad)
+    assert cli.main(["build", "cutlass", "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    assert "model.relu2_kernel=auto (the default) runs its ReLU^2 GEMMs" in out
+    assert err.startswith("elas: error: the CUTLASS build failed (exit 3)") and err.count("\n") == 1
 
 
 def _cutlass_lib():
@@ -364,6 +484,19 @@ def test_pointwise_backward_kernel_is_the_epilogue():
         relu2_grad(dy2, y2[:, :3])
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(monkeypatch, tmp_path):
+    """Each test its own cache folder: the kernel choices kept on disk (kernels/cuda/choices.py) do not carry
+    from one test to the next, nor into the user's cache."""
+    monkeypatch.setenv("ELAS_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _forget(cl) -> None:
+    """As a new process on a new machine would be: no choice in memory, none on disk."""
+    cl._GRAD.clear()
+    cl.CHOICES.path.unlink(missing_ok=True)
+
+
 def test_cutlass_backward_takes_the_fastest_form_once(monkeypatch):
     """relu2_kernel=cutlass's backward: the three forms timed once per shape (here with stand-in times), the fastest
     kept; the unfused form is cuBLAS's product + the pointwise kernel (run for real, under the interpreter); no
@@ -372,22 +505,23 @@ def test_cutlass_backward_takes_the_fastest_form_once(monkeypatch):
     monkeypatch.setattr(cl, "_GRAD", {})
     monkeypatch.setattr(cl, "library", lambda: object())
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    times = {}
-    monkeypatch.setattr(cl, "windows_ms", lambda fn, **kw: (fn(), [times["unfused"]])[1])
-    monkeypatch.setattr(cl, "_best", lambda lib, mode, a, b, aux: (0, times[mode]) if mode in times else None)
-    ran = []
+    timing, has, ran = iter(()), set(), []
+    monkeypatch.setattr(cl, "windows_ms", lambda fn, **kw: (fn(), [next(timing)])[1])
+    monkeypatch.setattr(cl, "_best", lambda lib, mode, a, b, aux: (0, 0.0) if mode in has else None)
     monkeypatch.setattr(cl, "_mm", lambda mode, a, b, aux: ran.append(mode) or torch.zeros(a.shape[0], b.shape[0]))
     h, w, d = _ints((8, 16), -3, 4, 0), _ints((24, 16), -3, 4, 1), _ints((8, 16), -4, 5, 2) * 0.25
     y2, dy1 = _unfused(h, w, d)
-    times.update({"unfused": 0.2, 2: 0.27})  # mode 2 slower, mode 3 absent (a library built before it)
-    assert torch.equal(cl.relu2_grad_gemm(d, w, y2), dy1) and ran == []
-    assert cl._GRAD[(None, 8, 24, 16)] is None
-    cl._GRAD.clear()
-    times[3] = 0.12  # mode 3 fastest: chosen, and kept for the shape
+    has.add(2)
+    timing = iter([0.2, 0.27])  # unfused, mode 2 slower; mode 3 absent (a library built before it)
+    assert torch.equal(cl.relu2_grad_gemm(d, w, y2), dy1) and ran == [2]  # (mode 2 ran once, to be timed)
+    assert cl._GRAD[("grad", None, 8, 24, 16)] is None
+    _forget(cl)
+    ran.clear()
+    has.add(3)
+    timing = iter([0.2, 0.27, 0.12])  # mode 3 fastest: chosen, and kept for the shape
     cl.relu2_grad_gemm(d, w, y2)
-    times[3] = 9.0
-    cl.relu2_grad_gemm(d, w, y2)
-    assert ran == [3, 3]
+    cl.relu2_grad_gemm(d, w, y2)  # kept: no second timing (the iterator is spent)
+    assert ran == [2, 3, 3, 3]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="during CUDA-graph capture: run one eager step first"):
         cl.relu2_grad_gemm(d[:4], w, y2[:4])
@@ -422,7 +556,7 @@ def test_ste_backward_takes_the_fastest_form_once(monkeypatch):
     y2s, dy1 = cl.ste_grad_gemm(dh2, wd, y1)
     assert torch.equal(y2s, want.y2s) and torch.equal(dy1, want.dy1) and ran == []
     assert cl._GRAD[("ste", None, 64, 128, 16)] is None
-    cl._GRAD.clear()
+    _forget(cl)
     times.update({4: True, 5: True})
     timing = iter([0.3, 0.2, 0.25])  # separate, mode 4 (+ its pass), mode 5: mode 4 is kept
     cl.ste_grad_gemm(dh2, wd, y1)
@@ -451,7 +585,7 @@ def test_pack24_forward_takes_the_fastest_form_once(monkeypatch):
     timing = iter([0.2])  # no mode 6 in the library: the separate form
     y1, buf = cl.up_relu2_pack24(h1, wu)
     assert torch.equal(y1, y1_want) and torch.equal(buf, ref.relu2_sparsify24_packed(y1_want).buffer) and ran == []
-    cl._GRAD.clear()
+    _forget(cl)
     has[6] = True
     timing = iter([0.2, 0.1])  # mode 6 faster: kept
     cl.up_relu2_pack24(h1, wu)
@@ -487,7 +621,7 @@ def test_mask_mode_forms_take_the_fastest_once(monkeypatch):
     dy1, dbuf = cl.grad_pack24(dh2, wd, y2s)
     dy1_want = ref.relu2_grad_gemm(dh2, wd, y2s_want)
     assert torch.equal(dy1, dy1_want) and torch.equal(dbuf, packed.pack24(dy1_want, mask).buffer) and ran == []
-    cl._GRAD.clear()
+    _forget(cl)
     has.update({7, 8})
     timing = iter([0.2, 0.1, 0.2, 0.1])  # both fused forms faster: kept
     for _ in range(2):
@@ -613,6 +747,106 @@ def test_cutlass_rope_configuration_that_disagrees_with_the_reference_is_never_u
     assert torch.equal(got, ref.linear_rope(a, w, cos, sin, hd, 64))
     assert "cfg1" in caplog.text and cl._BEST[("rope", None, 3, 1024, 16, 32)] == (0, 0.3)
 
+
+
+def test_cutlass_choices_carry_to_the_next_process(monkeypatch, caplog):
+    """A form chosen by timing is kept on disk (choices.py), so that a resumed run runs the kernels of the run it
+    resumes: a new process (memory cleared) takes the kept form without timing, and times afresh where the kept
+    form is gone."""
+    from elas.kernels.cuda import cutlass_relu2 as cl
+    monkeypatch.setattr(cl, "_GRAD", {})
+    monkeypatch.setattr(cl, "_BEST", {})
+    monkeypatch.setattr(cl, "_REFUSED", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    # forms: mode 6 chosen over the separate kernels, then taken from disk
+    monkeypatch.setattr(cl, "library", lambda: object())
+    timing, has, ran = iter([0.2, 0.1]), {6}, []
+    monkeypatch.setattr(cl, "windows_ms", lambda fn, **kw: (fn(), [next(timing)])[1])
+    monkeypatch.setattr(cl, "_best", lambda lib, mode, a, b, aux, aux_out=None: (0, 0.0) if mode in has else None)
+    monkeypatch.setattr(cl, "up_relu2_pack24_fused", lambda h1, wu: ran.append(6) or (None, None))
+    h1, wu = _ints((64, 16), -3, 4, 6), _ints((128, 16), -3, 4, 7)
+    cl.up_relu2_pack24(h1, wu)
+    assert cl.CHOICES.get(cl._disk_key(h1.device, "pack", (64, 128, 16))) == "relu2_pack24"
+    cl._GRAD.clear()  # a new process: nothing timed (the iterator is spent), the kept form runs
+    cl.up_relu2_pack24(h1, wu)
+    assert ran == [6, 6, 6]
+    cl._GRAD.clear()
+    has.clear()  # the kept form is gone (a library without mode 6): timed afresh, the separate kernels kept
+    timing = iter([0.2])
+    y1, _ = cl.up_relu2_pack24(h1, wu)
+    assert torch.equal(y1, (h1.float() @ wu.float().T).to(torch.bfloat16)) and len(ran) == 3
+    assert cl.CHOICES.get(cl._disk_key(h1.device, "pack", (64, 128, 16)), "absent") is None
+
+
+def test_cutlass_configuration_choices_carry_to_the_next_process(monkeypatch, caplog):
+    """The tile configuration likewise: cfg1, the fastest, is kept on disk; a new process launches cfg1 once
+    (checked against the reference, not timed); where cfg1 is now wrong it is refused and the rest timed afresh;
+    another library build is another key."""
+    from elas.kernels.cuda import cutlass_relu2 as cl
+    monkeypatch.setattr(cl, "_BEST", {})
+    monkeypatch.setattr(cl, "_REFUSED", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    calls = []
+    launch = _fake_launch(set(), {0: 0.3, 1: 0.1})
+
+    def spy(lib, c, mode, a, b, aux, d, iters=0, aux_out=None):
+        calls.append((c, iters))
+        return launch(lib, c, mode, a, b, aux, d, iters, aux_out)
+
+    monkeypatch.setattr(cl, "_launch", spy)
+    a, b = _ints((1024, 16), -3, 4, 0), _ints((128, 16), -3, 4, 1)
+    assert cl._best(_FakeLib(), 1, a, b, None) == (1, 0.1)
+    assert [c for c, iters in calls if iters] == [0, 1]  # both runnable ones timed
+    cl._BEST.clear()
+    calls.clear()
+    assert cl._best(_FakeLib(), 1, a, b, None) == (1, 0.1) and calls == [(1, 0)]
+    cl._BEST.clear()  # cfg1 now wrong on this machine: refused, the rest timed afresh
+    monkeypatch.setattr(cl, "_launch", _fake_launch({1}, {0: 0.3, 1: 0.1}))
+    with caplog.at_level("WARNING", logger="elas.kernels"):
+        assert cl._best(_FakeLib(), 1, a, b, None) == (0, 0.3)
+    assert "chosen by an earlier process" in caplog.text
+    assert cl.CHOICES.get(cl._disk_key(a.device, "mode1", (1024, 128, 16))) == ["cfg0", 0.3]
+    monkeypatch.setattr(cl, "_library_id", lambda: "another-build")  # another library: not the same key
+    assert cl.CHOICES.get(cl._disk_key(a.device, "mode1", (1024, 128, 16)), "absent") == "absent"
+
+
+def test_choices_file_survives_bad_content_and_an_unwritable_folder(monkeypatch, tmp_path, caplog):
+    """The choice file: a damaged or foreign file reads as empty (the choices are timed again), a write merges
+    into what other processes wrote and leaves no temporary file, and an unwritable cache folder costs a warning,
+    not the run."""
+    from elas.kernels.cuda.choices import MISSING, Choices
+    c = Choices("x.json")
+    c.path.parent.mkdir(parents=True)
+    c.path.write_text("{not json")
+    assert c.get("k") is MISSING
+    c.path.write_text("[1, 2]")
+    assert c.load() == {}
+    c.put("k", None)
+    Choices("x.json").put("j", ["cfg", 0.5])  # another process
+    assert c.load() == {"k": None, "j": ["cfg", 0.5]} and [p.name for p in c.path.parent.iterdir()] == ["x.json"]
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("ELAS_CACHE_DIR", str(blocker / "sub"))  # a folder that cannot be made
+    with caplog.at_level("WARNING", logger="elas.kernels"):
+        Choices("x.json").put("k", 1)
+    assert "could not write the kernel choice cache" in caplog.text
+
+
+def test_cutlass_aux_tensors_are_checked_before_the_launch(monkeypatch):
+    """What the kernel reads and writes at a raw pointer (y1 / y2 / y2s in, y2s or the packed buffer out) is checked
+    first: a wrong shape, dtype or a strided view is one line naming it, never a misread."""
+    from elas.kernels.cuda import cutlass_relu2 as cl
+    monkeypatch.setattr(cl, "library", lambda: pytest.fail("launched with a bad operand"))
+    a, b = _ints((64, 16), -3, 4, 0), _ints((128, 16), -3, 4, 1)
+    y = _ints((64, 128), -3, 4, 2)
+    with pytest.raises(ValueError, match=r"mode 8: aux must be a contiguous, 16-byte aligned bf16 \[64, 128\]"):
+        cl._mm(8, a, b, y[:, :64], cl._packed_like(64, 128, "cpu"))
+    with pytest.raises(ValueError, match=r"mode 8: aux must be .* got torch.float32"):
+        cl._mm(8, a, b, y.float(), cl._packed_like(64, 128, "cpu"))
+    with pytest.raises(ValueError, match=r"mode 7: aux_out must be .* \[64, 72\] .* got torch.bfloat16 \(64, 128\)"):
+        cl._mm(7, a, b, None, torch.empty(64, 128, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"mode 5: aux_out must be .* \[64, 128\]"):
+        cl._mm(5, a, b, y, cl._packed_like(64, 128, "cpu"))
 
 
 def test_cutlass_forms_named_in_the_skip_list_are_absent(monkeypatch):
@@ -803,7 +1037,7 @@ def test_gpu_cutlass_ste_backward_matches_the_triton_kernel(m, n, k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m, n, k", [(8192, 8192, 512), (1024, 2176, 256), (4096, 4224, 2048)])
+@pytest.mark.parametrize("m, n, k", [(8192, 8192, 512), (1024, 2176, 256), (4096, 4224, 2048), (1088, 1024, 256)])
 def test_gpu_cutlass_pack24_forward_matches_the_sparsifier(m, n, k):
     """Mode 6: y1 as cuBLAS writes it (bit for bit on integer-valued inputs, bf16 tolerance on random ones), and its
     packed buffer byte for byte the Triton sparsifier's on the same y1 (values and SM90 metadata)."""
@@ -826,7 +1060,7 @@ def test_gpu_cutlass_pack24_forward_matches_the_sparsifier(m, n, k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m, n, k", [(8192, 8192, 512), (1024, 2176, 256), (4096, 4224, 2048)])
+@pytest.mark.parametrize("m, n, k", [(8192, 8192, 512), (1024, 2176, 256), (4096, 4224, 2048), (1088, 1024, 256)])
 def test_gpu_cutlass_mask_forms_match_the_triton_kernels(m, n, k):
     """Modes 7 and 8 (act24.cutlass in mask mode) against cuBLAS + the Triton sparsifier and mask-mode backward on
     integer-valued operands (every GEMM output exact): y2s bit for bit and its packed buffer byte for byte the
@@ -851,6 +1085,8 @@ def test_gpu_cutlass_mask_forms_match_the_triton_kernels(m, n, k):
         assert torch.equal(dbuf.view(torch.int16), packed.pack24(dy1, ref.mask24(y2s)).buffer.view(torch.int16))
         if not exact:
             assert ((y2s.float() - want_y2s.float()).norm() / want_y2s.float().norm()).item() < 2e-2
+            want_dy1 = ref.relu2_grad_gemm(dh2, wd, y2s)  # on the kernel's own y2s: its pattern, the GEMM's rounding
+            assert ((dy1.float() - want_dy1.float()).norm() / want_dy1.float().norm()).item() < 2e-2
             continue
         assert torch.equal(y2s, want_y2s)
         fwd = relu2_sparsify24_packed(y1)  # with the mask bits the Triton backward reads

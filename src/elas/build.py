@@ -3,7 +3,7 @@
     model = build_model(model_preset("llama-60m-elas"), "cuda")
 
 is `LLaMA(cfg)` on the device, its dense ReLU^2 cores swapped for `FusedReLU2` when `cfg.relu2_kernel` says
-fused (Triton GEMMs) or cutlass, then `sparsify_(model, m)` for each of `cfg.methods` (elas.sparsity), in order.
+fused (Triton GEMMs) or cutlass (also "auto" where the CUTLASS library can run: `relu2_kernel`), then `sparsify_(model, m)` for each of `cfg.methods` (elas.sparsity), in order.
 `resolve_methods(cfg)` validates the method list alone (no model is built): the trainer calls it first, so a bad
 method key is one line before any data is read.
 """
@@ -25,18 +25,30 @@ def resolve_methods(cfg: ModelConfig) -> list[SparsityMethod]:
     return [method_from_dict(m) for m in cfg.methods]
 
 
+def relu2_kernel(cfg: ModelConfig, device: str | torch.device) -> tuple[str, str]:
+    """(the dense ReLU^2 cores' kernel that cfg.relu2_kernel gives on `device`, why): "auto" is cutlass where the
+    library can run there (kernels/cuda/cutlass_relu2.available), else torch; any other value is itself."""
+    if cfg.relu2_kernel != "auto":
+        return cfg.relu2_kernel, "set"
+    from .kernels.cuda import cutlass_relu2
+    ok, why = cutlass_relu2.available(device)
+    return ("cutlass" if ok else "torch"), why
+
+
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu",
                 materialise_on: str | torch.device | None = None) -> LLaMA:
     """materialise_on: for a build on the meta device, where its storage will be allocated (`to_empty`): the
     methods choose their kernels for that device (default: the reference kernels, none loaded)."""
     methods = resolve_methods(cfg)
-    if "cutlass" in (cfg.relu2_kernel, cfg.rope_kernel) and torch.device(materialise_on or device).type == "cuda":
+    target = torch.device(materialise_on or device)
+    relu2 = relu2_kernel(cfg, target)[0]
+    if "cutlass" in (relu2, cfg.rope_kernel) and target.type == "cuda":
         from .kernels.cuda import cutlass_relu2
         cutlass_relu2.library()  # a missing library: one line here, before the model is built
     with torch.device(device):
         model = LLaMA(cfg)
-    if cfg.relu2_kernel != "torch":  # the dense ReLU^2 cores' kernels; methods replace cores after this
-        op = functools.partial(ops.relu2_ffn, kernel="cutlass" if cfg.relu2_kernel == "cutlass" else "triton")
+    if relu2 != "torch":  # the dense ReLU^2 cores' kernels; methods replace cores after this
+        op = functools.partial(ops.relu2_ffn, kernel="cutlass" if relu2 == "cutlass" else "triton")
         for ffn in model.modules():
             if isinstance(getattr(ffn, "core", None), DenseReLU2):
                 ffn.core = FusedReLU2(op)
@@ -52,4 +64,4 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu",
     return model
 
 
-__all__ = ["build_model", "resolve_methods"]
+__all__ = ["build_model", "relu2_kernel", "resolve_methods"]

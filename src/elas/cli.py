@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from .config import COMPILE_VARIANTS, FFN_KINDS, VARIANTS, ModelConfig, act24, model_preset
@@ -567,6 +568,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    from .kernels.cuda import build_cutlass
+    t0 = time.perf_counter()
+    try:
+        path = build_cutlass.build(args.lib, Path(args.out) if args.out else None, progress=not args.no_progress)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(str(e)) from None
+    mb = path.stat().st_size / 2 ** 20
+    print(f"elas: built {path} ({mb:.1f} MB) in {time.perf_counter() - t0:.0f} s")
+    if args.lib == "relu2":
+        from .kernels.cuda import cutlass_relu2
+        if cutlass_relu2.library_path() == path:
+            print("elas: model.relu2_kernel=auto (the default) runs its ReLU^2 GEMMs on a Hopper GPU, and "
+                  "act24.cutlass=true / model.rope_kernel=cutlass can use it")
+        else:
+            print(f"elas: set ELAS_CUTLASS_RELU2={path} for elas to find it")
+    return 0
+
+
 def cmd_experiment(args: argparse.Namespace) -> int:
     from .data import DataError
     from .train import TrainError
@@ -700,6 +720,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/quality")
     p.add_argument("--summarize-only", action="store_true")
     p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("build", help="build a CUDA library of elas's own kernels (no GPU needed; minutes)")
+    p.add_argument("what", choices=["cutlass"], help="cutlass: the CUTLASS sm90 GEMMs (model.relu2_kernel)")
+    p.add_argument("--lib", choices=["relu2", "sp"], default="relu2",
+                   help="relu2: the GEMMs with ReLU^2 / 2:4 epilogues (default); sp: the 2:4 GEMM of the benchmarks")
+    p.add_argument("--out", help="folder for the library (default: the cache folder, where elas looks for it)")
+    p.add_argument("--no-progress", action="store_true", help="no elapsed-time line")
+    p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("data", help="dataset preparation")
     dsub = p.add_subparsers(dest="data_cmd", metavar="SUBCOMMAND", required=True)

@@ -21,7 +21,7 @@ FFN_KINDS = ("swiglu", "relu2")
 RESIDUAL_DTYPES = ("compute", "fp32")
 LM_LOSSES = ("chunked", "logits")
 ATTN_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
-RELU2_KERNELS = ("torch", "fused", "cutlass")
+RELU2_KERNELS = ("auto", "torch", "fused", "cutlass")
 NORM_KERNELS = ("torch", "fused")
 ROPE_KERNELS = ("torch", "cutlass")
 CONFIG_VERSION = 2  # of config.json: 2 = sparsity as a list of methods (1: flat act_sparsity/grad_mode/... keys)
@@ -60,8 +60,9 @@ class ModelConfig:
     fuse_qkv: bool = False
     # the dense ReLU^2 FFN's pointwise work: torch (separate kernels around the GEMMs, fused by Inductor when
     # compiled) | fused (inside the two d_ff-wide GEMMs' epilogues: model/ffn.py FusedReLU2, bf16 on CUDA; Triton
-    # GEMMs) | cutlass (the same on CUTLASS sm90 GEMMs: kernels/cuda/cutlass_relu2.py, a library built beforehand)
-    relu2_kernel: str = "torch"
+    # GEMMs) | cutlass (the same on CUTLASS sm90 GEMMs: kernels/cuda/cutlass_relu2.py, a library built beforehand
+    # by `elas build cutlass`) | auto (cutlass where it can run: a Hopper GPU and the library found; else torch)
+    relu2_kernel: str = "auto"
     # the blocks' RMSNorm backward: torch (autograd of the ops; compiled: a dx and a dw kernel per norm, and the
     # residual's add) | fused (one pass: dx with the residual's gradient, and dw; kernels/cuda/rmsnorm.py)
     norm_kernel: str = "torch"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..build import build_model, resolve_methods
+from ..build import build_model, relu2_kernel, resolve_methods
 from ..config import BENCH_VARIANTS, apply_overrides, model_preset, preset_name, split_variant
 from ..sparsity import method_to_dict, set_step
 from ..kernels.cuda.gemm import capture_failure, capture_origin
@@ -97,6 +97,7 @@ def _ffn_row(size: str, variant: str, batch: int, seq: int) -> dict:
             "ffn_ms": ms if ms is not None else eager, "ffn_ms_eager": eager, "ffn_ms_compiled": compiled,
             "ffn_ms_best": min(t for t in (ms, compiled, eager) if t is not None),
             "ffn_timing": "graph" if ms is not None else "eager", "ffn_act_mem_gb": act / 1e9, "path": path,
+            "relu2_kernel": relu2_kernel(cfg, "cuda")[0],  # the dense core's kernel ("auto" resolved)
             **({"capture_error": capture_error} if capture_error else {})}
 
 

@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from ..build import build_model
+from ..build import build_model, relu2_kernel
 from ..config import D_FF_MULTIPLE, TrainConfig, model_preset, split_variant
 from ..optim import build_optimizer
 from ..summary import model_summary
@@ -35,12 +35,12 @@ from ..train.parallelize import checkpoint_blocks, compile_regions, hold_params_
 from ..train.step import StepGrads
 from .ffn import set_sparse, variant_config
 from .profile import breakdown, kernel_times, top_kernels
-from .timing import event_ms, throughput_ms
+from .timing import Clocks, event_ms, throughput_ms
 
 MODES = ("elas", "elas-fp32", "torch.compile", "eager")
 STEP_VARIANTS = ("lowrank-relu2", "elas", "elas-mask", "relu2", "relu2-24", "swiglu", "swiglu-aligned")
-PLAIN = {"residual_dtype": "fp32", "lm_loss": "logits", "attn_backend": "auto"}  # the baseline modes: textbook
-# numerics and torch's own attention kernel choice
+PLAIN = {"residual_dtype": "fp32", "lm_loss": "logits", "attn_backend": "auto", "relu2_kernel": "torch"}  # the
+# baseline modes: textbook numerics, torch's own attention kernel choice, none of elas's kernels
 H100_BF16 = 989e12
 
 
@@ -96,7 +96,8 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
     torch.cuda.synchronize()
     compile_s = time.perf_counter() - t0
     resident_gb = torch.cuda.memory_allocated() / 1e9  # between steps: weights, gradients, optimizer state
-    ms = throughput_ms(step, iters=steps, warmup=warmup)
+    with Clocks() as clocks:  # the SM clock under the step's load (a clock-bound kernel runs slower in a step)
+        ms = throughput_ms(step, iters=steps, warmup=warmup)
     synced = event_ms(step, iters=steps, warmup=0)
     tps = batch * seq / (ms / 1e3)
     row = {"model": size, "variant": variant, "mode": mode, "batch": batch, "seq": seq, "step_ms": ms,
@@ -109,6 +110,8 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
            "compile_s": compile_s,
            "mfu": tps * model_summary(cfg, seq)["train_flops_per_token"] / H100_BF16,
            "d_ff": cfg.ffn_width, "rank": cfg.rank, "gpu": torch.cuda.get_device_name(),
+           "relu2_kernel": relu2_kernel(cfg, "cuda")[0],  # the dense cores' kernel ("auto" resolved)
+           **clocks.summary(),
            "torch": torch.__version__}
     if grads is not None:
         row["graph"] = grads.graphs  # False: the capture failed and the steps ran eagerly (logged)

@@ -20,7 +20,7 @@ import torch
 from ..config import TrainConfig, from_dict, to_dict
 from ..data.loader import Batches, TokenWindows, check_token_range, load_meta
 from ..data.prepare import DataError
-from ..build import build_model, resolve_methods
+from ..build import build_model, relu2_kernel, resolve_methods
 from ..optim import build_optimizer, warmup_cosine
 from ..sparsity import collect_stats, describe, method_to_dict, set_step
 from ..sparsity.api import check_sparse_window, dense_throughout, edit_in_place
@@ -389,6 +389,10 @@ class Trainer:
                      f"| {where} | global batch {self.global_batch} x {cfg.seq_len} tokens | run dir {self.run_dir}")
             for line in describe(self.model):
                 self.log(f"elas: {line}")
+            if cfg.model.relu2_kernel == "auto" and self.device.type == "cuda" and cfg.model.ffn == "relu2":
+                kernel, why = relu2_kernel(cfg.model, self.device)
+                self.log(f"elas: dense ReLU^2 cores: {kernel} kernels (model.relu2_kernel=auto: "
+                         + (f"the CUTLASS library at {why})" if kernel == "cutlass" else f"{why})"))
             if self.param_dtype == "bf16":
                 self.log(f"elas: parameters in bf16, fp32 master weights in {type(self.optimizer).__name__} "
                          f"(param_dtype={cfg.param_dtype}; --set param_dtype=fp32 opts out)")

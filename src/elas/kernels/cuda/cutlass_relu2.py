@@ -26,10 +26,13 @@ All operands bf16, row-major and contiguous (K contiguous in A and B). Numerics 
 rounding points are the same; only the GEMM's summation order differs from cuBLAS).
 
 The kernels live in a shared library built off the GPU machine from cutlass/relu2_gemm.cu beside this file
-(`bash src/elas/kernels/cuda/cutlass/build.sh relu2`: nvcc and CUTLASS's headers from pip wheels, cudart static),
+(`elas build cutlass`, build_cutlass.py over cutlass/build.sh: nvcc and CUTLASS's headers from pip wheels, cudart
+static),
 found at $ELAS_CUTLASS_RELU2 or <ELAS_CACHE_DIR>/cutlass/libelas_cutlass_relu2.so. The library holds several tile /
 cluster / schedule configurations; the fastest per (mode, M, N, K) is chosen by timing each once, outside any
-CUDA-graph capture (as cuSPARSELt's algorithm is in gemm.py), and kept in memory. Before a configuration is timed,
+CUDA-graph capture (as cuSPARSELt's algorithm is in gemm.py), and kept in memory and on disk (choices.py: a resumed
+run takes the choices of the run it resumes), as is whether a fused form or the separate kernels run at a shape
+(`_choose`). Before a configuration is timed,
 its output on the caller's operands is compared with kernels/reference.py's twin on the first and last rows
 (`_verify`): one that disagrees is logged and never used, so a kernel that is wrong on a GPU, a CUTLASS version or
 a shape the tests did not cover falls back to the separate kernels (or, where there is no other form, stops with
@@ -38,6 +41,7 @@ the reason) instead of training on wrong values. The GPU tests check every eleme
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import os
 from functools import lru_cache
@@ -47,7 +51,8 @@ import torch
 
 from .. import reference as ref
 from ..packed import Packed24, pack24, row_block, unpack24
-from .gemm import cache_dir, windows_ms
+from .choices import Choices, cache_dir
+from .gemm import windows_ms
 
 log = logging.getLogger("elas.kernels")
 # the library's modes: 1 y2 = relu(acc)^2; 2 and 3 dy1 = 2 sqrt(y2) acc, y2 loaded per thread (2) or through the
@@ -81,14 +86,29 @@ def library_path() -> Path:
     return Path(env) if env else cache_dir() / "cutlass" / "libelas_cutlass_relu2.so"
 
 
+def available(device) -> tuple[bool, str]:
+    """Whether the library's ReLU^2 GEMM (mode 1) can run on `device` without loading anything, and why not:
+    what model.relu2_kernel=auto asks."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False, "not a CUDA device"
+    cap = torch.cuda.get_device_capability(device)
+    if cap[0] != 9:
+        return False, f"the CUTLASS kernels target sm_90a (Hopper); this GPU is sm_{cap[0]}{cap[1]}"
+    if not library_path().is_file():
+        return False, f"no CUTLASS library at {library_path()} (`elas build cutlass` builds it)"
+    if MODES["relu2"] in skipped():
+        return False, "ELAS_CUTLASS_SKIP names its ReLU^2 GEMM"
+    return True, str(library_path())
+
+
 @lru_cache(maxsize=1)
 def library() -> ctypes.CDLL:
     path = library_path()
     if not path.is_file():
         raise FileNotFoundError(f"no CUTLASS library at {path} (model.relu2_kernel=cutlass, model.rope_kernel=cutlass "
-                                f"and act24.cutlass=true need it): build it with "
-                                f"`bash src/elas/kernels/cuda/cutlass/build.sh relu2 DIR` and set "
-                                f"ELAS_CUTLASS_RELU2=DIR/libelas_cutlass_relu2.so (or copy it there)")
+                                f"and act24.cutlass=true need it): build it with `elas build cutlass` (or "
+                                f"`elas build cutlass --out DIR` and set ELAS_CUTLASS_RELU2=DIR/libelas_cutlass_relu2.so)")
     lib = ctypes.CDLL(str(path))
     lib.elas_cutlass_dense_configs.restype = ctypes.c_int
     lib.elas_cutlass_dense_config_name.restype = ctypes.c_char_p
@@ -110,15 +130,33 @@ def library() -> ctypes.CDLL:
     return lib
 
 
-# (device, mode, M, N, K) -> (configuration index, ms); (device, M, N, K) -> the backward's form (a mode or None;
-# ("ste" or "pack", device, M, N, K) for the 2:4 FFN's straight-through backward and its forward)
-_BEST: dict[tuple, tuple[int, float]] = {}
-_GRAD: dict[tuple, int | str | None] = {}
+# (device, mode, M, N, K) -> (configuration index, ms), ("rope", device, L, M, K, N) likewise for the rope GEMM;
+# (what, device, M, N, K) -> the form _choose kept (a name of MODES, or None: the separate kernels)
+_BEST: dict[tuple, tuple[int, float] | None] = {}
+_GRAD: dict[tuple, str | None] = {}
+# both kinds of choice on disk as well (choices.py: a resumed run must run the kernels of the run it resumes):
+# "<GPU>|<library's SHA-1>|torch<version>|<what>|<shape>" -> [configuration name, ms] or the form
+CHOICES = Choices("cutlass_relu2_choices.json")
 # the key of _BEST -> why configurations were refused ("config name: what differed"), for the error where none is left
 _REFUSED: dict[tuple, list[str]] = {}
 # the largest relative (Frobenius) error against the reference that a GEMM output may have: bf16 rounding of the
 # output and of the reference's own GEMM (a different summation order) give ~4e-3; a wrong layout or epilogue O(1)
 TOL = 2e-2
+
+
+@lru_cache(maxsize=1)
+def _library_id() -> str:
+    """The library file's SHA-1 (16 hex digits): a rebuilt library is timed afresh."""
+    try:
+        return hashlib.sha1(library_path().read_bytes()).hexdigest()[:16]
+    except OSError:
+        return "none"
+
+
+def _disk_key(device: torch.device, what: str, shape) -> str:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return "|".join((gpu, _library_id(), "torch" + torch.__version__.split("+")[0], what,
+                     "x".join(map(str, shape))))
 
 
 def _rows(m: int) -> list[slice]:
@@ -200,40 +238,57 @@ def _not_capturing(what: str) -> None:
                            f"(the choice launches and synchronises)")
 
 
-def _best(lib, mode: int, a, b, aux, aux_out=None) -> tuple[int, float] | None:
-    """The fastest configuration of `mode` at this shape and its time, or None where none runs it."""
-    m, k = a.shape
-    key = (a.device.index, mode, m, b.shape[0], k)
+def _configs(lib, key: tuple, dkey: str, what: str, run, verify) -> tuple[int, float] | None:
+    """The fastest configuration of one GEMM form at one shape and its time, or None where none runs it; kept in
+    _BEST under key and on disk under dkey. run(c, iters) -> (status, ms) launches configuration c (iters > 0:
+    also times it); verify() -> None, or what the last launch's outputs got wrong against the reference. Each
+    configuration is checked before it is timed; one chosen by an earlier process is checked, not timed."""
     if key in _BEST:
         return _BEST[key]
-    if mode in skipped():
-        _REFUSED[key] = [f"mode {mode} is named in ELAS_CUTLASS_SKIP"]
-        _BEST[key] = None
-        return None
-    _not_capturing(f"mode {mode}, {m}x{b.shape[0]}x{k}")
-    d = torch.empty(m, b.shape[0], dtype=torch.bfloat16, device=a.device)
+    _not_capturing(what)
+    names = [lib.elas_cutlass_dense_config_name(c).decode() for c in range(lib.elas_cutlass_dense_configs())]
+    kept = CHOICES.get(dkey)
+    if isinstance(kept, list) and len(kept) == 2 and kept[0] in names:
+        c = names.index(kept[0])
+        if run(c, 0)[0] == 0 and verify() is None:
+            _BEST[key] = (c, float(kept[1]))
+            return _BEST[key]
+        log.warning("CUTLASS %s: configuration %s, chosen by an earlier process (%s), fails here; timing afresh",
+                    what, kept[0], CHOICES.path)
     timed, refused = {}, []
-    for c in range(lib.elas_cutlass_dense_configs()):
-        if _launch(lib, c, mode, a, b, aux, d, aux_out=aux_out)[0] != 0:  # this tile cannot run this shape (or
-            continue  # the library has no such mode)
-        wrong = _verify(mode, a, b, aux, d, aux_out)
+    for c, name in enumerate(names):
+        if run(c, 0)[0] != 0:  # this tile cannot run this shape (or the library has no such mode)
+            continue
+        wrong = verify()
         if wrong is not None:
-            name = lib.elas_cutlass_dense_config_name(c).decode()
-            log.warning("CUTLASS mode %d %dx%dx%d, configuration %s: %s against the reference; not used", mode, m,
-                        b.shape[0], k, name, wrong)
+            log.warning("CUTLASS %s, configuration %s: %s against the reference; not used", what, name, wrong)
             refused.append(f"{name}: {wrong}")
             continue
-        rc, ms = _launch(lib, c, mode, a, b, aux, d, iters=20, aux_out=aux_out)
+        rc, ms = run(c, 20)
         if rc == 0:
             timed[c] = ms
     if refused:
         _REFUSED[key] = refused
     best = min(timed.items(), key=lambda kv: kv[1]) if timed else None
     if best is not None:
-        log.info("CUTLASS ReLU^2 mode %d %dx%dx%d: %s (%.4f ms)", mode, m, b.shape[0], k,
-                 lib.elas_cutlass_dense_config_name(best[0]).decode(), best[1])
+        log.info("CUTLASS %s: %s (%.4f ms)", what, names[best[0]], best[1])
+        CHOICES.put(dkey, [names[best[0]], best[1]])
     _BEST[key] = best
     return best
+
+
+def _best(lib, mode: int, a, b, aux, aux_out=None) -> tuple[int, float] | None:
+    """The fastest configuration of `mode` at this shape and its time, or None where none runs it."""
+    m, k = a.shape
+    n = b.shape[0]
+    key = (a.device.index, mode, m, n, k)
+    if key not in _BEST and mode in skipped():
+        _REFUSED[key] = [f"mode {mode} is named in ELAS_CUTLASS_SKIP"]
+        _BEST[key] = None
+    d = torch.empty(m, n, dtype=torch.bfloat16, device=a.device) if key not in _BEST else None
+    return _configs(lib, key, _disk_key(a.device, f"mode{mode}", (m, n, k)), f"ReLU^2 mode {mode} {m}x{n}x{k}",
+                    lambda c, iters: _launch(lib, c, mode, a, b, aux, d, iters, aux_out),
+                    lambda: _verify(mode, a, b, aux, d, aux_out))
 
 
 def _mm(mode: int, a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None,
@@ -241,6 +296,15 @@ def _mm(mode: int, a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None,
     if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or a.shape[1] != b.shape[1] or a.shape[1] % 8:
         raise ValueError(f"CUTLASS ReLU^2 GEMM: bf16 A [M, K] and B [N, K] with K % 8 == 0 expected, got "
                          f"{a.dtype} {tuple(a.shape)} and {b.dtype} {tuple(b.shape)}")
+    m, n = a.shape[0], b.shape[0]
+    for name, t, shape in (("aux", aux, (m, n)),
+                           ("aux_out", aux_out, (m, n) if mode == MODES["ste_grad_y2s"] else (m, n * 9 // 16))):
+        # (read or written by the kernel at the given pointer, row-major, through TMA: 16-byte aligned)
+        if t is not None and (t.dtype != torch.bfloat16 or tuple(t.shape) != shape or not t.is_contiguous()
+                              or t.data_ptr() % 16 or t.device != a.device):
+            raise ValueError(f"CUTLASS ReLU^2 GEMM mode {mode}: {name} must be a contiguous, 16-byte aligned bf16 "
+                             f"{list(shape)} tensor on {a.device}, got {t.dtype} {tuple(t.shape)} strides "
+                             f"{t.stride()} on {t.device}")
     a, b = a.contiguous(), b.contiguous()  # a transposed weight view is copied: the kernels read K-contiguous rows
     lib = library()
     best = _best(lib, mode, a, b, aux, aux_out)
@@ -277,22 +341,12 @@ def relu2_grad_gemm(dh2: torch.Tensor, wd: torch.Tensor, y2: torch.Tensor) -> to
     benchmarks/results/h200/cutlass_relu2.json)."""
     from .relu2_gemm import relu2_grad
     y2 = y2.contiguous()
-    key = (dh2.device.index, dh2.shape[0], wd.shape[0], dh2.shape[1])
-    if key not in _GRAD:
-        _not_capturing(f"the backward at {key[1]}x{key[2]}x{key[3]}")
-        lib = library()
-        a, b = dh2.contiguous(), wd.contiguous()
-        timed = {None: windows_ms(lambda: relu2_grad(dh2 @ wd.T, y2), calls=20, windows=1, warmup=1)[0]}
-        for mode in (MODES["grad"], MODES["grad_tma"]):
-            best = _best(lib, mode, a, b, y2)
-            if best is not None:
-                timed[mode] = best[1]
-        _GRAD[key] = min(timed, key=timed.get)
-        log.info("CUTLASS ReLU^2 backward %dx%dx%d: %s", *key[1:], {m: round(t, 4) for m, t in timed.items()})
-    mode = _GRAD[key]
-    if mode is None:
-        return relu2_grad(dh2 @ wd.T, y2)
-    return _mm(mode, dh2, wd, y2)
+    a, b = dh2.contiguous(), wd.contiguous()
+    form = _choose("grad", dh2.device, (dh2.shape[0], wd.shape[0], dh2.shape[1]),
+                   lambda: relu2_grad(dh2 @ wd.T, y2),
+                   {f: (lambda f=f: _best(library(), MODES[f], a, b, y2) is not None,
+                        lambda f=f: _mm(MODES[f], a, b, y2)) for f in ("grad", "grad_tma")})
+    return relu2_grad(dh2 @ wd.T, y2) if form is None else _mm(MODES[form], dh2, wd, y2)
 
 
 def ste_grad_gemm_fused(dh2: torch.Tensor, wd: torch.Tensor, y1: torch.Tensor, mode: str = "ste_grad_y2s"
@@ -320,22 +374,13 @@ def ste_grad_gemm(dh2: torch.Tensor, wd: torch.Tensor, y1: torch.Tensor) -> tupl
         g = relu2_sparse24_backward(dh2 @ wd.T, None, y1)
         return g.y2s, g.dy1
 
-    key = ("ste", dh2.device.index, dh2.shape[0], wd.shape[0], dh2.shape[1])
-    if key not in _GRAD:
-        _not_capturing(f"the straight-through backward at {key[2]}x{key[3]}x{key[4]}")
-        lib = library()
-        a, b, y = dh2.contiguous(), wd.contiguous(), y1.contiguous()
-        timed = {None: windows_ms(separate, calls=20, windows=1, warmup=1)[0]}
-        for form in ("ste_grad", "ste_grad_y2s"):  # each timed as the step calls it (with its sparsifier)
-            if _best(lib, MODES[form], a, b, y, torch.empty_like(y) if form == "ste_grad_y2s" else None):
-                timed[form] = windows_ms(lambda: ste_grad_gemm_fused(a, b, y, form), calls=20, windows=1,
-                                         warmup=1)[0]
-        _GRAD[key] = min(timed, key=timed.get)
-        log.info("CUTLASS straight-through backward %dx%dx%d: %s", *key[2:], {m: round(t, 4) for m, t in timed.items()})
-    form = _GRAD[key]
-    if form is None:
-        return separate()
-    return ste_grad_gemm_fused(dh2, wd, y1, form)
+    a, b, y = dh2.contiguous(), wd.contiguous(), y1.contiguous()
+    form = _choose("ste", dh2.device, (dh2.shape[0], wd.shape[0], dh2.shape[1]), separate,
+                   {f: (lambda f=f: _best(library(), MODES[f], a, b, y,
+                                          torch.empty_like(y) if f == "ste_grad_y2s" else None) is not None,
+                        lambda f=f: ste_grad_gemm_fused(a, b, y, f))  # each timed as the step calls it
+                    for f in ("ste_grad", "ste_grad_y2s")})
+    return separate() if form is None else ste_grad_gemm_fused(dh2, wd, y1, form)
 
 
 def up_relu2_pack24_fused(h1: torch.Tensor, wu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,20 +401,12 @@ def up_relu2_pack24(h1: torch.Tensor, wu: torch.Tensor) -> tuple[torch.Tensor, t
         y1 = h1 @ wu.T
         return y1, relu2_sparsify24_packed(y1, write_bits=False).buffer
 
-    key = ("pack", h1.device.index, h1.shape[0], wu.shape[0], h1.shape[1])
-    if key not in _GRAD:
-        _not_capturing(f"the 2:4 forward at {key[2]}x{key[3]}x{key[4]}")
-        lib = library()
-        a, b = h1.contiguous(), wu.contiguous()
-        timed = {None: windows_ms(separate, calls=20, windows=1, warmup=1)[0]}
-        probe = torch.empty(a.shape[0], b.shape[0] * 9 // 16, dtype=torch.bfloat16, device=a.device)
-        if _best(lib, MODES["relu2_pack24"], a, b, None, probe) is not None:
-            timed["relu2_pack24"] = windows_ms(lambda: up_relu2_pack24_fused(a, b), calls=20, windows=1, warmup=1)[0]
-        _GRAD[key] = min(timed, key=timed.get)
-        log.info("CUTLASS 2:4 forward %dx%dx%d: %s", *key[2:], {m: round(t, 4) for m, t in timed.items()})
-    if _GRAD[key] is None:
-        return separate()
-    return up_relu2_pack24_fused(h1, wu)
+    a, b = h1.contiguous(), wu.contiguous()
+    form = _choose("pack", h1.device, (h1.shape[0], wu.shape[0], h1.shape[1]), separate,
+                   {"relu2_pack24": (lambda: _best(library(), MODES["relu2_pack24"], a, b, None,
+                                                   _packed_like(a.shape[0], b.shape[0], a.device)) is not None,
+                                     lambda: up_relu2_pack24_fused(a, b))})
+    return separate() if form is None else up_relu2_pack24_fused(h1, wu)
 
 
 def _packed_like(m: int, n: int, device) -> torch.Tensor:
@@ -377,17 +414,27 @@ def _packed_like(m: int, n: int, device) -> torch.Tensor:
     return torch.empty(m, n * 9 // 16, dtype=torch.bfloat16, device=device)
 
 
-def _choose(key: tuple, what: str, separate, fused: dict) -> object:
-    """The fastest form at a shape, timed once outside capture: None (the separate kernels, `separate()`) or a name
-    of `fused` (name -> (available, run)), each timed as the step calls it. Kept in _GRAD under key."""
-    if key not in _GRAD:
-        _not_capturing(what)
-        timed = {None: windows_ms(separate, calls=20, windows=1, warmup=1)[0]}
-        for name, (available, run) in fused.items():
-            if available():
-                timed[name] = windows_ms(run, calls=20, windows=1, warmup=1)[0]
-        _GRAD[key] = min(timed, key=timed.get)
-        log.info("CUTLASS %s: %s", what, {m: round(t, 4) for m, t in timed.items()})
+def _choose(what: str, device: torch.device, shape: tuple, separate, fused: dict) -> str | None:
+    """The fastest form of `what` at `shape` ((M, N, K)), timed once outside capture, each as the step calls it:
+    None (the separate kernels, `separate()`) or a name of `fused` (name -> (available, run)). Kept in _GRAD and
+    on disk: a later process takes the kept form without timing where it is still available."""
+    key = (what, device.index, *shape)
+    if key in _GRAD:
+        return _GRAD[key]
+    desc = f"{what} {'x'.join(map(str, shape))}"
+    _not_capturing(desc)
+    dkey = _disk_key(device, what, shape)
+    kept = CHOICES.get(dkey)
+    if kept is None or isinstance(kept, str) and kept in fused and fused[kept][0]():
+        _GRAD[key] = kept
+        return kept
+    timed = {None: windows_ms(separate, calls=20, windows=1, warmup=1)[0]}
+    for name, (available, run) in fused.items():
+        if available():
+            timed[name] = windows_ms(run, calls=20, windows=1, warmup=1)[0]
+    _GRAD[key] = min(timed, key=timed.get)
+    CHOICES.put(dkey, _GRAD[key])
+    log.info("CUTLASS %s: %s", desc, {m: round(t, 4) for m, t in timed.items()})
     return _GRAD[key]
 
 
@@ -409,8 +456,7 @@ def up_relu2s_pack24(h1: torch.Tensor, wu: torch.Tensor) -> tuple[torch.Tensor, 
         return relu2_sparsify24_dense(y1), relu2_sparsify24_packed(y1, write_bits=False).buffer
 
     a, b = h1.contiguous(), wu.contiguous()
-    form = _choose(("pack_masked", h1.device.index, h1.shape[0], wu.shape[0], h1.shape[1]),
-                   f"2:4 forward (mask mode) {h1.shape[0]}x{wu.shape[0]}x{h1.shape[1]}", separate,
+    form = _choose("pack_masked", h1.device, (h1.shape[0], wu.shape[0], h1.shape[1]), separate,
                    {"relu2s_pack24": (lambda: _best(library(), MODES["relu2s_pack24"], a, b, None,
                                                     _packed_like(a.shape[0], b.shape[0], a.device)) is not None,
                                       lambda: up_relu2s_pack24_fused(a, b))})
@@ -433,8 +479,7 @@ def grad_pack24(dh2: torch.Tensor, wd: torch.Tensor, y2s: torch.Tensor) -> tuple
         return dy1, pack24(dy1, ref.mask24(y2s), check=False).buffer
 
     a, b, y = dh2.contiguous(), wd.contiguous(), y2s.contiguous()
-    form = _choose(("grad_masked", dh2.device.index, dh2.shape[0], wd.shape[0], dh2.shape[1]),
-                   f"2:4 backward (mask mode) {dh2.shape[0]}x{wd.shape[0]}x{dh2.shape[1]}", separate,
+    form = _choose("grad_masked", dh2.device, (dh2.shape[0], wd.shape[0], dh2.shape[1]), separate,
                    {"grad_pack24": (lambda: _best(library(), MODES["grad_pack24"], a, b, y,
                                                   _packed_like(a.shape[0], b.shape[0], a.device)) is not None,
                                     lambda: grad_pack24_fused(a, b, y))})
@@ -495,28 +540,10 @@ def linear_rope(a: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.
         raise RuntimeError(f"the CUTLASS library at {library_path()} predates the rope GEMM: rebuild it")
     key = ("rope", a.device.index) + tuple(a.shape) + (w.shape[1],)
     d = torch.empty(a.shape[0], a.shape[1], w.shape[1], dtype=torch.bfloat16, device=a.device)
-    if key not in _BEST:
-        _not_capturing(f"the rope GEMM at {tuple(a.shape)} x {tuple(w.shape)}")
-        timed, refused = {}, []
-        for c in range(lib.elas_cutlass_dense_configs()):
-            if _rope_launch(lib, c, a, w, d, cos, sin, head_dim, rot_cols)[0] != 0:
-                continue
-            wrong = _verify_rope(a, w, d, cos, sin, head_dim, rot_cols)
-            if wrong is not None:
-                name = lib.elas_cutlass_dense_config_name(c).decode()
-                log.warning("CUTLASS rope GEMM %s x %s, configuration %s: %s against the reference; not used",
-                            tuple(a.shape), tuple(w.shape), name, wrong)
-                refused.append(f"{name}: {wrong}")
-                continue
-            rc, ms = _rope_launch(lib, c, a, w, d, cos, sin, head_dim, rot_cols, iters=20)
-            if rc == 0:
-                timed[c] = ms
-        if refused:
-            _REFUSED[key] = refused
-        _BEST[key] = min(timed.items(), key=lambda kv: kv[1]) if timed else None
-        if _BEST[key] is not None:
-            log.info("CUTLASS rope GEMM %s x %s: %s (%.4f ms)", tuple(a.shape), tuple(w.shape),
-                     lib.elas_cutlass_dense_config_name(_BEST[key][0]).decode(), _BEST[key][1])
+    _configs(lib, key, _disk_key(a.device, "rope", (*a.shape, w.shape[1])),
+             f"rope GEMM {tuple(a.shape)} x {tuple(w.shape)}",
+             lambda c, iters: _rope_launch(lib, c, a, w, d, cos, sin, head_dim, rot_cols, iters),
+             lambda: _verify_rope(a, w, d, cos, sin, head_dim, rot_cols))
     if _BEST[key] is None:
         why = "; ".join(_REFUSED.get(key, [])) or "none can run this shape"
         raise RuntimeError(f"no CUTLASS configuration runs the rope GEMM at {tuple(a.shape)} x {tuple(w.shape)} "

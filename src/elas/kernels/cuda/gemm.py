@@ -23,12 +23,9 @@ from pathlib import Path
 import torch
 
 from ..packed import Packed24
+from .choices import Choices
 
 log = logging.getLogger("elas.kernels")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ELAS_CACHE_DIR", Path.home() / ".cache" / "elas"))
 
 
 def _cusparselt_paths() -> tuple[str, str]:
@@ -69,28 +66,7 @@ def _key(m: int, k: int, n: int, bt: bool, impl: str, ct: bool = False) -> str:
             + ("|cT" if ct else ""))  # keys of row-major C are those of earlier caches
 
 
-def _disk_cache() -> Path:
-    return cache_dir() / "cusparselt_algs.json"
-
-
-def _load_disk() -> dict:
-    try:
-        return json.loads(_disk_cache().read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _save_disk(key: str, alg: int) -> None:
-    try:
-        d = _load_disk()
-        d[key] = alg
-        path = _disk_cache()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(d, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError as e:  # a read-only home must not stop training
-        log.warning("could not write the cuSPARSELt algorithm cache %s: %s", _disk_cache(), e)
+ALGS = Choices("cusparselt_algs.json")  # _key(...) -> the algorithm id (choices.py: why on disk)
 
 
 def _raw_mm(a: Packed24, b: torch.Tensor, alg: int, impl: str, ct: bool = False) -> torch.Tensor:
@@ -272,15 +248,15 @@ def best_alg(m: int, k: int, n: int, bt: bool, impl: str = "ext", ct: bool = Fal
     alg = _ALG.get(mem_key)
     if alg is None:
         key = _key(m, k, n, bt, impl, ct)
-        disk = _load_disk()
-        if key in disk:
-            alg = int(disk[key])
+        alg = ALGS.get(key, None)
+        if alg is not None:
+            alg = int(alg)
         elif torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"no tuned cuSPARSELt algorithm for {key} during CUDA-graph capture: run one eager "
                                f"step first (tuning launches and synchronises)")
         else:
             alg = search_alg(m, k, n, bt, impl, ct)[0]
-            _save_disk(key, alg)
+            ALGS.put(key, alg)
         _ALG[mem_key] = alg
     return alg
 

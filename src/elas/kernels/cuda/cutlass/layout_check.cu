@@ -1,4 +1,4 @@
-// A host program (no GPU needed) that checks the register-layout facts modes 5 and 6 of relu2_gemm.cu rely on,
+// A host program (no GPU needed) that checks the register-layout facts modes 5-8 of relu2_gemm.cu rely on,
 // for every configuration the library instantiates, by building the epilogue's own partition of the tile's
 // coordinates with CuTe on the host (what Sm90AuxStore / Pack24Store index by) and walking every consumer thread:
 //   1. each thread's fragment holds columns in pairs: elements 2p and 2p+1 are one row's columns c, c+1 (c even);
@@ -7,7 +7,9 @@
 //   3. the thread holding row r (r % 16 < 8) of a column pair holds row r + 8 of it too (one metadata byte);
 //   4. per subtile each thread holds 16 elements in the accumulator's order: element 4j + 2h + e is row r + 8h,
 //      column c0 + 8j + e (j < 4, h, e < 2), with r % 16 < 8 and c0 % 32 == 2 (lane % 4): a warp covers 16 rows x
-//      32 columns starting at a multiple of 32 (Pack24Store gathers each row's 32 packed bytes in the quad).
+//      32 columns starting at a multiple of 32 (Pack24Store gathers each row's 32 packed bytes in the quad);
+//   5. lane ^ 2 holds the same rows of the same 32-column block (the quad's gathers of chunks and metadata bytes in
+//      Pack24Node::store exchange with it).
 // Prints one line per configuration and exits non-zero on the first violation.
 //   src/elas/kernels/cuda/cutlass/build.sh check   (compiles and runs it; ~3 min)
 #include <cstdio>
@@ -36,10 +38,12 @@ int check(const char* name) {
       for (int t = 0; t < threads; ++t) {
         auto mine = fusion::sm90_partition_for_epilogue<true>(coords, TileShape{}, tile, EpiTile{}, ref, t);
         auto other = fusion::sm90_partition_for_epilogue<true>(coords, TileShape{}, tile, EpiTile{}, ref, t ^ 1);
+        auto pair = fusion::sm90_partition_for_epilogue<true>(coords, TileShape{}, tile, EpiTile{}, ref, t ^ 2);
         for (int em = 0; em < size<3>(mine); ++em) {
           for (int en = 0; en < size<4>(mine); ++en) {
             auto a = mine(_, _, _, em, en);
             auto b = other(_, _, _, em, en);
+            auto q = pair(_, _, _, em, en);
             frag = size(a);
             if (size(a) != 16) {
               printf("%s: %d elements per thread per subtile, not 16\n", name, int(size(a)));
@@ -49,6 +53,11 @@ int check(const char* name) {
               int r0 = get<0>(a(0)), c0 = get<1>(a(0));
               if ((r0 & 15) >= 8 || (c0 & 31) != 2 * ((t % 32) % 4)) {
                 printf("%s: thread %d starts at (%d, %d)\n", name, t, r0, c0);
+                return 1;
+              }
+              if (get<0>(q(0)) != r0 || (get<1>(q(0)) & ~31) != (c0 & ~31)) {
+                printf("%s: thread %d starts at (%d, %d), lane ^ 2 at (%d, %d): not the same rows and block\n",
+                       name, t, r0, c0, int(get<0>(q(0))), int(get<1>(q(0))));
                 return 1;
               }
               for (int i = 0; i < 16; ++i) {
@@ -103,6 +112,8 @@ int check_all() {
 
 int main() {
   int bad = check_all<ELAS_CONFIGS(Pack24Tree)>();
+  bad |= check_all<ELAS_CONFIGS(Pack24MaskedTree)>();
+  bad |= check_all<ELAS_CONFIGS(Grad24Tag)>();
   bad |= check_all<ELAS_CONFIGS(SteY2sTag)>();
   bad |= check_all<ELAS_CONFIGS(RopeTree)>();
   printf(bad ? "FAILED\n" : "all configurations: the layout facts hold\n");
