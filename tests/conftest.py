@@ -10,8 +10,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# kernel choices and builds go to a folder of the test session's own, not the user's cache (unless one is named)
-os.environ.setdefault("ELAS_CACHE_DIR", tempfile.mkdtemp(prefix="elas-tests-cache-"))
+# kernel choices go to a folder of the test session's own, not the user's cache (unless one is named); a CUTLASS
+# library that `elas build cutlass` put in the user's cache is still the one the GPU tests run
+if "ELAS_CACHE_DIR" not in os.environ:
+    _built = Path.home() / ".cache" / "elas" / "cutlass" / "libelas_cutlass_relu2.so"
+    if "ELAS_CUTLASS_RELU2" not in os.environ and _built.is_file():
+        os.environ["ELAS_CUTLASS_RELU2"] = str(_built)
+    os.environ["ELAS_CACHE_DIR"] = tempfile.mkdtemp(prefix="elas-tests-cache-")
 
 from elas.data import prepare
 

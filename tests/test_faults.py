@@ -155,6 +155,10 @@ def test_resume_applies_a_toml_like_set_and_refuses_its_contradictions(dataset, 
     r = run_cli("train", "--out", str(run), "--resume", "--config", str(bad), "--dry-run")
     assert r.returncode == 2 and "contradict the run being resumed (model.rank" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    # a kernel key is not the model: a resume may change it, with a warning (its losses may differ in the last bits)
+    r = run_cli("train", "--out", str(run), "--resume", "--set", "model.relu2_kernel=fused", "--dry-run")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "warning: resuming with other kernels (model.relu2_kernel: 'torch' -> 'fused')" in r.stderr
 
 
 def test_a_run_directory_trains_in_one_process_at_a_time(dataset, reference, tmp_path):

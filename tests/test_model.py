@@ -144,6 +144,7 @@ def test_version_1_run_configs_still_load():
     assert load_run_config(run.parent / "relu2").model.methods == []
     # written before the numerics keys: the model numerics it was trained with (a resume continues exactly)
     assert (cfg.model.residual_dtype, cfg.model.lm_loss) == ("fp32", "logits")
+    assert cfg.model.relu2_kernel == "torch"  # the kernels it ran, not today's default "auto"
     assert (model_preset("llama-60m-elas").residual_dtype, model_preset("llama-60m-elas").lm_loss) == \
         ("compute", "chunked")
 

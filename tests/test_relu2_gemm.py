@@ -359,9 +359,10 @@ def test_cutlass_library_missing_and_bad_kernel_are_one_line_errors(monkeypatch,
 
 
 def test_relu2_kernel_auto_takes_cutlass_where_it_can_run(monkeypatch, tmp_path):
-    """model.relu2_kernel=auto (the default): cutlass on a Hopper GPU with the library found and its ReLU^2 GEMM
-    not skipped, else torch, each with the reason; an explicit value is itself. The plain-compile baseline of
-    `elas bench step` runs none of elas's kernels."""
+    """model.relu2_kernel=auto (the default): cutlass on a Hopper GPU with the library found, loadable, running
+    and agreeing with the reference (`_runs_here`), and its ReLU^2 GEMM not skipped; else torch, each with the
+    reason; a SwiGLU model never looks; an explicit value is itself. The plain-compile baseline of `elas bench
+    step` runs none of elas's kernels."""
     from elas.bench.step import step_config
     from elas.build import build_model, relu2_kernel
     from elas.kernels.cuda import cutlass_relu2 as cl
@@ -377,14 +378,24 @@ def test_relu2_kernel_auto_takes_cutlass_where_it_can_run(monkeypatch, tmp_path)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
     lib = tmp_path / "lib.so"
     monkeypatch.setenv("ELAS_CUTLASS_RELU2", str(lib))
-    kernel, why = relu2_kernel(cfg, "cuda")
+    kernel, why = relu2_kernel(cfg, "cuda:0")
     assert kernel == "torch" and "no CUTLASS library at" in why and "`elas build cutlass` builds it" in why
-    lib.write_bytes(b"")
-    assert relu2_kernel(cfg, "cuda") == ("cutlass", str(lib))
+    lib.write_bytes(b"not a shared library")  # damaged: loading it fails, and torch's kernels run
+    cl.library.cache_clear()
+    cl._runs_here.cache_clear()
+    kernel, why = relu2_kernel(cfg, "cuda:0")
+    assert kernel == "torch" and why.startswith(f"the CUTLASS library at {lib} does not load (OSError")
+    cl.library.cache_clear()
+    cl._runs_here.cache_clear()
+    monkeypatch.setattr(cl, "_runs_here", lambda index: "")  # loads, runs and agrees
+    assert relu2_kernel(cfg, "cuda:0") == ("cutlass", str(lib))
+    monkeypatch.setattr(cl, "_runs_here", lambda index: "the CUTLASS library's kernels do not run here (...)")
+    assert relu2_kernel(cfg, "cuda:0") == ("torch", "the CUTLASS library's kernels do not run here (...)")
     monkeypatch.setenv("ELAS_CUTLASS_SKIP", "relu2")
-    assert relu2_kernel(cfg, "cuda") == ("torch", "ELAS_CUTLASS_SKIP names its ReLU^2 GEMM")
+    assert relu2_kernel(cfg, "cuda:0") == ("torch", "ELAS_CUTLASS_SKIP names its ReLU^2 GEMM")
+    assert relu2_kernel(preset("llama-tiny"), "cuda:0") == ("torch", "no ReLU^2 FFN")
     cfg.relu2_kernel = "fused"
-    assert relu2_kernel(cfg, "cuda") == ("fused", "set")
+    assert relu2_kernel(cfg, "cuda:0") == ("fused", "set")
     assert cl.MODES["relu2"] == 1
     assert step_config("llama-tiny", "lowrank-relu2", "torch.compile", 32).relu2_kernel == "torch"
     assert step_config("llama-tiny", "lowrank-relu2", "eager", 32).relu2_kernel == "torch"
@@ -407,9 +418,9 @@ def test_build_cutlass_is_atomic_and_says_why_it_failed(tmp_path, monkeypatch, c
     assert (path.parent / "build-relu2.log").read_text() == "nvcc: compiling relu2\n"
     assert sorted(p.name for p in path.parent.iterdir()) == ["build-relu2.log", "libelas_cutlass_relu2.so"]
     bad = tmp_path / "bad.sh"
-    bad.write_text('echo "relu2_gemm.cu(12): error: identifier undefined"; printf HALF > "$2/libelas_cutlass_$1.so"; '
-                   'exit 3\n')
-    with pytest.raises(RuntimeError, match=r"failed \(exit 3\): relu2_gemm.cu\(12\): error: identifier undefined; the "
+    bad.write_text('time { echo "relu2_gemm.cu(12): error: identifier undefined"; echo "1 error detected"; '
+                   'printf HALF > "$2/libelas_cutlass_$1.so"; false; }; exit 3\n')  # (as build.sh: nvcc under time)
+    with pytest.raises(RuntimeError, match=r"failed \(exit 3\): 1 error detected; the "
                                            r"whole output is in .*build-relu2.log"):
         build_cutlass.build("relu2", progress=False, script=bad)
     assert path.read_bytes() == b"LIB"  # the previous library stands
@@ -766,7 +777,8 @@ def test_cutlass_choices_carry_to_the_next_process(monkeypatch, caplog):
     monkeypatch.setattr(cl, "up_relu2_pack24_fused", lambda h1, wu: ran.append(6) or (None, None))
     h1, wu = _ints((64, 16), -3, 4, 6), _ints((128, 16), -3, 4, 7)
     cl.up_relu2_pack24(h1, wu)
-    assert cl.CHOICES.get(cl._disk_key(h1.device, "pack", (64, 128, 16))) == "relu2_pack24"
+    assert cl.CHOICES.get(cl._disk_key(h1.device, "pack", (64, 128, 16))) == {"form": "relu2_pack24",
+                                                                             "among": ["relu2_pack24"]}
     cl._GRAD.clear()  # a new process: nothing timed (the iterator is spent), the kept form runs
     cl.up_relu2_pack24(h1, wu)
     assert ran == [6, 6, 6]
@@ -775,7 +787,17 @@ def test_cutlass_choices_carry_to_the_next_process(monkeypatch, caplog):
     timing = iter([0.2])
     y1, _ = cl.up_relu2_pack24(h1, wu)
     assert torch.equal(y1, (h1.float() @ wu.float().T).to(torch.bfloat16)) and len(ran) == 3
-    assert cl.CHOICES.get(cl._disk_key(h1.device, "pack", (64, 128, 16)), "absent") is None
+    assert cl.CHOICES.get(cl._disk_key(h1.device, "pack", (64, 128, 16))) == {"form": None, "among": []}
+    cl._GRAD.clear()
+    has.add(6)  # and back (the skip list lifted): another set of forms, timed afresh
+    timing = iter([0.2, 0.1])
+    cl.up_relu2_pack24(h1, wu)
+    assert len(ran) == 5  # timed once and run once
+    cl._GRAD.clear()
+    cl.CHOICES.put(cl._disk_key(h1.device, "pack", (64, 128, 16)), ["cfg", None], replace=True)  # not a form
+    timing = iter([0.1, 0.2])  # a malformed value is timed afresh (here the separate kernels win)
+    cl.up_relu2_pack24(h1, wu)
+    assert len(ran) == 6 and cl._GRAD[("pack", None, 64, 128, 16)] is None
 
 
 def test_cutlass_configuration_choices_carry_to_the_next_process(monkeypatch, caplog):
@@ -806,24 +828,33 @@ def test_cutlass_configuration_choices_carry_to_the_next_process(monkeypatch, ca
         assert cl._best(_FakeLib(), 1, a, b, None) == (0, 0.3)
     assert "chosen by an earlier process" in caplog.text
     assert cl.CHOICES.get(cl._disk_key(a.device, "mode1", (1024, 128, 16))) == ["cfg0", 0.3]
+    cl._BEST.clear()  # a malformed kept value: timed afresh, never a crash
+    cl.CHOICES.put(cl._disk_key(a.device, "mode1", (1024, 128, 16)), ["cfg0", None], replace=True)
+    assert cl._best(_FakeLib(), 1, a, b, None) == (0, 0.3)
     monkeypatch.setattr(cl, "_library_id", lambda: "another-build")  # another library: not the same key
     assert cl.CHOICES.get(cl._disk_key(a.device, "mode1", (1024, 128, 16)), "absent") == "absent"
 
 
 def test_choices_file_survives_bad_content_and_an_unwritable_folder(monkeypatch, tmp_path, caplog):
     """The choice file: a damaged or foreign file reads as empty (the choices are timed again), a write merges
-    into what other processes wrote and leaves no temporary file, and an unwritable cache folder costs a warning,
-    not the run."""
+    into what other processes wrote and leaves no temporary file; the first value stored under a key stands (a
+    second process's put returns it, so both run it) unless the caller replaces a value it cannot use; an
+    unwritable cache folder costs a warning, not the run."""
     from elas.kernels.cuda.choices import MISSING, Choices
     c = Choices("x.json")
     c.path.parent.mkdir(parents=True)
     c.path.write_text("{not json")
     assert c.get("k") is MISSING
+    c.path.write_bytes(b'{"k": "\xff"}')  # not UTF-8
+    assert c.load() == {}
     c.path.write_text("[1, 2]")
     assert c.load() == {}
-    c.put("k", None)
-    Choices("x.json").put("j", ["cfg", 0.5])  # another process
-    assert c.load() == {"k": None, "j": ["cfg", 0.5]} and [p.name for p in c.path.parent.iterdir()] == ["x.json"]
+    assert c.put("k", None) is None
+    assert Choices("x.json").put("j", ["cfg", 0.5]) == ["cfg", 0.5]  # another process
+    assert c.put("j", ["cfg1", 0.1]) == ["cfg", 0.5]  # decided first elsewhere: that one runs
+    assert c.put("k", "grad_tma", replace=True) == "grad_tma"
+    assert c.load() == {"k": "grad_tma", "j": ["cfg", 0.5]}
+    assert sorted(p.name for p in c.path.parent.iterdir()) == ["x.json", "x.json.lock"]
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("ELAS_CACHE_DIR", str(blocker / "sub"))  # a folder that cannot be made

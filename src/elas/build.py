@@ -30,6 +30,8 @@ def relu2_kernel(cfg: ModelConfig, device: str | torch.device) -> tuple[str, str
     library can run there (kernels/cuda/cutlass_relu2.available), else torch; any other value is itself."""
     if cfg.relu2_kernel != "auto":
         return cfg.relu2_kernel, "set"
+    if cfg.ffn != "relu2":
+        return "torch", "no ReLU^2 FFN"
     from .kernels.cuda import cutlass_relu2
     ok, why = cutlass_relu2.available(device)
     return ("cutlass" if ok else "torch"), why

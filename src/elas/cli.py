@@ -184,10 +184,14 @@ def resolve_train_config(args: argparse.Namespace):
         if not cfg.out_dir:
             cfg.out_dir = f"runs/{cfg.preset}"
         if saved is not None and cfg.model != saved:
-            diff = [f"model.{k}: {getattr(saved, k)!r} -> {getattr(cfg.model, k)!r}" for k in vars(saved)
-                    if getattr(saved, k) != getattr(cfg.model, k)]
-            raise UserError(f"these flags contradict the run being resumed ({'; '.join(diff)}): a resumed run keeps "
-                            f"its model; choose another --out for a new one")
+            from .config import KERNEL_KEYS
+            changed = [k for k in vars(saved) if getattr(saved, k) != getattr(cfg.model, k)]
+            diff = [f"model.{k}: {getattr(saved, k)!r} -> {getattr(cfg.model, k)!r}" for k in changed]
+            if any(k not in KERNEL_KEYS for k in changed):
+                raise UserError(f"these flags contradict the run being resumed ({'; '.join(diff)}): a resumed run "
+                                f"keeps its model; choose another --out for a new one")
+            print(f"elas: warning: resuming with other kernels ({'; '.join(diff)}): the model is the same, its "
+                  f"losses may differ from an uninterrupted run's in the last bits", file=sys.stderr)
         cfg.validate()
         # everything a run needs that costs nothing to check, before any data is prepared
         from .build import build_model
@@ -573,7 +577,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         path = build_cutlass.build(args.lib, Path(args.out) if args.out else None, progress=not args.no_progress)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, OSError) as e:
         raise UserError(str(e)) from None
     mb = path.stat().st_size / 2 ** 20
     print(f"elas: built {path} ({mb:.1f} MB) in {time.perf_counter() - t0:.0f} s")

@@ -24,6 +24,9 @@ ATTN_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 RELU2_KERNELS = ("auto", "torch", "fused", "cutlass")
 NORM_KERNELS = ("torch", "fused")
 ROPE_KERNELS = ("torch", "cutlass")
+# model keys that choose kernels, not the model (its parameters and math): a resumed run may change them, its
+# losses then differing from the uninterrupted run's in the last bits (another summation order)
+KERNEL_KEYS = ("relu2_kernel", "norm_kernel", "rope_kernel", "attn_backend", "fuse_qkv")
 CONFIG_VERSION = 2  # of config.json: 2 = sparsity as a list of methods (1: flat act_sparsity/grad_mode/... keys)
 D_FF_MULTIPLE = 128  # every 2:4 GEMM tile we target divides 128; 8191 (ELAS 1B) would leave a dense tail
 
@@ -578,8 +581,9 @@ def from_dict(cls, data: dict[str, Any]):
     data = {k: v for k, v in data.items() if k != "config_version"}
     if cls is ModelConfig and ("act_sparsity" in data or "grad_mode" in data):
         data = _migrate_model_v1(data)
-    if cls is ModelConfig:  # written before the numerics keys: the model as it was trained
-        data = {"residual_dtype": "fp32", "lm_loss": "logits", **data}
+    if cls is ModelConfig:  # written before these keys: the model and kernels as it was trained (relu2_kernel's
+        # default became "auto" later: a run saved without the key ran torch's kernels)
+        data = {"residual_dtype": "fp32", "lm_loss": "logits", "relu2_kernel": "torch", **data}
     kw = {}
     known = {f.name: f for f in fields(cls)}
     for k, v in data.items():
@@ -601,5 +605,5 @@ __all__ = [
     "TrainConfig", "TRAIN_DEFAULTS", "LORO_DEFAULTS", "train_config", "OPTIMIZERS", "ModelConfig", "MODEL_PRESETS",
     "PRESET_RANKS", "SIZES", "VARIANTS", "BENCH_VARIANTS", "COMPILE_VARIANTS", "Variant", "act24", "sste24", "preset_name", "model_preset",
     "relu2_width", "FFN_KINDS", "CONFIG_VERSION", "recipe_names", "load_recipe", "recipe_config",
-    "apply_overrides", "parse_value", "to_dict", "from_dict", "closest", "size_of",
+    "apply_overrides", "parse_value", "to_dict", "from_dict", "closest", "size_of", "KERNEL_KEYS",
 ]

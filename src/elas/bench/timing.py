@@ -32,6 +32,8 @@ class Clocks:
 
     def __init__(self, device=None, period: float = 0.05, read=None):
         self.period, self.samples = period, []
+        if read is None and device is None and torch.cuda.is_available():
+            device = torch.cuda.current_device()  # (here: the sampling thread's current device is always 0)
         self._read = read or (lambda: (torch.cuda.clock_rate(device), torch.cuda.power_draw(device) / 1e3))
         self._stop = None
 

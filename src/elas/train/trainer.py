@@ -215,6 +215,16 @@ class Trainer:
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
+        # model.relu2_kernel=auto is resolved once, here, and the run records the kernel it took (config.json and
+        # each checkpoint's copy): a resumed run takes the kernels of the run it resumes, whatever this machine
+        # would pick (a kernel it cannot run is then a one-line error, which --set model.relu2_kernel=... answers)
+        self.relu2_note = None
+        if cfg.model.relu2_kernel == "auto":
+            kernel, why = relu2_kernel(cfg.model, self.device)
+            cfg.model.relu2_kernel = kernel
+            if self.device.type == "cuda" and cfg.model.ffn == "relu2":
+                self.relu2_note = f"dense ReLU^2 cores: {kernel} kernels (model.relu2_kernel=auto: " + (
+                    f"the CUTLASS library at {why})" if kernel == "cutlass" else f"{why})")
         # data, before the run directory exists: a failed check leaves nothing behind. config.json records the
         # data directory absolute, so eval/generate/--resume work from any working directory
         cfg.data_dir = str(Path(cfg.data_dir).resolve())
@@ -389,10 +399,8 @@ class Trainer:
                      f"| {where} | global batch {self.global_batch} x {cfg.seq_len} tokens | run dir {self.run_dir}")
             for line in describe(self.model):
                 self.log(f"elas: {line}")
-            if cfg.model.relu2_kernel == "auto" and self.device.type == "cuda" and cfg.model.ffn == "relu2":
-                kernel, why = relu2_kernel(cfg.model, self.device)
-                self.log(f"elas: dense ReLU^2 cores: {kernel} kernels (model.relu2_kernel=auto: "
-                         + (f"the CUTLASS library at {why})" if kernel == "cutlass" else f"{why})"))
+            if self.relu2_note:
+                self.log(f"elas: {self.relu2_note}")
             if self.param_dtype == "bf16":
                 self.log(f"elas: parameters in bf16, fp32 master weights in {type(self.optimizer).__name__} "
                          f"(param_dtype={cfg.param_dtype}; --set param_dtype=fp32 opts out)")

@@ -39,15 +39,24 @@ def build(lib: str = "relu2", out: Path | None = None, progress: bool = True, sc
     log_path = out / f"build-{lib}.log"
     env = dict(os.environ, TOOLS=str(cache_dir() / "cuda_tools"))
     with tempfile.TemporaryDirectory(dir=out, prefix=f".build-{lib}-") as tmp, open(log_path, "w") as log:
-        proc = subprocess.Popen(["bash", str(script or SCRIPT), lib, tmp], stdout=log, stderr=subprocess.STDOUT, env=env)
+        # (a session of its own: Ctrl-C stops nvcc with the script, before the temporary folder goes)
+        proc = subprocess.Popen(["bash", str(script or SCRIPT), lib, tmp], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
         _wait(proc, f"building {LIBS[lib]}", progress)
         built = Path(tmp) / LIBS[lib]
         if proc.returncode != 0 or not built.is_file():
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-            raise RuntimeError(f"the CUTLASS build failed (exit {proc.returncode}): {tail[0][:200]}; the whole "
+            raise RuntimeError(f"the CUTLASS build failed (exit {proc.returncode}): {_why(log_path)[:200]}; the whole "
                                f"output is in {log_path}")
         os.replace(built, out / LIBS[lib])
     return out / LIBS[lib]
+
+
+def _why(log_path: Path) -> str:
+    """The line of a failed build's output that says why: the last naming an error (the script's `time` prints
+    its own lines after the compiler's), else the last line."""
+    lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    return (errors or lines or ["(no output)"])[-1]
 
 
 def _wait(proc: subprocess.Popen, what: str, progress: bool) -> None:
@@ -60,7 +69,7 @@ def _wait(proc: subprocess.Popen, what: str, progress: bool) -> None:
             time.sleep(0.5)
             bar.refresh()
     except KeyboardInterrupt:
-        proc.kill()
+        os.killpg(proc.pid, 9)  # the script and the compiler it runs
         proc.wait()
         raise
     finally:

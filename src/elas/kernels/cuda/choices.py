@@ -4,16 +4,19 @@ Several kernels are picked per shape by timing the candidates once: cuSPARSELt's
 CUTLASS library's tile configuration and whether a fused epilogue or the separate kernels run (cutlass_relu2.py).
 Candidates that are close in time can swap places between processes, and their outputs differ in the last bits
 (a different summation order). Kept in memory alone, a run resumed in a new process could then run other kernels
-than the run it resumes, and its losses would no longer equal the uninterrupted run's bit for bit. So each
-choice is written to a JSON file under the cache folder (ELAS_CACHE_DIR, default ~/.cache/elas), keyed by what
-decides it (GPU name, library and torch versions, shape), read back by every later process, and the timing is
-skipped there. Deleting the file makes the next process time afresh.
+than the run it resumes, and its losses would no longer equal the uninterrupted run's bit for bit; the ranks of
+one job could differ likewise. So each choice is written to a JSON file under the cache folder (ELAS_CACHE_DIR,
+default ~/.cache/elas), keyed by what decides it (GPU name, library and torch versions, shape); the first
+process to store a key decides it for every later one (and for the other ranks timing beside it), and a later
+process skips the timing. Deleting the file makes the next process time afresh.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger("elas.kernels")
@@ -25,11 +28,10 @@ def cache_dir() -> Path:
 
 
 class Choices:
-    """One JSON file of choices, key (str) -> a JSON value. Reads see the file as it is now (another process may
-    have added to it); a write merges its key into the file's current content and replaces the file atomically
-    (rename), so a reader never sees half a file. Two processes writing at once may lose one of their keys,
-    which that key's next user times again: never a wrong choice. An unwritable cache folder costs a warning,
-    not the run."""
+    """One JSON file of choices, key (str) -> a JSON value. Reads see the file as it is now; `put` stores a key
+    under an exclusive lock (a lock file beside it), so that processes timing the same shape at once agree on the
+    first one's value, and replaces the file atomically (rename), so a reader never sees half a file. A damaged
+    file reads as empty (its choices are timed again); an unwritable cache folder costs a warning, not the run."""
 
     def __init__(self, filename: str):
         self.filename = filename
@@ -41,24 +43,47 @@ class Choices:
     def load(self) -> dict:
         try:
             data = json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):  # (ValueError: bad JSON, bad UTF-8)
             return {}
         return data if isinstance(data, dict) else {}
 
     def get(self, key: str, default=MISSING):
         return self.load().get(key, default)
 
-    def put(self, key: str, value) -> None:
+    def put(self, key: str, value, replace: bool = False):
+        """Store value under key, unless the key holds a value already (another process chose first) and not
+        `replace` (the caller found the stored value unusable here and timed afresh). Returns the value the file
+        holds for key afterwards: the one every process is to run."""
         path = self.path
         try:
-            data = self.load()
-            data[key] = value
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-            os.replace(tmp, path)
+            with _locked(path.with_name(path.name + ".lock")):
+                data = self.load()
+                if key in data and not replace:
+                    return data[key]
+                data[key] = value
+                # (host and pid: a cache folder on a shared file system may be written from several machines)
+                tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+                os.replace(tmp, path)
         except OSError as e:  # a read-only home must not stop training
             log.warning("could not write the kernel choice cache %s: %s", path, e)
+        return value
+
+
+@contextmanager
+def _locked(lock_path: Path):
+    try:
+        import fcntl
+    except ImportError:  # (not POSIX: no lock; a lost race costs a second timing, never a wrong value)
+        yield
+        return
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 __all__ = ["Choices", "MISSING", "cache_dir"]

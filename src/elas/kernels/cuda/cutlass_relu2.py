@@ -44,6 +44,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import statistics
 from functools import lru_cache
 from pathlib import Path
 
@@ -51,7 +52,7 @@ import torch
 
 from .. import reference as ref
 from ..packed import Packed24, pack24, row_block, unpack24
-from .choices import Choices, cache_dir
+from .choices import MISSING, Choices, cache_dir
 from .gemm import windows_ms
 
 log = logging.getLogger("elas.kernels")
@@ -87,10 +88,12 @@ def library_path() -> Path:
 
 
 def available(device) -> tuple[bool, str]:
-    """Whether the library's ReLU^2 GEMM (mode 1) can run on `device` without loading anything, and why not:
-    what model.relu2_kernel=auto asks."""
+    """Whether the library's ReLU^2 GEMM (mode 1) runs on `device`, and why not: what model.relu2_kernel=auto
+    asks. Past the cheap checks (a Hopper GPU under CUDA, the file there, not skipped) the library is loaded and
+    its GEMM run once on a small problem and checked against the reference (`_runs_here`), so that a library
+    this driver cannot launch (it needs a CUDA 13 driver) or a damaged file means torch's kernels, not a crash."""
     device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
+    if device.type != "cuda" or not torch.cuda.is_available() or getattr(torch.version, "hip", None):
         return False, "not a CUDA device"
     cap = torch.cuda.get_device_capability(device)
     if cap[0] != 9:
@@ -99,7 +102,26 @@ def available(device) -> tuple[bool, str]:
         return False, f"no CUTLASS library at {library_path()} (`elas build cutlass` builds it)"
     if MODES["relu2"] in skipped():
         return False, "ELAS_CUTLASS_SKIP names its ReLU^2 GEMM"
-    return True, str(library_path())
+    why = _runs_here(device.index if device.index is not None else torch.cuda.current_device())
+    return (False, why) if why else (True, str(library_path()))
+
+
+@lru_cache(maxsize=None)
+def _runs_here(index: int) -> str:
+    """'' where the ReLU^2 GEMM loads, launches and agrees with the reference on GPU `index` (256 x 256 x 64),
+    else why not."""
+    try:
+        library()
+    except (OSError, AttributeError) as e:  # a damaged file, another library at that path
+        return f"the CUTLASS library at {library_path()} does not load ({type(e).__name__}: {e})"
+    g = torch.Generator(device=f"cuda:{index}").manual_seed(0)
+    a, b = (torch.randn(256, 64, device=f"cuda:{index}", generator=g).to(torch.bfloat16) for _ in range(2))
+    try:
+        _mm(MODES["relu2"], a, b, None)
+    except RuntimeError as e:
+        return (f"the CUTLASS library's kernels do not run here ({str(e).splitlines()[0][:160]}; it needs a CUDA 13 "
+                f"driver)")
+    return ""
 
 
 @lru_cache(maxsize=1)
@@ -109,7 +131,9 @@ def library() -> ctypes.CDLL:
         raise FileNotFoundError(f"no CUTLASS library at {path} (model.relu2_kernel=cutlass, model.rope_kernel=cutlass "
                                 f"and act24.cutlass=true need it): build it with `elas build cutlass` (or "
                                 f"`elas build cutlass --out DIR` and set ELAS_CUTLASS_RELU2=DIR/libelas_cutlass_relu2.so)")
+    data = path.read_bytes()
     lib = ctypes.CDLL(str(path))
+    lib.elas_id = hashlib.sha1(data).hexdigest()[:16]  # the build loaded (its choices are keyed by it: _disk_key)
     lib.elas_cutlass_dense_configs.restype = ctypes.c_int
     lib.elas_cutlass_dense_config_name.restype = ctypes.c_char_p
     lib.elas_cutlass_dense_workspace.restype = ctypes.c_longlong
@@ -144,12 +168,12 @@ _REFUSED: dict[tuple, list[str]] = {}
 TOL = 2e-2
 
 
-@lru_cache(maxsize=1)
 def _library_id() -> str:
-    """The library file's SHA-1 (16 hex digits): a rebuilt library is timed afresh."""
+    """The SHA-1 (16 hex digits) of the library as loaded (read with the bytes dlopen took): a rebuilt library
+    is timed afresh."""
     try:
-        return hashlib.sha1(library_path().read_bytes()).hexdigest()[:16]
-    except OSError:
+        return getattr(library(), "elas_id", "none")
+    except (OSError, AttributeError):  # (no library: only the separate kernels, whose choices need no build's name)
         return "none"
 
 
@@ -248,7 +272,9 @@ def _configs(lib, key: tuple, dkey: str, what: str, run, verify) -> tuple[int, f
     _not_capturing(what)
     names = [lib.elas_cutlass_dense_config_name(c).decode() for c in range(lib.elas_cutlass_dense_configs())]
     kept = CHOICES.get(dkey)
-    if isinstance(kept, list) and len(kept) == 2 and kept[0] in names:
+    usable = (isinstance(kept, list) and len(kept) == 2 and kept[0] in names
+              and isinstance(kept[1], (int, float)) and not isinstance(kept[1], bool))
+    if usable:
         c = names.index(kept[0])
         if run(c, 0)[0] == 0 and verify() is None:
             _BEST[key] = (c, float(kept[1]))
@@ -272,7 +298,9 @@ def _configs(lib, key: tuple, dkey: str, what: str, run, verify) -> tuple[int, f
     best = min(timed.items(), key=lambda kv: kv[1]) if timed else None
     if best is not None:
         log.info("CUTLASS %s: %s (%.4f ms)", what, names[best[0]], best[1])
-        CHOICES.put(dkey, [names[best[0]], best[1]])
+        stored = CHOICES.put(dkey, [names[best[0]], best[1]], replace=kept is not MISSING)
+        if isinstance(stored, list) and stored and stored[0] in names and names.index(stored[0]) in timed:
+            best = (names.index(stored[0]), timed[names.index(stored[0])])  # another process's, timed first
     _BEST[key] = best
     return best
 
@@ -282,10 +310,13 @@ def _best(lib, mode: int, a, b, aux, aux_out=None) -> tuple[int, float] | None:
     m, k = a.shape
     n = b.shape[0]
     key = (a.device.index, mode, m, n, k)
-    if key not in _BEST and mode in skipped():
+    if key in _BEST:  # (the per-call path: a dictionary lookup)
+        return _BEST[key]
+    if mode in skipped():
         _REFUSED[key] = [f"mode {mode} is named in ELAS_CUTLASS_SKIP"]
         _BEST[key] = None
-    d = torch.empty(m, n, dtype=torch.bfloat16, device=a.device) if key not in _BEST else None
+        return None
+    d = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
     return _configs(lib, key, _disk_key(a.device, f"mode{mode}", (m, n, k)), f"ReLU^2 mode {mode} {m}x{n}x{k}",
                     lambda c, iters: _launch(lib, c, mode, a, b, aux, d, iters, aux_out),
                     lambda: _verify(mode, a, b, aux, d, aux_out))
@@ -341,11 +372,12 @@ def relu2_grad_gemm(dh2: torch.Tensor, wd: torch.Tensor, y2: torch.Tensor) -> to
     benchmarks/results/h200/cutlass_relu2.json)."""
     from .relu2_gemm import relu2_grad
     y2 = y2.contiguous()
-    a, b = dh2.contiguous(), wd.contiguous()
+    # (the fused forms' operands made contiguous only when they are timed or run: _mm copies a transposed view;
+    # the separate form's GEMM takes it as it is)
     form = _choose("grad", dh2.device, (dh2.shape[0], wd.shape[0], dh2.shape[1]),
                    lambda: relu2_grad(dh2 @ wd.T, y2),
-                   {f: (lambda f=f: _best(library(), MODES[f], a, b, y2) is not None,
-                        lambda f=f: _mm(MODES[f], a, b, y2)) for f in ("grad", "grad_tma")})
+                   {f: (lambda f=f: _best(library(), MODES[f], dh2.contiguous(), wd.contiguous(), y2) is not None,
+                        lambda f=f: _mm(MODES[f], dh2, wd, y2)) for f in ("grad", "grad_tma")})
     return relu2_grad(dh2 @ wd.T, y2) if form is None else _mm(MODES[form], dh2, wd, y2)
 
 
@@ -374,11 +406,11 @@ def ste_grad_gemm(dh2: torch.Tensor, wd: torch.Tensor, y1: torch.Tensor) -> tupl
         g = relu2_sparse24_backward(dh2 @ wd.T, None, y1)
         return g.y2s, g.dy1
 
-    a, b, y = dh2.contiguous(), wd.contiguous(), y1.contiguous()
+    y = y1.contiguous()
     form = _choose("ste", dh2.device, (dh2.shape[0], wd.shape[0], dh2.shape[1]), separate,
-                   {f: (lambda f=f: _best(library(), MODES[f], a, b, y,
+                   {f: (lambda f=f: _best(library(), MODES[f], dh2.contiguous(), wd.contiguous(), y,
                                           torch.empty_like(y) if f == "ste_grad_y2s" else None) is not None,
-                        lambda f=f: ste_grad_gemm_fused(a, b, y, f))  # each timed as the step calls it
+                        lambda f=f: ste_grad_gemm_fused(dh2, wd, y, f))  # each timed as the step calls it
                     for f in ("ste_grad", "ste_grad_y2s")})
     return separate() if form is None else ste_grad_gemm_fused(dh2, wd, y1, form)
 
@@ -401,11 +433,11 @@ def up_relu2_pack24(h1: torch.Tensor, wu: torch.Tensor) -> tuple[torch.Tensor, t
         y1 = h1 @ wu.T
         return y1, relu2_sparsify24_packed(y1, write_bits=False).buffer
 
-    a, b = h1.contiguous(), wu.contiguous()
     form = _choose("pack", h1.device, (h1.shape[0], wu.shape[0], h1.shape[1]), separate,
-                   {"relu2_pack24": (lambda: _best(library(), MODES["relu2_pack24"], a, b, None,
-                                                   _packed_like(a.shape[0], b.shape[0], a.device)) is not None,
-                                     lambda: up_relu2_pack24_fused(a, b))})
+                   {"relu2_pack24": (lambda: _best(library(), MODES["relu2_pack24"], h1.contiguous(),
+                                                   wu.contiguous(), None,
+                                                   _packed_like(h1.shape[0], wu.shape[0], h1.device)) is not None,
+                                     lambda: up_relu2_pack24_fused(h1, wu))})
     return separate() if form is None else up_relu2_pack24_fused(h1, wu)
 
 
@@ -415,27 +447,34 @@ def _packed_like(m: int, n: int, device) -> torch.Tensor:
 
 
 def _choose(what: str, device: torch.device, shape: tuple, separate, fused: dict) -> str | None:
-    """The fastest form of `what` at `shape` ((M, N, K)), timed once outside capture, each as the step calls it:
-    None (the separate kernels, `separate()`) or a name of `fused` (name -> (available, run)). Kept in _GRAD and
-    on disk: a later process takes the kept form without timing where it is still available."""
+    """The fastest form of `what` at `shape` ((M, N, K)), timed once outside capture, each as the step calls it
+    (the median of 3 windows of 20 calls): None (the separate kernels, `separate()`) or a name of `fused` (name ->
+    (available, run)). Kept in _GRAD and on disk with the forms that were available then: a later process takes
+    the kept form without timing where the same forms are available (a form gone, or one added, since a skip list
+    or the library changed, is timed afresh)."""
     key = (what, device.index, *shape)
     if key in _GRAD:
         return _GRAD[key]
     desc = f"{what} {'x'.join(map(str, shape))}"
     _not_capturing(desc)
+    among = sorted(name for name, (available, _) in fused.items() if available())
     dkey = _disk_key(device, what, shape)
     kept = CHOICES.get(dkey)
-    if kept is None or isinstance(kept, str) and kept in fused and fused[kept][0]():
-        _GRAD[key] = kept
-        return kept
-    timed = {None: windows_ms(separate, calls=20, windows=1, warmup=1)[0]}
-    for name, (available, run) in fused.items():
-        if available():
-            timed[name] = windows_ms(run, calls=20, windows=1, warmup=1)[0]
-    _GRAD[key] = min(timed, key=timed.get)
-    CHOICES.put(dkey, _GRAD[key])
-    log.info("CUTLASS %s: %s", desc, {m: round(t, 4) for m, t in timed.items()})
-    return _GRAD[key]
+    if isinstance(kept, dict) and kept.get("among") == among and (kept.get("form") is None or kept["form"] in among):
+        _GRAD[key] = kept["form"]
+        return _GRAD[key]
+    ms = lambda fn: statistics.median(windows_ms(fn, calls=20, windows=3, warmup=1))  # noqa: E731
+    timed = {None: ms(separate)}
+    for name in among:
+        timed[name] = ms(fused[name][1])
+    form = min(timed, key=timed.get)
+    stored = CHOICES.put(dkey, {"form": form, "among": among}, replace=kept is not MISSING)
+    if isinstance(stored, dict) and stored.get("among") == among and (stored.get("form") is None
+                                                                       or stored["form"] in among):
+        form = stored["form"]  # another process's, stored first: every process runs the same form
+    _GRAD[key] = form
+    log.info("CUTLASS %s: %s -> %s", desc, {m: round(t, 4) for m, t in timed.items()}, form)
+    return form
 
 
 def up_relu2s_pack24_fused(h1: torch.Tensor, wu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -455,11 +494,11 @@ def up_relu2s_pack24(h1: torch.Tensor, wu: torch.Tensor) -> tuple[torch.Tensor, 
         y1 = h1 @ wu.T
         return relu2_sparsify24_dense(y1), relu2_sparsify24_packed(y1, write_bits=False).buffer
 
-    a, b = h1.contiguous(), wu.contiguous()
     form = _choose("pack_masked", h1.device, (h1.shape[0], wu.shape[0], h1.shape[1]), separate,
-                   {"relu2s_pack24": (lambda: _best(library(), MODES["relu2s_pack24"], a, b, None,
-                                                    _packed_like(a.shape[0], b.shape[0], a.device)) is not None,
-                                      lambda: up_relu2s_pack24_fused(a, b))})
+                   {"relu2s_pack24": (lambda: _best(library(), MODES["relu2s_pack24"], h1.contiguous(),
+                                                    wu.contiguous(), None,
+                                                    _packed_like(h1.shape[0], wu.shape[0], h1.device)) is not None,
+                                      lambda: up_relu2s_pack24_fused(h1, wu))})
     return separate() if form is None else up_relu2s_pack24_fused(h1, wu)
 
 
@@ -478,11 +517,12 @@ def grad_pack24(dh2: torch.Tensor, wd: torch.Tensor, y2s: torch.Tensor) -> tuple
         dy1 = relu2_grad_gemm(dh2, wd, y2s)
         return dy1, pack24(dy1, ref.mask24(y2s), check=False).buffer
 
-    a, b, y = dh2.contiguous(), wd.contiguous(), y2s.contiguous()
+    y = y2s.contiguous()
     form = _choose("grad_masked", dh2.device, (dh2.shape[0], wd.shape[0], dh2.shape[1]), separate,
-                   {"grad_pack24": (lambda: _best(library(), MODES["grad_pack24"], a, b, y,
-                                                  _packed_like(a.shape[0], b.shape[0], a.device)) is not None,
-                                    lambda: grad_pack24_fused(a, b, y))})
+                   {"grad_pack24": (lambda: _best(library(), MODES["grad_pack24"], dh2.contiguous(),
+                                                  wd.contiguous(), y,
+                                                  _packed_like(dh2.shape[0], wd.shape[0], dh2.device)) is not None,
+                                    lambda: grad_pack24_fused(dh2, wd, y))})
     return separate() if form is None else grad_pack24_fused(dh2, wd, y2s)
 
 

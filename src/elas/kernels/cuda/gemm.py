@@ -249,14 +249,13 @@ def best_alg(m: int, k: int, n: int, bt: bool, impl: str = "ext", ct: bool = Fal
     if alg is None:
         key = _key(m, k, n, bt, impl, ct)
         alg = ALGS.get(key, None)
-        if alg is not None:
-            alg = int(alg)
-        elif torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"no tuned cuSPARSELt algorithm for {key} during CUDA-graph capture: run one eager "
-                               f"step first (tuning launches and synchronises)")
-        else:
-            alg = search_alg(m, k, n, bt, impl, ct)[0]
-            ALGS.put(key, alg)
+        if not isinstance(alg, int):  # (absent, or not an id: searched again)
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"no tuned cuSPARSELt algorithm for {key} during CUDA-graph capture: run one eager "
+                                   f"step first (tuning launches and synchronises)")
+            found = search_alg(m, k, n, bt, impl, ct)[0]
+            kept = ALGS.put(key, found, replace=alg is not None)  # another rank's, where it stored one first
+            alg = kept if isinstance(kept, int) else found
         _ALG[mem_key] = alg
     return alg
 
