@@ -178,9 +178,19 @@ def _library_id() -> str:
 
 
 def _disk_key(device: torch.device, what: str, shape) -> str:
+    """GPU | library build | torch and Triton versions (the separate forms' kernels) | what | M x N x K."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return "|".join((gpu, _library_id(), "torch" + torch.__version__.split("+")[0], what,
-                     "x".join(map(str, shape))))
+    return "|".join((gpu, _library_id(), "torch" + torch.__version__.split("+")[0], "triton" + _triton_version(),
+                     what, "x".join(map(str, shape))))
+
+
+@lru_cache(maxsize=1)
+def _triton_version() -> str:
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return "-"
 
 
 def _rows(m: int) -> list[slice]:
