@@ -1190,3 +1190,24 @@ def test_elas_dense_phase_runs_the_models_dense_core():
         assert set_step(model, 0, 10) == ("dense",)
         losses.append(model(idx, idx).item())
     assert calls == [1] and abs(losses[0] - losses[1]) < 1e-5 * abs(losses[0])
+
+
+def test_a_run_trained_with_cutlass_kernels_evaluates_where_they_are_not_built(monkeypatch):
+    """eval and generate build a run's model with the kernels this machine can run (build.kernels_for_here): a
+    run trained with relu2_kernel=cutlass takes auto here, rope_kernel=cutlass torch where the library cannot
+    run; the model (parameters, methods) is the same, and the run's config is not changed."""
+    from conftest import preset
+    from elas.build import build_model, kernels_for_here
+    from elas.kernels.cuda import cutlass_relu2 as cl
+    cfg = preset("llama-tiny-elas", None, n_layers=2, vocab_size=256)
+    cfg.relu2_kernel, cfg.rope_kernel = "cutlass", "cutlass"
+    monkeypatch.setattr(cl, "available", lambda device: (False, "no library here"))
+    here = kernels_for_here(cfg, "cuda:0")
+    assert (here.relu2_kernel, here.rope_kernel) == ("auto", "torch") and cfg.relu2_kernel == "cutlass"
+    assert here.methods == cfg.methods and here.rank == cfg.rank
+    monkeypatch.setattr(cl, "available", lambda device: (True, "lib.so"))
+    assert kernels_for_here(cfg, "cuda:0").rope_kernel == "cutlass"
+    cfg.relu2_kernel, cfg.rope_kernel = "torch", "torch"
+    assert kernels_for_here(cfg, "cuda:0") is cfg
+    a, b = build_model(kernels_for_here(cfg, "cpu"), "cpu"), build_model(cfg, "cpu")
+    assert a.state_dict().keys() == b.state_dict().keys()

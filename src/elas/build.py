@@ -37,6 +37,22 @@ def relu2_kernel(cfg: ModelConfig, device: str | torch.device) -> tuple[str, str
     return ("cutlass" if ok else "torch"), why
 
 
+def kernels_for_here(cfg: ModelConfig, device: str | torch.device) -> ModelConfig:
+    """cfg with the CUTLASS kernel keys changed to what `device` can run (evaluation and generation of a run
+    trained elsewhere: the kernels are this machine's to choose, the model is the same): relu2_kernel=cutlass
+    becomes auto, rope_kernel=cutlass torch where the library cannot run here. The config given is not changed."""
+    if "cutlass" not in (cfg.relu2_kernel, cfg.rope_kernel):
+        return cfg
+    import copy
+    from .kernels.cuda import cutlass_relu2
+    out = copy.deepcopy(cfg)
+    if out.relu2_kernel == "cutlass":
+        out.relu2_kernel = "auto"
+    if out.rope_kernel == "cutlass" and not cutlass_relu2.available(device)[0]:
+        out.rope_kernel = "torch"
+    return out
+
+
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu",
                 materialise_on: str | torch.device | None = None) -> LLaMA:
     """materialise_on: for a build on the meta device, where its storage will be allocated (`to_empty`): the
@@ -66,4 +82,4 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu",
     return model
 
 
-__all__ = ["build_model", "relu2_kernel", "resolve_methods"]
+__all__ = ["build_model", "kernels_for_here", "relu2_kernel", "resolve_methods"]

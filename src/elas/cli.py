@@ -332,7 +332,7 @@ def _load_run(args: argparse.Namespace):
     """(config, model on device, checkpoint path) of a run directory."""
     import torch
 
-    from .build import build_model
+    from .build import build_model, kernels_for_here
     from .train import CheckpointError, TrainError, load_checkpoint, load_run_config, newest_verified
     from .train.trainer import pick_device
     try:
@@ -345,7 +345,7 @@ def _load_run(args: argparse.Namespace):
                 else " yet"))
         device = pick_device(args.device)
         torch.manual_seed(0)
-        model = build_model(cfg.model, device)
+        model = build_model(kernels_for_here(cfg.model, device), device)
         load_checkpoint(ckpt, model)
     except (TrainError, CheckpointError, ValueError, TypeError) as e:
         raise UserError(str(e)) from None
