@@ -420,7 +420,7 @@ def test_build_cutlass_is_atomic_and_says_why_it_failed(tmp_path, monkeypatch, c
     bad = tmp_path / "bad.sh"
     bad.write_text('time { echo "relu2_gemm.cu(12): error: identifier undefined"; echo "1 error detected"; '
                    'printf HALF > "$2/libelas_cutlass_$1.so"; false; }; exit 3\n')  # (as build.sh: nvcc under time)
-    with pytest.raises(RuntimeError, match=r"failed \(exit 3\): 1 error detected; the "
+    with pytest.raises(RuntimeError, match=r"failed \(exit 3\): relu2_gemm.cu\(12\): error: identifier undefined; the "
                                            r"whole output is in .*build-relu2.log"):
         build_cutlass.build("relu2", progress=False, script=bad)
     assert path.read_bytes() == b"LIB"  # the previous library stands
@@ -794,7 +794,8 @@ def test_cutlass_choices_carry_to_the_next_process(monkeypatch, caplog):
     cl.up_relu2_pack24(h1, wu)
     assert len(ran) == 5  # timed once and run once
     cl._GRAD.clear()
-    cl.CHOICES.put(cl._disk_key(h1.device, "pack", (64, 128, 16)), ["cfg", None], replace=True)  # not a form
+    dk = cl._disk_key(h1.device, "pack", (64, 128, 16))
+    cl.CHOICES.put(dk, ["cfg", None], rejected=cl.CHOICES.get(dk))  # not a form
     timing = iter([0.1, 0.2])  # a malformed value is timed afresh (here the separate kernels win)
     cl.up_relu2_pack24(h1, wu)
     assert len(ran) == 6 and cl._GRAD[("pack", None, 64, 128, 16)] is None
@@ -829,7 +830,8 @@ def test_cutlass_configuration_choices_carry_to_the_next_process(monkeypatch, ca
     assert "chosen by an earlier process" in caplog.text
     assert cl.CHOICES.get(cl._disk_key(a.device, "mode1", (1024, 128, 16))) == ["cfg0", 0.3]
     cl._BEST.clear()  # a malformed kept value: timed afresh, never a crash
-    cl.CHOICES.put(cl._disk_key(a.device, "mode1", (1024, 128, 16)), ["cfg0", None], replace=True)
+    dk = cl._disk_key(a.device, "mode1", (1024, 128, 16))
+    cl.CHOICES.put(dk, ["cfg0", None], rejected=cl.CHOICES.get(dk))
     assert cl._best(_FakeLib(), 1, a, b, None) == (0, 0.3)
     monkeypatch.setattr(cl, "_library_id", lambda: "another-build")  # another library: not the same key
     assert cl.CHOICES.get(cl._disk_key(a.device, "mode1", (1024, 128, 16)), "absent") == "absent"
@@ -852,7 +854,8 @@ def test_choices_file_survives_bad_content_and_an_unwritable_folder(monkeypatch,
     assert c.put("k", None) is None
     assert Choices("x.json").put("j", ["cfg", 0.5]) == ["cfg", 0.5]  # another process
     assert c.put("j", ["cfg1", 0.1]) == ["cfg", 0.5]  # decided first elsewhere: that one runs
-    assert c.put("k", "grad_tma", replace=True) == "grad_tma"
+    assert c.put("k", "grad_tma", rejected=None) == "grad_tma"  # the value read, found unusable: replaced
+    assert c.put("k", "grad", rejected=None) == "grad_tma"  # another process replaced it first: that one stands
     assert c.load() == {"k": "grad_tma", "j": ["cfg", 0.5]}
     assert sorted(p.name for p in c.path.parent.iterdir()) == ["x.json", "x.json.lock"]
     blocker = tmp_path / "file"
@@ -1192,6 +1195,43 @@ def test_elas_dense_phase_runs_the_models_dense_core():
     assert calls == [1] and abs(losses[0] - losses[1]) < 1e-5 * abs(losses[0])
 
 
+def _put_in_a_process(args):
+    import os
+    os.environ["ELAS_CACHE_DIR"] = args[0]
+    from elas.kernels.cuda.choices import Choices
+    return Choices("x.json").put("k", args[1])
+
+
+def test_processes_storing_one_choice_at_once_agree(tmp_path):
+    """Processes (the ranks of a job) that time one shape at once and store their choices under the file lock:
+    every one is handed back the same value, the first stored, and runs it."""
+    import multiprocessing as mp
+    with mp.get_context("spawn").Pool(4) as pool:
+        got = pool.map(_put_in_a_process, [(str(tmp_path), f"form{i}") for i in range(8)])
+    assert len(set(got)) == 1, got
+
+
+def test_a_kernel_a_run_recorded_but_this_machine_cannot_run_is_a_one_line_error(monkeypatch):
+    """A run resumed where its recorded CUTLASS kernels cannot run (no library, an older driver): check_kernels
+    names the keys and how to turn them off, before anything is built; on the CPU every kernel has its
+    reference, so nothing is refused."""
+    from conftest import preset
+    from elas.build import check_kernels
+    from elas.kernels.cuda import cutlass_relu2 as cl
+    cfg = preset("llama-tiny-elas", None, n_layers=2, vocab_size=256)
+    cfg.relu2_kernel = "cutlass"
+    cfg.method("act24")["cutlass"] = True
+    monkeypatch.setattr(cl, "available", lambda device: (False, "no CUTLASS library at /x.so"))
+    with pytest.raises(ValueError, match=r"^model.relu2_kernel, model.act24.cutlass asks for the CUTLASS kernels, "
+                                         r"which cannot run here \(no CUTLASS library at /x.so\): build them "
+                                         r"\(`elas build cutlass`\), or run torch's: --set model.relu2_kernel=torch "
+                                         r"--set model.act24.cutlass=false$"):
+        check_kernels(cfg, "cuda:0")
+    check_kernels(cfg, "cpu")
+    monkeypatch.setattr(cl, "available", lambda device: (True, "/x.so"))
+    check_kernels(cfg, "cuda:0")
+
+
 def test_a_run_trained_with_cutlass_kernels_evaluates_where_they_are_not_built(monkeypatch):
     """eval and generate build a run's model with the kernels this machine can run (build.kernels_for_here): a
     run trained with relu2_kernel=cutlass takes auto here, rope_kernel=cutlass torch where the library cannot
@@ -1202,12 +1242,15 @@ def test_a_run_trained_with_cutlass_kernels_evaluates_where_they_are_not_built(m
     cfg = preset("llama-tiny-elas", None, n_layers=2, vocab_size=256)
     cfg.relu2_kernel, cfg.rope_kernel = "cutlass", "cutlass"
     monkeypatch.setattr(cl, "available", lambda device: (False, "no library here"))
+    cfg.method("act24")["cutlass"] = True
     here = kernels_for_here(cfg, "cuda:0")
     assert (here.relu2_kernel, here.rope_kernel) == ("auto", "torch") and cfg.relu2_kernel == "cutlass"
-    assert here.methods == cfg.methods and here.rank == cfg.rank
+    assert here.method("act24")["cutlass"] is False and cfg.method("act24")["cutlass"] is True
+    assert [{**m, "cutlass": True} for m in here.methods] == cfg.methods and here.rank == cfg.rank
     monkeypatch.setattr(cl, "available", lambda device: (True, "lib.so"))
     assert kernels_for_here(cfg, "cuda:0").rope_kernel == "cutlass"
     cfg.relu2_kernel, cfg.rope_kernel = "torch", "torch"
+    cfg.method("act24")["cutlass"] = False
     assert kernels_for_here(cfg, "cuda:0") is cfg
     a, b = build_model(kernels_for_here(cfg, "cpu"), "cpu"), build_model(cfg, "cpu")
     assert a.state_dict().keys() == b.state_dict().keys()

@@ -37,19 +37,42 @@ def relu2_kernel(cfg: ModelConfig, device: str | torch.device) -> tuple[str, str
     return ("cutlass" if ok else "torch"), why
 
 
+def _cutlass_keys(cfg: ModelConfig) -> list[str]:
+    """The keys of cfg that ask for the CUTLASS library."""
+    keys = [f"model.{k}" for k in ("relu2_kernel", "rope_kernel") if getattr(cfg, k) == "cutlass"]
+    return keys + [f"model.{m['method']}.cutlass" for m in cfg.methods if m.get("cutlass")]
+
+
+def check_kernels(cfg: ModelConfig, device: str | torch.device) -> None:
+    """A one-line ValueError where cfg asks for the CUTLASS kernels and they cannot run on `device` (a CUDA
+    device: elsewhere every kernel has its reference), naming the keys that turn them off. For a run whose
+    config recorded them (relu2_kernel=auto resolved on a machine that had them) resumed on one that has not."""
+    keys = _cutlass_keys(cfg)
+    if not keys or torch.device(device).type != "cuda":
+        return
+    from .kernels.cuda import cutlass_relu2
+    ok, why = cutlass_relu2.available(device)
+    if not ok:
+        off = " ".join(f"--set {k}=" + ("false" if k.endswith(".cutlass") else "torch") for k in keys)
+        raise ValueError(f"{', '.join(keys)} asks for the CUTLASS kernels, which cannot run here ({why}): build "
+                         f"them (`elas build cutlass`), or run torch's: {off}")
+
+
 def kernels_for_here(cfg: ModelConfig, device: str | torch.device) -> ModelConfig:
     """cfg with the CUTLASS kernel keys changed to what `device` can run (evaluation and generation of a run
     trained elsewhere: the kernels are this machine's to choose, the model is the same): relu2_kernel=cutlass
-    becomes auto, rope_kernel=cutlass torch where the library cannot run here. The config given is not changed."""
-    if "cutlass" not in (cfg.relu2_kernel, cfg.rope_kernel):
+    becomes auto; rope_kernel=cutlass torch and a method's cutlass=true false where the library cannot run here.
+    The config given is not changed."""
+    if not _cutlass_keys(cfg):
         return cfg
     import copy
     from .kernels.cuda import cutlass_relu2
     out = copy.deepcopy(cfg)
     if out.relu2_kernel == "cutlass":
         out.relu2_kernel = "auto"
-    if out.rope_kernel == "cutlass" and not cutlass_relu2.available(device)[0]:
-        out.rope_kernel = "torch"
+    if torch.device(device).type == "cuda" and not cutlass_relu2.available(device)[0]:
+        out.rope_kernel = "torch" if out.rope_kernel == "cutlass" else out.rope_kernel
+        out.methods = [{**m, "cutlass": False} if m.get("cutlass") else m for m in out.methods]
     return out
 
 
@@ -82,4 +105,4 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu",
     return model
 
 
-__all__ = ["build_model", "kernels_for_here", "relu2_kernel", "resolve_methods"]
+__all__ = ["build_model", "check_kernels", "kernels_for_here", "relu2_kernel", "resolve_methods"]

@@ -347,7 +347,7 @@ def _load_run(args: argparse.Namespace):
         torch.manual_seed(0)
         model = build_model(kernels_for_here(cfg.model, device), device)
         load_checkpoint(ckpt, model)
-    except (TrainError, CheckpointError, ValueError, TypeError) as e:
+    except (TrainError, CheckpointError, ValueError, TypeError, OSError) as e:
         raise UserError(str(e)) from None
     from .sparsity import set_step
     state = json.loads((ckpt / "trainer.json").read_text())

@@ -20,7 +20,7 @@ import torch
 from ..config import TrainConfig, from_dict, to_dict
 from ..data.loader import Batches, TokenWindows, check_token_range, load_meta
 from ..data.prepare import DataError
-from ..build import build_model, relu2_kernel, resolve_methods
+from ..build import build_model, check_kernels, relu2_kernel, resolve_methods
 from ..optim import build_optimizer, warmup_cosine
 from ..sparsity import collect_stats, describe, method_to_dict, set_step
 from ..sparsity.api import check_sparse_window, dense_throughout, edit_in_place
@@ -214,17 +214,26 @@ class Trainer:
         self.dist = init_distributed(self.device.type)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
+        if self.device.type == "cuda":  # (--device cuda:1 too: kernels launched on the current stream)
             torch.cuda.set_device(self.device)
         # model.relu2_kernel=auto is resolved once, here, and the run records the kernel it took (config.json and
         # each checkpoint's copy): a resumed run takes the kernels of the run it resumes, whatever this machine
-        # would pick (a kernel it cannot run is then a one-line error, which --set model.relu2_kernel=... answers)
+        # would pick; a kernel it cannot run is a one-line error naming the key that turns it off
         self.relu2_note = None
-        if cfg.model.relu2_kernel == "auto":
-            kernel, why = relu2_kernel(cfg.model, self.device)
-            cfg.model.relu2_kernel = kernel
-            if self.device.type == "cuda" and cfg.model.ffn == "relu2":
-                self.relu2_note = f"dense ReLU^2 cores: {kernel} kernels (model.relu2_kernel=auto: " + (
-                    f"the CUTLASS library at {why})" if kernel == "cutlass" else f"{why})")
+        try:
+            if cfg.model.relu2_kernel == "auto":
+                kernel, why = relu2_kernel(cfg.model, self.device)
+                if self.dist.enabled:  # every rank the same kernels: cutlass only where all of them can run it
+                    ok = torch.tensor([float(kernel == "cutlass")], device=self.device)
+                    if all_reduce_sum(ok, self.dist).item() < self.dist.world and kernel == "cutlass":
+                        kernel, why = "torch", "another rank cannot run the CUTLASS kernels"
+                cfg.model.relu2_kernel = kernel
+                if self.device.type == "cuda" and cfg.model.ffn == "relu2":
+                    self.relu2_note = f"dense ReLU^2 cores: {kernel} kernels (model.relu2_kernel=auto: " + (
+                        f"the CUTLASS library at {why})" if kernel == "cutlass" else f"{why})")
+            check_kernels(cfg.model, self.device)
+        except ValueError as e:  # (also a bad ELAS_CUTLASS_SKIP)
+            raise TrainError(str(e)) from None
         # data, before the run directory exists: a failed check leaves nothing behind. config.json records the
         # data directory absolute, so eval/generate/--resume work from any working directory
         cfg.data_dir = str(Path(cfg.data_dir).resolve())
@@ -276,8 +285,8 @@ class Trainer:
             if cfg.init_from and self.ckpt is None:  # a new run from a Hugging Face checkpoint (a resume has its own)
                 from ..export import load_hf_weights
                 load_hf_weights(self.model, cfg.model, Path(cfg.init_from))
-        except (ValueError, TypeError) as e:  # a method that cannot apply (2:4 on SwiGLU), a bad --init-from
-            raise TrainError(str(e)) from None
+        except (ValueError, TypeError, OSError) as e:  # a method that cannot apply (2:4 on SwiGLU), a bad
+            raise TrainError(str(e)) from None  # --init-from, a kernel library that is missing
         self.step, self.tokens = 0, 0
         self.saved_max_steps = None  # the max_steps the resumed checkpoint was trained towards (its config copy)
         self.modes: tuple = ()  # the sparsity methods' modes at the current step

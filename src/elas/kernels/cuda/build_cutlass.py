@@ -52,11 +52,13 @@ def build(lib: str = "relu2", out: Path | None = None, progress: bool = True, sc
 
 
 def _why(log_path: Path) -> str:
-    """The line of a failed build's output that says why: the last naming an error (the script's `time` prints
-    its own lines after the compiler's), else the last line."""
+    """The line of a failed build's output that says why: the compiler's first `error:` (nvcc's summary "1 error
+    detected ..." and the script's `time` lines come after it), else the last line naming an error, else the
+    last line."""
     lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "error" in ln.lower()]
-    return (errors or lines or ["(no output)"])[-1]
+    first = [ln for ln in lines if "error:" in ln.lower()][:1]
+    named = [ln for ln in lines if "error" in ln.lower()][-1:]
+    return (first or named or lines or ["(no output)"])[0]
 
 
 def _wait(proc: subprocess.Popen, what: str, progress: bool) -> None:

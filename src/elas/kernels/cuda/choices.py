@@ -50,16 +50,17 @@ class Choices:
     def get(self, key: str, default=MISSING):
         return self.load().get(key, default)
 
-    def put(self, key: str, value, replace: bool = False):
-        """Store value under key, unless the key holds a value already (another process chose first) and not
-        `replace` (the caller found the stored value unusable here and timed afresh). Returns the value the file
-        holds for key afterwards: the one every process is to run."""
+    def put(self, key: str, value, rejected=MISSING):
+        """Store value under key unless the file holds another value there than `rejected` (the value the caller
+        read and found unusable here, or MISSING: none): then another process chose first, and its value stands.
+        Returns the value the file holds for key afterwards: the one every process is to run (a compare and
+        swap, so that processes replacing the same unusable value agree too)."""
         path = self.path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with _locked(path.with_name(path.name + ".lock")):
                 data = self.load()
-                if key in data and not replace:
+                if data.get(key, MISSING) is not MISSING and data[key] != rejected:
                     return data[key]
                 data[key] = value
                 # (host and pid: a cache folder on a shared file system may be written from several machines)
@@ -78,12 +79,18 @@ def _locked(lock_path: Path):
     except ImportError:  # (not POSIX: no lock; a lost race costs a second timing, never a wrong value)
         yield
         return
-    with open(lock_path, "a") as f:
+    try:
+        f = open(lock_path, "a")
         fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError as e:  # a file system without locks (NFS mounted nolock), a lock file of another user's
+        log.debug("no lock on %s (%s): writing without it", lock_path, e)
+        yield
+        return
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
 
 
 __all__ = ["Choices", "MISSING", "cache_dir"]

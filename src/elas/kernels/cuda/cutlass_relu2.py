@@ -52,7 +52,7 @@ import torch
 
 from .. import reference as ref
 from ..packed import Packed24, pack24, row_block, unpack24
-from .choices import MISSING, Choices, cache_dir
+from .choices import Choices, cache_dir
 from .gemm import windows_ms
 
 log = logging.getLogger("elas.kernels")
@@ -117,7 +117,8 @@ def _runs_here(index: int) -> str:
     g = torch.Generator(device=f"cuda:{index}").manual_seed(0)
     a, b = (torch.randn(256, 64, device=f"cuda:{index}", generator=g).to(torch.bfloat16) for _ in range(2))
     try:
-        _mm(MODES["relu2"], a, b, None)
+        with torch.cuda.device(index):  # (the launch takes the current device's stream)
+            _mm(MODES["relu2"], a, b, None)
     except RuntimeError as e:
         return (f"the CUTLASS library's kernels do not run here ({str(e).splitlines()[0][:160]}; it needs a CUDA 13 "
                 f"driver)")
@@ -308,7 +309,7 @@ def _configs(lib, key: tuple, dkey: str, what: str, run, verify) -> tuple[int, f
     best = min(timed.items(), key=lambda kv: kv[1]) if timed else None
     if best is not None:
         log.info("CUTLASS %s: %s (%.4f ms)", what, names[best[0]], best[1])
-        stored = CHOICES.put(dkey, [names[best[0]], best[1]], replace=kept is not MISSING)
+        stored = CHOICES.put(dkey, [names[best[0]], best[1]], rejected=kept)
         if isinstance(stored, list) and stored and stored[0] in names and names.index(stored[0]) in timed:
             best = (names.index(stored[0]), timed[names.index(stored[0])])  # another process's, timed first
     _BEST[key] = best
@@ -470,7 +471,7 @@ def _choose(what: str, device: torch.device, shape: tuple, separate, fused: dict
     among = sorted(name for name, (available, _) in fused.items() if available())
     dkey = _disk_key(device, what, shape)
     kept = CHOICES.get(dkey)
-    if isinstance(kept, dict) and kept.get("among") == among and (kept.get("form") is None or kept["form"] in among):
+    if _usable_form(kept, among):
         _GRAD[key] = kept["form"]
         return _GRAD[key]
     ms = lambda fn: statistics.median(windows_ms(fn, calls=20, windows=3, warmup=1))  # noqa: E731
@@ -478,13 +479,18 @@ def _choose(what: str, device: torch.device, shape: tuple, separate, fused: dict
     for name in among:
         timed[name] = ms(fused[name][1])
     form = min(timed, key=timed.get)
-    stored = CHOICES.put(dkey, {"form": form, "among": among}, replace=kept is not MISSING)
-    if isinstance(stored, dict) and stored.get("among") == among and (stored.get("form") is None
-                                                                       or stored["form"] in among):
+    stored = CHOICES.put(dkey, {"form": form, "among": among}, rejected=kept)
+    if _usable_form(stored, among):
         form = stored["form"]  # another process's, stored first: every process runs the same form
     _GRAD[key] = form
     log.info("CUTLASS %s: %s -> %s", desc, {m: round(t, 4) for m, t in timed.items()}, form)
     return form
+
+
+def _usable_form(kept, among: list) -> bool:
+    """A stored choice of _choose that holds here: {"form": None or one of `among`, "among": `among`}."""
+    return (isinstance(kept, dict) and "form" in kept and kept.get("among") == among
+            and (kept["form"] is None or kept["form"] in among))
 
 
 def up_relu2s_pack24_fused(h1: torch.Tensor, wu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -254,7 +254,7 @@ def best_alg(m: int, k: int, n: int, bt: bool, impl: str = "ext", ct: bool = Fal
                 raise RuntimeError(f"no tuned cuSPARSELt algorithm for {key} during CUDA-graph capture: run one eager "
                                    f"step first (tuning launches and synchronises)")
             found = search_alg(m, k, n, bt, impl, ct)[0]
-            kept = ALGS.put(key, found, replace=alg is not None)  # another rank's, where it stored one first
+            kept = ALGS.put(key, found, rejected=alg)  # another rank's, where it stored one first
             alg = kept if isinstance(kept, int) else found
         _ALG[mem_key] = alg
     return alg
