@@ -159,6 +159,13 @@ def test_resume_applies_a_toml_like_set_and_refuses_its_contradictions(dataset, 
     r = run_cli("train", "--out", str(run), "--resume", "--set", "model.relu2_kernel=fused", "--dry-run")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "warning: resuming with other kernels (model.relu2_kernel: 'torch' -> 'fused')" in r.stderr
+    # a method's kernel fields likewise (what check_kernels tells a resume on a machine without the library to set)
+    r = run_cli("train", "--out", str(run), "--resume", "--set", "model.act24.backend=reference", "--dry-run")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "warning: resuming with other kernels (model.act24.backend: 'auto' -> 'reference')" in r.stderr
+    r = run_cli("train", "--out", str(run), "--resume", "--set", "model.act24.backend=reference", "--set",
+                "model.act24.grad_mode=mask", "--dry-run")  # with a field that is the model's: refused
+    assert r.returncode == 2 and "contradict the run being resumed (model.methods: " in r.stderr
 
 
 def test_a_run_directory_trains_in_one_process_at_a_time(dataset, reference, tmp_path):

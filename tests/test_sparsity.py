@@ -280,3 +280,17 @@ def test_packed_path_with_fp32_weights_no_autocast(rank):
     assert y.dtype == torch.float32
     y.sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in f.parameters())
+
+
+def test_kernel_field_changes_tell_kernels_from_the_model():
+    """A method's kernel fields (act24: backend, path, fused, cutlass; sste24: backend) differ between two method
+    lists: listed; any other field, or another method, differs: None (a resume refuses it); equal: []."""
+    from elas.config import act24
+    from elas.sparsity import kernel_field_changes
+    a = [act24()]
+    assert kernel_field_changes(a, [act24()]) == []
+    b = [{**act24(), "cutlass": True, "backend": "cuda"}]
+    assert kernel_field_changes(a, b) == ["model.act24.backend: 'auto' -> 'cuda'",
+                                          "model.act24.cutlass: False -> True"]
+    assert kernel_field_changes(a, [{**act24(), "grad_mode": "mask"}]) is None
+    assert kernel_field_changes(a, []) is None

@@ -44,6 +44,7 @@ class Act24Config(SparsityMethod):
     name: ClassVar[str] = "act24"
     version: ClassVar[int] = 1
     stat_names: ClassVar[tuple[str, ...]] = ("y2_zero_frac", "dropped_nnz_frac")
+    kernel_fields: ClassVar[tuple[str, ...]] = ("backend", "path", "fused", "cutlass")
 
     grad_mode: str = "ste"  # ste (ELAS) | mask (Haziza)
     dense_warmup_steps: int = 1000  # dense before this step (both papers: 1000)

@@ -38,6 +38,8 @@ class SparsityMethod:
     version: ClassVar[int] = 1
     stat_names: ClassVar[tuple[str, ...]] = ()
     periods: ClassVar[tuple[str, ...]] = ()  # `_steps` fields that are periods (every N steps): scaled, kept >= 1
+    # fields that choose kernels, not what is computed (a resume may change them, as config.KERNEL_KEYS)
+    kernel_fields: ClassVar[tuple[str, ...]] = ()
 
     def mode_at(self, step: int, max_steps: int) -> Hashable:
         raise NotImplementedError
@@ -263,6 +265,23 @@ def describe(model: nn.Module) -> list[str]:
     return [a.description for a in applied_methods(model)]
 
 
+def kernel_field_changes(old: list[dict], new: list[dict]) -> list[str] | None:
+    """Where two method lists (config dicts) differ in kernel fields alone: each change as "model.M.F: a -> b"
+    ([] where they are equal); None where they differ in anything else (another method, another field)."""
+    a, b = [method_from_dict(m) for m in old], [method_from_dict(m) for m in new]
+    if [m.name for m in a] != [m.name for m in b]:
+        return None
+    changes = []
+    for x, y in zip(a, b):
+        for f in dataclasses.fields(x):
+            u, v = getattr(x, f.name), getattr(y, f.name)
+            if u != v:
+                if f.name not in type(x).kernel_fields:
+                    return None
+                changes.append(f"model.{x.name}.{f.name}: {u!r} -> {v!r}")
+    return changes
+
+
 def method_to_dict(config: SparsityMethod) -> dict:
     return {"method": config.name, "version": config.version, **dataclasses.asdict(config)}
 
@@ -293,4 +312,4 @@ def method_from_dict(d: dict) -> SparsityMethod:
 
 
 __all__ = ["SparsityMethod", "Applied", "register_method", "sparsify_", "set_step", "collect_stats", "describe",
-           "applied_methods", "method_to_dict", "method_from_dict", "METHODS", "relu2_ffns"]
+           "applied_methods", "method_to_dict", "method_from_dict", "kernel_field_changes", "METHODS", "relu2_ffns"]

@@ -56,6 +56,7 @@ class SSTE24Config(SparsityMethod):
     name: ClassVar[str] = "sste24"
     version: ClassVar[int] = 2  # 2: dense_init's default became sparse (configs of version 1 meant master)
     stat_names: ClassVar[tuple[str, ...]] = ("flip_rate",)
+    kernel_fields: ClassVar[tuple[str, ...]] = ("backend",)
 
     dense_warmup_steps: int = 1000  # dense before this step
     sparse_until: float | int = 0.5  # end of the sparse phase: fraction of max_steps (float) or a step (int)
