@@ -1254,3 +1254,46 @@ def test_a_run_trained_with_cutlass_kernels_evaluates_where_they_are_not_built(m
     assert kernels_for_here(cfg, "cuda:0") is cfg
     a, b = build_model(kernels_for_here(cfg, "cpu"), "cpu"), build_model(cfg, "cpu")
     assert a.state_dict().keys() == b.state_dict().keys()
+
+
+def test_build_cutlass_stopped_by_sigterm_stops_the_compiler(tmp_path):
+    """`elas build cutlass` stopped by SIGTERM (a scheduler's stop): the script and what it runs are stopped with
+    it, the temporary folder goes, and no library is left half-written."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    slow = tmp_path / "slow.sh"
+    marker = tmp_path / "still-running"
+    slow.write_text(f'sleep 30; touch {marker}\n')
+    code = (f"from elas.kernels.cuda import build_cutlass; "
+            f"build_cutlass.build('relu2', progress=False, script={str(slow)!r})")
+    env = dict(os.environ, ELAS_CACHE_DIR=str(tmp_path / "cache"))
+    p = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
+    folder = tmp_path / "cache" / "cutlass"
+    for _ in range(200):  # until the build has started
+        if folder.is_dir() and any(q.name.startswith(".build-") for q in folder.iterdir()):
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=20)
+    assert p.returncode != 0 and "KeyboardInterrupt" in p.stderr.read()
+    assert [q.name for q in folder.iterdir()] == ["build-relu2.log"]  # no temporary folder, no library
+    from pathlib import Path
+
+    def running() -> list:  # processes whose command line names the stand-in script
+        out = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if str(slow).encode() in (proc / "cmdline").read_bytes():
+                    out.append(proc.name)
+            except OSError:
+                pass
+        return out
+
+    for _ in range(40):
+        if not running():
+            break
+        time.sleep(0.05)
+    assert running() == [] and not marker.exists()

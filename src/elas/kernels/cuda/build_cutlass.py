@@ -64,7 +64,16 @@ def _why(log_path: Path) -> str:
 def _wait(proc: subprocess.Popen, what: str, progress: bool) -> None:
     """Wait for the build, with an elapsed-time line on a terminal (nvcc says nothing of its progress). Ctrl-C
     stops the compiler too."""
+    import signal
+    import threading
+
     from tqdm import tqdm
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    # a SIGTERM (a job scheduler's stop) ends the build as Ctrl-C does: the compiler stopped, the folder removed
+    old = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
     bar = tqdm(desc=what, bar_format="{desc}: {elapsed}", disable=not progress or None)
     try:
         while proc.poll() is None:
@@ -76,6 +85,8 @@ def _wait(proc: subprocess.Popen, what: str, progress: bool) -> None:
         raise
     finally:
         bar.close()
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 __all__ = ["build", "LIBS", "SCRIPT"]
