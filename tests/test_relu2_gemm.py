@@ -1297,3 +1297,18 @@ def test_build_cutlass_stopped_by_sigterm_stops_the_compiler(tmp_path):
             break
         time.sleep(0.05)
     assert running() == [] and not marker.exists()
+
+
+@pytest.mark.gpu
+def test_gpu_auto_takes_the_cutlass_kernels_where_the_library_runs():
+    """On a Hopper GPU with the library: the probe loads it, runs its ReLU^2 GEMM and agrees with the reference,
+    so relu2_kernel=auto resolves to cutlass and the built model's dense cores run the CUTLASS forward."""
+    cl = _cutlass_lib()
+    from conftest import preset
+    from elas.build import build_model, relu2_kernel
+    from elas.model import FusedReLU2
+    cl._runs_here.cache_clear()
+    assert cl._runs_here(torch.cuda.current_device()) == ""
+    cfg = preset("llama-tiny-lowrank-relu2", None, n_layers=2, vocab_size=256)
+    assert relu2_kernel(cfg, "cuda") == ("cutlass", str(cl.library_path()))
+    assert isinstance(build_model(cfg, "cuda").blocks[0].ffn.core, FusedReLU2)
