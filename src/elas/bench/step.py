@@ -160,7 +160,9 @@ def bench_step(sizes=("llama-1b",), batches=(32,), variants=STEP_VARIANTS, modes
                 log(f"step {size} b{batch} {variant:>14} {mode:>13}: " + (
                     f"{r['step_ms']:7.1f} ms (synced {r['step_ms_synced']:6.1f}) {r['tokens_per_s']:>9,.0f} tok/s "
                     f"peak {r['peak_mem_gb']:5.1f} GB "
-                    f"compile {r['compile_s']:5.1f} s" if "error" not in r else r["error"]))
+                    f"compile {r['compile_s']:5.1f} s" + (f" SM {r['sm_clock_mhz']:.0f} MHz {r['power_w']:.0f} W"
+                                                         if "sm_clock_mhz" in r else "")
+                    if "error" not in r else r["error"]))
                 if on_row is not None:
                     on_row(rows)
     return rows
