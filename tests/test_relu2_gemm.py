@@ -387,6 +387,22 @@ def test_relu2_kernel_auto_takes_cutlass_where_it_can_run(monkeypatch, tmp_path)
     assert kernel == "torch" and why.startswith(f"the CUTLASS library at {lib} does not load (OSError")
     cl.library.cache_clear()
     cl._runs_here.cache_clear()
+    monkeypatch.setattr(cl, "library", lambda: object())  # loads, but no configuration runs (an older driver)
+
+    def no_config(mode, a, b, aux, aux_out=None):
+        raise RuntimeError("no CUTLASS configuration runs mode 1 at 256x256x64 (none can run this shape)")
+
+    monkeypatch.setattr(cl, "_mm", no_config)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(torch, "Generator", lambda device=None: torch.default_generator)
+    monkeypatch.setattr(torch, "randn", lambda *shape, device=None, generator=None: torch.zeros(*shape))
+    assert cl._runs_here(0).startswith("the CUTLASS library's kernels do not run here (no CUTLASS configuration "
+                                       "runs mode 1") and cl._runs_here(0).endswith("it needs a CUDA 13 driver)")
+    cl._runs_here.cache_clear()  # (what it cached here was under stand-ins)
+    monkeypatch.undo()
+    monkeypatch.setenv("ELAS_CUTLASS_RELU2", str(lib))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
     monkeypatch.setattr(cl, "_runs_here", lambda index: "")  # loads, runs and agrees
     assert relu2_kernel(cfg, "cuda:0") == ("cutlass", str(lib))
     monkeypatch.setattr(cl, "_runs_here", lambda index: "the CUTLASS library's kernels do not run here (...)")
