@@ -610,3 +610,30 @@ def test_summary_compares_the_warmup_ablation_with_elas_and_a_keyed_variant_with
     assert "- elas+act24.dense_warmup_steps=20 / elas: val loss ratio 1.0099 over seeds [0]" in md
     assert "- elas+act24.dense_warmup_steps=20 / lowrank-relu2: val loss ratio 1.0200 over seeds [0]" in md
     assert "/ elas-nowarmup" not in md and "- elas / elas:" not in md
+
+
+def test_grid_plan_says_what_is_left_and_its_gpu_time(tmp_path, capsys):
+    """`elas experiment --plan` (experiment.grid_plan): runs done (a summary.json), partial (checkpoints: the steps
+    left scale the estimate) and to do, each estimated from its own seed-0 run's GPU time (a wall shared by two
+    processes counts half), else the median of the done runs; nothing runs, and the variants left print as the
+    flags that run them."""
+    import json
+
+    from elas import cli
+    from elas.train.experiment import grid_plan
+    out = tmp_path / "grid"
+    for name, wall, shared in (("relu2", 600.0, 2), ("elas", 200.0, None)):
+        (out / name).mkdir(parents=True)
+        (out / name / "summary.json").write_text(json.dumps({"wall_s": wall, "gpu_shared_by": shared}))
+    (out / "relu2.seed1" / "checkpoints" / "step-00000500").mkdir(parents=True)
+    rows = {r["run"]: r for r in grid_plan(["relu2", "elas", "swiglu"], [0, 1], out, 2000)}
+    assert rows["relu2"]["state"] == "done" and rows["relu2"]["gpu_s_left"] is None
+    assert (rows["relu2.seed1"]["state"], rows["relu2.seed1"]["step"]) == ("partial", 500)
+    assert rows["relu2.seed1"]["gpu_s_left"] == 300.0 * 0.75  # its seed 0: 600 s shared by two
+    assert rows["elas.seed1"]["gpu_s_left"] == 200.0
+    assert rows["swiglu"]["gpu_s_left"] == 250.0  # no run of its own: the median of 300 and 200
+    assert cli.main(["experiment", "--plan", "--out", str(out), "--variants", "relu2,elas,swiglu", "--seeds", "0,1",
+                     "--data", str(tmp_path / "nodata")]) == 0
+    text = capsys.readouterr().out
+    assert "2 of 6 runs done; 4 to run, ~15 GPU-min" in text  # 225 + 200 + 250 + 250 s
+    assert "seed 1: --seeds 1 --variants relu2,elas,swiglu" in text and not (tmp_path / "nodata").exists()

@@ -597,6 +597,32 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_grid_plan(args: argparse.Namespace, variants: list[str], seeds: list[int], out: Path) -> int:
+    """`elas experiment --plan`: what the grid in --out still has to run, and the GPU time it is estimated to
+    need (from the runs done there), without running anything."""
+    from .train.experiment import grid_plan, variant_config
+    try:
+        for v in variants:  # a bad variant or key: one line, as for a run
+            variant_config(args.size, v, args.steps, args.data, out, args.batch_size, args.grad_accum)
+    except (ValueError, KeyError) as e:
+        raise UserError(_message(e)) from None
+    rows = grid_plan(variants, seeds, out, args.steps)
+    left = [r for r in rows if r["state"] != "done"]
+    for r in rows:
+        est = "-" if r["gpu_s_left"] is None else f"~{r['gpu_s_left'] / 60:.1f} GPU-min"
+        where = f" (at step {r['step']})" if r["state"] == "partial" else ""
+        print(f"{r['run']:<48} {r['state']}{where:<18} {est if r['state'] != 'done' else ''}")
+    known = [r["gpu_s_left"] for r in left if r["gpu_s_left"] is not None]
+    print(f"{len(rows) - len(left)} of {len(rows)} runs done; {len(left)} to run" + (
+        f", ~{sum(known) / 60:.0f} GPU-min" + (" (and runs with no estimate)" if len(known) < len(left) else "")
+        if known else ""))
+    for seed in seeds:
+        todo = [r["variant"] for r in left if r["seed"] == seed]
+        if todo:
+            print(f"seed {seed}: --seeds {seed} --variants {','.join(todo)}")
+    return 0
+
+
 def cmd_experiment(args: argparse.Namespace) -> int:
     from .data import DataError
     from .train import TrainError
@@ -613,6 +639,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         raise UserError(f"invalid --seeds {args.seeds!r}: expected distinct non-negative integers, e.g. 0,1") from None
     if args.summarize_only and not out.is_dir():
         raise UserError(f"--out {out} holds no grid to summarize (no such directory)")
+    if args.plan:
+        return _print_grid_plan(args, variants, seeds, out)
     if not args.summarize_only:
         from types import SimpleNamespace
 
@@ -729,6 +757,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="data/builtin")
     p.add_argument("--out", default="runs/quality")
     p.add_argument("--summarize-only", action="store_true")
+    p.add_argument("--plan", action="store_true", help="print what the grid in --out still has to run and its "
+                   "estimated GPU time (from the runs done there); run nothing")
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("build", help="build a CUDA library of elas's own kernels (no GPU needed; minutes)")

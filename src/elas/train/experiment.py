@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -214,6 +215,34 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
         rows.append(row)
         log(f"{name}: val loss {row['val_loss']:.4f} (ppl {row['val_ppl']:.2f}) in {row['wall_s']:.0f} s" +
             (f", transfer loss {row['transfer_loss']:.4f}" if transfer else ""))
+    return rows
+
+
+def grid_plan(variants: list[str], seeds, out: Path, steps: int) -> list[dict]:
+    """What a grid still has to run in `out`, without running it: per (seed, variant) its state ("done": a
+    summary.json; "partial": checkpoints up to a step; "todo") and the GPU seconds it is estimated to need: its
+    own seed-0 run's GPU time where done (wall time over the processes that shared the GPU), else the median of
+    the done runs', scaled by the steps left. For planning calls of a time-limited GPU machine."""
+    done = {}
+    for p in sorted(Path(out).glob("*/summary.json")):
+        try:
+            r = json.loads(p.read_text())
+            done[p.parent.name] = r["wall_s"] / (r.get("gpu_shared_by") or 1)
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+            continue
+    typical = statistics.median(done.values()) if done else None
+    rows = []
+    for seed in seeds:
+        for v in variants:
+            name = run_name(v, seed)
+            run = Path(out) / name
+            ckpts = checkpoints(run) if run.is_dir() else []
+            step = int(ckpts[0].name.split("-")[-1]) if ckpts else 0
+            state = "done" if name in done else ("partial" if ckpts else "todo")
+            base = done.get(run_name(v, 0), typical)
+            left = None if state == "done" or base is None else base * (1 - min(step, steps) / steps)
+            rows.append({"run": name, "variant": v, "seed": seed, "state": state, "step": step,
+                         "gpu_s_left": left})
     return rows
 
 
