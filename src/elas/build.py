@@ -3,7 +3,8 @@
     model = build_model(model_preset("llama-60m-elas"), "cuda")
 
 is `LLaMA(cfg)` on the device, its dense ReLU^2 cores swapped for `FusedReLU2` when `cfg.relu2_kernel` says
-fused (Triton GEMMs) or cutlass (also "auto" where the CUTLASS library can run: `relu2_kernel`), then `sparsify_(model, m)` for each of `cfg.methods` (elas.sparsity), in order.
+fused (Triton GEMMs) or cutlass (also "auto" where the CUTLASS library can run: `relu2_kernel`), then
+`sparsify_(model, m)` for each of `cfg.methods` (elas.sparsity), in order.
 `resolve_methods(cfg)` validates the method list alone (no model is built): the trainer calls it first, so a bad
 method key is one line before any data is read.
 """

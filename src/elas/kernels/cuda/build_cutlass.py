@@ -40,8 +40,8 @@ def build(lib: str = "relu2", out: Path | None = None, progress: bool = True, sc
     env = dict(os.environ, TOOLS=str(cache_dir() / "cuda_tools"))
     with tempfile.TemporaryDirectory(dir=out, prefix=f".build-{lib}-") as tmp, open(log_path, "w") as log:
         # (a session of its own: Ctrl-C stops nvcc with the script, before the temporary folder goes)
-        proc = subprocess.Popen(["bash", str(script or SCRIPT), lib, tmp], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(["bash", str(script or SCRIPT), lib, tmp], stdout=log, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
         _wait(proc, f"building {LIBS[lib]}", progress)
         built = Path(tmp) / LIBS[lib]
         if proc.returncode != 0 or not built.is_file():

@@ -131,7 +131,8 @@ def library() -> ctypes.CDLL:
     if not path.is_file():
         raise FileNotFoundError(f"no CUTLASS library at {path} (model.relu2_kernel=cutlass, model.rope_kernel=cutlass "
                                 f"and act24.cutlass=true need it): build it with `elas build cutlass` (or "
-                                f"`elas build cutlass --out DIR` and set ELAS_CUTLASS_RELU2=DIR/libelas_cutlass_relu2.so)")
+                                f"`elas build cutlass --out DIR` and set "
+                                f"ELAS_CUTLASS_RELU2=DIR/libelas_cutlass_relu2.so)")
     data = path.read_bytes()
     lib = ctypes.CDLL(str(path))
     lib.elas_id = hashlib.sha1(data).hexdigest()[:16]  # the build loaded (its choices are keyed by it: _disk_key)
