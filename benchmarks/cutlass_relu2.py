@@ -29,7 +29,9 @@ reference first).
 Times: CUDA-graph replays (no host overhead) where the capture works, else the library's event loop, which is
 said in the row; each CUTLASS time with the SM clock and power NVML read meanwhile (`bench step` records the
 step's: an instruction-bound epilogue slows with the clock). Writes OUT_DIR/cutlass_relu2.json and prints a table last. To narrow a run: CUTLASS_MODES (mode
-numbers, e.g. "0,6"), CUTLASS_SHAPES (indices into SHAPES, e.g. "0"), CUTLASS_ROPE=0 (no rope rows).
+numbers, e.g. "0,6"), CUTLASS_SHAPES (indices into SHAPES, e.g. "0"), CUTLASS_ROPE=0 (no rope rows). Each mode's
+best configuration is timed again after an L2 flush (`cold_ms`; CUTLASS_COLD=0 leaves it out): with the clock
+readings, the two explanations of a kernel slower in the step than alone.
 """
 import ctypes
 import json
@@ -106,7 +108,14 @@ def main() -> None:
     act = torch.compile(relu2)  # the separate kernels as Inductor compiles them in the trainer's blocks
     grad = torch.compile(lambda dy2, r: 2 * r * dy2)
     rows, table = [], []
-    for M, N, K, what in shapes:
+    cold = None
+    if os.environ.get("CUTLASS_COLD", "1") != "0":
+        # a step's kernel finds its weights in HBM and the previous kernels' outputs in L2, where a loop of one
+        # kernel finds its operands in L2: time the best configuration of each mode after writing a buffer twice
+        # the L2's size, less the time of that write alone (CUTLASS_COLD=0 leaves it out)
+        flush = torch.empty(2 * torch.cuda.get_device_properties(0).L2_cache_size, dtype=torch.uint8, device="cuda")
+        flush_ms = graph_ms(lambda: flush.zero_())
+        cold = lambda fn: graph_ms(lambda: (flush.zero_(), fn())) - flush_ms  # noqa: E731
         torch.manual_seed(0)
         h1 = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         wu = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
@@ -143,6 +152,7 @@ def main() -> None:
                "cublas_plus_ste_kernel_ms": ste_ms, "dense_sparsifier_ms": dense_ms,
                "cublas_plus_sparsifier_ms": pack_ms, "mask_forward_ms": mask_fwd_ms, "mask_backward_ms": mask_bwd_ms,
                "cutlass": {}}
+        calls = {}  # "config mode" -> its launch (the cold timing of the best below)
         operands = {0: (h1, wu, None), 1: (h1, wu, None), 2: (dh2, wd, y2), 3: (dh2, wd, y2), 4: (dh2, wd, y1),
                     5: (dh2, wd, y1), 6: (h1, wu, None), 7: (h1, wu, None), 8: (dh2, wd, y2s_dense)}
         for c, name in enumerate(configs):
@@ -167,6 +177,7 @@ def main() -> None:
                 rc = call()
                 torch.cuda.synchronize()
                 key = f"{name} {mname}"
+                calls[key] = call
                 if rc != 0:
                     row["cutlass"][key] = {"error": f"status {rc}"}
                     continue
@@ -225,6 +236,8 @@ def main() -> None:
                 total = best[0] + (dense_ms if mode == 4 else 0.0)  # mode 4 needs the y2s pass beside it
                 row[f"best_{mname}"] = {"config": best[1], "ms": best[0], "with_y2s_pass_ms": total,
                                         "vs_cublas": base / total}
+                if cold is not None:  # the same launch after the L2 is flushed: operands from HBM, as in a step
+                    row[f"best_{mname}"]["cold_ms"] = cold(calls[best[1]])
         rows.append(row)
         out.write_text(json.dumps({"env": env, "rows": rows}, indent=1))  # after each shape: a fault keeps the rest
         p, f = row.get("best_plain"), row.get("best_relu2")
