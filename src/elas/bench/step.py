@@ -23,6 +23,7 @@ Variants are names of config.VARIANTS, plus "swiglu-aligned": SwiGLU with its wi
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import torch
@@ -51,6 +52,10 @@ def step_config(size: str, variant: str, mode: str, seq: int):
         over["intermediate"] = math.ceil(inter / D_FF_MULTIPLE) * D_FF_MULTIPLE
         variant = "swiglu"
     return variant_config(size, variant, **over)
+
+
+def _no_reading():
+    raise RuntimeError("clock sampling off (ELAS_BENCH_CLOCKS=0)")
 
 
 def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, steps: int = 10, warmup: int = 3,
@@ -96,7 +101,10 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
     torch.cuda.synchronize()
     compile_s = time.perf_counter() - t0
     resident_gb = torch.cuda.memory_allocated() / 1e9  # between steps: weights, gradients, optimizer state
-    with Clocks() as clocks:  # the SM clock under the step's load (a clock-bound kernel runs slower in a step)
+    # the SM clock under the step's load (a clock-bound kernel runs slower in a step); ELAS_BENCH_CLOCKS=0 leaves
+    # the sampling thread out (to check that it costs the timed step nothing: an NVML read every 50 ms)
+    sample = os.environ.get("ELAS_BENCH_CLOCKS", "1") != "0"
+    with Clocks(read=None if sample else _no_reading) as clocks:
         ms = throughput_ms(step, iters=steps, warmup=warmup)
     synced = event_ms(step, iters=steps, warmup=0)
     tps = batch * seq / (ms / 1e3)

@@ -446,10 +446,7 @@ def up_relu2_pack24(h1: torch.Tensor, wu: torch.Tensor) -> tuple[torch.Tensor, t
         return y1, relu2_sparsify24_packed(y1, write_bits=False).buffer
 
     form = _choose("pack", h1.device, (h1.shape[0], wu.shape[0], h1.shape[1]), separate,
-                   {"relu2_pack24": (lambda: _best(library(), MODES["relu2_pack24"], h1.contiguous(),
-                                                   wu.contiguous(), None,
-                                                   _packed_like(h1.shape[0], wu.shape[0], h1.device)) is not None,
-                                     lambda: up_relu2_pack24_fused(h1, wu))})
+                   _packed_form("relu2_pack24", h1, wu, None, lambda: up_relu2_pack24_fused(h1, wu)))
     return separate() if form is None else up_relu2_pack24_fused(h1, wu)
 
 
@@ -488,6 +485,16 @@ def _choose(what: str, device: torch.device, shape: tuple, separate, fused: dict
     return form
 
 
+def _packed_form(name: str, a: torch.Tensor, b: torch.Tensor, aux, run) -> dict:
+    """_choose's entry for one fused form that writes a packed 2:4 buffer (modes 6-8): available where a
+    configuration of MODES[name] runs a [M, K] x [N, K] (with aux) and agrees with the reference; run() as the
+    step calls it."""
+    def available() -> bool:
+        buf = _packed_like(a.shape[0], b.shape[0], a.device)
+        return _best(library(), MODES[name], a.contiguous(), b.contiguous(), aux, buf) is not None
+    return {name: (available, run)}
+
+
 def _usable_form(kept, among: list) -> bool:
     """A stored choice of _choose that holds here: {"form": None or one of `among`, "among": `among`}."""
     return (isinstance(kept, dict) and "form" in kept and kept.get("among") == among
@@ -512,10 +519,7 @@ def up_relu2s_pack24(h1: torch.Tensor, wu: torch.Tensor) -> tuple[torch.Tensor, 
         return relu2_sparsify24_dense(y1), relu2_sparsify24_packed(y1, write_bits=False).buffer
 
     form = _choose("pack_masked", h1.device, (h1.shape[0], wu.shape[0], h1.shape[1]), separate,
-                   {"relu2s_pack24": (lambda: _best(library(), MODES["relu2s_pack24"], h1.contiguous(),
-                                                    wu.contiguous(), None,
-                                                    _packed_like(h1.shape[0], wu.shape[0], h1.device)) is not None,
-                                      lambda: up_relu2s_pack24_fused(h1, wu))})
+                   _packed_form("relu2s_pack24", h1, wu, None, lambda: up_relu2s_pack24_fused(h1, wu)))
     return separate() if form is None else up_relu2s_pack24_fused(h1, wu)
 
 
@@ -536,10 +540,7 @@ def grad_pack24(dh2: torch.Tensor, wd: torch.Tensor, y2s: torch.Tensor) -> tuple
 
     y = y2s.contiguous()
     form = _choose("grad_masked", dh2.device, (dh2.shape[0], wd.shape[0], dh2.shape[1]), separate,
-                   {"grad_pack24": (lambda: _best(library(), MODES["grad_pack24"], dh2.contiguous(),
-                                                  wd.contiguous(), y,
-                                                  _packed_like(dh2.shape[0], wd.shape[0], dh2.device)) is not None,
-                                    lambda: grad_pack24_fused(dh2, wd, y))})
+                   _packed_form("grad_pack24", dh2, wd, y, lambda: grad_pack24_fused(dh2, wd, y)))
     return separate() if form is None else grad_pack24_fused(dh2, wd, y2s)
 
 
