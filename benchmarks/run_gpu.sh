@@ -86,9 +86,10 @@ for what in "${@:-tests kernels ffn}"; do
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
           --variants "$v,$v+norm_kernel=fused$k" --out "${NORM_OUT:-benchmarks/results/$GPU/step_norm}" 2>&1 | quiet ;;
       target)  # the 1.2x target's row in one process: the dense 1B twin in elas mode (relu2_kernel=auto: cutlass with
-               # ELAS_CUTLASS_RELU2, carry build/cutlass_relu2), with norm_kernel=fused, and with the torch ReLU^2 (the
+               # ELAS_CUTLASS_RELU2, carry build/cutlass_relu2), with norm_kernel=fused, with the q/k/v down-projections
+               # as one GEMM (fuse_qkv), with Inductor's kernels launched early (pdl), and with the torch ReLU^2 (the
                # default before auto), and plain torch.compile of the same model (none of elas's kernels)
-        v=lowrank-relu2; k=,$v+norm_kernel=fused${ELAS_CUTLASS_RELU2:+,$v+relu2_kernel=torch}
+        v=lowrank-relu2; k=,$v+norm_kernel=fused,$v+fuse_qkv=true,$v+pdl=true${ELAS_CUTLASS_RELU2:+,$v+relu2_kernel=torch}
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b \
           --modes elas,torch.compile --variants "$v$k" --out "${TARGET_OUT:-benchmarks/results/$GPU/step_target}" 2>&1 | quiet ;;
       elas_cutlass)  # the 1B ELAS step with its d_ff-wide GEMMs on CUTLASS (act24.cutlass=true: the up-projection

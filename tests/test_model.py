@@ -264,3 +264,35 @@ def test_fused_qkv_equals_three_projections(variant):
             m.blocks[0].attn.k.register_forward_hook(lambda mod, inp, out: out * 2)
         torch.testing.assert_close(fused(idx, idx), base(idx, idx), rtol=1e-5, atol=1e-6)
         assert not torch.allclose(fused(idx, idx), outs[1][0])
+
+
+def test_fused_qkv_lowrank_gemm_count():
+    """Low-rank fuse_qkv: one down-projection GEMM in the forward, and in the backward one weight-gradient and
+    one input-gradient GEMM for the three down-projections (8 GEMMs in place of 12), with no copy of the
+    activations: each up-projection reads its column block of h in place."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    counts = {}
+    for fuse in (False, True):
+        cfg = preset("llama-tiny-lowrank-relu2", n_layers=1, vocab_size=256, fuse_qkv=fuse)
+        attn = build_model(cfg).blocks[0].attn
+        x = torch.randn(2, 16, cfg.d_model, requires_grad=True)
+        with Count() as fwd:
+            q, k, v = attn.qkv(x)
+        assert q.shape == k.shape == v.shape == x.shape and q.is_contiguous()
+        with Count() as bwd:
+            (q.sum() + 2 * k.sum() + 3 * v.sum()).backward()
+        gemms = ("mm", "addmm", "bmm")
+        counts[fuse] = (sum(o in gemms for o in fwd.ops), sum(o in gemms for o in bwd.ops))
+        if fuse:
+            assert not {"clone", "copy_", "contiguous"} & set(fwd.ops), fwd.ops
+    assert counts == {False: (6, 12), True: (4, 8)}, counts

@@ -274,11 +274,50 @@ def _compiled_graph_step_vs_eager(variant: str, checkpointed: bool = False, **ke
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["lowrank-relu2", "elas"])
-@pytest.mark.parametrize("keys", [{"attn_backend": "cudnn"}, {"fuse_qkv": True}])
+@pytest.mark.parametrize("keys", [{"attn_backend": "cudnn"}, {"fuse_qkv": True}, {"pdl": True}])
 def test_gpu_model_keys_on_the_compiled_graph_step_equal_the_default(variant, keys):
-    """model.attn_backend=cudnn and model.fuse_qkv=true inside the trainer's default step (compiled regions in a
-    captured graph): the loss, norm and gradients of the default model run eagerly."""
+    """model.attn_backend=cudnn, model.fuse_qkv=true and model.pdl=true inside the trainer's default step
+    (compiled regions in a captured graph): the loss, norm and gradients of the default model run eagerly."""
     _compiled_graph_step_vs_eager(variant, **keys)
+
+
+def test_pdl_key_reaches_only_the_compiled_regions(monkeypatch):
+    """model.pdl=true: compile_regions passes Inductor's triton.enable_pdl to each block and the loss head (and
+    nothing otherwise), leaving the global Inductor config alone; a torch without the option gets a one-line error."""
+    import torch._inductor.config as inductor
+    from elas.train import parallelize
+    seen, before = [], inductor.triton.enable_pdl
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)  # nn.Module.compile calls it too
+    for pdl in (False, True):
+        seen.clear()
+        model = _model("lowrank-relu2", "cpu", pdl=pdl)
+        parallelize.compile_regions(model)
+        assert len(seen) == len(model.blocks) + 1
+        assert all(kw.get("options") == ({"triton.enable_pdl": True} if pdl else None) for kw in seen), seen
+    assert inductor.triton.enable_pdl == before
+    monkeypatch.delattr(inductor.triton, "enable_pdl", raising=False)
+    with pytest.raises(ValueError, match="model.pdl=true needs"):
+        parallelize.compile_regions(_model("lowrank-relu2", "cpu", pdl=True))
+
+
+@pytest.mark.gpu
+def test_gpu_pdl_kernels_wait_on_the_device():
+    """model.pdl=true: the compiled block's Triton kernels carry the device-side wait (gdc_wait) that makes an
+    early launch safe, and the block's output equals the block compiled without it."""
+    from torch._inductor.utils import run_and_get_code
+    from elas.train.parallelize import compile_regions
+    outs, codes = [], []
+    for pdl in (False, True):
+        torch._dynamo.reset()
+        model = _model("lowrank-relu2", "cuda", pdl=pdl)
+        compile_regions(model)
+        idx = torch.randint(0, model.cfg.vocab_size, (2, 64), device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, code = run_and_get_code(lambda: model(idx, idx))
+        outs.append(loss.float())
+        codes.append("\n".join(code))
+    assert "gdc_wait" in codes[1] and "gdc_wait" not in codes[0]
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_clipping_folded_into_fused_adamw_equals_clip_then_step():

@@ -26,7 +26,7 @@ NORM_KERNELS = ("torch", "fused")
 ROPE_KERNELS = ("torch", "cutlass")
 # model keys that choose kernels, not the model (its parameters and math): a resumed run may change them, its
 # losses then differing from the uninterrupted run's in the last bits (another summation order)
-KERNEL_KEYS = ("relu2_kernel", "norm_kernel", "rope_kernel", "attn_backend", "fuse_qkv")
+KERNEL_KEYS = ("relu2_kernel", "norm_kernel", "rope_kernel", "attn_backend", "fuse_qkv", "pdl")
 CONFIG_VERSION = 2  # of config.json: 2 = sparsity as a list of methods (1: flat act_sparsity/grad_mode/... keys)
 D_FF_MULTIPLE = 128  # every 2:4 GEMM tile we target divides 128; 8191 (ELAS 1B) would leave a dense tail
 
@@ -58,8 +58,8 @@ class ModelConfig:
     lm_loss: str = "chunked"  # chunked: LM head + cross-entropy without [tokens, vocab] logits | logits
     # the attention kernel tried first (model/llama.py: Attention); auto: torch's own order (flash first)
     attn_backend: str = "auto"
-    # q, k, v projections as one GEMM (low-rank: one down-projection GEMM of width 3r and one batched
-    # up-projection); parameters stay three modules (model/llama.py: Attention.qkv)
+    # q, k, v projections as one GEMM (low-rank: one down-projection GEMM of width 3r, then the three
+    # up-projections on its column blocks); parameters stay three modules (model/llama.py: Attention.qkv)
     fuse_qkv: bool = False
     # the dense ReLU^2 FFN's pointwise work: torch (separate kernels around the GEMMs, fused by Inductor when
     # compiled) | fused (inside the two d_ff-wide GEMMs' epilogues: model/ffn.py FusedReLU2, bf16 on CUDA; Triton
@@ -73,6 +73,10 @@ class ModelConfig:
     # (inside the q/k up-projection GEMM's epilogue, q and k interleaved per head: model/llama.py Attention,
     # kernels/cuda/cutlass_relu2.py; the library built beforehand)
     rope_kernel: str = "torch"
+    # the compiled regions' Triton kernels launched with programmatic dependent launch (Hopper and later; Inductor's
+    # triton.enable_pdl): each kernel is launched while its predecessor drains, and waits on the device for the
+    # data it reads, which shortens the gap between kernels (train/parallelize.py compile_regions)
+    pdl: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

@@ -152,20 +152,24 @@ class Attention(nn.Module):
         """q, k, v projections of x [b, s, d]: three [b, s, d] tensors (views of one buffer when fused).
 
         fuse_qkv: the three down-projections x N (low-rank, N [d, r] each) as one GEMM against their
-        concatenation [d, 3r], and the three up-projections as one batched GEMM; full-rank, one GEMM against
-        [3d, d]. Three GEMMs of width r = 512 (1B) fill about one wave of an H200's SMs, one of 3r fills three.
-        The concatenations copy the weights each forward (3 r d elements: 6 MB per 1B layer in bf16). Modules
-        that a method replaced or parametrised are not fused (they run as themselves)."""
+        concatenation [d, 3r], h = x [N_q N_k N_v] [T, 3r]; each up-projection then reads its r columns of h in
+        place (a strided view, leading dimension 3r), so q, k and v come out in the plain [b, s, d] layout that
+        rotary and attention read. In the backward the three [T, r] gradients of h form one [T, 3r] block: one
+        weight-gradient GEMM (x^T dh, N = 3r) and one input-gradient GEMM (dh [N_q N_k N_v]^T, K = 3r) instead of
+        three of each and the sum of their three [T, d] outputs. Full-rank: one GEMM against [3d, d]. Three GEMMs
+        of width r = 512 (1B) fill about one wave of an H200's SMs, one of 3r fills three. The concatenation
+        copies the weights each forward (3 r d elements: 6 MB per 1B layer in bf16). Modules that a method
+        replaced or parametrised are not fused (they run as themselves)."""
         lins = (self.q, self.k, self.v)
         if not self.fuse_qkv or not _plain_linears(lins):
             return self.q(x), self.k(x), self.v(x)
         b, s, d = x.shape
         if isinstance(self.q, LowRankLinear):
             r = self.q.rank
-            h = x @ torch.cat([m.weight_in for m in lins], dim=1)  # [b, s, 3r]
-            h = h.view(b * s, 3, r).transpose(0, 1)  # [3, b*s, r], a view
-            out = torch.bmm(h, torch.stack([m.weight_out for m in lins]).transpose(1, 2))  # [3, b*s, d]
-            return out[0].view(b, s, d), out[1].view(b, s, d), out[2].view(b, s, d)
+            h = x @ torch.cat([m.weight_in for m in lins], dim=1)  # [b, s, 3r], one GEMM
+            # (a batched up-projection [3, T, r] x [3, r, d] was measured slower: its [3, T, d] output layout cost
+            # more elementwise work around attention than the one GEMM saved)
+            return tuple(F.linear(h[..., i * r:(i + 1) * r], m.weight_out) for i, m in enumerate(lins))
         out = F.linear(x, torch.cat([m.weight for m in lins]))  # [b, s, 3d]
         return out[..., :d], out[..., d:2 * d], out[..., 2 * d:]
 

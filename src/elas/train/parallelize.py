@@ -52,10 +52,18 @@ def checkpoint_blocks(model: torch.nn.Module) -> None:
 
 
 def compile_regions(model: torch.nn.Module, backend: str = "inductor", fullgraph: bool = True) -> None:
-    """Compile `model.blocks[*]` and `model.loss` in place (an elas LLaMA). State-dict keys do not change."""
+    """Compile `model.blocks[*]` and `model.loss` in place (an elas LLaMA). State-dict keys do not change.
+    The model's `cfg.pdl` passes Inductor's triton.enable_pdl to these regions only."""
+    kw = {"backend": backend, "fullgraph": fullgraph}
+    if getattr(getattr(model, "cfg", None), "pdl", False) and backend == "inductor":
+        import torch._inductor.config as inductor
+        if not hasattr(inductor.triton, "enable_pdl"):
+            raise ValueError(f"model.pdl=true needs Inductor's triton.enable_pdl, which torch {torch.__version__} "
+                             "lacks: use a newer torch or model.pdl=false")
+        kw["options"] = {"triton.enable_pdl": True}
     for blk in model.blocks:
-        blk.compile(backend=backend, fullgraph=fullgraph)
-    model.loss = torch.compile(model.loss, backend=backend, fullgraph=fullgraph)  # shadows the bound method
+        blk.compile(**kw)
+    model.loss = torch.compile(model.loss, **kw)  # shadows the bound method
 
 
 def eager_regions():
