@@ -343,6 +343,34 @@ def test_bench_step_records_a_failing_row_and_runs_the_next(monkeypatch):
     assert rows[0]["error"] == "RuntimeError: no CUTLASS configuration runs mode 6 at 8192x8192x512 (cfg0: wrong)"
     assert rows[1]["step_ms"] == 1.0 and "RuntimeError" in logged[0]
 
+def test_plain_rows_ignore_elas_kernel_keys_and_are_timed_once(monkeypatch):
+    """Under plain torch.compile a variant's elas kernel keys do not apply (PLAIN is set after the variant's
+    keys): variants that differ only in them are one model there, timed once, and each elas row's
+    vs_torch_compile is against that row. A key that changes the model (the rank) gets its own plain row."""
+    from elas.bench import step as st
+    fused = "lowrank-relu2+fuse_qkv=true+pdl=true+norm_kernel=fused+relu2_kernel=cutlass"
+    plain = step_config("llama-60m", fused, "torch.compile", 256)
+    assert (plain.fuse_qkv, plain.pdl, plain.norm_kernel, plain.relu2_kernel) == (False, False, "torch", "torch")
+    assert step_config("llama-60m", fused, "elas", 256).fuse_qkv is True
+    timed = []
+
+    def row(size, variant, mode, batch, *a):
+        timed.append((variant, mode))
+        tps = {"elas": 2.0, "torch.compile": 1.0}[mode] * (1.5 if variant == fused and mode == "elas" else 1.0)
+        tps *= 0.5 if variant.endswith("rank=64") and mode == "torch.compile" else 1.0
+        return {"model": size, "variant": variant, "mode": mode, "batch": batch, "step_ms": 1.0,
+                "step_ms_synced": 1.0, "tokens_per_s": tps, "peak_mem_gb": 0.0, "compile_s": 0.0,
+                "plain_config": st.plain_config(size, variant, 256)}
+    monkeypatch.setattr(st, "step_row", row)
+    logged = []
+    variants = ("lowrank-relu2", fused, "lowrank-relu2+rank=64")
+    rows = st.bench_step(sizes=("llama-60m",), variants=variants, modes=("elas", "torch.compile"), log=logged.append)
+    assert timed == [(v, "elas") for v in variants] + [(variants[0], "torch.compile"), (variants[2], "torch.compile")]
+    assert any("the same model as lowrank-relu2's row" in line for line in logged)
+    got = {r["variant"]: r.get("vs_torch_compile") for r in ratios(rows) if r["mode"] == "elas"}
+    assert got == {variants[0]: 2.0, fused: 3.0, variants[2]: 4.0}
+
+
 def test_graph_hashes_tell_a_changed_step_from_the_same_one():
     """benchmarks/graph_hashes.py: the same variant hashes alike twice; a key that changes what the step runs
     (norm_kernel=fused) changes both the forward and the backward graph's hash."""

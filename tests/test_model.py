@@ -237,9 +237,9 @@ def test_rotary_embeddings_in_the_projection_layout_equal_the_head_major_ones():
 
 @pytest.mark.parametrize("variant", ["lowrank-relu2", "relu2"])
 def test_fused_qkv_equals_three_projections(variant):
-    """model.fuse_qkv: one GEMM for the q, k, v projections (low-rank: one down-projection of width 3r and a
-    batched up-projection) gives the three projections' loss and gradients, compiles as one graph, and leaves
-    a projection that carries a forward hook (as a method might add) unfused."""
+    """model.fuse_qkv: one GEMM for the q, k, v projections (low-rank: one down-projection of width 3r, then the
+    three up-projections on its column blocks) gives the three projections' loss and gradients, compiles as one
+    graph, and leaves a projection that carries a forward hook (as a method might add) unfused."""
     import torch._dynamo as dynamo
     torch.manual_seed(0)
     cfg = preset(f"llama-tiny-{variant}", n_layers=2, vocab_size=256)

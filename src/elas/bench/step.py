@@ -22,6 +22,9 @@ Variants are names of config.VARIANTS, plus "swiglu-aligned": SwiGLU with its wi
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import os
 import time
@@ -40,18 +43,31 @@ from .timing import Clocks, event_ms, throughput_ms
 
 MODES = ("elas", "elas-fp32", "torch.compile", "eager")
 STEP_VARIANTS = ("lowrank-relu2", "elas", "elas-mask", "relu2", "relu2-24", "swiglu", "swiglu-aligned")
-PLAIN = {"residual_dtype": "fp32", "lm_loss": "logits", "attn_backend": "auto", "relu2_kernel": "torch"}  # the
-# baseline modes: textbook numerics, torch's own attention kernel choice, none of elas's kernels
+# the baseline modes: textbook numerics, torch's own attention kernel choice, none of elas's kernels; applied after
+# a variant's own keys, so "lowrank-relu2+fuse_qkv=true" under plain torch.compile is plain lowrank-relu2
+PLAIN = {"residual_dtype": "fp32", "lm_loss": "logits", "attn_backend": "auto", "relu2_kernel": "torch",
+         "norm_kernel": "torch", "rope_kernel": "torch", "fuse_qkv": False, "pdl": False}
 H100_BF16 = 989e12
 
 
 def step_config(size: str, variant: str, mode: str, seq: int):
-    over = {"max_seq_len": seq, **(PLAIN if not mode.startswith("elas") else {})}
+    over = {"max_seq_len": seq}
     if variant == "swiglu-aligned":  # not a preset: SwiGLU with its width rounded up to the GEMM tiles' multiple
         inter = model_preset(size).intermediate
         over["intermediate"] = math.ceil(inter / D_FF_MULTIPLE) * D_FF_MULTIPLE
         variant = "swiglu"
-    return variant_config(size, variant, **over)
+    cfg = variant_config(size, variant, **over)
+    if not mode.startswith("elas"):
+        for k, v in PLAIN.items():
+            setattr(cfg, k, v)
+    return cfg
+
+
+def plain_config(size: str, variant: str, seq: int) -> str:
+    """What plain torch.compile runs for `variant` (its config with PLAIN's keys), as a short hash: variants that
+    differ only in elas's kernel keys share it, so they share one plain row (`vs_torch_compile`)."""
+    cfg = dataclasses.asdict(step_config(size, variant, "torch.compile", seq))
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _no_reading():
@@ -120,6 +136,7 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
            "d_ff": cfg.ffn_width, "rank": cfg.rank, "gpu": torch.cuda.get_device_name(),
            "relu2_kernel": relu2_kernel(cfg, "cuda")[0],  # the dense cores' kernel ("auto" resolved)
            **clocks.summary(),
+           "plain_config": plain_config(size, variant, seq),
            "torch": torch.__version__}
     if grads is not None:
         row["graph"] = grads.graphs  # False: the capture failed and the steps ran eagerly (logged)
@@ -154,7 +171,14 @@ def bench_step(sizes=("llama-1b",), batches=(32,), variants=STEP_VARIANTS, modes
     rows = []
     for size in sizes:
         for batch in batches:
+            timed: dict[tuple, str] = {}  # (mode, plain config) -> the variant whose plain row timed it
             for mode, variant in ((m, v) for m in modes for v in variants):
+                if not mode.startswith("elas"):  # a plain mode runs one model per plain config: not twice
+                    same = timed.setdefault((mode, plain_config(size, variant, seq)), variant)
+                    if same != variant:
+                        log(f"step {size} b{batch} {variant:>14} {mode:>13}: the same model as {same}'s row "
+                            "(elas's kernel keys do not apply in this mode): not timed again")
+                        continue
                 try:
                     r = step_row(size, variant, mode, batch, seq, steps, warmup, profile, optimizer, checkpointing)
                 except Exception as e:  # noqa: BLE001 (recorded in the row and the log, never dropped)
@@ -199,8 +223,13 @@ def ratios(rows: list[dict]) -> list[dict]:
             name = split_variant(r["variant"])[0]  # "elas+act24.fused=true" has elas's twin
             twin = VARIANTS[name].twin if name in VARIANTS else None
             pairs = [("vs_twin", best.get((*base, twin))), ("vs_swiglu_aligned", best.get((*base, "swiglu-aligned")))]
-            if twin is None:
-                pairs.append(("vs_torch_compile", key.get((*base, r["variant"], "torch.compile"))))
+            if twin is None:  # plain torch.compile of the same model: the row with this row's plain config
+                plain = key.get((*base, r["variant"], "torch.compile"))
+                if r.get("plain_config"):
+                    plain = next((x for x in rows if "error" not in x and x["mode"] == "torch.compile"
+                                  and (x["model"], x["batch"]) == base
+                                  and x.get("plain_config") == r["plain_config"]), plain)
+                pairs.append(("vs_torch_compile", plain))
             if r["mode"] == "elas":
                 pairs.append(("vs_elas_fp32", key.get((*base, r["variant"], "elas-fp32"))))
             for name, other in pairs:

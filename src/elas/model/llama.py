@@ -149,7 +149,7 @@ class Attention(nn.Module):
         self.rope_op = None
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v projections of x [b, s, d]: three [b, s, d] tensors (views of one buffer when fused).
+        """q, k, v projections of x [b, s, d]: three [b, s, d] tensors (full-rank fused: views of one buffer).
 
         fuse_qkv: the three down-projections x N (low-rank, N [d, r] each) as one GEMM against their
         concatenation [d, 3r], h = x [N_q N_k N_v] [T, 3r]; each up-projection then reads its r columns of h in
@@ -169,7 +169,7 @@ class Attention(nn.Module):
             h = x @ torch.cat([m.weight_in for m in lins], dim=1)  # [b, s, 3r], one GEMM
             # (a batched up-projection [3, T, r] x [3, r, d] was measured slower: its [3, T, d] output layout cost
             # more elementwise work around attention than the one GEMM saved)
-            return tuple(F.linear(h[..., i * r:(i + 1) * r], m.weight_out) for i, m in enumerate(lins))
+            return tuple(F.linear(hi, m.weight_out) for hi, m in zip(h.split(r, dim=-1), lins))
         out = F.linear(x, torch.cat([m.weight for m in lins]))  # [b, s, 3d]
         return out[..., :d], out[..., d:2 * d], out[..., 2 * d:]
 
@@ -202,7 +202,9 @@ class Attention(nn.Module):
                 q, k = (self.rope_op(hh.to(dtype)[None], ww.to(dtype)[None], cos, sin, hd, d)[0]
                         for hh, ww in zip(hs[:2], ws[:2]))
                 return q.view(b, s, d), k.view(b, s, d), F.linear(hs[2].to(dtype), ws[2].to(dtype)).view(b, s, d)
-            if lowrank:  # one batched GEMM [3, T, r] x [3, r, d] (the three down-projections stay separate GEMMs)
+            if lowrank:  # one batched GEMM [3, T, r] x [3, r, d] after the one down-projection GEMM above (the
+                # first form of fuse_qkv, kept on this path: the rotary GEMM paid at the kernel only batched, 1.08x
+                # against 0.51x for q and k apart: docs/performance.md)
                 out = self.rope_op(h3.to(dtype), torch.stack(ws).to(dtype), cos, sin, hd, 2 * d)
                 return out[0].view(b, s, d), out[1].view(b, s, d), out[2].view(b, s, d)
             out = self.rope_op(hs[0].to(dtype)[None], torch.cat(ws).to(dtype)[None], cos, sin, hd, 2 * d)[0]

@@ -55,15 +55,23 @@ def compile_regions(model: torch.nn.Module, backend: str = "inductor", fullgraph
     """Compile `model.blocks[*]` and `model.loss` in place (an elas LLaMA). State-dict keys do not change.
     The model's `cfg.pdl` passes Inductor's triton.enable_pdl to these regions only."""
     kw = {"backend": backend, "fullgraph": fullgraph}
-    if getattr(getattr(model, "cfg", None), "pdl", False) and backend == "inductor":
-        import torch._inductor.config as inductor
-        if not hasattr(inductor.triton, "enable_pdl"):
-            raise ValueError(f"model.pdl=true needs Inductor's triton.enable_pdl, which torch {torch.__version__} "
-                             "lacks: use a newer torch or model.pdl=false")
-        kw["options"] = {"triton.enable_pdl": True}
+    if backend == "inductor" and compile_options(model.cfg):
+        kw["options"] = compile_options(model.cfg)
     for blk in model.blocks:
         blk.compile(**kw)
     model.loss = torch.compile(model.loss, **kw)  # shadows the bound method
+
+
+def compile_options(cfg) -> dict:
+    """The Inductor options a model config asks of its compiled regions ({} for none). Raises ValueError (one
+    line) where this torch lacks one: the trainer calls it before reading any data."""
+    if not getattr(cfg, "pdl", False):
+        return {}
+    import torch._inductor.config as inductor
+    if not hasattr(inductor.triton, "enable_pdl"):
+        raise ValueError(f"model.pdl=true needs Inductor's triton.enable_pdl, which torch {torch.__version__} "
+                         "lacks: use a newer torch or model.pdl=false")
+    return {"triton.enable_pdl": True}
 
 
 def eager_regions():

@@ -30,8 +30,8 @@ from .checkpoint import (BackgroundSaver, CheckpointError, checkpoints, is_shard
                          load_optimizer, load_sharded_checkpoint, newest_verified, resume_checkpoint, save_checkpoint,
                          save_sharded_checkpoint, snapshot)
 from .distributed import Dist, all_reduce_sum, init_distributed, shutdown
-from .parallelize import (checkpoint_blocks, compile_counts, compile_regions, eager_regions, grad_sync, hold_params_in,
-                          shard_fsdp, wrap_ddp)
+from .parallelize import (checkpoint_blocks, compile_counts, compile_options, compile_regions, eager_regions, grad_sync,
+                          hold_params_in, shard_fsdp, wrap_ddp)
 from .step import StepGrads
 
 PROBE_SEQS = 8  # sequences the sparsity statistics of a log step are measured on (a no-grad probe forward)
@@ -232,6 +232,8 @@ class Trainer:
                     self.relu2_note = f"dense ReLU^2 cores: {kernel} kernels (model.relu2_kernel=auto: " + (
                         f"the CUTLASS library at {why})" if kernel == "cutlass" else f"{why})")
             check_kernels(cfg.model, self.device)
+            if cfg.compile and self.device.type == "cuda":
+                compile_options(cfg.model)  # (model.pdl on a torch without it)
         except ValueError as e:  # (also a bad ELAS_CUTLASS_SKIP)
             raise TrainError(str(e)) from None
         # data, before the run directory exists: a failed check leaves nothing behind. config.json records the
