@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh STAGE...
-# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass cutlass_probe cutlass_relu2 norm target elas_cutlass mask_cutlass quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
+# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass cutlass_probe cutlass_relu2 norm target elas_cutlass mask_cutlass launches quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
 # the step benchmark and the test selection. Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
 # machine), are copied there too, with the tuned cuSPARSELt algorithm cache.
 set -u
@@ -110,6 +110,12 @@ for what in "${@:-tests kernels ffn}"; do
         v=relu2+relu2_kernel=torch,relu2,relu2-24,relu2-24+act24.cutlass=true${MASK_VARIANTS:+,$MASK_VARIANTS}
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
           --variants "$v" --out "${MASK_OUT:-benchmarks/results/$GPU/step_mask_cutlass}" 2>&1 | quiet ;;
+      launches)  # which host ops launch the 1B step's ~1,700 kernels and ~350 memsets (graph capture off, so that each
+                 # launch names its op): the dense twin and ELAS
+        for v in ${LAUNCH_VARIANTS:-lowrank-relu2 elas}; do
+          python benchmarks/launch_sources.py "$v" llama-1b 32 "benchmarks/results/$GPU/launch_sources_$v.json" 2>&1 \
+            | quiet | head -30
+        done ;;
       cutlass_probe)  # each form of the CUTLASS ReLU^2 library (and the rotary GEMM) launched in a process of its own:
                       # the ones that fault are skipped by every later stage (ELAS_CUTLASS_SKIP); carry build/cutlass_relu2
         python benchmarks/cutlass_probe.py build/cutlass_relu2/libelas_cutlass_relu2.so runs

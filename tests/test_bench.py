@@ -402,3 +402,27 @@ def test_clock_sampler_summarises_and_never_fails_a_benchmark():
     with Clocks(read=broken) as c:
         pass
     assert c.summary() == {}
+
+
+def test_launch_sources_count_each_device_activity_by_its_launching_ops():
+    """benchmarks/launch_sources.py: every kernel, memset and memcpy attached to a host op is counted per step by
+    its kind and the op chain that launched it (innermost first), most frequent first."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace as E
+    spec = importlib.util.spec_from_file_location(
+        "launch_sources", Path(__file__).parent.parent / "benchmarks" / "launch_sources.py")
+    ls = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ls)
+    graph = E(name="## Call CompiledFxGraph fabc ##", kernels=[], cpu_parent=E(name="CompiledFunctionBackward",
+                                                                                  kernels=[], cpu_parent=None))
+    zero = E(name="aten::zero_", cpu_parent=graph,
+             kernels=[E(name="Memset (Device)"), E(name="Memset (Unknown)"), E(name="Memset (Device)")])
+    mm = E(name="aten::mm", cpu_parent=graph, kernels=[E(name="nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT")])
+    copy = E(name="aten::copy_", cpu_parent=None, kernels=[E(name="Memcpy DtoD (Device -> Device)")])
+    rows = ls.count_sources([graph, zero, mm, copy, graph.cpu_parent], steps=1)
+    assert rows[0] == (3.0, "memset", "aten::zero_ < ## Call CompiledFxGraph fabc ## < CompiledFunctionBackward")
+    assert (1.0, "memcpy Device -> Device", "aten::copy_") in rows
+    assert (1.0, "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "aten::mm < ## Call CompiledFxGraph fabc ##"
+            " < CompiledFunctionBackward") in rows and len(rows) == 3
+    assert ls.count_sources([zero], steps=3)[0][0] == 1.0
