@@ -416,8 +416,10 @@ def test_relu2_kernel_auto_takes_cutlass_where_it_can_run(monkeypatch, tmp_path)
     assert step_config("llama-tiny", "lowrank-relu2", "torch.compile", 32).relu2_kernel == "torch"
     assert step_config("llama-tiny", "lowrank-relu2", "eager", 32).relu2_kernel == "torch"
     assert step_config("llama-tiny", "lowrank-relu2", "elas", 32).relu2_kernel == "auto"
+    # plain torch.compile is what a user gets without elas: a variant's kernel keys do not reach it
     assert step_config("llama-tiny", "lowrank-relu2+relu2_kernel=cutlass", "torch.compile", 32).relu2_kernel == \
-        "cutlass"  # a variant's own key wins
+        "torch"
+    assert step_config("llama-tiny", "lowrank-relu2+relu2_kernel=cutlass", "elas", 32).relu2_kernel == "cutlass"
 
 
 def test_build_cutlass_is_atomic_and_says_why_it_failed(tmp_path, monkeypatch, capsys):
