@@ -1,4 +1,6 @@
 """`elas export` round-trips through transformers: the exported model's logits equal elas's (CPU, fp32)."""
+import json
+
 import pytest
 import torch
 
@@ -71,3 +73,12 @@ def test_init_from_a_hugging_face_checkpoint(dataset, tmp_path, capsys):
     assert main(["train", "--preset", "llama-tiny-relu2", "--out", str(tmp_path / "x"), *base,
                  "--init-from", str(tmp_path / "nothing")]) == 2
     assert "no readable config.json" in capsys.readouterr().err
+    # weights of another tokenizer: the same shapes, but token ids that mean other text
+    tok = json.loads((hf / "tokenizer.json").read_text())
+    first = next(iter(tok["model"]["vocab"]))
+    tok["model"]["vocab"][first + "_other"] = tok["model"]["vocab"].pop(first)
+    (hf / "tokenizer.json").write_text(json.dumps(tok))
+    assert main(["train", "--preset", "llama-tiny-relu2", "--out", str(tmp_path / "t"), *base,
+                 "--init-from", str(hf)]) == 2
+    assert "was trained with another tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

@@ -231,6 +231,7 @@ def test_a_resume_on_other_data_is_refused(dataset, reference, tmp_path):
     assert r.returncode == 2 and "is not the data checkpoint step-00000006 was trained on (train_sha1 " in r.stderr
     assert "; vocab_size " in r.stderr and " -> 300)" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    assert "--init-from" not in r.stderr  # a low-rank run's weights cannot start another run: not suggested
 
 FULL_DISK = r"""
 import resource, signal, sys, json
@@ -363,13 +364,18 @@ def test_a_grid_killed_at_a_runs_summary_resumes_it_and_refuses_other_settings(d
 
 
 def test_resuming_a_complete_run_or_another_length_is_said(dataset, reference, tmp_path):
-    """A resume of a finished run says it is complete; one with another --max-steps warns that the schedule
-    changes from the resumed step on."""
+    """A resume of a finished run says it is complete; one with a --max-steps at or below its step trains
+    nothing and leaves config.json as it was; one with a longer --max-steps warns that the schedule changes from
+    the resumed step on."""
     import shutil
     run = tmp_path / "run"
     shutil.copytree(reference / "ref", run)
     r = run_cli("train", "--out", str(run), "--no-progress", "--resume")
     assert r.returncode == 0 and "the run is complete (step 8 of max_steps=8)" in r.stdout + r.stderr
+    before = (run / "config.json").read_bytes()
+    r = run_cli("train", "--out", str(run), "--no-progress", "--resume", "--max-steps", "2")  # trains nothing
+    assert r.returncode == 0 and "keeps max_steps=8" in r.stdout + r.stderr
+    assert (run / "config.json").read_bytes() == before  # the run's plan is not rewritten by a resume that did nothing
     r = run_cli("train", "--out", str(run), "--no-progress", "--resume", "--max-steps", "10")
     assert r.returncode == 0, r.stderr
     assert "max_steps 8 -> 10: the learning-rate schedule" in r.stdout + r.stderr

@@ -111,9 +111,10 @@ def run_tokenizer(run_dir: str | Path, cfg: TrainConfig) -> Path:
     return own if own.is_file() else Path(cfg.data_dir) / "tokenizer.json"
 
 
-def check_same_data(ckpt: Path, meta: dict, data_dir: str) -> None:
+def check_same_data(ckpt: Path, meta: dict, data_dir: str, full_rank: bool = True) -> None:
     """A resume continues on the data its checkpoint was trained on: the training split's SHA-1 and the tokenizer's
-    vocabulary, as the checkpoint recorded them (checkpoints of older versions record none: not checked)."""
+    vocabulary, as the checkpoint recorded them (checkpoints of older versions record none: not checked).
+    full_rank: whether the run's weights can start another run (`--init-from` takes full-rank models only)."""
     try:
         saved = json.loads((Path(ckpt) / "trainer.json").read_text()).get("data") or {}
     except (OSError, json.JSONDecodeError):
@@ -123,8 +124,23 @@ def check_same_data(ckpt: Path, meta: dict, data_dir: str) -> None:
             and saved[k] != now[k]]
     if diff:
         raise TrainError(f"{data_dir} is not the data checkpoint {Path(ckpt).name} was trained on ({'; '.join(diff)}): "
-                         f"resume with the run's own data (--data), or start a new run (--out) from its weights "
-                         f"(`elas export`, then --init-from)")
+                         f"resume with the run's own data (--data), or start a new run (--out)" +
+                         (" from its weights (`elas export`, then --init-from)" if full_rank else ""))
+
+
+def check_same_tokenizer(init_from: str, data_dir: str) -> None:
+    """A run started from other weights (--init-from) reads token ids as those weights learned them: the two
+    tokenizer.json vocabularies must be the same (where either is missing there is nothing to compare)."""
+    def vocab(d: str):
+        try:
+            return json.loads((Path(d) / "tokenizer.json").read_text()).get("model", {}).get("vocab")
+        except (OSError, ValueError, AttributeError):
+            return None
+    a, b = vocab(init_from), vocab(data_dir)
+    if a is not None and b is not None and a != b:
+        raise TrainError(f"--init-from {init_from} was trained with another tokenizer than {data_dir}'s (their "
+                         f"vocabularies differ): prepare the data with its tokenizer (`elas data prepare --tokenizer "
+                         f"{init_from} ...`)")
 
 
 # run directory -> the descriptor of its lock file, for the run directories this process trains into
@@ -244,11 +260,14 @@ class Trainer:
             self.train_windows = TokenWindows(cfg.data_dir, "train", cfg.seq_len)
             self.val_windows = TokenWindows(cfg.data_dir, "val", cfg.seq_len)
             if self.meta["vocab_size"] > cfg.model.vocab_size:
+                fix = ("resume with the run's own data (--data), or start a new run (--out)" if resume is True else
+                       f"--set model.vocab_size={self.meta['vocab_size']} or prepare the data with --vocab-size "
+                       f"{cfg.model.vocab_size}")  # (a resumed run's vocabulary cannot change)
                 raise TrainError(f"the tokenizer of {cfg.data_dir} has {self.meta['vocab_size']} tokens but the "
-                                 f"model's vocab_size is {cfg.model.vocab_size}: --set model.vocab_size="
-                                 f"{self.meta['vocab_size']} or prepare the data with --vocab-size "
-                                 f"{cfg.model.vocab_size}")
+                                 f"model's vocab_size is {cfg.model.vocab_size}: {fix}")
             check_token_range(cfg.data_dir, self.meta, cfg.model.vocab_size)
+            if cfg.init_from and resume is not True:
+                check_same_tokenizer(cfg.init_from, cfg.data_dir)
         except DataError as e:
             raise TrainError(str(e)) from None
         self.run_dir = Path(cfg.out_dir or f"runs/{cfg.preset}")
@@ -269,7 +288,7 @@ class Trainer:
                              (" (the damaged ones were moved aside as *.corrupt)" if found else "") +
                              "; drop --resume to start a new run there, or pass --resume auto")
         if self.ckpt is not None:
-            check_same_data(self.ckpt, self.meta, cfg.data_dir)
+            check_same_data(self.ckpt, self.meta, cfg.data_dir, full_rank=cfg.model.rank == 0)
         if self.dist.main:  # created only now that every check has passed
             check_writable(self.run_dir)
             lock_run_dir(self.run_dir)  # one process trains into a run directory at a time (a requeued job, say)
@@ -393,10 +412,12 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, d = self.cfg, self.dist
+        complete = self.ckpt is not None and self.step >= cfg.max_steps  # a resume with nothing to train
         if d.main:
             # atomic: a full disk or a kill mid-write must not leave the run without its config (each checkpoint
-            # holds a copy too: load_run_config)
-            write_atomic(self.run_dir / "config.json", json.dumps(to_dict(cfg), indent=2).encode())
+            # holds a copy too: load_run_config). A resume that trains nothing leaves the run's plan as it was.
+            if not complete:
+                write_atomic(self.run_dir / "config.json", json.dumps(to_dict(cfg), indent=2).encode())
             # the run keeps its tokenizer beside it: generate and export work after the dataset moves or goes
             tok = Path(cfg.data_dir) / "tokenizer.json"
             if tok.is_file() and not (self.run_dir / "tokenizer.json").is_file():
@@ -426,7 +447,10 @@ class Trainer:
                          "(activation_checkpointing=true)")
             if self.ckpt is not None:
                 self.log(f"elas: resumed from {self.ckpt} at step {self.step}")
-                if self.step >= cfg.max_steps:
+                if complete and self.saved_max_steps not in (None, cfg.max_steps):
+                    self.log(f"elas: nothing to train: the run is at step {self.step}, at or past --max-steps "
+                             f"{cfg.max_steps}; its config.json keeps max_steps={self.saved_max_steps}")
+                elif complete:
                     self.log(f"elas: the run is complete (step {self.step} of max_steps={cfg.max_steps}): nothing to "
                              f"train; raise --max-steps to extend it")
                 elif self.saved_max_steps not in (None, cfg.max_steps):
