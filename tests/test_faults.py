@@ -165,7 +165,10 @@ def test_resume_applies_a_toml_like_set_and_refuses_its_contradictions(dataset, 
     assert "warning: resuming with other kernels (model.act24.backend: 'auto' -> 'reference')" in r.stderr
     r = run_cli("train", "--out", str(run), "--resume", "--set", "model.act24.backend=reference", "--set",
                 "model.act24.grad_mode=mask", "--dry-run")  # with a field that is the model's: refused
-    assert r.returncode == 2 and "contradict the run being resumed (model.methods: " in r.stderr
+    assert r.returncode == 2 and "contradict the run being resumed (model.act24.grad_mode: 'ste' -> 'mask'; " \
+        "model.act24.backend: 'auto' -> 'reference')" in r.stderr, r.stderr  # the fields, not the whole method lists
+    r = run_cli("train", "--out", str(run), "--resume", "--act-sparsity", "none", "--dry-run")
+    assert r.returncode == 2 and "(model.methods: act24 -> none)" in r.stderr, r.stderr
 
 
 def test_a_run_directory_trains_in_one_process_at_a_time(dataset, reference, tmp_path):

@@ -185,14 +185,14 @@ def resolve_train_config(args: argparse.Namespace):
             cfg.out_dir = f"runs/{cfg.preset}"
         if saved is not None and cfg.model != saved:
             from .config import KERNEL_KEYS
-            from .sparsity import kernel_field_changes
+            from .sparsity import kernel_field_changes, method_changes
             changed = [k for k in vars(saved) if getattr(saved, k) != getattr(cfg.model, k)]
             diff = [f"model.{k}: {getattr(saved, k)!r} -> {getattr(cfg.model, k)!r}" for k in changed
                     if k != "methods"]
             in_methods = kernel_field_changes(saved.methods, cfg.model.methods) if "methods" in changed else []
             if any(k not in KERNEL_KEYS and k != "methods" for k in changed) or in_methods is None:
-                if in_methods is None:
-                    diff.append(f"model.methods: {saved.methods!r} -> {cfg.model.methods!r}")
+                if in_methods is None:  # the fields that changed, not the whole lists
+                    diff += [c for c, _ in method_changes(saved.methods, cfg.model.methods)]
                 raise UserError(f"these flags contradict the run being resumed ({'; '.join(diff)}): a resumed run "
                                 f"keeps its model; choose another --out for a new one")
             diff += in_methods

@@ -265,21 +265,23 @@ def describe(model: nn.Module) -> list[str]:
     return [a.description for a in applied_methods(model)]
 
 
+def method_changes(old: list[dict], new: list[dict]) -> list[tuple[str, bool]]:
+    """How two method lists (config dicts) differ: [(change, is a kernel field)], each change named as
+    "model.M.F: a -> b", or as "model.methods: act24 -> none" where the methods themselves differ."""
+    a, b = [method_from_dict(m) for m in old], [method_from_dict(m) for m in new]
+    if [m.name for m in a] != [m.name for m in b]:
+        names = lambda ms: ", ".join(m.name for m in ms) or "none"  # noqa: E731
+        return [(f"model.methods: {names(a)} -> {names(b)}", False)]
+    return [(f"model.{x.name}.{f.name}: {getattr(x, f.name)!r} -> {getattr(y, f.name)!r}",
+             f.name in type(x).kernel_fields)
+            for x, y in zip(a, b) for f in dataclasses.fields(x) if getattr(x, f.name) != getattr(y, f.name)]
+
+
 def kernel_field_changes(old: list[dict], new: list[dict]) -> list[str] | None:
     """Where two method lists (config dicts) differ in kernel fields alone: each change as "model.M.F: a -> b"
     ([] where they are equal); None where they differ in anything else (another method, another field)."""
-    a, b = [method_from_dict(m) for m in old], [method_from_dict(m) for m in new]
-    if [m.name for m in a] != [m.name for m in b]:
-        return None
-    changes = []
-    for x, y in zip(a, b):
-        for f in dataclasses.fields(x):
-            u, v = getattr(x, f.name), getattr(y, f.name)
-            if u != v:
-                if f.name not in type(x).kernel_fields:
-                    return None
-                changes.append(f"model.{x.name}.{f.name}: {u!r} -> {v!r}")
-    return changes
+    changes = method_changes(old, new)
+    return None if not all(kernel for _, kernel in changes) else [c for c, _ in changes]
 
 
 def method_to_dict(config: SparsityMethod) -> dict:
