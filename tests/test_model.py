@@ -87,8 +87,12 @@ def test_bad_config_values():
         model_preset("llama-60m", ffn="gelu")
     with pytest.raises(ValueError, match="relu2"):  # a method that cannot apply: an error when the model is built
         build_model(model_preset("llama-tiny", methods=[{"method": "act24"}], n_layers=1), "meta")
-    with pytest.raises(ValueError, match="unknown preset"):
+    with pytest.raises(ValueError, match="unknown preset") as e:
         model_preset("llama-61m")
+    assert "sizes: llama-tiny, llama-60m" in str(e.value) and "llama-60m-elas" not in str(e.value)
+    with pytest.raises(ValueError, match=r"did you mean 'llama-60m-elas'\?\); the llama-60m presets: llama-60m, ") as e:
+        model_preset("llama-60m-elsa")  # the size's own presets only, not every size's
+    assert "llama-1b" not in str(e.value) and str(e.value).endswith("(all: elas model --list)")
     cfg = model_preset("llama-60m-elas")
     with pytest.raises(KeyError, match="did you mean 'rank'"):
         apply_overrides(cfg, {"rnak": "4"})

@@ -135,6 +135,11 @@ def test_run_dir_contents_eval_generate(dataset, tmp_path, capsys):
         monkey.undo()
     assert capsys.readouterr().out == whole
     assert len(shown) > 3  # the prompt, then pieces as they came, then the end
+    ctx = cfg["model"]["max_seq_len"]  # past the context each token re-runs the window: said before it starts
+    assert main(["generate", "--run", str(out), "--max-new-tokens", str(ctx), "--prompt", "import "]) == 0
+    assert f"new tokens exceed the model's context ({ctx})" in capsys.readouterr().err
+    from elas.cli import _count  # the dry run's token budget, readable at every size
+    assert (_count(2.5e9), _count(1234567), _count(65536), _count(999)) == ("2.50B", "1.23M", "65.54K", "999")
 
 
 def test_bad_inputs_are_one_line_errors(dataset, tmp_path, capsys):

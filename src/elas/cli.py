@@ -266,7 +266,7 @@ def dry_run(cfg) -> None:
     print(f"optimizer {cfg.optimizer}, lr {cfg.lr:g}, warm-up {cfg.warmup_steps} steps, cosine to "
           f"{cfg.min_lr_ratio:g} x lr, weight decay {cfg.weight_decay:g}, grad clip {cfg.grad_clip:g}")
     print(f"batch {batch} x {cfg.seq_len} tokens per step per process ({cfg.batch_size} x {cfg.grad_accum} "
-          f"accumulated), {cfg.max_steps:,} steps: {batch * cfg.seq_len * cfg.max_steps / 1e9:.2f}B tokens "
+          f"accumulated), {cfg.max_steps:,} steps: {_count(batch * cfg.seq_len * cfg.max_steps)} tokens "
           f"(x the number of processes)")
     for m in cfg.model.methods:
         print("method " + json.dumps(m))
@@ -427,6 +427,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(n: float) -> str:
+    """1234567 -> '1.23M' (K, M, B: a token budget readable at every size)."""
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -443,6 +451,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     ids = tok.encode(args.prompt).ids or [eot_id(tok)]
+    ctx = cfg.model.max_seq_len
+    if len(ids) + args.max_new_tokens > ctx:  # past it the KV cache cannot serve: each token re-runs the window
+        print(f"elas: warning: {len(ids)} prompt + {args.max_new_tokens} new tokens exceed the model's context "
+              f"({ctx}): each token past it re-runs the last {ctx} tokens without a cache, ~{ctx}x slower",
+              file=sys.stderr)
     g = torch.Generator(device=device).manual_seed(args.seed)
     graph = device.type == "cuda" and args.decode != "eager"  # a token = one replay, not ~10 launches per layer
     # on a terminal the text is printed as it grows (each token's decoded suffix; held back while it ends inside a
@@ -744,19 +757,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("experiment", help="run the quality grid of variants (one harness, same data and tokens)")
-    p.add_argument("--size", default="llama-60m")
+    p.add_argument("--size", default="llama-60m", help="model size of every run (default llama-60m)")
     p.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} (default: the papers' "
                    f"comparisons, the third paper's accelerated variants and ELAS's warm-up ablation); a variant "
                    f"may set method keys: elas+act24.dense_warmup_steps=100")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, each a run of every variant (default 0)")
     p.add_argument("--transfer-data", help="a dataset of other text with the training data's tokenizer (elas data "
                    "prepare --source stdlib --tokenizer DATA ...): every run's loss on its validation split")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--grad-accum", type=int, default=2)
-    p.add_argument("--data", default="data/builtin")
-    p.add_argument("--out", default="runs/quality")
-    p.add_argument("--summarize-only", action="store_true")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps per run (default 2000)")
+    p.add_argument("--batch-size", type=int, default=256, help="sequences per micro-batch (default 256)")
+    p.add_argument("--grad-accum", type=int, default=2,
+                   help="micro-batches per step (default 2): a step is batch-size x grad-accum sequences")
+    p.add_argument("--data", default="data/builtin", help="dataset directory (default data/builtin)")
+    p.add_argument("--out", default="runs/quality", help="the grid's folder: one run per variant and seed "
+                   "(default runs/quality); an interrupted grid resumes there")
+    p.add_argument("--summarize-only", action="store_true", help="write summary.md and the plots from the runs "
+                   "in --out; train nothing")
     p.add_argument("--plan", action="store_true", help="print what the grid in --out still has to run and its "
                    "estimated GPU time (from the runs done there); run nothing")
     p.set_defaults(func=cmd_experiment)
@@ -806,7 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", help="a checkpoint directory, or the name of one of the run's "
                        "(step-00000200; default: its newest that verifies)")
         if name != "export":
-            p.add_argument("--device", default="auto")
+            p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
         if name == "export":
             p.add_argument("--to", required=True, help="directory for the Hugging Face checkpoint")
             p.add_argument("--force", action="store_true", help="overwrite a non-empty --to")
@@ -815,11 +831,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--tokens", type=int, help="validation tokens (default: the run's eval_tokens)")
             p.add_argument("--json", action="store_true")
         else:
-            p.add_argument("--prompt", default="def ")
-            p.add_argument("--max-new-tokens", type=int, default=200)
-            p.add_argument("--temperature", type=float, default=0.8)
-            p.add_argument("--top-k", type=int, default=50)
-            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
+            p.add_argument("--max-new-tokens", type=int, default=200,
+                           help="tokens to generate (default 200); past the model's context (max_seq_len, with the "
+                                "prompt) each token re-runs the whole window: slow")
+            p.add_argument("--temperature", type=float, default=0.8, help="default 0.8; 0: the likeliest token")
+            p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest (default 50; 0: all)")
+            p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
             p.add_argument("--decode", choices=["graph", "compiled", "eager"], default="graph",
                            help="CUDA decode step: replayed from a CUDA graph (default), compiled then replayed, or "
                                 "eager (CPU always decodes eagerly)")

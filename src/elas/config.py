@@ -264,8 +264,13 @@ def closest(name: str, options) -> str:
 
 def model_preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in MODEL_PRESETS:
+        # the presets of the size named, where one is (a size has ~12), else the sizes: not all ~100 names
+        size = next((sz for sz in sorted(SIZES, key=len, reverse=True) if name == sz or name.startswith(sz + "-")),
+                    None)
+        known = [n for n in MODEL_PRESETS if n == size or n.startswith(f"{size}-")] if size else list(SIZES)
         raise ValueError(f"unknown preset {name!r}{closest(name, MODEL_PRESETS)}; "
-                         f"known: {', '.join(MODEL_PRESETS)}")
+                         f"{f'the {size} presets' if size else 'sizes'}: {', '.join(known)} "
+                         f"(all: elas model --list)")
     kw = copy.deepcopy(MODEL_PRESETS[name])
     kw.update(overrides)
     return ModelConfig(**kw)
