@@ -152,6 +152,10 @@ def test_resume_applies_a_toml_like_set_and_refuses_its_contradictions(dataset, 
     bad.write_text("[model]\nrank = 16\n")
     r = run_cli("train", "--out", str(run), "--resume", "--config", str(ok), "--dry-run")
     assert r.returncode == 0 and "9 steps" in r.stdout, r.stdout + r.stderr
+    assert "changed settings" not in r.stderr  # (max_steps: the trainer's own warning says what it changes)
+    r = run_cli("train", "--out", str(run), "--resume", "--set", "lr=0.0123", "--set", "grad_clip=0.5", "--dry-run")
+    assert r.returncode == 0 and "resuming with changed settings (lr " in r.stderr, r.stderr
+    assert "-> 0.0123; grad_clip 1.0 -> 0.5)" in r.stderr
     r = run_cli("train", "--out", str(run), "--resume", "--config", str(bad), "--dry-run")
     assert r.returncode == 2 and "contradict the run being resumed (model.rank" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1

@@ -500,11 +500,16 @@ def test_run_time_adds_up_over_resumes(dataset, tmp_path):
 
 def test_a_dense_warm_up_that_covers_the_run_is_said(dataset, tmp_path):
     """act24 with dense_warmup_steps >= max_steps trains dense throughout: allowed (a smoke test), but the
-    start-up says so, where the method's line alone would promise sparsity "after N dense steps"."""
+    start-up says so, where the method's line alone would promise sparsity "after N dense steps"; an lr warm-up
+    as long as the run likewise (the peak lr is never reached)."""
     r = run_cli(*train_args(dataset, tmp_path / "run", "--max-steps", "3", "--set", "eval_every=100"))
     assert r.returncode == 0, r.stderr
     assert ("act24 stays dense for the whole run: its dense warm-up (dense_warmup_steps=4) is not shorter than "
             "max_steps=3") in r.stdout + r.stderr
+    assert "the learning rate never reaches" not in r.stdout + r.stderr  # warmup_steps=2 < 3
+    r = run_cli(*train_args(dataset, tmp_path / "run2", "--max-steps", "3", "--set", "eval_every=100", "--set",
+                            "warmup_steps=3"))  # the learning rate's warm-up likewise
+    assert r.returncode == 0 and "its linear warm-up (warmup_steps=3) is not shorter than max_steps=3" in r.stdout
 
 
 def test_a_failed_background_checkpoint_stops_the_run_within_a_step(dataset, tmp_path, monkeypatch, capsys):

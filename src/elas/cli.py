@@ -149,6 +149,7 @@ def resolve_train_config(args: argparse.Namespace):
             # a resumed run keeps its own config and model (config.json, or a checkpoint's copy of it)
             cfg = load_run_config(out_dir, log=lambda m: print(m, file=sys.stderr))
             saved = copy.deepcopy(cfg.model)
+            saved_train = {k: v for k, v in vars(cfg).items() if k != "model"}
             if (args.preset or toml.get("preset")) not in (None, cfg.preset):
                 raise UserError(f"--preset {args.preset or toml.get('preset')} contradicts the run being resumed "
                                 f"({cfg.preset}): a resumed run keeps its model; choose another --out for a new one")
@@ -183,6 +184,13 @@ def resolve_train_config(args: argparse.Namespace):
         apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
         if not cfg.out_dir:
             cfg.out_dir = f"runs/{cfg.preset}"
+        if saved is not None:  # training keys a resume changes (allowed): said, since the run is then not exact
+            quiet = ("out_dir", "data_dir", "device", "max_steps", "init_from")  # (max_steps: the trainer says)
+            moved = [f"{k} {saved_train[k]!r} -> {v!r}" for k, v in vars(cfg).items()
+                     if k != "model" and k not in quiet and k in saved_train and saved_train[k] != v]
+            if moved:
+                print(f"elas: resuming with changed settings ({'; '.join(moved)}): from the resumed step on the run "
+                      f"differs from an uninterrupted one", file=sys.stderr)
         if saved is not None and cfg.model != saved:
             from .config import KERNEL_KEYS
             from .sparsity import kernel_field_changes, method_changes
