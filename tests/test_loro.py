@@ -636,4 +636,18 @@ def test_grid_plan_says_what_is_left_and_its_gpu_time(tmp_path, capsys):
                      "--data", str(tmp_path / "nodata")]) == 0
     text = capsys.readouterr().out
     assert "2 of 6 runs done; 4 to run, ~15 GPU-min" in text  # 225 + 200 + 250 + 250 s
-    assert "seed 1: --seeds 1 --variants relu2,elas,swiglu" in text and not (tmp_path / "nodata").exists()
+    assert f"seed 1: elas experiment --size llama-60m --steps 2000 --batch-size 256 --grad-accum 2 --data " \
+           f"{tmp_path / 'nodata'} --out {out} --seeds 1 --variants relu2,elas,swiglu" in text
+    assert not (tmp_path / "nodata").exists()
+    # a run kept with other settings (here another --steps): the grid would refuse it, and the plan says so
+    from elas.config import to_dict
+    from elas.train.experiment import variant_config
+    cfg = variant_config("llama-60m", "swiglu", 1000, str(tmp_path / "nodata"), out, 256, 2)
+    (out / "swiglu").mkdir()
+    (out / "swiglu" / "config.json").write_text(json.dumps(to_dict(cfg)))
+    (out / "swiglu" / "summary.json").write_text(json.dumps({"wall_s": 100.0}))
+    assert cli.main(["experiment", "--plan", "--out", str(out), "--variants", "relu2,elas,swiglu", "--seeds", "0",
+                     "--data", str(tmp_path / "nodata")]) == 0
+    text = capsys.readouterr().out
+    assert "swiglu" in text and "other settings" in text and "max_steps 1000 -> 2000" in text
+    assert "--variants relu2" not in text and "--variants swiglu" not in text  # nothing of seed 0 left to run here

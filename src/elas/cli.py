@@ -627,20 +627,30 @@ def _print_grid_plan(args: argparse.Namespace, variants: list[str], seeds: list[
             variant_config(args.size, v, args.steps, args.data, out, args.batch_size, args.grad_accum)
     except (ValueError, KeyError) as e:
         raise UserError(_message(e)) from None
-    rows = grid_plan(variants, seeds, out, args.steps)
+    rows = grid_plan(variants, seeds, out, args.steps, cfg_of=lambda v, seed: variant_config(
+        args.size, v, args.steps, args.data, out, args.batch_size, args.grad_accum, seed=seed))
     left = [r for r in rows if r["state"] != "done"]
+    print(f"{'run':<48} {'state':<32} estimate (GPU time, from the runs done here)")
     for r in rows:
         est = "-" if r["gpu_s_left"] is None else f"~{r['gpu_s_left'] / 60:.1f} GPU-min"
         where = f" (at step {r['step']})" if r["state"] == "partial" else ""
-        print(f"{r['run']:<48} {r['state']}{where:<18} {est if r['state'] != 'done' else ''}")
+        print(f"{r['run']:<48} {r['state'] + where:<32} {est if r['state'] != 'done' else ''}")
     known = [r["gpu_s_left"] for r in left if r["gpu_s_left"] is not None]
     print(f"{len(rows) - len(left)} of {len(rows)} runs done; {len(left)} to run" + (
         f", ~{sum(known) / 60:.0f} GPU-min" + (" (and runs with no estimate)" if len(known) < len(left) else "")
-        if known else ""))
+        if known else " (no estimate: no run is done here yet)"))
+    other = [r for r in rows if r["state"] == "other settings"]
+    if other:
+        print(f"{len(other)} run(s) in {out} hold other settings, which the grid refuses "
+              f"({other[0]['run']}: {'; '.join(other[0]['differs'][:3])}): give the grid another --out, or the "
+              f"settings they were run with")
+    # each seed's remaining part as a command (this plan's own settings repeated, so it runs this grid)
+    same = (f"--size {args.size} --steps {args.steps} --batch-size {args.batch_size} --grad-accum "
+            f"{args.grad_accum} --data {args.data} --out {out}")
     for seed in seeds:
-        todo = [r["variant"] for r in left if r["seed"] == seed]
+        todo = [r["variant"] for r in left if r["seed"] == seed and r["state"] != "other settings"]
         if todo:
-            print(f"seed {seed}: --seeds {seed} --variants {','.join(todo)}")
+            print(f"seed {seed}: elas experiment {same} --seeds {seed} --variants {','.join(todo)}")
     return 0
 
 

@@ -109,25 +109,32 @@ def check_transfer_data(data_dir: str, transfer: str, seq_len: int | None = None
 GRID_KEYS = ("preset", "max_steps", "seq_len", "batch_size", "grad_accum", "seed")
 
 
+def other_settings(cfg) -> list[str]:
+    """How the run kept in cfg.out_dir differs from cfg in the grid's settings and the model ([] where it has
+    none kept, or the same): each difference as "KEY saved -> now"."""
+    run = Path(cfg.out_dir)
+    if not (run / "config.json").is_file() or not ((run / "summary.json").exists() or checkpoints(run)):
+        return []  # nothing of it kept: the run starts again
+    saved = load_run_config(run)
+    diff = [f"{k} {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in GRID_KEYS
+            if getattr(saved, k) != getattr(cfg, k)]
+    # the model as built: a method config of an older version reads with the meaning it had (a changed default
+    # makes the same variant name another model)
+    old, new = _resolved_model(saved), _resolved_model(cfg)
+    diff += [f"model.{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+             if old.get(k) != new.get(k) and not (k == "relu2_kernel" and new.get(k) == "auto")]  # (auto:
+    # what the run resolved it to)
+    return diff
+
+
 def check_same_runs(cfgs: list) -> None:
     """Before any run: every run directory that already holds a run (config.json) holds it with this grid's
     settings; otherwise the grid would skip or resume it as its own and mix it into the summary."""
     for cfg in cfgs:
-        run = Path(cfg.out_dir)
-        if not (run / "config.json").is_file() or not ((run / "summary.json").exists() or checkpoints(run)):
-            continue  # nothing of it kept: the run starts again
-        saved = load_run_config(run)
-        diff = [f"{k} {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in GRID_KEYS
-                if getattr(saved, k) != getattr(cfg, k)]
-        # the model as built: a method config of an older version reads with the meaning it had (a changed default
-        # makes the same variant name another model)
-        old, new = _resolved_model(saved), _resolved_model(cfg)
-        diff += [f"model.{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                 if old.get(k) != new.get(k) and not (k == "relu2_kernel" and new.get(k) == "auto")]  # (auto:
-        # what the run resolved it to)
+        diff = other_settings(cfg)
         if diff:
-            raise ValueError(f"{run} holds a run with other settings ({'; '.join(diff)}); give the grid another "
-                             f"--out, or the settings it was run with")
+            raise ValueError(f"{cfg.out_dir} holds a run with other settings ({'; '.join(diff)}); give the grid "
+                             f"another --out, or the settings it was run with")
 
 
 def _resolved_model(cfg) -> dict:
@@ -218,11 +225,13 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
     return rows
 
 
-def grid_plan(variants: list[str], seeds, out: Path, steps: int) -> list[dict]:
+def grid_plan(variants: list[str], seeds, out: Path, steps: int, cfg_of=None) -> list[dict]:
     """What a grid still has to run in `out`, without running it: per (seed, variant) its state ("done": a
-    summary.json; "partial": checkpoints up to a step; "todo") and the GPU seconds it is estimated to need: its
-    own seed-0 run's GPU time where done (wall time over the processes that shared the GPU), else the median of
-    the done runs', scaled by the steps left. For planning calls of a time-limited GPU machine."""
+    summary.json; "partial": checkpoints up to a step; "todo"; "other settings": a run kept there that the grid
+    would refuse, with `differs`) and the GPU seconds it is estimated to need: its own seed-0 run's GPU time where
+    done (wall time over the processes that shared the GPU), else the median of the done runs', scaled by the
+    steps left. cfg_of(variant, seed): the run's config as the grid would build it (for the settings check; None:
+    not checked). For planning calls of a time-limited GPU machine."""
     done = {}
     for p in sorted(Path(out).glob("*/summary.json")):
         try:
@@ -239,10 +248,13 @@ def grid_plan(variants: list[str], seeds, out: Path, steps: int) -> list[dict]:
             ckpts = checkpoints(run) if run.is_dir() else []
             step = int(ckpts[0].name.split("-")[-1]) if ckpts else 0
             state = "done" if name in done else ("partial" if ckpts else "todo")
+            differs = other_settings(cfg_of(v, seed)) if cfg_of is not None and state != "todo" else []
+            if differs:
+                state, step = "other settings", 0
             base = done.get(run_name(v, 0), typical)
             left = None if state == "done" or base is None else base * (1 - min(step, steps) / steps)
             rows.append({"run": name, "variant": v, "seed": seed, "state": state, "step": step,
-                         "gpu_s_left": left})
+                         "gpu_s_left": left, **({"differs": differs} if differs else {})})
     return rows
 
 
