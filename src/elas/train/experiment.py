@@ -212,7 +212,7 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
         row = {"model": size, "variant": v, "seed": seed, "run": name, "steps": cfg.max_steps, "tokens": tokens,
                "epochs": tokens / train_tokens if train_tokens else None,
                "val_loss": res["val_loss"], "val_ppl": res["val_ppl"], "wall_s": round(wall, 1),
-               "gpu_shared_by": gpu_shared_by(),
+               "gpu_shared_by": gpu_shared_by(), "device": trainer.device.type,
                "optimizer": cfg.optimizer, "lr": cfg.lr, "methods": cfg.model.methods,
                "y2_zero_frac": last[-1]["y2_zero_frac/mean"] if last else None,
                "dropped_nnz_frac": last[-1].get("dropped_nnz_frac/mean") if last else None,
@@ -358,14 +358,15 @@ def summarize(out: Path) -> tuple[list[dict], str]:
         lines.append(f"- **the runs trained on {len(prints)} different datasets** (train.bin SHA-1 " +
                      ", ".join(p[:12] for p in prints) + "): ratios across them compare different data")
     total = sum(r["wall_s"] for r in rows)
+    what = "CPU" if any(r.get("device") == "cpu" for r in rows) else "GPU"  # (rows before "device": GPU runs)
     shared = [r for r in rows if (r.get("gpu_shared_by") or 1) > 1]
     if shared:  # runs made n at a time on one GPU: their walls overlap, so their sum overstates the GPU time
         gpu = sum(r["wall_s"] / (r.get("gpu_shared_by") or 1) for r in rows)
-        lines.append(f"- the grid's GPU time: ~{gpu / 60:.1f} min over {len(rows)} runs ({len(shared)} of them shared "
+        lines.append(f"- the grid's {what} time: ~{gpu / 60:.1f} min over {len(rows)} runs ({len(shared)} of them shared "
                      f"the GPU with other runs, each counted at its wall time over the number sharing; the walls sum "
                      f"to {total / 60:.1f} min; compilation and evaluation included)")
     else:
-        lines.append(f"- the grid's GPU time: {total / 60:.1f} min over {len(rows)} runs (wall time of each run, "
+        lines.append(f"- the grid's {what} time: {total / 60:.1f} min over {len(rows)} runs (wall time of each run, "
                      f"compilation and evaluation included)")
     text = "\n".join(md + [""] + lines) + "\n"
     _write_json(out / "summary.json", rows)
