@@ -651,3 +651,21 @@ def test_grid_plan_says_what_is_left_and_its_gpu_time(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "swiglu" in text and "other settings" in text and "max_steps 1000 -> 2000" in text
     assert "--variants relu2" not in text and "--variants swiglu" not in text  # nothing of seed 0 left to run here
+
+
+def test_a_grid_stopped_by_a_signal_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    """Ctrl-C or a scheduler's SIGTERM during `elas experiment`: the run in progress has saved its checkpoint (the
+    trainer's TrainStopped), so the grid exits with 128 + the signal and says that the same command continues."""
+    from pathlib import Path
+    from elas import cli
+    from elas.train import experiment
+    from elas.train.trainer import TrainStopped
+
+    def stopped(*a, **k):
+        raise TrainStopped(2, 7, Path(tmp_path / "grid" / "relu2"))
+    monkeypatch.setattr(experiment, "run_grid", stopped)
+    monkeypatch.setattr(cli, "BUILTIN_DATA", {})
+    assert cli.main(["experiment", "--size", "llama-tiny", "--variants", "relu2", "--steps", "4",
+                     "--data", str(tmp_path / "data"), "--out", str(tmp_path / "grid")]) == 130
+    err = capsys.readouterr().err
+    assert "stopped by signal 2" in err and "the same command continues the grid" in err and "error" not in err

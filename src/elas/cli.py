@@ -284,6 +284,7 @@ def dry_run(cfg) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import Trainer, TrainError
+    from .train.trainer import TrainStopped
     cfg = resolve_train_config(args)
     if args.dry_run:
         dry_run(cfg)
@@ -296,6 +297,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             res = trainer.fit()
         finally:
             clean = trainer.close()
+    except TrainStopped as e:  # not an error: the run is saved and resumable
+        print(f"elas: {e}", file=sys.stderr)
+        return 128 + e.signum
     except TrainError as e:
         raise UserError(str(e)) from None
     if trainer.dist.main and "val_ppl" in res:
@@ -657,6 +661,7 @@ def _print_grid_plan(args: argparse.Namespace, variants: list[str], seeds: list[
 def cmd_experiment(args: argparse.Namespace) -> int:
     from .data import DataError
     from .train import TrainError
+    from .train.trainer import TrainStopped
     from .train.experiment import grid_variants, plot_curves, plot_stats, run_grid, summarize
     out = Path(args.out)
     variants = args.variants.split(",") if args.variants else grid_variants(args.steps)
@@ -695,6 +700,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         try:
             run_grid(args.size, variants, args.steps, args.data, out, args.batch_size, args.grad_accum, seeds,
                      args.transfer_data)
+        except TrainStopped as e:  # the grid resumes where it stopped: the same command again
+            print(f"elas: stopped by signal {e.signum}; the run in progress saved its checkpoint: the same "
+                  f"command continues the grid", file=sys.stderr)
+            return 128 + e.signum
         except (TrainError, DataError, ValueError, KeyError) as e:
             raise UserError(str(e)) from None
     _, text = summarize(out)

@@ -44,6 +44,16 @@ class TrainError(Exception):
     """A user-facing failure: bad data, bad config, unwritable directory, divergence. One line."""
 
 
+class TrainStopped(TrainError):
+    """A run stopped by a signal (Ctrl-C, a scheduler's SIGTERM) after its checkpoint was written: not a failure.
+    `elas train` exits with 128 + the signal's number, as a process killed by it would be reported."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        self.signum = signum
+        super().__init__(f"stopped by signal {signum} at step {step}; checkpoint saved: continue with "
+                         f"`elas train --out {run_dir} --resume`")
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -566,8 +576,7 @@ class Trainer:
                     t_trained_from += time.perf_counter() - t0
                 if self._stop_signal:
                     self._wait_saves()
-                    raise TrainError(f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved, "
-                                     f"continue with --resume")
+                    raise TrainStopped(self._stop_signal, self.step, self.run_dir)
             self._wait_saves()  # the last checkpoint is on disk before fit() returns
         finally:
             if self.saver.busy():  # an error left the loop: let the write in flight finish (its own error, if
