@@ -58,3 +58,14 @@ def test_plot_draws_runs_into_one_png(dataset, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     assert main(["plot", str(tmp_path / "nope"), "--out", str(png)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_a_dry_run_says_when_its_data_is_not_prepared(tmp_path, capsys):
+    """--dry-run reads no data, but says when --data holds no prepared dataset (the run would stop there), and
+    that the built-in corpus would be prepared on first use."""
+    assert main(["train", "--recipe", "elas-60m", "--data", str(tmp_path / "c4"), "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'c4'} holds no prepared dataset yet" in err and "`elas data prepare`" in err
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len({ln.index(" v") for ln in lines}) == 1  # one column of versions, however long the names

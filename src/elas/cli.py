@@ -259,15 +259,23 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_recipes(args: argparse.Namespace) -> int:
     from .config import load_recipe, recipe_names
-    for name in recipe_names():
-        r = load_recipe(name)
-        print(f"{name:<14} v{r['version']}  {r['preset']:<22} {r['about']}")
+    recipes = [(name, load_recipe(name)) for name in recipe_names()]
+    w = max(len(n) for n, _ in recipes)  # columns as wide as the longest name and preset
+    wp = max(len(r["preset"]) for _, r in recipes)
+    for name, r in recipes:
+        print(f"{name:<{w}}  v{r['version']}  {r['preset']:<{wp}}  {r['about']}")
     return 0
 
 
 def dry_run(cfg) -> None:
     """What a run would do: its model, optimizer, batch and token budget (no data, no model weights)."""
     from .summary import model_summary
+    d = Path(cfg.data_dir)
+    if not (d / "meta.json").is_file():
+        builtin = os.path.normpath(os.path.relpath(d.absolute())) in BUILTIN_DATA  # (as ensure_builtin_data)
+        print(f"elas: note: {cfg.data_dir} holds no prepared dataset yet (no meta.json); the run would " +
+              ("prepare the built-in corpus there first" if builtin else
+               "stop there: prepare it first with `elas data prepare`"), file=sys.stderr)
     info = model_summary(cfg.model, cfg.seq_len)
     batch = cfg.batch_size * cfg.grad_accum
     print(f"recipe {cfg.recipe or '(none)'} | preset {cfg.preset} | {info['params'] / 1e6:.2f}M parameters")
