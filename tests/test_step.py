@@ -314,7 +314,8 @@ def test_gpu_pdl_kernels_wait_on_the_device():
         model = _model("lowrank-relu2", "cuda", pdl=pdl)
         compile_regions(model)
         idx = torch.randint(0, model.cfg.vocab_size, (2, 64), device="cuda")
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        # (a cached graph would come back without its code being written: compiled afresh)
+        with torch.autocast("cuda", dtype=torch.bfloat16), torch._inductor.config.patch(fx_graph_cache=False):
             loss, code = run_and_get_code(lambda: model(idx, idx))
         outs.append(loss.float())
         codes.append("\n".join(code))
