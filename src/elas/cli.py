@@ -306,9 +306,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         finally:
             clean = trainer.close()
     except TrainStopped as e:  # not an error: the run is saved and resumable
-        print(f"elas: {e}", file=sys.stderr)
+        if not e.quiet:
+            print(f"elas: {e}", file=sys.stderr)
         return 128 + e.signum
     except TrainError as e:
+        if getattr(e, "quiet", False):  # every process of the run stops with it; rank 0 says it
+            return 2
         raise UserError(str(e)) from None
     if trainer.dist.main and "val_ppl" in res:
         uni = trainer.meta.get("unigram_val_ppl")

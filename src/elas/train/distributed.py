@@ -42,6 +42,31 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
+def agree(d: Dist, error: str | None, settings: dict) -> str | None:
+    """Every process's start-up, compared before the work that needs them alike: one process's error (its
+    message), or the settings in which processes differ (each key with its value per rank), as the message every
+    process stops with; None when all agree. settings: flat {key: value} of what must be equal (the resolved
+    config, the data's fingerprint). Without this, one failing process leaves the others in a collective (a
+    traceback from gloo, or a hang under FSDP2), and ranks with other settings train wrongly without a word."""
+    if not d.enabled:
+        return error
+    got: list = [None] * d.world
+    dist.all_gather_object(got, (error, settings))
+    for r, (e, _) in enumerate(got):
+        if e:
+            return e if r == d.rank else f"rank {r}: {e}"
+    ref = got[0][1]
+    diff = []
+    for k in sorted(set().union(*(s for _, s in got))):
+        vals = [s.get(k) for _, s in got]
+        if any(v != ref.get(k) for v in vals):
+            diff.append(f"{k}: " + ", ".join(f"rank {r} {v!r}" for r, v in enumerate(vals)))
+    if diff:
+        return (f"the processes were started with different settings ({'; '.join(diff[:4])}"
+                f"{f'; and {len(diff) - 4} more' if len(diff) > 4 else ''}): give every process the same command")
+    return None
+
+
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()

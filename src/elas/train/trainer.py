@@ -29,7 +29,7 @@ from .checkpoint import (BackgroundSaver, CheckpointError, checkpoints, is_shard
                          write_atomic,
                          load_optimizer, load_sharded_checkpoint, newest_verified, resume_checkpoint, save_checkpoint,
                          save_sharded_checkpoint, snapshot)
-from .distributed import Dist, all_reduce_sum, init_distributed, shutdown
+from .distributed import Dist, agree, all_reduce_sum, init_distributed, shutdown
 from .parallelize import (checkpoint_blocks, compile_counts, compile_options, compile_regions, eager_regions, grad_sync,
                           hold_params_in, shard_fsdp, wrap_ddp)
 from .step import StepGrads
@@ -44,12 +44,32 @@ class TrainError(Exception):
     """A user-facing failure: bad data, bad config, unwritable directory, divergence. One line."""
 
 
+class _StartError(TrainError):
+    """A start-up failure that every process of a run raises alike; `quiet` on all but rank 0, which says it
+    (one line, not one per process)."""
+
+    def __init__(self, message: str, quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"model": {"rank": 8}} -> {"model.rank": 8}; lists (a model's methods) kept whole."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 class TrainStopped(TrainError):
     """A run stopped by a signal (Ctrl-C, a scheduler's SIGTERM) after its checkpoint was written: not a failure.
     `elas train` exits with 128 + the signal's number, as a process killed by it would be reported."""
 
-    def __init__(self, signum: int, step: int, run_dir: Path):
-        self.signum = signum
+    def __init__(self, signum: int, step: int, run_dir: Path, quiet: bool = False):
+        self.signum, self.quiet = signum, quiet  # quiet: a process other than rank 0 (which says it)
         super().__init__(f"stopped by signal {signum} at step {step}; checkpoint saved: continue with "
                          f"`elas train --out {run_dir} --resume`")
 
@@ -269,6 +289,7 @@ class Trainer:
         # data, before the run directory exists: a failed check leaves nothing behind. config.json records the
         # data directory absolute, so eval/generate/--resume work from any working directory
         cfg.data_dir = str(Path(cfg.data_dir).resolve())
+        error = None  # (kept until every process has compared its start-up: `agree`)
         try:
             self.meta = load_meta(cfg.data_dir)
             self.train_windows = TokenWindows(cfg.data_dir, "train", cfg.seq_len)
@@ -282,13 +303,23 @@ class Trainer:
             check_token_range(cfg.data_dir, self.meta, cfg.model.vocab_size)
             if cfg.init_from and resume is not True:
                 check_same_tokenizer(cfg.init_from, cfg.data_dir)
-        except DataError as e:
-            raise TrainError(str(e)) from None
+        except (DataError, TrainError) as e:
+            error = str(e)
+        # several processes: the same config and data everywhere, and no process stopped, before anything else
+        settings = {k: v for k, v in _flat(to_dict(cfg)).items() if k not in ("device", "data_dir")}  # (data: by hash)
+        settings["data.train_sha1"] = (getattr(self, "meta", None) or {}).get("train_sha1")
+        error = agree(self.dist, error, settings)
+        if error:
+            raise _StartError(error, quiet=self.dist.enabled and not self.dist.main)
         self.run_dir = Path(cfg.out_dir or f"runs/{cfg.preset}")
         found = checkpoints(self.run_dir)
         if found and not resume:
             raise TrainError(f"{self.run_dir} already holds a run (checkpoint {found[0].name}); pass --resume to "
                              f"continue it or choose another --out")
+        # the run directory locked (one job at a time) and seen by every process (each reads and writes checkpoints
+        # there), before rank 0 moves damaged checkpoints aside in it
+        if resume is not True or self.run_dir.is_dir():
+            self._claim_run_dir()
         self.ckpt = None
         if resume:  # rank 0 moves damaged checkpoints aside; then every rank takes the newest that verifies
             if self.dist.main:
@@ -303,9 +334,6 @@ class Trainer:
                              "; drop --resume to start a new run there, or pass --resume auto")
         if self.ckpt is not None:
             check_same_data(self.ckpt, self.meta, cfg.data_dir, full_rank=cfg.model.rank == 0)
-        if self.dist.main:  # created only now that every check has passed
-            check_writable(self.run_dir)
-            lock_run_dir(self.run_dir)  # one process trains into a run directory at a time (a requeued job, say)
 
         self.global_batch = cfg.batch_size * cfg.grad_accum * self.dist.world
         self.batches = Batches(self.train_windows, self.global_batch, cfg.seed, self.dist.rank, self.dist.world)
@@ -471,8 +499,11 @@ class Trainer:
                     self.log(f"elas: warning: max_steps {self.saved_max_steps} -> {cfg.max_steps}: the learning-rate "
                              f"schedule (warm-up, then cosine to step {cfg.max_steps}) changes from step {self.step} "
                              f"on, so the losses from here differ from a run planned for either length")
+        # every process catches the stop signals (torchrun passes a SIGTERM or Ctrl-C to each): they agree on the
+        # step to stop at, save together (FSDP2's shards need every process) and leave
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
-            if d.main and _is_main_thread() else {}
+            if _is_main_thread() else {}
+        vote = None  # several processes: the stop vote of the step before, all-reduced (see below)
         bar = None
         if d.main and self.progress:
             from tqdm import tqdm
@@ -491,6 +522,12 @@ class Trainer:
                 log_now = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
                 prev_modes, t_step, graphs_before = self.modes, time.perf_counter(), compile_counts()
                 loss, gnorm, stats = self.train_step(step, track_stats=log_now)
+                stop = self._stop_signal
+                if d.enabled:  # each step's vote (max over the processes) is read one step later, by then complete:
+                    # every process stops after the same step, and the host waits on no collective of this step
+                    prev, vote = vote, torch.full((1,), float(stop or 0), device=self.device)
+                    torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MAX)
+                    stop = int(prev.item()) if prev is not None else None
                 if self.compiled and d.main and (step == start or self.modes != prev_modes):
                     torch.cuda.synchronize(self.device)  # compiling is host work; the warm-up and capture are not
                     msg = (f"elas: step {step + 1} (modes {list(self.modes)}): compiled "
@@ -515,8 +552,8 @@ class Trainer:
                     os.kill(os.getpid(), signal.SIGKILL)
                 save_now = self.step % cfg.save_every == 0 or self.step == cfg.max_steps
                 eval_now = self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
-                if log_now or save_now or eval_now or self._stop_signal:
-                    if save_now or self._stop_signal:  # a finite loss does not prove the update after it was
+                if log_now or save_now or eval_now or stop:
+                    if save_now or stop:  # a finite loss does not prove the update after it was
                         bad |= ~torch.stack([torch.isfinite(_local(p)).all() for p in self.model.parameters()]).all()
                     if bool(all_reduce_sum(bad.float(), d).item()):  # one host sync per log, not per step
                         raise TrainError(f"loss became NaN/inf by step {self.step}; stopped without saving. The last "
@@ -569,14 +606,14 @@ class Trainer:
                                 f"(now {cfg.eval_tokens}) or raise eval_every (now {cfg.eval_every}): `--set "
                                 f"eval_tokens=...` in `elas train`")
                     t_trained_from = time.perf_counter()
-                if save_now or self._stop_signal:
+                if save_now or stop:
                     t0 = time.perf_counter()
                     self.save()
                     t_last += time.perf_counter() - t0
                     t_trained_from += time.perf_counter() - t0
-                if self._stop_signal:
+                if stop:
                     self._wait_saves()
-                    raise TrainStopped(self._stop_signal, self.step, self.run_dir)
+                    raise TrainStopped(stop, self.step, self.run_dir, quiet=d.enabled and not d.main)
             self._wait_saves()  # the last checkpoint is on disk before fit() returns
         finally:
             if self.saver.busy():  # an error left the loop: let the write in flight finish (its own error, if
@@ -644,6 +681,42 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
+
+    def _claim_run_dir(self) -> None:
+        """Rank 0 creates and locks the run directory (one process trains into it at a time: a requeued job, say)
+        and writes a token there; every other process must read that token: a run directory that is not one
+        shared directory would scatter the checkpoints' shards over the nodes. Any failure stops every process."""
+        d, error, token = self.dist, None, None
+        if d.main:
+            try:
+                check_writable(self.run_dir)
+                lock_run_dir(self.run_dir)
+                if d.enabled:
+                    token = os.urandom(8).hex()
+                    write_atomic(self.run_dir / ".elas-shared", token.encode())
+            except TrainError as e:
+                error = str(e)
+        if not d.enabled:
+            if error:
+                raise TrainError(error)
+            return
+        box = [error, token]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error, token = box
+        if error:
+            raise _StartError(error, quiet=not d.main)
+        try:
+            seen = (self.run_dir / ".elas-shared").read_text()
+        except OSError:
+            seen = None
+        got: list = [None] * d.world
+        torch.distributed.all_gather_object(got, seen == token)
+        apart = [r for r, ok in enumerate(got) if not ok]
+        if apart:
+            raise _StartError(f"{self.run_dir} is not one directory shared by every process (rank(s) "
+                              f"{', '.join(map(str, apart))} do not see the file rank 0 wrote there): every process "
+                              f"reads and writes the run's checkpoints, so --out must be on a filesystem all nodes "
+                              f"share", quiet=not d.main)
 
     def close(self) -> bool:
         """Release the run's resources; False when the process group did not come down (see `shutdown`)."""
