@@ -156,6 +156,8 @@ def test_resume_applies_a_toml_like_set_and_refuses_its_contradictions(dataset, 
     r = run_cli("train", "--out", str(run), "--resume", "--set", "lr=0.0123", "--set", "grad_clip=0.5", "--dry-run")
     assert r.returncode == 0 and "resuming with changed settings (lr " in r.stderr, r.stderr
     assert "-> 0.0123; grad_clip 1.0 -> 0.5)" in r.stderr
+    r = run_cli("train", "--out", str(run), "--resume", "--set", "batch_size=8", "--set", "grad_accum=1", "--dry-run")
+    assert r.returncode == 0 and "the same run where batch_size x grad_accum x processes is what it was" in r.stderr
     r = run_cli("train", "--out", str(run), "--resume", "--config", str(bad), "--dry-run")
     assert r.returncode == 2 and "contradict the run being resumed (model.rank" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1

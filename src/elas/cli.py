@@ -135,6 +135,11 @@ def _parse_sets(items: list[str]) -> dict:
     return out
 
 
+def _rank0() -> bool:
+    """Whether this process says what every process of a torchrun job would say alike (rank 0, or no torchrun)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def resolve_train_config(args: argparse.Namespace):
     """defaults of the preset (or the recipe) < TOML file < model flags < --set < --out/--max-steps/--device/--data."""
     from .config import apply_overrides, train_config
@@ -185,10 +190,18 @@ def resolve_train_config(args: argparse.Namespace):
         if not cfg.out_dir:
             cfg.out_dir = f"runs/{cfg.preset}"
         if saved is not None:  # training keys a resume changes (allowed): said, since the run is then not exact
-            quiet = ("out_dir", "data_dir", "device", "max_steps", "init_from")  # (max_steps: the trainer says)
+            # (max_steps: the trainer says; parallel: ddp and fsdp resume each other's checkpoints exactly)
+            quiet = ("out_dir", "data_dir", "device", "max_steps", "init_from", "parallel")
             moved = [f"{k} {saved_train[k]!r} -> {v!r}" for k, v in vars(cfg).items()
                      if k != "model" and k not in quiet and k in saved_train and saved_train[k] != v]
-            if moved:
+            per_process = {"batch_size", "grad_accum"}
+            if not _rank0():
+                pass  # (torchrun: rank 0 says it once)
+            elif moved and {m.split()[0] for m in moved} <= per_process:  # another split of the same global batch?
+                print(f"elas: resuming with {'; '.join(moved)}: the same run where batch_size x grad_accum x "
+                      f"processes is what it was (the losses then differ in the last bits), another run otherwise",
+                      file=sys.stderr)
+            elif moved:
                 print(f"elas: resuming with changed settings ({'; '.join(moved)}): from the resumed step on the run "
                       f"differs from an uninterrupted one", file=sys.stderr)
         if saved is not None and cfg.model != saved:
@@ -204,8 +217,9 @@ def resolve_train_config(args: argparse.Namespace):
                 raise UserError(f"these flags contradict the run being resumed ({'; '.join(diff)}): a resumed run "
                                 f"keeps its model; choose another --out for a new one")
             diff += in_methods
-            print(f"elas: warning: resuming with other kernels ({'; '.join(diff)}): the model is the same, its "
-                  f"losses may differ from an uninterrupted run's in the last bits", file=sys.stderr)
+            if _rank0():
+                print(f"elas: warning: resuming with other kernels ({'; '.join(diff)}): the model is the same, "
+                      f"its losses may differ from an uninterrupted run's in the last bits", file=sys.stderr)
         cfg.validate()
         # everything a run needs that costs nothing to check, before any data is prepared
         from .build import build_model

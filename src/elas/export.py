@@ -144,8 +144,9 @@ def export_hf(model: nn.Module, cfg: ModelConfig, tokenizer_file: Path | None, o
     if any(a.config.name == "act24" for a in applied_methods(model)):
         log("elas export: the run used 2:4 activation sparsity, which a transformers model cannot express: the "
             "export computes dense ReLU^2 activations (its outputs differ from elas's sparse forward)")
+    merged = ", low-rank factors merged" if any(isinstance(m, LowRankLinear) for m in model.modules()) else ""
     log(f"elas export: wrote {conf.architectures[0]} ({sum(t.numel() for t in tensors.values()) / 1e6:.2f}M "
-        f"parameters, low-rank factors merged) to {out}")
+        f"parameters{merged}) to {out}")
     return out
 
 
