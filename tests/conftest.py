@@ -41,6 +41,28 @@ def run_cli(*args: str, env: dict | None = None, cwd=None):
                           timeout=600)
 
 
+def hold_run_lock(run):
+    """A process holding `run`'s lock (as a training process does), once it holds it: kill() it to let go."""
+    import subprocess
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from elas.train.trainer import lock_run_dir; lock_run_dir(Path(sys.argv[1])); "
+                               "print('locked', flush=True); time.sleep(300)", str(run)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def wait_for_metrics_then_signal(proc, run, sig, timeout: float = 240.0):
+    """Send `sig` to proc once `run` has logged a step (and a moment more); its (stdout, stderr) after it ends."""
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    time.sleep(2.0)
+    proc.send_signal(sig)
+    return proc.communicate(timeout=timeout)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -9,7 +9,7 @@ import pytest
 
 from elas.train import latest_checkpoint, verify_checkpoint
 
-from conftest import run_cli
+from conftest import hold_run_lock, run_cli
 from test_train import losses, train_args
 
 COMMON = ["--max-steps", "8", "--set", "save_every=2", "--set", "eval_every=100", "--set", "keep_checkpoints=3"]
@@ -183,12 +183,8 @@ def test_a_run_directory_trains_in_one_process_at_a_time(dataset, reference, tmp
     import shutil
     run = tmp_path / "run"
     shutil.copytree(reference / "killed", run)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from elas.train.trainer import lock_run_dir; lock_run_dir(Path(sys.argv[1])); "
-                               "print('locked', flush=True); time.sleep(120)", str(run)],
-                              stdout=subprocess.PIPE, text=True)
+    holder = hold_run_lock(run)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         r = run_cli(*train_args(dataset, run, *COMMON, "--resume"))
         assert r.returncode == 2 and f"is in use by another elas process (pid {holder.pid})" in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1

@@ -10,7 +10,7 @@ import torch
 from elas.cli import main
 from elas.train import latest_checkpoint
 
-from conftest import TINY, run_cli
+from conftest import TINY, hold_run_lock, run_cli, wait_for_metrics_then_signal
 
 
 def losses(run):
@@ -209,17 +209,11 @@ def test_signal_saves_a_checkpoint(dataset, tmp_path):
     import os
     import subprocess
     import sys
-    import time
     out = tmp_path / "r"
     p = subprocess.Popen([sys.executable, "-m", "elas", *train_args(dataset, out, "--max-steps", "100000",
                           "--set", "save_every=100000", "--set", "eval_every=100000")],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out / "metrics.jsonl").exists():
-        time.sleep(0.2)
-    time.sleep(1.0)
-    p.send_signal(signal.SIGTERM)
-    _, errtxt = p.communicate(timeout=120)
+    _, errtxt = wait_for_metrics_then_signal(p, out, signal.SIGTERM)
     # not an error: 128 + SIGTERM, as a process killed by it, and the command that continues the run
     assert p.returncode == 128 + signal.SIGTERM and f"stopped by signal {int(signal.SIGTERM)}" in errtxt
     assert f"continue with `elas train --out {out} --resume`" in errtxt and "error" not in errtxt.splitlines()[-1]
@@ -559,7 +553,7 @@ sys.exit(main(sys.argv[1:] + shlex.split(os.environ.get("ELAS_RANK%s_ARGS" % os.
 """
 
 
-def _torchrun(tmp_path, args, env=None, timeout=300, popen=False):
+def _torchrun_per_rank(tmp_path, args, env=None, timeout=300, popen=False):
     import os
     import subprocess
     import sys
@@ -577,7 +571,7 @@ def test_processes_started_differently_stop_with_one_line(dataset, tmp_path):
     directories that are not one directory: every process stops before training, rank 0 says why in one line
     naming the keys (or the ranks), and nothing hangs in a collective or trains wrongly."""
     steps = ["--max-steps", "3", "--set", "eval_every=3", "--set", "save_every=3", "--set", "batch_size=2"]
-    r = _torchrun(tmp_path, train_args(dataset, tmp_path / "a", *steps),
+    r = _torchrun_per_rank(tmp_path, train_args(dataset, tmp_path / "a", *steps),
                   env={"ELAS_RANK1_ARGS": "--set lr=0.01 --set model.n_layers=3"})
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("elas: error:")]
     assert r.returncode != 0 and len(err) == 1, r.stderr[-2000:]
@@ -585,33 +579,27 @@ def test_processes_started_differently_stop_with_one_line(dataset, tmp_path):
     assert "lr: rank 0 0.003, rank 1 0.01" in err[0] and "model.n_layers: rank 0 2, rank 1 3" in err[0], err[0]
     assert not (tmp_path / "a").exists()  # stopped before the run directory was made
     # each node its own --out (a run directory that is not shared): refused before any checkpoint is written
-    r = _torchrun(tmp_path, train_args(dataset, tmp_path / "b0", *steps), env={"ELAS_RANK1_ARGS": "--out " + str(
-        tmp_path / "b1")})
+    r = _torchrun_per_rank(tmp_path, train_args(dataset, tmp_path / "b0", *steps),
+                           env={"ELAS_RANK1_ARGS": "--out " + str(tmp_path / "b1")})
     assert r.returncode != 0 and "the processes were started with different settings (out_dir: " in r.stderr
 
 
 def test_a_stop_signal_under_torchrun_saves_every_process_at_one_step(dataset, tmp_path):
     """SIGTERM to torchrun (a scheduler's preemption) reaches every process: they agree on the step to stop at,
     save one checkpoint there together and leave with 128 + SIGTERM; --resume then continues the run."""
-    import time
     out = tmp_path / "r"
     args = train_args(dataset, out, "--max-steps", "100000", "--set", "save_every=100000", "--set",
                       "eval_every=100000", "--set", "batch_size=2")
-    p = _torchrun(tmp_path, args, popen=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (out / "metrics.jsonl").exists():
-        time.sleep(0.2)
-    time.sleep(2.0)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=240)
+    p = _torchrun_per_rank(tmp_path, args, popen=True)
+    _, err = wait_for_metrics_then_signal(p, out, signal.SIGTERM)
     assert p.returncode != 0 and err.count("stopped by signal 15 at step") == 1, err[-3000:]
     ck = latest_checkpoint(out)
     # (torchrun's own agent reports the signal with a traceback of its own; no process of the run fails)
     assert ck is not None and "/elas/" not in err and "gloo" not in err, err[-3000:]
     step = json.loads((ck / "trainer.json").read_text())["step"]
     assert f"stopped by signal 15 at step {step};" in err and step > 0
-    r = _torchrun(tmp_path, [*train_args(dataset, out, "--set", "batch_size=2"), "--resume", "--max-steps",
-                             str(step + 2)])
+    r = _torchrun_per_rank(tmp_path, [*train_args(dataset, out, "--set", "batch_size=2"), "--resume",
+                                      "--max-steps", str(step + 2)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(losses(out))[-1] == step + 2
 
@@ -619,18 +607,12 @@ def test_a_stop_signal_under_torchrun_saves_every_process_at_one_step(dataset, t
 def test_a_locked_run_directory_stops_every_process_with_one_line(dataset, tmp_path):
     """A torchrun job resumed into a run directory another process trains in: rank 0 finds the lock, and every
     process stops there (one error line, no collective left waiting for rank 0)."""
-    import subprocess
-    import sys
     out = tmp_path / "run"
     args = train_args(dataset, out, "--max-steps", "2", "--set", "batch_size=2", "--set", "eval_every=100")
     assert run_cli(*args).returncode == 0
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from elas.train.trainer import lock_run_dir; lock_run_dir(Path(sys.argv[1])); "
-                               "print('locked', flush=True); time.sleep(300)", str(out)],
-                              stdout=subprocess.PIPE, text=True)
+    holder = hold_run_lock(out)
     try:
-        assert holder.stdout.readline().strip() == "locked"
-        r = _torchrun(tmp_path, [*args, "--resume", "--max-steps", "4"])
+        r = _torchrun_per_rank(tmp_path, [*args, "--resume", "--max-steps", "4"])
     finally:
         holder.kill()
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("elas: error:")]

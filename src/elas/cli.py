@@ -110,16 +110,6 @@ def _load_toml(path: str) -> dict:
         raise UserError(f"config file {path} is not valid TOML ({e})") from None
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def _message(e: Exception) -> str:
     """An exception's message as one line for the user (a KeyError's str() quotes it; others' are as written)."""
     return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
@@ -142,7 +132,7 @@ def _rank0() -> bool:
 
 def resolve_train_config(args: argparse.Namespace):
     """defaults of the preset (or the recipe) < TOML file < model flags < --set < --out/--max-steps/--device/--data."""
-    from .config import apply_overrides, train_config
+    from .config import apply_overrides, flatten, train_config
     from .train import TrainError, load_run_config
 
     toml = _load_toml(args.config) if args.config else {}
@@ -165,7 +155,7 @@ def resolve_train_config(args: argparse.Namespace):
                     raise UserError(f"--recipe {recipe} contradicts the run being resumed (recipe {cfg.recipe}, preset "
                                     f"{cfg.preset}): a resumed run keeps its config; choose another --out for a new one")
             # the TOML's settings apply on top of the run's, as --set does (its model keys must agree: below)
-            apply_overrides(cfg, _flatten({k: v for k, v in toml.items() if k not in ("preset", "recipe")}))
+            apply_overrides(cfg, flatten({k: v for k, v in toml.items() if k not in ("preset", "recipe")}))
             apply_model_flags(cfg.model, args)
         else:
             recipe = getattr(args, "recipe", None) or toml.pop("recipe", None)
@@ -176,7 +166,7 @@ def resolve_train_config(args: argparse.Namespace):
                 cfg = recipe_config(recipe)
             else:
                 cfg = train_config(args.preset or toml.pop("preset", None) or "llama-tiny-elas")
-            apply_overrides(cfg, _flatten(toml))
+            apply_overrides(cfg, flatten(toml))
             apply_model_flags(cfg.model, args)
         if args.optimizer:  # the optimizer's published recipe for this size, before --set
             from .config import LORO_DEFAULTS, size_of

@@ -31,6 +31,17 @@ CONFIG_VERSION = 2  # of config.json: 2 = sparsity as a list of methods (1: flat
 D_FF_MULTIPLE = 128  # every 2:4 GEMM tile we target divides 128; 8191 (ELAS 1B) would leave a dense tail
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"model": {"rank": 8}} -> {"model.rank": 8} (the `--set` key names); lists (a model's methods) kept whole."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 def relu2_width(swiglu_intermediate: int, multiple: int = D_FF_MULTIPLE) -> int:
     """ReLU^2 FFN width with the SwiGLU parameter budget: 1.5 x intermediate, rounded UP to `multiple`."""
     return int(math.ceil(1.5 * swiglu_intermediate / multiple) * multiple)

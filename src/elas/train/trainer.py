@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import TrainConfig, from_dict, to_dict
+from ..config import TrainConfig, flatten, from_dict, to_dict
 from ..data.loader import Batches, TokenWindows, check_token_range, load_meta
 from ..data.prepare import DataError
 from ..build import build_model, check_kernels, relu2_kernel, resolve_methods
@@ -51,17 +51,6 @@ class _StartError(TrainError):
     def __init__(self, message: str, quiet: bool = False):
         super().__init__(message)
         self.quiet = quiet
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    """{"model": {"rank": 8}} -> {"model.rank": 8}; lists (a model's methods) kept whole."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 class TrainStopped(TrainError):
@@ -306,7 +295,7 @@ class Trainer:
         except (DataError, TrainError) as e:
             error = str(e)
         # several processes: the same config and data everywhere, and no process stopped, before anything else
-        settings = {k: v for k, v in _flat(to_dict(cfg)).items() if k not in ("device", "data_dir")}  # (data: by hash)
+        settings = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in ("device", "data_dir")}  # (data: by hash)
         settings["data.train_sha1"] = (getattr(self, "meta", None) or {}).get("train_sha1")
         error = agree(self.dist, error, settings)
         if error:
