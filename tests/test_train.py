@@ -618,3 +618,22 @@ def test_a_locked_run_directory_stops_every_process_with_one_line(dataset, tmp_p
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("elas: error:")]
     assert r.returncode != 0 and len(err) == 1 and f"is in use by another elas process (pid {holder.pid})" in err[0]
     assert "gloo" not in r.stderr, r.stderr[-2000:]
+
+
+def test_pick_device_names_the_gpu_index(monkeypatch):
+    """'cuda' and 'auto' become cuda:<current> (torch.cuda.set_device refuses a device without an index); an index
+    past the machine's GPUs is a one-line error naming the valid ones."""
+    from elas.train.trainer import TrainError, pick_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("auto") == torch.device("cuda", 1)
+    assert pick_device("cuda") == torch.device("cuda", 1)
+    assert pick_device("cuda:0") == torch.device("cuda", 0)
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(TrainError, match=r"cuda:2.*2 GPU\(s\): cuda:0 to cuda:1"):
+        pick_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    with pytest.raises(TrainError, match="CUDA is not available"):
+        pick_device("cuda")

@@ -64,11 +64,20 @@ class TrainStopped(TrainError):
 
 
 def pick_device(name: str) -> torch.device:
+    """The run's device, with its index where it is a GPU ("cuda" -> "cuda:<current>"): torch.cuda.set_device refuses
+    a device without one, and the tensors a run makes report theirs."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
         raise TrainError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    if dev.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if dev.index >= torch.cuda.device_count():
+        raise TrainError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} GPU(s): "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 
