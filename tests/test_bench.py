@@ -5,6 +5,7 @@ from pathlib import Path
 from elas.bench.profile import breakdown, category, top_kernels
 from elas.bench.report import mode_step_tables, render, step_tables
 import pytest
+import torch
 
 from elas.bench.step import ratios, step_config
 
@@ -92,9 +93,29 @@ def test_step_variant_options_set_method_keys_and_bad_ones_fail_in_one_line():
     assert m["fused"] is True and m["grad_mode"] == "mask"
     assert step_config("llama-60m", "elas", "elas", 256).methods[0]["fused"] is False
     for bad, says in (("lowrank-relu2+act24.fused=true", "does not apply"), ("elas+act24.fuse=true", "fused"),
-                      ("elas+act24.fused=maybe", "true or false"), ("elas+fused", "KEY=VALUE")):
+                      ("elas+act24.fused=maybe", "true or false"), ("elas+fused", "KEY=VALUE"),
+                      ("elas+optim_state_dtype=fp8", "invalid optim_state_dtype='fp8'.*fp32 or bf16")):
         with pytest.raises(ValueError, match=says):
             step_config("llama-60m", bad, "elas", 256)
+
+
+def test_step_variant_training_keys_reach_the_optimizer_not_the_model():
+    """optim_state_dtype is a training setting: the model (and the plain modes' row, shared with the twin without
+    it) is the variant's without it; the elas mode's optimizer keeps its moments in bf16."""
+    from elas.bench.step import plain_config, train_keys
+    from elas.optim import build_optimizer
+    from elas.build import build_model
+    from elas.config import TrainConfig
+    v = "lowrank-relu2+optim_state_dtype=bf16+fuse_qkv=true"
+    assert train_keys(v) == ("lowrank-relu2+fuse_qkv=true", {"optim_state_dtype": "bf16"})
+    assert step_config("llama-60m", v, "elas", 256) == step_config("llama-60m", "lowrank-relu2+fuse_qkv=true",
+                                                                  "elas", 256)
+    assert plain_config("llama-60m", v, 256) == plain_config("llama-60m", "lowrank-relu2", 256)
+    cfg = step_config("llama-60m", v, "elas", 64)
+    model = build_model(cfg, "cpu").bfloat16()
+    opt = build_optimizer(model, TrainConfig(model=cfg, **train_keys(v)[1]))
+    assert opt.moment_dtype == torch.bfloat16
+    assert {st["exp_avg_sq"].dtype for st in opt.state.values()} == {torch.bfloat16}
 
 
 def test_infer_ratios_take_the_dense_twins_best_prefill_mode():

@@ -50,7 +50,24 @@ PLAIN = {"residual_dtype": "fp32", "lm_loss": "logits", "attn_backend": "auto", 
 H100_BF16 = 989e12
 
 
+# training settings a variant may set besides model keys ("lowrank-relu2+optim_state_dtype=bf16"): the elas mode's
+# optimizer reads them; the plain modes run torch's AdamW over fp32 parameters, where they do not apply
+TRAIN_KEYS = {"optim_state_dtype": ("fp32", "bf16")}
+
+
+def train_keys(variant: str) -> tuple[str, dict[str, str]]:
+    """("lowrank-relu2+optim_state_dtype=bf16+fuse_qkv=true") -> ("lowrank-relu2+fuse_qkv=true",
+    {"optim_state_dtype": "bf16"}); a bad value is a ValueError naming the valid ones."""
+    name, sets = split_variant(variant)
+    train = {k: v for k, v in sets.items() if k in TRAIN_KEYS}
+    for k, v in train.items():
+        if v not in TRAIN_KEYS[k]:
+            raise ValueError(f"invalid {k}={v!r} in {variant!r}: expected {' or '.join(TRAIN_KEYS[k])}")
+    return "+".join([name] + [f"{k}={v}" for k, v in sets.items() if k not in TRAIN_KEYS]), train
+
+
 def step_config(size: str, variant: str, mode: str, seq: int):
+    variant = train_keys(variant)[0]
     over = {"max_seq_len": seq}
     if variant == "swiglu-aligned":  # not a preset: SwiGLU with its width rounded up to the GEMM tiles' multiple
         inter = model_preset(size).intermediate
@@ -90,7 +107,8 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
     if checkpointing:  # as the trainer: before compiling
         checkpoint_blocks(model)
     # adamw: MasterAdamW (bf16 parameters) or torch's fused AdamW; loro_adamw: LORO (low-rank variants)
-    opt = build_optimizer(model, TrainConfig(model=cfg, optimizer=optimizer))
+    train = train_keys(variant)[1] if mode == "elas" else {}
+    opt = build_optimizer(model, TrainConfig(model=cfg, optimizer=optimizer, **train))
     idx = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda")
     x, y = idx[:, :-1], idx[:, 1:]
     bf16 = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
@@ -138,6 +156,8 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
            **clocks.summary(),
            "plain_config": plain_config(size, variant, seq),
            "torch": torch.__version__}
+    if mode == "elas":
+        row["optim_state_dtype"] = train.get("optim_state_dtype", "fp32")
     if grads is not None:
         row["graph"] = grads.graphs  # False: the capture failed and the steps ran eagerly (logged)
         row["optimizer_in_graph"] = grads.step_in_graph

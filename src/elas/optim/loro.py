@@ -354,7 +354,7 @@ class LOROAdamW(FP32Masters, torch.optim.Optimizer):
             scale = group["scaler"] if group["kind"] == "pair" else 1.0
             c = math.sqrt(1 - b2 ** k) / (1 - b1 ** k)
             rows.append([1.0 - lr * group["weight_decay"], b1, b2, group["eps"], lr * c * scale, 1.0, 1.0 - b1,
-                         1.0 - b2])
+                         1.0 - b2, 0.0])  # (no seed: LORO's moments stay fp32)
         self._write_scalars(rows)
         self._fused_update()
         for group in self.param_groups:

@@ -28,16 +28,42 @@ import math
 
 import torch
 
+SCAL = 9  # fp32 scalars per parameter group that the update reads (see _init_fused)
+
+
+_U32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """master_triton._mix32 in torch (int64 values in [0, 2^32); no product leaves int64)."""
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _U32
+    x = ((x ^ (x >> 15)) * 0x27D4EB2F) & _U32
+    return x ^ (x >> 16)
+
+
+def sr_bf16(x: torch.Tensor, t: int, seed: torch.Tensor) -> torch.Tensor:
+    """master_triton._sr_bf16 in torch: fp32 x (contiguous) rounded stochastically to bf16, the random bits a hash
+    of (element index, tensor index t, seed: a 0-d int64 tensor, the step); bit for bit the kernel's rounding."""
+    idx = torch.arange(x.numel(), dtype=torch.int64, device=x.device).view(x.shape)
+    h = _mix32((idx + _mix32((t * 0x165667B1 + seed * 0x68E31DA5) & _U32)) & _U32)
+    b = ((x.view(torch.int32).to(torch.int64) & _U32) + (h & 0xFFFF)) & 0xFFFF0000
+    b = torch.where(b >= 2 ** 31, b - 2 ** 32, b)  # back to int32's two's complement
+    return b.to(torch.int32).view(torch.float32).to(torch.bfloat16)
+
 
 def adamw_reference(p: torch.Tensor, g: torch.Tensor, w: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
-                    scal: torch.Tensor, inv_scale) -> None:
-    """One tensor's update, in place (see master_triton.py for the formula). p bf16; g bf16/fp32; w, m, v fp32;
-    scal: the group's [8] fp32 scalars; inv_scale: 1 / grad_scale (a number or a 0-d fp32 tensor)."""
+                    scal: torch.Tensor, inv_scale, t: int = 0) -> None:
+    """One tensor's update, in place (see master_triton.py for the formula). p bf16; g bf16/fp32; w fp32; m, v
+    fp32, or bf16 (m rounded to nearest, v stochastically, and the update reads them so rounded); scal: the
+    group's [SCAL] fp32 scalars; inv_scale: 1 / grad_scale (a number or a 0-d fp32 tensor); t: the tensor's
+    index in the update (the stochastic rounding's hash reads it)."""
     decay, beta1, beta2, eps, step_size, vscale, one_m_b1, one_m_b2 = (scal[i] for i in range(8))
     gf = g.float() * inv_scale
-    m.copy_(m + one_m_b1 * (gf - m))
-    v.copy_(beta2 * v + one_m_b2 * gf * gf)
-    w.copy_(w * decay - step_size * (m / (torch.sqrt(v) * vscale + eps)))
+    mf, vf = m.float(), v.float()
+    m.copy_(mf + one_m_b1 * (gf - mf))
+    vf = beta2 * vf + one_m_b2 * gf * gf
+    v.copy_(sr_bf16(vf, t, scal[8].to(torch.int64)) if v.dtype == torch.bfloat16 else vf)
+    w.copy_(w * decay - step_size * (m.float() / (torch.sqrt(v.float()) * vscale + eps)))
     p.copy_(w.to(torch.bfloat16))
 
 
@@ -48,6 +74,7 @@ class FP32Masters:
     optimizer over fp32 parameters, which then behaves exactly as without the mixin."""
 
     has_masters = False  # set in _init_masters
+    moment_dtype = torch.float32  # the Adam moments' dtype in the fused update (MasterAdamW's optim_state_dtype)
 
     def _init_masters(self) -> None:
         params = [p for g in self.param_groups for p in g["params"]]
@@ -117,8 +144,8 @@ class FP32Masters:
     # -- the fused update (MasterAdamW's step; LORO's lazy steps) ---------------------------------------------
     def _init_fused(self, backend: str) -> None:
         """backend: auto (the Triton kernel on CUDA where Triton is installed, else the reference), reference or
-        triton. Per group, 8 fp32 scalars on the device: (decay, beta1, beta2, eps, step_size, vscale,
-        1 - beta1, 1 - beta2) (master_triton.py)."""
+        triton. Per group, SCAL fp32 scalars on the device: (decay, beta1, beta2, eps, step_size, vscale,
+        1 - beta1, 1 - beta2, step) (master_triton.py)."""
         if backend not in ("auto", "reference", "triton"):
             raise ValueError(f"invalid {type(self).__name__} backend {backend!r}: expected auto, reference or triton")
         params = [p for g in self.param_groups for p in g["params"]]
@@ -127,7 +154,7 @@ class FP32Masters:
             import importlib.util
             backend = "triton" if dev.type == "cuda" and importlib.util.find_spec("triton") else "reference"
         self.backend = backend
-        self._scal = torch.zeros(len(self.param_groups), 8, dtype=torch.float32, device=dev)
+        self._scal = torch.zeros(len(self.param_groups), SCAL, dtype=torch.float32, device=dev)
         self._tab = self._chunks = None
         self._tab_key: tuple | None = None
         self._staging = _PinnedRing(self._scal.shape) if dev.type == "cuda" else None
@@ -136,8 +163,8 @@ class FP32Masters:
         st = self.state[p]
         if "exp_avg" not in st:
             self.master(p)
-            st["exp_avg"] = torch.zeros_like(st["master"])
-            st["exp_avg_sq"] = torch.zeros_like(st["master"])
+            st["exp_avg"] = torch.zeros_like(st["master"], dtype=self.moment_dtype)
+            st["exp_avg_sq"] = torch.zeros_like(st["master"], dtype=self.moment_dtype)
         return st
 
     def _stepping(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -170,15 +197,16 @@ class FP32Masters:
             if dry:
                 return
             inv = 1.0 if grad_scale is None else 1.0 / grad_scale.float()
-            for gi, p, g in items:
+            for t, (gi, p, g) in enumerate(items):  # t: the kernel's row of the tensor
                 st = self._adam_state(p)
-                adamw_reference(p.data, g, st["master"], st["exp_avg"], st["exp_avg_sq"], self._scal[gi], inv)
+                adamw_reference(p.data, g, st["master"], st["exp_avg"], st["exp_avg_sq"], self._scal[gi], inv, t)
             return
         from . import master_triton
         capturing = self._scal.is_cuda and torch.cuda.is_current_stream_capturing()
         if not capturing:  # a capture reads the table that the prepare() after it writes
             self._refresh_table()
-        master_triton.adamw_step(self._tab, self._chunks, self._scal, grad_scale, grad_fp32=bool(self._acc), dry=dry)
+        master_triton.adamw_step(self._tab, self._chunks, self._scal, grad_scale, grad_fp32=bool(self._acc),
+                                 moments_bf16=self.moment_dtype == torch.bfloat16, dry=dry)
 
     def _refresh_table(self) -> None:
         """The table of addresses the kernel reads; rebuilt only when an address changed (a new gradient buffer,
@@ -208,7 +236,8 @@ class FP32Masters:
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _load_keeping_fp32(self, state_dict: dict) -> None:
         """torch's Optimizer.load_state_dict casts floating state to the parameters' dtype (bf16 here): the
-        masters and moments are put back in fp32."""
+        masters are put back in fp32, the moments in `moment_dtype` (a state saved with the other one is cast:
+        optim_state_dtype may change on resume)."""
         raw = state_dict["state"]
         if self.has_masters and any("master" not in st for st in raw.values()):
             raise ValueError("this optimizer state has no fp32 master weights (it was written by an optimizer over "
@@ -221,7 +250,8 @@ class FP32Masters:
             p = params[int(i)]
             for k, v in st.items():
                 if torch.is_tensor(v) and v.is_floating_point():
-                    self.state[p][k] = v.to(device=p.device, dtype=torch.float32, copy=True).contiguous()
+                    dt = self.moment_dtype if k in ("exp_avg", "exp_avg_sq") else torch.float32
+                    self.state[p][k] = v.to(device=p.device, dtype=dt, copy=True).contiguous()
 
 
 class MasterAdamW(FP32Masters, torch.optim.Optimizer):
@@ -230,7 +260,10 @@ class MasterAdamW(FP32Masters, torch.optim.Optimizer):
     reference, or triton."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 backend: str = "auto"):
+                 backend: str = "auto", moment_dtype: torch.dtype = torch.float32):
+        if moment_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"MasterAdamW keeps its moments in float32 or bfloat16, got {moment_dtype}")
+        self.moment_dtype = moment_dtype
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         for g in self.param_groups:
             g.setdefault("step", 0)
@@ -258,7 +291,7 @@ class MasterAdamW(FP32Masters, torch.optim.Optimizer):
             k, (b1, b2) = group["step"], group["betas"]
             lr, wd = float(group["lr"]), float(group["weight_decay"])
             rows.append([1.0 - lr * wd, b1, b2, group["eps"], lr / (1.0 - b1 ** k), 1.0 / math.sqrt(1.0 - b2 ** k),
-                         1.0 - b1, 1.0 - b2])
+                         1.0 - b1, 1.0 - b2, float(k % 2 ** 24)])  # (the seed: exact in fp32)
         self._write_scalars(rows)
 
     def apply(self, dry: bool = False) -> None:

@@ -10,11 +10,18 @@ Bytes per parameter: reads grad (2), w, m, v (12); writes w, m, v (12), p (2): 2
 AdamW over fp32 parameters, which is followed by autocast's casts of every weight (6 more bytes per use) and
 of every weight gradient (6 more); here there are none.
 
+With bf16 moments (MOMENTS_BF16; optim_state_dtype=bf16) m and v are read and written in bf16: 20 bytes per
+parameter. m is stored rounded to nearest even. v is stored rounded stochastically: once v is steady, its change
+per step, (1 - beta2) (g^2 - v) ~ 1e-3 v, is below half a bf16 ulp (2^-9 v), so rounding to nearest would never
+let it move; rounded up with probability (distance to the lower bf16) / ulp, it moves by the right amount on
+average. The random bits are a hash of (element index, tensor index, step) (`sr_bits`, the same integer
+arithmetic in the reference): a replayed step reads the step from `scal` and draws new bits.
+
 Tensors are reached through a table (the parameters have separate storages, and the gradients are allocated by
 autograd): `tab` [n_tensors, 8] int64 = (param, grad, master, exp_avg, exp_avg_sq addresses, numel, group, 0),
 `chunks` [n_programs, 2] int64 = (tensor index, first element): each program updates CHUNK = BLOCK * ITERS
-consecutive elements of one tensor. `scal` [n_groups, 8] fp32 = (decay, beta1, beta2, eps, step_size,
-vscale, 1 - beta1, 1 - beta2): AdamW has step_size = lr / (1 - beta1^k), vscale = 1 / sqrt(1 - beta2^k); LORO's lazy step
+consecutive elements of one tensor. `scal` [n_groups, SCAL] fp32 = (decay, beta1, beta2, eps, step_size,
+vscale, 1 - beta1, 1 - beta2, step (the stochastic rounding's seed)): AdamW has step_size = lr / (1 - beta1^k), vscale = 1 / sqrt(1 - beta2^k); LORO's lazy step
 step_size = lr scale sqrt(1 - beta2^k) / (1 - beta1^k), vscale = 1 (eps outside the bias correction). dry != 0
 computes and stores nothing (the warm-up passes before a CUDA-graph capture).
 """
@@ -23,6 +30,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .master import SCAL
 
 BLOCK, ITERS, WARPS = 1024, 8, 4
 CHUNK = BLOCK * ITERS
@@ -37,8 +46,28 @@ def _round_bf16(x):
 
 
 @triton.jit
+def _mix32(x):
+    """A 32-bit integer hash (xor-shift-multiply rounds) on int64 values in [0, 2^32): the multipliers are below
+    2^31, so no product leaves int64 and the reference's torch arithmetic is the same, bit for bit."""
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & 0xFFFFFFFF
+    x = ((x ^ (x >> 15)) * 0x27D4EB2F) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _sr_bf16(x, idx, t, seed):
+    """fp32 -> bf16 rounded stochastically (as an fp32 value): the low 16 bits of a hash of (idx, t, seed) added
+    to the bit pattern before truncation, so x rounds away from zero with probability (its distance from the
+    truncated value) / ulp. idx: int64 element index in its tensor, t: tensor index, seed: the step."""
+    h = _mix32((idx + _mix32((t * 0x165667B1 + seed * 0x68E31DA5) & 0xFFFFFFFF)) & 0xFFFFFFFF)
+    b = x.to(tl.uint32, bitcast=True)
+    b = (b + (h & 0xFFFF).to(tl.uint32)) & 0xFFFF0000
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _adamw_kernel(tab, chunks, scal, gscale, dry, HAS_SCALE: tl.constexpr, GRAD_FP32: tl.constexpr,
-                  BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                  MOMENTS_BF16: tl.constexpr, SCAL: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -50,13 +79,18 @@ def _adamw_kernel(tab, chunks, scal, gscale, dry, HAS_SCALE: tl.constexpr, GRAD_
     else:
         g_ptr = tl.multiple_of(tl.load(row + 1), 16).to(tl.pointer_type(tl.bfloat16))
     w_ptr = tl.multiple_of(tl.load(row + 2), 16).to(tl.pointer_type(tl.float32))
-    m_ptr = tl.multiple_of(tl.load(row + 3), 16).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.multiple_of(tl.load(row + 4), 16).to(tl.pointer_type(tl.float32))
+    if MOMENTS_BF16:
+        m_ptr = tl.multiple_of(tl.load(row + 3), 16).to(tl.pointer_type(tl.bfloat16))
+        v_ptr = tl.multiple_of(tl.load(row + 4), 16).to(tl.pointer_type(tl.bfloat16))
+    else:
+        m_ptr = tl.multiple_of(tl.load(row + 3), 16).to(tl.pointer_type(tl.float32))
+        v_ptr = tl.multiple_of(tl.load(row + 4), 16).to(tl.pointer_type(tl.float32))
     n = tl.load(row + 5) * (1 - dry)  # dry: no element is inside
-    s = scal + tl.load(row + 6) * 8
+    s = scal + tl.load(row + 6) * SCAL
     decay, beta1, beta2 = tl.load(s), tl.load(s + 1), tl.load(s + 2)
     eps, step_size, vscale = tl.load(s + 3), tl.load(s + 4), tl.load(s + 5)
     one_m_b1, one_m_b2 = tl.load(s + 6), tl.load(s + 7)  # 1 - beta, rounded once from double
+    seed = tl.load(s + 8).to(tl.int64)
     inv_scale = 1.0
     if HAS_SCALE:
         inv_scale = 1.0 / tl.load(gscale)
@@ -65,14 +99,17 @@ def _adamw_kernel(tab, chunks, scal, gscale, dry, HAS_SCALE: tl.constexpr, GRAD_
         inside = offs < n
         g = tl.load(g_ptr + offs, mask=inside, other=0.0).to(tl.float32) * inv_scale
         w = tl.load(w_ptr + offs, mask=inside, other=0.0)
-        m = tl.load(m_ptr + offs, mask=inside, other=0.0)
-        v = tl.load(v_ptr + offs, mask=inside, other=0.0)
+        m = tl.load(m_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         m = m + one_m_b1 * (g - m)
         v = beta2 * v + one_m_b2 * g * g
+        if MOMENTS_BF16:  # the update reads the moments as stored
+            m = _round_bf16(m)
+            v = _sr_bf16(v, offs, t, seed)
         w = w * decay - step_size * (m / (tl.sqrt(v) * vscale + eps))
         tl.store(w_ptr + offs, w, mask=inside)
-        tl.store(m_ptr + offs, m, mask=inside)
-        tl.store(v_ptr + offs, v, mask=inside)
+        tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=inside)
+        tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=inside)
         tl.store(p_ptr + offs, _round_bf16(w).to(tl.bfloat16), mask=inside)
 
 
@@ -83,8 +120,9 @@ def chunk_table(numels: list[int], device) -> torch.Tensor:
 
 
 def adamw_step(tab: torch.Tensor, chunks: torch.Tensor, scal: torch.Tensor, grad_scale: torch.Tensor | None,
-               grad_fp32: bool, dry: bool = False) -> None:
+               grad_fp32: bool, moments_bf16: bool = False, dry: bool = False) -> None:
     """Launch the update described by the tables (see the module docs); asynchronous, capturable."""
     _adamw_kernel[(chunks.shape[0],)](tab, chunks, scal, grad_scale if grad_scale is not None else scal,
                                       int(dry), HAS_SCALE=grad_scale is not None, GRAD_FP32=grad_fp32,
-                                      BLOCK=BLOCK, ITERS=ITERS, num_warps=WARPS)
+                                      MOMENTS_BF16=moments_bf16, SCAL=SCAL, BLOCK=BLOCK, ITERS=ITERS,
+                                      num_warps=WARPS)

@@ -264,6 +264,8 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         if self.device.type == "cuda":  # (--device cuda:1 too: kernels launched on the current stream)
             torch.cuda.set_device(self.device)
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.param_dtype = resolve_param_dtype(cfg, self.device, self.dist.enabled, bf16)
         # model.relu2_kernel=auto is resolved once, here, and the run records the kernel it took (config.json and
         # each checkpoint's copy): a resumed run takes the kernels of the run it resumes, whatever this machine
         # would pick; a kernel it cannot run is a one-line error naming the key that turns it off
@@ -365,7 +367,6 @@ class Trainer:
             self.saved_max_steps = (state.get("config") or {}).get("max_steps")
         # compiled regions on CUDA (CPU runs stay eager: CI and demos need no compiler); then DDP wraps the model,
         # or FSDP2 shards it (parameters become DTensors: the optimizer is built on the shards)
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.compiled = cfg.compile and self.device.type == "cuda"
         if self.compiled and importlib.util.find_spec("triton") is None:  # Inductor generates Triton on GPUs
             self.compiled = False
@@ -380,7 +381,6 @@ class Trainer:
         if meta:  # storage for this process's shards (or the whole model on one process), then the values
             self.model.to_empty(device=self.device)
             self.model.init_weights(cfg.seed)
-        self.param_dtype = resolve_param_dtype(cfg, self.device, self.dist.enabled, bf16)
         if self.param_dtype == "bf16":  # after the weights are loaded, before the optimizer takes its fp32 masters
             hold_params_in(self.model, torch.bfloat16)
         try:
@@ -744,9 +744,14 @@ def resolve_param_dtype(cfg: TrainConfig, device: torch.device, distributed: boo
     if cfg.param_dtype == "bf16" and distributed:
         raise TrainError(f"param_dtype=bf16 is for one process for now: {cfg.parallel.upper()} reduces fp32 "
                          f"gradients of fp32 parameters; set param_dtype=auto or fp32")
-    if cfg.param_dtype != "auto":
-        return cfg.param_dtype
-    return "bf16" if (device.type == "cuda" and bf16 and not distributed) else "fp32"
+    dtype = cfg.param_dtype if cfg.param_dtype != "auto" else \
+        "bf16" if (device.type == "cuda" and bf16 and not distributed) else "fp32"
+    if cfg.optim_state_dtype == "bf16" and dtype != "bf16":
+        raise TrainError(f"optim_state_dtype=bf16 is MasterAdamW's, which updates bf16 parameters; this run holds "
+                         f"them in fp32 (param_dtype={cfg.param_dtype} on {device.type}"
+                         f"{', several processes' if distributed else ''}): set --set param_dtype=bf16 "
+                         f"(one process) or drop optim_state_dtype")
+    return dtype
 
 
 def load_run_config(run_dir: str | Path, log=None) -> TrainConfig:
