@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh STAGE...
-# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass cutlass_probe cutlass_relu2 norm target elas_cutlass mask_cutlass launches quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
+# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass cutlass_probe cutlass_relu2 norm target moments elas_cutlass mask_cutlass launches quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
 # the step benchmark and the test selection. Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
 # machine), are copied there too, with the tuned cuSPARSELt algorithm cache.
 set -u
@@ -86,10 +86,11 @@ for what in "${@:-tests kernels ffn}"; do
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
           --variants "$v,$v+norm_kernel=fused$k" --out "${NORM_OUT:-benchmarks/results/$GPU/step_norm}" 2>&1 | quiet ;;
       target)  # the 1.2x target's row in one process: the dense 1B twin in elas mode (relu2_kernel=auto: cutlass with
-               # ELAS_CUTLASS_RELU2, carry build/cutlass_relu2), with norm_kernel=fused, with the q/k/v down-projections
-               # as one GEMM (fuse_qkv), with Inductor's kernels launched early (pdl), and with the torch ReLU^2 (the
-               # default before auto), and plain torch.compile of the same model (none of elas's kernels)
-        v=lowrank-relu2; k=,$v+norm_kernel=fused,$v+fuse_qkv=true,$v+pdl=true${ELAS_CUTLASS_RELU2:+,$v+relu2_kernel=torch}
+               # ELAS_CUTLASS_RELU2, carry build/cutlass_relu2), with the q/k/v down-projections as one GEMM
+               # (fuse_qkv), with bf16 Adam moments (optim_state_dtype), with both, and plain torch.compile of the same
+               # model (none of elas's kernels); TARGET_MORE adds variants
+        v=lowrank-relu2; k=,$v+fuse_qkv=true,$v+optim_state_dtype=bf16,$v+fuse_qkv=true+optim_state_dtype=bf16
+        k=$k${TARGET_MORE:+,$TARGET_MORE}  # (e.g. $v+pdl=true, $v+norm_kernel=fused: timed 2026-12-05, no gain)
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b \
           --modes elas,torch.compile --variants "$v$k" --out "${TARGET_OUT:-benchmarks/results/$GPU/step_target}" 2>&1 | quiet ;;
       elas_cutlass)  # the 1B ELAS step with its d_ff-wide GEMMs on CUTLASS (act24.cutlass=true: the up-projection
@@ -165,6 +166,17 @@ for what in "${@:-tests kernels ffn}"; do
           python -m elas experiment --size "$size" --out "runs/grid-$size" --summarize-only 2>&1 | quiet
         fi
         [ -n "${OUT:-}" ] && tar czf "$OUT/grid.tgz" --exclude=checkpoints runs/grid-* ;;
+      moments)  # optim_state_dtype=bf16 against fp32 moments in training: the 60M dense low-rank model with AdamW,
+                # MOMENTS_STEPS steps (default 1000) on the site-packages corpus, the same seed and data, once each;
+                # the validation curves side by side (moments.json). A run cut off resumes in the next call (warm)
+        [ -f data/sp-32k/meta.json ] || python -m elas data prepare --source site-packages --out data/sp-32k \
+          --vocab-size 32000 --max-mb 0 --val-frac 0.01 2>&1 | tail -1
+        for d in fp32 bf16; do
+          timeout "${MOMENTS_TIMEOUT:-270}" python -m elas train --preset llama-60m-lowrank-relu2 --optimizer adamw \
+            --data data/sp-32k --out "runs/moments-$d" --max-steps "${MOMENTS_STEPS:-1000}" --no-progress --resume auto \
+            --set batch_size=256 --set eval_every=200 --set save_every=200 --set optim_state_dtype=$d 2>&1 | quiet | tail -2
+        done
+        python benchmarks/moments.py runs/moments-fp32 runs/moments-bf16 "benchmarks/results/$GPU/moments.json" ;;
       quality)  # the quality grid on a prepared dataset; QUALITY_* select the part to run in this call
         timeout "${QUALITY_TIMEOUT:-520}" python -m elas experiment --size llama-60m --steps "${QUALITY_STEPS:-500}" \
           --batch-size 256 --grad-accum 1 --data "${QUALITY_DATA:-data/quality-32k}" --out runs/quality \

@@ -447,3 +447,27 @@ def test_launch_sources_count_each_device_activity_by_its_launching_ops():
     assert (1.0, "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "aten::mm < ## Call CompiledFxGraph fabc ##"
             " < CompiledFunctionBackward") in rows and len(rows) == 3
     assert ls.count_sources([zero], steps=3)[0][0] == 1.0
+
+
+def test_moments_script_sets_the_two_validation_curves_side_by_side(tmp_path):
+    """benchmarks/moments.py (run_gpu.sh moments): the steps both runs validated at, the relative gap of each and
+    the largest; runs without a common validation step are one line."""
+    import subprocess
+    import sys
+    script = str(Path(__file__).resolve().parents[1] / "benchmarks" / "moments.py")
+    for name, losses in (("a", {200: 4.0, 400: 3.0}), ("b", {200: 4.04, 400: 2.97, 600: 2.5})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "val_loss": v}) + "\n" + json.dumps({"step": s, "loss": v + 1}) + "\n"
+            for s, v in losses.items()))
+    r = subprocess.run([sys.executable, script, str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "m.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = json.loads((tmp_path / "m.json").read_text())
+    assert [c["step"] for c in got["curve"]] == [200, 400]
+    assert got["final_rel"] == pytest.approx(-0.01) and got["max_abs_rel"] == pytest.approx(0.01)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "metrics.jsonl").write_text(json.dumps({"step": 5, "val_loss": 1.0}) + "\n")
+    r = subprocess.run([sys.executable, script, str(tmp_path / "a"), str(tmp_path / "c"), str(tmp_path / "n.json")],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "no validation step in both" in r.stderr
