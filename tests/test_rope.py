@@ -131,28 +131,31 @@ def test_gpu_cutlass_rope_gemm_matches_the_reference(layout):
 
 @pytest.mark.gpu
 def test_gpu_model_with_rope_kernel_trains_like_the_plain_model_and_captures():
-    """Every parameter's gradient beside the plain model's (bf16 tolerance: a wrong rotation moves the q and k
-    weights' gradients by their own size, while the loss at initialisation barely notices), then the model
-    compiled and replayed from a CUDA graph."""
+    """Every parameter's gradient against the plain model's in fp32: the kernel's error at most twice the plain
+    bf16 model's, plus 0.01 (a wrong rotation moves the q and k weights' gradients by their own size, while the
+    loss at initialisation barely notices; the former check, a fixed 5% bound on the difference of the two bf16
+    models on unseeded tokens, failed once in a full GPU run and passed alone), then the model compiled and
+    replayed from a CUDA graph. A seeded input: the test sees the same tokens in any order of tests."""
     _cutlass_rope()
     from elas.build import build_model
     losses, grads = [], []
-    idx = torch.randint(0, 256, (4, 64), device="cuda")
-    for kernel in ("torch", "cutlass"):
+    idx = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    for kernel, dtype in (("torch", None), ("torch", torch.bfloat16), ("cutlass", torch.bfloat16)):
         cfg = preset("llama-tiny-lowrank-relu2", None, n_layers=2, vocab_size=256, fuse_qkv=True,
                      rope_kernel=kernel)
         torch.manual_seed(0)
         model = build_model(cfg, "cuda")
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = model(idx, idx)
         loss.backward()
         losses.append(loss.item())
         grads.append({n: p.grad.float() for n, p in model.named_parameters()})
         del loss  # its autograd graph, made on the default stream, must not outlive this step
-    assert abs(losses[0] - losses[1]) < 1e-2 * abs(losses[0])
-    for n, g in grads[0].items():
-        err = ((grads[1][n] - g).norm() / g.norm().clamp_min(1e-12)).item()
-        assert err < 5e-2, f"{n}: relative gradient difference {err:.3f}"
+    assert abs(losses[0] - losses[2]) < 1e-2 * abs(losses[0])
+    for n, ref in grads[0].items():
+        err_torch, err_kernel = (((g[n] - ref).norm() / ref.norm().clamp_min(1e-12)).item() for g in grads[1:])
+        assert err_kernel <= 2 * err_torch + 1e-2, \
+            f"{n}: relative gradient error {err_kernel:.3f} against fp32, the plain bf16 model's {err_torch:.3f}"
     compiled = torch.compile(model, fullgraph=True)
 
     def step():
