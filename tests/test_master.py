@@ -229,8 +229,10 @@ def _train(dataset, out, *extra):
 
 @pytest.mark.parametrize("extra", [[], ["--set", "optim_state_dtype=bf16"],
                                    ["--optimizer", "loro_adamw", "--set", "loro_exact_every=2",
-                                    "--set", "grad_accum=2", "--set", "batch_size=2"]],
-                         ids=["adamw", "adamw-bf16-moments", "loro-accum"])
+                                    "--set", "grad_accum=2", "--set", "batch_size=2"],
+                                   ["--optimizer", "loro_adamw", "--set", "loro_exact_every=2",
+                                    "--set", "optim_state_dtype=bf16"]],
+                         ids=["adamw", "adamw-bf16-moments", "loro-accum", "loro-bf16-moments"])
 def test_trainer_with_bf16_parameters_trains_and_resumes_exactly(dataset, tmp_path, extra, capsys):
     """param_dtype=bf16 on CPU (the reference update): the model's parameters are bf16, the masters are in the
     checkpoint, and a run resumed from step 3 logs the losses of the uninterrupted one bit for bit (AdamW; LORO
@@ -260,8 +262,7 @@ def test_trainer_with_bf16_parameters_trains_and_resumes_exactly(dataset, tmp_pa
     (["--set", "param_dtype=half"], "invalid param_dtype"),
     (["--set", "optim_state_dtype=fp16"], "invalid optim_state_dtype='fp16': expected fp32 or bf16"),
     (["--set", "optim_state_dtype=bf16"], "this run holds them in fp32 (param_dtype=auto on cpu)"),
-    (["--set", "optim_state_dtype=bf16", "--set", "param_dtype=bf16", "--optimizer", "loro_adamw"],
-     "LORO keeps its moments in fp32"),
+    (["--set", "optim_state_dtype=bf16", "--optimizer", "loro_adamw"], "for bf16 parameters"),
 ])
 def test_bad_param_dtype_is_one_clear_line(dataset, tmp_path, capsys, extra, match):
     assert main(_train(dataset, tmp_path / "x", "--max-steps", "1", *extra)) != 0
@@ -331,11 +332,15 @@ def test_loro_over_bf16_parameters_follows_the_fp32_trajectory_through_exact_ste
         assert torch.equal(q.detach(), opts[1].state[q]["master"].bfloat16())
 
 
-def test_loro_fused_lazy_steps_equal_the_foreach_path():
+@pytest.mark.parametrize("moment_dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-3)],
+                         ids=["fp32-moments", "bf16-moments"])
+def test_loro_fused_lazy_steps_equal_the_foreach_path(moment_dtype, tol):
     """LOROAdamW over bf16 parameters: the lazy steps as the fused kernel (interpreter here) give the foreach
     path's masters up to rounding (1e-6 of each tensor's norm); after an exact step (foreach in both) and the
     moment reset, the low-rank products W = M N^T and the dense parameters stay that close (the factors
-    themselves are an SVD's, defined up to rotations within near-equal singular values)."""
+    themselves are an SVD's, defined up to rotations within near-equal singular values). With bf16 moments the
+    two paths round the same values (the same stochastic bits) but compute them in another order, so a moment
+    now and then lands on the other bf16 neighbour: 1e-3."""
     from elas.build import build_model
     from elas.config import model_preset
     from elas.optim import LOROAdamW
@@ -348,8 +353,8 @@ def test_loro_fused_lazy_steps_equal_the_foreach_path():
         m = build_model(cfg, "cpu")
         hold_params_in(m, torch.bfloat16)
         models.append(m)
-    opts = [LOROAdamW(m, lr=1e-2, exact_every=3, d_model=cfg.d_model, weight_decay=0.1, backend=b)
-            for m, b in zip(models, ("reference", "triton"))]
+    opts = [LOROAdamW(m, lr=1e-2, exact_every=3, d_model=cfg.d_model, weight_decay=0.1, backend=b,
+                      moment_dtype=moment_dtype) for m, b in zip(models, ("reference", "triton"))]
     assert opts[1].backend == "triton" and opts[0].backend == "reference"
     g = torch.Generator().manual_seed(5)
 
@@ -364,16 +369,17 @@ def test_loro_fused_lazy_steps_equal_the_foreach_path():
                 p.grad = gr.clone()
             o.step()
         if step == 1:
-            assert worst() < 1e-6
+            assert worst() < tol
     from elas.model.lowrank import LowRankLinear
     for a, b in zip(models[0].modules(), models[1].modules()):
         if isinstance(a, LowRankLinear):
             wa = opts[0].state[a.weight_out]["master"] @ opts[0].state[a.weight_in]["master"].T
             wb = opts[1].state[b.weight_out]["master"] @ opts[1].state[b.weight_in]["master"].T
-            assert ((wb - wa).norm() / wa.norm()).item() < 1e-5
+            assert ((wb - wa).norm() / wa.norm()).item() < 10 * tol
     dense = [(p, q) for (n, p), q in zip(models[0].named_parameters(), models[1].parameters()) if "weight_" not in n]
     assert all(((opts[1].state[q]["master"] - opts[0].state[p]["master"]).norm()
-                / opts[0].state[p]["master"].norm()).item() < 1e-6 for p, q in dense)
+                / opts[0].state[p]["master"].norm()).item() < tol for p, q in dense)
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         assert torch.equal(q.detach(), opts[1].state[q]["master"].bfloat16())
         assert opts[1].state[q]["k"] == opts[0].state[p]["k"] == 2
+        assert opts[1].state[q]["exp_avg_sq"].dtype == opts[0].state[p]["exp_avg_sq"].dtype == moment_dtype

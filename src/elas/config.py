@@ -328,9 +328,9 @@ class TrainConfig:
     # the parameters' dtype: fp32 (autocast casts each weight per use) | bf16 (the optimizer keeps fp32 masters:
     # optim/master.py) | auto (bf16 on one CUDA process, fp32 elsewhere: CPU, DDP, FSDP2)
     param_dtype: str = "auto"
-    # the Adam moments' dtype in MasterAdamW (optimizer=adamw over bf16 parameters): fp32 | bf16 (the first moment
-    # rounded to nearest, the second stochastically: 20 bytes of optimizer traffic per parameter instead of 28, and
-    # 4 bytes less state; optim/master_triton.py). A resume may change it (the state is cast)
+    # the Adam moments' dtype of the optimizers over bf16 parameters (MasterAdamW, LORO): fp32 | bf16 (the first
+    # moment rounded to nearest, the second stochastically: 20 bytes of optimizer traffic per parameter instead of
+    # 28, and 4 bytes less state; optim/master_triton.py). A resume may change it (the state is cast)
     optim_state_dtype: str = "fp32"
     compile: bool = True  # torch.compile every block and the loss head (CUDA; CPU runs stay eager)
     init_from: str = ""  # a Hugging Face Llama/Arcee directory whose weights start a new run (full-rank models)
@@ -356,9 +356,6 @@ class TrainConfig:
             raise ValueError(f"invalid param_dtype={self.param_dtype!r}: expected auto, bf16 or fp32")
         if self.optim_state_dtype not in ("fp32", "bf16"):
             raise ValueError(f"invalid optim_state_dtype={self.optim_state_dtype!r}: expected fp32 or bf16")
-        if self.optim_state_dtype == "bf16" and self.optimizer != "adamw":
-            raise ValueError(f"optim_state_dtype=bf16 is for optimizer=adamw (MasterAdamW), not "
-                             f"{self.optimizer}: LORO keeps its moments in fp32")
         if self.param_dtype == "bf16" and self.precision == "fp32":
             raise ValueError("param_dtype=bf16 computes in bf16: it needs precision=bf16 or auto, not fp32")
         if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")

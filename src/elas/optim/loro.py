@@ -23,7 +23,7 @@ import math
 import torch
 
 from ..model.lowrank import LowRankLinear
-from .master import FP32Masters
+from .master import FP32Masters, sr_bf16
 
 
 SOLVERS = ("svd", "gesvdj", "gesvda", "eigh")
@@ -280,10 +280,15 @@ def exact_update_sharded(pairs: list[tuple], solver: str = "auto") -> list[tuple
 class LOROAdamW(FP32Masters, torch.optim.Optimizer):
     def __init__(self, model: torch.nn.Module, lr: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, exact_every: int = 500, rewarm_steps: int = 5,
-                 lr_scaler: float | None = None, d_model: int | None = None, backend: str = "auto"):
+                 lr_scaler: float | None = None, d_model: int | None = None, backend: str = "auto",
+                 moment_dtype: torch.dtype = torch.float32):
         """backend (bf16 parameters only): auto / triton: the lazy steps as MasterAdamW's one fused kernel (on CUDA
         where Triton is installed; `triton` also in the CPU interpreter); reference: multi-tensor (foreach) ops.
-        Exact steps, and every step over fp32 parameters, use the foreach ops."""
+        Exact steps, and every step over fp32 parameters, use the foreach ops. moment_dtype: bfloat16 keeps the
+        moments in bf16 as MasterAdamW does (bf16 parameters only; master_triton.py)."""
+        if moment_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"LOROAdamW keeps its moments in float32 or bfloat16, got {moment_dtype}")
+        self.moment_dtype = moment_dtype
         if exact_every < 1:
             raise ValueError(f"exact_every must be >= 1, got {exact_every}")
         pairs = [m for m in model.modules() if isinstance(m, LowRankLinear)]
@@ -304,6 +309,8 @@ class LOROAdamW(FP32Masters, torch.optim.Optimizer):
         for g in self.param_groups:
             g.setdefault("t", 0)  # global step count, saved in state_dict with the groups
         self._init_masters()
+        if moment_dtype == torch.bfloat16 and not self.has_masters:
+            raise ValueError("LOROAdamW keeps bf16 moments only over bf16 parameters (param_dtype=bf16)")
         self._init_fused(backend if self.has_masters else "reference")
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -321,16 +328,26 @@ class LOROAdamW(FP32Masters, torch.optim.Optimizer):
             st = self.state[p]
             st.setdefault("k", 0)
             if "exp_avg" not in st:  # (a master copy may be there already)
-                st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype)
+                st["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
             st["k"] += 1
         grads = [self.grad_of(p).float() for p in params]
-        m = [self.state[p]["exp_avg"] for p in params]
-        v = [self.state[p]["exp_avg_sq"] for p in params]
+        stored_m = [self.state[p]["exp_avg"] for p in params]
+        stored_v = [self.state[p]["exp_avg_sq"] for p in params]
+        bf16 = self.moment_dtype == torch.bfloat16
+        m = [x.float() for x in stored_m] if bf16 else stored_m  # (fp32 arithmetic on bf16 moments)
+        v = [x.float() for x in stored_v] if bf16 else stored_v
         torch._foreach_mul_(m, beta1)
         torch._foreach_add_(m, grads, alpha=1 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        if bf16:  # stored as the fused kernel stores them (m to nearest, v stochastically; the i-th tensor's
+            # hash index is its row in the kernel's table where every parameter steps), and read back so rounded
+            seed = torch.tensor(self.t % 2 ** 24)
+            for i, (sm, sv, x, y) in enumerate(zip(stored_m, stored_v, m, v)):
+                sm.copy_(x)
+                sv.copy_(sr_bf16(y, i, seed))
+            m, v = [x.float() for x in stored_m], [x.float() for x in stored_v]
         denom = torch._foreach_sqrt(v)
         torch._foreach_add_(denom, eps)
         ks = [self.state[p]["k"] for p in params]
@@ -354,7 +371,7 @@ class LOROAdamW(FP32Masters, torch.optim.Optimizer):
             scale = group["scaler"] if group["kind"] == "pair" else 1.0
             c = math.sqrt(1 - b2 ** k) / (1 - b1 ** k)
             rows.append([1.0 - lr * group["weight_decay"], b1, b2, group["eps"], lr * c * scale, 1.0, 1.0 - b1,
-                         1.0 - b2, 0.0])  # (no seed: LORO's moments stay fp32)
+                         1.0 - b2, float(self.t % 2 ** 24)])  # (the seed of bf16 moments' rounding)
         self._write_scalars(rows)
         self._fused_update()
         for group in self.param_groups:

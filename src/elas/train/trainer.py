@@ -747,8 +747,8 @@ def resolve_param_dtype(cfg: TrainConfig, device: torch.device, distributed: boo
     dtype = cfg.param_dtype if cfg.param_dtype != "auto" else \
         "bf16" if (device.type == "cuda" and bf16 and not distributed) else "fp32"
     if cfg.optim_state_dtype == "bf16" and dtype != "bf16":
-        raise TrainError(f"optim_state_dtype=bf16 is MasterAdamW's, which updates bf16 parameters; this run holds "
-                         f"them in fp32 (param_dtype={cfg.param_dtype} on {device.type}"
+        raise TrainError(f"optim_state_dtype=bf16 is for bf16 parameters (the optimizer's fp32 masters); this run "
+                         f"holds them in fp32 (param_dtype={cfg.param_dtype} on {device.type}"
                          f"{', several processes' if distributed else ''}): set --set param_dtype=bf16 "
                          f"(one process) or drop optim_state_dtype")
     return dtype
