@@ -474,8 +474,11 @@ class Trainer:
             if self.relu2_note:
                 self.log(f"elas: {self.relu2_note}")
             if self.param_dtype == "bf16":
-                self.log(f"elas: parameters in bf16, fp32 master weights in {type(self.optimizer).__name__} "
-                         f"(param_dtype={cfg.param_dtype}; --set param_dtype=fp32 opts out)")
+                moments = ("bf16 Adam moments (optim_state_dtype=bf16)" if cfg.optim_state_dtype == "bf16" else
+                           "fp32 Adam moments")
+                self.log(f"elas: parameters in bf16, fp32 master weights and {moments} in "
+                         f"{type(self.optimizer).__name__} (param_dtype={cfg.param_dtype}; --set param_dtype=fp32 "
+                         f"opts out)")
             how = ("compiled (torch.compile per block and loss head; --set compile=false opts out)"
                    if self.compiled else "not compiled" + (" (compile=false)" if self.device.type == "cuda" else ""))
             self.log(f"elas: steps {how}; " + (
