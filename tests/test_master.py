@@ -184,6 +184,29 @@ def test_bf16_moments_follow_the_fp32_trajectory_and_load_either_state():
         torch.testing.assert_close(got["exp_avg_sq"].float(), ref["exp_avg_sq"].float(), rtol=1e-2, atol=0)
 
 
+def test_bf16_moments_need_bf16_parameters_and_the_rounding_is_the_same_in_chunks():
+    """Each optimizer refuses bf16 moments where it has no masters, and a dtype it does not keep; the reference's
+    chunked rounding is the whole tensor's (the hash reads each element's index in the tensor)."""
+    from elas.build import build_model
+    from elas.config import TrainConfig, model_preset
+    from elas.optim import LOROAdamW, build_optimizer
+    from elas.optim.master import sr_bf16
+    cfg = model_preset("llama-tiny-elas")
+    cfg.n_layers, cfg.methods = 1, []
+    fp32 = build_model(cfg, "cpu")
+    with pytest.raises(ValueError, match="bf16 moments only over bf16 parameters"):
+        LOROAdamW(fp32, d_model=cfg.d_model, moment_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="optim_state_dtype=bf16 is for bf16 parameters.*torch.float32"):
+        build_optimizer(fp32, TrainConfig(model=cfg, optim_state_dtype="bf16"))
+    for make in (lambda: MasterAdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))],
+                                     moment_dtype=torch.float16),
+                 lambda: LOROAdamW(fp32, d_model=cfg.d_model, moment_dtype=torch.float16)):
+        with pytest.raises(ValueError, match="float32 or bfloat16, got torch.float16"):
+            make()
+    x = torch.randn(1000) * 1e-3
+    assert torch.equal(sr_bf16(x, 2, torch.tensor(9), chunk=77), sr_bf16(x, 2, torch.tensor(9)))
+
+
 def test_refuses_fp32_parameters():
     with pytest.raises(ValueError, match="bf16 parameters"):
         MasterAdamW([torch.nn.Parameter(torch.zeros(3))])
@@ -271,9 +294,11 @@ def test_bad_param_dtype_is_one_clear_line(dataset, tmp_path, capsys, extra, mat
 
 
 @pytest.mark.gpu
-def test_gpu_graph_step_with_master_adamw_equals_eager_steps():
+@pytest.mark.parametrize("moments", ["fp32", "bf16"])
+def test_gpu_graph_step_with_master_adamw_equals_eager_steps(moments):
     """On the GPU: the update captured with the step (MasterAdamW in the graph, dry warm-up passes) moves the
-    weights as eager steps do, over three steps with clipping, and the warm-up moved nothing."""
+    weights as eager steps do, over three steps with clipping, and the warm-up moved nothing; with bf16 moments
+    too (each replay reads its step, the rounding's seed, from device memory)."""
     from elas.bench.ffn import variant_config
     from elas.build import build_model
     from elas.config import TrainConfig
@@ -285,8 +310,9 @@ def test_gpu_graph_step_with_master_adamw_equals_eager_steps():
         torch.manual_seed(0)
         model = build_model(cfg, "cuda")
         hold_params_in(model, torch.bfloat16)
-        opt = build_optimizer(model, TrainConfig(model=cfg, lr=1e-3))
+        opt = build_optimizer(model, TrainConfig(model=cfg, lr=1e-3, optim_state_dtype=moments))
         assert isinstance(opt, MasterAdamW) and opt.backend == "triton"
+        assert opt.moment_dtype == (torch.bfloat16 if moments == "bf16" else torch.float32)
         sg = StepGrads(model, model, lambda: torch.autocast("cuda", dtype=torch.bfloat16), 1, 0.5, graphs=graphs,
                        optimizer=opt)
         g = torch.Generator().manual_seed(1)

@@ -156,8 +156,8 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
            **clocks.summary(),
            "plain_config": plain_config(size, variant, seq),
            "torch": torch.__version__}
-    if mode == "elas":
-        row["optim_state_dtype"] = train.get("optim_state_dtype", "fp32")
+    if mode == "elas":  # what the optimizer keeps (not what the variant asked for)
+        row["optim_state_dtype"] = "bf16" if getattr(opt, "moment_dtype", None) == torch.bfloat16 else "fp32"
     if grads is not None:
         row["graph"] = grads.graphs  # False: the capture failed and the steps ran eagerly (logged)
         row["optimizer_in_graph"] = grads.step_in_graph

@@ -23,6 +23,9 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if next(model.parameters()).dtype == torch.bfloat16:
         return MasterAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, moment_dtype=moments)
+    if moments == torch.bfloat16:
+        raise ValueError("optim_state_dtype=bf16 is for bf16 parameters (MasterAdamW's fp32 masters); these are "
+                         f"{next(model.parameters()).dtype}: set param_dtype=bf16 or optim_state_dtype=fp32")
     kw = {"fused": True} if next(model.parameters()).is_cuda else {"foreach": False}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **kw)
 

@@ -315,6 +315,7 @@ class LOROAdamW(FP32Masters, torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._load_keeping_fp32(state_dict)
+        self._tab_key = None  # the fused kernel's table holds the replaced tensors' addresses
 
     @property
     def t(self) -> int:
@@ -331,27 +332,38 @@ class LOROAdamW(FP32Masters, torch.optim.Optimizer):
                 st["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype)
                 st["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
             st["k"] += 1
+        ks = [self.state[p]["k"] for p in params]
+        corrections = [math.sqrt(1 - beta2 ** k) / (1 - beta1 ** k) for k in ks]
+        if self.moment_dtype == torch.bfloat16:
+            return self._directions_bf16(params, beta1, beta2, eps), corrections
         grads = [self.grad_of(p).float() for p in params]
-        stored_m = [self.state[p]["exp_avg"] for p in params]
-        stored_v = [self.state[p]["exp_avg_sq"] for p in params]
-        bf16 = self.moment_dtype == torch.bfloat16
-        m = [x.float() for x in stored_m] if bf16 else stored_m  # (fp32 arithmetic on bf16 moments)
-        v = [x.float() for x in stored_v] if bf16 else stored_v
+        m = [self.state[p]["exp_avg"] for p in params]
+        v = [self.state[p]["exp_avg_sq"] for p in params]
         torch._foreach_mul_(m, beta1)
         torch._foreach_add_(m, grads, alpha=1 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-        if bf16:  # stored as the fused kernel stores them (m to nearest, v stochastically; the i-th tensor's
-            # hash index is its row in the kernel's table where every parameter steps), and read back so rounded
-            seed = torch.tensor(self.t % 2 ** 24)
-            for i, (sm, sv, x, y) in enumerate(zip(stored_m, stored_v, m, v)):
-                sm.copy_(x)
-                sv.copy_(sr_bf16(y, i, seed))
-            m, v = [x.float() for x in stored_m], [x.float() for x in stored_v]
         denom = torch._foreach_sqrt(v)
         torch._foreach_add_(denom, eps)
-        ks = [self.state[p]["k"] for p in params]
-        return torch._foreach_div(m, denom), [math.sqrt(1 - beta2 ** k) / (1 - beta1 ** k) for k in ks]
+        return torch._foreach_div(m, denom), corrections
+
+    def _directions_bf16(self, params: list[torch.Tensor], beta1: float, beta2: float, eps: float):
+        """_directions over bf16 moments, tensor by tensor: fp32 arithmetic, the moments stored as the fused kernel
+        stores them (m to nearest, v stochastically; the i-th tensor's hash index is its row in the kernel's table
+        when every parameter steps) and the direction read from them so rounded. One tensor's fp32 copies at a
+        time: the foreach form would hold fp32 copies of every moment, more memory than fp32 moments."""
+        seed = torch.tensor(self.t % 2 ** 24)
+        out = []
+        for i, p in enumerate(params):
+            st, g = self.state[p], self.grad_of(p).float()
+            m = st["exp_avg"].float().mul_(beta1).add_(g, alpha=1 - beta1)
+            v = st["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            st["exp_avg"].copy_(m)
+            st["exp_avg_sq"].copy_(sr_bf16(v, i, seed))
+            m.copy_(st["exp_avg"])
+            v.copy_(st["exp_avg_sq"])
+            out.append(m.div_(v.sqrt_().add_(eps)))
+        return out
 
     def _lazy_step_fused(self, warm: float) -> None:
         """A lazy step as one kernel over all parameters (bf16 parameters, fp32 masters): per group the Adam

@@ -18,9 +18,10 @@ bf16 GEMM outputs before their cast.
   buffers (and drops them); the update then reads those. A single micro-batch reads the bf16 gradients directly.
 - On CUDA the update is the Triton kernel of master_triton.py (one launch for all tensors); elsewhere, and as its
   twin in the tests, `adamw_reference` (the same operations in plain torch).
-- state_dict: per parameter "master", "exp_avg", "exp_avg_sq" (fp32) and per group "step": a checkpoint resumes
-  exactly. (torch's Optimizer.load_state_dict would cast the state to the parameters' bf16; load_state_dict
-  keeps it fp32.)
+- state_dict: per parameter "master" (fp32), "exp_avg", "exp_avg_sq" (fp32, or bf16 with moment_dtype: see
+  master_triton.py) and per group "step": a checkpoint resumes exactly. (torch's Optimizer.load_state_dict
+  would cast the state to the parameters' bf16; load_state_dict keeps the masters fp32 and the moments in
+  moment_dtype.)
 """
 from __future__ import annotations
 
@@ -41,14 +42,20 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def sr_bf16(x: torch.Tensor, t: int, seed: torch.Tensor) -> torch.Tensor:
+def sr_bf16(x: torch.Tensor, t: int, seed: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
     """master_triton._sr_bf16 in torch: fp32 x (contiguous) rounded stochastically to bf16, the random bits a hash
-    of (element index, tensor index t, seed: a 0-d int64 tensor, the step); bit for bit the kernel's rounding."""
-    idx = torch.arange(x.numel(), dtype=torch.int64, device=x.device).view(x.shape)
-    h = _mix32((idx + _mix32((t * 0x165667B1 + seed * 0x68E31DA5) & _U32)) & _U32)
-    b = ((x.view(torch.int32).to(torch.int64) & _U32) + (h & 0xFFFF)) & 0xFFFF0000
-    b = torch.where(b >= 2 ** 31, b - 2 ** 32, b)  # back to int32's two's complement
-    return b.to(torch.int32).view(torch.float32).to(torch.bfloat16)
+    of (element index, tensor index t, seed: a 0-d int64 tensor, the step); bit for bit the kernel's rounding.
+    `chunk` elements at a time (the int64 temporaries are 8 bytes an element)."""
+    flat, out = x.reshape(-1), torch.empty(x.numel(), dtype=torch.bfloat16, device=x.device)
+    salt = _mix32((t * 0x165667B1 + seed * 0x68E31DA5) & _U32)
+    for s in range(0, flat.numel(), chunk):
+        part = flat[s:s + chunk]
+        idx = torch.arange(s, s + part.numel(), dtype=torch.int64, device=x.device)
+        h = _mix32((idx + salt) & _U32)
+        b = ((part.view(torch.int32).to(torch.int64) & _U32) + (h & 0xFFFF)) & 0xFFFF0000
+        b = torch.where(b >= 2 ** 31, b - 2 ** 32, b)  # back to int32's two's complement
+        out[s:s + chunk] = b.to(torch.int32).view(torch.float32)
+    return out.view(x.shape)
 
 
 def adamw_reference(p: torch.Tensor, g: torch.Tensor, w: torch.Tensor, m: torch.Tensor, v: torch.Tensor,

@@ -14,8 +14,8 @@ With bf16 moments (MOMENTS_BF16; optim_state_dtype=bf16) m and v are read and wr
 parameter. m is stored rounded to nearest even. v is stored rounded stochastically: once v is steady, its change
 per step, (1 - beta2) (g^2 - v) ~ 1e-3 v, is below half a bf16 ulp (2^-9 v), so rounding to nearest would never
 let it move; rounded up with probability (distance to the lower bf16) / ulp, it moves by the right amount on
-average. The random bits are a hash of (element index, tensor index, step) (`sr_bits`, the same integer
-arithmetic in the reference): a replayed step reads the step from `scal` and draws new bits.
+average. The random bits are a hash of (element index, tensor index, step) (`_sr_bf16`; `master.sr_bf16` is the
+same integer arithmetic in torch): a replayed step reads the step from `scal` and draws new bits.
 
 Tensors are reached through a table (the parameters have separate storages, and the gradients are allocated by
 autograd): `tab` [n_tensors, 8] int64 = (param, grad, master, exp_avg, exp_avg_sq addresses, numel, group, 0),
