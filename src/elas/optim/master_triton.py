@@ -20,7 +20,7 @@ same integer arithmetic in torch): a replayed step reads the step from `scal` an
 Tensors are reached through a table (the parameters have separate storages, and the gradients are allocated by
 autograd): `tab` [n_tensors, 8] int64 = (param, grad, master, exp_avg, exp_avg_sq addresses, numel, group, 0),
 `chunks` [n_programs, 2] int64 = (tensor index, first element): each program updates CHUNK = BLOCK * ITERS
-consecutive elements of one tensor. `scal` [n_groups, SCAL] fp32 = (decay, beta1, beta2, eps, step_size,
+consecutive elements of one tensor. `scal` [n_groups, SCAL = 9] fp32 = (decay, beta1, beta2, eps, step_size,
 vscale, 1 - beta1, 1 - beta2, step (the stochastic rounding's seed)): AdamW has step_size = lr / (1 - beta1^k), vscale = 1 / sqrt(1 - beta2^k); LORO's lazy step
 step_size = lr scale sqrt(1 - beta2^k) / (1 - beta1^k), vscale = 1 (eps outside the bias correction). dry != 0
 computes and stores nothing (the warm-up passes before a CUDA-graph capture).
@@ -30,8 +30,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from .master import SCAL
 
 BLOCK, ITERS, WARPS = 1024, 8, 4
 CHUNK = BLOCK * ITERS
@@ -124,5 +122,5 @@ def adamw_step(tab: torch.Tensor, chunks: torch.Tensor, scal: torch.Tensor, grad
     """Launch the update described by the tables (see the module docs); asynchronous, capturable."""
     _adamw_kernel[(chunks.shape[0],)](tab, chunks, scal, grad_scale if grad_scale is not None else scal,
                                       int(dry), HAS_SCALE=grad_scale is not None, GRAD_FP32=grad_fp32,
-                                      MOMENTS_BF16=moments_bf16, SCAL=SCAL, BLOCK=BLOCK, ITERS=ITERS,
+                                      MOMENTS_BF16=moments_bf16, SCAL=scal.shape[1], BLOCK=BLOCK, ITERS=ITERS,
                                       num_warps=WARPS)
