@@ -213,8 +213,9 @@ def resolve_train_config(args: argparse.Namespace):
         cfg.validate()
         # everything a run needs that costs nothing to check, before any data is prepared
         from .build import build_model
-        from .train.trainer import pick_device
-        pick_device(cfg.device)
+        from .train.trainer import computes_in_bf16, pick_device, resolve_param_dtype
+        device = pick_device(cfg.device)
+        resolve_param_dtype(cfg, device, int(os.environ.get("WORLD_SIZE", "1")) > 1, computes_in_bf16(cfg, device))
         meta_model = build_model(cfg.model, "meta")  # the methods' keys, and whether they apply to this model
         if cfg.init_from and not (saved is not None and args.resume):
             from .export import check_init_from
@@ -284,7 +285,8 @@ def dry_run(cfg) -> None:
     batch = cfg.batch_size * cfg.grad_accum
     print(f"recipe {cfg.recipe or '(none)'} | preset {cfg.preset} | {info['params'] / 1e6:.2f}M parameters")
     print(f"optimizer {cfg.optimizer}, lr {cfg.lr:g}, warm-up {cfg.warmup_steps} steps, cosine to "
-          f"{cfg.min_lr_ratio:g} x lr, weight decay {cfg.weight_decay:g}, grad clip {cfg.grad_clip:g}")
+          f"{cfg.min_lr_ratio:g} x lr, weight decay {cfg.weight_decay:g}, grad clip {cfg.grad_clip:g}"
+          + (", bf16 moments" if cfg.optim_state_dtype == "bf16" else ""))
     print(f"batch {batch} x {cfg.seq_len} tokens per step per process ({cfg.batch_size} x {cfg.grad_accum} "
           f"accumulated), {cfg.max_steps:,} steps: {_count(batch * cfg.seq_len * cfg.max_steps)} tokens "
           f"(x the number of processes)")

@@ -264,7 +264,7 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         if self.device.type == "cuda":  # (--device cuda:1 too: kernels launched on the current stream)
             torch.cuda.set_device(self.device)
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        bf16 = computes_in_bf16(cfg, self.device)
         self.param_dtype = resolve_param_dtype(cfg, self.device, self.dist.enabled, bf16)
         # model.relu2_kernel=auto is resolved once, here, and the run records the kernel it took (config.json and
         # each checkpoint's copy): a resumed run takes the kernels of the run it resumes, whatever this machine
@@ -740,6 +740,11 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 def _is_main_thread() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
+
+
+def computes_in_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """precision: bf16, or auto on a GPU (bf16 autocast); fp32 otherwise."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
 def resolve_param_dtype(cfg: TrainConfig, device: torch.device, distributed: bool, bf16: bool) -> str:
