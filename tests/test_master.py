@@ -410,3 +410,15 @@ def test_loro_fused_lazy_steps_equal_the_foreach_path(moment_dtype, tol):
         assert torch.equal(q.detach(), opts[1].state[q]["master"].bfloat16())
         assert opts[1].state[q]["k"] == opts[0].state[p]["k"] == 2
         assert opts[1].state[q]["exp_avg_sq"].dtype == opts[0].state[p]["exp_avg_sq"].dtype == moment_dtype
+
+
+def test_dry_run_checks_and_names_bf16_moments(dataset, tmp_path, capsys):
+    """--dry-run refuses bf16 moments over fp32 parameters (the CPU's default) in one line, as a run would, and
+    names them where they apply."""
+    assert main(_train(dataset, tmp_path / "x", "--dry-run", "--set", "optim_state_dtype=bf16")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "optim_state_dtype=bf16 is for bf16 parameters" in err
+    assert main(_train(dataset, tmp_path / "x", "--dry-run", "--set", "optim_state_dtype=bf16",
+                       "--set", "param_dtype=bf16")) == 0
+    assert "grad clip 1, bf16 moments" in capsys.readouterr().out
+    assert not (tmp_path / "x").exists()
