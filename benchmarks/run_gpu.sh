@@ -25,9 +25,9 @@ for what in "${@:-tests kernels ffn}"; do
     case $w in
       # (all GPU tests took more than 560 s on an H100 on 2026-12-05: split them over two calls, e.g.
       # TESTS="tests/test_[a-r]*.py" then TESTS="tests/test_[s-z]*.py")
-      tests) timeout "${TESTS_TIMEOUT:-560}" python -m pytest -o addopts="" -q -p no:cacheprovider \
+      tests) timeout "${TESTS_TIMEOUT:-560}" python -m pytest -o addopts="" -q -p no:cacheprovider --durations=15 \
                --continue-on-collection-errors -m gpu ${TESTS:-tests/} > runs/gpu_tests.log 2>&1 || failed=1
-             tail -25 runs/gpu_tests.log ;;
+             tail -45 runs/gpu_tests.log ;;
       kernels) python -m elas bench sparsify --gpu-name "$GPU"; python -m elas bench gemm --gpu-name "$GPU" ;;
       epilogue) python -m elas bench epilogue --gpu-name "$GPU" ;;
       infer) python -m elas bench infer --gpu-name "$GPU" ;;
