@@ -21,9 +21,10 @@ Tensors are reached through a table (the parameters have separate storages, and 
 autograd): `tab` [n_tensors, 8] int64 = (param, grad, master, exp_avg, exp_avg_sq addresses, numel, group, 0),
 `chunks` [n_programs, 2] int64 = (tensor index, first element): each program updates CHUNK = BLOCK * ITERS
 consecutive elements of one tensor. `scal` [n_groups, SCAL = 9] fp32 = (decay, beta1, beta2, eps, step_size,
-vscale, 1 - beta1, 1 - beta2, step (the stochastic rounding's seed)): AdamW has step_size = lr / (1 - beta1^k), vscale = 1 / sqrt(1 - beta2^k); LORO's lazy step
-step_size = lr scale sqrt(1 - beta2^k) / (1 - beta1^k), vscale = 1 (eps outside the bias correction). dry != 0
-computes and stores nothing (the warm-up passes before a CUDA-graph capture).
+vscale, 1 - beta1, 1 - beta2, step (the stochastic rounding's seed)): AdamW has step_size = lr / (1 - beta1^k),
+vscale = 1 / sqrt(1 - beta2^k); LORO's lazy step step_size = lr scale sqrt(1 - beta2^k) / (1 - beta1^k),
+vscale = 1 (eps outside the bias correction). dry != 0 computes and stores nothing (the warm-up passes before a
+CUDA-graph capture).
 """
 from __future__ import annotations
 

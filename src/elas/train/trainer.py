@@ -757,8 +757,8 @@ def resolve_param_dtype(cfg: TrainConfig, device: torch.device, distributed: boo
     if cfg.optim_state_dtype == "bf16" and dtype != "bf16":
         raise TrainError(f"optim_state_dtype=bf16 is for bf16 parameters (the optimizer's fp32 masters); this run "
                          f"holds them in fp32 (param_dtype={cfg.param_dtype} on {device.type}"
-                         f"{', several processes' if distributed else ''}{', precision=fp32' if cfg.precision == 'fp32' else ''}"
-                         f"): set --set param_dtype=bf16 (one process, precision bf16 or auto) or drop "
+                         f"{', several processes' if distributed else ''}"
+                         f"{', precision=fp32' if cfg.precision == 'fp32' else ''}): set --set param_dtype=bf16 (one process, precision bf16 or auto) or drop "
                          f"optim_state_dtype")
     return dtype
 
