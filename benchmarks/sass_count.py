@@ -98,6 +98,15 @@ def kernels():
     yield "rmsnorm backward (d 2048)", N._rmsnorm_bwd_kernel, {
         "dn_ptr": BF16, "x_ptr": BF16, "dres_ptr": BF16, "w_ptr": "*fp32", "dx_ptr": BF16, "part_ptr": "*fp32",
         "T": "i32", "D": "i32", "eps": "fp32"}, {"HAS_RES": True, "ROWS": rows, "BLOCK_D": 2048}, rows * 2048, 8
+    # the optimizer's update (MasterAdamW, LORO): the loop's body counted once, per element of one iteration
+    # (BLOCK elements); bf16 moments add the stochastic rounding's hash
+    from elas.optim import master_triton as M
+    for bf16 in (False, True):
+        for align in (1, 8):
+            yield f"adamw ({'bf16' if bf16 else 'fp32'} moments, align {align})", M._adamw_kernel, {
+                "tab": "*i64", "chunks": "*i64", "scal": "*fp32", "gscale": "*fp32", "dry": "i32"}, {
+                "HAS_SCALE": False, "GRAD_FP32": False, "MOMENTS_BF16": bf16, "SCAL": 9, "BLOCK": M.BLOCK,
+                "ITERS": M.ITERS, "ALIGN": align}, M.BLOCK, M.WARPS
 
 
 def main(argv: list[str]) -> int:
@@ -114,7 +123,7 @@ def main(argv: list[str]) -> int:
         if want not in name:
             continue
         # ND: the split's dense count; eps: a float
-        st = sass_stats(compile_sm90(fn, sig, ce, warps, not_div16=("ND", "eps")))
+        st = sass_stats(compile_sm90(fn, sig, ce, warps, not_div16=("ND", "eps", "dry")))
         per = st["instructions"] * 32 * warps / elems
         print(f"{name:28s} regs {st['regs']:3d}  shared {st['shared']:5d} B  local {st['local']} B  "
               f"{st['instructions']:5d} SASS = {per:5.1f} per element  memory {st['memory']}")

@@ -305,7 +305,8 @@ def test_pdl_key_reaches_only_the_compiled_regions(monkeypatch):
                     reason="programmatic dependent launch needs Hopper or later")
 def test_gpu_pdl_kernels_wait_on_the_device():
     """model.pdl=true: the compiled block's Triton kernels carry the device-side wait (gdc_wait) that makes an
-    early launch safe, and the block's output equals the block compiled without it."""
+    early launch safe, and the block's output equals the block compiled without it, to bf16 rounding: the two
+    compilations may choose different kernel configurations (reduction orders), and did on an H100."""
     from torch._inductor.utils import run_and_get_code
     from elas.train.parallelize import compile_regions
     outs, codes = [], []
@@ -320,7 +321,7 @@ def test_gpu_pdl_kernels_wait_on_the_device():
         outs.append(loss.float())
         codes.append("\n".join(code))
     assert "gdc_wait" in codes[1] and "gdc_wait" not in codes[0]
-    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-3, atol=0)
 
 
 def test_clipping_folded_into_fused_adamw_equals_clip_then_step():

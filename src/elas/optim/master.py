@@ -163,6 +163,7 @@ class FP32Masters:
         self.backend = backend
         self._scal = torch.zeros(len(self.param_groups), SCAL, dtype=torch.float32, device=dev)
         self._tab = self._chunks = None
+        self._align = 1  # master_triton.alignment of the stepped tensors (with the chunk table)
         self._tab_key: tuple | None = None
         self._staging = _PinnedRing(self._scal.shape) if dev.type == "cuda" else None
 
@@ -213,7 +214,7 @@ class FP32Masters:
         if not capturing:  # a capture reads the table that the prepare() after it writes
             self._refresh_table()
         master_triton.adamw_step(self._tab, self._chunks, self._scal, grad_scale, grad_fp32=bool(self._acc),
-                                 moments_bf16=self.moment_dtype == torch.bfloat16, dry=dry)
+                                 moments_bf16=self.moment_dtype == torch.bfloat16, dry=dry, align=self._align)
 
     def _refresh_table(self) -> None:
         """The table of addresses the kernel reads; rebuilt only when an address changed (a new gradient buffer,
@@ -231,10 +232,11 @@ class FP32Masters:
                 raise RuntimeError(f"{type(self).__name__}: a parameter of shape {tuple(p.shape)} or its gradient/"
                                    f"state is not a contiguous 16-byte-aligned tensor; use backend='reference'")
             rows.append([t.data_ptr() for t in ts] + [p.numel(), gi, 0])
-        from .master_triton import chunk_table
+        from .master_triton import alignment, chunk_table
         dev = items[0][1].device
         if self._chunks is None or self._tab is None or self._tab.shape[0] != len(rows):
             self._chunks = chunk_table([p.numel() for _, p, _ in items], dev)
+            self._align = alignment([p.numel() for _, p, _ in items])
             self._tab = torch.empty(len(rows), 8, dtype=torch.int64, device=dev)
         host = torch.tensor(rows, dtype=torch.int64)
         self._tab.copy_(host.pin_memory() if dev.type == "cuda" else host, non_blocking=True)
