@@ -91,6 +91,38 @@ def test_triton_kernel_equals_the_reference(moment_dtype, shapes):
             assert torch.equal(ob.state[b]["exp_avg_sq"], oa.state[a]["exp_avg_sq"])
 
 
+@pytest.mark.parametrize("shapes", [SHAPES, ALIGNED], ids=["odd-sizes", "aligned"])
+def test_grad_norm_kernel_equals_the_fp32_norm(shapes):
+    """grad_norm: one launch over the update's table (interpreter on CPU) gives the fp32 norm of the gradients
+    the update reads: the bf16 .grads, then, while accumulating, the fp32 sums; the reference backend has none."""
+    ps, opt = _master_opt("triton", shapes=shapes)
+    grads = _grads(0, shapes)
+    for p, g in zip(ps, grads):
+        p.grad = g.clone()
+    want = torch.linalg.vector_norm(torch.cat([g.float().flatten() for g in grads]))
+    torch.testing.assert_close(opt.grad_norm(), want, rtol=1e-5, atol=0)
+    for half in (0, 1):
+        for p, g in zip(ps, grads):
+            p.grad = g * (0.5 if half else 1.0)
+        opt.accumulate(first=half == 0)
+    torch.testing.assert_close(opt.grad_norm(), 1.5 * want, rtol=1e-5, atol=0)
+    assert _master_opt("reference", shapes=shapes)[1].grad_norm() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shapes", [SHAPES, ALIGNED], ids=["odd-sizes", "aligned"])
+def test_gpu_grad_norm_kernel_equals_the_fp32_norm(shapes):
+    """grad_norm compiled (vectorised loads for aligned sizes) against the fp32 norm of the same CUDA gradients."""
+    ps = [torch.nn.Parameter(w.bfloat16().cuda()) for w in _params(shapes=shapes)]
+    opt = MasterAdamW(ps, lr=1e-2, backend="triton")
+    grads = [g.cuda() for g in _grads(0, shapes)]
+    for p, g in zip(ps, grads):
+        p.grad = g
+    want = torch.linalg.vector_norm(torch.cat([g.float().flatten() for g in grads]))
+    torch.testing.assert_close(opt.grad_norm(), want, rtol=1e-5, atol=0)
+    assert opt._align == (8 if shapes is ALIGNED else 1)
+
+
 def test_state_dict_round_trip_keeps_fp32_state_and_refuses_fp32_optimizer_state():
     ps, opt = _master_opt("reference")
     for p, g in zip(ps, _grads(0)):
@@ -228,9 +260,13 @@ def test_refuses_fp32_parameters():
         MasterAdamW([torch.nn.Parameter(torch.zeros(3))])
 
 
-def test_step_with_accumulation_equals_the_fp32_sum_of_micro_batch_gradients():
+@pytest.mark.parametrize("clip_into", [None, False], ids=["clip-in-kernel", "clip-the-gradients"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_step_with_accumulation_equals_the_fp32_sum_of_micro_batch_gradients(backend, clip_into, monkeypatch):
     """StepGrads with MasterAdamW and 2 micro-batches: the update reads the fp32 sum of the two bf16 gradients
-    (not a bf16 .grad accumulation), and the clipping norm is that sum's."""
+    (not a bf16 .grad accumulation), and the clipping norm is that sum's, whether torch measures it (reference)
+    or the optimizer's kernel (triton: the interpreter on CPU), and whether the kernel applies the clip or the
+    gradients are scaled first."""
     from contextlib import nullcontext
     torch.manual_seed(0)
     lin = torch.nn.Linear(16, 8, bias=False).bfloat16()
@@ -252,12 +288,18 @@ def test_step_with_accumulation_equals_the_fp32_sum_of_micro_batch_gradients():
         (model(x, y) / 2).backward()
         want += lin.weight.grad.float()
     lin.weight.grad = None
-    opt = MasterAdamW(model.parameters(), lr=1e-2, backend="reference")
-    sg = StepGrads(model, model, nullcontext, grad_accum=2, grad_clip=1e-3, optimizer=opt)
+    from elas.optim import master_triton
+    launches = []
+    sumsq = master_triton.grad_sumsq
+    monkeypatch.setattr(master_triton, "grad_sumsq", lambda *a, **k: launches.append(1) or sumsq(*a, **k))
+    opt = MasterAdamW(model.parameters(), lr=1e-2, backend=backend)
+    sg = StepGrads(model, model, nullcontext, grad_accum=2, grad_clip=1e-3, optimizer=opt, clip_into=clip_into)
     w0 = opt.state[lin.weight]["master"].clone()
     _, norm = sg.run(list(zip(xs, ys)))
-    assert sg.accumulates and torch.equal(opt.grads()[0], want)
-    assert norm.item() == pytest.approx(want.norm().item(), rel=1e-6)
+    scale = 1.0 if clip_into is None else 1e-3 / (want.norm().item() + 1e-6)  # the gradients, scaled in place
+    assert sg.accumulates and torch.allclose(opt.grads()[0], want * scale, rtol=1e-6, atol=0)
+    assert norm.dtype == torch.float32 and norm.item() == pytest.approx(want.norm().item(), rel=1e-6)
+    assert len(launches) == (backend == "triton")  # the norm from the optimizer's one kernel
     assert not torch.equal(opt.state[lin.weight]["master"], w0) and lin.weight.grad is None
 
 

@@ -162,7 +162,7 @@ class FP32Masters:
             backend = "triton" if dev.type == "cuda" and importlib.util.find_spec("triton") else "reference"
         self.backend = backend
         self._scal = torch.zeros(len(self.param_groups), SCAL, dtype=torch.float32, device=dev)
-        self._tab = self._chunks = None
+        self._tab = self._chunks = self._sumsq = None
         self._align = 1  # master_triton.alignment of the stepped tensors (with the chunk table)
         self._tab_key: tuple | None = None
         self._staging = _PinnedRing(self._scal.shape) if dev.type == "cuda" else None
@@ -216,6 +216,18 @@ class FP32Masters:
         master_triton.adamw_step(self._tab, self._chunks, self._scal, grad_scale, grad_fp32=bool(self._acc),
                                  moments_bf16=self.moment_dtype == torch.bfloat16, dry=dry, align=self._align)
 
+    def grad_norm(self) -> torch.Tensor | None:
+        """The global L2 norm (0-d fp32) of the gradients the next update reads, in one kernel over the update's
+        table: each chunk's sum of squares, then their sum (deterministic). None where the Triton update does
+        not run (the caller measures the norm itself). Capturable, as the update."""
+        if self.backend != "triton" or not self._stepping():
+            return None
+        from . import master_triton
+        if not (self._scal.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self._refresh_table()
+        master_triton.grad_sumsq(self._tab, self._chunks, self._sumsq, grad_fp32=bool(self._acc), align=self._align)
+        return self._sumsq.sum().sqrt()
+
     def _refresh_table(self) -> None:
         """The table of addresses the kernel reads; rebuilt only when an address changed (a new gradient buffer,
         a loaded state). Inside a graph capture nothing may be copied from the host: the captured kernel reads
@@ -237,6 +249,7 @@ class FP32Masters:
         if self._chunks is None or self._tab is None or self._tab.shape[0] != len(rows):
             self._chunks = chunk_table([p.numel() for _, p, _ in items], dev)
             self._align = alignment([p.numel() for _, p, _ in items])
+            self._sumsq = torch.empty(self._chunks.shape[0], dtype=torch.float32, device=dev)  # grad_norm's
             self._tab = torch.empty(len(rows), 8, dtype=torch.int64, device=dev)
         host = torch.tensor(rows, dtype=torch.int64)
         self._tab.copy_(host.pin_memory() if dev.type == "cuda" else host, non_blocking=True)

@@ -128,6 +128,28 @@ def _adamw_kernel(tab, chunks, scal, gscale, dry, HAS_SCALE: tl.constexpr, GRAD_
         tl.store(p_ptr + offs, _round_bf16(w).to(tl.bfloat16), mask=inside)
 
 
+@triton.jit
+def _sumsq_kernel(tab, chunks, out, GRAD_FP32: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                  ALIGN: tl.constexpr):
+    """out[program] = the sum of squares (fp32) of its chunk of one gradient: the table and chunks of the update,
+    so that one launch measures every gradient the update will read (the clipping norm)."""
+    pid = tl.program_id(0)
+    t = tl.load(chunks + 2 * pid)
+    start = tl.multiple_of(tl.load(chunks + 2 * pid + 1), BLOCK * ITERS)
+    row = tab + t * 8
+    if GRAD_FP32:
+        g_ptr = tl.multiple_of(tl.load(row + 1).to(tl.pointer_type(tl.float32)), 16)
+    else:
+        g_ptr = tl.multiple_of(tl.load(row + 1).to(tl.pointer_type(tl.bfloat16)), 16)
+    n = tl.multiple_of(tl.load(row + 5), ALIGN)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(ITERS):
+        offs = start + i * BLOCK + tl.arange(0, BLOCK)
+        g = tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        acc += g * g
+    tl.store(out + pid, tl.sum(acc, axis=0))
+
+
 def chunk_table(numels: list[int], device) -> torch.Tensor:
     """[n_programs, 2] int64: (tensor index, first element) of every CHUNK of every tensor."""
     rows = [(t, s) for t, n in enumerate(numels) for s in range(0, n, CHUNK)]
@@ -148,3 +170,10 @@ def adamw_step(tab: torch.Tensor, chunks: torch.Tensor, scal: torch.Tensor, grad
                                       int(dry), HAS_SCALE=grad_scale is not None, GRAD_FP32=grad_fp32,
                                       MOMENTS_BF16=moments_bf16, SCAL=scal.shape[1], BLOCK=BLOCK, ITERS=ITERS,
                                       ALIGN=align, num_warps=WARPS)
+
+
+def grad_sumsq(tab: torch.Tensor, chunks: torch.Tensor, out: torch.Tensor, grad_fp32: bool, align: int = 1) -> None:
+    """out [n_programs] fp32 <- each chunk's sum of squared gradients (the update's tables); asynchronous,
+    capturable. Their sum is deterministic, unlike atomic adds."""
+    _sumsq_kernel[(chunks.shape[0],)](tab, chunks, out, GRAD_FP32=grad_fp32, BLOCK=BLOCK, ITERS=ITERS, ALIGN=align,
+                                      num_warps=WARPS)

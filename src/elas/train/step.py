@@ -97,12 +97,12 @@ class StepGrads:
         grads = self.optimizer.grads() if own else [p.grad for p in params]
         if self.grad_clip > 0 and self.clip_into is None:
             if own:  # the fp32 sums (or bf16 .grads), scaled as clip_grad_norm_ scales
-                gnorm = _total_norm(grads)
+                gnorm = self._norm(grads)
                 torch._foreach_mul_(grads, torch.clamp(self.grad_clip / (gnorm + 1e-6), max=1.0))
             else:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         else:
-            gnorm = _total_norm(grads)
+            gnorm = self._norm(grads) if own else _total_norm(grads)
             if self.grad_clip > 0:
                 # fused Adam/AdamW and MasterAdamW divide every gradient by `grad_scale` inside their one kernel
                 # (the hook AMP's GradScaler uses): clipping by max(1, norm / clip) there saves a read and a write
@@ -113,6 +113,12 @@ class StepGrads:
         if update != "none":
             self.optimizer.apply(dry=update == "dry")
         return loss_sum / self.grad_accum, gnorm
+
+    def _norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The gradients' global norm: from the optimizer's own kernel where it has one (one launch over its
+        table, fp32 throughout), else torch's (a launch per ~100 tensors; in the gradients' dtype)."""
+        norm = self.optimizer.grad_norm() if hasattr(self.optimizer, "grad_norm") else None
+        return _total_norm(grads) if norm is None else norm
 
     # -- entry point ---------------------------------------------------------------------------------------------
     def run(self, micro_batches, mode=None) -> tuple[torch.Tensor, torch.Tensor]:
