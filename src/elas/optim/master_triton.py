@@ -109,7 +109,8 @@ def _adamw_kernel(tab, chunks, scal, gscale, dry, HAS_SCALE: tl.constexpr, GRAD_
     inv_scale = 1.0
     if HAS_SCALE:
         inv_scale = 1.0 / tl.load(gscale)
-    for i in range(ITERS):
+    # only the blocks that hold elements (a tensor's last chunk may be short; dry: none)
+    for i in range(tl.cdiv(tl.minimum(n - start, BLOCK * ITERS), BLOCK)):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         inside = offs < n
         g = tl.load(g_ptr + offs, mask=inside, other=0.0).to(tl.float32) * inv_scale
@@ -143,7 +144,7 @@ def _sumsq_kernel(tab, chunks, out, GRAD_FP32: tl.constexpr, BLOCK: tl.constexpr
         g_ptr = tl.multiple_of(tl.load(row + 1).to(tl.pointer_type(tl.bfloat16)), 16)
     n = tl.multiple_of(tl.load(row + 5), ALIGN)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(ITERS):
+    for i in range(tl.cdiv(tl.minimum(n - start, BLOCK * ITERS), BLOCK)):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         g = tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
         acc += g * g
