@@ -34,6 +34,16 @@ def dataset(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(autouse=True)
+def _fresh_compiler_caches(request):
+    """Each GPU test compiles its models from scratch: Dynamo keeps at most 8 compilations per code object (e.g.
+    Block.forward), and an entry of an earlier test's model whose address a new module reuses counts against the
+    new one, so a full GPU run (not a test alone) could hit the limit."""
+    if request.node.get_closest_marker("gpu") is not None:
+        torch._dynamo.reset()
+    yield
+
+
 def run_cli(*args: str, env: dict | None = None, cwd=None):
     import subprocess
     e = dict(os.environ, **(env or {}))

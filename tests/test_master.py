@@ -155,8 +155,8 @@ def test_state_dict_round_trip_keeps_fp32_state_and_refuses_fp32_optimizer_state
 def test_gpu_kernel_equals_the_reference(moment_dtype, shapes):
     """The compiled kernel (integer hash, bit tricks and, for aligned sizes, vectorised accesses on the GPU, not
     the interpreter) against the reference on the same CUDA tensors over steps with a clipping scale. The GPU may
-    contract a multiply and an add into one FMA where torch rounds twice: fp32 state agrees to a few ulps, and a
-    last-bit difference in fp32 changes the bf16 rounding of an element with probability ~2^-16, so all but a
+    contract a multiply and an add into one FMA where torch rounds twice: fp32 state agrees to a few ulps of its
+    operands (of the tensor's scale, not of an element where beta m and (1 - beta) g cancel), and a last-bit difference in fp32 changes the bf16 rounding of an element with probability ~2^-16, so all but a
     few bf16 elements are equal and those differ by one bf16 ulp."""
     runs = []
     for backend in ("reference", "triton"):
@@ -176,7 +176,7 @@ def test_gpu_kernel_equals_the_reference(moment_dtype, shapes):
                      (oa.state[a]["exp_avg_sq"], ob.state[b]["exp_avg_sq"])):
             assert x.dtype == y.dtype
             if x.dtype == torch.float32:
-                torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-9)
+                torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6 * x.abs().max().item())
                 continue
             differ = x != y
             assert differ.float().mean().item() < 1e-3

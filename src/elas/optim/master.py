@@ -228,6 +228,12 @@ class FP32Masters:
         master_triton.grad_sumsq(self._tab, self._chunks, self._sumsq, grad_fp32=bool(self._acc), align=self._align)
         return self._sumsq.sum().sqrt()
 
+    def sync_table(self) -> None:
+        """Before a graph replay whose captured kernels (the norm) read the table but whose update runs outside
+        the graph: the table holds the current gradients' addresses (a host check when nothing changed)."""
+        if self.backend == "triton" and self._stepping():
+            self._refresh_table()
+
     def _refresh_table(self) -> None:
         """The table of addresses the kernel reads; rebuilt only when an address changed (a new gradient buffer,
         a loaded state). Inside a graph capture nothing may be copied from the host: the captured kernel reads

@@ -146,6 +146,10 @@ class StepGrads:
                 return out
         if self.step_in_graph:
             self.optimizer.prepare()  # host half: step count and lr into device memory, before the replay
+        elif hasattr(self.optimizer, "sync_table"):
+            # the captured norm kernel reads the optimizer's table of gradient addresses at each replay: after a
+            # capture it must hold the graph's gradients, not the warm-up's freed ones (prepare() does this above)
+            self.optimizer.sync_table()
         self.graph.replay()
         if self.optimizer is not None and not self.step_in_graph:
             self.optimizer.step()
