@@ -109,6 +109,27 @@ def test_grad_norm_kernel_equals_the_fp32_norm(shapes):
     assert _master_opt("reference", shapes=shapes)[1].grad_norm() is None
 
 
+def test_sync_table_points_the_captured_buffers_at_new_gradients():
+    """What a graph replay whose update runs outside the graph (LORO) relies on: after a capture the gradients live
+    at new addresses, and sync_table() rewrites the table's rows in place (the captured norm kernel reads the same
+    table, chunk and sum buffers) to point at them; the norm then reads the new gradients."""
+    ps, opt = _master_opt("triton")
+    for p, g in zip(ps, _grads(0)):
+        p.grad = g.clone()
+    opt.grad_norm()
+    buffers = [t.data_ptr() for t in (opt._tab, opt._chunks, opt._sumsq)]
+    new = _grads(1)
+    for p, g in zip(ps, new):
+        p.grad = g.clone()  # new buffers, as the capture's private pool gives
+    assert opt._tab[:, 1].tolist() != [p.grad.data_ptr() for p in ps]
+    opt.sync_table()
+    assert opt._tab[:, 1].tolist() == [p.grad.data_ptr() for p in ps]
+    assert [t.data_ptr() for t in (opt._tab, opt._chunks, opt._sumsq)] == buffers
+    want = torch.linalg.vector_norm(torch.cat([g.float().flatten() for g in new]))
+    torch.testing.assert_close(opt.grad_norm(), want, rtol=1e-5, atol=0)
+    _master_opt("reference")[1].sync_table()  # nothing to sync without the kernel
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shapes", [SHAPES, ALIGNED], ids=["odd-sizes", "aligned"])
 def test_gpu_grad_norm_kernel_equals_the_fp32_norm(shapes):
