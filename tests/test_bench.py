@@ -102,7 +102,8 @@ def test_step_variant_options_set_method_keys_and_bad_ones_fail_in_one_line():
 def test_step_variant_training_keys_reach_the_optimizer_not_the_model():
     """optim_state_dtype is a training setting: the model (and the plain modes' row, shared with the twin without
     it) is the variant's without it; the elas mode's optimizer keeps its moments in bf16."""
-    from elas.bench.step import plain_config, train_keys
+    from elas.bench.step import plain_config
+    from elas.config import train_keys
     from elas.optim import build_optimizer
     from elas.build import build_model
     from elas.config import TrainConfig

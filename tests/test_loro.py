@@ -345,6 +345,13 @@ def test_quality_grid_seeds_variant_keys_and_transfer(dataset, tmp_path):
     assert cfg.out_dir.endswith("elas+act24.dense_warmup_steps=7.seed1")
     with pytest.raises(ValueError, match="variant 'elas\\+act24.nope=1'.*nope"):
         variant_config("llama-tiny", "elas+act24.nope=1", 400, str(dataset), tmp_path, 4, 1)
+    # a training key (the optimizer's moment dtype) goes to the run, the model stays the variant's without it
+    bf16 = variant_config("llama-tiny", "lowrank-relu2+optim_state_dtype=bf16", 400, str(dataset), tmp_path, 4, 1)
+    plain = variant_config("llama-tiny", "lowrank-relu2", 400, str(dataset), tmp_path, 4, 1)
+    assert (bf16.optim_state_dtype, plain.optim_state_dtype) == ("bf16", "fp32") and bf16.model == plain.model
+    assert bf16.out_dir.endswith("lowrank-relu2+optim_state_dtype=bf16")
+    with pytest.raises(ValueError, match="optim_state_dtype='fp16'.*fp32 or bf16"):
+        variant_config("llama-tiny", "lowrank-relu2+optim_state_dtype=fp16", 400, str(dataset), tmp_path, 4, 1)
     quiet = dict(source="site-packages", max_mb=0.3, val_frac=0.2, log=lambda *a: None)
     other = prepare(tmp_path / "other", vocab_size=512, **quiet)
     assert other["source"] == "builtin: site-packages text only"

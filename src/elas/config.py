@@ -504,6 +504,22 @@ def split_variant(variant: str) -> tuple[str, dict[str, str]]:
     return name, over
 
 
+# training settings a variant may set besides model keys ("lowrank-relu2+optim_state_dtype=bf16"), for a benchmark
+# row or a quality run that measures them: the optimizer's numerics, never what makes runs comparable (lr, steps)
+TRAIN_KEYS = {"optim_state_dtype": ("fp32", "bf16")}
+
+
+def train_keys(variant: str) -> tuple[str, dict[str, str]]:
+    """("lowrank-relu2+optim_state_dtype=bf16+fuse_qkv=true") -> ("lowrank-relu2+fuse_qkv=true",
+    {"optim_state_dtype": "bf16"}); a bad value is a ValueError naming the valid ones."""
+    name, sets = split_variant(variant)
+    train = {k: v for k, v in sets.items() if k in TRAIN_KEYS}
+    for k, v in train.items():
+        if v not in TRAIN_KEYS[k]:
+            raise ValueError(f"invalid {k}={v!r} in {variant!r}: expected {' or '.join(TRAIN_KEYS[k])}")
+    return "+".join([name] + [f"{k}={v}" for k, v in sets.items() if k not in TRAIN_KEYS]), train
+
+
 def apply_overrides(obj: Any, items: dict[str, Any], prefix: str = "", absent_methods_ok: bool = False) -> None:
     """Set (possibly dotted) keys on a dataclass tree; unknown keys raise with the closest valid key.
     On a config with `methods`, `NAME.KEY` sets KEY of the listed method NAME (absent_methods_ok: skip the key

@@ -32,7 +32,7 @@ import time
 import torch
 
 from ..build import build_model, relu2_kernel
-from ..config import D_FF_MULTIPLE, TrainConfig, model_preset, split_variant
+from ..config import D_FF_MULTIPLE, TrainConfig, model_preset, split_variant, train_keys
 from ..optim import build_optimizer
 from ..summary import model_summary
 from ..train.parallelize import checkpoint_blocks, compile_regions, hold_params_in
@@ -48,22 +48,6 @@ STEP_VARIANTS = ("lowrank-relu2", "elas", "elas-mask", "relu2", "relu2-24", "swi
 PLAIN = {"residual_dtype": "fp32", "lm_loss": "logits", "attn_backend": "auto", "relu2_kernel": "torch",
          "norm_kernel": "torch", "rope_kernel": "torch", "fuse_qkv": False, "pdl": False}
 H100_BF16 = 989e12
-
-
-# training settings a variant may set besides model keys ("lowrank-relu2+optim_state_dtype=bf16"): the elas mode's
-# optimizer reads them; the plain modes run torch's AdamW over fp32 parameters, where they do not apply
-TRAIN_KEYS = {"optim_state_dtype": ("fp32", "bf16")}
-
-
-def train_keys(variant: str) -> tuple[str, dict[str, str]]:
-    """("lowrank-relu2+optim_state_dtype=bf16+fuse_qkv=true") -> ("lowrank-relu2+fuse_qkv=true",
-    {"optim_state_dtype": "bf16"}); a bad value is a ValueError naming the valid ones."""
-    name, sets = split_variant(variant)
-    train = {k: v for k, v in sets.items() if k in TRAIN_KEYS}
-    for k, v in train.items():
-        if v not in TRAIN_KEYS[k]:
-            raise ValueError(f"invalid {k}={v!r} in {variant!r}: expected {' or '.join(TRAIN_KEYS[k])}")
-    return "+".join([name] + [f"{k}={v}" for k, v in sets.items() if k not in TRAIN_KEYS]), train
 
 
 def step_config(size: str, variant: str, mode: str, seq: int):

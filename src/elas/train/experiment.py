@@ -21,7 +21,7 @@ import torch
 
 from ..build import resolve_methods
 from ..config import (LORO_DEFAULTS, VARIANTS, apply_overrides, model_preset, preset_name, size_of, split_variant,
-                      to_dict, train_config)
+                      to_dict, train_config, train_keys)
 from ..sparsity import method_to_dict
 from ..sparsity.api import sparse_end
 from .checkpoint import checkpoints, write_atomic
@@ -52,7 +52,8 @@ def run_name(variant: str, seed: int = 0) -> str:
 
 def variant_config(size: str, variant: str, steps: int, data_dir: str, out: Path, batch_size: int, grad_accum: int,
                    seq_len: int = 256, full_rank_lr: float = 1e-3, seed: int = 0):
-    name, sets = split_variant(variant)
+    model_variant, train = train_keys(variant)  # the optimizer's numerics (optim_state_dtype), set on the run
+    name, sets = split_variant(model_variant)
     if name not in QUALITY_VARIANTS:
         raise ValueError(f"unknown variant {name!r}; known: {', '.join(QUALITY_VARIANTS)}")
     optimizer = VARIANTS[name].optimizer
@@ -64,7 +65,7 @@ def variant_config(size: str, variant: str, steps: int, data_dir: str, out: Path
             "model.max_seq_len": seq_len,
             # the torch ReLU^2 kernels on every machine, as the grid's first runs ran them: "auto" would take the
             # CUTLASS GEMMs where a library is found, and two seeds of one variant would then differ in kernels
-            "model.relu2_kernel": "torch"}
+            "model.relu2_kernel": "torch", **train}
     if optimizer == "loro_adamw":
         over.update(LORO_DEFAULTS[size_of(size)])
         over["loro_exact_every"] = max(2, round(steps * 500 / PAPER_STEPS))
