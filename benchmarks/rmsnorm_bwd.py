@@ -1,8 +1,10 @@
 """The blocks' RMSNorm backward: Inductor's kernels for autograd of (x passed on, rmsnorm(x) w) against our one-pass
-kernel (kernels/cuda/rmsnorm.py), at the 1B and 350M residual-stream shapes, bf16 activations and an fp32 weight
-(as in elas's default mode), one process, CUDA-graph replays. Every result is checked against the reference first.
+kernel (kernels/cuda/rmsnorm.py), at the residual-stream shapes of 60M to 1B (batch 32 x 256, and 1B at 64), bf16
+activations and an fp32 weight (as in elas's default mode), one process, CUDA-graph replays. Every result is checked
+against the reference first. --sweep also times the kernel's launch knobs (programs per SM, rows per iteration,
+warps, prefetch) per shape, each configuration checked, and reports the fastest beside the default.
 
-    PYTHONPATH=src python benchmarks/rmsnorm_bwd.py [OUT_DIR (default benchmarks/results/<gpu>)]
+    PYTHONPATH=src python benchmarks/rmsnorm_bwd.py [OUT_DIR (default benchmarks/results/<gpu>)] [--sweep]
 
 Writes OUT_DIR/rmsnorm_bwd.json and prints a table last.
 """
@@ -12,7 +14,17 @@ from pathlib import Path
 
 import torch
 
-SHAPES = [(8192, 2048, "1B, batch 32 x 256"), (16384, 2048, "1B, batch 64 x 256"), (8192, 1024, "350M, batch 32 x 256")]
+SHAPES = [(8192, 2048, "1B, batch 32 x 256"), (16384, 2048, "1B, batch 64 x 256"), (8192, 1024, "350M, batch 32 x 256"),
+          (8192, 768, "130M, batch 32 x 256"), (8192, 512, "60M, batch 32 x 256")]
+
+
+def sweep_configs(d: int) -> list[dict]:
+    """The launch knobs around the default: programs per SM, rows per iteration (half, once and twice the default
+    tile), warps, and the prefetching loop."""
+    from elas.kernels.cuda.rmsnorm import rows_per_iteration
+    r = rows_per_iteration(d)
+    return [dict(per_sm=p, rows=rows, num_warps=w, prefetch=f) for p in (4, 8) for rows in sorted({max(1, r // 2), r, 2 * r})
+            for w in (4, 8, 16) for f in (False, True)]
 
 
 def main() -> None:
@@ -25,7 +37,10 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     gpu = torch.cuda.get_device_name()
-    out_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else here / "results" / gpu.split()[-1].lower()
+    args = [a for a in sys.argv[1:] if a != "--sweep"]
+    sweep = "--sweep" in sys.argv[1:]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    out_dir = Path(args[0]) if args else here / "results" / gpu.split()[-1].lower()
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, table = [], []
     for t, d, what in SHAPES:
@@ -52,10 +67,30 @@ def main() -> None:
         ind = graph_ms(compiled)
         ours = graph_ms(lambda: rmsnorm_backward(dn, x, dres, w, norm.eps))
         moved = 4 * t * d * 2  # dn, x, dres read; dx written (bf16)
-        rows.append({"T": t, "d": d, "what": what, "inductor_ms": ind, "ours_ms": ours, "speedup": ind / ours,
-                     "ours_tb_s": moved / ours / 1e9})
-        table.append(f"{what} [{t}, {d}]: Inductor {ind:.4f} ms, ours {ours:.4f} ms ({ind / ours:.2f}x, "
-                     f"{moved / ours / 1e9:.2f} TB/s of the bytes it must move)")
+        row = {"T": t, "d": d, "what": what, "inductor_ms": ind, "ours_ms": ours, "speedup": ind / ours,
+               "ours_tb_s": moved / ours / 1e9}
+        line = (f"{what} [{t}, {d}]: Inductor {ind:.4f} ms, ours {ours:.4f} ms ({ind / ours:.2f}x, "
+                f"{moved / ours / 1e9:.2f} TB/s of the bytes it must move)")
+        if sweep:
+            timed = []
+            for c in sweep_configs(d):
+                kw = dict(programs=c["per_sm"] * sms, rows=c["rows"], num_warps=c["num_warps"], prefetch=c["prefetch"])
+                try:
+                    dx, dw = rmsnorm_backward(dn, x, dres, w, norm.eps, **kw)
+                except Exception as e:  # e.g. out of shared memory or registers at 16 warps: reported, not fatal
+                    timed.append({**c, "error": str(e).splitlines()[0][:120]})
+                    continue
+                err = ((dx.float() - want_dx.float()).norm() / want_dx.float().norm()).item()
+                err_w = ((dw.float() - want_dw.float()).norm() / want_dw.float().norm()).item()
+                assert err < 1e-2 and err_w < 1e-3, f"{c}: dx error {err:.2e}, dw error {err_w:.2e}"
+                timed.append({**c, "ms": graph_ms(lambda: rmsnorm_backward(dn, x, dres, w, norm.eps, **kw))})
+            best = min((c for c in timed if "ms" in c), key=lambda c: c["ms"])
+            row.update(sweep=timed, best=best)
+            line += (f"; best of {len(timed)}: {best['ms']:.4f} ms ({moved / best['ms'] / 1e9:.2f} TB/s, "
+                     f"{ours / best['ms']:.2f}x the default) with {best['per_sm']} programs per SM, rows {best['rows']}, "
+                     f"{best['num_warps']} warps, prefetch {best['prefetch']}")
+        rows.append(row)
+        table.append(line)
     env = {"torch": torch.__version__, "gpu": gpu, "cuda": torch.version.cuda}
     (out_dir / "rmsnorm_bwd.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     print("\n".join(table))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh STAGE...
-# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass cutlass_probe cutlass_relu2 norm target moments elas_cutlass mask_cutlass launches quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
+# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass cutlass_probe cutlass_relu2 rmsnorm norm target moments elas_cutlass mask_cutlass launches quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
 # the step benchmark and the test selection. Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
 # machine), are copied there too, with the tuned cuSPARSELt algorithm cache.
 set -u
@@ -79,6 +79,8 @@ for what in "${@:-tests kernels ffn}"; do
       cutlass)  # our CUTLASS sm90 sparse GEMM against cuSPARSELt and cuBLAS; the library is built off the GPU machine
                 # (src/elas/kernels/cuda/cutlass/build.sh sp) and carried: carry build/cutlass_sp
         python benchmarks/cutlass_sparse.py build/cutlass_sp/libelas_cutlass_sp.so "benchmarks/results/$GPU" ;;
+      rmsnorm)  # the one-pass RMSNorm backward against Inductor's at 60M-1B shapes, with its launch knobs swept (~4 min)
+        python benchmarks/rmsnorm_bwd.py "benchmarks/results/$GPU" --sweep ;;
       norm)  # the one-pass RMSNorm backward against Inductor's kernels, then the 1B dense step with it, with the
              # CUTLASS ReLU^2 forward, with the rotary embedding in the q/k GEMM's epilogue (with and without
              # fuse_qkv), and with all three keys (ELAS_CUTLASS_RELU2; carry build/cutlass_relu2), beside the default

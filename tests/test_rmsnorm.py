@@ -35,18 +35,20 @@ def test_reference_is_autograd_of_the_norm(dtype, with_res):
     torch.testing.assert_close(dw, want_dw, **tol)
 
 
-@pytest.mark.parametrize("t, d, programs", [(37, 48, 3), (8, 2048, 2), (5, 100, 8)])
-def test_triton_kernel_matches_the_reference(t, d, programs):
+@pytest.mark.parametrize("t, d, programs, rows", [(37, 48, 3, None), (37, 48, 3, 4), (8, 2048, 2, None),
+                                                  (5, 100, 8, None)])
+def test_triton_kernel_matches_the_reference(t, d, programs, rows):
     """Under the interpreter on CPU (CI sets TRITON_INTERPRET=1), on the GPU natively: rows not a multiple of
-    ROWS, d not a power of two, programs sharing the rows unevenly."""
+    ROWS, d not a power of two, programs sharing the rows unevenly; both loop forms (plain, and prefetching the
+    next tile, whose last prefetch reads past the rows and must add nothing)."""
     pytest.importorskip("triton")
     from elas.kernels.cuda.rmsnorm import rmsnorm_backward
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(1)
     x, dn, dres = (torch.randn(t, d, generator=g).to(dev, torch.bfloat16) for _ in range(3))
     w = (1 + 0.1 * torch.randn(d, generator=g)).to(dev)  # fp32 weight with bf16 activations, as under autocast
-    for r in (dres, None):
-        dx, dw = rmsnorm_backward(dn, x, r, w, 1e-6, programs=programs)
+    for r, prefetch in ((dres, False), (None, False), (dres, True), (None, True)):
+        dx, dw = rmsnorm_backward(dn, x, r, w, 1e-6, programs=programs, rows=rows, prefetch=prefetch)
         want_dx, want_dw = ref.rmsnorm_backward(dn, x, r, w, 1e-6)
         assert dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
         # dx: one bf16 rounding of the same fp32 math; dw: fp32 sums in another order
@@ -54,6 +56,8 @@ def test_triton_kernel_matches_the_reference(t, d, programs):
         torch.testing.assert_close(dw, want_dw, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="expected"):
         rmsnorm_backward(dn, x, None, w[:-1], 1e-6)
+    with pytest.raises(ValueError, match="rows=3: expected a power of two"):
+        rmsnorm_backward(dn, x, None, w, 1e-6, rows=3)
 
 
 def _pair(variant="lowrank-relu2", device="cpu"):

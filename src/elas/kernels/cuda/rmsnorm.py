@@ -24,52 +24,87 @@ def rows_per_iteration(d: int) -> int:
 
 
 @triton.jit
+def _rows_math(x, dn, w, D, eps):
+    """dx (without the residual) and this tile's dw term for ROWS rows: x, dn [ROWS, BLOCK_D] fp32; w [BLOCK_D]."""
+    rstd = tl.rsqrt(tl.sum(x * x, 1) / D + eps)  # [ROWS]
+    xh = x * rstd[:, None]
+    g = dn * w[None, :]
+    c = tl.sum(g * xh, 1) / D
+    return rstd[:, None] * (g - xh * c[:, None]), tl.sum(dn * xh, 0)
+
+
+@triton.jit
 def _rmsnorm_bwd_kernel(dn_ptr, x_ptr, dres_ptr, w_ptr, dx_ptr, part_ptr, T, D, eps,
-                        HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+                        HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PREFETCH: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_D)
     in_d = cols < D
     w = tl.load(w_ptr + cols, mask=in_d, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_D], tl.float32)
-    for start in range(pid * ROWS, T, nprog * ROWS):
-        rows = start + tl.arange(0, ROWS)
+    stride = nprog * ROWS
+    if PREFETCH:
+        # the next tile's loads are issued before this tile's reductions, so that a program keeps a tile of
+        # reads in flight while it computes (twice the registers: fewer programs fit on an SM)
+        rows = pid * ROWS + tl.arange(0, ROWS)
         inside = (rows < T)[:, None] & in_d[None, :]
         off = rows.to(tl.int64)[:, None] * D + cols[None, :]
-        x = tl.load(x_ptr + off, mask=inside, other=0.0).to(tl.float32)
-        dn = tl.load(dn_ptr + off, mask=inside, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, 1) / D + eps)  # [ROWS]
-        xh = x * rstd[:, None]
-        g = dn * w[None, :]
-        c = tl.sum(g * xh, 1) / D
-        dx = rstd[:, None] * (g - xh * c[:, None])
-        if HAS_RES:
-            dx += tl.load(dres_ptr + off, mask=inside, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=inside)
-        acc += tl.sum(dn * xh, 0)  # masked rows load zeros: they add nothing
+        x = tl.load(x_ptr + off, mask=inside, other=0.0)
+        dn = tl.load(dn_ptr + off, mask=inside, other=0.0)
+        for start in range(pid * ROWS, T, stride):
+            nrows = start + stride + tl.arange(0, ROWS)
+            ninside = (nrows < T)[:, None] & in_d[None, :]
+            noff = nrows.to(tl.int64)[:, None] * D + cols[None, :]
+            nx = tl.load(x_ptr + noff, mask=ninside, other=0.0)
+            ndn = tl.load(dn_ptr + noff, mask=ninside, other=0.0)
+            dx, dw = _rows_math(x.to(tl.float32), dn.to(tl.float32), w, D, eps)
+            if HAS_RES:
+                dx += tl.load(dres_ptr + off, mask=inside, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+            acc += dw  # masked rows load zeros: they add nothing
+            x, dn, off, inside = nx, ndn, noff, ninside
+    else:
+        for start in range(pid * ROWS, T, stride):
+            rows = start + tl.arange(0, ROWS)
+            inside = (rows < T)[:, None] & in_d[None, :]
+            off = rows.to(tl.int64)[:, None] * D + cols[None, :]
+            x = tl.load(x_ptr + off, mask=inside, other=0.0).to(tl.float32)
+            dn = tl.load(dn_ptr + off, mask=inside, other=0.0).to(tl.float32)
+            dx, dw = _rows_math(x, dn, w, D, eps)
+            if HAS_RES:
+                dx += tl.load(dres_ptr + off, mask=inside, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+            acc += dw  # masked rows load zeros: they add nothing
     tl.store(part_ptr + pid.to(tl.int64) * D + cols, acc, mask=in_d)
 
 
 def rmsnorm_backward(dn: torch.Tensor, x: torch.Tensor, dres: torch.Tensor | None, w: torch.Tensor, eps: float,
-                     programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     programs: int | None = None, rows: int | None = None, num_warps: int | None = None,
+                     prefetch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (dx [.., d] in x's dtype, dw [d] in w's dtype); see the module docstring. programs: how many programs
-    share the rows (default: 4 per SM on a GPU, so that the partial sums stay small: 528 x d fp32 on an H100)."""
+    share the rows (default: 4 per SM on a GPU, so that the partial sums stay small: 528 x d fp32 on an H100);
+    rows (a power of two; default rows_per_iteration(d)), num_warps (default 8 from d = 2048, else 4) and prefetch
+    (the next tile loaded while this one is reduced) are the launch's tuning knobs (benchmarks/rmsnorm_bwd.py
+    sweeps them)."""
     d = x.shape[-1]
     if dn.shape != x.shape or (dres is not None and dres.shape != x.shape) or w.shape != (d,):
         raise ValueError(f"rmsnorm_backward: dn {tuple(dn.shape)}, x {tuple(x.shape)}, dres "
                          f"{None if dres is None else tuple(dres.shape)}, w {tuple(w.shape)}: expected [.., {d}] x3 "
                          f"and [{d}]")
+    if rows is not None and (rows < 1 or rows & (rows - 1)):
+        raise ValueError(f"rmsnorm_backward: rows={rows}: expected a power of two")
     x2, dn2 = x.reshape(-1, d).contiguous(), dn.reshape(-1, d).contiguous()
     t = x2.shape[0]
     if programs is None:
         programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
-    rows = rows_per_iteration(d)
+    rows = rows or rows_per_iteration(d)
     programs = max(1, min(programs, triton.cdiv(t, rows)))
     dx = torch.empty_like(x2)
     part = torch.empty(programs, d, dtype=torch.float32, device=x.device)
     res = dres.reshape(-1, d).contiguous() if dres is not None else x2  # not read without HAS_RES
     _rmsnorm_bwd_kernel[(programs,)](dn2, x2, res, w.contiguous(), dx, part, t, d, eps, HAS_RES=dres is not None,
-                                     ROWS=rows, BLOCK_D=triton.next_power_of_2(d), num_warps=8 if d >= 2048 else 4)
+                                     ROWS=rows, BLOCK_D=triton.next_power_of_2(d), PREFETCH=prefetch,
+                                     num_warps=num_warps or (8 if d >= 2048 else 4))
     return dx.reshape(x.shape), part.sum(0).to(w.dtype)
 
 
