@@ -112,6 +112,27 @@ def test_bad_norm_kernel_is_a_one_line_error():
         cfg.validate()
 
 
+def test_norm_kernel_auto_is_fused_on_cuda_with_triton_and_recorded(monkeypatch):
+    """The default (auto) resolves to the one-pass backward on CUDA where Triton is installed, to torch elsewhere;
+    a config saved before the key (or before auto) loads as torch, the kernels it was trained with."""
+    import importlib.util
+    from conftest import preset
+    from elas.build import build_model, norm_kernel
+    from elas.config import ModelConfig, from_dict, to_dict
+    cfg = preset("llama-tiny-lowrank-relu2", None)
+    assert cfg.norm_kernel == "auto" and norm_kernel(cfg, "cpu") == "torch"
+    assert all(b.attn_norm.residual_split is None for b in build_model(cfg, "cpu").blocks)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else real(name, *a))
+    assert norm_kernel(cfg, "cuda") == "fused" and norm_kernel(cfg, torch.device("cuda", 1)) == "fused"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    assert norm_kernel(cfg, "cuda") == "torch"
+    cfg.norm_kernel = "fused"
+    assert norm_kernel(cfg, "cpu") == "fused"  # set: itself (its reference on the CPU)
+    old = {k: v for k, v in to_dict(cfg).items() if k != "norm_kernel"}
+    assert from_dict(ModelConfig, old).norm_kernel == "torch"
+
+
 @pytest.mark.gpu
 def test_gpu_kernel_at_the_1b_shape():
     from elas.kernels.cuda.rmsnorm import rmsnorm_backward

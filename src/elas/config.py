@@ -22,7 +22,7 @@ RESIDUAL_DTYPES = ("compute", "fp32")
 LM_LOSSES = ("chunked", "logits")
 ATTN_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 RELU2_KERNELS = ("auto", "torch", "fused", "cutlass")
-NORM_KERNELS = ("torch", "fused")
+NORM_KERNELS = ("auto", "torch", "fused")
 ROPE_KERNELS = ("torch", "cutlass")
 # model keys that choose kernels, not the model (its parameters and math): a resumed run may change them, its
 # losses then differing from the uninterrupted run's in the last bits (another summation order)
@@ -78,8 +78,9 @@ class ModelConfig:
     # by `elas build cutlass`) | auto (cutlass where it can run: a Hopper GPU and the library found; else torch)
     relu2_kernel: str = "auto"
     # the blocks' RMSNorm backward: torch (autograd of the ops; compiled: a dx and a dw kernel per norm, and the
-    # residual's add) | fused (one pass: dx with the residual's gradient, and dw; kernels/cuda/rmsnorm.py)
-    norm_kernel: str = "torch"
+    # residual's add) | fused (one pass: dx with the residual's gradient, and dw; kernels/cuda/rmsnorm.py; its
+    # reference elsewhere) | auto (fused on CUDA where Triton is installed, else torch: build.norm_kernel)
+    norm_kernel: str = "auto"
     # the attention's rotary embedding: torch (its own kernels on q and k; one fused pass when compiled) | cutlass
     # (inside the q/k up-projection GEMM's epilogue, q and k interleaved per head: model/llama.py Attention,
     # kernels/cuda/cutlass_relu2.py; the library built beforehand)
@@ -624,8 +625,8 @@ def from_dict(cls, data: dict[str, Any]):
     if cls is ModelConfig and ("act_sparsity" in data or "grad_mode" in data):
         data = _migrate_model_v1(data)
     if cls is ModelConfig:  # written before these keys: the model and kernels as it was trained (relu2_kernel's
-        # default became "auto" later: a run saved without the key ran torch's kernels)
-        data = {"residual_dtype": "fp32", "lm_loss": "logits", "relu2_kernel": "torch", **data}
+        # and norm_kernel's defaults became "auto" later: a run saved without the key ran torch's kernels)
+        data = {"residual_dtype": "fp32", "lm_loss": "logits", "relu2_kernel": "torch", "norm_kernel": "torch", **data}
     kw = {}
     known = {f.name: f for f in fields(cls)}
     for k, v in data.items():

@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from ..build import build_model, relu2_kernel
+from ..build import build_model, norm_kernel, relu2_kernel
 from ..config import D_FF_MULTIPLE, TrainConfig, model_preset, split_variant, train_keys
 from ..optim import build_optimizer
 from ..summary import model_summary
@@ -137,6 +137,7 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
            "mfu": tps * model_summary(cfg, seq)["train_flops_per_token"] / H100_BF16,
            "d_ff": cfg.ffn_width, "rank": cfg.rank, "gpu": torch.cuda.get_device_name(),
            "relu2_kernel": relu2_kernel(cfg, "cuda")[0],  # the dense cores' kernel ("auto" resolved)
+           "norm_kernel": norm_kernel(cfg, "cuda"),  # the blocks' norm backward ("auto" resolved)
            **clocks.summary(),
            "plain_config": plain_config(size, variant, seq),
            "torch": torch.__version__}
