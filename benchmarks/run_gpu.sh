@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh STAGE...
-# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass cutlass_probe cutlass_relu2 rmsnorm norm target moments elas_cutlass mask_cutlass launches quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
+# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass cutlass_probe cutlass_relu2 rmsnorm norm target moments elas_cutlass mask_cutlass launches blas_env quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
 # the step benchmark and the test selection. Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
 # machine), are copied there too, with the tuned cuSPARSELt algorithm cache.
 set -u
@@ -123,6 +123,26 @@ for what in "${@:-tests kernels ffn}"; do
           python benchmarks/launch_sources.py "$v" llama-1b 32 "benchmarks/results/$GPU/launch_sources_$v.json" 2>&1 \
             | quiet | head -30
         done ;;
+      blas_env)  # where the ~280 memsets per 1B step come from (216 launched inside aten::mm, launches stage): the
+                 # default step with cuBLAS(Lt)'s workspace settings changed, one process each (an env var is read
+                 # once per process), then one line per setting: step ms, memsets, GEMM ms (~1 min a setting)
+        d=${BLAS_DIR:-runs/blas_env}
+        for e in default CUBLASLT_WORKSPACE_SIZE=0 CUBLASLT_WORKSPACE_SIZE=131072 CUBLAS_WORKSPACE_CONFIG=:0:0 \
+                 TORCH_BLAS_PREFER_CUBLASLT=1; do
+          ( [ "$e" != default ] && export "${e?}"
+            timeout "${STEP_TIMEOUT:-240}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
+              --variants lowrank-relu2 --out "$d/$e" 2>&1 | quiet | grep -E '^step|error' )
+        done
+        python - "$d" <<'PY'
+import json, sys
+from pathlib import Path
+for f in sorted(Path(sys.argv[1]).glob("*/step.json")):
+    r = json.loads(f.read_text())["rows"][0]
+    memsets = sum(n for k, n in r.get("kernel_launches_top", {}).items() if k.startswith("Memset"))
+    print(f"{f.parent.name:40s} step {r['step_ms']:7.2f} ms  memsets {memsets:5.0f}  launches {r.get('kernel_launches')}"
+          f"  GEMM {r.get('breakdown_ms', {}).get('GEMM', 0):6.2f} ms  idle {r.get('breakdown_ms', {}).get('idle', 0):5.2f} ms")
+PY
+        [ -n "${OUT:-}" ] && tar czf "$OUT/blas_env.tgz" "$d" ;;
       cutlass_probe)  # each form of the CUTLASS ReLU^2 library (and the rotary GEMM) launched in a process of its own:
                       # the ones that fault are skipped by every later stage (ELAS_CUTLASS_SKIP); carry build/cutlass_relu2
         python benchmarks/cutlass_probe.py build/cutlass_relu2/libelas_cutlass_relu2.so runs
