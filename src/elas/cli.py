@@ -804,7 +804,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="llama-60m", help="model size of every run (default llama-60m)")
     p.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} (default: the papers' "
                    f"comparisons, the third paper's accelerated variants and ELAS's warm-up ablation); a variant "
-                   f"may set method keys: elas+act24.dense_warmup_steps=100")
+                   f"may set model and method keys, and the optimizer's moment dtype: "
+                   f"elas+act24.dense_warmup_steps=100, lowrank-relu2+optim_state_dtype=bf16")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, each a run of every variant (default 0)")
     p.add_argument("--transfer-data", help="a dataset of other text with the training data's tokenizer (elas data "
                    "prepare --source stdlib --tokenizer DATA ...): every run's loss on its validation split")
