@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from elas.cli import main
 from elas.config import MODEL_PRESETS, apply_overrides, model_preset, relu2_width
@@ -270,10 +271,32 @@ def test_fused_qkv_equals_three_projections(variant):
         assert not torch.allclose(fused(idx, idx), outs[1][0])
 
 
+def test_mm_side_by_side_writes_column_blocks_and_up_projections_follow_autocast():
+    """elas::mm_side_by_side: the GEMMs' outputs side by side, its fake for tracing (opcheck); up_projections under
+    bf16 autocast computes in bf16, as F.linear would, and hands fp32 weights fp32 gradients."""
+    from elas.kernels import ops
+    g = torch.Generator().manual_seed(0)
+    gs = [torch.randn(6, 8, generator=g) for _ in range(3)]
+    ws = [torch.randn(8, 4, generator=g) for _ in range(3)]
+    torch.testing.assert_close(ops.mm_side_by_side(gs, ws), torch.cat([a @ b for a, b in zip(gs, ws)], dim=1))
+    torch.library.opcheck(ops.mm_side_by_side, (gs, ws))
+    h = torch.randn(2, 3, 12, generator=g, requires_grad=True)
+    wo = [torch.randn(8, 4, generator=g, requires_grad=True) for _ in range(3)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = ops.up_projections(h, wo)
+        want = [F.linear(hi, w) for hi, w in zip(h.split(4, dim=-1), wo)]
+    for o, w in zip(outs, want):
+        assert o.dtype == torch.bfloat16 and o.shape == (2, 3, 8)
+        torch.testing.assert_close(o, w)
+    sum(o.float().sum() * (i + 1) for i, o in enumerate(outs)).backward()
+    assert h.grad.dtype == torch.float32 and all(w.grad.dtype == torch.float32 for w in wo)
+
+
 def test_fused_qkv_lowrank_gemm_count():
     """Low-rank fuse_qkv: one down-projection GEMM in the forward, and in the backward one weight-gradient and
     one input-gradient GEMM for the three down-projections (8 GEMMs in place of 12), with no copy of the
-    activations: each up-projection reads its column block of h in place."""
+    activations: each up-projection reads its column block of h in place, and the up-projections' three input
+    gradients are written side by side into dh [T, 3r] (elas::mm_side_by_side: three GEMMs, no concatenation)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -296,7 +319,10 @@ def test_fused_qkv_lowrank_gemm_count():
         with Count() as bwd:
             (q.sum() + 2 * k.sum() + 3 * v.sum()).backward()
         gemms = ("mm", "addmm", "bmm")
-        counts[fuse] = (sum(o in gemms for o in fwd.ops), sum(o in gemms for o in bwd.ops))
+        side = 3 * bwd.ops.count("mm_side_by_side")  # one GEMM per column block, inside the operator
+        counts[fuse] = (sum(o in gemms for o in fwd.ops), sum(o in gemms for o in bwd.ops) + side)
         if fuse:
             assert not {"clone", "copy_", "contiguous"} & set(fwd.ops), fwd.ops
+            # (the three [d, r] down-projection weight gradients are still copied out of one [d, 3r] block)
+            assert side == 3 and "cat" not in bwd.ops, bwd.ops
     assert counts == {False: (6, 12), True: (4, 8)}, counts

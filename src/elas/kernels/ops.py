@@ -56,6 +56,7 @@ applied (kernels.resolve_backend), never inside a traced region.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference as ref
@@ -417,6 +418,59 @@ def residual_rmsnorm(x: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return _ResidualRMSNorm.apply(x, w, eps)
 
 
+# ---- fuse_qkv's up-projections: their input gradients written side by side, no concatenation ----------------
+@torch.library.custom_op("elas::mm_side_by_side", mutates_args=())
+def mm_side_by_side(gs: list[Tensor], ws: list[Tensor]) -> Tensor:
+    """[g_0 w_0 | g_1 w_1 | ...]: gs [T, d] each, ws [d, n_i] each (one dtype) -> [T, sum n_i], each GEMM writing
+    its own column block in place (cuBLAS takes the block's leading dimension), where the autograd of
+    h.split() would add the three [T, r] gradients' concatenation, a pass over [T, 3r] per layer."""
+    out = gs[0].new_empty(gs[0].shape[0], sum(w.shape[1] for w in ws))
+    c = 0
+    for g, w in zip(gs, ws):
+        torch.mm(g, w, out=out[:, c:c + w.shape[1]])
+        c += w.shape[1]
+    return out
+
+
+@mm_side_by_side.register_fake
+def _(gs, ws):
+    return gs[0].new_empty(gs[0].shape[0], sum(w.shape[1] for w in ws))
+
+
+class _UpProjections(torch.autograd.Function):
+    """(y_i = h_i w_i^T for the column blocks h_i of h [T, k r]): the up-projections of fuse_qkv's low-rank q, k and
+    v; w_i [d, r], already in the compute dtype. The backward's dh is one [T, k r] tensor from elas::mm_side_by_side;
+    each w_i's gradient is dy_i^T h_i."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, *ws: Tensor) -> tuple[Tensor, ...]:
+        r = ws[0].shape[1]
+        ctx.save_for_backward(h, *ws)
+        return tuple(F.linear(h[:, i * r:(i + 1) * r], w) for i, w in enumerate(ws))
+
+    @staticmethod
+    def backward(ctx, *dys: Tensor | None):
+        h, *ws = ctx.saved_tensors
+        r = ws[0].shape[1]
+        dys = [torch.zeros(h.shape[0], w.shape[0], dtype=h.dtype, device=h.device) if dy is None else dy
+               for dy, w in zip(dys, ws)]
+        dh = mm_side_by_side(dys, ws)
+        dws = [dy.t() @ h[:, i * r:(i + 1) * r] for i, dy in enumerate(dys)]
+        return (dh, *dws)
+
+
+def up_projections(h: Tensor, ws: list[Tensor]) -> tuple[Tensor, ...]:
+    """h [.., k r] (the down-projections' outputs side by side), ws k weights [d, r] -> k outputs [.., d], the same
+    values as F.linear of each column block (under autocast: in its dtype, as F.linear's). Installed by build_model
+    for model.fuse_qkv on low-rank attention (model/llama.py Attention.qkv)."""
+    dev = h.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    lead = h.shape[:-1]
+    with torch.autocast(dev, enabled=False):  # the GEMMs in the compute dtype, as autocast's F.linear would run them
+        outs = _UpProjections.apply(h.reshape(-1, h.shape[-1]).to(dt), *(w.to(dt) for w in ws))
+    return tuple(o.view(*lead, o.shape[-1]) for o in outs)
+
+
 # ---- the packed 2:4 FFN core: one operator, autograd registered on it ----------------------------------------
 def _on_cuda(t: Tensor) -> bool:
     """Where act24.cutlass's CUTLASS forms run (a function, so a CPU test can route the glue through them)."""
@@ -592,4 +646,5 @@ def act24_ffn(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac: f
 
 
 __all__ = ["relu2_ffn", "relu2_sparsify24_packed", "up_relu2_sparsify24", "relu2_sparse24_backward", "sparse_mm", "act24_ffn",
-           "dgrad_relu2_ste_op", "rmsnorm_backward", "residual_rmsnorm", "linear_rope"]
+           "dgrad_relu2_ste_op", "rmsnorm_backward", "residual_rmsnorm", "linear_rope", "mm_side_by_side",
+           "up_projections"]

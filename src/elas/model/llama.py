@@ -147,6 +147,9 @@ class Attention(nn.Module):
         # (a, w, cos, sin, head_dim, rot_cols) -> the projection with rotary embeddings in its epilogue
         # (kernels/ops.py linear_rope): build_model installs it for model.rope_kernel=cutlass (given, not imported)
         self.rope_op = None
+        # (h [.., 3r], [w_q, w_k, w_v]) -> q, k, v: fuse_qkv's low-rank up-projections with their input gradients
+        # written side by side (kernels/ops.py up_projections; build_model installs it for model.fuse_qkv)
+        self.up_op = None
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v projections of x [b, s, d]: three [b, s, d] tensors (full-rank fused: views of one buffer).
@@ -169,6 +172,8 @@ class Attention(nn.Module):
             h = x @ torch.cat([m.weight_in for m in lins], dim=1)  # [b, s, 3r], one GEMM
             # (a batched up-projection [3, T, r] x [3, r, d] was measured slower: its [3, T, d] output layout cost
             # more elementwise work around attention than the one GEMM saved)
+            if self.up_op is not None:  # the same values; the backward's dh [T, 3r] needs no concatenation
+                return self.up_op(h, [m.weight_out for m in lins])
             return tuple(F.linear(hi, m.weight_out) for hi, m in zip(h.split(r, dim=-1), lins))
         out = F.linear(x, torch.cat([m.weight for m in lins]))  # [b, s, 3d]
         return out[..., :d], out[..., d:2 * d], out[..., 2 * d:]
