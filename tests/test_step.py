@@ -99,6 +99,27 @@ def test_gpu_graph_step_equals_eager_step(variant):
 
 
 @pytest.mark.gpu
+def test_gpu_fused_qkv_and_norm_kernel_step_like_the_plain_model():
+    """fuse_qkv (one down-projection GEMM, the up-projections' input gradients side by side: elas::mm_side_by_side)
+    and the one-pass RMSNorm backward, compiled whole and replayed from a CUDA graph, give the plain eager model's
+    loss, clip norm and gradients (bf16 autocast: to bf16 rounding)."""
+    bf16 = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    base = _model("lowrank-relu2", "cuda", fuse_qkv=False, norm_kernel="torch")
+    fused = _model("lowrank-relu2", "cuda", fuse_qkv=True, norm_kernel="fused")
+    fused.load_state_dict(base.state_dict())
+    micro = _batches(2, 4, 64)
+    l0, n0 = StepGrads(base, base, bf16, grad_accum=2, grad_clip=1.0).run(micro, mode=True)
+    graphed = StepGrads(fused, torch.compile(fused, fullgraph=True), bf16, grad_accum=2, grad_clip=1.0, graphs=True)
+    for _ in range(3):  # warm-up, capture, replay
+        l1, n1 = graphed.run(micro, mode=True)
+    assert graphed.graphs and graphed.captures == 1, "capture fell back to eager"
+    assert l1.item() == pytest.approx(l0.item(), rel=2e-3) and n1.item() == pytest.approx(n0.item(), rel=2e-2)
+    for (name, a), b in zip(fused.named_parameters(), base.parameters()):
+        err = (a.grad.float() - b.grad.float()).norm() / b.grad.float().norm().clamp_min(1e-12)
+        assert err < 3e-2, (name, err.item())
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("optimizer", ["adamw", "loro_adamw"])
 def test_gpu_trainer_graphs_reproduce_eager_losses(dataset, tmp_path, optimizer):
     """Graph steps log the eager steps' losses, across the dense -> 2:4 switch (a recapture) and, with LORO, across
