@@ -352,6 +352,16 @@ def test_quality_grid_seeds_variant_keys_and_transfer(dataset, tmp_path):
     assert bf16.out_dir.endswith("lowrank-relu2+optim_state_dtype=bf16")
     with pytest.raises(ValueError, match="optim_state_dtype='fp16'.*fp32 or bf16"):
         variant_config("llama-tiny", "lowrank-relu2+optim_state_dtype=fp16", 400, str(dataset), tmp_path, 4, 1)
+    with pytest.raises(ValueError, match="'optim_state_dtyp'.*did you mean 'optim_state_dtype'"):
+        variant_config("llama-tiny", "lowrank-relu2+optim_state_dtyp=bf16", 400, str(dataset), tmp_path, 4, 1)
+    with pytest.raises(ValueError, match="'optim_state_dtype' given twice"):
+        variant_config("llama-tiny", "lowrank-relu2+optim_state_dtype=bf16+optim_state_dtype=fp32", 400,
+                       str(dataset), tmp_path, 4, 1)
+    # bf16 moments need bf16 parameters, which a CPU run does not hold: refused before the first run, not at its turn
+    with pytest.raises(ValueError, match="optim_state_dtype=bf16 needs bf16 parameters.*cpu"):
+        run_grid("llama-tiny", ["lowrank-relu2", "lowrank-relu2+optim_state_dtype=bf16"], 2, str(dataset),
+                 tmp_path / "g16", 2, 1)
+    assert not (tmp_path / "g16").exists()
     quiet = dict(source="site-packages", max_mb=0.3, val_frac=0.2, log=lambda *a: None)
     other = prepare(tmp_path / "other", vocab_size=512, **quiet)
     assert other["source"] == "builtin: site-packages text only"

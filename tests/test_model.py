@@ -273,7 +273,8 @@ def test_fused_qkv_equals_three_projections(variant):
 
 def test_mm_side_by_side_writes_column_blocks_and_up_projections_follow_autocast():
     """elas::mm_side_by_side: the GEMMs' outputs side by side, its fake for tracing (opcheck); up_projections under
-    bf16 autocast computes in bf16, as F.linear would, and hands fp32 weights fp32 gradients."""
+    bf16 autocast computes in bf16, as F.linear would, hands fp32 weights fp32 gradients, and an unused
+    output's weight none."""
     from elas.kernels import ops
     g = torch.Generator().manual_seed(0)
     gs = [torch.randn(6, 8, generator=g) for _ in range(3)]
@@ -290,6 +291,12 @@ def test_mm_side_by_side_writes_column_blocks_and_up_projections_follow_autocast
         torch.testing.assert_close(o, w)
     sum(o.float().sum() * (i + 1) for i, o in enumerate(outs)).backward()
     assert h.grad.dtype == torch.float32 and all(w.grad.dtype == torch.float32 for w in wo)
+    # an output left unused gives its weight no gradient (None, as F.linear's), the others their own
+    h2 = h.detach().requires_grad_()
+    w2 = [w.detach().requires_grad_() for w in wo]
+    ops.up_projections(h2, w2)[1].sum().backward()
+    assert w2[0].grad is None and w2[2].grad is None and w2[1].grad is not None
+    torch.testing.assert_close(h2.grad[..., :4], torch.zeros_like(h2.grad[..., :4]))
 
 
 def test_fused_qkv_lowrank_gemm_count():

@@ -160,3 +160,13 @@ def test_both_kernel_keys_together_train_like_the_default():
     torch.testing.assert_close(l2, l1, rtol=1e-6, atol=1e-7)
     for n in g1:
         torch.testing.assert_close(g2[n], g1[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_rmsnorm_backward_fake_matches_the_op_for_a_transposed_x():
+    """elas::rmsnorm_backward's fake gives dx the real op's layout (contiguous) whatever x's strides are, so that a
+    traced graph plans the buffer the kernel writes."""
+    from elas.kernels import ops
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 32, generator=g).transpose(0, 1)  # [6, 4, 32], not contiguous
+    dn, w = torch.randn(6, 4, 32, generator=g), torch.randn(32, generator=g)
+    torch.library.opcheck(ops.rmsnorm_backward, (dn, x, None, w, 1e-6))

@@ -501,6 +501,9 @@ def split_variant(variant: str) -> tuple[str, dict[str, str]]:
         if not eq or not key:
             raise ValueError(f"bad variant option {kv!r} in {variant!r}: expected KEY=VALUE, e.g. "
                              f"elas+act24.fused=true")
+        if key in over:
+            raise ValueError(f"variant option {key!r} given twice in {variant!r} ({over[key]!r}, {value!r}): "
+                             f"give it once")
         over[key] = value
     return name, over
 
@@ -514,6 +517,10 @@ def train_keys(variant: str) -> tuple[str, dict[str, str]]:
     """("lowrank-relu2+optim_state_dtype=bf16+fuse_qkv=true") -> ("lowrank-relu2+fuse_qkv=true",
     {"optim_state_dtype": "bf16"}); a bad value is a ValueError naming the valid ones."""
     name, sets = split_variant(variant)
+    for k in sets:  # a misspelt training key would otherwise be offered the nearest *model* key
+        near = difflib.get_close_matches(k, list(TRAIN_KEYS), n=1, cutoff=0.8)
+        if k not in TRAIN_KEYS and near:
+            raise ValueError(f"unknown variant option {k!r} in {variant!r} (did you mean {near[0]!r}?)")
     train = {k: v for k, v in sets.items() if k in TRAIN_KEYS}
     for k, v in train.items():
         if v not in TRAIN_KEYS[k]:

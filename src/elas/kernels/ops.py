@@ -387,7 +387,8 @@ def rmsnorm_backward(dn: Tensor, x: Tensor, dres: Tensor | None, w: Tensor, eps:
 
 @rmsnorm_backward.register_fake
 def _(dn, x, dres, w, eps):
-    return torch.empty_like(x), torch.empty_like(w)
+    # contiguous whatever x's layout, as both real paths return dx (empty_like would keep a transposed x's strides)
+    return x.new_empty(x.shape), w.new_empty(w.shape)
 
 
 class _ResidualRMSNorm(torch.autograd.Function):
@@ -446,16 +447,19 @@ class _UpProjections(torch.autograd.Function):
     def forward(ctx, h: Tensor, *ws: Tensor) -> tuple[Tensor, ...]:
         r = ws[0].shape[1]
         ctx.save_for_backward(h, *ws)
+        ctx.set_materialize_grads(False)  # an unused output's weight gets no gradient (None), as F.linear's would
         return tuple(F.linear(h[:, i * r:(i + 1) * r], w) for i, w in enumerate(ws))
 
     @staticmethod
     def backward(ctx, *dys: Tensor | None):
         h, *ws = ctx.saved_tensors
         r = ws[0].shape[1]
-        dys = [torch.zeros(h.shape[0], w.shape[0], dtype=h.dtype, device=h.device) if dy is None else dy
-               for dy, w in zip(dys, ws)]
-        dh = mm_side_by_side(dys, ws)
-        dws = [dy.t() @ h[:, i * r:(i + 1) * r] for i, dy in enumerate(dys)]
+        dws = [None if dy is None or not ctx.needs_input_grad[1 + i] else dy.t() @ h[:, i * r:(i + 1) * r]
+               for i, dy in enumerate(dys)]
+        dh = None
+        if ctx.needs_input_grad[0] and any(dy is not None for dy in dys):
+            dh = mm_side_by_side([torch.zeros(h.shape[0], w.shape[0], dtype=h.dtype, device=h.device)
+                                  if dy is None else dy for dy, w in zip(dys, ws)], ws)
         return (dh, *dws)
 
 

@@ -163,12 +163,29 @@ def transfer_loss(trainer: Trainer, transfer: str) -> tuple[float, int]:
                         trainer.device, trainer.autocast)
 
 
+def check_param_dtypes(cfgs) -> None:
+    """A variant's bf16 moments (optim_state_dtype=bf16) need bf16 parameters, which this machine may not give
+    (CPU, fp32 precision): refused here, before the first run, not when that variant's turn comes."""
+    from .trainer import TrainError, computes_in_bf16, pick_device, resolve_param_dtype
+    for cfg in cfgs:
+        if cfg.optim_state_dtype != "bf16":
+            continue
+        device = pick_device(cfg.device)
+        try:
+            resolve_param_dtype(cfg, device, False, computes_in_bf16(cfg, device))
+        except TrainError:
+            raise ValueError(f"{Path(cfg.out_dir).name}: optim_state_dtype=bf16 needs bf16 parameters, which a grid "
+                             f"run holds only on a GPU with bf16 precision (this one: {device.type}, precision "
+                             f"{cfg.precision}); leave the variant out here") from None
+
+
 def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Path, batch_size: int = 256,
              grad_accum: int = 2, seeds=(0,), transfer: str | None = None, log=print) -> list[dict]:
     """Every variant x seed (seed-major: each seed's grid completes before the next starts)."""
     from ..data import load_meta
     cfgs = [(seed, v, variant_config(size, v, steps, data_dir, out, batch_size, grad_accum, seed=seed))
             for seed in seeds for v in variants]  # every bad variant or key fails here, before any run
+    check_param_dtypes([cfg for _, _, cfg in cfgs])
     meta = load_meta(data_dir)
     if transfer:
         check_transfer_data(data_dir, transfer, cfgs[0][2].seq_len)
