@@ -454,12 +454,12 @@ class _UpProjections(torch.autograd.Function):
     def backward(ctx, *dys: Tensor | None):
         h, *ws = ctx.saved_tensors
         r = ws[0].shape[1]
-        dws = [None if dy is None or not ctx.needs_input_grad[1 + i] else dy.t() @ h[:, i * r:(i + 1) * r]
-               for i, dy in enumerate(dys)]
         dh = None
         if ctx.needs_input_grad[0] and any(dy is not None for dy in dys):
             dh = mm_side_by_side([torch.zeros(h.shape[0], w.shape[0], dtype=h.dtype, device=h.device)
                                   if dy is None else dy for dy, w in zip(dys, ws)], ws)
+        dws = [None if dy is None or not ctx.needs_input_grad[1 + i] else dy.t() @ h[:, i * r:(i + 1) * r]
+               for i, dy in enumerate(dys)]
         return (dh, *dws)
 
 
