@@ -130,6 +130,21 @@ def test_sync_table_points_the_captured_buffers_at_new_gradients():
     _master_opt("reference")[1].sync_table()  # nothing to sync without the kernel
 
 
+def test_table_follows_which_tensors_have_gradients():
+    """Another set of tensors with gradients, of the same count but other sizes, gets its own chunks: the norm and
+    the update read the new set whole (interpreter on CPU)."""
+    ps, opt = _master_opt("triton")
+    grads = _grads(0)
+    for p, g in zip(ps[:3], grads[:3]):  # (37, 5), (9000,), (64, 130) have gradients
+        p.grad = g.clone()
+    want = torch.linalg.vector_norm(torch.cat([g.float().flatten() for g in grads[:3]]))
+    torch.testing.assert_close(opt.grad_norm(), want, rtol=1e-5, atol=0)
+    ps[0].grad = None
+    ps[3].grad = grads[3].clone()  # the same count, other sizes: (9000,), (64, 130), (3,)
+    want = torch.linalg.vector_norm(torch.cat([g.float().flatten() for g in grads[1:]]))
+    torch.testing.assert_close(opt.grad_norm(), want, rtol=1e-5, atol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shapes", [SHAPES, ALIGNED], ids=["odd-sizes", "aligned"])
 def test_gpu_grad_norm_kernel_equals_the_fp32_norm(shapes):

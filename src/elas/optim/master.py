@@ -163,6 +163,7 @@ class FP32Masters:
         self.backend = backend
         self._scal = torch.zeros(len(self.param_groups), SCAL, dtype=torch.float32, device=dev)
         self._tab = self._chunks = self._sumsq = None
+        self._numels: list[int] = []
         self._align = 1  # master_triton.alignment of the stepped tensors (with the chunk table)
         self._tab_key: tuple | None = None
         self._staging = _PinnedRing(self._scal.shape) if dev.type == "cuda" else None
@@ -252,11 +253,16 @@ class FP32Masters:
             rows.append([t.data_ptr() for t in ts] + [p.numel(), gi, 0])
         from .master_triton import alignment, chunk_table
         dev = items[0][1].device
-        if self._chunks is None or self._tab is None or self._tab.shape[0] != len(rows):
-            self._chunks = chunk_table([p.numel() for _, p, _ in items], dev)
-            self._align = alignment([p.numel() for _, p, _ in items])
-            self._sumsq = torch.empty(self._chunks.shape[0], dtype=torch.float32, device=dev)  # grad_norm's
+        numels = [p.numel() for _, p, _ in items]
+        if self._tab is None or self._tab.shape[0] != len(rows):
             self._tab = torch.empty(len(rows), 8, dtype=torch.int64, device=dev)
+        # the chunks follow the sizes of the tensors that have gradients, not just their count (another set of the
+        # same count would otherwise step with the first set's chunks)
+        if numels != self._numels:
+            self._numels = numels
+            self._chunks = chunk_table(numels, dev)
+            self._align = alignment(numels)
+            self._sumsq = torch.empty(self._chunks.shape[0], dtype=torch.float32, device=dev)  # grad_norm's
         host = torch.tensor(rows, dtype=torch.int64)
         self._tab.copy_(host.pin_memory() if dev.type == "cuda" else host, non_blocking=True)
         self._tab_key = key
