@@ -183,7 +183,12 @@ def test_bad_eval_and_generate_arguments(tmp_path, capsys):
     _fail([*grid, "--variants", "elas+act24.nope=1"], capsys, "variant 'elas+act24.nope=1'")
     _fail([*grid, "--variants", "dense"], capsys, "unknown variant 'dense'")
     _fail([*grid, "--variants", "relu2,elas,relu2"], capsys, "--variants names relu2 more than once")
-    assert not (tmp_path / "data").exists()
+    _fail([*grid, "--steps", "0"], capsys, "invalid --steps 0: expected a positive integer")
+    _fail([*grid, "--batch-size", "-4"], capsys, "invalid --batch-size -4")
+    _fail([*grid, "--grad-accum", "0"], capsys, "invalid --grad-accum 0")
+    _fail([*grid, "--plan", "--steps", "0"], capsys, "invalid --steps 0")  # (a division by zero before)
+    _fail([*grid, "--plan", "--summarize-only"], capsys, "--plan and --summarize-only exclude each other")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "q").exists()
 
 
 def test_bad_grid_data_and_transfer_sets(dataset, tmp_path, capsys, monkeypatch):
@@ -200,6 +205,9 @@ def test_bad_grid_data_and_transfer_sets(dataset, tmp_path, capsys, monkeypatch)
     _fail([*grid, "--data", "nodata", "--transfer-data", str(dataset)], capsys, "nodata does not exist")
     assert not (tmp_path / "q").exists()
     _fail(["experiment", "--summarize-only", "--out", "q"], capsys, "--out q holds no grid")
+    (tmp_path / "q").mkdir()
+    _fail(["experiment", "--summarize-only", "--out", "q"], capsys, "--out q holds no finished run")
+    assert not any((tmp_path / "q").iterdir())  # no empty table or plot written
 
 
 def test_bad_data_prepare_arguments(tmp_path, capsys):
@@ -215,6 +223,11 @@ def test_bad_data_prepare_arguments(tmp_path, capsys):
     _fail(["data", "prepare", "--out", str(tmp_path / "d"), "--vocab-size", "0"], capsys, "vocab_size=0")
     _fail(["data", "prepare", "--out", str(tmp_path / "d"), "--tokenizer", str(tmp_path)], capsys,
           "holds no tokenizer.json")
+    # another source's options would be ignored and the built-in corpus tokenized in their place
+    _fail(["data", "prepare", "--out", str(tmp_path / "d"), "--files", str(src)], capsys,
+          "--files is for --source files, not --source builtin")
+    _fail(["data", "prepare", "--out", str(tmp_path / "d"), "--source", "stdlib", "--hf", "allenai/c4"], capsys,
+          "--hf/--hf-config are for --source hf, not --source stdlib")
     assert not (tmp_path / "d").exists()
 
 

@@ -690,8 +690,16 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         assert seeds and all(k >= 0 for k in seeds) and len(set(seeds)) == len(seeds)
     except (ValueError, AssertionError):
         raise UserError(f"invalid --seeds {args.seeds!r}: expected distinct non-negative integers, e.g. 0,1") from None
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--grad-accum", args.grad_accum)):
+        if value < 1:  # (before --plan divides by it, and before any data is prepared)
+            raise UserError(f"invalid {flag} {value}: expected a positive integer")
+    if args.plan and args.summarize_only:
+        raise UserError("--plan and --summarize-only exclude each other: --plan lists what is left to run, "
+                        "--summarize-only summarizes what ran")
     if args.summarize_only and not out.is_dir():
         raise UserError(f"--out {out} holds no grid to summarize (no such directory)")
+    if args.summarize_only and not any(out.glob("*/summary.json")):
+        raise UserError(f"--out {out} holds no finished run to summarize (no RUN/summary.json)")
     if args.plan:
         return _print_grid_plan(args, variants, seeds, out)
     if not args.summarize_only:

@@ -123,6 +123,11 @@ def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = 
         raise DataError(f"max_tokens={max_tokens} must be a positive number of training tokens (or no cap)")
     if max_mb is not None and max_mb < 0:
         raise DataError(f"max_mb={max_mb} must be >= 0 (0: no cap)")
+    # an option of another source would be ignored, and the wrong text tokenized (minutes of work)
+    if files and source != "files":
+        raise DataError(f"--files is for --source files, not --source {source}: add --source files")
+    if (hf or hf_config) and source != "hf":
+        raise DataError(f"--hf/--hf-config are for --source hf, not --source {source}: add --source hf")
     if tokenizer == "bpe" and vocab_size < 300:  # before the text is read
         raise DataError(f"vocab_size={vocab_size} is too small for byte-level BPE: use at least 300")
     if source == "builtin":
