@@ -188,6 +188,8 @@ def test_bad_eval_and_generate_arguments(tmp_path, capsys):
     _fail([*grid, "--grad-accum", "0"], capsys, "invalid --grad-accum 0")
     _fail([*grid, "--plan", "--steps", "0"], capsys, "invalid --steps 0")  # (a division by zero before)
     _fail([*grid, "--plan", "--summarize-only"], capsys, "--plan and --summarize-only exclude each other")
+    _fail(["experiment", "--size", "llama-tiny-elas", "--out", str(tmp_path / "q")], capsys,
+          "unknown --size 'llama-tiny-elas' (did you mean 'llama-tiny'?)")
     assert not (tmp_path / "data").exists() and not (tmp_path / "q").exists()
 
 

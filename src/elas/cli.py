@@ -690,6 +690,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         assert seeds and all(k >= 0 for k in seeds) and len(set(seeds)) == len(seeds)
     except (ValueError, AssertionError):
         raise UserError(f"invalid --seeds {args.seeds!r}: expected distinct non-negative integers, e.g. 0,1") from None
+    from .config import SIZES, closest
+    if args.size not in SIZES:  # a size, not a preset: the variants name the rest
+        raise UserError(f"unknown --size {args.size!r}{closest(args.size, SIZES)}: expected one of "
+                        f"{', '.join(SIZES)} (the variants name the model; --variants elas,relu2 ...)")
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--grad-accum", args.grad_accum)):
         if value < 1:  # (before --plan divides by it, and before any data is prepared)
             raise UserError(f"invalid {flag} {value}: expected a positive integer")
