@@ -280,9 +280,14 @@ def test_a_kill_during_a_checkpoint_write_resumes_from_the_one_before(dataset, r
     killed = run_cli(*train_args(dataset, run, *COMMON), env={"ELAS_FAULT_IN_CHECKPOINT": "4"})
     assert killed.returncode < 0
     assert (run / "checkpoints" / "step-00000004.tmp").is_dir()  # the half-written one, never renamed in place
+    # a stop-save's leftover (SIGTERM at step 3, SIGKILL mid-write): no later save rewrites step 3, so nothing but
+    # the resume's clean-up frees its disk
+    (run / "checkpoints" / "step-00000003.tmp").mkdir()
     r = _resume_and_compare(dataset, run, reference / "ref")
     assert "step-00000002" in r.stdout.split("resumed from")[1].splitlines()[0]
     assert not list((run / "checkpoints").glob("*.tmp"))
+    for name in ("step-00000003.tmp", "step-00000004.tmp"):
+        assert f"removed checkpoints/{name}, a save killed mid-write" in r.stdout
 
 
 def test_a_process_group_stuck_at_teardown_is_reported_and_left(monkeypatch, capsys):
@@ -384,3 +389,31 @@ def test_resuming_a_complete_run_or_another_length_is_said(dataset, reference, t
     r = run_cli("train", "--out", str(run), "--no-progress", "--resume", "--max-steps", "10")
     assert r.returncode == 0, r.stderr
     assert "max_steps 8 -> 10: the learning-rate schedule" in r.stdout + r.stderr
+
+
+def test_consolidating_a_damaged_sharded_checkpoint_refuses_and_leaves_its_manifest(dataset, tmp_path):
+    """eval/generate/export of a sharded checkpoint consolidate its shards first: a damaged shard is refused
+    (rewriting the manifest over it would make it verify, and a resume take it), and a whole one gets its
+    model.safetensors added to the manifest without the other files' hashes being taken again."""
+    from elas.train.checkpoint import CheckpointError, consolidate, load_weights
+    run = tmp_path / "run"
+    r = run_cli(*train_args(dataset, run, "--max-steps", "2", "--set", "save_every=2", "--set", "eval_every=100",
+                            "--set", "parallel=fsdp"))  # one process: DCP checkpoints all the same
+    assert r.returncode == 0, r.stderr
+    ck = run / "checkpoints" / "step-00000002"
+    before = json.loads((ck / "manifest.json").read_text())["files"]
+    damaged = tmp_path / "damaged"
+    import shutil
+    shutil.copytree(ck, damaged)
+    shard = next((damaged / "dcp").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="is damaged .*does not match its hash.*not consolidated"):
+        load_weights(damaged)
+    assert verify_checkpoint(damaged) is not None and not (damaged / "model.safetensors").exists()
+    consolidate(ck)
+    after = json.loads((ck / "manifest.json").read_text())["files"]
+    assert set(after) == set(before) | {"model.safetensors"}
+    assert all(after[k] == v for k, v in before.items()) and verify_checkpoint(ck) is None
+    assert "lm_head.weight" in load_weights(ck)

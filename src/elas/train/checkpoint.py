@@ -308,6 +308,17 @@ def _nbytes(obj) -> int:
     return 0
 
 
+def clear_partial(run_dir: Path) -> list[str]:
+    """Remove the step-N.tmp directories that a killed save left behind (a SIGKILL mid-write: never renamed, so
+    never loaded, but holding up to a whole checkpoint of disk that a later save of another step would not free).
+    Called with the run's lock held, before any save: no other process writes there. Returns their names."""
+    ckdir = Path(run_dir) / "checkpoints"
+    gone = sorted(p.name for p in ckdir.glob("step-*.tmp") if p.is_dir()) if ckdir.is_dir() else []
+    for name in gone:
+        shutil.rmtree(ckdir / name, ignore_errors=True)
+    return gone
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -430,6 +441,10 @@ def consolidate(ckpt: Path) -> Path:
     out = ckpt / "model.safetensors"
     if not is_sharded_checkpoint(ckpt):
         raise CheckpointError(f"{ckpt} is not a sharded checkpoint (it has no dcp/); its weights are {out}")
+    manifest = (ckpt / MANIFEST).is_file()
+    why = verify_checkpoint(ckpt) if manifest else None
+    if why:  # (a manifest rewritten over damaged shards would make them verify, and a resume take them)
+        raise CheckpointError(f"checkpoint {ckpt} is damaged ({why}): not consolidated")
     blob = ckpt / "consolidate.tmp.pt"
     try:
         dcp_to_torch_save(str(ckpt / "dcp"), str(blob))
@@ -440,7 +455,12 @@ def consolidate(ckpt: Path) -> Path:
         raise CheckpointError(f"could not consolidate {ckpt} ({str(e).splitlines()[0][:160]})") from None
     finally:
         blob.unlink(missing_ok=True)
-    _write_manifest(ckpt)
+    if manifest:  # only the new file's entry added: the other files' hashes stay the ones taken when written
+        files = json.loads((ckpt / MANIFEST).read_text())["files"]
+        files[out.name] = {"bytes": out.stat().st_size, "xxh3_64": _file_hash(out)}
+        write_atomic(ckpt / MANIFEST, json.dumps({"version": 1, "files": files}, indent=1).encode())
+    else:  # a checkpoint from before manifests
+        _write_manifest(ckpt)
     return out
 
 

@@ -25,8 +25,8 @@ from ..optim import build_optimizer, warmup_cosine
 from ..sparsity import collect_stats, describe, method_to_dict, set_step
 from ..sparsity.api import check_sparse_window, dense_throughout, edit_in_place
 from ..summary import model_summary
-from .checkpoint import (BackgroundSaver, CheckpointError, checkpoints, is_sharded_checkpoint, load_checkpoint,
-                         write_atomic,
+from .checkpoint import (BackgroundSaver, CheckpointError, checkpoints, clear_partial, is_sharded_checkpoint,
+                         load_checkpoint, write_atomic,
                          load_optimizer, load_sharded_checkpoint, newest_verified, resume_checkpoint, save_checkpoint,
                          save_sharded_checkpoint, snapshot)
 from .distributed import Dist, agree, all_reduce_sum, init_distributed, shutdown
@@ -694,6 +694,8 @@ class Trainer:
             try:
                 check_writable(self.run_dir)
                 lock_run_dir(self.run_dir)
+                for name in clear_partial(self.run_dir):
+                    self.log(f"elas: removed checkpoints/{name}, a save killed mid-write (never loadable)")
                 if d.enabled:
                     token = os.urandom(8).hex()
                     write_atomic(self.run_dir / ".elas-shared", token.encode())
