@@ -2,6 +2,7 @@
 
 Every case compares the resumed run's logged losses with an uninterrupted run, step by step, bit for bit."""
 import json
+import os
 import subprocess
 import sys
 
@@ -194,6 +195,28 @@ def test_a_run_directory_trains_in_one_process_at_a_time(dataset, reference, tmp
     _resume_and_compare(dataset, run, reference / "ref")
 
 
+def test_a_file_system_without_flock_warns_instead_of_refusing(tmp_path, monkeypatch, capsys):
+    """flock failing for another reason than a holder (ENOLCK on NFS without a lock daemon, ENOSYS) is not "in use
+    by another process": the run goes on without a lock, with a warning saying so; a holder still refuses."""
+    import errno
+    import fcntl
+
+    from elas.train.trainer import TrainError, lock_run_dir, unlock_run_dir
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    lock_run_dir(tmp_path)
+    assert "cannot be locked on this file system (No locks available)" in capsys.readouterr().err
+    unlock_run_dir(tmp_path)
+
+    def held(fd, op):
+        raise BlockingIOError(errno.EWOULDBLOCK, "held")
+    monkeypatch.setattr(fcntl, "flock", held)
+    with pytest.raises(TrainError, match="in use by another elas process"):
+        lock_run_dir(tmp_path)
+
+
 def test_a_damaged_metrics_line_does_not_stop_a_resume(dataset, reference, tmp_path):
     """A bad line in the middle of metrics.jsonl (an edit, a disk error) is moved to metrics.jsonl.bad with a log
     line, and the run resumes with the same losses."""
@@ -371,6 +394,9 @@ def test_a_grid_killed_at_a_runs_summary_resumes_it_and_refuses_other_settings(d
     with pytest.raises(ValueError, match="batch_size 2 -> 3"):
         experiment.run_grid("llama-tiny", ["relu2"], 2, str(dataset), tmp_path, batch_size=3, grad_accum=1)
     assert json.loads((run / "config.json").read_text())["max_steps"] == 2  # the run was left alone
+    (run / "config.json").unlink()  # lost: the checkpoints' copy still says what the run was
+    with pytest.raises(ValueError, match="batch_size 2 -> 3"):
+        experiment.run_grid("llama-tiny", ["relu2"], 2, str(dataset), tmp_path, batch_size=3, grad_accum=1)
 
 
 def test_resuming_a_complete_run_or_another_length_is_said(dataset, reference, tmp_path):

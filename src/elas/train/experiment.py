@@ -115,9 +115,10 @@ def other_settings(cfg) -> list[str]:
     """How the run kept in cfg.out_dir differs from cfg in the grid's settings and the model ([] where it has
     none kept, or the same): each difference as "KEY saved -> now"."""
     run = Path(cfg.out_dir)
-    if not (run / "config.json").is_file() or not ((run / "summary.json").exists() or checkpoints(run)):
-        return []  # nothing of it kept: the run starts again
-    saved = load_run_config(run)
+    kept = checkpoints(run)
+    if not ((run / "summary.json").exists() or kept) or not ((run / "config.json").is_file() or kept):
+        return []  # nothing of it kept (or a summary alone, nothing to compare): the run starts again
+    saved = load_run_config(run)  # (config.json, or where it was lost the copy in the newest checkpoint)
     diff = [f"{k} {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in GRID_KEYS
             if getattr(saved, k) != getattr(cfg, k)]
     # the model as built: a method config of an older version reads with the meaning it had (a changed default

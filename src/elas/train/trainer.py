@@ -11,6 +11,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -189,7 +190,12 @@ def lock_run_dir(run_dir: Path) -> None:
     fd = os.open(Path(run_dir) / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        if not isinstance(e, BlockingIOError):  # (ENOLCK, ENOSYS, ...: a file system without flock, not a holder)
+            os.close(fd)
+            print(f"elas: warning: {run_dir} cannot be locked on this file system ({os.strerror(e.errno)}): "
+                  f"nothing stops a second process from training into it", file=sys.stderr)
+            return
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
         os.close(fd)
         raise TrainError(f"{run_dir} is in use by another elas process" + (f" (pid {holder})" if holder else "") +
