@@ -443,3 +443,23 @@ def test_consolidating_a_damaged_sharded_checkpoint_refuses_and_leaves_its_manif
     assert set(after) == set(before) | {"model.safetensors"}
     assert all(after[k] == v for k, v in before.items()) and verify_checkpoint(ck) is None
     assert "lm_head.weight" in load_weights(ck)
+
+
+def test_a_failing_evaluation_writes_its_steps_checkpoint_first(dataset, tmp_path, monkeypatch, capsys):
+    """An evaluation that raises (a CUDA out-of-memory compiling its no-grad graphs, say) between two checkpoints:
+    the steps since the last one are saved before the error is reported, and a resume continues from them."""
+    import elas.train.trainer as trainer
+    from elas.cli import main
+    run = tmp_path / "run"
+
+    def oom(*a, **k):
+        raise RuntimeError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(trainer, "evaluate", oom)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        main(train_args(dataset, run, "--max-steps", "8", "--set", "save_every=100", "--set", "eval_every=3"))
+    assert "the evaluation at step 3 failed; the checkpoint of step 3 was written first" in capsys.readouterr().out
+    assert latest_checkpoint(run).name == "step-00000003" and verify_checkpoint(latest_checkpoint(run)) is None
+    monkeypatch.undo()
+    assert main(train_args(dataset, run, "--max-steps", "8", "--set", "save_every=100", "--set", "eval_every=3",
+                           "--resume")) == 0
+    assert sorted(losses(run)) == list(range(1, 9))

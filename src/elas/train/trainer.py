@@ -593,8 +593,12 @@ class Trainer:
                                         **({"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] else {}))
                 if eval_now:
                     t0, graphs_before = time.perf_counter(), compile_counts()
-                    vl, n = evaluate(self.fwd, self.val_windows, cfg.eval_tokens, cfg.batch_size, self.device,
-                                     self.autocast, d)
+                    try:
+                        vl, n = evaluate(self.fwd, self.val_windows, cfg.eval_tokens, cfg.batch_size, self.device,
+                                         self.autocast, d)
+                    except Exception:
+                        self._save_before_failing("the evaluation")
+                        raise
                     eval_s, trained_s = time.perf_counter() - t0, t0 - t_trained_from
                     eval_graphs = compile_counts() - graphs_before  # the first evaluation's no-grad graphs
                     t_last += eval_s  # tokens/s counts the training steps only
@@ -687,6 +691,21 @@ class Trainer:
                 for k, v in rec.get("stats", {}).items():
                     self.tb.add_scalar(f"stats/{k}", v, rec["step"])
                 self.tb.flush()
+
+    def _save_before_failing(self, what: str) -> None:
+        """An error outside the training step (an evaluation's out-of-memory, say) would lose every step since the
+        last checkpoint: write this step's first, where that is one process's decision (several would have to
+        agree, and the others may be waiting in a collective). A failing save leaves the original error to be
+        reported."""
+        if self.dist.enabled:
+            return
+        try:
+            self.save()
+            self._wait_saves()
+            self.log(f"elas: {what} at step {self.step} failed; the checkpoint of step {self.step} was written "
+                     f"first (--resume continues from it)")
+        except Exception:  # noqa: BLE001 - the error being raised is the one to report
+            pass
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
