@@ -463,3 +463,22 @@ def test_a_failing_evaluation_writes_its_steps_checkpoint_first(dataset, tmp_pat
     assert main(train_args(dataset, run, "--max-steps", "8", "--set", "save_every=100", "--set", "eval_every=3",
                            "--resume")) == 0
     assert sorted(losses(run)) == list(range(1, 9))
+
+
+def test_a_resume_with_other_parameter_dtype_says_so(dataset, tmp_path, capsys):
+    """A checkpoint of bf16 parameters (fp32 masters) resumed where they would be fp32 (param_dtype=auto under
+    torchrun or on a CPU; here set explicitly) is one line naming both and where it can resume, not a "corrupt
+    checkpoint" from deep in the optimizer's loading."""
+    from elas.cli import main
+    run = tmp_path / "run"
+    common = ["--max-steps", "4", "--set", "save_every=2", "--set", "eval_every=100"]
+    assert main(train_args(dataset, run, *common, "--set", "param_dtype=bf16", "--max-steps", "2")) == 0
+    assert json.loads((latest_checkpoint(run) / "trainer.json").read_text())["param_dtype"] == "bf16"
+    capsys.readouterr()
+    assert main(train_args(dataset, run, *common, "--set", "param_dtype=fp32", "--resume")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("elas: error: checkpoint step-00000002 holds the optimizer state of bf16 parameters, "
+                              "but this run would hold them in fp32"), err
+    assert "resume it on one GPU (param_dtype auto or bf16)" in err[-1]
+    assert main(train_args(dataset, run, *common, "--set", "param_dtype=bf16", "--resume")) == 0
+    assert sorted(losses(run)) == [1, 2, 3, 4]

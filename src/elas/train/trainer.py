@@ -341,6 +341,8 @@ class Trainer:
                              (" (the damaged ones were moved aside as *.corrupt)" if found else "") +
                              "; drop --resume to start a new run there, or pass --resume auto")
         if self.ckpt is not None:
+            self._check_param_dtype()
+        if self.ckpt is not None:
             check_same_data(self.ckpt, self.meta, cfg.data_dir, full_rank=cfg.model.rank == 0)
 
         self.global_batch = cfg.batch_size * cfg.grad_accum * self.dist.world
@@ -650,6 +652,7 @@ class Trainer:
 
     def save(self) -> None:
         state = {"step": self.step, "tokens": self.tokens, "data_position": self.step * self.global_batch,
+                 "param_dtype": self.param_dtype,  # what its optimizer state is the state of (_check_param_dtype)
                  "preset": self.cfg.preset, "elapsed_s": round(self.elapsed_s(), 3),
                  "config": to_dict(self.cfg),  # the run's config beside its weights (load_run_config)
                  "data": {"train_sha1": self.meta.get("train_sha1"), "vocab_size": self.meta.get("vocab_size")}}
@@ -691,6 +694,22 @@ class Trainer:
                 for k, v in rec.get("stats", {}).items():
                     self.tb.add_scalar(f"stats/{k}", v, rec["step"])
                 self.tb.flush()
+
+    def _check_param_dtype(self) -> None:
+        """A checkpoint holds the optimizer state of its parameters' dtype: bf16 parameters' fp32 masters
+        (MasterAdamW) or fp32 parameters' AdamW state. param_dtype=auto resolves by the machine (one GPU: bf16;
+        several processes, CPU: fp32), so a resume elsewhere would load the one into the other (an error about a
+        corrupt checkpoint, from deep in torch). Checkpoints of older versions do not record it: not checked."""
+        try:
+            saved = json.loads((self.ckpt / "trainer.json").read_text()).get("param_dtype")
+        except (OSError, ValueError, AttributeError):
+            return  # (loading it reports a damaged checkpoint)
+        if saved and saved != self.param_dtype:
+            where = "on one GPU (param_dtype auto or bf16)" if saved == "bf16" else "with --set param_dtype=fp32"
+            raise TrainError(f"checkpoint {self.ckpt.name} holds the optimizer state of {saved} parameters, but this "
+                             f"run would hold them in {self.param_dtype} (param_dtype={self.cfg.param_dtype} on "
+                             f"{self.device.type}{', several processes' if self.dist.enabled else ''}): resume it "
+                             f"{where}; converting one into the other is not supported yet")
 
     def _save_before_failing(self, what: str) -> None:
         """An error outside the training step (an evaluation's out-of-memory, say) would lose every step since the
