@@ -25,7 +25,7 @@ from ..config import (LORO_DEFAULTS, VARIANTS, apply_overrides, model_preset, pr
 from ..sparsity import method_to_dict
 from ..sparsity.api import sparse_end
 from .checkpoint import checkpoints, write_atomic
-from .trainer import Trainer, load_run_config, read_metrics
+from .trainer import TrainError, Trainer, load_run_config, read_metrics
 
 QUALITY_VARIANTS = tuple(VARIANTS)  # every named variant (config.VARIANTS), with its recipe's optimizer
 def grid_variants(steps: int) -> list[str]:
@@ -118,7 +118,10 @@ def other_settings(cfg) -> list[str]:
     kept = checkpoints(run)
     if not ((run / "summary.json").exists() or kept) or not ((run / "config.json").is_file() or kept):
         return []  # nothing of it kept (or a summary alone, nothing to compare): the run starts again
-    saved = load_run_config(run)  # (config.json, or where it was lost the copy in the newest checkpoint)
+    try:
+        saved = load_run_config(run)  # (config.json, or where it was lost the copy in the newest checkpoint)
+    except TrainError:  # no config.json and no checkpoint holding a copy: nothing to compare with
+        return []
     diff = [f"{k} {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in GRID_KEYS
             if getattr(saved, k) != getattr(cfg, k)]
     # the model as built: a method config of an older version reads with the meaning it had (a changed default
@@ -167,7 +170,7 @@ def transfer_loss(trainer: Trainer, transfer: str) -> tuple[float, int]:
 def check_param_dtypes(cfgs) -> None:
     """A variant's bf16 moments (optim_state_dtype=bf16) need bf16 parameters, which this machine may not give
     (CPU, fp32 precision): refused here, before the first run, not when that variant's turn comes."""
-    from .trainer import TrainError, computes_in_bf16, pick_device, resolve_param_dtype
+    from .trainer import computes_in_bf16, pick_device, resolve_param_dtype
     for cfg in cfgs:
         if cfg.optim_state_dtype != "bf16":
             continue
