@@ -482,3 +482,18 @@ def test_a_resume_with_other_parameter_dtype_says_so(dataset, tmp_path, capsys):
     assert "resume it on one GPU (param_dtype auto or bf16)" in err[-1]
     assert main(train_args(dataset, run, *common, "--set", "param_dtype=bf16", "--resume")) == 0
     assert sorted(losses(run)) == [1, 2, 3, 4]
+
+
+def test_a_longer_resume_names_the_sparse_phase_that_moves(dataset, tmp_path, capsys):
+    """A method whose sparse phase ends at a fraction of the run (sparse_until 0.3) moves with --max-steps: the
+    resume's warning names it beside the learning-rate schedule."""
+    from conftest import TINY
+    from elas.cli import main
+    args = ["train", "--preset", "llama-tiny-relu2-vnm-fast", "--data", str(dataset), "--out", str(tmp_path / "r"),
+            "--no-progress", *TINY, "--set", "save_every=2", "--set", "eval_every=100",
+            "--set", "model.vnm.dense_warmup_steps=0"]
+    assert main([*args, "--max-steps", "10"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--max-steps", "20", "--resume"]) == 0
+    assert ("max_steps 10 -> 20: the learning-rate schedule (warm-up, then cosine to step 20) and the end of the "
+            "sparse phase of vnm (sparse_until a fraction of the run) change from step 10 on") in capsys.readouterr().out

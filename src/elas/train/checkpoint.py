@@ -52,7 +52,7 @@ def _fsync_dir(path: Path) -> None:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """path holds data whole or keeps what it held: written beside it, fsynced, renamed over it."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # (two processes may write one file: the grid's summary)
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()

@@ -507,9 +507,15 @@ class Trainer:
                     self.log(f"elas: the run is complete (step {self.step} of max_steps={cfg.max_steps}): nothing to "
                              f"train; raise --max-steps to extend it")
                 elif self.saved_max_steps not in (None, cfg.max_steps):
+                    # a method's phase given as a fraction of the run (sparse_until 0.3) moves with its length too
+                    moving = [m["method"] for m in cfg.model.methods
+                              if isinstance(m.get("sparse_until"), float) and 0 < m["sparse_until"] < 1]
                     self.log(f"elas: warning: max_steps {self.saved_max_steps} -> {cfg.max_steps}: the learning-rate "
-                             f"schedule (warm-up, then cosine to step {cfg.max_steps}) changes from step {self.step} "
-                             f"on, so the losses from here differ from a run planned for either length")
+                             f"schedule (warm-up, then cosine to step {cfg.max_steps})" +
+                             (f" and the end of the sparse phase of {', '.join(moving)} (sparse_until a fraction of "
+                              f"the run)" if moving else "") +
+                             f" change from step {self.step} on, so the losses from here differ from a run planned "
+                             f"for either length")
         # every process catches the stop signals (torchrun passes a SIGTERM or Ctrl-C to each): they agree on the
         # step to stop at, save together (FSDP2's shards need every process) and leave
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
