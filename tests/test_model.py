@@ -240,14 +240,27 @@ def test_rotary_embeddings_in_the_projection_layout_equal_the_head_major_ones():
     assert torch.equal(apply_rope(x, cos, sin).transpose(1, 2), want)
 
 
-@pytest.mark.parametrize("variant", ["lowrank-relu2", "relu2"])
-def test_fused_qkv_equals_three_projections(variant):
-    """model.fuse_qkv: one GEMM for the q, k, v projections (low-rank: one down-projection of width 3r, then the
-    three up-projections on its column blocks) gives the three projections' loss and gradients, compiles as one
-    graph, and leaves a projection that carries a forward hook (as a method might add) unfused."""
+def test_fuse_qkv_is_the_default_for_lowrank_attention_only():
+    """model.fuse_qkv defaults to true; it fuses low-rank attention (scope all or attn), never full-rank attention
+    (no gain measured there), and a config.json written before the key existed resumes unfused, as it ran."""
+    from elas.config import ModelConfig, from_dict, to_dict
+    assert ModelConfig().fuse_qkv is True
+    for name, scope, fused in [("lowrank-relu2", "all", True), ("lowrank-relu2", "attn", True),
+                               ("lowrank-relu2", "ffn", False), ("relu2", "all", False)]:
+        cfg = preset(f"llama-tiny-{name}", n_layers=1, vocab_size=256, lowrank_scope=scope)
+        attn = build_model(cfg).blocks[0].attn
+        assert attn.fuse_qkv is fused and (attn.up_op is not None) is fused, (name, scope)
+    old = {k: v for k, v in to_dict(preset("llama-tiny-lowrank-relu2")).items() if k != "fuse_qkv"}
+    assert from_dict(ModelConfig, old).fuse_qkv is False
+
+
+def test_fused_qkv_equals_three_projections():
+    """model.fuse_qkv: one down-projection GEMM of width 3r for low-rank q, k, v, then the three up-projections on
+    its column blocks, gives the three projections' loss and gradients, compiles as one graph, and leaves a
+    projection that carries a forward hook (as a method might add) unfused."""
     import torch._dynamo as dynamo
     torch.manual_seed(0)
-    cfg = preset(f"llama-tiny-{variant}", n_layers=2, vocab_size=256)
+    cfg = preset("llama-tiny-lowrank-relu2", n_layers=2, vocab_size=256, fuse_qkv=False)
     base = build_model(cfg)
     cfg.fuse_qkv = True
     fused = build_model(cfg)

@@ -48,8 +48,7 @@ def _pair(variant, fuse, **over):
     return models
 
 
-@pytest.mark.parametrize("variant, fuse", [("lowrank-relu2", True), ("lowrank-relu2", False), ("relu2", True),
-                                           ("relu2", False)])
+@pytest.mark.parametrize("variant, fuse", [("lowrank-relu2", True), ("lowrank-relu2", False), ("relu2", False)])
 def test_model_with_rope_kernel_computes_the_plain_model(variant, fuse):
     plain, roped = _pair(variant, fuse)
     assert roped.blocks[0].attn.rope_op is not None and plain.blocks[0].attn.rope_op is None

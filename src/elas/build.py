@@ -107,8 +107,8 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu",
     if cfg.rope_kernel == "cutlass":  # the attention's rotary embedding inside the q/k GEMMs' epilogue
         for blk in model.blocks:
             blk.attn.rope_op = ops.linear_rope
-    if cfg.fuse_qkv:  # low-rank q, k, v: their up-projections' input gradients side by side (Attention.qkv)
-        for blk in model.blocks:
+    for blk in model.blocks:  # fuse_qkv's low-rank q, k, v: their up-projections' input gradients side by side
+        if blk.attn.fuse_qkv:  # (Attention.qkv)
             blk.attn.up_op = ops.up_projections
     if norm_kernel(cfg, target) == "fused":  # the blocks' norms (not the final one: nothing is added to its input)
         for blk in model.blocks:

@@ -23,6 +23,7 @@ Variants are names of config.VARIANTS, plus "swiglu-aligned": SwiGLU with its wi
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -80,8 +81,14 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
     if mode not in MODES:
         raise ValueError(f"unknown step mode {mode!r}; expected one of {MODES}")
     torch._dynamo.reset()
+    # the previous row's model, optimizer and graphs sit in reference cycles (the captured step, the compiled
+    # regions) until a collection: without one, the rows after a row held ~2.4 GB of it in their memory figures
+    # (1B, alternating with the collector's timing). What is still held after it is recorded (held_before_gb)
+    # and left out of this row's figures.
+    gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    held = torch.cuda.memory_allocated()
     cfg = step_config(size, variant, mode, seq)
     torch.manual_seed(0)
     model = build_model(cfg, "cuda")
@@ -118,22 +125,30 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
     step()
     torch.cuda.synchronize()
     compile_s = time.perf_counter() - t0
-    resident_gb = torch.cuda.memory_allocated() / 1e9  # between steps: weights, gradients, optimizer state
+    resident_gb = (torch.cuda.memory_allocated() - held) / 1e9  # between steps: weights, gradients, optimizer state
     # the SM clock under the step's load (a clock-bound kernel runs slower in a step); ELAS_BENCH_CLOCKS=0 leaves
     # the sampling thread out (to check that it costs the timed step nothing: an NVML read every 50 ms)
     sample = os.environ.get("ELAS_BENCH_CLOCKS", "1") != "0"
+    # the warm-up outside the sampled window: plain torch.compile compiles again in its first steps (tens of
+    # seconds with the GPU idle), which made its clock and power medians those of an idle GPU (before 2026-12-05)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
     with Clocks(read=None if sample else _no_reading) as clocks:
-        ms = throughput_ms(step, iters=steps, warmup=warmup)
+        ms = throughput_ms(step, iters=steps, warmup=0)
     synced = event_ms(step, iters=steps, warmup=0)
     tps = batch * seq / (ms / 1e3)
     row = {"model": size, "variant": variant, "mode": mode, "batch": batch, "seq": seq, "step_ms": ms,
            "activation_checkpointing": checkpointing,
            "step_ms_synced": synced,
-           "tokens_per_s": tps, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "resident_gb": resident_gb,
+           "tokens_per_s": tps, "peak_mem_gb": (torch.cuda.max_memory_allocated() - held) / 1e9,
+           "resident_gb": resident_gb, "held_before_gb": held / 1e9,
            # what the process holds from the driver: a captured step's activations live in the graph's pool,
            # reserved between replays but not counted as allocated, so this is the figure that must fit the GPU
            "reserved_gb": torch.cuda.memory_reserved() / 1e9, "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9,
-           "compile_s": compile_s,
+           "compile_s": compile_s, "warmup_s": warmup_s,  # (warmup_s: the next `warmup` steps, recompiles included)
            "mfu": tps * model_summary(cfg, seq)["train_flops_per_token"] / H100_BF16,
            "d_ff": cfg.ffn_width, "rank": cfg.rank, "gpu": torch.cuda.get_device_name(),
            "relu2_kernel": relu2_kernel(cfg, "cuda")[0],  # the dense cores' kernel ("auto" resolved)
@@ -194,11 +209,11 @@ def bench_step(sizes=("llama-1b",), batches=(32,), variants=STEP_VARIANTS, modes
                     if isinstance(e, torch.OutOfMemoryError):
                         torch.cuda.empty_cache()
                 rows.append(r)
+                warm = f" (+{r['warmup_s']:.1f} s warm-up)" if "warmup_s" in r else ""
+                clock = f" SM {r['sm_clock_mhz']:.0f} MHz {r['power_w']:.0f} W" if "sm_clock_mhz" in r else ""
                 log(f"step {size} b{batch} {variant:>14} {mode:>13}: " + (
                     f"{r['step_ms']:7.1f} ms (synced {r['step_ms_synced']:6.1f}) {r['tokens_per_s']:>9,.0f} tok/s "
-                    f"peak {r['peak_mem_gb']:5.1f} GB "
-                    f"compile {r['compile_s']:5.1f} s" + (f" SM {r['sm_clock_mhz']:.0f} MHz {r['power_w']:.0f} W"
-                                                         if "sm_clock_mhz" in r else "")
+                    f"peak {r['peak_mem_gb']:5.1f} GB compile {r['compile_s']:5.1f} s{warm}{clock}"
                     if "error" not in r else r["error"]))
                 if on_row is not None:
                     on_row(rows)

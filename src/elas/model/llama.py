@@ -143,7 +143,10 @@ class Attention(nn.Module):
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
         self.q, self.k, self.v, self.o = (make_linear(d, d, r, cfg.init_std) for _ in range(4))
         self.backends = sdpa_backends(cfg.attn_backend)
-        self.fuse_qkv = cfg.fuse_qkv
+        # fuse_qkv acts on low-rank attention only (a rank that saves nothing builds nn.Linear): full-rank, one GEMM
+        # against the weights' concatenation [3d, d] (a 3 d^2 copy each forward) was measured no faster than
+        # three (0.996x the 1B ReLU^2 step, H200)
+        self.fuse_qkv = cfg.fuse_qkv and isinstance(self.q, LowRankLinear)
         # (a, w, cos, sin, head_dim, rot_cols) -> the projection with rotary embeddings in its epilogue
         # (kernels/ops.py linear_rope): build_model installs it for model.rope_kernel=cutlass (given, not imported)
         self.rope_op = None
@@ -152,31 +155,27 @@ class Attention(nn.Module):
         self.up_op = None
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v projections of x [b, s, d]: three [b, s, d] tensors (full-rank fused: views of one buffer).
+        """q, k, v projections of x [b, s, d]: three [b, s, d] tensors.
 
         fuse_qkv: the three down-projections x N (low-rank, N [d, r] each) as one GEMM against their
         concatenation [d, 3r], h = x [N_q N_k N_v] [T, 3r]; each up-projection then reads its r columns of h in
         place (a strided view, leading dimension 3r), so q, k and v come out in the plain [b, s, d] layout that
         rotary and attention read. In the backward the three [T, r] gradients of h form one [T, 3r] block: one
         weight-gradient GEMM (x^T dh, N = 3r) and one input-gradient GEMM (dh [N_q N_k N_v]^T, K = 3r) instead of
-        three of each and the sum of their three [T, d] outputs. Full-rank: one GEMM against [3d, d]. Three GEMMs
-        of width r = 512 (1B) fill about one wave of an H200's SMs, one of 3r fills three. The concatenation
-        copies the weights each forward (3 r d elements: 6 MB per 1B layer in bf16). Modules that a method
-        replaced or parametrised are not fused (they run as themselves)."""
+        three of each and the sum of their three [T, d] outputs. Three GEMMs of width r = 512 (1B) fill about one
+        wave of an H200's SMs, one of 3r fills three. The concatenation copies the weights each forward (3 r d
+        elements: 6 MB per 1B layer in bf16). Modules that a method replaced or parametrised are not fused (they
+        run as themselves)."""
         lins = (self.q, self.k, self.v)
         if not self.fuse_qkv or not _plain_linears(lins):
             return self.q(x), self.k(x), self.v(x)
-        b, s, d = x.shape
-        if isinstance(self.q, LowRankLinear):
-            r = self.q.rank
-            h = x @ torch.cat([m.weight_in for m in lins], dim=1)  # [b, s, 3r], one GEMM
-            # (a batched up-projection [3, T, r] x [3, r, d] was measured slower: its [3, T, d] output layout cost
-            # more elementwise work around attention than the one GEMM saved)
-            if self.up_op is not None:  # the same values; the backward's dh [T, 3r] needs no concatenation
-                return self.up_op(h, [m.weight_out for m in lins])
-            return tuple(F.linear(hi, m.weight_out) for hi, m in zip(h.split(r, dim=-1), lins))
-        out = F.linear(x, torch.cat([m.weight for m in lins]))  # [b, s, 3d]
-        return out[..., :d], out[..., d:2 * d], out[..., 2 * d:]
+        r = self.q.rank
+        h = x @ torch.cat([m.weight_in for m in lins], dim=1)  # [b, s, 3r], one GEMM
+        # (a batched up-projection [3, T, r] x [3, r, d] was measured slower: its [3, T, d] output layout cost
+        # more elementwise work around attention than the one GEMM saved)
+        if self.up_op is not None:  # the same values; the backward's dh [T, 3r] needs no concatenation
+            return self.up_op(h, [m.weight_out for m in lins])
+        return tuple(F.linear(hi, m.weight_out) for hi, m in zip(h.split(r, dim=-1), lins))
 
     def _qkv_roped(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q, k (rotated) and v of x [b, s, d] through rope_op: the rotation rides in the up-projection GEMM's
@@ -194,7 +193,7 @@ class Attention(nn.Module):
         lowrank = isinstance(self.q, LowRankLinear)
         # per projection: the input of its d-wide GEMM [T, r or d] and that GEMM's weight [d, r or d], q's and k's
         # rows gathered into the interleaved order
-        if lowrank and self.fuse_qkv:  # one down-projection GEMM [T, 3r], viewed as [3, T, r] (strided)
+        if self.fuse_qkv:  # (low-rank) one down-projection GEMM [T, 3r], viewed as [3, T, r] (strided)
             r = self.q.rank
             h3 = (x.reshape(t, d) @ torch.cat([m.weight_in for m in lins], dim=1)).view(t, 3, r).transpose(0, 1)
             hs = list(h3)
@@ -207,13 +206,11 @@ class Attention(nn.Module):
                 q, k = (self.rope_op(hh.to(dtype)[None], ww.to(dtype)[None], cos, sin, hd, d)[0]
                         for hh, ww in zip(hs[:2], ws[:2]))
                 return q.view(b, s, d), k.view(b, s, d), F.linear(hs[2].to(dtype), ws[2].to(dtype)).view(b, s, d)
-            if lowrank:  # one batched GEMM [3, T, r] x [3, r, d] after the one down-projection GEMM above (the
-                # first form of fuse_qkv, kept on this path: the rotary GEMM paid at the kernel only batched, 1.08x
-                # against 0.51x for q and k apart: docs/performance.md)
-                out = self.rope_op(h3.to(dtype), torch.stack(ws).to(dtype), cos, sin, hd, 2 * d)
-                return out[0].view(b, s, d), out[1].view(b, s, d), out[2].view(b, s, d)
-            out = self.rope_op(hs[0].to(dtype)[None], torch.cat(ws).to(dtype)[None], cos, sin, hd, 2 * d)[0]
-            return out[:, :d].view(b, s, d), out[:, d:2 * d].view(b, s, d), out[:, 2 * d:].view(b, s, d)
+            # (fuse_qkv is low-rank here) one batched GEMM [3, T, r] x [3, r, d] after the one down-projection GEMM
+            # above (the first form of fuse_qkv, kept on this path: the rotary GEMM paid at the kernel only
+            # batched, 1.08x against 0.51x for q and k apart: docs/performance.md)
+            out = self.rope_op(h3.to(dtype), torch.stack(ws).to(dtype), cos, sin, hd, 2 * d)
+            return out[0].view(b, s, d), out[1].view(b, s, d), out[2].view(b, s, d)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
                 layer: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
