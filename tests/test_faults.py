@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -497,3 +498,95 @@ def test_a_longer_resume_names_the_sparse_phase_that_moves(dataset, tmp_path, ca
     assert main([*args, "--max-steps", "20", "--resume"]) == 0
     assert ("max_steps 10 -> 20: the learning-rate schedule (warm-up, then cosine to step 20) and the end of the "
             "sparse phase of vnm (sparse_until a fraction of the run) change from step 10 on") in capsys.readouterr().out
+
+
+def _saved_tiny(run, steps):
+    """A one-layer model after one AdamW step, saved at each of `steps` (none pruned)."""
+    import torch
+    from elas.build import build_model
+    from elas.config import model_preset
+    from elas.train.checkpoint import save_checkpoint
+    torch.manual_seed(0)
+    model = build_model(model_preset("llama-tiny-elas", n_layers=1, vocab_size=256))
+    opt = torch.optim.AdamW(model.parameters())
+    idx = torch.randint(0, 256, (1, 8))
+    model(idx, idx).backward()
+    opt.step()
+    for s in steps:
+        save_checkpoint(run, s, model, opt, {"step": s}, keep=5)
+    return model, opt
+
+
+def test_a_failed_latest_update_leaves_the_complete_checkpoint_saved(tmp_path, monkeypatch, capsys):
+    """`latest` is written after the checkpoint is renamed into place: where that write fails (a full disk),
+    the save has succeeded (a resume takes the newest complete checkpoint whatever `latest` says), with a warning,
+    not a CheckpointError that says a complete checkpoint was not written."""
+    import errno
+    from elas.train import checkpoint as ck
+    run = tmp_path / "run"
+    model, opt = _saved_tiny(run, [1])
+    real = ck.write_atomic
+
+    def full_disk_for_latest(path, data):
+        if path.name == "latest":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+    monkeypatch.setattr(ck, "write_atomic", full_disk_for_latest)
+    capsys.readouterr()
+    final = ck.save_checkpoint(run, 2, model, opt, {"step": 2})
+    assert final.name == "step-00000002" and verify_checkpoint(final) is None
+    err = capsys.readouterr().err
+    assert "step-00000002 is complete" in err and "No space left on device" in err
+    assert latest_checkpoint(run).name == "step-00000001"
+    assert ck.resume_checkpoint(run, log=lambda m: None).name == "step-00000002"
+
+
+def test_room_is_made_from_a_damaged_checkpoint_not_the_complete_one_behind_it(tmp_path, monkeypatch):
+    """_make_room keeps the newest checkpoint that verifies, not the newest with a manifest: a newer one whose
+    file was damaged after it was written is what goes to make room."""
+    from collections import namedtuple
+    from elas.train import checkpoint as ck
+    run = tmp_path / "run"
+    model, opt = _saved_tiny(run, [1, 2])
+    damaged = run / "checkpoints" / "step-00000002" / "model.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes: only the hash tells
+    damaged.write_bytes(bytes(data))
+    assert verify_checkpoint(damaged.parent) == "model.safetensors does not match its hash (corrupted)"
+    need = ck._nbytes(ck.snapshot(model, opt))
+    usage = namedtuple("usage", "total used free")
+    capacity = ck._dir_bytes(run / "checkpoints") + need // 2  # half a checkpoint free
+
+    def fake_usage(path):
+        used = ck._dir_bytes(Path(path))
+        return usage(capacity, used, max(capacity - used, 0))
+    monkeypatch.setattr(ck.shutil, "disk_usage", fake_usage)
+    ck.save_checkpoint(run, 3, model, opt, {"step": 3}, keep=5)
+    assert [p.name for p in ck.checkpoints(run)] == ["step-00000003", "step-00000001"]
+    assert verify_checkpoint(run / "checkpoints" / "step-00000001") is None
+
+
+def test_a_sharded_save_makes_room_as_a_one_file_save(tmp_path, monkeypatch):
+    """save_sharded_checkpoint (one process, no process group: it writes every shard) removes older checkpoints
+    for room as save_checkpoint does, and where even that would not do, fails before writing: one
+    CheckpointError, nothing partial left, the complete checkpoints kept."""
+    from collections import namedtuple
+    from elas.train import checkpoint as ck
+    run = tmp_path / "run"
+    model, opt = _saved_tiny(run, [1, 2])
+    usage = namedtuple("usage", "total used free")
+    size = ck._dir_bytes(run / "checkpoints" / "step-00000001")
+    capacity = {"bytes": ck._dir_bytes(run / "checkpoints") + size // 4}
+
+    def fake_usage(path):
+        used = ck._dir_bytes(Path(path))
+        return usage(capacity["bytes"], used, max(capacity["bytes"] - used, 0))
+    monkeypatch.setattr(ck.shutil, "disk_usage", fake_usage)
+    ck.save_sharded_checkpoint(run, 3, model, opt, {"step": 3}, keep=5)  # step 1 made room
+    assert [p.name for p in ck.checkpoints(run)] == ["step-00000003", "step-00000002"]
+    assert verify_checkpoint(run / "checkpoints" / "step-00000003") is None
+    capacity["bytes"] = ck._dir_bytes(run / "checkpoints")  # full: removing step 2 would not make room
+    with pytest.raises(ck.CheckpointError, match="not enough free space"):
+        ck.save_sharded_checkpoint(run, 4, model, opt, {"step": 4}, keep=5)
+    assert [p.name for p in ck.checkpoints(run)] == ["step-00000003", "step-00000002"]
+    assert not list((run / "checkpoints").glob("*.tmp"))

@@ -73,6 +73,33 @@ VARIANTS = ["swiglu", "relu2", "relu2-24", "relu2-24-split", "lowrank-relu2", "e
 
 
 @pytest.mark.gpu
+def test_gpu_a_destroyed_graph_leaves_another_graphs_gemm_workspace():
+    """Graphs captured with graph_capture hold a cuBLAS workspace each: destroying the first (as a mode switch
+    drops the step graph) frees nothing the second replays into. Captured on torch's one default capture stream
+    they would share the first's workspace (pytorch#193402): the second's replay would then write split-K partials
+    into freed memory, here refilled with NaN, or fault."""
+    from elas.kernels.cuda.gemm import graph_capture
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(64, 1 << 16, device="cuda", dtype=torch.bfloat16, generator=g)  # small M, N, long K: split-K
+    b = torch.randn(1 << 16, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    want = a @ b
+    first, second = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with graph_capture(first):
+        a @ b
+    with graph_capture(second):
+        out = a @ b
+    del first
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    junk = [torch.full((16 << 20,), float("nan"), device="cuda") for _ in range(8)]  # where freed memory goes
+    for _ in range(3):
+        second.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, want, rtol=2e-2, atol=1.0)  # (eager may take another split: rounding)
+    assert all(bool(torch.isnan(j).all()) for j in junk)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_gpu_graph_step_equals_eager_step(variant):
     # (relu2-24-split carries the 95/5 split: its feature selection must be sync-free)

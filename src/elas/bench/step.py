@@ -81,10 +81,10 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
     if mode not in MODES:
         raise ValueError(f"unknown step mode {mode!r}; expected one of {MODES}")
     torch._dynamo.reset()
-    # the previous row's model, optimizer and graphs sit in reference cycles (the captured step, the compiled
-    # regions) until a collection: without one, the rows after a row held ~2.4 GB of it in their memory figures
-    # (1B, alternating with the collector's timing). What is still held after it is recorded (held_before_gb)
-    # and left out of this row's figures.
+    # the previous row's model, optimizer and graph sit in reference cycles (the captured step, the compiled
+    # regions) until a collection, which torch.cuda.graph makes only on entry to the capture, after this row's
+    # warm-up passes: their peak included the previous row. What is still held after this collection is
+    # recorded (held_before_gb) and left out of this row's figures.
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

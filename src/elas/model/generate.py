@@ -58,8 +58,9 @@ class GraphDecoder:
         torch.cuda.current_stream().wait_stream(side)
         cache.pos = pos  # undo the warm-up step (its cache entry is rewritten by the first real step)
         cache.pos_t -= 1
+        from ..kernels.cuda.gemm import graph_capture
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with graph_capture(self.graph):  # (on a stream of its own: its cuBLAS workspace is its own)
             self.out = fn(self.tok)
         cache.pos = pos  # the capture ran the host side only; pos_t's add was captured, not run
         return self

@@ -21,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import threading
 from pathlib import Path
 from typing import Callable
@@ -237,7 +238,13 @@ def _finish(tmp: Path, final: Path, trainer_state: dict, hashes: dict[str, str] 
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
-    write_atomic(final.parent / "latest", final.name.encode())
+    try:
+        write_atomic(final.parent / "latest", final.name.encode())
+    except OSError as e:  # the checkpoint is whole and in place: a resume takes it whatever `latest` says, so this
+        # save succeeded (a failed save here would report a complete checkpoint as not written)
+        print(f"elas: warning: checkpoint {final.name} is complete, but checkpoints/latest could not be updated "
+              f"({os.strerror(e.errno) if e.errno else e}); a resume takes the newest complete checkpoint "
+              f"regardless", file=sys.stderr)
 
 
 class BackgroundSaver:
@@ -279,9 +286,15 @@ class BackgroundSaver:
             raise e
 
 
+def _estimate_bytes(model: torch.nn.Module) -> int:
+    """A checkpoint's size from the model alone: weights and two Adam moments in the weights' dtype (a sharded
+    model's state_dict holds DTensors, whose numel is the whole tensor's: the size of all shards together)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 3
+
+
 def _write_error(run_dir: Path, step: int, model: torch.nn.Module, e: Exception) -> CheckpointError:
     ckdir = run_dir / "checkpoints"
-    need = sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 3  # weights + 2 moments
+    need = _estimate_bytes(model)
     try:
         free = f"{_size(shutil.disk_usage(ckdir if ckdir.exists() else run_dir).free)} free"
     except OSError:
@@ -325,7 +338,7 @@ def _dir_bytes(path: Path) -> int:
 
 def _make_room(run_dir: Path, step: int, need: int) -> None:
     """Before a checkpoint of `need` bytes is written: where the disk has less free space (5% margin), remove this
-    run's older checkpoints, oldest first, but never the newest complete one (it has its manifest), until it
+    run's older checkpoints, oldest first, but never the newest complete one (the newest that verifies), until it
     fits; keep_checkpoints is a ceiling. Where removing all of them would not make room, remove nothing and
     fail now (ENOSPC) rather than after a partial write. A 7B checkpoint is 36 GB: two of them and a third being
     written fill a 100 GB disk."""
@@ -334,8 +347,11 @@ def _make_room(run_dir: Path, step: int, need: int) -> None:
     if free >= need * 1.05:
         return
     older = [p for p in checkpoints(run_dir) if _step_of(p) < step]  # newest first
-    newest_complete = next((p for p in older if (p / MANIFEST).is_file()), None)
-    removable = older[older.index(newest_complete) + 1:] if newest_complete is not None else older
+    # verified, not only a manifest present: a damaged newer one must not make the complete one behind it
+    # removable (hashing is slow at 7B, but this runs only when the disk is short). The damaged ones are
+    # removable (a resume could not use them)
+    newest_complete = next((p for p in older if verify_checkpoint(p) is None), None)
+    removable = [p for p in older if p != newest_complete]
     sizes = [_dir_bytes(p) for p in removable]
     if free + sum(sizes) < need * 1.05:  # removing them all would not do: remove nothing
         raise OSError(errno.ENOSPC, f"not enough free space for the checkpoint ({_size(need)} needed, "
@@ -387,6 +403,7 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, op
     try:
         if rank == 0:
             ckdir.mkdir(parents=True, exist_ok=True)
+            _make_room(run_dir, step, _estimate_bytes(model))  # (every rank's shards: one disk on one host)
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "dcp").mkdir(parents=True)
     except Exception as e:  # noqa: BLE001

@@ -36,7 +36,7 @@ from contextlib import nullcontext
 
 import torch
 
-from ..kernels.cuda.gemm import capture_failure, reset_generator_capture_state
+from ..kernels.cuda.gemm import capture_failure, graph_capture, reset_generator_capture_state
 
 log = logging.getLogger("elas.train")
 
@@ -177,7 +177,7 @@ class StepGrads:
             # would, so a graph step peaks at the memory of an eager one
             self._drop_grads()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with graph_capture(graph):  # (on a stream of its own: its cuBLAS workspace is its own)
                 out = self._body(self.x, self.y, "apply" if self.step_in_graph else "none")
         except RuntimeError as e:  # includes torch.OutOfMemoryError
             failure = capture_failure(e, 200)

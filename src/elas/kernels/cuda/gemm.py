@@ -76,6 +76,15 @@ def _raw_mm(a: Packed24, b: torch.Tensor, alg: int, impl: str, ct: bool = False)
     return out.t().contiguous() if ct else out  # torch's op: a copy, not the column-major epilogue
 
 
+def graph_capture(graph: torch.cuda.CUDAGraph, **kw):
+    """torch.cuda.graph(graph) on a stream of its own. torch keys its cuBLAS(Lt) workspaces by stream and a
+    graph's reset (its destruction) drops those of its capture stream (pytorch/pytorch#193402): graphs captured on
+    torch's one default capture stream share a workspace, allocated in the pool of the first, which the first
+    graph destroyed frees under the others (the step graph replaced at a mode switch, a decode graph, a timing
+    graph). With a stream each, each graph's workspace lives and dies with it."""
+    return torch.cuda.graph(graph, stream=torch.cuda.Stream(), **kw)
+
+
 def capture_graph(fn, reps: int = 1, warmup: int = 3) -> torch.cuda.CUDAGraph:
     """`reps` calls of fn (fixed shapes) captured as one CUDA graph, after `warmup` calls on a side stream
     (allocations, tuning, lazy inits): its replay runs the same kernels without the host's per-call work."""
@@ -94,7 +103,7 @@ def capture_graph(fn, reps: int = 1, warmup: int = 3) -> torch.cuda.CUDAGraph:
         gc.collect()
         gc.disable()  # a collection during the capture could free a CUDA graph or plan of earlier work: not here
         try:
-            with torch.cuda.graph(g, capture_error_mode="thread_local"):
+            with graph_capture(g, capture_error_mode="thread_local"):
                 for _ in range(reps):
                     fn()
         finally:
