@@ -154,7 +154,10 @@ PY
       grid)  # the quality issue's grid on the site-packages corpus, prepared here when missing (~100 s on 16 cores; its
              # SHA-1 is printed, to check that calls and sessions share it); GRID_* select this call's part (GRID_BATCH x GRID_ACCUM
              # sequences per step: 512 x 1 at 60M; 256 x 2 at 130M, so that two processes fit on one GPU). A run cut
-             # off by the timeout resumes in the next call while the machine is still warm (runs/ and data/ stay)
+             # off by the timeout resumes in the next call while the machine is still warm (runs/ and data/ stay),
+             # but a machine can be taken back between calls and checkpoints are too large to come back: two runs
+             # at 1480 and 1880 of 2000 steps were lost so (2026-12-05). Plan calls whose runs finish inside them
+             # (a 60M run alone: ~4.7 min on an H100, after ~100 s of data preparation on a fresh machine)
         [ -f data/sp-32k/meta.json ] || python -m elas data prepare --source site-packages --out data/sp-32k \
           --vocab-size 32000 --max-mb 0 --val-frac 0.01 2>&1 | tail -1
         [ -f data/stdlib-sp32k/meta.json ] || python -m elas data prepare --source stdlib --tokenizer data/sp-32k \
