@@ -541,29 +541,49 @@ def test_a_failed_latest_update_leaves_the_complete_checkpoint_saved(tmp_path, m
     assert ck.resume_checkpoint(run, log=lambda m: None).name == "step-00000002"
 
 
-def test_room_is_made_from_a_damaged_checkpoint_not_the_complete_one_behind_it(tmp_path, monkeypatch):
-    """_make_room keeps the newest checkpoint that verifies, not the newest with a manifest: a newer one whose
-    file was damaged after it was written is what goes to make room."""
+def test_room_is_made_from_a_damaged_checkpoint_not_the_complete_ones_behind_it(tmp_path, monkeypatch):
+    """_make_room keeps the newest checkpoint that verifies, not the newest with a manifest, and removes first
+    the damaged ones newer than it (a resume could not use them), before any complete older one."""
     from collections import namedtuple
     from elas.train import checkpoint as ck
     run = tmp_path / "run"
-    model, opt = _saved_tiny(run, [1, 2])
-    damaged = run / "checkpoints" / "step-00000002" / "model.safetensors"
+    model, opt = _saved_tiny(run, [1, 2, 3])
+    damaged = run / "checkpoints" / "step-00000003" / "model.safetensors"
     data = bytearray(damaged.read_bytes())
     data[-1] ^= 0xFF  # same size, other bytes: only the hash tells
     damaged.write_bytes(bytes(data))
     assert verify_checkpoint(damaged.parent) == "model.safetensors does not match its hash (corrupted)"
+    ck._VOUCHED.clear()  # as in a later process (a resume), which did not write them
     need = ck._nbytes(ck.snapshot(model, opt))
     usage = namedtuple("usage", "total used free")
-    capacity = ck._dir_bytes(run / "checkpoints") + need // 2  # half a checkpoint free
+    capacity = ck._dir_bytes(run / "checkpoints") + need // 2  # half a checkpoint free: one must go
 
     def fake_usage(path):
         used = ck._dir_bytes(Path(path))
         return usage(capacity, used, max(capacity - used, 0))
     monkeypatch.setattr(ck.shutil, "disk_usage", fake_usage)
+    ck.save_checkpoint(run, 4, model, opt, {"step": 4}, keep=5)
+    assert [p.name for p in ck.checkpoints(run)] == ["step-00000004", "step-00000002", "step-00000001"]
+    assert verify_checkpoint(run / "checkpoints" / "step-00000002") is None
+
+
+def test_checkpoints_this_process_wrote_are_not_hashed_again_to_make_room(tmp_path, monkeypatch):
+    """The checkpoints a process wrote (their manifest hashed the bytes as written) or verified are known whole
+    to it: making room does not read them again (at 7B tens of GB, while a sharded save's other ranks wait)."""
+    from collections import namedtuple
+    from elas.train import checkpoint as ck
+    run = tmp_path / "run"
+    model, opt = _saved_tiny(run, [1, 2])
+    hashed = []
+    real = ck._file_hash
+    monkeypatch.setattr(ck, "_file_hash", lambda f: hashed.append(f.name) or real(f))
+    need = ck._nbytes(ck.snapshot(model, opt))
+    usage = namedtuple("usage", "total used free")
+    capacity = ck._dir_bytes(run / "checkpoints") + need // 2
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda path: usage(capacity, 0, need // 2))
     ck.save_checkpoint(run, 3, model, opt, {"step": 3}, keep=5)
-    assert [p.name for p in ck.checkpoints(run)] == ["step-00000003", "step-00000001"]
-    assert verify_checkpoint(run / "checkpoints" / "step-00000001") is None
+    # (the new checkpoint's small trainer.json is hashed as it is written; nothing of the older ones is read)
+    assert hashed == ["trainer.json"] and [p.name for p in ck.checkpoints(run)] == ["step-00000003", "step-00000002"]
 
 
 def test_a_sharded_save_makes_room_as_a_one_file_save(tmp_path, monkeypatch):
@@ -590,3 +610,18 @@ def test_a_sharded_save_makes_room_as_a_one_file_save(tmp_path, monkeypatch):
         ck.save_sharded_checkpoint(run, 4, model, opt, {"step": 4}, keep=5)
     assert [p.name for p in ck.checkpoints(run)] == ["step-00000003", "step-00000002"]
     assert not list((run / "checkpoints").glob("*.tmp"))
+
+
+def test_write_atomic_leaves_no_temporary_file_when_the_write_fails(tmp_path, monkeypatch):
+    """A write that fails (a full disk at fsync) keeps the file's old contents and leaves no `.tmp` beside it."""
+    import errno
+    from elas.train import checkpoint as ck
+    target = tmp_path / "latest"
+    ck.write_atomic(target, b"step-00000001")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ck.os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        ck.write_atomic(target, b"step-00000002")
+    assert target.read_bytes() == b"step-00000001" and [p.name for p in tmp_path.iterdir()] == ["latest"]

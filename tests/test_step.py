@@ -19,7 +19,8 @@ SMALL = dict(n_layers=2, d_model=128, n_heads=2, intermediate=852, vocab_size=51
 def _model(variant: str, device: str, dense_warmup_steps: int | None = None, **over):
     name = "llama-tiny" if variant == "swiglu" else f"llama-tiny-{variant}"
     extra = {"rank": 64} if "lowrank" in variant or variant.startswith("elas") else {}
-    cfg = model_preset(name, **SMALL, **extra, **over)
+    cfg = model_preset(name, **{**SMALL, **extra, **over})  # (at d_model 128 a rank of 64 saves nothing in the
+    # attention, which is then full-rank: d_model=256 makes it low-rank, as fuse_qkv needs)
     if dense_warmup_steps is not None and cfg.methods:
         cfg.method("act24")["dense_warmup_steps"] = dense_warmup_steps
     torch.manual_seed(0)
@@ -75,9 +76,9 @@ VARIANTS = ["swiglu", "relu2", "relu2-24", "relu2-24-split", "lowrank-relu2", "e
 @pytest.mark.gpu
 def test_gpu_a_destroyed_graph_leaves_another_graphs_gemm_workspace():
     """Graphs captured with graph_capture hold a cuBLAS workspace each: destroying the first (as a mode switch
-    drops the step graph) frees nothing the second replays into. Captured on torch's one default capture stream
-    they would share the first's workspace (pytorch#193402): the second's replay would then write split-K partials
-    into freed memory, here refilled with NaN, or fault."""
+    drops the step graph) frees nothing the second replays into. With torch.cuda.graph alone both would use the
+    workspace allocated in the first's pool (pytorch#193402): the second's replay would then write split-K
+    partials into freed memory, here refilled with NaN, or fault."""
     from elas.kernels.cuda.gemm import graph_capture
     g = torch.Generator(device="cuda").manual_seed(0)
     a = torch.randn(64, 1 << 16, device="cuda", dtype=torch.bfloat16, generator=g)  # small M, N, long K: split-K
@@ -131,8 +132,9 @@ def test_gpu_fused_qkv_and_norm_kernel_step_like_the_plain_model():
     and the one-pass RMSNorm backward, compiled whole and replayed from a CUDA graph, give the plain eager model's
     loss, clip norm and gradients (bf16 autocast: to bf16 rounding)."""
     bf16 = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
-    base = _model("lowrank-relu2", "cuda", fuse_qkv=False, norm_kernel="torch")
-    fused = _model("lowrank-relu2", "cuda", fuse_qkv=True, norm_kernel="fused")
+    base = _model("lowrank-relu2", "cuda", fuse_qkv=False, norm_kernel="torch", d_model=256)
+    fused = _model("lowrank-relu2", "cuda", fuse_qkv=True, norm_kernel="fused", d_model=256)
+    assert fused.blocks[0].attn.fuse_qkv and not base.blocks[0].attn.fuse_qkv
     fused.load_state_dict(base.state_dict())
     micro = _batches(2, 4, 64)
     l0, n0 = StepGrads(base, base, bf16, grad_accum=2, grad_clip=1.0).run(micro, mode=True)
@@ -300,10 +302,16 @@ def test_gpu_compiled_graph_step_equals_eager_step(variant, checkpointed):
 
 
 def _compiled_graph_step_vs_eager(variant: str, checkpointed: bool = False, **keys):
-    """The default model run eagerly against one (with model keys) compiled and replayed as the trainer does."""
+    """The plain model (three q, k, v GEMMs) run eagerly against one with `keys` compiled and replayed as the
+    trainer does; keys that are not kernel keys (d_model) shape both."""
+    from elas.config import KERNEL_KEYS
     from elas.train.parallelize import checkpoint_blocks, compile_regions
     torch._dynamo.reset()
-    eager, comp = _model(variant, "cuda", dense_warmup_steps=0), _model(variant, "cuda", dense_warmup_steps=0, **keys)
+    shape = {k: v for k, v in keys.items() if k not in KERNEL_KEYS}
+    eager = _model(variant, "cuda", dense_warmup_steps=0, fuse_qkv=False, **shape)
+    comp = _model(variant, "cuda", dense_warmup_steps=0, **keys)
+    if keys.get("fuse_qkv"):  # (the default: d_model=256 makes the attention low-rank, so that it fuses)
+        assert comp.blocks[0].attn.fuse_qkv
     set_step(eager, 0, 1), set_step(comp, 0, 1)
     if checkpointed:
         checkpoint_blocks(comp)
@@ -322,7 +330,7 @@ def _compiled_graph_step_vs_eager(variant: str, checkpointed: bool = False, **ke
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["lowrank-relu2", "elas"])
-@pytest.mark.parametrize("keys", [{"attn_backend": "cudnn"}, {"fuse_qkv": True}, {"pdl": True}])
+@pytest.mark.parametrize("keys", [{"attn_backend": "cudnn"}, {"fuse_qkv": True, "d_model": 256}, {"pdl": True}])
 def test_gpu_model_keys_on_the_compiled_graph_step_equal_the_default(variant, keys):
     """model.attn_backend=cudnn, model.fuse_qkv=true and model.pdl=true inside the trainer's default step
     (compiled regions in a captured graph): the loss, norm and gradients of the default model run eagerly."""

@@ -70,8 +70,8 @@ class ModelConfig:
     # the attention kernel tried first (model/llama.py: Attention); auto: torch's own order (flash first)
     attn_backend: str = "auto"
     # low-rank attention's q, k, v down-projections as one GEMM of width 3r, then the three up-projections on its
-    # column blocks; parameters stay three modules (model/llama.py: Attention.qkv). 1.005-1.024x the 1B low-rank
-    # step on four H100 hosts and an H200; full-rank attention is not fused (no gain measured: 0.996x)
+    # column blocks; parameters stay three modules (model/llama.py: Attention.qkv). The 1B low-rank step 1.005-
+    # 1.015x on four H100 hosts, 1.023x on an H200; full-rank attention is not fused (no gain measured: 0.996x)
     fuse_qkv: bool = True
     # the dense ReLU^2 FFN's pointwise work: torch (separate kernels around the GEMMs, fused by Inductor when
     # compiled) | fused (inside the two d_ff-wide GEMMs' epilogues: model/ffn.py FusedReLU2, bf16 on CUDA; Triton

@@ -125,7 +125,8 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
     step()
     torch.cuda.synchronize()
     compile_s = time.perf_counter() - t0
-    resident_gb = (torch.cuda.memory_allocated() - held) / 1e9  # between steps: weights, gradients, optimizer state
+    # (held: clamped where some of it was freed during the row, e.g. by the capture's own collection)
+    resident_gb = max(0, torch.cuda.memory_allocated() - held) / 1e9  # between steps: weights, gradients, optimizer state
     # the SM clock under the step's load (a clock-bound kernel runs slower in a step); ELAS_BENCH_CLOCKS=0 leaves
     # the sampling thread out (to check that it costs the timed step nothing: an NVML read every 50 ms)
     sample = os.environ.get("ELAS_BENCH_CLOCKS", "1") != "0"
@@ -143,7 +144,7 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
     row = {"model": size, "variant": variant, "mode": mode, "batch": batch, "seq": seq, "step_ms": ms,
            "activation_checkpointing": checkpointing,
            "step_ms_synced": synced,
-           "tokens_per_s": tps, "peak_mem_gb": (torch.cuda.max_memory_allocated() - held) / 1e9,
+           "tokens_per_s": tps, "peak_mem_gb": max(0, torch.cuda.max_memory_allocated() - held) / 1e9,
            "resident_gb": resident_gb, "held_before_gb": held / 1e9,
            # what the process holds from the driver: a captured step's activations live in the graph's pool,
            # reserved between replays but not counted as allocated, so this is the figure that must fit the GPU

@@ -60,7 +60,7 @@ class GraphDecoder:
         cache.pos_t -= 1
         from ..kernels.cuda.gemm import graph_capture
         self.graph = torch.cuda.CUDAGraph()
-        with graph_capture(self.graph):  # (on a stream of its own: its cuBLAS workspace is its own)
+        with graph_capture(self.graph):  # (a cuBLAS workspace of its own: kernels/cuda/gemm.py)
             self.out = fn(self.tok)
         cache.pos = pos  # the capture ran the host side only; pos_t's add was captured, not run
         return self

@@ -54,11 +54,15 @@ def _fsync_dir(path: Path) -> None:
 def write_atomic(path: Path, data: bytes) -> None:
     """path holds data whole or keeps what it held: written beside it, fsynced, renamed over it."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # (two processes may write one file: the grid's summary)
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no partial temporary file left beside it
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 MANIFEST = "manifest.json"
@@ -101,11 +105,40 @@ def verify_checkpoint(ckpt: Path) -> str | None:
         f = ckpt / name
         if not f.is_file():
             return f"{name} is missing"
-        if f.stat().st_size != want["bytes"]:
-            return f"{name} has {f.stat().st_size} bytes, the manifest says {want['bytes']}"
-        if _file_hash(f) != want["xxh3_64"]:
-            return f"{name} does not match its hash (corrupted)"
+        try:
+            if f.stat().st_size != want["bytes"]:
+                return f"{name} has {f.stat().st_size} bytes, the manifest says {want['bytes']}"
+            if _file_hash(f) != want["xxh3_64"]:
+                return f"{name} does not match its hash (corrupted)"
+        except OSError as e:  # (an I/O error reading it: as damaged as a wrong hash)
+            return f"{name} cannot be read ({os.strerror(e.errno) if e.errno else e})"
+    _vouch(ckpt)
     return None
+
+
+# checkpoints known whole in this process (written by it, or verified by it), by path, with their manifest's
+# modification time: _make_room then need not hash them again (at 7B ~84 GB, while a sharded save's other ranks
+# wait in a collective)
+_VOUCHED: dict[str, int] = {}
+
+
+def _manifest_mtime(ckpt: Path) -> int | None:
+    try:
+        return (ckpt / MANIFEST).stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def _vouch(ckpt: Path) -> None:
+    mtime = _manifest_mtime(ckpt)
+    if mtime is not None:
+        _VOUCHED[str(ckpt)] = mtime
+
+
+def _complete(ckpt: Path) -> bool:
+    """Known whole in this process (and not rewritten since), else verified now."""
+    mtime = _manifest_mtime(ckpt)
+    return (mtime is not None and _VOUCHED.get(str(ckpt)) == mtime) or verify_checkpoint(ckpt) is None
 
 
 def _step_of(p: Path) -> int | None:
@@ -238,6 +271,7 @@ def _finish(tmp: Path, final: Path, trainer_state: dict, hashes: dict[str, str] 
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
+    _vouch(final)  # (its manifest's hashes were taken from the bytes written)
     try:
         write_atomic(final.parent / "latest", final.name.encode())
     except OSError as e:  # the checkpoint is whole and in place: a resume takes it whatever `latest` says, so this
@@ -347,16 +381,16 @@ def _make_room(run_dir: Path, step: int, need: int) -> None:
     if free >= need * 1.05:
         return
     older = [p for p in checkpoints(run_dir) if _step_of(p) < step]  # newest first
-    # verified, not only a manifest present: a damaged newer one must not make the complete one behind it
-    # removable (hashing is slow at 7B, but this runs only when the disk is short). The damaged ones are
-    # removable (a resume could not use them)
-    newest_complete = next((p for p in older if verify_checkpoint(p) is None), None)
-    removable = [p for p in older if p != newest_complete]
+    # whole, not only a manifest present: a damaged newer one must not make the complete one behind it
+    # removable. The ones newer than it are damaged (a resume could not use them): they go first, then the
+    # older ones, oldest first
+    at = next((i for i, p in enumerate(older) if _complete(p)), len(older))
+    removable = older[:at] + older[at + 1:][::-1]
     sizes = [_dir_bytes(p) for p in removable]
     if free + sum(sizes) < need * 1.05:  # removing them all would not do: remove nothing
         raise OSError(errno.ENOSPC, f"not enough free space for the checkpoint ({_size(need)} needed, "
                                     f"{_size(free)} free, {_size(sum(sizes))} in older checkpoints)")
-    for old, size in zip(reversed(removable), reversed(sizes)):  # oldest first
+    for old, size in zip(removable, sizes):
         if free >= need * 1.05:
             break
         shutil.rmtree(old, ignore_errors=True)

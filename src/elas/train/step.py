@@ -177,7 +177,7 @@ class StepGrads:
             # would, so a graph step peaks at the memory of an eager one
             self._drop_grads()
             graph = torch.cuda.CUDAGraph()
-            with graph_capture(graph):  # (on a stream of its own: its cuBLAS workspace is its own)
+            with graph_capture(graph):  # (a cuBLAS workspace of its own: gemm.graph_capture)
                 out = self._body(self.x, self.y, "apply" if self.step_in_graph else "none")
         except RuntimeError as e:  # includes torch.OutOfMemoryError
             failure = capture_failure(e, 200)

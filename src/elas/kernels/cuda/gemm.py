@@ -12,6 +12,7 @@ pytorch#155333); the choice is cached in memory and on disk (ELAS_CACHE_DIR, def
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -76,13 +77,22 @@ def _raw_mm(a: Packed24, b: torch.Tensor, alg: int, impl: str, ct: bool = False)
     return out.t().contiguous() if ct else out  # torch's op: a copy, not the column-major epilogue
 
 
+@contextlib.contextmanager
 def graph_capture(graph: torch.cuda.CUDAGraph, **kw):
-    """torch.cuda.graph(graph) on a stream of its own. torch keys its cuBLAS(Lt) workspaces by stream and a
-    graph's reset (its destruction) drops those of its capture stream (pytorch/pytorch#193402): graphs captured on
-    torch's one default capture stream share a workspace, allocated in the pool of the first, which the first
-    graph destroyed frees under the others (the step graph replaced at a mode switch, a decode graph, a timing
-    graph). With a stream each, each graph's workspace lives and dies with it."""
-    return torch.cuda.graph(graph, stream=torch.cuda.Stream(), **kw)
+    """torch.cuda.graph(graph), with torch's cuBLAS(Lt) workspaces dropped before and after the capture, as
+    Inductor's CUDA-graph trees do. torch keeps one workspace per (handle, stream), reused by every later GEMM
+    on that stream, and a graph's reset (its destruction) drops those of its capture stream
+    (pytorch/pytorch#193402). Graphs on torch's default capture stream would otherwise share the workspace
+    allocated in the first one's private pool, which that graph's destruction frees under the others (the step
+    graph replaced at a mode switch, a decode graph, a timing graph). Dropped before, the capture allocates its
+    own workspace in its own pool; dropped after, no later GEMM, eager or captured, is handed it."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)  # (absent from a torch without CUDA)
+    clear()
+    try:
+        with torch.cuda.graph(graph, **kw):
+            yield
+    finally:
+        clear()
 
 
 def capture_graph(fn, reps: int = 1, warmup: int = 3) -> torch.cuda.CUDAGraph:
