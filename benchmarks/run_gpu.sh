@@ -156,8 +156,9 @@ PY
              # sequences per step: 512 x 1 at 60M; 256 x 2 at 130M, so that two processes fit on one GPU). A run cut
              # off by the timeout resumes in the next call while the machine is still warm (runs/ and data/ stay),
              # but a machine can be taken back between calls and checkpoints are too large to come back: two runs
-             # at 1480 and 1880 of 2000 steps were lost so (2026-12-05). Plan calls whose runs finish inside them
-             # (a 60M run alone: ~4.7 min on an H100, after ~100 s of data preparation on a fresh machine)
+             # at 1480 and 1880 of 2000 steps were lost so (2026-12-05): runs whose estimate does not fit before
+             # the timeout are not started (--time-left; a 60M run alone: ~4.7 min on an H100, after ~100 s of
+             # data preparation on a fresh machine)
         [ -f data/sp-32k/meta.json ] || python -m elas data prepare --source site-packages --out data/sp-32k \
           --vocab-size 32000 --max-mb 0 --val-frac 0.01 2>&1 | tail -1
         [ -f data/stdlib-sp32k/meta.json ] || python -m elas data prepare --source stdlib --tokenizer data/sp-32k \
@@ -176,7 +177,9 @@ PY
         size=${GRID_SIZE:-llama-60m} limit=${GRID_TIMEOUT:-$((510 - SECONDS))} n=${GRID_PARALLEL:-1}
         [ "$limit" -lt 60 ] && limit=60
         grid() {
+          # --time-left: a run whose estimate (the grid's done runs) does not fit before the timeout is not started
           timeout -k 30 "$limit" python -m elas experiment --size "$size" --steps "${GRID_STEPS:-2000}" \
+            --time-left "$((limit > 90 ? limit - 30 : 60))" \
             --batch-size "${GRID_BATCH:-512}" --grad-accum "${GRID_ACCUM:-1}" --data data/sp-32k --transfer-data data/stdlib-sp32k \
             --out "runs/grid-$size" --seeds "${GRID_SEEDS:-0}" ${1:+--variants $1} 2>&1 | quiet
         }

@@ -629,6 +629,32 @@ def test_summary_compares_the_warmup_ablation_with_elas_and_a_keyed_variant_with
     assert "/ elas-nowarmup" not in md and "- elas / elas:" not in md
 
 
+def test_grid_with_time_left_starts_only_the_runs_that_fit(dataset, tmp_path, monkeypatch, capsys):
+    """run_grid(time_left=...) / `elas experiment --time-left`: a run whose estimate (its seed-0 run's GPU time,
+    times the processes sharing the GPU) does not fit in what is left is not started, with one line; one that
+    fits runs. A non-positive budget is refused."""
+    import json
+
+    from elas import cli
+    from elas.train.experiment import run_grid
+    out = tmp_path / "grid"
+    (out / "relu2").mkdir(parents=True)
+    (out / "relu2" / "summary.json").write_text(json.dumps({"wall_s": 600.0, "gpu_shared_by": 2}))  # 300 GPU-s
+    logs = []
+    grid = dict(batch_size=2, grad_accum=1, seeds=(1,), log=logs.append)
+    assert run_grid("llama-tiny", ["relu2"], 2, str(dataset), out, time_left=299.0, **grid) == []
+    assert any(line.startswith("relu2.seed1: not started: needs ~300 s, 299 s left") for line in logs), logs
+    assert not (out / "relu2.seed1" / "checkpoints").exists()
+    monkeypatch.setenv("ELAS_GRID_SHARED", "2")  # two processes on the GPU: its wall is twice its GPU time
+    assert run_grid("llama-tiny", ["relu2"], 2, str(dataset), out, time_left=599.0, **grid) == []
+    assert "needs ~600 s" in logs[-1]
+    monkeypatch.delenv("ELAS_GRID_SHARED")
+    (row,) = run_grid("llama-tiny", ["relu2"], 2, str(dataset), out, time_left=301.0, **grid)
+    assert row["run"] == "relu2.seed1" and row["val_loss"] > 0
+    assert cli.main(["experiment", "--out", str(out), "--data", str(dataset), "--time-left", "0"]) == 2
+    assert "invalid --time-left 0.0: expected a positive number of seconds" in capsys.readouterr().err
+
+
 def test_grid_plan_says_what_is_left_and_its_gpu_time(tmp_path, capsys):
     """`elas experiment --plan` (experiment.grid_plan): runs done (a summary.json), partial (checkpoints: the steps
     left scale the estimate) and to do, each estimated from its own seed-0 run's GPU time (a wall shared by two

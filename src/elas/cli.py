@@ -697,6 +697,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--grad-accum", args.grad_accum)):
         if value < 1:  # (before --plan divides by it, and before any data is prepared)
             raise UserError(f"invalid {flag} {value}: expected a positive integer")
+    if args.time_left is not None and not args.time_left > 0:
+        raise UserError(f"invalid --time-left {args.time_left}: expected a positive number of seconds")
     if args.plan and args.summarize_only:
         raise UserError("--plan and --summarize-only exclude each other: --plan lists what is left to run, "
                         "--summarize-only summarizes what ran")
@@ -728,7 +730,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         ensure_builtin_data(SimpleNamespace(data_dir=args.data))
         try:
             run_grid(args.size, variants, args.steps, args.data, out, args.batch_size, args.grad_accum, seeds,
-                     args.transfer_data)
+                     args.transfer_data, time_left=args.time_left)
         except TrainStopped as e:  # the grid resumes where it stopped: the same command again
             print(f"elas: stopped by signal {e.signum}; the run in progress saved its checkpoint: the same "
                   f"command continues the grid", file=sys.stderr)
@@ -830,6 +832,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default runs/quality); an interrupted grid resumes there")
     p.add_argument("--summarize-only", action="store_true", help="write summary.md and the plots from the runs "
                    "in --out; train nothing")
+    p.add_argument("--time-left", type=float, metavar="SECONDS", help="start a run (or the rest of a partial one) "
+                   "only where its estimated time (as --plan's) fits in what is left of SECONDS; the others are "
+                   "left for a later call (a GPU machine lent for a limited time, whose checkpoints go with it)")
     p.add_argument("--plan", action="store_true", help="print what the grid in --out still has to run and its "
                    "estimated GPU time (from the runs done there); run nothing")
     p.set_defaults(func=cmd_experiment)

@@ -15,6 +15,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -184,9 +185,15 @@ def check_param_dtypes(cfgs) -> None:
 
 
 def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Path, batch_size: int = 256,
-             grad_accum: int = 2, seeds=(0,), transfer: str | None = None, log=print) -> list[dict]:
-    """Every variant x seed (seed-major: each seed's grid completes before the next starts)."""
+             grad_accum: int = 2, seeds=(0,), transfer: str | None = None, log=print,
+             time_left: float | None = None) -> list[dict]:
+    """Every variant x seed (seed-major: each seed's grid completes before the next starts).
+    time_left: seconds this process may still run (a GPU machine lent for a limited call, whose checkpoints are
+    lost with it): a run (or the rest of a partial one) is started only where its estimate (the grid's own done
+    runs, as `--plan`; times the processes sharing the GPU) fits in what is left; the others are left for a
+    later call, one log line each. A run with no estimate (nothing done yet) is started."""
     from ..data import load_meta
+    deadline = None if time_left is None else time.monotonic() + time_left
     cfgs = [(seed, v, variant_config(size, v, steps, data_dir, out, batch_size, grad_accum, seed=seed))
             for seed in seeds for v in variants]  # every bad variant or key fails here, before any run
     check_param_dtypes([cfg for _, _, cfg in cfgs])
@@ -213,6 +220,13 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
             rows.append(row)
             log(f"{name}: done before, skipped")
             continue
+        if deadline is not None:
+            need = _gpu_seconds_left(_gpu_seconds_done(out), v, _checkpoint_step(run), steps)
+            left = deadline - time.monotonic()
+            if need is not None and need * gpu_shared_by() > left:
+                log(f"{name}: not started: needs ~{need * gpu_shared_by():.0f} s, {max(left, 0):.0f} s left "
+                    f"(--time-left); a later call runs it")
+                continue
         # each run compiles its own model: dynamo's cache of the previous runs' graphs would only count towards
         # the recompile limit of the shared code objects (a hard failure under fullgraph after ~8 entries)
         torch._dynamo.reset()
@@ -255,6 +269,25 @@ def grid_plan(variants: list[str], seeds, out: Path, steps: int, cfg_of=None) ->
     done (wall time over the processes that shared the GPU), else the median of the done runs', scaled by the
     steps left. cfg_of(variant, seed): the run's config as the grid would build it (for the settings check; None:
     not checked). For planning calls of a time-limited GPU machine."""
+    done = _gpu_seconds_done(out)
+    rows = []
+    for seed in seeds:
+        for v in variants:
+            name = run_name(v, seed)
+            run = Path(out) / name
+            step = _checkpoint_step(run)
+            state = "done" if name in done else ("partial" if step else "todo")
+            differs = other_settings(cfg_of(v, seed)) if cfg_of is not None and state != "todo" else []
+            if differs:
+                state, step = "other settings", 0
+            left = None if state == "done" else _gpu_seconds_left(done, v, step, steps)
+            rows.append({"run": name, "variant": v, "seed": seed, "state": state, "step": step,
+                         "gpu_s_left": left, **({"differs": differs} if differs else {})})
+    return rows
+
+
+def _gpu_seconds_done(out: Path) -> dict[str, float]:
+    """GPU seconds of each finished run in `out` (its wall time over the processes that shared the GPU)."""
     done = {}
     for p in sorted(Path(out).glob("*/summary.json")):
         try:
@@ -262,23 +295,20 @@ def grid_plan(variants: list[str], seeds, out: Path, steps: int, cfg_of=None) ->
             done[p.parent.name] = r["wall_s"] / (r.get("gpu_shared_by") or 1)
         except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
             continue
-    typical = statistics.median(done.values()) if done else None
-    rows = []
-    for seed in seeds:
-        for v in variants:
-            name = run_name(v, seed)
-            run = Path(out) / name
-            ckpts = checkpoints(run) if run.is_dir() else []
-            step = int(ckpts[0].name.split("-")[-1]) if ckpts else 0
-            state = "done" if name in done else ("partial" if ckpts else "todo")
-            differs = other_settings(cfg_of(v, seed)) if cfg_of is not None and state != "todo" else []
-            if differs:
-                state, step = "other settings", 0
-            base = done.get(run_name(v, 0), typical)
-            left = None if state == "done" or base is None else base * (1 - min(step, steps) / steps)
-            rows.append({"run": name, "variant": v, "seed": seed, "state": state, "step": step,
-                         "gpu_s_left": left, **({"differs": differs} if differs else {})})
-    return rows
+    return done
+
+
+def _checkpoint_step(run: Path) -> int:
+    """The step of the run's newest checkpoint (0: none)."""
+    ckpts = checkpoints(run) if run.is_dir() else []
+    return int(ckpts[0].name.split("-")[-1]) if ckpts else 0
+
+
+def _gpu_seconds_left(done: dict[str, float], variant: str, step: int, steps: int) -> float | None:
+    """A run's estimated GPU seconds from `step` on: its variant's seed-0 run where done, else the median of the
+    done runs, scaled by the steps left (None: no run done to go by)."""
+    base = done.get(run_name(variant, 0), statistics.median(done.values()) if done else None)
+    return None if base is None else base * (1 - min(step, steps) / steps)
 
 
 def sparse_phase_end(methods: list[dict], max_steps: int) -> int | None:
