@@ -178,15 +178,19 @@ PY
         [ "$limit" -lt 60 ] && limit=60
         grid() {
           # --time-left: a run whose estimate (the grid's done runs) does not fit before the timeout is not started
+          # (a margin for the interpreter's start and the estimate's error; GRID_TIME_LEFT=0: every run starts)
+          local tl=${GRID_TIME_LEFT:-$((limit > 135 ? limit - 45 : limit * 2 / 3))} budget=()
+          [ "$tl" != 0 ] && budget=(--time-left "$tl")
           timeout -k 30 "$limit" python -m elas experiment --size "$size" --steps "${GRID_STEPS:-2000}" \
-            --time-left "$((limit > 90 ? limit - 30 : 60))" \
+            ${budget[@]+"${budget[@]}"} \
             --batch-size "${GRID_BATCH:-512}" --grad-accum "${GRID_ACCUM:-1}" --data data/sp-32k --transfer-data data/stdlib-sp32k \
             --out "runs/grid-$size" --seeds "${GRID_SEEDS:-0}" ${1:+--variants $1} 2>&1 | quiet
         }
         if [ "$n" -le 1 ]; then
           grid "${GRID_VARIANTS:-}"
         else  # GRID_PARALLEL=N: the variants dealt round-robin to N processes on the one GPU, so that one trains
-              # while another compiles or evaluates (their wall times overlap); then the whole grid is summarised
+              # while another compiles or evaluates (their wall times overlap); then the whole grid is summarised.
+              # Each run then takes about N times its GPU time: --time-left starts it only where that fits
           all=${GRID_VARIANTS:-$(python -c "from elas.train.experiment import grid_variants as g; print(','.join(g(${GRID_STEPS:-2000})))")}
           IFS=, read -ra vs <<< "$all"
           for ((p = 0; p < n; p++)); do

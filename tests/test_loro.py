@@ -631,8 +631,8 @@ def test_summary_compares_the_warmup_ablation_with_elas_and_a_keyed_variant_with
 
 def test_grid_with_time_left_starts_only_the_runs_that_fit(dataset, tmp_path, monkeypatch, capsys):
     """run_grid(time_left=...) / `elas experiment --time-left`: a run whose estimate (its seed-0 run's GPU time,
-    times the processes sharing the GPU) does not fit in what is left is not started, with one line; one that
-    fits runs. A non-positive budget is refused."""
+    times the processes sharing the GPU) does not fit in what is left is not started, with one line and a closing
+    one; one that fits runs. A non-positive budget is refused."""
     import json
 
     from elas import cli
@@ -644,10 +644,11 @@ def test_grid_with_time_left_starts_only_the_runs_that_fit(dataset, tmp_path, mo
     grid = dict(batch_size=2, grad_accum=1, seeds=(1,), log=logs.append)
     assert run_grid("llama-tiny", ["relu2"], 2, str(dataset), out, time_left=299.0, **grid) == []
     assert any(line.startswith("relu2.seed1: not started: needs ~300 s, 299 s left") for line in logs), logs
+    assert logs[-1] == "1 run(s) not started, left for a later call (--time-left): relu2.seed1"
     assert not (out / "relu2.seed1" / "checkpoints").exists()
     monkeypatch.setenv("ELAS_GRID_SHARED", "2")  # two processes on the GPU: its wall is twice its GPU time
     assert run_grid("llama-tiny", ["relu2"], 2, str(dataset), out, time_left=599.0, **grid) == []
-    assert "needs ~600 s" in logs[-1]
+    assert "needs ~600 s" in logs[-2]
     monkeypatch.delenv("ELAS_GRID_SHARED")
     (row,) = run_grid("llama-tiny", ["relu2"], 2, str(dataset), out, time_left=301.0, **grid)
     assert row["run"] == "relu2.seed1" and row["val_loss"] > 0

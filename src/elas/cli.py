@@ -832,9 +832,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default runs/quality); an interrupted grid resumes there")
     p.add_argument("--summarize-only", action="store_true", help="write summary.md and the plots from the runs "
                    "in --out; train nothing")
-    p.add_argument("--time-left", type=float, metavar="SECONDS", help="start a run (or the rest of a partial one) "
-                   "only where its estimated time (as --plan's) fits in what is left of SECONDS; the others are "
-                   "left for a later call (a GPU machine lent for a limited time, whose checkpoints go with it)")
+    p.add_argument("--time-left", type=float, metavar="SECONDS", help="start a run only where its estimated time "
+                   "(as --plan's) fits in what is left of SECONDS; the others are left for a later call (a GPU "
+                   "machine lent for a limited time, whose checkpoints go with it); partial runs resume regardless")
     p.add_argument("--plan", action="store_true", help="print what the grid in --out still has to run and its "
                    "estimated GPU time (from the runs done there); run nothing")
     p.set_defaults(func=cmd_experiment)

@@ -189,11 +189,12 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
              time_left: float | None = None) -> list[dict]:
     """Every variant x seed (seed-major: each seed's grid completes before the next starts).
     time_left: seconds this process may still run (a GPU machine lent for a limited call, whose checkpoints are
-    lost with it): a run (or the rest of a partial one) is started only where its estimate (the grid's own done
-    runs, as `--plan`; times the processes sharing the GPU) fits in what is left; the others are left for a
-    later call, one log line each. A run with no estimate (nothing done yet) is started."""
+    lost with it): a run is started only where its estimate (the grid's own done runs, as `--plan`; times the
+    processes sharing the GPU) fits in what is left; the others are left for a later call, one log line each
+    and a closing line. A partial run resumes regardless, and a run with no estimate (nothing done yet) starts."""
     from ..data import load_meta
     deadline = None if time_left is None else time.monotonic() + time_left
+    later = []  # the runs left for a later call
     cfgs = [(seed, v, variant_config(size, v, steps, data_dir, out, batch_size, grad_accum, seed=seed))
             for seed in seeds for v in variants]  # every bad variant or key fails here, before any run
     check_param_dtypes([cfg for _, _, cfg in cfgs])
@@ -220,12 +221,14 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
             rows.append(row)
             log(f"{name}: done before, skipped")
             continue
-        if deadline is not None:
-            need = _gpu_seconds_left(_gpu_seconds_done(out), v, _checkpoint_step(run), steps)
+        if deadline is not None and not _checkpoint_step(run):  # (a partial run resumes: its checkpoints are at
+            # risk whether it runs or not, and it gets further)
+            need = _gpu_seconds_left(_gpu_seconds_done(out), v, 0, steps)
             left = deadline - time.monotonic()
             if need is not None and need * gpu_shared_by() > left:
                 log(f"{name}: not started: needs ~{need * gpu_shared_by():.0f} s, {max(left, 0):.0f} s left "
                     f"(--time-left); a later call runs it")
+                later.append(name)
                 continue
         # each run compiles its own model: dynamo's cache of the previous runs' graphs would only count towards
         # the recompile limit of the shared code objects (a hard failure under fullgraph after ~8 entries)
@@ -259,6 +262,8 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
         rows.append(row)
         log(f"{name}: val loss {row['val_loss']:.4f} (ppl {row['val_ppl']:.2f}) in {row['wall_s']:.0f} s" +
             (f", transfer loss {row['transfer_loss']:.4f}" if transfer else ""))
+    if later:
+        log(f"{len(later)} run(s) not started, left for a later call (--time-left): {', '.join(later)}")
     return rows
 
 
