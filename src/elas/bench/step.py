@@ -211,6 +211,8 @@ def bench_step(sizes=("llama-1b",), batches=(32,), variants=STEP_VARIANTS, modes
                         torch.cuda.empty_cache()
                 rows.append(r)
                 warm = f" (+{r['warmup_s']:.1f} s warm-up)" if "warmup_s" in r else ""
+                if r.get("held_before_gb", 0) > 0.1:  # (left out of its memory figures: the previous rows' leftovers)
+                    warm += f" [{r['held_before_gb']:.1f} GB held before the row]"
                 clock = f" SM {r['sm_clock_mhz']:.0f} MHz {r['power_w']:.0f} W" if "sm_clock_mhz" in r else ""
                 log(f"step {size} b{batch} {variant:>14} {mode:>13}: " + (
                     f"{r['step_ms']:7.1f} ms (synced {r['step_ms_synced']:6.1f}) {r['tokens_per_s']:>9,.0f} tok/s "
