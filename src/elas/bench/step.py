@@ -81,10 +81,11 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
     if mode not in MODES:
         raise ValueError(f"unknown step mode {mode!r}; expected one of {MODES}")
     torch._dynamo.reset()
-    # the previous row's model, optimizer and graph sit in reference cycles (the captured step, the compiled
-    # regions) until a collection, which torch.cuda.graph makes only on entry to the capture, after this row's
-    # warm-up passes: their peak included the previous row. What is still held after this collection is
-    # recorded (held_before_gb) and left out of this row's figures.
+    # the previous row's model sits in reference cycles (compile_regions stores each block's compiled forward on
+    # the block) with its bf16 parameters and their gradients (allocated in its graph's pool): 4 bytes a
+    # parameter, 2.4 GB at 1B, which only Python's occasional full collection freed, one to three rows later
+    # (torch.cuda.graph no longer collects on entry unless TORCH_CUDAGRAPH_GC=1). What is still held after this
+    # collection is recorded (held_before_gb) and left out of this row's figures.
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -173,6 +174,7 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
         row["kernel_launches"] = round(sum(launches.values()))  # per step; idle / launches: the gap per kernel
         row["kernel_launches_top"] = top_kernels(launches)
     del model, opt, grads
+    gc.collect()  # (the model's cycles: see the row's start)
     return row
 
 

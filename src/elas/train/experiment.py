@@ -11,6 +11,7 @@ run directory holding a run of other settings, another --steps or --size, is ref
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -230,6 +231,9 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
                     f"(--time-left); a later call runs it")
                 later.append(name)
                 continue
+        # the previous run's model sits in reference cycles (compile_regions stores each block's compiled forward on
+        # the block), with its parameters and gradients on the GPU, until a full collection: freed here
+        gc.collect()
         # each run compiles its own model: dynamo's cache of the previous runs' graphs would only count towards
         # the recompile limit of the shared code objects (a hard failure under fullgraph after ~8 entries)
         torch._dynamo.reset()
