@@ -38,9 +38,14 @@ def dataset(tmp_path_factory) -> Path:
 def _fresh_compiler_caches(request):
     """Each GPU test compiles its models from scratch: Dynamo keeps at most 8 compilations per code object (e.g.
     Block.forward), and an entry of an earlier test's model whose address a new module reuses counts against the
-    new one, so a full GPU run (not a test alone) could hit the limit."""
+    new one, so a full GPU run (not a test alone) could hit the limit. Earlier tests' compiled models are
+    collected first: compile_regions leaves each in reference cycles, with its parameters and gradients on the
+    GPU, until a full collection."""
     if request.node.get_closest_marker("gpu") is not None:
         torch._dynamo.reset()
+        import gc
+        gc.collect()
+        torch.cuda.empty_cache()
     yield
 
 
