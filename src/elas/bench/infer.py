@@ -16,6 +16,8 @@ Ratios (`vs_twin`, > 1: faster) against the dense twin's row.
 """
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from ..build import build_model
@@ -31,6 +33,7 @@ INFER_VARIANTS = ("lowrank-relu2", "elas", "relu2", "relu2-24")
 def infer_row(size: str, variant: str, batch: int = 8, prompt: int = 512, new_tokens: int = 128,
               profile: bool = True) -> dict:
     torch._dynamo.reset()
+    gc.collect()  # the previous row's model: in compile_regions' reference cycles, with its weights on the GPU
     torch.cuda.empty_cache()
     cfg = variant_config(size, variant, max_seq_len=prompt + new_tokens + 1)
     torch.manual_seed(0)
@@ -61,6 +64,7 @@ def infer_row(size: str, variant: str, batch: int = 8, prompt: int = 512, new_to
            "packed_prefill": packed, "decode_path": "masked reference (1 token)" if packed else "dense",
            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, **(prof if profile else {})}
     del model
+    gc.collect()
     return row
 
 
