@@ -1,0 +1,39 @@
+"""Control for tests/test_step.py::test_gpu_a_destroyed_graph_leaves_another_graphs_gemm_workspace: the same two
+captures with plain torch.cuda.graph (`torch`) or elas's graph_capture (`elas`), the first graph destroyed, the
+freed memory refilled with NaN, the second replayed. Prints whether its GEMM still gives the eager result and
+whether the refill was overwritten. One mode per process (a fault poisons the process).
+
+    python benchmarks/cublas_workspace.py torch    # pytorch#193402: the second graph uses the first's workspace
+    python benchmarks/cublas_workspace.py elas
+"""
+import sys
+
+import torch
+
+sys.path.insert(0, "src")
+from elas.kernels.cuda.gemm import graph_capture  # noqa: E402
+
+mode = sys.argv[1] if len(sys.argv) > 1 else "elas"
+capture = {"torch": torch.cuda.graph, "elas": graph_capture}[mode]
+g = torch.Generator(device="cuda").manual_seed(0)
+a = torch.randn(64, 1 << 16, device="cuda", dtype=torch.bfloat16, generator=g)  # small M, N, long K: split-K
+b = torch.randn(1 << 16, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+want = a @ b
+first, second = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+with capture(first):
+    a @ b
+with capture(second):
+    out = a @ b
+del first
+torch.cuda.synchronize()
+torch.cuda.empty_cache()
+junk = [torch.full((16 << 20,), float("nan"), device="cuda") for _ in range(8)]
+try:
+    for _ in range(3):
+        second.replay()
+    torch.cuda.synchronize()
+    err = ((out.float() - want.float()).abs().max() / want.float().abs().max()).item()
+    overwritten = sum(int((~torch.isnan(j)).sum()) for j in junk)
+    print(f"{mode}: max rel. error {err:.2e}, refill elements overwritten {overwritten}")
+except RuntimeError as e:
+    print(f"{mode}: replay failed: {str(e).splitlines()[0][:160]}")
