@@ -75,10 +75,11 @@ VARIANTS = ["swiglu", "relu2", "relu2-24", "relu2-24-split", "lowrank-relu2", "e
 
 @pytest.mark.gpu
 def test_gpu_a_destroyed_graph_leaves_another_graphs_gemm_workspace():
-    """Graphs captured with graph_capture hold a cuBLAS workspace each: destroying the first (as a mode switch
-    drops the step graph) frees nothing the second replays into. With torch.cuda.graph alone both would use the
-    workspace allocated in the first's pool (pytorch#193402): the second's replay would then write split-K
-    partials into freed memory, here refilled with NaN, or fault."""
+    """Graphs captured with graph_capture hold a cuBLAS workspace each, in their own pools: destroying the first
+    (as a mode switch drops the step graph) frees nothing the second replays into, here refilled with NaN. This
+    guards graph_capture's own mechanism (a workspace dropped from torch's map after the capture must stay in the
+    graph's pool); it does not reproduce pytorch#193402: with plain torch.cuda.graph the same sequence showed no
+    damage either on torch 2.11 (H100, benchmarks/cublas_workspace.py torch)."""
     from elas.kernels.cuda.gemm import graph_capture
     g = torch.Generator(device="cuda").manual_seed(0)
     a = torch.randn(64, 1 << 16, device="cuda", dtype=torch.bfloat16, generator=g)  # small M, N, long K: split-K
