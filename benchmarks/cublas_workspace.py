@@ -4,7 +4,7 @@ freed memory refilled with NaN, the second replayed. Prints whether its GEMM sti
 whether the refill was overwritten. One mode per process (a fault poisons the process).
 
     python benchmarks/cublas_workspace.py torch    # pytorch#193402: the second graph uses the first's workspace
-    python benchmarks/cublas_workspace.py elas
+    python benchmarks/cublas_workspace.py elas 2048x8192x2048   # M x K x N (default 64x65536x64: split-K)
 """
 import sys
 
@@ -14,10 +14,11 @@ sys.path.insert(0, "src")
 from elas.kernels.cuda.gemm import graph_capture  # noqa: E402
 
 mode = sys.argv[1] if len(sys.argv) > 1 else "elas"
+m, k, n = (int(v) for v in (sys.argv[2] if len(sys.argv) > 2 else "64x65536x64").split("x"))  # default: split-K
 capture = {"torch": torch.cuda.graph, "elas": graph_capture}[mode]
 g = torch.Generator(device="cuda").manual_seed(0)
-a = torch.randn(64, 1 << 16, device="cuda", dtype=torch.bfloat16, generator=g)  # small M, N, long K: split-K
-b = torch.randn(1 << 16, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16, generator=g)
 want = a @ b
 first, second = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
 with capture(first):
@@ -34,6 +35,6 @@ try:
     torch.cuda.synchronize()
     err = ((out.float() - want.float()).abs().max() / want.float().abs().max()).item()
     overwritten = sum(int((~torch.isnan(j)).sum()) for j in junk)
-    print(f"{mode}: max rel. error {err:.2e}, refill elements overwritten {overwritten}")
+    print(f"{mode} {m}x{k}x{n}: max rel. error {err:.2e}, refill elements overwritten {overwritten}")
 except RuntimeError as e:
-    print(f"{mode}: replay failed: {str(e).splitlines()[0][:160]}")
+    print(f"{mode} {m}x{k}x{n}: replay failed: {str(e).splitlines()[0][:160]}")
