@@ -1,6 +1,6 @@
-"""Control for tests/test_step.py::test_gpu_a_destroyed_graph_leaves_another_graphs_gemm_workspace: the same two
-captures with plain torch.cuda.graph (`torch`) or elas's graph_capture (`elas`), the first graph destroyed, the
-freed memory refilled with NaN, the second replayed. Prints whether its GEMM still gives the eager result and
+"""Two GEMM graphs captured with plain torch.cuda.graph (`torch`) or elas's graph_capture (`elas`), the first
+destroyed, the freed memory refilled with NaN, the second replayed (pytorch#193402; the `elas` mode is
+tests/test_step.py::test_gpu_a_destroyed_graph_leaves_another_graphs_gemm_workspace). Prints whether its GEMM still gives the eager result and
 whether the refill was overwritten. One mode per process (a fault poisons the process).
 
     python benchmarks/cublas_workspace.py torch    # pytorch#193402: the second graph uses the first's workspace
@@ -11,7 +11,7 @@ import sys
 import torch
 
 sys.path.insert(0, "src")
-from elas.kernels.cuda.gemm import graph_capture  # noqa: E402
+from elas.graphs import graph_capture  # noqa: E402
 
 mode = sys.argv[1] if len(sys.argv) > 1 else "elas"
 m, k, n = (int(v) for v in (sys.argv[2] if len(sys.argv) > 2 else "64x65536x64").split("x"))  # default: split-K

@@ -346,3 +346,23 @@ def test_fused_qkv_lowrank_gemm_count():
             # (the three [d, r] down-projection weight gradients are still copied out of one [d, 3r] block)
             assert side == 3 and "cat" not in bwd.ops, bwd.ops
     assert counts == {False: (6, 12), True: (4, 8)}, counts
+
+
+def test_model_imports_neither_sparsity_nor_kernels():
+    """The method seam: src/elas/model/ imports neither sparsity/ nor kernels/ (at module level or inside a
+    function); the methods and kernels are applied to a built model from outside (build.py)."""
+    import ast
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "src" / "elas" / "model"
+    found = []
+    for f in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            found += [f"{f.name}: {n}" for n in names if n.lstrip(".").split(".")[0] in ("sparsity", "kernels")
+                      or n.startswith(("elas.sparsity", "elas.kernels"))]
+    assert not found, found

@@ -80,25 +80,16 @@ def test_gpu_a_destroyed_graph_leaves_another_graphs_gemm_workspace():
     guards graph_capture's own mechanism (a workspace dropped from torch's map after the capture must stay in the
     graph's pool); it does not reproduce pytorch#193402: with plain torch.cuda.graph the same sequence showed no
     damage either on torch 2.11 (H100, benchmarks/cublas_workspace.py torch)."""
-    from elas.kernels.cuda.gemm import graph_capture
-    g = torch.Generator(device="cuda").manual_seed(0)
-    a = torch.randn(64, 1 << 16, device="cuda", dtype=torch.bfloat16, generator=g)  # small M, N, long K: split-K
-    b = torch.randn(1 << 16, 64, device="cuda", dtype=torch.bfloat16, generator=g)
-    want = a @ b
-    first, second = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-    with graph_capture(first):
-        a @ b
-    with graph_capture(second):
-        out = a @ b
-    del first
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    junk = [torch.full((16 << 20,), float("nan"), device="cuda") for _ in range(8)]  # where freed memory goes
-    for _ in range(3):
-        second.replay()
-    torch.cuda.synchronize()
-    torch.testing.assert_close(out, want, rtol=2e-2, atol=1.0)  # (eager may take another split: rounding)
-    assert all(bool(torch.isnan(j).all()) for j in junk)
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "benchmarks/cublas_workspace.py", "elas"], cwd=root, capture_output=True,
+                       text=True, timeout=300)  # (a process of its own: a fault would poison this one)
+    m = re.search(r"max rel\. error (\S+), refill elements overwritten (\d+)", r.stdout)
+    assert r.returncode == 0 and m, r.stdout + r.stderr[-2000:]
+    assert float(m[1]) < 2e-2 and int(m[2]) == 0, r.stdout  # (eager may take another split: rounding)
 
 
 @pytest.mark.gpu

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..graphs import graph_capture
 from .llama import KVCache
 
 
@@ -58,9 +59,8 @@ class GraphDecoder:
         torch.cuda.current_stream().wait_stream(side)
         cache.pos = pos  # undo the warm-up step (its cache entry is rewritten by the first real step)
         cache.pos_t -= 1
-        from ..kernels.cuda.gemm import graph_capture
         self.graph = torch.cuda.CUDAGraph()
-        with graph_capture(self.graph):  # (a cuBLAS workspace of its own: kernels/cuda/gemm.py)
+        with graph_capture(self.graph):  # (a cuBLAS workspace of its own: elas/graphs.py)
             self.out = fn(self.tok)
         cache.pos = pos  # the capture ran the host side only; pos_t's add was captured, not run
         return self

@@ -36,7 +36,8 @@ from contextlib import nullcontext
 
 import torch
 
-from ..kernels.cuda.gemm import capture_failure, graph_capture, reset_generator_capture_state
+from ..graphs import graph_capture
+from ..kernels.cuda.gemm import capture_failure, reset_generator_capture_state
 
 log = logging.getLogger("elas.train")
 
@@ -177,7 +178,7 @@ class StepGrads:
             # would, so a graph step peaks at the memory of an eager one
             self._drop_grads()
             graph = torch.cuda.CUDAGraph()
-            with graph_capture(graph):  # (a cuBLAS workspace of its own: gemm.graph_capture)
+            with graph_capture(graph):  # (a cuBLAS workspace of its own: elas/graphs.py)
                 out = self._body(self.x, self.y, "apply" if self.step_in_graph else "none")
         except RuntimeError as e:  # includes torch.OutOfMemoryError
             failure = capture_failure(e, 200)

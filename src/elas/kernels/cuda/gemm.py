@@ -12,7 +12,6 @@ pytorch#155333); the choice is cached in memory and on disk (ELAS_CACHE_DIR, def
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import logging
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ...graphs import graph_capture
 from ..packed import Packed24
 from .choices import Choices
 
@@ -75,24 +75,6 @@ def _raw_mm(a: Packed24, b: torch.Tensor, alg: int, impl: str, ct: bool = False)
         return torch.ops.elas_cslt.mm(a.buffer.view(-1), b, a.shape[0], a.shape[1], alg, ct)
     out = torch._cslt_sparse_mm(a.buffer, b, alg_id=alg)
     return out.t().contiguous() if ct else out  # torch's op: a copy, not the column-major epilogue
-
-
-@contextlib.contextmanager
-def graph_capture(graph: torch.cuda.CUDAGraph, **kw):
-    """torch.cuda.graph(graph), with torch's cuBLAS(Lt) workspaces dropped before and after the capture, as
-    Inductor's CUDA-graph trees do. torch keeps one workspace per (handle, stream), reused by every later GEMM
-    on that stream, and a graph's reset (its destruction) drops those of its capture stream
-    (pytorch/pytorch#193402). Graphs on torch's default capture stream would otherwise share the workspace
-    allocated in the first one's private pool, which that graph's destruction frees under the others (the step
-    graph replaced at a mode switch, a decode graph, a timing graph). Dropped before, the capture allocates its
-    own workspace in its own pool; dropped after, no later GEMM, eager or captured, is handed it."""
-    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)  # (absent from a torch without CUDA)
-    clear()
-    try:
-        with torch.cuda.graph(graph, **kw):
-            yield
-    finally:
-        clear()
 
 
 def capture_graph(fn, reps: int = 1, warmup: int = 3) -> torch.cuda.CUDAGraph:
