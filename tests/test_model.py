@@ -249,7 +249,7 @@ def test_fuse_qkv_is_the_default_for_lowrank_attention_only():
                                ("lowrank-relu2", "ffn", False), ("relu2", "all", False)]:
         cfg = preset(f"llama-tiny-{name}", n_layers=1, vocab_size=256, lowrank_scope=scope)
         attn = build_model(cfg).blocks[0].attn
-        assert attn.fuse_qkv is fused and (attn.up_op is not None) is fused, (name, scope)
+        assert attn.fuse_qkv is fused and (attn.qkv_op is not None) is fused, (name, scope)
     old = {k: v for k, v in to_dict(preset("llama-tiny-lowrank-relu2")).items() if k != "fuse_qkv"}
     assert from_dict(ModelConfig, old).fuse_qkv is False
 
@@ -284,39 +284,57 @@ def test_fused_qkv_equals_three_projections():
         assert not torch.allclose(fused(idx, idx), outs[1][0])
 
 
-def test_mm_side_by_side_writes_column_blocks_and_up_projections_follow_autocast():
-    """elas::mm_side_by_side: the GEMMs' outputs side by side, its fake for tracing (opcheck); up_projections under
-    bf16 autocast computes in bf16, as F.linear would, hands fp32 weights fp32 gradients, and an unused
-    output's weight none."""
+def test_qkv_operators_write_blocks_and_low_rank_qkv_follows_autocast():
+    """elas::mm_side_by_side: the GEMMs' outputs side by side; elas::mm_t_blocks: x^T times each column block, as
+    contiguous blocks; their fakes for tracing (opcheck). low_rank_qkv under bf16 autocast computes in bf16, as
+    F.linear would, hands fp32 weights fp32 gradients equal to the unfused projections', each weight's gradient in
+    its own layout, and an unused output's up-projection weight none."""
     from elas.kernels import ops
     g = torch.Generator().manual_seed(0)
     gs = [torch.randn(6, 8, generator=g) for _ in range(3)]
     ws = [torch.randn(8, 4, generator=g) for _ in range(3)]
     torch.testing.assert_close(ops.mm_side_by_side(gs, ws), torch.cat([a @ b for a, b in zip(gs, ws)], dim=1))
     torch.library.opcheck(ops.mm_side_by_side, (gs, ws))
-    h = torch.randn(2, 3, 12, generator=g, requires_grad=True)
+    x, dh = torch.randn(6, 8, generator=g), torch.randn(6, 12, generator=g)
+    blocks = ops.mm_t_blocks(x, dh, 3)
+    assert blocks.shape == (3, 8, 4) and blocks.is_contiguous()
+    for i in range(3):
+        torch.testing.assert_close(blocks[i], x.t() @ dh[:, 4 * i:4 * i + 4])
+    torch.library.opcheck(ops.mm_t_blocks, (x, dh, 3))
+    x = torch.randn(2, 3, 8, generator=g, requires_grad=True)
+    wi = [torch.randn(8, 4, generator=g, requires_grad=True) for _ in range(3)]
     wo = [torch.randn(8, 4, generator=g, requires_grad=True) for _ in range(3)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        outs = ops.up_projections(h, wo)
-        want = [F.linear(hi, w) for hi, w in zip(h.split(4, dim=-1), wo)]
+        outs = ops.low_rank_qkv(x, wi, wo)
+        want = [F.linear(x @ a, b) for a, b in zip(wi, wo)]
     for o, w in zip(outs, want):
         assert o.dtype == torch.bfloat16 and o.shape == (2, 3, 8)
         torch.testing.assert_close(o, w)
     sum(o.float().sum() * (i + 1) for i, o in enumerate(outs)).backward()
-    assert h.grad.dtype == torch.float32 and all(w.grad.dtype == torch.float32 for w in wo)
-    # an output left unused gives its weight no gradient (None, as F.linear's), the others their own
-    h2 = h.detach().requires_grad_()
-    w2 = [w.detach().requires_grad_() for w in wo]
-    ops.up_projections(h2, w2)[1].sum().backward()
-    assert w2[0].grad is None and w2[2].grad is None and w2[1].grad is not None
-    torch.testing.assert_close(h2.grad[..., :4], torch.zeros_like(h2.grad[..., :4]))
+    leaves = [x, *wi, *wo]
+    got = [t.grad.clone() for t in leaves]
+    assert all(t.dtype == torch.float32 and t.is_contiguous() for t in got)
+    for t in leaves:
+        t.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the unfused projections' gradients
+        sum(F.linear(x @ a, b).float().sum() * (i + 1) for i, (a, b) in enumerate(zip(wi, wo))).backward()
+    for a, b in zip(got, (t.grad for t in leaves)):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    # an output left unused gives its up-projection weight no gradient (None, as F.linear's), the others their own
+    x2 = x.detach().requires_grad_()
+    wi2, wo2 = ([w.detach().requires_grad_() for w in ws_] for ws_ in (wi, wo))
+    ops.low_rank_qkv(x2, wi2, wo2)[1].sum().backward()
+    assert wo2[0].grad is None and wo2[2].grad is None and wo2[1].grad is not None
+    torch.testing.assert_close(wi2[0].grad, torch.zeros_like(wi2[0]))
 
 
 def test_fused_qkv_lowrank_gemm_count():
     """Low-rank fuse_qkv: one down-projection GEMM in the forward, and in the backward one weight-gradient and
-    one input-gradient GEMM for the three down-projections (8 GEMMs in place of 12), with no copy of the
-    activations: each up-projection reads its column block of h in place, and the up-projections' three input
-    gradients are written side by side into dh [T, 3r] (elas::mm_side_by_side: three GEMMs, no concatenation)."""
+    one input-gradient GEMM for the three down-projections (8 GEMMs in place of 12), with no copy: each
+    up-projection reads its column block of h in place, the up-projections' three input gradients are written
+    side by side into dh [T, 3r] (elas::mm_side_by_side: three GEMMs, no concatenation), and the three
+    down-projection weights' gradients come out as contiguous blocks (elas::mm_t_blocks: one batched GEMM), so that
+    autograd hands them to the parameters without the copy a strided [d, r] view would need."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -340,11 +358,12 @@ def test_fused_qkv_lowrank_gemm_count():
             (q.sum() + 2 * k.sum() + 3 * v.sum()).backward()
         gemms = ("mm", "addmm", "bmm")
         side = 3 * bwd.ops.count("mm_side_by_side")  # one GEMM per column block, inside the operator
-        counts[fuse] = (sum(o in gemms for o in fwd.ops), sum(o in gemms for o in bwd.ops) + side)
+        blocks = bwd.ops.count("mm_t_blocks")  # one batched GEMM inside the operator
+        counts[fuse] = (sum(o in gemms for o in fwd.ops), sum(o in gemms for o in bwd.ops) + side + blocks)
         if fuse:
             assert not {"clone", "copy_", "contiguous"} & set(fwd.ops), fwd.ops
-            # (the three [d, r] down-projection weight gradients are still copied out of one [d, 3r] block)
-            assert side == 3 and "cat" not in bwd.ops, bwd.ops
+            assert side == 3 and blocks == 1 and not {"cat", "clone", "copy_", "contiguous"} & set(bwd.ops), bwd.ops
+            assert all(m.weight_in.grad.is_contiguous() for m in (attn.q, attn.k, attn.v))
     assert counts == {False: (6, 12), True: (4, 8)}, counts
 
 

@@ -107,9 +107,9 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu",
     if cfg.rope_kernel == "cutlass":  # the attention's rotary embedding inside the q/k GEMMs' epilogue
         for blk in model.blocks:
             blk.attn.rope_op = ops.linear_rope
-    for blk in model.blocks:  # fuse_qkv's low-rank q, k, v: their up-projections' input gradients side by side
+    for blk in model.blocks:  # fuse_qkv's low-rank q, k, v: a backward that concatenates and copies nothing
         if blk.attn.fuse_qkv:  # (Attention.qkv)
-            blk.attn.up_op = ops.up_projections
+            blk.attn.qkv_op = ops.low_rank_qkv
     if norm_kernel(cfg, target) == "fused":  # the blocks' norms (not the final one: nothing is added to its input)
         for blk in model.blocks:
             blk.attn_norm.residual_split = blk.ffn_norm.residual_split = ops.residual_rmsnorm

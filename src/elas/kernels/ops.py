@@ -463,15 +463,59 @@ class _UpProjections(torch.autograd.Function):
         return (dh, *dws)
 
 
-def up_projections(h: Tensor, ws: list[Tensor]) -> tuple[Tensor, ...]:
-    """h [.., k r] (the down-projections' outputs side by side), ws k weights [d, r] -> k outputs [.., d], the same
-    values as F.linear of each column block (under autocast: in its dtype, as F.linear's). Installed by build_model
-    for model.fuse_qkv on low-rank attention (model/llama.py Attention.qkv)."""
-    dev = h.device.type
-    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-    lead = h.shape[:-1]
-    with torch.autocast(dev, enabled=False):  # the GEMMs in the compute dtype, as autocast's F.linear would run them
-        outs = _UpProjections.apply(h.reshape(-1, h.shape[-1]).to(dt), *(w.to(dt) for w in ws))
+@torch.library.custom_op("elas::mm_t_blocks", mutates_args=())
+def mm_t_blocks(x: Tensor, g: Tensor, k: int) -> Tensor:
+    """x [T, d], g [T, k n] -> [k, d, n], block i = x^T g[:, i n:(i + 1) n]: the k weight gradients of GEMMs that
+    shared the input x, each one contiguous [d, n] tensor. One batched GEMM (x^T read k times through a batch
+    stride of 0, g's column blocks through a batch stride of n), as many output tiles as the one GEMM x^T g [d, k n],
+    whose column blocks would be strided views that autograd copies into each parameter's layout (a [d, n] copy per
+    weight and step)."""
+    t, d = x.shape
+    return torch.bmm(x.t().expand(k, d, t), g.unflatten(1, (k, g.shape[1] // k)).transpose(0, 1))
+
+
+@mm_t_blocks.register_fake
+def _(x, g, k):
+    return x.new_empty(k, x.shape[1], g.shape[1] // k)
+
+
+class _DownProjections(torch.autograd.Function):
+    """h = x [w_0 | w_1 | ..] (x [T, d], w_i [d, r], already in the compute dtype): fuse_qkv's down-projections as
+    one GEMM of width k r. The backward: dx = dh [w_0 | ..]^T (one GEMM, K = k r, the forward's concatenation
+    saved: k r d elements a layer) and each w_i's gradient its own contiguous [d, r] block of elas::mm_t_blocks."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, *ws: Tensor) -> Tensor:
+        w = torch.cat(ws, dim=1)  # [d, k r]
+        ctx.save_for_backward(x, w)
+        return x @ w
+
+    @staticmethod
+    def backward(ctx, dh: Tensor):
+        x, w = ctx.saved_tensors
+        dx = dh @ w.t() if ctx.needs_input_grad[0] else None
+        k = len(ctx.needs_input_grad) - 1
+        dws = (None,) * k
+        if any(ctx.needs_input_grad[1:]):
+            blocks = mm_t_blocks(x, dh, k)
+            dws = tuple(blocks[i] if ctx.needs_input_grad[1 + i] else None for i in range(k))
+        return (dx, *dws)
+
+
+def low_rank_qkv(x: Tensor, ws_in: list[Tensor], ws_out: list[Tensor]) -> tuple[Tensor, ...]:
+    """x [.., d], k low-rank projections (ws_in [d, r] each, ws_out [d_out, r] each) -> k outputs [.., d_out], the
+    same values as x @ w_in @ w_out^T for each (under autocast: in its dtype, as F.linear's): one down-projection
+    GEMM of width k r (_DownProjections), then each up-projection on its column block of h in place
+    (_UpProjections). In the backward no tensor is concatenated or copied: the up-projections' input gradients are
+    written side by side into dh [T, k r] (elas::mm_side_by_side), the down-projections' weight gradients block by
+    block (elas::mm_t_blocks). Installed by build_model for model.fuse_qkv on low-rank attention
+    (model/llama.py Attention.qkv)."""
+    dev = x.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    lead = x.shape[:-1]
+    with torch.autocast(dev, enabled=False):  # the GEMMs in the compute dtype, as autocast's would run them
+        h = _DownProjections.apply(x.reshape(-1, x.shape[-1]).to(dt), *(w.to(dt) for w in ws_in))
+        outs = _UpProjections.apply(h, *(w.to(dt) for w in ws_out))
     return tuple(o.view(*lead, o.shape[-1]) for o in outs)
 
 
@@ -651,4 +695,4 @@ def act24_ffn(h1: Tensor, wu: Tensor, wd: Tensor, mask_grad: bool, dense_frac: f
 
 __all__ = ["relu2_ffn", "relu2_sparsify24_packed", "up_relu2_sparsify24", "relu2_sparse24_backward", "sparse_mm", "act24_ffn",
            "dgrad_relu2_ste_op", "rmsnorm_backward", "residual_rmsnorm", "linear_rope", "mm_side_by_side",
-           "up_projections"]
+           "low_rank_qkv", "mm_t_blocks"]

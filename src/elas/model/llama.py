@@ -150,9 +150,10 @@ class Attention(nn.Module):
         # (a, w, cos, sin, head_dim, rot_cols) -> the projection with rotary embeddings in its epilogue
         # (kernels/ops.py linear_rope): build_model installs it for model.rope_kernel=cutlass (given, not imported)
         self.rope_op = None
-        # (h [.., 3r], [w_q, w_k, w_v]) -> q, k, v: fuse_qkv's low-rank up-projections with their input gradients
-        # written side by side (kernels/ops.py up_projections; build_model installs it for model.fuse_qkv)
-        self.up_op = None
+        # (x [.., d], [N_q, N_k, N_v], [M_q, M_k, M_v]) -> q, k, v: fuse_qkv's low-rank projections with a backward
+        # that concatenates and copies nothing (kernels/ops.py low_rank_qkv; build_model installs it for
+        # model.fuse_qkv)
+        self.qkv_op = None
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v projections of x [b, s, d]: three [b, s, d] tensors.
@@ -169,12 +170,12 @@ class Attention(nn.Module):
         lins = (self.q, self.k, self.v)
         if not self.fuse_qkv or not _plain_linears(lins):
             return self.q(x), self.k(x), self.v(x)
+        if self.qkv_op is not None:  # the same values; its backward concatenates and copies nothing
+            return self.qkv_op(x, [m.weight_in for m in lins], [m.weight_out for m in lins])
         r = self.q.rank
         h = x @ torch.cat([m.weight_in for m in lins], dim=1)  # [b, s, 3r], one GEMM
         # (a batched up-projection [3, T, r] x [3, r, d] was measured slower: its [3, T, d] output layout cost
         # more elementwise work around attention than the one GEMM saved)
-        if self.up_op is not None:  # the same values; the backward's dh [T, 3r] needs no concatenation
-            return self.up_op(h, [m.weight_out for m in lins])
         return tuple(F.linear(hi, m.weight_out) for hi, m in zip(h.split(r, dim=-1), lins))
 
     def _qkv_roped(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

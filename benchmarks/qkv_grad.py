@@ -1,0 +1,81 @@
+"""fuse_qkv's low-rank q/k/v projections, forward and backward, compiled and replayed from a CUDA graph (as elas's
+step runs them), with each model.fuse_qkv form in one process: `blocks` (ops.low_rank_qkv: the down-projection
+weights' gradients as contiguous blocks of one batched GEMM), `views` (the plain fused path: one [d, 3r] gradient
+GEMM whose column blocks autograd copies into each [d, r] parameter), and `three` (fuse_qkv=false). Gradients are
+None before each replay's backward, as in the training step's graph. Prints one line per form, writes JSON.
+
+    python benchmarks/qkv_grad.py [OUT_DIR] [SIZE] [BATCH]     # default: llama-1b at batch 32 x 256
+"""
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, "src")
+from elas.build import build_model  # noqa: E402
+from elas.config import model_preset  # noqa: E402
+from elas.graphs import graph_capture  # noqa: E402
+
+out_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else None
+size = sys.argv[2] if len(sys.argv) > 2 else "llama-1b"
+batch = int(sys.argv[3]) if len(sys.argv) > 3 else 32
+seq, layers, reps = 256, 4, 50
+DEV = "cuda"
+
+
+def time_form(form: str) -> dict:
+    cfg = model_preset(f"{size}-lowrank-relu2", n_layers=1, fuse_qkv=form != "three")
+    attns = [build_model(cfg, device=DEV).to(torch.bfloat16).blocks[0].attn for _ in range(layers)]
+    if form == "views":
+        for a in attns:
+            a.qkv_op = None
+    params = [p for a in attns for p in a.parameters()]
+    x = torch.randn(batch, seq, cfg.d_model, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+
+    def body(x):
+        h = x
+        for a in attns:  # a chain, so that each layer's backward waits on the next one's, as in the model
+            q, k, v = a.qkv(h)
+            h = q + k * v
+        return h.float().square().mean()
+
+    fn = torch.compile(body)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            for p in params:
+                p.grad = None
+            fn(x).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    for p in params:
+        p.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with graph_capture(graph):
+        fn(x).backward()
+    strided = sum(not p.grad.is_contiguous() for p in params)
+    for _ in range(5):
+        graph.replay()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return {"form": form, "ms_per_layer": statistics.median(times) / layers, "strided_grads": strided}
+
+
+rows = [time_form(f) for f in ("blocks", "views", "three")]
+base = next(r for r in rows if r["form"] == "views")["ms_per_layer"]
+for r in rows:
+    r["vs_views"] = base / r["ms_per_layer"]
+    print(f"{r['form']:7s} {r['ms_per_layer']:.4f} ms per layer  {r['vs_views']:.3f}x views")
+if out_dir is not None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"size": size, "batch": batch, "seq": seq, "dtype": "bfloat16", "gpu": torch.cuda.get_device_name(),
+            "torch": torch.__version__, "layers_timed": layers}
+    (out_dir / "qkv_grad.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
