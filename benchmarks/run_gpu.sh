@@ -125,10 +125,11 @@ for what in "${@:-tests kernels ffn}"; do
         done ;;
       blas_env)  # where the ~280 memsets per 1B step come from (216 launched inside aten::mm, launches stage): the
                  # default step with cuBLAS(Lt)'s workspace settings changed, one process each (an env var is read
-                 # once per process), then one line per setting: step ms, memsets, GEMM ms (~1 min a setting)
+                 # once per process), then one line per setting: step ms, memsets, GEMM ms (~1 min a setting, the first
+                 # ~2 min: the compile); BLAS_SETTINGS replaces the list
         d=${BLAS_DIR:-runs/blas_env}
-        for e in default CUBLASLT_WORKSPACE_SIZE=0 CUBLASLT_WORKSPACE_SIZE=131072 CUBLAS_WORKSPACE_CONFIG=:0:0 \
-                 TORCH_BLAS_PREFER_CUBLASLT=1; do
+        for e in ${BLAS_SETTINGS:-default CUBLASLT_WORKSPACE_SIZE=0 CUBLASLT_WORKSPACE_SIZE=131072 \
+                 CUBLAS_WORKSPACE_CONFIG=:0:0 TORCH_BLAS_PREFER_CUBLASLT=1}; do
           ( [ "$e" != default ] && export "${e?}"
             timeout "${STEP_TIMEOUT:-240}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
               --variants lowrank-relu2 --out "$d/$e" 2>&1 | quiet | grep -E '^step|error' )
