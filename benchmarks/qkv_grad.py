@@ -1,8 +1,10 @@
 """fuse_qkv's low-rank q/k/v projections, forward and backward, compiled and replayed from a CUDA graph (as elas's
 step runs them), with each model.fuse_qkv form in one process: `blocks` (ops.low_rank_qkv: the down-projection
 weights' gradients as contiguous blocks of one batched GEMM), `views` (the plain fused path: one [d, 3r] gradient
-GEMM whose column blocks autograd copies into each [d, r] parameter), and `three` (fuse_qkv=false). Gradients are
-None before each replay's backward, as in the training step's graph. Prints one line per form, writes JSON.
+GEMM whose column blocks autograd copies into each [d, r] parameter, where the compiled backward returns them as
+views), and `three` (fuse_qkv=false). Gradients are None before each replay's backward, as in the training step's
+graph. Prints one line per form (time per layer; AccumulateGrad's copies and the kernels of one pass outside the
+graph, per layer), writes JSON.
 
     python benchmarks/qkv_grad.py [OUT_DIR] [SIZE] [BATCH]     # default: llama-1b at batch 32 x 256
 """
@@ -50,12 +52,22 @@ def time_form(form: str) -> dict:
                 p.grad = None
             fn(x).backward()
     torch.cuda.current_stream().wait_stream(side)
+    # one pass outside the graph under the profiler: the copies autograd makes of gradients that do not have their
+    # parameter's layout (AccumulateGrad), and the kernels a pass launches
+    for p in params:
+        p.grad = None
+    with torch.profiler.profile() as prof:
+        fn(x).backward()
+        torch.cuda.synchronize()
+    events = prof.events()
+    copies = sum(e.name == "aten::copy_" and e.cpu_parent is not None and "AccumulateGrad" in e.cpu_parent.name
+                 for e in events)
+    kernels = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
     for p in params:
         p.grad = None
     graph = torch.cuda.CUDAGraph()
     with graph_capture(graph):
         fn(x).backward()
-    strided = sum(not p.grad.is_contiguous() for p in params)
     for _ in range(5):
         graph.replay()
     times = []
@@ -66,14 +78,16 @@ def time_form(form: str) -> dict:
         e.record()
         e.synchronize()
         times.append(s.elapsed_time(e))
-    return {"form": form, "ms_per_layer": statistics.median(times) / layers, "strided_grads": strided}
+    return {"form": form, "ms_per_layer": statistics.median(times) / layers,
+            "accumulate_grad_copies_per_layer": copies / layers, "kernels_per_layer": kernels / layers}
 
 
 rows = [time_form(f) for f in ("blocks", "views", "three")]
 base = next(r for r in rows if r["form"] == "views")["ms_per_layer"]
 for r in rows:
     r["vs_views"] = base / r["ms_per_layer"]
-    print(f"{r['form']:7s} {r['ms_per_layer']:.4f} ms per layer  {r['vs_views']:.3f}x views")
+    print(f"{r['form']:7s} {r['ms_per_layer']:.4f} ms per layer  {r['vs_views']:.3f}x views  "
+          f"AccumulateGrad copies {r['accumulate_grad_copies_per_layer']:.1f}  kernels {r['kernels_per_layer']:.1f} per layer")
 if out_dir is not None:
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"size": size, "batch": batch, "seq": seq, "dtype": "bfloat16", "gpu": torch.cuda.get_device_name(),
