@@ -466,8 +466,9 @@ class _UpProjections(torch.autograd.Function):
 @torch.library.custom_op("elas::mm_t_blocks", mutates_args=())
 def mm_t_blocks(x: Tensor, g: Tensor, k: int) -> Tensor:
     """x [T, d], g [T, k n] -> [k, d, n], block i = x^T g[:, i n:(i + 1) n]: the k weight gradients of GEMMs that
-    shared the input x, each one contiguous [d, n] tensor. One batched GEMM (x^T read k times through a batch
-    stride of 0, g's column blocks through a batch stride of n), as many output tiles as the one GEMM x^T g [d, k n],
+    shared the input x, each one contiguous [d, n] tensor. One batched GEMM (on CUDA x^T is read k times through a
+    batch stride of 0, g's column blocks through a batch stride of n; the CPU's bmm copies both operands first), as
+    many output tiles as the one GEMM x^T g [d, k n],
     whose column blocks would be strided views that autograd copies into each parameter's layout (a [d, n] copy per
     weight and step)."""
     t, d = x.shape
