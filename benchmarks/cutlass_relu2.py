@@ -116,6 +116,7 @@ def main() -> None:
         flush = torch.empty(2 * torch.cuda.get_device_properties(0).L2_cache_size, dtype=torch.uint8, device="cuda")
         flush_ms = graph_ms(lambda: flush.zero_())
         cold = lambda fn: graph_ms(lambda: (flush.zero_(), fn())) - flush_ms  # noqa: E731
+    for M, N, K, what in shapes:
         torch.manual_seed(0)
         h1 = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         wu = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5

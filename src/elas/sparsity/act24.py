@@ -21,12 +21,11 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import kernels
 from ..kernels import ops as kernel_ops
 from ..kernels import reference as ref
-from ..model.ffn import DenseReLU2, FusedReLU2, ReLU2FFN, _weight, ffn_operands, relu2
+from ..model.ffn import DenseReLU2, FusedReLU2, ReLU2FFN, ffn_operands, relu2
 from ..model.lowrank import LowRankLinear
 from .api import Applied, SparsityMethod, register_method, relu2_ffns
 from .masked import masked_act24_ffn
