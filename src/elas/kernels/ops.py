@@ -498,7 +498,11 @@ class _DownProjections(torch.autograd.Function):
         k = len(ctx.needs_input_grad) - 1
         dws = (None,) * k
         if any(ctx.needs_input_grad[1:]):
-            blocks = mm_t_blocks(x, dh, k)
+            d, r = x.shape[1], w.shape[1] // k
+            # the blocks start d r elements apart: each must stay 16-byte aligned (MasterAdamW's kernel reads the
+            # gradients by address, 16 bytes at a time); else one [d, k r] GEMM, whose column blocks autograd copies
+            blocks = mm_t_blocks(x, dh, k) if d * r * x.element_size() % 16 == 0 else \
+                (x.t() @ dh).unflatten(1, (k, r)).movedim(1, 0)
             dws = tuple(blocks[i] if ctx.needs_input_grad[1 + i] else None for i in range(k))
         return (dx, *dws)
 

@@ -162,8 +162,9 @@ class Attention(nn.Module):
         concatenation [d, 3r], h = x [N_q N_k N_v] [T, 3r]; each up-projection then reads its r columns of h in
         place (a strided view, leading dimension 3r), so q, k and v come out in the plain [b, s, d] layout that
         rotary and attention read. In the backward the three [T, r] gradients of h form one [T, 3r] block: one
-        weight-gradient GEMM (x^T dh, N = 3r) and one input-gradient GEMM (dh [N_q N_k N_v]^T, K = 3r) instead of
-        three of each and the sum of their three [T, d] outputs. Three GEMMs of width r = 512 (1B) fill about one
+        weight-gradient GEMM (x^T dh, N = 3r; with qkv_op a batched GEMM writing each N's gradient contiguous) and
+        one input-gradient GEMM (dh [N_q N_k N_v]^T, K = 3r) instead of three of each and the sum of their three
+        [T, d] outputs. Three GEMMs of width r = 512 (1B) fill about one
         wave of an H200's SMs, one of 3r fills three. The concatenation copies the weights each forward (3 r d
         elements: 6 MB per 1B layer in bf16). Modules that a method replaced or parametrised are not fused (they
         run as themselves)."""
