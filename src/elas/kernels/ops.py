@@ -483,7 +483,8 @@ def _(x, g, k):
 class _DownProjections(torch.autograd.Function):
     """h = x [w_0 | w_1 | ..] (x [T, d], w_i [d, r], already in the compute dtype): fuse_qkv's down-projections as
     one GEMM of width k r. The backward: dx = dh [w_0 | ..]^T (one GEMM, K = k r, the forward's concatenation
-    saved: k r d elements a layer) and each w_i's gradient its own contiguous [d, r] block of elas::mm_t_blocks."""
+    saved: k r d elements a layer) and each w_i's gradient its own contiguous [d, r] block of elas::mm_t_blocks
+    (16-byte aligned blocks only: see backward)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, *ws: Tensor) -> Tensor:
@@ -513,7 +514,8 @@ def low_rank_qkv(x: Tensor, ws_in: list[Tensor], ws_out: list[Tensor]) -> tuple[
     GEMM of width k r (_DownProjections), then each up-projection on its column block of h in place
     (_UpProjections). In the backward no tensor is concatenated or copied: the up-projections' input gradients are
     written side by side into dh [T, k r] (elas::mm_side_by_side), the down-projections' weight gradients block by
-    block (elas::mm_t_blocks). Installed by build_model for model.fuse_qkv on low-rank attention
+    block (elas::mm_t_blocks; where a block would not start 16-byte aligned, one GEMM whose blocks autograd
+    copies). Installed by build_model for model.fuse_qkv on low-rank attention
     (model/llama.py Attention.qkv)."""
     dev = x.device.type
     dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
