@@ -1290,10 +1290,13 @@ def test_build_cutlass_stopped_by_sigterm_stops_the_compiler(tmp_path):
     env = dict(os.environ, ELAS_CACHE_DIR=str(tmp_path / "cache"))
     p = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
     folder = tmp_path / "cache" / "cutlass"
-    for _ in range(200):  # until the build has started
-        if folder.is_dir() and any(q.name.startswith(".build-") for q in folder.iterdir()):
+    started = False
+    for _ in range(1200):  # until the build has started (the import alone can take seconds on a busy machine)
+        started = folder.is_dir() and any(q.name.startswith(".build-") for q in folder.iterdir())
+        if started:
             break
         time.sleep(0.05)
+    assert started, "the build did not start within 60 s"
     p.send_signal(signal.SIGTERM)
     p.wait(timeout=20)
     assert p.returncode != 0 and "KeyboardInterrupt" in p.stderr.read()

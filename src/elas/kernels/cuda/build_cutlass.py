@@ -9,6 +9,7 @@ leaves the previous library as it was. The compiler's output goes to build-<lib>
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
@@ -38,11 +39,19 @@ def build(lib: str = "relu2", out: Path | None = None, progress: bool = True, sc
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / f"build-{lib}.log"
     env = dict(os.environ, TOOLS=str(cache_dir() / "cuda_tools"))
-    with tempfile.TemporaryDirectory(dir=out, prefix=f".build-{lib}-") as tmp, open(log_path, "w") as log:
+    # a SIGTERM (a job scheduler's stop) ends the build as Ctrl-C does: the compiler stopped, the folder removed;
+    # the handler is in place before the folder exists, so no stop can leave it behind
+    with _sigterm_as_interrupt(), tempfile.TemporaryDirectory(dir=out, prefix=f".build-{lib}-") as tmp, \
+            open(log_path, "w") as log:
         # (a session of its own: Ctrl-C stops nvcc with the script, before the temporary folder goes)
         proc = subprocess.Popen(["bash", str(script or SCRIPT), lib, tmp], stdout=log, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True)
-        _wait(proc, f"building {LIBS[lib]}", progress)
+        try:
+            _wait(proc, f"building {LIBS[lib]}", progress)
+        except KeyboardInterrupt:
+            os.killpg(proc.pid, 9)  # the script and the compiler it runs
+            proc.wait()
+            raise
         built = Path(tmp) / LIBS[lib]
         if proc.returncode != 0 or not built.is_file():
             raise RuntimeError(f"the CUTLASS build failed (exit {proc.returncode}): {_why(log_path)[:200]}; the whole "
@@ -61,32 +70,35 @@ def _why(log_path: Path) -> str:
     return (first or named or lines or ["(no output)"])[0]
 
 
-def _wait(proc: subprocess.Popen, what: str, progress: bool) -> None:
-    """Wait for the build, with an elapsed-time line on a terminal (nvcc says nothing of its progress). Ctrl-C
-    stops the compiler too."""
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Within: SIGTERM raises KeyboardInterrupt, as Ctrl-C does (main thread only; elsewhere no handler can be
+    set, and nothing changes)."""
     import signal
     import threading
-
-    from tqdm import tqdm
 
     def stop(*_):
         raise KeyboardInterrupt
 
-    # a SIGTERM (a job scheduler's stop) ends the build as Ctrl-C does: the compiler stopped, the folder removed
     old = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _wait(proc: subprocess.Popen, what: str, progress: bool) -> None:
+    """Wait for the build, with an elapsed-time line on a terminal (nvcc says nothing of its progress)."""
+    from tqdm import tqdm
+
     bar = tqdm(desc=what, bar_format="{desc}: {elapsed}", disable=not progress or None)
     try:
         while proc.poll() is None:
             time.sleep(0.5)
             bar.refresh()
-    except KeyboardInterrupt:
-        os.killpg(proc.pid, 9)  # the script and the compiler it runs
-        proc.wait()
-        raise
     finally:
         bar.close()
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
 
 
 __all__ = ["build", "LIBS", "SCRIPT"]
