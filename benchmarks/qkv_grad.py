@@ -10,13 +10,13 @@ graph, per layer), writes JSON.
     python benchmarks/qkv_grad.py [OUT_DIR] [SIZE] [BATCH]     # default: llama-1b at batch 32 x 256
 """
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, "src")
+from elas.bench.timing import event_ms  # noqa: E402
 from elas.build import build_model  # noqa: E402
 from elas.config import model_preset  # noqa: E402
 from elas.graphs import graph_capture  # noqa: E402
@@ -77,17 +77,8 @@ def time_form(form: str) -> dict:
     graph = torch.cuda.CUDAGraph()
     with graph_capture(graph):
         fn(x).backward()
-    for _ in range(5):
-        graph.replay()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        graph.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return {"form": form, "ms_per_layer": statistics.median(times) / layers,
+    ms = event_ms(graph.replay, iters=reps, warmup=5)  # median of replays, events around each
+    return {"form": form, "ms_per_layer": ms / layers,
             "accumulate_grad_copies_per_layer": copies / layers, "kernels_per_layer": kernels / layers}
 
 
