@@ -107,6 +107,9 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu",
     if cfg.rope_kernel == "cutlass":  # the attention's rotary embedding inside the q/k GEMMs' epilogue
         for blk in model.blocks:
             blk.attn.rope_op = ops.linear_rope
+    if cfg.attn_backend == "triton":  # the causal attention with the rotary embedding inside its kernels
+        for blk in model.blocks:
+            blk.attn.attn_op = ops.rope_attention
     for blk in model.blocks:  # fuse_qkv's low-rank q, k, v: a backward that concatenates and copies nothing
         if blk.attn.fuse_qkv:  # (Attention.qkv)
             blk.attn.qkv_op = ops.low_rank_qkv

@@ -20,7 +20,7 @@ from typing import Any
 FFN_KINDS = ("swiglu", "relu2")
 RESIDUAL_DTYPES = ("compute", "fp32")
 LM_LOSSES = ("chunked", "logits")
-ATTN_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+ATTN_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math", "triton")
 RELU2_KERNELS = ("auto", "torch", "fused", "cutlass")
 NORM_KERNELS = ("auto", "torch", "fused")
 ROPE_KERNELS = ("torch", "cutlass")
@@ -67,7 +67,9 @@ class ModelConfig:
     # they were trained)
     residual_dtype: str = "compute"  # compute: the residual stream and norm outputs in the autocast dtype | fp32
     lm_loss: str = "chunked"  # chunked: LM head + cross-entropy without [tokens, vocab] logits | logits
-    # the attention kernel tried first (model/llama.py: Attention); auto: torch's own order (flash first)
+    # the attention kernel tried first (model/llama.py: Attention); auto: torch's own order (flash first); triton:
+    # elas's causal attention with the rotary embedding inside (kernels/cuda/attention.py; its reference off CUDA),
+    # torch's order where it does not apply (a KV cache)
     attn_backend: str = "auto"
     # low-rank attention's q, k, v down-projections as one GEMM of width 3r, then the three up-projections on its
     # column blocks; parameters stay three modules (model/llama.py: Attention.qkv). The 1B low-rank step 1.005-
@@ -148,6 +150,11 @@ class ModelConfig:
             bad("rope_kernel", self.rope_kernel, f"expected one of {ROPE_KERNELS}")
         if self.attn_backend not in ATTN_BACKENDS:
             bad("attn_backend", self.attn_backend, f"expected one of {ATTN_BACKENDS}")
+        if self.attn_backend == "triton" and self.rope_kernel == "cutlass":
+            bad("attn_backend", self.attn_backend, "rotates q and k itself: set model.rope_kernel=torch with it")
+        hd = self.d_model // self.n_heads
+        if self.attn_backend == "triton" and (hd < 32 or hd & (hd - 1)):
+            bad("attn_backend", self.attn_backend, f"needs a head_dim that is a power of two >= 32 (this model's is {hd})")
 
 
 # ---- presets ------------------------------------------------------------------------------------------------

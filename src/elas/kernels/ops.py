@@ -26,6 +26,8 @@ bools cross the boundary; "not produced" outputs are empty tensors (an operator 
     elas::act24_ffn_backward(...) -> dh1, dwu, dwd
     elas::linear_rope(a [L, M, K], w [L, N, K], cos, sin [seq, head_dim/2], head_dim, rot_cols) -> [L, M, N]: the
                       q/k/v projection with rotary embeddings in its epilogue (on interleaved column pairs)
+    elas::rope_attention(q, k, v [B, S, H, D], cos, sin) -> o [B, S, H, D], lse [B*H, S]: causal attention with
+                         the rotary embedding applied to q and k inside; autograd registered (its backward op)
 The act24 pair is the packed 2:4 FFN core: one operator per core, so the autograd graph holds one node per FFN
 and the saved tensors are the packed ones. For a ReLU^2 FFN (full-rank or low-rank) only the part around d_ff
 is special: h1 [T, q] is the input of the d_ff-producing factor (q = d_model, or the rank r), wu [d_ff, q] that
@@ -372,6 +374,68 @@ def linear_rope(a: Tensor, w: Tensor, cos: Tensor, sin: Tensor, head_dim: int, r
         raise ValueError(f"linear_rope: w's {w.shape[1]} rows and rot_cols {rot_cols} must be whole heads of even "
                          f"head_dim {head_dim}, rot_cols within the {w.shape[0] * w.shape[1]} columns")
     return linear_rope_op(a, w, cos, sin, head_dim, rot_cols)
+
+
+# ---- causal attention with the rotary embedding inside (model.attn_backend=triton) -----------------------------------
+@torch.library.custom_op("elas::rope_attention", mutates_args=())
+def rope_attention_op(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """-> (o [B, S, H, D] contiguous, lse [B * H, S] fp32, log2 domain): reference.rope_attention; on CUDA the Triton
+    forward (kernels/cuda/attention.py)."""
+    if q.device.type == "cuda" and _tk is not None:
+        from .cuda import attention
+        return attention.rope_attention_forward(q, k, v, cos, sin)
+    return ref.rope_attention(q, k, v, cos, sin)
+
+
+@rope_attention_op.register_fake
+def _(q, k, v, cos, sin):
+    b, s, h, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((b * h, s), dtype=torch.float32)
+
+
+@torch.library.custom_op("elas::rope_attention_backward", mutates_args=())
+def rope_attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, cos: Tensor,
+                               sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    if q.device.type == "cuda" and _tk is not None:
+        from .cuda import attention
+        return attention.rope_attention_backward(do if do.stride(-1) == 1 else do.contiguous(), q, k, v, o, lse,
+                                                 cos, sin)
+    return ref.rope_attention_backward(do, q, k, v, cos, sin)
+
+
+@rope_attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, cos, sin):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, cos, sin = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cos, sin)
+
+
+def _attention_backward(ctx, do, _dlse):
+    q, k, v, o, lse, cos, sin = ctx.saved_tensors
+    return (*rope_attention_backward_op(do, q, k, v, o, lse, cos, sin), None, None)
+
+
+rope_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+def rope_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Causal attention of q, k, v [B, S, H, D] (the projections' layout, before the rotary embedding) with q and
+    k rotated by cos, sin [>= S, D/2] (model/llama.py rope_tables): o [B, S, H, D] contiguous, what
+    SDPA(apply_rope(q), apply_rope(k), v) gives in that layout. On CUDA one Triton kernel each way that rotates q
+    and k as it loads them (kernels/cuda/attention.py); elsewhere its reference in fp32."""
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"rope_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected "
+                         f"three [batch, seq, heads, head_dim] tensors of one shape")
+    d = q.shape[-1]
+    if d < 32 or d & (d - 1):
+        raise ValueError(f"rope_attention: head_dim {d}: expected a power of two >= 32")
+    if cos.dim() != 2 or cos.shape[0] < q.shape[1] or cos.shape[1] != d // 2 or sin.shape != cos.shape:
+        raise ValueError(f"rope_attention: cos {tuple(cos.shape)}, sin {tuple(sin.shape)}: expected "
+                         f"[>= {q.shape[1]}, {d // 2}]")
+    return rope_attention_op(q, k, v, cos, sin)[0]
 
 
 # ---- RMSNorm on a residual stream: the backward as one pass (dx with the residual's gradient, and dw) ----------

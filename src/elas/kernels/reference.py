@@ -306,6 +306,55 @@ def linear_rope(a: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.
     return rope_pairs(torch.bmm(a, w.transpose(1, 2)), cos, sin, head_dim, rot_cols).contiguous()
 
 
+def _rope_rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """model.apply_rope's rotation of x [B, S, H, D] (halves x1, x2 of each head) in fp32; c, s [S, 1, D/2].
+    inverse: by the opposite angle (the rotation's transpose: a gradient taken back through it)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    s = -s if inverse else s
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+def _rope_attention_parts(q, k, cos, sin, round_rotated: bool):
+    """(rotated q, rotated k [B, S, H, D] fp32, P [B, H, S, S] fp32, natural-log lse [B, H, S], c, s)."""
+    s, d = q.shape[1], q.shape[-1]
+    c, sn = cos[:s, None].float(), sin[:s, None].float()  # [S, 1, D/2]
+    qr, kr = _rope_rotate(q, c, sn), _rope_rotate(k, c, sn)
+    if round_rotated:  # what apply_rope hands the attention: the rotation rounded to q's dtype
+        qr, kr = qr.to(q.dtype).float(), kr.to(k.dtype).float()
+    scores = torch.einsum("bqhd,bkhd->bhqk", qr, kr) / d ** 0.5
+    causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return qr, kr, torch.exp(scores - lse[..., None]), lse, c, sn
+
+
+def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Twin of kernels/cuda/attention.py's forward: q, k, v [B, S, H, D] (unrotated), cos, sin [>= S, D/2] ->
+    o [B, S, H, D] contiguous in q's dtype, lse [B * H, S] fp32 in the log2 domain. Causal softmax attention with
+    scale 1/sqrt(D) on q and k rotated as model.apply_rope rotates them (rounded to their dtype), in fp32."""
+    b, s, h, _ = q.shape
+    _, _, p, lse, _, _ = _rope_attention_parts(q, k, cos, sin, round_rotated=True)
+    o = torch.einsum("bhqk,bkhd->bqhd", p, v.float())
+    return o.to(q.dtype).contiguous(), (lse * 1.4426950408889634).reshape(b * h, s)
+
+
+def rope_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                            sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Twin of the backward: (dq, dk, dv) [B, S, H, D] in q's dtype, the gradients of rope_attention's o (in fp32,
+    the rotation unrounded) w.r.t. the unrotated q, k and v for the output gradient do, written out (no autograd:
+    an operator's implementation runs below it)."""
+    d = q.shape[-1]
+    qr, kr, p, _, c, sn = _rope_attention_parts(q, k, cos, sin, round_rotated=False)
+    dof = do.float()
+    dv = torch.einsum("bhqk,bqhd->bkhd", p, dof)
+    dp = torch.einsum("bqhd,bkhd->bhqk", dof, v.float())
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True)) / d ** 0.5  # softmax's backward, the scale folded in
+    dq = _rope_rotate(torch.einsum("bhqk,bkhd->bqhd", ds, kr), c, sn, inverse=True)
+    dk = _rope_rotate(torch.einsum("bhqk,bqhd->bkhd", ds, qr), c, sn, inverse=True)
+    return tuple(g.to(q.dtype).contiguous() for g in (dq, dk, dv))
+
+
 def rmsnorm_backward(dn: torch.Tensor, x: torch.Tensor, dres: torch.Tensor | None, w: torch.Tensor, eps: float
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of a residual stream x [.., d] that feeds both n = rmsnorm(x) w and the residual path:

@@ -57,7 +57,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def sdpa_backends(name: str) -> list | None:
     """The SDPA backends to try, in order, for model.attn_backend=name (None: torch's own order). The named one
     comes first and torch's others follow, so a shape it cannot serve still runs."""
-    if name == "auto":
+    if name in ("auto", "triton"):  # (triton: elas's own kernel where it applies, torch's order elsewhere)
         return None
     from torch.nn.attention import SDPBackend
     order = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -154,6 +154,10 @@ class Attention(nn.Module):
         # that concatenates and copies nothing (kernels/ops.py low_rank_qkv; build_model installs it for
         # model.fuse_qkv)
         self.qkv_op = None
+        # (q, k, v [b, s, heads, head_dim] before rotation, cos, sin) -> the causal attention [b, s, heads, head_dim]
+        # with the rotation inside its kernels (kernels/ops.py rope_attention; build_model installs it for
+        # model.attn_backend=triton)
+        self.attn_op = None
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v projections of x [b, s, d]: three [b, s, d] tensors.
@@ -220,6 +224,8 @@ class Attention(nn.Module):
         roped = self.rope_op is not None and cache is None and _plain_linears((self.q, self.k, self.v))
         qkv = self._qkv_roped(x, cos, sin) if roped else self.qkv(x)
         q, k, v = (t.view(b, s, self.n_heads, self.head_dim) for t in qkv)
+        if self.attn_op is not None and cache is None and not roped:  # training and prefill: rotary inside
+            return self.o(self.attn_op(q, k, v, cos, sin).reshape(b, s, d))
         # rotary embeddings in [b, s, heads, head_dim] (unless the GEMM applied them), then views as [b, heads, s,
         # head_dim]: q, k and v share one memory layout, so the attention's output is [b, s, heads, head_dim] in
         # memory (the o projection reads it without a copy) and its input gradients come back in the projections'

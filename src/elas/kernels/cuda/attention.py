@@ -1,0 +1,229 @@
+"""Triton kernels: causal attention with the rotary embedding applied inside, forward and backward.
+
+Why: at the training shapes (sequence 256, head_dim 64-128) torch's fastest SDPA backend (cuDNN on Hopper) spends
+much of its time outside its main kernels: the 1B low-rank step on an H100 runs 7.5 ms of attention per step, of
+which 2.3 ms are the backward's two side passes (rowsum(dO * O), and dQ converted from an fp32 buffer), plus
+2.5 ms of rotary kernels around it (benchmarks/results/h100/step_target_blocks.json). Here the rotation is done
+on q and k as they are loaded, the backward computes rowsum(dO * O) for each query block where it needs it, and
+each backward program writes its dK, dV (one key block) and dQ (one query block) once, in bf16, with no atomics:
+dQ's scores are recomputed (two GEMMs more than the minimum, small at these lengths).
+
+Layouts: q, k, v [B, S, H, D] with unit stride along D (the projections' own layout; any strides over B, S, H),
+before rotation; cos, sin [>= S, D/2] fp32 contiguous (model/llama.py rope_tables: the rotate-half convention, so
+feature i pairs with i + D/2). Outputs o, dq, dk, dv [B, S, H, D] contiguous in q's dtype; lse [B * H, S] fp32, the
+log2 of each row's softmax denominator (scores in the log2 domain: s * scale * log2(e)). Causal; scale 1/sqrt(D)
+(SDPA's default). The rotated q and k are rounded to q's dtype before their product, as model.apply_rope's output is;
+P and dS are rounded to it before their products (as flash attention does); everything else accumulates in fp32.
+Reference: reference.rope_attention.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    """a @ b accumulated in fp32. UPCAST (the CPU interpreter, whose dot mishandles bf16 operands): the operands
+    in fp32 first, which gives the same products (a bf16 x bf16 product is exact in fp32)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _load_rotated(ptr, rows, valid, stride_s, cos_ptr, sin_ptr, HALF: tl.constexpr):
+    """Rows `rows` of one head [len(rows), 2 * HALF] of q or k, rotated by their positions' angles: the two halves,
+    each [len(rows), HALF] in the input's dtype (rounded after the fp32 rotation, as apply_rope)."""
+    cols = tl.arange(0, HALF)
+    off = rows[:, None] * stride_s + cols[None, :]
+    x1 = tl.load(ptr + off, mask=valid[:, None], other=0.0)
+    x2 = tl.load(ptr + off + HALF, mask=valid[:, None], other=0.0)
+    toff = rows[:, None] * HALF + cols[None, :]
+    c = tl.load(cos_ptr + toff, mask=valid[:, None], other=0.0)
+    s = tl.load(sin_ptr + toff, mask=valid[:, None], other=0.0)
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    return (x1f * c - x2f * s).to(x1.dtype), (x2f * c + x1f * s).to(x1.dtype)
+
+
+@triton.jit
+def _store_unrotated(ptr, rows, valid, stride_s, g1, g2, cos_ptr, sin_ptr, HALF: tl.constexpr):
+    """The gradient w.r.t. the rotated halves (g1, g2 [len(rows), HALF] fp32) taken back through the rotation (its
+    transpose) and stored as rows of [.., 2 * HALF] in ptr's dtype."""
+    cols = tl.arange(0, HALF)
+    toff = rows[:, None] * HALF + cols[None, :]
+    c = tl.load(cos_ptr + toff, mask=valid[:, None], other=0.0)
+    s = tl.load(sin_ptr + toff, mask=valid[:, None], other=0.0)
+    off = rows[:, None] * stride_s + cols[None, :]
+    tl.store(ptr + off, (g1 * c + g2 * s).to(ptr.dtype.element_ty), mask=valid[:, None])
+    tl.store(ptr + off + HALF, (g2 * c - g1 * s).to(ptr.dtype.element_ty), mask=valid[:, None])
+
+
+@triton.jit
+def _attn_fwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, lse_ptr,
+              sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, S, H, scale_log2,
+              HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, UPCAST: tl.constexpr):
+    # one program: BM query rows of one (batch, head); online softmax over the key blocks up to the diagonal
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    D: tl.constexpr = 2 * HALF
+    rm = pid_m * BM + tl.arange(0, BM)
+    in_m = rm < S
+    q1, q2 = _load_rotated(q_ptr + b * sqb + h * sqh, rm, in_m, sqs, cos_ptr, sin_ptr, HALF)
+    kb, vb = k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
+    dcols = tl.arange(0, D)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D], tl.float32)
+    hi = tl.minimum((pid_m + 1) * BM, S)
+    for start_n in range(0, hi, BN):
+        rn = start_n + tl.arange(0, BN)
+        in_n = rn < S
+        k1, k2 = _load_rotated(kb, rn, in_n, sks, cos_ptr, sin_ptr, HALF)
+        v = tl.load(vb + rn[:, None] * svs + dcols[None, :], mask=in_n[:, None], other=0.0)
+        s = (_dot(q1, tl.trans(k1), UPCAST) + _dot(q2, tl.trans(k2), UPCAST)) * scale_log2  # [BM, BN], log2 domain
+        s = tl.where((rm[:, None] >= rn[None, :]) & in_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+        m_i = m_new
+    # o in [B, S, H, D] contiguous: the o projection reads it as [B * S, H * D] without a copy
+    o_off = ((b * S + rm[:, None]) * H + h) * D + dcols[None, :]
+    tl.store(o_ptr + o_off, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=in_m[:, None])
+    tl.store(lse_ptr + bh * S + rm, m_i + tl.math.log2(l_i), mask=in_m)
+
+
+@triton.jit
+def _attn_bwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr,
+              sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, S, H, scale, scale_log2,
+              HALF: tl.constexpr, BLK: tl.constexpr, UPCAST: tl.constexpr):
+    # one program, block index n of one (batch, head): dK and dV of key block n (over the query blocks at and
+    # after it), then dQ of query block n (over the key blocks up to it). o, do [B, S, H, D] (o contiguous)
+    n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    D: tl.constexpr = 2 * HALF
+    dcols = tl.arange(0, D)
+    qb, kb, vb = q_ptr + b * sqb + h * sqh, k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
+    ob, dob = o_ptr + (b * S * H + h) * D, do_ptr + b * sdb + h * sdh
+    lb = lse_ptr + bh * S
+    # the gradients' [B, S, H, D] contiguous outputs: row s of this head at (b * S + s) * H * D + h * D
+    gb = (b * S * H + h) * D
+
+    # dK, dV of key block n
+    rn = n * BLK + tl.arange(0, BLK)
+    in_n = rn < S
+    k1, k2 = _load_rotated(kb, rn, in_n, sks, cos_ptr, sin_ptr, HALF)
+    v = tl.load(vb + rn[:, None] * svs + dcols[None, :], mask=in_n[:, None], other=0.0)
+    dk1 = tl.zeros([BLK, HALF], tl.float32)
+    dk2 = tl.zeros([BLK, HALF], tl.float32)
+    dv = tl.zeros([BLK, D], tl.float32)
+    for start_m in range(n * BLK, S, BLK):
+        rm = start_m + tl.arange(0, BLK)
+        in_m = rm < S
+        q1, q2 = _load_rotated(qb, rm, in_m, sqs, cos_ptr, sin_ptr, HALF)
+        do = tl.load(dob + rm[:, None] * sds + dcols[None, :], mask=in_m[:, None], other=0.0)
+        o = tl.load(ob + rm[:, None] * (H * D) + dcols[None, :], mask=in_m[:, None], other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # [BLK] rowsum(dO * O) of these queries
+        lse = tl.load(lb + rm, mask=in_m, other=0.0)
+        st = (_dot(k1, tl.trans(q1), UPCAST) + _dot(k2, tl.trans(q2), UPCAST)) * scale_log2  # [keys, queries]
+        pt = tl.where((rm[None, :] >= rn[:, None]) & in_m[None, :], tl.math.exp2(st - lse[None, :]), 0.0)
+        dv += _dot(pt.to(do.dtype), do, UPCAST)
+        dpt = _dot(v, tl.trans(do), UPCAST)  # [keys, queries]
+        dst = (pt * (dpt - delta[None, :])).to(q1.dtype)
+        dk1 += _dot(dst, q1, UPCAST)
+        dk2 += _dot(dst, q2, UPCAST)
+    _store_unrotated(dk_ptr + gb, rn, in_n, H * D, dk1 * scale, dk2 * scale, cos_ptr, sin_ptr, HALF)
+    tl.store(dv_ptr + gb + rn[:, None] * (H * D) + dcols[None, :], dv.to(dv_ptr.dtype.element_ty),
+             mask=in_n[:, None])
+
+    # dQ of query block n
+    rm = n * BLK + tl.arange(0, BLK)
+    in_m = rm < S
+    q1, q2 = _load_rotated(qb, rm, in_m, sqs, cos_ptr, sin_ptr, HALF)
+    do = tl.load(dob + rm[:, None] * sds + dcols[None, :], mask=in_m[:, None], other=0.0)
+    o = tl.load(ob + rm[:, None] * (H * D) + dcols[None, :], mask=in_m[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    lse = tl.load(lb + rm, mask=in_m, other=0.0)
+    dq1 = tl.zeros([BLK, HALF], tl.float32)
+    dq2 = tl.zeros([BLK, HALF], tl.float32)
+    hi = tl.minimum((n + 1) * BLK, S)
+    for start_n in range(0, hi, BLK):
+        rk = start_n + tl.arange(0, BLK)
+        in_k = rk < S
+        k1, k2 = _load_rotated(kb, rk, in_k, sks, cos_ptr, sin_ptr, HALF)
+        v = tl.load(vb + rk[:, None] * svs + dcols[None, :], mask=in_k[:, None], other=0.0)
+        s = (_dot(q1, tl.trans(k1), UPCAST) + _dot(q2, tl.trans(k2), UPCAST)) * scale_log2  # [queries, keys]
+        p = tl.where((rm[:, None] >= rk[None, :]) & in_k[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), UPCAST)
+        ds = (p * (dp - delta[:, None])).to(q1.dtype)
+        dq1 += _dot(ds, k1, UPCAST)
+        dq2 += _dot(ds, k2, UPCAST)
+    _store_unrotated(dq_ptr + gb, rm, in_m, H * D, dq1 * scale, dq2 * scale, cos_ptr, sin_ptr, HALF)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"rope_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected "
+                         f"three [batch, seq, heads, head_dim] tensors of one shape")
+    d = q.shape[-1]
+    if d < 32 or d & (d - 1) or any(t.stride(-1) != 1 for t in (q, k, v)):
+        raise ValueError(f"rope_attention: head_dim {d} (strides {q.stride()}): expected a power of two >= 32 with "
+                         f"unit stride")
+    if cos.shape[0] < q.shape[1] or cos.shape[1:] != (d // 2,) or sin.shape != cos.shape:
+        raise ValueError(f"rope_attention: cos {tuple(cos.shape)}, sin {tuple(sin.shape)}: expected [>= {q.shape[1]}, "
+                         f"{d // 2}]")
+
+
+# launch settings (block rows, warps, pipeline stages) by head_dim; benchmarks/attention.py sweeps them
+FWD_CONFIG = {"bm": 128, "bn": 64, "warps": 8, "stages": 2}
+BWD_CONFIG = {"blk": 64, "warps": 8, "stages": 2}
+
+
+def rope_attention_forward(q, k, v, cos, sin, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> o [B, S, H, D] contiguous, lse [B * H, S] fp32 (log2 domain); see the module docstring."""
+    _check(q, k, v, cos, sin)
+    c = {**FWD_CONFIG, **(config or {})}
+    bsz, s, h, d = q.shape
+    o = torch.empty((bsz, s, h, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((bsz * h, s), dtype=torch.float32, device=q.device)
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    grid = (triton.cdiv(s, c["bm"]), bsz * h)
+    _attn_fwd[grid](q, k, v, cos, sin, o, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                    k.stride(2), v.stride(0), v.stride(1), v.stride(2), s, h, LOG2E / math.sqrt(d),
+                    HALF=d // 2, BM=c["bm"], BN=c["bn"], UPCAST=_interpreted(), num_warps=c["warps"], num_stages=c["stages"])
+    return o, lse
+
+
+def rope_attention_backward(do, q, k, v, o, lse, cos, sin, config: dict | None = None):
+    """-> dq, dk, dv [B, S, H, D] contiguous (the gradients w.r.t. the unrotated q and k); o, lse from
+    rope_attention_forward."""
+    _check(q, k, v, cos, sin)
+    if do.shape != q.shape or do.stride(-1) != 1 or not o.is_contiguous() or lse.shape != (q.shape[0] * q.shape[2],
+                                                                                              q.shape[1]):
+        raise ValueError(f"rope_attention_backward: do {tuple(do.shape)}, o {tuple(o.shape)}, lse {tuple(lse.shape)}"
+                         f" do not match q {tuple(q.shape)}")
+    c = {**BWD_CONFIG, **(config or {})}
+    bsz, s, h, d = q.shape
+    dq, dk, dv = (torch.empty((bsz, s, h, d), dtype=q.dtype, device=q.device) for _ in range(3))
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    grid = (triton.cdiv(s, c["blk"]), bsz * h)
+    _attn_bwd[grid](q, k, v, cos, sin, o, do, lse, dq, dk, dv, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
+                    k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1),
+                    do.stride(2), s, h, 1.0 / math.sqrt(d), LOG2E / math.sqrt(d), HALF=d // 2, BLK=c["blk"], UPCAST=_interpreted(),
+                    num_warps=c["warps"], num_stages=c["stages"])
+    return dq, dk, dv
+
+
+__all__ = ["BWD_CONFIG", "FWD_CONFIG", "rope_attention_backward", "rope_attention_forward"]

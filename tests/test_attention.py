@@ -1,0 +1,180 @@
+"""model.attn_backend=triton: causal attention with the rotary embedding inside (kernels/cuda/attention.py).
+
+CPU (CI): the Triton kernels under TRITON_INTERPRET=1 on small, odd shapes against the reference twin; the twin
+against the model's default path (apply_rope + SDPA) and its autograd; the operator's registration (opcheck); the
+model with the key against the default, eager and compiled without a graph break; bad settings. GPU: bf16 on the
+1B shape against the default path, and a training step of the model.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from elas.build import build_model
+from elas.config import model_preset
+from elas.kernels import ops
+from elas.kernels import reference as ref
+from elas.model.llama import apply_rope, rope_tables
+
+triton = pytest.importorskip("triton")
+from elas.kernels.cuda import attention  # noqa: E402
+
+SMALL_FWD = {"bm": 16, "bn": 16, "warps": 1, "stages": 1}
+SMALL_BWD = {"blk": 16, "warps": 1, "stages": 1}
+
+
+def default_path(q, k, v, cos, sin):
+    """What Attention.forward computes with attn_backend=auto, [b, s, h, hd] in and out."""
+    cos, sin = cos[:q.shape[1]], sin[:q.shape[1]]
+    qr, kr = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
+    return F.scaled_dot_product_attention(qr, kr, v.transpose(1, 2), is_causal=True).transpose(1, 2)
+
+
+def qkv(b, s, h, d, dtype=torch.float32, strided=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if strided:  # q, k, v as column blocks of one [b, s, 3 h d] projection output (fuse_qkv's layout)
+        x = torch.randn(b, s, 3 * h * d, generator=g, dtype=dtype)
+        return tuple(t.view(b, s, h, d) for t in x.split(h * d, dim=-1))
+    return tuple(torch.randn(b, s, h, d, generator=g, dtype=dtype) for _ in range(3))
+
+
+def test_reference_is_the_default_path_and_its_gradient():
+    b, s, h, d = 2, 24, 3, 32
+    q, k, v = (t.requires_grad_() for t in qkv(b, s, h, d))
+    cos, sin = rope_tables(d, 32, 10000.0)
+    want = default_path(q, k, v, cos, sin)
+    do = torch.randn_like(want)
+    want.backward(do)
+    o, lse = ref.rope_attention(q.detach(), k.detach(), v.detach(), cos, sin)
+    torch.testing.assert_close(o, want.detach(), atol=1e-5, rtol=1e-5)
+    assert lse.shape == (b * h, s) and lse.dtype == torch.float32
+    grads = ref.rope_attention_backward(do, q.detach(), k.detach(), v.detach(), cos, sin)
+    for got, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(got, t.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("s,d,strided", [(40, 32, False), (33, 64, True), (16, 32, True)])
+def test_triton_kernels_match_the_reference(s, d, strided):
+    # odd lengths: partial blocks on both sides of the diagonal; strided: q, k, v views of one projection output
+    b, h = 2, 2
+    q, k, v = qkv(b, s, h, d, strided=strided, seed=s)
+    cos, sin = rope_tables(d, 64, 10000.0)
+    o, lse = attention.rope_attention_forward(q, k, v, cos, sin, SMALL_FWD)
+    r_o, r_lse = ref.rope_attention(q, k, v, cos, sin)
+    assert o.is_contiguous() and o.shape == q.shape
+    torch.testing.assert_close(o, r_o, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, r_lse, atol=1e-5, rtol=1e-5)
+    do = torch.randn(b, s, h, d, generator=torch.Generator().manual_seed(1))
+    got = attention.rope_attention_backward(do, q, k, v, o, lse, cos, sin, SMALL_BWD)
+    for g, r in zip(got, ref.rope_attention_backward(do, q, k, v, cos, sin)):
+        assert g.is_contiguous()
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_triton_kernels_in_bf16_round_as_the_default_path():
+    # bf16 in and out: within bf16 rounding of the fp32 reference (the rotation rounded as apply_rope rounds it)
+    b, s, h, d = 1, 32, 2, 32
+    q, k, v = qkv(b, s, h, d, dtype=torch.bfloat16)
+    cos, sin = rope_tables(d, 32, 10000.0)
+    o, lse = attention.rope_attention_forward(q, k, v, cos, sin, SMALL_FWD)
+    r_o, _ = ref.rope_attention(q, k, v, cos, sin)
+    assert o.dtype == torch.bfloat16
+    torch.testing.assert_close(o.float(), r_o.float(), atol=2e-2, rtol=2e-2)
+    do = torch.randn(b, s, h, d, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    got = attention.rope_attention_backward(do, q, k, v, o, lse, cos, sin, SMALL_BWD)
+    for g, r in zip(got, ref.rope_attention_backward(do, q, k, v, cos, sin)):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), r.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_operator_registration():
+    q, k, v = qkv(1, 8, 2, 32)
+    cos, sin = rope_tables(32, 8, 10000.0)
+    torch.library.opcheck(ops.rope_attention_op, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cos, sin))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(q=torch.zeros(1, 8, 2, 16)), "head_dim 16"),
+    (dict(k=torch.zeros(1, 9, 2, 32)), "one shape"),
+    (dict(cos=torch.zeros(4, 16)), r"expected \[>= 8, 16\]"),
+])
+def test_bad_inputs_are_one_line_errors(bad, match):
+    args = dict(q=torch.zeros(1, 8, 2, 32), k=torch.zeros(1, 8, 2, 32), v=torch.zeros(1, 8, 2, 32),
+                cos=torch.zeros(8, 16), sin=torch.zeros(8, 16))
+    if "q" in bad:
+        args.update(k=bad["q"], v=bad["q"])
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        ops.rope_attention(**args)
+
+
+def test_config_refuses_what_the_kernel_cannot_do():
+    with pytest.raises(ValueError, match="model.attn_backend='triton'.*rope_kernel=torch"):
+        model_preset("llama-tiny-relu2", attn_backend="triton", rope_kernel="cutlass")
+    with pytest.raises(ValueError, match="power of two >= 32.*16"):
+        model_preset("llama-tiny-relu2", attn_backend="triton", n_heads=8)
+
+
+def _loss_and_grads(backend, compiled=False):
+    torch.manual_seed(0)
+    cfg = model_preset("llama-tiny-relu2", vocab_size=256, attn_backend=backend)
+    model = build_model(cfg)
+    idx = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+    fn = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
+    loss = fn(idx, idx)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_model_with_triton_attention_equals_the_default():
+    want_loss, want = _loss_and_grads("auto")
+    for compiled in (False, True):  # compiled: fullgraph, so a graph break fails
+        loss, grads = _loss_and_grads("triton", compiled)
+        torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
+        for n, g in grads.items():
+            torch.testing.assert_close(g, want[n], atol=1e-5, rtol=1e-4, msg=n)
+    model = build_model(model_preset("llama-tiny-relu2", attn_backend="triton"))
+    assert all(blk.attn.attn_op is ops.rope_attention for blk in model.blocks)
+    assert build_model(model_preset("llama-tiny-relu2")).blocks[0].attn.attn_op is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_triton_attention_matches_the_default_path_in_bf16():
+    b, s, h, d = 4, 256, 32, 64  # the 1B model's heads at the training length
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    cos, sin = rope_tables(d, s, 10000.0, "cuda")
+    do = torch.randn(b, s, h, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    outs = {}
+    for name, fn in (("default", default_path), ("triton", ops.rope_attention)):
+        for t in (q, k, v):
+            t.grad = None
+        y = fn(q, k, v, cos, sin)
+        y.backward(do)
+        outs[name] = [y.float(), *(t.grad.float() for t in (q, k, v))]
+    r_o, _ = ref.rope_attention(q.float(), k.float(), v.float(), cos, sin)
+    r_g = ref.rope_attention_backward(do.float(), q.float(), k.float(), v.float(), cos, sin)
+    for what, r, mine, theirs in zip("o dq dk dv".split(), [r_o, *r_g], outs["triton"], outs["default"]):
+        err_mine = ((mine - r).abs().max() / r.abs().max()).item()
+        err_theirs = ((theirs - r).abs().max() / r.abs().max()).item()
+        # bf16 rounding of P and dS as flash attention rounds them: no further from fp32 than twice cuDNN's error
+        assert err_mine <= max(2 * err_theirs, 1e-2), (what, err_mine, err_theirs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_model_step_with_triton_attention():
+    losses = {}
+    for backend in ("auto", "triton"):
+        torch.manual_seed(0)
+        cfg = model_preset("llama-60m-lowrank-relu2", n_layers=2, attn_backend=backend)
+        model = build_model(cfg, "cuda")
+        idx = torch.randint(0, cfg.vocab_size, (4, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = torch.compile(model)(idx, idx)
+        loss.backward()
+        losses[backend] = (loss.item(), model.blocks[0].attn.q.weight_in.grad.float())
+    assert abs(losses["auto"][0] - losses["triton"][0]) < 2e-3 * abs(losses["auto"][0])
+    ga, gt = losses["auto"][1], losses["triton"][1]
+    assert ((ga - gt).norm() / ga.norm()).item() < 2e-2
