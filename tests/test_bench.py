@@ -46,6 +46,7 @@ def test_kernel_categories():
         "triton_poi_fused__to_copy_add_cat_mul_neg_slice_4": "elementwise",
         "triton_poi_fused__unsafe_view_mul_relu_view_2": "elementwise",
         "triton_red_fused__log_softmax_nll_loss_forward_3": "CE", "Memcpy HtoD (Pinned -> Device)": "copy",
+        "_attn_fwd": "attention", "_attn_bwd": "attention",  # elas's (kernels/cuda/attention.py)
     }
     assert {n: category(n) for n in names} == names
     b = breakdown({"nvjet_a": 2.0, "nvjet_b": 1.5, "_kernel": 0.5})

@@ -17,7 +17,7 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
     ("sparse GEMM", r"sparse|cusparselt|spmma"),
     ("2:4 fused GEMM", r"^_up_kernel$|^_dgrad_ste_kernel$"),  # GEMM + 2:4 epilogue (kernels/cuda/epilogue.py)
     ("2:4 sparsify/pack", r"^_kernel$|^_bwd\w*_kernel$|^_sste_kernel$|sparsif|pack24"),  # elas's Triton kernels (kernels/cuda)
-    ("attention", r"flash|fmha|attention|sdpa|cudnn"),
+    ("attention", r"flash|fmha|attention|sdpa|cudnn|^_attn_(fwd|bwd)$"),  # (elas's: kernels/cuda/attention.py)
     ("GEMM", r"gemm|nvjet|cutlass|xmma|wgmma|matmul|cublas|splitk|^sm\d\d_|ampere_"),
     ("optimizer", r"adam|multi_tensor_apply|foreach"),  # fused AdamW, clipping's norms, zeroing of gradients
     ("CE", r"cross_entropy|nll_loss|log_softmax|logsumexp|softmax"),

@@ -187,8 +187,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
 
 
 # launch settings (block rows, warps, pipeline stages) by head_dim; benchmarks/attention.py sweeps them
-FWD_CONFIG = {"bm": 128, "bn": 64, "warps": 8, "stages": 2}
-BWD_CONFIG = {"blk": 64, "warps": 8, "stages": 2}
+FWD_CONFIG = {"bm": 128, "bn": 64, "warps": 4, "stages": 3}
+BWD_CONFIG = {"blk": 64, "warps": 4, "stages": 1}
 
 
 def rope_attention_forward(q, k, v, cos, sin, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
