@@ -66,7 +66,7 @@ def run_size(size: str) -> dict:
     o, lse = attention.rope_attention_forward(q, k, v, cos, sin)
     do = g.view(batch, SEQ, h, hd)
     fwd, bwd = [], []
-    for bm, bn, w, st in itertools.product((64, 128), (64, 128), (4, 8), (2, 3)):
+    for bm, bn, w, st in itertools.product((64, 128, 256), (64, 128), (4, 8), (2, 3)):
         c = {"bm": bm, "bn": bn, "warps": w, "stages": st}
         try:
             fwd.append((graphed_ms(lambda: attention.rope_attention_forward(q, k, v, cos, sin, c)), c))

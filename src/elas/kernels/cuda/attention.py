@@ -29,12 +29,13 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _dot(a, b, UPCAST: tl.constexpr):
-    """a @ b accumulated in fp32. UPCAST (the CPU interpreter, whose dot mishandles bf16 operands): the operands
-    in fp32 first, which gives the same products (a bf16 x bf16 product is exact in fp32)."""
+def _dot(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b in fp32, as one chain of tensor-core MMAs into acc (no separate add of two tiles). UPCAST (the
+    CPU interpreter, whose dot mishandles bf16 operands): the operands in fp32 first, which gives the same
+    products (a bf16 x bf16 product is exact in fp32)."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    return tl.dot(a, b)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -81,19 +82,20 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, lse_ptr,
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
+    zero_s = tl.zeros([BM, BN], tl.float32)
     hi = tl.minimum((pid_m + 1) * BM, S)
     for start_n in range(0, hi, BN):
         rn = start_n + tl.arange(0, BN)
         in_n = rn < S
         k1, k2 = _load_rotated(kb, rn, in_n, sks, cos_ptr, sin_ptr, HALF)
         v = tl.load(vb + rn[:, None] * svs + dcols[None, :], mask=in_n[:, None], other=0.0)
-        s = (_dot(q1, tl.trans(k1), UPCAST) + _dot(q2, tl.trans(k2), UPCAST)) * scale_log2  # [BM, BN], log2 domain
+        s = _dot(q2, tl.trans(k2), _dot(q1, tl.trans(k1), zero_s, UPCAST), UPCAST) * scale_log2  # [BM, BN], log2
         s = tl.where((rm[:, None] >= rn[None, :]) & in_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
         m_i = m_new
     # o in [B, S, H, D] contiguous: the o projection reads it as [B * S, H * D] without a copy
     o_off = ((b * S + rm[:, None]) * H + h) * D + dcols[None, :]
@@ -125,6 +127,7 @@ def _attn_bwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, do_ptr, lse_ptr, dq_
     dk1 = tl.zeros([BLK, HALF], tl.float32)
     dk2 = tl.zeros([BLK, HALF], tl.float32)
     dv = tl.zeros([BLK, D], tl.float32)
+    zero_s = tl.zeros([BLK, BLK], tl.float32)
     for start_m in range(n * BLK, S, BLK):
         rm = start_m + tl.arange(0, BLK)
         in_m = rm < S
@@ -133,13 +136,13 @@ def _attn_bwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, do_ptr, lse_ptr, dq_
         o = tl.load(ob + rm[:, None] * (H * D) + dcols[None, :], mask=in_m[:, None], other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # [BLK] rowsum(dO * O) of these queries
         lse = tl.load(lb + rm, mask=in_m, other=0.0)
-        st = (_dot(k1, tl.trans(q1), UPCAST) + _dot(k2, tl.trans(q2), UPCAST)) * scale_log2  # [keys, queries]
+        st = _dot(k2, tl.trans(q2), _dot(k1, tl.trans(q1), zero_s, UPCAST), UPCAST) * scale_log2  # [keys, queries]
         pt = tl.where((rm[None, :] >= rn[:, None]) & in_m[None, :], tl.math.exp2(st - lse[None, :]), 0.0)
-        dv += _dot(pt.to(do.dtype), do, UPCAST)
-        dpt = _dot(v, tl.trans(do), UPCAST)  # [keys, queries]
+        dv = _dot(pt.to(do.dtype), do, dv, UPCAST)
+        dpt = _dot(v, tl.trans(do), zero_s, UPCAST)  # [keys, queries]
         dst = (pt * (dpt - delta[None, :])).to(q1.dtype)
-        dk1 += _dot(dst, q1, UPCAST)
-        dk2 += _dot(dst, q2, UPCAST)
+        dk1 = _dot(dst, q1, dk1, UPCAST)
+        dk2 = _dot(dst, q2, dk2, UPCAST)
     _store_unrotated(dk_ptr + gb, rn, in_n, H * D, dk1 * scale, dk2 * scale, cos_ptr, sin_ptr, HALF)
     tl.store(dv_ptr + gb + rn[:, None] * (H * D) + dcols[None, :], dv.to(dv_ptr.dtype.element_ty),
              mask=in_n[:, None])
@@ -160,12 +163,12 @@ def _attn_bwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, do_ptr, lse_ptr, dq_
         in_k = rk < S
         k1, k2 = _load_rotated(kb, rk, in_k, sks, cos_ptr, sin_ptr, HALF)
         v = tl.load(vb + rk[:, None] * svs + dcols[None, :], mask=in_k[:, None], other=0.0)
-        s = (_dot(q1, tl.trans(k1), UPCAST) + _dot(q2, tl.trans(k2), UPCAST)) * scale_log2  # [queries, keys]
+        s = _dot(q2, tl.trans(k2), _dot(q1, tl.trans(k1), zero_s, UPCAST), UPCAST) * scale_log2  # [queries, keys]
         p = tl.where((rm[:, None] >= rk[None, :]) & in_k[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), UPCAST)
+        dp = _dot(do, tl.trans(v), zero_s, UPCAST)
         ds = (p * (dp - delta[:, None])).to(q1.dtype)
-        dq1 += _dot(ds, k1, UPCAST)
-        dq2 += _dot(ds, k2, UPCAST)
+        dq1 = _dot(ds, k1, dq1, UPCAST)
+        dq2 = _dot(ds, k2, dq2, UPCAST)
     _store_unrotated(dq_ptr + gb, rm, in_m, H * D, dq1 * scale, dq2 * scale, cos_ptr, sin_ptr, HALF)
 
 
