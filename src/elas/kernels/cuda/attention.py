@@ -67,12 +67,32 @@ def _store_unrotated(ptr, rows, valid, stride_s, g1, g2, cos_ptr, sin_ptr, HALF:
 
 
 @triton.jit
+def _key_block(kb, vb, rn, in_n, sks, svs, cos_ptr, sin_ptr, q1, q2, zero_s, scale_log2, HALF: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """Key rows rn of one head: k's rotated halves and v [len(rn), 2 * HALF], and the scores of the query rows
+    (rotated halves q1, q2) against them, unmasked, in the log2 domain [len(q rows), len(rn)] fp32."""
+    k1, k2 = _load_rotated(kb, rn, in_n, sks, cos_ptr, sin_ptr, HALF)
+    v = tl.load(vb + rn[:, None] * svs + tl.arange(0, 2 * HALF)[None, :], mask=in_n[:, None], other=0.0)
+    s = _dot(q2, tl.trans(k2), _dot(q1, tl.trans(k1), zero_s, UPCAST), UPCAST) * scale_log2
+    return k1, k2, v, s
+
+
+@triton.jit
+def _query_grad_rows(dob, ob, lb, rm, in_m, sds, sos, HALF: tl.constexpr):
+    """Query rows rm of one head in the backward: dO [len(rm), 2 * HALF], rowsum(dO * O) and lse [len(rm)] fp32."""
+    cols = tl.arange(0, 2 * HALF)
+    do = tl.load(dob + rm[:, None] * sds + cols[None, :], mask=in_m[:, None], other=0.0)
+    o = tl.load(ob + rm[:, None] * sos + cols[None, :], mask=in_m[:, None], other=0.0)
+    return do, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), tl.load(lb + rm, mask=in_m, other=0.0)
+
+
+@triton.jit
 def _attn_fwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, lse_ptr,
               sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, S, H, scale_log2,
               HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, UPCAST: tl.constexpr):
     # one program: BM query rows of one (batch, head); online softmax over the key blocks up to the diagonal
     pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
+    b, h = (bh // H).to(tl.int64), bh % H  # (int64: offsets past 2^31 elements in a large batch)
     D: tl.constexpr = 2 * HALF
     rm = pid_m * BM + tl.arange(0, BM)
     in_m = rm < S
@@ -87,9 +107,8 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, lse_ptr,
     for start_n in range(0, hi, BN):
         rn = start_n + tl.arange(0, BN)
         in_n = rn < S
-        k1, k2 = _load_rotated(kb, rn, in_n, sks, cos_ptr, sin_ptr, HALF)
-        v = tl.load(vb + rn[:, None] * svs + dcols[None, :], mask=in_n[:, None], other=0.0)
-        s = _dot(q2, tl.trans(k2), _dot(q1, tl.trans(k1), zero_s, UPCAST), UPCAST) * scale_log2  # [BM, BN], log2
+        _, _, v, s = _key_block(kb, vb, rn, in_n, sks, svs, cos_ptr, sin_ptr, q1, q2, zero_s, scale_log2, HALF,
+                                UPCAST)  # s [BM, BN]
         s = tl.where((rm[:, None] >= rn[None, :]) & in_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -110,7 +129,7 @@ def _attn_bwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, do_ptr, lse_ptr, dq_
     # one program, block index n of one (batch, head): dK and dV of key block n (over the query blocks at and
     # after it), then dQ of query block n (over the key blocks up to it). o, do [B, S, H, D] (o contiguous)
     n, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
+    b, h = (bh // H).to(tl.int64), bh % H  # (int64: offsets past 2^31 elements in a large batch)
     D: tl.constexpr = 2 * HALF
     dcols = tl.arange(0, D)
     qb, kb, vb = q_ptr + b * sqb + h * sqh, k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
@@ -132,10 +151,7 @@ def _attn_bwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, do_ptr, lse_ptr, dq_
         rm = start_m + tl.arange(0, BLK)
         in_m = rm < S
         q1, q2 = _load_rotated(qb, rm, in_m, sqs, cos_ptr, sin_ptr, HALF)
-        do = tl.load(dob + rm[:, None] * sds + dcols[None, :], mask=in_m[:, None], other=0.0)
-        o = tl.load(ob + rm[:, None] * (H * D) + dcols[None, :], mask=in_m[:, None], other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # [BLK] rowsum(dO * O) of these queries
-        lse = tl.load(lb + rm, mask=in_m, other=0.0)
+        do, delta, lse = _query_grad_rows(dob, ob, lb, rm, in_m, sds, H * D, HALF)  # delta [BLK]: rowsum(dO * O)
         st = _dot(k2, tl.trans(q2), _dot(k1, tl.trans(q1), zero_s, UPCAST), UPCAST) * scale_log2  # [keys, queries]
         pt = tl.where((rm[None, :] >= rn[:, None]) & in_m[None, :], tl.math.exp2(st - lse[None, :]), 0.0)
         dv = _dot(pt.to(do.dtype), do, dv, UPCAST)
@@ -151,19 +167,15 @@ def _attn_bwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, do_ptr, lse_ptr, dq_
     rm = n * BLK + tl.arange(0, BLK)
     in_m = rm < S
     q1, q2 = _load_rotated(qb, rm, in_m, sqs, cos_ptr, sin_ptr, HALF)
-    do = tl.load(dob + rm[:, None] * sds + dcols[None, :], mask=in_m[:, None], other=0.0)
-    o = tl.load(ob + rm[:, None] * (H * D) + dcols[None, :], mask=in_m[:, None], other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    lse = tl.load(lb + rm, mask=in_m, other=0.0)
+    do, delta, lse = _query_grad_rows(dob, ob, lb, rm, in_m, sds, H * D, HALF)
     dq1 = tl.zeros([BLK, HALF], tl.float32)
     dq2 = tl.zeros([BLK, HALF], tl.float32)
     hi = tl.minimum((n + 1) * BLK, S)
     for start_n in range(0, hi, BLK):
         rk = start_n + tl.arange(0, BLK)
         in_k = rk < S
-        k1, k2 = _load_rotated(kb, rk, in_k, sks, cos_ptr, sin_ptr, HALF)
-        v = tl.load(vb + rk[:, None] * svs + dcols[None, :], mask=in_k[:, None], other=0.0)
-        s = _dot(q2, tl.trans(k2), _dot(q1, tl.trans(k1), zero_s, UPCAST), UPCAST) * scale_log2  # [queries, keys]
+        k1, k2, v, s = _key_block(kb, vb, rk, in_k, sks, svs, cos_ptr, sin_ptr, q1, q2, zero_s, scale_log2, HALF,
+                                  UPCAST)  # s [queries, keys]
         p = tl.where((rm[:, None] >= rk[None, :]) & in_k[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), zero_s, UPCAST)
         ds = (p * (dp - delta[:, None])).to(q1.dtype)
