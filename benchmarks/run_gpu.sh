@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh STAGE...
-# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass cutlass_probe cutlass_relu2 rmsnorm norm target moments elas_cutlass mask_cutlass launches blas_env quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
+# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass cutlass_probe cutlass_relu2 rmsnorm norm target moments elas_cutlass mask_cutlass attention launches blas_env quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
 # the step benchmark and the test selection. Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
 # machine), are copied there too, with the tuned cuSPARSELt algorithm cache.
 set -u
@@ -117,6 +117,15 @@ for what in "${@:-tests kernels ffn}"; do
         v=relu2+relu2_kernel=torch,relu2,relu2-24,relu2-24+act24.cutlass=true${MASK_VARIANTS:+,$MASK_VARIANTS}
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
           --variants "$v" --out "${MASK_OUT:-benchmarks/results/$GPU/step_mask_cutlass}" 2>&1 | quiet ;;
+      attention)  # model.attn_backend=triton (kernels/cuda/attention.py): its launch settings swept and the layer's
+                  # attention against the default (rotary + cuDNN SDPA), then the 1B step with and without it (and bf16
+                  # moments), one process each; ATTN_OUT (default benchmarks/results/$GPU) gets attention.json and
+                  # step_attn/step.json (committed as step_attn.json)
+        d=${ATTN_OUT:-benchmarks/results/$GPU}
+        timeout 300 python benchmarks/attention.py "$d" ${ATTN_SIZES:-llama-1b} 2>&1 | grep -v -E 'Warning|warn\(' | tail -12
+        timeout "${STEP_TIMEOUT:-240}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
+          --variants lowrank-relu2,lowrank-relu2+attn_backend=triton,lowrank-relu2+optim_state_dtype=bf16,lowrank-relu2+attn_backend=triton+optim_state_dtype=bf16 \
+          --out "$d/step_attn" 2>&1 | quiet | grep -E '^step|error' ;;
       launches)  # which host ops launch the 1B step's ~1,700 kernels and ~350 memsets (graph capture off, so that each
                  # launch names its op): the dense twin and ELAS
         for v in ${LAUNCH_VARIANTS:-lowrank-relu2 elas}; do
