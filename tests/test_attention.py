@@ -52,19 +52,25 @@ def test_reference_is_the_default_path_and_its_gradient():
         torch.testing.assert_close(got, t.grad, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("s,d,strided", [(40, 32, False), (33, 64, True), (16, 32, True)])
-def test_triton_kernels_match_the_reference(s, d, strided):
+@pytest.mark.parametrize("s,d,strided,fwd,bwd", [
+    (40, 32, False, SMALL_FWD, SMALL_BWD), (33, 64, True, SMALL_FWD, SMALL_BWD), (16, 32, True, SMALL_FWD, SMALL_BWD),
+    # query blocks wider than key blocks (as the defaults: 128 x 64) and the reverse, a diagonal inside a block
+    (70, 32, False, {"bm": 32, "bn": 16, "warps": 1, "stages": 1}, {"blk": 32, "warps": 1, "stages": 1}),
+    (17, 32, True, {"bm": 16, "bn": 32, "warps": 1, "stages": 1}, {"blk": 32, "warps": 1, "stages": 1}),
+    (5, 32, False, {"bm": 64, "bn": 16, "warps": 1, "stages": 1}, {"blk": 64, "warps": 1, "stages": 1}),
+])
+def test_triton_kernels_match_the_reference(s, d, strided, fwd, bwd):
     # odd lengths: partial blocks on both sides of the diagonal; strided: q, k, v views of one projection output
     b, h = 2, 2
     q, k, v = qkv(b, s, h, d, strided=strided, seed=s)
-    cos, sin = rope_tables(d, 64, 10000.0)
-    o, lse = attention.rope_attention_forward(q, k, v, cos, sin, SMALL_FWD)
+    cos, sin = rope_tables(d, 80, 10000.0)
+    o, lse = attention.rope_attention_forward(q, k, v, cos, sin, fwd)
     r_o, r_lse = ref.rope_attention(q, k, v, cos, sin)
     assert o.is_contiguous() and o.shape == q.shape
     torch.testing.assert_close(o, r_o, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, r_lse, atol=1e-5, rtol=1e-5)
     do = torch.randn(b, s, h, d, generator=torch.Generator().manual_seed(1))
-    got = attention.rope_attention_backward(do, q, k, v, o, lse, cos, sin, SMALL_BWD)
+    got = attention.rope_attention_backward(do, q, k, v, o, lse, cos, sin, bwd)
     for g, r in zip(got, ref.rope_attention_backward(do, q, k, v, cos, sin)):
         assert g.is_contiguous()
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
@@ -115,20 +121,28 @@ def test_config_refuses_what_the_kernel_cannot_do():
 
 
 def _loss_and_grads(backend, compiled=False):
+    """(loss, gradients, calls of the installed attention op per block) of one step of a tiny model."""
     torch.manual_seed(0)
     cfg = model_preset("llama-tiny-relu2", vocab_size=256, attn_backend=backend)
     model = build_model(cfg)
+    calls = []
+    for blk in model.blocks:  # count the op's calls: a model that never took the op's path would pass otherwise
+        if blk.attn.attn_op is not None:
+            op = blk.attn.attn_op
+            blk.attn.attn_op = lambda *a, op=op: calls.append(1) or op(*a)
     idx = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
     fn = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
     loss = fn(idx, idx)
     loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, len(calls) / len(model.blocks)
 
 
 def test_model_with_triton_attention_equals_the_default():
-    want_loss, want = _loss_and_grads("auto")
+    want_loss, want, none = _loss_and_grads("auto")
+    assert none == 0
     for compiled in (False, True):  # compiled: fullgraph, so a graph break fails
-        loss, grads = _loss_and_grads("triton", compiled)
+        loss, grads, calls = _loss_and_grads("triton", compiled)
+        assert calls == 1  # once per block (compiled: as it traces)
         torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
         for n, g in grads.items():
             torch.testing.assert_close(g, want[n], atol=1e-5, rtol=1e-4, msg=n)
@@ -170,7 +184,8 @@ def test_gpu_model_step_with_triton_attention():
         torch.manual_seed(0)
         cfg = model_preset("llama-60m-lowrank-relu2", n_layers=2, attn_backend=backend)
         model = build_model(cfg, "cuda")
-        idx = torch.randint(0, cfg.vocab_size, (4, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        idx = torch.randint(0, cfg.vocab_size, (4, 256), device="cuda",
+                            generator=torch.Generator("cuda").manual_seed(1))
         with torch.autocast("cuda", torch.bfloat16):
             loss = torch.compile(model)(idx, idx)
         loss.backward()
@@ -178,3 +193,12 @@ def test_gpu_model_step_with_triton_attention():
     assert abs(losses["auto"][0] - losses["triton"][0]) < 2e-3 * abs(losses["auto"][0])
     ga, gt = losses["auto"][1], losses["triton"][1]
     assert ((ga - gt).norm() / ga.norm()).item() < 2e-2
+
+
+def test_fp32_products_are_not_tf32_on_the_gpu(monkeypatch):
+    # Triton's dot takes fp32 operands as TF32 unless told otherwise; torch's attention keeps fp32
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert attention._dot_mode(torch.zeros(1, dtype=torch.float32)) == 1  # input_precision="ieee"
+    assert attention._dot_mode(torch.zeros(1, dtype=torch.bfloat16)) == 0
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert attention._dot_mode(torch.zeros(1, dtype=torch.bfloat16)) == 2

@@ -154,7 +154,8 @@ class ModelConfig:
             bad("attn_backend", self.attn_backend, "rotates q and k itself: set model.rope_kernel=torch with it")
         hd = self.d_model // self.n_heads
         if self.attn_backend == "triton" and (hd < 32 or hd & (hd - 1)):
-            bad("attn_backend", self.attn_backend, f"needs a head_dim that is a power of two >= 32 (this model's is {hd})")
+            bad("attn_backend", self.attn_backend,
+                f"needs a head_dim that is a power of two >= 32 (this model's is {hd})")
 
 
 # ---- presets ------------------------------------------------------------------------------------------------

@@ -411,6 +411,7 @@ def _(do, q, k, v, o, lse, cos, sin):
 def _attention_setup_context(ctx, inputs, output):
     q, k, v, cos, sin = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], cos, sin)
+    ctx.mark_non_differentiable(output[1])  # lse: saved for the backward, not a result to differentiate
 
 
 def _attention_backward(ctx, do, _dlse):

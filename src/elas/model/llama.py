@@ -224,7 +224,7 @@ class Attention(nn.Module):
         roped = self.rope_op is not None and cache is None and _plain_linears((self.q, self.k, self.v))
         qkv = self._qkv_roped(x, cos, sin) if roped else self.qkv(x)
         q, k, v = (t.view(b, s, self.n_heads, self.head_dim) for t in qkv)
-        if self.attn_op is not None and cache is None and not roped:  # training and prefill: rotary inside
+        if self.attn_op is not None and cache is None and not roped:  # (no KV cache: training, evaluation)
             return self.o(self.attn_op(q, k, v, cos, sin).reshape(b, s, d))
         # rotary embeddings in [b, s, heads, head_dim] (unless the GEMM applied them), then views as [b, heads, s,
         # head_dim]: q, k and v share one memory layout, so the attention's output is [b, s, heads, head_dim] in

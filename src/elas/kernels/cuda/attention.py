@@ -13,7 +13,8 @@ before rotation; cos, sin [>= S, D/2] fp32 contiguous (model/llama.py rope_table
 feature i pairs with i + D/2). Outputs o, dq, dk, dv [B, S, H, D] contiguous in q's dtype; lse [B * H, S] fp32, the
 log2 of each row's softmax denominator (scores in the log2 domain: s * scale * log2(e)). Causal; scale 1/sqrt(D)
 (SDPA's default). The rotated q and k are rounded to q's dtype before their product, as model.apply_rope's output is;
-P and dS are rounded to it before their products (as flash attention does); everything else accumulates in fp32.
+P and dS are rounded to it before their products (as flash attention does); everything else accumulates in fp32
+(fp32 inputs: full-precision products, not TF32).
 Reference: reference.rope_attention.
 """
 from __future__ import annotations
@@ -29,12 +30,15 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr):
-    """acc + a @ b in fp32, as one chain of tensor-core MMAs into acc (no separate add of two tiles). UPCAST (the
-    CPU interpreter, whose dot mishandles bf16 operands): the operands in fp32 first, which gives the same
-    products (a bf16 x bf16 product is exact in fp32)."""
-    if UPCAST:
+def _dot(a, b, acc, DOT: tl.constexpr):
+    """acc + a @ b in fp32, as one chain of tensor-core MMAs into acc (no separate add of two tiles). DOT: 0 for
+    16-bit operands; 1 for fp32 ones, in full precision ("ieee": Triton's default for fp32 is TF32, a 10-bit
+    mantissa, where torch's attention keeps fp32); 2 on the CPU interpreter, whose dot mishandles bf16 operands: the
+    operands in fp32 first, which gives the same products (a bf16 x bf16 product is exact in fp32)."""
+    if DOT == 2:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    if DOT == 1:
+        return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc)
 
 
@@ -68,12 +72,12 @@ def _store_unrotated(ptr, rows, valid, stride_s, g1, g2, cos_ptr, sin_ptr, HALF:
 
 @triton.jit
 def _key_block(kb, vb, rn, in_n, sks, svs, cos_ptr, sin_ptr, q1, q2, zero_s, scale_log2, HALF: tl.constexpr,
-               UPCAST: tl.constexpr):
+               DOT: tl.constexpr):
     """Key rows rn of one head: k's rotated halves and v [len(rn), 2 * HALF], and the scores of the query rows
     (rotated halves q1, q2) against them, unmasked, in the log2 domain [len(q rows), len(rn)] fp32."""
     k1, k2 = _load_rotated(kb, rn, in_n, sks, cos_ptr, sin_ptr, HALF)
     v = tl.load(vb + rn[:, None] * svs + tl.arange(0, 2 * HALF)[None, :], mask=in_n[:, None], other=0.0)
-    s = _dot(q2, tl.trans(k2), _dot(q1, tl.trans(k1), zero_s, UPCAST), UPCAST) * scale_log2
+    s = _dot(q2, tl.trans(k2), _dot(q1, tl.trans(k1), zero_s, DOT), DOT) * scale_log2
     return k1, k2, v, s
 
 
@@ -89,9 +93,11 @@ def _query_grad_rows(dob, ob, lb, rm, in_m, sds, sos, HALF: tl.constexpr):
 @triton.jit
 def _attn_fwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, lse_ptr,
               sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, S, H, scale_log2,
-              HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, UPCAST: tl.constexpr):
+              HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr):
     # one program: BM query rows of one (batch, head); online softmax over the key blocks up to the diagonal
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    # a 1-D grid, the row blocks of one (batch, head) adjacent (they share its K and V through L2); grid axis 1
+    # would cap batch x heads at 65,535
+    pid_m, bh = tl.program_id(0) % tl.cdiv(S, BM), tl.program_id(0) // tl.cdiv(S, BM)
     b, h = (bh // H).to(tl.int64), bh % H  # (int64: offsets past 2^31 elements in a large batch)
     D: tl.constexpr = 2 * HALF
     rm = pid_m * BM + tl.arange(0, BM)
@@ -108,13 +114,13 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, lse_ptr,
         rn = start_n + tl.arange(0, BN)
         in_n = rn < S
         _, _, v, s = _key_block(kb, vb, rn, in_n, sks, svs, cos_ptr, sin_ptr, q1, q2, zero_s, scale_log2, HALF,
-                                UPCAST)  # s [BM, BN]
+                                DOT)  # s [BM, BN]
         s = tl.where((rm[:, None] >= rn[None, :]) & in_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT)
         m_i = m_new
     # o in [B, S, H, D] contiguous: the o projection reads it as [B * S, H * D] without a copy
     o_off = ((b * S + rm[:, None]) * H + h) * D + dcols[None, :]
@@ -125,10 +131,10 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, lse_ptr,
 @triton.jit
 def _attn_bwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr,
               sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, S, H, scale, scale_log2,
-              HALF: tl.constexpr, BLK: tl.constexpr, UPCAST: tl.constexpr):
+              HALF: tl.constexpr, BLK: tl.constexpr, DOT: tl.constexpr):
     # one program, block index n of one (batch, head): dK and dV of key block n (over the query blocks at and
     # after it), then dQ of query block n (over the key blocks up to it). o, do [B, S, H, D] (o contiguous)
-    n, bh = tl.program_id(0), tl.program_id(1)
+    n, bh = tl.program_id(0) % tl.cdiv(S, BLK), tl.program_id(0) // tl.cdiv(S, BLK)  # (1-D grid: as _attn_fwd)
     b, h = (bh // H).to(tl.int64), bh % H  # (int64: offsets past 2^31 elements in a large batch)
     D: tl.constexpr = 2 * HALF
     dcols = tl.arange(0, D)
@@ -152,13 +158,13 @@ def _attn_bwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, do_ptr, lse_ptr, dq_
         in_m = rm < S
         q1, q2 = _load_rotated(qb, rm, in_m, sqs, cos_ptr, sin_ptr, HALF)
         do, delta, lse = _query_grad_rows(dob, ob, lb, rm, in_m, sds, H * D, HALF)  # delta [BLK]: rowsum(dO * O)
-        st = _dot(k2, tl.trans(q2), _dot(k1, tl.trans(q1), zero_s, UPCAST), UPCAST) * scale_log2  # [keys, queries]
+        st = _dot(k2, tl.trans(q2), _dot(k1, tl.trans(q1), zero_s, DOT), DOT) * scale_log2  # [keys, queries]
         pt = tl.where((rm[None, :] >= rn[:, None]) & in_m[None, :], tl.math.exp2(st - lse[None, :]), 0.0)
-        dv = _dot(pt.to(do.dtype), do, dv, UPCAST)
-        dpt = _dot(v, tl.trans(do), zero_s, UPCAST)  # [keys, queries]
+        dv = _dot(pt.to(do.dtype), do, dv, DOT)
+        dpt = _dot(v, tl.trans(do), zero_s, DOT)  # [keys, queries]
         dst = (pt * (dpt - delta[None, :])).to(q1.dtype)
-        dk1 = _dot(dst, q1, dk1, UPCAST)
-        dk2 = _dot(dst, q2, dk2, UPCAST)
+        dk1 = _dot(dst, q1, dk1, DOT)
+        dk2 = _dot(dst, q2, dk2, DOT)
     _store_unrotated(dk_ptr + gb, rn, in_n, H * D, dk1 * scale, dk2 * scale, cos_ptr, sin_ptr, HALF)
     tl.store(dv_ptr + gb + rn[:, None] * (H * D) + dcols[None, :], dv.to(dv_ptr.dtype.element_ty),
              mask=in_n[:, None])
@@ -175,17 +181,18 @@ def _attn_bwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, do_ptr, lse_ptr, dq_
         rk = start_n + tl.arange(0, BLK)
         in_k = rk < S
         k1, k2, v, s = _key_block(kb, vb, rk, in_k, sks, svs, cos_ptr, sin_ptr, q1, q2, zero_s, scale_log2, HALF,
-                                  UPCAST)  # s [queries, keys]
+                                  DOT)  # s [queries, keys]
         p = tl.where((rm[:, None] >= rk[None, :]) & in_k[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), zero_s, UPCAST)
+        dp = _dot(do, tl.trans(v), zero_s, DOT)
         ds = (p * (dp - delta[:, None])).to(q1.dtype)
-        dq1 = _dot(ds, k1, dq1, UPCAST)
-        dq2 = _dot(ds, k2, dq2, UPCAST)
+        dq1 = _dot(ds, k1, dq1, DOT)
+        dq2 = _dot(ds, k2, dq2, DOT)
     _store_unrotated(dq_ptr + gb, rm, in_m, H * D, dq1 * scale, dq2 * scale, cos_ptr, sin_ptr, HALF)
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def _dot_mode(q: torch.Tensor) -> int:
+    """_dot's DOT for q's dtype here: 2 on the CPU interpreter, 1 for fp32, 0 for bf16/fp16."""
+    return 2 if os.environ.get("TRITON_INTERPRET") == "1" else int(q.dtype == torch.float32)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -214,10 +221,11 @@ def rope_attention_forward(q, k, v, cos, sin, config: dict | None = None) -> tup
     o = torch.empty((bsz, s, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((bsz * h, s), dtype=torch.float32, device=q.device)
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
-    grid = (triton.cdiv(s, c["bm"]), bsz * h)
+    grid = (triton.cdiv(s, c["bm"]) * bsz * h,)
     _attn_fwd[grid](q, k, v, cos, sin, o, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
                     k.stride(2), v.stride(0), v.stride(1), v.stride(2), s, h, LOG2E / math.sqrt(d),
-                    HALF=d // 2, BM=c["bm"], BN=c["bn"], UPCAST=_interpreted(), num_warps=c["warps"], num_stages=c["stages"])
+                    HALF=d // 2, BM=c["bm"], BN=c["bn"], DOT=_dot_mode(q), num_warps=c["warps"],
+                    num_stages=c["stages"])
     return o, lse
 
 
@@ -233,11 +241,11 @@ def rope_attention_backward(do, q, k, v, o, lse, cos, sin, config: dict | None =
     bsz, s, h, d = q.shape
     dq, dk, dv = (torch.empty((bsz, s, h, d), dtype=q.dtype, device=q.device) for _ in range(3))
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
-    grid = (triton.cdiv(s, c["blk"]), bsz * h)
+    grid = (triton.cdiv(s, c["blk"]) * bsz * h,)
     _attn_bwd[grid](q, k, v, cos, sin, o, do, lse, dq, dk, dv, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
                     k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1),
-                    do.stride(2), s, h, 1.0 / math.sqrt(d), LOG2E / math.sqrt(d), HALF=d // 2, BLK=c["blk"], UPCAST=_interpreted(),
-                    num_warps=c["warps"], num_stages=c["stages"])
+                    do.stride(2), s, h, 1.0 / math.sqrt(d), LOG2E / math.sqrt(d), HALF=d // 2, BLK=c["blk"],
+                    DOT=_dot_mode(q), num_warps=c["warps"], num_stages=c["stages"])
     return dq, dk, dv
 
 
