@@ -66,14 +66,16 @@ def run_size(size: str) -> dict:
     o, lse = attention.rope_attention_forward(q, k, v, cos, sin)
     do = g.view(batch, SEQ, h, hd)
     fwd, bwd = [], []
-    for bm, bn, w, st in itertools.product((64, 128, 256), (64, 128), (4, 8), (2, 3)):
+    for bm, bn, w, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
         c = {"bm": bm, "bn": bn, "warps": w, "stages": st}
         try:
             fwd.append((graphed_ms(lambda: attention.rope_attention_forward(q, k, v, cos, sin, c)), c))
         except Exception as e:  # noqa: BLE001 (a setting that does not fit: out of shared memory or registers)
             print(f"  fwd {c}: {type(e).__name__}")
-    for blk, w, st in itertools.product((32, 64, 128), (4, 8), (1, 2)):
-        c = {"blk": blk, "warps": w, "stages": st}
+    for blk, sub, w, st in itertools.product((32, 64, 128), (16, 32, 64), (4, 8), (1, 2)):
+        if blk % sub:
+            continue
+        c = {"blk": blk, "sub": sub, "warps": w, "stages": st}
         try:
             bwd.append((graphed_ms(lambda: attention.rope_attention_backward(do, q, k, v, o, lse, cos, sin, c)), c))
         except Exception as e:  # noqa: BLE001
@@ -130,7 +132,8 @@ for r in rows:
     print(f"| {r['size']} | {r['batch']} | {r['heads']}x{r['head_dim']} | {r['default_ms']:.3f} | {r['triton_ms']:.3f} "
           f"| {r['speedup']:.3f}x | {r['triton_fwd_ms']:.3f} ({r['default_fwd_ms']:.3f}) | {r['triton_bwd_ms']:.3f} | "
           f"{fmt(r['default_err_vs_fp32'])} / {fmt(r['triton_err_vs_fp32'])} |")
-    print(f"  best settings: fwd {r['triton_fwd_config']}, bwd {r['triton_bwd_config']}")
+    print(f"  best settings: ELAS_ATTN_CONFIG='" + json.dumps({"fwd": r["triton_fwd_config"], "bwd": r["triton_bwd_config"]})
+          + "'")
 if out_dir is not None:
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"dtype": "bfloat16", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

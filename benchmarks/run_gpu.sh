@@ -119,10 +119,13 @@ for what in "${@:-tests kernels ffn}"; do
           --variants "$v" --out "${MASK_OUT:-benchmarks/results/$GPU/step_mask_cutlass}" 2>&1 | quiet ;;
       attention)  # model.attn_backend=triton (kernels/cuda/attention.py): its launch settings swept and the layer's
                   # attention against the default (rotary + cuDNN SDPA), then the 1B step with and without it (and bf16
-                  # moments), one process each; ATTN_OUT (default benchmarks/results/$GPU) gets attention.json and
-                  # step_attn/step.json (committed as step_attn.json)
+                  # moments), one process each, with the sweep's best settings; ATTN_OUT (default
+                  # benchmarks/results/$GPU) gets attention.json and step_attn/step.json (committed as step_attn.json)
         d=${ATTN_OUT:-benchmarks/results/$GPU}
-        timeout 300 python benchmarks/attention.py "$d" ${ATTN_SIZES:-llama-1b} 2>&1 | grep -v -E 'Warning|warn\(' | tail -12
+        timeout 420 python benchmarks/attention.py "$d" ${ATTN_SIZES:-llama-1b} 2>&1 | grep -v -E 'Warning|warn\(' | tail -12
+        # the step rows run the sweep's best settings (those of the first size)
+        ELAS_ATTN_CONFIG=$(python -c "import json, sys; r = json.load(open(sys.argv[1]))['rows'][0]
+print(json.dumps({'fwd': r['triton_fwd_config'], 'bwd': r['triton_bwd_config']}))" "$d/attention.json") && export ELAS_ATTN_CONFIG
         timeout "${STEP_TIMEOUT:-240}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
           --variants lowrank-relu2,lowrank-relu2+attn_backend=triton,lowrank-relu2+optim_state_dtype=bf16,lowrank-relu2+attn_backend=triton+optim_state_dtype=bf16 \
           --out "$d/step_attn" 2>&1 | quiet | grep -E '^step|error' ;;

@@ -1,0 +1,33 @@
+"""One forward and one backward launch of elas's attention kernels (kernels/cuda/attention.py) at a training shape,
+for Nsight Compute to read their counters:
+
+    ncu --clock-control none --kernel-name regex:_attn_ --launch-skip 4 --launch-count 2 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+        python benchmarks/attention_profile.py [SIZE] [BATCH] [FWD_JSON] [BWD_JSON]
+
+Two warm-up rounds come first (compilation and autotuning out of the way: hence --launch-skip 4). FWD_JSON/BWD_JSON
+override the launch settings (e.g. '{"bm": 128, "bn": 128, "warps": 8, "stages": 2}').
+"""
+import json
+import sys
+
+import torch
+
+sys.path.insert(0, "src")
+from elas.config import model_preset  # noqa: E402
+from elas.kernels.cuda import attention  # noqa: E402
+from elas.model.llama import rope_tables  # noqa: E402
+
+size = sys.argv[1] if len(sys.argv) > 1 else "llama-1b"
+batch = int(sys.argv[2]) if len(sys.argv) > 2 else 32
+fwd_c = json.loads(sys.argv[3]) if len(sys.argv) > 3 else None
+bwd_c = json.loads(sys.argv[4]) if len(sys.argv) > 4 else None
+cfg = model_preset(f"{size}-lowrank-relu2")
+cos, sin = rope_tables(cfg.head_dim, 256, cfg.rope_theta, "cuda")
+q, k, v, do = (torch.randn(batch, 256, cfg.n_heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
+               for _ in range(4))
+for _ in range(3):  # 2 warm-up rounds, then the profiled one
+    o, lse = attention.rope_attention_forward(q, k, v, cos, sin, fwd_c)
+    attention.rope_attention_backward(do, q, k, v, o, lse, cos, sin, bwd_c)
+torch.cuda.synchronize()
+print(f"{size} batch {batch}: fwd {attention.FWD_CONFIG | (fwd_c or {})}, bwd {attention.BWD_CONFIG | (bwd_c or {})}")
