@@ -66,16 +66,14 @@ def run_size(size: str) -> dict:
     o, lse = attention.rope_attention_forward(q, k, v, cos, sin)
     do = g.view(batch, SEQ, h, hd)
     fwd, bwd = [], []
-    for bm, bn, w, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
+    for bm, bn, w, st in itertools.product((64, 128, 256), (64, 128), (4, 8), (2, 3)):
         c = {"bm": bm, "bn": bn, "warps": w, "stages": st}
         try:
             fwd.append((graphed_ms(lambda: attention.rope_attention_forward(q, k, v, cos, sin, c)), c))
         except Exception as e:  # noqa: BLE001 (a setting that does not fit: out of shared memory or registers)
             print(f"  fwd {c}: {type(e).__name__}")
-    for blk, sub, w, st in itertools.product((32, 64, 128), (16, 32, 64), (4, 8), (1, 2)):
-        if blk % sub:
-            continue
-        c = {"blk": blk, "sub": sub, "warps": w, "stages": st}
+    for blk, w, st in itertools.product((32, 64, 128), (4, 8), (1, 2)):
+        c = {"blk": blk, "warps": w, "stages": st}
         try:
             bwd.append((graphed_ms(lambda: attention.rope_attention_backward(do, q, k, v, o, lse, cos, sin, c)), c))
         except Exception as e:  # noqa: BLE001

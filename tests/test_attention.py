@@ -19,7 +19,7 @@ triton = pytest.importorskip("triton")
 from elas.kernels.cuda import attention  # noqa: E402
 
 SMALL_FWD = {"bm": 16, "bn": 16, "warps": 1, "stages": 1}
-SMALL_BWD = {"blk": 16, "sub": 16, "warps": 1, "stages": 1}
+SMALL_BWD = {"blk": 16, "warps": 1, "stages": 1}
 
 
 def default_path(q, k, v, cos, sin):
@@ -55,9 +55,9 @@ def test_reference_is_the_default_path_and_its_gradient():
 @pytest.mark.parametrize("s,d,strided,fwd,bwd", [
     (40, 32, False, SMALL_FWD, SMALL_BWD), (33, 64, True, SMALL_FWD, SMALL_BWD), (16, 32, True, SMALL_FWD, SMALL_BWD),
     # query blocks wider than key blocks (as the defaults: 128 x 64) and the reverse, a diagonal inside a block
-    (70, 32, False, {"bm": 32, "bn": 16, "warps": 1, "stages": 1}, {"blk": 32, "sub": 16, "warps": 1, "stages": 1}),
-    (17, 32, True, {"bm": 16, "bn": 32, "warps": 1, "stages": 1}, {"blk": 32, "sub": 16, "warps": 1, "stages": 1}),
-    (5, 32, False, {"bm": 64, "bn": 16, "warps": 1, "stages": 1}, {"blk": 64, "sub": 32, "warps": 1, "stages": 1}),
+    (70, 32, False, {"bm": 32, "bn": 16, "warps": 1, "stages": 1}, {"blk": 32, "warps": 1, "stages": 1}),
+    (17, 32, True, {"bm": 16, "bn": 32, "warps": 1, "stages": 1}, {"blk": 32, "warps": 1, "stages": 1}),
+    (5, 32, False, {"bm": 64, "bn": 16, "warps": 1, "stages": 1}, {"blk": 64, "warps": 1, "stages": 1}),
 ])
 def test_triton_kernels_match_the_reference(s, d, strided, fwd, bwd):
     # odd lengths: partial blocks on both sides of the diagonal; strided: q, k, v views of one projection output
