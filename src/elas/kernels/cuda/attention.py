@@ -92,24 +92,6 @@ def _query_grad_rows(dob, ob, lb, rm, in_m, sds, sos, HALF: tl.constexpr):
 
 
 @triton.jit
-def _fwd_step(acc, m_i, l_i, q1, q2, rm, start_n, kb, vb, S, sks, svs, cos_ptr, sin_ptr, zero_s, scale_log2,
-              HALF: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, DOT: tl.constexpr):
-    """One key block (keys start_n + [0, BN)) of the forward's online softmax for the query rows rm: acc [BM, D],
-    the running max m_i and denominator l_i [BM] (log2 domain) updated. MASK: the causal and bounds masks (only
-    blocks that cross the diagonal need them)."""
-    rn = start_n + tl.arange(0, BN)
-    in_n = rn < S
-    _, _, v, s = _key_block(kb, vb, rn, in_n, sks, svs, cos_ptr, sin_ptr, q1, q2, zero_s, scale_log2, HALF,
-                            DOT)  # s [BM, BN]
-    if MASK:
-        s = tl.where((rm[:, None] >= rn[None, :]) & in_n[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    return _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT), m_new, l_i * alpha + tl.sum(p, 1)
-
-
-@triton.jit
 def _attn_fwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, lse_ptr,
               sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, S, H, scale_log2,
               HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr):
@@ -128,14 +110,19 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, lse_ptr,
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
     zero_s = tl.zeros([BM, BN], tl.float32)
-    # the key blocks wholly below the diagonal (no mask: every key < pid_m * BM <= S), then those that cross it
-    lo = (pid_m * BM) // BN * BN
-    for start_n in range(0, lo, BN):
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q1, q2, rm, start_n, kb, vb, S, sks, svs, cos_ptr, sin_ptr, zero_s,
-                                  scale_log2, HALF, BN, False, DOT)
-    for start_n in range(lo, tl.minimum((pid_m + 1) * BM, S), BN):
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q1, q2, rm, start_n, kb, vb, S, sks, svs, cos_ptr, sin_ptr, zero_s,
-                                  scale_log2, HALF, BN, True, DOT)
+    hi = tl.minimum((pid_m + 1) * BM, S)
+    for start_n in range(0, hi, BN):
+        rn = start_n + tl.arange(0, BN)
+        in_n = rn < S
+        _, _, v, s = _key_block(kb, vb, rn, in_n, sks, svs, cos_ptr, sin_ptr, q1, q2, zero_s, scale_log2, HALF,
+                                DOT)  # s [BM, BN]
+        s = tl.where((rm[:, None] >= rn[None, :]) & in_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT)
+        m_i = m_new
     # o in [B, S, H, D] contiguous: the o projection reads it as [B * S, H * D] without a copy
     o_off = ((b * S + rm[:, None]) * H + h) * D + dcols[None, :]
     tl.store(o_ptr + o_off, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=in_m[:, None])
