@@ -9,7 +9,6 @@ the two forms forward + backward with the same output gradient, then their outpu
 
     python benchmarks/attention.py [OUT_DIR] [SIZE,SIZE...] [BATCH]   # default: llama-1b,llama-130m at batch 32
 """
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -66,14 +65,24 @@ def run_size(size: str) -> dict:
     o, lse = attention.rope_attention_forward(q, k, v, cos, sin)
     do = g.view(batch, SEQ, h, hd)
     fwd, bwd = [], []
-    for bm, bn, w, st in itertools.product((64, 128, 256), (64, 128), (4, 8), (2, 3)):
-        c = {"bm": bm, "bn": bn, "warps": w, "stages": st}
+    # forward: 4 warps at 64- or 128-row blocks, 8 at 128; maxnreg 96 (5 blocks an SM) at 64-row blocks
+    fwd_settings = [(bm, bn, 4, st, mr) for bm in (64, 128) for bn in (16, 32, 64) for st in (2, 3)
+                    for mr in ((None, 96) if bm == 64 else (None,))]
+    fwd_settings += [(128, bn, 8, st, None) for bn in (32, 64) for st in (2, 3)]
+    for bm, bn, w, st, mr in fwd_settings:
+        c = {"bm": bm, "bn": bn, "warps": w, "stages": st, "maxnreg": mr}
         try:
             fwd.append((graphed_ms(lambda: attention.rope_attention_forward(q, k, v, cos, sin, c)), c))
         except Exception as e:  # noqa: BLE001 (a setting that does not fit: out of shared memory or registers)
             print(f"  fwd {c}: {type(e).__name__}")
-    for blk, w, st in itertools.product((32, 64, 128), (4, 8), (1, 2)):
-        c = {"blk": blk, "warps": w, "stages": st}
+    # backward: 64-row blocks with 4 warps (sub-steps of 64, 32 or 16 rows; maxnreg 168: 3 blocks an SM), 128-row
+    # blocks with 8; each with rowsum(dO * O) inline or in its own pass, in one launch or two
+    bwd_settings = [(64, sub, 4, st, pre, split, mr) for sub in (64, 32, 16) for st in (1, 2) for pre in (False, True)
+                    for split in (False, True) for mr in (None, 168)]
+    bwd_settings += [(128, sub, 8, 1, pre, split, None) for sub in (128, 32) for pre in (False, True)
+                     for split in (False, True)]
+    for blk, sub, w, st, pre, split, mr in bwd_settings:
+        c = {"blk": blk, "sub": sub, "warps": w, "stages": st, "delta_pre": pre, "split": split, "maxnreg": mr}
         try:
             bwd.append((graphed_ms(lambda: attention.rope_attention_backward(do, q, k, v, o, lse, cos, sin, c)), c))
         except Exception as e:  # noqa: BLE001
@@ -130,8 +139,8 @@ for r in rows:
     print(f"| {r['size']} | {r['batch']} | {r['heads']}x{r['head_dim']} | {r['default_ms']:.3f} | {r['triton_ms']:.3f} "
           f"| {r['speedup']:.3f}x | {r['triton_fwd_ms']:.3f} ({r['default_fwd_ms']:.3f}) | {r['triton_bwd_ms']:.3f} | "
           f"{fmt(r['default_err_vs_fp32'])} / {fmt(r['triton_err_vs_fp32'])} |")
-    print(f"  best settings: ELAS_ATTN_CONFIG='" + json.dumps({"fwd": r["triton_fwd_config"], "bwd": r["triton_bwd_config"]})
-          + "'")
+    best = json.dumps({"fwd": r["triton_fwd_config"], "bwd": r["triton_bwd_config"]})
+    print(f"  best settings: ELAS_ATTN_CONFIG='{best}'")
 if out_dir is not None:
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"dtype": "bfloat16", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

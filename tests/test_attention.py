@@ -58,6 +58,12 @@ def test_reference_is_the_default_path_and_its_gradient():
     (70, 32, False, {"bm": 32, "bn": 16, "warps": 1, "stages": 1}, {"blk": 32, "warps": 1, "stages": 1}),
     (17, 32, True, {"bm": 16, "bn": 32, "warps": 1, "stages": 1}, {"blk": 32, "warps": 1, "stages": 1}),
     (5, 32, False, {"bm": 64, "bn": 16, "warps": 1, "stages": 1}, {"blk": 64, "warps": 1, "stages": 1}),
+    # the backward's other launch settings: sub-steps of 16 rows, rowsum(dO * O) in its own pass, two launches (and
+    # a register cap, which the interpreter takes and ignores)
+    (70, 32, True, {**SMALL_FWD, "maxnreg": 96}, {"blk": 32, "sub": 16, "warps": 1, "stages": 1, "maxnreg": 168}),
+    (40, 64, False, SMALL_FWD, {"blk": 32, "sub": 16, "warps": 1, "stages": 1, "delta_pre": True, "split": True}),
+    (33, 32, False, SMALL_FWD, {"blk": 16, "warps": 1, "stages": 1, "delta_pre": True}),
+    (24, 32, True, SMALL_FWD, {"blk": 32, "warps": 1, "stages": 1, "split": True}),
 ])
 def test_triton_kernels_match_the_reference(s, d, strided, fwd, bwd):
     # odd lengths: partial blocks on both sides of the diagonal; strided: q, k, v views of one projection output
@@ -202,3 +208,11 @@ def test_fp32_products_are_not_tf32_on_the_gpu(monkeypatch):
     assert attention._dot_mode(torch.zeros(1, dtype=torch.bfloat16)) == 0
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert attention._dot_mode(torch.zeros(1, dtype=torch.bfloat16)) == 2
+
+
+def test_backward_refuses_a_sub_step_that_does_not_divide_the_block():
+    q, k, v = qkv(1, 8, 1, 32)
+    cos, sin = rope_tables(32, 8, 10000.0)
+    o, lse = ref.rope_attention(q, k, v, cos, sin)
+    with pytest.raises(ValueError, match="sub must divide blk"):
+        attention.rope_attention_backward(q, q, k, v, o, lse, cos, sin, {"blk": 32, "sub": 24})

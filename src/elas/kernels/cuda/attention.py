@@ -83,12 +83,31 @@ def _key_block(kb, vb, rn, in_n, sks, svs, cos_ptr, sin_ptr, q1, q2, zero_s, sca
 
 
 @triton.jit
-def _query_grad_rows(dob, ob, lb, rm, in_m, sds, sos, HALF: tl.constexpr):
-    """Query rows rm of one head in the backward: dO [len(rm), 2 * HALF], rowsum(dO * O) and lse [len(rm)] fp32."""
+def _query_grad_rows(dob, ob, lb, db, rm, in_m, sds, sos, HALF: tl.constexpr, DELTA_PRE: tl.constexpr):
+    """Query rows rm of one head in the backward: dO [len(rm), 2 * HALF], rowsum(dO * O) and lse [len(rm)] fp32.
+    rowsum(dO * O) from _attn_delta's pass (db; DELTA_PRE) or computed here from O (no side pass)."""
     cols = tl.arange(0, 2 * HALF)
     do = tl.load(dob + rm[:, None] * sds + cols[None, :], mask=in_m[:, None], other=0.0)
-    o = tl.load(ob + rm[:, None] * sos + cols[None, :], mask=in_m[:, None], other=0.0)
-    return do, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), tl.load(lb + rm, mask=in_m, other=0.0)
+    if DELTA_PRE:
+        delta = tl.load(db + rm, mask=in_m, other=0.0)
+    else:
+        o = tl.load(ob + rm[:, None] * sos + cols[None, :], mask=in_m[:, None], other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    return do, delta, tl.load(lb + rm, mask=in_m, other=0.0)
+
+
+@triton.jit
+def _attn_delta(o_ptr, do_ptr, delta_ptr, sdb, sds, sdh, S, H, D: tl.constexpr, BM: tl.constexpr):
+    # rowsum(dO * O) of BM query rows of one (batch, head) into delta [B * H, S] fp32: the backward's optional
+    # side pass (launch setting delta_pre), o [B, S, H, D] contiguous
+    pid_m, bh = tl.program_id(0) % tl.cdiv(S, BM), tl.program_id(0) // tl.cdiv(S, BM)
+    b, h = (bh // H).to(tl.int64), bh % H
+    rm = pid_m * BM + tl.arange(0, BM)
+    in_m = rm < S
+    cols = tl.arange(0, D)
+    do = tl.load(do_ptr + b * sdb + h * sdh + rm[:, None] * sds + cols[None, :], mask=in_m[:, None], other=0.0)
+    o = tl.load(o_ptr + (b * S * H + h) * D + rm[:, None] * (H * D) + cols[None, :], mask=in_m[:, None], other=0.0)
+    tl.store(delta_ptr + bh * S + rm, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), mask=in_m)
 
 
 @triton.jit
@@ -130,65 +149,75 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, lse_ptr,
 
 
 @triton.jit
-def _attn_bwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr,
+def _attn_bwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr,
               sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, S, H, scale, scale_log2,
-              HALF: tl.constexpr, BLK: tl.constexpr, DOT: tl.constexpr):
-    # one program, block index n of one (batch, head): dK and dV of key block n (over the query blocks at and
-    # after it), then dQ of query block n (over the key blocks up to it). o, do [B, S, H, D] (o contiguous)
+              HALF: tl.constexpr, BLK: tl.constexpr, SUB: tl.constexpr, DELTA_PRE: tl.constexpr,
+              PHASE: tl.constexpr, DOT: tl.constexpr):
+    # one program, block index n of one (batch, head): dK and dV of key block n (over the query rows at and after
+    # it, SUB at a time), then dQ of query block n (over the key rows up to it, SUB at a time); BLK % SUB == 0.
+    # PHASE 0 does both, 1 only dK and dV, 2 only dQ (the launch setting split: two launches, each kernel with its
+    # own registers). o, do [B, S, H, D] (o contiguous); delta [B * H, S] from _attn_delta where DELTA_PRE
     n, bh = tl.program_id(0) % tl.cdiv(S, BLK), tl.program_id(0) // tl.cdiv(S, BLK)  # (1-D grid: as _attn_fwd)
     b, h = (bh // H).to(tl.int64), bh % H  # (int64: offsets past 2^31 elements in a large batch)
     D: tl.constexpr = 2 * HALF
     dcols = tl.arange(0, D)
     qb, kb, vb = q_ptr + b * sqb + h * sqh, k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
     ob, dob = o_ptr + (b * S * H + h) * D, do_ptr + b * sdb + h * sdh
-    lb = lse_ptr + bh * S
+    lb, db = lse_ptr + bh * S, delta_ptr + bh * S
     # the gradients' [B, S, H, D] contiguous outputs: row s of this head at (b * S + s) * H * D + h * D
     gb = (b * S * H + h) * D
+    zero_s = tl.zeros([BLK, SUB], tl.float32)
 
-    # dK, dV of key block n
-    rn = n * BLK + tl.arange(0, BLK)
-    in_n = rn < S
-    k1, k2 = _load_rotated(kb, rn, in_n, sks, cos_ptr, sin_ptr, HALF)
-    v = tl.load(vb + rn[:, None] * svs + dcols[None, :], mask=in_n[:, None], other=0.0)
-    dk1 = tl.zeros([BLK, HALF], tl.float32)
-    dk2 = tl.zeros([BLK, HALF], tl.float32)
-    dv = tl.zeros([BLK, D], tl.float32)
-    zero_s = tl.zeros([BLK, BLK], tl.float32)
-    for start_m in range(n * BLK, S, BLK):
-        rm = start_m + tl.arange(0, BLK)
+    if PHASE != 2:  # dK, dV of key block n
+        rn = n * BLK + tl.arange(0, BLK)
+        in_n = rn < S
+        k1, k2 = _load_rotated(kb, rn, in_n, sks, cos_ptr, sin_ptr, HALF)
+        v = tl.load(vb + rn[:, None] * svs + dcols[None, :], mask=in_n[:, None], other=0.0)
+        dk1 = tl.zeros([BLK, HALF], tl.float32)
+        dk2 = tl.zeros([BLK, HALF], tl.float32)
+        dv = tl.zeros([BLK, D], tl.float32)
+        for start_m in range(n * BLK, S, SUB):
+            rm = start_m + tl.arange(0, SUB)
+            in_m = rm < S
+            q1, q2 = _load_rotated(qb, rm, in_m, sqs, cos_ptr, sin_ptr, HALF)
+            do, delta, lse = _query_grad_rows(dob, ob, lb, db, rm, in_m, sds, H * D, HALF, DELTA_PRE)  # delta [SUB]
+            st = _dot(k2, tl.trans(q2), _dot(k1, tl.trans(q1), zero_s, DOT), DOT) * scale_log2  # [keys, queries]
+            pt = tl.where((rm[None, :] >= rn[:, None]) & in_m[None, :], tl.math.exp2(st - lse[None, :]), 0.0)
+            dv = _dot(pt.to(do.dtype), do, dv, DOT)
+            dpt = _dot(v, tl.trans(do), zero_s, DOT)  # [keys, queries]
+            dst = (pt * (dpt - delta[None, :])).to(q1.dtype)
+            dk1 = _dot(dst, q1, dk1, DOT)
+            dk2 = _dot(dst, q2, dk2, DOT)
+        _store_unrotated(dk_ptr + gb, rn, in_n, H * D, dk1 * scale, dk2 * scale, cos_ptr, sin_ptr, HALF)
+        tl.store(dv_ptr + gb + rn[:, None] * (H * D) + dcols[None, :], dv.to(dv_ptr.dtype.element_ty),
+                 mask=in_n[:, None])
+
+    if PHASE != 1:  # dQ of query block n
+        rm = n * BLK + tl.arange(0, BLK)
         in_m = rm < S
         q1, q2 = _load_rotated(qb, rm, in_m, sqs, cos_ptr, sin_ptr, HALF)
-        do, delta, lse = _query_grad_rows(dob, ob, lb, rm, in_m, sds, H * D, HALF)  # delta [BLK]: rowsum(dO * O)
-        st = _dot(k2, tl.trans(q2), _dot(k1, tl.trans(q1), zero_s, DOT), DOT) * scale_log2  # [keys, queries]
-        pt = tl.where((rm[None, :] >= rn[:, None]) & in_m[None, :], tl.math.exp2(st - lse[None, :]), 0.0)
-        dv = _dot(pt.to(do.dtype), do, dv, DOT)
-        dpt = _dot(v, tl.trans(do), zero_s, DOT)  # [keys, queries]
-        dst = (pt * (dpt - delta[None, :])).to(q1.dtype)
-        dk1 = _dot(dst, q1, dk1, DOT)
-        dk2 = _dot(dst, q2, dk2, DOT)
-    _store_unrotated(dk_ptr + gb, rn, in_n, H * D, dk1 * scale, dk2 * scale, cos_ptr, sin_ptr, HALF)
-    tl.store(dv_ptr + gb + rn[:, None] * (H * D) + dcols[None, :], dv.to(dv_ptr.dtype.element_ty),
-             mask=in_n[:, None])
+        do, delta, lse = _query_grad_rows(dob, ob, lb, db, rm, in_m, sds, H * D, HALF, DELTA_PRE)
+        dq1 = tl.zeros([BLK, HALF], tl.float32)
+        dq2 = tl.zeros([BLK, HALF], tl.float32)
+        hi = tl.minimum((n + 1) * BLK, S)
+        for start_n in range(0, hi, SUB):
+            rk = start_n + tl.arange(0, SUB)
+            in_k = rk < S
+            # (kr1, kr2, vr: not k1, k2, v, which hold BLK rows in the dK, dV phase: one name, one shape per kernel)
+            kr1, kr2, vr, s = _key_block(kb, vb, rk, in_k, sks, svs, cos_ptr, sin_ptr, q1, q2, zero_s, scale_log2,
+                                         HALF, DOT)  # s [queries, keys]
+            p = tl.where((rm[:, None] >= rk[None, :]) & in_k[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+            dp = _dot(do, tl.trans(vr), zero_s, DOT)
+            ds = (p * (dp - delta[:, None])).to(q1.dtype)
+            dq1 = _dot(ds, kr1, dq1, DOT)
+            dq2 = _dot(ds, kr2, dq2, DOT)
+        _store_unrotated(dq_ptr + gb, rm, in_m, H * D, dq1 * scale, dq2 * scale, cos_ptr, sin_ptr, HALF)
 
-    # dQ of query block n
-    rm = n * BLK + tl.arange(0, BLK)
-    in_m = rm < S
-    q1, q2 = _load_rotated(qb, rm, in_m, sqs, cos_ptr, sin_ptr, HALF)
-    do, delta, lse = _query_grad_rows(dob, ob, lb, rm, in_m, sds, H * D, HALF)
-    dq1 = tl.zeros([BLK, HALF], tl.float32)
-    dq2 = tl.zeros([BLK, HALF], tl.float32)
-    hi = tl.minimum((n + 1) * BLK, S)
-    for start_n in range(0, hi, BLK):
-        rk = start_n + tl.arange(0, BLK)
-        in_k = rk < S
-        k1, k2, v, s = _key_block(kb, vb, rk, in_k, sks, svs, cos_ptr, sin_ptr, q1, q2, zero_s, scale_log2, HALF,
-                                  DOT)  # s [queries, keys]
-        p = tl.where((rm[:, None] >= rk[None, :]) & in_k[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), zero_s, DOT)
-        ds = (p * (dp - delta[:, None])).to(q1.dtype)
-        dq1 = _dot(ds, k1, dq1, DOT)
-        dq2 = _dot(ds, k2, dq2, DOT)
-    _store_unrotated(dq_ptr + gb, rm, in_m, H * D, dq1 * scale, dq2 * scale, cos_ptr, sin_ptr, HALF)
+
+def _regs(c: dict) -> dict:
+    """The launch option capping registers a thread (launch setting maxnreg; absent or None: the compiler's choice):
+    fewer registers, more blocks an SM (65,536 registers an SM: 4 warps at 168 fit 3 blocks, at 96 fit 5)."""
+    return {"maxnreg": c["maxnreg"]} if c.get("maxnreg") else {}
 
 
 def _dot_mode(q: torch.Tensor) -> int:
@@ -213,7 +242,10 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
 # model's 32 heads x 64 on an H100, 2026-12-06: benchmarks/results/h100/attention.json).
 # ELAS_ATTN_CONFIG='{"fwd": {...}, "bwd": {...}}' overrides them for a process (the sweep prints its best so)
 FWD_CONFIG = {"bm": 64, "bn": 64, "warps": 4, "stages": 2}
-BWD_CONFIG = {"blk": 64, "warps": 4, "stages": 1}
+# backward: blk rows per program; sub: the other side's rows per step of its loops (blk if absent); delta_pre:
+# rowsum(dO * O) in a pass of its own first; split: dK, dV and dQ as two launches. Both: maxnreg (optional), a cap
+# on registers a thread (_regs)
+BWD_CONFIG = {"blk": 64, "warps": 4, "stages": 1, "delta_pre": False, "split": False}
 if os.environ.get("ELAS_ATTN_CONFIG"):
     _override = json.loads(os.environ["ELAS_ATTN_CONFIG"])
     FWD_CONFIG.update(_override.get("fwd", {}))
@@ -232,7 +264,7 @@ def rope_attention_forward(q, k, v, cos, sin, config: dict | None = None) -> tup
     _attn_fwd[grid](q, k, v, cos, sin, o, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
                     k.stride(2), v.stride(0), v.stride(1), v.stride(2), s, h, LOG2E / math.sqrt(d),
                     HALF=d // 2, BM=c["bm"], BN=c["bn"], DOT=_dot_mode(q), num_warps=c["warps"],
-                    num_stages=c["stages"])
+                    num_stages=c["stages"], **_regs(c))
     return o, lse
 
 
@@ -245,14 +277,24 @@ def rope_attention_backward(do, q, k, v, o, lse, cos, sin, config: dict | None =
         raise ValueError(f"rope_attention_backward: do {tuple(do.shape)}, o {tuple(o.shape)}, lse {tuple(lse.shape)}"
                          f" do not match q {tuple(q.shape)}")
     c = {**BWD_CONFIG, **(config or {})}
+    sub = c.get("sub") or c["blk"]
+    if c["blk"] % sub:
+        raise ValueError(f"rope_attention_backward: launch setting {c}: sub must divide blk")
     bsz, s, h, d = q.shape
     dq, dk, dv = (torch.empty((bsz, s, h, d), dtype=q.dtype, device=q.device) for _ in range(3))
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    delta = lse  # (not read unless delta_pre)
+    if c.get("delta_pre"):
+        delta = torch.empty_like(lse)
+        _attn_delta[(triton.cdiv(s, 64) * bsz * h,)](o, do, delta, do.stride(0), do.stride(1), do.stride(2), s, h,
+                                                      D=d, BM=64, num_warps=4)
     grid = (triton.cdiv(s, c["blk"]) * bsz * h,)
-    _attn_bwd[grid](q, k, v, cos, sin, o, do, lse, dq, dk, dv, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
-                    k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1),
-                    do.stride(2), s, h, 1.0 / math.sqrt(d), LOG2E / math.sqrt(d), HALF=d // 2, BLK=c["blk"],
-                    DOT=_dot_mode(q), num_warps=c["warps"], num_stages=c["stages"])
+    for phase in ((1, 2) if c.get("split") else (0,)):
+        _attn_bwd[grid](q, k, v, cos, sin, o, do, lse, delta, dq, dk, dv, q.stride(0), q.stride(1), q.stride(2),
+                        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), do.stride(0),
+                        do.stride(1), do.stride(2), s, h, 1.0 / math.sqrt(d), LOG2E / math.sqrt(d), HALF=d // 2,
+                        BLK=c["blk"], SUB=sub, DELTA_PRE=bool(c.get("delta_pre")), PHASE=phase, DOT=_dot_mode(q),
+                        num_warps=c["warps"], num_stages=c["stages"], **_regs(c))
     return dq, dk, dv
 
 
