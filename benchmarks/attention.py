@@ -65,9 +65,10 @@ def run_size(size: str) -> dict:
     o, lse = attention.rope_attention_forward(q, k, v, cos, sin)
     do = g.view(batch, SEQ, h, hd)
     fwd, bwd = [], []
-    # forward: 4 warps at 64- or 128-row blocks, 8 at 128; maxnreg 96 (5 blocks an SM) at 64-row blocks
+    # forward: 4 warps at 64- or 128-row blocks, 8 at 128; register caps at 64-row blocks (maxnreg 96: 5 blocks an
+    # SM, 80: 6, where shared memory allows; benchmarks/attention_regs.py)
     fwd_settings = [(bm, bn, 4, st, mr) for bm in (64, 128) for bn in (16, 32, 64) for st in (2, 3)
-                    for mr in ((None, 96) if bm == 64 else (None,))]
+                    for mr in ((None, 96, 80) if bm == 64 else (None,))]
     fwd_settings += [(128, bn, 8, st, None) for bn in (32, 64) for st in (2, 3)]
     for bm, bn, w, st, mr in fwd_settings:
         c = {"bm": bm, "bn": bn, "warps": w, "stages": st, "maxnreg": mr}
@@ -75,10 +76,11 @@ def run_size(size: str) -> dict:
             fwd.append((graphed_ms(lambda: attention.rope_attention_forward(q, k, v, cos, sin, c)), c))
         except Exception as e:  # noqa: BLE001 (a setting that does not fit: out of shared memory or registers)
             print(f"  fwd {c}: {type(e).__name__}")
-    # backward: 64-row blocks with 4 warps (sub-steps of 64, 32 or 16 rows; maxnreg 168: 3 blocks an SM), 128-row
-    # blocks with 8; each with rowsum(dO * O) inline or in its own pass, in one launch or two
-    bwd_settings = [(64, sub, 4, st, pre, split, mr) for sub in (64, 32, 16) for st in (1, 2) for pre in (False, True)
-                    for split in (False, True) for mr in (None, 168)]
+    # backward: 64-row blocks with 4 warps (sub-steps of 64, 32 or 16 rows; maxnreg 168: 3 blocks an SM, 128: 4,
+    # with a few spills), 128-row blocks with 8; each with rowsum(dO * O) inline or in its own pass, in one launch or
+    # two; one pipeline stage (two were slower in every earlier sweep)
+    bwd_settings = [(64, sub, 4, 1, pre, split, mr) for sub in (64, 32, 16) for pre in (False, True)
+                    for split in (False, True) for mr in (None, 168, 128)]
     bwd_settings += [(128, sub, 8, 1, pre, split, None) for sub in (128, 32) for pre in (False, True)
                      for split in (False, True)]
     for blk, sub, w, st, pre, split, mr in bwd_settings:
