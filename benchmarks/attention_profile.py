@@ -30,4 +30,5 @@ for _ in range(3):  # 2 warm-up rounds, then the profiled one
     o, lse = attention.rope_attention_forward(q, k, v, cos, sin, fwd_c)
     attention.rope_attention_backward(do, q, k, v, o, lse, cos, sin, bwd_c)
 torch.cuda.synchronize()
-print(f"{size} batch {batch}: fwd {attention.FWD_CONFIG | (fwd_c or {})}, bwd {attention.BWD_CONFIG | (bwd_c or {})}")
+fwd_s, bwd_s = attention.launch_settings("fwd", fwd_c), attention.launch_settings("bwd", bwd_c)
+print(f"{size} batch {batch}: fwd {fwd_s}, bwd {bwd_s}")

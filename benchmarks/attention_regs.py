@@ -46,9 +46,7 @@ def signature(args: list[str], consts: dict) -> tuple[dict, dict]:
 
 def usage(fn, args: list[str], consts: dict, setting: dict) -> dict:
     sig, attrs = signature(args, consts)
-    opts = {"num_warps": setting["warps"], "num_stages": setting["stages"]}
-    if setting.get("maxnreg"):
-        opts["maxnreg"] = setting["maxnreg"]
+    opts = {"num_warps": setting["warps"], "num_stages": setting["stages"], **attention._regs(setting)}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options=opts)
     with tempfile.TemporaryDirectory() as d:
@@ -71,12 +69,12 @@ def main() -> None:
     print(f"Triton {triton.__version__}, sm_90a, head_dim {HEAD_DIM}")
     for s in settings:
         if which == "fwd":
-            c = {**attention.FWD_CONFIG, **s}
+            c = attention.launch_settings("fwd", s)
             consts = {"HALF": HEAD_DIM // 2, "BM": c["bm"], "BN": c["bn"], "DOT": 0}
             rows = [usage(attention._attn_fwd, FWD_ARGS, consts, c)]
         else:
-            c = {**attention.BWD_CONFIG, **s}
-            consts = {"HALF": HEAD_DIM // 2, "BLK": c["blk"], "SUB": c.get("sub") or c["blk"],
+            c = attention.launch_settings("bwd", s)
+            consts = {"HALF": HEAD_DIM // 2, "BLK": c["blk"], "SUB": c["sub"],
                       "DELTA_PRE": bool(c.get("delta_pre"))}
             rows = [usage(attention._attn_bwd, BWD_ARGS, {**consts, "PHASE": p, "DOT": 0}, c)
                     for p in ((1, 2) if c.get("split") else (0,))]

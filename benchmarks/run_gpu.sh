@@ -122,11 +122,19 @@ for what in "${@:-tests kernels ffn}"; do
                   # moments), one process each, with the sweep's best settings; ATTN_OUT (default
                   # benchmarks/results/$GPU) gets attention.json and step_attn/step.json (committed as step_attn.json)
         d=${ATTN_OUT:-benchmarks/results/$GPU}
-        timeout 420 python benchmarks/attention.py "$d" ${ATTN_SIZES:-llama-1b} 2>&1 | grep -v -E 'Warning|warn\(' | tail -12
-        # the step rows run the sweep's best settings (those of the first size)
-        ELAS_ATTN_CONFIG=$(python -c "import json, sys; r = json.load(open(sys.argv[1]))['rows'][0]
-print(json.dumps({'fwd': r['triton_fwd_config'], 'bwd': r['triton_bwd_config']}))" "$d/attention.json") && export ELAS_ATTN_CONFIG
-        timeout "${STEP_TIMEOUT:-240}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
+        # the sweep writes into runs/attn first: a sweep cut off or failed leaves no file there, and the step rows
+        # then run the committed defaults (said so), not an earlier sweep's settings
+        rm -f runs/attn/attention.json
+        timeout 420 python benchmarks/attention.py runs/attn ${ATTN_SIZES:-llama-1b} 2>&1 | grep -v -E 'Warning|warn\(' | tail -12
+        cfg=
+        if [ -f runs/attn/attention.json ]; then
+          mkdir -p "$d" && cp runs/attn/attention.json "$d/"
+          cfg=$(python -c "import json, sys; r = json.load(open(sys.argv[1]))['rows'][0]
+print(json.dumps({'fwd': r['triton_fwd_config'], 'bwd': r['triton_bwd_config']}))" runs/attn/attention.json)
+        else
+          echo "attention: the sweep wrote nothing; the step rows run the committed launch settings"
+        fi
+        ELAS_ATTN_CONFIG=$cfg timeout "${STEP_TIMEOUT:-240}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
           --variants lowrank-relu2,lowrank-relu2+attn_backend=triton,lowrank-relu2+optim_state_dtype=bf16,lowrank-relu2+attn_backend=triton+optim_state_dtype=bf16 \
           --out "$d/step_attn" 2>&1 | quiet | grep -E '^step|error' ;;
       launches)  # which host ops launch the 1B step's ~1,700 kernels and ~350 memsets (graph capture off, so that each

@@ -210,9 +210,36 @@ def test_fp32_products_are_not_tf32_on_the_gpu(monkeypatch):
     assert attention._dot_mode(torch.zeros(1, dtype=torch.bfloat16)) == 2
 
 
-def test_backward_refuses_a_sub_step_that_does_not_divide_the_block():
-    q, k, v = qkv(1, 8, 1, 32)
-    cos, sin = rope_tables(32, 8, 10000.0)
-    o, lse = ref.rope_attention(q, k, v, cos, sin)
-    with pytest.raises(ValueError, match="sub must divide blk"):
-        attention.rope_attention_backward(q, q, k, v, o, lse, cos, sin, {"blk": 32, "sub": 24})
+@pytest.mark.parametrize("kind,config,match", [
+    ("bwd", {"blk": 32, "sub": 24}, "powers of two >= 16"),
+    ("bwd", {"blk": 64, "sub": 8}, "powers of two >= 16"),  # tl.dot needs every side >= 16 (the interpreter not)
+    ("bwd", {"blk": 32, "sub": 64}, "sub <= blk"),
+    ("fwd", {"bm": 64, "bn": 48}, "powers of two"),
+    ("bwd", {"blk": 64, "subs": 32}, "launch setting 'subs': expected one of blk, sub"),
+    ("fwd", {"bm": 64, "maxnreg": 300}, "maxnreg 24-255"),
+])
+def test_bad_launch_settings_are_one_line_errors(kind, config, match):
+    with pytest.raises(ValueError, match=match):
+        attention.launch_settings(kind, config)
+
+
+def test_launch_settings_step_by_the_given_block_and_cap_registers():
+    base = {**attention.BWD_CONFIG, "blk": 32, "sub": 16}  # (as ELAS_ATTN_CONFIG or the sweep leaves it)
+    assert attention.launch_settings("bwd", {"blk": 64}, base)["sub"] == 64  # base's sub was for base's blk
+    assert attention.launch_settings("bwd", None, base)["sub"] == 16
+    assert attention.launch_settings("bwd", {"blk": 128, "sub": 32})["sub"] == 32
+    assert attention._regs({"maxnreg": 96}) == {"maxnreg": 96} and attention._regs({"maxnreg": None}) == {}
+
+
+def test_env_overrides_the_launch_settings_and_refuses_bad_keys():
+    import os
+    import subprocess
+    import sys
+    code = ("from elas.kernels.cuda import attention as a; "
+            "print(a.BWD_CONFIG['blk'], a.BWD_CONFIG['sub'], a.FWD_CONFIG['bm'])")
+    env = {**os.environ, "ELAS_ATTN_CONFIG": '{"bwd": {"blk": 128}, "fwd": {"bm": 128}}'}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["128", "128", "128"], out.stderr[-500:]
+    env["ELAS_ATTN_CONFIG"] = '{"bwd": {"blok": 128}}'
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "launch setting 'blok'" in out.stderr

@@ -242,20 +242,48 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
 # model's 32 heads x 64 on an H100, 2026-12-06: benchmarks/results/h100/attention.json).
 # ELAS_ATTN_CONFIG='{"fwd": {...}, "bwd": {...}}' overrides them for a process (the sweep prints its best so)
 FWD_CONFIG = {"bm": 64, "bn": 64, "warps": 4, "stages": 2}
-# backward: blk rows per program; sub: the other side's rows per step of its loops (blk if absent); delta_pre:
+# backward: blk rows per program; sub: the other side's rows per step of its loops (blk where not given); delta_pre:
 # rowsum(dO * O) in a pass of its own first; split: dK, dV and dQ as two launches. Both: maxnreg (optional), a cap
 # on registers a thread (_regs)
 BWD_CONFIG = {"blk": 64, "warps": 4, "stages": 1, "delta_pre": False, "split": False}
-if os.environ.get("ELAS_ATTN_CONFIG"):
+_KEYS = {"fwd": ("bm", "bn", "warps", "stages", "maxnreg"),
+         "bwd": ("blk", "sub", "warps", "stages", "delta_pre", "split", "maxnreg")}
+
+
+def launch_settings(kind: str, config: dict | None = None, base: dict | None = None) -> dict:
+    """kind's ("fwd" or "bwd") launch settings: config over base (default: FWD_CONFIG / BWD_CONFIG), checked; a
+    config that sets blk without sub steps by blk (sub inherited from base belongs to base's blk)."""
+    given = dict(config or {})
+    bad = sorted(set(given) - set(_KEYS[kind]))
+    if bad:
+        raise ValueError(f"attention {kind} launch setting {bad[0]!r}: expected one of {', '.join(_KEYS[kind])}")
+    c = {**(base if base is not None else FWD_CONFIG if kind == "fwd" else BWD_CONFIG), **given}
+    if kind == "bwd" and ("blk" in given and "sub" not in given or not c.get("sub")):
+        c["sub"] = c["blk"]
+    pow2 = lambda x: isinstance(x, int) and x >= 16 and not x & (x - 1)  # noqa: E731 (tl.dot: every side >= 16)
+    rows = ("bm", "bn") if kind == "fwd" else ("blk", "sub")
+    if not all(pow2(c[r]) for r in rows) or (kind == "bwd" and c["sub"] > c["blk"]):
+        raise ValueError(f"attention {kind} launch settings {c}: {' and '.join(rows)} must be powers of two >= 16"
+                         + (", sub <= blk" if kind == "bwd" else ""))
+    if c["warps"] not in (1, 2, 4, 8, 16) or c["stages"] < 1 or (c.get("maxnreg") or 255) not in range(24, 256):
+        raise ValueError(f"attention {kind} launch settings {c}: warps 1-16 (a power of two), stages >= 1, maxnreg "
+                         f"24-255 or absent")
+    return c
+
+
+if os.environ.get("ELAS_ATTN_CONFIG"):  # (checked here: a bad key fails at import, not at the first launch)
     _override = json.loads(os.environ["ELAS_ATTN_CONFIG"])
-    FWD_CONFIG.update(_override.get("fwd", {}))
-    BWD_CONFIG.update(_override.get("bwd", {}))
+    if not isinstance(_override, dict) or set(_override) - {"fwd", "bwd"}:
+        raise ValueError(f"ELAS_ATTN_CONFIG={os.environ['ELAS_ATTN_CONFIG']!r}: expected a JSON object with keys "
+                         f"fwd and/or bwd")
+    FWD_CONFIG = launch_settings("fwd", _override.get("fwd"))
+    BWD_CONFIG = launch_settings("bwd", _override.get("bwd"))
 
 
 def rope_attention_forward(q, k, v, cos, sin, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> o [B, S, H, D] contiguous, lse [B * H, S] fp32 (log2 domain); see the module docstring."""
     _check(q, k, v, cos, sin)
-    c = {**FWD_CONFIG, **(config or {})}
+    c = launch_settings("fwd", config)
     bsz, s, h, d = q.shape
     o = torch.empty((bsz, s, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((bsz * h, s), dtype=torch.float32, device=q.device)
@@ -276,10 +304,7 @@ def rope_attention_backward(do, q, k, v, o, lse, cos, sin, config: dict | None =
                                                                                               q.shape[1]):
         raise ValueError(f"rope_attention_backward: do {tuple(do.shape)}, o {tuple(o.shape)}, lse {tuple(lse.shape)}"
                          f" do not match q {tuple(q.shape)}")
-    c = {**BWD_CONFIG, **(config or {})}
-    sub = c.get("sub") or c["blk"]
-    if c["blk"] % sub:
-        raise ValueError(f"rope_attention_backward: launch setting {c}: sub must divide blk")
+    c = launch_settings("bwd", config)
     bsz, s, h, d = q.shape
     dq, dk, dv = (torch.empty((bsz, s, h, d), dtype=q.dtype, device=q.device) for _ in range(3))
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
@@ -293,9 +318,9 @@ def rope_attention_backward(do, q, k, v, o, lse, cos, sin, config: dict | None =
         _attn_bwd[grid](q, k, v, cos, sin, o, do, lse, delta, dq, dk, dv, q.stride(0), q.stride(1), q.stride(2),
                         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), do.stride(0),
                         do.stride(1), do.stride(2), s, h, 1.0 / math.sqrt(d), LOG2E / math.sqrt(d), HALF=d // 2,
-                        BLK=c["blk"], SUB=sub, DELTA_PRE=bool(c.get("delta_pre")), PHASE=phase, DOT=_dot_mode(q),
+                        BLK=c["blk"], SUB=c["sub"], DELTA_PRE=bool(c.get("delta_pre")), PHASE=phase, DOT=_dot_mode(q),
                         num_warps=c["warps"], num_stages=c["stages"], **_regs(c))
     return dq, dk, dv
 
 
-__all__ = ["BWD_CONFIG", "FWD_CONFIG", "rope_attention_backward", "rope_attention_forward"]
+__all__ = ["BWD_CONFIG", "FWD_CONFIG", "launch_settings", "rope_attention_backward", "rope_attention_forward"]
