@@ -135,7 +135,7 @@ print(json.dumps({'fwd': r['triton_fwd_config'], 'bwd': r['triton_bwd_config']})
           echo "attention: the sweep wrote nothing; the step rows run the committed launch settings"
         fi
         ELAS_ATTN_CONFIG=$cfg timeout "${STEP_TIMEOUT:-240}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
-          --variants lowrank-relu2,lowrank-relu2+attn_backend=triton,lowrank-relu2+optim_state_dtype=bf16,lowrank-relu2+attn_backend=triton+optim_state_dtype=bf16 \
+          --variants $(v=lowrank-relu2+attn_backend; echo $v=torch,$v=triton,$v=torch+optim_state_dtype=bf16,$v=triton+optim_state_dtype=bf16) \
           --out "$d/step_attn" 2>&1 | quiet | grep -E '^step|error' ;;
       launches)  # which host ops launch the 1B step's ~1,700 kernels and ~350 memsets (graph capture off, so that each
                  # launch names its op): the dense twin and ELAS

@@ -20,14 +20,15 @@ from typing import Any
 FFN_KINDS = ("swiglu", "relu2")
 RESIDUAL_DTYPES = ("compute", "fp32")
 LM_LOSSES = ("chunked", "logits")
-ATTN_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math", "triton")
+ATTN_BACKENDS = ("auto", "torch", "flash", "cudnn", "efficient", "math", "triton")
 RELU2_KERNELS = ("auto", "torch", "fused", "cutlass")
 NORM_KERNELS = ("auto", "torch", "fused")
 ROPE_KERNELS = ("torch", "cutlass")
 # model keys that choose kernels, not the model (its parameters and math): a resumed run may change them, its
 # losses then differing from the uninterrupted run's in the last bits (another summation order)
 KERNEL_KEYS = ("relu2_kernel", "norm_kernel", "rope_kernel", "attn_backend", "fuse_qkv", "pdl")
-CONFIG_VERSION = 2  # of config.json: 2 = sparsity as a list of methods (1: flat act_sparsity/grad_mode/... keys)
+CONFIG_VERSION = 3  # of config.json: 3 = attn_backend "auto" takes elas's attention kernel where it applies (2: torch's
+# order); 2 = sparsity as a list of methods (1: flat act_sparsity/grad_mode/... keys)
 D_FF_MULTIPLE = 128  # every 2:4 GEMM tile we target divides 128; 8191 (ELAS 1B) would leave a dense tail
 
 
@@ -67,9 +68,12 @@ class ModelConfig:
     # they were trained)
     residual_dtype: str = "compute"  # compute: the residual stream and norm outputs in the autocast dtype | fp32
     lm_loss: str = "chunked"  # chunked: LM head + cross-entropy without [tokens, vocab] logits | logits
-    # the attention kernel tried first (model/llama.py: Attention); auto: torch's own order (flash first); triton:
-    # elas's causal attention with the rotary embedding inside (kernels/cuda/attention.py; its reference off CUDA),
-    # torch's order where it does not apply (a KV cache)
+    # the attention kernel (model/llama.py: Attention). triton: elas's causal attention with the rotary embedding
+    # inside (kernels/cuda/attention.py; its reference off CUDA), torch's order where it does not apply (a KV
+    # cache); torch: torch's own SDPA order (flash first); flash/cudnn/efficient/math: that SDPA backend first;
+    # auto: triton on CUDA with Triton installed where the model allows it (head_dim a power of two >= 32, the
+    # rotation not in the q/k GEMMs: rope_kernel=torch), else torch (build.attn_backend; 1.007-1.008x the 1B
+    # low-rank step on two H100 hosts)
     attn_backend: str = "auto"
     # low-rank attention's q, k, v down-projections as one GEMM of width 3r, then the three up-projections on its
     # column blocks; parameters stay three modules (model/llama.py: Attention.qkv). The 1B low-rank step 1.005-
@@ -637,7 +641,13 @@ def _migrate_model_v1(data: dict) -> dict:
 def from_dict(cls, data: dict[str, Any]):
     """Rebuild a (nested) dataclass from to_dict output, ignoring nothing: unknown keys are errors.
     config.json files of version 1 (before sparsity methods were a list) are migrated."""
+    version = data.get("config_version", 1)
     data = {k: v for k, v in data.items() if k != "config_version"}
+    if cls is TrainConfig and version < 3 and isinstance(data.get("model"), dict):
+        # attn_backend "auto" (or no key) meant torch's SDPA order before version 3: a run resumes as it was trained
+        model = data["model"]
+        if model.get("attn_backend", "auto") == "auto":
+            data["model"] = {**model, "attn_backend": "torch"}
     if cls is ModelConfig and ("act_sparsity" in data or "grad_mode" in data):
         data = _migrate_model_v1(data)
     if cls is ModelConfig:  # written before these keys: the model and kernels as it was trained (relu2_kernel's

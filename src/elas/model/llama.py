@@ -57,7 +57,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def sdpa_backends(name: str) -> list | None:
     """The SDPA backends to try, in order, for model.attn_backend=name (None: torch's own order). The named one
     comes first and torch's others follow, so a shape it cannot serve still runs."""
-    if name in ("auto", "triton"):  # (triton: elas's own kernel where it applies, torch's order elsewhere)
+    if name in ("auto", "torch", "triton"):  # (triton: elas's own kernel where it applies, torch's order elsewhere)
         return None
     from torch.nn.attention import SDPBackend
     order = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,

@@ -65,10 +65,12 @@ def variant_config(size: str, variant: str, steps: int, data_dir: str, out: Path
             "warmup_steps": max(1, steps // 10), "optimizer": optimizer, "lr": full_rank_lr,
             "eval_every": max(1, steps // 10), "save_every": max(1, steps // 4), "log_every": max(1, steps // 100),
             "model.max_seq_len": seq_len,
-            # the torch ReLU^2 and norm kernels and three q, k, v GEMMs on every machine, as the grid's first runs
-            # ran them: "auto" would take the CUTLASS GEMMs where a library is found (the fused norm backward on any
-            # GPU; fuse_qkv became the default later), and two seeds of one variant would then differ in kernels
-            "model.relu2_kernel": "torch", "model.norm_kernel": "torch", "model.fuse_qkv": False, **train}
+            # the torch ReLU^2, norm and attention kernels and three q, k, v GEMMs on every machine, as the grid's
+            # first runs ran them: "auto" would take the CUTLASS GEMMs where a library is found (the fused norm
+            # backward and elas's attention on any GPU; fuse_qkv became the default later), and two seeds of one
+            # variant would then differ in kernels
+            "model.relu2_kernel": "torch", "model.norm_kernel": "torch", "model.attn_backend": "torch",
+            "model.fuse_qkv": False, **train}
     if optimizer == "loro_adamw":
         over.update(LORO_DEFAULTS[size_of(size)])
         over["loro_exact_every"] = max(2, round(steps * 500 / PAPER_STEPS))
