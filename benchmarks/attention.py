@@ -1,7 +1,9 @@
-"""model.attn_backend=triton against the default attention, forward and backward, at the training shapes.
+"""model.attn_backend=triton (elas's kernel; what "auto" takes on CUDA) against torch's attention, forward and
+backward, at the training shapes.
 
-The default (what the model runs with attn_backend=auto): the rotary embedding (model.apply_rope) on q and k, then
-torch's SDPA (cuDNN's kernels on Hopper), compiled as the step compiles it. elas's: ops.rope_attention, one Triton
+torch's (what the model runs with attn_backend=torch, the default before elas's kernel; "default" in the table):
+the rotary embedding (model.apply_rope) on q and k, then torch's SDPA (cuDNN's kernels on Hopper), compiled as the
+step compiles it. elas's: ops.rope_attention, one Triton
 kernel each way with the rotation inside (kernels/cuda/attention.py). Both replayed from CUDA graphs, one process,
 medians. First each launch setting of the Triton forward and backward is timed alone (the best is kept), then
 the two forms forward + backward with the same output gradient, then their outputs and input gradients compared
@@ -45,7 +47,7 @@ def graphed_ms(fn, reps: int = 50) -> float:
 
 
 def default_attention(q, k, v, cos, sin):
-    """What model/llama.py Attention.forward does with attn_backend=auto (q, k, v [b, s, h, hd])."""
+    """What model/llama.py Attention.forward does with attn_backend=torch (q, k, v [b, s, h, hd])."""
     b, s, h, hd = q.shape
     qr, kr = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
     y = F.scaled_dot_product_attention(qr, kr, v.transpose(1, 2), is_causal=True)
