@@ -64,39 +64,56 @@ def run_size(size: str) -> dict:
     row = {"size": size, "batch": batch, "seq": SEQ, "heads": h, "head_dim": hd}
 
     # the Triton launch settings, each kernel alone
-    o, lse = attention.rope_attention_forward(q, k, v, cos, sin)
+    o, lse, qr, kr = attention.rope_attention_forward(q, k, v, cos, sin, save_rotated=True)
     do = g.view(batch, SEQ, h, hd)
     fwd, bwd = [], []
-    # forward: 4 warps at 64- or 128-row blocks, 8 at 128; register caps at 64-row blocks (maxnreg 96: 5 blocks an
-    # SM, 80: 6, where shared memory allows; benchmarks/attention_regs.py)
-    fwd_settings = [(bm, bn, 4, st, mr) for bm in (64, 128) for bn in (16, 32, 64) for st in (2, 3)
-                    for mr in ((None, 96, 80) if bm == 64 else (None,))]
-    fwd_settings += [(128, bn, 8, st, None) for bn in (32, 64) for st in (2, 3)]
+    # forward: 4 warps at 64- or 128-row blocks, 8 at 128; a register cap at 64-row blocks (maxnreg 96: 5 blocks an
+    # SM; benchmarks/attention_regs.py). (The fourteenth session's sweep of 28 settings, h100/attention_sweep.json:
+    # 64 x 64, 2 stages best; 16-column key blocks and maxnreg 80 always slower, left out since.)
+    fwd_settings = [(64, bn, 4, st, mr) for bn in (32, 64) for st in (2, 3) for mr in (None, 96)]
+    fwd_settings += [(128, 64, w, st, None) for w in (4, 8) for st in (2, 3)]
     for bm, bn, w, st, mr in fwd_settings:
         c = {"bm": bm, "bn": bn, "warps": w, "stages": st, "maxnreg": mr}
         try:
             fwd.append((graphed_ms(lambda: attention.rope_attention_forward(q, k, v, cos, sin, c)), c))
         except Exception as e:  # noqa: BLE001 (a setting that does not fit: out of shared memory or registers)
             print(f"  fwd {c}: {type(e).__name__}")
-    # backward: 64-row blocks with 4 warps (sub-steps of 64, 32 or 16 rows; maxnreg 168: 3 blocks an SM, 128: 4,
-    # with a few spills), 128-row blocks with 8; each with rowsum(dO * O) inline or in its own pass, in one launch or
-    # two; one pipeline stage (two were slower in every earlier sweep)
-    bwd_settings = [(64, sub, 4, 1, pre, split, mr) for sub in (64, 32, 16) for pre in (False, True)
-                    for split in (False, True) for mr in (None, 168, 128)]
-    bwd_settings += [(128, sub, 8, 1, pre, split, None) for sub in (128, 32) for pre in (False, True)
-                     for split in (False, True)]
-    for blk, sub, w, st, pre, split, mr in bwd_settings:
-        c = {"blk": blk, "sub": sub, "warps": w, "stages": st, "delta_pre": pre, "split": split, "maxnreg": mr}
+    # backward: 64-row blocks with 4 warps (sub-steps of 64 or 32 rows; maxnreg 168: 3 blocks an SM), 128-row blocks
+    # with 8; rowsum(dO * O) inline or in its own pass; each rotating q and k on load or reading the forward's saved
+    # rotation (save_rotated: plain loads, which Triton can pipeline, so two stages too). (The fourteenth session's
+    # 44 settings: sub 16, maxnreg 128 and split always slower, so split is tried once a side.)
+    bwd_settings = [(64, sub, 4, st, pre, False, mr, sv) for sub in (64, 32) for pre in (False, True)
+                    for mr in (None, 168) for sv in (False, True) for st in ((1, 2) if sv else (1,))]
+    bwd_settings += [(64, 64, 4, 1, True, True, 168, sv) for sv in (False, True)]
+    bwd_settings += [(128, sub, 8, 1, pre, False, None, sv) for sub in (128, 32) for pre in (False, True)
+                     for sv in (False, True)]
+    for blk, sub, w, st, pre, split, mr, sv in bwd_settings:
+        c = {"blk": blk, "sub": sub, "warps": w, "stages": st, "delta_pre": pre, "split": split, "maxnreg": mr,
+             "save_rotated": sv}
+        qk = (qr, kr) if sv else (q, k)
         try:
-            bwd.append((graphed_ms(lambda: attention.rope_attention_backward(do, q, k, v, o, lse, cos, sin, c)), c))
+            bwd.append((graphed_ms(lambda: attention.rope_attention_backward(do, *qk, v, o, lse, cos, sin, c,
+                                                                              rotated=sv)), c))
         except Exception as e:  # noqa: BLE001
             print(f"  bwd {c}: {type(e).__name__}")
     fwd.sort(key=lambda t: t[0])
-    bwd.sort(key=lambda t: t[0])
-    attention.FWD_CONFIG.update(fwd[0][1])
+    # save_rotated costs the forward its two extra outputs: a backward setting with it is charged that difference
+    # (that forward as the best, and capped at 128 registers: its two more stores take it to 130 at 64 x 64, one
+    # block an SM fewer; capped, 118 and no spills, attention_regs.py)
+    saved_fwd = []
+    for c in (fwd[0][1], {**fwd[0][1], "maxnreg": 128}):
+        saved_fwd.append((graphed_ms(lambda: attention.rope_attention_forward(q, k, v, cos, sin, c,
+                                                                             save_rotated=True)), c))
+    fwd_saved_ms, saved_cfg = min(saved_fwd, key=lambda t: t[0])
+    extra = fwd_saved_ms - fwd[0][0]
+    bwd.sort(key=lambda t: t[0] + (extra if t[1]["save_rotated"] else 0.0))
+    best_fwd = saved_cfg if bwd[0][1]["save_rotated"] else fwd[0][1]
+    attention.FWD_CONFIG.update(best_fwd)
     attention.BWD_CONFIG.update(bwd[0][1])
-    row.update(triton_fwd_ms=fwd[0][0], triton_fwd_config=fwd[0][1], triton_bwd_ms=bwd[0][0],
-               triton_bwd_config=bwd[0][1], fwd_settings=[[t, c] for t, c in fwd], bwd_settings=[[t, c] for t, c in bwd])
+    row.update(triton_fwd_ms=fwd[0][0], triton_fwd_saved_ms=fwd_saved_ms, triton_fwd_saved_config=saved_cfg,
+               triton_fwd_config=best_fwd,
+               triton_bwd_ms=bwd[0][0], triton_bwd_config=bwd[0][1], fwd_settings=[[t, c] for t, c in fwd],
+               bwd_settings=[[t, c] for t, c in bwd])
 
     # the two forms, forward + backward, and the default's forward alone
     base = torch.compile(default_attention)
@@ -114,6 +131,16 @@ def run_size(size: str) -> dict:
     row["default_ms"] = graphed_ms(step(base))
     row["triton_ms"] = graphed_ms(step(mine))
     row["speedup"] = row["default_ms"] / row["triton_ms"]
+    # the best setting of the other save_rotated value, forward + backward through the operator (which form it
+    # takes follows BWD_CONFIG): the saved rotation measured whole, its forward's cost included
+    other = next((c for _, c in bwd if c["save_rotated"] != bwd[0][1]["save_rotated"]), None)
+    if other is not None:
+        other_fwd = saved_cfg if other["save_rotated"] else fwd[0][1]
+        attention.FWD_CONFIG.update(other_fwd)
+        attention.BWD_CONFIG.update(other)
+        row["triton_ms_other_saved"] = {"fwd_config": other_fwd, "bwd_config": other, "ms": graphed_ms(step(mine))}
+        attention.FWD_CONFIG.update(best_fwd)
+        attention.BWD_CONFIG.update(bwd[0][1])
 
     # outputs and gradients: each form against the fp32 reference (batch element 0), and against each other
     outs = {}
@@ -145,6 +172,9 @@ for r in rows:
           f"{fmt(r['default_err_vs_fp32'])} / {fmt(r['triton_err_vs_fp32'])} |")
     best = json.dumps({"fwd": r["triton_fwd_config"], "bwd": r["triton_bwd_config"]})
     print(f"  best settings: ELAS_ATTN_CONFIG='{best}'")
+    other = r.get("triton_ms_other_saved")
+    print(f"  forward with the saved rotation {r['triton_fwd_saved_ms']:.3f} ms; fwd+bwd with save_rotated="
+          f"{not r['triton_bwd_config']['save_rotated']}: " + (f"{other['ms']:.3f} ms" if other else "-"))
 if out_dir is not None:
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"dtype": "bfloat16", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

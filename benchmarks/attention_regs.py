@@ -4,6 +4,9 @@ on a machine with no GPU: which launch settings fit more blocks on an SM, before
     python benchmarks/attention_regs.py fwd '[{"bm": 64, "bn": 32, "warps": 4, "stages": 2, "maxnreg": 96}, ...]'
     python benchmarks/attention_regs.py bwd '[{"blk": 64, "sub": 32, "warps": 4, "stages": 1, "delta_pre": true}]'
 
+A forward setting may add "save_rotated": true (the forward that also writes q and k rotated); a backward setting's
+save_rotated compiles the backward that reads them.
+
 The kernels are specialised as a launch at the 1B shapes specialises them (head_dim 64; pointers and integer
 arguments divisible by 16). With the Triton of the GPU machine (3.6: put its wheel's files first on PYTHONPATH) the
 figures match Nsight Compute's there: 128 registers and 57,344 B for the forward at 64 x 64, 4 warps, 2 stages;
@@ -25,7 +28,8 @@ sys.path.insert(0, "src")
 from elas.kernels.cuda import attention  # noqa: E402
 
 HEAD_DIM = 64
-FWD_ARGS = ("*q_ptr *k_ptr *v_ptr *cos_ptr *sin_ptr *o_ptr *lse_ptr sqb sqs sqh skb sks skh svb svs svh S H "
+FWD_ARGS = ("*q_ptr *k_ptr *v_ptr *cos_ptr *sin_ptr *o_ptr *lse_ptr *qr_ptr *kr_ptr sqb sqs sqh skb sks skh svb svs svh "
+            "S H "
             "scale_log2").split()
 BWD_ARGS = ("*q_ptr *k_ptr *v_ptr *cos_ptr *sin_ptr *o_ptr *do_ptr *lse_ptr *delta_ptr *dq_ptr *dk_ptr *dv_ptr sqb sqs "
             "sqh skb sks skh svb svs svh sdb sds sdh S H scale scale_log2").split()
@@ -69,13 +73,14 @@ def main() -> None:
     print(f"Triton {triton.__version__}, sm_90a, head_dim {HEAD_DIM}")
     for s in settings:
         if which == "fwd":
-            c = attention.launch_settings("fwd", s)
-            consts = {"HALF": HEAD_DIM // 2, "BM": c["bm"], "BN": c["bn"], "DOT": 0}
+            c = attention.launch_settings("fwd", {k: v for k, v in s.items() if k != "save_rotated"})
+            consts = {"HALF": HEAD_DIM // 2, "BM": c["bm"], "BN": c["bn"], "DOT": 0,
+                      "SAVE_ROT": bool(s.get("save_rotated"))}
             rows = [usage(attention._attn_fwd, FWD_ARGS, consts, c)]
         else:
             c = attention.launch_settings("bwd", s)
             consts = {"HALF": HEAD_DIM // 2, "BLK": c["blk"], "SUB": c["sub"],
-                      "DELTA_PRE": bool(c.get("delta_pre"))}
+                      "DELTA_PRE": bool(c.get("delta_pre")), "ROTATED": bool(c.get("save_rotated"))}
             rows = [usage(attention._attn_bwd, BWD_ARGS, {**consts, "PHASE": p, "DOT": 0}, c)
                     for p in ((1, 2) if c.get("split") else (0,))]
         print(which, s, *rows)

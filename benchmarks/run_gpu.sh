@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh STAGE...
-# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass cutlass_probe cutlass_relu2 rmsnorm norm target moments elas_cutlass mask_cutlass attention launches blas_env quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
+# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass cutlass_probe cutlass_relu2 rmsnorm norm target moments elas_cutlass mask_cutlass attention attn_ncu launches blas_env quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
 # the step benchmark and the test selection. Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
 # machine), are copied there too, with the tuned cuSPARSELt algorithm cache.
 set -u
@@ -137,6 +137,17 @@ print(json.dumps({'fwd': r['triton_fwd_config'], 'bwd': r['triton_bwd_config']})
         ELAS_ATTN_CONFIG=$cfg timeout "${STEP_TIMEOUT:-240}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
           --variants $(v=lowrank-relu2+attn_backend; echo $v=torch,$v=triton,$v=torch+optim_state_dtype=bf16,$v=triton+optim_state_dtype=bf16) \
           --out "$d/step_attn" 2>&1 | quiet | grep -E '^step|error' ;;
+      attn_ncu)  # Nsight Compute on elas's attention kernels (forward, backward): where their warps stall
+                 # (WarpStateStats; SourceCounters: the SASS lines that take the stalls) beside throughput and
+                 # occupancy; the report, its details page and the SASS table into ATTN_OUT (default runs/attn)
+        d=${ATTN_OUT:-runs/attn}; mkdir -p "$d"
+        ncu --clock-control none --kernel-name regex:_attn_ --launch-skip 4 --launch-count 2 --section SpeedOfLight \
+          --section Occupancy --section ComputeWorkloadAnalysis --section WarpStateStats --section SourceCounters \
+          -o "$d/attn" -f python benchmarks/attention_profile.py llama-1b 32 > "$d/ncu.log" 2>&1 || tail -5 "$d/ncu.log"
+        ncu -i "$d/attn.ncu-rep" --page details > "$d/attn_details.txt" 2>&1
+        ncu -i "$d/attn.ncu-rep" --page source --csv --print-source sass > "$d/attn_sass.csv" 2>&1 || true
+        grep -E "_attn_|Duration|Registers|Achieved Occupancy|Stall|stall|Warp Cycles|Issue Slot" "$d/attn_details.txt" \
+          | head -60 ;;
       launches)  # which host ops launch the 1B step's ~1,700 kernels and ~350 memsets (graph capture off, so that each
                  # launch names its op): the dense twin and ELAS
         for v in ${LAUNCH_VARIANTS:-lowrank-relu2 elas}; do

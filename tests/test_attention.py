@@ -23,7 +23,7 @@ SMALL_BWD = {"blk": 16, "warps": 1, "stages": 1}
 
 
 def default_path(q, k, v, cos, sin):
-    """What Attention.forward computes with attn_backend=auto, [b, s, h, hd] in and out."""
+    """What Attention.forward computes with attn_backend=torch, [b, s, h, hd] in and out."""
     cos, sin = cos[:q.shape[1]], sin[:q.shape[1]]
     qr, kr = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
     return F.scaled_dot_product_attention(qr, kr, v.transpose(1, 2), is_causal=True).transpose(1, 2)
@@ -50,6 +50,10 @@ def test_reference_is_the_default_path_and_its_gradient():
     grads = ref.rope_attention_backward(do, q.detach(), k.detach(), v.detach(), cos, sin)
     for got, t in zip(grads, (q, k, v)):
         torch.testing.assert_close(got, t.grad, atol=1e-5, rtol=1e-5)
+    # from the saved rotation (fp32: rounding it changes nothing): the same gradients w.r.t. the unrotated q, k
+    _, _, qr, kr = ref.rope_attention(q.detach(), k.detach(), v.detach(), cos, sin, save_rotated=True)
+    for got, t in zip(ref.rope_attention_backward(do, qr, kr, v.detach(), cos, sin, rotated=True), (q, k, v)):
+        torch.testing.assert_close(got, t.grad, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("s,d,strided,fwd,bwd", [
@@ -64,19 +68,31 @@ def test_reference_is_the_default_path_and_its_gradient():
     (40, 64, False, SMALL_FWD, {"blk": 32, "sub": 16, "warps": 1, "stages": 1, "delta_pre": True, "split": True}),
     (33, 32, False, SMALL_FWD, {"blk": 16, "warps": 1, "stages": 1, "delta_pre": True}),
     (24, 32, True, SMALL_FWD, {"blk": 32, "warps": 1, "stages": 1, "split": True}),
+    # the forward's saved rotation read by the backward (save_rotated), with the other settings
+    (40, 32, True, SMALL_FWD, {**SMALL_BWD, "save_rotated": True}),
+    (70, 64, False, {"bm": 32, "bn": 16, "warps": 1, "stages": 1},
+     {"blk": 32, "sub": 16, "warps": 1, "stages": 1, "delta_pre": True, "split": True, "save_rotated": True}),
 ])
 def test_triton_kernels_match_the_reference(s, d, strided, fwd, bwd):
     # odd lengths: partial blocks on both sides of the diagonal; strided: q, k, v views of one projection output
     b, h = 2, 2
     q, k, v = qkv(b, s, h, d, strided=strided, seed=s)
     cos, sin = rope_tables(d, 80, 10000.0)
-    o, lse = attention.rope_attention_forward(q, k, v, cos, sin, fwd)
-    r_o, r_lse = ref.rope_attention(q, k, v, cos, sin)
-    assert o.is_contiguous() and o.shape == q.shape
+    saved = bool(bwd.get("save_rotated"))
+    o, lse, *rot = attention.rope_attention_forward(q, k, v, cos, sin, fwd, save_rotated=saved)
+    r_o, r_lse, *r_rot = ref.rope_attention(q, k, v, cos, sin, save_rotated=saved)
+    assert o.is_contiguous() and o.shape == q.shape and len(rot) == 2 * saved
     torch.testing.assert_close(o, r_o, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, r_lse, atol=1e-5, rtol=1e-5)
+    for got, want in zip(rot, r_rot):  # q and k rotated, [b, s, h, d] contiguous
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     do = torch.randn(b, s, h, d, generator=torch.Generator().manual_seed(1))
-    got = attention.rope_attention_backward(do, q, k, v, o, lse, cos, sin, bwd)
+    qk = rot if saved else (q, k)  # (the backward reads the saved rotation in place of q and k)
+    got = attention.rope_attention_backward(do, *qk, v, o, lse, cos, sin, bwd, rotated=saved)
+    if saved:  # the rotation it reads is the one it would compute (rounded alike): the same gradients, bit for bit
+        plain = attention.rope_attention_backward(do, q, k, v, o, lse, cos, sin, {**bwd, "save_rotated": False})
+        assert all(torch.equal(a, p) for a, p in zip(got, plain))
     for g, r in zip(got, ref.rope_attention_backward(do, q, k, v, cos, sin)):
         assert g.is_contiguous()
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
@@ -101,7 +117,9 @@ def test_triton_kernels_in_bf16_round_as_the_default_path():
 def test_operator_registration():
     q, k, v = qkv(1, 8, 2, 32)
     cos, sin = rope_tables(32, 8, 10000.0)
-    torch.library.opcheck(ops.rope_attention_op, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cos, sin))
+    for op in (ops.rope_attention_op, ops.rope_attention_saved_op):
+        torch.library.opcheck(op, (q.clone().requires_grad_(), k.clone().requires_grad_(), v.clone().requires_grad_(),
+                                   cos, sin))
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -143,8 +161,11 @@ def _loss_and_grads(backend, compiled=False):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, len(calls) / len(model.blocks)
 
 
-def test_model_with_triton_attention_equals_the_default():
-    want_loss, want, none = _loss_and_grads("auto")
+@pytest.mark.parametrize("save_rotated", [False, True])
+def test_model_with_triton_attention_equals_the_default(save_rotated, monkeypatch):
+    monkeypatch.setitem(attention.BWD_CONFIG, "save_rotated", save_rotated)  # (which op ops.rope_attention takes)
+    assert ops._save_rotated() is save_rotated
+    want_loss, want, none = _loss_and_grads("torch")
     assert none == 0
     for compiled in (False, True):  # compiled: fullgraph, so a graph break fails
         loss, grads, calls = _loss_and_grads("triton", compiled)
@@ -218,6 +239,28 @@ def test_gpu_triton_attention_matches_the_default_path(dtype, d):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_saved_rotation_gives_the_same_gradients():
+    # the 1B layer's shape in bf16: the backward reading the forward's rotated q and k (save_rotated) computes what
+    # the one that rotates them on load computes (the same rounded rotation, the same products; two kernels may
+    # contract the rotation's multiply-adds differently, so a rotated element may differ by one bf16 step)
+    b, s, h, d = 4, 256, 32, 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(b, s, h, d, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(4))
+    cos, sin = rope_tables(d, s, 10000.0, "cuda")
+    o, lse = attention.rope_attention_forward(q, k, v, cos, sin)
+    o2, lse2, qr, kr = attention.rope_attention_forward(q, k, v, cos, sin, save_rotated=True)
+    assert torch.equal(o, o2) and torch.equal(lse, lse2)
+    want = [apply_rope(t, cos, sin) for t in (q, k)]  # (apply_rope rounds as the kernel does, up to fma contraction)
+    for got, w in zip((qr, kr), want):
+        torch.testing.assert_close(got.float(), w.float(), atol=1e-2, rtol=1e-2)
+    plain = attention.rope_attention_backward(do, q, k, v, o, lse, cos, sin)
+    saved = attention.rope_attention_backward(do, qr, kr, v, o, lse, cos, sin, rotated=True)
+    for a, c in zip(plain, saved):
+        assert ((a.float() - c.float()).abs().max() / a.float().abs().max()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_model_step_with_triton_attention():
     losses = {}
     for backend in ("torch", "auto"):  # (auto: elas's kernel on a GPU)
@@ -252,6 +295,7 @@ def test_fp32_products_are_not_tf32_on_the_gpu(monkeypatch):
     ("fwd", {"bm": 64, "bn": 48}, "powers of two"),
     ("bwd", {"blk": 64, "subs": 32}, "launch setting 'subs': expected one of blk, sub"),
     ("fwd", {"bm": 64, "maxnreg": 300}, "maxnreg 24-255"),
+    ("bwd", {"save_rotated": 1}, "true or false"),
 ])
 def test_bad_launch_settings_are_one_line_errors(kind, config, match):
     with pytest.raises(ValueError, match=match):

@@ -393,33 +393,67 @@ def _(q, k, v, cos, sin):
     return q.new_empty(q.shape), q.new_empty((b * h, s), dtype=torch.float32)
 
 
+@torch.library.custom_op("elas::rope_attention_saved", mutates_args=())
+def rope_attention_saved_op(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (o, lse as rope_attention_op, q and k rotated [B, S, H, D] contiguous in q's dtype): the form whose
+    backward reads the saved rotation instead of rotating q and k on every load (launch setting save_rotated)."""
+    if q.device.type == "cuda" and _tk is not None:
+        from .cuda import attention
+        return attention.rope_attention_forward(q, k, v, cos, sin, save_rotated=True)
+    return ref.rope_attention(q, k, v, cos, sin, save_rotated=True)
+
+
+@rope_attention_saved_op.register_fake
+def _(q, k, v, cos, sin):
+    b, s, h, _ = q.shape
+    return (q.new_empty(q.shape), q.new_empty((b * h, s), dtype=torch.float32), q.new_empty(q.shape),
+            q.new_empty(q.shape))
+
+
 @torch.library.custom_op("elas::rope_attention_backward", mutates_args=())
 def rope_attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, cos: Tensor,
-                               sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                               sin: Tensor, rotated: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) w.r.t. the unrotated q and k; rotated: q and k are rope_attention_saved_op's rotation."""
     if q.device.type == "cuda" and _tk is not None:
         from .cuda import attention
         return attention.rope_attention_backward(do if do.stride(-1) == 1 else do.contiguous(), q, k, v, o, lse,
-                                                 cos, sin)
-    return ref.rope_attention_backward(do, q, k, v, cos, sin)
+                                                 cos, sin, rotated=rotated)
+    return ref.rope_attention_backward(do, q, k, v, cos, sin, rotated=rotated)
 
 
 @rope_attention_backward_op.register_fake
-def _(do, q, k, v, o, lse, cos, sin):
+def _(do, q, k, v, o, lse, cos, sin, rotated=False):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
 def _attention_setup_context(ctx, inputs, output):
     q, k, v, cos, sin = inputs
+    ctx.rotated = len(output) == 4  # rope_attention_saved_op: its rotated q and k saved in place of q and k
+    if ctx.rotated:
+        q, k = output[2], output[3]
+        ctx.mark_non_differentiable(*output[1:])
+    else:
+        ctx.mark_non_differentiable(output[1])  # lse: saved for the backward, not a result to differentiate
     ctx.save_for_backward(q, k, v, output[0], output[1], cos, sin)
-    ctx.mark_non_differentiable(output[1])  # lse: saved for the backward, not a result to differentiate
 
 
-def _attention_backward(ctx, do, _dlse):
+def _attention_backward(ctx, do, *_rest):
     q, k, v, o, lse, cos, sin = ctx.saved_tensors
-    return (*rope_attention_backward_op(do, q, k, v, o, lse, cos, sin), None, None)
+    return (*rope_attention_backward_op(do, q, k, v, o, lse, cos, sin, ctx.rotated), None, None)
 
 
 rope_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+rope_attention_saved_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+def _save_rotated() -> bool:
+    """The backward's launch setting save_rotated (kernels/cuda/attention.py BWD_CONFIG; ELAS_ATTN_CONFIG); off
+    where the Triton kernels are not installed."""
+    if _tk is None:
+        return False
+    from .cuda import attention
+    return bool(attention.BWD_CONFIG.get("save_rotated"))
 
 
 def rope_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -436,6 +470,8 @@ def rope_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) ->
     if cos.dim() != 2 or cos.shape[0] < q.shape[1] or cos.shape[1] != d // 2 or sin.shape != cos.shape:
         raise ValueError(f"rope_attention: cos {tuple(cos.shape)}, sin {tuple(sin.shape)}: expected "
                          f"[>= {q.shape[1]}, {d // 2}]")
+    if _save_rotated():
+        return rope_attention_saved_op(q, k, v, cos, sin)[0]
     return rope_attention_op(q, k, v, cos, sin)[0]
 
 

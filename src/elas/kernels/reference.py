@@ -314,12 +314,13 @@ def _rope_rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, inverse: boo
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
 
 
-def _rope_attention_parts(q, k, cos, sin, round_rotated: bool):
-    """(rotated q, rotated k [B, S, H, D] fp32, P [B, H, S, S] fp32, natural-log lse [B, H, S], c, s)."""
+def _rope_attention_parts(q, k, cos, sin, round_rotated: bool, rotated: bool = False):
+    """(rotated q, rotated k [B, S, H, D] fp32, P [B, H, S, S] fp32, natural-log lse [B, H, S], c, s). rotated: q and
+    k are already rotated (the forward's saved rotation)."""
     s, d = q.shape[1], q.shape[-1]
     c, sn = cos[:s, None].float(), sin[:s, None].float()  # [S, 1, D/2]
-    qr, kr = _rope_rotate(q, c, sn), _rope_rotate(k, c, sn)
-    if round_rotated:  # what apply_rope hands the attention: the rotation rounded to q's dtype
+    qr, kr = (q.float(), k.float()) if rotated else (_rope_rotate(q, c, sn), _rope_rotate(k, c, sn))
+    if round_rotated and not rotated:  # what apply_rope hands the attention: the rotation rounded to q's dtype
         qr, kr = qr.to(q.dtype).float(), kr.to(k.dtype).float()
     scores = torch.einsum("bqhd,bkhd->bhqk", qr, kr) / d ** 0.5
     causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
@@ -328,24 +329,27 @@ def _rope_attention_parts(q, k, cos, sin, round_rotated: bool):
     return qr, kr, torch.exp(scores - lse[..., None]), lse, c, sn
 
 
-def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   save_rotated: bool = False) -> tuple[torch.Tensor, ...]:
     """Twin of kernels/cuda/attention.py's forward: q, k, v [B, S, H, D] (unrotated), cos, sin [>= S, D/2] ->
     o [B, S, H, D] contiguous in q's dtype, lse [B * H, S] fp32 in the log2 domain. Causal softmax attention with
-    scale 1/sqrt(D) on q and k rotated as model.apply_rope rotates them (rounded to their dtype), in fp32."""
+    scale 1/sqrt(D) on q and k rotated as model.apply_rope rotates them (rounded to their dtype), in fp32.
+    save_rotated: also those rotated q and k [B, S, H, D] contiguous in q's dtype (for the backward)."""
     b, s, h, _ = q.shape
-    _, _, p, lse, _, _ = _rope_attention_parts(q, k, cos, sin, round_rotated=True)
+    qr, kr, p, lse, _, _ = _rope_attention_parts(q, k, cos, sin, round_rotated=True)
     o = torch.einsum("bhqk,bkhd->bqhd", p, v.float())
-    return o.to(q.dtype).contiguous(), (lse * 1.4426950408889634).reshape(b * h, s)
+    out = (o.to(q.dtype).contiguous(), (lse * 1.4426950408889634).reshape(b * h, s))
+    return out + (qr.to(q.dtype).contiguous(), kr.to(k.dtype).contiguous()) if save_rotated else out
 
 
 def rope_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                            sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            sin: torch.Tensor, rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Twin of the backward: (dq, dk, dv) [B, S, H, D] in q's dtype, the gradients of rope_attention's o (in fp32,
     the rotation unrounded) w.r.t. the unrotated q, k and v for the output gradient do, written out (no autograd:
-    an operator's implementation runs below it)."""
+    an operator's implementation runs below it). rotated: q and k are the forward's saved rotation (save_rotated;
+    rounded to their dtype), the gradients still w.r.t. the unrotated q and k."""
     d = q.shape[-1]
-    qr, kr, p, _, c, sn = _rope_attention_parts(q, k, cos, sin, round_rotated=False)
+    qr, kr, p, _, c, sn = _rope_attention_parts(q, k, cos, sin, round_rotated=False, rotated=rotated)
     dof = do.float()
     dv = torch.einsum("bhqk,bqhd->bkhd", p, dof)
     dp = torch.einsum("bqhd,bkhd->bhqk", dof, v.float())

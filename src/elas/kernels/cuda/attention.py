@@ -44,13 +44,16 @@ def _dot(a, b, acc, DOT: tl.constexpr):
 
 
 @triton.jit
-def _load_rotated(ptr, rows, valid, stride_s, cos_ptr, sin_ptr, HALF: tl.constexpr):
+def _load_rotated(ptr, rows, valid, stride_s, cos_ptr, sin_ptr, HALF: tl.constexpr, DONE: tl.constexpr):
     """Rows `rows` of one head [len(rows), 2 * HALF] of q or k, rotated by their positions' angles: the two halves,
-    each [len(rows), HALF] in the input's dtype (rounded after the fp32 rotation, as apply_rope)."""
+    each [len(rows), HALF] in the input's dtype (rounded after the fp32 rotation, as apply_rope). DONE: ptr holds
+    them rotated already (the forward's saved rotation, launch setting save_rotated): loaded as they are."""
     cols = tl.arange(0, HALF)
     off = rows[:, None] * stride_s + cols[None, :]
     x1 = tl.load(ptr + off, mask=valid[:, None], other=0.0)
     x2 = tl.load(ptr + off + HALF, mask=valid[:, None], other=0.0)
+    if DONE:
+        return x1, x2
     toff = rows[:, None] * HALF + cols[None, :]
     c = tl.load(cos_ptr + toff, mask=valid[:, None], other=0.0)
     s = tl.load(sin_ptr + toff, mask=valid[:, None], other=0.0)
@@ -72,11 +75,20 @@ def _store_unrotated(ptr, rows, valid, stride_s, g1, g2, cos_ptr, sin_ptr, HALF:
 
 
 @triton.jit
+def _store_halves(ptr, rows, valid, stride_s, x1, x2, HALF: tl.constexpr):
+    """Rows `rows` of one head [.., 2 * HALF] from their two halves x1, x2 [len(rows), HALF] (ptr's dtype)."""
+    off = rows[:, None] * stride_s + tl.arange(0, HALF)[None, :]
+    tl.store(ptr + off, x1, mask=valid[:, None])
+    tl.store(ptr + off + HALF, x2, mask=valid[:, None])
+
+
+@triton.jit
 def _key_block(kb, vb, rn, in_n, sks, svs, cos_ptr, sin_ptr, q1, q2, zero_s, scale_log2, HALF: tl.constexpr,
-               DOT: tl.constexpr):
+               DOT: tl.constexpr, DONE: tl.constexpr):
     """Key rows rn of one head: k's rotated halves and v [len(rn), 2 * HALF], and the scores of the query rows
-    (rotated halves q1, q2) against them, unmasked, in the log2 domain [len(q rows), len(rn)] fp32."""
-    k1, k2 = _load_rotated(kb, rn, in_n, sks, cos_ptr, sin_ptr, HALF)
+    (rotated halves q1, q2) against them, unmasked, in the log2 domain [len(q rows), len(rn)] fp32. DONE: kb holds
+    k rotated already (_load_rotated)."""
+    k1, k2 = _load_rotated(kb, rn, in_n, sks, cos_ptr, sin_ptr, HALF, DONE)
     v = tl.load(vb + rn[:, None] * svs + tl.arange(0, 2 * HALF)[None, :], mask=in_n[:, None], other=0.0)
     s = _dot(q2, tl.trans(k2), _dot(q1, tl.trans(k1), zero_s, DOT), DOT) * scale_log2
     return k1, k2, v, s
@@ -111,10 +123,11 @@ def _attn_delta(o_ptr, do_ptr, delta_ptr, sdb, sds, sdh, S, H, D: tl.constexpr, 
 
 
 @triton.jit
-def _attn_fwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, lse_ptr,
+def _attn_fwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, lse_ptr, qr_ptr, kr_ptr,
               sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, S, H, scale_log2,
-              HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr):
-    # one program: BM query rows of one (batch, head); online softmax over the key blocks up to the diagonal
+              HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr, SAVE_ROT: tl.constexpr):
+    # one program: BM query rows of one (batch, head); online softmax over the key blocks up to the diagonal.
+    # SAVE_ROT: also q and k of these rows rotated, into qr, kr [B, S, H, D] contiguous (for the backward)
     # a 1-D grid, the row blocks of one (batch, head) adjacent (they share its K and V through L2); grid axis 1
     # would cap batch x heads at 65,535
     pid_m, bh = tl.program_id(0) % tl.cdiv(S, BM), tl.program_id(0) // tl.cdiv(S, BM)
@@ -122,8 +135,15 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, lse_ptr,
     D: tl.constexpr = 2 * HALF
     rm = pid_m * BM + tl.arange(0, BM)
     in_m = rm < S
-    q1, q2 = _load_rotated(q_ptr + b * sqb + h * sqh, rm, in_m, sqs, cos_ptr, sin_ptr, HALF)
+    q1, q2 = _load_rotated(q_ptr + b * sqb + h * sqh, rm, in_m, sqs, cos_ptr, sin_ptr, HALF, False)
     kb, vb = k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
+    if SAVE_ROT:  # q's rows rotated, and k's rows of this block (once per program: each row of k once in all; an
+        # L2 hit, the loop reads them too), [B, S, H, D] contiguous. (Here, not after the loop: there it took more
+        # registers, 138-179 against 130, benchmarks/attention_regs.py)
+        gb = (b * S * H + h) * D
+        _store_halves(qr_ptr + gb, rm, in_m, H * D, q1, q2, HALF)
+        kr1, kr2 = _load_rotated(kb, rm, in_m, sks, cos_ptr, sin_ptr, HALF, False)
+        _store_halves(kr_ptr + gb, rm, in_m, H * D, kr1, kr2, HALF)
     dcols = tl.arange(0, D)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -134,7 +154,7 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, lse_ptr,
         rn = start_n + tl.arange(0, BN)
         in_n = rn < S
         _, _, v, s = _key_block(kb, vb, rn, in_n, sks, svs, cos_ptr, sin_ptr, q1, q2, zero_s, scale_log2, HALF,
-                                DOT)  # s [BM, BN]
+                                DOT, False)  # s [BM, BN]
         s = tl.where((rm[:, None] >= rn[None, :]) & in_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -152,11 +172,12 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, lse_ptr,
 def _attn_bwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr,
               sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, S, H, scale, scale_log2,
               HALF: tl.constexpr, BLK: tl.constexpr, SUB: tl.constexpr, DELTA_PRE: tl.constexpr,
-              PHASE: tl.constexpr, DOT: tl.constexpr):
+              PHASE: tl.constexpr, DOT: tl.constexpr, ROTATED: tl.constexpr):
     # one program, block index n of one (batch, head): dK and dV of key block n (over the query rows at and after
     # it, SUB at a time), then dQ of query block n (over the key rows up to it, SUB at a time); BLK % SUB == 0.
     # PHASE 0 does both, 1 only dK and dV, 2 only dQ (the launch setting split: two launches, each kernel with its
-    # own registers). o, do [B, S, H, D] (o contiguous); delta [B * H, S] from _attn_delta where DELTA_PRE
+    # own registers). o, do [B, S, H, D] (o contiguous); delta [B * H, S] from _attn_delta where DELTA_PRE.
+    # ROTATED: q and k are the forward's saved rotation (no rotation here: plain loads, no cos/sin reads)
     n, bh = tl.program_id(0) % tl.cdiv(S, BLK), tl.program_id(0) // tl.cdiv(S, BLK)  # (1-D grid: as _attn_fwd)
     b, h = (bh // H).to(tl.int64), bh % H  # (int64: offsets past 2^31 elements in a large batch)
     D: tl.constexpr = 2 * HALF
@@ -171,7 +192,7 @@ def _attn_bwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, do_ptr, lse_ptr, del
     if PHASE != 2:  # dK, dV of key block n
         rn = n * BLK + tl.arange(0, BLK)
         in_n = rn < S
-        k1, k2 = _load_rotated(kb, rn, in_n, sks, cos_ptr, sin_ptr, HALF)
+        k1, k2 = _load_rotated(kb, rn, in_n, sks, cos_ptr, sin_ptr, HALF, ROTATED)
         v = tl.load(vb + rn[:, None] * svs + dcols[None, :], mask=in_n[:, None], other=0.0)
         dk1 = tl.zeros([BLK, HALF], tl.float32)
         dk2 = tl.zeros([BLK, HALF], tl.float32)
@@ -179,7 +200,7 @@ def _attn_bwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, do_ptr, lse_ptr, del
         for start_m in range(n * BLK, S, SUB):
             rm = start_m + tl.arange(0, SUB)
             in_m = rm < S
-            q1, q2 = _load_rotated(qb, rm, in_m, sqs, cos_ptr, sin_ptr, HALF)
+            q1, q2 = _load_rotated(qb, rm, in_m, sqs, cos_ptr, sin_ptr, HALF, ROTATED)
             do, delta, lse = _query_grad_rows(dob, ob, lb, db, rm, in_m, sds, H * D, HALF, DELTA_PRE)  # delta [SUB]
             st = _dot(k2, tl.trans(q2), _dot(k1, tl.trans(q1), zero_s, DOT), DOT) * scale_log2  # [keys, queries]
             pt = tl.where((rm[None, :] >= rn[:, None]) & in_m[None, :], tl.math.exp2(st - lse[None, :]), 0.0)
@@ -195,7 +216,7 @@ def _attn_bwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, do_ptr, lse_ptr, del
     if PHASE != 1:  # dQ of query block n
         rm = n * BLK + tl.arange(0, BLK)
         in_m = rm < S
-        q1, q2 = _load_rotated(qb, rm, in_m, sqs, cos_ptr, sin_ptr, HALF)
+        q1, q2 = _load_rotated(qb, rm, in_m, sqs, cos_ptr, sin_ptr, HALF, ROTATED)
         do, delta, lse = _query_grad_rows(dob, ob, lb, db, rm, in_m, sds, H * D, HALF, DELTA_PRE)
         dq1 = tl.zeros([BLK, HALF], tl.float32)
         dq2 = tl.zeros([BLK, HALF], tl.float32)
@@ -205,7 +226,7 @@ def _attn_bwd(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, do_ptr, lse_ptr, del
             in_k = rk < S
             # (kr1, kr2, vr: not k1, k2, v, which hold BLK rows in the dK, dV phase: one name, one shape per kernel)
             kr1, kr2, vr, s = _key_block(kb, vb, rk, in_k, sks, svs, cos_ptr, sin_ptr, q1, q2, zero_s, scale_log2,
-                                         HALF, DOT)  # s [queries, keys]
+                                         HALF, DOT, ROTATED)  # s [queries, keys]
             p = tl.where((rm[:, None] >= rk[None, :]) & in_k[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
             dp = _dot(do, tl.trans(vr), zero_s, DOT)
             ds = (p * (dp - delta[:, None])).to(q1.dtype)
@@ -243,11 +264,14 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
 # ELAS_ATTN_CONFIG='{"fwd": {...}, "bwd": {...}}' overrides them for a process (the sweep prints its best so)
 FWD_CONFIG = {"bm": 64, "bn": 64, "warps": 4, "stages": 2}
 # backward: blk rows per program; sub: the other side's rows per step of its loops (blk where not given); delta_pre:
-# rowsum(dO * O) in a pass of its own first; split: dK, dV and dQ as two launches. Both: maxnreg (optional), a cap
-# on registers a thread (_regs)
-BWD_CONFIG = {"blk": 64, "warps": 4, "stages": 1, "delta_pre": False, "split": False}
+# rowsum(dO * O) in a pass of its own first; split: dK, dV and dQ as two launches; save_rotated: the forward writes
+# q and k rotated (two more [B, S, H, D] outputs, saved in place of q and k: no more memory held) and the backward
+# loads them as they are, where it rotated q and k on every load (Nsight Compute, 2026-12-06: a third of the
+# backward's stalls wait on those loads, h100/attention_ncu.json). Both: maxnreg (optional), a cap on registers a
+# thread (_regs)
+BWD_CONFIG = {"blk": 64, "warps": 4, "stages": 1, "delta_pre": False, "split": False, "save_rotated": False}
 _KEYS = {"fwd": ("bm", "bn", "warps", "stages", "maxnreg"),
-         "bwd": ("blk", "sub", "warps", "stages", "delta_pre", "split", "maxnreg")}
+         "bwd": ("blk", "sub", "warps", "stages", "delta_pre", "split", "save_rotated", "maxnreg")}
 
 
 def launch_settings(kind: str, config: dict | None = None, base: dict | None = None) -> dict:
@@ -265,6 +289,8 @@ def launch_settings(kind: str, config: dict | None = None, base: dict | None = N
     if not all(pow2(c[r]) for r in rows) or (kind == "bwd" and c["sub"] > c["blk"]):
         raise ValueError(f"attention {kind} launch settings {c}: {' and '.join(rows)} must be powers of two >= 16"
                          + (", sub <= blk" if kind == "bwd" else ""))
+    if any(not isinstance(c.get(f, False), bool) for f in ("delta_pre", "split", "save_rotated")):
+        raise ValueError(f"attention {kind} launch settings {c}: delta_pre, split and save_rotated are true or false")
     if c["warps"] not in (1, 2, 4, 8, 16) or c["stages"] < 1 or (c.get("maxnreg") or 255) not in range(24, 256):
         raise ValueError(f"attention {kind} launch settings {c}: warps 1-16 (a power of two), stages >= 1, maxnreg "
                          f"24-255 or absent")
@@ -280,25 +306,28 @@ if os.environ.get("ELAS_ATTN_CONFIG"):  # (checked here: a bad key fails at impo
     BWD_CONFIG = launch_settings("bwd", _override.get("bwd"))
 
 
-def rope_attention_forward(q, k, v, cos, sin, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> o [B, S, H, D] contiguous, lse [B * H, S] fp32 (log2 domain); see the module docstring."""
+def rope_attention_forward(q, k, v, cos, sin, config: dict | None = None, save_rotated: bool = False
+                           ) -> tuple[torch.Tensor, ...]:
+    """-> o [B, S, H, D] contiguous, lse [B * H, S] fp32 (log2 domain); see the module docstring. save_rotated:
+    also q and k rotated, [B, S, H, D] contiguous in q's dtype (what the backward reads with rotated=True)."""
     _check(q, k, v, cos, sin)
     c = launch_settings("fwd", config)
     bsz, s, h, d = q.shape
     o = torch.empty((bsz, s, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((bsz * h, s), dtype=torch.float32, device=q.device)
+    qr, kr = (torch.empty_like(o), torch.empty_like(o)) if save_rotated else (o, o)  # (o: not written unless saved)
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
     grid = (triton.cdiv(s, c["bm"]) * bsz * h,)
-    _attn_fwd[grid](q, k, v, cos, sin, o, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-                    k.stride(2), v.stride(0), v.stride(1), v.stride(2), s, h, LOG2E / math.sqrt(d),
-                    HALF=d // 2, BM=c["bm"], BN=c["bn"], DOT=_dot_mode(q), num_warps=c["warps"],
-                    num_stages=c["stages"], **_regs(c))
-    return o, lse
+    _attn_fwd[grid](q, k, v, cos, sin, o, lse, qr, kr, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
+                    k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), s, h, LOG2E / math.sqrt(d),
+                    HALF=d // 2, BM=c["bm"], BN=c["bn"], DOT=_dot_mode(q), SAVE_ROT=save_rotated,
+                    num_warps=c["warps"], num_stages=c["stages"], **_regs(c))
+    return (o, lse, qr, kr) if save_rotated else (o, lse)
 
 
-def rope_attention_backward(do, q, k, v, o, lse, cos, sin, config: dict | None = None):
+def rope_attention_backward(do, q, k, v, o, lse, cos, sin, config: dict | None = None, rotated: bool = False):
     """-> dq, dk, dv [B, S, H, D] contiguous (the gradients w.r.t. the unrotated q and k); o, lse from
-    rope_attention_forward."""
+    rope_attention_forward. rotated: q and k are rope_attention_forward's saved rotation (save_rotated)."""
     _check(q, k, v, cos, sin)
     if do.shape != q.shape or do.stride(-1) != 1 or not o.is_contiguous() or lse.shape != (q.shape[0] * q.shape[2],
                                                                                               q.shape[1]):
@@ -319,7 +348,7 @@ def rope_attention_backward(do, q, k, v, o, lse, cos, sin, config: dict | None =
                         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), do.stride(0),
                         do.stride(1), do.stride(2), s, h, 1.0 / math.sqrt(d), LOG2E / math.sqrt(d), HALF=d // 2,
                         BLK=c["blk"], SUB=c["sub"], DELTA_PRE=bool(c.get("delta_pre")), PHASE=phase, DOT=_dot_mode(q),
-                        num_warps=c["warps"], num_stages=c["stages"], **_regs(c))
+                        ROTATED=rotated, num_warps=c["warps"], num_stages=c["stages"], **_regs(c))
     return dq, dk, dv
 
 
