@@ -110,7 +110,9 @@ def run_size(size: str) -> dict:
     best_fwd = saved_cfg if bwd[0][1]["save_rotated"] else fwd[0][1]
     attention.FWD_CONFIG.update(best_fwd)
     attention.BWD_CONFIG.update(bwd[0][1])
-    row.update(triton_fwd_ms=fwd[0][0], triton_fwd_saved_ms=fwd_saved_ms, triton_fwd_saved_config=saved_cfg,
+    # (triton_fwd_ms: the forward that the chosen backward needs; the forward without the saved rotation beside it)
+    row.update(triton_fwd_ms=fwd_saved_ms if bwd[0][1]["save_rotated"] else fwd[0][0],
+               triton_fwd_plain_ms=fwd[0][0], triton_fwd_saved_ms=fwd_saved_ms, triton_fwd_saved_config=saved_cfg,
                triton_fwd_config=best_fwd,
                triton_bwd_ms=bwd[0][0], triton_bwd_config=bwd[0][1], fwd_settings=[[t, c] for t, c in fwd],
                bwd_settings=[[t, c] for t, c in bwd])

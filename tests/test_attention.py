@@ -54,6 +54,14 @@ def test_reference_is_the_default_path_and_its_gradient():
     _, _, qr, kr = ref.rope_attention(q.detach(), k.detach(), v.detach(), cos, sin, save_rotated=True)
     for got, t in zip(ref.rope_attention_backward(do, qr, kr, v.detach(), cos, sin, rotated=True), (q, k, v)):
         torch.testing.assert_close(got, t.grad, atol=1e-5, rtol=1e-5)
+    # bf16: the saved rotation is apply_rope's (rounded alike), and the backward from it stays within bf16 rounding
+    qb, kb, vb, dob = (t.detach().bfloat16() for t in (q, k, v, do))
+    _, _, qr, kr = ref.rope_attention(qb, kb, vb, cos, sin, save_rotated=True)
+    assert qr.dtype == torch.bfloat16
+    assert torch.equal(qr, apply_rope(qb, cos[:s], sin[:s])) and torch.equal(kr, apply_rope(kb, cos[:s], sin[:s]))
+    for got, want in zip(ref.rope_attention_backward(dob, qr, kr, vb, cos, sin, rotated=True),
+                         ref.rope_attention_backward(dob, qb, kb, vb, cos, sin)):
+        torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.parametrize("s,d,strided,fwd,bwd", [
@@ -178,6 +186,21 @@ def test_model_with_triton_attention_equals_the_default(save_rotated, monkeypatc
     assert build_model(model_preset("llama-tiny-relu2")).blocks[0].attn.attn_op is None
 
 
+def test_saved_rotation_only_where_a_backward_comes(monkeypatch):
+    monkeypatch.setitem(attention.BWD_CONFIG, "save_rotated", True)
+    calls = []
+    real = ops.rope_attention_saved_op
+    monkeypatch.setattr(ops, "rope_attention_saved_op", lambda *a: calls.append(1) or real(*a))
+    q, k, v = qkv(1, 8, 2, 32)
+    cos, sin = rope_tables(32, 8, 10000.0)
+    with torch.no_grad():  # evaluation: the plain form, no rotated copies written
+        ops.rope_attention(q.requires_grad_(), k.requires_grad_(), v, cos, sin)
+    ops.rope_attention(q.detach(), k.detach(), v, cos, sin)  # nothing to differentiate: likewise
+    assert calls == []
+    ops.rope_attention(q, k, v, cos, sin).sum().backward()
+    assert calls == [1] and q.grad is not None and k.grad is not None
+
+
 def test_auto_takes_the_kernel_where_it_applies(monkeypatch):
     import importlib.util
     from elas.build import attn_backend
@@ -261,7 +284,9 @@ def test_gpu_saved_rotation_gives_the_same_gradients():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_model_step_with_triton_attention():
+@pytest.mark.parametrize("save_rotated", [False, True])
+def test_gpu_model_step_with_triton_attention(save_rotated, monkeypatch):
+    monkeypatch.setitem(attention.BWD_CONFIG, "save_rotated", save_rotated)  # (the operator's form: ops.py)
     losses = {}
     for backend in ("torch", "auto"):  # (auto: elas's kernel on a GPU)
         torch.manual_seed(0)

@@ -470,7 +470,8 @@ def rope_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) ->
     if cos.dim() != 2 or cos.shape[0] < q.shape[1] or cos.shape[1] != d // 2 or sin.shape != cos.shape:
         raise ValueError(f"rope_attention: cos {tuple(cos.shape)}, sin {tuple(sin.shape)}: expected "
                          f"[>= {q.shape[1]}, {d // 2}]")
-    if _save_rotated():
+    if _save_rotated() and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):  # (no backward to
+        # come, as in evaluation: nothing to save)
         return rope_attention_saved_op(q, k, v, cos, sin)[0]
     return rope_attention_op(q, k, v, cos, sin)[0]
 

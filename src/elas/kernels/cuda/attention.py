@@ -327,7 +327,8 @@ def rope_attention_forward(q, k, v, cos, sin, config: dict | None = None, save_r
 
 def rope_attention_backward(do, q, k, v, o, lse, cos, sin, config: dict | None = None, rotated: bool = False):
     """-> dq, dk, dv [B, S, H, D] contiguous (the gradients w.r.t. the unrotated q and k); o, lse from
-    rope_attention_forward. rotated: q and k are rope_attention_forward's saved rotation (save_rotated)."""
+    rope_attention_forward. rotated: q and k are rope_attention_forward's saved rotation (save_rotated; the
+    argument decides, not config's save_rotated: ops.py passes what the forward saved)."""
     _check(q, k, v, cos, sin)
     if do.shape != q.shape or do.stride(-1) != 1 or not o.is_contiguous() or lse.shape != (q.shape[0] * q.shape[2],
                                                                                               q.shape[1]):
