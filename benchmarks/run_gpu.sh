@@ -92,10 +92,12 @@ for what in "${@:-tests kernels ffn}"; do
       target)  # the 1.2x target's row in one process: the dense 1B twin in elas mode (relu2_kernel=auto: cutlass with
                # ELAS_CUTLASS_RELU2, carry build/cutlass_relu2; norm_kernel=auto: the one-pass norm backward, 1.013x
                # the former default on an H100: add $v+norm_kernel=torch to TARGET_MORE to time it again; fuse_qkv:
-               # the q/k/v down-projections as one GEMM, the default since 2026-12-05), with three (the former
-               # default), with bf16 Adam moments (optim_state_dtype), and plain torch.compile of the same model
-               # (none of elas's kernels); TARGET_MORE adds variants (e.g. relu2: the full-rank form)
-        v=lowrank-relu2; k=,$v+fuse_qkv=false,$v+optim_state_dtype=bf16
+               # the q/k/v down-projections as one GEMM, the default since 2026-12-05; attn_backend=auto: elas's
+               # attention kernel, the default since 2026-12-06, with ELAS_ATTN_CONFIG's launch settings if set), with
+               # torch's attention (the former default), with bf16 Adam moments (optim_state_dtype), and plain
+               # torch.compile of the same model (none of elas's kernels); TARGET_MORE adds variants (e.g. relu2: the
+               # full-rank form; $v+fuse_qkv=false: three q/k/v GEMMs)
+        v=lowrank-relu2; k=,$v+attn_backend=torch,$v+optim_state_dtype=bf16
         k=$k${TARGET_MORE:+,$TARGET_MORE}  # (e.g. $v+pdl=true: timed on the H100 2026-12-05, no gain)
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b \
           --modes elas,torch.compile --variants "$v$k" --out "${TARGET_OUT:-benchmarks/results/$GPU/step_target}" 2>&1 | quiet ;;
