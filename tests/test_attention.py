@@ -210,14 +210,26 @@ def test_auto_takes_the_kernel_where_it_applies(monkeypatch):
     assert build_model(cfg, "cpu").blocks[0].attn.attn_op is None
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else real(name, *a))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # a Hopper GPU
     assert attn_backend(cfg, "cuda") == "triton" and attn_backend(cfg, torch.device("cuda", 1)) == "triton"
+    for hd in (64, 128):
+        assert attn_backend(model_preset("llama-tiny-lowrank-relu2", d_model=4 * hd), "cuda") == "triton"
     for what, keys in (("rotation in the q/k GEMMs", {"rope_kernel": "cutlass"}),
-                       ("head_dim 48", {"d_model": 192}), ("head_dim 16", {"d_model": 64})):
+                       ("head_dim 48", {"d_model": 192}), ("head_dim 16", {"d_model": 64}),
+                       ("head_dim 256: its shared memory", {"d_model": 1024})):
         assert attn_backend(model_preset("llama-tiny-lowrank-relu2", **keys), "cuda") == "torch", what
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))  # less shared memory
+    assert attn_backend(cfg, "cuda") == "torch"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
     assert attn_backend(cfg, "cuda") == "torch"
     for name in ("torch", "triton", "flash"):  # set: itself (triton's reference off CUDA)
         assert attn_backend(model_preset("llama-tiny-lowrank-relu2", attn_backend=name), "cpu") == name
+    # a run trained with elas's kernel, evaluated elsewhere: the machine's own choice (its reference off CUDA would
+    # build [B, H, S, S] scores in fp32)
+    from elas.build import kernels_for_here
+    trained = model_preset("llama-tiny-lowrank-relu2", attn_backend="triton")
+    assert kernels_for_here(trained, "cpu").attn_backend == "auto" and trained.attn_backend == "triton"
     # a config.json of version 2 ran torch's order under "auto" (or before the key): it resumes so; version 3 keeps it
     train = to_dict(TrainConfig())
     for version, given, want in ((2, "auto", "torch"), (2, None, "torch"), (2, "triton", "triton"),

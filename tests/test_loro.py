@@ -713,3 +713,22 @@ def test_a_grid_stopped_by_a_signal_says_how_to_continue(tmp_path, monkeypatch, 
                      "--data", str(tmp_path / "data"), "--out", str(tmp_path / "grid")]) == 130
     err = capsys.readouterr().err
     assert "stopped by signal 2" in err and "the same command continues the grid" in err and "error" not in err
+
+
+def test_a_grid_run_that_resolved_auto_kernels_is_the_same_run(tmp_path):
+    """A variant that asks for a kernel key's "auto" records what it resolved to (config.json): running the grid
+    again must not see that as another setting; another explicit value is one."""
+    from elas.config import to_dict
+    from elas.train.experiment import other_settings, variant_config
+    for key, resolved in (("attn_backend", "triton"), ("norm_kernel", "fused"), ("relu2_kernel", "cutlass")):
+        cfg = variant_config("llama-60m", f"lowrank-relu2+{key}=auto", 2000, "d", tmp_path / key, 512, 1)
+        run = tmp_path / key / f"lowrank-relu2+{key}=auto"
+        assert cfg.out_dir == str(run)
+        run.mkdir(parents=True)
+        saved = to_dict(cfg)
+        saved["model"][key] = resolved  # what the trainer wrote
+        (run / "config.json").write_text(json.dumps(saved))
+        (run / "summary.json").write_text("{}")
+        assert other_settings(cfg) == [], key
+        setattr(cfg.model, key, "torch")
+        assert other_settings(cfg) == [f"model.{key} {resolved!r} -> 'torch'"], key

@@ -51,15 +51,22 @@ def norm_kernel(cfg: ModelConfig, device: str | torch.device) -> str:
 def attn_backend(cfg: ModelConfig, device: str | torch.device) -> str:
     """The attention kernel that cfg.attn_backend gives on `device`: "auto" is triton (elas's causal attention with
     the rotary embedding inside: 1.186x the default layer attention, 1.007-1.008x the 1B low-rank step on two H100
-    hosts) on CUDA where Triton is installed and the model allows it (head_dim a power of two >= 32, rope_kernel
-    torch), else torch (SDPA in torch's order); any other value is itself."""
+    hosts) where it was measured and fits: a Hopper GPU (compute capability 9.x; others have less shared memory a
+    block) with Triton installed, head_dim 32, 64 or 128 (256 in fp32 would not fit even there), rope_kernel torch;
+    else torch (SDPA in torch's order). Any other value is itself."""
     if cfg.attn_backend != "auto":
         return cfg.attn_backend
     import importlib.util
     hd = cfg.d_model // cfg.n_heads
-    fits = hd >= 32 and not hd & (hd - 1) and cfg.rope_kernel == "torch"
-    return ("triton" if fits and torch.device(device).type == "cuda" and importlib.util.find_spec("triton")
-            else "torch")
+    device = torch.device(device)
+    if hd not in (32, 64, 128) or cfg.rope_kernel != "torch" or device.type != "cuda" or \
+            not importlib.util.find_spec("triton"):
+        return "torch"
+    try:
+        hopper = torch.cuda.get_device_capability(device)[0] == 9
+    except (RuntimeError, AssertionError):  # (no CUDA here: a config resolved for another machine)
+        hopper = False
+    return "triton" if hopper else "torch"
 
 
 def _cutlass_keys(cfg: ModelConfig) -> list[str]:
@@ -84,13 +91,17 @@ def check_kernels(cfg: ModelConfig, device: str | torch.device) -> None:
 
 
 def kernels_for_here(cfg: ModelConfig, device: str | torch.device) -> ModelConfig:
-    """cfg with the CUTLASS kernel keys changed to what `device` can run (evaluation and generation of a run
-    trained elsewhere: the kernels are this machine's to choose, the model is the same): relu2_kernel=cutlass
-    becomes auto; rope_kernel=cutlass torch and a method's cutlass=true false where the library cannot run here.
-    The config given is not changed."""
+    """cfg with the kernel keys changed to what `device` can run (evaluation and generation of a run trained
+    elsewhere: the kernels are this machine's to choose, the model is the same): relu2_kernel=cutlass and
+    attn_backend=triton become auto (elas's attention off CUDA would run its fp32 reference, [B, H, S, S] scores);
+    rope_kernel=cutlass torch and a method's cutlass=true false where the library cannot run here. The config given
+    is not changed."""
+    import copy
+    import dataclasses
+    if cfg.attn_backend == "triton":
+        cfg = dataclasses.replace(cfg, attn_backend="auto")
     if not _cutlass_keys(cfg):
         return cfg
-    import copy
     from .kernels.cuda import cutlass_relu2
     out = copy.deepcopy(cfg)
     if out.relu2_kernel == "cutlass":

@@ -155,7 +155,8 @@ class ModelConfig:
         if self.attn_backend not in ATTN_BACKENDS:
             bad("attn_backend", self.attn_backend, f"expected one of {ATTN_BACKENDS}")
         if self.attn_backend == "triton" and self.rope_kernel == "cutlass":
-            bad("attn_backend", self.attn_backend, "rotates q and k itself: set model.rope_kernel=torch with it")
+            bad("attn_backend", self.attn_backend, "rotates q and k itself: set model.rope_kernel=torch with it "
+                "(or model.attn_backend=torch)")
         hd = self.d_model // self.n_heads
         if self.attn_backend == "triton" and (hd < 32 or hd & (hd - 1)):
             bad("attn_backend", self.attn_backend,

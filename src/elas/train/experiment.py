@@ -132,8 +132,8 @@ def other_settings(cfg) -> list[str]:
     # makes the same variant name another model)
     old, new = _resolved_model(saved), _resolved_model(cfg)
     diff += [f"model.{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-             if old.get(k) != new.get(k) and not (k == "relu2_kernel" and new.get(k) == "auto")]  # (auto:
-    # what the run resolved it to)
+             if old.get(k) != new.get(k) and not (k in ("relu2_kernel", "norm_kernel", "attn_backend")
+                                                  and new.get(k) == "auto")]  # (auto: what the run resolved it to)
     return diff
 
 
