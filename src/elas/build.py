@@ -147,4 +147,5 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu",
     return model
 
 
-__all__ = ["attn_backend", "build_model", "check_kernels", "kernels_for_here", "norm_kernel", "relu2_kernel", "resolve_methods"]
+__all__ = ["attn_backend", "build_model", "check_kernels", "kernels_for_here", "norm_kernel", "relu2_kernel",
+           "resolve_methods"]

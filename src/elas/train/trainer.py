@@ -275,7 +275,7 @@ class Trainer:
         # model.relu2_kernel=auto is resolved once, here, and the run records the kernel it took (config.json and
         # each checkpoint's copy): a resumed run takes the kernels of the run it resumes, whatever this machine
         # would pick; a kernel it cannot run is a one-line error naming the key that turns it off
-        self.relu2_note = None
+        self.kernel_note = None  # (what "auto" kernel keys resolved to on a GPU: logged at the start)
         try:
             if cfg.model.relu2_kernel == "auto":
                 kernel, why = relu2_kernel(cfg.model, self.device)
@@ -285,12 +285,18 @@ class Trainer:
                         kernel, why = "torch", "another rank cannot run the CUTLASS kernels"
                 cfg.model.relu2_kernel = kernel
                 if self.device.type == "cuda" and cfg.model.ffn == "relu2":
-                    self.relu2_note = f"dense ReLU^2 cores: {kernel} kernels (model.relu2_kernel=auto: " + (
+                    self.kernel_note = f"dense ReLU^2 cores: {kernel} kernels (model.relu2_kernel=auto: " + (
                         f"the CUTLASS library at {why})" if kernel == "cutlass" else f"{why})")
             if cfg.model.norm_kernel == "auto":  # likewise recorded: a resumed run keeps its norms' backward
                 cfg.model.norm_kernel = norm_kernel(cfg.model, self.device)
             if cfg.model.attn_backend == "auto":  # likewise: a resumed run keeps its attention kernel
                 cfg.model.attn_backend = attn_backend(cfg.model, self.device)
+                if self.device.type == "cuda":
+                    self.kernel_note = "; ".join(filter(None, [self.kernel_note, "attention: " + (
+                        "elas's kernel, the rotary embedding inside (model.attn_backend=auto; =torch for torch's "
+                        "SDPA)" if cfg.model.attn_backend == "triton" else
+                        "torch's SDPA (model.attn_backend=auto: elas's kernel needs a Hopper GPU and head_dim "
+                        "32-128)")]))
             check_kernels(cfg.model, self.device)
             if cfg.compile and self.device.type == "cuda":
                 compile_options(cfg.model)  # (model.pdl on a torch without it)
@@ -483,8 +489,8 @@ class Trainer:
                      f"| {where} | global batch {self.global_batch} x {cfg.seq_len} tokens | run dir {self.run_dir}")
             for line in describe(self.model):
                 self.log(f"elas: {line}")
-            if self.relu2_note:
-                self.log(f"elas: {self.relu2_note}")
+            if self.kernel_note:
+                self.log(f"elas: {self.kernel_note}")
             if self.param_dtype == "bf16":
                 moments = ("bf16 Adam moments (optim_state_dtype=bf16)" if cfg.optim_state_dtype == "bf16" else
                            "fp32 Adam moments")
