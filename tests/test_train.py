@@ -66,7 +66,7 @@ def test_evaluation_time_is_logged_and_left_out_of_tokens_per_s(dataset, tmp_pat
     real = tr.evaluate
 
     def slow_evaluate(*a, **kw):
-        time.sleep(1.5)
+        time.sleep(3.0)
         return real(*a, **kw)
 
     monkeypatch.setattr(tr, "evaluate", slow_evaluate)
@@ -74,15 +74,15 @@ def test_evaluation_time_is_logged_and_left_out_of_tokens_per_s(dataset, tmp_pat
     assert main(train_args(dataset, out, "--max-steps", "6", "--set", "eval_every=3", "--set", "save_every=6")) == 0
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in recs if "val_loss" in r]
-    assert [r["step"] for r in evals] == [3, 6] and all(r["eval_s"] >= 1.5 for r in evals)
+    assert [r["step"] for r in evals] == [3, 6] and all(r["eval_s"] >= 3.0 for r in evals)
     by = {r["step"]: r for r in recs if "tokens_per_s" in r}
-    # step 4's window began before the 1.5 s evaluation: the seconds its tokens/s implies are a step's, not 1.5 s
-    # more (an absolute bound: a ratio to the other steps' tokens/s fails when the machine is busy)
+    # step 4's window began before the 3 s evaluation: the seconds its tokens/s implies are a step's, not 3 s more
+    # (an absolute bound, with room for a step on a busy 2-core machine: 1.06 s was seen against a bound of 1 s)
     window_s = (by[4]["tokens"] - by[3]["tokens"]) / by[4]["tokens_per_s"]
-    assert window_s < 1.0, (window_s, {s: r["tokens_per_s"] for s, r in by.items()})
+    assert window_s < 2.5, (window_s, {s: r["tokens_per_s"] for s, r in by.items()})
     cap = capsys.readouterr()
     text = cap.out + cap.err
-    assert "tokens, 1." in text and text.count("that evaluation took") == 1
+    assert "tokens, 3." in text and text.count("that evaluation took") == 1
     assert "lower eval_tokens (now 2048) or raise eval_every (now 3): `--set eval_tokens=...` in `elas train`" in text
 
 
