@@ -225,6 +225,13 @@ def test_auto_takes_the_kernel_where_it_applies(monkeypatch):
     assert attn_backend(cfg, "cuda") == "torch"
     for name in ("torch", "triton", "flash"):  # set: itself (triton's reference off CUDA)
         assert attn_backend(model_preset("llama-tiny-lowrank-relu2", attn_backend=name), "cpu") == name
+    # the step benchmark: plain torch.compile and eager take torch's attention (what a user gets without elas), the
+    # elas mode its default, a variant's key only in elas mode
+    from elas.bench.step import step_config
+    for mode, want in (("torch.compile", "torch"), ("eager", "torch"), ("elas", "auto")):
+        assert step_config("llama-tiny", "lowrank-relu2", mode, 32).attn_backend == want, mode
+    assert step_config("llama-tiny", "lowrank-relu2+attn_backend=triton", "torch.compile", 32).attn_backend == "torch"
+    assert step_config("llama-tiny", "lowrank-relu2+attn_backend=triton", "elas", 32).attn_backend == "triton"
     # a run trained with elas's kernel, evaluated elsewhere: the machine's own choice (its reference off CUDA would
     # build [B, H, S, S] scores in fp32)
     from elas.build import kernels_for_here
