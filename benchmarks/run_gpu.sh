@@ -119,15 +119,17 @@ for what in "${@:-tests kernels ffn}"; do
         v=relu2+relu2_kernel=torch,relu2,relu2-24,relu2-24+act24.cutlass=true${MASK_VARIANTS:+,$MASK_VARIANTS}
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
           --variants "$v" --out "${MASK_OUT:-benchmarks/results/$GPU/step_mask_cutlass}" 2>&1 | quiet ;;
-      attention)  # model.attn_backend=triton (kernels/cuda/attention.py): its launch settings swept and the layer's
-                  # attention against the default (rotary + cuDNN SDPA), then the 1B step with and without it (and bf16
-                  # moments), one process each, with the sweep's best settings; ATTN_OUT (default
-                  # benchmarks/results/$GPU) gets attention.json and step_attn/step.json (committed as step_attn.json)
+      attention)  # model.attn_backend=triton (kernels/cuda/attention.py; what the default, auto, takes on Hopper):
+                  # its launch settings swept and the layer's attention against torch's (rotary + cuDNN SDPA), then
+                  # in one process the 1B step with torch's attention, with elas's (the default) and with bf16 moments
+                  # too, all with the sweep's best settings, beside plain torch.compile (one row: elas's keys do not
+                  # reach it): the 1.2x target's rows; ATTN_OUT (default benchmarks/results/$GPU) gets
+                  # attention.json and step_attn/step.json (committed as step_attn.json)
         d=${ATTN_OUT:-benchmarks/results/$GPU}
         # the sweep writes into runs/attn first: a sweep cut off or failed leaves no file there, and the step rows
         # then run the committed defaults (said so), not an earlier sweep's settings
         rm -f runs/attn/attention.json
-        timeout 420 python benchmarks/attention.py runs/attn ${ATTN_SIZES:-llama-1b} 2>&1 | grep -v -E 'Warning|warn\(' | tail -12
+        timeout "${SWEEP_TIMEOUT:-240}" python benchmarks/attention.py runs/attn ${ATTN_SIZES:-llama-1b} 2>&1 | grep -v -E 'Warning|warn\(' | tail -14
         cfg=
         if [ -f runs/attn/attention.json ]; then
           mkdir -p "$d" && cp runs/attn/attention.json "$d/"
@@ -136,8 +138,8 @@ print(json.dumps({'fwd': r['triton_fwd_config'], 'bwd': r['triton_bwd_config']})
         else
           echo "attention: the sweep wrote nothing; the step rows run the committed launch settings"
         fi
-        ELAS_ATTN_CONFIG=$cfg timeout "${STEP_TIMEOUT:-240}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
-          --variants $(v=lowrank-relu2+attn_backend; echo $v=torch,$v=triton,$v=torch+optim_state_dtype=bf16,$v=triton+optim_state_dtype=bf16) \
+        ELAS_ATTN_CONFIG=$cfg timeout "${STEP_TIMEOUT:-340}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b \
+          --modes elas,torch.compile --variants lowrank-relu2+attn_backend=torch,lowrank-relu2,lowrank-relu2+optim_state_dtype=bf16 \
           --out "$d/step_attn" 2>&1 | quiet | grep -E '^step|error' ;;
       attn_ncu)  # Nsight Compute on elas's attention kernels (forward, backward): where their warps stall
                  # (WarpStateStats; SourceCounters: the SASS lines that take the stalls) beside throughput and
