@@ -27,7 +27,13 @@ from triton.compiler import ASTSource
 sys.path.insert(0, "src")
 from elas.kernels.cuda import attention  # noqa: E402
 
-HEAD_DIM = 64
+# the launch's head_dim and tensor dtype (ATTN_HEAD_DIM, ATTN_DTYPE=bf16|fp32): what fits where auto takes the kernel
+HEAD_DIM = int(os.environ.get("ATTN_HEAD_DIM", "64"))
+DTYPE = os.environ.get("ATTN_DTYPE", "bf16")
+if DTYPE not in ("bf16", "fp32") or HEAD_DIM not in (32, 64, 128, 256):
+    raise SystemExit(f"attention_regs: ATTN_DTYPE={DTYPE!r}, ATTN_HEAD_DIM={HEAD_DIM}: expected bf16 or fp32 and "
+                     "32, 64, 128 or 256")
+DOT = int(DTYPE == "fp32")  # (attention._dot_mode on a GPU)
 FWD_ARGS = ("*q_ptr *k_ptr *v_ptr *cos_ptr *sin_ptr *o_ptr *lse_ptr *qr_ptr *kr_ptr sqb sqs sqh skb sks skh svb svs svh "
             "S H "
             "scale_log2").split()
@@ -37,11 +43,11 @@ FP32_PTRS = {"cos_ptr", "sin_ptr", "lse_ptr", "delta_ptr"}
 
 
 def signature(args: list[str], consts: dict) -> tuple[dict, dict]:
-    """(signature, attributes) of a launch: bf16 tensors, fp32 tables, i32 integers divisible by 16."""
+    """(signature, attributes) of a launch: DTYPE tensors, fp32 tables, i32 integers divisible by 16."""
     sig = {}
     for a in args:
         name = a.lstrip("*")
-        sig[name] = ("*fp32" if name in FP32_PTRS else "*bf16") if a[0] == "*" else (
+        sig[name] = ("*fp32" if name in FP32_PTRS else "*" + DTYPE) if a[0] == "*" else (
             "fp32" if name.startswith("scale") else "i32")
     sig.update({k: "constexpr" for k in consts})
     attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t[0] == "*" or t == "i32"}
@@ -70,18 +76,18 @@ def main() -> None:
     which, settings = sys.argv[1], json.loads(sys.argv[2])
     if which not in ("fwd", "bwd"):
         raise SystemExit(f"attention_regs: kernel {which!r}: expected fwd or bwd")
-    print(f"Triton {triton.__version__}, sm_90a, head_dim {HEAD_DIM}")
+    print(f"Triton {triton.__version__}, sm_90a, head_dim {HEAD_DIM}, {DTYPE}")
     for s in settings:
         if which == "fwd":
             c = attention.launch_settings("fwd", {k: v for k, v in s.items() if k != "save_rotated"})
-            consts = {"HALF": HEAD_DIM // 2, "BM": c["bm"], "BN": c["bn"], "DOT": 0,
+            consts = {"HALF": HEAD_DIM // 2, "BM": c["bm"], "BN": c["bn"], "DOT": DOT,
                       "SAVE_ROT": bool(s.get("save_rotated"))}
             rows = [usage(attention._attn_fwd, FWD_ARGS, consts, c)]
         else:
             c = attention.launch_settings("bwd", s)
             consts = {"HALF": HEAD_DIM // 2, "BLK": c["blk"], "SUB": c["sub"],
                       "DELTA_PRE": bool(c.get("delta_pre")), "ROTATED": bool(c.get("save_rotated"))}
-            rows = [usage(attention._attn_bwd, BWD_ARGS, {**consts, "PHASE": p, "DOT": 0}, c)
+            rows = [usage(attention._attn_bwd, BWD_ARGS, {**consts, "PHASE": p, "DOT": DOT}, c)
                     for p in ((1, 2) if c.get("split") else (0,))]
         print(which, s, *rows)
 

@@ -354,6 +354,56 @@ def test_launch_settings_step_by_the_given_block_and_cap_registers():
     assert attention._regs({"maxnreg": 96}) == {"maxnreg": 96} and attention._regs({"maxnreg": None}) == {}
 
 
+def test_the_saved_forward_takes_its_register_cap_where_none_is_named():
+    # the cap the sweep chose at head_dim 64 (FWD_SAVED_MAXNREG); not at 128, where it would spill for no block
+    assert attention.forward_settings(None, 64, True)["maxnreg"] == attention.FWD_SAVED_MAXNREG[64] == 128
+    assert "maxnreg" not in attention.forward_settings(None, 64, False)  # the plain forward: the compiler's choice
+    assert "maxnreg" not in attention.forward_settings(None, 128, True)
+    assert attention.forward_settings({"maxnreg": None}, 64, True)["maxnreg"] is None  # a named setting decides
+    assert attention.forward_settings({"maxnreg": 96}, 64, True)["maxnreg"] == 96
+
+
+class RecordFills:
+    """A dispatch mode that records every tensor made up of zeros or a fill value (name, shape)."""
+
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Record(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.made = []
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if func.__name__.startswith(("zeros", "new_zeros", "zero_", "fill_", "full")):
+                    self.made.append((func.__name__, tuple(out.shape)))
+                return out
+        return Record()
+
+
+def test_the_backward_makes_up_no_zero_gradients_for_the_saved_outputs():
+    # outputs nothing differentiates (attention's lse and rotated q, k; relu2_ffn_op's y2 [T, d_ff]; act24_ffn_op's
+    # saved tensors): eager autograd must not allocate and fill zero gradients for them on every backward
+    q, k, v = (t.requires_grad_() for t in qkv(2, 16, 2, 32))
+    cos, sin = rope_tables(32, 16, 10000.0)
+    t, dm, ff = 64, 16, 64
+    h1, wu, wd = (torch.randn(*s, dtype=torch.bfloat16).requires_grad_() for s in ((t, dm), (ff, dm), (ff, dm)))
+    for name, run, leaves in (
+            ("saved", lambda: ops.rope_attention_saved_op(q, k, v, cos, sin)[0], (q, k, v)),
+            ("plain", lambda: ops.rope_attention_op(q, k, v, cos, sin)[0], (q, k, v)),
+            ("relu2", lambda: ops.relu2_ffn(h1.float(), wu.float(), wd.float()), (h1, wu, wd)),
+            ("act24 ste", lambda: ops.act24_ffn(h1, wu, wd, False), (h1, wu, wd)),
+            ("act24 mask", lambda: ops.act24_ffn(h1, wu, wd, True), (h1, wu, wd))):
+        out = run()
+        with RecordFills() as r:
+            out.float().sum().backward()
+        assert r.made == [], name
+        assert all(x.grad is not None for x in leaves), name
+        for x in leaves:
+            x.grad = None
+
+
 def test_env_overrides_the_launch_settings_and_refuses_bad_keys():
     import os
     import subprocess

@@ -307,6 +307,7 @@ def _relu2_setup_context(ctx, inputs, output):
     h1, wu, wd = inputs[:3]
     ctx.impl = inputs[3] if len(inputs) > 3 else "triton"
     ctx.save_for_backward(h1, wu, wd, output[1])
+    ctx.set_materialize_grads(False)  # (y2 [T, d_ff] is saved, not differentiated: no zero gradient made up for it)
 
 
 def _relu2_backward(ctx, dh2, _dy2):
@@ -436,6 +437,10 @@ def _attention_setup_context(ctx, inputs, output):
     else:
         ctx.mark_non_differentiable(output[1])  # lse: saved for the backward, not a result to differentiate
     ctx.save_for_backward(q, k, v, output[0], output[1], cos, sin)
+    # no zero gradients made up for the outputs nothing differentiates (lse; the rotated q and k, [B, S, H, D] each):
+    # in eager mode autograd would otherwise allocate and fill them on every backward (as for relu2_ffn_op's y2 and
+    # act24_ffn_op's saved tensors)
+    ctx.set_materialize_grads(False)
 
 
 def _attention_backward(ctx, do, *_rest):
@@ -772,6 +777,7 @@ def _setup_context(ctx, inputs, output):
     wdt = inputs[8] if len(inputs) > 8 else None
     ctx.cutlass = bool(inputs[9]) if len(inputs) > 9 else False
     ctx.save_for_backward(h1, wu, wd, s0, s1, idx_d, slots, wdt_p, wdt)
+    ctx.set_materialize_grads(False)  # (s0, s1, idx_d, slots are saved, not differentiated: no zero gradients)
 
 
 def _backward(ctx, dh2, *_unused):

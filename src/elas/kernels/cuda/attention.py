@@ -260,16 +260,24 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
 
 
 # launch settings (block rows, warps, pipeline stages); benchmarks/attention.py sweeps them (the best at the 1B
-# model's 32 heads x 64 on an H100, 2026-12-06: benchmarks/results/h100/attention.json).
-# ELAS_ATTN_CONFIG='{"fwd": {...}, "bwd": {...}}' overrides them for a process (the sweep prints its best so)
+# model's 32 heads x 64 on an H100, 2026-12-06: benchmarks/results/h100/attention_saved.json; every preset from 60M
+# to 1B has head_dim 64). ELAS_ATTN_CONFIG='{"fwd": {...}, "bwd": {...}}' overrides them for a process (the sweep
+# prints its best so)
 FWD_CONFIG = {"bm": 64, "bn": 64, "warps": 4, "stages": 2}
+# the forward that also writes q and k rotated (save_rotated), per head_dim: a register cap (maxnreg) where the sweep
+# chose one. At 64 its two more stores take it from 128 registers to 130, a block an SM fewer (4 -> 3); capped at 128
+# it uses 118, no spills (benchmarks/attention_regs.py). At 32 it needs no cap (112), and at 128 a cap spills with
+# no block gained (shared memory holds it at 2). A config that names maxnreg (ELAS_ATTN_CONFIG's, a sweep's) decides.
+FWD_SAVED_MAXNREG = {64: 128}
 # backward: blk rows per program; sub: the other side's rows per step of its loops (blk where not given); delta_pre:
 # rowsum(dO * O) in a pass of its own first; split: dK, dV and dQ as two launches; save_rotated: the forward writes
 # q and k rotated (two more [B, S, H, D] outputs, saved in place of q and k: no more memory held) and the backward
 # loads them as they are, where it rotated q and k on every load (Nsight Compute, 2026-12-06: a third of the
-# backward's stalls wait on those loads, h100/attention_ncu.json). Both: maxnreg (optional), a cap on registers a
-# thread (_regs)
-BWD_CONFIG = {"blk": 64, "warps": 4, "stages": 1, "delta_pre": False, "split": False, "save_rotated": False}
+# backward's stalls waited on those loads, h100/attention_ncu.json). Both: maxnreg (optional), a cap on registers a
+# thread (_regs). The default since 2026-12-06 (fifteenth session): the sweep's best, 0.190 ms against 0.253 for the
+# rotating backward at 64 rows (0.214 with the saved forward's 0.025 ms more charged), 168 registers (3 blocks an
+# SM); the 1B step 0.7% faster, two pairs of processes (h100/attention_step_ab.json)
+BWD_CONFIG = {"blk": 64, "sub": 32, "warps": 4, "stages": 2, "delta_pre": True, "split": False, "save_rotated": True}
 _KEYS = {"fwd": ("bm", "bn", "warps", "stages", "maxnreg"),
          "bwd": ("blk", "sub", "warps", "stages", "delta_pre", "split", "save_rotated", "maxnreg")}
 
@@ -306,13 +314,22 @@ if os.environ.get("ELAS_ATTN_CONFIG"):  # (checked here: a bad key fails at impo
     BWD_CONFIG = launch_settings("bwd", _override.get("bwd"))
 
 
+def forward_settings(config: dict | None, head_dim: int, save_rotated: bool) -> dict:
+    """The forward's launch settings (launch_settings), with FWD_SAVED_MAXNREG's cap for the form that saves the
+    rotation where the settings name no maxnreg."""
+    c = launch_settings("fwd", config)
+    if save_rotated and "maxnreg" not in c and head_dim in FWD_SAVED_MAXNREG:
+        c["maxnreg"] = FWD_SAVED_MAXNREG[head_dim]
+    return c
+
+
 def rope_attention_forward(q, k, v, cos, sin, config: dict | None = None, save_rotated: bool = False
                            ) -> tuple[torch.Tensor, ...]:
     """-> o [B, S, H, D] contiguous, lse [B * H, S] fp32 (log2 domain); see the module docstring. save_rotated:
     also q and k rotated, [B, S, H, D] contiguous in q's dtype (what the backward reads with rotated=True)."""
     _check(q, k, v, cos, sin)
-    c = launch_settings("fwd", config)
     bsz, s, h, d = q.shape
+    c = forward_settings(config, d, save_rotated)
     o = torch.empty((bsz, s, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((bsz * h, s), dtype=torch.float32, device=q.device)
     qr, kr = (torch.empty_like(o), torch.empty_like(o)) if save_rotated else (o, o)  # (o: not written unless saved)
@@ -353,4 +370,4 @@ def rope_attention_backward(do, q, k, v, o, lse, cos, sin, config: dict | None =
     return dq, dk, dv
 
 
-__all__ = ["BWD_CONFIG", "FWD_CONFIG", "launch_settings", "rope_attention_backward", "rope_attention_forward"]
+__all__ = ["BWD_CONFIG", "FWD_CONFIG", "FWD_SAVED_MAXNREG", "forward_settings", "launch_settings", "rope_attention_backward", "rope_attention_forward"]
