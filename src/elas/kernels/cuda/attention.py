@@ -4,7 +4,9 @@ Why: at the training shapes (sequence 256, head_dim 64-128) torch's fastest SDPA
 much of its time outside its main kernels: the 1B low-rank step on an H100 runs 7.5 ms of attention per step, of
 which 2.3 ms are the backward's two side passes (rowsum(dO * O), and dQ converted from an fp32 buffer), plus
 2.5 ms of rotary kernels around it (benchmarks/results/h100/step_target_blocks.json). Here the rotation is done
-on q and k as they are loaded, the backward computes rowsum(dO * O) for each query block where it needs it, and
+on q and k as they are loaded (in training the forward also writes them rotated, and the backward loads those
+plainly: launch setting save_rotated), rowsum(dO * O) is one small pass (or computed per query block where
+needed: delta_pre), and
 each backward program writes its dK, dV (one key block) and dQ (one query block) once, in bf16, with no atomics:
 dQ's scores are recomputed (two GEMMs more than the minimum, small at these lengths).
 
