@@ -7,8 +7,9 @@ on a machine with no GPU: which launch settings fit more blocks on an SM, before
 A forward setting may add "save_rotated": true (the forward that also writes q and k rotated); a backward setting's
 save_rotated compiles the backward that reads them.
 
-The kernels are specialised as a launch at the 1B shapes specialises them (head_dim 64; pointers and integer
-arguments divisible by 16). With the Triton of the GPU machine (3.6: put its wheel's files first on PYTHONPATH) the
+The kernels are specialised as a launch at the 1B shapes specialises them (head_dim 64, bf16, unless ATTN_HEAD_DIM
+and ATTN_DTYPE say otherwise; pointers and integer arguments divisible by 16). A forward setting is completed as the
+launch completes it (attention.forward_settings: the saved form's register cap where one applies). With the Triton of the GPU machine (3.6: put its wheel's files first on PYTHONPATH) the
 figures match Nsight Compute's there: 128 registers and 57,344 B for the forward at 64 x 64, 4 warps, 2 stages;
 255 registers for the backward at 64-row blocks (2026-12-06, H100). Blocks an SM: 65,536 registers and 228 KB of
 shared memory an SM (H100), registers allocated per warp in units of 256.
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -79,7 +81,9 @@ def main() -> None:
     print(f"Triton {triton.__version__}, sm_90a, head_dim {HEAD_DIM}, {DTYPE}")
     for s in settings:
         if which == "fwd":
-            c = attention.launch_settings("fwd", {k: v for k, v in s.items() if k != "save_rotated"})
+            c = attention.forward_settings({k: v for k, v in s.items() if k != "save_rotated"}, HEAD_DIM,
+                                           getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[DTYPE]),
+                                           bool(s.get("save_rotated")))
             consts = {"HALF": HEAD_DIM // 2, "BM": c["bm"], "BN": c["bn"], "DOT": DOT,
                       "SAVE_ROT": bool(s.get("save_rotated"))}
             rows = [usage(attention._attn_fwd, FWD_ARGS, consts, c)]

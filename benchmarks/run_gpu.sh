@@ -145,7 +145,7 @@ print(json.dumps({'fwd': r['triton_fwd_config'], 'bwd': r['triton_bwd_config']})
                  # (WarpStateStats; SourceCounters: the SASS lines that take the stalls) beside throughput and
                  # occupancy; the report, its details page and the SASS table into ATTN_OUT (default runs/attn)
         d=${ATTN_OUT:-runs/attn}; mkdir -p "$d"
-        ncu --clock-control none --kernel-name regex:_attn_ --launch-skip 4 --launch-count 2 --section SpeedOfLight \
+        ncu --clock-control none --kernel-name regex:'_attn_(fwd|bwd)' --launch-skip 4 --launch-count 2 --section SpeedOfLight \
           --section Occupancy --section ComputeWorkloadAnalysis --section WarpStateStats --section SourceCounters \
           -o "$d/attn" -f python benchmarks/attention_profile.py llama-1b 32 > "$d/ncu.log" 2>&1 || tail -5 "$d/ncu.log"
         ncu -i "$d/attn.ncu-rep" --page details > "$d/attn_details.txt" 2>&1

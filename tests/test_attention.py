@@ -19,7 +19,10 @@ triton = pytest.importorskip("triton")
 from elas.kernels.cuda import attention  # noqa: E402
 
 SMALL_FWD = {"bm": 16, "bn": 16, "warps": 1, "stages": 1}
-SMALL_BWD = {"blk": 16, "warps": 1, "stages": 1}
+# (launch settings a test leaves out come from BWD_CONFIG, the defaults: these spell out the rotating backward that
+# takes rowsum(dO * O) per query block, so that path stays tested whatever the defaults are)
+SMALL_BWD = {"blk": 16, "warps": 1, "stages": 1, "delta_pre": False, "split": False, "save_rotated": False}
+SMALL = {"warps": 1, "stages": 1, "delta_pre": False, "split": False, "save_rotated": False}
 
 
 def default_path(q, k, v, cos, sin):
@@ -67,26 +70,28 @@ def test_reference_is_the_default_path_and_its_gradient():
 @pytest.mark.parametrize("s,d,strided,fwd,bwd", [
     (40, 32, False, SMALL_FWD, SMALL_BWD), (33, 64, True, SMALL_FWD, SMALL_BWD), (16, 32, True, SMALL_FWD, SMALL_BWD),
     # query blocks wider than key blocks (as the defaults: 128 x 64) and the reverse, a diagonal inside a block
-    (70, 32, False, {"bm": 32, "bn": 16, "warps": 1, "stages": 1}, {"blk": 32, "warps": 1, "stages": 1}),
-    (17, 32, True, {"bm": 16, "bn": 32, "warps": 1, "stages": 1}, {"blk": 32, "warps": 1, "stages": 1}),
-    (5, 32, False, {"bm": 64, "bn": 16, "warps": 1, "stages": 1}, {"blk": 64, "warps": 1, "stages": 1}),
+    (70, 32, False, {"bm": 32, "bn": 16, "warps": 1, "stages": 1}, {**SMALL, "blk": 32}),
+    (17, 32, True, {"bm": 16, "bn": 32, "warps": 1, "stages": 1}, {**SMALL, "blk": 32}),
+    (5, 32, False, {"bm": 64, "bn": 16, "warps": 1, "stages": 1}, {**SMALL, "blk": 64}),
     # the backward's other launch settings: sub-steps of 16 rows, rowsum(dO * O) in its own pass, two launches (and
     # a register cap, which the interpreter takes and ignores)
-    (70, 32, True, {**SMALL_FWD, "maxnreg": 96}, {"blk": 32, "sub": 16, "warps": 1, "stages": 1, "maxnreg": 168}),
-    (40, 64, False, SMALL_FWD, {"blk": 32, "sub": 16, "warps": 1, "stages": 1, "delta_pre": True, "split": True}),
-    (33, 32, False, SMALL_FWD, {"blk": 16, "warps": 1, "stages": 1, "delta_pre": True}),
-    (24, 32, True, SMALL_FWD, {"blk": 32, "warps": 1, "stages": 1, "split": True}),
+    (70, 32, True, {**SMALL_FWD, "maxnreg": 96}, {**SMALL, "blk": 32, "sub": 16, "maxnreg": 168}),
+    (40, 64, False, SMALL_FWD, {**SMALL, "blk": 32, "sub": 16, "delta_pre": True, "split": True}),
+    (33, 32, False, SMALL_FWD, {**SMALL, "blk": 16, "delta_pre": True}),
+    (24, 32, True, SMALL_FWD, {**SMALL, "blk": 32, "split": True}),
     # the forward's saved rotation read by the backward (save_rotated), with the other settings
     (40, 32, True, SMALL_FWD, {**SMALL_BWD, "save_rotated": True}),
     (70, 64, False, {"bm": 32, "bn": 16, "warps": 1, "stages": 1},
-     {"blk": 32, "sub": 16, "warps": 1, "stages": 1, "delta_pre": True, "split": True, "save_rotated": True}),
+     {**SMALL, "blk": 32, "sub": 16, "delta_pre": True, "split": True, "save_rotated": True}),
+    # the committed defaults (FWD_CONFIG, BWD_CONFIG), as training launches them
+    (70, 64, True, None, None),
 ])
 def test_triton_kernels_match_the_reference(s, d, strided, fwd, bwd):
     # odd lengths: partial blocks on both sides of the diagonal; strided: q, k, v views of one projection output
     b, h = 2, 2
     q, k, v = qkv(b, s, h, d, strided=strided, seed=s)
     cos, sin = rope_tables(d, 80, 10000.0)
-    saved = bool(bwd.get("save_rotated"))
+    saved = bool(attention.launch_settings("bwd", bwd)["save_rotated"])
     o, lse, *rot = attention.rope_attention_forward(q, k, v, cos, sin, fwd, save_rotated=saved)
     r_o, r_lse, *r_rot = ref.rope_attention(q, k, v, cos, sin, save_rotated=saved)
     assert o.is_contiguous() and o.shape == q.shape and len(rot) == 2 * saved
@@ -99,7 +104,8 @@ def test_triton_kernels_match_the_reference(s, d, strided, fwd, bwd):
     qk = rot if saved else (q, k)  # (the backward reads the saved rotation in place of q and k)
     got = attention.rope_attention_backward(do, *qk, v, o, lse, cos, sin, bwd, rotated=saved)
     if saved:  # the rotation it reads is the one it would compute (rounded alike): the same gradients, bit for bit
-        plain = attention.rope_attention_backward(do, q, k, v, o, lse, cos, sin, {**bwd, "save_rotated": False})
+        plain = attention.rope_attention_backward(do, q, k, v, o, lse, cos, sin,
+                                                  {**(bwd or {}), "save_rotated": False})
         assert all(torch.equal(a, p) for a, p in zip(got, plain))
     for g, r in zip(got, ref.rope_attention_backward(do, q, k, v, cos, sin)):
         assert g.is_contiguous()
@@ -355,12 +361,16 @@ def test_launch_settings_step_by_the_given_block_and_cap_registers():
 
 
 def test_the_saved_forward_takes_its_register_cap_where_none_is_named():
-    # the cap the sweep chose at head_dim 64 (FWD_SAVED_MAXNREG); not at 128, where it would spill for no block
-    assert attention.forward_settings(None, 64, True)["maxnreg"] == attention.FWD_SAVED_MAXNREG[64] == 128
-    assert "maxnreg" not in attention.forward_settings(None, 64, False)  # the plain forward: the compiler's choice
-    assert "maxnreg" not in attention.forward_settings(None, 128, True)
-    assert attention.forward_settings({"maxnreg": None}, 64, True)["maxnreg"] is None  # a named setting decides
-    assert attention.forward_settings({"maxnreg": 96}, 64, True)["maxnreg"] == 96
+    # the cap the sweep chose for bf16 at head_dim 64 with the default tiles (FWD_SAVED_MAXNREG); not at 128, where
+    # it would spill for no block, nor in fp32 or with other tiles, where it was not measured
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert attention.forward_settings(None, 64, bf16, True)["maxnreg"] == 128
+    assert "maxnreg" not in attention.forward_settings(None, 64, bf16, False)  # the plain forward: the compiler's
+    assert "maxnreg" not in attention.forward_settings(None, 128, bf16, True)
+    assert "maxnreg" not in attention.forward_settings(None, 64, fp32, True)
+    assert "maxnreg" not in attention.forward_settings({"bm": 128}, 64, bf16, True)
+    assert attention.forward_settings({"maxnreg": None}, 64, bf16, True)["maxnreg"] is None  # a named setting decides
+    assert attention.forward_settings({"maxnreg": 96}, 64, bf16, True)["maxnreg"] == 96
 
 
 class RecordFills:
@@ -380,6 +390,23 @@ class RecordFills:
                     self.made.append((func.__name__, tuple(out.shape)))
                 return out
         return Record()
+
+
+def test_the_forward_launch_takes_the_cap(monkeypatch):
+    # what rope_attention_forward hands the kernel's launch (the interpreter ignores maxnreg, so a stub records it)
+    seen = []
+
+    class Launch:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.append(kw)
+    monkeypatch.setattr(attention, "_attn_fwd", Launch())
+    q, k, v = (t.to(torch.bfloat16) for t in qkv(1, 64, 2, 64))
+    cos, sin = rope_tables(64, 64, 10000.0)
+    attention.rope_attention_forward(q, k, v, cos, sin, save_rotated=True)
+    attention.rope_attention_forward(q, k, v, cos, sin)
+    attention.rope_attention_forward(q.float(), k.float(), v.float(), cos, sin, save_rotated=True)
+    assert seen[0]["maxnreg"] == 128 and "maxnreg" not in seen[1] and "maxnreg" not in seen[2]
+    assert seen[0]["SAVE_ROT"] and not seen[1]["SAVE_ROT"]
 
 
 def test_the_backward_makes_up_no_zero_gradients_for_the_saved_outputs():
@@ -402,6 +429,11 @@ def test_the_backward_makes_up_no_zero_gradients_for_the_saved_outputs():
         assert all(x.grad is not None for x in leaves), name
         for x in leaves:
             x.grad = None
+    # what the backward saves is not a result: differentiating it is refused (not zeros, not a crash inside)
+    y2 = ops.relu2_ffn_op(h1, wu, wd)[1]
+    s0 = ops.act24_ffn_op(h1, wu, wd, False, None)[1]
+    lse, qr = ops.rope_attention_saved_op(q, k, v, cos, sin)[1:3]
+    assert not any(t.requires_grad for t in (y2, s0, lse, qr))
 
 
 def test_env_overrides_the_launch_settings_and_refuses_bad_keys():

@@ -307,10 +307,13 @@ def _relu2_setup_context(ctx, inputs, output):
     h1, wu, wd = inputs[:3]
     ctx.impl = inputs[3] if len(inputs) > 3 else "triton"
     ctx.save_for_backward(h1, wu, wd, output[1])
-    ctx.set_materialize_grads(False)  # (y2 [T, d_ff] is saved, not differentiated: no zero gradient made up for it)
+    ctx.mark_non_differentiable(output[1])  # y2 [T, d_ff]: saved for the backward, not a result to differentiate
+    ctx.set_materialize_grads(False)  # (so no zero gradient is made up for it)
 
 
 def _relu2_backward(ctx, dh2, _dy2):
+    if dh2 is None:  # (h2 reached no loss)
+        return None, None, None, None
     h1, wu, wd, y2 = ctx.saved_tensors
     return *relu2_ffn_backward_op(dh2, h1, wu, wd, y2, ctx.impl), None
 
@@ -444,6 +447,8 @@ def _attention_setup_context(ctx, inputs, output):
 
 
 def _attention_backward(ctx, do, *_rest):
+    if do is None:  # (o reached no loss)
+        return None, None, None, None, None
     q, k, v, o, lse, cos, sin = ctx.saved_tensors
     return (*rope_attention_backward_op(do, q, k, v, o, lse, cos, sin, ctx.rotated), None, None)
 
@@ -464,8 +469,10 @@ def _save_rotated() -> bool:
 def rope_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Causal attention of q, k, v [B, S, H, D] (the projections' layout, before the rotary embedding) with q and
     k rotated by cos, sin [>= S, D/2] (model/llama.py rope_tables): o [B, S, H, D] contiguous, what
-    SDPA(apply_rope(q), apply_rope(k), v) gives in that layout. On CUDA one Triton kernel each way that rotates q
-    and k as it loads them (kernels/cuda/attention.py); elsewhere its reference in fp32."""
+    SDPA(apply_rope(q), apply_rope(k), v) gives in that layout. On CUDA Triton kernels (kernels/cuda/attention.py):
+    a forward that rotates q and k as it loads them and, where a backward comes and save_rotated is set (the
+    default), also writes them rotated; a backward that reads those (or rotates on load), after a rowsum(dO O)
+    pass (delta_pre). Elsewhere its reference in fp32."""
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"rope_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected "
                          f"three [batch, seq, heads, head_dim] tensors of one shape")
@@ -777,10 +784,13 @@ def _setup_context(ctx, inputs, output):
     wdt = inputs[8] if len(inputs) > 8 else None
     ctx.cutlass = bool(inputs[9]) if len(inputs) > 9 else False
     ctx.save_for_backward(h1, wu, wd, s0, s1, idx_d, slots, wdt_p, wdt)
-    ctx.set_materialize_grads(False)  # (s0, s1, idx_d, slots are saved, not differentiated: no zero gradients)
+    ctx.mark_non_differentiable(s0, s1, idx_d, slots)  # saved for the backward, not results to differentiate
+    ctx.set_materialize_grads(False)  # (so no zero gradients are made up for them)
 
 
 def _backward(ctx, dh2, *_unused):
+    if dh2 is None:  # (h2 reached no loss)
+        return (None,) * 10
     h1, wu, wd, s0, s1, idx_d, slots, wdt_p, wdt = ctx.saved_tensors
     dh1, dwu, dwd = act24_ffn_backward_op(dh2, h1, wu, wd, s0, s1, idx_d, slots, ctx.mask_grad, ctx.fused, wdt_p,
                                           wdt, ctx.cutlass)

@@ -5,8 +5,8 @@ much of its time outside its main kernels: the 1B low-rank step on an H100 runs 
 which 2.3 ms are the backward's two side passes (rowsum(dO * O), and dQ converted from an fp32 buffer), plus
 2.5 ms of rotary kernels around it (benchmarks/results/h100/step_target_blocks.json). Here the rotation is done
 on q and k as they are loaded (in training the forward also writes them rotated, and the backward loads those
-plainly: launch setting save_rotated), rowsum(dO * O) is one small pass (or computed per query block where
-needed: delta_pre), and
+plainly: launch setting save_rotated), rowsum(dO * O) is one small pass before the backward (launch setting
+delta_pre; without it, each query block's is computed where it is needed), and
 each backward program writes its dK, dV (one key block) and dQ (one query block) once, in bf16, with no atomics:
 dQ's scores are recomputed (two GEMMs more than the minimum, small at these lengths).
 
@@ -266,11 +266,12 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
 # to 1B has head_dim 64). ELAS_ATTN_CONFIG='{"fwd": {...}, "bwd": {...}}' overrides them for a process (the sweep
 # prints its best so)
 FWD_CONFIG = {"bm": 64, "bn": 64, "warps": 4, "stages": 2}
-# the forward that also writes q and k rotated (save_rotated), per head_dim: a register cap (maxnreg) where the sweep
-# chose one. At 64 its two more stores take it from 128 registers to 130, a block an SM fewer (4 -> 3); capped at 128
-# it uses 118, no spills (benchmarks/attention_regs.py). At 32 it needs no cap (112), and at 128 a cap spills with
-# no block gained (shared memory holds it at 2). A config that names maxnreg (ELAS_ATTN_CONFIG's, a sweep's) decides.
-FWD_SAVED_MAXNREG = {64: 128}
+# the forward that also writes q and k rotated (save_rotated): a register cap (maxnreg) where the sweep chose one, by
+# (head_dim, dtype, bm, bn, warps), the launch it was measured at. At head_dim 64 in bf16 with 64 x 64 tiles and 4
+# warps its two more stores take it from 128 registers to 130, a block an SM fewer (4 -> 3); capped at 128 it uses
+# 118, no spills (benchmarks/attention_regs.py). At 32 it needs no cap (112), and at 128, in fp32 or with 128-row
+# tiles a cap spills with no block gained. A config that names maxnreg (ELAS_ATTN_CONFIG's, a sweep's) decides.
+FWD_SAVED_MAXNREG = {(64, torch.bfloat16, 64, 64, 4): 128}
 # backward: blk rows per program; sub: the other side's rows per step of its loops (blk where not given); delta_pre:
 # rowsum(dO * O) in a pass of its own first; split: dK, dV and dQ as two launches; save_rotated: the forward writes
 # q and k rotated (two more [B, S, H, D] outputs, saved in place of q and k: no more memory held) and the backward
@@ -278,7 +279,9 @@ FWD_SAVED_MAXNREG = {64: 128}
 # backward's stalls waited on those loads, h100/attention_ncu.json). Both: maxnreg (optional), a cap on registers a
 # thread (_regs). The default since 2026-12-06 (fifteenth session): the sweep's best, 0.190 ms against 0.253 for the
 # rotating backward at 64 rows (0.214 with the saved forward's 0.025 ms more charged), 168 registers (3 blocks an
-# SM); the 1B step 0.7% faster, two pairs of processes (h100/attention_step_ab.json)
+# SM); the 1B step 0.7% faster, two pairs of processes (h100/attention_step_ab.json). (An override that names only
+# some settings takes the rest from these: the rotating backward of before is {"sub": 64, "stages": 1, "delta_pre":
+# false, "save_rotated": false}.)
 BWD_CONFIG = {"blk": 64, "sub": 32, "warps": 4, "stages": 2, "delta_pre": True, "split": False, "save_rotated": True}
 _KEYS = {"fwd": ("bm", "bn", "warps", "stages", "maxnreg"),
          "bwd": ("blk", "sub", "warps", "stages", "delta_pre", "split", "save_rotated", "maxnreg")}
@@ -316,12 +319,13 @@ if os.environ.get("ELAS_ATTN_CONFIG"):  # (checked here: a bad key fails at impo
     BWD_CONFIG = launch_settings("bwd", _override.get("bwd"))
 
 
-def forward_settings(config: dict | None, head_dim: int, save_rotated: bool) -> dict:
+def forward_settings(config: dict | None, head_dim: int, dtype: torch.dtype, save_rotated: bool) -> dict:
     """The forward's launch settings (launch_settings), with FWD_SAVED_MAXNREG's cap for the form that saves the
     rotation where the settings name no maxnreg."""
     c = launch_settings("fwd", config)
-    if save_rotated and "maxnreg" not in c and head_dim in FWD_SAVED_MAXNREG:
-        c["maxnreg"] = FWD_SAVED_MAXNREG[head_dim]
+    cap = FWD_SAVED_MAXNREG.get((head_dim, dtype, c["bm"], c["bn"], c["warps"]))
+    if save_rotated and "maxnreg" not in c and cap:
+        c["maxnreg"] = cap
     return c
 
 
@@ -331,7 +335,7 @@ def rope_attention_forward(q, k, v, cos, sin, config: dict | None = None, save_r
     also q and k rotated, [B, S, H, D] contiguous in q's dtype (what the backward reads with rotated=True)."""
     _check(q, k, v, cos, sin)
     bsz, s, h, d = q.shape
-    c = forward_settings(config, d, save_rotated)
+    c = forward_settings(config, d, q.dtype, save_rotated)
     o = torch.empty((bsz, s, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((bsz * h, s), dtype=torch.float32, device=q.device)
     qr, kr = (torch.empty_like(o), torch.empty_like(o)) if save_rotated else (o, o)  # (o: not written unless saved)
