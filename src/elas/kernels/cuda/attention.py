@@ -277,8 +277,8 @@ FWD_SAVED_MAXNREG = {(64, torch.bfloat16, 64, 64, 4): 128}
 # q and k rotated (two more [B, S, H, D] outputs, saved in place of q and k: no more memory held) and the backward
 # loads them as they are, where it rotated q and k on every load (Nsight Compute, 2026-12-06: a third of the
 # backward's stalls waited on those loads, h100/attention_ncu.json). Both: maxnreg (optional), a cap on registers a
-# thread (_regs). The default since 2026-12-06 (fifteenth session): the sweep's best, 0.190 ms against 0.253 for the
-# rotating backward at 64 rows (0.214 with the saved forward's 0.025 ms more charged), 168 registers (3 blocks an
+# thread (_regs). The default since 2026-12-06 (fifteenth session): the sweep's best, 0.214 ms against 0.253 for the
+# rotating backward at 64 rows (0.239 with the saved forward's 0.025 ms more charged), 168 registers (3 blocks an
 # SM); the 1B step 0.7% faster, two pairs of processes (h100/attention_step_ab.json). (An override that names only
 # some settings takes the rest from these: the rotating backward of before is {"sub": 64, "stages": 1, "delta_pre":
 # false, "save_rotated": false}.)
