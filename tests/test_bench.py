@@ -375,9 +375,10 @@ def test_plain_rows_ignore_elas_kernel_keys_and_are_timed_once(monkeypatch):
     keys): variants that differ only in them are one model there, timed once, and each elas row's
     vs_torch_compile is against that row. A key that changes the model (the rank) gets its own plain row."""
     from elas.bench import step as st
-    fused = "lowrank-relu2+fuse_qkv=true+pdl=true+norm_kernel=fused+relu2_kernel=cutlass"
+    fused = "lowrank-relu2+fuse_qkv=true+pdl=true+norm_kernel=fused+relu2_kernel=cutlass+defer_residual=true"
     plain = step_config("llama-60m", fused, "torch.compile", 256)
     assert (plain.fuse_qkv, plain.pdl, plain.norm_kernel, plain.relu2_kernel) == (False, False, "torch", "torch")
+    assert plain.defer_residual is False
     assert step_config("llama-60m", fused, "elas", 256).fuse_qkv is True
     timed = []
 

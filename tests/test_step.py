@@ -322,7 +322,8 @@ def _compiled_graph_step_vs_eager(variant: str, checkpointed: bool = False, **ke
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["lowrank-relu2", "elas"])
-@pytest.mark.parametrize("keys", [{"attn_backend": "cudnn"}, {"fuse_qkv": True, "d_model": 256}, {"pdl": True}])
+@pytest.mark.parametrize("keys", [{"attn_backend": "cudnn"}, {"fuse_qkv": True, "d_model": 256}, {"pdl": True},
+                                  {"defer_residual": True}])
 def test_gpu_model_keys_on_the_compiled_graph_step_equal_the_default(variant, keys):
     """model.attn_backend=cudnn, model.fuse_qkv=true and model.pdl=true inside the trainer's default step
     (compiled regions in a captured graph): the loss, norm and gradients of the default model run eagerly."""
@@ -490,3 +491,45 @@ def test_gpu_fsdp2_on_the_packed_path_equals_the_unsharded_model(tmp_path, varia
             assert ((g1[n] - g0[n]).norm() / g0[n].norm().clamp(min=1e-12)).item() < 5e-2, n
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("variant,norm_kernel", [("lowrank-relu2", "torch"), ("elas", "fused"), ("relu2-24", "torch")])
+def test_deferred_residual_computes_what_the_plain_blocks_do(variant, norm_kernel):
+    """model.defer_residual: each block hands the next its FFN output and the next adds it where it normalises (the
+    last: the loss head). The same adds in the same order: losses and gradients bit for bit, eagerly, with and
+    without checkpointing and grad accumulation; compiled, one graph for every block (the first block's zeros
+    require grad as the later pendings do) and the loss head, equal to eager; logits and decoding unchanged."""
+    from contextlib import nullcontext
+
+    from elas.model.generate import sample
+    from elas.train.parallelize import checkpoint_blocks, compile_counts, compile_regions
+    micro = _batches(2, 2, 32)
+    plain = _model(variant, "cpu", dense_warmup_steps=0, norm_kernel=norm_kernel)
+    defer = _model(variant, "cpu", dense_warmup_steps=0, norm_kernel=norm_kernel, defer_residual=True)
+    for m in (plain, defer):
+        set_step(m, 0, 1)
+    want = StepGrads(plain, plain, nullcontext, 2, 1.0).run(micro, True)
+    got = StepGrads(defer, defer, nullcontext, 2, 1.0).run(micro, True)
+    assert got[0].item() == want[0].item() and got[1].item() == want[1].item()
+    for p, q in zip(plain.parameters(), defer.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    with torch.no_grad():
+        assert torch.equal(defer(micro[0][0]), plain(micro[0][0]))  # logits
+        prompt = micro[0][0][:1, :8]
+        assert torch.equal(sample(defer, prompt, 4, temperature=0.0), sample(plain, prompt, 4, temperature=0.0))
+    checkpoint_blocks(defer)
+    got = StepGrads(defer, defer, nullcontext, 2, 1.0).run(micro, True)
+    assert got[0].item() == want[0].item()
+    for p, q in zip(plain.parameters(), defer.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    torch._dynamo.reset()
+    compile_regions(defer, backend="aot_eager")
+    counts = []
+    for _ in range(2):
+        before = compile_counts()
+        comp = StepGrads(defer, defer, nullcontext, 2, 1.0).run(micro, True)
+        counts.append(compile_counts() - before)
+        assert comp[0].item() == pytest.approx(want[0].item(), rel=1e-6)
+    assert counts == [2, 0]  # the block (one graph for both blocks) and the loss head, once
+    for p, q in zip(plain.parameters(), defer.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7)

@@ -354,6 +354,22 @@ def test_four_processes_match_single_process(dataset, tmp_path, parallel):
         assert abs(a[s] - b[s]) < 1e-4, (s, a[s], b[s])
 
 
+def test_fsdp_with_the_deferred_residual_matches_the_plain_single_process(dataset, tmp_path):
+    """model.defer_residual: blocks take and return (x, pending FFN output); FSDP2's per-block hooks take the pair
+    and its losses are the plain single process's (the same adds in the same order)."""
+    steps = ["--max-steps", "2", "--set", "eval_every=100", "--set", "save_every=100", "--set", "parallel=fsdp"]
+    single = run_cli(*train_args(dataset, tmp_path / "one", *steps))
+    assert single.returncode == 0, single.stderr
+    fsdp = _torchrun(2, *train_args(dataset, tmp_path / "fsdp", *steps, "--set", "batch_size=2",
+                                    "--set", "model.defer_residual=true"))
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    assert json.loads((tmp_path / "fsdp" / "config.json").read_text())["model"]["defer_residual"] is True
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
+    assert sorted(a) == sorted(b) == [1, 2]
+    for s in a:
+        assert abs(a[s] - b[s]) < 1e-4, (s, a[s], b[s])
+
+
 def test_fsdp_with_loro_matches_single_process(dataset, tmp_path):
     """LORO-AdamW on FSDP2 shards: the lazy steps act on each shard, the exact step (every 2 steps here) gathers
     whole factors, splits the pairs over the processes and writes each process's shard back; the losses equal

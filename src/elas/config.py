@@ -26,7 +26,7 @@ NORM_KERNELS = ("auto", "torch", "fused")
 ROPE_KERNELS = ("torch", "cutlass")
 # model keys that choose kernels, not the model (its parameters and math): a resumed run may change them, its
 # losses then differing from the uninterrupted run's in the last bits (another summation order)
-KERNEL_KEYS = ("relu2_kernel", "norm_kernel", "rope_kernel", "attn_backend", "fuse_qkv", "pdl")
+KERNEL_KEYS = ("relu2_kernel", "norm_kernel", "rope_kernel", "attn_backend", "fuse_qkv", "pdl", "defer_residual")
 CONFIG_VERSION = 3  # of config.json: 3 = attn_backend "auto" takes elas's attention kernel where it applies (2: torch's
 # order); 2 = sparsity as a list of methods (1: flat act_sparsity/grad_mode/... keys)
 D_FF_MULTIPLE = 128  # every 2:4 GEMM tile we target divides 128; 8191 (ELAS 1B) would leave a dense tail
@@ -96,6 +96,11 @@ class ModelConfig:
     # triton.enable_pdl): each kernel is launched while its predecessor drains, and waits on the device for the
     # data it reads, which shortens the gap between kernels (train/parallelize.py compile_regions)
     pdl: bool = False
+    # each block hands the next its FFN output beside the residual stream, and the next block adds the two where it
+    # normalises them (the last: the loss head), so that the add is part of the norm's kernel when compiled, not a
+    # kernel of its own at the end of every block (the blocks are compiled one by one: train/parallelize.py). The
+    # same adds in the same order (model/llama.py Block, LLaMA.forward); decoding with a KV cache keeps the plain form
+    defer_residual: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

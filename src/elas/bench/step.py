@@ -47,7 +47,8 @@ STEP_VARIANTS = ("lowrank-relu2", "elas", "elas-mask", "relu2", "relu2-24", "swi
 # the baseline modes: textbook numerics, torch's own attention kernel choice, none of elas's kernels; applied after
 # a variant's own keys, so "lowrank-relu2+fuse_qkv=true" under plain torch.compile is plain lowrank-relu2
 PLAIN = {"residual_dtype": "fp32", "lm_loss": "logits", "attn_backend": "torch", "relu2_kernel": "torch",
-         "norm_kernel": "torch", "rope_kernel": "torch", "fuse_qkv": False, "pdl": False}
+         "norm_kernel": "torch", "rope_kernel": "torch", "fuse_qkv": False, "pdl": False,
+         "defer_residual": False}
 H100_BF16 = 989e12
 
 

@@ -261,10 +261,17 @@ class Block(nn.Module):
         ffn_cls = SwiGLU if cfg.ffn == "swiglu" else ReLU2FFN.of_width
         self.ffn = ffn_cls(cfg.d_model, cfg.ffn_width, r, cfg.init_std)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, positions=None):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, positions=None, pending=None):
+        """x [b, s, d] -> x + attention + FFN, [b, s, d]. pending (model.defer_residual): the previous block's FFN
+        output, added to x here, where the add joins the norm's kernel; the block then returns (x, its FFN output)
+        for the next one to add."""
+        if pending is not None:
+            x = x + pending
         x, h = self.attn_norm.split(x)
         x = x + self.attn(h, cos, sin, cache, layer, positions)
         x, h = self.ffn_norm.split(x)
+        if pending is not None:
+            return x, self.ffn(h)
         return x + self.ffn(h)
 
 
@@ -335,6 +342,15 @@ class LLaMA(nn.Module):
         if self.cfg.residual_dtype == "compute" and torch.is_autocast_enabled(dev):
             # the residual stream in the compute dtype: every add, norm and cast of it moves half the bytes
             x = x.to(torch.get_autocast_dtype(dev))
+        if cache is None and self.cfg.defer_residual:
+            # (x, pending) through the blocks; zeros first, requiring grad as every later pending does, so that
+            # every block runs the same compiled graph (a pending without grad would be another: a recompile)
+            pending = torch.zeros_like(x).requires_grad_(x.requires_grad)
+            for blk in self.blocks:
+                x, pending = blk(x, cos, sin, pending=pending)
+            if targets is None:
+                return self.lm_head(self.norm(x + pending))
+            return self.loss(x, targets, pending)
         if cache is None:
             for blk in self.blocks:
                 x = blk(x, cos, sin)
@@ -346,10 +362,11 @@ class LLaMA(nn.Module):
             return self.lm_head(self.norm(x))
         return self.loss(x, targets)
 
-    def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy of the final hidden states x [batch, seq, d_model] against targets
-        [batch, seq] (-100: ignored). A method of its own so that it can be compiled as one region."""
-        h = self.norm(x)
+    def loss(self, x: torch.Tensor, targets: torch.Tensor, pending: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy of the final hidden states x [batch, seq, d_model] (+ pending, the last
+        block's FFN output under model.defer_residual) against targets [batch, seq] (-100: ignored). A method of its
+        own so that it can be compiled as one region."""
+        h = self.norm(x if pending is None else x + pending)
         if self.cfg.lm_loss == "chunked":  # never holds [tokens, vocab] logits (model/loss.py)
             return linear_cross_entropy(h, self.lm_head.weight, targets)
         logits = self.lm_head(h)
