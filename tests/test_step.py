@@ -325,8 +325,9 @@ def _compiled_graph_step_vs_eager(variant: str, checkpointed: bool = False, **ke
 @pytest.mark.parametrize("keys", [{"attn_backend": "cudnn"}, {"fuse_qkv": True, "d_model": 256}, {"pdl": True},
                                   {"defer_residual": True}])
 def test_gpu_model_keys_on_the_compiled_graph_step_equal_the_default(variant, keys):
-    """model.attn_backend=cudnn, model.fuse_qkv=true and model.pdl=true inside the trainer's default step
-    (compiled regions in a captured graph): the loss, norm and gradients of the default model run eagerly."""
+    """model.attn_backend=cudnn, model.fuse_qkv=true, model.pdl=true and model.defer_residual=true inside the
+    trainer's default step (compiled regions in a captured graph): the loss, norm and gradients of the default
+    model run eagerly."""
     _compiled_graph_step_vs_eager(variant, **keys)
 
 
@@ -493,43 +494,70 @@ def test_gpu_fsdp2_on_the_packed_path_equals_the_unsharded_model(tmp_path, varia
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("variant,norm_kernel", [("lowrank-relu2", "torch"), ("elas", "fused"), ("relu2-24", "torch")])
-def test_deferred_residual_computes_what_the_plain_blocks_do(variant, norm_kernel):
+@pytest.mark.parametrize("variant,norm_kernel,residual_dtype", [
+    ("lowrank-relu2", "torch", "compute"), ("elas", "fused", "compute"), ("relu2-24", "torch", "fp32")])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_deferred_residual_computes_what_the_plain_blocks_do(variant, norm_kernel, residual_dtype, autocast):
     """model.defer_residual: each block hands the next its FFN output and the next adds it where it normalises (the
-    last: the loss head). The same adds in the same order: losses and gradients bit for bit, eagerly, with and
-    without checkpointing and grad accumulation; compiled, one graph for every block (the first block's zeros
-    require grad as the later pendings do) and the loss head, equal to eager; logits and decoding unchanged."""
+    last: the loss head). The same adds in the same order: losses and gradients bit for bit, eagerly (with and
+    without grad accumulation, checkpointed) and compiled, where every block runs one graph (the first block's
+    zeros are an FFN output's kind: its dtype, requiring grad), also with an fp32 residual stream under bf16
+    autocast; logits, and decoding with and without a KV cache, unchanged."""
     from contextlib import nullcontext
 
     from elas.model.generate import sample
     from elas.train.parallelize import checkpoint_blocks, compile_counts, compile_regions
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else nullcontext
     micro = _batches(2, 2, 32)
-    plain = _model(variant, "cpu", dense_warmup_steps=0, norm_kernel=norm_kernel)
-    defer = _model(variant, "cpu", dense_warmup_steps=0, norm_kernel=norm_kernel, defer_residual=True)
+    keys = dict(dense_warmup_steps=0, norm_kernel=norm_kernel, residual_dtype=residual_dtype)
+    plain, defer = _model(variant, "cpu", **keys), _model(variant, "cpu", defer_residual=True, **keys)
     for m in (plain, defer):
         set_step(m, 0, 1)
-    want = StepGrads(plain, plain, nullcontext, 2, 1.0).run(micro, True)
-    got = StepGrads(defer, defer, nullcontext, 2, 1.0).run(micro, True)
-    assert got[0].item() == want[0].item() and got[1].item() == want[1].item()
-    for p, q in zip(plain.parameters(), defer.parameters()):
-        assert torch.equal(p.grad, q.grad)
-    with torch.no_grad():
+    for accum in (1, 2):
+        want = StepGrads(plain, plain, ctx, accum, 1.0).run(micro[:accum], True)
+        got = StepGrads(defer, defer, ctx, accum, 1.0).run(micro[:accum], True)
+        assert got[0].item() == want[0].item() and got[1].item() == want[1].item()
+        for p, q in zip(plain.parameters(), defer.parameters()):
+            assert torch.equal(p.grad, q.grad)
+    with torch.no_grad(), ctx():
         assert torch.equal(defer(micro[0][0]), plain(micro[0][0]))  # logits
-        prompt = micro[0][0][:1, :8]
-        assert torch.equal(sample(defer, prompt, 4, temperature=0.0), sample(plain, prompt, 4, temperature=0.0))
-    checkpoint_blocks(defer)
-    got = StepGrads(defer, defer, nullcontext, 2, 1.0).run(micro, True)
-    assert got[0].item() == want[0].item()
-    for p, q in zip(plain.parameters(), defer.parameters()):
-        assert torch.equal(p.grad, q.grad)
+    prompt = micro[0][0][:1, :8]
+    for cache in (True, False):  # (with the cache the plain form; without, every step the deferred one)
+        assert torch.equal(sample(defer, prompt, 4, temperature=0.0, use_cache=cache),
+                           sample(plain, prompt, 4, temperature=0.0, use_cache=cache))
     torch._dynamo.reset()
-    compile_regions(defer, backend="aot_eager")
+    for m in (plain, defer):
+        compile_regions(m, backend="aot_eager")
+    want = StepGrads(plain, plain, ctx, 2, 1.0).run(micro, True)
     counts = []
     for _ in range(2):
         before = compile_counts()
-        comp = StepGrads(defer, defer, nullcontext, 2, 1.0).run(micro, True)
+        got = StepGrads(defer, defer, ctx, 2, 1.0).run(micro, True)
         counts.append(compile_counts() - before)
-        assert comp[0].item() == pytest.approx(want[0].item(), rel=1e-6)
+        assert got[0].item() == want[0].item()
     assert counts == [2, 0]  # the block (one graph for both blocks) and the loss head, once
     for p, q in zip(plain.parameters(), defer.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7)
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_deferred_residual_with_checkpointing_equals_and_the_trainer_refuses_it():
+    """Checkpointed deferred blocks compute the same (bit for bit), but each keeps two inputs (x and the pending
+    FFN output: one more [batch, seq, d_model] a layer), so the trainer's config refuses the pair."""
+    from contextlib import nullcontext
+
+    from elas.config import TrainConfig
+    from elas.train.parallelize import checkpoint_blocks
+    micro = _batches(1, 2, 32)
+    plain, defer = _model("elas", "cpu", dense_warmup_steps=0), _model("elas", "cpu", dense_warmup_steps=0,
+                                                                       defer_residual=True)
+    checkpoint_blocks(defer)
+    for m in (plain, defer):
+        set_step(m, 0, 1)
+    want = StepGrads(plain, plain, nullcontext, 1, 1.0).run(micro, True)
+    got = StepGrads(defer, defer, nullcontext, 1, 1.0).run(micro, True)
+    assert got[0].item() == want[0].item()
+    for p, q in zip(plain.parameters(), defer.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    cfg = TrainConfig(model=defer.cfg, seq_len=32, activation_checkpointing=True)
+    with pytest.raises(ValueError, match="activation_checkpointing=true with model.defer_residual=true"):
+        cfg.validate()

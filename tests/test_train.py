@@ -363,6 +363,7 @@ def test_fsdp_with_the_deferred_residual_matches_the_plain_single_process(datase
     fsdp = _torchrun(2, *train_args(dataset, tmp_path / "fsdp", *steps, "--set", "batch_size=2",
                                     "--set", "model.defer_residual=true"))
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    assert "x2 (FSDP)" in fsdp.stdout
     assert json.loads((tmp_path / "fsdp" / "config.json").read_text())["model"]["defer_residual"] is True
     a, b = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
     assert sorted(a) == sorted(b) == [1, 2]

@@ -370,6 +370,10 @@ class TrainConfig:
                 raise ValueError(f"invalid {name}={getattr(self, name)!r}: expected a positive integer")
         if self.seq_len > self.model.max_seq_len:
             raise ValueError(f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if self.activation_checkpointing and self.model.defer_residual:
+            raise ValueError("activation_checkpointing=true with model.defer_residual=true: a checkpointed block keeps "
+                             "its inputs, two a block when deferred (one more [batch, seq, d_model] a layer): set "
+                             "one of them false")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"invalid precision={self.precision!r}: expected auto, bf16 or fp32")
         if self.param_dtype not in ("auto", "bf16", "fp32"):

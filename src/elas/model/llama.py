@@ -251,6 +251,20 @@ class Attention(nn.Module):
         return self.o(y.transpose(1, 2).reshape(b, s, d))
 
 
+class _Zeros(torch.autograd.Function):
+    """Zeros like x in `dtype`, requiring grad where x does, with no gradient of their own (no leaf to accumulate
+    into): model.defer_residual's first pending, the same kind of input as every later one (one compiled graph for
+    every block)."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        return torch.zeros_like(x, dtype=dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, None
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -343,9 +357,9 @@ class LLaMA(nn.Module):
             # the residual stream in the compute dtype: every add, norm and cast of it moves half the bytes
             x = x.to(torch.get_autocast_dtype(dev))
         if cache is None and self.cfg.defer_residual:
-            # (x, pending) through the blocks; zeros first, requiring grad as every later pending does, so that
-            # every block runs the same compiled graph (a pending without grad would be another: a recompile)
-            pending = torch.zeros_like(x).requires_grad_(x.requires_grad)
+            # (x, pending) through the blocks; zeros first, in the dtype and with the grad requirement of every
+            # later pending (an FFN output: the autocast dtype), so that every block runs one compiled graph
+            pending = _Zeros.apply(x, torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype)
             for blk in self.blocks:
                 x, pending = blk(x, cos, sin, pending=pending)
             if targets is None:
