@@ -500,13 +500,13 @@ def test_gpu_fsdp2_on_the_packed_path_equals_the_unsharded_model(tmp_path, varia
 def test_deferred_residual_computes_what_the_plain_blocks_do(variant, norm_kernel, residual_dtype, autocast):
     """model.defer_residual: each block hands the next its FFN output and the next adds it where it normalises (the
     last: the loss head). The same adds in the same order: losses and gradients bit for bit, eagerly (with and
-    without grad accumulation, checkpointed) and compiled, where every block runs one graph (the first block's
+    without grad accumulation) and compiled, where every block runs one graph (the first block's
     zeros are an FFN output's kind: its dtype, requiring grad), also with an fp32 residual stream under bf16
     autocast; logits, and decoding with and without a KV cache, unchanged."""
     from contextlib import nullcontext
 
     from elas.model.generate import sample
-    from elas.train.parallelize import checkpoint_blocks, compile_counts, compile_regions
+    from elas.train.parallelize import compile_counts, compile_regions
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else nullcontext
     micro = _batches(2, 2, 32)
     keys = dict(dense_warmup_steps=0, norm_kernel=norm_kernel, residual_dtype=residual_dtype)
