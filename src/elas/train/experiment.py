@@ -438,9 +438,80 @@ def summarize(out: Path) -> tuple[list[dict], str]:
     return rows, text
 
 
+def grid_curves(out: Path) -> dict[str, dict]:
+    """The validation curves of a grid by variant: {variant: {"seeds": [seed], "mean": {step: loss}, "base":
+    variant or None, "ratio": {step: ratio}}}. A variant's mean is taken at the steps every seed of it validated
+    at. Its base is the first variant the summary compares it with (`_ratio_pairs`: the papers' pairs, then the
+    dense twin) among those run; the ratio, like the summary's, pairs runs of the same seed: the mean over the
+    seeds both ran of loss / base's loss, at the steps all those runs validated at."""
+    runs: dict[str, dict[int, dict[int, float]]] = {}  # variant -> seed -> step -> val loss
+    for run in sorted(p for p in out.iterdir() if (p / "metrics.jsonl").exists()):
+        curve = {m["step"]: m["val_loss"] for m in read_metrics(run / "metrics.jsonl") if "val_loss" in m}
+        variant, _, seed = run.name.partition(".seed")
+        if curve:
+            runs.setdefault(variant, {})[int(seed or 0)] = curve
+
+    def common(curves: list[dict[int, float]]) -> list[int]:
+        return sorted(set.intersection(*(set(c) for c in curves)))
+
+    by = {v: {"seeds": sorted(seeds), "base": None, "ratio": {},
+              "mean": {s: sum(c[s] for c in seeds.values()) / len(seeds) for s in common(list(seeds.values()))}}
+          for v, seeds in runs.items()}
+    for variant, row in by.items():
+        base = next((b for a, b in _ratio_pairs(by) if a == variant and b in by), None)
+        shared = sorted(set(runs[variant]) & set(runs[base])) if base else []
+        if shared:
+            pairs = [(runs[variant][k], runs[base][k]) for k in shared]
+            row["base"] = base
+            row["ratio"] = {s: sum(a[s] / b[s] for a, b in pairs) / len(pairs)
+                            for s in common([c for p in pairs for c in p])}
+    return by
+
+
 def plot_curves(out: Path, png: Path) -> bool:
-    """Every run under `out` (the quality grid) into one PNG; False without matplotlib."""
-    return plot_runs(sorted(p for p in out.iterdir() if (p / "metrics.jsonl").exists()), png)
+    """The grid's validation curves, legible at twenty-odd runs: one colour per variant (seed means), the loss
+    where the variants part (past the first quarter of the run) and each variant's loss over its comparison
+    base's (`grid_curves`), where a sparse phase's cost and its recovery show. False without matplotlib or without
+    a run that validated."""
+    by = grid_curves(out)
+    if not by:
+        return False
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax_val, ax_ratio) = plt.subplots(1, 2, figsize=(15, 5.5))
+    cmap = plt.get_cmap("tab20")
+    last = max(max(r["mean"], default=0) for r in by.values())
+    late = [v for r in by.values() for s, v in r["mean"].items() if s >= last / 4]
+    for c, (variant, row) in enumerate(sorted(by.items())):
+        colour, style = cmap(c % 20), "-" if c < 20 else "--"
+        label = f"{variant} ({len(row['seeds'])} seed{'s' if len(row['seeds']) > 1 else ''})"
+        ax_val.plot(*zip(*sorted(row["mean"].items())), color=colour, ls=style, lw=1.2, marker=".", label=label)
+        if row["ratio"]:
+            ax_ratio.plot(*zip(*sorted(row["ratio"].items())), color=colour, ls=style, lw=1.2, marker=".",
+                          label=f"{variant} / {row['base']}")
+    if late:
+        ax_val.set_ylim(min(late) - 0.01, max(late) + 0.01)
+    ax_val.set_xlim(last / 4 * 0.9, last * 1.02)
+    ax_val.set_title("validation loss (mean over seeds)")
+    ratios = [v for r in by.values() for s, v in r["ratio"].items() if s >= last / 4]
+    if ratios:
+        ax_ratio.set_ylim(min(0.99, min(ratios) - 0.002), min(1.08, max(ratios) + 0.002))
+    ax_ratio.axhline(1.0, color="black", lw=0.8)
+    ax_ratio.set_title("validation loss / its base's, seed by seed (mean over seeds)")
+    for ax in (ax_val, ax_ratio):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return True
 
 
 STAT_PANELS = (("y2_zero_frac/mean", "zeros of y2 = relu(x W_up)^2"),
