@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 
-from elas.bench.profile import breakdown, category, top_kernels
+from elas.bench.profile import breakdown, category, span_and_gaps, top_kernels
 from elas.bench.report import mode_step_tables, render, step_tables
 import pytest
 import torch
@@ -57,6 +57,15 @@ def test_kernel_categories():
     assert top == {grouped[:160]: 7.0, "nvjet_x": 5.0}
 
 
+def test_profiled_span_counts_only_the_time_no_kernel_covers():
+    """The profiled steps' span and gaps: overlapping kernels (two streams) are busy once, a kernel inside another
+    adds no gap, and gaps between kernels sum; whatever order the profiler lists them in."""
+    assert span_and_gaps([]) == (0.0, 0.0)
+    ivs = [(10.0, 20.0), (0.0, 5.0), (12.0, 15.0), (18.0, 25.0), (30.0, 31.0)]
+    assert span_and_gaps(ivs) == (31.0, 5.0 + 5.0)  # busy 0-5, 10-25, 30-31
+    assert span_and_gaps([(0.0, 4.0), (4.0, 9.0)]) == (9.0, 0.0)  # back to back
+
+
 def test_step_modes_table_and_ratios():
     """The committed H200 step rows render, and every ratio is the rows' tokens/s quotient (same process)."""
     doc = json.loads((RESULTS / "h200" / "step.json").read_text())
@@ -75,6 +84,14 @@ def test_step_modes_table_and_ratios():
     alone = ratios([r for r in rows if r["variant"] != "lowrank-relu2" or r["mode"] == "elas"])
     text = mode_step_tables({**doc, "rows": alone})
     assert f"({e['twin_mode']}, its only mode run here) |" in text
+    assert "| gaps |" not in text  # a file from before the profiled gaps: no column of dashes
+    # with one row's profiled gaps recorded, the column appears, that row's value in it, the others' "-"
+    rows[0] = {**rows[0], "profiled_gap_ms": 1.234}
+    lines = [ln for ln in mode_step_tables({**doc, "rows": rows}).splitlines() if ln.startswith("| ")]
+    head = next(ln for ln in lines if "| idle |" in ln)
+    assert head.endswith("| idle | gaps | kernels |")
+    cells = [ln.split(" | ") for ln in lines if ln.count(" | ") == head.count(" | ")]
+    assert any(c[-2] == "1.2" for c in cells) and any(c[-2] == "-" for c in cells[1:])
 
 
 def test_loss_table_pairs_the_two_implementations():

@@ -47,10 +47,27 @@ def breakdown(kernels: dict[str, float]) -> dict[str, float]:
     return {c: out[c] for c, _ in CATEGORIES if c in out}
 
 
-def kernel_times(step, iters: int = 3, launches: dict[str, float] | None = None) -> dict[str, float]:
+def span_and_gaps(intervals: list[tuple[float, float]]) -> tuple[float, float]:
+    """(span, gaps) of kernel intervals [(start, end)], in their unit: the span from the first start to the last
+    end, and the part of it that no kernel covers (kernels on two streams overlap: their union is the busy part)."""
+    if not intervals:
+        return 0.0, 0.0
+    ivs = sorted(intervals)
+    gaps, end = 0.0, ivs[0][1]
+    for start, stop in ivs[1:]:
+        gaps += max(0.0, start - end)
+        end = max(end, stop)
+    return end - ivs[0][0], gaps
+
+
+def kernel_times(step, iters: int = 3, launches: dict[str, float] | None = None,
+                 span: dict[str, float] | None = None) -> dict[str, float]:
     """{kernel name: GPU ms per step} over `iters` calls of step() (already warmed up), largest first. launches:
     a dict filled with {kernel name: launches per step} (idle time between a graph's kernels grows with their
-    number: the count says whether fewer, larger kernels are the lever)."""
+    number: the count says whether fewer, larger kernels are the lever). span: a dict filled with the profiled
+    steps' own GPU span and the gaps inside it, ms per step (`span_ms`, `gap_ms`): the step time of the timed
+    replays less the kernel times mixes real gaps with any clock difference between the timed and the profiled
+    steps (a power-bound step's clock moves with its load); these two do not."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -60,12 +77,17 @@ def kernel_times(step, iters: int = 3, launches: dict[str, float] | None = None)
             step()
         torch.cuda.synchronize()
     total: dict[str, float] = defaultdict(float)
+    intervals: list[tuple[float, float]] = []  # (start, end) in us
     for e in prof.events():
         # GPU-side user annotations ("Optimizer.step#AdamW.step") span kernels already counted
         if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False) and "#" not in e.name:
             total[e.name] += e.time_range.elapsed_us() / 1e3 / iters
+            intervals.append((e.time_range.start, e.time_range.end))
             if launches is not None:
                 launches[e.name] = launches.get(e.name, 0) + 1 / iters
+    if span is not None:
+        width, gaps = span_and_gaps(intervals)
+        span.update(span_ms=width / 1e3 / iters, gap_ms=gaps / 1e3 / iters)
     return dict(sorted(total.items(), key=lambda kv: -kv[1]))
 
 

@@ -209,14 +209,20 @@ def mode_step_tables(doc: dict) -> str:
     cats = [c for c, _ in CATEGORIES] + ["idle"]
     prof = [r for r in rows if "breakdown_ms" in r]
     if prof:
+        # gaps (files from 2026-12-06 on): the time no kernel ran within the profiled steps
+        gaps = any("profiled_gap_ms" in r for r in prof)
         out += ["", "GPU ms per step by kernel category (torch profiler, 3 steps; idle = step time - kernel time; "
-                "kernels: launches per step, where recorded):",
-                "", "| model | batch | variant | mode | " + " | ".join(cats) + " | kernels |",
-                "|---|---|---|---|" + "---|" * (len(cats) + 1)]
+                + ("gaps: the time between kernels within the profiled steps (idle above it: the profiled steps' "
+                   "kernels ran faster than the timed ones); " if gaps else "")
+                + "kernels: launches per step, where recorded):",
+                "", "| model | batch | variant | mode | " + " | ".join(cats + ["gaps"] * gaps) + " | kernels |",
+                "|---|---|---|---|" + "---|" * (len(cats) + gaps + 1)]
         for r in prof:
             b = r["breakdown_ms"]
-            out.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['mode']} | "
-                       + " | ".join(f"{b[c]:.1f}" if c in b else "-" for c in cats)
+            cells = [f"{b[c]:.1f}" if c in b else "-" for c in cats]
+            if gaps:
+                cells.append(f"{r['profiled_gap_ms']:.1f}" if "profiled_gap_ms" in r else "-")
+            out.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['mode']} | " + " | ".join(cells)
                        + f" | {r.get('kernel_launches', '-')} |")
     return "\n".join(out)
 

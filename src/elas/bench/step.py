@@ -169,9 +169,13 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
     row["optimizer"] = type(opt).__name__
     if profile:
         launches: dict[str, float] = {}
-        kernels = kernel_times(step, iters=3, launches=launches)
+        span: dict[str, float] = {}
+        kernels = kernel_times(step, iters=3, launches=launches, span=span)
         row["breakdown_ms"] = breakdown(kernels)
         row["breakdown_ms"]["idle"] = max(0.0, ms - sum(kernels.values()))
+        # the profiled steps' own span and the gaps between their kernels: "idle" above minus gap_ms is time the
+        # profiled kernels ran faster than the timed ones (clocks), not time the GPU waited
+        row["profiled_step_ms"], row["profiled_gap_ms"] = span["span_ms"], span["gap_ms"]
         row["kernels_ms"] = top_kernels(kernels)
         row["kernel_launches"] = round(sum(launches.values()))  # per step; idle / launches: the gap per kernel
         row["kernel_launches_top"] = top_kernels(launches)
