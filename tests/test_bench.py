@@ -87,11 +87,13 @@ def test_step_modes_table_and_ratios():
     assert "| gaps |" not in text  # a file from before the profiled gaps: no column of dashes
     # with one row's profiled gaps recorded, the column appears, that row's value in it, the others' "-"
     rows[0] = {**rows[0], "profiled_gap_ms": 1.234}
-    lines = [ln for ln in mode_step_tables({**doc, "rows": rows}).splitlines() if ln.startswith("| ")]
-    head = next(ln for ln in lines if "| idle |" in ln)
-    assert head.endswith("| idle | gaps | kernels |")
-    cells = [ln.split(" | ") for ln in lines if ln.count(" | ") == head.count(" | ")]
-    assert any(c[-2] == "1.2" for c in cells) and any(c[-2] == "-" for c in cells[1:])
+    lines = mode_step_tables({**doc, "rows": rows}).splitlines()
+    at = next(i for i, ln in enumerate(lines) if "| idle |" in ln)
+    assert lines[at].endswith("| idle | gaps | kernels |")
+    table = [ln.split(" | ") for ln in lines[at + 2:] if ln.startswith("| ")][:len(rows)]  # the category rows
+    gaps = [c[-2] for c in table]
+    assert all(len(c) == len(lines[at].split(" | ")) for c in table)
+    assert gaps.count("1.2") == 1 and gaps.count("-") == len(table) - 1
 
 
 def test_loss_table_pairs_the_two_implementations():

@@ -562,31 +562,44 @@ def test_activation_stats_plot_draws_each_variant_and_skips_grids_without_statis
 
 
 def test_grid_curves_pair_seeds_with_the_summarys_base_and_plot(tmp_path):
-    """The grid's curves: a variant's mean over its seeds at the steps all of them validated at, its base the
-    summary's first comparison among the variants run (elas -> lowrank-relu2, a key variant -> the papers' pair of
-    its base, then the twin), its ratio taken seed by seed like the summary's; an empty grid draws nothing."""
+    """The grid's curves: finished runs only (a summary.json names variant and seed, as for the summary), a
+    variant's mean over its seeds at the steps all of them validated at, its base the summary's first comparison
+    that shares a seed and a step with it (elas -> lowrank-relu2; a key variant -> its twin), its ratio taken seed
+    by seed like the summary's; an empty grid draws nothing."""
     from elas.train import experiment
     assert not experiment.plot_curves(tmp_path, tmp_path / "c.png")
 
-    def run(name, curve):
-        d = tmp_path / name
-        d.mkdir()
+    def run(name, variant, seed, curve, finished=True, root=tmp_path):
+        d = root / name
+        d.mkdir(parents=True)
         (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0, "val_loss": v}) + "\n"
                                                  for s, v in curve.items()))
-    run("lowrank-relu2", {100: 4.0, 200: 2.0})
-    run("lowrank-relu2.seed1", {100: 5.0, 200: 2.5})
-    run("elas", {100: 4.4, 200: 2.2, 300: 2.1})       # seed 0: 1.1x its base
-    run("elas.seed1", {100: 6.0, 200: 2.5})           # seed 1: 1.2x, then 1.0x; no step 300
-    run("elas+act24.dense_warmup_steps=20", {100: 4.0, 200: 1.0})  # seed 0 only: against seed 0 of the base
+        if finished:
+            (d / "summary.json").write_text(json.dumps({"variant": variant, "seed": seed}))
+    run("lowrank-relu2", "lowrank-relu2", 0, {100: 4.0, 200: 2.0})
+    run("lowrank-relu2.seed1", "lowrank-relu2", 1, {100: 5.0, 200: 2.5})
+    run("elas", "elas", 0, {100: 4.4, 200: 2.2, 300: 2.1})       # seed 0: 1.1x its base
+    run("elas.seed1", "elas", 1, {100: 6.0, 200: 2.5})           # seed 1: 1.2x, then 1.0x; no step 300
+    run("elas.seed2", "elas", 2, {100: 1.0}, finished=False)     # still running: not counted, as in the summary
+    run("elas+act24.dense_warmup_steps=20", "elas+act24.dense_warmup_steps=20", 0, {100: 4.0, 200: 1.0})
     by = experiment.grid_curves(tmp_path)
     assert by["lowrank-relu2"]["base"] is None and by["lowrank-relu2"]["mean"] == {100: 4.5, 200: 2.25}
     assert by["elas"]["seeds"] == [0, 1] and by["elas"]["base"] == "lowrank-relu2"
     assert by["elas"]["mean"] == pytest.approx({100: 5.2, 200: 2.35})  # step 300: seed 0 only, left out
     assert by["elas"]["ratio"] == pytest.approx({100: (1.1 + 1.2) / 2, 200: (1.1 + 1.0) / 2})
-    key = by["elas+act24.dense_warmup_steps=20"]
-    assert key["base"] == "lowrank-relu2" and key["ratio"] == pytest.approx({100: 1.0, 200: 0.5})
+    key = by["elas+act24.dense_warmup_steps=20"]  # seed 0 only: against seed 0 of the base
+    assert key["base"] == "lowrank-relu2" and key["base_seeds"] == [0]
+    assert key["ratio"] == pytest.approx({100: 1.0, 200: 0.5})
     if importlib.util.find_spec("matplotlib"):
         assert experiment.plot_curves(tmp_path, tmp_path / "c.png") and (tmp_path / "c.png").stat().st_size > 0
+    # a first comparison without a shared seed gives way to the next one, as in the summary: elas-nowarmup's
+    # seed 1 has no lowrank-relu2 seed 1 here, so its base is elas (the warm-up ablation)
+    other = tmp_path / "other"
+    run("lowrank-relu2", "lowrank-relu2", 0, {100: 4.0}, root=other)
+    run("elas.seed1", "elas", 1, {100: 5.0}, root=other)
+    run("elas-nowarmup.seed1", "elas-nowarmup", 1, {100: 4.0}, root=other)
+    nowarm = experiment.grid_curves(other)["elas-nowarmup"]
+    assert nowarm["base"] == "elas" and nowarm["ratio"] == pytest.approx({100: 0.8})
 
 
 def test_default_grid_is_the_issues_comparisons_and_every_variant_configures(tmp_path):

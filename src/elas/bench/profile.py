@@ -65,9 +65,10 @@ def kernel_times(step, iters: int = 3, launches: dict[str, float] | None = None,
     """{kernel name: GPU ms per step} over `iters` calls of step() (already warmed up), largest first. launches:
     a dict filled with {kernel name: launches per step} (idle time between a graph's kernels grows with their
     number: the count says whether fewer, larger kernels are the lever). span: a dict filled with the profiled
-    steps' own GPU span and the gaps inside it, ms per step (`span_ms`, `gap_ms`): the step time of the timed
-    replays less the kernel times mixes real gaps with any clock difference between the timed and the profiled
-    steps (a power-bound step's clock moves with its load); these two do not."""
+    steps' own GPU span and the time no kernel covers inside it, ms per step (`span_ms`, `gap_ms`; the span runs
+    from the first step's first kernel to the last step's last, so it holds iters - 1 of the gaps between steps).
+    The step time of the timed replays less the kernel times mixes real gaps with any clock difference between the
+    timed and the profiled steps (a power-bound step's clock moves with its load); these two do not."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile

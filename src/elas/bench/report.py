@@ -212,8 +212,8 @@ def mode_step_tables(doc: dict) -> str:
         # gaps (files from 2026-12-06 on): the time no kernel ran within the profiled steps
         gaps = any("profiled_gap_ms" in r for r in prof)
         out += ["", "GPU ms per step by kernel category (torch profiler, 3 steps; idle = step time - kernel time; "
-                + ("gaps: the time between kernels within the profiled steps (idle above it: the profiled steps' "
-                   "kernels ran faster than the timed ones); " if gaps else "")
+                + ("gaps: the time between kernels within the profiled steps (where kernels do not overlap, idle - "
+                   "gaps is the timed step less the profiled one: the profiled kernels ran faster); " if gaps else "")
                 + "kernels: launches per step, where recorded):",
                 "", "| model | batch | variant | mode | " + " | ".join(cats + ["gaps"] * gaps) + " | kernels |",
                 "|---|---|---|---|" + "---|" * (len(cats) + gaps + 1)]

@@ -173,8 +173,9 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
         kernels = kernel_times(step, iters=3, launches=launches, span=span)
         row["breakdown_ms"] = breakdown(kernels)
         row["breakdown_ms"]["idle"] = max(0.0, ms - sum(kernels.values()))
-        # the profiled steps' own span and the gaps between their kernels: "idle" above minus gap_ms is time the
-        # profiled kernels ran faster than the timed ones (clocks), not time the GPU waited
+        # the profiled steps' own span and the gaps between their kernels. Where kernels do not overlap (one
+        # stream, as in a captured step) idle - gap_ms = step_ms - profiled_step_ms: time the profiled steps ran
+        # faster than the timed ones (their kernels at a higher clock), not time the GPU waited
         row["profiled_step_ms"], row["profiled_gap_ms"] = span["span_ms"], span["gap_ms"]
         row["kernels_ms"] = top_kernels(kernels)
         row["kernel_launches"] = round(sum(launches.values()))  # per step; idle / launches: the gap per kernel

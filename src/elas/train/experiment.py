@@ -439,32 +439,39 @@ def summarize(out: Path) -> tuple[list[dict], str]:
 
 
 def grid_curves(out: Path) -> dict[str, dict]:
-    """The validation curves of a grid by variant: {variant: {"seeds": [seed], "mean": {step: loss}, "base":
-    variant or None, "ratio": {step: ratio}}}. A variant's mean is taken at the steps every seed of it validated
-    at. Its base is the first variant the summary compares it with (`_ratio_pairs`: the papers' pairs, then the
-    dense twin) among those run; the ratio, like the summary's, pairs runs of the same seed: the mean over the
-    seeds both ran of loss / base's loss, at the steps all those runs validated at."""
+    """The validation curves of a grid's finished runs (those `summarize` counts: a summary.json, which names the
+    run's variant and seed) by variant: {variant: {"seeds": [seed], "mean": {step: loss}, "base": variant or None,
+    "base_seeds": [seed], "ratio": {step: ratio}}}. A variant's mean is taken at the steps every seed of it
+    validated at. Its base is the first variant the summary compares it with (`_ratio_pairs`: the papers' pairs,
+    then the dense twin, then for a variant with keys the variant without them) among those that share a seed and
+    a validation step with it; the ratio, like the summary's, pairs runs of the same seed: the mean over the shared
+    seeds of loss / base's loss, at the steps all those runs validated at."""
     runs: dict[str, dict[int, dict[int, float]]] = {}  # variant -> seed -> step -> val loss
-    for run in sorted(p for p in out.iterdir() if (p / "metrics.jsonl").exists()):
-        curve = {m["step"]: m["val_loss"] for m in read_metrics(run / "metrics.jsonl") if "val_loss" in m}
-        variant, _, seed = run.name.partition(".seed")
+    for p in sorted(out.glob("*/summary.json")):
+        row = _with_curve(json.loads(p.read_text()), p.parent)
+        curve = {int(k): v for k, v in (row.get("val_curve") or {}).items()}
         if curve:
-            runs.setdefault(variant, {})[int(seed or 0)] = curve
+            runs.setdefault(row["variant"], {})[row.get("seed", 0)] = curve
 
     def common(curves: list[dict[int, float]]) -> list[int]:
         return sorted(set.intersection(*(set(c) for c in curves)))
 
-    by = {v: {"seeds": sorted(seeds), "base": None, "ratio": {},
+    def paired(a: str, b: str) -> tuple[list[int], list[int]]:  # (shared seeds, steps all their runs have)
+        seeds = sorted(set(runs[a]) & set(runs[b]))
+        return seeds, common([runs[v][k] for k in seeds for v in (a, b)]) if seeds else []
+
+    by = {v: {"seeds": sorted(seeds), "base": None, "base_seeds": [], "ratio": {},
               "mean": {s: sum(c[s] for c in seeds.values()) / len(seeds) for s in common(list(seeds.values()))}}
           for v, seeds in runs.items()}
     for variant, row in by.items():
-        base = next((b for a, b in _ratio_pairs(by) if a == variant and b in by), None)
-        shared = sorted(set(runs[variant]) & set(runs[base])) if base else []
-        if shared:
-            pairs = [(runs[variant][k], runs[base][k]) for k in shared]
-            row["base"] = base
-            row["ratio"] = {s: sum(a[s] / b[s] for a, b in pairs) / len(pairs)
-                            for s in common([c for p in pairs for c in p])}
+        for a, base in _ratio_pairs(by):
+            if a != variant or base not in by:
+                continue
+            seeds, steps = paired(variant, base)
+            if steps:
+                row.update(base=base, base_seeds=seeds, ratio={
+                    s: sum(runs[variant][k][s] / runs[base][k][s] for k in seeds) / len(seeds) for s in steps})
+                break
     return by
 
 
@@ -491,21 +498,22 @@ def plot_curves(out: Path, png: Path) -> bool:
         label = f"{variant} ({len(row['seeds'])} seed{'s' if len(row['seeds']) > 1 else ''})"
         ax_val.plot(*zip(*sorted(row["mean"].items())), color=colour, ls=style, lw=1.2, marker=".", label=label)
         if row["ratio"]:
+            seeds = ("seeds " if len(row["base_seeds"]) > 1 else "seed ") + ",".join(map(str, row["base_seeds"]))
             ax_ratio.plot(*zip(*sorted(row["ratio"].items())), color=colour, ls=style, lw=1.2, marker=".",
-                          label=f"{variant} / {row['base']}")
+                          label=f"{variant} / {row['base']} ({seeds})")
     if late:
         ax_val.set_ylim(min(late) - 0.01, max(late) + 0.01)
     ax_val.set_xlim(last / 4 * 0.9, last * 1.02)
     ax_val.set_title("validation loss (mean over seeds)")
     ratios = [v for r in by.values() for s, v in r["ratio"].items() if s >= last / 4]
-    if ratios:
-        ax_ratio.set_ylim(min(0.99, min(ratios) - 0.002), min(1.08, max(ratios) + 0.002))
+    if ratios:  # (the first quarter left out: a sparse phase's first steps would flatten the rest)
+        ax_ratio.set_ylim(min(0.99, min(ratios) - 0.002), max(1.01, max(ratios) + 0.002))
     ax_ratio.axhline(1.0, color="black", lw=0.8)
     ax_ratio.set_title("validation loss / its base's, seed by seed (mean over seeds)")
     for ax in (ax_val, ax_ratio):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if ax.has_data():
+        if ax.get_legend_handles_labels()[0]:  # (the ratio panel's line at 1.0 has no label)
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
