@@ -200,7 +200,9 @@ PY
         [ -f data/stdlib-sp32k/meta.json ] || python -m elas data prepare --source stdlib --tokenizer data/sp-32k \
           --out data/stdlib-sp32k --vocab-size 32000 --max-mb 0 --val-frac 0.05 2>&1 | tail -1
         python -c "import json; m = json.load(open('data/sp-32k/meta.json')); print('corpus', m['train_tokens'], 'tokens, sha1', m.get('train_sha1'))"
-        # GRID_FROM: a folder of finished runs (e.g. docs/results/grid-60m) copied in first, so a fresh machine skips them
+        # GRID_FROM: a folder of finished runs (e.g. docs/results/grid-60m) copied in first, so a fresh machine skips them;
+        # GRID_ESTIMATE_FROM: another size's finished runs (e.g. docs/results/grid-60m for GRID_SIZE=llama-130m), whose
+        # GPU times scaled by training FLOPs estimate the runs not done yet (--time-left starts only what fits)
         mkdir -p "runs/grid-${GRID_SIZE:-llama-60m}"
         for r in ${GRID_FROM:+$GRID_FROM/*/}; do
           [ -f "$r/summary.json" ] && [ ! -e "runs/grid-${GRID_SIZE:-llama-60m}/$(basename "$r")" ] \
@@ -220,6 +222,7 @@ PY
           timeout -k 30 "$limit" python -m elas experiment --size "$size" --steps "${GRID_STEPS:-2000}" \
             ${budget[@]+"${budget[@]}"} \
             --batch-size "${GRID_BATCH:-512}" --grad-accum "${GRID_ACCUM:-1}" --data data/sp-32k --transfer-data data/stdlib-sp32k \
+            ${GRID_ESTIMATE_FROM:+--estimate-from "$GRID_ESTIMATE_FROM"} \
             --out "runs/grid-$size" --seeds "${GRID_SEEDS:-0}" ${1:+--variants $1} 2>&1 | quiet
         }
         if [ "$n" -le 1 ]; then

@@ -741,6 +741,47 @@ def test_grid_plan_says_what_is_left_and_its_gpu_time(tmp_path, capsys):
     assert "--variants relu2" not in text and "--variants swiglu" not in text  # nothing of seed 0 left to run here
 
 
+def test_estimates_from_another_grid_scale_by_training_flops(tmp_path, capsys):
+    """`--estimate-from` (experiment.scaled_estimates): another grid's runs, their GPU time scaled by training FLOPs
+    (per token at each size x tokens): the same size and tokens give the GPU time itself, twice the steps twice
+    it, a larger size more by its FLOPs per token; a summary without size, variant or tokens is skipped. The grid's
+    own done runs come before these in --plan, and a folder without finished runs is refused in one line."""
+    import json
+
+    from elas import cli
+    from elas.summary import model_summary
+    from elas.train.experiment import grid_plan, scaled_estimates, variant_config
+    other = tmp_path / "grid-60m"
+    tokens = 2000 * 256 * 2 * 256
+    for name, row in (("relu2", {"model": "llama-60m", "variant": "relu2", "seed": 0, "tokens": tokens,
+                                 "wall_s": 600.0, "gpu_shared_by": 2}),
+                      ("elas.seed1", {"model": "llama-60m", "variant": "elas", "seed": 1, "tokens": tokens,
+                                      "wall_s": 100.0}),
+                      ("old", {"wall_s": 50.0})):  # (no size, variant or tokens: skipped)
+        (other / name).mkdir(parents=True)
+        (other / name / "summary.json").write_text(json.dumps(row))
+    same = scaled_estimates(other, "llama-60m", 2000, 256, 2)
+    assert same == pytest.approx({"relu2": 300.0, "elas.seed1": 100.0})
+    assert scaled_estimates(other, "llama-60m", 4000, 256, 2) == pytest.approx({"relu2": 600.0, "elas.seed1": 200.0})
+    flops = {size: model_summary(variant_config(size, "relu2", 2000, "d", tmp_path, 256, 2).model)
+             ["train_flops_per_token"] for size in ("llama-60m", "llama-130m")}
+    assert flops["llama-130m"] > 2 * flops["llama-60m"]
+    big = scaled_estimates(other, "llama-130m", 2000, 256, 2)
+    assert big["relu2"] == pytest.approx(300.0 * flops["llama-130m"] / flops["llama-60m"])
+    out = tmp_path / "grid-130m"
+    (out / "elas").mkdir(parents=True)
+    (out / "elas" / "summary.json").write_text(json.dumps({"wall_s": 42.0}))
+    rows = {r["run"]: r for r in grid_plan(["relu2", "elas"], [0, 1], out, 2000, estimates=big)}
+    assert rows["relu2"]["gpu_s_left"] == pytest.approx(big["relu2"])  # scaled from the other grid
+    assert rows["elas.seed1"]["gpu_s_left"] == 42.0  # its own seed 0 here comes first
+    assert cli.main(["experiment", "--plan", "--size", "llama-130m", "--out", str(out), "--variants", "relu2",
+                     "--data", str(tmp_path / "nodata"), "--estimate-from", str(other)]) == 0
+    assert f"~{big['relu2'] / 60:.1f} GPU-min" in capsys.readouterr().out
+    assert cli.main(["experiment", "--plan", "--out", str(out), "--estimate-from", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert f"--estimate-from {tmp_path / 'none'} holds no finished run" in err and err.count("\n") == 1
+
+
 def test_a_grid_stopped_by_a_signal_says_how_to_continue(tmp_path, monkeypatch, capsys):
     """Ctrl-C or a scheduler's SIGTERM during `elas experiment`: the run in progress has saved its checkpoint (the
     trainer's TrainStopped), so the grid exits with 128 + the signal and says that the same command continues."""

@@ -639,6 +639,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grid_estimates(args: argparse.Namespace) -> dict[str, float] | None:
+    """--estimate-from's runs scaled to this grid's size and tokens (experiment.scaled_estimates); None without."""
+    from .train.experiment import scaled_estimates
+    if not args.estimate_from:
+        return None
+    return scaled_estimates(Path(args.estimate_from), args.size, args.steps, args.batch_size, args.grad_accum)
+
+
 def _print_grid_plan(args: argparse.Namespace, variants: list[str], seeds: list[int], out: Path) -> int:
     """`elas experiment --plan`: what the grid in --out still has to run, and the GPU time it is estimated to
     need (from the runs done there), without running anything."""
@@ -649,9 +657,11 @@ def _print_grid_plan(args: argparse.Namespace, variants: list[str], seeds: list[
     except (ValueError, KeyError) as e:
         raise UserError(_message(e)) from None
     rows = grid_plan(variants, seeds, out, args.steps, cfg_of=lambda v, seed: variant_config(
-        args.size, v, args.steps, args.data, out, args.batch_size, args.grad_accum, seed=seed))
+        args.size, v, args.steps, args.data, out, args.batch_size, args.grad_accum, seed=seed),
+        estimates=_grid_estimates(args))
     left = [r for r in rows if r["state"] != "done"]
-    print(f"{'run':<48} {'state':<32} estimate (GPU time, from the runs done here)")
+    print(f"{'run':<48} {'state':<32} estimate (GPU time, from the runs done here" +
+          (f", else scaled from {args.estimate_from})" if args.estimate_from else ")"))
     for r in rows:
         est = "-" if r["gpu_s_left"] is None else f"~{r['gpu_s_left'] / 60:.1f} GPU-min"
         where = f" (at step {r['step']})" if r["state"] == "partial" else ""
@@ -699,6 +709,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             raise UserError(f"invalid {flag} {value}: expected a positive integer")
     if args.time_left is not None and not args.time_left > 0:
         raise UserError(f"invalid --time-left {args.time_left}: expected a positive number of seconds")
+    if args.estimate_from and not any(Path(args.estimate_from).glob("*/summary.json")):
+        raise UserError(f"--estimate-from {args.estimate_from} holds no finished run (no RUN/summary.json) to "
+                        f"estimate from")
     if args.plan and args.summarize_only:
         raise UserError("--plan and --summarize-only exclude each other: --plan lists what is left to run, "
                         "--summarize-only summarizes what ran")
@@ -730,7 +743,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         ensure_builtin_data(SimpleNamespace(data_dir=args.data))
         try:
             run_grid(args.size, variants, args.steps, args.data, out, args.batch_size, args.grad_accum, seeds,
-                     args.transfer_data, time_left=args.time_left)
+                     args.transfer_data, time_left=args.time_left,
+                     estimates=_grid_estimates(args) if args.time_left is not None else None)
         except TrainStopped as e:  # the grid resumes where it stopped: the same command again
             print(f"elas: stopped by signal {e.signum}; the run in progress saved its checkpoint: the same "
                   f"command continues the grid", file=sys.stderr)
@@ -837,6 +851,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "machine lent for a limited time, whose checkpoints go with it); partial runs resume regardless")
     p.add_argument("--plan", action="store_true", help="print what the grid in --out still has to run and its "
                    "estimated GPU time (from the runs done there); run nothing")
+    p.add_argument("--estimate-from", metavar="DIR", help="another grid's folder (e.g. a smaller size's): the "
+                   "estimates of --plan and --time-left for runs not done in --out, its runs' GPU times scaled by "
+                   "training FLOPs")
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("build", help="build a CUDA library of elas's own kernels (no GPU needed; minutes)")

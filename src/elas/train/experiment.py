@@ -189,12 +189,14 @@ def check_param_dtypes(cfgs) -> None:
 
 def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Path, batch_size: int = 256,
              grad_accum: int = 2, seeds=(0,), transfer: str | None = None, log=print,
-             time_left: float | None = None) -> list[dict]:
+             time_left: float | None = None, estimates: dict[str, float] | None = None) -> list[dict]:
     """Every variant x seed (seed-major: each seed's grid completes before the next starts).
     time_left: seconds this process may still run (a GPU machine lent for a limited call, whose checkpoints are
     lost with it): a run is started only where its estimate (the grid's own done runs, as `--plan`; times the
     processes sharing the GPU) fits in what is left; the others are left for a later call, one log line each
-    and a closing line. A partial run resumes regardless, and a run with no estimate (nothing done yet) starts."""
+    and a closing line. A partial run resumes regardless, and a run with no estimate (nothing done yet) starts.
+    estimates: GPU seconds by run name for runs not done here (`scaled_estimates` of another grid); the grid's own
+    done runs take precedence."""
     from ..data import load_meta
     deadline = None if time_left is None else time.monotonic() + time_left
     later = []  # the runs left for a later call
@@ -226,7 +228,7 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
             continue
         if deadline is not None and not _checkpoint_step(run):  # (a partial run resumes: its checkpoints are at
             # risk whether it runs or not, and it gets further)
-            need = _gpu_seconds_left(_gpu_seconds_done(out), v, 0, steps)
+            need = _gpu_seconds_left({**(estimates or {}), **_gpu_seconds_done(out)}, v, 0, steps)
             left = deadline - time.monotonic()
             if need is not None and need * gpu_shared_by() > left:
                 log(f"{name}: not started: needs ~{need * gpu_shared_by():.0f} s, {max(left, 0):.0f} s left "
@@ -273,14 +275,17 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
     return rows
 
 
-def grid_plan(variants: list[str], seeds, out: Path, steps: int, cfg_of=None) -> list[dict]:
+def grid_plan(variants: list[str], seeds, out: Path, steps: int, cfg_of=None,
+              estimates: dict[str, float] | None = None) -> list[dict]:
     """What a grid still has to run in `out`, without running it: per (seed, variant) its state ("done": a
     summary.json; "partial": checkpoints up to a step; "todo"; "other settings": a run kept there that the grid
     would refuse, with `differs`) and the GPU seconds it is estimated to need: its own seed-0 run's GPU time where
     done (wall time over the processes that shared the GPU), else the median of the done runs', scaled by the
     steps left. cfg_of(variant, seed): the run's config as the grid would build it (for the settings check; None:
-    not checked). For planning calls of a time-limited GPU machine."""
+    not checked). estimates: as run_grid's, for the runs not done here. For planning calls of a time-limited GPU
+    machine."""
     done = _gpu_seconds_done(out)
+    known = {**(estimates or {}), **done}
     rows = []
     for seed in seeds:
         for v in variants:
@@ -291,7 +296,7 @@ def grid_plan(variants: list[str], seeds, out: Path, steps: int, cfg_of=None) ->
             differs = other_settings(cfg_of(v, seed)) if cfg_of is not None and state != "todo" else []
             if differs:
                 state, step = "other settings", 0
-            left = None if state == "done" else _gpu_seconds_left(done, v, step, steps)
+            left = None if state == "done" else _gpu_seconds_left(known, v, step, steps)
             rows.append({"run": name, "variant": v, "seed": seed, "state": state, "step": step,
                          "gpu_s_left": left, **({"differs": differs} if differs else {})})
     return rows
@@ -320,6 +325,36 @@ def _gpu_seconds_left(done: dict[str, float], variant: str, step: int, steps: in
     done runs, scaled by the steps left (None: no run done to go by)."""
     base = done.get(run_name(variant, 0), statistics.median(done.values()) if done else None)
     return None if base is None else base * (1 - min(step, steps) / steps)
+
+
+def scaled_estimates(other: Path, size: str, steps: int, batch_size: int, grad_accum: int,
+                     seq_len: int = 256) -> dict[str, float]:
+    """The GPU seconds of another grid's finished runs (a smaller size's, say) scaled to a run of this grid: each
+    run's GPU time (`_gpu_seconds_done`) times the ratio of its variant's training FLOPs here to there (FLOPs per
+    token at each size x the run's tokens), keyed by run name as `_gpu_seconds_done`'s. For the estimates of a
+    grid that has no run done yet (a new size): a larger model uses the GPU better, so these err long. Runs
+    whose summary does not name its size, variant and tokens, or whose variant no longer builds, are skipped."""
+    from ..summary import model_summary
+    flops: dict[tuple[str, str], float] = {}
+
+    def per_token(at: str, variant: str) -> float:  # training FLOPs per token of a variant at a size
+        if (at, variant) not in flops:
+            cfg = variant_config(at, variant, steps, "data", Path("."), batch_size, grad_accum, seq_len)
+            flops[at, variant] = model_summary(cfg.model, seq_len)["train_flops_per_token"]
+        return flops[at, variant]
+
+    tokens_here = steps * batch_size * grad_accum * seq_len
+    done = _gpu_seconds_done(other)
+    out = {}
+    for name, gpu_s in done.items():
+        try:
+            row = json.loads((Path(other) / name / "summary.json").read_text())
+            there, variant, tokens = row["model"], row["variant"], row["tokens"]
+            out[run_name(variant, row.get("seed", 0))] = gpu_s * (per_token(size, variant) * tokens_here) / (
+                per_token(there, variant) * tokens)
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+            continue
+    return out
 
 
 def sparse_phase_end(methods: list[dict], max_steps: int) -> int | None:
