@@ -202,7 +202,9 @@ PY
         python -c "import json; m = json.load(open('data/sp-32k/meta.json')); print('corpus', m['train_tokens'], 'tokens, sha1', m.get('train_sha1'))"
         # GRID_FROM: a folder of finished runs (e.g. docs/results/grid-60m) copied in first, so a fresh machine skips them;
         # GRID_ESTIMATE_FROM: another size's finished runs (e.g. docs/results/grid-60m for GRID_SIZE=llama-130m), whose
-        # GPU times scaled by training FLOPs estimate the runs not done yet (--time-left starts only what fits)
+        # GPU times scaled by training FLOPs estimate the runs not done yet (--time-left starts only what fits). A 130M
+        # run (~8-12 GPU-min by that estimate, twice that with GRID_PARALLEL=2) fits no 10-minute call: run the stage
+        # detached (detached.sh, README) with GRID_TIMEOUT and GRID_TIME_LEFT set from the session's device time left
         mkdir -p "runs/grid-${GRID_SIZE:-llama-60m}"
         for r in ${GRID_FROM:+$GRID_FROM/*/}; do
           [ -f "$r/summary.json" ] && [ ! -e "runs/grid-${GRID_SIZE:-llama-60m}/$(basename "$r")" ] \

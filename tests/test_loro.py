@@ -694,6 +694,11 @@ def test_grid_with_time_left_starts_only_the_runs_that_fit(dataset, tmp_path, mo
     assert run_grid("llama-tiny", ["relu2"], 2, str(dataset), out, time_left=599.0, **grid) == []
     assert "needs ~600 s" in logs[-2]
     monkeypatch.delenv("ELAS_GRID_SHARED")
+    # a fresh grid has no run to go by; estimates from another grid (scaled_estimates) stand in
+    fresh = tmp_path / "fresh"
+    assert run_grid("llama-tiny", ["relu2"], 2, str(dataset), fresh, time_left=500.0, estimates={"relu2": 1000.0},
+                    **grid) == []
+    assert logs[-2].startswith("relu2.seed1: not started: needs ~1000 s, ")
     (row,) = run_grid("llama-tiny", ["relu2"], 2, str(dataset), out, time_left=301.0, **grid)
     assert row["run"] == "relu2.seed1" and row["val_loss"] > 0
     assert cli.main(["experiment", "--out", str(out), "--data", str(dataset), "--time-left", "0"]) == 2
@@ -743,43 +748,52 @@ def test_grid_plan_says_what_is_left_and_its_gpu_time(tmp_path, capsys):
 
 def test_estimates_from_another_grid_scale_by_training_flops(tmp_path, capsys):
     """`--estimate-from` (experiment.scaled_estimates): another grid's runs, their GPU time scaled by training FLOPs
-    (per token at each size x tokens): the same size and tokens give the GPU time itself, twice the steps twice
-    it, a larger size more by its FLOPs per token; a summary without size, variant or tokens is skipped. The grid's
-    own done runs come before these in --plan, and a folder without finished runs is refused in one line."""
+    (per token at each size x tokens), per variant (the longest of its seeds, whatever the folder's name); the same
+    size and tokens give the GPU time itself, twice the steps twice it, a larger size more by its FLOPs per token;
+    a summary without size, variant or tokens is skipped. Runs done here calibrate the estimates and keep their own
+    times (with_estimates); the flag is refused in one line where it would do nothing."""
     import json
 
     from elas import cli
     from elas.summary import model_summary
-    from elas.train.experiment import grid_plan, scaled_estimates, variant_config
+    from elas.train.experiment import grid_plan, scaled_estimates, variant_config, with_estimates
     other = tmp_path / "grid-60m"
     tokens = 2000 * 256 * 2 * 256
-    for name, row in (("relu2", {"model": "llama-60m", "variant": "relu2", "seed": 0, "tokens": tokens,
-                                 "wall_s": 600.0, "gpu_shared_by": 2}),
-                      ("elas.seed1", {"model": "llama-60m", "variant": "elas", "seed": 1, "tokens": tokens,
-                                      "wall_s": 100.0}),
+    for name, row in (("relu2", {"variant": "relu2", "seed": 0, "wall_s": 600.0, "gpu_shared_by": 2}),
+                      ("relu2.seed1", {"variant": "relu2", "seed": 1, "wall_s": 320.0}),  # the longer seed counts
+                      ("elas.seed1", {"variant": "elas", "seed": 1, "wall_s": 100.0}),
+                      ("renamed", {"variant": "swiglu", "seed": 0, "wall_s": 200.0}),
                       ("old", {"wall_s": 50.0})):  # (no size, variant or tokens: skipped)
         (other / name).mkdir(parents=True)
+        if "variant" in row:
+            row.update(model="llama-60m", tokens=tokens)
         (other / name / "summary.json").write_text(json.dumps(row))
     same = scaled_estimates(other, "llama-60m", 2000, 256, 2)
-    assert same == pytest.approx({"relu2": 300.0, "elas.seed1": 100.0})
-    assert scaled_estimates(other, "llama-60m", 4000, 256, 2) == pytest.approx({"relu2": 600.0, "elas.seed1": 200.0})
+    assert same == pytest.approx({"relu2": 320.0, "elas": 100.0, "swiglu": 200.0})
+    assert scaled_estimates(other, "llama-60m", 4000, 256, 2) == pytest.approx({k: 2 * v for k, v in same.items()})
     flops = {size: model_summary(variant_config(size, "relu2", 2000, "d", tmp_path, 256, 2).model)
              ["train_flops_per_token"] for size in ("llama-60m", "llama-130m")}
     assert flops["llama-130m"] > 2 * flops["llama-60m"]
     big = scaled_estimates(other, "llama-130m", 2000, 256, 2)
-    assert big["relu2"] == pytest.approx(300.0 * flops["llama-130m"] / flops["llama-60m"])
+    assert big["relu2"] == pytest.approx(320.0 * flops["llama-130m"] / flops["llama-60m"])
+    assert with_estimates({}, big) == big and with_estimates({"x": 1.0}, None) == {"x": 1.0}
+    # relu2 done here in half its estimate: the other estimates are halved too, and relu2 keeps its own time
     out = tmp_path / "grid-130m"
-    (out / "elas").mkdir(parents=True)
-    (out / "elas" / "summary.json").write_text(json.dumps({"wall_s": 42.0}))
+    (out / "relu2").mkdir(parents=True)
+    (out / "relu2" / "summary.json").write_text(json.dumps({"wall_s": big["relu2"] / 2}))
     rows = {r["run"]: r for r in grid_plan(["relu2", "elas"], [0, 1], out, 2000, estimates=big)}
-    assert rows["relu2"]["gpu_s_left"] == pytest.approx(big["relu2"])  # scaled from the other grid
-    assert rows["elas.seed1"]["gpu_s_left"] == 42.0  # its own seed 0 here comes first
-    assert cli.main(["experiment", "--plan", "--size", "llama-130m", "--out", str(out), "--variants", "relu2",
+    assert rows["relu2.seed1"]["gpu_s_left"] == pytest.approx(big["relu2"] / 2)
+    assert rows["elas"]["gpu_s_left"] == pytest.approx(big["elas"] / 2)
+    assert cli.main(["experiment", "--plan", "--size", "llama-130m", "--out", str(out), "--variants", "elas",
                      "--data", str(tmp_path / "nodata"), "--estimate-from", str(other)]) == 0
-    assert f"~{big['relu2'] / 60:.1f} GPU-min" in capsys.readouterr().out
-    assert cli.main(["experiment", "--plan", "--out", str(out), "--estimate-from", str(tmp_path / "none")]) == 2
-    err = capsys.readouterr().err
-    assert f"--estimate-from {tmp_path / 'none'} holds no finished run" in err and err.count("\n") == 1
+    assert f"~{big['elas'] / 2 / 60:.1f} GPU-min" in capsys.readouterr().out
+    for flags, message in (([], "--estimate-from estimates the runs of --plan or --time-left"),
+                           (["--plan", "--estimate-from", str(tmp_path / "none")], "holds no finished run")):
+        args = ["experiment", "--out", str(out), "--data", str(tmp_path / "nodata"), *flags]
+        assert cli.main(args + ([] if "--estimate-from" in flags else ["--estimate-from", str(other)])) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "nodata").exists()
 
 
 def test_a_grid_stopped_by_a_signal_says_how_to_continue(tmp_path, monkeypatch, capsys):

@@ -639,15 +639,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _grid_estimates(args: argparse.Namespace) -> dict[str, float] | None:
-    """--estimate-from's runs scaled to this grid's size and tokens (experiment.scaled_estimates); None without."""
+def _grid_estimates(args: argparse.Namespace) -> dict[str, float]:
+    """--estimate-from's runs scaled to this grid's size and tokens (experiment.scaled_estimates)."""
     from .train.experiment import scaled_estimates
-    if not args.estimate_from:
-        return None
     return scaled_estimates(Path(args.estimate_from), args.size, args.steps, args.batch_size, args.grad_accum)
 
 
-def _print_grid_plan(args: argparse.Namespace, variants: list[str], seeds: list[int], out: Path) -> int:
+def _print_grid_plan(args: argparse.Namespace, variants: list[str], seeds: list[int], out: Path,
+                     estimates: dict[str, float] | None = None) -> int:
     """`elas experiment --plan`: what the grid in --out still has to run, and the GPU time it is estimated to
     need (from the runs done there), without running anything."""
     from .train.experiment import grid_plan, variant_config
@@ -658,7 +657,7 @@ def _print_grid_plan(args: argparse.Namespace, variants: list[str], seeds: list[
         raise UserError(_message(e)) from None
     rows = grid_plan(variants, seeds, out, args.steps, cfg_of=lambda v, seed: variant_config(
         args.size, v, args.steps, args.data, out, args.batch_size, args.grad_accum, seed=seed),
-        estimates=_grid_estimates(args))
+        estimates=estimates)
     left = [r for r in rows if r["state"] != "done"]
     print(f"{'run':<48} {'state':<32} estimate (GPU time, from the runs done here" +
           (f", else scaled from {args.estimate_from})" if args.estimate_from else ")"))
@@ -709,9 +708,6 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             raise UserError(f"invalid {flag} {value}: expected a positive integer")
     if args.time_left is not None and not args.time_left > 0:
         raise UserError(f"invalid --time-left {args.time_left}: expected a positive number of seconds")
-    if args.estimate_from and not any(Path(args.estimate_from).glob("*/summary.json")):
-        raise UserError(f"--estimate-from {args.estimate_from} holds no finished run (no RUN/summary.json) to "
-                        f"estimate from")
     if args.plan and args.summarize_only:
         raise UserError("--plan and --summarize-only exclude each other: --plan lists what is left to run, "
                         "--summarize-only summarizes what ran")
@@ -719,8 +715,16 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} holds no grid to summarize (no such directory)")
     if args.summarize_only and not any(out.glob("*/summary.json")):
         raise UserError(f"--out {out} holds no finished run to summarize (no RUN/summary.json)")
+    estimates = None
+    if args.estimate_from:
+        if args.summarize_only or not (args.plan or args.time_left is not None):
+            raise UserError("--estimate-from estimates the runs of --plan or --time-left: give one of them")
+        estimates = _grid_estimates(args)
+        if not estimates:
+            raise UserError(f"--estimate-from {args.estimate_from} holds no finished run of `elas experiment` "
+                            f"(RUN/summary.json naming its size, variant and tokens) to estimate from")
     if args.plan:
-        return _print_grid_plan(args, variants, seeds, out)
+        return _print_grid_plan(args, variants, seeds, out, estimates)
     if not args.summarize_only:
         from types import SimpleNamespace
 
@@ -744,7 +748,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         try:
             run_grid(args.size, variants, args.steps, args.data, out, args.batch_size, args.grad_accum, seeds,
                      args.transfer_data, time_left=args.time_left,
-                     estimates=_grid_estimates(args) if args.time_left is not None else None)
+                     estimates=estimates)
         except TrainStopped as e:  # the grid resumes where it stopped: the same command again
             print(f"elas: stopped by signal {e.signum}; the run in progress saved its checkpoint: the same "
                   f"command continues the grid", file=sys.stderr)
@@ -852,8 +856,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true", help="print what the grid in --out still has to run and its "
                    "estimated GPU time (from the runs done there); run nothing")
     p.add_argument("--estimate-from", metavar="DIR", help="another grid's folder (e.g. a smaller size's): the "
-                   "estimates of --plan and --time-left for runs not done in --out, its runs' GPU times scaled by "
-                   "training FLOPs")
+                   "estimates of --plan and --time-left for variants not done in --out, its runs' GPU times scaled "
+                   "by training FLOPs and calibrated on the runs done in --out")
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("build", help="build a CUDA library of elas's own kernels (no GPU needed; minutes)")

@@ -195,8 +195,8 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
     lost with it): a run is started only where its estimate (the grid's own done runs, as `--plan`; times the
     processes sharing the GPU) fits in what is left; the others are left for a later call, one log line each
     and a closing line. A partial run resumes regardless, and a run with no estimate (nothing done yet) starts.
-    estimates: GPU seconds by run name for runs not done here (`scaled_estimates` of another grid); the grid's own
-    done runs take precedence."""
+    estimates: GPU seconds by seed-0 run name for variants not done here (`scaled_estimates` of another grid),
+    calibrated on the runs done here (`with_estimates`)."""
     from ..data import load_meta
     deadline = None if time_left is None else time.monotonic() + time_left
     later = []  # the runs left for a later call
@@ -228,7 +228,7 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
             continue
         if deadline is not None and not _checkpoint_step(run):  # (a partial run resumes: its checkpoints are at
             # risk whether it runs or not, and it gets further)
-            need = _gpu_seconds_left({**(estimates or {}), **_gpu_seconds_done(out)}, v, 0, steps)
+            need = _gpu_seconds_left(with_estimates(_gpu_seconds_done(out), estimates), v, 0, steps)
             left = deadline - time.monotonic()
             if need is not None and need * gpu_shared_by() > left:
                 log(f"{name}: not started: needs ~{need * gpu_shared_by():.0f} s, {max(left, 0):.0f} s left "
@@ -285,7 +285,7 @@ def grid_plan(variants: list[str], seeds, out: Path, steps: int, cfg_of=None,
     not checked). estimates: as run_grid's, for the runs not done here. For planning calls of a time-limited GPU
     machine."""
     done = _gpu_seconds_done(out)
-    known = {**(estimates or {}), **done}
+    known = with_estimates(done, estimates)
     rows = []
     for seed in seeds:
         for v in variants:
@@ -329,11 +329,13 @@ def _gpu_seconds_left(done: dict[str, float], variant: str, step: int, steps: in
 
 def scaled_estimates(other: Path, size: str, steps: int, batch_size: int, grad_accum: int,
                      seq_len: int = 256) -> dict[str, float]:
-    """The GPU seconds of another grid's finished runs (a smaller size's, say) scaled to a run of this grid: each
-    run's GPU time (`_gpu_seconds_done`) times the ratio of its variant's training FLOPs here to there (FLOPs per
-    token at each size x the run's tokens), keyed by run name as `_gpu_seconds_done`'s. For the estimates of a
-    grid that has no run done yet (a new size): a larger model uses the GPU better, so these err long. Runs
-    whose summary does not name its size, variant and tokens, or whose variant no longer builds, are skipped."""
+    """GPU seconds per variant, from another grid's finished runs (a smaller size's, say), scaled to a run of this
+    grid: each run's GPU time (`_gpu_seconds_done`) times the ratio of its variant's training FLOPs here to there
+    (FLOPs per token at each size x the run's tokens); a variant's seeds there give their longest, keyed by its
+    seed-0 run name (what `_gpu_seconds_left` looks up). Fixed costs (compilation, evaluation) scale with the rest,
+    and a larger model uses the GPU better: for a larger size at as many tokens or more these err long, and
+    `with_estimates` calibrates them on the runs done here. Runs whose summary does not name its size, variant and
+    tokens, or whose variant no longer builds, are skipped."""
     from ..summary import model_summary
     flops: dict[tuple[str, str], float] = {}
 
@@ -344,17 +346,30 @@ def scaled_estimates(other: Path, size: str, steps: int, batch_size: int, grad_a
         return flops[at, variant]
 
     tokens_here = steps * batch_size * grad_accum * seq_len
-    done = _gpu_seconds_done(other)
-    out = {}
-    for name, gpu_s in done.items():
+    out: dict[str, float] = {}
+    for name, gpu_s in _gpu_seconds_done(other).items():
         try:
             row = json.loads((Path(other) / name / "summary.json").read_text())
             there, variant, tokens = row["model"], row["variant"], row["tokens"]
-            out[run_name(variant, row.get("seed", 0))] = gpu_s * (per_token(size, variant) * tokens_here) / (
-                per_token(there, variant) * tokens)
-        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+            if not (isinstance(there, str) and isinstance(variant, str) and tokens > 0 and gpu_s > 0):
+                continue
+            est = gpu_s * (per_token(size, variant) * tokens_here) / (per_token(there, variant) * tokens)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError):
             continue
+        key = run_name(variant, 0)
+        out[key] = max(out.get(key, 0.0), est)
     return out
+
+
+def with_estimates(done: dict[str, float], estimates: dict[str, float] | None) -> dict[str, float]:
+    """A grid's done runs' GPU seconds (`_gpu_seconds_done`) completed by estimates for the others. Where runs of
+    both kinds share a name, the estimates are first scaled by the median ratio of done to estimated time over
+    those (they came from another grid: its size, its machine); a done run's own time always stands."""
+    if not estimates:
+        return done
+    shared = [k for k in done if k in estimates and estimates[k] > 0]
+    factor = statistics.median(done[k] / estimates[k] for k in shared) if shared else 1.0
+    return {**{k: v * factor for k, v in estimates.items()}, **done}
 
 
 def sparse_phase_end(methods: list[dict], max_steps: int) -> int | None:
