@@ -158,25 +158,25 @@ print(json.dumps({'fwd': r['triton_fwd_config'], 'bwd': r['triton_bwd_config']})
           python benchmarks/launch_sources.py "$v" llama-1b 32 "benchmarks/results/$GPU/launch_sources_$v.json" 2>&1 \
             | quiet | head -30
         done ;;
-      blas_env)  # where the ~280 memsets per 1B step come from (216 launched inside aten::mm, launches stage): the
-                 # default step with cuBLAS(Lt)'s workspace settings changed, one process each (an env var is read
-                 # once per process), then one line per setting: step ms, memsets, GEMM ms (~1 min a setting, the first
-                 # ~2 min: the compile); BLAS_SETTINGS replaces the list
+      blas_env)  # cuBLAS's workspace settings, one process each (torch reads them once per process), then one line per
+                 # setting: step ms, memsets, GEMM ms (~1 min a setting, the first ~2 min: the compile). `default` is
+                 # elas's own (no workspace, kernels/cublas.py), ELAS_CUBLAS_WORKSPACE=torch torch's; BLAS_SETTINGS
+                 # replaces the list, BLAS_SIZES (llama-1b) and BLAS_VARIANTS (lowrank-relu2) the rows of each
         d=${BLAS_DIR:-runs/blas_env}
-        for e in ${BLAS_SETTINGS:-default CUBLASLT_WORKSPACE_SIZE=0 CUBLASLT_WORKSPACE_SIZE=131072 \
-                 CUBLAS_WORKSPACE_CONFIG=:0:0 TORCH_BLAS_PREFER_CUBLASLT=1}; do
+        for e in ${BLAS_SETTINGS:-ELAS_CUBLAS_WORKSPACE=torch default}; do
           ( [ "$e" != default ] && export "${e?}"
-            timeout "${STEP_TIMEOUT:-240}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
-              --variants lowrank-relu2 --out "$d/$e" 2>&1 | quiet | grep -E '^step|error' )
+            timeout "${STEP_TIMEOUT:-240}" python -m elas bench step --gpu-name "$GPU" --sizes "${BLAS_SIZES:-llama-1b}" \
+              --modes elas --variants "${BLAS_VARIANTS:-lowrank-relu2}" --out "$d/$e" 2>&1 | quiet | grep -E '^step|error' )
         done
         python - "$d" <<'PY'
 import json, sys
 from pathlib import Path
 for f in sorted(Path(sys.argv[1]).glob("*/step.json")):
-    r = json.loads(f.read_text())["rows"][0]
-    memsets = sum(n for k, n in r.get("kernel_launches_top", {}).items() if k.startswith("Memset"))
-    print(f"{f.parent.name:40s} step {r['step_ms']:7.2f} ms  memsets {memsets:5.0f}  launches {r.get('kernel_launches')}"
-          f"  GEMM {r.get('breakdown_ms', {}).get('GEMM', 0):6.2f} ms  idle {r.get('breakdown_ms', {}).get('idle', 0):5.2f} ms")
+    for r in json.loads(f.read_text())["rows"]:
+        memsets = sum(n for k, n in r.get("kernel_launches_top", {}).items() if k.startswith("Memset"))
+        print(f"{f.parent.name:30s} {r['model']:10s} {r['variant']:16s} step {r['step_ms']:7.2f} ms  memsets {memsets:5.0f}"
+              f"  launches {r.get('kernel_launches')}  GEMM {r.get('breakdown_ms', {}).get('GEMM', 0):6.2f} ms"
+              f"  idle {r.get('breakdown_ms', {}).get('idle', 0):5.2f} ms")
 PY
         [ -n "${OUT:-}" ] && tar czf "$OUT/blas_env.tgz" "$d" ;;
       cutlass_probe)  # each form of the CUTLASS ReLU^2 library (and the rotary GEMM) launched in a process of its own:

@@ -286,3 +286,9 @@ def test_grid_on_a_builtin_corpus_of_another_vocabulary_fails_before_preparing_i
           "--size llama-tiny has vocab_size 8192, but --data data/builtin would be prepared with a 32000-token "
           "vocabulary: use --data data/builtin-8k")
     assert not (tmp_path / "data").exists()
+
+
+def test_bad_cublas_workspace_choice(capsys, monkeypatch):
+    monkeypatch.setenv("ELAS_CUBLAS_WORKSPACE", "off")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    _fail(["model", "--preset", "llama-60m"], capsys, "ELAS_CUBLAS_WORKSPACE='off': expected one of none, torch")

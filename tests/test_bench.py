@@ -497,3 +497,34 @@ def test_moments_script_sets_the_two_validation_curves_side_by_side(tmp_path):
     r = subprocess.run([sys.executable, script, str(tmp_path / "a"), str(tmp_path / "c"), str(tmp_path / "n.json")],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "no validation step in both" in r.stderr
+
+
+def test_cublas_workspace_default():
+    """No workspace unless something chose otherwise: the user's own value wins, ELAS_CUBLAS_WORKSPACE=torch keeps
+    torch's default (the variable stays unset)."""
+    from elas.kernels.cublas import VAR, set_default_workspace
+    env = {}
+    assert set_default_workspace(env) == ":0:0" and env == {VAR: ":0:0"}
+    env = {VAR: ":4096:8"}
+    assert set_default_workspace(env) == ":4096:8" and env[VAR] == ":4096:8"
+    env = {"ELAS_CUBLAS_WORKSPACE": "torch"}
+    assert set_default_workspace(env) is None and VAR not in env
+    env = {"ELAS_CUBLAS_WORKSPACE": "none"}
+    assert set_default_workspace(env) == ":0:0"
+    with pytest.raises(ValueError, match="ELAS_CUBLAS_WORKSPACE='0'"):
+        set_default_workspace({"ELAS_CUBLAS_WORKSPACE": "0"})
+
+
+def test_cli_sets_the_cublas_workspace_except_for_the_grid(tmp_path, monkeypatch, capsys):
+    """`elas` commands set it before their first GEMM; `elas experiment` leaves torch's default, so that a grid's
+    later runs run the GEMMs of its first ones."""
+    import os
+
+    from elas.cli import main
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.delenv("ELAS_CUBLAS_WORKSPACE", raising=False)
+    assert main(["experiment", "--plan", "--size", "llama-tiny", "--steps", "10", "--out", str(tmp_path / "g")]) == 0
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert main(["model", "--preset", "llama-60m"]) == 0
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":0:0"
+    capsys.readouterr()

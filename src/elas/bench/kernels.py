@@ -5,6 +5,7 @@ removed), host overhead is measured separately as the wall time of eager calls o
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -266,6 +267,7 @@ def environment() -> dict:
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
         env["cusparselt"] = torch.backends.cusparselt.version()
+        env["cublas_workspace_config"] = os.environ.get("CUBLAS_WORKSPACE_CONFIG", "torch default")
         try:
             import triton
             env["triton"] = triton.__version__
