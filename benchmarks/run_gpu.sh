@@ -159,24 +159,34 @@ print(json.dumps({'fwd': r['triton_fwd_config'], 'bwd': r['triton_bwd_config']})
             | quiet | head -30
         done ;;
       blas_env)  # cuBLAS's workspace settings, one process each (torch reads them once per process), then one line per
-                 # setting: step ms, memsets, GEMM ms (~1 min a setting, the first ~2 min: the compile). `default` is
-                 # elas's own (no workspace, kernels/cublas.py), ELAS_CUBLAS_WORKSPACE=torch torch's; BLAS_SETTINGS
-                 # replaces the list, BLAS_SIZES (llama-1b) and BLAS_VARIANTS (lowrank-relu2) the rows of each
+                 # row: step ms, memsets, GEMM ms (~1 min a setting, the first ~2 min: the compile). `elas` is elas's
+                 # own setting (no workspace, kernels/cublas.py), ELAS_CUBLAS_WORKSPACE=torch torch's default; any
+                 # other VAR=VALUE is exported on top of elas's (add ELAS_CUBLAS_WORKSPACE=torch for torch's).
+                 # BLAS_SETTINGS replaces the list; BLAS_SIZES (llama-1b), BLAS_VARIANTS (lowrank-relu2) and
+                 # BLAS_MODES (elas; e.g. elas,torch.compile) the rows of each
         d=${BLAS_DIR:-runs/blas_env}
-        for e in ${BLAS_SETTINGS:-ELAS_CUBLAS_WORKSPACE=torch default}; do
-          ( [ "$e" != default ] && export "${e?}"
+        settings=${BLAS_SETTINGS:-ELAS_CUBLAS_WORKSPACE=torch elas}
+        for e in $settings; do
+          ( unset CUBLAS_WORKSPACE_CONFIG  # (one exported by the caller would change every row)
+            [ "$e" != elas ] && export "${e?}"
             timeout "${STEP_TIMEOUT:-240}" python -m elas bench step --gpu-name "$GPU" --sizes "${BLAS_SIZES:-llama-1b}" \
-              --modes elas --variants "${BLAS_VARIANTS:-lowrank-relu2}" --out "$d/$e" 2>&1 | quiet | grep -E '^step|error' )
+              --modes "${BLAS_MODES:-elas}" --variants "${BLAS_VARIANTS:-lowrank-relu2}" --out "$d/$e" 2>&1 | quiet \
+              | grep -E '^step|error' )
         done
-        python - "$d" <<'PY'
+        python - "$d" $settings <<'PY'
 import json, sys
 from pathlib import Path
-for f in sorted(Path(sys.argv[1]).glob("*/step.json")):
+for s in sys.argv[2:]:  # this call's settings only (a warm machine may hold an earlier call's folders)
+    f = Path(sys.argv[1]) / s / "step.json"
+    if not f.is_file():
+        print(f"{s:30s} no step.json (failed or cut off)")
+        continue
     for r in json.loads(f.read_text())["rows"]:
+        # (memsets from the 40 most launched kernels: a handful may fall outside them)
         memsets = sum(n for k, n in r.get("kernel_launches_top", {}).items() if k.startswith("Memset"))
-        print(f"{f.parent.name:30s} {r['model']:10s} {r['variant']:16s} step {r['step_ms']:7.2f} ms  memsets {memsets:5.0f}"
-              f"  launches {r.get('kernel_launches')}  GEMM {r.get('breakdown_ms', {}).get('GEMM', 0):6.2f} ms"
-              f"  idle {r.get('breakdown_ms', {}).get('idle', 0):5.2f} ms")
+        print(f"{s:30s} {r['model']:10s} {r['variant']:16s} {r['mode']:13s} step {r['step_ms']:7.2f} ms"
+              f"  memsets {memsets:5.0f}  launches {r.get('kernel_launches')}"
+              f"  GEMM {r.get('breakdown_ms', {}).get('GEMM', 0):6.2f} ms  idle {r.get('breakdown_ms', {}).get('idle', 0):5.2f} ms")
 PY
         [ -n "${OUT:-}" ] && tar czf "$OUT/blas_env.tgz" "$d" ;;
       cutlass_probe)  # each form of the CUTLASS ReLU^2 library (and the rotary GEMM) launched in a process of its own:

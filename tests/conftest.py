@@ -35,6 +35,18 @@ def dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _keep_cublas_setting():
+    """`elas.cli.main` sets CUBLAS_WORKSPACE_CONFIG for its whole process (kernels/cublas.py): a test that calls it
+    in process must not hand the setting on to later tests and their subprocesses."""
+    before = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    yield
+    if before is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = before
+
+
+@pytest.fixture(autouse=True)
 def _fresh_compiler_caches(request):
     """Each GPU test compiles its models from scratch: Dynamo keeps at most 8 compilations per code object (e.g.
     Block.forward), and an entry of an earlier test's model whose address a new module reuses counts against the

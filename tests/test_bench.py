@@ -516,15 +516,49 @@ def test_cublas_workspace_default():
 
 
 def test_cli_sets_the_cublas_workspace_except_for_the_grid(tmp_path, monkeypatch, capsys):
-    """`elas` commands set it before their first GEMM; `elas experiment` leaves torch's default, so that a grid's
-    later runs run the GEMMs of its first ones."""
+    """`elas` commands set it before the command runs (torch reads it at the first GEMM); `elas experiment` leaves
+    torch's default, so that a grid's later runs run the GEMMs of its first ones."""
     import os
 
-    from elas.cli import main
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    import elas.cli
+    seen = {}
+
+    def spy(name):  # records the variable as the command starts, then runs it
+        real = getattr(elas.cli, name)
+
+        def run(args):
+            seen[name] = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+            return real(args)
+        return run
+    for name in ("cmd_model", "cmd_experiment"):  # the parser binds them when main() builds it
+        monkeypatch.setattr(elas.cli, name, spy(name))
     monkeypatch.delenv("ELAS_CUBLAS_WORKSPACE", raising=False)
-    assert main(["experiment", "--plan", "--size", "llama-tiny", "--steps", "10", "--out", str(tmp_path / "g")]) == 0
-    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
-    assert main(["model", "--preset", "llama-60m"]) == 0
-    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":0:0"
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # (conftest puts back what was there)
+    assert elas.cli.main(["experiment", "--plan", "--size", "llama-tiny", "--steps", "10",
+                          "--out", str(tmp_path / "g")]) == 0
+    assert seen == {"cmd_experiment": None} and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert elas.cli.main(["model", "--preset", "llama-60m"]) == 0
+    assert seen["cmd_model"] == ":0:0"
     capsys.readouterr()
+
+
+def test_cublas_resume_warning():
+    """A resumed run whose cuBLAS workspace setting is not its checkpoint's is told so in one line; checkpoints that
+    predate the key, and agreeing settings, say nothing."""
+    from elas.kernels.cublas import describe, resume_warning
+    assert resume_warning({}, {}) is None
+    assert resume_warning({"cublas_workspace_config": ":0:0"}, {"CUBLAS_WORKSPACE_CONFIG": ":0:0"}) is None
+    assert resume_warning({"cublas_workspace_config": None}, {}) is None
+    w = resume_warning({"cublas_workspace_config": None}, {"CUBLAS_WORKSPACE_CONFIG": ":0:0"})
+    assert w.startswith("elas: warning:") and ":0:0 here but was unset (torch's default)" in w and "\n" not in w
+    w = resume_warning({"cublas_workspace_config": ":0:0"}, {})
+    assert "unset (torch's default) here but was :0:0" in w
+    assert "without a workspace" in describe(":0:0") and "torch's default" in describe(None)
+
+
+def test_bench_environment_records_the_cublas_setting(monkeypatch):
+    from elas.bench.kernels import environment
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+    assert environment()["cublas_workspace_config"] == ":0:0"
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    assert environment()["cublas_workspace_config"] == "torch default"

@@ -80,13 +80,16 @@ def test_gpu_a_destroyed_graph_leaves_another_graphs_gemm_workspace():
     guards graph_capture's own mechanism (a workspace dropped from torch's map after the capture must stay in the
     graph's pool); it does not reproduce pytorch#193402: with plain torch.cuda.graph the same sequence showed no
     damage either on torch 2.11 (H100, benchmarks/cublas_workspace.py torch)."""
+    import os
     import re
     import subprocess
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}  # torch's default workspace,
+    # the one this guards (elas's commands run cuBLAS without one: kernels/cublas.py)
     r = subprocess.run([sys.executable, "benchmarks/cublas_workspace.py", "elas"], cwd=root, capture_output=True,
-                       text=True, timeout=300)  # (a process of its own: a fault would poison this one)
+                       text=True, timeout=300, env=env)  # (a process of its own: a fault would poison this one)
     m = re.search(r"max rel\. error (\S+), refill elements overwritten (\d+)", r.stdout)
     assert r.returncode == 0 and m, r.stdout + r.stderr[-2000:]
     assert float(m[1]) < 2e-2 and int(m[2]) == 0, r.stdout  # (eager may take another split: rounding)

@@ -937,12 +937,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # before any GEMM of this process (kernels/cublas.py says why). Not for the quality grid, whose later runs
         # must run the GEMMs of its first ones, made with torch's default workspace
-        if args.cmd != "experiment":
-            from .kernels.cublas import set_default_workspace
-            try:
+        from .kernels.cublas import set_default_workspace, user_choice
+        try:
+            user_choice()  # (checked for every command, the grid's too)
+            if args.cmd != "experiment":
                 set_default_workspace()
-            except ValueError as e:
-                raise UserError(str(e)) from None
+        except ValueError as e:
+            raise UserError(str(e)) from None
         rc = args.func(args)
         sys.stdout.flush()  # inside the try: a reader that left shows up here, not at interpreter exit
         return rc

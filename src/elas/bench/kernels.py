@@ -262,12 +262,12 @@ def bench_epilogue(m: int = 8192, shapes=None, configs=None, log=print) -> list[
 def environment() -> dict:
     import platform
     env = {"torch": torch.__version__, "python": platform.python_version(),
-           "date": time.strftime("%Y-%m-%d")}
+           "date": time.strftime("%Y-%m-%d"),
+           "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG", "torch default")}  # kernels/cublas.py
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
         env["cusparselt"] = torch.backends.cusparselt.version()
-        env["cublas_workspace_config"] = os.environ.get("CUBLAS_WORKSPACE_CONFIG", "torch default")
         try:
             import triton
             env["triton"] = triton.__version__

@@ -1,18 +1,21 @@
 """cuBLAS without a workspace: elas's commands set CUBLAS_WORKSPACE_CONFIG=:0:0 unless told otherwise.
 
-Why: with the workspace torch gives it by default, cuBLAS on Hopper picks GEMM kernels that first clear a part
-of that workspace, so most dense GEMMs launch a memset before their kernel. A 1B low-rank step in elas's default
-mode (H100, batch 32 x 256) launched 281 memsets among 1,329 kernels; without a workspace it launches 9 among
-1,057, its GEMMs take 0.17 ms more and the step 0.58 ms less (66.5-66.6 against 67.1-67.2 ms, two processes
-each, `benchmarks/results/h100/blas_env_cublas_ws.json`). cuBLASLt's own workspace (CUBLASLT_WORKSPACE_SIZE=0)
-changed nothing (`blas_env_ws0.json`).
+Why: with the workspace torch gives it by default, cuBLAS on Hopper picks, for about a third of a step's GEMM
+launches, kernels that have a memset clear part of that workspace before them. Without a workspace it takes the
+same tile shapes in their `ssched` form, which needs none. A 1B low-rank step in elas mode (H100, batch 32 x 256,
+`relu2_kernel=torch`) launched 281 memsets among 1,329 kernels (272 of them before 272 of its 732 GEMM
+launches); without a workspace 9 among 1,057: its GEMMs took 0.17-0.19 ms more and the step 0.57-0.58 ms less
+(66.5-66.6 against 67.1-67.2 ms, two processes each, `benchmarks/results/h100/blas_env_cublas_ws.json`).
+cuBLASLt's own workspace (CUBLASLT_WORKSPACE_SIZE=0) changed nothing (`blas_env_ws0.json`). Timed on one H100
+at 1B low-rank only: other sizes, the full-rank models, the H200 and other GPUs are untimed.
 
 torch reads the variable once, when it first hands out a cuBLAS handle, so it must be set before the first GEMM
 of the process: `elas`'s command line does it first thing. A value already in the environment wins (e.g.
 :4096:8, which `torch.use_deterministic_algorithms` requires), and ELAS_CUBLAS_WORKSPACE=torch leaves torch's
-default alone. Every process of a comparison gets the same setting: `elas bench step` times plain
-`torch.compile(model)` in the process that times elas's step, so the baseline keeps no memsets either, and the
-JSON records the value (`environment()`).
+default alone. The setting is the process's: `elas bench step` times plain `torch.compile(model)` in the
+process that times elas's step, so that baseline runs without a workspace too (a user of plain torch keeps
+it: `run_gpu.sh blas_env` times both settings in processes of their own), and the JSON records the value
+(`environment()`). Resuming under another setting than the checkpoint's is logged (`resume_warning`).
 """
 from __future__ import annotations
 
@@ -24,14 +27,49 @@ NO_WORKSPACE = ":0:0"
 CHOICES = ("none", "torch")  # ELAS_CUBLAS_WORKSPACE: none (the default) or torch (its own default workspace)
 
 
+def user_choice(env: MutableMapping[str, str] | None = None) -> str:
+    """ELAS_CUBLAS_WORKSPACE (default none); ValueError for a value outside CHOICES."""
+    choice = (os.environ if env is None else env).get("ELAS_CUBLAS_WORKSPACE", "none")
+    if choice not in CHOICES:
+        raise ValueError(f"ELAS_CUBLAS_WORKSPACE={choice!r}: expected one of {', '.join(CHOICES)} "
+                         f"(none: cuBLAS without a workspace, elas's default; torch: torch's default workspace)")
+    return choice
+
+
 def set_default_workspace(env: MutableMapping[str, str] | None = None) -> str | None:
     """Set VAR to no workspace where nothing chose otherwise; returns the value in effect (None: torch's default).
     Raises ValueError for an ELAS_CUBLAS_WORKSPACE outside CHOICES."""
     env = os.environ if env is None else env
-    choice = env.get("ELAS_CUBLAS_WORKSPACE", "none")
-    if choice not in CHOICES:
-        raise ValueError(f"ELAS_CUBLAS_WORKSPACE={choice!r}: expected one of {', '.join(CHOICES)} "
-                         f"(none: cuBLAS without a workspace, elas's default; torch: torch's default workspace)")
-    if choice == "none" and VAR not in env:
+    if user_choice(env) == "none" and VAR not in env:
         env[VAR] = NO_WORKSPACE
     return env.get(VAR)
+
+
+def workspace_in_effect(env: MutableMapping[str, str] | None = None) -> str | None:
+    """The value cuBLAS's workspace is set by in this process (None: torch's default); recorded in checkpoints."""
+    return (os.environ if env is None else env).get(VAR)
+
+
+def describe(value: str | None) -> str:
+    """One phrase for the start-up log."""
+    if value is None:
+        return "cuBLAS with torch's default workspace (CUBLAS_WORKSPACE_CONFIG unset)"
+    if value == NO_WORKSPACE:
+        return f"cuBLAS without a workspace ({VAR}={value}; ELAS_CUBLAS_WORKSPACE=torch keeps torch's)"
+    return f"cuBLAS workspace {VAR}={value}"
+
+
+def resume_warning(saved: dict, env: MutableMapping[str, str] | None = None) -> str | None:
+    """A line to log when a run resumes under another cuBLAS workspace setting than the process that wrote its
+    checkpoint (trainer.json's `cublas_workspace_config`): cuBLAS may then pick other GEMM kernels, and the losses
+    differ from the uninterrupted run's in the last bits. None where they agree or the checkpoint predates the key."""
+    if "cublas_workspace_config" not in saved:
+        return None
+    before, now = saved["cublas_workspace_config"], workspace_in_effect(env)
+    if before == now:
+        return None
+    show = lambda v: "unset (torch's default)" if v is None else v  # noqa: E731
+    return (f"elas: warning: {VAR} is {show(now)} here but was {show(before)} when the checkpoint was written: "
+            f"cuBLAS may pick other GEMM kernels, so the losses may differ from an uninterrupted run's in the last "
+            f"bits (set it as before for an exact resume)")
+

@@ -22,6 +22,7 @@ from ..config import TrainConfig, flatten, from_dict, to_dict
 from ..data.loader import Batches, TokenWindows, check_token_range, load_meta
 from ..data.prepare import DataError
 from ..build import attn_backend, build_model, check_kernels, norm_kernel, relu2_kernel, resolve_methods
+from ..kernels import cublas
 from ..optim import build_optimizer, warmup_cosine
 from ..sparsity import collect_stats, describe, method_to_dict, set_step
 from ..sparsity.api import check_sparse_window, dense_throughout, edit_in_place
@@ -297,6 +298,9 @@ class Trainer:
                         "SDPA)" if cfg.model.attn_backend == "triton" else
                         "torch's SDPA (model.attn_backend=auto: elas's kernel needs a Hopper GPU and head_dim "
                         "32-128)")]))
+            if self.device.type == "cuda":
+                self.kernel_note = "; ".join(filter(None, [self.kernel_note, cublas.describe(
+                    cublas.workspace_in_effect())]))
             check_kernels(cfg.model, self.device)
             if cfg.compile and self.device.type == "cuda":
                 compile_options(cfg.model)  # (model.pdl on a torch without it)
@@ -383,6 +387,7 @@ class Trainer:
             self.step, self.tokens = state["step"], state["tokens"]
             self.elapsed_before = float(state.get("elapsed_s", 0.0))  # absent in checkpoints of older versions
             self.saved_max_steps = (state.get("config") or {}).get("max_steps")
+            self._check_cublas(state)
         # compiled regions on CUDA (CPU runs stay eager: CI and demos need no compiler); then DDP wraps the model,
         # or FSDP2 shards it (parameters become DTensors: the optimizer is built on the shards)
         self.compiled = cfg.compile and self.device.type == "cuda"
@@ -412,6 +417,7 @@ class Trainer:
                     self.step, self.tokens = state["step"], state["tokens"]
                     self.elapsed_before = float(state.get("elapsed_s", 0.0))
                     self.saved_max_steps = (state.get("config") or {}).get("max_steps")
+                    self._check_cublas(state)
                 else:
                     load_optimizer(self.ckpt, self.model, self.optimizer)
             except CheckpointError as e:
@@ -664,12 +670,19 @@ class Trainer:
         redone and counted once, in the process that redoes it)."""
         return self.elapsed_before + time.perf_counter() - self._t_created
 
+    def _check_cublas(self, state: dict) -> None:
+        """Warn where this process's cuBLAS workspace setting is not the one the checkpoint was written under."""
+        warning = cublas.resume_warning(state) if self.device.type == "cuda" else None
+        if warning:
+            self.log(warning)
+
     def save(self) -> None:
         state = {"step": self.step, "tokens": self.tokens, "data_position": self.step * self.global_batch,
                  "param_dtype": self.param_dtype,  # what its optimizer state is the state of (_check_param_dtype)
                  "preset": self.cfg.preset, "elapsed_s": round(self.elapsed_s(), 3),
                  "config": to_dict(self.cfg),  # the run's config beside its weights (load_run_config)
-                 "data": {"train_sha1": self.meta.get("train_sha1"), "vocab_size": self.meta.get("vocab_size")}}
+                 "data": {"train_sha1": self.meta.get("train_sha1"), "vocab_size": self.meta.get("vocab_size")},
+                 "cublas_workspace_config": cublas.workspace_in_effect()}  # (None: torch's default)
         try:
             if self.fsdp:  # every process writes its shards (collective; one process writes them all)
                 save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
