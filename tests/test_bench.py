@@ -562,3 +562,38 @@ def test_bench_environment_records_the_cublas_setting(monkeypatch):
     assert environment()["cublas_workspace_config"] == ":0:0"
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     assert environment()["cublas_workspace_config"] == "torch default"
+
+
+def test_report_contents_links_each_heading_once():
+    """The contents list `elas bench report` keeps: headings of levels 2-4 nested by level, GitHub's anchors (a
+    repeated one numbered through the whole document), nothing from code blocks or the generated tables."""
+    from elas.bench.report import CONTENTS, GENERATED, contents, slug
+    assert slug("The 1.2x target: `step.json` (H100; 1B)", {}) == "the-12x-target-stepjson-h100-1b"
+    text = "\n".join(["# Title", CONTENTS[0], CONTENTS[1], "## Kernels (H100)", "### A: b", "```", "## not one",
+                      "```", "#### Deep", "##### too deep", "## Kernels (H100)", GENERATED[0], "### Kernels (H100)",
+                      GENERATED[1], "## After"])
+    assert contents(text).splitlines() == [
+        "- [Kernels (H100)](#kernels-h100)", "  - [A: b](#a-b)", "    - [Deep](#deep)",
+        "- [Kernels (H100)](#kernels-h100-1)", "- The generated tables (`elas bench report`), at the end",
+        "- [After](#after)"]
+
+
+def test_report_update_doc_keeps_the_contents(tmp_path):
+    from elas.bench.report import CONTENTS, GENERATED, update_doc
+    doc = tmp_path / "p.md"
+    doc.write_text("\n".join(["# P", CONTENTS[0], "- stale", CONTENTS[1], "## A", GENERATED[0], "old", GENERATED[1],
+                              ""]))
+    (tmp_path / "results").mkdir()
+    update_doc(doc, tmp_path / "results")
+    text = doc.read_text()
+    assert "- stale" not in text and "old" not in text and "- [A](#a)" in text
+    assert text.index(CONTENTS[0]) < text.index("- [A](#a)") < text.index(CONTENTS[1]) < text.index("## A")
+
+
+def test_report_refuses_a_doc_without_markers(tmp_path, capsys):
+    from elas.cli import main
+    doc = tmp_path / "x.md"
+    doc.write_text("# nothing to keep\n")
+    assert main(["bench", "report", "--doc", str(doc), "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "has neither the tables' markers" in err and doc.read_text() == "# nothing to keep\n"

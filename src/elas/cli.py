@@ -529,7 +529,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import kernels as kb
     if args.what == "report":
         from .bench.report import update_doc
-        update_doc(Path(args.doc), Path(args.results))
+        try:
+            update_doc(Path(args.doc), Path(args.results))
+        except (OSError, ValueError) as e:
+            raise UserError(str(e)) from None
         print(f"updated {args.doc}")
         return 0
     if args.what == "infer":  # names checked before anything runs

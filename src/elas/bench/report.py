@@ -325,9 +325,52 @@ def render(results: Path) -> str:
     return "\n".join(parts)
 
 
+GENERATED = ("<!-- BEGIN GENERATED: elas bench report -->", "<!-- END GENERATED -->")
+CONTENTS = ("<!-- BEGIN CONTENTS: elas bench report -->", "<!-- END CONTENTS -->")
+
+
+def slug(heading: str, seen: dict[str, int]) -> str:
+    """GitHub's anchor for a heading's text: lower case, punctuation dropped (letters, digits, '_', '-' and spaces
+    kept), spaces to '-'; a repeated anchor gets -1, -2, ... in the order of the document. seen: counts so far."""
+    base = "".join(c for c in heading.strip().lower() if c.isalnum() or c in "_- ").replace(" ", "-")
+    n = seen.get(base, 0)
+    seen[base] = n + 1
+    return base if n == 0 else f"{base}-{n}"
+
+
+def contents(text: str) -> str:
+    """A linked list of the headings of levels 2-4, nested by level, outside code blocks and the generated tables
+    (those appear as one line; their headings still count for the anchors' numbering, which runs through the
+    whole document)."""
+    out, seen, code, generated = [], {}, False, False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            code = not code
+        elif line.startswith(GENERATED[0]):
+            generated = True
+            out.append("- The generated tables (`elas bench report`), at the end")
+        elif line.startswith(GENERATED[1]):
+            generated = False
+        elif not code and line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            title = line[level:].strip()
+            anchor = slug(title, seen)
+            if 2 <= level <= 4 and not generated:
+                out.append(f"{'  ' * (level - 2)}- [{title}](#{anchor})")
+    return "\n".join(out)
+
+
 def update_doc(doc_path: Path, results: Path) -> None:
-    """Replace the text between the BEGIN/END markers of doc_path with freshly rendered tables."""
+    """Replace the text between the GENERATED markers of doc_path with freshly rendered tables, then the list
+    between the CONTENTS markers with its headings; a doc may have either pair or both (ValueError: neither)."""
     text = doc_path.read_text()
-    begin, end = "<!-- BEGIN GENERATED: elas bench report -->", "<!-- END GENERATED -->"
-    a, b = text.index(begin) + len(begin), text.index(end)
-    doc_path.write_text(text[:a] + "\n" + render(results) + text[b:])
+    if GENERATED[0] not in text and CONTENTS[0] not in text:
+        raise ValueError(f"{doc_path} has neither the tables' markers ({GENERATED[0]} ... {GENERATED[1]}) nor the "
+                         f"contents' ({CONTENTS[0]} ... {CONTENTS[1]})")
+    if GENERATED[0] in text:
+        a, b = text.index(GENERATED[0]) + len(GENERATED[0]), text.index(GENERATED[1])
+        text = text[:a] + "\n" + render(results) + text[b:]
+    if CONTENTS[0] in text:
+        a, b = text.index(CONTENTS[0]) + len(CONTENTS[0]), text.index(CONTENTS[1])
+        text = text[:a] + "\n" + contents(text) + "\n" + text[b:]
+    doc_path.write_text(text)
