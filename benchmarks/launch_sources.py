@@ -48,8 +48,8 @@ def count_sources(events, steps: int = 1, depth: int = 3) -> list[tuple[float, s
 
 
 def main(variant: str = "lowrank-relu2", size: str = "llama-1b", batch: str = "32", out: str = "") -> None:
-    from elas.kernels.cublas import set_default_workspace
-    set_default_workspace()  # the cuBLAS setting of elas's commands, before the first GEMM (kernels/cublas.py)
+    from elas.kernels.cublas import apply_choice
+    apply_choice()  # ELAS_CUBLAS_WORKSPACE as elas's commands apply it, before the first GEMM (kernels/cublas.py)
     import torch
     from torch.profiler import ProfilerActivity, profile
 

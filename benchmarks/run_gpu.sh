@@ -160,12 +160,12 @@ print(json.dumps({'fwd': r['triton_fwd_config'], 'bwd': r['triton_bwd_config']})
         done ;;
       blas_env)  # cuBLAS's workspace settings, one process each (torch reads them once per process), then one line per
                  # row: step ms, memsets, GEMM ms (~1 min a setting, the first ~2 min: the compile). `elas` is elas's
-                 # own setting (no workspace, kernels/cublas.py), ELAS_CUBLAS_WORKSPACE=torch torch's default; any
-                 # other VAR=VALUE is exported on top of elas's (add ELAS_CUBLAS_WORKSPACE=torch for torch's).
+                 # default (torch's workspace), ELAS_CUBLAS_WORKSPACE=none cuBLAS without one (kernels/cublas.py);
+                 # any other VAR=VALUE is exported on top of the default.
                  # BLAS_SETTINGS replaces the list; BLAS_SIZES (llama-1b), BLAS_VARIANTS (lowrank-relu2) and
                  # BLAS_MODES (elas; e.g. elas,torch.compile) the rows of each
         d=${BLAS_DIR:-runs/blas_env}
-        settings=${BLAS_SETTINGS:-ELAS_CUBLAS_WORKSPACE=torch elas}
+        settings=${BLAS_SETTINGS:-elas ELAS_CUBLAS_WORKSPACE=none}
         for e in $settings; do
           ( unset CUBLAS_WORKSPACE_CONFIG  # (one exported by the caller would change every row)
             [ "$e" != elas ] && export "${e?}"

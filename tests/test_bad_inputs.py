@@ -291,5 +291,5 @@ def test_grid_on_a_builtin_corpus_of_another_vocabulary_fails_before_preparing_i
 def test_bad_cublas_workspace_choice(capsys, monkeypatch):
     monkeypatch.setenv("ELAS_CUBLAS_WORKSPACE", "off")
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # (conftest puts back what was there)
-    _fail(["model", "--preset", "llama-60m"], capsys, "ELAS_CUBLAS_WORKSPACE='off': expected one of none, torch")
+    _fail(["model", "--preset", "llama-60m"], capsys, "ELAS_CUBLAS_WORKSPACE='off': expected one of torch, none")
     _fail(["experiment", "--plan", "--size", "llama-tiny", "--out", "q"], capsys, "ELAS_CUBLAS_WORKSPACE='off'")

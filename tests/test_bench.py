@@ -499,25 +499,25 @@ def test_moments_script_sets_the_two_validation_curves_side_by_side(tmp_path):
     assert r.returncode != 0 and "no validation step in both" in r.stderr
 
 
-def test_cublas_workspace_default():
-    """No workspace unless something chose otherwise: the user's own value wins, ELAS_CUBLAS_WORKSPACE=torch keeps
-    torch's default (the variable stays unset)."""
-    from elas.kernels.cublas import VAR, set_default_workspace
+def test_cublas_workspace_choice():
+    """torch's default workspace unless ELAS_CUBLAS_WORKSPACE=none asks for none; a CUBLAS_WORKSPACE_CONFIG of the
+    user's wins either way."""
+    from elas.kernels.cublas import VAR, apply_choice
     env = {}
-    assert set_default_workspace(env) == ":0:0" and env == {VAR: ":0:0"}
-    env = {VAR: ":4096:8"}
-    assert set_default_workspace(env) == ":4096:8" and env[VAR] == ":4096:8"
+    assert apply_choice(env) is None and env == {}
     env = {"ELAS_CUBLAS_WORKSPACE": "torch"}
-    assert set_default_workspace(env) is None and VAR not in env
+    assert apply_choice(env) is None and VAR not in env
     env = {"ELAS_CUBLAS_WORKSPACE": "none"}
-    assert set_default_workspace(env) == ":0:0"
+    assert apply_choice(env) == ":0:0" and env[VAR] == ":0:0"
+    env = {"ELAS_CUBLAS_WORKSPACE": "none", VAR: ":4096:8"}
+    assert apply_choice(env) == ":4096:8" and env[VAR] == ":4096:8"
     with pytest.raises(ValueError, match="ELAS_CUBLAS_WORKSPACE='0'"):
-        set_default_workspace({"ELAS_CUBLAS_WORKSPACE": "0"})
+        apply_choice({"ELAS_CUBLAS_WORKSPACE": "0"})
 
 
-def test_cli_sets_the_cublas_workspace_except_for_the_grid(tmp_path, monkeypatch, capsys):
-    """`elas` commands set it before the command runs (torch reads it at the first GEMM); `elas experiment` leaves
-    torch's default, so that a grid's later runs run the GEMMs of its first ones."""
+def test_cli_applies_the_cublas_choice_except_for_the_grid(tmp_path, monkeypatch, capsys):
+    """`elas` commands apply ELAS_CUBLAS_WORKSPACE before the command runs (torch reads the variable at the first
+    GEMM); `elas experiment` leaves torch's default, so that a grid's later runs run the GEMMs of its first ones."""
     import os
 
     import elas.cli
@@ -532,11 +532,14 @@ def test_cli_sets_the_cublas_workspace_except_for_the_grid(tmp_path, monkeypatch
         return run
     for name in ("cmd_model", "cmd_experiment"):  # the parser binds them when main() builds it
         monkeypatch.setattr(elas.cli, name, spy(name))
-    monkeypatch.delenv("ELAS_CUBLAS_WORKSPACE", raising=False)
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # (conftest puts back what was there)
+    monkeypatch.delenv("ELAS_CUBLAS_WORKSPACE", raising=False)
+    assert elas.cli.main(["model", "--preset", "llama-60m"]) == 0
+    assert seen == {"cmd_model": None}  # the default: torch's workspace
+    monkeypatch.setenv("ELAS_CUBLAS_WORKSPACE", "none")
     assert elas.cli.main(["experiment", "--plan", "--size", "llama-tiny", "--steps", "10",
                           "--out", str(tmp_path / "g")]) == 0
-    assert seen == {"cmd_experiment": None} and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert seen["cmd_experiment"] is None and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     assert elas.cli.main(["model", "--preset", "llama-60m"]) == 0
     assert seen["cmd_model"] == ":0:0"
     capsys.readouterr()

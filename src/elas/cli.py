@@ -938,13 +938,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.print_help()
         return 0
     try:
-        # before any GEMM of this process (kernels/cublas.py says why). Not for the quality grid, whose later runs
-        # must run the GEMMs of its first ones, made with torch's default workspace
-        from .kernels.cublas import set_default_workspace, user_choice
+        # ELAS_CUBLAS_WORKSPACE, before any GEMM of this process (kernels/cublas.py). Not for the quality grid,
+        # whose later runs must run the GEMMs of its first ones, made with torch's default workspace
+        from .kernels.cublas import apply_choice, user_choice
         try:
             user_choice()  # (checked for every command, the grid's too)
             if args.cmd != "experiment":
-                set_default_workspace()
+                apply_choice()
         except ValueError as e:
             raise UserError(str(e)) from None
         rc = args.func(args)

@@ -1,4 +1,5 @@
-"""cuBLAS without a workspace: elas's commands set CUBLAS_WORKSPACE_CONFIG=:0:0 unless told otherwise.
+"""cuBLAS without a workspace, on request: ELAS_CUBLAS_WORKSPACE=none makes elas's commands set
+CUBLAS_WORKSPACE_CONFIG=:0:0 (opt-in: timed at one size only).
 
 Why: with the workspace torch gives it by default, cuBLAS on Hopper picks, for about a third of a step's GEMM
 launches, kernels that have a memset clear part of that workspace before them. Without a workspace it takes the
@@ -6,16 +7,20 @@ same tile shapes in their `ssched` form, which needs none. A 1B low-rank step in
 `relu2_kernel=torch`) launched 281 memsets among 1,329 kernels (272 of them before 272 of its 732 GEMM
 launches); without a workspace 9 among 1,057: its GEMMs took 0.17-0.19 ms more and the step 0.57-0.58 ms less
 (66.5-66.6 against 67.1-67.2 ms, two processes each, `benchmarks/results/h100/blas_env_cublas_ws.json`).
-cuBLASLt's own workspace (CUBLASLT_WORKSPACE_SIZE=0) changed nothing (`blas_env_ws0.json`). Timed on one H100
-at 1B low-rank only: other sizes, the full-rank models, the H200 and other GPUs are untimed.
+cuBLASLt's own workspace (CUBLASLT_WORKSPACE_SIZE=0) changed nothing (`blas_env_ws0.json`).
+
+Why not the default yet: without a workspace cuBLAS cannot take its split-K kernels, whose partial sums live
+there, and smaller models use them (a 350M full-rank step on the H200 ran `..._splitK_NNT` and cuBLASLt's
+`splitKreduce_kernel`: `h200/step_vnm_select.json`). Until `run_gpu.sh blas_env` has timed every size and the
+full-rank models, torch's default stays.
 
 torch reads the variable once, when it first hands out a cuBLAS handle, so it must be set before the first GEMM
-of the process: `elas`'s command line does it first thing. A value already in the environment wins (e.g.
-:4096:8, which `torch.use_deterministic_algorithms` requires), and ELAS_CUBLAS_WORKSPACE=torch leaves torch's
-default alone. The setting is the process's: `elas bench step` times plain `torch.compile(model)` in the
-process that times elas's step, so that baseline runs without a workspace too (a user of plain torch keeps
-it: `run_gpu.sh blas_env` times both settings in processes of their own), and the JSON records the value
-(`environment()`). Resuming under another setting than the checkpoint's is logged (`resume_warning`).
+of the process: `elas`'s command line does it first thing. A CUBLAS_WORKSPACE_CONFIG already in the environment
+wins (e.g. :4096:8, which `torch.use_deterministic_algorithms` requires). `elas experiment` never sets it, so a
+grid's later runs run its first runs' GEMMs. The setting is the process's: `elas bench step` times plain
+`torch.compile(model)` in the process that times elas's step, so both rows run under it, and the JSON records the
+value (`environment()`). Checkpoints record it too, and a resume under another setting is warned about
+(`resume_warning`).
 """
 from __future__ import annotations
 
@@ -24,21 +29,21 @@ from typing import MutableMapping
 
 VAR = "CUBLAS_WORKSPACE_CONFIG"
 NO_WORKSPACE = ":0:0"
-CHOICES = ("none", "torch")  # ELAS_CUBLAS_WORKSPACE: none (the default) or torch (its own default workspace)
+CHOICES = ("torch", "none")  # ELAS_CUBLAS_WORKSPACE: torch (its default workspace; the default) or none
 
 
 def user_choice(env: MutableMapping[str, str] | None = None) -> str:
-    """ELAS_CUBLAS_WORKSPACE (default none); ValueError for a value outside CHOICES."""
-    choice = (os.environ if env is None else env).get("ELAS_CUBLAS_WORKSPACE", "none")
+    """ELAS_CUBLAS_WORKSPACE (default torch); ValueError for a value outside CHOICES."""
+    choice = (os.environ if env is None else env).get("ELAS_CUBLAS_WORKSPACE", "torch")
     if choice not in CHOICES:
         raise ValueError(f"ELAS_CUBLAS_WORKSPACE={choice!r}: expected one of {', '.join(CHOICES)} "
-                         f"(none: cuBLAS without a workspace, elas's default; torch: torch's default workspace)")
+                         f"(torch: torch's default workspace, the default; none: cuBLAS without a workspace)")
     return choice
 
 
-def set_default_workspace(env: MutableMapping[str, str] | None = None) -> str | None:
-    """Set VAR to no workspace where nothing chose otherwise; returns the value in effect (None: torch's default).
-    Raises ValueError for an ELAS_CUBLAS_WORKSPACE outside CHOICES."""
+def apply_choice(env: MutableMapping[str, str] | None = None) -> str | None:
+    """ELAS_CUBLAS_WORKSPACE=none: set VAR to no workspace, unless VAR is set already; returns the value in effect
+    (None: torch's default). Raises ValueError for an ELAS_CUBLAS_WORKSPACE outside CHOICES."""
     env = os.environ if env is None else env
     if user_choice(env) == "none" and VAR not in env:
         env[VAR] = NO_WORKSPACE
@@ -55,7 +60,7 @@ def describe(value: str | None) -> str:
     if value is None:
         return "cuBLAS with torch's default workspace (CUBLAS_WORKSPACE_CONFIG unset)"
     if value == NO_WORKSPACE:
-        return f"cuBLAS without a workspace ({VAR}={value}; ELAS_CUBLAS_WORKSPACE=torch keeps torch's)"
+        return f"cuBLAS without a workspace ({VAR}={value})"
     return f"cuBLAS workspace {VAR}={value}"
 
 
