@@ -58,7 +58,7 @@ def workspace_in_effect(env: MutableMapping[str, str] | None = None) -> str | No
 def describe(value: str | None) -> str:
     """One phrase for the start-up log."""
     if value is None:
-        return "cuBLAS with torch's default workspace (CUBLAS_WORKSPACE_CONFIG unset)"
+        return "cuBLAS with torch's default workspace (ELAS_CUBLAS_WORKSPACE=none runs it without one)"
     if value == NO_WORKSPACE:
         return f"cuBLAS without a workspace ({VAR}={value})"
     return f"cuBLAS workspace {VAR}={value}"
