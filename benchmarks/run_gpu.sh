@@ -167,7 +167,7 @@ print(json.dumps({'fwd': r['triton_fwd_config'], 'bwd': r['triton_bwd_config']})
         d=${BLAS_DIR:-runs/blas_env}
         settings=${BLAS_SETTINGS:-elas ELAS_CUBLAS_WORKSPACE=none}
         for e in $settings; do
-          ( unset CUBLAS_WORKSPACE_CONFIG  # (one exported by the caller would change every row)
+          ( unset CUBLAS_WORKSPACE_CONFIG ELAS_CUBLAS_WORKSPACE  # (the caller's would change every row)
             [ "$e" != elas ] && export "${e?}"
             timeout "${STEP_TIMEOUT:-240}" python -m elas bench step --gpu-name "$GPU" --sizes "${BLAS_SIZES:-llama-1b}" \
               --modes "${BLAS_MODES:-elas}" --variants "${BLAS_VARIANTS:-lowrank-relu2}" --out "$d/$e" 2>&1 | quiet \
@@ -182,6 +182,9 @@ for s in sys.argv[2:]:  # this call's settings only (a warm machine may hold an 
         print(f"{s:30s} no step.json (failed or cut off)")
         continue
     for r in json.loads(f.read_text())["rows"]:
+        if "step_ms" not in r:  # a row that failed (e.g. out of memory) carries its error instead
+            print(f"{s:30s} {r.get('model')} {r.get('variant')} {r.get('mode')}: {r.get('error', 'no step_ms')}")
+            continue
         # (memsets from the 40 most launched kernels: a handful may fall outside them)
         memsets = sum(n for k, n in r.get("kernel_launches_top", {}).items() if k.startswith("Memset"))
         print(f"{s:30s} {r['model']:10s} {r['variant']:16s} {r['mode']:13s} step {r['step_ms']:7.2f} ms"

@@ -564,7 +564,7 @@ def test_bench_environment_records_the_cublas_setting(monkeypatch):
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
     assert environment()["cublas_workspace_config"] == ":0:0"
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
-    assert environment()["cublas_workspace_config"] == "torch default"
+    assert environment()["cublas_workspace_config"] is None
 
 
 def test_report_contents_links_each_heading_once():
@@ -572,6 +572,11 @@ def test_report_contents_links_each_heading_once():
     repeated one numbered through the whole document), nothing from code blocks or the generated tables."""
     from elas.bench.report import CONTENTS, GENERATED, contents, slug
     assert slug("The 1.2x target: `step.json` (H100; 1B)", {}) == "the-12x-target-stepjson-h100-1b"
+    assert slug("ReLU² 2:4 `fuse_qkv`", {}) == "relu-24-fuse_qkv"  # ('²' is no decimal digit: GitHub drops it)
+    seen = {}
+    assert [slug(h, seen) for h in ("Echo", "Echo", "Echo 1")] == ["echo", "echo-1", "echo-1-1"]
+    assert contents("## B ##\n~~~\n## no\n~~~\n````\n```\n## no2\n````\n ## [a link](http://x.y) `k`").splitlines() \
+        == ["- [B](#b)", "- [a link `k`](#a-link-k)"]
     text = "\n".join(["# Title", CONTENTS[0], CONTENTS[1], "## Kernels (H100)", "### A: b", "```", "## not one",
                       "```", "#### Deep", "##### too deep", "## Kernels (H100)", GENERATED[0], "### Kernels (H100)",
                       GENERATED[1], "## After"])
@@ -600,3 +605,28 @@ def test_report_refuses_a_doc_without_markers(tmp_path, capsys):
     assert main(["bench", "report", "--doc", str(doc), "--results", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "has neither the tables' markers" in err and doc.read_text() == "# nothing to keep\n"
+
+
+def test_trainer_cublas_note_on_cuda_only(monkeypatch):
+    """The trainer's resume check (logged after "resumed from"): a CUDA run warns where its checkpoint was written
+    under another cuBLAS workspace setting; a CPU run never does."""
+    from types import SimpleNamespace
+
+    from elas.train.trainer import Trainer
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+    saved = {"cublas_workspace_config": None}
+    note = Trainer._cublas_note(SimpleNamespace(device=torch.device("cuda")), saved)
+    assert note.startswith("elas: warning: CUBLAS_WORKSPACE_CONFIG is :0:0 here but was unset")
+    assert Trainer._cublas_note(SimpleNamespace(device=torch.device("cpu")), saved) is None
+    assert Trainer._cublas_note(SimpleNamespace(device=torch.device("cuda")), {}) is None  # older checkpoints
+
+
+def test_report_refuses_markers_out_of_order(tmp_path):
+    from elas.bench.report import CONTENTS, update_doc
+    doc = tmp_path / "p.md"
+    text = "\n".join(["# P", CONTENTS[1], "## A", CONTENTS[0], ""])
+    doc.write_text(text)
+    with pytest.raises(ValueError, match="has no <!-- END CONTENTS --> after it"):
+        update_doc(doc, tmp_path)
+    assert doc.read_text() == text
+

@@ -87,7 +87,7 @@ def test_gpu_a_destroyed_graph_leaves_another_graphs_gemm_workspace():
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}  # torch's default workspace,
-    # the one this guards (elas's commands run cuBLAS without one: kernels/cublas.py)
+    # the one this guards (ELAS_CUBLAS_WORKSPACE=none would run cuBLAS without one: kernels/cublas.py)
     r = subprocess.run([sys.executable, "benchmarks/cublas_workspace.py", "elas"], cwd=root, capture_output=True,
                        text=True, timeout=300, env=env)  # (a process of its own: a fault would poison this one)
     m = re.search(r"max rel\. error (\S+), refill elements overwritten (\d+)", r.stdout)

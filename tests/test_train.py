@@ -223,10 +223,8 @@ def test_signal_saves_a_checkpoint(dataset, tmp_path):
     assert f"continue with `elas train --out {out} --resume`" in errtxt and "error" not in errtxt.splitlines()[-1]
     ck = latest_checkpoint(out)
     assert ck is not None and json.loads((ck / "trainer.json").read_text())["step"] > 0
-    # the cuBLAS workspace setting that `elas train` ran with, as the CLI applies it (kernels/cublas.py)
-    from elas.kernels.cublas import apply_choice
-    want = apply_choice(dict(os.environ))
-    assert json.loads((ck / "trainer.json").read_text())["cublas_workspace_config"] == want
+    # a CPU run uses no cuBLAS: its checkpoint records no workspace setting, so a resume checks none
+    assert "cublas_workspace_config" not in json.loads((ck / "trainer.json").read_text())
     shutil.rmtree(out)
     assert os.path.exists(tmp_path)
 

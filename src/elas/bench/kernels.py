@@ -263,7 +263,7 @@ def environment() -> dict:
     import platform
     env = {"torch": torch.__version__, "python": platform.python_version(),
            "date": time.strftime("%Y-%m-%d"),
-           "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG", "torch default")}  # kernels/cublas.py
+           "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}  # None: torch's default (kernels/cublas.py)
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from pathlib import Path
 
 
@@ -330,34 +332,60 @@ CONTENTS = ("<!-- BEGIN CONTENTS: elas bench report -->", "<!-- END CONTENTS -->
 
 
 def slug(heading: str, seen: dict[str, int]) -> str:
-    """GitHub's anchor for a heading's text: lower case, punctuation dropped (letters, digits, '_', '-' and spaces
-    kept), spaces to '-'; a repeated anchor gets -1, -2, ... in the order of the document. seen: counts so far."""
-    base = "".join(c for c in heading.strip().lower() if c.isalnum() or c in "_- ").replace(" ", "-")
-    n = seen.get(base, 0)
-    seen[base] = n + 1
-    return base if n == 0 else f"{base}-{n}"
+    """GitHub's anchor for a heading's text: lower case; letters, marks, decimal digits, '_', '-' and spaces kept,
+    every other character dropped (punctuation, symbols, other numbers such as '²'); spaces to '-'. A taken anchor
+    gets -1, -2, ... (the first free one) in the order of the document. seen: the anchors so far."""
+    def keep(c: str) -> bool:
+        cat = unicodedata.category(c)
+        return c in " -" or cat[0] in "LM" or cat in ("Nd", "Pc")
+    base = "".join(c for c in heading.strip().lower() if keep(c)).replace(" ", "-")
+    anchor, n = base, 0
+    while anchor in seen:
+        n += 1
+        anchor = f"{base}-{n}"
+    seen[anchor] = 1
+    return anchor
+
+
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+_HEADING = re.compile(r"^ {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*$")
+_LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")
 
 
 def contents(text: str) -> str:
-    """A linked list of the headings of levels 2-4, nested by level, outside code blocks and the generated tables
-    (those appear as one line; their headings still count for the anchors' numbering, which runs through the
-    whole document)."""
-    out, seen, code, generated = [], {}, False, False
+    """A linked list of the ATX headings of levels 2-4, nested by level, outside fenced code and the generated
+    tables (those appear as one line; their headings still count for the anchors' numbering, which runs through
+    the whole document). A link in a heading counts as its text. (Setext headings, underlined, are not read: these
+    docs have none.)"""
+    out, seen, fence, generated = [], {}, None, False
     for line in text.splitlines():
-        if line.startswith("```"):
-            code = not code
+        f = _FENCE.match(line)
+        if fence is not None:  # inside a fence: only a fence of the same character, at least as long, closes it
+            if f and f.group(1)[0] == fence[0] and len(f.group(1)) >= len(fence) and not line[f.end():].strip():
+                fence = None
+            continue
+        if f:
+            fence = f.group(1)
         elif line.startswith(GENERATED[0]):
             generated = True
             out.append("- The generated tables (`elas bench report`), at the end")
         elif line.startswith(GENERATED[1]):
             generated = False
-        elif not code and line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            title = line[level:].strip()
+        elif (h := _HEADING.match(line)):
+            level, title = len(h.group(1)), _LINK.sub(r"\1", h.group(2) or "")
             anchor = slug(title, seen)
             if 2 <= level <= 4 and not generated:
                 out.append(f"{'  ' * (level - 2)}- [{title}](#{anchor})")
     return "\n".join(out)
+
+
+def _between(text: str, markers: tuple[str, str], doc_path: Path) -> tuple[int, int]:
+    """Where the text between a BEGIN and its END marker starts and ends; ValueError naming a missing END."""
+    a = text.index(markers[0]) + len(markers[0])
+    b = text.find(markers[1], a)
+    if b < 0:
+        raise ValueError(f"{doc_path}: {markers[0]} has no {markers[1]} after it")
+    return a, b
 
 
 def update_doc(doc_path: Path, results: Path) -> None:
@@ -368,9 +396,9 @@ def update_doc(doc_path: Path, results: Path) -> None:
         raise ValueError(f"{doc_path} has neither the tables' markers ({GENERATED[0]} ... {GENERATED[1]}) nor the "
                          f"contents' ({CONTENTS[0]} ... {CONTENTS[1]})")
     if GENERATED[0] in text:
-        a, b = text.index(GENERATED[0]) + len(GENERATED[0]), text.index(GENERATED[1])
+        a, b = _between(text, GENERATED, doc_path)
         text = text[:a] + "\n" + render(results) + text[b:]
     if CONTENTS[0] in text:
-        a, b = text.index(CONTENTS[0]) + len(CONTENTS[0]), text.index(CONTENTS[1])
+        a, b = _between(text, CONTENTS, doc_path)
         text = text[:a] + "\n" + contents(text) + "\n" + text[b:]
     doc_path.write_text(text)

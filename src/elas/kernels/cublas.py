@@ -58,7 +58,7 @@ def workspace_in_effect(env: MutableMapping[str, str] | None = None) -> str | No
 def describe(value: str | None) -> str:
     """One phrase for the start-up log."""
     if value is None:
-        return "cuBLAS with torch's default workspace (ELAS_CUBLAS_WORKSPACE=none runs it without one)"
+        return "cuBLAS with torch's default workspace"
     if value == NO_WORKSPACE:
         return f"cuBLAS without a workspace ({VAR}={value})"
     return f"cuBLAS workspace {VAR}={value}"
@@ -76,5 +76,5 @@ def resume_warning(saved: dict, env: MutableMapping[str, str] | None = None) -> 
     show = lambda v: "unset (torch's default)" if v is None else v  # noqa: E731
     return (f"elas: warning: {VAR} is {show(now)} here but was {show(before)} when the checkpoint was written: "
             f"cuBLAS may pick other GEMM kernels, so the losses may differ from an uninterrupted run's in the last "
-            f"bits (set it as before for an exact resume)")
+            f"bits (for an exact resume, run with ELAS_CUBLAS_WORKSPACE and {VAR} as before)")
 

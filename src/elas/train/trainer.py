@@ -374,6 +374,7 @@ class Trainer:
             raise TrainError(str(e)) from None  # --init-from, a kernel library that is missing
         self.step, self.tokens = 0, 0
         self.saved_max_steps = None  # the max_steps the resumed checkpoint was trained towards (its config copy)
+        self.cublas_note = None  # a resume under another cuBLAS workspace setting (logged after "resumed from")
         self.modes: tuple = ()  # the sparsity methods' modes at the current step
         sharded_ckpt = self.ckpt is not None and is_sharded_checkpoint(self.ckpt)
         if self.ckpt is not None and not sharded_ckpt:  # weights into the whole model, before any sharding
@@ -387,7 +388,7 @@ class Trainer:
             self.step, self.tokens = state["step"], state["tokens"]
             self.elapsed_before = float(state.get("elapsed_s", 0.0))  # absent in checkpoints of older versions
             self.saved_max_steps = (state.get("config") or {}).get("max_steps")
-            self._check_cublas(state)
+            self.cublas_note = self._cublas_note(state)
         # compiled regions on CUDA (CPU runs stay eager: CI and demos need no compiler); then DDP wraps the model,
         # or FSDP2 shards it (parameters become DTensors: the optimizer is built on the shards)
         self.compiled = cfg.compile and self.device.type == "cuda"
@@ -417,7 +418,7 @@ class Trainer:
                     self.step, self.tokens = state["step"], state["tokens"]
                     self.elapsed_before = float(state.get("elapsed_s", 0.0))
                     self.saved_max_steps = (state.get("config") or {}).get("max_steps")
-                    self._check_cublas(state)
+                    self.cublas_note = self._cublas_note(state)
                 else:
                     load_optimizer(self.ckpt, self.model, self.optimizer)
             except CheckpointError as e:
@@ -514,6 +515,8 @@ class Trainer:
                          "(activation_checkpointing=true)")
             if self.ckpt is not None:
                 self.log(f"elas: resumed from {self.ckpt} at step {self.step}")
+                if self.cublas_note:
+                    self.log(self.cublas_note)
                 if complete and self.saved_max_steps not in (None, cfg.max_steps):
                     self.log(f"elas: nothing to train: the run is at step {self.step}, at or past --max-steps "
                              f"{cfg.max_steps}; its config.json keeps max_steps={self.saved_max_steps}")
@@ -670,11 +673,9 @@ class Trainer:
         redone and counted once, in the process that redoes it)."""
         return self.elapsed_before + time.perf_counter() - self._t_created
 
-    def _check_cublas(self, state: dict) -> None:
-        """Warn where this process's cuBLAS workspace setting is not the one the checkpoint was written under."""
-        warning = cublas.resume_warning(state) if self.device.type == "cuda" else None
-        if warning:
-            self.log(warning)
+    def _cublas_note(self, state: dict) -> str | None:
+        """The warning for a CUDA run resumed under another cuBLAS workspace setting than its checkpoint's."""
+        return cublas.resume_warning(state) if self.device.type == "cuda" else None
 
     def save(self) -> None:
         state = {"step": self.step, "tokens": self.tokens, "data_position": self.step * self.global_batch,
@@ -682,7 +683,8 @@ class Trainer:
                  "preset": self.cfg.preset, "elapsed_s": round(self.elapsed_s(), 3),
                  "config": to_dict(self.cfg),  # the run's config beside its weights (load_run_config)
                  "data": {"train_sha1": self.meta.get("train_sha1"), "vocab_size": self.meta.get("vocab_size")},
-                 "cublas_workspace_config": cublas.workspace_in_effect()}  # (None: torch's default)
+                 # (None: torch's default; recorded where cuBLAS runs, so a CPU run's checkpoint checks nothing)
+                 **({"cublas_workspace_config": cublas.workspace_in_effect()} if self.device.type == "cuda" else {})}
         try:
             if self.fsdp:  # every process writes its shards (collective; one process writes them all)
                 save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
