@@ -94,10 +94,11 @@ for what in "${@:-tests kernels ffn}"; do
                # the former default on an H100: add $v+norm_kernel=torch to TARGET_MORE to time it again; fuse_qkv:
                # the q/k/v down-projections as one GEMM, the default since 2026-12-05; attn_backend=auto: elas's
                # attention kernel, the default since 2026-12-06, with ELAS_ATTN_CONFIG's launch settings if set), with
-               # torch's attention (the former default), with bf16 Adam moments (optim_state_dtype), and plain
+               # torch's attention (the former default), with fp32 Adam moments (optim_state_dtype=fp32: the former
+               # default; auto, bf16 moments over bf16 parameters, the default since 2026-12-06), and plain
                # torch.compile of the same model (none of elas's kernels); TARGET_MORE adds variants (e.g. relu2: the
                # full-rank form; $v+fuse_qkv=false: three q/k/v GEMMs)
-        v=lowrank-relu2; k=,$v+attn_backend=torch,$v+optim_state_dtype=bf16
+        v=lowrank-relu2; k=,$v+attn_backend=torch,$v+optim_state_dtype=fp32
         k=$k${TARGET_MORE:+,$TARGET_MORE}  # (e.g. $v+pdl=true: timed on the H100 2026-12-05, no gain)
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b \
           --modes elas,torch.compile --variants "$v$k" --out "${TARGET_OUT:-benchmarks/results/$GPU/step_target}" 2>&1 | quiet ;;
@@ -121,8 +122,8 @@ for what in "${@:-tests kernels ffn}"; do
           --variants "$v" --out "${MASK_OUT:-benchmarks/results/$GPU/step_mask_cutlass}" 2>&1 | quiet ;;
       attention)  # model.attn_backend=triton (kernels/cuda/attention.py; what the default, auto, takes on Hopper):
                   # its launch settings swept and the layer's attention against torch's (rotary + cuDNN SDPA), then
-                  # in one process the 1B step with torch's attention, with elas's (the default) and with bf16 moments
-                  # too, all with the sweep's best settings, beside plain torch.compile (one row: elas's keys do not
+                  # in one process the 1B step with torch's attention, with elas's (the default) and with fp32 moments
+                  # (the former default; bf16 since 2026-12-06) too, all with the sweep's best settings, beside plain torch.compile (one row: elas's keys do not
                   # reach it): the 1.2x target's rows; ATTN_OUT (default benchmarks/results/$GPU) gets
                   # attention.json and step_attn/step.json (committed as step_attn.json)
         d=${ATTN_OUT:-benchmarks/results/$GPU}
@@ -139,7 +140,7 @@ print(json.dumps({'fwd': r['triton_fwd_config'], 'bwd': r['triton_bwd_config']})
           echo "attention: the sweep wrote nothing; the step rows run the committed launch settings"
         fi
         ELAS_ATTN_CONFIG=$cfg timeout "${STEP_TIMEOUT:-340}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b \
-          --modes elas,torch.compile --variants lowrank-relu2+attn_backend=torch,lowrank-relu2,lowrank-relu2+optim_state_dtype=bf16 \
+          --modes elas,torch.compile --variants lowrank-relu2+attn_backend=torch,lowrank-relu2,lowrank-relu2+optim_state_dtype=fp32 \
           --out "$d/step_attn" 2>&1 | quiet | grep -E '^step|error' ;;
       attn_ncu)  # Nsight Compute on elas's attention kernels (forward, backward): where their warps stall
                  # (WarpStateStats; SourceCounters: the SASS lines that take the stalls) beside throughput and

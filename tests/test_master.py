@@ -344,20 +344,24 @@ def _train(dataset, out, *extra):
             *TINY, "--set", "log_every=1", "--set", "model.act24.dense_warmup_steps=2", *extra]
 
 
-@pytest.mark.parametrize("extra", [[], ["--set", "optim_state_dtype=bf16"],
+@pytest.mark.parametrize("extra", [[], ["--set", "optim_state_dtype=fp32"],
                                    ["--optimizer", "loro_adamw", "--set", "loro_exact_every=2",
                                     "--set", "grad_accum=2", "--set", "batch_size=2"],
                                    ["--optimizer", "loro_adamw", "--set", "loro_exact_every=2",
-                                    "--set", "optim_state_dtype=bf16"]],
-                         ids=["adamw", "adamw-bf16-moments", "loro-accum", "loro-bf16-moments"])
+                                    "--set", "optim_state_dtype=fp32"]],
+                         ids=["adamw", "adamw-fp32-moments", "loro-accum", "loro-fp32-moments"])
 def test_trainer_with_bf16_parameters_trains_and_resumes_exactly(dataset, tmp_path, extra, capsys):
     """param_dtype=bf16 on CPU (the reference update): the model's parameters are bf16, the masters are in the
     checkpoint, and a run resumed from step 3 logs the losses of the uninterrupted one bit for bit (AdamW; LORO
-    with exact steps and two accumulated micro-batches)."""
+    with exact steps and two accumulated micro-batches). The moments are bf16 by default (optim_state_dtype=auto
+    over bf16 parameters), recorded so in config.json; fp32 where asked."""
     common = ["--set", "param_dtype=bf16", "--set", "eval_every=100", "--set", "save_every=3", *extra]
     assert main(_train(dataset, tmp_path / "ref", "--max-steps", "6", *common)) == 0
-    moments = "bf16 Adam moments" if "optim_state_dtype=bf16" in extra else "fp32 Adam moments"
+    fp32_moments = "optim_state_dtype=fp32" in extra
+    moments = "fp32 Adam moments" if fp32_moments else "bf16 Adam moments"
     assert f"parameters in bf16, fp32 master weights and {moments}" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "ref" / "config.json").read_text())["optim_state_dtype"]
+    assert saved == ("fp32" if fp32_moments else "bf16")
     assert main(_train(dataset, tmp_path / "run", "--max-steps", "3", *common)) == 0
     assert main(_train(dataset, tmp_path / "run", "--max-steps", "6", *common, "--resume")) == 0
 
@@ -369,7 +373,7 @@ def test_trainer_with_bf16_parameters_trains_and_resumes_exactly(dataset, tmp_pa
     blob = torch.load(tmp_path / "run" / "checkpoints" / "step-00000006" / "optimizer.pt", weights_only=False)
     st = next(iter(blob["optimizer"]["state"].values()))
     assert st["master"].dtype == torch.float32
-    assert st["exp_avg_sq"].dtype == (torch.bfloat16 if "optim_state_dtype=bf16" in extra else torch.float32)
+    assert st["exp_avg_sq"].dtype == (torch.float32 if fp32_moments else torch.bfloat16)
     from safetensors.torch import load_file
     weights = load_file(str(tmp_path / "run" / "checkpoints" / "step-00000006" / "model.safetensors"))
     assert {t.dtype for k, t in weights.items() if "norm" not in k} == {torch.bfloat16}
@@ -378,7 +382,7 @@ def test_trainer_with_bf16_parameters_trains_and_resumes_exactly(dataset, tmp_pa
 @pytest.mark.parametrize("extra, match", [
     (["--set", "param_dtype=bf16", "--set", "precision=fp32"], "precision=bf16 or auto"),
     (["--set", "param_dtype=half"], "invalid param_dtype"),
-    (["--set", "optim_state_dtype=fp16"], "invalid optim_state_dtype='fp16': expected fp32 or bf16"),
+    (["--set", "optim_state_dtype=fp16"], "invalid optim_state_dtype='fp16': expected auto, fp32 or bf16"),
     (["--set", "optim_state_dtype=bf16"], "this run holds them in fp32 (param_dtype=auto on cpu)"),
     (["--set", "optim_state_dtype=bf16", "--optimizer", "loro_adamw"], "for bf16 parameters"),
 ])
@@ -508,11 +512,57 @@ def test_loro_fused_lazy_steps_equal_the_foreach_path(moment_dtype, tol):
 
 def test_dry_run_checks_and_names_bf16_moments(dataset, tmp_path, capsys):
     """--dry-run refuses bf16 moments over fp32 parameters (the CPU's default) in one line, as a run would, and
-    names them where they apply."""
+    names the moments a run would keep."""
     assert main(_train(dataset, tmp_path / "x", "--dry-run", "--set", "optim_state_dtype=bf16")) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "optim_state_dtype=bf16 is for bf16 parameters" in err
     assert main(_train(dataset, tmp_path / "x", "--dry-run", "--set", "optim_state_dtype=bf16",
                        "--set", "param_dtype=bf16")) == 0
-    assert "grad clip 1, bf16 moments" in capsys.readouterr().out
+    assert "grad clip 1, bf16 Adam moments\n" in capsys.readouterr().out
+    # the default (auto) says what it resolves to on this machine: fp32 moments over the CPU's fp32 parameters
+    assert main(_train(dataset, tmp_path / "x", "--dry-run")) == 0
+    assert "grad clip 1, fp32 Adam moments (optim_state_dtype=auto)" in capsys.readouterr().out
+    assert main(_train(dataset, tmp_path / "x", "--dry-run", "--set", "param_dtype=bf16")) == 0
+    assert "grad clip 1, bf16 Adam moments (optim_state_dtype=auto)" in capsys.readouterr().out
     assert not (tmp_path / "x").exists()
+
+
+def test_a_run_saved_before_auto_moments_resumes_with_fp32_moments(dataset, tmp_path):
+    """config.json files written before optim_state_dtype existed trained fp32 moments: loaded as fp32, not as
+    today's default (auto, bf16 over bf16 parameters), so a resume does not switch them."""
+    from elas.config import TrainConfig, from_dict, to_dict
+    d = to_dict(TrainConfig())
+    assert d["optim_state_dtype"] == "auto"
+    del d["optim_state_dtype"]
+    assert from_dict(TrainConfig, d).optim_state_dtype == "fp32"
+    common = ["--set", "param_dtype=bf16", "--set", "eval_every=100", "--set", "save_every=2"]
+    run = tmp_path / "run"
+    assert main(_train(dataset, run, "--max-steps", "2", *common, "--set", "optim_state_dtype=fp32")) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    del cfg["optim_state_dtype"]
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert main(_train(dataset, run, "--max-steps", "4", *common, "--resume")) == 0
+    assert json.loads((run / "config.json").read_text())["optim_state_dtype"] == "fp32"
+    blob = torch.load(run / "checkpoints" / "step-00000004" / "optimizer.pt", weights_only=False)
+    assert next(iter(blob["optimizer"]["state"].values()))["exp_avg_sq"].dtype == torch.float32
+
+
+def test_recorded_bf16_moments_without_a_checkpoint_name_the_key_to_set(dataset, tmp_path, capsys):
+    """A one-GPU run (param_dtype auto, bf16 moments resolved and recorded in config.json) stopped before its first
+    checkpoint, resumed where the parameters are fp32 (the CPU here): one line naming optim_state_dtype=auto as
+    the way out, since the user never set the key; with it the run starts."""
+    import shutil
+    run = tmp_path / "run"
+    assert main(_train(dataset, run, "--max-steps", "2", "--set", "param_dtype=bf16", "--set", "eval_every=100")) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["optim_state_dtype"] == "bf16"
+    cfg["param_dtype"] = "auto"  # as a GPU run records it
+    (run / "config.json").write_text(json.dumps(cfg))
+    shutil.rmtree(run / "checkpoints")
+    (run / "metrics.jsonl").unlink()
+    capsys.readouterr()
+    assert main(_train(dataset, run, "--max-steps", "2", "--resume", "auto")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "optim_state_dtype=bf16 is for bf16 parameters" in err[-1] and "--set optim_state_dtype=auto" in err[-1]
+    assert main(_train(dataset, run, "--max-steps", "2", "--resume", "auto", "--set", "optim_state_dtype=auto")) == 0
+    assert json.loads((run / "config.json").read_text())["optim_state_dtype"] == "fp32"

@@ -215,7 +215,8 @@ def resolve_train_config(args: argparse.Namespace):
         from .build import build_model
         from .train.trainer import computes_in_bf16, pick_device, resolve_param_dtype
         device = pick_device(cfg.device)
-        resolve_param_dtype(cfg, device, int(os.environ.get("WORLD_SIZE", "1")) > 1, computes_in_bf16(cfg, device))
+        resolve_param_dtype(cfg, device, int(os.environ.get("WORLD_SIZE", "1")) > 1, computes_in_bf16(cfg, device),
+                            resume_from=out_dir if saved is not None and args.resume else None)
         meta_model = build_model(cfg.model, "meta")  # the methods' keys, and whether they apply to this model
         if cfg.init_from and not (saved is not None and args.resume):
             from .export import check_init_from
@@ -283,10 +284,16 @@ def dry_run(cfg) -> None:
                "stop there: prepare it first with `elas data prepare`"), file=sys.stderr)
     info = model_summary(cfg.model, cfg.seq_len)
     batch = cfg.batch_size * cfg.grad_accum
+    moments = cfg.optim_state_dtype
+    if moments == "auto":  # as the trainer resolves it: bf16 over bf16 parameters
+        from .train.trainer import computes_in_bf16, pick_device, resolve_param_dtype
+        device = pick_device(cfg.device)
+        moments = resolve_param_dtype(cfg, device, int(os.environ.get("WORLD_SIZE", "1")) > 1,
+                                      computes_in_bf16(cfg, device))
     print(f"recipe {cfg.recipe or '(none)'} | preset {cfg.preset} | {info['params'] / 1e6:.2f}M parameters")
     print(f"optimizer {cfg.optimizer}, lr {cfg.lr:g}, warm-up {cfg.warmup_steps} steps, cosine to "
           f"{cfg.min_lr_ratio:g} x lr, weight decay {cfg.weight_decay:g}, grad clip {cfg.grad_clip:g}"
-          + (", bf16 moments" if cfg.optim_state_dtype == "bf16" else ""))
+          + f", {moments} Adam moments" + (" (optim_state_dtype=auto)" if cfg.optim_state_dtype == "auto" else ""))
     print(f"batch {batch} x {cfg.seq_len} tokens per step per process ({cfg.batch_size} x {cfg.grad_accum} "
           f"accumulated), {cfg.max_steps:,} steps: {_count(batch * cfg.seq_len * cfg.max_steps)} tokens "
           f"(x the number of processes)")

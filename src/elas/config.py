@@ -350,8 +350,10 @@ class TrainConfig:
     param_dtype: str = "auto"
     # the Adam moments' dtype of the optimizers over bf16 parameters (MasterAdamW, LORO): fp32 | bf16 (the first
     # moment rounded to nearest, the second stochastically: 20 bytes of optimizer traffic per parameter instead of
-    # 28, and 4 bytes less state; optim/master_triton.py). A resume may change it (the state is cast)
-    optim_state_dtype: str = "fp32"
+    # 28, and 4 bytes less state; optim/master_triton.py) | auto (bf16 where the parameters are bf16, fp32
+    # elsewhere; resolved once by the trainer and recorded, so a resumed run keeps its moments). A resume may
+    # change it (the state is cast)
+    optim_state_dtype: str = "auto"
     compile: bool = True  # torch.compile every block and the loss head (CUDA; CPU runs stay eager)
     init_from: str = ""  # a Hugging Face Llama/Arcee directory whose weights start a new run (full-rank models)
     cuda_graphs: bool = True  # replay each step's forward+backward from a CUDA graph (CUDA, single process); false: eager
@@ -378,8 +380,8 @@ class TrainConfig:
             raise ValueError(f"invalid precision={self.precision!r}: expected auto, bf16 or fp32")
         if self.param_dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"invalid param_dtype={self.param_dtype!r}: expected auto, bf16 or fp32")
-        if self.optim_state_dtype not in ("fp32", "bf16"):
-            raise ValueError(f"invalid optim_state_dtype={self.optim_state_dtype!r}: expected fp32 or bf16")
+        if self.optim_state_dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"invalid optim_state_dtype={self.optim_state_dtype!r}: expected auto, fp32 or bf16")
         if self.param_dtype == "bf16" and self.precision == "fp32":
             raise ValueError("param_dtype=bf16 computes in bf16: it needs precision=bf16 or auto, not fp32")
         if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
@@ -658,6 +660,8 @@ def from_dict(cls, data: dict[str, Any]):
         model = data["model"]
         if model.get("attn_backend", "auto") == "auto":
             data["model"] = {**model, "attn_backend": "torch"}
+    if cls is TrainConfig:  # written before the key: fp32 moments (auto, bf16 over bf16 parameters, came later)
+        data = {"optim_state_dtype": "fp32", **data}
     if cls is ModelConfig and ("act_sparsity" in data or "grad_mode" in data):
         data = _migrate_model_v1(data)
     if cls is ModelConfig:  # written before these keys: the model and kernels as it was trained (relu2_kernel's

@@ -11,7 +11,10 @@ from .schedules import warmup_cosine
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     """cfg.optimizer: adamw (norms and other 1-D parameters get no weight decay) or loro_adamw. AdamW over bf16
     parameters is MasterAdamW (fp32 master weights, one fused kernel); over fp32 ones torch's fused AdamW."""
-    moments = torch.bfloat16 if cfg.optim_state_dtype == "bf16" else torch.float32
+    bf16_params = next(model.parameters()).dtype == torch.bfloat16
+    # optim_state_dtype=auto (the default): bf16 moments over bf16 parameters, fp32 over fp32 ones
+    moments = torch.bfloat16 if cfg.optim_state_dtype == "bf16" or (cfg.optim_state_dtype == "auto" and bf16_params) \
+        else torch.float32
     if cfg.optimizer == "loro_adamw":
         return LOROAdamW(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                          exact_every=cfg.loro_exact_every, rewarm_steps=cfg.loro_rewarm_steps,
@@ -21,7 +24,7 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if next(model.parameters()).dtype == torch.bfloat16:
+    if bf16_params:
         return MasterAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, moment_dtype=moments)
     if moments == torch.bfloat16:
         raise ValueError("optim_state_dtype=bf16 is for bf16 parameters (MasterAdamW's fp32 masters); these are "

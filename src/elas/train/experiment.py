@@ -70,7 +70,10 @@ def variant_config(size: str, variant: str, steps: int, data_dir: str, out: Path
             # backward and elas's attention on any GPU; fuse_qkv became the default later), and two seeds of one
             # variant would then differ in kernels
             "model.relu2_kernel": "torch", "model.norm_kernel": "torch", "model.attn_backend": "torch",
-            "model.fuse_qkv": False, **train}
+            "model.fuse_qkv": False,
+            # fp32 Adam moments, as the grids' first runs had them (optim_state_dtype=auto, bf16 moments over bf16
+            # parameters, became the default later); a variant's own "+optim_state_dtype=bf16" sets them
+            "optim_state_dtype": "fp32", **train}
     if optimizer == "loro_adamw":
         over.update(LORO_DEFAULTS[size_of(size)])
         over["loro_exact_every"] = max(2, round(steps * 500 / PAPER_STEPS))

@@ -272,7 +272,11 @@ class Trainer:
         if self.device.type == "cuda":  # (--device cuda:1 too: kernels launched on the current stream)
             torch.cuda.set_device(self.device)
         bf16 = computes_in_bf16(cfg, self.device)
-        self.param_dtype = resolve_param_dtype(cfg, self.device, self.dist.enabled, bf16)
+        self.param_dtype = resolve_param_dtype(cfg, self.device, self.dist.enabled, bf16,
+                                               resume_from=(cfg.out_dir or f"runs/{cfg.preset}") if resume else None)
+        self.moments_auto = cfg.optim_state_dtype == "auto"
+        if self.moments_auto:  # recorded resolved (config.json): a resumed run keeps its moments
+            cfg.optim_state_dtype = "bf16" if self.param_dtype == "bf16" else "fp32"
         # model.relu2_kernel=auto is resolved once, here, and the run records the kernel it took (config.json and
         # each checkpoint's copy): a resumed run takes the kernels of the run it resumes, whatever this machine
         # would pick; a kernel it cannot run is a one-line error naming the key that turns it off
@@ -499,8 +503,9 @@ class Trainer:
             if self.kernel_note:
                 self.log(f"elas: {self.kernel_note}")
             if self.param_dtype == "bf16":
-                moments = ("bf16 Adam moments (optim_state_dtype=bf16)" if cfg.optim_state_dtype == "bf16" else
-                           "fp32 Adam moments")
+                moments = (f"{cfg.optim_state_dtype} Adam moments (optim_state_dtype="
+                           + ("auto; --set optim_state_dtype=fp32 for fp32 moments)" if self.moments_auto else
+                              f"{cfg.optim_state_dtype})"))
                 self.log(f"elas: parameters in bf16, fp32 master weights and {moments} in "
                          f"{type(self.optimizer).__name__} (param_dtype={cfg.param_dtype}; --set param_dtype=fp32 "
                          f"opts out)")
@@ -734,11 +739,8 @@ class Trainer:
         except (OSError, ValueError, AttributeError):
             return  # (loading it reports a damaged checkpoint)
         if saved and saved != self.param_dtype:
-            where = "on one GPU (param_dtype auto or bf16)" if saved == "bf16" else "with --set param_dtype=fp32"
-            raise TrainError(f"checkpoint {self.ckpt.name} holds the optimizer state of {saved} parameters, but this "
-                             f"run would hold them in {self.param_dtype} (param_dtype={self.cfg.param_dtype} on "
-                             f"{self.device.type}{', several processes' if self.dist.enabled else ''}): resume it "
-                             f"{where}; converting one into the other is not supported yet")
+            raise TrainError(param_dtype_conflict(self.ckpt.name, saved, self.param_dtype, self.cfg, self.device,
+                                                  self.dist.enabled))
 
     def _save_before_failing(self, what: str) -> None:
         """An error outside the training step (an evaluation's out-of-memory, say) would lose every step since the
@@ -824,19 +826,48 @@ def computes_in_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
-def resolve_param_dtype(cfg: TrainConfig, device: torch.device, distributed: bool, bf16: bool) -> str:
-    """'bf16' or 'fp32': the dtype the model's parameters are held in (TrainConfig.param_dtype)."""
+def saved_param_dtype(run_dir: str | Path) -> tuple[str, str | None]:
+    """(checkpoint name, the parameters' dtype its optimizer state is for) of a run's newest checkpoint; None
+    where it records none (older versions, a damaged file) or the run has no checkpoint."""
+    found = checkpoints(Path(run_dir))
+    if not found:
+        return "", None
+    try:
+        return found[0].name, json.loads((found[0] / "trainer.json").read_text()).get("param_dtype")
+    except (OSError, ValueError, AttributeError):
+        return found[0].name, None
+
+
+def param_dtype_conflict(ckpt: str, saved: str, now: str, cfg: TrainConfig, device: torch.device,
+                         distributed: bool) -> str:
+    where = "on one GPU (param_dtype auto or bf16)" if saved == "bf16" else "with --set param_dtype=fp32"
+    return (f"checkpoint {ckpt} holds the optimizer state of {saved} parameters, but this run would hold them in "
+            f"{now} (param_dtype={cfg.param_dtype} on {device.type}{', several processes' if distributed else ''}): "
+            f"resume it {where}; converting one into the other is not supported yet")
+
+
+def resolve_param_dtype(cfg: TrainConfig, device: torch.device, distributed: bool, bf16: bool,
+                        resume_from: str | Path | None = None) -> str:
+    """'bf16' or 'fp32': the dtype the model's parameters are held in (TrainConfig.param_dtype). resume_from: the
+    directory of the run being resumed, whose newest checkpoint's parameters must be of this dtype (checked here,
+    before the moments: a run that resolved bf16 moments over bf16 parameters records them, and resumed where
+    the parameters would be fp32 the conflict to name is the parameters')."""
     if cfg.param_dtype == "bf16" and distributed:
         raise TrainError(f"param_dtype=bf16 is for one process for now: {cfg.parallel.upper()} reduces fp32 "
                          f"gradients of fp32 parameters; set param_dtype=auto or fp32")
     dtype = cfg.param_dtype if cfg.param_dtype != "auto" else \
         "bf16" if (device.type == "cuda" and bf16 and not distributed) else "fp32"
+    if resume_from is not None:
+        ckpt, saved = saved_param_dtype(resume_from)
+        if saved and saved != dtype:
+            raise TrainError(param_dtype_conflict(ckpt, saved, dtype, cfg, device, distributed))
     if cfg.optim_state_dtype == "bf16" and dtype != "bf16":
         raise TrainError(f"optim_state_dtype=bf16 is for bf16 parameters (the optimizer's fp32 masters); this run "
                          f"holds them in fp32 (param_dtype={cfg.param_dtype} on {device.type}"
                          f"{', several processes' if distributed else ''}"
-                         f"{', precision=fp32' if cfg.precision == 'fp32' else ''}): set --set param_dtype=bf16 (one process, precision bf16 or auto) or drop "
-                         f"optim_state_dtype")
+                         f"{', precision=fp32' if cfg.precision == 'fp32' else ''}): set --set param_dtype=bf16 "
+                         f"(one process, precision bf16 or auto) or --set optim_state_dtype=auto (bf16 moments "
+                         f"where the parameters are bf16)")
     return dtype
 
 
