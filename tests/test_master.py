@@ -563,6 +563,29 @@ def test_recorded_bf16_moments_without_a_checkpoint_name_the_key_to_set(dataset,
     capsys.readouterr()
     assert main(_train(dataset, run, "--max-steps", "2", "--resume", "auto")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert "optim_state_dtype=bf16 is for bf16 parameters" in err[-1] and "--set optim_state_dtype=auto" in err[-1]
+    assert "optim_state_dtype=bf16 is for bf16 parameters" in err[-1] and "or optim_state_dtype=auto" in err[-1]
     assert main(_train(dataset, run, "--max-steps", "2", "--resume", "auto", "--set", "optim_state_dtype=auto")) == 0
     assert json.loads((run / "config.json").read_text())["optim_state_dtype"] == "fp32"
+
+
+def test_a_resume_keeps_its_checkpoints_moments_and_names_conflicts_past_a_damaged_checkpoint(dataset, tmp_path,
+                                                                                               monkeypatch, capsys):
+    """optim_state_dtype=auto on a resume takes the moments of the checkpoint it resumes, also where the config
+    is the preset's (`--resume` without --out resumes runs/PRESET); a damaged newest checkpoint is skipped when
+    the parameters' dtype is checked, so the conflict named is the one the resume would meet."""
+    monkeypatch.chdir(tmp_path)
+    base = ["train", "--preset", "llama-tiny-elas", "--data", str(dataset), "--no-progress", *TINY,
+            "--set", "log_every=1", "--set", "model.act24.dense_warmup_steps=2", "--set", "eval_every=100",
+            "--set", "save_every=2", "--set", "param_dtype=bf16"]
+    assert main(base + ["--max-steps", "2", "--set", "optim_state_dtype=fp32"]) == 0
+    assert main(base + ["--max-steps", "4", "--resume"]) == 0  # (no --out: the preset's config, auto)
+    run = tmp_path / "runs" / "llama-tiny-elas"
+    blob = torch.load(run / "checkpoints" / "step-00000004" / "optimizer.pt", weights_only=False)
+    assert next(iter(blob["optimizer"]["state"].values()))["exp_avg_sq"].dtype == torch.float32
+    # the newest checkpoint's trainer.json damaged: the conflict is step 2's, named before anything else
+    (run / "checkpoints" / "step-00000004" / "trainer.json").write_text("")
+    capsys.readouterr()
+    assert main(_train(dataset, run, "--max-steps", "6", "--set", "param_dtype=fp32", "--resume")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("elas: error: checkpoint step-00000002 holds the optimizer state of bf16 parameters")
+    assert (run / "checkpoints" / "step-00000004").is_dir()  # (nothing moved aside before the refusal)

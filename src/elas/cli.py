@@ -183,7 +183,8 @@ def resolve_train_config(args: argparse.Namespace):
             # (max_steps: the trainer says; parallel: ddp and fsdp resume each other's checkpoints exactly)
             quiet = ("out_dir", "data_dir", "device", "max_steps", "init_from", "parallel")
             moved = [f"{k} {saved_train[k]!r} -> {v!r}" for k, v in vars(cfg).items()
-                     if k != "model" and k not in quiet and k in saved_train and saved_train[k] != v]
+                     if k != "model" and k not in quiet and k in saved_train and saved_train[k] != v
+                     and not (k == "optim_state_dtype" and v == "auto")]  # (auto keeps a checkpoint's moments)
             per_process = {"batch_size", "grad_accum"}
             if not _rank0():
                 pass  # (torchrun: rank 0 says it once)
@@ -216,7 +217,7 @@ def resolve_train_config(args: argparse.Namespace):
         from .train.trainer import computes_in_bf16, pick_device, resolve_param_dtype
         device = pick_device(cfg.device)
         resolve_param_dtype(cfg, device, int(os.environ.get("WORLD_SIZE", "1")) > 1, computes_in_bf16(cfg, device),
-                            resume_from=out_dir if saved is not None and args.resume else None)
+                            resume_from=cfg.out_dir if args.resume else None)
         meta_model = build_model(cfg.model, "meta")  # the methods' keys, and whether they apply to this model
         if cfg.init_from and not (saved is not None and args.resume):
             from .export import check_init_from

@@ -275,8 +275,10 @@ class Trainer:
         self.param_dtype = resolve_param_dtype(cfg, self.device, self.dist.enabled, bf16,
                                                resume_from=(cfg.out_dir or f"runs/{cfg.preset}") if resume else None)
         self.moments_auto = cfg.optim_state_dtype == "auto"
-        if self.moments_auto:  # recorded resolved (config.json): a resumed run keeps its moments
-            cfg.optim_state_dtype = "bf16" if self.param_dtype == "bf16" else "fp32"
+        if self.moments_auto:  # recorded resolved (config.json); a resume keeps its checkpoint's moments (also
+            # where this config is not the run's own: `--resume` without --out takes the preset's)
+            saved = saved_optimizer_dtypes(cfg.out_dir or f"runs/{cfg.preset}")[2] if resume else None
+            cfg.optim_state_dtype = saved or ("bf16" if self.param_dtype == "bf16" else "fp32")
         # model.relu2_kernel=auto is resolved once, here, and the run records the kernel it took (config.json and
         # each checkpoint's copy): a resumed run takes the kernels of the run it resumes, whatever this machine
         # would pick; a kernel it cannot run is a one-line error naming the key that turns it off
@@ -826,16 +828,22 @@ def computes_in_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
-def saved_param_dtype(run_dir: str | Path) -> tuple[str, str | None]:
-    """(checkpoint name, the parameters' dtype its optimizer state is for) of a run's newest checkpoint; None
-    where it records none (older versions, a damaged file) or the run has no checkpoint."""
-    found = checkpoints(Path(run_dir))
-    if not found:
-        return "", None
-    try:
-        return found[0].name, json.loads((found[0] / "trainer.json").read_text()).get("param_dtype")
-    except (OSError, ValueError, AttributeError):
-        return found[0].name, None
+def saved_optimizer_dtypes(run_dir: str | Path) -> tuple[str, str | None, str | None]:
+    """(checkpoint name, the parameters' dtype its optimizer state is for, its moments' dtype) of a run's newest
+    checkpoint whose trainer.json reads (a damaged newer one is skipped, as the resume will skip it); a dtype is
+    None where the checkpoint records none (older versions: param_dtype before it existed; moments before
+    optim_state_dtype existed are fp32). ("", None, None) for a run without a checkpoint."""
+    for ckpt in checkpoints(Path(run_dir)):
+        try:
+            state = json.loads((ckpt / "trainer.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(state, dict):
+            continue
+        config = state.get("config") if isinstance(state.get("config"), dict) else None
+        moments = config.get("optim_state_dtype", "fp32") if config else None
+        return ckpt.name, state.get("param_dtype"), moments if moments in ("fp32", "bf16") else None
+    return "", None, None
 
 
 def param_dtype_conflict(ckpt: str, saved: str, now: str, cfg: TrainConfig, device: torch.device,
@@ -857,17 +865,19 @@ def resolve_param_dtype(cfg: TrainConfig, device: torch.device, distributed: boo
                          f"gradients of fp32 parameters; set param_dtype=auto or fp32")
     dtype = cfg.param_dtype if cfg.param_dtype != "auto" else \
         "bf16" if (device.type == "cuda" and bf16 and not distributed) else "fp32"
+    ckpt = ""
     if resume_from is not None:
-        ckpt, saved = saved_param_dtype(resume_from)
+        ckpt, saved, _ = saved_optimizer_dtypes(resume_from)
         if saved and saved != dtype:
             raise TrainError(param_dtype_conflict(ckpt, saved, dtype, cfg, device, distributed))
     if cfg.optim_state_dtype == "bf16" and dtype != "bf16":
+        fix = (f"resume checkpoint {ckpt} with --set optim_state_dtype=auto (the moments it was trained with) or fp32"
+               if ckpt else "set param_dtype=bf16 (one process, precision bf16 or auto) or optim_state_dtype=auto "
+               "(bf16 moments where the parameters are bf16)")
         raise TrainError(f"optim_state_dtype=bf16 is for bf16 parameters (the optimizer's fp32 masters); this run "
                          f"holds them in fp32 (param_dtype={cfg.param_dtype} on {device.type}"
                          f"{', several processes' if distributed else ''}"
-                         f"{', precision=fp32' if cfg.precision == 'fp32' else ''}): set --set param_dtype=bf16 "
-                         f"(one process, precision bf16 or auto) or --set optim_state_dtype=auto (bf16 moments "
-                         f"where the parameters are bf16)")
+                         f"{', precision=fp32' if cfg.precision == 'fp32' else ''}): {fix}")
     return dtype
 
 
