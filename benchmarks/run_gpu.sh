@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh STAGE...
-# stages: tests kernels epilogue infer ffn step sizes compile loss loro vnm cutlass cutlass_probe cutlass_relu2 rmsnorm norm target moments elas_cutlass mask_cutlass attention attn_ncu launches blas_env quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
+# stages: tests kernels epilogue infer ffn step sizes compile loss xent loro vnm cutlass cutlass_probe cutlass_relu2 rmsnorm norm target moments elas_cutlass mask_cutlass attention attn_ncu launches blas_env quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
 # the step benchmark and the test selection. Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
 # machine), are copied there too, with the tuned cuSPARSELt algorithm cache.
 set -u
@@ -47,6 +47,9 @@ for what in "${@:-tests kernels ffn}"; do
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-350m,llama-1b \
           --modes elas --variants relu2,$own,$own+vnm.m=8,$own+vnm.topk=2,$full 2>&1 | quiet ;;
       loss) python -m elas bench loss --gpu-name "$GPU" ;;
+      xent)  # the chunked loss's per-chunk kernel against Inductor's form, its launch settings, then the whole loss
+             # compiled with each (benchmarks/xent.py; ~1 min)
+        python benchmarks/xent.py "${XENT_OUT:-benchmarks/results/$GPU}" ;;
       sizes)  # every size, ratios in one process each (the FFN-kernels issue's re-measure): per size and batch, the dense
               # rows in elas's default mode and under plain torch.compile (is elas's mode the twin's best, and by how
               # much), then the sparse rows in elas's mode beside their twins again; then the FFN table. SIZES_MODELS,
@@ -93,12 +96,13 @@ for what in "${@:-tests kernels ffn}"; do
                # ELAS_CUTLASS_RELU2, carry build/cutlass_relu2; norm_kernel=auto: the one-pass norm backward, 1.013x
                # the former default on an H100: add $v+norm_kernel=torch to TARGET_MORE to time it again; fuse_qkv:
                # the q/k/v down-projections as one GEMM, the default since 2026-12-05; attn_backend=auto: elas's
-               # attention kernel, the default since 2026-12-06, with ELAS_ATTN_CONFIG's launch settings if set), with
-               # torch's attention (the former default), with fp32 Adam moments (optim_state_dtype=fp32: the former
-               # default; auto, bf16 moments over bf16 parameters, the default since 2026-12-06), and plain
-               # torch.compile of the same model (none of elas's kernels); TARGET_MORE adds variants (e.g. relu2: the
-               # full-rank form; $v+fuse_qkv=false: three q/k/v GEMMs)
-        v=lowrank-relu2; k=,$v+attn_backend=torch,$v+optim_state_dtype=fp32
+               # attention kernel, the default since 2026-12-06, with ELAS_ATTN_CONFIG's launch settings if set; bf16
+               # Adam moments over bf16 parameters, the default since 2026-12-06; ce_kernel=auto: the loss's one-pass
+               # kernel), with the loss's torch ops (ce_kernel=torch: the former default), and plain torch.compile
+               # of the same model (none of elas's kernels); TARGET_MORE adds variants (e.g. relu2: the full-rank
+               # form; $v+fuse_qkv=false: three q/k/v GEMMs; $v+attn_backend=torch and $v+optim_state_dtype=fp32,
+               # earlier defaults, timed in the target files of 2026-12-06)
+        v=lowrank-relu2; k=,$v+ce_kernel=torch
         k=$k${TARGET_MORE:+,$TARGET_MORE}  # (e.g. $v+pdl=true: timed on the H100 2026-12-05, no gain)
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b \
           --modes elas,torch.compile --variants "$v$k" --out "${TARGET_OUT:-benchmarks/results/$GPU/step_target}" 2>&1 | quiet ;;

@@ -117,3 +117,145 @@ def test_gpu_bf16_under_autocast_matches_the_fp32_reference():
     assert loss.item() == pytest.approx(ref.item(), rel=2e-3)
     for got, want in ((h.grad, hr.grad), (w.grad, wr.grad)):
         assert ((got.double() - want).norm() / want.norm()).item() < 2e-2
+
+
+# ---- model.ce_kernel=triton: a chunk's softmax and logits' gradient as one op (kernels/ops.py softmax_xent_grad) ----
+def test_reference_grad_kernel_is_the_cross_entropy_gradient():
+    from elas.kernels import reference as ref
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(9, V, generator=g, dtype=torch.float64)
+    t = torch.randint(0, V, (9,), generator=g)
+    scale = torch.rand(9, generator=g, dtype=torch.float64)
+    scale[2] = 0  # an ignored row: no gradient
+    zr = z.clone().requires_grad_()
+    nll = F.cross_entropy(zr, t, reduction="none")
+    (nll * scale).sum().backward()
+    got_g, got_nll = ref.softmax_xent_grad(z, t, scale)
+    torch.testing.assert_close(got_nll, nll.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_g, zr.grad, rtol=1e-12, atol=1e-12)
+    assert torch.all(got_g[2] == 0)
+
+
+@pytest.mark.parametrize("t_rows, vocab, kw", [(5, 50, {}), (7, 300, {"block": 64}), (3, 1000, {"one_block": False, "block": 128}),
+                                              (4, 77, {"one_block": True, "num_warps": 2})])
+def test_triton_grad_kernel_matches_the_reference(t_rows, vocab, kw):
+    """Under the interpreter on CPU (CI sets TRITON_INTERPRET=1), on the GPU natively: both forms (the row in one
+    block; a loop over blocks whose last block runs past V), a row of scale 0, targets in the last block."""
+    pytest.importorskip("triton")
+    from elas.kernels import reference as ref
+    from elas.kernels.cuda.xent import launch_settings, softmax_xent_grad
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(4)
+    z = (3 * torch.randn(t_rows, vocab, generator=g)).to(dev, torch.bfloat16)
+    t = torch.randint(0, vocab, (t_rows,), generator=g).to(dev)
+    t[-1] = vocab - 1
+    scale = torch.rand(t_rows, generator=g).to(dev)
+    scale[0] = 0
+    one, block, _ = launch_settings(vocab, kw.get("block"), kw.get("num_warps"), kw.get("one_block"))
+    assert one == (vocab <= block)  # the form asked for (the loop's last block partly past V)
+    got_g, got_nll = softmax_xent_grad(z, t, scale, **kw)
+    want_g, want_nll = ref.softmax_xent_grad(z.double(), t, scale.double())
+    assert got_g.dtype == torch.bfloat16 and got_nll.dtype == torch.float32 and got_g.shape == z.shape
+    # g: the exact value rounded to bf16 once, within one ulp (2^-7 relative: the interpreter's cast truncates)
+    err = (got_g.double() - want_g).abs() - want_g.abs() * 2.0 ** -7
+    assert err.max().item() <= 1e-6
+    torch.testing.assert_close(got_nll.double(), want_nll, rtol=1e-5, atol=1e-5)
+    assert torch.all(got_g[0] == 0)
+    with pytest.raises(ValueError, match="expected z"):
+        softmax_xent_grad(z.t(), t, scale)
+    with pytest.raises(ValueError, match="block=3"):
+        softmax_xent_grad(z, t, scale, block=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_grad_kernel_matches_the_torch_ops(dtype):
+    """linear_cross_entropy with the op (its CPU reference here) against the torch ops: loss, grad_h and grad_W."""
+    from elas.kernels import ops
+    h, w, t = _inputs((3, 13), dtype)
+    ref = _ours(h, w, t, chunk_tokens=8)
+    got = _ours(h, w, t, chunk_tokens=8, grad_kernel=ops.softmax_xent_grad)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-7)
+    for a, b in zip(got, ref):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+    with torch.no_grad():  # no gradient wanted: the op is not called, the loss is the same
+        torch.testing.assert_close(linear_cross_entropy(h, w, t, grad_kernel=ops.softmax_xent_grad), ref[0], **tol)
+
+
+def test_grad_kernel_compiles_fullgraph():
+    import torch._dynamo as dynamo
+    from elas.kernels import ops
+    dynamo.reset()
+    h, w, t = _inputs((2, 19), torch.float32)
+
+    def f(h, w, t):
+        return linear_cross_entropy(torch.tanh(h), w, t, chunk_tokens=8, grad_kernel=ops.softmax_xent_grad)
+
+    out = []
+    for fn in (torch.compile(f, fullgraph=True, backend="aot_eager"), f):
+        hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
+        loss = fn(hh, ww, t)
+        loss.backward()
+        out.append((loss.detach(), hh.grad, ww.grad))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_ce_kernel_key():
+    """model.ce_kernel: auto is torch on the CPU, triton installs the op; a bad value is one line naming it; a
+    config.json without the key (written before it) loads as torch."""
+    from conftest import preset
+    from elas.build import build_model, ce_kernel
+    from elas.config import ModelConfig, from_dict, to_dict
+    from elas.kernels import ops
+    cfg = preset("llama-tiny-lowrank-relu2", None, n_layers=1, vocab_size=64)
+    assert cfg.ce_kernel == "auto" and ce_kernel(cfg, "cpu") == "torch"
+    assert build_model(cfg).ce_grad is None
+    cfg.ce_kernel = "triton"
+    model = build_model(cfg)
+    assert model.ce_grad is ops.softmax_xent_grad
+    idx = torch.randint(0, 64, (2, 9))
+    cfg.ce_kernel = "torch"
+    plain = build_model(cfg)
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(idx, idx), plain(idx, idx), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="ce_kernel.*'fused'.*expected one of"):
+        cfg.ce_kernel = "fused"
+        cfg.validate()
+    cfg.ce_kernel = "auto"
+    old = {k: v for k, v in to_dict(cfg).items() if k != "ce_kernel"}
+    assert from_dict(ModelConfig, old).ce_kernel == "torch"
+
+
+@pytest.mark.gpu
+def test_gpu_grad_kernel_at_the_1b_chunk():
+    """The one-pass kernel at the step's chunk [2048, 32000] bf16, against the fp64 reference, and the whole loss
+    with it against the torch ops (compiled as in the step)."""
+    from elas.kernels import ops
+    from elas.kernels import reference as ref
+    from elas.kernels.cuda.xent import softmax_xent_grad
+    torch.manual_seed(0)
+    z = (3 * torch.randn(2048, 32000, device="cuda")).bfloat16()
+    t = torch.randint(0, 32000, (2048,), device="cuda")
+    scale = torch.full((2048,), 1 / 8192, device="cuda")
+    scale[::10] = 0
+    want_g, want_nll = ref.softmax_xent_grad(z.double(), t, scale.double())
+    for kw in ({}, {"one_block": False}):
+        g, nll = softmax_xent_grad(z, t, scale, **kw)
+        assert ((g.double() - want_g).norm() / want_g.norm()).item() < 4e-3
+        assert ((nll.double() - want_nll).abs().max() / want_nll.abs().max()).item() < 1e-5
+    h = torch.randn(4096, 512, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    w = (0.05 * torch.randn(32000, 512, device="cuda")).requires_grad_()
+    tt = torch.randint(0, 32000, (4096,), device="cuda")
+    tt[::9] = -100
+    out = []
+    for k in (None, ops.softmax_xent_grad):
+        hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.compile(linear_cross_entropy)(hh, ww, tt, grad_kernel=k)
+        loss.backward()
+        out.append((loss.detach(), hh.grad, ww.grad))
+    (l0, gh0, gw0), (l1, gh1, gw1) = out
+    assert abs(l1.item() - l0.item()) < 1e-4 * l0.item()
+    assert ((gh1.float() - gh0.float()).norm() / gh0.float().norm()).item() < 1e-2
+    assert ((gw1 - gw0).norm() / gw0.norm()).item() < 1e-2

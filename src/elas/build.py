@@ -44,8 +44,21 @@ def norm_kernel(cfg: ModelConfig, device: str | torch.device) -> str:
     (on the CPU the fused op would run its reference, no faster than autograd); any other value is itself."""
     if cfg.norm_kernel != "auto":
         return cfg.norm_kernel
+    return "fused" if _triton_on_cuda(device) else "torch"
+
+
+def ce_kernel(cfg: ModelConfig, device: str | torch.device) -> str:
+    """The chunked LM loss's per-chunk kernel that cfg.ce_kernel gives on `device`: "auto" is triton (one pass over
+    each chunk's logits, kernels/cuda/xent.py) on CUDA where Triton is installed, else torch (on the CPU the op
+    would run its reference, no faster than the torch ops); any other value is itself."""
+    if cfg.ce_kernel != "auto":
+        return cfg.ce_kernel
+    return "triton" if _triton_on_cuda(device) else "torch"
+
+
+def _triton_on_cuda(device: str | torch.device) -> bool:
     import importlib.util
-    return "fused" if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") else "torch"
+    return torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
 def attn_backend(cfg: ModelConfig, device: str | torch.device) -> str:
@@ -141,11 +154,13 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu",
     if norm_kernel(cfg, target) == "fused":  # the blocks' norms (not the final one: nothing is added to its input)
         for blk in model.blocks:
             blk.attn_norm.residual_split = blk.ffn_norm.residual_split = ops.residual_rmsnorm
+    if ce_kernel(cfg, target) == "triton":  # the chunked loss's softmax and logits' gradient in one pass
+        model.ce_grad = ops.softmax_xent_grad
     with kernels.materialised_on(materialise_on or device):
         for m in methods:
             sparsify_(model, m)
     return model
 
 
-__all__ = ["attn_backend", "build_model", "check_kernels", "kernels_for_here", "norm_kernel", "relu2_kernel",
+__all__ = ["attn_backend", "build_model", "ce_kernel", "check_kernels", "kernels_for_here", "norm_kernel", "relu2_kernel",
            "resolve_methods"]

@@ -23,10 +23,12 @@ LM_LOSSES = ("chunked", "logits")
 ATTN_BACKENDS = ("auto", "torch", "flash", "cudnn", "efficient", "math", "triton")
 RELU2_KERNELS = ("auto", "torch", "fused", "cutlass")
 NORM_KERNELS = ("auto", "torch", "fused")
+CE_KERNELS = ("auto", "torch", "triton")
 ROPE_KERNELS = ("torch", "cutlass")
 # model keys that choose kernels, not the model (its parameters and math): a resumed run may change them, its
 # losses then differing from the uninterrupted run's in the last bits (another summation order)
-KERNEL_KEYS = ("relu2_kernel", "norm_kernel", "rope_kernel", "attn_backend", "fuse_qkv", "pdl", "defer_residual")
+KERNEL_KEYS = ("relu2_kernel", "norm_kernel", "rope_kernel", "attn_backend", "fuse_qkv", "pdl", "defer_residual",
+               "ce_kernel")
 CONFIG_VERSION = 3  # of config.json: 3 = attn_backend "auto" takes elas's attention kernel where it applies (2: torch's
 # order); 2 = sparsity as a list of methods (1: flat act_sparsity/grad_mode/... keys)
 D_FF_MULTIPLE = 128  # every 2:4 GEMM tile we target divides 128; 8191 (ELAS 1B) would leave a dense tail
@@ -88,6 +90,11 @@ class ModelConfig:
     # residual's add) | fused (one pass: dx with the residual's gradient, and dw; kernels/cuda/rmsnorm.py; its
     # reference elsewhere) | auto (fused on CUDA where Triton is installed, else torch: build.norm_kernel)
     norm_kernel: str = "auto"
+    # the chunked LM loss's per-chunk softmax and logits' gradient (model/loss.py): torch (its ops; compiled: a
+    # reduction and a scaling kernel per chunk, through fp32 logits) | triton (one pass over the logits in the
+    # compute dtype: kernels/cuda/xent.py; its reference elsewhere) | auto (triton on CUDA where Triton is
+    # installed, else torch: build.ce_kernel). Not used with lm_loss=logits
+    ce_kernel: str = "auto"
     # the attention's rotary embedding: torch (its own kernels on q and k; one fused pass when compiled) | cutlass
     # (inside the q/k up-projection GEMM's epilogue, q and k interleaved per head: model/llama.py Attention,
     # kernels/cuda/cutlass_relu2.py; the library built beforehand)
@@ -155,6 +162,8 @@ class ModelConfig:
             bad("relu2_kernel", self.relu2_kernel, f"expected one of {RELU2_KERNELS}")
         if self.norm_kernel not in NORM_KERNELS:
             bad("norm_kernel", self.norm_kernel, f"expected one of {NORM_KERNELS}")
+        if self.ce_kernel not in CE_KERNELS:
+            bad("ce_kernel", self.ce_kernel, f"expected one of {CE_KERNELS}")
         if self.rope_kernel not in ROPE_KERNELS:
             bad("rope_kernel", self.rope_kernel, f"expected one of {ROPE_KERNELS}")
         if self.attn_backend not in ATTN_BACKENDS:
@@ -665,10 +674,10 @@ def from_dict(cls, data: dict[str, Any]):
     if cls is ModelConfig and ("act_sparsity" in data or "grad_mode" in data):
         data = _migrate_model_v1(data)
     if cls is ModelConfig:  # written before these keys: the model and kernels as it was trained (relu2_kernel's
-        # and norm_kernel's defaults became "auto" later, fuse_qkv's true: a run saved without the key ran torch's
-        # kernels)
+        # and norm_kernel's defaults became "auto" later, fuse_qkv's true, ce_kernel's auto: a run saved without the
+        # key ran torch's kernels)
         data = {"residual_dtype": "fp32", "lm_loss": "logits", "relu2_kernel": "torch", "norm_kernel": "torch",
-                "fuse_qkv": False, **data}
+                "fuse_qkv": False, "ce_kernel": "torch", **data}
     kw = {}
     known = {f.name: f for f in fields(cls)}
     for k, v in data.items():

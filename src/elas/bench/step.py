@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from ..build import attn_backend, build_model, norm_kernel, relu2_kernel
+from ..build import attn_backend, build_model, ce_kernel, norm_kernel, relu2_kernel
 from ..config import D_FF_MULTIPLE, TrainConfig, model_preset, split_variant, train_keys
 from ..optim import build_optimizer
 from ..summary import model_summary
@@ -48,7 +48,7 @@ STEP_VARIANTS = ("lowrank-relu2", "elas", "elas-mask", "relu2", "relu2-24", "swi
 # a variant's own keys, so "lowrank-relu2+fuse_qkv=true" under plain torch.compile is plain lowrank-relu2
 PLAIN = {"residual_dtype": "fp32", "lm_loss": "logits", "attn_backend": "torch", "relu2_kernel": "torch",
          "norm_kernel": "torch", "rope_kernel": "torch", "fuse_qkv": False, "pdl": False,
-         "defer_residual": False}
+         "defer_residual": False, "ce_kernel": "torch"}
 H100_BF16 = 989e12
 
 
@@ -157,6 +157,7 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
            "relu2_kernel": relu2_kernel(cfg, "cuda")[0],  # the dense cores' kernel ("auto" resolved)
            "norm_kernel": norm_kernel(cfg, "cuda"),  # the blocks' norm backward ("auto" resolved)
            "attn_backend": attn_backend(cfg, "cuda"),  # the attention kernel ("auto" resolved)
+           "ce_kernel": ce_kernel(cfg, "cuda") if cfg.lm_loss == "chunked" else None,  # the loss's ("auto" resolved)
            **clocks.summary(),
            "plain_config": plain_config(size, variant, seq),
            "torch": torch.__version__}

@@ -28,6 +28,8 @@ bools cross the boundary; "not produced" outputs are empty tensors (an operator 
                       q/k/v projection with rotary embeddings in its epilogue (on interleaved column pairs)
     elas::rope_attention(q, k, v [B, S, H, D], cos, sin) -> o [B, S, H, D], lse [B*H, S]: causal attention with
                          the rotary embedding applied to q and k inside; autograd registered (its backward op)
+    elas::softmax_xent_grad(z [T, V], t [T], scale [T]) -> g [T, V], nll [T]: a chunk of the LM head's
+                            cross-entropy, its loss and the logits' gradient in one pass (model/loss.py)
 The act24 pair is the packed 2:4 FFN core: one operator per core, so the autograd graph holds one node per FFN
 and the saved tensors are the packed ones. For a ReLU^2 FFN (full-rank or low-rank) only the part around d_ff
 is special: h1 [T, q] is the input of the d_ff-producing factor (q = d_model, or the rank r), wu [d_ff, q] that
@@ -486,6 +488,22 @@ def rope_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) ->
         # come, as in evaluation: nothing to save)
         return rope_attention_saved_op(q, k, v, cos, sin)[0]
     return rope_attention_op(q, k, v, cos, sin)[0]
+
+
+# ---- the LM head's cross-entropy, one chunk of logits: loss and logits' gradient in one pass -------------------
+@torch.library.custom_op("elas::softmax_xent_grad", mutates_args=())
+def softmax_xent_grad(z: Tensor, t: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """-> (g = (softmax(z) - onehot(t)) * scale [T, V] in z's dtype, nll [T]): reference.softmax_xent_grad; on CUDA
+    one Triton pass over z (kernels/cuda/xent.py). model/loss.py calls it per chunk (model.ce_kernel=triton)."""
+    if z.device.type == "cuda" and _tk is not None:
+        from .cuda import xent
+        return xent.softmax_xent_grad(z, t, scale)
+    return ref.softmax_xent_grad(z, t, scale)
+
+
+@softmax_xent_grad.register_fake
+def _(z, t, scale):
+    return z.new_empty(z.shape), z.new_empty(z.shape[:1], dtype=torch.promote_types(z.dtype, torch.float32))
 
 
 # ---- RMSNorm on a residual stream: the backward as one pass (dx with the residual's gradient, and dw) ----------

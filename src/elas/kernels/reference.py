@@ -376,6 +376,19 @@ def rmsnorm_backward(dn: torch.Tensor, x: torch.Tensor, dres: torch.Tensor | Non
     return dx.to(x.dtype), dw.to(w.dtype)
 
 
+def softmax_xent_grad(z: torch.Tensor, t: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk of the LM head's cross-entropy: logits z [T, V], targets t [T] (valid indices), scale [T] ->
+    (g = (softmax(z) - onehot(t)) * scale [T, V] in z's dtype, nll = logsumexp(z) - z[t] [T]), the math in fp32
+    (fp64 stays fp64). The twin of kernels/cuda/xent.py, which reads z and writes g in one pass."""
+    acc = torch.promote_types(z.dtype, torch.float32)
+    zf = z.to(acc)
+    lse = torch.logsumexp(zf, dim=1)  # [T]
+    nll = lse - zf.gather(1, t[:, None]).squeeze(1)
+    g = zf.sub_(lse[:, None]).exp_() if zf is not z else (zf - lse[:, None]).exp()  # (in place on a fresh upcast)
+    g.scatter_add_(1, t[:, None], -torch.ones_like(g[:, :1]))
+    return g.mul_(scale.to(acc)[:, None]).to(z.dtype), nll
+
+
 def sparse_mm(a, b: torch.Tensor) -> torch.Tensor:
     """a: Packed24 [M, K] (2:4 along K), b: [K, N] -> a @ b [M, N] in b's dtype. Emulated: unpack, dense GEMM."""
     return (unpack24(a).to(b.dtype) @ b)

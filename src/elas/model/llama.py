@@ -301,6 +301,9 @@ class LLaMA(nn.Module):
             nn.init.normal_(self.embed.weight, std=cfg.init_std)
             nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the chunked loss's per-chunk softmax + logits' gradient (model/loss.py grad_kernel); build_model installs
+        # kernels/ops.py softmax_xent_grad for model.ce_kernel=triton (given, not imported: as RMSNorm.residual_split)
+        self.ce_grad = None
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -382,6 +385,6 @@ class LLaMA(nn.Module):
         own so that it can be compiled as one region."""
         h = self.norm(x if pending is None else x + pending)
         if self.cfg.lm_loss == "chunked":  # never holds [tokens, vocab] logits (model/loss.py)
-            return linear_cross_entropy(h, self.lm_head.weight, targets)
+            return linear_cross_entropy(h, self.lm_head.weight, targets, grad_kernel=self.ce_grad)
         logits = self.lm_head(h)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-100)

@@ -5,6 +5,10 @@ the fp32 logits alone are 1 GB, and their gradient is as much again. Here forwar
 computes each chunk's loss and its gradient w.r.t. the logits at once and folds that into grad_h and grad_W, so
 no more than one chunk of logits (about 2**26 elements) ever exists. Backward only scales the saved gradients.
 Memory: grad_h [T, d] (h's dtype) and grad_W [V, d] (fp32) are held from forward to backward.
+
+A chunk's loss and logits' gradient are torch ops (fused by Inductor when compiled), or one call of `grad_kernel`
+where the model was given one (model.ce_kernel=triton: kernels/ops.py softmax_xent_grad, one pass over the
+logits in their compute dtype; the model imports no kernels, build_model hands it over).
 """
 from __future__ import annotations
 
@@ -24,12 +28,12 @@ class _LinearCE(torch.autograd.Function):
     the loop bound is a Python int from static shapes, so it unrolls under torch.compile(fullgraph=True)."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index: int, chunk: int, need_h: bool, need_w: bool):
+    def forward(ctx, h, weight, targets, ignore_index: int, chunk: int, need_h: bool, need_w: bool, grad_kernel):
         with torch.autocast(h.device.type, enabled=False):  # the dtypes below are chosen, not autocast's
-            return _LinearCE._forward(ctx, h, weight, targets, ignore_index, chunk, need_h, need_w)
+            return _LinearCE._forward(ctx, h, weight, targets, ignore_index, chunk, need_h, need_w, grad_kernel)
 
     @staticmethod
-    def _forward(ctx, h, weight, targets, ignore_index: int, chunk: int, need_h: bool, need_w: bool):
+    def _forward(ctx, h, weight, targets, ignore_index: int, chunk: int, need_h: bool, need_w: bool, grad_kernel):
         T = h.shape[0]
         # fp32 for the softmax (fp64 stays fp64); w [V, d] in h's dtype, cast once: under bf16 autocast h is bf16
         # and weight the fp32 master
@@ -46,15 +50,20 @@ class _LinearCE(torch.autograd.Function):
         for s in range(0, T, chunk):
             e = min(s + chunk, T)
             hc, tc, vc = h[s:e], tgt[s:e, None], valid[s:e]  # [c, d], [c, 1], [c]
-            z = (hc @ w.t()).to(acc)  # [c, V] logits, fp32
-            lse = torch.logsumexp(z, dim=1)  # [c]
-            loss = loss + ((lse - z.gather(1, tc).squeeze(1)) * vc).sum()
-            if not (need_h or need_w):
-                continue
-            # g = d(mean loss)/dz = (softmax - onehot) / n on valid rows, 0 on ignored ones; z is reused in place
-            g = z.sub_(lse[:, None]).exp_()
-            g.scatter_add_(1, tc, -vc[:, None])
-            g = g.mul_((vc * inv_n)[:, None]).to(h.dtype)  # [c, V] compute dtype
+            if grad_kernel is not None and (need_h or need_w):
+                # g = d(mean loss)/dz [c, V] and each row's lse - z[t] [c] from the logits in h's dtype, one pass
+                g, nll = grad_kernel(hc @ w.t(), tc.squeeze(1), vc * inv_n)
+                loss = loss + (nll.to(acc) * vc).sum()
+            else:
+                z = (hc @ w.t()).to(acc)  # [c, V] logits, fp32
+                lse = torch.logsumexp(z, dim=1)  # [c]
+                loss = loss + ((lse - z.gather(1, tc).squeeze(1)) * vc).sum()
+                if not (need_h or need_w):
+                    continue
+                # g = d(mean loss)/dz = (softmax - onehot) / n on valid rows, 0 on ignored ones; z reused in place
+                g = z.sub_(lse[:, None]).exp_()
+                g.scatter_add_(1, tc, -vc[:, None])
+                g = g.mul_((vc * inv_n)[:, None]).to(h.dtype)  # [c, V] compute dtype
             if need_h:
                 grad_h[s:e] = g @ w
             if need_w:
@@ -76,18 +85,20 @@ class _LinearCE(torch.autograd.Function):
         # grad_out is 0-d fp32 (usually 1): a 0-d operand does not promote, so grad_h stays in h's dtype
         dh = grad_h * grad_out if grad_h is not None else None
         dw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100,
-                         chunk_tokens: int | None = None) -> Tensor:
+                         chunk_tokens: int | None = None, grad_kernel=None) -> Tensor:
     """Mean cross-entropy of logits h @ weight^T over tokens whose target is not ignore_index, as fp32 0-d.
 
     h [..., d] (compute dtype), weight [V, d] (any float dtype; its grad comes back in it), targets [...] int64.
-    chunk_tokens: tokens per chunk (default: about 2**26 logits per chunk)."""
+    chunk_tokens: tokens per chunk (default: about 2**26 logits per chunk). grad_kernel: (z [c, V] in h's dtype,
+    t [c] valid indices, scale [c] fp32) -> ((softmax(z) - onehot(t)) * scale in z's dtype, lse(z) - z[t] [c])
+    for each chunk where gradients are wanted (kernels/ops.py softmax_xent_grad); None: torch ops."""
     d, V = h.shape[-1], weight.shape[0]
     chunk = chunk_tokens or _default_chunk(V)
     grad = torch.is_grad_enabled()
     return _LinearCE.apply(h.reshape(-1, d), weight, targets.reshape(-1), ignore_index, chunk,
-                           grad and h.requires_grad, grad and weight.requires_grad)
+                           grad and h.requires_grad, grad and weight.requires_grad, grad_kernel)
 

@@ -65,12 +65,12 @@ def variant_config(size: str, variant: str, steps: int, data_dir: str, out: Path
             "warmup_steps": max(1, steps // 10), "optimizer": optimizer, "lr": full_rank_lr,
             "eval_every": max(1, steps // 10), "save_every": max(1, steps // 4), "log_every": max(1, steps // 100),
             "model.max_seq_len": seq_len,
-            # the torch ReLU^2, norm and attention kernels and three q, k, v GEMMs on every machine, as the grid's
-            # first runs ran them: "auto" would take the CUTLASS GEMMs where a library is found (the fused norm
-            # backward and elas's attention on any GPU; fuse_qkv became the default later), and two seeds of one
-            # variant would then differ in kernels
+            # the torch ReLU^2, norm, attention and loss kernels and three q, k, v GEMMs on every machine, as the
+            # grid's first runs ran them: "auto" would take the CUTLASS GEMMs where a library is found (the fused
+            # norm backward, elas's attention and loss kernel on any GPU; fuse_qkv became the default later), and
+            # two seeds of one variant would then differ in kernels
             "model.relu2_kernel": "torch", "model.norm_kernel": "torch", "model.attn_backend": "torch",
-            "model.fuse_qkv": False,
+            "model.fuse_qkv": False, "model.ce_kernel": "torch",
             # fp32 Adam moments, as the grids' first runs had them (optim_state_dtype=auto, bf16 moments over bf16
             # parameters, became the default later); a variant's own "+optim_state_dtype=bf16" sets them
             "optim_state_dtype": "fp32", **train}
@@ -135,7 +135,7 @@ def other_settings(cfg) -> list[str]:
     # makes the same variant name another model)
     old, new = _resolved_model(saved), _resolved_model(cfg)
     diff += [f"model.{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-             if old.get(k) != new.get(k) and not (k in ("relu2_kernel", "norm_kernel", "attn_backend")
+             if old.get(k) != new.get(k) and not (k in ("relu2_kernel", "norm_kernel", "attn_backend", "ce_kernel")
                                                   and new.get(k) == "auto")]  # (auto: what the run resolved it to)
     return diff
 

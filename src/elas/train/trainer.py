@@ -21,7 +21,7 @@ import torch
 from ..config import TrainConfig, flatten, from_dict, to_dict
 from ..data.loader import Batches, TokenWindows, check_token_range, load_meta
 from ..data.prepare import DataError
-from ..build import attn_backend, build_model, check_kernels, norm_kernel, relu2_kernel, resolve_methods
+from ..build import attn_backend, build_model, ce_kernel, check_kernels, norm_kernel, relu2_kernel, resolve_methods
 from ..kernels import cublas
 from ..optim import build_optimizer, warmup_cosine
 from ..sparsity import collect_stats, describe, method_to_dict, set_step
@@ -296,6 +296,8 @@ class Trainer:
                         f"the CUTLASS library at {why})" if kernel == "cutlass" else f"{why})")
             if cfg.model.norm_kernel == "auto":  # likewise recorded: a resumed run keeps its norms' backward
                 cfg.model.norm_kernel = norm_kernel(cfg.model, self.device)
+            if cfg.model.ce_kernel == "auto":  # likewise: a resumed run keeps its loss's kernel
+                cfg.model.ce_kernel = ce_kernel(cfg.model, self.device)
             if cfg.model.attn_backend == "auto":  # likewise: a resumed run keeps its attention kernel
                 cfg.model.attn_backend = attn_backend(cfg.model, self.device)
                 if self.device.type == "cuda":
