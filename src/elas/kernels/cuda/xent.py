@@ -20,6 +20,9 @@ online max and sum per lane, then the write).
 """
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -65,14 +68,28 @@ def _xent_grad_kernel(z_ptr, t_ptr, scale_ptr, g_ptr, nll_ptr, V, stride_z, stri
     tl.store(nll_ptr + row, lse2 / 1.4426950408889634 - zt)
 
 
-# launch settings: (one_block, block, warps) by the row's length; `benchmarks/xent.py` sweeps the alternatives
+# ELAS_XENT_CONFIG='{"one_block": false, "block": 4096, "num_warps": 16}' sets the launch settings for a process
+# (any of the three keys; benchmarks/xent.py prints the fastest of its sweep in this form)
+_OVERRIDE: dict = {}
+if os.environ.get("ELAS_XENT_CONFIG"):  # (checked here: a bad key fails at import, not at the first launch)
+    _OVERRIDE = json.loads(os.environ["ELAS_XENT_CONFIG"])
+    if not isinstance(_OVERRIDE, dict) or set(_OVERRIDE) - {"one_block", "block", "num_warps"}:
+        raise ValueError(f"ELAS_XENT_CONFIG={os.environ['ELAS_XENT_CONFIG']!r}: expected a JSON object with keys "
+                         f"one_block, block and/or num_warps")
+
+
 def launch_settings(v: int, block: int | None = None, num_warps: int | None = None, one_block: bool | None = None
                     ) -> tuple[bool, int, int]:
     """(one_block, block, num_warps) for rows of length v: one block spanning the row up to 32768 columns (the
     row held in registers: 16 warps hold 32768 fp32 values as 64 a thread), else 4096-column blocks of 8 warps;
-    any argument given overrides its part (block: a power of two)."""
+    any argument given (else ELAS_XENT_CONFIG's) overrides its part (block: a power of two)."""
+    block = block if block is not None else _OVERRIDE.get("block")
+    num_warps = num_warps if num_warps is not None else _OVERRIDE.get("num_warps")
+    one_block = one_block if one_block is not None else _OVERRIDE.get("one_block")
     if block is not None and (block < 16 or block & (block - 1)):
         raise ValueError(f"softmax_xent_grad: block={block}: expected a power of two >= 16")
+    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"softmax_xent_grad: num_warps={num_warps}: expected a power of two 1-32")
     if one_block is None:
         one_block = (block or triton.next_power_of_2(v)) >= v and triton.next_power_of_2(v) <= 32768
     if one_block:
