@@ -155,7 +155,7 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu",
         for blk in model.blocks:
             blk.attn_norm.residual_split = blk.ffn_norm.residual_split = ops.residual_rmsnorm
     if ce_kernel(cfg, target) == "triton":  # the chunked loss's softmax and logits' gradient in one pass
-        model.ce_grad = ops.softmax_xent_grad
+        model.ce_grad = torch.ops.elas.softmax_xent_grad  # (the OpOverloadPacket: a model with it deep-copies)
     with kernels.materialised_on(materialise_on or device):
         for m in methods:
             sparsify_(model, m)

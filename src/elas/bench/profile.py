@@ -20,7 +20,7 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
     ("attention", r"flash|fmha|attention|sdpa|cudnn|^_attn_(fwd|bwd)$"),  # (elas's: kernels/cuda/attention.py)
     ("GEMM", r"gemm|nvjet|cutlass|xmma|wgmma|matmul|cublas|splitk|^sm\d\d_|ampere_"),
     ("optimizer", r"adam|multi_tensor_apply|foreach"),  # fused AdamW, clipping's norms, zeroing of gradients
-    ("CE", r"cross_entropy|nll_loss|log_softmax|logsumexp|softmax"),
+    ("CE", r"cross_entropy|nll_loss|log_softmax|logsumexp|softmax|^_xent_grad_kernel$"),  # (elas's: kernels/cuda/xent.py)
     ("copy", r"memcpy|memset|copy|convert|cast|clone|catarray|fill"),
     ("elementwise", r""),  # Inductor's fused kernels and every other pointwise / reduction kernel
 )

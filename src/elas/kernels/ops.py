@@ -495,8 +495,8 @@ def rope_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) ->
 def softmax_xent_grad(z: Tensor, t: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     """-> (g = (softmax(z) - onehot(t)) * scale [T, V] in z's dtype, nll [T]): reference.softmax_xent_grad; on CUDA
     one Triton pass over z (kernels/cuda/xent.py). model/loss.py calls it per chunk (model.ce_kernel=triton)."""
-    if z.device.type == "cuda" and _tk is not None:
-        from .cuda import xent
+    if z.device.type == "cuda" and _tk is not None and z.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        from .cuda import xent  # (fp64 takes the reference: the kernel's math is fp32)
         return xent.softmax_xent_grad(z, t, scale)
     return ref.softmax_xent_grad(z, t, scale)
 

@@ -86,14 +86,17 @@ def launch_settings(v: int, block: int | None = None, num_warps: int | None = No
     block = block if block is not None else _OVERRIDE.get("block")
     num_warps = num_warps if num_warps is not None else _OVERRIDE.get("num_warps")
     one_block = one_block if one_block is not None else _OVERRIDE.get("one_block")
-    if block is not None and (block < 16 or block & (block - 1)):
+    if block is not None and (not isinstance(block, int) or block < 16 or block & (block - 1)):
         raise ValueError(f"softmax_xent_grad: block={block}: expected a power of two >= 16")
     if num_warps is not None and num_warps not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"softmax_xent_grad: num_warps={num_warps}: expected a power of two 1-32")
     if one_block is None:
         one_block = (block or triton.next_power_of_2(v)) >= v and triton.next_power_of_2(v) <= 32768
+    if one_block and (block is not None and block < v or triton.next_power_of_2(v) > 32768):
+        raise ValueError(f"softmax_xent_grad: one_block with rows of {v} and block={block}: one block must span "
+                         f"the row (block >= {v}) and fit in registers (rows of at most 32768)")
     if one_block:
-        block = max(block or 0, triton.next_power_of_2(v))
+        block = block or triton.next_power_of_2(v)
     block = block or 4096
     return one_block, block, num_warps or (16 if block >= 16384 else 8 if block >= 2048 else 4)
 
