@@ -47,6 +47,7 @@ def test_kernel_categories():
         "triton_poi_fused__unsafe_view_mul_relu_view_2": "elementwise",
         "triton_red_fused__log_softmax_nll_loss_forward_3": "CE", "Memcpy HtoD (Pinned -> Device)": "copy",
         "_attn_fwd": "attention", "_attn_bwd": "attention",  # elas's (kernels/cuda/attention.py)
+        "_xent_grad_kernel": "CE",  # elas's (kernels/cuda/xent.py)
     }
     assert {n: category(n) for n in names} == names
     b = breakdown({"nvjet_a": 2.0, "nvjet_b": 1.5, "_kernel": 0.5})
@@ -394,10 +395,11 @@ def test_plain_rows_ignore_elas_kernel_keys_and_are_timed_once(monkeypatch):
     keys): variants that differ only in them are one model there, timed once, and each elas row's
     vs_torch_compile is against that row. A key that changes the model (the rank) gets its own plain row."""
     from elas.bench import step as st
-    fused = "lowrank-relu2+fuse_qkv=true+pdl=true+norm_kernel=fused+relu2_kernel=cutlass+defer_residual=true"
+    fused = ("lowrank-relu2+fuse_qkv=true+pdl=true+norm_kernel=fused+relu2_kernel=cutlass+defer_residual=true"
+             "+ce_kernel=triton")
     plain = step_config("llama-60m", fused, "torch.compile", 256)
     assert (plain.fuse_qkv, plain.pdl, plain.norm_kernel, plain.relu2_kernel) == (False, False, "torch", "torch")
-    assert plain.defer_residual is False
+    assert plain.defer_residual is False and plain.ce_kernel == "torch"
     assert step_config("llama-60m", fused, "elas", 256).fuse_qkv is True
     timed = []
 

@@ -819,7 +819,8 @@ def test_a_grid_run_that_resolved_auto_kernels_is_the_same_run(tmp_path):
     again must not see that as another setting; another explicit value is one."""
     from elas.config import to_dict
     from elas.train.experiment import other_settings, variant_config
-    for key, resolved in (("attn_backend", "triton"), ("norm_kernel", "fused"), ("relu2_kernel", "cutlass")):
+    for key, resolved in (("attn_backend", "triton"), ("norm_kernel", "fused"), ("relu2_kernel", "cutlass"),
+                          ("ce_kernel", "triton")):
         cfg = variant_config("llama-60m", f"lowrank-relu2+{key}=auto", 2000, "d", tmp_path / key, 512, 1)
         run = tmp_path / key / f"lowrank-relu2+{key}=auto"
         assert cfg.out_dir == str(run)

@@ -136,11 +136,14 @@ def test_reference_grad_kernel_is_the_cross_entropy_gradient():
     assert torch.all(got_g[2] == 0)
 
 
-@pytest.mark.parametrize("t_rows, vocab, kw", [(5, 50, {}), (7, 300, {"block": 64}), (3, 1000, {"one_block": False, "block": 128}),
-                                              (4, 77, {"one_block": True, "num_warps": 2})])
-def test_triton_grad_kernel_matches_the_reference(t_rows, vocab, kw):
+@pytest.mark.parametrize("t_rows, vocab, kw, one", [
+    (5, 50, {}, True), (7, 300, {"block": 64}, False), (3, 1000, {"one_block": False, "block": 128}, False),
+    (4, 77, {"one_block": True, "num_warps": 2}, True),
+    (3, 50, {"one_block": False}, False)])  # (the loop with its default block, wider than the row: lanes past V)
+def test_triton_grad_kernel_matches_the_reference(t_rows, vocab, kw, one):
     """Under the interpreter on CPU (CI sets TRITON_INTERPRET=1), on the GPU natively: both forms (the row in one
-    block; a loop over blocks whose last block runs past V), a row of scale 0, targets in the last block."""
+    block; a loop over blocks whose last block runs past V, or whose one block does: lanes that never see a
+    logit), a row of scale 0, targets in the last block."""
     pytest.importorskip("triton")
     from elas.kernels import reference as ref
     from elas.kernels.cuda.xent import launch_settings, softmax_xent_grad
@@ -151,8 +154,7 @@ def test_triton_grad_kernel_matches_the_reference(t_rows, vocab, kw):
     t[-1] = vocab - 1
     scale = torch.rand(t_rows, generator=g).to(dev)
     scale[0] = 0
-    one, block, _ = launch_settings(vocab, kw.get("block"), kw.get("num_warps"), kw.get("one_block"))
-    assert one == (vocab <= block)  # the form asked for (the loop's last block partly past V)
+    assert launch_settings(vocab, kw.get("block"), kw.get("num_warps"), kw.get("one_block"))[0] == one
     got_g, got_nll = softmax_xent_grad(z, t, scale, **kw)
     want_g, want_nll = ref.softmax_xent_grad(z.double(), t, scale.double())
     assert got_g.dtype == torch.bfloat16 and got_nll.dtype == torch.float32 and got_g.shape == z.shape
@@ -161,10 +163,12 @@ def test_triton_grad_kernel_matches_the_reference(t_rows, vocab, kw):
     assert err.max().item() <= 1e-6
     torch.testing.assert_close(got_nll.double(), want_nll, rtol=1e-5, atol=1e-5)
     assert torch.all(got_g[0] == 0)
-    with pytest.raises(ValueError, match="expected z"):
-        softmax_xent_grad(z.t(), t, scale)
+    with pytest.raises(ValueError, match="expected z"):  # the right shape, columns not contiguous
+        softmax_xent_grad(z.t().contiguous().t(), t, scale)
     with pytest.raises(ValueError, match="block=3"):
         softmax_xent_grad(z, t, scale, block=3)
+    with pytest.raises(ValueError, match="one block must span the row"):
+        softmax_xent_grad(z, t, scale, one_block=True, block=16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -178,8 +182,11 @@ def test_grad_kernel_matches_the_torch_ops(dtype):
     for a, b in zip(got, ref):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, **tol)
+    def refuse(*a):
+        raise AssertionError("called without gradients wanted")
+
     with torch.no_grad():  # no gradient wanted: the op is not called, the loss is the same
-        torch.testing.assert_close(linear_cross_entropy(h, w, t, grad_kernel=ops.softmax_xent_grad), ref[0], **tol)
+        torch.testing.assert_close(linear_cross_entropy(h, w, t, grad_kernel=refuse), ref[0], **tol)
 
 
 def test_grad_kernel_compiles_fullgraph():
@@ -201,23 +208,43 @@ def test_grad_kernel_compiles_fullgraph():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_ce_kernel_key():
+def test_ce_kernel_key(monkeypatch):
     """model.ce_kernel: auto is torch on the CPU, triton installs the op; a bad value is one line naming it; a
     config.json without the key (written before it) loads as torch."""
     from conftest import preset
     from elas.build import build_model, ce_kernel
     from elas.config import ModelConfig, from_dict, to_dict
+    import copy
+    import importlib.util
     cfg = preset("llama-tiny-lowrank-relu2", None, n_layers=1, vocab_size=64)
     assert cfg.ce_kernel == "auto" and ce_kernel(cfg, "cpu") == "torch"
     assert build_model(cfg).ce_grad is None
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "triton" else real(n, *a))
+    assert ce_kernel(cfg, "cuda") == "triton"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "triton" else real(n, *a))
+    assert ce_kernel(cfg, "cuda") == "torch"
+    monkeypatch.undo()
     cfg.ce_kernel = "triton"
     model = build_model(cfg)
     assert model.ce_grad is torch.ops.elas.softmax_xent_grad
+    copy.deepcopy(model)  # (the op installed deep-copies)
+    calls = []
+
+    def spy(z, t, scale):  # the installed op, counted: the model's loss must go through it
+        calls.append(z.shape)
+        return model_op(z, t, scale)
+
+    model_op, model.ce_grad = model.ce_grad, spy
     idx = torch.randint(0, 64, (2, 9))
     cfg.ce_kernel = "torch"
     plain = build_model(cfg)
     plain.load_state_dict(model.state_dict())
-    torch.testing.assert_close(model(idx, idx), plain(idx, idx), rtol=1e-6, atol=1e-6)
+    for m in (model, plain):
+        m(idx, idx).backward()
+    assert calls == [(18, 64)]  # one chunk of 2 x 9 tokens
+    for (n, a), b in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=n)
     with pytest.raises(ValueError, match="ce_kernel.*'fused'.*expected one of"):
         cfg.ce_kernel = "fused"
         cfg.validate()

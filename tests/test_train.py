@@ -112,6 +112,7 @@ def test_run_dir_contents_eval_generate(dataset, tmp_path, capsys):
     assert cfg["model"]["relu2_kernel"] == "torch" if not torch.cuda.is_available() else \
         cfg["model"]["relu2_kernel"] in ("torch", "cutlass")
     assert cfg["model"]["norm_kernel"] == ("fused" if torch.cuda.is_available() else "torch")
+    assert cfg["model"]["ce_kernel"] == ("triton" if torch.cuda.is_available() else "torch")
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "loss", "lr", "tokens", "tokens_per_s"} <= set(recs[0])
     assert [r["step"] for r in recs if "val_loss" in r] == [3, 6]
