@@ -199,6 +199,7 @@ def test_ce_kernel_key(monkeypatch):
     from conftest import preset
     from elas.build import build_model, ce_kernel
     from elas.config import ModelConfig, from_dict, to_dict
+    from elas.kernels import ops
     import copy
     import importlib.util
     cfg = preset("llama-tiny-lowrank-relu2", None, n_layers=1, vocab_size=64)
@@ -206,7 +207,14 @@ def test_ce_kernel_key(monkeypatch):
     assert build_model(cfg).ce_grad is None
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "triton" else real(n, *a))
+    monkeypatch.setattr(ops, "_tk", object())  # (the operators' Triton kernels importable, as on a GPU machine)
     assert ce_kernel(cfg, "cuda") == "triton"
+    cfg.lm_loss = "logits"  # no chunks: the loss's torch ops
+    assert ce_kernel(cfg, "cuda") == "torch" and build_model(cfg).ce_grad is None
+    cfg.lm_loss = "chunked"
+    monkeypatch.setattr(ops, "_tk", None)
+    assert ce_kernel(cfg, "cuda") == "torch"
+    monkeypatch.setattr(ops, "_tk", object())
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "triton" else real(n, *a))
     assert ce_kernel(cfg, "cuda") == "torch"
     monkeypatch.undo()

@@ -122,9 +122,14 @@ def test_norm_kernel_auto_is_fused_on_cuda_with_triton_and_recorded(monkeypatch)
     cfg = preset("llama-tiny-lowrank-relu2", None)
     assert cfg.norm_kernel == "auto" and norm_kernel(cfg, "cpu") == "torch"
     assert all(b.attn_norm.residual_split is None for b in build_model(cfg, "cpu").blocks)
+    from elas.kernels import ops
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else real(name, *a))
+    monkeypatch.setattr(ops, "_tk", object())  # (the operators' Triton kernels importable, as on a GPU machine)
     assert norm_kernel(cfg, "cuda") == "fused" and norm_kernel(cfg, torch.device("cuda", 1)) == "fused"
+    monkeypatch.setattr(ops, "_tk", None)  # Triton there but the kernels not importable (torch without triton_op)
+    assert norm_kernel(cfg, "cuda") == "torch"
+    monkeypatch.setattr(ops, "_tk", object())
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
     assert norm_kernel(cfg, "cuda") == "torch"
     cfg.norm_kernel = "fused"

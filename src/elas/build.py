@@ -49,16 +49,20 @@ def norm_kernel(cfg: ModelConfig, device: str | torch.device) -> str:
 
 def ce_kernel(cfg: ModelConfig, device: str | torch.device) -> str:
     """The chunked LM loss's per-chunk kernel that cfg.ce_kernel gives on `device`: "auto" is triton (one pass over
-    each chunk's logits, kernels/cuda/xent.py) on CUDA where Triton is installed, else torch (on the CPU the op
-    would run its reference, no faster than the torch ops); any other value is itself."""
+    each chunk's logits, kernels/cuda/xent.py: 0.9-1.0 ms less a 1B step on two H100 hosts) on CUDA where Triton
+    is installed, else torch (on the CPU the op would run its reference, no faster than the torch ops; with
+    lm_loss=logits there are no chunks); any other value is itself."""
     if cfg.ce_kernel != "auto":
         return cfg.ce_kernel
-    return "triton" if _triton_on_cuda(device) else "torch"
+    return "triton" if cfg.lm_loss == "chunked" and _triton_on_cuda(device) else "torch"
 
 
 def _triton_on_cuda(device: str | torch.device) -> bool:
+    """CUDA, and the operators' Triton kernels importable (kernels/ops.py: Triton and torch's triton_op; without
+    them the operators run their references, slower than the torch ops the keys' "torch" gives)."""
     import importlib.util
-    return torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None
+    return (torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None
+            and ops._tk is not None)
 
 
 def attn_backend(cfg: ModelConfig, device: str | torch.device) -> str:
@@ -154,7 +158,11 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu",
     if norm_kernel(cfg, target) == "fused":  # the blocks' norms (not the final one: nothing is added to its input)
         for blk in model.blocks:
             blk.attn_norm.residual_split = blk.ffn_norm.residual_split = ops.residual_rmsnorm
-    if ce_kernel(cfg, target) == "triton":  # the chunked loss's softmax and logits' gradient in one pass
+    if ce_kernel(cfg, target) == "triton" and cfg.lm_loss == "chunked":  # a chunk's softmax + gradient in one pass
+        if target.type == "cuda" and ops._tk is not None:  # its launch settings (ELAS_XENT_CONFIG) checked now,
+            # not in the first step (without Triton's kernels the operator runs its reference)
+            from .kernels.cuda import xent
+            xent.launch_settings(cfg.vocab_size)
         model.ce_grad = torch.ops.elas.softmax_xent_grad  # (the OpOverloadPacket: a model with it deep-copies)
     with kernels.materialised_on(materialise_on or device):
         for m in methods:

@@ -3,8 +3,10 @@
 
 For each token count: h [T, d] bf16 (as the final norm gives it under autocast), the fp32 master weight
 [V, d], targets [T]; forward + backward under bf16 autocast, eager and compiled (`torch.compile`, Inductor
-default mode). Time: median of CUDA-event timings after warm-up. Memory: the allocator's peak during one
-forward + backward above what was allocated before it (the inputs), i.e. what the loss itself needs.
+default mode). The chunked rows run the loss's torch ops (model.ce_kernel=torch); benchmarks/xent.py times the
+one-pass kernel (ce_kernel=triton, today's default on CUDA) against them. Time: median of CUDA-event timings after
+warm-up. Memory: the allocator's peak during one forward + backward above what was allocated before it (the
+inputs), i.e. what the loss itself needs.
 """
 from __future__ import annotations
 

@@ -302,7 +302,8 @@ class LLaMA(nn.Module):
             nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         # the chunked loss's per-chunk softmax + logits' gradient (model/loss.py grad_kernel); build_model installs
-        # kernels/ops.py softmax_xent_grad for model.ce_kernel=triton (given, not imported: as RMSNorm.residual_split)
+        # torch.ops.elas.softmax_xent_grad (kernels/ops.py) for model.ce_kernel=triton (given, not imported: as
+        # RMSNorm.residual_split)
         self.ce_grad = None
 
     @torch.no_grad()

@@ -3,10 +3,11 @@
 model/loss.py walks the tokens in chunks; for each it has the logits z = h W^T [c, V] in the compute dtype. The
 torch form (compiled) upcasts z to fp32, reduces each row to its logsumexp, writes exp(z - lse) in fp32 with the
 target's -1 scattered in, then a second kernel scales that and casts it back: per chunk z is read twice and an fp32
-[c, V] tensor written and read once more, ~6 bytes per logit more than needed (at 1B: 0.32 ms per 2048-token
-chunk, 1.3 ms of the step, on an H100). Here one program per row reads z, finds the row's max and sum of
-exponentials, and writes g = (softmax(z) - onehot(t)) * scale in z's dtype: z read (twice: the second read is meant
-to hit L2), g written once.
+[c, V] tensor written and read once more, ~14 bytes per logit where 4 are needed (at 1B: 0.31-0.32 ms per
+2048-token chunk, 1.3 ms of the step, on an H100). Here one program per row reads z, finds the row's max and sum of
+exponentials, and writes g = (softmax(z) - onehot(t)) * scale in z's dtype: z read once (the default form, the row
+held in registers; the loop form reads it twice, the second read meant to hit L2), g written once (0.104 ms a
+chunk: benchmarks/results/h100/xent.json).
 
     z      [T, V]  bf16/fp16/fp32, rows contiguous (stride(1) == 1)
     t      [T]     int64, 0 <= t < V (the caller maps ignored targets to any valid index and gives them scale 0)
