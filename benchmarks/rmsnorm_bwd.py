@@ -2,9 +2,11 @@
 kernel (kernels/cuda/rmsnorm.py), at the residual-stream shapes of 60M to 1B (batch 32 x 256, and 1B at 64), bf16
 activations and an fp32 weight (as in elas's default mode), one process, CUDA-graph replays. Every result is checked
 against the reference first. --sweep also times the kernel's launch knobs (programs per SM, rows per iteration,
-warps, prefetch) per shape, each configuration checked, and reports the fastest beside the default.
+warps, prefetch) per shape, each configuration checked, and reports the fastest beside the default, with the
+ELAS_RMSNORM_CONFIG value that makes a process launch it (kernels/cuda/rmsnorm.py). --only TEXT keeps the shapes
+whose description contains TEXT (e.g. --only "1B, batch 32": the sweep of one shape, ~1 min).
 
-    PYTHONPATH=src python benchmarks/rmsnorm_bwd.py [OUT_DIR (default benchmarks/results/<gpu>)] [--sweep]
+    PYTHONPATH=src python benchmarks/rmsnorm_bwd.py [OUT_DIR (default benchmarks/results/<gpu>)] [--sweep] [--only TEXT]
 
 Writes OUT_DIR/rmsnorm_bwd.json and prints a table last.
 """
@@ -23,7 +25,7 @@ def sweep_configs(d: int) -> list[dict]:
     tile), warps, and the prefetching loop."""
     from elas.kernels.cuda.rmsnorm import rows_per_iteration
     r = rows_per_iteration(d)
-    return [dict(per_sm=p, rows=rows, num_warps=w, prefetch=f) for p in (4, 8) for rows in sorted({max(1, r // 2), r, 2 * r})
+    return [dict(per_sm=p, rows=rows, num_warps=w, prefetch=f) for p in (2, 4, 8) for rows in sorted({max(1, r // 2), r, 2 * r})
             for w in (4, 8, 16) for f in (False, True)]
 
 
@@ -32,18 +34,30 @@ def main() -> None:
     sys.path.insert(0, str(here.parent / "src"))
     from elas.bench.timing import graph_ms
     from elas.kernels import reference as ref
-    from elas.kernels.cuda.rmsnorm import rmsnorm_backward
+    from elas.kernels.cuda.rmsnorm import launch_settings, rmsnorm_backward
     from elas.model.llama import RMSNorm
+    argv = sys.argv[1:]
+    only = None
+    if "--only" in argv:
+        i = argv.index("--only")
+        if i + 1 >= len(argv):
+            sys.exit("--only needs a TEXT (a part of a shape's description, e.g. '1B, batch 32')")
+        only = argv[i + 1]
+        del argv[i:i + 2]
+    shapes = [s for s in SHAPES if only is None or only in s[2]]
+    if not shapes:
+        sys.exit(f"--only {only!r}: no shape's description contains it; the shapes: "
+                 + "; ".join(s[2] for s in SHAPES))
+    args = [a for a in argv if a != "--sweep"]
+    sweep = "--sweep" in argv
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     gpu = torch.cuda.get_device_name()
-    args = [a for a in sys.argv[1:] if a != "--sweep"]
-    sweep = "--sweep" in sys.argv[1:]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     out_dir = Path(args[0]) if args else here / "results" / gpu.split()[-1].lower()
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, table = [], []
-    for t, d, what in SHAPES:
+    for t, d, what in shapes:
         torch.manual_seed(0)
         x, dn, dres = (torch.randn(t, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         norm = RMSNorm(d).cuda()
@@ -68,6 +82,7 @@ def main() -> None:
         ours = graph_ms(lambda: rmsnorm_backward(dn, x, dres, w, norm.eps))
         moved = 4 * t * d * 2  # dn, x, dres read; dx written (bf16)
         row = {"T": t, "d": d, "what": what, "inductor_ms": ind, "ours_ms": ours, "speedup": ind / ours,
+               "ours_settings": launch_settings(d),  # (ELAS_RMSNORM_CONFIG's where set)
                "ours_tb_s": moved / ours / 1e9}
         line = (f"{what} [{t}, {d}]: Inductor {ind:.4f} ms, ours {ours:.4f} ms ({ind / ours:.2f}x, "
                 f"{moved / ours / 1e9:.2f} TB/s of the bytes it must move)")
@@ -85,10 +100,11 @@ def main() -> None:
                 assert err < 1e-2 and err_w < 1e-3, f"{c}: dx error {err:.2e}, dw error {err_w:.2e}"
                 timed.append({**c, "ms": graph_ms(lambda: rmsnorm_backward(dn, x, dres, w, norm.eps, **kw))})
             best = min((c for c in timed if "ms" in c), key=lambda c: c["ms"])
-            row.update(sweep=timed, best=best)
+            env_value = json.dumps({k: best[k] for k in ("per_sm", "rows", "num_warps", "prefetch")})
+            row.update(sweep=timed, best=best, env=f"ELAS_RMSNORM_CONFIG={env_value}")
             line += (f"; best of {len(timed)}: {best['ms']:.4f} ms ({moved / best['ms'] / 1e9:.2f} TB/s, "
                      f"{ours / best['ms']:.2f}x the default) with {best['per_sm']} programs per SM, rows {best['rows']}, "
-                     f"{best['num_warps']} warps, prefetch {best['prefetch']}")
+                     f"{best['num_warps']} warps, prefetch {best['prefetch']}: ELAS_RMSNORM_CONFIG='{env_value}'")
         rows.append(row)
         table.append(line)
     env = {"torch": torch.__version__, "gpu": gpu, "cuda": torch.version.cuda}

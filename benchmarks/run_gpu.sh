@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh STAGE...
-# stages: tests kernels epilogue infer ffn step sizes compile loss xent loro vnm cutlass cutlass_probe cutlass_relu2 rmsnorm norm target moments elas_cutlass mask_cutlass attention attn_ncu launches blas_env quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
+# stages: tests kernels epilogue infer ffn step sizes compile loss xent loro vnm cutlass cutlass_probe cutlass_relu2 rmsnorm norm norm_target target moments elas_cutlass mask_cutlass attention attn_ncu launches blas_env quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
 # the step benchmark and the test selection. Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
 # machine), are copied there too, with the tuned cuSPARSELt algorithm cache.
 set -u
@@ -84,6 +84,19 @@ for what in "${@:-tests kernels ffn}"; do
         python benchmarks/cutlass_sparse.py build/cutlass_sp/libelas_cutlass_sp.so "benchmarks/results/$GPU" ;;
       rmsnorm)  # the one-pass RMSNorm backward against Inductor's at 60M-1B shapes, with its launch knobs swept (~4 min)
         python benchmarks/rmsnorm_bwd.py "benchmarks/results/$GPU" --sweep ;;
+      norm_target)  # the norm backward's launch knobs swept at the 1B shape (~2 min), then the 1.2x target's rows
+                    # (the target stage) in two processes: with the sweep's fastest settings (ELAS_RMSNORM_CONFIG)
+                    # and with the built-in ones, each beside plain compile (norm_target_{swept,default}/step.json)
+        rm -f runs/rmsnorm/rmsnorm_bwd.json  # (a warm machine's earlier sweep is not this one)
+        python benchmarks/rmsnorm_bwd.py runs/rmsnorm --sweep --only "1B, batch 32" || failed=1
+        cp runs/rmsnorm/rmsnorm_bwd.json "benchmarks/results/$GPU/rmsnorm_bwd_1b.json" 2>/dev/null
+        cfg=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['rows'][0]['env'].split('=', 1)[1])" \
+              runs/rmsnorm/rmsnorm_bwd.json) || cfg=
+        if [ -n "$cfg" ]; then
+          echo "swept: ELAS_RMSNORM_CONFIG=$cfg"
+          ELAS_RMSNORM_CONFIG=$cfg OUT= TARGET_OUT="benchmarks/results/$GPU/norm_target_swept" bash benchmarks/run_gpu.sh target
+          ( unset ELAS_RMSNORM_CONFIG; OUT= TARGET_OUT="benchmarks/results/$GPU/norm_target_default" bash benchmarks/run_gpu.sh target )
+        fi ;;
       norm)  # the one-pass RMSNorm backward against Inductor's kernels, then the 1B dense step with it, with the
              # CUTLASS ReLU^2 forward, with the rotary embedding in the q/k GEMM's epilogue (with and without
              # fuse_qkv), and with all three keys (ELAS_CUTLASS_RELU2; carry build/cutlass_relu2), beside the default

@@ -60,6 +60,64 @@ def test_triton_kernel_matches_the_reference(t, d, programs, rows):
         rmsnorm_backward(dn, x, None, w, 1e-6, rows=3)
 
 
+def test_launch_settings_defaults_arguments_and_bad_values():
+    """The defaults (4 programs per SM, 4096-element tiles, 8 warps from d = 2048), an argument over them, and a
+    bad value of each knob as a one-line error naming it."""
+    pytest.importorskip("triton")
+    from elas.kernels.cuda.rmsnorm import launch_settings
+    assert launch_settings(2048) == {"per_sm": 4, "rows": 2, "num_warps": 8, "prefetch": False}
+    assert launch_settings(512) == {"per_sm": 4, "rows": 8, "num_warps": 4, "prefetch": False}
+    assert launch_settings(2048, rows=8, prefetch=True) == {"per_sm": 4, "rows": 8, "num_warps": 8, "prefetch": True}
+    for kw, match in (({"per_sm": 0}, "per_sm=0: expected an integer >= 1"),
+                      ({"per_sm": True}, "per_sm=True: expected an integer"),
+                      ({"rows": 6}, "rows=6: expected a power of two"),
+                      ({"num_warps": 3}, "num_warps=3: expected a power of two 1-32"),
+                      ({"prefetch": 1}, "prefetch=1: expected true or false")):
+        with pytest.raises(ValueError, match=match):
+            launch_settings(2048, **kw)
+
+
+def _env_run(code: str, value: str):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "ELAS_RMSNORM_CONFIG": value}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
+def test_env_overrides_the_launch_settings_and_bad_values_fail_at_import():
+    """ELAS_RMSNORM_CONFIG (what benchmarks/rmsnorm_bwd.py --sweep prints) sets the knobs it names for the process,
+    an argument still wins; an unknown key or a bad value fails with one line naming it (the key at import, the
+    value where the model is built: build_model checks the settings)."""
+    pytest.importorskip("triton")
+    code = ("from elas.kernels.cuda.rmsnorm import launch_settings as s; "
+            "print(s(2048)['rows'], s(2048)['prefetch'], s(2048)['per_sm'], s(2048, rows=2)['rows'])")
+    out = _env_run(code, '{"rows": 4, "prefetch": true}')
+    assert out.stdout.split() == ["4", "True", "4", "2"], out.stderr[-500:]
+    out = _env_run(code, '{"row": 4}')
+    assert out.returncode != 0 and "ELAS_RMSNORM_CONFIG" in out.stderr and "unknown key 'row'" in out.stderr
+    out = _env_run(code, '{"rows": 3}')
+    assert out.returncode != 0 and "rows=3: expected a power of two" in out.stderr
+
+
+def test_env_config_parses_an_object_of_known_keys():
+    """The kernels' shared reader of ELAS_<KERNEL>_CONFIG: unset or empty is {}, and anything but a JSON object
+    of known keys is a one-line error naming the variable and the keys."""
+    from elas.kernels.cuda.overrides import env_config
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("ELAS_TEST_CONFIG", raising=False)
+        assert env_config("ELAS_TEST_CONFIG", ("a", "b")) == {}
+        mp.setenv("ELAS_TEST_CONFIG", "")
+        assert env_config("ELAS_TEST_CONFIG", ("a", "b")) == {}
+        mp.setenv("ELAS_TEST_CONFIG", '{"b": 2}')
+        assert env_config("ELAS_TEST_CONFIG", ("a", "b")) == {"b": 2}
+        for raw, match in (('{"c": 1}', "unknown key 'c'; expected an object with keys among a, b"),
+                           ("[1, 2]", "not a JSON object"), ("{a: 1}", "not JSON")):
+            mp.setenv("ELAS_TEST_CONFIG", raw)
+            with pytest.raises(ValueError, match=match):
+                env_config("ELAS_TEST_CONFIG", ("a", "b"))
+
+
 def _pair(variant="lowrank-relu2", device="cpu"):
     from conftest import preset
     from elas.build import build_model

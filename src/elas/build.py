@@ -156,6 +156,9 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu",
         if blk.attn.fuse_qkv:  # (Attention.qkv)
             blk.attn.qkv_op = ops.low_rank_qkv
     if norm_kernel(cfg, target) == "fused":  # the blocks' norms (not the final one: nothing is added to its input)
+        if target.type == "cuda" and ops._tk is not None:  # its launch settings (ELAS_RMSNORM_CONFIG) checked now
+            from .kernels.cuda import rmsnorm
+            rmsnorm.launch_settings(cfg.d_model)
         for blk in model.blocks:
             blk.attn_norm.residual_split = blk.ffn_norm.residual_split = ops.residual_rmsnorm
     if ce_kernel(cfg, target) == "triton" and cfg.lm_loss == "chunked":  # a chunk's softmax + gradient in one pass

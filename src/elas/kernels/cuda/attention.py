@@ -21,13 +21,14 @@ Reference: reference.rope_attention.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .overrides import env_config
 
 LOG2E = 1.4426950408889634
 
@@ -310,11 +311,8 @@ def launch_settings(kind: str, config: dict | None = None, base: dict | None = N
     return c
 
 
-if os.environ.get("ELAS_ATTN_CONFIG"):  # (checked here: a bad key fails at import, not at the first launch)
-    _override = json.loads(os.environ["ELAS_ATTN_CONFIG"])
-    if not isinstance(_override, dict) or set(_override) - {"fwd", "bwd"}:
-        raise ValueError(f"ELAS_ATTN_CONFIG={os.environ['ELAS_ATTN_CONFIG']!r}: expected a JSON object with keys "
-                         f"fwd and/or bwd")
+_override = env_config("ELAS_ATTN_CONFIG", ("fwd", "bwd"))  # (a bad key fails at import, not at the first launch)
+if _override:
     FWD_CONFIG = launch_settings("fwd", _override.get("fwd"))
     BWD_CONFIG = launch_settings("bwd", _override.get("bwd"))
 

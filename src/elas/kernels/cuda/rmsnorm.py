@@ -16,11 +16,39 @@ import torch
 import triton
 import triton.language as tl
 
+from .overrides import env_config
+
 
 def rows_per_iteration(d: int) -> int:
     """Rows a program handles at once: 4096 elements per tile (2 rows at d = 2048), so that a thread of 8 warps
     holds 16 of each operand and several row reductions are in flight."""
     return max(1, 4096 // triton.next_power_of_2(d))
+
+
+# ELAS_RMSNORM_CONFIG='{"per_sm": 8, "rows": 4, "num_warps": 8, "prefetch": true}' sets the launch settings for a
+# process (any of the four keys; benchmarks/rmsnorm_bwd.py --sweep prints the fastest of its sweep in this form)
+_OVERRIDE = env_config("ELAS_RMSNORM_CONFIG", ("per_sm", "rows", "num_warps", "prefetch"))
+
+
+def launch_settings(d: int, per_sm: int | None = None, rows: int | None = None, num_warps: int | None = None,
+                    prefetch: bool | None = None) -> dict:
+    """{per_sm, rows, num_warps, prefetch} for rows of d elements: 4 programs per SM (the partial sums stay
+    small: 528 x d fp32 on an H100), rows_per_iteration(d) rows a tile, 8 warps from d = 2048 (else 4), no
+    prefetch; any argument given (else ELAS_RMSNORM_CONFIG's) overrides its part. ValueError for a bad one."""
+    given = {"per_sm": per_sm, "rows": rows, "num_warps": num_warps, "prefetch": prefetch}
+    c = {k: v if v is not None else _OVERRIDE.get(k) for k, v in given.items()}
+    if c["per_sm"] is not None and (not isinstance(c["per_sm"], int) or isinstance(c["per_sm"], bool)
+                                    or c["per_sm"] < 1):
+        raise ValueError(f"rmsnorm_backward: per_sm={c['per_sm']!r}: expected an integer >= 1 (programs per SM)")
+    if c["rows"] is not None and (not isinstance(c["rows"], int) or isinstance(c["rows"], bool) or c["rows"] < 1
+                                  or c["rows"] & (c["rows"] - 1)):
+        raise ValueError(f"rmsnorm_backward: rows={c['rows']!r}: expected a power of two (rows a tile)")
+    if c["num_warps"] is not None and c["num_warps"] not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"rmsnorm_backward: num_warps={c['num_warps']!r}: expected a power of two 1-32")
+    if c["prefetch"] is not None and not isinstance(c["prefetch"], bool):
+        raise ValueError(f"rmsnorm_backward: prefetch={c['prefetch']!r}: expected true or false")
+    return {"per_sm": c["per_sm"] or 4, "rows": c["rows"] or rows_per_iteration(d),
+            "num_warps": c["num_warps"] or (8 if d >= 2048 else 4), "prefetch": bool(c["prefetch"])}
 
 
 @triton.jit
@@ -80,32 +108,29 @@ def _rmsnorm_bwd_kernel(dn_ptr, x_ptr, dres_ptr, w_ptr, dx_ptr, part_ptr, T, D, 
 
 def rmsnorm_backward(dn: torch.Tensor, x: torch.Tensor, dres: torch.Tensor | None, w: torch.Tensor, eps: float,
                      programs: int | None = None, rows: int | None = None, num_warps: int | None = None,
-                     prefetch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (dx [.., d] in x's dtype, dw [d] in w's dtype); see the module docstring. programs: how many programs
-    share the rows (default: 4 per SM on a GPU, so that the partial sums stay small: 528 x d fp32 on an H100);
-    rows (a power of two; default rows_per_iteration(d)), num_warps (default 8 from d = 2048, else 4) and prefetch
-    (the next tile loaded while this one is reduced) are the launch's tuning knobs (benchmarks/rmsnorm_bwd.py
-    sweeps them)."""
+                     prefetch: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (dx [.., d] in x's dtype, dw [d] in w's dtype); see the module docstring. programs (how many programs
+    share the rows; default launch_settings' per_sm on each SM of a GPU, 8 on the CPU), rows (a power of two),
+    num_warps and prefetch (the next tile loaded while this one is reduced) are the launch's tuning knobs,
+    defaults from launch_settings (benchmarks/rmsnorm_bwd.py sweeps them)."""
     d = x.shape[-1]
     if dn.shape != x.shape or (dres is not None and dres.shape != x.shape) or w.shape != (d,):
         raise ValueError(f"rmsnorm_backward: dn {tuple(dn.shape)}, x {tuple(x.shape)}, dres "
                          f"{None if dres is None else tuple(dres.shape)}, w {tuple(w.shape)}: expected [.., {d}] x3 "
                          f"and [{d}]")
-    if rows is not None and (rows < 1 or rows & (rows - 1)):
-        raise ValueError(f"rmsnorm_backward: rows={rows}: expected a power of two")
+    c = launch_settings(d, rows=rows, num_warps=num_warps, prefetch=prefetch)
     x2, dn2 = x.reshape(-1, d).contiguous(), dn.reshape(-1, d).contiguous()
     t = x2.shape[0]
     if programs is None:
-        programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
-    rows = rows or rows_per_iteration(d)
-    programs = max(1, min(programs, triton.cdiv(t, rows)))
+        programs = c["per_sm"] * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
+    programs = max(1, min(programs, triton.cdiv(t, c["rows"])))
     dx = torch.empty_like(x2)
     part = torch.empty(programs, d, dtype=torch.float32, device=x.device)
     res = dres.reshape(-1, d).contiguous() if dres is not None else x2  # not read without HAS_RES
     _rmsnorm_bwd_kernel[(programs,)](dn2, x2, res, w.contiguous(), dx, part, t, d, eps, HAS_RES=dres is not None,
-                                     ROWS=rows, BLOCK_D=triton.next_power_of_2(d), PREFETCH=prefetch,
-                                     num_warps=num_warps or (8 if d >= 2048 else 4))
+                                     ROWS=c["rows"], BLOCK_D=triton.next_power_of_2(d), PREFETCH=c["prefetch"],
+                                     num_warps=c["num_warps"])
     return dx.reshape(x.shape), part.sum(0).to(w.dtype)
 
 
-__all__ = ["rmsnorm_backward"]
+__all__ = ["launch_settings", "rmsnorm_backward", "rows_per_iteration"]

@@ -21,12 +21,11 @@ online max and sum per lane, then the write).
 """
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .overrides import env_config
 
 @triton.jit
 def _xent_grad_kernel(z_ptr, t_ptr, scale_ptr, g_ptr, nll_ptr, V, stride_z, stride_g,
@@ -71,12 +70,7 @@ def _xent_grad_kernel(z_ptr, t_ptr, scale_ptr, g_ptr, nll_ptr, V, stride_z, stri
 
 # ELAS_XENT_CONFIG='{"one_block": false, "block": 4096, "num_warps": 16}' sets the launch settings for a process
 # (any of the three keys; benchmarks/xent.py prints the fastest of its sweep in this form)
-_OVERRIDE: dict = {}
-if os.environ.get("ELAS_XENT_CONFIG"):  # (checked here: a bad key fails at import, not at the first launch)
-    _OVERRIDE = json.loads(os.environ["ELAS_XENT_CONFIG"])
-    if not isinstance(_OVERRIDE, dict) or set(_OVERRIDE) - {"one_block", "block", "num_warps"}:
-        raise ValueError(f"ELAS_XENT_CONFIG={os.environ['ELAS_XENT_CONFIG']!r}: expected a JSON object with keys "
-                         f"one_block, block and/or num_warps")
+_OVERRIDE = env_config("ELAS_XENT_CONFIG", ("one_block", "block", "num_warps"))
 
 
 def launch_settings(v: int, block: int | None = None, num_warps: int | None = None, one_block: bool | None = None
