@@ -22,11 +22,35 @@ SHAPES = [(8192, 2048, "1B, batch 32 x 256"), (16384, 2048, "1B, batch 64 x 256"
 
 def sweep_configs(d: int) -> list[dict]:
     """The launch knobs around the default: programs per SM, rows per iteration (half, once and twice the default
-    tile), warps, and the prefetching loop."""
+    tile), warps, the prefetching loop, and dres loaded with x and dn (res_first)."""
     from elas.kernels.cuda.rmsnorm import rows_per_iteration
     r = rows_per_iteration(d)
-    return [dict(per_sm=p, rows=rows, num_warps=w, prefetch=f) for p in (2, 4, 8) for rows in sorted({max(1, r // 2), r, 2 * r})
-            for w in (4, 8, 16) for f in (False, True)]
+    return [dict(per_sm=p, rows=rows, num_warps=w, prefetch=f, res_first=e) for p in (2, 3, 4, 6, 8)
+            for rows in sorted({max(1, r // 2), r, 2 * r}) for w in (4, 8, 16) for f in (False, True)
+            for e in (False, True)]
+
+
+def registers(x, dn, dres, w, eps: float, c: dict) -> tuple[int | None, int | None]:
+    """(registers a thread, programs an SM holds by registers and threads) of the kernel compiled for the launch
+    settings c: a persistent launch of more programs per SM than fit runs a second, partial wave. (None, None)
+    where this Triton's API does not tell."""
+    from elas.kernels.cuda.rmsnorm import _rmsnorm_bwd_kernel
+    import triton
+    t, d = x.shape
+    try:
+        k = _rmsnorm_bwd_kernel.warmup(dn, x, dres, w, torch.empty_like(x), torch.empty(1, d, device=x.device),
+                                       t, d, eps, HAS_RES=True, ROWS=c["rows"], BLOCK_D=triton.next_power_of_2(d),
+                                       PREFETCH=c["prefetch"], RES_FIRST=c["res_first"], num_warps=c["num_warps"],
+                                       grid=(1,))
+        k._init_handles()
+        regs = int(k.n_regs)
+    except Exception:
+        return None, None
+    props = torch.cuda.get_device_properties(x.device)
+    per_warp = -(-regs // 8) * 8 * 32  # registers are allocated a warp at a time, 8 a thread at a time
+    fit = min(props.regs_per_multiprocessor // (per_warp * c["num_warps"]),
+              props.max_threads_per_multi_processor // (32 * c["num_warps"]))
+    return regs, fit
 
 
 def main() -> None:
@@ -83,13 +107,17 @@ def main() -> None:
         moved = 4 * t * d * 2  # dn, x, dres read; dx written (bf16)
         row = {"T": t, "d": d, "what": what, "inductor_ms": ind, "ours_ms": ours, "speedup": ind / ours,
                "ours_settings": launch_settings(d),  # (ELAS_RMSNORM_CONFIG's where set)
+               "ours_regs_fit": registers(x, dn, dres, w, norm.eps, launch_settings(d)),
                "ours_tb_s": moved / ours / 1e9}
+        regs, fit = row["ours_regs_fit"]
         line = (f"{what} [{t}, {d}]: Inductor {ind:.4f} ms, ours {ours:.4f} ms ({ind / ours:.2f}x, "
-                f"{moved / ours / 1e9:.2f} TB/s of the bytes it must move)")
+                f"{moved / ours / 1e9:.2f} TB/s of the bytes it must move; {regs} registers, {fit} programs fit "
+                f"an SM, {row['ours_settings']['per_sm']} launched)")
         if sweep:
             timed = []
             for c in sweep_configs(d):
-                kw = dict(programs=c["per_sm"] * sms, rows=c["rows"], num_warps=c["num_warps"], prefetch=c["prefetch"])
+                kw = dict(programs=c["per_sm"] * sms, rows=c["rows"], num_warps=c["num_warps"], prefetch=c["prefetch"],
+                          res_first=c["res_first"])
                 try:
                     dx, dw = rmsnorm_backward(dn, x, dres, w, norm.eps, **kw)
                 except Exception as e:  # e.g. out of shared memory or registers at 16 warps: reported, not fatal
@@ -98,13 +126,16 @@ def main() -> None:
                 err = ((dx.float() - want_dx.float()).norm() / want_dx.float().norm()).item()
                 err_w = ((dw.float() - want_dw.float()).norm() / want_dw.float().norm()).item()
                 assert err < 1e-2 and err_w < 1e-3, f"{c}: dx error {err:.2e}, dw error {err_w:.2e}"
-                timed.append({**c, "ms": graph_ms(lambda: rmsnorm_backward(dn, x, dres, w, norm.eps, **kw))})
+                regs, fit = registers(x, dn, dres, w, norm.eps, c)
+                timed.append({**c, "ms": graph_ms(lambda: rmsnorm_backward(dn, x, dres, w, norm.eps, **kw)),
+                              "regs": regs, "programs_per_sm_fit": fit})
             best = min((c for c in timed if "ms" in c), key=lambda c: c["ms"])
-            env_value = json.dumps({k: best[k] for k in ("per_sm", "rows", "num_warps", "prefetch")})
+            env_value = json.dumps({k: best[k] for k in ("per_sm", "rows", "num_warps", "prefetch", "res_first")})
             row.update(sweep=timed, best=best, env=f"ELAS_RMSNORM_CONFIG={env_value}")
             line += (f"; best of {len(timed)}: {best['ms']:.4f} ms ({moved / best['ms'] / 1e9:.2f} TB/s, "
                      f"{ours / best['ms']:.2f}x the default) with {best['per_sm']} programs per SM, rows {best['rows']}, "
-                     f"{best['num_warps']} warps, prefetch {best['prefetch']}: ELAS_RMSNORM_CONFIG='{env_value}'")
+                     f"{best['num_warps']} warps, prefetch {best['prefetch']}, res_first {best['res_first']}: "
+                     f"ELAS_RMSNORM_CONFIG='{env_value}'")
         rows.append(row)
         table.append(line)
     env = {"torch": torch.__version__, "gpu": gpu, "cuda": torch.version.cuda}

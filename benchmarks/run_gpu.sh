@@ -84,8 +84,8 @@ for what in "${@:-tests kernels ffn}"; do
         python benchmarks/cutlass_sparse.py build/cutlass_sp/libelas_cutlass_sp.so "benchmarks/results/$GPU" ;;
       rmsnorm)  # the one-pass RMSNorm backward against Inductor's at 60M-1B shapes, with its launch knobs swept (~4 min)
         python benchmarks/rmsnorm_bwd.py "benchmarks/results/$GPU" --sweep ;;
-      norm_target)  # the norm backward's launch knobs swept at the 1B shape (~2 min), then the 1.2x target's rows
-                    # (the target stage) in two processes: with the sweep's fastest settings (ELAS_RMSNORM_CONFIG)
+      norm_target)  # the norm backward's launch knobs swept at the 1B shape (180 settings, ~3 min), then the 1.2x
+                    # target's rows (the target stage) in two processes: with the sweep's fastest settings (ELAS_RMSNORM_CONFIG)
                     # and with the built-in ones, each beside plain compile (norm_target_{swept,default}/step.json)
         rm -f runs/rmsnorm/rmsnorm_bwd.json  # (a warm machine's earlier sweep is not this one)
         python benchmarks/rmsnorm_bwd.py runs/rmsnorm --sweep --only "1B, batch 32" || failed=1

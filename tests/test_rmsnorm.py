@@ -40,15 +40,18 @@ def test_reference_is_autograd_of_the_norm(dtype, with_res):
 def test_triton_kernel_matches_the_reference(t, d, programs, rows):
     """Under the interpreter on CPU (CI sets TRITON_INTERPRET=1), on the GPU natively: rows not a multiple of
     ROWS, d not a power of two, programs sharing the rows unevenly; both loop forms (plain, and prefetching the
-    next tile, whose last prefetch reads past the rows and must add nothing)."""
+    next tile, whose last prefetch reads past the rows and must add nothing), each with dres loaded after the
+    reductions or with x and dn (res_first)."""
     pytest.importorskip("triton")
     from elas.kernels.cuda.rmsnorm import rmsnorm_backward
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(1)
     x, dn, dres = (torch.randn(t, d, generator=g).to(dev, torch.bfloat16) for _ in range(3))
     w = (1 + 0.1 * torch.randn(d, generator=g)).to(dev)  # fp32 weight with bf16 activations, as under autocast
-    for r, prefetch in ((dres, False), (None, False), (dres, True), (None, True)):
-        dx, dw = rmsnorm_backward(dn, x, r, w, 1e-6, programs=programs, rows=rows, prefetch=prefetch)
+    for r, prefetch, first in ((dres, False, False), (None, False, False), (dres, True, False), (None, True, False),
+                               (dres, False, True), (dres, True, True), (None, True, True)):
+        dx, dw = rmsnorm_backward(dn, x, r, w, 1e-6, programs=programs, rows=rows, prefetch=prefetch,
+                                  res_first=first)
         want_dx, want_dw = ref.rmsnorm_backward(dn, x, r, w, 1e-6)
         assert dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
         # dx: one bf16 rounding of the same fp32 math; dw: fp32 sums in another order
@@ -65,14 +68,18 @@ def test_launch_settings_defaults_arguments_and_bad_values():
     bad value of each knob as a one-line error naming it."""
     pytest.importorskip("triton")
     from elas.kernels.cuda.rmsnorm import launch_settings
-    assert launch_settings(2048) == {"per_sm": 4, "rows": 2, "num_warps": 8, "prefetch": False}
-    assert launch_settings(512) == {"per_sm": 4, "rows": 8, "num_warps": 4, "prefetch": False}
-    assert launch_settings(2048, rows=8, prefetch=True) == {"per_sm": 4, "rows": 8, "num_warps": 8, "prefetch": True}
+    base = {"per_sm": 4, "rows": 2, "num_warps": 8, "prefetch": False, "res_first": False}
+    assert launch_settings(2048) == base
+    assert launch_settings(512) == {**base, "rows": 8, "num_warps": 4}
+    assert launch_settings(2048, rows=8, prefetch=True, res_first=True) == {**base, "rows": 8, "prefetch": True,
+                                                                            "res_first": True}
     for kw, match in (({"per_sm": 0}, "per_sm=0: expected an integer >= 1"),
                       ({"per_sm": True}, "per_sm=True: expected an integer"),
                       ({"rows": 6}, "rows=6: expected a power of two"),
                       ({"num_warps": 3}, "num_warps=3: expected a power of two 1-32"),
-                      ({"prefetch": 1}, "prefetch=1: expected true or false")):
+                      ({"num_warps": 8.0}, "num_warps=8.0: expected a power of two"),
+                      ({"prefetch": 1}, "prefetch=1: expected true or false"),
+                      ({"res_first": "yes"}, "res_first='yes': expected true or false")):
         with pytest.raises(ValueError, match=match):
             launch_settings(2048, **kw)
 
@@ -91,9 +98,10 @@ def test_env_overrides_the_launch_settings_and_bad_values_fail_at_import():
     value where the model is built: build_model checks the settings)."""
     pytest.importorskip("triton")
     code = ("from elas.kernels.cuda.rmsnorm import launch_settings as s; "
-            "print(s(2048)['rows'], s(2048)['prefetch'], s(2048)['per_sm'], s(2048, rows=2)['rows'])")
-    out = _env_run(code, '{"rows": 4, "prefetch": true}')
-    assert out.stdout.split() == ["4", "True", "4", "2"], out.stderr[-500:]
+            "print(s(2048)['rows'], s(2048)['prefetch'], s(2048)['res_first'], s(2048)['per_sm'], "
+            "s(2048, rows=2)['rows'])")
+    out = _env_run(code, '{"rows": 4, "prefetch": true, "res_first": true}')
+    assert out.stdout.split() == ["4", "True", "True", "4", "2"], out.stderr[-500:]
     out = _env_run(code, '{"row": 4}')
     assert out.returncode != 0 and "ELAS_RMSNORM_CONFIG" in out.stderr and "unknown key 'row'" in out.stderr
     out = _env_run(code, '{"rows": 3}')

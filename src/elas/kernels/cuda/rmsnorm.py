@@ -25,30 +25,34 @@ def rows_per_iteration(d: int) -> int:
     return max(1, 4096 // triton.next_power_of_2(d))
 
 
-# ELAS_RMSNORM_CONFIG='{"per_sm": 8, "rows": 4, "num_warps": 8, "prefetch": true}' sets the launch settings for a
-# process (any of the four keys; benchmarks/rmsnorm_bwd.py --sweep prints the fastest of its sweep in this form)
-_OVERRIDE = env_config("ELAS_RMSNORM_CONFIG", ("per_sm", "rows", "num_warps", "prefetch"))
+# ELAS_RMSNORM_CONFIG='{"per_sm": 8, "rows": 4, "num_warps": 8, "prefetch": true, "res_first": true}' sets the
+# launch settings for a process (any of the keys; benchmarks/rmsnorm_bwd.py --sweep prints the fastest of its sweep
+# in this form)
+_KNOBS = ("per_sm", "rows", "num_warps", "prefetch", "res_first")
+_OVERRIDE = env_config("ELAS_RMSNORM_CONFIG", _KNOBS)
 
 
 def launch_settings(d: int, per_sm: int | None = None, rows: int | None = None, num_warps: int | None = None,
-                    prefetch: bool | None = None) -> dict:
-    """{per_sm, rows, num_warps, prefetch} for rows of d elements: 4 programs per SM (the partial sums stay
-    small: 528 x d fp32 on an H100), rows_per_iteration(d) rows a tile, 8 warps from d = 2048 (else 4), no
-    prefetch; any argument given (else ELAS_RMSNORM_CONFIG's) overrides its part. ValueError for a bad one."""
-    given = {"per_sm": per_sm, "rows": rows, "num_warps": num_warps, "prefetch": prefetch}
+                    prefetch: bool | None = None, res_first: bool | None = None) -> dict:
+    """{per_sm, rows, num_warps, prefetch, res_first} for rows of d elements: 4 programs per SM (the partial sums
+    stay small: 528 x d fp32 on an H100), rows_per_iteration(d) rows a tile, 8 warps from d = 2048 (else 4), no
+    prefetch, dres loaded after the reductions; any argument given (else ELAS_RMSNORM_CONFIG's) overrides its
+    part. ValueError for a bad one."""
+    given = dict(per_sm=per_sm, rows=rows, num_warps=num_warps, prefetch=prefetch, res_first=res_first)
     c = {k: v if v is not None else _OVERRIDE.get(k) for k, v in given.items()}
-    if c["per_sm"] is not None and (not isinstance(c["per_sm"], int) or isinstance(c["per_sm"], bool)
-                                    or c["per_sm"] < 1):
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    if c["per_sm"] is not None and (not is_int(c["per_sm"]) or c["per_sm"] < 1):
         raise ValueError(f"rmsnorm_backward: per_sm={c['per_sm']!r}: expected an integer >= 1 (programs per SM)")
-    if c["rows"] is not None and (not isinstance(c["rows"], int) or isinstance(c["rows"], bool) or c["rows"] < 1
-                                  or c["rows"] & (c["rows"] - 1)):
+    if c["rows"] is not None and (not is_int(c["rows"]) or c["rows"] < 1 or c["rows"] & (c["rows"] - 1)):
         raise ValueError(f"rmsnorm_backward: rows={c['rows']!r}: expected a power of two (rows a tile)")
-    if c["num_warps"] is not None and c["num_warps"] not in (1, 2, 4, 8, 16, 32):
+    if c["num_warps"] is not None and (not is_int(c["num_warps"]) or c["num_warps"] not in (1, 2, 4, 8, 16, 32)):
         raise ValueError(f"rmsnorm_backward: num_warps={c['num_warps']!r}: expected a power of two 1-32")
-    if c["prefetch"] is not None and not isinstance(c["prefetch"], bool):
-        raise ValueError(f"rmsnorm_backward: prefetch={c['prefetch']!r}: expected true or false")
+    for k in ("prefetch", "res_first"):
+        if c[k] is not None and not isinstance(c[k], bool):
+            raise ValueError(f"rmsnorm_backward: {k}={c[k]!r}: expected true or false")
     return {"per_sm": c["per_sm"] or 4, "rows": c["rows"] or rows_per_iteration(d),
-            "num_warps": c["num_warps"] or (8 if d >= 2048 else 4), "prefetch": bool(c["prefetch"])}
+            "num_warps": c["num_warps"] or (8 if d >= 2048 else 4), "prefetch": bool(c["prefetch"]),
+            "res_first": bool(c["res_first"])}
 
 
 @triton.jit
@@ -63,7 +67,10 @@ def _rows_math(x, dn, w, D, eps):
 
 @triton.jit
 def _rmsnorm_bwd_kernel(dn_ptr, x_ptr, dres_ptr, w_ptr, dx_ptr, part_ptr, T, D, eps,
-                        HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PREFETCH: tl.constexpr):
+                        HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PREFETCH: tl.constexpr,
+                        RES_FIRST: tl.constexpr):
+    # RES_FIRST: dres is loaded with x and dn, before the row reductions (one wait on memory a tile, three
+    # operands' registers held through them), not after them (a second wait, fewer registers)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_D)
@@ -79,15 +86,23 @@ def _rmsnorm_bwd_kernel(dn_ptr, x_ptr, dres_ptr, w_ptr, dx_ptr, part_ptr, T, D, 
         off = rows.to(tl.int64)[:, None] * D + cols[None, :]
         x = tl.load(x_ptr + off, mask=inside, other=0.0)
         dn = tl.load(dn_ptr + off, mask=inside, other=0.0)
+        if HAS_RES and RES_FIRST:
+            r = tl.load(dres_ptr + off, mask=inside, other=0.0)
         for start in range(pid * ROWS, T, stride):
             nrows = start + stride + tl.arange(0, ROWS)
             ninside = (nrows < T)[:, None] & in_d[None, :]
             noff = nrows.to(tl.int64)[:, None] * D + cols[None, :]
             nx = tl.load(x_ptr + noff, mask=ninside, other=0.0)
             ndn = tl.load(dn_ptr + noff, mask=ninside, other=0.0)
+            if HAS_RES and RES_FIRST:
+                nr = tl.load(dres_ptr + noff, mask=ninside, other=0.0)
             dx, dw = _rows_math(x.to(tl.float32), dn.to(tl.float32), w, D, eps)
             if HAS_RES:
-                dx += tl.load(dres_ptr + off, mask=inside, other=0.0).to(tl.float32)
+                if RES_FIRST:
+                    dx += r.to(tl.float32)
+                    r = nr
+                else:
+                    dx += tl.load(dres_ptr + off, mask=inside, other=0.0).to(tl.float32)
             tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=inside)
             acc += dw  # masked rows load zeros: they add nothing
             x, dn, off, inside = nx, ndn, noff, ninside
@@ -98,9 +113,14 @@ def _rmsnorm_bwd_kernel(dn_ptr, x_ptr, dres_ptr, w_ptr, dx_ptr, part_ptr, T, D, 
             off = rows.to(tl.int64)[:, None] * D + cols[None, :]
             x = tl.load(x_ptr + off, mask=inside, other=0.0).to(tl.float32)
             dn = tl.load(dn_ptr + off, mask=inside, other=0.0).to(tl.float32)
+            if HAS_RES and RES_FIRST:
+                r = tl.load(dres_ptr + off, mask=inside, other=0.0)
             dx, dw = _rows_math(x, dn, w, D, eps)
             if HAS_RES:
-                dx += tl.load(dres_ptr + off, mask=inside, other=0.0).to(tl.float32)
+                if RES_FIRST:
+                    dx += r.to(tl.float32)
+                else:
+                    dx += tl.load(dres_ptr + off, mask=inside, other=0.0).to(tl.float32)
             tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=inside)
             acc += dw  # masked rows load zeros: they add nothing
     tl.store(part_ptr + pid.to(tl.int64) * D + cols, acc, mask=in_d)
@@ -108,17 +128,18 @@ def _rmsnorm_bwd_kernel(dn_ptr, x_ptr, dres_ptr, w_ptr, dx_ptr, part_ptr, T, D, 
 
 def rmsnorm_backward(dn: torch.Tensor, x: torch.Tensor, dres: torch.Tensor | None, w: torch.Tensor, eps: float,
                      programs: int | None = None, rows: int | None = None, num_warps: int | None = None,
-                     prefetch: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     prefetch: bool | None = None, res_first: bool | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (dx [.., d] in x's dtype, dw [d] in w's dtype); see the module docstring. programs (how many programs
     share the rows; default launch_settings' per_sm on each SM of a GPU, 8 on the CPU), rows (a power of two),
-    num_warps and prefetch (the next tile loaded while this one is reduced) are the launch's tuning knobs,
-    defaults from launch_settings (benchmarks/rmsnorm_bwd.py sweeps them)."""
+    num_warps, prefetch (the next tile loaded while this one is reduced) and res_first (dres loaded with x and
+    dn) are the launch's tuning knobs, defaults from launch_settings (benchmarks/rmsnorm_bwd.py sweeps them)."""
     d = x.shape[-1]
     if dn.shape != x.shape or (dres is not None and dres.shape != x.shape) or w.shape != (d,):
         raise ValueError(f"rmsnorm_backward: dn {tuple(dn.shape)}, x {tuple(x.shape)}, dres "
                          f"{None if dres is None else tuple(dres.shape)}, w {tuple(w.shape)}: expected [.., {d}] x3 "
                          f"and [{d}]")
-    c = launch_settings(d, rows=rows, num_warps=num_warps, prefetch=prefetch)
+    c = launch_settings(d, rows=rows, num_warps=num_warps, prefetch=prefetch, res_first=res_first)
     x2, dn2 = x.reshape(-1, d).contiguous(), dn.reshape(-1, d).contiguous()
     t = x2.shape[0]
     if programs is None:
@@ -129,7 +150,7 @@ def rmsnorm_backward(dn: torch.Tensor, x: torch.Tensor, dres: torch.Tensor | Non
     res = dres.reshape(-1, d).contiguous() if dres is not None else x2  # not read without HAS_RES
     _rmsnorm_bwd_kernel[(programs,)](dn2, x2, res, w.contiguous(), dx, part, t, d, eps, HAS_RES=dres is not None,
                                      ROWS=c["rows"], BLOCK_D=triton.next_power_of_2(d), PREFETCH=c["prefetch"],
-                                     num_warps=c["num_warps"])
+                                     RES_FIRST=c["res_first"], num_warps=c["num_warps"])
     return dx.reshape(x.shape), part.sum(0).to(w.dtype)
 
 
