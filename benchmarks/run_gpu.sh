@@ -114,11 +114,13 @@ for what in "${@:-tests kernels ffn}"; do
                # kernel), with the loss's torch ops (ce_kernel=torch: the former default), and plain torch.compile
                # of the same model (none of elas's kernels); TARGET_MORE adds variants (e.g. relu2: the full-rank
                # form; $v+fuse_qkv=false: three q/k/v GEMMs; $v+attn_backend=torch and $v+optim_state_dtype=fp32,
-               # earlier defaults, timed in the target files of 2026-12-06)
+               # earlier defaults, timed in the target files of 2026-12-06); TARGET_BATCHES: per-GPU batches (default 32;
+               # the targets also name 64)
         v=lowrank-relu2; k=,$v+ce_kernel=torch
         k=$k${TARGET_MORE:+,$TARGET_MORE}  # (e.g. $v+pdl=true: timed on the H100 2026-12-05, no gain)
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b \
-          --modes elas,torch.compile --variants "$v$k" --out "${TARGET_OUT:-benchmarks/results/$GPU/step_target}" 2>&1 | quiet ;;
+          --batches "${TARGET_BATCHES:-32}" --modes elas,torch.compile --variants "$v$k" \
+          --out "${TARGET_OUT:-benchmarks/results/$GPU/step_target}" 2>&1 | quiet ;;
       elas_cutlass)  # the 1B ELAS step with its d_ff-wide GEMMs on CUTLASS (act24.cutlass=true: the up-projection
                      # with the sparsifier and the dy2 GEMM with the backward's pointwise work in their epilogues),
                      # beside ELAS today, the dense twin with its own CUTLASS forward (relu2_kernel=auto) and without
