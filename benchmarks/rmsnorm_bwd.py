@@ -11,6 +11,7 @@ whose description contains TEXT (e.g. --only "1B, batch 32": the sweep of one sh
 Writes OUT_DIR/rmsnorm_bwd.json and prints a table last.
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -110,9 +111,11 @@ def main() -> None:
                "ours_regs_fit": registers(x, dn, dres, w, norm.eps, launch_settings(d)),
                "ours_tb_s": moved / ours / 1e9}
         regs, fit = row["ours_regs_fit"]
-        line = (f"{what} [{t}, {d}]: Inductor {ind:.4f} ms, ours {ours:.4f} ms ({ind / ours:.2f}x, "
-                f"{moved / ours / 1e9:.2f} TB/s of the bytes it must move; {regs} registers, {fit} programs fit "
-                f"an SM, {row['ours_settings']['per_sm']} launched)")
+        ours_is = "ours (ELAS_RMSNORM_CONFIG's settings)" if os.environ.get("ELAS_RMSNORM_CONFIG") else "ours"
+        regs_fit = f"{regs} registers, {fit} programs fit an SM" if regs else "registers not known"
+        line = (f"{what} [{t}, {d}]: Inductor {ind:.4f} ms, {ours_is} {ours:.4f} ms ({ind / ours:.2f}x, "
+                f"{moved / ours / 1e9:.2f} TB/s of the bytes it must move; {regs_fit}, "
+                f"{row['ours_settings']['per_sm']} launched an SM)")
         if sweep:
             timed = []
             for c in sweep_configs(d):
@@ -133,7 +136,7 @@ def main() -> None:
             env_value = json.dumps({k: best[k] for k in ("per_sm", "rows", "num_warps", "prefetch", "res_first")})
             row.update(sweep=timed, best=best, env=f"ELAS_RMSNORM_CONFIG={env_value}")
             line += (f"; best of {len(timed)}: {best['ms']:.4f} ms ({moved / best['ms'] / 1e9:.2f} TB/s, "
-                     f"{ours / best['ms']:.2f}x the default) with {best['per_sm']} programs per SM, rows {best['rows']}, "
+                     f"{ours / best['ms']:.2f}x {ours_is}) with {best['per_sm']} programs per SM, rows {best['rows']}, "
                      f"{best['num_warps']} warps, prefetch {best['prefetch']}, res_first {best['res_first']}: "
                      f"ELAS_RMSNORM_CONFIG='{env_value}'")
         rows.append(row)

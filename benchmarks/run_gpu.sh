@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh STAGE...
-# stages: tests kernels epilogue infer ffn step sizes compile loss xent loro vnm cutlass cutlass_probe cutlass_relu2 rmsnorm norm norm_target target moments elas_cutlass mask_cutlass attention attn_ncu launches blas_env quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
+# stages: tests kernels epilogue infer ffn step sizes compile loss xent loro vnm cutlass cutlass_probe cutlass_relu2 rmsnorm norm norm_sweep norm_target target moments elas_cutlass mask_cutlass attention attn_ncu launches blas_env quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
 # the step benchmark and the test selection. Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
 # machine), are copied there too, with the tuned cuSPARSELt algorithm cache.
 set -u
@@ -84,18 +84,24 @@ for what in "${@:-tests kernels ffn}"; do
         python benchmarks/cutlass_sparse.py build/cutlass_sp/libelas_cutlass_sp.so "benchmarks/results/$GPU" ;;
       rmsnorm)  # the one-pass RMSNorm backward against Inductor's at 60M-1B shapes, with its launch knobs swept (~4 min)
         python benchmarks/rmsnorm_bwd.py "benchmarks/results/$GPU" --sweep ;;
-      norm_target)  # the norm backward's launch knobs swept at the 1B shape (180 settings, ~3 min), then the 1.2x
-                    # target's rows (the target stage) in two processes: with the sweep's fastest settings (ELAS_RMSNORM_CONFIG)
-                    # and with the built-in ones, each beside plain compile (norm_target_{swept,default}/step.json)
-        rm -f runs/rmsnorm/rmsnorm_bwd.json  # (a warm machine's earlier sweep is not this one)
-        python benchmarks/rmsnorm_bwd.py runs/rmsnorm --sweep --only "1B, batch 32" || failed=1
-        cp runs/rmsnorm/rmsnorm_bwd.json "benchmarks/results/$GPU/rmsnorm_bwd_1b.json" 2>/dev/null
+      norm_sweep)  # the norm backward's launch knobs swept at the 1B shape (180 settings, ~3 min): runs/rmsnorm/
+                   # rmsnorm_bwd.json (what norm_target reads) and benchmarks/results/$GPU/rmsnorm_bwd_1b.json
+        rm -f runs/rmsnorm/rmsnorm_bwd.json "benchmarks/results/$GPU/rmsnorm_bwd_1b.json"  # (not an earlier call's)
+        python benchmarks/rmsnorm_bwd.py runs/rmsnorm --sweep --only "1B, batch 32" \
+          && cp runs/rmsnorm/rmsnorm_bwd.json "benchmarks/results/$GPU/rmsnorm_bwd_1b.json" || failed=1 ;;
+      norm_target)  # the 1.2x target's rows (the target stage) with norm_sweep's fastest settings on this machine
+                    # (ELAS_RMSNORM_CONFIG), beside plain compile: norm_target_swept/step.json (its env records the
+                    # setting). The built-in settings' rows: the target stage itself, in a process of its own
+        rm -rf "benchmarks/results/$GPU/norm_target_swept"
         cfg=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['rows'][0]['env'].split('=', 1)[1])" \
-              runs/rmsnorm/rmsnorm_bwd.json) || cfg=
-        if [ -n "$cfg" ]; then
+              runs/rmsnorm/rmsnorm_bwd.json 2>/dev/null) || cfg=
+        if [ -z "$cfg" ]; then
+          echo "norm_target: no sweep on this machine (runs/rmsnorm/rmsnorm_bwd.json): run norm_sweep first" >&2
+          failed=1
+        else
           echo "swept: ELAS_RMSNORM_CONFIG=$cfg"
-          ELAS_RMSNORM_CONFIG=$cfg OUT= TARGET_OUT="benchmarks/results/$GPU/norm_target_swept" bash benchmarks/run_gpu.sh target
-          ( unset ELAS_RMSNORM_CONFIG; OUT= TARGET_OUT="benchmarks/results/$GPU/norm_target_default" bash benchmarks/run_gpu.sh target )
+          ELAS_RMSNORM_CONFIG=$cfg OUT= TARGET_OUT="benchmarks/results/$GPU/norm_target_swept" \
+            bash benchmarks/run_gpu.sh target || failed=1
         fi ;;
       norm)  # the one-pass RMSNorm backward against Inductor's kernels, then the 1B dense step with it, with the
              # CUTLASS ReLU^2 forward, with the rotary embedding in the q/k GEMM's epilogue (with and without

@@ -278,3 +278,22 @@ def test_gpu_grad_kernel_at_the_1b_chunk():
     assert abs(l1.item() - l0.item()) < 1e-4 * l0.item()
     assert ((gh1.float() - gh0.float()).norm() / gh0.float().norm()).item() < 1e-2
     assert ((gw1 - gw0).norm() / gw0.norm()).item() < 1e-2
+
+
+def test_xent_env_override_is_checked_at_import():
+    """ELAS_XENT_CONFIG: a value of the wrong type (a bool for warps, a string for one_block) fails when the kernel's
+    module is imported, with one line naming the variable; a good one sets the launch."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    code = "from elas.kernels.cuda.xent import launch_settings; print(launch_settings(32000))"
+    for value, match in (('{"num_warps": true}', "num_warps=True: expected a power of two"),
+                         ('{"one_block": "no"}', "one_block='no': expected true or false"),
+                         ('{"warps": 8}', "unknown key 'warps'")):
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ELAS_XENT_CONFIG": value},
+                             capture_output=True, text=True)
+        assert out.returncode != 0 and "ELAS_XENT_CONFIG" in out.stderr and match in out.stderr, out.stderr[-300:]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "ELAS_XENT_CONFIG": '{"one_block": false, "num_warps": 4}'})
+    assert out.stdout.split() == ["(False,", "4096,", "4)"], out.stderr[-300:]

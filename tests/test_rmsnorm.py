@@ -49,7 +49,7 @@ def test_triton_kernel_matches_the_reference(t, d, programs, rows):
     x, dn, dres = (torch.randn(t, d, generator=g).to(dev, torch.bfloat16) for _ in range(3))
     w = (1 + 0.1 * torch.randn(d, generator=g)).to(dev)  # fp32 weight with bf16 activations, as under autocast
     for r, prefetch, first in ((dres, False, False), (None, False, False), (dres, True, False), (None, True, False),
-                               (dres, False, True), (dres, True, True), (None, True, True)):
+                               (dres, False, True), (None, False, True), (dres, True, True), (None, True, True)):
         dx, dw = rmsnorm_backward(dn, x, r, w, 1e-6, programs=programs, rows=rows, prefetch=prefetch,
                                   res_first=first)
         want_dx, want_dw = ref.rmsnorm_backward(dn, x, r, w, 1e-6)
@@ -63,11 +63,13 @@ def test_triton_kernel_matches_the_reference(t, d, programs, rows):
         rmsnorm_backward(dn, x, None, w, 1e-6, rows=3)
 
 
-def test_launch_settings_defaults_arguments_and_bad_values():
+def test_launch_settings_defaults_arguments_and_bad_values(monkeypatch):
     """The defaults (4 programs per SM, 4096-element tiles, 8 warps from d = 2048), an argument over them, and a
     bad value of each knob as a one-line error naming it."""
     pytest.importorskip("triton")
+    from elas.kernels.cuda import rmsnorm
     from elas.kernels.cuda.rmsnorm import launch_settings
+    monkeypatch.setattr(rmsnorm, "_OVERRIDE", {})  # (the built-in defaults, whatever this process's environment)
     base = {"per_sm": 4, "rows": 2, "num_warps": 8, "prefetch": False, "res_first": False}
     assert launch_settings(2048) == base
     assert launch_settings(512) == {**base, "rows": 8, "num_warps": 4}
@@ -76,6 +78,7 @@ def test_launch_settings_defaults_arguments_and_bad_values():
     for kw, match in (({"per_sm": 0}, "per_sm=0: expected an integer >= 1"),
                       ({"per_sm": True}, "per_sm=True: expected an integer"),
                       ({"rows": 6}, "rows=6: expected a power of two"),
+                      ({"rows": 128}, "rows=128: expected a power of two 1-64"),
                       ({"num_warps": 3}, "num_warps=3: expected a power of two 1-32"),
                       ({"num_warps": 8.0}, "num_warps=8.0: expected a power of two"),
                       ({"prefetch": 1}, "prefetch=1: expected true or false"),
@@ -95,7 +98,7 @@ def _env_run(code: str, value: str):
 def test_env_overrides_the_launch_settings_and_bad_values_fail_at_import():
     """ELAS_RMSNORM_CONFIG (what benchmarks/rmsnorm_bwd.py --sweep prints) sets the knobs it names for the process,
     an argument still wins; an unknown key or a bad value fails with one line naming it (the key at import, the
-    value where the model is built: build_model checks the settings)."""
+    value too, naming the variable)."""
     pytest.importorskip("triton")
     code = ("from elas.kernels.cuda.rmsnorm import launch_settings as s; "
             "print(s(2048)['rows'], s(2048)['prefetch'], s(2048)['res_first'], s(2048)['per_sm'], "
@@ -105,7 +108,10 @@ def test_env_overrides_the_launch_settings_and_bad_values_fail_at_import():
     out = _env_run(code, '{"row": 4}')
     assert out.returncode != 0 and "ELAS_RMSNORM_CONFIG" in out.stderr and "unknown key 'row'" in out.stderr
     out = _env_run(code, '{"rows": 3}')
-    assert out.returncode != 0 and "rows=3: expected a power of two" in out.stderr
+    assert out.returncode != 0 and "ELAS_RMSNORM_CONFIG='{\"rows\": 3}'" in out.stderr
+    assert "rows=3: expected a power of two" in out.stderr
+    out = _env_run("import elas.kernels.cuda.rmsnorm", '{"prefetch": 1}')  # at import, before any launch
+    assert out.returncode != 0 and "prefetch=1: expected true or false" in out.stderr
 
 
 def test_env_config_parses_an_object_of_known_keys():

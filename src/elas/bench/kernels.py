@@ -264,6 +264,10 @@ def environment() -> dict:
     env = {"torch": torch.__version__, "python": platform.python_version(),
            "date": time.strftime("%Y-%m-%d"),
            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}  # None: torch's default (kernels/cublas.py)
+    # the kernels' launch settings overridden for this process (kernels/cuda/overrides.py): a row timed under one
+    # says so
+    env.update({k.lower(): v for k, v in sorted(os.environ.items())
+                if k.startswith("ELAS_") and k.endswith("_CONFIG") and v})
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda

@@ -1,8 +1,9 @@
 """Launch settings a process takes from its environment: ELAS_<KERNEL>_CONFIG='{"key": value, ...}' (a JSON object).
 
 The benchmarks that sweep a kernel's launch settings print the fastest in this form, so that a step can be timed
-with them without a code change; the kernel's module reads its variable once, at import, so a bad value fails
-there with one line, not at the first launch. Used by attention.py (ELAS_ATTN_CONFIG), xent.py
+with them without a code change. The kernel's module reads its variable once, at import, and checks it there: an
+unknown key or a bad value fails with one line naming the variable, not at the first launch (a check that needs
+the shapes, e.g. the loss kernel's one block against the vocabulary, runs where the model is built). Used by attention.py (ELAS_ATTN_CONFIG), xent.py
 (ELAS_XENT_CONFIG) and rmsnorm.py (ELAS_RMSNORM_CONFIG).
 """
 from __future__ import annotations

@@ -12,6 +12,8 @@ w's dtype. Math in fp32 as reference.rmsnorm_backward; dw's summation order diff
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -43,8 +45,8 @@ def launch_settings(d: int, per_sm: int | None = None, rows: int | None = None, 
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
     if c["per_sm"] is not None and (not is_int(c["per_sm"]) or c["per_sm"] < 1):
         raise ValueError(f"rmsnorm_backward: per_sm={c['per_sm']!r}: expected an integer >= 1 (programs per SM)")
-    if c["rows"] is not None and (not is_int(c["rows"]) or c["rows"] < 1 or c["rows"] & (c["rows"] - 1)):
-        raise ValueError(f"rmsnorm_backward: rows={c['rows']!r}: expected a power of two (rows a tile)")
+    if c["rows"] is not None and (not is_int(c["rows"]) or not 1 <= c["rows"] <= 64 or c["rows"] & (c["rows"] - 1)):
+        raise ValueError(f"rmsnorm_backward: rows={c['rows']!r}: expected a power of two 1-64 (rows a tile)")
     if c["num_warps"] is not None and (not is_int(c["num_warps"]) or c["num_warps"] not in (1, 2, 4, 8, 16, 32)):
         raise ValueError(f"rmsnorm_backward: num_warps={c['num_warps']!r}: expected a power of two 1-32")
     for k in ("prefetch", "res_first"):
@@ -53,6 +55,13 @@ def launch_settings(d: int, per_sm: int | None = None, rows: int | None = None, 
     return {"per_sm": c["per_sm"] or 4, "rows": c["rows"] or rows_per_iteration(d),
             "num_warps": c["num_warps"] or (8 if d >= 2048 else 4), "prefetch": bool(c["prefetch"]),
             "res_first": bool(c["res_first"])}
+
+
+if _OVERRIDE:  # its values checked now (none depends on d): a bad one fails at import, naming the variable
+    try:
+        launch_settings(2048)
+    except ValueError as e:
+        raise ValueError(f"ELAS_RMSNORM_CONFIG={os.environ['ELAS_RMSNORM_CONFIG']!r}: {e}") from None
 
 
 @triton.jit

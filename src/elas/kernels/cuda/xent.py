@@ -21,6 +21,8 @@ online max and sum per lane, then the write).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -73,6 +75,24 @@ def _xent_grad_kernel(z_ptr, t_ptr, scale_ptr, g_ptr, nll_ptr, V, stride_z, stri
 _OVERRIDE = env_config("ELAS_XENT_CONFIG", ("one_block", "block", "num_warps"))
 
 
+def _check_types(block, num_warps, one_block) -> None:
+    """The launch settings' checks that do not depend on the row's length (ValueError naming the value)."""
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    if block is not None and (not is_int(block) or block < 16 or block & (block - 1)):
+        raise ValueError(f"softmax_xent_grad: block={block!r}: expected a power of two >= 16")
+    if num_warps is not None and (not is_int(num_warps) or num_warps not in (1, 2, 4, 8, 16, 32)):
+        raise ValueError(f"softmax_xent_grad: num_warps={num_warps!r}: expected a power of two 1-32")
+    if one_block is not None and not isinstance(one_block, bool):
+        raise ValueError(f"softmax_xent_grad: one_block={one_block!r}: expected true or false")
+
+
+if _OVERRIDE:  # its values checked now: a bad one fails at import, naming the variable (the checks against the
+    try:       # rows' length run where the model is built)
+        _check_types(_OVERRIDE.get("block"), _OVERRIDE.get("num_warps"), _OVERRIDE.get("one_block"))
+    except ValueError as e:
+        raise ValueError(f"ELAS_XENT_CONFIG={os.environ['ELAS_XENT_CONFIG']!r}: {e}") from None
+
+
 def launch_settings(v: int, block: int | None = None, num_warps: int | None = None, one_block: bool | None = None
                     ) -> tuple[bool, int, int]:
     """(one_block, block, num_warps) for rows of length v: one block spanning the row up to 32768 columns (the
@@ -81,10 +101,7 @@ def launch_settings(v: int, block: int | None = None, num_warps: int | None = No
     block = block if block is not None else _OVERRIDE.get("block")
     num_warps = num_warps if num_warps is not None else _OVERRIDE.get("num_warps")
     one_block = one_block if one_block is not None else _OVERRIDE.get("one_block")
-    if block is not None and (not isinstance(block, int) or block < 16 or block & (block - 1)):
-        raise ValueError(f"softmax_xent_grad: block={block}: expected a power of two >= 16")
-    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16, 32):
-        raise ValueError(f"softmax_xent_grad: num_warps={num_warps}: expected a power of two 1-32")
+    _check_types(block, num_warps, one_block)
     if one_block is None:
         one_block = (block or triton.next_power_of_2(v)) >= v and triton.next_power_of_2(v) <= 32768
     if one_block and (block is not None and block < v or triton.next_power_of_2(v) > 32768):
