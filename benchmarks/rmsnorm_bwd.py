@@ -141,7 +141,9 @@ def main() -> None:
                      f"ELAS_RMSNORM_CONFIG='{env_value}'")
         rows.append(row)
         table.append(line)
-    env = {"torch": torch.__version__, "gpu": gpu, "cuda": torch.version.cuda}
+    import triton
+    env = {"torch": torch.__version__, "triton": triton.__version__, "gpu": gpu, "cuda": torch.version.cuda,
+           "elas_rmsnorm_config": os.environ.get("ELAS_RMSNORM_CONFIG")}
     (out_dir / "rmsnorm_bwd.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     print("\n".join(table))
 
