@@ -23,12 +23,14 @@ SHAPES = [(8192, 2048, "1B, batch 32 x 256"), (16384, 2048, "1B, batch 64 x 256"
 
 def sweep_configs(d: int) -> list[dict]:
     """The launch knobs around the default: programs per SM, rows per iteration (half, once and twice the default
-    tile), warps, the prefetching loop, and dres loaded with x and dn (res_first)."""
+    tile), warps, the prefetching loop, dres loaded with x and dn (res_first), and the two row sums as one
+    reduction (fused_sums): 216 settings. Programs per SM stop at 4, the default: at the 1B shape its 98 registers
+    (Triton 3.6) fit 2 programs of 8 warps an SM, so more only queue."""
     from elas.kernels.cuda.rmsnorm import rows_per_iteration
     r = rows_per_iteration(d)
-    return [dict(per_sm=p, rows=rows, num_warps=w, prefetch=f, res_first=e) for p in (2, 3, 4, 6, 8)
+    return [dict(per_sm=p, rows=rows, num_warps=w, prefetch=f, res_first=e, fused_sums=s) for p in (2, 3, 4)
             for rows in sorted({max(1, r // 2), r, 2 * r}) for w in (4, 8, 16) for f in (False, True)
-            for e in (False, True)]
+            for e in (False, True) for s in (False, True)]
 
 
 def registers(x, dn, dres, w, eps: float, c: dict) -> tuple[int | None, int | None]:
@@ -41,8 +43,8 @@ def registers(x, dn, dres, w, eps: float, c: dict) -> tuple[int | None, int | No
     try:
         k = _rmsnorm_bwd_kernel.warmup(dn, x, dres, w, torch.empty_like(x), torch.empty(1, d, device=x.device),
                                        t, d, eps, HAS_RES=True, ROWS=c["rows"], BLOCK_D=triton.next_power_of_2(d),
-                                       PREFETCH=c["prefetch"], RES_FIRST=c["res_first"], num_warps=c["num_warps"],
-                                       grid=(1,))
+                                       PREFETCH=c["prefetch"], RES_FIRST=c["res_first"],
+                                       FUSED_SUMS=c["fused_sums"], num_warps=c["num_warps"], grid=(1,))
         k._init_handles()
         regs = int(k.n_regs)
     except Exception:
@@ -120,7 +122,7 @@ def main() -> None:
             timed = []
             for c in sweep_configs(d):
                 kw = dict(programs=c["per_sm"] * sms, rows=c["rows"], num_warps=c["num_warps"], prefetch=c["prefetch"],
-                          res_first=c["res_first"])
+                          res_first=c["res_first"], fused_sums=c["fused_sums"])
                 try:
                     dx, dw = rmsnorm_backward(dn, x, dres, w, norm.eps, **kw)
                 except Exception as e:  # e.g. out of shared memory or registers at 16 warps: reported, not fatal
@@ -133,11 +135,13 @@ def main() -> None:
                 timed.append({**c, "ms": graph_ms(lambda: rmsnorm_backward(dn, x, dres, w, norm.eps, **kw)),
                               "regs": regs, "programs_per_sm_fit": fit})
             best = min((c for c in timed if "ms" in c), key=lambda c: c["ms"])
-            env_value = json.dumps({k: best[k] for k in ("per_sm", "rows", "num_warps", "prefetch", "res_first")})
+            env_value = json.dumps({k: best[k] for k in ("per_sm", "rows", "num_warps", "prefetch", "res_first",
+                                                         "fused_sums")})
             row.update(sweep=timed, best=best, env=f"ELAS_RMSNORM_CONFIG={env_value}")
             line += (f"; best of {len(timed)}: {best['ms']:.4f} ms ({moved / best['ms'] / 1e9:.2f} TB/s, "
                      f"{ours / best['ms']:.2f}x {ours_is}) with {best['per_sm']} programs per SM, rows {best['rows']}, "
-                     f"{best['num_warps']} warps, prefetch {best['prefetch']}, res_first {best['res_first']}: "
+                     f"{best['num_warps']} warps, prefetch {best['prefetch']}, res_first {best['res_first']}, "
+                     f"fused_sums {best['fused_sums']}: "
                      f"ELAS_RMSNORM_CONFIG='{env_value}'")
         rows.append(row)
         table.append(line)

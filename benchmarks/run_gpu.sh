@@ -84,7 +84,7 @@ for what in "${@:-tests kernels ffn}"; do
         python benchmarks/cutlass_sparse.py build/cutlass_sp/libelas_cutlass_sp.so "benchmarks/results/$GPU" ;;
       rmsnorm)  # the one-pass RMSNorm backward against Inductor's at 60M-1B shapes, with its launch knobs swept (~4 min)
         python benchmarks/rmsnorm_bwd.py "benchmarks/results/$GPU" --sweep ;;
-      norm_sweep)  # the norm backward's launch knobs swept at the 1B shape (180 settings, ~3 min): runs/rmsnorm/
+      norm_sweep)  # the norm backward's launch knobs swept at the 1B shape (216 settings, ~4 min): runs/rmsnorm/
                    # rmsnorm_bwd.json (what norm_target reads) and benchmarks/results/$GPU/rmsnorm_bwd_1b.json
         rm -f runs/rmsnorm/rmsnorm_bwd.json "benchmarks/results/$GPU/rmsnorm_bwd_1b.json"  # (not an earlier call's)
         python benchmarks/rmsnorm_bwd.py runs/rmsnorm --sweep --only "1B, batch 32" \

@@ -41,17 +41,21 @@ def test_triton_kernel_matches_the_reference(t, d, programs, rows):
     """Under the interpreter on CPU (CI sets TRITON_INTERPRET=1), on the GPU natively: rows not a multiple of
     ROWS, d not a power of two, programs sharing the rows unevenly; both loop forms (plain, and prefetching the
     next tile, whose last prefetch reads past the rows and must add nothing), each with dres loaded after the
-    reductions or with x and dn (res_first)."""
+    reductions or with x and dn (res_first), and the two row sums one after the other or as one reduction of
+    pairs (fused_sums)."""
     pytest.importorskip("triton")
     from elas.kernels.cuda.rmsnorm import rmsnorm_backward
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(1)
     x, dn, dres = (torch.randn(t, d, generator=g).to(dev, torch.bfloat16) for _ in range(3))
     w = (1 + 0.1 * torch.randn(d, generator=g)).to(dev)  # fp32 weight with bf16 activations, as under autocast
-    for r, prefetch, first in ((dres, False, False), (None, False, False), (dres, True, False), (None, True, False),
-                               (dres, False, True), (None, False, True), (dres, True, True), (None, True, True)):
+    for r, prefetch, first, fused in ((dres, False, False, False), (None, False, False, False),
+                                      (dres, True, False, False), (None, True, False, False),
+                                      (dres, False, True, False), (None, False, True, False),
+                                      (dres, True, True, False), (None, True, True, False),
+                                      (dres, False, False, True), (dres, True, True, True), (None, True, False, True)):
         dx, dw = rmsnorm_backward(dn, x, r, w, 1e-6, programs=programs, rows=rows, prefetch=prefetch,
-                                  res_first=first)
+                                  res_first=first, fused_sums=fused)
         want_dx, want_dw = ref.rmsnorm_backward(dn, x, r, w, 1e-6)
         assert dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
         # dx: one bf16 rounding of the same fp32 math; dw: fp32 sums in another order
@@ -70,7 +74,7 @@ def test_launch_settings_defaults_arguments_and_bad_values(monkeypatch):
     from elas.kernels.cuda import rmsnorm
     from elas.kernels.cuda.rmsnorm import launch_settings
     monkeypatch.setattr(rmsnorm, "_OVERRIDE", {})  # (the built-in defaults, whatever this process's environment)
-    base = {"per_sm": 4, "rows": 2, "num_warps": 8, "prefetch": False, "res_first": False}
+    base = {"per_sm": 4, "rows": 2, "num_warps": 8, "prefetch": False, "res_first": False, "fused_sums": False}
     assert launch_settings(2048) == base
     assert launch_settings(512) == {**base, "rows": 8, "num_warps": 4}
     assert launch_settings(2048, rows=8, prefetch=True, res_first=True) == {**base, "rows": 8, "prefetch": True,
@@ -82,7 +86,8 @@ def test_launch_settings_defaults_arguments_and_bad_values(monkeypatch):
                       ({"num_warps": 3}, "num_warps=3: expected a power of two 1-32"),
                       ({"num_warps": 8.0}, "num_warps=8.0: expected a power of two"),
                       ({"prefetch": 1}, "prefetch=1: expected true or false"),
-                      ({"res_first": "yes"}, "res_first='yes': expected true or false")):
+                      ({"res_first": "yes"}, "res_first='yes': expected true or false"),
+                      ({"fused_sums": 0}, "fused_sums=0: expected true or false")):
         with pytest.raises(ValueError, match=match):
             launch_settings(2048, **kw)
 
@@ -101,10 +106,10 @@ def test_env_overrides_the_launch_settings_and_bad_values_fail_at_import():
     value too, naming the variable)."""
     pytest.importorskip("triton")
     code = ("from elas.kernels.cuda.rmsnorm import launch_settings as s; "
-            "print(s(2048)['rows'], s(2048)['prefetch'], s(2048)['res_first'], s(2048)['per_sm'], "
-            "s(2048, rows=2)['rows'])")
-    out = _env_run(code, '{"rows": 4, "prefetch": true, "res_first": true}')
-    assert out.stdout.split() == ["4", "True", "True", "4", "2"], out.stderr[-500:]
+            "print(s(2048)['rows'], s(2048)['prefetch'], s(2048)['res_first'], s(2048)['fused_sums'], "
+            "s(2048)['per_sm'], s(2048, rows=2)['rows'])")
+    out = _env_run(code, '{"rows": 4, "prefetch": true, "res_first": true, "fused_sums": true}')
+    assert out.stdout.split() == ["4", "True", "True", "True", "4", "2"], out.stderr[-500:]
     out = _env_run(code, '{"row": 4}')
     assert out.returncode != 0 and "ELAS_RMSNORM_CONFIG" in out.stderr and "unknown key 'row'" in out.stderr
     out = _env_run(code, '{"rows": 3}')

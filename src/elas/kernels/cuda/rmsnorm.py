@@ -27,20 +27,22 @@ def rows_per_iteration(d: int) -> int:
     return max(1, 4096 // triton.next_power_of_2(d))
 
 
-# ELAS_RMSNORM_CONFIG='{"per_sm": 8, "rows": 4, "num_warps": 8, "prefetch": true, "res_first": true}' sets the
-# launch settings for a process (any of the keys; benchmarks/rmsnorm_bwd.py --sweep prints the fastest of its sweep
-# in this form)
-_KNOBS = ("per_sm", "rows", "num_warps", "prefetch", "res_first")
+# ELAS_RMSNORM_CONFIG='{"per_sm": 2, "rows": 4, "num_warps": 8, "prefetch": true, "res_first": true, "fused_sums":
+# true}' sets the launch settings for a process (any of the keys; benchmarks/rmsnorm_bwd.py --sweep prints the fastest
+# of its sweep in this form)
+_KNOBS = ("per_sm", "rows", "num_warps", "prefetch", "res_first", "fused_sums")
 _OVERRIDE = env_config("ELAS_RMSNORM_CONFIG", _KNOBS)
 
 
 def launch_settings(d: int, per_sm: int | None = None, rows: int | None = None, num_warps: int | None = None,
-                    prefetch: bool | None = None, res_first: bool | None = None) -> dict:
-    """{per_sm, rows, num_warps, prefetch, res_first} for rows of d elements: 4 programs per SM (the partial sums
-    stay small: 528 x d fp32 on an H100), rows_per_iteration(d) rows a tile, 8 warps from d = 2048 (else 4), no
-    prefetch, dres loaded after the reductions; any argument given (else ELAS_RMSNORM_CONFIG's) overrides its
-    part. ValueError for a bad one."""
-    given = dict(per_sm=per_sm, rows=rows, num_warps=num_warps, prefetch=prefetch, res_first=res_first)
+                    prefetch: bool | None = None, res_first: bool | None = None,
+                    fused_sums: bool | None = None) -> dict:
+    """{per_sm, rows, num_warps, prefetch, res_first, fused_sums} for rows of d elements: 4 programs per SM (the
+    partial sums stay small: 528 x d fp32 on an H100), rows_per_iteration(d) rows a tile, 8 warps from d = 2048
+    (else 4), no prefetch, dres loaded after the reductions, the two row sums one after the other; any argument
+    given (else ELAS_RMSNORM_CONFIG's) overrides its part. ValueError for a bad one."""
+    given = dict(per_sm=per_sm, rows=rows, num_warps=num_warps, prefetch=prefetch, res_first=res_first,
+                 fused_sums=fused_sums)
     c = {k: v if v is not None else _OVERRIDE.get(k) for k, v in given.items()}
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
     if c["per_sm"] is not None and (not is_int(c["per_sm"]) or c["per_sm"] < 1):
@@ -49,12 +51,12 @@ def launch_settings(d: int, per_sm: int | None = None, rows: int | None = None, 
         raise ValueError(f"rmsnorm_backward: rows={c['rows']!r}: expected a power of two 1-64 (rows a tile)")
     if c["num_warps"] is not None and (not is_int(c["num_warps"]) or c["num_warps"] not in (1, 2, 4, 8, 16, 32)):
         raise ValueError(f"rmsnorm_backward: num_warps={c['num_warps']!r}: expected a power of two 1-32")
-    for k in ("prefetch", "res_first"):
+    for k in ("prefetch", "res_first", "fused_sums"):
         if c[k] is not None and not isinstance(c[k], bool):
             raise ValueError(f"rmsnorm_backward: {k}={c[k]!r}: expected true or false")
     return {"per_sm": c["per_sm"] or 4, "rows": c["rows"] or rows_per_iteration(d),
             "num_warps": c["num_warps"] or (8 if d >= 2048 else 4), "prefetch": bool(c["prefetch"]),
-            "res_first": bool(c["res_first"])}
+            "res_first": bool(c["res_first"]), "fused_sums": bool(c["fused_sums"])}
 
 
 if _OVERRIDE:  # its values checked now (none depends on d): a bad one fails at import, naming the variable
@@ -65,19 +67,33 @@ if _OVERRIDE:  # its values checked now (none depends on d): a bad one fails at 
 
 
 @triton.jit
-def _rows_math(x, dn, w, D, eps):
-    """dx (without the residual) and this tile's dw term for ROWS rows: x, dn [ROWS, BLOCK_D] fp32; w [BLOCK_D]."""
-    rstd = tl.rsqrt(tl.sum(x * x, 1) / D + eps)  # [ROWS]
-    xh = x * rstd[:, None]
-    g = dn * w[None, :]
-    c = tl.sum(g * xh, 1) / D
+def _add_pairs(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _rows_math(x, dn, w, D, eps, FUSED_SUMS: tl.constexpr):
+    """dx (without the residual) and this tile's dw term for ROWS rows: x, dn [ROWS, BLOCK_D] fp32; w [BLOCK_D].
+    FUSED_SUMS: the two row sums as one reduction of pairs, sum(g xh) taken as rstd sum(g x), so that the second
+    does not wait on the first (one round of barriers across the warps instead of two; fp32 rounding differs)."""
+    if FUSED_SUMS:
+        g = dn * w[None, :]
+        ss, gx = tl.reduce((x * x, g * x), 1, _add_pairs)  # [ROWS] each
+        rstd = tl.rsqrt(ss / D + eps)
+        xh = x * rstd[:, None]
+        c = gx * rstd / D
+    else:
+        rstd = tl.rsqrt(tl.sum(x * x, 1) / D + eps)  # [ROWS]
+        xh = x * rstd[:, None]
+        g = dn * w[None, :]
+        c = tl.sum(g * xh, 1) / D
     return rstd[:, None] * (g - xh * c[:, None]), tl.sum(dn * xh, 0)
 
 
 @triton.jit
 def _rmsnorm_bwd_kernel(dn_ptr, x_ptr, dres_ptr, w_ptr, dx_ptr, part_ptr, T, D, eps,
                         HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PREFETCH: tl.constexpr,
-                        RES_FIRST: tl.constexpr):
+                        RES_FIRST: tl.constexpr, FUSED_SUMS: tl.constexpr):
     # RES_FIRST: dres is loaded with x and dn, before the row reductions (one wait on memory a tile, three
     # operands' registers held through them), not after them (a second wait, fewer registers)
     pid = tl.program_id(0)
@@ -105,7 +121,7 @@ def _rmsnorm_bwd_kernel(dn_ptr, x_ptr, dres_ptr, w_ptr, dx_ptr, part_ptr, T, D, 
             ndn = tl.load(dn_ptr + noff, mask=ninside, other=0.0)
             if HAS_RES and RES_FIRST:
                 nr = tl.load(dres_ptr + noff, mask=ninside, other=0.0)
-            dx, dw = _rows_math(x.to(tl.float32), dn.to(tl.float32), w, D, eps)
+            dx, dw = _rows_math(x.to(tl.float32), dn.to(tl.float32), w, D, eps, FUSED_SUMS)
             if HAS_RES:
                 if RES_FIRST:
                     dx += r.to(tl.float32)
@@ -124,7 +140,7 @@ def _rmsnorm_bwd_kernel(dn_ptr, x_ptr, dres_ptr, w_ptr, dx_ptr, part_ptr, T, D, 
             dn = tl.load(dn_ptr + off, mask=inside, other=0.0).to(tl.float32)
             if HAS_RES and RES_FIRST:
                 r = tl.load(dres_ptr + off, mask=inside, other=0.0)
-            dx, dw = _rows_math(x, dn, w, D, eps)
+            dx, dw = _rows_math(x, dn, w, D, eps, FUSED_SUMS)
             if HAS_RES:
                 if RES_FIRST:
                     dx += r.to(tl.float32)
@@ -137,18 +153,20 @@ def _rmsnorm_bwd_kernel(dn_ptr, x_ptr, dres_ptr, w_ptr, dx_ptr, part_ptr, T, D, 
 
 def rmsnorm_backward(dn: torch.Tensor, x: torch.Tensor, dres: torch.Tensor | None, w: torch.Tensor, eps: float,
                      programs: int | None = None, rows: int | None = None, num_warps: int | None = None,
-                     prefetch: bool | None = None, res_first: bool | None = None
+                     prefetch: bool | None = None, res_first: bool | None = None, fused_sums: bool | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (dx [.., d] in x's dtype, dw [d] in w's dtype); see the module docstring. programs (how many programs
     share the rows; default launch_settings' per_sm on each SM of a GPU, 8 on the CPU), rows (a power of two),
-    num_warps, prefetch (the next tile loaded while this one is reduced) and res_first (dres loaded with x and
-    dn) are the launch's tuning knobs, defaults from launch_settings (benchmarks/rmsnorm_bwd.py sweeps them)."""
+    num_warps, prefetch (the next tile loaded while this one is reduced), res_first (dres loaded with x and dn)
+    and fused_sums (the two row sums as one reduction) are the launch's tuning knobs, defaults from launch_settings
+    (benchmarks/rmsnorm_bwd.py sweeps them)."""
     d = x.shape[-1]
     if dn.shape != x.shape or (dres is not None and dres.shape != x.shape) or w.shape != (d,):
         raise ValueError(f"rmsnorm_backward: dn {tuple(dn.shape)}, x {tuple(x.shape)}, dres "
                          f"{None if dres is None else tuple(dres.shape)}, w {tuple(w.shape)}: expected [.., {d}] x3 "
                          f"and [{d}]")
-    c = launch_settings(d, rows=rows, num_warps=num_warps, prefetch=prefetch, res_first=res_first)
+    c = launch_settings(d, rows=rows, num_warps=num_warps, prefetch=prefetch, res_first=res_first,
+                        fused_sums=fused_sums)
     x2, dn2 = x.reshape(-1, d).contiguous(), dn.reshape(-1, d).contiguous()
     t = x2.shape[0]
     if programs is None:
@@ -159,7 +177,8 @@ def rmsnorm_backward(dn: torch.Tensor, x: torch.Tensor, dres: torch.Tensor | Non
     res = dres.reshape(-1, d).contiguous() if dres is not None else x2  # not read without HAS_RES
     _rmsnorm_bwd_kernel[(programs,)](dn2, x2, res, w.contiguous(), dx, part, t, d, eps, HAS_RES=dres is not None,
                                      ROWS=c["rows"], BLOCK_D=triton.next_power_of_2(d), PREFETCH=c["prefetch"],
-                                     RES_FIRST=c["res_first"], num_warps=c["num_warps"])
+                                     RES_FIRST=c["res_first"], FUSED_SUMS=c["fused_sums"],
+                                     num_warps=c["num_warps"])
     return dx.reshape(x.shape), part.sum(0).to(w.dtype)
 
 
