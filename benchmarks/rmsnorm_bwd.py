@@ -50,9 +50,11 @@ def registers(x, dn, dres, w, eps: float, c: dict) -> tuple[int | None, int | No
     except Exception:
         return None, None
     props = torch.cuda.get_device_properties(x.device)
+    file_regs = getattr(props, "regs_per_multiprocessor", None)  # (not in every torch)
+    if not file_regs:
+        return regs, None
     per_warp = -(-regs // 8) * 8 * 32  # registers are allocated a warp at a time, 8 a thread at a time
-    fit = min(props.regs_per_multiprocessor // (per_warp * c["num_warps"]),
-              props.max_threads_per_multi_processor // (32 * c["num_warps"]))
+    fit = min(file_regs // (per_warp * c["num_warps"]), props.max_threads_per_multi_processor // (32 * c["num_warps"]))
     return regs, fit
 
 
@@ -114,7 +116,8 @@ def main() -> None:
                "ours_tb_s": moved / ours / 1e9}
         regs, fit = row["ours_regs_fit"]
         ours_is = "ours (ELAS_RMSNORM_CONFIG's settings)" if os.environ.get("ELAS_RMSNORM_CONFIG") else "ours"
-        regs_fit = f"{regs} registers, {fit} programs fit an SM" if regs else "registers not known"
+        regs_fit = (f"{regs} registers, {fit} programs fit an SM" if fit else f"{regs} registers") if regs else \
+            "registers not known"
         line = (f"{what} [{t}, {d}]: Inductor {ind:.4f} ms, {ours_is} {ours:.4f} ms ({ind / ours:.2f}x, "
                 f"{moved / ours / 1e9:.2f} TB/s of the bytes it must move; {regs_fit}, "
                 f"{row['ours_settings']['per_sm']} launched an SM)")

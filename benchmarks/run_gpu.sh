@@ -82,11 +82,13 @@ for what in "${@:-tests kernels ffn}"; do
       cutlass)  # our CUTLASS sm90 sparse GEMM against cuSPARSELt and cuBLAS; the library is built off the GPU machine
                 # (src/elas/kernels/cuda/cutlass/build.sh sp) and carried: carry build/cutlass_sp
         python benchmarks/cutlass_sparse.py build/cutlass_sp/libelas_cutlass_sp.so "benchmarks/results/$GPU" ;;
-      rmsnorm)  # the one-pass RMSNorm backward against Inductor's at 60M-1B shapes, with its launch knobs swept (~4 min)
-        python benchmarks/rmsnorm_bwd.py "benchmarks/results/$GPU" --sweep ;;
+      rmsnorm)  # the one-pass RMSNorm backward against Inductor's at 60M-1B shapes (~1 min; its launch knobs'
+                # sweep: norm_sweep, at the 1B shape)
+        python benchmarks/rmsnorm_bwd.py "benchmarks/results/$GPU" || failed=1 ;;
       norm_sweep)  # the norm backward's launch knobs swept at the 1B shape (216 settings, ~4 min): runs/rmsnorm/
                    # rmsnorm_bwd.json (what norm_target reads) and benchmarks/results/$GPU/rmsnorm_bwd_1b.json
         rm -f runs/rmsnorm/rmsnorm_bwd.json "benchmarks/results/$GPU/rmsnorm_bwd_1b.json"  # (not an earlier call's)
+        mkdir -p "benchmarks/results/$GPU"
         python benchmarks/rmsnorm_bwd.py runs/rmsnorm --sweep --only "1B, batch 32" \
           && cp runs/rmsnorm/rmsnorm_bwd.json "benchmarks/results/$GPU/rmsnorm_bwd_1b.json" || failed=1 ;;
       norm_target)  # the 1.2x target's rows (the target stage) with norm_sweep's fastest settings on this machine
@@ -102,6 +104,7 @@ for what in "${@:-tests kernels ffn}"; do
           echo "swept: ELAS_RMSNORM_CONFIG=$cfg"
           ELAS_RMSNORM_CONFIG=$cfg OUT= TARGET_OUT="benchmarks/results/$GPU/norm_target_swept" \
             bash benchmarks/run_gpu.sh target || failed=1
+          [ -f "benchmarks/results/$GPU/norm_target_swept/step.json" ] || failed=1
         fi ;;
       norm)  # the one-pass RMSNorm backward against Inductor's kernels, then the 1B dense step with it, with the
              # CUTLASS ReLU^2 forward, with the rotary embedding in the q/k GEMM's epilogue (with and without
@@ -126,7 +129,8 @@ for what in "${@:-tests kernels ffn}"; do
         k=$k${TARGET_MORE:+,$TARGET_MORE}  # (e.g. $v+pdl=true: timed on the H100 2026-12-05, no gain)
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b \
           --batches "${TARGET_BATCHES:-32}" --modes elas,torch.compile --variants "$v$k" \
-          --out "${TARGET_OUT:-benchmarks/results/$GPU/step_target}" 2>&1 | quiet ;;
+          --out "${TARGET_OUT:-benchmarks/results/$GPU/step_target}" 2>&1 | quiet
+        [ "${PIPESTATUS[0]}" -eq 0 ] || failed=1 ;;
       elas_cutlass)  # the 1B ELAS step with its d_ff-wide GEMMs on CUTLASS (act24.cutlass=true: the up-projection
                      # with the sparsifier and the dy2 GEMM with the backward's pointwise work in their epilogues),
                      # beside ELAS today, the dense twin with its own CUTLASS forward (relu2_kernel=auto) and without

@@ -632,3 +632,15 @@ def test_report_refuses_markers_out_of_order(tmp_path):
         update_doc(doc, tmp_path)
     assert doc.read_text() == text
 
+
+
+def test_environment_records_the_kernels_launch_overrides(monkeypatch):
+    """A step timed under ELAS_<KERNEL>_CONFIG (kernels/cuda/overrides.py) says so in its JSON's env; unset or empty
+    variables add nothing."""
+    from elas.bench.kernels import environment
+    monkeypatch.setenv("ELAS_RMSNORM_CONFIG", '{"rows": 4}')
+    monkeypatch.setenv("ELAS_XENT_CONFIG", "")
+    monkeypatch.delenv("ELAS_ATTN_CONFIG", raising=False)
+    env = environment()
+    assert env["elas_rmsnorm_config"] == '{"rows": 4}'
+    assert "elas_xent_config" not in env and "elas_attn_config" not in env

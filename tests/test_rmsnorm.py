@@ -47,7 +47,9 @@ def test_triton_kernel_matches_the_reference(t, d, programs, rows):
     from elas.kernels.cuda.rmsnorm import rmsnorm_backward
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(1)
-    x, dn, dres = (torch.randn(t, d, generator=g).to(dev, torch.bfloat16) for _ in range(3))
+    x, dn, dres = (torch.randn(t, d, generator=g) for _ in range(3))
+    x = x * (0.2 + 3 * torch.rand(t, 1, generator=g))  # rows of different scales: rstd far from 1, and not one value
+    x, dn, dres = (v.to(dev, torch.bfloat16) for v in (x, dn, dres))
     w = (1 + 0.1 * torch.randn(d, generator=g)).to(dev)  # fp32 weight with bf16 activations, as under autocast
     for r, prefetch, first, fused in ((dres, False, False, False), (None, False, False, False),
                                       (dres, True, False, False), (None, True, False, False),
