@@ -303,11 +303,12 @@ PY
           ${QUALITY_VARIANTS:+--variants $QUALITY_VARIANTS} 2>&1 | quiet
         [ -n "${OUT:-}" ] && tar czf "$OUT/quality_runs.tgz" --exclude=checkpoints runs/quality ;;
     esac
+    # the results so far into $OUT after every stage: a call cut off at its limit still brings back the stages it
+    # finished (one archive: at most 8 files come back from a call)
+    [ -n "${OUT:-}" ] && tar czf "$OUT/results.tgz" -C benchmarks/results "$GPU" 2>/dev/null
   done
 done
 if [ -n "${OUT:-}" ]; then
-  # one archive: at most 8 files come back from a call
-  tar czf "$OUT/results.tgz" -C benchmarks/results "$GPU" 2>/dev/null
   tar czf "$OUT/cache.tgz" .cache 2>/dev/null
   [ "$(stat -c %s "$OUT/cache.tgz")" -gt 15000000 ] && tar czf "$OUT/cache.tgz" --exclude=.cache/inductor .cache
 fi
