@@ -36,6 +36,7 @@ def torch_form(z, t, scale):
 def main() -> None:
     here = Path(__file__).resolve().parent
     sys.path.insert(0, str(here.parent / "src"))
+    from elas.bench.loss import loss_inputs, loss_step
     from elas.bench.timing import graph_ms, throughput_ms
     from elas.kernels import ops
     from elas.kernels import reference as ref
@@ -97,22 +98,11 @@ def main() -> None:
     xent._OVERRIDE = dict(best["settings"])  # the loss timed with the sweep's fastest settings
     loss_rows = []
     for d in LOSS_DIMS:  # the whole loss, compiled, fwd + bwd, as in the step (bf16 h, fp32 master weight, autocast)
-        torch.manual_seed(0)
-        h = torch.randn(8192, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
-        w = (0.02 * torch.randn(VOCAB, d, device="cuda")).requires_grad_()
-        tt = torch.randint(0, VOCAB, (8192,), device="cuda")
+        h, w, tt = loss_inputs(8192, d, VOCAB)
         out = {}
         for kernel in ("torch", "triton"):
-            fn = torch.compile(lambda h, w, tt, k=kernel: linear_cross_entropy(
-                h, w, tt, grad_kernel=ops.softmax_xent_grad if k == "triton" else None))
-
-            def step():
-                h.grad = w.grad = None
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = fn(h, w, tt)
-                loss.backward()
-                return loss
-
+            step = loss_step(torch.compile(lambda h, w, tt, k=kernel: linear_cross_entropy(
+                h, w, tt, grad_kernel=ops.softmax_xent_grad if k == "triton" else None)), h, w, tt)
             loss = step()
             # back-to-back calls, no sync between them (a compiled forward + backward did not capture into a graph)
             out[kernel] = (loss.detach().clone(), h.grad.clone(), w.grad.clone(), throughput_ms(step, iters=20))

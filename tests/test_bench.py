@@ -644,3 +644,16 @@ def test_environment_records_the_kernels_launch_overrides(monkeypatch):
     env = environment()
     assert env["elas_rmsnorm_config"] == '{"rows": 4}'
     assert "elas_xent_config" not in env and "elas_attn_config" not in env
+
+
+def test_loss_step_resets_gradients_and_matches_the_loss():
+    """bench/loss.py's shared closure (the loss benchmark and benchmarks/xent.py): each call starts from no
+    gradient, so repeated timed calls give the gradient of one call, not a sum."""
+    from elas.bench.loss import loss_inputs, loss_step
+    from elas.model.loss import linear_cross_entropy
+    h, w, t = loss_inputs(64, 16, 50, device="cpu")
+    assert h.dtype == torch.bfloat16 and w.dtype == torch.float32 and h.requires_grad and w.requires_grad
+    step = loss_step(linear_cross_entropy, h, w, t)
+    first = step().detach()
+    g1 = w.grad.clone()
+    assert torch.equal(step().detach(), first) and torch.equal(w.grad, g1)

@@ -21,22 +21,32 @@ def _logits_loss(h, w, t):
     return F.cross_entropy((h @ w.t()).float(), t)  # the textbook path: [T, V] logits, upcast
 
 
-def loss_row(tokens: int, d: int, vocab: int, impl: str, compiled: bool) -> dict:
-    torch._dynamo.reset()
+def loss_inputs(tokens: int, d: int, vocab: int, device: str = "cuda") -> tuple[torch.Tensor, ...]:
+    """The loss benchmarks' inputs, as in the step: h [tokens, d] bf16 (the final norm's output), w [vocab, d] fp32
+    (the LM head's master weight), both requiring grad, and targets [tokens] int64; seed 0."""
     torch.manual_seed(0)
-    h = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
-    w = (0.02 * torch.randn(vocab, d, device="cuda")).requires_grad_()
-    t = torch.randint(0, vocab, (tokens,), device="cuda")
-    fn = linear_cross_entropy if impl == "chunked" else _logits_loss
-    fn = torch.compile(fn) if compiled else fn
+    h = torch.randn(tokens, d, device=device, dtype=torch.bfloat16).requires_grad_()
+    w = (0.02 * torch.randn(vocab, d, device=device)).requires_grad_()
+    return h, w, torch.randint(0, vocab, (tokens,), device=device)
 
+
+def loss_step(fn, h: torch.Tensor, w: torch.Tensor, t: torch.Tensor):
+    """A closure running fn(h, w, t) forward under bf16 autocast and backward, the gradients reset first; it
+    returns the loss."""
     def step():
         h.grad = w.grad = None
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(h.device.type, dtype=torch.bfloat16):
             loss = fn(h, w, t)
         loss.backward()
         return loss
+    return step
 
+
+def loss_row(tokens: int, d: int, vocab: int, impl: str, compiled: bool) -> dict:
+    torch._dynamo.reset()
+    h, w, t = loss_inputs(tokens, d, vocab)
+    fn = linear_cross_entropy if impl == "chunked" else _logits_loss
+    step = loss_step(torch.compile(fn) if compiled else fn, h, w, t)
     step()  # compiles
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
