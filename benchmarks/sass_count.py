@@ -94,15 +94,17 @@ def kernels():
     from elas.kernels.cuda import relu2_gemm as R, rmsnorm as N
     yield "relu2 grad (pointwise)", R._relu2_grad_kernel, {"dy2_ptr": BF16, "y2_ptr": BF16, "out_ptr": BF16,
                                                            "n": "i32"}, {"BLOCK": 4096}, 4096, 8
-    rows = N.rows_per_iteration(2048)
+    c = N.launch_settings(2048)  # each form at the default's tile and warps (the last form is the default)
+    rows = c["rows"]
     for prefetch, first, fused in ((False, False, False), (False, True, False), (True, False, False),
                                    (True, True, False), (False, False, True), (True, True, True)):
-        yield (f"rmsnorm backward (d 2048{', prefetch' if prefetch else ''}{', res_first' if first else ''}"
-               f"{', fused_sums' if fused else ''})",
+        default = (prefetch, first, fused) == (c["prefetch"], c["res_first"], c["fused_sums"])
+        yield (f"rmsnorm backward (d 2048, {c['num_warps']} warps{', prefetch' if prefetch else ''}"
+               f"{', res_first' if first else ''}{', fused_sums' if fused else ''}{': default' if default else ''})",
                N._rmsnorm_bwd_kernel, {"dn_ptr": BF16, "x_ptr": BF16, "dres_ptr": BF16, "w_ptr": "*fp32",
                                        "dx_ptr": BF16, "part_ptr": "*fp32", "T": "i32", "D": "i32", "eps": "fp32"},
                {"HAS_RES": True, "ROWS": rows, "BLOCK_D": 2048, "PREFETCH": prefetch, "RES_FIRST": first,
-                "FUSED_SUMS": fused}, rows * 2048, 8)
+                "FUSED_SUMS": fused}, rows * 2048, c["num_warps"])
     # the optimizer's update (MasterAdamW, LORO): the loop's body counted once, per element of one iteration
     # (BLOCK elements); bf16 moments add the stochastic rounding's hash
     from elas.optim import master_triton as M

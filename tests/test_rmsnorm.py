@@ -70,17 +70,22 @@ def test_triton_kernel_matches_the_reference(t, d, programs, rows):
 
 
 def test_launch_settings_defaults_arguments_and_bad_values(monkeypatch):
-    """The defaults (4 programs per SM, 4096-element tiles, 8 warps from d = 2048), an argument over them, and a
-    bad value of each knob as a one-line error naming it."""
+    """The defaults (4096-element tiles, 4 warps; from d = 2048 the 1B sweep's fastest: 2 programs per SM, the
+    prefetching loop, dres first, fused sums), an argument over them (false included), and a bad value of each
+    knob as a one-line error naming it."""
     pytest.importorskip("triton")
     from elas.kernels.cuda import rmsnorm
     from elas.kernels.cuda.rmsnorm import launch_settings
     monkeypatch.setattr(rmsnorm, "_OVERRIDE", {})  # (the built-in defaults, whatever this process's environment)
-    base = {"per_sm": 4, "rows": 2, "num_warps": 8, "prefetch": False, "res_first": False, "fused_sums": False}
-    assert launch_settings(2048) == base
-    assert launch_settings(512) == {**base, "rows": 8, "num_warps": 4}
-    assert launch_settings(2048, rows=8, prefetch=True, res_first=True) == {**base, "rows": 8, "prefetch": True,
-                                                                            "res_first": True}
+    base = {"per_sm": 4, "rows": 8, "num_warps": 4, "prefetch": False, "res_first": False, "fused_sums": False}
+    assert launch_settings(512) == base
+    assert launch_settings(1024) == {**base, "rows": 4}
+    swept = {"per_sm": 2, "rows": 2, "num_warps": 4, "prefetch": True, "res_first": True, "fused_sums": True}
+    assert launch_settings(2048) == swept
+    assert launch_settings(4096) == {**swept, "rows": 1}
+    assert launch_settings(2048, rows=8, prefetch=False, res_first=False) == {**swept, "rows": 8, "prefetch": False,
+                                                                             "res_first": False}
+    assert launch_settings(512, per_sm=2, fused_sums=True) == {**base, "per_sm": 2, "fused_sums": True}
     for kw, match in (({"per_sm": 0}, "per_sm=0: expected an integer >= 1"),
                       ({"per_sm": True}, "per_sm=True: expected an integer"),
                       ({"rows": 6}, "rows=6: expected a power of two"),
@@ -110,8 +115,8 @@ def test_env_overrides_the_launch_settings_and_bad_values_fail_at_import():
     code = ("from elas.kernels.cuda.rmsnorm import launch_settings as s; "
             "print(s(2048)['rows'], s(2048)['prefetch'], s(2048)['res_first'], s(2048)['fused_sums'], "
             "s(2048)['per_sm'], s(2048, rows=2)['rows'])")
-    out = _env_run(code, '{"rows": 4, "prefetch": true, "res_first": true, "fused_sums": true}')
-    assert out.stdout.split() == ["4", "True", "True", "True", "4", "2"], out.stderr[-500:]
+    out = _env_run(code, '{"rows": 4, "prefetch": false, "res_first": false, "fused_sums": false}')
+    assert out.stdout.split() == ["4", "False", "False", "False", "2", "2"], out.stderr[-500:]
     out = _env_run(code, '{"row": 4}')
     assert out.returncode != 0 and "ELAS_RMSNORM_CONFIG" in out.stderr and "unknown key 'row'" in out.stderr
     out = _env_run(code, '{"rows": 3}')
