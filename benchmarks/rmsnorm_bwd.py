@@ -24,8 +24,8 @@ SHAPES = [(8192, 2048, "1B, batch 32 x 256"), (16384, 2048, "1B, batch 64 x 256"
 def sweep_configs(d: int) -> list[dict]:
     """The launch knobs around the default: programs per SM, rows per iteration (half, once and twice the default
     tile), warps, the prefetching loop, dres loaded with x and dn (res_first), and the two row sums as one
-    reduction (fused_sums): 216 settings. Programs per SM stop at 4, the default: at the 1B shape its 98 registers
-    (Triton 3.6) fit 2 programs of 8 warps an SM, so more only queue."""
+    reduction (fused_sums): 216 settings. Programs per SM stop at 4, the default below d = 2048: at the 1B shape the
+    former default's 98 registers (Triton 3.6) fit 2 programs of 8 warps an SM, so more only queue."""
     from elas.kernels.cuda.rmsnorm import rows_per_iteration
     r = rows_per_iteration(d)
     return [dict(per_sm=p, rows=rows, num_warps=w, prefetch=f, res_first=e, fused_sums=s) for p in (2, 3, 4)

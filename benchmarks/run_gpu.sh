@@ -85,12 +85,16 @@ for what in "${@:-tests kernels ffn}"; do
       rmsnorm)  # the one-pass RMSNorm backward against Inductor's at 60M-1B shapes (~1 min; its launch knobs'
                 # sweep: norm_sweep, at the 1B shape)
         python benchmarks/rmsnorm_bwd.py "benchmarks/results/$GPU" || failed=1 ;;
-      norm_sweep)  # the norm backward's launch knobs swept at the 1B shape (216 settings, ~4 min): runs/rmsnorm/
-                   # rmsnorm_bwd.json (what norm_target reads) and benchmarks/results/$GPU/rmsnorm_bwd_1b.json
-        rm -f runs/rmsnorm/rmsnorm_bwd.json "benchmarks/results/$GPU/rmsnorm_bwd_1b.json"  # (not an earlier call's)
+      norm_sweep)  # the norm backward's launch knobs swept at the 1B shape (216 settings, ~2 min): runs/rmsnorm/
+                   # rmsnorm_bwd.json (what norm_target reads: its first shape) and benchmarks/results/$GPU/
+                   # rmsnorm_bwd_1b.json; NORM_ONLY picks the shapes (a part of their descriptions, e.g. 350M; empty:
+                   # all five, 60M-1B, ~2 min each, into rmsnorm_bwd_sweep.json)
+        only=${NORM_ONLY-1B, batch 32}
+        name=rmsnorm_bwd_sweep.json; [ "$only" = "1B, batch 32" ] && name=rmsnorm_bwd_1b.json
+        rm -f runs/rmsnorm/rmsnorm_bwd.json "benchmarks/results/$GPU/$name"  # (not an earlier call's)
         mkdir -p "benchmarks/results/$GPU"
-        python benchmarks/rmsnorm_bwd.py runs/rmsnorm --sweep --only "1B, batch 32" \
-          && cp runs/rmsnorm/rmsnorm_bwd.json "benchmarks/results/$GPU/rmsnorm_bwd_1b.json" || failed=1 ;;
+        python benchmarks/rmsnorm_bwd.py runs/rmsnorm --sweep ${only:+--only "$only"} \
+          && cp runs/rmsnorm/rmsnorm_bwd.json "benchmarks/results/$GPU/$name" || failed=1 ;;
       norm_target)  # the 1.2x target's rows (the target stage) with norm_sweep's fastest settings on this machine
                     # (ELAS_RMSNORM_CONFIG), beside plain compile: norm_target_swept/step.json (its env records the
                     # setting). The built-in settings' rows: the target stage itself, in a process of its own
