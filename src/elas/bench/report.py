@@ -177,8 +177,13 @@ def mode_step_tables(doc: dict) -> str:
     """elas bench step (rows with a `mode`): each variant in elas's default mode beside plain torch.compile and
     eager, the ratios, and where each row's GPU time goes."""
     from .profile import CATEGORIES
+    from .step import ratios
     from ..config import VARIANTS, split_variant
-    rows = doc["rows"]
+    # the busy-time ratio against plain compile (added 2026-12-06) for files written before it, by the same rule;
+    # every other ratio is the file's own
+    busy = [x.get("vs_torch_compile_busy") for x in ratios(doc["rows"])]
+    rows = [r if b is None or "vs_torch_compile_busy" in r else {**r, "vs_torch_compile_busy": b}
+            for r, b in zip(doc["rows"], busy)]
     modes: dict[tuple, set] = {}  # the modes each (model, batch, variant) was measured in, in this file
     for r in rows:
         if "error" not in r:
@@ -194,9 +199,13 @@ def mode_step_tables(doc: dict) -> str:
         alone = len(modes.get((r["model"], r["batch"], twin), ())) == 1
         return f"{_ratio(r, 'vs_twin')} ({r['twin_mode']}{', its only mode run here' if alone else ''})"
 
+    def busy_cell(r: dict) -> str:  # against plain compile's GPU-busy time, where its row was profiled
+        return f" (busy {r['vs_torch_compile_busy']:.3f}x)" if "vs_torch_compile_busy" in r else ""
+
     out = [_env_line(doc), "",
            "| model | batch x seq | variant | mode | step ms | tokens/s | vs dense twin (its best mode) | "
-           "vs torch.compile (dense rows) | vs SwiGLU-aligned (its best mode) | peak GB | compile s |",
+           "vs torch.compile (dense rows; busy: its GPU-busy time) | vs SwiGLU-aligned (its best mode) | peak GB | "
+           "compile s |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
@@ -206,7 +215,8 @@ def mode_step_tables(doc: dict) -> str:
         graph = "" if r.get("graph", True) else " (capture failed: eager)"
         out.append(f"| {r['model']} | {r['batch']}x{r['seq']} | {r['variant']} | {r['mode']}{graph} | "
                    f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {twin_cell(r)} | "
-                   f"{_ratio(r, 'vs_torch_compile')} | {_ratio(r, 'vs_swiglu_aligned')} | {r['peak_mem_gb']:.1f} | "
+                   f"{_ratio(r, 'vs_torch_compile')}{busy_cell(r)} | {_ratio(r, 'vs_swiglu_aligned')} | "
+                   f"{r['peak_mem_gb']:.1f} | "
                    f"{r['compile_s']:.0f} |")
     cats = [c for c, _ in CATEGORIES] + ["idle"]
     prof = [r for r in rows if "breakdown_ms" in r]

@@ -238,7 +238,9 @@ def ratios(rows: list[dict]) -> list[dict]:
     baseline in its best measured mode (the fastest of its rows at the same model and batch), never a slower one:
     `vs_twin` (a sparse variant against its dense twin; `twin_mode` says which mode that was) and
     `vs_swiglu_aligned`. `vs_torch_compile` (a dense variant against plain torch.compile of itself: the fast-step
-    issue's target) only for dense variants, and `vs_elas_fp32` (the same variant with fp32 parameters: what
+    issue's target) only for dense variants, with `vs_torch_compile_busy` beside it where the plain row was
+    profiled: plain compile's GPU-busy time (its step less its idle time, which depends on how fast the host issues
+    its launches) over this row's step time; and `vs_elas_fp32` (the same variant with fp32 parameters: what
     MasterAdamW bought) for the elas mode."""
     from ..config import VARIANTS
     best: dict[tuple, dict] = {}
@@ -270,5 +272,7 @@ def ratios(rows: list[dict]) -> list[dict]:
                     r[name] = r["tokens_per_s"] / other["tokens_per_s"]
                     if name == "vs_twin":
                         r["twin_mode"] = other["mode"]
+                    if name == "vs_torch_compile" and "idle" in other.get("breakdown_ms", {}):
+                        r["vs_torch_compile_busy"] = (other["step_ms"] - other["breakdown_ms"]["idle"]) / r["step_ms"]
         out.append(r)
     return out
