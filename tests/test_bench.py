@@ -291,8 +291,9 @@ def torch_has_cuda() -> bool:
 
 
 def test_sass_count_compiles_every_pointwise_kernel_for_sm90_without_a_gpu():
-    """benchmarks/sass_count.py: each pointwise kernel (the six 2:4 ones, the ReLU^2 backward pass, the RMSNorm
-    backward in six forms (the loops, where dres is loaded, the row sums fused or not), the optimizer's update in its four forms) compiled for sm_90 by Triton, its SASS counted (the
+    """benchmarks/sass_count.py: each pointwise kernel (the six 2:4 ones and the backward's two persistent forms,
+    the ReLU^2 backward pass, the RMSNorm backward in six forms (the loops, where dres is loaded, the row sums
+    fused or not), the optimizer's update in its four forms) compiled for sm_90 by Triton, its SASS counted (the
     kernels' static cost, readable on a machine without a GPU; it breaks when a kernel's signature changes). The
     update's aligned forms load and store 16-byte vectors; its unaligned forms cannot."""
     import os
@@ -307,7 +308,7 @@ def test_sass_count_compiles_every_pointwise_kernel_for_sm90_without_a_gpu():
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line for line in r.stdout.splitlines() if "per element" in line and "SASS =" in line]
-    assert len(rows) == 17, r.stdout
+    assert len(rows) == 19, r.stdout
     assert len([line for line in rows if line.startswith("rmsnorm backward")]) == 6, r.stdout
     adamw = [line for line in rows if line.startswith("adamw")]
     assert len(adamw) == 4 and all(("LDG.E.128" in line and "STG.E.128" in line) == ("align 8" in line)
@@ -660,3 +661,41 @@ def test_loss_step_resets_gradients_and_matches_the_loss():
     first = step().detach()
     g1 = w.grad.clone()
     assert torch.equal(step().detach(), first) and torch.equal(w.grad, g1)
+
+
+def test_backward_sweep_checks_every_form_before_it_times_it(monkeypatch):
+    """bench/kernels.py's sweep of the 2:4 backward kernel (run by `elas bench sparsify` on the GPU), on the CPU
+    under the interpreter with a stand-in timer: every form of each use (grid and persistent) computes the
+    default's bytes, is timed, and the fastest is named; a form whose bytes differ is listed, not timed."""
+    pytest.importorskip("triton")
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
+    from elas.bench import kernels as kb
+    from elas.kernels.cuda import sparsify
+    calls = []
+
+    def fake_ms(fn):  # each form a different time; the second form timed is the fastest
+        calls.append(fn)
+        return 1.0 if len(calls) != 2 else 0.5
+    monkeypatch.setattr(kb, "graph_ms", fake_ms)
+    monkeypatch.setattr(kb, "BWD_PERSISTENT", [(1, True)])
+    y1 = torch.randn(128, 128, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    out = kb._backward_sweep(y1, log=lambda *a: None)
+    assert set(out) == {"ste", "mask", "mask_split"}
+    for use in ("ste", "mask"):  # 4 grid forms + the persistent form at 2 row counts x 2 warp counts
+        assert len(out[use]["variants_ms"]) == 8 and "mismatched" not in out[use], out[use]
+        assert "rows64_warps8_persistent1_prefetch" in out[use]["variants_ms"]
+    assert len(out["mask_split"]["variants_ms"]) == 4
+    assert out["ste"]["best"]["form"] == "rows64_warps4" and out["ste"]["best"]["vs_default"] == 2.0
+    # a form that computes other bytes (here: the persistent form made to skip its last tile) is reported
+    real = sparsify.relu2_sparse24_backward
+
+    def broken(*args, **kw):
+        g = real(*args, **kw)
+        if kw.get("per_sm"):
+            g.dy1[-1, -1] += 1
+        return g
+    monkeypatch.setattr(sparsify, "relu2_sparse24_backward", broken)
+    out = kb._backward_sweep(y1, log=lambda *a: None)
+    assert len(out["ste"]["mismatched"]) == 4 and len(out["ste"]["variants_ms"]) == 4

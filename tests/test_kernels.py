@@ -390,6 +390,38 @@ def test_triton_backward_kernel_bit_exact(m, k, ste, from_y1, split, rows):
         assert torch.equal(got.y2s_dense, y2s[:, [3, 9, 10]])
 
 
+@needs_triton
+@pytest.mark.parametrize("ste,from_y1", [(True, True), (False, False), (True, False)])
+def test_triton_backward_persistent_form_equals_the_grid_form(ste, from_y1):
+    """The backward without the split as a persistent kernel (per_sm): programs walking the tiles unevenly (3
+    programs over 4 tiles, on the CPU per_sm is the program count) or one program walking all, with and without
+    the next tile's loads issued early (prefetch, whose last load is of a tile again and must change nothing):
+    every output byte equal to the one-program-a-tile form's, and to the reference. Bad per_sm: one line."""
+    from elas.kernels.cuda.sparsify import relu2_sparse24_backward
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m, k = 128, 256  # 2 x 2 tiles of 64 tokens x 128 features
+    y1 = adversarial(m, k, torch.bfloat16, seed=3).to(dev)
+    dy2 = torch.randn(m, k, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(4)).to(dev)
+    args = (dy2, None if from_y1 else ref.relu2_sparsify24_packed(y1), y1 if ste else None)
+
+    def outputs(g):
+        return [(t.buffer if hasattr(t, "buffer") else t).view(torch.int16) for t in g if t is not None]
+    want = outputs(relu2_sparse24_backward(*args, rows=64))
+    assert len(want) == (2 if ste else 4)  # y2s, dy1 (, dy1 packed values, the packed operand behind them)
+    for per_sm in (1, 3) if dev == "cpu" else (1, 2):
+        for prefetch in (False, True):
+            got = outputs(relu2_sparse24_backward(*args, rows=64, per_sm=per_sm, prefetch=prefetch))
+            assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want)), (per_sm, prefetch)
+    w = ref.relu2_sparse24_backward(*args)
+    assert torch.equal(relu2_sparse24_backward(*args, rows=64, per_sm=1).dy1, w.dy1)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match=f"per_sm={bad!r}: expected an integer >= 1"):
+            relu2_sparse24_backward(*args, per_sm=bad)
+    slots = torch.full((k,), -1, dtype=torch.int32, device=dev)
+    with pytest.raises(ValueError, match="no 95/5 split"):
+        relu2_sparse24_backward(dy2, args[1], args[2], slots, 0, per_sm=1)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("rank", [0, 64])
 @pytest.mark.parametrize("grad_mode", ["mask", "ste"])

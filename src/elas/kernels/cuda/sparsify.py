@@ -261,21 +261,48 @@ def relu2_sparsify24_dense(y1: torch.Tensor, rows: int | None = None, bk: int | 
 
 
 @triton.jit
+def _bwd_inputs(rows, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, K, STE: tl.constexpr, FROM_Y1: tl.constexpr,
+                BK: tl.constexpr):
+    """The loads of _bwd_rows (no split) for one tile, as stored, for the prefetching loop: (vals [R, BK/2] bf16,
+    bits [R, BK/4] uint8 (each byte once per group it holds), y1 [R, BK], dy2 [R, BK]); an input the
+    configuration does not read is returned as dy2 (never used)."""
+    G: tl.constexpr = BK // 4
+    c = tl.arange(0, BK)[None, :]
+    dy2 = tl.load(dy2_ptr + rows * K + col0 + c)
+    if STE:
+        y1 = tl.load(y1_ptr + rows * K + col0 + c)
+    else:
+        y1 = dy2
+    if FROM_Y1:
+        vals = dy2
+        bits = dy2
+    else:
+        vals = tl.load(val_ptr + rows * (K // 2) + col0 // 2 + tl.arange(0, 2 * G)[None, :])
+        bits = tl.load(bits_ptr + rows * (K // 8) + col0 // 8 + tl.arange(0, G)[None, :] // 2)
+    return vals, bits, y1, dy2
+
+
+@triton.jit
 def _bwd_rows(rows, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, slot_ptr, y2d_ptr,
               dy1d_ptr, K, ND, STE: tl.constexpr, FROM_Y1: tl.constexpr, SPLIT: tl.constexpr, R: tl.constexpr,
-              BK: tl.constexpr):
+              BK: tl.constexpr, PRE: tl.constexpr, pre_vals, pre_bits, pre_y1, pre_dy2):
     """The backward's pointwise work on rows `rows` (int64 [R, 1] token indices) x columns [col0, +BK) of [M, K]:
     stores the row-wise outputs and returns (y2s, dy1) fp32 [R, BK] for the along-token packing of the split.
     Inputs: dy2 [M, K]; the forward's packed values [M, K/2] and mask bits [M, K/8], or (FROM_Y1, ste mode) only
-    y1 [M, K], from which the 2:4 selection is recomputed exactly as the forward kernel made it.
+    y1 [M, K], from which the 2:4 selection is recomputed exactly as the forward kernel made it. PRE (no split):
+    the inputs were loaded already (_bwd_inputs: pre_*), else each is loaded where it is first needed.
     Outputs without SPLIT: y2s and dy1 dense [M, K]; in mask mode dy1's kept values in packed order [M, K/2].
     With SPLIT: the columns of y2s and dy1 whose slot >= 0 into y2d, dy1d [M, ND] (the dense features of the 95/5
     split), dense dy1 in ste mode (its input gradient is a dense GEMM) and dy1's packed values in mask mode; dense
     y2s is never written."""
     G: tl.constexpr = BK // 4
     c = tl.arange(0, BK)[None, :]
+    tl.static_assert(not (PRE and SPLIT), "the split's loads are not prefetched")
     if FROM_Y1:
-        y1 = tl.load(y1_ptr + rows * K + col0 + c).to(tl.float32)
+        if PRE:
+            y1 = pre_y1.to(tl.float32)
+        else:
+            y1 = tl.load(y1_ptr + rows * K + col0 + c).to(tl.float32)
         r = tl.maximum(y1, 0.0)
         y2 = r * r  # chosen on the exact squares, as the forward kernel chooses
         x0, x1, x2, x3 = _columns4(y2, G)
@@ -288,7 +315,10 @@ def _bwd_rows(rows, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, 
         i0 = tl.where(k0, 0, tl.where(k1, 1, 2))
         i1 = tl.where(k3, 3, tl.where(k2, 2, 1))
     else:
-        vals = tl.load(val_ptr + rows * (K // 2) + col0 // 2 + tl.arange(0, 2 * G)[None, :]).to(tl.float32)
+        if PRE:
+            vals = pre_vals.to(tl.float32)
+        else:
+            vals = tl.load(val_ptr + rows * (K // 2) + col0 // 2 + tl.arange(0, 2 * G)[None, :]).to(tl.float32)
         first, second = tl.split(tl.reshape(vals, (R, G, 2)))  # [R, G]
         if SPLIT:  # [R, G] nibbles, bit c = column c kept: two per byte, unpacked by join + reshape
             bits = tl.load(bits_ptr + rows * (K // 8) + col0 // 8 + tl.arange(0, G // 2)[None, :]).to(tl.int32)
@@ -297,7 +327,10 @@ def _bwd_rows(rows, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, 
             # Triton 3.6, the GPU machine's: 10% fewer instructions, 4 of 21 barriers gone; in the split's kernel
             # the same change added 55 barriers, and Triton 3.9 counts this one the other way: re-count on upgrade)
             g = tl.arange(0, G)[None, :]
-            keep = (tl.load(bits_ptr + rows * (K // 8) + col0 // 8 + g // 2).to(tl.int32) >> ((g % 2) * 4)) & 15
+            if PRE:
+                keep = (pre_bits.to(tl.int32) >> ((g % 2) * 4)) & 15
+            else:
+                keep = (tl.load(bits_ptr + rows * (K // 8) + col0 // 8 + g // 2).to(tl.int32) >> ((g % 2) * 4)) & 15
         i0 = tl.where((keep & 1) != 0, 0, tl.where((keep & 2) != 0, 1, 2))
         i1 = tl.where((keep & 8) != 0, 3, tl.where((keep & 4) != 0, 2, 1))
         d0 = tl.where(i0 == 0, first, 0.0)
@@ -306,10 +339,16 @@ def _bwd_rows(rows, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, 
         d3 = tl.where(i1 == 3, second, 0.0)
         y2s = _interleave4(d0, d1, d2, d3, G)  # dense [R, BK]
         if STE:
-            y1 = tl.load(y1_ptr + rows * K + col0 + c).to(tl.float32)
+            if PRE:
+                y1 = pre_y1.to(tl.float32)
+            else:
+                y1 = tl.load(y1_ptr + rows * K + col0 + c).to(tl.float32)
     if not SPLIT:  # stored before dy2 is loaded: measured 17% faster than storing it after (register pressure)
         tl.store(y2s_ptr + rows * K + col0 + c, y2s.to(tl.bfloat16))
-    dy2 = tl.load(dy2_ptr + rows * K + col0 + c).to(tl.float32)
+    if PRE:
+        dy2 = pre_dy2.to(tl.float32)
+    else:
+        dy2 = tl.load(dy2_ptr + rows * K + col0 + c).to(tl.float32)
     # +0 wherever relu(y1) (ste) or y2s (mask) is 0, as the reference: the along-token packing stores these bytes
     if STE:
         dy1 = tl.where(y1 > 0.0, _round_bf16(2.0 * y1 * dy2), 0.0)
@@ -340,7 +379,39 @@ def _bwd_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, 
     # program: ROWS rows (tokens: 64 or 128) x BK columns (features) of [M, K]; no split
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
     _bwd_rows(rows, tl.program_id(1) * BK, dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, dy2_ptr,
-              dy2_ptr, dy2_ptr, K, 1, STE, FROM_Y1, False, ROWS, BK)
+              dy2_ptr, dy2_ptr, K, 1, STE, FROM_Y1, False, ROWS, BK, False, 0, 0, 0, 0)
+
+
+@triton.jit
+def _bwd_persistent_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, M, K, STE: tl.constexpr,
+                           FROM_Y1: tl.constexpr, BK: tl.constexpr, ROWS: tl.constexpr, PREFETCH: tl.constexpr):
+    # _bwd_kernel's work, each program walking tiles pid, pid + programs, ... (ROWS tokens x BK features each,
+    # row-major over [M / ROWS, K / BK], so that neighbouring programs share rows). PREFETCH: the next tile's
+    # inputs are loaded before this tile is computed, so that a program keeps a tile of reads in flight while it
+    # computes (the RMSNorm backward gained 1.34x from this; more registers a program). The last prefetch of a
+    # program loads a tile again (its index taken modulo the tiles) and is never used: no masks.
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols_b = K // BK
+    tiles = (M // ROWS) * cols_b
+    if PREFETCH:
+        rows = ((pid // cols_b) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
+        col0 = (pid % cols_b) * BK
+        vals, bits, y1, dy2 = _bwd_inputs(rows, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, K, STE, FROM_Y1, BK)
+        for t in range(pid, tiles, nprog):
+            nt = (t + nprog) % tiles
+            nrows = ((nt // cols_b) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
+            ncol0 = (nt % cols_b) * BK
+            nvals, nbits, ny1, ndy2 = _bwd_inputs(nrows, ncol0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, K, STE, FROM_Y1,
+                                                  BK)
+            _bwd_rows(rows, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, dy2_ptr, dy2_ptr,
+                      dy2_ptr, K, 1, STE, FROM_Y1, False, ROWS, BK, True, vals, bits, y1, dy2)
+            rows, col0, vals, bits, y1, dy2 = nrows, ncol0, nvals, nbits, ny1, ndy2
+    else:
+        for t in range(pid, tiles, nprog):
+            rows = ((t // cols_b) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
+            _bwd_rows(rows, (t % cols_b) * BK, dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr,
+                      dy2_ptr, dy2_ptr, dy2_ptr, K, 1, STE, FROM_Y1, False, ROWS, BK, False, 0, 0, 0, 0)
 
 
 @triton.jit
@@ -370,13 +441,13 @@ def _bwd_split_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, dy1_ptr, dval_ptr, yt_
     base = tl.program_id(0) * ROWS + 4 * tl.arange(0, GT).to(tl.int64)[:, None]  # [GT, 1]: tokens 4g
     col0 = tl.program_id(1) * 64
     a0, b0 = _bwd_rows(base, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, dy2_ptr, dy1_ptr, dval_ptr, slot_ptr,
-                       y2d_ptr, dy1d_ptr, K, ND, STE, FROM_Y1, True, GT, 64)
+                       y2d_ptr, dy1d_ptr, K, ND, STE, FROM_Y1, True, GT, 64, False, 0, 0, 0, 0)
     a1, b1 = _bwd_rows(base + 1, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, dy2_ptr, dy1_ptr, dval_ptr, slot_ptr,
-                       y2d_ptr, dy1d_ptr, K, ND, STE, FROM_Y1, True, GT, 64)
+                       y2d_ptr, dy1d_ptr, K, ND, STE, FROM_Y1, True, GT, 64, False, 0, 0, 0, 0)
     a2, b2 = _bwd_rows(base + 2, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, dy2_ptr, dy1_ptr, dval_ptr, slot_ptr,
-                       y2d_ptr, dy1d_ptr, K, ND, STE, FROM_Y1, True, GT, 64)
+                       y2d_ptr, dy1d_ptr, K, ND, STE, FROM_Y1, True, GT, 64, False, 0, 0, 0, 0)
     a3, b3 = _bwd_rows(base + 3, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, dy2_ptr, dy1_ptr, dval_ptr, slot_ptr,
-                       y2d_ptr, dy1d_ptr, K, ND, STE, FROM_Y1, True, GT, 64)
+                       y2d_ptr, dy1d_ptr, K, ND, STE, FROM_Y1, True, GT, 64, False, 0, 0, 0, 0)
     _pack_tokens(a0, a1, a2, a3, tl.program_id(1), tl.program_id(0), yt_val_ptr, yt_meta_ptr, M, ROWS // 32)
     _pack_tokens(b0, b1, b2, b3, tl.program_id(1), tl.program_id(0), dt_val_ptr, dt_meta_ptr, M, ROWS // 32)
 
@@ -392,6 +463,12 @@ def bwd_launch(split: bool) -> tuple[int, int]:
     return BWD_ROWS, SPLIT_BWD_WARPS if split else BWD_WARPS
 
 
+# the backward without the split as a persistent kernel (per_sm programs on each SM, each walking tiles, the next
+# tile's loads issued before this one's work: `prefetch`): not the default until timed against the grid of one
+# program per tile (`elas bench sparsify` times both: bench/kernels.py BWD_PERSISTENT). None: one program a tile
+BWD_PER_SM, BWD_PREFETCH = None, True
+
+
 def _packed_buffer(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Tensor, Packed24]:
     """An empty Packed24 [rows, cols] (no mask bits) and views of its values and metadata parts."""
     buf = torch.empty(rows * cols * 9 // 16, dtype=torch.bfloat16, device=device)
@@ -401,12 +478,21 @@ def _packed_buffer(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Te
 
 def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Tensor | None = None,
                             dense_slots: torch.Tensor | None = None, n_dense: int = 0, rows: int | None = None,
-                            num_warps: int | None = None, launch=_direct) -> Grads24:
+                            num_warps: int | None = None, per_sm: int | None = None, prefetch: bool | None = None,
+                            launch=_direct) -> Grads24:
     """Triton twin of reference.relu2_sparse24_backward: one pass over dy2 (and y1 in ste mode); see there.
-    rows, num_warps: tokens per program (64 or 128) and warps; launch: as in relu2_sparsify24_packed. None: the
-    module's defaults (bwd_launch, read at each call)."""
+    rows, num_warps: tokens per program (64 or 128) and warps; per_sm (without the split): the persistent form,
+    per_sm programs on each SM (on the CPU: per_sm programs in all), each walking tiles, with prefetch the next
+    tile's loads issued before this one's work; launch: as in relu2_sparsify24_packed. None: the module's
+    defaults (bwd_launch, BWD_PER_SM, BWD_PREFETCH; read at each call)."""
     default_rows, default_warps = bwd_launch(dense_slots is not None)
     rows, num_warps = rows or default_rows, num_warps or default_warps
+    if per_sm is not None and (isinstance(per_sm, bool) or not isinstance(per_sm, int) or per_sm < 1):
+        raise ValueError(f"per_sm={per_sm!r}: expected an integer >= 1 (programs per SM) or None (one a tile)")
+    if per_sm is not None and dense_slots is not None:
+        raise ValueError("per_sm: the persistent form has no 95/5 split (dense_slots); leave per_sm unset")
+    per_sm = per_sm if per_sm is not None else (BWD_PER_SM if dense_slots is None else None)
+    prefetch = BWD_PREFETCH if prefetch is None else prefetch
     m, k = dy2.shape
     if a is not None and a.shape != (m, k):
         raise ValueError(f"packed y2s is {a.shape}, dy2 is {tuple(dy2.shape)}")
@@ -444,6 +530,12 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Ten
         launch(_bwd_split_kernel)[(m // rows, k // 64)](
             dy2, vals, bits, ptr(y1), ptr(dy1), ptr(dval), yt_val, yt_meta, dt_val, dt_meta, dense_slots, y2d, dy1d,
             m, k, max(n_dense, 1), STE=ste, FROM_Y1=a is None, ROWS=rows, num_warps=num_warps)
+    elif per_sm is not None:
+        tiles = (m // rows) * (k // bk)
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+        launch(_bwd_persistent_kernel)[(min(tiles, per_sm * sms),)](
+            dy2, vals, bits, ptr(y1), y2s, ptr(dy1), ptr(dval), m, k, STE=ste, FROM_Y1=a is None, BK=bk, ROWS=rows,
+            PREFETCH=bool(prefetch), num_warps=num_warps)
     else:
         launch(_bwd_kernel)[(m // rows, k // bk)](dy2, vals, bits, ptr(y1), y2s, ptr(dy1), ptr(dval), k, STE=ste,
                                                   FROM_Y1=a is None, BK=bk, ROWS=rows, num_warps=num_warps)
