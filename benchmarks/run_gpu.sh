@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh STAGE...
-# stages: tests kernels epilogue infer ffn step sizes compile loss xent loro vnm cutlass cutlass_probe cutlass_relu2 rmsnorm norm norm_sweep norm_target target moments elas_cutlass mask_cutlass attention attn_ncu launches blas_env quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
+# stages: tests kernels bwd24 epilogue infer ffn step sizes compile loss xent loro vnm cutlass cutlass_probe cutlass_relu2 rmsnorm norm norm_sweep norm_target target moments elas_cutlass mask_cutlass attention attn_ncu launches blas_env quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
 # the step benchmark and the test selection. Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
 # machine), are copied there too, with the tuned cuSPARSELt algorithm cache.
 set -u
@@ -30,6 +30,10 @@ for what in "${@:-tests kernels ffn}"; do
              tail -45 runs/gpu_tests.log ;;
       kernels) python -m elas bench sparsify --gpu-name "$GPU"; python -m elas bench gemm --gpu-name "$GPU" ;;
       epilogue) python -m elas bench epilogue --gpu-name "$GPU" ;;
+      bwd24)  # the 2:4 sparsifier and its backward at the 1B step's tokens (8192) and every ELAS width: each launch,
+              # and the backward's persistent forms (per_sm, prefetch), byte-checked against the default before
+              # they are timed (~3 min): benchmarks/results/$GPU/bwd24/sparsify.json
+        python -m elas bench sparsify --gpu-name "$GPU" --m 8192 --out "benchmarks/results/$GPU/bwd24" || failed=1 ;;
       infer) python -m elas bench infer --gpu-name "$GPU" ;;
       ffn) python -m elas bench ffn --gpu-name "$GPU" ;;
       step) timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" ${STEP_ARGS:-} 2>&1 \

@@ -390,6 +390,34 @@ def test_triton_backward_kernel_bit_exact(m, k, ste, from_y1, split, rows):
         assert torch.equal(got.y2s_dense, y2s[:, [3, 9, 10]])
 
 
+def test_backward_settings_take_arguments_then_the_environment_then_the_defaults(monkeypatch):
+    """bwd_settings: an argument wins, then ELAS_BWD24_CONFIG's value (without the split only), then the module's
+    defaults; a bad per_sm, or one for the split, is a one-line error. A bad variable fails at import, naming it."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from elas.kernels.cuda import sparsify as S
+    monkeypatch.setattr(S, "_BWD_OVERRIDE", {})
+    assert S.bwd_settings(False) == (S.BWD_ROWS, S.BWD_WARPS, S.BWD_PER_SM, S.BWD_PREFETCH)
+    assert S.bwd_settings(True) == (S.BWD_ROWS, S.SPLIT_BWD_WARPS, None, S.BWD_PREFETCH)
+    monkeypatch.setattr(S, "_BWD_OVERRIDE", {"rows": 128, "per_sm": 2, "prefetch": False})
+    assert S.bwd_settings(False) == (128, S.BWD_WARPS, 2, False)
+    assert S.bwd_settings(False, rows=64, per_sm=3, prefetch=True) == (64, S.BWD_WARPS, 3, True)
+    assert S.bwd_settings(True) == (S.BWD_ROWS, S.SPLIT_BWD_WARPS, None, S.BWD_PREFETCH)  # not for the split
+    with pytest.raises(ValueError, match="per_sm=0: expected an integer >= 1"):
+        S.bwd_settings(False, per_sm=0)
+    with pytest.raises(ValueError, match="no 95/5 split"):
+        S.bwd_settings(True, per_sm=2)
+    code = "import elas.kernels.cuda.sparsify as S; print(S.bwd_settings(False))"
+    for value, expect in (('{"rows": 128, "per_sm": 4}', "(128, 8, 4, True)"), ('{"per_sm": 0}', "per_sm=0"),
+                          ('{"rows": 96}', "rows=96: expected 64 or 128"), ('{"row": 64}', "unknown key 'row'")):
+        r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ELAS_BWD24_CONFIG": value},
+                           capture_output=True, text=True)
+        assert expect in (r.stdout if r.returncode == 0 else r.stderr), (value, r.stdout, r.stderr[-300:])
+        assert (r.returncode == 0) == expect.startswith("("), value
+
+
 @needs_triton
 @pytest.mark.parametrize("ste,from_y1", [(True, True), (False, False), (True, False)])
 def test_triton_backward_persistent_form_equals_the_grid_form(ste, from_y1):

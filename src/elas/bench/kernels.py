@@ -5,6 +5,7 @@ removed), host overhead is measured separately as the wall time of eager calls o
 """
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
@@ -200,10 +201,12 @@ def _backward_sweep(y1: torch.Tensor, log=print) -> dict:
                 row.setdefault("mismatched", []).append(name)
         if row["variants_ms"]:
             best = min(row["variants_ms"], key=row["variants_ms"].get)
-            row["best"] = {"form": best, "ms": row["variants_ms"][best], "vs_default": ms / row["variants_ms"][best]}
+            row["best"] = {"form": best, "ms": row["variants_ms"][best], "vs_default": ms / row["variants_ms"][best],
+                           "env": "ELAS_BWD24_CONFIG='" + json.dumps(dict(forms)[best]) + "'"}
         out[use] = row
         log(f"  backward {use} M={m} K={k}: {ms:.4f} ms = {row['tb_per_s']:.2f} TB/s"
-            + (f"; fastest {row['best']['form']} {row['best']['ms']:.4f} ms ({row['best']['vs_default']:.2f}x)"
+            + (f"; fastest {row['best']['form']} {row['best']['ms']:.4f} ms ({row['best']['vs_default']:.2f}x: "
+               f"{row['best']['env']})"
                if "best" in row else "") + (f"; MISMATCHED {row['mismatched']}" if "mismatched" in row else ""))
     return out
 

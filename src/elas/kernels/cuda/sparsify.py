@@ -21,6 +21,7 @@ import triton.language as tl
 
 from ..packed import Packed24, check_shape
 from ..reference import Grads24
+from .overrides import env_config
 
 
 # On the GPU `.to(tl.bfloat16)` rounds to nearest even in one instruction; Triton's CPU interpreter truncates. So
@@ -467,6 +468,24 @@ def bwd_launch(split: bool) -> tuple[int, int]:
 # tile's loads issued before this one's work: `prefetch`): not the default until timed against the grid of one
 # program per tile (`elas bench sparsify` times both: bench/kernels.py BWD_PERSISTENT). None: one program a tile
 BWD_PER_SM, BWD_PREFETCH = None, True
+# ELAS_BWD24_CONFIG='{"rows": 64, "num_warps": 8, "per_sm": 2, "prefetch": true}' sets the backward's launch
+# without the split for a process (what `elas bench sparsify`'s sweep names fastest), checked here at import
+_BWD_OVERRIDE = env_config("ELAS_BWD24_CONFIG", ("rows", "num_warps", "per_sm", "prefetch"))
+
+
+def _check_bwd_override(c: dict) -> None:
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    for key, ok, valid in (("rows", lambda v: v in (64, 128) and is_int(v), "64 or 128"),
+                           ("num_warps", lambda v: is_int(v) and v in (1, 2, 4, 8, 16, 32), "a power of two 1-32"),
+                           ("per_sm", lambda v: v is None or (is_int(v) and v >= 1),
+                            "an integer >= 1 or null (one program a tile)"),
+                           ("prefetch", lambda v: isinstance(v, bool), "true or false")):
+        if key in c and not ok(c[key]):
+            raise ValueError(f"ELAS_BWD24_CONFIG={os.environ.get('ELAS_BWD24_CONFIG')!r}: {key}={c[key]!r}: "
+                             f"expected {valid}")
+
+
+_check_bwd_override(_BWD_OVERRIDE)
 
 
 def _packed_buffer(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Tensor, Packed24]:
@@ -476,6 +495,22 @@ def _packed_buffer(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Te
     return buf[: rows * cols // 2], buf[rows * cols // 2:].view(torch.uint8), p
 
 
+def bwd_settings(split: bool, rows: int | None = None, num_warps: int | None = None, per_sm: int | None = None,
+                 prefetch: bool | None = None) -> tuple[int, int, int | None, bool]:
+    """The backward's launch (rows, num_warps, per_sm, prefetch): each argument given, else (without the split)
+    ELAS_BWD24_CONFIG's, else the module's defaults (bwd_launch, BWD_PER_SM, BWD_PREFETCH). ValueError for a bad
+    per_sm, or one asked of the split (which has no persistent form)."""
+    default_rows, default_warps = bwd_launch(split)
+    env = {} if split else _BWD_OVERRIDE
+    if per_sm is not None and (isinstance(per_sm, bool) or not isinstance(per_sm, int) or per_sm < 1):
+        raise ValueError(f"per_sm={per_sm!r}: expected an integer >= 1 (programs per SM) or None (one a tile)")
+    if per_sm is not None and split:
+        raise ValueError("per_sm: the persistent form has no 95/5 split (dense_slots); leave per_sm unset")
+    return (rows or env.get("rows", default_rows), num_warps or env.get("num_warps", default_warps),
+            per_sm if per_sm is not None else env.get("per_sm", None if split else BWD_PER_SM),
+            bool(env.get("prefetch", BWD_PREFETCH) if prefetch is None else prefetch))
+
+
 def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Tensor | None = None,
                             dense_slots: torch.Tensor | None = None, n_dense: int = 0, rows: int | None = None,
                             num_warps: int | None = None, per_sm: int | None = None, prefetch: bool | None = None,
@@ -483,16 +518,9 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Ten
     """Triton twin of reference.relu2_sparse24_backward: one pass over dy2 (and y1 in ste mode); see there.
     rows, num_warps: tokens per program (64 or 128) and warps; per_sm (without the split): the persistent form,
     per_sm programs on each SM (on the CPU: per_sm programs in all), each walking tiles, with prefetch the next
-    tile's loads issued before this one's work; launch: as in relu2_sparsify24_packed. None: the module's
-    defaults (bwd_launch, BWD_PER_SM, BWD_PREFETCH; read at each call)."""
-    default_rows, default_warps = bwd_launch(dense_slots is not None)
-    rows, num_warps = rows or default_rows, num_warps or default_warps
-    if per_sm is not None and (isinstance(per_sm, bool) or not isinstance(per_sm, int) or per_sm < 1):
-        raise ValueError(f"per_sm={per_sm!r}: expected an integer >= 1 (programs per SM) or None (one a tile)")
-    if per_sm is not None and dense_slots is not None:
-        raise ValueError("per_sm: the persistent form has no 95/5 split (dense_slots); leave per_sm unset")
-    per_sm = per_sm if per_sm is not None else (BWD_PER_SM if dense_slots is None else None)
-    prefetch = BWD_PREFETCH if prefetch is None else prefetch
+    tile's loads issued before this one's work; launch: as in relu2_sparsify24_packed. None: bwd_settings'
+    (ELAS_BWD24_CONFIG, else the module's defaults; read at each call)."""
+    rows, num_warps, per_sm, prefetch = bwd_settings(dense_slots is not None, rows, num_warps, per_sm, prefetch)
     m, k = dy2.shape
     if a is not None and a.shape != (m, k):
         raise ValueError(f"packed y2s is {a.shape}, dy2 is {tuple(dy2.shape)}")
@@ -535,7 +563,7 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Ten
         sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
         launch(_bwd_persistent_kernel)[(min(tiles, per_sm * sms),)](
             dy2, vals, bits, ptr(y1), y2s, ptr(dy1), ptr(dval), m, k, STE=ste, FROM_Y1=a is None, BK=bk, ROWS=rows,
-            PREFETCH=bool(prefetch), num_warps=num_warps)
+            PREFETCH=prefetch, num_warps=num_warps)
     else:
         launch(_bwd_kernel)[(m // rows, k // bk)](dy2, vals, bits, ptr(y1), y2s, ptr(dy1), ptr(dval), k, STE=ste,
                                                   FROM_Y1=a is None, BK=bk, ROWS=rows, num_warps=num_warps)
