@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh STAGE...
-# stages: tests kernels bwd24 epilogue infer ffn step sizes compile loss xent loro vnm cutlass cutlass_probe cutlass_relu2 rmsnorm norm norm_sweep norm_target target moments elas_cutlass mask_cutlass attention attn_ncu launches blas_env quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
+# stages: tests kernels bwd24 bwd24_step epilogue infer ffn step sizes compile loss xent loro vnm cutlass cutlass_probe cutlass_relu2 rmsnorm norm norm_sweep norm_target target moments elas_cutlass mask_cutlass attention attn_ncu launches blas_env quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
 # the step benchmark and the test selection. Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
 # machine), are copied there too, with the tuned cuSPARSELt algorithm cache.
 set -u
@@ -34,6 +34,26 @@ for what in "${@:-tests kernels ffn}"; do
               # and the backward's persistent forms (per_sm, prefetch), byte-checked against the default before
               # they are timed (~3 min): benchmarks/results/$GPU/bwd24/sparsify.json
         python -m elas bench sparsify --gpu-name "$GPU" --m 8192 --out "benchmarks/results/$GPU/bwd24" || failed=1 ;;
+      bwd24_step)  # the 1B steps whose backward runs without the split in mask mode (relu2-24, elas-mask) beside
+                   # their dense twins, in two processes: with bwd24's fastest mask form at K = 8192
+                   # (ELAS_BWD24_CONFIG: bwd24_step_swept/step.json) and with the default (bwd24_step_default/);
+                   # run bwd24 first. BWD24_VARIANTS replaces the variants (~3 min a process)
+        cfg=$(python -c "import json, sys; r = [r for r in json.load(open(sys.argv[1]))['rows'] if r['K'] == 8192][0]
+print(r['backward']['mask']['best']['env'].split('=', 1)[1].strip(\"'\"))" \
+              "benchmarks/results/$GPU/bwd24/sparsify.json" 2>/dev/null) || cfg=
+        if [ -z "$cfg" ]; then
+          echo "bwd24_step: no sweep on this machine (benchmarks/results/$GPU/bwd24/sparsify.json): run bwd24 first" >&2
+          failed=1
+        else
+          echo "swept: ELAS_BWD24_CONFIG=$cfg"
+          for form in swept default; do
+            ( [ "$form" = swept ] && export ELAS_BWD24_CONFIG="$cfg"
+              timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --batches 32 \
+                --modes elas --variants "${BWD24_VARIANTS:-lowrank-relu2,elas-mask,relu2,relu2-24}" \
+                --out "benchmarks/results/$GPU/bwd24_step_$form" 2>&1 | quiet
+              [ "${PIPESTATUS[0]}" -eq 0 ] ) || failed=1
+          done
+        fi ;;
       infer) python -m elas bench infer --gpu-name "$GPU" ;;
       ffn) python -m elas bench ffn --gpu-name "$GPU" ;;
       step) timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" ${STEP_ARGS:-} 2>&1 \
