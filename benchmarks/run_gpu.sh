@@ -39,7 +39,7 @@ for what in "${@:-tests kernels ffn}"; do
                    # (ELAS_BWD24_CONFIG: bwd24_step_swept/step.json) and with the default (bwd24_step_default/);
                    # run bwd24 first. BWD24_VARIANTS replaces the variants (~3 min a process)
         cfg=$(python -c "import json, sys; r = [r for r in json.load(open(sys.argv[1]))['rows'] if r['K'] == 8192][0]
-print(r['backward']['mask']['best']['env'].split('=', 1)[1].strip(\"'\"))" \
+print(r['backward']['mask']['best']['env'].split('=', 1)[1])" \
               "benchmarks/results/$GPU/bwd24/sparsify.json" 2>/dev/null) || cfg=
         if [ -z "$cfg" ]; then
           echo "bwd24_step: no sweep on this machine (benchmarks/results/$GPU/bwd24/sparsify.json): run bwd24 first" >&2
@@ -47,7 +47,7 @@ print(r['backward']['mask']['best']['env'].split('=', 1)[1].strip(\"'\"))" \
         else
           echo "swept: ELAS_BWD24_CONFIG=$cfg"
           for form in swept default; do
-            ( [ "$form" = swept ] && export ELAS_BWD24_CONFIG="$cfg"
+            ( if [ "$form" = swept ]; then export ELAS_BWD24_CONFIG="$cfg"; else unset ELAS_BWD24_CONFIG; fi
               timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --batches 32 \
                 --modes elas --variants "${BWD24_VARIANTS:-lowrank-relu2,elas-mask,relu2,relu2-24}" \
                 --out "benchmarks/results/$GPU/bwd24_step_$form" 2>&1 | quiet
@@ -119,12 +119,12 @@ print(r['backward']['mask']['best']['env'].split('=', 1)[1].strip(\"'\"))" \
         mkdir -p "benchmarks/results/$GPU"
         python benchmarks/rmsnorm_bwd.py runs/rmsnorm --sweep ${only:+--only "$only"} \
           && cp runs/rmsnorm/rmsnorm_bwd.json "benchmarks/results/$GPU/$name" || failed=1 ;;
-      norm_target)  # the 1.2x target's rows (the target stage) with norm_sweep's fastest settings on this machine
+      norm_target)  # the 1.2x target's rows (the target stage) with norm_sweep's fastest settings at the 1B shape
                     # (ELAS_RMSNORM_CONFIG), beside plain compile: norm_target_swept/step.json (its env records the
                     # setting). The built-in settings' rows: the target stage itself, in a process of its own
         rm -rf "benchmarks/results/$GPU/norm_target_swept"
-        cfg=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['rows'][0]['env'].split('=', 1)[1])" \
-              runs/rmsnorm/rmsnorm_bwd.json 2>/dev/null) || cfg=
+        cfg=$(python -c "import json, sys; r = [r for r in json.load(open(sys.argv[1]))['rows'] if r['what'] == sys.argv[2]]
+print(r[0]['env'].split('=', 1)[1])" runs/rmsnorm/rmsnorm_bwd.json "1B, batch 32 x 256" 2>/dev/null) || cfg=
         if [ -z "$cfg" ]; then
           echo "norm_target: no sweep on this machine (runs/rmsnorm/rmsnorm_bwd.json): run norm_sweep first" >&2
           failed=1

@@ -688,7 +688,9 @@ def test_backward_sweep_checks_every_form_before_it_times_it(monkeypatch):
         assert "rows64_warps8_persistent1_prefetch" in out[use]["variants_ms"]
     assert len(out["mask_split"]["variants_ms"]) == 4
     assert out["ste"]["best"]["form"] == "rows64_warps4" and out["ste"]["best"]["vs_default"] == 2.0
-    # a form that computes other bytes (here: the persistent form made to skip its last tile) is reported
+    assert out["ste"]["best"]["env"] == 'ELAS_BWD24_CONFIG={"rows": 64, "num_warps": 4, "per_sm": 0}'
+    assert "env" not in out["mask_split"]["best"]  # (the variable does not reach the split)
+    # a form that computes other bytes (here: the persistent form with one wrong element) is reported
     real = sparsify.relu2_sparse24_backward
 
     def broken(*args, **kw):

@@ -405,12 +405,15 @@ def test_backward_settings_take_arguments_then_the_environment_then_the_defaults
     assert S.bwd_settings(False) == (128, S.BWD_WARPS, 2, False)
     assert S.bwd_settings(False, rows=64, per_sm=3, prefetch=True) == (64, S.BWD_WARPS, 3, True)
     assert S.bwd_settings(True) == (S.BWD_ROWS, S.SPLIT_BWD_WARPS, None, S.BWD_PREFETCH)  # not for the split
-    with pytest.raises(ValueError, match="per_sm=0: expected an integer >= 1"):
-        S.bwd_settings(False, per_sm=0)
+    assert S.bwd_settings(False, per_sm=0) == (128, S.BWD_WARPS, None, False)  # 0: the grid, despite the variable
+    with pytest.raises(ValueError, match="per_sm=-1: expected an integer >= 1"):
+        S.bwd_settings(False, per_sm=-1)
     with pytest.raises(ValueError, match="no 95/5 split"):
         S.bwd_settings(True, per_sm=2)
+    assert S.bwd_settings(True, per_sm=0)[2] is None
     code = "import elas.kernels.cuda.sparsify as S; print(S.bwd_settings(False))"
-    for value, expect in (('{"rows": 128, "per_sm": 4}', "(128, 8, 4, True)"), ('{"per_sm": 0}', "per_sm=0"),
+    for value, expect in (('{"rows": 128, "per_sm": 4}', "(128, 8, 4, True)"), ('{"per_sm": 0}', "(64, 8, None, True)"),
+                          ('{"per_sm": -2}', "per_sm=-2"),
                           ('{"rows": 96}', "rows=96: expected 64 or 128"), ('{"row": 64}', "unknown key 'row'")):
         r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ELAS_BWD24_CONFIG": value},
                            capture_output=True, text=True)
@@ -421,33 +424,43 @@ def test_backward_settings_take_arguments_then_the_environment_then_the_defaults
 @needs_triton
 @pytest.mark.parametrize("ste,from_y1", [(True, True), (False, False), (True, False)])
 def test_triton_backward_persistent_form_equals_the_grid_form(ste, from_y1):
-    """The backward without the split as a persistent kernel (per_sm): programs walking the tiles unevenly (3
-    programs over 4 tiles, on the CPU per_sm is the program count) or one program walking all, with and without
-    the next tile's loads issued early (prefetch, whose last load is of a tile again and must change nothing):
-    every output byte equal to the one-program-a-tile form's, and to the reference. Bad per_sm: one line."""
+    """The backward without the split as a persistent kernel (per_sm): programs walking the tiles unevenly (on
+    the CPU per_sm is the program count: 3 programs over 4 tiles; on a GPU 3 tiles an SM's program, and more) or
+    one program walking all, with and without the next tile's loads issued early (prefetch, whose last load is
+    of the last tile again and must change nothing): every output byte equal to the one-program-a-tile form's
+    (per_sm=0), and to the reference; each form run on two inputs in turn, so that a tile left unwritten shows
+    (it keeps the other input's bytes). Bad per_sm: one line."""
     from elas.kernels.cuda.sparsify import relu2_sparse24_backward
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    m, k = 128, 256  # 2 x 2 tiles of 64 tokens x 128 features
-    y1 = adversarial(m, k, torch.bfloat16, seed=3).to(dev)
-    dy2 = torch.randn(m, k, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(4)).to(dev)
-    args = (dy2, None if from_y1 else ref.relu2_sparsify24_packed(y1), y1 if ste else None)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 1
+    m, k = 64 * 2 * (3 * sms if dev == "cuda" else 1), 256  # tiles of 64 tokens x 128 features: 4 on the CPU
+
+    def inputs(seed):
+        y1 = adversarial(m, k, torch.bfloat16, seed=seed).to(dev)
+        dy2 = torch.randn(m, k, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(seed + 1)).to(dev)
+        return dy2, None if from_y1 else ref.relu2_sparsify24_packed(y1), y1 if ste else None
 
     def outputs(g):
         return [(t.buffer if hasattr(t, "buffer") else t).view(torch.int16) for t in g if t is not None]
-    want = outputs(relu2_sparse24_backward(*args, rows=64))
-    assert len(want) == (2 if ste else 4)  # y2s, dy1 (, dy1 packed values, the packed operand behind them)
+    sets = [inputs(3), inputs(5)]
+    wants = [outputs(relu2_sparse24_backward(*args, rows=64, per_sm=0)) for args in sets]
+    assert len(wants[0]) == (2 if ste else 4)  # y2s, dy1 (, dy1 packed values, the packed operand behind them)
     for per_sm in (1, 3) if dev == "cpu" else (1, 2):
         for prefetch in (False, True):
-            got = outputs(relu2_sparse24_backward(*args, rows=64, per_sm=per_sm, prefetch=prefetch))
-            assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want)), (per_sm, prefetch)
+            for args, want in zip(sets, wants):
+                got = outputs(relu2_sparse24_backward(*args, rows=64, per_sm=per_sm, prefetch=prefetch))
+                assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want)), \
+                    (per_sm, prefetch)
+                del got
+    args = sets[0]
     w = ref.relu2_sparse24_backward(*args)
     assert torch.equal(relu2_sparse24_backward(*args, rows=64, per_sm=1).dy1, w.dy1)
-    for bad in (0, True, 2.0):
+    for bad in (-1, True, 2.0):
         with pytest.raises(ValueError, match=f"per_sm={bad!r}: expected an integer >= 1"):
             relu2_sparse24_backward(*args, per_sm=bad)
     slots = torch.full((k,), -1, dtype=torch.int32, device=dev)
     with pytest.raises(ValueError, match="no 95/5 split"):
-        relu2_sparse24_backward(dy2, args[1], args[2], slots, 0, per_sm=1)
+        relu2_sparse24_backward(*args, slots, 0, per_sm=1)
 
 
 @pytest.mark.gpu

@@ -164,50 +164,63 @@ BWD_PERSISTENT = [(p, pf) for p in (1, 2, 3, 4) for pf in (False, True)]
 
 def _backward_sweep(y1: torch.Tensor, log=print) -> dict:
     """The backward pointwise kernel (sparsify.relu2_sparse24_backward) on y1 [M, K] in its three uses: ste (from
-    y1), mask, mask + the 95/5 split (5% dense features): ms and TB/s of the default launch, and ms of each
-    (rows, warps) variant, and without the split of each persistent form (BWD_PERSISTENT), whose outputs are
-    byte-identical to the default's; `best` names the fastest."""
+    y1), mask, mask + the 95/5 split (5% dense features): ms and TB/s of the default launch, and ms of each grid
+    form (rows, warps) and, without the split, of each persistent form (BWD_PERSISTENT) whose outputs are
+    byte-identical to the default's; `best` names the fastest (without the split, with the ELAS_BWD24_CONFIG
+    value that launches it: one variable for ste and mask). A form is checked on two inputs in turn, its outputs
+    freed in between, so that a form that leaves part of an output unwritten meets the other input's bytes in
+    the memory the allocator hands it back, not the right ones."""
     from ..kernels import reference
-    from ..kernels.cuda.sparsify import bwd_launch, relu2_sparse24_backward, relu2_sparsify24_packed
+    from ..kernels.cuda.sparsify import bwd_settings, relu2_sparse24_backward, relu2_sparsify24_packed
     m, k = y1.shape
-    a = relu2_sparsify24_packed(y1)
-    dy2 = torch.randn_like(y1)
     n_dense = reference.n_dense_features(k, 0.05)
     slots = torch.full((k,), -1, dtype=torch.int32, device=y1.device)
     slots[torch.randperm(k, device=y1.device)[:n_dense]] = torch.arange(n_dense, dtype=torch.int32, device=y1.device)
-    # bytes per element of [M, K]: reads, then writes (packed operands 9/16 of bf16, mask bits 1/8)
-    uses = {"ste": ((dy2, None, y1, None, 0), 2 + 2 + 2 + 2),
-            "mask": ((dy2, a, None, None, 0), 1 + 1 / 8 + 2 + 2 + 2 + 1),
-            "mask_split": ((dy2, a, None, slots, n_dense), 1 + 1 / 8 + 2 + 1 + 2 * 9 / 8 + 2 * 2 * n_dense / k)}
+
+    def inputs(y: torch.Tensor) -> dict:  # each use's arguments, and its bytes per element of [M, K]: reads,
+        a, dy2 = relu2_sparsify24_packed(y), torch.randn_like(y)  # then writes (packed 9/16 of bf16, bits 1/8)
+        return {"ste": ((dy2, None, y, None, 0), 2 + 2 + 2 + 2),
+                "mask": ((dy2, a, None, None, 0), 1 + 1 / 8 + 2 + 2 + 2 + 1),
+                "mask_split": ((dy2, a, None, slots, n_dense), 1 + 1 / 8 + 2 + 1 + 2 * 9 / 8 + 2 * 2 * n_dense / k)}
+    sets = [inputs(y1), inputs(torch.randn_like(y1))]
+
     def outputs(g) -> list[torch.Tensor]:  # every output's bytes (a Packed24 by its buffer)
         return [(t.buffer if hasattr(t, "buffer") else t).view(torch.int16) for t in g if t is not None]
 
     out = {}
-    for use, (args, per_elem) in uses.items():
-        want = outputs(relu2_sparse24_backward(*args))
+    for use, (args, per_elem) in sets[0].items():
+        wants = [outputs(relu2_sparse24_backward(*s[use][0])) for s in sets]  # (kept: never handed out again)
         ms = graph_ms(lambda: relu2_sparse24_backward(*args))
-        rows, warps = bwd_launch(args[3] is not None)
-        row = {"ms": ms, "tb_per_s": m * k * per_elem / ms / 1e9, "rows": rows, "warps": warps, "variants_ms": {}}
-        forms = [(f"rows{rw}_warps{w}", dict(rows=rw, num_warps=w)) for rw in (64, 128) for w in (4, 8)]
-        if args[3] is None:
+        split = args[3] is not None
+        rows, warps, per_sm, prefetch = bwd_settings(split)
+        row = {"ms": ms, "tb_per_s": m * k * per_elem / ms / 1e9, "rows": rows, "warps": warps, "per_sm": per_sm,
+               "prefetch": prefetch, "variants_ms": {}}
+        grid = {} if split else {"per_sm": 0}  # (0: one program a tile, whatever ELAS_BWD24_CONFIG says)
+        forms = [(f"rows{rw}_warps{w}", dict(rows=rw, num_warps=w, **grid)) for rw in (64, 128) for w in (4, 8)]
+        if not split:
             forms += [(f"rows{rw}_warps{w}_persistent{p}{'_prefetch' if pf else ''}",
                        dict(rows=rw, num_warps=w, per_sm=p, prefetch=pf))
                       for rw in (64, 128) for w in (4, 8) for p, pf in BWD_PERSISTENT]
         for name, kw in forms:
-            got = outputs(relu2_sparse24_backward(*args, **kw))
-            if len(got) == len(want) and all(torch.equal(g, x) for g, x in zip(got, want)):
+            ok = True
+            for s, want in zip(sets, wants):
+                got = outputs(relu2_sparse24_backward(*s[use][0], **kw))
+                ok = ok and len(got) == len(want) and all(torch.equal(g, x) for g, x in zip(got, want))
+                del got
+            if ok:
                 row["variants_ms"][name] = graph_ms(lambda: relu2_sparse24_backward(*args, **kw))
             else:  # a form that computes other bytes is a bug, not a timing: say so in the JSON
                 row.setdefault("mismatched", []).append(name)
         if row["variants_ms"]:
             best = min(row["variants_ms"], key=row["variants_ms"].get)
-            row["best"] = {"form": best, "ms": row["variants_ms"][best], "vs_default": ms / row["variants_ms"][best],
-                           "env": "ELAS_BWD24_CONFIG='" + json.dumps(dict(forms)[best]) + "'"}
+            row["best"] = {"form": best, "ms": row["variants_ms"][best], "vs_default": ms / row["variants_ms"][best]}
+            if not split:  # (the variable sets the launch without the split only)
+                row["best"]["env"] = "ELAS_BWD24_CONFIG=" + json.dumps(dict(forms)[best])
         out[use] = row
+        b = row.get("best", {})
         log(f"  backward {use} M={m} K={k}: {ms:.4f} ms = {row['tb_per_s']:.2f} TB/s"
-            + (f"; fastest {row['best']['form']} {row['best']['ms']:.4f} ms ({row['best']['vs_default']:.2f}x: "
-               f"{row['best']['env']})"
-               if "best" in row else "") + (f"; MISMATCHED {row['mismatched']}" if "mismatched" in row else ""))
+            + (f"; fastest {b['form']} {b['ms']:.4f} ms ({b['vs_default']:.2f}x{': ' + b['env'] if 'env' in b else ''})"
+               if b else "") + (f"; MISMATCHED {row['mismatched']}" if "mismatched" in row else ""))
     return out
 
 

@@ -390,7 +390,8 @@ def _bwd_persistent_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr,
     # row-major over [M / ROWS, K / BK], so that neighbouring programs share rows). PREFETCH: the next tile's
     # inputs are loaded before this tile is computed, so that a program keeps a tile of reads in flight while it
     # computes (the RMSNorm backward gained 1.34x from this; more registers a program). The last prefetch of a
-    # program loads a tile again (its index taken modulo the tiles) and is never used: no masks.
+    # program loads the last tile again and is never used: no masks, and every program's extra read is of the same
+    # tile (from L2 after the first).
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols_b = K // BK
@@ -400,7 +401,7 @@ def _bwd_persistent_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr,
         col0 = (pid % cols_b) * BK
         vals, bits, y1, dy2 = _bwd_inputs(rows, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, K, STE, FROM_Y1, BK)
         for t in range(pid, tiles, nprog):
-            nt = (t + nprog) % tiles
+            nt = tl.minimum(t + nprog, tiles - 1)
             nrows = ((nt // cols_b) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
             ncol0 = (nt % cols_b) * BK
             nvals, nbits, ny1, ndy2 = _bwd_inputs(nrows, ncol0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, K, STE, FROM_Y1,
@@ -477,8 +478,8 @@ def _check_bwd_override(c: dict) -> None:
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
     for key, ok, valid in (("rows", lambda v: v in (64, 128) and is_int(v), "64 or 128"),
                            ("num_warps", lambda v: is_int(v) and v in (1, 2, 4, 8, 16, 32), "a power of two 1-32"),
-                           ("per_sm", lambda v: v is None or (is_int(v) and v >= 1),
-                            "an integer >= 1 or null (one program a tile)"),
+                           ("per_sm", lambda v: v is None or (is_int(v) and v >= 0),
+                            "an integer >= 1, or 0 or null (one program a tile)"),
                            ("prefetch", lambda v: isinstance(v, bool), "true or false")):
         if key in c and not ok(c[key]):
             raise ValueError(f"ELAS_BWD24_CONFIG={os.environ.get('ELAS_BWD24_CONFIG')!r}: {key}={c[key]!r}: "
@@ -498,16 +499,17 @@ def _packed_buffer(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Te
 def bwd_settings(split: bool, rows: int | None = None, num_warps: int | None = None, per_sm: int | None = None,
                  prefetch: bool | None = None) -> tuple[int, int, int | None, bool]:
     """The backward's launch (rows, num_warps, per_sm, prefetch): each argument given, else (without the split)
-    ELAS_BWD24_CONFIG's, else the module's defaults (bwd_launch, BWD_PER_SM, BWD_PREFETCH). ValueError for a bad
-    per_sm, or one asked of the split (which has no persistent form)."""
+    ELAS_BWD24_CONFIG's, else the module's defaults (bwd_launch, BWD_PER_SM, BWD_PREFETCH). per_sm 0 (or None
+    after all three) is the form of one program a tile, whatever the environment says. ValueError for a bad per_sm,
+    or one >= 1 asked of the split (which has no persistent form)."""
     default_rows, default_warps = bwd_launch(split)
     env = {} if split else _BWD_OVERRIDE
-    if per_sm is not None and (isinstance(per_sm, bool) or not isinstance(per_sm, int) or per_sm < 1):
-        raise ValueError(f"per_sm={per_sm!r}: expected an integer >= 1 (programs per SM) or None (one a tile)")
-    if per_sm is not None and split:
+    if per_sm is not None and (isinstance(per_sm, bool) or not isinstance(per_sm, int) or per_sm < 0):
+        raise ValueError(f"per_sm={per_sm!r}: expected an integer >= 1 (programs per SM) or 0 (one a tile)")
+    if per_sm and split:
         raise ValueError("per_sm: the persistent form has no 95/5 split (dense_slots); leave per_sm unset")
-    return (rows or env.get("rows", default_rows), num_warps or env.get("num_warps", default_warps),
-            per_sm if per_sm is not None else env.get("per_sm", None if split else BWD_PER_SM),
+    per_sm = per_sm if per_sm is not None else env.get("per_sm", None if split else BWD_PER_SM)
+    return (rows or env.get("rows", default_rows), num_warps or env.get("num_warps", default_warps), per_sm or None,
             bool(env.get("prefetch", BWD_PREFETCH) if prefetch is None else prefetch))
 
 
@@ -516,8 +518,9 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Ten
                             num_warps: int | None = None, per_sm: int | None = None, prefetch: bool | None = None,
                             launch=_direct) -> Grads24:
     """Triton twin of reference.relu2_sparse24_backward: one pass over dy2 (and y1 in ste mode); see there.
-    rows, num_warps: tokens per program (64 or 128) and warps; per_sm (without the split): the persistent form,
-    per_sm programs on each SM (on the CPU: per_sm programs in all), each walking tiles, with prefetch the next
+    rows, num_warps: tokens per program (64 or 128) and warps; per_sm (without the split): >= 1 the persistent
+    form, per_sm programs on each SM (on the CPU: per_sm programs in all), 0 one program a tile (the grid form,
+    whatever ELAS_BWD24_CONFIG says); the persistent form's programs each walk tiles, with prefetch the next
     tile's loads issued before this one's work; launch: as in relu2_sparsify24_packed. None: bwd_settings'
     (ELAS_BWD24_CONFIG, else the module's defaults; read at each call)."""
     rows, num_warps, per_sm, prefetch = bwd_settings(dense_slots is not None, rows, num_warps, per_sm, prefetch)
