@@ -681,8 +681,10 @@ def test_backward_sweep_checks_every_form_before_it_times_it(monkeypatch):
     monkeypatch.setattr(kb, "graph_ms", fake_ms)
     monkeypatch.setattr(kb, "BWD_PERSISTENT", [(1, True)])
     y1 = torch.randn(128, 128, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    out = kb._backward_sweep(y1, log=lambda *a: None)
+    lines = []
+    out = kb._backward_sweep(y1, log=lines.append)
     assert set(out) == {"ste", "mask", "mask_split"}
+    assert "(2.00x: ELAS_BWD24_CONFIG='{\"rows\": 64, \"num_warps\": 4, \"per_sm\": 0}')" in lines[0], lines[0]
     for use in ("ste", "mask"):  # 4 grid forms + the persistent form at 2 row counts x 2 warp counts
         assert len(out[use]["variants_ms"]) == 8 and "mismatched" not in out[use], out[use]
         assert "rows64_warps8_persistent1_prefetch" in out[use]["variants_ms"]

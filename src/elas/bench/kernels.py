@@ -219,7 +219,8 @@ def _backward_sweep(y1: torch.Tensor, log=print) -> dict:
         out[use] = row
         b = row.get("best", {})
         log(f"  backward {use} M={m} K={k}: {ms:.4f} ms = {row['tb_per_s']:.2f} TB/s"
-            + (f"; fastest {b['form']} {b['ms']:.4f} ms ({b['vs_default']:.2f}x{': ' + b['env'] if 'env' in b else ''})"
+            + (f"; fastest {b['form']} {b['ms']:.4f} ms ({b['vs_default']:.2f}x"
+               + (": ELAS_BWD24_CONFIG='" + b['env'].split('=', 1)[1] + "'" if 'env' in b else '') + ")"
                if b else "") + (f"; MISMATCHED {row['mismatched']}" if "mismatched" in row else ""))
     return out
 
