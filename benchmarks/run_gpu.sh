@@ -32,7 +32,7 @@ for what in "${@:-tests kernels ffn}"; do
       epilogue) python -m elas bench epilogue --gpu-name "$GPU" ;;
       bwd24)  # the 2:4 sparsifier and its backward at the 1B step's tokens (8192) and every ELAS width: each launch,
               # and the backward's persistent forms (per_sm, prefetch), byte-checked against the default before
-              # they are timed (~3 min): benchmarks/results/$GPU/bwd24/sparsify.json
+              # they are timed (~5 min, compiles included): benchmarks/results/$GPU/bwd24/sparsify.json
         python -m elas bench sparsify --gpu-name "$GPU" --m 8192 --out "benchmarks/results/$GPU/bwd24" || failed=1 ;;
       bwd24_step)  # the 1B steps whose backward runs without the split in mask mode (relu2-24, elas-mask) beside
                    # their dense twins, in two processes: with bwd24's fastest mask form at K = 8192
