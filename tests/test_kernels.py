@@ -399,26 +399,69 @@ def test_backward_settings_take_arguments_then_the_environment_then_the_defaults
     import sys
     from elas.kernels.cuda import sparsify as S
     monkeypatch.setattr(S, "_BWD_OVERRIDE", {})
-    assert S.bwd_settings(False) == (S.BWD_ROWS, S.BWD_WARPS, S.BWD_PER_SM, S.BWD_PREFETCH)
-    assert S.bwd_settings(True) == (S.BWD_ROWS, S.SPLIT_BWD_WARPS, None, S.BWD_PREFETCH)
+    assert S.bwd_settings(False) == (S.BWD_ROWS, S.BWD_WARPS, S.BWD_PER_SM, S.BWD_PREFETCH, S.BWD_WORDS)
+    assert S.bwd_settings(True) == (S.BWD_ROWS, S.SPLIT_BWD_WARPS, None, S.BWD_PREFETCH, False)
     monkeypatch.setattr(S, "_BWD_OVERRIDE", {"rows": 128, "per_sm": 2, "prefetch": False})
-    assert S.bwd_settings(False) == (128, S.BWD_WARPS, 2, False)
-    assert S.bwd_settings(False, rows=64, per_sm=3, prefetch=True) == (64, S.BWD_WARPS, 3, True)
-    assert S.bwd_settings(True) == (S.BWD_ROWS, S.SPLIT_BWD_WARPS, None, S.BWD_PREFETCH)  # not for the split
-    assert S.bwd_settings(False, per_sm=0) == (128, S.BWD_WARPS, None, False)  # 0: the grid, despite the variable
+    assert S.bwd_settings(False) == (128, S.BWD_WARPS, 2, False, False)
+    assert S.bwd_settings(False, rows=64, per_sm=3, prefetch=True) == (64, S.BWD_WARPS, 3, True, False)
+    assert S.bwd_settings(True) == (S.BWD_ROWS, S.SPLIT_BWD_WARPS, None, S.BWD_PREFETCH, False)  # not the split's
+    assert S.bwd_settings(False, per_sm=0) == (128, S.BWD_WARPS, None, False, False)  # 0: the grid, despite it
+    monkeypatch.setattr(S, "_BWD_OVERRIDE", {"words": True})
+    assert S.bwd_settings(False)[4] and not S.bwd_settings(False, per_sm=0)[4]  # (per_sm given: that form)
+    assert not S.bwd_settings(False, words=False)[4] and not S.bwd_settings(True)[4]
+    with pytest.raises(ValueError, match="words and per_sm=2: expected one of them"):
+        S.bwd_settings(False, per_sm=2, words=True)
+    with pytest.raises(ValueError, match="word form has no 95/5 split"):
+        S.bwd_settings(True, words=True)
     with pytest.raises(ValueError, match="per_sm=-1: expected an integer >= 1"):
         S.bwd_settings(False, per_sm=-1)
     with pytest.raises(ValueError, match="no 95/5 split"):
         S.bwd_settings(True, per_sm=2)
     assert S.bwd_settings(True, per_sm=0)[2] is None
     code = "import elas.kernels.cuda.sparsify as S; print(S.bwd_settings(False))"
-    for value, expect in (('{"rows": 128, "per_sm": 4}', "(128, 8, 4, True)"), ('{"per_sm": 0}', "(64, 8, None, True)"),
-                          ('{"per_sm": -2}', "per_sm=-2"),
+    for value, expect in (('{"rows": 128, "per_sm": 4}', "(128, 8, 4, True, False)"),
+                          ('{"per_sm": 0}', "(64, 8, None, True, False)"), ('{"words": true}', "(64, 8, None, True, True)"),
+                          ('{"words": true, "per_sm": 2}', "words and per_sm"), ('{"per_sm": -2}', "per_sm=-2"),
                           ('{"rows": 96}', "rows=96: expected 64 or 128"), ('{"row": 64}', "unknown key 'row'")):
         r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ELAS_BWD24_CONFIG": value},
                            capture_output=True, text=True)
         assert expect in (r.stdout if r.returncode == 0 else r.stderr), (value, r.stdout, r.stderr[-300:])
         assert (r.returncode == 0) == expect.startswith("("), value
+
+
+@needs_triton
+@pytest.mark.parametrize("k", [256, 192])
+def test_triton_backward_word_form_equals_the_grid_form(k):
+    """Mask mode's word form (words=True: a group's four bf16 as one int64, 128 features a program, or 64 where K
+    is not a multiple of 128) on inputs with ties, zeros and negative zeros in y1 and dy2: every output byte equal to
+    the grid form's and the values to the reference's; run on two inputs in turn, so that a part left unwritten
+    shows. In ste mode words changes nothing."""
+    from elas.kernels.cuda.sparsify import relu2_sparse24_backward
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m = 128
+
+    def inputs(seed):
+        y1 = adversarial(m, k, torch.bfloat16, seed=seed).to(dev)
+        dy2 = torch.randn(m, k, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(seed + 1))
+        dy2[:, 7] = 0
+        dy2[:, 9] = -0.0  # a negative zero: its sign reaches dy1 where the feature was dropped, as in the grid form
+        return dy2.to(dev), ref.relu2_sparsify24_packed(y1)
+
+    def outputs(g):
+        return [(t.buffer if hasattr(t, "buffer") else t).view(torch.int16) for t in g if t is not None]
+    sets = [inputs(11), inputs(13)]
+    wants = [outputs(relu2_sparse24_backward(*args, per_sm=0)) for args in sets]
+    for rows in (64, 128):
+        for args, want in zip(sets, wants):
+            got = outputs(relu2_sparse24_backward(*args, rows=rows, words=True))
+            assert len(got) == len(want) == 4 and all(torch.equal(g, w) for g, w in zip(got, want)), rows
+            del got
+    w = ref.relu2_sparse24_backward(*sets[0])
+    g = relu2_sparse24_backward(*sets[0], words=True)
+    assert torch.equal(g.y2s, w.y2s) and torch.equal(g.dy1, w.dy1) and torch.equal(g.dy1_values, w.dy1_values)
+    y1 = adversarial(m, k, torch.bfloat16, seed=3).to(dev)  # ste: the word form does not apply
+    assert torch.equal(relu2_sparse24_backward(sets[0][0], None, y1, words=True).dy1,
+                       relu2_sparse24_backward(sets[0][0], None, y1).dy1)
 
 
 @needs_triton

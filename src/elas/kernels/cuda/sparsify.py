@@ -384,6 +384,53 @@ def _bwd_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, 
 
 
 @triton.jit
+def _kept_grads(v, d, s0, s1):
+    """One group of 4 features in 64-bit words (mask mode): v int32, its two kept bf16 values (first in the low
+    half); d int64, its four dy2 (feature j in bits 16j..16j+15); s0 < s1 int64, 16 x the kept positions.
+    -> (y2s, dy1 as int64 words of four bf16, dy1's two kept values as int32). The same arithmetic as _bwd_rows:
+    dy1 = bf16(2 bf16(sqrt(y2s)) dy2) on kept entries; elsewhere y2s is +0 and dy1 the +-0 that 2 x 0 x dy2 gives
+    (dy2's sign: byte-identical to _bwd_rows for finite dy2)."""
+    fb = v & 0xFFFF
+    sb = (v >> 16) & 0xFFFF
+    y2s = (fb.to(tl.int64) << s0) | (sb.to(tl.int64) << s1)
+    d0 = (((d >> s0) & 0xFFFF).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    d1 = (((d >> s1) & 0xFFFF).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    g0 = _round_bf16(2.0 * _round_bf16(tl.sqrt((fb << 16).to(tl.float32, bitcast=True))) * d0)
+    g1 = _round_bf16(2.0 * _round_bf16(tl.sqrt((sb << 16).to(tl.float32, bitcast=True))) * d1)
+    b0 = (g0.to(tl.int32, bitcast=True) >> 16) & 0xFFFF
+    b1 = (g1.to(tl.int32, bitcast=True) >> 16) & 0xFFFF
+    kept = (tl.full(s0.shape, 0xFFFF, tl.int64) << s0) | (tl.full(s1.shape, 0xFFFF, tl.int64) << s1)
+    signs = d & ~kept & -9223231297218904064  # 0x8000800080008000: the dropped features' dy2 signs
+    return y2s, (b0.to(tl.int64) << s0) | (b1.to(tl.int64) << s1) | signs, b0 | (b1 << 16)
+
+
+@triton.jit
+def _bwd_words_kernel(dy2_ptr, val_ptr, bits_ptr, y2s_ptr, dy1_ptr, dval_ptr, K, GB: tl.constexpr,
+                      ROWS: tl.constexpr):
+    # _bwd_kernel's mask mode (no split, from the packed forward) on 64-bit words: program ROWS tokens x GB groups
+    # of 4 features. dy2, y2s, dy1: int64 views [M, K/4] (a group's four bf16 a word); vals, dval: int32 views
+    # [M, K/4] (a group's two kept bf16); bits: uint8 [M, K/8] (two groups a byte, the even one low). Each thread
+    # holds whole groups, so the 2:4 positions select by shifts and no tensor is regrouped across threads: the
+    # int32 accesses are hinted to runs of 2 (8 bytes), as the int64 ones are 16 bytes, so that every tensor has one
+    # layout (Triton 3.6, sm_90: 3 barriers and 17.4 SASS instructions an element, against 17 and 26.9 in
+    # _bwd_kernel's mask mode; benchmarks/sass_count.py). Writes the same bytes as _bwd_kernel (finite dy2).
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
+    g = tl.program_id(1) * GB + tl.arange(0, GB)[None, :]
+    off = rows * (K // 4) + g  # [ROWS, GB]
+    off2 = tl.max_contiguous(tl.multiple_of(off, [1, 2]), [1, 2])
+    v = tl.load(val_ptr + off2)
+    hb = tl.program_id(1) * (GB // 2) + tl.arange(0, GB // 2)[None, :]
+    b = tl.load(bits_ptr + tl.max_contiguous(rows * (K // 8) + hb, [1, 1])).to(tl.int32)  # [ROWS, GB/2]
+    keep = tl.reshape(tl.join(b & 15, b >> 4), (ROWS, GB))  # bit j: feature j of the group kept
+    s0 = tl.where((keep & 1) != 0, 0, tl.where((keep & 2) != 0, 16, 32)).to(tl.int64)
+    s1 = tl.where((keep & 8) != 0, 48, tl.where((keep & 4) != 0, 32, 16)).to(tl.int64)
+    y2s, dy1, dv = _kept_grads(v, tl.load(dy2_ptr + off), s0, s1)
+    tl.store(y2s_ptr + off, y2s)
+    tl.store(dy1_ptr + off, dy1)
+    tl.store(dval_ptr + off2, dv)
+
+
+@triton.jit
 def _bwd_persistent_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, M, K, STE: tl.constexpr,
                            FROM_Y1: tl.constexpr, BK: tl.constexpr, ROWS: tl.constexpr, PREFETCH: tl.constexpr):
     # _bwd_kernel's work, each program walking tiles pid, pid + programs, ... (ROWS tokens x BK features each,
@@ -469,9 +516,12 @@ def bwd_launch(split: bool) -> tuple[int, int]:
 # tile's loads issued before this one's work: `prefetch`): not the default until timed against the grid of one
 # program per tile (`elas bench sparsify` times both: bench/kernels.py BWD_PERSISTENT). None: one program a tile
 BWD_PER_SM, BWD_PREFETCH = None, True
-# ELAS_BWD24_CONFIG='{"rows": 64, "num_warps": 8, "per_sm": 2, "prefetch": true}' sets the backward's launch
-# without the split for a process (what `elas bench sparsify`'s sweep names fastest), checked here at import
-_BWD_OVERRIDE = env_config("ELAS_BWD24_CONFIG", ("rows", "num_warps", "per_sm", "prefetch"))
+# mask mode without the split on 64-bit words (_bwd_words_kernel): not the default until timed (the same sweep)
+BWD_WORDS = False
+# ELAS_BWD24_CONFIG='{"rows": 64, "num_warps": 8, "per_sm": 2, "prefetch": true}' (or '{"words": true}') sets the
+# backward's launch without the split for a process (what `elas bench sparsify`'s sweep names fastest), checked
+# here at import
+_BWD_OVERRIDE = env_config("ELAS_BWD24_CONFIG", ("rows", "num_warps", "per_sm", "prefetch", "words"))
 
 
 def _check_bwd_override(c: dict) -> None:
@@ -480,10 +530,14 @@ def _check_bwd_override(c: dict) -> None:
                            ("num_warps", lambda v: is_int(v) and v in (1, 2, 4, 8, 16, 32), "a power of two 1-32"),
                            ("per_sm", lambda v: v is None or (is_int(v) and v >= 0),
                             "an integer >= 1, or 0 or null (one program a tile)"),
-                           ("prefetch", lambda v: isinstance(v, bool), "true or false")):
+                           ("prefetch", lambda v: isinstance(v, bool), "true or false"),
+                           ("words", lambda v: isinstance(v, bool), "true or false")):
         if key in c and not ok(c[key]):
             raise ValueError(f"ELAS_BWD24_CONFIG={os.environ.get('ELAS_BWD24_CONFIG')!r}: {key}={c[key]!r}: "
                              f"expected {valid}")
+    if c.get("words") and c.get("per_sm"):
+        raise ValueError(f"ELAS_BWD24_CONFIG={os.environ.get('ELAS_BWD24_CONFIG')!r}: words and per_sm: expected "
+                         f"one of them (the word form has no persistent loop)")
 
 
 _check_bwd_override(_BWD_OVERRIDE)
@@ -497,33 +551,43 @@ def _packed_buffer(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Te
 
 
 def bwd_settings(split: bool, rows: int | None = None, num_warps: int | None = None, per_sm: int | None = None,
-                 prefetch: bool | None = None) -> tuple[int, int, int | None, bool]:
-    """The backward's launch (rows, num_warps, per_sm, prefetch): each argument given, else (without the split)
-    ELAS_BWD24_CONFIG's, else the module's defaults (bwd_launch, BWD_PER_SM, BWD_PREFETCH). per_sm 0 (or None
-    after all three) is the form of one program a tile, whatever the environment says. ValueError for a bad per_sm,
-    or one >= 1 asked of the split (which has no persistent form)."""
+                 prefetch: bool | None = None, words: bool | None = None) -> tuple[int, int, int | None, bool, bool]:
+    """The backward's launch (rows, num_warps, per_sm, prefetch, words): each argument given, else (without the
+    split) ELAS_BWD24_CONFIG's, else the module's defaults (bwd_launch, BWD_PER_SM, BWD_PREFETCH, BWD_WORDS).
+    per_sm 0 (or None after all three) is the form of one program a tile, whatever the environment says; words
+    (mask mode only) the word form. ValueError for a bad per_sm, one >= 1 asked of the split (which has no
+    persistent form), or words with per_sm >= 1."""
     default_rows, default_warps = bwd_launch(split)
     env = {} if split else _BWD_OVERRIDE
     if per_sm is not None and (isinstance(per_sm, bool) or not isinstance(per_sm, int) or per_sm < 0):
         raise ValueError(f"per_sm={per_sm!r}: expected an integer >= 1 (programs per SM) or 0 (one a tile)")
     if per_sm and split:
         raise ValueError("per_sm: the persistent form has no 95/5 split (dense_slots); leave per_sm unset")
-    per_sm = per_sm if per_sm is not None else env.get("per_sm", None if split else BWD_PER_SM)
+    if words and split:
+        raise ValueError("words: the word form has no 95/5 split (dense_slots); leave words unset")
+    if words and per_sm:
+        raise ValueError(f"words and per_sm={per_sm}: expected one of them (the word form has no persistent loop)")
+    given_per_sm = per_sm is not None
+    per_sm = per_sm if given_per_sm else env.get("per_sm", None if split else BWD_PER_SM)
+    words = (False if split or given_per_sm else env.get("words", BWD_WORDS)) if words is None else words
     return (rows or env.get("rows", default_rows), num_warps or env.get("num_warps", default_warps), per_sm or None,
-            bool(env.get("prefetch", BWD_PREFETCH) if prefetch is None else prefetch))
+            bool(env.get("prefetch", BWD_PREFETCH) if prefetch is None else prefetch), bool(words) and not per_sm)
 
 
 def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Tensor | None = None,
                             dense_slots: torch.Tensor | None = None, n_dense: int = 0, rows: int | None = None,
                             num_warps: int | None = None, per_sm: int | None = None, prefetch: bool | None = None,
-                            launch=_direct) -> Grads24:
+                            words: bool | None = None, launch=_direct) -> Grads24:
     """Triton twin of reference.relu2_sparse24_backward: one pass over dy2 (and y1 in ste mode); see there.
     rows, num_warps: tokens per program (64 or 128) and warps; per_sm (without the split): >= 1 the persistent
     form, per_sm programs on each SM (on the CPU: per_sm programs in all), 0 one program a tile (the grid form,
     whatever ELAS_BWD24_CONFIG says); the persistent form's programs each walk tiles, with prefetch the next
-    tile's loads issued before this one's work; launch: as in relu2_sparsify24_packed. None: bwd_settings'
-    (ELAS_BWD24_CONFIG, else the module's defaults; read at each call)."""
-    rows, num_warps, per_sm, prefetch = bwd_settings(dense_slots is not None, rows, num_warps, per_sm, prefetch)
+    tile's loads issued before this one's work; words (mask mode from the packed forward, without the split):
+    the word form (_bwd_words_kernel), the same bytes for finite dy2; elsewhere it changes nothing. launch: as
+    in relu2_sparsify24_packed. None: bwd_settings' (ELAS_BWD24_CONFIG, else the module's defaults; read at each
+    call)."""
+    rows, num_warps, per_sm, prefetch, words = bwd_settings(dense_slots is not None, rows, num_warps, per_sm,
+                                                            prefetch, words)
     m, k = dy2.shape
     if a is not None and a.shape != (m, k):
         raise ValueError(f"packed y2s is {a.shape}, dy2 is {tuple(dy2.shape)}")
@@ -561,6 +625,11 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Ten
         launch(_bwd_split_kernel)[(m // rows, k // 64)](
             dy2, vals, bits, ptr(y1), ptr(dy1), ptr(dval), yt_val, yt_meta, dt_val, dt_meta, dense_slots, y2d, dy1d,
             m, k, max(n_dense, 1), STE=ste, FROM_Y1=a is None, ROWS=rows, num_warps=num_warps)
+    elif words and a is not None and not ste:
+        gb = 32 if k % 128 == 0 else 16  # groups of 4 features a program: 128 or 64 features
+        launch(_bwd_words_kernel)[(m // rows, k // 4 // gb)](
+            dy2.view(torch.int64), a.values.view(torch.int32), a.mask_bits, y2s.view(torch.int64),
+            dy1.view(torch.int64), dval.view(torch.int32), k, GB=gb, ROWS=rows, num_warps=num_warps)
     elif per_sm is not None:
         tiles = (m // rows) * (k // bk)
         sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
