@@ -431,11 +431,11 @@ def test_backward_settings_take_arguments_then_the_environment_then_the_defaults
 
 @needs_triton
 @pytest.mark.parametrize("k", [256, 192])
-def test_triton_backward_word_form_equals_the_grid_form(k):
-    """Mask mode's word form (words=True: a group's four bf16 as one int64, 128 features a program, or 64 where K
-    is not a multiple of 128) on inputs with ties, zeros and negative zeros in y1 and dy2: every output byte equal to
-    the grid form's and the values to the reference's; run on two inputs in turn, so that a part left unwritten
-    shows. In ste mode words changes nothing."""
+def test_triton_backward_word_forms_equal_the_grid_form(k):
+    """The word form (words=True: a group's four bf16 as one int64, 128 features a program, or 64 where K is not
+    a multiple of 128), mask mode and ste mode from y1, on inputs with ties, zeros and negative zeros in y1 and
+    dy2: every output byte equal to the grid form's and the values to the reference's; run on two inputs in turn,
+    so that a part left unwritten shows. With the packed forward beside y1 (ste) words changes nothing."""
     from elas.kernels.cuda.sparsify import relu2_sparse24_backward
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     m = 128
@@ -459,9 +459,19 @@ def test_triton_backward_word_form_equals_the_grid_form(k):
     w = ref.relu2_sparse24_backward(*sets[0])
     g = relu2_sparse24_backward(*sets[0], words=True)
     assert torch.equal(g.y2s, w.y2s) and torch.equal(g.dy1, w.dy1) and torch.equal(g.dy1_values, w.dy1_values)
-    y1 = adversarial(m, k, torch.bfloat16, seed=3).to(dev)  # ste: the word form does not apply
-    assert torch.equal(relu2_sparse24_backward(sets[0][0], None, y1, words=True).dy1,
-                       relu2_sparse24_backward(sets[0][0], None, y1).dy1)
+    # ste from y1: its word form, the same bytes; with the packed forward beside y1 it does not apply
+    ste_sets = [(dy2, None, adversarial(m, k, torch.bfloat16, seed=seed).to(dev))
+                for seed, (dy2, _) in zip((3, 4), sets)]
+    ste_wants = [outputs(relu2_sparse24_backward(*args, per_sm=0)) for args in ste_sets]
+    for args, want in zip(ste_sets, ste_wants):
+        got = outputs(relu2_sparse24_backward(*args, words=True))
+        assert len(got) == len(want) == 2 and all(torch.equal(g, w) for g, w in zip(got, want))
+        del got
+    w = ref.relu2_sparse24_backward(*ste_sets[0])
+    g = relu2_sparse24_backward(*ste_sets[0], words=True)
+    assert torch.equal(g.y2s, w.y2s) and torch.equal(g.dy1, w.dy1)
+    args = (sets[0][0], ref.relu2_sparsify24_packed(ste_sets[0][2]), ste_sets[0][2])
+    assert torch.equal(relu2_sparse24_backward(*args, words=True).dy1, relu2_sparse24_backward(*args).dy1)
 
 
 @needs_triton

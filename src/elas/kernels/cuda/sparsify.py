@@ -431,6 +431,47 @@ def _bwd_words_kernel(dy2_ptr, val_ptr, bits_ptr, y2s_ptr, dy1_ptr, dval_ptr, K,
 
 
 @triton.jit
+def _feature(w, j: tl.constexpr):
+    """Feature j of each group from its int64 word of four bf16, as fp32 (exact)."""
+    return (((w >> (16 * j)) & 0xFFFF).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _bf16_bits(x, j: tl.constexpr):
+    """fp32 x (round to nearest even to bf16) -> its bf16 bits at bits 16j..16j+15 of an int64 word."""
+    return ((_round_bf16(x).to(tl.int32, bitcast=True) >> 16) & 0xFFFF).to(tl.int64) << (16 * j)
+
+
+@triton.jit
+def _ste_word(w, d):
+    """ste mode on one group in 64-bit words: w, d int64 (the group's four y1 and dy2 bf16) -> (y2s, dy1) int64.
+    The same arithmetic as _bwd_rows with FROM_Y1: the 2:4 choice on the exact squares of relu(y1), y2s the kept
+    squares rounded to bf16 (+0 elsewhere), dy1 = bf16(2 y1 dy2) where y1 > 0 (+0 elsewhere)."""
+    a0, a1, a2, a3 = _feature(w, 0), _feature(w, 1), _feature(w, 2), _feature(w, 3)
+    r0, r1, r2, r3 = tl.maximum(a0, 0.0), tl.maximum(a1, 0.0), tl.maximum(a2, 0.0), tl.maximum(a3, 0.0)
+    x0, x1, x2, x3 = r0 * r0, r1 * r1, r2 * r2, r3 * r3
+    k0, k1, k2, k3 = _keep24(x0, x1, x2, x3)
+    y2s = (_bf16_bits(tl.where(k0, x0, 0.0), 0) | _bf16_bits(tl.where(k1, x1, 0.0), 1)
+           | _bf16_bits(tl.where(k2, x2, 0.0), 2) | _bf16_bits(tl.where(k3, x3, 0.0), 3))
+    dy1 = (_bf16_bits(tl.where(a0 > 0.0, 2.0 * a0 * _feature(d, 0), 0.0), 0)
+           | _bf16_bits(tl.where(a1 > 0.0, 2.0 * a1 * _feature(d, 1), 0.0), 1)
+           | _bf16_bits(tl.where(a2 > 0.0, 2.0 * a2 * _feature(d, 2), 0.0), 2)
+           | _bf16_bits(tl.where(a3 > 0.0, 2.0 * a3 * _feature(d, 3), 0.0), 3))
+    return y2s, dy1
+
+
+@triton.jit
+def _bwd_ste_words_kernel(dy2_ptr, y1_ptr, y2s_ptr, dy1_ptr, K, GB: tl.constexpr, ROWS: tl.constexpr):
+    # _bwd_kernel's ste mode from y1 (no split) on 64-bit words: program ROWS tokens x GB groups of 4 features;
+    # dy2, y1, y2s, dy1: int64 views [M, K/4] (a group's four bf16 a word). Writes the same bytes as _bwd_kernel.
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
+    off = rows * (K // 4) + tl.program_id(1) * GB + tl.arange(0, GB)[None, :]
+    y2s, dy1 = _ste_word(tl.load(y1_ptr + off), tl.load(dy2_ptr + off))
+    tl.store(y2s_ptr + off, y2s)
+    tl.store(dy1_ptr + off, dy1)
+
+
+@triton.jit
 def _bwd_persistent_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, M, K, STE: tl.constexpr,
                            FROM_Y1: tl.constexpr, BK: tl.constexpr, ROWS: tl.constexpr, PREFETCH: tl.constexpr):
     # _bwd_kernel's work, each program walking tiles pid, pid + programs, ... (ROWS tokens x BK features each,
@@ -516,7 +557,8 @@ def bwd_launch(split: bool) -> tuple[int, int]:
 # tile's loads issued before this one's work: `prefetch`): not the default until timed against the grid of one
 # program per tile (`elas bench sparsify` times both: bench/kernels.py BWD_PERSISTENT). None: one program a tile
 BWD_PER_SM, BWD_PREFETCH = None, True
-# mask mode without the split on 64-bit words (_bwd_words_kernel): not the default until timed (the same sweep)
+# the backward without the split on 64-bit words (_bwd_words_kernel, _bwd_ste_words_kernel): not the default
+# until timed (the same sweep)
 BWD_WORDS = False
 # ELAS_BWD24_CONFIG='{"rows": 64, "num_warps": 8, "per_sm": 2, "prefetch": true}' (or '{"words": true}') sets the
 # backward's launch without the split for a process (what `elas bench sparsify`'s sweep names fastest), checked
@@ -555,7 +597,7 @@ def bwd_settings(split: bool, rows: int | None = None, num_warps: int | None = N
     """The backward's launch (rows, num_warps, per_sm, prefetch, words): each argument given, else (without the
     split) ELAS_BWD24_CONFIG's, else the module's defaults (bwd_launch, BWD_PER_SM, BWD_PREFETCH, BWD_WORDS).
     per_sm 0 (or None after all three) is the form of one program a tile, whatever the environment says; words
-    (mask mode only) the word form. ValueError for a bad per_sm, one >= 1 asked of the split (which has no
+    the word form. ValueError for a bad per_sm, one >= 1 asked of the split (which has no
     persistent form), or words with per_sm >= 1."""
     default_rows, default_warps = bwd_launch(split)
     env = {} if split else _BWD_OVERRIDE
@@ -582,8 +624,9 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Ten
     rows, num_warps: tokens per program (64 or 128) and warps; per_sm (without the split): >= 1 the persistent
     form, per_sm programs on each SM (on the CPU: per_sm programs in all), 0 one program a tile (the grid form,
     whatever ELAS_BWD24_CONFIG says); the persistent form's programs each walk tiles, with prefetch the next
-    tile's loads issued before this one's work; words (mask mode from the packed forward, without the split):
-    the word form (_bwd_words_kernel), the same bytes for finite dy2; elsewhere it changes nothing. launch: as
+    tile's loads issued before this one's work; words (without the split, mask mode from the packed forward or
+    ste mode from y1; bf16): the word form (_bwd_words_kernel, _bwd_ste_words_kernel), the same bytes (in mask
+    mode for finite dy2); elsewhere (ste with the packed forward, fp32) it changes nothing. launch: as
     in relu2_sparsify24_packed. None: bwd_settings' (ELAS_BWD24_CONFIG, else the module's defaults; read at each
     call)."""
     rows, num_warps, per_sm, prefetch, words = bwd_settings(dense_slots is not None, rows, num_warps, per_sm,
@@ -625,11 +668,16 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Ten
         launch(_bwd_split_kernel)[(m // rows, k // 64)](
             dy2, vals, bits, ptr(y1), ptr(dy1), ptr(dval), yt_val, yt_meta, dt_val, dt_meta, dense_slots, y2d, dy1d,
             m, k, max(n_dense, 1), STE=ste, FROM_Y1=a is None, ROWS=rows, num_warps=num_warps)
-    elif words and a is not None and not ste:
+    elif words and dy2.dtype == torch.bfloat16 and a is not None and not ste:
         gb = 32 if k % 128 == 0 else 16  # groups of 4 features a program: 128 or 64 features
         launch(_bwd_words_kernel)[(m // rows, k // 4 // gb)](
             dy2.view(torch.int64), a.values.view(torch.int32), a.mask_bits, y2s.view(torch.int64),
             dy1.view(torch.int64), dval.view(torch.int32), k, GB=gb, ROWS=rows, num_warps=num_warps)
+    elif words and dy2.dtype == y1.dtype == torch.bfloat16 and a is None:  # ste from y1
+        gb = 32 if k % 128 == 0 else 16
+        launch(_bwd_ste_words_kernel)[(m // rows, k // 4 // gb)](
+            dy2.view(torch.int64), y1.view(torch.int64), y2s.view(torch.int64), dy1.view(torch.int64), k, GB=gb,
+            ROWS=rows, num_warps=num_warps)
     elif per_sm is not None:
         tiles = (m // rows) * (k // bk)
         sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
