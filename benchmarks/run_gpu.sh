@@ -34,14 +34,20 @@ for what in "${@:-tests kernels ffn}"; do
               # and the backward's persistent forms (per_sm, prefetch), byte-checked against the default before
               # they are timed (~5 min, compiles included): benchmarks/results/$GPU/bwd24/sparsify.json
         python -m elas bench sparsify --gpu-name "$GPU" --m 8192 --out "benchmarks/results/$GPU/bwd24" || failed=1 ;;
-      bwd24_step)  # the 1B steps whose backward runs without the split in mask mode (relu2-24, elas-mask) beside
-                   # their dense twins, in two processes: with bwd24's fastest mask form at K = 8192
-                   # (ELAS_BWD24_CONFIG: bwd24_step_swept/step.json) and with the default (bwd24_step_default/);
-                   # run bwd24 first. BWD24_VARIANTS replaces the variants (~3 min a process)
+      bwd24_step)  # the 1B steps whose backward runs without the split in one mode (BWD24_MODE: mask, the default:
+                   # relu2-24 and elas-mask; ste: elas) beside their dense twins, in two processes: with bwd24's
+                   # fastest form of that mode at K = 8192 (ELAS_BWD24_CONFIG: bwd24_step_<mode>_swept/step.json)
+                   # and with the default (bwd24_step_<mode>_default/); run bwd24 first. BWD24_VARIANTS replaces
+                   # the variants (~3 min a process)
+        mode=${BWD24_MODE:-mask}
+        case $mode in mask) vs=lowrank-relu2,elas-mask,relu2,relu2-24 ;; ste) vs=lowrank-relu2,elas ;;
+          *) echo "bwd24_step: BWD24_MODE=$mode: expected mask or ste" >&2; vs= ;; esac
         cfg=$(python -c "import json, sys; r = [r for r in json.load(open(sys.argv[1]))['rows'] if r['K'] == 8192][0]
-print(r['backward']['mask']['best']['env'].split('=', 1)[1])" \
-              "benchmarks/results/$GPU/bwd24/sparsify.json" 2>/dev/null) || cfg=
-        if [ -z "$cfg" ]; then
+print(r['backward'][sys.argv[2]]['best']['env'].split('=', 1)[1])" \
+              "benchmarks/results/$GPU/bwd24/sparsify.json" "$mode" 2>/dev/null) || cfg=
+        if [ -z "$vs" ]; then
+          failed=1
+        elif [ -z "$cfg" ]; then
           echo "bwd24_step: no sweep on this machine (benchmarks/results/$GPU/bwd24/sparsify.json): run bwd24 first" >&2
           failed=1
         else
@@ -49,8 +55,8 @@ print(r['backward']['mask']['best']['env'].split('=', 1)[1])" \
           for form in swept default; do
             ( if [ "$form" = swept ]; then export ELAS_BWD24_CONFIG="$cfg"; else unset ELAS_BWD24_CONFIG; fi
               timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --batches 32 \
-                --modes elas --variants "${BWD24_VARIANTS:-lowrank-relu2,elas-mask,relu2,relu2-24}" \
-                --out "benchmarks/results/$GPU/bwd24_step_$form" 2>&1 | quiet
+                --modes elas --variants "${BWD24_VARIANTS:-$vs}" \
+                --out "benchmarks/results/$GPU/bwd24_step_${mode}_$form" 2>&1 | quiet
               [ "${PIPESTATUS[0]}" -eq 0 ] ) || failed=1
           done
         fi ;;
