@@ -74,6 +74,10 @@ def kernels():
         yield (f"sparsify{'' if bits else ' (no mask bits)'}", S._kernel, sp,
                {"TILES": S.DEFAULT_TILES, "COUNT": False, "ROWS": rows, "WRITE_BITS": bits},
                rows * bk, S.DEFAULT_WARPS)
+    for bits in (False, True):  # the word form (y1 as int64 words of four bf16): its default groups and warps
+        yield (f"sparsify, words{'' if bits else ' (no mask bits)'}", S._words_kernel,
+               {"y1_ptr": "*i64", "val_ptr": I32, "meta_ptr": U8, "bits_ptr": U8, "K": "i32"},
+               {"GB": S.WORDS_GROUPS, "WRITE_BITS": bits}, 64 * 4 * S.WORDS_GROUPS, S.WORDS_WARPS)
     dense = {"y1_ptr": BF16, "out_ptr": BF16, "M": "i32", "K": "i32", "stride_in": "i32", "stride_out": "i32"}
     yield "sparsify, dense form (V:N:M)", S._dense_kernel, dense, {"ROWS": S.DENSE_ROWS, "BK": S.DENSE_BK,
                                                                   "ROUND_BF16": True}, S.DENSE_ROWS * S.DENSE_BK, \
@@ -91,8 +95,8 @@ def kernels():
              "K": "i32"}  # mask mode's word form: a group's four bf16 as one int64
     yield "backward mask, words", S._bwd_words_kernel, words, {"GB": 32, "ROWS": S.BWD_ROWS}, S.BWD_ROWS * 128, \
         S.BWD_WARPS
-    yield "backward ste, words", S._bwd_ste_words_kernel, {"dy2_ptr": "*i64", "y1_ptr": "*i64", "y2s_ptr": "*i64",
-                                                          "dy1_ptr": "*i64", "K": "i32"}, {"GB": 32, "ROWS": S.BWD_ROWS}, \
+    ste_words = {"dy2_ptr": "*i64", "y1_ptr": "*i64", "y2s_ptr": "*i64", "dy1_ptr": "*i64", "K": "i32"}
+    yield "backward ste, words", S._bwd_ste_words_kernel, ste_words, {"GB": 32, "ROWS": S.BWD_ROWS}, \
         S.BWD_ROWS * 128, S.BWD_WARPS
     split = {"dy2_ptr": BF16, "val_ptr": BF16, "bits_ptr": U8, "y1_ptr": BF16, "dy1_ptr": BF16, "dval_ptr": BF16,
              "yt_val_ptr": BF16, "yt_meta_ptr": U8, "dt_val_ptr": BF16, "dt_meta_ptr": U8, "slot_ptr": I32,

@@ -291,9 +291,10 @@ def torch_has_cuda() -> bool:
 
 
 def test_sass_count_compiles_every_pointwise_kernel_for_sm90_without_a_gpu():
-    """benchmarks/sass_count.py: each pointwise kernel (the six 2:4 ones, the backward's two persistent forms and two word forms,
-    the ReLU^2 backward pass, the RMSNorm backward in six forms (the loops, where dres is loaded, the row sums
-    fused or not), the optimizer's update in its four forms) compiled for sm_90 by Triton, its SASS counted (the
+    """benchmarks/sass_count.py: each pointwise kernel (the six 2:4 ones, the backward's two persistent forms and
+    two word forms, the sparsifier's word form with and without the mask bits, the ReLU^2 backward pass, the
+    RMSNorm backward in six forms (the loops, where dres is loaded, the row sums fused or not), the optimizer's
+    update in its four forms) compiled for sm_90 by Triton, its SASS counted (the
     kernels' static cost, readable on a machine without a GPU; it breaks when a kernel's signature changes). The
     update's aligned forms load and store 16-byte vectors; its unaligned forms cannot."""
     import os
@@ -308,7 +309,7 @@ def test_sass_count_compiles_every_pointwise_kernel_for_sm90_without_a_gpu():
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line for line in r.stdout.splitlines() if "per element" in line and "SASS =" in line]
-    assert len(rows) == 21, r.stdout
+    assert len(rows) == 23, r.stdout
     assert len([line for line in rows if line.startswith("rmsnorm backward")]) == 6, r.stdout
     adamw = [line for line in rows if line.startswith("adamw")]
     assert len(adamw) == 4 and all(("LDG.E.128" in line and "STG.E.128" in line) == ("align 8" in line)

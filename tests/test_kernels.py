@@ -420,13 +420,61 @@ def test_backward_settings_take_arguments_then_the_environment_then_the_defaults
     assert S.bwd_settings(True, per_sm=0)[2] is None
     code = "import elas.kernels.cuda.sparsify as S; print(S.bwd_settings(False))"
     for value, expect in (('{"rows": 128, "per_sm": 4}', "(128, 8, 4, True, False)"),
-                          ('{"per_sm": 0}', "(64, 8, None, True, False)"), ('{"words": true}', "(64, 8, None, True, True)"),
+                          ('{"per_sm": 0}', "(64, 8, None, True, False)"),
+                          ('{"words": true}', "(64, 8, None, True, True)"),
                           ('{"words": true, "per_sm": 2}', "words and per_sm"), ('{"per_sm": -2}', "per_sm=-2"),
                           ('{"rows": 96}', "rows=96: expected 64 or 128"), ('{"row": 64}', "unknown key 'row'")):
         r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ELAS_BWD24_CONFIG": value},
                            capture_output=True, text=True)
         assert expect in (r.stdout if r.returncode == 0 else r.stderr), (value, r.stdout, r.stderr[-300:])
         assert (r.returncode == 0) == expect.startswith("("), value
+
+
+@needs_triton
+@pytest.mark.parametrize("m,k,groups", [(64, 128, 16), (128, 256, 32), (192, 320, 8)])
+def test_triton_sparsifier_word_form_equals_the_tile_form(m, k, groups):
+    """The forward sparsifier's word form (words=True: y1 as int64 words of four bf16, rows r and r + 8 of each
+    16-row slab loaded as two tensors so that a thread makes whole metadata bytes): the packed buffer (values and
+    SM90 metadata) and the mask bits byte for byte equal to the tile form's, with and without the bits, on two
+    inputs in turn (ties, zeros, -0); a bad groups value is one line; fp32 y1 or feature counts take the tile
+    form."""
+    from elas.kernels.cuda.sparsify import relu2_sparsify24_packed
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    ys = [adversarial(m, k, torch.bfloat16, seed=seed).to(dev) for seed in (21, 22)]
+    for bits in (True, False):
+        wants = [relu2_sparsify24_packed(y, write_bits=bits) for y in ys]
+        for y, want in zip(ys, wants):
+            got = relu2_sparsify24_packed(y, write_bits=bits, words=True, groups=groups)
+            assert torch.equal(got.buffer.view(torch.int16), want.buffer.view(torch.int16)), bits
+            assert torch.equal(got.mask_bits, want.mask_bits)
+            del got
+    assert torch.equal(relu2_sparsify24_packed(ys[0], words=True).buffer.view(torch.int16),
+                       ref.relu2_sparsify24_packed(ys[0]).buffer.view(torch.int16))
+    with pytest.raises(ValueError, match="groups=12: expected 8, 16 or 32"):
+        relu2_sparsify24_packed(ys[0], words=True, groups=12)
+    counts = torch.zeros(k, dtype=torch.int32, device=dev)
+    got = relu2_sparsify24_packed(ys[0], counts, words=True)  # (the counts need the tile form)
+    assert torch.equal(got.buffer.view(torch.int16), wants[0].buffer.view(torch.int16)) and counts.sum() > 0
+
+
+def test_sparsify_config_fails_at_import_naming_the_variable():
+    """ELAS_SPARSIFY_CONFIG: a bad value or key fails at import with one line naming the variable; a good one sets
+    the forward's form for the process."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    code = ("import elas.kernels.cuda.sparsify as S; print(S._FWD_OVERRIDE)")
+    for value, expect in (('{"words": true, "groups": 32}', "{'words': True, 'groups': 32}"),
+                          ('{"groups": 12}', "groups=12: expected 8, 16 or 32"),
+                          ('{"words": 1}', "words=1: expected true or false"),
+                          ('{"word": true}', "unknown key 'word'")):
+        r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ELAS_SPARSIFY_CONFIG": value},
+                           capture_output=True, text=True)
+        assert expect in (r.stdout if r.returncode == 0 else r.stderr), (value, r.stdout, r.stderr[-300:])
+        assert (r.returncode == 0) == expect.startswith("{"), value
+        if r.returncode:
+            assert "ELAS_SPARSIFY_CONFIG" in r.stderr
 
 
 @needs_triton

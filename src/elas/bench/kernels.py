@@ -105,13 +105,27 @@ def bench_sparsify(m: int = 16384, ks=None, log=print) -> list[dict]:
                      "reference_torch_ms": ref_ms, "torch_cslt_compress_ms": compress_ms})
         r = rows[-1]
         r["variants_ms"] = {}
-        want = relu2_sparsify24_packed(y1).buffer.view(torch.int16)
-        for t, w, rw in SPARSIFY_LAUNCHES:  # each launch shape with and without the mask bits, timed only if
-            for bits in (True, False):      # byte-identical to the default
-                kw = dict(tiles=t, num_warps=w, rows=rw, write_bits=bits)
-                if (k // 32) % t == 0 and torch.equal(relu2_sparsify24_packed(y1, **kw).buffer.view(torch.int16), want):
-                    r["variants_ms"][f"tiles{t}_warps{w}_rows{rw}" + ("" if bits else "_nobits")] = graph_ms(
-                        lambda: relu2_sparsify24_packed(y1, **kw))
+        # each launch shape and word form (words=True) with and without the mask bits, timed only if its bytes equal
+        # the default's on two inputs in turn (a part left unwritten then holds the other input's bytes)
+        ys = [y1, torch.randn_like(y1)]
+        wants = [[(p.buffer.view(torch.int16), p.mask_bits) for p in
+                  (relu2_sparsify24_packed(y, write_bits=b) for y in ys)] for b in (True, False)]
+        forms = [(f"tiles{t}_warps{w}_rows{rw}", dict(tiles=t, num_warps=w, rows=rw, words=False))
+                 for t, w, rw in SPARSIFY_LAUNCHES if (k // 32) % t == 0]
+        forms += [(f"words_groups{gr}_warps{w}", dict(words=True, groups=gr, num_warps=w))
+                  for gr in (8, 16, 32) for w in (4, 8) if (k // 4) % gr == 0]
+        for name, kw in forms:
+            for bits, want in zip((True, False), wants):
+                ok = True
+                for y, (buf, mb) in zip(ys, want):
+                    p = relu2_sparsify24_packed(y, write_bits=bits, **kw)
+                    ok = ok and torch.equal(p.buffer.view(torch.int16), buf) and torch.equal(p.mask_bits, mb)
+                    del p
+                key = name + ("" if bits else "_nobits")
+                if ok:
+                    r["variants_ms"][key] = graph_ms(lambda: relu2_sparsify24_packed(y1, write_bits=bits, **kw))
+                else:  # other bytes: a bug, not a timing
+                    r.setdefault("mismatched", []).append(key)
         r["backward"] = _backward_sweep(y1, log)
         log(f"sparsify M={m} K={k}: {ms:.4f} ms = {r['tb_per_s']:.2f} TB/s (copy {r['copy_tb_per_s']:.2f} TB/s); "
             f"torch reference {ref_ms:.3f} ms; _cslt_compress alone {compress_ms:.3f} ms; variants "

@@ -166,19 +166,84 @@ def _kernel(y1_ptr, val_ptr, meta_ptr, bits_ptr, count_ptr, K, stride, TILES: tl
 DEFAULT_TILES, DEFAULT_WARPS, DEFAULT_ROWS = 2, 8, 128
 
 
+@triton.jit
+def _pack_words(w):
+    """One row's groups as int64 words of four bf16 y1 ([.., GB]) -> (kept values as int32 words: first | second
+    << 16, the SM90 metadata nibble i0 | i1 << 2, the keep-mask nibble), chosen as _pack_block_by chooses."""
+    a0, a1, a2, a3 = _feature(w, 0), _feature(w, 1), _feature(w, 2), _feature(w, 3)
+    r0, r1, r2, r3 = tl.maximum(a0, 0.0), tl.maximum(a1, 0.0), tl.maximum(a2, 0.0), tl.maximum(a3, 0.0)
+    x0, x1, x2, x3 = r0 * r0, r1 * r1, r2 * r2, r3 * r3
+    k0, k1, k2, k3 = _keep24(x0, x1, x2, x3)
+    first = _round_bf16(tl.where(k0, x0, tl.where(k1, x1, x2)))
+    second = _round_bf16(tl.where(k3, x3, tl.where(k2, x2, x1)))
+    v = ((first.to(tl.int32, bitcast=True) >> 16) & 0xFFFF) | (second.to(tl.int32, bitcast=True) & -65536)
+    nib = tl.where(k0, 0, tl.where(k1, 1, 2)) | (tl.where(k3, 3, tl.where(k2, 2, 1)) << 2)
+    keep = k0.to(tl.int32) | (k1.to(tl.int32) << 1) | (k2.to(tl.int32) << 2) | (k3.to(tl.int32) << 3)
+    return v, nib, keep
+
+
+@triton.jit
+def _words_kernel(y1_ptr, val_ptr, meta_ptr, bits_ptr, K, GB: tl.constexpr, WRITE_BITS: tl.constexpr):
+    # _kernel on 64-bit words (bf16 y1, no counts): program one 64-row band x GB groups of 4 columns (GB/8 metadata
+    # tiles). y1: int64 view [M, K/4]; vals: int32 view [M, K/4] (a group's two kept bf16); meta and bits as _kernel.
+    # Rows r and r + 8 of each 16-row slab share a metadata byte, so the band is loaded as two [4 slabs, 8 rows, GB]
+    # tensors of one layout (rows r, rows r + 8): a thread holds both nibbles of its bytes and whole groups, and no
+    # tile is regrouped across threads (Triton 3.6, sm_90: 1 barrier and 16.4 SASS instructions an element
+    # without the mask bits, against 7 and 21.9 in _kernel; benchmarks/sass_count.py). The same bytes as _kernel.
+    band = tl.program_id(0)
+    s = tl.arange(0, 4)[:, None, None]
+    r = tl.arange(0, 8)[None, :, None]
+    g = tl.program_id(1) * GB + tl.arange(0, GB)[None, None, :]
+    lo = (band * 64 + s * 16 + r).to(tl.int64)  # [4, 8, 1]
+    hi = lo + 8
+    v_lo, n_lo, k_lo = _pack_words(tl.load(y1_ptr + lo * (K // 4) + g))
+    v_hi, n_hi, k_hi = _pack_words(tl.load(y1_ptr + hi * (K // 4) + g))
+    tl.store(val_ptr + tl.max_contiguous(tl.multiple_of(lo * (K // 4) + g, [1, 1, 2]), [1, 1, 2]), v_lo)
+    tl.store(val_ptr + tl.max_contiguous(tl.multiple_of(hi * (K // 4) + g, [1, 1, 2]), [1, 1, 2]), v_hi)
+    t = g % 8  # the group within its 32-column metadata tile
+    off = (g // 8) * 256 + s * 64 + r * 8 + 2 * (t % 4) + t // 4
+    tl.store(meta_ptr + band.to(tl.int64) * (K // 32) * 256 + off, (n_lo | (n_hi << 4)).to(tl.uint8))
+    if WRITE_BITS:  # two groups a byte, the even one low
+        hb = tl.program_id(1) * (GB // 2) + tl.arange(0, GB // 2)[None, None, :]
+        a, b = tl.split(tl.reshape(k_lo, (4, 8, GB // 2, 2)))
+        tl.store(bits_ptr + lo * (K // 8) + hb, (a | (b << 4)).to(tl.uint8))
+        a, b = tl.split(tl.reshape(k_hi, (4, 8, GB // 2, 2)))
+        tl.store(bits_ptr + hi * (K // 8) + hb, (a | (b << 4)).to(tl.uint8))
+
+
+# the forward on 64-bit words: not the default until timed (`elas bench sparsify` times it beside the launches
+# above); ELAS_SPARSIFY_CONFIG='{"words": true, "groups": 16, "num_warps": 8}' sets it for a process
+DEFAULT_WORDS, WORDS_GROUPS, WORDS_WARPS = False, 16, 8
+_FWD_OVERRIDE = env_config("ELAS_SPARSIFY_CONFIG", ("words", "groups", "num_warps"))
+for _k, _ok, _valid in (("words", lambda v: isinstance(v, bool), "true or false"),
+                        ("groups", lambda v: v in (8, 16, 32) and not isinstance(v, bool), "8, 16 or 32"),
+                        ("num_warps", lambda v: v in (1, 2, 4, 8, 16) and not isinstance(v, bool),
+                         "a power of two 1-16")):
+    if _k in _FWD_OVERRIDE and not _ok(_FWD_OVERRIDE[_k]):
+        raise ValueError(f"ELAS_SPARSIFY_CONFIG={os.environ.get('ELAS_SPARSIFY_CONFIG')!r}: {_k}="
+                         f"{_FWD_OVERRIDE[_k]!r}: expected {_valid}")
+
+
 def _direct(kernel):
     return kernel
 
 
 def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | None = None, tiles: int | None = None,
                             num_warps: int | None = None, rows: int | None = None, launch=_direct,
-                            write_bits: bool = True) -> Packed24:
+                            write_bits: bool = True, words: bool | None = None, groups: int | None = None
+                            ) -> Packed24:
     """y1: [M, K] bf16/fp32 -> Packed24 of 2:4(relu(y1)^2) (values bf16). See module docs.
     feature_counts: optional int32 [K], incremented by the positives of each column of y1 (for the 95/5 split).
     rows: tokens per program, 64 or 128 (default: 128 where M allows). launch: how the kernel is launched:
     directly, or `torch.library.wrap_triton` inside the operator (kernels/ops.py), which lets torch.compile see
     the kernel. write_bits: also write the plain keep-mask (else mask_bits is empty: `ste` mode never reads it;
-    without it the kernel is 20% faster at [8192, 8192]). None: the module's DEFAULT_* (read at each call)."""
+    without it the kernel is 20% faster at [8192, 8192]). words (bf16 y1, no feature_counts): the word form
+    (_words_kernel, the same bytes), `groups` groups of 4 columns a program (8, 16 or 32); tiles and rows do
+    not apply to it. None: ELAS_SPARSIFY_CONFIG's, else the module's DEFAULT_* (read at each call)."""
+    words = _FWD_OVERRIDE.get("words", DEFAULT_WORDS) if words is None else words
+    if words and y1.dtype == torch.bfloat16 and feature_counts is None:
+        return _sparsify_words(y1, launch, write_bits, groups or _FWD_OVERRIDE.get("groups", WORDS_GROUPS),
+                               num_warps or _FWD_OVERRIDE.get("num_warps", WORDS_WARPS))
     tiles, num_warps = tiles or DEFAULT_TILES, num_warps or DEFAULT_WARPS
     if y1.dim() != 2 or y1.stride(1) != 1:
         raise ValueError(f"y1 must be a row-major 2-D tensor, got shape {tuple(y1.shape)} strides {y1.stride()}")
@@ -200,6 +265,21 @@ def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | Non
     launch(_kernel)[grid](y1, vals, meta, bits, feature_counts if count else bits, k, y1.stride(0), TILES=tiles,
                           COUNT=count, ROWS=rows, WRITE_BITS=write_bits,
                           num_warps=num_warps)
+    return Packed24(buf.view(m, k * 9 // 16), bits, (m, k))
+
+
+def _sparsify_words(y1: torch.Tensor, launch, write_bits: bool, groups: int, num_warps: int) -> Packed24:
+    if y1.dim() != 2 or not y1.is_contiguous():
+        raise ValueError(f"y1 must be a contiguous 2-D tensor, got shape {tuple(y1.shape)} strides {y1.stride()}")
+    m, k = y1.shape
+    check_shape(m, k)
+    if groups not in (8, 16, 32) or (k // 4) % groups:
+        raise ValueError(f"groups={groups}: expected 8, 16 or 32 groups of 4 columns dividing K/4={k // 4}")
+    buf = torch.empty(m * k * 9 // 16, dtype=torch.bfloat16, device=y1.device)
+    bits = torch.empty((m, k // 8) if write_bits else (0,), dtype=torch.uint8, device=y1.device)
+    launch(_words_kernel)[(m // 64, k // 4 // groups)](
+        y1.view(torch.int64), buf[: m * k // 2].view(torch.int32), buf[m * k // 2:].view(torch.uint8), bits, k,
+        GB=groups, WRITE_BITS=write_bits, num_warps=num_warps)
     return Packed24(buf.view(m, k * 9 // 16), bits, (m, k))
 
 
