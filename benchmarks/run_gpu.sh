@@ -36,24 +36,24 @@ for what in "${@:-tests kernels ffn}"; do
         python -m elas bench sparsify --gpu-name "$GPU" --m 8192 --out "benchmarks/results/$GPU/bwd24" || failed=1 ;;
       bwd24_step)  # the 1B steps whose backward runs without the split in one mode (BWD24_MODE: mask, the default:
                    # relu2-24 and elas-mask; ste: elas) beside their dense twins, in two processes: with bwd24's
-                   # fastest form of that mode at K = 8192 (ELAS_BWD24_CONFIG: bwd24_step_<mode>_swept/step.json)
+                   # fastest forms of that mode at K = 8192 (benchmarks/bwd24_env.py: ELAS_BWD24_CONFIG, and
+                   # ELAS_SPARSIFY_CONFIG where the forward's word form won; bwd24_step_<mode>_swept/step.json)
                    # and with the default (bwd24_step_<mode>_default/); run bwd24 first. BWD24_VARIANTS replaces
                    # the variants (~3 min a process)
         mode=${BWD24_MODE:-mask}
         case $mode in mask) vs=lowrank-relu2,elas-mask,relu2,relu2-24 ;; ste) vs=lowrank-relu2,elas ;;
           *) echo "bwd24_step: BWD24_MODE=$mode: expected mask or ste" >&2; vs= ;; esac
-        cfg=$(python -c "import json, sys; r = [r for r in json.load(open(sys.argv[1]))['rows'] if r['K'] == 8192][0]
-print(r['backward'][sys.argv[2]]['best']['env'].split('=', 1)[1])" \
-              "benchmarks/results/$GPU/bwd24/sparsify.json" "$mode" 2>/dev/null) || cfg=
+        cfg=$(python benchmarks/bwd24_env.py "benchmarks/results/$GPU/bwd24/sparsify.json" "$mode") || cfg=
         if [ -z "$vs" ]; then
           failed=1
         elif [ -z "$cfg" ]; then
           echo "bwd24_step: no sweep on this machine (benchmarks/results/$GPU/bwd24/sparsify.json): run bwd24 first" >&2
           failed=1
         else
-          echo "swept: ELAS_BWD24_CONFIG=$cfg"
+          echo "swept: $cfg"
           for form in swept default; do
-            ( if [ "$form" = swept ]; then export ELAS_BWD24_CONFIG="$cfg"; else unset ELAS_BWD24_CONFIG; fi
+            ( unset ELAS_BWD24_CONFIG ELAS_SPARSIFY_CONFIG
+              if [ "$form" = swept ]; then while IFS= read -r a; do export "${a?}"; done <<< "$cfg"; fi
               timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --batches 32 \
                 --modes elas --variants "${BWD24_VARIANTS:-$vs}" \
                 --out "benchmarks/results/$GPU/bwd24_step_${mode}_$form" 2>&1 | quiet

@@ -705,3 +705,29 @@ def test_backward_sweep_checks_every_form_before_it_times_it(monkeypatch):
     out = kb._backward_sweep(y1, log=lambda *a: None)
     for use in ("ste", "mask"):  # (the word forms pass per_sm=0: not broken here)
         assert len(out[use]["mismatched"]) == 4 and len(out[use]["variants_ms"]) == 8
+
+
+def test_bwd24_env_names_the_fastest_forms_of_a_mode(tmp_path):
+    """benchmarks/bwd24_env.py (what run_gpu.sh bwd24_step exports in its swept process): the mode's fastest
+    backward form, and the forward's word form only where it beat every tile launch of its kind (with the mask
+    bits for mask mode, without for ste); a value with spaces and quotes survives the stage's export loop."""
+    import subprocess
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bwd24_env import assignments
+    bwd = {"mask": {"best": {"env": 'ELAS_BWD24_CONFIG={"rows": 64, "num_warps": 8, "per_sm": 0, "words": true}'}},
+           "ste": {"best": {"env": 'ELAS_BWD24_CONFIG={"rows": 64, "num_warps": 8, "per_sm": 2, "prefetch": true}'}}}
+    doc = {"rows": [{"K": 2176, "backward": {}}, {"K": 8192, "backward": bwd, "variants_ms": {
+        "tiles2_warps8_rows128": 1.0, "words_groups16_warps8": 0.9, "tiles2_warps8_rows128_nobits": 0.7,
+        "words_groups32_warps4_nobits": 0.8}}]}
+    assert assignments(doc, "mask") == [bwd["mask"]["best"]["env"],
+                                        'ELAS_SPARSIFY_CONFIG={"words": true, "groups": 16, "num_warps": 8}']
+    assert assignments(doc, "ste") == [bwd["ste"]["best"]["env"]]  # (a tile launch was faster without the bits)
+    with pytest.raises(SystemExit, match="no row for K=4096"):
+        assignments(doc, "mask", 4096)
+    lines = "\n".join(assignments(doc, "mask"))
+    r = subprocess.run(["bash", "-c", 'while IFS= read -r a; do export "${a?}"; done <<< "$CFG"; '
+                        'printf "%s|%s" "$ELAS_BWD24_CONFIG" "$ELAS_SPARSIFY_CONFIG"'],
+                       env={"CFG": lines, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    assert r.stdout == ('{"rows": 64, "num_warps": 8, "per_sm": 0, "words": true}|'
+                        '{"words": true, "groups": 16, "num_warps": 8}'), r.stderr
