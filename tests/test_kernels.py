@@ -406,6 +406,7 @@ def test_backward_settings_take_arguments_then_the_environment_then_the_defaults
     assert S.bwd_settings(False, rows=64, per_sm=3, prefetch=True) == (64, S.BWD_WARPS, 3, True, False)
     assert S.bwd_settings(True) == (S.BWD_ROWS, S.SPLIT_BWD_WARPS, None, S.BWD_PREFETCH, False)  # not the split's
     assert S.bwd_settings(False, per_sm=0) == (128, S.BWD_WARPS, None, False, False)  # 0: the grid, despite it
+    assert S.bwd_settings(False, words=True)[2:] == (None, False, True)  # asked for: not the variable's per_sm
     monkeypatch.setattr(S, "_BWD_OVERRIDE", {"words": True})
     assert S.bwd_settings(False)[4] and not S.bwd_settings(False, per_sm=0)[4]  # (per_sm given: that form)
     assert not S.bwd_settings(False, words=False)[4] and not S.bwd_settings(True)[4]
@@ -452,6 +453,9 @@ def test_triton_sparsifier_word_form_equals_the_tile_form(m, k, groups):
                        ref.relu2_sparsify24_packed(ys[0]).buffer.view(torch.int16))
     with pytest.raises(ValueError, match="groups=12: expected 8, 16 or 32"):
         relu2_sparsify24_packed(ys[0], words=True, groups=12)
+    y = torch.cat([torch.zeros(2, dtype=torch.bfloat16, device=dev), ys[0].flatten()])[2:].view(m, k)
+    assert torch.equal(relu2_sparsify24_packed(y, words=True).buffer.view(torch.int16),  # (off a word: tile form)
+                       wants[0].buffer.view(torch.int16))
     counts = torch.zeros(k, dtype=torch.int32, device=dev)
     got = relu2_sparsify24_packed(ys[0], counts, words=True)  # (the counts need the tile form)
     assert torch.equal(got.buffer.view(torch.int16), wants[0].buffer.view(torch.int16)) and counts.sum() > 0
@@ -483,7 +487,9 @@ def test_triton_backward_word_forms_equal_the_grid_form(k):
     """The word form (words=True: a group's four bf16 as one int64, 128 features a program, or 64 where K is not
     a multiple of 128), mask mode and ste mode from y1, on inputs with ties, zeros and negative zeros in y1 and
     dy2: every output byte equal to the grid form's and the values to the reference's; run on two inputs in turn,
-    so that a part left unwritten shows. With the packed forward beside y1 (ste) words changes nothing."""
+    so that a part left unwritten shows. With the packed forward beside y1 (ste) words changes nothing, nor where
+    a tensor's storage does not start on a word. (No subnormals: the CPU interpreter converts them between bf16
+    and fp32 inexactly, which the tile form meets and the word form, working on bits, does not.)"""
     from elas.kernels.cuda.sparsify import relu2_sparse24_backward
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     m = 128
@@ -520,6 +526,10 @@ def test_triton_backward_word_forms_equal_the_grid_form(k):
     assert torch.equal(g.y2s, w.y2s) and torch.equal(g.dy1, w.dy1)
     args = (sets[0][0], ref.relu2_sparsify24_packed(ste_sets[0][2]), ste_sets[0][2])
     assert torch.equal(relu2_sparse24_backward(*args, words=True).dy1, relu2_sparse24_backward(*args).dy1)
+    dy2 = torch.cat([torch.zeros(2, dtype=torch.bfloat16, device=dev), sets[0][0].flatten()])[2:].view(m, k)
+    assert dy2.storage_offset() == 2  # (not a word boundary: the tile form runs, and gives its bytes)
+    assert torch.equal(relu2_sparse24_backward(dy2, sets[0][1], words=True).dy1,
+                       relu2_sparse24_backward(sets[0][0], sets[0][1]).dy1)
 
 
 @needs_triton

@@ -188,8 +188,9 @@ def _words_kernel(y1_ptr, val_ptr, meta_ptr, bits_ptr, K, GB: tl.constexpr, WRIT
     # tiles). y1: int64 view [M, K/4]; vals: int32 view [M, K/4] (a group's two kept bf16); meta and bits as _kernel.
     # Rows r and r + 8 of each 16-row slab share a metadata byte, so the band is loaded as two [4 slabs, 8 rows, GB]
     # tensors of one layout (rows r, rows r + 8): a thread holds both nibbles of its bytes and whole groups, and no
-    # tile is regrouped across threads (Triton 3.6, sm_90: 1 barrier and 16.4 SASS instructions an element
-    # without the mask bits, against 7 and 21.9 in _kernel; benchmarks/sass_count.py). The same bytes as _kernel.
+    # tile is regrouped across threads (Triton 3.6, sm_90, 16 groups and 8 warps: 1 barrier and 18.4 SASS
+    # instructions an element without the mask bits, 21.8 with them, against 7 and 21.9, 11 and 26.7 in _kernel;
+    # benchmarks/sass_count.py). The same bytes as _kernel.
     band = tl.program_id(0)
     s = tl.arange(0, 4)[:, None, None]
     r = tl.arange(0, 8)[None, :, None]
@@ -237,11 +238,13 @@ def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | Non
     rows: tokens per program, 64 or 128 (default: 128 where M allows). launch: how the kernel is launched:
     directly, or `torch.library.wrap_triton` inside the operator (kernels/ops.py), which lets torch.compile see
     the kernel. write_bits: also write the plain keep-mask (else mask_bits is empty: `ste` mode never reads it;
-    without it the kernel is 20% faster at [8192, 8192]). words (bf16 y1, no feature_counts): the word form
-    (_words_kernel, the same bytes), `groups` groups of 4 columns a program (8, 16 or 32); tiles and rows do
-    not apply to it. None: ELAS_SPARSIFY_CONFIG's, else the module's DEFAULT_* (read at each call)."""
+    without it the kernel is 20% faster at [8192, 8192]). words (bf16 y1, contiguous from a multiple of 4
+    elements, no feature_counts; else the tile form): the word form (_words_kernel, the same bytes), `groups`
+    groups of 4 columns a program (8, 16 or 32); tiles and rows do not apply to it. None: ELAS_SPARSIFY_CONFIG's,
+    else the module's DEFAULT_* (read at each call)."""
     words = _FWD_OVERRIDE.get("words", DEFAULT_WORDS) if words is None else words
-    if words and y1.dtype == torch.bfloat16 and feature_counts is None:
+    if (words and y1.dtype == torch.bfloat16 and feature_counts is None and y1.is_contiguous()
+            and _word_aligned(y1)):
         return _sparsify_words(y1, launch, write_bits, groups or _FWD_OVERRIDE.get("groups", WORDS_GROUPS),
                                num_warps or _FWD_OVERRIDE.get("num_warps", WORDS_WARPS))
     tiles, num_warps = tiles or DEFAULT_TILES, num_warps or DEFAULT_WARPS
@@ -266,6 +269,12 @@ def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | Non
                           COUNT=count, ROWS=rows, WRITE_BITS=write_bits,
                           num_warps=num_warps)
     return Packed24(buf.view(m, k * 9 // 16), bits, (m, k))
+
+
+def _word_aligned(*ts: torch.Tensor) -> bool:
+    """bf16 tensors that view as int64 words (their storage offsets a multiple of 4 elements); else the word
+    forms fall back to the tile forms."""
+    return all(t.storage_offset() % 4 == 0 for t in ts)
 
 
 def _sparsify_words(y1: torch.Tensor, launch, write_bits: bool, groups: int, num_warps: int) -> Packed24:
@@ -491,9 +500,10 @@ def _bwd_words_kernel(dy2_ptr, val_ptr, bits_ptr, y2s_ptr, dy1_ptr, dval_ptr, K,
     # of 4 features. dy2, y2s, dy1: int64 views [M, K/4] (a group's four bf16 a word); vals, dval: int32 views
     # [M, K/4] (a group's two kept bf16); bits: uint8 [M, K/8] (two groups a byte, the even one low). Each thread
     # holds whole groups, so the 2:4 positions select by shifts and no tensor is regrouped across threads: the
-    # int32 accesses are hinted to runs of 2 (8 bytes), as the int64 ones are 16 bytes, so that every tensor has one
-    # layout (Triton 3.6, sm_90: 3 barriers and 17.4 SASS instructions an element, against 17 and 26.9 in
-    # _bwd_kernel's mask mode; benchmarks/sass_count.py). Writes the same bytes as _bwd_kernel (finite dy2).
+    # int32 accesses are hinted to runs of 2 (8 bytes), as the int64 ones are 16 bytes, so that the loaded and
+    # stored tensors share one layout; only the mask bits' unpacking (join + reshape) goes through shared memory
+    # (Triton 3.6, sm_90: 3 barriers and 18.8 SASS instructions an element, against 17 and 26.9 in _bwd_kernel's
+    # mask mode; benchmarks/sass_count.py). Writes the same bytes as _bwd_kernel (finite dy2).
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
     g = tl.program_id(1) * GB + tl.arange(0, GB)[None, :]
     off = rows * (K // 4) + g  # [ROWS, GB]
@@ -690,8 +700,10 @@ def bwd_settings(split: bool, rows: int | None = None, num_warps: int | None = N
     if words and per_sm:
         raise ValueError(f"words and per_sm={per_sm}: expected one of them (the word form has no persistent loop)")
     given_per_sm = per_sm is not None
-    per_sm = per_sm if given_per_sm else env.get("per_sm", None if split else BWD_PER_SM)
     words = (False if split or given_per_sm else env.get("words", BWD_WORDS)) if words is None else words
+    # per_sm: the argument; else none where the word form was asked for (it has no persistent loop); else the
+    # environment's or the default
+    per_sm = per_sm if given_per_sm else None if words else env.get("per_sm", None if split else BWD_PER_SM)
     return (rows or env.get("rows", default_rows), num_warps or env.get("num_warps", default_warps), per_sm or None,
             bool(env.get("prefetch", BWD_PREFETCH) if prefetch is None else prefetch), bool(words) and not per_sm)
 
@@ -705,8 +717,9 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Ten
     form, per_sm programs on each SM (on the CPU: per_sm programs in all), 0 one program a tile (the grid form,
     whatever ELAS_BWD24_CONFIG says); the persistent form's programs each walk tiles, with prefetch the next
     tile's loads issued before this one's work; words (without the split, mask mode from the packed forward or
-    ste mode from y1; bf16): the word form (_bwd_words_kernel, _bwd_ste_words_kernel), the same bytes (in mask
-    mode for finite dy2); elsewhere (ste with the packed forward, fp32) it changes nothing. launch: as
+    ste mode from y1; bf16, from a multiple of 4 elements): the word form (_bwd_words_kernel,
+    _bwd_ste_words_kernel), the same bytes (in mask mode for finite dy2); elsewhere (ste with the packed
+    forward, fp32, other offsets) it changes nothing. launch: as
     in relu2_sparsify24_packed. None: bwd_settings' (ELAS_BWD24_CONFIG, else the module's defaults; read at each
     call)."""
     rows, num_warps, per_sm, prefetch, words = bwd_settings(dense_slots is not None, rows, num_warps, per_sm,
@@ -748,12 +761,12 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Ten
         launch(_bwd_split_kernel)[(m // rows, k // 64)](
             dy2, vals, bits, ptr(y1), ptr(dy1), ptr(dval), yt_val, yt_meta, dt_val, dt_meta, dense_slots, y2d, dy1d,
             m, k, max(n_dense, 1), STE=ste, FROM_Y1=a is None, ROWS=rows, num_warps=num_warps)
-    elif words and dy2.dtype == torch.bfloat16 and a is not None and not ste:
+    elif words and dy2.dtype == torch.bfloat16 and _word_aligned(dy2) and a is not None and not ste:
         gb = 32 if k % 128 == 0 else 16  # groups of 4 features a program: 128 or 64 features
         launch(_bwd_words_kernel)[(m // rows, k // 4 // gb)](
             dy2.view(torch.int64), a.values.view(torch.int32), a.mask_bits, y2s.view(torch.int64),
             dy1.view(torch.int64), dval.view(torch.int32), k, GB=gb, ROWS=rows, num_warps=num_warps)
-    elif words and dy2.dtype == y1.dtype == torch.bfloat16 and a is None:  # ste from y1
+    elif words and a is None and dy2.dtype == y1.dtype == torch.bfloat16 and _word_aligned(dy2, y1):  # ste, y1
         gb = 32 if k % 128 == 0 else 16
         launch(_bwd_ste_words_kernel)[(m // rows, k // 4 // gb)](
             dy2.view(torch.int64), y1.view(torch.int64), y2s.view(torch.int64), dy1.view(torch.int64), k, GB=gb,
