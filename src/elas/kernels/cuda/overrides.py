@@ -4,7 +4,8 @@ The benchmarks that sweep a kernel's launch settings print the fastest in this f
 with them without a code change. The kernel's module reads its variable once, at import, and checks it there: an
 unknown key or a bad value fails with one line naming the variable, not at the first launch (a check that needs
 the shapes, e.g. the loss kernel's one block against the vocabulary, runs where the model is built). Used by attention.py (ELAS_ATTN_CONFIG), xent.py
-(ELAS_XENT_CONFIG), rmsnorm.py (ELAS_RMSNORM_CONFIG) and sparsify.py (ELAS_BWD24_CONFIG: the 2:4 backward).
+(ELAS_XENT_CONFIG), rmsnorm.py (ELAS_RMSNORM_CONFIG) and sparsify.py (ELAS_SPARSIFY_CONFIG, ELAS_BWD24_CONFIG: the
+2:4 sparsifier and its backward).
 """
 from __future__ import annotations
 
