@@ -33,7 +33,9 @@ for what in "${@:-tests kernels ffn}"; do
       bwd24)  # the 2:4 sparsifier and its backward at the 1B step's tokens (8192) and every ELAS width: each launch,
               # and the backward's persistent forms (per_sm, prefetch), byte-checked against the default before
               # they are timed (~5 min, compiles included): benchmarks/results/$GPU/bwd24/sparsify.json
-        python -m elas bench sparsify --gpu-name "$GPU" --m 8192 --out "benchmarks/results/$GPU/bwd24" || failed=1 ;;
+        # (the widths one by one, the 1B width first, each written when done: a cut-off keeps what finished)
+        timeout "${BWD24_TIMEOUT:-540}" python -m elas bench sparsify --gpu-name "$GPU" --m 8192 \
+          --out "benchmarks/results/$GPU/bwd24" || failed=1 ;;
       bwd24_step)  # the 1B steps whose backward runs without the split in one mode (BWD24_MODE: mask, the default:
                    # relu2-24 and elas-mask; ste: elas) beside their dense twins, in two processes: with bwd24's
                    # fastest forms of that mode at K = 8192 (benchmarks/bwd24_env.py: ELAS_BWD24_CONFIG, and

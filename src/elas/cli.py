@@ -596,7 +596,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows = kb.bench_gemm(m=args.m or 16384)
         extra = {"host_overhead": kb.bench_host_overhead()}
     elif args.what == "sparsify":
-        rows = kb.bench_sparsify(m=args.m or 16384)
+        rows = kb.bench_sparsify(m=args.m or 16384, on_row=write)
     elif args.what == "sste":
         rows = kb.bench_sste()
     elif args.what == "epilogue":

@@ -88,11 +88,13 @@ def bench_host_overhead(calls: int = 2000, log=print) -> dict:
 SPARSIFY_LAUNCHES = [(1, 4, 64), (2, 8, 64), (4, 8, 64), (2, 4, 128), (2, 8, 128), (4, 8, 128)]  # tiles, warps, rows
 
 
-def bench_sparsify(m: int = 16384, ks=None, log=print) -> list[dict]:
+def bench_sparsify(m: int = 16384, ks=None, log=print, on_row=None) -> list[dict]:
+    """The sparsifier and its backward at each K (the widest, 1B's, first), each form byte-checked and timed;
+    on_row(rows) after each K (a long sweep cut off keeps what it finished)."""
     from ..kernels import reference
     from ..kernels.cuda.sparsify import relu2_sparsify24_packed
     rows = []
-    for k in ks or [kk for kk, _ in FFN_SHAPES]:
+    for k in ks or sorted((kk for kk, _ in FFN_SHAPES), reverse=True):
         y1 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ms = graph_ms(lambda: relu2_sparsify24_packed(y1))
         copy_ms = graph_ms(lambda: y1.clone())
@@ -127,6 +129,8 @@ def bench_sparsify(m: int = 16384, ks=None, log=print) -> list[dict]:
                 else:  # other bytes: a bug, not a timing
                     r.setdefault("mismatched", []).append(key)
         r["backward"] = _backward_sweep(y1, log)
+        if on_row is not None:
+            on_row(rows)
         log(f"sparsify M={m} K={k}: {ms:.4f} ms = {r['tb_per_s']:.2f} TB/s (copy {r['copy_tb_per_s']:.2f} TB/s); "
             f"torch reference {ref_ms:.3f} ms; _cslt_compress alone {compress_ms:.3f} ms; variants "
             + ", ".join(f"{v}: {x:.4f}" for v, x in r["variants_ms"].items()))
