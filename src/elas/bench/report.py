@@ -179,11 +179,16 @@ def mode_step_tables(doc: dict) -> str:
     from .profile import CATEGORIES
     from .step import ratios
     from ..config import VARIANTS, split_variant
-    # the busy-time ratio against plain compile (added 2026-12-06) for files written before it, by the same rule;
-    # every other ratio is the file's own
-    busy = [x.get("vs_torch_compile_busy") for x in ratios(doc["rows"])]
-    rows = [r if b is None or "vs_torch_compile_busy" in r else {**r, "vs_torch_compile_busy": b}
-            for r, b in zip(doc["rows"], busy)]
+    # every file's ratios by today's rules (bench.step.ratios): the busy-time ratio against plain compile (added
+    # 2026-12-06), and vs_twin against the twin's fastest row in any kernel form (2026-12-06; before, the row named
+    # exactly as the twin), whatever the file stored
+    fresh = ratios([{k: v for k, v in r.items() if k not in ("vs_twin", "twin_mode", "twin_variant")}
+                    for r in doc["rows"]])
+    rows = []
+    for r, x in zip(doc["rows"], fresh):
+        r = {k: v for k, v in r.items() if k not in ("vs_twin", "twin_mode", "twin_variant")}
+        rows.append({**r, **{k: x[k] for k in ("vs_twin", "twin_mode", "twin_variant", "vs_torch_compile_busy")
+                              if k in x and (k != "vs_torch_compile_busy" or k not in r)}})
     modes: dict[tuple, set] = {}  # the modes each (model, batch, variant) was measured in, in this file
     for r in rows:
         if "error" not in r:
@@ -196,8 +201,9 @@ def mode_step_tables(doc: dict) -> str:
             return _ratio(r, "vs_twin")
         name = split_variant(r["variant"])[0]
         twin = VARIANTS[name].twin if name in VARIANTS else None
-        alone = len(modes.get((r["model"], r["batch"], twin), ())) == 1
-        return f"{_ratio(r, 'vs_twin')} ({r['twin_mode']}{', its only mode run here' if alone else ''})"
+        alone = len(modes.get((r["model"], r["batch"], r.get("twin_variant", twin)), ())) == 1
+        form = f", {r['twin_variant']}" if r.get("twin_variant", twin) != twin else ""  # a kernel form of the twin
+        return f"{_ratio(r, 'vs_twin')} ({r['twin_mode']}{form}{', its only mode run here' if alone else ''})"
 
     def busy_cell(r: dict) -> str:  # against plain compile's GPU-busy time, where its row was profiled
         return f" (busy {r['vs_torch_compile_busy']:.3f}x)" if "vs_torch_compile_busy" in r else ""

@@ -235,20 +235,24 @@ def bench_step(sizes=("llama-1b",), batches=(32,), variants=STEP_VARIANTS, modes
 
 def ratios(rows: list[dict]) -> list[dict]:
     """Each measured row with its ratios (tokens/s, > 1: faster). Every ratio against a dense baseline takes that
-    baseline in its best measured mode (the fastest of its rows at the same model and batch), never a slower one:
+    baseline in its best measured mode (the fastest of its rows at the same model and batch, in any form that
+    differs from it only in kernel keys (config.KERNEL_KEYS): `twin_variant` names it), never a slower one:
     `vs_twin` (a sparse variant against its dense twin; `twin_mode` says which mode that was) and
     `vs_swiglu_aligned`. `vs_torch_compile` (a dense variant against plain torch.compile of itself: the fast-step
     issue's target) only for dense variants, with `vs_torch_compile_busy` beside it where the plain row was
     profiled: plain compile's GPU-busy time (its step less its idle time, which depends on how fast the host issues
     its launches) over this row's step time; and `vs_elas_fp32` (the same variant with fp32 parameters: what
     MasterAdamW bought) for the elas mode."""
-    from ..config import VARIANTS
-    best: dict[tuple, dict] = {}
+    from ..config import KERNEL_KEYS, VARIANTS
+    best: dict[tuple, dict] = {}  # the fastest row of each variant, and of each dense variant in any kernel form
     for r in rows:
         if "error" not in r:
-            k = (r["model"], r["batch"], r["variant"])
-            if k not in best or r["tokens_per_s"] > best[k]["tokens_per_s"]:
-                best[k] = r
+            name, keys = split_variant(r["variant"])
+            kinds = [r["variant"]] + ([name] if keys and set(keys) <= set(KERNEL_KEYS) else [])
+            for v in kinds:  # ("lowrank-relu2+relu2_kernel=cutlass" is a form of lowrank-relu2: same model)
+                k = (r["model"], r["batch"], v)
+                if k not in best or r["tokens_per_s"] > best[k]["tokens_per_s"]:
+                    best[k] = r
     key = {(r["model"], r["batch"], r["variant"], r["mode"]): r for r in rows if "error" not in r}
     out = []
     for r in rows:
@@ -271,7 +275,7 @@ def ratios(rows: list[dict]) -> list[dict]:
                 if other is not None and other is not r and other is not key.get((*base, r["variant"], r["mode"])):
                     r[name] = r["tokens_per_s"] / other["tokens_per_s"]
                     if name == "vs_twin":
-                        r["twin_mode"] = other["mode"]
+                        r["twin_mode"], r["twin_variant"] = other["mode"], other["variant"]
                     if name == "vs_torch_compile" and "idle" in other.get("breakdown_ms", {}):
                         r["vs_torch_compile_busy"] = (other["step_ms"] - other["breakdown_ms"]["idle"]) / r["step_ms"]
         out.append(r)
