@@ -400,6 +400,28 @@ def test_a_grid_killed_at_a_runs_summary_resumes_it_and_refuses_other_settings(d
         experiment.run_grid("llama-tiny", ["relu2"], 2, str(dataset), tmp_path, batch_size=3, grad_accum=1)
 
 
+def test_a_final_evaluation_that_failed_after_its_checkpoint_is_run_by_the_resume(dataset, tmp_path, monkeypatch):
+    """The last step's evaluation fails (an out-of-memory, say) after the step's checkpoint was written for it
+    (`_save_before_failing`): the run is then complete without its final validation loss. The grid's next
+    invocation (or `elas train --resume`) evaluates it then, rather than failing on the missing record every time."""
+    import elas.train.trainer as trainer
+    experiment = _small_grid(monkeypatch)
+    grid = dict(batch_size=2, grad_accum=1, log=lambda *a: None)
+    real = trainer.evaluate
+    with monkeypatch.context() as m:
+        def oom(*a, **k):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        m.setattr(trainer, "evaluate", oom)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            experiment.run_grid("llama-tiny", ["relu2"], 1, str(dataset), tmp_path, **grid)
+    run = tmp_path / "relu2"
+    assert latest_checkpoint(run).name == "step-00000001" and not (run / "summary.json").exists()
+    assert trainer.evaluate is real
+    (row,) = experiment.run_grid("llama-tiny", ["relu2"], 1, str(dataset), tmp_path, **grid)
+    final = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in ln]
+    assert [r["step"] for r in final] == [1] and row["val_loss"] == final[0]["val_loss"]
+
+
 def test_resuming_a_complete_run_or_another_length_is_said(dataset, reference, tmp_path):
     """A resume of a finished run says it is complete; one with a --max-steps at or below its step trains
     nothing and leaves config.json as it was; one with a longer --max-steps warns that the schedule changes from
@@ -625,3 +647,53 @@ def test_write_atomic_leaves_no_temporary_file_when_the_write_fails(tmp_path, mo
     with pytest.raises(OSError, match="No space left"):
         ck.write_atomic(target, b"step-00000002")
     assert target.read_bytes() == b"step-00000001" and [p.name for p in tmp_path.iterdir()] == ["latest"]
+
+
+def _durability_log(monkeypatch):
+    """The fsyncs (by path) and renames (source, destination) that follow, in order (Linux: /proc/self/fd)."""
+    from elas.train import checkpoint as ck
+    events, fsync, replace = [], ck.os.fsync, ck.os.replace
+
+    def logged_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def logged_replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        return replace(src, dst)
+    monkeypatch.setattr(ck.os, "fsync", logged_fsync)
+    monkeypatch.setattr(ck.os, "replace", logged_replace)
+    return events
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fsynced descriptors through /proc")
+def test_a_checkpoints_directory_entries_are_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """The files of step-N.tmp are fsynced, and so must be the directory's entries naming them (a new file's
+    entry is not made durable by fsyncing the file): otherwise a machine crash after the rename, and after the
+    prune that follows it removed the older checkpoints, can leave a step-N whose files are gone."""
+    from elas.train import checkpoint as ck
+    run = tmp_path / "run"
+    model, opt = _saved_tiny(run, [1])
+    events = _durability_log(monkeypatch)
+    ck.save_checkpoint(run, 2, model, opt, {"step": 2}, keep=5)
+    tmp = str(run.resolve() / "checkpoints" / "step-00000002.tmp")
+    renamed = events.index(("replace", str(run / "checkpoints" / "step-00000002.tmp"),
+                            str(run / "checkpoints" / "step-00000002")))
+    manifest = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2].endswith("manifest.json"))
+    assert ("fsync", tmp) in events[manifest:renamed], events
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fsynced descriptors through /proc")
+def test_consolidated_weights_are_fsynced_before_the_manifest_vouches_for_them(tmp_path, monkeypatch):
+    """consolidate renames model.safetensors into a checkpoint and lists its hash in the manifest: a machine
+    crash that left it empty (its data never written back) would make the whole checkpoint, its shards intact,
+    fail to verify, and a resume move it aside."""
+    from elas.train import checkpoint as ck
+    run = tmp_path / "run"
+    model, opt = _saved_tiny(run, [])
+    ckpt = ck.save_sharded_checkpoint(run, 1, model, opt, {"step": 1}, keep=5)
+    events = _durability_log(monkeypatch)
+    ck.consolidate(ckpt)
+    assert verify_checkpoint(ckpt) is None
+    moved = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2].endswith("model.safetensors"))
+    assert ("fsync", str((ckpt / "model.tmp").resolve())) in events[:moved], events

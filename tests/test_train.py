@@ -258,6 +258,44 @@ def test_full_disk_keeps_the_last_complete_checkpoint(dataset, tmp_path, capsys,
     assert latest_checkpoint(out).name == "step-00000006"
 
 
+def test_full_disk_at_a_metrics_line_saves_the_steps_and_is_one_line(dataset, tmp_path, capsys, monkeypatch):
+    """A full disk hit by a metrics.jsonl line (a few hundred bytes: often the first write to fail) or by the run's
+    files at a resume's start is one line naming the file, not a traceback; the steps since the last checkpoint
+    are saved first where the checkpoint still fits, and a resume continues from them."""
+    import builtins
+    import errno
+
+    import elas.train.trainer as trainer
+    real_open, appends = builtins.open, []
+
+    def full_at_step_5(path, mode="r", *a, **k):
+        if str(path).endswith("metrics.jsonl") and "a" in mode:
+            appends.append(path)
+            if len(appends) == 5:  # the loss line of step 5 (log_every=1, no evaluation before it)
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *a, **k)
+    monkeypatch.setattr(trainer, "open", full_at_step_5, raising=False)
+    out = tmp_path / "r"
+    common = ["--max-steps", "8", "--set", "save_every=4", "--set", "eval_every=100"]
+    assert main(train_args(dataset, out, *common)) == 2
+    cap = capsys.readouterr()
+    (line,) = [ln for ln in cap.err.splitlines() if ln.strip()]
+    assert line.startswith("elas: error: could not write") and "metrics.jsonl" in line
+    assert "No space left on device" in line and "--resume" in line
+    assert "the checkpoint of step 5 was written first" in cap.out
+    assert latest_checkpoint(out).name == "step-00000005"
+    monkeypatch.undo()
+    # a full disk when a resume rewrites the run's files (config.json, metrics.jsonl) at its start: one line too
+    monkeypatch.setattr(trainer, "write_atomic", lambda *a: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
+    assert main(train_args(dataset, out, *common, "--resume")) == 2
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert line.startswith("elas: error: could not write") and "No space left on device" in line
+    monkeypatch.undo()
+    assert main(train_args(dataset, out, *common, "--resume")) == 0
+    assert sorted(losses(out)) == [1, 2, 3, 4, 6, 7, 8]  # (step 5's line was the one the disk refused)
+
+
 def test_tensorboard_logs_what_metrics_jsonl_logs(dataset, tmp_path):
     """tensorboard=true writes the same numbers as metrics.jsonl (train loss per log step, validation loss,
     sparsity statistics) into RUN/tensorboard."""
@@ -355,6 +393,23 @@ def test_four_processes_match_single_process(dataset, tmp_path, parallel):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
     for s in a:  # the same sequences, reduced in another order
         assert abs(a[s] - b[s]) < 1e-4, (s, a[s], b[s])
+
+
+def test_a_resume_on_another_process_count_that_changes_the_global_batch_says_so(dataset, tmp_path):
+    """A DDP run resumed on another number of processes with the same batch_size has another global batch: the
+    data of a step is a function of the step and the global batch, so the resumed run re-reads (or skips) samples
+    and is another run. No config key changed (the process count is not one): the trainer says it, from the
+    checkpoint's data position, with the batch that continues the run exactly."""
+    steps = ["--set", "eval_every=100", "--set", "save_every=2", "--set", "batch_size=2"]
+    two = _torchrun(2, *train_args(dataset, tmp_path / "run", "--max-steps", "2", *steps))
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run_cli(*train_args(dataset, tmp_path / "run", "--max-steps", "4", *steps, "--resume"))
+    assert one.returncode == 0, one.stderr
+    out = one.stdout + one.stderr
+    assert "warning: the global batch is 2 sequences (batch_size x grad_accum x processes), checkpoint " \
+           "step-00000002's was 4" in out, out
+    again = run_cli(*train_args(dataset, tmp_path / "run", "--max-steps", "6", *steps, "--resume"))
+    assert again.returncode == 0 and "global batch is" not in again.stdout + again.stderr  # (its own batch now)
 
 
 def test_fsdp_with_the_deferred_residual_matches_the_plain_single_process(dataset, tmp_path):

@@ -267,6 +267,10 @@ def _finish(tmp: Path, final: Path, trainer_state: dict, hashes: dict[str, str] 
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
     _write_manifest(tmp, hashes)  # last: a checkpoint whose manifest verifies was written whole
+    # the directories too: a new file's name is durable only once the directory holding it is fsynced (without it a
+    # machine crash after the rename, and after the prune of the older checkpoints, could leave step-N empty)
+    for d in [*(p for p in tmp.rglob("*") if p.is_dir()), tmp]:
+        _fsync_dir(d)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -501,6 +505,8 @@ def consolidate(ckpt: Path) -> Path:
         dcp_to_torch_save(str(ckpt / "dcp"), str(blob))
         weights = torch.load(blob, map_location="cpu", weights_only=False)["model"]
         save_file({k: v.contiguous() for k, v in weights.items()}, str(out.with_suffix(".tmp")))
+        with open(out.with_suffix(".tmp"), "rb") as fh:  # on disk before the manifest vouches for it: a crash
+            os.fsync(fh.fileno())  # must not leave an empty file that fails the whole checkpoint's verification
         os.replace(out.with_suffix(".tmp"), out)
     except (OSError, RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"could not consolidate {ckpt} ({str(e).splitlines()[0][:160]})") from None
@@ -512,6 +518,7 @@ def consolidate(ckpt: Path) -> Path:
         write_atomic(ckpt / MANIFEST, json.dumps({"version": 1, "files": files}, indent=1).encode())
     else:  # a checkpoint from before manifests
         _write_manifest(ckpt)
+    _fsync_dir(ckpt)  # (the new file's name)
     return out
 
 

@@ -128,10 +128,15 @@ def truncate_metrics(path: Path, step: int) -> list[int]:
     if bad:
         with open(path.with_name(path.name + ".bad"), "a") as fh:
             fh.write("".join(ln + "\n" for _, ln in bad))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(ln + "\n" for ln in keep).encode())  # (a failed write leaves no temporary file)
     return [i for i, _ in bad]
+
+
+def _write_failed(path: Path, e: OSError, run_dir: Path) -> str:
+    """One line for a run file that could not be written (a full disk, say)."""
+    return (f"could not write {path} ({os.strerror(e.errno) if e.errno else e}); the newest complete checkpoint is "
+            f"{getattr(newest_verified(run_dir), 'name', 'none')}: free space, then `elas train --out {run_dir} "
+            f"--resume`")
 
 
 def run_tokenizer(run_dir: str | Path, cfg: TrainConfig) -> Path:
@@ -382,6 +387,7 @@ class Trainer:
             raise TrainError(str(e)) from None  # --init-from, a kernel library that is missing
         self.step, self.tokens = 0, 0
         self.saved_max_steps = None  # the max_steps the resumed checkpoint was trained towards (its config copy)
+        self.saved_position = None  # the resumed checkpoint's data position (samples read: step x its global batch)
         self.cublas_note = None  # a resume under another cuBLAS workspace setting (logged after "resumed from")
         self.modes: tuple = ()  # the sparsity methods' modes at the current step
         sharded_ckpt = self.ckpt is not None and is_sharded_checkpoint(self.ckpt)
@@ -396,6 +402,7 @@ class Trainer:
             self.step, self.tokens = state["step"], state["tokens"]
             self.elapsed_before = float(state.get("elapsed_s", 0.0))  # absent in checkpoints of older versions
             self.saved_max_steps = (state.get("config") or {}).get("max_steps")
+            self.saved_position = state.get("data_position")
             self.cublas_note = self._cublas_note(state)
         # compiled regions on CUDA (CPU runs stay eager: CI and demos need no compiler); then DDP wraps the model,
         # or FSDP2 shards it (parameters become DTensors: the optimizer is built on the shards)
@@ -426,6 +433,7 @@ class Trainer:
                     self.step, self.tokens = state["step"], state["tokens"]
                     self.elapsed_before = float(state.get("elapsed_s", 0.0))
                     self.saved_max_steps = (state.get("config") or {}).get("max_steps")
+                    self.saved_position = state.get("data_position")
                     self.cublas_note = self._cublas_note(state)
                 else:
                     load_optimizer(self.ckpt, self.model, self.optimizer)
@@ -489,13 +497,19 @@ class Trainer:
         if d.main:
             # atomic: a full disk or a kill mid-write must not leave the run without its config (each checkpoint
             # holds a copy too: load_run_config). A resume that trains nothing leaves the run's plan as it was.
-            if not complete:
-                write_atomic(self.run_dir / "config.json", json.dumps(to_dict(cfg), indent=2).encode())
-            # the run keeps its tokenizer beside it: generate and export work after the dataset moves or goes
-            tok = Path(cfg.data_dir) / "tokenizer.json"
-            if tok.is_file() and not (self.run_dir / "tokenizer.json").is_file():
-                write_atomic(self.run_dir / "tokenizer.json", tok.read_bytes())
-            dropped = truncate_metrics(self.metrics_path, self.step)
+            target = self.run_dir / "config.json"
+            try:  # (a full disk here is one line, not a traceback)
+                if not complete:
+                    write_atomic(target, json.dumps(to_dict(cfg), indent=2).encode())
+                # the run keeps its tokenizer beside it: generate and export work after the dataset moves or goes
+                tok = Path(cfg.data_dir) / "tokenizer.json"
+                target = self.run_dir / "tokenizer.json"
+                if tok.is_file() and not target.is_file():
+                    write_atomic(target, tok.read_bytes())
+                target = self.metrics_path
+                dropped = truncate_metrics(self.metrics_path, self.step)
+            except OSError as e:
+                raise TrainError(_write_failed(target, e, self.run_dir)) from None
             if dropped:
                 self.log(f"elas: {len(dropped)} unreadable line(s) of {self.metrics_path.name} moved to "
                          f"{self.metrics_path.name}.bad (line {dropped[0]} first); the run goes on")
@@ -526,6 +540,16 @@ class Trainer:
                 self.log(f"elas: resumed from {self.ckpt} at step {self.step}")
                 if self.cublas_note:
                     self.log(self.cublas_note)
+                if not complete and self.step and self.saved_position not in (None, self.step * self.global_batch):
+                    # the data of a step is a function of the step and the global batch: another global batch (the
+                    # same batch_size on another process count changes no config key) re-reads or skips samples
+                    was = self.saved_position // self.step
+                    self.log(f"elas: warning: the global batch is {self.global_batch} sequences (batch_size x "
+                             f"grad_accum x processes), checkpoint {self.ckpt.name}'s was {was}: from step {self.step} "
+                             f"on this run reads from sample {self.step * self.global_batch}, not "
+                             f"{self.saved_position}, so it {'re-reads' if self.global_batch < was else 'skips'} "
+                             f"samples and differs from an uninterrupted run; keep batch_size x grad_accum x "
+                             f"processes = {was} to continue it exactly")
                 if complete and self.saved_max_steps not in (None, cfg.max_steps):
                     self.log(f"elas: nothing to train: the run is at step {self.step}, at or past --max-steps "
                              f"{cfg.max_steps}; its config.json keeps max_steps={self.saved_max_steps}")
@@ -661,6 +685,24 @@ class Trainer:
                 if stop:
                     self._wait_saves()
                     raise TrainStopped(stop, self.step, self.run_dir, quiet=d.enabled and not d.main)
+            missing = complete and self.step == cfg.max_steps and d.main and not any(
+                "val_loss" in r and r.get("step") == self.step for r in read_metrics(self.metrics_path, []))
+            if complete and self.step == cfg.max_steps and d.enabled:  # rank 0's file decides: evaluate is a
+                # collective, so every rank takes it or none
+                missing = bool(all_reduce_sum(torch.tensor([float(missing)], device=self.device), d).item())
+            if missing:
+                # the last step's evaluation failed after its checkpoint was written for it (_save_before_failing):
+                # the run is trained but has no final validation loss, which is taken now (without it the grid,
+                # which reads it from metrics.jsonl, would fail on every later invocation)
+                t0 = time.perf_counter()
+                vl, n = evaluate(self.fwd, self.val_windows, cfg.eval_tokens, cfg.batch_size, self.device,
+                                 self.autocast, d)
+                result = {"step": self.step, "val_loss": vl, "val_ppl": math.exp(min(vl, 50)), "val_tokens": n,
+                          "eval_s": time.perf_counter() - t0}
+                self._write_metrics(result)
+                if d.main:
+                    self.log(f"step {self.step}: val loss {vl:.4f}, perplexity {result['val_ppl']:.2f} ({n:,} tokens, "
+                             f"the run's final evaluation, missing from {self.metrics_path.name})")
             self._wait_saves()  # the last checkpoint is on disk before fit() returns
         finally:
             if self.saver.busy():  # an error left the loop: let the write in flight finish (its own error, if
@@ -718,7 +760,9 @@ class Trainer:
             raise TrainError(str(e)) from None
 
     def _write_metrics(self, rec: dict) -> None:
-        if self.dist.main:
+        if not self.dist.main:
+            return
+        try:
             with open(self.metrics_path, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
             if self.cfg.tensorboard:  # the same numbers, by step: train/*, val/*, sparsity statistics
@@ -732,6 +776,11 @@ class Trainer:
                 for k, v in rec.get("stats", {}).items():
                     self.tb.add_scalar(f"stats/{k}", v, rec["step"])
                 self.tb.flush()
+        except OSError as e:  # a full disk: a metrics line is often the first write to fail. The steps since the
+            # last checkpoint are saved first where the checkpoint still fits (older ones make room), then one line
+            # (a line torn by the failed write is the file's last: the resume drops it)
+            self._save_before_failing(f"the write of {self.metrics_path.name}")
+            raise TrainError(_write_failed(self.metrics_path, e, self.run_dir)) from None
 
     def _check_param_dtype(self) -> None:
         """A checkpoint holds the optimizer state of its parameters' dtype: bf16 parameters' fp32 masters
@@ -753,6 +802,8 @@ class Trainer:
         reported."""
         if self.dist.enabled:
             return
+        if self.ckpt is not None and self.ckpt.name == f"step-{self.step:08d}":
+            return  # nothing trained since the checkpoint this run resumed from (rewriting it would only risk it)
         try:
             self.save()
             self._wait_saves()
