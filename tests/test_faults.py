@@ -72,6 +72,25 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(dataset, refere
     assert verify_checkpoint(run / "checkpoints" / "step-00000008") is None
 
 
+def test_resume_auto_with_every_checkpoint_damaged_keeps_the_lost_runs_metrics(dataset, reference, tmp_path):
+    """--resume auto starts again when no checkpoint verifies; the metrics of the steps it lost are moved aside,
+    not truncated away, and the fresh run's losses equal the uninterrupted run's."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(reference / "killed", run)
+    before = (run / "metrics.jsonl").read_text()
+    assert before
+    for c in (run / "checkpoints").glob("step-*"):
+        _damage(c / "model.safetensors", "truncate")
+    r = run_cli(*train_args(dataset, run, *COMMON, "--resume", "auto"))
+    assert r.returncode == 0, r.stderr
+    assert "the run starts again at step 0" in r.stdout
+    kept = list(run.glob("metrics.before-restart-*.jsonl"))
+    assert len(kept) == 1 and kept[0].read_text() == before
+    a, b = losses(reference / "ref"), losses(run)
+    assert sorted(b) == list(range(1, 9)) and all(a[s] == b[s] for s in a)
+
+
 @pytest.mark.parametrize("pointer", ["deleted", "dangling"])
 def test_a_missing_or_dangling_latest_does_not_restart_the_run(dataset, reference, tmp_path, pointer):
     import shutil

@@ -365,9 +365,17 @@ class Trainer:
             raise TrainError(f"--resume: {self.run_dir} holds no checkpoint that verifies" +
                              (" (the damaged ones were moved aside as *.corrupt)" if found else "") +
                              "; drop --resume to start a new run there, or pass --resume auto")
+        if resume == "auto" and found and self.ckpt is None and self.dist.main:
+            # every checkpoint was damaged: the run starts again, and the log of the steps it lost stays beside it
+            # (the fresh start would otherwise truncate metrics.jsonl to nothing)
+            old = self.run_dir / "metrics.jsonl"
+            if old.is_file() and old.stat().st_size:
+                aside = old.with_name(f"metrics.before-restart-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+                os.replace(old, aside)
+                log(f"elas: no checkpoint of {self.run_dir} verifies: the run starts again at step 0 (--resume "
+                    f"auto); its earlier metrics were moved to {aside.name}")
         if self.ckpt is not None:
             self._check_param_dtype()
-        if self.ckpt is not None:
             check_same_data(self.ckpt, self.meta, cfg.data_dir, full_rank=cfg.model.rank == 0)
 
         self.global_batch = cfg.batch_size * cfg.grad_accum * self.dist.world
