@@ -80,6 +80,13 @@ TRAIN_CASES = [
     (["--device", "cuda:x"], "device='cuda:x'"),
     (["--device", "cuda"], "CUDA is not available"),
     (["--resume"], "holds no checkpoint"),
+    (["--set", "seed=-1"], "seed=-1"),
+    (["--set", "grad_clip=nan"], "grad_clip=nan"),
+    (["--set", "weight_decay=nan"], "weight_decay=nan"),
+    (["--set", "model.norm_eps=0"], "model.norm_eps=0.0"),
+    (["--set", "model.rope_theta=-5"], "model.rope_theta=-5.0"),
+    (["--set", "model.init_std=nan"], "model.init_std=nan"),
+    (["--preset", "llama-tiny-relu2", "--optimizer", "loro_adamw"], "loro_adamw needs a low-rank model"),
 ]
 
 
@@ -171,6 +178,19 @@ def test_bad_eval_and_generate_arguments(tmp_path, capsys):
     _fail(["bench", "step", "--modes", "fast"], capsys, "--modes value 'fast'")
     _fail(["bench", "step", "--variants", "elas,dense"], capsys, "--variants value 'dense'")
     _fail(["bench", "step", "--batches", "0"], capsys, "--batches '0'")
+    _fail(["bench", "infer", "--sizes", "llama-61m"], capsys, "--sizes value 'llama-61m'")
+    _fail(["bench", "ffn", "--sizes", "llama-7b"], capsys, "--sizes value 'llama-7b'")
+    _fail(["bench", "compile", "--sizes", "llama-60m,llama-1b"], capsys, "--sizes 'llama-60m,llama-1b'")
+    _fail(["bench", "compile", "--variants", "elas,dense"], capsys, "--variants value 'dense'")
+    _fail(["bench", "loro", "--solvers", "qr"], capsys, "--solvers value 'qr'")
+    _fail(["bench", "loro", "--grad-rank", "0"], capsys, "--grad-rank 0")
+    _fail(["bench", "gemm", "--m", "-5"], capsys, "--m -5")
+    _fail(["bench", "ffn", "--batch-scale", "0"], capsys, "--batch-scale 0")
+    _fail(["eval", "--run", str(tmp_path), "--device", "tpu"], capsys, "--device 'tpu'")
+    _fail(["generate", "--run", str(tmp_path), "--device", "tpu"], capsys, "--device 'tpu'")
+    _fail(["generate", "--run", str(tmp_path), "--temperature", "nan"], capsys, "--temperature nan")
+    (tmp_path / "afile").write_text("")
+    _fail(["export", "--run", str(tmp_path), "--to", str(tmp_path / "afile")], capsys, "is not a directory")
     _fail(["generate", "--run", str(tmp_path), "--temperature", "-1"], capsys, "--temperature -1")
     _fail(["generate", "--run", str(tmp_path), "--max-new-tokens", "-3"], capsys, "--max-new-tokens -3")
     _fail(["generate", "--run", str(tmp_path), "--top-k", "-2"], capsys, "--top-k -2")
@@ -188,6 +208,7 @@ def test_bad_eval_and_generate_arguments(tmp_path, capsys):
     _fail([*grid, "--grad-accum", "0"], capsys, "invalid --grad-accum 0")
     _fail([*grid, "--plan", "--steps", "0"], capsys, "invalid --steps 0")  # (a division by zero before)
     _fail([*grid, "--plan", "--summarize-only"], capsys, "--plan and --summarize-only exclude each other")
+    _fail([*grid, "--variants", ","], capsys, "--variants ',' has an empty name")
     _fail(["experiment", "--size", "llama-tiny-elas", "--out", str(tmp_path / "q")], capsys,
           "unknown --size 'llama-tiny-elas' (did you mean 'llama-tiny'?)")
     assert not (tmp_path / "data").exists() and not (tmp_path / "q").exists()
@@ -223,6 +244,8 @@ def test_bad_data_prepare_arguments(tmp_path, capsys):
     _fail(["data", "prepare", "--out", str(tmp_path / "d"), *files, "--max-tokens", "-1"], capsys, "max_tokens=-1")
     _fail(["data", "prepare", "--out", str(tmp_path / "d"), *files, "--max-mb", "-1"], capsys, "max_mb=-1")
     _fail(["data", "prepare", "--out", str(tmp_path / "d"), "--vocab-size", "0"], capsys, "vocab_size=0")
+    _fail(["data", "prepare", "--out", str(tmp_path / "d"), *files, "--max-mb", "nan"], capsys, "--max-mb nan")
+    _fail(["data", "prepare", "--out", str(tmp_path / "d"), *files, "--max-mb", "inf"], capsys, "--max-mb inf")
     _fail(["data", "prepare", "--out", str(tmp_path / "d"), "--tokenizer", str(tmp_path)], capsys,
           "holds no tokenizer.json")
     # another source's options would be ignored and the built-in corpus tokenized in their place
@@ -286,6 +309,38 @@ def test_grid_on_a_builtin_corpus_of_another_vocabulary_fails_before_preparing_i
           "--size llama-tiny has vocab_size 8192, but --data data/builtin would be prepared with a 32000-token "
           "vocabulary: use --data data/builtin-8k")
     assert not (tmp_path / "data").exists()
+
+
+def test_train_on_a_builtin_corpus_of_another_vocabulary_fails_before_preparing_it(tmp_path, capsys, monkeypatch):
+    """As the grid: a model whose vocabulary is smaller than the built-in corpus's would fail on its data only after
+    the corpus is prepared (minutes)."""
+    monkeypatch.chdir(tmp_path)
+    _fail(["train", "--preset", "llama-tiny-elas", "--data", "data/builtin", "--dry-run"], capsys,
+          "model.vocab_size=8192 is smaller than the 32000-token vocabulary data/builtin would be prepared with: use "
+          "--data data/builtin-8k")
+    _fail(["train", "--preset", "llama-tiny-elas", "--set", "model.vocab_size=512"], capsys,
+          "prepare a dataset with a smaller --vocab-size")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+
+
+def test_plot_to_an_unknown_image_format(dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "llama-tiny-elas", "--data", str(dataset), "--out", str(run), "--no-progress",
+                 *TINY, "--max-steps", "1", "--set", "eval_every=100"]) == 0
+    capsys.readouterr()
+    _fail(["plot", str(run), "--out", str(tmp_path / "curves.txt")], capsys, "Format 'txt' is not supported")
+
+
+def test_a_float_key_given_as_an_integer_stays_a_number():
+    """`lr = 1` in a TOML file is the number 1.0: recorded as an integer, a resumed run's `--set lr=0.5` was refused
+    as not an integer."""
+    from elas.config import apply_overrides, train_config
+    cfg = train_config("llama-tiny")
+    apply_overrides(cfg, {"lr": 1, "weight_decay": 0, "model.norm_eps": 1})
+    assert (type(cfg.lr), type(cfg.weight_decay), type(cfg.model.norm_eps)) == (float, float, float)
+    cfg.min_lr_ratio = 0  # as a config.json written before recorded such a value
+    apply_overrides(cfg, {"min_lr_ratio": "0.5"})
+    assert cfg.min_lr_ratio == 0.5
 
 
 def test_bad_cublas_workspace_choice(capsys, monkeypatch):

@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
-from .config import COMPILE_VARIANTS, FFN_KINDS, VARIANTS, ModelConfig, act24, model_preset
+from .config import COMPILE_VARIANTS, FFN_KINDS, VARIANTS, ModelConfig, act24, model_preset, valid_device
 from .sparsity.act24 import GRAD_MODES
 
 
@@ -212,6 +213,12 @@ def resolve_train_config(args: argparse.Namespace):
                 print(f"elas: warning: resuming with other kernels ({'; '.join(diff)}): the model is the same, "
                       f"its losses may differ from an uninterrupted run's in the last bits", file=sys.stderr)
         cfg.validate()
+        builtin = BUILTIN_DATA.get(os.path.normpath(os.path.relpath(Path(cfg.data_dir).absolute())))
+        if builtin and not (Path(cfg.data_dir) / "meta.json").exists() and builtin[0] > cfg.model.vocab_size:
+            fits = [k for k, (v, _) in BUILTIN_DATA.items() if v <= cfg.model.vocab_size]  # (as elas experiment)
+            raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the {builtin[0]}-token "
+                            f"vocabulary {cfg.data_dir} would be prepared with: " +
+                            (f"use --data {fits[0]}" if fits else "prepare a dataset with a smaller --vocab-size"))
         # everything a run needs that costs nothing to check, before any data is prepared
         from .build import build_model
         from .train.trainer import computes_in_bf16, pick_device, resolve_param_dtype
@@ -219,6 +226,10 @@ def resolve_train_config(args: argparse.Namespace):
         resolve_param_dtype(cfg, device, int(os.environ.get("WORLD_SIZE", "1")) > 1, computes_in_bf16(cfg, device),
                             resume_from=cfg.out_dir if args.resume else None)
         meta_model = build_model(cfg.model, "meta")  # the methods' keys, and whether they apply to this model
+        from .model.lowrank import LowRankLinear
+        if cfg.optimizer == "loro_adamw" and not any(isinstance(m, LowRankLinear) for m in meta_model.modules()):
+            raise UserError(f"optimizer=loro_adamw needs a low-rank model and this one has no low-rank linear "
+                            f"(model.rank={cfg.model.rank}): set a rank, e.g. --rank 128, or --optimizer adamw")
         if cfg.init_from and not (saved is not None and args.resume):
             from .export import check_init_from
             check_init_from(meta_model, cfg.model, Path(cfg.init_from))
@@ -258,8 +269,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     bad = [str(r) for r in runs if not (r / "metrics.jsonl").is_file()]
     if bad:
         raise UserError(f"not a run directory (no metrics.jsonl): {', '.join(bad)}")
-    if not plot_runs(runs, Path(args.out)):
-        raise UserError("elas plot needs matplotlib: pip install 'elas[plot]'")
+    try:
+        if not plot_runs(runs, Path(args.out)):
+            raise UserError("elas plot needs matplotlib: pip install 'elas[plot]'")
+    except (ValueError, OSError) as e:  # an image format matplotlib does not write, a folder it cannot
+        raise UserError(f"--out {args.out}: {e}") from None
     print(f"wrote {args.out}")
     return 0
 
@@ -345,6 +359,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---- data / eval / generate ---------------------------------------------------------------------------------
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from .data import DataError, prepare
+    if not math.isfinite(args.max_mb):  # (a negative cap: prepare says)
+        raise UserError(f"--max-mb {args.max_mb} is invalid: expected a finite number of MB >= 0 (0: no cap)")
     try:
         prepare(args.out, source=args.source, files=args.files, hf=args.hf, hf_config=args.hf_config,
                 hf_split=args.hf_split, text_field=args.text_field, tokenizer=args.tokenizer,
@@ -378,6 +394,8 @@ def _load_run(args: argparse.Namespace):
     from .build import build_model, kernels_for_here
     from .train import CheckpointError, TrainError, load_checkpoint, load_run_config, newest_verified
     from .train.trainer import pick_device
+    if not valid_device(args.device):
+        raise UserError(f"invalid --device {args.device!r}: expected auto, cpu, cuda or cuda:N")
     try:
         cfg = load_run_config(args.run)
         ckpt = _checkpoint_arg(args) or newest_verified(Path(args.run))
@@ -399,7 +417,6 @@ def _load_run(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import math
     from contextlib import nullcontext
 
     import torch
@@ -452,6 +469,8 @@ def cmd_checkpoint_consolidate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_hf
     out = Path(args.to)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--to {out} is not a directory; choose another --to")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise UserError(f"{out} exists and is not empty; pass --force to overwrite it or choose another --to")
     args.device = "cpu"
@@ -479,7 +498,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .model.generate import sample
     for name, value, lo in (("--max-new-tokens", args.max_new_tokens, 0), ("--temperature", args.temperature, 0),
                             ("--top-k", args.top_k, 0)):
-        if value < lo:
+        if not value >= lo:  # (NaN too)
             raise UserError(f"{name} {value} is invalid: expected >= {lo}")
     cfg, model, _, device = _load_run(args)
     try:
@@ -577,6 +596,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 variant_config("llama-60m", v)
             except ValueError as e:
                 raise UserError(f"invalid --variants value {v!r}: {e}") from None
+    if args.what in ("ffn", "infer", "loro", "compile") and args.sizes:  # (step: above)
+        from .bench.ffn import BATCH
+        from .config import SIZES
+        picked = _choices(args.sizes, tuple(BATCH) if args.what == "ffn" else tuple(SIZES), "--sizes")
+        if args.what == "compile" and len(picked) > 1:
+            raise UserError(f"invalid --sizes {args.sizes!r}: bench compile measures one size, e.g. --sizes llama-1b")
+    if args.what == "compile" and args.variants:
+        _choices(args.variants, tuple(VARIANTS), "--variants")
+    if args.what == "loro" and args.solvers:
+        from .optim.loro import SOLVERS
+        _choices(args.solvers, (*SOLVERS, "auto"), "--solvers")
+    for flag, value in (("--m", args.m), ("--grad-rank", args.grad_rank)):
+        if value is not None and value < 1:
+            raise UserError(f"invalid {flag} {value}: expected a positive integer")
+    if not args.batch_scale > 0:
+        raise UserError(f"invalid --batch-scale {args.batch_scale}: expected a positive factor")
     if not torch.cuda.is_available():
         raise UserError("elas bench measures GPU kernels and needs a CUDA GPU")
     env = kb.environment()
@@ -702,6 +737,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from .train.experiment import grid_variants, plot_curves, plot_stats, run_grid, summarize
     out = Path(args.out)
     variants = args.variants.split(",") if args.variants else grid_variants(args.steps)
+    if "" in variants:
+        raise UserError(f"--variants {args.variants!r} has an empty name: expected comma-separated variants, "
+                        f"e.g. elas,relu2")
     twice = sorted({v for v in variants if variants.count(v) > 1})
     if twice:
         raise UserError(f"--variants names {', '.join(twice)} more than once")

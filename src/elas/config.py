@@ -133,6 +133,9 @@ class ModelConfig:
         for name in ("d_model", "n_layers", "n_heads", "intermediate", "vocab_size", "max_seq_len"):
             if getattr(self, name) <= 0:
                 bad(name, getattr(self, name), "expected a positive integer")
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            if not 0 < getattr(self, name) < math.inf:
+                bad(name, getattr(self, name), "expected a positive finite number")
         if self.ffn not in FFN_KINDS:
             bad("ffn", self.ffn, f"expected one of {FFN_KINDS}")
         if not isinstance(self.methods, list) or not all(isinstance(m, dict) and "method" in m for m in self.methods):
@@ -393,11 +396,10 @@ class TrainConfig:
             raise ValueError(f"invalid optim_state_dtype={self.optim_state_dtype!r}: expected auto, fp32 or bf16")
         if self.param_dtype == "bf16" and self.precision == "fp32":
             raise ValueError("param_dtype=bf16 computes in bf16: it needs precision=bf16 or auto, not fp32")
-        if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
-                                                          and self.device[5:].isdigit())):
+        if not valid_device(self.device):
             raise ValueError(f"invalid device={self.device!r}: expected auto, cpu, cuda or cuda:N")
-        for name in ("grad_clip", "weight_decay", "loro_rewarm_steps"):
-            if getattr(self, name) < 0:
+        for name in ("grad_clip", "weight_decay", "loro_rewarm_steps", "seed"):
+            if not getattr(self, name) >= 0:  # (NaN too)
                 raise ValueError(f"invalid {name}={getattr(self, name)!r}: expected >= 0")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"invalid betas ({self.beta1}, {self.beta2}): each in [0, 1)")
@@ -408,6 +410,11 @@ class TrainConfig:
         if not 0 < self.lr < math.inf or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise ValueError(f"invalid schedule: lr={self.lr} (> 0 and finite), min_lr_ratio={self.min_lr_ratio} (in [0, 1]), "
                              f"warmup_steps={self.warmup_steps} (>= 0)")
+
+
+def valid_device(name: str) -> bool:
+    """Whether `name` is a device elas runs on: auto, cpu, cuda or cuda:N."""
+    return name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())
 
 
 OPTIMIZERS = ("adamw", "loro_adamw")
@@ -603,10 +610,15 @@ def apply_overrides(obj: Any, items: dict[str, Any], prefix: str = "", absent_me
             if dataclasses.is_dataclass(cur):
                 raise KeyError(f"config key {prefix + head!r} is a section; set one of its keys, "
                                f"e.g. {prefix + head}.{fields(cur)[0].name}")
-            optional = "None" in str(next(f.type for f in fields(obj) if f.name == head))
+            kind = str(next(f.type for f in fields(obj) if f.name == head))
+            optional = "None" in kind
+            if kind == "float" and type(cur) is int:  # a number recorded as an integer (`lr = 1` in a TOML file)
+                cur = float(cur)
             if isinstance(value, str) and not isinstance(cur, str):
                 value = parse_value(value, cur, prefix + key, optional)
             _check_type(value, cur, prefix + key, optional)
+            if kind == "float" and type(value) is int:  # recorded as the number it is (1.0), not as an integer
+                value = float(value)
             setattr(obj, head, value)
 
 
@@ -700,4 +712,5 @@ __all__ = [
     "PRESET_RANKS", "SIZES", "VARIANTS", "BENCH_VARIANTS", "COMPILE_VARIANTS", "Variant", "act24", "sste24", "preset_name", "model_preset",
     "relu2_width", "FFN_KINDS", "CONFIG_VERSION", "recipe_names", "load_recipe", "recipe_config",
     "apply_overrides", "parse_value", "to_dict", "from_dict", "closest", "size_of", "KERNEL_KEYS",
+    "valid_device",
 ]
