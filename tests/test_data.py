@@ -160,3 +160,155 @@ def test_the_builtin_dataset_is_prepared_however_its_path_is_spelled(tmp_path, m
     assert [v for _, v in calls] == [8192] * 4
     ensure_builtin_data(types.SimpleNamespace(data_dir="data/mine"))
     assert len(calls) == 4
+
+
+def _texts(d: Path, n: int = 30) -> Path:
+    d.mkdir()
+    for i in range(n):
+        (d / f"doc{i}.txt").write_text(f"document {i} about tokens and windows " * 40)
+    return d
+
+
+def test_a_token_file_of_another_length_than_meta_says_is_refused(tmp_path):
+    """A token file a whole number of tokens shorter (a truncated copy) or longer than meta.json says is refused at
+    start-up in one line, not trained on."""
+    ds = tmp_path / "ds"
+    meta = prepare(ds, source="files", files=[str(_texts(tmp_path / "t"))], vocab_size=300, val_frac=0.2,
+                   log=lambda *a: None)
+    load_meta(ds)
+    for split, size in (("train", 2 * meta["train_tokens"] - 2000), ("val", 2 * meta["val_tokens"] + 2)):
+        keep = (ds / f"{split}.bin").read_bytes()
+        with open(ds / f"{split}.bin", "r+b") as fh:
+            fh.truncate(size)
+        with pytest.raises(DataError, match=rf"{split}.bin has {size} bytes, but meta.json says "
+                                            rf"{meta[split + '_tokens']:,} uint16 tokens .*prepare it again"):
+            TokenWindows(ds, "train", 32)
+        (ds / f"{split}.bin").write_bytes(keep)
+    TokenWindows(ds, "train", 32)
+
+
+def test_prepare_writes_its_files_durably_before_naming_the_dataset(tmp_path, monkeypatch):
+    """Every file of the dataset and its directory are fsynced before the directory takes its name, and the parent
+    after: a machine crash never leaves a meta.json beside token files whose bytes were not written."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_ino)), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", Path(b).name)), real_replace(a, b))[1])
+    ds = tmp_path / "ds"
+    prepare(ds, source="files", files=[str(_texts(tmp_path / "t"))], vocab_size=300, val_frac=0.2, log=lambda *a: None)
+    at = events.index(("replace", "ds"))
+    before = {ino for kind, ino in events[:at] if kind == "fsync"}
+    assert {p.stat().st_ino for p in [ds, *ds.iterdir()]} <= before
+    assert ("fsync", tmp_path.stat().st_ino) in events[at:]
+
+
+def test_a_failed_tokenizer_write_is_one_line(tmp_path, monkeypatch):
+    """tokenizer.json that cannot be written (a full disk) is the same one-line error as a token file, and the
+    temporary directory goes."""
+    import sys
+    prep = sys.modules["elas.data.prepare"]
+    real = prep._write_tokens
+
+    def then_block(path, *a, **kw):  # tokenizer.json cannot be written: a directory holds its name
+        n = real(path, *a, **kw)
+        (path.parent / "tokenizer.json").mkdir(exist_ok=True)
+        return n
+    monkeypatch.setattr(prep, "_write_tokens", then_block)
+    with pytest.raises(DataError, match="writing dataset .* failed: Is a directory"):
+        prepare(tmp_path / "ds", source="files", files=[str(_texts(tmp_path / "t"))], vocab_size=300, val_frac=0.2,
+                log=lambda *a: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+
+
+def test_a_given_tokenizer_neither_truncates_nor_pads_documents(tmp_path):
+    """A tokenizer.json that configures truncation or padding (as some hub tokenizers do) tokenizes every document
+    whole: the dataset is the same as with the tokenizer without them."""
+    from tokenizers import Tokenizer
+    texts = str(_texts(tmp_path / "t"))
+    a = prepare(tmp_path / "a", source="files", files=[texts], vocab_size=300, val_frac=0.2, log=lambda *a: None)
+    tok = Tokenizer.from_file(str(tmp_path / "a" / "tokenizer.json"))
+    tok.enable_truncation(16)
+    tok.enable_padding(length=16)
+    tok.save(str(tmp_path / "trunc.json"))
+    b = prepare(tmp_path / "b", source="files", files=[texts], tokenizer=str(tmp_path / "trunc.json"), val_frac=0.2,
+                log=lambda *a: None)
+    assert (b["train_tokens"], b["train_sha1"]) == (a["train_tokens"], a["train_sha1"])
+    # and the dataset keeps the tokenizer as it tokenized: the same bytes as a's (a transfer set's check compares them)
+    assert (tmp_path / "b" / "tokenizer.json").read_bytes() == (tmp_path / "a" / "tokenizer.json").read_bytes()
+
+
+def test_a_tokenizer_without_end_of_text_fails_before_the_text_is_read(tmp_path, monkeypatch):
+    import sys
+    prep = sys.modules["elas.data.prepare"]
+    texts = str(_texts(tmp_path / "t"))
+    prepare(tmp_path / "a", source="files", files=[texts], vocab_size=300, val_frac=0.2, log=lambda *a: None)
+    spec = json.loads((tmp_path / "a" / "tokenizer.json").read_text())
+    spec["added_tokens"] = []
+    del spec["model"]["vocab"]["<|endoftext|>"]
+    (tmp_path / "noeot.json").write_text(json.dumps(spec))
+    monkeypatch.setattr(prep, "_collect", lambda *a, **kw: pytest.fail("text was read"))
+    with pytest.raises(ValueError, match="no end-of-text token"):
+        prepare(tmp_path / "b", source="files", files=[texts], tokenizer=str(tmp_path / "noeot.json"),
+                log=lambda *a: None)
+
+
+def test_a_users_files_are_never_skipped_silently(tmp_path, capsys):
+    """--files text over the built-in corpus's 2 MB cap is read whole; a file that is not UTF-8 is a one-line error
+    naming it, not dropped."""
+    from elas.data.sources import file_docs
+    d = _texts(tmp_path / "t", 3)
+    (d / "big.txt").write_text("a long book " * 200_000)  # 2.4 MB
+    assert sorted(i.rsplit("/", 1)[-1] for i, _ in file_docs([str(d)])) == ["big.txt", "doc0.txt", "doc1.txt",
+                                                                             "doc2.txt"]
+    (d / "latin.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50)
+    assert main(["data", "prepare", "--out", str(tmp_path / "x"), "--source", "files", "--files", str(d),
+                 "--vocab-size", "300"]) == 2
+    err = capsys.readouterr().err
+    assert "latin.txt is not UTF-8 text" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_single_document_says_how_to_split_it(tmp_path):
+    """One file is one document: the error says to split it, not to add text or raise --val-frac."""
+    (tmp_path / "book.txt").write_text("a single long book " * 1000)
+    with pytest.raises(DataError, match=r"gave 1 document, .*one document per file.*split it"):
+        prepare(tmp_path / "ds", source="files", files=[str(tmp_path / "book.txt")], vocab_size=300,
+                log=lambda *a: None)
+
+
+def test_bad_jsonl_records_are_one_line_errors(tmp_path):
+    """A JSONL line that is not an object, a text field that is not a string, and bytes that are not UTF-8 are errors
+    naming the file, not a traceback or made-up text; a null text is no document (it was the text "None")."""
+    from elas.data.sources import SourceError, file_docs
+    (tmp_path / "null.jsonl").write_text('{"text": "a"}\n{"text": null}\n')
+    assert [t for _, t in file_docs([str(tmp_path / "null.jsonl")])] == ["a"]
+    for body, msg in ((b'{"text": "a"}\n5\n', r"bad.jsonl:2: a number, not an object"),
+                      (b'{"text": "a"}\n{"text": [1]}\n', r"bad.jsonl:2: field 'text' is an array, not a string"),
+                      (b'{"text": "caf\xe9"}\n', r"bad.jsonl is not UTF-8 text")):
+        (tmp_path / "bad.jsonl").write_bytes(body)
+        with pytest.raises(SourceError, match=msg):
+            list(file_docs([str(tmp_path / "bad.jsonl")]))
+
+
+def test_prepare_says_each_stage_as_it_starts(tmp_path, monkeypatch):
+    """The default log is flushed: in a log file or a pipe, each stage (reading, BPE, tokenizing) shows when it
+    starts, not with the result at the end."""
+    import io
+    import sys
+    prep = sys.modules["elas.data.prepare"]
+
+    class Out(io.StringIO):
+        shown = ""
+
+        def flush(self):
+            self.shown = self.getvalue()
+    out = Out()
+    seen = []
+    real_bpe, real_write = prep.train_bpe, prep._write_tokens
+    monkeypatch.setattr(prep, "train_bpe", lambda *a: seen.append(out.shown) or real_bpe(*a))
+    monkeypatch.setattr(prep, "_write_tokens", lambda *a: seen.append(out.shown) or real_write(*a))
+    monkeypatch.setattr(sys, "stdout", out)
+    prepare(tmp_path / "ds", source="files", files=[str(_texts(tmp_path / "t"))], vocab_size=300, val_frac=0.2)
+    assert "collected" in seen[0] and "training byte-level BPE" in seen[0]
+    assert seen[1].splitlines()[-1].startswith("tokenizing ")
+    assert out.shown.splitlines()[-1].startswith("wrote ")

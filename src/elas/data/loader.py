@@ -38,6 +38,13 @@ def load_meta(data_dir: str | Path) -> dict:
         if size == 0 or size % item:
             raise DataError(f"{d / f'{split}.bin'} has {size} bytes, not a positive multiple of the {item}-byte "
                             f"{meta['dtype']} tokens: the file is truncated or not this dataset's; prepare it again")
+        # a copy cut short by a whole number of tokens passes the test above: the count meta.json recorded
+        # (datasets of every version record it) is checked too, or a run trains on part of the data and records
+        # meta's SHA-1 as if it were all of it
+        n = meta.get(f"{split}_tokens")
+        if isinstance(n, int) and size != n * item:
+            raise DataError(f"{d / f'{split}.bin'} has {size} bytes, but meta.json says {n:,} {meta['dtype']} tokens "
+                            f"({n * item} bytes): the file is truncated or not this dataset's; prepare it again")
     return meta
 
 

@@ -5,7 +5,8 @@ A dataset directory holds:
     tokenizer.json       the tokenizer (HF `tokenizers` format)
     meta.json            source, counts, dtype, vocab size, EOT id, the unigram baseline perplexity of val, and the
                          SHA-1 of train.bin and val.bin (the same data on another machine has the same ones)
-The directory is built under a temporary name and renamed when complete, so a crash never leaves half a dataset.
+The directory is built under a temporary name, its files fsynced, and renamed when complete, so a crash (a kill,
+a full disk, the machine going down) never leaves half a dataset.
 """
 from __future__ import annotations
 
@@ -43,18 +44,43 @@ def _collect(docs, max_bytes: int | None, val_frac: float):
     return train, val, n_bytes
 
 
+def _fsync_dir(path: Path) -> None:
+    """A new file's name (or a rename) is durable only once the directory holding it is fsynced."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # (a platform that cannot open a directory)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def _write_tokens(path: Path, texts: list[str], tok, eot: int, dtype, max_tokens: int | None) -> int:
     n = 0
+    encoded = (enc for i in range(0, len(texts), 256) for enc in tok.encode_batch(texts[i:i + 256]))
     with open(path, "wb") as fh:
-        for i in range(0, len(texts), 256):
-            for enc in tok.encode_batch(texts[i:i + 256]):
-                ids = np.asarray(enc.ids + [eot], dtype=dtype)
-                if max_tokens is not None and n + len(ids) > max_tokens:
-                    ids = ids[: max_tokens - n]
-                fh.write(ids.tobytes())
-                n += len(ids)
-                if max_tokens is not None and n >= max_tokens:
-                    return n
+        for enc in encoded:
+            ids = np.asarray(enc.ids + [eot], dtype=dtype)
+            if max_tokens is not None and n + len(ids) > max_tokens:
+                ids = ids[: max_tokens - n]
+            fh.write(ids.tobytes())
+            n += len(ids)
+            if max_tokens is not None and n >= max_tokens:
+                break
+        # on disk before meta.json names the dataset complete: unsynced, a machine crash after the rename could
+        # leave the files empty or zero-filled under a meta.json that vouches for them
+        fh.flush()
+        os.fsync(fh.fileno())
     return n
 
 
@@ -104,6 +130,11 @@ def _remove_stale_tmp(out: Path) -> None:
             pass
 
 
+def _say(msg: str) -> None:
+    """The default log, flushed: in a log file or a pipe each stage shows as it starts, not all at the end."""
+    print(msg, flush=True)
+
+
 def unigram_ppl(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
     """Perplexity on val of the add-one-smoothed unigram distribution of train: the bar a model must clear."""
     counts = np.bincount(train, minlength=vocab).astype(np.float64) + 1.0
@@ -114,7 +145,7 @@ def unigram_ppl(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
 def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = None, hf: str | None = None,
             hf_config: str | None = None, hf_split: str = "train", text_field: str = "text", tokenizer: str = "bpe",
             vocab_size: int = 32000, max_mb: float | None = 200.0, max_tokens: int | None = None,
-            val_frac: float = 0.01, force: bool = False, log=print) -> dict:
+            val_frac: float = 0.01, force: bool = False, log=_say) -> dict:
     out = Path(out).absolute()  # ("." has no name to put a temporary directory beside)
     _check_out(out, force)
     if not 0.0 < val_frac < 0.5:
@@ -147,6 +178,12 @@ def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = 
 
     t0 = time.time()
     tok = None if tokenizer == "bpe" else load_tokenizer(tokenizer)  # a bad one before the text is read
+    if tok is not None:
+        eot_id(tok)  # (one without an end-of-text token, too)
+        # a tokenizer.json may configure truncation or padding (some hub tokenizers cut at 512 tokens): documents
+        # would be cut short or padded, silently; a dataset tokenizes every document whole
+        tok.no_truncation()
+        tok.no_padding()
     # the output's directory is made before the text is read: an unwritable --out fails in a second, not after BPE
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     _remove_stale_tmp(out)
@@ -165,10 +202,15 @@ def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = 
 
 def _prepare_into(tmp: Path, out: Path, docs, desc: str, tok, tokenizer: str, vocab_size: int, max_bytes, max_tokens,
                   val_frac: float, t0: float, log) -> dict:
+    log(f"reading {desc}" + (f", up to {max_bytes / 1e6:g} MB" if max_bytes else "") + " ...")
     try:
         train_txt, val_txt, n_bytes = _collect(docs, max_bytes, val_frac)
     except SourceError as e:
         raise DataError(str(e)) from None
+    if len(train_txt) + len(val_txt) == 1:  # (a single book: no --val-frac can split it, nor more of its text)
+        raise DataError(f"source {desc!r} gave 1 document, but training and validation need one each (one document "
+                        f"per file; in a .jsonl, per line): split it into several files, or into a .jsonl with one "
+                        f"document per line")
     if not train_txt or not val_txt:
         raise DataError(f"source {desc!r} gave {len(train_txt)} training and {len(val_txt)} validation documents; "
                         f"both must be non-empty (add text, or raise --val-frac)")
@@ -179,11 +221,12 @@ def _prepare_into(tmp: Path, out: Path, docs, desc: str, tok, tokenizer: str, vo
     vocab = tok.get_vocab_size()
     eot = eot_id(tok)
     dtype = np.uint16 if vocab <= 2**16 else np.uint32
-
+    log(f"tokenizing {len(train_txt):,} train / {len(val_txt):,} val documents ...")  # (minutes, for 200 MB)
     try:
         n_train = _write_tokens(tmp / "train.bin", train_txt, tok, eot, dtype, max_tokens)
         n_val = _write_tokens(tmp / "val.bin", val_txt, tok, eot, dtype, None)
-        tok.save(str(tmp / "tokenizer.json"))
+        # (written here, not by tok.save: its failure, a full disk say, is a bare Exception, not an OSError)
+        _write_synced(tmp / "tokenizer.json", tok.to_str(pretty=True).encode("utf-8"))
         tr = np.memmap(tmp / "train.bin", dtype=dtype, mode="r")
         va = np.memmap(tmp / "val.bin", dtype=dtype, mode="r")
         meta = {
@@ -196,10 +239,12 @@ def _prepare_into(tmp: Path, out: Path, docs, desc: str, tok, tokenizer: str, vo
             "seconds": round(time.time() - t0, 1),
         }
         del tr, va
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        _write_synced(tmp / "meta.json", json.dumps(meta, indent=2).encode("utf-8"))
+        _fsync_dir(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+        _fsync_dir(out.parent)  # (the rename itself)
     except OSError as e:
         raise DataError(f"writing dataset {out} failed: {e.strerror or e}") from None
     log(f"wrote {out}: {n_train:,} train / {n_val:,} val tokens, vocab {vocab}, "

@@ -42,6 +42,18 @@ def _read_text(path: Path) -> str | None:
         return None
 
 
+def _read_users_text(path: Path) -> str:
+    """A file of --files (named, or in a directory named): read whole, whatever its size. The built-in corpus's
+    skips (blobs over 2 MB, unreadable or non-UTF-8 files) would drop a user's own text silently: an error instead."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{path} is not UTF-8 text (byte {e.start}): convert it to UTF-8, or leave it out of "
+                          f"--files") from None
+    except OSError as e:
+        raise SourceError(f"cannot read {path}: {e.strerror or e}") from None
+
+
 BUILTIN_PARTS = ("stdlib", "site-packages")
 
 
@@ -67,6 +79,23 @@ def builtin_docs(parts: tuple[str, ...] = BUILTIN_PARTS) -> Iterator[tuple[str, 
                 yield f"{label}/{f.relative_to(root).as_posix()}", text
 
 
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(index, line) of a JSONL file, streamed (it may be far larger than what --max-mb takes of it); bytes that are
+    not UTF-8 are an error naming the file, not a bare codec message."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            yield from enumerate(fh)
+    except UnicodeDecodeError:
+        raise SourceError(f"{path} is not UTF-8 text: convert it to UTF-8, or leave it out of --files") from None
+    except OSError as e:
+        raise SourceError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _json_kind(v) -> str:
+    return ("null" if v is None else "a boolean" if isinstance(v, bool) else "a number" if isinstance(v, (int, float))
+            else "an array" if isinstance(v, list) else "an object" if isinstance(v, dict) else "a string")
+
+
 def file_docs(specs: list[str], text_field: str = "text") -> Iterator[tuple[str, str]]:
     """Directories (recursive, text extensions), globs, plain files, and .jsonl files (one doc per line)."""
     files: list[Path] = []
@@ -85,20 +114,27 @@ def file_docs(specs: list[str], text_field: str = "text") -> Iterator[tuple[str,
         raise SourceError(f"no text files (.py .md .rst .txt .jsonl) found in {specs}")
     for f in files:
         if f.suffix == ".jsonl":
-            with open(f, encoding="utf-8") as fh:
-                for i, line in enumerate(fh):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise SourceError(f"{f}:{i + 1}: not valid JSON ({e.msg})") from None
-                    if text_field not in rec:
-                        raise SourceError(f"{f}:{i + 1}: no field {text_field!r} (fields: {sorted(rec)}); "
-                                          f"choose one with --text-field")
-                    yield f"{f.as_posix()}:{i}", str(rec[text_field])
+            for i, line in _jsonl_lines(f):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SourceError(f"{f}:{i + 1}: not valid JSON ({e.msg})") from None
+                if not isinstance(rec, dict):
+                    raise SourceError(f"{f}:{i + 1}: {_json_kind(rec)}, not an object with a {text_field!r} "
+                                      f"field")
+                if text_field not in rec:
+                    raise SourceError(f"{f}:{i + 1}: no field {text_field!r} (fields: {sorted(rec)}); "
+                                      f"choose one with --text-field")
+                if rec[text_field] is None:  # no text: skipped, as an empty file is (str() made it the text "None")
+                    continue
+                if not isinstance(rec[text_field], str):  # (nor is a number or a list made text)
+                    raise SourceError(f"{f}:{i + 1}: field {text_field!r} is {_json_kind(rec[text_field])}, not a "
+                                      f"string; choose another with --text-field")
+                yield f"{f.as_posix()}:{i}", rec[text_field]
         else:
-            text = _read_text(f)
+            text = _read_users_text(f)
             if text:
                 yield f.as_posix(), text
 
