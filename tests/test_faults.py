@@ -441,6 +441,71 @@ def test_a_final_evaluation_that_failed_after_its_checkpoint_is_run_by_the_resum
     assert [r["step"] for r in final] == [1] and row["val_loss"] == final[0]["val_loss"]
 
 
+def test_a_grid_goes_on_past_a_run_another_process_trains(dataset, tmp_path, monkeypatch):
+    """Two grid processes given overlapping variants: the second finds a run locked by the first (its trainer
+    holds the run's lock) and goes on with its other runs, one line for the run left to the other process and a
+    closing one, rather than stopping the whole grid at that run; once the lock is gone the run is trained."""
+    experiment = _small_grid(monkeypatch)
+    logs = []
+    grid = dict(batch_size=2, grad_accum=1, log=logs.append)
+    (tmp_path / "relu2").mkdir()
+    holder = hold_run_lock(tmp_path / "relu2")
+    try:
+        rows = experiment.run_grid("llama-tiny", ["relu2", "swiglu"], 1, str(dataset), tmp_path, **grid)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [r["run"] for r in rows] == ["swiglu"]
+    assert any(line.startswith("relu2: skipped: another elas process trains it") for line in logs), logs
+    assert logs[-1] == "1 run(s) left to the other elas process(es) training them: relu2"
+    assert not (tmp_path / "relu2" / "checkpoints").exists()
+    rows = experiment.run_grid("llama-tiny", ["relu2", "swiglu"], 1, str(dataset), tmp_path, **grid)
+    assert [r["run"] for r in rows] == ["relu2", "swiglu"] and rows[0]["val_loss"] > 0
+
+
+def test_a_grid_refuses_a_partial_run_of_other_data_before_any_run(dataset, tmp_path, monkeypatch):
+    """A run kept with checkpoints (not finished) was trained on other data than the grid's --data now: the
+    trainer would refuse to resume it at its turn, after the runs before it had trained on the new data; the
+    grid refuses it before any run, as it does another --steps."""
+    from elas.data import prepare
+    experiment = _small_grid(monkeypatch)
+    grid = dict(batch_size=2, grad_accum=1, log=lambda *a: None)
+    experiment.run_grid("llama-tiny", ["relu2"], 2, str(dataset), tmp_path / "g", **grid)
+    (tmp_path / "g" / "relu2" / "summary.json").unlink()  # complete, killed before its summary: kept, not finished
+    other = prepare(tmp_path / "other", tokenizer=str(dataset), source="builtin", max_mb=1.0, val_frac=0.05,
+                    log=lambda *a: None)
+    assert other["train_sha1"] != json.loads((dataset / "meta.json").read_text())["train_sha1"]
+    with pytest.raises(ValueError, match=r"relu2 holds a run with other settings \(data train_sha1 "):
+        experiment.run_grid("llama-tiny", ["swiglu", "relu2"], 2, str(tmp_path / "other"), tmp_path / "g", **grid)
+    assert not (tmp_path / "g" / "swiglu").exists()
+    (row,) = experiment.run_grid("llama-tiny", ["relu2"], 2, str(dataset), tmp_path / "g", **grid)  # its own data
+    assert row["steps"] == 2
+
+
+def test_transfer_data_for_a_finished_run_without_checkpoints_goes_on(dataset, tmp_path, monkeypatch):
+    """--transfer-data given to a grid whose finished runs kept no checkpoint (a copied folder of results,
+    archived without checkpoints): such a run cannot be evaluated on it; it is said in one line and kept as done,
+    without a transfer loss, and the grid goes on (it stopped with an error naming `--resume`, a flag of
+    `elas train`)."""
+    from elas.data import prepare
+    experiment = _small_grid(monkeypatch)
+    logs = []
+    grid = dict(batch_size=2, grad_accum=1, log=logs.append)
+    experiment.run_grid("llama-tiny", ["relu2"], 1, str(dataset), tmp_path / "g", **grid)
+    import shutil
+    shutil.rmtree(tmp_path / "g" / "relu2" / "checkpoints")
+    prepare(tmp_path / "same", tokenizer=str(dataset), source="site-packages", max_mb=0.3, val_frac=0.2,
+            log=lambda *a: None)
+    rows = experiment.run_grid("llama-tiny", ["relu2", "swiglu"], 1, str(dataset), tmp_path / "g",
+                               transfer=str(tmp_path / "same"), **grid)
+    assert [r["run"] for r in rows] == ["relu2", "swiglu"]
+    assert "transfer_loss" not in rows[0] and rows[1]["transfer_loss"] > 0
+    assert any(line.startswith("relu2: done before, skipped; no checkpoint kept to evaluate on the transfer data")
+               for line in logs), logs
+    _, md = experiment.summarize(tmp_path / "g")
+    assert "| relu2 |" in md and "| swiglu |" in md
+
+
 def test_resuming_a_complete_run_or_another_length_is_said(dataset, reference, tmp_path):
     """A resume of a finished run says it is complete; one with a --max-steps at or below its step trains
     nothing and leaves config.json as it was; one with a longer --max-steps warns that the schedule changes from

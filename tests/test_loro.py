@@ -436,6 +436,30 @@ def test_quality_summary_spread_is_over_the_paired_seeds(tmp_path):
            "transfer loss: relu2-24 0.2700, relu2 0.3000" in md
 
 
+def test_summary_pairs_only_runs_of_one_budget(tmp_path):
+    """A grid folder re-used with another --steps for other variants (or seeds) holds runs of several budgets:
+    the grid refuses a run directory of other settings, not a folder. The summary says so, and a ratio (and the
+    curves' ratio) pairs only runs of the same size, steps and tokens: a 2-step run against a 4-step one is no
+    comparison."""
+    from elas.train import experiment
+    for run, variant, seed, steps, loss in (("relu2", "relu2", 0, 2, 2.0), ("relu2.seed1", "relu2", 1, 2, 2.2),
+                                            ("relu2-24", "relu2-24", 0, 2, 2.02),
+                                            ("relu2-24.seed1", "relu2-24", 1, 4, 1.1), ("swiglu", "swiglu", 0, 4, 1.0)):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "summary.json").write_text(json.dumps(
+            {"model": "llama-tiny", "variant": variant, "seed": seed, "val_loss": loss, "val_ppl": 2.0,
+             "optimizer": "adamw", "steps": steps, "tokens": steps * 512, "epochs": 0.5, "wall_s": 1.0,
+             "val_curve": {"1": loss + 1, "2": loss}}))
+    _, md = experiment.summarize(tmp_path)
+    assert "- relu2-24 / relu2: val loss ratio 1.0100 over seeds [0]" in md  # not seed 1: 4 steps against 2
+    assert "relu2 / swiglu" not in md
+    assert "- **the runs have 2 different budgets** (llama-tiny: 2 steps, 1,024 tokens; llama-tiny: 4 steps, " \
+           "2,048 tokens): ratios pair only runs of the same budget" in md
+    by = experiment.grid_curves(tmp_path)
+    assert by["relu2-24"]["base"] == "relu2" and by["relu2-24"]["base_seeds"] == [0]
+    assert by["relu2"]["base"] is None  # its pair (relu2 / swiglu) shares no budget
+
+
 def test_summary_counts_a_shared_gpus_runs_at_their_share(tmp_path, monkeypatch):
     """Runs made two at a time on one GPU (run_gpu.sh's GRID_PARALLEL=2 sets ELAS_GRID_SHARED) record it; the
     summary's GPU time counts each at its wall over the number sharing, and says so, beside the walls' sum."""

@@ -7,7 +7,8 @@ A variant may set method keys (`elas+act24.dense_warmup_steps=100`: absolute, no
 runs once per seed (run directories `VARIANT` for seed 0, `VARIANT.seedK` for the others). With transfer data (a
 dataset of other text, tokenized with the training data's tokenizer) each finished run is also evaluated on it.
 Runs are resumable: a variant whose run directory holds a finished run is skipped, an interrupted one resumed (a
-run directory holding a run of other settings, another --steps or --size, is refused before any run).
+run directory holding a run of other settings, another --steps or --size, or an unfinished run of other data, is
+refused before any run), and a run another grid process trains (its directory locked) is left to it.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from ..config import (LORO_DEFAULTS, VARIANTS, apply_overrides, model_preset, pr
 from ..sparsity import method_to_dict
 from ..sparsity.api import sparse_end
 from .checkpoint import checkpoints, write_atomic
-from .trainer import TrainError, Trainer, load_run_config, read_metrics
+from .trainer import TrainError, Trainer, load_run_config, lock_run_dir, read_metrics, unlock_run_dir
 
 QUALITY_VARIANTS = tuple(VARIANTS)  # every named variant (config.VARIANTS), with its recipe's optimizer
 def grid_variants(steps: int) -> list[str]:
@@ -118,9 +119,11 @@ def check_transfer_data(data_dir: str, transfer: str, seq_len: int | None = None
 GRID_KEYS = ("preset", "max_steps", "seq_len", "batch_size", "grad_accum", "seed")
 
 
-def other_settings(cfg) -> list[str]:
+def other_settings(cfg, data_sha1: str | None = None) -> list[str]:
     """How the run kept in cfg.out_dir differs from cfg in the grid's settings and the model ([] where it has
-    none kept, or the same): each difference as "KEY saved -> now"."""
+    none kept, or the same): each difference as "KEY saved -> now". data_sha1 (the grid's training split): an
+    unfinished run kept on other data differs too (its resume would be refused at its turn; a finished run
+    counts as it is, and the summary flags runs of several datasets)."""
     run = Path(cfg.out_dir)
     kept = checkpoints(run)
     if not ((run / "summary.json").exists() or kept) or not ((run / "config.json").is_file() or kept):
@@ -137,14 +140,22 @@ def other_settings(cfg) -> list[str]:
     diff += [f"model.{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
              if old.get(k) != new.get(k) and not (k in ("relu2_kernel", "norm_kernel", "attn_backend", "ce_kernel")
                                                   and new.get(k) == "auto")]  # (auto: what the run resolved it to)
+    if data_sha1 and kept and not (run / "summary.json").exists():
+        try:  # (the data a checkpoint was trained on, as the trainer's resume checks it)
+            was = json.loads((kept[0] / "trainer.json").read_text())["data"]["train_sha1"]
+        except (OSError, ValueError, KeyError, TypeError):
+            was = None
+        if was and was != data_sha1:
+            diff.append(f"data train_sha1 {was[:12]} -> {data_sha1[:12]}")
     return diff
 
 
-def check_same_runs(cfgs: list) -> None:
+def check_same_runs(cfgs: list, data_sha1: str | None = None) -> None:
     """Before any run: every run directory that already holds a run (config.json) holds it with this grid's
-    settings; otherwise the grid would skip or resume it as its own and mix it into the summary."""
+    settings (and an unfinished one on this grid's data, `other_settings`); otherwise the grid would skip or
+    resume it as its own and mix it into the summary, or stop at it after the runs before it."""
     for cfg in cfgs:
-        diff = other_settings(cfg)
+        diff = other_settings(cfg, data_sha1)
         if diff:
             raise ValueError(f"{cfg.out_dir} holds a run with other settings ({'; '.join(diff)}); give the grid "
                              f"another --out, or the settings it was run with")
@@ -203,13 +214,14 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
     from ..data import load_meta
     deadline = None if time_left is None else time.monotonic() + time_left
     later = []  # the runs left for a later call
+    busy = []  # the runs another process trains (their run directory locked): left to it
     cfgs = [(seed, v, variant_config(size, v, steps, data_dir, out, batch_size, grad_accum, seed=seed))
             for seed in seeds for v in variants]  # every bad variant or key fails here, before any run
     check_param_dtypes([cfg for _, _, cfg in cfgs])
     meta = load_meta(data_dir)
     if transfer:
         check_transfer_data(data_dir, transfer, cfgs[0][2].seq_len)
-    check_same_runs([cfg for _, _, cfg in cfgs])
+    check_same_runs([cfg for _, _, cfg in cfgs], meta.get("train_sha1"))
     out.mkdir(parents=True, exist_ok=True)
     train_tokens = meta.get("train_tokens")
     rows = []
@@ -219,15 +231,19 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
         name = run_name(v, seed)
         if done.exists():
             row = json.loads(done.read_text())
+            note = ""
             if transfer and "transfer_loss" not in row:  # finished before transfer data was given
-                trainer = Trainer(cfg, resume=True, progress=False, log=log)
-                try:
-                    row["transfer_loss"], row["transfer_tokens"] = transfer_loss(trainer, transfer)
-                finally:
-                    trainer.close()
-                _write_json(done, row)
+                if checkpoints(run):
+                    trainer = Trainer(cfg, resume=True, progress=False, log=log)
+                    try:
+                        row["transfer_loss"], row["transfer_tokens"] = transfer_loss(trainer, transfer)
+                    finally:
+                        trainer.close()
+                    _write_json(done, row)
+                else:  # (a folder of results copied without its checkpoints): counted without a transfer loss
+                    note = "; no checkpoint kept to evaluate on the transfer data: its row has no transfer loss"
             rows.append(row)
-            log(f"{name}: done before, skipped")
+            log(f"{name}: done before, skipped{note}")
             continue
         if deadline is not None and not _checkpoint_step(run):  # (a partial run resumes: its checkpoints are at
             # risk whether it runs or not, and it gets further)
@@ -238,6 +254,10 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
                     f"(--time-left); a later call runs it")
                 later.append(name)
                 continue
+        if not _claim(run):
+            log(f"{name}: skipped: another elas process trains it (its run directory is locked); the grid goes on")
+            busy.append(name)
+            continue
         # the previous run's model sits in reference cycles (compile_regions stores each block's compiled forward on
         # the block), with its parameters and gradients on the GPU, until a full collection: freed here
         gc.collect()
@@ -245,7 +265,11 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
         # the recompile limit of the shared code objects (a hard failure under fullgraph after ~8 entries)
         torch._dynamo.reset()
         # a step bar per run where a person watches (a terminal); logs and CI get the log lines alone
-        trainer = Trainer(cfg, resume="auto", progress=sys.stderr.isatty(), log=log)
+        try:
+            trainer = Trainer(cfg, resume="auto", progress=sys.stderr.isatty(), log=log)
+        except BaseException:
+            unlock_run_dir(run)
+            raise
         log(f"{name}: run {len(rows) + 1} of {len(cfgs)}")
         try:
             res = trainer.fit()
@@ -275,7 +299,25 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
             (f", transfer loss {row['transfer_loss']:.4f}" if transfer else ""))
     if later:
         log(f"{len(later)} run(s) not started, left for a later call (--time-left): {', '.join(later)}")
+    if busy:
+        log(f"{len(busy)} run(s) left to the other elas process(es) training them: {', '.join(busy)}")
     return rows
+
+
+def _claim(run: Path) -> bool:
+    """Lock a run's directory before its trainer is built (the trainer holds the lock as its own and releases it
+    when closed); False where another process holds it: a second grid given the same run, which leaves it to
+    that process rather than stopping there."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # (several processes per run: the trainer claims it for all
+        return True  # of them at once, and stops all of them where it is in use)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        lock_run_dir(run)
+    except TrainError:
+        return False
+    except OSError:  # (a directory it cannot write: the trainer says so, in one line)
+        pass
+    return True
 
 
 def grid_plan(variants: list[str], seeds, out: Path, steps: int, cfg_of=None,
@@ -419,6 +461,12 @@ def _ratio_pairs(by: dict) -> list[tuple[str, str]]:
     return pairs
 
 
+def _budget(row: dict) -> tuple:
+    """A run's size, steps and tokens: the summary pairs only runs that agree on them (a grid folder re-used with
+    another --steps holds runs of several budgets)."""
+    return row.get("model"), row.get("steps"), row.get("tokens")
+
+
 def _spread(values: list[float], fmt: str = ".4f") -> str:
     """mean, and (min-max) when there is more than one value."""
     mean = sum(values) / len(values)
@@ -428,7 +476,8 @@ def _spread(values: list[float], fmt: str = ".4f") -> str:
 def summarize(out: Path) -> tuple[list[dict], str]:
     """Collect every finished run under `out` into summary.json and summary.md (one line per variant: the mean
     over its seeds, with min-max); returns (rows, markdown). A ratio a / b is taken seed by seed (the same seed's
-    data order and initial draw) where both have that seed, its mean and min-max shown beside the seed spread."""
+    data order and initial draw) where both have that seed at the same budget (`_budget`), its mean and min-max
+    shown beside the seed spread."""
     rows = [_with_curve(json.loads(p.read_text()), p.parent) for p in sorted(out.glob("*/summary.json"))]
     order = list(QUALITY_VARIANTS)
     rank = {v: i for i, v in enumerate(order)}
@@ -452,7 +501,7 @@ def summarize(out: Path) -> tuple[list[dict], str]:
                   f"{sum(r['wall_s'] for r in rs):.0f} |")
     lines = []
     for a, b in _ratio_pairs(by):
-        common = sorted(set(by.get(a, {})) & set(by.get(b, {})))
+        common = sorted(k for k in set(by.get(a, {})) & set(by.get(b, {})) if _budget(by[a][k]) == _budget(by[b][k]))
         if not common:
             continue
         for key, label in (("val_loss", "val loss"), ("transfer_loss", "transfer loss")):
@@ -474,6 +523,11 @@ def summarize(out: Path) -> tuple[list[dict], str]:
     if len(prints) > 1:  # runs gathered from several machines or sessions: comparable only on the same tokens
         lines.append(f"- **the runs trained on {len(prints)} different datasets** (train.bin SHA-1 " +
                      ", ".join(p[:12] for p in prints) + "): ratios across them compare different data")
+    budgets = sorted({_budget(r) for r in rows}, key=lambda b: (str(b[0]), b[1] or 0, b[2] or 0))
+    if len(budgets) > 1:  # runs of several grid invocations in one folder: --steps (or --size, batch) changed
+        lines.append(f"- **the runs have {len(budgets)} different budgets** (" + "; ".join(
+            (f"{m}: " if m else "") + f"{s} steps, {t or 0:,} tokens" for m, s, t in budgets) +
+            "): ratios pair only runs of the same budget")
     total = sum(r["wall_s"] for r in rows)
     what = "CPU" if any(r.get("device") == "cpu" for r in rows) else "GPU"  # (rows before "device": GPU runs)
     shared = [r for r in rows if (r.get("gpu_shared_by") or 1) > 1]
@@ -497,20 +551,22 @@ def grid_curves(out: Path) -> dict[str, dict]:
     "base_seeds": [seed], "ratio": {step: ratio}}}. A variant's mean is taken at the steps every seed of it
     validated at. Its base is the first variant the summary compares it with (`_ratio_pairs`: the papers' pairs,
     then the dense twin, then for a variant with keys the variant without them) among those that share a seed and
-    a validation step with it; the ratio, like the summary's, pairs runs of the same seed: the mean over the shared
-    seeds of loss / base's loss, at the steps all those runs validated at."""
+    a validation step with it; the ratio, like the summary's, pairs runs of the same seed and budget: the mean over
+    the shared seeds of loss / base's loss, at the steps all those runs validated at."""
     runs: dict[str, dict[int, dict[int, float]]] = {}  # variant -> seed -> step -> val loss
+    budgets: dict[str, dict[int, tuple]] = {}  # variant -> seed -> its budget (paired only within one)
     for p in sorted(out.glob("*/summary.json")):
         row = _with_curve(json.loads(p.read_text()), p.parent)
         curve = {int(k): v for k, v in (row.get("val_curve") or {}).items()}
         if curve:
             runs.setdefault(row["variant"], {})[row.get("seed", 0)] = curve
+            budgets.setdefault(row["variant"], {})[row.get("seed", 0)] = _budget(row)
 
     def common(curves: list[dict[int, float]]) -> list[int]:
         return sorted(set.intersection(*(set(c) for c in curves)))
 
     def paired(a: str, b: str) -> tuple[list[int], list[int]]:  # (shared seeds, steps all their runs have)
-        seeds = sorted(set(runs[a]) & set(runs[b]))
+        seeds = sorted(k for k in set(runs[a]) & set(runs[b]) if budgets[a][k] == budgets[b][k])
         return seeds, common([runs[v][k] for k in seeds for v in (a, b)]) if seeds else []
 
     by = {v: {"seeds": sorted(seeds), "base": None, "base_seeds": [], "ratio": {},
