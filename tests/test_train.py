@@ -716,3 +716,25 @@ def test_pick_device_names_the_gpu_index(monkeypatch):
     assert pick_device("auto") == torch.device("cpu")
     with pytest.raises(TrainError, match="CUDA is not available"):
         pick_device("cuda")
+
+
+def test_log_lines_reach_a_pipe_as_they_come(dataset, tmp_path):
+    """A run's log lines are flushed one by one: through a pipe (a log file, `| tee`) its start-up lines are
+    there while the run still trains, not held back in a buffer until the process ends."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen([sys.executable, "-m", "elas", *train_args(dataset, tmp_path / "run", "--max-steps",
+                                                                       "100000", "--set", "eval_every=100000")],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        import select
+        ready, _, _ = select.select([proc.stdout], [], [], 120)  # (held back, it would come only at the exit)
+        assert ready, "no log line within 120 s of the start"
+        line = proc.stdout.readline()
+        assert line.startswith("elas: llama-tiny-elas"), line
+        assert proc.poll() is None  # still training: the line came while the run went on
+    finally:
+        proc.kill()
+        proc.wait()

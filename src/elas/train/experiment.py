@@ -28,7 +28,7 @@ from ..config import (LORO_DEFAULTS, VARIANTS, apply_overrides, model_preset, pr
 from ..sparsity import method_to_dict
 from ..sparsity.api import sparse_end
 from .checkpoint import checkpoints, write_atomic
-from .trainer import TrainError, Trainer, load_run_config, lock_run_dir, read_metrics, unlock_run_dir
+from .trainer import TrainError, Trainer, load_run_config, lock_run_dir, log_line, read_metrics, unlock_run_dir
 
 QUALITY_VARIANTS = tuple(VARIANTS)  # every named variant (config.VARIANTS), with its recipe's optimizer
 def grid_variants(steps: int) -> list[str]:
@@ -202,7 +202,7 @@ def check_param_dtypes(cfgs) -> None:
 
 
 def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Path, batch_size: int = 256,
-             grad_accum: int = 2, seeds=(0,), transfer: str | None = None, log=print,
+             grad_accum: int = 2, seeds=(0,), transfer: str | None = None, log=log_line,
              time_left: float | None = None, estimates: dict[str, float] | None = None) -> list[dict]:
     """Every variant x seed (seed-major: each seed's grid completes before the next starts).
     time_left: seconds this process may still run (a GPU machine lent for a limited call, whose checkpoints are

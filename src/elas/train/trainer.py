@@ -182,6 +182,12 @@ def check_same_tokenizer(init_from: str, data_dir: str) -> None:
 _LOCKS: dict[str, int] = {}
 
 
+def log_line(msg: str) -> None:
+    """The default log: each line flushed, so that a log file or a pipe shows it as it comes (print alone holds
+    lines back there until its buffer fills)."""
+    print(msg, flush=True)
+
+
 def lock_run_dir(run_dir: Path) -> None:
     """Hold <run_dir>/.lock (an exclusive flock) while this process trains there: a second process (a requeued job
     while the first still runs) stops with a one-line error instead of writing the same checkpoints and metrics.
@@ -241,7 +247,7 @@ def evaluate(model, windows: TokenWindows, tokens: int, batch_size: int, device,
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool | str = False, log=print, progress: bool = True):
+    def __init__(self, cfg: TrainConfig, resume: bool | str = False, log=log_line, progress: bool = True):
         """resume: False (the run directory must hold no checkpoint), True (it must: continue from its newest
         checkpoint that verifies) or "auto" (continue if there is one, else start)."""
         self.cfg, self.log, self.progress = cfg, log, progress
