@@ -82,3 +82,70 @@ def test_init_from_a_hugging_face_checkpoint(dataset, tmp_path, capsys):
                  "--init-from", str(hf)]) == 2
     assert "was trained with another tokenizer" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("sets", [
+    # sparse to the end with dense_init=master: step 4's mode is the final dense phase, which no step trained
+    ["--set", "model.sste24.dense_warmup_steps=0", "--set", "model.sste24.sparse_until=1.0",
+     "--set", "model.sste24.dense_init=master"],
+    # dense for the whole run (warm-up = max_steps): step 4's mode would be the first sparse one
+    ["--set", "model.act24.dense_warmup_steps=4"]], ids=["sste24-master", "act24-dense-throughout"])
+def test_eval_and_export_see_the_forward_the_run_trained_last(dataset, tmp_path, capsys, sets):
+    """A checkpoint at step N holds what step N-1 trained: `elas eval` reproduces the run's own validation loss
+    there and says which forward it ran; the export is that forward's weights."""
+    from safetensors.torch import load_file
+    preset = "llama-tiny-relu2-w24" if "sste24" in sets[1] else "llama-tiny-relu2-24"
+    run, out = tmp_path / "run", tmp_path / "hf"
+    assert main(["train", "--preset", preset, "--data", str(dataset), "--out", str(run), "--no-progress", *TINY,
+                 "--max-steps", "4", "--set", "eval_every=100", *sets]) == 0
+    want = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in line][-1]
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["val_loss"] == pytest.approx(want["val_loss"], abs=1e-7)
+    assert got["modes"] == ({"sste24": "sparse"} if "sste24" in sets[1] else {"act24": "dense"})
+    assert main(["export", "--run", str(run), "--to", str(out)]) == 0
+    assert "cannot express" not in capsys.readouterr().out
+    if "sste24" in sets[1]:  # S(W): at most 2 of every 4 weights along d_in
+        w = load_file(str(out / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"]
+        assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
+
+
+def test_export_warns_of_sparse_activations_only_when_the_forward_has_them(tmp_path):
+    from elas.build import build_model
+    from elas.export import export_hf
+    from elas.sparsity import set_step
+
+    from conftest import preset
+    for name, step, warns in (("llama-tiny-relu2-24", 0, False), ("llama-tiny-relu2-24", 5_000, True),
+                              ("llama-tiny-relu2-vnm-blocks", 5_000, True)):
+        cfg = preset(name, n_layers=1, d_model=64, n_heads=2, intermediate=96, vocab_size=128)
+        model = build_model(cfg)
+        set_step(model, step, 20_000)
+        said = []
+        export_hf(model, cfg, None, tmp_path / f"{name}-{step}", log=said.append)
+        assert any("cannot express" in s for s in said) == warns, (name, step, said)
+
+
+def test_export_falls_back_past_a_damaged_checkpoint_and_force_keeps_the_old_export_on_failure(
+        dataset, tmp_path, capsys, monkeypatch):
+    import elas.export
+    run, out = tmp_path / "run", tmp_path / "hf"
+    assert main(["train", "--preset", "llama-tiny", "--data", str(dataset), "--out", str(run), "--no-progress", *TINY,
+                 "--max-steps", "2", "--set", "eval_every=100", "--set", "save_every=1"]) == 0
+    model_file = run / "checkpoints" / "step-00000002" / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:-8])  # the newest checkpoint is damaged
+    capsys.readouterr()
+    assert main(["export", "--run", str(run), "--to", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "step-00000002" in err and "using step-00000001" in err
+    (out / "config.json").write_text((out / "config.json").read_text().replace("{", '{"earlier": true,', 1))
+    old = {f.name: f.read_bytes() for f in out.iterdir()}
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(elas.export, "save_file", full_disk)
+    assert main(["export", "--run", str(run), "--to", str(out), "--force"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == old  # the earlier export, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]  # nothing left behind

@@ -393,6 +393,7 @@ def _load_run(args: argparse.Namespace):
 
     from .build import build_model, kernels_for_here
     from .train import CheckpointError, TrainError, load_checkpoint, load_run_config, newest_verified
+    from .train.checkpoint import checkpoints
     from .train.trainer import pick_device
     if not valid_device(args.device):
         raise UserError(f"invalid --device {args.device!r}: expected auto, cpu, cuda or cuda:N")
@@ -404,6 +405,12 @@ def _load_run(args: argparse.Namespace):
             raise TrainError(f"{args.run} has no checkpoint that verifies" + (
                 f" (damaged or incomplete: {', '.join(damaged)}; --checkpoint DIR loads one anyway)" if damaged
                 else " yet"))
+        if not args.checkpoint:  # newer checkpoints that do not verify were passed over: say so
+            found = checkpoints(Path(args.run))
+            skipped = [c.name for c in found[:found.index(ckpt)]] if ckpt in found else []
+            if skipped:
+                print(f"elas: warning: newer checkpoints of {args.run} do not verify (damaged or incomplete: "
+                      f"{', '.join(skipped)}); using {ckpt.name}", file=sys.stderr)
         device = pick_device(args.device)
         torch.manual_seed(0)
         model = build_model(kernels_for_here(cfg.model, device), device)
@@ -412,7 +419,9 @@ def _load_run(args: argparse.Namespace):
         raise UserError(str(e)) from None
     from .sparsity import set_step
     state = json.loads((ckpt / "trainer.json").read_text())
-    set_step(model, state["step"], cfg.max_steps)  # evaluate the model as it was training at that step
+    # the model as its last step trained it (and as the run evaluated it at that checkpoint): step N's weights
+    # come from step N-1, whose modes may differ from step N's (the first sparse step, the final dense phase)
+    set_step(model, max(state["step"] - 1, 0), cfg.max_steps)
     return cfg, model, ckpt, device
 
 
@@ -442,10 +451,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bf16 = device.type == "cuda"
     ac = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     loss, n = evaluate(model, win, args.tokens or cfg.eval_tokens, cfg.batch_size, device, ac)
+    from .sparsity import applied_methods
+    modes = {a.config.name: str(a.mode) for a in applied_methods(model)}  # the forward evaluated: sparse or dense
     res = {"checkpoint": str(ckpt), "data": str(data), "val_loss": loss, "val_ppl": math.exp(loss), "tokens": n,
-           "unigram_val_ppl": meta.get("unigram_val_ppl")}
+           "unigram_val_ppl": meta.get("unigram_val_ppl"), "modes": modes}
     print(json.dumps(res) if args.json else f"{ckpt}: validation loss {loss:.4f}, perplexity {math.exp(loss):.2f} "
-          f"on {n:,} tokens of {data} (unigram baseline {meta.get('unigram_val_ppl', float('nan')):.2f})")
+          f"on {n:,} tokens of {data} (unigram baseline {meta.get('unigram_val_ppl', float('nan')):.2f})"
+          + ("; forward: " + ", ".join(f"{k} {v}" for k, v in modes.items()) if modes else ""))
     return 0
 
 

@@ -6,14 +6,18 @@ RMSNorm, the rotate-half RoPE, causal SDPA and the untied head are the same comp
 - Low-rank linears are merged: W = M N^T ([d_out, d_in]).
 - Weight methods are exported as their forward sees them at the checkpoint's step (`effective_weight()`, e.g.
   S-STE's S(W) in its sparse phase).
-- 2:4 *activation* sparsity cannot be expressed in a transformers model: the export computes dense ReLU^2
-  activations. `export_hf` says so when the run used it (the result then differs from elas's sparse forward).
+- Sparse *activations* (2:4, V:N:M) cannot be expressed in a transformers model: the export computes dense
+  ReLU^2 activations. `export_hf` says so when the checkpoint's forward uses them (the result then differs from
+  elas's sparse forward).
 Needs the `hf` extra (transformers).
 """
 from __future__ import annotations
 
 import inspect
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -131,19 +135,32 @@ def export_hf(model: nn.Module, cfg: ModelConfig, tokenizer_file: Path | None, o
         from .data.tokenizer import eot_id, load_tokenizer
         eos = eot_id(load_tokenizer(str(tokenizer_file)))
     conf = hf_config(cfg, eos)
-    out.mkdir(parents=True, exist_ok=True)
-    conf.save_pretrained(str(out))
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    if eos is not None:
-        (out / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
-        eot = json.loads(tokenizer_file.read_text())["added_tokens"]
-        name = next((t["content"] for t in eot if t["id"] == eos), None)
-        (out / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": name, "bos_token": name,
-             "model_max_length": cfg.max_seq_len}, indent=1))
-    if any(a.config.name == "act24" for a in applied_methods(model)):
-        log("elas export: the run used 2:4 activation sparsity, which a transformers model cannot express: the "
-            "export computes dense ReLU^2 activations (its outputs differ from elas's sparse forward)")
+    # written beside `out` first, then moved into it: an export that fails or is killed midway leaves an earlier
+    # export in `out` whole (--force), not a new config.json beside a truncated model.safetensors
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        conf.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if eos is not None:
+            (tmp / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
+            eot = json.loads(tokenizer_file.read_text())["added_tokens"]
+            name = next((t["content"] for t in eot if t["id"] == eos), None)
+            (tmp / "tokenizer_config.json").write_text(json.dumps(
+                {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": name, "bos_token": name,
+                 "model_max_length": cfg.max_seq_len}, indent=1))
+        out.mkdir(exist_ok=True)
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    # activation methods in a sparse mode (weight methods are exported as effective_weight() above)
+    act = [a.config.name for a in applied_methods(model) if str(a.mode).startswith("sparse")
+           and not all(op.endswith(".weight") for op in a.config.operands())]
+    if act:
+        log(f"elas export: the checkpoint's forward uses sparse activations ({', '.join(act)}), which a "
+            f"transformers model cannot express: the export computes dense ReLU^2 activations (its outputs differ "
+            f"from elas's sparse forward)")
     merged = ", low-rank factors merged" if any(isinstance(m, LowRankLinear) for m in model.modules()) else ""
     log(f"elas export: wrote {conf.architectures[0]} ({sum(t.numel() for t in tensors.values()) / 1e6:.2f}M "
         f"parameters{merged}) to {out}")
