@@ -294,3 +294,35 @@ def test_kernel_field_changes_tell_kernels_from_the_model():
                                           "model.act24.cutlass: False -> True"]
     assert kernel_field_changes(a, [{**act24(), "grad_mode": "mask"}]) is None
     assert kernel_field_changes(a, []) is None
+
+
+def test_wgrad_split_takes_any_token_count():
+    """The 95/5 split prunes the weight-gradient operands 2:4 along tokens: a step whose token count is not a
+    multiple of 4 (batch 1 x seq 127) trains, the last partial group pruned as if padded with zero tokens."""
+    torch.manual_seed(0)
+    ffn = ReLU2FFN.of_width(16, 32).double()
+    sparsify_(ffn, Act24Config(dense_warmup_steps=0, grad_mode="mask", wgrad_dense_frac=0.25))
+    set_step(ffn, 0, 1)
+    x = torch.randn(1, 7, 16, dtype=torch.float64)
+    gy = torch.randn(1, 7, 16, dtype=torch.float64)
+    ffn(x).backward(gy)
+    with torch.no_grad():  # the same step on 8 tokens, the 8th zero with a zero gradient
+        xp, gp = torch.cat([x, x.new_zeros(1, 1, 16)], 1), torch.cat([gy, gy.new_zeros(1, 1, 16)], 1)
+    grads = [p.grad.clone() for p in ffn.parameters()]
+    ffn.zero_grad()
+    ffn(xp).backward(gp)
+    assert all(torch.allclose(g, p.grad) for g, p in zip(grads, ffn.parameters()))
+
+
+def test_token_permutation_covers_the_models_longest_sequence():
+    """permute_tokens on a model with max_seq_len beyond the default table: its sequences run (the table grows
+    to max_seq_len; shorter sequences keep their permutation)."""
+    model = build_model(preset("llama-tiny-relu2-24-split", dense_warmup_steps=0, n_layers=1, max_seq_len=4104))
+    set_step(model, 0, 1)
+    core = model.blocks[0].ffn.core
+    assert core.perm_keys.numel() == 4104 and torch.equal(core.perm_keys[:4096], permutation_keys())
+    core.perm_keys.zero_()
+    core.init_buffers()  # (after a meta-device build)
+    assert core.perm_keys.numel() == 4104 and torch.equal(core.perm_keys[:4096], permutation_keys())
+    with torch.no_grad():
+        assert model(torch.randint(0, 100, (1, 4100))).isfinite().all()

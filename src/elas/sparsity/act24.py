@@ -164,7 +164,8 @@ class _PermuteTokens(torch.autograd.Function):
 class Act24Core(nn.Module):
     """The FFN core of a 2:4-activation-sparse ReLU^2 FFN: core(x, up, down) with x [batch, seq, d_model]."""
 
-    def __init__(self, cfg: Act24Config, packed: bool, description: str, dense: nn.Module | None = None):
+    def __init__(self, cfg: Act24Config, packed: bool, description: str, dense: nn.Module | None = None,
+                 max_seq_len: int = PERM_TABLE):
         super().__init__()
         self.cfg, self.packed, self.description = cfg, packed, description
         # the dense phase (warm-up) runs the core the FFN had: DenseReLU2, or FusedReLU2 where model.relu2_kernel
@@ -174,7 +175,8 @@ class Act24Core(nn.Module):
         self.active = False  # mode "sparse"; set by the method (set_step), read here: the model is not involved
         self.stats_sink: list | None = None  # set by sparsity.collect_stats for a probe forward
         if cfg.permute_tokens:  # made once, moves with the model; not in checkpoints (a function of the seed)
-            self.register_buffer("perm_keys", permutation_keys(), persistent=False)
+            # (a longer table: the same keys for the first PERM_TABLE positions, so their permutations stay)
+            self.register_buffer("perm_keys", permutation_keys(max(PERM_TABLE, max_seq_len)), persistent=False)
 
     def set_mode(self, mode: str) -> None:
         self.active = mode == "sparse"
@@ -182,7 +184,7 @@ class Act24Core(nn.Module):
     def init_buffers(self) -> None:
         """After a meta-device build (LLaMA.init_weights): the permutation keys are a function of nothing."""
         if self.cfg.permute_tokens:
-            self.perm_keys.copy_(permutation_keys().to(self.perm_keys.device))
+            self.perm_keys.copy_(permutation_keys(self.perm_keys.numel()).to(self.perm_keys.device))
 
     def extra_repr(self) -> str:
         return f"grad_mode={self.cfg.grad_mode}, {'packed' if self.packed else 'masked'}, active={self.active}"
@@ -252,6 +254,7 @@ def _apply_act24(model: nn.Module, cfg: Act24Config, filter_fn) -> Applied:
             next(model.parameters()).device) == "cuda":
         from ..kernels.cuda import cutlass_relu2
         cutlass_relu2.library()  # a missing library: one line here, before any step (on a CPU machine too)
+    max_seq_len = getattr(getattr(model, "cfg", None), "max_seq_len", PERM_TABLE)  # (a bare FFN: the default)
     targets, old = [], []
     for n, f in ffns:
         packed = packed_default
@@ -261,7 +264,8 @@ def _apply_act24(model: nn.Module, cfg: Act24Config, filter_fn) -> Applied:
                 _warned.add(msg)
                 log.warning(msg)
             packed = False
-        core = Act24Core(cfg, packed, _describe_path(packed, backend), f.core).to(next(f.parameters()).device)
+        core = Act24Core(cfg, packed, _describe_path(packed, backend), f.core, max_seq_len)
+        core = core.to(next(f.parameters()).device)
         old.append((f, f.core))
         f.core = core
         targets.append((n, core))

@@ -41,10 +41,18 @@ class _MaskedAct24(torch.autograd.Function):
             dy2 = dy2 * mask
         dy1 = 2 * torch.relu(y1) * dy2
         if ctx.split:
-            y2s_w, dy1_w = ref.wgrad_split_operand(y2s, dense[0]), ref.wgrad_split_operand(dy1, dense[0])
+            y2s_w, dy1_w = _split_operand(y2s, dense[0]), _split_operand(dy1, dense[0])
         else:
             y2s_w, dy1_w = y2s, dy1
         return dy1 @ wu, dy1_w.T @ h1, y2s_w.T @ dh2, None, None, None
+
+
+def _split_operand(y: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """ref.wgrad_split_operand for any token count: tokens padded with zero rows to a multiple of 4 (the groups
+    of 2:4 along tokens; a zero token adds nothing to a weight gradient), the padding dropped again."""
+    t = y.shape[0]
+    pad = (-t) % 4
+    return ref.wgrad_split_operand(torch.nn.functional.pad(y, (0, 0, 0, pad)) if pad else y, dense)[:t]
 
 
 def masked_act24_ffn(h1: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, mask_grad: bool,
