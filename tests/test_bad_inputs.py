@@ -191,6 +191,8 @@ def test_bad_eval_and_generate_arguments(tmp_path, capsys):
     _fail(["generate", "--run", str(tmp_path), "--temperature", "nan"], capsys, "--temperature nan")
     (tmp_path / "afile").write_text("")
     _fail(["export", "--run", str(tmp_path), "--to", str(tmp_path / "afile")], capsys, "is not a directory")
+    _fail(["export", "--run", str(tmp_path), "--to", str(tmp_path / "hf"), "--force"], capsys,
+          "inside the run directory")  # (--force there would overwrite the run's own config.json)
     _fail(["generate", "--run", str(tmp_path), "--temperature", "-1"], capsys, "--temperature -1")
     _fail(["generate", "--run", str(tmp_path), "--max-new-tokens", "-3"], capsys, "--max-new-tokens -3")
     _fail(["generate", "--run", str(tmp_path), "--top-k", "-2"], capsys, "--top-k -2")
@@ -348,3 +350,12 @@ def test_bad_cublas_workspace_choice(capsys, monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # (conftest puts back what was there)
     _fail(["model", "--preset", "llama-60m"], capsys, "ELAS_CUBLAS_WORKSPACE='off': expected one of torch, none")
     _fail(["experiment", "--plan", "--size", "llama-tiny", "--out", "q"], capsys, "ELAS_CUBLAS_WORKSPACE='off'")
+
+
+def test_a_sparse_phase_that_ends_before_its_warm_up_is_refused_by_the_cli_and_its_dry_run(tmp_path, capsys):
+    """The CLI refuses it before any data is prepared, and --dry-run (which trains nothing) says it too."""
+    for dry in ([], ["--dry-run"]):
+        _fail(["train", "--preset", "llama-tiny-relu2-vnm-fast", "--data", str(tmp_path / "none"), "--out",
+               str(tmp_path / "run"), "--set", "model.vnm.dense_warmup_steps=200", *dry], capsys,
+              "vnm would never be sparse")
+        assert not (tmp_path / "none").exists() and not (tmp_path / "run").exists()

@@ -226,6 +226,10 @@ def resolve_train_config(args: argparse.Namespace):
         resolve_param_dtype(cfg, device, int(os.environ.get("WORLD_SIZE", "1")) > 1, computes_in_bf16(cfg, device),
                             resume_from=cfg.out_dir if args.resume else None)
         meta_model = build_model(cfg.model, "meta")  # the methods' keys, and whether they apply to this model
+        from .build import resolve_methods
+        from .sparsity.api import check_sparse_window
+        for m in resolve_methods(cfg.model):  # (as the trainer checks it, but before data is prepared, and in
+            check_sparse_window(m, cfg.max_steps)  # --dry-run)
         from .model.lowrank import LowRankLinear
         if cfg.optimizer == "loro_adamw" and not any(isinstance(m, LowRankLinear) for m in meta_model.modules()):
             raise UserError(f"optimizer=loro_adamw needs a low-rank model and this one has no low-rank linear "
@@ -483,6 +487,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.to)
     if out.exists() and not out.is_dir():
         raise UserError(f"--to {out} is not a directory; choose another --to")
+    run = Path(args.run).resolve()
+    if out.resolve() == run or run in out.resolve().parents:  # (--force there would overwrite the run's config.json)
+        raise UserError(f"--to {out} is inside the run directory {args.run}: choose a folder outside it")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise UserError(f"{out} exists and is not empty; pass --force to overwrite it or choose another --to")
     args.device = "cpu"
