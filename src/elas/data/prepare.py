@@ -44,7 +44,7 @@ def _collect(docs, max_bytes: int | None, val_frac: float):
     return train, val, n_bytes
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """A new file's name (or a rename) is durable only once the directory holding it is fsynced."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -240,11 +240,11 @@ def _prepare_into(tmp: Path, out: Path, docs, desc: str, tok, tokenizer: str, vo
         }
         del tr, va
         _write_synced(tmp / "meta.json", json.dumps(meta, indent=2).encode("utf-8"))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
-        _fsync_dir(out.parent)  # (the rename itself)
+        fsync_dir(out.parent)  # (the rename itself)
     except OSError as e:
         raise DataError(f"writing dataset {out} failed: {e.strerror or e}") from None
     log(f"wrote {out}: {n_train:,} train / {n_val:,} val tokens, vocab {vocab}, "

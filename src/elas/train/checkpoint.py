@@ -33,22 +33,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save as save_tensors, save_file
 
+from ..data.prepare import fsync_dir
+
 
 class CheckpointError(Exception):
     pass
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -270,11 +259,11 @@ def _finish(tmp: Path, final: Path, trainer_state: dict, hashes: dict[str, str] 
     # the directories too: a new file's name is durable only once the directory holding it is fsynced (without it a
     # machine crash after the rename, and after the prune of the older checkpoints, could leave step-N empty)
     for d in [*(p for p in tmp.rglob("*") if p.is_dir()), tmp]:
-        _fsync_dir(d)
+        fsync_dir(d)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     _vouch(final)  # (its manifest's hashes were taken from the bytes written)
     try:
         write_atomic(final.parent / "latest", final.name.encode())
@@ -518,7 +507,7 @@ def consolidate(ckpt: Path) -> Path:
         write_atomic(ckpt / MANIFEST, json.dumps({"version": 1, "files": files}, indent=1).encode())
     else:  # a checkpoint from before manifests
         _write_manifest(ckpt)
-    _fsync_dir(ckpt)  # (the new file's name)
+    fsync_dir(ckpt)  # (the new file's name)
     return out
 
 
