@@ -631,3 +631,27 @@ def test_the_router_clusters_the_up_projection_the_model_has_whatever_the_method
         cores.append(model.blocks[0].ffn.core)
     assert cores[0].period.item() >= 0 and torch.equal(cores[0].features, cores[1].features)
     torch.testing.assert_close(cores[0].centroids, cores[1].centroids)
+
+
+def test_a_block_larger_than_the_micro_batch_is_refused(tmp_path, capsys):
+    """vnm.v pads every block (and every router cluster) to v rows: a v beyond the micro-batch's tokens only costs
+    memory, out of memory at the first sparse step. Refused in one line by the trainer and by the CLI before any
+    data is read."""
+    from elas.config import apply_overrides, train_config
+    from elas.train.trainer import TrainError, Trainer
+    cfg = train_config("llama-tiny-relu2-vnm-fast")
+    tokens = cfg.batch_size * cfg.seq_len
+    apply_overrides(cfg, {"model.vnm.v": tokens + 1, "data_dir": "/nonexistent/elas-data"})
+    with pytest.raises(TrainError) as e:
+        Trainer(cfg, progress=False)
+    assert str(e.value).startswith(f"invalid vnm.v {tokens + 1}") and "\n" not in str(e.value), e.value
+    apply_overrides(cfg, {"model.vnm.v": tokens})  # the largest that fits: the next check (the data) speaks
+    with pytest.raises(TrainError) as e:
+        Trainer(cfg, progress=False)
+    assert "vnm.v" not in str(e.value)
+    from elas.cli import main
+    capsys.readouterr()
+    assert main(["train", "--preset", "llama-tiny-relu2-vnm-fast", "--data", str(tmp_path / "none"), "--out",
+                 str(tmp_path / "run"), "--set", f"model.vnm.v={tokens + 1}", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"elas: error: invalid vnm.v {tokens + 1}") and "\n" not in err, err

@@ -227,9 +227,8 @@ def resolve_train_config(args: argparse.Namespace):
                             resume_from=cfg.out_dir if args.resume else None)
         meta_model = build_model(cfg.model, "meta")  # the methods' keys, and whether they apply to this model
         from .build import resolve_methods
-        from .sparsity.api import check_sparse_window
         for m in resolve_methods(cfg.model):  # (as the trainer checks it, but before data is prepared, and in
-            check_sparse_window(m, cfg.max_steps)  # --dry-run)
+            m.check_run(cfg.max_steps, cfg.batch_size * cfg.seq_len)  # --dry-run)
         from .model.lowrank import LowRankLinear
         if cfg.optimizer == "loro_adamw" and not any(isinstance(m, LowRankLinear) for m in meta_model.modules()):
             raise UserError(f"optimizer=loro_adamw needs a low-rank model and this one has no low-rank linear "

@@ -50,6 +50,11 @@ class SparsityMethod:
         with the meaning they had: a default that changed since is written out here."""
         return fields
 
+    def check_run(self, max_steps: int, tokens: int) -> None:
+        """Refuse, with one line and before any data is read, what this config cannot do in a run of max_steps
+        steps of `tokens` tokens a micro-batch (batch_size x seq_len). Default: a sparse window (check_sparse_window)."""
+        check_sparse_window(self, max_steps)
+
     def operands(self) -> tuple[str, ...]:
         """The GEMM operands this method makes sparse, named on the module it targets (e.g. "y2": the d_ff
         activation that multiplies the down projection; "up.weight")."""

@@ -107,6 +107,12 @@ class VNMConfig(SparsityMethod):
             raise ValueError(f"invalid vnm.recluster_steps {self.recluster_steps} / kmeans_iters {self.kmeans_iters}: "
                              f"expected >= 1")
 
+    def check_run(self, max_steps: int, tokens: int) -> None:
+        super().check_run(max_steps, tokens)
+        if self.v > tokens:  # each block (and each router cluster) is padded to v rows: memory grows with v
+            raise ValueError(f"invalid vnm.v {self.v}: a block of v tokens must fit in a micro-batch of {tokens} "
+                             f"tokens (batch_size x seq_len); lower model.vnm.v (default 64)")
+
     @property
     def density(self) -> float:
         """Kept fraction of y2 (2 of every m features per token): the work a V:N:M kernel would do."""

@@ -25,7 +25,7 @@ from ..build import attn_backend, build_model, ce_kernel, check_kernels, norm_ke
 from ..kernels import cublas
 from ..optim import build_optimizer, warmup_cosine
 from ..sparsity import collect_stats, describe, method_to_dict, set_step
-from ..sparsity.api import check_sparse_window, dense_throughout, edit_in_place
+from ..sparsity.api import dense_throughout, edit_in_place
 from ..summary import model_summary
 from .checkpoint import (BackgroundSaver, CheckpointError, checkpoints, clear_partial, is_sharded_checkpoint,
                          load_checkpoint, write_atomic,
@@ -258,7 +258,7 @@ class Trainer:
             # the methods' own keys, before any data is read; config.json then records them in full, versioned
             methods = resolve_methods(cfg.model)
             for m in methods:
-                check_sparse_window(m, cfg.max_steps)
+                m.check_run(cfg.max_steps, cfg.batch_size * cfg.seq_len)
                 if dense_throughout(m, cfg.max_steps):
                     log(f"elas: warning: {m.name} stays dense for the whole run: its dense warm-up "
                         f"(dense_warmup_steps={m.dense_warmup_steps}) is not shorter than max_steps={cfg.max_steps}; "
