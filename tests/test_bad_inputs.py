@@ -178,6 +178,8 @@ def test_bad_eval_and_generate_arguments(tmp_path, capsys):
     _fail(["bench", "step", "--modes", "fast"], capsys, "--modes value 'fast'")
     _fail(["bench", "step", "--variants", "elas,dense"], capsys, "--variants value 'dense'")
     _fail(["bench", "step", "--batches", "0"], capsys, "--batches '0'")
+    _fail(["bench", "step", "--batch-scale", "2"], capsys, "--batch-scale 2 applies to bench ffn and compile, not step")
+    _fail(["bench", "gemm", "--batch-scale", "0.5"], capsys, "not gemm")
     _fail(["bench", "infer", "--sizes", "llama-61m"], capsys, "--sizes value 'llama-61m'")
     _fail(["bench", "ffn", "--sizes", "llama-7b"], capsys, "--sizes value 'llama-7b'")
     _fail(["bench", "compile", "--sizes", "llama-60m,llama-1b"], capsys, "--sizes 'llama-60m,llama-1b'")

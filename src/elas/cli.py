@@ -630,6 +630,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UserError(f"invalid {flag} {value}: expected a positive integer")
     if not args.batch_scale > 0:
         raise UserError(f"invalid --batch-scale {args.batch_scale}: expected a positive factor")
+    if args.batch_scale != 1.0 and args.what not in ("ffn", "compile"):  # would be silently ignored
+        raise UserError(f"--batch-scale {args.batch_scale:g} applies to bench ffn and compile, not {args.what}"
+                        + (": give the batch with --batches" if args.what == "step" else ""))
     if not torch.cuda.is_available():
         raise UserError("elas bench measures GPU kernels and needs a CUDA GPU")
     env = kb.environment()
@@ -877,7 +880,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report: render the result files into --doc")
     p.add_argument("--sizes", help="model sizes for ffn/step/infer, e.g. llama-60m,llama-1b (default: 60m..1b; "
                                    "step, infer: 1b)")
-    p.add_argument("--batch-scale", type=float, default=1.0, help="scale the papers' per-GPU batch (ffn/step)")
+    p.add_argument("--batch-scale", type=float, default=1.0,
+                   help="scale the papers' per-GPU batch (ffn, compile; step: --batches)")
     p.add_argument("--doc", default="docs/performance.md")
     p.add_argument("--results", default="benchmarks/results")
     p.add_argument("--m", type=int, default=None,
