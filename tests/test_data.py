@@ -252,6 +252,24 @@ def test_a_tokenizer_without_end_of_text_fails_before_the_text_is_read(tmp_path,
                 log=lambda *a: None)
 
 
+def test_a_vocab_size_other_than_the_given_tokenizers_is_refused_before_the_text_is_read(tmp_path, monkeypatch):
+    """A given tokenizer keeps its own vocabulary: a different --vocab-size would be ignored, so it is an error (the
+    tokenizer's own size, or none, is accepted)."""
+    import sys
+    prep = sys.modules["elas.data.prepare"]
+    texts = str(_texts(tmp_path / "t"))
+    prepare(tmp_path / "a", source="files", files=[texts], vocab_size=300, val_frac=0.2, log=lambda *a: None)
+    tok = str(tmp_path / "a")
+    with monkeypatch.context() as m:
+        m.setattr(prep, "_collect", lambda *a, **kw: pytest.fail("text was read"))
+        with pytest.raises(DataError, match=r"vocab_size=512 differs from the vocabulary of tokenizer .* \(300 tokens\)"):
+            prepare(tmp_path / "b", source="files", files=[texts], tokenizer=tok, vocab_size=512, log=lambda *a: None)
+    for size in (300, None):
+        meta = prepare(tmp_path / f"c{size}", source="files", files=[texts], tokenizer=tok, vocab_size=size,
+                       val_frac=0.2, log=lambda *a: None)
+        assert meta["vocab_size"] == 300
+
+
 def test_a_users_files_are_never_skipped_silently(tmp_path, capsys):
     """--files text over the built-in corpus's 2 MB cap is read whole; a file that is not UTF-8 is a one-line error
     naming it, not dropped."""

@@ -952,7 +952,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--hf-config", help="dataset config, e.g. en")
     q.add_argument("--hf-split", default="train")
     q.add_argument("--tokenizer", default="bpe", help="'bpe' to train one, or a tokenizer.json / dir / hub name")
-    q.add_argument("--vocab-size", type=int, default=32000, help="BPE vocabulary size (default 32000)")
+    q.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 32000; a given --tokenizer keeps "
+                   "its own)")
     q.add_argument("--max-mb", type=float, default=200.0, help="cap on text read, MB (0 = no cap)")
     q.add_argument("--max-tokens", type=int, help="cap on training tokens written")
     q.add_argument("--val-frac", type=float, default=0.01, help="fraction of documents for validation")

@@ -144,7 +144,7 @@ def unigram_ppl(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
 
 def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = None, hf: str | None = None,
             hf_config: str | None = None, hf_split: str = "train", text_field: str = "text", tokenizer: str = "bpe",
-            vocab_size: int = 32000, max_mb: float | None = 200.0, max_tokens: int | None = None,
+            vocab_size: int | None = None, max_mb: float | None = 200.0, max_tokens: int | None = None,
             val_frac: float = 0.01, force: bool = False, log=_say) -> dict:
     out = Path(out).absolute()  # ("." has no name to put a temporary directory beside)
     _check_out(out, force)
@@ -159,6 +159,8 @@ def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = 
         raise DataError(f"--files is for --source files, not --source {source}: add --source files")
     if (hf or hf_config) and source != "hf":
         raise DataError(f"--hf/--hf-config are for --source hf, not --source {source}: add --source hf")
+    if tokenizer == "bpe" and vocab_size is None:
+        vocab_size = 32000
     if tokenizer == "bpe" and vocab_size < 300:  # before the text is read
         raise DataError(f"vocab_size={vocab_size} is too small for byte-level BPE: use at least 300")
     if source == "builtin":
@@ -180,6 +182,9 @@ def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = 
     tok = None if tokenizer == "bpe" else load_tokenizer(tokenizer)  # a bad one before the text is read
     if tok is not None:
         eot_id(tok)  # (one without an end-of-text token, too)
+        if vocab_size is not None and vocab_size != tok.get_vocab_size():  # (it would be ignored)
+            raise DataError(f"vocab_size={vocab_size} differs from the vocabulary of tokenizer {tokenizer} "
+                            f"({tok.get_vocab_size()} tokens): a given tokenizer keeps its own; leave the size out")
         # a tokenizer.json may configure truncation or padding (some hub tokenizers cut at 512 tokens): documents
         # would be cut short or padded, silently; a dataset tokenizes every document whole
         tok.no_truncation()
