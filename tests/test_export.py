@@ -149,3 +149,19 @@ def test_export_falls_back_past_a_damaged_checkpoint_and_force_keeps_the_old_exp
     assert "No space left on device" in capsys.readouterr().err
     assert {f.name: f.read_bytes() for f in out.iterdir()} == old  # the earlier export, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]  # nothing left behind
+
+
+def test_an_export_over_an_earlier_one_leaves_none_of_its_files_stale(dataset, tmp_path):
+    """--force over an export with a tokenizer, by one without: the earlier tokenizer files go (they would describe
+    another model's vocabulary); files the export does not write stay."""
+    from elas.build import build_model
+    from elas.export import export_hf
+
+    from conftest import preset
+    cfg = preset("llama-tiny", n_layers=1, d_model=64, n_heads=2, intermediate=96, vocab_size=512)
+    out = tmp_path / "hf"
+    export_hf(build_model(cfg), cfg, dataset / "tokenizer.json", out, log=lambda *a: None)
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {f.name for f in out.iterdir()}
+    (out / "README.md").write_text("the user's notes")
+    export_hf(build_model(cfg), cfg, None, out, log=lambda *a: None)
+    assert sorted(f.name for f in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]

@@ -126,6 +126,9 @@ def hf_config(cfg: ModelConfig, eos_id: int | None):
     return cls(**kw)
 
 
+EXPORT_FILES = frozenset({"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"})
+
+
 def export_hf(model: nn.Module, cfg: ModelConfig, tokenizer_file: Path | None, out: Path, log=print) -> Path:
     """Write `model` (built from cfg, weights loaded, methods in the checkpoint step's mode) to `out`."""
     from .sparsity import applied_methods
@@ -150,6 +153,11 @@ def export_hf(model: nn.Module, cfg: ModelConfig, tokenizer_file: Path | None, o
                 {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": name, "bos_token": name,
                  "model_max_length": cfg.max_seq_len}, indent=1))
         out.mkdir(exist_ok=True)
+        # an earlier export's files that this one does not write (its tokenizer, when this run has none) would
+        # describe another model: removed first; files no export writes (a user's notes) stay
+        written = {f.name for f in tmp.iterdir()}
+        for name in EXPORT_FILES - written:
+            (out / name).unlink(missing_ok=True)
         for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last
             os.replace(f, out / f.name)
     finally:
