@@ -781,3 +781,29 @@ def test_consolidated_weights_are_fsynced_before_the_manifest_vouches_for_them(t
     assert verify_checkpoint(ckpt) is None
     moved = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2].endswith("model.safetensors"))
     assert ("fsync", str((ckpt / "model.tmp").resolve())) in events[:moved], events
+
+
+def test_a_diverging_run_is_recorded_and_the_grid_goes_on(dataset, tmp_path, monkeypatch, capsys):
+    """A variant whose loss becomes NaN/inf is a result, not the end of the grid: its directory records where it
+    diverged, the other runs train, a later call skips it (resumed, it would diverge again), the plan and the
+    summary name it, and `elas experiment` exits 1."""
+    experiment = _small_grid(monkeypatch)
+    logs = []
+    grid = dict(batch_size=2, grad_accum=1, log=logs.append)
+    bad = "relu2+init_std=1e20"  # logits of ~1e40: inf in fp32, the loss NaN from the first step
+    rows = experiment.run_grid("llama-tiny", [bad, "swiglu"], 2, str(dataset), tmp_path, **grid)
+    assert [r["run"] for r in rows] == ["swiglu"]
+    rec = json.loads((tmp_path / bad / "diverged.json").read_text())
+    assert rec["step"] == 1 and "NaN/inf" in rec["error"] and not (tmp_path / bad / "summary.json").exists()
+    assert logs[-1] == f"1 run(s) diverged, without a summary row: {bad}"
+    logs.clear()
+    rows = experiment.run_grid("llama-tiny", [bad, "swiglu"], 2, str(dataset), tmp_path, **grid)
+    assert [r["run"] for r in rows] == ["swiglu"]
+    assert any(line.startswith(f"{bad}: skipped: it diverged before") for line in logs), logs
+    (state,) = [r["state"] for r in experiment.grid_plan([bad], [0], tmp_path, 2) if r["variant"] == bad]
+    assert state == "diverged"
+    _, text = experiment.summarize(tmp_path)
+    assert f"**{bad} diverged** at step 1" in text
+    from elas.cli import main
+    assert main(["experiment", "--size", "llama-tiny", "--out", str(tmp_path), "--summarize-only"]) == 1
+    assert f"**{bad} diverged**" in capsys.readouterr().out

@@ -725,7 +725,7 @@ def _print_grid_plan(args: argparse.Namespace, variants: list[str], seeds: list[
     rows = grid_plan(variants, seeds, out, args.steps, cfg_of=lambda v, seed: variant_config(
         args.size, v, args.steps, args.data, out, args.batch_size, args.grad_accum, seed=seed),
         estimates=estimates)
-    left = [r for r in rows if r["state"] != "done"]
+    left = [r for r in rows if r["state"] not in ("done", "diverged")]
     print(f"{'run':<48} {'state':<32} estimate (GPU time, from the runs done here" +
           (f", else scaled from {args.estimate_from})" if args.estimate_from else ")"))
     for r in rows:
@@ -733,7 +733,9 @@ def _print_grid_plan(args: argparse.Namespace, variants: list[str], seeds: list[
         where = f" (at step {r['step']})" if r["state"] == "partial" else ""
         print(f"{r['run']:<48} {r['state'] + where:<32} {est if r['state'] != 'done' else ''}")
     known = [r["gpu_s_left"] for r in left if r["gpu_s_left"] is not None]
-    print(f"{len(rows) - len(left)} of {len(rows)} runs done; {len(left)} to run" + (
+    gone = sum(r["state"] == "diverged" for r in rows)
+    print(f"{len(rows) - len(left) - gone} of {len(rows)} runs done" + (f", {gone} diverged" if gone else "") +
+          f"; {len(left)} to run" + (
         f", ~{sum(known) / 60:.0f} GPU-min" + (" (and runs with no estimate)" if len(known) < len(left) else "")
         if known else " (no estimate: no run is done here yet)"))
     other = [r for r in rows if r["state"] == "other settings"]
@@ -831,7 +833,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if plot_stats(out, out / "activation_stats.png"):
         text += f"\n![activation statistics]({out / 'activation_stats.png'})\n"
     print(text)
-    return 0
+    from .train.experiment import DIVERGED
+    return 1 if any(out.glob(f"*/{DIVERGED}")) else 0  # (the summary says which)
 
 
 def build_parser() -> argparse.ArgumentParser:

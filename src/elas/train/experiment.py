@@ -28,7 +28,7 @@ from ..config import (LORO_DEFAULTS, VARIANTS, apply_overrides, model_preset, pr
 from ..sparsity import method_to_dict
 from ..sparsity.api import sparse_end
 from .checkpoint import checkpoints, write_atomic
-from .trainer import TrainError, Trainer, load_run_config, lock_run_dir, log_line, read_metrics, unlock_run_dir
+from .trainer import Diverged, TrainError, Trainer, load_run_config, lock_run_dir, log_line, read_metrics, unlock_run_dir
 
 QUALITY_VARIANTS = tuple(VARIANTS)  # every named variant (config.VARIANTS), with its recipe's optimizer
 def grid_variants(steps: int) -> list[str]:
@@ -214,6 +214,7 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
     from ..data import load_meta
     deadline = None if time_left is None else time.monotonic() + time_left
     later = []  # the runs left for a later call
+    diverged = []  # the runs whose loss became NaN/inf (DIVERGED in their directory)
     busy = []  # the runs another process trains (their run directory locked): left to it
     cfgs = [(seed, v, variant_config(size, v, steps, data_dir, out, batch_size, grad_accum, seed=seed))
             for seed in seeds for v in variants]  # every bad variant or key fails here, before any run
@@ -244,6 +245,10 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
                     note = "; no checkpoint kept to evaluate on the transfer data: its row has no transfer loss"
             rows.append(row)
             log(f"{name}: done before, skipped{note}")
+            continue
+        if (run / DIVERGED).exists():  # resumed, it would diverge again from the same checkpoint
+            log(f"{name}: skipped: it diverged before ({run / DIVERGED}); delete that file to train it again")
+            diverged.append(name)
             continue
         if deadline is not None and not _checkpoint_step(run):  # (a partial run resumes: its checkpoints are at
             # risk whether it runs or not, and it gets further)
@@ -277,6 +282,11 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
             if transfer:
                 extra["transfer_loss"], extra["transfer_tokens"] = transfer_loss(trainer, transfer)
             wall = trainer.elapsed_s()  # over every process of a run cut off and resumed
+        except Diverged as e:  # one variant's divergence is a result of the grid, not the end of it
+            _write_json(run / DIVERGED, {"run": name, "variant": v, "seed": seed, "step": e.step, "error": str(e)})
+            log(f"{name}: {e} (recorded in {run / DIVERGED}); the grid goes on")
+            diverged.append(name)
+            continue
         finally:
             trainer.close()
         metrics = read_metrics(run / "metrics.jsonl")
@@ -297,6 +307,8 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
         rows.append(row)
         log(f"{name}: val loss {row['val_loss']:.4f} (ppl {row['val_ppl']:.2f}) in {row['wall_s']:.0f} s" +
             (f", transfer loss {row['transfer_loss']:.4f}" if transfer else ""))
+    if diverged:
+        log(f"{len(diverged)} run(s) diverged, without a summary row: {', '.join(diverged)}")
     if later:
         log(f"{len(later)} run(s) not started, left for a later call (--time-left): {', '.join(later)}")
     if busy:
@@ -320,6 +332,9 @@ def _claim(run: Path) -> bool:
     return True
 
 
+DIVERGED = "diverged.json"  # in a run's directory: the step and error of a run whose loss became NaN/inf
+
+
 def grid_plan(variants: list[str], seeds, out: Path, steps: int, cfg_of=None,
               estimates: dict[str, float] | None = None) -> list[dict]:
     """What a grid still has to run in `out`, without running it: per (seed, variant) its state ("done": a
@@ -337,11 +352,12 @@ def grid_plan(variants: list[str], seeds, out: Path, steps: int, cfg_of=None,
             name = run_name(v, seed)
             run = Path(out) / name
             step = _checkpoint_step(run)
-            state = "done" if name in done else ("partial" if step else "todo")
+            state = "done" if name in done else "diverged" if (run / DIVERGED).exists() else (
+                "partial" if step else "todo")
             differs = other_settings(cfg_of(v, seed)) if cfg_of is not None and state != "todo" else []
             if differs:
                 state, step = "other settings", 0
-            left = None if state == "done" else _gpu_seconds_left(known, v, step, steps)
+            left = None if state in ("done", "diverged") else _gpu_seconds_left(known, v, step, steps)
             rows.append({"run": name, "variant": v, "seed": seed, "state": state, "step": step,
                          "gpu_s_left": left, **({"differs": differs} if differs else {})})
     return rows
@@ -519,6 +535,9 @@ def summarize(out: Path) -> tuple[list[dict], str]:
         if pts and all(x and y and x[0] == y[0] for x, y in pts):
             lines.append(f"- {a} / {b} at the end of its sparse phase (validation at step {pts[0][0][0]}): val loss "
                          f"ratio {_spread([x[1] / y[1] for x, y in pts])} over seeds {common}")
+    for p in sorted(out.glob(f"*/{DIVERGED}")):  # no row: their loss became NaN/inf
+        d = json.loads(p.read_text())
+        lines.append(f"- **{d['run']} diverged** at step {d['step']} (loss or weights NaN/inf): no row above")
     prints = sorted({r["data_sha1"] for r in rows if r.get("data_sha1")})
     if len(prints) > 1:  # runs gathered from several machines or sessions: comparable only on the same tokens
         lines.append(f"- **the runs trained on {len(prints)} different datasets** (train.bin SHA-1 " +

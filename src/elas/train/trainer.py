@@ -46,6 +46,14 @@ class TrainError(Exception):
     """A user-facing failure: bad data, bad config, unwritable directory, divergence. One line."""
 
 
+class Diverged(TrainError):
+    """The loss or the weights became NaN/inf; nothing was saved after the last good checkpoint."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
 class _StartError(TrainError):
     """A start-up failure that every process of a run raises alike; `quiet` on all but rank 0, which says it
     (one line, not one per process)."""
@@ -637,9 +645,10 @@ class Trainer:
                     if save_now or stop:  # a finite loss does not prove the update after it was
                         bad |= ~torch.stack([torch.isfinite(_local(p)).all() for p in self.model.parameters()]).all()
                     if bool(all_reduce_sum(bad.float(), d).item()):  # one host sync per log, not per step
-                        raise TrainError(f"loss became NaN/inf by step {self.step}; stopped without saving. The last "
+                        raise Diverged(f"loss became NaN/inf by step {self.step}; stopped without saving. The last "
                                          f"good checkpoint is {getattr(newest_verified(self.run_dir), 'name', 'none')}; "
-                                         f"lower --set lr or raise model.act24.dense_warmup_steps and --resume")
+                                         f"lower --set lr or raise model.act24.dense_warmup_steps and --resume",
+                                         self.step)
                 if log_now:
                     loss_v = all_reduce_sum(loss.detach().clone(), d).item() / d.world
                     if self.device.type == "cuda":
