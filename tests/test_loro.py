@@ -375,6 +375,8 @@ def test_quality_grid_seeds_variant_keys_and_transfer(dataset, tmp_path):
     assert [(r["run"], r["seed"]) for r in rows] == [("relu2", 0), ("relu2.seed1", 1)]
     assert rows[0]["val_loss"] != rows[1]["val_loss"]  # another seed: another initialisation and data order
     assert all(r["transfer_loss"] > 0 and r["transfer_tokens"] > 0 and 0 < r["epochs"] < 1 for r in rows)
+    want_sha1 = json.loads((tmp_path / "same" / "meta.json").read_text())["val_sha1"]
+    assert [r["transfer_sha1"] for r in rows] == [want_sha1] * 2  # the split the transfer loss was taken on
     _, md = summarize(tmp_path / "g")
     assert "| relu2 | adamw | 0,1 | 2 |" in md and "transfer loss" in md and "the grid's CPU time" in md  # (a CPU run)
     mean = (rows[0]["val_loss"] + rows[1]["val_loss"]) / 2
@@ -432,6 +434,13 @@ def test_quality_summary_spread_is_over_the_paired_seeds(tmp_path):
     _, md = summarize(tmp_path)
     assert "- relu2-24 / relu2: val loss ratio 1.0050 (1.0000-1.0100) over seeds [0, 1]; seed spread of the val " \
            "loss: relu2-24 0.1800, relu2 0.2000" in md
+    assert "different transfer sets" not in md  # (rows without a transfer SHA-1: from before it was recorded)
+    for run, sha1 in (("relu2", "a" * 40), ("relu2-24", "b" * 40)):
+        row = json.loads((tmp_path / run / "summary.json").read_text())
+        (tmp_path / run / "summary.json").write_text(json.dumps({**row, "transfer_sha1": sha1}))
+    _, md = summarize(tmp_path)
+    assert "**the transfer losses were taken on 2 different transfer sets** (val.bin SHA-1 aaaaaaaaaaaa, " \
+           "bbbbbbbbbbbb)" in md
     assert "- relu2-24 / relu2: transfer loss ratio 1.0050 (1.0000-1.0100) over seeds [0, 1]; seed spread of the " \
            "transfer loss: relu2-24 0.2700, relu2 0.3000" in md
 

@@ -185,6 +185,14 @@ def transfer_loss(trainer: Trainer, transfer: str) -> tuple[float, int]:
                         trainer.device, trainer.autocast)
 
 
+def transfer_row(trainer: Trainer, transfer: str) -> dict:
+    """A summary row's transfer fields: the loss, its tokens, and the SHA-1 of the split it was taken on (rows
+    from several machines or sessions are comparable only on the same text)."""
+    loss, tokens = transfer_loss(trainer, transfer)
+    return {"transfer_loss": loss, "transfer_tokens": tokens,
+            "transfer_sha1": json.loads((Path(transfer) / "meta.json").read_text()).get("val_sha1")}
+
+
 def check_param_dtypes(cfgs) -> None:
     """A variant's bf16 moments (optim_state_dtype=bf16) need bf16 parameters, which this machine may not give
     (CPU, fp32 precision): refused here, before the first run, not when that variant's turn comes."""
@@ -237,7 +245,7 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
                 if checkpoints(run):
                     trainer = Trainer(cfg, resume=True, progress=False, log=log)
                     try:
-                        row["transfer_loss"], row["transfer_tokens"] = transfer_loss(trainer, transfer)
+                        row.update(transfer_row(trainer, transfer))
                     finally:
                         trainer.close()
                     _write_json(done, row)
@@ -280,7 +288,7 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
             res = trainer.fit()
             extra = {}
             if transfer:
-                extra["transfer_loss"], extra["transfer_tokens"] = transfer_loss(trainer, transfer)
+                extra = transfer_row(trainer, transfer)
             wall = trainer.elapsed_s()  # over every process of a run cut off and resumed
         except Diverged as e:  # one variant's divergence is a result of the grid, not the end of it
             _write_json(run / DIVERGED, {"run": name, "variant": v, "seed": seed, "step": e.step, "error": str(e)})
@@ -539,6 +547,10 @@ def summarize(out: Path) -> tuple[list[dict], str]:
         d = json.loads(p.read_text())
         lines.append(f"- **{d['run']} diverged** at step {d['step']} (loss or weights NaN/inf): no row above")
     prints = sorted({r["data_sha1"] for r in rows if r.get("data_sha1")})
+    others = sorted({r["transfer_sha1"] for r in rows if r.get("transfer_sha1")})
+    if len(others) > 1:
+        lines.append(f"- **the transfer losses were taken on {len(others)} different transfer sets** (val.bin SHA-1 "
+                     + ", ".join(p[:12] for p in others) + "): transfer ratios across them compare different text")
     if len(prints) > 1:  # runs gathered from several machines or sessions: comparable only on the same tokens
         lines.append(f"- **the runs trained on {len(prints)} different datasets** (train.bin SHA-1 " +
                      ", ".join(p[:12] for p in prints) + "): ratios across them compare different data")
