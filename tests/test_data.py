@@ -330,3 +330,24 @@ def test_prepare_says_each_stage_as_it_starts(tmp_path, monkeypatch):
     assert "collected" in seen[0] and "training byte-level BPE" in seen[0]
     assert seen[1].splitlines()[-1].startswith("tokenizing ")
     assert out.shown.splitlines()[-1].startswith("wrote ")
+
+
+def test_a_files_dataset_does_not_depend_on_how_its_paths_are_spelled(tmp_path, monkeypatch):
+    """Documents are split into train/val by their id: their path below the directory (or glob root) given, so the
+    same files give the same dataset from a relative or an absolute path, a glob, or after the folder moved."""
+    import shutil
+    from elas.data.sources import file_docs
+    d = _texts(tmp_path / "t", 12)
+    (d / "sub").mkdir()
+    (d / "sub" / "deep.txt").write_text("a document one folder down\n" * 20)
+    monkeypatch.chdir(tmp_path)
+    want = sorted(file_docs([str(d)]))
+    assert sorted(file_docs(["t"])) == want and sorted(file_docs(["./t/"])) == want
+    assert ("sub/deep.txt", (d / "sub" / "deep.txt").read_text()) in want
+    assert sorted(file_docs([str(d / "*.txt")])) == sorted(x for x in want if "/" not in x[0])
+    assert sorted(file_docs([str(d / "doc0.txt")])) == [("doc0.txt", (d / "doc0.txt").read_text())]
+    quiet = dict(source="files", vocab_size=300, val_frac=0.3, log=lambda *a: None)
+    a = prepare(tmp_path / "a", files=["t"], **quiet)
+    shutil.move(str(d), str(tmp_path / "moved"))
+    b = prepare(tmp_path / "b", files=[str(tmp_path / "moved")], **quiet)
+    assert (a["train_sha1"], a["val_sha1"]) == (b["train_sha1"], b["val_sha1"])

@@ -97,22 +97,28 @@ def _json_kind(v) -> str:
 
 
 def file_docs(specs: list[str], text_field: str = "text") -> Iterator[tuple[str, str]]:
-    """Directories (recursive, text extensions), globs, plain files, and .jsonl files (one doc per line)."""
-    files: list[Path] = []
+    """Directories (recursive, text extensions), globs, plain files, and .jsonl files (one doc per line).
+
+    A document's id (which decides its train/val split) is its path below the spec's root: the directory given,
+    a file's own directory, a glob's part before its first wildcard. The same files give the same dataset
+    however their location is spelled (relative or absolute, from any working directory) or wherever they move."""
+    files: list[tuple[Path, Path]] = []  # (file, the root its id is taken below)
     for spec in specs:
         p = Path(spec)
         if p.is_dir():
-            files += _walk(p, set()) + sorted(p.rglob("*.jsonl"))
+            files += [(f, p) for f in _walk(p, set()) + sorted(p.rglob("*.jsonl"))]
         elif p.is_file():
-            files.append(p)
+            files.append((p, p.parent))
         else:
             matched = sorted(Path(m) for m in glob.glob(spec, recursive=True) if Path(m).is_file())
             if not matched:
                 raise SourceError(f"no files match {spec!r}: give a directory, a file, a glob or a .jsonl file")
-            files += matched
+            root = Path(*iter_until_magic(p.parts))
+            files += [(f, root) for f in matched]
     if not files:
         raise SourceError(f"no text files (.py .md .rst .txt .jsonl) found in {specs}")
-    for f in files:
+    for f, root in files:
+        doc = f.relative_to(root).as_posix()
         if f.suffix == ".jsonl":
             for i, line in _jsonl_lines(f):
                 if not line.strip():
@@ -132,11 +138,19 @@ def file_docs(specs: list[str], text_field: str = "text") -> Iterator[tuple[str,
                 if not isinstance(rec[text_field], str):  # (nor is a number or a list made text)
                     raise SourceError(f"{f}:{i + 1}: field {text_field!r} is {_json_kind(rec[text_field])}, not a "
                                       f"string; choose another with --text-field")
-                yield f"{f.as_posix()}:{i}", rec[text_field]
+                yield f"{doc}:{i}", rec[text_field]
         else:
             text = _read_users_text(f)
             if text:
-                yield f.as_posix(), text
+                yield doc, text
+
+
+def iter_until_magic(parts):
+    """A glob's path parts before the first that holds a wildcard."""
+    for part in parts:
+        if glob.has_magic(part):
+            return
+        yield part
 
 
 def hf_docs(name: str, config: str | None, split: str, text_field: str = "text") -> Iterator[tuple[str, str]]:
