@@ -351,3 +351,35 @@ def test_a_files_dataset_does_not_depend_on_how_its_paths_are_spelled(tmp_path, 
     shutil.move(str(d), str(tmp_path / "moved"))
     b = prepare(tmp_path / "b", files=[str(tmp_path / "moved")], **quiet)
     assert (a["train_sha1"], a["val_sha1"]) == (b["train_sha1"], b["val_sha1"])
+
+
+def test_a_hugging_face_source_streams_its_text_field(tmp_path, monkeypatch):
+    """--hf (offline here: a stand-in `datasets` module with the one call elas makes): documents by their record
+    index, null texts skipped, a missing or non-text field and a failing stream each one line."""
+    import sys
+    import types
+    from elas.data.sources import SourceError, hf_docs
+    records = [{"text": f"record {i} of a streamed corpus " * 30, "id": i} for i in range(40)]
+    records[3]["text"] = None
+    calls = []
+
+    def load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        if name == "no/such":
+            raise FileNotFoundError("Dataset 'no/such' doesn't exist on the Hub\nmore lines")
+        return iter(records)
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    docs = list(hf_docs("org/corpus", "en", "train"))
+    assert calls == [("org/corpus", "en", "train", True)]
+    assert len(docs) == 39 and docs[0] == ("org/corpus:train:0", records[0]["text"]) and "org/corpus:train:3" \
+        not in dict(docs)
+    with pytest.raises(SourceError, match=r"^org/corpus record 0: no field 'content' \(fields: \['id', 'text'\]\)"):
+        list(hf_docs("org/corpus", None, "train", "content"))
+    with pytest.raises(SourceError, match=r"^org/corpus record 0: field 'id' is a number, not a string"):
+        list(hf_docs("org/corpus", None, "train", "id"))
+    with pytest.raises(SourceError, match=r"^could not stream 'no/such' \(FileNotFoundError: Dataset 'no/such' "
+                                          r"doesn't exist on the Hub\); without network"):
+        list(hf_docs("no/such", None, "train"))
+    meta = prepare(tmp_path / "hf", source="hf", hf="org/corpus", hf_config="en", vocab_size=300, val_frac=0.2,
+                   log=lambda *a: None)
+    assert meta["train_tokens"] > 0 and meta["val_tokens"] > 0

@@ -159,10 +159,26 @@ def hf_docs(name: str, config: str | None, split: str, text_field: str = "text")
     except ImportError:
         raise SourceError("Hugging Face datasets need `pip install datasets` (or `pip install elas[hf]`); "
                           "offline, point --files at local text or JSONL instead") from None
+    records = _hf_records(datasets, name, config, split)
+    for i, rec in records:
+        if text_field not in rec:  # (before: "could not stream" a dataset that streamed fine)
+            raise SourceError(f"{name} record {i}: no field {text_field!r} (fields: {sorted(rec)}); choose one with "
+                              f"--text-field")
+        text = rec[text_field]
+        if text is None:  # no text: skipped, as in a JSONL file
+            continue
+        if not isinstance(text, str):
+            raise SourceError(f"{name} record {i}: field {text_field!r} is {_json_kind(text)}, not a string; choose "
+                              f"another with --text-field")
+        yield f"{name}:{split}:{i}", text
+
+
+def _hf_records(datasets, name: str, config: str | None, split: str) -> Iterator[tuple[int, dict]]:
+    """(index, record) of a streamed Hugging Face split; a failure to reach or read it (network, auth, a missing
+    dataset or config) is one line."""
     try:
-        ds = datasets.load_dataset(name, config, split=split, streaming=True)
-        for i, rec in enumerate(ds):
-            yield f"{name}:{split}:{i}", rec[text_field]
+        for i, rec in enumerate(datasets.load_dataset(name, config, split=split, streaming=True)):
+            yield i, rec
     except Exception as e:  # network, auth, missing dataset: all user-facing
         raise SourceError(f"could not stream {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                           f"without network, use --files with local text or JSONL") from None
