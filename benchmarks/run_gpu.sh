@@ -277,7 +277,7 @@ PY
         [ -f data/sp-32k/meta.json ] || python -m elas data prepare --source site-packages --out data/sp-32k \
           --vocab-size 32000 --max-mb 0 --val-frac 0.01 2>&1 | tail -1
         [ -f data/stdlib-sp32k/meta.json ] || python -m elas data prepare --source stdlib --tokenizer data/sp-32k \
-          --out data/stdlib-sp32k --vocab-size 32000 --max-mb 0 --val-frac 0.05 2>&1 | tail -1
+          --out data/stdlib-sp32k --max-mb 0 --val-frac 0.05 2>&1 | tail -1
         python -c "import json; m = json.load(open('data/sp-32k/meta.json')); print('corpus', m['train_tokens'], 'tokens, sha1', m.get('train_sha1'))"
         # GRID_FROM: a folder of finished runs (e.g. docs/results/grid-60m) copied in first, so a fresh machine skips them;
         # GRID_ESTIMATE_FROM: another size's finished runs (e.g. docs/results/grid-60m for GRID_SIZE=llama-130m), whose

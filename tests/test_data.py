@@ -346,6 +346,7 @@ def test_a_files_dataset_does_not_depend_on_how_its_paths_are_spelled(tmp_path, 
     assert ("sub/deep.txt", (d / "sub" / "deep.txt").read_text()) in want
     assert sorted(file_docs([str(d / "*.txt")])) == sorted(x for x in want if "/" not in x[0])
     assert sorted(file_docs([str(d / "doc0.txt")])) == [("doc0.txt", (d / "doc0.txt").read_text())]
+    assert sorted(file_docs(["t", "t/sub/deep.txt"])) == want  # (one file by two specs: one document)
     quiet = dict(source="files", vocab_size=300, val_frac=0.3, log=lambda *a: None)
     a = prepare(tmp_path / "a", files=["t"], **quiet)
     shutil.move(str(d), str(tmp_path / "moved"))

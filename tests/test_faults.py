@@ -794,7 +794,8 @@ def test_a_diverging_run_is_recorded_and_the_grid_goes_on(dataset, tmp_path, mon
     rows = experiment.run_grid("llama-tiny", [bad, "swiglu"], 2, str(dataset), tmp_path, **grid)
     assert [r["run"] for r in rows] == ["swiglu"]
     rec = json.loads((tmp_path / bad / "diverged.json").read_text())
-    assert rec["step"] == 1 and "NaN/inf" in rec["error"] and not (tmp_path / bad / "summary.json").exists()
+    assert rec["step"] == 1 and rec["settings"]["max_steps"] == 2 and not (tmp_path / bad / "summary.json").exists()
+    assert any(line.startswith(f"{bad}: diverged: loss or weights NaN/inf by step 1") for line in logs), logs
     assert logs[-1] == f"1 run(s) diverged, without a summary row: {bad}"
     logs.clear()
     rows = experiment.run_grid("llama-tiny", [bad, "swiglu"], 2, str(dataset), tmp_path, **grid)
@@ -804,6 +805,11 @@ def test_a_diverging_run_is_recorded_and_the_grid_goes_on(dataset, tmp_path, mon
     assert state == "diverged"
     _, text = experiment.summarize(tmp_path)
     assert f"**{bad} diverged** at step 1" in text
+    logs.clear()  # a record made with other settings (here --steps) does not stop a run of these: trained again
+    experiment.run_grid("llama-tiny", [bad], 3, str(dataset), tmp_path, **grid)
+    assert not any("skipped" in line for line in logs) and any(line.startswith(f"{bad}: diverged: loss or weights "
+                                                                               f"NaN/inf by step 1") for line in logs)
+    assert json.loads((tmp_path / bad / "diverged.json").read_text())["settings"]["max_steps"] == 3
     from elas.cli import main
     assert main(["experiment", "--size", "llama-tiny", "--out", str(tmp_path), "--summarize-only"]) == 1
     assert f"**{bad} diverged**" in capsys.readouterr().out

@@ -572,6 +572,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from .bench import kernels as kb
+    if not args.batch_scale > 0:
+        raise UserError(f"invalid --batch-scale {args.batch_scale}: expected a positive factor")
+    if args.batch_scale != 1.0 and args.what not in ("ffn", "compile"):  # would be silently ignored
+        raise UserError(f"--batch-scale {args.batch_scale:g} applies to bench ffn and compile, not {args.what}"
+                        + (": give the batch with --batches" if args.what == "step" else ""))
+    if args.what == "compile" and int(32 * args.batch_scale) < 1:
+        raise UserError(f"--batch-scale {args.batch_scale:g} leaves bench compile's batch of 32 no sequence")
+    if args.what == "ffn":
+        from .bench.ffn import BATCH
+        if int(min(BATCH.values()) * args.batch_scale) < 1:
+            raise UserError(f"--batch-scale {args.batch_scale:g} leaves bench ffn's batch of {min(BATCH.values())} "
+                            f"no sequence")
     if args.what == "report":
         from .bench.report import update_doc
         try:
@@ -628,11 +640,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for flag, value in (("--m", args.m), ("--grad-rank", args.grad_rank)):
         if value is not None and value < 1:
             raise UserError(f"invalid {flag} {value}: expected a positive integer")
-    if not args.batch_scale > 0:
-        raise UserError(f"invalid --batch-scale {args.batch_scale}: expected a positive factor")
-    if args.batch_scale != 1.0 and args.what not in ("ffn", "compile"):  # would be silently ignored
-        raise UserError(f"--batch-scale {args.batch_scale:g} applies to bench ffn and compile, not {args.what}"
-                        + (": give the batch with --batches" if args.what == "step" else ""))
     if not torch.cuda.is_available():
         raise UserError("elas bench measures GPU kernels and needs a CUDA GPU")
     env = kb.environment()
@@ -731,7 +738,7 @@ def _print_grid_plan(args: argparse.Namespace, variants: list[str], seeds: list[
     for r in rows:
         est = "-" if r["gpu_s_left"] is None else f"~{r['gpu_s_left'] / 60:.1f} GPU-min"
         where = f" (at step {r['step']})" if r["state"] == "partial" else ""
-        print(f"{r['run']:<48} {r['state'] + where:<32} {est if r['state'] != 'done' else ''}")
+        print(f"{r['run']:<48} {r['state'] + where:<32} {est if r['state'] not in ('done', 'diverged') else ''}")
     known = [r["gpu_s_left"] for r in left if r["gpu_s_left"] is not None]
     gone = sum(r["state"] == "diverged" for r in rows)
     print(f"{len(rows) - len(left) - gone} of {len(rows)} runs done" + (f", {gone} diverged" if gone else "") +
@@ -833,8 +840,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if plot_stats(out, out / "activation_stats.png"):
         text += f"\n![activation statistics]({out / 'activation_stats.png'})\n"
     print(text)
-    from .train.experiment import DIVERGED
-    return 1 if any(out.glob(f"*/{DIVERGED}")) else 0  # (the summary says which)
+    from .train.experiment import diverged_runs
+    return 1 if diverged_runs(out) else 0  # (the summary says which)
 
 
 def build_parser() -> argparse.ArgumentParser:

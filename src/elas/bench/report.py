@@ -324,7 +324,7 @@ def render(results: Path) -> str:
     parts = []
     for gpu_dir in sorted(p for p in Path(results).iterdir() if p.is_dir()):
         for f in sorted(gpu_dir.glob("*.json")):
-            kind, _, scale = f.stem.partition("_batchx")  # e.g. step_batchx0.5.json: step at half the batch
+            kind, _, scale = f.stem.partition("_batchx")  # e.g. ffn_batchx0.5.json: ffn at half the batch
             kind, _, part = kind.partition("_")  # e.g. step_variants.json: another call's step rows
             if kind + ".json" not in RENDERERS:
                 continue

@@ -113,11 +113,14 @@ def file_docs(specs: list[str], text_field: str = "text") -> Iterator[tuple[str,
             matched = sorted(Path(m) for m in glob.glob(spec, recursive=True) if Path(m).is_file())
             if not matched:
                 raise SourceError(f"no files match {spec!r}: give a directory, a file, a glob or a .jsonl file")
-            root = Path(*iter_until_magic(p.parts))
-            files += [(f, root) for f in matched]
+            files += [(f, _glob_root(p)) for f in matched]
     if not files:
         raise SourceError(f"no text files (.py .md .rst .txt .jsonl) found in {specs}")
+    seen = set()  # a file reached by two specs (a directory and a file in it) is one document, of one split
     for f, root in files:
+        if f.resolve() in seen:
+            continue
+        seen.add(f.resolve())
         doc = f.relative_to(root).as_posix()
         if f.suffix == ".jsonl":
             for i, line in _jsonl_lines(f):
@@ -145,12 +148,14 @@ def file_docs(specs: list[str], text_field: str = "text") -> Iterator[tuple[str,
                 yield doc, text
 
 
-def iter_until_magic(parts):
-    """A glob's path parts before the first that holds a wildcard."""
-    for part in parts:
+def _glob_root(spec: Path) -> Path:
+    """A glob's path before its first part with a wildcard."""
+    root = []
+    for part in spec.parts:
         if glob.has_magic(part):
-            return
-        yield part
+            break
+        root.append(part)
+    return Path(*root)
 
 
 def hf_docs(name: str, config: str | None, split: str, text_field: str = "text") -> Iterator[tuple[str, str]]:

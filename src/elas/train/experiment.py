@@ -254,10 +254,12 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
             rows.append(row)
             log(f"{name}: done before, skipped{note}")
             continue
-        if (run / DIVERGED).exists():  # resumed, it would diverge again from the same checkpoint
-            log(f"{name}: skipped: it diverged before ({run / DIVERGED}); delete that file to train it again")
+        if diverged_before(cfg, meta.get("train_sha1")):  # resumed, it would diverge again from its checkpoint
+            log(f"{name}: skipped: it diverged before ({run / DIVERGED}); a resume would diverge again from its "
+                f"last checkpoint: delete {run} to train it from the start")
             diverged.append(name)
             continue
+        (run / DIVERGED).unlink(missing_ok=True)  # (a record of other settings: this run starts again)
         if deadline is not None and not _checkpoint_step(run):  # (a partial run resumes: its checkpoints are at
             # risk whether it runs or not, and it gets further)
             need = _gpu_seconds_left(with_estimates(_gpu_seconds_done(out), estimates), v, 0, steps)
@@ -291,8 +293,12 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
                 extra = transfer_row(trainer, transfer)
             wall = trainer.elapsed_s()  # over every process of a run cut off and resumed
         except Diverged as e:  # one variant's divergence is a result of the grid, not the end of it
-            _write_json(run / DIVERGED, {"run": name, "variant": v, "seed": seed, "step": e.step, "error": str(e)})
-            log(f"{name}: {e} (recorded in {run / DIVERGED}); the grid goes on")
+            _write_json(run / DIVERGED, {"run": name, "variant": v, "seed": seed, "step": e.step,
+                                         "settings": _grid_settings(cfg), "data_sha1": meta.get("train_sha1")})
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # (a process group made again for the next run in the
+                raise  # same processes is not reliable under gloo: the grid stops; the next call skips this run)
+            log(f"{name}: diverged: loss or weights NaN/inf by step {e.step}, nothing saved after its last "
+                f"checkpoint (recorded in {run / DIVERGED}); the grid goes on")
             diverged.append(name)
             continue
         finally:
@@ -340,14 +346,36 @@ def _claim(run: Path) -> bool:
     return True
 
 
-DIVERGED = "diverged.json"  # in a run's directory: the step and error of a run whose loss became NaN/inf
+DIVERGED = "diverged.json"  # in a run's directory: the step and settings of a run whose loss became NaN/inf
+
+
+def _grid_settings(cfg) -> dict:
+    return {k: getattr(cfg, k) for k in GRID_KEYS}
+
+
+def diverged_runs(out: Path) -> list[dict]:
+    """The records of the runs under `out` that diverged and were not trained to the end since."""
+    return [json.loads(p.read_text()) for p in sorted(Path(out).glob(f"*/{DIVERGED}"))
+            if not (p.parent / "summary.json").exists()]
+
+
+def diverged_before(cfg, data_sha1: str | None = None) -> dict | None:
+    """The record of the run in cfg.out_dir diverging (DIVERGED), where it was made with cfg's grid settings and
+    data; None otherwise (a record of other settings does not stop a new run of these)."""
+    try:
+        d = json.loads((Path(cfg.out_dir) / DIVERGED).read_text())
+    except (OSError, ValueError):
+        return None
+    if d.get("settings") != _grid_settings(cfg) or (data_sha1 and d.get("data_sha1") not in (None, data_sha1)):
+        return None
+    return d
 
 
 def grid_plan(variants: list[str], seeds, out: Path, steps: int, cfg_of=None,
               estimates: dict[str, float] | None = None) -> list[dict]:
     """What a grid still has to run in `out`, without running it: per (seed, variant) its state ("done": a
     summary.json; "partial": checkpoints up to a step; "todo"; "other settings": a run kept there that the grid
-    would refuse, with `differs`) and the GPU seconds it is estimated to need: its own seed-0 run's GPU time where
+    would refuse, with `differs`; "diverged": its loss became NaN/inf, recorded in DIVERGED, skipped) and the GPU seconds it is estimated to need: its own seed-0 run's GPU time where
     done (wall time over the processes that shared the GPU), else the median of the done runs', scaled by the
     steps left. cfg_of(variant, seed): the run's config as the grid would build it (for the settings check; None:
     not checked). estimates: as run_grid's, for the runs not done here. For planning calls of a time-limited GPU
@@ -360,7 +388,8 @@ def grid_plan(variants: list[str], seeds, out: Path, steps: int, cfg_of=None,
             name = run_name(v, seed)
             run = Path(out) / name
             step = _checkpoint_step(run)
-            state = "done" if name in done else "diverged" if (run / DIVERGED).exists() else (
+            state = "done" if name in done else "diverged" if (
+                (run / DIVERGED).exists() if cfg_of is None else diverged_before(cfg_of(v, seed))) else (
                 "partial" if step else "todo")
             differs = other_settings(cfg_of(v, seed)) if cfg_of is not None and state != "todo" else []
             if differs:
@@ -543,8 +572,7 @@ def summarize(out: Path) -> tuple[list[dict], str]:
         if pts and all(x and y and x[0] == y[0] for x, y in pts):
             lines.append(f"- {a} / {b} at the end of its sparse phase (validation at step {pts[0][0][0]}): val loss "
                          f"ratio {_spread([x[1] / y[1] for x, y in pts])} over seeds {common}")
-    for p in sorted(out.glob(f"*/{DIVERGED}")):  # no row: their loss became NaN/inf
-        d = json.loads(p.read_text())
+    for d in diverged_runs(out):  # no row: their loss became NaN/inf
         lines.append(f"- **{d['run']} diverged** at step {d['step']} (loss or weights NaN/inf): no row above")
     prints = sorted({r["data_sha1"] for r in rows if r.get("data_sha1")})
     others = sorted({r["transfer_sha1"] for r in rows if r.get("transfer_sha1")})
