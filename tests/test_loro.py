@@ -237,7 +237,7 @@ def test_optimizer_keeps_rank_and_resets_states():
     torch.manual_seed(0)
     cfg = model_preset("llama-tiny-lowrank-relu2", n_layers=1, vocab_size=64, rank=4)
     model = build_model(cfg)
-    opt = LOROAdamW(model, lr=0.01, exact_every=3, d_model=cfg.d_model)
+    opt = LOROAdamW(model, lr=0.01, exact_every=3, rewarm_steps=1, d_model=cfg.d_model)
     pairs = [m for m in model.modules() if isinstance(m, LowRankLinear)]
     assert len(pairs) == 6  # q, k, v, o, up, down
     idx = torch.randint(0, 64, (2, 16))
@@ -281,7 +281,8 @@ def test_needs_a_low_rank_model():
 def _train_args(dataset, out, *extra):
     return ["train", "--preset", "llama-tiny-elas", "--optimizer", "loro_adamw", "--data", str(dataset),
             "--out", str(out), "--no-progress", *TINY, "--set", "model.rank=16", "--set", "log_every=1",
-            "--set", "loro_exact_every=3", "--set", "model.act24.dense_warmup_steps=4", *extra]
+            "--set", "loro_exact_every=3", "--set", "loro_rewarm_steps=1",
+            "--set", "model.act24.dense_warmup_steps=4", *extra]
 
 
 def test_loro_trains_and_resumes_exactly(dataset, tmp_path):
@@ -865,3 +866,34 @@ def test_a_grid_run_that_resolved_auto_kernels_is_the_same_run(tmp_path):
         assert other_settings(cfg) == [], key
         setattr(cfg.model, key, "torch")
         assert other_settings(cfg) == [f"model.{key} {resolved!r} -> 'torch'"], key
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "loro_adamw"])
+def test_a_resume_takes_the_changed_weight_decay_and_betas_it_announces(dataset, tmp_path, capsys, optimizer):
+    """torch's load_state_dict takes the checkpoint's groups whole: a resume with another weight_decay or betas
+    (announced, and written to config.json) kept the old ones. The groups' settings are this run's; their
+    state (moments, step counts) the checkpoint's."""
+    from elas.cli import build_parser, resolve_train_config
+    from elas.train import Trainer
+    out = tmp_path / "run"
+    extra = ["--optimizer", optimizer] if optimizer == "loro_adamw" else []
+    base = ["train", "--preset", "llama-tiny-elas", "--data", str(dataset), "--out", str(out), "--no-progress", *TINY,
+            "--set", "model.rank=16", "--set", "eval_every=100", *extra]
+    assert main([*base, "--max-steps", "2"]) == 0
+    cfg = resolve_train_config(build_parser().parse_args(
+        [*base, "--max-steps", "4", "--resume", "--set", "weight_decay=0.1", "--set", "beta2=0.95"]))
+    t = Trainer(cfg, resume=True, progress=False, log=lambda *a: None)
+    try:
+        groups = t.optimizer.param_groups
+        assert max(g["weight_decay"] for g in groups) == 0.1 and all(g["betas"] == (0.9, 0.95) for g in groups)
+        if optimizer == "adamw":  # (the norms' group stays without decay)
+            assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.1]
+        else:
+            assert t.optimizer.t == 2  # the state is the checkpoint's
+    finally:
+        t.close()
+    capsys.readouterr()
+    assert main([*base, "--max-steps", "4", "--resume", "--optimizer",
+                 "adamw" if optimizer == "loro_adamw" else "loro_adamw"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"was trained with optimizer={optimizer}" in err and "corrupt" not in err and "\n" not in err, err

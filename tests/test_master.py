@@ -346,9 +346,9 @@ def _train(dataset, out, *extra):
 
 @pytest.mark.parametrize("extra", [[], ["--set", "optim_state_dtype=fp32"],
                                    ["--optimizer", "loro_adamw", "--set", "loro_exact_every=2",
-                                    "--set", "grad_accum=2", "--set", "batch_size=2"],
+                                    "--set", "loro_rewarm_steps=1", "--set", "grad_accum=2", "--set", "batch_size=2"],
                                    ["--optimizer", "loro_adamw", "--set", "loro_exact_every=2",
-                                    "--set", "optim_state_dtype=fp32"]],
+                                    "--set", "loro_rewarm_steps=1", "--set", "optim_state_dtype=fp32"]],
                          ids=["adamw", "adamw-fp32-moments", "loro-accum", "loro-fp32-moments"])
 def test_trainer_with_bf16_parameters_trains_and_resumes_exactly(dataset, tmp_path, extra, capsys):
     """param_dtype=bf16 on CPU (the reference update): the model's parameters are bf16, the masters are in the
@@ -443,7 +443,8 @@ def test_loro_over_bf16_parameters_follows_the_fp32_trajectory_through_exact_ste
     with torch.no_grad():
         for p, q in zip(fp32.parameters(), bf16.parameters()):
             p.copy_(q.float())
-    opts = [LOROAdamW(m, lr=1e-2, exact_every=2, d_model=cfg.d_model, weight_decay=0.1) for m in (fp32, bf16)]
+    opts = [LOROAdamW(m, lr=1e-2, exact_every=2, rewarm_steps=1, d_model=cfg.d_model, weight_decay=0.1)
+            for m in (fp32, bf16)]
     assert not opts[0].has_masters and opts[1].has_masters
     g = torch.Generator().manual_seed(3)
     for _ in range(4):
@@ -478,7 +479,7 @@ def test_loro_fused_lazy_steps_equal_the_foreach_path(moment_dtype, tol):
         m = build_model(cfg, "cpu")
         hold_params_in(m, torch.bfloat16)
         models.append(m)
-    opts = [LOROAdamW(m, lr=1e-2, exact_every=3, d_model=cfg.d_model, weight_decay=0.1, backend=b,
+    opts = [LOROAdamW(m, lr=1e-2, exact_every=3, rewarm_steps=1, d_model=cfg.d_model, weight_decay=0.1, backend=b,
                       moment_dtype=moment_dtype) for m, b in zip(models, ("reference", "triton"))]
     assert opts[1].backend == "triton" and opts[0].backend == "reference"
     g = torch.Generator().manual_seed(5)

@@ -383,7 +383,8 @@ def test_four_processes_match_single_process(dataset, tmp_path, parallel):
     """DDP and FSDP2 on 4 gloo processes, one sequence each, log the losses of one process with the same global
     batch of 4, across the dense -> 2:4 switch (step 4 here) and with LORO's exact step (every 2 steps)."""
     steps = ["--max-steps", "5", "--set", "eval_every=100", "--set", "save_every=5", "--set", "model.rank=16",
-             "--optimizer", "loro_adamw", "--set", "loro_exact_every=2", "--set", f"parallel={parallel}"]
+             "--optimizer", "loro_adamw", "--set", "loro_exact_every=2", "--set", "loro_rewarm_steps=1",
+             "--set", f"parallel={parallel}"]
     single = run_cli(*train_args(dataset, tmp_path / "one", *steps))
     assert single.returncode == 0, single.stderr
     four = _torchrun(4, *train_args(dataset, tmp_path / "four", *steps, "--set", "batch_size=1"))
@@ -434,7 +435,8 @@ def test_fsdp_with_loro_matches_single_process(dataset, tmp_path):
     whole factors, splits the pairs over the processes and writes each process's shard back; the losses equal
     one process's, and a sharded checkpoint resumes on one process."""
     steps = ["--max-steps", "5", "--set", "eval_every=100", "--set", "save_every=3", "--set", "model.rank=16",
-             "--optimizer", "loro_adamw", "--set", "loro_exact_every=2", "--set", "parallel=fsdp"]
+             "--optimizer", "loro_adamw", "--set", "loro_exact_every=2", "--set", "loro_rewarm_steps=1",
+             "--set", "parallel=fsdp"]
     single = run_cli(*train_args(dataset, tmp_path / "one", *steps))
     assert single.returncode == 0, single.stderr
     fsdp = _torchrun(2, *train_args(dataset, tmp_path / "fsdp", *steps, "--set", "batch_size=2"))

@@ -183,6 +183,10 @@ def resolve_train_config(args: argparse.Namespace):
         if saved is not None:  # training keys a resume changes (allowed): said, since the run is then not exact
             # (max_steps: the trainer says; parallel: ddp and fsdp resume each other's checkpoints exactly)
             quiet = ("out_dir", "data_dir", "device", "max_steps", "init_from", "parallel")
+            if saved_train.get("optimizer", cfg.optimizer) != cfg.optimizer:  # (the trainer refuses it too)
+                raise UserError(f"{cfg.out_dir} was trained with optimizer={saved_train['optimizer']}, this run asks "
+                                f"for {cfg.optimizer}: a resumed run keeps its optimizer; start a new run (another "
+                                f"--out) for {cfg.optimizer}")
             moved = [f"{k} {saved_train[k]!r} -> {v!r}" for k, v in vars(cfg).items()
                      if k != "model" and k not in quiet and k in saved_train and saved_train[k] != v
                      and not (k == "optim_state_dtype" and v == "auto")]  # (auto keeps a checkpoint's moments)

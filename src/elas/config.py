@@ -401,6 +401,12 @@ class TrainConfig:
         for name in ("grad_clip", "weight_decay", "loro_rewarm_steps", "seed"):
             if not getattr(self, name) >= 0:  # (NaN too)
                 raise ValueError(f"invalid {name}={getattr(self, name)!r}: expected >= 0")
+        if self.weight_decay == math.inf:
+            raise ValueError(f"invalid weight_decay={self.weight_decay!r}: expected a finite number >= 0")
+        if self.optimizer == "loro_adamw" and self.loro_exact_every <= self.loro_rewarm_steps:
+            # the next exact step (a moment reset and a new re-warm) would come before the lr is back on schedule
+            raise ValueError(f"loro_exact_every={self.loro_exact_every} must exceed loro_rewarm_steps="
+                             f"{self.loro_rewarm_steps}: the lr would never return to its schedule between resets")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"invalid betas ({self.beta1}, {self.beta2}): each in [0, 1)")
         if self.parallel not in PARALLEL:
@@ -675,6 +681,9 @@ def from_dict(cls, data: dict[str, Any]):
     """Rebuild a (nested) dataclass from to_dict output, ignoring nothing: unknown keys are errors.
     config.json files of version 1 (before sparsity methods were a list) are migrated."""
     version = data.get("config_version", 1)
+    if not isinstance(version, int) or version > CONFIG_VERSION:  # (a default whose meaning changed would be misread)
+        raise ValueError(f"config of version {version!r} is newer than this elas understands ({CONFIG_VERSION}): "
+                         f"upgrade elas to read it")
     data = {k: v for k, v in data.items() if k != "config_version"}
     if cls is TrainConfig and version < 3 and isinstance(data.get("model"), dict):
         # attn_backend "auto" (or no key) meant torch's SDPA order before version 3: a run resumes as it was trained

@@ -291,6 +291,8 @@ class LOROAdamW(FP32Masters, torch.optim.Optimizer):
         self.moment_dtype = moment_dtype
         if exact_every < 1:
             raise ValueError(f"exact_every must be >= 1, got {exact_every}")
+        if exact_every <= rewarm_steps:  # the next reset would come before the lr is back on its schedule
+            raise ValueError(f"exact_every={exact_every} must exceed rewarm_steps={rewarm_steps}")
         pairs = [m for m in model.modules() if isinstance(m, LowRankLinear)]
         if not pairs:
             raise ValueError("loro_adamw needs a low-rank model (set a rank, e.g. --rank 128)")

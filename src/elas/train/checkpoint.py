@@ -469,7 +469,7 @@ def load_sharded_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer) -> di
         state = _dist_state(model, optimizer)
         dcp.load(state, checkpoint_id=str(Path(ckpt) / "dcp"))
         set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, optimizer, state["optim"])
+        _keeping_group_settings(optimizer, lambda: set_optimizer_state_dict(model, optimizer, state["optim"]))
         set_rng_state(torch.load(Path(ckpt) / "rng.pt", map_location="cpu", weights_only=False)["rng"])
         return json.loads((Path(ckpt) / "trainer.json").read_text())
     except (OSError, RuntimeError, EOFError, KeyError, ValueError, json.JSONDecodeError) as e:
@@ -554,11 +554,24 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer=None) -> dict:
     return state
 
 
+# a group's settings that come from this run's config, not from the checkpoint: torch's load_state_dict takes the
+# saved groups' whole, so a resume with another weight_decay or betas (said, and written to config.json) would
+# keep the old ones (lr is set every step by the schedule)
+GROUP_SETTINGS = ("weight_decay", "betas", "eps")
+
+
+def _keeping_group_settings(optimizer, load) -> None:
+    keep = [{k: g[k] for k in GROUP_SETTINGS if k in g} for g in optimizer.param_groups]
+    load()
+    for g, k in zip(optimizer.param_groups, keep):
+        g.update(k)
+
+
 def load_optimizer(ckpt: Path, model: torch.nn.Module, optimizer) -> None:
-    """Optimizer and RNG state of a one-file checkpoint."""
+    """Optimizer and RNG state of a one-file checkpoint (the groups' settings stay this run's: GROUP_SETTINGS)."""
     try:
         blob = torch.load(Path(ckpt) / "optimizer.pt", map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(blob["optimizer"])
+        _keeping_group_settings(optimizer, lambda: optimizer.load_state_dict(blob["optimizer"]))
         set_rng_state(blob["rng"])
     except (OSError, RuntimeError, EOFError, KeyError, ValueError) as e:
         raise CheckpointError(f"checkpoint {ckpt} is corrupt or incomplete ({type(e).__name__}: "

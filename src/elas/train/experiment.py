@@ -77,7 +77,8 @@ def variant_config(size: str, variant: str, steps: int, data_dir: str, out: Path
             "optim_state_dtype": "fp32", **train}
     if optimizer == "loro_adamw":
         over.update(LORO_DEFAULTS[size_of(size)])
-        over["loro_exact_every"] = max(2, round(steps * 500 / PAPER_STEPS))
+        # (at least one step longer than the re-warm after each exact step, so the lr returns to its schedule)
+        over["loro_exact_every"] = max(cfg.loro_rewarm_steps + 1, round(steps * 500 / PAPER_STEPS))
     apply_overrides(cfg, over)
     # the methods' step schedules (the dense warm-up) keep their share of the paper's run length: scaled from
     # the variant's recipe (the model preset), not from a size's training defaults

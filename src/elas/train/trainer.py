@@ -46,6 +46,14 @@ class TrainError(Exception):
     """A user-facing failure: bad data, bad config, unwritable directory, divergence. One line."""
 
 
+def _saved_train_key(ckpt: Path, key: str):
+    """A training key as the checkpoint's config copy (trainer.json) has it; None where it has none."""
+    try:
+        return (json.loads((Path(ckpt) / "trainer.json").read_text()).get("config") or {}).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 class Diverged(TrainError):
     """The loss or the weights became NaN/inf; nothing was saved after the last good checkpoint."""
 
@@ -444,6 +452,12 @@ class Trainer:
             self.model.init_weights(cfg.seed)
         if self.param_dtype == "bf16":  # after the weights are loaded, before the optimizer takes its fp32 masters
             hold_params_in(self.model, torch.bfloat16)
+        if self.ckpt is not None:  # (its state would not fit this optimizer's groups: "corrupt", which it is not)
+            was = _saved_train_key(self.ckpt, "optimizer")
+            if was not in (None, cfg.optimizer):
+                raise TrainError(f"checkpoint {self.ckpt} was trained with optimizer={was}, this run asks for "
+                                 f"{cfg.optimizer}: a resumed run keeps its optimizer; start a new run (another "
+                                 f"--out) for {cfg.optimizer}")
         try:
             self.optimizer = build_optimizer(self.model, cfg)
         except ValueError as e:
