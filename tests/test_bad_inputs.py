@@ -204,8 +204,12 @@ def test_bad_eval_and_generate_arguments(tmp_path, capsys):
     _fail(["generate", "--run", str(tmp_path), "--temperature", "-1"], capsys, "--temperature -1")
     _fail(["generate", "--run", str(tmp_path), "--max-new-tokens", "-3"], capsys, "--max-new-tokens -3")
     _fail(["generate", "--run", str(tmp_path), "--top-k", "-2"], capsys, "--top-k -2")
+    _fail(["generate", "--run", str(tmp_path), "--temperature", "1e-40"], capsys, "--temperature 1e-40 is invalid")
+    _fail(["generate", "--run", str(tmp_path), "--temperature", "inf"], capsys, "--temperature inf is invalid")
+    _fail(["generate", "--run", str(tmp_path), "--seed", str(2 ** 70)], capsys, "in [-2^63, 2^64)")
     _fail(["model", "--preset", "llama-tiny", "--rank", "1000"], capsys, "model.rank=1000")
     _fail(["model", "--preset", "llama-tiny", "--seq-len", "-5"], capsys, "--seq-len -5 is invalid")
+    _fail(["model", "--preset", "llama-60m", "--seq-len", "100000"], capsys, "exceeds the model's max_seq_len 1024")
     _fail(["model", "--preset", "llama-60m", "--grad-mode", "mask"], capsys, "--act-sparsity 2:4")
     # the quality grid's arguments, before any data is prepared
     grid = ["experiment", "--size", "llama-tiny", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "q")]

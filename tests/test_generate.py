@@ -136,3 +136,22 @@ def test_gpu_graph_decode_equals_eager_decode(compile_decode):
     a = sample(model, prompt, 30, temperature=0, graph=False)
     b = sample(model, prompt, 30, temperature=0, graph=True, compile_decode=compile_decode)
     assert torch.equal(a, b)
+
+
+def test_sampling_never_picks_ids_past_the_tokenizers_vocabulary():
+    """A model's vocabulary may be larger than its tokenizer's (rows never trained as targets): with vocab_limit
+    no id at or past it is sampled, whatever the temperature; a temperature so small that logits / T overflow,
+    or infinite, is refused."""
+    model = _model("swiglu")
+    prompt = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        model.lm_head.weight[150:] *= 50.0  # the untrained rows would win most draws
+    free = sample(model, prompt, 20, temperature=1.0, top_k=0, generator=torch.Generator().manual_seed(0))
+    assert (free[0, 3:] >= 150).any()  # (the check below could fail without the limit)
+    for t in (0, 1.0, 5.0):
+        out = sample(model, prompt, 20, temperature=t, top_k=0, generator=torch.Generator().manual_seed(0),
+                     vocab_limit=150)
+        assert out.shape[1] == 23 and (out[0, 3:] < 150).all(), (t, out)
+    for t in (1e-40, float("inf")):
+        with pytest.raises(ValueError, match="temperature must be 0"):
+            sample(model, prompt, 2, temperature=t)

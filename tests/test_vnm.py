@@ -655,3 +655,53 @@ def test_a_block_larger_than_the_micro_batch_is_refused(tmp_path, capsys):
                  str(tmp_path / "run"), "--set", f"model.vnm.v={tokens + 1}", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"elas: error: invalid vnm.v {tokens + 1}") and "\n" not in err, err
+
+
+def _relu2_variants():
+    from elas.config import VARIANTS
+    return [v for v, var in VARIANTS.items() if var.model.get("ffn", "swiglu") == "relu2" and var.model.get("methods")]
+
+
+@pytest.mark.parametrize("variant", _relu2_variants())
+def test_each_method_says_truly_whether_its_sparse_forward_is_causal(variant):
+    """In its sparse mode a causal method's token outputs depend on earlier tokens only: changing the tokens from
+    position 20 on leaves the logits before it unchanged, whatever else is in the batch. A method whose tokens
+    share a selection (V:N:M's blocks, group routing) is not: it says so (SparsityMethod.causal: the trainer, eval
+    and generate warn), and here it is shown to leak, so the flag cannot be wrong either way."""
+    from elas.build import build_model, resolve_methods
+    from elas.config import model_preset
+    from elas.sparsity import applied_methods, method_to_dict, set_step
+    cfg = model_preset(f"llama-tiny-{variant}", n_layers=2, d_model=64, n_heads=2, vocab_size=128, max_seq_len=64)
+    cfg.methods = [method_to_dict(m.scaled(0)) for m in resolve_methods(cfg)]  # every phase from step 0: sparse
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    set_step(model, 0, 10 ** 9)
+    assert all(str(a.mode).startswith("sparse") for a in applied_methods(model)), variant
+    causal = all(a.config.causal for a in applied_methods(model))
+    from elas.sparsity import non_causal  # (what eval and generate warn of)
+    assert non_causal(model) == [a.config.name for a in applied_methods(model) if not a.config.causal]
+    assert (non_causal(model) == []) == causal
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 128, (4, 48), generator=g)
+    y = x.clone()
+    y[:, 20:] = torch.randint(0, 128, (4, 28), generator=g)
+    with torch.no_grad():
+        a, b = model(x)[:, :20], model(y)[:, :20]
+        alone = model(x[:1])[:, :20]  # the first sequence without the others of its batch
+    leak = max((a - b).abs().max().item(), (a[:1] - alone).abs().max().item())
+    if causal:
+        assert leak < 1e-4, (variant, leak)
+    else:
+        assert leak > 1e-3, (variant, leak)
+
+
+def test_the_trainer_says_when_a_method_is_not_causal():
+    from elas.config import apply_overrides, train_config
+    from elas.train.trainer import TrainError, Trainer
+    for preset, warns in (("llama-tiny-relu2-vnm-blocks", True), ("llama-tiny-relu2-vnm-fast", False)):
+        cfg = train_config(preset)
+        apply_overrides(cfg, {"data_dir": "/nonexistent/elas-data"})
+        said = []
+        with pytest.raises(TrainError, match="does not exist"):  # (the warning comes before any data is read)
+            Trainer(cfg, progress=False, log=said.append)
+        assert any("vnm is not causal in its sparse steps" in s for s in said) == warns, (preset, said)

@@ -72,6 +72,9 @@ def cmd_model(args: argparse.Namespace) -> int:
     if args.seq_len <= 0:
         raise UserError(f"--seq-len {args.seq_len} is invalid: expected a positive number of tokens")
     cfg = resolve_model(args.preset or "llama-60m", args)
+    if args.seq_len > cfg.max_seq_len:  # (its attention FLOPs would be of a length the model refuses to run)
+        raise UserError(f"--seq-len {args.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}: the model "
+                        f"runs no longer sequences; give at most {cfg.max_seq_len}")
     try:
         summary = model_summary(cfg, seq_len=args.seq_len)
     except (ValueError, TypeError) as e:  # a method that cannot apply to this model
@@ -458,7 +461,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bf16 = device.type == "cuda"
     ac = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     loss, n = evaluate(model, win, args.tokens or cfg.eval_tokens, cfg.batch_size, device, ac)
-    from .sparsity import applied_methods
+    from .sparsity import applied_methods, non_causal
+    for name in non_causal(model):
+        print(f"elas: warning: {name} is in a sparse mode that is not causal: this loss depends on later tokens and "
+              f"on the batch (batch_size={cfg.batch_size})", file=sys.stderr)
     modes = {a.config.name: str(a.mode) for a in applied_methods(model)}  # the forward evaluated: sparse or dense
     res = {"checkpoint": str(ckpt), "data": str(data), "val_loss": loss, "val_ppl": math.exp(loss), "tokens": n,
            "unigram_val_ppl": meta.get("unigram_val_ppl"), "modes": modes}
@@ -518,11 +524,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .data.tokenizer import eot_id, load_tokenizer
     from .model.generate import sample
+    from .model.generate import MIN_TEMPERATURE
     for name, value, lo in (("--max-new-tokens", args.max_new_tokens, 0), ("--temperature", args.temperature, 0),
                             ("--top-k", args.top_k, 0)):
         if not value >= lo:  # (NaN too)
             raise UserError(f"{name} {value} is invalid: expected >= {lo}")
+    if not (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature < math.inf):
+        raise UserError(f"--temperature {args.temperature} is invalid: expected 0 (greedy) or a finite value >= "
+                        f"{MIN_TEMPERATURE:g}")
+    if not -2 ** 63 <= args.seed < 2 ** 64:  # (torch.Generator's range)
+        raise UserError(f"--seed {args.seed} is invalid: expected an integer in [-2^63, 2^64)")
     cfg, model, _, device = _load_run(args)
+    from .sparsity import non_causal
+    for name in non_causal(model):
+        print(f"elas: warning: {name} is in a sparse mode that is not causal: the model trained on blocks of tokens "
+              f"sharing their kept features; generating a token at a time computes another function",
+              file=sys.stderr)
     try:
         from .train.trainer import run_tokenizer
         tok = load_tokenizer(str(run_tokenizer(args.run, cfg)))
@@ -557,7 +574,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         shown = show_prompt
     out = sample(model, torch.tensor([ids], device=device), args.max_new_tokens, args.temperature, args.top_k,
                  stop_token=eot_id(tok), generator=g, graph=graph, compile_decode=graph and args.decode == "compiled",
-                 on_token=show if stream else None)
+                 on_token=show if stream else None, vocab_limit=tok.get_vocab_size())
     text = tok.decode(out[0].tolist())
     print(text[len(shown):] if text.startswith(shown) else "\n" + text)
     return 0

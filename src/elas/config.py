@@ -247,7 +247,8 @@ VARIANTS: dict[str, Variant] = {
     "relu2-vnm": Variant({"ffn": "relu2", "methods": [{"method": "vnm", "router": True}]},
                          about="relu2 with V:N:M activations grouped by the neuron router (v=64, m=8: 2 of 8 "
                                "features per token; tokens routed to 16 clusters of neurons fill blocks of 64 that "
-                               "share 4 of every 8 features; Madhyastha et al.; emulated)", twin="relu2"),
+                               "share 4 of every 8 features; Madhyastha et al.; emulated; not causal: a block's "
+                               "tokens share their selection)", twin="relu2"),
     "relu2-vnm-own": Variant({"ffn": "relu2", "methods": [{"method": "vnm", "router": True, "router_mode": "own",
                                                            "m": 16, "path": "grouped"}]},
                              about="V:N:M on the GPU for real: each token routed to one of 4 clusters of d_ff/4 "
@@ -263,11 +264,11 @@ VARIANTS: dict[str, Variant] = {
                                     "60M (accelerated)", twin="relu2"),
     "relu2-vnm-blocks": Variant({"ffn": "relu2", "methods": [{"method": "vnm"}]},
                                 about="relu2-vnm without the router: blocks of 64 consecutive tokens share their 4 "
-                                      "of 8 features, chosen by exhaustive search (the baseline; emulated)",
+                                      "of 8 features, chosen by exhaustive search (the baseline; emulated; not causal)",
                                 twin="relu2"),
     "relu2-w24-vnm": Variant({"ffn": "relu2", "methods": [sste24(), {"method": "vnm", "router": True}]},
                              about="the third paper's full recipe: 2:4 weights by S-STE and routed V:N:M activations "
-                                   "(emulated)", twin="relu2"),
+                                   "(emulated; not causal, as relu2-vnm)", twin="relu2"),
     "relu2-w24-vnm-fast": Variant({"ffn": "relu2", "methods": [sste24(sparse_until=0.3), VNM_FAST]},
                                   about="the full recipe as relu2-vnm-fast runs it (1B step 1.42x): V:N:M accelerated, "
                                         "the 2:4 weights S(W) entering its grouped GEMMs dense (emulated), both sparse "

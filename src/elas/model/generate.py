@@ -13,8 +13,15 @@ from ..graphs import graph_capture
 from .llama import KVCache
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
-    """logits [1, vocab] fp32 -> the next id [1, 1]. temperature 0 = greedy."""
+MIN_TEMPERATURE = 1e-4  # below it, logits / T overflow fp32 (a temperature that small is greedy in effect)
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator,
+          vocab_limit: int | None = None) -> torch.Tensor:
+    """logits [1, vocab] fp32 -> the next id [1, 1]. temperature 0 = greedy. vocab_limit: ids at or past it (rows
+    of a model vocabulary larger than its tokenizer's, never trained as targets) are never picked."""
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits = logits[..., :vocab_limit]
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     logits = logits / temperature
@@ -78,15 +85,16 @@ class GraphDecoder:
 def sample(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = 50,
            stop_token: int | None = None, generator: torch.Generator | None = None,
            use_cache: bool = True, graph: bool = False, static_cache: bool | None = None,
-           compile_decode: bool = False, on_token=None) -> torch.Tensor:
+           compile_decode: bool = False, on_token=None, vocab_limit: int | None = None) -> torch.Tensor:
     """idx: [1, t] prompt ids -> [1, t + new] ids; on_token(id), where given, is called with each new id as it
     comes (a host sync per token: `elas generate` prints the text as it grows). The context is the last max_seq_len tokens: once the cache
     is full, every step re-runs that window (what use_cache=False does at every step). graph (CUDA): replay the
     decode step from a CUDA graph (GraphDecoder); static_cache (default: = graph) decodes over the static cache
     eagerly (what the graph replays; used to test it on the CPU); compile_decode (with graph): the captured decode
-    step is first compiled as one graph (generate.decode_step)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    step is first compiled as one graph (generate.decode_step). vocab_limit: the tokenizer's vocabulary size
+    (ids past it are never sampled; see _pick)."""
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < float("inf")):
+        raise ValueError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, inf), got {temperature}")
     model.eval()
     if graph and not (idx.is_cuda and use_cache):
         raise ValueError("graph=True replays a captured decode step: it needs CUDA tensors and use_cache=True")
@@ -106,7 +114,7 @@ def sample(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0
             logits = decoder.step(idx[:, -1:])
         else:
             logits = model(idx[:, -1:], cache=cache)[:, -1, :].float()
-        nxt = _pick(logits, temperature, top_k, generator)
+        nxt = _pick(logits, temperature, top_k, generator, vocab_limit)
         idx = torch.cat([idx, nxt], dim=1)
         if on_token is not None:
             on_token(int(nxt.item()))

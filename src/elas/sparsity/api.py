@@ -50,6 +50,13 @@ class SparsityMethod:
         with the meaning they had: a default that changed since is written out here."""
         return fields
 
+    @property
+    def causal(self) -> bool:
+        """Whether a token's output in the sparse mode depends on its own and earlier tokens only. A method whose
+        selection is shared by a block of tokens (V:N:M's blocks) is not: its loss is not a causal model's, and
+        decoding one token at a time computes another function (the trainer, eval and generate say so)."""
+        return True
+
     def check_run(self, max_steps: int, tokens: int) -> None:
         """Refuse, with one line and before any data is read, what this config cannot do in a run of max_steps
         steps of `tokens` tokens a micro-batch (batch_size x seq_len). Default: a sparse window (check_sparse_window)."""
@@ -263,6 +270,13 @@ def collect_stats(model: nn.Module, forward: Callable[[], Any]) -> dict[str, flo
         layer = [v for (k, _), v in zip(keys, host) if k == name]
         out[f"{name}/mean"] = sum(layer) / len(layer)
     return out
+
+
+def non_causal(model: nn.Module, sparse_only: bool = True) -> list[str]:
+    """The applied methods that are not causal (SparsityMethod.causal), in a sparse mode now (sparse_only) or
+    at any step."""
+    return [a.config.name for a in applied_methods(model) if not a.config.causal
+            and (not sparse_only or str(a.mode).startswith("sparse"))]
 
 
 def describe(model: nn.Module) -> list[str]:

@@ -107,6 +107,13 @@ class VNMConfig(SparsityMethod):
             raise ValueError(f"invalid vnm.recluster_steps {self.recluster_steps} / kmeans_iters {self.kmeans_iters}: "
                              f"expected >= 1")
 
+    @property
+    def causal(self) -> bool:
+        # blocks of v consecutive tokens (no router) or of one cluster's tokens from the whole batch (group mode)
+        # share the 4 of m features they keep, chosen from all their magnitudes: later tokens (and, in group mode,
+        # other sequences) change a token's mask. Own mode keeps each token's features by its own cluster only
+        return self.router and self.router_mode == "own"
+
     def check_run(self, max_steps: int, tokens: int) -> None:
         super().check_run(max_steps, tokens)
         if self.v > tokens:  # each block (and each router cluster) is padded to v rows: memory grows with v

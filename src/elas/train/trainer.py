@@ -275,6 +275,10 @@ class Trainer:
             methods = resolve_methods(cfg.model)
             for m in methods:
                 m.check_run(cfg.max_steps, cfg.batch_size * cfg.seq_len)
+                if not m.causal:
+                    log(f"elas: warning: {m.name} is not causal in its sparse steps (SparsityMethod.causal): a "
+                        f"token's output depends on later tokens of its block (and other sequences); its loss is not "
+                        f"a causal model's, and generation (a token at a time) computes another function")
                 if dense_throughout(m, cfg.max_steps):
                     log(f"elas: warning: {m.name} stays dense for the whole run: its dense warm-up "
                         f"(dense_warmup_steps={m.dense_warmup_steps}) is not shorter than max_steps={cfg.max_steps}; "
