@@ -508,7 +508,8 @@ def test_gpu_exact_step_default_solver_matches_fp64():
 
 
 def test_batched_step_equals_per_parameter_adam():
-    """The foreach-batched lazy step, against per-parameter AdamW arithmetic written out (weight decay on)."""
+    """The foreach-batched lazy step, against per-parameter AdamW arithmetic written out (weight decay on the
+    matrices; none on the norm gains, as build_optimizer's AdamW)."""
     torch.manual_seed(0)
     cfg = model_preset("llama-tiny-lowrank-relu2", n_layers=1, vocab_size=64, rank=4)
     model = build_model(cfg)
@@ -526,10 +527,13 @@ def test_batched_step_equals_per_parameter_adam():
             v.mul_(0.999).addcmul_(p.grad, p.grad, value=0.001)
             corr = (1 - 0.999 ** k) ** 0.5 / (1 - 0.9 ** k)
             scale = cfg.rank / cfg.d_model if id(p) in factors else 1.0
-            want[id(p)].mul_(1 - 0.01 * 0.1).add_(m / (v.sqrt() + 1e-6), alpha=-0.01 * corr * scale)
+            if p.dim() >= 2:
+                want[id(p)].mul_(1 - 0.01 * 0.1)
+            want[id(p)].add_(m / (v.sqrt() + 1e-6), alpha=-0.01 * corr * scale)
         opt.step()
         for p in model.parameters():
             assert torch.equal(p, want[id(p)])
+    assert any(p.dim() < 2 for p in model.parameters())  # (the norms' rule was exercised)
 
 
 def _sharded_worker(rank: int, world: int, init: str, out: str) -> None:
@@ -897,3 +901,25 @@ def test_a_resume_takes_the_changed_weight_decay_and_betas_it_announces(dataset,
                  "adamw" if optimizer == "loro_adamw" else "loro_adamw"]) == 2
     err = capsys.readouterr().err.strip()
     assert f"was trained with optimizer={optimizer}" in err and "corrupt" not in err and "\n" not in err, err
+
+
+def test_both_optimizers_decay_matrices_and_not_norm_gains():
+    """The same weight_decay means the same under adamw and loro_adamw: matrices decay, the norms' gains (and any
+    other vector) do not. One step on zero gradients moves a weight by its decay alone."""
+    from elas.config import TrainConfig
+    from elas.optim import build_optimizer
+    mcfg = model_preset("llama-tiny-lowrank-relu2", n_layers=1, vocab_size=64, rank=4)
+    for name in ("adamw", "loro_adamw"):
+        torch.manual_seed(0)
+        model = build_model(mcfg)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = build_optimizer(model, TrainConfig(model=mcfg, optimizer=name, weight_decay=0.1, lr=0.1,
+                                                 loro_exact_every=100))
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        for n, p in model.named_parameters():
+            if p.dim() < 2:
+                assert torch.equal(p.detach(), before[n]), (name, n)
+            elif name == "adamw" or not isinstance(model.get_submodule(n.rsplit(".", 1)[0]), LowRankLinear):
+                torch.testing.assert_close(p.detach(), before[n] * (1 - 0.1 * 0.1), msg=f"{name} {n}")

@@ -373,7 +373,7 @@ class LOROAdamW(FP32Masters, torch.optim.Optimizer):
         for factor pairs and 1 for the dense parameters: the foreach path's arithmetic (up to rounding) in one
         read and write of each tensor instead of ~10 (~92 bytes per parameter down to 28)."""
         rows = []
-        for group in self.param_groups:
+        for group in self.param_groups:  # (then the no-decay row of the dense group's vectors: _row_of)
             b1, b2 = group["betas"]
             stepping = [p for p in group["params"] if self.grad_of(p) is not None]
             k = 1
@@ -386,10 +386,17 @@ class LOROAdamW(FP32Masters, torch.optim.Optimizer):
             c = math.sqrt(1 - b2 ** k) / (1 - b1 ** k)
             rows.append([1.0 - lr * group["weight_decay"], b1, b2, group["eps"], lr * c * scale, 1.0, 1.0 - b1,
                          1.0 - b2, float(self.t % 2 ** 24)])  # (the seed of bf16 moments' rounding)
+        rows.append([1.0, *rows[0][1:]])  # the dense group's, without decay
         self._write_scalars(rows)
         self._fused_update()
         for group in self.param_groups:
             group["t"] += 1
+
+    def _scalar_rows(self) -> int:
+        return len(self.param_groups) + 1  # the last: the dense group's vectors, which take no weight decay
+
+    def _row_of(self, gi: int, p: torch.Tensor) -> int:
+        return len(self.param_groups) if gi == 0 and p.dim() < 2 else gi
 
     def _rewarm(self) -> float:
         """lr multiplier: after a reset (k small), ramp over rewarm_steps; 1 before the first exact step."""
@@ -436,7 +443,7 @@ class LOROAdamW(FP32Masters, torch.optim.Optimizer):
             for p in params:
                 d, c = direction[id(p)]
                 w = self.master(p)  # the fp32 weight the update changes (p itself over fp32 parameters)
-                if wd:
+                if wd and p.dim() >= 2:  # (norm gains and other vectors: no decay, as build_optimizer's AdamW)
                     decay_p.append(w)
                     decay_f.append(1 - lr * wd)
                 upd_p.append(w)

@@ -161,7 +161,7 @@ class FP32Masters:
             import importlib.util
             backend = "triton" if dev.type == "cuda" and importlib.util.find_spec("triton") else "reference"
         self.backend = backend
-        self._scal = torch.zeros(len(self.param_groups), SCAL, dtype=torch.float32, device=dev)
+        self._scal = torch.zeros(self._scalar_rows(), SCAL, dtype=torch.float32, device=dev)
         self._tab = self._chunks = self._sumsq = None
         self._numels: list[int] = []
         self._align = 1  # master_triton.alignment of the stepped tensors (with the chunk table)
@@ -176,14 +176,22 @@ class FP32Masters:
             st["exp_avg_sq"] = torch.zeros_like(st["master"], dtype=self.moment_dtype)
         return st
 
+    def _scalar_rows(self) -> int:
+        """Rows of scalars the update reads: one per group (an optimizer may add rows: _row_of)."""
+        return len(self.param_groups)
+
+    def _row_of(self, gi: int, p: torch.Tensor) -> int:
+        """The row of scalars parameter p of group gi steps with."""
+        return gi
+
     def _stepping(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(group index, parameter, gradient) of every parameter that has a gradient."""
+        """(scalar row, parameter, gradient) of every parameter that has a gradient."""
         out = []
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 g = self.grad_of(p)
                 if g is not None:
-                    out.append((gi, p, g))
+                    out.append((self._row_of(gi, p), p, g))
         return out
 
     def _write_scalars(self, rows: list[list[float]]) -> None:
