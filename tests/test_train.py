@@ -740,3 +740,46 @@ def test_log_lines_reach_a_pipe_as_they_come(dataset, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_every_process_runs_as_many_evaluation_forwards(monkeypatch):
+    """Under FSDP each forward is a collective (and DDP broadcasts buffers): processes given unequal numbers of
+    validation windows must still run the same number of forwards, or the one with more waits forever. A process
+    out of windows runs one that it does not count; the totals over processes are one process's."""
+    from contextlib import nullcontext
+
+    import elas.train.trainer as tr
+    from elas.train.distributed import Dist
+
+    class Windows:
+        seq_len = 4
+
+        def __init__(self, n):
+            self.n = n
+
+        def get(self, idx):
+            x = torch.as_tensor(idx, dtype=torch.long)[:, None].repeat(1, 4)
+            return x, x
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, x, y):
+            self.calls += 1
+            return x.double().mean()  # a loss that depends on which windows were given
+
+    monkeypatch.setattr(tr, "all_reduce_sum", lambda t, d: t)  # (each process's own total, summed below)
+    for n, world, batch in ((7, 3, 2), (1, 2, 4), (9, 4, 1), (8, 2, 4)):
+        totals, calls = [], []
+        for rank in range(world):
+            m = Model()
+            loss, tokens = tr.evaluate(m, Windows(n), n * 4, batch, "cpu", nullcontext, Dist(rank, world))
+            totals.append((loss * tokens if tokens else 0.0, tokens))  # (0/0: a process that counted nothing)
+            calls.append(m.calls)
+        assert len(set(calls)) == 1, (n, world, calls)
+        one = Model()
+        want_loss, want_tokens = tr.evaluate(one, Windows(n), n * 4, batch, "cpu", nullcontext)
+        assert sum(t for _, t in totals) == want_tokens == n * 4
+        assert sum(s for s, _ in totals) == pytest.approx(want_loss * want_tokens)

@@ -251,12 +251,17 @@ def evaluate(model, windows: TokenWindows, tokens: int, batch_size: int, device,
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of token losses, tokens]
     mine = torch.arange(n)[d.rank::d.world]
-    for i in range(0, len(mine), batch_size):
-        x, y = windows.get(mine[i:i + batch_size].numpy())
+    # every process runs as many forwards as the one with the most windows: under FSDP each forward gathers the
+    # weights (and DDP broadcasts buffers), so a process with one batch more would wait for the others forever.
+    # One out of windows runs window 0 and counts nothing
+    for i in range(0, -(-n // d.world), batch_size):
+        idx = mine[i:i + batch_size]
+        x, y = windows.get((idx if len(idx) else torch.zeros(1, dtype=torch.long)).numpy())
         x, y = x.to(device), y.to(device)
         with autocast(), (eager_regions() if x.shape[0] < batch_size else nullcontext()):
             loss = model(x, y)
-        total += torch.stack([loss.double() * y.numel(), torch.tensor(float(y.numel()), device=device)])
+        if len(idx):
+            total += torch.stack([loss.double() * y.numel(), torch.tensor(float(y.numel()), device=device)])
     all_reduce_sum(total, d)
     model.train(was_training)
     return (total[0] / total[1]).item(), int(total[1].item())
