@@ -813,3 +813,28 @@ def test_a_diverging_run_is_recorded_and_the_grid_goes_on(dataset, tmp_path, mon
     from elas.cli import main
     assert main(["experiment", "--size", "llama-tiny", "--out", str(tmp_path), "--summarize-only"]) == 1
     assert f"**{bad} diverged**" in capsys.readouterr().out
+
+
+def test_a_sharded_save_or_load_that_fails_in_the_checkpoint_library_is_one_error(tmp_path, monkeypatch):
+    """torch.distributed.checkpoint reports a process's failure (a full disk writing its shard, a shard that cannot
+    be read) as CheckpointException, a BaseException: it went past `except Exception` as a traceback on every
+    process, leaving the partial checkpoint. Now one CheckpointError, nothing partial left, the older kept."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+    from elas.train import checkpoint as ck
+    run = tmp_path / "run"
+    model, opt = _saved_tiny(run, [1])
+    good = ck.save_sharded_checkpoint(run, 2, model, opt, {"step": 2}, keep=5)
+
+    def failing(*a, **k):
+        raise CheckpointException("failed", {1: _wrap_exception(OSError(28, "No space left on device"))})
+    monkeypatch.setattr(dcp, "save", failing)
+    with pytest.raises(ck.CheckpointError, match=r"could not write the checkpoint of step 3 in .* \(process 1: "
+                                                 r"OSError: \[Errno 28\] No space left on device\)"):
+        ck.save_sharded_checkpoint(run, 3, model, opt, {"step": 3}, keep=5)
+    assert [p.name for p in ck.checkpoints(run)] == ["step-00000002", "step-00000001"]
+    assert not list((run / "checkpoints").glob("*.tmp"))
+    monkeypatch.setattr(dcp, "load", failing)
+    with pytest.raises(ck.CheckpointError, match=r"is corrupt, incomplete or of another model \(CheckpointException: "
+                                                 r"process 1: OSError"):
+        ck.load_sharded_checkpoint(good, model, opt)

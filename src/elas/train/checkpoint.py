@@ -319,7 +319,18 @@ def _estimate_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 3
 
 
-def _write_error(run_dir: Path, step: int, model: torch.nn.Module, e: Exception) -> CheckpointError:
+def _why(e: BaseException) -> str:
+    """One line saying why: a sharded save's or load's CheckpointException names the first failing process and
+    its error (its own first line is only "CheckpointException ranks:..."), any other error its first line."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, pair = next(iter(failures.items()))
+        inner = pair[0] if isinstance(pair, tuple) else pair
+        return f"process {rank}: {type(inner).__name__}: {str(inner).splitlines()[0] if str(inner) else ''}"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _write_error(run_dir: Path, step: int, model: torch.nn.Module, e: BaseException) -> CheckpointError:
     ckdir = run_dir / "checkpoints"
     need = _estimate_bytes(model)
     try:
@@ -327,7 +338,7 @@ def _write_error(run_dir: Path, step: int, model: torch.nn.Module, e: Exception)
     except OSError:
         free = "free space unknown"
     prev = newest_verified(run_dir)
-    msg = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+    msg = _why(e)[:120]
     return CheckpointError(f"could not write the checkpoint of step {step} in {ckdir} ({msg}); it needs about "
                            f"{_size(need)} ({free}); the newest complete checkpoint is "
                            f"{prev.name if prev else 'none'}")
@@ -438,7 +449,7 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, op
     if not _any_failed(error is not None):
         try:
             dcp.save(_dist_state(model, optimizer), checkpoint_id=str(tmp / "dcp"))
-        except Exception as e:  # noqa: BLE001
+        except DCP_ERRORS as e:  # noqa: BLE001
             error = e
     if not _any_failed(error is not None) and rank == 0:
         try:
@@ -453,6 +464,19 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, op
     if rank == 0:
         _prune(run_dir, step, final, keep)
     return final
+
+
+def _dcp_errors() -> tuple:
+    """What a sharded save or load raises: torch.distributed.checkpoint's CheckpointException derives from
+    BaseException, not Exception, so `except Exception` lets it through as a traceback on every process."""
+    try:
+        from torch.distributed.checkpoint.api import CheckpointException
+    except ImportError:  # (a torch without it)
+        return (Exception,)
+    return (Exception, CheckpointException)
+
+
+DCP_ERRORS = _dcp_errors()
 
 
 def is_sharded_checkpoint(ckpt: Path) -> bool:
@@ -472,9 +496,9 @@ def load_sharded_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer) -> di
         _keeping_group_settings(optimizer, lambda: set_optimizer_state_dict(model, optimizer, state["optim"]))
         set_rng_state(torch.load(Path(ckpt) / "rng.pt", map_location="cpu", weights_only=False)["rng"])
         return json.loads((Path(ckpt) / "trainer.json").read_text())
-    except (OSError, RuntimeError, EOFError, KeyError, ValueError, json.JSONDecodeError) as e:
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError, json.JSONDecodeError, *DCP_ERRORS) as e:
         raise CheckpointError(f"checkpoint {ckpt} is corrupt, incomplete or of another model "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+                              f"({type(e).__name__}: {_why(e)[:160]})") from None
 
 
 def consolidate(ckpt: Path) -> Path:
@@ -497,8 +521,8 @@ def consolidate(ckpt: Path) -> Path:
         with open(out.with_suffix(".tmp"), "rb") as fh:  # on disk before the manifest vouches for it: a crash
             os.fsync(fh.fileno())  # must not leave an empty file that fails the whole checkpoint's verification
         os.replace(out.with_suffix(".tmp"), out)
-    except (OSError, RuntimeError, KeyError, ValueError) as e:
-        raise CheckpointError(f"could not consolidate {ckpt} ({str(e).splitlines()[0][:160]})") from None
+    except (OSError, RuntimeError, KeyError, ValueError, *DCP_ERRORS) as e:
+        raise CheckpointError(f"could not consolidate {ckpt} ({_why(e)[:160]})") from None
     finally:
         blob.unlink(missing_ok=True)
     if manifest:  # only the new file's entry added: the other files' hashes stay the ones taken when written
