@@ -725,6 +725,8 @@ class Trainer:
                     t_trained_from = time.perf_counter()
                 if save_now or stop:
                     t0 = time.perf_counter()
+                    if stop and d.main:  # (said first: a launcher's kill during the save is then visible)
+                        self.log(f"elas: signal {stop}: saving the checkpoint of step {self.step} before stopping")
                     self.save()
                     t_last += time.perf_counter() - t0
                     t_trained_from += time.perf_counter() - t0
