@@ -786,3 +786,20 @@ def test_every_process_runs_as_many_evaluation_forwards(monkeypatch):
         want_loss, want_tokens = tr.evaluate(one, Windows(n), n * 4, batch, "cpu", nullcontext)
         assert sum(t for _, t in totals) == want_tokens == n * 4
         assert sum(s for s, _ in totals) == pytest.approx(want_loss * want_tokens)
+
+
+def test_an_error_every_process_finds_is_said_once(dataset, tmp_path):
+    """Errors that every process of a run finds alike (a --resume with no checkpoint; a loss that became NaN, whose
+    check is all-reduced) and the start-up warnings are said by one process, not once per process."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = _torchrun_per_rank(tmp_path, [*train_args(dataset, empty, "--max-steps", "2", "--set", "batch_size=2"),
+                                      "--resume"])
+    lines = (r.stdout + r.stderr).splitlines()
+    err = [ln for ln in lines if ln.startswith("elas: error:")]
+    assert r.returncode != 0 and len(err) == 1 and "holds no checkpoint that verifies" in err[0], r.stderr[-3000:]
+    assert sum("stays dense for the whole run" in ln for ln in lines) == 1, lines
+    r = _torchrun_per_rank(tmp_path, train_args(dataset, tmp_path / "nan", "--max-steps", "3", "--set",
+                                                "batch_size=2", "--set", "model.init_std=1e20"))
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("elas: error:")]
+    assert r.returncode != 0 and len(err) == 1 and "loss became NaN/inf" in err[0], r.stderr[-3000:]

@@ -55,11 +55,12 @@ def _saved_train_key(ckpt: Path, key: str):
 
 
 class Diverged(TrainError):
-    """The loss or the weights became NaN/inf; nothing was saved after the last good checkpoint."""
+    """The loss or the weights became NaN/inf; nothing was saved after the last good checkpoint. Every process
+    finds it (the check is all-reduced): `quiet` on all but rank 0, which says it."""
 
-    def __init__(self, message: str, step: int):
+    def __init__(self, message: str, step: int, quiet: bool = False):
         super().__init__(message)
-        self.step = step
+        self.step, self.quiet = step, quiet
 
 
 class _StartError(TrainError):
@@ -278,14 +279,16 @@ class Trainer:
             cfg.validate()
             # the methods' own keys, before any data is read; config.json then records them in full, versioned
             methods = resolve_methods(cfg.model)
+            # (before the process group: every process finds the same; the first says it)
+            warn = log if int(os.environ.get("RANK", "0")) == 0 else (lambda *a: None)
             for m in methods:
                 m.check_run(cfg.max_steps, cfg.batch_size * cfg.seq_len)
                 if not m.causal:
-                    log(f"elas: warning: {m.name} is not causal in its sparse steps (SparsityMethod.causal): a "
+                    warn(f"elas: warning: {m.name} is not causal in its sparse steps (SparsityMethod.causal): a "
                         f"token's output depends on later tokens of its block (and other sequences); its loss is not "
                         f"a causal model's, and generation (a token at a time) computes another function")
                 if dense_throughout(m, cfg.max_steps):
-                    log(f"elas: warning: {m.name} stays dense for the whole run: its dense warm-up "
+                    warn(f"elas: warning: {m.name} stays dense for the whole run: its dense warm-up "
                         f"(dense_warmup_steps={m.dense_warmup_steps}) is not shorter than max_steps={cfg.max_steps}; "
                         f"lower model.{m.name}.dense_warmup_steps for sparse steps")
             cfg.model.methods = [method_to_dict(m) for m in methods]
@@ -378,8 +381,8 @@ class Trainer:
         self.run_dir = Path(cfg.out_dir or f"runs/{cfg.preset}")
         found = checkpoints(self.run_dir)
         if found and not resume:
-            raise TrainError(f"{self.run_dir} already holds a run (checkpoint {found[0].name}); pass --resume to "
-                             f"continue it or choose another --out")
+            raise _StartError(f"{self.run_dir} already holds a run (checkpoint {found[0].name}); pass --resume to "
+                              f"continue it or choose another --out", quiet=self.dist.enabled and not self.dist.main)
         # the run directory locked (one job at a time) and seen by every process (each reads and writes checkpoints
         # there), before rank 0 moves damaged checkpoints aside in it
         if resume is not True or self.run_dir.is_dir():
@@ -393,9 +396,10 @@ class Trainer:
             if not self.dist.main:
                 self.ckpt = newest_verified(self.run_dir)
         if resume is True and self.ckpt is None:
-            raise TrainError(f"--resume: {self.run_dir} holds no checkpoint that verifies" +
-                             (" (the damaged ones were moved aside as *.corrupt)" if found else "") +
-                             "; drop --resume to start a new run there, or pass --resume auto")
+            raise _StartError(f"--resume: {self.run_dir} holds no checkpoint that verifies" +
+                              (" (the damaged ones were moved aside as *.corrupt)" if found else "") +
+                              "; drop --resume to start a new run there, or pass --resume auto",
+                              quiet=self.dist.enabled and not self.dist.main)  # (every process finds the same)
         if resume == "auto" and found and self.ckpt is None and self.dist.main:
             # every checkpoint was damaged: the run starts again, and the log of the steps it lost stays beside it
             # (the fresh start would otherwise truncate metrics.jsonl to nothing)
@@ -432,8 +436,9 @@ class Trainer:
         sharded_ckpt = self.ckpt is not None and is_sharded_checkpoint(self.ckpt)
         if self.ckpt is not None and not sharded_ckpt:  # weights into the whole model, before any sharding
             if meta:
-                raise TrainError(f"checkpoint {self.ckpt} holds whole tensors, but parallel=fsdp resumes from the "
-                                 f"sharded checkpoints it writes; resume with --set parallel=ddp")
+                raise _StartError(f"checkpoint {self.ckpt} holds whole tensors, but parallel=fsdp resumes from the "
+                                  f"sharded checkpoints it writes; resume with --set parallel=ddp",
+                                  quiet=self.dist.enabled and not self.dist.main)
             try:
                 state = load_checkpoint(self.ckpt, self.model)
             except CheckpointError as e:
@@ -464,9 +469,9 @@ class Trainer:
         if self.ckpt is not None:  # (its state would not fit this optimizer's groups: "corrupt", which it is not)
             was = _saved_train_key(self.ckpt, "optimizer")
             if was not in (None, cfg.optimizer):
-                raise TrainError(f"checkpoint {self.ckpt} was trained with optimizer={was}, this run asks for "
-                                 f"{cfg.optimizer}: a resumed run keeps its optimizer; start a new run (another "
-                                 f"--out) for {cfg.optimizer}")
+                raise _StartError(f"checkpoint {self.ckpt} was trained with optimizer={was}, this run asks for "
+                                  f"{cfg.optimizer}: a resumed run keeps its optimizer; start a new run (another "
+                                  f"--out) for {cfg.optimizer}", quiet=self.dist.enabled and not self.dist.main)
         try:
             self.optimizer = build_optimizer(self.model, cfg)
         except ValueError as e:
@@ -671,7 +676,7 @@ class Trainer:
                         raise Diverged(f"loss became NaN/inf by step {self.step}; stopped without saving. The last "
                                          f"good checkpoint is {getattr(newest_verified(self.run_dir), 'name', 'none')}; "
                                          f"lower --set lr or raise model.act24.dense_warmup_steps and --resume",
-                                         self.step)
+                                         self.step, quiet=d.enabled and not d.main)
                 if log_now:
                     loss_v = all_reduce_sum(loss.detach().clone(), d).item() / d.world
                     if self.device.type == "cuda":
