@@ -803,3 +803,37 @@ def test_an_error_every_process_finds_is_said_once(dataset, tmp_path):
                                                 "batch_size=2", "--set", "model.init_std=1e20"))
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("elas: error:")]
     assert r.returncode != 0 and len(err) == 1 and "loss became NaN/inf" in err[0], r.stderr[-3000:]
+
+
+_FULL_DISK_ON_RANK0 = """import errno, os, sys
+if os.environ["RANK"] == "0":  # the disk fills while rank 0 writes the checkpoint of step 4
+    import elas.train.checkpoint as ck
+    real = ck._write_hashed
+    def full(path, write):
+        if "step-00000004" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, write)
+    ck._write_hashed = full
+from elas.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("async_save", ["true", "false"])
+def test_a_checkpoint_rank0_cannot_write_stops_every_process_with_one_line(dataset, tmp_path, async_save):
+    """Under DDP rank 0 writes the checkpoints. One it cannot write (a full disk), in the background or not, stops
+    every process with rank 0's one line: the others learn it from the step's vote (or the save's agreement)
+    rather than from a collective their peer left, which was a traceback from the transport."""
+    import os
+    import subprocess
+    import sys
+    worker = tmp_path / "full_disk.py"
+    worker.write_text(_FULL_DISK_ON_RANK0)
+    args = train_args(dataset, tmp_path / "r", "--max-steps", "8", "--set", "batch_size=2", "--set", "save_every=2",
+                      "--set", "eval_every=100", "--set", f"async_save={async_save}")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(worker), *args], capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("elas: error:")]
+    assert r.returncode != 0 and len(err) == 1, r.stderr[-3000:]
+    assert "could not write the checkpoint of step 4" in err[0] and "step-00000002" in err[0], err
+    assert "Connection closed" not in r.stderr and "[rank1]" not in r.stderr, r.stderr[-3000:]

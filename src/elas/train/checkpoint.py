@@ -415,7 +415,7 @@ def _dist_state(model: torch.nn.Module, optimizer) -> dict:
     return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
 
 
-def _any_failed(failed: bool) -> bool:
+def any_failed(failed: bool) -> bool:
     """True on every process if it is True on any (one all-reduce; False without a process group)."""
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
@@ -446,18 +446,18 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, op
             (tmp / "dcp").mkdir(parents=True)
     except Exception as e:  # noqa: BLE001
         error = e
-    if not _any_failed(error is not None):
+    if not any_failed(error is not None):
         try:
             dcp.save(_dist_state(model, optimizer), checkpoint_id=str(tmp / "dcp"))
         except DCP_ERRORS as e:  # noqa: BLE001
             error = e
-    if not _any_failed(error is not None) and rank == 0:
+    if not any_failed(error is not None) and rank == 0:
         try:
             torch.save({"rng": rng_state()}, tmp / "rng.pt")
             _finish(tmp, final, trainer_state)
         except Exception as e:  # noqa: BLE001
             error = e
-    if _any_failed(error is not None):
+    if any_failed(error is not None):
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise _write_error(run_dir, step, model, error or RuntimeError("another process failed")) from None

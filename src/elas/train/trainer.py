@@ -27,8 +27,8 @@ from ..optim import build_optimizer, warmup_cosine
 from ..sparsity import collect_stats, describe, method_to_dict, set_step
 from ..sparsity.api import dense_throughout, edit_in_place
 from ..summary import model_summary
-from .checkpoint import (BackgroundSaver, CheckpointError, checkpoints, clear_partial, is_sharded_checkpoint,
-                         load_checkpoint, write_atomic,
+from .checkpoint import (BackgroundSaver, CheckpointError, any_failed, checkpoints, clear_partial,
+                         is_sharded_checkpoint, load_checkpoint, write_atomic,
                          load_optimizer, load_sharded_checkpoint, newest_verified, resume_checkpoint, save_checkpoint,
                          save_sharded_checkpoint, snapshot)
 from .distributed import Dist, agree, all_reduce_sum, init_distributed, shutdown
@@ -52,6 +52,9 @@ def _saved_train_key(ckpt: Path, key: str):
         return (json.loads((Path(ckpt) / "trainer.json").read_text()).get("config") or {}).get(key)
     except (OSError, ValueError, AttributeError):
         return None
+
+
+SAVE_FAILED = 1000  # a stop vote above any signal's number: rank 0's background checkpoint failed
 
 
 class Diverged(TrainError):
@@ -621,6 +624,7 @@ class Trainer:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
             if _is_main_thread() else {}
         vote = None  # several processes: the stop vote of the step before, all-reduced (see below)
+        save_error = None  # rank 0's failed background checkpoint, said once every process has it from the vote
         bar = None
         if d.main and self.progress:
             from tqdm import tqdm
@@ -642,9 +646,12 @@ class Trainer:
                 stop = self._stop_signal
                 if d.enabled:  # each step's vote (max over the processes) is read one step later, by then complete:
                     # every process stops after the same step, and the host waits on no collective of this step
-                    prev, vote = vote, torch.full((1,), float(stop or 0), device=self.device)
+                    prev, vote = vote, torch.full((1,), float(SAVE_FAILED if save_error else stop or 0),
+                                                  device=self.device)
                     torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MAX)
                     stop = int(prev.item()) if prev is not None else None
+                    if stop is not None and stop >= SAVE_FAILED:  # every process leaves here, rank 0 saying why
+                        raise _StartError(save_error or "rank 0 could not write a checkpoint", quiet=not d.main)
                 if self.compiled and d.main and (step == start or self.modes != prev_modes):
                     torch.cuda.synchronize(self.device)  # compiling is host work; the warm-up and capture are not
                     msg = (f"elas: step {step + 1} (modes {list(self.modes)}): compiled "
@@ -659,11 +666,13 @@ class Trainer:
                 self.tokens += self.global_batch * cfg.seq_len
                 if bar is not None:
                     bar.update(1)
-                if self.saver is not None and d.main:
+                if self.saver is not None and d.main and save_error is None:
                     try:
                         self.saver.check()  # a background checkpoint that failed stops the run now
                     except CheckpointError as e:
-                        raise TrainError(str(e)) from None
+                        if not d.enabled:
+                            raise TrainError(str(e)) from None
+                        save_error = str(e)  # (leaving alone would leave the others in this step's collectives)
                 if step == fault:  # a kill after this step, with the checkpoints before it on disk
                     self.saver.wait()
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -789,6 +798,7 @@ class Trainer:
                  "data": {"train_sha1": self.meta.get("train_sha1"), "vocab_size": self.meta.get("vocab_size")},
                  # (None: torch's default; recorded where cuBLAS runs, so a CPU run's checkpoint checks nothing)
                  **({"cublas_workspace_config": cublas.workspace_in_effect()} if self.device.type == "cuda" else {})}
+        error = None
         try:
             if self.fsdp:  # every process writes its shards (collective; one process writes them all)
                 save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
@@ -801,9 +811,13 @@ class Trainer:
             elif self.dist.main:
                 save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.cfg.keep_checkpoints)
         except CheckpointError as e:
-            raise TrainError(str(e)) from None
-        if self.dist.enabled:
-            torch.distributed.barrier()
+            if not self.dist.enabled or self.fsdp:  # (a sharded save's failure is agreed inside: every process)
+                raise _StartError(str(e), quiet=self.dist.enabled and not self.dist.main) from None
+            error = str(e)
+        if self.dist.enabled and not self.fsdp:  # rank 0 wrote it: every process learns whether it could (the
+            # all-reduce also waits for it, as a barrier did); the others stop quietly where it says why
+            if any_failed(error is not None):
+                raise _StartError(error or "rank 0 could not write the checkpoint", quiet=error is None)
 
     def _wait_saves(self) -> None:
         """Until the checkpoint being written in the background is on disk; its error as a TrainError."""
