@@ -837,3 +837,41 @@ def test_a_checkpoint_rank0_cannot_write_stops_every_process_with_one_line(datas
     assert r.returncode != 0 and len(err) == 1, r.stderr[-3000:]
     assert "could not write the checkpoint of step 4" in err[0] and "step-00000002" in err[0], err
     assert "Connection closed" not in r.stderr and "[rank1]" not in r.stderr, r.stderr[-3000:]
+
+
+_METRICS_FULL_ON_RANK0 = """import builtins, errno, os, sys
+if os.environ["RANK"] == "0":  # the disk fills at the 6th metrics line rank 0 writes
+    import elas.train.trainer as tr
+    lines = []
+    def fake_open(path, mode="r", *a, **k):
+        if str(path).endswith("metrics.jsonl") and "a" in mode:
+            lines.append(path)
+            if len(lines) >= 6:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return builtins.open(path, mode, *a, **k)
+    tr.open = fake_open
+from elas.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_metrics_line_rank0_cannot_write_saves_the_steps_and_stops_every_process(dataset, tmp_path):
+    """Under DDP rank 0 writes metrics.jsonl. A line it cannot write (a full disk) reaches every process through the
+    next step's vote: they save the steps since the last checkpoint together, where it still fits, and stop with
+    rank 0's one line naming that checkpoint, not with a transport error on the others and the steps lost."""
+    import os
+    import subprocess
+    import sys
+    worker = tmp_path / "metrics_full.py"
+    worker.write_text(_METRICS_FULL_ON_RANK0)
+    out = tmp_path / "r"
+    args = train_args(dataset, out, "--max-steps", "30", "--set", "batch_size=2", "--set", "save_every=1000",
+                      "--set", "eval_every=1000", "--set", "log_every=1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(worker), *args], capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("elas: error:")]
+    ck = latest_checkpoint(out)
+    assert r.returncode != 0 and len(err) == 1 and ck is not None, r.stderr[-3000:]
+    assert "could not write" in err[0] and f"the newest complete checkpoint is {ck.name}" in err[0], err
+    assert "Connection closed" not in r.stderr and "[rank1]" not in r.stderr, r.stderr[-3000:]
+    assert 6 <= json.loads((ck / "trainer.json").read_text())["step"] < 30

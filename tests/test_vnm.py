@@ -698,10 +698,10 @@ def test_each_method_says_truly_whether_its_sparse_forward_is_causal(variant):
 def test_the_trainer_says_when_a_method_is_not_causal():
     from elas.config import apply_overrides, train_config
     from elas.train.trainer import TrainError, Trainer
-    for preset, warns in (("llama-tiny-relu2-vnm-blocks", True), ("llama-tiny-relu2-vnm-fast", False)):
-        cfg = train_config(preset)
+    for name, warns in (("llama-tiny-relu2-vnm-blocks", True), ("llama-tiny-relu2-vnm-fast", False)):
+        cfg = train_config(name)
         apply_overrides(cfg, {"data_dir": "/nonexistent/elas-data"})
         said = []
         with pytest.raises(TrainError, match="does not exist"):  # (the warning comes before any data is read)
             Trainer(cfg, progress=False, log=said.append)
-        assert any("vnm is not causal in its sparse steps" in s for s in said) == warns, (preset, said)
+        assert any("vnm is not causal in its sparse steps" in s for s in said) == warns, (name, said)

@@ -54,7 +54,9 @@ def _saved_train_key(ckpt: Path, key: str):
         return None
 
 
-SAVE_FAILED = 1000  # a stop vote above any signal's number: rank 0's background checkpoint failed
+# stop votes above any signal's number: rank 0's background checkpoint failed (stop), or another of its writes
+# (a metrics line on a full disk) did (save the steps since the last checkpoint where it fits, then stop)
+SAVE_FAILED, WRITE_FAILED = 1000, 2000
 
 
 class Diverged(TrainError):
@@ -503,6 +505,7 @@ class Trainer:
         self.peak = peak_flops(self.device)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.tb = None  # a SummaryWriter beside metrics.jsonl (rank 0, tensorboard=true), opened in fit
+        self._voting = False  # in fit's loop with several processes: rank 0's failed writes go through the vote
         self._stop_signal: int | None = None
         self._finished = False  # fit() completed: close() then waits for the other processes
         self.saver = BackgroundSaver()  # one-file checkpoints written while training goes on (async_save)
@@ -625,6 +628,7 @@ class Trainer:
             if _is_main_thread() else {}
         vote = None  # several processes: the stop vote of the step before, all-reduced (see below)
         save_error = None  # rank 0's failed background checkpoint, said once every process has it from the vote
+        self._write_error, self._voting = None, d.enabled  # rank 0's other failed write (_write_metrics), likewise
         bar = None
         if d.main and self.progress:
             from tqdm import tqdm
@@ -646,12 +650,15 @@ class Trainer:
                 stop = self._stop_signal
                 if d.enabled:  # each step's vote (max over the processes) is read one step later, by then complete:
                     # every process stops after the same step, and the host waits on no collective of this step
-                    prev, vote = vote, torch.full((1,), float(SAVE_FAILED if save_error else stop or 0),
-                                                  device=self.device)
+                    code = WRITE_FAILED if self._write_error else SAVE_FAILED if save_error else stop or 0
+                    prev, vote = vote, torch.full((1,), float(code), device=self.device)
                     torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MAX)
                     stop = int(prev.item()) if prev is not None else None
                     if stop is not None and stop >= SAVE_FAILED:  # every process leaves here, rank 0 saying why
-                        raise _StartError(save_error or "rank 0 could not write a checkpoint", quiet=not d.main)
+                        if stop >= WRITE_FAILED:  # (the save is collective: every process takes it)
+                            self._save_before_failing(f"the write of {self.metrics_path.name}", agreed=True)
+                        why = _write_failed(*self._write_error, self.run_dir) if self._write_error else save_error
+                        raise _StartError(why or "rank 0 could not write its files", quiet=not d.main)
                 if self.compiled and d.main and (step == start or self.modes != prev_modes):
                     torch.cuda.synchronize(self.device)  # compiling is host work; the warm-up and capture are not
                     msg = (f"elas: step {step + 1} (modes {list(self.modes)}): compiled "
@@ -747,6 +754,7 @@ class Trainer:
                 if stop:
                     self._wait_saves()
                     raise TrainStopped(stop, self.step, self.run_dir, quiet=d.enabled and not d.main)
+            self._voting = False  # (no vote after the loop: a failed write raises where it fails)
             missing = complete and self.step == cfg.max_steps and d.main and not any(
                 "val_loss" in r and r.get("step") == self.step for r in read_metrics(self.metrics_path, []))
             if complete and self.step == cfg.max_steps and d.enabled:  # rank 0's file decides: evaluate is a
@@ -767,6 +775,7 @@ class Trainer:
                              f"the run's final evaluation, missing from {self.metrics_path.name})")
             self._wait_saves()  # the last checkpoint is on disk before fit() returns
         finally:
+            self._voting = False
             if self.saver.busy():  # an error left the loop: let the write in flight finish (its own error, if
                 try:  # any, is not the one to report)
                     self.saver.wait()
@@ -846,6 +855,9 @@ class Trainer:
         except OSError as e:  # a full disk: a metrics line is often the first write to fail. The steps since the
             # last checkpoint are saved first where the checkpoint still fits (older ones make room), then one line
             # (a line torn by the failed write is the file's last: the resume drops it)
+            if self._voting:  # several processes, in the loop: the next step's vote tells every process, which
+                self._write_error = (self.metrics_path, e)  # save and stop together (said after the save)
+                return
             self._save_before_failing(f"the write of {self.metrics_path.name}")
             raise TrainError(_write_failed(self.metrics_path, e, self.run_dir)) from None
 
@@ -862,20 +874,21 @@ class Trainer:
             raise TrainError(param_dtype_conflict(self.ckpt.name, saved, self.param_dtype, self.cfg, self.device,
                                                   self.dist.enabled))
 
-    def _save_before_failing(self, what: str) -> None:
+    def _save_before_failing(self, what: str, agreed: bool = False) -> None:
         """An error outside the training step (an evaluation's out-of-memory, say) would lose every step since the
-        last checkpoint: write this step's first, where that is one process's decision (several would have to
-        agree, and the others may be waiting in a collective). A failing save leaves the original error to be
+        last checkpoint: write this step's first, where that is one process's decision or all agree (rank 0's
+        failed write, passed to every process by the stop vote). A failing save leaves the original error to be
         reported."""
-        if self.dist.enabled:
+        if self.dist.enabled and not agreed:  # (one process: the others may be in a collective)
             return
         if self.ckpt is not None and self.ckpt.name == f"step-{self.step:08d}":
             return  # nothing trained since the checkpoint this run resumed from (rewriting it would only risk it)
         try:
             self.save()
             self._wait_saves()
-            self.log(f"elas: {what} at step {self.step} failed; the checkpoint of step {self.step} was written "
-                     f"first (--resume continues from it)")
+            if self.dist.main:
+                self.log(f"elas: {what} at step {self.step} failed; the checkpoint of step {self.step} was written "
+                         f"first (--resume continues from it)")
         except Exception:  # noqa: BLE001 - the error being raised is the one to report
             pass
 
