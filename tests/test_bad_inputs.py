@@ -181,7 +181,7 @@ def test_bad_eval_and_generate_arguments(tmp_path, capsys):
     _fail(["bench", "step", "--modes", "fast"], capsys, "--modes value 'fast'")
     _fail(["bench", "step", "--variants", "elas,dense"], capsys, "--variants value 'dense'")
     _fail(["bench", "step", "--batches", "0"], capsys, "--batches '0'")
-    _fail(["bench", "step", "--batch-scale", "2"], capsys, "--batch-scale 2 applies to bench ffn and compile, not step")
+    _fail(["bench", "step", "--batch-scale", "2"], capsys, "--batch-scale 2 applies to bench ffn, compile, not step")
     _fail(["bench", "gemm", "--batch-scale", "0.5"], capsys, "not gemm")
     _fail(["bench", "report", "--batch-scale", "2"], capsys, "not report")
     _fail(["bench", "compile", "--batch-scale", "0.02"], capsys, "leaves bench compile's batch of 32 no sequence")

@@ -598,7 +598,9 @@ def test_report_update_doc_keeps_the_contents(tmp_path):
     doc = tmp_path / "p.md"
     doc.write_text("\n".join(["# P", CONTENTS[0], "- stale", CONTENTS[1], "## A", GENERATED[0], "old", GENERATED[1],
                               ""]))
-    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "h100").mkdir(parents=True)
+    (tmp_path / "results" / "h100" / "gemm.json").write_text(
+        (Path(__file__).parents[1] / "benchmarks" / "results" / "h100" / "gemm.json").read_text())
     update_doc(doc, tmp_path / "results")
     text = doc.read_text()
     assert "- stale" not in text and "old" not in text and "- [A](#a)" in text
@@ -762,3 +764,154 @@ def test_committed_sparse_ratios_are_against_the_twins_fastest_mode(tmp_path):
     (tmp_path / "step.json").write_text(json.dumps(doc))
     a = audit([str(tmp_path / "step.json")])
     assert len(a["restated"]) == 1 and len(a["elas_not_fastest"]) == 1
+
+
+# --- the harness's and the report's promises (each failed before its fix) ---
+
+def test_results_folder_is_named_after_the_gpu_model():
+    from elas.cli import UserError, gpu_folder
+    assert gpu_folder("NVIDIA H100 80GB HBM3") == "h100"
+    assert gpu_folder("NVIDIA H100 PCIe") == "h100"
+    assert gpu_folder("NVIDIA H200") == "h200"
+    assert gpu_folder("NVIDIA A100-SXM4-80GB") == "a100"
+    assert gpu_folder("NVIDIA L40S") == "l40s"
+    with pytest.raises(UserError, match="--gpu-name"):
+        gpu_folder("Some Accelerator")
+
+
+_DOC = "x\n<!-- BEGIN GENERATED: elas bench report -->\nkept\n<!-- END GENERATED -->\n"
+
+
+def test_report_refuses_a_results_folder_with_nothing_to_render(tmp_path, capsys):
+    from elas.cli import main
+    doc = tmp_path / "d.md"
+    doc.write_text(_DOC)
+    gpu = Path(__file__).parents[1] / "benchmarks" / "results" / "h100"  # a GPU's folder, not their parent
+    assert main(["bench", "report", "--doc", str(doc), "--results", str(gpu)]) == 2
+    assert "no result file to render" in capsys.readouterr().err and doc.read_text() == _DOC
+
+
+@pytest.mark.parametrize("text,what", [
+    ('{"command": "elas bench step", "rows": [{"model": ', "JSONDecodeError"),  # truncated
+    (json.dumps({"command": "elas bench step", "env": {}}), "KeyError"),  # no rows
+    (json.dumps({"rows": [{"model": "llama-1b", "variant": "relu2", "mode": "elas", "batch": 32, "seq": 256,
+                           "step_ms": 100.0, "tokens_per_s": 8e4, "peak_mem_gb": 2.0}]}), "KeyError"),  # no compile_s
+])
+def test_report_names_the_file_it_cannot_render(tmp_path, capsys, text, what):
+    from elas.cli import main
+    (tmp_path / "res" / "h100").mkdir(parents=True)
+    (tmp_path / "res" / "h100" / "step_x.json").write_text(text)
+    (tmp_path / "d.md").write_text(_DOC)
+    assert main(["bench", "report", "--doc", str(tmp_path / "d.md"), "--results", str(tmp_path / "res")]) == 2
+    err = capsys.readouterr().err
+    assert "step_x.json: cannot render it" in err and what in err and "Traceback" not in err
+    assert (tmp_path / "d.md").read_text() == _DOC
+
+
+def test_report_writes_its_plots_beside_the_doc_whatever_the_working_folder(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import shutil
+
+    from elas.cli import main
+    (tmp_path / "res" / "h100").mkdir(parents=True)
+    shutil.copy(Path(__file__).parents[1] / "benchmarks" / "results" / "h100" / "step.json", tmp_path / "res" / "h100")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "d.md").write_text(_DOC)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["bench", "report", "--doc", str(tmp_path / "out" / "d.md"), "--results", str(tmp_path / "res")]) == 0
+    assert "](img/step_h100.png)" in (tmp_path / "out" / "d.md").read_text()
+    assert (tmp_path / "out" / "img" / "step_h100.png").exists() and not (tmp_path / "elsewhere" / "docs").exists()
+
+
+def test_plot_step_declines_rows_it_cannot_draw(tmp_path):
+    from elas.bench.report import plot_step
+    assert plot_step({"rows": []}, tmp_path / "a.png") is False
+    row = {"model": "llama-1b", "variant": "relu2", "tokens_per_s": 1.0, "ffn_act_mem_gb": 1.0}
+    assert plot_step({"rows": [row]}, tmp_path / "b.png") is False  # no SwiGLU row to relate it to
+    assert not list(tmp_path.iterdir())
+
+
+def test_gemm_table_keeps_the_workspace_bytes_out_of_the_microseconds():
+    from elas.bench.report import gemm_table
+    out = gemm_table({"rows": [], "host_overhead": {"elas_us": 17.1, "workspace_bytes": 2367.0}})
+    times = next(line for line in out.splitlines() if line.startswith("Host time"))
+    assert "elas 17.1" in times and "workspace" not in times
+    assert "workspace of that call: 2,367 bytes" in out
+
+
+def _ffn_row(variant, ms, compiled, eager, timing="graph"):
+    return {"model": "llama-60m", "variant": variant, "batch": 1, "seq": 256, "ffn_ms": ms, "ffn_ms_eager": eager,
+            "ffn_ms_compiled": compiled, "ffn_ms_best": min(t for t in (ms, compiled, eager) if t is not None),
+            "ffn_timing": timing, "ffn_act_mem_gb": 1.0, "path": "p"}
+
+
+def test_ffn_ratios_compare_timings_of_one_kind():
+    """A row whose capture failed holds an eager time in ffn_ms: no ratio against the twin's graph replay; and
+    "best" is the faster graph-replayed timing, never the eager one (which an older file stored as best)."""
+    from elas.bench.report import ffn_table
+    twin = _ffn_row("relu2", 2.0, 1.9, 1.5)  # eager 1.5 ms: faster than its graph timings, and not comparable
+    eager_row = _ffn_row("relu2-24", 4.0, 1.0, 4.0, timing="eager")
+    out = ffn_table({"rows": [twin, eager_row]})
+    line = next(ln for ln in out.splitlines() if "| relu2-24 |" in ln)
+    cells = [c.strip() for c in line.split("|")]
+    assert cells[4] == "4.000 (eager)" and cells[5] == "-"  # not 2.0 / 4.0 = 0.50x
+    assert cells[7] == "**1.90x**"  # the twin's best graph timing (1.9) over the row's compiled one (1.0), not 1.5
+    assert cells[9] == "0.38x"  # eager against eager: 1.5 / 4.0
+
+
+def test_compile_bench_measures_the_twin_first_whatever_the_order(monkeypatch):
+    import elas.bench.compile as bc
+    monkeypatch.setattr(bc, "graph_breaks", lambda *a, **k: [])
+    ms = {"lowrank-relu2": 100.0, "elas": 90.0}
+    seen = []
+    monkeypatch.setattr(bc, "compiled_step_ms", lambda size, v, *a: seen.append(v) or {
+        "model": size, "variant": v, "compiled_step_ms": ms[v], "compile_s": 1.0, "peak_mem_gb": 1.0})
+    for asked in (["lowrank-relu2", "elas"], ["elas", "lowrank-relu2"], ["elas"]):
+        seen.clear()
+        rows = bc.bench_compile("llama-1b", asked, log=lambda s: None)
+        assert seen == ["lowrank-relu2", "elas"]
+        assert next(r for r in rows if r["variant"] == "elas")["ratio_vs_dense"] == pytest.approx(100 / 90)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["bench", "loss", "--sizes", "bogus"], "--sizes bogus applies to bench infer, ffn, compile, step, loro, not loss"),
+    (["bench", "gemm", "--modes", "elas"], "--modes elas applies to bench step, not gemm"),
+    (["bench", "infer", "--no-profile"], "--no-profile applies to bench step, not infer"),
+    (["bench", "sste", "--m", "5"], "--m 5 applies to bench gemm, sparsify, epilogue, not sste"),
+    (["bench", "ffn", "--optimizer", "adamw"], "--optimizer adamw applies to bench step, not ffn"),
+    (["bench", "report", "--gpu-name", "h100"], "--gpu-name h100 applies to bench"),
+    (["bench", "step", "--solvers", "qr"], "--solvers qr applies to bench loro, not step"),
+    (["bench", "step", "--optimizer", "loro_adamw", "--variants", "elas,relu2"],
+     "--optimizer loro_adamw needs low-rank variants; relu2 is full-rank"),
+])
+def test_bench_refuses_options_its_benchmark_would_ignore(capsys, argv, msg):
+    from elas.cli import main
+    assert main(argv) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_bench_step_with_loro_defaults_to_the_low_rank_variants(monkeypatch):
+    import elas.cli as C
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(C, "_choices", lambda text, valid, flag, _f=C._choices: (seen.setdefault(flag, text),
+                                                                                   _f(text, valid, flag))[1])
+    assert C.main(["bench", "step", "--optimizer", "loro_adamw"]) == 2  # (no GPU here: stops at that check)
+    assert set(seen["--variants"].split(",")) == {"lowrank-relu2", "elas", "elas-mask"}
+
+
+def test_sparsifier_forms_count_as_2to4_work_in_the_profile():
+    for name in ("_kernel", "_words_kernel", "_dense_kernel", "_sste_kernel", "_sste_dense_kernel", "_bwd_kernel"):
+        assert category(name) == "2:4 sparsify/pack", name
+
+
+def test_old_step_table_gives_no_ratio_across_timings():
+    from elas.bench.report import step_tables
+    base = {"model": "llama-1b", "batch": 32, "seq": 256, "mfu": None, "peak_mem_gb": 1.0, "ffn_ms": 1.0,
+            "ffn_act_mem_gb": 1.0, "path": "p"}
+    rows = [{**base, "variant": "swiglu", "step_ms": 200.0, "tokens_per_s": 1.0, "step_timing": "eager"},
+            {**base, "variant": "relu2", "step_ms": 100.0, "tokens_per_s": 3.0}]
+    line = next(ln for ln in step_tables({"rows": rows}).splitlines() if ln.startswith("| llama-1b | relu2 | 32x"))
+    cells = [c.strip() for c in line.split("|")]
+    assert cells[7] == "-" and cells[10] == "-"  # vs SwiGLU (eager) refused; MFU unknown

@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -589,15 +590,59 @@ def _choices(text: str | None, valid: tuple, flag: str) -> list[str]:
     return picked
 
 
+# the options each `elas bench` reads (dest names); another one given would be ignored, and is refused
+BENCH_OPTIONS = {
+    "gemm": {"m"}, "sparsify": {"m"}, "epilogue": {"m"}, "sste": set(), "loss": set(),
+    "infer": {"sizes", "variants"},
+    "ffn": {"sizes", "variants", "batch_scale"}, "compile": {"sizes", "variants", "batch_scale"},
+    "step": {"sizes", "variants", "batches", "optimizer", "modes", "no_profile", "activation_checkpointing"},
+    "loro": {"sizes", "solvers", "grad_rank"},
+    "report": {"doc", "results"},
+}
+BENCH_DEFAULTS = {"doc": "docs/performance.md", "results": "benchmarks/results", "optimizer": "adamw"}
+# every GPU kind a result folder is named after (benchmarks/results/<gpu>/): the model's token in the device name
+GPU_FOLDER = re.compile(r"\b([ABHL]\d{2,3}S?|GB?\d{3}|B\d{3})\b", re.IGNORECASE)
+
+
+def gpu_folder(device_name: str) -> str:
+    """The results folder of a GPU: "NVIDIA H100 80GB HBM3" -> "h100", "NVIDIA A100-SXM4-80GB" -> "a100"."""
+    m = GPU_FOLDER.search(device_name)
+    if m is None:
+        raise UserError(f"cannot name a results folder after the GPU {device_name!r}: give one with --gpu-name "
+                        f"(e.g. --gpu-name h100)")
+    return m.group(1).lower()
+
+
+def _bench_options(args: argparse.Namespace) -> None:
+    """Refuse an option the chosen benchmark does not read (it would be silently ignored), then fill in the
+    defaults of those it does."""
+    for dest, flag in (("sizes", "--sizes"), ("variants", "--variants"), ("batches", "--batches"),
+                       ("optimizer", "--optimizer"), ("modes", "--modes"), ("no_profile", "--no-profile"),
+                       ("activation_checkpointing", "--activation-checkpointing"), ("solvers", "--solvers"),
+                       ("grad_rank", "--grad-rank"), ("m", "--m"), ("doc", "--doc"), ("results", "--results"),
+                       ("out", "--out"), ("gpu_name", "--gpu-name"), ("batch_scale", "--batch-scale")):
+        value = getattr(args, dest)
+        given = value != 1.0 if dest == "batch_scale" else value not in (None, False)
+        used = BENCH_OPTIONS[args.what] | ({"out", "gpu_name"} if args.what != "report" else set())
+        if given and dest not in used:
+            users = [w for w in BENCH_OPTIONS if dest in BENCH_OPTIONS[w] or (dest in ("out", "gpu_name")
+                                                                              and w != "report")]
+            shown = f"{value:g}" if dest == "batch_scale" else "" if value is True else str(value)
+            raise UserError(f"{flag}{' ' + shown if shown else ''} applies to bench {', '.join(users)}, not "
+                            f"{args.what}" + (": give the batch with --batches" if dest == "batch_scale"
+                                               and args.what == "step" else ""))
+    for dest, default in BENCH_DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from .bench import kernels as kb
+    _bench_options(args)
     if not args.batch_scale > 0:
         raise UserError(f"invalid --batch-scale {args.batch_scale}: expected a positive factor")
-    if args.batch_scale != 1.0 and args.what not in ("ffn", "compile"):  # would be silently ignored
-        raise UserError(f"--batch-scale {args.batch_scale:g} applies to bench ffn and compile, not {args.what}"
-                        + (": give the batch with --batches" if args.what == "step" else ""))
     if args.what == "compile" and int(32 * args.batch_scale) < 1:
         raise UserError(f"--batch-scale {args.batch_scale:g} leaves bench compile's batch of 32 no sequence")
     if args.what == "ffn":
@@ -621,6 +666,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench.step import MODES, STEP_VARIANTS
         from .config import split_variant
         step_variants = args.variants.split(",") if args.variants else list(STEP_VARIANTS)
+        if args.optimizer == "loro_adamw" and not args.variants:  # LORO trains low-rank factors only
+            from .bench.step import step_config
+            step_variants = [v for v in step_variants if step_config("llama-60m", v, "elas", 256).rank]
         _choices(",".join(split_variant(v)[0] for v in step_variants), (*VARIANTS, "swiglu-aligned"), "--variants")
         step_modes = _choices(args.modes, MODES, "--modes")
         try:
@@ -635,9 +683,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             for v in step_variants:
                 try:
                     for mode in step_modes:
-                        step_config(size, v, mode, 256)
+                        cfg = step_config(size, v, mode, 256)
                 except (ValueError, KeyError) as e:
                     raise UserError(f"invalid --variants value {v!r} at {size}: {e}") from None
+                if args.optimizer == "loro_adamw" and not cfg.rank:
+                    raise UserError(f"--optimizer loro_adamw needs low-rank variants; {v} is full-rank: give "
+                                    f"--variants among the low-rank ones (e.g. lowrank-relu2,elas,elas-mask)")
     if args.what == "ffn" and args.variants:
         from .bench.ffn import variant_config
         from .config import split_variant
@@ -664,7 +715,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         raise UserError("elas bench measures GPU kernels and needs a CUDA GPU")
     env = kb.environment()
-    gpu = env["gpu"].split()[-1].lower() if args.gpu_name is None else args.gpu_name
+    gpu = gpu_folder(env["gpu"]) if args.gpu_name is None else args.gpu_name
     rows: list = []
     extra: dict = {}
     sizes = args.sizes.split(",") if args.sizes else None
@@ -674,7 +725,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     def write(rows: list, extra: dict | None = None) -> None:  # also after each row of long benchmarks
         out.parent.mkdir(parents=True, exist_ok=True)
         doc = {"command": "elas bench " + " ".join(sys.argv[2:]), "env": env, **(extra or {}), "rows": rows}
-        out.write_text(json.dumps(doc, indent=1))
+        tmp = out.with_name(out.name + ".tmp")  # whole or not at all: a run killed mid-write keeps the last file
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, out)
 
     if args.what == "gemm":
         rows = kb.bench_gemm(m=args.m or 16384)
@@ -913,8 +966,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "step, infer: 1b)")
     p.add_argument("--batch-scale", type=float, default=1.0,
                    help="scale the papers' per-GPU batch (ffn, compile; step: --batches)")
-    p.add_argument("--doc", default="docs/performance.md")
-    p.add_argument("--results", default="benchmarks/results")
+    p.add_argument("--doc", help="report: the doc whose generated part is rewritten (default docs/performance.md)")
+    p.add_argument("--results", help="report: the folder of <gpu>/*.json (default benchmarks/results)")
     p.add_argument("--m", type=int, default=None,
                    help="tokens (rows of the sparse operand; default 16384, and 8192 for `epilogue`)")
     p.add_argument("--out", help="directory for the JSON (default benchmarks/results/<gpu>)")
@@ -923,8 +976,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       f"{','.join(COMPILE_VARIANTS)}; ffn, step: the papers' variants); a variant "
                                       f"may set keys of its methods: elas+act24.fused=true)")
     p.add_argument("--batches", help="step: comma-separated per-GPU batch sizes (default 32)")
-    p.add_argument("--optimizer", choices=["adamw", "loro_adamw"], default="adamw",
-                   help="step: the optimizer of every row (loro_adamw: low-rank variants only)")
+    p.add_argument("--optimizer", choices=["adamw", "loro_adamw"],
+                   help="step: the optimizer of every row (default adamw; loro_adamw: low-rank variants only)")
     p.add_argument("--modes", help="step: comma-separated modes among elas, elas-fp32, torch.compile, eager (default: all)")
     p.add_argument("--no-profile", action="store_true", help="step: skip the per-row profile breakdown")
     p.add_argument("--solvers", help="loro: comma-separated SVD solvers of the exact step (default: all)")

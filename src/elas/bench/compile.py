@@ -73,7 +73,14 @@ def compiled_step_ms(size: str, variant: str, batch: int, seq: int, steps: int, 
 def bench_compile(size: str = "llama-1b", variants=None, batch: int = 32, seq: int = 256, steps: int = 10,
                   warmup: int = 3, log=print, on_row=None) -> list[dict]:
     rows, dense = [], {}
-    for v in variants or list(COMPILE_VARIANTS):
+    asked = list(variants or COMPILE_VARIANTS)
+    order: list[str] = []  # each variant's dense twin measured too (its ratio needs it, in this process), and first
+    for v in asked:
+        order += [w for w in (VARIANTS[v].twin, v) if w and w not in order]
+    if len(order) > len(asked):
+        log(f"compile {size}: also measuring the dense twins {', '.join(w for w in order if w not in asked)}, "
+            f"which the ratios are taken against")
+    for v in order:
         twin = VARIANTS[v].twin
         row = {"variant": v, "dense_twin": twin, "breaks": graph_breaks(size, v, seq)}
         row.update(compiled_step_ms(size, v, batch, seq, steps, warmup))

@@ -16,7 +16,11 @@ from collections import defaultdict
 CATEGORIES: tuple[tuple[str, str], ...] = (
     ("sparse GEMM", r"sparse|cusparselt|spmma"),
     ("2:4 fused GEMM", r"^_up_kernel$|^_dgrad_ste_kernel$"),  # GEMM + 2:4 epilogue (kernels/cuda/epilogue.py)
-    ("2:4 sparsify/pack", r"^_kernel$|^_bwd\w*_kernel$|^_sste_kernel$|sparsif|pack24"),  # elas's Triton kernels (kernels/cuda)
+    # elas's Triton kernels (kernels/cuda: sparsify.py's _kernel, _words_kernel, _dense_kernel (the masked dense
+    # form) and backwards; sste.py's packed and dense forms). Rows profiled before 2026-12-07 counted _words_kernel,
+    # _dense_kernel and _sste_dense_kernel as elementwise
+    ("2:4 sparsify/pack", r"^_kernel$|^_words_kernel$|^_dense_kernel$|^_bwd\w*_kernel$|^_sste(_dense)?_kernel$|"
+                          r"sparsif|pack24"),
     ("attention", r"flash|fmha|attention|sdpa|cudnn|^_attn_(fwd|bwd)$"),  # (elas's: kernels/cuda/attention.py)
     ("GEMM", r"gemm|nvjet|cutlass|xmma|wgmma|matmul|cublas|splitk|^sm\d\d_|ampere_"),
     ("optimizer", r"adam|multi_tensor_apply|foreach"),  # fused AdamW, clipping's norms, zeroing of gradients

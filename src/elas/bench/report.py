@@ -22,9 +22,10 @@ def gemm_table(doc: dict) -> str:
         out.append(f"| {r['M']} | {r['K']} | {r['N']} | {r['b_layout']} | {r['dense_ms']:.4f} | {r['sparse_ms']:.4f} | "
                    f"**{r['speedup']:.2f}x** | {r['alg_id']} | {r['torch_cslt_alg0_ms']:.4f} |")
     if "host_overhead" in doc:
-        h = doc["host_overhead"]
+        h = doc["host_overhead"]  # times in µs (keys *_us, or older files' bare names) and the workspace's bytes
         out += ["", "Host time per eager call (µs, tiny problem, wall clock): "
-                + ", ".join(f"{k.removesuffix('_us')} {v:.1f}" for k, v in h.items())]
+                + ", ".join(f"{k.removesuffix('_us')} {v:.1f}" for k, v in h.items() if not k.endswith("_bytes"))]
+        out += [f"cuSPARSELt workspace of that call: {v:,.0f} bytes" for k, v in h.items() if k == "workspace_bytes"]
     return "\n".join(out)
 
 
@@ -126,23 +127,35 @@ def ffn_table(doc: dict) -> str:
            + " | " + ("compiled ms | best vs dense twin's best | " if comp_cols else "")
            + ("eager ms | vs dense twin (eager) | " if eager_cols else "") + "FFN act. memory GB | vs dense twin | path |",
            "|---|---|---|---|---|---|---|---|" + ("---|---|" if comp_cols else "") + ("---|---|" if eager_cols else "")]
+    def timing(r: dict) -> str:
+        return r.get("ffn_timing", "graph")
+
+    def best(r: dict) -> float | None:
+        """The faster graph-replayed timing (uncompiled or compiled); None where neither captured. (Files before
+        2026-12-07 stored `ffn_ms_best` with the eager time among the candidates: recomputed here.)"""
+        ts = [t for t in (r["ffn_ms"] if timing(r) == "graph" else None, r.get("ffn_ms_compiled")) if t is not None]
+        return min(ts) if ts else None
+
     for r in rows:
         twin = by.get((r["model"], twin_of(r["variant"])))
-        sp = f"{twin['ffn_ms'] / r['ffn_ms']:.2f}x" if twin else ""
-        if twin and not comp_cols:  # older files: the only ratio they have (their notes say which mode)
+        # a ratio only between two timings of one kind: a row whose capture failed holds an eager time, which
+        # against the twin's graph replay would count the host's overhead as the method's cost
+        sp = f"{twin['ffn_ms'] / r['ffn_ms']:.2f}x" if twin and timing(twin) == timing(r) else "-" if twin else ""
+        if twin and not comp_cols and sp != "-":  # older files: the only ratio they have (their notes say which mode)
             sp = f"**{sp}**"
         mem = f"{100 * (r['ffn_act_mem_gb'] / twin['ffn_act_mem_gb'] - 1):+.0f}%" if twin else ""
-        timing = "" if r.get("ffn_timing", "graph") == "graph" else " (eager)"
+        mark = "" if timing(r) == "graph" else " (eager)"
         comp = ""
         if comp_cols:
             c = r["ffn_ms_compiled"]
-            best = f"**{twin['ffn_ms_best'] / r['ffn_ms_best']:.2f}x**" if twin else ""
-            comp = f"{'-' if c is None else f'{c:.3f}'} | {best} | "
+            b, tb = best(r), best(twin) if twin else None
+            best_cell = f"**{tb / b:.2f}x**" if b and tb else "-" if twin else ""
+            comp = f"{'-' if c is None else f'{c:.3f}'} | {best_cell} | "
         eager = ""
         if eager_cols:
             vs = f"{twin['ffn_ms_eager'] / r['ffn_ms_eager']:.2f}x" if twin else ""
             eager = f"{r['ffn_ms_eager']:.3f} | {vs} | "
-        out.append(f"| {r['model']} | {r['variant']} | {r['batch'] * r['seq']} | {r['ffn_ms']:.3f}{timing} | {sp} | "
+        out.append(f"| {r['model']} | {r['variant']} | {r['batch'] * r['seq']} | {r['ffn_ms']:.3f}{mark} | {sp} | "
                    f"{comp}{eager}{r['ffn_act_mem_gb']:.3f} | {mem} | {r['path']} |")
     return "\n".join(out)
 
@@ -159,13 +172,17 @@ def step_tables(doc: dict) -> str:
     for r in rows:
         twin = by.get((r["model"], twin_of(r["variant"])))
         base = by.get((r["model"], "swiglu"))
-        ratio = f"**{r['tokens_per_s'] / twin['tokens_per_s']:.2f}x**" if twin else ""
+        same = lambda o: o.get("step_timing", "graph") == r.get("step_timing", "graph")  # noqa: E731
+        # ratios only between steps timed alike (a capture out of memory leaves an eager time: host included)
+        ratio = (f"**{r['tokens_per_s'] / twin['tokens_per_s']:.2f}x**" if same(twin) else "-") if twin else ""
+        vs_base = (f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if same(base) else "-") if base else ""
         eager = r.get("step_ms_eager")  # absent in results of older versions
+        mfu = "-" if r.get("mfu") is None else f"{r['mfu']:.3f}"  # None: a GPU of unknown peak
         timing = " (eager: capture out of memory)" if r.get("step_timing") == "eager" else ""
         eager_cells = f"{eager:.1f} | {eager / r['step_ms']:.3f}x" if eager else " | "
         out.append(f"| {r['model']} | {r['variant']} | {r['batch']}x{r['seq']} | {r['step_ms']:.1f}{timing} | "
-                   f"{r['tokens_per_s']:,.0f} | {ratio} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
-                   f"{eager_cells} | {r['mfu']:.3f} | {r['peak_mem_gb']:.1f} |")
+                   f"{r['tokens_per_s']:,.0f} | {ratio} | {vs_base} | "
+                   f"{eager_cells} | {mfu} | {r['peak_mem_gb']:.1f} |")
     return "\n".join(out)
 
 
@@ -245,21 +262,24 @@ def mode_step_tables(doc: dict) -> str:
     return "\n".join(out)
 
 
-def plot_step(doc: dict, png: Path) -> bool:
-    """Bar charts of tokens/s and FFN activation memory per model and variant; False without matplotlib."""
+def plot_step(doc: dict, png: Path, gpu: str = "H100") -> bool:
+    """Bar charts of tokens/s (relative to SwiGLU) and FFN activation memory per model and variant; False without
+    matplotlib, rows, or a SwiGLU row for every model."""
+    rows = doc["rows"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    if not rows or not all((m, "swiglu") in {(r["model"], r["variant"]) for r in rows} for m in models):
+        return False
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = doc["rows"]
-    models = list(dict.fromkeys(r["model"] for r in rows))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     by = {(r["model"], r["variant"]): r for r in rows}
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
     w = 0.8 / len(variants)
-    for ax, key, title in ((axes[0], "tokens_per_s", "training tokens/s (H100, bf16)"),
+    for ax, key, title in ((axes[0], "tokens_per_s", f"training tokens/s ({gpu.upper()}, bf16)"),
                            (axes[1], "ffn_act_mem_gb", "FFN activation memory per layer (GB)")):
         for i, v in enumerate(variants):
             base = [by[(m, "swiglu")][key] if key == "tokens_per_s" else 1.0 for m in models]
@@ -320,27 +340,47 @@ RENDERERS = {"compile.json": ("torch.compile: graph breaks and the compiled step
              "loss.json": ("LM head + cross-entropy (forward + backward; GB: peak above the inputs)", loss_table)}
 
 
-def render(results: Path) -> str:
+def render(results: Path, img: Path = Path("docs/img")) -> str:
+    """The tables of every result file under results/<gpu>/ that has a renderer, and the step files' plots (PNGs
+    written to img, linked as img/NAME.png: img is the folder `img` beside the doc). ValueError naming the file
+    where one cannot be read or rendered, and naming results where nothing under it renders (a wrong folder
+    would otherwise empty the doc's generated part)."""
     parts = []
+    if not Path(results).is_dir():
+        raise ValueError(f"--results {results}: not a folder (expected the folder of <gpu>/*.json, e.g. "
+                         f"benchmarks/results)")
     for gpu_dir in sorted(p for p in Path(results).iterdir() if p.is_dir()):
         for f in sorted(gpu_dir.glob("*.json")):
-            kind, _, scale = f.stem.partition("_batchx")  # e.g. ffn_batchx0.5.json: ffn at half the batch
-            kind, _, part = kind.partition("_")  # e.g. step_variants.json: another call's step rows
-            if kind + ".json" not in RENDERERS:
-                continue
-            title, fn = RENDERERS[kind + ".json"]
-            doc = json.loads(f.read_text())
-            if kind == "ffn" and not all("ffn_ms" in r for r in doc.get("rows", [{}])):
-                continue  # a profile or parts file of an FFN study: its own note renders it
-            if kind == "step" and doc["rows"] and "mode" in doc["rows"][0]:  # elas bench step since the modes
-                title, fn = "Training step: elas's default mode, torch.compile and eager", mode_step_tables
-            note = f"\n{doc['note']}\n" if doc.get("note") and fn is not compile_table else ""
-            parts.append(f"### {title}{f', {part}' if part else ''}{f', batch x{scale}' if scale else ''} "
-                         f"({gpu_dir.name})\n\n{fn(doc)}\n{note}")
-            png = Path("docs") / "img" / f"{f.stem}_{gpu_dir.name}.png"
-            if kind == "step" and fn is step_tables and plot_step(doc, png):
-                parts.append(f"![tokens/s and FFN activation memory](img/{png.name})\n")
+            try:
+                parts += _render_file(f, gpu_dir.name, img)
+            except (ValueError, KeyError, TypeError, IndexError, ZeroDivisionError) as e:
+                raise ValueError(f"{f}: cannot render it ({type(e).__name__}: {e})") from None
+    if not parts:
+        raise ValueError(f"--results {results}: no result file to render (expected <gpu>/<kind>.json with kind one "
+                         f"of {', '.join(k.removesuffix('.json') for k in RENDERERS)}); the doc is left as it was")
     return "\n".join(parts)
+
+
+def _render_file(f: Path, gpu: str, img: Path) -> list[str]:
+    """One result file's section(s): [] for a file no renderer reads."""
+    parts: list[str] = []
+    kind, _, scale = f.stem.partition("_batchx")  # e.g. ffn_batchx0.5.json: ffn at half the batch
+    kind, _, part = kind.partition("_")  # e.g. step_variants.json: another call's step rows
+    if kind + ".json" not in RENDERERS:
+        return parts
+    title, fn = RENDERERS[kind + ".json"]
+    doc = json.loads(f.read_text())  # (a truncated file: its JSONDecodeError, a ValueError, names the file)
+    if kind == "ffn" and not all("ffn_ms" in r for r in doc.get("rows", [{}])):
+        return parts  # a profile or parts file of an FFN study: its own note renders it
+    if kind == "step" and doc["rows"] and "mode" in doc["rows"][0]:  # elas bench step since the modes
+        title, fn = "Training step: elas's default mode, torch.compile and eager", mode_step_tables
+    note = f"\n{doc['note']}\n" if doc.get("note") and fn is not compile_table else ""
+    parts.append(f"### {title}{f', {part}' if part else ''}{f', batch x{scale}' if scale else ''} "
+                 f"({gpu})\n\n{fn(doc)}\n{note}")
+    png = img / f"{f.stem}_{gpu}.png"
+    if kind == "step" and fn is step_tables and plot_step(doc, png, gpu):
+        parts.append(f"![tokens/s and FFN activation memory](img/{png.name})\n")
+    return parts
 
 
 GENERATED = ("<!-- BEGIN GENERATED: elas bench report -->", "<!-- END GENERATED -->")
@@ -413,7 +453,7 @@ def update_doc(doc_path: Path, results: Path) -> None:
                          f"contents' ({CONTENTS[0]} ... {CONTENTS[1]})")
     if GENERATED[0] in text:
         a, b = _between(text, GENERATED, doc_path)
-        text = text[:a] + "\n" + render(results) + text[b:]
+        text = text[:a] + "\n" + render(results, doc_path.parent / "img") + text[b:]
     if CONTENTS[0] in text:
         a, b = _between(text, CONTENTS, doc_path)
         text = text[:a] + "\n" + contents(text) + "\n" + text[b:]

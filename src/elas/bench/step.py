@@ -38,6 +38,7 @@ from ..optim import build_optimizer
 from ..summary import model_summary
 from ..train.parallelize import checkpoint_blocks, compile_regions, hold_params_in
 from ..train.step import StepGrads
+from ..train.trainer import peak_flops
 from .ffn import set_sparse, variant_config
 from .profile import breakdown, kernel_times, top_kernels
 from .timing import Clocks, event_ms, throughput_ms
@@ -49,7 +50,6 @@ STEP_VARIANTS = ("lowrank-relu2", "elas", "elas-mask", "relu2", "relu2-24", "swi
 PLAIN = {"residual_dtype": "fp32", "lm_loss": "logits", "attn_backend": "torch", "relu2_kernel": "torch",
          "norm_kernel": "torch", "rope_kernel": "torch", "fuse_qkv": False, "pdl": False,
          "defer_residual": False, "ce_kernel": "torch"}
-H100_BF16 = 989e12
 
 
 def step_config(size: str, variant: str, mode: str, seq: int):
@@ -152,7 +152,7 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
            # reserved between replays but not counted as allocated, so this is the figure that must fit the GPU
            "reserved_gb": torch.cuda.memory_reserved() / 1e9, "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9,
            "compile_s": compile_s, "warmup_s": warmup_s,  # (warmup_s: the next `warmup` steps, recompiles included)
-           "mfu": tps * model_summary(cfg, seq)["train_flops_per_token"] / H100_BF16,
+           "mfu": tps * model_summary(cfg, seq)["train_flops_per_token"] / peak if (peak := peak_flops(torch.device("cuda"))) else None,
            "d_ff": cfg.ffn_width, "rank": cfg.rank, "gpu": torch.cuda.get_device_name(),
            "relu2_kernel": relu2_kernel(cfg, "cuda")[0],  # the dense cores' kernel ("auto" resolved)
            "norm_kernel": norm_kernel(cfg, "cuda"),  # the blocks' norm backward ("auto" resolved)
