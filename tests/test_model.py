@@ -399,3 +399,47 @@ def test_model_imports_neither_sparsity_nor_kernels():
             found += [f"{f.name}: {n}" for n in names if n.lstrip(".").split(".")[0] in ("sparsity", "kernels")
                       or n.startswith(("elas.sparsity", "elas.kernels"))]
     assert not found, found
+
+
+def _executed_fwd_flops_per_token(cfg, batch: int = 4, seq: int = 256) -> float:
+    """Forward FLOPs per token torch's FlopCounterMode sees in the methods' sparse mode, with torch's grouped GEMM
+    (V:N:M's grouped path) replaced by one plain GEMM of its size (each row multiplies one group's matrix: the
+    work the GPU kernel does), plus attention as model_summary counts it (its kernel is not counted by torch)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import elas.sparsity.vnm_grouped as vg
+    from elas.build import build_model
+    from elas.sparsity import set_step
+    for m in cfg.methods:  # sparse at step 10
+        m["dense_warmup_steps"] = 1
+        if m["method"] != "act24":
+            m["sparse_until"] = 1.0
+    cfg.attn_backend = "torch"
+    model = build_model(cfg, "cpu").eval()
+    set_step(model, 10, 20)
+    real = vg.grouped_mm
+    vg.grouped_mm = lambda a, b, offs: a @ b[0]
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            model(torch.randint(0, cfg.vocab_size, (batch, seq)))
+    finally:
+        vg.grouped_mm = real
+    return fc.get_total_flops() / (batch * seq) + 4 * seq * cfg.d_model * cfg.n_layers
+
+
+def test_summary_counts_what_each_methods_sparse_path_does():
+    """V:N:M's grouped path runs both projections over 4/m of the neurons (counted from what executes); 2:4
+    weights halve both FFN GEMMs; with 2:4 weights and activations one GEMM runs one sparse operand."""
+    from elas.config import model_preset
+    from elas.summary import model_summary
+    cfg = model_preset("llama-tiny-relu2-vnm-own")
+    assert cfg.method("vnm")["path"] == "grouped"
+    got = _executed_fwd_flops_per_token(cfg)
+    s = model_summary(cfg, 256)
+    assert abs(s["fwd_flops_per_token_2to4"] - got) / got < 0.01  # (the router's and padding's few FLOPs)
+    assert s["fwd_flops_per_token_2to4"] < 0.85 * s["fwd_flops_per_token"]
+    ffn = lambda c: 2 * 2 * c.d_model * c.ffn_width * c.n_layers  # noqa: E731  up + down, full rank
+    for preset in ("llama-1b-relu2-w24", "llama-1b-relu2-w24-a24"):
+        c = model_preset(preset)
+        s = model_summary(c)
+        assert s["fwd_flops_per_token_2to4"] == s["fwd_flops_per_token"] - ffn(c) // 2

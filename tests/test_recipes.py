@@ -69,3 +69,77 @@ def test_a_dry_run_says_when_its_data_is_not_prepared(tmp_path, capsys):
     assert main(["recipes"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len({ln.index(" v") for ln in lines}) == 1  # one column of versions, however long the names
+
+
+def _dry(capsys, *argv):
+    """(exit code, the resolved config, stderr) of `elas train ARGV --dry-run`."""
+    rc = main(["train", *argv, "--dry-run"])
+    cap = capsys.readouterr()
+    cfg = next((json.loads(ln[7:]) for ln in cap.out.splitlines() if ln.startswith("config ")), None)
+    return rc, cfg, cap.err
+
+
+def test_a_recipe_run_resumes_with_its_recipe_named_again(tmp_path, capsys):
+    """config.json records NAME@VERSION; the same command repeated with --resume auto (a job script) resumes."""
+    from elas.config import recipe_config, to_dict
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = recipe_config("elas-60m")
+    cfg.out_dir = str(run)
+    (run / "config.json").write_text(json.dumps(to_dict(cfg)))
+    rc, got, err = _dry(capsys, "--recipe", "elas-60m", "--resume", "auto", "--out", str(run))
+    assert rc == 0, err
+    assert got["recipe"] == "elas-60m@1"
+    rc, _, err = _dry(capsys, "--recipe", "haziza-60m", "--resume", "auto", "--out", str(run))
+    assert rc == 2 and "--recipe haziza-60m contradicts the run being resumed" in err
+
+
+def test_recipes_of_one_preset_default_to_their_own_run_dirs(capsys):
+    """galore-60m (full rank) and loro-60m (rank 128) share the preset llama-60m: not their run directory."""
+    _, g, _ = _dry(capsys, "--recipe", "galore-60m")
+    _, lo, _ = _dry(capsys, "--recipe", "loro-60m")
+    assert (g["out_dir"], lo["out_dir"]) == ("runs/galore-60m", "runs/loro-60m")
+    _, p, _ = _dry(capsys, "--preset", "llama-tiny-relu2")
+    assert p["out_dir"] == "runs/llama-tiny-relu2"
+
+
+def test_a_resume_without_out_continues_the_default_run_with_its_config(tmp_path, monkeypatch, capsys):
+    """--resume without --out resumes runs/<recipe or preset>, with the settings it was started with."""
+    from elas.config import recipe_config, to_dict
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "haziza-60m"
+    run.mkdir(parents=True)
+    cfg = recipe_config("haziza-60m")
+    cfg.lr, cfg.out_dir = 0.005, "runs/haziza-60m"
+    (run / "config.json").write_text(json.dumps(to_dict(cfg)))
+    rc, got, err = _dry(capsys, "--recipe", "haziza-60m", "--resume")
+    assert rc == 0, err
+    assert got["lr"] == 0.005 and got["out_dir"] == "runs/haziza-60m"
+
+
+def test_a_recipe_keeps_its_global_batch_on_several_processes(monkeypatch, capsys):
+    """Under torchrun (WORLD_SIZE) a new run splits its preset's or recipe's batch over the processes; a batch the
+    user gives is per process."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    rc, cfg, err = _dry(capsys, "--recipe", "elas-1b")
+    assert rc == 0, err
+    assert cfg["batch_size"] * cfg["grad_accum"] * 8 == 512 and cfg["batch_size"] == 64
+    assert "split over 8 processes" in err
+    rc, cfg, _ = _dry(capsys, "--recipe", "elas-1b", "--set", "batch_size=32")
+    assert (cfg["batch_size"], cfg["grad_accum"]) == (32, 8)  # given: per process
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    _, cfg, _ = _dry(capsys, "--recipe", "elas-60m")  # 256 x 2 over 16: 32 sequences each
+    assert (cfg["batch_size"], cfg["grad_accum"]) == (32, 1)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    rc, _, err = _dry(capsys, "--recipe", "elas-1b")
+    assert rc == 2 and "does not split over 3 processes" in err
+
+
+def test_a_recipe_may_nest_method_tables(monkeypatch):
+    import elas.config as C
+    real = C.load_recipe
+    monkeypatch.setattr(C, "load_recipe", lambda name: {**real("elas-60m"),
+                                                        "model": {"act24": {"dense_warmup_steps": 500}}})
+    cfg = C.recipe_config("elas-60m")
+    assert cfg.model.method("act24")["dense_warmup_steps"] == 500

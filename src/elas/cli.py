@@ -91,7 +91,7 @@ def cmd_model(args: argparse.Namespace) -> int:
     methods = ", ".join(json.dumps(m) for m in cfg.methods) or "none"
     print(f"  ffn={cfg.ffn} d_ff={cfg.ffn_width} rank={cfg.rank or 'full'} methods: {methods}")
     print(f"  forward GFLOPs/token at seq {args.seq_len}: {info['fwd_flops_per_token'] / 1e9:.3f} "
-          f"(sparse GEMMs at their density: {info['fwd_flops_per_token_2to4'] / 1e9:.3f})")
+          f"(on the methods' sparse paths: {info['fwd_flops_per_token_2to4'] / 1e9:.3f})")
     return 0
 
 
@@ -130,6 +130,27 @@ def _parse_sets(items: list[str]) -> dict:
     return out
 
 
+def _split_global_batch(cfg, toml: dict, sets: dict) -> None:
+    """A new run on several processes (torchrun's WORLD_SIZE) keeps its preset's or recipe's global batch
+    (batch_size x grad_accum sequences, the papers' 512 at full size): each process takes its share, with
+    grad_accum lowered first. A batch_size or grad_accum the user gives is per process, as documented: untouched."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    given = {"batch_size", "grad_accum"} & (set(sets) | set(toml))
+    if world <= 1 or given:
+        return
+    total = cfg.batch_size * cfg.grad_accum
+    if total % world:
+        raise UserError(f"the global batch of {total} sequences ({cfg.batch_size} x grad_accum {cfg.grad_accum}) "
+                        f"does not split over {world} processes: give the per-process batch with --set "
+                        f"batch_size=... (and grad_accum=...); the global batch is then their product x {world}")
+    per = total // world
+    bs = max(d for d in range(1, min(cfg.batch_size, per) + 1) if per % d == 0)
+    if _rank0():
+        print(f"elas: the global batch of {total} sequences split over {world} processes: batch_size {bs} x "
+              f"grad_accum {per // bs} each (was {cfg.batch_size} x {cfg.grad_accum} on one)", file=sys.stderr)
+    cfg.batch_size, cfg.grad_accum = bs, per // bs
+
+
 def _rank0() -> bool:
     """Whether this process says what every process of a torchrun job would say alike (rank 0, or no torchrun)."""
     return os.environ.get("RANK", "0") == "0"
@@ -141,7 +162,11 @@ def resolve_train_config(args: argparse.Namespace):
     from .train import TrainError, load_run_config
 
     toml = _load_toml(args.config) if args.config else {}
-    out_dir = args.out or toml.get("out_dir")
+    # the run directory, defaults included, before anything else: a resume must find the run it continues (a
+    # recipe's runs go to runs/<recipe>: recipes of one preset, e.g. galore-60m and loro-60m, differ in the model)
+    named = getattr(args, "recipe", None) or toml.get("recipe")
+    out_dir = (args.out or toml.get("out_dir") or
+               f"runs/{named or args.preset or toml.get('preset') or 'llama-tiny-elas'}")
     saved = None
     try:
         from .train.checkpoint import checkpoints
@@ -154,7 +179,8 @@ def resolve_train_config(args: argparse.Namespace):
                 raise UserError(f"--preset {args.preset or toml.get('preset')} contradicts the run being resumed "
                                 f"({cfg.preset}): a resumed run keeps its model; choose another --out for a new one")
             recipe = getattr(args, "recipe", None) or toml.get("recipe")
-            if recipe and recipe != cfg.recipe:  # (a run started from this recipe resumes with it named again)
+            # (a run started from a recipe resumes with it named again: config.json records NAME@VERSION)
+            if recipe and recipe != (cfg.recipe or "").split("@")[0]:
                 from .config import recipe_config
                 if cfg.recipe or recipe_config(recipe).preset != cfg.preset:
                     raise UserError(f"--recipe {recipe} contradicts the run being resumed (recipe {cfg.recipe}, preset "
@@ -183,7 +209,9 @@ def resolve_train_config(args: argparse.Namespace):
                  "init_from": getattr(args, "init_from", None)}
         apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
         if not cfg.out_dir:
-            cfg.out_dir = f"runs/{cfg.preset}"
+            cfg.out_dir = out_dir
+        if saved is None:
+            _split_global_batch(cfg, toml, _parse_sets(args.set))
         if saved is not None:  # training keys a resume changes (allowed): said, since the run is then not exact
             # (max_steps: the trainer says; parallel: ddp and fsdp resume each other's checkpoints exactly)
             quiet = ("out_dir", "data_dir", "device", "max_steps", "init_from", "parallel")
@@ -320,9 +348,11 @@ def dry_run(cfg) -> None:
     print(f"optimizer {cfg.optimizer}, lr {cfg.lr:g}, warm-up {cfg.warmup_steps} steps, cosine to "
           f"{cfg.min_lr_ratio:g} x lr, weight decay {cfg.weight_decay:g}, grad clip {cfg.grad_clip:g}"
           + f", {moments} Adam moments" + (" (optim_state_dtype=auto)" if cfg.optim_state_dtype == "auto" else ""))
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # (torchrun's, where the dry run is started under it)
     print(f"batch {batch} x {cfg.seq_len} tokens per step per process ({cfg.batch_size} x {cfg.grad_accum} "
-          f"accumulated), {cfg.max_steps:,} steps: {_count(batch * cfg.seq_len * cfg.max_steps)} tokens "
-          f"(x the number of processes)")
+          f"accumulated), {cfg.max_steps:,} steps: " +
+          (f"{_count(batch * cfg.seq_len * cfg.max_steps)} tokens (x the number of processes)" if world == 1 else
+           f"x {world} processes: {_count(world * batch * cfg.seq_len * cfg.max_steps)} tokens"))
     for m in cfg.model.methods:
         print("method " + json.dumps(m))
     from .config import to_dict

@@ -485,7 +485,7 @@ def recipe_config(name: str) -> TrainConfig:
     r = load_recipe(name)
     cfg = train_config(r["preset"])
     keys = {k: v for k, v in r.items() if k not in ("about", "version", "preset", "model")}
-    keys.update({f"model.{k}": v for k, v in r.get("model", {}).items()})
+    keys.update(flatten(r.get("model", {}), "model."))  # ([model.act24] tables too, as in a --config file)
     apply_overrides(cfg, keys)
     cfg.recipe = f"{name}@{r['version']}"
     return cfg

@@ -26,14 +26,18 @@ def model_summary(cfg: ModelConfig, seq_len: int = 256) -> dict:
 
     FLOPs count 2 per multiply-add of every matmul (LM head included, embedding lookup excluded), plus attention
     scores and values at the full (non-causal) 4*seq*d_model per layer, the convention of PaLM's MFU.
-    `fwd_flops_per_token_2to4` counts the forward GEMMs whose operand a method makes sparse (an FFN's "y2", which
-    multiplies the down projection's d_ff factor) at the method's density (1/2 for 2:4, 2/m for V:N:M): the work
-    sparse tensor cores do.
+    `fwd_flops_per_token_2to4` counts each FFN linear a method makes sparse at the fraction of its work the
+    method's sparse path does (SparsityMethod.forward_work): 1/2 for a 2:4 operand ("y2", which multiplies the
+    down projection's d_ff factor, or a 2:4 weight), 2/m for V:N:M's masked path (what a V:N:M kernel would do;
+    that path is emulated) and 4/m of both projections for its grouped path. Where two methods claim one linear
+    (2:4 weights and activations) the smaller fraction counts: one GEMM runs one sparse operand.
     """
     model = build_model(cfg, device="meta")
-    # the density of the GEMMs a method makes sparse: 1/2 for 2:4, 2/m for V:N:M (a config's `density`)
-    sparse_y2 = {fqn: getattr(a.config, "density", 0.5) for a in applied_methods(model) for fqn, op in a.claims
-                 if op == "y2"}
+    work: dict[str, float] = {}  # "blocks.0.ffn.down" -> fraction of its dense forward work
+    for a in applied_methods(model):
+        for ffn in {fqn for fqn, _ in a.claims}:
+            for lin, f in a.config.forward_work().items():
+                work[f"{ffn}.{lin}"] = min(f, work.get(f"{ffn}.{lin}", 1.0))
     parts: dict[str, int] = {}
     for name, p in model.named_parameters():
         parts[_part(name)] = parts.get(_part(name), 0) + p.numel()
@@ -41,15 +45,15 @@ def model_summary(cfg: ModelConfig, seq_len: int = 256) -> dict:
     for name, mod in model.named_modules():
         if isinstance(mod, LowRankLinear):
             n = mod.rank * (mod.in_features + mod.out_features)
-            down_in = mod.rank * mod.in_features
+            # the d_ff-wide factor, the one a method thins: d_ff -> r of a down projection, r -> d_ff of an up
+            d_ff_side = mod.rank * (mod.in_features if name.endswith(".down") else mod.out_features)
         elif isinstance(mod, nn.Linear):
-            n = down_in = mod.in_features * mod.out_features
+            n = d_ff_side = mod.in_features * mod.out_features
         else:
             continue
         matmul += n
-        if name.endswith(".down") and name[: -len(".down")] in sparse_y2:
-            # FLOPs skipped on the factor that multiplies y2s (d_ff -> r, or d_ff -> d_model)
-            sparse_fwd += 2 * down_in * (1 - sparse_y2[name[: -len(".down")]])
+        if name in work:
+            sparse_fwd += 2 * d_ff_side * (1 - work[name])
     attn = 4 * seq_len * cfg.d_model * cfg.n_layers
     fwd = 2 * matmul + attn
     return {

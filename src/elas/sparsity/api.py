@@ -67,6 +67,19 @@ class SparsityMethod:
         activation that multiplies the down projection; "up.weight")."""
         raise NotImplementedError
 
+    def forward_work(self) -> dict[str, float]:
+        """The fraction of its dense forward work each linear of a target ("up", "down") does on this method's
+        sparse path, for `elas model`'s FLOP count (linears not named: 1). Default, from operands(): "y2" (the
+        down projection's input) at the method's density, a weight ("up.weight") at 1/2. A method whose path
+        skips work otherwise (V:N:M's grouped GEMMs) says so itself."""
+        out: dict[str, float] = {}
+        for op in self.operands():
+            if op == "y2":
+                out["down"] = getattr(self, "density", 0.5)
+            elif op.endswith(".weight"):
+                out[op.split(".")[0]] = 0.5
+        return out
+
     def scaled(self, factor: float) -> "SparsityMethod":
         """This config with its step-counted schedule (fields ending in `_steps`, and a `sparse_until` given as a
         step) scaled by factor: a recipe written for one run length, used for another (the quality grid). A

@@ -143,6 +143,11 @@ class VNMConfig(SparsityMethod):
     def operands(self) -> tuple[str, ...]:
         return ("y2",)
 
+    def forward_work(self) -> dict[str, float]:
+        # the grouped path multiplies each token by its clusters' 4/m of the neurons, densely, in the up and the
+        # down projection (2:4 inside them not exploited); the masked path's is what a V:N:M kernel would do
+        return {"up": 4 / self.m, "down": 4 / self.m} if self.path == "grouped" else {"down": self.density}
+
 
 class _ReLU2Masked(torch.autograd.Function):
     """y1 [T, K], mask bool [T, K] (a V:N:M selection of y2) -> y2s = relu(y1)^2 * mask; backward 2 relu(y1) dy2,
