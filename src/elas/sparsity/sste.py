@@ -15,7 +15,7 @@ with beta = <W, S_soft(W)> / ||S_soft(W)||^2 per tensor, computed when the spars
 frozen (recomputing it every step is documented to blow up); the gradient reaches the dense master weight
 straight through (beta not applied in backward). The input gradient (`input_grad`) uses S(W) itself (`exact`,
 the gradient of the sparse forward) or S(W^T), W^T thresholded along d_out (`transposed`, the paper's choice
-per the notes): only the latter is 2:4 along the reduction of dY S and can run on sparse tensor cores.
+as the notes read it, unconfirmed): only the latter is 2:4 along the reduction of dY S and can run on sparse tensor cores.
 
 By default this path EMULATES 2:4 weights (masked dense GEMMs). `backend=cuda` (or `auto`), with
 input_grad=transposed, runs both products as 2:4 GEMMs: S(W) and S(W^T) packed each step by
