@@ -875,3 +875,12 @@ def test_a_metrics_line_rank0_cannot_write_saves_the_steps_and_stops_every_proce
     assert "could not write" in err[0] and f"the newest complete checkpoint is {ck.name}" in err[0], err
     assert "Connection closed" not in r.stderr and "[rank1]" not in r.stderr, r.stderr[-3000:]
     assert 6 <= json.loads((ck / "trainer.json").read_text())["step"] < 30
+
+
+def test_the_grid_under_torchrun_summarises_once(dataset, tmp_path):
+    """`elas experiment` on 2 processes: rank 0 alone writes the summary and its plots and prints them (every
+    process used to, each file written by two writers at once)."""
+    r = _torchrun(2, "experiment", "--size", "llama-tiny", "--variants", "relu2", "--steps", "2", "--batch-size",
+                  "2", "--grad-accum", "1", "--data", str(dataset), "--out", str(tmp_path / "grid"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("| relu2 |") == 1 and (tmp_path / "grid" / "summary.md").is_file()

@@ -933,18 +933,23 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                      args.transfer_data, time_left=args.time_left,
                      estimates=estimates)
         except TrainStopped as e:  # the grid resumes where it stopped: the same command again
-            print(f"elas: stopped by signal {e.signum}; the run in progress saved its checkpoint: the same "
-                  f"command continues the grid", file=sys.stderr)
+            if not e.quiet:
+                print(f"elas: stopped by signal {e.signum}; the run in progress saved its checkpoint: the same "
+                      f"command continues the grid", file=sys.stderr)
             return 128 + e.signum
         except (TrainError, DataError, ValueError, KeyError) as e:
+            if getattr(e, "quiet", False):  # under torchrun: every process stops with it, rank 0 says it
+                return 2
             raise UserError(str(e)) from None
+    from .train.experiment import diverged_runs
+    if not _rank0():  # under torchrun: rank 0 writes the summary and its plots (one writer per file), and says it
+        return 1 if diverged_runs(out) else 0
     _, text = summarize(out)
     if plot_curves(out, out / "loss_curves.png"):
         text += f"\n![loss curves]({out / 'loss_curves.png'})\n"
     if plot_stats(out, out / "activation_stats.png"):
         text += f"\n![activation statistics]({out / 'activation_stats.png'})\n"
     print(text)
-    from .train.experiment import diverged_runs
     return 1 if diverged_runs(out) else 0  # (the summary says which)
 
 
@@ -963,7 +968,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML file: training keys at the top, model keys under [model]")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. lr=3e-4, "
                    "model.rank=64 (repeatable)")
-    p.add_argument("--out", help="run directory (default runs/<preset>)")
+    p.add_argument("--out", help="run directory (default runs/<recipe>, else runs/<preset>)")
     p.add_argument("--data", help="prepared dataset directory")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--optimizer", choices=["adamw", "loro_adamw"],
