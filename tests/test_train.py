@@ -819,18 +819,19 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("async_save", ["true", "false"])
-def test_a_checkpoint_rank0_cannot_write_stops_every_process_with_one_line(dataset, tmp_path, async_save):
+@pytest.mark.parametrize("async_save,steps", [("true", "8"), ("false", "8"), ("true", "4"), ("false", "4")])
+def test_a_checkpoint_rank0_cannot_write_stops_every_process_with_one_line(dataset, tmp_path, async_save, steps):
     """Under DDP rank 0 writes the checkpoints. One it cannot write (a full disk), in the background or not, stops
     every process with rank 0's one line: the others learn it from the step's vote (or the save's agreement)
-    rather than from a collective their peer left, which was a traceback from the transport."""
+    rather than from a collective their peer left, which was a traceback from the transport. Also where it is
+    the run's last checkpoint (steps=4), whose failure comes after the loop's last vote."""
     import os
     import subprocess
     import sys
     worker = tmp_path / "full_disk.py"
     worker.write_text(_FULL_DISK_ON_RANK0)
-    args = train_args(dataset, tmp_path / "r", "--max-steps", "8", "--set", "batch_size=2", "--set", "save_every=2",
-                      "--set", "eval_every=100", "--set", f"async_save={async_save}")
+    args = train_args(dataset, tmp_path / "r", "--max-steps", steps, "--set", "batch_size=2", "--set",
+                      "save_every=2", "--set", "eval_every=100", "--set", f"async_save={async_save}")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(worker), *args], capture_output=True, text=True, timeout=300, env=dict(os.environ))
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("elas: error:")]

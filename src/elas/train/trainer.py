@@ -69,8 +69,8 @@ class Diverged(TrainError):
 
 
 class _StartError(TrainError):
-    """A start-up failure that every process of a run raises alike; `quiet` on all but rank 0, which says it
-    (one line, not one per process)."""
+    """A failure that every process of a run raises alike (at start-up, or learnt from rank 0 through a vote);
+    `quiet` on all but rank 0, which says it (one line, not one per process)."""
 
     def __init__(self, message: str, quiet: bool = False):
         super().__init__(message)
@@ -773,7 +773,18 @@ class Trainer:
                 if d.main:
                     self.log(f"step {self.step}: val loss {vl:.4f}, perplexity {result['val_ppl']:.2f} ({n:,} tokens, "
                              f"the run's final evaluation, missing from {self.metrics_path.name})")
-            self._wait_saves()  # the last checkpoint is on disk before fit() returns
+            # the last checkpoint is on disk before fit() returns. Under DDP rank 0 writes it in the background: its
+            # failure reaches every process through one all-reduce (a peer that left the final barrier would read
+            # as a transport error), and every process stops, rank 0 saying why
+            final_error = None
+            try:
+                self._wait_saves()
+            except TrainError as e:
+                final_error = e
+            if d.enabled and any_failed(final_error is not None) and final_error is None:
+                raise _StartError("rank 0 could not write the run's last checkpoint", quiet=True)
+            if final_error is not None:
+                raise final_error
         finally:
             self._voting = False
             if self.saver.busy():  # an error left the loop: let the write in flight finish (its own error, if
