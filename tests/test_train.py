@@ -885,3 +885,40 @@ def test_the_grid_under_torchrun_summarises_once(dataset, tmp_path):
                   "2", "--grad-accum", "1", "--data", str(dataset), "--out", str(tmp_path / "grid"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("| relu2 |") == 1 and (tmp_path / "grid" / "summary.md").is_file()
+
+
+_EVAL_FAILS_ON_RANK1 = """import os, sys
+if os.environ["RANK"] == "1":  # rank 1's first evaluation fails (an out-of-memory, say); rank 0's runs to its end
+    import elas.data.loader as ld
+    real = ld.TokenWindows.__init__
+    def init(self, data_dir, split, seq_len):
+        real(self, data_dir, split, seq_len)
+        if split == "val":
+            def fail(idx):
+                raise RuntimeError("CUDA out of memory (injected on rank 1)")
+            self.get = fail
+    ld.TokenWindows.__init__ = init
+from elas.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_evaluation_failing_on_one_process_saves_and_stops_every_process(dataset, tmp_path):
+    """Under DDP an evaluation that fails on one process (rank 1 here) reaches the others through the evaluation's
+    own all-reduce: every process saves the steps since the last checkpoint together and stops; the failing process
+    says why, the others stay quiet, and none is left in a collective (a transport traceback before)."""
+    import os
+    import subprocess
+    import sys
+    worker = tmp_path / "eval_fails.py"
+    worker.write_text(_EVAL_FAILS_ON_RANK1)
+    run = tmp_path / "r"
+    args = train_args(dataset, run, "--max-steps", "6", "--set", "batch_size=2", "--set", "save_every=100",
+                      "--set", "eval_every=3")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(worker), *args], capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert r.returncode != 0, r.stderr[-3000:]
+    assert "CUDA out of memory (injected on rank 1)" in r.stderr, r.stderr[-3000:]
+    assert "Connection closed" not in r.stderr and "elas: error:" not in r.stderr, r.stderr[-3000:]
+    assert "the evaluation at step 3 failed; the checkpoint of step 3 was written first" in r.stderr + r.stdout
+    assert (run / "checkpoints" / "step-00000003").is_dir()

@@ -247,29 +247,47 @@ def unlock_run_dir(run_dir: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, windows: TokenWindows, tokens: int, batch_size: int, device, autocast, d: Dist = Dist()):
+def evaluate(model, windows: TokenWindows, tokens: int, batch_size: int, device, autocast, d: Dist = Dist(),
+             agree_on_failure: bool = False):
     """Mean next-token loss over the first min(tokens // seq_len, all) validation windows; returns (loss, n_tokens).
     Full batches run through the model as it is: compiled regions compile one no-grad graph each, once per run
     (eager evaluation of a 7B model ran at 7.5k tokens/s, a quarter of its training step's rate). A last,
-    smaller batch runs with the regions eager: its shape would compile them again."""
+    smaller batch runs with the regions eager: its shape would compile them again.
+    agree_on_failure (several processes whose forward has no collective: DDP, not FSDP): a process whose
+    evaluation fails (out of memory, say) still joins the final all-reduce, which tells every process; each then
+    raises with `elas_agreed` set (the failing ones their own error, the others a quiet one), so that they can
+    save together instead of leaving their peers in a collective."""
     n = max(1, min(windows.n, tokens // windows.seq_len))
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of token losses, tokens]
+    total = torch.zeros(3, dtype=torch.float64, device=device)  # [sum of token losses, tokens, failed processes]
     mine = torch.arange(n)[d.rank::d.world]
-    # every process runs as many forwards as the one with the most windows: under FSDP each forward gathers the
-    # weights (and DDP broadcasts buffers), so a process with one batch more would wait for the others forever.
-    # One out of windows runs window 0 and counts nothing
-    for i in range(0, -(-n // d.world), batch_size):
-        idx = mine[i:i + batch_size]
-        x, y = windows.get((idx if len(idx) else torch.zeros(1, dtype=torch.long)).numpy())
-        x, y = x.to(device), y.to(device)
-        with autocast(), (eager_regions() if x.shape[0] < batch_size else nullcontext()):
-            loss = model(x, y)
-        if len(idx):
-            total += torch.stack([loss.double() * y.numel(), torch.tensor(float(y.numel()), device=device)])
+    error = None
+    try:
+        # every process runs as many forwards as the one with the most windows: under FSDP each forward gathers the
+        # weights (and DDP broadcasts buffers), so a process with one batch more would wait for the others forever.
+        # One out of windows runs window 0 and counts nothing
+        for i in range(0, -(-n // d.world), batch_size):
+            idx = mine[i:i + batch_size]
+            x, y = windows.get((idx if len(idx) else torch.zeros(1, dtype=torch.long)).numpy())
+            x, y = x.to(device), y.to(device)
+            with autocast(), (eager_regions() if x.shape[0] < batch_size else nullcontext()):
+                loss = model(x, y)
+            if len(idx):
+                total[:2] += torch.stack([loss.double() * y.numel(), torch.tensor(float(y.numel()), device=device)])
+    except Exception as e:  # noqa: BLE001 - whatever failed, the others learn it from the reduce below
+        if not (d.enabled and agree_on_failure):
+            model.train(was_training)
+            raise
+        error, total[2] = e, 1.0
     all_reduce_sum(total, d)
     model.train(was_training)
+    if total[2] > 0:
+        if error is None:
+            error = _StartError(f"{int(total[2].item())} other process(es) failed during the evaluation: see their "
+                                f"error above", quiet=True)
+        error.elas_agreed = True  # every process knows: they may save together (Trainer._save_before_failing)
+        raise error
     return (total[0] / total[1]).item(), int(total[1].item())
 
 
@@ -720,9 +738,9 @@ class Trainer:
                     t0, graphs_before = time.perf_counter(), compile_counts()
                     try:
                         vl, n = evaluate(self.fwd, self.val_windows, cfg.eval_tokens, cfg.batch_size, self.device,
-                                         self.autocast, d)
-                    except Exception:
-                        self._save_before_failing("the evaluation")
+                                         self.autocast, d, agree_on_failure=cfg.parallel != "fsdp")
+                    except Exception as e:
+                        self._save_before_failing("the evaluation", agreed=getattr(e, "elas_agreed", False))
                         raise
                     eval_s, trained_s = time.perf_counter() - t0, t0 - t_trained_from
                     eval_graphs = compile_counts() - graphs_before  # the first evaluation's no-grad graphs
