@@ -250,7 +250,7 @@ def unlock_run_dir(run_dir: Path) -> None:
 def evaluate(model, windows: TokenWindows, tokens: int, batch_size: int, device, autocast, d: Dist = Dist(),
              agree_on_failure: bool = False):
     """Mean next-token loss over the first min(tokens // seq_len, all) validation windows; returns (loss, n_tokens).
-    Full batches run through the model as it is: compiled regions compile one no-grad graph each, once per run
+    Full batches run through the model as it is: compiled regions compile one no-grad graph each per sparsity mode
     (eager evaluation of a 7B model ran at 7.5k tokens/s, a quarter of its training step's rate). A last,
     smaller batch runs with the regions eager: its shape would compile them again.
     agree_on_failure (several processes whose forward has no collective: DDP, not FSDP): a process whose
