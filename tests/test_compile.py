@@ -116,3 +116,46 @@ def test_every_elas_operator_lowers_through_inductor():
         out.append((loss.detach(), grads))
     assert torch.allclose(out[0][0], out[1][0], rtol=1e-5, atol=1e-5)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(out[0][1], out[1][1]))
+
+
+def test_a_schedule_of_many_modes_compiles_every_one(monkeypatch):
+    """Two methods switching at different steps (2:4 weights dense 2 steps, sparse to 6; V:N:M dense 4, sparse to
+    10): five mode combinations, each a training and an evaluation graph of every compiled region. Dynamo's
+    default limit (8 per code object) stopped such a run at its fifth mode (a hard failure under fullgraph); the
+    trainer raises it from the schedule (run_modes, allow_mode_graphs) before compiling."""
+    from contextlib import nullcontext
+
+    import torch._dynamo.config as dynamo
+
+    from elas.config import model_preset
+    from elas.sparsity import run_modes
+    from elas.train.parallelize import allow_mode_graphs, compile_counts, compile_regions
+    from elas.train.step import StepGrads
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(dynamo, name, 8)  # (torch's default; restored after the test)
+    cfg = model_preset("llama-tiny-relu2-w24-vnm", n_layers=1, d_model=64, n_heads=2, intermediate=128,
+                       vocab_size=256, max_seq_len=32)
+    for m in cfg.methods:
+        m.update({"vnm": dict(dense_warmup_steps=4, sparse_until=10, recluster_steps=2, v=32),
+                  "sste24": dict(dense_warmup_steps=2, sparse_until=6)}[m["method"]])
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_model(cfg, "cpu")
+    steps = 12
+    modes = run_modes(model, steps)
+    assert {(a, b.split("/")[0]) for a, b in modes} == {("dense", "dense"), ("sparse", "dense"), ("sparse", "sparse"),
+                                                       ("dense-final", "sparse"), ("dense-final", "dense-final")}
+    assert allow_mode_graphs(len(modes)) >= 2 * 5
+    compile_regions(model, backend="aot_eager")
+    idx = torch.randint(0, 256, (2, 2, 33))
+    micro = [(idx[k, :, :-1], idx[k, :, 1:]) for k in range(2)]
+    grads = StepGrads(model, model, nullcontext, 2, 1.0)
+    before = compile_counts()
+    for step in range(steps):
+        grads.run(micro, set_step(model, step, steps))
+        with torch.no_grad():
+            model.eval()
+            model(*micro[0])
+            model.train()
+    assert compile_counts() - before >= 2 * 5  # every mode's training and evaluation graphs, none refused
+    torch._dynamo.reset()

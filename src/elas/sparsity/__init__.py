@@ -8,12 +8,12 @@
 """
 from .act24 import Act24Config, Act24Core, relu2_stats, token_permutation
 from .api import (METHODS, Applied, SparsityMethod, applied_methods, collect_stats, describe, kernel_field_changes,
-                  method_changes, method_from_dict, method_to_dict, non_causal, register_method, set_step, sparsify_,
+                  method_changes, method_from_dict, method_to_dict, non_causal, register_method, run_modes, set_step, sparsify_,
                   edit_in_place)
 from .masked import masked_act24_ffn
 from .sste import SSTE24Config, SSTELinear
 from .vnm import VNMConfig, VNMCore
 
-__all__ = ["SparsityMethod", "Applied", "register_method", "sparsify_", "set_step", "edit_in_place", "collect_stats",
+__all__ = ["SparsityMethod", "Applied", "register_method", "sparsify_", "set_step", "run_modes", "edit_in_place", "collect_stats",
            "describe", "applied_methods", "method_to_dict", "method_from_dict", "kernel_field_changes", "method_changes", "non_causal",
            "METHODS", "Act24Config", "Act24Core", "relu2_stats", "token_permutation", "masked_act24_ffn", "SSTE24Config", "SSTELinear", "VNMConfig", "VNMCore"]

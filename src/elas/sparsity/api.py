@@ -252,6 +252,14 @@ def set_step(model: nn.Module, step: int, max_steps: int,
     return tuple(modes)
 
 
+def run_modes(model: nn.Module, max_steps: int) -> set[tuple]:
+    """The distinct mode tuples (one mode per applied method, as set_step returns) over a run of max_steps steps:
+    each is a graph of every compiled region, for training and again for evaluation. (mode_at is a pure function
+    of the step, so the schedule is read by asking it at every step: ~0.1 s for 100k steps.)"""
+    methods = [a.config for a in applied_methods(model)]
+    return {tuple(m.mode_at(step, max_steps) for m in methods) for step in range(max_steps)}
+
+
 def collect_stats(model: nn.Module, forward: Callable[[], Any]) -> dict[str, float]:
     """Run `forward()` (a no-grad probe forward of model) with statistics on; returns each method's statistics
     per target ("NAME/i", i the target's index) and their mean over targets ("NAME/mean"), with one host sync."""
@@ -345,5 +353,5 @@ def method_from_dict(d: dict) -> SparsityMethod:
     return cls(**d)
 
 
-__all__ = ["SparsityMethod", "Applied", "register_method", "sparsify_", "set_step", "collect_stats", "describe",
+__all__ = ["SparsityMethod", "Applied", "register_method", "sparsify_", "set_step", "run_modes", "collect_stats", "describe",
            "applied_methods", "method_to_dict", "method_from_dict", "kernel_field_changes", "METHODS", "relu2_ffns"]

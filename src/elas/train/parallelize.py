@@ -62,6 +62,17 @@ def compile_regions(model: torch.nn.Module, backend: str = "inductor", fullgraph
     model.loss = torch.compile(model.loss, **kw)  # shadows the bound method
 
 
+def allow_mode_graphs(modes: int) -> int:
+    """Let every compiled region hold one graph per mode of the run's method schedule, for training and for
+    no-grad evaluation (2 x modes, and 2 to spare). Dynamo's default, 8 graphs per code object, is a hard failure
+    under fullgraph=True: two methods switching at different steps (five mode combinations) stopped a run at its
+    fifth. Returns the limit now in force (raised, never lowered)."""
+    import torch._dynamo.config as dynamo
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # (torch < 2.6)
+    setattr(dynamo, name, max(getattr(dynamo, name), 2 * modes + 2))
+    return getattr(dynamo, name)
+
+
 def compile_options(cfg) -> dict:
     """The Inductor options a model config asks of its compiled regions ({} for none). Raises ValueError (one
     line) where this torch lacks one: the trainer calls it before reading any data."""

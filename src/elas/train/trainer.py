@@ -24,7 +24,7 @@ from ..data.prepare import DataError
 from ..build import attn_backend, build_model, ce_kernel, check_kernels, norm_kernel, relu2_kernel, resolve_methods
 from ..kernels import cublas
 from ..optim import build_optimizer, warmup_cosine
-from ..sparsity import collect_stats, describe, method_to_dict, set_step
+from ..sparsity import collect_stats, describe, method_to_dict, run_modes, set_step
 from ..sparsity.api import dense_throughout, edit_in_place
 from ..summary import model_summary
 from .checkpoint import (BackgroundSaver, CheckpointError, any_failed, checkpoints, clear_partial,
@@ -32,8 +32,8 @@ from .checkpoint import (BackgroundSaver, CheckpointError, any_failed, checkpoin
                          load_optimizer, load_sharded_checkpoint, newest_verified, resume_checkpoint, save_checkpoint,
                          save_sharded_checkpoint, snapshot)
 from .distributed import Dist, agree, all_reduce_sum, init_distributed, shutdown
-from .parallelize import (checkpoint_blocks, compile_counts, compile_options, compile_regions, eager_regions, grad_sync,
-                          hold_params_in, shard_fsdp, wrap_ddp)
+from .parallelize import (allow_mode_graphs, checkpoint_blocks, compile_counts, compile_options, compile_regions,
+                          eager_regions, grad_sync, hold_params_in, shard_fsdp, wrap_ddp)
 from .step import StepGrads
 
 PROBE_SEQS = 8  # sequences the sparsity statistics of a log step are measured on (a no-grad probe forward)
@@ -480,6 +480,7 @@ class Trainer:
         if cfg.activation_checkpointing:  # before compiling and sharding (the blocks keep their names)
             checkpoint_blocks(self.model)
         if self.compiled:
+            allow_mode_graphs(len(run_modes(self.model, cfg.max_steps)))
             compile_regions(self.model)
         self.sharded = self.dist.enabled and self.fsdp
         if self.sharded:
