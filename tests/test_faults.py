@@ -84,11 +84,31 @@ def test_resume_auto_with_every_checkpoint_damaged_keeps_the_lost_runs_metrics(d
         _damage(c / "model.safetensors", "truncate")
     r = run_cli(*train_args(dataset, run, *COMMON, "--resume", "auto"))
     assert r.returncode == 0, r.stderr
-    assert "the run starts again at step 0" in r.stdout
+    assert "starts again at step 0 (no checkpoint of it verifies)" in r.stdout
     kept = list(run.glob("metrics.before-restart-*.jsonl"))
     assert len(kept) == 1 and kept[0].read_text() == before
     a, b = losses(reference / "ref"), losses(run)
     assert sorted(b) == list(range(1, 9)) and all(a[s] == b[s] for s in a)
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_keeps_its_metrics(dataset, tmp_path):
+    """A run killed before its first checkpoint logged steps; started again there (--resume auto, or without
+    --resume), its metrics.jsonl is moved aside, not truncated away."""
+    import shutil
+    first = tmp_path / "first"
+    assert run_cli(*train_args(dataset, first, "--max-steps", "2", "--set", "eval_every=100",
+                                "--set", "log_every=1")).returncode == 0
+    for resume in (["--resume", "auto"], []):
+        run = tmp_path / f"run{len(resume)}"
+        run.mkdir()
+        shutil.copy(first / "config.json", run)
+        shutil.copy(first / "metrics.jsonl", run)  # its log, without a checkpoint
+        before = (run / "metrics.jsonl").read_text()
+        r = run_cli(*train_args(dataset, run, "--max-steps", "1", "--set", "eval_every=100", *resume))
+        assert r.returncode == 0, r.stderr
+        assert "starts again at step 0 (it holds no checkpoint)" in r.stdout
+        kept = list(run.glob("metrics.before-restart-*.jsonl"))
+        assert len(kept) == 1 and kept[0].read_text() == before
 
 
 @pytest.mark.parametrize("pointer", ["deleted", "dangling"])

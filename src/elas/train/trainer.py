@@ -423,15 +423,17 @@ class Trainer:
                               (" (the damaged ones were moved aside as *.corrupt)" if found else "") +
                               "; drop --resume to start a new run there, or pass --resume auto",
                               quiet=self.dist.enabled and not self.dist.main)  # (every process finds the same)
-        if resume == "auto" and found and self.ckpt is None and self.dist.main:
-            # every checkpoint was damaged: the run starts again, and the log of the steps it lost stays beside it
-            # (the fresh start would otherwise truncate metrics.jsonl to nothing)
+        if self.ckpt is None and self.dist.main:
+            # the run starts at step 0 where an earlier one logged steps (every checkpoint damaged, or a run that
+            # stopped before its first checkpoint): that log stays beside it (the fresh start would otherwise
+            # truncate metrics.jsonl to nothing)
             old = self.run_dir / "metrics.jsonl"
             if old.is_file() and old.stat().st_size:
                 aside = old.with_name(f"metrics.before-restart-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
                 os.replace(old, aside)
-                log(f"elas: no checkpoint of {self.run_dir} verifies: the run starts again at step 0 (--resume "
-                    f"auto); its earlier metrics were moved to {aside.name}")
+                why = "no checkpoint of it verifies" if found else "it holds no checkpoint"
+                log(f"elas: {self.run_dir} starts again at step 0 ({why}); its earlier metrics were moved to "
+                    f"{aside.name}")
         if self.ckpt is not None:
             self._check_param_dtype()
             check_same_data(self.ckpt, self.meta, cfg.data_dir, full_rank=cfg.model.rank == 0)
