@@ -62,7 +62,7 @@ def test_prepare_never_removes_what_is_not_its_own(tmp_path, monkeypatch):
         (src / f"doc{i}.txt").write_text(f"text {i} about tokens " * 30)
     (src / "NOTES.txt").write_text("mine")
     read = []
-    monkeypatch.setattr(prep, "_collect", lambda *a, **kw: read.append(1) or pytest.fail("text was read"))
+    monkeypatch.setattr(prep._Reader, "collect", lambda *a, **kw: read.append(1) or pytest.fail("text was read"))
     for force in (False, True):
         with pytest.raises(DataError, match=r"holds files that are not an elas dataset's \(NOTES.txt, doc0.txt, "
                                              r"doc1.txt, doc10.txt and 27 more\); .*nothing was removed"):
@@ -246,7 +246,7 @@ def test_a_tokenizer_without_end_of_text_fails_before_the_text_is_read(tmp_path,
     spec["added_tokens"] = []
     del spec["model"]["vocab"]["<|endoftext|>"]
     (tmp_path / "noeot.json").write_text(json.dumps(spec))
-    monkeypatch.setattr(prep, "_collect", lambda *a, **kw: pytest.fail("text was read"))
+    monkeypatch.setattr(prep._Reader, "collect", lambda *a, **kw: pytest.fail("text was read"))
     with pytest.raises(ValueError, match="no end-of-text token"):
         prepare(tmp_path / "b", source="files", files=[texts], tokenizer=str(tmp_path / "noeot.json"),
                 log=lambda *a: None)
@@ -261,7 +261,7 @@ def test_a_vocab_size_other_than_the_given_tokenizers_is_refused_before_the_text
     prepare(tmp_path / "a", source="files", files=[texts], vocab_size=300, val_frac=0.2, log=lambda *a: None)
     tok = str(tmp_path / "a")
     with monkeypatch.context() as m:
-        m.setattr(prep, "_collect", lambda *a, **kw: pytest.fail("text was read"))
+        m.setattr(prep._Reader, "collect", lambda *a, **kw: pytest.fail("text was read"))
         with pytest.raises(DataError, match=r"vocab_size=512 differs from the vocabulary of tokenizer .* \(300 tokens\)"):
             prepare(tmp_path / "b", source="files", files=[texts], tokenizer=tok, vocab_size=512, log=lambda *a: None)
     for size in (300, None):
@@ -384,3 +384,114 @@ def test_a_hugging_face_source_streams_its_text_field(tmp_path, monkeypatch):
     meta = prepare(tmp_path / "hf", source="hf", hf="org/corpus", hf_config="en", vocab_size=300, val_frac=0.2,
                    log=lambda *a: None)
     assert meta["train_tokens"] > 0 and meta["val_tokens"] > 0
+
+
+def _word_corpus(d, n=40, words=300):
+    d.mkdir()
+    for i in range(n):
+        (d / f"doc{i:03d}.txt").write_text(" ".join(f"w{(i * 7 + j) % 97}" for j in range(words)))
+    return d
+
+
+def test_max_tokens_streams_the_source_and_counts_the_documents_written(tmp_path, monkeypatch):
+    import sys
+    prep = sys.modules["elas.data.prepare"]  # (the module: elas.data.prepare is also the function's name)
+    pulled = []
+
+    def docs(specs, text_field="text", log=None):
+        for i in range(3000):
+            pulled.append(i)
+            yield f"d{i}.txt", f"document {i} " + "lorem ipsum dolor sit amet " * 40
+
+    monkeypatch.setattr(prep, "file_docs", docs)
+    meta = prepare(tmp_path / "d", source="files", files=["x"], vocab_size=300, max_mb=None, max_tokens=2000,
+                   val_frac=0.2, log=lambda *a: None)
+    tr = np.fromfile(tmp_path / "d" / "train.bin", dtype=np.uint16)
+    assert meta["train_tokens"] == len(tr) == 2000
+    # a document cut short by the cap counts; none beyond it
+    assert int((tr == meta["eot_id"]).sum()) <= meta["train_docs"] <= int((tr == meta["eot_id"]).sum()) + 1
+    assert len(pulled) < 1000  # (all 3000 were read into memory)
+    va = np.fromfile(tmp_path / "d" / "val.bin", dtype=np.uint16)
+    assert int((va == meta["eot_id"]).sum()) == meta["val_docs"] > 0
+
+
+def test_max_tokens_past_the_source_or_the_mb_cap_is_said(tmp_path):
+    src = _word_corpus(tmp_path / "t")
+    msgs = []
+    meta = prepare(tmp_path / "d", source="files", files=[str(src)], vocab_size=300, max_mb=0.02,
+                   max_tokens=10**9, val_frac=0.2, log=msgs.append)
+    assert meta["train_tokens"] < 10**9
+    assert any("fewer than --max-tokens" in m and "--max-mb 0.02 capped" in m for m in msgs), msgs
+    msgs.clear()
+    prepare(tmp_path / "e", source="files", files=[str(src)], vocab_size=300, max_mb=None, max_tokens=10**9,
+            val_frac=0.2, log=msgs.append)
+    assert any("fewer than --max-tokens" in m and "the source ended" in m for m in msgs), msgs
+
+
+def test_data_prepare_reads_until_max_tokens_without_the_default_mb_cap(tmp_path, monkeypatch):
+    import elas.data as data
+    seen = {}
+    monkeypatch.setattr(data, "prepare", lambda out, **kw: seen.update(kw))
+    assert main(["data", "prepare", "--out", str(tmp_path / "d"), "--max-tokens", "1000"]) == 0
+    assert seen["max_mb"] is None and seen["max_tokens"] == 1000
+    assert main(["data", "prepare", "--out", str(tmp_path / "d")]) == 0
+    assert seen["max_mb"] == 200.0
+
+
+def test_an_out_that_is_a_symlink_to_a_directory_is_written_through(tmp_path):
+    src = _word_corpus(tmp_path / "t")
+    (tmp_path / "big").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "big", target_is_directory=True)
+    prepare(tmp_path / "link", source="files", files=[str(src)], vocab_size=300, val_frac=0.2, log=lambda *a: None)
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "big" / "meta.json").is_file()
+
+
+def test_one_separator_per_document_with_a_tokenizer_that_adds_its_own(tmp_path):
+    from tokenizers import Tokenizer, processors
+    src = str(_word_corpus(tmp_path / "t"))
+    prepare(tmp_path / "a", source="files", files=[src], vocab_size=300, val_frac=0.2, log=lambda *a: None)
+    tok = Tokenizer.from_file(str(tmp_path / "a" / "tokenizer.json"))
+    eot = tok.token_to_id("<|endoftext|>")
+    # T5's post-processor appends its end-of-text ("$A </s>")
+    tok.post_processor = processors.TemplateProcessing(single="$A <|endoftext|>",
+                                                       special_tokens=[("<|endoftext|>", eot)])
+    tok.save(str(tmp_path / "t5like.json"))
+    meta = prepare(tmp_path / "b", source="files", files=[src], tokenizer=str(tmp_path / "t5like.json"),
+                   val_frac=0.2, log=lambda *a: None)
+    tr = np.fromfile(tmp_path / "b" / "train.bin", dtype=np.uint16)
+    assert int((tr == eot).sum()) == meta["train_docs"]
+
+
+def test_a_files_directory_says_what_it_leaves_out(tmp_path):
+    src = _word_corpus(tmp_path / "t", n=20)
+    for i in range(20):
+        (src / f"UPPER{i}.TXT").write_text("upper case extension " * 50)
+    for i in range(3):
+        (src / f"data{i}.json").write_text("{}")
+    msgs = []
+    meta = prepare(tmp_path / "d", source="files", files=[str(src)], vocab_size=300, val_frac=0.2, log=msgs.append)
+    assert meta["train_docs"] + meta["val_docs"] == 40  # (.TXT was left out)
+    assert any("left out 3 files" in m and "3 .json" in m for m in msgs), msgs
+
+
+def test_unigram_ppl_does_not_copy_the_token_file():
+    import tracemalloc
+    tr = np.random.default_rng(0).integers(0, 32000, 8_000_000).astype(np.uint16)
+    va = tr[:100_000]
+    tracemalloc.start()
+    got = unigram_ppl(tr, va, 32000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < tr.nbytes  # (np.bincount of the whole file: an int64 copy, 4x)
+    counts = np.bincount(tr, minlength=32000) + 1.0
+    assert got == pytest.approx(float(np.exp(-np.log(counts / counts.sum())[va].mean())), rel=1e-9)
+
+
+def test_a_lone_surrogate_in_jsonl_names_its_file_and_line(tmp_path):
+    src = tmp_path / "s"
+    src.mkdir()
+    lines = [json.dumps({"text": f"doc {i} " + "hello world " * 30}) for i in range(50)]
+    lines.append('{"text": "broken emoji \\ud83d here"}')
+    (src / "a.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"a\.jsonl:51: .*unpaired surrogate"):
+        prepare(tmp_path / "d", source="files", files=[str(src)], vocab_size=300, val_frac=0.2, log=lambda *a: None)

@@ -400,6 +400,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---- data / eval / generate ---------------------------------------------------------------------------------
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from .data import DataError, prepare
+    if args.max_mb is None:  # 200 MB, unless --max-tokens says where to stop
+        args.max_mb = 0.0 if args.max_tokens else 200.0
     if not math.isfinite(args.max_mb):  # (a negative cap: prepare says)
         raise UserError(f"--max-mb {args.max_mb} is invalid: expected a finite number of MB >= 0 (0: no cap)")
     try:
@@ -1073,8 +1075,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tokenizer", default="bpe", help="'bpe' to train one, or a tokenizer.json / dir / hub name")
     q.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 32000; a given --tokenizer keeps "
                    "its own)")
-    q.add_argument("--max-mb", type=float, default=200.0, help="cap on text read, MB (0 = no cap)")
-    q.add_argument("--max-tokens", type=int, help="cap on training tokens written")
+    q.add_argument("--max-mb", type=float, help="cap on text read, MB (0 = no cap; default 200, or none with "
+                   "--max-tokens)")
+    q.add_argument("--max-tokens", type=int, help="training tokens to write: the source is read until they are "
+                   "(its first 8 bytes a token, at most 1 GB, held in memory and a trained BPE's text; the rest "
+                   "streamed)")
     q.add_argument("--val-frac", type=float, default=0.01, help="fraction of documents for validation")
     q.add_argument("--force", action="store_true", help="rebuild an existing dataset")
     q.set_defaults(func=cmd_data_prepare)

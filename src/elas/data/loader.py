@@ -61,7 +61,7 @@ def check_token_range(data_dir: str | Path, meta: dict, vocab_size: int) -> None
 
 
 class TokenWindows:
-    """Non-overlapping windows of seq_len+1 tokens of one split (inputs = w[:-1], targets = w[1:])."""
+    """Windows of seq_len+1 tokens of one split, seq_len apart (neighbours share one token) (inputs = w[:-1], targets = w[1:])."""
 
     def __init__(self, data_dir: str | Path, split: str, seq_len: int):
         meta = load_meta(data_dir)

@@ -11,6 +11,7 @@ a full disk, the machine going down) never leaves half a dataset.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -34,14 +35,54 @@ def is_val(doc_id: str, val_frac: float) -> bool:
     return zlib.crc32(doc_id.encode("utf-8")) < val_frac * 2**32
 
 
-def _collect(docs, max_bytes: int | None, val_frac: float):
-    train, val, n_bytes = [], [], 0
-    for doc_id, text in docs:
-        (val if is_val(doc_id, val_frac) else train).append(text)
-        n_bytes += len(text.encode("utf-8"))
-        if max_bytes and n_bytes >= max_bytes:
-            break
-    return train, val, n_bytes
+class _Reader:
+    """The source's documents, read once in order and split by `is_val`; `read` counts their UTF-8 bytes (the
+    --max-mb cap) and `ended` says whether the source ran out."""
+
+    def __init__(self, docs, max_bytes: int | None, val_frac: float):
+        self.docs, self.max_bytes, self.val_frac = iter(docs), max_bytes, val_frac
+        self.read, self.ended, self.capped = 0, False, False
+
+    def __iter__(self):
+        """(is_val, text) until the source ends or --max-mb is reached."""
+        while not self.capped:
+            try:
+                doc_id, text = next(self.docs)
+            except StopIteration:
+                self.ended = True
+                return
+            try:
+                self.read += len(text.encode("utf-8"))
+            except UnicodeEncodeError as e:  # (a JSON "\ud83d" escape: json.loads accepts a lone surrogate)
+                raise SourceError(f"{doc_id}: its text holds an unpaired surrogate ({text[e.start]!r} at character "
+                                  f"{e.start}), which no UTF-8 text can: repair or drop that document") from None
+            self.capped = bool(self.max_bytes) and self.read >= self.max_bytes
+            yield is_val(doc_id, self.val_frac), text
+
+    def collect(self, soft_bytes: int | None = None):
+        """Read until the source ends, --max-mb is reached, or (soft_bytes) that many bytes were read and both
+        splits hold a document: the text held in memory (the tokenizer's training text)."""
+        train, val = [], []
+        for v, text in self:
+            (val if v else train).append(text)
+            if soft_bytes and self.read >= soft_bytes and train and val:
+                break
+        return train, val
+
+    def more_train(self, val: list):
+        """The rest of the source's training texts, streamed; its validation texts appended to `val`."""
+        for v, text in self:
+            if v:
+                val.append(text)
+            else:
+                yield text
+
+
+# with --max-tokens, the text first read (held in memory, the BPE's training text) is this many bytes a token, and
+# at most MAX_HELD_BYTES; the rest of the source streams through the tokenizer until --max-tokens are written (a
+# byte-level BPE token is ~3-5 bytes of English or code)
+BYTES_PER_TOKEN_GUESS = 8
+MAX_HELD_BYTES = 1_000_000_000
 
 
 def fsync_dir(path: Path) -> None:
@@ -65,9 +106,23 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def _write_tokens(path: Path, texts: list[str], tok, eot: int, dtype, max_tokens: int | None) -> int:
-    n = 0
-    encoded = (enc for i in range(0, len(texts), 256) for enc in tok.encode_batch(texts[i:i + 256]))
+def _batches(texts, n: int = 256):
+    batch = []
+    for t in texts:
+        batch.append(t)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _write_tokens(path: Path, texts, tok, eot: int, dtype, max_tokens: int | None) -> tuple[int, int]:
+    """Each text's ids then one EOT, until max_tokens: (tokens, documents) written (a document cut short counts)."""
+    n = docs = 0
+    # add_special_tokens=False: a tokenizer whose post-processor adds its own BOS/EOS (T5's "$A </s>") would give
+    # each document two separators
+    encoded = (enc for b in _batches(texts) for enc in tok.encode_batch(b, add_special_tokens=False))
     with open(path, "wb") as fh:
         for enc in encoded:
             ids = np.asarray(enc.ids + [eot], dtype=dtype)
@@ -75,13 +130,14 @@ def _write_tokens(path: Path, texts: list[str], tok, eot: int, dtype, max_tokens
                 ids = ids[: max_tokens - n]
             fh.write(ids.tobytes())
             n += len(ids)
+            docs += 1
             if max_tokens is not None and n >= max_tokens:
                 break
         # on disk before meta.json names the dataset complete: unsynced, a machine crash after the rename could
         # leave the files empty or zero-filled under a meta.json that vouches for them
         fh.flush()
         os.fsync(fh.fileno())
-    return n
+    return n, docs
 
 
 def file_sha1(path: Path, chunk: int = 1 << 24) -> str:
@@ -137,9 +193,13 @@ def _say(msg: str) -> None:
 
 def unigram_ppl(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
     """Perplexity on val of the add-one-smoothed unigram distribution of train: the bar a model must clear."""
-    counts = np.bincount(train, minlength=vocab).astype(np.float64) + 1.0
+    counts = np.ones(vocab, dtype=np.float64)
+    chunk = 1 << 20  # (np.bincount of a whole token file would copy it as int64: 4x a uint16 file)
+    for i in range(0, len(train), chunk):
+        counts += np.bincount(train[i:i + chunk], minlength=vocab)
     logp = np.log(counts / counts.sum())
-    return float(math.exp(-logp[val].mean()))
+    nll = sum(float(logp[val[i:i + chunk]].sum()) for i in range(0, len(val), chunk))
+    return float(math.exp(-nll / len(val)))
 
 
 def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = None, hf: str | None = None,
@@ -147,6 +207,8 @@ def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = 
             vocab_size: int | None = None, max_mb: float | None = 200.0, max_tokens: int | None = None,
             val_frac: float = 0.01, force: bool = False, log=_say) -> dict:
     out = Path(out).absolute()  # ("." has no name to put a temporary directory beside)
+    if out.is_symlink():  # (the link's target is replaced, not the link: the temporary directory goes beside it)
+        out = out.resolve()
     _check_out(out, force)
     if not 0.0 < val_frac < 0.5:
         raise DataError(f"val_frac={val_frac} must be in (0, 0.5)")
@@ -170,7 +232,7 @@ def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = 
     elif source == "files":
         if not files:
             raise DataError("source 'files' needs --files PATH [PATH ...]")
-        docs, desc = file_docs(files, text_field), f"files: {files}"
+        docs, desc = file_docs(files, text_field, log), f"files: {files}"
     elif source == "hf":
         if not hf:
             raise DataError("source 'hf' needs --hf NAME (e.g. allenai/c4 --hf-config en)")
@@ -207,11 +269,15 @@ def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = 
 
 def _prepare_into(tmp: Path, out: Path, docs, desc: str, tok, tokenizer: str, vocab_size: int, max_bytes, max_tokens,
                   val_frac: float, t0: float, log) -> dict:
-    log(f"reading {desc}" + (f", up to {max_bytes / 1e6:g} MB" if max_bytes else "") + " ...")
+    log(f"reading {desc}" + (f", up to {max_bytes / 1e6:g} MB" if max_bytes else "")
+        + (f", until {max_tokens:,} training tokens" if max_tokens else "") + " ...")
+    reader = _Reader(docs, max_bytes, val_frac)
+    held = min(max_tokens * BYTES_PER_TOKEN_GUESS, MAX_HELD_BYTES) if max_tokens else None
     try:
-        train_txt, val_txt, n_bytes = _collect(docs, max_bytes, val_frac)
+        train_txt, val_txt = reader.collect(held)
     except SourceError as e:
         raise DataError(str(e)) from None
+    n_bytes = reader.read
     if len(train_txt) + len(val_txt) == 1:  # (a single book: no --val-frac can split it, nor more of its text)
         raise DataError(f"source {desc!r} gave 1 document, but training and validation need one each (one document "
                         f"per file; in a .jsonl, per line): split it into several files, or into a .jsonl with one "
@@ -228,8 +294,11 @@ def _prepare_into(tmp: Path, out: Path, docs, desc: str, tok, tokenizer: str, vo
     dtype = np.uint16 if vocab <= 2**16 else np.uint32
     log(f"tokenizing {len(train_txt):,} train / {len(val_txt):,} val documents ...")  # (minutes, for 200 MB)
     try:
-        n_train = _write_tokens(tmp / "train.bin", train_txt, tok, eot, dtype, max_tokens)
-        n_val = _write_tokens(tmp / "val.bin", val_txt, tok, eot, dtype, None)
+        # with --max-tokens the source streams on past the text held, its validation documents kept for val.bin
+        more = reader.more_train(val_txt) if max_tokens else ()
+        n_train, train_docs = _write_tokens(tmp / "train.bin", itertools.chain(train_txt, more), tok, eot, dtype,
+                                            max_tokens)
+        n_val, val_docs = _write_tokens(tmp / "val.bin", val_txt, tok, eot, dtype, None)
         # (written here, not by tok.save: its failure, a full disk say, is a bare Exception, not an OSError)
         _write_synced(tmp / "tokenizer.json", tok.to_str(pretty=True).encode("utf-8"))
         tr = np.memmap(tmp / "train.bin", dtype=dtype, mode="r")
@@ -237,7 +306,7 @@ def _prepare_into(tmp: Path, out: Path, docs, desc: str, tok, tokenizer: str, vo
         meta = {
             "source": desc, "tokenizer": tokenizer, "vocab_size": vocab, "eot_id": eot,
             "dtype": np.dtype(dtype).name, "train_tokens": n_train, "val_tokens": n_val,
-            "train_docs": len(train_txt), "val_docs": len(val_txt), "text_bytes": n_bytes,
+            "train_docs": train_docs, "val_docs": val_docs, "text_bytes": reader.read,
             "val_frac": val_frac, "unigram_val_ppl": unigram_ppl(np.asarray(tr), np.asarray(va), vocab),
             "max_token_id": int(max(tr.max(initial=0), va.max(initial=0))),  # checked against a model's vocab
             "train_sha1": file_sha1(tmp / "train.bin"), "val_sha1": file_sha1(tmp / "val.bin"),
@@ -250,8 +319,14 @@ def _prepare_into(tmp: Path, out: Path, docs, desc: str, tok, tokenizer: str, vo
             shutil.rmtree(out)
         os.replace(tmp, out)
         fsync_dir(out.parent)  # (the rename itself)
+    except SourceError as e:  # (a document read while streaming)
+        raise DataError(str(e)) from None
     except OSError as e:
         raise DataError(f"writing dataset {out} failed: {e.strerror or e}") from None
+    if max_tokens and n_train < max_tokens:
+        why = (f"--max-mb {max_bytes / 1e6:g} capped the text read (0: no cap)" if reader.capped
+               else "the source ended")
+        log(f"note: {n_train:,} training tokens written, fewer than --max-tokens {max_tokens:,}: {why}")
     log(f"wrote {out}: {n_train:,} train / {n_val:,} val tokens, vocab {vocab}, "
         f"unigram val perplexity {meta['unigram_val_ppl']:.1f}")
     return meta

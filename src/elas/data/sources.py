@@ -29,8 +29,20 @@ def _walk(root: Path, exclude: set[Path]) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         dp = Path(dirpath)
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and dp / d not in exclude)
-        out += [dp / f for f in sorted(filenames) if f.endswith(TEXT_EXTS)]
+        out += [dp / f for f in sorted(filenames) if f.lower().endswith(TEXT_EXTS)]
     return out
+
+
+def _skipped(root: Path) -> dict[str, int]:
+    """Files under a --files directory that `_walk` leaves out (no text extension), counted by extension."""
+    counts: dict[str, int] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]
+        for f in filenames:
+            if not f.lower().endswith(TEXT_EXTS + (".jsonl",)):
+                ext = os.path.splitext(f)[1] or "(none)"
+                counts[ext] = counts.get(ext, 0) + 1
+    return counts
 
 
 def _read_text(path: Path) -> str | None:
@@ -96,8 +108,9 @@ def _json_kind(v) -> str:
             else "an array" if isinstance(v, list) else "an object" if isinstance(v, dict) else "a string")
 
 
-def file_docs(specs: list[str], text_field: str = "text") -> Iterator[tuple[str, str]]:
-    """Directories (recursive, text extensions), globs, plain files, and .jsonl files (one doc per line).
+def file_docs(specs: list[str], text_field: str = "text", log=None) -> Iterator[tuple[str, str]]:
+    """Directories (recursive, text extensions in any case), globs, plain files, and .jsonl files (one doc per line).
+    The files a directory holds under other extensions are left out, and `log` (if given) says how many of each.
 
     A document's id (which decides its train/val split) is its path below the spec's root: the directory given,
     a file's own directory, a glob's part before its first wildcard. The same files give the same dataset
@@ -107,6 +120,11 @@ def file_docs(specs: list[str], text_field: str = "text") -> Iterator[tuple[str,
         p = Path(spec)
         if p.is_dir():
             files += [(f, p) for f in _walk(p, set()) + sorted(p.rglob("*.jsonl"))]
+            skipped = _skipped(p) if log else {}
+            if skipped:
+                shown = ", ".join(f"{n} {ext}" for ext, n in sorted(skipped.items(), key=lambda kv: -kv[1])[:6])
+                log(f"--files {spec}: left out {sum(skipped.values())} files without a text extension "
+                    f"({', '.join(TEXT_EXTS)}, .jsonl): {shown}; name them, or a glob, to include them")
         elif p.is_file():
             files.append((p, p.parent))
         else:
@@ -141,6 +159,13 @@ def file_docs(specs: list[str], text_field: str = "text") -> Iterator[tuple[str,
                 if not isinstance(rec[text_field], str):  # (nor is a number or a list made text)
                     raise SourceError(f"{f}:{i + 1}: field {text_field!r} is {_json_kind(rec[text_field])}, not a "
                                       f"string; choose another with --text-field")
+                if "\\u" in line:  # (only a JSON escape gives a lone surrogate: json.loads accepts "\ud83d")
+                    try:
+                        rec[text_field].encode("utf-8")
+                    except UnicodeEncodeError as e:
+                        raise SourceError(f"{f}:{i + 1}: field {text_field!r} holds an unpaired surrogate escape "
+                                          f"({rec[text_field][e.start]!r}), which is not text: repair or drop that "
+                                          f"line") from None
                 yield f"{doc}:{i}", rec[text_field]
         else:
             text = _read_users_text(f)
