@@ -923,3 +923,47 @@ def test_both_optimizers_decay_matrices_and_not_norm_gains():
                 assert torch.equal(p.detach(), before[n]), (name, n)
             elif name == "adamw" or not isinstance(model.get_submodule(n.rsplit(".", 1)[0]), LowRankLinear):
                 torch.testing.assert_close(p.detach(), before[n] * (1 - 0.1 * 0.1), msg=f"{name} {n}")
+
+
+@pytest.mark.parametrize("kind", ["loro", "master"])
+def test_step_runs_a_closure_with_gradients_on(kind):
+    """torch's contract: step(closure) runs the closure with autograd on (it computes the loss and its
+    gradients); under the step's no_grad it could not."""
+    from elas.optim import MasterAdamW
+    torch.manual_seed(0)
+    lin = LowRankLinear(8, 6, 2)
+    if kind == "loro":
+        opt = LOROAdamW(torch.nn.Sequential(lin), lr=0.1, exact_every=100, d_model=8)
+    else:
+        lin.to(torch.bfloat16)
+        opt = MasterAdamW(lin.parameters(), lr=0.1, backend="reference")
+    x, before = torch.randn(4, 8), lin.weight_in.detach().clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = lin(x.to(lin.weight_in.dtype)).float().pow(2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.requires_grad and not torch.equal(lin.weight_in.detach(), before)
+
+
+@pytest.mark.parametrize("kw, name", [({"lr": -0.1}, "lr=-0.1"), ({"betas": (1.0, 0.999)}, "betas"),
+                                      ({"betas": (0.9, 1.5)}, "betas"), ({"eps": -1.0}, "eps"),
+                                      ({"weight_decay": -0.1}, "weight_decay")])
+@pytest.mark.parametrize("kind", ["loro", "master"])
+def test_optimizers_refuse_bad_settings_in_one_line(kind, kw, name):
+    from elas.optim import MasterAdamW
+    with pytest.raises(ValueError, match=name):
+        if kind == "loro":
+            LOROAdamW(torch.nn.Sequential(LowRankLinear(8, 6, 2)), exact_every=100, d_model=8, **kw)
+        else:
+            MasterAdamW([torch.nn.Parameter(torch.randn(8).bfloat16())], **kw)
+
+
+def test_loro_refuses_a_zero_width_or_negative_rewarm():
+    with pytest.raises(ValueError, match="d_model=0"):
+        LOROAdamW(torch.nn.Sequential(LowRankLinear(8, 6, 2)), exact_every=100, d_model=0)
+    with pytest.raises(ValueError, match="rewarm_steps=-1"):
+        LOROAdamW(torch.nn.Sequential(LowRankLinear(8, 6, 2)), exact_every=100, d_model=8, rewarm_steps=-1)

@@ -565,3 +565,28 @@ def test_deferred_residual_with_checkpointing_equals_and_the_trainer_refuses_it(
     cfg = TrainConfig(model=defer.cfg, seq_len=32, activation_checkpointing=True)
     with pytest.raises(ValueError, match="activation_checkpointing=true with model.defer_residual=true"):
         cfg.validate()
+
+
+def test_a_resume_keeps_this_runs_adamw_implementation(tmp_path):
+    """A checkpoint of a CPU run (torch AdamW with foreach/fused off) resumed where AdamW is fused (CUDA; fused
+    AdamW on CPU stands in here): the groups keep this run's implementation, which takes the clip folded into
+    grad_scale (the saved groups' flags made the resumed step fail)."""
+    from contextlib import nullcontext
+    from elas.train.checkpoint import load_optimizer, save_checkpoint
+
+    def make():
+        torch.manual_seed(0)
+        m = torch.nn.Linear(4, 4)
+        return m, [{"params": [m.weight], "weight_decay": 0.1}, {"params": [m.bias], "weight_decay": 0.0}]
+
+    x, y = torch.randn(2, 4), torch.randn(2, 4)
+    m, groups = make()
+    opt = torch.optim.AdamW(groups, lr=1e-3, eps=1e-8, foreach=False)
+    StepGrads(m, lambda a, b: ((m(a) - b) ** 2).mean(), nullcontext, 1, 1.0, optimizer=opt).run([(x, y)])
+    ck = save_checkpoint(tmp_path, 1, m, opt, {"step": 1, "tokens": 0})
+    m2, groups2 = make()
+    opt2 = torch.optim.AdamW(groups2, lr=1e-3, eps=1e-8, fused=True)
+    load_optimizer(ck, m2, opt2)
+    assert all(g["fused"] and not g["foreach"] for g in opt2.param_groups)
+    StepGrads(m2, lambda a, b: ((m2(a) - b) ** 2).mean(), nullcontext, 1, 1.0, optimizer=opt2).run([(x, y)])
+    assert int(opt2.state[m2.weight]["step"]) == 2

@@ -875,7 +875,11 @@ def test_a_metrics_line_rank0_cannot_write_saves_the_steps_and_stops_every_proce
     assert r.returncode != 0 and len(err) == 1 and ck is not None, r.stderr[-3000:]
     assert "could not write" in err[0] and f"the newest complete checkpoint is {ck.name}" in err[0], err
     assert "Connection closed" not in r.stderr and "[rank1]" not in r.stderr, r.stderr[-3000:]
-    assert 6 <= json.loads((ck / "trainer.json").read_text())["step"] < 30
+    step = json.loads((ck / "trainer.json").read_text())["step"]
+    assert 6 <= step < 30
+    # the checkpoint holds as many updates as its step says (it held one more: a resume took that update twice)
+    state = torch.load(ck / "optimizer.pt", weights_only=False)["optimizer"]["state"]
+    assert {int(st["step"]) for st in state.values()} == {step}
 
 
 def test_the_grid_under_torchrun_summarises_once(dataset, tmp_path):

@@ -10,7 +10,7 @@ from .schedules import warmup_cosine
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     """cfg.optimizer: adamw (norms and other 1-D parameters get no weight decay) or loro_adamw. AdamW over bf16
-    parameters is MasterAdamW (fp32 master weights, one fused kernel); over fp32 ones torch's fused AdamW."""
+    parameters is MasterAdamW (fp32 master weights, one fused kernel); over fp32 ones torch's AdamW, fused on CUDA."""
     bf16_params = next(model.parameters()).dtype == torch.bfloat16
     # optim_state_dtype=auto (the default): bf16 moments over bf16 parameters, fp32 over fp32 ones
     moments = torch.bfloat16 if cfg.optim_state_dtype == "bf16" or (cfg.optim_state_dtype == "auto" and bf16_params) \

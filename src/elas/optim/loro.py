@@ -1,7 +1,8 @@
 """LORO-AdamW (Mo et al., ICLR 2025): AdamW with a Riemannian update of low-rank factor pairs.
 
 Each LowRankLinear holds W = M N^T (M = weight_out [m, r], N = weight_in [n, r]). Every parameter gets Adam
-moments; with D = m_hat / (sqrt(v_hat) + eps) written as the Adam direction and eta_t = lr_t sqrt(1-b2^k)/(1-b1^k):
+moments m, v; with D = m / (sqrt(v) + eps) written as the Adam direction (the raw moments: the bias correction is
+in the step size) and eta_t = lr_t sqrt(1-b2^k)/(1-b1^k):
 
 - dense parameters (embeddings, LM head, norms): p -= eta_t D (plus decoupled weight decay), every step;
 - factors, most steps ("lazy"): M -= eta_t (r/d) D_M, N -= eta_t (r/d) D_N, with r/d = rank / d_model;
@@ -23,7 +24,7 @@ import math
 import torch
 
 from ..model.lowrank import LowRankLinear
-from .master import FP32Masters, sr_bf16
+from .master import FP32Masters, check_adam_settings, sr_bf16
 
 
 SOLVERS = ("svd", "gesvdj", "gesvda", "eigh")
@@ -289,6 +290,11 @@ class LOROAdamW(FP32Masters, torch.optim.Optimizer):
         if moment_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"LOROAdamW keeps its moments in float32 or bfloat16, got {moment_dtype}")
         self.moment_dtype = moment_dtype
+        check_adam_settings("LOROAdamW", lr, betas, eps, weight_decay)
+        if rewarm_steps < 0:
+            raise ValueError(f"LOROAdamW: invalid rewarm_steps={rewarm_steps}: expected >= 0")
+        if d_model is not None and d_model < 1:
+            raise ValueError(f"LOROAdamW: invalid d_model={d_model}: expected the model width, >= 1")
         if exact_every < 1:
             raise ValueError(f"exact_every must be >= 1, got {exact_every}")
         if exact_every <= rewarm_steps:  # the next reset would come before the lr is back on its schedule
@@ -407,7 +413,10 @@ class LOROAdamW(FP32Masters, torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = closure() if closure is not None else None
+        loss = None
+        if closure is not None:  # (torch's contract: the closure computes the loss and its gradients)
+            with torch.enable_grad():
+                loss = closure()
         exact = (self.t + 1) % self.exact_every == 0
         warm = self._rewarm()
         if self.has_masters and self.backend == "triton" and not exact:

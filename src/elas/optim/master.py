@@ -74,6 +74,19 @@ def adamw_reference(p: torch.Tensor, g: torch.Tensor, w: torch.Tensor, m: torch.
     p.copy_(w.to(torch.bfloat16))
 
 
+def check_adam_settings(name: str, lr, betas, eps: float, weight_decay: float) -> None:
+    """One line naming a bad setting, at construction (as torch.optim.AdamW does): a negative lr trains uphill
+    without a word, a beta of 1 divides by zero at the first step."""
+    if not torch.is_tensor(lr) and not lr >= 0:
+        raise ValueError(f"{name}: invalid lr={lr}: expected >= 0")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"{name}: invalid betas={tuple(betas)}: expected two values (beta1, beta2), each in [0, 1)")
+    if not eps >= 0:
+        raise ValueError(f"{name}: invalid eps={eps}: expected >= 0")
+    if not weight_decay >= 0:
+        raise ValueError(f"{name}: invalid weight_decay={weight_decay}: expected >= 0")
+
+
 class FP32Masters:
     """What an optimizer over bf16 parameters needs besides its update (mixed into MasterAdamW and LOROAdamW):
     fp32 master copies in the state ("master"), fp32 gradient sums across micro-batches (`accumulate`), the
@@ -305,6 +318,7 @@ class MasterAdamW(FP32Masters, torch.optim.Optimizer):
                  backend: str = "auto", moment_dtype: torch.dtype = torch.float32):
         if moment_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"MasterAdamW keeps its moments in float32 or bfloat16, got {moment_dtype}")
+        check_adam_settings("MasterAdamW", lr, betas, eps, weight_decay)
         self.moment_dtype = moment_dtype
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         for g in self.param_groups:
@@ -342,7 +356,10 @@ class MasterAdamW(FP32Masters, torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = closure() if closure is not None else None
+        loss = None
+        if closure is not None:  # (torch's contract: the closure computes the loss and its gradients)
+            with torch.enable_grad():
+                loss = closure()
         self.prepare()
         self.apply()
         return loss

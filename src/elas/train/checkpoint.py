@@ -580,8 +580,9 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer=None) -> dict:
 
 # a group's settings that come from this run's config, not from the checkpoint: torch's load_state_dict takes the
 # saved groups' whole, so a resume with another weight_decay or betas (said, and written to config.json) would
-# keep the old ones (lr is set every step by the schedule)
-GROUP_SETTINGS = ("weight_decay", "betas", "eps")
+# keep the old ones (lr is set every step by the schedule), and a run on CUDA resuming a CPU run's checkpoint would
+# keep torch AdamW's CPU implementation (foreach/fused off), which rejects the clip folded into grad_scale
+GROUP_SETTINGS = ("weight_decay", "betas", "eps", "foreach", "fused", "capturable")
 
 
 def _keeping_group_settings(optimizer, load) -> None:
@@ -589,6 +590,11 @@ def _keeping_group_settings(optimizer, load) -> None:
     load()
     for g, k in zip(optimizer.param_groups, keep):
         g.update(k)
+        if g.get("fused") or g.get("capturable"):  # (their step counts live on the parameter's device)
+            for p in g["params"]:
+                st = optimizer.state.get(p, {})
+                if torch.is_tensor(st.get("step")) and st["step"].device != p.device:
+                    st["step"] = st["step"].to(p.device, torch.float32)
 
 
 def load_optimizer(ckpt: Path, model: torch.nn.Module, optimizer) -> None:

@@ -677,7 +677,14 @@ class Trainer:
                     stop = int(prev.item()) if prev is not None else None
                     if stop is not None and stop >= SAVE_FAILED:  # every process leaves here, rank 0 saying why
                         if stop >= WRITE_FAILED:  # (the save is collective: every process takes it)
-                            self._save_before_failing(f"the write of {self.metrics_path.name}", agreed=True)
+                            # this step's update is in the weights: the checkpoint is of step + 1 (named step, a
+                            # resume would take the update twice), and only if that update left them finite
+                            self.step += 1
+                            self.tokens += self.global_batch * cfg.seq_len
+                            bad |= ~torch.isfinite(loss) | ~torch.stack(
+                                [torch.isfinite(_local(p)).all() for p in self.model.parameters()]).all()
+                            if not bool(all_reduce_sum(bad.float(), d).item()):
+                                self._save_before_failing(f"the write of {self.metrics_path.name}", agreed=True)
                         why = _write_failed(*self._write_error, self.run_dir) if self._write_error else save_error
                         raise _StartError(why or "rank 0 could not write its files", quiet=not d.main)
                 if self.compiled and d.main and (step == start or self.modes != prev_modes):
