@@ -165,3 +165,25 @@ def test_an_export_over_an_earlier_one_leaves_none_of_its_files_stale(dataset, t
     (out / "README.md").write_text("the user's notes")
     export_hf(build_model(cfg), cfg, None, out, log=lambda *a: None)
     assert sorted(f.name for f in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("edit", [
+    lambda c: (c.get("rope_parameters") or c).update(rope_theta=500000.0),
+    lambda c: c.update(rms_norm_eps=1e-2), lambda c: c.update(attention_bias=True),
+    lambda c: c.update(hidden_act="gelu"), lambda c: c.update(tie_word_embeddings=True)])
+def test_init_from_refuses_a_checkpoint_that_computes_another_function(tmp_path, edit):
+    """Same shapes, other settings (rope theta, norm eps, biases, activation, tied embeddings): the weights would
+    load into a model that computes something else (logits 0.5-0.7 apart), silently."""
+    from elas.build import build_model
+    from elas.export import check_init_from, export_hf
+
+    from conftest import preset
+    cfg = preset("llama-tiny-relu2", n_layers=1, d_model=64, n_heads=2, intermediate=96, vocab_size=128)
+    out = tmp_path / "hf"
+    export_hf(build_model(cfg), cfg, None, out, log=lambda *a: None)
+    check_init_from(build_model(cfg), cfg, out)  # (its own export is accepted)
+    conf = json.loads((out / "config.json").read_text())
+    edit(conf)
+    (out / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ValueError, match="computes another function"):
+        check_init_from(build_model(cfg), cfg, out)

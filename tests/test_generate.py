@@ -155,3 +155,28 @@ def test_sampling_never_picks_ids_past_the_tokenizers_vocabulary():
     for t in (1e-40, float("inf")):
         with pytest.raises(ValueError, match="temperature must be 0"):
             sample(model, prompt, 2, temperature=t)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(idx=torch.zeros(2, 5, dtype=torch.long), stop_token=0), "idx"),
+                                       (dict(idx=torch.zeros(1, 0, dtype=torch.long)), "idx"),
+                                       (dict(top_k=-1), "top_k"), (dict(top_k=2.5), "top_k")])
+def test_sample_refuses_bad_arguments_before_the_prefill(kw, match, monkeypatch):
+    model = _model("swiglu")
+    idx = kw.pop("idx", torch.zeros(1, 5, dtype=torch.long))
+    monkeypatch.setattr(model, "forward", lambda *a, **k: pytest.fail("the model ran"))
+    with pytest.raises(ValueError, match=match):
+        sample(model, idx, 3, **kw)
+
+
+def test_export_without_transformers_fails_before_loading_the_checkpoint(dataset, tmp_path, monkeypatch, capsys):
+    import sys
+    import elas.cli
+    from elas.cli import main
+    from conftest import TINY
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "llama-tiny", "--data", str(dataset), "--out", str(run), "--no-progress",
+                 *TINY, "--max-steps", "1", "--set", "eval_every=100"]) == 0
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.setattr(elas.cli, "_load_run", lambda *a, **k: pytest.fail("checkpoint loaded first"))
+    assert main(["export", "--run", str(run), "--to", str(tmp_path / "hf")]) == 2
+    assert "needs transformers" in capsys.readouterr().err

@@ -526,6 +526,10 @@ def cmd_checkpoint_consolidate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_hf
+    try:  # (before the checkpoint is loaded and its factors merged: minutes and tens of GB at 7B)
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UserError("elas export needs transformers: pip install 'elas[hf]'") from None
     out = Path(args.to)
     if out.exists() and not out.is_dir():
         raise UserError(f"--to {out} is not a directory; choose another --to")

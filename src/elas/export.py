@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -77,6 +78,24 @@ def check_init_from(model: nn.Module, cfg: ModelConfig, hf_dir: Path) -> list[Pa
     diff = [f"{k} {conf.get(k)} (model: {v})" for k, v in shape.items() if conf.get(k, v) != v]
     if diff:
         raise ValueError(f"--init-from {hf_dir} does not match the model's shape: {', '.join(diff)}")
+    # the settings that make the same weights compute another function (transformers' defaults where absent)
+    rope = conf.get("rope_parameters") or conf.get("rope_scaling") or {}
+    have = {"head_dim": conf.get("head_dim") or conf.get("hidden_size", cfg.d_model) // conf.get(
+                "num_attention_heads", cfg.n_heads),
+            "rope_theta": rope.get("rope_theta", conf.get("rope_theta", 10000.0)),
+            "rope_type": rope.get("rope_type", rope.get("type", "default")),
+            "rms_norm_eps": conf.get("rms_norm_eps", 1e-6),
+            "hidden_act": conf.get("hidden_act", "relu2" if cfg.ffn == "relu2" else "silu"),
+            "attention_bias": conf.get("attention_bias", False), "mlp_bias": conf.get("mlp_bias", False),
+            "tie_word_embeddings": conf.get("tie_word_embeddings", False)}
+    ours = {"head_dim": cfg.head_dim, "rope_theta": cfg.rope_theta, "rope_type": "default",
+            "rms_norm_eps": cfg.norm_eps, "hidden_act": "relu2" if cfg.ffn == "relu2" else "silu",
+            "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False}
+    same = lambda a, b: math.isclose(a, b, rel_tol=1e-6) if isinstance(b, float) and isinstance(a, (int, float)) \
+        else a == b
+    diff = [f"{k} {have[k]} (model: {v})" for k, v in ours.items() if not same(have[k], v)]
+    if diff:
+        raise ValueError(f"--init-from {hf_dir} computes another function than the model: {', '.join(diff)}")
     if any(isinstance(m, LowRankLinear) for m in model.modules()):
         raise ValueError(f"--init-from {hf_dir}: the model is low-rank; a dense checkpoint initialises full-rank "
                          f"models only (rank 0)")
@@ -117,6 +136,7 @@ def hf_config(cfg: ModelConfig, eos_id: int | None):
               num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
               head_dim=cfg.head_dim, hidden_act="relu2" if cfg.ffn == "relu2" else "silu",
               max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=False,
+              # BOS is the end-of-text: the token before every document in a dataset of `elas data prepare`
               attention_bias=False, mlp_bias=False, bos_token_id=eos_id, eos_token_id=eos_id,
               architectures=["ArceeForCausalLM" if cfg.ffn == "relu2" else "LlamaForCausalLM"])
     if "rope_parameters" in inspect.signature(cls.__init__).parameters:  # transformers >= 5

@@ -4,7 +4,8 @@ On a GPU the decode step can be captured once as a CUDA graph over a static cach
 and replayed for every token (`graph=True`; `elas bench infer` measures it): at batch 1 a decode step is hundreds
 of small kernels, and without the graph the GPU waits on Python between them. `compile_decode=True` compiles the
 step first (one graph for every position: it does not read the host position), so the replayed kernels are
-Inductor's fused ones. Neither is the default of `elas generate` yet."""
+Inductor's fused ones. `elas generate` replays the graph by default on CUDA (`--decode graph`; `--decode compiled`
+compiles the step first; `--decode eager` neither)."""
 from __future__ import annotations
 
 import torch
@@ -95,6 +96,10 @@ def sample(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0
     (ids past it are never sampled; see _pick)."""
     if not (temperature == 0 or MIN_TEMPERATURE <= temperature < float("inf")):
         raise ValueError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, inf), got {temperature}")
+    if idx.dim() != 2 or idx.shape[0] != 1 or idx.shape[1] < 1:  # (before the prefill: one prompt, batch 1)
+        raise ValueError(f"idx must be one prompt of token ids, shape [1, t] with t >= 1, got {tuple(idx.shape)}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be None or 0 (every token) or a positive int, got {top_k!r}")
     model.eval()
     if graph and not (idx.is_cuda and use_cache):
         raise ValueError("graph=True replays a captured decode step: it needs CUDA tensors and use_cache=True")
