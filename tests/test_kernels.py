@@ -645,3 +645,24 @@ def test_cutlass_metadata_layout_matches_the_librarys(m, k, sha1):
     pos = torch.arange(4).expand(m, k // 4, 4)[keep.reshape(m, k // 4, 4)].reshape(-1, 2)
     nib = e[off // 8].to(torch.int64) >> (4 * (off % 8 // 4)) & 0xF
     assert torch.equal(nib, pos[:, 0] | pos[:, 1] << 2)
+
+
+@pytest.mark.parametrize("which", ["act24_ffn_backward", "relu2_ffn_backward", "softmax_xent_grad"])
+def test_fake_kernels_give_the_real_layout_for_a_transposed_input(which):
+    """The real ops write dh1 (and the loss's gradient) contiguous whatever the input's layout; fakes that kept a
+    transposed input's strides made Inductor fail on them (assert_size_stride)."""
+    from elas.kernels import ops  # noqa: F401  (registers the ops)
+    E = torch.ops.elas
+    g = torch.Generator().manual_seed(0)
+    mk = lambda *s: torch.randn(*s, dtype=torch.bfloat16, generator=g)  # noqa: E731
+    t, q, f = 64, 64, 128
+    h1 = mk(q, t).t()  # [T, q], transposed
+    if which == "act24_ffn_backward":
+        wu, wd = mk(f, q), mk(f, q)
+        _, s0, s1, idx_d, slots = E.act24_ffn(mk(t, q), wu, wd, False, None, False)
+        op, args = E.act24_ffn_backward, (mk(t, q), h1, wu, wd, s0, s1, idx_d, slots, False)
+    elif which == "relu2_ffn_backward":
+        op, args = E.relu2_ffn_backward, (mk(t, q), h1, mk(f, q), mk(f, q), torch.relu(mk(t, f)) ** 2, "triton")
+    else:
+        op, args = E.softmax_xent_grad, (mk(50, t).t(), torch.randint(0, 50, (t,), generator=g), torch.ones(t))
+    torch.library.opcheck(op, args, test_utils=("test_faketensor",))

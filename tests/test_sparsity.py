@@ -326,3 +326,25 @@ def test_token_permutation_covers_the_models_longest_sequence():
     assert core.perm_keys.numel() == 4104 and torch.equal(core.perm_keys[:4096], permutation_keys())
     with torch.no_grad():
         assert model(torch.randint(0, 100, (1, 4100))).isfinite().all()
+
+
+@pytest.mark.parametrize("cls, field", [("Act24Config", "dense_warmup_steps"), ("VNMConfig", "v"),
+                                        ("VNMConfig", "recluster_steps"), ("SSTE24Config", "dense_warmup_steps")])
+def test_integer_fields_refuse_booleans(cls, field):
+    """A config.json or TOML `true` for an integer field ran as 1, silently."""
+    import elas.sparsity as sp
+    with pytest.raises(ValueError, match=f"{field}=True: expected an integer"):
+        getattr(sp, cls)(**{field: True})
+
+
+@pytest.mark.parametrize("mask_grad", [False, True])
+def test_the_masked_and_packed_twins_agree_on_a_nan_neuron(mask_grad):
+    """A dropped entry is 0 whatever its value in both twins (the masked one kept NaN * 0 = NaN where the packed
+    one and the kernels write 0)."""
+    from elas.kernels import ops
+    g = torch.Generator().manual_seed(0)
+    h1, wu, wd = (torch.randn(*s, generator=g).bfloat16() for s in ((64, 64), (128, 64), (128, 64)))
+    wu[5] = float("nan")
+    assert torch.equal(masked_act24_ffn(h1, wu, wd, mask_grad).isnan(), ops.act24_ffn(h1, wu, wd, mask_grad).isnan())
+    y2s, mask = ref.relu2_sparsify24(torch.tensor([[float("nan"), 0.0, 0.0, 0.0], [1e20, 1e20, 1e20, 1e20]]))
+    assert torch.all(y2s[~mask] == 0)

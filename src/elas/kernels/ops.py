@@ -301,8 +301,9 @@ def relu2_ffn_backward_op(dh2: Tensor, h1: Tensor, wu: Tensor, wd: Tensor, y2: T
 
 @relu2_ffn_backward_op.register_fake
 def _(dh2, h1, wu, wd, y2, impl="triton"):
-    return torch.empty_like(h1), torch.empty_like(wu, memory_format=torch.contiguous_format), \
-        torch.empty_like(wd, memory_format=torch.contiguous_format)
+    c = torch.contiguous_format  # (dh1 is written contiguous whatever h1's layout, as the real op's)
+    return torch.empty_like(h1, memory_format=c), torch.empty_like(wu, memory_format=c), \
+        torch.empty_like(wd, memory_format=c)
 
 
 def _relu2_setup_context(ctx, inputs, output):
@@ -789,8 +790,9 @@ def act24_ffn_backward_op(dh2: Tensor, h1: Tensor, wu: Tensor, wd: Tensor, s0: T
 
 @act24_ffn_backward_op.register_fake
 def _(dh2, h1, wu, wd, s0, s1, idx_d, slots, mask_grad, fused=False, wdt_p=None, wdt=None, cutlass=False):
-    return torch.empty_like(h1), torch.empty_like(wu, memory_format=torch.contiguous_format), \
-        torch.empty_like(wd, memory_format=torch.contiguous_format)
+    c = torch.contiguous_format  # (dh1 is written contiguous whatever h1's layout, as the real op's)
+    return torch.empty_like(h1, memory_format=c), torch.empty_like(wu, memory_format=c), \
+        torch.empty_like(wd, memory_format=c)
 
 
 def _setup_context(ctx, inputs, output):

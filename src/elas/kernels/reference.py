@@ -7,7 +7,8 @@ the same signature and produce the same masks and values, and are tested against
 Tie-break rule (used everywhere, GPU kernels included): inside a group of 4, element i is kept when fewer than 2
 elements of the group beat it, where j beats i if |x_j| > |x_i|, or |x_j| == |x_i| and j < i (the earlier
 feature wins a tie). Exactly 2 of every 4 positions are kept, so groups with fewer than 2 non-zeros keep zeros.
-NaN never occurs in a finite forward; if it does, the comparison treats it as smaller than everything.
+NaN never occurs in a finite forward; if it does, the comparison treats it as smaller than everything, and a
+dropped entry is 0 whatever its value (as the packed path and the kernels write it).
 """
 from __future__ import annotations
 
@@ -115,7 +116,7 @@ def relu2_sparsify24(y1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     y2 = r * r  # in y1's dtype even under autocast (which would run .square(), a pow, in fp32)
     rw = r.float() if r.dtype in (torch.bfloat16, torch.float16) else r
     mask = mask24(rw * rw, dim=-1)
-    return y2 * mask, mask
+    return torch.where(mask, y2, 0.0), mask
 
 
 def soft_threshold24(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -386,7 +387,7 @@ def softmax_xent_grad(z: torch.Tensor, t: torch.Tensor, scale: torch.Tensor) -> 
     nll = lse - zf.gather(1, t[:, None]).squeeze(1)
     g = zf.sub_(lse[:, None]).exp_() if zf is not z else (zf - lse[:, None]).exp()  # (in place on a fresh upcast)
     g.scatter_add_(1, t[:, None], -torch.ones_like(g[:, :1]))
-    return g.mul_(scale.to(acc)[:, None]).to(z.dtype), nll
+    return g.mul_(scale.to(acc)[:, None]).to(z.dtype).contiguous(), nll
 
 
 def sparse_mm(a, b: torch.Tensor) -> torch.Tensor:

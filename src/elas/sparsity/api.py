@@ -104,7 +104,9 @@ class SparsityMethod:
                     v = v.lower() in ("true", "1", "yes", "on")
                 if not isinstance(v, bool):
                     raise ValueError(f"invalid {self.name}.{f.name}={v!r}: expected true or false")
-            elif want is int and not isinstance(v, bool):
+            elif want is int:
+                if isinstance(v, bool):
+                    raise ValueError(f"invalid {self.name}.{f.name}={v!r}: expected an integer")
                 if isinstance(v, float) and v.is_integer():
                     v = int(v)
                 if not isinstance(v, int):

@@ -21,7 +21,8 @@ here: v=64 (a 64-row band of the SM90 layout; Venom uses 64 or 128), m=8 (75% sp
 zeros of long runs); the router's are in router.py. The default path is masked dense arithmetic: it measures
 quality, it accelerates nothing. `path=grouped` (own mode only; vnm_grouped.py) computes own mode for real: tokens
 laid out by cluster, each multiplied by its cluster's neurons only (torch's grouped GEMM: 4/m of the dense FFN's
-work in all six GEMMs, 2:4 inside not exploited), equal to the masked path up to summation order.
+work in all six GEMMs, 2:4 inside not exploited), equal to the masked path up to summation order
+(S-STE weights: with `sste24.input_grad=exact`; `transposed` is refused with this path).
 """
 from __future__ import annotations
 
@@ -213,6 +214,12 @@ class VNMCore(nn.Module):
     def modes_set(self) -> None:
         """Once every method is in its mode for the step (api.set_step): a new clustering period clusters the
         up-projection as the forward will use it (S(W_up) where S-STE's sparse phase has started)."""
+        if self.cfg.path == "grouped":  # (in every mode: refused at the run's first step, not at the sparse phase's)
+            for part in ("up", "down"):
+                if getattr(getattr(self._ffn[0], part), "transposed_grad", False):
+                    raise ValueError("vnm.path=grouped multiplies the FFN's weights itself, so its input gradient is "
+                                     "S(W)'s (sste24.input_grad=exact), not sste24.input_grad=transposed; use one of "
+                                     "vnm.path=masked or sste24.input_grad=exact")
         if self.active and self.cfg.router:
             period = int(self._mode.split("/")[1])
             if int(self.period) != period:  # a resumed run loads the period's clustering and keeps it

@@ -9,7 +9,8 @@ rows are zero padding. With top-k routing (vnm.topk) each token has a row in eac
 ALIGN * C, and a token's output is the sum of its k rows'. Every row move is a gather both ways (_Take): no
 accumulating scatter, no sort. The six FFN GEMMs are torch's grouped GEMM (one CUTLASS sm90 kernel on Hopper) over
 the C clusters: 4/m of the dense work at m features per block, whatever k; the 2:4 inside (ops.relu2_sparsify24_dense, one Triton pass) is zeros in a dense
-operand, not exploited by the GEMM. Equal to the masked path (vnm.py) up to summation order.
+operand, not exploited by the GEMM. Equal to the masked path (vnm.py) up to summation order
+(S-STE weights: with `sste24.input_grad=exact`; `transposed` is refused with this path).
 """
 from __future__ import annotations
 

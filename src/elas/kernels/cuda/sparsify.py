@@ -326,8 +326,8 @@ def relu2_sparsify24_dense(y1: torch.Tensor, rows: int | None = None, bk: int | 
                            num_warps: int | None = None, launch=_direct) -> torch.Tensor:
     """y1 [M, K] bf16/fp32 (any M, K % 4 == 0, rows contiguous) -> y2s [M, K] in y1's dtype: relu(y1)^2 with 2 of
     every 4 consecutive columns kept and the others zero, the dense (unpacked) form of relu2_sparsify24_packed
-    (the same selection; reference.relu2_sparsify24's y2s bit for bit, except that a NaN in y1 comes out 0 where
-    the reference keeps it NaN). For products that take 2:4 activations dense (V:N:M's grouped GEMM, which skips
+    (the same selection; reference.relu2_sparsify24's y2s bit for bit, except that a NaN in y1 the selection keeps,
+    three or four in a group, comes out 0 where the reference keeps it NaN; a dropped one is 0 in both). For products that take 2:4 activations dense (V:N:M's grouped GEMM, which skips
     whole clusters but not the 2:4 inside them). One read, one write. rows, bk: powers of two (bk >= 4); None:
     the module's DENSE_* launch."""
     rows, bk, num_warps = rows or DENSE_ROWS, bk or DENSE_BK, num_warps or DENSE_WARPS
