@@ -858,3 +858,80 @@ def test_a_sharded_save_or_load_that_fails_in_the_checkpoint_library_is_one_erro
     with pytest.raises(ck.CheckpointError, match=r"is corrupt, incomplete or of another model \(CheckpointException: "
                                                  r"process 1: OSError"):
         ck.load_sharded_checkpoint(good, model, opt)
+
+
+def _grid_row(run_dir, **kw):
+    """A finished grid run's summary.json (a results folder copied without the run's config and checkpoints)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    row = {"model": "llama-tiny", "variant": "relu2", "seed": 0, "steps": 2, "tokens": 2 * 2 * 256, "val_loss": 7.0,
+           "val_ppl": 1000.0, "optimizer": "adamw", "epochs": 0.1, "wall_s": 300.0, **kw}
+    (run_dir / "summary.json").write_text(json.dumps(row))
+
+
+def test_time_left_scales_a_done_run_of_another_budget(dataset, tmp_path, monkeypatch):
+    """relu2 (seed 0) finished here at --steps 2 in 300 GPU-s: a 4-step seed 1 needs ~600 s, not 300 (it started
+    with 400 s left), and --plan says so."""
+    experiment = _small_grid(monkeypatch)
+    out = tmp_path / "g"
+    _grid_row(out / "relu2")
+    (plan,) = experiment.grid_plan(["relu2"], [1], out, 4, size="llama-tiny", tokens=4 * 2 * 256)
+    assert plan["gpu_s_left"] == pytest.approx(600.0)
+    logs = []
+    assert experiment.run_grid("llama-tiny", ["relu2"], 4, str(dataset), out, batch_size=2, grad_accum=1,
+                               seeds=(1,), time_left=400.0, log=logs.append) == []
+    assert any(line.startswith("relu2.seed1: not started: needs ~600 s") for line in logs), logs
+
+
+def test_the_summary_table_does_not_average_seeds_of_different_budgets(tmp_path):
+    from elas.train import experiment
+    _grid_row(tmp_path / "relu2", steps=2, tokens=1024, val_loss=2.0)
+    _grid_row(tmp_path / "relu2.seed1", seed=1, steps=4, tokens=2048, val_loss=1.0)
+    _, md = experiment.summarize(tmp_path)
+    assert "1.5000 (1.0000-2.0000)" not in md
+    assert "| relu2 | adamw | 0 | 2 | 1,024 |" in md and "| relu2 | adamw | 1 | 4 | 2,048 |" in md
+
+
+def test_time_left_counts_the_data_preparation_of_the_same_call(dataset, tmp_path, monkeypatch):
+    """--time-left 4 with the built-in data prepared in the call (3 s here): 1 s is left when the grid looks at a
+    run estimated at 2.5 s, which must not start."""
+    import shutil
+    import time
+    import elas.data
+    from elas import cli
+    _small_grid(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(elas.data, "prepare", lambda d, **kw: (time.sleep(3), shutil.copytree(dataset, d)))
+    _grid_row(tmp_path / "g" / "relu2", wall_s=2.5)
+    cli.main(["experiment", "--size", "llama-tiny", "--steps", "2", "--batch-size", "2", "--grad-accum", "1",
+              "--data", "data/builtin-8k", "--out", "g", "--seeds", "1", "--variants", "relu2", "--time-left", "4"])
+    assert not (tmp_path / "g" / "relu2.seed1" / "summary.json").exists()
+
+
+def test_a_lone_summary_of_another_budget_is_not_counted_done(dataset, tmp_path, monkeypatch):
+    experiment = _small_grid(monkeypatch)
+    _grid_row(tmp_path / "relu2", steps=2)
+    with pytest.raises(ValueError, match="steps 2 -> 4"):
+        experiment.run_grid("llama-tiny", ["relu2"], 4, str(dataset), tmp_path, batch_size=2, grad_accum=1,
+                            log=lambda *a: None)
+
+
+def test_bad_grid_folders_are_one_line_errors_before_any_run(dataset, tmp_path, capsys, monkeypatch):
+    from elas.cli import main
+    experiment = _small_grid(monkeypatch)
+    grid = tmp_path / "runs" / "quality"
+    _grid_row(grid / "relu2")
+    assert main(["experiment", "--summarize-only", "--out", str(grid)]) == 0  # a grid: its summary.json is a list
+    capsys.readouterr()
+    assert main(["experiment", "--summarize-only", "--out", str(tmp_path / "runs")]) == 2  # its parent
+    err = capsys.readouterr().err
+    assert err.startswith("elas: error:") and err.count("\n") == 1 and "--out" in err, err
+    monkeypatch.setattr(experiment, "run_grid", lambda *a, **kw: pytest.fail("a run started"))
+    assert main(["experiment", "--size", "llama-tiny", "--steps", "1", "--batch-size", "2", "--grad-accum", "1",
+                 "--data", str(dataset), "--out", str(tmp_path / "runs"), "--variants", "relu2"]) == 2
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        capsys.readouterr()
+        assert main(["experiment", "--size", "llama-tiny", "--steps", "1", "--batch-size", "2", "--grad-accum", "1",
+                     "--data", str(dataset), "--out", str(out), "--variants", "relu2"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("elas: error:") and err.count("\n") == 1, err

@@ -889,6 +889,10 @@ def test_the_grid_under_torchrun_summarises_once(dataset, tmp_path):
                   "2", "--grad-accum", "1", "--data", str(dataset), "--out", str(tmp_path / "grid"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("| relu2 |") == 1 and (tmp_path / "grid" / "summary.md").is_file()
+    # the row counts every process's tokens (2 processes x batch 2 x 256 a step), as metrics.jsonl does
+    row = json.loads((tmp_path / "grid" / "relu2" / "summary.json").read_text())
+    metrics = [json.loads(ln) for ln in (tmp_path / "grid" / "relu2" / "metrics.jsonl").read_text().splitlines()]
+    assert row["tokens"] == max(m.get("tokens", 0) for m in metrics) == 2 * 2 * 2 * 256
 
 
 _EVAL_FAILS_ON_RANK1 = """import os, sys

@@ -833,15 +833,15 @@ def _print_grid_plan(args: argparse.Namespace, variants: list[str], seeds: list[
                      estimates: dict[str, float] | None = None) -> int:
     """`elas experiment --plan`: what the grid in --out still has to run, and the GPU time it is estimated to
     need (from the runs done there), without running anything."""
-    from .train.experiment import grid_plan, variant_config
+    from .train.experiment import grid_plan, run_tokens, variant_config
     try:
         for v in variants:  # a bad variant or key: one line, as for a run
-            variant_config(args.size, v, args.steps, args.data, out, args.batch_size, args.grad_accum)
+            cfg = variant_config(args.size, v, args.steps, args.data, out, args.batch_size, args.grad_accum)
     except (ValueError, KeyError) as e:
         raise UserError(_message(e)) from None
     rows = grid_plan(variants, seeds, out, args.steps, cfg_of=lambda v, seed: variant_config(
         args.size, v, args.steps, args.data, out, args.batch_size, args.grad_accum, seed=seed),
-        estimates=estimates)
+        estimates=estimates, size=args.size, tokens=run_tokens(cfg, world=1))
     left = [r for r in rows if r["state"] not in ("done", "diverged")]
     print(f"{'run':<48} {'state':<32} estimate (GPU time, from the runs done here" +
           (f", else scaled from {args.estimate_from})" if args.estimate_from else ")"))
@@ -871,10 +871,11 @@ def _print_grid_plan(args: argparse.Namespace, variants: list[str], seeds: list[
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
+    started = time.monotonic()  # (--time-left counts from here: preparing the data is part of the call)
     from .data import DataError
     from .train import TrainError
     from .train.trainer import TrainStopped
-    from .train.experiment import grid_variants, plot_curves, plot_stats, run_grid, summarize
+    from .train.experiment import grid_rows, grid_variants, plot_curves, plot_stats, run_grid, summarize
     out = Path(args.out)
     variants = args.variants.split(",") if args.variants else grid_variants(args.steps)
     if "" in variants:
@@ -904,6 +905,14 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} holds no grid to summarize (no such directory)")
     if args.summarize_only and not any(out.glob("*/summary.json")):
         raise UserError(f"--out {out} holds no finished run to summarize (no RUN/summary.json)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory: choose a grid folder")
+    if not out.exists() and any(p.exists() and not p.is_dir() for p in out.parents):
+        raise UserError(f"--out {out} lies under a file, not a directory: choose a grid folder")
+    try:  # (the rows it would summarize after training: a bad one found before, not after the runs)
+        grid_rows(out)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     estimates = None
     if args.estimate_from:
         if args.summarize_only or not (args.plan or args.time_left is not None):
@@ -935,9 +944,12 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                                 (f"use --data {fits[0]}" if fits else "prepare a dataset with a smaller --vocab-size"))
         ensure_builtin_data(SimpleNamespace(data_dir=args.data))
         try:
+            left = None if args.time_left is None else args.time_left - (time.monotonic() - started)
+            if left is not None and left <= 0:
+                raise UserError(f"--time-left {args.time_left:g} s was spent preparing the data: nothing started; "
+                                f"the same command runs the grid on the prepared data")
             run_grid(args.size, variants, args.steps, args.data, out, args.batch_size, args.grad_accum, seeds,
-                     args.transfer_data, time_left=args.time_left,
-                     estimates=estimates)
+                     args.transfer_data, time_left=left, estimates=estimates)
         except TrainStopped as e:  # the grid resumes where it stopped: the same command again
             if not e.quiet:
                 print(f"elas: stopped by signal {e.signum}; the run in progress saved its checkpoint: the same "

@@ -120,6 +120,12 @@ def check_transfer_data(data_dir: str, transfer: str, seq_len: int | None = None
 GRID_KEYS = ("preset", "max_steps", "seq_len", "batch_size", "grad_accum", "seed")
 
 
+def run_tokens(cfg, world: int | None = None) -> int:
+    """Training tokens of a grid run: every process's batches (torchrun: WORLD_SIZE of them take the batch each)."""
+    world = world or int(os.environ.get("WORLD_SIZE", "1"))
+    return cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len * world
+
+
 def other_settings(cfg, data_sha1: str | None = None) -> list[str]:
     """How the run kept in cfg.out_dir differs from cfg in the grid's settings and the model ([] where it has
     none kept, or the same): each difference as "KEY saved -> now". data_sha1 (the grid's training split): an
@@ -127,8 +133,16 @@ def other_settings(cfg, data_sha1: str | None = None) -> list[str]:
     counts as it is, and the summary flags runs of several datasets)."""
     run = Path(cfg.out_dir)
     kept = checkpoints(run)
-    if not ((run / "summary.json").exists() or kept) or not ((run / "config.json").is_file() or kept):
-        return []  # nothing of it kept (or a summary alone, nothing to compare): the run starts again
+    if not ((run / "summary.json").exists() or kept):
+        return []  # nothing of it kept: the run starts again
+    if not ((run / "config.json").is_file() or kept):  # a summary alone (results copied without the run): its row
+        try:  # says the budget and seed it ran, which the grid would count as done
+            row = json.loads((run / "summary.json").read_text())
+            have = {"steps": row["steps"], "tokens": row["tokens"], "seed": row.get("seed", 0)}
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+        want = {"steps": cfg.max_steps, "tokens": run_tokens(cfg), "seed": cfg.seed}
+        return [f"{k} {have[k]!r} -> {want[k]!r}" for k in want if have[k] != want[k]]
     try:
         saved = load_run_config(run)  # (config.json, or where it was lost the copy in the newest checkpoint)
     except TrainError:  # no config.json and no checkpoint holding a copy: nothing to compare with
@@ -263,7 +277,8 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
         (run / DIVERGED).unlink(missing_ok=True)  # (a record of other settings: this run starts again)
         if deadline is not None and not _checkpoint_step(run):  # (a partial run resumes: its checkpoints are at
             # risk whether it runs or not, and it gets further)
-            need = _gpu_seconds_left(with_estimates(_gpu_seconds_done(out), estimates), v, 0, steps)
+            need = _gpu_seconds_left(with_estimates(_gpu_seconds_done(out, size, run_tokens(cfg)), estimates), v, 0,
+                                     steps)
             left = deadline - time.monotonic()
             if need is not None and need * gpu_shared_by() > left:
                 log(f"{name}: not started: needs ~{need * gpu_shared_by():.0f} s, {max(left, 0):.0f} s left "
@@ -308,7 +323,7 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
         if "val_loss" not in res:  # finished in a process stopped before its summary.json: its last evaluation
             res = [m for m in metrics if "val_loss" in m and m["step"] == cfg.max_steps][-1]
         last = [m for m in metrics if "y2_zero_frac/mean" in m]
-        tokens = cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len
+        tokens = cfg.max_steps * trainer.global_batch * cfg.seq_len  # (every process's: torchrun's too)
         row = {"model": size, "variant": v, "seed": seed, "run": name, "steps": cfg.max_steps, "tokens": tokens,
                "epochs": tokens / train_tokens if train_tokens else None,
                "val_loss": res["val_loss"], "val_ppl": res["val_ppl"], "wall_s": round(wall, 1),
@@ -373,16 +388,18 @@ def diverged_before(cfg, data_sha1: str | None = None) -> dict | None:
 
 
 def grid_plan(variants: list[str], seeds, out: Path, steps: int, cfg_of=None,
-              estimates: dict[str, float] | None = None) -> list[dict]:
+              estimates: dict[str, float] | None = None, size: str | None = None,
+              tokens: int | None = None) -> list[dict]:
     """What a grid still has to run in `out`, without running it: per (seed, variant) its state ("done": a
     summary.json; "partial": checkpoints up to a step; "todo"; "other settings": a run kept there that the grid
     would refuse, with `differs`; "diverged": its loss became NaN/inf, recorded in DIVERGED, skipped) and the GPU seconds it is estimated to need: its own seed-0 run's GPU time where
     done (wall time over the processes that shared the GPU), else the median of the done runs', scaled by the
     steps left. cfg_of(variant, seed): the run's config as the grid would build it (for the settings check; None:
     not checked). estimates: as run_grid's, for the runs not done here. For planning calls of a time-limited GPU
-    machine."""
+    machine. size, tokens: this grid's (a run's tokens): the done runs' times are scaled to them
+    (`_gpu_seconds_done`)."""
     done = _gpu_seconds_done(out)
-    known = with_estimates(done, estimates)
+    known = with_estimates(_gpu_seconds_done(out, size, tokens) if tokens else done, estimates)
     rows = []
     for seed in seeds:
         for v in variants:
@@ -401,14 +418,21 @@ def grid_plan(variants: list[str], seeds, out: Path, steps: int, cfg_of=None,
     return rows
 
 
-def _gpu_seconds_done(out: Path) -> dict[str, float]:
-    """GPU seconds of each finished run in `out` (its wall time over the processes that shared the GPU)."""
+def _gpu_seconds_done(out: Path, size: str | None = None, tokens: int | None = None) -> dict[str, float]:
+    """GPU seconds of each finished run in `out` (its wall time over the processes that shared the GPU). With
+    `tokens` (a run's of the grid asking): as estimates for that grid, each scaled by its tokens to these (a folder
+    re-used with another --steps holds runs of other budgets), and runs of another `size` left out."""
     done = {}
     for p in sorted(Path(out).glob("*/summary.json")):
         try:
             r = json.loads(p.read_text())
-            done[p.parent.name] = r["wall_s"] / (r.get("gpu_shared_by") or 1)
-        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+            gpu = r["wall_s"] / (r.get("gpu_shared_by") or 1)
+            if tokens is not None:
+                if size is not None and r.get("model", size) != size:
+                    continue
+                gpu *= tokens / r["tokens"] if r.get("tokens") else 1.0
+            done[p.parent.name] = gpu
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError):
             continue
     return done
 
@@ -527,12 +551,33 @@ def _spread(values: list[float], fmt: str = ".4f") -> str:
     return f"{mean:{fmt}}" + (f" ({min(values):{fmt}}-{max(values):{fmt}})" if len(values) > 1 else "")
 
 
+ROW_KEYS = ("variant", "steps", "tokens", "val_loss", "wall_s", "optimizer")
+
+
+def grid_rows(out: Path) -> list[tuple[Path, dict]]:
+    """(run directory, summary row) of every finished run under `out`; ValueError naming the first summary.json
+    that is not a run's (a grid's own summary one level down: --out names the grid's parent, say)."""
+    rows = []
+    for p in sorted(Path(out).glob("*/summary.json")):
+        try:
+            row = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{p} cannot be read as a run's summary ({type(e).__name__}); remove it or choose "
+                             f"another --out") from None
+        if not isinstance(row, dict) or any(k not in row for k in ROW_KEYS):
+            what = "a grid's summary (a list of runs)" if isinstance(row, list) else "not a run's summary"
+            hint = f" (--out {p.parent}?)" if isinstance(row, list) else ""
+            raise ValueError(f"{p} is {what}{hint}: --out {out} must be the folder of one grid's runs")
+        rows.append((p.parent, row))
+    return rows
+
+
 def summarize(out: Path) -> tuple[list[dict], str]:
     """Collect every finished run under `out` into summary.json and summary.md (one line per variant: the mean
     over its seeds, with min-max); returns (rows, markdown). A ratio a / b is taken seed by seed (the same seed's
     data order and initial draw) where both have that seed at the same budget (`_budget`), its mean and min-max
     shown beside the seed spread."""
-    rows = [_with_curve(json.loads(p.read_text()), p.parent) for p in sorted(out.glob("*/summary.json"))]
+    rows = [_with_curve(row, run) for run, row in grid_rows(out)]
     order = list(QUALITY_VARIANTS)
     rank = {v: i for i, v in enumerate(order)}
     rows.sort(key=lambda r: (rank.get(split_variant(r["variant"])[0], 99), r["variant"], r.get("seed", 0)))
@@ -543,12 +588,15 @@ def summarize(out: Path) -> tuple[list[dict], str]:
     md = ["| variant | optimizer | seeds | steps | tokens | epochs | val loss | val ppl | " +
           ("transfer loss | " if has_transfer else "") + "y2 zeros | non-zeros dropped by 2:4 | wall s |",
           "|---|---|---|---|---|---|---|---|" + ("---|" if has_transfer else "") + "---|---|---|"]
+    table: dict[tuple, list[dict]] = {}  # (variant, budget) -> its rows: seeds of another budget are another row
     for v, seeds in by.items():
-        rs = list(seeds.values())
+        for r in seeds.values():
+            table.setdefault((v, _budget(r)), []).append(r)
+    for (v, _), rs in table.items():
         first = rs[0]
         stat = lambda k, fmt=".3f": _spread([r[k] for r in rs], fmt) if all(r.get(k) is not None for r in rs) \
             else "-"  # noqa: E731
-        md.append(f"| {v} | {first['optimizer']} | {','.join(str(k) for k in seeds)} | {first['steps']} | "
+        md.append(f"| {v} | {first['optimizer']} | {','.join(str(r.get('seed', 0)) for r in rs)} | {first['steps']} | "
                   f"{first['tokens']:,} | {stat('epochs', '.2f')} | {stat('val_loss', '.4f')} | "
                   f"{stat('val_ppl', '.2f')} | " + (f"{stat('transfer_loss', '.4f')} | " if has_transfer else "") +
                   f"{stat('y2_zero_frac')} | {stat('dropped_nnz_frac', '.4f')} | "
@@ -615,8 +663,8 @@ def grid_curves(out: Path) -> dict[str, dict]:
     the shared seeds of loss / base's loss, at the steps all those runs validated at."""
     runs: dict[str, dict[int, dict[int, float]]] = {}  # variant -> seed -> step -> val loss
     budgets: dict[str, dict[int, tuple]] = {}  # variant -> seed -> its budget (paired only within one)
-    for p in sorted(out.glob("*/summary.json")):
-        row = _with_curve(json.loads(p.read_text()), p.parent)
+    for run, row in grid_rows(out):
+        row = _with_curve(row, run)
         curve = {int(k): v for k, v in (row.get("val_curve") or {}).items()}
         if curve:
             runs.setdefault(row["variant"], {})[row.get("seed", 0)] = curve
