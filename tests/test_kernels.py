@@ -651,7 +651,7 @@ def test_cutlass_metadata_layout_matches_the_librarys(m, k, sha1):
 def test_fake_kernels_give_the_real_layout_for_a_transposed_input(which):
     """The real ops write dh1 (and the loss's gradient) contiguous whatever the input's layout; fakes that kept a
     transposed input's strides made Inductor fail on them (assert_size_stride)."""
-    from elas.kernels import ops  # noqa: F401  (registers the ops)
+    importlib.import_module("elas.kernels.ops")  # (registers the ops)
     E = torch.ops.elas
     g = torch.Generator().manual_seed(0)
     mk = lambda *s: torch.randn(*s, dtype=torch.bfloat16, generator=g)  # noqa: E731

@@ -439,7 +439,7 @@ def test_summary_counts_what_each_methods_sparse_path_does():
     assert abs(s["fwd_flops_per_token_2to4"] - got) / got < 0.01  # (the router's and padding's few FLOPs)
     assert s["fwd_flops_per_token_2to4"] < 0.85 * s["fwd_flops_per_token"]
     ffn = lambda c: 2 * 2 * c.d_model * c.ffn_width * c.n_layers  # noqa: E731  up + down, full rank
-    for preset in ("llama-1b-relu2-w24", "llama-1b-relu2-w24-a24"):
-        c = model_preset(preset)
+    for name in ("llama-1b-relu2-w24", "llama-1b-relu2-w24-a24"):
+        c = model_preset(name)
         s = model_summary(c)
         assert s["fwd_flops_per_token_2to4"] == s["fwd_flops_per_token"] - ffn(c) // 2

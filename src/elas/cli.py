@@ -527,7 +527,7 @@ def cmd_checkpoint_consolidate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_hf
     try:  # (before the checkpoint is loaded and its factors merged: minutes and tens of GB at 7B)
-        import transformers  # noqa: F401
+        __import__("transformers")
     except ImportError:
         raise UserError("elas export needs transformers: pip install 'elas[hf]'") from None
     out = Path(args.to)
