@@ -935,3 +935,15 @@ def test_bad_grid_folders_are_one_line_errors_before_any_run(dataset, tmp_path, 
                      "--data", str(dataset), "--out", str(out), "--variants", "relu2"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("elas: error:") and err.count("\n") == 1, err
+
+
+def test_the_summary_shows_the_transfer_perplexity(tmp_path):
+    """The quality issue asks for perplexity on the transfer text: exp of each seed's transfer loss, mean and
+    min-max as the losses'."""
+    import math
+    from elas.train import experiment
+    _grid_row(tmp_path / "relu2", transfer_loss=2.0)
+    _grid_row(tmp_path / "relu2.seed1", seed=1, transfer_loss=3.0)
+    _, md = experiment.summarize(tmp_path)
+    assert "| transfer loss | transfer ppl |" in md
+    assert f"| 2.5000 (2.0000-3.0000) | {(math.e ** 2 + math.e ** 3) / 2:.2f} ({math.e ** 2:.2f}-{math.e ** 3:.2f}) |" in md

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import statistics
 import sys
@@ -586,19 +587,21 @@ def summarize(out: Path) -> tuple[list[dict], str]:
         by.setdefault(r["variant"], {})[r.get("seed", 0)] = r
     has_transfer = any("transfer_loss" in r for r in rows)
     md = ["| variant | optimizer | seeds | steps | tokens | epochs | val loss | val ppl | " +
-          ("transfer loss | " if has_transfer else "") + "y2 zeros | non-zeros dropped by 2:4 | wall s |",
-          "|---|---|---|---|---|---|---|---|" + ("---|" if has_transfer else "") + "---|---|---|"]
+          ("transfer loss | transfer ppl | " if has_transfer else "") + "y2 zeros | non-zeros dropped by 2:4 | wall s |",
+          "|---|---|---|---|---|---|---|---|" + ("---|---|" if has_transfer else "") + "---|---|---|"]
     table: dict[tuple, list[dict]] = {}  # (variant, budget) -> its rows: seeds of another budget are another row
     for v, seeds in by.items():
         for r in seeds.values():
             table.setdefault((v, _budget(r)), []).append(r)
     for (v, _), rs in table.items():
         first = rs[0]
-        stat = lambda k, fmt=".3f": _spread([r[k] for r in rs], fmt) if all(r.get(k) is not None for r in rs) \
-            else "-"  # noqa: E731
+        stat = lambda k, fmt=".3f", f=float: _spread([f(r[k]) for r in rs], fmt) \
+            if all(r.get(k) is not None for r in rs) else "-"  # noqa: E731
         md.append(f"| {v} | {first['optimizer']} | {','.join(str(r.get('seed', 0)) for r in rs)} | {first['steps']} | "
                   f"{first['tokens']:,} | {stat('epochs', '.2f')} | {stat('val_loss', '.4f')} | "
-                  f"{stat('val_ppl', '.2f')} | " + (f"{stat('transfer_loss', '.4f')} | " if has_transfer else "") +
+                  f"{stat('val_ppl', '.2f')} | " + (f"{stat('transfer_loss', '.4f')} | "
+                                                    f"{stat('transfer_loss', '.2f', math.exp)} | " if has_transfer
+                                                    else "") +
                   f"{stat('y2_zero_frac')} | {stat('dropped_nnz_frac', '.4f')} | "
                   f"{sum(r['wall_s'] for r in rs):.0f} |")
     lines = []
