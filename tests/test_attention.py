@@ -448,3 +448,28 @@ def test_env_overrides_the_launch_settings_and_refuses_bad_keys():
     env["ELAS_ATTN_CONFIG"] = '{"bwd": {"blok": 128}}'
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "launch setting 'blok'" in out.stderr
+
+
+@pytest.mark.parametrize("config", [{"warps": True}, {"stages": 1.5}, {"stages": True}, {"warps": 4.0},
+                                    {"maxnreg": 100.0}, {"stages": "2"}, 5])
+def test_attention_launch_settings_refuse_non_integers(config):
+    with pytest.raises(ValueError, match="launch settings"):
+        attention.launch_settings("fwd", config)
+
+
+@pytest.mark.parametrize("value", ['{"fwd": 5}', '{"fwd": {"warps": true}}', '{"bwd": {"blok": 64}}'])
+def test_attention_env_config_fails_at_import_naming_the_variable(value):
+    import os
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", "import elas.kernels.cuda.attention"], capture_output=True, text=True,
+                       env={**os.environ, "TRITON_INTERPRET": "1", "ELAS_ATTN_CONFIG": value})
+    assert r.returncode != 0 and "ValueError: ELAS_ATTN_CONFIG=" in r.stderr, r.stderr[-300:]
+
+
+def test_attention_refuses_mixed_dtypes():
+    """fp32 q/k with a bf16 v ran and drifted from the reference by ~3e-3 (P is cast to v's dtype)."""
+    q = torch.randn(1, 8, 2, 32)
+    cos, sin = torch.ones(8, 16), torch.zeros(8, 16)
+    with pytest.raises(ValueError, match="one dtype"):
+        attention.rope_attention_forward(q, q, q.bfloat16(), cos, sin)

@@ -666,3 +666,70 @@ def test_fake_kernels_give_the_real_layout_for_a_transposed_input(which):
     else:
         op, args = E.softmax_xent_grad, (mk(50, t).t(), torch.randint(0, 50, (t,), generator=g), torch.ones(t))
     torch.library.opcheck(op, args, test_utils=("test_faketensor",))
+
+
+def _python(code: str, **env):
+    """A fresh interpreter (import-time checks of the ELAS_*_CONFIG variables; a fault that would kill this one)."""
+    import os
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1", **env})
+
+
+def test_the_backward_refuses_a_packed_forward_without_its_mask_bits():
+    """relu2_sparsify24_packed(write_bits=False) leaves mask_bits empty; the backward given that packed y2s read
+    [M, K/8] bytes from it (a segfault under the interpreter, an illegal address on a GPU)."""
+    pytest.importorskip("triton")
+    r = _python("""
+import torch
+from elas.kernels.cuda.sparsify import relu2_sparsify24_packed, relu2_sparse24_backward
+y1 = torch.randn(64, 64).bfloat16(); dy2 = torch.randn(64, 64).bfloat16()
+a = relu2_sparsify24_packed(y1, write_bits=False)
+for args in ((dy2, a, y1), (dy2, a)):
+    try:
+        relu2_sparse24_backward(*args)
+        print("ACCEPTED")
+    except ValueError as e:
+        print("REFUSED", e)
+""")
+    assert r.returncode == 0, r.stderr[-300:]
+    assert r.stdout.count("REFUSED") == 2 and "mask_bits" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("value", ['{"words": true, "groups": 16.0}', '{"words": true, "num_warps": 8.0}'])
+def test_the_sparsify_config_refuses_non_integers_at_import(value):
+    pytest.importorskip("triton")
+    r = _python("import elas.kernels.cuda.sparsify", ELAS_SPARSIFY_CONFIG=value)
+    assert r.returncode != 0 and "ELAS_SPARSIFY_CONFIG" in r.stderr, r.stderr[-300:]
+
+
+def test_the_sparsify_configs_num_warps_reaches_the_tile_form():
+    """The default (tile) form read the variable's num_warps nowhere: set, it was silently ignored."""
+    pytest.importorskip("triton")
+    r = _python("""
+import torch
+import elas.kernels.cuda.sparsify as S
+seen = []
+class L:
+    def __init__(s, k): s.k = k
+    def __getitem__(s, grid): return lambda *a, **kw: seen.append(kw['num_warps'])
+S.relu2_sparsify24_packed(torch.randn(64, 64).bfloat16(), launch=L)
+print(seen)
+""", ELAS_SPARSIFY_CONFIG='{"num_warps": 2}')
+    assert r.stdout.strip() == "[2]", r.stdout + r.stderr[-300:]
+
+
+def test_tile_sizes_that_are_not_powers_of_two_are_one_line_errors():
+    """They passed the divisibility checks and failed inside Triton (tl.arange takes powers of two)."""
+    pytest.importorskip("triton")
+    from elas.kernels.cuda.epilogue import up_relu2_sparsify24
+    from elas.kernels.cuda.sparsify import relu2_sparsify24_packed
+    from elas.kernels.cuda.sste import soft_threshold24_packed
+    with pytest.raises(ValueError, match="tiles=3"):
+        relu2_sparsify24_packed(torch.randn(64, 192).bfloat16(), tiles=3)
+    with pytest.raises(ValueError, match="tiles=3"):
+        soft_threshold24_packed(torch.randn(64, 192), torch.tensor(1.0), tiles=3)
+    h1, wu = torch.ones(64, 64, dtype=torch.bfloat16), torch.ones(192, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="BN=96"):
+        up_relu2_sparsify24(h1, wu, bm=64, bn=96)

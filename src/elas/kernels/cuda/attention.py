@@ -253,6 +253,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"rope_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected "
                          f"three [batch, seq, heads, head_dim] tensors of one shape")
+    if k.dtype != q.dtype or v.dtype != q.dtype:  # (P is cast to v's dtype: mixed, the result drifts silently)
+        raise ValueError(f"rope_attention: q {q.dtype}, k {k.dtype}, v {v.dtype}: expected one dtype")
     d = q.shape[-1]
     if d < 32 or d & (d - 1) or any(t.stride(-1) != 1 for t in (q, k, v)):
         raise ValueError(f"rope_attention: head_dim {d} (strides {q.stride()}): expected a power of two >= 32 with "
@@ -291,6 +293,8 @@ _KEYS = {"fwd": ("bm", "bn", "warps", "stages", "maxnreg"),
 def launch_settings(kind: str, config: dict | None = None, base: dict | None = None) -> dict:
     """kind's ("fwd" or "bwd") launch settings: config over base (default: FWD_CONFIG / BWD_CONFIG), checked; a
     config that sets blk without sub steps by blk (sub inherited from base belongs to base's blk)."""
+    if config is not None and not isinstance(config, dict):
+        raise ValueError(f"attention {kind} launch settings {config!r}: expected an object of settings")
     given = dict(config or {})
     bad = sorted(set(given) - set(_KEYS[kind]))
     if bad:
@@ -305,7 +309,9 @@ def launch_settings(kind: str, config: dict | None = None, base: dict | None = N
                          + (", sub <= blk" if kind == "bwd" else ""))
     if any(not isinstance(c.get(f, False), bool) for f in ("delta_pre", "split", "save_rotated")):
         raise ValueError(f"attention {kind} launch settings {c}: delta_pre, split and save_rotated are true or false")
-    if c["warps"] not in (1, 2, 4, 8, 16) or c["stages"] < 1 or (c.get("maxnreg") or 255) not in range(24, 256):
+    is_int = lambda x: type(x) is int  # noqa: E731 (not bool, not float)
+    if (not is_int(c["warps"]) or c["warps"] not in (1, 2, 4, 8, 16) or not is_int(c["stages"]) or c["stages"] < 1
+            or c.get("maxnreg") not in (None, *range(24, 256)) or isinstance(c.get("maxnreg"), (bool, float))):
         raise ValueError(f"attention {kind} launch settings {c}: warps 1-16 (a power of two), stages >= 1, maxnreg "
                          f"24-255 or absent")
     return c
@@ -313,8 +319,11 @@ def launch_settings(kind: str, config: dict | None = None, base: dict | None = N
 
 _override = env_config("ELAS_ATTN_CONFIG", ("fwd", "bwd"))  # (a bad key fails at import, not at the first launch)
 if _override:
-    FWD_CONFIG = launch_settings("fwd", _override.get("fwd"))
-    BWD_CONFIG = launch_settings("bwd", _override.get("bwd"))
+    try:
+        FWD_CONFIG = launch_settings("fwd", _override.get("fwd"))
+        BWD_CONFIG = launch_settings("bwd", _override.get("bwd"))
+    except ValueError as e:
+        raise ValueError(f"ELAS_ATTN_CONFIG={os.environ['ELAS_ATTN_CONFIG']!r}: {e}") from None
 
 
 def forward_settings(config: dict | None, head_dim: int, dtype: torch.dtype, save_rotated: bool) -> dict:

@@ -15,7 +15,8 @@ rounded) and does, in registers, what a separate kernel would do after a round t
   backward kernel (sparsify._bwd_kernel, ste branch) on this dy2. Saves the write and the read of dy2.
 
 Shapes: M % BM == 0, N % BN == 0, K % BK == 0; BM in {64, 128} (one or two 64-row bands of the layout), BN a
-multiple of 32 (whole 256-byte metadata tiles). The tile sizes are arguments so that `elas bench epilogue` can
+power of two >= 32 (whole 256-byte metadata tiles; tl.arange's sizes are powers of two), BK a power of two >= 16
+(tl.dot's). The tile sizes are arguments so that `elas bench epilogue` can
 sweep them; the defaults are a starting point, not yet tuned on a GPU.
 """
 from __future__ import annotations
@@ -112,9 +113,9 @@ def _check(a: torch.Tensor, b: torch.Tensor, bm: int, bn: int, bk: int, what: st
         raise ValueError(f"{what}: A [M, K] and B [N, K] must share K, got {tuple(a.shape)} and {tuple(b.shape)}")
     (m, k), n = a.shape, b.shape[0]
     check_shape(m, n)
-    if bm not in (64, 128) or bn % 32 or m % bm or n % bn or k % bk:
-        raise ValueError(f"{what}: M={m}, N={n}, K={k} do not tile by BM={bm} (64 or 128), BN={bn} (a multiple "
-                         f"of 32), BK={bk}")
+    if bm not in (64, 128) or bn % 32 or bn & (bn - 1) or bk & (bk - 1) or bk < 16 or m % bm or n % bn or k % bk:
+        raise ValueError(f"{what}: M={m}, N={n}, K={k} do not tile by BM={bm} (64 or 128), BN={bn} (a power of "
+                         f"two >= 32), BK={bk} (a power of two >= 16)")
     return m, n, k
 
 

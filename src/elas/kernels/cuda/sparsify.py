@@ -217,8 +217,8 @@ def _words_kernel(y1_ptr, val_ptr, meta_ptr, bits_ptr, K, GB: tl.constexpr, WRIT
 DEFAULT_WORDS, WORDS_GROUPS, WORDS_WARPS = False, 16, 8
 _FWD_OVERRIDE = env_config("ELAS_SPARSIFY_CONFIG", ("words", "groups", "num_warps"))
 for _k, _ok, _valid in (("words", lambda v: isinstance(v, bool), "true or false"),
-                        ("groups", lambda v: v in (8, 16, 32) and not isinstance(v, bool), "8, 16 or 32"),
-                        ("num_warps", lambda v: v in (1, 2, 4, 8, 16) and not isinstance(v, bool),
+                        ("groups", lambda v: type(v) is int and v in (8, 16, 32), "8, 16 or 32"),
+                        ("num_warps", lambda v: type(v) is int and v in (1, 2, 4, 8, 16),
                          "a power of two 1-16")):
     if _k in _FWD_OVERRIDE and not _ok(_FWD_OVERRIDE[_k]):
         raise ValueError(f"ELAS_SPARSIFY_CONFIG={os.environ.get('ELAS_SPARSIFY_CONFIG')!r}: {_k}="
@@ -237,8 +237,8 @@ def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | Non
     feature_counts: optional int32 [K], incremented by the positives of each column of y1 (for the 95/5 split).
     rows: tokens per program, 64 or 128 (default: 128 where M allows). launch: how the kernel is launched:
     directly, or `torch.library.wrap_triton` inside the operator (kernels/ops.py), which lets torch.compile see
-    the kernel. write_bits: also write the plain keep-mask (else mask_bits is empty: `ste` mode never reads it;
-    without it the kernel is 20% faster at [8192, 8192]). words (bf16 y1, contiguous from a multiple of 4
+    the kernel. write_bits: also write the plain keep-mask (else mask_bits is empty: the backward then needs y1 and
+    a=None, `ste` mode's inputs, and refuses the packed y2s; without it the kernel is 20% faster at [8192, 8192]). words (bf16 y1, contiguous from a multiple of 4
     elements, no feature_counts; else the tile form): the word form (_words_kernel, the same bytes), `groups`
     groups of 4 columns a program (8, 16 or 32); tiles and rows do not apply to it. None: ELAS_SPARSIFY_CONFIG's,
     else the module's DEFAULT_* (read at each call)."""
@@ -247,7 +247,7 @@ def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | Non
             and _word_aligned(y1)):
         return _sparsify_words(y1, launch, write_bits, groups or _FWD_OVERRIDE.get("groups", WORDS_GROUPS),
                                num_warps or _FWD_OVERRIDE.get("num_warps", WORDS_WARPS))
-    tiles, num_warps = tiles or DEFAULT_TILES, num_warps or DEFAULT_WARPS
+    tiles, num_warps = tiles or DEFAULT_TILES, num_warps or _FWD_OVERRIDE.get("num_warps", DEFAULT_WARPS)
     if y1.dim() != 2 or y1.stride(1) != 1:
         raise ValueError(f"y1 must be a row-major 2-D tensor, got shape {tuple(y1.shape)} strides {y1.stride()}")
     if y1.dtype not in (torch.bfloat16, torch.float32):
@@ -259,8 +259,9 @@ def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | Non
     vals = buf[: m * k // 2]
     meta = buf[m * k // 2:].view(torch.uint8)
     bits = torch.empty((m, k // 8) if write_bits else (0,), dtype=torch.uint8, device=y1.device)
-    if (k // 32) % tiles or rows not in (64, 128) or m % rows:
-        raise ValueError(f"tiles={tiles} must divide K/32={k // 32} and rows={rows} (64 or 128) must divide M={m}")
+    if tiles & (tiles - 1) or (k // 32) % tiles or rows not in (64, 128) or m % rows:
+        raise ValueError(f"tiles={tiles} (a power of two) must divide K/32={k // 32} and rows={rows} (64 or 128) "
+                         f"must divide M={m}")
     count = feature_counts is not None
     if count and (feature_counts.dtype != torch.int32 or feature_counts.shape != (k,)):
         raise ValueError(f"feature_counts must be int32 [{k}], got {feature_counts.dtype} {tuple(feature_counts.shape)}")
@@ -727,6 +728,11 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Ten
     m, k = dy2.shape
     if a is not None and a.shape != (m, k):
         raise ValueError(f"packed y2s is {a.shape}, dy2 is {tuple(dy2.shape)}")
+    if a is not None and (a.buffer.numel() != m * k * 9 // 16 or a.mask_bits.shape != (m, k // 8)
+                          or a.mask_bits.dtype != torch.uint8):
+        raise ValueError(f"relu2_sparse24_backward: the packed forward needs its mask_bits uint8 [{m}, {k // 8}] "
+                         f"(got {a.mask_bits.dtype} {tuple(a.mask_bits.shape)}: packed with write_bits=False?); "
+                         f"in ste mode pass a=None and y1")
     if a is None and y1 is None:
         raise ValueError("relu2_sparse24_backward needs the packed y2s (mask mode) or y1 (ste mode)")
     if dy2.stride(1) != 1 or dy2.stride(0) != k:

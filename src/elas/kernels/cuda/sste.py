@@ -76,8 +76,8 @@ def soft_threshold24_packed(w: torch.Tensor, beta: torch.Tensor, transpose: bool
         raise ValueError(f"w must be 2-D, got shape {tuple(w.shape)}")
     m, k = (w.shape[1], w.shape[0]) if transpose else tuple(w.shape)
     check_shape(m, k)
-    if (k // 32) % tiles:
-        raise ValueError(f"tiles={tiles} must divide K/32={k // 32}")
+    if tiles & (tiles - 1) or (k // 32) % tiles:
+        raise ValueError(f"tiles={tiles} (a power of two) must divide K/32={k // 32}")
     sr, sc = (w.stride(1), w.stride(0)) if transpose else (w.stride(0), w.stride(1))
     buf = torch.empty(m * k * 9 // 16, dtype=torch.bfloat16, device=w.device)
     bits = torch.empty((m, k // 8) if write_bits else (0,), dtype=torch.uint8, device=w.device)
