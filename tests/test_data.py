@@ -404,6 +404,7 @@ def test_max_tokens_streams_the_source_and_counts_the_documents_written(tmp_path
             yield f"d{i}.txt", f"document {i} " + "lorem ipsum dolor sit amet " * 40
 
     monkeypatch.setattr(prep, "file_docs", docs)
+    monkeypatch.setattr(prep, "DEFAULT_MB", 0.01)  # (the text held is at least this: 200 MB, a source read whole)
     meta = prepare(tmp_path / "d", source="files", files=["x"], vocab_size=300, max_mb=None, max_tokens=2000,
                    val_frac=0.2, log=lambda *a: None)
     tr = np.fromfile(tmp_path / "d" / "train.bin", dtype=np.uint16)
@@ -428,14 +429,29 @@ def test_max_tokens_past_the_source_or_the_mb_cap_is_said(tmp_path):
     assert any("fewer than --max-tokens" in m and "the source ended" in m for m in msgs), msgs
 
 
-def test_data_prepare_reads_until_max_tokens_without_the_default_mb_cap(tmp_path, monkeypatch):
-    import elas.data as data
+def test_without_max_mb_the_text_read_is_capped_unless_max_tokens_says_where_to_stop(tmp_path, monkeypatch):
+    """--max-mb not given: the default cap (200 MB) without --max-tokens; with it, the source is read until its
+    tokens are written (the default cap silently stopped `--hf allenai/c4 --max-tokens N` at ~50M tokens). A source
+    under the default cap comes out as it did without --max-tokens."""
+    import sys
+    prep = sys.modules["elas.data.prepare"]
+    src = _word_corpus(tmp_path / "t", n=60)
+    monkeypatch.setattr(prep, "DEFAULT_MB", 0.03)  # (~30 kB: about 25 of the 60 documents)
+    capped = prepare(tmp_path / "a", source="files", files=[str(src)], vocab_size=300, val_frac=0.2,
+                     log=lambda *a: None)
+    whole = prepare(tmp_path / "b", source="files", files=[str(src)], vocab_size=300, val_frac=0.2,
+                    max_tokens=10**9, log=lambda *a: None)
+    assert capped["train_docs"] + capped["val_docs"] < 40 and whole["train_docs"] + whole["val_docs"] == 60
+    monkeypatch.setattr(prep, "DEFAULT_MB", 1.0)  # (the whole source under it)
+    a = prepare(tmp_path / "c", source="files", files=[str(src)], vocab_size=300, val_frac=0.2, log=lambda *a: None)
+    b = prepare(tmp_path / "e", source="files", files=[str(src)], vocab_size=300, val_frac=0.2, max_tokens=10**9,
+                log=lambda *a: None)
+    assert a["train_sha1"] == b["train_sha1"] and a["val_sha1"] == b["val_sha1"]
     seen = {}
+    import elas.data as data
     monkeypatch.setattr(data, "prepare", lambda out, **kw: seen.update(kw))
     assert main(["data", "prepare", "--out", str(tmp_path / "d"), "--max-tokens", "1000"]) == 0
     assert seen["max_mb"] is None and seen["max_tokens"] == 1000
-    assert main(["data", "prepare", "--out", str(tmp_path / "d")]) == 0
-    assert seen["max_mb"] == 200.0
 
 
 def test_an_out_that_is_a_symlink_to_a_directory_is_written_through(tmp_path):
@@ -460,6 +476,15 @@ def test_one_separator_per_document_with_a_tokenizer_that_adds_its_own(tmp_path)
                    val_frac=0.2, log=lambda *a: None)
     tr = np.fromfile(tmp_path / "b" / "train.bin", dtype=np.uint16)
     assert int((tr == eot).sum()) == meta["train_docs"]
+    # a tokenizer that prepends its BOS (Llama's "<s> $A") keeps it, as `elas generate` encodes prompts with it
+    bos_name = tok.id_to_token(7)
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos_name} $A", special_tokens=[(bos_name, 7)])
+    tok.save(str(tmp_path / "bos.json"))
+    meta = prepare(tmp_path / "c", source="files", files=[src], tokenizer=str(tmp_path / "bos.json"),
+                   val_frac=0.2, log=lambda *a: None)
+    tr = np.fromfile(tmp_path / "c" / "train.bin", dtype=np.uint16)
+    starts = np.concatenate([[0], np.flatnonzero(tr == eot)[:-1] + 1])  # each document's first token
+    assert int((tr == eot).sum()) == meta["train_docs"] and (tr[starts] == 7).all()
 
 
 def test_a_files_directory_says_what_it_leaves_out(tmp_path):
@@ -468,9 +493,10 @@ def test_a_files_directory_says_what_it_leaves_out(tmp_path):
         (src / f"UPPER{i}.TXT").write_text("upper case extension " * 50)
     for i in range(3):
         (src / f"data{i}.json").write_text("{}")
+    (src / "more.JSONL").write_text("".join(f'{{"text": "line {i} of a jsonl in capitals"}}\n' for i in range(5)))
     msgs = []
     meta = prepare(tmp_path / "d", source="files", files=[str(src)], vocab_size=300, val_frac=0.2, log=msgs.append)
-    assert meta["train_docs"] + meta["val_docs"] == 40  # (.TXT was left out)
+    assert meta["train_docs"] + meta["val_docs"] == 45  # (.TXT and .JSONL are taken: extensions in any case)
     assert any("left out 3 files" in m and "3 .json" in m for m in msgs), msgs
 
 

@@ -1,8 +1,10 @@
 """Checkpoints a user can trust (CPU): damaged or dangling checkpoints, a real full disk, --resume semantics.
 
 Every case compares the resumed run's logged losses with an uninterrupted run, step by step, bit for bit."""
+import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -565,6 +567,9 @@ def test_consolidating_a_damaged_sharded_checkpoint_refuses_and_leaves_its_manif
     with pytest.raises(CheckpointError, match="is damaged .*does not match its hash.*not consolidated"):
         load_weights(damaged)
     assert verify_checkpoint(damaged) is not None and not (damaged / "model.safetensors").exists()
+    (damaged / "manifest.json").unlink()  # a lost manifest: trainer.json says it had one, so nothing vouches
+    with pytest.raises(CheckpointError, match="its manifest is missing.*not consolidated"):
+        consolidate(damaged)
     consolidate(ck)
     after = json.loads((ck / "manifest.json").read_text())["files"]
     assert set(after) == set(before) | {"model.safetensors"}
@@ -947,3 +952,95 @@ def test_the_summary_shows_the_transfer_perplexity(tmp_path):
     _, md = experiment.summarize(tmp_path)
     assert "| transfer loss | transfer ppl |" in md
     assert f"| 2.5000 (2.0000-3.0000) | {(math.e ** 2 + math.e ** 3) / 2:.2f} ({math.e ** 2:.2f}-{math.e ** 3:.2f}) |" in md
+
+
+
+def test_a_damaged_checkpoint_without_its_manifest_is_not_taken(dataset, reference, tmp_path):
+    """A checkpoint whose manifest.json is gone (deleted, lost by fsck, a copy that skipped it) is trusted on the
+    existence of its files alone: a zeroed block in model.safetensors then loads silently."""
+    run = tmp_path / "run"
+    shutil.copytree(reference / "killed", run)
+    ck = run / "checkpoints" / "step-00000006"
+    (ck / "manifest.json").unlink()
+    _damage(ck / "model.safetensors", "zero")
+    assert verify_checkpoint(ck) is not None  # (it was taken as a pre-manifest checkpoint)
+
+
+def test_the_final_evaluation_taken_by_a_resume_uses_the_last_steps_forward(dataset, tmp_path, monkeypatch):
+    import elas.train.trainer as trainer
+    from elas.cli import main
+    common = ["--max-steps", "6", "--set", "save_every=100", "--set", "eval_every=100",
+              "--set", "model.act24.dense_warmup_steps=2"]  # sparse from step 3 to the end
+    assert main(train_args(dataset, tmp_path / "ref", *common)) == 0
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "evaluate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
+        with pytest.raises(RuntimeError):
+            main(train_args(dataset, tmp_path / "run", *common))
+    assert main(train_args(dataset, tmp_path / "run", *common, "--resume")) == 0
+    val = {r: [json.loads(ln)["val_loss"] for ln in (tmp_path / r / "metrics.jsonl").read_text().splitlines()
+               if "val_loss" in ln] for r in ("ref", "run")}
+    assert val["run"] == val["ref"]  # (the resume evaluated the dense forward)
+
+
+def test_a_save_before_failing_does_not_write_non_finite_weights(dataset, tmp_path, monkeypatch):
+    import torch
+
+    import elas.train.trainer as trainer
+    from elas.cli import main
+    from elas.train.checkpoint import checkpoints
+    from safetensors.torch import load_file
+    run = tmp_path / "run"
+    base = ["--set", "save_every=2", "--set", "keep_checkpoints=1"]
+    assert main(train_args(dataset, run, "--max-steps", "2", "--set", "eval_every=100", *base)) == 0
+    real = trainer.Trainer.train_step
+
+    def overflowing(self, step, track_stats=False):  # step 3's update leaves inf weights (its loss was finite)
+        out = real(self, step, track_stats)
+        if step == 2:
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("inf"))
+        return out
+    monkeypatch.setattr(trainer.Trainer, "train_step", overflowing)
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError):
+        main(train_args(dataset, run, "--max-steps", "6", "--set", "eval_every=3", *base, "--resume"))
+    for c in checkpoints(run):  # (step 3's held inf, and step 2's was pruned for it)
+        assert all(torch.isfinite(t).all() for t in load_file(str(c / "model.safetensors")).values()), c.name
+
+
+def test_a_full_disk_while_recovering_config_json_is_one_line(dataset, tmp_path, monkeypatch, capsys):
+    import elas.train.trainer as trainer
+    from elas.cli import main
+    run = tmp_path / "run"
+    common = ["--max-steps", "4", "--set", "save_every=2", "--set", "eval_every=100"]
+    assert main(train_args(dataset, run, *common)) == 0
+    (run / "config.json").unlink()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(trainer, "write_atomic", full)
+    capsys.readouterr()
+    assert main(train_args(dataset, run, "--max-steps", "6", "--set", "save_every=2", "--set", "eval_every=100",
+                           "--resume")) == 2  # (an OSError traceback)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err[-1].startswith("elas: error:") and "No space left on device" in err[-1]
+
+
+def test_resuming_with_other_logging_settings_is_not_said_to_change_the_run(dataset, tmp_path):
+    common = ["--max-steps", "8", "--set", "save_every=4", "--set", "eval_every=100"]
+    assert run_cli(*train_args(dataset, tmp_path / "ref", *common)).returncode == 0
+    run_cli(*train_args(dataset, tmp_path / "run", *common), env={"ELAS_FAULT_AT_STEP": "5"})
+    r = run_cli(*train_args(dataset, tmp_path / "run", *common, "--set", "log_every=2", "--set", "eval_every=3",
+                            "--set", "keep_checkpoints=5", "--resume"))
+    assert r.returncode == 0
+    a, b = losses(tmp_path / "ref"), losses(tmp_path / "run")
+    assert all(a[s] == b[s] for s in b)  # bit for bit: these keys do not touch the training
+    assert "differs from an uninterrupted one" not in r.stderr  # (it was said)
+
+
+def test_a_bad_resume_value_is_a_clear_line(dataset, tmp_path, capsys):
+    from elas.cli import main
+    with pytest.raises(SystemExit):
+        main(train_args(dataset, tmp_path / "run", "--resume", "True"))
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "choose from True" not in err and "expected no value or 'auto'" in err

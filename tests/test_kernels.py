@@ -730,6 +730,9 @@ def test_tile_sizes_that_are_not_powers_of_two_are_one_line_errors():
         relu2_sparsify24_packed(torch.randn(64, 192).bfloat16(), tiles=3)
     with pytest.raises(ValueError, match="tiles=3"):
         soft_threshold24_packed(torch.randn(64, 192), torch.tensor(1.0), tiles=3)
+    from elas.kernels.cuda.sste import soft_threshold24_dense
+    with pytest.raises(ValueError, match="tiles=3"):
+        soft_threshold24_dense(torch.randn(64, 192), torch.tensor(1.0), tiles=3)
     h1, wu = torch.ones(64, 64, dtype=torch.bfloat16), torch.ones(192, 64, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="BN=96"):
         up_relu2_sparsify24(h1, wu, bm=64, bn=96)

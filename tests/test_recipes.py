@@ -143,3 +143,86 @@ def test_a_recipe_may_nest_method_tables(monkeypatch):
                                                         "model": {"act24": {"dense_warmup_steps": 500}}})
     cfg = C.recipe_config("elas-60m")
     assert cfg.model.method("act24")["dense_warmup_steps"] == 500
+
+
+def _dry_config(args, capsys):
+    assert main(["train", "--dry-run", *args]) == 0
+    out = capsys.readouterr().out
+    return json.loads(next(ln for ln in out.splitlines() if ln.startswith("config "))[7:])
+
+
+def test_tiny_nowarmup_preset_keeps_its_zero_warmup(capsys):
+    """The size's defaults fill what a variant leaves unset, never what it sets (the tiny size's 200-step warm-up
+    replaced -nowarmup's 0); a method --act-sparsity adds takes them too (it had the 1000 steps of a 10k run)."""
+    from elas.config import train_config
+    cfg = train_config("llama-tiny-elas-nowarmup")
+    assert cfg.model.method("act24")["dense_warmup_steps"] == 0
+    added = _dry_config(["--preset", "llama-tiny-relu2", "--act-sparsity", "2:4"], capsys)
+    assert added["model"]["methods"] == [{"method": "act24", "dense_warmup_steps": 200}], added["model"]["methods"]
+
+
+@pytest.mark.parametrize("value,want", [("abc", "model.d_ff='abc'"), ("true", "model.d_ff=True"),
+                                        ("2.5", "model.d_ff=2.5")])
+def test_bad_d_ff_is_one_line_naming_it(dataset, tmp_path, capsys, value, want):
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "llama-tiny", "--data", str(dataset), "--out", str(out), *TINY,
+                 "--set", f"model.d_ff={value}", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("elas: error:") and want in err, err
+
+
+def test_set_out_dir_resume_keeps_the_runs_config(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "--preset", "llama-tiny-elas", "--data", str(dataset), "--no-progress", *TINY]
+    assert main(base + ["--out", str(out), "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    # as --out would: a model key that contradicts the run is refused
+    assert main(base + ["--set", f"out_dir={out}", "--resume", "--max-steps", "2",
+                        "--set", "model.act24.grad_mode=mask"]) == 2
+    assert "contradict" in capsys.readouterr().err
+
+
+def test_toml_preset_does_not_relabel_the_flags_model(tmp_path, capsys):
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "llama-60m"\n')
+    cfg = _dry_config(["--preset", "llama-tiny-elas", "--config", str(toml)], capsys)
+    assert cfg["model"]["d_model"] == 128 and cfg["preset"] == "llama-tiny-elas"
+    toml.write_text('recipe = "galore-60m"\n')
+    cfg = _dry_config(["--recipe", "elas-60m", "--config", str(toml)], capsys)
+    assert cfg["recipe"] == "elas-60m@1"
+
+
+def test_set_preset_is_refused(capsys):
+    assert main(["train", "--dry-run", "--set", "preset=llama-60m"]) == 2
+    assert "preset" in capsys.readouterr().err
+
+
+def test_seed_out_of_range_is_refused_before_the_run(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "llama-tiny-elas", "--data", str(dataset), "--out", str(out), *TINY,
+                 "--no-progress", "--max-steps", "1", "--set", "seed=18446744073709551616"]) == 2
+    assert "seed=18446744073709551616" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_plot_of_a_run_above_loss_8_shows_its_training_loss(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from elas.train import experiment
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0 - 0.01 * s}) + "\n"
+                                               for s in range(1, 5)))
+    seen = {}
+    real = plt.Figure.savefig
+
+    def grab(fig, *a, **k):
+        ax = fig.axes[0]
+        lo, hi = ax.get_ylim()
+        seen["ok"] = lo < hi and lo <= 8.96 and hi >= 8.99
+        return real(fig, *a, **k)
+    monkeypatch.setattr(plt.Figure, "savefig", grab)
+    assert experiment.plot_runs([run], tmp_path / "p.png")
+    assert seen["ok"]

@@ -24,7 +24,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ffn", choices=FFN_KINDS, default=None, help="FFN kind")
     p.add_argument("--rank", type=int, default=None, help="low-rank rank for attention/FFN linears (0 = full)")
     p.add_argument("--act-sparsity", default=None, choices=["none", "2:4"],
-                   help="activation sparsity of ReLU^2 (shorthand: adds or removes the act24 method)")
+                   help="2:4 activation sparsity of ReLU^2 (shorthand: adds or removes the act24 method; a V:N:M "
+                        "preset's vnm method stays)")
     p.add_argument("--grad-mode", default=None, choices=GRAD_MODES,
                    help="gradient through the 2:4 mask (shorthand for --set model.act24.grad_mode=...)")
     p.add_argument("--d-ff", type=int, default=None, help="FFN width (default: derived from the preset)")
@@ -120,6 +121,12 @@ def _message(e: Exception) -> str:
     return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
 
 
+def _resume_value(v: str) -> str:
+    if v != "auto":
+        raise argparse.ArgumentTypeError(f"{v!r}: expected no value or 'auto' (the run directory is --out)")
+    return v
+
+
 def _parse_sets(items: list[str]) -> dict:
     out = {}
     for it in items or []:
@@ -165,7 +172,11 @@ def resolve_train_config(args: argparse.Namespace):
     # the run directory, defaults included, before anything else: a resume must find the run it continues (a
     # recipe's runs go to runs/<recipe>: recipes of one preset, e.g. galore-60m and loro-60m, differ in the model)
     named = getattr(args, "recipe", None) or toml.get("recipe")
-    out_dir = (args.out or toml.get("out_dir") or
+    sets = _parse_sets(args.set)
+    for key in ("preset", "recipe"):  # (they choose the model: set after it is built they would only relabel it)
+        if key in sets:
+            raise UserError(f"--set {key}= cannot choose the model: use --{key} {sets[key] or 'NAME'}")
+    out_dir = (args.out or sets.get("out_dir") or toml.get("out_dir") or
                f"runs/{named or args.preset or toml.get('preset') or 'llama-tiny-elas'}")
     saved = None
     try:
@@ -189,16 +200,23 @@ def resolve_train_config(args: argparse.Namespace):
             apply_overrides(cfg, flatten({k: v for k, v in toml.items() if k not in ("preset", "recipe")}))
             apply_model_flags(cfg.model, args)
         else:
-            recipe = getattr(args, "recipe", None) or toml.pop("recipe", None)
-            if recipe and (args.preset or toml.get("preset")):
+            # (popped whichever names the model: left in the TOML, a name the flags overrule would relabel the run)
+            toml_recipe, toml_preset = toml.pop("recipe", None), toml.pop("preset", None)
+            recipe = getattr(args, "recipe", None) or toml_recipe
+            if recipe and (args.preset or toml_preset):
                 raise UserError("--recipe names its own preset; give --recipe or --preset, not both")
             if recipe:
                 from .config import recipe_config
                 cfg = recipe_config(recipe)
             else:
-                cfg = train_config(args.preset or toml.pop("preset", None) or "llama-tiny-elas")
+                cfg = train_config(args.preset or toml_preset or "llama-tiny-elas")
             apply_overrides(cfg, flatten(toml))
+            had = {m["method"] for m in cfg.model.methods}
             apply_model_flags(cfg.model, args)
+            if {m["method"] for m in cfg.model.methods} - had:  # a method --act-sparsity added: its size's defaults
+                from .config import TRAIN_DEFAULTS, size_of  # (llama-tiny's 200-step warm-up, not the 1000 of 10k)
+                apply_overrides(cfg, {k: v for k, v in TRAIN_DEFAULTS.get(size_of(cfg.preset), {}).items()
+                                      if k.startswith("model.") and k.count(".") == 2}, absent_methods_ok=True)
         if args.optimizer:  # the optimizer's published recipe for this size, before --set
             from .config import LORO_DEFAULTS, size_of
             apply_overrides(cfg, {"optimizer": args.optimizer})
@@ -214,7 +232,10 @@ def resolve_train_config(args: argparse.Namespace):
             _split_global_batch(cfg, toml, _parse_sets(args.set))
         if saved is not None:  # training keys a resume changes (allowed): said, since the run is then not exact
             # (max_steps: the trainer says; parallel: ddp and fsdp resume each other's checkpoints exactly)
-            quiet = ("out_dir", "data_dir", "device", "max_steps", "init_from", "parallel")
+            # (and the bookkeeping keys: logging, evaluation's schedule and saving leave the training losses bit for
+            # bit as they were; eval_tokens, what a validation loss measures, is said)
+            quiet = ("out_dir", "data_dir", "device", "max_steps", "init_from", "parallel", "log_every", "eval_every",
+                     "save_every", "keep_checkpoints", "async_save", "tensorboard")
             if saved_train.get("optimizer", cfg.optimizer) != cfg.optimizer:  # (the trainer refuses it too)
                 raise UserError(f"{cfg.out_dir} was trained with optimizer={saved_train['optimizer']}, this run asks "
                                 f"for {cfg.optimizer}: a resumed run keeps its optimizer; start a new run (another "
@@ -263,8 +284,10 @@ def resolve_train_config(args: argparse.Namespace):
                             resume_from=cfg.out_dir if args.resume else None)
         meta_model = build_model(cfg.model, "meta")  # the methods' keys, and whether they apply to this model
         from .build import resolve_methods
-        for m in resolve_methods(cfg.model):  # (as the trainer checks it, but before data is prepared, and in
+        methods = resolve_methods(cfg.model)
+        for m in methods:  # (as the trainer checks it, but before data is prepared, and in
             m.check_run(cfg.max_steps, cfg.batch_size * cfg.seq_len)  # --dry-run)
+            m.check_with(methods)
         from .model.lowrank import LowRankLinear
         if cfg.optimizer == "loro_adamw" and not any(isinstance(m, LowRankLinear) for m in meta_model.modules()):
             raise UserError(f"optimizer=loro_adamw needs a low-rank model and this one has no low-rank linear "
@@ -400,14 +423,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---- data / eval / generate ---------------------------------------------------------------------------------
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from .data import DataError, prepare
-    if args.max_mb is None:  # 200 MB, unless --max-tokens says where to stop
-        args.max_mb = 0.0 if args.max_tokens else 200.0
-    if not math.isfinite(args.max_mb):  # (a negative cap: prepare says)
+    if args.max_mb is not None and not math.isfinite(args.max_mb):  # (a negative cap: prepare says; none given:
+        # 200 MB, or with --max-tokens until they are written)
         raise UserError(f"--max-mb {args.max_mb} is invalid: expected a finite number of MB >= 0 (0: no cap)")
     try:
         prepare(args.out, source=args.source, files=args.files, hf=args.hf, hf_config=args.hf_config,
                 hf_split=args.hf_split, text_field=args.text_field, tokenizer=args.tokenizer,
-                vocab_size=args.vocab_size, max_mb=args.max_mb or None, max_tokens=args.max_tokens,
+                vocab_size=args.vocab_size, max_mb=args.max_mb, max_tokens=args.max_tokens,
                 val_frac=args.val_frac, force=args.force)
     except (DataError, ValueError) as e:
         raise UserError(str(e)) from None
@@ -582,7 +604,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         tok = load_tokenizer(str(run_tokenizer(args.run, cfg)))
     except ValueError as e:
         raise UserError(str(e)) from None
-    ids = tok.encode(args.prompt).ids or [eot_id(tok)]
+    ids = tok.encode(args.prompt).ids
+    if ids[-1:] == [eot_id(tok)] and len(ids) > 1:  # (a post-processor's appended end-of-text: the prompt goes on)
+        ids = ids[:-1]
+    ids = ids or [eot_id(tok)]
     ctx = cfg.model.max_seq_len
     if len(ids) + args.max_new_tokens > ctx:  # past it the KV cache cannot serve: each token re-runs the window
         print(f"elas: warning: {len(ids)} prompt + {args.max_new_tokens} new tokens exceed the model's context "
@@ -875,7 +900,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from .data import DataError
     from .train import TrainError
     from .train.trainer import TrainStopped
-    from .train.experiment import grid_rows, grid_variants, plot_curves, plot_stats, run_grid, summarize
+    from .train.experiment import ROW_KEYS, grid_rows, grid_variants, plot_curves, plot_stats, run_grid, summarize
     out = Path(args.out)
     variants = args.variants.split(",") if args.variants else grid_variants(args.steps)
     if "" in variants:
@@ -909,10 +934,6 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} is a file, not a directory: choose a grid folder")
     if not out.exists() and any(p.exists() and not p.is_dir() for p in out.parents):
         raise UserError(f"--out {out} lies under a file, not a directory: choose a grid folder")
-    try:  # (the rows it would summarize after training: a bad one found before, not after the runs)
-        grid_rows(out)
-    except ValueError as e:
-        raise UserError(str(e)) from None
     estimates = None
     if args.estimate_from:
         if args.summarize_only or not (args.plan or args.time_left is not None):
@@ -921,6 +942,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         if not estimates:
             raise UserError(f"--estimate-from {args.estimate_from} holds no finished run of `elas experiment` "
                             f"(RUN/summary.json naming its size, variant and tokens) to estimate from")
+    try:  # (the rows it would summarize after training: a bad one found before, not after the runs; --plan reads
+        grid_rows(out, () if args.plan else ROW_KEYS)  # their GPU time alone)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if args.plan:
         return _print_grid_plan(args, variants, seeds, out, estimates)
     if not args.summarize_only:
@@ -984,15 +1009,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (no arguments: a few-minute CPU demo on the built-in corpus)")
     add_model_args(p)
     p.add_argument("--config", help="TOML file: training keys at the top, model keys under [model]")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. lr=3e-4, "
-                   "model.rank=64 (repeatable)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. lr=3e-4, "
+                   "model.rank=64, model.act24.dense_warmup_steps=100 (repeatable; not preset/recipe, which choose "
+                   "the model, nor model.methods: a --config TOML's [model.METHOD] tables)")
     p.add_argument("--out", help="run directory (default runs/<recipe>, else runs/<preset>)")
     p.add_argument("--data", help="prepared dataset directory")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--optimizer", choices=["adamw", "loro_adamw"],
-                   help="loro_adamw also sets LORO's lr and exact-step period for the size")
+                   help="loro_adamw also sets LORO's lr, exact-step period and weight decay (0) for the size")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--resume", nargs="?", const=True, choices=[True, "auto"], type=lambda v: v, metavar="auto",
+    p.add_argument("--resume", nargs="?", const=True, type=_resume_value, metavar="auto",
                    help="continue the run in --out from its newest checkpoint that verifies (an error if it has "
                         "none); --resume auto: continue if there is one, else start")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -1123,7 +1149,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--force", action="store_true", help="overwrite a non-empty --to")
         elif name == "eval":
             p.add_argument("--data", help="dataset directory (default: the run's)")
-            p.add_argument("--tokens", type=int, help="validation tokens (default: the run's eval_tokens)")
+            p.add_argument("--tokens", type=int, help="validation tokens (default: the run's eval_tokens; at least "
+                           "one whole sequence)")
             p.add_argument("--json", action="store_true")
         else:
             p.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")

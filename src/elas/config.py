@@ -130,6 +130,8 @@ class ModelConfig:
         def bad(name: str, value: Any, valid: str) -> None:
             raise ValueError(f"invalid model.{name}={value!r}: {valid}")
 
+        if self.d_ff is not None and (isinstance(self.d_ff, bool) or not isinstance(self.d_ff, int)):
+            bad("d_ff", self.d_ff, "expected a positive integer width (or none: derived from the size)")
         for name in ("d_model", "n_layers", "n_heads", "intermediate", "vocab_size", "max_seq_len"):
             if getattr(self, name) <= 0:
                 bad(name, getattr(self, name), "expected a positive integer")
@@ -402,6 +404,8 @@ class TrainConfig:
         for name in ("grad_clip", "weight_decay", "loro_rewarm_steps", "seed"):
             if not getattr(self, name) >= 0:  # (NaN too)
                 raise ValueError(f"invalid {name}={getattr(self, name)!r}: expected >= 0")
+        if self.seed >= 2**64:  # (torch.manual_seed's range)
+            raise ValueError(f"invalid seed={self.seed}: expected an integer in [0, 2^64)")
         if self.weight_decay == math.inf:
             raise ValueError(f"invalid weight_decay={self.weight_decay!r}: expected a finite number >= 0")
         if self.optimizer == "loro_adamw" and self.loro_exact_every <= self.loro_rewarm_steps:
@@ -579,13 +583,15 @@ def train_keys(variant: str) -> tuple[str, dict[str, str]]:
 def apply_overrides(obj: Any, items: dict[str, Any], prefix: str = "", absent_methods_ok: bool = False) -> None:
     """Set (possibly dotted) keys on a dataclass tree; unknown keys raise with the closest valid key.
     On a config with `methods`, `NAME.KEY` sets KEY of the listed method NAME (absent_methods_ok: skip the key
-    when NAME is not listed, for defaults that apply to every variant of a size)."""
+    when NAME is not listed, or lists KEY itself, for defaults that apply to every variant of a size)."""
     names = [f.name for f in fields(obj)]
     for key, value in items.items():
         head, _, rest = key.partition(".")
         if head not in names and isinstance(getattr(obj, "methods", None), list):
             spec = obj.method(head)
             if spec is not None and rest and "." not in rest:
+                if absent_methods_ok and rest in spec:  # (a size's default under a key the variant sets itself:
+                    continue  # llama-tiny-elas-nowarmup's dense_warmup_steps=0 is the variant)
                 cur = spec.get(rest)
                 if isinstance(value, str) and isinstance(cur, float) and _spells_number(value):
                     # a number keeps the kind its text spells, as where the preset does not list the key: sparse_until

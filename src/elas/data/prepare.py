@@ -78,9 +78,12 @@ class _Reader:
                 yield text
 
 
-# with --max-tokens, the text first read (held in memory, the BPE's training text) is this many bytes a token, and
-# at most MAX_HELD_BYTES; the rest of the source streams through the tokenizer until --max-tokens are written (a
+# the text read without --max-tokens where --max-mb is not given (DEFAULT_MB). With --max-tokens, the text first read
+# (held in memory, the BPE's training text) is this many bytes a token, at least DEFAULT_MB (a source under it comes
+# out as without the cap) and at most MAX_HELD_BYTES; the rest of the source streams through the tokenizer until
+# --max-tokens are written (a
 # byte-level BPE token is ~3-5 bytes of English or code)
+DEFAULT_MB = 200.0
 BYTES_PER_TOKEN_GUESS = 8
 MAX_HELD_BYTES = 1_000_000_000
 
@@ -120,12 +123,12 @@ def _batches(texts, n: int = 256):
 def _write_tokens(path: Path, texts, tok, eot: int, dtype, max_tokens: int | None) -> tuple[int, int]:
     """Each text's ids then one EOT, until max_tokens: (tokens, documents) written (a document cut short counts)."""
     n = docs = 0
-    # add_special_tokens=False: a tokenizer whose post-processor adds its own BOS/EOS (T5's "$A </s>") would give
-    # each document two separators
-    encoded = (enc for b in _batches(texts) for enc in tok.encode_batch(b, add_special_tokens=False))
+    encoded = (enc for b in _batches(texts) for enc in tok.encode_batch(b))
     with open(path, "wb") as fh:
         for enc in encoded:
-            ids = np.asarray(enc.ids + [eot], dtype=dtype)
+            # one EOT a document: a tokenizer whose post-processor appends it itself (T5's "$A </s>") is not given a
+            # second; one that prepends a BOS (Llama's "<s> $A") keeps it, as `elas generate` encodes prompts
+            ids = np.asarray(enc.ids if enc.ids[-1:] == [eot] else enc.ids + [eot], dtype=dtype)
             if max_tokens is not None and n + len(ids) > max_tokens:
                 ids = ids[: max_tokens - n]
             fh.write(ids.tobytes())
@@ -204,7 +207,7 @@ def unigram_ppl(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
 
 def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = None, hf: str | None = None,
             hf_config: str | None = None, hf_split: str = "train", text_field: str = "text", tokenizer: str = "bpe",
-            vocab_size: int | None = None, max_mb: float | None = 200.0, max_tokens: int | None = None,
+            vocab_size: int | None = None, max_mb: float | None = None, max_tokens: int | None = None,
             val_frac: float = 0.01, force: bool = False, log=_say) -> dict:
     out = Path(out).absolute()  # ("." has no name to put a temporary directory beside)
     if out.is_symlink():  # (the link's target is replaced, not the link: the temporary directory goes beside it)
@@ -214,8 +217,10 @@ def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = 
         raise DataError(f"val_frac={val_frac} must be in (0, 0.5)")
     if max_tokens is not None and max_tokens <= 0:
         raise DataError(f"max_tokens={max_tokens} must be a positive number of training tokens (or no cap)")
-    if max_mb is not None and max_mb < 0:
-        raise DataError(f"max_mb={max_mb} must be >= 0 (0: no cap)")
+    if max_mb is not None and not 0 <= max_mb < math.inf:
+        raise DataError(f"max_mb={max_mb} must be a finite number >= 0 (0: no cap)")
+    if max_mb is None:  # (the text read: DEFAULT_MB, or, with max_tokens, until they are written)
+        max_mb = 0.0 if max_tokens else DEFAULT_MB
     # an option of another source would be ignored, and the wrong text tokenized (minutes of work)
     if files and source != "files":
         raise DataError(f"--files is for --source files, not --source {source}: add --source files")
@@ -272,7 +277,7 @@ def _prepare_into(tmp: Path, out: Path, docs, desc: str, tok, tokenizer: str, vo
     log(f"reading {desc}" + (f", up to {max_bytes / 1e6:g} MB" if max_bytes else "")
         + (f", until {max_tokens:,} training tokens" if max_tokens else "") + " ...")
     reader = _Reader(docs, max_bytes, val_frac)
-    held = min(max_tokens * BYTES_PER_TOKEN_GUESS, MAX_HELD_BYTES) if max_tokens else None
+    held = min(max(max_tokens * BYTES_PER_TOKEN_GUESS, int(DEFAULT_MB * 1e6)), MAX_HELD_BYTES) if max_tokens else None
     try:
         train_txt, val_txt = reader.collect(held)
     except SourceError as e:

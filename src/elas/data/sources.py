@@ -24,12 +24,14 @@ class SourceError(Exception):
     pass
 
 
-def _walk(root: Path, exclude: set[Path]) -> list[Path]:
+def _walk(root: Path, exclude: set[Path], any_case: bool = False) -> list[Path]:
+    """The files under root with a text extension, sorted (any_case: `.TXT` too; a user's --files directory, not the
+    built-in corpus, whose files and so its dataset stay as they were)."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dp = Path(dirpath)
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and dp / d not in exclude)
-        out += [dp / f for f in sorted(filenames) if f.lower().endswith(TEXT_EXTS)]
+        out += [dp / f for f in sorted(filenames) if (f.lower() if any_case else f).endswith(TEXT_EXTS)]
     return out
 
 
@@ -119,7 +121,8 @@ def file_docs(specs: list[str], text_field: str = "text", log=None) -> Iterator[
     for spec in specs:
         p = Path(spec)
         if p.is_dir():
-            files += [(f, p) for f in _walk(p, set()) + sorted(p.rglob("*.jsonl"))]
+            jsonl = sorted(f for f in p.rglob("*") if f.name.lower().endswith(".jsonl") and f.is_file())
+            files += [(f, p) for f in _walk(p, set(), any_case=True) + jsonl]
             skipped = _skipped(p) if log else {}
             if skipped:
                 shown = ", ".join(f"{n} {ext}" for ext, n in sorted(skipped.items(), key=lambda kv: -kv[1])[:6])
@@ -140,7 +143,7 @@ def file_docs(specs: list[str], text_field: str = "text", log=None) -> Iterator[
             continue
         seen.add(f.resolve())
         doc = f.relative_to(root).as_posix()
-        if f.suffix == ".jsonl":
+        if f.suffix.lower() == ".jsonl":
             for i, line in _jsonl_lines(f):
                 if not line.strip():
                     continue

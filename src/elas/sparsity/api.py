@@ -62,6 +62,10 @@ class SparsityMethod:
         steps of `tokens` tokens a micro-batch (batch_size x seq_len). Default: a sparse window (check_sparse_window)."""
         check_sparse_window(self, max_steps)
 
+    def check_with(self, methods: list["SparsityMethod"]) -> None:
+        """Refuse, as check_run does, a combination with the run's other methods (`methods`, this one among them)
+        that this config cannot train as asked. Default: none."""
+
     def operands(self) -> tuple[str, ...]:
         """The GEMM operands this method makes sparse, named on the module it targets (e.g. "y2": the d_ff
         activation that multiplies the down projection; "up.weight")."""

@@ -38,8 +38,9 @@ class _MaskedAct24(torch.autograd.Function):
         y2s = ref.relu2_sparsify24(y1)[0]
         dy2 = dh2 @ wd.T  # [T, d_ff]
         if ctx.mask_grad:
-            dy2 = dy2 * mask
-        dy1 = 2 * torch.relu(y1) * dy2
+            dy2 = torch.where(mask, dy2, 0.0)
+        # (where, not relu(y1) * ..: a NaN y1 gives 0 here, as in the packed path's kernels, not NaN)
+        dy1 = torch.where(y1 > 0, 2 * y1 * dy2, 0.0)
         if ctx.split:
             y2s_w, dy1_w = _split_operand(y2s, dense[0]), _split_operand(dy1, dense[0])
         else:

@@ -121,6 +121,14 @@ class VNMConfig(SparsityMethod):
             raise ValueError(f"invalid vnm.v {self.v}: a block of v tokens must fit in a micro-batch of {tokens} "
                              f"tokens (batch_size x seq_len); lower model.vnm.v (default 64)")
 
+    def check_with(self, methods: list) -> None:
+        # the grouped path multiplies the FFN's S(W) itself: autograd gives S(W)'s input gradient, whatever S-STE's
+        # input_grad asks (training only: the forward is the same, so a run made so evaluates and generates)
+        if self.path == "grouped" and any(getattr(m, "input_grad", None) == "transposed" for m in methods):
+            raise ValueError("vnm.path=grouped multiplies the FFN's weights itself, so its input gradient is S(W)'s "
+                             "(sste24.input_grad=exact), not sste24.input_grad=transposed: use vnm.path=masked or "
+                             "sste24.input_grad=exact")
+
     @property
     def density(self) -> float:
         """Kept fraction of y2 (2 of every m features per token): the work a V:N:M kernel would do."""
@@ -214,12 +222,6 @@ class VNMCore(nn.Module):
     def modes_set(self) -> None:
         """Once every method is in its mode for the step (api.set_step): a new clustering period clusters the
         up-projection as the forward will use it (S(W_up) where S-STE's sparse phase has started)."""
-        if self.cfg.path == "grouped":  # (in every mode: refused at the run's first step, not at the sparse phase's)
-            for part in ("up", "down"):
-                if getattr(getattr(self._ffn[0], part), "transposed_grad", False):
-                    raise ValueError("vnm.path=grouped multiplies the FFN's weights itself, so its input gradient is "
-                                     "S(W)'s (sste24.input_grad=exact), not sste24.input_grad=transposed; use one of "
-                                     "vnm.path=masked or sste24.input_grad=exact")
         if self.active and self.cfg.router:
             period = int(self._mode.split("/")[1])
             if int(self.period) != period:  # a resumed run loads the period's clustering and keeps it

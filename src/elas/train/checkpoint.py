@@ -12,7 +12,8 @@ processes, one included) and `rng.pt`; `consolidate` adds the whole weights as m
 A checkpoint is written to `step-N.tmp`, fsynced, renamed, and only then named in `latest` (itself replaced
 atomically), so a kill or a full disk at any moment leaves the previous checkpoints whole. A resume does not
 trust `latest`: `resume_checkpoint` takes the newest checkpoint whose manifest verifies, and moves the newer
-ones that do not (truncated, zeroed, NaN-filled, half-deleted) aside as `step-N.corrupt`, saying why.
+ones that do not (truncated, zeroed, NaN-filled, half-deleted, without the manifest their trainer.json says they
+were written with) aside as `step-N.corrupt`, saying why.
 """
 from __future__ import annotations
 
@@ -83,8 +84,15 @@ def verify_checkpoint(ckpt: Path) -> str | None:
     try:
         files = json.loads((ckpt / MANIFEST).read_text())["files"]
     except FileNotFoundError:  # written by an elas before manifests (always whole: it was renamed into place)
-        missing = [n for n in ("model.safetensors", "optimizer.pt", "trainer.json") if not (ckpt / n).is_file()]
-        return f"{missing[0]} is missing" if missing else None
+        names = SHARDED_FILES if (ckpt / "dcp").is_dir() else SINGLE_FILES
+        missing = [n for n in names if not (ckpt / n).is_file()]
+        if missing:
+            return f"{missing[0]} is missing"
+        try:  # a checkpoint that had one (its trainer.json says so) lost it: nothing vouches for its files
+            marked = "manifest" in json.loads((ckpt / "trainer.json").read_text())
+        except (OSError, ValueError, TypeError):
+            return "its trainer.json is unreadable"
+        return "its manifest is missing" if marked else None
     except (OSError, ValueError, KeyError, TypeError):
         return "its manifest is unreadable"
     for name in (SHARDED_FILES if "dcp/.metadata" in files else SINGLE_FILES):
@@ -250,7 +258,8 @@ def _write_hashed(path: Path, write: Callable) -> str:
 
 def _finish(tmp: Path, final: Path, trainer_state: dict, hashes: dict[str, str] | None = None) -> None:
     """trainer.json, fsync every file, the manifest last, rename into place, then point `latest` at it."""
-    (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
+    # "manifest": this checkpoint was written with one (one without it then is damaged, not from an older elas)
+    (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "manifest": 1}, indent=2))
     for f in tmp.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
@@ -510,7 +519,7 @@ def consolidate(ckpt: Path) -> Path:
     if not is_sharded_checkpoint(ckpt):
         raise CheckpointError(f"{ckpt} is not a sharded checkpoint (it has no dcp/); its weights are {out}")
     manifest = (ckpt / MANIFEST).is_file()
-    why = verify_checkpoint(ckpt) if manifest else None
+    why = verify_checkpoint(ckpt)  # (without a manifest: refused where trainer.json says it had one)
     if why:  # (a manifest rewritten over damaged shards would make them verify, and a resume take them)
         raise CheckpointError(f"checkpoint {ckpt} is damaged ({why}): not consolidated")
     blob = ckpt / "consolidate.tmp.pt"

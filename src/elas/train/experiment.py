@@ -34,8 +34,8 @@ from .trainer import Diverged, TrainError, Trainer, load_run_config, lock_run_di
 QUALITY_VARIANTS = tuple(VARIANTS)  # every named variant (config.VARIANTS), with its recipe's optimizer
 def grid_variants(steps: int) -> list[str]:
     """`elas experiment`'s default grid: the papers' comparisons, the third paper's variants in the configurations
-    that run accelerated, and ELAS's warm-up ablation (none: elas-nowarmup; 1% of the run, the paper's 100 of 10k
-    steps; elas itself: 10%, its 1000)."""
+    that run accelerated, and ELAS's warm-up ablation (none: elas-nowarmup; 1% of the run, as 100 steps of a 10k
+    run, the middle of the quality issue's 0 / 100 / 1000; elas itself: 10%, the paper's 1000 of 10k)."""
     return ["swiglu", "relu2", "relu2-24", "relu2-24-split", "lowrank-relu2", "elas", "elas-nowarmup", "elas-mask", "relu2-w24",
             "relu2-vnm-fast", "relu2-w24-vnm-fast", f"elas+act24.dense_warmup_steps={max(1, steps // 100)}"]
 PAPER_STEPS = 10_000  # the 60M recipe the schedules are written for (dense warm-up 1000 = 10%, LORO K = 500 = 5%)
@@ -555,9 +555,10 @@ def _spread(values: list[float], fmt: str = ".4f") -> str:
 ROW_KEYS = ("variant", "steps", "tokens", "val_loss", "wall_s", "optimizer")
 
 
-def grid_rows(out: Path) -> list[tuple[Path, dict]]:
+def grid_rows(out: Path, keys: tuple[str, ...] = ROW_KEYS) -> list[tuple[Path, dict]]:
     """(run directory, summary row) of every finished run under `out`; ValueError naming the first summary.json
-    that is not a run's (a grid's own summary one level down: --out names the grid's parent, say)."""
+    that is not a run's (a grid's own summary one level down: --out names the grid's parent, say), or lacks one
+    of `keys` (what the caller reads)."""
     rows = []
     for p in sorted(Path(out).glob("*/summary.json")):
         try:
@@ -565,7 +566,7 @@ def grid_rows(out: Path) -> list[tuple[Path, dict]]:
         except (OSError, ValueError) as e:
             raise ValueError(f"{p} cannot be read as a run's summary ({type(e).__name__}); remove it or choose "
                              f"another --out") from None
-        if not isinstance(row, dict) or any(k not in row for k in ROW_KEYS):
+        if not isinstance(row, dict) or any(k not in row for k in keys):
             what = "a grid's summary (a list of runs)" if isinstance(row, list) else "not a run's summary"
             hint = f" (--out {p.parent}?)" if isinstance(row, list) else ""
             raise ValueError(f"{p} is {what}{hint}: --out {out} must be the folder of one grid's runs")
@@ -666,7 +667,7 @@ def grid_curves(out: Path) -> dict[str, dict]:
     the shared seeds of loss / base's loss, at the steps all those runs validated at."""
     runs: dict[str, dict[int, dict[int, float]]] = {}  # variant -> seed -> step -> val loss
     budgets: dict[str, dict[int, tuple]] = {}  # variant -> seed -> its budget (paired only within one)
-    for run, row in grid_rows(out):
+    for run, row in grid_rows(out, ("variant",)):
         row = _with_curve(row, run)
         curve = {int(k): v for k, v in (row.get("val_curve") or {}).items()}
         if curve:
@@ -822,8 +823,8 @@ def plot_runs(runs: list[Path], png: Path) -> bool:
         ax.set_xlabel("step")
         if ax.has_data():
             ax.legend(fontsize=7)
-    if ax_loss.has_data():
-        ax_loss.set_ylim(top=min(8.0, ax_loss.get_ylim()[1]))
+    if ax_loss.has_data() and ax_loss.get_ylim()[0] < 8.0:  # (the first steps' losses cut off: the rest shows;
+        ax_loss.set_ylim(top=min(8.0, ax_loss.get_ylim()[1]))  # a run whose losses are all above 8 keeps its axis)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)

@@ -306,6 +306,7 @@ class Trainer:
             warn = log if int(os.environ.get("RANK", "0")) == 0 else (lambda *a: None)
             for m in methods:
                 m.check_run(cfg.max_steps, cfg.batch_size * cfg.seq_len)
+                m.check_with(methods)
                 if not m.causal:
                     warn(f"elas: warning: {m.name} is not causal in its sparse steps (SparsityMethod.causal): a "
                         f"token's output depends on later tokens of its block (and other sequences); its loss is not "
@@ -678,13 +679,10 @@ class Trainer:
                     if stop is not None and stop >= SAVE_FAILED:  # every process leaves here, rank 0 saying why
                         if stop >= WRITE_FAILED:  # (the save is collective: every process takes it)
                             # this step's update is in the weights: the checkpoint is of step + 1 (named step, a
-                            # resume would take the update twice), and only if that update left them finite
+                            # resume would take the update twice; written only where the weights are finite)
                             self.step += 1
                             self.tokens += self.global_batch * cfg.seq_len
-                            bad |= ~torch.isfinite(loss) | ~torch.stack(
-                                [torch.isfinite(_local(p)).all() for p in self.model.parameters()]).all()
-                            if not bool(all_reduce_sum(bad.float(), d).item()):
-                                self._save_before_failing(f"the write of {self.metrics_path.name}", agreed=True)
+                            self._save_before_failing(f"the write of {self.metrics_path.name}", agreed=True)
                         why = _write_failed(*self._write_error, self.run_dir) if self._write_error else save_error
                         raise _StartError(why or "rank 0 could not write its files", quiet=not d.main)
                 if self.compiled and d.main and (step == start or self.modes != prev_modes):
@@ -793,6 +791,10 @@ class Trainer:
                 # the run is trained but has no final validation loss, which is taken now (without it the grid,
                 # which reads it from metrics.jsonl, would fail on every later invocation)
                 t0 = time.perf_counter()
+                # the forward the last step trained, which the uninterrupted run evaluated: step N-1's modes (a
+                # model built for the resume starts in its methods' first modes)
+                self.modes = set_step(self.model, self.step - 1, cfg.max_steps,
+                                      edit=getattr(self.optimizer, "edit_", edit_in_place))
                 vl, n = evaluate(self.fwd, self.val_windows, cfg.eval_tokens, cfg.batch_size, self.device,
                                  self.autocast, d)
                 result = {"step": self.step, "val_loss": vl, "val_ppl": math.exp(min(vl, 50)), "val_tokens": n,
@@ -919,6 +921,15 @@ class Trainer:
         failed write, passed to every process by the stop vote). A failing save leaves the original error to be
         reported."""
         if self.dist.enabled and not agreed:  # (one process: the others may be in a collective)
+            return
+        # a finite loss does not prove the update after it was: non-finite weights saved would be what a resume
+        # takes, and `keep` would prune the good checkpoint behind them (under FSDP each process holds a shard:
+        # agreed on, as the save is collective)
+        bad = (~torch.stack([torch.isfinite(_local(p)).all() for p in self.model.parameters()]).all()).float()
+        if bool(all_reduce_sum(bad, self.dist).item()):
+            if self.dist.main:
+                self.log(f"elas: the weights are not finite at step {self.step}: no checkpoint written; the last "
+                         f"good one is {getattr(newest_verified(self.run_dir), 'name', 'none')}")
             return
         if self.ckpt is not None and self.ckpt.name == f"step-{self.step:08d}":
             return  # nothing trained since the checkpoint this run resumed from (rewriting it would only risk it)
@@ -1071,7 +1082,10 @@ def load_run_config(run_dir: str | Path, log=None) -> TrainConfig:
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
             cfg = None
         if cfg is not None:
-            write_atomic(p, json.dumps(saved, indent=2).encode())
+            try:
+                write_atomic(p, json.dumps(saved, indent=2).encode())
+            except OSError as e:  # (a full disk: one line, as every other write of the run)
+                raise TrainError(_write_failed(p, e, Path(run_dir))) from None
             (log or print)(f"elas: {why}; the config was recovered from checkpoint {ckpt.name} and written back")
             return cfg
     if why == "no config.json":

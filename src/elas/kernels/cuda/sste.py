@@ -94,9 +94,10 @@ def soft_threshold24_dense(w: torch.Tensor, beta: torch.Tensor, tiles: int = DEF
     the products that take S(W) as their dense operand (a 2:4-activation GEMM's weight side). One read of w,
     one write."""
     r, c = w.shape
-    if w.stride(1) != 1 or w.stride(0) != c or r % 64 or c % (32 * tiles):
+    if tiles & (tiles - 1) or w.stride(1) != 1 or w.stride(0) != c or r % 64 or c % (32 * tiles):
         raise ValueError(f"soft_threshold24_dense: w must be row-major [R, C] with R % 64 == 0 and C % "
-                         f"{32 * tiles} == 0, got shape {tuple(w.shape)} strides {w.stride()}")
+                         f"{32 * tiles} == 0 (tiles={tiles}, a power of two), got shape {tuple(w.shape)} strides "
+                         f"{w.stride()}")
     out = torch.empty_like(w)
     launch(_sste_dense_kernel)[(r // 64, c // 32 // tiles)](w, beta, out, c, TILES=tiles,
                                                             ROUND_BF16=w.dtype == torch.bfloat16,
