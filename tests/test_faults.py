@@ -1044,3 +1044,14 @@ def test_a_bad_resume_value_is_a_clear_line(dataset, tmp_path, capsys):
         main(train_args(dataset, tmp_path / "run", "--resume", "True"))
     err = capsys.readouterr().err.splitlines()[-1]
     assert "choose from True" not in err and "expected no value or 'auto'" in err
+
+
+def test_a_resume_past_a_damaged_checkpoint_points_latest_at_the_one_it_takes(reference, tmp_path):
+    """`latest` named the checkpoint moved aside as .corrupt until the next save (for people and tools reading it)."""
+    from elas.train.checkpoint import resume_checkpoint
+    run = tmp_path / "run"
+    shutil.copytree(reference / "killed", run)
+    _damage(run / "checkpoints" / "step-00000006" / "model.safetensors", "zero")
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000006"
+    taken = resume_checkpoint(run, log=lambda *a: None)
+    assert taken.name == "step-00000004" and latest_checkpoint(run) == taken

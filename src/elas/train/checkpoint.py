@@ -154,15 +154,23 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 def resume_checkpoint(run_dir: Path, log: Callable[[str], None] = print) -> Path | None:
     """The newest checkpoint that verifies, whatever `latest` says; newer ones that do not are renamed
-    step-N.corrupt (kept for inspection, out of the run's way), one log line each."""
+    step-N.corrupt (kept for inspection, out of the run's way), one log line each; `latest` then names the one
+    taken (it named one moved aside until the next save)."""
+    moved = False
     for ckpt in checkpoints(run_dir):
         why = verify_checkpoint(ckpt)
         if why is None:
+            if moved:
+                try:
+                    write_atomic(ckpt.parent / "latest", ckpt.name.encode())
+                except OSError:  # (a resume takes the newest that verifies whatever `latest` says)
+                    pass
             return ckpt
         aside = ckpt.with_name(ckpt.name + ".corrupt")
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(ckpt, aside)
         log(f"elas: skipping checkpoint {ckpt.name}: {why}; moved to {aside.name}")
+        moved = True
     return None
 
 
