@@ -175,6 +175,25 @@ def test_triton_grad_kernel_matches_the_reference(t_rows, vocab, kw, one):
         softmax_xent_grad(z, t, scale, one_block=True, block=16)
 
 
+@pytest.mark.parametrize("kw", [{}, {"one_block": False, "block": 64}])
+def test_triton_grad_kernel_loss_of_large_logits(kw):
+    """Logits far from 0 (a row offset by +-600, as an untied head can drift to): the loss is a small difference of
+    large numbers, so it must be formed in the logits' own units (m - z[t] + log(s)), not from a log2-scaled
+    logsumexp (600 * log2(e) in fp32 has an ulp of 1.2e-4, which the loss of a confident row would inherit)."""
+    pytest.importorskip("triton")
+    from elas.kernels import reference as ref
+    from elas.kernels.cuda.xent import softmax_xent_grad
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(4, 200, generator=g) + torch.tensor([[600.0], [-600.0], [611.0], [0.0]])
+    t = torch.randint(0, 200, (4,), generator=g)
+    z[torch.arange(4), t] += 12  # confident rows: losses ~1e-4, so an absolute error of 1e-4 is all of the loss
+    z = z.to(dev, torch.bfloat16)
+    got_g, got_nll = softmax_xent_grad(z, t.to(dev), torch.ones(4, device=dev), **kw)
+    want_g, want_nll = ref.softmax_xent_grad(z.double().cpu(), t, torch.ones(4, dtype=torch.float64))
+    assert (got_nll.double().cpu() - want_nll).abs().max().item() < 2e-6, (got_nll, want_nll)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_grad_kernel_matches_the_torch_ops(dtype):
     """linear_cross_entropy with the op (its CPU reference here) against the torch ops: loss, grad_h and grad_W."""

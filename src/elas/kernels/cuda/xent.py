@@ -29,6 +29,10 @@ import triton.language as tl
 
 from .overrides import env_config
 
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
 @triton.jit
 def _xent_grad_kernel(z_ptr, t_ptr, scale_ptr, g_ptr, nll_ptr, V, stride_z, stride_g,
                       BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
@@ -40,34 +44,35 @@ def _xent_grad_kernel(z_ptr, t_ptr, scale_ptr, g_ptr, nll_ptr, V, stride_z, stri
     cols = tl.arange(0, BLOCK)
     if ONE_BLOCK:  # the whole row in one tile: read once
         inside = cols < V
-        z = tl.load(zb + cols, mask=inside, other=float("-inf")).to(tl.float32) * 1.4426950408889634  # log2 units
+        z = tl.load(zb + cols, mask=inside, other=float("-inf")).to(tl.float32)
         m = tl.max(z, 0)
-        e = tl.math.exp2(z - m)  # [BLOCK]; 0 past V
+        e = tl.math.exp2((z - m) * LOG2E)  # [BLOCK]; 0 past V
         s = tl.sum(e, 0)
         g = (e * (1.0 / s) - (cols == t).to(tl.float32)) * scale
         tl.store(gb + cols, g.to(g_ptr.dtype.element_ty), mask=inside)
-        lse2 = m + tl.math.log2(s)
     else:  # pass 1: per lane a running max and a sum of exponentials rescaled to it; then the row's
         m_vec = tl.full([BLOCK], float("-inf"), tl.float32)
         s_vec = tl.zeros([BLOCK], tl.float32)
         for start in range(0, V, BLOCK):
             c = start + cols
-            z = tl.load(zb + c, mask=c < V, other=float("-inf")).to(tl.float32) * 1.4426950408889634
+            z = tl.load(zb + c, mask=c < V, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m_vec, z)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with nothing yet: no (-inf) - (-inf)
-            s_vec = s_vec * tl.math.exp2(m_vec - m_safe) + tl.math.exp2(z - m_safe)
+            s_vec = s_vec * tl.math.exp2((m_vec - m_safe) * LOG2E) + tl.math.exp2((z - m_safe) * LOG2E)
             m_vec = m_new
         m = tl.max(m_vec, 0)
-        s = tl.sum(s_vec * tl.math.exp2(m_vec - m), 0)
-        lse2 = m + tl.math.log2(s)
+        s = tl.sum(s_vec * tl.math.exp2((m_vec - m) * LOG2E), 0)
+        inv_s = 1.0 / s
         for start in range(0, V, BLOCK):  # pass 2: the gradient (z again: an L2 hit when the row is recent)
             c = start + cols
             inside = c < V
-            z = tl.load(zb + c, mask=inside, other=float("-inf")).to(tl.float32) * 1.4426950408889634
-            g = (tl.math.exp2(z - lse2) - (c == t).to(tl.float32)) * scale
+            z = tl.load(zb + c, mask=inside, other=float("-inf")).to(tl.float32)
+            g = (tl.math.exp2((z - m) * LOG2E) * inv_s - (c == t).to(tl.float32)) * scale
             tl.store(gb + c, g.to(g_ptr.dtype.element_ty), mask=inside)
+    # the loss as (m - z[t]) + ln(s): the row's max stays in the logits' units, so a row far from 0 (|z| ~ 600) loses
+    # nothing to the difference of two large numbers (a log2-scaled logsumexp minus z[t] lost ~1e-4 there)
     zt = tl.load(zb + t).to(tl.float32)
-    tl.store(nll_ptr + row, lse2 / 1.4426950408889634 - zt)
+    tl.store(nll_ptr + row, (m - zt) + tl.math.log2(s) * LN2)
 
 
 # ELAS_XENT_CONFIG='{"one_block": false, "block": 4096, "num_warps": 16}' sets the launch settings for a process
