@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -1055,3 +1056,106 @@ def test_a_resume_past_a_damaged_checkpoint_points_latest_at_the_one_it_takes(re
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000006"
     taken = resume_checkpoint(run, log=lambda *a: None)
     assert taken.name == "step-00000004" and latest_checkpoint(run) == taken
+
+
+_SIGNAL_AT = r'''
+import os, signal, sys
+from elas import cli
+from elas.train import trainer as T
+where, n, args = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+def kill():
+    os.kill(os.getpid(), signal.SIGTERM)
+if where == "last_step":  # during the last training step (read by the loop after it, as any step's)
+    real_step = T.Trainer.train_step
+    def train_step(self, step, **k):
+        out = real_step(self, step, **k)
+        if step == n - 1:
+            kill()
+        return out
+    T.Trainer.train_step = train_step
+elif where == "final_save":  # as the last step's checkpoint is written (after the loop read its signal)
+    real_save = T.Trainer.save
+    def save(self):
+        if self.step == n:
+            kill()
+        real_save(self)
+    T.Trainer.save = save
+else:  # once fit has returned: in close, as a complete run waits for the other processes (torchrun)
+    real_shutdown = T.shutdown
+    def shutdown(dist, wait):
+        kill()
+        return real_shutdown(dist, wait=wait)
+    T.shutdown = shutdown
+before = signal.getsignal(signal.SIGTERM)
+real_fit = T.Trainer.fit
+def fit(self, *a, **k):  # fit gives the handlers back as it returns (a notebook's Ctrl-C after fit is its own)
+    out = real_fit(self, *a, **k)
+    assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    return out
+T.Trainer.fit = fit
+rc = cli.main(args)
+assert signal.getsignal(signal.SIGTERM) is before, "the trainer left its handler behind"
+sys.exit(rc)
+'''
+
+
+@pytest.mark.parametrize("where", ["last_step", "final_save", "close"])
+def test_a_stop_signal_once_the_last_step_is_trained_leaves_a_complete_run(dataset, tmp_path, where):
+    """A scheduler's SIGTERM that comes with the last step, during its save or after fit returned has nothing left
+    to stop: the run is trained, evaluated and saved, so `elas train` exits 0 (saying so), not 143 as a stopped
+    run (whose --resume would find nothing to train); the handlers are the process's own again after close."""
+    import elas
+    out = tmp_path / "r"
+    args = train_args(dataset, out, "--max-steps", "3", "--set", "eval_every=100")
+    env = dict(os.environ, PYTHONPATH=str(Path(elas.__file__).parents[1]))
+    p = subprocess.run([sys.executable, "-c", _SIGNAL_AT, where, "3", *args], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"signal {int(signal.SIGTERM)} came" in p.stderr and "stopped by signal" not in p.stderr
+    assert "elas: done at step 3" in p.stdout
+    assert latest_checkpoint(out).name == "step-00000003" and verify_checkpoint(latest_checkpoint(out)) is None
+    final = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in ln]
+    assert [r["step"] for r in final] == [3]
+
+
+def test_a_stop_signal_at_a_grid_runs_last_step_keeps_its_row_and_starts_no_other(dataset, tmp_path, monkeypatch):
+    """In `elas experiment` the same signal finishes the run it came in (its summary.json written) and stops the
+    grid before the next run, with 128 + the signal as a run stopped mid-way; the same call continues the grid."""
+    import elas.train.trainer as trainer
+    from elas.train.trainer import TrainStopped
+    experiment = _small_grid(monkeypatch)
+    grid = dict(batch_size=2, grad_accum=1, log=lambda *a: None)
+    real_step = trainer.Trainer.train_step
+
+    def train_step(self, step, **k):
+        out = real_step(self, step, **k)
+        if step == self.cfg.max_steps - 1:
+            self._on_signal(signal.SIGTERM, None)  # as the handler records a SIGTERM
+        return out
+    with monkeypatch.context() as m:
+        m.setattr(trainer.Trainer, "train_step", train_step)
+        with pytest.raises(TrainStopped) as e:
+            experiment.run_grid("llama-tiny", ["relu2", "swiglu"], 1, str(dataset), tmp_path, **grid)
+    assert e.value.signum == signal.SIGTERM
+    assert (tmp_path / "relu2" / "summary.json").exists() and not (tmp_path / "swiglu").exists()
+    rows = experiment.run_grid("llama-tiny", ["relu2", "swiglu"], 1, str(dataset), tmp_path, **grid)
+    assert [r["run"] for r in rows] == ["relu2", "swiglu"]
+
+
+def test_a_grid_refuses_a_kept_run_of_another_global_batch(dataset, tmp_path, monkeypatch):
+    """batch_size and grad_accum are the grid's keys, but the global batch is also the process count (torchrun's
+    WORLD_SIZE, in no config key): a run kept from a grid with another number of processes, finished or not, is
+    refused before any run, not counted or resumed as this grid's (other tokens per step and in all)."""
+    experiment = _small_grid(monkeypatch)
+    grid = dict(batch_size=2, grad_accum=1, log=lambda *a: None)
+    experiment.run_grid("llama-tiny", ["relu2"], 1, str(dataset), tmp_path, **grid)
+    cfg = experiment.variant_config("llama-tiny", "relu2", 1, str(dataset), tmp_path, 2, 1)
+    run = tmp_path / "relu2"
+    for finished in (True, False):
+        if not finished:
+            (run / "summary.json").unlink()  # its checkpoint says it (step x global batch)
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        experiment.check_same_runs([cfg])  # the same run
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        with pytest.raises(ValueError, match="global batch 2 -> 4, which is batch_size x grad_accum x processes"):
+            experiment.check_same_runs([cfg])

@@ -237,6 +237,54 @@ def test_bad_inputs_are_one_line_errors():
         relu2_grad_gemm(h[:, :16], w[:, :16], torch.zeros(64, 63, dtype=torch.bfloat16))
 
 
+def _at_offset(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a contiguous view 2 bytes past a 16-byte boundary (a slice of a larger buffer)."""
+    buf = torch.zeros(t.numel() + 1, dtype=t.dtype)
+    buf[1:] = t.reshape(-1)
+    v = buf[1:].view(t.shape)
+    assert v.is_contiguous() and v.data_ptr() % 16 == 2
+    return v
+
+
+def test_unaligned_or_oddly_strided_operands_are_copied_for_the_descriptors():
+    """The tensor descriptors need a 16-byte aligned base and strides (C, 1). A contiguous view need not have
+    them: at a storage offset, or a [1, K] row whose stride torch ignores. Such operands (A, B, B^T, y2) are
+    copied, so the result is the unfused ops' bit for bit (a bare AssertionError from the descriptor before)."""
+    h, w, d = _ints((40, 24), -3, 4, 0), _ints((48, 24), -3, 4, 1), _ints((40, 24), -4, 5, 2) * 0.25
+    y2, dy1 = _unfused(h, w, d)
+    cfg = (32, 32, 8, 4, 2)
+    assert torch.equal(linear_relu2(_at_offset(h), w, cfg), y2)
+    assert torch.equal(linear_relu2(h, _at_offset(w), cfg), y2)
+    wt = _at_offset(w.T.contiguous()).T  # W_down^T read as it lies, but from an unaligned address
+    assert not wt.is_contiguous() and torch.equal(linear_relu2(h, wt, cfg), y2)
+    assert torch.equal(relu2_grad_gemm(_at_offset(d), w, _at_offset(y2), cfg), dy1)
+    row = h[0][:, None].T  # [1, K], strides (1, 1): contiguous to torch, not to a descriptor
+    assert row.is_contiguous() and row.stride() == (1, 1)
+    assert torch.equal(linear_relu2(row, w, cfg), y2[:1])
+
+
+def test_cutlass_operands_reach_the_library_aligned(monkeypatch):
+    """relu2_kernel=cutlass: A and B reach the library (TMA, a raw pointer each) row-major and 16-byte aligned,
+    whatever view they came as (an unaligned one made every configuration fail: the shape refused). The library
+    stood in for by the reference twin, so this runs on the CPU."""
+    from elas.kernels import reference as ref
+    from elas.kernels.cuda import cutlass_relu2 as cl
+    seen = []
+
+    def launch(lib, config, mode, a, b, aux, d, iters=0, aux_out=None):
+        seen.append((a.data_ptr() % 16, a.stride(), b.data_ptr() % 16, b.stride()))
+        d.copy_(ref.linear_relu2(a, b))
+        return 0, 0.0
+    monkeypatch.setattr(cl, "library", lambda: object())
+    monkeypatch.setattr(cl, "_best", lambda lib, mode, a, b, aux, aux_out=None: (0, 0.0))
+    monkeypatch.setattr(cl, "_launch", launch)
+    h, w = _ints((40, 24), -3, 4, 0), _ints((48, 24), -3, 4, 1)
+    y2 = _unfused(h, w, h)[0]
+    assert torch.equal(cl.linear_relu2(_at_offset(h), _at_offset(w)), y2)
+    assert torch.equal(cl.linear_relu2(h[0][:, None].T, w), y2[:1])  # [1, K] with strides (1, 1)
+    assert seen == [(0, (24, 1), 0, (24, 1))] * 2
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m, n, k", [(8192, 8192, 512), (1000, 5461, 256), (4096, 4224, 2048)])
 def test_gpu_kernels_match_cublas_and_the_torch_ops(m, n, k):

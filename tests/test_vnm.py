@@ -76,6 +76,37 @@ def test_gradients(grad_mode):
     torch.testing.assert_close(x.grad, dy1 @ f.up.weight)
 
 
+@pytest.mark.parametrize("mask_grad", [True, False])
+def test_a_nan_the_selection_drops_is_zero_in_the_output_and_the_gradient(mask_grad):
+    """A NaN y1 is never kept (mask24 ranks it below everything): its y2s and its dy1 are exactly 0, as the 2:4
+    twins write them, in the masked path (vnm.py) and in the grouped path's selection (vnm_grouped.py); every other
+    entry as before (relu(NaN) * .. was NaN: the masked path's output and gradient, the grouped path's gradient)."""
+    from elas.sparsity.vnm import _ReLU2Masked
+    from elas.sparsity.vnm_grouped import _ReLU2Select24
+    g = torch.Generator().manual_seed(0)
+    y1 = torch.randn(8, 16, generator=g)
+    nan = torch.zeros_like(y1, dtype=torch.bool)
+    nan[0, 1] = nan[3, 8] = nan[6, 15] = True
+    y1[nan] = float("nan")
+    r = torch.relu(y1)
+    mask = ref.vnm_mask(r * r, 4, 8)
+    assert not mask[nan].any()
+    dy2 = torch.randn(8, 16, generator=g)
+    for path in (lambda x: _ReLU2Masked.apply(x, mask, None, mask_grad),
+                 lambda x: _ReLU2Select24.apply(x, mask_grad)):  # the masked path, the grouped path's selection
+        x = y1.clone().requires_grad_()
+        y2s = path(x)
+        y2s.backward(dy2)
+        assert torch.all(y2s[nan] == 0) and torch.all(x.grad[nan] == 0)
+        assert torch.isfinite(y2s).all() and torch.isfinite(x.grad).all()
+    x = y1.clone().requires_grad_()
+    y2s = _ReLU2Masked.apply(x, mask, None, mask_grad)
+    y2s.backward(dy2)
+    ok = ~nan
+    torch.testing.assert_close(y2s[ok], (r * r * mask)[ok])
+    torch.testing.assert_close(x.grad[ok], (2 * r * (dy2 * mask if mask_grad else dy2))[ok])
+
+
 def _one_graph_equal_to_eager(model, idx) -> None:
     """The model in its current mode traces as one graph with no break, and the compiled forward equals eager."""
     import torch._dynamo as dynamo

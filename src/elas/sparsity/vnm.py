@@ -168,14 +168,16 @@ class _ReLU2Masked(torch.autograd.Function):
         r = torch.relu(y1)
         y2 = r * r
         ctx.save_for_backward(r, mask if mask_grad else own)
-        return y2 * mask
+        # (where, not y2 * mask, here and in the backward: a dropped entry is 0 whatever y1 is, as the 2:4 twins
+        # (masked.py, the packed kernels) write it; relu(NaN) * 0 was NaN, which the down projection spread)
+        return torch.where(mask, y2, 0.0)
 
     @staticmethod
     def backward(ctx, dy2):
         r, grad_mask = ctx.saved_tensors
         if grad_mask is not None:
-            dy2 = dy2 * grad_mask
-        return 2 * r * dy2, None, None, None
+            dy2 = torch.where(grad_mask, dy2, 0.0)
+        return torch.where(r > 0, 2 * r * dy2, 0.0), None, None, None
 
 
 def up_rows(up: nn.Module) -> torch.Tensor:

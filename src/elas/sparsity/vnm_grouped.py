@@ -35,9 +35,10 @@ class _ReLU2Select24(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy2):
         y1, y2s = ctx.saved_tensors
-        dy1 = 2 * torch.relu(y1) * dy2
+        # (where, not relu(y1) * ..: a NaN y1, dropped by the forward, gives 0 here as in the masked twin, not NaN)
+        dy1 = torch.where(y1 > 0, 2 * y1 * dy2, 0.0)
         if y2s is not None:
-            dy1 = dy1 * (y2s != 0)
+            dy1 = torch.where(y2s != 0, dy1, 0.0)
         return dy1, None
 
 

@@ -29,7 +29,8 @@ from ..config import (LORO_DEFAULTS, VARIANTS, apply_overrides, model_preset, pr
 from ..sparsity import method_to_dict
 from ..sparsity.api import sparse_end
 from .checkpoint import checkpoints, write_atomic
-from .trainer import Diverged, TrainError, Trainer, load_run_config, lock_run_dir, log_line, read_metrics, unlock_run_dir
+from .trainer import (Diverged, TrainError, Trainer, TrainStopped, load_run_config, lock_run_dir, log_line,
+                      read_metrics, unlock_run_dir)
 
 QUALITY_VARIANTS = tuple(VARIANTS)  # every named variant (config.VARIANTS), with its recipe's optimizer
 def grid_variants(steps: int) -> list[str]:
@@ -150,6 +151,11 @@ def other_settings(cfg, data_sha1: str | None = None) -> list[str]:
         return []
     diff = [f"{k} {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in GRID_KEYS
             if getattr(saved, k) != getattr(cfg, k)]
+    # the global batch too: the process count (torchrun's) is in no config key, and a run of another global batch
+    # trained other tokens per step and in all (the summary compares runs at equal tokens)
+    was, now = _kept_global_batch(run, saved, kept), run_tokens(cfg) // (cfg.max_steps * cfg.seq_len)
+    if was is not None and was != now:
+        diff.append(f"global batch {was} -> {now}, which is batch_size x grad_accum x processes")
     # the model as built: a method config of an older version reads with the meaning it had (a changed default
     # makes the same variant name another model)
     old, new = _resolved_model(saved), _resolved_model(cfg)
@@ -164,6 +170,21 @@ def other_settings(cfg, data_sha1: str | None = None) -> list[str]:
         if was and was != data_sha1:
             diff.append(f"data train_sha1 {was[:12]} -> {data_sha1[:12]}")
     return diff
+
+
+def _kept_global_batch(run: Path, saved, kept: list[Path]) -> int | None:
+    """The global batch (sequences per step) of the run kept in `run`: from its summary row's tokens (a finished
+    run), else its newest checkpoint's data position (step x global batch); None where neither says it."""
+    try:
+        row = json.loads((run / "summary.json").read_text())
+        return row["tokens"] // (row["steps"] * saved.seq_len)
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        pass
+    try:
+        state = json.loads((kept[0] / "trainer.json").read_text())
+        return state["data_position"] // state["step"]
+    except (IndexError, OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
 
 
 def check_same_runs(cfgs: list, data_sha1: str | None = None) -> None:
@@ -320,6 +341,7 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
             continue
         finally:
             trainer.close()
+        stopped = trainer.stop_signal  # a stop signal once this run was complete: its row first, then no next run
         metrics = read_metrics(run / "metrics.jsonl")
         if "val_loss" not in res:  # finished in a process stopped before its summary.json: its last evaluation
             res = [m for m in metrics if "val_loss" in m and m["step"] == cfg.max_steps][-1]
@@ -338,6 +360,9 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
         rows.append(row)
         log(f"{name}: val loss {row['val_loss']:.4f} (ppl {row['val_ppl']:.2f}) in {row['wall_s']:.0f} s" +
             (f", transfer loss {row['transfer_loss']:.4f}" if transfer else ""))
+        if stopped is not None and cfg is not cfgs[-1][2]:  # (the signal asked the grid to stop: the same command
+            # continues it, as after a run stopped mid-way)
+            raise TrainStopped(stopped, cfg.max_steps, run, quiet=trainer.dist.enabled and not trainer.dist.main)
     if diverged:
         log(f"{len(diverged)} run(s) diverged, without a summary row: {', '.join(diverged)}")
     if later:

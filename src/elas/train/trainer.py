@@ -529,6 +529,7 @@ class Trainer:
         self.tb = None  # a SummaryWriter beside metrics.jsonl (rank 0, tensorboard=true), opened in fit
         self._voting = False  # in fit's loop with several processes: rank 0's failed writes go through the vote
         self._stop_signal: int | None = None
+        self._old_handlers: dict = {}  # the stop signals' handlers before fit (or close) caught them
         self._finished = False  # fit() completed: close() then waits for the other processes
         self.saver = BackgroundSaver()  # one-file checkpoints written while training goes on (async_save)
 
@@ -645,9 +646,11 @@ class Trainer:
                              f" change from step {self.step} on, so the losses from here differ from a run planned "
                              f"for either length")
         # every process catches the stop signals (torchrun passes a SIGTERM or Ctrl-C to each): they agree on the
-        # step to stop at, save together (FSDP2's shards need every process) and leave
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
-            if _is_main_thread() else {}
+        # step to stop at, save together (FSDP2's shards need every process) and leave. Once the last step is
+        # trained there is nothing left to stop: a signal then is recorded (stop_signal), the final evaluation and
+        # save complete, and the run ends as finished, not as a stopped one (status 143); close() catches them
+        # again while a complete run waits for the other processes
+        self._catch_signals()
         vote = None  # several processes: the stop vote of the step before, all-reduced (see below)
         save_error = None  # rank 0's failed background checkpoint, said once every process has it from the vote
         self._write_error, self._voting = None, d.enabled  # rank 0's other failed write (_write_metrics), likewise
@@ -770,6 +773,7 @@ class Trainer:
                                 f"(now {cfg.eval_tokens}) or raise eval_every (now {cfg.eval_every}): `--set "
                                 f"eval_tokens=...` in `elas train`")
                     t_trained_from = time.perf_counter()
+                stop = stop if self.step < cfg.max_steps else None  # (the last step: saved as planned; run complete)
                 if save_now or stop:
                     t0 = time.perf_counter()
                     if stop and d.main:  # (said first: a launcher's kill during the save is then visible)
@@ -815,6 +819,7 @@ class Trainer:
                 raise _StartError("rank 0 could not write the run's last checkpoint", quiet=True)
             if final_error is not None:
                 raise final_error
+            self._finished = True
         finally:
             self._voting = False
             if self.saver.busy():  # an error left the loop: let the write in flight finish (its own error, if
@@ -824,10 +829,8 @@ class Trainer:
                     pass
             if bar is not None:
                 bar.close()
-            for s, h in old.items():
-                signal.signal(s, h)
+            self._restore_signals()  # (the caller's again: a notebook's Ctrl-C after fit is its own)
         result.setdefault("step", self.step)
-        self._finished = True
         return result
 
     def elapsed_s(self) -> float:
@@ -945,6 +948,21 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
+    @property
+    def stop_signal(self) -> int | None:
+        """A stop signal that came once the run was complete (its last step trained and saved; fit returned), or
+        None: nothing was left to stop, so the run ends as finished; a caller with more to do (the grid) stops."""
+        return self._stop_signal if self._finished else None
+
+    def _catch_signals(self) -> None:
+        self._old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
+            if _is_main_thread() else {}
+
+    def _restore_signals(self) -> None:
+        for s, h in self._old_handlers.items():
+            signal.signal(s, h)
+        self._old_handlers = {}
+
     def _claim_run_dir(self) -> None:
         """Rank 0 creates and locks the run directory (one process trains into it at a time: a requeued job, say)
         and writes a token there; every other process must read that token: a run directory that is not one
@@ -993,7 +1011,12 @@ class Trainer:
         self.ddp = self.fwd = self.grads = None
         # after a complete run every process waits for the others before the group is torn down (a process that
         # left early could abort a peer still finishing its last collective); after a failure nobody waits
-        return shutdown(self.dist, wait=self._finished)
+        if self._finished:  # a stop signal while a complete run waits is recorded (stop_signal), not a kill
+            self._catch_signals()
+        try:
+            return shutdown(self.dist, wait=self._finished)
+        finally:
+            self._restore_signals()
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:

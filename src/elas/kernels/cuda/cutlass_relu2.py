@@ -348,7 +348,10 @@ def _mm(mode: int, a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None,
             raise ValueError(f"CUTLASS ReLU^2 GEMM mode {mode}: {name} must be a contiguous, 16-byte aligned bf16 "
                              f"{list(shape)} tensor on {a.device}, got {t.dtype} {tuple(t.shape)} strides "
                              f"{t.stride()} on {t.device}")
-    a, b = a.contiguous(), b.contiguous()  # a transposed weight view is copied: the kernels read K-contiguous rows
+    from .relu2_gemm import _row_major
+    # a transposed weight view is copied: the kernels read K-contiguous rows through TMA, from 16-byte aligned
+    # addresses (a view at a storage offset is copied too: unaligned, every configuration would fail the shape)
+    a, b = _row_major(a), _row_major(b)
     lib = library()
     best = _best(lib, mode, a, b, aux, aux_out)
     if best is None:

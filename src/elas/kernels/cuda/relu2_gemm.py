@@ -92,6 +92,15 @@ def _epilogue(y, y2, GRAD: tl.constexpr):
     return out
 
 
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """t [R, C] as a tensor descriptor reads it: strides (C, 1) from a 16-byte aligned address, or a copy that is.
+    A contiguous view need not be either: one at a storage offset (x.view(-1)[1:].view(R, C)) starts anywhere,
+    and torch calls a [1, C] tensor contiguous whatever its row stride (x[:, :1].t())."""
+    if t.stride() == (t.shape[1], 1) and t.data_ptr() % 16 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)  # (a fresh allocation: aligned)
+
+
 def _launch(a: torch.Tensor, b: torch.Tensor, y2: torch.Tensor | None, config=None, c_tma: bool | None = None
             ) -> torch.Tensor:
     m, k = a.shape
@@ -104,8 +113,9 @@ def _launch(a: torch.Tensor, b: torch.Tensor, y2: torch.Tensor | None, config=No
     bm, bn, bk, warps, stages = config or DEFAULT
     # B [N, K] row-major, or B^T [K, N] row-major where that is how it lies (W_down^T of a full-rank FFN) and its
     # rows are 16-byte aligned; otherwise one copy to [N, K]
-    b_kn = not b.is_contiguous() and b.t().is_contiguous() and n % 8 == 0
-    a, b = a.contiguous(), (b if b_kn else b.contiguous())
+    b_kn = not b.is_contiguous() and b.t().is_contiguous() and n % 8 == 0 and b.data_ptr() % 16 == 0
+    a, b = _row_major(a), (b if b_kn else _row_major(b))
+    y2 = None if y2 is None else _row_major(y2)
     out = torch.empty((m, n), device=a.device, dtype=torch.bfloat16)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     progs = tiles if a.device.type != "cuda" else min(tiles, torch.cuda.get_device_properties(a.device).multi_processor_count)
@@ -134,7 +144,7 @@ def relu2_grad_gemm(dh2: torch.Tensor, wd: torch.Tensor, y2: torch.Tensor, confi
     if y2.shape != (dh2.shape[0], wd.shape[0]) or y2.dtype != torch.bfloat16:
         raise ValueError(f"relu2 GEMM: y2 is {y2.dtype} {tuple(y2.shape)}, expected bf16 "
                          f"{(dh2.shape[0], wd.shape[0])}")
-    return _launch(dh2, wd, y2.contiguous(), config, c_tma)
+    return _launch(dh2, wd, y2, config, c_tma)
 
 
 @triton.jit
