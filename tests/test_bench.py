@@ -915,3 +915,88 @@ def test_old_step_table_gives_no_ratio_across_timings():
     line = next(ln for ln in step_tables({"rows": rows}).splitlines() if ln.startswith("| llama-1b | relu2 | 32x"))
     cells = [c.strip() for c in line.split("|")]
     assert cells[7] == "-" and cells[10] == "-"  # vs SwiGLU (eager) refused; MFU unknown
+
+
+def test_profile_counts_template_gemms_and_the_clipping_norm_where_they_belong():
+    """Inductor's template GEMMs (max-autotune: triton_tem_*mm*) are GEMMs, not elementwise work (20 ms a step of
+    benchmarks/results/h200/inductor_knobs.json); MasterAdamW's clipping norm (_sumsq_kernel) and foreach_norm's
+    cleanup are the optimizer's clipping norms, as the category says."""
+    for name in ("triton_tem_fused_mm_t_2", "triton_tem_fused__unsafe_view_mm_mul_relu_t_view_5",
+                 "triton_tem_fused__to_copy_mm_mul_view_1", "triton_tem_fused_addmm_3", "triton_tem_fused_bmm_0"):
+        assert category(name) == "GEMM", name
+    assert category("_sumsq_kernel") == "optimizer"
+    assert category("void at::native::lpnorm_cleanup<float, (at::native::NormType)1, float, true, float>(float") \
+        == "optimizer"
+    # a pointwise kernel fused around a GEMM is still pointwise
+    assert category("triton_poi_fused__grouped_mm__to_copy_clamp_index_lt_mul_t_transpose_view_12") == "elementwise"
+
+
+def test_bench_loss_keeps_the_rows_measured_before_a_failing_one(tmp_path, monkeypatch):
+    import elas.bench.kernels as kb
+    import elas.bench.loss as bl
+    from elas.cli import main
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kb, "environment", lambda: {"gpu": "NVIDIA H100 80GB HBM3"})
+    done = []
+
+    def row(tokens, d, vocab, impl, compiled):
+        if len(done) == 2:  # the first compiled row fails (an Inductor error, out of memory, ...)
+            raise RuntimeError("compile failed")
+        done.append((impl, compiled))
+        return {"tokens": tokens, "d_model": d, "vocab": vocab, "impl": impl, "compiled": compiled, "ms": 1.0,
+                "peak_extra_gb": 0.1, "loss": 10.4}
+
+    monkeypatch.setattr(bl, "loss_row", row)
+    with pytest.raises(RuntimeError, match="compile failed"):
+        main(["bench", "loss", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "loss.json").read_text())["rows"]
+    assert [(r["impl"], r["compiled"]) for r in rows] == [("logits", False), ("chunked", False)]
+
+
+@pytest.mark.parametrize("what", ["gemm", "sparsify", "epilogue"])
+def test_bench_refuses_a_token_count_the_2to4_layout_cannot_take(capsys, what):
+    """--m rows of the packed operand: the SM90 layout takes multiples of 64 only (packed.check_shape); another
+    value is refused before any GPU work, not as a traceback from the first kernel."""
+    from elas.cli import main
+    assert main(["bench", what, "--m", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid --m 100" in err and "multiple of 64" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("what", ["step", "ffn"])
+@pytest.mark.parametrize("variant,says", [("elas+fused", "KEY=VALUE"),
+                                          ("elas+act24.fused=true+act24.fused=false", "given twice")])
+def test_bench_variant_with_a_malformed_option_fails_in_one_line(capsys, what, variant, says):
+    from elas.cli import main
+    assert main(["bench", what, "--variants", variant]) == 2
+    err = capsys.readouterr().err
+    assert f"invalid --variants value {variant!r}" in err and says in err
+
+
+def test_swiglu_aligned_takes_kernel_keys_as_the_other_step_variants_do():
+    """The CLI accepts swiglu-aligned+KEY=VALUE (it checks the name before the keys) and ratios() counts it as a
+    form of swiglu-aligned; the config must then be SwiGLU at the rounded width with the key set."""
+    from elas.bench.step import plain_config
+    plain = step_config("llama-60m", "swiglu-aligned", "elas", 256)
+    keyed = step_config("llama-60m", "swiglu-aligned+fuse_qkv=true", "elas", 256)
+    assert keyed.fuse_qkv is True and keyed.intermediate == plain.intermediate and plain.intermediate % 128 == 0
+    # plain torch.compile drops elas's kernel keys: one plain row serves both
+    assert plain_config("llama-60m", "swiglu-aligned+fuse_qkv=true", 256) == plain_config("llama-60m",
+                                                                                         "swiglu-aligned", 256)
+
+
+@pytest.mark.parametrize("what", ["ffn", "compile"])
+def test_bench_refuses_an_infinite_batch_scale_in_one_line(capsys, what):
+    from elas.cli import main
+    assert main(["bench", what, "--batch-scale", "inf"]) == 2
+    assert "invalid --batch-scale inf" in capsys.readouterr().err
+
+
+def test_report_names_a_result_file_that_is_json_but_not_an_object(tmp_path):
+    """A result file holding valid JSON that is not an object (a list, say) is one ValueError naming the file,
+    not an AttributeError traceback from a renderer."""
+    from elas.bench.report import render
+    (tmp_path / "h100").mkdir()
+    (tmp_path / "h100" / "gemm.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="gemm.json: cannot render it"):
+        render(tmp_path, img=tmp_path / "img")

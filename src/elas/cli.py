@@ -654,6 +654,19 @@ def _choices(text: str | None, valid: tuple, flag: str) -> list[str]:
     return picked
 
 
+def _variant_names(variants: list[str]) -> str:
+    """The variants' names, comma-separated ("elas+act24.fused=true" -> "elas"), for _choices; a malformed option
+    (no KEY=VALUE, a key given twice) is a UserError naming the variant."""
+    from .config import split_variant
+    names = []
+    for v in variants:
+        try:
+            names.append(split_variant(v)[0])
+        except ValueError as e:
+            raise UserError(f"invalid --variants value {v!r}: {e}") from None
+    return ",".join(names)
+
+
 # the options each `elas bench` reads (dest names); another one given would be ignored, and is refused
 BENCH_OPTIONS = {
     "gemm": {"m"}, "sparsify": {"m"}, "epilogue": {"m"}, "sste": set(), "loss": set(),
@@ -705,8 +718,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from .bench import kernels as kb
     _bench_options(args)
-    if not args.batch_scale > 0:
-        raise UserError(f"invalid --batch-scale {args.batch_scale}: expected a positive factor")
+    if not (args.batch_scale > 0 and math.isfinite(args.batch_scale)):
+        raise UserError(f"invalid --batch-scale {args.batch_scale:g}: expected a positive factor")
     if args.what == "compile" and int(32 * args.batch_scale) < 1:
         raise UserError(f"--batch-scale {args.batch_scale:g} leaves bench compile's batch of 32 no sequence")
     if args.what == "ffn":
@@ -728,12 +741,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             else list(INFER_VARIANTS)
     if args.what == "step":
         from .bench.step import MODES, STEP_VARIANTS
-        from .config import split_variant
         step_variants = args.variants.split(",") if args.variants else list(STEP_VARIANTS)
         if args.optimizer == "loro_adamw" and not args.variants:  # LORO trains low-rank factors only
             from .bench.step import step_config
             step_variants = [v for v in step_variants if step_config("llama-60m", v, "elas", 256).rank]
-        _choices(",".join(split_variant(v)[0] for v in step_variants), (*VARIANTS, "swiglu-aligned"), "--variants")
+        _choices(_variant_names(step_variants), (*VARIANTS, "swiglu-aligned"), "--variants")
         step_modes = _choices(args.modes, MODES, "--modes")
         try:
             batches = [int(b) for b in (args.batches or "32").split(",")]
@@ -755,8 +767,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                     f"--variants among the low-rank ones (e.g. lowrank-relu2,elas,elas-mask)")
     if args.what == "ffn" and args.variants:
         from .bench.ffn import variant_config
-        from .config import split_variant
-        _choices(",".join(split_variant(v)[0] for v in args.variants.split(",")), tuple(VARIANTS), "--variants")
+        _choices(_variant_names(args.variants.split(",")), tuple(VARIANTS), "--variants")
         for v in args.variants.split(","):  # keys checked too, before anything runs
             try:
                 variant_config("llama-60m", v)
@@ -776,6 +787,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for flag, value in (("--m", args.m), ("--grad-rank", args.grad_rank)):
         if value is not None and value < 1:
             raise UserError(f"invalid {flag} {value}: expected a positive integer")
+    if args.m is not None:  # the rows of the packed 2:4 operand (kernels/packed.py's check_shape)
+        from .kernels.packed import ROW_ALIGN
+        if args.m % ROW_ALIGN:
+            raise UserError(f"invalid --m {args.m}: the 2:4 layout takes a multiple of {ROW_ALIGN} rows (tokens), "
+                            f"e.g. {-(-args.m // ROW_ALIGN) * ROW_ALIGN}")
     if not torch.cuda.is_available():
         raise UserError("elas bench measures GPU kernels and needs a CUDA GPU")
     env = kb.environment()
@@ -794,14 +810,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         os.replace(tmp, out)
 
     if args.what == "gemm":
-        rows = kb.bench_gemm(m=args.m or 16384)
+        rows = kb.bench_gemm(m=args.m or 16384, on_row=write)
         extra = {"host_overhead": kb.bench_host_overhead()}
     elif args.what == "sparsify":
         rows = kb.bench_sparsify(m=args.m or 16384, on_row=write)
     elif args.what == "sste":
-        rows = kb.bench_sste()
+        rows = kb.bench_sste(on_row=write)
     elif args.what == "epilogue":
-        rows = kb.bench_epilogue(m=args.m or 8192)  # the 1B step's tokens per micro-batch (32 x 256)
+        rows = kb.bench_epilogue(m=args.m or 8192, on_row=write)  # the 1B step's tokens per micro-batch (32 x 256)
     elif args.what == "infer":
         from .bench.infer import bench_infer
         rows = bench_infer(sizes or ["llama-1b"], infer_variants, on_row=write)
@@ -809,10 +825,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench.loro import bench_loro
         from .optim.loro import SOLVERS
         rows = bench_loro(sizes or ("llama-60m", "llama-130m", "llama-350m", "llama-1b"),
-                          tuple(args.solvers.split(",")) if args.solvers else SOLVERS, grad_rank=args.grad_rank)
+                          tuple(args.solvers.split(",")) if args.solvers else SOLVERS, grad_rank=args.grad_rank,
+                          on_row=write)
     elif args.what == "loss":
         from .bench.loss import bench_loss
-        rows = bench_loss()
+        rows = bench_loss(on_row=write)
     elif args.what == "ffn":
         from .bench.ffn import bench_ffn
         rows = bench_ffn(sizes, batch_scale=args.batch_scale,
@@ -1051,12 +1068,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc", help="report: the doc whose generated part is rewritten (default docs/performance.md)")
     p.add_argument("--results", help="report: the folder of <gpu>/*.json (default benchmarks/results)")
     p.add_argument("--m", type=int, default=None,
-                   help="tokens (rows of the sparse operand; default 16384, and 8192 for `epilogue`)")
+                   help="tokens (rows of the sparse operand, a multiple of 64; default 16384, and 8192 for "
+                        "`epilogue`)")
     p.add_argument("--out", help="directory for the JSON (default benchmarks/results/<gpu>)")
     p.add_argument("--gpu-name", help="folder name for the GPU (default: from the device name)")
-    p.add_argument("--variants", help=f"ffn/compile/step: comma-separated variants (default compile: "
-                                      f"{','.join(COMPILE_VARIANTS)}; ffn, step: the papers' variants); a variant "
-                                      f"may set keys of its methods: elas+act24.fused=true)")
+    p.add_argument("--variants", help=f"ffn/compile/step/infer: comma-separated variants (default compile: "
+                                      f"{','.join(COMPILE_VARIANTS)}; ffn, step, infer: the papers' variants); in "
+                                      f"ffn and step a variant may set keys of its methods: elas+act24.fused=true)")
     p.add_argument("--batches", help="step: comma-separated per-GPU batch sizes (default 32)")
     p.add_argument("--optimizer", choices=["adamw", "loro_adamw"],
                    help="step: the optimizer of every row (default adamw; loro_adamw: low-rank variants only)")

@@ -18,10 +18,10 @@ from .timing import graph_ms
 FFN_SHAPES = [(2176, 512), (3072, 768), (4224, 1024), (8192, 2048)]
 
 
-def bench_gemm(m: int = 16384, shapes=None, log=print) -> list[dict]:
+def bench_gemm(m: int = 16384, shapes=None, log=print, on_row=None) -> list[dict]:
     """Rows for N in {256, 512, d_model, 4 d_model} at each ELAS d_ff. B's layout is the one the FFN uses: N a
     rank (256/512) -> the low-rank factor N2 [d_ff, r] row-major ("bN"); N a model width -> a Linear weight
-    W2 [N, d_ff] read transposed ("bT")."""
+    W2 [N, d_ff] read transposed ("bT"). on_row(rows so far) after each row (a shape that fails leaves the others)."""
     from ..kernels import reference
     from ..kernels.cuda import gemm
     from ..kernels.cuda.sparsify import relu2_sparsify24_packed
@@ -47,6 +47,8 @@ def bench_gemm(m: int = 16384, shapes=None, log=print) -> list[dict]:
                "sparse_ms": sparse_ms, "speedup": dense_ms / sparse_ms, "alg_id": alg, "rel_err": err,
                "torch_cslt_alg0_ms": torch_alg0_ms, "torch_cslt_rel_err": torch_err}
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
         log(f"gemm M={m} K={k} N={n} {lay}: dense {dense_ms:.4f} ms, sparse {sparse_ms:.4f} ms "
             f"(alg {alg}, x{row['speedup']:.2f}), torch cslt alg0 {torch_alg0_ms:.4f} ms, err {err:.1e}")
     return rows
@@ -141,12 +143,12 @@ SSTE_LAUNCHES = [(1, 4), (2, 4), (2, 8), (4, 8)]  # tiles, warps
 SSTE_SHAPES = [(8192, 2048), (2048, 8192)]  # the 1B FFN's up and down weights [d_out, d_in]
 
 
-def bench_sste(shapes=None, log=print) -> list[dict]:
+def bench_sste(shapes=None, log=print, on_row=None) -> list[dict]:
     """S-STE's per-step weight packing (kernels/cuda/sste.py): beta * S_soft(W) and S(W^T) packed in the SM90
     layout, per weight shape, dtype (bf16 parameters of the elas mode; fp32 masters) and direction; TB/s of the
     bytes it must move (read W, write the packed buffer and the mask bits) against a copy of W; each launch shape
     (tiles, warps) and the variant without mask bits, timed only if its buffer is byte-identical to the
-    default's."""
+    default's. on_row(rows so far) after each row."""
     from ..kernels.cuda.sste import soft_threshold24_packed
     rows = []
     beta = torch.tensor(1.1, device="cuda")
@@ -170,6 +172,8 @@ def bench_sste(shapes=None, log=print) -> list[dict]:
                             row["variants_ms"][f"tiles{t}_warps{wp}" + ("" if bits else "_nobits")] = graph_ms(
                                 lambda: soft_threshold24_packed(w, beta, transpose, **kw))
                 rows.append(row)
+                if on_row is not None:
+                    on_row(rows)
                 log(f"sste pack {r}x{c} {row['dtype']}{' (W^T)' if transpose else ''}: {ms:.4f} ms = "
                     f"{row['tb_per_s']:.2f} TB/s (copy {row['copy_tb_per_s']:.2f}); variants "
                     + ", ".join(f"{v}: {x:.4f}" for v, x in row["variants_ms"].items()))
@@ -252,14 +256,15 @@ EPILOGUE_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8
                     (128, 64, 64, 4, 4), (64, 256, 64, 8, 3)]  # (BM, BN, BK, warps, stages)
 
 
-def bench_epilogue(m: int = 8192, shapes=None, configs=None, log=print) -> list[dict]:
+def bench_epilogue(m: int = 8192, shapes=None, configs=None, log=print, on_row=None) -> list[dict]:
     """The fused GEMM-epilogue kernels (kernels/cuda/epilogue.py) against cuBLAS + the separate kernels, one row
     per (kernel, shape), over a sweep of tile configurations, each checked before it is timed (and kept only if
     it passes):
       up:    h1 @ wu^T then the sparsifier, against the fused kernel with y1 written (ste) and without (mask);
              check: the packed bytes equal the sparsifier's on the fused kernel's own y1;
       dgrad: dh2 @ wd^T then the ste backward kernel (from y1), against the fused kernel; check: y2s byte-exact
-             (it does not depend on dy2), dy1 within 1% of the separate kernels' (dy2's accumulation order)."""
+             (it does not depend on dy2), dy1 within 1% of the separate kernels' (dy2's accumulation order).
+    on_row(rows so far) after each row."""
     from ..kernels.cuda.epilogue import dgrad_relu2_ste, up_relu2_sparsify24
     from ..kernels.cuda.sparsify import relu2_sparse24_backward, relu2_sparsify24_packed
     rows = []
@@ -305,6 +310,8 @@ def bench_epilogue(m: int = 8192, shapes=None, configs=None, log=print) -> list[
                 if "no_y1_ms" in ok[best]:
                     row.update(fused_no_y1_ms=ok[best]["no_y1_ms"], speedup_no_y1=separate_ms / ok[best]["no_y1_ms"])
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
             log(f"{kernel} M={m} K={q} N={n}: cuBLAS {cublas_ms:.4f}, separate {separate_ms:.4f} ms; " + (
                 f"fused {row['fused_ms']:.4f} ms (x{row['speedup']:.2f}) [{best}]" if best
                 else "no fused configuration ran exactly"))

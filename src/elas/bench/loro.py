@@ -20,10 +20,11 @@ def _directions(m: int, n: int, r: int, M, N, g, grad_rank: int | None):
 
 
 def bench_loro(sizes=("llama-60m", "llama-130m", "llama-350m", "llama-1b"), solvers=SOLVERS,
-               qrs=("householder", "cholesky"), grad_rank: int | None = None, log=print) -> list[dict]:
+               qrs=("householder", "cholesky"), grad_rank: int | None = None, log=print, on_row=None) -> list[dict]:
     """Per solver of the 2r x 2r SVD: each layer shape one module at a time (the default QR), then every module of
     the model as the optimizer runs it (one batched call per shape), once per tall-QR method. grad_rank: the
-    directions of a gradient of that rank instead of random ones (`_directions`)."""
+    directions of a gradient of that rank instead of random ones (`_directions`). on_row(rows so far) after each
+    solver's rows, so that a solver that fails leaves the ones measured before it."""
     for solver in solvers:
         if solver not in SOLVERS + ("auto",):
             raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS + ('auto',)}")
@@ -68,4 +69,6 @@ def bench_loro(sizes=("llama-60m", "llama-130m", "llama-350m", "llama-1b"), solv
                 log(f"loro {size} {solver:>7} qr={qr:>11}: exact step {total:.1f} ms for {len(pairs)} modules one "
                     f"at a time, {batched:.1f} ms batched per shape ({batched / k:.2f} ms/step amortised over "
                     f"K={k}), worst rel. err {worst:.1e} (one at a time)")
+            if on_row is not None:
+                on_row(rows)
     return rows

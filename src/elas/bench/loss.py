@@ -59,13 +59,17 @@ def loss_row(tokens: int, d: int, vocab: int, impl: str, compiled: bool) -> dict
             "peak_extra_gb": peak / 1e9, "loss": float(loss)}
 
 
-def bench_loss(tokens=(8192, 16384), d: int = 2048, vocab: int = 32000, log=print) -> list[dict]:
+def bench_loss(tokens=(8192, 16384), d: int = 2048, vocab: int = 32000, log=print, on_row=None) -> list[dict]:
+    """Rows for every (tokens, eager/compiled, implementation); on_row(rows so far) after each, so that a row that
+    fails (a compile error, out of memory) leaves the ones measured before it."""
     rows = []
     for n in tokens:
         for compiled in (False, True):
             for impl in ("logits", "chunked"):
                 r = loss_row(n, d, vocab, impl, compiled)
                 rows.append(r)
+                if on_row is not None:
+                    on_row(rows)
                 log(f"loss T={n} {'compiled' if compiled else 'eager':>8} {impl:>7}: {r['ms']:.2f} ms fwd+bwd, "
                     f"{r['peak_extra_gb']:.2f} GB above the inputs, loss {r['loss']:.4f}")
     return rows

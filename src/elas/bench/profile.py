@@ -22,8 +22,11 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
     ("2:4 sparsify/pack", r"^_kernel$|^_words_kernel$|^_dense_kernel$|^_bwd\w*_kernel$|^_sste(_dense)?_kernel$|"
                           r"sparsif|pack24"),
     ("attention", r"flash|fmha|attention|sdpa|cudnn|^_attn_(fwd|bwd)$"),  # (elas's: kernels/cuda/attention.py)
-    ("GEMM", r"gemm|nvjet|cutlass|xmma|wgmma|matmul|cublas|splitk|^sm\d\d_|ampere_"),
-    ("optimizer", r"adam|multi_tensor_apply|foreach"),  # fused AdamW, clipping's norms, zeroing of gradients
+    # (triton_tem_*mm*: Inductor's template GEMMs, max-autotune's, with their fused epilogue ops in the name)
+    ("GEMM", r"gemm|nvjet|cutlass|xmma|wgmma|matmul|cublas|splitk|^sm\d\d_|ampere_|^triton_tem_\w*_(b|add)?mm(_|$)"),
+    # fused AdamW, clipping's norms (torch's foreach_norm and its cleanup; MasterAdamW's _sumsq_kernel), zeroing of
+    # gradients
+    ("optimizer", r"adam|multi_tensor_apply|foreach|lpnorm_cleanup|^_sumsq_kernel$"),
     ("CE", r"cross_entropy|nll_loss|log_softmax|logsumexp|softmax|^_xent_grad_kernel$"),  # (elas's: kernels/cuda/xent.py)
     ("copy", r"memcpy|memset|copy|convert|cast|clone|catarray|fill"),
     ("elementwise", r""),  # Inductor's fused kernels and every other pointwise / reduction kernel

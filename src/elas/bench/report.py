@@ -353,7 +353,8 @@ def render(results: Path, img: Path = Path("docs/img")) -> str:
         for f in sorted(gpu_dir.glob("*.json")):
             try:
                 parts += _render_file(f, gpu_dir.name, img)
-            except (ValueError, KeyError, TypeError, IndexError, ZeroDivisionError) as e:
+            except (ValueError, KeyError, TypeError, IndexError, ZeroDivisionError, AttributeError) as e:
+                # (AttributeError: valid JSON that is not an object, e.g. a list)
                 raise ValueError(f"{f}: cannot render it ({type(e).__name__}: {e})") from None
     if not parts:
         raise ValueError(f"--results {results}: no result file to render (expected <gpu>/<kind>.json with kind one "

@@ -55,10 +55,11 @@ PLAIN = {"residual_dtype": "fp32", "lm_loss": "logits", "attn_backend": "torch",
 def step_config(size: str, variant: str, mode: str, seq: int):
     variant = train_keys(variant)[0]
     over = {"max_seq_len": seq}
-    if variant == "swiglu-aligned":  # not a preset: SwiGLU with its width rounded up to the GEMM tiles' multiple
+    name, sets = split_variant(variant)
+    if name == "swiglu-aligned":  # not a preset: SwiGLU with its width rounded up to the GEMM tiles' multiple
         inter = model_preset(size).intermediate
         over["intermediate"] = math.ceil(inter / D_FF_MULTIPLE) * D_FF_MULTIPLE
-        variant = "swiglu"
+        variant = "+".join(["swiglu"] + [f"{k}={v}" for k, v in sets.items()])  # its keys kept (+fuse_qkv=true)
     cfg = variant_config(size, variant, **over)
     if not mode.startswith("elas"):
         for k, v in PLAIN.items():
