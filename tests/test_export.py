@@ -111,6 +111,33 @@ def test_eval_and_export_see_the_forward_the_run_trained_last(dataset, tmp_path,
         assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
 
 
+def test_a_checkpoint_keeps_its_modes_after_a_resume_changed_max_steps(dataset, tmp_path, capsys):
+    """A run of 4 steps (S-STE sparse to half of it: dense from step 2, W <- beta S(W)) resumed to 8 steps rewrites
+    config.json with max_steps=8, where half of the run ends at step 4. Its step-4 checkpoint still holds what
+    step 3 trained in the dense phase: eval and export read it in that mode, not in the sparse mode step 3 has in
+    the 8-step schedule (beta S_soft of the baked weights: another model)."""
+    from safetensors.torch import load_file
+    run = tmp_path / "run"
+    sets = ["--set", "model.sste24.dense_warmup_steps=1", "--set", "eval_every=100", "--set", "save_every=4"]
+    assert main(["train", "--preset", "llama-tiny-relu2-w24", "--data", str(dataset), "--out", str(run),
+                 "--no-progress", *TINY, "--max-steps", "4", *sets]) == 0
+    want = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in line][-1]
+    assert want["step"] == 4
+    capsys.readouterr()
+    assert main(["export", "--run", str(run), "--checkpoint", "step-00000004", "--to", str(tmp_path / "a")]) == 0
+    assert main(["train", "--preset", "llama-tiny-relu2-w24", "--data", str(dataset), "--out", str(run),
+                 "--no-progress", *TINY, "--max-steps", "8", "--resume", *sets]) == 0
+    assert json.loads((run / "config.json").read_text())["max_steps"] == 8
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--checkpoint", "step-00000004", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["modes"] == {"sste24": "dense-final"}
+    assert got["val_loss"] == pytest.approx(want["val_loss"], abs=1e-7)
+    assert main(["export", "--run", str(run), "--checkpoint", "step-00000004", "--to", str(tmp_path / "b")]) == 0
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_export_warns_of_sparse_activations_only_when_the_forward_has_them(tmp_path):
     from elas.build import build_model
     from elas.export import export_hf

@@ -355,3 +355,30 @@ def test_the_masked_and_packed_twins_agree_on_a_nan_neuron(mask_grad):
         assert torch.equal(x.grad.isnan(), y.grad.isnan())
     y2s, mask = ref.relu2_sparsify24(torch.tensor([[float("nan"), 0.0, 0.0, 0.0], [1e20, 1e20, 1e20, 1e20]]))
     assert torch.all(y2s[~mask] == 0)
+
+
+@pytest.mark.parametrize("mask_grad", [False, True])
+def test_the_split_twins_agree_on_a_nan_neuron(mask_grad):
+    """With the 95/5 split the masked twin ranked a NaN neuron among the densest features (relu(NaN) != 0), where
+    the packed core's sparsifier counts positives (NaN > 0 is false): another feature lost its dense slot, and the
+    finite weight gradients differed by hundreds. And sparsify24, the split's along-token pruning, wrote a dropped
+    NaN as NaN (x * mask), not 0 as the module's rule and the packed twin do."""
+    from elas.kernels import ops
+    from elas.kernels.packed import unpack24
+    g = torch.Generator().manual_seed(0)
+    h1, wu, wd = (torch.randn(*s, generator=g).bfloat16() for s in ((64, 64), (1280, 64), (1280, 64)))
+    assert ref.n_dense_features(1280, 0.05) == 64
+    wu[5] = float("nan")
+    leaves = [t.clone().requires_grad_() for t in (h1, wu, wd) for _ in range(2)]
+    a = masked_act24_ffn(leaves[0], leaves[2], leaves[4], mask_grad, 0.05)
+    p = ops.act24_ffn(leaves[1], leaves[3], leaves[5], mask_grad, 0.05)
+    assert torch.equal(a.isnan(), p.isnan())
+    a.float().sum().backward()
+    p.float().sum().backward()
+    for x, y in zip(leaves[2::2], leaves[3::2]):  # wu, wd (h1's gradient is NaN through wu's NaN row in both)
+        assert not x.grad.isnan().any() and torch.equal(x.grad, y.grad)
+    y = torch.randn(64, 64, generator=g).bfloat16()
+    y[::4] = float("nan")  # one NaN in each group of 4 tokens: 2:4 along tokens drops it
+    pruned = ref.wgrad_split_operand(y, torch.zeros(64, dtype=torch.bool))
+    assert torch.equal(pruned, unpack24(ref.pack24_along_tokens(y, torch.arange(64))).T)
+    assert torch.equal(pruned[::4], torch.zeros(16, 64, dtype=y.dtype)) and not pruned.isnan().any()

@@ -194,6 +194,34 @@ def test_sparse_tensor_core_backend_needs_the_transposed_gradient():
             sparsify_(ReLU2FFN.of_width(64, 128), SSTE24Config(backend="cuda", input_grad="transposed"))
 
 
+def test_a_run_trained_on_the_2to4_kernels_evaluates_and_exports_where_they_cannot_run(monkeypatch):
+    """A run with sste24.backend=cuda (or act24's) records backend=cuda; eval, generate and export build its model
+    through build.kernels_for_here, which gives them this machine's kernels: the reference where the 2:4 kernels
+    cannot run (export always builds on the CPU). The explicit cuda refused that build in one line; training with it
+    there still is refused."""
+    import elas.kernels
+    from elas.build import kernels_for_here
+    monkeypatch.setattr(elas.kernels, "_cuda_status", lambda: (False, "no CUDA device"))
+    cfg = model_preset("llama-tiny-relu2-w24-a24", n_layers=1, vocab_size=128)
+    for m in cfg.methods:
+        m.update(backend="cuda", dense_warmup_steps=0)
+    cfg.method("sste24").update(input_grad="transposed", sparse_until=1.0)
+    with pytest.raises(ValueError, match="kernel backend 'cuda' was requested but cannot run here"):
+        build_model(cfg, "cpu")
+    here = kernels_for_here(cfg, "cpu")
+    assert [m["backend"] for m in cfg.methods] == ["cuda", "cuda"]  # the run's config is not changed
+    model = build_model(here, "cpu")
+    ref_cfg = model_preset("llama-tiny-relu2-w24-a24", n_layers=1, vocab_size=128)
+    ref_cfg.methods = [{**m, "backend": "reference"} for m in cfg.methods]
+    want = build_model(ref_cfg, "cpu")
+    want.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    for mdl in (model, want):
+        assert set_step(mdl, 5, 10) == ("sparse", "sparse")
+    with torch.no_grad():
+        assert torch.equal(model(idx), want(idx))
+
+
 def test_schedule_by_fraction_and_by_step_and_bad_values():
     c = SSTE24Config(dense_warmup_steps=10, sparse_until=0.5)
     assert [c.mode_at(s, 100) for s in (9, 10, 49, 50, 99)] == ["dense", "sparse", "sparse", "dense-final",

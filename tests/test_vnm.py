@@ -395,6 +395,28 @@ def test_grouped_path_needs_own_mode():
         VNMConfig(path="triton")
 
 
+@pytest.mark.parametrize("over,what", [(dict(d_ff=1000), "neurons per cluster (d_ff / clusters) 500"),
+                                       (dict(rank=20), "up input width 20, down output width 20")])
+def test_grouped_path_refuses_widths_torchs_grouped_gemm_cannot_take_when_built(over, what):
+    """torch's grouped GEMM (bf16: every CUDA run, CPU under autocast) needs 16-byte strides: a cluster of 500
+    neurons (d_ff=1000, own mode m=8: 2 clusters) or a rank of 20 failed at the first sparse step, after the dense
+    warm-up. The build refuses them in one line; widths that are multiples of 8 build and train in bf16."""
+    def cfg(**o):
+        c = preset("llama-tiny-relu2-vnm-own", n_layers=1, vocab_size=128, **o)
+        c.method("vnm").update(m=8, dense_warmup_steps=0)
+        return c
+    with pytest.raises(ValueError, match=r"vnm.path=grouped: blocks.0.ffn has " + what.replace("(", r"\(")
+                       .replace(")", r"\)") + ", not a multiple of 8"):
+        build_model(cfg(**over))
+    model = build_model(cfg(d_ff=1024, rank=24))  # clusters of 512 neurons, rank 24: the grouped GEMM runs
+    set_step(model, 0, 10)
+    idx = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(idx, idx)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
 def test_grouped_path_in_bf16_runs_torchs_grouped_gemm_and_compiles():
     """Under bf16 autocast the grouped path takes torch._grouped_mm itself (the kernel it runs on Hopper):
     against the masked path within bf16 rounding, and one graph when compiled."""

@@ -111,12 +111,16 @@ def kernels_for_here(cfg: ModelConfig, device: str | torch.device) -> ModelConfi
     """cfg with the kernel keys changed to what `device` can run (evaluation and generation of a run trained
     elsewhere: the kernels are this machine's to choose, the model is the same): relu2_kernel=cutlass and
     attn_backend=triton become auto (elas's attention off CUDA would run its fp32 reference, [B, H, S, S] scores);
-    rope_kernel=cutlass torch and a method's cutlass=true false where the library cannot run here. The config given
-    is not changed."""
+    rope_kernel=cutlass torch and a method's cutlass=true false where the library cannot run here; a method's
+    backend=cuda becomes auto (the 2:4 kernels where they run, else the reference: an explicit cuda refused the
+    build on a machine without them, and `elas export` builds on the CPU). The config given is not changed."""
     import copy
     import dataclasses
     if cfg.attn_backend == "triton":
         cfg = dataclasses.replace(cfg, attn_backend="auto")
+    if any(m.get("backend") == "cuda" for m in cfg.methods):
+        cfg = dataclasses.replace(cfg, methods=[{**m, "backend": "auto"} if m.get("backend") == "cuda" else m
+                                                for m in cfg.methods])
     if not _cutlass_keys(cfg):
         return cfg
     from .kernels.cuda import cutlass_relu2

@@ -488,8 +488,12 @@ def _load_run(args: argparse.Namespace):
     from .sparsity import set_step
     state = json.loads((ckpt / "trainer.json").read_text())
     # the model as its last step trained it (and as the run evaluated it at that checkpoint): step N's weights
-    # come from step N-1, whose modes may differ from step N's (the first sparse step, the final dense phase)
-    set_step(model, max(state["step"] - 1, 0), cfg.max_steps)
+    # come from step N-1, whose modes may differ from step N's (the first sparse step, the final dense phase). Those
+    # modes are of the run length the checkpoint was trained towards (its config copy): a resume that changed
+    # max_steps rewrote config.json, and a sparse phase given as a fraction of the run moved with it
+    saved = (state.get("config") or {}).get("max_steps")
+    max_steps = saved if isinstance(saved, int) and not isinstance(saved, bool) and saved > 0 else cfg.max_steps
+    set_step(model, max(state["step"] - 1, 0), max_steps)
     return cfg, model, ckpt, device
 
 

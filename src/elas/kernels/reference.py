@@ -98,9 +98,10 @@ def transposable24_mask(x: torch.Tensor) -> torch.Tensor:
 
 
 def sparsify24(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (x with the 2:4 mask applied, mask). Shapes equal x."""
+    """Returns (x with the 2:4 mask applied, mask). Shapes equal x. A dropped entry is 0 whatever its value (x * m
+    kept a dropped NaN as NaN, where the packed twins write 0)."""
     m = mask24(x, dim)
-    return x * m, m
+    return torch.where(m, x, 0.0), m
 
 
 def relu2_sparsify24(y1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,9 @@ class _MaskedAct24(torch.autograd.Function):
     def forward(ctx, h1, wu, wd, mask_grad: bool, dense_frac: float | None, wd_dgrad=None):
         y1 = h1 @ wu.T  # [T, d_ff]
         y2s, mask = ref.relu2_sparsify24(y1)  # [T, d_ff], 2:4 along d_ff
-        dense = None if dense_frac is None else ref.dense_feature_split(torch.relu(y1), dense_frac)  # bool [d_ff]
+        # the split ranks features by their positives in y1, as the packed core's sparsifier counts them (y1 > 0: a
+        # NaN neuron is no positive; relu(NaN) != 0 ranked it the densest and took a dense slot from another feature)
+        dense = None if dense_frac is None else ref.dense_features_from_counts((y1 > 0).sum(0), dense_frac)
         ctx.mask_grad, ctx.split = mask_grad, dense is not None
         ctx.save_for_backward(h1, wu, wd if wd_dgrad is None else wd_dgrad, y1, mask,
                               *(() if dense is None else (dense,)))

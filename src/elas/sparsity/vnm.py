@@ -336,6 +336,17 @@ def _apply_vnm(model: nn.Module, cfg: VNMConfig, filter_fn) -> Applied:
         if cfg.router and f.d_ff % cfg.clusters:
             raise ValueError(f"vnm: {n} has d_ff={f.d_ff}, not a multiple of the router's {cfg.clusters} clusters "
                              f"(vnm.groups)")
+        if cfg.path == "grouped":
+            # torch's grouped GEMM (bf16: always on CUDA, under autocast elsewhere) needs 16-byte strides: each
+            # cluster's neurons and the widths around d_ff (d_model, or the factors' ranks) multiples of 8
+            dims = {"neurons per cluster (d_ff / clusters)": f.d_ff // cfg.clusters,
+                    "up input width": getattr(f.up, "rank", f.up.in_features),
+                    "down output width": getattr(f.down, "rank", f.down.out_features)}
+            bad = {k: v for k, v in dims.items() if v % 8}
+            if bad:
+                raise ValueError(f"vnm.path=grouped: {n} has " + ", ".join(f"{k} {v}" for k, v in bad.items())
+                                 + ", not a multiple of 8 (torch's grouped GEMM needs 16-byte strides); change "
+                                 "d_ff, d_model, rank or vnm.m / vnm.topk, or use vnm.path=masked")
     old = [(f, f.core) for _, f in ffns]
     targets = []
     for n, f in ffns:
