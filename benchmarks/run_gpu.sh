@@ -27,15 +27,18 @@ for what in "${@:-tests kernels ffn}"; do
       # TESTS="tests/test_[a-r]*.py" then TESTS="tests/test_[s-z]*.py")
       tests) timeout "${TESTS_TIMEOUT:-560}" python -m pytest -o addopts="" -q -p no:cacheprovider --durations=15 \
                --continue-on-collection-errors -m gpu ${TESTS:-tests/} > runs/gpu_tests.log 2>&1 || failed=1
-             tail -45 runs/gpu_tests.log ;;
+             tail -45 runs/gpu_tests.log; [ -n "${OUT:-}" ] && cp runs/gpu_tests.log "$OUT/" ;;
       kernels) python -m elas bench sparsify --gpu-name "$GPU"; python -m elas bench gemm --gpu-name "$GPU" ;;
       epilogue) python -m elas bench epilogue --gpu-name "$GPU" ;;
       bwd24)  # the 2:4 sparsifier and its backward at the 1B step's tokens (8192) and every ELAS width: each launch,
               # and the backward's persistent forms (per_sm, prefetch), byte-checked against the default before
               # they are timed (~5 min, compiles included): benchmarks/results/$GPU/bwd24/sparsify.json
-        # (the widths one by one, the 1B width first, each written when done: a cut-off keeps what finished)
+        # (the widths one by one, the 1B width first, each written when done: a cut-off, at BWD24_TIMEOUT s (default
+        # 540), keeps what finished)
         timeout "${BWD24_TIMEOUT:-540}" python -m elas bench sparsify --gpu-name "$GPU" --m 8192 \
-          --out "benchmarks/results/$GPU/bwd24" || failed=1 ;;
+          --out "benchmarks/results/$GPU/bwd24" || failed=1
+        # (also under runs/: the next call's copy of the working tree removes the untracked results file)
+        mkdir -p runs/bwd24 && cp "benchmarks/results/$GPU/bwd24/sparsify.json" runs/bwd24/ 2>/dev/null ;;
       bwd24_step)  # the 1B steps whose backward runs without the split in one mode (BWD24_MODE: mask, the default:
                    # relu2-24 and elas-mask; ste: elas) beside their dense twins, in two processes: with bwd24's
                    # fastest forms of that mode at K = 8192 (benchmarks/bwd24_env.py: ELAS_BWD24_CONFIG, and
@@ -45,11 +48,12 @@ for what in "${@:-tests kernels ffn}"; do
         mode=${BWD24_MODE:-mask}
         case $mode in mask) vs=lowrank-relu2,elas-mask,relu2,relu2-24 ;; ste) vs=lowrank-relu2,elas ;;
           *) echo "bwd24_step: BWD24_MODE=$mode: expected mask or ste" >&2; vs= ;; esac
-        cfg=$(python benchmarks/bwd24_env.py "benchmarks/results/$GPU/bwd24/sparsify.json" "$mode") || cfg=
+        sweep=runs/bwd24/sparsify.json; [ -f "$sweep" ] || sweep=benchmarks/results/$GPU/bwd24/sparsify.json
+        cfg=$(python benchmarks/bwd24_env.py "$sweep" "$mode") || cfg=
         if [ -z "$vs" ]; then
           failed=1
         elif [ -z "$cfg" ]; then
-          echo "bwd24_step: no sweep on this machine (benchmarks/results/$GPU/bwd24/sparsify.json): run bwd24 first" >&2
+          echo "bwd24_step: no sweep on this machine ($sweep): run bwd24 first" >&2
           failed=1
         else
           echo "swept: $cfg"
@@ -60,6 +64,7 @@ for what in "${@:-tests kernels ffn}"; do
                 --modes elas --variants "${BWD24_VARIANTS:-$vs}" \
                 --out "benchmarks/results/$GPU/bwd24_step_${mode}_$form" 2>&1 | quiet
               [ "${PIPESTATUS[0]}" -eq 0 ] ) || failed=1
+            [ -n "${OUT:-}" ] && tar czf "$OUT/results.tgz" -C benchmarks/results "$GPU" 2>/dev/null
           done
         fi ;;
       infer) python -m elas bench infer --gpu-name "$GPU" ;;
@@ -299,11 +304,10 @@ PY
           # --time-left: a run whose estimate (the grid's done runs) does not fit before the timeout is not started
           # (a margin for the interpreter's start and the estimate's error; GRID_TIME_LEFT=0: every run starts)
           local tl=${GRID_TIME_LEFT:-$((limit > 135 ? limit - 45 : limit * 2 / 3))} budget=()
-          [ "$tl" != 0 ] && budget=(--time-left "$tl")
+          [ "$tl" != 0 ] && budget=(--time-left "$tl" ${GRID_ESTIMATE_FROM:+--estimate-from "$GRID_ESTIMATE_FROM"})
           timeout -k 30 "$limit" python -m elas experiment --size "$size" --steps "${GRID_STEPS:-2000}" \
             ${budget[@]+"${budget[@]}"} \
             --batch-size "${GRID_BATCH:-512}" --grad-accum "${GRID_ACCUM:-1}" --data data/sp-32k --transfer-data data/stdlib-sp32k \
-            ${GRID_ESTIMATE_FROM:+--estimate-from "$GRID_ESTIMATE_FROM"} \
             --out "runs/grid-$size" --seeds "${GRID_SEEDS:-0}" ${1:+--variants $1} 2>&1 | quiet
         }
         if [ "$n" -le 1 ]; then
@@ -312,10 +316,18 @@ PY
               # while another compiles or evaluates (their wall times overlap); then the whole grid is summarised.
               # Each run then takes about N times its GPU time: --time-left starts it only where that fits
           all=${GRID_VARIANTS:-$(python -c "from elas.train.experiment import grid_variants as g; print(','.join(g(${GRID_STEPS:-2000})))")}
-          IFS=, read -ra vs <<< "$all"
+          IFS=, read -ra vs <<< "$all"; IFS=, read -ra seeds <<< "${GRID_SEEDS:-0}"
+          todo=()  # (only variants with a run left: done ones, e.g. GRID_FROM's, would leave a process idle)
+          for v in "${vs[@]}"; do
+            for s in "${seeds[@]}"; do
+              r=$v; [ "$s" = 0 ] || r=$v.seed$s
+              [ -f "runs/grid-$size/$r/summary.json" ] || { todo+=("$v"); break; }
+            done
+          done
+          [ "${#todo[@]}" -lt "$n" ] && n=${#todo[@]}
           for ((p = 0; p < n; p++)); do
             part=""
-            for ((i = p; i < ${#vs[@]}; i += n)); do part+="${part:+,}${vs[i]}"; done
+            for ((i = p; i < ${#todo[@]}; i += n)); do part+="${part:+,}${todo[i]}"; done
             [ -n "$part" ] && { ELAS_GRID_SHARED=$n grid "$part" | sed -u "s/^/[$p] /" & }
           done
           wait
