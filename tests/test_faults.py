@@ -1136,7 +1136,7 @@ def test_a_stop_signal_at_a_grid_runs_last_step_keeps_its_row_and_starts_no_othe
         m.setattr(trainer.Trainer, "train_step", train_step)
         with pytest.raises(TrainStopped) as e:
             experiment.run_grid("llama-tiny", ["relu2", "swiglu"], 1, str(dataset), tmp_path, **grid)
-    assert e.value.signum == signal.SIGTERM
+    assert e.value.signum == signal.SIGTERM and e.value.complete  # (the CLI: the grid stopped between runs)
     assert (tmp_path / "relu2" / "summary.json").exists() and not (tmp_path / "swiglu").exists()
     rows = experiment.run_grid("llama-tiny", ["relu2", "swiglu"], 1, str(dataset), tmp_path, **grid)
     assert [r["run"] for r in rows] == ["relu2", "swiglu"]

@@ -283,6 +283,14 @@ def test_cutlass_operands_reach_the_library_aligned(monkeypatch):
     assert torch.equal(cl.linear_relu2(_at_offset(h), _at_offset(w)), y2)
     assert torch.equal(cl.linear_relu2(h[0][:, None].T, w), y2[:1])  # [1, K] with strides (1, 1)
     assert seen == [(0, (24, 1), 0, (24, 1))] * 2
+    # the epilogue's operand (y2 of the backward, y1 of the ste forms) too: contiguous at a storage offset is
+    # copied, not refused ("must be a contiguous, 16-byte aligned" where it was contiguous)
+    auxes = []
+    monkeypatch.setattr(cl, "_launch", lambda lib, config, mode, a, b, aux, d, iters=0, aux_out=None: (
+        auxes.append((aux.data_ptr() % 16, aux.stride())), d.zero_(), (0, 0.0))[-1])
+    cl.relu2_grad_gemm_fused(h, w, _at_offset(y2))
+    cl.ste_grad_gemm_fused(h, w, _at_offset(y2), "ste_grad_y2s")
+    assert auxes == [(0, (48, 1))] * 2
 
 
 @pytest.mark.gpu

@@ -930,3 +930,105 @@ def test_an_evaluation_failing_on_one_process_saves_and_stops_every_process(data
     assert "Connection closed" not in r.stderr and "elas: error:" not in r.stderr, r.stderr[-3000:]
     assert "the evaluation at step 3 failed; the checkpoint of step 3 was written first" in r.stderr + r.stdout
     assert (run / "checkpoints" / "step-00000003").is_dir()
+
+
+def _torchrun_bounded(worker, args, env=None, timeout=120):
+    """torchrun of 2 processes running `worker` ((path, a script's text)), stopped where it runs past `timeout`:
+    then None (a hang), which the caller fails on. SIGTERM to torchrun: its agent stops the workers, which run in
+    sessions of their own (a kill of torchrun alone would leave them hanging, the pipes open)."""
+    import os
+    import subprocess
+    import sys
+    path = Path(worker[0])
+    path.write_text(worker[1])
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(path), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, **(env or {})))
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        proc.communicate(timeout=120)
+        return None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_processes_given_other_relu2_kernels_stop_with_one_line(dataset, tmp_path):
+    """model.relu2_kernel=auto is agreed by the processes in a collective (cutlass only where every one can run it).
+    That collective came before the start-ups were compared, so a process started with relu2_kernel=torch (which
+    skips it) beside one with the default left both waiting in different collectives forever. It is one line now,
+    as any other key that differs."""
+    steps = ["--max-steps", "2", "--set", "eval_every=2", "--set", "save_every=2", "--set", "batch_size=2"]
+    r = _torchrun_bounded((tmp_path / "per_rank.py", _PER_RANK), train_args(dataset, tmp_path / "a", *steps),
+                          env={"ELAS_RANK1_ARGS": "--set model.relu2_kernel=torch"})
+    assert r is not None, "the processes hung at start-up"
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("elas: error:")]
+    assert r.returncode != 0 and len(err) == 1, r.stderr[-2000:]
+    assert "model.relu2_kernel: rank 0 'auto', rank 1 'torch'" in err[0], err[0]
+    # the same command on both: auto is resolved together and recorded (torch on a CPU)
+    r = _torchrun_bounded((tmp_path / "per_rank.py", _PER_RANK), train_args(dataset, tmp_path / "b", *steps))
+    assert r is not None and r.returncode == 0, None if r is None else r.stderr[-2000:]
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["model"]["relu2_kernel"] == "torch"
+
+
+_METRICS_FULL_AT_LINE = """import builtins, errno, os, sys
+if os.environ["RANK"] == "0":  # the disk fills at rank 0's metrics line number FULL_AT
+    import elas.train.trainer as tr
+    lines = []
+    def fake_open(path, mode="r", *a, **k):
+        if str(path).endswith("metrics.jsonl") and "a" in mode:
+            lines.append(path)
+            if len(lines) >= int(os.environ["FULL_AT"]):
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return builtins.open(path, mode, *a, **k)
+    tr.open = fake_open
+from elas.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("line", [3, 4, 5])
+def test_a_metrics_line_rank0_cannot_write_at_the_runs_end_stops_every_process(dataset, tmp_path, line):
+    """Under DDP rank 0's failed write reaches the others through a step's vote, read one step later. A line of
+    the last two steps (3, 4: the loss of step 3 and 4 of 4) or the final evaluation's (5) had no vote left to
+    read: the run ended as finished (exit 0, "run saved") with its log missing those lines. Every process now
+    stops with rank 0's one line, the last checkpoint written."""
+    out = tmp_path / "r"
+    args = train_args(dataset, out, "--max-steps", "4", "--set", "batch_size=2", "--set", "save_every=1000",
+                      "--set", "eval_every=1000", "--set", "log_every=1")
+    r = _torchrun_bounded((tmp_path / "metrics_full.py", _METRICS_FULL_AT_LINE), args, env={"FULL_AT": str(line)})
+    assert r is not None, "the processes hung"
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("elas: error:")]
+    assert r.returncode != 0 and len(err) == 1, (r.returncode, r.stdout[-1000:], r.stderr[-3000:])
+    assert "could not write" in err[0] and "the newest complete checkpoint is step-00000004" in err[0], err
+    assert "Connection closed" not in r.stderr and "[rank1]" not in r.stderr, r.stderr[-3000:]
+    assert "run saved" not in r.stdout
+
+
+# each process on a "node" of its own: a relative --out is then a directory on that node's own disk
+_ON_ITS_NODE = """import os, sys
+os.chdir(os.environ["NODE_DIR" + os.environ["RANK"]])
+from elas.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_resume_into_a_run_directory_one_process_cannot_see_stops_with_one_line(dataset, tmp_path):
+    """--resume claims the run directory (lock, shared-directory token) only where it exists, and each process
+    asked its own disk: a run continued on two nodes with a node-local --out (node 0 holds the run, node 1
+    nothing) had rank 0 in the claim's broadcast and rank 1 in the barrier after it, both waiting forever.
+    The processes decide together now, and the claim says the directory is not shared."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for n in nodes:
+        n.mkdir()
+    args = train_args(dataset, "r", "--set", "model.relu2_kernel=torch", "--set", "eval_every=100", "--set",
+                      "save_every=2")  # (the data's path is absolute)
+    assert run_cli(*args, "--max-steps", "2", cwd=nodes[0]).returncode == 0
+    r = _torchrun_bounded((tmp_path / "on_node.py", _ON_ITS_NODE), [*args, "--max-steps", "4", "--set", "batch_size=2",
+                                                                    "--resume"],
+                          env={"NODE_DIR0": str(nodes[0]), "NODE_DIR1": str(nodes[1])})
+    assert r is not None, "the processes hung"
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("elas: error:")]
+    assert r.returncode != 0 and len(err) == 1, r.stderr[-3000:]
+    assert "r is not one directory shared by every process (rank(s) 1" in err[0], err[0]
+    assert "Connection closed" not in r.stderr, r.stderr[-3000:]

@@ -1001,8 +1001,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                      args.transfer_data, time_left=left, estimates=estimates)
         except TrainStopped as e:  # the grid resumes where it stopped: the same command again
             if not e.quiet:
-                print(f"elas: stopped by signal {e.signum}; the run in progress saved its checkpoint: the same "
-                      f"command continues the grid", file=sys.stderr)
+                print(f"elas: stopped by signal {e.signum}; " + (
+                    "it came as a run completed, so the grid stopped before its next run" if e.complete else
+                    "the run in progress saved its checkpoint") + ": the same command continues the grid",
+                      file=sys.stderr)
             return 128 + e.signum
         except (TrainError, DataError, ValueError, KeyError) as e:
             if getattr(e, "quiet", False):  # under torchrun: every process stops with it, rank 0 says it

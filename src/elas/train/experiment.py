@@ -362,7 +362,8 @@ def run_grid(size: str, variants: list[str], steps: int, data_dir: str, out: Pat
             (f", transfer loss {row['transfer_loss']:.4f}" if transfer else ""))
         if stopped is not None and cfg is not cfgs[-1][2]:  # (the signal asked the grid to stop: the same command
             # continues it, as after a run stopped mid-way)
-            raise TrainStopped(stopped, cfg.max_steps, run, quiet=trainer.dist.enabled and not trainer.dist.main)
+            raise TrainStopped(stopped, cfg.max_steps, run, quiet=trainer.dist.enabled and not trainer.dist.main,
+                              complete=True)
     if diverged:
         log(f"{len(diverged)} run(s) diverged, without a summary row: {', '.join(diverged)}")
     if later:

@@ -81,8 +81,10 @@ class TrainStopped(TrainError):
     """A run stopped by a signal (Ctrl-C, a scheduler's SIGTERM) after its checkpoint was written: not a failure.
     `elas train` exits with 128 + the signal's number, as a process killed by it would be reported."""
 
-    def __init__(self, signum: int, step: int, run_dir: Path, quiet: bool = False):
-        self.signum, self.quiet = signum, quiet  # quiet: a process other than rank 0 (which says it)
+    def __init__(self, signum: int, step: int, run_dir: Path, quiet: bool = False, complete: bool = False):
+        # quiet: a process other than rank 0 (which says it); complete: the run had finished (the grid's stop
+        # between runs), so nothing was in progress
+        self.signum, self.quiet, self.complete = signum, quiet, complete
         super().__init__(f"stopped by signal {signum} at step {step}; checkpoint saved: continue with "
                          f"`elas train --out {run_dir} --resume`")
 
@@ -346,17 +348,16 @@ class Trainer:
         # each checkpoint's copy): a resumed run takes the kernels of the run it resumes, whatever this machine
         # would pick; a kernel it cannot run is a one-line error naming the key that turns it off
         self.kernel_note = None  # (what "auto" kernel keys resolved to on a GPU: logged at the start)
+        # this process's answers only: a collective here would come before `agree`, where processes started with
+        # other settings (relu2_kernel=auto on one, torch on another) or one that failed would leave the others
+        # waiting in it; the ranks agree on the ReLU^2 kernel after `agree` (below). A kernel that cannot run
+        # here is this process's start-up error, which `agree` tells every process
+        relu2_asked, relu2_auto = cfg.model.relu2_kernel, None  # relu2_auto: (kernel, why) this process found
+        error = None  # (kept until every process has compared its start-up: `agree`)
         try:
             if cfg.model.relu2_kernel == "auto":
-                kernel, why = relu2_kernel(cfg.model, self.device)
-                if self.dist.enabled:  # every rank the same kernels: cutlass only where all of them can run it
-                    ok = torch.tensor([float(kernel == "cutlass")], device=self.device)
-                    if all_reduce_sum(ok, self.dist).item() < self.dist.world and kernel == "cutlass":
-                        kernel, why = "torch", "another rank cannot run the CUTLASS kernels"
-                cfg.model.relu2_kernel = kernel
-                if self.device.type == "cuda" and cfg.model.ffn == "relu2":
-                    self.kernel_note = f"dense ReLU^2 cores: {kernel} kernels (model.relu2_kernel=auto: " + (
-                        f"the CUTLASS library at {why})" if kernel == "cutlass" else f"{why})")
+                relu2_auto = relu2_kernel(cfg.model, self.device)
+                cfg.model.relu2_kernel = relu2_auto[0]
             if cfg.model.norm_kernel == "auto":  # likewise recorded: a resumed run keeps its norms' backward
                 cfg.model.norm_kernel = norm_kernel(cfg.model, self.device)
             if cfg.model.ce_kernel == "auto":  # likewise: a resumed run keeps its loss's kernel
@@ -376,11 +377,10 @@ class Trainer:
             if cfg.compile and self.device.type == "cuda":
                 compile_options(cfg.model)  # (model.pdl on a torch without it)
         except ValueError as e:  # (also a bad ELAS_CUTLASS_SKIP)
-            raise TrainError(str(e)) from None
+            error = str(e)
         # data, before the run directory exists: a failed check leaves nothing behind. config.json records the
         # data directory absolute, so eval/generate/--resume work from any working directory
         cfg.data_dir = str(Path(cfg.data_dir).resolve())
-        error = None  # (kept until every process has compared its start-up: `agree`)
         try:
             self.meta = load_meta(cfg.data_dir)
             self.train_windows = TokenWindows(cfg.data_dir, "train", cfg.seq_len)
@@ -395,13 +395,25 @@ class Trainer:
             if cfg.init_from and resume is not True:
                 check_same_tokenizer(cfg.init_from, cfg.data_dir)
         except (DataError, TrainError) as e:
-            error = str(e)
+            error = error or str(e)
         # several processes: the same config and data everywhere, and no process stopped, before anything else
         settings = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in ("device", "data_dir")}  # (data: by hash)
+        settings["model.relu2_kernel"] = relu2_asked  # (as given: "auto" is resolved together, below)
         settings["data.train_sha1"] = (getattr(self, "meta", None) or {}).get("train_sha1")
         error = agree(self.dist, error, settings)
         if error:
             raise _StartError(error, quiet=self.dist.enabled and not self.dist.main)
+        if relu2_auto is not None:  # every process is here (its settings agreed): the same ReLU^2 kernel on all
+            kernel, why = relu2_auto
+            if self.dist.enabled:  # cutlass only where every rank can run it
+                ok = torch.tensor([float(kernel == "cutlass")], device=self.device)
+                if all_reduce_sum(ok, self.dist).item() < self.dist.world and kernel == "cutlass":
+                    kernel, why = "torch", "another rank cannot run the CUTLASS kernels"
+            cfg.model.relu2_kernel = kernel
+            if self.device.type == "cuda" and cfg.model.ffn == "relu2":
+                self.kernel_note = "; ".join(filter(None, [
+                    f"dense ReLU^2 cores: {kernel} kernels (model.relu2_kernel=auto: " +
+                    (f"the CUTLASS library at {why})" if kernel == "cutlass" else f"{why})"), self.kernel_note]))
         self.run_dir = Path(cfg.out_dir or f"runs/{cfg.preset}")
         found = checkpoints(self.run_dir)
         if found and not resume:
@@ -409,7 +421,12 @@ class Trainer:
                               f"continue it or choose another --out", quiet=self.dist.enabled and not self.dist.main)
         # the run directory locked (one job at a time) and seen by every process (each reads and writes checkpoints
         # there), before rank 0 moves damaged checkpoints aside in it
-        if resume is not True or self.run_dir.is_dir():
+        claim = resume is not True or self.run_dir.is_dir()
+        if self.dist.enabled:  # one answer for every process: the claim is collective, and a directory that only
+            # some processes see (one on each node's own disk) is what it refuses; a process that sees none would
+            # otherwise skip it and leave the others waiting in it
+            claim = bool(all_reduce_sum(torch.tensor([float(claim)], device=self.device), self.dist).item())
+        if claim:
             self._claim_run_dir()
         self.ckpt = None
         if resume:  # rank 0 moves damaged checkpoints aside; then every rank takes the newest that verifies
@@ -784,7 +801,8 @@ class Trainer:
                 if stop:
                     self._wait_saves()
                     raise TrainStopped(stop, self.step, self.run_dir, quiet=d.enabled and not d.main)
-            self._voting = False  # (no vote after the loop: a failed write raises where it fails)
+            # (no vote after the loop: a failed write of rank 0's is agreed on below, once the last checkpoint is
+            # written; one process raising alone would leave the others in the collectives that follow)
             missing = complete and self.step == cfg.max_steps and d.main and not any(
                 "val_loss" in r and r.get("step") == self.step for r in read_metrics(self.metrics_path, []))
             if complete and self.step == cfg.max_steps and d.enabled:  # rank 0's file decides: evaluate is a
@@ -819,6 +837,13 @@ class Trainer:
                 raise _StartError("rank 0 could not write the run's last checkpoint", quiet=True)
             if final_error is not None:
                 raise final_error
+            # a write of rank 0's that failed after the last vote that was read (a metrics line of the last two
+            # steps, the final evaluation's): every process stops, rank 0 saying why, as the vote would have made
+            # them (the run's last checkpoint is on disk: --resume finds the run complete)
+            self._voting = False
+            if d.enabled and any_failed(self._write_error is not None):
+                why = _write_failed(*self._write_error, self.run_dir) if self._write_error else None
+                raise _StartError(why or "rank 0 could not write its files", quiet=not d.main)
             self._finished = True
         finally:
             self._voting = False

@@ -376,7 +376,8 @@ def linear_relu2(h1: torch.Tensor, wu: torch.Tensor) -> torch.Tensor:
 def relu2_grad_gemm_fused(dh2: torch.Tensor, wd: torch.Tensor, y2: torch.Tensor, mode: str = "grad_tma"
                           ) -> torch.Tensor:
     """dy1 [T, d_ff] = 2 sqrt(y2) (dh2 @ wd^T) from the GEMM's epilogue; dh2 [T, q'], wd [d_ff, q'], y2 [T, d_ff]."""
-    return _mm(MODES[mode], dh2, wd, y2.contiguous())
+    from .relu2_gemm import _row_major
+    return _mm(MODES[mode], dh2, wd, _row_major(y2))  # (a view at a storage offset copied: TMA reads it aligned)
 
 
 def relu2_grad_gemm(dh2: torch.Tensor, wd: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
@@ -385,13 +386,13 @@ def relu2_grad_gemm(dh2: torch.Tensor, wd: torch.Tensor, y2: torch.Tensor) -> to
     epilogue, y2 read per thread (mode 2: 0.75x the first at the 1B shape) or through the epilogue's TMA pipeline
     (mode 3). All three give the same values (the GEMMs' outputs are cuBLAS's bit for bit,
     benchmarks/results/h200/cutlass_relu2.json)."""
-    from .relu2_gemm import relu2_grad
-    y2 = y2.contiguous()
+    from .relu2_gemm import _row_major, relu2_grad
+    y2 = _row_major(y2)
     # (the fused forms' operands made contiguous only when they are timed or run: _mm copies a transposed view;
     # the separate form's GEMM takes it as it is)
     form = _choose("grad", dh2.device, (dh2.shape[0], wd.shape[0], dh2.shape[1]),
                    lambda: relu2_grad(dh2 @ wd.T, y2),
-                   {f: (lambda f=f: _best(library(), MODES[f], dh2.contiguous(), wd.contiguous(), y2) is not None,
+                   {f: (lambda f=f: _best(library(), MODES[f], _row_major(dh2), _row_major(wd), y2) is not None,
                         lambda f=f: _mm(MODES[f], dh2, wd, y2)) for f in ("grad", "grad_tma")})
     return relu2_grad(dh2 @ wd.T, y2) if form is None else _mm(MODES[form], dh2, wd, y2)
 
@@ -401,7 +402,8 @@ def ste_grad_gemm_fused(dh2: torch.Tensor, wd: torch.Tensor, y1: torch.Tensor, m
     """(y2s, dy1), each [T, d_ff], from the GEMM dy2 = dh2 @ wd^T (dh2 [T, q'], wd [d_ff, q']) and the saved y1
     [T, d_ff]: mode "ste_grad_y2s" both from the epilogue; "ste_grad" dy1 from the epilogue, y2s by the Triton
     dense sparsifier (one pass over y1)."""
-    y1 = y1.contiguous()
+    from .relu2_gemm import _row_major
+    y1 = _row_major(y1)  # (contiguous and 16-byte aligned: the epilogue reads it through TMA)
     if mode == "ste_grad":
         from .sparsify import relu2_sparsify24_dense
         return relu2_sparsify24_dense(y1), _mm(MODES[mode], dh2, wd, y1)
@@ -421,9 +423,10 @@ def ste_grad_gemm(dh2: torch.Tensor, wd: torch.Tensor, y1: torch.Tensor) -> tupl
         g = relu2_sparse24_backward(dh2 @ wd.T, None, y1)
         return g.y2s, g.dy1
 
-    y = y1.contiguous()
+    from .relu2_gemm import _row_major
+    y = _row_major(y1)  # (the operands the fused forms are probed with as they run them: aligned)
     form = _choose("ste", dh2.device, (dh2.shape[0], wd.shape[0], dh2.shape[1]), separate,
-                   {f: (lambda f=f: _best(library(), MODES[f], dh2.contiguous(), wd.contiguous(), y,
+                   {f: (lambda f=f: _best(library(), MODES[f], _row_major(dh2), _row_major(wd), y,
                                           torch.empty_like(y) if f == "ste_grad_y2s" else None) is not None,
                         lambda f=f: ste_grad_gemm_fused(dh2, wd, y, f))  # each timed as the step calls it
                     for f in ("ste_grad", "ste_grad_y2s")})
