@@ -1032,3 +1032,18 @@ def test_a_resume_into_a_run_directory_one_process_cannot_see_stops_with_one_lin
     assert r.returncode != 0 and len(err) == 1, r.stderr[-3000:]
     assert "r is not one directory shared by every process (rank(s) 1" in err[0], err[0]
     assert "Connection closed" not in r.stderr, r.stderr[-3000:]
+
+
+def test_start_up_warnings_are_said_by_rank_0_only(monkeypatch):
+    """The start-up warnings (here: an lr warm-up as long as the run) come once per run, from rank 0, not once per
+    process of a torchrun launch (RANK is read before the process group exists, so no data is needed)."""
+    from elas.config import apply_overrides, train_config
+    from elas.train.trainer import TrainError, Trainer
+    for rank, says in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        cfg = train_config("llama-tiny")
+        apply_overrides(cfg, {"data_dir": "/nonexistent/elas-data", "max_steps": 3, "warmup_steps": 3})
+        said = []
+        with pytest.raises(TrainError, match="does not exist"):  # (the warnings come before any data is read)
+            Trainer(cfg, progress=False, log=said.append)
+        assert any("the learning rate never reaches" in s for s in said) == says, (rank, said)

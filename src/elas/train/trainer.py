@@ -319,7 +319,7 @@ class Trainer:
                         f"lower model.{m.name}.dense_warmup_steps for sparse steps")
             cfg.model.methods = [method_to_dict(m) for m in methods]
             if cfg.warmup_steps >= cfg.max_steps:
-                log(f"elas: warning: the learning rate never reaches lr={cfg.lr:g}: its linear warm-up "
+                warn(f"elas: warning: the learning rate never reaches lr={cfg.lr:g}: its linear warm-up "
                     f"(warmup_steps={cfg.warmup_steps}) is not shorter than max_steps={cfg.max_steps}; lower "
                     f"warmup_steps")
         except (ValueError, TypeError) as e:
