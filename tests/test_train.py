@@ -1047,3 +1047,41 @@ def test_start_up_warnings_are_said_by_rank_0_only(monkeypatch):
         with pytest.raises(TrainError, match="does not exist"):  # (the warnings come before any data is read)
             Trainer(cfg, progress=False, log=said.append)
         assert any("the learning rate never reaches" in s for s in said) == says, (rank, said)
+
+
+def _stop_after_last_step_worker(rank, world, port, data, out, signalled, results):
+    import os
+    import signal as sig
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from elas.config import apply_overrides, train_config
+    from elas.train.trainer import Trainer
+    cfg = train_config("llama-tiny")
+    apply_overrides(cfg, {"data_dir": data, "out_dir": out, "max_steps": 1, "eval_every": 100, "batch_size": 2,
+                          "model.n_layers": 1, "model.d_model": 64, "model.n_heads": 2, "model.intermediate": 96,
+                          "seq_len": 32, "eval_tokens": 1024, "warmup_steps": 0, "device": "cpu"})
+    tr = Trainer(cfg, progress=False, log=lambda *a: None)
+    tr.fit()
+    if rank in signalled:  # a stop signal that reached this process only, after its last step
+        tr._on_signal(sig.SIGTERM, None)
+    tr.close()
+    Path(results, str(rank)).write_text(str(tr.stop_signal))
+
+
+@pytest.mark.parametrize("signalled", [(1,), ()])
+def test_a_stop_signal_one_process_got_after_the_last_step_stops_every_process(dataset, tmp_path, signalled):
+    """Under torchrun a stop signal that reached one process only once the run was complete (the grid asks
+    stop_signal before its next run): every process agrees on it in close(), so all stop, or none does;
+    otherwise one rank went on to the next run alone and waited there forever."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = tmp_path / "results"
+    results.mkdir()
+    mp.spawn(_stop_after_last_step_worker, args=(2, port, str(dataset), str(tmp_path / "run"), signalled,
+                                                 str(results)), nprocs=2, join=True)
+    want = str(int(signal.SIGTERM)) if signalled else "None"
+    assert [(results / str(r)).read_text() for r in range(2)] == [want, want]

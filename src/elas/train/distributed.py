@@ -67,6 +67,16 @@ def agree(d: Dist, error: str | None, settings: dict) -> str | None:
     return None
 
 
+def agree_stop(d: Dist, signum: int | None, device: torch.device) -> int | None:
+    """The stop signal any process got (the largest number), or None: every process decides alike whether to go
+    on (the grid's next run) or stop. A collective, so it also waits for every process, as a barrier would."""
+    if not d.enabled:
+        return signum
+    t = torch.full((1,), float(signum or 0), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item()) or None
+
+
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()

@@ -31,7 +31,7 @@ from .checkpoint import (BackgroundSaver, CheckpointError, any_failed, checkpoin
                          is_sharded_checkpoint, load_checkpoint, write_atomic,
                          load_optimizer, load_sharded_checkpoint, newest_verified, resume_checkpoint, save_checkpoint,
                          save_sharded_checkpoint, snapshot)
-from .distributed import Dist, agree, all_reduce_sum, init_distributed, shutdown
+from .distributed import Dist, agree, agree_stop, all_reduce_sum, init_distributed, shutdown
 from .parallelize import (allow_mode_graphs, checkpoint_blocks, compile_counts, compile_options, compile_regions,
                           eager_regions, grad_sync, hold_params_in, shard_fsdp, wrap_ddp)
 from .step import StepGrads
@@ -1039,7 +1039,12 @@ class Trainer:
         if self._finished:  # a stop signal while a complete run waits is recorded (stop_signal), not a kill
             self._catch_signals()
         try:
-            return shutdown(self.dist, wait=self._finished)
+            voted = self._finished and self.dist.enabled and torch.distributed.is_initialized()
+            if voted:  # (the wait): every process takes the signal any process got, so under torchrun a signal
+                # that reached one rank only after the last step stops the grid on every rank, not on that one
+                self._stop_signal = agree_stop(self.dist, self._stop_signal, self.device)
+                self._restore_signals()  # a signal after the vote: its default action (the run is saved)
+            return shutdown(self.dist, wait=self._finished and not voted)
         finally:
             self._restore_signals()
 
