@@ -240,6 +240,8 @@ print(json.dumps({'fwd': r['triton_fwd_config'], 'bwd': r['triton_bwd_config']})
         for e in $settings; do
           ( unset CUBLAS_WORKSPACE_CONFIG ELAS_CUBLAS_WORKSPACE  # (the caller's would change every row)
             [ "$e" != elas ] && export "${e?}"
+            # an earlier call's file (a warm machine keeps runs/) must not stand in for a run that writes none
+            rm -f "$d/$e/step.json"
             timeout "${STEP_TIMEOUT:-240}" python -m elas bench step --gpu-name "$GPU" --sizes "${BLAS_SIZES:-llama-1b}" \
               --modes "${BLAS_MODES:-elas}" --variants "${BLAS_VARIANTS:-lowrank-relu2}" --out "$d/$e" 2>&1 | quiet \
               | grep -E '^step|error' )

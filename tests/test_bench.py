@@ -1000,3 +1000,110 @@ def test_report_names_a_result_file_that_is_json_but_not_an_object(tmp_path):
     (tmp_path / "h100" / "gemm.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="gemm.json: cannot render it"):
         render(tmp_path, img=tmp_path / "img")
+
+
+def _fake_profile(monkeypatch, events):
+    """kernel_times on CPU: the profiler replaced by one that lists `events` (name, start us, end us, annotation)."""
+    import types
+    from torch.autograd import DeviceType
+    import torch.profiler
+
+    class Prof:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def events(self):
+            return [types.SimpleNamespace(name=n, device_type=DeviceType.CUDA, is_user_annotation=ann,
+                                          time_range=types.SimpleNamespace(start=s, end=e, elapsed_us=lambda s=s, e=e: e - s))
+                    for n, s, e, ann in events]
+    monkeypatch.setattr(torch.profiler, "profile", Prof)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+
+
+def test_kernel_times_keeps_aten_lambda_kernels_and_drops_annotations(monkeypatch):
+    """ATen's kernels built from lambdas carry '#' in their names ("{lambda()#3}"): autocast's casts, eager's
+    silu / rsqrt / pow ... are kernels, counted; only GPU-side user annotations are left out (they span kernels)."""
+    from elas.bench.profile import kernel_times
+    cast = ("void at::native::vectorized_elementwise_kernel<4, at::native::(anonymous namespace)::direct_copy_kernel_cuda"
+            "(at::TensorIteratorBase&)::{lambda()#3}::operator()() const::{lambda()#7}::operator()() const::"
+            "{lambda(float)#1}, std::array<char*, 2ul> >(int, ...)")
+    _fake_profile(monkeypatch, [("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", 0, 1000, False),
+                                (cast, 1000, 1500, False), ("Optimizer.step#AdamW.step", 0, 1500, True),
+                                ("ProfilerStep#1", 0, 1500, None)])  # (a profiler that does not flag it)
+    span = {}
+    kernels = kernel_times(lambda: None, iters=1, span=span)
+    assert kernels == {"nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT": 1.0, cast: 0.5}
+    assert span == {"span_ms": 1.5, "gap_ms": 0.0}
+
+
+def test_idle_counts_overlapping_kernels_once(monkeypatch):
+    """Two kernels that overlap (two streams, programmatic dependent launch) keep the GPU busy for their union: the
+    step's idle time is step time less that union, not less their summed times."""
+    from elas.bench.profile import busy_ms, kernel_times
+    _fake_profile(monkeypatch, [("nvjet_a", 0, 1000, False), ("_kernel", 500, 1500, False)])
+    span = {}
+    kernels = kernel_times(lambda: None, iters=1, span=span)
+    assert sum(kernels.values()) == 2.0 and busy_ms(span) == 1.5
+    assert 2.0 - busy_ms(span) == 0.5  # a 2 ms step: 0.5 ms idle (the summed times said 0)
+
+
+def test_kernel_categories_read_the_op_not_the_launch_template_or_its_consumer():
+    """ATen's LoadWithCast / StoreWithCast / gpu_kernel_impl_nocast name how a kernel loads, not what it computes;
+    Inductor's pointwise kernels named after the op they feed (sparse_mm, SDPA) are not that op."""
+    add = ("void at::native::unrolled_elementwise_kernel<at::native::CUDAFunctor_add<float>, std::array<char*, 3ul>, 4, "
+           "TrivialOffsetCalculator<2, unsigned int>, TrivialOffsetCalculator<1, unsigned int>, "
+           "at::native::memory::LoadWithCast<2>, at::native::memory::StoreWithCast<1> >(int, ...)")
+    mul = ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::BinaryFunctor<float, "
+           "float, float, at::native::binary_internal::MulFunctor<float> > >(at::TensorIteratorBase&, ...)::{lambda(int)#1}>")
+    cast = ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
+            "direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}::operator()() const::{lambda()#12}>")
+    assert category(add) == "elementwise" and category(mul) == "elementwise" and category(cast) == "copy"
+    for name in ("triton_poi_fused_sparse_mm_t_view_1", "triton_poi_fused__to_copy__unsafe_view_add_mul_sparse_mm_t_view_4",
+                 "triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy__unsafe_view_add_cat_mul_split_sub_"
+                 "transpose_view_1"):
+        assert category(name) == "elementwise", name
+    assert category("triton_tem_fused_mm_t_2") == "GEMM"  # (Inductor's template GEMMs stay GEMMs)
+
+
+def test_ratios_compare_rows_of_one_sequence_length_and_checkpointing():
+    base = {"model": "llama-7b", "batch": 48, "seq": 256, "mode": "elas", "activation_checkpointing": False}
+    sparse = {**base, "variant": "elas", "tokens_per_s": 30000.0, "step_ms": 400.0}
+    for other in ({"activation_checkpointing": True}, {"seq": 2048}):
+        twin = {**base, **other, "variant": "lowrank-relu2", "tokens_per_s": 22000.0, "step_ms": 550.0}
+        assert "vs_twin" not in ratios([sparse, twin])[0], other
+    assert ratios([sparse, {**base, "variant": "lowrank-relu2", "tokens_per_s": 20000.0, "step_ms": 600.0}])[0][
+        "vs_twin"] == 1.5
+
+
+def test_bench_environment_records_the_blas_settings(monkeypatch):
+    """run_gpu.sh blas_env exports any VAR=VALUE (e.g. CUBLASLT_WORKSPACE_SIZE=0): the JSON must say which."""
+    from elas.bench.kernels import environment
+    monkeypatch.setenv("CUBLASLT_WORKSPACE_SIZE", "0")
+    monkeypatch.setenv("TORCH_BLAS_PREFER_CUBLASLT", "1")
+    env = environment()
+    assert env["cublaslt_workspace_size"] == "0" and env["torch_blas_prefer_cublaslt"] == "1"
+
+
+def test_gpu_script_blas_env_reports_no_stale_rows(tmp_path):
+    """A blas_env setting whose run writes no step.json (failed, cut off) says so: an earlier call's file in its
+    folder (a warm machine keeps runs/) is not printed as this call's measurement."""
+    import os
+    import subprocess
+    import sys
+    if torch_has_cuda():
+        pytest.skip("a GPU is present: the stage would run")
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "elas").mkdir()
+    (tmp_path / "elas" / "step.json").write_text(json.dumps({"rows": [
+        {"model": "llama-1b", "variant": "lowrank-relu2", "mode": "elas", "step_ms": 65.49}]}))
+    env = {**os.environ, "BLAS_DIR": str(tmp_path), "BLAS_SETTINGS": "elas", "PYTHONPATH": str(root / "src"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    r = subprocess.run(["bash", "benchmarks/run_gpu.sh", "blas_env"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert "no step.json" in r.stdout and "65.49" not in r.stdout, r.stdout + r.stderr

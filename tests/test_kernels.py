@@ -736,3 +736,58 @@ def test_tile_sizes_that_are_not_powers_of_two_are_one_line_errors():
     h1, wu = torch.ones(64, 64, dtype=torch.bfloat16), torch.ones(192, 64, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="BN=96"):
         up_relu2_sparsify24(h1, wu, bm=64, bn=96)
+
+
+def test_backward_settings_the_variables_form_wins_over_the_module_default_words(monkeypatch):
+    """ELAS_BWD24_CONFIG names a form by its per_sm (what `elas bench sparsify` prints for the grid and the
+    persistent forms, without a "words" key): once BWD_WORDS is the module's default, that variable must still
+    give its form, not the word form (the variable comes before the module's defaults)."""
+    pytest.importorskip("triton")
+    from elas.kernels.cuda import sparsify as S
+    monkeypatch.setattr(S, "BWD_WORDS", True)
+    monkeypatch.setattr(S, "_BWD_OVERRIDE", {"rows": 64, "num_warps": 8, "per_sm": 2, "prefetch": True})
+    assert S.bwd_settings(False) == (64, 8, 2, True, False)  # the persistent form it names
+    monkeypatch.setattr(S, "_BWD_OVERRIDE", {"rows": 64, "num_warps": 4, "per_sm": 0})
+    assert S.bwd_settings(False) == (64, 4, None, S.BWD_PREFETCH, False)  # the grid form it names
+    monkeypatch.setattr(S, "_BWD_OVERRIDE", {"per_sm": 0, "words": True})
+    assert S.bwd_settings(False)[4]  # (it names the word form)
+    monkeypatch.setattr(S, "_BWD_OVERRIDE", {"rows": 128})
+    assert S.bwd_settings(False)[2:] == (None, S.BWD_PREFETCH, True)  # no form named: the module's default
+    assert not S.bwd_settings(False, per_sm=0)[4] and S.bwd_settings(False, words=True)[4]
+
+
+@needs_triton
+def test_triton_backward_word_form_takes_a_packed_forward_off_an_int32_word():
+    """The mask-mode word form views the packed values as int32 (a group's two kept bf16): a Packed24 whose
+    buffer starts on an odd bf16 element (a view into a larger allocation) raised RuntimeError from .view() where
+    the grid form runs; it takes the grid form there, the same bytes."""
+    from elas.kernels.cuda.sparsify import relu2_sparse24_backward
+    from elas.kernels.packed import Packed24
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m, k = 64, 64
+    a = ref.relu2_sparsify24_packed(adversarial(m, k, torch.bfloat16, seed=5).to(dev))
+    dy2 = torch.randn(m, k, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(6)).to(dev)
+    for off in (1, 2):
+        big = torch.zeros(a.buffer.numel() + off, dtype=torch.bfloat16, device=dev)
+        big[off:] = a.buffer.view(-1)
+        a2 = Packed24(big[off:].view(m, k * 9 // 16), a.mask_bits, (m, k))
+        want = relu2_sparse24_backward(dy2, a2, per_sm=0)
+        got = relu2_sparse24_backward(dy2, a2, words=True)
+        for g, w in zip((got.y2s, got.dy1, got.dy1_packed.buffer), (want.y2s, want.dy1, want.dy1_packed.buffer)):
+            assert torch.equal(g.view(torch.int16), w.view(torch.int16)), off
+
+
+@needs_triton
+def test_triton_sparsifier_word_forms_groups_from_the_variable_fit_every_width(monkeypatch):
+    """ELAS_SPARSIFY_CONFIG's (or the module's) groups=32 is valid at import but does not divide K/4 where
+    K % 128 != 0: every call at such a width raised, where the backward's word form takes 16 groups there. Not
+    given as an argument, it gives way to 16 (the same bytes); given, it is still a one-line error."""
+    from elas.kernels.cuda import sparsify as S
+    monkeypatch.setattr(S, "_FWD_OVERRIDE", {"words": True, "groups": 32})
+    y = adversarial(64, 192, torch.bfloat16, seed=7).to("cuda" if torch.cuda.is_available() else "cpu")
+    want = S.relu2_sparsify24_packed(y, words=False)
+    got = S.relu2_sparsify24_packed(y)
+    assert torch.equal(got.buffer.view(torch.int16), want.buffer.view(torch.int16))
+    assert torch.equal(got.mask_bits, want.mask_bits)
+    with pytest.raises(ValueError, match="groups=32: expected 8, 16 or 32"):
+        S.relu2_sparsify24_packed(y, groups=32)

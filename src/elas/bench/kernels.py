@@ -318,6 +318,9 @@ def bench_epilogue(m: int = 8192, shapes=None, configs=None, log=print, on_row=N
     return rows
 
 
+BLAS_ENV = ("CUBLAS_", "CUBLASLT_", "TORCH_BLAS_", "ELAS_CUBLAS_")  # (prefixes of environment variables)
+
+
 def environment() -> dict:
     import platform
     env = {"torch": torch.__version__, "python": platform.python_version(),
@@ -327,6 +330,10 @@ def environment() -> dict:
     # says so
     env.update({k.lower(): v for k, v in sorted(os.environ.items())
                 if k.startswith("ELAS_") and k.endswith("_CONFIG") and v})
+    # the other cuBLAS / cuBLASLt settings a process reads once (run_gpu.sh blas_env exports any VAR=VALUE on top
+    # of the default, e.g. CUBLASLT_WORKSPACE_SIZE=0): a row timed under one says so
+    env.update({k.lower(): v for k, v in sorted(os.environ.items())
+                if k.startswith(BLAS_ENV) and k != "CUBLAS_WORKSPACE_CONFIG"})
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda

@@ -36,9 +36,23 @@ _ARITH = re.compile(r"add|mul|div|sub|exp|rsqrt|pow|relu|silu|sigmoid|mean|sum|a
                     r"tanh|sqrt|embedding")
 
 
+# Inductor's generated pointwise / reduction kernels are named after the ops fused into them, including the op they
+# feed: triton_poi_fused_sparse_mm_t_view_1 (the transposed operand of a sparse mm), ..._scaled_dot_product_cudnn_
+# attention_..._add_cat_mul_... (the rotary embedding before SDPA) are elementwise work, never a GEMM or attention
+_INDUCTOR_POINTWISE = re.compile(r"^triton_(poi|red|per)_")
+_NOT_POINTWISE = ("sparse GEMM", "2:4 fused GEMM", "attention", "GEMM")
+# ATen's launch templates name how they load and store (LoadWithCast, StoreWithCast, gpu_kernel_impl_nocast), not
+# what they compute: an add with a bf16 operand (unrolled_elementwise_kernel<CUDAFunctor_add<float>, ...,
+# LoadWithCast<2>, StoreWithCast<1>>) is elementwise work, not a copy
+_ATEN_LOAD_STORE = re.compile(r"(load|store)withcast|_nocast")
+
+
 def category(name: str) -> str:
-    low = name.lower()
+    low = _ATEN_LOAD_STORE.sub("", name.lower())
+    pointwise = _INDUCTOR_POINTWISE.match(low) is not None
     for cat, pat in CATEGORIES:
+        if pointwise and cat in _NOT_POINTWISE:
+            continue
         if re.search(pat, low):
             if cat == "copy" and low.startswith("triton_") and _ARITH.search(low.replace("_to_copy", "")):
                 return "elementwise"
@@ -67,6 +81,18 @@ def span_and_gaps(intervals: list[tuple[float, float]]) -> tuple[float, float]:
     return end - ivs[0][0], gaps
 
 
+def _annotation(e) -> bool:
+    """A GPU-side user annotation (record_function's range on the GPU timeline), not a kernel: the profiler says so
+    (is_user_annotation), or (versions that do not) a '#' outside a lambda's name ("Optimizer.step#AdamW.step")."""
+    return bool(getattr(e, "is_user_annotation", False)) or ("#" in e.name and "{lambda" not in e.name)
+
+
+def busy_ms(span: dict[str, float]) -> float:
+    """GPU-busy ms per step from kernel_times' span: the union of the kernels' intervals (span less gaps), which
+    counts kernels that overlap (two streams, programmatic dependent launch) once; their summed times would not."""
+    return span["span_ms"] - span["gap_ms"]
+
+
 def kernel_times(step, iters: int = 3, launches: dict[str, float] | None = None,
                  span: dict[str, float] | None = None) -> dict[str, float]:
     """{kernel name: GPU ms per step} over `iters` calls of step() (already warmed up), largest first. launches:
@@ -87,8 +113,9 @@ def kernel_times(step, iters: int = 3, launches: dict[str, float] | None = None,
     total: dict[str, float] = defaultdict(float)
     intervals: list[tuple[float, float]] = []  # (start, end) in us
     for e in prof.events():
-        # GPU-side user annotations ("Optimizer.step#AdamW.step") span kernels already counted
-        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False) and "#" not in e.name:
+        # GPU-side user annotations ("Optimizer.step#AdamW.step") span kernels already counted. A '#' alone does not
+        # make one: ATen's kernels built from lambdas are named "...direct_copy_kernel_cuda(...)::{lambda()#3}..."
+        if e.device_type == DeviceType.CUDA and not _annotation(e):
             total[e.name] += e.time_range.elapsed_us() / 1e3 / iters
             intervals.append((e.time_range.start, e.time_range.end))
             if launches is not None:

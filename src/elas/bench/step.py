@@ -40,7 +40,7 @@ from ..train.parallelize import checkpoint_blocks, compile_regions, hold_params_
 from ..train.step import StepGrads
 from ..train.trainer import peak_flops
 from .ffn import set_sparse, variant_config
-from .profile import breakdown, kernel_times, top_kernels
+from .profile import breakdown, busy_ms, kernel_times, top_kernels
 from .timing import Clocks, event_ms, throughput_ms
 
 MODES = ("elas", "elas-fp32", "torch.compile", "eager")
@@ -174,7 +174,8 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
         span: dict[str, float] = {}
         kernels = kernel_times(step, iters=3, launches=launches, span=span)
         row["breakdown_ms"] = breakdown(kernels)
-        row["breakdown_ms"]["idle"] = max(0.0, ms - sum(kernels.values()))
+        # (the kernels' union, not their sum: overlapping kernels would count twice and hide idle time)
+        row["breakdown_ms"]["idle"] = max(0.0, ms - busy_ms(span))
         # the profiled steps' own span and the gaps between their kernels. Where kernels do not overlap (one
         # stream, as in a captured step) idle - gap_ms = step_ms - profiled_step_ms: time the profiled steps ran
         # faster than the timed ones (their kernels at a higher clock), not time the GPU waited
@@ -236,8 +237,9 @@ def bench_step(sizes=("llama-1b",), batches=(32,), variants=STEP_VARIANTS, modes
 
 def ratios(rows: list[dict]) -> list[dict]:
     """Each measured row with its ratios (tokens/s, > 1: faster). Every ratio against a dense baseline takes that
-    baseline in its best measured mode (the fastest of its rows at the same model and batch, in any form that
-    differs from it only in kernel keys (config.KERNEL_KEYS): `twin_variant` names it), never a slower one:
+    baseline in its best measured mode (the fastest of its rows at the same model, batch, seq and activation
+    checkpointing, in any form that differs from it only in kernel keys (config.KERNEL_KEYS): `twin_variant`
+    names it), never a slower one:
     `vs_twin` (a sparse variant against its dense twin; `twin_mode` says which mode that was) and
     `vs_swiglu_aligned`. `vs_torch_compile` (a dense variant against plain torch.compile of itself: the fast-step
     issue's target) only for dense variants, with `vs_torch_compile_busy` beside it where the plain row was
@@ -245,21 +247,24 @@ def ratios(rows: list[dict]) -> list[dict]:
     its launches) over this row's step time; and `vs_elas_fp32` (the same variant with fp32 parameters: what
     MasterAdamW bought) for the elas mode."""
     from ..config import KERNEL_KEYS, VARIANTS
+
+    def setting(r: dict) -> tuple:  # rows compared only at one model, batch, sequence length and checkpointing
+        return r["model"], r["batch"], r.get("seq"), bool(r.get("activation_checkpointing", False))
     best: dict[tuple, dict] = {}  # the fastest row of each variant, and of each dense variant in any kernel form
     for r in rows:
         if "error" not in r:
             name, keys = split_variant(r["variant"])
             kinds = [r["variant"]] + ([name] if keys and set(keys) <= set(KERNEL_KEYS) else [])
             for v in kinds:  # ("lowrank-relu2+relu2_kernel=cutlass" is a form of lowrank-relu2: same model)
-                k = (r["model"], r["batch"], v)
+                k = (*setting(r), v)
                 if k not in best or r["tokens_per_s"] > best[k]["tokens_per_s"]:
                     best[k] = r
-    key = {(r["model"], r["batch"], r["variant"], r["mode"]): r for r in rows if "error" not in r}
+    key = {(*setting(r), r["variant"], r["mode"]): r for r in rows if "error" not in r}
     out = []
     for r in rows:
         r = dict(r)
         if "error" not in r:
-            base = (r["model"], r["batch"])
+            base = setting(r)
             name = split_variant(r["variant"])[0]  # "elas+act24.fused=true" has elas's twin
             twin = VARIANTS[name].twin if name in VARIANTS else None
             pairs = [("vs_twin", best.get((*base, twin))), ("vs_swiglu_aligned", best.get((*base, "swiglu-aligned")))]
@@ -267,7 +272,7 @@ def ratios(rows: list[dict]) -> list[dict]:
                 plain = key.get((*base, r["variant"], "torch.compile"))
                 if r.get("plain_config"):
                     plain = next((x for x in rows if "error" not in x and x["mode"] == "torch.compile"
-                                  and (x["model"], x["batch"]) == base
+                                  and setting(x) == base
                                   and x.get("plain_config") == r["plain_config"]), plain)
                 pairs.append(("vs_torch_compile", plain))
             if r["mode"] == "elas":

@@ -245,7 +245,7 @@ def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | Non
     words = _FWD_OVERRIDE.get("words", DEFAULT_WORDS) if words is None else words
     if (words and y1.dtype == torch.bfloat16 and feature_counts is None and y1.is_contiguous()
             and _word_aligned(y1)):
-        return _sparsify_words(y1, launch, write_bits, groups or _FWD_OVERRIDE.get("groups", WORDS_GROUPS),
+        return _sparsify_words(y1, launch, write_bits, groups,
                                num_warps or _FWD_OVERRIDE.get("num_warps", WORDS_WARPS))
     tiles, num_warps = tiles or DEFAULT_TILES, num_warps or _FWD_OVERRIDE.get("num_warps", DEFAULT_WARPS)
     if y1.dim() != 2 or y1.stride(1) != 1:
@@ -278,11 +278,15 @@ def _word_aligned(*ts: torch.Tensor) -> bool:
     return all(t.storage_offset() % 4 == 0 for t in ts)
 
 
-def _sparsify_words(y1: torch.Tensor, launch, write_bits: bool, groups: int, num_warps: int) -> Packed24:
+def _sparsify_words(y1: torch.Tensor, launch, write_bits: bool, groups: int | None, num_warps: int) -> Packed24:
     if y1.dim() != 2 or not y1.is_contiguous():
         raise ValueError(f"y1 must be a contiguous 2-D tensor, got shape {tuple(y1.shape)} strides {y1.stride()}")
     m, k = y1.shape
     check_shape(m, k)
+    if groups is None:  # ELAS_SPARSIFY_CONFIG's, else WORDS_GROUPS; one not dividing K/4 (32 where K % 128 != 0)
+        # gives way to 16, which divides every K/4 (K % 64 == 0), as the backward's word form takes 16 there
+        groups = _FWD_OVERRIDE.get("groups", WORDS_GROUPS)
+        groups = groups if (k // 4) % groups == 0 else 16
     if groups not in (8, 16, 32) or (k // 4) % groups:
         raise ValueError(f"groups={groups}: expected 8, 16 or 32 groups of 4 columns dividing K/4={k // 4}")
     buf = torch.empty(m * k * 9 // 16, dtype=torch.bfloat16, device=y1.device)
@@ -688,8 +692,8 @@ def bwd_settings(split: bool, rows: int | None = None, num_warps: int | None = N
     """The backward's launch (rows, num_warps, per_sm, prefetch, words): each argument given, else (without the
     split) ELAS_BWD24_CONFIG's, else the module's defaults (bwd_launch, BWD_PER_SM, BWD_PREFETCH, BWD_WORDS).
     per_sm 0 (or None after all three) is the form of one program a tile, whatever the environment says; words
-    the word form. ValueError for a bad per_sm, one >= 1 asked of the split (which has no
-    persistent form), or words with per_sm >= 1."""
+    the word form (a per_sm in the environment names its form: BWD_WORDS does not override it). ValueError for a
+    bad per_sm, one >= 1 asked of the split (which has no persistent form), or words with per_sm >= 1."""
     default_rows, default_warps = bwd_launch(split)
     env = {} if split else _BWD_OVERRIDE
     if per_sm is not None and (isinstance(per_sm, bool) or not isinstance(per_sm, int) or per_sm < 0):
@@ -701,7 +705,10 @@ def bwd_settings(split: bool, rows: int | None = None, num_warps: int | None = N
     if words and per_sm:
         raise ValueError(f"words and per_sm={per_sm}: expected one of them (the word form has no persistent loop)")
     given_per_sm = per_sm is not None
-    words = (False if split or given_per_sm else env.get("words", BWD_WORDS)) if words is None else words
+    # a per_sm in the variable names its form (the grid or the persistent one): the module's BWD_WORDS then does
+    # not apply, only the variable's own "words"
+    env_words = env.get("words", False if "per_sm" in env else BWD_WORDS)
+    words = (False if split or given_per_sm else env_words) if words is None else words
     # per_sm: the argument; else none where the word form was asked for (it has no persistent loop); else the
     # environment's or the default
     per_sm = per_sm if given_per_sm else None if words else env.get("per_sm", None if split else BWD_PER_SM)
@@ -767,7 +774,8 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Ten
         launch(_bwd_split_kernel)[(m // rows, k // 64)](
             dy2, vals, bits, ptr(y1), ptr(dy1), ptr(dval), yt_val, yt_meta, dt_val, dt_meta, dense_slots, y2d, dy1d,
             m, k, max(n_dense, 1), STE=ste, FROM_Y1=a is None, ROWS=rows, num_warps=num_warps)
-    elif words and dy2.dtype == torch.bfloat16 and _word_aligned(dy2) and a is not None and not ste:
+    elif (words and dy2.dtype == torch.bfloat16 and _word_aligned(dy2) and a is not None and not ste
+          and a.values.storage_offset() % 2 == 0):  # (the values as int32: a group's two kept bf16)
         gb = 32 if k % 128 == 0 else 16  # groups of 4 features a program: 128 or 64 features
         launch(_bwd_words_kernel)[(m // rows, k // 4 // gb)](
             dy2.view(torch.int64), a.values.view(torch.int32), a.mask_bits, y2s.view(torch.int64),
