@@ -1,8 +1,8 @@
 """The launch settings `run_gpu.sh bwd24` found fastest for one mode of the 2:4 FFN, as environment assignments
 (one per line) for `run_gpu.sh bwd24_step`: the backward's (ELAS_BWD24_CONFIG, that mode's fastest form at K),
-and the forward sparsifier's word form (ELAS_SPARSIFY_CONFIG) where a word form beat every tile launch of the
-same kind (with the mask bits for mask mode, without them for ste). Exit 1, with a line, when the file has no row
-for K.
+and the forward sparsifier's form (ELAS_SPARSIFY_CONFIG): its word form where a word form beat every tile launch
+of the same kind (with the mask bits for mask mode, without them for ste), else {"words": false}. Exit 1, with a
+line, when the file has no row for K.
 
     python benchmarks/bwd24_env.py benchmarks/results/h100/bwd24/sparsify.json mask [K (default 8192)]
 """
@@ -27,9 +27,9 @@ def assignments(doc: dict, mode: str, k: int = 8192) -> list[str]:
     if timed:
         fastest = min(timed, key=timed.get)
         m = re.fullmatch(r"words_groups(\d+)_warps(\d+)(_nobits)?", fastest)
-        if m:
-            out.append("ELAS_SPARSIFY_CONFIG=" + json.dumps({"words": True, "groups": int(m[1]),
-                                                             "num_warps": int(m[2])}))
+        # (a tile launch that won says so too: the swept process must not take the module's DEFAULT_WORDS)
+        out.append("ELAS_SPARSIFY_CONFIG=" + json.dumps({"words": True, "groups": int(m[1]), "num_warps": int(m[2])}
+                                                        if m else {"words": False}))
     return out
 
 
