@@ -590,3 +590,31 @@ def test_a_resume_keeps_this_runs_adamw_implementation(tmp_path):
     assert all(g["fused"] and not g["foreach"] for g in opt2.param_groups)
     StepGrads(m2, lambda a, b: ((m2(a) - b) ** 2).mean(), nullcontext, 1, 1.0, optimizer=opt2).run([(x, y)])
     assert int(opt2.state[m2.weight]["step"]) == 2
+
+
+@pytest.mark.parametrize("kind", ["master", "loro"])
+def test_clip_norm_of_bf16_gradients_is_fp32_on_the_reference_backend(kind):
+    """bf16 parameters on the reference backend (CPU, or CUDA without Triton): the clipping norm is the fp32 norm of
+    the bf16 gradients, as the Triton backend's grad_norm kernel gives (torch's foreach norm of bf16 tensors is a
+    bf16 number: the clip coefficient and the logged grad_norm were rounded to 8 bits, and the + 1e-6 vanished)."""
+    from elas.model.lowrank import LowRankLinear
+    from elas.optim import LOROAdamW, MasterAdamW
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(LowRankLinear(64, 48, 8), torch.nn.Linear(48, 32)).to(torch.bfloat16)
+    if kind == "master":
+        opt = MasterAdamW(model.parameters(), lr=1e-3, backend="reference")
+    else:
+        opt = LOROAdamW(model, lr=1e-3, exact_every=100, d_model=64, backend="reference")
+    x, y = torch.randn(16, 64).bfloat16(), torch.randn(16, 32).bfloat16()
+    fwd = lambda a, b: (model(a).float() - b.float()).pow(2).mean()  # noqa: E731
+    fwd(x, y).backward()
+    want = torch.linalg.vector_norm(torch.cat([p.grad.float().flatten() for p in model.parameters()]))
+    opt.zero_grad(set_to_none=True)
+    from contextlib import nullcontext
+    sg = StepGrads(model, fwd, nullcontext, grad_accum=1, grad_clip=1e-3, optimizer=opt)
+    _, gnorm = sg.run([(x, y)])
+    assert gnorm.dtype == torch.float32
+    torch.testing.assert_close(gnorm, want, rtol=1e-6, atol=0)
+    if kind == "master":  # the clip folded into the update: max(1, (norm + 1e-6) / clip) in fp32
+        assert opt.grad_scale.dtype == torch.float32
+        torch.testing.assert_close(opt.grad_scale, (want + 1e-6) / 1e-3, rtol=1e-6, atol=0)

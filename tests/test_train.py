@@ -588,8 +588,8 @@ def test_a_dense_warm_up_that_covers_the_run_is_said(dataset, tmp_path):
             "max_steps=3") in r.stdout + r.stderr
     assert "the learning rate never reaches" not in r.stdout + r.stderr  # warmup_steps=2 < 3
     r = run_cli(*train_args(dataset, tmp_path / "run2", "--max-steps", "3", "--set", "eval_every=100", "--set",
-                            "warmup_steps=3"))  # the learning rate's warm-up likewise
-    assert r.returncode == 0 and "its linear warm-up (warmup_steps=3) is not shorter than max_steps=3" in r.stdout
+                            "warmup_steps=4"))  # the learning rate's warm-up likewise
+    assert r.returncode == 0 and "its linear warm-up (warmup_steps=4) is longer than max_steps=3" in r.stdout
 
 
 def test_a_failed_background_checkpoint_stops_the_run_within_a_step(dataset, tmp_path, monkeypatch, capsys):
@@ -1042,11 +1042,27 @@ def test_start_up_warnings_are_said_by_rank_0_only(monkeypatch):
     for rank, says in (("0", True), ("1", False)):
         monkeypatch.setenv("RANK", rank)
         cfg = train_config("llama-tiny")
-        apply_overrides(cfg, {"data_dir": "/nonexistent/elas-data", "max_steps": 3, "warmup_steps": 3})
+        apply_overrides(cfg, {"data_dir": "/nonexistent/elas-data", "max_steps": 3, "warmup_steps": 4})
         said = []
         with pytest.raises(TrainError, match="does not exist"):  # (the warnings come before any data is read)
             Trainer(cfg, progress=False, log=said.append)
         assert any("the learning rate never reaches" in s for s in said) == says, (rank, said)
+
+
+def test_a_warm_up_as_long_as_the_run_reaches_the_peak_lr_and_is_not_warned():
+    """warmup_cosine's warm-up gives step s the multiplier (s + 1) / warmup_steps: with warmup_steps = max_steps the
+    last step trains at the peak lr, so the start-up does not say it is never reached; one step more does."""
+    from elas.config import apply_overrides, train_config
+    from elas.optim import warmup_cosine
+    from elas.train.trainer import TrainError, Trainer
+    assert warmup_cosine(2, 3, 3, 0.1) == 1.0  # the last of 3 steps, warm-up 3: the peak
+    for warmup, says in ((3, False), (4, True)):
+        cfg = train_config("llama-tiny")
+        apply_overrides(cfg, {"data_dir": "/nonexistent/elas-data", "max_steps": 3, "warmup_steps": warmup})
+        said = []
+        with pytest.raises(TrainError, match="does not exist"):
+            Trainer(cfg, progress=False, log=said.append)
+        assert any("the learning rate never reaches" in x for x in said) == says, (warmup, said)
 
 
 def _stop_after_last_step_worker(rank, world, port, data, out, signalled, results):

@@ -117,9 +117,16 @@ class StepGrads:
 
     def _norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """The gradients' global norm: from the optimizer's own kernel where it has one (one launch over its
-        table, fp32 throughout), else torch's (a launch per ~100 tensors; in the gradients' dtype)."""
+        table, fp32 throughout), else torch's (a launch per ~100 tensors), fp32 for bf16 gradients too."""
         norm = self.optimizer.grad_norm() if hasattr(self.optimizer, "grad_norm") else None
-        return _total_norm(grads) if norm is None else norm
+        if norm is not None:
+            return norm
+        if grads and any(g.dtype != torch.float32 for g in grads) and not any(hasattr(g, "full_tensor")
+                                                                         for g in grads):  # (not DTensors)
+            # bf16 gradients (the reference backend): per-tensor norms in fp32, as the kernel's; torch's norm of bf16
+            # tensors is a bf16 number (the clip coefficient rounded to 8 bits, its + 1e-6 lost)
+            return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
+        return _total_norm(grads)
 
     # -- entry point ---------------------------------------------------------------------------------------------
     def run(self, micro_batches, mode=None) -> tuple[torch.Tensor, torch.Tensor]:

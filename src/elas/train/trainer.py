@@ -318,9 +318,10 @@ class Trainer:
                         f"(dense_warmup_steps={m.dense_warmup_steps}) is not shorter than max_steps={cfg.max_steps}; "
                         f"lower model.{m.name}.dense_warmup_steps for sparse steps")
             cfg.model.methods = [method_to_dict(m) for m in methods]
-            if cfg.warmup_steps >= cfg.max_steps:
+            if cfg.warmup_steps > cfg.max_steps:  # (step s trains at (s + 1) / warmup_steps of it: equal, the
+                # last step reaches the peak)
                 warn(f"elas: warning: the learning rate never reaches lr={cfg.lr:g}: its linear warm-up "
-                    f"(warmup_steps={cfg.warmup_steps}) is not shorter than max_steps={cfg.max_steps}; lower "
+                    f"(warmup_steps={cfg.warmup_steps}) is longer than max_steps={cfg.max_steps}; lower "
                     f"warmup_steps")
         except (ValueError, TypeError) as e:
             raise TrainError(str(e)) from None
