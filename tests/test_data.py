@@ -521,3 +521,42 @@ def test_a_lone_surrogate_in_jsonl_names_its_file_and_line(tmp_path):
     (src / "a.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=r"a\.jsonl:51: .*unpaired surrogate"):
         prepare(tmp_path / "d", source="files", files=[str(src)], vocab_size=300, val_frac=0.2, log=lambda *a: None)
+
+
+def test_a_force_rebuild_killed_at_any_point_leaves_a_whole_dataset(tmp_path, monkeypatch):
+    """--force over a dataset: killed as the new dataset takes its name, the earlier one is still at --out (it was
+    removed first, and the new one with the temporary directory: both lost); killed between moving the earlier one
+    aside and renaming the new one in, the next prepare puts the earlier one back."""
+    import sys
+    prep = sys.modules["elas.data.prepare"]
+    src, ds = _texts(tmp_path / "t"), tmp_path / "ds"
+    kw = dict(source="files", files=[str(src)], vocab_size=300, val_frac=0.2, log=lambda *a: None)
+    meta = prepare(ds, **kw)
+    real = os.replace
+
+    def killed_at_rename_in(a, b):
+        if ".tmp-" in Path(a).name:
+            raise KeyboardInterrupt
+        return real(a, b)
+    monkeypatch.setattr(prep.os, "replace", killed_at_rename_in)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(ds, force=True, **kw)
+    monkeypatch.setattr(prep.os, "replace", real)
+    assert load_meta(ds)["train_sha1"] == meta["train_sha1"] == prep.file_sha1(ds / "train.bin")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "t"]
+    # a process killed between the two renames (pid 99999999: gone) left the earlier dataset beside no --out
+    real(ds, tmp_path / "ds.old-99999999")
+    with pytest.raises(DataError, match="already holds a dataset"):
+        prepare(ds, **kw)
+    assert load_meta(ds)["train_sha1"] == meta["train_sha1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "t"]
+
+
+def test_options_of_another_source_are_refused_before_the_text_is_read(tmp_path, capsys, monkeypatch):
+    """--hf-split and --text-field (as --files and --hf) are refused with a source that would ignore them."""
+    import elas.data
+    monkeypatch.setattr(elas.data, "prepare", lambda *a, **k: pytest.fail("the text was read"))
+    for flags, name in ((["--hf-split", "test"], "--hf-split"), (["--text-field", "body"], "--text-field")):
+        assert main(["data", "prepare", "--out", str(tmp_path / "x"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert name in err and "--source builtin" in err

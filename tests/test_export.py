@@ -214,3 +214,67 @@ def test_init_from_refuses_a_checkpoint_that_computes_another_function(tmp_path,
     (out / "config.json").write_text(json.dumps(conf))
     with pytest.raises(ValueError, match="computes another function"):
         check_init_from(build_model(cfg), cfg, out)
+
+
+def test_a_run_started_again_on_other_data_keeps_that_datas_tokenizer(dataset, tmp_path):
+    """A run directory started again at step 0 (its first start stopped before its first checkpoint) on another
+    dataset: its tokenizer copy is the new data's, which eval, generate and export read (the first start's would
+    decode its tokens into other text, ship with the export, and refuse its own data in eval)."""
+    import shutil
+
+    from elas.data import prepare
+    other = tmp_path / "other"
+    prepare(other, source="stdlib", vocab_size=400, max_mb=0.5, val_frac=0.1, log=lambda *a: None)
+    run = tmp_path / "run"
+    base = ["--preset", "llama-tiny", "--out", str(run), "--no-progress", *TINY, "--max-steps", "2",
+            "--set", "eval_every=100"]
+    assert main(["train", "--data", str(dataset), *base]) == 0
+    shutil.rmtree(run / "checkpoints")  # (the first start stopped before its first checkpoint)
+    assert main(["train", "--data", str(other), *base]) == 0
+    assert (run / "tokenizer.json").read_bytes() == (other / "tokenizer.json").read_bytes()
+    assert main(["eval", "--run", str(run), "--device", "cpu"]) == 0
+    assert main(["export", "--run", str(run), "--to", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (other / "tokenizer.json").read_bytes()
+
+
+def test_eval_and_generate_check_data_and_tokenizer_before_loading_the_checkpoint(dataset, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """A bad --data (eval) or an unreadable tokenizer (generate) is one line before the checkpoint is verified and
+    loaded (minutes for a large model)."""
+    import elas.cli
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "llama-tiny", "--data", str(dataset), "--out", str(run), "--no-progress",
+                 *TINY, "--max-steps", "1", "--set", "eval_every=100"]) == 0
+    loaded, real = [], elas.cli._load_run
+    monkeypatch.setattr(elas.cli, "_load_run", lambda args: (loaded.append(args), real(args))[1])
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--data", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (run / "tokenizer.json").write_text("{")
+    assert main(["generate", "--run", str(run), "--device", "cpu"]) == 2
+    assert "not a valid tokenizer.json" in capsys.readouterr().err
+    assert not loaded
+
+
+def test_export_writes_its_files_durably_before_they_take_their_names(tmp_path, monkeypatch):
+    """Every exported file is fsynced before it is renamed into --to, and --to after: a machine crash after an
+    export over an earlier one never leaves an empty model.safetensors where the earlier one was."""
+    import os
+    from pathlib import Path
+
+    from elas.build import build_model
+    from elas.export import export_hf
+
+    from conftest import preset
+    cfg = preset("llama-tiny", n_layers=1, d_model=64, n_heads=2, intermediate=96, vocab_size=512)
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_ino)), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", os.stat(a).st_ino)),
+                                                     real_replace(a, b))[1])
+    out = tmp_path / "hf"
+    export_hf(build_model(cfg), cfg, None, out, log=lambda *a: None)
+    for i, (kind, ino) in enumerate(events):
+        if kind == "replace":
+            assert ("fsync", ino) in events[:i]
+    assert ("fsync", out.stat().st_ino) in events and {f.name for f in out.iterdir()} == {"config.json",
+                                                                                         "model.safetensors"}

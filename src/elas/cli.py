@@ -429,9 +429,17 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     if args.max_mb is not None and not math.isfinite(args.max_mb):  # (a negative cap: prepare says; none given:
         # 200 MB, or with --max-tokens until they are written)
         raise UserError(f"--max-mb {args.max_mb} is invalid: expected a finite number of MB >= 0 (0: no cap)")
+    # an option of another source would be ignored, and the wrong text tokenized (minutes of work)
+    if args.hf_split is not None and args.source != "hf":
+        raise UserError(f"--hf-split {args.hf_split} is for --source hf, not --source {args.source}: add --source hf "
+                        f"or leave it out")
+    if args.text_field is not None and args.source not in ("files", "hf"):
+        raise UserError(f"--text-field {args.text_field} is for --source files (.jsonl) or hf, not --source "
+                        f"{args.source}")
     try:
         prepare(args.out, source=args.source, files=args.files, hf=args.hf, hf_config=args.hf_config,
-                hf_split=args.hf_split, text_field=args.text_field, tokenizer=args.tokenizer,
+                hf_split="train" if args.hf_split is None else args.hf_split,
+                text_field="text" if args.text_field is None else args.text_field, tokenizer=args.tokenizer,
                 vocab_size=args.vocab_size, max_mb=args.max_mb, max_tokens=args.max_tokens,
                 val_frac=args.val_frac, force=args.force)
     except (DataError, ValueError) as e:
@@ -504,9 +512,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .data import DataError, TokenWindows, load_meta
     from .train import evaluate
+    from .train import TrainError, load_run_config
     if args.tokens is not None and args.tokens <= 0:
         raise UserError(f"--tokens {args.tokens} is invalid: expected a positive number of validation tokens")
-    cfg, model, ckpt, device = _load_run(args)
+    if not valid_device(args.device):
+        raise UserError(f"invalid --device {args.device!r}: expected auto, cpu, cuda or cuda:N")
+    try:  # (the run's config alone: the data is checked before the checkpoint is verified and loaded)
+        cfg = load_run_config(args.run)
+    except (TrainError, OSError) as e:
+        raise UserError(str(e)) from None
     data = args.data or cfg.data_dir
     try:
         meta = load_meta(data)
@@ -520,6 +534,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         win = TokenWindows(data, "val", cfg.seq_len)
     except DataError as e:
         raise UserError(str(e)) from None
+    cfg, model, ckpt, device = _load_run(args)
     bf16 = device.type == "cuda"
     ac = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     loss, n = evaluate(model, win, args.tokens or cfg.eval_tokens, cfg.batch_size, device, ac)
@@ -600,17 +615,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
                         f"{MIN_TEMPERATURE:g}")
     if not -2 ** 63 <= args.seed < 2 ** 64:  # (torch.Generator's range)
         raise UserError(f"--seed {args.seed} is invalid: expected an integer in [-2^63, 2^64)")
+    from .train import TrainError, load_run_config
+    if not valid_device(args.device):
+        raise UserError(f"invalid --device {args.device!r}: expected auto, cpu, cuda or cuda:N")
+    try:  # the tokenizer before the checkpoint is verified and loaded (minutes for a large model)
+        from .train.trainer import run_tokenizer
+        tok = load_tokenizer(str(run_tokenizer(args.run, load_run_config(args.run))))
+        eot_id(tok)
+    except (TrainError, ValueError, OSError) as e:
+        raise UserError(str(e)) from None
     cfg, model, _, device = _load_run(args)
     from .sparsity import non_causal
     for name in non_causal(model):
         print(f"elas: warning: {name} is in a sparse mode that is not causal: the model trained on blocks of tokens "
               f"sharing their kept features; generating a token at a time computes another function",
               file=sys.stderr)
-    try:
-        from .train.trainer import run_tokenizer
-        tok = load_tokenizer(str(run_tokenizer(args.run, cfg)))
-    except ValueError as e:
-        raise UserError(str(e)) from None
     ids = tok.encode(args.prompt).ids
     if ids[-1:] == [eot_id(tok)] and len(ids) > 1:  # (a post-processor's appended end-of-text: the prompt goes on)
         ids = ids[:-1]
@@ -1137,10 +1156,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="builtin: the interpreter's standard library + site-packages text; stdlib / site-packages: "
                         "one of the two (e.g. a transfer set for a model trained on the other)")
     q.add_argument("--files", nargs="+", help="directories, files, globs or .jsonl files (source files)")
-    q.add_argument("--text-field", default="text", help="JSONL / HF field holding the text")
+    q.add_argument("--text-field", help="JSONL / HF field holding the text (default text)")
     q.add_argument("--hf", help="Hugging Face dataset name, e.g. allenai/c4")
     q.add_argument("--hf-config", help="dataset config, e.g. en")
-    q.add_argument("--hf-split", default="train")
+    q.add_argument("--hf-split", help="dataset split (source hf; default train)")
     q.add_argument("--tokenizer", default="bpe", help="'bpe' to train one, or a tokenizer.json / dir / hub name")
     q.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 32000; a given --tokenizer keeps "
                    "its own)")

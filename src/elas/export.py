@@ -26,6 +26,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .data.prepare import fsync_dir
 from .model.lowrank import LowRankLinear
 
 _ATTN = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
@@ -172,6 +173,11 @@ def export_hf(model: nn.Module, cfg: ModelConfig, tokenizer_file: Path | None, o
             (tmp / "tokenizer_config.json").write_text(json.dumps(
                 {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": name, "bos_token": name,
                  "model_max_length": cfg.max_seq_len}, indent=1))
+        # on disk before they take their names: unsynced, a machine crash after the renames could leave an empty or
+        # zero-filled model.safetensors where the earlier export was (as `elas data prepare` and checkpoints sync)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
         out.mkdir(exist_ok=True)
         # an earlier export's files that this one does not write (its tokenizer, when this run has none) would
         # describe another model: removed first; files no export writes (a user's notes) stay
@@ -180,6 +186,7 @@ def export_hf(model: nn.Module, cfg: ModelConfig, tokenizer_file: Path | None, o
             (out / name).unlink(missing_ok=True)
         for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last
             os.replace(f, out / f.name)
+        fsync_dir(out)  # (the renames themselves)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     # activation methods in a sparse mode (weight methods are exported as effective_weight() above)

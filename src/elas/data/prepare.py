@@ -174,19 +174,38 @@ def _check_out(out: Path, force: bool) -> None:
         raise DataError(f"{out} already holds a dataset; pass --force to rebuild it or choose another --out")
 
 
+def _gone(pid: str) -> bool:
+    """Whether the process of a temporary directory's name has ended (not a number, or alive: False)."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        pass
+    return False
+
+
 def _remove_stale_tmp(out: Path) -> None:
     """Remove the temporary directories (<out>.tmp-<pid>) that a killed prepare of the same --out left behind, where
     that process is gone."""
     for tmp in out.parent.glob(out.name + ".tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if _gone(tmp.name.rsplit("-", 1)[-1]):
             shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:  # alive, another user's
-            pass
+
+
+def _recover_replaced(out: Path) -> None:
+    """A --force rebuild moves the earlier dataset aside (<out>.old-<pid>), renames the new one in, then removes
+    the earlier one. Killed between the two renames, it left no --out: the earlier dataset is put back. Killed
+    after them, the earlier one is removed."""
+    for old in sorted(out.parent.glob(out.name + ".old-*")):
+        if not _gone(old.name.rsplit("-", 1)[-1]):
+            continue
+        if not out.exists() and (old / "meta.json").is_file():
+            os.replace(old, out)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _say(msg: str) -> None:
@@ -212,6 +231,7 @@ def prepare(out: str | Path, source: str = "builtin", files: list[str] | None = 
     out = Path(out).absolute()  # ("." has no name to put a temporary directory beside)
     if out.is_symlink():  # (the link's target is replaced, not the link: the temporary directory goes beside it)
         out = out.resolve()
+    _recover_replaced(out)
     _check_out(out, force)
     if not 0.0 < val_frac < 0.5:
         raise DataError(f"val_frac={val_frac} must be in (0, 0.5)")
@@ -320,10 +340,22 @@ def _prepare_into(tmp: Path, out: Path, docs, desc: str, tok, tokenizer: str, vo
         del tr, va
         _write_synced(tmp / "meta.json", json.dumps(meta, indent=2).encode("utf-8"))
         fsync_dir(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        fsync_dir(out.parent)  # (the rename itself)
+        # the earlier dataset (--force) is renamed aside, not removed, until the new one has its name: a kill or a
+        # failure at any point leaves one whole dataset at --out (or, killed between the two renames, the earlier
+        # one beside it, which the next prepare puts back: _recover_replaced)
+        old = out.with_name(out.name + f".old-{os.getpid()}") if out.exists() else None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None and not out.exists():
+                os.replace(old, out)
+            raise
+        fsync_dir(out.parent)  # (the renames themselves)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except SourceError as e:  # (a document read while streaming)
         raise DataError(str(e)) from None
     except OSError as e:

@@ -598,10 +598,14 @@ class Trainer:
             try:  # (a full disk here is one line, not a traceback)
                 if not complete:
                     write_atomic(target, json.dumps(to_dict(cfg), indent=2).encode())
-                # the run keeps its tokenizer beside it: generate and export work after the dataset moves or goes
+                # the run keeps its tokenizer beside it: generate and export work after the dataset moves or goes.
+                # A resume keeps its copy (its data was checked to be the checkpoint's); a start at step 0 writes
+                # its data's: a run directory started again (no checkpoint, or none that verifies), maybe on other
+                # data, must not keep the tokenizer of the data its earlier start read
                 tok = Path(cfg.data_dir) / "tokenizer.json"
                 target = self.run_dir / "tokenizer.json"
-                if tok.is_file() and not target.is_file():
+                if tok.is_file() and (not target.is_file() or (
+                        self.ckpt is None and target.read_bytes() != tok.read_bytes())):
                     write_atomic(target, tok.read_bytes())
                 target = self.metrics_path
                 dropped = truncate_metrics(self.metrics_path, self.step)
