@@ -95,9 +95,6 @@ def kernels():
              "K": "i32"}  # mask mode's word form: a group's four bf16 as one int64
     yield "backward mask, words", S._bwd_words_kernel, words, {"GB": 32, "ROWS": S.BWD_ROWS}, S.BWD_ROWS * 128, \
         S.BWD_WARPS
-    ste_words = {"dy2_ptr": "*i64", "y1_ptr": "*i64", "y2s_ptr": "*i64", "dy1_ptr": "*i64", "K": "i32"}
-    yield "backward ste, words", S._bwd_ste_words_kernel, ste_words, {"GB": 32, "ROWS": S.BWD_ROWS}, \
-        S.BWD_ROWS * 128, S.BWD_WARPS
     split = {"dy2_ptr": BF16, "val_ptr": BF16, "bits_ptr": U8, "y1_ptr": BF16, "dy1_ptr": BF16, "dval_ptr": BF16,
              "yt_val_ptr": BF16, "yt_meta_ptr": U8, "dt_val_ptr": BF16, "dt_meta_ptr": U8, "slot_ptr": I32,
              "y2d_ptr": BF16, "dy1d_ptr": BF16, "M": "i32", "K": "i32", "ND": "i32"}

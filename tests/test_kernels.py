@@ -485,10 +485,9 @@ def test_sparsify_config_fails_at_import_naming_the_variable():
 @pytest.mark.parametrize("k", [256, 192])
 def test_triton_backward_word_forms_equal_the_grid_form(k):
     """The word form (words=True: a group's four bf16 as one int64, 128 features a program, or 64 where K is not
-    a multiple of 128), mask mode and ste mode from y1, on inputs with ties, zeros and negative zeros in y1 and
-    dy2: every output byte equal to the grid form's and the values to the reference's; run on two inputs in turn,
-    so that a part left unwritten shows. With the packed forward beside y1 (ste) words changes nothing, nor where
-    a tensor's storage does not start on a word. (No subnormals: the CPU interpreter converts them between bf16
+    a multiple of 128), mask mode, on inputs with ties, zeros and negative zeros in y1 and dy2: every output byte
+    equal to the grid form's and the values to the reference's; run on two inputs in turn, so that a part left
+    unwritten shows. In ste mode words changes nothing, nor where a tensor's storage does not start on a word. (No subnormals: the CPU interpreter converts them between bf16
     and fp32 inexactly, which the tile form meets and the word form, working on bits, does not.)"""
     from elas.kernels.cuda.sparsify import relu2_sparse24_backward
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -513,19 +512,12 @@ def test_triton_backward_word_forms_equal_the_grid_form(k):
     w = ref.relu2_sparse24_backward(*sets[0])
     g = relu2_sparse24_backward(*sets[0], words=True)
     assert torch.equal(g.y2s, w.y2s) and torch.equal(g.dy1, w.dy1) and torch.equal(g.dy1_values, w.dy1_values)
-    # ste from y1: its word form, the same bytes; with the packed forward beside y1 it does not apply
-    ste_sets = [(dy2, None, adversarial(m, k, torch.bfloat16, seed=seed).to(dev))
-                for seed, (dy2, _) in zip((3, 4), sets)]
-    ste_wants = [outputs(relu2_sparse24_backward(*args, per_sm=0)) for args in ste_sets]
-    for args, want in zip(ste_sets, ste_wants):
+    # ste (from y1, with or without the packed forward beside it) has no word form: words changes nothing
+    y1 = adversarial(m, k, torch.bfloat16, seed=3).to(dev)
+    for args in ((sets[0][0], None, y1), (sets[0][0], ref.relu2_sparsify24_packed(y1), y1)):
+        want = outputs(relu2_sparse24_backward(*args, per_sm=0))
         got = outputs(relu2_sparse24_backward(*args, words=True))
         assert len(got) == len(want) == 2 and all(torch.equal(g, w) for g, w in zip(got, want))
-        del got
-    w = ref.relu2_sparse24_backward(*ste_sets[0])
-    g = relu2_sparse24_backward(*ste_sets[0], words=True)
-    assert torch.equal(g.y2s, w.y2s) and torch.equal(g.dy1, w.dy1)
-    args = (sets[0][0], ref.relu2_sparsify24_packed(ste_sets[0][2]), ste_sets[0][2])
-    assert torch.equal(relu2_sparse24_backward(*args, words=True).dy1, relu2_sparse24_backward(*args).dy1)
     dy2 = torch.cat([torch.zeros(2, dtype=torch.bfloat16, device=dev), sets[0][0].flatten()])[2:].view(m, k)
     assert dy2.storage_offset() == 2  # (not a word boundary: the tile form runs, and gives its bytes)
     assert torch.equal(relu2_sparse24_backward(dy2, sets[0][1], words=True).dy1,
@@ -791,3 +783,32 @@ def test_triton_sparsifier_word_forms_groups_from_the_variable_fit_every_width(m
     assert torch.equal(got.mask_bits, want.mask_bits)
     with pytest.raises(ValueError, match="groups=32: expected 8, 16 or 32"):
         S.relu2_sparsify24_packed(y, groups=32)
+
+
+@needs_triton
+def test_triton_2_4_defaults_take_the_word_forms_where_they_won(monkeypatch):
+    """The H100 sweep (benchmarks/results/h100/bwd24/sparsify.json) made the word forms the defaults where they won:
+    mask mode's backward (1.14-1.26x the grid form) and the forward when it writes the mask bits (1.03-1.09x);
+    the forward without the bits (ste) keeps the tile form. Each default launches the kernel it names, and
+    ELAS_SPARSIFY_CONFIG's words (true or false) overrides it."""
+    from elas.kernels.cuda import sparsify as S
+    launched = []
+
+    def launch(kernel):
+        launched.append(kernel)
+        return kernel
+    monkeypatch.setattr(S, "_FWD_OVERRIDE", {})
+    monkeypatch.setattr(S, "_BWD_OVERRIDE", {})
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    y1 = adversarial(64, 128, torch.bfloat16, seed=5).to(dev)
+    a = S.relu2_sparsify24_packed(y1, launch=launch)
+    S.relu2_sparsify24_packed(y1, write_bits=False, launch=launch)
+    dy2 = torch.randn(64, 128, dtype=torch.bfloat16).to(dev)
+    S.relu2_sparse24_backward(dy2, a, launch=launch)  # mask mode
+    S.relu2_sparse24_backward(dy2, None, y1, launch=launch)  # ste mode
+    assert launched == [S._words_kernel, S._kernel, S._bwd_words_kernel, S._bwd_kernel], launched
+    for words, kernel in ((False, S._kernel), (True, S._words_kernel)):
+        monkeypatch.setattr(S, "_FWD_OVERRIDE", {"words": words})
+        launched.clear()
+        S.relu2_sparsify24_packed(y1, write_bits=not words, launch=launch)
+        assert launched == [kernel]

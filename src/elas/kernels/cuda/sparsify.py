@@ -212,9 +212,11 @@ def _words_kernel(y1_ptr, val_ptr, meta_ptr, bits_ptr, K, GB: tl.constexpr, WRIT
         tl.store(bits_ptr + hi * (K // 8) + hb, (a | (b << 4)).to(tl.uint8))
 
 
-# the forward on 64-bit words: not the default until timed (`elas bench sparsify` times it beside the launches
-# above); ELAS_SPARSIFY_CONFIG='{"words": true, "groups": 16, "num_warps": 8}' sets it for a process
-DEFAULT_WORDS, WORDS_GROUPS, WORDS_WARPS = False, 16, 8
+# the forward on 64-bit words: the default where it writes the mask bits (mask mode), 1.03-1.09x the tile form at
+# every ELAS width; without them (ste) the tile form is 1.04x ahead at K = 8192 (H100, [8192, K],
+# benchmarks/results/h100/bwd24/sparsify.json). ELAS_SPARSIFY_CONFIG='{"words": true, "groups": 16,
+# "num_warps": 8}' (or '{"words": false}') sets the form for a process
+DEFAULT_WORDS, WORDS_GROUPS, WORDS_WARPS = "bits", 16, 8  # True: always, False: never, "bits": with the mask bits
 _FWD_OVERRIDE = env_config("ELAS_SPARSIFY_CONFIG", ("words", "groups", "num_warps"))
 for _k, _ok, _valid in (("words", lambda v: isinstance(v, bool), "true or false"),
                         ("groups", lambda v: type(v) is int and v in (8, 16, 32), "8, 16 or 32"),
@@ -241,8 +243,11 @@ def relu2_sparsify24_packed(y1: torch.Tensor, feature_counts: torch.Tensor | Non
     a=None, `ste` mode's inputs, and refuses the packed y2s; without it the kernel is 20% faster at [8192, 8192]). words (bf16 y1, contiguous from a multiple of 4
     elements, no feature_counts; else the tile form): the word form (_words_kernel, the same bytes), `groups`
     groups of 4 columns a program (8, 16 or 32); tiles and rows do not apply to it. None: ELAS_SPARSIFY_CONFIG's,
-    else the module's DEFAULT_* (read at each call)."""
-    words = _FWD_OVERRIDE.get("words", DEFAULT_WORDS) if words is None else words
+    else the module's DEFAULT_* (read at each call; DEFAULT_WORDS "bits": the word form with write_bits), and the
+    tile form where tiles or rows are given."""
+    if words is None:  # (tiles or rows asked for: the tile form)
+        words = _FWD_OVERRIDE.get("words", DEFAULT_WORDS)
+        words = (write_bits if words == "bits" else words) and tiles is None and rows is None
     if (words and y1.dtype == torch.bfloat16 and feature_counts is None and y1.is_contiguous()
             and _word_aligned(y1)):
         return _sparsify_words(y1, launch, write_bits, groups,
@@ -532,41 +537,6 @@ def _feature(w, j: tl.constexpr):
 
 
 @triton.jit
-def _bf16_bits(x, j: tl.constexpr):
-    """fp32 x (round to nearest even to bf16) -> its bf16 bits at bits 16j..16j+15 of an int64 word."""
-    return ((_round_bf16(x).to(tl.int32, bitcast=True) >> 16) & 0xFFFF).to(tl.int64) << (16 * j)
-
-
-@triton.jit
-def _ste_word(w, d):
-    """ste mode on one group in 64-bit words: w, d int64 (the group's four y1 and dy2 bf16) -> (y2s, dy1) int64.
-    The same arithmetic as _bwd_rows with FROM_Y1: the 2:4 choice on the exact squares of relu(y1), y2s the kept
-    squares rounded to bf16 (+0 elsewhere), dy1 = bf16(2 y1 dy2) where y1 > 0 (+0 elsewhere)."""
-    a0, a1, a2, a3 = _feature(w, 0), _feature(w, 1), _feature(w, 2), _feature(w, 3)
-    r0, r1, r2, r3 = tl.maximum(a0, 0.0), tl.maximum(a1, 0.0), tl.maximum(a2, 0.0), tl.maximum(a3, 0.0)
-    x0, x1, x2, x3 = r0 * r0, r1 * r1, r2 * r2, r3 * r3
-    k0, k1, k2, k3 = _keep24(x0, x1, x2, x3)
-    y2s = (_bf16_bits(tl.where(k0, x0, 0.0), 0) | _bf16_bits(tl.where(k1, x1, 0.0), 1)
-           | _bf16_bits(tl.where(k2, x2, 0.0), 2) | _bf16_bits(tl.where(k3, x3, 0.0), 3))
-    dy1 = (_bf16_bits(tl.where(a0 > 0.0, 2.0 * a0 * _feature(d, 0), 0.0), 0)
-           | _bf16_bits(tl.where(a1 > 0.0, 2.0 * a1 * _feature(d, 1), 0.0), 1)
-           | _bf16_bits(tl.where(a2 > 0.0, 2.0 * a2 * _feature(d, 2), 0.0), 2)
-           | _bf16_bits(tl.where(a3 > 0.0, 2.0 * a3 * _feature(d, 3), 0.0), 3))
-    return y2s, dy1
-
-
-@triton.jit
-def _bwd_ste_words_kernel(dy2_ptr, y1_ptr, y2s_ptr, dy1_ptr, K, GB: tl.constexpr, ROWS: tl.constexpr):
-    # _bwd_kernel's ste mode from y1 (no split) on 64-bit words: program ROWS tokens x GB groups of 4 features;
-    # dy2, y1, y2s, dy1: int64 views [M, K/4] (a group's four bf16 a word). Writes the same bytes as _bwd_kernel.
-    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
-    off = rows * (K // 4) + tl.program_id(1) * GB + tl.arange(0, GB)[None, :]
-    y2s, dy1 = _ste_word(tl.load(y1_ptr + off), tl.load(dy2_ptr + off))
-    tl.store(y2s_ptr + off, y2s)
-    tl.store(dy1_ptr + off, dy1)
-
-
-@triton.jit
 def _bwd_persistent_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, M, K, STE: tl.constexpr,
                            FROM_Y1: tl.constexpr, BK: tl.constexpr, ROWS: tl.constexpr, PREFETCH: tl.constexpr):
     # _bwd_kernel's work, each program walking tiles pid, pid + programs, ... (ROWS tokens x BK features each,
@@ -652,9 +622,11 @@ def bwd_launch(split: bool) -> tuple[int, int]:
 # tile's loads issued before this one's work: `prefetch`): not the default until timed against the grid of one
 # program per tile (`elas bench sparsify` times both: bench/kernels.py BWD_PERSISTENT). None: one program a tile
 BWD_PER_SM, BWD_PREFETCH = None, True
-# the backward without the split on 64-bit words (_bwd_words_kernel, _bwd_ste_words_kernel): not the default
-# until timed (the same sweep)
-BWD_WORDS = False
+# mask mode's backward without the split on 64-bit words (_bwd_words_kernel): the default, 1.14-1.26x the grid
+# form at every ELAS width (H100, [8192, K], benchmarks/results/h100/bwd24/sparsify.json), and relu2-24's 1B step
+# 1.5 ms faster with it (bwd24_step_mask_swept against _default). (Its ste twin on words tied the grid form, 0.99-
+# 1.00x, and was removed; the persistent form gained 0.3-3%: not the default.)
+BWD_WORDS = True
 # ELAS_BWD24_CONFIG='{"rows": 64, "num_warps": 8, "per_sm": 2, "prefetch": true}' (or '{"words": true}') sets the
 # backward's launch without the split for a process (what `elas bench sparsify`'s sweep names fastest), checked
 # here at import
@@ -724,11 +696,10 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Ten
     rows, num_warps: tokens per program (64 or 128) and warps; per_sm (without the split): >= 1 the persistent
     form, per_sm programs on each SM (on the CPU: per_sm programs in all), 0 one program a tile (the grid form,
     whatever ELAS_BWD24_CONFIG says); the persistent form's programs each walk tiles, with prefetch the next
-    tile's loads issued before this one's work; words (without the split, mask mode from the packed forward or
-    ste mode from y1; bf16, from a multiple of 4 elements): the word form (_bwd_words_kernel,
-    _bwd_ste_words_kernel), the same bytes (in mask mode for finite dy2); elsewhere (ste with the packed
-    forward, fp32, other offsets) it changes nothing. launch: as
-    in relu2_sparsify24_packed. None: bwd_settings' (ELAS_BWD24_CONFIG, else the module's defaults; read at each
+    tile's loads issued before this one's work; words (without the split, mask mode from the packed forward;
+    bf16, from a multiple of 4 elements): the word form (_bwd_words_kernel), the same bytes for finite dy2 (an
+    Inf or NaN dy2 on a dropped feature gives 0 there, as the reference, where the grid form gives NaN);
+    elsewhere (ste, fp32, other offsets) it changes nothing. launch: as in relu2_sparsify24_packed. None: bwd_settings' (ELAS_BWD24_CONFIG, else the module's defaults; read at each
     call)."""
     rows, num_warps, per_sm, prefetch, words = bwd_settings(dense_slots is not None, rows, num_warps, per_sm,
                                                             prefetch, words)
@@ -780,11 +751,6 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Ten
         launch(_bwd_words_kernel)[(m // rows, k // 4 // gb)](
             dy2.view(torch.int64), a.values.view(torch.int32), a.mask_bits, y2s.view(torch.int64),
             dy1.view(torch.int64), dval.view(torch.int32), k, GB=gb, ROWS=rows, num_warps=num_warps)
-    elif words and a is None and dy2.dtype == y1.dtype == torch.bfloat16 and _word_aligned(dy2, y1):  # ste, y1
-        gb = 32 if k % 128 == 0 else 16
-        launch(_bwd_ste_words_kernel)[(m // rows, k // 4 // gb)](
-            dy2.view(torch.int64), y1.view(torch.int64), y2s.view(torch.int64), dy1.view(torch.int64), k, GB=gb,
-            ROWS=rows, num_warps=num_warps)
     elif per_sm is not None:
         tiles = (m // rows) * (k // bk)
         sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
