@@ -787,7 +787,7 @@ def test_triton_sparsifier_word_forms_groups_from_the_variable_fit_every_width(m
 
 @needs_triton
 def test_triton_2_4_defaults_take_the_word_forms_where_they_won(monkeypatch):
-    """The H100 sweep (benchmarks/results/h100/bwd24/sparsify.json) made the word forms the defaults where they won:
+    """The H100 sweep (benchmarks/results/h100/sparsify_bwd24.json) made the word forms the defaults where they won:
     mask mode's backward (1.14-1.26x the grid form) and the forward when it writes the mask bits (1.03-1.09x);
     the forward without the bits (ste) keeps the tile form. Each default launches the kernel it names, and
     ELAS_SPARSIFY_CONFIG's words (true or false) overrides it."""

@@ -214,7 +214,7 @@ def _words_kernel(y1_ptr, val_ptr, meta_ptr, bits_ptr, K, GB: tl.constexpr, WRIT
 
 # the forward on 64-bit words: the default where it writes the mask bits (mask mode), 1.03-1.09x the tile form at
 # every ELAS width; without them (ste) the tile form is 1.04x ahead at K = 8192 (H100, [8192, K],
-# benchmarks/results/h100/bwd24/sparsify.json). ELAS_SPARSIFY_CONFIG='{"words": true, "groups": 16,
+# benchmarks/results/h100/sparsify_bwd24.json). ELAS_SPARSIFY_CONFIG='{"words": true, "groups": 16,
 # "num_warps": 8}' (or '{"words": false}') sets the form for a process
 DEFAULT_WORDS, WORDS_GROUPS, WORDS_WARPS = "bits", 16, 8  # True: always, False: never, "bits": with the mask bits
 _FWD_OVERRIDE = env_config("ELAS_SPARSIFY_CONFIG", ("words", "groups", "num_warps"))
@@ -623,9 +623,9 @@ def bwd_launch(split: bool) -> tuple[int, int]:
 # program per tile (`elas bench sparsify` times both: bench/kernels.py BWD_PERSISTENT). None: one program a tile
 BWD_PER_SM, BWD_PREFETCH = None, True
 # mask mode's backward without the split on 64-bit words (_bwd_words_kernel): the default, 1.14-1.26x the grid
-# form at every ELAS width (H100, [8192, K], benchmarks/results/h100/bwd24/sparsify.json), and relu2-24's 1B step
-# 1.5 ms faster with it (bwd24_step_mask_swept against _default). (Its ste twin on words tied the grid form, 0.99-
-# 1.00x, and was removed; the persistent form gained 0.3-3%: not the default.)
+# form at every ELAS width (H100, [8192, K], benchmarks/results/h100/sparsify_bwd24.json), and relu2-24's 1B step
+# 1.5 ms faster with it (step_bwd24_mask_swept.json against _default). (Its ste twin on words tied the grid form,
+# 0.98-1.00x, and was removed; the persistent form runs -1.3% to +3% against the grid form: not the default.)
 BWD_WORDS = True
 # ELAS_BWD24_CONFIG='{"rows": 64, "num_warps": 8, "per_sm": 2, "prefetch": true}' (or '{"words": true}') sets the
 # backward's launch without the split for a process (what `elas bench sparsify`'s sweep names fastest), checked
