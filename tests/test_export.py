@@ -260,7 +260,6 @@ def test_export_writes_its_files_durably_before_they_take_their_names(tmp_path, 
     """Every exported file is fsynced before it is renamed into --to, and --to after: a machine crash after an
     export over an earlier one never leaves an empty model.safetensors where the earlier one was."""
     import os
-    from pathlib import Path
 
     from elas.build import build_model
     from elas.export import export_hf
