@@ -545,7 +545,7 @@ def test_a_force_rebuild_killed_at_any_point_leaves_a_whole_dataset(tmp_path, mo
     assert load_meta(ds)["train_sha1"] == meta["train_sha1"] == prep.file_sha1(ds / "train.bin")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "t"]
     # a process killed between the two renames (pid 99999999: gone) left the earlier dataset beside no --out
-    real(ds, tmp_path / "ds.old-99999999")
+    real(ds, tmp_path / ("ds" + prep.REPLACED + "99999999"))
     with pytest.raises(DataError, match="already holds a dataset"):
         prepare(ds, **kw)
     assert load_meta(ds)["train_sha1"] == meta["train_sha1"]
@@ -560,3 +560,19 @@ def test_options_of_another_source_are_refused_before_the_text_is_read(tmp_path,
         assert main(["data", "prepare", "--out", str(tmp_path / "x"), *flags]) == 2
         err = capsys.readouterr().err
         assert name in err and "--source builtin" in err
+
+
+def test_a_directory_the_user_named_like_a_moved_aside_dataset_is_left_alone(tmp_path):
+    """Only the directory a --force rebuild moved aside is put back or removed: a user's copy named
+    <out>.old-<number> (a date, say) is neither deleted nor renamed to --out."""
+    import shutil
+    src, ds = _texts(tmp_path / "t"), tmp_path / "ds"
+    kw = dict(source="files", files=[str(src)], vocab_size=300, val_frac=0.2, log=lambda *a: None)
+    prepare(ds, **kw)
+    backup = tmp_path / "ds.old-20240101"  # (no process 20240101)
+    shutil.copytree(ds, backup)
+    prepare(ds, force=True, **kw)
+    assert (backup / "meta.json").is_file()
+    shutil.rmtree(ds)
+    prepare(ds, **kw)  # no --out: the user's copy is not taken for it
+    assert (backup / "meta.json").is_file()

@@ -1101,3 +1101,30 @@ def test_a_stop_signal_one_process_got_after_the_last_step_stops_every_process(d
                                                  str(results)), nprocs=2, join=True)
     want = str(int(signal.SIGTERM)) if signalled else "None"
     assert [(results / str(r)).read_text() for r in range(2)] == [want, want]
+
+
+def test_a_stop_signal_that_comes_during_close_s_vote_is_not_dropped(monkeypatch):
+    """A signal that reaches a process while it waits in close()'s vote (the collective has its contribution: no
+    signal) is not in the vote's result; it must not be lost either: it reaches the caller's handler (its default
+    action), as one after the vote does."""
+    import signal as sig
+
+    import elas.train.trainer as T
+    from elas.train.distributed import Dist
+    tr = T.Trainer.__new__(T.Trainer)
+    tr.tb, tr.dist, tr.device, tr.run_dir = None, Dist(rank=1, world=2), torch.device("cpu"), Path(".")
+    tr._finished, tr._stop_signal, tr._old_handlers = True, None, {}
+
+    def vote(d, signum, device):  # the others voted no signal; this one got SIGTERM while it waited
+        tr._on_signal(sig.SIGTERM, None)
+        return signum
+    monkeypatch.setattr(T, "agree_stop", vote)
+    monkeypatch.setattr(T, "shutdown", lambda d, wait=False: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    got = []
+    old = sig.signal(sig.SIGTERM, lambda s, f: got.append(s))
+    try:
+        tr.close()
+    finally:
+        sig.signal(sig.SIGTERM, old)
+    assert got == [sig.SIGTERM] and tr.stop_signal is None

@@ -83,7 +83,8 @@ def span_and_gaps(intervals: list[tuple[float, float]]) -> tuple[float, float]:
 
 def _annotation(e) -> bool:
     """A GPU-side user annotation (record_function's range on the GPU timeline), not a kernel: the profiler says so
-    (is_user_annotation), or (versions that do not) a '#' outside a lambda's name ("Optimizer.step#AdamW.step")."""
+    (is_user_annotation), or its name has a '#' outside a lambda's ("Optimizer.step#AdamW.step"; on every version,
+    for profilers that do not set the flag)."""
     return bool(getattr(e, "is_user_annotation", False)) or ("#" in e.name and "{lambda" not in e.name)
 
 

@@ -195,11 +195,15 @@ def _remove_stale_tmp(out: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+REPLACED = ".elas-replaced-"  # <out><REPLACED><pid>: the earlier dataset, moved aside by a --force rebuild
+
+
 def _recover_replaced(out: Path) -> None:
-    """A --force rebuild moves the earlier dataset aside (<out>.old-<pid>), renames the new one in, then removes
-    the earlier one. Killed between the two renames, it left no --out: the earlier dataset is put back. Killed
-    after them, the earlier one is removed."""
-    for old in sorted(out.parent.glob(out.name + ".old-*")):
+    """A --force rebuild moves the earlier dataset aside (<out><REPLACED><pid>), renames the new one in, then
+    removes the earlier one. Killed between the two renames, it left no --out: the earlier dataset is put back.
+    Killed after them, the earlier one is removed. (A name of elas's own: a user's <out>.old-2024 is never
+    touched.)"""
+    for old in sorted(out.parent.glob(out.name + REPLACED + "*")):
         if not _gone(old.name.rsplit("-", 1)[-1]):
             continue
         if not out.exists() and (old / "meta.json").is_file():
@@ -343,7 +347,7 @@ def _prepare_into(tmp: Path, out: Path, docs, desc: str, tok, tokenizer: str, vo
         # the earlier dataset (--force) is renamed aside, not removed, until the new one has its name: a kill or a
         # failure at any point leaves one whole dataset at --out (or, killed between the two renames, the earlier
         # one beside it, which the next prepare puts back: _recover_replaced)
-        old = out.with_name(out.name + f".old-{os.getpid()}") if out.exists() else None
+        old = out.with_name(f"{out.name}{REPLACED}{os.getpid()}") if out.exists() else None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
             os.replace(out, old)

@@ -1047,8 +1047,15 @@ class Trainer:
             voted = self._finished and self.dist.enabled and torch.distributed.is_initialized()
             if voted:  # (the wait): every process takes the signal any process got, so under torchrun a signal
                 # that reached one rank only after the last step stops the grid on every rank, not on that one
-                self._stop_signal = agree_stop(self.dist, self._stop_signal, self.device)
+                sent = self._stop_signal
+                agreed = agree_stop(self.dist, sent, self.device)
                 self._restore_signals()  # a signal after the vote: its default action (the run is saved)
+                # one that came while this process waited in the vote (its handler runs once the collective
+                # returns) was not voted on: delivered again with the caller's handler, not dropped
+                late = self._stop_signal if sent is None else None
+                self._stop_signal = agreed
+                if late is not None and agreed is None:
+                    signal.raise_signal(late)
             return shutdown(self.dist, wait=self._finished and not voted)
         finally:
             self._restore_signals()
