@@ -220,6 +220,34 @@ def test_gpu_kernel_equals_the_reference(moment_dtype, shapes):
             assert torch.all(ulp[differ] <= 1)
 
 
+@pytest.mark.gpu
+def test_gpu_dry_warm_up_compiles_the_binary_that_the_update_runs():
+    """The warm-up before a capture launches the update with dry=1, the update itself dry=0: one compiled binary
+    serves both (Triton specialises an integer equal to 1 as a constant unless told not to), so nothing compiles
+    while a graph is being captured; and the dry launch moves nothing."""
+    from elas.optim import master_triton
+    ps = [torch.nn.Parameter(w.bfloat16().cuda()) for w in _params(shapes=ALIGNED)]
+    opt = MasterAdamW([{"params": ps}], lr=1e-2, backend="triton")
+    for p, g in zip(ps, _grads(0, ALIGNED)):
+        p.grad = g.cuda()
+    before = [p.detach().clone() for p in ps]
+    kernel = master_triton._adamw_kernel
+
+    def binaries():  # (device_caches: device -> (the binaries by specialisation key, ...))
+        return sum(len(c[0]) for c in kernel.device_caches.values())
+    for c in kernel.device_caches.values():  # the binaries earlier tests compiled are not this test's
+        c[0].clear()
+    opt.prepare()
+    opt.apply(dry=True)
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, p) for a, p in zip(before, ps))
+    n = binaries()
+    opt.apply()
+    torch.cuda.synchronize()
+    assert binaries() == n >= 1
+    assert not all(torch.equal(a, p) for a, p in zip(before, ps))
+
+
 def test_stochastic_rounding_is_unbiased_where_rounding_to_nearest_stalls():
     """Why v is rounded stochastically: a second moment decaying by beta2 = 0.999 per step (g = 0) changes by less
     than half a bf16 ulp, so rounded to nearest it never moves; rounded stochastically its mean follows the fp32

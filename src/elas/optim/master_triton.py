@@ -75,7 +75,9 @@ def _salt(t, seed):
     return _mix32(((t * 0x165667B1 + seed * 0x68E31DA5) & 0xFFFFFFFF).to(tl.uint32))
 
 
-@triton.jit
+# dry is never specialised: Triton compiles an integer argument equal to 1 as a constant, so the warm-up's dry=1
+# would build a second binary, and the update a capture records (dry=0) would first compile during the capture
+@triton.jit(do_not_specialize=["dry"])
 def _adamw_kernel(tab, chunks, scal, gscale, dry, HAS_SCALE: tl.constexpr, GRAD_FP32: tl.constexpr,
                   MOMENTS_BF16: tl.constexpr, SCAL: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
                   ALIGN: tl.constexpr):
