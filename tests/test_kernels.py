@@ -660,6 +660,27 @@ def test_fake_kernels_give_the_real_layout_for_a_transposed_input(which):
     torch.library.opcheck(op, args, test_utils=("test_faketensor",))
 
 
+@pytest.mark.parametrize("which", ["ste", "mask", "split", "relu2"])
+def test_weight_gradients_take_their_operands_layout(which):
+    """wd arrives as W_down^T, a transposed view: the ops write dwd in that layout (so the gradient reaching W_down
+    is contiguous and autograd keeps it), wu's contiguous; the fakes give the same strides (opcheck)."""
+    importlib.import_module("elas.kernels.ops")  # (registers the ops)
+    E = torch.ops.elas
+    g = torch.Generator().manual_seed(0)
+    mk = lambda *s: torch.randn(*s, dtype=torch.bfloat16, generator=g)  # noqa: E731
+    t, q, f = 64, 64, 256
+    wu, wd = mk(f, q), mk(2 * q, f).t()  # wd [d_ff, q'] with strides (1, d_ff), as ffn_operands gives it
+    if which == "relu2":
+        op, args = E.relu2_ffn_backward, (mk(t, 2 * q), mk(t, q), wu, wd, torch.relu(mk(t, f)) ** 2, "triton")
+    else:
+        mask, frac = which != "ste", (0.25 if which == "split" else None)
+        _, s0, s1, idx_d, slots = E.act24_ffn(mk(t, q), wu, wd, mask, frac, False)
+        op, args = E.act24_ffn_backward, (mk(t, 2 * q), mk(t, q), wu, wd, s0, s1, idx_d, slots, mask)
+    _, dwu, dwd = op(*args)
+    assert dwd.shape == wd.shape and dwd.stride() == wd.stride() and dwu.stride() == wu.stride()
+    torch.library.opcheck(op, args, test_utils=("test_faketensor",))
+
+
 def _python(code: str, **env):
     """A fresh interpreter (import-time checks of the ELAS_*_CONFIG variables; a fault that would kill this one)."""
     import os

@@ -332,6 +332,20 @@ def _loss_and_grads(model, idx, autocast: bool):
     return loss.detach().float(), [p.grad.float().clone() for p in model.parameters()]
 
 
+def test_fused_core_gives_weight_gradients_in_their_parameters_layout():
+    """The op takes W_down as its transposed view: its gradient reaches W_down in the parameter's own layout, so
+    autograd's AccumulateGrad keeps it rather than copying it (a [d_model, d_ff] copy per layer)."""
+    _, fused = _twins("relu2")
+    ffn = fused.blocks[0].ffn
+    seen = {}
+    for name, p in ffn.named_parameters():
+        p.register_hook(lambda g, name=name, p=p: seen.setdefault(name, (g.stride(), p.stride())) and None)
+    idx = torch.randint(0, 256, (2, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused(idx, idx).backward()
+    assert len(seen) == 2 and all(got == want for got, want in seen.values()), seen
+
+
 @pytest.mark.parametrize("variant, kernel", [("relu2", "fused"), ("lowrank-relu2", "fused"),
                                              ("lowrank-relu2", "cutlass")])
 def test_fused_core_is_the_dense_core(variant, kernel):

@@ -254,6 +254,31 @@ def sparse_mm(a: Packed24, b: Tensor, out_t: bool = False) -> Tensor:
     return sparse_mm_op(a.buffer, b, a.shape[0], a.shape[1], out_t)
 
 
+# ---- weight gradients in their weight's layout -------------------------------------------------------------------
+# An FFN core takes wd = W_down^T, a transposed view [d_ff, q'] with strides (1, d_ff). Its gradient written
+# contiguous [d_ff, q'] reaches W_down transposed, strides (1, q'), and autograd's AccumulateGrad, which keeps a
+# gradient only in its parameter's layout, copies it: one [q', d_ff] copy per layer, 3.0 ms of a 1B full-rank step
+# on an H100 (benchmarks/launch_sources.py). Written in the operand's own layout it arrives contiguous and is kept.
+def _col_major(w: Tensor) -> bool:
+    """w [K, N] is a transposed view of a contiguous [N, K] tensor (strides (1, K))."""
+    return w.dim() == 2 and w.shape[0] > 1 and w.stride(0) == 1 and w.stride(1) == w.shape[0]
+
+
+def _wgrad(x: Tensor, y: Tensor, w: Tensor) -> Tensor:
+    """x^T y [K, N] (x [T, K], y [T, N]): the gradient of an operand w [K, N], in w's layout."""
+    return (y.T @ x).T if _col_major(w) else x.T @ y
+
+
+def _sparse_wgrad(a: Packed24, y: Tensor, w: Tensor) -> Tensor:
+    """a @ y [K, N] (a: Packed24 [K, T]), the 2:4 form of _wgrad: the GEMM writes it in w's layout."""
+    return sparse_mm(a, y, out_t=True).T if _col_major(w) else sparse_mm(a, y)
+
+
+def _empty_wgrad(w: Tensor) -> Tensor:
+    """A fake's gradient of w: the layout _wgrad and _sparse_wgrad write."""
+    return w.new_empty(w.shape[::-1]).T if _col_major(w) else w.new_empty(w.shape)
+
+
 # ---- the dense ReLU^2 FFN core with its pointwise work in the GEMM epilogues ------------------------------------
 def _fused_relu2(t: Tensor) -> bool:
     """The Triton kernels run bf16 CUDA tensors; anything else (CPU, fp32 without autocast) takes the twin."""
@@ -296,14 +321,13 @@ def relu2_ffn_backward_op(dh2: Tensor, h1: Tensor, wu: Tensor, wd: Tensor, y2: T
         dy1 = _relu2_gemms(impl).relu2_grad_gemm(dh2, wd, y2)  # dy2, then one pointwise pass (faster there)
     else:
         dy1 = ref.relu2_grad_gemm(dh2, wd, y2)
-    return dy1 @ wu, dy1.T @ h1, y2.T @ dh2  # dh1 [T, q], dwu [d_ff, q], dwd [d_ff, q']
+    return dy1 @ wu, _wgrad(dy1, h1, wu), _wgrad(y2, dh2, wd)  # dh1 [T, q], dwu [d_ff, q], dwd [d_ff, q']
 
 
 @relu2_ffn_backward_op.register_fake
 def _(dh2, h1, wu, wd, y2, impl="triton"):
-    c = torch.contiguous_format  # (dh1 is written contiguous whatever h1's layout, as the real op's)
-    return torch.empty_like(h1, memory_format=c), torch.empty_like(wu, memory_format=c), \
-        torch.empty_like(wd, memory_format=c)
+    # (dh1 is written contiguous whatever h1's layout, as the real op's)
+    return torch.empty_like(h1, memory_format=torch.contiguous_format), _empty_wgrad(wu), _empty_wgrad(wd)
 
 
 def _relu2_setup_context(ctx, inputs, output):
@@ -776,11 +800,11 @@ def act24_ffn_backward_op(dh2: Tensor, h1: Tensor, wu: Tensor, wd: Tensor, s0: T
         # 95/5 split: every feature as a 2:4 GEMM pruned along tokens, then the n_dense densest features' rows
         # overwritten by their exact dense product (5% of the sparse GEMM's rows are wasted work; no gather or
         # scatter of the other 95%)
-        dwd = sparse_mm(g.y2s_t, dh2).index_copy_(0, idx_d, g.y2s_dense.T @ dh2)  # [d_ff, q']
-        dwu = sparse_mm(g.dy1_t, h1).index_copy_(0, idx_d, g.dy1_dense.T @ h1)  # [d_ff, q]
+        dwd = _sparse_wgrad(g.y2s_t, dh2, wd).index_copy_(0, idx_d, g.y2s_dense.T @ dh2)  # [d_ff, q']
+        dwu = _sparse_wgrad(g.dy1_t, h1, wu).index_copy_(0, idx_d, g.dy1_dense.T @ h1)  # [d_ff, q]
     else:
-        dwd = g.y2s.T @ dh2  # [d_ff, q']
-        dwu = g.dy1.T @ h1  # [d_ff, q]
+        dwd = _wgrad(g.y2s, dh2, wd)  # [d_ff, q']
+        dwu = _wgrad(g.dy1, h1, wu)  # [d_ff, q]
     if g.dy1_packed is not None:  # dy1 is 2:4 with the forward's pattern, packed with its metadata
         dh1 = sparse_mm(g.dy1_packed, wu)  # [T, q]
     else:
@@ -790,9 +814,8 @@ def act24_ffn_backward_op(dh2: Tensor, h1: Tensor, wu: Tensor, wd: Tensor, s0: T
 
 @act24_ffn_backward_op.register_fake
 def _(dh2, h1, wu, wd, s0, s1, idx_d, slots, mask_grad, fused=False, wdt_p=None, wdt=None, cutlass=False):
-    c = torch.contiguous_format  # (dh1 is written contiguous whatever h1's layout, as the real op's)
-    return torch.empty_like(h1, memory_format=c), torch.empty_like(wu, memory_format=c), \
-        torch.empty_like(wd, memory_format=c)
+    # (dh1 is written contiguous whatever h1's layout, as the real op's)
+    return torch.empty_like(h1, memory_format=torch.contiguous_format), _empty_wgrad(wu), _empty_wgrad(wd)
 
 
 def _setup_context(ctx, inputs, output):
