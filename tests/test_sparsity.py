@@ -267,14 +267,15 @@ def test_reference_path_under_bf16_autocast(variant):
                for p in model.parameters())
 
 
+@pytest.mark.parametrize("path", ["packed", "masked"])
 @pytest.mark.parametrize("grad_mode, wgrad_dense_frac", [("mask", None), ("ste", None), ("mask", 0.25)])
-def test_packed_core_gives_weight_gradients_in_their_parameters_layout(grad_mode, wgrad_dense_frac):
+def test_cores_give_weight_gradients_in_their_parameters_layout(path, grad_mode, wgrad_dense_frac):
     """The core takes W_down as its transposed view; a gradient written contiguous for that view reached W_down
     transposed, and autograd's AccumulateGrad copied it into the parameter's layout (one [d_model, d_ff] copy per
     layer, ~3 ms of a 1B step). Each gradient arrives in its parameter's layout, with the 95/5 split too."""
     torch.manual_seed(0)
     f = ReLU2FFN.of_width(64, 256).to(torch.bfloat16)
-    sparsify_(f, Act24Config(grad_mode=grad_mode, path="packed", dense_warmup_steps=0,
+    sparsify_(f, Act24Config(grad_mode=grad_mode, path=path, dense_warmup_steps=0,
                              wgrad_dense_frac=wgrad_dense_frac))
     set_step(f, 0, 1)
     seen = {}

@@ -254,29 +254,20 @@ def sparse_mm(a: Packed24, b: Tensor, out_t: bool = False) -> Tensor:
     return sparse_mm_op(a.buffer, b, a.shape[0], a.shape[1], out_t)
 
 
-# ---- weight gradients in their weight's layout -------------------------------------------------------------------
-# An FFN core takes wd = W_down^T, a transposed view [d_ff, q'] with strides (1, d_ff). Its gradient written
-# contiguous [d_ff, q'] reaches W_down transposed, strides (1, q'), and autograd's AccumulateGrad, which keeps a
-# gradient only in its parameter's layout, copies it: one [q', d_ff] copy per layer, 3.0 ms of a 1B full-rank step
-# on an H100 (benchmarks/launch_sources.py). Written in the operand's own layout it arrives contiguous and is kept.
-def _col_major(w: Tensor) -> bool:
-    """w [K, N] is a transposed view of a contiguous [N, K] tensor (strides (1, K))."""
-    return w.dim() == 2 and w.shape[0] > 1 and w.stride(0) == 1 and w.stride(1) == w.shape[0]
-
-
+# ---- weight gradients in their weight's layout (reference.wgrad says why) -----------------------------------------
 def _wgrad(x: Tensor, y: Tensor, w: Tensor) -> Tensor:
     """x^T y [K, N] (x [T, K], y [T, N]): the gradient of an operand w [K, N], in w's layout."""
-    return (y.T @ x).T if _col_major(w) else x.T @ y
+    return ref.wgrad(x, y, ref.col_major(w))
 
 
 def _sparse_wgrad(a: Packed24, y: Tensor, w: Tensor) -> Tensor:
     """a @ y [K, N] (a: Packed24 [K, T]), the 2:4 form of _wgrad: the GEMM writes it in w's layout."""
-    return sparse_mm(a, y, out_t=True).T if _col_major(w) else sparse_mm(a, y)
+    return sparse_mm(a, y, out_t=True).T if ref.col_major(w) else sparse_mm(a, y)
 
 
 def _empty_wgrad(w: Tensor) -> Tensor:
     """A fake's gradient of w: the layout _wgrad and _sparse_wgrad write."""
-    return w.new_empty(w.shape[::-1]).T if _col_major(w) else w.new_empty(w.shape)
+    return w.new_empty(w.shape[::-1]).T if ref.col_major(w) else w.new_empty(w.shape)
 
 
 # ---- the dense ReLU^2 FFN core with its pointwise work in the GEMM epilogues ------------------------------------

@@ -391,6 +391,20 @@ def softmax_xent_grad(z: torch.Tensor, t: torch.Tensor, scale: torch.Tensor) -> 
     return g.mul_(scale.to(acc)[:, None]).to(z.dtype).contiguous(), nll
 
 
+def col_major(w: torch.Tensor) -> bool:
+    """w [K, N] is a transposed view of a contiguous [N, K] tensor (strides (1, K))."""
+    return w.dim() == 2 and w.shape[0] > 1 and w.stride(0) == 1 and w.stride(1) == w.shape[0]
+
+
+def wgrad(x: torch.Tensor, y: torch.Tensor, col: bool = False) -> torch.Tensor:
+    """x^T y [K, N] (x [T, K], y [T, N]), written column-major where col (strides (1, K)): a weight gradient in its
+    operand's layout. Why: an FFN core takes W_down as its transposed view wd = W_down^T [d_ff, q']; a gradient
+    written contiguous for that view reaches W_down transposed, and autograd's AccumulateGrad, which keeps a
+    gradient only in its parameter's layout, copies it: one [q', d_ff] copy per layer, 3.0 ms of a 1B full-rank
+    2:4 step on an H100 (benchmarks/launch_sources.py). Written column-major it arrives contiguous and is kept."""
+    return (y.T @ x).T if col else x.T @ y
+
+
 def sparse_mm(a, b: torch.Tensor) -> torch.Tensor:
     """a: Packed24 [M, K] (2:4 along K), b: [K, N] -> a @ b [M, N] in b's dtype. Emulated: unpack, dense GEMM."""
     return (unpack24(a).to(b.dtype) @ b)

@@ -30,6 +30,7 @@ class _MaskedAct24(torch.autograd.Function):
         # NaN neuron is no positive; relu(NaN) != 0 ranked it the densest and took a dense slot from another feature)
         dense = None if dense_frac is None else ref.dense_features_from_counts((y1 > 0).sum(0), dense_frac)
         ctx.mask_grad, ctx.split = mask_grad, dense is not None
+        ctx.wd_col = ref.col_major(wd)  # dwd is written in wd's layout (reference.wgrad says why)
         ctx.save_for_backward(h1, wu, wd if wd_dgrad is None else wd_dgrad, y1, mask,
                               *(() if dense is None else (dense,)))
         return y2s @ wd  # [T, q']
@@ -47,7 +48,7 @@ class _MaskedAct24(torch.autograd.Function):
             y2s_w, dy1_w = _split_operand(y2s, dense[0]), _split_operand(dy1, dense[0])
         else:
             y2s_w, dy1_w = y2s, dy1
-        return dy1 @ wu, dy1_w.T @ h1, y2s_w.T @ dh2, None, None, None
+        return dy1 @ wu, ref.wgrad(dy1_w, h1, ref.col_major(wu)), ref.wgrad(y2s_w, dh2, ctx.wd_col), None, None, None
 
 
 def _split_operand(y: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
