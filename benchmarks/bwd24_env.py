@@ -13,15 +13,35 @@ import re
 import sys
 
 
+# a backward form's name in the sweep (bench/kernels.py _backward_sweep): its launch, and whether it is the word form
+BWD_FORM = re.compile(r"rows(\d+)_warps(\d+)(_words)?")
+
+
+def backward_env(use: dict, mode: str = "mask") -> str | None:
+    """ELAS_BWD24_CONFIG for the fastest backward form of one use's sweep (None where none was timed), in the
+    form `elas bench sparsify` prints it, rebuilt from the forms' names rather than taken from its `best`: the
+    committed sweeps (h100/sparsify_bwd24.json) also timed the backward's persistent form, removed since, whose
+    keys (per_sm, prefetch) the kernel's module now rejects and which some of them name fastest. Those rows
+    (rows64_warps8_persistent2_prefetch, ...) are ignored: the fastest of the remaining forms is taken. So are
+    `ste` mode's word rows: that word form tied the grid form and was removed (words=True no longer changes
+    what `ste` runs)."""
+    timed = {name: ms for name, ms in use.get("variants_ms", {}).items()
+             if (m := BWD_FORM.fullmatch(name)) and not (mode == "ste" and m[3])}
+    if not timed:
+        return None
+    m = BWD_FORM.fullmatch(min(timed, key=timed.get))
+    return "ELAS_BWD24_CONFIG=" + json.dumps({"rows": int(m[1]), "num_warps": int(m[2]), "words": bool(m[3])})
+
+
 def assignments(doc: dict, mode: str, k: int = 8192) -> list[str]:
     rows = [r for r in doc["rows"] if r["K"] == k]
     if not rows:
         raise SystemExit(f"bwd24_env: no row for K={k} (rows for K={sorted(r['K'] for r in doc['rows'])})")
     r = rows[0]
     out = []
-    best = r["backward"][mode].get("best", {})
-    if "env" in best:
-        out.append(best["env"])
+    env = backward_env(r["backward"][mode], mode)
+    if env:
+        out.append(env)
     bits = mode == "mask"  # ste never reads the mask bits: its forward skips them
     timed = {name: ms for name, ms in r.get("variants_ms", {}).items() if name.endswith("_nobits") != bits}
     if timed:

@@ -30,9 +30,9 @@ for what in "${@:-tests kernels ffn}"; do
              tail -45 runs/gpu_tests.log; [ -n "${OUT:-}" ] && cp runs/gpu_tests.log "$OUT/" ;;
       kernels) python -m elas bench sparsify --gpu-name "$GPU"; python -m elas bench gemm --gpu-name "$GPU" ;;
       epilogue) python -m elas bench epilogue --gpu-name "$GPU" ;;
-      bwd24)  # the 2:4 sparsifier and its backward at the 1B step's tokens (8192) and every ELAS width: each launch,
-              # and the backward's persistent forms (per_sm, prefetch), byte-checked against the default before
-              # they are timed (~5 min, compiles included): benchmarks/results/$GPU/bwd24/sparsify.json
+      bwd24)  # the 2:4 sparsifier and its backward at the 1B step's tokens (8192) and every ELAS width: each launch
+              # and word form, byte-checked against the default before it is timed (minutes, compiles included):
+              # benchmarks/results/$GPU/bwd24/sparsify.json
         # (the widths one by one, the 1B width first, each written when done: a cut-off, at BWD24_TIMEOUT s (default
         # 540), keeps what finished)
         timeout "${BWD24_TIMEOUT:-540}" python -m elas bench sparsify --gpu-name "$GPU" --m 8192 \

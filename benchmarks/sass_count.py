@@ -87,10 +87,6 @@ def kernels():
     for name, ste, from_y1 in (("backward ste", True, True), ("backward mask", False, False)):
         yield name, S._bwd_kernel, bwd, {"STE": ste, "FROM_Y1": from_y1, "BK": 128, "ROWS": S.BWD_ROWS}, \
             S.BWD_ROWS * 128, S.BWD_WARPS
-        # its persistent form (per_sm), prefetching: the first tile's loads before the loop are counted too
-        yield f"{name}, persistent + prefetch", S._bwd_persistent_kernel, {**bwd, "M": "i32"}, {
-            "STE": ste, "FROM_Y1": from_y1, "BK": 128, "ROWS": S.BWD_ROWS, "PREFETCH": True}, S.BWD_ROWS * 128, \
-            S.BWD_WARPS
     words = {"dy2_ptr": "*i64", "val_ptr": I32, "bits_ptr": U8, "y2s_ptr": "*i64", "dy1_ptr": "*i64", "dval_ptr": I32,
              "K": "i32"}  # mask mode's word form: a group's four bf16 as one int64
     yield "backward mask, words", S._bwd_words_kernel, words, {"GB": 32, "ROWS": S.BWD_ROWS}, S.BWD_ROWS * 128, \

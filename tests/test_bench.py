@@ -291,9 +291,9 @@ def torch_has_cuda() -> bool:
 
 
 def test_sass_count_compiles_every_pointwise_kernel_for_sm90_without_a_gpu():
-    """benchmarks/sass_count.py: each pointwise kernel (the six 2:4 ones, the backward's two persistent forms and
-    its word form, the sparsifier's word form with and without the mask bits, the ReLU^2 backward pass, the
-    RMSNorm backward in six forms (the loops, where dres is loaded, the row sums fused or not), the optimizer's
+    """benchmarks/sass_count.py: each pointwise kernel (the six 2:4 ones, the backward's word form, the
+    sparsifier's word form with and without the mask bits, the ReLU^2 backward pass, the RMSNorm backward in six
+    forms (the loops, where dres is loaded, the row sums fused or not), the optimizer's
     update in its four forms) compiled for sm_90 by Triton, its SASS counted (the
     kernels' static cost, readable on a machine without a GPU; it breaks when a kernel's signature changes). The
     update's aligned forms load and store 16-byte vectors; its unaligned forms cannot."""
@@ -309,7 +309,7 @@ def test_sass_count_compiles_every_pointwise_kernel_for_sm90_without_a_gpu():
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line for line in r.stdout.splitlines() if "per element" in line and "SASS =" in line]
-    assert len(rows) == 22, r.stdout
+    assert len(rows) == 20, r.stdout
     assert len([line for line in rows if line.startswith("rmsnorm backward")]) == 6, r.stdout
     adamw = [line for line in rows if line.startswith("adamw")]
     assert len(adamw) == 4 and all(("LDG.E.128" in line and "STG.E.128" in line) == ("align 8" in line)
@@ -668,8 +668,8 @@ def test_loss_step_resets_gradients_and_matches_the_loss():
 
 def test_backward_sweep_checks_every_form_before_it_times_it(monkeypatch):
     """bench/kernels.py's sweep of the 2:4 backward kernel (run by `elas bench sparsify` on the GPU), on the CPU
-    under the interpreter with a stand-in timer: every form of each use (grid and persistent) computes the
-    default's bytes, is timed, and the fastest is named; a form whose bytes differ is listed, not timed."""
+    under the interpreter with a stand-in timer: every form of each use (grid and word) computes the default's
+    bytes, is timed, and the fastest is named; a form whose bytes differ is listed, not timed."""
     pytest.importorskip("triton")
     import os
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
@@ -682,59 +682,79 @@ def test_backward_sweep_checks_every_form_before_it_times_it(monkeypatch):
         calls.append(fn)
         return 1.0 if len(calls) != 2 else 0.5
     monkeypatch.setattr(kb, "graph_ms", fake_ms)
-    monkeypatch.setattr(kb, "BWD_PERSISTENT", [(1, True)])
     y1 = torch.randn(128, 128, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     lines = []
     out = kb._backward_sweep(y1, log=lines.append)
     assert set(out) == {"ste", "mask", "mask_split"}
-    assert "(2.00x: ELAS_BWD24_CONFIG='{\"rows\": 64, \"num_warps\": 4, \"per_sm\": 0}')" in lines[0], lines[0]
-    for use in ("ste", "mask"):  # 4 grid forms + the persistent form (+ mask mode's word form) at 2 rows x 2 warps
-        assert len(out[use]["variants_ms"]) == (12 if use == "mask" else 8) and "mismatched" not in out[use], out[use]
-        assert "rows64_warps8_persistent1_prefetch" in out[use]["variants_ms"]
+    assert "(2.00x: ELAS_BWD24_CONFIG='{\"rows\": 64, \"num_warps\": 4, \"words\": false}')" in lines[0], lines[0]
+    for use in ("ste", "mask"):  # 4 grid forms (+ mask mode's word form) at 2 rows x 2 warps
+        assert len(out[use]["variants_ms"]) == (8 if use == "mask" else 4) and "mismatched" not in out[use], out[use]
         assert ("rows128_warps4_words" in out[use]["variants_ms"]) == (use == "mask")
     assert len(out["mask_split"]["variants_ms"]) == 4
     assert out["ste"]["best"]["form"] == "rows64_warps4" and out["ste"]["best"]["vs_default"] == 2.0
-    assert out["ste"]["best"]["env"] == 'ELAS_BWD24_CONFIG={"rows": 64, "num_warps": 4, "per_sm": 0}'
+    assert out["ste"]["best"]["env"] == 'ELAS_BWD24_CONFIG={"rows": 64, "num_warps": 4, "words": false}'
     assert "env" not in out["mask_split"]["best"]  # (the variable does not reach the split)
-    # a form that computes other bytes (here: the persistent form with one wrong element) is reported
+    # a form that computes other bytes (here: the grid forms without the split, which pass words=False, with one
+    # wrong element) is reported
     real = sparsify.relu2_sparse24_backward
 
     def broken(*args, **kw):
         g = real(*args, **kw)
-        if kw.get("per_sm"):
+        if kw.get("words") is False:
             g.dy1[-1, -1] += 1
         return g
     monkeypatch.setattr(sparsify, "relu2_sparse24_backward", broken)
     out = kb._backward_sweep(y1, log=lambda *a: None)
-    for use in ("ste", "mask"):  # (the word forms pass per_sm=0: not broken here)
-        assert len(out[use]["mismatched"]) == 4 and len(out[use]["variants_ms"]) == (8 if use == "mask" else 4)
+    for use in ("ste", "mask"):  # (the word forms pass words=True: not broken here)
+        assert len(out[use]["mismatched"]) == 4 and len(out[use]["variants_ms"]) == (4 if use == "mask" else 0)
+    assert "best" not in out["ste"] and "mismatched" not in out["mask_split"]
 
 
 def test_bwd24_env_names_the_fastest_forms_of_a_mode(tmp_path):
     """benchmarks/bwd24_env.py (what run_gpu.sh bwd24_step exports in its swept process): the mode's fastest
     backward form, and the forward's word form only where it beat every tile launch of its kind (with the mask
-    bits for mask mode, without for ste), else the tile form by name; a value with spaces and quotes survives the stage's export loop."""
+    bits for mask mode, without for ste), else the tile form by name; a value with spaces and quotes survives the
+    stage's export loop. The rows of the removed persistent form, which the committed sweep holds and names
+    fastest in places, are passed over, and so are ste's word rows (that form was removed): the value it prints is
+    one the kernel's module accepts, for a form that still exists."""
+    import importlib.util
+    import os
     import subprocess
     import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
     from bwd24_env import assignments
-    bwd = {"mask": {"best": {"env": 'ELAS_BWD24_CONFIG={"rows": 64, "num_warps": 8, "per_sm": 0, "words": true}'}},
-           "ste": {"best": {"env": 'ELAS_BWD24_CONFIG={"rows": 64, "num_warps": 8, "per_sm": 2, "prefetch": true}'}}}
+    bwd = {"mask": {"variants_ms": {"rows64_warps8": 1.0, "rows64_warps8_words": 0.8, "rows128_warps4_words": 0.9,
+                                    "rows64_warps8_persistent2_prefetch": 0.7}},
+           "ste": {"variants_ms": {"rows64_warps8": 1.0, "rows128_warps4": 0.9, "rows64_warps8_persistent4": 0.5,
+                                   "rows64_warps4_words": 0.6},  # (ste's word form, removed: passed over too)
+                   "best": {"env": 'ELAS_BWD24_CONFIG={"rows": 64, "num_warps": 8, "per_sm": 4, "prefetch": false}'}}}
     doc = {"rows": [{"K": 2176, "backward": {}}, {"K": 8192, "backward": bwd, "variants_ms": {
         "tiles2_warps8_rows128": 1.0, "words_groups16_warps8": 0.9, "tiles2_warps8_rows128_nobits": 0.7,
         "words_groups32_warps4_nobits": 0.8}}]}
-    assert assignments(doc, "mask") == [bwd["mask"]["best"]["env"],
+    assert assignments(doc, "mask") == ['ELAS_BWD24_CONFIG={"rows": 64, "num_warps": 8, "words": true}',
                                         'ELAS_SPARSIFY_CONFIG={"words": true, "groups": 16, "num_warps": 8}']
     # (a tile launch was faster without the bits: said, whatever the module's default form)
-    assert assignments(doc, "ste") == [bwd["ste"]["best"]["env"], 'ELAS_SPARSIFY_CONFIG={"words": false}']
+    assert assignments(doc, "ste") == ['ELAS_BWD24_CONFIG={"rows": 128, "num_warps": 4, "words": false}',
+                                       'ELAS_SPARSIFY_CONFIG={"words": false}']
     with pytest.raises(SystemExit, match="no row for K=4096"):
         assignments(doc, "mask", 4096)
     lines = "\n".join(assignments(doc, "mask"))
     r = subprocess.run(["bash", "-c", 'while IFS= read -r a; do export "${a?}"; done <<< "$CFG"; '
                         'printf "%s|%s" "$ELAS_BWD24_CONFIG" "$ELAS_SPARSIFY_CONFIG"'],
                        env={"CFG": lines, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
-    assert r.stdout == ('{"rows": 64, "num_warps": 8, "per_sm": 0, "words": true}|'
+    assert r.stdout == ('{"rows": 64, "num_warps": 8, "words": true}|'
                         '{"words": true, "groups": 16, "num_warps": 8}'), r.stderr
+    # the committed sweep, whose ste rows name a persistent form fastest at K = 8192: the fastest form that is left,
+    # which the kernel's module takes at import
+    committed = json.loads((root / "benchmarks/results/h100/sparsify_bwd24.json").read_text())
+    assert "persistent" in committed["rows"][0]["backward"]["ste"]["best"]["form"]  # (what makes this case)
+    env = dict(a.split("=", 1) for a in assignments(committed, "ste"))
+    assert env["ELAS_BWD24_CONFIG"] == '{"rows": 64, "num_warps": 8, "words": false}'
+    if importlib.util.find_spec("triton") is not None:
+        code = "import elas.kernels.cuda.sparsify as S; print(S.bwd_settings(False))"
+        r = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True)
+        assert r.stdout.strip() == "(64, 8, False)", r.stderr[-500:]
 
 
 def test_committed_sparse_ratios_are_against_the_twins_fastest_mode(tmp_path):

@@ -392,43 +392,51 @@ def test_triton_backward_kernel_bit_exact(m, k, ste, from_y1, split, rows):
 
 def test_backward_settings_take_arguments_then_the_environment_then_the_defaults(monkeypatch):
     """bwd_settings: an argument wins, then ELAS_BWD24_CONFIG's value (without the split only), then the module's
-    defaults; a bad per_sm, or one for the split, is a one-line error. A bad variable fails at import, naming it."""
+    defaults; the word form asked of the split is a one-line error. A bad variable fails at import, naming it."""
     pytest.importorskip("triton")
     import os
     import subprocess
     import sys
     from elas.kernels.cuda import sparsify as S
     monkeypatch.setattr(S, "_BWD_OVERRIDE", {})
-    assert S.bwd_settings(False) == (S.BWD_ROWS, S.BWD_WARPS, S.BWD_PER_SM, S.BWD_PREFETCH, S.BWD_WORDS)
-    assert S.bwd_settings(True) == (S.BWD_ROWS, S.SPLIT_BWD_WARPS, None, S.BWD_PREFETCH, False)
-    monkeypatch.setattr(S, "_BWD_OVERRIDE", {"rows": 128, "per_sm": 2, "prefetch": False})
-    assert S.bwd_settings(False) == (128, S.BWD_WARPS, 2, False, False)
-    assert S.bwd_settings(False, rows=64, per_sm=3, prefetch=True) == (64, S.BWD_WARPS, 3, True, False)
-    assert S.bwd_settings(True) == (S.BWD_ROWS, S.SPLIT_BWD_WARPS, None, S.BWD_PREFETCH, False)  # not the split's
-    assert S.bwd_settings(False, per_sm=0) == (128, S.BWD_WARPS, None, False, False)  # 0: the grid, despite it
-    assert S.bwd_settings(False, words=True)[2:] == (None, False, True)  # asked for: not the variable's per_sm
+    assert S.bwd_settings(False) == (S.BWD_ROWS, S.BWD_WARPS, S.BWD_WORDS)
+    assert S.bwd_settings(True) == (S.BWD_ROWS, S.SPLIT_BWD_WARPS, False)
+    monkeypatch.setattr(S, "_BWD_OVERRIDE", {"rows": 128, "num_warps": 4, "words": False})
+    assert S.bwd_settings(False) == (128, 4, False)
+    assert S.bwd_settings(False, rows=64, num_warps=8, words=True) == (64, 8, True)
+    assert S.bwd_settings(True) == (S.BWD_ROWS, S.SPLIT_BWD_WARPS, False)  # not the split's
     monkeypatch.setattr(S, "_BWD_OVERRIDE", {"words": True})
-    assert S.bwd_settings(False)[4] and not S.bwd_settings(False, per_sm=0)[4]  # (per_sm given: that form)
-    assert not S.bwd_settings(False, words=False)[4] and not S.bwd_settings(True)[4]
-    with pytest.raises(ValueError, match="words and per_sm=2: expected one of them"):
-        S.bwd_settings(False, per_sm=2, words=True)
+    assert S.bwd_settings(False)[2] and not S.bwd_settings(False, words=False)[2]  # (words given: that form)
+    assert not S.bwd_settings(True)[2] and not S.bwd_settings(True, words=False)[2]
     with pytest.raises(ValueError, match="word form has no 95/5 split"):
         S.bwd_settings(True, words=True)
-    with pytest.raises(ValueError, match="per_sm=-1: expected an integer >= 1"):
-        S.bwd_settings(False, per_sm=-1)
-    with pytest.raises(ValueError, match="no 95/5 split"):
-        S.bwd_settings(True, per_sm=2)
-    assert S.bwd_settings(True, per_sm=0)[2] is None
     code = "import elas.kernels.cuda.sparsify as S; print(S.bwd_settings(False))"
-    for value, expect in (('{"rows": 128, "per_sm": 4}', "(128, 8, 4, True, False)"),
-                          ('{"per_sm": 0}', "(64, 8, None, True, False)"),
-                          ('{"words": true}', "(64, 8, None, True, True)"),
-                          ('{"words": true, "per_sm": 2}', "words and per_sm"), ('{"per_sm": -2}', "per_sm=-2"),
+    for value, expect in (('{"rows": 128, "num_warps": 4}', "(128, 4, True)"),
+                          ('{"words": false}', "(64, 8, False)"),
+                          ('{"words": true}', "(64, 8, True)"), ('{"words": 1}', "words=1: expected true or false"),
                           ('{"rows": 96}', "rows=96: expected 64 or 128"), ('{"row": 64}', "unknown key 'row'")):
         r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ELAS_BWD24_CONFIG": value},
                            capture_output=True, text=True)
         assert expect in (r.stdout if r.returncode == 0 else r.stderr), (value, r.stdout, r.stderr[-300:])
         assert (r.returncode == 0) == expect.startswith("("), value
+
+
+def test_backward_variable_naming_the_removed_persistent_form_fails_at_import():
+    """The backward's persistent form was removed with its keys: an ELAS_BWD24_CONFIG that still names per_sm or
+    prefetch (as the committed sweeps' `best` does) fails at import with one line naming the key and the valid
+    keys, instead of the process timing another form than the variable names."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    for value, key in (('{"rows": 64, "num_warps": 8, "per_sm": 2, "prefetch": true}', "per_sm"),
+                       ('{"rows": 64, "num_warps": 8, "per_sm": 0}', "per_sm"), ('{"prefetch": false}', "prefetch")):
+        r = subprocess.run([sys.executable, "-c", "import elas.kernels.cuda.sparsify"],
+                           env={**os.environ, "ELAS_BWD24_CONFIG": value}, capture_output=True, text=True)
+        assert r.returncode != 0, value
+        assert r.stderr.strip().splitlines()[-1] == (f"ValueError: ELAS_BWD24_CONFIG={value!r}: unknown key {key!r}; "
+                                                     f"expected an object with keys among rows, num_warps, words"), \
+            r.stderr[-500:]
 
 
 @needs_triton
@@ -503,7 +511,7 @@ def test_triton_backward_word_forms_equal_the_grid_form(k):
     def outputs(g):
         return [(t.buffer if hasattr(t, "buffer") else t).view(torch.int16) for t in g if t is not None]
     sets = [inputs(11), inputs(13)]
-    wants = [outputs(relu2_sparse24_backward(*args, per_sm=0)) for args in sets]
+    wants = [outputs(relu2_sparse24_backward(*args, words=False)) for args in sets]
     for rows in (64, 128):
         for args, want in zip(sets, wants):
             got = outputs(relu2_sparse24_backward(*args, rows=rows, words=True))
@@ -515,55 +523,13 @@ def test_triton_backward_word_forms_equal_the_grid_form(k):
     # ste (from y1, with or without the packed forward beside it) has no word form: words changes nothing
     y1 = adversarial(m, k, torch.bfloat16, seed=3).to(dev)
     for args in ((sets[0][0], None, y1), (sets[0][0], ref.relu2_sparsify24_packed(y1), y1)):
-        want = outputs(relu2_sparse24_backward(*args, per_sm=0))
+        want = outputs(relu2_sparse24_backward(*args, words=False))
         got = outputs(relu2_sparse24_backward(*args, words=True))
         assert len(got) == len(want) == 2 and all(torch.equal(g, w) for g, w in zip(got, want))
     dy2 = torch.cat([torch.zeros(2, dtype=torch.bfloat16, device=dev), sets[0][0].flatten()])[2:].view(m, k)
     assert dy2.storage_offset() == 2  # (not a word boundary: the tile form runs, and gives its bytes)
     assert torch.equal(relu2_sparse24_backward(dy2, sets[0][1], words=True).dy1,
                        relu2_sparse24_backward(sets[0][0], sets[0][1]).dy1)
-
-
-@needs_triton
-@pytest.mark.parametrize("ste,from_y1", [(True, True), (False, False), (True, False)])
-def test_triton_backward_persistent_form_equals_the_grid_form(ste, from_y1):
-    """The backward without the split as a persistent kernel (per_sm): programs walking the tiles unevenly (on
-    the CPU per_sm is the program count: 3 programs over 4 tiles; on a GPU 3 tiles an SM's program, and more) or
-    one program walking all, with and without the next tile's loads issued early (prefetch, whose last load is
-    of the last tile again and must change nothing): every output byte equal to the one-program-a-tile form's
-    (per_sm=0), and to the reference; each form run on two inputs in turn, so that a tile left unwritten shows
-    (it keeps the other input's bytes). Bad per_sm: one line."""
-    from elas.kernels.cuda.sparsify import relu2_sparse24_backward
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    sms = torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 1
-    m, k = 64 * 2 * (3 * sms if dev == "cuda" else 1), 256  # tiles of 64 tokens x 128 features: 4 on the CPU
-
-    def inputs(seed):
-        y1 = adversarial(m, k, torch.bfloat16, seed=seed).to(dev)
-        dy2 = torch.randn(m, k, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(seed + 1)).to(dev)
-        return dy2, None if from_y1 else ref.relu2_sparsify24_packed(y1), y1 if ste else None
-
-    def outputs(g):
-        return [(t.buffer if hasattr(t, "buffer") else t).view(torch.int16) for t in g if t is not None]
-    sets = [inputs(3), inputs(5)]
-    wants = [outputs(relu2_sparse24_backward(*args, rows=64, per_sm=0)) for args in sets]
-    assert len(wants[0]) == (2 if ste else 4)  # y2s, dy1 (, dy1 packed values, the packed operand behind them)
-    for per_sm in (1, 3) if dev == "cpu" else (1, 2):
-        for prefetch in (False, True):
-            for args, want in zip(sets, wants):
-                got = outputs(relu2_sparse24_backward(*args, rows=64, per_sm=per_sm, prefetch=prefetch))
-                assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want)), \
-                    (per_sm, prefetch)
-                del got
-    args = sets[0]
-    w = ref.relu2_sparse24_backward(*args)
-    assert torch.equal(relu2_sparse24_backward(*args, rows=64, per_sm=1).dy1, w.dy1)
-    for bad in (-1, True, 2.0):
-        with pytest.raises(ValueError, match=f"per_sm={bad!r}: expected an integer >= 1"):
-            relu2_sparse24_backward(*args, per_sm=bad)
-    slots = torch.full((k,), -1, dtype=torch.int32, device=dev)
-    with pytest.raises(ValueError, match="no 95/5 split"):
-        relu2_sparse24_backward(*args, slots, 0, per_sm=1)
 
 
 @pytest.mark.gpu
@@ -752,21 +718,19 @@ def test_tile_sizes_that_are_not_powers_of_two_are_one_line_errors():
 
 
 def test_backward_settings_the_variables_form_wins_over_the_module_default_words(monkeypatch):
-    """ELAS_BWD24_CONFIG names a form by its per_sm (what `elas bench sparsify` prints for the grid and the
-    persistent forms, without a "words" key): once BWD_WORDS is the module's default, that variable must still
-    give its form, not the word form (the variable comes before the module's defaults)."""
+    """ELAS_BWD24_CONFIG names the grid form by "words": false (what `elas bench sparsify` prints for it): with
+    BWD_WORDS the module's default, that variable must still give the grid form, not the word form (the variable
+    comes before the module's defaults); one without "words" takes the module's default form."""
     pytest.importorskip("triton")
     from elas.kernels.cuda import sparsify as S
     monkeypatch.setattr(S, "BWD_WORDS", True)
-    monkeypatch.setattr(S, "_BWD_OVERRIDE", {"rows": 64, "num_warps": 8, "per_sm": 2, "prefetch": True})
-    assert S.bwd_settings(False) == (64, 8, 2, True, False)  # the persistent form it names
-    monkeypatch.setattr(S, "_BWD_OVERRIDE", {"rows": 64, "num_warps": 4, "per_sm": 0})
-    assert S.bwd_settings(False) == (64, 4, None, S.BWD_PREFETCH, False)  # the grid form it names
-    monkeypatch.setattr(S, "_BWD_OVERRIDE", {"per_sm": 0, "words": True})
-    assert S.bwd_settings(False)[4]  # (it names the word form)
+    monkeypatch.setattr(S, "_BWD_OVERRIDE", {"rows": 64, "num_warps": 4, "words": False})
+    assert S.bwd_settings(False) == (64, 4, False)  # the grid form it names
+    monkeypatch.setattr(S, "_BWD_OVERRIDE", {"words": True})
+    assert S.bwd_settings(False)[2]  # (it names the word form)
     monkeypatch.setattr(S, "_BWD_OVERRIDE", {"rows": 128})
-    assert S.bwd_settings(False)[2:] == (None, S.BWD_PREFETCH, True)  # no form named: the module's default
-    assert not S.bwd_settings(False, per_sm=0)[4] and S.bwd_settings(False, words=True)[4]
+    assert S.bwd_settings(False) == (128, S.BWD_WARPS, True)  # no form named: the module's default
+    assert not S.bwd_settings(False, words=False)[2] and S.bwd_settings(False, words=True)[2]
 
 
 @needs_triton
@@ -784,7 +748,7 @@ def test_triton_backward_word_form_takes_a_packed_forward_off_an_int32_word():
         big = torch.zeros(a.buffer.numel() + off, dtype=torch.bfloat16, device=dev)
         big[off:] = a.buffer.view(-1)
         a2 = Packed24(big[off:].view(m, k * 9 // 16), a.mask_bits, (m, k))
-        want = relu2_sparse24_backward(dy2, a2, per_sm=0)
+        want = relu2_sparse24_backward(dy2, a2, words=False)
         got = relu2_sparse24_backward(dy2, a2, words=True)
         for g, w in zip((got.y2s, got.dy1, got.dy1_packed.buffer), (want.y2s, want.dy1, want.dy1_packed.buffer)):
             assert torch.equal(g.view(torch.int16), w.view(torch.int16)), off

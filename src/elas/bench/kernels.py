@@ -180,18 +180,14 @@ def bench_sste(shapes=None, log=print, on_row=None) -> list[dict]:
     return rows
 
 
-# the backward's persistent form (no split): (programs per SM, prefetch), each at rows 64/128 and 4/8 warps
-BWD_PERSISTENT = [(p, pf) for p in (1, 2, 3, 4) for pf in (False, True)]
-
-
 def _backward_sweep(y1: torch.Tensor, log=print) -> dict:
     """The backward pointwise kernel (sparsify.relu2_sparse24_backward) on y1 [M, K] in its three uses: ste (from
     y1), mask, mask + the 95/5 split (5% dense features): ms and TB/s of the default launch, and ms of each grid
-    form (rows, warps) and, without the split, of each persistent form (BWD_PERSISTENT) and (mask mode) word form,
-    whose outputs are byte-identical to the default's; `best` names the fastest (without the split, with the ELAS_BWD24_CONFIG
-    value that launches it: one variable for ste and mask). A form is checked on two inputs in turn, its outputs
-    freed in between, so that a form that leaves part of an output unwritten meets the other input's bytes in
-    the memory the allocator hands it back, not the right ones."""
+    form (rows, warps) and (mask mode) word form, whose outputs are byte-identical to the default's; `best` names
+    the fastest (without the split, with the ELAS_BWD24_CONFIG value that launches it: one variable for ste and
+    mask). A form is checked on two inputs in turn, its outputs freed in between, so that a form that leaves part
+    of an output unwritten meets the other input's bytes in the memory the allocator hands it back, not the right
+    ones."""
     from ..kernels import reference
     from ..kernels.cuda.sparsify import bwd_settings, relu2_sparse24_backward, relu2_sparsify24_packed
     m, k = y1.shape
@@ -214,17 +210,13 @@ def _backward_sweep(y1: torch.Tensor, log=print) -> dict:
         wants = [outputs(relu2_sparse24_backward(*s[use][0])) for s in sets]  # (kept: never handed out again)
         ms = graph_ms(lambda: relu2_sparse24_backward(*args))
         split = args[3] is not None
-        rows, warps, per_sm, prefetch, words = bwd_settings(split)
-        row = {"ms": ms, "tb_per_s": m * k * per_elem / ms / 1e9, "rows": rows, "warps": warps, "per_sm": per_sm,
-               "prefetch": prefetch, "words": words and use == "mask", "variants_ms": {}}  # (its only word form)
-        grid = {} if split else {"per_sm": 0}  # (0: one program a tile, whatever ELAS_BWD24_CONFIG says)
+        rows, warps, words = bwd_settings(split)
+        row = {"ms": ms, "tb_per_s": m * k * per_elem / ms / 1e9, "rows": rows, "warps": warps,
+               "words": words and use == "mask", "variants_ms": {}}  # (its only word form)
+        grid = {} if split else {"words": False}  # (the grid form, whatever ELAS_BWD24_CONFIG says)
         forms = [(f"rows{rw}_warps{w}", dict(rows=rw, num_warps=w, **grid)) for rw in (64, 128) for w in (4, 8)]
-        if not split:
-            forms += [(f"rows{rw}_warps{w}_persistent{p}{'_prefetch' if pf else ''}",
-                       dict(rows=rw, num_warps=w, per_sm=p, prefetch=pf))
-                      for rw in (64, 128) for w in (4, 8) for p, pf in BWD_PERSISTENT]
         if use == "mask":  # the word form (a group's four bf16 as one int64; mask mode only)
-            forms += [(f"rows{rw}_warps{w}_words", dict(rows=rw, num_warps=w, per_sm=0, words=True))
+            forms += [(f"rows{rw}_warps{w}_words", dict(rows=rw, num_warps=w, words=True))
                       for rw in (64, 128) for w in (4, 8)]
         for name, kw in forms:
             ok = True

@@ -361,48 +361,21 @@ def relu2_sparsify24_dense(y1: torch.Tensor, rows: int | None = None, bk: int | 
 
 
 @triton.jit
-def _bwd_inputs(rows, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, K, STE: tl.constexpr, FROM_Y1: tl.constexpr,
-                BK: tl.constexpr):
-    """The loads of _bwd_rows (no split) for one tile, as stored, for the prefetching loop: (vals [R, BK/2] bf16,
-    bits [R, BK/4] uint8 (each byte once per group it holds), y1 [R, BK], dy2 [R, BK]); an input the
-    configuration does not read is returned as dy2 (never used)."""
-    G: tl.constexpr = BK // 4
-    c = tl.arange(0, BK)[None, :]
-    dy2 = tl.load(dy2_ptr + rows * K + col0 + c)
-    if STE:
-        y1 = tl.load(y1_ptr + rows * K + col0 + c)
-    else:
-        y1 = dy2
-    if FROM_Y1:
-        vals = dy2
-        bits = dy2
-    else:
-        vals = tl.load(val_ptr + rows * (K // 2) + col0 // 2 + tl.arange(0, 2 * G)[None, :])
-        bits = tl.load(bits_ptr + rows * (K // 8) + col0 // 8 + tl.arange(0, G)[None, :] // 2)
-    return vals, bits, y1, dy2
-
-
-@triton.jit
 def _bwd_rows(rows, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, slot_ptr, y2d_ptr,
               dy1d_ptr, K, ND, STE: tl.constexpr, FROM_Y1: tl.constexpr, SPLIT: tl.constexpr, R: tl.constexpr,
-              BK: tl.constexpr, PRE: tl.constexpr, pre_vals, pre_bits, pre_y1, pre_dy2):
+              BK: tl.constexpr):
     """The backward's pointwise work on rows `rows` (int64 [R, 1] token indices) x columns [col0, +BK) of [M, K]:
     stores the row-wise outputs and returns (y2s, dy1) fp32 [R, BK] for the along-token packing of the split.
     Inputs: dy2 [M, K]; the forward's packed values [M, K/2] and mask bits [M, K/8], or (FROM_Y1, ste mode) only
-    y1 [M, K], from which the 2:4 selection is recomputed exactly as the forward kernel made it. PRE (no split):
-    the inputs were loaded already (_bwd_inputs: pre_*), else each is loaded where it is first needed.
+    y1 [M, K], from which the 2:4 selection is recomputed exactly as the forward kernel made it.
     Outputs without SPLIT: y2s and dy1 dense [M, K]; in mask mode dy1's kept values in packed order [M, K/2].
     With SPLIT: the columns of y2s and dy1 whose slot >= 0 into y2d, dy1d [M, ND] (the dense features of the 95/5
     split), dense dy1 in ste mode (its input gradient is a dense GEMM) and dy1's packed values in mask mode; dense
     y2s is never written."""
     G: tl.constexpr = BK // 4
     c = tl.arange(0, BK)[None, :]
-    tl.static_assert(not (PRE and SPLIT), "the split's loads are not prefetched")
     if FROM_Y1:
-        if PRE:
-            y1 = pre_y1.to(tl.float32)
-        else:
-            y1 = tl.load(y1_ptr + rows * K + col0 + c).to(tl.float32)
+        y1 = tl.load(y1_ptr + rows * K + col0 + c).to(tl.float32)
         r = tl.maximum(y1, 0.0)
         y2 = r * r  # chosen on the exact squares, as the forward kernel chooses
         x0, x1, x2, x3 = _columns4(y2, G)
@@ -415,10 +388,7 @@ def _bwd_rows(rows, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, 
         i0 = tl.where(k0, 0, tl.where(k1, 1, 2))
         i1 = tl.where(k3, 3, tl.where(k2, 2, 1))
     else:
-        if PRE:
-            vals = pre_vals.to(tl.float32)
-        else:
-            vals = tl.load(val_ptr + rows * (K // 2) + col0 // 2 + tl.arange(0, 2 * G)[None, :]).to(tl.float32)
+        vals = tl.load(val_ptr + rows * (K // 2) + col0 // 2 + tl.arange(0, 2 * G)[None, :]).to(tl.float32)
         first, second = tl.split(tl.reshape(vals, (R, G, 2)))  # [R, G]
         if SPLIT:  # [R, G] nibbles, bit c = column c kept: two per byte, unpacked by join + reshape
             bits = tl.load(bits_ptr + rows * (K // 8) + col0 // 8 + tl.arange(0, G // 2)[None, :]).to(tl.int32)
@@ -427,10 +397,7 @@ def _bwd_rows(rows, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, 
             # Triton 3.6, the GPU machine's: 10% fewer instructions, 4 of 21 barriers gone; in the split's kernel
             # the same change added 55 barriers, and Triton 3.9 counts this one the other way: re-count on upgrade)
             g = tl.arange(0, G)[None, :]
-            if PRE:
-                keep = (pre_bits.to(tl.int32) >> ((g % 2) * 4)) & 15
-            else:
-                keep = (tl.load(bits_ptr + rows * (K // 8) + col0 // 8 + g // 2).to(tl.int32) >> ((g % 2) * 4)) & 15
+            keep = (tl.load(bits_ptr + rows * (K // 8) + col0 // 8 + g // 2).to(tl.int32) >> ((g % 2) * 4)) & 15
         i0 = tl.where((keep & 1) != 0, 0, tl.where((keep & 2) != 0, 1, 2))
         i1 = tl.where((keep & 8) != 0, 3, tl.where((keep & 4) != 0, 2, 1))
         d0 = tl.where(i0 == 0, first, 0.0)
@@ -439,16 +406,10 @@ def _bwd_rows(rows, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, 
         d3 = tl.where(i1 == 3, second, 0.0)
         y2s = _interleave4(d0, d1, d2, d3, G)  # dense [R, BK]
         if STE:
-            if PRE:
-                y1 = pre_y1.to(tl.float32)
-            else:
-                y1 = tl.load(y1_ptr + rows * K + col0 + c).to(tl.float32)
+            y1 = tl.load(y1_ptr + rows * K + col0 + c).to(tl.float32)
     if not SPLIT:  # stored before dy2 is loaded: measured 17% faster than storing it after (register pressure)
         tl.store(y2s_ptr + rows * K + col0 + c, y2s.to(tl.bfloat16))
-    if PRE:
-        dy2 = pre_dy2.to(tl.float32)
-    else:
-        dy2 = tl.load(dy2_ptr + rows * K + col0 + c).to(tl.float32)
+    dy2 = tl.load(dy2_ptr + rows * K + col0 + c).to(tl.float32)
     # +0 wherever relu(y1) (ste) or y2s (mask) is 0, as the reference: the along-token packing stores these bytes
     if STE:
         dy1 = tl.where(y1 > 0.0, _round_bf16(2.0 * y1 * dy2), 0.0)
@@ -479,7 +440,7 @@ def _bwd_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, 
     # program: ROWS rows (tokens: 64 or 128) x BK columns (features) of [M, K]; no split
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
     _bwd_rows(rows, tl.program_id(1) * BK, dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, dy2_ptr,
-              dy2_ptr, dy2_ptr, K, 1, STE, FROM_Y1, False, ROWS, BK, False, 0, 0, 0, 0)
+              dy2_ptr, dy2_ptr, K, 1, STE, FROM_Y1, False, ROWS, BK)
 
 
 @triton.jit
@@ -537,39 +498,6 @@ def _feature(w, j: tl.constexpr):
 
 
 @triton.jit
-def _bwd_persistent_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, M, K, STE: tl.constexpr,
-                           FROM_Y1: tl.constexpr, BK: tl.constexpr, ROWS: tl.constexpr, PREFETCH: tl.constexpr):
-    # _bwd_kernel's work, each program walking tiles pid, pid + programs, ... (ROWS tokens x BK features each,
-    # row-major over [M / ROWS, K / BK], so that neighbouring programs share rows). PREFETCH: the next tile's
-    # inputs are loaded before this tile is computed, so that a program keeps a tile of reads in flight while it
-    # computes (the RMSNorm backward gained 1.34x from this; more registers a program). The last prefetch of a
-    # program loads the last tile again and is never used: no masks, and every program's extra read is of the same
-    # tile (from L2 after the first).
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    cols_b = K // BK
-    tiles = (M // ROWS) * cols_b
-    if PREFETCH:
-        rows = ((pid // cols_b) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
-        col0 = (pid % cols_b) * BK
-        vals, bits, y1, dy2 = _bwd_inputs(rows, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, K, STE, FROM_Y1, BK)
-        for t in range(pid, tiles, nprog):
-            nt = tl.minimum(t + nprog, tiles - 1)
-            nrows = ((nt // cols_b) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
-            ncol0 = (nt % cols_b) * BK
-            nvals, nbits, ny1, ndy2 = _bwd_inputs(nrows, ncol0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, K, STE, FROM_Y1,
-                                                  BK)
-            _bwd_rows(rows, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr, dy2_ptr, dy2_ptr,
-                      dy2_ptr, K, 1, STE, FROM_Y1, False, ROWS, BK, True, vals, bits, y1, dy2)
-            rows, col0, vals, bits, y1, dy2 = nrows, ncol0, nvals, nbits, ny1, ndy2
-    else:
-        for t in range(pid, tiles, nprog):
-            rows = ((t // cols_b) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
-            _bwd_rows(rows, (t % cols_b) * BK, dy2_ptr, val_ptr, bits_ptr, y1_ptr, y2s_ptr, dy1_ptr, dval_ptr,
-                      dy2_ptr, dy2_ptr, dy2_ptr, K, 1, STE, FROM_Y1, False, ROWS, BK, False, 0, 0, 0, 0)
-
-
-@triton.jit
 def _pack_tokens(x0, x1, x2, x3, band, pid1, val_ptr, meta_ptr, M, TILES: tl.constexpr):
     """2:4 along tokens: x_j [G, 64] fp32 holds tokens 4g+j of a block of 4G tokens x 64 features; select 2 of
     each 4 tokens (largest |x|, earlier token on ties) and write the block of the transposed [K, M] packed
@@ -596,13 +524,13 @@ def _bwd_split_kernel(dy2_ptr, val_ptr, bits_ptr, y1_ptr, dy1_ptr, dval_ptr, yt_
     base = tl.program_id(0) * ROWS + 4 * tl.arange(0, GT).to(tl.int64)[:, None]  # [GT, 1]: tokens 4g
     col0 = tl.program_id(1) * 64
     a0, b0 = _bwd_rows(base, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, dy2_ptr, dy1_ptr, dval_ptr, slot_ptr,
-                       y2d_ptr, dy1d_ptr, K, ND, STE, FROM_Y1, True, GT, 64, False, 0, 0, 0, 0)
+                       y2d_ptr, dy1d_ptr, K, ND, STE, FROM_Y1, True, GT, 64)
     a1, b1 = _bwd_rows(base + 1, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, dy2_ptr, dy1_ptr, dval_ptr, slot_ptr,
-                       y2d_ptr, dy1d_ptr, K, ND, STE, FROM_Y1, True, GT, 64, False, 0, 0, 0, 0)
+                       y2d_ptr, dy1d_ptr, K, ND, STE, FROM_Y1, True, GT, 64)
     a2, b2 = _bwd_rows(base + 2, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, dy2_ptr, dy1_ptr, dval_ptr, slot_ptr,
-                       y2d_ptr, dy1d_ptr, K, ND, STE, FROM_Y1, True, GT, 64, False, 0, 0, 0, 0)
+                       y2d_ptr, dy1d_ptr, K, ND, STE, FROM_Y1, True, GT, 64)
     a3, b3 = _bwd_rows(base + 3, col0, dy2_ptr, val_ptr, bits_ptr, y1_ptr, dy2_ptr, dy1_ptr, dval_ptr, slot_ptr,
-                       y2d_ptr, dy1d_ptr, K, ND, STE, FROM_Y1, True, GT, 64, False, 0, 0, 0, 0)
+                       y2d_ptr, dy1d_ptr, K, ND, STE, FROM_Y1, True, GT, 64)
     _pack_tokens(a0, a1, a2, a3, tl.program_id(1), tl.program_id(0), yt_val_ptr, yt_meta_ptr, M, ROWS // 32)
     _pack_tokens(b0, b1, b2, b3, tl.program_id(1), tl.program_id(0), dt_val_ptr, dt_meta_ptr, M, ROWS // 32)
 
@@ -618,35 +546,26 @@ def bwd_launch(split: bool) -> tuple[int, int]:
     return BWD_ROWS, SPLIT_BWD_WARPS if split else BWD_WARPS
 
 
-# the backward without the split as a persistent kernel (per_sm programs on each SM, each walking tiles, the next
-# tile's loads issued before this one's work: `prefetch`): not the default until timed against the grid of one
-# program per tile (`elas bench sparsify` times both: bench/kernels.py BWD_PERSISTENT). None: one program a tile
-BWD_PER_SM, BWD_PREFETCH = None, True
 # mask mode's backward without the split on 64-bit words (_bwd_words_kernel): the default, 1.14-1.26x the grid
 # form at every ELAS width (H100, [8192, K], benchmarks/results/h100/sparsify_bwd24.json), and relu2-24's 1B step
 # 1.5 ms faster with it (step_bwd24_mask_swept.json against _default). (Its ste twin on words tied the grid form,
-# 0.98-1.00x, and was removed; the persistent form runs -1.3% to +3% against the grid form: not the default.)
+# 0.98-1.00x, and was removed; so was a persistent form, which ran -1.3% to +3% against the grid form.)
 BWD_WORDS = True
-# ELAS_BWD24_CONFIG='{"rows": 64, "num_warps": 8, "per_sm": 2, "prefetch": true}' (or '{"words": true}') sets the
-# backward's launch without the split for a process (what `elas bench sparsify`'s sweep names fastest), checked
-# here at import
-_BWD_OVERRIDE = env_config("ELAS_BWD24_CONFIG", ("rows", "num_warps", "per_sm", "prefetch", "words"))
+# ELAS_BWD24_CONFIG='{"rows": 64, "num_warps": 8, "words": false}' (or '{"words": true}') sets the backward's
+# launch without the split for a process (what `elas bench sparsify`'s sweep names fastest), checked here at
+# import. The keys of the removed persistent form (per_sm, prefetch) are unknown now: a variable that still names
+# one fails at import, naming the key and the valid ones, instead of timing another form than the one it names
+_BWD_OVERRIDE = env_config("ELAS_BWD24_CONFIG", ("rows", "num_warps", "words"))
 
 
 def _check_bwd_override(c: dict) -> None:
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
     for key, ok, valid in (("rows", lambda v: v in (64, 128) and is_int(v), "64 or 128"),
                            ("num_warps", lambda v: is_int(v) and v in (1, 2, 4, 8, 16, 32), "a power of two 1-32"),
-                           ("per_sm", lambda v: v is None or (is_int(v) and v >= 0),
-                            "an integer >= 1, or 0 or null (one program a tile)"),
-                           ("prefetch", lambda v: isinstance(v, bool), "true or false"),
                            ("words", lambda v: isinstance(v, bool), "true or false")):
         if key in c and not ok(c[key]):
             raise ValueError(f"ELAS_BWD24_CONFIG={os.environ.get('ELAS_BWD24_CONFIG')!r}: {key}={c[key]!r}: "
                              f"expected {valid}")
-    if c.get("words") and c.get("per_sm"):
-        raise ValueError(f"ELAS_BWD24_CONFIG={os.environ.get('ELAS_BWD24_CONFIG')!r}: words and per_sm: expected "
-                         f"one of them (the word form has no persistent loop)")
 
 
 _check_bwd_override(_BWD_OVERRIDE)
@@ -659,50 +578,32 @@ def _packed_buffer(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Te
     return buf[: rows * cols // 2], buf[rows * cols // 2:].view(torch.uint8), p
 
 
-def bwd_settings(split: bool, rows: int | None = None, num_warps: int | None = None, per_sm: int | None = None,
-                 prefetch: bool | None = None, words: bool | None = None) -> tuple[int, int, int | None, bool, bool]:
-    """The backward's launch (rows, num_warps, per_sm, prefetch, words): each argument given, else (without the
-    split) ELAS_BWD24_CONFIG's, else the module's defaults (bwd_launch, BWD_PER_SM, BWD_PREFETCH, BWD_WORDS).
-    per_sm 0 (or None after all three) is the form of one program a tile, whatever the environment says; words
-    the word form (a per_sm in the environment names its form: BWD_WORDS does not override it). ValueError for a
-    bad per_sm, one >= 1 asked of the split (which has no persistent form), or words with per_sm >= 1."""
+def bwd_settings(split: bool, rows: int | None = None, num_warps: int | None = None,
+                 words: bool | None = None) -> tuple[int, int, bool]:
+    """The backward's launch (rows, num_warps, words): each argument given, else (without the split)
+    ELAS_BWD24_CONFIG's, else the module's defaults (bwd_launch, BWD_WORDS; the split has no word form). words
+    False is the grid form of one program a tile, whatever the environment says. ValueError for words asked of
+    the split."""
     default_rows, default_warps = bwd_launch(split)
     env = {} if split else _BWD_OVERRIDE
-    if per_sm is not None and (isinstance(per_sm, bool) or not isinstance(per_sm, int) or per_sm < 0):
-        raise ValueError(f"per_sm={per_sm!r}: expected an integer >= 1 (programs per SM) or 0 (one a tile)")
-    if per_sm and split:
-        raise ValueError("per_sm: the persistent form has no 95/5 split (dense_slots); leave per_sm unset")
     if words and split:
         raise ValueError("words: the word form has no 95/5 split (dense_slots); leave words unset")
-    if words and per_sm:
-        raise ValueError(f"words and per_sm={per_sm}: expected one of them (the word form has no persistent loop)")
-    given_per_sm = per_sm is not None
-    # a per_sm in the variable names its form (the grid or the persistent one): the module's BWD_WORDS then does
-    # not apply, only the variable's own "words"
-    env_words = env.get("words", False if "per_sm" in env else BWD_WORDS)
-    words = (False if split or given_per_sm else env_words) if words is None else words
-    # per_sm: the argument; else none where the word form was asked for (it has no persistent loop); else the
-    # environment's or the default
-    per_sm = per_sm if given_per_sm else None if words else env.get("per_sm", None if split else BWD_PER_SM)
-    return (rows or env.get("rows", default_rows), num_warps or env.get("num_warps", default_warps), per_sm or None,
-            bool(env.get("prefetch", BWD_PREFETCH) if prefetch is None else prefetch), bool(words) and not per_sm)
+    if words is None:
+        words = False if split else env.get("words", BWD_WORDS)
+    return rows or env.get("rows", default_rows), num_warps or env.get("num_warps", default_warps), bool(words)
 
 
 def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Tensor | None = None,
                             dense_slots: torch.Tensor | None = None, n_dense: int = 0, rows: int | None = None,
-                            num_warps: int | None = None, per_sm: int | None = None, prefetch: bool | None = None,
-                            words: bool | None = None, launch=_direct) -> Grads24:
+                            num_warps: int | None = None, words: bool | None = None, launch=_direct) -> Grads24:
     """Triton twin of reference.relu2_sparse24_backward: one pass over dy2 (and y1 in ste mode); see there.
-    rows, num_warps: tokens per program (64 or 128) and warps; per_sm (without the split): >= 1 the persistent
-    form, per_sm programs on each SM (on the CPU: per_sm programs in all), 0 one program a tile (the grid form,
-    whatever ELAS_BWD24_CONFIG says); the persistent form's programs each walk tiles, with prefetch the next
-    tile's loads issued before this one's work; words (without the split, mask mode from the packed forward;
-    bf16, from a multiple of 4 elements): the word form (_bwd_words_kernel), the same bytes for finite dy2 (an
-    Inf or NaN dy2 on a dropped feature gives 0 there, as the reference, where the grid form gives NaN);
-    elsewhere (ste, fp32, other offsets) it changes nothing. launch: as in relu2_sparsify24_packed. None: bwd_settings' (ELAS_BWD24_CONFIG, else the module's defaults; read at each
-    call)."""
-    rows, num_warps, per_sm, prefetch, words = bwd_settings(dense_slots is not None, rows, num_warps, per_sm,
-                                                            prefetch, words)
+    rows, num_warps: tokens per program (64 or 128) and warps; words (without the split, mask mode from the
+    packed forward; bf16, from a multiple of 4 elements): the word form (_bwd_words_kernel), the same bytes for
+    finite dy2 (an Inf or NaN dy2 on a dropped feature gives 0 there, as the reference, where the grid form gives
+    NaN); elsewhere (ste, fp32, other offsets) it changes nothing; False: the grid form of one program a tile,
+    whatever ELAS_BWD24_CONFIG says. launch: as in relu2_sparsify24_packed. None: bwd_settings' (ELAS_BWD24_CONFIG,
+    else the module's defaults; read at each call)."""
+    rows, num_warps, words = bwd_settings(dense_slots is not None, rows, num_warps, words)
     m, k = dy2.shape
     if a is not None and a.shape != (m, k):
         raise ValueError(f"packed y2s is {a.shape}, dy2 is {tuple(dy2.shape)}")
@@ -751,12 +652,6 @@ def relu2_sparse24_backward(dy2: torch.Tensor, a: Packed24 | None, y1: torch.Ten
         launch(_bwd_words_kernel)[(m // rows, k // 4 // gb)](
             dy2.view(torch.int64), a.values.view(torch.int32), a.mask_bits, y2s.view(torch.int64),
             dy1.view(torch.int64), dval.view(torch.int32), k, GB=gb, ROWS=rows, num_warps=num_warps)
-    elif per_sm is not None:
-        tiles = (m // rows) * (k // bk)
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
-        launch(_bwd_persistent_kernel)[(min(tiles, per_sm * sms),)](
-            dy2, vals, bits, ptr(y1), y2s, ptr(dy1), ptr(dval), m, k, STE=ste, FROM_Y1=a is None, BK=bk, ROWS=rows,
-            PREFETCH=prefetch, num_warps=num_warps)
     else:
         launch(_bwd_kernel)[(m // rows, k // bk)](dy2, vals, bits, ptr(y1), y2s, ptr(dy1), ptr(dval), k, STE=ste,
                                                   FROM_Y1=a is None, BK=bk, ROWS=rows, num_warps=num_warps)
