@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: kernel tests, then benchmarks. Usage: benchmarks/run_gpu.sh STAGE...
-# stages: tests kernels bwd24 bwd24_step epilogue infer ffn step sizes compile loss xent loro vnm cutlass cutlass_probe cutlass_relu2 rmsnorm norm norm_sweep norm_target target moments elas_cutlass mask_cutlass attention attn_ncu launches blas_env quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
+# stages: tests kernels bwd24 bwd24_step epilogue infer ffn step sizes compile loss xent loro vnm cutlass cutlass_probe cutlass_relu2 rmsnorm norm norm_sweep norm_target target moments elas_cutlass mask_cutlass attention attn_ncu launches full_rank blas_env quality grid (default: tests kernels ffn); STEP_ARGS / TESTS narrow
 # the step benchmark and the test selection. Results land in benchmarks/results/<gpu>/ and, when $OUT is set (the lent GPU
 # machine), are copied there too, with the tuned cuSPARSELt algorithm cache.
 set -u
@@ -223,6 +223,15 @@ print(json.dumps({'fwd': r['triton_fwd_config'], 'bwd': r['triton_bwd_config']})
         ncu -i "$d/attn.ncu-rep" --page source --csv --print-source sass > "$d/attn_sass.csv" 2>&1 || true
         grep -E "_attn_|Duration|Registers|Achieved Occupancy|Stall|stall|Warp Cycles|Issue Slot" "$d/attn_details.txt" \
           | head -60 ;;
+      full_rank)  # the 1B full-rank steps in one process: relu2 in both forms (its CUTLASS forward, the default where the
+                  # library is built, and relu2_kernel=torch) beside relu2-24 and relu2-24-split (~2 min), then the
+                  # AccumulateGrad copies of relu2-24's step (launch_sources: none expected since W_down's gradient is
+                  # written in its parameter's layout); step_full_rank/step.json, launch_sources_relu2-24.json
+        timeout "${STEP_TIMEOUT:-400}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --batches 32 \
+          --modes elas --variants relu2,relu2+relu2_kernel=torch,relu2-24,relu2-24-split \
+          --out "benchmarks/results/$GPU/step_full_rank" 2>&1 | quiet | grep -E '^step|error'
+        python benchmarks/launch_sources.py relu2-24 llama-1b 32 "benchmarks/results/$GPU/launch_sources_relu2-24.json" \
+          2>&1 | quiet | grep -E 'AccumulateGrad|Device -> Device' ;;
       launches)  # which host ops launch the 1B step's ~1,700 kernels and ~350 memsets (graph capture off, so that each
                  # launch names its op): the dense twin and ELAS
         for v in ${LAUNCH_VARIANTS:-lowrank-relu2 elas}; do
