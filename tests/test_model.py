@@ -445,11 +445,20 @@ def test_summary_counts_what_each_methods_sparse_path_does():
         assert s["fwd_flops_per_token_2to4"] == s["fwd_flops_per_token"] - ffn(c) // 2
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+# V:N:M's grouped path with contiguous clusters (vnm.clustering=contiguous) multiplies W_down^T's [C, F, q'] view in
+# torch's grouped GEMM, whose weight gradient comes out groups-outermost, [C, F, q'] contiguous: W_down's gradient
+# is then its transpose, and autograd copies it. Known, not fixed yet (a grouped GEMM would have to write the
+# gradient with W_down's strides, or W_down be held transposed)
+_GROUPED_CONTIGUOUS = {"relu2-vnm-fast", "relu2-w24-vnm-fast"}
+
+
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.xfail(
+    strict=True, reason="V:N:M grouped, contiguous clusters: W_down's gradient is copied")) if v in _GROUPED_CONTIGUOUS
+    else v for v in VARIANTS])
 def test_every_gradient_arrives_in_its_parameters_layout(variant):
     """Autograd keeps a parameter's gradient only in the parameter's own layout and copies any other (one copy per
     parameter per step: W_down's in the full-rank FFN cores cost 3.0 ms of a 1B step on an H100). In every variant,
-    in its methods' sparse phase and its dense phase, each gradient reaches its parameter in that layout."""
+    in its methods' sparse phases and dense phases, each gradient reaches its parameter in that layout."""
     from elas.sparsity import set_step
     torch.manual_seed(0)
     model = build_model(preset("llama-tiny" if variant == "swiglu" else f"llama-tiny-{variant}", None, n_layers=2,
@@ -459,7 +468,9 @@ def test_every_gradient_arrives_in_its_parameters_layout(variant):
         p.register_hook(lambda g, name=name, p=p: None if g.stride() == p.stride() else
                         wrong.setdefault(name, (g.stride(), p.stride())) and None)
     idx = torch.randint(0, 256, (2, 64))  # 128 tokens: a multiple of 64, as the packed 2:4 core needs
-    for step in (10**6, 0):  # the sparse phase, then the dense (warm-up) phase
-        set_step(model, step, 10**6 + 1)
+    # 2:4 activations past their dense warm-up with the weight and V:N:M methods in their sparse phase; every
+    # method at the end of its run (V:N:M and S-STE dense again); the dense warm-up at step 0
+    for step, steps in ((5000, 10**6), (10**6, 10**6 + 1), (0, 10**6)):
+        set_step(model, step, steps)
         model(idx, idx).backward()
     assert wrong == {}

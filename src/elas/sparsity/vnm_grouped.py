@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import ops
+from ..kernels import reference as ref
 
 
 class _ReLU2Select24(torch.autograd.Function):
@@ -72,11 +73,17 @@ class _Take(torch.autograd.Function):
     def forward(ctx, x, idx, back, fold: int = 1, back_fold: int = 1):
         ctx.save_for_backward(back)
         ctx.back_fold = back_fold
+        # x a transposed view (wd = W_down^T [d_ff, q']): its gradient is gathered in that layout (one pass), so
+        # that it reaches W_down contiguous and autograd keeps it; gathered by rows it reached W_down transposed and
+        # autograd copied it once more (reference.wgrad says why)
+        ctx.col = ref.col_major(x) and back.shape[0] == x.shape[0] and back_fold == 1
         return _fold(_take(x, idx), fold)
 
     @staticmethod
     def backward(ctx, g):
         (back,) = ctx.saved_tensors
+        if ctx.col:  # [n, q'] with strides (1, n): row back[i] of g as row i
+            return torch.index_select(g.t(), 1, back).t(), None, None, None, None
         return _fold(_take(g, back), ctx.back_fold), None, None, None, None
 
 
