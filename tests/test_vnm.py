@@ -492,6 +492,34 @@ def test_group_layout_aligns_groups_and_moves_rows_by_gathers_only():
     assert torch.autograd.gradcheck(lambda z: _Take.apply(z, src, dest), (x.detach().clone().requires_grad_(),))
 
 
+def test_take_of_a_transposed_view_gives_its_gradient_in_that_layout_and_keeps_padding_rows():
+    """_Take of a column-major x (wd = W_down^T): a permutation of its rows (the weights' flat/inv) gives the
+    gradient column-major, the row gather's values; a move with padding rows (the output's h2 -> tokens, back
+    holding the sentinel) gives the row gather's values too, padding rows zero, and does not index out of range."""
+    from elas.sparsity.vnm_grouped import _Take, group_layout
+    torch.manual_seed(0)
+    n, q = 24, 5
+    flat = torch.randperm(n)
+    inv = torch.empty_like(flat).scatter_(0, flat, torch.arange(n))
+    x = torch.randn(q, n, dtype=torch.float64).t().requires_grad_()  # [n, q], strides (1, n)
+    assert ref.col_major(x)
+    g = torch.randn(n, q, dtype=torch.float64)
+    _Take.apply(x, flat, inv).backward(g)
+    assert torch.equal(x.grad, g[inv]) and x.grad.stride() == x.stride()
+    assert torch.autograd.gradcheck(lambda z: _Take.apply(z, flat, inv), (x.detach().clone().requires_grad_(),))
+    for k in (1, 2):  # h2 [P, q'] -> [T, q'] (top-k: k rows a token, summed), here column-major
+        t, c = 7, 3
+        cid = torch.stack([torch.randperm(c)[:k] for _ in range(t)]).reshape(-1)
+        src, dest, _ = group_layout(cid, c)
+        tok = torch.where(src < t * k, src // k, t)
+        h2 = torch.randn(q, src.shape[0], dtype=torch.float64).t().requires_grad_()
+        assert ref.col_major(h2)
+        g = torch.randn(t, q, dtype=torch.float64)
+        _Take.apply(h2, dest, tok, k, 1).backward(g)
+        want = torch.cat([g, g.new_zeros(1, q)])[tok]  # padding rows (tok == t) zero
+        assert torch.equal(h2.grad, want)
+
+
 def test_contiguous_clusters_are_consecutive_neurons_with_their_mean_rows_and_views_equal_gathers():
     """clustering=contiguous: cluster c is neurons c*F..(c+1)*F-1, its centroid their mean row (normalised rows and
     mean for cosine, as k-means makes them); the grouped core's in-place weights equal the gathered ones."""

@@ -76,7 +76,10 @@ class _Take(torch.autograd.Function):
         # x a transposed view (wd = W_down^T [d_ff, q']): its gradient is gathered in that layout (one pass), so
         # that it reaches W_down contiguous and autograd keeps it; gathered by rows it reached W_down transposed and
         # autograd copied it once more (reference.wgrad says why)
-        ctx.col = ref.col_major(x) and back.shape[0] == x.shape[0] and back_fold == 1
+        # (only a permutation of x's rows, as the weights' flat/inv: back then holds no padding index, which
+        # index_select would refuse where _take gives a zero row; tokens' moves keep the row gather)
+        ctx.col = (ref.col_major(x) and idx.shape[0] == x.shape[0] == back.shape[0] and fold == 1
+                   and back_fold == 1)
         return _fold(_take(x, idx), fold)
 
     @staticmethod
