@@ -492,11 +492,17 @@ def test_background_checkpoint_holds_the_state_of_its_step(dataset, tmp_path, mo
 
     overlapped = []
 
-    def slow(path, write):  # also notes whether training logged steps while this write was sleeping
+    def slow(path, write):  # also notes whether training logged steps while this write was held back
+        run = Path(path).parents[2].name
         metrics = Path(path).parents[2] / "metrics.jsonl"
         before = len(metrics.read_text().splitlines())
-        time.sleep(0.25)
-        overlapped.append((Path(path).parents[2].name, len(metrics.read_text().splitlines()) > before))
+        # the background run's write waits until a step is logged (up to 2 s: a loaded machine's steps can take
+        # longer than any fixed sleep); the synchronous run's waits 0.25 s, in which no step may be logged
+        deadline, grew = time.monotonic() + (2.0 if run == "bg" else 0.25), False
+        while time.monotonic() < deadline and not (grew and run == "bg"):
+            time.sleep(0.02)
+            grew = grew or len(metrics.read_text().splitlines()) > before
+        overlapped.append((run, grew))
         return real(path, write)
 
     monkeypatch.setattr(ck, "_write_hashed", slow)
