@@ -445,13 +445,6 @@ def test_summary_counts_what_each_methods_sparse_path_does():
         assert s["fwd_flops_per_token_2to4"] == s["fwd_flops_per_token"] - ffn(c) // 2
 
 
-# V:N:M's grouped path with contiguous clusters (vnm.clustering=contiguous) multiplies W_down^T's [C, F, q'] view in
-# torch's grouped GEMM, whose weight gradient comes out groups-outermost, [C, F, q'] contiguous: W_down's gradient
-# is then its transpose, and autograd copies it. Known, not fixed yet (a grouped GEMM would have to write the
-# gradient with W_down's strides, or W_down be held transposed)
-_GROUPED_CONTIGUOUS = {"relu2-vnm-fast", "relu2-w24-vnm-fast"}
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_gradient_arrives_in_its_parameters_layout(variant):
     """Autograd keeps a parameter's gradient only in the parameter's own layout and copies any other (one copy per
@@ -473,7 +466,25 @@ def test_every_gradient_arrives_in_its_parameters_layout(variant):
         if step == 5000:  # every method's sparse phase is the one checked first
             assert all(m.startswith("sparse") for m in modes), modes
         model(idx, idx).backward()
-    if variant in _GROUPED_CONTIGUOUS:  # the known copy and no other (when it is gone this fails: update the set)
-        assert set(wrong) == {f"blocks.{i}.ffn.down.weight" for i in range(2)}, wrong
-        pytest.xfail("V:N:M grouped, contiguous clusters: W_down's gradient is copied")
     assert wrong == {}
+
+
+@pytest.mark.parametrize("variant", ["relu2-vnm-fast", "relu2-w24-vnm-fast"])
+def test_grouped_vnm_keeps_w_down_layout_when_compiled(variant):
+    """V:N:M's grouped path with contiguous clusters moves W_down's gradient into its layout inside the backward
+    graph (vnm_grouped._GradInLayout): compiled, the gradient still arrives with W_down's strides, equal to eager."""
+    from elas.sparsity import set_step
+    torch.manual_seed(0)
+    model = build_model(preset(f"llama-tiny-{variant}", None, n_layers=1, vocab_size=256), "cpu")
+    set_step(model, 5000, 10**6)
+    idx = torch.randint(0, 256, (2, 64))
+    model(idx, idx).backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    down = model.blocks[0].ffn.down.weight
+    seen = []
+    down.register_hook(lambda g: seen.append(g.stride()) and None)
+    torch.compile(model, fullgraph=True)(idx, idx).backward()
+    assert seen == [down.stride()]
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager[n], rtol=1e-5, atol=1e-6, msg=n)
