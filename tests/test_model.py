@@ -469,14 +469,17 @@ def test_every_gradient_arrives_in_its_parameters_layout(variant):
     assert wrong == {}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", ["relu2-vnm-fast", "relu2-w24-vnm-fast"])
-def test_grouped_vnm_keeps_w_down_layout_when_compiled(variant):
+def test_grouped_vnm_keeps_w_down_layout_when_compiled(variant, dtype):
     """V:N:M's grouped path with contiguous clusters moves W_down's gradient into its layout inside the backward
-    graph (vnm_grouped._GradInLayout): compiled, the gradient still arrives with W_down's strides, equal to eager."""
+    graph (vnm_grouped._GradInLayout): compiled, the gradient still arrives with W_down's strides, equal to eager.
+    bf16 runs torch's grouped GEMM itself (whose weight gradient is the groups-outermost one); fp32 its twin, whose
+    values are compared with eager's."""
     from elas.sparsity import set_step
     torch.manual_seed(0)
-    model = build_model(preset(f"llama-tiny-{variant}", None, n_layers=1, vocab_size=256), "cpu")
-    set_step(model, 5000, 10**6)
+    model = build_model(preset(f"llama-tiny-{variant}", None, n_layers=1, vocab_size=256), "cpu").to(dtype)
+    assert all(m.startswith("sparse") for m in set_step(model, 5000, 10**6))  # the grouped path runs
     idx = torch.randint(0, 256, (2, 64))
     model(idx, idx).backward()
     eager = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -486,5 +489,6 @@ def test_grouped_vnm_keeps_w_down_layout_when_compiled(variant):
     down.register_hook(lambda g: seen.append(g.stride()) and None)
     torch.compile(model, fullgraph=True)(idx, idx).backward()
     assert seen == [down.stride()]
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, eager[n], rtol=1e-5, atol=1e-6, msg=n)
+    if dtype == torch.float32:  # (in bf16 compiled rounding flips some of the 2:4 and S-STE choices: values differ)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, eager[n], rtol=1e-5, atol=1e-6, msg=n)
