@@ -260,13 +260,19 @@ def _wgrad(x: Tensor, y: Tensor, w: Tensor) -> Tensor:
     return ref.wgrad(x, y, ref.col_major(w))
 
 
-def _sparse_wgrad(a: Packed24, y: Tensor, w: Tensor) -> Tensor:
-    """a @ y [K, N] (a: Packed24 [K, T]), the 2:4 form of _wgrad: the GEMM writes it in w's layout."""
-    return sparse_mm(a, y, out_t=True).T if ref.col_major(w) else sparse_mm(a, y)
+def _split_wgrad(a: Packed24, x_dense: Tensor, y: Tensor, w: Tensor, idx_d: Tensor) -> Tensor:
+    """The 95/5 split's weight gradient [K, N] in w's layout: every row as the 2:4 GEMM a @ y (a: Packed24 [K, T],
+    pruned along tokens; the GEMM writes w's layout), then the rows idx_d [n_dense] (ascending) overwritten by their
+    exact product x_dense^T y (x_dense [T, n_dense]). Column-major, those rows are columns of the contiguous
+    transpose [N, K]: written there along dim 1, each of its rows takes n_dense entries near one another, where
+    along dim 0 of the [K, N] view consecutive writes land K elements apart (5% as many bytes as the GEMM writes)."""
+    if ref.col_major(w):
+        return sparse_mm(a, y, out_t=True).index_copy_(1, idx_d, y.T @ x_dense).T
+    return sparse_mm(a, y).index_copy_(0, idx_d, x_dense.T @ y)
 
 
 def _empty_wgrad(w: Tensor) -> Tensor:
-    """A fake's gradient of w: the layout _wgrad and _sparse_wgrad write."""
+    """A fake's gradient of w: the layout _wgrad and _split_wgrad write."""
     return w.new_empty(w.shape[::-1]).T if ref.col_major(w) else w.new_empty(w.shape)
 
 
@@ -791,8 +797,8 @@ def act24_ffn_backward_op(dh2: Tensor, h1: Tensor, wu: Tensor, wd: Tensor, s0: T
         # 95/5 split: every feature as a 2:4 GEMM pruned along tokens, then the n_dense densest features' rows
         # overwritten by their exact dense product (5% of the sparse GEMM's rows are wasted work; no gather or
         # scatter of the other 95%)
-        dwd = _sparse_wgrad(g.y2s_t, dh2, wd).index_copy_(0, idx_d, g.y2s_dense.T @ dh2)  # [d_ff, q']
-        dwu = _sparse_wgrad(g.dy1_t, h1, wu).index_copy_(0, idx_d, g.dy1_dense.T @ h1)  # [d_ff, q]
+        dwd = _split_wgrad(g.y2s_t, g.y2s_dense, dh2, wd, idx_d)  # [d_ff, q']
+        dwu = _split_wgrad(g.dy1_t, g.dy1_dense, h1, wu, idx_d)  # [d_ff, q]
     else:
         dwd = _wgrad(g.y2s, dh2, wd)  # [d_ff, q']
         dwu = _wgrad(g.dy1, h1, wu)  # [d_ff, q]
