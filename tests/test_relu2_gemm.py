@@ -999,9 +999,12 @@ def test_act24_cutlass_config_and_missing_library(monkeypatch, tmp_path):
     from elas.build import build_model
     from elas.kernels.cuda import cutlass_relu2
     from elas.sparsity.act24 import Act24Config
-    with pytest.raises(ValueError, match="invalid act24.cutlass='yes please': expected true or false"):
+    with pytest.raises(ValueError, match="invalid act24.cutlass='yes please': expected true, false or auto"):
         Act24Config(cutlass="yes please")
-    assert Act24Config(cutlass="true").cutlass is True
+    assert Act24Config(cutlass="true").cutlass is True and Act24Config(cutlass="off").cutlass is False
+    assert Act24Config().cutlass == "auto" and Act24Config(cutlass="AUTO").cutlass == "auto"
+    # auto never refuses: with the split or act24.fused it resolves to false
+    assert Act24Config(wgrad_dense_frac=0.05).cutlass == "auto" and Act24Config(fused=True).cutlass == "auto"
     from elas.bench.step import step_config
     assert step_config("llama-60m", "elas+act24.cutlass=true", "elas", 256).method("act24")["cutlass"] is True
     for bad in ({"wgrad_dense_frac": 0.05}, {"fused": True}, {"grad_mode": "mask", "wgrad_dense_frac": 0.05}):
@@ -1018,6 +1021,56 @@ def test_act24_cutlass_config_and_missing_library(monkeypatch, tmp_path):
         build_model(cfg, "cpu")  # the reference kernels on the CPU: no library needed
     finally:
         cutlass_relu2.library.cache_clear()
+
+
+def test_act24_cutlass_auto_resolves_where_it_is_a_pure_speed_choice(monkeypatch):
+    """act24.cutlass=auto (the default): true for ste mode without the split or act24.fused on the accelerated
+    path where the library runs (cutlass_relu2.available); false in mask mode (a memory trade), with the split,
+    fused, the masked path, off CUDA, or without the library. The core runs what it resolved; a version-1 config
+    (before auto) without the key keeps false."""
+    from elas.kernels.cuda import cutlass_relu2
+    from elas.sparsity import method_from_dict
+    from elas.sparsity import act24 as A
+    from elas import kernels
+    cfg = A.Act24Config
+    assert A.resolve_cutlass(cfg(), "cpu") == (False, "auto: not the accelerated path")
+    assert A.resolve_cutlass(cfg(cutlass=True), "cpu") == (True, "set")
+    assert A.resolve_cutlass(cfg(cutlass=False, grad_mode="ste"), "cuda") == (False, "set")
+    # on a CUDA target with the 2:4 kernels and the library (both stubbed: the choice, not the kernels, is tested)
+    monkeypatch.setattr(kernels, "target_type", lambda device: "cuda")
+    monkeypatch.setattr(kernels, "backend_for", lambda device, name="auto": "cuda")
+    lib = {"ok": True}
+    monkeypatch.setattr(cutlass_relu2, "available", lambda device: (lib["ok"], "the library" if lib["ok"] else "none"))
+    assert A.resolve_cutlass(cfg(), "cpu") == (True, "auto: the library")
+    for off in (dict(grad_mode="mask"), dict(wgrad_dense_frac=0.05), dict(fused=True), dict(path="masked")):
+        assert A.resolve_cutlass(cfg(**off), "cpu")[0] is False, off
+    from elas.model import ReLU2FFN
+    from elas.sparsity import sparsify_
+    for kw, want in (({}, True), ({"grad_mode": "mask"}, False)):  # the cores run what was resolved
+        f = ReLU2FFN.of_width(64, 128)
+        sparsify_(f, cfg(**kw))
+        assert f.core.cutlass is want and f.core.packed, kw
+    lib["ok"] = False
+    assert A.resolve_cutlass(cfg(), "cpu") == (False, "auto: none")
+    assert method_from_dict({"method": "act24", "version": 1}).cutlass is False
+    assert method_from_dict({"method": "act24", "version": 1, "cutlass": True}).cutlass is True
+    assert method_from_dict({"method": "act24"}).cutlass == "auto"
+
+
+def test_trainer_records_act24_cutlass_as_resolved(tmp_path, dataset):
+    """The trainer resolves act24.cutlass=auto once and records the answer (config.json), so that a resumed run
+    takes the kernels it trained with; on the CPU: false."""
+    from elas.config import apply_overrides, train_config
+    from elas.train.trainer import Trainer
+    cfg = train_config("llama-tiny-elas")
+    apply_overrides(cfg, {"data_dir": str(dataset), "out_dir": str(tmp_path / "run"), "max_steps": 1, "batch_size": 2,
+                          "model.n_layers": 1, "seq_len": 32, "device": "cpu"})
+    assert cfg.model.method("act24").get("cutlass", "auto") == "auto"
+    tr = Trainer(cfg, progress=False, log=lambda *a: None)
+    try:
+        assert tr.cfg.model.method("act24")["cutlass"] is False
+    finally:
+        tr.close()
 
 
 def test_act24_cutlass_glue_gives_the_separate_path_results(monkeypatch):

@@ -1027,8 +1027,10 @@ def test_a_resume_into_a_run_directory_one_process_cannot_see_stops_with_one_lin
     nodes = [tmp_path / "node0", tmp_path / "node1"]
     for n in nodes:
         n.mkdir()
-    args = train_args(dataset, "r", "--set", "model.relu2_kernel=torch", "--set", "eval_every=100", "--set",
-                      "save_every=2")  # (the data's path is absolute)
+    # (kernel keys as the run records them, so that rank 1's fresh config is rank 0's resumed one but for the run
+    # directory; the data's path is absolute)
+    args = train_args(dataset, "r", "--set", "model.relu2_kernel=torch", "--set", "model.act24.cutlass=false",
+                      "--set", "eval_every=100", "--set", "save_every=2")
     assert run_cli(*args, "--max-steps", "2", cwd=nodes[0]).returncode == 0
     r = _torchrun_bounded((tmp_path / "on_node.py", _ON_ITS_NODE), [*args, "--max-steps", "4", "--set", "batch_size=2",
                                                                     "--resume"],

@@ -38,6 +38,21 @@ def relu2_kernel(cfg: ModelConfig, device: str | torch.device) -> tuple[str, str
     return ("cutlass" if ok else "torch"), why
 
 
+def act24_cutlass(cfg: ModelConfig, device: str | torch.device) -> list[tuple[int, bool, str]]:
+    """act24.cutlass=auto resolved for `device` (sparsity/act24.resolve_cutlass) and written into cfg.model's method
+    dicts, so that a run records what it took (as relu2_kernel=auto): [(method index, cutlass, why)] for each
+    resolved."""
+    from .sparsity.act24 import Act24Config, resolve_cutlass
+    out = []
+    for i, m in enumerate(cfg.methods):
+        c = method_from_dict(m)
+        if isinstance(c, Act24Config) and c.cutlass == "auto":
+            use, why = resolve_cutlass(c, device)
+            cfg.methods[i] = {**m, "cutlass": use}
+            out.append((i, use, why))
+    return out
+
+
 def norm_kernel(cfg: ModelConfig, device: str | torch.device) -> str:
     """The blocks' RMSNorm backward that cfg.norm_kernel gives on `device`: "auto" is fused (the one-pass Triton
     kernel: 1.007x the 1B step on an H200, 0.76 ms on an H100) on CUDA where Triton is installed, else torch
@@ -89,7 +104,14 @@ def attn_backend(cfg: ModelConfig, device: str | torch.device) -> str:
 def _cutlass_keys(cfg: ModelConfig) -> list[str]:
     """The keys of cfg that ask for the CUTLASS library."""
     keys = [f"model.{k}" for k in ("relu2_kernel", "rope_kernel") if getattr(cfg, k) == "cutlass"]
-    return keys + [f"model.{m['method']}.cutlass" for m in cfg.methods if m.get("cutlass")]
+    # (a method's cutlass=auto is never an error: it resolves to false where the library cannot run)
+    return keys + [f"model.{m['method']}.cutlass" for m in cfg.methods if _asks_cutlass(m)]
+
+
+def _asks_cutlass(method: dict) -> bool:
+    """A method dict's cutlass key set to true (a bool from config.json, or a string from --set)."""
+    v = method.get("cutlass")
+    return v is True or (isinstance(v, str) and v.lower() in ("true", "1", "yes", "on"))
 
 
 def check_kernels(cfg: ModelConfig, device: str | torch.device) -> None:
@@ -129,7 +151,7 @@ def kernels_for_here(cfg: ModelConfig, device: str | torch.device) -> ModelConfi
         out.relu2_kernel = "auto"
     if torch.device(device).type == "cuda" and not cutlass_relu2.available(device)[0]:
         out.rope_kernel = "torch" if out.rope_kernel == "cutlass" else out.rope_kernel
-        out.methods = [{**m, "cutlass": False} if m.get("cutlass") else m for m in out.methods]
+        out.methods = [{**m, "cutlass": False} if _asks_cutlass(m) else m for m in out.methods]
     return out
 
 
@@ -177,5 +199,5 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu",
     return model
 
 
-__all__ = ["attn_backend", "build_model", "ce_kernel", "check_kernels", "kernels_for_here", "norm_kernel", "relu2_kernel",
-           "resolve_methods"]
+__all__ = ["act24_cutlass", "attn_backend", "build_model", "ce_kernel", "check_kernels", "kernels_for_here", "norm_kernel",
+           "relu2_kernel", "resolve_methods"]

@@ -41,7 +41,7 @@ PERM_TABLE = 4096  # longest sequence the token permutation covers (positions ar
 @dataclass
 class Act24Config(SparsityMethod):
     name: ClassVar[str] = "act24"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # 2: cutlass's default became auto (a version-1 config without the key ran false)
     stat_names: ClassVar[tuple[str, ...]] = ("y2_zero_frac", "dropped_nnz_frac")
     kernel_fields: ClassVar[tuple[str, ...]] = ("backend", "path", "fused", "cutlass")
 
@@ -59,8 +59,15 @@ class Act24Config(SparsityMethod):
     # pointwise work, as CUTLASS GEMMs with that work in their epilogues, each where it times faster at the shape
     # than cuBLAS + the separate Triton kernels (kernels/cuda/cutlass_relu2.py; needs the CUTLASS library, built
     # off the GPU machine). In mask mode it saves y2s dense for the backward (as the dense twin saves y2) instead
-    # of the packed buffer and mask bits: the speed of two fused GEMMs for the FFN activation memory of the twin
-    cutlass: bool = False
+    # of the packed buffer and mask bits: the speed of two fused GEMMs for the FFN activation memory of the twin.
+    # auto (resolve_cutlass): true in ste mode (no split, not fused) on the accelerated path where the library
+    # runs, as model.relu2_kernel=auto gives the dense twin its CUTLASS GEMMs; false otherwise (mask mode: the
+    # memory trade above is the user's to make)
+    cutlass: bool | str = "auto"
+
+    @classmethod
+    def upgrade(cls, fields: dict, version: int) -> dict:
+        return {"cutlass": False, **fields} if version < 2 else fields
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -74,7 +81,13 @@ class Act24Config(SparsityMethod):
                              f"[0, 1] or none")
         if self.path not in PATHS:
             raise ValueError(f"invalid act24.path {self.path!r}: expected one of {', '.join(PATHS)}")
-        if self.cutlass and (self.wgrad_dense_frac is not None or self.fused):
+        c = self.cutlass.lower() if isinstance(self.cutlass, str) else self.cutlass
+        if c in ("true", "1", "yes", "on") or c in ("false", "0", "no", "off"):
+            c = c in ("true", "1", "yes", "on")
+        if c != "auto" and not isinstance(c, bool):
+            raise ValueError(f"invalid act24.cutlass={self.cutlass!r}: expected true, false or auto")
+        self.cutlass = c
+        if self.cutlass is True and (self.wgrad_dense_frac is not None or self.fused):
             raise ValueError(f"act24.cutlass=true covers the 2:4 FFN without the weight-gradient split or "
                              f"act24.fused; got wgrad_dense_frac={self.wgrad_dense_frac}, fused={self.fused}")
         if self.backend not in kernels.BACKENDS:
@@ -104,6 +117,24 @@ def weight_operands(up: nn.Module, down: nn.Module, packed: bool):
     dense = getattr(down, "input_grad_weight", None)
     wdt = dense() if dense is not None and wdt_p is None else None  # [d_model, d_ff]: dx = dy @ wdt
     return wu_p, wdt_p, (None if wdt is None else wdt.t())
+
+
+def resolve_cutlass(cfg: Act24Config, device) -> tuple[bool, str]:
+    """(whether the packed core runs act24.cutlass's CUTLASS forms for parameters on `device`, why). true/false are
+    themselves; auto is true where it is a pure speed choice measured to win: ste mode (ELAS 1.018x the step without
+    it on an H200, 2.2 ms less a 1B step on an H100; mask mode would trade the FFN's activation memory), no split,
+    not `fused`, the accelerated path, and the CUTLASS library running on this GPU (cutlass_relu2.available, as
+    model.relu2_kernel=auto asks). Each form still runs only where it times faster at the shape."""
+    if cfg.cutlass is not True and cfg.cutlass is not False:  # auto
+        if cfg.grad_mode != "ste" or cfg.wgrad_dense_frac is not None or cfg.fused or cfg.path == "masked":
+            return False, "auto: ste mode without the split, act24.fused or the masked path only"
+        if kernels.target_type(device) != "cuda" or kernels.backend_for(device, cfg.backend) != "cuda":
+            return False, "auto: not the accelerated path"
+        from ..kernels.cuda import cutlass_relu2
+        dev = torch.device(device)
+        ok, why = cutlass_relu2.available(torch.device("cuda") if dev.type == "meta" else dev)
+        return ok, ("auto: " + why)
+    return cfg.cutlass, "set"
 
 
 def _check_linears(fqn: str, ffn: ReLU2FFN) -> None:
@@ -165,9 +196,10 @@ class Act24Core(nn.Module):
     """The FFN core of a 2:4-activation-sparse ReLU^2 FFN: core(x, up, down) with x [batch, seq, d_model]."""
 
     def __init__(self, cfg: Act24Config, packed: bool, description: str, dense: nn.Module | None = None,
-                 max_seq_len: int = PERM_TABLE):
+                 max_seq_len: int = PERM_TABLE, cutlass: bool = False):
         super().__init__()
         self.cfg, self.packed, self.description = cfg, packed, description
+        self.cutlass = cutlass  # act24.cutlass resolved (resolve_cutlass) for the parameters' device
         # the dense phase (warm-up) runs the core the FFN had: DenseReLU2, or FusedReLU2 where model.relu2_kernel
         # put the ReLU^2 into the GEMMs (so ELAS's warm-up steps are as fast as its dense twin's); no parameters
         self.dense = dense if isinstance(dense, (DenseReLU2, FusedReLU2)) else DenseReLU2()
@@ -214,7 +246,7 @@ class Act24Core(nn.Module):
             if packed:
                 wu_p, wdt_p, wdt = weight_operands(up, down, packed=True)
                 h2 = kernel_ops.act24_ffn(h1, wu, wd, self.mask_grad, self.cfg.wgrad_dense_frac, self.cfg.fused,
-                                          wu_p, wdt_p, None if wdt is None else wdt.to(dtype), self.cfg.cutlass)
+                                          wu_p, wdt_p, None if wdt is None else wdt.to(dtype), self.cutlass)
             else:
                 wdt = weight_operands(up, down, packed=False)[2]
                 h2 = masked_act24_ffn(h1, wu, wd, self.mask_grad, self.cfg.wgrad_dense_frac,
@@ -250,10 +282,11 @@ def _apply_act24(model: nn.Module, cfg: Act24Config, filter_fn) -> Applied:
         _check_linears(n, f)
     backend = kernels.backend_for(next(model.parameters()).device, cfg.backend)
     packed_default = cfg.path == "packed" or (cfg.path == "auto" and backend == "cuda")
-    if cfg.cutlass and cfg.path != "masked" and kernels.target_type(
+    if cfg.cutlass is True and cfg.path != "masked" and kernels.target_type(
             next(model.parameters()).device) == "cuda":
         from ..kernels.cuda import cutlass_relu2
         cutlass_relu2.library()  # a missing library: one line here, before any step (on a CPU machine too)
+    cutlass = resolve_cutlass(cfg, next(model.parameters()).device)[0]
     max_seq_len = getattr(getattr(model, "cfg", None), "max_seq_len", PERM_TABLE)  # (a bare FFN: the default)
     targets, old = [], []
     for n, f in ffns:
@@ -264,7 +297,7 @@ def _apply_act24(model: nn.Module, cfg: Act24Config, filter_fn) -> Applied:
                 _warned.add(msg)
                 log.warning(msg)
             packed = False
-        core = Act24Core(cfg, packed, _describe_path(packed, backend), f.core, max_seq_len)
+        core = Act24Core(cfg, packed, _describe_path(packed, backend), f.core, max_seq_len, cutlass and packed)
         core = core.to(next(f.parameters()).device)
         old.append((f, f.core))
         f.core = core
@@ -280,11 +313,12 @@ def _apply_act24(model: nn.Module, cfg: Act24Config, filter_fn) -> Applied:
             + (f", {1 - cfg.wgrad_dense_frac:.0%}/{cfg.wgrad_dense_frac:.0%} weight-gradient split"
                if cfg.wgrad_dense_frac is not None else "")
             + (", 2:4 pointwise work fused into the GEMM epilogues" if cfg.fused else "")
-            + (", CUTLASS GEMMs with the 2:4 work in their epilogues where faster" if cfg.cutlass else "")
+            + (", CUTLASS GEMMs with the 2:4 work in their epilogues where faster" if cutlass and packed_default
+               else "")
             + f") on {len(targets)} FFNs after {cfg.dense_warmup_steps} dense steps; " + "; ".join(paths))
     claims = {(n, op) for n, _ in targets for op in cfg.operands()}
     return Applied(cfg, targets, claims, detach, desc)
 
 
-__all__ = ["Act24Config", "Act24Core", "GRAD_MODES", "PATHS", "ffn_operands", "relu2_stats", "token_permutation",
-           "permutation_keys"]
+__all__ = ["Act24Config", "Act24Core", "GRAD_MODES", "PATHS", "ffn_operands", "relu2_stats", "resolve_cutlass",
+           "token_permutation", "permutation_keys"]

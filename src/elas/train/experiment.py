@@ -160,7 +160,8 @@ def other_settings(cfg, data_sha1: str | None = None) -> list[str]:
     # makes the same variant name another model)
     old, new = _resolved_model(saved), _resolved_model(cfg)
     diff += [f"model.{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-             if old.get(k) != new.get(k) and not (k in ("relu2_kernel", "norm_kernel", "attn_backend", "ce_kernel")
+             if old.get(k) != new.get(k) and not (k in ("relu2_kernel", "norm_kernel", "attn_backend", "ce_kernel",
+                                                       "act24.cutlass")
                                                   and new.get(k) == "auto")]  # (auto: what the run resolved it to)
     if data_sha1 and kept and not (run / "summary.json").exists():
         try:  # (the data a checkpoint was trained on, as the trainer's resume checks it)

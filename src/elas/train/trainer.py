@@ -21,7 +21,8 @@ import torch
 from ..config import TrainConfig, flatten, from_dict, to_dict
 from ..data.loader import Batches, TokenWindows, check_token_range, load_meta
 from ..data.prepare import DataError
-from ..build import attn_backend, build_model, ce_kernel, check_kernels, norm_kernel, relu2_kernel, resolve_methods
+from ..build import (act24_cutlass, attn_backend, build_model, ce_kernel, check_kernels, norm_kernel, relu2_kernel,
+                     resolve_methods)
 from ..kernels import cublas
 from ..optim import build_optimizer, warmup_cosine
 from ..sparsity import collect_stats, describe, method_to_dict, run_modes, set_step
@@ -354,11 +355,13 @@ class Trainer:
         # waiting in it; the ranks agree on the ReLU^2 kernel after `agree` (below). A kernel that cannot run
         # here is this process's start-up error, which `agree` tells every process
         relu2_asked, relu2_auto = cfg.model.relu2_kernel, None  # relu2_auto: (kernel, why) this process found
+        methods_asked, cutlass_auto = [dict(m) for m in cfg.model.methods], []  # likewise act24.cutlass=auto
         error = None  # (kept until every process has compared its start-up: `agree`)
         try:
             if cfg.model.relu2_kernel == "auto":
                 relu2_auto = relu2_kernel(cfg.model, self.device)
                 cfg.model.relu2_kernel = relu2_auto[0]
+            cutlass_auto = act24_cutlass(cfg.model, self.device)  # likewise: the 2:4 FFN's CUTLASS epilogues
             if cfg.model.norm_kernel == "auto":  # likewise recorded: a resumed run keeps its norms' backward
                 cfg.model.norm_kernel = norm_kernel(cfg.model, self.device)
             if cfg.model.ce_kernel == "auto":  # likewise: a resumed run keeps its loss's kernel
@@ -400,6 +403,7 @@ class Trainer:
         # several processes: the same config and data everywhere, and no process stopped, before anything else
         settings = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in ("device", "data_dir")}  # (data: by hash)
         settings["model.relu2_kernel"] = relu2_asked  # (as given: "auto" is resolved together, below)
+        settings["model.methods"] = methods_asked
         settings["data.train_sha1"] = (getattr(self, "meta", None) or {}).get("train_sha1")
         error = agree(self.dist, error, settings)
         if error:
@@ -415,6 +419,20 @@ class Trainer:
                 self.kernel_note = "; ".join(filter(None, [
                     f"dense ReLU^2 cores: {kernel} kernels (model.relu2_kernel=auto: " +
                     (f"the CUTLASS library at {why})" if kernel == "cutlass" else f"{why})"), self.kernel_note]))
+        if cutlass_auto:  # act24.cutlass=auto: on only where every rank can run the library
+            if self.dist.enabled:
+                ok = torch.tensor([float(use) for _, use, _ in cutlass_auto], device=self.device)
+                every = (all_reduce_sum(ok, self.dist) == self.dist.world).tolist()
+                cutlass_auto = [(i, use and all_, why if all_ or not use else
+                                 "auto: another rank cannot run the CUTLASS kernels")
+                                for (i, use, why), all_ in zip(cutlass_auto, every)]
+            for i, use, why in cutlass_auto:
+                cfg.model.methods[i]["cutlass"] = use
+                if self.device.type == "cuda":
+                    self.kernel_note = "; ".join(filter(None, [self.kernel_note, "2:4 FFN: " + (
+                        "CUTLASS GEMMs with the 2:4 work in their epilogues where faster (act24.cutlass=auto; "
+                        "=false for cuBLAS + the separate kernels)" if use else
+                        f"cuBLAS + the separate 2:4 kernels (act24.cutlass={why})")]))
         self.run_dir = Path(cfg.out_dir or f"runs/{cfg.preset}")
         found = checkpoints(self.run_dir)
         if found and not resume:
