@@ -39,6 +39,7 @@ from ..summary import model_summary
 from ..train.parallelize import checkpoint_blocks, compile_regions, hold_params_in
 from ..train.step import StepGrads
 from ..train.trainer import peak_flops
+from ..sparsity.act24 import Act24Core
 from .ffn import set_sparse, variant_config
 from .profile import breakdown, busy_ms, kernel_times, top_kernels
 from .timing import Clocks, event_ms, throughput_ms
@@ -159,6 +160,8 @@ def step_row(size: str, variant: str, mode: str, batch: int, seq: int = 256, ste
            "norm_kernel": norm_kernel(cfg, "cuda"),  # the blocks' norm backward ("auto" resolved)
            "attn_backend": attn_backend(cfg, "cuda"),  # the attention kernel ("auto" resolved)
            "ce_kernel": ce_kernel(cfg, "cuda") if cfg.lm_loss == "chunked" else None,  # the loss's ("auto" resolved)
+           # the 2:4 cores' CUTLASS epilogues (act24.cutlass, "auto" resolved); None without an act24 method
+           "act24_cutlass": next((m.cutlass for m in model.modules() if isinstance(m, Act24Core)), None),
            **clocks.summary(),
            "plain_config": plain_config(size, variant, seq),
            "torch": torch.__version__}
