@@ -172,16 +172,16 @@ print(r[0]['env'].split('=', 1)[1])" runs/rmsnorm/rmsnorm_bwd.json "1B, batch 32
           --batches "${TARGET_BATCHES:-32}" --modes elas,torch.compile --variants "$v$k" \
           --out "${TARGET_OUT:-benchmarks/results/$GPU/step_target}" 2>&1 | quiet
         [ "${PIPESTATUS[0]}" -eq 0 ] || failed=1 ;;
-      elas_cutlass)  # the 1B ELAS step with its d_ff-wide GEMMs on CUTLASS (act24.cutlass=true: the up-projection
-                     # with the sparsifier and the dy2 GEMM with the backward's pointwise work in their epilogues),
-                     # beside ELAS today, the dense twin with its own CUTLASS forward (relu2_kernel=auto) and without
-                     # it (torch), and the full-rank
+      elas_cutlass)  # the 1B ELAS step with its d_ff-wide GEMMs on CUTLASS (act24.cutlass=auto, the default since
+                     # 2026-12-07: the up-projection with the sparsifier and the dy2 GEMM with the backward's pointwise
+                     # work in their epilogues) beside ELAS without them (act24.cutlass=false), the dense twin with
+                     # its own CUTLASS forward (relu2_kernel=auto) and without it (torch), and the full-rank
                      # SwiGLU step at the aligned width (the "ELAS >= 2.0x SwiGLU" target; ELAS_SWIGLU=0 leaves it
                      # out); needs ELAS_CUTLASS_RELU2 (carry build/cutlass_relu2)
         v=lowrank-relu2 sw=,swiglu-aligned
         [ "${ELAS_SWIGLU:-1}" = 0 ] && sw=
         timeout "${STEP_TIMEOUT:-560}" python -m elas bench step --gpu-name "$GPU" --sizes llama-1b --modes elas \
-          --variants "$v+relu2_kernel=torch,$v,elas,elas+act24.cutlass=true$sw" \
+          --variants "$v+relu2_kernel=torch,$v,elas,elas+act24.cutlass=false$sw" \
           --out "${ELAS_CUTLASS_OUT:-benchmarks/results/$GPU/step_elas_cutlass}" 2>&1 | quiet ;;
       mask_cutlass)  # the mask-mode CUTLASS forms (act24.cutlass=true with Haziza's gradient: modes 7 and 8) in the 1B
                      # full-rank step: relu2-24 beside relu2 with its own CUTLASS forward (auto) and without (torch);
