@@ -147,6 +147,8 @@ def test_version_1_run_configs_still_load():
     (m,) = resolve_methods(cfg.model)
     assert (m.name, m.grad_mode, m.permute_tokens, m.wgrad_dense_frac) == ("act24", "mask", True, 0.05)
     assert load_run_config(run.parent / "relu2").model.methods == []
+    (e,) = resolve_methods(load_run_config(run.parent / "elas").model)  # the kernels it ran: no CUTLASS epilogues
+    assert (e.grad_mode, e.cutlass) == ("ste", False)
     # written before the numerics keys: the model numerics it was trained with (a resume continues exactly)
     assert (cfg.model.residual_dtype, cfg.model.lm_loss) == ("fp32", "logits")
     assert cfg.model.relu2_kernel == "torch"  # the kernels it ran, not today's default "auto"

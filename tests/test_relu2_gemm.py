@@ -1002,6 +1002,7 @@ def test_act24_cutlass_config_and_missing_library(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="invalid act24.cutlass='yes please': expected true, false or auto"):
         Act24Config(cutlass="yes please")
     assert Act24Config(cutlass="true").cutlass is True and Act24Config(cutlass="off").cutlass is False
+    assert Act24Config(cutlass=1).cutlass is True and Act24Config(cutlass=0).cutlass is False  # (`--set ...=1`)
     assert Act24Config().cutlass == "auto" and Act24Config(cutlass="AUTO").cutlass == "auto"
     # auto never refuses: with the split or act24.fused it resolves to false
     assert Act24Config(wgrad_dense_frac=0.05).cutlass == "auto" and Act24Config(fused=True).cutlass == "auto"
@@ -1057,20 +1058,50 @@ def test_act24_cutlass_auto_resolves_where_it_is_a_pure_speed_choice(monkeypatch
     assert method_from_dict({"method": "act24"}).cutlass == "auto"
 
 
-def test_trainer_records_act24_cutlass_as_resolved(tmp_path, dataset):
-    """The trainer resolves act24.cutlass=auto once and records the answer (config.json), so that a resumed run
-    takes the kernels it trained with; on the CPU: false."""
+def test_trainer_records_act24_cutlass_as_resolved(tmp_path, dataset, monkeypatch):
+    """The trainer resolves act24.cutlass=auto once and records the answer in config.json, so that a resumed run
+    takes the kernels it trained with whatever this machine would resolve; `--set model.act24.cutlass=auto` on the
+    recorded value asks again. (On the CPU the cores run the reference either way: the resolution is stubbed to
+    say what a GPU with the library would.)"""
+    import json
+
     from elas.config import apply_overrides, train_config
+    from elas.sparsity import act24 as A
+    from elas.train import load_run_config
     from elas.train.trainer import Trainer
+
+    def run(cfg, **kw):
+        tr = Trainer(cfg, progress=False, log=lambda *a: None, **kw)
+        try:
+            tr.fit()
+        finally:
+            tr.close()
+        return tr
+
+    out = tmp_path / "run"
     cfg = train_config("llama-tiny-elas")
-    apply_overrides(cfg, {"data_dir": str(dataset), "out_dir": str(tmp_path / "run"), "max_steps": 1, "batch_size": 2,
-                          "model.n_layers": 1, "seq_len": 32, "device": "cpu"})
-    assert cfg.model.method("act24").get("cutlass", "auto") == "auto"
-    tr = Trainer(cfg, progress=False, log=lambda *a: None)
-    try:
-        assert tr.cfg.model.method("act24")["cutlass"] is False
-    finally:
-        tr.close()
+    apply_overrides(cfg, {"data_dir": str(dataset), "out_dir": str(out), "max_steps": 1, "batch_size": 2,
+                          "model.n_layers": 1, "seq_len": 32, "device": "cpu", "save_every": 1, "eval_every": 100})
+    assert "cutlass" not in cfg.model.method("act24")  # the default: auto
+    monkeypatch.setattr(A, "resolve_cutlass", lambda c, device: (True, "auto: stub") if c.cutlass == "auto"
+                        else (c.cutlass, "set"))
+    run(cfg)
+    saved = json.loads((out / "config.json").read_text())
+    assert [m["cutlass"] for m in saved["model"]["methods"]] == [True]
+    monkeypatch.setattr(A, "resolve_cutlass", lambda c, device: (False, "auto: stub") if c.cutlass == "auto"
+                        else (c.cutlass, "set"))
+    again = load_run_config(out)
+    apply_overrides(again, {"max_steps": 2})
+    assert run(again, resume=True).cfg.model.method("act24")["cutlass"] is True  # kept, not re-resolved
+    asked = load_run_config(out)
+    apply_overrides(asked, {"max_steps": 3, "model.act24.cutlass": "auto"})  # the recorded bool takes the word
+    assert asked.model.method("act24")["cutlass"] == "auto"
+    assert run(asked, resume=True).cfg.model.method("act24")["cutlass"] is False
+    from elas.build import resolve_methods
+    plain = load_run_config(out)
+    apply_overrides(plain, {"model.act24.fused": "auto"})  # (a plain true/false field refuses the word)
+    with pytest.raises(ValueError, match="invalid act24.fused='auto': expected true or false"):
+        resolve_methods(plain.model)
 
 
 def test_act24_cutlass_glue_gives_the_separate_path_results(monkeypatch):

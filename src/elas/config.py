@@ -593,6 +593,9 @@ def apply_overrides(obj: Any, items: dict[str, Any], prefix: str = "", absent_me
                 if absent_methods_ok and rest in spec:  # (a size's default under a key the variant sets itself:
                     continue  # llama-tiny-elas-nowarmup's dense_warmup_steps=0 is the variant)
                 cur = spec.get(rest)
+                if isinstance(value, str) and isinstance(cur, bool) and value.strip().lower() == "auto":
+                    cur = None  # a key whose default is auto, recorded as what it resolved to (act24.cutlass): the
+                    # method's config checks the word (a plain true/false field refuses it there, in one line)
                 if isinstance(value, str) and isinstance(cur, float) and _spells_number(value):
                     # a number keeps the kind its text spells, as where the preset does not list the key: sparse_until
                     # 0.3 (a -fast preset's, config.json's) is a fraction of the run, but 600 a step, not 600.0
@@ -679,8 +682,8 @@ def _migrate_model_v1(data: dict) -> dict:
     data = dict(data)
     sparse = data.pop("act_sparsity", None)
     flat = {new: data.pop(old) for old, new in _V1_ACT24_KEYS.items() if old in data}
-    if sparse == "2:4":
-        data["methods"] = [act24(**flat)]
+    if sparse == "2:4":  # (version 1 of the method: its defaults as they were, Act24Config.upgrade)
+        data["methods"] = [act24(version=1, **flat)]
     return data
 
 

@@ -81,7 +81,9 @@ class Act24Config(SparsityMethod):
                              f"[0, 1] or none")
         if self.path not in PATHS:
             raise ValueError(f"invalid act24.path {self.path!r}: expected one of {', '.join(PATHS)}")
-        c = self.cutlass.lower() if isinstance(self.cutlass, str) else self.cutlass
+        c = self.cutlass.strip().lower() if isinstance(self.cutlass, str) else self.cutlass
+        if type(c) is int and c in (0, 1):  # (`--set ...=1` on a preset without the key parses as an int)
+            c = bool(c)
         if c in ("true", "1", "yes", "on") or c in ("false", "0", "no", "off"):
             c = c in ("true", "1", "yes", "on")
         if c != "auto" and not isinstance(c, bool):
@@ -89,7 +91,8 @@ class Act24Config(SparsityMethod):
         self.cutlass = c
         if self.cutlass is True and (self.wgrad_dense_frac is not None or self.fused):
             raise ValueError(f"act24.cutlass=true covers the 2:4 FFN without the weight-gradient split or "
-                             f"act24.fused; got wgrad_dense_frac={self.wgrad_dense_frac}, fused={self.fused}")
+                             f"act24.fused; got wgrad_dense_frac={self.wgrad_dense_frac}, fused={self.fused} (set "
+                             f"act24.cutlass=auto or false with them)")
         if self.backend not in kernels.BACKENDS:
             raise ValueError(f"invalid act24.backend {self.backend!r}: expected one of {', '.join(kernels.BACKENDS)}")
 
@@ -124,7 +127,8 @@ def resolve_cutlass(cfg: Act24Config, device) -> tuple[bool, str]:
     themselves; auto is true where it is a pure speed choice measured to win: ste mode (ELAS 1.018x the step without
     it on an H200, 2.2 ms less a 1B step on an H100; mask mode would trade the FFN's activation memory), no split,
     not `fused`, the accelerated path, and the CUTLASS library running on this GPU (cutlass_relu2.available, as
-    model.relu2_kernel=auto asks). Each form still runs only where it times faster at the shape."""
+    model.relu2_kernel=auto asks). Each form still runs only where it times faster at the shape. (With a weight
+    method's packed operands, S-STE's, the weight-sparse branches of the core take precedence over these forms.)"""
     if cfg.cutlass is not True and cfg.cutlass is not False:  # auto
         if cfg.grad_mode != "ste" or cfg.wgrad_dense_frac is not None or cfg.fused or cfg.path == "masked":
             return False, "auto: ste mode without the split, act24.fused or the masked path only"
