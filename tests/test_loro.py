@@ -320,7 +320,7 @@ def test_quality_grid_runs_scales_and_skips_finished(dataset, tmp_path, monkeypa
     # the paper's 10k-step recipe scaled to 400 steps: 10% lr warm-up, 10% dense warm-up, LORO K = 5%
     act = cfg.model.method("act24")
     assert (cfg.warmup_steps, act["dense_warmup_steps"], cfg.loro_exact_every) == (40, 40, 20)
-    assert cfg.optimizer == "loro_adamw" and act["grad_mode"] == "ste" and act["version"] == 1
+    assert cfg.optimizer == "loro_adamw" and act["grad_mode"] == "ste" and act["version"] == 2
     nowarm = variant_config("llama-tiny", "elas-nowarmup", 400, str(dataset), tmp_path, 4, 1)
     assert nowarm.model.method("act24")["dense_warmup_steps"] == 0
     logs = []

@@ -309,7 +309,7 @@ def test_kernel_field_changes_tell_kernels_from_the_model():
     assert kernel_field_changes(a, [act24()]) == []
     b = [{**act24(), "cutlass": True, "backend": "cuda"}]
     assert kernel_field_changes(a, b) == ["model.act24.backend: 'auto' -> 'cuda'",
-                                          "model.act24.cutlass: False -> True"]
+                                          "model.act24.cutlass: 'auto' -> True"]
     assert kernel_field_changes(a, [{**act24(), "grad_mode": "mask"}]) is None
     assert kernel_field_changes(a, []) is None
 

@@ -103,7 +103,8 @@ def test_run_dir_contents_eval_generate(dataset, tmp_path, capsys):
     assert "validation perplexity" in text and "unigram baseline" in text
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"]["methods"][0]["method"] == "act24" and cfg["max_steps"] == 6 and cfg["seq_len"] == 32
-    assert cfg["model"]["methods"][0]["version"] == 1 and cfg["config_version"] == 3
+    assert cfg["model"]["methods"][0]["version"] == 2 and cfg["config_version"] == 3
+    assert cfg["model"]["methods"][0]["cutlass"] is False  # act24.cutlass=auto recorded as resolved (CPU: false)
     import torch
     # attn_backend "auto" recorded likewise (torch's SDPA order without CUDA)
     assert cfg["model"]["attn_backend"] == "torch" if not torch.cuda.is_available() else \
