@@ -96,7 +96,9 @@ class _GradInLayout(torch.autograd.Function):
     outermost, [C, F, q'] contiguous, which reaches W_down transposed, and autograd's AccumulateGrad then copies it
     with a strided elementwise kernel (3.2 ms of a 1B relu2-vnm-fast step on an H100, step_w24_vnm.json). Here the
     transposition is one op of the backward graph, which the compiler emits as a tiled copy; the gradient then
-    arrives in W_down's layout and is kept. (Eager, the same strided copy runs here instead: no gain, no loss.)"""
+    arrives in W_down's layout and is kept. (Eager, the same strided copy runs here instead of in AccumulateGrad; where
+    the gradient is added to an existing one (gradient accumulation, the FFN benchmark's replays) the move is a pass
+    the former strided add did not make: not measured.)"""
 
     @staticmethod
     def forward(ctx, x):
