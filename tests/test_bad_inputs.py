@@ -118,6 +118,20 @@ def test_bad_train_input(dataset, tmp_path, capsys, extra, want):
     assert not out.exists()
 
 
+def test_an_out_that_is_a_file_is_named_as_one(dataset, tmp_path, capsys):
+    """--out naming a file: train and plot say that it is a file (as data prepare and export do), not "File
+    exists", and the file is left as it was."""
+    f = tmp_path / "afile"
+    f.write_text("x")
+    _fail(["train", "--preset", "llama-tiny-elas", "--data", str(dataset), "--out", str(f), "--no-progress", *TINY,
+           "--max-steps", "2"], capsys, f"--out {f} is a file, not a directory")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    _fail(["plot", str(run), "--out", str(f / "x.png")], capsys, f"--out {f / 'x.png'}: {f} is a file, not a directory")
+    assert f.read_text() == "x"
+
+
 def _broken(dataset, tmp_path, how):
     d = tmp_path / "data"
     shutil.copytree(dataset, d)

@@ -221,6 +221,29 @@ def test_resume_applies_a_toml_like_set_and_refuses_its_contradictions(dataset, 
     assert r.returncode == 2 and "(model.methods: act24 -> none)" in r.stderr, r.stderr
 
 
+def test_a_resume_that_changes_settings_keeps_the_old_values(dataset, reference, tmp_path):
+    """config.json holds a run's latest plan; a resume that changes it (lr, seed) says so, naming the seed's effect on
+    the data order, and appends the keys it changed, old and new, to resumes.jsonl. A resume that changes nothing
+    appends nothing."""
+    same, changed = tmp_path / "same", tmp_path / "changed"
+    shutil.copytree(reference / "killed", same)
+    shutil.copytree(reference / "killed", changed)
+    _resume_and_compare(dataset, same, reference / "ref")
+    assert not (same / "resumes.jsonl").exists()
+    old = json.loads((changed / "config.json").read_text())
+    r = run_cli(*train_args(dataset, changed, *COMMON, "--resume", "--set", "lr=0.0123", "--set", "seed=5"))
+    assert r.returncode == 0, r.stderr
+    assert "(a new seed also reorders the data); config.json holds the new values, resumes.jsonl the old ones" \
+        in r.stderr, r.stderr
+    lines = (changed / "resumes.jsonl").read_text().splitlines()
+    assert [json.loads(ln) for ln in lines] == [{"step": 6, "changed": {"lr": [old["lr"], 0.0123],
+                                                                         "seed": [old["seed"], 5]}}]
+    assert json.loads((changed / "config.json").read_text())["lr"] == 0.0123
+    from elas.train.trainer import config_changes
+    assert config_changes({"out_dir": "a", "model": {"rank": 8, "methods": [1]}},
+                          {"out_dir": "b", "model": {"rank": 16, "methods": [1]}}) == {"model.rank": [8, 16]}
+
+
 def test_a_run_directory_trains_in_one_process_at_a_time(dataset, reference, tmp_path):
     """A second process (a requeued job while the first still runs) stops with a one-line error naming the holder;
     once the holder is gone (killed: the lock goes with it) the resume goes on."""
@@ -556,6 +579,9 @@ def test_consolidating_a_damaged_sharded_checkpoint_refuses_and_leaves_its_manif
     r = run_cli(*train_args(dataset, run, "--max-steps", "2", "--set", "save_every=2", "--set", "eval_every=100",
                             "--set", "parallel=fsdp"))  # one process: DCP checkpoints all the same
     assert r.returncode == 0, r.stderr
+    # said once at the start, not as torch's warning at every save ("torch.distributed is disabled ...")
+    said = r.stdout + r.stderr
+    assert "parallel=fsdp in one process: nothing is sharded" in said and "torch.distributed" not in said, said
     ck = run / "checkpoints" / "step-00000002"
     before = json.loads((ck / "manifest.json").read_text())["files"]
     damaged = tmp_path / "damaged"

@@ -1137,3 +1137,44 @@ def test_a_stop_signal_that_comes_during_close_s_vote_is_not_dropped(monkeypatch
     finally:
         sig.signal(sig.SIGTERM, old)
     assert got == [sig.SIGTERM] and tr.stop_signal is None
+
+
+def test_a_global_batch_larger_than_the_training_split_is_said(tmp_path):
+    """More sequences a step than the training split holds: every step reads some twice (the stream runs on into
+    the next epoch's order), so the run says so at its start."""
+    from elas.data.prepare import prepare
+    d = tmp_path / "small"
+    prepare(d, source="builtin", vocab_size=512, max_mb=0.05, val_frac=0.05, log=lambda *a: None)
+    n = json.loads((d / "meta.json").read_text())["train_tokens"] // 32  # windows of seq_len 32 (TINY)
+    args = train_args(d, tmp_path / "run", "--max-steps", "1", "--set", "eval_every=100", "--set", "eval_tokens=256")
+    r = run_cli(*args, "--set", f"batch_size={n + 8}")
+    assert r.returncode == 0, r.stderr
+    assert f"the global batch ({n + 8} sequences) is larger than the training split ({n} sequences of 32 tokens)" \
+        in r.stdout + r.stderr, r.stdout + r.stderr
+    r = run_cli(*train_args(d, tmp_path / "run2", "--max-steps", "1", "--set", "eval_every=100",
+                            "--set", "eval_tokens=256"))
+    assert r.returncode == 0 and "larger than the training split" not in r.stdout + r.stderr, r.stderr
+
+
+def test_ctrl_c_while_elas_starts_is_one_line():
+    """SIGINT while elas still imports torch (its first second or two) ends it with one line and status 130, as
+    a Ctrl-C later does (cli.main), not with a traceback from inside torch's imports."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    p = subprocess.Popen([sys.executable, "-m", "elas", "model", "--preset", "llama-60m"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and err == "elas: interrupted\n", (p.returncode, err[-500:])
+
+
+def test_dry_run_prints_the_methods_as_the_run_records_them(capsys):
+    """--dry-run's method lines are what config.json would record: every field parsed ("yes" is true) and given,
+    with the method's version."""
+    assert main(["train", "--preset", "llama-tiny-elas", "--set", "model.act24.permute_tokens=yes", "--dry-run"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("method ")]
+    m = json.loads(lines[0][len("method "):])
+    assert len(lines) == 1 and m["permute_tokens"] is True and m["version"] == 2 and m["grad_mode"] == "ste"

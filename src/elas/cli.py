@@ -25,7 +25,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=None, help="low-rank rank for attention/FFN linears (0 = full)")
     p.add_argument("--act-sparsity", default=None, choices=["none", "2:4"],
                    help="2:4 activation sparsity of ReLU^2 (shorthand: adds or removes the act24 method; a V:N:M "
-                        "preset's vnm method stays)")
+                        "preset's vnm method stays). 2:4 on a SwiGLU preset also makes its FFN ReLU^2 (of the "
+                        "preset's SwiGLU width, so more parameters) unless --ffn is given")
     p.add_argument("--grad-mode", default=None, choices=GRAD_MODES,
                    help="gradient through the 2:4 mask (shorthand for --set model.act24.grad_mode=...)")
     p.add_argument("--d-ff", type=int, default=None, help="FFN width (default: derived from the preset)")
@@ -251,8 +252,11 @@ def resolve_train_config(args: argparse.Namespace):
                       f"processes is what it was (the losses then differ in the last bits), another run otherwise",
                       file=sys.stderr)
             elif moved:
-                print(f"elas: resuming with changed settings ({'; '.join(moved)}): from the resumed step on the run "
-                      f"differs from an uninterrupted one", file=sys.stderr)
+                from .train.trainer import RESUMES
+                seed = " (a new seed also reorders the data)" if any(m.startswith("seed ") for m in moved) else ""
+                print(f"elas: warning: resuming with changed settings ({'; '.join(moved)}): from the resumed step on "
+                      f"the run differs from an uninterrupted one{seed}; config.json holds the new values, {RESUMES} "
+                      f"the old ones", file=sys.stderr)
         if saved is not None and cfg.model != saved:
             from .config import KERNEL_KEYS
             from .sparsity import kernel_field_changes, method_changes
@@ -331,8 +335,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
     bad = [str(r) for r in runs if not (r / "metrics.jsonl").is_file()]
     if bad:
         raise UserError(f"not a run directory (no metrics.jsonl): {', '.join(bad)}")
+    out = Path(args.out)
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:  # (matplotlib would say "[Errno 17] File exists")
+        raise UserError(f"--out {args.out}: {blocker} is a file, not a directory")
     try:
-        if not plot_runs(runs, Path(args.out)):
+        if not plot_runs(runs, out):
             raise UserError("elas plot needs matplotlib: pip install 'elas[plot]'")
     except (ValueError, OSError) as e:  # an image format matplotlib does not write, a folder it cannot
         raise UserError(f"--out {args.out}: {e}") from None
@@ -376,9 +384,13 @@ def dry_run(cfg) -> None:
           f"accumulated), {cfg.max_steps:,} steps: " +
           (f"{_count(batch * cfg.seq_len * cfg.max_steps)} tokens (x the number of processes)" if world == 1 else
            f"x {world} processes: {_count(world * batch * cfg.seq_len * cfg.max_steps)} tokens"))
+    from .build import resolve_methods
+    from .config import to_dict
+    from .sparsity import method_to_dict
+    cfg = copy.deepcopy(cfg)  # every method field parsed and given, as the run's config.json records them
+    cfg.model.methods = [method_to_dict(m) for m in resolve_methods(cfg.model)]
     for m in cfg.model.methods:
         print("method " + json.dumps(m))
-    from .config import to_dict
     print("config " + json.dumps(to_dict(cfg)))
 
 
@@ -1046,7 +1058,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
     p = sub.add_parser("model", help="parameter counts and FLOPs of a model (no weights allocated)")
     add_model_args(p)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence the FLOPs are counted at")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--list", action="store_true", help="list presets")
     p.set_defaults(func=cmd_model)
@@ -1059,7 +1071,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the model, nor model.methods: a --config TOML's [model.METHOD] tables)")
     p.add_argument("--out", help="run directory (default runs/<recipe>, else runs/<preset>)")
     p.add_argument("--data", help="prepared dataset directory")
-    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-steps", type=int, help="optimizer steps of the run (the learning-rate schedule and "
+                   "the methods' phases are planned over them)")
     p.add_argument("--optimizer", choices=["adamw", "loro_adamw"],
                    help="loro_adamw also sets LORO's lr, exact-step period and weight decay (0) for the size")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")

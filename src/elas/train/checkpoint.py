@@ -24,6 +24,8 @@ import random
 import shutil
 import sys
 import threading
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -442,6 +444,15 @@ def any_failed(failed: bool) -> bool:
     return bool(flag.item())
 
 
+@contextmanager
+def _one_process_dcp():
+    """torch.distributed.checkpoint in a process without a process group (parallel=fsdp run by one process) warns
+    that it assumes one process on every save and load: that is this case, said once at start-up instead."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
+
+
 def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer, trainer_state: dict,
                             keep: int = 2) -> Path:
     """Every process writes its shards with torch.distributed.checkpoint into step-N.tmp/dcp; rank 0 then adds
@@ -465,7 +476,8 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, op
         error = e
     if not any_failed(error is not None):
         try:
-            dcp.save(_dist_state(model, optimizer), checkpoint_id=str(tmp / "dcp"))
+            with _one_process_dcp():
+                dcp.save(_dist_state(model, optimizer), checkpoint_id=str(tmp / "dcp"))
         except DCP_ERRORS as e:  # noqa: BLE001
             error = e
     if not any_failed(error is not None) and rank == 0:
@@ -508,7 +520,8 @@ def load_sharded_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer) -> di
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     try:
         state = _dist_state(model, optimizer)
-        dcp.load(state, checkpoint_id=str(Path(ckpt) / "dcp"))
+        with _one_process_dcp():
+            dcp.load(state, checkpoint_id=str(Path(ckpt) / "dcp"))
         set_model_state_dict(model, state["model"])
         _keeping_group_settings(optimizer, lambda: set_optimizer_state_dict(model, optimizer, state["optim"]))
         set_rng_state(torch.load(Path(ckpt) / "rng.pt", map_location="cpu", weights_only=False)["rng"])

@@ -116,6 +116,8 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def check_writable(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise TrainError(f"--out {path} is a file, not a directory: choose another --out")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-probe"
@@ -123,6 +125,34 @@ def check_writable(path: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise TrainError(f"output directory {path} is not writable ({e.strerror or e}); choose another --out") from None
+
+
+RESUMES = "resumes.jsonl"  # one line per resume that changed the run's config: {"step", "changed": {key: [old, new]}}
+
+
+def config_changes(old: dict, new: dict) -> dict:
+    """{key: [old, new]} of the keys two config.json dicts differ in (model keys as model.KEY, methods whole); the
+    run directory's own path is left out (a moved run is the same run)."""
+    a, b = flatten(old), flatten(new)
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if k != "out_dir" and a.get(k) != b.get(k)}
+
+
+def record_resume(run_dir: Path, step: int, new: dict) -> dict:
+    """Before a resume rewrites config.json with its settings: the keys it changes, with their old values, appended
+    to RESUMES as one line (nothing where none changed, or where config.json is unreadable: the checkpoint's copy
+    then stands for it, load_run_config). config.json always holds the latest plan; RESUMES what it replaced."""
+    try:
+        old = json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    changed = config_changes(old, new) if isinstance(old, dict) else {}
+    if changed:
+        path = Path(run_dir) / RESUMES
+        lines = path.read_bytes() if path.exists() else b""
+        if lines and not lines.endswith(b"\n"):  # (a torn last line, from a kill mid-write in another version)
+            lines = lines[:lines.rfind(b"\n") + 1]
+        write_atomic(path, lines + (json.dumps({"step": step, "changed": changed}) + "\n").encode())
+    return changed
 
 
 def read_metrics(path: Path, bad: list | None = None) -> list[dict]:
@@ -615,6 +645,10 @@ class Trainer:
             target = self.run_dir / "config.json"
             try:  # (a full disk here is one line, not a traceback)
                 if not complete:
+                    if self.ckpt is not None:  # a resume that changed the plan keeps the old values beside it
+                        target = self.run_dir / RESUMES
+                        record_resume(self.run_dir, self.step, to_dict(cfg))
+                        target = self.run_dir / "config.json"
                     write_atomic(target, json.dumps(to_dict(cfg), indent=2).encode())
                 # the run keeps its tokenizer beside it: generate and export work after the dataset moves or goes.
                 # A resume keeps its copy (its data was checked to be the checkpoint's); a start at step 0 writes
@@ -635,6 +669,13 @@ class Trainer:
             where = f"{self.device}" + (f" x{d.world} ({cfg.parallel.upper()})" if d.enabled else "")
             self.log(f"elas: {cfg.preset} | {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params "
                      f"| {where} | global batch {self.global_batch} x {cfg.seq_len} tokens | run dir {self.run_dir}")
+            if self.global_batch > self.train_windows.n:  # (Batches runs on into the next epoch's order)
+                self.log(f"elas: warning: the global batch ({self.global_batch} sequences) is larger than the "
+                         f"training split ({self.train_windows.n} sequences of {cfg.seq_len} tokens): every step "
+                         f"reads some sequences twice; lower batch_size or use more data")
+            if self.fsdp and not d.enabled:
+                self.log("elas: parallel=fsdp in one process: nothing is sharded (torchrun starts the processes that "
+                         "shard); checkpoints are written in FSDP's sharded form (dcp/)")
             for line in describe(self.model):
                 self.log(f"elas: {line}")
             if self.kernel_note:
@@ -683,7 +724,8 @@ class Trainer:
                              f"schedule (warm-up, then cosine to step {cfg.max_steps})" +
                              (f" and the end of the sparse phase of {', '.join(moving)} (sparse_until a fraction of "
                               f"the run)" if moving else "") +
-                             f" change from step {self.step} on, so the losses from here differ from a run planned "
+                             f" {'change' if moving else 'changes'} from step {self.step} on, so the losses from "
+                             f"here differ from a run planned "
                              f"for either length")
         # every process catches the stop signals (torchrun passes a SIGTERM or Ctrl-C to each): they agree on the
         # step to stop at, save together (FSDP2's shards need every process) and leave. Once the last step is
