@@ -124,7 +124,9 @@ def test_an_out_that_is_a_file_is_named_as_one(dataset, tmp_path, capsys):
     f = tmp_path / "afile"
     f.write_text("x")
     _fail(["train", "--preset", "llama-tiny-elas", "--data", str(dataset), "--out", str(f), "--no-progress", *TINY,
-           "--max-steps", "2"], capsys, f"--out {f} is a file, not a directory")
+           "--max-steps", "2"], capsys, f"--out {f}: {f} is a file, not a directory")
+    _fail(["train", "--preset", "llama-tiny-elas", "--data", str(dataset), "--out", str(f / "sub"), "--no-progress",
+           *TINY, "--max-steps", "2"], capsys, f"--out {f / 'sub'}: {f} is a file, not a directory")
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")

@@ -224,7 +224,7 @@ def test_resume_applies_a_toml_like_set_and_refuses_its_contradictions(dataset, 
 def test_a_resume_that_changes_settings_keeps_the_old_values(dataset, reference, tmp_path):
     """config.json holds a run's latest plan; a resume that changes it (lr, seed) says so, naming the seed's effect on
     the data order, and appends the keys it changed, old and new, to resumes.jsonl. A resume that changes nothing
-    appends nothing."""
+    appends nothing, and neither do keys a resume only reads differently (an older config.json's absent keys)."""
     same, changed = tmp_path / "same", tmp_path / "changed"
     shutil.copytree(reference / "killed", same)
     shutil.copytree(reference / "killed", changed)
@@ -233,15 +233,23 @@ def test_a_resume_that_changes_settings_keeps_the_old_values(dataset, reference,
     old = json.loads((changed / "config.json").read_text())
     r = run_cli(*train_args(dataset, changed, *COMMON, "--resume", "--set", "lr=0.0123", "--set", "seed=5"))
     assert r.returncode == 0, r.stderr
-    assert "(a new seed also reorders the data); config.json holds the new values, resumes.jsonl the old ones" \
-        in r.stderr, r.stderr
+    said = r.stdout + r.stderr
+    assert "from the resumed step on the run differs from an uninterrupted one (a new seed also reorders the data)" \
+        in said and "resumes.jsonl keeps what this resume changed (lr, seed), config.json the new plan" in said, said
     lines = (changed / "resumes.jsonl").read_text().splitlines()
     assert [json.loads(ln) for ln in lines] == [{"step": 6, "changed": {"lr": [old["lr"], 0.0123],
                                                                          "seed": [old["seed"], 5]}}]
     assert json.loads((changed / "config.json").read_text())["lr"] == 0.0123
-    from elas.train.trainer import config_changes
-    assert config_changes({"out_dir": "a", "model": {"rank": 8, "methods": [1]}},
-                          {"out_dir": "b", "model": {"rank": 16, "methods": [1]}}) == {"model.rank": [8, 16]}
+    from elas.train.trainer import config_changes, record_resume
+    new = json.loads((changed / "config.json").read_text())
+    older = {k: v for k, v in new.items() if k not in ("optim_state_dtype", "config_version")}  # as version 1 wrote
+    older["model"] = {k: v for k, v in new["model"].items() if k not in ("ce_kernel", "residual_dtype")}
+    assert config_changes(older, new) == {}
+    assert config_changes(older, {**new, "out_dir": "moved", "grad_clip": 0.5}) == {"grad_clip": [1.0, 0.5]}
+    # a resume whose config.json write failed, resumed again with the same change, records it once
+    (changed / "config.json").write_text(json.dumps(old))
+    assert record_resume(changed, 6, new) == {"lr": [old["lr"], 0.0123], "seed": [old["seed"], 5]}
+    assert (changed / "resumes.jsonl").read_text().splitlines() == lines
 
 
 def test_a_run_directory_trains_in_one_process_at_a_time(dataset, reference, tmp_path):

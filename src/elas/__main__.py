@@ -1,14 +1,22 @@
-"""`python -m elas` and the `elas` command (pyproject's script): the CLI. Its imports (torch's) take seconds, so a
-Ctrl-C during them is one line too, as after them (cli.main)."""
+"""`python -m elas` and the `elas` command (pyproject's script): the CLI. Its imports (torch's) take seconds, and
+a KeyboardInterrupt raised in the middle of them can leave a module half-imported and end in another error, so
+during them Ctrl-C ends the process at once, with the one line cli.main prints for a Ctrl-C later on."""
+import os
+import signal
 import sys
 
 
+def _interrupted(signum, frame):
+    os.write(2, b"elas: interrupted\n")
+    os._exit(130)
+
+
 def run() -> int:
+    before = signal.signal(signal.SIGINT, _interrupted)
     try:
         from .cli import main
-    except KeyboardInterrupt:
-        print("elas: interrupted", file=sys.stderr)
-        return 130
+    finally:
+        signal.signal(signal.SIGINT, before)
     return main()
 
 

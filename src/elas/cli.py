@@ -252,11 +252,9 @@ def resolve_train_config(args: argparse.Namespace):
                       f"processes is what it was (the losses then differ in the last bits), another run otherwise",
                       file=sys.stderr)
             elif moved:
-                from .train.trainer import RESUMES
                 seed = " (a new seed also reorders the data)" if any(m.startswith("seed ") for m in moved) else ""
                 print(f"elas: warning: resuming with changed settings ({'; '.join(moved)}): from the resumed step on "
-                      f"the run differs from an uninterrupted one{seed}; config.json holds the new values, {RESUMES} "
-                      f"the old ones", file=sys.stderr)
+                      f"the run differs from an uninterrupted one{seed}", file=sys.stderr)
         if saved is not None and cfg.model != saved:
             from .config import KERNEL_KEYS
             from .sparsity import kernel_field_changes, method_changes

@@ -116,8 +116,9 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def check_writable(path: Path) -> None:
-    if path.exists() and not path.is_dir():
-        raise TrainError(f"--out {path} is a file, not a directory: choose another --out")
+    file = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if file is not None:
+        raise TrainError(f"--out {path}: {file} is a file, not a directory; choose another --out")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-probe"
@@ -127,31 +128,38 @@ def check_writable(path: Path) -> None:
         raise TrainError(f"output directory {path} is not writable ({e.strerror or e}); choose another --out") from None
 
 
-RESUMES = "resumes.jsonl"  # one line per resume that changed the run's config: {"step", "changed": {key: [old, new]}}
+RESUMES = "resumes.jsonl"  # one line per resume that changed the run's plan: {"step", "changed": {key: [old, new]}}
 
 
 def config_changes(old: dict, new: dict) -> dict:
-    """{key: [old, new]} of the keys two config.json dicts differ in (model keys as model.KEY, methods whole); the
-    run directory's own path is left out (a moved run is the same run)."""
-    a, b = flatten(old), flatten(new)
-    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if k != "out_dir" and a.get(k) != b.get(k)}
+    """{key: [old, new]} of the training keys two config.json dicts differ in, each read as a resume reads it
+    (from_dict: older versions migrated, absent keys at their defaults). Model keys are left out: a resume keeps
+    its model, and the kernel keys it may change are resolved per machine (and said at the start); so are the run
+    directory's own path (a moved run is the same run) and the file's version."""
+    a, b = (to_dict(from_dict(TrainConfig, d)) for d in (old, new))
+    skip = ("model", "out_dir", "config_version")
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if k not in skip and a.get(k) != b.get(k)}
 
 
 def record_resume(run_dir: Path, step: int, new: dict) -> dict:
-    """Before a resume rewrites config.json with its settings: the keys it changes, with their old values, appended
-    to RESUMES as one line (nothing where none changed, or where config.json is unreadable: the checkpoint's copy
-    then stands for it, load_run_config). config.json always holds the latest plan; RESUMES what it replaced."""
+    """Before a resume rewrites config.json with its settings: the training keys it changes, with their old values,
+    appended to RESUMES as one line (nothing where none changed, or where config.json is unreadable: the
+    checkpoint's copy then stands for it, load_run_config). config.json holds the latest plan, RESUMES what each
+    resume replaced. A line equal to the last one is not written twice (a resume whose config.json write failed,
+    resumed again)."""
     try:
         old = json.loads((Path(run_dir) / "config.json").read_text())
-    except (OSError, ValueError):
+        changed = config_changes(old, new)
+    except (OSError, ValueError, TypeError, KeyError):
         return {}
-    changed = config_changes(old, new) if isinstance(old, dict) else {}
     if changed:
         path = Path(run_dir) / RESUMES
         lines = path.read_bytes() if path.exists() else b""
         if lines and not lines.endswith(b"\n"):  # (a torn last line, from a kill mid-write in another version)
             lines = lines[:lines.rfind(b"\n") + 1]
-        write_atomic(path, lines + (json.dumps({"step": step, "changed": changed}) + "\n").encode())
+        line = (json.dumps({"step": step, "changed": changed}) + "\n").encode()
+        if not lines.endswith(line):
+            write_atomic(path, lines + line)
     return changed
 
 
@@ -647,7 +655,10 @@ class Trainer:
                 if not complete:
                     if self.ckpt is not None:  # a resume that changed the plan keeps the old values beside it
                         target = self.run_dir / RESUMES
-                        record_resume(self.run_dir, self.step, to_dict(cfg))
+                        changed = record_resume(self.run_dir, self.step, to_dict(cfg))
+                        if changed:
+                            self.log(f"elas: {RESUMES} keeps what this resume changed ({', '.join(changed)}), "
+                                     f"config.json the new plan")
                         target = self.run_dir / "config.json"
                     write_atomic(target, json.dumps(to_dict(cfg), indent=2).encode())
                 # the run keeps its tokenizer beside it: generate and export work after the dataset moves or goes.
