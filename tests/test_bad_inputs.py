@@ -18,6 +18,9 @@ TRAIN_CASES = [
     (["--set", "lr=none"], "'none' for lr"),
     (["--set", "lr=inf"], "lr=inf (> 0 and finite)"),
     (["--set", "batch_size=none"], "'none' for batch_size"),
+    # (a floor of 8 x 10^12 bytes, more than any machine this runs on: the OS would kill the run without a word)
+    (["--set", "batch_size=1000000000"], "batch_size=1000000000 x seq_len=32 cannot fit: one micro-batch's "
+                                         "activations need at least"),
     (["--set", "lr=abc"], "'abc' for lr"),
     (["--set", "lr=0"], "lr=0"),
     (["--set", "max_steps=2.5"], "'2.5' for max_steps"),

@@ -280,8 +280,9 @@ def resolve_train_config(args: argparse.Namespace):
                             (f"use --data {fits[0]}" if fits else "prepare a dataset with a smaller --vocab-size"))
         # everything a run needs that costs nothing to check, before any data is prepared
         from .build import build_model
-        from .train.trainer import computes_in_bf16, pick_device, resolve_param_dtype
+        from .train.trainer import check_fits, computes_in_bf16, pick_device, resolve_param_dtype
         device = pick_device(cfg.device)
+        check_fits(cfg, device)
         resolve_param_dtype(cfg, device, int(os.environ.get("WORLD_SIZE", "1")) > 1, computes_in_bf16(cfg, device),
                             resume_from=cfg.out_dir if args.resume else None)
         meta_model = build_model(cfg.model, "meta")  # the methods' keys, and whether they apply to this model

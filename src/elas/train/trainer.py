@@ -115,6 +115,25 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
 
 
+def check_fits(cfg: TrainConfig, device: torch.device) -> None:
+    """A micro-batch that cannot fit the device's memory, refused before any data or model is made (the OS would
+    kill a CPU run without a word). The bound is a floor: every block's input [batch_size x seq_len, d_model] at 2
+    bytes (bf16) or 4 (a CPU run's fp32), what even activation checkpointing keeps; a step needs several times it."""
+    if device.type == "cuda":
+        total, where = torch.cuda.get_device_properties(device).total_memory, f"{device}'s"
+    elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        total, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's"
+    else:  # (no way to ask: nothing is refused)
+        return
+    m = cfg.model
+    need = m.n_layers * cfg.batch_size * cfg.seq_len * m.d_model * (4 if device.type == "cpu" else 2)
+    if need > total:
+        raise TrainError(f"batch_size={cfg.batch_size} x seq_len={cfg.seq_len} cannot fit: one micro-batch's "
+                         f"activations need at least {need / 2**30:,.1f} GiB (the {m.n_layers} blocks' inputs alone), "
+                         f"more than {where} {total / 2**30:,.1f} GiB; lower batch_size and raise grad_accum to keep "
+                         f"the global batch")
+
+
 def check_writable(path: Path) -> None:
     file = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
     if file is not None:
