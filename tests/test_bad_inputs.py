@@ -18,7 +18,8 @@ TRAIN_CASES = [
     (["--set", "lr=none"], "'none' for lr"),
     (["--set", "lr=inf"], "lr=inf (> 0 and finite)"),
     (["--set", "batch_size=none"], "'none' for batch_size"),
-    # (a floor of 8 x 10^12 bytes, more than any machine this runs on: the OS would kill the run without a word)
+    # (a floor of 8 x 10^12 bytes (2 x 64 x 32 x 10^9 x 2), more than any machine this runs on: the OS would kill
+    # the run without a word)
     (["--set", "batch_size=1000000000"], "batch_size=1000000000 x seq_len=32 cannot fit: one micro-batch's "
                                          "activations need at least"),
     (["--set", "lr=abc"], "'abc' for lr"),

@@ -167,7 +167,7 @@ def test_bad_inputs_are_one_line_errors(dataset, tmp_path, capsys):
     assert "did you mean 'model.rank'" in err(train_args(dataset, out, "--set", "model.rnak=1"))
     assert "expected an integer" in err(train_args(dataset, out, "--set", "max_steps=ten"))
     (tmp_path / "afile").write_text("x")
-    assert "not writable" in err(train_args(dataset, tmp_path / "afile" / "run"))
+    assert f"{tmp_path / 'afile'} is a file, not a directory" in err(train_args(dataset, tmp_path / "afile" / "run"))
     (tmp_path / "bad.toml").write_text("lr = = 1")
     assert "not valid TOML" in err(train_args(dataset, out, "--config", str(tmp_path / "bad.toml")))
 

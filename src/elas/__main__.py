@@ -12,11 +12,15 @@ def _interrupted(signum, frame):
 
 
 def run() -> int:
-    before = signal.signal(signal.SIGINT, _interrupted)
+    # (only where Ctrl-C would stop it anyway: a process started with SIGINT ignored, in the background of a
+    # script, keeps ignoring it)
+    ours = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    before = signal.signal(signal.SIGINT, _interrupted) if ours else None
     try:
         from .cli import main
     finally:
-        signal.signal(signal.SIGINT, before)
+        if ours:
+            signal.signal(signal.SIGINT, before)
     return main()
 
 

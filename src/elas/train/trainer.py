@@ -118,7 +118,8 @@ def peak_flops(device: torch.device) -> float | None:
 def check_fits(cfg: TrainConfig, device: torch.device) -> None:
     """A micro-batch that cannot fit the device's memory, refused before any data or model is made (the OS would
     kill a CPU run without a word). The bound is a floor: every block's input [batch_size x seq_len, d_model] at 2
-    bytes (bf16) or 4 (a CPU run's fp32), what even activation checkpointing keeps; a step needs several times it."""
+    bytes (bf16, the narrowest the step computes in), what even activation checkpointing keeps; a step needs
+    several times it, so a refused run could never have fitted."""
     if device.type == "cuda":
         total, where = torch.cuda.get_device_properties(device).total_memory, f"{device}'s"
     elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
@@ -126,7 +127,7 @@ def check_fits(cfg: TrainConfig, device: torch.device) -> None:
     else:  # (no way to ask: nothing is refused)
         return
     m = cfg.model
-    need = m.n_layers * cfg.batch_size * cfg.seq_len * m.d_model * (4 if device.type == "cpu" else 2)
+    need = m.n_layers * cfg.batch_size * cfg.seq_len * m.d_model * 2
     if need > total:
         raise TrainError(f"batch_size={cfg.batch_size} x seq_len={cfg.seq_len} cannot fit: one micro-batch's "
                          f"activations need at least {need / 2**30:,.1f} GiB (the {m.n_layers} blocks' inputs alone), "
@@ -168,8 +169,8 @@ def record_resume(run_dir: Path, step: int, new: dict) -> dict:
     resumed again)."""
     try:
         old = json.loads((Path(run_dir) / "config.json").read_text())
-        changed = config_changes(old, new)
-    except (OSError, ValueError, TypeError, KeyError):
+        changed = config_changes(old, new) if isinstance(old, dict) else {}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return {}
     if changed:
         path = Path(run_dir) / RESUMES
@@ -415,6 +416,7 @@ class Trainer:
         methods_asked, cutlass_auto = [dict(m) for m in cfg.model.methods], []  # likewise act24.cutlass=auto
         error = None  # (kept until every process has compared its start-up: `agree`)
         try:
+            check_fits(cfg, self.device)  # (also where the CLI did not start the run: elas experiment)
             if cfg.model.relu2_kernel == "auto":
                 relu2_auto = relu2_kernel(cfg.model, self.device)
                 cfg.model.relu2_kernel = relu2_auto[0]
@@ -437,7 +439,7 @@ class Trainer:
             check_kernels(cfg.model, self.device)
             if cfg.compile and self.device.type == "cuda":
                 compile_options(cfg.model)  # (model.pdl on a torch without it)
-        except ValueError as e:  # (also a bad ELAS_CUTLASS_SKIP)
+        except (ValueError, TrainError) as e:  # (also a bad ELAS_CUTLASS_SKIP)
             error = str(e)
         # data, before the run directory exists: a failed check leaves nothing behind. config.json records the
         # data directory absolute, so eval/generate/--resume work from any working directory
