@@ -164,14 +164,16 @@ def test_a_lost_or_damaged_config_json_is_recovered_from_the_newest_checkpoint(d
     flag takes the copy in the newest checkpoint, writes it back, says so, and continues the same losses (with
     the default preset's config instead, the tiny run's weights would not even fit)."""
     import shutil
-    for damage in ("delete", "truncate"):
+    for damage in ("delete", "truncate", "not an object"):
         run = tmp_path / damage
         shutil.copytree(reference / "killed", run)
         want = json.loads((run / "config.json").read_text())
         if damage == "delete":
             (run / "config.json").unlink()
-        else:
+        elif damage == "truncate":
             (run / "config.json").write_text((run / "config.json").read_text()[:1024])
+        else:  # valid JSON, not a config (an edit gone wrong)
+            (run / "config.json").write_text("[]")
         r = run_cli("train", "--out", str(run), "--no-progress", "--resume")
         assert r.returncode == 0, r.stderr
         assert "recovered from checkpoint step-00000006 and written back" in r.stderr

@@ -1230,13 +1230,13 @@ def load_run_config(run_dir: str | Path, log=None) -> TrainConfig:
     if p.is_file():
         try:
             return from_dict(TrainConfig, json.loads(p.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:  # (JSON, not an object)
             why = f"{p} is not a valid elas config ({e})"
     for ckpt in checkpoints(Path(run_dir)):
         try:
             saved = json.loads((ckpt / "trainer.json").read_text()).get("config")
             cfg = from_dict(TrainConfig, saved) if saved else None
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
             cfg = None
         if cfg is not None:
             try:
