@@ -967,3 +967,22 @@ def test_loro_refuses_a_zero_width_or_negative_rewarm():
         LOROAdamW(torch.nn.Sequential(LowRankLinear(8, 6, 2)), exact_every=100, d_model=0)
     with pytest.raises(ValueError, match="rewarm_steps=-1"):
         LOROAdamW(torch.nn.Sequential(LowRankLinear(8, 6, 2)), exact_every=100, d_model=8, rewarm_steps=-1)
+
+
+def test_plot_keeps_a_run_whose_losses_all_lie_above_the_cut(tmp_path, monkeypatch):
+    """elas plot cuts the training-loss panel at 8 (the first steps' losses would flatten the rest) only where every
+    run has losses below 8: a short run whose losses all lie above would vanish while the legend still named it."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from elas.train.experiment import plot_runs
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: drawn.append(self))
+    for name, ys in (("low", [9.0, 7.0, 5.0]), ("high", [9.0, 8.6, 8.4])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": i + 1, "loss": y}) + "\n" for i, y in enumerate(ys)))
+    assert plot_runs([tmp_path / "low", tmp_path / "high"], tmp_path / "both.png")
+    assert plot_runs([tmp_path / "low"], tmp_path / "low.png")
+    both, low = (next(ax for ax in f.axes if ax.get_title() == "training loss") for f in drawn)
+    assert both.get_ylim()[1] >= 9.0 and low.get_ylim()[1] == 8.0

@@ -689,6 +689,9 @@ def test_a_stop_signal_under_torchrun_saves_every_process_at_one_step(dataset, t
     assert ck is not None and "/elas/" not in err and "gloo" not in err, err[-3000:]
     step = json.loads((ck / "trainer.json").read_text())["step"]
     assert f"stopped by signal 15 at step {step};" in err and step > 0
+    # (not `elas train --resume` alone, which would continue in one process, with half the global batch)
+    assert "continue with the same torchrun command with `--resume` (2 processes; on another number keep " \
+        "batch_size x grad_accum x processes = 4, the global batch" in err, err[-3000:]
     r = _torchrun_per_rank(tmp_path, [*train_args(dataset, out, "--set", "batch_size=2"), "--resume",
                                       "--max-steps", str(step + 2)])
     assert r.returncode == 0, r.stderr[-3000:]

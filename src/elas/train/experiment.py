@@ -850,8 +850,11 @@ def plot_runs(runs: list[Path], png: Path) -> bool:
         ax.set_xlabel("step")
         if ax.has_data():
             ax.legend(fontsize=7)
-    if ax_loss.has_data() and ax_loss.get_ylim()[0] < 8.0:  # (the first steps' losses cut off: the rest shows;
-        ax_loss.set_ylim(top=min(8.0, ax_loss.get_ylim()[1]))  # a run whose losses are all above 8 keeps its axis)
+    # the first steps' losses cut off at 8, so that the rest shows, where every run has losses below 8 (a run whose
+    # losses all lie above would vanish from the panel while the legend still named it)
+    lows = [min(y for _, y in line.get_xydata()) for line in ax_loss.get_lines() if len(line.get_xydata())]
+    if lows and max(lows) < 8.0:
+        ax_loss.set_ylim(top=min(8.0, ax_loss.get_ylim()[1]))
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)

@@ -82,12 +82,16 @@ class TrainStopped(TrainError):
     """A run stopped by a signal (Ctrl-C, a scheduler's SIGTERM) after its checkpoint was written: not a failure.
     `elas train` exits with 128 + the signal's number, as a process killed by it would be reported."""
 
-    def __init__(self, signum: int, step: int, run_dir: Path, quiet: bool = False, complete: bool = False):
+    def __init__(self, signum: int, step: int, run_dir: Path, quiet: bool = False, complete: bool = False,
+                 world: int = 1, global_batch: int = 0):
         # quiet: a process other than rank 0 (which says it); complete: the run had finished (the grid's stop
-        # between runs), so nothing was in progress
+        # between runs), so nothing was in progress; world, global_batch: a run of several processes (torchrun),
+        # which `elas train --resume` alone would continue in one process, with another global batch
         self.signum, self.quiet, self.complete = signum, quiet, complete
-        super().__init__(f"stopped by signal {signum} at step {step}; checkpoint saved: continue with "
-                         f"`elas train --out {run_dir} --resume`")
+        how = (f"`elas train --out {run_dir} --resume`" if world <= 1 else
+               f"the same torchrun command with `--resume` ({world} processes; on another number keep batch_size x "
+               f"grad_accum x processes = {global_batch}, the global batch, so the run continues exactly)")
+        super().__init__(f"stopped by signal {signum} at step {step}; checkpoint saved: continue with {how}")
 
 
 def pick_device(name: str) -> torch.device:
@@ -897,7 +901,8 @@ class Trainer:
                     t_trained_from += time.perf_counter() - t0
                 if stop:
                     self._wait_saves()
-                    raise TrainStopped(stop, self.step, self.run_dir, quiet=d.enabled and not d.main)
+                    raise TrainStopped(stop, self.step, self.run_dir, quiet=d.enabled and not d.main,
+                                       world=d.world if d.enabled else 1, global_batch=self.global_batch)
             # (no vote after the loop: a failed write of rank 0's is agreed on below, once the last checkpoint is
             # written; one process raising alone would leave the others in the collectives that follow)
             missing = complete and self.step == cfg.max_steps and d.main and not any(
