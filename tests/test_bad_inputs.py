@@ -402,3 +402,11 @@ def test_a_config_of_a_newer_version_is_refused():
     d["config_version"] = CONFIG_VERSION + 1
     with pytest.raises(ValueError, match=f"config of version {CONFIG_VERSION + 1} is newer than this elas"):
         from_dict(TrainConfig, d)
+
+
+def test_consolidate_of_a_folder_that_is_not_there(tmp_path, capsys):
+    """elas checkpoint consolidate RUN names a missing folder as one, not as a run without a checkpoint."""
+    _fail(["checkpoint", "consolidate", str(tmp_path / "nope")], capsys,
+          f"{tmp_path / 'nope'} is not a run directory (no such folder)")
+    (tmp_path / "empty").mkdir()
+    _fail(["checkpoint", "consolidate", str(tmp_path / "empty")], capsys, "holds no checkpoint that verifies")

@@ -565,6 +565,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_checkpoint_consolidate(args: argparse.Namespace) -> int:
     from .train import CheckpointError, newest_verified
     from .train.checkpoint import consolidate, verify_checkpoint
+    if not args.checkpoint and not Path(args.run).is_dir():
+        raise UserError(f"{args.run} is not a run directory (no such folder)")
     ckpt = _checkpoint_arg(args) or newest_verified(Path(args.run))
     if ckpt is None or not ckpt.is_dir():
         raise UserError(f"{args.checkpoint or args.run} holds no checkpoint that verifies")

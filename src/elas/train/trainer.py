@@ -888,8 +888,10 @@ class Trainer:
                             (bar.write if bar is not None else self.log)(
                                 f"elas: that evaluation took {eval_s:.1f} s, {eval_s / max(trained_s, 1e-9):.0%} of "
                                 f"the {trained_s:.1f} s of training since the previous one; lower eval_tokens "
-                                f"(now {cfg.eval_tokens}) or raise eval_every (now {cfg.eval_every}): `--set "
-                                f"eval_tokens=...` in `elas train`")
+                                f"(now {cfg.eval_tokens}" + (f", of which the split held {n:,}" if n < cfg.eval_tokens
+                                                             else "") +
+                                f") or raise eval_every (now {cfg.eval_every}): `--set eval_tokens=...` in `elas "
+                                f"train`")
                     t_trained_from = time.perf_counter()
                 stop = stop if self.step < cfg.max_steps else None  # (the last step: saved as planned; run complete)
                 if save_now or stop:
