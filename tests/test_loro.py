@@ -782,6 +782,20 @@ def test_grid_plan_says_what_is_left_and_its_gpu_time(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "swiglu" in text and "other settings" in text and "max_steps 1000 -> 2000" in text
     assert "--variants relu2" not in text and "--variants swiglu" not in text  # nothing of seed 0 left to run here
+    # runs done on a CPU: their times are CPU time, and the plan says so (was "GPU-min" whatever the machine)
+    cpu = tmp_path / "cpu-grid"
+    (cpu / "relu2").mkdir(parents=True)
+    (cpu / "relu2" / "summary.json").write_text(json.dumps({"wall_s": 120.0, "device": "cpu"}))
+    assert cli.main(["experiment", "--plan", "--out", str(cpu), "--variants", "relu2,elas", "--seeds", "0",
+                     "--data", str(tmp_path / "nodata")]) == 0
+    text = capsys.readouterr().out
+    assert "1 of 2 runs done; 1 to run, ~2 CPU-min" in text and "(CPU time" in text and "GPU" not in text
+    (cpu / "elas.seed1").mkdir()
+    (cpu / "elas.seed1" / "summary.json").write_text(json.dumps({"wall_s": 60.0, "device": "cuda"}))
+    assert cli.main(["experiment", "--plan", "--out", str(cpu), "--variants", "relu2,elas", "--seeds", "0",
+                     "--data", str(tmp_path / "nodata")]) == 0
+    text = capsys.readouterr().out
+    assert "(CPU and GPU time" in text and "CPU-min" not in text and "GPU-min" not in text
 
 
 def test_estimates_from_another_grid_scale_by_training_flops(tmp_path, capsys):

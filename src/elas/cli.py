@@ -914,7 +914,7 @@ def _print_grid_plan(args: argparse.Namespace, variants: list[str], seeds: list[
                      estimates: dict[str, float] | None = None) -> int:
     """`elas experiment --plan`: what the grid in --out still has to run, and the GPU time it is estimated to
     need (from the runs done there), without running anything."""
-    from .train.experiment import grid_plan, run_tokens, variant_config
+    from .train.experiment import done_devices, grid_plan, run_tokens, variant_config
     try:
         for v in variants:  # a bad variant or key: one line, as for a run
             cfg = variant_config(args.size, v, args.steps, args.data, out, args.batch_size, args.grad_accum)
@@ -924,17 +924,21 @@ def _print_grid_plan(args: argparse.Namespace, variants: list[str], seeds: list[
         args.size, v, args.steps, args.data, out, args.batch_size, args.grad_accum, seed=seed),
         estimates=estimates, size=args.size, tokens=run_tokens(cfg, world=1))
     left = [r for r in rows if r["state"] not in ("done", "diverged")]
-    print(f"{'run':<48} {'state':<32} estimate (GPU time, from the runs done here" +
+    # the estimates are the time of the machine the done runs trained on: a CPU grid's are CPU minutes
+    kinds = done_devices(out, args.estimate_from)
+    what = "GPU" if "cpu" not in kinds else "CPU" if kinds == {"cpu"} else "CPU and GPU"
+    unit = "min" if what == "CPU and GPU" else f"{what}-min"
+    print(f"{'run':<48} {'state':<32} estimate ({what} time, from the runs done here" +
           (f", else scaled from {args.estimate_from})" if args.estimate_from else ")"))
     for r in rows:
-        est = "-" if r["gpu_s_left"] is None else f"~{r['gpu_s_left'] / 60:.1f} GPU-min"
+        est = "-" if r["gpu_s_left"] is None else f"~{r['gpu_s_left'] / 60:.1f} {unit}"
         where = f" (at step {r['step']})" if r["state"] == "partial" else ""
         print(f"{r['run']:<48} {r['state'] + where:<32} {est if r['state'] not in ('done', 'diverged') else ''}")
     known = [r["gpu_s_left"] for r in left if r["gpu_s_left"] is not None]
     gone = sum(r["state"] == "diverged" for r in rows)
     print(f"{len(rows) - len(left) - gone} of {len(rows)} runs done" + (f", {gone} diverged" if gone else "") +
           f"; {len(left)} to run" + (
-        f", ~{sum(known) / 60:.0f} GPU-min" + (" (and runs with no estimate)" if len(known) < len(left) else "")
+        f", ~{sum(known) / 60:.0f} {unit}" + (" (and runs with no estimate)" if len(known) < len(left) else "")
         if known else " (no estimate: no run is done here yet)"))
     other = [r for r in rows if r["state"] == "other settings"]
     if other:

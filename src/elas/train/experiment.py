@@ -465,6 +465,20 @@ def _gpu_seconds_done(out: Path, size: str | None = None, tokens: int | None = N
     return done
 
 
+def done_devices(*folders) -> set[str]:
+    """The device types ("cuda", "cpu") the finished runs in these folders trained on: what their times, and the
+    estimates made from them, are the time of. A summary from before "device" was recorded counts as a GPU run's."""
+    kinds = set()
+    for folder in folders:
+        for p in sorted(Path(folder).glob("*/summary.json")) if folder else ():
+            try:
+                d = json.loads(p.read_text())
+                kinds.add(str(d.get("device") or "cuda") if isinstance(d, dict) else "cuda")
+            except (OSError, ValueError):
+                continue
+    return kinds
+
+
 def _checkpoint_step(run: Path) -> int:
     """The step of the run's newest checkpoint (0: none)."""
     ckpts = checkpoints(run) if run.is_dir() else []
