@@ -410,3 +410,45 @@ def test_consolidate_of_a_folder_that_is_not_there(tmp_path, capsys):
           f"{tmp_path / 'nope'} is not a run directory (no such folder)")
     (tmp_path / "empty").mkdir()
     _fail(["checkpoint", "consolidate", str(tmp_path / "empty")], capsys, "holds no checkpoint that verifies")
+
+
+def test_a_model_whose_weights_and_optimizer_state_cannot_fit_is_refused_before_any_data(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """trainer.check_fits' second floor: the weights, gradients, AdamW moments (and bf16 weights' fp32 masters) at
+    16 bytes a fp32 parameter (12 for bf16 weights with bf16 moments), over the processes where FSDP shards
+    them. Here a machine of 64 MiB: llama-tiny fits it, a 60M model (fp32 on a CPU: ~0.9 GiB of state) does not,
+    and is refused in one line before its data is prepared (the OS killed such a run without a word)."""
+    import os
+
+    import dataclasses
+
+    import torch
+
+    from elas import cli
+    from elas.config import train_config
+    from elas.train import TrainError
+    from elas.train.trainer import check_fits
+
+    def cfg_of(preset, **keys):
+        return dataclasses.replace(train_config(preset), batch_size=2, seq_len=32, **keys)
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 64 * 2**20 // 4096}
+    monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
+    cpu = torch.device("cpu")
+    check_fits(cfg_of("llama-tiny"), cpu, "fp32")
+    cfg = cfg_of("llama-60m")
+    with pytest.raises(TrainError, match=r"a model of 0\.\d\dB parameters cannot train here: its weights, gradients "
+                                         r"and optimizer state alone need [\d.]+ GiB \(16 bytes a fp32 parameter\), "
+                                         r"more than this machine's 0.1 GiB; choose a smaller model, or train it on"):
+        check_fits(cfg, cpu, "fp32")
+    with pytest.raises(TrainError, match=r"\(12 bytes a bf16 parameter\)"):
+        check_fits(cfg, cpu, "bf16")  # (optim_state_dtype auto: bf16 moments over bf16 weights)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(TrainError, match=r"\(16 bytes a fp32 parameter, over 4 FSDP processes\)"):
+        check_fits(cfg_of("llama-60m", parallel="fsdp"), cpu, "fp32")
+    monkeypatch.delenv("WORLD_SIZE")
+    data = tmp_path / "data"
+    assert cli.main(["train", "--preset", "llama-60m", "--data", str(data), "--out", str(tmp_path / "run"),
+                     "--set", "batch_size=2", "--set", "seq_len=32", "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot train here" in err and len(err.strip().splitlines()) == 1, err
+    assert not data.exists()

@@ -282,9 +282,9 @@ def resolve_train_config(args: argparse.Namespace):
         from .build import build_model
         from .train.trainer import check_fits, computes_in_bf16, pick_device, resolve_param_dtype
         device = pick_device(cfg.device)
-        check_fits(cfg, device)
-        resolve_param_dtype(cfg, device, int(os.environ.get("WORLD_SIZE", "1")) > 1, computes_in_bf16(cfg, device),
-                            resume_from=cfg.out_dir if args.resume else None)
+        param_dtype = resolve_param_dtype(cfg, device, int(os.environ.get("WORLD_SIZE", "1")) > 1,
+                                          computes_in_bf16(cfg, device), resume_from=cfg.out_dir if args.resume else None)
+        check_fits(cfg, device, param_dtype)
         meta_model = build_model(cfg.model, "meta")  # the methods' keys, and whether they apply to this model
         from .build import resolve_methods
         methods = resolve_methods(cfg.model)

@@ -119,11 +119,16 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
 
 
-def check_fits(cfg: TrainConfig, device: torch.device) -> None:
-    """A micro-batch that cannot fit the device's memory, refused before any data or model is made (the OS would
-    kill a CPU run without a word). The bound is a floor: every block's input [batch_size x seq_len, d_model] at 2
-    bytes (bf16, the narrowest the step computes in), what even activation checkpointing keeps; a step needs
-    several times it, so a refused run could never have fitted."""
+def check_fits(cfg: TrainConfig, device: torch.device, param_dtype: str = "bf16") -> None:
+    """A run that cannot fit the device's memory, refused before any data or model is made (the OS would kill a
+    CPU run without a word). The bound is a floor of two parts, each less than any step holds:
+    - the weights and their optimizer state, per parameter: the weight and its gradient in param_dtype (the
+      resolved one), AdamW's two moments (fp32, or bf16 with optim_state_dtype bf16 or auto over bf16 weights)
+      and bf16 weights' fp32 master: 16 bytes, or 12 with bf16 moments; over the processes where FSDP shards them;
+    - one micro-batch's activations: every block's input [batch_size x seq_len, d_model] at 2 bytes (bf16, the
+      narrowest the step computes in), what even activation checkpointing keeps.
+    A step needs more (the other activations, the logits, the allocator's slack), so a refused run could never
+    have fitted."""
     if device.type == "cuda":
         total, where = torch.cuda.get_device_properties(device).total_memory, f"{device}'s"
     elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
@@ -131,12 +136,25 @@ def check_fits(cfg: TrainConfig, device: torch.device) -> None:
     else:  # (no way to ask: nothing is refused)
         return
     m = cfg.model
-    need = m.n_layers * cfg.batch_size * cfg.seq_len * m.d_model * 2
-    if need > total:
+    acts = m.n_layers * cfg.batch_size * cfg.seq_len * m.d_model * 2
+    if acts > total:
         raise TrainError(f"batch_size={cfg.batch_size} x seq_len={cfg.seq_len} cannot fit: one micro-batch's "
-                         f"activations need at least {need / 2**30:,.1f} GiB (the {m.n_layers} blocks' inputs alone), "
+                         f"activations need at least {acts / 2**30:,.1f} GiB (the {m.n_layers} blocks' inputs alone), "
                          f"more than {where} {total / 2**30:,.1f} GiB; lower batch_size and raise grad_accum to keep "
                          f"the global batch")
+    from ..build import build_model
+    n = sum(p.numel() for p in build_model(m, "meta").parameters())
+    bf16_moments = cfg.optim_state_dtype == "bf16" or (cfg.optim_state_dtype == "auto" and param_dtype == "bf16")
+    per = (2 + 2 + 4 if param_dtype == "bf16" else 4 + 4) + 2 * (2 if bf16_moments else 4)
+    shards = max(int(os.environ.get("WORLD_SIZE", "1")), 1) if cfg.parallel == "fsdp" else 1
+    state = n * per // shards
+    if state + acts > total:
+        raise TrainError(f"a model of {n / 1e9:,.2f}B parameters cannot train here: its weights, "
+                         f"gradients and optimizer state alone need {state / 2**30:,.1f} GiB ({per} bytes a "
+                         f"{param_dtype} parameter" + (f", over {shards} FSDP processes" if shards > 1 else "") +
+                         f"), more than {where} {total / 2**30:,.1f} GiB; choose a smaller model" +
+                         (", or shard it over more GPUs with parallel=fsdp under torchrun" if device.type == "cuda"
+                          else ", or train it on GPUs"))
 
 
 def check_writable(path: Path) -> None:
@@ -420,7 +438,7 @@ class Trainer:
         methods_asked, cutlass_auto = [dict(m) for m in cfg.model.methods], []  # likewise act24.cutlass=auto
         error = None  # (kept until every process has compared its start-up: `agree`)
         try:
-            check_fits(cfg, self.device)  # (also where the CLI did not start the run: elas experiment)
+            check_fits(cfg, self.device, self.param_dtype)  # (also where the CLI did not start the run: elas experiment)
             if cfg.model.relu2_kernel == "auto":
                 relu2_auto = relu2_kernel(cfg.model, self.device)
                 cfg.model.relu2_kernel = relu2_auto[0]
