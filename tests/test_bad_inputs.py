@@ -452,3 +452,17 @@ def test_a_model_whose_weights_and_optimizer_state_cannot_fit_is_refused_before_
     err = capsys.readouterr().err
     assert "cannot train here" in err and len(err.strip().splitlines()) == 1, err
     assert not data.exists()
+
+
+def test_the_command_line_answers_help_without_importing_torch():
+    """`elas --help`, `elas train --help` and a flag's bad choice parse without importing torch (4-5 s on a CPU
+    machine): the parser and its choices come from elas.config and the standard library only."""
+    import subprocess
+    import sys
+    code = ("import sys; from elas import cli; p = cli.build_parser()\n"
+            "for argv in (['--help'], ['train', '--help'], ['train', '--grad-mode', 'sideways']):\n"
+            "    try:\n        p.parse_args(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
+    assert "invalid choice: 'sideways'" in out.stderr and "mask" in out.stderr, out.stderr

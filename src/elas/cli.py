@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import COMPILE_VARIANTS, FFN_KINDS, VARIANTS, ModelConfig, act24, model_preset, valid_device
-from .sparsity.act24 import GRAD_MODES
+from .config import (ACT24_GRAD_MODES, COMPILE_VARIANTS, FFN_KINDS, VARIANTS, ModelConfig, act24, model_preset,
+                     valid_device)
 
 
 class UserError(Exception):
@@ -27,7 +27,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="2:4 activation sparsity of ReLU^2 (shorthand: adds or removes the act24 method; a V:N:M "
                         "preset's vnm method stays). 2:4 on a SwiGLU preset also makes its FFN ReLU^2 (of the "
                         "preset's SwiGLU width, so more parameters) unless --ffn is given")
-    p.add_argument("--grad-mode", default=None, choices=GRAD_MODES,
+    p.add_argument("--grad-mode", default=None, choices=ACT24_GRAD_MODES,
                    help="gradient through the 2:4 mask (shorthand for --set model.act24.grad_mode=...)")
     p.add_argument("--d-ff", type=int, default=None, help="FFN width (default: derived from the preset)")
 

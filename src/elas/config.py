@@ -204,6 +204,10 @@ class Variant:
     twin: str | None = None
 
 
+ACT24_GRAD_MODES = ("ste", "mask")  # act24.grad_mode (here, not in sparsity/act24.py: the CLI's flags need it
+# without importing torch, so that `elas --help` and a bad flag answer at once)
+
+
 def act24(**fields: Any) -> dict:
     """The mapping of a 2:4 activation-sparsity method (fields: elas.sparsity.Act24Config)."""
     return {"method": "act24", **fields}

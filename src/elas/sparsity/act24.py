@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from .. import kernels
+from ..config import ACT24_GRAD_MODES
 from ..kernels import ops as kernel_ops
 from ..kernels import reference as ref
 from ..model.ffn import DenseReLU2, FusedReLU2, ReLU2FFN, ffn_operands, relu2
@@ -33,7 +34,7 @@ from .masked import masked_act24_ffn
 log = logging.getLogger("elas.sparsity")
 _warned: set[str] = set()
 
-GRAD_MODES = ("ste", "mask")
+GRAD_MODES = ACT24_GRAD_MODES
 PATHS = ("auto", "masked", "packed")
 PERM_TABLE = 4096  # longest sequence the token permutation covers (positions are permuted within a sequence)
 
