@@ -550,9 +550,11 @@ def test_dry_run_checks_and_names_bf16_moments(dataset, tmp_path, capsys):
     assert "grad clip 1, bf16 Adam moments\n" in capsys.readouterr().out
     # the default (auto) says what it resolves to on this machine: fp32 moments over the CPU's fp32 parameters
     assert main(_train(dataset, tmp_path / "x", "--dry-run")) == 0
-    assert "grad clip 1, fp32 Adam moments (optim_state_dtype=auto)" in capsys.readouterr().out
+    assert "grad clip 1, fp32 Adam moments (optim_state_dtype=auto, as on this machine's cpu)" in \
+        capsys.readouterr().out
     assert main(_train(dataset, tmp_path / "x", "--dry-run", "--set", "param_dtype=bf16")) == 0
-    assert "grad clip 1, bf16 Adam moments (optim_state_dtype=auto)" in capsys.readouterr().out
+    assert "grad clip 1, bf16 Adam moments (optim_state_dtype=auto, as on this machine's cpu)" in \
+        capsys.readouterr().out
     assert not (tmp_path / "x").exists()
 
 

@@ -136,6 +136,28 @@ def test_a_recipe_keeps_its_global_batch_on_several_processes(monkeypatch, capsy
     assert rc == 2 and "does not split over 3 processes" in err
 
 
+
+def test_the_dry_run_says_a_global_batch_is_split_not_multiplied_by_torchrun(monkeypatch, capsys):
+    """On one process --dry-run names a recipe's batch as the global one that torchrun splits (it said "x the
+    number of processes", which holds only for a batch the user gives, per process); under torchrun it gives
+    the per-process share and the processes' total."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    def batch_line(*argv):
+        assert main(["train", *argv, "--dry-run"]) == 0
+        return next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("batch "))
+    line = batch_line("--recipe", "elas-60m")
+    assert line.startswith("batch 512 x 256 tokens per step (256 x 2 accumulated), 10,000 steps: 1.31B tokens "
+                           "(under torchrun this global batch is split over the processes") and "x the number" not in line
+    line = batch_line("--recipe", "elas-60m", "--set", "batch_size=8")
+    assert "per process (8 x 2 accumulated)" in line and line.endswith("tokens (x the number of processes)")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    line = batch_line("--recipe", "elas-60m")
+    assert line == ("batch 64 x 256 tokens per step per process (64 x 1 accumulated), 10,000 steps x 8 processes: "
+                    "1.31B tokens")
+
+
 def test_a_recipe_may_nest_method_tables(monkeypatch):
     import elas.config as C
     real = C.load_recipe

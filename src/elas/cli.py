@@ -138,14 +138,15 @@ def _parse_sets(items: list[str]) -> dict:
     return out
 
 
-def _split_global_batch(cfg, toml: dict, sets: dict) -> None:
+def _split_global_batch(cfg, toml: dict, sets: dict) -> bool:
     """A new run on several processes (torchrun's WORLD_SIZE) keeps its preset's or recipe's global batch
     (batch_size x grad_accum sequences, the papers' 512 at full size): each process takes its share, with
-    grad_accum lowered first. A batch_size or grad_accum the user gives is per process, as documented: untouched."""
+    grad_accum lowered first. A batch_size or grad_accum the user gives is per process, as documented: untouched.
+    -> whether the batch is a global one (none given), which torchrun would split so."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     given = {"batch_size", "grad_accum"} & (set(sets) | set(toml))
     if world <= 1 or given:
-        return
+        return not given
     total = cfg.batch_size * cfg.grad_accum
     if total % world:
         raise UserError(f"the global batch of {total} sequences ({cfg.batch_size} x grad_accum {cfg.grad_accum}) "
@@ -157,6 +158,7 @@ def _split_global_batch(cfg, toml: dict, sets: dict) -> None:
         print(f"elas: the global batch of {total} sequences split over {world} processes: batch_size {bs} x "
               f"grad_accum {per // bs} each (was {cfg.batch_size} x {cfg.grad_accum} on one)", file=sys.stderr)
     cfg.batch_size, cfg.grad_accum = bs, per // bs
+    return True
 
 
 def _rank0() -> bool:
@@ -229,8 +231,8 @@ def resolve_train_config(args: argparse.Namespace):
         apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
         if not cfg.out_dir:
             cfg.out_dir = out_dir
-        if saved is None:
-            _split_global_batch(cfg, toml, _parse_sets(args.set))
+        # (a new run's batch, where no batch key is given, is the global one: --dry-run says how torchrun splits it)
+        args.global_batch = saved is None and _split_global_batch(cfg, toml, _parse_sets(args.set))
         if saved is not None:  # training keys a resume changes (allowed): said, since the run is then not exact
             # (max_steps: the trainer says; parallel: ddp and fsdp resume each other's checkpoints exactly)
             # (and the bookkeeping keys: logging, evaluation's schedule and saving leave the training losses bit for
@@ -357,8 +359,10 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
-def dry_run(cfg) -> None:
-    """What a run would do: its model, optimizer, batch and token budget (no data, no model weights)."""
+def dry_run(cfg, global_batch: bool = False) -> None:
+    """What a run would do: its model, optimizer, batch and token budget (no data, no model weights).
+    global_batch: the batch is the preset's or recipe's global one (no batch key given), which torchrun splits
+    over its processes instead of multiplying it."""
     from .summary import model_summary
     d = Path(cfg.data_dir)
     if not (d / "meta.json").is_file():
@@ -369,20 +373,30 @@ def dry_run(cfg) -> None:
     info = model_summary(cfg.model, cfg.seq_len)
     batch = cfg.batch_size * cfg.grad_accum
     moments = cfg.optim_state_dtype
-    if moments == "auto":  # as the trainer resolves it: bf16 over bf16 parameters
+    if moments == "auto":  # as the trainer resolves it: bf16 over bf16 parameters (so: on this machine)
         from .train.trainer import computes_in_bf16, pick_device, resolve_param_dtype
         device = pick_device(cfg.device)
         moments = resolve_param_dtype(cfg, device, int(os.environ.get("WORLD_SIZE", "1")) > 1,
                                       computes_in_bf16(cfg, device))
+        moments += f" Adam moments (optim_state_dtype=auto, as on this machine's {device.type})"
+    else:
+        moments += " Adam moments"
     print(f"recipe {cfg.recipe or '(none)'} | preset {cfg.preset} | {info['params'] / 1e6:.2f}M parameters")
     print(f"optimizer {cfg.optimizer}, lr {cfg.lr:g}, warm-up {cfg.warmup_steps} steps, cosine to "
-          f"{cfg.min_lr_ratio:g} x lr, weight decay {cfg.weight_decay:g}, grad clip {cfg.grad_clip:g}"
-          + f", {moments} Adam moments" + (" (optim_state_dtype=auto)" if cfg.optim_state_dtype == "auto" else ""))
+          f"{cfg.min_lr_ratio:g} x lr, weight decay {cfg.weight_decay:g}, grad clip {cfg.grad_clip:g}, {moments}")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # (torchrun's, where the dry run is started under it)
-    print(f"batch {batch} x {cfg.seq_len} tokens per step per process ({cfg.batch_size} x {cfg.grad_accum} "
-          f"accumulated), {cfg.max_steps:,} steps: " +
-          (f"{_count(batch * cfg.seq_len * cfg.max_steps)} tokens (x the number of processes)" if world == 1 else
-           f"x {world} processes: {_count(world * batch * cfg.seq_len * cfg.max_steps)} tokens"))
+    tokens = _count(batch * cfg.seq_len * cfg.max_steps)
+    if world > 1:
+        print(f"batch {batch} x {cfg.seq_len} tokens per step per process ({cfg.batch_size} x {cfg.grad_accum} "
+              f"accumulated), {cfg.max_steps:,} steps x {world} processes: "
+              f"{_count(world * batch * cfg.seq_len * cfg.max_steps)} tokens")
+    elif global_batch:
+        print(f"batch {batch} x {cfg.seq_len} tokens per step ({cfg.batch_size} x {cfg.grad_accum} accumulated), "
+              f"{cfg.max_steps:,} steps: {tokens} tokens (under torchrun this global batch is split over the "
+              f"processes; --set batch_size=... makes it per process)")
+    else:
+        print(f"batch {batch} x {cfg.seq_len} tokens per step per process ({cfg.batch_size} x {cfg.grad_accum} "
+              f"accumulated), {cfg.max_steps:,} steps: {tokens} tokens (x the number of processes)")
     from .build import resolve_methods
     from .config import to_dict
     from .sparsity import method_to_dict
@@ -398,7 +412,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.trainer import TrainStopped
     cfg = resolve_train_config(args)
     if args.dry_run:
-        dry_run(cfg)
+        dry_run(cfg, getattr(args, "global_batch", False))
         return 0
     ensure_builtin_data(cfg)
     try:
