@@ -1109,6 +1109,10 @@ if where == "last_step":  # during the last training step (read by the loop afte
             kill()
         return out
     T.Trainer.train_step = train_step
+    if os.environ.get("KILL_IN_EVAL"):  # then a launcher's SIGKILL during the final evaluation (its grace ended)
+        def evaluate(*a, **k):
+            os.kill(os.getpid(), signal.SIGKILL)
+        T.evaluate = evaluate
 elif where == "final_save":  # as the last step's checkpoint is written (after the loop read its signal)
     real_save = T.Trainer.save
     def save(self):
@@ -1150,6 +1154,25 @@ def test_a_stop_signal_once_the_last_step_is_trained_leaves_a_complete_run(datas
     assert f"signal {int(signal.SIGTERM)} came" in p.stderr and "stopped by signal" not in p.stderr
     assert "elas: done at step 3" in p.stdout
     assert latest_checkpoint(out).name == "step-00000003" and verify_checkpoint(latest_checkpoint(out)) is None
+    final = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in ln]
+    assert [r["step"] for r in final] == [3]
+
+
+def test_a_signal_in_the_last_step_saves_it_before_the_final_evaluation(dataset, tmp_path):
+    """A SIGTERM during the last step, then the launcher's SIGKILL during the final evaluation (minutes on a CPU):
+    the last step's checkpoint was written first, so the kill costs the evaluation only, which --resume takes
+    (it used to evaluate first: the kill lost every step since the previous save)."""
+    import elas
+    out = tmp_path / "r"
+    args = train_args(dataset, out, "--max-steps", "3", "--set", "eval_every=100", "--set", "save_every=100")
+    env = dict(os.environ, PYTHONPATH=str(Path(elas.__file__).parents[1]), KILL_IN_EVAL="1")
+    p = subprocess.run([sys.executable, "-c", _SIGNAL_AT, "last_step", "3", *args], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    assert "during the run's last step: saving its checkpoint before the final evaluation" in p.stderr + p.stdout
+    assert latest_checkpoint(out).name == "step-00000003" and verify_checkpoint(latest_checkpoint(out)) is None
+    r = run_cli(*train_args(dataset, out, "--max-steps", "3", "--resume"))  # the evaluation, nothing trained
+    assert r.returncode == 0, r.stderr[-2000:]
     final = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in ln]
     assert [r["step"] for r in final] == [3]
 

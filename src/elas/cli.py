@@ -431,7 +431,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 2
         raise UserError(str(e)) from None
     if trainer.dist.main and trainer.stop_signal is not None:  # (the trainer's: a stop signal after the last step)
-        print(f"elas: signal {trainer.stop_signal} came once the run's last step was trained: the run is complete "
+        print(f"elas: signal {trainer.stop_signal} came during or after the run's last step: the run is complete "
               f"and saved, nothing to stop or resume", file=sys.stderr)
     if trainer.dist.main and "val_ppl" in res:
         uni = trainer.meta.get("unigram_val_ppl")

@@ -881,6 +881,19 @@ class Trainer:
                         bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{tps:,.0f}",
                                         **({"mem": f"{rec['peak_reserved_gb']:.1f}GB"} if "peak_reserved_gb" in rec else {}),
                                         **({"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] else {}))
+                saved = False
+                if stop and self.step >= cfg.max_steps and (save_now or eval_now):
+                    # a signal during the last step: nothing is left to stop, but its checkpoint is written before
+                    # the final evaluation (minutes on a CPU), so that a launcher's kill after its grace period
+                    # costs the evaluation at most, never the steps since the previous save
+                    t0 = time.perf_counter()
+                    if d.main:
+                        self.log(f"elas: signal {stop} during the run's last step: saving its checkpoint before the "
+                                 f"final evaluation")
+                    self.save()
+                    self._wait_saves()  # (on disk before the evaluation, not in a background write it would kill)
+                    saved, t_last = True, t_last + time.perf_counter() - t0
+                    t_trained_from += time.perf_counter() - t0
                 if eval_now:
                     t0, graphs_before = time.perf_counter(), compile_counts()
                     try:
@@ -912,7 +925,7 @@ class Trainer:
                                 f"train`")
                     t_trained_from = time.perf_counter()
                 stop = stop if self.step < cfg.max_steps else None  # (the last step: saved as planned; run complete)
-                if save_now or stop:
+                if (save_now and not saved) or stop:
                     t0 = time.perf_counter()
                     if stop and d.main:  # (said first: a launcher's kill during the save is then visible)
                         self.log(f"elas: signal {stop}: saving the checkpoint of step {self.step} before stopping")
