@@ -466,3 +466,31 @@ def test_the_command_line_answers_help_without_importing_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
     assert "invalid choice: 'sideways'" in out.stderr and "mask" in out.stderr, out.stderr
+
+
+def test_bench_checks_where_it_writes_before_timing_anything(tmp_path, capsys, monkeypatch):
+    """`elas bench`'s results folder: a --gpu-name that is not a folder name is refused (it joined the path:
+    '../..' left benchmarks/results), and a --out that cannot be written is one line before any timing (it was
+    found at the first row's write, a traceback after minutes of work). An existing file is said to be
+    replaced. (The GPU is faked: nothing here is timed.)"""
+    import torch
+
+    import elas.train.trainer  # noqa: F401  (imported once here: _fail times the check, not torch's imports)
+    from elas.bench import kernels as kb
+    for name in ("../..", "", "a/b"):
+        _fail(["bench", "gemm", "--gpu-name", name], capsys, f"invalid --gpu-name {name!r}: a folder name")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kb, "environment", lambda: {"gpu": "NVIDIA H100 80GB HBM3"})
+    timed = []
+    monkeypatch.setattr(kb, "bench_gemm", lambda m, on_row: timed.append(m) or [{"m": m}])
+    monkeypatch.setattr(kb, "bench_host_overhead", lambda: {})
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    _fail(["bench", "gemm", "--out", str(blocker / "sub")], capsys, f"{blocker} is a file, not a directory")
+    assert timed == []
+    out = tmp_path / "res"
+    assert main(["bench", "gemm", "--out", str(out), "--m", "128"]) == 0 and timed == [128]
+    assert json.loads((out / "gemm.json").read_text())["rows"] == [{"m": 128}]
+    assert "replaces it" not in capsys.readouterr().err
+    assert main(["bench", "gemm", "--out", str(out), "--m", "256"]) == 0
+    assert f"elas: {out / 'gemm.json'} exists: this run replaces it" in capsys.readouterr().err

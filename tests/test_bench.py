@@ -601,10 +601,24 @@ def test_report_update_doc_keeps_the_contents(tmp_path):
     (tmp_path / "results" / "h100").mkdir(parents=True)
     (tmp_path / "results" / "h100" / "gemm.json").write_text(
         (Path(__file__).parents[1] / "benchmarks" / "results" / "h100" / "gemm.json").read_text())
-    update_doc(doc, tmp_path / "results")
+    assert update_doc(doc, tmp_path / "results") is True
     text = doc.read_text()
     assert "- stale" not in text and "old" not in text and "- [A](#a)" in text
     assert text.index(CONTENTS[0]) < text.index("- [A](#a)") < text.index(CONTENTS[1]) < text.index("## A")
+    # run again: nothing to change, said so (the CLI printed "updated" either way), the file left as it was
+    from elas.cli import main
+    mtime = doc.stat().st_mtime_ns
+    assert main(["bench", "report", "--doc", str(doc), "--results", str(tmp_path / "results")]) == 0
+    assert doc.stat().st_mtime_ns == mtime
+
+
+def test_report_names_a_missing_doc_and_the_flag(tmp_path, capsys):
+    """Outside the repository the default doc (docs/performance.md, relative) is missing: one line naming --doc,
+    not a bare "[Errno 2]"."""
+    from elas.cli import main
+    assert main(["bench", "report", "--doc", str(tmp_path / "none.md"), "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--doc {tmp_path / 'none.md'}: no such file" in err and "give --doc" in err and err.count("\n") == 1
 
 
 def test_report_refuses_a_doc_without_markers(tmp_path, capsys):

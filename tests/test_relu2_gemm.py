@@ -515,6 +515,11 @@ def test_build_cutlass_is_atomic_and_says_why_it_failed(tmp_path, monkeypatch, c
     assert sorted(p.name for p in path.parent.iterdir()) == ["build-relu2.log", "libelas_cutlass_relu2.so"]
     with pytest.raises(ValueError, match="unknown CUTLASS library 'relu3'; expected one of relu2, sp"):
         build_cutlass.build("relu3", script=ok)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in (afile, afile / "sub"):  # ([Errno 17] File exists / [Errno 20], before)
+        with pytest.raises(ValueError, match=f"--out {out}: {afile} is a file, not a directory; give a folder"):
+            build_cutlass.build("relu2", out, script=ok)
     from elas import cli
     monkeypatch.setattr(build_cutlass, "SCRIPT", ok)
     assert cli.main(["build", "cutlass", "--no-progress"]) == 0

@@ -780,10 +780,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "report":
         from .bench.report import update_doc
         try:
-            update_doc(Path(args.doc), Path(args.results))
+            changed = update_doc(Path(args.doc), Path(args.results))
         except (OSError, ValueError) as e:
             raise UserError(str(e)) from None
-        print(f"updated {args.doc}")
+        print(f"updated {args.doc}" if changed else f"{args.doc} is up to date with {args.results}")
         return 0
     if args.what == "infer":  # names checked before anything runs
         from .bench.infer import INFER_VARIANTS
@@ -842,6 +842,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.m % ROW_ALIGN:
             raise UserError(f"invalid --m {args.m}: the 2:4 layout takes a multiple of {ROW_ALIGN} rows (tokens), "
                             f"e.g. {-(-args.m // ROW_ALIGN) * ROW_ALIGN}")
+    if args.gpu_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.gpu_name):
+        raise UserError(f"invalid --gpu-name {args.gpu_name!r}: a folder name (letters, digits, '.', '_', '-'), "
+                        f"e.g. h100; --out chooses the directory")
     if not torch.cuda.is_available():
         raise UserError("elas bench measures GPU kernels and needs a CUDA GPU")
     env = kb.environment()
@@ -851,13 +854,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sizes = args.sizes.split(",") if args.sizes else None
     suffix = f"_batchx{args.batch_scale:g}" if args.batch_scale != 1.0 else ""
     out = Path(args.out or f"benchmarks/results/{gpu}") / f"{args.what}{suffix}.json"
+    from .train import TrainError
+    from .train.trainer import check_writable
+    try:
+        check_writable(out.parent)  # (before any timing: a file in its place or no permission is one line)
+    except TrainError as e:
+        raise UserError(str(e)) from None
+    if out.exists():
+        print(f"elas: {out} exists: this run replaces it (--out DIR writes elsewhere)", file=sys.stderr)
 
     def write(rows: list, extra: dict | None = None) -> None:  # also after each row of long benchmarks
-        out.parent.mkdir(parents=True, exist_ok=True)
         doc = {"command": "elas bench " + " ".join(sys.argv[2:]), "env": env, **(extra or {}), "rows": rows}
         tmp = out.with_name(out.name + ".tmp")  # whole or not at all: a run killed mid-write keeps the last file
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, out)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(doc, indent=1))
+            os.replace(tmp, out)
+        except OSError as e:  # (a full disk mid-run: said in one line; the rows timed so far are in the last file)
+            raise UserError(f"could not write {out}: {e.strerror or e}") from None
 
     if args.what == "gemm":
         rows = kb.bench_gemm(m=args.m or 16384, on_row=write)

@@ -445,10 +445,14 @@ def _between(text: str, markers: tuple[str, str], doc_path: Path) -> tuple[int, 
     return a, b
 
 
-def update_doc(doc_path: Path, results: Path) -> None:
+def update_doc(doc_path: Path, results: Path) -> bool:
     """Replace the text between the GENERATED markers of doc_path with freshly rendered tables, then the list
-    between the CONTENTS markers with its headings; a doc may have either pair or both (ValueError: neither)."""
-    text = doc_path.read_text()
+    between the CONTENTS markers with its headings; a doc may have either pair or both (ValueError: neither).
+    -> whether the doc changed (an unchanged one is not rewritten)."""
+    if not doc_path.is_file():
+        raise ValueError(f"--doc {doc_path}: no such file (the default is the repository's docs/performance.md, "
+                         f"relative to the current folder: run from the repository's root or give --doc)")
+    text = old = doc_path.read_text()
     if GENERATED[0] not in text and CONTENTS[0] not in text:
         raise ValueError(f"{doc_path} has neither the tables' markers ({GENERATED[0]} ... {GENERATED[1]}) nor the "
                          f"contents' ({CONTENTS[0]} ... {CONTENTS[1]})")
@@ -458,4 +462,7 @@ def update_doc(doc_path: Path, results: Path) -> None:
     if CONTENTS[0] in text:
         a, b = _between(text, CONTENTS, doc_path)
         text = text[:a] + "\n" + contents(text) + "\n" + text[b:]
+    if text == old:
+        return False
     doc_path.write_text(text)
+    return True

@@ -36,7 +36,13 @@ def build(lib: str = "relu2", out: Path | None = None, progress: bool = True, sc
     if shutil.which("bash") is None:
         raise RuntimeError("building the CUTLASS libraries needs bash (cutlass/build.sh)")
     out = Path(out) if out is not None else cache_dir() / "cutlass"
-    out.mkdir(parents=True, exist_ok=True)
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ValueError(f"--out {out}: {blocker} is a file, not a directory; give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot make the folder ({e.strerror or e}); give a writable one") from None
     log_path = out / f"build-{lib}.log"
     env = dict(os.environ, TOOLS=str(cache_dir() / "cuda_tools"))
     # a SIGTERM (a job scheduler's stop) ends the build as Ctrl-C does: the compiler stopped, the folder removed;
