@@ -231,6 +231,12 @@ def test_bad_eval_and_generate_arguments(tmp_path, capsys):
     _fail(["model", "--preset", "llama-tiny", "--seq-len", "-5"], capsys, "--seq-len -5 is invalid")
     _fail(["model", "--preset", "llama-60m", "--seq-len", "100000"], capsys, "exceeds the model's max_seq_len 1024")
     _fail(["model", "--preset", "llama-60m", "--grad-mode", "mask"], capsys, "--act-sparsity 2:4")
+    # --list with a flag that describes one model (silently ignored before), and an empty preset (was llama-60m)
+    _fail(["model", "--list", "--preset", "llama-1b"], capsys, "--list lists the presets and takes no --preset")
+    _fail(["model", "--preset", ""], capsys, "invalid --preset ''")
+    assert main(["model", "--list", "--json"]) == 0
+    names = json.loads(capsys.readouterr().out)
+    assert "llama-60m" in names and "llama-1b-elas" in names
     # the quality grid's arguments, before any data is prepared
     grid = ["experiment", "--size", "llama-tiny", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "q")]
     _fail([*grid, "--seeds", "0,x"], capsys, "--seeds '0,x'")

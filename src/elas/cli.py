@@ -25,8 +25,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=None, help="low-rank rank for attention/FFN linears (0 = full)")
     p.add_argument("--act-sparsity", default=None, choices=["none", "2:4"],
                    help="2:4 activation sparsity of ReLU^2 (shorthand: adds or removes the act24 method; a V:N:M "
-                        "preset's vnm method stays). 2:4 on a SwiGLU preset also makes its FFN ReLU^2 (of the "
-                        "preset's SwiGLU width, so more parameters) unless --ffn is given")
+                        "preset's vnm method stays). 2:4 on a SwiGLU preset also makes its FFN ReLU^2 (ungated, "
+                        "at 1.5x the SwiGLU width rounded up to a multiple of 128, about as many parameters) unless "
+                        "--ffn is given")
     p.add_argument("--grad-mode", default=None, choices=ACT24_GRAD_MODES,
                    help="gradient through the 2:4 mask (shorthand for --set model.act24.grad_mode=...)")
     p.add_argument("--d-ff", type=int, default=None, help="FFN width (default: derived from the preset)")
@@ -68,10 +69,17 @@ def cmd_model(args: argparse.Namespace) -> int:
     from .config import MODEL_PRESETS
     from .summary import model_summary
 
-    if args.list:
-        for name in MODEL_PRESETS:
-            print(name)
+    if args.list:  # (the presets' names; --json as a JSON list. A flag that describes one model is refused)
+        given = [f for f, v in (("--preset", args.preset), ("--ffn", args.ffn), ("--rank", args.rank),
+                                ("--act-sparsity", args.act_sparsity), ("--grad-mode", args.grad_mode),
+                                ("--d-ff", args.d_ff)) if v is not None]
+        if given:
+            raise UserError(f"--list lists the presets and takes no {', '.join(given)}: drop --list to describe "
+                            f"one model")
+        print(json.dumps(list(MODEL_PRESETS)) if args.json else "\n".join(MODEL_PRESETS))
         return 0
+    if args.preset is not None and not args.preset.strip():
+        raise UserError("invalid --preset '': give a preset name, e.g. llama-60m (all: elas model --list)")
     if args.seq_len <= 0:
         raise UserError(f"--seq-len {args.seq_len} is invalid: expected a positive number of tokens")
     cfg = resolve_model(args.preset or "llama-60m", args)
