@@ -11,7 +11,7 @@ def brute_mask24(row):
     """Independent definition: try all 6 pairs, keep the pair with the largest |values|, earlier index on ties."""
     out = []
     for g in range(0, len(row), 4):
-        a = [abs(v) for v in row[g:g + 4]]
+        a = [-1.0 if v != v else abs(v) for v in row[g:g + 4]]  # (a NaN ranks below every number)
         # rank positions by (-|v|, index) and keep the first two
         keep = sorted(range(4), key=lambda i: (-a[i], i))[:2]
         out += [i in keep for i in range(4)]
@@ -22,6 +22,10 @@ def brute_mask24(row):
 def test_mask_matches_bruteforce_with_ties_zeros_negatives(dtype):
     g = torch.Generator().manual_seed(1)
     x = torch.randint(-3, 4, (64, 32), generator=g).to(dtype)  # small ints: many ties and zeros
+    special = torch.rand(x.shape, generator=g)
+    x[special < 0.04] = float("nan")  # and some NaN and +-inf, which the kernels rank the same way
+    x[(special >= 0.04) & (special < 0.07)] = float("inf")
+    x[(special >= 0.07) & (special < 0.10)] = float("-inf")
     m = ref.mask24(x)
     assert m.dtype == torch.bool and m.shape == x.shape
     for r in range(x.shape[0]):
