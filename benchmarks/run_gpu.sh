@@ -20,7 +20,7 @@ mkdir -p runs
 # line-buffered, so that a detached run's log shows each line as it comes
 quiet() { grep --line-buffered -v -E '^elas: ([^e]|e[^r])|Warning|warn\(|it/s' ; }
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(), 'cusparselt', torch.backends.cusparselt.version())" 2>/dev/null \
-  || { echo "run_gpu.sh: needs a CUDA GPU with torch and triton (torch.cuda.get_device_name failed here)" >&2; exit 2; }
+  || { echo "run_gpu.sh: needs torch and triton with a CUDA GPU (one of them is missing here)" >&2; exit 2; }
 for what in "${@:-tests kernels ffn}"; do
   for w in $what; do
     case $w in

@@ -443,7 +443,7 @@ def test_a_model_whose_weights_and_optimizer_state_cannot_fit_is_refused_before_
     check_fits(cfg_of("llama-tiny"), cpu, "fp32")
     cfg = cfg_of("llama-60m")
     with pytest.raises(TrainError, match=r"a model of 0\.\d\dB parameters cannot train here: its weights, gradients "
-                                         r"and optimizer state alone need [\d.]+ GiB \(16 bytes a fp32 parameter\), "
+                                         r"and optimizer state need [\d.]+ GiB \(16 bytes a fp32 parameter\), "
                                          r"more than this machine's 0.1 GiB; choose a smaller model, or train it on"):
         check_fits(cfg, cpu, "fp32")
     with pytest.raises(TrainError, match=r"\(12 bytes a bf16 parameter\)"):
@@ -452,12 +452,23 @@ def test_a_model_whose_weights_and_optimizer_state_cannot_fit_is_refused_before_
     with pytest.raises(TrainError, match=r"\(16 bytes a fp32 parameter, over 4 FSDP processes\)"):
         check_fits(cfg_of("llama-60m", parallel="fsdp"), cpu, "fp32")
     monkeypatch.delenv("WORLD_SIZE")
+    # a model that fits but not with this micro-batch beside it: the batch is named, not the model
+    with pytest.raises(TrainError, match=r"batch_size=128 x seq_len=256 cannot fit beside the model: its weights, "
+                                         r"gradients and optimizer state need [\d.]+ GiB \(16 bytes a fp32 parameter\) "
+                                         r"and one micro-batch's activations at least [\d.]+ GiB more"):
+        check_fits(dataclasses.replace(cfg_of("llama-tiny"), batch_size=128, seq_len=256), cpu, "fp32")
     data = tmp_path / "data"
     assert cli.main(["train", "--preset", "llama-60m", "--data", str(data), "--out", str(tmp_path / "run"),
                      "--set", "batch_size=2", "--set", "seq_len=32", "--max-steps", "1"]) == 2
     err = capsys.readouterr().err
     assert "cannot train here" in err and len(err.strip().splitlines()) == 1, err
     assert not data.exists()
+    # a dry run plans a run for another machine, often: it says so and prints the plan
+    assert cli.main(["train", "--preset", "llama-60m", "--data", str(data), "--out", str(tmp_path / "run"),
+                     "--set", "batch_size=2", "--set", "seq_len=32", "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "elas: warning: on this machine (cpu) a model of" in err and "cannot train here" in err
+    assert "config {" in out and not data.exists()
 
 
 def test_the_command_line_answers_help_without_importing_torch():

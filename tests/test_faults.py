@@ -1169,7 +1169,7 @@ def test_a_signal_in_the_last_step_saves_it_before_the_final_evaluation(dataset,
     p = subprocess.run([sys.executable, "-c", _SIGNAL_AT, "last_step", "3", *args], capture_output=True, text=True,
                        env=env, timeout=300)
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
-    assert "during the run's last step: saving its checkpoint before the final evaluation" in p.stderr + p.stdout
+    assert "saving the checkpoint of the last step (3) before the final evaluation" in p.stderr + p.stdout
     assert latest_checkpoint(out).name == "step-00000003" and verify_checkpoint(latest_checkpoint(out)) is None
     r = run_cli(*train_args(dataset, out, "--max-steps", "3", "--resume"))  # the evaluation, nothing trained
     assert r.returncode == 0, r.stderr[-2000:]

@@ -796,6 +796,12 @@ def test_grid_plan_says_what_is_left_and_its_gpu_time(tmp_path, capsys):
                      "--data", str(tmp_path / "nodata")]) == 0
     text = capsys.readouterr().out
     assert "(CPU and GPU time" in text and "CPU-min" not in text and "GPU-min" not in text
+    # only the runs the estimates come from count: a run of another size here is not one of them
+    (cpu / "elas.seed1" / "summary.json").write_text(json.dumps({"wall_s": 60.0, "device": "cuda",
+                                                                  "model": "llama-1b"}))
+    assert cli.main(["experiment", "--plan", "--out", str(cpu), "--variants", "relu2,elas", "--seeds", "0",
+                     "--data", str(tmp_path / "nodata")]) == 0
+    assert "~2 CPU-min" in capsys.readouterr().out
 
 
 def test_estimates_from_another_grid_scale_by_training_flops(tmp_path, capsys):

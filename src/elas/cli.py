@@ -294,7 +294,13 @@ def resolve_train_config(args: argparse.Namespace):
         device = pick_device(cfg.device)
         param_dtype = resolve_param_dtype(cfg, device, int(os.environ.get("WORLD_SIZE", "1")) > 1,
                                           computes_in_bf16(cfg, device), resume_from=cfg.out_dir if args.resume else None)
-        check_fits(cfg, device, param_dtype)
+        try:
+            check_fits(cfg, device, param_dtype)
+        except TrainError as e:
+            if not args.dry_run:
+                raise
+            # (a dry run plans a run, often on another machine than the one it will train on: said, not refused)
+            print(f"elas: warning: on this machine ({device.type}) {e}", file=sys.stderr)
         meta_model = build_model(cfg.model, "meta")  # the methods' keys, and whether they apply to this model
         from .build import resolve_methods
         methods = resolve_methods(cfg.model)
@@ -879,6 +885,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             tmp.write_text(json.dumps(doc, indent=1))
             os.replace(tmp, out)
         except OSError as e:  # (a full disk mid-run: said in one line; the rows timed so far are in the last file)
+            tmp.unlink(missing_ok=True)
             raise UserError(f"could not write {out}: {e.strerror or e}") from None
 
     if args.what == "gemm":
@@ -961,7 +968,7 @@ def _print_grid_plan(args: argparse.Namespace, variants: list[str], seeds: list[
         estimates=estimates, size=args.size, tokens=run_tokens(cfg, world=1))
     left = [r for r in rows if r["state"] not in ("done", "diverged")]
     # the estimates are the time of the machine the done runs trained on: a CPU grid's are CPU minutes
-    kinds = done_devices(out, args.estimate_from)
+    kinds = done_devices(out, args.size) | (done_devices(args.estimate_from) if estimates else set())
     what = "GPU" if "cpu" not in kinds else "CPU" if kinds == {"cpu"} else "CPU and GPU"
     unit = "min" if what == "CPU and GPU" else f"{what}-min"
     print(f"{'run':<48} {'state':<32} estimate ({what} time, from the runs done here" +

@@ -465,17 +465,21 @@ def _gpu_seconds_done(out: Path, size: str | None = None, tokens: int | None = N
     return done
 
 
-def done_devices(*folders) -> set[str]:
-    """The device types ("cuda", "cpu") the finished runs in these folders trained on: what their times, and the
-    estimates made from them, are the time of. A summary from before "device" was recorded counts as a GPU run's."""
+def done_devices(folder, size: str | None = None) -> set[str]:
+    """The device types ("cuda", "cpu") the finished runs in `folder` trained on: what their times, and the
+    estimates made from them, are the time of. size: only its runs, as `_gpu_seconds_done` takes them for a grid
+    of that size. A summary from before "device" was recorded counts as a GPU run's."""
     kinds = set()
-    for folder in folders:
-        for p in sorted(Path(folder).glob("*/summary.json")) if folder else ():
-            try:
-                d = json.loads(p.read_text())
-                kinds.add(str(d.get("device") or "cuda") if isinstance(d, dict) else "cuda")
-            except (OSError, ValueError):
+    for p in sorted(Path(folder).glob("*/summary.json")) if folder else ():
+        try:
+            d = json.loads(p.read_text())
+            if not isinstance(d, dict) or not isinstance(d.get("wall_s"), (int, float)):
+                continue  # (a summary the estimates skip)
+            if size is not None and d.get("model", size) != size:
                 continue
+            kinds.add(str(d.get("device") or "cuda"))
+        except (OSError, ValueError):
+            continue
     return kinds
 
 

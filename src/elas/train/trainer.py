@@ -148,13 +148,18 @@ def check_fits(cfg: TrainConfig, device: torch.device, param_dtype: str = "bf16"
     per = (2 + 2 + 4 if param_dtype == "bf16" else 4 + 4) + 2 * (2 if bf16_moments else 4)
     shards = max(int(os.environ.get("WORLD_SIZE", "1")), 1) if cfg.parallel == "fsdp" else 1
     state = n * per // shards
-    if state + acts > total:
-        raise TrainError(f"a model of {n / 1e9:,.2f}B parameters cannot train here: its weights, "
-                         f"gradients and optimizer state alone need {state / 2**30:,.1f} GiB ({per} bytes a "
-                         f"{param_dtype} parameter" + (f", over {shards} FSDP processes" if shards > 1 else "") +
-                         f"), more than {where} {total / 2**30:,.1f} GiB; choose a smaller model" +
+    what = (f"its weights, gradients and optimizer state need {state / 2**30:,.1f} GiB ({per} bytes a {param_dtype} "
+            f"parameter" + (f", over {shards} FSDP processes" if shards > 1 else "") + ")")
+    if state > total:
+        raise TrainError(f"a model of {n / 1e9:,.2f}B parameters cannot train here: {what}, more than {where} "
+                         f"{total / 2**30:,.1f} GiB; choose a smaller model" +
                          (", or shard it over more GPUs with parallel=fsdp under torchrun" if device.type == "cuda"
                           else ", or train it on GPUs"))
+    if state + acts > total:
+        raise TrainError(f"batch_size={cfg.batch_size} x seq_len={cfg.seq_len} cannot fit beside the model: {what} "
+                         f"and one micro-batch's activations at least {acts / 2**30:,.1f} GiB more (the "
+                         f"{m.n_layers} blocks' inputs alone), more than {where} {total / 2**30:,.1f} GiB; lower "
+                         f"batch_size and raise grad_accum to keep the global batch")
 
 
 def check_writable(path: Path) -> None:
@@ -646,6 +651,7 @@ class Trainer:
         self.tb = None  # a SummaryWriter beside metrics.jsonl (rank 0, tensorboard=true), opened in fit
         self._voting = False  # in fit's loop with several processes: rank 0's failed writes go through the vote
         self._stop_signal: int | None = None
+        self._saved_step: int | None = None  # a step whose checkpoint was written before its evaluation
         self._old_handlers: dict = {}  # the stop signals' handlers before fit (or close) caught them
         self._finished = False  # fit() completed: close() then waits for the other processes
         self.saver = BackgroundSaver()  # one-file checkpoints written while training goes on (async_save)
@@ -883,15 +889,27 @@ class Trainer:
                                         **({"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] else {}))
                 saved = False
                 if stop and self.step >= cfg.max_steps and (save_now or eval_now):
-                    # a signal during the last step: nothing is left to stop, but its checkpoint is written before
-                    # the final evaluation (minutes on a CPU), so that a launcher's kill after its grace period
-                    # costs the evaluation at most, never the steps since the previous save
+                    # a signal at the last step: nothing is left to stop, but its checkpoint is written before the
+                    # final evaluation (minutes on a CPU), so that a launcher's kill after its grace period costs
+                    # the evaluation at most, never the steps since the previous save. (Several processes read the
+                    # vote one step late: there, a signal in the step before the last)
                     t0 = time.perf_counter()
                     if d.main:
-                        self.log(f"elas: signal {stop} during the run's last step: saving its checkpoint before the "
-                                 f"final evaluation")
+                        self.log(f"elas: signal {stop}: saving the checkpoint of the last step ({self.step}) before "
+                                 f"the final evaluation")
                     self.save()
-                    self._wait_saves()  # (on disk before the evaluation, not in a background write it would kill)
+                    failed = None
+                    try:
+                        self._wait_saves()  # (on disk before the evaluation, not in a background write it would kill)
+                    except TrainError as e:
+                        failed = e
+                    # rank 0's background write failed: every process learns it here (the others would wait in the
+                    # evaluation's collectives) and stops, rank 0 saying why
+                    if d.enabled and any_failed(failed is not None) and failed is None:
+                        raise _StartError("rank 0 could not write the last step's checkpoint", quiet=True)
+                    if failed is not None:
+                        raise failed
+                    self._saved_step = self.step  # (an evaluation that fails now need not write it again)
                     saved, t_last = True, t_last + time.perf_counter() - t0
                     t_trained_from += time.perf_counter() - t0
                 if eval_now:
@@ -1096,6 +1114,8 @@ class Trainer:
             return
         if self.ckpt is not None and self.ckpt.name == f"step-{self.step:08d}":
             return  # nothing trained since the checkpoint this run resumed from (rewriting it would only risk it)
+        if self._saved_step == self.step:
+            return  # written already, before this step's evaluation (a stop signal at the last step)
         try:
             self.save()
             self._wait_saves()
