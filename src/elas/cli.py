@@ -1111,7 +1111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list presets")
     p.set_defaults(func=cmd_model)
 
-    p = sub.add_parser("train", help="train a model (no arguments: a ~5-minute CPU demo on the built-in corpus)")
+    p = sub.add_parser("train", help="train a model (no arguments: a 5-6 minute CPU demo on the built-in corpus)")
     add_model_args(p)
     p.add_argument("--config", help="TOML file: training keys at the top, model keys under [model]")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. lr=3e-4, "

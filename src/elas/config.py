@@ -446,7 +446,7 @@ LORO_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 # Training defaults per size. The benchmark sizes follow GaLore/ELAS (seq 256, 512 x 256 tokens per step, 10%
-# warm-up); llama-tiny is a CPU demo that trains in about 5 minutes on 2 cores on the built-in corpus.
+# warm-up); llama-tiny is a CPU demo that trains in 5-6 minutes on 2 cores on the built-in corpus.
 TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama-tiny": {"seq_len": 128, "batch_size": 16, "max_steps": 600, "warmup_steps": 50, "lr": 3e-3,
                    "eval_every": 200, "eval_tokens": 65536, "save_every": 200, "data_dir": "data/builtin-8k",
