@@ -898,17 +898,9 @@ class Trainer:
                         self.log(f"elas: signal {stop}: saving the checkpoint of the last step ({self.step}) before "
                                  f"the final evaluation")
                     self.save()
-                    failed = None
-                    try:
-                        self._wait_saves()  # (on disk before the evaluation, not in a background write it would kill)
-                    except TrainError as e:
-                        failed = e
-                    # rank 0's background write failed: every process learns it here (the others would wait in the
-                    # evaluation's collectives) and stops, rank 0 saying why
-                    if d.enabled and any_failed(failed is not None) and failed is None:
-                        raise _StartError("rank 0 could not write the last step's checkpoint", quiet=True)
-                    if failed is not None:
-                        raise failed
+                    # (on disk before the evaluation, not in a background write it would kill; a failure agreed on:
+                    # the other processes would wait in the evaluation's collectives)
+                    self._wait_saves_agreed("the last step's checkpoint")
                     self._saved_step = self.step  # (an evaluation that fails now need not write it again)
                     saved, t_last = True, t_last + time.perf_counter() - t0
                     t_trained_from += time.perf_counter() - t0
@@ -981,15 +973,7 @@ class Trainer:
             # the last checkpoint is on disk before fit() returns. Under DDP rank 0 writes it in the background: its
             # failure reaches every process through one all-reduce (a peer that left the final barrier would read
             # as a transport error), and every process stops, rank 0 saying why
-            final_error = None
-            try:
-                self._wait_saves()
-            except TrainError as e:
-                final_error = e
-            if d.enabled and any_failed(final_error is not None) and final_error is None:
-                raise _StartError("rank 0 could not write the run's last checkpoint", quiet=True)
-            if final_error is not None:
-                raise final_error
+            self._wait_saves_agreed("the run's last checkpoint")
             # a write of rank 0's that failed after the last vote that was read (a metrics line of the last two
             # steps, the final evaluation's): every process stops, rank 0 saying why, as the vote would have made
             # them (the run's last checkpoint is on disk: --resume finds the run complete)
@@ -1049,6 +1033,19 @@ class Trainer:
             # all-reduce also waits for it, as a barrier did); the others stop quietly where it says why
             if any_failed(error is not None):
                 raise _StartError(error or "rank 0 could not write the checkpoint", quiet=error is None)
+
+    def _wait_saves_agreed(self, what: str) -> None:
+        """_wait_saves, where rank 0's failed background write stops every process (one all-reduce): rank 0 with
+        its error, the others quietly."""
+        failed = None
+        try:
+            self._wait_saves()
+        except TrainError as e:
+            failed = e
+        if self.dist.enabled and any_failed(failed is not None) and failed is None:
+            raise _StartError(f"rank 0 could not write {what}", quiet=True)
+        if failed is not None:
+            raise failed
 
     def _wait_saves(self) -> None:
         """Until the checkpoint being written in the background is on disk; its error as a TrainError."""
